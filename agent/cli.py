@@ -1,0 +1,91 @@
+"""``edge-agent``: the agent's command line.
+
+Every refusal ends in one line on stderr naming what was refused and why, and
+a non-zero exit status; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from agent.ota.errors import UpdateRefused
+from agent.ota.transport import FetchConfig
+from agent.ota.verify import verify_bundle
+
+EXIT_REFUSED = 3
+EXIT_ERROR = 1
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    root = Path(args.root)
+    if not root.is_file():
+        print(f"edge-agent: trusted root {root} does not exist", file=sys.stderr)
+        return EXIT_ERROR
+    fetch = FetchConfig(
+        connect_timeout=args.timeout,
+        read_timeout=args.timeout,
+        min_bytes_per_second=args.min_speed,
+    )
+    try:
+        verified = verify_bundle(
+            trusted_root=root,
+            repository=args.repo,
+            name=args.name,
+            hardware_id=args.hardware,
+            out_dir=Path(args.out),
+            metadata_dir=Path(args.metadata_dir) if args.metadata_dir else None,
+            installed_counter=args.installed_counter,
+            version=args.version,
+            fetch=fetch,
+        )
+    except UpdateRefused as exc:
+        print(f"edge-agent: refused {args.name} for {args.hardware}: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    t = verified.target
+    if args.json:
+        print(json.dumps({"bundle": str(verified.path), "name": t.name, "version": t.version,
+                          "release_counter": t.release_counter, "sha256": t.sha256}))
+    else:
+        print(f"Verified {t.name} {t.version} (release counter {t.release_counter}, "
+              f"sha256 {t.sha256[:16]}…) -> {verified.path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-agent", description="the edgefleet device agent")
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("verify", help="download and verify a bundle from an image repository")
+    p.add_argument("--root", required=True, help="the trusted root.json of the image repository")
+    p.add_argument("--repo", required=True, help="repository URL or directory")
+    p.add_argument("--name", required=True)
+    p.add_argument("--hardware", required=True, help="this device's hardware id")
+    p.add_argument("--out", required=True, help="directory for the verified bundle")
+    p.add_argument("--version", help="a specific version (default: the newest)")
+    p.add_argument("--installed-counter", type=int, default=0,
+                   help="release counter of the installed bundle; lower ones are refused")
+    p.add_argument("--metadata-dir", help="trusted metadata store (default: OUT/.metadata)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds without data (default 30)")
+    p.add_argument("--min-speed", type=float, default=2048.0, help="bytes/s (default 2048)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_verify)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Why an update was refused: one small hierarchy, each with a stable reason code.
+
+Every refusal an attacker or a broken repository can cause is an
+``UpdateRefused``; callers handle "the repository sent something bad" in one
+place and report ``reason`` (a short code) and the message (what and why).
+"""
+
+from __future__ import annotations
+
+
+class UpdateRefused(Exception):
+    """The device refused an update; ``reason`` is a short stable code."""
+
+    reason = "refused"
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {super().__str__()}"
+
+
+class TamperedBundle(UpdateRefused):
+    """The bundle's bytes differ from what the release keys signed."""
+
+    reason = "tampered-bundle"
+
+
+class TamperedMetadata(UpdateRefused):
+    """Metadata does not match the hash or length its parent role signed."""
+
+    reason = "tampered-metadata"
+
+
+class UntrustedMetadata(UpdateRefused):
+    """Metadata is not signed by enough trusted keys, or is otherwise invalid."""
+
+    reason = "untrusted-metadata"
+
+
+class MetadataRollback(UpdateRefused):
+    """The repository offered metadata older than metadata already trusted."""
+
+    reason = "metadata-rollback"
+
+
+class MetadataExpired(UpdateRefused):
+    """Metadata has expired: a freeze attack, or a repository no longer re-signed."""
+
+    reason = "metadata-expired"
+
+
+class WrongHardware(UpdateRefused):
+    """The bundle is not released for this device's hardware."""
+
+    reason = "wrong-hardware"
+
+
+class ReleaseCounterDowngrade(UpdateRefused):
+    """The bundle's release counter is lower than the installed one."""
+
+    reason = "release-counter-downgrade"
+
+
+class EndlessData(UpdateRefused):
+    """The server sent more bytes than the signed length."""
+
+    reason = "endless-data"
+
+
+class SlowRetrieval(UpdateRefused):
+    """The server stalled or sent data slower than the minimum speed."""
+
+    reason = "slow-retrieval"
+
+
+class BundleNotFound(UpdateRefused):
+    """The image repository lists no such bundle."""
+
+    reason = "bundle-not-found"
+
+
+class RepositoryUnavailable(UpdateRefused):
+    """The repository could not be reached or answered with an error; retry later."""
+
+    reason = "repository-unavailable"
+
+
+class DownloadInterrupted(RepositoryUnavailable):
+    """The download stopped early; what arrived is kept and the next try resumes."""
+
+    reason = "download-interrupted"
+
+
+class InsufficientSpace(UpdateRefused):
+    """The data directory has too little free space for the bundle."""
+
+    reason = "insufficient-space"

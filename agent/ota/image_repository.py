@@ -1,0 +1,310 @@
+"""The device's view of the image repository: refresh, choose, download, verify.
+
+python-tuf's ``Updater`` refreshes and verifies the metadata (root, timestamp,
+snapshot, targets: TUF client workflow 5.3-5.6) and keeps the trusted copies
+in the device's metadata directory. The bundle itself is downloaded by this
+module, resumably, hashed while it is written and never past its signed
+length, then checked against the signed custom fields (name, version, release
+counter, hardware ids). Every refusal is an :class:`UpdateRefused`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tuf.api import exceptions as tuf_exc
+from tuf.api.metadata import Metadata, TargetFile, Targets
+from tuf.ngclient import Updater, UpdaterConfig
+
+from agent.ota.errors import (
+    BundleNotFound,
+    DownloadInterrupted,
+    EndlessData,
+    InsufficientSpace,
+    MetadataExpired,
+    MetadataRollback,
+    ReleaseCounterDowngrade,
+    RepositoryUnavailable,
+    SlowRetrieval,
+    TamperedBundle,
+    TamperedMetadata,
+    UntrustedMetadata,
+    UpdateRefused,
+    WrongHardware,
+)
+from agent.ota.transport import FetchConfig, RepositoryFetcher, Stream, is_local, local_path
+from protocol.bundle import BundleFormatError, read_manifest
+from protocol.manifest import Manifest
+
+PARTIAL_SUFFIX = ".partial"
+
+
+@dataclass(frozen=True)
+class BundleTarget:
+    """A bundle the image repository signed, with its trusted length, hash and fields."""
+
+    path: str
+    length: int
+    sha256: str
+    name: str
+    version: str
+    release_counter: int
+    hardware_ids: tuple[str, ...]
+
+    @classmethod
+    def from_target(cls, target: TargetFile) -> BundleTarget:
+        custom: dict[str, Any] = target.custom or {}
+        try:
+            return cls(
+                path=target.path,
+                length=target.length,
+                sha256=target.hashes["sha256"],
+                name=str(custom["name"]),
+                version=str(custom["version"]),
+                release_counter=int(custom["release_counter"]),
+                hardware_ids=tuple(str(h) for h in custom["hardware_ids"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UntrustedMetadata(
+                f"target {target.path} lacks the bundle fields (name, version, "
+                f"release_counter, hardware_ids, sha256): {exc}"
+            ) from None
+
+    @property
+    def file_name(self) -> str:
+        return self.path.rpartition("/")[2]
+
+
+@contextmanager
+def refusals() -> Iterator[None]:
+    """Translate python-tuf's and the OS's errors into :class:`UpdateRefused`."""
+    try:
+        yield
+    except UpdateRefused:
+        raise
+    except tuf_exc.ExpiredMetadataError as exc:
+        raise MetadataExpired(f"{exc}; refusing stale metadata (a freeze attack?)") from None
+    except (tuf_exc.BadVersionNumberError, tuf_exc.EqualVersionNumberError) as exc:
+        raise MetadataRollback(f"{exc}; refusing metadata older than what is trusted") from None
+    except tuf_exc.DownloadLengthMismatchError as exc:
+        raise EndlessData(f"{exc}") from None
+    except tuf_exc.SlowRetrievalError as exc:
+        raise SlowRetrieval(str(exc)) from None
+    except tuf_exc.LengthOrHashMismatchError as exc:
+        raise TamperedMetadata(str(exc)) from None
+    except tuf_exc.UnsignedMetadataError as exc:
+        raise UntrustedMetadata(f"{exc}; not signed by enough trusted keys") from None
+    except tuf_exc.DownloadError as exc:
+        raise RepositoryUnavailable(str(exc)) from None
+    except tuf_exc.RepositoryError as exc:
+        raise UntrustedMetadata(str(exc)) from None
+    except OSError as exc:
+        raise RepositoryUnavailable(f"{exc}") from None
+
+
+class ImageRepositoryClient:
+    """Verifies and downloads bundles from one image repository.
+
+    ``metadata_dir`` is the device's trust store: it must hold ``root.json``
+    (the trusted root the device was provisioned with) and keeps the newest
+    verified metadata, which is what makes rollback of metadata detectable.
+    """
+
+    def __init__(
+        self,
+        metadata_dir: Path,
+        repository: str,
+        fetch: FetchConfig | None = None,
+    ) -> None:
+        self.metadata_dir = metadata_dir
+        base = repository.rstrip("/")
+        if is_local(base):
+            base = local_path(base).resolve().as_uri()
+        self._metadata_url = f"{base}/metadata/"
+        self._targets_url = f"{base}/targets/"
+        self._fetcher = RepositoryFetcher(fetch)
+        self._updater: Updater | None = None
+
+    @classmethod
+    def provision(cls, metadata_dir: Path, trusted_root: Path) -> None:
+        """Install ``trusted_root`` as the root of a new trust store (once)."""
+        metadata_dir.mkdir(parents=True, exist_ok=True)
+        root = metadata_dir / "root.json"
+        if not root.exists():
+            shutil.copyfile(trusted_root, root)
+
+    def refresh(self) -> None:
+        """Fetch and verify the newest metadata (TUF client workflow, steps 5.3-5.6)."""
+        self._updater = Updater(
+            metadata_dir=str(self.metadata_dir),
+            metadata_base_url=self._metadata_url,
+            target_base_url=self._targets_url,
+            fetcher=self._fetcher,
+            config=UpdaterConfig(),
+        )
+        with refusals():
+            self._updater.refresh()
+
+    def bundles(self) -> list[BundleTarget]:
+        """Every bundle the verified top-level targets metadata lists."""
+        if self._updater is None:
+            self.refresh()
+        # refresh() persists targets.json only after verifying it, so this copy is trusted.
+        with refusals():
+            targets: Metadata[Targets] = Metadata.from_file(str(self.metadata_dir / "targets.json"))
+        return [BundleTarget.from_target(t) for t in targets.signed.targets.values()]
+
+    def target(self, target_path: str) -> BundleTarget:
+        """The verified entry for one target path (what a director names)."""
+        if self._updater is None:
+            self.refresh()
+        assert self._updater is not None
+        with refusals():
+            info = self._updater.get_targetinfo(target_path)
+        if info is None:
+            raise BundleNotFound(f"the image repository signed no target {target_path}")
+        return BundleTarget.from_target(info)
+
+    def choose(
+        self,
+        name: str,
+        hardware_id: str,
+        installed_counter: int = 0,
+        version: str | None = None,
+    ) -> BundleTarget:
+        """The newest bundle called ``name`` for ``hardware_id`` (or that ``version``).
+
+        Refuses a bundle for other hardware and one whose release counter is
+        below ``installed_counter``.
+        """
+        named = [b for b in self.bundles() if b.name == name]
+        if version is not None:
+            named = [b for b in named if b.version == version]
+        if not named:
+            what = f"{name} {version}" if version else name
+            raise BundleNotFound(f"the image repository lists no bundle {what}")
+        fitting = [b for b in named if hardware_id in b.hardware_ids]
+        if not fitting:
+            released_for = sorted({h for b in named for h in b.hardware_ids})
+            raise WrongHardware(
+                f"{name} is released for hardware {', '.join(released_for)}, "
+                f"not for this device's {hardware_id}"
+            )
+        best = max(fitting, key=lambda b: b.release_counter)
+        check_counter(best, installed_counter)
+        return best
+
+    def download(self, bundle: BundleTarget, directory: Path) -> Path:
+        """Download ``bundle`` into ``directory``, verified; returns the file's path.
+
+        A partial download from an earlier try is resumed (HTTP Range). The file
+        is hashed while written, never grows past the signed length, and gets
+        its final name only once its hash and length match.
+        """
+        directory.mkdir(parents=True, exist_ok=True)
+        final = directory / bundle.file_name
+        partial = directory / (bundle.file_name + PARTIAL_SUFFIX)
+        have = partial.stat().st_size if partial.exists() else 0
+        if have > bundle.length:
+            partial.unlink()
+            have = 0
+        free = shutil.disk_usage(directory).free
+        if bundle.length - have > free:
+            raise InsufficientSpace(
+                f"{bundle.path} needs {bundle.length - have} more bytes; {free} are free"
+            )
+        dirname, _, basename = bundle.path.rpartition("/")
+        prefix = f"{dirname}/" if dirname else ""
+        url = f"{self._targets_url}{prefix}{bundle.sha256}.{basename}"
+        with refusals():
+            stream = self._fetcher.open(url, have)
+            received, digest = _receive(stream, partial, bundle.length)
+        if received > bundle.length:
+            partial.unlink()
+            raise EndlessData(
+                f"{bundle.path}: the server sent more than the signed {bundle.length} bytes"
+            )
+        if received < bundle.length:
+            raise DownloadInterrupted(
+                f"{bundle.path}: {received} of {bundle.length} bytes arrived; will resume"
+            )
+        if digest.hexdigest() != bundle.sha256:
+            partial.unlink()
+            raise TamperedBundle(
+                f"{bundle.path}: sha256 {digest.hexdigest()} differs from the signed {bundle.sha256}"
+            )
+        os.replace(partial, final)
+        _fsync_dir(directory)
+        return final
+
+
+def check_counter(bundle: BundleTarget, installed_counter: int) -> None:
+    """Refuse a bundle whose release counter is below the installed one."""
+    if bundle.release_counter < installed_counter:
+        raise ReleaseCounterDowngrade(
+            f"{bundle.name} {bundle.version} has release counter {bundle.release_counter}, "
+            f"below the installed {installed_counter}"
+        )
+
+
+def open_verified_manifest(path: Path, bundle: BundleTarget) -> Manifest:
+    """Read a downloaded bundle's manifest and check it says what the metadata signed."""
+    try:
+        with path.open("rb") as f:
+            manifest = read_manifest(f)
+    except BundleFormatError as exc:
+        raise TamperedBundle(f"{bundle.path}: {exc}") from None
+    signed = (bundle.name, bundle.version, bundle.release_counter, set(bundle.hardware_ids))
+    inside = (manifest.name, manifest.version, manifest.release_counter, set(manifest.hardware_ids))
+    if signed != inside:
+        raise TamperedBundle(
+            f"{bundle.path}: the manifest (name, version, counter, hardware) {inside} "
+            f"differs from the signed metadata {signed}"
+        )
+    return manifest
+
+
+def _receive(stream: Stream, partial: Path, length: int) -> tuple[int, Any]:
+    """Write the stream into ``partial`` from its offset, hashing all of the file.
+
+    Stops one byte past ``length``: the caller refuses such a download.
+    """
+    digest = hashlib.sha256()
+    with partial.open("r+b" if stream.offset else "wb") as out:
+        remaining = stream.offset
+        while remaining:  # a resumed download: hash what is already on disk
+            chunk = out.read(min(remaining, 1 << 20))
+            if not chunk:
+                break
+            digest.update(chunk)
+            remaining -= len(chunk)
+        out.seek(stream.offset)
+        out.truncate()
+        received = stream.offset
+        for chunk in stream.chunks:
+            received += len(chunk)
+            if received > length:
+                break
+            digest.update(chunk)
+            out.write(chunk)
+        close = getattr(stream.chunks, "close", None)
+        if close is not None:
+            close()  # releases the HTTP connection when we stopped early
+        out.flush()
+        os.fsync(out.fileno())
+    return received, digest
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,133 @@
+"""Fetching repository files over HTTP(S) or from a local directory.
+
+One fetcher serves both python-tuf (metadata, through ``FetcherInterface``)
+and the agent's own target download (which needs HTTP Range to resume). Slow
+retrieval is bounded two ways: a read timeout between bytes, and a minimum
+average speed enforced once a grace period has passed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import urllib3
+from tuf.api import exceptions as tuf_exc
+from tuf.ngclient import FetcherInterface
+
+
+@dataclass(frozen=True)
+class FetchConfig:
+    """Timeouts and speed limits for every download."""
+
+    connect_timeout: float = 10.0
+    read_timeout: float = 30.0
+    min_bytes_per_second: float = 2048.0
+    grace_seconds: float = 10.0
+    chunk_size: int = 1 << 20
+    ca_file: str | None = None
+
+
+@dataclass(frozen=True)
+class Stream:
+    """An open download: its chunks and the offset the first chunk starts at."""
+
+    chunks: Iterator[bytes]
+    offset: int
+
+
+def is_local(base: str) -> bool:
+    """Whether ``base`` names a directory (a path or ``file://`` URL)."""
+    return "://" not in base or base.startswith("file://")
+
+
+def local_path(url: str) -> Path:
+    return Path(unquote(urlparse(url).path)) if url.startswith("file://") else Path(url)
+
+
+class RepositoryFetcher(FetcherInterface):
+    """Fetches ``http(s)://`` URLs with urllib3 and ``file://`` URLs from disk."""
+
+    def __init__(self, config: FetchConfig | None = None) -> None:
+        self.config = config or FetchConfig()
+        self._http = urllib3.PoolManager(
+            ca_certs=self.config.ca_file,
+            retries=False,
+            timeout=urllib3.Timeout(
+                connect=self.config.connect_timeout, read=self.config.read_timeout
+            ),
+        )
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        return self.open(url).chunks
+
+    def open(self, url: str, offset: int = 0) -> Stream:
+        """Open ``url`` from byte ``offset`` (HTTP Range); the server may restart at 0."""
+        if is_local(url):
+            return self._open_file(local_path(url), offset)
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        try:
+            response = self._http.request("GET", url, headers=headers, preload_content=False)
+        except urllib3.exceptions.TimeoutError as exc:
+            raise tuf_exc.SlowRetrievalError(f"{url}: no answer in time") from exc
+        except urllib3.exceptions.HTTPError as exc:
+            raise tuf_exc.DownloadError(f"{url}: {exc}") from exc
+        if response.status == 416 and offset:
+            response.release_conn()
+            return self.open(url, 0)
+        if response.status >= 400:
+            response.release_conn()
+            raise tuf_exc.DownloadHTTPError(f"{url} answered HTTP {response.status}", response.status)
+        start = offset if response.status == 206 else 0
+        return Stream(self._paced(self._http_chunks(url, response)), start)
+
+    def _http_chunks(self, url: str, response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
+        try:
+            # read1 returns what has arrived instead of waiting for a full chunk,
+            # so a trickling server is measured (and refused) while it trickles.
+            while chunk := response.read1(self.config.chunk_size):
+                yield chunk
+        except urllib3.exceptions.TimeoutError as exc:
+            raise tuf_exc.SlowRetrievalError(f"{url}: the server stalled") from exc
+        except urllib3.exceptions.HTTPError as exc:
+            raise tuf_exc.DownloadError(f"{url}: {exc}") from exc
+        finally:
+            response.release_conn()
+
+    def _open_file(self, path: Path, offset: int) -> Stream:
+        try:
+            f = path.open("rb")
+        except (FileNotFoundError, NotADirectoryError):
+            raise tuf_exc.DownloadHTTPError(f"{path} does not exist", 404) from None
+        except OSError as exc:
+            raise tuf_exc.DownloadError(f"cannot read {path}: {exc}") from exc
+        size = os.fstat(f.fileno()).st_size
+        start = offset if 0 < offset <= size else 0
+        f.seek(start)
+
+        def chunks() -> Iterator[bytes]:
+            with f:
+                while chunk := f.read(self.config.chunk_size):
+                    yield chunk
+
+        return Stream(chunks(), start)
+
+    def _paced(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
+        """Pass chunks on, refusing a download slower than the minimum speed."""
+        started = time.monotonic()
+        received = 0
+        for chunk in chunks:
+            received += len(chunk)
+            elapsed = time.monotonic() - started
+            if elapsed > self.config.grace_seconds and (
+                received / elapsed < self.config.min_bytes_per_second
+            ):
+                raise tuf_exc.SlowRetrievalError(
+                    f"download at {received / elapsed:.0f} B/s, below the minimum of "
+                    f"{self.config.min_bytes_per_second:.0f} B/s"
+                )
+            yield chunk

@@ -1,0 +1,336 @@
+"""``fleetctl``: the release engineer's and operator's command-line tool.
+
+Human output by default, ``--json`` for scripts. It never prompts unless
+standard input is a terminal; passphrases come from ``--passphrase-file`` or
+``--passphrase-env``. Errors a user can cause end in one line on stderr and a
+non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fleet_server.release.bundle_builder import (
+    BundleBuildError,
+    BundleSpec,
+    build_bundle,
+    load_feature_file,
+    parse_safe_default,
+)
+from fleet_server.release.keys import KeyStoreError, init_keys, is_encrypted, load_keys
+from fleet_server.release.repository import ImageRepository, RepositoryError
+from protocol.bundle import BundleFormatError, read_bundle
+from protocol.manifest import Manifest, ResourceBudget
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+class CommandError(Exception):
+    """A command cannot go on; the message is shown to the user as is."""
+
+
+def _passphrase(args: argparse.Namespace, needed: bool, confirm: bool = False) -> bytes | None:
+    if args.passphrase_file:
+        try:
+            return Path(args.passphrase_file).read_bytes().rstrip(b"\r\n")
+        except OSError as exc:
+            raise CommandError(f"cannot read the passphrase file: {exc}") from None
+    if args.passphrase_env:
+        value = os.environ.get(args.passphrase_env)
+        if value is None:
+            raise CommandError(f"environment variable {args.passphrase_env} is not set")
+        return value.encode()
+    if not needed:
+        return None
+    if not sys.stdin.isatty():
+        raise CommandError(
+            "a passphrase is needed; give --passphrase-file FILE or --passphrase-env VAR"
+        )
+    first = getpass.getpass("Passphrase for the release keys: ")
+    if confirm and getpass.getpass("Again: ") != first:
+        raise CommandError("the passphrases differ")
+    return first.encode()
+
+
+def _emit(args: argparse.Namespace, data: Any, human: str) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True) if args.json else human)
+
+
+# -- keys --------------------------------------------------------------------
+
+
+def cmd_keys_init(args: argparse.Namespace) -> None:
+    passphrase = _passphrase(args, needed=False)
+    store = init_keys(Path(args.dir), threshold=args.threshold, passphrase=passphrase)
+    data = {
+        "dir": str(args.dir),
+        "encrypted": passphrase is not None,
+        "roles": {
+            role: {"threshold": keys.threshold, "keyids": [k.keyid for k in keys.public_keys]}
+            for role, keys in store.roles.items()
+        },
+    }
+    lines = [f"Created release keys in {args.dir} ({'encrypted' if passphrase else 'unencrypted'})"]
+    lines += [
+        f"  {role:<10} threshold {v['threshold']}  {', '.join(k[:12] for k in v['keyids'])}"
+        for role, v in data["roles"].items()
+    ]
+    lines.append("Keep the root and targets keys offline.")
+    _emit(args, data, "\n".join(lines))
+
+
+def _load_store(args: argparse.Namespace) -> Any:
+    keys_dir = Path(args.keys)
+    encrypted = is_encrypted(keys_dir)
+    return load_keys(keys_dir, passphrase=_passphrase(args, needed=encrypted) if encrypted else None)
+
+
+# -- bundles -------------------------------------------------------------------
+
+
+def cmd_bundle_build(args: argparse.Namespace) -> None:
+    model_path = Path(args.model)
+    try:
+        model = model_path.read_bytes()
+    except OSError as exc:
+        raise CommandError(f"cannot read the model {model_path}: {exc.strerror}") from None
+    features = classes = None
+    if args.features:
+        features, classes = load_feature_file(Path(args.features))
+    safe_default = None
+    if args.safe_default:
+        source = Path(args.safe_default)
+        text = source.read_text() if source.exists() else args.safe_default
+        safe_default = parse_safe_default(text)
+    spec = BundleSpec(
+        name=args.name,
+        version=args.version,
+        hardware_ids=args.hardware,
+        release_counter=args.release_counter,
+        min_agent_version=args.min_agent_version,
+        description=args.description,
+        feature_specs=features,
+        classes=args.classes.split(",") if args.classes else classes,
+        confidence_threshold=args.confidence_threshold,
+        safe_default=safe_default,
+        budget=ResourceBudget(max_latency_ms=args.max_latency_ms, max_memory_mb=args.max_memory_mb),
+    )
+    built = build_bundle(model, Path(args.baseline), spec)
+    out = Path(args.out)
+    if out.is_dir():
+        out = out / f"{built.manifest.name}-{built.manifest.version}.bundle"
+    built.write(out)
+    m = built.manifest
+    _emit(
+        args,
+        {"bundle": str(out), "name": m.name, "version": m.version,
+         "release_counter": m.release_counter, "sha256": _sha256(out)},
+        f"Built {out}: {m.name} {m.version} (release counter {m.release_counter}) for "
+        f"{', '.join(m.hardware_ids)}; {len(m.features)} features, {m.golden.count} golden vectors",
+    )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cmd_bundle_inspect(args: argparse.Namespace) -> None:
+    path = Path(args.bundle)
+    try:
+        with path.open("rb") as f:
+            manifest, _ = read_bundle(f)
+    except FileNotFoundError:
+        raise CommandError(f"bundle {path} does not exist") from None
+    if args.json:
+        print(manifest.model_dump_json(indent=2))
+        return
+    print(describe_manifest(manifest))
+
+
+def describe_manifest(m: Manifest) -> str:
+    """A human description of a manifest."""
+    def tensor(t: Any) -> str:
+        return f"{t.name} {t.dtype}{t.shape_signature}"
+
+    lines = [
+        f"{m.name} {m.version}  (release counter {m.release_counter}, schema {m.schema_version})",
+        f"  hardware:       {', '.join(m.hardware_ids)}",
+        f"  min agent:      {m.min_agent_version}",
+        f"  model:          {m.model_file}  {m.files[m.model_file].length} bytes  "
+        f"sha256 {m.files[m.model_file].sha256[:16]}…",
+        f"  inputs:         {'; '.join(tensor(t) for t in m.inputs)}",
+        f"  outputs:        {'; '.join(tensor(t) for t in m.outputs)}",
+    ]
+    if m.classes:
+        lines.append(f"  classes:        {', '.join(m.classes)}")
+    lines.append(
+        f"  summary:        {', '.join(f'{d.input}: {d.method}' for d in m.derivations)}; "
+        f"baseline {m.baseline.rows} rows, bins {m.baseline.id[:19]}…"
+    )
+    lines.append(
+        f"  self-test:      {m.golden.count} golden vectors (atol {m.golden.atol}, "
+        f"rtol {m.golden.rtol}); budget {m.budget.max_latency_ms} ms, {m.budget.max_memory_mb} MB"
+    )
+    lines.append(
+        f"  fallback:       escalate below {m.fallback.confidence_threshold} on "
+        f"{m.fallback.confidence_output or '-'}; safe default "
+        + "; ".join(f"{k}={[round(v, 3) for v in vals]}" for k, vals in m.fallback.safe_default.items())
+    )
+    lines.append("  features:")
+    width = max(len(f.name) for f in m.features)
+    for spec, base in zip(m.features, m.baseline.features, strict=True):
+        s = base.summary
+        valid = ""
+        if spec.valid_min is not None or spec.valid_max is not None:
+            valid = f"  valid [{spec.valid_min}, {spec.valid_max}]"
+        lines.append(
+            f"    {spec.name:<{width}}  mean {s.mean:>10.4g}  sd {s.variance ** 0.5:>9.4g}  "
+            f"range [{s.min:.4g}, {s.max:.4g}]  {len(s.counts)} bins{valid}"
+            + (f" {spec.unit}" if spec.unit else "")
+        )
+    return "\n".join(lines)
+
+
+# -- releases ------------------------------------------------------------------
+
+
+def cmd_release_add(args: argparse.Namespace) -> None:
+    repo = ImageRepository(Path(args.repo))
+    store = _load_store(args)
+    created = False
+    if not repo.exists():
+        repo.create(store)
+        created = True
+    released = repo.add_bundle(Path(args.bundle), store)
+    _emit(
+        args,
+        {"repository": str(repo.path), "created": created, "target": released.target_path,
+         "sha256": released.sha256, "length": released.length,
+         "release_counter": released.release_counter, "trusted_root": str(repo.trusted_root_path)},
+        (f"Created image repository {repo.path} (trusted root: {repo.trusted_root_path})\n"
+         if created else "")
+        + f"Released {released.target_path} ({released.length} bytes, release counter "
+        f"{released.release_counter}) for {', '.join(released.hardware_ids)}",
+    )
+
+
+def cmd_release_list(args: argparse.Namespace) -> None:
+    bundles = ImageRepository(Path(args.repo)).bundles()
+    rows = [
+        {"name": b.name, "version": b.version, "release_counter": b.release_counter,
+         "hardware_ids": list(b.hardware_ids), "length": b.length, "target": b.target_path}
+        for b in bundles
+    ]
+    table = [f"{'NAME':<16} {'VERSION':<10} {'COUNTER':>9}  {'BYTES':>9}  HARDWARE"]
+    table += [
+        f"{r['name']:<16} {r['version']:<10} {r['release_counter']:>9}  {r['length']:>9}  "
+        f"{', '.join(r['hardware_ids'])}"
+        for r in rows
+    ]
+    _emit(args, rows, "\n".join(table) if rows else "No bundles released.")
+
+
+def cmd_release_timestamp(args: argparse.Namespace) -> None:
+    version = ImageRepository(Path(args.repo)).refresh_timestamp(_load_store(args))
+    _emit(args, {"timestamp_version": version}, f"Re-signed timestamp (version {version})")
+
+
+# -- parser ----------------------------------------------------------------------
+
+
+def _passphrase_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--passphrase-file", help="file holding the key passphrase")
+    parser.add_argument("--passphrase-env", help="environment variable holding the passphrase")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fleetctl", description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    # Leaf commands accept --json too; SUPPRESS keeps a top-level --json from being reset.
+    leaf = argparse.ArgumentParser(add_help=False)
+    leaf.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                      help="machine-readable output")
+    groups = parser.add_subparsers(dest="group", required=True)
+
+    keys = groups.add_parser("keys", help="release keys").add_subparsers(dest="cmd", required=True)
+    p = keys.add_parser("init", parents=[leaf], help="create Ed25519 keys for every TUF role")
+    p.add_argument("--dir", required=True)
+    p.add_argument("--threshold", type=int, default=1,
+                   help="keys and signatures needed for root and targets (default 1)")
+    _passphrase_flags(p)
+    p.set_defaults(func=cmd_keys_init)
+
+    bundle = groups.add_parser("bundle", help="model bundles").add_subparsers(
+        dest="cmd", required=True)
+    p = bundle.add_parser("build", parents=[leaf], help="build a bundle from a .tflite model and baseline data")
+    p.add_argument("model")
+    p.add_argument("--name", required=True)
+    p.add_argument("--version", required=True)
+    p.add_argument("--hardware", action="append", required=True, help="hardware id (repeatable)")
+    p.add_argument("--baseline", required=True, help=".npy, .npz or .csv baseline data")
+    p.add_argument("--out", required=True, help="bundle file or directory")
+    p.add_argument("--features", help="JSON: feature names, units, valid ranges, classes")
+    p.add_argument("--classes", help="comma-separated class labels of the score output")
+    p.add_argument("--release-counter", type=int, help="default: derived from the version")
+    p.add_argument("--min-agent-version", default="0.1.0")
+    p.add_argument("--description", default="")
+    p.add_argument("--confidence-threshold", type=float, default=0.6)
+    p.add_argument("--safe-default", help='JSON or a JSON file: {"output": [values]}')
+    p.add_argument("--max-latency-ms", type=float, default=100.0)
+    p.add_argument("--max-memory-mb", type=float, default=64.0)
+    p.set_defaults(func=cmd_bundle_build)
+    p = bundle.add_parser("inspect", parents=[leaf], help="show a bundle's manifest")
+    p.add_argument("bundle")
+    p.set_defaults(func=cmd_bundle_inspect)
+
+    release = groups.add_parser("release", help="the image repository").add_subparsers(
+        dest="cmd", required=True)
+    p = release.add_parser("add", parents=[leaf], help="sign a bundle into the image repository")
+    p.add_argument("bundle")
+    p.add_argument("--repo", required=True)
+    p.add_argument("--keys", required=True)
+    _passphrase_flags(p)
+    p.set_defaults(func=cmd_release_add)
+    p = release.add_parser("list", parents=[leaf], help="list released bundles")
+    p.add_argument("--repo", required=True)
+    p.set_defaults(func=cmd_release_list)
+    p = release.add_parser("timestamp", parents=[leaf], help="re-sign the timestamp before it expires")
+    p.add_argument("--repo", required=True)
+    p.add_argument("--keys", required=True)
+    _passphrase_flags(p)
+    p.set_defaults(func=cmd_release_timestamp)
+    return parser
+
+
+USER_ERRORS = (
+    CommandError, BundleBuildError, BundleFormatError, KeyStoreError, RepositoryError, ValueError,
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except USER_ERRORS as exc:
+        print(f"fleetctl: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Shared fixtures: sample models, release keys, bundles and image repositories."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fleet_server.release.bundle_builder import BundleSpec, build_bundle, load_feature_file
+from fleet_server.release.keys import KeyStore, init_keys
+from fleet_server.release.repository import ImageRepository
+from tests.support.http_repo import RepositoryServer
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "firmware_images" / "models"
+HARDWARE = "rpi4-arm64"
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    return MODELS
+
+
+def make_bundle(tmp: Path, model: str, version: str, hardware: tuple[str, ...] = (HARDWARE,),
+                **spec: object) -> Path:
+    """Build a bundle of a sample model into ``tmp`` and return its path."""
+    features, classes = load_feature_file(MODELS / "features.json")
+    built = build_bundle(
+        (MODELS / f"{model}.tflite").read_bytes(),
+        MODELS / "baseline.npy",
+        BundleSpec(name="pump-health", version=version, hardware_ids=hardware,
+                   feature_specs=features, classes=classes, **spec),  # type: ignore[arg-type]
+    )
+    path = tmp / f"pump-health-{version}.bundle"
+    built.write(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Bundles of v1 (1.0.0) and v2 (2.0.0), built once per test session."""
+    tmp = tmp_path_factory.mktemp("bundles")
+    return {"v1": make_bundle(tmp, "v1", "1.0.0"), "v2": make_bundle(tmp, "v2", "2.0.0")}
+
+
+@pytest.fixture(scope="session")
+def session_keys(tmp_path_factory: pytest.TempPathFactory) -> KeyStore:
+    return init_keys(tmp_path_factory.mktemp("keys") / "keys")
+
+
+@pytest.fixture
+def repo(tmp_path: Path, session_keys: KeyStore, bundles: dict[str, Path]) -> ImageRepository:
+    """An image repository with v1 released."""
+    repository = ImageRepository(tmp_path / "repo")
+    repository.create(session_keys)
+    repository.add_bundle(bundles["v1"], session_keys)
+    return repository
+
+
+@pytest.fixture
+def http_repo(repo: ImageRepository) -> Iterator[RepositoryServer]:
+    server = RepositoryServer(repo.path)
+    yield server
+    server.close()
+
+
+def copy_tree(src: Path, dst: Path) -> None:
+    shutil.copytree(src, dst, dirs_exist_ok=True)
