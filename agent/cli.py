@@ -47,11 +47,22 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return EXIT_REFUSED
     t = verified.target
     if args.json:
-        print(json.dumps({"bundle": str(verified.path), "name": t.name, "version": t.version,
-                          "release_counter": t.release_counter, "sha256": t.sha256}))
+        print(
+            json.dumps(
+                {
+                    "bundle": str(verified.path),
+                    "name": t.name,
+                    "version": t.version,
+                    "release_counter": t.release_counter,
+                    "sha256": t.sha256,
+                }
+            )
+        )
     else:
-        print(f"Verified {t.name} {t.version} (release counter {t.release_counter}, "
-              f"sha256 {t.sha256[:16]}…) -> {verified.path}")
+        print(
+            f"Verified {t.name} {t.version} (release counter {t.release_counter}, "
+            f"sha256 {t.sha256[:16]}…) -> {verified.path}"
+        )
     return 0
 
 
@@ -65,8 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hardware", required=True, help="this device's hardware id")
     p.add_argument("--out", required=True, help="directory for the verified bundle")
     p.add_argument("--version", help="a specific version (default: the newest)")
-    p.add_argument("--installed-counter", type=int, default=0,
-                   help="release counter of the installed bundle; lower ones are refused")
+    p.add_argument(
+        "--installed-counter",
+        type=int,
+        default=0,
+        help="release counter of the installed bundle; lower ones are refused",
+    )
     p.add_argument("--metadata-dir", help="trusted metadata store (default: OUT/.metadata)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds without data (default 30)")
     p.add_argument("--min-speed", type=float, default=2048.0, help="bytes/s (default 2048)")

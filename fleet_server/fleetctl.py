@@ -91,7 +91,9 @@ def cmd_keys_init(args: argparse.Namespace) -> None:
 def _load_store(args: argparse.Namespace) -> Any:
     keys_dir = Path(args.keys)
     encrypted = is_encrypted(keys_dir)
-    return load_keys(keys_dir, passphrase=_passphrase(args, needed=encrypted) if encrypted else None)
+    return load_keys(
+        keys_dir, passphrase=_passphrase(args, needed=encrypted) if encrypted else None
+    )
 
 
 # -- bundles -------------------------------------------------------------------
@@ -132,8 +134,13 @@ def cmd_bundle_build(args: argparse.Namespace) -> None:
     m = built.manifest
     _emit(
         args,
-        {"bundle": str(out), "name": m.name, "version": m.version,
-         "release_counter": m.release_counter, "sha256": _sha256(out)},
+        {
+            "bundle": str(out),
+            "name": m.name,
+            "version": m.version,
+            "release_counter": m.release_counter,
+            "sha256": _sha256(out),
+        },
         f"Built {out}: {m.name} {m.version} (release counter {m.release_counter}) for "
         f"{', '.join(m.hardware_ids)}; {len(m.features)} features, {m.golden.count} golden vectors",
     )
@@ -162,6 +169,7 @@ def cmd_bundle_inspect(args: argparse.Namespace) -> None:
 
 def describe_manifest(m: Manifest) -> str:
     """A human description of a manifest."""
+
     def tensor(t: Any) -> str:
         return f"{t.name} {t.dtype}{t.shape_signature}"
 
@@ -187,7 +195,9 @@ def describe_manifest(m: Manifest) -> str:
     lines.append(
         f"  fallback:       escalate below {m.fallback.confidence_threshold} on "
         f"{m.fallback.confidence_output or '-'}; safe default "
-        + "; ".join(f"{k}={[round(v, 3) for v in vals]}" for k, vals in m.fallback.safe_default.items())
+        + "; ".join(
+            f"{k}={[round(v, 3) for v in vals]}" for k, vals in m.fallback.safe_default.items()
+        )
     )
     lines.append("  features:")
     width = max(len(f.name) for f in m.features)
@@ -197,7 +207,7 @@ def describe_manifest(m: Manifest) -> str:
         if spec.valid_min is not None or spec.valid_max is not None:
             valid = f"  valid [{spec.valid_min}, {spec.valid_max}]"
         lines.append(
-            f"    {spec.name:<{width}}  mean {s.mean:>10.4g}  sd {s.variance ** 0.5:>9.4g}  "
+            f"    {spec.name:<{width}}  mean {s.mean:>10.4g}  sd {s.variance**0.5:>9.4g}  "
             f"range [{s.min:.4g}, {s.max:.4g}]  {len(s.counts)} bins{valid}"
             + (f" {spec.unit}" if spec.unit else "")
         )
@@ -217,11 +227,20 @@ def cmd_release_add(args: argparse.Namespace) -> None:
     released = repo.add_bundle(Path(args.bundle), store)
     _emit(
         args,
-        {"repository": str(repo.path), "created": created, "target": released.target_path,
-         "sha256": released.sha256, "length": released.length,
-         "release_counter": released.release_counter, "trusted_root": str(repo.trusted_root_path)},
-        (f"Created image repository {repo.path} (trusted root: {repo.trusted_root_path})\n"
-         if created else "")
+        {
+            "repository": str(repo.path),
+            "created": created,
+            "target": released.target_path,
+            "sha256": released.sha256,
+            "length": released.length,
+            "release_counter": released.release_counter,
+            "trusted_root": str(repo.trusted_root_path),
+        },
+        (
+            f"Created image repository {repo.path} (trusted root: {repo.trusted_root_path})\n"
+            if created
+            else ""
+        )
         + f"Released {released.target_path} ({released.length} bytes, release counter "
         f"{released.release_counter}) for {', '.join(released.hardware_ids)}",
     )
@@ -230,8 +249,14 @@ def cmd_release_add(args: argparse.Namespace) -> None:
 def cmd_release_list(args: argparse.Namespace) -> None:
     bundles = ImageRepository(Path(args.repo)).bundles()
     rows = [
-        {"name": b.name, "version": b.version, "release_counter": b.release_counter,
-         "hardware_ids": list(b.hardware_ids), "length": b.length, "target": b.target_path}
+        {
+            "name": b.name,
+            "version": b.version,
+            "release_counter": b.release_counter,
+            "hardware_ids": list(b.hardware_ids),
+            "length": b.length,
+            "target": b.target_path,
+        }
         for b in bundles
     ]
     table = [f"{'NAME':<16} {'VERSION':<10} {'COUNTER':>9}  {'BYTES':>9}  HARDWARE"]
@@ -261,21 +286,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     # Leaf commands accept --json too; SUPPRESS keeps a top-level --json from being reset.
     leaf = argparse.ArgumentParser(add_help=False)
-    leaf.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                      help="machine-readable output")
+    leaf.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output"
+    )
     groups = parser.add_subparsers(dest="group", required=True)
 
     keys = groups.add_parser("keys", help="release keys").add_subparsers(dest="cmd", required=True)
     p = keys.add_parser("init", parents=[leaf], help="create Ed25519 keys for every TUF role")
     p.add_argument("--dir", required=True)
-    p.add_argument("--threshold", type=int, default=1,
-                   help="keys and signatures needed for root and targets (default 1)")
+    p.add_argument(
+        "--threshold",
+        type=int,
+        default=1,
+        help="keys and signatures needed for root and targets (default 1)",
+    )
     _passphrase_flags(p)
     p.set_defaults(func=cmd_keys_init)
 
     bundle = groups.add_parser("bundle", help="model bundles").add_subparsers(
-        dest="cmd", required=True)
-    p = bundle.add_parser("build", parents=[leaf], help="build a bundle from a .tflite model and baseline data")
+        dest="cmd", required=True
+    )
+    p = bundle.add_parser(
+        "build", parents=[leaf], help="build a bundle from a .tflite model and baseline data"
+    )
     p.add_argument("model")
     p.add_argument("--name", required=True)
     p.add_argument("--version", required=True)
@@ -297,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bundle_inspect)
 
     release = groups.add_parser("release", help="the image repository").add_subparsers(
-        dest="cmd", required=True)
+        dest="cmd", required=True
+    )
     p = release.add_parser("add", parents=[leaf], help="sign a bundle into the image repository")
     p.add_argument("bundle")
     p.add_argument("--repo", required=True)
@@ -307,7 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = release.add_parser("list", parents=[leaf], help="list released bundles")
     p.add_argument("--repo", required=True)
     p.set_defaults(func=cmd_release_list)
-    p = release.add_parser("timestamp", parents=[leaf], help="re-sign the timestamp before it expires")
+    p = release.add_parser(
+        "timestamp", parents=[leaf], help="re-sign the timestamp before it expires"
+    )
     p.add_argument("--repo", required=True)
     p.add_argument("--keys", required=True)
     _passphrase_flags(p)
@@ -316,7 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 USER_ERRORS = (
-    CommandError, BundleBuildError, BundleFormatError, KeyStoreError, RepositoryError, ValueError,
+    CommandError,
+    BundleBuildError,
+    BundleFormatError,
+    KeyStoreError,
+    RepositoryError,
+    ValueError,
 )
 
 

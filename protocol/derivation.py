@@ -53,7 +53,9 @@ def derived_names(
         return [f"{input_name}[{i}]" for i in range(size)]
     if method == "channel_moments":
         return [
-            f"{input_name}.c{c}_{stat}" for c in range(example_shape[-1]) for stat in ("mean", "std")
+            f"{input_name}.c{c}_{stat}"
+            for c in range(example_shape[-1])
+            for stat in ("mean", "std")
         ]
     return [f"{input_name}.{stat}" for stat in ("mean", "std", "min", "max")]
 
@@ -62,15 +64,17 @@ def derive(method: DerivationMethod, batch: npt.ArrayLike) -> npt.NDArray[np.flo
     """Derived features of one input: ``[batch, *example_shape]`` -> ``[batch, k]``."""
     x = np.asarray(batch, dtype=np.float64)
     rows = x.shape[0]
+    out: npt.NDArray[np.float64]
     if method == "elements":
-        return x.reshape(rows, -1)
-    if method == "channel_moments":
+        out = x.reshape(rows, -1)
+    elif method == "channel_moments":
         per_channel = x.reshape(rows, -1, x.shape[-1])
-        mean = per_channel.mean(axis=1)
-        std = per_channel.std(axis=1)
-        return np.stack([mean, std], axis=2).reshape(rows, -1)
-    flat = x.reshape(rows, -1)
-    return np.stack([flat.mean(axis=1), flat.std(axis=1), flat.min(axis=1), flat.max(axis=1)], 1)
+        moments = [per_channel.mean(axis=1), per_channel.std(axis=1)]
+        out = np.stack(moments, axis=2).reshape(rows, -1)
+    else:
+        flat = x.reshape(rows, -1)
+        out = np.stack([flat.mean(axis=1), flat.std(axis=1), flat.min(axis=1), flat.max(axis=1)], 1)
+    return out
 
 
 def derive_features(

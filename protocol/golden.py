@@ -25,7 +25,9 @@ def pack_golden(inputs: Mapping[str, npt.ArrayLike], outputs: Mapping[str, npt.A
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
         for name, value in sorted(members, key=lambda item: item[0]):
             array_bytes = io.BytesIO()
-            np.lib.format.write_array(array_bytes, np.asarray(value), allow_pickle=False)
+            np.lib.format.write_array(  # type: ignore[no-untyped-call]
+                array_bytes, np.asarray(value), allow_pickle=False
+            )
             info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             archive.writestr(info, array_bytes.getvalue())
     return buffer.getvalue()

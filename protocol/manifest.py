@@ -9,7 +9,7 @@ never acts on a manifest that does not make sense.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -17,12 +17,21 @@ from protocol.derivation import InputDerivation
 from protocol.summary import FeatureSummary, ScoreHistogram
 from protocol.versioning import HARDWARE_ID_PATTERN, NAME_PATTERN, parse_semver
 
-MANIFEST_SCHEMA_VERSION = 1
+MANIFEST_SCHEMA_VERSION: Final = 1
 
 # The dtypes TFLite tensors may have, by their numpy names.
 TensorDType = Literal[
-    "float32", "float16", "float64", "int8", "uint8", "int16", "uint16",
-    "int32", "uint32", "int64", "bool",
+    "float32",
+    "float16",
+    "float64",
+    "int8",
+    "uint8",
+    "int16",
+    "uint16",
+    "int32",
+    "uint32",
+    "int64",
+    "bool",
 ]
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 

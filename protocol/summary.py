@@ -150,9 +150,7 @@ def score_histogram(scores: npt.ArrayLike, classes: Sequence[str]) -> ScoreHisto
     predicted = rows.argmax(axis=1)
     top = rows.max(axis=1)
     k = np.clip((top * SCORE_BIN_COUNT).astype(np.int64), 0, SCORE_BIN_COUNT - 1)
-    flat = np.bincount(
-        predicted * SCORE_BIN_COUNT + k, minlength=len(classes) * SCORE_BIN_COUNT
-    )
+    flat = np.bincount(predicted * SCORE_BIN_COUNT + k, minlength=len(classes) * SCORE_BIN_COUNT)
     return ScoreHistogram(
         classes=list(classes),
         counts=flat.reshape(len(classes), SCORE_BIN_COUNT).tolist(),

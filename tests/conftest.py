@@ -23,15 +23,22 @@ def models_dir() -> Path:
     return MODELS
 
 
-def make_bundle(tmp: Path, model: str, version: str, hardware: tuple[str, ...] = (HARDWARE,),
-                **spec: object) -> Path:
+def make_bundle(
+    tmp: Path, model: str, version: str, hardware: tuple[str, ...] = (HARDWARE,), **spec: object
+) -> Path:
     """Build a bundle of a sample model into ``tmp`` and return its path."""
     features, classes = load_feature_file(MODELS / "features.json")
     built = build_bundle(
         (MODELS / f"{model}.tflite").read_bytes(),
         MODELS / "baseline.npy",
-        BundleSpec(name="pump-health", version=version, hardware_ids=hardware,
-                   feature_specs=features, classes=classes, **spec),  # type: ignore[arg-type]
+        BundleSpec(
+            name="pump-health",
+            version=version,
+            hardware_ids=hardware,
+            feature_specs=features,
+            classes=classes,
+            **spec,
+        ),  # type: ignore[arg-type]
     )
     path = tmp / f"pump-health-{version}.bundle"
     built.write(path)

@@ -21,7 +21,8 @@ from typing import Any
 
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import Metadata, TargetFile, Targets
-from tuf.ngclient import Updater, UpdaterConfig
+from tuf.ngclient.config import UpdaterConfig
+from tuf.ngclient.updater import Updater
 
 from agent.ota.errors import (
     BundleNotFound,
@@ -148,6 +149,7 @@ class ImageRepositoryClient:
             target_base_url=self._targets_url,
             fetcher=self._fetcher,
             config=UpdaterConfig(),
+            bootstrap=None,  # the trusted root is the one in metadata_dir
         )
         with refusals():
             self._updater.refresh()
@@ -238,7 +240,8 @@ class ImageRepositoryClient:
         if digest.hexdigest() != bundle.sha256:
             partial.unlink()
             raise TamperedBundle(
-                f"{bundle.path}: sha256 {digest.hexdigest()} differs from the signed {bundle.sha256}"
+                f"{bundle.path}: sha256 {digest.hexdigest()} differs from the signed "
+                f"{bundle.sha256}"
             )
         os.replace(partial, final)
         _fsync_dir(directory)

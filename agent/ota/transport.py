@@ -17,7 +17,7 @@ from urllib.parse import unquote, urlparse
 
 import urllib3
 from tuf.api import exceptions as tuf_exc
-from tuf.ngclient import FetcherInterface
+from tuf.ngclient.fetcher import FetcherInterface
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,9 @@ class RepositoryFetcher(FetcherInterface):
             return self.open(url, 0)
         if response.status >= 400:
             response.release_conn()
-            raise tuf_exc.DownloadHTTPError(f"{url} answered HTTP {response.status}", response.status)
+            raise tuf_exc.DownloadHTTPError(
+                f"{url} answered HTTP {response.status}", response.status
+            )
         start = offset if response.status == 206 else 0
         return Stream(self._paced(self._http_chunks(url, response)), start)
 

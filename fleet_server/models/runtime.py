@@ -50,8 +50,9 @@ class LoadedModel:
     @property
     def dynamic_batch(self) -> bool:
         """Whether every input's first dimension may be resized."""
-        return all(len(d["shape_signature"]) > 0 and d["shape_signature"][0] == -1
-                   for d in self._inputs)
+        return all(
+            len(d["shape_signature"]) > 0 and d["shape_signature"][0] == -1 for d in self._inputs
+        )
 
     def run(self, inputs: Mapping[str, npt.ArrayLike]) -> dict[str, npt.NDArray[Any]]:
         """Outputs for a batch; ``inputs`` maps names to ``[batch, *example_shape]``."""
@@ -62,7 +63,9 @@ class LoadedModel:
         parts = [self._invoke({k: v[i : i + 1] for k, v in arrays.items()}, 1) for i in range(rows)]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-    def _invoke(self, arrays: dict[str, npt.NDArray[Any]], rows: int) -> dict[str, npt.NDArray[Any]]:
+    def _invoke(
+        self, arrays: dict[str, npt.NDArray[Any]], rows: int
+    ) -> dict[str, npt.NDArray[Any]]:
         interpreter = self._interpreter
         try:
             if rows != self._batch:

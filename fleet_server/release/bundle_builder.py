@@ -35,7 +35,7 @@ from protocol.manifest import (
     TensorSpec,
 )
 from protocol.summary import edges_id, quantile_edges, score_histogram, summarize
-from protocol.versioning import default_release_counter
+from protocol.versioning import default_release_counter, parse_semver
 
 MODEL_MEMBER = "model.tflite"
 GOLDEN_MEMBER = "golden.npz"
@@ -106,7 +106,9 @@ def load_baseline(
     names: list[str] | None = None
     try:
         if suffix == ".npy":
-            arrays = {inputs[0].name: np.load(path, allow_pickle=False)} if len(inputs) == 1 else None
+            arrays = (
+                {inputs[0].name: np.load(path, allow_pickle=False)} if len(inputs) == 1 else None
+            )
             if arrays is None:
                 raise BundleBuildError(
                     f"the model has {len(inputs)} inputs; give the baseline as .npz "
@@ -185,6 +187,11 @@ def build_bundle(
 ) -> BuiltBundle:
     """Build a bundle for ``model``; raises ``BundleBuildError`` with the reason."""
     try:
+        parse_semver(spec.version)
+        counter = spec.release_counter or default_release_counter(spec.version)
+    except ValueError as exc:
+        raise BundleBuildError(str(exc)) from None
+    try:
         loaded = LoadedModel(model)
     except ModelRuntimeError as exc:
         raise BundleBuildError(str(exc)) from None
@@ -199,8 +206,9 @@ def build_bundle(
     except ModelRuntimeError as exc:
         raise BundleBuildError(f"{exc} (on the baseline)") from None
 
-    derivations = [InputDerivation(input=t.name, method=choose_method(t.example_shape))
-                   for t in inputs]
+    derivations = [
+        InputDerivation(input=t.name, method=choose_method(t.example_shape)) for t in inputs
+    ]
     derived = np.concatenate(
         [derive(d.method, rows_by_input[d.input]) for d in derivations], axis=1
     )
@@ -213,9 +221,11 @@ def build_bundle(
     scores = None
     if score_output is not None:
         width = int(np.prod(score_output.example_shape))
-        classes = list(spec.classes) if spec.classes and len(spec.classes) == width else [
-            f"class_{i}" for i in range(width)
-        ]
+        classes = (
+            list(spec.classes)
+            if spec.classes and len(spec.classes) == width
+            else [f"class_{i}" for i in range(width)]
+        )
         scores = score_histogram(results[score_output.name].reshape(-1, width), classes)
     elif spec.classes:
         raise BundleBuildError("classes were given but the model has no probability output")
@@ -233,36 +243,49 @@ def build_bundle(
             )
     golden_bytes = pack_golden({k: v[golden_index] for k, v in rows_by_input.items()}, golden_out)
 
-    manifest = Manifest(
-        name=spec.name,
-        version=spec.version,
-        release_counter=spec.release_counter or default_release_counter(spec.version),
-        hardware_ids=list(spec.hardware_ids),
-        min_agent_version=spec.min_agent_version,
-        description=spec.description,
-        files={MODEL_MEMBER: file_entry(model), GOLDEN_MEMBER: file_entry(golden_bytes)},
-        model_file=MODEL_MEMBER,
-        inputs=inputs,
-        outputs=outputs,
-        classes=classes,
-        derivations=derivations,
-        features=features,
-        baseline=Baseline(
-            id=edges_id(edges),
-            rows=int(derived.shape[0]),
-            features=[FeatureBaseline(edges=e, summary=s)
-                      for e, s in zip(edges, summaries, strict=True)],
-            scores=scores,
-        ),
-        golden=GoldenVectors(file=GOLDEN_MEMBER, count=len(golden_index)),
-        fallback=FallbackPolicy(
-            safe_default=_safe_default(outputs, results, spec.safe_default),
-            confidence_output=score_output.name if score_output else None,
-            confidence_threshold=spec.confidence_threshold,
-        ),
-        budget=spec.budget,
-    )
+    try:
+        manifest = Manifest(
+            name=spec.name,
+            version=spec.version,
+            release_counter=counter,
+            hardware_ids=list(spec.hardware_ids),
+            min_agent_version=spec.min_agent_version,
+            description=spec.description,
+            files={MODEL_MEMBER: file_entry(model), GOLDEN_MEMBER: file_entry(golden_bytes)},
+            model_file=MODEL_MEMBER,
+            inputs=inputs,
+            outputs=outputs,
+            classes=classes,
+            derivations=derivations,
+            features=features,
+            baseline=Baseline(
+                id=edges_id(edges),
+                rows=int(derived.shape[0]),
+                features=[
+                    FeatureBaseline(edges=e, summary=s)
+                    for e, s in zip(edges, summaries, strict=True)
+                ],
+                scores=scores,
+            ),
+            golden=GoldenVectors(file=GOLDEN_MEMBER, count=len(golden_index)),
+            fallback=FallbackPolicy(
+                safe_default=_safe_default(outputs, results, spec.safe_default),
+                confidence_output=score_output.name if score_output else None,
+                confidence_threshold=spec.confidence_threshold,
+            ),
+            budget=spec.budget,
+        )
+    except ValueError as exc:
+        raise BundleBuildError(_validation_message(exc)) from None
     return BuiltBundle(manifest, {MODEL_MEMBER: model, GOLDEN_MEMBER: golden_bytes})
+
+
+def _validation_message(exc: ValueError) -> str:
+    if isinstance(exc, ValidationError):
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        return f"invalid bundle {where}: {err['msg']}".replace(": Value error, ", ": ")
+    return str(exc)
 
 
 def _feature_specs(
@@ -303,8 +326,11 @@ def _probability_output(
             continue
         rows = results[spec.name].reshape(-1, width).astype(np.float64)
         rows = rows[np.isfinite(rows).all(axis=1)]
-        if rows.size and (rows >= -1e-6).all() and (rows <= 1 + 1e-6).all() and np.allclose(
-            rows.sum(axis=1), 1.0, atol=_PROBABILITY_TOLERANCE
+        if (
+            rows.size
+            and (rows >= -1e-6).all()
+            and (rows <= 1 + 1e-6).all()
+            and np.allclose(rows.sum(axis=1), 1.0, atol=_PROBABILITY_TOLERANCE)
         ):
             return spec
     return None
@@ -337,7 +363,9 @@ def _safe_default(
             values = [round(float(v), 6) for v in rows.mean(axis=0)] if rows.size else [0.0] * size
         out[spec.name] = values
     if given is not None and set(given) - set(out):
-        raise BundleBuildError(f"the safe default names unknown outputs {sorted(set(given) - set(out))}")
+        raise BundleBuildError(
+            f"the safe default names unknown outputs {sorted(set(given) - set(out))}"
+        )
     return out
 
 
@@ -347,4 +375,6 @@ def parse_safe_default(text: str) -> dict[str, list[float]]:
         data = json.load(io.StringIO(text))
         return {str(k): [float(x) for x in v] for k, v in data.items()}
     except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
-        raise BundleBuildError(f"the safe default is not valid JSON of output -> values: {exc}") from None
+        raise BundleBuildError(
+            f"the safe default is not valid JSON of output -> values: {exc}"
+        ) from None

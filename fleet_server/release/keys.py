@@ -52,9 +52,7 @@ def _signer(private_key: Ed25519PrivateKey) -> CryptoSigner:
     return CryptoSigner(private_key, SSlibKey.from_crypto(private_key.public_key()))
 
 
-def init_keys(
-    directory: Path, threshold: int = 1, passphrase: bytes | None = None
-) -> KeyStore:
+def init_keys(directory: Path, threshold: int = 1, passphrase: bytes | None = None) -> KeyStore:
     """Create keys for every role in ``directory`` (which must not hold keys already).
 
     Root and targets, the offline roles, get ``threshold`` keys each and need
@@ -146,7 +144,9 @@ def load_keys(
             except FileNotFoundError:
                 raise KeyStoreError(f"key file {path} is missing") from None
             except (ValueError, TypeError) as exc:
-                raise KeyStoreError(f"cannot read {path}: wrong passphrase or not a key ({exc})") from None
+                raise KeyStoreError(
+                    f"cannot read {path}: wrong passphrase or not a key ({exc})"
+                ) from None
             if not isinstance(private, Ed25519PrivateKey):
                 raise KeyStoreError(f"{path} is not an Ed25519 key")
             role_keys.signers.append(_signer(private))

@@ -103,7 +103,7 @@ def test_expired_timestamp_is_refused(
     frozen = ImageRepository(tmp_path / "repo", now=datetime.now(UTC) - timedelta(days=2))
     frozen.create(session_keys)
     frozen.add_bundle(bundles["v1"], session_keys)
-    with pytest.raises(errors.MetadataExpired, match="timestamp.json is expired"):
+    with pytest.raises(errors.MetadataExpired, match=r"timestamp\.json is expired"):
         verify(frozen, str(frozen.path), tmp_path / "out")
 
 
@@ -234,5 +234,9 @@ def test_unknown_bundle_name_is_reported(repo: ImageRepository, tmp_path: Path) 
 
 def test_unreachable_repository_is_reported(repo: ImageRepository, tmp_path: Path) -> None:
     with pytest.raises(errors.RepositoryUnavailable):
-        verify(repo, "http://127.0.0.1:9", tmp_path / "out",
-               fetch=FetchConfig(connect_timeout=1, read_timeout=1))
+        verify(
+            repo,
+            "http://127.0.0.1:9",
+            tmp_path / "out",
+            fetch=FetchConfig(connect_timeout=1, read_timeout=1),
+        )

@@ -6,6 +6,7 @@ test make it misbehave the way a hostile or broken network does.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass, field
@@ -83,10 +84,8 @@ class RepositoryServer:
         body = data[start:]
         h.send_header("Content-Length", str(len(body)))
         h.end_headers()
-        try:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             self._write_body(h, body, faults)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
 
     def _write_body(self, h: BaseHTTPRequestHandler, body: bytes, faults: Faults) -> None:
         if faults.trickle_delay is not None:

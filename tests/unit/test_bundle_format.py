@@ -41,8 +41,9 @@ def manifest(**changes: object) -> Manifest:
             id="sha256:00",
             rows=10,
             features=[
-                FeatureBaseline(edges=[0.5], summary=FeatureSummary(
-                    n=10, nan=0, out_of_range=0, counts=[5, 5]))
+                FeatureBaseline(
+                    edges=[0.5], summary=FeatureSummary(n=10, nan=0, out_of_range=0, counts=[5, 5])
+                )
                 for _ in range(2)
             ],
         ),
@@ -72,7 +73,7 @@ def test_round_trip_and_determinism() -> None:
 def test_altered_member_is_refused() -> None:
     data = bytearray(bundle_bytes())
     data[data.index(MODEL) + 10] ^= 1
-    with pytest.raises(BundleFormatError, match="model.tflite does not match"):
+    with pytest.raises(BundleFormatError, match=r"model\.tflite does not match"):
         read_bundle(io.BytesIO(bytes(data)))
 
 
@@ -109,7 +110,9 @@ def test_truncated_bundle_is_refused() -> None:
         ({"features": [FeatureSpec(name="a")]}, "differ in length"),
     ],
 )
-def test_invalid_manifests_are_refused_with_the_field(change: dict[str, object], message: str) -> None:
+def test_invalid_manifests_are_refused_with_the_field(
+    change: dict[str, object], message: str
+) -> None:
     with pytest.raises(ValueError, match=message):
         manifest(**change)
 

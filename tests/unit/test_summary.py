@@ -71,8 +71,10 @@ def test_merging_empty_summaries_is_empty() -> None:
 
 def test_merge_refuses_different_bins() -> None:
     with pytest.raises(ValueError, match="different bins"):
-        merge(FeatureSummary(n=0, nan=0, out_of_range=0, counts=[0]),
-              FeatureSummary(n=0, nan=0, out_of_range=0, counts=[0, 0]))
+        merge(
+            FeatureSummary(n=0, nan=0, out_of_range=0, counts=[0]),
+            FeatureSummary(n=0, nan=0, out_of_range=0, counts=[0, 0]),
+        )
 
 
 def test_score_histogram_counts_top_score_per_predicted_class() -> None:

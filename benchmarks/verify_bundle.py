@@ -1,0 +1,120 @@
+"""Verifying a 50 MB bundle against ``sha256sum`` of the same file, in one run.
+
+The bundle holds a real ``.tflite`` model whose weights make it about 50 MB.
+Each round first hashes the released file with ``sha256sum`` (the floor: one
+read and one hash, in C), then verifies it as a device would — TUF refresh of
+root, timestamp, snapshot and targets, download into an empty directory,
+hashing while writing, manifest check — from a directory repository, and
+then from the same repository over HTTP on loopback. Rounds alternate so both
+see the same machine state; the ratio is of the medians.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+
+from agent.ota.verify import verify_bundle
+from firmware_images.tflite_writer import GraphBuilder
+from fleet_server.release.bundle_builder import BundleSpec, build_bundle
+from fleet_server.release.keys import init_keys
+from fleet_server.release.repository import ImageRepository
+
+TARGET_MB = 50
+ROUNDS = 7
+
+
+def large_model() -> bytes:
+    """A real model of about 50 MB: a wide fully connected layer."""
+    inputs = 16
+    width = TARGET_MB * 1024 * 1024 // (4 * inputs)
+    rng = np.random.default_rng(0)
+    g = GraphBuilder("50 MB benchmark model")
+    x = g.add_input("x", [1, inputs])
+    hidden = g.fully_connected(
+        x, rng.normal(size=(width, inputs)).astype(np.float32), np.zeros(width), "wide"
+    )
+    g.mark_output(g.mean(hidden, [1], "pooled"))
+    return g.to_bytes()
+
+
+class _Quiet(SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def run() -> dict[str, float]:
+    """Measure and return the figures (seconds and ratios)."""
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        baseline = np.random.default_rng(1).normal(size=(64, 16)).astype(np.float32)
+        built = build_bundle(
+            large_model(), {"x": baseline},
+            BundleSpec(name="big", version="1.0.0", hardware_ids=["bench"]),
+        )
+        built.write(tmp / "big.bundle")
+        keys = init_keys(tmp / "keys")
+        repo = ImageRepository(tmp / "repo")
+        repo.create(keys)
+        released = repo.add_bundle(tmp / "big.bundle", keys)
+        [target] = (repo.targets_dir / "big").glob("*.bundle")
+        httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Quiet, directory=str(repo.path)))
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+
+        def verify(source: str, i: int) -> float:
+            out = tmp / f"out-{i}"
+            started = time.perf_counter()
+            verify_bundle(trusted_root=repo.trusted_root_path, repository=source, name="big",
+                          hardware_id="bench", out_dir=out)
+            elapsed = time.perf_counter() - started
+            shutil.rmtree(out)
+            return elapsed
+
+        def timed(command: list[str]) -> float:
+            started = time.perf_counter()
+            subprocess.run([*command, str(target)], check=True, capture_output=True)
+            return time.perf_counter() - started
+
+        sha256sum = ["sha256sum"]
+        # OpenSSL's SHA-256 uses the CPU's SHA extensions where coreutils may not: a second,
+        # harder floor, so the ratio is not flattered by a slow baseline.
+        openssl = ["openssl", "dgst", "-sha256"] if shutil.which("openssl") else sha256sum
+        timed(sha256sum)
+        verify(str(repo.path), -1)  # warm the page cache and imports
+        base, ossl, local, http = [], [], [], []
+        for i in range(ROUNDS):
+            base.append(timed(sha256sum))
+            ossl.append(timed(openssl))
+            local.append(verify(str(repo.path), i))
+            http.append(verify(url, i))
+        httpd.shutdown()
+        httpd.server_close()
+    b, o, lo, ht = (statistics.median(v) for v in (base, ossl, local, http))
+    return {"bundle_mb": released.length / 1e6, "sha256sum_s": b, "openssl_s": o,
+            "verify_dir_s": lo, "verify_http_s": ht, "ratio_dir": lo / b, "ratio_http": ht / b,
+            "ratio_dir_openssl": lo / o}
+
+
+def main() -> None:
+    r = run()
+    print(f"bundle: {r['bundle_mb']:.1f} MB, median of {ROUNDS} alternating rounds")
+    print(f"  sha256sum                 {r['sha256sum_s'] * 1000:8.1f} ms   1.00x")
+    print(f"  openssl dgst -sha256      {r['openssl_s'] * 1000:8.1f} ms   "
+          f"{r['openssl_s'] / r['sha256sum_s']:.2f}x")
+    print(f"  verify (directory repo)   {r['verify_dir_s'] * 1000:8.1f} ms   {r['ratio_dir']:.2f}x")
+    print(f"  verify (HTTP, loopback)   {r['verify_http_s'] * 1000:8.1f} ms   {r['ratio_http']:.2f}x")
+    print(f"  verify (directory) against openssl: {r['ratio_dir_openssl']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

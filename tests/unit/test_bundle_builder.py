@@ -1,0 +1,172 @@
+"""Building bundles: the contract comes from the model, the baseline from the data."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from firmware_images.tflite_writer import GraphBuilder, build_unresolved_custom_op_model
+from fleet_server.models.runtime import LoadedModel
+from fleet_server.release.bundle_builder import (
+    BundleBuildError,
+    BundleSpec,
+    build_bundle,
+    load_feature_file,
+)
+from protocol.bundle import read_bundle
+from protocol.derivation import derive_features
+from protocol.golden import unpack_golden
+from protocol.summary import summarize
+from tests.conftest import MODELS
+
+
+def image_model() -> bytes:
+    """A model we did not make for edgefleet: a 128x128 RGB image in, two outputs."""
+    rng = np.random.default_rng(3)
+    g = GraphBuilder("image classifier with a brightness head")
+    image = g.add_input("image", [1, 128, 128, 3])
+    pooled = g.mean(image, [1, 2], "pooled", keep_dims=False)
+    logits = g.fully_connected(pooled, rng.normal(size=(4, 3)), np.zeros(4), "logits")
+    g.mark_output(g.softmax(logits, "class_scores"))
+    g.mark_output(g.fully_connected(pooled, np.ones((1, 3)) / 3, np.zeros(1), "brightness"))
+    return g.to_bytes()
+
+
+def spec(**kw: object) -> BundleSpec:
+    fields: dict[str, object] = {
+        "name": "pump-health",
+        "version": "1.0.0",
+        "hardware_ids": ["rpi4-arm64"],
+    }
+    fields.update(kw)
+    return BundleSpec(**fields)  # type: ignore[arg-type]
+
+
+def test_sample_model_bundle_carries_contract_baseline_and_golden_vectors() -> None:
+    features, classes = load_feature_file(MODELS / "features.json")
+    built = build_bundle(
+        (MODELS / "v2.tflite").read_bytes(),
+        MODELS / "baseline.npy",
+        spec(feature_specs=features, classes=classes),
+    )
+    m = built.manifest
+    baseline = np.load(MODELS / "baseline.npy")
+    assert [t.name for t in m.inputs] == ["features"]
+    assert m.inputs[0].shape_signature == [-1, baseline.shape[1]]
+    assert m.classes == classes and m.fallback.confidence_output == m.outputs[0].name
+    assert [f.name for f in m.features] == [f.name for f in features]
+    assert m.release_counter == 1_000_000
+    # The baseline summary is exactly the summary of the baseline data in the manifest's bins.
+    expected = summarize(
+        baseline,
+        [f.edges for f in m.baseline.features],
+        [(f.valid_min, f.valid_max) for f in features],
+    )
+    assert [f.summary for f in m.baseline.features] == expected
+    assert 15 <= len(m.baseline.features[0].edges) <= 19
+    assert m.baseline.scores is not None
+    assert sum(map(sum, m.baseline.scores.counts)) == baseline.shape[0]
+    # Golden outputs are what the real runtime gives for the golden inputs.
+    inputs, outputs = unpack_golden(built.members["golden.npz"])
+    rerun = LoadedModel(built.members["model.tflite"]).run(inputs)
+    np.testing.assert_array_equal(rerun[m.outputs[0].name], outputs[m.outputs[0].name])
+    assert m.golden.count == len(inputs["features"]) == 8
+    # The safe default of a classifier is the baseline's class prior.
+    assert sum(m.fallback.safe_default[m.outputs[0].name]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_bundles_are_reproducible(tmp_path: Path) -> None:
+    model = (MODELS / "v1.tflite").read_bytes()
+    first = build_bundle(model, MODELS / "baseline.npy", spec())
+    second = build_bundle(model, MODELS / "baseline.npy", spec())
+    first.write(tmp_path / "a.bundle")
+    second.write(tmp_path / "b.bundle")
+    assert (tmp_path / "a.bundle").read_bytes() == (tmp_path / "b.bundle").read_bytes()
+
+
+def test_image_model_is_summarised_by_channel_moments(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    images = rng.uniform(0, 1, size=(24, 128, 128, 3)).astype(np.float32)
+    images[:, :, :, 0] *= 0.5
+    np.save(tmp_path / "images.npy", images)
+    built = build_bundle(image_model(), tmp_path / "images.npy", spec(name="camera-qa"))
+    m = built.manifest
+    assert [(t.name, t.shape) for t in m.inputs] == [("image", [1, 128, 128, 3])]
+    assert {t.name for t in m.outputs} == {"class_scores", "brightness"}
+    assert [d.method for d in m.derivations] == ["channel_moments"]
+    assert [f.name for f in m.features] == [
+        "image.c0_mean",
+        "image.c0_std",
+        "image.c1_mean",
+        "image.c1_std",
+        "image.c2_mean",
+        "image.c2_std",
+    ]
+    assert m.fallback.confidence_output == "class_scores"
+    assert m.classes == ["class_0", "class_1", "class_2", "class_3"]
+    # The device computes the same derived features from the same images.
+    derived = derive_features(m.derivations, {"image": images})
+    assert m.baseline.features[0].summary.mean == pytest.approx(derived[:, 0].mean())
+    assert m.baseline.features[0].summary.mean == pytest.approx(0.25, abs=0.01)
+    with io.BytesIO() as buf:
+        from protocol.bundle import write_bundle
+
+        write_bundle(buf, m, built.members)
+        assert len(buf.getvalue()) < 2 * 1024 * 1024 + 20_000
+
+
+def test_csv_baseline_gives_feature_names(tmp_path: Path) -> None:
+    csv_path = MODELS / "baseline.csv"
+    built = build_bundle((MODELS / "v1.tflite").read_bytes(), csv_path, spec())
+    header = csv_path.read_text().splitlines()[0].split(",")
+    assert [f.name for f in built.manifest.features] == header
+
+
+def test_model_with_unresolved_custom_op_is_refused() -> None:
+    with pytest.raises(BundleBuildError, match="unresolved custom op: EdgefleetMysteryOp"):
+        build_bundle(build_unresolved_custom_op_model(), MODELS / "baseline.npy", spec())
+
+
+def test_not_a_model_is_refused() -> None:
+    with pytest.raises(BundleBuildError, match="cannot run this model"):
+        build_bundle(b"definitely not a flatbuffer", MODELS / "baseline.npy", spec())
+
+
+def test_baseline_of_the_wrong_shape_is_refused(tmp_path: Path) -> None:
+    np.save(tmp_path / "bad.npy", np.zeros((10, 5), dtype=np.float32))
+    with pytest.raises(BundleBuildError, match=r"rows of shape \[5\], the model expects \[16\]"):
+        build_bundle((MODELS / "v1.tflite").read_bytes(), tmp_path / "bad.npy", spec())
+
+
+def test_model_that_gives_nan_on_its_baseline_is_refused(tmp_path: Path) -> None:
+    baseline = np.load(MODELS / "baseline.npy")
+    features = json.loads((MODELS / "features.json").read_text())["features"]
+    rpm = [f["name"] for f in features].index("shaft_rpm")
+    baseline[:, rpm] = 0.0  # an idle machine: v3-bad divides by the shaft speed
+    np.save(tmp_path / "idle.npy", baseline)
+    with pytest.raises(BundleBuildError, match="NaN or Inf"):
+        build_bundle((MODELS / "v3-bad.tflite").read_bytes(), tmp_path / "idle.npy", spec())
+
+
+def test_feature_file_that_does_not_fit_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "f.json").write_text(json.dumps({"features": [{"name": "a"}]}))
+    features, _ = load_feature_file(tmp_path / "f.json")
+    with pytest.raises(BundleBuildError, match="describes 1 features"):
+        build_bundle(
+            (MODELS / "v1.tflite").read_bytes(),
+            MODELS / "baseline.npy",
+            spec(feature_specs=features),
+        )
+
+
+def test_bundle_round_trips_through_the_file_format(tmp_path: Path) -> None:
+    built = build_bundle((MODELS / "v1.tflite").read_bytes(), MODELS / "baseline.npy", spec())
+    built.write(tmp_path / "b.bundle")
+    with (tmp_path / "b.bundle").open("rb") as f:
+        manifest, members = read_bundle(f)
+    assert manifest == built.manifest and members == built.members
+    assert not list(tmp_path.glob("*.partial"))
