@@ -58,7 +58,8 @@ def run() -> dict[str, float]:
         tmp = Path(tmp_name)
         baseline = np.random.default_rng(1).normal(size=(64, 16)).astype(np.float32)
         built = build_bundle(
-            large_model(), {"x": baseline},
+            large_model(),
+            {"x": baseline},
             BundleSpec(name="big", version="1.0.0", hardware_ids=["bench"]),
         )
         built.write(tmp / "big.bundle")
@@ -74,8 +75,13 @@ def run() -> dict[str, float]:
         def verify(source: str, i: int) -> float:
             out = tmp / f"out-{i}"
             started = time.perf_counter()
-            verify_bundle(trusted_root=repo.trusted_root_path, repository=source, name="big",
-                          hardware_id="bench", out_dir=out)
+            verify_bundle(
+                trusted_root=repo.trusted_root_path,
+                repository=source,
+                name="big",
+                hardware_id="bench",
+                out_dir=out,
+            )
             elapsed = time.perf_counter() - started
             shutil.rmtree(out)
             return elapsed
@@ -100,19 +106,30 @@ def run() -> dict[str, float]:
         httpd.shutdown()
         httpd.server_close()
     b, o, lo, ht = (statistics.median(v) for v in (base, ossl, local, http))
-    return {"bundle_mb": released.length / 1e6, "sha256sum_s": b, "openssl_s": o,
-            "verify_dir_s": lo, "verify_http_s": ht, "ratio_dir": lo / b, "ratio_http": ht / b,
-            "ratio_dir_openssl": lo / o}
+    return {
+        "bundle_mb": released.length / 1e6,
+        "sha256sum_s": b,
+        "openssl_s": o,
+        "verify_dir_s": lo,
+        "verify_http_s": ht,
+        "ratio_dir": lo / b,
+        "ratio_http": ht / b,
+        "ratio_dir_openssl": lo / o,
+    }
 
 
 def main() -> None:
     r = run()
     print(f"bundle: {r['bundle_mb']:.1f} MB, median of {ROUNDS} alternating rounds")
     print(f"  sha256sum                 {r['sha256sum_s'] * 1000:8.1f} ms   1.00x")
-    print(f"  openssl dgst -sha256      {r['openssl_s'] * 1000:8.1f} ms   "
-          f"{r['openssl_s'] / r['sha256sum_s']:.2f}x")
+    print(
+        f"  openssl dgst -sha256      {r['openssl_s'] * 1000:8.1f} ms   "
+        f"{r['openssl_s'] / r['sha256sum_s']:.2f}x"
+    )
     print(f"  verify (directory repo)   {r['verify_dir_s'] * 1000:8.1f} ms   {r['ratio_dir']:.2f}x")
-    print(f"  verify (HTTP, loopback)   {r['verify_http_s'] * 1000:8.1f} ms   {r['ratio_http']:.2f}x")
+    print(
+        f"  verify (HTTP, loopback)   {r['verify_http_s'] * 1000:8.1f} ms   {r['ratio_http']:.2f}x"
+    )
     print(f"  verify (directory) against openssl: {r['ratio_dir_openssl']:.2f}x")
 
 

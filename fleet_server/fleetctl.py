@@ -53,7 +53,8 @@ def _passphrase(args: argparse.Namespace, needed: bool, confirm: bool = False) -
         return None
     if not sys.stdin.isatty():
         raise CommandError(
-            "a passphrase is needed; give --passphrase-file FILE or --passphrase-env VAR"
+            "the release keys are encrypted and standard input is not a terminal to ask on; "
+            "give --passphrase-file FILE or --passphrase-env VAR"
         )
     first = getpass.getpass("Passphrase for the release keys: ")
     if confirm and getpass.getpass("Again: ") != first:

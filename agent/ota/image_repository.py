@@ -291,17 +291,25 @@ def _receive(stream: Stream, partial: Path, length: int) -> tuple[int, Any]:
         out.seek(stream.offset)
         out.truncate()
         received = stream.offset
-        for chunk in stream.chunks:
-            received += len(chunk)
-            if received > length:
-                break
-            digest.update(chunk)
-            out.write(chunk)
-        close = getattr(stream.chunks, "close", None)
-        if close is not None:
-            close()  # releases the HTTP connection when we stopped early
-        out.flush()
-        os.fsync(out.fileno())
+        try:
+            for chunk in stream.chunks:
+                received += len(chunk)
+                if received > length:
+                    break
+                digest.update(chunk)
+                out.write(chunk)
+        except tuf_exc.SlowRetrievalError:
+            raise
+        except tuf_exc.DownloadError:
+            # The connection broke mid-body: keep what arrived, the caller reports
+            # an interrupted download and the next try resumes from here.
+            received = out.tell()
+        finally:
+            close = getattr(stream.chunks, "close", None)
+            if close is not None:
+                close()  # releases the HTTP connection when we stopped early
+            out.flush()
+            os.fsync(out.fileno())
     return received, digest
 
 

@@ -72,6 +72,9 @@ class RepositoryFetcher(FetcherInterface):
         headers = {"Range": f"bytes={offset}-"} if offset else {}
         try:
             response = self._http.request("GET", url, headers=headers, preload_content=False)
+        except urllib3.exceptions.NewConnectionError as exc:
+            # Checked first: urllib3 makes a refused connection a kind of timeout.
+            raise tuf_exc.DownloadError(f"{url}: cannot connect ({exc})") from exc
         except urllib3.exceptions.TimeoutError as exc:
             raise tuf_exc.SlowRetrievalError(f"{url}: no answer in time") from exc
         except urllib3.exceptions.HTTPError as exc:

@@ -71,14 +71,23 @@ def test_tampered_bundle_is_refused(repo: ImageRepository, tmp_path: Path) -> No
 def test_bundle_signed_by_unknown_keys_is_refused(
     repo: ImageRepository, tmp_path: Path, bundles: dict[str, Path]
 ) -> None:
-    # Arbitrary installation: an attacker with their own keys re-signs the repository.
+    # Arbitrary installation: an attacker with their own keys re-signs the repository,
+    # including its 1.root.json; the device still trusts the root it was provisioned with.
+    provisioned = tmp_path / "provisioned-root.json"
+    shutil.copyfile(repo.trusted_root_path, provisioned)
     attacker = init_keys(tmp_path / "attacker")
     forged = ImageRepository(tmp_path / "forged")
     forged.create(attacker)
     forged.add_bundle(bundles["v2"], attacker)
     shutil.copytree(forged.path, repo.path, dirs_exist_ok=True)
     with pytest.raises(errors.UntrustedMetadata, match="not signed by enough trusted keys"):
-        verify(repo, str(repo.path), tmp_path / "out")
+        verify_bundle(
+            trusted_root=provisioned,
+            repository=str(repo.path),
+            name="pump-health",
+            hardware_id=HARDWARE,
+            out_dir=tmp_path / "out",
+        )
 
 
 def test_rolled_back_metadata_is_refused(
