@@ -24,13 +24,27 @@ HARDWARE = "rpi4-arm64"
 RELEASES = [("v1", "1.0.0"), ("v2", "1.1.0"), ("v3-bad", "1.2.0")]
 
 
-def _run(tool: str, entry: Callable[[Sequence[str]], int], args: list[str]) -> int:
-    print(f"\n$ {tool} {shlex.join(args)}", flush=True)
-    return entry(args)
+TOOLS: dict[str, Callable[[Sequence[str]], int]] = {"fleetctl": fleetctl, "edge-agent": edge_agent}
 
 
-def _section(title: str) -> None:
-    print(f"\n== {title} " + "=" * max(0, 70 - len(title)), flush=True)
+class Story:
+    """Runs the demo's commands in process, echoing each, and counts surprises."""
+
+    def __init__(self) -> None:
+        self.surprises = 0
+
+    def section(self, title: str) -> None:
+        print(f"\n== {title} " + "=" * max(0, 70 - len(title)), flush=True)
+
+    def step(self, command: str, *, refused: str | None = None) -> None:
+        """Run ``command``; with ``refused``, it is expected to fail for that reason."""
+        if refused:
+            print(f"\n(expected: refused, {refused})")
+        print(f"\n$ {command}", flush=True)
+        tool, *args = shlex.split(command)
+        succeeded = TOOLS[tool](args) == 0
+        if succeeded == bool(refused):
+            self.surprises += 1
 
 
 @contextmanager
@@ -56,158 +70,51 @@ def run_demo(workdir: Path) -> int:
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
-    keys, repo, build = workdir / "keys", workdir / "repo", workdir / "bundles"
-    build.mkdir()
-    failures = 0
+    keys, repo, bundles = workdir / "keys", workdir / "repo", workdir / "bundles"
+    bundles.mkdir()
+    data = f"--baseline {MODELS / 'baseline.npy'} --features {MODELS / 'features.json'}"
+    story = Story()
 
-    _section("Release engineer: keys, bundles, releases")
-    failures += _run("fleetctl", fleetctl, ["keys", "init", "--dir", str(keys)]) != 0
+    story.section("Release engineer: keys, bundles, releases")
+    story.step(f"fleetctl keys init --dir {keys}")
     for model, version in RELEASES:
-        failures += (
-            _run(
-                "fleetctl",
-                fleetctl,
-                [
-                    "bundle",
-                    "build",
-                    str(MODELS / f"{model}.tflite"),
-                    "--name",
-                    "pump-health",
-                    "--version",
-                    version,
-                    "--hardware",
-                    HARDWARE,
-                    "--hardware",
-                    "jetson-orin",
-                    "--baseline",
-                    str(MODELS / "baseline.npy"),
-                    "--features",
-                    str(MODELS / "features.json"),
-                    "--out",
-                    str(build),
-                ],
-            )
-            != 0
+        story.step(
+            f"fleetctl bundle build {MODELS / model}.tflite --name pump-health --version "
+            f"{version} --hardware {HARDWARE} --hardware jetson-orin {data} --out {bundles}"
         )
-    failures += (
-        _run(
-            "fleetctl",
-            fleetctl,
-            [
-                "bundle",
-                "build",
-                str(MODELS / "cloud.tflite"),
-                "--name",
-                "pump-health-cloud",
-                "--version",
-                "1.0.0",
-                "--hardware",
-                "cloud-x86_64",
-                "--baseline",
-                str(MODELS / "baseline.npy"),
-                "--features",
-                str(MODELS / "features.json"),
-                "--out",
-                str(build),
-            ],
-        )
-        != 0
+    story.step(
+        f"fleetctl bundle build {MODELS / 'cloud.tflite'} --name pump-health-cloud "
+        f"--version 1.0.0 --hardware cloud-x86_64 {data} --out {bundles}"
     )
-    failures += (
-        _run("fleetctl", fleetctl, ["bundle", "inspect", str(build / "pump-health-1.1.0.bundle")])
-        != 0
-    )
-    for bundle in sorted(build.glob("*.bundle")):
-        failures += (
-            _run(
-                "fleetctl",
-                fleetctl,
-                ["release", "add", str(bundle), "--repo", str(repo), "--keys", str(keys)],
-            )
-            != 0
-        )
-    failures += _run("fleetctl", fleetctl, ["release", "list", "--repo", str(repo)]) != 0
+    story.step(f"fleetctl bundle inspect {bundles / 'pump-health-1.1.0.bundle'}")
+    for bundle in sorted(bundles.glob("*.bundle")):
+        story.step(f"fleetctl release add {bundle} --repo {repo} --keys {keys}")
+    story.step(f"fleetctl release list --repo {repo}")
 
     root = repo / "metadata" / "1.root.json"
     with _serve(repo) as url:
-        _section(f"Device: verify bundles from {url}")
+        verify = f"edge-agent verify --root {root} --repo {url} --hardware {HARDWARE}"
+        story.section(f"Device: verify bundles from {url}")
         for _, version in RELEASES[:2]:
-            failures += (
-                _run(
-                    "edge-agent",
-                    edge_agent,
-                    [
-                        "verify",
-                        "--root",
-                        str(root),
-                        "--repo",
-                        url,
-                        "--name",
-                        "pump-health",
-                        "--hardware",
-                        HARDWARE,
-                        "--version",
-                        version,
-                        "--out",
-                        str(workdir / "device"),
-                    ],
-                )
-                != 0
-            )
-        print("\n(expected: refused, this bundle is not released for this hardware)")
-        failures += (
-            _run(
-                "edge-agent",
-                edge_agent,
-                [
-                    "verify",
-                    "--root",
-                    str(root),
-                    "--repo",
-                    url,
-                    "--name",
-                    "pump-health-cloud",
-                    "--hardware",
-                    HARDWARE,
-                    "--out",
-                    str(workdir / "device"),
-                ],
-            )
-            == 0
+            story.step(f"{verify} --name pump-health --version {version} --out {workdir}/device")
+        story.step(
+            f"{verify} --name pump-health-cloud --out {workdir}/device",
+            refused="this bundle is not released for this hardware",
         )
 
-        _section("Attacker: one byte of v1.1.0 changed on the server")
+        story.section("Attacker: one byte of v1.1.0 changed on the server")
         [target] = (repo / "targets" / "pump-health").glob("*.pump-health-1.1.0.bundle")
-        data = bytearray(target.read_bytes())
-        data[len(data) // 2] ^= 0x01
-        target.write_bytes(bytes(data))
-        print("\n(expected: refused, the bytes differ from what the release keys signed)")
-        failures += (
-            _run(
-                "edge-agent",
-                edge_agent,
-                [
-                    "verify",
-                    "--root",
-                    str(root),
-                    "--repo",
-                    url,
-                    "--name",
-                    "pump-health",
-                    "--hardware",
-                    HARDWARE,
-                    "--version",
-                    "1.1.0",
-                    "--out",
-                    str(workdir / "device2"),
-                ],
-            )
-            == 0
+        tampered = bytearray(target.read_bytes())
+        tampered[len(tampered) // 2] ^= 0x01
+        target.write_bytes(bytes(tampered))
+        story.step(
+            f"{verify} --name pump-health --version 1.1.0 --out {workdir}/device2",
+            refused="the bytes differ from what the release keys signed",
         )
 
-    _section("Result")
-    if failures:
-        print(f"{failures} step(s) did not turn out as expected")
+    story.section("Result")
+    if story.surprises:
+        print(f"{story.surprises} step(s) did not turn out as expected")
         return 1
     print("Every genuine bundle verified; the tampered and the wrong-hardware bundle were refused.")
     return 0
