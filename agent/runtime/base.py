@@ -1,0 +1,47 @@
+"""The interface every model runtime implements."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from protocol.manifest import TensorSpec
+
+Tensors = dict[str, npt.NDArray[Any]]
+
+
+class ModelLoadError(Exception):
+    """The runtime cannot load or prepare the model (bad file, unresolved custom op)."""
+
+
+class ModelRunError(Exception):
+    """The model failed while running on an input."""
+
+
+class LoadedModel(Protocol):
+    """A model ready to run; ``run`` takes and returns ``[batch, ...]`` arrays by name."""
+
+    @property
+    def inputs(self) -> list[TensorSpec]: ...
+
+    @property
+    def outputs(self) -> list[TensorSpec]: ...
+
+    def run(self, inputs: Mapping[str, npt.NDArray[Any]]) -> Tensors: ...
+
+
+class Runtime(Protocol):
+    """Loads models from files; replaceable (tflite-runtime, LiteRT, a test double)."""
+
+    name: str
+
+    def load(self, path: Path) -> LoadedModel: ...
+
+
+def as_batch(value: npt.ArrayLike, spec: TensorSpec) -> npt.NDArray[Any]:
+    """``value`` as an array of the tensor's dtype (no copy when it already is)."""
+    return np.asarray(value, dtype=spec.dtype)

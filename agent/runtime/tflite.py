@@ -1,0 +1,113 @@
+"""TFLite models through tflite-runtime, or LiteRT (``ai-edge-litert``) where that is installed."""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.runtime.base import ModelLoadError, ModelRunError, Tensors
+from protocol.manifest import TensorSpec
+
+_MODULES = ("tflite_runtime.interpreter", "ai_edge_litert.interpreter")
+
+
+def _interpreter_class() -> tuple[str, Any]:
+    for module_name in _MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        return module_name.split(".")[0], module.Interpreter
+    raise ModelLoadError("no TFLite runtime installed: install tflite-runtime or ai-edge-litert")
+
+
+class TFLiteModel:
+    """One interpreter; calls are serialised because an interpreter is not re-entrant."""
+
+    def __init__(self, interpreter: Any) -> None:
+        self._interpreter = interpreter
+        self._inputs = interpreter.get_input_details()
+        self._outputs = interpreter.get_output_details()
+        self._dynamic = all(
+            len(d["shape_signature"]) > 0 and d["shape_signature"][0] == -1 for d in self._inputs
+        )
+        self._batch = 1
+        self._lock = threading.Lock()
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return [_spec(d) for d in self._inputs]
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return [_spec(d) for d in self._outputs]
+
+    def run(self, inputs: Mapping[str, npt.NDArray[Any]]) -> Tensors:
+        """Outputs for a batch. A model without a dynamic batch runs row by row."""
+        rows = int(next(iter(inputs.values())).shape[0])
+        with self._lock:
+            if rows == 1 or self._dynamic:
+                return self._invoke(inputs, rows)
+            parts = [self._invoke({k: v[i : i + 1] for k, v in inputs.items()}, 1)
+                     for i in range(rows)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def _invoke(self, inputs: Mapping[str, npt.NDArray[Any]], rows: int) -> Tensors:
+        interpreter = self._interpreter
+        try:
+            if rows != self._batch:
+                for d in self._inputs:
+                    interpreter.resize_tensor_input(d["index"], [rows, *d["shape"][1:]])
+                interpreter.allocate_tensors()
+                self._batch = rows
+            for d in self._inputs:
+                interpreter.set_tensor(d["index"], inputs[d["name"]])
+            interpreter.invoke()
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise ModelRunError(f"the model failed to run: {_first_line(exc)}") from None
+        return {d["name"]: interpreter.get_tensor(d["index"]) for d in self._outputs}
+
+
+class TFLiteRuntime:
+    """Loads ``.tflite`` files; ``num_threads`` bounds the interpreter's threads."""
+
+    def __init__(self, num_threads: int = 1) -> None:
+        self.name, self._interpreter_class = _interpreter_class()
+        self.num_threads = num_threads
+
+    def load(self, path: Path) -> TFLiteModel:
+        try:
+            interpreter = self._interpreter_class(
+                model_path=str(path), num_threads=self.num_threads
+            )
+            interpreter.allocate_tensors()
+        except (RuntimeError, ValueError) as exc:
+            raise ModelLoadError(f"{path.name}: {_first_line(exc)}") from None
+        return TFLiteModel(interpreter)
+
+
+def default_runtime() -> TFLiteRuntime:
+    """The runtime installed on this device."""
+    return TFLiteRuntime()
+
+
+def _spec(detail: Mapping[str, Any]) -> TensorSpec:
+    scale, zero_point = detail.get("quantization", (0.0, 0))
+    return TensorSpec(
+        name=detail["name"],
+        dtype=np.dtype(detail["dtype"]).name,  # type: ignore[arg-type]
+        shape=[int(x) for x in detail["shape"]],
+        shape_signature=[int(x) for x in detail["shape_signature"]],
+        quantization=(float(scale), int(zero_point)) if scale else None,
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
