@@ -93,3 +93,27 @@ class InsufficientSpace(UpdateRefused):
     """The data directory has too little free space for the bundle."""
 
     reason = "insufficient-space"
+
+
+class DirectorMismatch(UpdateRefused):
+    """The director named a bundle the image repository did not sign as named."""
+
+    reason = "director-mismatch"
+
+
+class WrongDevice(UpdateRefused):
+    """The director metadata is meant for another device."""
+
+    reason = "wrong-device"
+
+
+class SelfTestFailed(UpdateRefused):
+    """The staged model failed its self-test (load, golden vectors, latency, memory)."""
+
+    reason = "self-test-failed"
+
+
+class InvalidBundle(UpdateRefused):
+    """The bundle is signed but unusable (members do not match its manifest, or newer schema)."""
+
+    reason = "invalid-bundle"

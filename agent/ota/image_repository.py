@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +24,7 @@ from tuf.api.metadata import Metadata, TargetFile, Targets
 from tuf.ngclient.config import UpdaterConfig
 from tuf.ngclient.updater import Updater
 
+from agent.ota.durable import fsync_dir
 from agent.ota.errors import (
     BundleNotFound,
     DownloadInterrupted,
@@ -203,7 +204,12 @@ class ImageRepositoryClient:
         check_counter(best, installed_counter)
         return best
 
-    def download(self, bundle: BundleTarget, directory: Path) -> Path:
+    def download(
+        self,
+        bundle: BundleTarget,
+        directory: Path,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> Path:
         """Download ``bundle`` into ``directory``, verified; returns the file's path.
 
         A partial download from an earlier try is resumed (HTTP Range). The file
@@ -227,7 +233,7 @@ class ImageRepositoryClient:
         url = f"{self._targets_url}{prefix}{bundle.sha256}.{basename}"
         with refusals():
             stream = self._fetcher.open(url, have)
-            received, digest = _receive(stream, partial, bundle.length)
+            received, digest = _receive(stream, partial, bundle.length, on_progress)
         if received > bundle.length:
             partial.unlink()
             raise EndlessData(
@@ -244,7 +250,7 @@ class ImageRepositoryClient:
                 f"{bundle.sha256}"
             )
         os.replace(partial, final)
-        _fsync_dir(directory)
+        fsync_dir(directory)
         return final
 
 
@@ -274,7 +280,12 @@ def open_verified_manifest(path: Path, bundle: BundleTarget) -> Manifest:
     return manifest
 
 
-def _receive(stream: Stream, partial: Path, length: int) -> tuple[int, Any]:
+def _receive(
+    stream: Stream,
+    partial: Path,
+    length: int,
+    on_progress: Callable[[int], None] | None = None,
+) -> tuple[int, Any]:
     """Write the stream into ``partial`` from its offset, hashing all of the file.
 
     Stops one byte past ``length``: the caller refuses such a download.
@@ -298,6 +309,9 @@ def _receive(stream: Stream, partial: Path, length: int) -> tuple[int, Any]:
                     break
                 digest.update(chunk)
                 out.write(chunk)
+                if on_progress is not None:
+                    out.flush()
+                    on_progress(received)
         except tuf_exc.SlowRetrievalError:
             raise
         except tuf_exc.DownloadError:
@@ -311,11 +325,3 @@ def _receive(stream: Stream, partial: Path, length: int) -> tuple[int, Any]:
             out.flush()
             os.fsync(out.fileno())
     return received, digest
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

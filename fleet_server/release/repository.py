@@ -82,8 +82,14 @@ def bundle_custom(manifest: Manifest) -> dict[str, Any]:
     }
 
 
-class ImageRepository:
-    """A TUF image repository rooted at ``path``."""
+class TufRepository:
+    """A TUF repository (root, targets, snapshot, timestamp) in a directory.
+
+    The image repository and each device's director repository are both this;
+    they differ only in what they list as targets.
+    """
+
+    kind = "TUF repository"
 
     def __init__(
         self,
@@ -129,22 +135,32 @@ class ImageRepository:
 
     # -- creating --------------------------------------------------------
 
-    def create(self, keys: KeyStore) -> None:
-        """Create version 1 of every role, signed by ``keys``."""
+    def create(self, keys: KeyStore, root: bytes | None = None) -> None:
+        """Create version 1 of every role, signed by ``keys``.
+
+        ``root`` reuses an existing signed root (devices of one director share it).
+        """
         with self._locked():
             if self.exists():
-                raise RepositoryError(f"{self.path} already holds an image repository")
-            root = Root(expires=self._expires(self.expiry.root), consistent_snapshot=True)
-            for role in ("root", "targets", "snapshot", "timestamp"):
-                for key in keys[role].public_keys:
-                    root.add_key(key, role)
-                root.roles[role].threshold = keys[role].threshold
-            root.spec_version = SPEC_VERSION
-            self._write(Metadata(root), keys, "root", versioned=True)
+                raise RepositoryError(f"{self.path} already holds a {self.kind}")
+            if root is not None:
+                self.metadata_dir.mkdir(parents=True, exist_ok=True)
+                _atomic_write(self.trusted_root_path, root)
+            else:
+                self._write(Metadata(self._new_root(keys)), keys, "root", versioned=True)
             targets = Targets(expires=self._expires(self.expiry.targets))
             targets.spec_version = SPEC_VERSION
             self._write(Metadata(targets), keys, "targets", versioned=True)
             self._publish_snapshot_and_timestamp(keys, snapshot_version=1)
+
+    def _new_root(self, keys: KeyStore) -> Root:
+        root = Root(expires=self._expires(self.expiry.root), consistent_snapshot=True)
+        for role in ("root", "targets", "snapshot", "timestamp"):
+            for key in keys[role].public_keys:
+                root.add_key(key, role)
+            root.roles[role].threshold = keys[role].threshold
+        root.spec_version = SPEC_VERSION
+        return root
 
     # -- reading ---------------------------------------------------------
 
@@ -163,6 +179,88 @@ class ImageRepository:
         snapshot: Metadata[Snapshot] = self._load("snapshot")
         version = snapshot.signed.meta[f"{role}.json"].version
         return Metadata.from_file(str(self.metadata_dir / f"{version}.{role}.json"))
+
+    def targets(self) -> dict[str, TargetFile]:
+        """The targets the current targets metadata lists."""
+        if not self.exists():
+            return {}
+        targets: Metadata[Targets] = self._load("targets")
+        return dict(targets.signed.targets)
+
+    def set_targets(self, keys: KeyStore, targets: dict[str, TargetFile]) -> int:
+        """Replace the listed targets and re-sign targets, snapshot and timestamp.
+
+        Returns the new targets version. The caller holds no lock; this takes it.
+        """
+        with self._locked():
+            return self._set_targets_locked(keys, targets)
+
+    def _set_targets_locked(self, keys: KeyStore, targets: dict[str, TargetFile]) -> int:
+        if not self.exists():
+            raise RepositoryError(f"{self.path} holds no {self.kind} yet")
+        metadata: Metadata[Targets] = self._load("targets")
+        metadata.signed.targets = dict(targets)
+        self._bump(metadata.signed, self.expiry.targets)
+        self._write(metadata, keys, "targets", versioned=True)
+        snapshot_version = self._load("snapshot").signed.version + 1
+        self._publish_snapshot_and_timestamp(keys, snapshot_version)
+        return metadata.signed.version
+
+    def refresh_timestamp(self, keys: KeyStore) -> int:
+        """Re-sign the timestamp with a new expiry (run at least daily); returns its version."""
+        with self._locked():
+            timestamp: Metadata[Timestamp] = self._load("timestamp")
+            self._bump(timestamp.signed, self.expiry.timestamp)
+            self._write(timestamp, keys, "timestamp", versioned=False)
+            return timestamp.signed.version
+
+    def _bump(self, signed: Signed, lifetime: timedelta) -> None:
+        signed.version += 1
+        signed.expires = self._expires(lifetime)
+
+    def _publish_snapshot_and_timestamp(self, keys: KeyStore, snapshot_version: int) -> None:
+        targets_version = self._load_version("targets")
+        snapshot = Snapshot(
+            version=snapshot_version,
+            expires=self._expires(self.expiry.snapshot),
+            meta={"targets.json": MetaFile(version=targets_version)},
+        )
+        snapshot.spec_version = SPEC_VERSION
+        snapshot_bytes = self._write(Metadata(snapshot), keys, "snapshot", versioned=True)
+        previous = 0
+        if (self.metadata_dir / "timestamp.json").exists():
+            previous = self._load("timestamp").signed.version
+        timestamp = Timestamp(
+            version=previous + 1,
+            expires=self._expires(self.expiry.timestamp),
+            snapshot_meta=MetaFile(
+                version=snapshot_version,
+                length=len(snapshot_bytes),
+                hashes={"sha256": hashlib.sha256(snapshot_bytes).hexdigest()},
+            ),
+        )
+        timestamp.spec_version = SPEC_VERSION
+        self._write(Metadata(timestamp), keys, "timestamp", versioned=False)
+
+    def _load_version(self, role: str) -> int:
+        versions = [int(p.name.split(".")[0]) for p in self.metadata_dir.glob(f"*.{role}.json")]
+        return max(versions)
+
+    def _write(self, md: Metadata[Any], keys: KeyStore, role: str, versioned: bool) -> bytes:
+        md.signatures.clear()
+        for signer in keys[role].signers:
+            md.sign(signer, append=True)
+        data = md.to_bytes(self._serializer)
+        name = f"{md.signed.version}.{role}.json" if versioned else f"{role}.json"
+        self.metadata_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(self.metadata_dir / name, data)
+        return data
+
+
+class ImageRepository(TufRepository):
+    """The image repository: every released bundle, signed by the offline release keys."""
+
+    kind = "image repository"
 
     def bundles(self) -> list[ReleasedBundle]:
         """Every released bundle, oldest release counter first."""
@@ -213,7 +311,7 @@ class ImageRepository:
         )
         with self._locked():
             if not self.exists():
-                raise RepositoryError(f"{self.path} holds no image repository yet")
+                raise RepositoryError(f"{self.path} holds no {self.kind} yet")
             for existing in self.bundles():
                 if existing.target_path == released.target_path:
                     if existing.sha256 == digest:
@@ -236,72 +334,19 @@ class ImageRepository:
             shutil.copyfile(bundle, tmp)
             _fsync_file(tmp)
             os.replace(tmp, dest)
-            targets: Metadata[Targets] = self._load("targets")
-            targets.signed.targets[released.target_path] = TargetFile(
+            listed = self.targets()
+            listed[released.target_path] = TargetFile(
                 length=length,
                 hashes={"sha256": digest},
                 path=released.target_path,
                 unrecognized_fields={"custom": bundle_custom(manifest)},
             )
-            self._bump(targets.signed, self.expiry.targets)
-            self._write(targets, keys, "targets", versioned=True)
-            snapshot_version = self._load("snapshot").signed.version + 1
-            self._publish_snapshot_and_timestamp(keys, snapshot_version)
+            self._set_targets_locked(keys, listed)
         return released
-
-    def refresh_timestamp(self, keys: KeyStore) -> int:
-        """Re-sign the timestamp with a new expiry (run at least daily); returns its version."""
-        with self._locked():
-            timestamp: Metadata[Timestamp] = self._load("timestamp")
-            self._bump(timestamp.signed, self.expiry.timestamp)
-            self._write(timestamp, keys, "timestamp", versioned=False)
-            return timestamp.signed.version
 
     def _target_file(self, target_path: str, digest: str) -> Path:
         dirname, _, basename = target_path.rpartition("/")
         return self.targets_dir / dirname / f"{digest}.{basename}"
-
-    def _bump(self, signed: Signed, lifetime: timedelta) -> None:
-        signed.version += 1
-        signed.expires = self._expires(lifetime)
-
-    def _publish_snapshot_and_timestamp(self, keys: KeyStore, snapshot_version: int) -> None:
-        targets_version = self._load_version("targets")
-        snapshot = Snapshot(
-            version=snapshot_version,
-            expires=self._expires(self.expiry.snapshot),
-            meta={"targets.json": MetaFile(version=targets_version)},
-        )
-        snapshot.spec_version = SPEC_VERSION
-        snapshot_bytes = self._write(Metadata(snapshot), keys, "snapshot", versioned=True)
-        previous = 0
-        if (self.metadata_dir / "timestamp.json").exists():
-            previous = self._load("timestamp").signed.version
-        timestamp = Timestamp(
-            version=previous + 1,
-            expires=self._expires(self.expiry.timestamp),
-            snapshot_meta=MetaFile(
-                version=snapshot_version,
-                length=len(snapshot_bytes),
-                hashes={"sha256": hashlib.sha256(snapshot_bytes).hexdigest()},
-            ),
-        )
-        timestamp.spec_version = SPEC_VERSION
-        self._write(Metadata(timestamp), keys, "timestamp", versioned=False)
-
-    def _load_version(self, role: str) -> int:
-        versions = [int(p.name.split(".")[0]) for p in self.metadata_dir.glob(f"*.{role}.json")]
-        return max(versions)
-
-    def _write(self, md: Metadata[Any], keys: KeyStore, role: str, versioned: bool) -> bytes:
-        md.signatures.clear()
-        for signer in keys[role].signers:
-            md.sign(signer, append=True)
-        data = md.to_bytes(self._serializer)
-        name = f"{md.signed.version}.{role}.json" if versioned else f"{role}.json"
-        self.metadata_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.metadata_dir / name, data)
-        return data
 
 
 def _sha256_file(path: Path) -> tuple[str, int]:

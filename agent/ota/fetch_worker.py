@@ -1,0 +1,108 @@
+"""The update fetcher, run as a child process of the agent.
+
+TUF, urllib3 and the cryptography libraries are large; running them in a
+short-lived child keeps them out of the serving process's memory. The child
+speaks one JSON object on stdout:
+
+    {"status": "none"}                          the director assigns nothing
+    {"status": "assigned", "target": {...}}     what to install (``check``)
+    {"status": "downloaded", "target": {...}, "path": "..."}   (``download``)
+    {"status": "refused", "reason": "...", "message": "..."}
+    {"status": "unavailable", "reason": "...", "message": "..."}   retry later
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from agent.config import AgentConfig
+from agent.ota.director import DirectorClient, image_target_or_none, resolve_assignment
+from agent.ota.errors import RepositoryUnavailable, UpdateRefused
+from agent.ota.faults import Faults
+from agent.ota.image_repository import BundleTarget, ImageRepositoryClient, open_verified_manifest
+from agent.ota.transport import FetchConfig
+
+
+def trust_dirs(config: AgentConfig) -> tuple[Path, Path]:
+    """The metadata stores of the image repository and the director."""
+    return config.data_dir / "trust" / "image", config.data_dir / "trust" / "director"
+
+
+def downloads_dir(config: AgentConfig) -> Path:
+    return config.data_dir / "downloads"
+
+
+def _fetch_config(config: AgentConfig) -> FetchConfig:
+    f = config.update.fetch
+    return FetchConfig(
+        connect_timeout=f.connect_timeout_s,
+        read_timeout=f.read_timeout_s,
+        min_bytes_per_second=f.min_bytes_per_second,
+        grace_seconds=f.grace_s,
+    )
+
+
+def resolve(
+    config: AgentConfig, installed_counter: int
+) -> tuple[BundleTarget | None, ImageRepositoryClient]:
+    """Ask the director, then check its answer against the image repository."""
+    image_dir, director_dir = trust_dirs(config)
+    ImageRepositoryClient.provision(image_dir, config.image_repository.root)
+    ImageRepositoryClient.provision(director_dir, config.director.root)
+    fetch = _fetch_config(config)
+    director = DirectorClient(director_dir, config.director.url, config.device_id, fetch)
+    image = ImageRepositoryClient(image_dir, config.image_repository.url, fetch)
+    assigned = director.assignment()
+    if assigned is None:
+        return None, image
+    image.refresh()
+    target = resolve_assignment(
+        assigned,
+        image_target_or_none(image, assigned.path),
+        config.device_id,
+        config.hardware_id,
+        installed_counter,
+    )
+    return target, image
+
+
+def run(command: str, config: AgentConfig, installed_counter: int) -> dict[str, Any]:
+    try:
+        target, image = resolve(config, installed_counter)
+        if target is None:
+            return {"status": "none"}
+        if command == "check":
+            return {"status": "assigned", "target": asdict(target)}
+        faults = Faults(config.faults.hold_at)
+
+        def progress(received: int) -> None:
+            if received > 0:
+                faults.hold("download")
+
+        path = image.download(target, downloads_dir(config), on_progress=progress)
+        open_verified_manifest(path, target)
+        return {"status": "downloaded", "target": asdict(target), "path": str(path)}
+    except RepositoryUnavailable as exc:
+        return {"status": "unavailable", "reason": exc.reason, "message": str(exc)}
+    except UpdateRefused as exc:
+        return {"status": "refused", "reason": exc.reason, "message": str(exc)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="edge-agent-fetch")
+    parser.add_argument("command", choices=["check", "download"])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--installed-counter", type=int, default=0)
+    args = parser.parse_args()
+    config = AgentConfig.load(Path(args.config))
+    print(json.dumps(run(args.command, config, args.installed_counter)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

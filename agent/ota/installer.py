@@ -1,0 +1,346 @@
+"""The installer: carries out the journal's state machine with real files and models.
+
+One install, step by step (each step journaled before the next begins):
+ask the director (in a child process), download and verify (child process),
+stage into the inactive slot, self-test in this process, switch, watch the new
+model's first requests, commit after the health period — or refuse, or roll
+back, saying why. :meth:`Installer.recover` picks up whatever a crash left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.config import AgentConfig
+from agent.ota.errors import SelfTestFailed, UpdateRefused
+from agent.ota.faults import Faults
+from agent.ota.journal import (
+    InstallTarget,
+    Journal,
+    JournalError,
+    JournalStore,
+    Phase,
+    recovery_action,
+)
+from agent.ota.selftest import self_test
+from agent.ota.slots import SlotError, Slots
+from agent.ota.watchdog import Watchdog
+from agent.runtime.base import LoadedModel, ModelLoadError, Runtime
+from protocol.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SlotModel:
+    """A model loaded from a slot, ready to serve."""
+
+    slot: str
+    manifest: Manifest
+    model: LoadedModel
+
+
+Publish = Callable[[SlotModel | None, SlotModel | None], None]
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    # PR_SET_PDEATHSIG: if the agent is killed, its fetcher dies with it.
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+
+
+class Installer:
+    """Installs what the director assigns, safely; serves models through ``publish``."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        config_path: Path,
+        runtime: Runtime,
+        publish: Publish,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.runtime = runtime
+        self.publish = publish
+        self.clock = clock
+        self.faults = Faults(config.faults.hold_at)
+        self.slots = Slots(config.data_dir / "slots")
+        self.store = JournalStore(config.data_dir)
+        self.journal = self.store.load()
+        self.active: SlotModel | None = None
+        self.previous: SlotModel | None = None
+        self.watchdog: Watchdog | None = None
+        self._lock = asyncio.Lock()
+
+    # -- persistence -------------------------------------------------------
+
+    def _save(self, journal: Journal, event: str, **fields: object) -> None:
+        self.store.save(journal)
+        self.journal = journal
+        target = journal.target or (journal.last_outcome.target if journal.last_outcome else None)
+        self.store.event(
+            self.clock(),
+            event,
+            phase=str(journal.phase),
+            bundle=f"{target.name} {target.version}" if target else None,
+            **fields,
+        )
+        log.info("install: %s %s", event, fields or "")
+
+    # -- serving models ------------------------------------------------------
+
+    def _load_slot(self, slot: str | None) -> SlotModel | None:
+        if slot is None:
+            return None
+        try:
+            manifest = self.slots.manifest(slot)
+            return SlotModel(
+                slot, manifest, self.runtime.load(self.slots.path(slot) / manifest.model_file)
+            )
+        except (SlotError, ModelLoadError) as exc:
+            log.error("slot %s cannot serve: %s", slot, exc)
+            return None
+
+    def load_serving_models(self) -> None:
+        """Load the active and previous slots and hand them to the server."""
+        pointer = self.slots.pointer()
+        self.active = self._load_slot(pointer.active)
+        self.previous = self._load_slot(pointer.previous)
+        if self.active is None and self.previous is not None:
+            # Never serve nothing while a working model is on disk.
+            self.slots.roll_back()
+            self.active, self.previous = self.previous, None
+        self.publish(self.active, self.previous)
+
+    # -- recovery --------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """Continue or undo the install a restart interrupted, then load the models."""
+        action = recovery_action(self.journal, self.config.update.max_trial_boots)
+        self.slots.discard_staging()
+        if action == "roll_back":
+            self.load_serving_models()
+            self._roll_back(
+                "crash-loop",
+                f"the agent restarted {self.journal.trial_boots} times during the health period",
+            )
+            return
+        if action == "resume_trial":
+            self._save(
+                self.journal.rebooted_in_trial(),
+                "restarted-in-trial",
+                boots=self.journal.trial_boots + 1,
+            )
+            self.load_serving_models()
+            self.watchdog = self._new_watchdog()
+            return
+        self.load_serving_models()
+        if action == "restage":
+            # A slot write may be torn: start it over from the verified bundle.
+            self._save(self.journal.model_copy(update={"phase": Phase.VERIFIED}), "restaging")
+            await self._stage_and_switch()
+        elif action == "self_test":
+            await self._test_and_switch()
+        # "resume_download" continues on the next poll, from the partial file.
+
+    # -- one poll --------------------------------------------------------------
+
+    async def poll(self) -> str:
+        """Ask the director and install what it assigns; returns what happened."""
+        async with self._lock:
+            if self.journal.phase is Phase.TRIAL:
+                return "trial in progress"
+            if self.journal.phase is Phase.IDLE:
+                answer = await self._worker("check")
+                if answer["status"] != "assigned":
+                    return self._report_unassigned(answer)
+                target = InstallTarget.model_validate(
+                    {k: answer["target"][k] for k in InstallTarget.model_fields}
+                )
+                if self.journal.installed and self.journal.installed.sha256 == target.sha256:
+                    return "up to date"
+                if target.sha256 in self.journal.rejected:
+                    return f"not retrying {target.name} {target.version}: rejected before"
+                self._save(self.journal.start_download(target), "download-started")
+            if self.journal.phase is Phase.DOWNLOADING:
+                answer = await self._worker("download")
+                if answer["status"] == "unavailable":
+                    self.store.event(self.clock(), "download-paused", message=answer["message"])
+                    return f"download paused: {answer['message']}"
+                if answer["status"] == "refused":
+                    self._refuse(answer["reason"], answer["message"])
+                    return f"refused: {answer['message']}"
+                if answer["status"] == "none" or answer["target"]["sha256"] != (
+                    self.journal.target.sha256 if self.journal.target else None
+                ):
+                    self._save(self.journal.abandoned(), "assignment-changed")
+                    return "the assignment changed; starting over on the next poll"
+                self._save(self.journal.verified(), "verified")
+                self.faults.hold("verified")
+            if self.journal.phase is Phase.VERIFIED:
+                await self._stage_and_switch()
+            return str(self.journal.last_outcome.result if self.journal.last_outcome else "idle")
+
+    def _report_unassigned(self, answer: dict[str, Any]) -> str:
+        if answer["status"] == "none":
+            return "nothing assigned"
+        self.store.event(
+            self.clock(),
+            f"check-{answer['status']}",
+            reason=answer.get("reason"),
+            message=answer.get("message"),
+        )
+        return f"{answer['status']}: {answer.get('message')}"
+
+    async def _worker(self, command: str) -> dict[str, Any]:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "agent.ota.fetch_worker",
+            command,
+            "--config",
+            str(self.config_path),
+            "--installed-counter",
+            str(self.journal.installed_counter),
+            stdout=asyncio.subprocess.PIPE,
+            preexec_fn=_die_with_parent,
+        )
+        out, _ = await process.communicate()
+        try:
+            answer: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+        except (IndexError, json.JSONDecodeError):
+            return {
+                "status": "unavailable",
+                "reason": "fetcher-failed",
+                "message": f"the update fetcher exited with status {process.returncode}",
+            }
+        return answer
+
+    def _bundle_path(self) -> Path:
+        assert self.journal.target is not None
+        return self.config.data_dir / "downloads" / self.journal.target.path.rpartition("/")[2]
+
+    # -- staging, self-test, switch ------------------------------------------------
+
+    async def _stage_and_switch(self) -> None:
+        slot = self.slots.inactive()
+        if self.previous is not None and self.previous.slot == slot:
+            self.previous = None
+            self.publish(self.active, None)
+        self._save(self.journal.start_staging(slot), "staging", slot=slot)
+        try:
+            await asyncio.to_thread(
+                self.slots.stage,
+                slot,
+                self._bundle_path(),
+                lambda: self.faults.hold("staging"),
+            )
+        except (SlotError, OSError) as exc:
+            self._refuse("invalid-bundle", f"cannot stage the bundle: {exc}")
+            return
+        self._save(self.journal.staged(), "staged", slot=slot)
+        self.faults.hold("staged")
+        await self._test_and_switch()
+
+    async def _test_and_switch(self) -> None:
+        slot = self.journal.slot
+        assert slot is not None
+        try:
+            manifest = self.slots.manifest(slot)
+            model, report = await asyncio.to_thread(
+                self_test, self.runtime, self.slots.path(slot), manifest
+            )
+        except (SelfTestFailed, SlotError) as exc:
+            reason = exc.reason if isinstance(exc, UpdateRefused) else "invalid-bundle"
+            self._refuse(reason, str(exc))
+            return
+        self.store.event(
+            self.clock(),
+            "self-test-passed",
+            latency_p95_ms=report.latency_p95_ms,
+            memory_mb=round(report.memory_mb, 1),
+        )
+        if self.slots.pointer().active != slot:  # a crash may have come right after the switch
+            self.slots.switch(slot)
+        new = SlotModel(slot, manifest, model)
+        old = self.active if self.active is not None and self.active.slot != slot else None
+        self.active, self.previous = new, old
+        self.publish(new, old)
+        self.watchdog = self._new_watchdog()
+        self._save(self.journal.switched(self.clock()), "switched", slot=slot)
+        self.faults.hold("trial")
+
+    def _new_watchdog(self) -> Watchdog:
+        w = self.config.update.watchdog
+        return Watchdog(
+            window=w.window,
+            max_failures=w.max_failures,
+            max_failure_rate=w.max_failure_rate,
+            min_requests=w.min_requests,
+        )
+
+    # -- trial: watchdog and health period -----------------------------------------
+
+    def observe(self, stage: str, model_version: str | None, ok: bool, reason: str | None) -> None:
+        """The serving chain's report of one stage attempt (the watchdog's input)."""
+        if self.journal.phase is not Phase.TRIAL or self.watchdog is None or stage != "active":
+            return
+        if self.active is None or model_version != self.active.manifest.version:
+            return
+        verdict = self.watchdog.observe(ok, reason)
+        if verdict is not None:
+            self._roll_back("watchdog", verdict)
+
+    def tick(self) -> None:
+        """Commit the trial once its health period has passed without a rollback."""
+        journal = self.journal
+        if journal.phase is not Phase.TRIAL or journal.trial_started_at is None:
+            return
+        if self.clock() - journal.trial_started_at >= self.config.update.health_period_s:
+            self._save(journal.committed(self.clock()), "committed")
+            self.watchdog = None
+            self._bundle_path_of(journal).unlink(missing_ok=True)
+
+    def _bundle_path_of(self, journal: Journal) -> Path:
+        assert journal.target is not None
+        return self.config.data_dir / "downloads" / journal.target.path.rpartition("/")[2]
+
+    def _roll_back(self, reason: str, message: str) -> None:
+        try:
+            self.slots.roll_back()
+        except SlotError as exc:
+            log.error("cannot roll back: %s", exc)
+            return
+        self.active, self.previous = self.previous, None
+        if self.active is None:
+            self.active = self._load_slot(self.slots.pointer().active)
+        self.publish(self.active, None)
+        self.watchdog = None
+        bundle = self._bundle_path_of(self.journal)
+        self._save(
+            self.journal.rolled_back(reason, message, self.clock()),
+            "rolled-back",
+            reason=reason,
+            message=message,
+        )
+        bundle.unlink(missing_ok=True)
+
+    def _refuse(self, reason: str, message: str) -> None:
+        try:
+            journal = self.journal.refused(reason, message, self.clock())
+        except JournalError:
+            return
+        bundle = self._bundle_path()
+        self._save(journal, "refused", reason=reason, message=message)
+        bundle.unlink(missing_ok=True)

@@ -1,0 +1,250 @@
+"""The install journal: a persisted state machine, one fsynced step at a time.
+
+Phases of one install, in order::
+
+    idle -> downloading -> verified -> staging -> staged -> trial -> idle (committed)
+
+and from any of them back to ``idle`` as *refused* (the bundle never became
+active) or *rolled back* (it was active, and the previous model is again).
+The rules:
+
+- every transition is written (atomically, fsynced) before the work of the
+  next phase starts, so after a crash the journal says what may be half done;
+- a bundle that was refused or rolled back is remembered by hash and never
+  retried automatically (a bad model must not install in a loop);
+- the installed release counter only grows, and only on commit.
+
+:class:`Journal` is pure data and pure transitions (no I/O, no clock: callers
+pass ``now``); :class:`JournalStore` persists it. Recovery after a restart is
+:func:`recovery_action`, a pure decision the installer carries out.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from agent.ota.durable import append_line, atomic_write
+
+MAX_EVENTS_KEPT = 500
+
+
+class Phase(StrEnum):
+    IDLE = "idle"
+    DOWNLOADING = "downloading"
+    VERIFIED = "verified"
+    STAGING = "staging"
+    STAGED = "staged"
+    TRIAL = "trial"
+
+
+class JournalError(Exception):
+    """A transition the state machine does not allow (a bug, or a corrupt journal)."""
+
+
+class InstallTarget(BaseModel):
+    """The bundle an install is about, as the signed metadata described it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: str
+    name: str
+    version: str
+    release_counter: int
+    sha256: str
+    length: int
+
+
+class Outcome(BaseModel):
+    """How the last install ended."""
+
+    model_config = ConfigDict(frozen=True)
+
+    result: Literal["committed", "refused", "rolled_back"]
+    target: InstallTarget
+    reason: str | None = None
+    message: str | None = None
+    at: float
+
+
+_NEXT: dict[Phase, set[Phase]] = {
+    Phase.IDLE: {Phase.DOWNLOADING},
+    Phase.DOWNLOADING: {Phase.VERIFIED},
+    Phase.VERIFIED: {Phase.STAGING},
+    Phase.STAGING: {Phase.STAGED},
+    Phase.STAGED: {Phase.TRIAL},
+    Phase.TRIAL: set(),
+}
+
+
+class Journal(BaseModel):
+    """The persisted state of the installer."""
+
+    model_config = ConfigDict(frozen=True)
+
+    schema_version: Literal[1] = 1
+    phase: Phase = Phase.IDLE
+    target: InstallTarget | None = None
+    slot: str | None = None  # the slot being staged, or the new active slot in trial
+    trial_started_at: float | None = None
+    trial_boots: int = 0
+    installed: InstallTarget | None = None
+    installed_counter: int = 0
+    rejected: dict[str, str] = {}
+    last_outcome: Outcome | None = None
+
+    # -- transitions -------------------------------------------------------
+
+    def _to(self, phase: Phase, **changes: object) -> Journal:
+        if phase not in _NEXT[self.phase]:
+            raise JournalError(f"cannot go from {self.phase} to {phase}")
+        return self.model_copy(update={"phase": phase, **changes})
+
+    def start_download(self, target: InstallTarget) -> Journal:
+        if target.sha256 in self.rejected:
+            raise JournalError(f"{target.path} was rejected before: {self.rejected[target.sha256]}")
+        return self._to(Phase.DOWNLOADING, target=target, slot=None)
+
+    def verified(self) -> Journal:
+        return self._to(Phase.VERIFIED)
+
+    def start_staging(self, slot: str) -> Journal:
+        return self._to(Phase.STAGING, slot=slot)
+
+    def staged(self) -> Journal:
+        return self._to(Phase.STAGED)
+
+    def switched(self, now: float) -> Journal:
+        """The new slot is active; its health period starts."""
+        return self._to(Phase.TRIAL, trial_started_at=now, trial_boots=0)
+
+    def rebooted_in_trial(self) -> Journal:
+        if self.phase is not Phase.TRIAL:
+            raise JournalError("only a trial counts restarts")
+        return self.model_copy(update={"trial_boots": self.trial_boots + 1})
+
+    def committed(self, now: float) -> Journal:
+        if self.phase is not Phase.TRIAL or self.target is None:
+            raise JournalError(f"cannot commit from {self.phase}")
+        return self._idle(
+            Outcome(result="committed", target=self.target, at=now),
+            installed=self.target,
+            installed_counter=max(self.installed_counter, self.target.release_counter),
+        )
+
+    def refused(self, reason: str, message: str, now: float) -> Journal:
+        """The bundle never became active; remember it so it is not retried."""
+        if self.target is None or self.phase in (Phase.IDLE, Phase.TRIAL):
+            raise JournalError(f"nothing to refuse in {self.phase}")
+        return self._idle(
+            Outcome(result="refused", target=self.target, reason=reason, message=message, at=now),
+            rejected={**self.rejected, self.target.sha256: f"{reason}: {message}"},
+        )
+
+    def rolled_back(self, reason: str, message: str, now: float) -> Journal:
+        """The previous slot is active again; the bundle is remembered as bad."""
+        if self.phase is not Phase.TRIAL or self.target is None:
+            raise JournalError(f"cannot roll back from {self.phase}")
+        outcome = Outcome(
+            result="rolled_back", target=self.target, reason=reason, message=message, at=now
+        )
+        return self._idle(
+            outcome, rejected={**self.rejected, self.target.sha256: f"{reason}: {message}"}
+        )
+
+    def abandoned(self) -> Journal:
+        """Give up an install that was not refused (e.g. the director changed its mind)."""
+        if self.phase in (Phase.TRIAL, Phase.STAGED):
+            raise JournalError(f"cannot abandon an install in {self.phase}")
+        return self.model_copy(update={"phase": Phase.IDLE, "target": None, "slot": None})
+
+    def _idle(self, outcome: Outcome, **changes: object) -> Journal:
+        return self.model_copy(
+            update={
+                "phase": Phase.IDLE,
+                "target": None,
+                "slot": None,
+                "trial_started_at": None,
+                "trial_boots": 0,
+                "last_outcome": outcome,
+                **changes,
+            }
+        )
+
+
+RecoveryAction = Literal[
+    "none", "resume_download", "restage", "self_test", "resume_trial", "roll_back"
+]
+
+
+def recovery_action(journal: Journal, max_trial_boots: int) -> RecoveryAction:
+    """What to do with an install a restart interrupted.
+
+    Downloads resume (the partial file is kept). A slot write may be half done,
+    so staging starts over from the verified bundle. A staged slot is tested
+    again before it is switched in. A restart during the trial counts: too many
+    means the new model crashes the device, so it is rolled back.
+    """
+    match journal.phase:
+        case Phase.IDLE:
+            return "none"
+        case Phase.DOWNLOADING | Phase.VERIFIED:
+            return "resume_download"
+        case Phase.STAGING:
+            return "restage"
+        case Phase.STAGED:
+            return "self_test"
+        case Phase.TRIAL:
+            return "roll_back" if journal.trial_boots >= max_trial_boots else "resume_trial"
+
+
+class JournalStore:
+    """Keeps the journal in ``DIR/journal.json`` and events in ``DIR/events.jsonl``."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path = directory / "journal.json"
+        self.events_path = directory / "events.jsonl"
+
+    def load(self) -> Journal:
+        """The saved journal, or a fresh one on a new device."""
+        try:
+            return Journal.model_validate_json(self.path.read_bytes())
+        except FileNotFoundError:
+            return Journal()
+        except ValidationError as exc:
+            # atomic_write never leaves a torn file, so this is outside damage.
+            raise JournalError(f"{self.path} is corrupt: {exc.errors()[0]['msg']}") from None
+
+    def save(self, journal: Journal) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.path, journal.model_dump_json(indent=1).encode())
+
+    def event(self, at: float, kind: str, **fields: object) -> None:
+        """Record an event for ``edge-agent status`` and the server."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        append_line(self.events_path, json.dumps({"at": at, "event": kind, **fields}))
+        self._trim()
+
+    def events(self, last: int = 20) -> list[dict[str, object]]:
+        try:
+            lines = self.events_path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in lines[-last:]:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line torn by a crash mid-append
+        return out
+
+    def _trim(self) -> None:
+        if self.events_path.stat().st_size < MAX_EVENTS_KEPT * 400:
+            return
+        lines = self.events_path.read_text(encoding="utf-8").splitlines()[-MAX_EVENTS_KEPT // 2 :]
+        atomic_write(self.events_path, ("\n".join(lines) + "\n").encode())

@@ -1,0 +1,5 @@
+"""The director: per-device signed metadata saying which bundle each device runs (Uptane)."""
+
+from fleet_server.director.repository import Assignment, DirectorRepository
+
+__all__ = ["Assignment", "DirectorRepository"]

@@ -1,0 +1,145 @@
+"""The director repository: one small TUF repository per device, signed online.
+
+Uptane's second repository. Its metadata names, for one device, the single
+bundle it should run now — the same target path, length and hashes as the
+image repository, plus the device id and hardware id it is meant for. The
+director's key is online (the server holds it), so the device trusts it only
+to *choose*: a bundle must also be signed by the offline release keys, and its
+release counter may never go down.
+
+Layout::
+
+    DIR/metadata/1.root.json                      the director root (shared)
+    DIR/devices/DEVICE_ID/metadata/...            each device's TUF repository
+
+Each assignment is a new targets version, so an older assignment replayed to
+a device is refused by ordinary TUF rollback checks.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from tuf.api.metadata import TargetFile
+
+from fleet_server.release.keys import KeyStore
+from fleet_server.release.repository import (
+    ExpiryPolicy,
+    ReleasedBundle,
+    RepositoryError,
+    TufRepository,
+)
+
+DEVICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Director metadata is re-signed by the server as it goes, so it can expire quickly.
+DIRECTOR_EXPIRY = ExpiryPolicy(
+    root=timedelta(days=365),
+    targets=timedelta(days=7),
+    snapshot=timedelta(days=7),
+    timestamp=timedelta(days=1),
+)
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """What the director told one device to run."""
+
+    device_id: str
+    hardware_id: str
+    target_path: str
+    release_counter: int
+    version: int  # the device's director targets version: grows with every assignment
+
+
+def assignment_custom(device_id: str, hardware_id: str, bundle: ReleasedBundle) -> dict[str, Any]:
+    """The ``custom`` field of a director target."""
+    return {
+        "device_id": device_id,
+        "hardware_id": hardware_id,
+        "name": bundle.name,
+        "version": bundle.version,
+        "release_counter": bundle.release_counter,
+    }
+
+
+class DirectorRepository:
+    """Signs and stores every device's director metadata under ``path``."""
+
+    def __init__(
+        self,
+        path: Path,
+        expiry: ExpiryPolicy = DIRECTOR_EXPIRY,
+        now: datetime | None = None,
+    ) -> None:
+        self.path = path
+        self.expiry = expiry
+        self._now = now
+        self._root_repo = TufRepository(path, expiry, now)
+
+    @property
+    def trusted_root_path(self) -> Path:
+        """The director root devices are provisioned with."""
+        return self._root_repo.trusted_root_path
+
+    def exists(self) -> bool:
+        return self.trusted_root_path.exists()
+
+    def create(self, keys: KeyStore) -> None:
+        """Create the director root, signed by the director's keys."""
+        if self.exists():
+            raise RepositoryError(f"{self.path} already holds a director")
+        self._root_repo.create(keys)
+
+    def device(self, device_id: str) -> TufRepository:
+        """The TUF repository of one device (not created until its first assignment)."""
+        if not DEVICE_ID_PATTERN.match(device_id):
+            raise RepositoryError(
+                f"device id {device_id!r} has characters outside A-Z a-z 0-9 . _ -"
+            )
+        return TufRepository(self.path / "devices" / device_id, self.expiry, self._now)
+
+    def device_url_path(self, device_id: str) -> str:
+        """Where a device's repository lives relative to the director's base URL."""
+        return f"devices/{device_id}"
+
+    def assign(
+        self, keys: KeyStore, device_id: str, hardware_id: str, bundle: ReleasedBundle
+    ) -> Assignment:
+        """Tell ``device_id`` to run ``bundle``; refuses a bundle not made for its hardware."""
+        if hardware_id not in bundle.hardware_ids:
+            raise RepositoryError(
+                f"{bundle.name} {bundle.version} is not released for hardware {hardware_id}"
+            )
+        repo = self._ensure_device(keys, device_id)
+        target = TargetFile(
+            length=bundle.length,
+            hashes={"sha256": bundle.sha256},
+            path=bundle.target_path,
+            unrecognized_fields={"custom": assignment_custom(device_id, hardware_id, bundle)},
+        )
+        version = repo.set_targets(keys, {bundle.target_path: target})
+        return Assignment(
+            device_id, hardware_id, bundle.target_path, bundle.release_counter, version
+        )
+
+    def register(self, keys: KeyStore, device_id: str) -> None:
+        """Create a device's (empty) repository so it can ask before its first assignment."""
+        self._ensure_device(keys, device_id)
+
+    def unassign(self, keys: KeyStore, device_id: str) -> int:
+        """Tell ``device_id`` to keep what it runs (an empty assignment)."""
+        return self._ensure_device(keys, device_id).set_targets(keys, {})
+
+    def refresh_timestamp(self, keys: KeyStore, device_id: str) -> int:
+        """Re-sign one device's timestamp before it expires."""
+        return self.device(device_id).refresh_timestamp(keys)
+
+    def _ensure_device(self, keys: KeyStore, device_id: str) -> TufRepository:
+        repo = self.device(device_id)
+        if not repo.exists():
+            repo.create(keys, root=self.trusted_root_path.read_bytes())
+        return repo
