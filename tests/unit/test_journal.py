@@ -1,0 +1,98 @@
+"""The install journal's state machine and its recovery decisions (no I/O but the store's)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.ota.journal import (
+    InstallTarget,
+    Journal,
+    JournalError,
+    JournalStore,
+    Phase,
+    recovery_action,
+)
+
+V2 = InstallTarget(
+    path="p/p-2.0.0.bundle",
+    name="p",
+    version="2.0.0",
+    release_counter=2_000_000,
+    sha256="b" * 64,
+    length=10,
+)
+
+
+def through_trial(j: Journal) -> Journal:
+    return j.start_download(V2).verified().start_staging("b").staged().switched(now=100.0)
+
+
+def test_a_full_install_commits_and_raises_the_counter() -> None:
+    j = through_trial(Journal()).committed(now=400.0)
+    assert j.phase is Phase.IDLE and j.installed == V2
+    assert j.installed_counter == 2_000_000
+    assert j.last_outcome is not None and j.last_outcome.result == "committed"
+
+
+def test_steps_cannot_be_skipped() -> None:
+    with pytest.raises(JournalError, match="cannot go from downloading to staging"):
+        Journal().start_download(V2).start_staging("b")
+    with pytest.raises(JournalError):
+        Journal().start_download(V2).verified().start_staging("b").switched(now=1.0)
+
+
+def test_a_refused_bundle_is_remembered_and_not_retried() -> None:
+    j = Journal().start_download(V2).verified().start_staging("b").staged()
+    j = j.refused("self-test-failed", "golden vector 3 differs", now=5.0)
+    assert j.phase is Phase.IDLE and j.installed_counter == 0
+    assert "self-test-failed" in j.rejected[V2.sha256]
+    with pytest.raises(JournalError, match="rejected before"):
+        j.start_download(V2)
+
+
+def test_a_rolled_back_bundle_is_remembered_and_the_counter_stays() -> None:
+    j = through_trial(Journal()).rolled_back("watchdog", "5 of 9 requests NaN", now=120.0)
+    assert j.installed_counter == 0 and V2.sha256 in j.rejected
+    assert j.last_outcome is not None and j.last_outcome.reason == "watchdog"
+
+
+@pytest.mark.parametrize(
+    ("journal", "action"),
+    [
+        (Journal(), "none"),
+        (Journal().start_download(V2), "resume_download"),
+        (Journal().start_download(V2).verified(), "resume_download"),
+        (Journal().start_download(V2).verified().start_staging("b"), "restage"),
+        (Journal().start_download(V2).verified().start_staging("b").staged(), "self_test"),
+        (through_trial(Journal()), "resume_trial"),
+        (through_trial(Journal()).rebooted_in_trial().rebooted_in_trial(), "roll_back"),
+    ],
+)
+def test_recovery_after_a_crash_at_each_phase(journal: Journal, action: str) -> None:
+    assert recovery_action(journal, max_trial_boots=2) == action
+
+
+def test_store_round_trips_and_keeps_events(tmp_path: Path) -> None:
+    store = JournalStore(tmp_path)
+    assert store.load() == Journal()
+    j = Journal().start_download(V2)
+    store.save(j)
+    store.event(1.0, "download-started", bundle="p 2.0.0")
+    assert JournalStore(tmp_path).load() == j
+    assert store.events()[-1]["event"] == "download-started"
+
+
+def test_a_torn_event_line_is_skipped(tmp_path: Path) -> None:
+    store = JournalStore(tmp_path)
+    store.event(1.0, "a")
+    with store.events_path.open("a") as f:
+        f.write('{"at": 2.0, "ev')
+    assert [e["event"] for e in store.events()] == ["a"]
+
+
+def test_a_corrupt_journal_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "journal.json").write_text('{"phase": "flying"}')
+    with pytest.raises(JournalError, match="corrupt"):
+        JournalStore(tmp_path).load()
