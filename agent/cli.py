@@ -8,19 +8,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from agent.ota.errors import UpdateRefused
-from agent.ota.transport import FetchConfig
-from agent.ota.verify import verify_bundle
+from agent.config import AgentConfig, ConfigError
 
 EXIT_REFUSED = 3
 EXIT_ERROR = 1
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    # Imported here: the verification machinery stays out of the serving process.
+    from agent.ota.errors import UpdateRefused
+    from agent.ota.transport import FetchConfig
+    from agent.ota.verify import verify_bundle
+
     root = Path(args.root)
     if not root.is_file():
         print(f"edge-agent: trusted root {root} does not exist", file=sys.stderr)
@@ -66,6 +70,28 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config(args: argparse.Namespace) -> AgentConfig:
+    return AgentConfig.load(Path(args.config))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from agent.daemon import run_agent
+
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return run_agent(_config(args), Path(args.config))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from agent.status import collect_status, describe_status
+
+    status = collect_status(_config(args), events=args.events)
+    print(json.dumps(status, indent=2) if args.json else describe_status(status))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-agent", description="the edgefleet device agent")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -87,6 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-speed", type=float, default=2048.0, help="bytes/s (default 2048)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_verify)
+
+    p = commands.add_parser("run", help="run the agent: serve models, install updates")
+    p.add_argument("--config", required=True, help="agent.toml")
+    p.add_argument("--verbose", action="store_true")
+    p.set_defaults(func=cmd_run)
+
+    p = commands.add_parser("status", help="slots, install journal and recent events")
+    p.add_argument("--config", required=True, help="agent.toml")
+    p.add_argument("--events", type=int, default=10, help="how many recent events to show")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
     return parser
 
 
@@ -94,6 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
+    except ConfigError as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
     except OSError as exc:

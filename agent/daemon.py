@@ -1,0 +1,114 @@
+"""``edge-agent run``: the agent's one event loop.
+
+Tasks, all owned by one ``TaskGroup`` and stopped together on SIGTERM:
+the local Open Inference Protocol API, the update loop (poll the director
+through the child fetcher, install), and the trial clock (commit after the
+health period). The installer publishes models to the fallback chain; the
+chain reports every stage attempt back to the installer's watchdog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+from agent.api.http import LocalApi
+from agent.config import AgentConfig
+from agent.ota.durable import atomic_write
+from agent.ota.installer import Installer, SlotModel
+from agent.runtime import Runtime, default_runtime
+from agent.serving.chain import FallbackChain, ModelSlot
+from agent.serving.cloud import CloudStage
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.2
+
+
+def _slot(model: SlotModel | None) -> ModelSlot | None:
+    return ModelSlot(model.manifest, model.model) if model is not None else None
+
+
+class AgentDaemon:
+    """The running agent: serving, updates and the trial clock."""
+
+    def __init__(
+        self, config: AgentConfig, config_path: Path, runtime: Runtime | None = None
+    ) -> None:
+        self.config = config
+        cloud = None
+        if config.cloud.url and config.cloud.model:
+            cloud = CloudStage(
+                config.cloud.url, config.cloud.model, timeout_s=config.cloud.timeout_s
+            )
+        self.chain = FallbackChain(cloud=cloud)
+        self.installer = Installer(
+            config,
+            config_path,
+            runtime or default_runtime(),
+            publish=lambda active, previous: self.chain.set_models(
+                active=_slot(active), previous=_slot(previous)
+            ),
+        )
+        self.chain.subscribe(self.installer.observe)
+        self.api = LocalApi(self.chain, config.api.host, config.api.port)
+        self.started = time.monotonic()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set."""
+        await self.installer.recover()
+        await self.api.start()
+        self._announce()
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._update_loop(stop))
+                tasks.create_task(self._trial_clock(stop))
+                await stop.wait()
+        finally:
+            await self.api.close()
+
+    def _announce(self) -> None:
+        info = {
+            "pid": os.getpid(),
+            "api": self.api.url,
+            "ready_after_s": round(time.monotonic() - self.started, 3),
+        }
+        atomic_write(self.config.data_dir / "agent.json", json.dumps(info).encode())
+        log.info("ready: %s", info)
+
+    async def _update_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                outcome = await self.installer.poll()
+                log.debug("update check: %s", outcome)
+            except Exception:  # one bad poll must not stop serving
+                log.exception("update check failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.config.update.poll_interval_s)
+
+    async def _trial_clock(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            self.installer.tick()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), TICK_S)
+
+
+def run_agent(config: AgentConfig, config_path: Path) -> int:
+    """Run the agent until SIGTERM or SIGINT; returns the exit status."""
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await AgentDaemon(config, config_path).run(stop)
+
+    asyncio.run(main())
+    return 0
