@@ -133,7 +133,8 @@ class Installer:
             self.load_serving_models()
             self._roll_back(
                 "crash-loop",
-                f"the agent restarted {self.journal.trial_boots} times during the health period",
+                f"the agent restarted {self.journal.trial_boots + 1} times during the "
+                "health period",
             )
             return
         if action == "resume_trial":

@@ -199,7 +199,9 @@ def recovery_action(journal: Journal, max_trial_boots: int) -> RecoveryAction:
         case Phase.STAGED:
             return "self_test"
         case Phase.TRIAL:
-            return "roll_back" if journal.trial_boots >= max_trial_boots else "resume_trial"
+            # This restart counts: the device rolls back on its max_trial_boots-th.
+            restarts = journal.trial_boots + 1
+            return "roll_back" if restarts >= max_trial_boots else "resume_trial"
 
 
 class JournalStore:

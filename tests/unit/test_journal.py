@@ -67,7 +67,7 @@ def test_a_rolled_back_bundle_is_remembered_and_the_counter_stays() -> None:
         (Journal().start_download(V2).verified().start_staging("b"), "restage"),
         (Journal().start_download(V2).verified().start_staging("b").staged(), "self_test"),
         (through_trial(Journal()), "resume_trial"),
-        (through_trial(Journal()).rebooted_in_trial().rebooted_in_trial(), "roll_back"),
+        (through_trial(Journal()).rebooted_in_trial(), "roll_back"),
     ],
 )
 def test_recovery_after_a_crash_at_each_phase(journal: Journal, action: str) -> None:
