@@ -1,8 +1,12 @@
 """The demo: the story so far, told with the real commands on zero-setup defaults.
 
-A release engineer creates release keys, builds bundles of the sample models,
-releases them into an image repository served over HTTP, and a device verifies
-them; then an attacker tampers with a bundle and the device refuses it.
+A release engineer creates release keys, builds bundles of the sample models
+and releases them into an image repository served over HTTP; a device verifies
+them. Then a real ``edge-agent`` process installs what the director assigns:
+v1, then v2; it refuses a bundle that fails its self-test, and rolls back
+v3-bad on its own when the model answers NaN for idle machines — while a
+stream of requests keeps being answered. Last, an attacker tampers with a
+bundle and the device refuses it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 
 from agent.cli import main as edge_agent
 from fleet_server.fleetctl import main as fleetctl
+from simulator.device_story import device_story
 
 MODELS = Path(__file__).resolve().parents[1] / "firmware_images" / "models"
 HARDWARE = "rpi4-arm64"
@@ -91,8 +96,17 @@ def run_demo(workdir: Path) -> int:
         story.step(f"fleetctl release add {bundle} --repo {repo} --keys {keys}")
     story.step(f"fleetctl release list --repo {repo}")
 
+    story.step(
+        f"fleetctl bundle build {MODELS / 'v2.tflite'} --name pump-health --version 1.3.0 "
+        f"--hardware {HARDWARE} {data} --max-latency-ms 0.000001 --out {workdir}"
+    )
+    story.step(
+        f"fleetctl release add {workdir}/pump-health-1.3.0.bundle --repo {repo} --keys {keys}"
+    )
+
     root = repo / "metadata" / "1.root.json"
-    with _serve(repo) as url:
+    with _serve(workdir) as base:
+        url = f"{base}/repo"
         verify = f"edge-agent verify --root {root} --repo {url} --hardware {HARDWARE}"
         story.section(f"Device: verify bundles from {url}")
         for _, version in RELEASES[:2]:
@@ -101,6 +115,8 @@ def run_demo(workdir: Path) -> int:
             f"{verify} --name pump-health-cloud --out {workdir}/device",
             refused="this bundle is not released for this hardware",
         )
+
+        story.surprises += device_story(workdir, base, repo)
 
         story.section("Attacker: one byte of v1.1.0 changed on the server")
         [target] = (repo / "targets" / "pump-health").glob("*.pump-health-1.1.0.bundle")
@@ -116,5 +132,9 @@ def run_demo(workdir: Path) -> int:
     if story.surprises:
         print(f"{story.surprises} step(s) did not turn out as expected")
         return 1
-    print("Every genuine bundle verified; the tampered and the wrong-hardware bundle were refused.")
+    print(
+        "Every genuine bundle verified and installed; the wrong-hardware, the slow and the\n"
+        "tampered bundle were refused, and v3-bad was rolled back by the device itself\n"
+        "without one request going unanswered."
+    )
     return 0

@@ -13,8 +13,13 @@ class UpdateRefused(Exception):
 
     reason = "refused"
 
+    @property
+    def detail(self) -> str:
+        """The message without the reason code."""
+        return super().__str__()
+
     def __str__(self) -> str:
-        return f"{self.reason}: {super().__str__()}"
+        return f"{self.reason}: {self.detail}"
 
 
 class TamperedBundle(UpdateRefused):

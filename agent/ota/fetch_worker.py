@@ -88,9 +88,9 @@ def run(command: str, config: AgentConfig, installed_counter: int) -> dict[str, 
         open_verified_manifest(path, target)
         return {"status": "downloaded", "target": asdict(target), "path": str(path)}
     except RepositoryUnavailable as exc:
-        return {"status": "unavailable", "reason": exc.reason, "message": str(exc)}
+        return {"status": "unavailable", "reason": exc.reason, "message": exc.detail}
     except UpdateRefused as exc:
-        return {"status": "refused", "reason": exc.reason, "message": str(exc)}
+        return {"status": "refused", "reason": exc.reason, "message": exc.detail}
 
 
 def main() -> int:

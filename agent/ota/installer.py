@@ -263,8 +263,10 @@ class Installer:
                 self_test, self.runtime, self.slots.path(slot), manifest
             )
         except (SelfTestFailed, SlotError) as exc:
-            reason = exc.reason if isinstance(exc, UpdateRefused) else "invalid-bundle"
-            self._refuse(reason, str(exc))
+            if isinstance(exc, UpdateRefused):
+                self._refuse(exc.reason, exc.detail)
+            else:
+                self._refuse("invalid-bundle", str(exc))
             return
         self.store.event(
             self.clock(),

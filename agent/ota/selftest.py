@@ -82,11 +82,11 @@ def self_test(
     budget = manifest.budget
     if latency > budget.max_latency_ms:
         raise SelfTestFailed(
-            f"latency p95 {latency:.2f} ms is over the budget of {budget.max_latency_ms} ms"
+            f"latency p95 {latency:.3g} ms is over the budget of {budget.max_latency_ms:g} ms"
         )
     if memory > budget.max_memory_mb:
         raise SelfTestFailed(
-            f"the model takes {memory:.1f} MB, over the budget of {budget.max_memory_mb} MB"
+            f"the model takes {memory:.1f} MB, over the budget of {budget.max_memory_mb:g} MB"
         )
     return model, SelfTestReport(latency_p95_ms=latency, memory_mb=memory, golden_max_error=worst)
 

@@ -96,5 +96,5 @@ def test_a_model_over_its_memory_budget_is_refused(tmp_path: Path) -> None:
     )
     built.write(tmp_path / "b.bundle")
     slot, manifest = staged(tmp_path, tmp_path / "b.bundle")
-    with pytest.raises(SelfTestFailed, match="over the budget of 1.0 MB"):
+    with pytest.raises(SelfTestFailed, match="over the budget of 1 MB"):
         self_test(default_runtime(), slot, manifest)  # type: ignore[arg-type]
