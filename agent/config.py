@@ -43,8 +43,8 @@ class CloudConfig(_Section):
 
 
 class WatchdogConfig(_Section):
-    window: int = Field(default=50, ge=1)
-    max_failures: int = Field(default=5, ge=1)
+    window: int = Field(default=200, ge=1)
+    max_failures: int = Field(default=3, ge=1)
     max_failure_rate: float = Field(default=0.2, ge=0, le=1)
     min_requests: int = Field(default=10, ge=1)
 

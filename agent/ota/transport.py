@@ -91,17 +91,23 @@ class RepositoryFetcher(FetcherInterface):
         return Stream(self._paced(self._http_chunks(url, response)), start)
 
     def _http_chunks(self, url: str, response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
+        completed = False
         try:
             # read1 returns what has arrived instead of waiting for a full chunk,
             # so a trickling server is measured (and refused) while it trickles.
             while chunk := response.read1(self.config.chunk_size):
                 yield chunk
+            completed = True
         except urllib3.exceptions.TimeoutError as exc:
             raise tuf_exc.SlowRetrievalError(f"{url}: the server stalled") from exc
         except urllib3.exceptions.HTTPError as exc:
             raise tuf_exc.DownloadError(f"{url}: {exc}") from exc
         finally:
-            response.release_conn()
+            if completed:
+                response.drain_conn()  # the end of a chunked body, so the connection is clean
+                response.release_conn()
+            else:
+                response.close()  # never hand a half-read connection back to the pool
 
     def _open_file(self, path: Path, offset: int) -> Stream:
         try:

@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 class Watchdog:
     """Judges the first ``window`` requests the new model handled.
 
-    Trips when failures reach ``max_failures``, or when, after ``min_requests``,
-    the failure rate is above ``max_failure_rate``.
+    Trips when failures (NaN outputs, errors, timeouts) reach ``max_failures``
+    — a healthy model gives none, so a few in a long window are evidence enough
+    even when the bad inputs are rare — or when, after ``min_requests``, the
+    failure rate is above ``max_failure_rate``.
     """
 
-    window: int = 50
-    max_failures: int = 5
+    window: int = 200
+    max_failures: int = 3
     max_failure_rate: float = 0.2
     min_requests: int = 10
     seen: int = 0

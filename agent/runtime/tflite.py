@@ -54,8 +54,9 @@ class TFLiteModel:
         with self._lock:
             if rows == 1 or self._dynamic:
                 return self._invoke(inputs, rows)
-            parts = [self._invoke({k: v[i : i + 1] for k, v in inputs.items()}, 1)
-                     for i in range(rows)]
+            parts = [
+                self._invoke({k: v[i : i + 1] for k, v in inputs.items()}, 1) for i in range(rows)
+            ]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def _invoke(self, inputs: Mapping[str, npt.NDArray[Any]], rows: int) -> Tensors:

@@ -94,7 +94,9 @@ class AgentProcess:
         self.log = (self.data_dir / "agent.log").open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self._http = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(5, 5))
 
@@ -137,16 +139,27 @@ class AgentProcess:
             if self.proc.poll() is not None:
                 raise AssertionError(f"agent exited while waiting for {what}: {self.tail()}")
             time.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what}; journal {self.journal()}: "
-                             f"{self.tail()}")
+        raise AssertionError(
+            f"timed out waiting for {what}; journal {self.journal()}: {self.tail()}"
+        )
 
     def holding(self, step: str) -> bool:
-        return f"edgefleet-fault: holding at {step}".encode() in (
-            self.data_dir / "agent.log").read_bytes()
+        return (
+            f"edgefleet-fault: holding at {step}".encode()
+            in (self.data_dir / "agent.log").read_bytes()
+        )
 
     def infer(self, url: str, rows: list[list[float]], model: str = "pump-health") -> Any:
-        body = {"inputs": [{"name": "features", "shape": [len(rows), len(rows[0])],
-                            "datatype": "FP32", "data": [v for r in rows for v in r]}]}
+        body = {
+            "inputs": [
+                {
+                    "name": "features",
+                    "shape": [len(rows), len(rows[0])],
+                    "datatype": "FP32",
+                    "data": [v for r in rows for v in r],
+                }
+            ]
+        }
         return self._http.request("POST", f"{url}/v2/models/{model}/infer", json=body)
 
     def kill(self) -> None:

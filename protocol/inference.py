@@ -1,0 +1,391 @@
+"""The Open Inference Protocol (KServe v2) REST bodies, and tensors to and from numpy.
+
+Both the agent's local API and the fleet server's cloud endpoint speak this
+protocol. A request tensor carries ``name``, ``shape``, ``datatype`` and
+``data`` (row-major, flat or nested); decoding checks that the data holds
+exactly ``prod(shape)`` numbers of the declared datatype and raises
+:class:`InferenceRequestError`, naming the tensor, when it does not.
+
+edgefleet adds three response ``parameters`` (the protocol's extension point):
+``stage`` (which stage of the fallback chain answered), ``model_version`` (the
+version that answered) and ``escalated`` (a low-confidence local answer was
+sent on to the cloud). Pure data and functions: no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Final, Literal
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from protocol.manifest import Manifest, TensorSpec
+
+StageName = Literal["active", "previous", "cloud", "safe_default"]
+STAGE_NAMES: Final[tuple[StageName, ...]] = ("active", "previous", "cloud", "safe_default")
+
+# Open Inference Protocol datatype -> numpy dtype name (the names TensorSpec.dtype uses).
+DATATYPES: Final[Mapping[str, str]] = {
+    "BOOL": "bool",
+    "UINT8": "uint8",
+    "UINT16": "uint16",
+    "UINT32": "uint32",
+    "UINT64": "uint64",
+    "INT8": "int8",
+    "INT16": "int16",
+    "INT32": "int32",
+    "INT64": "int64",
+    "FP16": "float16",
+    "FP32": "float32",
+    "FP64": "float64",
+}
+_DATATYPE_OF_DTYPE: Final[Mapping[str, str]] = {v: k for k, v in DATATYPES.items()}
+
+Parameters = dict[str, Any]
+
+
+class InferenceRequestError(ValueError):
+    """A request the protocol cannot accept; ``tensor`` names the tensor at fault, if one is."""
+
+    def __init__(self, message: str, tensor: str | None = None) -> None:
+        super().__init__(message)
+        self.tensor = tensor
+
+
+class _Body(BaseModel):
+    # Unknown fields are ignored: the protocol lets clients and servers add their own.
+    model_config = ConfigDict(extra="ignore")
+
+
+class RequestInput(_Body):
+    """One input tensor of an inference request."""
+
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list[Any]
+    parameters: Parameters | None = None
+
+
+class RequestOutput(_Body):
+    """An output the client asks for; when a request names none, every output is returned."""
+
+    name: str
+    parameters: Parameters | None = None
+
+
+class InferenceRequest(_Body):
+    """``POST /v2/models/{name}[/versions/{version}]/infer`` request body."""
+
+    id: str | None = None
+    parameters: Parameters | None = None
+    inputs: list[RequestInput] = Field(min_length=1)
+    outputs: list[RequestOutput] | None = None
+
+
+class ResponseOutput(_Body):
+    """One output tensor of an inference response."""
+
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list[Any]
+    parameters: Parameters | None = None
+
+
+class InferenceResponse(_Body):
+    """The inference response body; ``parameters`` carries edgefleet's answer fields."""
+
+    model_name: str
+    model_version: str | None = None
+    id: str | None = None
+    parameters: Parameters | None = None
+    outputs: list[ResponseOutput]
+
+    def answer(self) -> AnswerParameters | None:
+        """edgefleet's answer fields, when the server that answered sets them."""
+        try:
+            return AnswerParameters.model_validate(self.parameters or {})
+        except ValidationError:
+            return None
+
+
+class AnswerParameters(_Body):
+    """Who answered an inference request: the stage of the fallback chain and its model version."""
+
+    stage: StageName
+    model_version: str | None = None
+    escalated: bool = False
+
+
+class TensorMetadata(_Body):
+    """A tensor in model metadata; ``-1`` marks a dimension of any size (the batch)."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(_Body):
+    """``GET /v2/models/{name}`` response body."""
+
+    name: str
+    versions: list[str] = []
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+class ServerMetadata(_Body):
+    """``GET /v2`` response body."""
+
+    name: str
+    version: str
+    extensions: list[str] = []
+
+
+class ErrorResponse(_Body):
+    """The body of every error response: one sentence saying what was wrong."""
+
+    error: str
+
+
+def datatype_of(dtype: str | np.dtype[Any]) -> str:
+    """The protocol datatype of a numpy dtype (``float32`` -> ``FP32``)."""
+    name = np.dtype(dtype).name
+    try:
+        return _DATATYPE_OF_DTYPE[name]
+    except KeyError:
+        raise InferenceRequestError(
+            f"dtype {name} has no Open Inference Protocol datatype"
+        ) from None
+
+
+def dtype_of(datatype: str) -> str:
+    """The numpy dtype name of a protocol datatype (``FP32`` -> ``float32``)."""
+    try:
+        return DATATYPES[datatype]
+    except KeyError:
+        raise InferenceRequestError(
+            f"datatype {datatype!r} is not supported; use one of {', '.join(DATATYPES)}"
+        ) from None
+
+
+def decode_tensor(
+    name: str,
+    shape: Sequence[int],
+    datatype: str,
+    data: Sequence[Any],
+    *,
+    role: Literal["input", "output"] = "input",
+) -> npt.NDArray[Any]:
+    """The numpy array a protocol tensor describes.
+
+    ``data`` may be flat or nested; its element count must equal ``prod(shape)``
+    and every element must be a value of ``datatype`` (an integer datatype
+    refuses 1.5, a numeric one refuses ``true`` and strings). In float data,
+    ``null`` decodes as NaN: JSON has no NaN, and encoders (pydantic among
+    them) write null for it; validation then refuses it by name.
+    """
+    where = f"{role} {name!r}"
+    try:
+        target = np.dtype(dtype_of(datatype))
+    except InferenceRequestError as exc:
+        raise InferenceRequestError(f"{where}: {exc}", name) from None
+    if any(d < 0 for d in shape):
+        raise InferenceRequestError(f"{where}: shape {list(shape)} has a negative dimension", name)
+    expected = math.prod(shape)
+    try:
+        raw = np.asarray(data)
+    except (ValueError, TypeError, OverflowError):
+        raise InferenceRequestError(f"{where}: data is a ragged nested list", name) from None
+    if raw.size != expected:
+        raise InferenceRequestError(
+            f"{where}: data has {raw.size} elements, shape {list(shape)} needs {expected}", name
+        )
+    if raw.size == 0:
+        return np.zeros(shape, dtype=target)
+    if raw.dtype.kind == "O" and target.kind == "f":
+        raw = _nulls_as_nan(raw)
+    if raw.dtype.kind not in "biuf":
+        raise InferenceRequestError(f"{where}: data holds values that are not {datatype}", name)
+    return _convert(where, name, raw, target, datatype).reshape(shape)
+
+
+def _nulls_as_nan(raw: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """Float data with ``null`` where a value was NaN (JSON has no NaN; encoders write null)."""
+    flat = raw.reshape(-1)
+    missing = np.equal(flat, np.array(None))
+    if not missing.any():
+        return raw
+    rest = np.asarray(flat[~missing].tolist())
+    if rest.size and rest.dtype.kind not in "iuf":
+        return raw
+    out = np.full(flat.shape, np.nan)
+    out[~missing] = rest
+    return out.reshape(raw.shape)
+
+
+def _convert(
+    where: str, name: str, raw: npt.NDArray[Any], target: np.dtype[Any], datatype: str
+) -> npt.NDArray[Any]:
+    flat = raw.reshape(-1)
+    if target.kind == "b":
+        if raw.dtype.kind != "b":
+            raise InferenceRequestError(
+                f"{where}: datatype BOOL needs true/false, data holds numbers", name
+            )
+        return raw
+    if raw.dtype.kind == "b":
+        raise InferenceRequestError(
+            f"{where}: data holds true/false, datatype {datatype} needs numbers", name
+        )
+    if target.kind == "f":
+        # Values beyond the float type's range become +-inf, refused later as not finite.
+        with np.errstate(over="ignore"):
+            return raw.astype(target)
+    if raw.dtype.kind == "f":
+        whole = np.isfinite(flat) & (flat == np.trunc(flat))
+        if not whole.all():
+            index = int(np.argmin(whole))
+            raise InferenceRequestError(
+                f"{where}: element {index} is {flat[index].item()!r}, "
+                f"not an integer as datatype {datatype} needs",
+                name,
+            )
+    info = np.iinfo(target)
+    inside = (flat >= info.min) & (flat <= info.max)
+    if not inside.all():
+        index = int(np.argmin(inside))
+        raise InferenceRequestError(
+            f"{where}: element {index} is {flat[index].item()!r}, outside {datatype}'s "
+            f"range {info.min}..{info.max}",
+            name,
+        )
+    return raw.astype(target)
+
+
+def decode_inputs(request: InferenceRequest) -> dict[str, npt.NDArray[Any]]:
+    """Every input tensor of a request as a numpy array, by name."""
+    tensors: dict[str, npt.NDArray[Any]] = {}
+    for tensor in request.inputs:
+        if tensor.name in tensors:
+            raise InferenceRequestError(f"input {tensor.name!r} appears twice", tensor.name)
+        tensors[tensor.name] = decode_tensor(
+            tensor.name, tensor.shape, tensor.datatype, tensor.data
+        )
+    return tensors
+
+
+def decode_outputs(response: InferenceResponse) -> dict[str, npt.NDArray[Any]]:
+    """Every output tensor of a response as a numpy array, by name."""
+    tensors: dict[str, npt.NDArray[Any]] = {}
+    for tensor in response.outputs:
+        if tensor.name in tensors:
+            raise InferenceRequestError(f"output {tensor.name!r} appears twice", tensor.name)
+        tensors[tensor.name] = decode_tensor(
+            tensor.name, tensor.shape, tensor.datatype, tensor.data, role="output"
+        )
+    return tensors
+
+
+def _tensor_fields(name: str, array: npt.NDArray[Any]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "shape": [int(d) for d in array.shape],
+        "datatype": datatype_of(array.dtype),
+        "data": array.reshape(-1).tolist(),
+        "parameters": None,
+    }
+
+
+def encode_request(
+    tensors: Mapping[str, npt.NDArray[Any]],
+    *,
+    id: str | None = None,
+    parameters: Parameters | None = None,
+    outputs: Sequence[str] | None = None,
+) -> InferenceRequest:
+    """A request carrying ``tensors`` (flat row-major data)."""
+    # model_construct: the fields are built from arrays, so they are valid by construction.
+    return InferenceRequest.model_construct(
+        id=id,
+        parameters=parameters,
+        inputs=[RequestInput.model_construct(**_tensor_fields(k, v)) for k, v in tensors.items()],
+        outputs=[RequestOutput.model_construct(name=n, parameters=None) for n in outputs]
+        if outputs is not None
+        else None,
+    )
+
+
+def select_outputs(
+    outputs: Mapping[str, npt.NDArray[Any]], requested: Sequence[RequestOutput] | None
+) -> dict[str, npt.NDArray[Any]]:
+    """The outputs a request asked for (all of them when it named none)."""
+    if not requested:
+        return dict(outputs)
+    check_requested_outputs(list(outputs), requested)
+    return {r.name: outputs[r.name] for r in requested}
+
+
+def check_requested_outputs(
+    available: Sequence[str], requested: Sequence[RequestOutput] | None
+) -> None:
+    """Refuse a request that asks for an output the model does not have."""
+    for r in requested or ():
+        if r.name not in available:
+            raise InferenceRequestError(
+                f"output {r.name!r} is not an output of the model; it has {list(available)}",
+                r.name,
+            )
+
+
+def encode_response(
+    outputs: Mapping[str, npt.NDArray[Any]],
+    *,
+    model_name: str,
+    model_version: str | None,
+    stage: StageName,
+    escalated: bool = False,
+    id: str | None = None,
+) -> InferenceResponse:
+    """The response for an answer; ``model_version`` is the version that answered."""
+    answer = AnswerParameters(stage=stage, model_version=model_version, escalated=escalated)
+    return InferenceResponse.model_construct(
+        model_name=model_name,
+        model_version=model_version,
+        id=id,
+        parameters=answer.model_dump(),
+        outputs=[
+            ResponseOutput.model_construct(**_tensor_fields(k, v)) for k, v in outputs.items()
+        ],
+    )
+
+
+def tensor_metadata(spec: TensorSpec) -> TensorMetadata:
+    """A manifest tensor as protocol metadata (the resizable batch dimension as ``-1``)."""
+    shape = spec.shape_signature if len(spec.shape_signature) == len(spec.shape) else spec.shape
+    return TensorMetadata(name=spec.name, datatype=datatype_of(spec.dtype), shape=list(shape))
+
+
+def model_metadata(manifest: Manifest, versions: Sequence[str] | None = None) -> ModelMetadata:
+    """Model metadata from a bundle manifest; ``versions`` defaults to the manifest's own."""
+    return ModelMetadata(
+        name=manifest.name,
+        versions=list(versions) if versions is not None else [manifest.version],
+        platform="tflite",
+        inputs=[tensor_metadata(t) for t in manifest.inputs],
+        outputs=[tensor_metadata(t) for t in manifest.outputs],
+    )
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line saying what is wrong with a body pydantic refused."""
+    error = exc.errors(include_url=False)[0]
+    if error["type"] == "json_invalid":
+        return f"the body is not valid JSON: {error['msg'].removeprefix('Invalid JSON: ')}"
+    where = ".".join(str(p) for p in error["loc"])
+    return f"{where}: {error['msg']}" if where else str(error["msg"])

@@ -1,0 +1,571 @@
+"""The local inference API end to end: a real server on localhost, real models, real clients."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import random
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from agent.api import InferenceClient, LocalApi
+from agent.runtime import default_runtime
+from agent.serving import FallbackChain, InvalidInput, ModelSlot
+from protocol.bundle import read_bundle
+from protocol.manifest import Manifest
+from tests.conftest import MODELS, make_bundle
+
+pytestmark = pytest.mark.integration
+
+T = TypeVar("T")
+BASELINE = np.load(MODELS / "baseline.npy")
+RUNTIME = default_runtime()
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def read_manifest(path: Path) -> Manifest:
+    with path.open("rb") as f:
+        return read_bundle(f)[0]
+
+
+@pytest.fixture(scope="module")
+def manifests(
+    bundles: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Manifest]:
+    bad = make_bundle(tmp_path_factory.mktemp("v3"), "v3-bad", "3.0.0")
+    return {
+        "v1": read_manifest(bundles["v1"]),
+        "v2": read_manifest(bundles["v2"]),
+        "v3-bad": read_manifest(bad),
+    }
+
+
+def slot(manifests: dict[str, Manifest], model: str) -> ModelSlot:
+    return ModelSlot(manifests[model], RUNTIME.load(MODELS / f"{model}.tflite"))
+
+
+class ServedApi:
+    """A LocalApi on a free port, served by an event loop in a background thread."""
+
+    def __init__(self, chain: FallbackChain, **options: Any) -> None:
+        self.chain = chain
+        self.loop = asyncio.new_event_loop()
+        self.api = LocalApi(chain, port=0, **options)
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.call(self.api.start())
+        self.port = self.api.port
+
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
+
+    def close(self) -> None:
+        self.call(self.api.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+    def connect(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+
+    def request(
+        self, method: str, path: str, body: bytes | str | None = None
+    ) -> tuple[int, dict[str, Any]]:
+        conn = self.connect()
+        try:
+            return exchange(conn, method, path, body)
+        finally:
+            conn.close()
+
+    def raw(self, data: bytes) -> bytes:
+        """Send raw bytes, return everything the server sends before it closes."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def exchange(
+    conn: http.client.HTTPConnection, method: str, path: str, body: bytes | str | None = None
+) -> tuple[int, dict[str, Any]]:
+    headers = {"Content-Type": "application/json"} if body is not None else {}
+    conn.request(method, path, body=body, headers=headers)
+    response = conn.getresponse()
+    payload = response.read()
+    assert response.getheader("Content-Type") == "application/json"
+    return response.status, json.loads(payload) if payload else {}
+
+
+def infer_body(x: npt.NDArray[Any], **extra: Any) -> str:
+    tensor = {"name": "features", "shape": list(x.shape), "datatype": "FP32"}
+    return json.dumps({"inputs": [{**tensor, "data": x.reshape(-1).tolist()}], **extra})
+
+
+INFER = "/v2/models/pump-health/infer"
+
+
+@pytest.fixture(scope="module")
+def served(manifests: dict[str, Manifest]) -> Iterator[ServedApi]:
+    server = ServedApi(FallbackChain(slot(manifests, "v2"), slot(manifests, "v1")))
+    yield server
+    server.close()
+
+
+# -- health and metadata -----------------------------------------------------------------------
+
+
+def test_live_and_ready(served: ServedApi) -> None:
+    assert served.request("GET", "/v2/health/live") == (200, {"live": True})
+    assert served.request("GET", "/v2/health/ready") == (200, {"ready": True})
+    assert served.request("GET", "/v2/models/pump-health/ready") == (
+        200,
+        {"name": "pump-health", "ready": True},
+    )
+
+
+def test_a_device_without_a_model_is_not_ready() -> None:
+    server = ServedApi(FallbackChain())
+    try:
+        status, body = server.request("GET", "/v2/health/ready")
+        assert status == 503
+        assert body == {"error": "no model is installed on this device yet"}
+        assert server.request("GET", "/v2/health/live")[0] == 200
+        assert server.request("POST", INFER, infer_body(BASELINE[:1]))[0] == 503
+    finally:
+        server.close()
+
+
+def test_model_metadata_comes_from_the_manifest(served: ServedApi) -> None:
+    status, body = served.request("GET", "/v2/models/pump-health")
+    assert status == 200
+    assert body == {
+        "name": "pump-health",
+        "versions": ["2.0.0", "1.0.0"],
+        "platform": "tflite",
+        "inputs": [{"name": "features", "datatype": "FP32", "shape": [-1, 16]}],
+        "outputs": [{"name": "scores", "datatype": "FP32", "shape": [-1, 4]}],
+    }
+    assert served.request("GET", "/v2/models/pump-health/versions/1.0.0")[0] == 200
+
+
+def test_unknown_models_versions_and_routes_are_404(served: ServedApi) -> None:
+    status, body = served.request("GET", "/v2/models/other-model")
+    assert status == 404
+    assert body["error"] == "no model named 'other-model'; this device serves 'pump-health'"
+    status, body = served.request("POST", "/v2/models/pump-health/versions/9.9.9/infer", "{}")
+    assert status == 404
+    assert "'9.9.9'" in body["error"]
+    assert served.request("GET", "/v1/models")[0] == 404
+    status, body = served.request("GET", INFER)
+    assert status == 405
+    assert body["error"] == "use POST here, not GET"
+
+
+# -- inference -------------------------------------------------------------------------------
+
+
+def test_an_inference_says_which_stage_and_version_answered(served: ServedApi) -> None:
+    x = BASELINE[:2]
+    status, body = served.request("POST", INFER, infer_body(x, id="req-7"))
+    assert status == 200
+    assert body["model_name"] == "pump-health"
+    assert body["model_version"] == "2.0.0"
+    assert body["id"] == "req-7"
+    assert body["parameters"] == {"stage": "active", "model_version": "2.0.0", "escalated": False}
+    [output] = body["outputs"]
+    assert (output["name"], output["datatype"], output["shape"]) == ("scores", "FP32", [2, 4])
+    expected = RUNTIME.load(MODELS / "v2.tflite").run({"features": x})["scores"]
+    np.testing.assert_allclose(np.array(output["data"]).reshape(2, 4), expected, rtol=1e-6)
+
+
+def test_nested_data_and_a_pinned_version(served: ServedApi) -> None:
+    x = BASELINE[:2]
+    body = json.dumps(
+        {"inputs": [{"name": "features", "shape": [2, 16], "datatype": "FP32", "data": x.tolist()}]}
+    )
+    status, answer = served.request("POST", "/v2/models/pump-health/versions/1.0.0/infer", body)
+    assert status == 200
+    assert answer["parameters"]["stage"] == "previous"
+    assert answer["model_version"] == "1.0.0"
+
+
+def test_a_failing_active_model_is_answered_by_the_previous_one(
+    manifests: dict[str, Manifest],
+) -> None:
+    server = ServedApi(FallbackChain(slot(manifests, "v3-bad"), slot(manifests, "v2")))
+    try:
+        idle = BASELINE[:2].copy()
+        idle[1, 0] = 0.0
+        status, body = server.request("POST", INFER, infer_body(idle))
+        assert status == 200
+        assert body["parameters"] == {
+            "stage": "previous",
+            "model_version": "2.0.0",
+            "escalated": False,
+        }
+        assert all(np.isfinite(body["outputs"][0]["data"]))
+    finally:
+        server.close()
+
+
+# -- bad requests: always 4xx, naming what was wrong -----------------------------------------
+
+
+def valid_tensor(**changes: Any) -> dict[str, Any]:
+    x = BASELINE[:1]
+    tensor = {"name": "features", "shape": [1, 16], "datatype": "FP32", "data": x[0].tolist()}
+    return {**tensor, **changes}
+
+
+def with_value(index: int, value: Any) -> dict[str, Any]:
+    data: list[Any] = BASELINE[0].tolist()
+    data[index] = value
+    return valid_tensor(data=data)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ("{not json", 400, "the body is not valid JSON"),
+        ("[]", 400, "Input should be an object"),
+        ("{}", 400, "inputs: Field required"),
+        ('{"inputs": []}', 400, "inputs: List should have at least 1 item"),
+        (
+            {"inputs": [valid_tensor(shape=[2, 16])]},
+            400,
+            "data has 16 elements, shape [2, 16] needs 32",
+        ),
+        ({"inputs": [valid_tensor(datatype="BYTES")]}, 400, "datatype 'BYTES' is not supported"),
+        (
+            {"inputs": [with_value(3, "hot")]},
+            400,
+            "input 'features': data holds values that are not FP32",
+        ),
+        ({"inputs": [valid_tensor(), valid_tensor()]}, 400, "input 'features' appears twice"),
+        ({"inputs": [valid_tensor()], "outputs": [{"name": "logits"}]}, 400, "output 'logits'"),
+        (
+            {"inputs": [valid_tensor(shape=[16])]},
+            422,
+            "has shape [16], the model takes [batch, 16] (add the batch dimension)",
+        ),
+        (
+            {"inputs": [valid_tensor(name="image")]},
+            422,
+            "input 'image': is not an input of model 'pump-health'",
+        ),
+        (
+            {"inputs": [with_value(5, None)]},
+            422,
+            "input 'features': feature 'vib_rms_x' (element 5) is NaN",
+        ),
+        (
+            {"inputs": [with_value(0, -5.0)]},
+            422,
+            "feature 'shaft_rpm' (element 0) is -5.0, below its valid minimum 0.0",
+        ),
+        (
+            {"inputs": [with_value(15, 1e400)]},
+            422,
+            "input 'features': feature 'acoustic_db' (element 15) is Inf",
+        ),
+    ],
+)
+def test_a_bad_request_gets_a_4xx_naming_what_was_wrong(
+    served: ServedApi, body: Any, status: int, message: str
+) -> None:
+    text = body if isinstance(body, str) else json.dumps(body)
+    got, answer = served.request("POST", INFER, text)
+    assert got == status
+    assert list(answer) == ["error"]
+    assert message in answer["error"]
+
+
+def test_json_nan_is_refused_by_name(served: ServedApi) -> None:
+    text = infer_body(BASELINE[:1]).replace(repr(float(BASELINE[0, 2])), "NaN", 1)
+    status, body = served.request("POST", INFER, text)
+    assert (status, body) == (
+        422,
+        {"error": "input 'features': feature 'ambient_temp_c' (element 2) is NaN"},
+    )
+
+
+def test_a_body_over_the_limit_is_413(manifests: dict[str, Manifest]) -> None:
+    server = ServedApi(FallbackChain(slot(manifests, "v2")), max_body_bytes=4096)
+    try:
+        big = infer_body(BASELINE[:64])  # about 20 KB
+        status, body = server.request("POST", INFER, big)
+        assert status == 413
+        assert body == {"error": "the request body is over 4096 bytes"}
+        chunked = (
+            f"POST {INFER} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            f"{len(big):x}\r\n{big}\r\n0\r\n\r\n"
+        ).encode()
+        assert server.raw(chunked).startswith(b"HTTP/1.1 413 ")
+        assert server.request("POST", INFER, infer_body(BASELINE[:1]))[0] == 200
+    finally:
+        server.close()
+
+
+def test_a_huge_declared_length_is_refused_before_the_body_arrives(served: ServedApi) -> None:
+    head = f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: {10**12}\r\n\r\n"
+    response = served.raw(head.encode())
+    assert response.startswith(b"HTTP/1.1 413 ")
+    assert b"Connection: close" in response
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"NOT HTTP AT ALL\r\n\r\n",
+        b"\x00\xff\x10garbage\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n",
+        b"GET /v2/health/ready HTTP/1.1\r\n" + b"X-Filler: " + b"a" * 40_000 + b"\r\n\r\n",
+    ],
+)
+def test_garbage_on_the_wire_gets_a_4xx_and_a_closed_connection(
+    served: ServedApi, data: bytes
+) -> None:
+    response = served.raw(data)
+    status = int(response.split(b" ", 2)[1])
+    assert 400 <= status < 500
+
+
+def test_mutated_requests_never_get_a_5xx(served: ServedApi) -> None:
+    valid = infer_body(BASELINE[:2], id="fuzz").encode()
+    rng = random.Random(7)
+    conn = served.connect()
+    statuses = set()
+    try:
+        for _ in range(300):
+            body = bytearray(valid)
+            for _ in range(rng.randint(1, 6)):
+                position = rng.randrange(len(body))
+                action = rng.random()
+                if action < 0.4:
+                    body[position] = rng.choice(b'{}[],:"0123456789.-eE nulltruefalseNaN\x00\xff')
+                elif action < 0.7:
+                    del body[position : position + rng.randint(1, 40)]
+                else:
+                    body[position:position] = bytes(rng.randrange(256) for _ in range(3))
+            status, answer = exchange(conn, "POST", INFER, bytes(body))
+            statuses.add(status)
+            assert status < 500, answer
+            assert status == 200 or set(answer) == {"error"}
+    finally:
+        conn.close()
+    assert {200, 400, 422} <= statuses, statuses
+
+
+ODD_VALUES: list[Any] = [
+    None,
+    True,
+    "",
+    "FP32",
+    -1,
+    0,
+    2**70,
+    1e308,
+    [],
+    {},
+    [[]],
+    [None],
+    ["1"],
+    [[1, 2], [3]],
+    [[[[[[[[1]]]]]]]],
+    {"name": "features"},
+]
+
+
+def test_requests_with_odd_values_in_any_field_never_get_a_5xx(served: ServedApi) -> None:
+    rng = random.Random(11)
+    conn = served.connect()
+    statuses = set()
+    try:
+        for _ in range(300):
+            request: dict[str, Any] = json.loads(infer_body(BASELINE[:2]))
+            request["outputs"] = [{"name": "scores"}]
+            tensor, output, data = (
+                request["inputs"][0],
+                request["outputs"][0],
+                request["inputs"][0]["data"],
+            )
+            for _ in range(rng.randint(1, 3)):
+                value = rng.choice(ODD_VALUES)
+                target = rng.choice([request, tensor, output, data])
+                if target is data:
+                    data[rng.randrange(len(data))] = value
+                else:
+                    target[rng.choice([*target, "parameters", "id"])] = value
+            status, answer = exchange(conn, "POST", INFER, json.dumps(request))
+            statuses.add(status)
+            assert status < 500, (request, answer)
+            assert status == 200 or set(answer) == {"error"}
+    finally:
+        conn.close()
+    assert {400, 422} <= statuses, statuses
+
+
+# -- connections ----------------------------------------------------------------------------------
+
+
+def test_keep_alive_serves_many_requests_on_one_connection(served: ServedApi) -> None:
+    conn = served.connect()
+    try:
+        assert exchange(conn, "GET", "/v2/health/ready")[0] == 200
+        sock = conn.sock
+        assert exchange(conn, "POST", INFER, infer_body(BASELINE[:1]))[0] == 200
+        assert exchange(conn, "POST", INFER, "{broken")[0] == 400  # an error keeps it open too
+        assert exchange(conn, "POST", INFER, infer_body(BASELINE[1:3]))[0] == 200
+        assert exchange(conn, "GET", "/v2/models/pump-health")[0] == 200
+        assert conn.sock is sock
+    finally:
+        conn.close()
+
+
+def test_concurrent_clients_are_all_answered_correctly(served: ServedApi) -> None:
+    expected = RUNTIME.load(MODELS / "v2.tflite").run({"features": BASELINE[:40]})["scores"]
+
+    def client(n: int) -> None:
+        conn = served.connect()
+        try:
+            for i in range(10):
+                row = (n * 10 + i) % 40
+                status, body = exchange(conn, "POST", INFER, infer_body(BASELINE[row : row + 1]))
+                assert status == 200
+                np.testing.assert_allclose(body["outputs"][0]["data"], expected[row], rtol=1e-6)
+        finally:
+            conn.close()
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(client, range(16)))
+
+
+def test_a_stalled_client_does_not_hold_up_others(served: ServedApi) -> None:
+    with socket.create_connection(("127.0.0.1", served.port), timeout=10) as stalled:
+        stalled.sendall(
+            f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n{{".encode()
+        )
+        assert served.request("POST", INFER, infer_body(BASELINE[:1]))[0] == 200
+
+
+def test_the_api_runs_in_a_task_group_and_stops_on_cancel(manifests: dict[str, Manifest]) -> None:
+    chain = FallbackChain(slot(manifests, "v2"))
+
+    async def scenario() -> None:
+        api = LocalApi(chain, port=0)
+        async with asyncio.TaskGroup() as tg:
+            task = tg.create_task(api.serve_forever())
+            while api.port == 0:
+                await asyncio.sleep(0.01)
+            port = api.port
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+            task.cancel()
+        # the open keep-alive connection was closed: the rest of the response, then EOF
+        rest = await asyncio.wait_for(reader.read(), 5)
+        assert rest.endswith(b'{"ready":true}')
+        writer.close()
+        with pytest.raises(OSError):
+            await asyncio.open_connection("127.0.0.1", port)
+
+    asyncio.run(scenario())
+
+
+# -- in-process API ------------------------------------------------------------------------------
+
+
+def test_the_in_process_client_validates_and_answers_like_http(
+    manifests: dict[str, Manifest],
+) -> None:
+    chain = FallbackChain(slot(manifests, "v3-bad"), slot(manifests, "v2"))
+
+    async def scenario() -> None:
+        client = InferenceClient(chain)
+        assert client.manifest is not None and client.manifest.version == "3.0.0"
+        idle = BASELINE[:1].copy()
+        idle[0, 0] = 0.0
+        answer = await client.infer({"features": idle})
+        assert (answer.stage, answer.model_version) == ("previous", "2.0.0")
+        with pytest.raises(InvalidInput, match="'shaft_rpm'"):
+            await client.infer({"features": [[-1.0] + [1.0] * 15]})
+        with pytest.raises(RuntimeError, match="would block the event loop"):
+            client.infer_blocking({"features": idle})
+        # an app thread waits for an answer computed on the agent's loop
+        from_thread = await asyncio.to_thread(client.infer_blocking, {"features": BASELINE[:2]})
+        assert (from_thread.stage, from_thread.outputs["scores"].shape) == ("active", (2, 4))
+
+    asyncio.run(scenario())
+
+
+def test_the_blocking_client_runs_its_own_loop_when_there_is_none(
+    manifests: dict[str, Manifest],
+) -> None:
+    client = InferenceClient(FallbackChain(slot(manifests, "v2")))
+    answer = client.infer_blocking({"features": BASELINE[:3]})
+    assert (answer.stage, answer.model_version) == ("active", "2.0.0")
+
+
+# -- footprint -------------------------------------------------------------------------------------
+
+SERVE_AND_MEASURE = """
+import asyncio, json, sys
+from pathlib import Path
+from agent.api import LocalApi
+from agent.runtime import default_runtime
+from agent.serving import FallbackChain, ModelSlot
+from protocol.bundle import read_bundle
+
+bundle, model = Path(sys.argv[1]), Path(sys.argv[2])
+with bundle.open("rb") as f:
+    manifest = read_bundle(f)[0]
+chain = FallbackChain(ModelSlot(manifest, default_runtime().load(model)))
+body = json.dumps({"inputs": [{"name": "features", "shape": [1, 16], "datatype": "FP32",
+                   "data": [1500.0] + [5.0] * 15}]}).encode()
+
+async def main():
+    async with LocalApi(chain, port=0) as api:
+        for _ in range(20):
+            reader, writer = await asyncio.open_connection("127.0.0.1", api.port)
+            head = b"POST /v2/models/pump-health/infer HTTP/1.1\\r\\nHost: x\\r\\n"
+            head += b"Connection: close\\r\\nContent-Length: %d\\r\\n\\r\\n" % len(body)
+            writer.write(head + body)
+            assert (await reader.read()).startswith(b"HTTP/1.1 200"), "inference failed"
+            writer.close()
+    status = Path("/proc/self/status").read_text()
+    rss = next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS"))
+    print(json.dumps({"rss_kib": int(rss), "aiohttp": "aiohttp" in sys.modules}))
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+def test_a_process_serving_v2_stays_within_the_device_memory_budget(
+    bundles: dict[str, Path],
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", SERVE_AND_MEASURE, str(bundles["v2"]), str(MODELS / "v2.tflite")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=True,
+    )
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    assert measured["aiohttp"] is False
+    assert measured["rss_kib"] < 64 * 1024
