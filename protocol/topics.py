@@ -57,4 +57,4 @@ def parse_device_topic(topic: str) -> tuple[str, DeviceChannel] | None:
     device_id, channel = match.groups()
     if channel not in DEVICE_CHANNELS or not DEVICE_ID_PATTERN.match(device_id):
         return None
-    return device_id, channel  # type: ignore[return-value]
+    return device_id, channel
