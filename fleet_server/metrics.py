@@ -1,0 +1,36 @@
+"""Prometheus metrics of one server process (text at ``/metrics``)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    """The server's metrics in their own registry (tests run several servers in one process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.devices_online = Gauge(
+            "edgefleet_devices_online", "Devices whose presence is online", registry=self.registry
+        )
+        self.devices_registered = Gauge(
+            "edgefleet_devices_registered", "Registered devices", registry=self.registry
+        )
+        self.messages_ingested = Counter(
+            "edgefleet_mqtt_messages_ingested_total",
+            "Device messages stored, by channel",
+            ["channel"],
+            registry=self.registry,
+        )
+        self.messages_dropped = Counter(
+            "edgefleet_mqtt_messages_dropped_total",
+            "Device messages dropped, by reason",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.api_latency = Histogram(
+            "edgefleet_api_request_seconds",
+            "REST API latency",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )

@@ -1,0 +1,216 @@
+"""The device registry: enrolment, credentials, attributes, reported state.
+
+Device credentials are random tokens shown once; only their SHA-256 is kept
+(a 192-bit random secret needs no slow hash). A device enrols with a
+provisioning token, or an admin pre-registers it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from fleet_server.audit import record
+from fleet_server.db.models import Device, ProvisioningToken
+from protocol.topics import DEVICE_ID_PATTERN
+from protocol.versioning import HARDWARE_ID_PATTERN
+
+TAG_PATTERN = DEVICE_ID_PATTERN
+
+
+class RegistryError(Exception):
+    """A registry request cannot be done; ``status`` is the HTTP status it maps to."""
+
+    status = 400
+
+
+class DeviceExists(RegistryError):
+    status = 409
+
+
+class DeviceNotFound(RegistryError):
+    status = 404
+
+
+class InvalidProvisioningToken(RegistryError):
+    status = 401
+
+
+def secret_hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_secret() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def _check_attributes(device_id: str, hardware_id: str, tags: Sequence[str]) -> None:
+    if not DEVICE_ID_PATTERN.match(device_id):
+        raise RegistryError(f"device id {device_id!r} must be 1-128 of A-Z a-z 0-9 . _ -")
+    if not HARDWARE_ID_PATTERN.match(hardware_id):
+        raise RegistryError(f"hardware id {hardware_id!r} must be 1-64 of A-Z a-z 0-9 . _ : -")
+    for tag in tags:
+        if not TAG_PATTERN.match(tag):
+            raise RegistryError(f"tag {tag!r} must be 1-128 of A-Z a-z 0-9 . _ -")
+
+
+async def create_device(
+    session: AsyncSession,
+    *,
+    device_id: str,
+    hardware_id: str,
+    region: str | None = None,
+    tags: Sequence[str] = (),
+    actor: str,
+) -> tuple[Device, str]:
+    """Register a device; returns it and its password (shown only now)."""
+    _check_attributes(device_id, hardware_id, tags)
+    if await session.get(Device, device_id) is not None:
+        raise DeviceExists(f"device {device_id} is already registered")
+    password = new_secret()
+    device = Device(
+        id=device_id,
+        hardware_id=hardware_id,
+        region=region,
+        tags=sorted(set(tags)),
+        credential_hash=secret_hash(password),
+        enrolled_at=datetime.now(UTC),
+        online=False,
+        installed_counter=0,
+        director_version=0,
+    )
+    session.add(device)
+    await session.flush()
+    await record(
+        session,
+        actor,
+        "device.register",
+        device_id,
+        {"hardware_id": hardware_id, "region": region, "tags": device.tags},
+    )
+    return device, password
+
+
+async def create_provisioning_token(
+    session: AsyncSession,
+    *,
+    actor: str,
+    hardware_id: str | None = None,
+    tags: Sequence[str] = (),
+    uses: int = 1,
+    ttl: timedelta = timedelta(days=7),
+) -> str:
+    """A token devices present to enrol themselves (``uses`` times, until it expires)."""
+    secret = new_secret()
+    token_id = secrets.token_hex(8)
+    session.add(
+        ProvisioningToken(
+            id=token_id,
+            secret_hash=secret_hash(secret),
+            hardware_id=hardware_id,
+            tags=sorted(set(tags)),
+            uses_left=uses,
+            expires_at=datetime.now(UTC) + ttl,
+        )
+    )
+    await record(
+        session,
+        actor,
+        "provisioning-token.create",
+        token_id,
+        {"hardware_id": hardware_id, "tags": list(tags), "uses": uses},
+    )
+    return f"{token_id}.{secret}"
+
+
+async def enrol(
+    session: AsyncSession,
+    *,
+    token: str,
+    device_id: str,
+    hardware_id: str,
+    region: str | None = None,
+    tags: Sequence[str] = (),
+) -> tuple[Device, str]:
+    """A device enrols itself with a provisioning token; returns its credentials."""
+    token_id, _, secret = token.partition(".")
+    row = await session.get(ProvisioningToken, token_id, with_for_update=True)
+    now = datetime.now(UTC)
+    if (
+        row is None
+        or not hmac.compare_digest(row.secret_hash, secret_hash(secret))
+        or row.uses_left < 1
+        or _aware(row.expires_at) < now
+    ):
+        raise InvalidProvisioningToken("the provisioning token is unknown, used up or expired")
+    if row.hardware_id is not None and row.hardware_id != hardware_id:
+        raise InvalidProvisioningToken(f"this token enrols only {row.hardware_id} devices")
+    row.uses_left -= 1
+    return await create_device(
+        session,
+        device_id=device_id,
+        hardware_id=hardware_id,
+        region=region,
+        tags=[*row.tags, *tags],
+        actor=f"device:{device_id}",
+    )
+
+
+def _aware(at: datetime) -> datetime:
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+
+
+async def get_device(session: AsyncSession, device_id: str) -> Device:
+    device = await session.get(Device, device_id)
+    if device is None:
+        raise DeviceNotFound(f"no device {device_id}")
+    return device
+
+
+async def list_devices(
+    session: AsyncSession,
+    *,
+    tag: str | None = None,
+    hardware_id: str | None = None,
+    online: bool | None = None,
+) -> list[Device]:
+    query = select(Device).order_by(Device.id)
+    if hardware_id is not None:
+        query = query.where(Device.hardware_id == hardware_id)
+    if online is not None:
+        query = query.where(Device.online == online)
+    devices = list((await session.scalars(query)).all())
+    # Tags are a JSON list: filtered here so SQLite and PostgreSQL behave alike.
+    return [d for d in devices if tag is None or tag in (d.tags or [])]
+
+
+async def set_tags(
+    session: AsyncSession,
+    device_id: str,
+    *,
+    add: Sequence[str] = (),
+    remove: Sequence[str] = (),
+    actor: str,
+) -> Device:
+    device = await get_device(session, device_id)
+    _check_attributes(device.id, device.hardware_id, add)
+    device.tags = sorted((set(device.tags or []) | set(add)) - set(remove))
+    await record(
+        session, actor, "device.tag", device_id, {"add": list(add), "remove": list(remove)}
+    )
+    return device
+
+
+async def authenticate_device(session: AsyncSession, device_id: str, password: str) -> bool:
+    device = await session.get(Device, device_id)
+    return (
+        device is not None
+        and device.credential_hash is not None
+        and hmac.compare_digest(device.credential_hash, secret_hash(password))
+    )

@@ -1,0 +1,150 @@
+"""Release hosting: the server serves the image repository and indexes its bundles.
+
+The server never holds the offline release keys. A release engineer signs a
+release into their copy of the repository (``fleetctl release add``) and
+pushes the new files; the server stages them, verifies the new metadata with
+python-tuf against the root it already trusts — exactly as a device will —
+checks every new target against its signed hash, and only then publishes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import shutil
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from fleet_server.audit import record
+from fleet_server.db.models import Release
+from fleet_server.release.repository import ImageRepository, ReleasedBundle
+from fleet_server.release.verify import RepositoryVerificationError, verify_metadata
+
+
+class ReleaseError(Exception):
+    """A pushed release is refused; the message says why."""
+
+    status = 400
+
+
+def _safe_relative(path: str) -> PurePosixPath:
+    p = PurePosixPath(path)
+    if (
+        p.is_absolute()
+        or ".." in p.parts
+        or not p.parts
+        or p.parts[0] not in ("metadata", "targets")
+    ):
+        raise ReleaseError(f"{path!r} is not a path under metadata/ or targets/")
+    return p
+
+
+def verify_repository(directory: Path, trusted_root: Path) -> list[ReleasedBundle]:
+    """Verify a whole repository as a device would; returns its bundles (blocking)."""
+    try:
+        bundles = verify_metadata(directory, trusted_root)
+    except RepositoryVerificationError as exc:
+        raise ReleaseError(f"the pushed metadata does not verify: {exc}") from None
+    for b in bundles:
+        dirname, _, basename = b.target_path.rpartition("/")
+        file = directory / "targets" / dirname / f"{b.sha256}.{basename}"
+        if not file.is_file():
+            raise ReleaseError(f"the target file of {b.target_path} is missing")
+        digest = hashlib.sha256(file.read_bytes()).hexdigest()
+        if digest != b.sha256 or file.stat().st_size != b.length:
+            raise ReleaseError(f"{b.target_path} does not match its signed hash and length")
+    return bundles
+
+
+class ReleaseService:
+    """Publishes pushed releases and keeps the ``releases`` table in step."""
+
+    def __init__(self, repository: Path) -> None:
+        self.repository = ImageRepository(repository)
+        self._lock = asyncio.Lock()
+
+    async def index(self, session: AsyncSession) -> list[Release]:
+        """Record every bundle the repository lists (idempotent)."""
+        bundles = await asyncio.to_thread(self.repository.bundles)
+        known = {r.target_path for r in (await session.scalars(select(Release))).all()}
+        added = []
+        for b in bundles:
+            if b.target_path in known:
+                continue
+            row = Release(
+                target_path=b.target_path,
+                name=b.name,
+                version=b.version,
+                release_counter=b.release_counter,
+                hardware_ids=list(b.hardware_ids),
+                sha256=b.sha256,
+                length=b.length,
+                released_at=datetime.now(UTC),
+            )
+            session.add(row)
+            added.append(row)
+        await session.flush()
+        return added
+
+    async def publish(
+        self, session: AsyncSession, files: dict[str, bytes], actor: str
+    ) -> list[Release]:
+        """Verify pushed repository files and publish them; returns the new releases."""
+        paths = {str(_safe_relative(p)): data for p, data in files.items()}
+        async with self._lock:
+            await asyncio.to_thread(self._stage_and_swap, paths)
+            rows = await self.index(session)
+            for row in rows:
+                await record(
+                    session,
+                    actor,
+                    "release.publish",
+                    row.target_path,
+                    {
+                        "version": row.version,
+                        "release_counter": row.release_counter,
+                        "sha256": row.sha256,
+                        "hardware_ids": row.hardware_ids,
+                    },
+                )
+            return rows
+
+    def _stage_and_swap(self, files: dict[str, bytes]) -> int:
+        repo = self.repository
+        if not repo.exists():
+            if "metadata/1.root.json" not in files:
+                raise ReleaseError("the server holds no repository yet: push metadata/1.root.json")
+            trusted_root = None
+        else:
+            trusted_root = repo.trusted_root_path
+        parent = repo.path.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=parent))
+        try:
+            if repo.exists():
+                shutil.copytree(
+                    repo.path, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".lock")
+                )
+            for rel, data in files.items():
+                dest = staging / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(data)
+            root = trusted_root or staging / "metadata" / "1.root.json"
+            bundles = verify_repository(staging, root)
+            # Swap in: new target files first, metadata last (timestamp.json at the very end),
+            # so a device never sees metadata that names a file not yet there.
+            for rel in sorted(
+                files, key=lambda r: (r.startswith("metadata"), r.endswith("timestamp.json"))
+            ):
+                dest = repo.path / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                tmp = dest.with_name(f".{dest.name}.tmp")
+                tmp.write_bytes(files[rel])
+                tmp.replace(dest)
+            return len(bundles)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
