@@ -1,26 +1,23 @@
-"""``fleet-server``: runs the fleet server.
+"""``fleet-server``: runs one fleet server replica.
 
-So far it hosts the image repository — TUF metadata and bundle targets, with
-HTTP Range so devices resume interrupted downloads — under ``/repository/``.
+    fleet-server --data DIR [--db URL] [--mqtt URL] [--http HOST:PORT]
+
+Defaults need no set-up: SQLite in DIR, no broker. Run several replicas on
+one PostgreSQL and one broker to scale out: they split the MQTT ingest with a
+shared subscription and all serve the API.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from aiohttp import web
-
-
-def build_app(repository: Path) -> web.Application:
-    """The server's aiohttp application."""
-    app = web.Application()
-    # aiohttp's static handler answers Range requests with 206 and Content-Range.
-    app.router.add_static("/repository/metadata/", repository / "metadata", follow_symlinks=False)
-    app.router.add_static("/repository/targets/", repository / "targets", follow_symlinks=False)
-    return app
+from fleet_server.config import ServerConfig
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -30,26 +27,78 @@ def _address(text: str) -> tuple[str, int]:
     return host or "127.0.0.1", int(port)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fleet-server", description=__doc__.splitlines()[0])
-    parser.add_argument("--repo", required=True, help="image repository directory")
+    parser.add_argument("--data", required=True, help="the server's folder (repository, director)")
+    parser.add_argument("--db", help="database URL (default: sqlite:///DATA/fleet.db)")
+    parser.add_argument("--mqtt", help="broker URL, mqtt://host:port or mqtts://host:port")
+    parser.add_argument("--mqtt-username")
+    parser.add_argument("--mqtt-password-file")
+    parser.add_argument("--mqtt-ca-file")
+    parser.add_argument(
+        "--no-shared-subscription",
+        action="store_true",
+        help="for brokers without $share (one replica only)",
+    )
     parser.add_argument(
         "--http",
         type=_address,
         default=("127.0.0.1", 8080),
         help="HOST:PORT to listen on (default 127.0.0.1:8080)",
     )
-    args = parser.parse_args(argv)
-    repository = Path(args.repo)
-    if not (repository / "metadata" / "timestamp.json").is_file():
-        print(
-            f"fleet-server: {repository} holds no image repository "
-            "(create one with 'fleetctl release add')",
-            file=sys.stderr,
-        )
+    parser.add_argument("--tls-cert")
+    parser.add_argument("--tls-key")
+    parser.add_argument("--replica-id")
+    parser.add_argument("--verbose", action="store_true")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    data = Path(args.data).resolve()
+    fields: dict[str, object] = {
+        "data_dir": data,
+        "db_url": args.db or f"sqlite:///{data / 'fleet.db'}",
+        "mqtt_url": args.mqtt,
+        "mqtt_username": args.mqtt_username,
+        "mqtt_password": (
+            Path(args.mqtt_password_file).read_text().strip() if args.mqtt_password_file else None
+        ),
+        "mqtt_ca_file": args.mqtt_ca_file,
+        "shared_subscription": not args.no_shared_subscription,
+        "http_host": args.http[0],
+        "http_port": args.http[1],
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+    }
+    if args.replica_id:
+        fields["replica_id"] = args.replica_id
+    return ServerConfig.model_validate(fields)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = config_from_args(args)
+    except (OSError, ValueError) as exc:
+        print(f"fleet-server: {exc}", file=sys.stderr)
         return 1
-    host, port = args.http
-    web.run_app(build_app(repository), host=host, port=port, print=None)
+    from fleet_server.server import FleetServer, prepare
+
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    prepare(config)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await FleetServer(config).run(stop)
+
+    asyncio.run(run())
     return 0
 
 

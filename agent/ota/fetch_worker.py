@@ -39,11 +39,17 @@ def downloads_dir(config: AgentConfig) -> Path:
 
 def _fetch_config(config: AgentConfig) -> FetchConfig:
     f = config.update.fetch
+    auth = None
+    creds = config.credentials
+    if creds.password_file is not None:
+        auth = (creds.username or config.device_id, creds.password_file.read_text().strip())
     return FetchConfig(
         connect_timeout=f.connect_timeout_s,
         read_timeout=f.read_timeout_s,
         min_bytes_per_second=f.min_bytes_per_second,
         grace_seconds=f.grace_s,
+        ca_file=str(f.ca_file) if f.ca_file else None,
+        auth=auth,
     )
 
 

@@ -30,6 +30,8 @@ class FetchConfig:
     grace_seconds: float = 10.0
     chunk_size: int = 1 << 20
     ca_file: str | None = None
+    # HTTP Basic credentials (device id, password) for servers that host per device.
+    auth: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,8 @@ class RepositoryFetcher(FetcherInterface):
         if is_local(url):
             return self._open_file(local_path(url), offset)
         headers = {"Range": f"bytes={offset}-"} if offset else {}
+        if self.config.auth is not None:
+            headers.update(urllib3.make_headers(basic_auth=":".join(self.config.auth)))
         try:
             response = self._http.request("GET", url, headers=headers, preload_content=False)
         except urllib3.exceptions.NewConnectionError as exc:

@@ -1,0 +1,1 @@
+"""MQTT on the server: ingest of device messages, retained desired states."""

@@ -1,0 +1,151 @@
+"""Ingest of device messages: validate each, drop what is bad (counted), write in batches.
+
+:func:`classify` is the pure gate every message passes: right topic, size,
+JSON, schema, channel and — the anti-spoofing rule — the device id in the
+payload equals the one in the topic. :func:`write_batch` stores a batch in one
+transaction; events are keyed by ``message_id`` so a message delivered twice
+(QoS 1, or a replica restart) is stored once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from pydantic import ValidationError
+from sqlalchemy import select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from fleet_server.db import Database
+from fleet_server.db.models import Device, DeviceEventRow
+from fleet_server.metrics import Metrics
+from protocol.messages import DEVICE_MESSAGE, DeviceEvent, Heartbeat, Presence, ReportedState
+from protocol.topics import parse_device_topic
+
+DeviceMessage = ReportedState | DeviceEvent | Heartbeat | Presence
+
+
+@dataclass(frozen=True)
+class Accepted:
+    device_id: str
+    channel: str
+    message: DeviceMessage
+
+
+@dataclass(frozen=True)
+class Dropped:
+    reason: str
+    detail: str
+
+
+def classify(topic: str, payload: bytes, max_bytes: int) -> Accepted | Dropped:
+    """Accept a well-formed message from the device its topic names, or say why not."""
+    parsed = parse_device_topic(topic)
+    if parsed is None:
+        return Dropped("bad-topic", topic[:200])
+    device_id, channel = parsed
+    if len(payload) > max_bytes:
+        return Dropped("oversized", f"{len(payload)} bytes on {topic}")
+    try:
+        raw = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return Dropped("malformed-json", f"{topic}: {exc}")
+    if not isinstance(raw, dict):
+        return Dropped("invalid-payload", f"{topic}: not a JSON object")
+    if raw.get("device_id") is not None and raw.get("device_id") != device_id:
+        # Checked before the schema so a spoof is named as one.
+        return Dropped(
+            "spoofed-device-id", f"{topic} carries device_id {str(raw.get('device_id'))[:128]!r}"
+        )
+    try:
+        message = DEVICE_MESSAGE.validate_python(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        return Dropped("invalid-payload", f"{topic}: {where}: {err['msg']}")
+    if (
+        message.kind
+        != {"state": "state", "events": "event", "heartbeat": "heartbeat", "presence": "presence"}[
+            channel
+        ]
+    ):
+        return Dropped("wrong-channel", f"a {message.kind} message on {topic}")
+    return Accepted(device_id, channel, message)
+
+
+def _at(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, UTC)
+
+
+async def write_batch(
+    db: Database, batch: Sequence[Accepted], metrics: Metrics, replica: str
+) -> None:
+    """Store one batch in one transaction; messages from unknown devices are dropped."""
+    now = datetime.now(UTC)
+    async with db.session() as session:
+        ids = {a.device_id for a in batch}
+        known = set((await session.scalars(select(Device.id).where(Device.id.in_(ids)))).all())
+        events = []
+        for item in batch:
+            if item.device_id not in known:
+                metrics.messages_dropped.labels("unknown-device").inc()
+                continue
+            msg = item.message
+            values: dict[str, object] = {"last_seen_at": now}
+            if isinstance(msg, DeviceEvent):
+                events.append(
+                    {
+                        "message_id": msg.message_id,
+                        "device_id": msg.device_id,
+                        "kind": "event",
+                        "event": msg.event,
+                        "at": _at(msg.at),
+                        "received_at": now,
+                        "details": msg.details,
+                        "ingested_by": replica,
+                    }
+                )
+            elif isinstance(msg, Presence):
+                values["online"] = msg.online
+            elif isinstance(msg, Heartbeat):
+                values["online"] = True
+            elif isinstance(msg, ReportedState):
+                values.update(
+                    agent_version=msg.agent_version,
+                    active_bundle=f"{msg.active.name} {msg.active.version}" if msg.active else None,
+                    installed_counter=msg.installed_counter,
+                    phase=msg.phase,
+                    reported=msg.model_dump(mode="json"),
+                    reported_at=_at(msg.sent_at),
+                )
+            await session.execute(
+                update(Device).where(Device.id == item.device_id).values(**values)
+            )
+            metrics.messages_ingested.labels(item.channel).inc()
+        if events:
+            insert = pg_insert if db.is_postgres else sqlite_insert
+            await session.execute(
+                insert(DeviceEventRow)
+                .values(events)
+                .on_conflict_do_nothing(index_elements=["message_id"])
+            )
+
+
+async def sweep_offline(db: Database, metrics: Metrics, timeout_s: float) -> None:
+    """Devices silent for longer than ``timeout_s`` are offline; update the gauges."""
+    cutoff = datetime.now(UTC) - timedelta(seconds=timeout_s)
+    async with db.session() as session:
+        await session.execute(
+            update(Device)
+            .where(Device.online.is_(True), Device.last_seen_at < cutoff)
+            .values(online=False)
+        )
+        online = len(
+            (await session.scalars(select(Device.id).where(Device.online.is_(True)))).all()
+        )
+        total = len((await session.scalars(select(Device.id))).all())
+    metrics.devices_online.set(online)
+    metrics.devices_registered.set(total)

@@ -1,0 +1,186 @@
+"""The server's MQTT connection: consume device messages, publish retained desired states.
+
+One aiomqtt client per replica. With shared subscriptions (``$share/edgefleet/...``)
+the broker gives each device message to one replica, so replicas split the
+ingest; a replica that dies loses nothing that was not acknowledged. The
+connection is retried with jittered backoff; desired states published while
+disconnected are sent on reconnect, and every assigned device's desired state
+is published again on connect (retained messages do not survive a broker
+restart without persistence).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from urllib.parse import urlsplit
+
+import aiomqtt
+from sqlalchemy import select
+
+from fleet_server.config import ServerConfig
+from fleet_server.db import Database
+from fleet_server.db.models import Device, Release
+from fleet_server.metrics import Metrics
+from fleet_server.mqtt.ingest import Accepted, Dropped, classify, write_batch
+from protocol.messages import BundleRef, DesiredState
+from protocol.topics import desired_topic, ingest_subscriptions
+
+log = logging.getLogger(__name__)
+
+
+class ServerMqtt:
+    """Ingest and publishing over one broker connection."""
+
+    def __init__(self, config: ServerConfig, db: Database, metrics: Metrics) -> None:
+        self.config = config
+        self.db = db
+        self.metrics = metrics
+        self.queue: asyncio.Queue[Accepted] = asyncio.Queue(maxsize=50_000)
+        self._client: aiomqtt.Client | None = None
+        self._pending: dict[str, DesiredState] = {}
+        self.connected = asyncio.Event()
+
+    def _client_args(self) -> dict[str, object]:
+        url = urlsplit(self.config.mqtt_url or "mqtt://127.0.0.1:1883")
+        tls = None
+        if url.scheme == "mqtts":
+            from fleet_server.tls import client_context
+
+            tls = client_context(self.config.mqtt_ca_file)
+        return {
+            "hostname": url.hostname or "127.0.0.1",
+            "port": url.port or (8883 if url.scheme == "mqtts" else 1883),
+            "username": self.config.mqtt_username,
+            "password": self.config.mqtt_password,
+            "identifier": f"edgefleet-server-{self.config.replica_id}",
+            "tls_context": tls,
+            "keepalive": 30,
+        }
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Stay connected until ``stop``; ingest in batches meanwhile."""
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._writer(stop))
+            tasks.create_task(self._connection(stop))
+
+    async def _connection(self, stop: asyncio.Event) -> None:
+        delay = 0.5
+        while not stop.is_set():
+            try:
+                async with aiomqtt.Client(**self._client_args()) as client:  # type: ignore[arg-type]
+                    self._client = client
+                    for topic in ingest_subscriptions(self.config.shared_subscription):
+                        await client.subscribe(topic, qos=1)
+                    self.connected.set()
+                    delay = 0.5
+                    log.info("MQTT connected; ingesting")
+                    await self._republish(client)
+                    reader = asyncio.create_task(self._read(client))
+                    stopper = asyncio.create_task(stop.wait())
+                    await asyncio.wait({reader, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                    for t in (reader, stopper):
+                        t.cancel()
+                    await asyncio.gather(reader, stopper, return_exceptions=True)
+                    if reader.done() and not reader.cancelled() and reader.exception():
+                        raise reader.exception()  # type: ignore[misc]
+            except aiomqtt.MqttError as exc:
+                log.warning("MQTT connection lost (%s); retrying in %.1f s", exc, delay)
+            finally:
+                self._client = None
+                self.connected.clear()
+            if stop.is_set():
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, 30.0)
+
+    async def _read(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            payload = (
+                message.payload
+                if isinstance(message.payload, bytes | bytearray)
+                else (str(message.payload).encode() if message.payload is not None else b"")
+            )
+            verdict = classify(str(message.topic), bytes(payload), self.config.max_message_bytes)
+            if isinstance(verdict, Dropped):
+                self.metrics.messages_dropped.labels(verdict.reason).inc()
+                log.debug("dropped a message: %s (%s)", verdict.reason, verdict.detail)
+                continue
+            await self.queue.put(verdict)
+
+    async def _writer(self, stop: asyncio.Event) -> None:
+        while not (stop.is_set() and self.queue.empty()):
+            try:
+                first = await asyncio.wait_for(self.queue.get(), 0.5)
+            except TimeoutError:
+                continue
+            batch = [first]
+            deadline = time.monotonic() + self.config.ingest_batch_delay_s
+            while len(batch) < self.config.ingest_batch_size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self.queue.get(), remaining))
+                except TimeoutError:
+                    break
+            try:
+                await write_batch(self.db, batch, self.metrics, self.config.replica_id)
+            except Exception:
+                log.exception("writing %d device messages failed; retrying them", len(batch))
+                for item in batch:
+                    self.queue.put_nowait(item)
+                await asyncio.sleep(1.0)
+
+    async def publish_desired(self, desired: DesiredState) -> None:
+        """Publish a device's desired state, retained (later if disconnected)."""
+        client = self._client
+        if client is None:
+            self._pending[desired.device_id] = desired
+            return
+        try:
+            await client.publish(
+                desired_topic(desired.device_id),
+                desired.model_dump_json().encode(),
+                qos=1,
+                retain=True,
+            )
+        except aiomqtt.MqttError:
+            self._pending[desired.device_id] = desired
+
+    async def _republish(self, client: aiomqtt.Client) -> None:
+        async with self.db.session() as session:
+            rows = (
+                await session.execute(
+                    select(Device, Release).join(
+                        Release, Release.target_path == Device.assigned_target
+                    )
+                )
+            ).all()
+        states = {
+            d.id: DesiredState(
+                device_id=d.id,
+                director_version=d.director_version,
+                bundle=BundleRef(
+                    name=r.name,
+                    version=r.version,
+                    release_counter=r.release_counter,
+                    sha256=r.sha256,
+                ),
+                issued_at=time.time(),
+            )
+            for d, r in rows
+        }
+        states.update(self._pending)
+        self._pending.clear()
+        for desired in states.values():
+            await client.publish(
+                desired_topic(desired.device_id),
+                desired.model_dump_json().encode(),
+                qos=1,
+                retain=True,
+            )

@@ -1,0 +1,111 @@
+"""The fleet server process: one event loop owning the HTTP API, MQTT ingest and publishing.
+
+:class:`FleetServer` holds the shared parts (database, services, metrics);
+:meth:`FleetServer.run` starts every long-lived task in one ``TaskGroup``
+and stops them together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+
+from aiohttp import web
+
+from fleet_server.assignments import DirectorService
+from fleet_server.config import ServerConfig
+from fleet_server.db import Database, migrate
+from fleet_server.director import DirectorRepository
+from fleet_server.metrics import Metrics
+from fleet_server.mqtt.link import ServerMqtt
+from fleet_server.release.keys import KeyStore, init_keys, load_keys
+from fleet_server.releases import ReleaseService
+from protocol.messages import DesiredState
+
+log = logging.getLogger(__name__)
+
+
+def _director_keys(directory: Path) -> KeyStore:
+    # The director's key is online by design (Uptane): the server creates and holds it.
+    if (directory / "keys.json").exists():
+        return load_keys(directory)
+    return init_keys(directory)
+
+
+class FleetServer:
+    """Everything one server replica shares between its tasks."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.db = Database(config.db_url)
+        self.metrics = Metrics()
+        self.releases = ReleaseService(config.repository_dir)
+        director = DirectorRepository(config.director_dir)
+        keys = _director_keys(config.director_keys_dir)
+        if not director.exists():
+            director.create(keys)
+        self.mqtt = ServerMqtt(config, self.db, self.metrics) if config.mqtt_url else None
+        self.director = DirectorService(director, keys, self._publish_desired)
+        self.http_port: int | None = None
+
+    async def _publish_desired(self, desired: DesiredState) -> None:
+        if self.mqtt is not None:
+            await self.mqtt.publish_desired(desired)
+
+    def app(self) -> web.Application:
+        from fleet_server.api.app import build_app
+
+        return build_app(self)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set."""
+        async with self.db.session() as session:
+            await self.releases.index(session)
+        runner = web.AppRunner(self.app(), access_log=None)
+        await runner.setup()
+        ssl_context = None
+        if self.config.tls_cert and self.config.tls_key:
+            from fleet_server.tls import server_context
+
+            ssl_context = server_context(self.config.tls_cert, self.config.tls_key)
+        site = web.TCPSite(
+            runner, self.config.http_host, self.config.http_port, ssl_context=ssl_context
+        )
+        await site.start()
+        sockets = site._server.sockets if site._server else ()
+        self.http_port = sockets[0].getsockname()[1] if sockets else self.config.http_port
+        log.info(
+            "fleet server %s listening on %s:%s",
+            self.config.replica_id,
+            self.config.http_host,
+            self.http_port,
+        )
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                if self.mqtt is not None:
+                    tasks.create_task(self.mqtt.run(stop))
+                tasks.create_task(self._presence_sweeper(stop))
+                await stop.wait()
+        finally:
+            await runner.cleanup()
+            await self.db.close()
+
+    async def _presence_sweeper(self, stop: asyncio.Event) -> None:
+        """Mark devices offline whose heartbeats stopped (the last will covers clean cases)."""
+        from fleet_server.mqtt.ingest import sweep_offline
+
+        while not stop.is_set():
+            try:
+                await sweep_offline(self.db, self.metrics, self.config.heartbeat_timeout_s)
+            except Exception:
+                log.exception("presence sweep failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 5.0)
+
+
+def prepare(config: ServerConfig) -> None:
+    """Bring the database schema up to date (blocking; before the event loop starts)."""
+    migrate(config.db_url)
