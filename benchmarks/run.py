@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from benchmarks import verify_bundle
+from benchmarks import agent_inference, agent_memory, verify_bundle
 
-BENCHMARKS = [("verify a 50 MB bundle vs sha256sum", verify_bundle.main)]
+BENCHMARKS = [
+    ("verify a 50 MB bundle vs sha256sum", verify_bundle.main),
+    ("local inference paths vs a bare interpreter call", agent_inference.main),
+    ("agent memory, import shares and time to ready", agent_memory.main),
+]
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ import pytest
 from fleet_server.release.bundle_builder import BundleSpec, build_bundle, load_feature_file
 from fleet_server.release.keys import KeyStore, init_keys
 from fleet_server.release.repository import ImageRepository
+from tests.support.fleet import reap_agents
 from tests.support.http_repo import RepositoryServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,3 +76,9 @@ def http_repo(repo: ImageRepository) -> Iterator[RepositoryServer]:
 
 def copy_tree(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, dirs_exist_ok=True)
+
+
+@pytest.fixture(autouse=True)
+def _no_agent_outlives_its_test() -> Iterator[None]:
+    yield
+    reap_agents()

@@ -1,7 +1,7 @@
-"""Over-the-air updates: verifying bundles with TUF and installing them safely."""
+"""Over-the-air updates: verifying bundles with TUF and installing them safely.
 
-from agent.ota.errors import UpdateRefused
-from agent.ota.image_repository import BundleTarget, ImageRepositoryClient
-from agent.ota.transport import FetchConfig
-
-__all__ = ["BundleTarget", "FetchConfig", "ImageRepositoryClient", "UpdateRefused"]
+The verification machinery (python-tuf, urllib3, cryptography) is imported
+only by the modules that use it — the short-lived fetcher process and
+``edge-agent verify`` — never by this package itself, so the serving process
+stays small.
+"""

@@ -84,6 +84,16 @@ class Fleet:
         self.server.close()
 
 
+_RUNNING: set[AgentProcess] = set()
+
+
+def reap_agents() -> None:
+    """Kill every agent a test started and did not stop (e.g. after a failed assertion)."""
+    for agent in list(_RUNNING):
+        agent.kill()
+        agent.log.close()
+
+
 class AgentProcess:
     """A real ``edge-agent run`` process."""
 
@@ -167,6 +177,7 @@ class AgentProcess:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=10)
+        _RUNNING.discard(self)
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -175,5 +186,6 @@ class AgentProcess:
                 self.proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 self.kill()
+        _RUNNING.discard(self)
         self.log.close()
         return self.proc.returncode

@@ -591,7 +591,7 @@ def test_a_pinned_version_is_served_by_that_model(manifests: dict[str, Manifest]
 def test_a_fast_model_runs_on_the_event_loop_and_a_slow_one_in_a_thread() -> None:
     async def scenario() -> None:
         fast = ModelStage("active", "2.0.0", load("v2"))
-        slow = ModelStage("active", "2.0.0", CountingModel(load("v2"), delay_s=0.005))
+        slow = ModelStage("active", "2.0.0", CountingModel(load("v2"), delay_s=0.05))
         for stage in (fast, slow):
             assert not stage.runs_inline  # unknown cost: the first run goes to a thread
             for _ in range(3):

@@ -12,8 +12,14 @@ TOPIC = "edgefleet/v1/devices/pump-1"
 
 
 def event(**changes: object) -> bytes:
-    body: dict[str, object] = {"kind": "event", "device_id": "pump-1", "message_id": "abcdef0123",
-                               "sent_at": 1.0, "event": "committed", "at": 1.0}
+    body: dict[str, object] = {
+        "kind": "event",
+        "device_id": "pump-1",
+        "message_id": "abcdef0123",
+        "sent_at": 1.0,
+        "event": "committed",
+        "at": 1.0,
+    }
     body.update(changes)
     return json.dumps(body).encode()
 

@@ -1,0 +1,519 @@
+"""The agent process's memory while it serves, each import's share, and its time to ready.
+
+A real fleet on loopback — release keys, an image repository and a director
+served over HTTP — assigns a bundle of the sample model ``v2.tflite`` to a
+device, and a real ``edge-agent run`` process installs it (fetcher child,
+staging, self-test, health period) and then answers a few hundred requests
+over its local API. Then:
+
+- its resident memory (``VmRSS``) and peak (``VmHWM``) from ``/proc/PID/status``,
+  and which packages the process imported (the agent runs under
+  ``python -X importtime``, which reports every import on stderr), to confirm
+  that the update machinery — tuf, urllib3, securesystemslib, cryptography —
+  stays in the fetcher child and out of the serving process;
+- the cost of one update check: the fetcher child the agent starts for every
+  poll, its wall and CPU time and peak memory;
+- each dependency's share: the resident memory of fresh interpreters that
+  import, cumulatively, numpy, the TFLite runtime, pydantic, the manifest
+  model, the agent's serving code and local API, the update machinery, the
+  agent's install code and the daemon;
+- the time from spawning ``edge-agent run`` (model installed) until
+  ``GET /v2/health/live`` answers, and the agent's own ``ready_after_s``
+  (counted from when its modules are imported), median of several starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import importlib.util
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+
+from fleet_server.director import DirectorRepository
+from fleet_server.release.bundle_builder import BundleSpec, build_bundle, load_feature_file
+from fleet_server.release.keys import init_keys
+from fleet_server.release.repository import ImageRepository
+
+MODELS = Path(__file__).resolve().parents[1] / "firmware_images" / "models"
+DEVICE, HARDWARE, MODEL = "bench-1", "rpi4-arm64", "pump-health"
+REQUESTS = 300
+STARTS = 7
+UPDATE_MACHINERY = ("tuf", "urllib3", "securesystemslib", "cryptography")
+
+# Fresh interpreters, each running the code of the rows above it too. pydantic
+# imports its machinery lazily, on the first model defined, so that row defines one.
+IMPORT_STEPS: list[tuple[str, str]] = [
+    ("python alone", ""),
+    ("numpy", "import numpy"),
+    ("TFLite runtime (tflite_runtime.interpreter)", "import tflite_runtime.interpreter"),
+    ("pydantic, one model defined", "import pydantic\nclass M(pydantic.BaseModel):\n x: int"),
+    ("protocol.manifest", "import protocol.manifest"),
+    ("agent.serving, agent.api (h11, protocol.inference)", "import agent.serving, agent.api"),
+    (
+        "update machinery: tuf, urllib3 (tuf brings securesystemslib, cryptography)",
+        "import tuf.api.metadata, tuf.ngclient, urllib3",
+    ),
+    ("agent.ota.journal, agent.ota.installer", "import agent.ota.journal, agent.ota.installer"),
+    ("agent.daemon", "import agent.daemon"),
+]
+_PROBE = """
+import gc, sys, time
+started = time.perf_counter()
+exec(sys.argv[1])
+elapsed = time.perf_counter() - started
+gc.collect()
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+packages = {m.split(".")[0] for m in sys.modules} - set(sys.stdlib_module_names)
+print(int(status["VmRSS"].split()[0]), elapsed, *sorted(p for p in packages if p[0] != "_"))
+"""
+
+
+def status_kb(pid: int) -> dict[str, int]:
+    """The memory figures of ``/proc/PID/status``, in kB."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
+            fields[key] = int(value.split()[0])
+    return fields
+
+
+class _Quiet(SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@dataclass
+class Fleet:
+    """An image repository and a director with v2 assigned to the device, served on loopback."""
+
+    root: Path
+    url: str
+    image_root: Path
+    director_root: Path
+
+
+@contextmanager
+def fleet(root: Path) -> Iterator[Fleet]:
+    release_keys, director_keys = (
+        init_keys(root / "keys" / "release"),
+        init_keys(root / "keys" / "director"),
+    )
+    repo = ImageRepository(root / "repo")
+    repo.create(release_keys)
+    director = DirectorRepository(root / "director")
+    director.create(director_keys)
+    director.register(director_keys, DEVICE)
+    features, classes = load_feature_file(MODELS / "features.json")
+    built = build_bundle(
+        (MODELS / "v2.tflite").read_bytes(),
+        MODELS / "baseline.npy",
+        BundleSpec(
+            name=MODEL,
+            version="2.0.0",
+            hardware_ids=[HARDWARE],
+            feature_specs=features,
+            classes=classes,
+        ),
+    )
+    built.write(root / "v2.bundle")
+    director.assign(
+        director_keys, DEVICE, HARDWARE, repo.add_bundle(root / "v2.bundle", release_keys)
+    )
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Quiet, directory=str(root)))
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield Fleet(
+            root,
+            f"http://127.0.0.1:{httpd.server_address[1]}",
+            repo.trusted_root_path,
+            director.trusted_root_path,
+        )
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def write_config(f: Fleet, data_dir: Path, port: int) -> Path:
+    """An ``agent.toml`` for the device, its local API on ``port``."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / "agent.toml"
+    path.write_text(
+        "\n".join(
+            [
+                f'device_id = "{DEVICE}"',
+                f'hardware_id = "{HARDWARE}"',
+                f'data_dir = "{data_dir}"',
+                "[image_repository]",
+                f'url = "{f.url}/repo"',
+                f'root = "{f.image_root}"',
+                "[director]",
+                f'url = "{f.url}/director"',
+                f'root = "{f.director_root}"',
+                "[api]",
+                'host = "127.0.0.1"',
+                f"port = {port}",
+                "[update]",
+                "poll_interval_s = 0.5",
+                "health_period_s = 0.5",
+            ]
+        )
+        + "\n"
+    )
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def agent_command(*python_flags: str) -> list[str]:
+    """``edge-agent`` as installed (the console script), run by this interpreter."""
+    script = Path(sys.executable).parent / "edge-agent"
+    if script.exists():
+        return [sys.executable, *python_flags, str(script)]
+    return [sys.executable, *python_flags, "-m", "agent.cli"]
+
+
+class Agent:
+    """A real ``edge-agent run`` process in its own session, logging to DATA_DIR/agent.log."""
+
+    def __init__(self, config: Path, *python_flags: str) -> None:
+        self.data_dir = config.parent
+        (self.data_dir / "agent.json").unlink(missing_ok=True)
+        self.log_path = self.data_dir / "agent.log"
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [*agent_command(*python_flags), "run", "--config", str(config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def wait_for(self, what: str, predicate: Callable[[], object], timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                tail = self.log_path.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"agent: no {what} (exit {self.proc.poll()}): {tail}")
+            time.sleep(0.01)
+
+    def info(self) -> dict[str, object] | None:
+        try:
+            return dict(json.loads((self.data_dir / "agent.json").read_text()))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def installed(self) -> str | None:
+        try:
+            journal = json.loads((self.data_dir / "journal.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        if journal.get("phase") != "idle":
+            return None
+        return (journal.get("installed") or {}).get("version")
+
+    def status(self) -> dict[str, int]:
+        return status_kb(self.proc.pid)
+
+    def resident_files(self, top: int = 6) -> list[tuple[str, int]]:
+        """The mapped files with the most resident pages, in kB, from ``/proc/PID/smaps``."""
+        by_file: dict[str, int] = {}
+        name = ""
+        for line in Path(f"/proc/{self.proc.pid}/smaps").read_text().splitlines():
+            first = line.split(maxsplit=5)
+            if "-" in first[0] and len(first) >= 5:  # a mapping's header line
+                name = first[5] if len(first) == 6 and first[5].startswith("/") else ""
+            elif first[0] == "Rss:" and name:
+                by_file[name] = by_file.get(name, 0) + int(first[1])
+        return sorted(by_file.items(), key=lambda kv: -kv[1])[:top]
+
+    def mapped_libraries(self) -> set[str]:
+        maps = Path(f"/proc/{self.proc.pid}/maps").read_text().splitlines()
+        return {line.split()[-1] for line in maps if ".so" in line.rsplit("/", 1)[-1]}
+
+    def imported_packages(self) -> set[str]:
+        """Top-level packages the process imported, from its ``-X importtime`` report.
+
+        The report also lists optional imports that failed (securesystemslib tries
+        cloud KMS clients), so names not installed here are left out.
+        """
+        names = set()
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if line.startswith("import time:") and "|" in line:
+                name = line.rsplit("|", 1)[1].strip()
+                names.add(name.split(".")[0])
+        names.discard("imported package")
+        return {n for n in names if importlib.util.find_spec(n) is not None}
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def send_requests(port: int, n: int) -> None:
+    rows = np.load(MODELS / "baseline.npy")[:n]
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    for row in rows:
+        body = {
+            "inputs": [
+                {"name": "features", "shape": [1, 16], "datatype": "FP32", "data": row.tolist()}
+            ]
+        }
+        conn.request("POST", f"/v2/models/{MODEL}/infer", json.dumps(body).encode())
+        response = conn.getresponse()
+        answer = json.loads(response.read())
+        if response.status != 200 or answer["parameters"]["stage"] != "active":
+            raise RuntimeError(f"unexpected answer {response.status}: {answer}")
+    conn.close()
+
+
+def live(port: int) -> bool:
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+        conn.request("GET", "/v2/health/live")
+        ok = conn.getresponse().status == 200
+        conn.close()
+        return ok
+    except OSError:
+        return False
+
+
+def serving_memory(f: Fleet, data_dir: Path) -> dict[str, object]:
+    """Install v2 through the director, serve REQUESTS requests; memory and imports."""
+    agent = Agent(write_config(f, data_dir, 0), "-X", "importtime")
+    try:
+        agent.wait_for("install of v2", lambda: agent.installed() == "2.0.0")
+        info = agent.info()
+        assert info is not None
+        send_requests(int(str(info["api"]).rsplit(":", 1)[1]), REQUESTS)
+        status = agent.status()
+        packages = agent.imported_packages()
+        libraries = agent.mapped_libraries()
+        files = agent.resident_files()
+    finally:
+        agent.stop()
+    return {
+        "status": status,
+        "machinery_imported": sorted(set(UPDATE_MACHINERY) & packages),
+        "third_party": sorted(
+            p
+            for p in packages - set(sys.stdlib_module_names) - {"agent", "protocol"}
+            if not p.startswith("_")
+        ),
+        "machinery_libraries": sorted(
+            lib for lib in libraries if any(f"/{m}/" in lib for m in UPDATE_MACHINERY)
+        ),
+        "libraries": len(libraries),
+        "resident_files": files,
+    }
+
+
+def update_check(config: Path) -> dict[str, float]:
+    """One update check as the agent runs it: a fetcher child, timed, with its peak memory.
+
+    The peak is the child's own ``VmHWM``, sampled while it runs: the ``ru_maxrss`` a
+    parent collects also counts the parent's memory at the time of the fork.
+    """
+    journal = json.loads((config.parent / "journal.json").read_text())
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "agent.ota.fetch_worker",
+            "check",
+            "--config",
+            str(config),
+            "--installed-counter",
+            str(journal["installed_counter"]),
+        ],
+        stdout=subprocess.PIPE,
+    )
+    peak_kb = 0
+    while True:
+        with contextlib.suppress(OSError, KeyError, ValueError):
+            peak_kb = max(peak_kb, status_kb(proc.pid)["VmHWM"])
+        pid, _, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        time.sleep(0.002)
+    wall = time.perf_counter() - started
+    proc.returncode = 0  # reaped by wait4
+    assert proc.stdout is not None
+    answer = json.loads(proc.stdout.read().decode().strip().splitlines()[-1])
+    if answer["status"] != "assigned":
+        raise RuntimeError(f"update check: {answer}")
+    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_mb": peak_kb / 1024}
+
+
+@dataclass
+class ImportStep:
+    label: str
+    rss_mb: float
+    import_s: float
+    added: list[str]  # packages outside the standard library this step brought in
+
+
+def import_shares(repeats: int = 5) -> list[ImportStep]:
+    """Per cumulative step: resident MB, seconds to run the imports so far, new packages.
+
+    Memory: the median of fresh runs; time: the fastest, the least disturbed by other work.
+    """
+    steps: list[ImportStep] = []
+    code = ""
+    seen: set[str] = set()
+    for label, statement in IMPORT_STEPS:
+        code = f"{code}\n{statement}"
+        rss, took = [], []
+        for _ in range(repeats):
+            out = subprocess.run(
+                [sys.executable, "-c", _PROBE, code], check=True, capture_output=True, text=True
+            ).stdout.split()
+            rss.append(int(out[0]) / 1024)
+            took.append(float(out[1]))
+        packages = set(out[2:])
+        added = sorted(packages - seen - {"agent", "protocol"})
+        seen |= packages
+        steps.append(ImportStep(label, statistics.median(rss), min(took), added))
+    return steps
+
+
+def machinery_without_asking() -> list[str]:
+    """Which update packages importing the agent's install code alone brings in."""
+    code = (
+        "import sys, agent.ota.journal, agent.ota.installer; "
+        f"print(' '.join(m for m in {UPDATE_MACHINERY!r} if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return out.stdout.split()
+
+
+def start_to_ready(f: Fleet, data_dir: Path) -> dict[str, object]:
+    """Wall time from spawn to a live API, and the agent's ready_after_s, over STARTS starts."""
+    port = free_port()
+    config = write_config(f, data_dir, port)
+    walls, own = [], []
+    steady: dict[str, int] = {}
+    for i in range(STARTS):
+        started = time.perf_counter()
+        agent = Agent(config)
+        try:
+            agent.wait_for("live API", lambda: live(port), timeout=30)
+            walls.append(time.perf_counter() - started)
+            agent.wait_for("agent.json", agent.info)
+            info = agent.info()
+            assert info is not None
+            own.append(float(str(info["ready_after_s"])))
+            if i == STARTS - 1:  # memory after a restart, without an install in its history
+                send_requests(port, REQUESTS)
+                steady = agent.status()
+        finally:
+            agent.stop()
+    return {"wall_s": walls, "ready_after_s": own, "restarted_status": steady}
+
+
+def run() -> dict[str, object]:
+    """Measure and return the figures."""
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        with fleet(tmp / "fleet") as f:
+            data_dir = tmp / "device"
+            serving = serving_memory(f, data_dir)
+            check = update_check(data_dir / "agent.toml")
+            ready = start_to_ready(f, data_dir)
+    return {
+        "serving": serving,
+        "update_check": check,
+        "imports": import_shares(),
+        "machinery_from_install_code": machinery_without_asking(),
+        "ready": ready,
+    }
+
+
+def main() -> None:
+    r = run()
+    serving = r["serving"]
+    assert isinstance(serving, dict)
+    s = serving["status"]
+    print(f"edge-agent run serving v2, installed through the director, after {REQUESTS} requests:")
+    print(
+        f"  VmRSS {s['VmRSS'] / 1024:.1f} MB (anonymous {s['RssAnon'] / 1024:.1f}, "
+        f"file-backed {s['RssFile'] / 1024:.1f}), VmHWM {s['VmHWM'] / 1024:.1f} MB"
+    )
+    ready = r["ready"]
+    assert isinstance(ready, dict)
+    rs = ready["restarted_status"]
+    print(
+        f"  after a restart (no install since start), {REQUESTS} requests: "
+        f"VmRSS {rs['VmRSS'] / 1024:.1f} MB, VmHWM {rs['VmHWM'] / 1024:.1f} MB"
+    )
+    print(
+        "  file-backed pages, largest: "
+        + ", ".join(
+            f"{Path(name).name} {kb / 1024:.1f} MB" for name, kb in serving["resident_files"]
+        )
+    )
+    machinery = serving["machinery_imported"] or ["none"]
+    print(f"  update machinery imported by the serving process: {', '.join(machinery)}")
+    libs = serving["machinery_libraries"]
+    print(f"  its shared objects mapped: {len(libs)} of {serving['libraries']} ({', '.join(libs)})")
+    print(f"  third-party packages imported: {', '.join(serving['third_party'])}")
+    c = r["update_check"]
+    assert isinstance(c, dict)
+    print(
+        f"one update check (the fetcher child each poll starts): {c['wall_s']:.2f} s wall, "
+        f"{c['cpu_s']:.2f} s CPU, peak {c['peak_mb']:.1f} MB"
+    )
+    print("fresh interpreters importing, cumulatively: resident memory, share, import time so far")
+    previous = 0.0
+    imports = r["imports"]
+    assert isinstance(imports, list)
+    for step in imports:
+        share = f"+{step.rss_mb - previous:5.1f}" if previous else "     "
+        print(f"  {step.label:<75} {step.rss_mb:6.1f} MB {share} MB {step.import_s * 1000:6.0f} ms")
+        unnamed = [p for p in step.added if p not in step.label and not p.startswith("cython")]
+        if unnamed:
+            print(f"      also brings in {', '.join(unnamed)}")
+        previous = step.rss_mb
+    pulled = r["machinery_from_install_code"]
+    assert isinstance(pulled, list)
+    print(
+        "  importing agent.ota.journal and agent.ota.installer alone brings in: "
+        f"{', '.join(pulled) or 'nothing of the update machinery'}"
+    )
+    walls, own = ready["wall_s"], ready["ready_after_s"]
+    print(
+        f"start to live API, median of {STARTS}: {statistics.median(walls) * 1000:.0f} ms "
+        f"(range {min(walls) * 1000:.0f}-{max(walls) * 1000:.0f}); the agent's own "
+        f"ready_after_s {statistics.median(own) * 1000:.0f} ms"
+    )
+
+
+if __name__ == "__main__":
+    main()
