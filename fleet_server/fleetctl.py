@@ -2,13 +2,16 @@
 
 Human output by default, ``--json`` for scripts. It never prompts unless
 standard input is a terminal; passphrases come from ``--passphrase-file`` or
-``--passphrase-env``. Errors a user can cause end in one line on stderr and a
-non-zero exit, never a traceback.
+``--passphrase-env``. Commands that talk to a fleet server (devices, assign,
+audit, tokens, release push) take ``--server URL`` and an API token from
+``--token-file`` or ``--token-env``. Errors a user can cause end in one line
+on stderr and a non-zero exit, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import getpass
 import hashlib
 import json
@@ -18,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fleet_server.api.client import ApiClient, ApiClientError, path_segment
 from fleet_server.broker_config import (
     DEFAULT_PORT,
     DEFAULT_TLS_PORT,
@@ -254,18 +258,24 @@ def cmd_release_add(args: argparse.Namespace) -> None:
 
 
 def cmd_release_list(args: argparse.Namespace) -> None:
-    bundles = ImageRepository(Path(args.repo)).bundles()
-    rows = [
-        {
-            "name": b.name,
-            "version": b.version,
-            "release_counter": b.release_counter,
-            "hardware_ids": list(b.hardware_ids),
-            "length": b.length,
-            "target": b.target_path,
-        }
-        for b in bundles
-    ]
+    rows: list[dict[str, Any]]
+    if args.repo:
+        bundles = ImageRepository(Path(args.repo)).bundles()
+        rows = [
+            {
+                "name": b.name,
+                "version": b.version,
+                "release_counter": b.release_counter,
+                "hardware_ids": list(b.hardware_ids),
+                "length": b.length,
+                "target": b.target_path,
+            }
+            for b in bundles
+        ]
+    elif args.server or os.environ.get("EDGEFLEET_SERVER"):
+        rows = _release_rows(_client(args).get("/releases")["releases"])
+    else:
+        raise CommandError("give --repo DIR (a local repository) or --server URL")
     table = [f"{'NAME':<16} {'VERSION':<10} {'COUNTER':>9}  {'BYTES':>9}  HARDWARE"]
     table += [
         f"{r['name']:<16} {r['version']:<10} {r['release_counter']:>9}  {r['length']:>9}  "
@@ -278,6 +288,310 @@ def cmd_release_list(args: argparse.Namespace) -> None:
 def cmd_release_timestamp(args: argparse.Namespace) -> None:
     version = ImageRepository(Path(args.repo)).refresh_timestamp(_load_store(args))
     _emit(args, {"timestamp_version": version}, f"Re-signed timestamp (version {version})")
+
+
+# -- fleet server (remote) -------------------------------------------------------
+
+
+def _client(args: argparse.Namespace) -> ApiClient:
+    server = args.server or os.environ.get("EDGEFLEET_SERVER")
+    if not server:
+        raise CommandError("give --server URL (or set EDGEFLEET_SERVER)")
+    token = None
+    if args.token_file:
+        token = _read_secret(args.token_file, "API token")
+    elif args.token_env:
+        token = os.environ.get(args.token_env)
+        if not token:
+            raise CommandError(f"environment variable {args.token_env} is not set")
+    else:
+        token = os.environ.get("EDGEFLEET_TOKEN") or None
+    return ApiClient(server, token, ca_file=args.ca_file)
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain text table, each column as wide as its widest cell."""
+    cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in cells
+    )
+
+
+def _when(text: str | None) -> str:
+    return text[:19].replace("T", " ") if text else "-"
+
+
+def _describe_device(d: dict[str, Any]) -> str:
+    fields = [
+        ("device", d["id"]),
+        ("hardware", d["hardware_id"]),
+        ("region", d.get("region") or "-"),
+        ("tags", ", ".join(d.get("tags") or []) or "-"),
+        ("online", "yes" if d["online"] else "no"),
+        ("last seen", _when(d.get("last_seen_at"))),
+        ("enrolled", _when(d.get("enrolled_at"))),
+        ("agent", d.get("agent_version") or "-"),
+        ("running", d.get("active_bundle") or "-"),
+        ("counter", d.get("installed_counter", 0)),
+        ("phase", d.get("phase") or "-"),
+        ("assigned", d.get("assigned_target") or "-"),
+        ("director version", d.get("director_version", 0)),
+    ]
+    return "\n".join(f"{name + ':':<18}{value}" for name, value in fields)
+
+
+def cmd_devices_list(args: argparse.Namespace) -> None:
+    devices = _client(args).get(
+        "/devices", tag=args.tag, hardware_id=args.hardware, online=args.online
+    )["devices"]
+    table = _table(
+        ["DEVICE", "HARDWARE", "ONLINE", "RUNNING", "ASSIGNED", "TAGS"],
+        [
+            [
+                d["id"],
+                d["hardware_id"],
+                "yes" if d["online"] else "no",
+                d.get("active_bundle"),
+                d.get("assigned_target"),
+                ",".join(d.get("tags") or []) or None,
+            ]
+            for d in devices
+        ],
+    )
+    _emit(args, devices, table if devices else "No devices.")
+
+
+def cmd_devices_show(args: argparse.Namespace) -> None:
+    device = _client(args).get(f"/devices/{path_segment(args.device)}")
+    _emit(args, device, _describe_device(device))
+
+
+def cmd_devices_tag(args: argparse.Namespace) -> None:
+    if not args.add and not args.remove:
+        raise CommandError("give --add TAG or --remove TAG (each repeatable)")
+    device = _client(args).request(
+        "PATCH",
+        f"/devices/{path_segment(args.device)}/tags",
+        body={"add": args.add, "remove": args.remove},
+    )
+    _emit(args, device, f"{device['id']}: tags {', '.join(device['tags']) or '(none)'}")
+
+
+def cmd_devices_register(args: argparse.Namespace) -> None:
+    created = _client(args).post(
+        "/devices",
+        {
+            "device_id": args.device,
+            "hardware_id": args.hardware,
+            "region": args.region,
+            "tags": args.tag,
+        },
+    )
+    _emit(
+        args,
+        created,
+        f"Registered {created['device_id']} ({created['device']['hardware_id']}).\n"
+        f"Password (shown only now; the device's HTTP and MQTT credential):\n"
+        f"  {created['password']}",
+    )
+
+
+def cmd_devices_events(args: argparse.Namespace) -> None:
+    events = _client(args).get(f"/devices/{path_segment(args.device)}/events", limit=args.limit)[
+        "events"
+    ]
+    table = _table(
+        ["AT", "EVENT", "DETAILS"],
+        [
+            [_when(e["at"]), e["event"], json.dumps(e["details"], sort_keys=True)[:80]]
+            for e in events
+        ],
+    )
+    _emit(args, events, table if events else "No events.")
+
+
+def _duration(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration such as 3600, 30m or 7d"
+        ) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError("a duration must be positive")
+    return seconds
+
+
+def cmd_provisioning_token_create(args: argparse.Namespace) -> None:
+    created = _client(args).post(
+        "/provisioning-tokens",
+        {"hardware_id": args.hardware, "tags": args.tag, "uses": args.uses, "ttl_s": args.ttl},
+    )
+    scope = f" for {created['hardware_id']} devices" if created["hardware_id"] else ""
+    _emit(
+        args,
+        created,
+        f"Provisioning token{scope}, {created['uses']} use(s), expires "
+        f"{_when(created['expires_at'])} UTC (shown only now):\n  {created['token']}",
+    )
+
+
+def _release_rows(releases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": r["name"],
+            "version": r["version"],
+            "release_counter": r["release_counter"],
+            "hardware_ids": list(r["hardware_ids"]),
+            "length": r["length"],
+            "target": r["target_path"],
+        }
+        for r in releases
+    ]
+
+
+def _current_metadata(repo: ImageRepository) -> list[Path]:
+    """What a device reads now: every root, the timestamp and the versions it leads to."""
+    metadata = repo.metadata_dir
+    try:
+        timestamp = json.loads((metadata / "timestamp.json").read_bytes())
+        snapshot_version = timestamp["signed"]["meta"]["snapshot.json"]["version"]
+        snapshot_file = metadata / f"{snapshot_version}.snapshot.json"
+        snapshot = json.loads(snapshot_file.read_bytes())
+        roles = [
+            metadata / f"{meta['version']}.{name}"
+            for name, meta in snapshot["signed"]["meta"].items()
+        ]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CommandError(f"{repo.path} has unreadable metadata: {exc}") from None
+    roots = sorted(
+        (p for p in metadata.glob("*.root.json") if p.name.split(".")[0].isdigit()),
+        key=lambda p: int(p.name.split(".")[0]),
+    )
+    return [*roots, metadata / "timestamp.json", snapshot_file, *roles]
+
+
+def _repository_files(repo: ImageRepository, known: set[tuple[str, str]]) -> dict[str, str]:
+    """The current metadata, and each target file the server does not hold yet (base64).
+
+    Older snapshot and targets versions are not sent: with consistent snapshots
+    a device only ever asks for the versions the newest timestamp leads to.
+    """
+    files = {
+        f"metadata/{p.name}": base64.b64encode(p.read_bytes()).decode()
+        for p in _current_metadata(repo)
+    }
+    for path in sorted(repo.targets_dir.rglob("*")):
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        # Consistent snapshots: targets/DIR/SHA256.NAME is target DIR/NAME with that hash.
+        digest, _, name = path.name.partition(".")
+        directory = path.parent.relative_to(repo.targets_dir).as_posix()
+        if (f"{directory}/{name}", digest) in known:
+            continue
+        rel = path.relative_to(repo.path).as_posix()
+        files[rel] = base64.b64encode(path.read_bytes()).decode()
+    return files
+
+
+def cmd_release_push(args: argparse.Namespace) -> None:
+    repo = ImageRepository(Path(args.repo))
+    if not repo.exists():
+        raise CommandError(f"{args.repo} holds no image repository (fleetctl release add)")
+    client = _client(args)
+    known = {(r["target_path"], r["sha256"]) for r in client.get("/releases")["releases"]}
+    files = _repository_files(repo, known)
+    result = client.post("/releases", {"files": files})
+    published = result["published"]
+    bundles = sum(1 for path in files if path.startswith("targets/"))
+    lines = [
+        f"Pushed {result['files']} files ({bundles} bundle{'' if bundles == 1 else 's'}) "
+        f"to {client.server}"
+    ]
+    lines += [
+        f"  published {r['name']} {r['version']} (release counter {r['release_counter']}) "
+        f"for {', '.join(r['hardware_ids'])}"
+        for r in published
+    ]
+    if not published:
+        lines.append("  no new bundle (metadata refreshed)")
+    _emit(args, {**result, "sent": sorted(files)}, "\n".join(lines))
+
+
+def cmd_assign(args: argparse.Namespace) -> None:
+    if not args.device and not args.tag:
+        raise CommandError("give --device ID (repeatable) or --tag TAG")
+    result = _client(args).post(
+        "/assignments", {"release": args.release, "devices": args.device, "tag": args.tag}
+    )
+    r = result["release"]
+    lines = [f"Assigned {r['name']} {r['version']} ({r['target_path']}):"]
+    lines.append(
+        _table(
+            ["DEVICE", "DIRECTOR VERSION"],
+            [[a["device_id"], a["director_version"]] for a in result["assignments"]],
+        )
+    )
+    _emit(args, result, "\n".join(lines))
+
+
+def cmd_audit_list(args: argparse.Namespace) -> None:
+    page = _client(args).get("/audit", after=args.after, limit=args.limit, action=args.action)
+    entries = page["entries"]
+    table = _table(
+        ["SEQ", "AT", "ACTOR", "ACTION", "SUBJECT"],
+        [[e["seq"], _when(e["at"]), e["actor"], e["action"], e["subject"]] for e in entries],
+    )
+    human = table if entries else "No audit entries."
+    if page["next_after"] is not None:
+        human += f"\nMore: --after {page['next_after']}"
+    _emit(args, page, human)
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> None:
+    report = _client(args).get("/audit/verify")
+    if report["ok"]:
+        _emit(args, report, f"Audit log intact: {report['entries']} entries, hash chain verified.")
+        return
+    _emit(
+        args,
+        report,
+        f"Audit log BROKEN at entry {report['broken_at']}: {report['problem']} "
+        f"(checked {report['entries']} entries).",
+    )
+    raise CommandError(f"the audit log's hash chain is broken at entry {report['broken_at']}")
+
+
+def cmd_tokens_create(args: argparse.Namespace) -> None:
+    created = _client(args).post("/tokens", {"name": args.name, "role": args.role})
+    info = created["info"]
+    _emit(
+        args,
+        created,
+        f"Created {info['role']} token {info['id']} ({info['name']}), shown only now:\n"
+        f"  {created['token']}",
+    )
+
+
+def cmd_tokens_list(args: argparse.Namespace) -> None:
+    tokens = _client(args).get("/tokens")["tokens"]
+    table = _table(
+        ["ID", "NAME", "ROLE", "CREATED", "REVOKED"],
+        [
+            [t["id"], t["name"], t["role"], _when(t["created_at"]), _when(t["revoked_at"])]
+            for t in tokens
+        ],
+    )
+    _emit(args, tokens, table if tokens else "No tokens.")
+
+
+def cmd_tokens_revoke(args: argparse.Namespace) -> None:
+    token = _client(args).request("DELETE", f"/tokens/{path_segment(args.token_id)}")
+    _emit(args, token, f"Revoked token {token['id']} ({token['name']}, {token['role']})")
 
 
 # -- broker ----------------------------------------------------------------------
@@ -349,6 +663,106 @@ def cmd_broker_config(args: argparse.Namespace) -> None:
 # -- parser ----------------------------------------------------------------------
 
 
+def _remote_flags() -> argparse.ArgumentParser:
+    """``--server`` and the API token, for every command that talks to a fleet server."""
+    remote = argparse.ArgumentParser(add_help=False)
+    remote.add_argument("--server", help="the fleet server's URL (default: $EDGEFLEET_SERVER)")
+    remote.add_argument("--token-file", help="file holding an API token")
+    remote.add_argument(
+        "--token-env", help="environment variable holding an API token (default: EDGEFLEET_TOKEN)"
+    )
+    remote.add_argument("--ca-file", help="CA bundle to verify an https:// server")
+    return remote
+
+
+def _remote_commands(groups: Any, leaf: argparse.ArgumentParser, release: Any) -> None:
+    """The commands that talk to a fleet server's REST API."""
+    both = [leaf, _remote_flags()]
+
+    p = release.add_parser(
+        "push", parents=both, help="push a local image repository's new files to the server"
+    )
+    p.add_argument("--repo", required=True)
+    p.set_defaults(func=cmd_release_push)
+
+    devices = groups.add_parser("devices", help="the device registry (server)").add_subparsers(
+        dest="cmd", required=True
+    )
+    p = devices.add_parser("list", parents=both, help="list devices")
+    p.add_argument("--tag")
+    p.add_argument("--hardware")
+    state = p.add_mutually_exclusive_group()
+    state.add_argument("--online", dest="online", action="store_const", const=True)
+    state.add_argument("--offline", dest="online", action="store_const", const=False)
+    p.set_defaults(func=cmd_devices_list)
+    p = devices.add_parser("show", parents=both, help="show one device")
+    p.add_argument("device")
+    p.set_defaults(func=cmd_devices_show)
+    p = devices.add_parser("tag", parents=both, help="add or remove a device's tags")
+    p.add_argument("device")
+    p.add_argument("--add", action="append", default=[], metavar="TAG", help="repeatable")
+    p.add_argument("--remove", action="append", default=[], metavar="TAG", help="repeatable")
+    p.set_defaults(func=cmd_devices_tag)
+    p = devices.add_parser(
+        "register", parents=both, help="pre-register a device and show its password (admin)"
+    )
+    p.add_argument("device")
+    p.add_argument("--hardware", required=True)
+    p.add_argument("--region")
+    p.add_argument("--tag", action="append", default=[], help="repeatable")
+    p.set_defaults(func=cmd_devices_register)
+    p = devices.add_parser("events", parents=both, help="a device's recent events")
+    p.add_argument("device")
+    p.add_argument("--limit", type=int, default=50)
+    p.set_defaults(func=cmd_devices_events)
+
+    tokens = groups.add_parser(
+        "provisioning-token", help="tokens devices enrol with (server, admin)"
+    ).add_subparsers(dest="cmd", required=True)
+    p = tokens.add_parser("create", parents=both, help="create a provisioning token")
+    p.add_argument("--hardware", help="enrol only devices of this hardware id")
+    p.add_argument("--tag", action="append", default=[], help="tag enrolled devices (repeatable)")
+    p.add_argument("--uses", type=int, default=1)
+    p.add_argument(
+        "--ttl", type=_duration, default=7 * 86400, help="lifetime: seconds, or 30m, 12h, 7d"
+    )
+    p.set_defaults(func=cmd_provisioning_token_create)
+
+    p = groups.add_parser(
+        "assign", parents=both, help="assign a released bundle to devices or a tag (server)"
+    )
+    p.add_argument("release", help="NAME@VERSION or the bundle's target path")
+    p.add_argument("--device", action="append", default=[], help="device id (repeatable)")
+    p.add_argument("--tag", help="every device with this tag")
+    p.set_defaults(func=cmd_assign)
+
+    audit = groups.add_parser("audit", help="the audit log (server)").add_subparsers(
+        dest="cmd", required=True
+    )
+    p = audit.add_parser("list", parents=both, help="a page of the audit log, oldest first")
+    p.add_argument("--after", type=int, default=0, help="entries after this sequence number")
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--action", help="only this action, e.g. assignment.create")
+    p.set_defaults(func=cmd_audit_list)
+    p = audit.add_parser(
+        "verify", parents=both, help="check the hash chain; exit 1 if an entry was changed"
+    )
+    p.set_defaults(func=cmd_audit_verify)
+
+    api_tokens = groups.add_parser("tokens", help="API tokens (server, admin)").add_subparsers(
+        dest="cmd", required=True
+    )
+    p = api_tokens.add_parser("create", parents=both, help="create an API token")
+    p.add_argument("--name", required=True)
+    p.add_argument("--role", required=True, choices=["viewer", "operator", "admin"])
+    p.set_defaults(func=cmd_tokens_create)
+    p = api_tokens.add_parser("list", parents=both, help="list API tokens")
+    p.set_defaults(func=cmd_tokens_list)
+    p = api_tokens.add_parser("revoke", parents=both, help="revoke an API token")
+    p.add_argument("token_id")
+    p.set_defaults(func=cmd_tokens_revoke)
+
+
 def _passphrase_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--passphrase-file", help="file holding the key passphrase")
     parser.add_argument("--passphrase-env", help="environment variable holding the passphrase")
@@ -411,8 +825,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keys", required=True)
     _passphrase_flags(p)
     p.set_defaults(func=cmd_release_add)
-    p = release.add_parser("list", parents=[leaf], help="list released bundles")
-    p.add_argument("--repo", required=True)
+    p = release.add_parser(
+        "list", parents=[leaf, _remote_flags()], help="list released bundles (local or server)"
+    )
+    p.add_argument("--repo", help="a local image repository (else: --server)")
     p.set_defaults(func=cmd_release_list)
     p = release.add_parser(
         "timestamp", parents=[leaf], help="re-sign the timestamp before it expires"
@@ -421,6 +837,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keys", required=True)
     _passphrase_flags(p)
     p.set_defaults(func=cmd_release_timestamp)
+    _remote_commands(groups, leaf, release)
 
     broker = groups.add_parser("broker", help="the MQTT broker (Mosquitto 2)").add_subparsers(
         dest="cmd", required=True
@@ -465,6 +882,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 USER_ERRORS = (
     CommandError,
+    ApiClientError,
     BundleBuildError,
     BundleFormatError,
     KeyStoreError,

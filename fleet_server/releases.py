@@ -43,10 +43,12 @@ def _safe_relative(path: str) -> PurePosixPath:
     return p
 
 
-def verify_repository(directory: Path, trusted_root: Path) -> list[ReleasedBundle]:
+def verify_repository(
+    directory: Path, trusted_root: Path, trust_dir: Path | None = None
+) -> list[ReleasedBundle]:
     """Verify a whole repository as a device would; returns its bundles (blocking)."""
     try:
-        bundles = verify_metadata(directory, trusted_root)
+        bundles = verify_metadata(directory, trusted_root, trust_dir)
     except RepositoryVerificationError as exc:
         raise ReleaseError(f"the pushed metadata does not verify: {exc}") from None
     for b in bundles:
@@ -63,8 +65,10 @@ def verify_repository(directory: Path, trusted_root: Path) -> list[ReleasedBundl
 class ReleaseService:
     """Publishes pushed releases and keeps the ``releases`` table in step."""
 
-    def __init__(self, repository: Path) -> None:
+    def __init__(self, repository: Path, trust_dir: Path | None = None) -> None:
         self.repository = ImageRepository(repository)
+        # The metadata the server accepted last: a push older than it is a rollback.
+        self.trust_dir = trust_dir or repository.with_name(repository.name + "-trust")
         self._lock = asyncio.Lock()
 
     async def index(self, session: AsyncSession) -> list[Release]:
@@ -121,6 +125,20 @@ class ReleaseService:
             trusted_root = None
         else:
             trusted_root = repo.trusted_root_path
+        for rel, data in files.items():
+            existing = repo.path / rel
+            if existing.is_dir():
+                raise ReleaseError(f"{rel} is a folder on the server")
+            if (
+                rel.startswith("metadata/")
+                and not rel.endswith("/timestamp.json")
+                and existing.is_file()
+                and existing.read_bytes() != data
+            ):
+                raise ReleaseError(
+                    f"{rel} is already published with other content; published metadata "
+                    "never changes (sign a new version instead)"
+                )
         parent = repo.path.parent
         parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=parent))
@@ -134,7 +152,7 @@ class ReleaseService:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 dest.write_bytes(data)
             root = trusted_root or staging / "metadata" / "1.root.json"
-            bundles = verify_repository(staging, root)
+            bundles = verify_repository(staging, root, self.trust_dir)
             # Swap in: new target files first, metadata last (timestamp.json at the very end),
             # so a device never sees metadata that names a file not yet there.
             for rel in sorted(

@@ -7,6 +7,7 @@ publishes anything.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,21 +36,37 @@ class _DirectoryFetcher(FetcherInterface):
         return iter([data])
 
 
-def verify_metadata(directory: Path, trusted_root: Path) -> list[ReleasedBundle]:
-    """Refresh the repository in ``directory`` trusting ``trusted_root``; list its bundles."""
+def verify_metadata(
+    directory: Path, trusted_root: Path, trust_dir: Path | None = None
+) -> list[ReleasedBundle]:
+    """Refresh the repository in ``directory`` trusting ``trusted_root``; list its bundles.
+
+    With ``trust_dir`` (the metadata accepted last time), older metadata is
+    refused as a rollback, exactly as on a device; the store is updated only
+    when verification succeeds.
+    """
     with tempfile.TemporaryDirectory() as trust:
-        (Path(trust) / "root.json").write_bytes(trusted_root.read_bytes())
-        updater = Updater(
-            metadata_dir=trust,
-            metadata_base_url=(directory / "metadata").resolve().as_uri() + "/",
-            fetcher=_DirectoryFetcher(),
-            bootstrap=None,
-        )
+        work = Path(trust)
+        if trust_dir is not None and (trust_dir / "root.json").exists():
+            shutil.copytree(trust_dir, work, dirs_exist_ok=True)
+        else:
+            (work / "root.json").write_bytes(trusted_root.read_bytes())
         try:
+            updater = Updater(
+                metadata_dir=trust,
+                metadata_base_url=(directory / "metadata").resolve().as_uri() + "/",
+                fetcher=_DirectoryFetcher(),
+                bootstrap=None,
+            )
             updater.refresh()
+            targets: Metadata[Targets] = Metadata.from_file(str(work / "targets.json"))
         except (tuf_exc.RepositoryError, tuf_exc.DownloadError) as exc:
             raise RepositoryVerificationError(f"{type(exc).__name__}: {exc}") from None
-        targets: Metadata[Targets] = Metadata.from_file(str(Path(trust) / "targets.json"))
+        except (ValueError, TypeError, KeyError, OSError) as exc:  # e.g. a garbage root
+            raise RepositoryVerificationError(f"unreadable metadata: {exc}") from None
+        if trust_dir is not None:
+            trust_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(work, trust_dir, dirs_exist_ok=True)
     out = []
     for path, t in targets.signed.targets.items():
         custom = t.custom or {}

@@ -1,0 +1,107 @@
+"""The fleet server's aiohttp application: REST API, device hosting, OpenAPI, metrics."""
+
+from __future__ import annotations
+
+import json
+import logging
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import func, select
+
+from fleet_server.api import hosting, routes
+from fleet_server.api.errors import errors_middleware, observe_middleware, rejection_counter
+from fleet_server.api.openapi import openapi_document
+from fleet_server.api.operations import DEVICE_AUTH, SERVER, Operation, bind
+from fleet_server.api.security import DeviceAuthenticator
+from fleet_server.auth import bootstrap_admin_token
+from fleet_server.db.models import Device
+from protocol.api import API_PREFIX
+
+if TYPE_CHECKING:
+    from fleet_server.server import FleetServer
+
+log = logging.getLogger(__name__)
+
+OPENAPI: web.AppKey[bytes] = web.AppKey("openapi")
+
+
+def _version() -> str:
+    try:
+        return version("edgefleet")
+    except PackageNotFoundError:
+        return "0"
+
+
+async def openapi(request: web.Request) -> web.StreamResponse:
+    return web.Response(body=request.app[OPENAPI], content_type="application/json")
+
+
+async def metrics(request: web.Request) -> web.StreamResponse:
+    server = request.app[SERVER]
+    try:
+        # Counted from the database so every replica reports the whole fleet.
+        async with server.db.session() as session:
+            total = await session.scalar(select(func.count()).select_from(Device))
+            online = await session.scalar(
+                select(func.count()).select_from(Device).where(Device.online.is_(True))
+            )
+        server.metrics.devices_registered.set(total or 0)
+        server.metrics.devices_online.set(online or 0)
+    except Exception as exc:  # stale gauges beat no metrics at all
+        log.warning("metrics: cannot count devices: %s", exc)
+    return web.Response(
+        body=generate_latest(server.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
+
+
+META: tuple[Operation, ...] = (
+    Operation(
+        "GET",
+        f"{API_PREFIX}/openapi.json",
+        openapi,
+        "getOpenApi",
+        "This document",
+        tag="meta",
+        auth="public",
+    ),
+    Operation(
+        "GET",
+        "/metrics",
+        metrics,
+        "getMetrics",
+        "Prometheus metrics (text exposition format)",
+        tag="meta",
+        auth="public",
+        media_type="text/plain",
+    ),
+)
+
+OPERATIONS: tuple[Operation, ...] = (*routes.OPERATIONS, *META, *hosting.OPERATIONS)
+
+
+def build_app(server: FleetServer) -> web.Application:
+    """The aiohttp application of ``server``.
+
+    On start-up it creates the first admin token if there is none
+    (:func:`fleet_server.auth.bootstrap_admin_token`).
+    """
+    app = web.Application(middlewares=[observe_middleware(server.metrics), errors_middleware])
+    app[SERVER] = server
+    app[DEVICE_AUTH] = DeviceAuthenticator()
+    app[OPENAPI] = json.dumps(openapi_document(OPERATIONS, _version()), indent=1).encode()
+    rejection_counter(server.metrics)  # present in /metrics before the first refusal
+    for op in OPERATIONS:
+        handler = bind(op)
+        if op.method == "GET":
+            app.router.add_get(op.path, handler, name=op.operation_id)
+        else:
+            app.router.add_route(op.method, op.path, handler, name=op.operation_id)
+
+    async def bootstrap(app: web.Application) -> None:
+        await bootstrap_admin_token(server.db, server.config.data_dir)
+
+    app.on_startup.append(bootstrap)
+    return app

@@ -1,0 +1,538 @@
+"""The operators' REST API under ``/api/v1``: devices, releases, assignments, tokens, audit.
+
+Each handler does one thing in one transaction, through the service modules
+(registry, releases, director, auth, audit), and answers with a model of
+:mod:`protocol.api`. Work that must follow the commit (creating a device's
+director repository, announcing an assignment over MQTT) runs after it, and
+its failure is logged without undoing what was committed: the device finds
+its assignment at its next poll either way.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel
+from sqlalchemy import select, text
+from tuf.api import exceptions as tuf_exc
+
+from fleet_server import registry
+from fleet_server.api.errors import ApiError
+from fleet_server.api.operations import (
+    DEVICE_AUTH,
+    PRINCIPAL,
+    SERVER,
+    Operation,
+    body,
+    query,
+)
+from fleet_server.audit import verify_chain
+from fleet_server.auth import create_token, list_tokens, revoke_token
+from fleet_server.db.models import (
+    ApiToken,
+    AuditEntry,
+    Device,
+    DeviceEventRow,
+    ProvisioningToken,
+    Release,
+)
+from fleet_server.releases import ReleaseError
+from protocol.api import (
+    API_PREFIX,
+    AssignmentRequest,
+    AssignmentResult,
+    AssignmentView,
+    AuditEntryView,
+    AuditPage,
+    AuditQuery,
+    AuditVerification,
+    DeviceCredentials,
+    DeviceEventList,
+    DeviceEventView,
+    DeviceList,
+    DeviceQuery,
+    DeviceView,
+    EnrolDevice,
+    EventQuery,
+    Health,
+    ProvisioningTokenCreated,
+    ProvisioningTokenRequest,
+    RegisterDevice,
+    ReleaseList,
+    ReleasePush,
+    ReleasePushResult,
+    ReleaseQuery,
+    ReleaseView,
+    TagChange,
+    TokenCreated,
+    TokenList,
+    TokenRequest,
+    TokenView,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_PUSH_BODY = 512 << 20  # base64 of the pushed files, in JSON
+_VERSIONED_METADATA = re.compile(r"metadata/\d+\.[a-z]+\.json")
+
+
+def answer(model: BaseModel, status: int = 200) -> web.Response:
+    return web.json_response(text=model.model_dump_json(), status=status)
+
+
+def _aware(at: datetime) -> datetime:
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+
+
+def _maybe_aware(at: datetime | None) -> datetime | None:
+    return _aware(at) if at is not None else None
+
+
+def device_view(d: Device) -> DeviceView:
+    return DeviceView(
+        id=d.id,
+        hardware_id=d.hardware_id,
+        region=d.region,
+        tags=list(d.tags or []),
+        enrolled_at=_aware(d.enrolled_at),
+        online=bool(d.online),
+        last_seen_at=_maybe_aware(d.last_seen_at),
+        agent_version=d.agent_version,
+        active_bundle=d.active_bundle,
+        installed_counter=d.installed_counter or 0,
+        phase=d.phase,
+        assigned_target=d.assigned_target,
+        director_version=d.director_version or 0,
+        reported=d.reported,
+        reported_at=_maybe_aware(d.reported_at),
+    )
+
+
+def release_view(r: Release) -> ReleaseView:
+    return ReleaseView(
+        target_path=r.target_path,
+        name=r.name,
+        version=r.version,
+        release_counter=r.release_counter,
+        hardware_ids=list(r.hardware_ids),
+        sha256=r.sha256,
+        length=r.length,
+        released_at=_aware(r.released_at),
+    )
+
+
+def token_view(t: ApiToken) -> TokenView:
+    return TokenView(
+        id=t.id,
+        name=t.name,
+        role=t.role,
+        created_at=_aware(t.created_at),
+        revoked_at=_maybe_aware(t.revoked_at),
+    )
+
+
+# -- health --------------------------------------------------------------------
+
+
+async def health(request: web.Request) -> web.StreamResponse:
+    try:
+        async with request.app[SERVER].db.session() as session:
+            await session.execute(text("SELECT 1"))
+    except Exception as exc:  # any database failure means "not ready", never a crash
+        log.warning("health check: the database does not answer: %s", exc)
+        raise ApiError(503, "the database does not answer", {"Retry-After": "5"}) from None
+    return answer(Health())
+
+
+# -- devices -------------------------------------------------------------------
+
+
+async def list_devices(request: web.Request) -> web.StreamResponse:
+    q = query(request, DeviceQuery)
+    async with request.app[SERVER].db.session() as session:
+        devices = await registry.list_devices(
+            session, tag=q.tag, hardware_id=q.hardware_id, online=q.online
+        )
+        return answer(DeviceList(devices=[device_view(d) for d in devices]))
+
+
+async def get_device(request: web.Request) -> web.StreamResponse:
+    async with request.app[SERVER].db.session() as session:
+        device = await registry.get_device(session, request.match_info["device_id"])
+        return answer(device_view(device))
+
+
+async def _after_enrolment(request: web.Request, device_id: str) -> None:
+    request.app[DEVICE_AUTH].forget(device_id)
+    try:
+        await request.app[SERVER].director.register(device_id)
+    except Exception:
+        # The first assignment creates the repository anyway; the credentials must not be lost.
+        log.exception("could not create the director repository of %s", device_id)
+
+
+async def register_device(request: web.Request) -> web.StreamResponse:
+    b = body(request, RegisterDevice)
+    async with request.app[SERVER].db.session() as session:
+        device, password = await registry.create_device(
+            session,
+            device_id=b.device_id,
+            hardware_id=b.hardware_id,
+            region=b.region,
+            tags=b.tags,
+            actor=request[PRINCIPAL].actor,
+        )
+        view = device_view(device)
+    await _after_enrolment(request, device.id)
+    return answer(DeviceCredentials(device_id=device.id, password=password, device=view), 201)
+
+
+async def enrol_device(request: web.Request) -> web.StreamResponse:
+    b = body(request, EnrolDevice)
+    async with request.app[SERVER].db.session() as session:
+        device, password = await registry.enrol(
+            session,
+            token=b.token,
+            device_id=b.device_id,
+            hardware_id=b.hardware_id,
+            region=b.region,
+            tags=b.tags,
+        )
+        view = device_view(device)
+    await _after_enrolment(request, device.id)
+    return answer(DeviceCredentials(device_id=device.id, password=password, device=view), 201)
+
+
+async def tag_device(request: web.Request) -> web.StreamResponse:
+    b = body(request, TagChange)
+    async with request.app[SERVER].db.session() as session:
+        device = await registry.set_tags(
+            session,
+            request.match_info["device_id"],
+            add=b.add,
+            remove=b.remove,
+            actor=request[PRINCIPAL].actor,
+        )
+        return answer(device_view(device))
+
+
+async def device_events(request: web.Request) -> web.StreamResponse:
+    q = query(request, EventQuery)
+    async with request.app[SERVER].db.session() as session:
+        device = await registry.get_device(session, request.match_info["device_id"])
+        rows = await session.scalars(
+            select(DeviceEventRow)
+            .where(DeviceEventRow.device_id == device.id)
+            .order_by(DeviceEventRow.id.desc())
+            .limit(q.limit)
+        )
+        events = [
+            DeviceEventView(
+                message_id=r.message_id,
+                kind=r.kind,
+                event=r.event,
+                at=_aware(r.at),
+                received_at=_aware(r.received_at),
+                details=r.details or {},
+            )
+            for r in rows
+        ]
+    return answer(DeviceEventList(events=events))
+
+
+async def create_provisioning_token(request: web.Request) -> web.StreamResponse:
+    b = body(request, ProvisioningTokenRequest)
+    async with request.app[SERVER].db.session() as session:
+        token = await registry.create_provisioning_token(
+            session,
+            actor=request[PRINCIPAL].actor,
+            hardware_id=b.hardware_id,
+            tags=b.tags,
+            uses=b.uses,
+            ttl=timedelta(seconds=b.ttl_s),
+        )
+        token_id = token.partition(".")[0]
+        row = await session.get(ProvisioningToken, token_id)
+        assert row is not None  # created just above, in this transaction
+        created = ProvisioningTokenCreated(
+            id=token_id,
+            token=token,
+            hardware_id=row.hardware_id,
+            tags=list(row.tags),
+            uses=row.uses_left,
+            expires_at=_aware(row.expires_at),
+        )
+    return answer(created, 201)
+
+
+# -- releases ------------------------------------------------------------------
+
+
+async def list_releases(request: web.Request) -> web.StreamResponse:
+    q = query(request, ReleaseQuery)
+    statement = select(Release).order_by(Release.name, Release.release_counter)
+    if q.name is not None:
+        statement = statement.where(Release.name == q.name)
+    async with request.app[SERVER].db.session() as session:
+        rows = (await session.scalars(statement)).all()
+        return answer(ReleaseList(releases=[release_view(r) for r in rows]))
+
+
+def check_push(repository: Path, files: Mapping[str, bytes]) -> None:
+    """Refuse pushed paths that would clash with the repository's files.
+
+    A path may not be both a file and a directory, and versioned metadata
+    (``N.root.json``, ``N.targets.json``, …) never changes once published:
+    a device that has seen version N must never find different bytes there.
+    """
+    for rel, data in files.items():
+        parts = rel.split("/")
+        for i in range(1, len(parts)):
+            prefix = "/".join(parts[:i])
+            if prefix in files or (repository / prefix).is_file():
+                raise ApiError(409, f"files: {prefix} is a file, so {rel} cannot be under it")
+        dest = repository / rel
+        if dest.is_dir():
+            raise ApiError(409, f"files: {rel} is a directory on the server")
+        if _VERSIONED_METADATA.fullmatch(rel) and dest.is_file() and dest.read_bytes() != data:
+            raise ApiError(
+                409,
+                f"files: {rel} differs from the published one; versioned metadata never "
+                "changes (sign a new version instead)",
+            )
+
+
+async def push_release(request: web.Request) -> web.StreamResponse:
+    b = body(request, ReleasePush)
+    server = request.app[SERVER]
+    files = dict(b.files)
+    check_push(server.releases.repository.path, files)
+    try:
+        async with server.db.session() as session:
+            rows = await server.releases.publish(session, files, request[PRINCIPAL].actor)
+            published = [release_view(r) for r in rows]
+    except (tuf_exc.RepositoryError, ValueError) as exc:
+        # Metadata so broken that python-tuf cannot even load it as a trusted root.
+        raise ReleaseError(f"the pushed metadata does not verify: {exc}") from None
+    result = ReleasePushResult(published=published, files=len(files))
+    return answer(result, 201 if published else 200)
+
+
+# -- assignments ---------------------------------------------------------------
+
+
+async def find_release(session: Any, release: str) -> Release:
+    """A release by ``NAME@VERSION`` or by target path."""
+    row: Release | None
+    if "@" in release:
+        name, _, version = release.rpartition("@")
+        row = (
+            await session.scalars(
+                select(Release).where(Release.name == name, Release.version == version).limit(1)
+            )
+        ).first()
+    else:
+        row = await session.get(Release, release)
+    if row is None:
+        raise ApiError(404, f"no release {release}; push it first (fleetctl release push)")
+    return row
+
+
+async def create_assignment(request: web.Request) -> web.StreamResponse:
+    b = body(request, AssignmentRequest)
+    server = request.app[SERVER]
+    async with server.db.session() as session:
+        release = await find_release(session, b.release)
+        results = await server.director.assign(
+            session,
+            target_path=release.target_path,
+            actor=request[PRINCIPAL].actor,
+            device_ids=list(dict.fromkeys(b.devices)),
+            tag=b.tag,
+        )
+        view = release_view(release)
+    try:
+        await server.director.announce(release, results)
+    except Exception:
+        log.exception("assignment of %s committed but not announced", release.target_path)
+    return answer(
+        AssignmentResult(
+            release=view,
+            assignments=[
+                AssignmentView(
+                    device_id=r.device_id,
+                    target_path=r.target_path,
+                    director_version=r.director_version,
+                )
+                for r in results
+            ],
+        ),
+        201,
+    )
+
+
+# -- tokens --------------------------------------------------------------------
+
+
+async def create_api_token(request: web.Request) -> web.StreamResponse:
+    b = body(request, TokenRequest)
+    async with request.app[SERVER].db.session() as session:
+        row, bearer = await create_token(
+            session, name=b.name, role=b.role, actor=request[PRINCIPAL].actor
+        )
+        return answer(TokenCreated(token=bearer, info=token_view(row)), 201)
+
+
+async def list_api_tokens(request: web.Request) -> web.StreamResponse:
+    async with request.app[SERVER].db.session() as session:
+        return answer(TokenList(tokens=[token_view(t) for t in await list_tokens(session)]))
+
+
+async def revoke_api_token(request: web.Request) -> web.StreamResponse:
+    async with request.app[SERVER].db.session() as session:
+        row = await revoke_token(
+            session, request.match_info["token_id"], actor=request[PRINCIPAL].actor
+        )
+        return answer(token_view(row))
+
+
+# -- audit ---------------------------------------------------------------------
+
+
+async def list_audit(request: web.Request) -> web.StreamResponse:
+    q = query(request, AuditQuery)
+    statement = select(AuditEntry).where(AuditEntry.seq > q.after)
+    if q.action is not None:
+        statement = statement.where(AuditEntry.action == q.action)
+    statement = statement.order_by(AuditEntry.seq).limit(q.limit + 1)
+    async with request.app[SERVER].db.session() as session:
+        rows = list((await session.scalars(statement)).all())
+    page = rows[: q.limit]
+    entries = [
+        AuditEntryView(
+            seq=e.seq,
+            at=_aware(e.at),
+            actor=e.actor,
+            action=e.action,
+            subject=e.subject,
+            details=e.details or {},
+            prev_hash=e.prev_hash,
+            hash=e.hash,
+        )
+        for e in page
+    ]
+    more = len(rows) > q.limit
+    return answer(AuditPage(entries=entries, next_after=page[-1].seq if more else None))
+
+
+async def verify_audit(request: web.Request) -> web.StreamResponse:
+    async with request.app[SERVER].db.session() as session:
+        report = await verify_chain(session)
+    return answer(
+        AuditVerification(
+            ok=report.ok, entries=report.entries, broken_at=report.broken_at, problem=report.problem
+        )
+    )
+
+
+# -- the table -----------------------------------------------------------------
+
+_AUTH_ERRORS = (401, 403)
+V = API_PREFIX
+
+# fmt: off
+OPERATIONS: tuple[Operation, ...] = (
+    Operation(
+        "GET", "/healthz", health, "health", "Is the server up, its database reachable",
+        tag="meta", auth="public", response=Health, errors=(503,),
+    ),
+    Operation(
+        "GET", f"{V}/devices", list_devices, "listDevices", "List devices",
+        tag="devices", auth="viewer", query=DeviceQuery, response=DeviceList,
+        errors=(*_AUTH_ERRORS, 422),
+    ),
+    Operation(
+        "POST", f"{V}/devices", register_device, "registerDevice",
+        "Pre-register a device; its password is in the answer, only there",
+        tag="devices", auth="admin", body=RegisterDevice, response=DeviceCredentials,
+        status=201, errors=(400, *_AUTH_ERRORS, 409, 413, 422),
+    ),
+    Operation(
+        "POST", f"{V}/devices/enrol", enrol_device, "enrolDevice",
+        "A device enrols itself with a provisioning token (no bearer token)",
+        tag="devices", auth="public", body=EnrolDevice, response=DeviceCredentials,
+        status=201, errors=(400, 401, 409, 413, 422),
+    ),
+    Operation(
+        "GET", f"{V}/devices/{{device_id}}", get_device, "getDevice", "Show a device",
+        tag="devices", auth="viewer", response=DeviceView, errors=(*_AUTH_ERRORS, 404),
+    ),
+    Operation(
+        "PATCH", f"{V}/devices/{{device_id}}/tags", tag_device, "tagDevice",
+        "Add and remove a device's tags",
+        tag="devices", auth="operator", body=TagChange, response=DeviceView,
+        errors=(400, *_AUTH_ERRORS, 404, 413, 422),
+    ),
+    Operation(
+        "GET", f"{V}/devices/{{device_id}}/events", device_events, "listDeviceEvents",
+        "A device's reported events, newest first",
+        tag="devices", auth="viewer", query=EventQuery, response=DeviceEventList,
+        errors=(*_AUTH_ERRORS, 404, 422),
+    ),
+    Operation(
+        "POST", f"{V}/provisioning-tokens", create_provisioning_token,
+        "createProvisioningToken", "Create a token devices enrol themselves with",
+        tag="devices", auth="admin", body=ProvisioningTokenRequest,
+        response=ProvisioningTokenCreated, status=201, errors=(400, *_AUTH_ERRORS, 413, 422),
+    ),
+    Operation(
+        "GET", f"{V}/releases", list_releases, "listReleases", "List released bundles",
+        tag="releases", auth="viewer", query=ReleaseQuery, response=ReleaseList,
+        errors=(*_AUTH_ERRORS, 422),
+    ),
+    Operation(
+        "POST", f"{V}/releases", push_release, "pushRelease",
+        "Push signed image-repository files; published only if they verify",
+        tag="releases", auth="operator", body=ReleasePush, response=ReleasePushResult,
+        status=201, other_success=(200,), errors=(400, *_AUTH_ERRORS, 409, 413, 422),
+        body_limit=MAX_PUSH_BODY,
+    ),
+    Operation(
+        "POST", f"{V}/assignments", create_assignment, "createAssignment",
+        "Assign a released bundle to devices or a tag (signed by the director)",
+        tag="assignments", auth="operator", body=AssignmentRequest, response=AssignmentResult,
+        status=201, errors=(400, *_AUTH_ERRORS, 404, 409, 413, 422),
+    ),
+    Operation(
+        "GET", f"{V}/tokens", list_api_tokens, "listTokens", "List API tokens",
+        tag="tokens", auth="admin", response=TokenList, errors=_AUTH_ERRORS,
+    ),
+    Operation(
+        "POST", f"{V}/tokens", create_api_token, "createToken",
+        "Create an API token; the token is in the answer, only there",
+        tag="tokens", auth="admin", body=TokenRequest, response=TokenCreated, status=201,
+        errors=(400, *_AUTH_ERRORS, 413, 422),
+    ),
+    Operation(
+        "DELETE", f"{V}/tokens/{{token_id}}", revoke_api_token, "revokeToken",
+        "Revoke an API token",
+        tag="tokens", auth="admin", response=TokenView, errors=(*_AUTH_ERRORS, 404, 409),
+    ),
+    Operation(
+        "GET", f"{V}/audit", list_audit, "listAudit", "A page of the audit log, oldest first",
+        tag="audit", auth="viewer", query=AuditQuery, response=AuditPage,
+        errors=(*_AUTH_ERRORS, 422),
+    ),
+    Operation(
+        "GET", f"{V}/audit/verify", verify_audit, "verifyAudit",
+        "Recompute the audit log's hash chain",
+        tag="audit", auth="viewer", response=AuditVerification, errors=_AUTH_ERRORS,
+    ),
+)
+# fmt: on

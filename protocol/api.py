@@ -1,0 +1,296 @@
+"""The REST API's request and response bodies (``/api/v1``), version 1.
+
+The server validates every request body against these models and answers
+with them; its OpenAPI document is generated from them, so the document and
+the server cannot disagree. Request bodies refuse unknown fields, so a typo
+in a script is an error rather than a silently ignored option.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import Base64Bytes, BaseModel, ConfigDict, Field, model_validator
+
+from protocol.topics import DEVICE_ID_PATTERN
+from protocol.versioning import HARDWARE_ID_PATTERN, NAME_PATTERN
+
+API_PREFIX = "/api/v1"
+
+TOKEN_ID_PATTERN = r"^[A-Za-z0-9_-]{1,32}$"
+
+Role = Literal["viewer", "operator", "admin"]
+ROLES: tuple[Role, ...] = ("viewer", "operator", "admin")
+
+DeviceId = Annotated[str, Field(pattern=DEVICE_ID_PATTERN.pattern, max_length=128)]
+HardwareId = Annotated[str, Field(pattern=HARDWARE_ID_PATTERN.pattern, max_length=64)]
+Tag = Annotated[str, Field(pattern=DEVICE_ID_PATTERN.pattern, max_length=128)]
+Region = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._:/-]{0,63}$", max_length=64)]
+Tags = Annotated[list[Tag], Field(max_length=64)]
+AuditAction = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$", max_length=64)]
+# A file of an image repository as pushed: under metadata/ (flat) or targets/.
+RepositoryFile = Annotated[
+    str,
+    Field(
+        pattern=r"^(metadata/[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+        r"|targets(/[A-Za-z0-9][A-Za-z0-9._-]{0,254}){1,4})$",
+        max_length=1024,
+    ),
+]
+
+MAX_PUSH_FILES = 1000
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class ErrorBody(_Response):
+    """Every error: one sentence saying what was wrong."""
+
+    error: str
+
+
+class Health(_Response):
+    status: Literal["ok"] = "ok"
+
+
+# -- devices -------------------------------------------------------------------
+
+
+class DeviceView(_Response):
+    """A device as the registry knows it: attributes, what it runs, what it should run."""
+
+    id: str
+    hardware_id: str
+    region: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    enrolled_at: datetime
+    online: bool
+    last_seen_at: datetime | None = None
+    agent_version: str | None = None
+    active_bundle: str | None = None
+    installed_counter: int = 0
+    phase: str | None = None
+    assigned_target: str | None = None
+    director_version: int = 0
+    reported: dict[str, Any] | None = None
+    reported_at: datetime | None = None
+
+
+class DeviceList(_Response):
+    devices: list[DeviceView]
+
+
+class DeviceQuery(_Request):
+    """Filters of the device list (query string; unknown parameters are refused too)."""
+
+    tag: Tag | None = None
+    hardware_id: HardwareId | None = None
+    online: bool | None = None
+
+
+class RegisterDevice(_Request):
+    """An admin pre-registers a device (its password is shown once, in the answer)."""
+
+    device_id: DeviceId
+    hardware_id: HardwareId
+    region: Region | None = None
+    tags: Tags = Field(default_factory=list)
+
+
+class EnrolDevice(_Request):
+    """A device enrols itself with a provisioning token."""
+
+    token: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,32}\.[A-Za-z0-9_-]{1,128}$")]
+    device_id: DeviceId
+    hardware_id: HardwareId
+    region: Region | None = None
+    tags: Tags = Field(default_factory=list)
+
+
+class DeviceCredentials(_Response):
+    """A device's credentials: HTTP Basic and MQTT user ``device_id``, this password."""
+
+    device_id: str
+    password: str
+    device: DeviceView
+
+
+class TagChange(_Request):
+    add: Tags = Field(default_factory=list)
+    remove: Tags = Field(default_factory=list)
+
+
+class DeviceEventView(_Response):
+    message_id: str
+    kind: str
+    event: str
+    at: datetime
+    received_at: datetime
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class DeviceEventList(_Response):
+    events: list[DeviceEventView]
+
+
+class EventQuery(_Request):
+    limit: int = Field(default=100, ge=1, le=1000)
+
+
+class ProvisioningTokenRequest(_Request):
+    """A token devices present to enrol themselves, ``uses`` times until it expires."""
+
+    hardware_id: HardwareId | None = None
+    tags: Tags = Field(default_factory=list)
+    uses: int = Field(default=1, ge=1, le=100_000)
+    ttl_s: float = Field(default=7 * 86400, gt=0, le=366 * 86400)
+
+
+class ProvisioningTokenCreated(_Response):
+    id: str
+    token: str
+    hardware_id: str | None
+    tags: list[str]
+    uses: int
+    expires_at: datetime
+
+
+# -- releases ------------------------------------------------------------------
+
+
+class ReleaseView(_Response):
+    """A bundle released into the image repository."""
+
+    target_path: str
+    name: str
+    version: str
+    release_counter: int
+    hardware_ids: list[str]
+    sha256: str
+    length: int
+    released_at: datetime
+
+
+class ReleaseList(_Response):
+    releases: list[ReleaseView]
+
+
+class ReleaseQuery(_Request):
+    name: Annotated[str, Field(pattern=NAME_PATTERN.pattern, max_length=64)] | None = None
+
+
+class ReleasePush(_Request):
+    """Files of a signed image repository, base64, by path (``metadata/…``, ``targets/…``).
+
+    The server verifies the resulting repository as a device would before it
+    publishes any of them.
+    """
+
+    files: Annotated[
+        dict[RepositoryFile, Base64Bytes], Field(min_length=1, max_length=MAX_PUSH_FILES)
+    ]
+
+
+class ReleasePushResult(_Response):
+    published: list[ReleaseView]
+    files: int
+
+
+# -- assignments ---------------------------------------------------------------
+
+
+class AssignmentRequest(_Request):
+    """Assign a released bundle to devices by id, by tag, or both."""
+
+    release: Annotated[
+        str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._@/+-]{0,511}$", max_length=512)
+    ] = Field(description="NAME@VERSION or the bundle's target path")
+    devices: Annotated[list[DeviceId], Field(max_length=10_000)] = Field(default_factory=list)
+    tag: Tag | None = None
+
+    @model_validator(mode="after")
+    def _some_devices(self) -> AssignmentRequest:
+        if not self.devices and self.tag is None:
+            raise ValueError("name devices, a tag, or both")
+        return self
+
+
+class AssignmentView(_Response):
+    device_id: str
+    target_path: str
+    director_version: int
+
+
+class AssignmentResult(_Response):
+    release: ReleaseView
+    assignments: list[AssignmentView]
+
+
+# -- tokens --------------------------------------------------------------------
+
+
+class TokenRequest(_Request):
+    name: Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[^\x00-\x1f\x7f]+$")]
+    role: Role
+
+
+class TokenView(_Response):
+    id: str
+    name: str
+    role: str
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+
+class TokenCreated(_Response):
+    """A new bearer token; ``token`` is shown only now."""
+
+    token: str
+    info: TokenView
+
+
+class TokenList(_Response):
+    tokens: list[TokenView]
+
+
+# -- audit ---------------------------------------------------------------------
+
+
+class AuditEntryView(_Response):
+    seq: int
+    at: datetime
+    actor: str
+    action: str
+    subject: str
+    details: dict[str, Any]
+    prev_hash: str
+    hash: str
+
+
+class AuditQuery(_Request):
+    """A page of the audit log, oldest first, after entry ``after``."""
+
+    after: int = Field(default=0, ge=0)
+    limit: int = Field(default=100, ge=1, le=1000)
+    action: AuditAction | None = None
+
+
+class AuditPage(_Response):
+    entries: list[AuditEntryView]
+    next_after: int | None = Field(description="pass as ?after= for the next page; null at end")
+
+
+class AuditVerification(_Response):
+    """Whether the hash chain holds; if not, the first entry that breaks it and why."""
+
+    ok: bool
+    entries: int
+    broken_at: int | None = None
+    problem: str | None = None

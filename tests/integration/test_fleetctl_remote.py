@@ -1,0 +1,278 @@
+"""``fleetctl`` against a real fleet server: devices, releases, assignments, audit, tokens."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select, update
+
+from fleet_server.db.models import AuditEntry
+from fleet_server.fleetctl import main
+from tests.conftest import HARDWARE
+from tests.support.api_server import ServerThread
+from tests.support.databases import DATABASES, database_url
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+@dataclass
+class Remote:
+    api: ServerThread
+    tmp: Path
+    capsys: pytest.CaptureFixture[str] | None = None
+
+    def run(self, *args: str, token_file: Path | None = None) -> Result:
+        """``fleetctl ARGS --server URL --token-file F`` in this process."""
+        assert self.capsys is not None
+        self.capsys.readouterr()
+        code = main(
+            [
+                *args,
+                "--server",
+                self.api.url,
+                "--token-file",
+                str(token_file or self.api.admin_token_file),
+            ]
+        )
+        out, err = self.capsys.readouterr()
+        return Result(code, out, err)
+
+    def local(self, *args: str) -> Result:
+        assert self.capsys is not None
+        self.capsys.readouterr()
+        code = main(list(args))
+        out, err = self.capsys.readouterr()
+        return Result(code, out, err)
+
+
+@pytest.fixture(scope="module", params=DATABASES)
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Remote]:
+    tmp = tmp_path_factory.mktemp(f"fleetctl-{request.param}")
+    with database_url(request.param, tmp) as url:
+        api = ServerThread(tmp / "server", url)
+        try:
+            yield Remote(api, tmp)
+        finally:
+            api.close()
+
+
+@pytest.fixture
+def remote(server: Remote, capsys: pytest.CaptureFixture[str]) -> Remote:
+    server.capsys = capsys
+    return server
+
+
+@pytest.fixture(scope="module")
+def local_repo(server: Remote, bundles: dict[str, Path]) -> Path:
+    """Release keys and an image repository holding v1, made with ``fleetctl`` offline."""
+    keys, repo = server.tmp / "keys", server.tmp / "repo"
+    assert main(["keys", "init", "--dir", str(keys)]) == 0
+    assert (
+        main(["release", "add", str(bundles["v1"]), "--repo", str(repo), "--keys", str(keys)]) == 0
+    )
+    return repo
+
+
+def one_line_error(result: Result) -> str:
+    assert result.code == 1, result
+    assert result.err.count("\n") == 1 and result.err.startswith("fleetctl: "), result.err
+    assert "Traceback" not in result.err
+    return result.err
+
+
+def test_release_push_then_list_from_the_server(
+    remote: Remote, local_repo: Path, bundles: dict[str, Path]
+) -> None:
+    pushed = remote.run("release", "push", "--repo", str(local_repo), "--json").json()
+    assert [r["version"] for r in pushed["published"]] == ["1.0.0"]
+    assert [p for p in pushed["sent"] if p.startswith("targets/")] == [
+        p.relative_to(local_repo).as_posix() for p in local_repo.glob("targets/*/*.bundle")
+    ]
+    # v2 released offline, then pushed: only the new bundle travels.
+    added = remote.local(
+        "release",
+        "add",
+        str(bundles["v2"]),
+        "--repo",
+        str(local_repo),
+        "--keys",
+        str(remote.tmp / "keys"),
+    )
+    assert added.code == 0, added.err
+    again = remote.run("release", "push", "--repo", str(local_repo), "--json").json()
+    assert [r["version"] for r in again["published"]] == ["2.0.0"]
+    sent = [p for p in again["sent"] if p.startswith("targets/")]
+    assert len(sent) == 1 and sent[0].endswith("pump-health-2.0.0.bundle")
+    # Only the metadata a device reads now: the roots, the timestamp and where it leads.
+    assert "metadata/3.targets.json" in again["sent"]
+    assert "metadata/2.targets.json" not in again["sent"]
+    human = remote.run("release", "push", "--repo", str(local_repo))
+    assert human.code == 0 and "(0 bundles)" in human.out and "no new bundle" in human.out
+    listed = remote.run("release", "list", "--json")
+    assert [r["version"] for r in listed.json()] == ["1.0.0", "2.0.0"]
+    table = remote.run("release", "list")
+    assert table.out.splitlines()[0].split()[:3] == ["NAME", "VERSION", "COUNTER"]
+    # The offline listing still works the same.
+    assert "2.0.0" in remote.local("release", "list", "--repo", str(local_repo)).out
+
+
+def test_devices_register_list_show_tag(remote: Remote) -> None:
+    created = remote.run(
+        "devices", "register", "cli-1", "--hardware", HARDWARE, "--tag", "line-1", "--json"
+    )
+    assert created.code == 0, created.err
+    assert created.json()["password"]
+    human = remote.run("devices", "register", "cli-2", "--hardware", HARDWARE)
+    assert "shown only now" in human.out
+    listed = remote.run("devices", "list", "--tag", "line-1", "--json")
+    assert [d["id"] for d in listed.json()] == ["cli-1"]
+    table = remote.run("devices", "list")
+    assert table.out.splitlines()[0].split() == [
+        "DEVICE",
+        "HARDWARE",
+        "ONLINE",
+        "RUNNING",
+        "ASSIGNED",
+        "TAGS",
+    ]
+    assert {line.split()[0] for line in table.out.splitlines()[1:]} >= {"cli-1", "cli-2"}
+    tagged = remote.run("devices", "tag", "cli-2", "--add", "line-1", "--add", "north")
+    assert tagged.code == 0 and "line-1, north" in tagged.out
+    shown = remote.run("devices", "show", "cli-2")
+    assert "tags:" in shown.out and "line-1, north" in shown.out
+    assert "no device" in one_line_error(remote.run("devices", "show", "ghost"))
+
+
+def test_assign_to_a_device_and_to_a_tag(remote: Remote, local_repo: Path) -> None:
+    remote.run("release", "push", "--repo", str(local_repo))
+    for device in ("as-1", "as-2", "as-3"):
+        remote.run("devices", "register", device, "--hardware", HARDWARE, "--tag", "as-wave")
+    one = remote.run("assign", "pump-health@1.0.0", "--device", "as-1", "--json")
+    assert one.code == 0, one.err
+    assert [a["device_id"] for a in one.json()["assignments"]] == ["as-1"]
+    wave = remote.run("assign", "pump-health@2.0.0", "--tag", "as-wave")
+    assert wave.code == 0, wave.err
+    assert {"as-1", "as-2", "as-3"} <= set(wave.out.split())
+    shown = remote.run("devices", "show", "as-2", "--json").json()
+    assert shown["assigned_target"].endswith("pump-health-2.0.0.bundle")
+    assert "give --device" in one_line_error(remote.run("assign", "pump-health@1.0.0"))
+    assert "no release" in one_line_error(remote.run("assign", "nope@1.0.0", "--tag", "as-wave"))
+
+
+def test_tokens_and_roles(remote: Remote) -> None:
+    created = remote.run("tokens", "create", "--name", "ci-viewer", "--role", "viewer", "--json")
+    assert created.code == 0, created.err
+    viewer_file = remote.tmp / "viewer.token"
+    viewer_file.write_text(created.json()["token"] + "\n")
+    assert remote.run("devices", "list", token_file=viewer_file).code == 0
+    refused = one_line_error(
+        remote.run("assign", "pump-health@1.0.0", "--tag", "x", token_file=viewer_file)
+    )
+    assert "403" in refused and "operator" in refused
+    refused = one_line_error(
+        remote.run("tokens", "create", "--name", "x", "--role", "admin", token_file=viewer_file)
+    )
+    assert "403" in refused
+    listed = remote.run("tokens", "list")
+    assert "ci-viewer" in listed.out and "viewer" in listed.out
+    token_id = created.json()["info"]["id"]
+    assert remote.run("tokens", "revoke", token_id).code == 0
+    assert "401" in one_line_error(remote.run("devices", "list", token_file=viewer_file))
+
+
+def test_provisioning_token_enrols_a_device(remote: Remote) -> None:
+    created = remote.run(
+        "provisioning-token",
+        "create",
+        "--hardware",
+        HARDWARE,
+        "--uses",
+        "2",
+        "--ttl",
+        "1h",
+        "--json",
+    )
+    assert created.code == 0, created.err
+    token = created.json()["token"]
+    r = remote.api.request(
+        "POST",
+        "/api/v1/devices/enrol",
+        json={"token": token, "device_id": "self-enrolled", "hardware_id": HARDWARE},
+    )
+    assert r.status == 201
+    assert "self-enrolled" in remote.run("devices", "list").out
+
+
+def test_audit_list_and_verify_detects_an_edit(remote: Remote) -> None:
+    remote.run("devices", "register", "audit-cli", "--hardware", HARDWARE)
+    listed = remote.run("audit", "list", "--action", "device.register")
+    assert listed.code == 0 and "audit-cli" in listed.out
+    page = remote.run("audit", "list", "--limit", "1", "--json").json()
+    assert len(page["entries"]) == 1 and page["next_after"] == page["entries"][0]["seq"]
+    ok = remote.run("audit", "verify")
+    assert ok.code == 0 and "intact" in ok.out
+    server = remote.api.server
+
+    async def tamper(details: dict[str, Any] | None) -> tuple[int, dict[str, Any]]:
+        async with server.db.session() as s:
+            entry = (
+                await s.scalars(select(AuditEntry).where(AuditEntry.subject == "audit-cli"))
+            ).one()
+            before = dict(entry.details)
+            await s.execute(
+                update(AuditEntry)
+                .where(AuditEntry.seq == entry.seq)
+                .values(details=details if details is not None else before)
+            )
+            return entry.seq, before
+
+    seq, original = remote.api.call(tamper({"hardware_id": "forged"}))
+    broken = remote.run("audit", "verify", "--json")
+    assert broken.code == 1
+    assert broken.json()["broken_at"] == seq
+    assert f"entry {seq}" in one_line_error(broken)
+    remote.api.call(tamper(original))
+    assert remote.run("audit", "verify").code == 0
+
+
+def test_errors_are_one_line_without_a_traceback(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("0123456789abcdef.secret\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")}
+    for args in (
+        ["devices", "list", "--server", "http://127.0.0.1:9", "--token-file", str(token)],
+        ["devices", "list", "--token-file", str(token)],
+        ["devices", "list", "--server", "http://127.0.0.1:9", "--token-file", "/nonexistent"],
+        ["release", "list"],
+    ):
+        r = subprocess.run(
+            [sys.executable, "-m", "fleet_server.fleetctl", *args],
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=60,
+            env=env,
+        )
+        assert r.returncode == 1, (args, r.stderr)
+        assert r.stderr.count("\n") == 1 and r.stderr.startswith("fleetctl: "), r.stderr
+        assert r.stdout == ""
