@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -54,6 +55,7 @@ class FetchSettings(_Section):
     read_timeout_s: float = Field(default=30.0, gt=0)
     min_bytes_per_second: float = Field(default=2048.0, ge=0)
     grace_s: float = Field(default=10.0, ge=0)
+    ca_file: Path | None = Field(default=None, description="CA that signs the server's TLS cert")
 
 
 class UpdateConfig(_Section):
@@ -71,7 +73,40 @@ class CredentialsConfig(_Section):
 
 class ServerConfig(_Section):
     url: str | None = None
-    broker: str | None = None
+    broker: str | None = Field(
+        default=None, description="mqtt://host[:port], or mqtts://host[:port] for TLS"
+    )
+
+    @field_validator("broker")
+    @classmethod
+    def _broker(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        try:
+            parts.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError:
+            raise ValueError("the port must be a number from 0 to 65535") from None
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ValueError("must be mqtt://host[:port] or mqtts://host[:port]")
+        if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+            raise ValueError("must be only mqtt(s)://host[:port]; credentials go in [credentials]")
+        return value
+
+
+class MqttConfig(_Section):
+    """How the agent talks to the broker named by ``server.broker``."""
+
+    client_id: str | None = Field(
+        default=None, pattern=_ID, description="MQTT client id (default: the device id)"
+    )
+    keepalive_s: int = Field(default=60, ge=5, le=65535)
+    heartbeat_interval_s: float = Field(default=60.0, gt=0)
+    ca_file: Path | None = Field(
+        default=None, description="CA bundle for mqtts:// (default: the system's CAs)"
+    )
+    reconnect_min_s: float = Field(default=1.0, gt=0)
+    reconnect_max_s: float = Field(default=60.0, gt=0)
 
 
 class FaultsConfig(_Section):
@@ -90,6 +125,7 @@ class AgentConfig(_Section):
     director: RepositoryConfig
     server: ServerConfig = ServerConfig()
     credentials: CredentialsConfig = CredentialsConfig()
+    mqtt: MqttConfig = MqttConfig()
     api: ApiConfig = ApiConfig()
     cloud: CloudConfig = CloudConfig()
     update: UpdateConfig = UpdateConfig()
@@ -127,6 +163,9 @@ class AgentConfig(_Section):
         def absolute(p: Path) -> Path:
             return p if p.is_absolute() else (base / p).resolve()
 
+        def maybe(p: Path | None) -> Path | None:
+            return absolute(p) if p is not None else None
+
         def repo(r: RepositoryConfig) -> RepositoryConfig:
             url = r.url
             if "://" not in url:
@@ -138,5 +177,9 @@ class AgentConfig(_Section):
                 "data_dir": absolute(self.data_dir),
                 "image_repository": repo(self.image_repository),
                 "director": repo(self.director),
+                "credentials": self.credentials.model_copy(
+                    update={"password_file": maybe(self.credentials.password_file)}
+                ),
+                "mqtt": self.mqtt.model_copy(update={"ca_file": maybe(self.mqtt.ca_file)}),
             }
         )

@@ -2,9 +2,11 @@
 
 Tasks, all owned by one ``TaskGroup`` and stopped together on SIGTERM:
 the local Open Inference Protocol API, the update loop (poll the director
-through the child fetcher, install), and the trial clock (commit after the
-health period). The installer publishes models to the fallback chain; the
-chain reports every stage attempt back to the installer's watchdog.
+through the child fetcher, install), the trial clock (commit after the
+health period) and, when ``server.broker`` is set, the MQTT link. The
+installer publishes models to the fallback chain; the chain reports every
+stage attempt back to the installer's watchdog. The installer's events go to
+the link; a new desired state from the link wakes the update loop early.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.api.http import LocalApi
 from agent.config import AgentConfig
@@ -25,6 +28,9 @@ from agent.ota.installer import Installer, SlotModel
 from agent.runtime import Runtime, default_runtime
 from agent.serving.chain import FallbackChain, ModelSlot
 from agent.serving.cloud import CloudStage
+
+if TYPE_CHECKING:
+    from agent.mqtt import MqttLink
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +61,20 @@ class AgentDaemon:
             publish=lambda active, previous: self.chain.set_models(
                 active=_slot(active), previous=_slot(previous)
             ),
+            on_event=self._install_event,
         )
         self.chain.subscribe(self.installer.observe)
+        # Set when the server says the assignment changed: check for updates now.
+        self.wake = asyncio.Event()
+        self._check_after_trial = False
+        self.link: MqttLink | None = None
+        if config.server.broker:
+            # Imported here: a device without a broker does not carry paho (about 2 MB).
+            from agent.mqtt import MqttLink
+
+            self.link = MqttLink(
+                config, self.installer, self.chain, on_desired=lambda _: self.wake.set()
+            )
         self.api = LocalApi(self.chain, config.api.host, config.api.port)
         self.started = time.monotonic()
 
@@ -69,7 +87,11 @@ class AgentDaemon:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._update_loop(stop))
                 tasks.create_task(self._trial_clock(stop))
+                if self.link is not None:
+                    tasks.create_task(self.link.run(stop))
                 await stop.wait()
+            # Only a clean stop gets here: a restart that follows is no crash of the model.
+            self.installer.shutting_down_cleanly()
         finally:
             await self.api.close()
 
@@ -82,21 +104,42 @@ class AgentDaemon:
         atomic_write(self.config.data_dir / "agent.json", json.dumps(info).encode())
         log.info("ready: %s", info)
 
+    def _install_event(self, event: dict[str, object]) -> None:
+        if self.link is not None:
+            self.link.record(event)
+
     async def _update_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            self.wake.clear()  # a desired state arriving during the poll wakes the next one
             try:
                 outcome = await self.installer.poll()
                 log.debug("update check: %s", outcome)
+                if self.installer.in_trial and outcome == "trial in progress":
+                    self._check_after_trial = True
             except Exception:  # one bad poll must not stop serving
                 log.exception("update check failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.config.update.poll_interval_s)
+            await _first_set(stop, self.wake, timeout=self.config.update.poll_interval_s)
 
     async def _trial_clock(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             self.installer.tick()
+            if self._check_after_trial and not self.installer.in_trial:
+                # A check was put off by the trial (committed or rolled back by now):
+                # do it now rather than at the next poll.
+                self._check_after_trial = False
+                self.wake.set()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), TICK_S)
+
+
+async def _first_set(*events: asyncio.Event, timeout: float) -> None:
+    """Return when any of ``events`` is set, or after ``timeout`` seconds."""
+    waiters = [asyncio.create_task(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
 
 
 def run_agent(config: AgentConfig, config_path: Path) -> int:

@@ -51,6 +51,9 @@ class SlotModel:
 
 
 Publish = Callable[[SlotModel | None, SlotModel | None], None]
+# Told every recorded event ({"at", "event", **details}) on the event loop, after the
+# journal and the slots took their new state; it must not block.
+EventListener = Callable[[dict[str, object]], None]
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
@@ -68,12 +71,14 @@ class Installer:
         runtime: Runtime,
         publish: Publish,
         clock: Callable[[], float] = time.time,
+        on_event: EventListener | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path
         self.runtime = runtime
         self.publish = publish
         self.clock = clock
+        self.on_event = on_event
         self.faults = Faults(config.faults.hold_at)
         self.slots = Slots(config.data_dir / "slots")
         self.store = JournalStore(config.data_dir)
@@ -89,14 +94,22 @@ class Installer:
         self.store.save(journal)
         self.journal = journal
         target = journal.target or (journal.last_outcome.target if journal.last_outcome else None)
-        self.store.event(
-            self.clock(),
+        self._event(
             event,
             phase=str(journal.phase),
             bundle=f"{target.name} {target.version}" if target else None,
             **fields,
         )
         log.info("install: %s %s", event, fields or "")
+
+    def _event(self, kind: str, **fields: object) -> None:
+        at = self.clock()
+        self.store.event(at, kind, **fields)
+        if self.on_event is not None:
+            try:
+                self.on_event({"at": at, "event": kind, **fields})
+            except Exception:  # a listener must never break an install
+                log.exception("event listener failed on %s", kind)
 
     # -- serving models ------------------------------------------------------
 
@@ -138,11 +151,9 @@ class Installer:
             )
             return
         if action == "resume_trial":
-            self._save(
-                self.journal.rebooted_in_trial(),
-                "restarted-in-trial",
-                boots=self.journal.trial_boots + 1,
-            )
+            clean = self.journal.clean_shutdown
+            journal = self.journal.rebooted_in_trial()
+            self._save(journal, "restarted-in-trial", boots=journal.trial_boots, clean=clean)
             self.load_serving_models()
             self.watchdog = self._new_watchdog()
             return
@@ -177,7 +188,7 @@ class Installer:
             if self.journal.phase is Phase.DOWNLOADING:
                 answer = await self._worker("download")
                 if answer["status"] == "unavailable":
-                    self.store.event(self.clock(), "download-paused", message=answer["message"])
+                    self._event("download-paused", message=answer["message"])
                     return f"download paused: {answer['message']}"
                 if answer["status"] == "refused":
                     self._refuse(answer["reason"], answer["message"])
@@ -196,8 +207,7 @@ class Installer:
     def _report_unassigned(self, answer: dict[str, Any]) -> str:
         if answer["status"] == "none":
             return "nothing assigned"
-        self.store.event(
-            self.clock(),
+        self._event(
             f"check-{answer['status']}",
             reason=answer.get("reason"),
             message=answer.get("message"),
@@ -268,8 +278,7 @@ class Installer:
             else:
                 self._refuse("invalid-bundle", str(exc))
             return
-        self.store.event(
-            self.clock(),
+        self._event(
             "self-test-passed",
             latency_p95_ms=report.latency_p95_ms,
             memory_mb=round(report.memory_mb, 1),
@@ -304,6 +313,15 @@ class Installer:
         verdict = self.watchdog.observe(ok, reason)
         if verdict is not None:
             self._roll_back("watchdog", verdict)
+
+    @property
+    def in_trial(self) -> bool:
+        return self.journal.phase is Phase.TRIAL
+
+    def shutting_down_cleanly(self) -> None:
+        """Record that this stop is deliberate, so the next start is not counted as a crash."""
+        if self.journal.phase is Phase.TRIAL:
+            self.store.save(self.journal.model_copy(update={"clean_shutdown": True}))
 
     def tick(self) -> None:
         """Commit the trial once its health period has passed without a rollback."""

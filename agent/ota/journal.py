@@ -92,6 +92,7 @@ class Journal(BaseModel):
     slot: str | None = None  # the slot being staged, or the new active slot in trial
     trial_started_at: float | None = None
     trial_boots: int = 0
+    clean_shutdown: bool = False  # the agent was stopped on purpose during the trial
     installed: InstallTarget | None = None
     installed_counter: int = 0
     rejected: dict[str, str] = {}
@@ -123,9 +124,11 @@ class Journal(BaseModel):
         return self._to(Phase.TRIAL, trial_started_at=now, trial_boots=0)
 
     def rebooted_in_trial(self) -> Journal:
+        """A restart during the trial; counted unless the agent was stopped on purpose."""
         if self.phase is not Phase.TRIAL:
             raise JournalError("only a trial counts restarts")
-        return self.model_copy(update={"trial_boots": self.trial_boots + 1})
+        boots = self.trial_boots if self.clean_shutdown else self.trial_boots + 1
+        return self.model_copy(update={"trial_boots": boots, "clean_shutdown": False})
 
     def committed(self, now: float) -> Journal:
         if self.phase is not Phase.TRIAL or self.target is None:
@@ -170,6 +173,7 @@ class Journal(BaseModel):
                 "slot": None,
                 "trial_started_at": None,
                 "trial_boots": 0,
+                "clean_shutdown": False,
                 "last_outcome": outcome,
                 **changes,
             }
@@ -198,6 +202,8 @@ def recovery_action(journal: Journal, max_trial_boots: int) -> RecoveryAction:
             return "restage"
         case Phase.STAGED:
             return "self_test"
+        case Phase.TRIAL if journal.clean_shutdown:
+            return "resume_trial"
         case Phase.TRIAL:
             # This restart counts: the device rolls back on its max_trial_boots-th.
             restarts = journal.trial_boots + 1

@@ -96,3 +96,11 @@ def test_a_corrupt_journal_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "journal.json").write_text('{"phase": "flying"}')
     with pytest.raises(JournalError, match="corrupt"):
         JournalStore(tmp_path).load()
+
+
+def test_a_deliberate_stop_during_the_trial_is_not_a_crash() -> None:
+    stopped = through_trial(Journal()).model_copy(update={"clean_shutdown": True})
+    assert recovery_action(stopped, max_trial_boots=1) == "resume_trial"
+    after = stopped.rebooted_in_trial()
+    assert after.trial_boots == 0 and not after.clean_shutdown
+    assert recovery_action(after, max_trial_boots=1) == "roll_back"

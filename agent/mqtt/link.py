@@ -1,0 +1,354 @@
+"""The agent's MQTT link to the fleet (topics: :mod:`protocol.topics`).
+
+While connected the link
+
+- keeps ``presence`` retained: online on connect, offline as the MQTT last
+  will (the broker publishes it when the connection dies without a goodbye)
+  and on a clean shutdown;
+- keeps ``state`` retained: a :class:`~protocol.messages.ReportedState` on
+  connect and whenever the install journal or the serving slots change;
+- sends each install event as a :class:`~protocol.messages.DeviceEvent`
+  (QoS 1; events recorded while offline wait in a small bounded queue);
+- sends a :class:`~protocol.messages.Heartbeat` every ``mqtt.heartbeat_interval_s``
+  with the requests each stage of the fallback chain answered;
+- listens on its own retained ``desired`` topic, where the server says that
+  the director's assignment changed, and asks for an update check at once.
+
+The link is one task of the agent's event loop. Nothing in it blocks serving:
+the connect runs in a worker thread (aiomqtt), sending happens in this task,
+and the installer only queues. When the broker is unreachable or drops the
+connection the link retries with jittered exponential backoff, forever; the
+backoff starts over only after a connection that held for a while, so two
+devices fighting over one client id do not hammer the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import aiomqtt
+from pydantic import BaseModel
+
+import agent
+from agent.config import AgentConfig, ConfigError
+from agent.mqtt.backoff import Backoff
+from agent.mqtt.reports import (
+    IgnoredDesiredState,
+    device_event,
+    heartbeat,
+    parse_desired,
+    presence,
+    reported_state,
+    same_state,
+)
+from agent.ota.installer import Installer
+from agent.serving.chain import FallbackChain
+from protocol.messages import DesiredState, DeviceEvent, ReportedState
+from protocol.topics import MAX_PAYLOAD_BYTES, desired_topic, device_topic
+
+log = logging.getLogger(__name__)
+
+MAX_PENDING_EVENTS = 100
+STABLE_CONNECTION_S = 30.0
+OPERATION_TIMEOUT_S = 10.0
+# On shutdown: how long the last state, events and the offline presence may take.
+GOODBYE_TIMEOUT_S = 2.0
+
+OnDesired = Callable[[DesiredState], None]
+
+
+def _read_password(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return path.read_text(encoding="utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"credentials.password_file: cannot read {path}: {exc}") from None
+
+
+def _tls_context(ca_file: Path | None) -> ssl.SSLContext:
+    """Certificate and host name checked against ``ca_file`` (or the system's CAs)."""
+    try:
+        return ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"mqtt.ca_file: cannot use {ca_file} as a CA bundle: {exc}") from None
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _is_mqtt_error(exc: BaseException) -> bool:
+    """A broker or network problem (retry quietly), not a bug in the link (log it loudly)."""
+    return isinstance(_first_leaf(exc), aiomqtt.MqttError | OSError)
+
+
+def _describe(exc: BaseException) -> str:
+    exc = _first_leaf(exc)
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    if exc.__cause__ is not None:
+        text += f" ({exc.__cause__})"
+    return text
+
+
+class MqttLink:
+    """The device's connection to the broker at ``config.server.broker``.
+
+    ``installer`` and ``chain`` are read for the reported state and the
+    heartbeat; :meth:`record` is the installer's event listener; ``on_desired``
+    is called (on the event loop) for each new desired state addressed to this
+    device. Run it with :meth:`run` as a task; it returns once ``stop`` is set.
+
+    Raises :class:`~agent.config.ConfigError` when there is no broker to talk
+    to, or the password or CA file cannot be used (both are read once, here).
+    """
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        installer: Installer,
+        chain: FallbackChain,
+        on_desired: OnDesired,
+        *,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if config.server.broker is None:
+            raise ConfigError("server.broker: no MQTT broker is configured")
+        url = urlsplit(config.server.broker)
+        self.broker = config.server.broker
+        self.device_id = config.device_id
+        self._config = config
+        self._host = url.hostname or ""
+        tls = url.scheme == "mqtts"
+        self._port = url.port or (8883 if tls else 1883)
+        # Read once, at start: a bad CA or password file stops the agent with a clear message.
+        self._tls = _tls_context(config.mqtt.ca_file) if tls else None
+        self._password = _read_password(config.credentials.password_file)
+        self._username = config.credentials.username
+        if self._username is None and self._password is not None:
+            self._username = config.device_id
+        self._installer = installer
+        self._chain = chain
+        self._on_desired = on_desired
+        self._clock = clock
+        self._monotonic = monotonic
+        self._started = monotonic()
+        self._events: deque[DeviceEvent] = deque(maxlen=MAX_PENDING_EVENTS)
+        self._dropped_events = 0
+        self._changed = asyncio.Event()
+        self._reported: ReportedState | None = None
+        self._director_version: int | None = None
+        self._topics = {
+            channel: device_topic(self.device_id, channel)
+            for channel in ("state", "events", "heartbeat", "presence")
+        }
+        self._desired = desired_topic(self.device_id)
+        self.connected = False
+        """Whether the link is connected to the broker right now."""
+        self._connected_at: float | None = None
+
+    # -- what the rest of the agent calls ------------------------------------------
+
+    def record(self, event: Mapping[str, object]) -> None:
+        """Queue one installer event, and the state change behind it, for the broker.
+
+        Never blocks and never raises; when the queue is full (a long outage)
+        the oldest event goes (``events.jsonl`` on the device keeps them all).
+        """
+        if len(self._events) == self._events.maxlen:
+            self._dropped_events += 1
+            if self._dropped_events in (1, 10, 100) or self._dropped_events % 1000 == 0:
+                log.warning("mqtt: %d events dropped while offline", self._dropped_events)
+        self._events.append(device_event(self.device_id, event, self._clock()))
+        self._changed.set()
+
+    def current_state(self) -> ReportedState:
+        """What the device would report now."""
+        installer = self._installer
+        return reported_state(
+            device_id=self.device_id,
+            hardware_id=self._config.hardware_id,
+            agent_version=agent.__version__,
+            journal=installer.journal,
+            active=installer.active.manifest if installer.active else None,
+            previous=installer.previous.manifest if installer.previous else None,
+            sent_at=self._clock(),
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Stay connected (reconnecting with backoff) until ``stop`` is set."""
+        mqtt = self._config.mqtt
+        backoff = Backoff(mqtt.reconnect_min_s, mqtt.reconnect_max_s)
+        while not stop.is_set():
+            session = asyncio.create_task(self._session(stop))
+            stopped = asyncio.create_task(stop.wait())
+            try:
+                done, _ = await asyncio.wait(
+                    {session, stopped}, return_when=asyncio.FIRST_COMPLETED
+                )
+                if session not in done:
+                    if not self.connected:
+                        session.cancel()  # still connecting: do not hold up shutdown
+                    await asyncio.wait({session})
+            finally:
+                stopped.cancel()
+                if not session.done():
+                    session.cancel()
+            if session.cancelled() or stop.is_set():
+                return
+            error = session.exception()
+            held = self._monotonic() - self._connected_at if self._connected_at else 0.0
+            if held >= STABLE_CONNECTION_S:
+                backoff.reset()
+            delay = backoff.next_delay()
+            log.log(
+                logging.WARNING if error is None or _is_mqtt_error(error) else logging.ERROR,
+                "mqtt: no connection to %s (%s); retrying in %.1f s",
+                self.broker,
+                _describe(error) if error else "disconnected",
+                delay,
+                exc_info=error if error is not None and not _is_mqtt_error(error) else None,
+            )
+            await _wait(stop, delay)
+
+    # -- one connection ------------------------------------------------------------
+
+    def _client(self) -> aiomqtt.Client:
+        mqtt = self._config.mqtt
+        offline = presence(self.device_id, online=False, sent_at=self._clock())
+        return aiomqtt.Client(
+            self._host,
+            self._port,
+            username=self._username,
+            password=self._password,
+            identifier=mqtt.client_id or self.device_id,
+            will=aiomqtt.Will(self._topics["presence"], _json(offline), qos=1, retain=True),
+            clean_session=True,
+            keepalive=mqtt.keepalive_s,
+            timeout=OPERATION_TIMEOUT_S,
+            max_queued_incoming_messages=16,
+            tls_context=self._tls,
+        )
+
+    async def _session(self, stop: asyncio.Event) -> None:
+        self._reported = None
+        self._connected_at = None
+        async with self._client() as client:
+            self.connected = True
+            self._connected_at = self._monotonic()
+            log.info("mqtt: connected to %s as %s", self.broker, self.device_id)
+            try:
+                await client.subscribe(self._desired, qos=1)
+                online = presence(self.device_id, online=True, sent_at=self._clock())
+                await self._publish(client, "presence", online, qos=1, retain=True)
+                await self._flush(client, force_state=True)
+                async with asyncio.TaskGroup() as tasks:
+                    running = [
+                        tasks.create_task(self._receive(client)),
+                        tasks.create_task(self._send(client)),
+                        tasks.create_task(self._heartbeats(client)),
+                    ]
+                    await stop.wait()
+                    for task in running:
+                        task.cancel()
+                await self._goodbye(client)
+            finally:
+                self.connected = False
+
+    async def _goodbye(self, client: aiomqtt.Client) -> None:
+        """Last state and events, then offline presence: a clean exit sends no last will."""
+        try:
+            async with asyncio.timeout(GOODBYE_TIMEOUT_S):
+                await self._flush(client)
+                offline = presence(self.device_id, online=False, sent_at=self._clock())
+                await self._publish(client, "presence", offline, qos=1, retain=True)
+        except (TimeoutError, aiomqtt.MqttError) as exc:
+            log.warning("mqtt: no clean goodbye: %s", _describe(exc))
+
+    async def _publish(
+        self,
+        client: aiomqtt.Client,
+        channel: str,
+        message: BaseModel,
+        *,
+        qos: int,
+        retain: bool = False,
+    ) -> None:
+        await client.publish(self._topics[channel], _json(message), qos=qos, retain=retain)
+
+    async def _send(self, client: aiomqtt.Client) -> None:
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            await self._flush(client)
+
+    async def _flush(self, client: aiomqtt.Client, force_state: bool = False) -> None:
+        while self._events:
+            event = self._events[0]
+            await self._publish(client, "events", event, qos=1)
+            # While that was in flight a full queue may have dropped it already.
+            if self._events and self._events[0] is event:
+                self._events.popleft()
+        state = self.current_state()
+        if force_state or self._reported is None or not same_state(state, self._reported):
+            await self._publish(client, "state", state, qos=1, retain=True)
+            self._reported = state
+
+    async def _heartbeats(self, client: aiomqtt.Client) -> None:
+        interval = self._config.mqtt.heartbeat_interval_s
+        while True:
+            served: dict[str, int] = {s: c.served for s, c in self._chain.counters.items()}
+            beat = heartbeat(
+                self.device_id, self._monotonic() - self._started, served, self._clock()
+            )
+            await self._publish(client, "heartbeat", beat, qos=0)
+            await asyncio.sleep(interval)
+
+    async def _receive(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            payload = message.payload
+            if message.topic.matches(self._desired) and isinstance(payload, bytes):
+                self._desired_state(payload)
+
+    def _desired_state(self, payload: bytes) -> None:
+        if not payload:
+            return  # the server cleared the retained desired state
+        if len(payload) > MAX_PAYLOAD_BYTES:
+            log.warning("mqtt: ignored a %d-byte message on %s", len(payload), self._desired)
+            return
+        try:
+            desired = parse_desired(self.device_id, payload)
+        except IgnoredDesiredState as exc:
+            log.warning("mqtt: ignored a message on %s: %s", self._desired, exc)
+            return
+        if desired.director_version == self._director_version:
+            return  # already acted on (a retained message comes again on every reconnect)
+        self._director_version = desired.director_version
+        log.info(
+            "mqtt: desired state changed (director version %d); checking for updates now",
+            desired.director_version,
+        )
+        try:
+            self._on_desired(desired)
+        except Exception:  # the link must outlive a failing listener
+            log.exception("mqtt: desired-state listener failed")
+
+
+def _json(message: BaseModel) -> bytes:
+    return message.model_dump_json().encode()
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
