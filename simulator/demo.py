@@ -12,6 +12,7 @@ bundle and the device refuses it.
 from __future__ import annotations
 
 import functools
+import secrets
 import shlex
 import shutil
 import threading
@@ -23,6 +24,8 @@ from pathlib import Path
 from agent.cli import main as edge_agent
 from fleet_server.fleetctl import main as fleetctl
 from simulator.device_story import device_story
+from simulator.embedded_broker import broker_for_demo
+from simulator.fleet_story import FleetStory, StoryError
 
 MODELS = Path(__file__).resolve().parents[1] / "firmware_images" / "models"
 HARDWARE = "rpi4-arm64"
@@ -128,6 +131,8 @@ def run_demo(workdir: Path) -> int:
             refused="the bytes differ from what the release keys signed",
         )
 
+    story.surprises += fleet_chapter(workdir)
+
     story.section("Result")
     if story.surprises:
         print(f"{story.surprises} step(s) did not turn out as expected")
@@ -135,6 +140,44 @@ def run_demo(workdir: Path) -> int:
     print(
         "Every genuine bundle verified and installed; the wrong-hardware, the slow and the\n"
         "tampered bundle were refused, and v3-bad was rolled back by the device itself\n"
-        "without one request going unanswered."
+        "without one request going unanswered — alone, and in a fleet behind the server."
     )
     return 0
+
+
+def fleet_chapter(workdir: Path) -> int:
+    """The fleet behind a server: returns how many things did not turn out as expected."""
+    print("\n== A fleet: fleet server, MQTT broker, three devices " + "=" * 18, flush=True)
+    with broker_for_demo() as (broker, embedded):
+        print(
+            f"(MQTT broker: {broker}, "
+            + ("embedded amqtt, started for the demo)" if embedded else "already running)"),
+            flush=True,
+        )
+        fleet = FleetStory(
+            workdir / "fleet",
+            broker,
+            f"sqlite:///{workdir / 'fleet' / 'fleet.db'}",
+            device_prefix=f"pump-{secrets.token_hex(2)}",
+            shared_subscription=not embedded,
+            echo=True,
+        )
+        (workdir / "fleet").mkdir()
+        try:
+            told = fleet.tell()
+        except StoryError as exc:
+            print(f"\n!! {exc}")
+            return 1
+        finally:
+            fleet.close()
+    canary = told["canary"]
+    outcome = told["outcome"]
+    print(
+        f"\n{canary} rolled back {outcome['bundle']['version']}: {outcome['reason']} — "
+        f"{outcome['message']}"
+    )
+    print(
+        f"{len(told['answers'])} requests to {canary} meanwhile, all answered: "
+        f"{set(told['answers']) == {200}}"
+    )
+    return 0 if set(told["answers"]) == {200} else 1
