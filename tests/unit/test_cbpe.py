@@ -1,0 +1,158 @@
+"""CBPE: accuracy estimated from score histograms, checked against accuracy measured with labels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from firmware_images.datagen import CLASSES, FEATURES, FieldConditions, generate
+from protocol.cbpe import Calibration, calibrate, estimate_accuracy
+from protocol.summary import ScoreHistogram, score_histogram
+
+MODELS = Path(__file__).resolve().parents[2] / "firmware_images" / "models"
+NAMES = [f.name for f in FEATURES]
+
+
+def _v2_scores(X: np.ndarray) -> np.ndarray:
+    from tflite_runtime.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(MODELS / "v2.tflite"))
+    index = interpreter.get_input_details()[0]["index"]
+    interpreter.resize_tensor_input(index, list(X.shape))
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(index, np.ascontiguousarray(X, dtype=np.float32))
+    interpreter.invoke()
+    out = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    return np.array(out, dtype=np.float64)
+
+
+@pytest.fixture(scope="module")
+def calibration() -> Calibration:
+    """v2's calibration on 20,000 labelled rows of the training distribution."""
+    X, y = generate(20_000, 41)
+    return calibrate(_v2_scores(X), y, CLASSES)
+
+
+def _tilted(
+    tilt: dict[str, float], rows: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """Rows under covariate shift: the inputs' distribution moves, P(label | input) does not.
+
+    Rows of the training distribution are resampled with weight
+    ``exp(Σ β · z)`` (``z`` the standardised feature): an exponential tilt that
+    moves each named feature's mean by about ``β`` standard deviations while
+    every row keeps its true label.
+    """
+    pool, labels = generate(200_000, seed)
+    z = (pool - pool.mean(axis=0)) / pool.std(axis=0)
+    log_w = sum(beta * np.clip(z[:, NAMES.index(name)], -4, 4) for name, beta in tilt.items())
+    w = np.exp(log_w - np.max(log_w))
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(pool.shape[0], size=rows, replace=False, p=w / w.sum())
+    shift = {name: float(z[pick, NAMES.index(name)].mean()) for name in tilt}
+    return pool[pick], labels[pick], shift
+
+
+def test_perfectly_calibrated_scores_give_their_mean_top_score() -> None:
+    # Synthetic classifier: the top score is the probability of being right.
+    rng = np.random.default_rng(0)
+    rows = 50_000
+    top = rng.uniform(0.5, 1.0, rows)
+    predicted = rng.integers(0, 2, rows)
+    scores = np.zeros((rows, 2))
+    scores[np.arange(rows), predicted] = top
+    scores[np.arange(rows), 1 - predicted] = 1 - top
+    right = rng.random(rows) < top
+    labels = np.where(right, predicted, 1 - predicted)
+    cal = calibrate(scores[:25_000], labels[:25_000], ["a", "b"])
+    midpoints = (np.arange(20) + 0.5) / 20
+    seen = np.asarray(cal.total) > 500
+    assert np.allclose(
+        cal.probabilities()[seen], np.broadcast_to(midpoints, (2, 20))[seen], atol=0.03
+    )
+
+    estimate = estimate_accuracy(cal, score_histogram(scores[25_000:], ["a", "b"]))
+    measured = float(right[25_000:].mean())
+    assert estimate.accuracy == pytest.approx(0.75, abs=0.005)
+    assert estimate.low is not None and estimate.high is not None
+    assert estimate.low <= measured <= estimate.high
+    assert estimate.n == 25_000
+    assert estimate.unseen_share == 0.0
+
+
+def test_in_distribution_estimate_matches_labelled_accuracy(calibration: Calibration) -> None:
+    X, y = generate(20_000, 42)
+    scores = _v2_scores(X)
+    measured = float((scores.argmax(axis=1) == y).mean())
+    estimate = estimate_accuracy(calibration, score_histogram(scores, CLASSES))
+    assert estimate.accuracy == pytest.approx(measured, abs=0.01)
+    assert estimate.low is not None and estimate.high is not None
+    assert estimate.low <= measured <= estimate.high
+
+
+@pytest.mark.parametrize(
+    "tilt",
+    [
+        # Quieter, better-mounted machines: the model is less sure, accuracy falls.
+        {"vib_rms_z": -1.0, "acoustic_db": -1.0},
+        # Hotter, more loaded machines.
+        {"bearing_temp_c": 1.0, "motor_current_a": 1.0, "shaft_rpm": 1.0},
+        # Clear impacts in the signal: accuracy rises.
+        {"crest_factor": 1.0, "kurtosis": 1.0},
+    ],
+)
+def test_under_covariate_shift_the_estimate_is_within_three_points(
+    calibration: Calibration, tilt: dict[str, float]
+) -> None:
+    X, y, shift = _tilted(tilt, 20_000, seed=43)
+    assert all(abs(s) > 0.5 for s in shift.values()), shift
+    scores = _v2_scores(X)
+    measured = float((scores.argmax(axis=1) == y).mean())
+    estimate = estimate_accuracy(calibration, score_histogram(scores, CLASSES))
+    assert estimate.accuracy is not None
+    assert abs(estimate.accuracy - measured) <= 0.03, (estimate.accuracy, measured)
+
+
+def test_cbpe_is_blind_to_concept_drift(calibration: Calibration) -> None:
+    # datagen's covariate_shift adds to a feature of rows that keep their labels:
+    # band_1x now reads high on healthy machines too, so the input-label relation
+    # changed. The model stays confident, CBPE reports the old accuracy, and only
+    # labels show the collapse — by design, and why input drift is watched too.
+    X, y = generate(20_000, 44, FieldConditions(covariate_shift={"band_1x": 1.0}))
+    scores = _v2_scores(X)
+    measured = float((scores.argmax(axis=1) == y).mean())
+    estimate = estimate_accuracy(calibration, score_histogram(scores, CLASSES))
+    assert estimate.accuracy is not None
+    assert measured < 0.6
+    assert estimate.accuracy > 0.85
+
+
+def test_an_empty_histogram_has_no_estimate(calibration: Calibration) -> None:
+    empty = ScoreHistogram(classes=list(CLASSES), counts=[[0] * 20 for _ in CLASSES])
+    estimate = estimate_accuracy(calibration, empty)
+    assert (estimate.accuracy, estimate.low, estimate.high, estimate.n) == (None, None, None, 0)
+
+
+def test_cells_without_reference_rows_fall_back_to_the_score_and_are_counted() -> None:
+    cal = Calibration(
+        classes=["a", "b"],
+        total=[[0] * 19 + [100], [0] * 20],
+        correct=[[0] * 19 + [99], [0] * 20],
+    )
+    seen = ScoreHistogram(classes=["a", "b"], counts=[[0] * 19 + [10], [0] * 10 + [10] + [0] * 9])
+    estimate = estimate_accuracy(cal, seen)
+    assert estimate.unseen_share == pytest.approx(0.5)
+    expected = 0.5 * (99 + 2 * 0.975) / 102 + 0.5 * 0.525
+    assert estimate.accuracy == pytest.approx(expected)
+
+
+def test_mismatched_classes_and_bad_labels_are_refused(calibration: Calibration) -> None:
+    other = ScoreHistogram(classes=["x", "y", "z", "w"], counts=[[0] * 20 for _ in range(4)])
+    with pytest.raises(ValueError, match="classes"):
+        estimate_accuracy(calibration, other)
+    with pytest.raises(ValueError, match="labels must lie"):
+        calibrate(np.full((3, 4), 0.25), np.array([0, 1, 4]), CLASSES)
+    with pytest.raises(ValueError, match="correct <= total"):
+        Calibration(classes=["a", "b"], total=[[1], [1]], correct=[[2], [0]])

@@ -1,0 +1,232 @@
+"""Drift on the baseline bins: the statistics, the chi-square decision and its error rates."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from firmware_images.datagen import FEATURES, FieldConditions, generate
+from protocol.drift import (
+    DriftPolicy,
+    chi2_quantile,
+    chi2_sf,
+    detect_drift,
+    feature_drift,
+    g_statistic,
+    jensen_shannon,
+    merge_until,
+    psi,
+)
+from protocol.manifest import Baseline, FeatureBaseline
+from protocol.summary import FeatureSummary, edges_id, quantile_edges, summarize
+from protocol.window import WindowAggregate, WindowSummary
+
+MODELS = Path(__file__).resolve().parents[2] / "firmware_images" / "models"
+NAMES = [f.name for f in FEATURES]
+RANGES = [(f.valid_min, f.valid_max) for f in FEATURES]
+
+
+@pytest.fixture(scope="module")
+def baseline() -> Baseline:
+    """The baseline a bundle of the sample models carries (as the bundle builder makes it)."""
+    rows = np.load(MODELS / "baseline.npy").astype(np.float64)
+    edges = [quantile_edges(rows[:, j]) for j in range(rows.shape[1])]
+    summaries = summarize(rows, edges, RANGES)
+    return Baseline(
+        id=edges_id(edges),
+        rows=rows.shape[0],
+        features=[
+            FeatureBaseline(edges=e, summary=s) for e, s in zip(edges, summaries, strict=True)
+        ],
+    )
+
+
+def _windows(baseline: Baseline, X: np.ndarray, rows_per_window: int) -> list[WindowSummary]:
+    edges = [f.edges for f in baseline.features]
+    out = []
+    for k in range(X.shape[0] // rows_per_window):
+        chunk = X[k * rows_per_window : (k + 1) * rows_per_window]
+        out.append(
+            WindowSummary(
+                window_id=f"w{k:05d}",
+                device_id="pump-0001",
+                model_name="pump-health",
+                model_version="2.0.0",
+                baseline_id=baseline.id,
+                start=60.0 * k,
+                end=60.0 * (k + 1),
+                requests=rows_per_window,
+                features=summarize(chunk, edges, RANGES),
+            )
+        )
+    return out
+
+
+# -- the distributions and statistics ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("p", "df", "expected"),
+    [
+        (0.95, 1, 3.841459),
+        (0.99, 2, 9.210340),
+        (0.95, 10, 18.307038),
+        (0.99, 19, 36.190869),
+        (0.999, 100, 149.449252),
+        (0.01, 5, 0.554298),
+    ],
+)
+def test_chi_square_quantiles_match_the_tables(p: float, df: int, expected: float) -> None:
+    assert chi2_quantile(p, df) == pytest.approx(expected, rel=1e-6)
+    assert chi2_sf(chi2_quantile(p, df), df) == pytest.approx(1 - p, rel=1e-8)
+
+
+def test_chi_square_survival_has_the_closed_forms() -> None:
+    # df = 2: exp(-x/2). df = 1: erfc(sqrt(x/2)).
+    for x in (0.1, 1.0, 7.5, 40.0):
+        assert chi2_sf(x, 2) == pytest.approx(math.exp(-x / 2), rel=1e-12)
+        assert chi2_sf(x, 1) == pytest.approx(math.erfc(math.sqrt(x / 2)), rel=1e-10)
+    assert chi2_sf(0.0, 3) == 1.0
+
+
+def test_g_statistic_is_twice_n_times_the_size_weighted_jensen_shannon() -> None:
+    o = np.array([30, 12, 0, 58])
+    b = np.array([200, 300, 10, 490])
+    g, df = g_statistic(o, b)
+    n_o, n_b = o.sum(), b.sum()
+    w_o, w_b = n_o / (n_o + n_b), n_b / (n_o + n_b)
+    p, q = o / n_o, b / n_b
+    m = w_o * p + w_b * q
+
+    def kl(a: np.ndarray, c: np.ndarray) -> float:
+        mask = a > 0
+        return float((a[mask] * np.log(a[mask] / c[mask])).sum())
+
+    assert df == 3
+    assert g == pytest.approx(2 * (n_o + n_b) * (w_o * kl(p, m) + w_b * kl(q, m)), rel=1e-12)
+    assert g_statistic([10, 20, 30], [20, 40, 60]) == (pytest.approx(0.0, abs=1e-12), 2)
+    # A bin empty in both samples carries no information and costs no degree of freedom.
+    assert g_statistic([5, 0, 5], [50, 0, 50])[1] == 1
+
+
+def test_psi_and_jensen_shannon_have_their_known_values() -> None:
+    assert psi([10, 20, 30], [20, 40, 60]) == pytest.approx(0.0, abs=1e-3)
+    p, q = np.array([0.5, 0.5]), np.array([0.9, 0.1])
+    exact = float(((p - q) * np.log(p / q)).sum())
+    assert psi([50_000, 50_000], [90_000, 10_000], smoothing=1e-9) == pytest.approx(exact, rel=1e-6)
+    assert jensen_shannon([5, 0], [0, 5]) == pytest.approx(1.0)
+    assert jensen_shannon([3, 1], [3, 1]) == pytest.approx(0.0, abs=1e-15)
+
+
+def test_psi_of_undrifted_samples_grows_like_bins_over_n() -> None:
+    # PSI's no-drift value is about (k - 1) / n_eff: why a constant threshold is wrong.
+    rng = np.random.default_rng(0)
+    k, n, n_base = 20, 200, 5000
+    base = rng.multinomial(n_base, np.full(k, 1 / k))
+    values = [psi(rng.multinomial(n, np.full(k, 1 / k)), base) for _ in range(2000)]
+    n_eff = n * n_base / (n + n_base)
+    assert np.mean(values) == pytest.approx((k - 1) / n_eff, rel=0.15)
+
+
+# -- the decision ---------------------------------------------------------------------
+
+
+def test_small_windows_say_not_enough_data_however_they_look() -> None:
+    base = FeatureSummary(n=5000, nan=0, out_of_range=0, counts=[250] * 20)
+    lopsided = FeatureSummary(n=100, nan=0, out_of_range=0, counts=[100] + [0] * 19)
+    result = feature_drift(base, lopsided, DriftPolicy(min_n=500))
+    assert result.verdict == "not_enough_data"
+    assert result.psi > 1.0
+    assert feature_drift(base, lopsided, DriftPolicy(min_n=50)).verdict == "drift"
+
+
+def test_the_threshold_is_the_chi_square_critical_value_of_the_false_alarm_rate() -> None:
+    base = FeatureSummary(n=5000, nan=0, out_of_range=0, counts=[250] * 20)
+    seen = FeatureSummary(n=1000, nan=0, out_of_range=0, counts=[50] * 20)
+    result = feature_drift(base, seen, DriftPolicy(false_alarm_rate=0.05))
+    assert (result.verdict, result.df) == ("no_drift", 19)
+    assert result.threshold == pytest.approx(30.143527, rel=1e-6)
+    assert result.psi_threshold == pytest.approx(30.143527 / (1000 * 5000 / 6000), rel=1e-6)
+    assert result.p_value == pytest.approx(1.0)
+
+
+def test_a_quiet_feature_stays_quiet_across_1000_small_windows(baseline: Baseline) -> None:
+    X, _ = generate(200_000, 1001)
+    windows = _windows(baseline, X.astype(np.float64), 200)
+    assert len(windows) == 1000
+    policy = DriftPolicy()  # min_n 500, false-alarm rate 1 %
+
+    # One window of 200 rows is too small to judge: no verdict either way.
+    assert {d.verdict for d in detect_drift(baseline, windows[0], policy)} == {"not_enough_data"}
+
+    groups, pending = merge_until(windows, policy.min_n)
+    assert [g.windows for g in groups] == [3] * 333
+    assert pending is not None and pending.windows == 1
+    alarms = np.zeros(len(NAMES), dtype=int)
+    for group in groups:
+        for d in detect_drift(baseline, group, policy, NAMES):
+            assert d.verdict != "not_enough_data"
+            alarms[d.feature] += d.verdict == "drift"
+    # Each feature: at most 1 % of its 1,000 windows ends in an alarm.
+    assert alarms.max() <= 10, dict(zip(NAMES, alarms.tolist(), strict=True))
+    # And the test is calibrated: about 1 % of all tests alarm (16 x 333 of them).
+    assert 0.005 <= alarms.sum() / (len(NAMES) * len(groups)) <= 0.016
+
+    # The fixed "PSI > 0.1" rule on the same windows alarms on about a third of them.
+    bearing = NAMES.index("bearing_temp_c")
+    naive = np.mean(
+        [
+            psi(w.features[bearing].counts, baseline.features[bearing].summary.counts) > 0.1
+            for w in windows
+        ]
+    )
+    assert naive > 0.25
+
+
+def test_a_half_sigma_shift_is_flagged_once_enough_rows_are_merged(baseline: Baseline) -> None:
+    X, _ = generate(12_000, 1002, FieldConditions(covariate_shift={"bearing_temp_c": 0.5}))
+    windows = _windows(baseline, X.astype(np.float64), 200)
+    bearing = NAMES.index("bearing_temp_c")
+
+    single = detect_drift(baseline, windows[0], names=NAMES)[bearing]
+    assert single.verdict == "not_enough_data"
+
+    groups, _ = merge_until(windows, 500)
+    verdicts = [detect_drift(baseline, g, names=NAMES)[bearing] for g in groups]
+    # Flagged at the first test (600 rows), and in every group of 600 after it.
+    assert verdicts[0].n == 600
+    assert all(v.verdict == "drift" for v in verdicts)
+    assert all(v.statistic > 2 * v.threshold for v in verdicts)
+    # The features that did not move stay quiet on the same data (1 % each).
+    others = [
+        d.verdict == "drift"
+        for g in groups
+        for d in detect_drift(baseline, g, names=NAMES)
+        if d.feature != bearing
+    ]
+    assert np.mean(others) <= 0.03
+
+
+def test_merge_until_carries_the_short_group_over(baseline: Baseline) -> None:
+    X, _ = generate(2000, 1003)
+    windows = _windows(baseline, X.astype(np.float64), 200)
+    groups, pending = merge_until(windows[:4], 500)
+    assert [g.windows for g in groups] == [3]
+    assert pending is not None and pending.requests == 200
+    more, pending = merge_until(windows[4:6], 500, pending=pending)
+    assert [g.windows for g in more] == [3]
+    assert pending is None
+    capped, _ = merge_until(windows, 10_000, max_windows=4)
+    assert [g.windows for g in capped] == [4, 4]
+    assert isinstance(capped[0], WindowAggregate)
+
+
+def test_drift_refuses_a_window_counted_in_other_bins(baseline: Baseline) -> None:
+    X, _ = generate(200, 1004)
+    [window] = _windows(baseline, X.astype(np.float64), 200)
+    other = window.model_copy(update={"baseline_id": "sha256:" + "0" * 64})
+    with pytest.raises(ValueError, match="counted in baseline"):
+        detect_drift(baseline, other)

@@ -1,0 +1,396 @@
+"""Window summaries: latency histograms, merging windows, and the compact wire codec."""
+
+from __future__ import annotations
+
+import contextlib
+import lzma
+import math
+import struct
+import uuid
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from firmware_images.datagen import CLASSES, FEATURES, generate
+from protocol.histogram import (
+    MAX_SCALE,
+    ExponentialHistogram,
+    downscale,
+    merge_histograms,
+    quantile,
+    record,
+)
+from protocol.summary import (
+    FeatureSummary,
+    edges_id,
+    quantile_edges,
+    score_histogram,
+    summarize,
+)
+from protocol.window import (
+    WINDOW_CODEC_VERSION,
+    WINDOW_MAGIC,
+    WindowAggregate,
+    WindowCodecError,
+    WindowMergeError,
+    WindowSummary,
+    decode_window,
+    encode_window,
+    merge_windows,
+)
+
+MODELS = Path(__file__).resolve().parents[2] / "firmware_images" / "models"
+BASELINE = np.load(MODELS / "baseline.npy").astype(np.float64)
+EDGES_16 = [quantile_edges(BASELINE[:, j]) for j in range(BASELINE.shape[1])]
+RANGES_16 = [(f.valid_min, f.valid_max) for f in FEATURES]
+
+# One window a minute must stay under 2 MB a day (2,000,000 bytes, 1,440 windows).
+DAILY_BUDGET = 2_000_000
+WINDOWS_PER_DAY = 1440
+# Bytes on the wire per window beyond the payload: an MQTT 3.1.1 QoS 1 PUBLISH
+# (fixed header and remaining length 3, topic length 2, a 40-character topic
+# such as "edgefleet/v1/devices/pump-0042/windows", packet id 2 = 47), a TLS 1.3
+# record (header 5, content type 1, AEAD tag 16 = 22) and TCP/IPv4 headers with
+# timestamps (52): 121, rounded up. Keep-alives and the PUBACK coming back are
+# not the window's.
+WIRE_OVERHEAD = 128
+
+
+def _v2_scores(X: np.ndarray) -> np.ndarray:
+    from tflite_runtime.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(MODELS / "v2.tflite"))
+    index = interpreter.get_input_details()[0]["index"]
+    interpreter.resize_tensor_input(index, list(X.shape))
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(index, np.ascontiguousarray(X, dtype=np.float32))
+    interpreter.invoke()
+    return np.array(interpreter.get_tensor(interpreter.get_output_details()[0]["index"]))
+
+
+def _window(
+    X: np.ndarray,
+    latencies: np.ndarray,
+    edges: list[list[float]] = EDGES_16,
+    ranges: list[tuple[float | None, float | None]] = RANGES_16,
+    scores: np.ndarray | None = None,
+    start: float = 1_700_000_000.0,
+    device: str = "pump-0042",
+) -> WindowSummary:
+    return WindowSummary(
+        window_id=uuid.uuid4().hex,
+        device_id=device,
+        model_name="pump-health",
+        model_version="2.0.0",
+        baseline_id=edges_id(edges),
+        start=start,
+        end=start + 60.0,
+        requests=X.shape[0],
+        errors=1,
+        served={"active": X.shape[0] - 2, "safe_default": 2},
+        features=summarize(X, edges, ranges),
+        scores=score_histogram(scores, CLASSES) if scores is not None else None,
+        latency_ms=record(ExponentialHistogram(), latencies),
+    )
+
+
+# -- latency: base-2 exponential histogram -----------------------------------
+
+
+def test_histogram_of_concatenation_equals_merge_of_parts() -> None:
+    rng = np.random.default_rng(3)
+    x = np.concatenate([rng.lognormal(0.5, 0.5, 3000), np.zeros(7), [1e-3, 250.0]])
+    whole = record(ExponentialHistogram(), x)
+    parts = [record(ExponentialHistogram(), chunk) for chunk in np.array_split(x, 9)]
+    merged = parts[0]
+    for p in parts[1:]:
+        merged = merge_histograms(merged, p)
+    assert (merged.scale, merged.offset, merged.counts) == (whole.scale, whole.offset, whole.counts)
+    assert (merged.zero_count, merged.count) == (7, x.size)
+    assert (merged.min, merged.max) == (0.0, 250.0)
+    assert merged.sum == pytest.approx(x.sum(), rel=1e-12)
+    incremental = ExponentialHistogram()
+    for chunk in np.array_split(x, 50):
+        incremental = record(incremental, chunk)
+    assert incremental == whole.model_copy(update={"sum": incremental.sum})
+
+
+def test_buckets_are_upper_inclusive_powers_of_the_base() -> None:
+    # At scale 0 the base is 2: bucket 0 is (1, 2], bucket 1 is (2, 4].
+    h = downscale(record(ExponentialHistogram(), [2.0, 2.0000001, 4.0, 1.0]), 0)
+    assert h.offset == -1
+    assert h.counts == [1, 1, 2]
+    assert h.bucket_bounds(1) == (2.0, 4.0)
+
+
+def test_downscaling_halves_bucket_indices_exactly() -> None:
+    x = np.random.default_rng(5).lognormal(0.0, 0.3, 2000)
+    h = record(ExponentialHistogram(), x, max_buckets=160)
+    coarse = downscale(h, h.scale - 2)
+    index = np.ceil(np.log2(x) * 2.0 ** (h.scale - 2)).astype(np.int64) - 1
+    expected = np.bincount(index - index.min())
+    assert coarse.offset == index.min()
+    assert coarse.counts == expected.tolist()
+
+
+def test_scale_drops_until_the_range_fits_the_bucket_limit() -> None:
+    x = np.geomspace(1e-3, 1e5, 500)
+    h = record(ExponentialHistogram(), x, max_buckets=32)
+    assert len(h.counts) <= 32
+    assert h.scale < MAX_SCALE
+    # One more bucket's worth of scale would not fit.
+    finer = np.ceil(np.log2(x) * 2.0 ** (h.scale + 1)).astype(np.int64) - 1
+    assert finer.max() - finer.min() + 1 > 32
+
+
+def test_quantiles_are_within_one_bucket_of_the_data() -> None:
+    x = np.random.default_rng(11).lognormal(1.0, 0.6, 20_000)
+    h = record(ExponentialHistogram(), x)
+    for q in (0.01, 0.25, 0.5, 0.9, 0.99):
+        estimate = quantile(h, q)
+        assert estimate is not None
+        assert abs(estimate / np.quantile(x, q) - 1) < h.base - 1
+    assert quantile(h, 0.0) == x.min()
+    assert quantile(h, 1.0) == x.max()
+    assert quantile(ExponentialHistogram(), 0.5) is None
+    assert quantile(record(ExponentialHistogram(), [0.0, 0.0, 0.0, 5.0]), 0.5) == 0.0
+
+
+def test_negative_or_nan_latency_is_refused() -> None:
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        record(ExponentialHistogram(), [1.0, -0.5])
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        record(ExponentialHistogram(), [math.nan])
+
+
+# -- merging windows ------------------------------------------------------------
+
+
+def test_merged_windows_equal_the_summary_of_the_concatenated_rows() -> None:
+    X, _ = generate(3000, 21)
+    X[::97, 4] = np.nan
+    latencies = np.random.default_rng(2).lognormal(0.5, 0.4, 3000)
+    scores = _v2_scores(X)
+    chunks = np.array_split(np.arange(3000), 12)
+    windows = [
+        _window(X[i], latencies[i], scores=scores[i], start=1_700_000_000.0 + 60 * k)
+        for k, i in enumerate(chunks)
+    ]
+    merged = merge_windows(windows)
+    whole = _window(X, latencies, scores=scores)
+
+    assert merged.windows == 12
+    assert merged.requests == 3000
+    assert merged.errors == 12
+    assert merged.served == {"active": 3000 - 24, "safe_default": 24}
+    assert (merged.start, merged.end) == (1_700_000_000.0, 1_700_000_000.0 + 60 * 12)
+    assert merged.model_versions == ["pump-health@2.0.0"]
+    assert merged.scores == whole.scores
+    lat, lat_whole = merged.latency_ms, whole.latency_ms
+    assert (lat.scale, lat.offset, lat.counts) == (
+        lat_whole.scale,
+        lat_whole.offset,
+        lat_whole.counts,
+    )
+    for got, want in zip(merged.features, whole.features, strict=True):
+        assert (got.n, got.nan, got.out_of_range, got.counts) == (
+            want.n,
+            want.nan,
+            want.out_of_range,
+            want.counts,
+        )
+        assert (got.min, got.max) == (want.min, want.max)
+        assert got.mean == pytest.approx(want.mean, rel=1e-12)
+        assert got.m2 == pytest.approx(want.m2, rel=1e-9)
+
+
+def test_aggregates_merge_like_the_windows_inside_them() -> None:
+    X, _ = generate(1200, 22)
+    latencies = np.full(1200, 3.0)
+    windows = [
+        _window(X[i], latencies[i], device=f"pump-{k % 3}")
+        for k, i in enumerate(np.array_split(np.arange(1200), 6))
+    ]
+    per_device = [
+        merge_windows([w for w in windows if w.device_id == d])
+        for d in ("pump-0", "pump-1", "pump-2")
+    ]
+    fleet = merge_windows(per_device)
+    flat = merge_windows(windows)
+    assert isinstance(fleet, WindowAggregate)
+    assert fleet.windows == flat.windows == 6
+    assert [f.counts for f in fleet.features] == [f.counts for f in flat.features]
+    assert fleet.latency_ms == flat.latency_ms
+
+
+def test_windows_over_different_baselines_do_not_merge() -> None:
+    X, _ = generate(100, 23)
+    a = _window(X, np.ones(100))
+    other_edges = [[e + 1.0 for e in row] for row in EDGES_16]
+    b = _window(X, np.ones(100), edges=other_edges)
+    with pytest.raises(WindowMergeError, match="baselines"):
+        merge_windows([a, b])
+    with pytest.raises(WindowMergeError, match="no windows"):
+        merge_windows([])
+
+
+def test_a_window_whose_counts_do_not_add_up_is_invalid() -> None:
+    X, _ = generate(50, 24)
+    w = _window(X, np.ones(50))
+    bad = w.features[0].model_copy(update={"n": w.features[0].n + 1})
+    with pytest.raises(ValueError, match="bin counts sum"):
+        WindowSummary.model_validate({**w.model_dump(), "features": [bad, *w.features[1:]]})
+
+
+# -- the codec ----------------------------------------------------------------------
+
+
+def _assert_close_round_trip(got: WindowSummary, want: WindowSummary) -> None:
+    assert got.model_dump(exclude={"features"}) == want.model_dump(exclude={"features"})
+    for g, w in zip(got.features, want.features, strict=True):
+        assert (g.n, g.nan, g.out_of_range, g.counts, g.min, g.max) == (
+            w.n,
+            w.nan,
+            w.out_of_range,
+            w.counts,
+            w.min,
+            w.max,
+        )
+        spread = (w.max - w.min) if w.max is not None and w.min is not None else 0.0
+        assert abs(g.mean - w.mean) <= 1e-7 * spread + 1e-12 * abs(w.mean)
+        assert g.m2 == pytest.approx(w.m2, rel=1e-7)
+
+
+def test_round_trip_keeps_counts_and_extremes_exact_and_moments_to_float32() -> None:
+    X, _ = generate(600, 31)
+    w = _window(X, np.random.default_rng(1).lognormal(0.5, 0.4, 600), scores=_v2_scores(X))
+    _assert_close_round_trip(decode_window(encode_window(w)), w)
+
+
+def test_round_trip_of_unusual_features_is_exact() -> None:
+    rng = np.random.default_rng(4)
+    X = np.column_stack(
+        [
+            rng.normal(size=40),  # float64 values: sent wide, exactly
+            np.full(40, 2.5),  # constant
+            np.full(40, np.nan),  # no values at all
+            np.where(rng.random(40) < 0.2, np.nan, rng.normal(1e6, 1.0, 40).astype(np.float32)),
+            rng.integers(0, 3, 40).astype(np.float64),  # few distinct values, fewer bins
+        ]
+    )
+    edges = [quantile_edges(rng.normal(size=1000)), [2.0, 3.0], [0.0], [1e6], [1.0, 2.0]]
+    ranges: list[tuple[float | None, float | None]] = [
+        (-1.0, 1.0),
+        (None, None),
+        (0, 1),
+        (None, 1e6),
+        (0, 1),
+    ]
+    w = _window(X, np.array([]), edges=edges, ranges=ranges).model_copy(
+        update={"cohort_id": "canary", "plan_id": "plan-7", "served": {}, "errors": 0}
+    )
+    got = decode_window(encode_window(w))
+    _assert_close_round_trip(got, w)
+    assert got.features[0] == w.features[0]
+    assert got.features[1] == w.features[1].model_copy(update={"mean": 2.5})
+    assert got.features[2] == w.features[2]
+    assert got.latency_ms == ExponentialHistogram()
+    assert (got.cohort_id, got.plan_id, got.scores) == ("canary", "plan-7", None)
+
+
+@pytest.mark.parametrize("rows", [60, 600])
+def test_a_day_of_32_feature_windows_fits_in_two_megabytes(rows: int) -> None:
+    X = np.hstack([generate(rows, rows)[0], generate(rows, rows + 1)[0]])
+    w = _window(
+        X,
+        np.random.default_rng(rows).lognormal(0.5, 0.4, rows),
+        edges=EDGES_16 * 2,
+        ranges=RANGES_16 * 2,
+        scores=_v2_scores(X[:, :16]),
+    )
+    payload = encode_window(w)
+    per_day = (len(payload) + WIRE_OVERHEAD) * WINDOWS_PER_DAY
+    assert per_day <= DAILY_BUDGET, f"{len(payload)} bytes a window, {per_day} a day"
+    # The same window as JSON, for scale: several times larger.
+    assert len(w.model_dump_json()) > 4 * len(payload)
+
+
+_FILTERS = [{"id": lzma.FILTER_LZMA2, "dict_size": 4096, "lc": 1, "lp": 0, "pb": 0}]
+
+
+def _frame(body: bytes) -> bytes:
+    """A well-formed envelope (magic, version, CRC, LZMA2) around any body."""
+    return (
+        WINDOW_MAGIC
+        + bytes([WINDOW_CODEC_VERSION])
+        + struct.pack("<I", zlib.crc32(body))
+        + lzma.compress(body, format=lzma.FORMAT_RAW, filters=_FILTERS)
+    )
+
+
+def _body(encoded: bytes) -> bytes:
+    return lzma.decompress(encoded[8:], format=lzma.FORMAT_RAW, filters=_FILTERS)
+
+
+def test_garbage_is_refused_with_a_clear_error() -> None:
+    X, _ = generate(30, 32)
+    good = encode_window(_window(X, np.ones(30), scores=np.eye(4)[np.arange(30) % 4]))
+    wrong_crc = bytearray(good)
+    wrong_crc[5] ^= 0x01
+    cases = {
+        b"": "bad magic",
+        b'{"v": 1}': "bad magic",
+        WINDOW_MAGIC + b"\x09" + good[4:]: "version 9 is not supported",
+        good[:6]: "truncated in its header",
+        good[:8] + b"\xffgarbage": "corrupt",
+        bytes(wrong_crc): "CRC-32 does not match",
+        good + b"tail": "trailing bytes",
+        _frame(bytes(2 << 20)): "larger than",
+        _frame(_body(good) + b"\x00"): "unexpected bytes after the last feature",
+    }
+    for data, message in cases.items():
+        with pytest.raises(WindowCodecError, match=message):
+            decode_window(data)
+    for cut in range(len(good)):
+        with pytest.raises(WindowCodecError):
+            decode_window(good[:cut])
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0x40
+    with pytest.raises(WindowCodecError):
+        decode_window(bytes(flipped))
+
+
+def test_well_compressed_nonsense_is_refused_with_a_codec_error() -> None:
+    rng = np.random.default_rng(8)
+    body = _body(encode_window(_window(generate(30, 33)[0], np.ones(30))))
+    for _ in range(300):
+        mutated = bytearray(body)
+        for i in rng.integers(0, len(body), 3):
+            mutated[i] = int(rng.integers(0, 256))
+        data = _frame(bytes(mutated))
+        # Either a valid window or a codec error; any other exception fails the test.
+        with contextlib.suppress(WindowCodecError):
+            decode_window(data)
+    random_bodies = [
+        rng.integers(0, 256, int(n)).astype(np.uint8).tobytes() for n in rng.integers(0, 400, 200)
+    ]
+    for raw in random_bodies:
+        with pytest.raises(WindowCodecError):
+            decode_window(_frame(raw))
+
+
+def test_feature_summary_with_counts_not_matching_n_cannot_be_encoded() -> None:
+    with pytest.raises(ValueError):
+        WindowSummary(
+            window_id="w1",
+            device_id="d1",
+            model_name="m",
+            model_version="1.0.0",
+            baseline_id="b",
+            start=0.0,
+            end=1.0,
+            requests=1,
+            features=[FeatureSummary(n=2, nan=0, out_of_range=0, counts=[1, 0])],
+        )
