@@ -178,6 +178,8 @@ def mosquitto_conf(
         "allow_anonymous false",
         f"password_file {passwd_path}",
         f"acl_file {acl_path}",
+        # The default (1000) silently drops device messages queued for a busy server.
+        "max_queued_messages 100000",
     ]
     for listener in listeners(port, tls, bind_address):
         lines += [

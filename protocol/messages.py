@@ -17,6 +17,9 @@ MESSAGE_SCHEMA_VERSION = 1
 
 _DeviceId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
 _Short = Annotated[str, Field(max_length=256)]
+# Times are seconds since the epoch before 2100; counters fit a signed 64-bit column.
+_Time = Annotated[float, Field(ge=0, le=4_102_444_800)]
+_Count = Annotated[int, Field(ge=0, le=2**63 - 1)]
 
 
 class _Message(BaseModel):
@@ -25,7 +28,7 @@ class _Message(BaseModel):
     v: Literal[1] = 1
     device_id: _DeviceId
     message_id: Annotated[str, Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
-    sent_at: float = Field(ge=0)
+    sent_at: _Time
 
 
 class BundleRef(BaseModel):
@@ -35,7 +38,7 @@ class BundleRef(BaseModel):
 
     name: _Short
     version: _Short
-    release_counter: int = Field(ge=0)
+    release_counter: _Count
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
 
 
@@ -46,7 +49,7 @@ class InstallOutcome(BaseModel):
     bundle: BundleRef
     reason: _Short | None = None
     message: Annotated[str, Field(max_length=2000)] | None = None
-    at: float
+    at: _Time
 
 
 class ReportedState(_Message):
@@ -57,7 +60,7 @@ class ReportedState(_Message):
     hardware_id: _Short
     active: BundleRef | None = None
     previous: BundleRef | None = None
-    installed_counter: int = Field(ge=0)
+    installed_counter: _Count
     phase: Literal["idle", "downloading", "verified", "staging", "staged", "trial"]
     installing: BundleRef | None = None
     last_outcome: InstallOutcome | None = None
@@ -68,7 +71,7 @@ class DeviceEvent(_Message):
 
     kind: Literal["event"] = "event"
     event: Annotated[str, Field(min_length=1, max_length=64)]
-    at: float = Field(ge=0)
+    at: _Time
     details: dict[str, Any] = Field(default_factory=dict, max_length=32)
 
 
@@ -76,8 +79,8 @@ class Heartbeat(_Message):
     """I am alive, and this is how serving goes."""
 
     kind: Literal["heartbeat"] = "heartbeat"
-    uptime_s: float = Field(ge=0)
-    served: dict[str, int] = Field(default_factory=dict, max_length=8)
+    uptime_s: float = Field(ge=0, le=1e10)
+    served: dict[str, _Count] = Field(default_factory=dict, max_length=8)
 
 
 class Presence(_Message):
@@ -100,9 +103,9 @@ class DesiredState(BaseModel):
 
     v: Literal[1] = 1
     device_id: _DeviceId
-    director_version: int = Field(ge=0)
+    director_version: _Count
     bundle: BundleRef | None = None
-    issued_at: float = Field(ge=0)
+    issued_at: _Time
 
 
 DeviceMessage = Annotated[

@@ -10,6 +10,7 @@ transaction; events are keyed by ``message_id`` so a message delivered twice
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -50,11 +51,16 @@ def classify(topic: str, payload: bytes, max_bytes: int) -> Accepted | Dropped:
     if len(payload) > max_bytes:
         return Dropped("oversized", f"{len(payload)} bytes on {topic}")
     try:
-        raw = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return Dropped("malformed-json", f"{topic}: {exc}")
+        # parse_constant refuses NaN/Infinity literals, which no database column stores.
+        raw = json.loads(payload, parse_constant=_no_constants, parse_float=_finite)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # ValueError covers JSONDecodeError and integers too long to convert;
+        # RecursionError, nesting deeper than the parser goes.
+        return Dropped("malformed-json", f"{topic}: {type(exc).__name__}: {str(exc)[:200]}")
     if not isinstance(raw, dict):
         return Dropped("invalid-payload", f"{topic}: not a JSON object")
+    if b"\\u0000" in payload.lower():
+        return Dropped("invalid-payload", f"{topic}: a string holds a NUL character")
     if raw.get("device_id") is not None and raw.get("device_id") != device_id:
         # Checked before the schema so a spoof is named as one.
         return Dropped(
@@ -76,62 +82,92 @@ def classify(topic: str, payload: bytes, max_bytes: int) -> Accepted | Dropped:
     return Accepted(device_id, channel, message)
 
 
+def _no_constants(name: str) -> float:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} does not fit a double")
+    return value
+
+
 def _at(seconds: float) -> datetime:
     return datetime.fromtimestamp(seconds, UTC)
 
 
-async def write_batch(
-    db: Database, batch: Sequence[Accepted], metrics: Metrics, replica: str
-) -> None:
-    """Store one batch in one transaction; messages from unknown devices are dropped."""
+@dataclass
+class BatchResult:
+    """What one batch did, counted only once its transaction committed."""
+
+    ingested: dict[str, int]
+    dropped: dict[str, int]
+
+
+async def write_batch(db: Database, batch: Sequence[Accepted], replica: str) -> BatchResult:
+    """Store one batch in one transaction; messages from unknown devices are dropped.
+
+    Device rows are updated once per device, in device-id order, and events are
+    inserted in message-id order, so replicas writing overlapping batches take
+    row locks in the same order and cannot deadlock.
+    """
     now = datetime.now(UTC)
+    result = BatchResult(ingested={}, dropped={})
     async with db.session() as session:
         ids = {a.device_id for a in batch}
         known = set((await session.scalars(select(Device.id).where(Device.id.in_(ids)))).all())
-        events = []
+        updates: dict[str, dict[str, object]] = {}
+        events: dict[str, dict[str, object]] = {}
         for item in batch:
             if item.device_id not in known:
-                metrics.messages_dropped.labels("unknown-device").inc()
+                result.dropped["unknown-device"] = result.dropped.get("unknown-device", 0) + 1
                 continue
             msg = item.message
-            values: dict[str, object] = {"last_seen_at": now}
+            values = updates.setdefault(item.device_id, {})
+            values["last_seen_at"] = now
             if isinstance(msg, DeviceEvent):
-                events.append(
-                    {
-                        "message_id": msg.message_id,
-                        "device_id": msg.device_id,
-                        "kind": "event",
-                        "event": msg.event,
-                        "at": _at(msg.at),
-                        "received_at": now,
-                        "details": msg.details,
-                        "ingested_by": replica,
-                    }
-                )
+                events[msg.message_id] = {
+                    "message_id": msg.message_id,
+                    "device_id": msg.device_id,
+                    "kind": "event",
+                    "event": msg.event,
+                    "at": _at(msg.at),
+                    "received_at": now,
+                    "details": msg.details,
+                    "ingested_by": replica,
+                }
             elif isinstance(msg, Presence):
                 values["online"] = msg.online
             elif isinstance(msg, Heartbeat):
                 values["online"] = True
             elif isinstance(msg, ReportedState):
-                values.update(
-                    agent_version=msg.agent_version,
-                    active_bundle=f"{msg.active.name} {msg.active.version}" if msg.active else None,
-                    installed_counter=msg.installed_counter,
-                    phase=msg.phase,
-                    reported=msg.model_dump(mode="json"),
-                    reported_at=_at(msg.sent_at),
-                )
+                previous = values.get("reported_at")
+                stamp = _at(msg.sent_at)
+                if not isinstance(previous, datetime) or stamp >= previous:
+                    values.update(
+                        agent_version=msg.agent_version,
+                        active_bundle=(
+                            f"{msg.active.name} {msg.active.version}" if msg.active else None
+                        ),
+                        installed_counter=msg.installed_counter,
+                        phase=msg.phase,
+                        reported=msg.model_dump(mode="json"),
+                        reported_at=stamp,
+                    )
+            result.ingested[item.channel] = result.ingested.get(item.channel, 0) + 1
+        for device_id in sorted(updates):
             await session.execute(
-                update(Device).where(Device.id == item.device_id).values(**values)
+                update(Device).where(Device.id == device_id).values(**updates[device_id])
             )
-            metrics.messages_ingested.labels(item.channel).inc()
         if events:
             insert = pg_insert if db.is_postgres else sqlite_insert
             await session.execute(
                 insert(DeviceEventRow)
-                .values(events)
+                .values([events[k] for k in sorted(events)])
                 .on_conflict_do_nothing(index_elements=["message_id"])
             )
+    return result
 
 
 async def sweep_offline(db: Database, metrics: Metrics, timeout_s: float) -> None:

@@ -2,7 +2,10 @@
 
 One aiomqtt client per replica. With shared subscriptions (``$share/edgefleet/...``)
 the broker gives each device message to one replica, so replicas split the
-ingest; a replica that dies loses nothing that was not acknowledged. The
+ingest. A message is acknowledged to the broker when it arrives, before it is
+written, and sessions are clean: messages a replica had received but not yet
+written are lost if it dies (events are few and carry ids; the next state and
+heartbeat supersede the lost ones). The
 connection is retried with jittered backoff; desired states published while
 disconnected are sent on reconnect, and every assigned device's desired state
 is published again on connect (retained messages do not survive a broker
@@ -25,7 +28,7 @@ from fleet_server.config import ServerConfig
 from fleet_server.db import Database
 from fleet_server.db.models import Device, Release
 from fleet_server.metrics import Metrics
-from fleet_server.mqtt.ingest import Accepted, Dropped, classify, write_batch
+from fleet_server.mqtt.ingest import Accepted, BatchResult, Dropped, classify, write_batch
 from protocol.messages import BundleRef, DesiredState
 from protocol.topics import desired_topic, ingest_subscriptions
 
@@ -42,6 +45,7 @@ class ServerMqtt:
         self.queue: asyncio.Queue[Accepted] = asyncio.Queue(maxsize=50_000)
         self._client: aiomqtt.Client | None = None
         self._pending: dict[str, DesiredState] = {}
+        self._drops: dict[str, int] = {}
         self.connected = asyncio.Event()
 
     def _client_args(self) -> dict[str, object]:
@@ -105,12 +109,24 @@ class ServerMqtt:
                 if isinstance(message.payload, bytes | bytearray)
                 else (str(message.payload).encode() if message.payload is not None else b"")
             )
-            verdict = classify(str(message.topic), bytes(payload), self.config.max_message_bytes)
+            try:
+                verdict = classify(
+                    str(message.topic), bytes(payload), self.config.max_message_bytes
+                )
+            except Exception as exc:  # no message may stop the ingest
+                verdict = Dropped("unreadable", f"{type(exc).__name__}: {exc}")
             if isinstance(verdict, Dropped):
-                self.metrics.messages_dropped.labels(verdict.reason).inc()
-                log.debug("dropped a message: %s (%s)", verdict.reason, verdict.detail)
+                self._drop(verdict.reason, verdict.detail)
                 continue
             await self.queue.put(verdict)
+
+    def _drop(self, reason: str, detail: str, count: int = 1) -> None:
+        self.metrics.messages_dropped.labels(reason).inc(count)
+        seen = self._drops.get(reason, 0)
+        self._drops[reason] = seen + count
+        # The first few of each reason are logged in full, then one in a thousand.
+        if seen < 10 or (seen + count) // 1000 > seen // 1000:
+            log.info("dropped a device message (%s, %d so far): %s", reason, seen + count, detail)
 
     async def _writer(self, stop: asyncio.Event) -> None:
         while not (stop.is_set() and self.queue.empty()):
@@ -128,13 +144,33 @@ class ServerMqtt:
                     batch.append(await asyncio.wait_for(self.queue.get(), remaining))
                 except TimeoutError:
                     break
-            try:
-                await write_batch(self.db, batch, self.metrics, self.config.replica_id)
-            except Exception:
-                log.exception("writing %d device messages failed; retrying them", len(batch))
-                for item in batch:
-                    self.queue.put_nowait(item)
-                await asyncio.sleep(1.0)
+            await self._store(batch)
+
+    async def _store(self, batch: list[Accepted]) -> None:
+        """Write a batch; if it fails, write its messages one by one and drop the poison."""
+        try:
+            self._count(await write_batch(self.db, batch, self.config.replica_id))
+            return
+        except Exception as exc:
+            log.warning(
+                "writing %d device messages failed (%s); writing them one by one", len(batch), exc
+            )
+        for item in batch:
+            for attempt in range(3):
+                try:
+                    self._count(await write_batch(self.db, [item], self.config.replica_id))
+                    break
+                except Exception as exc:
+                    if attempt == 2:  # a message the database will not take: drop it, counted
+                        self._drop("unstorable", f"{item.device_id}/{item.channel}: {exc}")
+                    else:
+                        await asyncio.sleep(0.5 * (attempt + 1))
+
+    def _count(self, result: BatchResult) -> None:
+        for channel, n in result.ingested.items():
+            self.metrics.messages_ingested.labels(channel).inc(n)
+        for reason, n in result.dropped.items():
+            self._drop(reason, f"{n} message(s) from unregistered devices", n)
 
     async def publish_desired(self, desired: DesiredState) -> None:
         """Publish a device's desired state, retained (later if disconnected)."""
