@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-from benchmarks import agent_inference, agent_memory, verify_bundle
+from benchmarks import (
+    agent_inference,
+    agent_memory,
+    director_signing,
+    server_ingest,
+    verify_bundle,
+)
 
 BENCHMARKS = [
     ("verify a 50 MB bundle vs sha256sum", verify_bundle.main),
     ("local inference paths vs a bare interpreter call", agent_inference.main),
     ("agent memory, import shares and time to ready", agent_memory.main),
+    ("server ingest from the broker vs a bare paho subscriber", server_ingest.main),
+    ("director metadata for 10,000 devices vs bare signatures and writes", director_signing.main),
 ]
 
 

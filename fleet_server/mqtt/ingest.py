@@ -156,16 +156,24 @@ async def write_batch(db: Database, batch: Sequence[Accepted], replica: str) -> 
                         reported_at=stamp,
                     )
             result.ingested[item.channel] = result.ingested.get(item.channel, 0) + 1
+        # Devices that only said "alive" (heartbeats, presence, events) share one UPDATE;
+        # a reported state is a statement of its own.
+        groups: dict[tuple[tuple[str, object], ...], list[str]] = {}
         for device_id in sorted(updates):
+            values = updates[device_id]
+            if "reported" in values:
+                await session.execute(update(Device).where(Device.id == device_id).values(**values))
+            else:
+                groups.setdefault(tuple(sorted(values.items())), []).append(device_id)
+        for key, device_ids in sorted(groups.items(), key=lambda g: g[1][0]):
             await session.execute(
-                update(Device).where(Device.id == device_id).values(**updates[device_id])
+                update(Device).where(Device.id.in_(device_ids)).values(**dict(key))
             )
         if events:
             insert = pg_insert if db.is_postgres else sqlite_insert
             await session.execute(
-                insert(DeviceEventRow)
-                .values([events[k] for k in sorted(events)])
-                .on_conflict_do_nothing(index_elements=["message_id"])
+                insert(DeviceEventRow).on_conflict_do_nothing(index_elements=["message_id"]),
+                [events[k] for k in sorted(events)],
             )
     return result
 

@@ -137,13 +137,12 @@ class ServerMqtt:
             batch = [first]
             deadline = time.monotonic() + self.config.ingest_batch_delay_s
             while len(batch) < self.config.ingest_batch_size:
+                while len(batch) < self.config.ingest_batch_size and not self.queue.empty():
+                    batch.append(self.queue.get_nowait())  # what is queued, no task per message
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if len(batch) >= self.config.ingest_batch_size or remaining <= 0:
                     break
-                try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), remaining))
-                except TimeoutError:
-                    break
+                await asyncio.sleep(min(remaining, 0.005))
             await self._store(batch)
 
     async def _store(self, batch: list[Accepted]) -> None:

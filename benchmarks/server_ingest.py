@@ -1,0 +1,646 @@
+"""Ingest throughput of a real ``fleet-server`` against a bare paho subscriber, in one run.
+
+Every consumer drains the same kind of backlog from the same broker: a
+publisher process puts ``MESSAGES`` valid messages from ``DEVICES`` registered
+devices — :class:`~protocol.messages.DeviceEvent` and
+:class:`~protocol.messages.Heartbeat` alternating, QoS 1 — into the broker
+while the consumer is connected and subscribed but stopped (``SIGSTOP``), so
+the broker holds them in the consumer's session queue; the consumer is then
+resumed (``SIGCONT``) and timed until the last message has landed. This times
+the consumer alone, not the publisher.
+
+- *paho*: a plain ``paho.mqtt.client`` subscribed at QoS 1 to the server's
+  shared-subscription filters, counting messages and nothing else; it takes
+  the time of its last message itself. The baseline.
+- *aiomqtt*: the same through aiomqtt on an event loop, the MQTT library the
+  server uses: the floor of any ingest built on it.
+- *server*: ``fleet-server --data DIR --db URL --mqtt URL`` as a user runs it,
+  with its shared subscription, the devices registered through
+  ``POST /api/v1/devices``. The stream ends with an event and one replica
+  writes its batches in the order it received them, so the stream has landed
+  when that event's row is in the database; the benchmark looks it up every
+  ``POLL_S`` on a connection of its own (not through the server, which the
+  polling would slow). The server's ingest counter must then have counted
+  exactly the stream, nothing dropped, and after the last round the rows are
+  checked against what was published (one ``device_events`` row per event,
+  every device seen).
+
+Each consumer runs as its own process only during its own rounds, so it
+never sees another's stream; the order of the three rotates from round to
+round. The broker is a private Mosquitto on a free port, with Mosquitto's
+defaults except a session queue large enough for the backlog (its default,
+1000 queued messages per client, would drop most of it). The run is repeated
+for SQLite and for a temporary PostgreSQL database (``EDGEFLEET_BENCH_POSTGRES``
+names the server, default ``postgresql://postgres@127.0.0.1:5432``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import urllib3
+from paho.mqtt.enums import CallbackAPIVersion
+
+from protocol.messages import DeviceEvent, Heartbeat
+from protocol.topics import device_topic, ingest_subscriptions
+
+DEVICES = 500
+MESSAGES = 15_000  # per round and consumer
+WARM_UP = 3_000  # messages of the first round, not counted
+ROUNDS = 3  # per database, after the warm-up round
+POLL_S = 0.005
+HARDWARE = "bench-hw"
+GOAL = 0.3
+SERVER_COMMAND = [sys.executable, "-m", "fleet_server.cli"]
+POSTGRES_SERVER = os.environ.get("EDGEFLEET_BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
+
+_INGESTED = re.compile(r"^edgefleet_mqtt_messages_ingested_total\{[^}]*\} (\S+)$", re.M)
+_DROPPED = re.compile(r"^edgefleet_mqtt_messages_dropped_total\{[^}]*\} (\S+)$", re.M)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(
+    what: str, probe: Callable[[], object], timeout: float = 60.0, every: float = 0.05
+) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = probe()
+        if value:
+            return value
+        time.sleep(every)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# -- the broker --------------------------------------------------------------
+
+
+@contextmanager
+def private_mosquitto(workdir: Path) -> Iterator[int]:
+    """A Mosquitto of our own on a free port; yields the port."""
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    port = free_port()
+    conf = workdir / "mosquitto.conf"
+    lines = [
+        f"listener {port} 127.0.0.1",
+        "allow_anonymous true",
+        "persistence false",
+        # Room for the whole backlog; everything else is Mosquitto's default.
+        f"max_queued_messages {MESSAGES * 4}",
+    ]
+    if os.geteuid() == 0:
+        lines.insert(0, f"user {getpass.getuser()}")
+    conf.write_text("\n".join(lines) + "\n")
+    log = (workdir / "mosquitto.log").open("wb")
+    broker = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    try:
+
+        def listening() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                return True
+            except OSError:
+                return False
+
+        wait_until("mosquitto", listening, timeout=10)
+        yield port
+    finally:
+        broker.terminate()
+        broker.wait(10)
+
+
+# -- the databases -------------------------------------------------------------
+
+
+async def _postgres_admin(statement: str) -> None:
+    import asyncpg
+
+    connection = await asyncpg.connect(f"{POSTGRES_SERVER}/postgres", timeout=10)
+    try:
+        await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+@contextmanager
+def database(kind: str, directory: Path) -> Iterator[str]:
+    """The URL of an empty database: a SQLite file, or a temporary PostgreSQL database."""
+    if kind == "sqlite":
+        yield f"sqlite:///{directory / 'fleet.db'}"
+        return
+    name = f"edgefleet_bench_{secrets.token_hex(6)}"
+    asyncio.run(_postgres_admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield f"{POSTGRES_SERVER}/{name}"
+    finally:
+        asyncio.run(_postgres_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def stored(db_url: str) -> tuple[int, int]:
+    """(device_events rows, devices seen at least once) in the database."""
+    with EventLookup(db_url) as db:
+        return db.fetch("SELECT count(*) FROM device_events"), db.fetch(
+            "SELECT count(*) FROM devices WHERE last_seen_at IS NOT NULL"
+        )
+
+
+class EventLookup:
+    """A connection of the benchmark's own to the server's database, for cheap lookups."""
+
+    def __init__(self, db_url: str) -> None:
+        self.db_url = db_url
+
+    def __enter__(self) -> EventLookup:
+        if self.db_url.startswith("sqlite:///"):
+            self._sqlite = sqlite3.connect(self.db_url.removeprefix("sqlite:///"))
+        else:
+            import asyncpg
+
+            self._loop = asyncio.new_event_loop()
+            self._pg = self._loop.run_until_complete(asyncpg.connect(self.db_url))
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self.db_url.startswith("sqlite:///"):
+            self._sqlite.close()
+        else:
+            self._loop.run_until_complete(self._pg.close())
+            self._loop.close()
+
+    def fetch(self, sql: str, *args: object) -> Any:
+        """The first column of the first row (``None`` if there is none)."""
+        if self.db_url.startswith("sqlite:///"):
+            row = self._sqlite.execute(sql.replace("$1", "?"), args).fetchone()
+            return row[0] if row else None
+        return self._loop.run_until_complete(self._pg.fetchval(sql, *args))
+
+    def has_event(self, message_id: str) -> bool:
+        sql = "SELECT 1 FROM device_events WHERE message_id = $1"
+        return self.fetch(sql, message_id) is not None
+
+
+# -- the stream ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stream:
+    """A file of ``topic<TAB>payload`` lines to publish, and what it holds."""
+
+    path: Path
+    messages: int
+    events: int
+    last_message_id: str  # an event's: its row in the database marks the end of the stream
+
+
+def write_stream(path: Path, device_ids: list[str], tag: str, messages: int) -> Stream:
+    """``messages`` messages, events and heartbeats alternating, the last one an event."""
+    now = time.time()
+    events = 0
+    with path.open("w") as f:
+        for i in range(messages):
+            device_id = device_ids[i % len(device_ids)]
+            message_id = f"{tag}-{i:07d}"
+            if (messages - 1 - i) % 2 == 0:
+                events += 1
+                message: DeviceEvent | Heartbeat = DeviceEvent(
+                    device_id=device_id,
+                    message_id=message_id,
+                    sent_at=now,
+                    event="inference.window",
+                    at=now,
+                    details={"window": i, "served": 120, "fallbacks": 0},
+                )
+                topic = device_topic(device_id, "events")
+            else:
+                message = Heartbeat(
+                    device_id=device_id,
+                    message_id=message_id,
+                    sent_at=now,
+                    uptime_s=float(i),
+                    served={"pump-health": i},
+                )
+                topic = device_topic(device_id, "heartbeat")
+            f.write(f"{topic}\t{message.model_dump_json()}\n")
+    return Stream(path, messages, events, message_id)
+
+
+def _paho_client(client_id: str) -> mqtt.Client:
+    return mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311)
+
+
+def publish(port: int, stream: Path) -> None:
+    """Publish every line of ``stream`` at QoS 1; return once the broker acknowledged all."""
+    lines = [line.split("\t", 1) for line in stream.read_text().splitlines()]
+    client = _paho_client(f"bench-publisher-{os.getpid()}")
+    client.max_inflight_messages_set(1000)
+    client.max_queued_messages_set(0)
+    acked = 0
+    done = threading.Event()
+
+    def on_publish(*_args: object) -> None:
+        nonlocal acked
+        acked += 1
+        if acked == len(lines):
+            done.set()
+
+    client.on_publish = on_publish
+    client.connect("127.0.0.1", port, keepalive=60)
+    client.loop_start()
+    for topic, payload in lines:
+        client.publish(topic, payload.encode(), qos=1)
+    if not done.wait(120):
+        raise SystemExit(f"the broker acknowledged {acked} of {len(lines)} messages")
+    client.disconnect()
+    client.loop_stop()
+
+
+def count(port: int, expect: int) -> None:
+    """The bare consumer: subscribe like the server, count ``expect`` messages, print the time."""
+    client = _paho_client(f"bench-paho-{os.getpid()}")
+    topics = ingest_subscriptions(shared=True)
+    subscribed, done = threading.Event(), threading.Event()
+    received = 0
+
+    def on_connect(c, _userdata, _flags, _reason, _properties) -> None:  # type: ignore[no-untyped-def]
+        c.subscribe([(t, 1) for t in topics])
+
+    def on_subscribe(*_args: object) -> None:
+        subscribed.set()
+
+    def on_message(_client, _userdata, _message) -> None:  # type: ignore[no-untyped-def]
+        nonlocal received
+        received += 1
+        if received == expect:
+            print(f"done {time.monotonic()!r}", flush=True)
+            done.set()
+
+    client.on_connect = on_connect
+    client.on_subscribe = on_subscribe
+    client.on_message = on_message
+    client.connect("127.0.0.1", port, keepalive=60)
+    client.loop_start()
+    if not subscribed.wait(30):
+        raise SystemExit("no SUBACK from the broker")
+    print("ready", flush=True)
+    done.wait()
+    client.disconnect()
+    client.loop_stop()
+
+
+def count_aiomqtt(port: int, expect: int) -> None:
+    """The same as :func:`count` through aiomqtt, the server's MQTT library, on an event loop."""
+    import aiomqtt
+
+    async def consume() -> None:
+        async with aiomqtt.Client(
+            "127.0.0.1", port, identifier=f"bench-aiomqtt-{os.getpid()}", keepalive=60
+        ) as client:
+            for topic in ingest_subscriptions(shared=True):
+                await client.subscribe(topic, qos=1)
+            print("ready", flush=True)
+            received = 0
+            async for _message in client.messages:
+                received += 1
+                if received == expect:
+                    print(f"done {time.monotonic()!r}", flush=True)
+                    return
+
+    asyncio.run(consume())
+
+
+def _helper(*args: str) -> list[str]:
+    return [sys.executable, "-m", "benchmarks.server_ingest", *args]
+
+
+def run_publisher(port: int, stream: Path) -> float:
+    started = time.perf_counter()
+    subprocess.run(_helper("--publish", str(port), str(stream)), check=True)
+    return time.perf_counter() - started
+
+
+# -- the consumers ---------------------------------------------------------------
+
+
+@dataclass
+class Drain:
+    """One consumer draining one backlog."""
+
+    messages: int
+    seconds: float
+    cpu_s: float
+    publish_s: float
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds
+
+    @property
+    def cpu_us(self) -> float:
+        """CPU time of the consumer process per message."""
+        return self.cpu_s / self.messages * 1e6
+
+
+def drain_subscriber(port: int, stream: Stream, library: str) -> Drain:
+    """A subscriber process (``paho`` or ``aiomqtt``) that only counts, draining ``stream``."""
+    proc = subprocess.Popen(
+        _helper(f"--count-{library}", str(port), str(stream.messages)),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    try:
+        if proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the {library} subscriber did not subscribe")
+        os.kill(proc.pid, signal.SIGSTOP)
+        publish_s = run_publisher(port, stream.path)
+        cpu_before = cpu_seconds(proc.pid)
+        started = time.monotonic()
+        os.kill(proc.pid, signal.SIGCONT)
+        line = proc.stdout.readline().split()
+        cpu = cpu_seconds(proc.pid) - cpu_before
+        if not line or line[0] != "done":
+            raise RuntimeError(f"the {library} subscriber did not receive the whole stream")
+        ended = float(line[1])
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.kill()
+            proc.wait()
+    return Drain(stream.messages, ended - started, cpu, publish_s)
+
+
+class Server:
+    """``fleet-server`` processes on one data folder and database."""
+
+    def __init__(self, workdir: Path, db_url: str, port: int) -> None:
+        self.data = workdir / "server"
+        self.db_url = db_url
+        self.broker_port = port
+        self.http = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(5, 30))
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = workdir / "server.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self) -> None:
+        self.http_port = free_port()
+        log = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            [
+                *SERVER_COMMAND,
+                "--data",
+                str(self.data),
+                "--db",
+                self.db_url,
+                "--mqtt",
+                f"mqtt://127.0.0.1:{self.broker_port}",
+                "--http",
+                f"127.0.0.1:{self.http_port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+
+        def healthy() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"fleet-server exited; see {self.log}")
+            try:
+                return self.http.request("GET", f"{self.url}/healthz").status == 200
+            except urllib3.exceptions.HTTPError:
+                return False
+
+        wait_until("the fleet server", healthy)
+        self.token = (self.data / "admin.token").read_text().strip()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def register(self, device_ids: list[str]) -> None:
+        for device_id in device_ids:
+            r = self.http.request(
+                "POST",
+                f"{self.url}/api/v1/devices",
+                body=json.dumps({"device_id": device_id, "hardware_id": HARDWARE}),
+                headers={
+                    "Authorization": f"Bearer {self.token}",
+                    "Content-Type": "application/json",
+                },
+            )
+            if r.status != 201:
+                raise RuntimeError(f"registering {device_id}: {r.status} {r.data[:200]!r}")
+
+    def counters(self) -> tuple[float, float]:
+        """(messages ingested, messages dropped) since this process started."""
+        text = self.http.request("GET", f"{self.url}/metrics").data.decode()
+        return (
+            sum(float(v) for v in _INGESTED.findall(text)),
+            sum(float(v) for v in _DROPPED.findall(text)),
+        )
+
+    def drain(self, stream: Stream, probe_device: str) -> Drain:
+        """Start a server, fill its queue while it is stopped, time it to the last message.
+
+        The stream's last message is an event, and one replica writes its batches
+        in the order it received them, so the stream has landed when that
+        event's row is in the database; the ingest counter confirms it after.
+        """
+        self.start()
+        assert self.proc is not None
+        try:
+            # The subscription is in place once a message goes all the way through.
+            probe = Heartbeat(
+                device_id=probe_device,
+                message_id=f"probe-{secrets.token_hex(8)}",
+                sent_at=time.time(),
+                uptime_s=0.0,
+            )
+            probe_file = stream.path.with_name("probe.txt")
+            probe_file.write_text(
+                f"{device_topic(probe_device, 'heartbeat')}\t{probe.model_dump_json()}\n"
+            )
+            run_publisher(self.broker_port, probe_file)
+            wait_until("the probe message", lambda: self.counters()[0] >= 1, every=0.02)
+            base, _ = self.counters()
+            with EventLookup(self.db_url) as db:
+                os.kill(self.proc.pid, signal.SIGSTOP)
+                publish_s = run_publisher(self.broker_port, stream.path)
+                cpu_before = cpu_seconds(self.proc.pid)
+                started = time.monotonic()
+                os.kill(self.proc.pid, signal.SIGCONT)
+                while not db.has_event(stream.last_message_id):
+                    if self.proc.poll() is not None:
+                        raise RuntimeError(f"fleet-server exited; see {self.log}")
+                    time.sleep(POLL_S)
+                ended = time.monotonic()
+                cpu = cpu_seconds(self.proc.pid) - cpu_before
+            ingested, dropped = self.counters()
+            if ingested - base != stream.messages or dropped:
+                raise RuntimeError(
+                    f"the server ingested {ingested - base:.0f} of {stream.messages} messages "
+                    f"and dropped {dropped:.0f}; see {self.log}"
+                )
+        finally:
+            self.stop()
+        return Drain(stream.messages, ended - started, cpu, publish_s)
+
+
+# -- the benchmark ---------------------------------------------------------------
+
+
+CONSUMERS = ("paho", "aiomqtt", "server")
+
+
+def run_database(kind: str, workdir: Path, port: int) -> dict[str, object]:
+    """A warm-up round, then ``ROUNDS`` rounds of every consumer on one database.
+
+    Every round publishes one stream (new message ids) to each consumer in
+    turn; the order rotates from round to round.
+    """
+    run_tag = secrets.token_hex(3)
+    device_ids = [f"ingest-{run_tag}-{i:04d}" for i in range(DEVICES)]
+    with database(kind, workdir) as db_url:
+        server = Server(workdir, db_url, port)
+        server.start()
+        started = time.perf_counter()
+        server.register(device_ids)
+        register_s = time.perf_counter() - started
+        server.stop()
+        drains: dict[str, list[Drain]] = {c: [] for c in CONSUMERS}
+        events = 0
+        for r in range(ROUNDS + 1):
+            stream = write_stream(
+                workdir / f"stream-{r}.txt",
+                device_ids,
+                f"{kind[:2]}{run_tag}r{r}",
+                MESSAGES if r else WARM_UP,
+            )
+            events += stream.events
+            for who in CONSUMERS[r % 3 :] + CONSUMERS[: r % 3]:
+                if who == "server":
+                    d = server.drain(stream, device_ids[0])
+                else:
+                    d = drain_subscriber(port, stream, who)
+                if r:
+                    drains[who].append(d)
+        rows, seen = stored(db_url)
+    if rows != events or seen != DEVICES:
+        raise RuntimeError(
+            f"{kind}: stored {rows} events of {events} published, {seen} of {DEVICES} devices seen"
+        )
+    figures: dict[str, object] = {
+        "register_per_device_ms": register_s / DEVICES * 1000,
+        "publish_rate": statistics.median(
+            d.messages / d.publish_s for ds in drains.values() for d in ds
+        ),
+        "events_stored": rows,
+    }
+    for who, ds in drains.items():
+        ratios = [d.rate / p.rate for d, p in zip(ds, drains["paho"], strict=True)]
+        figures[who] = {
+            "rate": statistics.median(d.rate for d in ds),
+            "ratio": statistics.median(ratios),
+            "ratios": ratios,
+            "cpu_us": statistics.median(d.cpu_us for d in ds),
+        }
+    return figures
+
+
+def run(databases: tuple[str, ...] = ("sqlite", "postgresql")) -> dict[str, dict[str, object]]:
+    """Measure and return the figures for each database."""
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        with private_mosquitto(tmp) as port:
+            for kind in databases:
+                workdir = tmp / kind
+                workdir.mkdir()
+                results[kind] = run_database(kind, workdir, port)
+    return results
+
+
+LABELS = {
+    "paho": "bare paho subscriber",
+    "aiomqtt": "aiomqtt subscriber",
+    "server": "fleet-server ingest",
+}
+
+
+def main() -> None:
+    results = run()
+    print(
+        f"{MESSAGES:,} messages per round (events and heartbeats alternating) from {DEVICES} "
+        f"devices, QoS 1; medians of {ROUNDS} rotating rounds after a warm-up"
+    )
+    for kind, r in results.items():
+        print(f"  {kind}:")
+        for who in CONSUMERS:
+            f: dict[str, Any] = r[who]  # type: ignore[assignment]
+            line = (
+                f"    {LABELS[who]:22} {f['rate']:9,.0f} msg/s   {f['ratio']:.2f}x   "
+                f"CPU {f['cpu_us']:5.0f} us/msg"
+            )
+            if who == "server":
+                met = "met" if f["ratio"] >= GOAL else "NOT met"
+                rounds = ", ".join(f"{x:.3f}" for x in f["ratios"])
+                line += f"   goal {GOAL}x: {met} (rounds {rounds})"
+            print(line)
+        print(
+            f"    publisher {r['publish_rate']:,.0f} msg/s; registration "
+            f"{r['register_per_device_ms']:.1f} ms/device over REST; "
+            f"{r['events_stored']:,} event rows stored, as published"
+        )
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--publish":
+        publish(int(sys.argv[2]), Path(sys.argv[3]))
+    elif len(sys.argv) == 4 and sys.argv[1] == "--count-paho":
+        count(int(sys.argv[2]), int(sys.argv[3]))
+    elif len(sys.argv) == 4 and sys.argv[1] == "--count-aiomqtt":
+        count_aiomqtt(int(sys.argv[2]), int(sys.argv[3]))
+    else:
+        main()
