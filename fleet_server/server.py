@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from datetime import timedelta
 from pathlib import Path
 
 from aiohttp import web
@@ -25,6 +26,10 @@ from fleet_server.releases import ReleaseService
 from protocol.messages import DesiredState
 
 log = logging.getLogger(__name__)
+
+# Director timestamps live a day; re-sign those expiring within 12 hours, hourly.
+DIRECTOR_REFRESH_WITHIN = timedelta(hours=12)
+DIRECTOR_REFRESH_EVERY_S = 3600.0
 
 
 def _director_keys(directory: Path) -> KeyStore:
@@ -88,6 +93,7 @@ class FleetServer:
                 if self.mqtt is not None:
                     tasks.create_task(self.mqtt.run(stop))
                 tasks.create_task(self._presence_sweeper(stop))
+                tasks.create_task(self._director_refresher(stop))
                 await stop.wait()
         finally:
             await runner.cleanup()
@@ -104,6 +110,26 @@ class FleetServer:
                 log.exception("presence sweep failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 5.0)
+
+    async def _director_refresher(self, stop: asyncio.Event) -> None:
+        """Keep every device's director timestamp fresh (it expires after a day).
+
+        Several replicas may do this at once: each re-signing is atomic and the
+        result equivalent, so it costs a little work and breaks nothing.
+        """
+        while not stop.is_set():
+            try:
+                count = await asyncio.to_thread(
+                    self.director.director.refresh_expiring,
+                    self.director.keys,
+                    DIRECTOR_REFRESH_WITHIN,
+                )
+                if count:
+                    log.info("re-signed %d director timestamps", count)
+            except Exception:
+                log.exception("re-signing director timestamps failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), DIRECTOR_REFRESH_EVERY_S)
 
 
 def prepare(config: ServerConfig) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +35,13 @@ from fleet_server.release.repository import (
 )
 
 DEVICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-# Director metadata is re-signed by the server as it goes, so it can expire quickly.
+# Freshness comes from the timestamp, which the server re-signs well before it
+# expires (see :meth:`DirectorRepository.refresh_expiring`); targets and snapshot
+# are re-signed with every assignment.
 DIRECTOR_EXPIRY = ExpiryPolicy(
     root=timedelta(days=365),
-    targets=timedelta(days=7),
-    snapshot=timedelta(days=7),
+    targets=timedelta(days=365),
+    snapshot=timedelta(days=365),
     timestamp=timedelta(days=1),
 )
 
@@ -137,6 +139,20 @@ class DirectorRepository:
     def refresh_timestamp(self, keys: KeyStore, device_id: str) -> int:
         """Re-sign one device's timestamp before it expires."""
         return self.device(device_id).refresh_timestamp(keys)
+
+    def refresh_expiring(self, keys: KeyStore, within: timedelta) -> int:
+        """Re-sign every device timestamp that expires within ``within``; returns how many."""
+        devices = self.path / "devices"
+        if not devices.is_dir():
+            return 0
+        refreshed = 0
+        deadline = datetime.now(UTC) + within
+        for folder in sorted(p for p in devices.iterdir() if p.is_dir()):
+            repo = TufRepository(folder, self.expiry, self._now)
+            if repo.exists() and repo.timestamp_expires() <= deadline:
+                repo.refresh_timestamp(keys)
+                refreshed += 1
+        return refreshed
 
     def _ensure_device(self, keys: KeyStore, device_id: str) -> TufRepository:
         repo = self.device(device_id)

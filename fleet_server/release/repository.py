@@ -206,6 +206,11 @@ class TufRepository:
         self._publish_snapshot_and_timestamp(keys, snapshot_version)
         return metadata.signed.version
 
+    def timestamp_expires(self) -> datetime:
+        """When the current timestamp metadata expires."""
+        expires: datetime = self._load("timestamp").signed.expires
+        return expires
+
     def refresh_timestamp(self, keys: KeyStore) -> int:
         """Re-sign the timestamp with a new expiry (run at least daily); returns its version."""
         with self._locked():

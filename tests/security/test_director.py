@@ -212,3 +212,21 @@ def test_director_refuses_to_assign_a_bundle_for_other_hardware(
 
     with pytest.raises(RepositoryError, match="not released for hardware esp32"):
         director.assign(director_keys, DEVICE, "esp32", released["2.0.0"])
+
+
+def test_expiring_director_timestamps_are_re_signed(
+    tmp_path: Path,
+    repo: ImageRepository,
+    director_keys: KeyStore,
+    released: dict[str, ReleasedBundle],
+) -> None:
+    # Signed 20 hours ago: the timestamp (one day) expires in 4 hours.
+    aging = DirectorRepository(tmp_path / "director", now=datetime.now(UTC) - timedelta(hours=20))
+    aging.create(director_keys)
+    aging.assign(director_keys, DEVICE, HARDWARE, released["2.0.0"])
+    current = DirectorRepository(tmp_path / "director")
+    assert current.refresh_expiring(director_keys, timedelta(hours=12)) == 1
+    assert current.refresh_expiring(director_keys, timedelta(hours=12)) == 0
+    assert current.device(DEVICE).timestamp_expires() > datetime.now(UTC) + timedelta(hours=23)
+    target, _ = resolve(agent_config(tmp_path, repo, current), 0)
+    assert target is not None and target.version == "2.0.0"
