@@ -109,6 +109,17 @@ class MqttConfig(_Section):
     reconnect_max_s: float = Field(default=60.0, gt=0)
 
 
+class TelemetryConfig(_Section):
+    """Feature-summary windows and their outbox (store-and-forward until acknowledged)."""
+
+    enabled: bool = True
+    window_max_requests: int = Field(default=1000, ge=1)
+    window_max_seconds: float = Field(default=60.0, gt=0)
+    outbox_max_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    outbox_max_age_s: float = Field(default=7 * 86400.0, gt=0)
+    ack_timeout_s: float = Field(default=30.0, gt=0)
+
+
 class FaultsConfig(_Section):
     """Fault injection for crash tests; empty in production."""
 
@@ -129,6 +140,7 @@ class AgentConfig(_Section):
     api: ApiConfig = ApiConfig()
     cloud: CloudConfig = CloudConfig()
     update: UpdateConfig = UpdateConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
     faults: FaultsConfig = FaultsConfig()
 
     @field_validator("hardware_id")

@@ -19,15 +19,17 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from agent.api.http import LocalApi
 from agent.config import AgentConfig
 from agent.ota.durable import atomic_write
 from agent.ota.installer import Installer, SlotModel
 from agent.runtime import Runtime, default_runtime
-from agent.serving.chain import FallbackChain, ModelSlot
+from agent.serving.chain import Answer, FallbackChain, ModelSlot
 from agent.serving.cloud import CloudStage
+from agent.telemetry import Outbox, WindowPolicy, WindowRecorder, WindowRecordError
+from protocol.window import encode_window
 
 if TYPE_CHECKING:
     from agent.mqtt import MqttLink
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TICK_S = 0.2
+TELEMETRY_TICK_S = 1.0
 
 
 def _slot(model: SlotModel | None) -> ModelSlot | None:
@@ -54,13 +57,29 @@ class AgentDaemon:
                 config.cloud.url, config.cloud.model, timeout_s=config.cloud.timeout_s
             )
         self.chain = FallbackChain(cloud=cloud)
+        self.recorder: WindowRecorder | None = None
+        self.outbox: Outbox | None = None
+        telemetry = config.telemetry
+        if telemetry.enabled:
+            self.recorder = WindowRecorder(
+                None,
+                config.device_id,
+                WindowPolicy(
+                    max_requests=telemetry.window_max_requests,
+                    max_seconds=telemetry.window_max_seconds,
+                ),
+            )
+            self.outbox = Outbox(
+                config.data_dir / "outbox.db",
+                max_bytes=telemetry.outbox_max_bytes,
+                max_age_s=telemetry.outbox_max_age_s,
+            )
+            self.chain.on_answer(self._record)
         self.installer = Installer(
             config,
             config_path,
             runtime or default_runtime(),
-            publish=lambda active, previous: self.chain.set_models(
-                active=_slot(active), previous=_slot(previous)
-            ),
+            publish=self._serve_models,
             on_event=self._install_event,
         )
         self.chain.subscribe(self.installer.observe)
@@ -73,7 +92,11 @@ class AgentDaemon:
             from agent.mqtt import MqttLink
 
             self.link = MqttLink(
-                config, self.installer, self.chain, on_desired=lambda _: self.wake.set()
+                config,
+                self.installer,
+                self.chain,
+                on_desired=lambda _: self.wake.set(),
+                outbox=self.outbox,
             )
         self.api = LocalApi(self.chain, config.api.host, config.api.port)
         self.started = time.monotonic()
@@ -87,6 +110,8 @@ class AgentDaemon:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._update_loop(stop))
                 tasks.create_task(self._trial_clock(stop))
+                if self.recorder is not None:
+                    tasks.create_task(self._telemetry(stop))
                 if self.link is not None:
                     tasks.create_task(self.link.run(stop))
                 await stop.wait()
@@ -103,6 +128,41 @@ class AgentDaemon:
         }
         atomic_write(self.config.data_dir / "agent.json", json.dumps(info).encode())
         log.info("ready: %s", info)
+
+    def _serve_models(self, active: SlotModel | None, previous: SlotModel | None) -> None:
+        self.chain.set_models(active=_slot(active), previous=_slot(previous))
+        if self.recorder is not None:
+            # A new model version starts a new window: summaries never mix versions.
+            self.recorder.set_manifest(self.chain.manifest)
+
+    def _record(self, inputs: dict[str, Any], answer: Answer, seconds: float) -> None:
+        assert self.recorder is not None
+        try:
+            self.recorder.record(
+                inputs, answer.outputs, answer.stage, seconds, model_version=answer.model_version
+            )
+        except WindowRecordError as exc:  # e.g. a request that straddled a model switch
+            log.debug("not summarised: %s", exc)
+
+    async def _telemetry(self, stop: asyncio.Event) -> None:
+        """Move closed windows into the outbox and tell the link; at the end, the last one."""
+        assert self.recorder is not None and self.outbox is not None
+        while True:
+            stopping = stop.is_set()
+            if stopping:
+                self.recorder.close_window()
+            stored = False
+            while (window := self.recorder.poll()) is not None:
+                await asyncio.to_thread(
+                    self.outbox.put, window.window_id, encode_window(window), window.end
+                )
+                stored = True
+            if stored and self.link is not None:
+                self.link.windows_waiting()
+            if stopping:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), TELEMETRY_TICK_S)
 
     def _install_event(self, event: dict[str, object]) -> None:
         if self.link is not None:

@@ -116,9 +116,11 @@ def acl_file(server_user: str) -> str:
         "# Whatever is not granted below is denied. 'pattern' lines apply to every",
         "# user, with %u replaced by the username, which for a device is its id.",
         "",
-        "# Devices: report under their own prefix, read only their own desired state.",
+        "# Devices: report under their own prefix, read only their own desired state",
+        "# and the acknowledgements of their own telemetry windows.",
         *(f"pattern write {own}/{channel}" for channel in DEVICE_CHANNELS),
         f"pattern read {own}/desired",
+        f"pattern read {own}/acks",
         "",
         "# The fleet server: reads every device's reports and sets desired states.",
         "# Mosquitto 2.0 grants every subscription and checks 'read' as it delivers,",
@@ -132,6 +134,7 @@ def acl_file(server_user: str) -> str:
         lines.append(f"topic read {topic}")
         lines.append(f"topic read $share/{SHARE_GROUP}/{topic}")
     lines.append(f"topic write {ROOT}/+/desired")
+    lines.append(f"topic write {ROOT}/+/acks")
     return "\n".join(lines) + "\n"
 
 

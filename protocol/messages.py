@@ -108,6 +108,16 @@ class DesiredState(BaseModel):
     issued_at: _Time
 
 
+class WindowAck(BaseModel):
+    """The server stored these windows; the device may drop them from its outbox."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    v: Literal[1] = 1
+    device_id: _DeviceId
+    window_ids: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(max_length=1000)
+
+
 DeviceMessage = Annotated[
     ReportedState | DeviceEvent | Heartbeat | Presence, Field(discriminator="kind")
 ]

@@ -11,7 +11,12 @@ topic suffix          direction  retained  payload
 ``events``            dev→server no        :class:`protocol.messages.DeviceEvent`
 ``heartbeat``         dev→server no        :class:`protocol.messages.Heartbeat`
 ``presence``          dev→server yes       :class:`protocol.messages.Presence` (also the LWT)
+``windows``           dev→server no        :func:`protocol.window.encode_window` bytes
+``acks``              server→dev no        :class:`protocol.messages.WindowAck`
 ====================  =========  ========  ===================================
+
+A window leaves the device's outbox only when the server's ``acks`` message
+names it, which the server sends after the window is stored.
 """
 
 from __future__ import annotations
@@ -23,8 +28,15 @@ ROOT = "edgefleet/v1/devices"
 SHARE_GROUP = "edgefleet"
 MAX_PAYLOAD_BYTES = 64 * 1024
 
-DeviceChannel = Literal["state", "events", "heartbeat", "presence"]
-DEVICE_CHANNELS: tuple[DeviceChannel, ...] = ("state", "events", "heartbeat", "presence")
+DeviceChannel = Literal["state", "events", "heartbeat", "presence", "windows"]
+DEVICE_CHANNELS: tuple[DeviceChannel, ...] = (
+    "state",
+    "events",
+    "heartbeat",
+    "presence",
+    "windows",
+)
+MAX_WINDOW_BYTES = 256 * 1024
 DEVICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 _TOPIC = re.compile(rf"^{re.escape(ROOT)}/([^/+#]+)/([a-z]+)$")
@@ -37,6 +49,14 @@ def device_prefix(device_id: str) -> str:
 
 def desired_topic(device_id: str) -> str:
     return f"{ROOT}/{device_id}/desired"
+
+
+def acks_topic(device_id: str) -> str:
+    return f"{ROOT}/{device_id}/acks"
+
+
+def windows_topic(device_id: str) -> str:
+    return f"{ROOT}/{device_id}/windows"
 
 
 def device_topic(device_id: str, channel: DeviceChannel) -> str:

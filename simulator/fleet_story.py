@@ -227,6 +227,7 @@ class FleetStory:
                 f'[credentials]\nusername = "{device_id}"\npassword_file = "{home / "password"}"\n'
                 "[api]\nport = 0\n"
                 "[update]\npoll_interval_s = 30\nhealth_period_s = 2.0\n"
+                "[telemetry]\nwindow_max_seconds = 2.0\n"
             )
             self.devices[device_id] = Device(device_id, config)
         for device in self.devices.values():
@@ -320,6 +321,14 @@ class FleetStory:
         self.run(f"fleetctl devices show {canary} {self.remote}")
         self.run(f"fleetctl devices events {canary} --limit 8 {self.remote}")
         self.run(f"fleetctl audit verify {self.remote}")
+        windows = wait_until(
+            "the canary's telemetry windows to be stored and acknowledged",
+            lambda: self.windows_acknowledged(self.devices[canary]),
+        )
+        self.say(
+            f"  {canary}: {windows} feature-summary windows stored by the server and "
+            "acknowledged; its outbox is empty"
+        )
         views = {d: self.device_view(d) for d in ids}
         events = self.api(f"/devices/{canary}/events?limit=200")["events"]
         return {
@@ -329,7 +338,22 @@ class FleetStory:
             "outcome": outcome,
             "events": events,
             "answers": answers,
+            "windows": windows,
         }
+
+    def windows_acknowledged(self, device: Device) -> int:
+        """How many windows the device's outbox saw acknowledged, once none is pending."""
+        from agent.telemetry import Outbox
+
+        path = device.data_dir / "outbox.db"
+        if not path.exists():
+            return 0
+        outbox = Outbox(path)
+        try:
+            stats = outbox.stats()
+        finally:
+            outbox.close()
+        return stats.acknowledged_total if stats.acknowledged_total and not stats.pending else 0
 
     def close(self) -> None:
         for device in self.devices.values():

@@ -51,8 +51,15 @@ from agent.mqtt.reports import (
 )
 from agent.ota.installer import Installer
 from agent.serving.chain import FallbackChain
-from protocol.messages import DesiredState, DeviceEvent, ReportedState
-from protocol.topics import MAX_PAYLOAD_BYTES, desired_topic, device_topic
+from agent.telemetry.outbox import Outbox
+from protocol.messages import DesiredState, DeviceEvent, ReportedState, WindowAck
+from protocol.topics import (
+    MAX_PAYLOAD_BYTES,
+    acks_topic,
+    desired_topic,
+    device_topic,
+    windows_topic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +127,7 @@ class MqttLink:
         chain: FallbackChain,
         on_desired: OnDesired,
         *,
+        outbox: Outbox | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -154,6 +162,9 @@ class MqttLink:
             for channel in ("state", "events", "heartbeat", "presence")
         }
         self._desired = desired_topic(self.device_id)
+        self._outbox = outbox
+        self._windows = windows_topic(self.device_id)
+        self._acks = acks_topic(self.device_id)
         self.connected = False
         """Whether the link is connected to the broker right now."""
         self._connected_at: float | None = None
@@ -171,6 +182,10 @@ class MqttLink:
             if self._dropped_events in (1, 10, 100) or self._dropped_events % 1000 == 0:
                 log.warning("mqtt: %d events dropped while offline", self._dropped_events)
         self._events.append(device_event(self.device_id, event, self._clock()))
+        self._changed.set()
+
+    def windows_waiting(self) -> None:
+        """New windows are in the outbox: send them soon."""
         self._changed.set()
 
     def current_state(self) -> ReportedState:
@@ -250,6 +265,8 @@ class MqttLink:
             log.info("mqtt: connected to %s as %s", self.broker, self.device_id)
             try:
                 await client.subscribe(self._desired, qos=1)
+                if self._outbox is not None:
+                    await client.subscribe(self._acks, qos=1)
                 online = presence(self.device_id, online=True, sent_at=self._clock())
                 await self._publish(client, "presence", online, qos=1, retain=True)
                 await self._flush(client, force_state=True)
@@ -300,10 +317,37 @@ class MqttLink:
             # While that was in flight a full queue may have dropped it already.
             if self._events and self._events[0] is event:
                 self._events.popleft()
+        await self._send_windows(client)
         state = self.current_state()
         if force_state or self._reported is None or not same_state(state, self._reported):
             await self._publish(client, "state", state, qos=1, retain=True)
             self._reported = state
+
+    async def _send_windows(self, client: aiomqtt.Client) -> None:
+        """Telemetry windows not yet acknowledged by the server (again after the timeout)."""
+        outbox = self._outbox
+        if outbox is None:
+            return
+        timeout = self._config.telemetry.ack_timeout_s
+        while batch := await asyncio.to_thread(outbox.pending, 20, resend_after_s=timeout):
+            for window_id, payload in batch:
+                await client.publish(self._windows, payload, qos=1)
+                await asyncio.to_thread(outbox.mark_sent, [window_id])
+            if len(batch) < 20:
+                return
+
+    def _acknowledged(self, payload: bytes) -> None:
+        if self._outbox is None:
+            return
+        try:
+            ack = WindowAck.model_validate_json(payload)
+        except ValueError as exc:
+            log.warning("mqtt: ignored a message on %s: %s", self._acks, str(exc)[:200])
+            return
+        if ack.device_id != self.device_id:
+            log.warning("mqtt: ignored an acknowledgement for device %s", ack.device_id)
+            return
+        self._outbox.acknowledge(ack.window_ids)
 
     async def _heartbeats(self, client: aiomqtt.Client) -> None:
         interval = self._config.mqtt.heartbeat_interval_s
@@ -313,6 +357,7 @@ class MqttLink:
                 self.device_id, self._monotonic() - self._started, served, self._clock()
             )
             await self._publish(client, "heartbeat", beat, qos=0)
+            self._changed.set()  # also the moment to resend windows still unacknowledged
             await asyncio.sleep(interval)
 
     async def _receive(self, client: aiomqtt.Client) -> None:
@@ -320,6 +365,8 @@ class MqttLink:
             payload = message.payload
             if message.topic.matches(self._desired) and isinstance(payload, bytes):
                 self._desired_state(payload)
+            elif message.topic.matches(self._acks) and isinstance(payload, bytes):
+                self._acknowledged(payload)
 
     def _desired_state(self, payload: bytes) -> None:
         if not payload:

@@ -51,6 +51,8 @@ logger = logging.getLogger(__name__)
 Tensors = dict[str, npt.NDArray[Any]]
 # on_result(stage name, model version, ok, reason when not ok)
 StageObserver = Callable[[StageName, str | None, bool, str | None], None]
+# on_answer(validated inputs, answer, seconds it took)
+AnswerListener = Callable[[dict[str, npt.NDArray[Any]], "Answer", float], None]
 
 # The asyncio.to_thread hop costs 0.1-0.7 ms of CPU (measured; more on a busy or
 # small CPU), which is most of a fast model's cost: a model faster than this runs
@@ -271,6 +273,7 @@ class FallbackChain:
         self._observers: list[StageObserver] = []
         self._counters = {name: StageCounters() for name in STAGE_NAMES}
         self._snapshot = _Snapshot(plan=plan or ServingPlan())
+        self._listener: AnswerListener | None = None
         self.set_cloud(cloud)
         self.set_models(active=active, previous=previous)
 
@@ -385,11 +388,29 @@ class FallbackChain:
         version the device does not hold, :class:`ChainNotReady` before any
         model is installed. Stage failures never raise: the safe default answers.
         """
+        started = time.perf_counter()
+        validated: list[Tensors] = []  # per call: concurrent requests must not share it
+        answer = await self._infer(tensors, version, validated)
+        if self._listener is not None and validated:
+            try:
+                self._listener(validated[0], answer, time.perf_counter() - started)
+            except Exception:  # telemetry must never fail a request
+                logger.exception("an answer listener failed")
+        return answer
+
+    def on_answer(self, listener: AnswerListener | None) -> None:
+        """Call ``listener(validated inputs, answer, seconds)`` after every answer."""
+        self._listener = listener
+
+    async def _infer(
+        self, tensors: Mapping[str, npt.ArrayLike], version: str | None, validated: list[Tensors]
+    ) -> Answer:
         snap = self._snapshot
         if snap.manifest is None or snap.contract is None or snap.safe_default is None:
             raise ChainNotReady("no model is installed on this device yet")
         order = self._order(snap, version)
         inputs = snap.contract.validate(tensors)
+        validated.append(inputs)
         rows = _rows(inputs)
         attempts: list[Attempt] = []
         for entry in order:

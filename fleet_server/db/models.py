@@ -5,7 +5,17 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Integer, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -122,4 +132,29 @@ class DeviceEventRow(Base):
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    ingested_by: Mapped[str | None] = mapped_column(Text)
+
+
+class WindowRow(Base):
+    """A window summary a device uploaded; ``window_id`` makes ingest idempotent.
+
+    ``payload`` is the window as the device encoded it (:func:`protocol.window.decode_window`
+    reads it back for merging); the columns beside it are what queries select windows by.
+    """
+
+    __tablename__ = "windows"
+
+    window_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(128), index=True)
+    model_name: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str] = mapped_column(String(128))
+    baseline_id: Mapped[str] = mapped_column(String(128))
+    cohort_id: Mapped[str | None] = mapped_column(String(128))
+    plan_id: Mapped[str | None] = mapped_column(String(128))
+    start: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    end: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    requests: Mapped[int] = mapped_column(BigInteger)
+    errors: Mapped[int] = mapped_column(BigInteger)
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     ingested_by: Mapped[str | None] = mapped_column(Text)

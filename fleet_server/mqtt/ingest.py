@@ -2,9 +2,14 @@
 
 :func:`classify` is the pure gate every message passes: right topic, size,
 JSON, schema, channel and — the anti-spoofing rule — the device id in the
-payload equals the one in the topic. :func:`write_batch` stores a batch in one
-transaction; events are keyed by ``message_id`` so a message delivered twice
-(QoS 1, or a replica restart) is stored once.
+payload equals the one in the topic. Windows are binary (:mod:`protocol.window`),
+not JSON: the gate decodes them, with their own size limit, and keeps the
+received bytes for storage. :func:`write_batch` stores a batch in one
+transaction; events are keyed by ``message_id`` and windows by ``window_id``, so
+a message delivered twice (QoS 1, a replica restart, a device resending a
+window it has no ack for) is stored once. It returns, per device, the windows
+of the batch that are stored (newly or before): the acks to send once the
+transaction has committed.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from pydantic import ValidationError
@@ -21,19 +26,27 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from fleet_server.db import Database
-from fleet_server.db.models import Device, DeviceEventRow
+from fleet_server.db.models import Device, DeviceEventRow, WindowRow
 from fleet_server.metrics import Metrics
 from protocol.messages import DEVICE_MESSAGE, DeviceEvent, Heartbeat, Presence, ReportedState
-from protocol.topics import parse_device_topic
+from protocol.topics import MAX_WINDOW_BYTES, parse_device_topic
+from protocol.window import WindowCodecError, WindowSummary, decode_window
 
 DeviceMessage = ReportedState | DeviceEvent | Heartbeat | Presence
+
+# What a window must fit to be stored: the bounds messages' times and counters have.
+_LAST_TIME = 4_102_444_800  # 2100-01-01
+_MAX_COUNT = 2**63 - 1
 
 
 @dataclass(frozen=True)
 class Accepted:
+    """A message that passed the gate; a window keeps its bytes as received (``payload``)."""
+
     device_id: str
     channel: str
-    message: DeviceMessage
+    message: DeviceMessage | WindowSummary
+    payload: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -42,12 +55,19 @@ class Dropped:
     detail: str
 
 
-def classify(topic: str, payload: bytes, max_bytes: int) -> Accepted | Dropped:
-    """Accept a well-formed message from the device its topic names, or say why not."""
+def classify(
+    topic: str, payload: bytes, max_bytes: int, max_window_bytes: int = MAX_WINDOW_BYTES
+) -> Accepted | Dropped:
+    """Accept a well-formed message from the device its topic names, or say why not.
+
+    ``max_bytes`` limits JSON messages and ``max_window_bytes`` binary windows.
+    """
     parsed = parse_device_topic(topic)
     if parsed is None:
         return Dropped("bad-topic", topic[:200])
     device_id, channel = parsed
+    if channel == "windows":
+        return _classify_window(topic, device_id, payload, max_window_bytes)
     if len(payload) > max_bytes:
         return Dropped("oversized", f"{len(payload)} bytes on {topic}")
     expected_kind = _KIND_OF_CHANNEL[channel]
@@ -89,6 +109,29 @@ def classify(topic: str, payload: bytes, max_bytes: int) -> Accepted | Dropped:
     return Accepted(device_id, channel, message)
 
 
+def _classify_window(
+    topic: str, device_id: str, payload: bytes, max_bytes: int
+) -> Accepted | Dropped:
+    if len(payload) > max_bytes:
+        return Dropped("oversized", f"{len(payload)} bytes on {topic}")
+    try:
+        window = decode_window(payload)
+    except WindowCodecError as exc:
+        return Dropped("malformed-window", f"{topic}: {str(exc)[:200]}")
+    if window.device_id != device_id:
+        return Dropped(
+            "spoofed-device-id", f"{topic} carries a window of device_id {window.device_id!r}"
+        )
+    # The codec takes what its format can say; these are what the columns cannot hold.
+    if max(window.start, window.end) > _LAST_TIME:
+        return Dropped("invalid-window", f"{topic}: a window ending after 2100")
+    if max(window.requests, window.errors) > _MAX_COUNT:
+        return Dropped("invalid-window", f"{topic}: counts beyond a 64-bit integer")
+    if "\x00" in window.model_name + window.model_version:
+        return Dropped("invalid-window", f"{topic}: a model name or version holds a NUL character")
+    return Accepted(device_id, "windows", window, payload)
+
+
 _KIND_OF_CHANNEL = {
     "state": "state",
     "events": "event",
@@ -118,14 +161,19 @@ class BatchResult:
 
     ingested: dict[str, int]
     dropped: dict[str, int]
+    # Per device, in order of arrival: the batch's windows that are stored, now or before.
+    acks: dict[str, list[str]] = field(default_factory=dict)
 
 
 async def write_batch(db: Database, batch: Sequence[Accepted], replica: str) -> BatchResult:
     """Store one batch in one transaction; messages from unknown devices are dropped.
 
-    Device rows are updated once per device, in device-id order, and events are
-    inserted in message-id order, so replicas writing overlapping batches take
-    row locks in the same order and cannot deadlock.
+    Device rows are updated once per device, in device-id order, and events and
+    windows are inserted in id order, so replicas writing overlapping batches
+    take row locks in the same order and cannot deadlock. The result's ``acks``
+    name every window of the batch that is stored for the device that sent it,
+    including resends of windows stored before; they are for the caller to
+    send once this has returned, that is once the transaction has committed.
     """
     now = datetime.now(UTC)
     result = BatchResult(ingested={}, dropped={})
@@ -134,6 +182,8 @@ async def write_batch(db: Database, batch: Sequence[Accepted], replica: str) -> 
         known = set((await session.scalars(select(Device.id).where(Device.id.in_(ids)))).all())
         updates: dict[str, dict[str, object]] = {}
         events: dict[str, dict[str, object]] = {}
+        windows: dict[str, dict[str, object]] = {}
+        sent_windows: list[tuple[str, str]] = []  # (device_id, window_id), as they came
         for item in batch:
             if item.device_id not in known:
                 result.dropped["unknown-device"] = result.dropped.get("unknown-device", 0) + 1
@@ -152,6 +202,24 @@ async def write_batch(db: Database, batch: Sequence[Accepted], replica: str) -> 
                     "details": msg.details,
                     "ingested_by": replica,
                 }
+            elif isinstance(msg, WindowSummary):
+                windows[msg.window_id] = {
+                    "window_id": msg.window_id,
+                    "device_id": msg.device_id,
+                    "model_name": msg.model_name,
+                    "model_version": msg.model_version,
+                    "baseline_id": msg.baseline_id,
+                    "cohort_id": msg.cohort_id,
+                    "plan_id": msg.plan_id,
+                    "start": _at(msg.start),
+                    "end": _at(msg.end),
+                    "requests": msg.requests,
+                    "errors": msg.errors,
+                    "payload": item.payload,
+                    "received_at": now,
+                    "ingested_by": replica,
+                }
+                sent_windows.append((msg.device_id, msg.window_id))
             elif isinstance(msg, Presence):
                 values["online"] = msg.online
             elif isinstance(msg, Heartbeat):
@@ -190,6 +258,32 @@ async def write_batch(db: Database, batch: Sequence[Accepted], replica: str) -> 
                 insert(DeviceEventRow).on_conflict_do_nothing(index_elements=["message_id"]),
                 [events[k] for k in sorted(events)],
             )
+        if windows:
+            insert = pg_insert if db.is_postgres else sqlite_insert
+            await session.execute(
+                insert(WindowRow).on_conflict_do_nothing(index_elements=["window_id"]),
+                [windows[k] for k in sorted(windows)],
+            )
+            owners = dict(
+                (
+                    await session.execute(
+                        select(WindowRow.window_id, WindowRow.device_id).where(
+                            WindowRow.window_id.in_(list(windows))
+                        )
+                    )
+                )
+                .tuples()
+                .all()
+            )
+            stored: dict[str, dict[str, None]] = {}  # ordered sets
+            for device_id, window_id in sent_windows:
+                if owners.get(window_id) == device_id:
+                    stored.setdefault(device_id, {})[window_id] = None
+                else:
+                    # Another device's window holds this id: this one is not stored.
+                    result.ingested["windows"] -= 1
+                    result.dropped["window-id-taken"] = result.dropped.get("window-id-taken", 0) + 1
+            result.acks = {d: list(ids) for d, ids in stored.items()}
     return result
 
 

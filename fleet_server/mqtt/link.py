@@ -5,7 +5,10 @@ the broker gives each device message to one replica, so replicas split the
 ingest. A message is acknowledged to the broker when it arrives, before it is
 written, and sessions are clean: messages a replica had received but not yet
 written are lost if it dies (events are few and carry ids; the next state and
-heartbeat supersede the lost ones). The
+heartbeat supersede the lost ones). Windows are not lost that way: a device
+keeps each window until an ack on its ``acks`` topic names it, and the server
+sends that ack only after the window's transaction has committed, so a window
+lost here is sent again (and a window stored twice is stored once). The
 connection is retried with jittered backoff; desired states published while
 disconnected are sent on reconnect, and every assigned device's desired state
 is published again on connect (retained messages do not survive a broker
@@ -29,10 +32,19 @@ from fleet_server.db import Database
 from fleet_server.db.models import Device, Release
 from fleet_server.metrics import Metrics
 from fleet_server.mqtt.ingest import Accepted, BatchResult, Dropped, classify, write_batch
-from protocol.messages import BundleRef, DesiredState
-from protocol.topics import desired_topic, ingest_subscriptions
+from protocol.messages import BundleRef, DesiredState, WindowAck
+from protocol.topics import acks_topic, desired_topic, ingest_subscriptions
 
 log = logging.getLogger(__name__)
+
+# The most window ids one ack carries (WindowAck's limit).
+MAX_IDS_PER_ACK = 1000
+ACK_TIMEOUT_S = 10.0
+# What the drops write_batch reports mean, for the log.
+_BATCH_DROPS = {
+    "unknown-device": "from unregistered devices",
+    "window-id-taken": "carrying a window id another device's window holds",
+}
 
 
 class ServerMqtt:
@@ -148,28 +160,73 @@ class ServerMqtt:
     async def _store(self, batch: list[Accepted]) -> None:
         """Write a batch; if it fails, write its messages one by one and drop the poison."""
         try:
-            self._count(await write_batch(self.db, batch, self.config.replica_id))
-            return
+            result = await write_batch(self.db, batch, self.config.replica_id)
         except Exception as exc:
             log.warning(
                 "writing %d device messages failed (%s); writing them one by one", len(batch), exc
             )
+        else:
+            self._count(result)
+            await self._acknowledge(result.acks)
+            return
         for item in batch:
             for attempt in range(3):
                 try:
-                    self._count(await write_batch(self.db, [item], self.config.replica_id))
-                    break
+                    result = await write_batch(self.db, [item], self.config.replica_id)
                 except Exception as exc:
                     if attempt == 2:  # a message the database will not take: drop it, counted
                         self._drop("unstorable", f"{item.device_id}/{item.channel}: {exc}")
                     else:
                         await asyncio.sleep(0.5 * (attempt + 1))
+                else:
+                    self._count(result)
+                    await self._acknowledge(result.acks)
+                    break
 
     def _count(self, result: BatchResult) -> None:
         for channel, n in result.ingested.items():
             self.metrics.messages_ingested.labels(channel).inc(n)
         for reason, n in result.dropped.items():
-            self._drop(reason, f"{n} message(s) from unregistered devices", n)
+            self._drop(reason, f"{n} message(s) {_BATCH_DROPS.get(reason, reason)}", n)
+
+    async def _acknowledge(self, acks: dict[str, list[str]]) -> None:
+        """Tell each device which of its windows are stored (QoS 1, not retained).
+
+        An ack that cannot be sent is not retried: the device sends those
+        windows again, and they are acknowledged then.
+        """
+        client = self._client
+        if not acks:
+            return
+        if client is None:
+            log.info("not connected: %d device(s) get no window ack this time", len(acks))
+            return
+        messages = [
+            WindowAck(device_id=device_id, window_ids=ids[i : i + MAX_IDS_PER_ACK])
+            for device_id, ids in sorted(acks.items())
+            for i in range(0, len(ids), MAX_IDS_PER_ACK)
+        ]
+        outcomes = await asyncio.gather(
+            *(
+                client.publish(
+                    acks_topic(ack.device_id),
+                    ack.model_dump_json().encode(),
+                    qos=1,
+                    retain=False,
+                    timeout=ACK_TIMEOUT_S,
+                )
+                for ack in messages
+            ),
+            return_exceptions=True,
+        )
+        failed = [o for o in outcomes if isinstance(o, BaseException)]
+        if failed:
+            log.warning(
+                "%d of %d window acks were not sent (%s); those windows will be sent again",
+                len(failed),
+                len(messages),
+                failed[0],
+            )
 
     async def publish_desired(self, desired: DesiredState) -> None:
         """Publish a device's desired state, retained (later if disconnected)."""

@@ -44,3 +44,5 @@ def test_release_assign_install_and_rollback_reach_the_server(story: FleetStory)
     assert "rolled-back" in kinds and "switched" in kinds
     # Every request sent while it happened got an answer.
     assert told["answers"] and set(told["answers"]) == {200}
+    # What the canary saw reached the server as feature summaries, and left its outbox.
+    assert told["windows"] >= 1

@@ -246,7 +246,8 @@ def test_a_will_under_another_prefix_is_not_delivered(fleet: Fleet) -> None:
 
     async def scenario() -> list[aiomqtt.Message]:
         async with client(fleet, SERVER) as server:
-            await server.subscribe(ingest_subscriptions(shared=True)[-1], qos=1)  # presence
+            presence = next(t for t in ingest_subscriptions(shared=True) if t.endswith("/presence"))
+            await server.subscribe(presence, qos=1)
             await asyncio.to_thread(die_with_will, device_topic(B, "presence"), b"forged offline")
             await asyncio.to_thread(die_with_will, device_topic(A, "presence"), b"dev-a offline")
             return await receive_until(server, b"dev-a offline")
