@@ -1,40 +1,42 @@
 """The contract the agent and the fleet server share: data models and pure functions.
 
-No sockets, no disk paths, no clocks: everything here is data and math.
+No sockets, no disk paths, no clocks: everything here is data and math. Names
+are imported on first use, so a device that only needs the manifest does not
+pay for the bundle format's tar and zip support.
 """
 
-from protocol.bundle import BundleFormatError, read_bundle, read_manifest, write_bundle
-from protocol.derivation import InputDerivation, derive_features
-from protocol.manifest import (
-    MANIFEST_SCHEMA_VERSION,
-    Baseline,
-    FallbackPolicy,
-    FeatureSpec,
-    Manifest,
-    TensorSpec,
-    bundle_target_path,
-)
-from protocol.summary import FeatureSummary, ScoreHistogram, merge, summarize
-from protocol.versioning import default_release_counter, parse_semver
+from __future__ import annotations
 
-__all__ = [
-    "MANIFEST_SCHEMA_VERSION",
-    "Baseline",
-    "BundleFormatError",
-    "FallbackPolicy",
-    "FeatureSpec",
-    "FeatureSummary",
-    "InputDerivation",
-    "Manifest",
-    "ScoreHistogram",
-    "TensorSpec",
-    "bundle_target_path",
-    "default_release_counter",
-    "derive_features",
-    "merge",
-    "parse_semver",
-    "read_bundle",
-    "read_manifest",
-    "summarize",
-    "write_bundle",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "BundleFormatError": "protocol.bundle",
+    "read_bundle": "protocol.bundle",
+    "read_manifest": "protocol.bundle",
+    "write_bundle": "protocol.bundle",
+    "InputDerivation": "protocol.derivation",
+    "derive_features": "protocol.derivation",
+    "MANIFEST_SCHEMA_VERSION": "protocol.manifest",
+    "Baseline": "protocol.manifest",
+    "FallbackPolicy": "protocol.manifest",
+    "FeatureSpec": "protocol.manifest",
+    "Manifest": "protocol.manifest",
+    "TensorSpec": "protocol.manifest",
+    "bundle_target_path": "protocol.manifest",
+    "FeatureSummary": "protocol.summary",
+    "ScoreHistogram": "protocol.summary",
+    "merge": "protocol.summary",
+    "summarize": "protocol.summary",
+    "default_release_counter": "protocol.versioning",
+    "parse_semver": "protocol.versioning",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'protocol' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

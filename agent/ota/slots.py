@@ -18,7 +18,6 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from agent.ota.durable import atomic_write, fsync_dir
-from protocol.bundle import BundleFormatError, read_bundle
 from protocol.manifest import Manifest
 
 SLOT_NAMES = ("a", "b")
@@ -86,6 +85,9 @@ class Slots:
         if slot == pointer.previous:
             # The fallback model is about to be overwritten: stop pointing at it first.
             self._set_pointer(SlotPointer(active=pointer.active, previous=None))
+        # Imported here: the tar reader is only needed while installing.
+        from protocol.bundle import BundleFormatError, read_bundle
+
         try:
             with bundle.open("rb") as f:
                 manifest, members = read_bundle(f)

@@ -144,6 +144,9 @@ class Outbox:
             if str(mode).lower() != "wal":
                 raise OutboxError(f"the outbox {self.path} cannot use WAL mode (got {mode})")
             db.execute("PRAGMA synchronous=FULL")
+            # A small page cache: the outbox holds a few MB at most, and SQLite's default
+            # (2 MB) would be a noticeable share of a device's memory budget.
+            db.execute("PRAGMA cache_size=-128")
             with self._transaction():
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
