@@ -30,6 +30,8 @@ class ServerConfig(BaseModel):
     ingest_batch_size: int = Field(default=500, ge=1)
     ingest_batch_delay_s: float = Field(default=0.05, ge=0)
     max_message_bytes: int = Field(default=64 * 1024, ge=256)
+    drift_interval_s: float = Field(default=60.0, gt=0, description="how often alerts are updated")
+    drift_range_s: float = Field(default=3600.0, gt=0, description="trailing windows tested")
 
     @property
     def repository_dir(self) -> Path:

@@ -34,3 +34,12 @@ class Metrics:
             ["method", "route", "status"],
             registry=self.registry,
         )
+        self.drift_alerts_open = Gauge(
+            "edgefleet_drift_alerts_open", "Open drift alerts, every scope", registry=self.registry
+        )
+        self.drift_features_drifting = Gauge(
+            "edgefleet_drift_features_drifting",
+            "Features with an open fleet-wide drift alert, by model version",
+            ["model", "version"],
+            registry=self.registry,
+        )

@@ -19,6 +19,7 @@ from fleet_server.assignments import DirectorService
 from fleet_server.config import ServerConfig
 from fleet_server.db import Database, migrate
 from fleet_server.director import DirectorRepository
+from fleet_server.drift import ManifestCache, run_drift_alerts
 from fleet_server.metrics import Metrics
 from fleet_server.mqtt.link import ServerMqtt
 from fleet_server.release.keys import KeyStore, init_keys, load_keys
@@ -48,6 +49,7 @@ class FleetServer:
         self.db = Database(config.db_url)
         self.metrics = Metrics()
         self.releases = ReleaseService(config.repository_dir)
+        self.manifests = ManifestCache(config.repository_dir)
         director = DirectorRepository(config.director_dir)
         keys = _director_keys(config.director_keys_dir)
         if not director.exists():
@@ -94,6 +96,16 @@ class FleetServer:
                     tasks.create_task(self.mqtt.run(stop))
                 tasks.create_task(self._presence_sweeper(stop))
                 tasks.create_task(self._director_refresher(stop))
+                tasks.create_task(
+                    run_drift_alerts(
+                        self.db,
+                        self.metrics,
+                        self.manifests,
+                        stop,
+                        self.config.drift_interval_s,
+                        self.config.drift_range_s,
+                    )
+                )
                 await stop.wait()
         finally:
             await runner.cleanup()

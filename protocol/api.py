@@ -294,3 +294,111 @@ class AuditVerification(_Response):
     entries: int
     broken_at: int | None = None
     problem: str | None = None
+
+
+# -- drift and alerts ----------------------------------------------------------
+
+DriftVerdictName = Literal["not_enough_data", "no_drift", "drift"]
+ScopeKind = Literal["device", "tag", "hardware_id", "region", "fleet"]
+ModelName = Annotated[str, Field(pattern=NAME_PATTERN.pattern, max_length=64)]
+ModelVersion = Annotated[str, Field(pattern=r"^[0-9A-Za-z.+-]{1,64}$", max_length=64)]
+
+
+class DriftQuery(_Request):
+    """Whose windows to test: one device or one cohort, optionally one model version and a range.
+
+    ``since`` and ``until`` default to the hour before now; windows that ended
+    in ``(since, until]`` are merged, one result per model version.
+    """
+
+    device: DeviceId | None = None
+    tag: Tag | None = None
+    hardware_id: HardwareId | None = None
+    region: Region | None = None
+    model: ModelName | None = Field(default=None, description="only this model")
+    version: ModelVersion | None = Field(default=None, description="only this model version")
+    since: datetime | None = Field(default=None, description="default: an hour before until")
+    until: datetime | None = Field(default=None, description="default: now")
+
+    @model_validator(mode="after")
+    def _one_scope(self) -> DriftQuery:
+        given = [s for s in (self.device, self.tag, self.hardware_id, self.region) if s is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of device, tag, hardware_id, region")
+        return self
+
+
+class FeatureDriftView(_Response):
+    """One feature's drift statistics against the baseline, and the verdict.
+
+    ``threshold`` and ``psi_threshold`` are null when the test has no degrees
+    of freedom (every value in one bin).
+    """
+
+    feature: int
+    name: str | None = None
+    verdict: DriftVerdictName
+    n: int
+    baseline_n: int
+    psi: float
+    js: float = Field(description="Jensen-Shannon divergence of the bin shares, in bits")
+    statistic: float = Field(description="G-test statistic")
+    df: int
+    threshold: float | None = Field(description="chi-square critical value at the alarm rate")
+    p_value: float
+    psi_threshold: float | None = Field(description="the PSI at which this sample would alarm")
+
+
+class ModelDriftView(_Response):
+    """The merged windows of one model version in the scope, tested feature by feature.
+
+    ``problem`` says why there are no features (e.g. the release is unknown).
+    """
+
+    model: str
+    version: str
+    baseline_id: str
+    windows: int
+    window_ids: list[str] = Field(description="the merged windows (at most the first 1000)")
+    start: datetime
+    end: datetime
+    requests: int
+    min_n: int
+    false_alarm_rate: float
+    features: list[FeatureDriftView]
+    problem: str | None = None
+
+
+class DriftReport(_Response):
+    scope: ScopeKind
+    scope_value: str
+    since: datetime
+    until: datetime
+    models: list[ModelDriftView]
+
+
+class AlertQuery(_Request):
+    state: Literal["open", "closed"] | None = None
+    limit: int = Field(default=100, ge=1, le=1000)
+
+
+class AlertView(_Response):
+    """A drift alert of one (scope, model version, feature); ``evidence`` is the latest test."""
+
+    id: int
+    kind: Literal["drift"] = "drift"
+    scope: ScopeKind
+    scope_value: str
+    model: str
+    version: str
+    feature: int
+    feature_name: str | None = None
+    state: Literal["open", "closed"]
+    opened_at: datetime
+    last_seen_at: datetime
+    closed_at: datetime | None = None
+    evidence: dict[str, Any]
+
+
+class AlertList(_Response):
+    alerts: list[AlertView]

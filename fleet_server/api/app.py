@@ -18,6 +18,7 @@ from fleet_server.api.operations import DEVICE_AUTH, SERVER, Operation, bind
 from fleet_server.api.security import DeviceAuthenticator
 from fleet_server.auth import bootstrap_admin_token
 from fleet_server.db.models import Device
+from fleet_server.drift import update_gauges
 from protocol.api import API_PREFIX
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ async def metrics(request: web.Request) -> web.StreamResponse:
             online = await session.scalar(
                 select(func.count()).select_from(Device).where(Device.online.is_(True))
             )
+            await update_gauges(session, server.metrics)
         server.metrics.devices_registered.set(total or 0)
         server.metrics.devices_online.set(online or 0)
     except Exception as exc:  # stale gauges beat no metrics at all

@@ -11,6 +11,7 @@ its assignment at its next poll either way.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
@@ -35,6 +36,7 @@ from fleet_server.api.operations import (
 from fleet_server.audit import verify_chain
 from fleet_server.auth import create_token, list_tokens, revoke_token
 from fleet_server.db.models import (
+    AlertRow,
     ApiToken,
     AuditEntry,
     Device,
@@ -42,9 +44,13 @@ from fleet_server.db.models import (
     ProvisioningToken,
     Release,
 )
+from fleet_server.drift import ModelDrift, Scope, drift_of
 from fleet_server.releases import ReleaseError
 from protocol.api import (
     API_PREFIX,
+    AlertList,
+    AlertQuery,
+    AlertView,
     AssignmentRequest,
     AssignmentResult,
     AssignmentView,
@@ -58,9 +64,13 @@ from protocol.api import (
     DeviceList,
     DeviceQuery,
     DeviceView,
+    DriftQuery,
+    DriftReport,
     EnrolDevice,
     EventQuery,
+    FeatureDriftView,
     Health,
+    ModelDriftView,
     ProvisioningTokenCreated,
     ProvisioningTokenRequest,
     RegisterDevice,
@@ -441,6 +451,120 @@ async def verify_audit(request: web.Request) -> web.StreamResponse:
     )
 
 
+# -- drift and alerts ------------------------------------------------------------
+
+DEFAULT_DRIFT_RANGE = timedelta(hours=1)
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def model_drift_view(m: ModelDrift) -> ModelDriftView:
+    return ModelDriftView(
+        model=m.model_name,
+        version=m.model_version,
+        baseline_id=m.baseline_id,
+        windows=m.windows,
+        window_ids=m.window_ids,
+        start=m.start,
+        end=m.end,
+        requests=m.requests,
+        min_n=m.policy.min_n,
+        false_alarm_rate=m.policy.false_alarm_rate,
+        problem=m.problem,
+        features=[
+            FeatureDriftView(
+                feature=f.feature,
+                name=f.name,
+                verdict=f.verdict,
+                n=f.n,
+                baseline_n=f.baseline_n,
+                psi=f.psi,
+                js=f.js,
+                statistic=f.statistic,
+                df=f.df,
+                threshold=_finite(f.threshold),
+                p_value=f.p_value,
+                psi_threshold=_finite(f.psi_threshold),
+            )
+            for f in m.features
+        ],
+    )
+
+
+def _drift_scope(q: DriftQuery) -> Scope:
+    if q.device is not None:
+        return Scope("device", q.device)
+    if q.tag is not None:
+        return Scope("tag", q.tag)
+    if q.hardware_id is not None:
+        return Scope("hardware_id", q.hardware_id)
+    assert q.region is not None  # the query model insists on one scope
+    return Scope("region", q.region)
+
+
+async def get_drift(request: web.Request) -> web.StreamResponse:
+    q = query(request, DriftQuery)
+    server = request.app[SERVER]
+    scope = _drift_scope(q)
+    try:
+        until = _aware(q.until) if q.until is not None else datetime.now(UTC)
+        since = _aware(q.since) if q.since is not None else until - DEFAULT_DRIFT_RANGE
+    except OverflowError:
+        raise ApiError(422, "query since: out of range; give since explicitly") from None
+    if since > until:
+        raise ApiError(422, "query since: must not be after until")
+    async with server.db.session() as session:
+        if scope.kind == "device":
+            await registry.get_device(session, scope.value)  # 404 for an unknown device
+        results = await drift_of(
+            session,
+            server.manifests,
+            scope,
+            since,
+            until,
+            model_name=q.model,
+            model_version=q.version,
+        )
+    return answer(
+        DriftReport(
+            scope=scope.kind,
+            scope_value=scope.value,
+            since=since,
+            until=until,
+            models=[model_drift_view(m) for m in results],
+        )
+    )
+
+
+def alert_view(a: AlertRow) -> AlertView:
+    return AlertView(
+        id=a.id,
+        scope=a.scope,  # type: ignore[arg-type]  # written only from ScopeKind
+        scope_value=a.scope_value,
+        model=a.model_name,
+        version=a.model_version,
+        feature=a.feature,
+        feature_name=a.feature_name,
+        state=a.state,  # type: ignore[arg-type]  # "open" or "closed"
+        opened_at=_aware(a.opened_at),
+        last_seen_at=_aware(a.last_seen_at),
+        closed_at=_maybe_aware(a.closed_at),
+        evidence=a.evidence or {},
+    )
+
+
+async def list_alerts(request: web.Request) -> web.StreamResponse:
+    q = query(request, AlertQuery)
+    statement = select(AlertRow).order_by(AlertRow.id.desc()).limit(q.limit)
+    if q.state is not None:
+        statement = statement.where(AlertRow.state == q.state)
+    async with request.app[SERVER].db.session() as session:
+        rows = (await session.scalars(statement)).all()
+        return answer(AlertList(alerts=[alert_view(a) for a in rows]))
+
+
 # -- the table -----------------------------------------------------------------
 
 _AUTH_ERRORS = (401, 403)
@@ -533,6 +657,17 @@ OPERATIONS: tuple[Operation, ...] = (
         "GET", f"{V}/audit/verify", verify_audit, "verifyAudit",
         "Recompute the audit log's hash chain",
         tag="audit", auth="viewer", response=AuditVerification, errors=_AUTH_ERRORS,
+    ),
+    Operation(
+        "GET", f"{V}/drift", get_drift, "getDrift",
+        "Drift per feature of a device's or a cohort's windows, per model version",
+        tag="drift", auth="viewer", query=DriftQuery, response=DriftReport,
+        errors=(*_AUTH_ERRORS, 404, 422),
+    ),
+    Operation(
+        "GET", f"{V}/alerts", list_alerts, "listAlerts", "Drift alerts, newest first",
+        tag="drift", auth="viewer", query=AlertQuery, response=AlertList,
+        errors=(*_AUTH_ERRORS, 422),
     ),
 )
 # fmt: on
