@@ -3,7 +3,7 @@
 Human output by default, ``--json`` for scripts. It never prompts unless
 standard input is a terminal; passphrases come from ``--passphrase-file`` or
 ``--passphrase-env``. Commands that talk to a fleet server (devices, assign,
-audit, tokens, release push) take ``--server URL`` and an API token from
+audit, tokens, release push, drift, alerts) take ``--server URL`` and an API token from
 ``--token-file`` or ``--token-env``. Errors a user can cause end in one line
 on stderr and a non-zero exit, never a traceback.
 """
@@ -594,6 +594,85 @@ def cmd_tokens_revoke(args: argparse.Namespace) -> None:
     _emit(args, token, f"Revoked token {token['id']} ({token['name']}, {token['role']})")
 
 
+def _number(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def cmd_drift(args: argparse.Namespace) -> None:
+    scopes = {
+        "device": args.device,
+        "tag": args.tag,
+        "hardware_id": args.hardware,
+        "region": args.region,
+    }
+    if sum(v is not None for v in scopes.values()) != 1:
+        raise CommandError("give one of --device ID, --tag TAG, --hardware HW, --region REGION")
+    report = _client(args).get(
+        "/drift",
+        **scopes,
+        model=args.model,
+        version=args.version,
+        since=args.since,
+        until=args.until,
+    )
+    lines = [
+        f"Drift of {report['scope']} {report['scope_value']}, "
+        f"windows ended {_when(report['since'])} .. {_when(report['until'])}"
+    ]
+    if not report["models"]:
+        lines.append("No windows.")
+    for m in report["models"]:
+        lines.append("")
+        lines.append(
+            f"{m['model']} {m['version']}: {m['windows']} windows, {m['requests']} requests "
+            f"({_when(m['start'])} .. {_when(m['end'])}); drift at false-alarm rate "
+            f"{m['false_alarm_rate']}, at least {m['min_n']} values"
+        )
+        if m.get("problem"):
+            lines.append(f"  cannot test: {m['problem']}")
+            continue
+        lines.append(
+            _table(
+                ["FEATURE", "N", "PSI", "JS", "STATISTIC/THRESHOLD", "VERDICT"],
+                [
+                    [
+                        f["name"] or f["feature"],
+                        f["n"],
+                        _number(f["psi"]),
+                        _number(f["js"]),
+                        f"{_number(f['statistic'], 1)}/{_number(f['threshold'], 1)}",
+                        f["verdict"].upper() if f["verdict"] == "drift" else f["verdict"],
+                    ]
+                    for f in m["features"]
+                ],
+            )
+        )
+    _emit(args, report, "\n".join(lines))
+
+
+def cmd_alerts(args: argparse.Namespace) -> None:
+    alerts = _client(args).get("/alerts", state=args.state, limit=args.limit)["alerts"]
+    table = _table(
+        ["ID", "STATE", "SCOPE", "MODEL", "FEATURE", "OPENED", "LAST SEEN", "CLOSED", "STAT/THR"],
+        [
+            [
+                a["id"],
+                a["state"],
+                f"{a['scope']}:{a['scope_value']}" if a["scope_value"] else a["scope"],
+                f"{a['model']}@{a['version']}",
+                a["feature_name"] or a["feature"],
+                _when(a["opened_at"]),
+                _when(a["last_seen_at"]),
+                _when(a["closed_at"]),
+                f"{_number(a['evidence'].get('statistic'), 1)}/"
+                f"{_number(a['evidence'].get('threshold'), 1)}",
+            ]
+            for a in alerts
+        ],
+    )
+    _emit(args, alerts, table if alerts else "No alerts.")
+
+
 # -- broker ----------------------------------------------------------------------
 
 
@@ -761,6 +840,24 @@ def _remote_commands(groups: Any, leaf: argparse.ArgumentParser, release: Any) -
     p = api_tokens.add_parser("revoke", parents=both, help="revoke an API token")
     p.add_argument("token_id")
     p.set_defaults(func=cmd_tokens_revoke)
+
+    p = groups.add_parser(
+        "drift", parents=both, help="drift per feature of a device or a cohort (server)"
+    )
+    p.add_argument("--device", help="one device")
+    p.add_argument("--tag", help="every device with this tag")
+    p.add_argument("--hardware", help="every device of this hardware id")
+    p.add_argument("--region", help="every device in this region")
+    p.add_argument("--model", help="only this model")
+    p.add_argument("--version", help="only this model version")
+    p.add_argument("--since", help="ISO time (default: an hour before --until)")
+    p.add_argument("--until", help="ISO time (default: now)")
+    p.set_defaults(func=cmd_drift)
+
+    p = groups.add_parser("alerts", parents=both, help="drift alerts, newest first (server)")
+    p.add_argument("--state", choices=["open", "closed"])
+    p.add_argument("--limit", type=int, default=100)
+    p.set_defaults(func=cmd_alerts)
 
 
 def _passphrase_flags(parser: argparse.ArgumentParser) -> None:

@@ -509,10 +509,12 @@ async def get_drift(request: web.Request) -> web.StreamResponse:
     server = request.app[SERVER]
     scope = _drift_scope(q)
     try:
-        until = _aware(q.until) if q.until is not None else datetime.now(UTC)
-        since = _aware(q.since) if q.since is not None else until - DEFAULT_DRIFT_RANGE
+        until = _aware(q.until).astimezone(UTC) if q.until is not None else datetime.now(UTC)
+        since = (
+            _aware(q.since).astimezone(UTC) if q.since is not None else until - DEFAULT_DRIFT_RANGE
+        )
     except OverflowError:
-        raise ApiError(422, "query since: out of range; give since explicitly") from None
+        raise ApiError(422, "query since/until: out of range (give both, in UTC)") from None
     if since > until:
         raise ApiError(422, "query since: must not be after until")
     async with server.db.session() as session:

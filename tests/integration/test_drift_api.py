@@ -1,0 +1,320 @@
+"""Drift of stored windows over the REST API and fleetctl, and the alerts it opens and closes."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from sqlalchemy import select
+
+from fleet_server.db.models import AlertRow, WindowRow
+from fleet_server.drift import evaluate_fleet
+from fleet_server.fleetctl import main
+from fleet_server.release.keys import KeyStore
+from fleet_server.release.repository import ImageRepository
+from protocol.bundle import read_manifest
+from protocol.manifest import Manifest
+from protocol.summary import summarize
+from protocol.window import WindowSummary, encode_window
+from tests.conftest import HARDWARE
+from tests.support.api_server import ServerThread
+from tests.support.databases import DATABASES, database_url
+
+pytestmark = pytest.mark.integration
+
+V = "/api/v1"
+MODELS = Path(__file__).resolve().parents[2] / "firmware_images" / "models"
+HOUR = timedelta(hours=1)
+
+
+@dataclass
+class DriftFleet:
+    api: ServerThread
+    admin: str
+    manifest: Manifest
+    rows: npt.NDArray[np.float64]
+
+    def get(self, path: str, **params: Any) -> tuple[int, Any]:
+        query = urlencode({k: v for k, v in params.items() if v is not None})
+        r = self.api.request("GET", f"{V}{path}?{query}", token=self.admin)
+        return r.status, json.loads(r.data)
+
+    def register(self, device_id: str, *tags: str, region: str | None = None) -> None:
+        r = self.api.request(
+            "POST",
+            f"{V}/devices",
+            token=self.admin,
+            json={
+                "device_id": device_id,
+                "hardware_id": HARDWARE,
+                "tags": list(tags),
+                "region": region,
+            },
+        )
+        assert r.status == 201, r.data
+
+    def upload(
+        self,
+        device_id: str,
+        data: npt.NDArray[np.float64],
+        end: datetime,
+        rows_per_window: int = 200,
+    ) -> list[str]:
+        """Store ``data`` as consecutive one-minute windows of ``device_id`` ending at ``end``."""
+        baseline = self.manifest.baseline
+        edges = [f.edges for f in baseline.features]
+        ranges = [(f.valid_min, f.valid_max) for f in self.manifest.features]
+        count = data.shape[0] // rows_per_window
+        rows = []
+        for k in range(count):
+            chunk = data[k * rows_per_window : (k + 1) * rows_per_window]
+            stop = end - timedelta(minutes=count - 1 - k)
+            window = WindowSummary(
+                window_id=f"{device_id}-{stop.timestamp():.0f}",
+                device_id=device_id,
+                model_name=self.manifest.name,
+                model_version=self.manifest.version,
+                baseline_id=baseline.id,
+                start=(stop - timedelta(minutes=1)).timestamp(),
+                end=stop.timestamp(),
+                requests=rows_per_window,
+                features=summarize(chunk, edges, ranges),
+            )
+            rows.append(
+                WindowRow(
+                    window_id=window.window_id,
+                    device_id=device_id,
+                    model_name=window.model_name,
+                    model_version=window.model_version,
+                    baseline_id=window.baseline_id,
+                    start=stop - timedelta(minutes=1),
+                    end=stop,
+                    requests=window.requests,
+                    errors=0,
+                    payload=encode_window(window),
+                    received_at=stop,
+                )
+            )
+
+        async def store() -> None:
+            async with self.api.server.db.session() as session:
+                session.add_all(rows)
+
+        self.api.call(store())
+        return [r.window_id for r in rows]
+
+    def in_distribution(self, n: int, seed: int) -> npt.NDArray[np.float64]:
+        """``n`` rows of the baseline itself (without replacement): no drift by construction."""
+        pick = np.random.default_rng(seed).permutation(self.rows.shape[0])[:n]
+        out: npt.NDArray[np.float64] = self.rows[pick].copy()
+        return out
+
+    def shifted(self, n: int, seed: int, feature: int = 0) -> npt.NDArray[np.float64]:
+        data = self.in_distribution(n, seed)
+        data[:, feature] += 2.0 * self.rows[:, feature].std()
+        return data
+
+    def evaluate(self, until: datetime) -> None:
+        async def run() -> None:
+            async with self.api.server.db.session() as session:
+                await evaluate_fleet(session, self.api.server.manifests, until, HOUR)
+
+        self.api.call(run())
+
+    def alerts(self, device_id: str) -> list[AlertRow]:
+        async def load() -> list[AlertRow]:
+            async with self.api.server.db.session() as session:
+                return list(
+                    (
+                        await session.scalars(
+                            select(AlertRow)
+                            .where(AlertRow.scope == "device", AlertRow.scope_value == device_id)
+                            .order_by(AlertRow.id)
+                        )
+                    ).all()
+                )
+
+        return self.api.call(load())
+
+
+@pytest.fixture(scope="module", params=DATABASES)
+def fleet(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    session_keys: KeyStore,
+    bundles: dict[str, Path],
+) -> Iterator[DriftFleet]:
+    tmp = tmp_path_factory.mktemp(f"drift-{request.param}")
+    with database_url(request.param, tmp) as url:
+        api = ServerThread(tmp / "server", url)
+        try:
+            repo = ImageRepository(tmp / "repo")
+            repo.create(session_keys)
+            repo.add_bundle(bundles["v1"], session_keys)
+            files = {
+                p.relative_to(repo.path).as_posix(): base64.b64encode(p.read_bytes()).decode()
+                for p in repo.path.rglob("*")
+                if p.is_file() and not p.name.startswith(".")
+            }
+            r = api.request("POST", f"{V}/releases", token=api.admin_token, json={"files": files})
+            assert r.status == 201, r.data
+            with bundles["v1"].open("rb") as source:
+                manifest = read_manifest(source)
+            rows = np.load(MODELS / "baseline.npy").astype(np.float64)
+            yield DriftFleet(api, api.admin_token, manifest, rows)
+        finally:
+            api.close()
+
+
+def _verdicts(report: dict[str, Any]) -> dict[str, str]:
+    (model,) = report["models"]
+    return {f["name"]: f["verdict"] for f in model["features"]}
+
+
+def test_in_distribution_windows_show_no_drift(fleet: DriftFleet) -> None:
+    end = datetime(2031, 1, 1, 12, tzinfo=UTC)
+    fleet.register("calm-1")
+    ids = fleet.upload("calm-1", fleet.in_distribution(1000, seed=1), end)
+    status, report = fleet.get(
+        "/drift", device="calm-1", since=(end - HOUR).isoformat(), until=end.isoformat()
+    )
+    assert status == 200, report
+    assert set(_verdicts(report).values()) == {"no_drift"}
+    (model,) = report["models"]
+    assert model["windows"] == 5 and sorted(model["window_ids"]) == sorted(ids)
+    assert model["version"] == "1.0.0" and model["baseline_id"] == fleet.manifest.baseline.id
+    assert all(f["n"] == 1000 and f["threshold"] > 0 for f in model["features"])
+
+
+def test_a_shifted_feature_drifts_and_the_others_do_not(fleet: DriftFleet) -> None:
+    end = datetime(2031, 1, 2, 12, tzinfo=UTC)
+    fleet.register("shifted-1")
+    fleet.upload("shifted-1", fleet.shifted(1000, seed=2, feature=0), end)
+    status, report = fleet.get(
+        "/drift", device="shifted-1", since=(end - HOUR).isoformat(), until=end.isoformat()
+    )
+    assert status == 200, report
+    verdicts = _verdicts(report)
+    assert verdicts.pop("shaft_rpm") == "drift"
+    assert set(verdicts.values()) == {"no_drift"}
+    shaft = report["models"][0]["features"][0]
+    assert shaft["statistic"] > shaft["threshold"] and shaft["psi"] > shaft["psi_threshold"]
+
+
+def test_few_rows_are_not_enough_data(fleet: DriftFleet) -> None:
+    end = datetime(2031, 1, 3, 12, tzinfo=UTC)
+    fleet.register("quiet-1")
+    fleet.upload("quiet-1", fleet.shifted(200, seed=3), end, rows_per_window=100)
+    status, report = fleet.get(
+        "/drift", device="quiet-1", since=(end - HOUR).isoformat(), until=end.isoformat()
+    )
+    assert status == 200, report
+    assert set(_verdicts(report).values()) == {"not_enough_data"}
+
+
+def test_a_cohort_merges_the_windows_of_its_devices(fleet: DriftFleet) -> None:
+    end = datetime(2031, 1, 4, 12, tzinfo=UTC)
+    fleet.register("cohort-1", "line-7", region="eu-west")
+    fleet.register("cohort-2", "line-7", region="eu-west")
+    fleet.upload("cohort-1", fleet.in_distribution(400, seed=4), end)
+    fleet.upload("cohort-2", fleet.in_distribution(400, seed=5), end)
+    window = {"since": (end - HOUR).isoformat(), "until": end.isoformat()}
+    # Each device alone has too few values; together they have enough.
+    _, alone = fleet.get("/drift", device="cohort-1", **window)
+    assert set(_verdicts(alone).values()) == {"not_enough_data"}
+    for scope in ({"tag": "line-7"}, {"region": "eu-west"}):
+        status, report = fleet.get("/drift", **scope, **window)
+        assert status == 200, report
+        assert report["models"][0]["windows"] == 4
+        assert set(_verdicts(report).values()) == {"no_drift"}
+
+
+def test_the_query_needs_exactly_one_scope_and_a_known_device(fleet: DriftFleet) -> None:
+    assert fleet.get("/drift")[0] == 422
+    assert fleet.get("/drift", device="calm-1", tag="line-7")[0] == 422
+    assert fleet.get("/drift", device="nobody-here")[0] == 404
+    status, report = fleet.get("/drift", tag="no-such-tag")
+    assert status == 200 and report["models"] == []
+
+
+def test_an_alert_opens_once_stays_open_and_closes_when_drift_clears(fleet: DriftFleet) -> None:
+    t0 = datetime(2031, 2, 1, 12, tzinfo=UTC)
+    fleet.register("alarm-1")
+    fleet.upload("alarm-1", fleet.shifted(1000, seed=6, feature=0), t0)
+    fleet.evaluate(t0)
+    fleet.evaluate(t0 + timedelta(minutes=1))  # the same drift: no second alert
+    (alert,) = fleet.alerts("alarm-1")
+    assert alert.state == "open" and alert.feature_name == "shaft_rpm"
+    assert alert.last_seen_at > alert.opened_at
+    ev = alert.evidence
+    assert ev["verdict"] == "drift" and ev["statistic"] > ev["threshold"] and ev["windows"] == 5
+    assert len(ev["window_ids"]) == 5 and ev["min_n"] == 500
+
+    # Too few values later: no evidence either way, so the alert stays open.
+    t1 = t0 + 2 * HOUR
+    fleet.upload("alarm-1", fleet.in_distribution(200, seed=7), t1)
+    fleet.evaluate(t1)
+    (alert,) = fleet.alerts("alarm-1")
+    assert alert.state == "open"
+
+    # Enough in-distribution values: the alert closes.
+    t2 = t0 + 4 * HOUR
+    fleet.upload("alarm-1", fleet.in_distribution(1000, seed=8), t2)
+    fleet.evaluate(t2)
+    (alert,) = fleet.alerts("alarm-1")
+    assert alert.state == "closed" and alert.closed_at is not None
+    assert alert.evidence["verdict"] == "no_drift"
+
+    # Drift again: a new alert, the closed one stays closed.
+    t3 = t0 + 6 * HOUR
+    fleet.upload("alarm-1", fleet.shifted(1000, seed=9, feature=0), t3)
+    fleet.evaluate(t3)
+    states = [a.state for a in fleet.alerts("alarm-1")]
+    assert states == ["closed", "open"]
+
+    status, listed = fleet.get("/alerts", state="open")
+    assert status == 200
+    mine = [a for a in listed["alerts"] if a["scope_value"] == "alarm-1"]
+    assert len(mine) == 1 and mine[0]["feature_name"] == "shaft_rpm"
+    assert mine[0]["evidence"]["verdict"] == "drift"
+    status, closed = fleet.get("/alerts", state="closed")
+    assert any(a["scope_value"] == "alarm-1" for a in closed["alerts"])
+
+    metrics = fleet.api.request("GET", "/metrics").data.decode()
+    assert "edgefleet_drift_alerts_open" in metrics
+    assert 'edgefleet_drift_features_drifting{model="pump-health",version="1.0.0"}' in metrics
+
+
+def test_fleetctl_drift_prints_a_table_and_alerts_lists_them(
+    fleet: DriftFleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    end = datetime(2031, 3, 1, 12, tzinfo=UTC)
+    fleet.register("cli-1")
+    fleet.upload("cli-1", fleet.shifted(1000, seed=10, feature=0), end)
+    remote = ["--server", fleet.api.url, "--token-file", str(fleet.api.admin_token_file)]
+    capsys.readouterr()
+    since, until = (end - HOUR).isoformat(), end.isoformat()
+    code = main(["drift", "--device", "cli-1", "--since", since, "--until", until, *remote])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "FEATURE" in out and "STATISTIC/THRESHOLD" in out
+    shaft = next(line for line in out.splitlines() if line.startswith("shaft_rpm"))
+    assert shaft.split()[-1] == "DRIFT"
+    assert "no_drift" in out
+
+    fleet.evaluate(end)
+    code = main(["alerts", "--state", "open", "--json", *remote])
+    alerts = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert any(a["scope_value"] == "cli-1" and a["feature_name"] == "shaft_rpm" for a in alerts)
+    code = main(["drift", *remote])
+    assert code == 1 and "give one of" in capsys.readouterr().err
