@@ -15,6 +15,7 @@ import io
 import json
 import shlex
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -342,18 +343,23 @@ class FleetStory:
         }
 
     def windows_acknowledged(self, device: Device) -> int:
-        """How many windows the device's outbox saw acknowledged, once none is pending."""
-        from agent.telemetry import Outbox
+        """How many windows the device's outbox saw acknowledged, once none is pending.
 
+        Read-only: opening the outbox for writing would make the running agent resend.
+        """
         path = device.data_dir / "outbox.db"
         if not path.exists():
             return 0
-        outbox = Outbox(path)
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
         try:
-            stats = outbox.stats()
+            pending = db.execute("SELECT count(*) FROM windows").fetchone()[0]
+            row = db.execute("SELECT value FROM counters WHERE name = 'acknowledged'").fetchone()
+        except sqlite3.Error:
+            return 0
         finally:
-            outbox.close()
-        return stats.acknowledged_total if stats.acknowledged_total and not stats.pending else 0
+            db.close()
+        acknowledged = int(row[0]) if row else 0
+        return acknowledged if acknowledged and not pending else 0
 
     def close(self) -> None:
         for device in self.devices.values():
