@@ -7,6 +7,7 @@ from benchmarks import (
     agent_memory,
     director_signing,
     server_ingest,
+    telemetry,
     verify_bundle,
 )
 
@@ -16,6 +17,7 @@ BENCHMARKS = [
     ("agent memory, import shares and time to ready", agent_memory.main),
     ("server ingest from the broker vs a bare paho subscriber", server_ingest.main),
     ("director metadata for 10,000 devices vs bare signatures and writes", director_signing.main),
+    ("telemetry: record cost, bytes a day, drift for 10,000 devices", telemetry.main),
 ]
 
 
