@@ -75,6 +75,8 @@ class _QuietHandler(SimpleHTTPRequestHandler):
 
 def run_demo(workdir: Path) -> int:
     """Run the demo in ``workdir`` (emptied first); returns a process exit status."""
+    # Absolute: the agents' configuration files name paths relative to themselves.
+    workdir = workdir.resolve()
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
