@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import time
 from typing import TYPE_CHECKING
 
@@ -19,7 +18,7 @@ from aiohttp import web
 
 from fleet_server.api.errors import ApiError
 from fleet_server.auth import InvalidToken, Principal, authenticate
-from fleet_server.registry import authenticate_device
+from fleet_server.registry import authenticate_device, secret_hash
 from protocol.api import Role
 from protocol.topics import DEVICE_ID_PATTERN
 
@@ -79,7 +78,7 @@ class DeviceAuthenticator:
             )
         device_id, password = credentials
         # Only a digest of the password is kept in memory.
-        key = (device_id, hashlib.sha256(password.encode()).hexdigest())
+        key = (device_id, secret_hash(password))
         now = time.monotonic()
         if self._valid_until.get(key, 0.0) > now:
             return device_id
