@@ -117,7 +117,7 @@ class ReleaseService:
                 )
             return rows
 
-    def _stage_and_swap(self, files: dict[str, bytes]) -> int:
+    def _stage_and_swap(self, files: dict[str, bytes]) -> None:
         repo = self.repository
         if not repo.exists():
             if "metadata/1.root.json" not in files:
@@ -152,7 +152,7 @@ class ReleaseService:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 dest.write_bytes(data)
             root = trusted_root or staging / "metadata" / "1.root.json"
-            bundles = verify_repository(staging, root, self.trust_dir)
+            verify_repository(staging, root, self.trust_dir)
             # Swap in: new target files first, metadata last (timestamp.json at the very end),
             # so a device never sees metadata that names a file not yet there.
             for rel in sorted(
@@ -163,6 +163,5 @@ class ReleaseService:
                 tmp = dest.with_name(f".{dest.name}.tmp")
                 tmp.write_bytes(files[rel])
                 tmp.replace(dest)
-            return len(bundles)
         finally:
             shutil.rmtree(staging, ignore_errors=True)

@@ -9,11 +9,8 @@ answering Open Inference Protocol requests on localhost.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +20,7 @@ from firmware_images.datagen import FieldConditions, generate
 from fleet_server.director import DirectorRepository
 from fleet_server.release.keys import init_keys
 from fleet_server.release.repository import ImageRepository
+from simulator.fleet_story import Device, wait_until
 
 DEVICE = "pump-17"
 HARDWARE = "rpi4-arm64"
@@ -32,37 +30,14 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-class _Device:
+class _Device(Device):
     """An ``edge-agent run`` process and a few ways to look at it."""
 
     def __init__(self, config: Path) -> None:
-        self.config = config
-        self.data_dir = config.parent
-        self.log = (self.data_dir / "agent.log").open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
+        super().__init__(DEVICE, config)
         self.http = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(5, 5))
-        self.url = self._wait(lambda: self._api(), "the agent to start")
-
-    def _api(self) -> str | None:
-        try:
-            return str(json.loads((self.data_dir / "agent.json").read_text())["api"])
-        except (FileNotFoundError, json.JSONDecodeError, KeyError):
-            return None
-
-    def _wait(self, probe: Callable[[], Any], what: str, timeout: float = 60) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = probe()
-            if value:
-                return value
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the agent exited while waiting for {what}")
-            time.sleep(0.1)
-        raise RuntimeError(f"timed out waiting for {what}")
+        self.start()
+        self.url = self.api
 
     def journal(self) -> dict[str, Any]:
         try:
@@ -75,7 +50,7 @@ class _Device:
             outcome = self.journal().get("last_outcome") or {}
             return outcome if outcome.get("target", {}).get("version") == version else None
 
-        outcome: dict[str, Any] = self._wait(probe, f"the install of {version} to end")
+        outcome: dict[str, Any] = wait_until(f"the install of {version} to end", probe)
         return outcome
 
     def infer(self, row: list[float]) -> dict[str, Any]:
@@ -86,11 +61,6 @@ class _Device:
         }
         r = self.http.request("POST", f"{self.url}/v2/models/pump-health/infer", json=body)
         return {"status": r.status, **json.loads(r.data)}
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=15)
-        self.log.close()
 
 
 def _show_answer(device: _Device, row: list[float]) -> None:

@@ -238,9 +238,11 @@ class Installer:
             }
         return answer
 
-    def _bundle_path(self) -> Path:
-        assert self.journal.target is not None
-        return self.config.data_dir / "downloads" / self.journal.target.path.rpartition("/")[2]
+    def _bundle_path(self, journal: Journal | None = None) -> Path:
+        """Where the fetcher put the bundle of ``journal``'s install (default: the current)."""
+        target = (journal or self.journal).target
+        assert target is not None
+        return self.config.data_dir / "downloads" / target.path.rpartition("/")[2]
 
     # -- staging, self-test, switch ------------------------------------------------
 
@@ -331,11 +333,7 @@ class Installer:
         if self.clock() - journal.trial_started_at >= self.config.update.health_period_s:
             self._save(journal.committed(self.clock()), "committed")
             self.watchdog = None
-            self._bundle_path_of(journal).unlink(missing_ok=True)
-
-    def _bundle_path_of(self, journal: Journal) -> Path:
-        assert journal.target is not None
-        return self.config.data_dir / "downloads" / journal.target.path.rpartition("/")[2]
+            self._bundle_path(journal).unlink(missing_ok=True)
 
     def _roll_back(self, reason: str, message: str) -> None:
         try:
@@ -348,7 +346,7 @@ class Installer:
             self.active = self._load_slot(self.slots.pointer().active)
         self.publish(self.active, None)
         self.watchdog = None
-        bundle = self._bundle_path_of(self.journal)
+        bundle = self._bundle_path()
         self._save(
             self.journal.rolled_back(reason, message, self.clock()),
             "rolled-back",
