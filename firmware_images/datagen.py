@@ -304,3 +304,30 @@ def _training_std() -> NDArray[np.float64]:
     X, _ = generate(200_000, seed=0x5EED, conditions=TRAINING_CONDITIONS)
     std = X.astype(np.float64).std(axis=0)
     return np.array([float(f"{s:.4g}") for s in std])
+
+
+def tilted(
+    tilt: Mapping[str, float], n: int, seed: int, pool_size: int = 200_000
+) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+    """``n`` labelled rows under pure covariate shift: ``P(label | input)`` stays as it was.
+
+    Rows of the training distribution are resampled without replacement with
+    weight ``exp(Σ β · z)`` (``z`` the standardised feature, clipped to ±4): an
+    exponential tilt that moves each named feature's mean by about ``β``
+    standard deviations while every row keeps its true label. (The
+    ``covariate_shift`` of :class:`FieldConditions` instead moves the values
+    themselves, which changes what an input means: concept drift as well.)
+    """
+    unknown = sorted(set(tilt) - set(_INDEX))
+    if unknown:
+        raise ValueError(f"tilt names unknown features {unknown}")
+    if not 0 <= n <= pool_size:
+        raise ValueError(f"n must lie in [0, {pool_size}], got {n}")
+    pool, labels = generate(pool_size, seed)
+    z = (pool - pool.mean(axis=0)) / pool.std(axis=0)
+    log_w = np.zeros(pool_size)
+    for name, beta in tilt.items():
+        log_w += beta * np.clip(z[:, _INDEX[name]], -4, 4)
+    w = np.exp(log_w - log_w.max())
+    pick = np.random.default_rng(seed).choice(pool_size, size=n, replace=False, p=w / w.sum())
+    return pool[pick], labels[pick]

@@ -3,7 +3,7 @@
 Human output by default, ``--json`` for scripts. It never prompts unless
 standard input is a terminal; passphrases come from ``--passphrase-file`` or
 ``--passphrase-env``. Commands that talk to a fleet server (devices, assign,
-audit, tokens, release push, drift, alerts) take ``--server URL`` and an API token from
+audit, tokens, release push, drift, alerts, labels) take ``--server URL`` and an API token from
 ``--token-file`` or ``--token-env``. Errors a user can cause end in one line
 on stderr and a non-zero exit, never a traceback.
 """
@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import base64
+import csv
 import getpass
 import hashlib
+import io
 import json
 import os
 import sys
@@ -137,7 +139,8 @@ def cmd_bundle_build(args: argparse.Namespace) -> None:
         safe_default=safe_default,
         budget=ResourceBudget(max_latency_ms=args.max_latency_ms, max_memory_mb=args.max_memory_mb),
     )
-    built = build_bundle(model, Path(args.baseline), spec)
+    calibration = Path(args.calibration) if args.calibration else None
+    built = build_bundle(model, Path(args.baseline), spec, calibration=calibration)
     out = Path(args.out)
     if out.is_dir():
         out = out / f"{built.manifest.name}-{built.manifest.version}.bundle"
@@ -151,10 +154,21 @@ def cmd_bundle_build(args: argparse.Namespace) -> None:
             "version": m.version,
             "release_counter": m.release_counter,
             "sha256": _sha256(out),
+            "calibration_rows": (
+                m.baseline.calibration.reference_rows if m.baseline.calibration else None
+            ),
         },
         f"Built {out}: {m.name} {m.version} (release counter {m.release_counter}) for "
-        f"{', '.join(m.hardware_ids)}; {len(m.features)} features, {m.golden.count} golden vectors",
+        f"{', '.join(m.hardware_ids)}; {len(m.features)} features, {m.golden.count} golden vectors"
+        + _calibration_note(m),
     )
+
+
+def _calibration_note(m: Manifest) -> str:
+    c = m.baseline.calibration
+    if c is None:
+        return "; no calibration (accuracy cannot be estimated without labels)"
+    return f"; calibrated on {c.reference_rows} labelled rows ({c.reference_accuracy:.1%} right)"
 
 
 def _sha256(path: Path) -> str:
@@ -631,6 +645,7 @@ def cmd_drift(args: argparse.Namespace) -> None:
         if m.get("problem"):
             lines.append(f"  cannot test: {m['problem']}")
             continue
+        lines.append(_accuracy_line(m.get("accuracy")))
         lines.append(
             _table(
                 ["FEATURE", "N", "PSI", "JS", "STATISTIC/THRESHOLD", "VERDICT"],
@@ -650,27 +665,136 @@ def cmd_drift(args: argparse.Namespace) -> None:
     _emit(args, report, "\n".join(lines))
 
 
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def _accuracy_line(a: dict[str, Any] | None) -> str:
+    """The accuracy estimated without labels, its interval and threshold, and the labelled one."""
+    if a is None:
+        return "  accuracy: not estimated (the release has no calibration or no score output)"
+    line = (
+        f"  accuracy: estimated {_percent(a['estimated'])} "
+        f"({_percent(a['low'])} .. {_percent(a['high'])}, {a['n']} predictions), "
+        f"reference {_percent(a['reference'])}, alert below {_percent(a['threshold'])}"
+    )
+    labelled = a.get("labelled")
+    if labelled:
+        line += (
+            f"; measured {_percent(labelled['accuracy'])} on {labelled['rows']} labelled "
+            f"predictions in {labelled['windows']} windows "
+            f"(estimated {_percent(labelled['estimated'])} there)"
+        )
+    return line
+
+
+def _alert_figures(a: dict[str, Any]) -> str:
+    ev = a["evidence"]
+    if a["kind"] == "accuracy":
+        return f"{_percent(ev.get('estimated'))} < {_percent(ev.get('threshold'))}"
+    return f"{_number(ev.get('statistic'), 1)}/{_number(ev.get('threshold'), 1)}"
+
+
 def cmd_alerts(args: argparse.Namespace) -> None:
-    alerts = _client(args).get("/alerts", state=args.state, limit=args.limit)["alerts"]
+    alerts = _client(args).get("/alerts", state=args.state, kind=args.kind, limit=args.limit)[
+        "alerts"
+    ]
     table = _table(
-        ["ID", "STATE", "SCOPE", "MODEL", "FEATURE", "OPENED", "LAST SEEN", "CLOSED", "STAT/THR"],
+        [
+            "ID",
+            "KIND",
+            "STATE",
+            "SCOPE",
+            "MODEL",
+            "FEATURE",
+            "OPENED",
+            "LAST SEEN",
+            "CLOSED",
+            "EVIDENCE",
+        ],
         [
             [
                 a["id"],
+                a["kind"],
                 a["state"],
                 f"{a['scope']}:{a['scope_value']}" if a["scope_value"] else a["scope"],
                 f"{a['model']}@{a['version']}",
-                a["feature_name"] or a["feature"],
+                a["feature_name"] or ("-" if a["feature"] is None else a["feature"]),
                 _when(a["opened_at"]),
                 _when(a["last_seen_at"]),
                 _when(a["closed_at"]),
-                f"{_number(a['evidence'].get('statistic'), 1)}/"
-                f"{_number(a['evidence'].get('threshold'), 1)}",
+                _alert_figures(a),
             ]
             for a in alerts
         ],
     )
     _emit(args, alerts, table if alerts else "No alerts.")
+
+
+# -- labels ------------------------------------------------------------------------
+
+LABELS_PER_REQUEST = 1000
+
+
+def read_labels_file(path: Path) -> list[dict[str, Any]]:
+    """Per-window label bodies from a file.
+
+    ``.json``: the API's body (or its list of windows); ``.csv``: columns
+    ``window_id,actual,predicted`` (class names) and optionally ``count``.
+    """
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise CommandError(f"cannot read {path}: {exc.strerror}") from None
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CommandError(f"{path} is not JSON: {exc}") from None
+        windows = data.get("windows") if isinstance(data, dict) else data
+        if not isinstance(windows, list):
+            raise CommandError(f'{path} must hold {{"windows": [...]}} or a list of windows')
+        return windows
+    if path.suffix.lower() != ".csv":
+        raise CommandError(
+            f"{path}: give labels as .csv (window_id,actual,predicted[,count]) or .json"
+        )
+    reader = csv.DictReader(io.StringIO(text))
+    needed = {"window_id", "actual", "predicted"}
+    if reader.fieldnames is None or not needed <= set(reader.fieldnames):
+        raise CommandError(f"{path} needs a header with columns window_id,actual,predicted[,count]")
+    by_window: dict[str, list[dict[str, Any]]] = {}
+    for line, row in enumerate(reader, start=2):
+        try:
+            count = int(row.get("count") or 1)
+        except ValueError:
+            raise CommandError(
+                f"{path}:{line}: count {row['count']!r} is not a whole number"
+            ) from None
+        by_window.setdefault(row["window_id"], []).append(
+            {"actual": row["actual"], "predicted": row["predicted"], "count": count}
+        )
+    return [{"window_id": w, "labels": labels} for w, labels in by_window.items()]
+
+
+def cmd_labels_post(args: argparse.Namespace) -> None:
+    windows = read_labels_file(Path(args.file))
+    if not windows:
+        raise CommandError(f"{args.file} holds no labels")
+    client = _client(args)
+    totals = {"stored": 0, "replaced": 0, "rows": 0, "correct": 0}
+    for i in range(0, len(windows), LABELS_PER_REQUEST):
+        result = client.post("/labels", {"windows": windows[i : i + LABELS_PER_REQUEST]})
+        for key in totals:
+            totals[key] += result[key]
+    share = totals["correct"] / totals["rows"] if totals["rows"] else None
+    _emit(
+        args,
+        totals,
+        f"Labels of {totals['stored'] + totals['replaced']} windows stored "
+        f"({totals['replaced']} replaced earlier ones): {totals['rows']} predictions, "
+        f"{totals['correct']} right ({_percent(share)})",
+    )
 
 
 # -- broker ----------------------------------------------------------------------
@@ -854,10 +978,23 @@ def _remote_commands(groups: Any, leaf: argparse.ArgumentParser, release: Any) -
     p.add_argument("--until", help="ISO time (default: now)")
     p.set_defaults(func=cmd_drift)
 
-    p = groups.add_parser("alerts", parents=both, help="drift alerts, newest first (server)")
+    p = groups.add_parser(
+        "alerts", parents=both, help="drift and accuracy alerts, newest first (server)"
+    )
     p.add_argument("--state", choices=["open", "closed"])
+    p.add_argument("--kind", choices=["drift", "accuracy"])
     p.add_argument("--limit", type=int, default=100)
     p.set_defaults(func=cmd_alerts)
+    labels = groups.add_parser(
+        "labels", help="labels that arrived later, per window (server)"
+    ).add_subparsers(dest="cmd", required=True)
+    p = labels.add_parser(
+        "post",
+        parents=both,
+        help="post labels: .csv window_id,actual,predicted[,count] or the API's .json body",
+    )
+    p.add_argument("file")
+    p.set_defaults(func=cmd_labels_post)
 
 
 def _passphrase_flags(parser: argparse.ArgumentParser) -> None:
@@ -899,6 +1036,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hardware", action="append", required=True, help="hardware id (repeatable)")
     p.add_argument("--baseline", required=True, help=".npy, .npz or .csv baseline data")
     p.add_argument("--out", required=True, help="bundle file or directory")
+    p.add_argument(
+        "--calibration",
+        help=".npz of labelled reference rows (inputs and 'labels') the model was not trained "
+        "on, for estimating accuracy without labels in the field",
+    )
     p.add_argument("--features", help="JSON: feature names, units, valid ranges, classes")
     p.add_argument("--classes", help="comma-separated class labels of the score output")
     p.add_argument("--release-counter", type=int, help="default: derived from the version")

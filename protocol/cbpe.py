@@ -42,7 +42,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from statistics import NormalDist
-from typing import Final
+from typing import Final, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -88,6 +88,12 @@ class Calibration(BaseModel):
     def reference_rows(self) -> int:
         """How many labelled rows the calibration was measured on."""
         return sum(sum(row) for row in self.total)
+
+    @property
+    def reference_accuracy(self) -> float:
+        """The model's accuracy on the reference data (0 when it had no rows)."""
+        rows = self.reference_rows
+        return sum(sum(row) for row in self.correct) / rows if rows else 0.0
 
     def probabilities(self) -> npt.NDArray[np.float64]:
         """``p[c][k]``: the smoothed share of correct predictions per cell."""
@@ -181,3 +187,35 @@ def estimate_accuracy(
         n=int(n),
         unseen_share=float(counts[total == 0].sum() / n),
     )
+
+
+AccuracyVerdict = Literal["not_enough_data", "below", "uncertain", "within"]
+
+
+class AccuracyPolicy(BaseModel):
+    """When an estimated accuracy is bad enough to alert on.
+
+    The threshold is the model's accuracy on its calibration data minus
+    ``max_drop``. ``below``: the whole interval lies under the threshold (the
+    drop is real at the interval's confidence); ``within``: the estimate itself
+    is at or above it; ``uncertain``: neither. An alert opens on ``below`` and
+    closes on ``within``, so an estimate wavering at the threshold neither
+    opens nor closes one.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_drop: float = Field(default=0.05, gt=0.0, lt=1.0)
+    min_n: int = Field(default=200, ge=1, description="fewer predictions: not_enough_data")
+    confidence: float = Field(default=0.95, gt=0.0, lt=1.0)
+
+    def threshold(self, calibration: Calibration) -> float:
+        return max(0.0, calibration.reference_accuracy - self.max_drop)
+
+    def verdict(self, estimate: AccuracyEstimate, threshold: float) -> AccuracyVerdict:
+        if estimate.accuracy is None or estimate.n < self.min_n:
+            return "not_enough_data"
+        assert estimate.high is not None
+        if estimate.high < threshold:
+            return "below"
+        return "within" if estimate.accuracy >= threshold else "uncertain"

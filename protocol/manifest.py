@@ -13,6 +13,7 @@ from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from protocol.cbpe import Calibration
 from protocol.derivation import InputDerivation
 from protocol.summary import FeatureSummary, ScoreHistogram
 from protocol.versioning import HARDWARE_ID_PATTERN, NAME_PATTERN, parse_semver
@@ -104,6 +105,22 @@ class Baseline(_Strict):
     scores: ScoreHistogram | None = Field(
         default=None, description="top-score histogram per predicted class, for CBPE"
     )
+    calibration: Calibration | None = Field(
+        default=None,
+        description="how often the model was right per predicted class and top-score bin, "
+        "on labelled reference data: what CBPE estimates accuracy with",
+    )
+
+    @model_validator(mode="after")
+    def _calibration_matches_scores(self) -> Baseline:
+        if self.calibration is not None:
+            if self.scores is None:
+                raise ValueError("a calibration needs the top-score histogram (scores)")
+            if self.calibration.classes != self.scores.classes:
+                raise ValueError("calibration.classes differ from scores.classes")
+            if self.calibration.bins != len(self.scores.counts[0]):
+                raise ValueError("calibration and scores have different numbers of score bins")
+        return self
 
 
 class FileEntry(_Strict):

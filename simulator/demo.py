@@ -83,6 +83,7 @@ def run_demo(workdir: Path) -> int:
     keys, repo, bundles = workdir / "keys", workdir / "repo", workdir / "bundles"
     bundles.mkdir()
     data = f"--baseline {MODELS / 'baseline.npy'} --features {MODELS / 'features.json'}"
+    data += f" --calibration {MODELS / 'heldout.npz'}"
     story = Story()
 
     story.section("Release engineer: keys, bundles, releases")

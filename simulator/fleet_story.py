@@ -194,6 +194,7 @@ class FleetStory:
         self.repo = repo
         self.run(f"fleetctl keys init --dir {keys}")
         data = f"--baseline {MODELS / 'baseline.npy'} --features {MODELS / 'features.json'}"
+        data += f" --calibration {MODELS / 'heldout.npz'}"
         for model, version in (("v1", "1.0.0"), ("v2", "1.1.0"), ("v3-bad", "1.2.0")):
             self.run(
                 f"fleetctl bundle build {MODELS / model}.tflite --name pump-health "

@@ -40,6 +40,7 @@ def make_bundle(
             classes=classes,
             **spec,
         ),  # type: ignore[arg-type]
+        calibration=MODELS / "heldout.npz",
     )
     path = tmp / f"pump-health-{version}.bundle"
     built.write(path)

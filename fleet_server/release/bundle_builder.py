@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from fleet_server.models.runtime import LoadedModel, ModelRuntimeError
 from protocol.bundle import file_entry, write_bundle
+from protocol.cbpe import Calibration, calibrate
 from protocol.derivation import InputDerivation, choose_method, derive, derived_names
 from protocol.golden import pack_golden
 from protocol.manifest import (
@@ -39,6 +40,8 @@ from protocol.versioning import default_release_counter, parse_semver
 
 MODEL_MEMBER = "model.tflite"
 GOLDEN_MEMBER = "golden.npz"
+# Fewer labelled rows than this leave most calibration cells to the prior.
+MIN_CALIBRATION_ROWS = 200
 # A probability output sums to one per row within this tolerance.
 _PROBABILITY_TOLERANCE = 1e-3
 
@@ -184,8 +187,16 @@ def build_bundle(
     baseline: Mapping[str, npt.NDArray[Any]] | Path,
     spec: BundleSpec,
     baseline_feature_names: Sequence[str] | None = None,
+    calibration: Mapping[str, npt.NDArray[Any]] | Path | None = None,
 ) -> BuiltBundle:
-    """Build a bundle for ``model``; raises ``BundleBuildError`` with the reason."""
+    """Build a bundle for ``model``; raises ``BundleBuildError`` with the reason.
+
+    ``calibration`` is labelled reference data (see :func:`load_labelled`),
+    rows the model was not trained on: the builder runs the model on it and
+    measures how often it is right per predicted class and top-score bin, which
+    is what the server estimates accuracy without labels with (CBPE,
+    :mod:`protocol.cbpe`).
+    """
     try:
         parse_semver(spec.version)
         counter = spec.release_counter or default_release_counter(spec.version)
@@ -229,6 +240,13 @@ def build_bundle(
         scores = score_histogram(results[score_output.name].reshape(-1, width), classes)
     elif spec.classes:
         raise BundleBuildError("classes were given but the model has no probability output")
+    calibrated = None
+    if calibration is not None:
+        if score_output is None or classes is None:
+            raise BundleBuildError(
+                "calibration data was given but the model has no probability output"
+            )
+        calibrated = _calibrate(loaded, calibration, inputs, score_output, classes)
 
     golden_index = np.unique(
         np.linspace(0, derived.shape[0] - 1, min(spec.golden_count, derived.shape[0])).astype(int)
@@ -266,6 +284,7 @@ def build_bundle(
                     for e, s in zip(edges, summaries, strict=True)
                 ],
                 scores=scores,
+                calibration=calibrated,
             ),
             golden=GoldenVectors(file=GOLDEN_MEMBER, count=len(golden_index)),
             fallback=FallbackPolicy(
@@ -278,6 +297,88 @@ def build_bundle(
     except ValueError as exc:
         raise BundleBuildError(_validation_message(exc)) from None
     return BuiltBundle(manifest, {MODEL_MEMBER: model, GOLDEN_MEMBER: golden_bytes})
+
+
+LABELS_ARRAY = "labels"
+_LABELS_ALIASES = (LABELS_ARRAY, "y")
+
+
+def load_labelled(
+    source: Mapping[str, npt.NDArray[Any]] | Path,
+    inputs: Sequence[TensorSpec],
+    classes: Sequence[str],
+) -> tuple[dict[str, npt.NDArray[Any]], npt.NDArray[np.int64]]:
+    """Labelled reference rows: the model's inputs and each row's true class index.
+
+    A ``.npz`` file (or a mapping) with one array per input name and the labels
+    in ``labels`` (or ``y``): class indices, or class names. A model with one
+    input may have its rows under any other name (``X``).
+    """
+    try:
+        if isinstance(source, Path):
+            if source.suffix.lower() != ".npz":
+                raise BundleBuildError(f"calibration data {source} must be .npz")
+            with np.load(source, allow_pickle=False) as archive:
+                arrays = {k: archive[k] for k in archive.files}
+        else:
+            arrays = dict(source)
+    except FileNotFoundError:
+        raise BundleBuildError(f"calibration data {source} does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise BundleBuildError(f"cannot read calibration data {source}: {exc}") from None
+    label_key = next((k for k in _LABELS_ALIASES if k in arrays), None)
+    if label_key is None:
+        raise BundleBuildError(
+            f"calibration data has no labels: name the array {LABELS_ARRAY!r} (or 'y')"
+        )
+    raw_labels = np.asarray(arrays.pop(label_key))
+    if len(inputs) == 1 and len(arrays) == 1:
+        arrays = {inputs[0].name: next(iter(arrays.values()))}
+    try:
+        rows = _match_inputs(arrays, inputs)
+    except BundleBuildError as exc:
+        raise BundleBuildError(
+            f"calibration data: {exc}".replace("baseline", "calibration")
+        ) from None
+    count = next(iter(rows.values())).shape[0]
+    if raw_labels.shape != (count,):
+        raise BundleBuildError(f"calibration data has {raw_labels.size} labels for {count} rows")
+    if raw_labels.dtype.kind in "US":
+        index = {name: i for i, name in enumerate(classes)}
+        unknown = sorted({str(v) for v in raw_labels} - set(index))
+        if unknown:
+            raise BundleBuildError(
+                f"calibration labels {unknown[:5]} are not classes of the model {list(classes)}"
+            )
+        labels = np.array([index[str(v)] for v in raw_labels], dtype=np.int64)
+    elif raw_labels.dtype.kind in "iu":
+        labels = raw_labels.astype(np.int64)
+        if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
+            raise BundleBuildError(
+                f"calibration labels must be class indices in [0, {len(classes)}) or class names"
+            )
+    else:
+        raise BundleBuildError("calibration labels must be class indices or class names")
+    return rows, labels
+
+
+def _calibrate(
+    loaded: LoadedModel,
+    source: Mapping[str, npt.NDArray[Any]] | Path,
+    inputs: Sequence[TensorSpec],
+    score_output: TensorSpec,
+    classes: Sequence[str],
+) -> Calibration:
+    rows, labels = load_labelled(source, inputs, classes)
+    if labels.size < MIN_CALIBRATION_ROWS:
+        raise BundleBuildError(
+            f"calibration data has {labels.size} rows; at least {MIN_CALIBRATION_ROWS} are needed"
+        )
+    try:
+        scores = loaded.run(rows)[score_output.name].reshape(labels.size, len(classes))
+    except ModelRuntimeError as exc:
+        raise BundleBuildError(f"{exc} (on the calibration data)") from None
+    return calibrate(scores, labels, classes)
 
 
 def _validation_message(exc: ValueError) -> str:

@@ -18,6 +18,7 @@ from fleet_server.release.bundle_builder import (
     load_feature_file,
 )
 from protocol.bundle import read_bundle
+from protocol.cbpe import calibrate
 from protocol.derivation import derive_features
 from protocol.golden import unpack_golden
 from protocol.summary import summarize
@@ -170,3 +171,96 @@ def test_bundle_round_trips_through_the_file_format(tmp_path: Path) -> None:
         manifest, members = read_bundle(f)
     assert manifest == built.manifest and members == built.members
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_calibration_is_measured_on_the_labelled_rows(tmp_path: Path) -> None:
+    features, classes = load_feature_file(MODELS / "features.json")
+    built = build_bundle(
+        (MODELS / "v2.tflite").read_bytes(),
+        MODELS / "baseline.npy",
+        spec(feature_specs=features, classes=classes),
+        calibration=MODELS / "heldout.npz",
+    )
+    calibration = built.manifest.baseline.calibration
+    assert calibration is not None and calibration.classes == classes
+    heldout = np.load(MODELS / "heldout.npz")
+    scores = LoadedModel(built.members["model.tflite"]).run({"features": heldout["X"]})["scores"]
+    assert calibration == calibrate(scores, heldout["y"], classes)
+    # The sample model's documented held-out accuracy (firmware_images/models/MODELS.md).
+    assert calibration.reference_accuracy == pytest.approx(0.9144, abs=5e-4)
+    # It survives the file format, and labels given as class names give the same calibration.
+    path = tmp_path / "calibrated.bundle"
+    built.write(path)
+    with path.open("rb") as f:
+        assert read_bundle(f)[0].baseline.calibration == calibration
+    named = {"X": heldout["X"], "labels": np.array(classes)[heldout["y"]]}
+    again = build_bundle(
+        (MODELS / "v2.tflite").read_bytes(),
+        MODELS / "baseline.npy",
+        spec(feature_specs=features, classes=classes),
+        calibration=named,
+    )
+    assert again.manifest.baseline.calibration == calibration
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"X": np.zeros((300, 16), np.float32)}, "has no labels"),
+        (
+            {"X": np.zeros((300, 16), np.float32), "y": np.zeros(299, np.int64)},
+            "299 labels for 300 rows",
+        ),
+        (
+            {"X": np.zeros((300, 16), np.float32), "y": np.full(300, 4)},
+            "class indices in [0, 4)",
+        ),
+        (
+            {"X": np.zeros((300, 16), np.float32), "labels": np.array(["normal", "broken"] * 150)},
+            "['broken'] are not classes",
+        ),
+        ({"X": np.zeros((300, 15), np.float32), "y": np.zeros(300, np.int64)}, "shape [15]"),
+        ({"X": np.zeros((50, 16), np.float32), "y": np.zeros(50, np.int64)}, "at least 200"),
+        ({"X": np.zeros((300, 16), np.float32), "y": np.zeros(300) + 0.5}, "class indices"),
+    ],
+)
+def test_calibration_data_that_does_not_fit_is_refused(
+    arrays: dict[str, np.ndarray], message: str
+) -> None:
+    features, classes = load_feature_file(MODELS / "features.json")
+    with pytest.raises(BundleBuildError, match="calibration") as caught:
+        build_bundle(
+            (MODELS / "v2.tflite").read_bytes(),
+            MODELS / "baseline.npy",
+            spec(feature_specs=features, classes=classes),
+            calibration=arrays,
+        )
+    assert message in str(caught.value)
+
+
+def test_calibration_needs_a_probability_output_and_an_npz(tmp_path: Path) -> None:
+    brightness = GraphBuilder("regression")
+    x = brightness.add_input("x", [1, 3])
+    brightness.mark_output(brightness.fully_connected(x, np.ones((1, 3)), np.zeros(1), "y"))
+    rows = np.random.default_rng(0).normal(size=(300, 3)).astype(np.float32)
+    with pytest.raises(BundleBuildError, match="no probability output"):
+        build_bundle(
+            brightness.to_bytes(),
+            {"x": rows},
+            spec(),
+            calibration={"x": rows, "y": np.zeros(300, np.int64)},
+        )
+    with pytest.raises(BundleBuildError, match=r"must be \.npz"):
+        build_bundle(
+            (MODELS / "v2.tflite").read_bytes(),
+            MODELS / "baseline.npy",
+            spec(),
+            calibration=MODELS / "baseline.npy",
+        )
+    with pytest.raises(BundleBuildError, match="does not exist"):
+        build_bundle(
+            (MODELS / "v2.tflite").read_bytes(),
+            MODELS / "baseline.npy",
+            spec(),
+            calibration=tmp_path / "missing.npz",
+        )
