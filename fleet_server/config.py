@@ -32,6 +32,12 @@ class ServerConfig(BaseModel):
     max_message_bytes: int = Field(default=64 * 1024, ge=256)
     drift_interval_s: float = Field(default=60.0, gt=0, description="how often alerts are updated")
     drift_range_s: float = Field(default=3600.0, gt=0, description="trailing windows tested")
+    accuracy_max_drop: float = Field(
+        default=0.05,
+        gt=0,
+        lt=1,
+        description="estimated accuracy this far below the calibration's opens an alert",
+    )
 
     @property
     def repository_dir(self) -> Path:

@@ -37,6 +37,25 @@ class Metrics:
         self.drift_alerts_open = Gauge(
             "edgefleet_drift_alerts_open", "Open drift alerts, every scope", registry=self.registry
         )
+        self.accuracy_alerts_open = Gauge(
+            "edgefleet_accuracy_alerts_open",
+            "Open estimated-accuracy alerts, every scope",
+            registry=self.registry,
+        )
+        self.estimated_accuracy = Gauge(
+            "edgefleet_estimated_accuracy",
+            "Accuracy estimated without labels (CBPE) fleet-wide over the trailing range, "
+            "by model version",
+            ["model", "version"],
+            registry=self.registry,
+        )
+        self.measured_accuracy = Gauge(
+            "edgefleet_measured_accuracy",
+            "Accuracy measured on the labelled windows fleet-wide over the trailing range, "
+            "by model version",
+            ["model", "version"],
+            registry=self.registry,
+        )
         self.drift_features_drifting = Gauge(
             "edgefleet_drift_features_drifting",
             "Features with an open fleet-wide drift alert, by model version",

@@ -24,6 +24,7 @@ from fleet_server.metrics import Metrics
 from fleet_server.mqtt.link import ServerMqtt
 from fleet_server.release.keys import KeyStore, init_keys, load_keys
 from fleet_server.releases import ReleaseService
+from protocol.cbpe import AccuracyPolicy
 from protocol.messages import DesiredState
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,7 @@ class FleetServer:
                         stop,
                         self.config.drift_interval_s,
                         self.config.drift_range_s,
+                        AccuracyPolicy(max_drop=self.config.accuracy_max_drop),
                     )
                 )
                 await stop.wait()

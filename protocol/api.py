@@ -366,7 +366,39 @@ class ModelDriftView(_Response):
     min_n: int
     false_alarm_rate: float
     features: list[FeatureDriftView]
+    accuracy: AccuracyView | None = Field(
+        default=None, description="null when the release has no calibration or no score output"
+    )
     problem: str | None = None
+
+
+class LabelledAccuracy(_Response):
+    """Accuracy measured on the windows whose labels arrived, beside CBPE's estimate for them."""
+
+    windows: int = Field(description="labelled windows among the merged ones")
+    rows: int = Field(description="labelled predictions")
+    accuracy: float | None = Field(description="share of labelled predictions that were right")
+    estimated: float | None = Field(description="CBPE's estimate over the same windows")
+
+
+class AccuracyView(_Response):
+    """Accuracy estimated without labels (CBPE), and measured where labels arrived.
+
+    ``reference`` is the model's accuracy on the calibration data in its bundle;
+    ``threshold`` is the accuracy below which (upper end of the interval) an
+    accuracy alert opens. CBPE assumes the calibration carries over: it follows
+    covariate shift but is blind to concept drift (see ``protocol.cbpe``).
+    """
+
+    estimated: float | None
+    low: float | None
+    high: float | None
+    confidence: float
+    n: int = Field(description="predictions the estimate covers")
+    unseen_share: float = Field(description="share of predictions in uncalibrated score cells")
+    reference: float
+    threshold: float
+    labelled: LabelledAccuracy | None = None
 
 
 class DriftReport(_Response):
@@ -377,21 +409,28 @@ class DriftReport(_Response):
     models: list[ModelDriftView]
 
 
+AlertKind = Literal["drift", "accuracy"]
+
+
 class AlertQuery(_Request):
     state: Literal["open", "closed"] | None = None
+    kind: AlertKind | None = None
     limit: int = Field(default=100, ge=1, le=1000)
 
 
 class AlertView(_Response):
-    """A drift alert of one (scope, model version, feature); ``evidence`` is the latest test."""
+    """A drift alert of one (scope, model version, feature), or an accuracy alert (no feature).
+
+    ``evidence`` is the latest test's numbers, thresholds and windows.
+    """
 
     id: int
-    kind: Literal["drift"] = "drift"
+    kind: AlertKind
     scope: ScopeKind
     scope_value: str
     model: str
     version: str
-    feature: int
+    feature: int | None = None
     feature_name: str | None = None
     state: Literal["open", "closed"]
     opened_at: datetime
@@ -402,3 +441,60 @@ class AlertView(_Response):
 
 class AlertList(_Response):
     alerts: list[AlertView]
+
+
+# -- labels ----------------------------------------------------------------------
+
+WindowId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$", max_length=128)]
+ClassName = Annotated[str, Field(min_length=1, max_length=128)]
+MAX_LABELLED_WINDOWS = 1000
+_MAX_LABEL_COUNT = 2**53
+
+
+class LabelCount(_Request):
+    """Predictions of class ``predicted`` whose true class turned out to be ``actual``."""
+
+    actual: ClassName
+    predicted: ClassName
+    count: int = Field(default=1, ge=0, le=_MAX_LABEL_COUNT)
+
+
+class WindowLabelsBody(_Request):
+    """The labels of one window's predictions: confusion counts, or a list of (actual, predicted).
+
+    ``counts[actual][predicted]`` in the order of ``classes``, which must be
+    the window's model classes, in its order (a guard against a shuffled
+    matrix); or ``labels``, counts per (actual, predicted) class name.
+    """
+
+    window_id: WindowId
+    classes: list[ClassName] | None = Field(default=None, max_length=1024)
+    counts: list[list[Annotated[int, Field(ge=0, le=_MAX_LABEL_COUNT)]]] | None = Field(
+        default=None, max_length=1024
+    )
+    labels: list[LabelCount] | None = Field(default=None, max_length=100_000)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> WindowLabelsBody:
+        if (self.counts is None) == (self.labels is None):
+            raise ValueError("give either counts (with classes) or labels")
+        if self.counts is not None:
+            if self.classes is None:
+                raise ValueError("counts need classes, in the matrix's order")
+            width = len(self.classes)
+            if len(self.counts) != width or any(len(row) != width for row in self.counts):
+                raise ValueError(f"counts must be a {width} x {width} matrix, one row per class")
+        return self
+
+
+class LabelsRequest(_Request):
+    """Labels that arrived after the fact, for windows the server holds."""
+
+    windows: list[WindowLabelsBody] = Field(min_length=1, max_length=MAX_LABELLED_WINDOWS)
+
+
+class LabelsResult(_Response):
+    stored: int = Field(description="windows that had no labels before")
+    replaced: int = Field(description="windows whose earlier labels these replace")
+    rows: int = Field(description="labelled predictions in this request")
+    correct: int = Field(description="of those, predictions that were right")

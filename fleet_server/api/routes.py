@@ -44,10 +44,12 @@ from fleet_server.db.models import (
     ProvisioningToken,
     Release,
 )
-from fleet_server.drift import ModelDrift, Scope, drift_of
+from fleet_server.drift import Accuracy, ModelDrift, Scope, drift_of
+from fleet_server.labels import post_labels
 from fleet_server.releases import ReleaseError
 from protocol.api import (
     API_PREFIX,
+    AccuracyView,
     AlertList,
     AlertQuery,
     AlertView,
@@ -70,6 +72,9 @@ from protocol.api import (
     EventQuery,
     FeatureDriftView,
     Health,
+    LabelledAccuracy,
+    LabelsRequest,
+    LabelsResult,
     ModelDriftView,
     ProvisioningTokenCreated,
     ProvisioningTokenRequest,
@@ -490,6 +495,32 @@ def model_drift_view(m: ModelDrift) -> ModelDriftView:
             )
             for f in m.features
         ],
+        accuracy=accuracy_view(m.accuracy) if m.accuracy is not None else None,
+    )
+
+
+def accuracy_view(a: Accuracy) -> AccuracyView:
+    e = a.estimate
+    labelled = a.labelled
+    return AccuracyView(
+        estimated=e.accuracy,
+        low=e.low,
+        high=e.high,
+        confidence=e.confidence,
+        n=e.n,
+        unseen_share=e.unseen_share,
+        reference=a.reference,
+        threshold=a.threshold,
+        labelled=(
+            LabelledAccuracy(
+                windows=labelled.windows,
+                rows=labelled.rows,
+                accuracy=labelled.accuracy,
+                estimated=labelled.estimated,
+            )
+            if labelled is not None
+            else None
+        ),
     )
 
 
@@ -543,6 +574,7 @@ async def get_drift(request: web.Request) -> web.StreamResponse:
 def alert_view(a: AlertRow) -> AlertView:
     return AlertView(
         id=a.id,
+        kind=a.kind,  # type: ignore[arg-type]  # written only as "drift" or "accuracy"
         scope=a.scope,  # type: ignore[arg-type]  # written only from ScopeKind
         scope_value=a.scope_value,
         model=a.model_name,
@@ -562,9 +594,22 @@ async def list_alerts(request: web.Request) -> web.StreamResponse:
     statement = select(AlertRow).order_by(AlertRow.id.desc()).limit(q.limit)
     if q.state is not None:
         statement = statement.where(AlertRow.state == q.state)
+    if q.kind is not None:
+        statement = statement.where(AlertRow.kind == q.kind)
     async with request.app[SERVER].db.session() as session:
         rows = (await session.scalars(statement)).all()
         return answer(AlertList(alerts=[alert_view(a) for a in rows]))
+
+
+async def create_labels(request: web.Request) -> web.StreamResponse:
+    b = body(request, LabelsRequest)
+    async with request.app[SERVER].db.session() as session:
+        result = await post_labels(session, b.windows, request[PRINCIPAL].actor)
+    return answer(
+        LabelsResult(
+            stored=result.stored, replaced=result.replaced, rows=result.rows, correct=result.correct
+        )
+    )
 
 
 # -- the table -----------------------------------------------------------------
@@ -667,9 +712,16 @@ OPERATIONS: tuple[Operation, ...] = (
         errors=(*_AUTH_ERRORS, 404, 422),
     ),
     Operation(
-        "GET", f"{V}/alerts", list_alerts, "listAlerts", "Drift alerts, newest first",
+        "GET", f"{V}/alerts", list_alerts, "listAlerts",
+        "Drift and estimated-accuracy alerts, newest first",
         tag="drift", auth="viewer", query=AlertQuery, response=AlertList,
         errors=(*_AUTH_ERRORS, 422),
+    ),
+    Operation(
+        "POST", f"{V}/labels", create_labels, "postLabels",
+        "Labels that arrived later: per window, confusion counts or (actual, predicted) pairs",
+        tag="drift", auth="operator", body=LabelsRequest, response=LabelsResult,
+        errors=(400, *_AUTH_ERRORS, 404, 413, 422),
     ),
 )
 # fmt: on

@@ -160,8 +160,28 @@ class WindowRow(Base):
     ingested_by: Mapped[str | None] = mapped_column(Text)
 
 
+class WindowLabels(Base):
+    """Labels that arrived after a window: its confusion counts, ``counts[actual][predicted]``.
+
+    One row per window; posting labels for a window again replaces them (a
+    correction), and the audit log keeps who posted what.
+    """
+
+    __tablename__ = "window_labels"
+
+    window_id: Mapped[str] = mapped_column(
+        String(128), ForeignKey("windows.window_id", ondelete="CASCADE"), primary_key=True
+    )
+    classes: Mapped[list[str]] = mapped_column()
+    counts: Mapped[list[list[int]]] = mapped_column(JSON)
+    rows: Mapped[int] = mapped_column(BigInteger)
+    correct: Mapped[int] = mapped_column(BigInteger)
+    posted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    posted_by: Mapped[str] = mapped_column(String(128))
+
+
 class AlertRow(Base):
-    """A drift alert of one (scope, model version, feature).
+    """A drift alert of one (scope, model version, feature), or an accuracy alert (no feature).
 
     ``open_key`` is set while the alert is open and cleared when it closes; its
     unique index is what keeps two replicas from opening the same alert twice.
@@ -177,7 +197,7 @@ class AlertRow(Base):
     scope_value: Mapped[str] = mapped_column(String(128))
     model_name: Mapped[str] = mapped_column(String(128))
     model_version: Mapped[str] = mapped_column(String(128))
-    feature: Mapped[int] = mapped_column(Integer)
+    feature: Mapped[int | None] = mapped_column(Integer)
     feature_name: Mapped[str | None] = mapped_column(String(128))
     state: Mapped[str] = mapped_column(String(16), index=True)
     open_key: Mapped[str | None] = mapped_column(String(512), unique=True)

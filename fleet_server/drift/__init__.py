@@ -1,7 +1,10 @@
-"""Drift of the fleet's windows against release baselines, and the alerts it raises."""
+"""Drift and estimated accuracy of the fleet's windows, and the alerts they raise."""
 
 from fleet_server.drift.service import (
+    Accuracy,
     DriftError,
+    Evaluation,
+    Labelled,
     ManifestCache,
     ModelDrift,
     Scope,
@@ -13,7 +16,10 @@ from fleet_server.drift.service import (
 )
 
 __all__ = [
+    "Accuracy",
     "DriftError",
+    "Evaluation",
+    "Labelled",
     "ManifestCache",
     "ModelDrift",
     "Scope",

@@ -1,4 +1,4 @@
-"""Drift of the windows devices upload, tested against each release's baseline, and its alerts.
+"""Drift and estimated accuracy of the windows devices upload, and their alerts.
 
 A *scope* says whose windows are merged: one device, a cohort (every device
 with a tag, a hardware id or a region), or the whole fleet. Within a scope and
@@ -8,13 +8,25 @@ a time range the windows are grouped by the model version that served them
 (:func:`protocol.drift.detect_drift`) against the baseline in the release's
 bundle manifest.
 
-Alert rules, per (scope, model version, feature):
+Where the release's bundle carries a calibration, the merged top-score
+histograms also give the accuracy CBPE estimates without labels
+(:func:`protocol.cbpe.estimate_accuracy`), and where labels arrived
+(:mod:`fleet_server.labels`) the accuracy measured on the labelled windows
+beside the estimate for those same windows.
 
-- ``drift`` opens an alert, or — if one is open — updates its evidence and
+Alert rules, per (scope, model version, feature) for drift and per (scope,
+model version) for accuracy:
+
+- ``drift`` (accuracy: ``below``, see :class:`protocol.cbpe.AccuracyPolicy`)
+  opens an alert, or — if one is open — updates its evidence and
   ``last_seen_at``; there is never more than one open alert per key (the
   ``open_key`` column is unique, so concurrent replicas cannot both open one);
-- ``no_drift`` closes the open alert;
-- ``not_enough_data`` changes nothing: too few values is no evidence of recovery.
+- ``no_drift`` (accuracy: ``within``) closes the open alert;
+- ``not_enough_data`` (accuracy: also ``uncertain``) changes nothing: too few
+  values is no evidence of recovery.
+
+:func:`evaluate_fleet` evaluates every device, every cohort (tag, hardware id,
+region) with windows in range, and each model version fleet-wide.
 """
 
 from __future__ import annotations
@@ -34,11 +46,19 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from fleet_server.db.models import AlertRow, Device, Release, WindowRow
+from fleet_server.db.models import AlertRow, Device, Release, WindowLabels, WindowRow
 from protocol.bundle import BundleFormatError, read_manifest
+from protocol.cbpe import AccuracyEstimate, AccuracyPolicy, AccuracyVerdict, estimate_accuracy
 from protocol.drift import DriftPolicy, FeatureDrift, detect_drift
 from protocol.manifest import Manifest
-from protocol.window import WindowCodecError, WindowMergeError, decode_window, merge_windows
+from protocol.summary import ScoreHistogram
+from protocol.window import (
+    WindowCodecError,
+    WindowMergeError,
+    WindowSummary,
+    decode_window,
+    merge_windows,
+)
 
 if TYPE_CHECKING:
     from fleet_server.db import Database
@@ -48,9 +68,12 @@ log = logging.getLogger(__name__)
 
 ScopeKind = Literal["device", "tag", "hardware_id", "region", "fleet"]
 AlertChange = Literal["opened", "updated", "closed"]
+CohortKind = Literal["tag", "hardware_id", "region"]
 
 # Window ids listed in a result and in an alert's evidence; the count is always exact.
 MAX_LISTED_WINDOWS = 1000
+# Window ids per IN (...) when looking up labels.
+_ID_CHUNK = 500
 
 
 class DriftError(Exception):
@@ -69,8 +92,33 @@ class Scope:
 
 
 @dataclass(frozen=True)
+class Labelled:
+    """Accuracy measured on the windows with labels, and CBPE's estimate for the same windows."""
+
+    windows: int
+    rows: int
+    correct: int
+    estimated: float | None
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.correct / self.rows if self.rows else None
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """Estimated accuracy of the merged windows, the threshold, and the measured figure."""
+
+    estimate: AccuracyEstimate
+    reference: float
+    threshold: float
+    verdict: AccuracyVerdict
+    labelled: Labelled | None = None
+
+
+@dataclass(frozen=True)
 class ModelDrift:
-    """The merged windows of one model version in a scope, and each feature's drift."""
+    """The merged windows of one model version in a scope, each feature's drift, its accuracy."""
 
     model_name: str
     model_version: str
@@ -81,7 +129,9 @@ class ModelDrift:
     end: datetime
     requests: int
     policy: DriftPolicy
+    accuracy_policy: AccuracyPolicy = field(default_factory=AccuracyPolicy)
     features: list[FeatureDrift] = field(default_factory=list)
+    accuracy: Accuracy | None = None
     problem: str | None = None
 
 
@@ -174,9 +224,11 @@ async def drift_of(
     model_name: str | None = None,
     model_version: str | None = None,
     policy: DriftPolicy | None = None,
+    accuracy_policy: AccuracyPolicy | None = None,
 ) -> list[ModelDrift]:
-    """Drift per model version of the windows of ``scope`` that ended in ``(since, until]``."""
+    """Drift and accuracy per model version of the windows of ``scope`` in ``(since, until]``."""
     policy = policy or DriftPolicy()
+    accuracy_policy = accuracy_policy or AccuracyPolicy()
     rows = await load_windows(session, scope, since, until, model_name, model_version)
     groups: dict[tuple[str, str, str], list[WindowRow]] = defaultdict(list)
     for row in rows:
@@ -184,7 +236,9 @@ async def drift_of(
     results = []
     for (name, version, baseline_id), members in sorted(groups.items()):
         results.append(
-            await _group_drift(session, manifests, name, version, baseline_id, members, policy)
+            await _group_drift(
+                session, manifests, name, version, baseline_id, members, policy, accuracy_policy
+            )
         )
     return results
 
@@ -197,6 +251,7 @@ async def _group_drift(
     baseline_id: str,
     rows: Sequence[WindowRow],
     policy: DriftPolicy,
+    accuracy_policy: AccuracyPolicy,
 ) -> ModelDrift:
     result = ModelDrift(
         model_name=name,
@@ -208,6 +263,7 @@ async def _group_drift(
         end=_utc(max(r.end for r in rows)),
         requests=sum(r.requests for r in rows),
         policy=policy,
+        accuracy_policy=accuracy_policy,
     )
     try:
         manifest = await manifests.get(session, name, version)
@@ -216,12 +272,65 @@ async def _group_drift(
                 f"the windows counted in baseline {baseline_id}, "
                 f"but {name}@{version} ships baseline {manifest.baseline.id}"
             )
-        aggregate = merge_windows(decode_window(r.payload) for r in rows)
+        windows = [decode_window(r.payload) for r in rows]
+        aggregate = merge_windows(windows)
         names = [f.name for f in manifest.features]
         features = detect_drift(manifest.baseline, aggregate, policy, names)
+        accuracy = await _accuracy(session, manifest, windows, aggregate.scores, accuracy_policy)
     except (DriftError, WindowCodecError, WindowMergeError, ValueError) as exc:
         return replace(result, problem=str(exc))
-    return replace(result, features=features)
+    return replace(result, features=features, accuracy=accuracy)
+
+
+async def _accuracy(
+    session: AsyncSession,
+    manifest: Manifest,
+    windows: Sequence[WindowSummary],
+    scores: ScoreHistogram | None,
+    policy: AccuracyPolicy,
+) -> Accuracy | None:
+    """CBPE's estimate over ``windows``, and the measured accuracy of those with labels."""
+    calibration = manifest.baseline.calibration
+    if calibration is None or scores is None:
+        return None
+    estimate = estimate_accuracy(calibration, scores, policy.confidence)
+    threshold = policy.threshold(calibration)
+    labels = await labels_of(session, [w.window_id for w in windows])
+    labelled = None
+    if labels:
+        # Labels were checked against the window's classes when posted.
+        usable = [w for w in windows if w.window_id in labels and w.scores is not None]
+        marked = [labels[w.window_id] for w in usable]
+        subset = merge_windows(usable).scores if usable else None
+        labelled = Labelled(
+            windows=len(marked),
+            rows=sum(m.rows for m in marked),
+            correct=sum(m.correct for m in marked),
+            estimated=(
+                estimate_accuracy(calibration, subset, policy.confidence).accuracy
+                if subset is not None
+                else None
+            ),
+        )
+    return Accuracy(
+        estimate=estimate,
+        reference=calibration.reference_accuracy,
+        threshold=threshold,
+        verdict=policy.verdict(estimate, threshold),
+        labelled=labelled,
+    )
+
+
+async def labels_of(session: AsyncSession, window_ids: Sequence[str]) -> dict[str, WindowLabels]:
+    """The labels posted for any of ``window_ids``, by window id."""
+    found: dict[str, WindowLabels] = {}
+    for i in range(0, len(window_ids), _ID_CHUNK):
+        chunk = window_ids[i : i + _ID_CHUNK]
+        for row in await session.scalars(
+            select(WindowLabels).where(WindowLabels.window_id.in_(chunk))
+        ):
+            found[row.window_id] = row
+    return found
 
 
 # -- alerts ------------------------------------------------------------------------
@@ -254,9 +363,69 @@ def evidence(result: ModelDrift, feature: FeatureDrift) -> dict[str, Any]:
     }
 
 
-def open_key(scope: Scope, model_name: str, model_version: str, feature: int) -> str:
-    """The key no two open alerts share."""
+def accuracy_evidence(result: ModelDrift, accuracy: Accuracy) -> dict[str, Any]:
+    """What an accuracy alert shows: the estimate, its interval, the threshold, the windows."""
+    e = accuracy.estimate
+    labelled = accuracy.labelled
+    return {
+        "verdict": accuracy.verdict,
+        "estimated": e.accuracy,
+        "low": e.low,
+        "high": e.high,
+        "confidence": e.confidence,
+        "n": e.n,
+        "unseen_share": e.unseen_share,
+        "reference": accuracy.reference,
+        "threshold": accuracy.threshold,
+        "max_drop": result.accuracy_policy.max_drop,
+        "min_n": result.accuracy_policy.min_n,
+        "measured": labelled.accuracy if labelled else None,
+        "labelled_rows": labelled.rows if labelled else 0,
+        "baseline_id": result.baseline_id,
+        "windows": result.windows,
+        "window_ids": result.window_ids,
+        "start": result.start.isoformat(),
+        "end": result.end.isoformat(),
+    }
+
+
+def open_key(scope: Scope, model_name: str, model_version: str, feature: int | None) -> str:
+    """The key no two open alerts share: a feature's drift, or (``None``) the accuracy."""
+    if feature is None:
+        return f"accuracy|{scope}|{model_name}@{model_version}"
     return f"drift|{scope}|{model_name}@{model_version}|{feature}"
+
+
+@dataclass(frozen=True)
+class _Finding:
+    """One alert's key and what the latest evaluation says about it."""
+
+    kind: Literal["drift", "accuracy"]
+    feature: int | None
+    feature_name: str | None
+    action: Literal["open", "close", "keep"]
+    evidence: dict[str, Any]
+
+
+def _findings(result: ModelDrift) -> list[_Finding]:
+    actions: dict[str, Literal["open", "close", "keep"]] = {
+        "drift": "open",
+        "below": "open",
+        "no_drift": "close",
+        "within": "close",
+    }
+    found = [
+        _Finding("drift", f.feature, f.name, actions.get(f.verdict, "keep"), evidence(result, f))
+        for f in result.features
+    ]
+    if result.accuracy is not None:
+        a = result.accuracy
+        found.append(
+            _Finding(
+                "accuracy", None, None, actions.get(a.verdict, "keep"), accuracy_evidence(result, a)
+            )
+        )
+    return found
 
 
 async def evaluate_alerts(
@@ -265,30 +434,32 @@ async def evaluate_alerts(
     results: Sequence[ModelDrift],
     now: datetime | None = None,
 ) -> list[tuple[AlertChange, AlertRow]]:
-    """Open, update or close the drift alerts of ``scope`` by ``results`` (see the module rules)."""
+    """Open, update or close the alerts of ``scope`` by ``results`` (see the module rules)."""
     now = now or datetime.now(UTC)
     changes: list[tuple[AlertChange, AlertRow]] = []
     for result in results:
-        for feature in result.features:
-            key = open_key(scope, result.model_name, result.model_version, feature.feature)
+        for finding in _findings(result):
+            if finding.action == "keep":
+                continue
+            key = open_key(scope, result.model_name, result.model_version, finding.feature)
             current = (
                 await session.scalars(select(AlertRow).where(AlertRow.open_key == key))
             ).first()
-            if feature.verdict == "drift":
+            if finding.action == "open":
                 if current is None:
                     row = AlertRow(
-                        kind="drift",
+                        kind=finding.kind,
                         scope=scope.kind,
                         scope_value=scope.value,
                         model_name=result.model_name,
                         model_version=result.model_version,
-                        feature=feature.feature,
-                        feature_name=feature.name,
+                        feature=finding.feature,
+                        feature_name=finding.feature_name,
                         state="open",
                         open_key=key,
                         opened_at=now,
                         last_seen_at=now,
-                        evidence=evidence(result, feature),
+                        evidence=finding.evidence,
                     )
                     # A savepoint: another replica opening the same alert is not an error.
                     try:
@@ -299,16 +470,48 @@ async def evaluate_alerts(
                     changes.append(("opened", row))
                 else:
                     current.last_seen_at = now
-                    current.evidence = evidence(result, feature)
+                    current.evidence = finding.evidence
                     changes.append(("updated", current))
-            elif feature.verdict == "no_drift" and current is not None:
+            elif current is not None:
                 current.state = "closed"
                 current.open_key = None
                 current.closed_at = now
-                current.evidence = evidence(result, feature)
+                current.evidence = finding.evidence
                 changes.append(("closed", current))
     await session.flush()
     return changes
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What one pass over the fleet changed, and its fleet-wide results per model version."""
+
+    changes: list[tuple[AlertChange, AlertRow]]
+    fleet: list[ModelDrift]
+
+
+async def cohorts_with_windows(
+    session: AsyncSession, since: datetime, until: datetime
+) -> list[Scope]:
+    """Every tag, hardware id and region of a device that has windows in ``(since, until]``."""
+    active = (
+        select(WindowRow.device_id)
+        .where(WindowRow.end > _utc(since), WindowRow.end <= _utc(until))
+        .distinct()
+    )
+    rows = (
+        await session.execute(
+            select(Device.tags, Device.hardware_id, Device.region).where(Device.id.in_(active))
+        )
+    ).all()
+    scopes: set[Scope] = set()
+    for tags, hardware_id, region in rows:
+        scopes.update(Scope("tag", t) for t in tags or [])
+        if hardware_id:
+            scopes.add(Scope("hardware_id", hardware_id))
+        if region:
+            scopes.add(Scope("region", region))
+    return sorted(scopes, key=lambda sc: (sc.kind, sc.value))
 
 
 async def evaluate_fleet(
@@ -317,8 +520,9 @@ async def evaluate_fleet(
     until: datetime,
     trailing: timedelta,
     policy: DriftPolicy | None = None,
-) -> list[tuple[AlertChange, AlertRow]]:
-    """Update the alerts of every device and of each model version fleet-wide, over ``trailing``."""
+    accuracy_policy: AccuracyPolicy | None = None,
+) -> Evaluation:
+    """Update the alerts of every device, cohort and model version fleet-wide, over ``trailing``."""
     since = until - trailing
     window_range = (WindowRow.end > _utc(since), WindowRow.end <= _utc(until))
     devices = (
@@ -329,12 +533,15 @@ async def evaluate_fleet(
             select(WindowRow.model_name, WindowRow.model_version).where(*window_range).distinct()
         )
     ).all()
+    policies: dict[str, Any] = {"policy": policy, "accuracy_policy": accuracy_policy}
     changes = []
-    for device_id in sorted(devices):
-        scope = Scope("device", device_id)
-        results = await drift_of(session, manifests, scope, since, until, policy=policy)
+    scopes = [Scope("device", d) for d in sorted(devices)]
+    scopes += await cohorts_with_windows(session, since, until)
+    for scope in scopes:
+        results = await drift_of(session, manifests, scope, since, until, **policies)
         changes += await evaluate_alerts(session, scope, results, until)
     fleet = Scope("fleet")
+    fleet_results: list[ModelDrift] = []
     for name, version in sorted(versions):
         results = await drift_of(
             session,
@@ -344,28 +551,54 @@ async def evaluate_fleet(
             until,
             model_name=name,
             model_version=version,
-            policy=policy,
+            **policies,
         )
         changes += await evaluate_alerts(session, fleet, results, until)
-    return changes
+        fleet_results += results
+    return Evaluation(changes, fleet_results)
 
 
-async def update_gauges(session: AsyncSession, metrics: Metrics) -> None:
-    """Set the alert gauges from the database, so every replica reports the whole fleet."""
-    open_total = await session.scalar(
-        select(func.count()).select_from(AlertRow).where(AlertRow.state == "open")
+async def update_gauges(
+    session: AsyncSession, metrics: Metrics, fleet: Sequence[ModelDrift] | None = None
+) -> None:
+    """Set the alert gauges from the database, so every replica reports the whole fleet.
+
+    ``fleet``, the latest fleet-wide results, sets the accuracy gauges.
+    """
+    open_by_kind = dict(
+        (
+            await session.execute(
+                select(AlertRow.kind, func.count())
+                .where(AlertRow.state == "open")
+                .group_by(AlertRow.kind)
+            )
+        ).all()
     )
-    metrics.drift_alerts_open.set(open_total or 0)
+    metrics.drift_alerts_open.set(open_by_kind.get("drift", 0))
+    metrics.accuracy_alerts_open.set(open_by_kind.get("accuracy", 0))
     drifting = (
         await session.execute(
             select(AlertRow.model_name, AlertRow.model_version, func.count())
-            .where(AlertRow.state == "open", AlertRow.scope == "fleet")
+            .where(AlertRow.state == "open", AlertRow.scope == "fleet", AlertRow.kind == "drift")
             .group_by(AlertRow.model_name, AlertRow.model_version)
         )
     ).all()
     metrics.drift_features_drifting.clear()
     for name, version, count in drifting:
         metrics.drift_features_drifting.labels(name, version).set(count)
+    if fleet is None:
+        return
+    metrics.estimated_accuracy.clear()
+    metrics.measured_accuracy.clear()
+    for result in fleet:
+        accuracy = result.accuracy
+        if accuracy is None:
+            continue
+        labels = (result.model_name, result.model_version)
+        if accuracy.estimate.accuracy is not None:
+            metrics.estimated_accuracy.labels(*labels).set(accuracy.estimate.accuracy)
+        if accuracy.labelled is not None and accuracy.labelled.accuracy is not None:
+            metrics.measured_accuracy.labels(*labels).set(accuracy.labelled.accuracy)
 
 
 async def run_drift_alerts(
@@ -375,26 +608,34 @@ async def run_drift_alerts(
     stop: asyncio.Event,
     interval_s: float,
     trailing_s: float,
+    accuracy_policy: AccuracyPolicy | None = None,
 ) -> None:
     """Every ``interval_s``, update the alerts over the trailing ``trailing_s``, until ``stop``."""
     while not stop.is_set():
         try:
             async with db.session() as session:
-                changes = await evaluate_fleet(
-                    session, manifests, datetime.now(UTC), timedelta(seconds=trailing_s)
+                evaluation = await evaluate_fleet(
+                    session,
+                    manifests,
+                    datetime.now(UTC),
+                    timedelta(seconds=trailing_s),
+                    accuracy_policy=accuracy_policy,
                 )
-                await update_gauges(session, metrics)
-            for change, row in changes:
+                await update_gauges(session, metrics, evaluation.fleet)
+            for change, row in evaluation.changes:
                 if change != "updated":
                     log.info(
-                        "drift alert %s %s: %s:%s %s@%s feature %s",
+                        "%s alert %s %s: %s:%s %s@%s%s",
+                        row.kind,
                         row.id,
                         change,
                         row.scope,
                         row.scope_value,
                         row.model_name,
                         row.model_version,
-                        row.feature_name or row.feature,
+                        f" feature {row.feature_name or row.feature}"
+                        if row.feature is not None
+                        else "",
                     )
         except Exception:
             log.exception("drift alert evaluation failed")

@@ -16,14 +16,16 @@ import numpy.typing as npt
 import pytest
 from sqlalchemy import select
 
+from firmware_images.datagen import tilted
 from fleet_server.db.models import AlertRow, WindowRow
 from fleet_server.drift import evaluate_fleet
 from fleet_server.fleetctl import main
+from fleet_server.models.runtime import LoadedModel
 from fleet_server.release.keys import KeyStore
 from fleet_server.release.repository import ImageRepository
 from protocol.bundle import read_manifest
 from protocol.manifest import Manifest
-from protocol.summary import summarize
+from protocol.summary import score_histogram, summarize
 from protocol.window import WindowSummary, encode_window
 from tests.conftest import HARDWARE
 from tests.support.api_server import ServerThread
@@ -68,8 +70,12 @@ class DriftFleet:
         data: npt.NDArray[np.float64],
         end: datetime,
         rows_per_window: int = 200,
+        scores: npt.NDArray[np.float64] | None = None,
     ) -> list[str]:
-        """Store ``data`` as consecutive one-minute windows of ``device_id`` ending at ``end``."""
+        """Store ``data`` as consecutive one-minute windows of ``device_id`` ending at ``end``.
+
+        ``scores``, the model's outputs for ``data``, give the windows their top-score histograms.
+        """
         baseline = self.manifest.baseline
         edges = [f.edges for f in baseline.features]
         ranges = [(f.valid_min, f.valid_max) for f in self.manifest.features]
@@ -88,6 +94,14 @@ class DriftFleet:
                 end=stop.timestamp(),
                 requests=rows_per_window,
                 features=summarize(chunk, edges, ranges),
+                scores=(
+                    score_histogram(
+                        scores[k * rows_per_window : (k + 1) * rows_per_window],
+                        self.manifest.classes or [],
+                    )
+                    if scores is not None
+                    else None
+                ),
             )
             rows.append(
                 WindowRow(
@@ -318,3 +332,274 @@ def test_fleetctl_drift_prints_a_table_and_alerts_lists_them(
     assert any(a["scope_value"] == "cli-1" and a["feature_name"] == "shaft_rpm" for a in alerts)
     code = main(["drift", *remote])
     assert code == 1 and "give one of" in capsys.readouterr().err
+
+
+# -- accuracy: estimated without labels, measured with them ----------------------------
+
+
+def _v1_scores(X: npt.NDArray[Any]) -> npt.NDArray[np.float64]:
+    out = LoadedModel((MODELS / "v1.tflite").read_bytes()).run({"features": X})["scores"]
+    return np.asarray(out, dtype=np.float64)
+
+
+def _confusion(
+    y: npt.NDArray[np.int64], predicted: npt.NDArray[np.int64], k: int
+) -> list[list[int]]:
+    counts = np.zeros((k, k), dtype=np.int64)
+    np.add.at(counts, (y, predicted), 1)
+    return counts.tolist()
+
+
+def _post_labels(fleet: DriftFleet, windows: list[dict[str, Any]], token: str | None = None) -> Any:
+    r = fleet.api.request(
+        "POST", f"{V}/labels", token=token or fleet.admin, json={"windows": windows}
+    )
+    return r.status, json.loads(r.data)
+
+
+def test_accuracy_under_covariate_shift_is_estimated_and_measured_with_late_labels(
+    fleet: DriftFleet,
+) -> None:
+    end = datetime(2031, 4, 1, 12, tzinfo=UTC)
+    fleet.register("tilted-1")
+    # Hotter, more loaded machines: the inputs move, what an input means does not.
+    X, y = tilted({"bearing_temp_c": 1.0, "motor_current_a": 1.0, "shaft_rpm": 1.0}, 10_000, 51)
+    scores = _v1_scores(X)
+    predicted = scores.argmax(axis=1)
+    ids = fleet.upload("tilted-1", X.astype(np.float64), end, rows_per_window=500, scores=scores)
+    window = {"since": (end - HOUR).isoformat(), "until": end.isoformat()}
+
+    status, report = fleet.get("/drift", device="tilted-1", **window)
+    assert status == 200, report
+    accuracy = report["models"][0]["accuracy"]
+    calibration = fleet.manifest.baseline.calibration
+    assert calibration is not None
+    assert accuracy["reference"] == pytest.approx(calibration.reference_accuracy)
+    assert accuracy["threshold"] == pytest.approx(calibration.reference_accuracy - 0.05)
+    assert accuracy["n"] == 10_000 and accuracy["labelled"] is None
+    assert accuracy["low"] <= accuracy["estimated"] <= accuracy["high"]
+    measured = float((predicted == y).mean())
+    assert abs(measured - calibration.reference_accuracy) > 0.01  # the shift moved accuracy
+    assert abs(accuracy["estimated"] - measured) <= 0.03, (accuracy["estimated"], measured)
+
+    # Labels arrive later for half the windows: confusion counts, in the model's class order.
+    classes = fleet.manifest.classes
+    assert classes is not None
+    labelled = ids[::2]
+    bodies = []
+    for k, window_id in enumerate(ids):
+        if window_id in labelled:
+            part = slice(k * 500, (k + 1) * 500)
+            counts = _confusion(y[part], predicted[part], len(classes))
+            bodies.append({"window_id": window_id, "classes": classes, "counts": counts})
+    status, result = _post_labels(fleet, bodies)
+    assert status == 200, result
+    right = sum(
+        int((predicted[k * 500 : (k + 1) * 500] == y[k * 500 : (k + 1) * 500]).sum())
+        for k in range(0, len(ids), 2)
+    )
+    assert result == {"stored": 10, "replaced": 0, "rows": 5000, "correct": right}
+
+    _, report = fleet.get("/drift", device="tilted-1", **window)
+    shown = report["models"][0]["accuracy"]
+    assert shown["estimated"] == accuracy["estimated"]  # labels do not change the estimate
+    assert shown["labelled"]["windows"] == 10 and shown["labelled"]["rows"] == 5000
+    assert shown["labelled"]["accuracy"] == pytest.approx(right / 5000)
+    assert abs(shown["labelled"]["estimated"] - right / 5000) <= 0.03
+
+    # Posting a window's labels again replaces them; every post is in the audit log.
+    first = bodies[0]
+    fixed = {
+        "window_id": first["window_id"],
+        "labels": [{"actual": classes[0], "predicted": classes[0], "count": 500}],
+    }
+    status, result = _post_labels(fleet, [fixed])
+    assert status == 200 and result == {"stored": 0, "replaced": 1, "rows": 500, "correct": 500}
+    _, report = fleet.get("/drift", device="tilted-1", **window)
+    previous = sum(map(sum, (first["counts"][i][i : i + 1] for i in range(len(classes)))))
+    assert report["models"][0]["accuracy"]["labelled"]["rows"] == 5000
+    assert report["models"][0]["accuracy"]["labelled"]["accuracy"] == pytest.approx(
+        (right - previous + 500) / 5000
+    )
+    status, page = fleet.get("/audit")
+    posts = [e for e in page["entries"] if e["action"] == "labels.post"]
+    assert [p["details"]["windows"] for p in posts[-2:]] == [10, 1]
+
+
+def test_labels_that_do_not_fit_are_refused_and_nothing_is_stored(fleet: DriftFleet) -> None:
+    end = datetime(2031, 4, 2, 12, tzinfo=UTC)
+    fleet.register("labels-1")
+    X, _ = tilted({}, 400, 52)
+    ids = fleet.upload("labels-1", X.astype(np.float64), end, scores=_v1_scores(X))
+    bare = fleet.upload("labels-1", fleet.in_distribution(200, seed=53), end - 3 * HOUR)
+    classes = fleet.manifest.classes
+    assert classes is not None
+    good = {"window_id": ids[0], "labels": [{"actual": classes[1], "predicted": classes[1]}]}
+    identity = [[int(i == j) for j in range(4)] for i in range(4)]
+    cases = [
+        ([good, {"window_id": "no-such-window", "labels": []}], 404, "no window no-such-window"),
+        (
+            [good, {"window_id": ids[1], "classes": classes[::-1], "counts": identity}],
+            422,
+            "in this order",
+        ),
+        (
+            [
+                good,
+                {"window_id": ids[1], "labels": [{"actual": "broken", "predicted": classes[0]}]},
+            ],
+            422,
+            "'broken' is not a class",
+        ),
+        ([good, {"window_id": bare[0], "labels": []}], 422, "no score output"),
+        ([good, good], 422, "appears twice"),
+        ([{"window_id": ids[1], "classes": classes, "counts": [[1, 2], [3, 4]]}], 422, "4 x 4"),
+        ([{"window_id": ids[1], "counts": identity}], 422, "counts need classes"),
+        (
+            [{"window_id": ids[1], "classes": classes, "counts": identity, "labels": []}],
+            422,
+            "either counts",
+        ),
+        (
+            [
+                {
+                    "window_id": ids[1],
+                    "labels": [{"actual": classes[0], "predicted": classes[0], "count": -1}],
+                }
+            ],
+            422,
+            "count",
+        ),
+    ]
+    for windows, status, message in cases:
+        got, body = _post_labels(fleet, windows)
+        assert (got, message in body.get("error", "")) == (status, True), (windows, body)
+    assert _post_labels(fleet, [])[0] == 422
+    _, report = fleet.get(
+        "/drift", device="labels-1", since=(end - HOUR).isoformat(), until=end.isoformat()
+    )
+    assert report["models"][0]["accuracy"]["labelled"] is None  # the good ones were not stored
+
+    # Posting labels needs the operator role.
+    viewer = fleet.api.request(
+        "POST", f"{V}/tokens", token=fleet.admin, json={"name": "labels-viewer", "role": "viewer"}
+    )
+    assert viewer.status == 201, viewer.data
+    got, body = _post_labels(fleet, [good], token=json.loads(viewer.data)["token"])
+    assert got == 403, body
+
+
+def _scores_with_top(top: float, rows: int, seed: int) -> npt.NDArray[np.float64]:
+    """Class probabilities whose top score is ``top``, predicted classes spread evenly."""
+    rng = np.random.default_rng(seed)
+    scores = np.full((rows, 4), (1.0 - top) / 3)
+    scores[np.arange(rows), rng.integers(0, 4, rows)] = top
+    return scores
+
+
+def test_an_accuracy_alert_opens_for_device_and_cohort_and_closes_when_it_recovers(
+    fleet: DriftFleet,
+) -> None:
+    t0 = datetime(2031, 5, 1, 12, tzinfo=UTC)
+    fleet.register("unsure-1", "line-9", region="ap-south")
+    # In-distribution inputs, but the model is unsure of everything: low estimated accuracy.
+    fleet.upload(
+        "unsure-1", fleet.in_distribution(1000, seed=60), t0, scores=_scores_with_top(0.4, 1000, 60)
+    )
+    fleet.evaluate(t0)
+    fleet.evaluate(t0 + timedelta(minutes=1))  # still low: the same alert, updated
+
+    def accuracy_alerts(scope: str, value: str) -> list[AlertRow]:
+        async def load() -> list[AlertRow]:
+            async with fleet.api.server.db.session() as session:
+                return list(
+                    (
+                        await session.scalars(
+                            select(AlertRow)
+                            .where(
+                                AlertRow.kind == "accuracy",
+                                AlertRow.scope == scope,
+                                AlertRow.scope_value == value,
+                            )
+                            .order_by(AlertRow.id)
+                        )
+                    ).all()
+                )
+
+        return fleet.api.call(load())
+
+    (alert,) = accuracy_alerts("device", "unsure-1")
+    assert alert.state == "open" and alert.feature is None and alert.last_seen_at > alert.opened_at
+    ev = alert.evidence
+    assert ev["verdict"] == "below" and ev["high"] < ev["threshold"] < ev["reference"]
+    assert ev["n"] == 1000 and ev["windows"] == 5 and ev["max_drop"] == 0.05
+    # The cohorts the device belongs to alert too, each once.
+    for scope, value in (("tag", "line-9"), ("region", "ap-south"), ("hardware_id", HARDWARE)):
+        assert [a.state for a in accuracy_alerts(scope, value)] == ["open"], (scope, value)
+    # No drift alert: the inputs did not move.
+    assert not [a for a in fleet.alerts("unsure-1") if a.kind == "drift"]
+
+    status, listed = fleet.get("/alerts", state="open", kind="accuracy")
+    assert status == 200
+    mine = [a for a in listed["alerts"] if a["scope_value"] == "unsure-1"]
+    assert len(mine) == 1 and mine[0]["kind"] == "accuracy" and mine[0]["feature"] is None
+    status, drift_only = fleet.get("/alerts", kind="drift")
+    assert status == 200 and all(a["kind"] == "drift" for a in drift_only["alerts"])
+    metrics = fleet.api.request("GET", "/metrics").data.decode()
+    assert "edgefleet_accuracy_alerts_open" in metrics
+
+    # Confident again: the estimate is back above the threshold and the alerts close.
+    t1 = t0 + 2 * HOUR
+    fleet.upload(
+        "unsure-1",
+        fleet.in_distribution(1000, seed=61),
+        t1,
+        scores=_scores_with_top(0.97, 1000, 61),
+    )
+    fleet.evaluate(t1)
+    (alert,) = accuracy_alerts("device", "unsure-1")
+    assert alert.state == "closed" and alert.evidence["verdict"] == "within"
+    assert [a.state for a in accuracy_alerts("tag", "line-9")] == ["closed"]
+
+
+def test_fleetctl_posts_labels_from_csv_and_shows_accuracy(
+    fleet: DriftFleet, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    end = datetime(2031, 6, 1, 12, tzinfo=UTC)
+    fleet.register("cli-acc-1")
+    X, y = tilted({}, 1000, 70)
+    scores = _v1_scores(X)
+    ids = fleet.upload("cli-acc-1", X.astype(np.float64), end, scores=scores)
+    classes = fleet.manifest.classes
+    assert classes is not None
+    predicted = scores.argmax(axis=1)
+    lines = ["window_id,actual,predicted"]
+    for k, window_id in enumerate(ids[:2]):
+        for i in range(k * 200, (k + 1) * 200):
+            lines.append(f"{window_id},{classes[y[i]]},{classes[predicted[i]]}")
+    path = tmp_path / "labels.csv"
+    path.write_text("\n".join(lines) + "\n")
+    remote = ["--server", fleet.api.url, "--token-file", str(fleet.api.admin_token_file)]
+    capsys.readouterr()
+    assert main(["labels", "post", str(path), *remote]) == 0
+    out = capsys.readouterr().out
+    right = int((predicted[:400] == y[:400]).sum())
+    assert (
+        f"Labels of 2 windows stored (0 replaced earlier ones): 400 predictions, {right} right"
+        in out
+    )
+
+    since, until = (end - HOUR).isoformat(), end.isoformat()
+    assert (
+        main(["drift", "--device", "cli-acc-1", "--since", since, "--until", until, *remote]) == 0
+    )
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.strip().startswith("accuracy:"))
+    assert "estimated" in line and f"measured {right / 400:.1%} on 400 labelled" in line
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("window,label\nx,y\n")
+    assert main(["labels", "post", str(bad), *remote]) == 1
+    assert "window_id,actual,predicted" in capsys.readouterr().err
+    assert main(["alerts", "--kind", "accuracy", *remote]) == 0
+    assert "KIND" in capsys.readouterr().out
