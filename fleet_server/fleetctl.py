@@ -619,18 +619,21 @@ def cmd_drift(args: argparse.Namespace) -> None:
         "hardware_id": args.hardware,
         "region": args.region,
     }
-    if sum(v is not None for v in scopes.values()) != 1:
-        raise CommandError("give one of --device ID, --tag TAG, --hardware HW, --region REGION")
+    if sum(v is not None for v in scopes.values()) + args.fleet != 1:
+        raise CommandError(
+            "give one of --device ID, --tag TAG, --hardware HW, --region REGION, --fleet"
+        )
     report = _client(args).get(
         "/drift",
         **scopes,
+        fleet=args.fleet or None,
         model=args.model,
         version=args.version,
         since=args.since,
         until=args.until,
     )
     lines = [
-        f"Drift of {report['scope']} {report['scope_value']}, "
+        f"Drift of {report['scope']} {report['scope_value']}".rstrip() + ", "
         f"windows ended {_when(report['since'])} .. {_when(report['until'])}"
     ]
     if not report["models"]:
@@ -966,12 +969,15 @@ def _remote_commands(groups: Any, leaf: argparse.ArgumentParser, release: Any) -
     p.set_defaults(func=cmd_tokens_revoke)
 
     p = groups.add_parser(
-        "drift", parents=both, help="drift per feature of a device or a cohort (server)"
+        "drift",
+        parents=both,
+        help="drift per feature and estimated accuracy of a device, a cohort or the fleet (server)",
     )
     p.add_argument("--device", help="one device")
     p.add_argument("--tag", help="every device with this tag")
     p.add_argument("--hardware", help="every device of this hardware id")
     p.add_argument("--region", help="every device in this region")
+    p.add_argument("--fleet", action="store_true", help="every device")
     p.add_argument("--model", help="only this model")
     p.add_argument("--version", help="only this model version")
     p.add_argument("--since", help="ISO time (default: an hour before --until)")

@@ -305,7 +305,7 @@ ModelVersion = Annotated[str, Field(pattern=r"^[0-9A-Za-z.+-]{1,64}$", max_lengt
 
 
 class DriftQuery(_Request):
-    """Whose windows to test: one device or one cohort, optionally one model version and a range.
+    """Whose windows to test: a device, a cohort or the fleet; optionally a model version, a range.
 
     ``since`` and ``until`` default to the hour before now; windows that ended
     in ``(since, until]`` are merged, one result per model version.
@@ -315,6 +315,7 @@ class DriftQuery(_Request):
     tag: Tag | None = None
     hardware_id: HardwareId | None = None
     region: Region | None = None
+    fleet: bool = Field(default=False, description="every device's windows")
     model: ModelName | None = Field(default=None, description="only this model")
     version: ModelVersion | None = Field(default=None, description="only this model version")
     since: datetime | None = Field(default=None, description="default: an hour before until")
@@ -323,8 +324,8 @@ class DriftQuery(_Request):
     @model_validator(mode="after")
     def _one_scope(self) -> DriftQuery:
         given = [s for s in (self.device, self.tag, self.hardware_id, self.region) if s is not None]
-        if len(given) != 1:
-            raise ValueError("give exactly one of device, tag, hardware_id, region")
+        if len(given) + self.fleet != 1:
+            raise ValueError("give exactly one of device, tag, hardware_id, region, fleet=true")
         return self
 
 

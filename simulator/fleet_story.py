@@ -331,6 +331,7 @@ class FleetStory:
             f"  {canary}: {windows} feature-summary windows stored by the server and "
             "acknowledged; its outbox is empty"
         )
+        self.run(f"fleetctl drift --device {canary} {self.remote}")
         views = {d: self.device_view(d) for d in ids}
         events = self.api(f"/devices/{canary}/events?limit=200")["events"]
         return {

@@ -525,6 +525,8 @@ def accuracy_view(a: Accuracy) -> AccuracyView:
 
 
 def _drift_scope(q: DriftQuery) -> Scope:
+    if q.fleet:
+        return Scope("fleet")
     if q.device is not None:
         return Scope("device", q.device)
     if q.tag is not None:

@@ -245,7 +245,7 @@ def test_a_cohort_merges_the_windows_of_its_devices(fleet: DriftFleet) -> None:
     # Each device alone has too few values; together they have enough.
     _, alone = fleet.get("/drift", device="cohort-1", **window)
     assert set(_verdicts(alone).values()) == {"not_enough_data"}
-    for scope in ({"tag": "line-7"}, {"region": "eu-west"}):
+    for scope in ({"tag": "line-7"}, {"region": "eu-west"}, {"fleet": "true"}):
         status, report = fleet.get("/drift", **scope, **window)
         assert status == 200, report
         assert report["models"][0]["windows"] == 4
@@ -255,6 +255,7 @@ def test_a_cohort_merges_the_windows_of_its_devices(fleet: DriftFleet) -> None:
 def test_the_query_needs_exactly_one_scope_and_a_known_device(fleet: DriftFleet) -> None:
     assert fleet.get("/drift")[0] == 422
     assert fleet.get("/drift", device="calm-1", tag="line-7")[0] == 422
+    assert fleet.get("/drift", device="calm-1", fleet="true")[0] == 422
     assert fleet.get("/drift", device="nobody-here")[0] == 404
     status, report = fleet.get("/drift", tag="no-such-tag")
     assert status == 200 and report["models"] == []
@@ -596,6 +597,10 @@ def test_fleetctl_posts_labels_from_csv_and_shows_accuracy(
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.strip().startswith("accuracy:"))
     assert "estimated" in line and f"measured {right / 400:.1%} on 400 labelled" in line
+
+    assert main(["drift", "--fleet", "--since", since, "--until", until, *remote]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Drift of fleet, windows ended") and "measured" in out
 
     bad = tmp_path / "bad.csv"
     bad.write_text("window,label\nx,y\n")
