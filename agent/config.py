@@ -6,6 +6,7 @@ with it; nothing else in the agent reads files or the environment for settings.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -110,14 +111,37 @@ class MqttConfig(_Section):
 
 
 class TelemetryConfig(_Section):
-    """Feature-summary windows and their outbox (store-and-forward until acknowledged)."""
+    """Feature-summary windows and their outbox (store-and-forward until acknowledged).
+
+    ``max_overhead`` is the most summarising may add to an inference, as a share
+    of its time (0.2: 20 %); the agent then summarises a random sample of the
+    requests when the model is too fast for all of them (every request is still
+    counted). 0 or ``false`` summarises every request, whatever it costs.
+    """
 
     enabled: bool = True
     window_max_requests: int = Field(default=1000, ge=1)
     window_max_seconds: float = Field(default=60.0, gt=0)
+    max_overhead: float = Field(default=0.2, ge=0, allow_inf_nan=False)
     outbox_max_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     outbox_max_age_s: float = Field(default=7 * 86400.0, gt=0)
     ack_timeout_s: float = Field(default=30.0, gt=0)
+
+    @field_validator("max_overhead", mode="before")
+    @classmethod
+    def _max_overhead(cls, value: object) -> object:
+        if value is False:
+            return 0.0
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not 0 <= value < math.inf
+        ):
+            raise ValueError(
+                "must be a share of the inference time such as 0.2, "
+                "or 0 or false to summarise every request"
+            )
+        return value
 
 
 class FaultsConfig(_Section):

@@ -67,6 +67,7 @@ class AgentDaemon:
                 WindowPolicy(
                     max_requests=telemetry.window_max_requests,
                     max_seconds=telemetry.window_max_seconds,
+                    max_overhead=telemetry.max_overhead or None,  # 0: summarise every request
                 ),
             )
             self.outbox = Outbox(

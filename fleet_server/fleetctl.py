@@ -213,6 +213,7 @@ def describe_manifest(m: Manifest) -> str:
         f"  summary:        {', '.join(f'{d.input}: {d.method}' for d in m.derivations)}; "
         f"baseline {m.baseline.rows} rows, bins {m.baseline.id[:19]}…"
     )
+    lines.append(f"  calibration:    {_calibration_note(m).removeprefix('; ')}")
     lines.append(
         f"  self-test:      {m.golden.count} golden vectors (atol {m.golden.atol}, "
         f"rtol {m.golden.rtol}); budget {m.budget.max_latency_ms} ms, {m.budget.max_memory_mb} MB"
@@ -641,7 +642,8 @@ def cmd_drift(args: argparse.Namespace) -> None:
     for m in report["models"]:
         lines.append("")
         lines.append(
-            f"{m['model']} {m['version']}: {m['windows']} windows, {m['requests']} requests "
+            f"{m['model']} {m['version']}: {m['windows']} windows, {m['requests']} requests"
+            f"{_sampled(m)} "
             f"({_when(m['start'])} .. {_when(m['end'])}); drift at false-alarm rate "
             f"{m['false_alarm_rate']}, at least {m['min_n']} values"
         )
@@ -666,6 +668,13 @@ def cmd_drift(args: argparse.Namespace) -> None:
             )
         )
     _emit(args, report, "\n".join(lines))
+
+
+def _sampled(m: dict[str, Any]) -> str:
+    summarised = m.get("summarised_requests")
+    if summarised is None or summarised == m["requests"]:
+        return ""
+    return f" ({summarised} summarised)"
 
 
 def _percent(value: float | None) -> str:

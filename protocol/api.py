@@ -364,6 +364,11 @@ class ModelDriftView(_Response):
     start: datetime
     end: datetime
     requests: int
+    summarised_requests: int | None = Field(
+        default=None,
+        description="requests whose rows are in the features and score histograms (devices "
+        "may summarise a random sample of requests to bound the cost); null if unread",
+    )
     min_n: int
     false_alarm_rate: float
     features: list[FeatureDriftView]

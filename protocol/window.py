@@ -6,6 +6,13 @@ those requests: a :class:`~protocol.summary.FeatureSummary` per input feature
 (in manifest order), the top-score histogram per predicted class, latency as a
 base-2 exponential histogram, requests served per fallback stage, and errors.
 
+A device may summarise only a sample of its requests, to bound what
+summarising costs next to a cheap model. ``requests``, ``errors``, ``served``
+and the latency histogram still count every request; the features and the
+top-score histogram then hold the ``summarised_requests``, chosen at random
+independently of their values, so their shares are an unbiased sample and a
+drift test on their counts is valid with their ``n``.
+
 Everything in a window is additive, so windows merge (:func:`merge_windows`)
 into a :class:`WindowAggregate` for a device, a cohort, a model version or a
 time range; the caller picks which windows go in, the merge only insists that
@@ -14,14 +21,19 @@ they counted in the same baseline bins.
 On the wire a window is a compact binary record (:func:`encode_window`,
 :func:`decode_window`), not JSON: at one window a minute with 32 features a
 day of windows must stay under 2 MB (about 1.1 kB a window at 600 requests,
-against 7 kB as JSON). Layout, codec version 1::
+against 7 kB as JSON). Layout, codec version 2::
 
     "EFW" | version (1 byte) | CRC-32 of the body (4 bytes, little-endian)
     | body, compressed as raw LZMA2 (4 KiB dictionary, lc=1 lp=0 pb=0)
 
     body: window_id device_id model_name model_version baseline_id cohort_id plan_id
-          start end (float64) | requests errors | served, in STAGE_NAMES order
-          | latency histogram | score histogram | features
+          start end (float64) | requests errors unsummarised_requests
+          | served, in STAGE_NAMES order | latency histogram | score histogram | features
+
+Version 1 is the same without ``unsummarised_requests`` (0: every request
+summarised). A window that summarised every request is written as version 1,
+so readers that know only version 1 still read it; a sampled window needs
+version 2. The reader reads both.
 
 The body is unsigned LEB128 varints (signed ones zigzag-coded), little-endian
 IEEE floats and short strings (a kind byte — absent, UTF-8, hex digits packed
@@ -68,7 +80,9 @@ from protocol.inference import STAGE_NAMES, StageName
 from protocol.summary import FeatureSummary, ScoreHistogram, merge
 
 WINDOW_SCHEMA_VERSION: Final = 1
-WINDOW_CODEC_VERSION: Final = 1
+WINDOW_CODEC_VERSION: Final = 2
+# Windows that summarised every request are written in version 1, which old readers know.
+_EXACT_CODEC_VERSION: Final = 1
 WINDOW_MAGIC: Final = b"EFW"
 # A decoded body larger than this is refused (a window of 1,024 features is ~100 kB).
 MAX_BODY_BYTES: Final = 1 << 20
@@ -87,6 +101,9 @@ class WindowSummary(BaseModel):
     ``start`` and ``end`` are the device clock in seconds since the epoch.
     ``requests`` counts inference requests; a feature's ``n`` counts rows, and a
     request may carry several. ``served`` counts requests per fallback stage.
+    ``unsummarised_requests`` of the requests are counted (requests, errors,
+    served, latency) but their rows and scores are not in the features and the
+    score histogram: 0 for a window that summarised every request.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -101,6 +118,7 @@ class WindowSummary(BaseModel):
     end: float = Field(ge=0)
     requests: int = Field(ge=0)
     errors: int = Field(default=0, ge=0)
+    unsummarised_requests: int = Field(default=0, ge=0)
     served: dict[StageName, int] = Field(default_factory=dict)
     features: list[FeatureSummary]
     scores: ScoreHistogram | None = None
@@ -117,8 +135,15 @@ class WindowSummary(BaseModel):
     def _is_consistent(self) -> WindowSummary:
         if not (math.isfinite(self.start) and math.isfinite(self.end)) or self.end < self.start:
             raise ValueError("a window needs finite times with start <= end")
-        _check_parts(self.served, self.features, self.scores)
+        _check_parts(
+            self.requests, self.unsummarised_requests, self.served, self.features, self.scores
+        )
         return self
+
+    @property
+    def summarised_requests(self) -> int:
+        """The requests whose rows and scores the features and score histogram hold."""
+        return self.requests - self.unsummarised_requests
 
 
 class WindowAggregate(BaseModel):
@@ -137,6 +162,7 @@ class WindowAggregate(BaseModel):
     end: float
     requests: int = Field(ge=0)
     errors: int = Field(ge=0)
+    unsummarised_requests: int = Field(default=0, ge=0)
     served: dict[StageName, int]
     features: list[FeatureSummary]
     scores: ScoreHistogram | None = None
@@ -144,15 +170,26 @@ class WindowAggregate(BaseModel):
 
     @model_validator(mode="after")
     def _is_consistent(self) -> WindowAggregate:
-        _check_parts(self.served, self.features, self.scores)
+        _check_parts(
+            self.requests, self.unsummarised_requests, self.served, self.features, self.scores
+        )
         return self
+
+    @property
+    def summarised_requests(self) -> int:
+        """The requests whose rows and scores the features and score histogram hold."""
+        return self.requests - self.unsummarised_requests
 
 
 def _check_parts(
+    requests: int,
+    unsummarised: int,
     served: dict[StageName, int],
     features: Sequence[FeatureSummary],
     scores: ScoreHistogram | None,
 ) -> None:
+    if unsummarised > requests:
+        raise ValueError(f"{unsummarised} unsummarised requests of only {requests}")
     if any(v < 0 for v in served.values()):
         raise ValueError("served counts must be >= 0")
     for i, f in enumerate(features):
@@ -235,6 +272,7 @@ def merge_windows(
         end=max(w.end for w in items),
         requests=sum(w.requests for w in items),
         errors=sum(w.errors for w in items),
+        unsummarised_requests=sum(w.unsummarised_requests for w in items),
         served=served,
         features=features,
         scores=scores,
@@ -626,13 +664,16 @@ def encode_window(window: WindowSummary) -> bytes:
     w.f64(window.end)
     w.uint(window.requests)
     w.uint(window.errors)
+    version = WINDOW_CODEC_VERSION if window.unsummarised_requests else _EXACT_CODEC_VERSION
+    if version >= 2:
+        w.uint(window.unsummarised_requests)
     for stage in STAGE_NAMES:
         w.uint(window.served.get(stage, 0))
     _write_latency(w, window.latency_ms)
     _write_scores(w, window.scores)
     _write_features(w, window.features)
     body = bytes(w.buf)
-    header = WINDOW_MAGIC + bytes([WINDOW_CODEC_VERSION]) + _CRC.pack(zlib.crc32(body))
+    header = WINDOW_MAGIC + bytes([version]) + _CRC.pack(zlib.crc32(body))
     return header + lzma.compress(body, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
 
 
@@ -647,10 +688,10 @@ def decode_window(data: bytes) -> WindowSummary:
     if len(data) < len(WINDOW_MAGIC) + 1 or data[: len(WINDOW_MAGIC)] != WINDOW_MAGIC:
         raise WindowCodecError("not a window summary (bad magic bytes)")
     version = data[len(WINDOW_MAGIC)]
-    if version != WINDOW_CODEC_VERSION:
+    if not _EXACT_CODEC_VERSION <= version <= WINDOW_CODEC_VERSION:
         raise WindowCodecError(
             f"window codec version {version} is not supported (this reader knows "
-            f"{WINDOW_CODEC_VERSION}); upgrade the reader"
+            f"{_EXACT_CODEC_VERSION} to {WINDOW_CODEC_VERSION}); upgrade the reader"
         )
     if len(data) < header:
         raise WindowCodecError("window is truncated in its header")
@@ -676,6 +717,7 @@ def decode_window(data: bytes) -> WindowSummary:
         cohort_id, plan_id = r.text(), r.text()
         start, end = r.f64(), r.f64()
         requests, errors = r.uint(), r.uint()
+        unsummarised = r.uint() if version >= 2 else 0
         served = {stage: r.uint() for stage in STAGE_NAMES}
         latency = _read_latency(r)
         scores = _read_scores(r)
@@ -694,6 +736,7 @@ def decode_window(data: bytes) -> WindowSummary:
             end=end,
             requests=requests,
             errors=errors,
+            unsummarised_requests=unsummarised,
             served=served,
             features=features,
             scores=scores,

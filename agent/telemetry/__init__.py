@@ -1,4 +1,4 @@
-"""Telemetry: window summaries of every request, and the outbox that keeps them until acked."""
+"""Telemetry: window summaries of the requests served, and the outbox that keeps them till acked."""
 
 from agent.telemetry.outbox import Outbox, OutboxError, OutboxStats
 from agent.telemetry.window import WindowPolicy, WindowRecorder, WindowRecordError

@@ -1,4 +1,4 @@
-"""The device's window summaries: every answered request, folded into the current window.
+"""The device's window summaries: every answered request, counted in the current window.
 
 Rules:
 
@@ -8,28 +8,52 @@ Rules:
    so a summary never mixes model versions; :meth:`WindowRecorder.set_cohort`
    does the same for a rollout cohort and plan.
 2. :meth:`WindowRecorder.record` is on the serving path and does no per-value
-   Python work: it copies the request's rows into a preallocated buffer. Every
-   ``buffer_rows`` rows (and when a window closes) the buffer is folded into the
-   window with a few numpy calls over all its rows: derived features
-   (:func:`protocol.derivation.derive_features`), NaN and out-of-range counts,
-   one sort per feature for baseline bin counts, min and max, moments merged
-   with Chan's formula, the top-score histogram. Latencies are kept per request
-   and recorded into the window's base-2 exponential histogram
-   (:func:`protocol.histogram.record`) when the window closes (or every
-   :data:`LATENCY_BUFFER` requests). The result equals :func:`protocol.summary.summarize` over the
-   same rows: counts, ``min`` and ``max`` exactly, ``mean`` and ``m2`` to
-   floating-point rounding.
-3. A window opens with its first request (``start``) and closes when it holds
+   Python work: it copies a summarised request's rows into a preallocated
+   buffer. Every ``buffer_rows`` rows (and when a window closes) the buffer is
+   folded into the window with a few numpy calls over all its rows: derived
+   features (:func:`protocol.derivation.derive_features`), NaN and
+   out-of-range counts, one sort per feature for baseline bin counts, min and
+   max, moments merged with Chan's formula, the top-score histogram. The
+   features and score histogram of the requests summarised equal
+   :func:`protocol.summary.summarize` over their rows: counts, ``min`` and
+   ``max`` exactly, ``mean`` and ``m2`` to floating-point rounding.
+3. Every request is counted, summarised or not: ``requests``, ``served`` per
+   stage, ``errors``, and its latency, kept in a list and recorded into the
+   window's base-2 exponential histogram (:func:`protocol.histogram.record`)
+   when :meth:`~WindowRecorder.poll` hands the window out (or every
+   :data:`LATENCY_BUFFER` requests).
+4. What summarising may cost is bounded by the policy's ``max_overhead``, a
+   share of the inference time (the ``latency_s`` the caller reports). The
+   recorder measures itself with ``timer``: once, at start, the fast path that
+   only counts a request (``fixed``); then every summarised request, buffer
+   folds included, as a moving average per summarised request (``summary``),
+   beside the typical inference time (``inference``, from the median latency
+   of the last :data:`LATENCY_SAMPLE` requests). Each request is
+   summarised with probability ``p``, the largest with ``fixed + p * summary
+   <= max_overhead * inference``: 1 while summarising is cheap next to the
+   model (a model of milliseconds: the window is exact), a few per cent for a
+   model of microseconds, never below :data:`MIN_SAMPLE_RATE`. ``p`` starts
+   at 1 for every new model and is updated after every fold and window close.
+   The last fold of a window counts when requests filled the window; a window
+   closed by time pays it once per ``max_seconds`` however quiet the device,
+   and a quiet device is not held to a small sample for it. Which requests
+   are summarised is drawn at random (a geometric gap to the next one, from
+   ``seed``), independently of their values: the features and the score
+   histogram are an unbiased sample of the window's requests, and
+   ``unsummarised_requests`` says how many were left out. A request left out
+   is not looked at beyond its stage and latency. ``max_overhead=None``
+   summarises every request.
+5. A window opens with its first request (``start``) and closes when it holds
    ``max_requests`` requests (at once, inside ``record``) or, on
    :meth:`~WindowRecorder.poll`, when ``max_seconds`` have passed since it opened.
    A window without requests is never closed or uploaded: it has nothing to
    say, and the heartbeat already tells the server the device is alive.
-4. The top-score histogram counts only the answers of the window's own model
+6. The top-score histogram counts only the answers of the window's own model
    (stages ``active`` and ``previous`` serving that version); answers of another
    version, the cloud or the safe default are counted in ``served`` only. A
    counted answer whose scores are NaN or Inf is an error, and its rows stay out
    of the histogram.
-5. Closed windows wait in a queue until :meth:`~WindowRecorder.poll` hands them
+7. Closed windows wait in a queue until :meth:`~WindowRecorder.poll` hands them
    out, each with a fresh id (uuid4). The queue is bounded
    (:data:`MAX_CLOSED_WINDOWS`); if nobody collects them the oldest go and are
    counted (:attr:`~WindowRecorder.dropped_windows`).
@@ -41,6 +65,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 import uuid
 from collections import deque
@@ -67,7 +92,17 @@ MAX_CLOSED_WINDOWS: Final = 64
 # Latencies are recorded per window, not per fold (recording the concatenation
 # and merging give the same buckets); this many are held between recordings.
 LATENCY_BUFFER: Final = 4096
+# The least share of requests summarised when even counting them exceeds the
+# budget: a window of 1,000 requests still holds about one.
+MIN_SAMPLE_RATE: Final = 1e-3
+# Weight of the newest measurement in the moving averages of the costs.
+COST_WEIGHT: Final = 0.25
+# The latencies of the last this many requests give the typical inference time.
+LATENCY_SAMPLE: Final = 64
 _MODEL_STAGES: Final = frozenset({"active", "previous"})
+_INF: Final = math.inf
+_TIMED_CALLS: Final = 256  # fast-path calls timed at start-up, three times over; the best counts
+_NO_TENSORS: Final[Mapping[str, npt.ArrayLike]] = {}
 
 Tensors = Mapping[str, npt.ArrayLike]
 F64 = npt.NDArray[np.float64]
@@ -79,10 +114,14 @@ class WindowRecordError(ValueError):
 
 
 class WindowPolicy(BaseModel):
-    """When windows close and how many rows are buffered between folds.
+    """When windows close, how many rows are buffered between folds, what summarising may cost.
 
     ``max_buffer_bytes`` caps the input buffer for large inputs (images): the
     buffer then holds fewer than ``buffer_rows`` rows, at least one.
+    ``max_overhead`` bounds what the recorder adds to each inference, as a
+    share of the inference time the caller reports (0.2: at most 20 %), by
+    summarising a random sample of the requests; ``None`` summarises every
+    request exactly, whatever it costs.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -91,6 +130,7 @@ class WindowPolicy(BaseModel):
     max_seconds: float = Field(default=60.0, gt=0)
     buffer_rows: int = Field(default=256, ge=1)
     max_buffer_bytes: int = Field(default=4 << 20, ge=1)
+    max_overhead: float | None = Field(default=0.2, gt=0, allow_inf_nan=False)
 
 
 @dataclass(frozen=True)
@@ -233,6 +273,7 @@ class _Running:
     start: float | None = None
     requests: int = 0
     errors: int = 0
+    unsummarised: int = 0
     served: dict[StageName, int] = field(default_factory=lambda: dict.fromkeys(STAGE_NAMES, 0))
     n: I64 = field(init=False)
     nan: I64 = field(init=False)
@@ -244,6 +285,8 @@ class _Running:
     counts: I64 = field(init=False)
     scores: I64 = field(init=False)
     latency: ExponentialHistogram = field(default_factory=ExponentialHistogram)
+    # Latencies not in ``latency`` yet: a closed window records them when it is handed out.
+    latencies: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         k = self.layout.features
@@ -332,6 +375,8 @@ class _Running:
 
     def summary(self, window_id: str, device_id: str, end: float) -> WindowSummary:
         layout = self.layout
+        self.fold_latencies(np.array(self.latencies, dtype=np.float64))
+        self.latencies = []
         start = self.start if self.start is not None else end
         features = []
         for j in range(layout.features):
@@ -367,6 +412,7 @@ class _Running:
             end=max(end, start),  # a wall clock stepped back must not give end < start
             requests=self.requests,
             errors=self.errors,
+            unsummarised_requests=self.unsummarised,
             served={s: c for s, c in self.served.items() if c},
             features=features,
             scores=scores,
@@ -395,17 +441,76 @@ class _Buffer:
         self.scores = np.empty((self.capacity, self.score_width), dtype=layout.score_dtype)
         self.score_rows = 0
         self.score_starts: list[int] = []
-        self.latencies = np.empty(min(policy.max_requests, LATENCY_BUFFER), dtype=np.float64)
-        self.latency_count = 0
+
+
+class _Budget:
+    """The share of requests to summarise so that the recorder adds at most ``limit`` to inference.
+
+    Every request costs the recorder ``fixed`` seconds (counting it, keeping its
+    latency); a summarised one costs ``summary`` seconds more (checks, the copy
+    into the buffer, its share of the folds). With inference taking
+    ``inference`` seconds a request, summarising a share ``p`` of the requests
+    adds ``fixed + p * summary``: the rate is the largest ``p`` within
+    ``limit * inference``, at most 1 and at least :data:`MIN_SAMPLE_RATE`.
+    ``summary`` is a moving average (weight :data:`COST_WEIGHT`) of the time
+    per summarised request between updates; ``inference`` one of the median
+    latency of the last :data:`LATENCY_SAMPLE` requests at each update (the
+    typical inference, not the one preempted now and then).
+    """
+
+    def __init__(self, limit: float, fixed: float) -> None:
+        self.limit = limit
+        self.fixed = fixed
+        self.latency = 0.0  # seconds a request's share of recording the latency histogram costs
+        self.summary: float | None = None
+        self.inference: float | None = None
+        self._spent = 0.0
+        self._summarised = 0
+
+    def summarised(self, spent: float) -> None:
+        """Account a summarised request that took ``spent`` seconds to summarise."""
+        self._spent += spent
+        self._summarised += 1
+
+    def folded(self, spent: float) -> None:
+        """Account a fold outside ``record`` (a window closing)."""
+        self._spent += spent
+
+    def rate(self, inference: float | None) -> float:
+        """Update the estimates with what was accounted since the last call; the rate they allow.
+
+        ``inference`` is the typical inference time now (``None``: no new latency).
+        """
+        if inference is not None:
+            if self.inference is None:
+                self.inference = inference
+            else:
+                self.inference += COST_WEIGHT * (inference - self.inference)
+        if n := self._summarised:
+            summary = self._spent / n
+            if self.summary is None:
+                self.summary = summary
+            else:
+                self.summary += COST_WEIGHT * (summary - self.summary)
+            self._spent = 0.0
+            self._summarised = 0
+        if self.summary is None or self.inference is None:
+            return 1.0
+        room = self.limit * self.inference - self.fixed - self.latency
+        if self.summary <= room:
+            return 1.0
+        return max(room / self.summary, MIN_SAMPLE_RATE)
 
 
 class WindowRecorder:
-    """Folds every answered request into the current window; hands out closed windows.
+    """Folds answered requests into the current window; hands out closed windows.
 
     ``manifest`` is the active model's (``None`` before any model is installed:
     requests are then not recorded). ``clock`` gives seconds since the epoch;
-    it stamps ``start`` and ``end`` and times windows out. See the module
-    docstring for the rules.
+    it stamps ``start`` and ``end`` and times windows out. ``timer`` measures
+    what summarising costs (a monotonic clock in seconds) and ``seed`` seeds
+    the choice of the requests summarised while the policy's ``max_overhead``
+    leaves some out. See the module docstring for the rules.
     """
 
     def __init__(
@@ -415,11 +520,15 @@ class WindowRecorder:
         policy: WindowPolicy | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        timer: Callable[[], float] = time.perf_counter,
+        seed: int | None = None,
     ) -> None:
         self.device_id = device_id
         self.policy = policy or WindowPolicy()
         self._max_requests = self.policy.max_requests
         self._clock = clock
+        self._timer = timer
+        self._random = random.Random(seed)
         self._manifest: Manifest | None = None
         self._layout: _Layout | None = None
         self._buffer: _Buffer | None = None
@@ -429,6 +538,22 @@ class WindowRecorder:
         self._closed: deque[tuple[_Running, float]] = deque()
         self.dropped_windows = 0
         """Closed windows lost because nobody polled for them (cumulative)."""
+        # The fast path's state. It may take the next ``_countdown`` requests
+        # without looking at them (``_armed`` when set); _settle() moves what it
+        # took into the window.
+        self._countdown = 0
+        self._armed = 0
+        self._served: dict[StageName, int] = dict.fromkeys(STAGE_NAMES, 0)
+        self._errors = 0
+        self._latencies: list[float] = []
+        # Sampling: the next ``_gap`` requests are not summarised, the one after is.
+        self._rate = 1.0
+        self._gap = 0
+        self._folds = 0
+        self._fixed_cost = 0.0
+        self._budget: _Budget | None = None
+        if self.policy.max_overhead is not None:
+            self._fixed_cost = self._time_fast_path()
         self.set_manifest(manifest)
 
     # -- configuration -------------------------------------------------------
@@ -437,6 +562,11 @@ class WindowRecorder:
     def manifest(self) -> Manifest | None:
         """The manifest the current window summarises for."""
         return self._manifest
+
+    @property
+    def sample_rate(self) -> float:
+        """The probability that the next request is summarised (1.0: every request is)."""
+        return self._rate
 
     def set_manifest(self, manifest: Manifest | None) -> None:
         """Summarise for ``manifest`` from now on.
@@ -453,6 +583,10 @@ class WindowRecorder:
         self._layout = layout
         self._buffer = _Buffer(layout, self.policy) if layout is not None else None
         self._window = self._new_window()
+        # What summarising costs next to a new model is not known yet: all, until measured.
+        max_overhead = self.policy.max_overhead
+        self._budget = _Budget(max_overhead, self._fixed_cost) if max_overhead else None
+        self._rate, self._gap = 1.0, 0
 
     def set_cohort(self, cohort_id: str | None, plan_id: str | None = None) -> None:
         """Label windows from now on with a rollout cohort and plan; a change closes the window."""
@@ -474,28 +608,87 @@ class WindowRecorder:
         model_version: str | None = None,
         error: bool = False,
     ) -> None:
-        """Fold one answered request into the current window.
+        """Count one answered request in the current window, and summarise it if it is chosen.
 
         ``inputs`` are the validated model inputs and ``outputs`` the answer's,
         each ``[batch, ...]``; ``stage`` and ``model_version`` say who answered
         (``None``: the window's own model); ``error`` marks an answer the caller
         counts as failed. Raises :class:`WindowRecordError`, leaving the window
-        as it was, for a request that does not fit the manifest.
+        as it was, for a request that does not fit the manifest (a request left
+        out of the summaries is not looked at, so it is refused only for its
+        stage or latency).
         """
-        # This runs for every request: checks first (so a bad request changes
-        # nothing), then a copy into the buffer and a few counters.
+        if self._countdown and 0.0 <= latency_s < _INF:
+            # The fast path, for a request left out of the summaries: a handful
+            # of attribute operations; _settle() adds them to the window later.
+            try:
+                self._served[stage] += 1
+            except KeyError:
+                raise WindowRecordError(_unknown_stage(stage)) from None
+            self._countdown -= 1
+            self._latencies.append(latency_s)
+            if error:
+                self._errors += 1
+            return
+        # The full path. What it costs a summarised request is timed, from here.
+        budget, folds = self._budget, self._folds
+        start = self._timer() if budget is not None else 0.0
+        # Checks first, so that a request refused changes nothing.
         window, buffer = self._window, self._buffer
         if window is None or buffer is None:
             raise WindowRecordError("no model is installed: there is no window to record into")
-        if not 0.0 <= latency_s < math.inf:
+        if not 0.0 <= latency_s < _INF:
             raise WindowRecordError(f"latency must be a finite number >= 0, got {latency_s!r}")
         served = window.served
         if stage not in served:
-            raise WindowRecordError(f"unknown stage {stage!r}; stages are {list(STAGE_NAMES)}")
+            raise WindowRecordError(_unknown_stage(stage))
+        if self._armed:
+            self._settle(window)
+        summarised = not self._gap
+        if summarised:
+            self._summarise(window, buffer, inputs, outputs, stage, model_version, error)
+        else:
+            self._gap -= 1
+            window.unsummarised += 1
+        if window.start is None:
+            window.start = self._clock()
+        served[stage] += 1
+        window.requests += 1
+        if error:
+            window.errors += 1
+        latencies = self._latencies
+        latencies.append(latency_s)
+        if len(latencies) >= LATENCY_BUFFER:
+            self._fold_latencies(window)
+        if summarised and budget is not None:
+            budget.summarised(self._timer() - start)
+            if self._folds != folds:
+                self._update_rate(budget)
+            self._gap = self._draw_gap()
+        if window.requests >= self._max_requests:
+            self._close_window(None, full=True)
+        elif self._gap:
+            self._arm(window)
+
+    def _summarise(
+        self,
+        window: _Running,
+        buffer: _Buffer,
+        inputs: Tensors,
+        outputs: Tensors,
+        stage: StageName,
+        model_version: str | None,
+        error: bool,
+    ) -> None:
+        """Put a request's rows and scores into the buffer (or fold them, if it is larger).
+
+        Checks first, so a request that does not fit the manifest changes nothing.
+        """
         layout = buffer.layout
         slots = buffer.inputs
-        if slots and isinstance(first_input := inputs.get(slots[0][0]), np.ndarray):
-            rows = first_input.shape[0] if first_input.ndim else _batch_size(inputs, None)
+        first_input = inputs.get(slots[0][0]) if slots else None
+        if isinstance(first_input, np.ndarray) and first_input.ndim:
+            rows = first_input.shape[0]
         else:
             rows = _batch_size(inputs, slots[0][0] if slots else None)
         start = buffer.rows
@@ -545,8 +738,6 @@ class WindowRecorder:
                 first_score = buffer.score_rows
                 buffer.scores[first_score : first_score + rows] = scores
 
-        if window.start is None:
-            window.start = self._clock()
         if named is not None:
             # Larger than the buffer: folded straight from the request's arrays,
             # a buffer's worth of rows at a time to bound the temporaries.
@@ -556,47 +747,111 @@ class WindowRecorder:
                     window.fold_rows(derive_features(layout.derivations, chunk))
             if scores is not None:
                 window.fold_scores(scores, [0])
+            self._folds += 1
         elif rows:
             buffer.rows = end
             if scores is not None:
                 buffer.score_starts.append(first_score)
                 buffer.score_rows = first_score + rows
-        held = buffer.latency_count
-        if held == buffer.latencies.size:
-            window.fold_latencies(buffer.latencies)
-            held = 0
-        buffer.latencies[held] = latency_s
-        buffer.latency_count = held + 1
-        window.requests += 1
-        served[stage] += 1
-        if error:
-            window.errors += 1
-        if window.requests >= self._max_requests:
-            self.close_window()
 
     def record_error(self, latency_s: float | None = None) -> None:
         """Count a request that got no answer (the chain could not serve it) as an error.
 
         Ignored while no model is installed: such a request belongs to no model version.
         """
-        window, buffer = self._window, self._buffer
-        if window is None or buffer is None:
+        window = self._window
+        if window is None:
             return
+        self._settle(window)
         if window.start is None:
             window.start = self._clock()
-        if latency_s is not None and 0.0 <= latency_s < math.inf:
-            self._latency(latency_s)
+        if latency_s is not None and 0.0 <= latency_s < _INF:
+            self._latencies.append(latency_s)
+            if len(self._latencies) >= LATENCY_BUFFER:
+                self._fold_latencies(window)
         window.requests += 1
         window.errors += 1
         if window.requests >= self._max_requests:
-            self.close_window()
+            self._close_window(None, full=True)
+        elif self._gap:
+            self._arm(window)
+
+    def _settle(self, window: _Running) -> None:
+        """Move the requests the fast path took into the window; the fast path stops."""
+        if taken := self._armed - self._countdown:
+            window.requests += taken
+            window.unsummarised += taken
+            window.errors += self._errors
+            self._gap -= taken
+        self._errors = self._armed = self._countdown = 0
+
+    def _arm(self, window: _Running) -> None:
+        """Let the fast path take the requests before the next one that needs the full path.
+
+        That is the next request to summarise, the one that fills the latency
+        buffer and the one that fills the window; and a window's first request,
+        which opens it.
+        """
+        self._served = window.served
+        if window.start is None:
+            return
+        room = min(
+            self._gap,
+            LATENCY_BUFFER - 1 - len(self._latencies),
+            self._max_requests - 1 - window.requests,
+        )
+        self._armed = self._countdown = max(room, 0)
+
+    def _update_rate(self, budget: _Budget) -> None:
+        recent = sorted(self._latencies[-LATENCY_SAMPLE:])
+        self._rate = budget.rate(recent[len(recent) // 2] if recent else None)
+
+    def _draw_gap(self) -> int:
+        """Requests to leave out before the next summarised one.
+
+        Geometric, so that every request is summarised with probability
+        ``_rate`` independently of the others and of its values, without a
+        random draw per request.
+        """
+        if self._rate >= 1.0:
+            return 0
+        return int(math.log(1.0 - self._random.random()) / math.log1p(-self._rate))
+
+    def _fold_latencies(self, window: _Running) -> None:
+        """Record the :data:`LATENCY_BUFFER` latencies held into a window that has more."""
+        latencies, budget = self._latencies, self._budget
+        start = self._timer() if budget is not None else 0.0
+        window.fold_latencies(np.array(latencies, dtype=np.float64))
+        if budget is not None:
+            budget.latency = (self._timer() - start) / len(latencies)
+        latencies.clear()
+
+    def _time_fast_path(self) -> float:
+        """Seconds ``record`` takes for a request it does not summarise, measured here.
+
+        It runs the fast path a few hundred times on stand-in counters: what
+        every request costs is the floor under the budget for summarising.
+        """
+        best = _INF
+        for _ in range(3):
+            self._served = dict.fromkeys(STAGE_NAMES, 0)
+            self._armed = self._countdown = _TIMED_CALLS
+            start = self._timer()
+            for _ in range(_TIMED_CALLS):
+                self.record(_NO_TENSORS, _NO_TENSORS, "active", 0.0)
+            best = min(best, (self._timer() - start) / _TIMED_CALLS)
+        self._served = dict.fromkeys(STAGE_NAMES, 0)
+        self._latencies.clear()
+        self._errors = self._armed = self._countdown = 0
+        return max(best, 0.0)
 
     # -- closing -------------------------------------------------------------
 
     @property
     def requests(self) -> int:
         """Requests in the current window so far."""
-        return self._window.requests if self._window is not None else 0
+        window = self._window
+        return window.requests + self._armed - self._countdown if window is not None else 0
 
     def poll(self, now: float | None = None) -> WindowSummary | None:
         """The oldest closed window not handed out yet, closing the current one if its time is up.
@@ -607,7 +862,7 @@ class WindowRecorder:
         if window is not None and window.start is not None:
             now = self._clock() if now is None else now
             if now - window.start >= self.policy.max_seconds:
-                self.close_window(now)
+                self._close_window(now, full=False)
         if not self._closed:
             return None
         closed, end = self._closed.popleft()
@@ -615,33 +870,43 @@ class WindowRecorder:
 
     def close_window(self, now: float | None = None) -> None:
         """Close the current window now if it holds any request (e.g. before shutdown)."""
+        self._close_window(now, full=False)
+
+    def _close_window(self, now: float | None, *, full: bool) -> None:
+        """Close the current window; ``full``: it holds ``max_requests`` requests.
+
+        The last fold of a full window is a cost of its requests (they come
+        faster than ``max_requests`` a ``max_seconds``): it counts against the
+        budget. A window closed by time or for a new model or cohort pays it
+        once per window however few its requests, so it does not: a device
+        with little traffic is not held to a small sample to save it.
+        """
         window = self._window
         if window is None:
             return
-        self._fold()
+        self._settle(window)
+        budget, buffer = self._budget, self._buffer
+        if budget is not None and full and buffer is not None and buffer.rows + buffer.score_rows:
+            start = self._timer()
+            self._fold()
+            budget.folded(self._timer() - start)
+        else:
+            self._fold()
+        if budget is not None:
+            self._update_rate(budget)
+            self._gap = self._draw_gap()
         if window.requests == 0:
             window.start = None
             return
-        buffer = self._buffer
-        if buffer is not None and buffer.latency_count:
-            window.fold_latencies(buffer.latencies[: buffer.latency_count])
-            buffer.latency_count = 0
+        # Recording latencies into the histogram costs about 0.1 ms however few they
+        # are: poll() does it when it hands the window out, off the serving path.
+        window.latencies, self._latencies = self._latencies, []
         if len(self._closed) == MAX_CLOSED_WINDOWS:
             self._closed.popleft()
             self.dropped_windows += 1
             logger.warning("telemetry: a closed window was dropped; nobody collected it")
         self._closed.append((window, self._clock() if now is None else now))
         self._window = self._new_window()
-
-    def _latency(self, seconds: float) -> None:
-        buffer, window = self._buffer, self._window
-        assert buffer is not None and window is not None
-        held = buffer.latency_count
-        if held == buffer.latencies.size:
-            window.fold_latencies(buffer.latencies)
-            held = 0
-        buffer.latencies[held] = seconds
-        buffer.latency_count = held + 1
 
     def _new_window(self) -> _Running | None:
         if self._layout is None:
@@ -653,6 +918,9 @@ class WindowRecorder:
         window, buffer, layout = self._window, self._buffer, self._layout
         if window is None or buffer is None or layout is None:
             return
+        if not (buffer.rows or buffer.score_rows):
+            return
+        self._folds += 1
         if buffer.rows and layout.features:
             rows = buffer.rows
             named = {name: target[:rows] for name, _, target in buffer.inputs}
@@ -662,3 +930,7 @@ class WindowRecorder:
             window.fold_scores(buffer.scores[: buffer.score_rows], buffer.score_starts)
             buffer.score_rows = 0
             buffer.score_starts = []
+
+
+def _unknown_stage(stage: object) -> str:
+    return f"unknown stage {stage!r}; stages are {list(STAGE_NAMES)}"

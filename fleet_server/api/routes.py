@@ -475,6 +475,7 @@ def model_drift_view(m: ModelDrift) -> ModelDriftView:
         start=m.start,
         end=m.end,
         requests=m.requests,
+        summarised_requests=m.summarised_requests,
         min_n=m.policy.min_n,
         false_alarm_rate=m.policy.false_alarm_rate,
         problem=m.problem,

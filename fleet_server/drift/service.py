@@ -129,6 +129,7 @@ class ModelDrift:
     end: datetime
     requests: int
     policy: DriftPolicy
+    summarised_requests: int | None = None
     accuracy_policy: AccuracyPolicy = field(default_factory=AccuracyPolicy)
     features: list[FeatureDrift] = field(default_factory=list)
     accuracy: Accuracy | None = None
@@ -279,7 +280,12 @@ async def _group_drift(
         accuracy = await _accuracy(session, manifest, windows, aggregate.scores, accuracy_policy)
     except (DriftError, WindowCodecError, WindowMergeError, ValueError) as exc:
         return replace(result, problem=str(exc))
-    return replace(result, features=features, accuracy=accuracy)
+    return replace(
+        result,
+        features=features,
+        accuracy=accuracy,
+        summarised_requests=aggregate.summarised_requests,
+    )
 
 
 async def _accuracy(

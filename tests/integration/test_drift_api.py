@@ -207,6 +207,7 @@ def test_in_distribution_windows_show_no_drift(fleet: DriftFleet) -> None:
     assert model["windows"] == 5 and sorted(model["window_ids"]) == sorted(ids)
     assert model["version"] == "1.0.0" and model["baseline_id"] == fleet.manifest.baseline.id
     assert all(f["n"] == 1000 and f["threshold"] > 0 for f in model["features"])
+    assert model["requests"] == model["summarised_requests"] == 1000
 
 
 def test_a_shifted_feature_drifts_and_the_others_do_not(fleet: DriftFleet) -> None:

@@ -59,3 +59,52 @@ def test_a_wrong_file_is_refused_naming_the_field(tmp_path: Path, text: str, mes
 def test_a_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such configuration file"):
         AgentConfig.load(tmp_path / "absent.toml")
+
+
+@pytest.mark.parametrize(
+    ("setting", "max_overhead"),
+    [("", 0.2), ("max_overhead = 0.05\n", 0.05), ("max_overhead = 1\n", 1.0)],
+)
+def test_summaries_are_bounded_to_a_share_of_inference_time_by_default(
+    tmp_path: Path, setting: str, max_overhead: float
+) -> None:
+    config = AgentConfig.load(write(tmp_path, GOOD + "[telemetry]\n" + setting))
+    assert config.telemetry.max_overhead == max_overhead
+
+
+@pytest.mark.parametrize("setting", ["max_overhead = 0\n", "max_overhead = false\n"])
+def test_zero_or_false_summarises_every_request(tmp_path: Path, setting: str) -> None:
+    config = AgentConfig.load(write(tmp_path, GOOD + "[telemetry]\n" + setting))
+    assert config.telemetry.max_overhead == 0.0
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "max_overhead = -0.1\n",
+        "max_overhead = true\n",
+        "max_overhead = 'low'\n",
+        "max_overhead = inf\n",
+        "max_overhead = nan\n",
+    ],
+)
+def test_a_wrong_max_overhead_is_refused_saying_what_it_takes(tmp_path: Path, setting: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        AgentConfig.load(write(tmp_path, GOOD + "[telemetry]\n" + setting))
+    message = str(refused.value)
+    assert "telemetry.max_overhead:" in message
+    assert "such as 0.2, or 0 or false to summarise every request" in message
+
+
+@pytest.mark.parametrize(("setting", "max_overhead"), [("0.05", 0.05), ("false", None)])
+def test_the_agent_bounds_its_summaries_as_configured(
+    tmp_path: Path, setting: str, max_overhead: float | None
+) -> None:
+    from agent.daemon import AgentDaemon
+
+    path = write(tmp_path, GOOD + f"[telemetry]\nmax_overhead = {setting}\n")
+    (tmp_path / "data").mkdir()
+    daemon = AgentDaemon(AgentConfig.load(path), path)
+    assert daemon.recorder is not None and daemon.outbox is not None
+    daemon.outbox.close()
+    assert daemon.recorder.policy.max_overhead == max_overhead

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,9 @@ from agent.runtime import LoadedModel, default_runtime
 from agent.telemetry import WindowPolicy, WindowRecorder, WindowRecordError
 from protocol.bundle import read_bundle
 from protocol.derivation import InputDerivation, derive_features
+from protocol.drift import chi2_quantile, g_statistic
 from protocol.histogram import ExponentialHistogram, record
+from protocol.inference import StageName
 from protocol.manifest import Manifest
 from protocol.summary import FeatureSummary, edges_id, quantile_edges, score_histogram, summarize
 from protocol.window import WindowSummary, decode_window, encode_window, merge_windows
@@ -23,6 +26,8 @@ from tests.conftest import MODELS
 
 BASELINE = np.load(MODELS / "baseline.npy")
 T0 = 1_700_000_000.0
+# Every request summarised: what summarize() over the same rows gives.
+EXACT = WindowPolicy(max_overhead=None)
 
 
 class FakeClock:
@@ -75,7 +80,7 @@ def recorded(
     """One window over ``rows``, recorded as requests of ``sizes`` rows."""
     clock = FakeClock()
     recorder = WindowRecorder(
-        m, "pump-0042", policy or WindowPolicy(max_requests=10**6), clock=clock
+        m, "pump-0042", policy or WindowPolicy(max_overhead=None, max_requests=10**6), clock=clock
     )
     for i, part in enumerate(batches(sizes)):
         latency = 0.002 if latencies is None else float(latencies[i])
@@ -112,7 +117,7 @@ def test_window_equals_summarize_over_the_same_rows(
         BASELINE[:rows],
         scores[:rows],
         sizes,
-        WindowPolicy(max_requests=10**6, buffer_rows=64),
+        WindowPolicy(max_overhead=None, max_requests=10**6, buffer_rows=64),
         latencies,
     )
     assert_same_features(
@@ -146,7 +151,13 @@ def test_buffer_size_does_not_change_the_summary(
 ) -> None:
     sizes = [3] * 333
     windows = [
-        recorded(manifest, BASELINE, scores, sizes, WindowPolicy(max_requests=10**6, buffer_rows=b))
+        recorded(
+            manifest,
+            BASELINE,
+            scores,
+            sizes,
+            WindowPolicy(max_overhead=None, max_requests=10**6, buffer_rows=b),
+        )
         for b in (1, 7, 64, 4096)
     ]
     for w in windows[1:]:
@@ -201,7 +212,7 @@ def test_nan_scores_are_errors_and_stay_out_of_the_score_histogram(
 def test_only_the_windows_own_model_is_scored(
     manifest: Manifest, scores: npt.NDArray[np.float32]
 ) -> None:
-    recorder = WindowRecorder(manifest, "pump-0042", clock=FakeClock())
+    recorder = WindowRecorder(manifest, "pump-0042", EXACT, clock=FakeClock())
     x, s = BASELINE[:2], scores[:2]
     recorder.record({"features": x}, {"scores": s}, "active", 0.001)
     recorder.record({"features": x}, {"scores": s}, "active", 0.001, model_version="2.0.0")
@@ -220,7 +231,7 @@ def test_only_the_windows_own_model_is_scored(
 
 
 def test_requests_without_an_answer_count_as_errors(manifest: Manifest) -> None:
-    recorder = WindowRecorder(manifest, "pump-0042", clock=FakeClock())
+    recorder = WindowRecorder(manifest, "pump-0042", EXACT, clock=FakeClock())
     recorder.record_error(0.0005)
     recorder.record_error()
     recorder.close_window()
@@ -234,7 +245,7 @@ def test_requests_without_an_answer_count_as_errors(manifest: Manifest) -> None:
 def test_an_empty_batch_is_a_request_without_rows(
     manifest: Manifest, scores: npt.NDArray[np.float32]
 ) -> None:
-    recorder = WindowRecorder(manifest, "pump-0042", clock=FakeClock())
+    recorder = WindowRecorder(manifest, "pump-0042", EXACT, clock=FakeClock())
     recorder.record({"features": BASELINE[:0]}, {"scores": scores[:0]}, "active", 0.001)
     recorder.record({"features": BASELINE[:2]}, {"scores": scores[:2]}, "active", 0.001)
     recorder.close_window()
@@ -267,7 +278,7 @@ def test_quantized_scores_are_summarised_as_the_probabilities_they_stand_for(
 def test_a_request_that_breaks_the_manifest_is_refused_and_changes_nothing(
     manifest: Manifest, scores: npt.NDArray[np.float32]
 ) -> None:
-    recorder = WindowRecorder(manifest, "pump-0042", clock=FakeClock())
+    recorder = WindowRecorder(manifest, "pump-0042", EXACT, clock=FakeClock())
     good = {"features": BASELINE[:3]}
     recorder.record(good, {"scores": scores[:3]}, "active", 0.001)
     refused: list[tuple[dict[str, Any], dict[str, Any], Any, float]] = [
@@ -293,7 +304,7 @@ def test_a_request_that_breaks_the_manifest_is_refused_and_changes_nothing(
 
 
 def test_nothing_is_recorded_before_a_model_is_installed() -> None:
-    recorder = WindowRecorder(None, "pump-0042", clock=FakeClock())
+    recorder = WindowRecorder(None, "pump-0042", EXACT, clock=FakeClock())
     with pytest.raises(WindowRecordError, match="no model"):
         recorder.record({"features": BASELINE[:1]}, {}, "active", 0.001)
     recorder.record_error(0.001)
@@ -308,7 +319,9 @@ def test_windows_close_by_count_exactly(
     manifest: Manifest, scores: npt.NDArray[np.float32]
 ) -> None:
     clock = FakeClock()
-    recorder = WindowRecorder(manifest, "pump-0042", WindowPolicy(max_requests=100), clock=clock)
+    recorder = WindowRecorder(
+        manifest, "pump-0042", WindowPolicy(max_overhead=None, max_requests=100), clock=clock
+    )
     for i in range(250):
         clock.now = T0 + i
         recorder.record(
@@ -332,7 +345,7 @@ def test_windows_close_by_time_and_an_empty_window_never_closes(
     manifest: Manifest, scores: npt.NDArray[np.float32]
 ) -> None:
     clock = FakeClock()
-    policy = WindowPolicy(max_requests=10**6, max_seconds=60.0)
+    policy = WindowPolicy(max_overhead=None, max_requests=10**6, max_seconds=60.0)
     recorder = WindowRecorder(manifest, "pump-0042", policy, clock=clock)
     assert recorder.poll() is None
     clock.now += 600.0
@@ -355,7 +368,7 @@ def test_a_new_model_version_closes_the_window_first(
     manifest: Manifest, scores: npt.NDArray[np.float32]
 ) -> None:
     clock = FakeClock()
-    recorder = WindowRecorder(manifest, "pump-0042", clock=clock)
+    recorder = WindowRecorder(manifest, "pump-0042", EXACT, clock=clock)
     recorder.record({"features": BASELINE[:5]}, {"scores": scores[:5]}, "active", 0.001)
     # The same version again (a reloaded manifest) keeps the window open.
     recorder.set_manifest(manifest.model_copy())
@@ -380,7 +393,7 @@ def test_a_new_model_version_closes_the_window_first(
 def test_a_new_cohort_closes_the_window_and_labels_the_next(
     manifest: Manifest, scores: npt.NDArray[np.float32]
 ) -> None:
-    recorder = WindowRecorder(manifest, "pump-0042", clock=FakeClock())
+    recorder = WindowRecorder(manifest, "pump-0042", EXACT, clock=FakeClock())
     recorder.record({"features": BASELINE[:1]}, {"scores": scores[:1]}, "active", 0.001)
     recorder.set_cohort("canary", "plan-7")
     recorder.record({"features": BASELINE[1:2]}, {"scores": scores[1:2]}, "active", 0.001)
@@ -397,7 +410,9 @@ def test_uncollected_windows_are_dropped_oldest_first_and_counted(
     from agent.telemetry.window import MAX_CLOSED_WINDOWS
 
     clock = FakeClock()
-    recorder = WindowRecorder(manifest, "pump-0042", WindowPolicy(max_requests=1), clock=clock)
+    recorder = WindowRecorder(
+        manifest, "pump-0042", WindowPolicy(max_overhead=None, max_requests=1), clock=clock
+    )
     for i in range(MAX_CLOSED_WINDOWS + 3):
         clock.now = T0 + i
         recorder.record(
@@ -467,7 +482,9 @@ def test_large_inputs_are_summarised_through_derived_features(manifest: Manifest
     )
     m = Manifest.model_validate(data)
     # A 4 kB buffer holds two of these images: the buffer shrinks, results do not.
-    policy = WindowPolicy(max_requests=10**6, buffer_rows=64, max_buffer_bytes=4096)
+    policy = WindowPolicy(
+        max_overhead=None, max_requests=10**6, buffer_rows=64, max_buffer_bytes=4096
+    )
     recorder = WindowRecorder(m, "cam-1", policy, clock=FakeClock())
     for part in batches([1, 2, 3, 1, 5] * 25):
         recorder.record({"image": images[part]}, {}, "active", 0.001)
@@ -475,6 +492,294 @@ def test_large_inputs_are_summarised_through_derived_features(manifest: Manifest
     window = recorder.poll()
     assert window is not None and window.scores is None
     assert_same_features(window.features, summarize(derived, edges))
+
+
+# -- bounded overhead: a random sample of the requests is summarised ------------------
+
+
+class Stopwatch:
+    """A fake ``timer``: every reading is ``step`` seconds after the one before.
+
+    Whatever the recorder times between two readings (a summarised request,
+    a fold, the loop that times its fast path) therefore takes ``step`` seconds.
+    """
+
+    def __init__(self, step: float) -> None:
+        self.step = step
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+SUMMARY_COST = 100e-6  # seconds the fake timer says summarising a request takes
+
+
+def sampling_recorder(
+    m: Manifest,
+    *,
+    max_requests: int = 10**6,
+    seed: int = 1,
+    timer: Stopwatch | None = None,
+    clock: FakeClock | None = None,
+) -> WindowRecorder:
+    """A recorder held to 20 % of inference, summaries costing ``SUMMARY_COST`` unless told."""
+    policy = WindowPolicy(max_requests=max_requests, buffer_rows=16, max_overhead=0.2)
+    return WindowRecorder(
+        m,
+        "pump-0042",
+        policy,
+        clock=clock or FakeClock(),
+        timer=timer or Stopwatch(SUMMARY_COST),
+        seed=seed,
+    )
+
+
+def single_rows(
+    recorder: WindowRecorder,
+    scores: npt.NDArray[np.float32],
+    latency: float,
+    requests: int,
+) -> None:
+    """``requests`` single-row requests of baseline rows, each answered in ``latency`` s."""
+    for i in range(requests):
+        row = i % BASELINE.shape[0]
+        recorder.record(
+            {"features": BASELINE[row : row + 1]},
+            {"scores": scores[row : row + 1]},
+            "active",
+            latency,
+        )
+
+
+def closed(recorder: WindowRecorder) -> WindowSummary:
+    recorder.close_window()
+    window = recorder.poll()
+    assert window is not None
+    return window
+
+
+def test_the_share_summarised_follows_the_cost_of_summarising_next_to_inference(
+    manifest: Manifest, scores: npt.NDArray[np.float32]
+) -> None:
+    timer = Stopwatch(SUMMARY_COST)
+    recorder = sampling_recorder(manifest, timer=timer)
+    assert recorder.sample_rate == 1.0
+    # A model of 1 ms: summarising (0.1 ms) is within 20 % of it, every request is summarised.
+    single_rows(recorder, scores, 1e-3, 2000)
+    assert recorder.sample_rate == 1.0
+    assert closed(recorder).unsummarised_requests == 0
+    # A model of 0.1 ms: 20 % of it is 20 µs, a fifth of a summary (less the counting).
+    single_rows(recorder, scores, 100e-6, 20_000)
+    assert recorder.sample_rate == pytest.approx(0.2 * 100e-6 / SUMMARY_COST, rel=0.05)
+    window = closed(recorder)
+    single_rows(recorder, scores, 100e-6, 20_000)
+    steady = closed(recorder)
+    share = steady.summarised_requests / steady.requests
+    assert steady.requests == 20_000
+    assert share == pytest.approx(recorder.sample_rate, abs=4 * (0.2 * 0.8 / 20_000) ** 0.5)
+    assert window.summarised_requests < window.requests == 20_000
+    # Cheaper summaries (a faster machine): a larger share.
+    timer.step = SUMMARY_COST / 2
+    single_rows(recorder, scores, 100e-6, 20_000)
+    assert recorder.sample_rate == pytest.approx(0.2 * 100e-6 / (SUMMARY_COST / 2), rel=0.05)
+    # A slow model again: back to every request.
+    single_rows(recorder, scores, 2e-3, 2000)
+    assert recorder.sample_rate == 1.0
+    closed(recorder)
+    single_rows(recorder, scores, 2e-3, 500)
+    assert closed(recorder).unsummarised_requests == 0
+
+
+def test_the_last_fold_of_a_window_counts_only_when_requests_filled_it(
+    manifest: Manifest, scores: npt.NDArray[np.float32]
+) -> None:
+    # Windows of 10 requests: filled by busy traffic, or closed by time for quiet traffic.
+    busy = sampling_recorder(manifest, max_requests=10)
+    clock = FakeClock()
+    quiet = sampling_recorder(manifest, clock=clock)
+    for _ in range(300):
+        single_rows(busy, scores, 100e-6, 10)
+        single_rows(quiet, scores, 100e-6, 10)
+        clock.now += 60.0
+        while busy.poll() is not None or quiet.poll() is not None:
+            pass
+    assert quiet.sample_rate == pytest.approx(0.2 * 100e-6 / SUMMARY_COST, rel=0.05)
+    # A busy window's last fold is a cost of its requests: a smaller share fits the budget.
+    assert busy.sample_rate < 0.75 * quiet.sample_rate
+
+
+def test_counting_alone_over_the_budget_keeps_a_minimum_sample(
+    manifest: Manifest, scores: npt.NDArray[np.float32]
+) -> None:
+    from agent.telemetry.window import MIN_SAMPLE_RATE
+
+    # The fake fast path costs 1e-3 / 256 s, above 20 % of a 1 µs model.
+    recorder = sampling_recorder(manifest, timer=Stopwatch(1e-3))
+    single_rows(recorder, scores, 1e-6, 5000)
+    assert recorder.sample_rate == MIN_SAMPLE_RATE
+
+
+def test_every_request_is_counted_when_few_are_summarised(
+    manifest: Manifest, scores: npt.NDArray[np.float32]
+) -> None:
+    clock = FakeClock()
+    recorder = sampling_recorder(manifest, max_requests=1000, clock=clock)
+    stages: list[StageName] = ["active", "active", "active", "previous", "cloud", "safe_default"]
+    rng = np.random.default_rng(3)
+    latencies = rng.lognormal(np.log(50e-6), 0.3, 4500)
+    errors = rng.random(4500) < 0.05
+    unanswered = 0
+    for i in range(4500):
+        clock.now = T0 + i * 0.01
+        if i % 97 == 0:
+            recorder.record_error(float(latencies[i]))
+            unanswered += 1
+            continue
+        rows = slice(2 * i % 4998, 2 * i % 4998 + 2)
+        recorder.record(
+            {"features": BASELINE[rows]},
+            {"scores": scores[rows]},
+            stages[i % len(stages)],
+            float(latencies[i]),
+            error=bool(errors[i]),
+        )
+    assert recorder.sample_rate < 0.25
+    assert recorder.requests == 500
+    windows = []
+    while (w := recorder.poll()) is not None:
+        windows.append(w)
+    windows.append(closed(recorder))
+    assert [w.requests for w in windows] == [1000, 1000, 1000, 1000, 500]
+    assert [w.start for w in windows] == [T0 + 10.0 * k for k in range(5)]
+    merged = merge_windows(windows)
+    answered = [i for i in range(4500) if i % 97]
+    assert merged.requests == 4500
+    assert merged.errors == unanswered + int(errors[answered].sum())
+    assert merged.served == {
+        s: sum(1 for i in answered if stages[i % len(stages)] == s) for s in set(stages)
+    }
+    assert merged.latency_ms == record(ExponentialHistogram(), latencies * 1000.0)
+    # What the window summarised, it says: two rows for each answer summarised
+    # (unanswered requests have no rows and count as summarised).
+    assert 0 < merged.summarised_requests - unanswered < 0.3 * len(answered)
+    assert merged.features[0].n == 2 * (merged.summarised_requests - unanswered)
+    assert merged.unsummarised_requests == sum(w.unsummarised_requests for w in windows)
+    for w in windows:
+        assert all(f.n == w.features[0].n for f in w.features)
+    assert merged.scores is not None
+    scored = sum(map(sum, merged.scores.counts))
+    assert 0 < scored < merged.features[0].n  # only the own model's good answers
+
+
+def test_a_long_sampled_window_keeps_every_latency(
+    manifest: Manifest, scores: npt.NDArray[np.float32]
+) -> None:
+    from agent.telemetry.window import LATENCY_BUFFER
+
+    recorder = sampling_recorder(manifest)
+    latencies = np.random.default_rng(4).lognormal(np.log(100e-6), 0.5, 3 * LATENCY_BUFFER)
+    for i, latency in enumerate(latencies):
+        recorder.record(
+            {"features": BASELINE[i % 5000 : i % 5000 + 1]},
+            {"scores": scores[i % 5000 : i % 5000 + 1]},
+            "active",
+            float(latency),
+        )
+    window = closed(recorder)
+    assert window.requests == latencies.size and window.unsummarised_requests > 0
+    expected = record(ExponentialHistogram(), latencies * 1000.0)
+    assert window.latency_ms.model_dump(exclude={"sum"}) == expected.model_dump(exclude={"sum"})
+    assert window.latency_ms.sum == pytest.approx(expected.sum, rel=1e-12)
+
+
+def test_a_sampled_window_is_an_unbiased_sample_of_the_rows(
+    manifest: Manifest, scores: npt.NDArray[np.float32]
+) -> None:
+    recorder = sampling_recorder(manifest, seed=7)
+    single_rows(recorder, scores, 100e-6, 2000)  # until the rate has settled
+    closed(recorder)
+    rows = BASELINE.shape[0]
+    single_rows(recorder, scores, 100e-6, rows)
+    window = closed(recorder)
+    n = window.features[0].n
+    assert (
+        n == window.summarised_requests == pytest.approx(0.2 * rows, abs=6 * (rows * 0.16) ** 0.5)
+    )
+    everything = summarize(BASELINE, edges_of(manifest), ranges_of(manifest))
+
+    def homogeneous(chosen: list[int], all_counts: list[int]) -> bool:
+        """The chosen rows' bin counts and the others' could come from one distribution."""
+        rest = np.subtract(all_counts, chosen)
+        g, df = g_statistic(chosen, rest)
+        return g < chi2_quantile(0.999, df)
+
+    for j, (got, full) in enumerate(zip(window.features, everything, strict=True)):
+        assert homogeneous(got.counts, full.counts), f"feature {j}"
+    assert window.scores is not None
+    full_scores = score_histogram(scores, manifest.classes or [])
+    flat = [c for row in window.scores.counts for c in row]
+    assert homogeneous(flat, [c for row in full_scores.counts for c in row])
+    # The check has the power to see a sample chosen by value: as many rows, the larger ones.
+    by_value = np.sort(BASELINE[:, 0])[-n:]
+    chosen = summarize(by_value[:, None], edges_of(manifest)[:1])[0].counts
+    assert not homogeneous(chosen, everything[0].counts)
+
+
+def test_the_same_seed_summarises_the_same_requests(
+    manifest: Manifest, scores: npt.NDArray[np.float32]
+) -> None:
+    windows = []
+    for seed in (5, 5, 6):
+        recorder = sampling_recorder(manifest, seed=seed)
+        single_rows(recorder, scores, 100e-6, 3000)
+        windows.append(closed(recorder))
+    same, again, other = (w.model_dump(exclude={"window_id"}) for w in windows)
+    assert same == again
+    assert other != same
+
+
+def test_without_max_overhead_every_request_is_summarised_however_costly(
+    manifest: Manifest, scores: npt.NDArray[np.float32]
+) -> None:
+    policy = WindowPolicy(max_requests=10**6, buffer_rows=16, max_overhead=None)
+    timer = Stopwatch(1.0)  # a second per summary, for a model of a microsecond
+    recorder = WindowRecorder(manifest, "pump-0042", policy, clock=FakeClock(), timer=timer)
+    single_rows(recorder, scores, 1e-6, 3000)
+    assert recorder.sample_rate == 1.0
+    window = closed(recorder)
+    assert window.unsummarised_requests == 0
+    expected = summarize(BASELINE[:3000], edges_of(manifest), ranges_of(manifest))
+    assert_same_features(window.features, expected)
+    assert timer.now == 0.0  # nothing timed
+
+
+def test_a_new_model_is_summarised_in_full_until_its_costs_are_measured(
+    manifest: Manifest, scores: npt.NDArray[np.float32]
+) -> None:
+    recorder = sampling_recorder(manifest)
+    single_rows(recorder, scores, 100e-6, 3000)
+    assert recorder.sample_rate < 0.5
+    recorder.set_manifest(manifest.model_copy(update={"version": "2.1.0"}))
+    assert recorder.sample_rate == 1.0
+    old = recorder.poll()
+    assert old is not None and old.model_version == "2.0.0" and old.requests == 3000
+
+
+def test_a_request_left_out_is_still_refused_for_its_stage_or_latency(
+    manifest: Manifest, scores: npt.NDArray[np.float32]
+) -> None:
+    recorder = sampling_recorder(manifest)
+    single_rows(recorder, scores, 100e-6, 3000)
+    before = recorder.requests
+    refused: list[tuple[Any, float]] = [("somewhere", 1e-4), ("active", -1.0), ("active", math.nan)]
+    for _ in range(50):  # the fast path and the full one both refuse them
+        for stage, latency in refused:
+            with pytest.raises(WindowRecordError):
+                recorder.record({"features": BASELINE[:1]}, {"scores": scores[:1]}, stage, latency)
+    assert recorder.requests == before
+    assert closed(recorder).requests == before
 
 
 # -- cost ------------------------------------------------------------------------------
@@ -505,7 +810,9 @@ def test_recording_costs_little_next_to_a_model_call(
     model_us = best(bare)
     costs = {}
     for rows in (64, 256):
-        recorder = WindowRecorder(manifest, "pump-0042", WindowPolicy(buffer_rows=rows))
+        recorder = WindowRecorder(
+            manifest, "pump-0042", WindowPolicy(max_overhead=None, buffer_rows=rows)
+        )
 
         def recording(recorder: WindowRecorder = recorder) -> None:
             for x, y in zip(requests, answers, strict=True):
@@ -518,7 +825,9 @@ def test_recording_costs_little_next_to_a_model_call(
     # which it only does if the work is vectorised over the rows.
     batch = [BASELINE[i : i + 64] for i in range(0, 4992, 64)]
     batch_scores = [scores[i : i + 64] for i in range(0, 4992, 64)]
-    recorder = WindowRecorder(manifest, "pump-0042", WindowPolicy(max_requests=10**6))
+    recorder = WindowRecorder(
+        manifest, "pump-0042", WindowPolicy(max_overhead=None, max_requests=10**6)
+    )
 
     def batched() -> None:
         for x, y in zip(batch, batch_scores, strict=True):

@@ -320,11 +320,11 @@ def test_a_day_of_32_feature_windows_fits_in_two_megabytes(rows: int) -> None:
 _FILTERS = [{"id": lzma.FILTER_LZMA2, "dict_size": 4096, "lc": 1, "lp": 0, "pb": 0}]
 
 
-def _frame(body: bytes) -> bytes:
+def _frame(body: bytes, version: int) -> bytes:
     """A well-formed envelope (magic, version, CRC, LZMA2) around any body."""
     return (
         WINDOW_MAGIC
-        + bytes([WINDOW_CODEC_VERSION])
+        + bytes([version])
         + struct.pack("<I", zlib.crc32(body))
         + lzma.compress(body, format=lzma.FORMAT_RAW, filters=_FILTERS)
     )
@@ -347,8 +347,8 @@ def test_garbage_is_refused_with_a_clear_error() -> None:
         good[:8] + b"\xffgarbage": "corrupt",
         bytes(wrong_crc): "CRC-32 does not match",
         good + b"tail": "trailing bytes",
-        _frame(bytes(2 << 20)): "larger than",
-        _frame(_body(good) + b"\x00"): "unexpected bytes after the last feature",
+        _frame(bytes(2 << 20), 1): "larger than",
+        _frame(_body(good) + b"\x00", good[3]): "unexpected bytes after the last feature",
     }
     for data, message in cases.items():
         with pytest.raises(WindowCodecError, match=message):
@@ -362,14 +362,17 @@ def test_garbage_is_refused_with_a_clear_error() -> None:
         decode_window(bytes(flipped))
 
 
-def test_well_compressed_nonsense_is_refused_with_a_codec_error() -> None:
+@pytest.mark.parametrize("unsummarised", [0, 7])
+def test_well_compressed_nonsense_is_refused_with_a_codec_error(unsummarised: int) -> None:
     rng = np.random.default_rng(8)
-    body = _body(encode_window(_window(generate(30, 33)[0], np.ones(30))))
+    window = _window(generate(30, 33)[0], np.ones(30))
+    encoded = encode_window(window.model_copy(update={"unsummarised_requests": unsummarised}))
+    body, version = _body(encoded), encoded[3]
     for _ in range(300):
         mutated = bytearray(body)
         for i in rng.integers(0, len(body), 3):
             mutated[i] = int(rng.integers(0, 256))
-        data = _frame(bytes(mutated))
+        data = _frame(bytes(mutated), version)
         # Either a valid window or a codec error; any other exception fails the test.
         with contextlib.suppress(WindowCodecError):
             decode_window(data)
@@ -378,7 +381,93 @@ def test_well_compressed_nonsense_is_refused_with_a_codec_error() -> None:
     ]
     for raw in random_bodies:
         with pytest.raises(WindowCodecError):
-            decode_window(_frame(raw))
+            decode_window(_frame(raw, version))
+
+
+# -- sampled windows ------------------------------------------------------------------
+
+# A window written by the codec before sampled windows existed (version 1).
+V1_WINDOW = bytes.fromhex(
+    "45465701d9c15dc3e0010100bf01000104a683347fa080e9d6ce1c6765e72f72da5d1620a9a7519881ffbaea"
+    "d79eaeea3fdb239b6fc7da64aaa5e15fbc94752de07dd0a033622ff7fda59e3649a458b526174e8ed117e5d5"
+    "c6143c064bd9ba98bc2eeca83d2d2a01aed2db0ec3535881a45001e11de58458410901b32ae3c62ef051a7e2"
+    "cd816233e1d11bb6d5ea90973d91cbf92fe55650a4da6b6b162b86bc7bad666989ae56465a5eaf9446317168"
+    "8439e59adbccfe062d5b013cfe6261d66c645e07207cc1a1c71cae9dfa9c00"
+)
+
+
+def _v1_window() -> WindowSummary:
+    """The window in ``V1_WINDOW``."""
+    X = np.array([[1.0, 10.0], [2.0, 20.0], [3.0, np.nan], [4.0, 40.0], [5.0, 50.0]])
+    return _window(
+        X,
+        np.array([1.5, 2.0, 2.5, 3.0, 40.0]),
+        edges=[[2.5], [15.0, 45.0]],
+        ranges=[(0, 4.5), (None, None)],
+        scores=np.eye(4)[[0, 1, 1, 3, 2]] * 0.9,
+    ).model_copy(update={"window_id": "0123456789abcdef0123456789abcdef"})
+
+
+def test_windows_of_codec_version_1_still_decode_and_exact_windows_are_still_written_so() -> None:
+    window = _v1_window()
+    got = decode_window(V1_WINDOW)
+    assert got == window
+    assert (got.unsummarised_requests, got.summarised_requests) == (0, 5)
+    # A window that summarised every request keeps the old bytes: old readers read it.
+    assert encode_window(window) == V1_WINDOW
+
+
+def test_a_sampled_window_says_so_and_round_trips_in_version_2() -> None:
+    X, _ = generate(200, 34)
+    window = _window(X, np.ones(200)).model_copy(
+        update={"requests": 5000, "unsummarised_requests": 4800}
+    )
+    assert window.summarised_requests == 200
+    data = encode_window(window)
+    assert data[3] == WINDOW_CODEC_VERSION == 2
+    back = decode_window(data)
+    assert (back.requests, back.unsummarised_requests, back.summarised_requests) == (
+        5000,
+        4800,
+        200,
+    )
+    _assert_close_round_trip(back, window)
+
+
+def test_more_unsummarised_requests_than_requests_is_invalid_on_and_off_the_wire() -> None:
+    X, _ = generate(20, 35)
+    window = _window(X, np.ones(20))
+    with pytest.raises(ValueError, match="unsummarised"):
+        WindowSummary.model_validate({**window.model_dump(), "unsummarised_requests": 21})
+    # The same on the wire: requests 20 then errors 1, unsummarised 7 edited to 21.
+    sampled = encode_window(window.model_copy(update={"unsummarised_requests": 7}))
+    body = _body(sampled)
+    edited = body.replace(bytes([20, 1, 7]), bytes([20, 1, 21]), 1)
+    assert edited != body
+    with pytest.raises(WindowCodecError, match="unsummarised"):
+        decode_window(_frame(edited, 2))
+
+
+def test_merging_adds_the_unsummarised_requests() -> None:
+    X, _ = generate(300, 36)
+    exact = _window(X[:100], np.ones(100))
+    sampled = [
+        _window(X[100:200], np.ones(100)).model_copy(
+            update={"requests": 1000, "unsummarised_requests": 900}
+        ),
+        _window(X[200:], np.ones(100)).model_copy(
+            update={"requests": 2000, "unsummarised_requests": 1900}
+        ),
+    ]
+    merged = merge_windows([exact, *sampled])
+    assert (merged.requests, merged.unsummarised_requests, merged.summarised_requests) == (
+        3100,
+        2800,
+        300,
+    )
+    assert merged.features[0].n == 300
+    again = merge_windows([merge_windows(sampled), exact])
+    assert again.unsummarised_requests == 2800
 
 
 def test_feature_summary_with_counts_not_matching_n_cannot_be_encoded() -> None:
