@@ -38,18 +38,30 @@ reported as effect sizes. PSI needs non-zero shares, so it is computed with
 this size would need to reach the same critical value — asymptotically
 ``n_eff · PSI ≈ χ²`` with ``n_eff = n_O n_B / (n_O + n_B)`` — which is what to
 plot instead of a constant 0.1.
+
+Many tests at once. :func:`feature_drift` is the reference, one feature at a
+time. :func:`detect_drift` tests all the features of a window in one numpy
+pass (:func:`drift_arrays`, each feature's counts padded with zeros to the
+widest one's bins), and :func:`detect_drift_many` all the windows of a fleet
+in one, returning arrays (:class:`DriftArrays`) rather than an object per
+test. They agree with the reference to rounding; the p-values come from the
+closed form of the chi-square tail for integer degrees of freedom
+(:func:`chi2_sf_many`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import itertools
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Final, Literal
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from protocol.manifest import Baseline
 from protocol.summary import FeatureSummary
@@ -162,11 +174,54 @@ def _gamma_q(a: float, x: float) -> float:
     return min(1.0, math.exp(log_prefix) * h)
 
 
+def chi2_sf_many(x: npt.ArrayLike, df: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """:func:`chi2_sf` element by element, for arrays of statistics and integer ``df >= 1``.
+
+    For integer ``df`` the survival function has a closed form in ``y = x / 2``:
+    ``erfc(√y)`` (odd ``df`` only) plus ``Σ_{i < ⌊df/2⌋} e^{-y} y^{i+h} / Γ(i+h+1)``
+    with ``h = 1/2`` for odd ``df`` and 0 for even — a few terms for the usual
+    bin counts, where the series and continued fraction take tens of steps.
+    Each term is taken from its logarithm, so no tail that a float can hold
+    underflows on the way.
+    """
+    xs, d = np.asarray(x, dtype=np.float64), np.asarray(df, dtype=np.int64)
+    if xs.shape != d.shape:
+        xs, d = np.broadcast_arrays(xs, d)
+    if d.size and d.min() < 1:
+        raise ValueError("df must be >= 1")
+    positive = xs > 0.0
+    y = np.where(positive, xs / 2.0, 1.0)
+    log_y = np.log(y)
+    odd = d % 2 == 1
+    total = np.zeros(y.shape)
+    if odd.any():
+        roots = np.sqrt(y[odd]).tolist()
+        total[odd] = np.fromiter(map(math.erfc, roots), dtype=np.float64, count=len(roots))
+    most = int(d.max(initial=0))
+    if most >= 2:
+        log_gamma = _poisson_log_gamma(most)[d]
+        i = np.arange(log_gamma.shape[-1])
+        log_first = 0.5 * odd * log_y - y  # ln(e^{-y} y^h)
+        total += np.exp(i * log_y[..., None] + log_first[..., None] - log_gamma).sum(axis=-1)
+    return np.where(positive, np.minimum(total, 1.0), 1.0)  # every term is >= 0
+
+
+@functools.lru_cache(maxsize=16)
+def _poisson_log_gamma(max_df: int) -> npt.NDArray[np.float64]:
+    """``ln Γ(i + h + 1)`` of :func:`chi2_sf_many`'s terms, a row per df, +inf past its terms."""
+    table = np.full((max_df + 1, max_df // 2), math.inf)
+    for d in range(2, max_df + 1):
+        h = 0.5 * (d % 2)
+        table[d, : d // 2] = [math.lgamma(i + h + 1.0) for i in range(d // 2)]
+    table.flags.writeable = False
+    return table
+
+
 def _xlogy(x: npt.NDArray[np.float64], y: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-    """``x * ln(y)`` with ``0 * ln(anything) = 0``."""
-    out = np.zeros_like(x)
-    mask = x > 0
-    out[mask] = x[mask] * np.log(y[mask])
+    """``x * ln(y)`` with ``0 * ln(anything) = 0``, ``x`` and ``y`` broadcast."""
+    out = np.zeros(np.broadcast_shapes(x.shape, y.shape))
+    np.log(y, out=out, where=x > 0)
+    out *= x
     return out
 
 
@@ -257,28 +312,323 @@ def feature_drift(
     )
 
 
+# -- many tests at once -----------------------------------------------------------------
+
+_FEATURE_DRIFTS: Final = TypeAdapter(list[FeatureDrift])
+
+
+@dataclass(frozen=True)
+class DriftArrays:
+    """The drift statistics and verdicts of many tests, each field an array of one shape.
+
+    The last axis is the feature, in manifest order; the axes before it are the
+    scopes stacked (windows, devices). Each entry is what :func:`feature_drift`
+    gives for that feature and scope. ``arrays[i]`` holds the tests of scope
+    ``i``, and :meth:`results` turns one scope's tests into :class:`FeatureDrift`.
+    """
+
+    verdict: npt.NDArray[np.str_]
+    n: npt.NDArray[np.int64]
+    baseline_n: npt.NDArray[np.int64]
+    psi: npt.NDArray[np.float64]
+    js: npt.NDArray[np.float64]
+    statistic: npt.NDArray[np.float64]
+    df: npt.NDArray[np.int64]
+    threshold: npt.NDArray[np.float64]
+    p_value: npt.NDArray[np.float64]
+    psi_threshold: npt.NDArray[np.float64]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of every field: ``(scopes..., features)``."""
+        return self.verdict.shape
+
+    def __getitem__(self, index: int | slice | tuple[int | slice, ...]) -> DriftArrays:
+        """Every field indexed by ``index``, as numpy indexes: ``arrays[i]`` is scope ``i``."""
+        return DriftArrays(
+            **{f.name: np.asarray(getattr(self, f.name)[index]) for f in dataclasses.fields(self)}
+        )
+
+    def results(self, names: Sequence[str] | None = None) -> list[FeatureDrift]:
+        """One :class:`FeatureDrift` per feature, for the tests of one scope (a 1-D array)."""
+        if self.verdict.ndim != 1:
+            raise ValueError(f"results() takes the tests of one scope, not of shape {self.shape}")
+        if names is not None and len(names) != self.verdict.size:
+            raise ValueError(f"{len(names)} names for {self.verdict.size} features")
+        columns = zip(
+            self.verdict.tolist(),
+            self.n.tolist(),
+            self.baseline_n.tolist(),
+            self.psi.tolist(),
+            self.js.tolist(),
+            self.statistic.tolist(),
+            self.df.tolist(),
+            self.threshold.tolist(),
+            self.p_value.tolist(),
+            self.psi_threshold.tolist(),
+            strict=True,
+        )
+        # One validation of the whole list is faster than one per object, and than
+        # model_construct (Python, slower than pydantic-core for a model this small).
+        return _FEATURE_DRIFTS.validate_python(
+            [
+                {
+                    "feature": j,
+                    "name": None if names is None else names[j],
+                    "verdict": verdict,
+                    "n": n,
+                    "baseline_n": baseline_n,
+                    "psi": psi_,
+                    "js": js,
+                    "statistic": g,
+                    "df": df,
+                    "threshold": threshold,
+                    "p_value": p_value,
+                    "psi_threshold": psi_threshold,
+                }
+                for j, (
+                    verdict,
+                    n,
+                    baseline_n,
+                    psi_,
+                    js,
+                    g,
+                    df,
+                    threshold,
+                    p_value,
+                    psi_threshold,
+                ) in enumerate(columns)
+            ]
+        )
+
+
+def drift_arrays(
+    observed: npt.ArrayLike,
+    baseline: npt.ArrayLike,
+    bins: npt.ArrayLike | None = None,
+    policy: DriftPolicy | None = None,
+) -> DriftArrays:
+    """:func:`feature_drift` of many count vectors at once, each against its baseline counts.
+
+    ``observed`` holds ``[..., width]`` bin counts and ``baseline`` broadcasts
+    against it (``[features, width]`` against ``[scopes, features, width]``).
+    Features with fewer bins are padded with zeros up to ``width``, and ``bins``
+    (broadcasting against the axes before the last) says how many leading
+    entries of each row are bins; without it every entry is. Zero padding is a
+    bin empty in both samples, which the G-test and Jensen–Shannon already
+    drop; only PSI's pseudo-counts need to know where the bins end.
+    """
+    o = np.asarray(observed, dtype=np.float64)
+    b = np.asarray(baseline, dtype=np.float64)
+    width = np.broadcast_shapes(o.shape, b.shape)[-1:]
+    if not width:
+        raise ValueError("counts need an axis of bins")
+    real = None
+    if bins is not None:
+        widths = np.asarray(bins)
+        if widths.size and (widths.min() < 1 or widths.max() > width[0]):
+            raise ValueError(f"bins must lie in 1..{width[0]}")
+        real = np.arange(width[0]) < widths[..., None]
+        if np.where(real, 0.0, o).any() or np.where(real, 0.0, b).any():
+            raise ValueError("counts past a feature's bins must be zero")
+    return _drift_arrays(o, b, real, policy or DriftPolicy())
+
+
+def _drift_arrays(
+    o: npt.NDArray[np.float64],
+    b: npt.NDArray[np.float64],
+    real: npt.NDArray[np.bool_] | None,
+    policy: DriftPolicy,
+) -> DriftArrays:
+    n_o = o.sum(axis=-1, keepdims=True)
+    n_b = b.sum(axis=-1, keepdims=True)
+    # Padding and empty samples divide 0 by 0 in entries that are masked out.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        g, df = _g_many(o, b, n_o, n_b)
+        js = _js_many(o, b, n_o, n_b)
+        psi_ = _psi_many(o, b, real, policy.smoothing)
+        n_o, n_b = n_o[..., 0], n_b[..., 0]
+        n_eff = np.where((n_o > 0) & (n_b > 0), n_o * n_b / (n_o + n_b), 0.0)
+    threshold = _thresholds(df, policy.false_alarm_rate)
+    p_value = np.ones(df.shape)
+    tested = df >= 1
+    p_value[tested] = chi2_sf_many(g[tested], df[tested])
+    psi_threshold = np.full(df.shape, math.inf)
+    np.divide(threshold, n_eff, out=psi_threshold, where=n_eff > 0)
+    enough = (n_o >= policy.min_n) & (n_b > 0)
+    return DriftArrays(
+        verdict=np.where(enough, np.where(g > threshold, "drift", "no_drift"), "not_enough_data"),
+        n=np.broadcast_to(n_o, df.shape).astype(np.int64),
+        baseline_n=np.broadcast_to(n_b, df.shape).astype(np.int64),
+        psi=psi_,
+        js=js,
+        statistic=g,
+        df=df,
+        threshold=threshold,
+        p_value=p_value,
+        psi_threshold=psi_threshold,
+    )
+
+
+def _g_many(
+    o: npt.NDArray[np.float64],
+    b: npt.NDArray[np.float64],
+    n_o: npt.NDArray[np.float64],
+    n_b: npt.NDArray[np.float64],
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
+    """:func:`g_statistic` along the last axis: G and degrees of freedom."""
+    total = o + b
+    kept = (total > 0).sum(axis=-1)
+    column = total / (n_o + n_b)
+    g = 2.0 * (_xlogy(o, o / (n_o * column)) + _xlogy(b, b / (n_b * column))).sum(axis=-1)
+    testable = (n_o[..., 0] > 0) & (n_b[..., 0] > 0) & (kept >= 2)
+    return np.where(testable, np.maximum(g, 0.0), 0.0), np.maximum(kept - 1, 0).astype(np.int64)
+
+
+def _js_many(
+    o: npt.NDArray[np.float64],
+    b: npt.NDArray[np.float64],
+    n_o: npt.NDArray[np.float64],
+    n_b: npt.NDArray[np.float64],
+) -> npt.NDArray[np.float64]:
+    """:func:`jensen_shannon` along the last axis."""
+    p = o / n_o
+    q = b / n_b
+    m = 0.5 * (p + q)
+    js = 0.5 * _xlogy(p, p / m).sum(axis=-1) + 0.5 * _xlogy(q, q / m).sum(axis=-1)
+    both = (n_o[..., 0] > 0) & (n_b[..., 0] > 0)
+    return np.where(both, np.maximum(js / math.log(2.0), 0.0), 0.0)
+
+
+def _psi_many(
+    o: npt.NDArray[np.float64],
+    b: npt.NDArray[np.float64],
+    real: npt.NDArray[np.bool_] | None,
+    smoothing: float,
+) -> npt.NDArray[np.float64]:
+    """:func:`psi` along the last axis, with pseudo-counts only in the ``real`` bins."""
+    pseudo = smoothing if real is None else smoothing * real
+    o, b = o + pseudo, b + pseudo
+    p = o / o.sum(axis=-1, keepdims=True)
+    q = b / b.sum(axis=-1, keepdims=True)
+    ratio = np.ones(np.broadcast_shapes(p.shape, q.shape))
+    np.divide(p, q, out=ratio, where=True if real is None else real)  # padding: p = q = 0
+    result: npt.NDArray[np.float64] = ((p - q) * np.log(ratio)).sum(axis=-1)
+    return result
+
+
+def _thresholds(df: npt.NDArray[np.int64], false_alarm_rate: float) -> npt.NDArray[np.float64]:
+    """The chi-square critical value of each ``df`` (infinite below 1)."""
+    table = _threshold_table(false_alarm_rate, int(df.max(initial=0)))
+    result: npt.NDArray[np.float64] = table[df]
+    return result
+
+
+@functools.lru_cache(maxsize=64)
+def _threshold_table(false_alarm_rate: float, max_df: int) -> npt.NDArray[np.float64]:
+    table = np.array(
+        [math.inf] + [chi2_quantile(1.0 - false_alarm_rate, d) for d in range(1, max_df + 1)]
+    )
+    table.flags.writeable = False
+    return table
+
+
+class _BaselineBins:
+    """A baseline's counts in a zero-padded ``[features, width]`` array, and where its bins sit."""
+
+    def __init__(self, baseline: Baseline) -> None:
+        self.baseline = baseline
+        self.bins = [len(f.summary.counts) for f in baseline.features]
+        width = max(self.bins, default=1)
+        self.real = np.arange(width) < np.asarray(self.bins, dtype=np.intp)[:, None]
+        self.positions = np.flatnonzero(self.real)  # in the flattened array, bin after bin
+        self.counts = self.pad([[f.summary for f in baseline.features]])[0]
+        self.counts.flags.writeable = False
+
+    def pad(self, scopes: Sequence[Sequence[FeatureSummary]]) -> npt.NDArray[np.float64]:
+        """The bin counts of each scope's features, ``[scopes, features, width]``."""
+        values = itertools.chain.from_iterable(f.counts for features in scopes for f in features)
+        flat = np.fromiter(values, dtype=np.float64, count=len(scopes) * self.positions.size)
+        out = np.zeros((len(scopes), self.real.size))
+        out[:, self.positions] = flat.reshape(len(scopes), self.positions.size)
+        return out.reshape(len(scopes), *self.real.shape)
+
+    def problem(self, observed: WindowSummary | WindowAggregate) -> str | None:
+        """Why ``observed`` cannot be tested against this baseline, or ``None``."""
+        if observed.baseline_id != self.baseline.id:
+            return f"the window counted in baseline {observed.baseline_id}, not {self.baseline.id}"
+        if len(observed.features) != len(self.bins):
+            return (
+                f"the window has {len(observed.features)} features, the baseline {len(self.bins)}"
+            )
+        bins = [len(f.counts) for f in observed.features]
+        if bins != self.bins:
+            j = next(j for j, (a, b) in enumerate(zip(bins, self.bins, strict=True)) if a != b)
+            return f"feature {j}: {bins[j]} observed bins, {self.bins[j]} in the baseline"
+        return None
+
+
+class _Same:
+    """A cache key that is its object's identity: a pydantic model holding lists has no hash."""
+
+    __slots__ = ("baseline",)
+
+    def __init__(self, baseline: Baseline) -> None:
+        self.baseline = baseline
+
+    def __hash__(self) -> int:
+        return id(self.baseline)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Same) and other.baseline is self.baseline
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_bins(key: _Same) -> _BaselineBins:
+    return _BaselineBins(key.baseline)
+
+
+def _baseline_bins(baseline: Baseline) -> _BaselineBins:
+    """The padded counts of ``baseline``, made once per baseline object (models are frozen)."""
+    return _cached_bins(_Same(baseline))
+
+
+def detect_drift_many(
+    baseline: Baseline,
+    windows: Sequence[WindowSummary | WindowAggregate],
+    policy: DriftPolicy | None = None,
+) -> DriftArrays:
+    """Drift of every feature of every window (or aggregate) at once: ``[windows, features]``.
+
+    ``detect_drift_many(baseline, ws, policy)[i].results(names)`` is
+    ``detect_drift(baseline, ws[i], policy, names)``; the arrays let a caller
+    that tests many scopes (every device of a fleet) look at verdicts and
+    statistics without building an object per test.
+    """
+    bins = _baseline_bins(baseline)
+    for i, w in enumerate(windows):
+        problem = bins.problem(w)
+        if problem is not None:
+            raise ValueError(problem if len(windows) == 1 else f"window {i}: {problem}")
+    return _drift_arrays(
+        bins.pad([w.features for w in windows]), bins.counts, bins.real, policy or DriftPolicy()
+    )
+
+
 def detect_drift(
     baseline: Baseline,
     observed: WindowSummary | WindowAggregate,
     policy: DriftPolicy | None = None,
     names: Sequence[str] | None = None,
 ) -> list[FeatureDrift]:
-    """Drift of every feature of ``observed`` against the bundle's ``baseline``."""
-    if observed.baseline_id != baseline.id:
-        raise ValueError(
-            f"the window counted in baseline {observed.baseline_id}, not {baseline.id}"
-        )
-    if len(observed.features) != len(baseline.features):
-        raise ValueError(
-            f"the window has {len(observed.features)} features, "
-            f"the baseline {len(baseline.features)}"
-        )
+    """Drift of every feature of ``observed`` against the bundle's ``baseline``.
+
+    The results of :func:`feature_drift` feature by feature, computed for all
+    features in one pass (:func:`detect_drift_many` of one window).
+    """
     if names is not None and len(names) != len(baseline.features):
         raise ValueError(f"{len(names)} names for {len(baseline.features)} features")
-    return [
-        feature_drift(b.summary, o, policy, feature=j, name=names[j] if names is not None else None)
-        for j, (b, o) in enumerate(zip(baseline.features, observed.features, strict=True))
-    ]
+    return detect_drift_many(baseline, [observed], policy)[0].results(names)
 
 
 def merge_until(

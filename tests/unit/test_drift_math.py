@@ -11,9 +11,13 @@ import pytest
 from firmware_images.datagen import FEATURES, FieldConditions, generate
 from protocol.drift import (
     DriftPolicy,
+    FeatureDrift,
     chi2_quantile,
     chi2_sf,
+    chi2_sf_many,
     detect_drift,
+    detect_drift_many,
+    drift_arrays,
     feature_drift,
     g_statistic,
     jensen_shannon,
@@ -230,3 +234,220 @@ def test_drift_refuses_a_window_counted_in_other_bins(baseline: Baseline) -> Non
     other = window.model_copy(update={"baseline_id": "sha256:" + "0" * 64})
     with pytest.raises(ValueError, match="counted in baseline"):
         detect_drift(baseline, other)
+
+
+# -- many tests at once: the same numbers as feature by feature ----------------------
+
+
+def _summary(counts: np.ndarray) -> FeatureSummary:
+    return FeatureSummary(
+        n=int(counts.sum()), nan=0, out_of_range=0, counts=[int(c) for c in counts]
+    )
+
+
+def _assert_same(got: FeatureDrift, want: FeatureDrift) -> None:
+    """Equal verdicts and counts; statistics to rounding (G near 0 to 1e-10 absolute)."""
+    assert (got.feature, got.name, got.verdict, got.n, got.baseline_n, got.df) == (
+        want.feature,
+        want.name,
+        want.verdict,
+        want.n,
+        want.baseline_n,
+        want.df,
+    )
+    assert got.threshold == want.threshold
+    assert got.statistic == pytest.approx(want.statistic, rel=1e-12, abs=1e-10)
+    assert got.psi == pytest.approx(want.psi, rel=1e-12, abs=1e-15)
+    assert got.js == pytest.approx(want.js, rel=1e-12, abs=1e-15)
+    assert got.p_value == pytest.approx(want.p_value, rel=1e-12, abs=1e-300)
+    assert got.psi_threshold == pytest.approx(want.psi_threshold, rel=1e-12)
+
+
+def _check_arrays_against_reference(
+    observed: np.ndarray, baseline: np.ndarray, bins: np.ndarray, policy: DriftPolicy
+) -> list[str]:
+    """drift_arrays of [scopes, features, width] against feature_drift of every entry."""
+    arrays = drift_arrays(observed, baseline, bins, policy)
+    assert arrays.shape == observed.shape[:-1]
+    verdicts = []
+    for s in range(observed.shape[0]):
+        got = arrays[s].results()
+        for j, k in enumerate(bins):
+            want = feature_drift(
+                _summary(baseline[j, :k]), _summary(observed[s, j, :k]), policy, feature=j
+            )
+            _assert_same(got[j], want)
+            verdicts.append(want.verdict)
+    return verdicts
+
+
+def test_chi_square_survival_of_arrays_matches_the_scalar_one() -> None:
+    x = np.concatenate([[-1.0, 0.0], np.geomspace(1e-8, 3000.0, 300)])
+    for df in [*range(1, 41), 63, 99, 200]:
+        got = chi2_sf_many(x, df)
+        want = np.array([chi2_sf(float(v), df) for v in x])
+        # Far tails below 1e-290 lose digits to subnormals in both: equal to 1e-300.
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-300, err_msg=f"df {df}")
+    assert chi2_sf_many([[5.0], [5.0]], [1, 2, 3]).shape == (2, 3)
+    with pytest.raises(ValueError, match="df"):
+        chi2_sf_many([1.0], [0])
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [DriftPolicy(), DriftPolicy(min_n=50, false_alarm_rate=0.05, smoothing=1.0)],
+)
+def test_drift_arrays_equal_feature_drift_on_random_counts(policy: DriftPolicy) -> None:
+    rng = np.random.default_rng(11)
+    features, width, scopes = 24, 20, 40
+    bins = rng.integers(1, width + 1, features)
+    baseline = np.zeros((features, width))
+    observed = np.zeros((scopes, features, width))
+    for j, k in enumerate(bins):
+        shares = rng.dirichlet(np.ones(k))
+        shares[rng.random(k) < 0.2] = 0.0  # bins that stay empty in both samples
+        shares = shares / shares.sum() if shares.sum() else np.eye(k)[0]
+        baseline[j, :k] = rng.multinomial(5000, shares)
+        for s in range(scopes):
+            drifted = rng.dirichlet(np.ones(k)) if s % 4 == 0 else shares
+            size = rng.choice([0, 1, 30, 200, 600, 5000])
+            observed[s, j, :k] = rng.multinomial(size, drifted)
+    verdicts = _check_arrays_against_reference(observed, baseline, bins, policy)
+    assert {"drift", "no_drift", "not_enough_data"} <= set(verdicts)
+
+
+def test_drift_arrays_equal_feature_drift_on_edge_cases() -> None:
+    width = 6
+    rows = [
+        # (baseline, observed): each row a feature, padded to the widest with zeros
+        ([100, 0, 300, 0, 600, 0], [300, 0, 100, 0, 200, 0]),  # bins empty in both
+        ([100, 200, 300, 400, 500, 600], [0, 0, 0, 0, 0, 0]),  # no observed rows
+        ([0], [0]),  # an all-NaN feature: one bin, n = 0 on both sides
+        ([0], [700]),  # no baseline values
+        ([900], [800]),  # one bin
+        ([0, 900, 0], [0, 800, 0]),  # one bin left once empty ones are dropped
+        ([500, 0, 0], [0, 0, 700]),  # disjoint: G far in the tail, p underflows
+        ([250, 250], [10_000, 10_000]),  # the same shares: G = 0 to rounding
+        ([5000, 1, 2, 3], [1, 2, 3, 5000]),
+    ]
+    bins = np.array([len(b) for b, _ in rows])
+    baseline = np.array([np.pad(np.array(b, float), (0, width - len(b))) for b, _ in rows])
+    observed = np.array([[np.pad(np.array(o, float), (0, width - len(o))) for _, o in rows]])
+    verdicts = _check_arrays_against_reference(observed, baseline, bins, DriftPolicy(min_n=500))
+    assert verdicts == [
+        "drift",
+        "not_enough_data",
+        "not_enough_data",
+        "not_enough_data",
+        "no_drift",
+        "no_drift",
+        "drift",
+        "no_drift",
+        "drift",
+    ]
+    arrays = drift_arrays(observed, baseline, bins, DriftPolicy(min_n=500))[0]
+    assert arrays.df.tolist() == [2, 5, 0, 0, 0, 0, 1, 1, 3]
+    assert arrays.p_value[6] == 0.0 and math.isinf(arrays.threshold[4])
+
+
+def test_drift_arrays_refuse_counts_past_a_features_bins() -> None:
+    with pytest.raises(ValueError, match="past a feature's bins"):
+        drift_arrays([[1.0, 2.0, 3.0]], [[1.0, 2.0, 0.0]], [2])
+    with pytest.raises(ValueError, match="bins must lie"):
+        drift_arrays([[1.0, 2.0]], [[1.0, 2.0]], [3])
+
+
+def _mixed_baseline() -> tuple[Baseline, list[str], np.ndarray]:
+    """Features of 20, 5, 2 and 1 bins (one all-NaN): different widths in one baseline."""
+    rng = np.random.default_rng(5)
+
+    def rows(n: int, shift: float = 0.0) -> np.ndarray:
+        return np.column_stack(
+            [
+                rng.normal(shift, 1.0, n),
+                rng.integers(0, 4, n).astype(float),
+                np.full(n, 3.0),
+                np.full(n, np.nan),
+                rng.exponential(1.0 + shift, n),
+            ]
+        )
+
+    base = rows(5000)
+    edges = [quantile_edges(base[:, j]) for j in range(base.shape[1])]
+    assert [len(e) + 1 for e in edges] == [20, 5, 2, 1, 20]
+    baseline = Baseline(
+        id=edges_id(edges),
+        rows=base.shape[0],
+        features=[
+            FeatureBaseline(edges=e, summary=s)
+            for e, s in zip(edges, summarize(base, edges), strict=True)
+        ],
+    )
+    chunks = [rows(n, shift) for n, shift in [(600, 0.0), (600, 0.4), (80, 0.0), (3000, 0.1)]]
+    return (
+        baseline,
+        ["normal", "discrete", "constant", "nan", "exponential"],
+        np.array(chunks, object),
+    )
+
+
+def _window(baseline: Baseline, rows: np.ndarray, k: int) -> WindowSummary:
+    return WindowSummary(
+        window_id=f"w{k:05d}",
+        device_id=f"pump-{k:04d}",
+        model_name="pump-health",
+        model_version="2.0.0",
+        baseline_id=baseline.id,
+        start=60.0 * k,
+        end=60.0 * (k + 1),
+        requests=rows.shape[0],
+        features=summarize(rows, [f.edges for f in baseline.features]),
+    )
+
+
+def test_detect_drift_equals_feature_drift_feature_by_feature(baseline: Baseline) -> None:
+    X, _ = generate(6000, 1005, FieldConditions(covariate_shift={"bearing_temp_c": 0.3}))
+    windows = _windows(baseline, X.astype(np.float64), 200)
+    groups, _ = merge_until(windows, 500)
+    mixed, mixed_names, chunks = _mixed_baseline()
+    cases = [(baseline, w, NAMES) for w in [*windows[:3], *groups]] + [
+        (mixed, _window(mixed, rows, k), mixed_names) for k, rows in enumerate(chunks)
+    ]
+    verdicts = set()
+    for base, window, names in cases:
+        got = detect_drift(base, window, DriftPolicy(), names)
+        want = [
+            feature_drift(b.summary, o, DriftPolicy(), feature=j, name=names[j])
+            for j, (b, o) in enumerate(zip(base.features, window.features, strict=True))
+        ]
+        assert len(got) == len(want)
+        for g, w in zip(got, want, strict=True):
+            _assert_same(g, w)
+            verdicts.add(w.verdict)
+    assert verdicts == {"drift", "no_drift", "not_enough_data"}
+
+
+def test_detect_drift_many_is_detect_drift_of_each_window() -> None:
+    mixed, names, chunks = _mixed_baseline()
+    windows = [_window(mixed, rows, k) for k, rows in enumerate(chunks)]
+    policy = DriftPolicy(min_n=100)
+    arrays = detect_drift_many(mixed, windows, policy)
+    assert arrays.shape == (len(windows), len(mixed.features))
+    for i, window in enumerate(windows):
+        one = arrays[i].results(names)
+        assert one == detect_drift(mixed, window, policy, names)
+    drifting = arrays.verdict == "drift"
+    assert drifting[1, 0] and not drifting[0].any()
+    assert detect_drift_many(mixed, [], policy).shape == (0, len(mixed.features))
+
+
+def test_detect_drift_many_says_which_window_does_not_fit() -> None:
+    mixed, _, chunks = _mixed_baseline()
+    windows = [_window(mixed, rows, k) for k, rows in enumerate(chunks)]
+    features = list(windows[2].features)
+    features[1] = FeatureSummary(n=0, nan=0, out_of_range=0, counts=[0, 0, 0])
+    bad = windows[2].model_copy(update={"features": features})
+    with pytest.raises(ValueError, match="window 2: feature 1: 3 observed bins, 5 in the"):
+        detect_drift_many(mixed, [*windows[:2], bad])
+    with pytest.raises(ValueError, match=r"^feature 1: 3 observed bins"):
+        detect_drift(mixed, bad)
