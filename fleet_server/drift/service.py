@@ -226,8 +226,13 @@ async def drift_of(
     model_version: str | None = None,
     policy: DriftPolicy | None = None,
     accuracy_policy: AccuracyPolicy | None = None,
+    decoded: dict[str, WindowSummary] | None = None,
 ) -> list[ModelDrift]:
-    """Drift and accuracy per model version of the windows of ``scope`` in ``(since, until]``."""
+    """Drift and accuracy per model version of the windows of ``scope`` in ``(since, until]``.
+
+    ``decoded`` keeps the windows read from their payloads, by window id, for
+    the next call: a pass over many scopes reads each window once.
+    """
     policy = policy or DriftPolicy()
     accuracy_policy = accuracy_policy or AccuracyPolicy()
     rows = await load_windows(session, scope, since, until, model_name, model_version)
@@ -238,7 +243,15 @@ async def drift_of(
     for (name, version, baseline_id), members in sorted(groups.items()):
         results.append(
             await _group_drift(
-                session, manifests, name, version, baseline_id, members, policy, accuracy_policy
+                session,
+                manifests,
+                name,
+                version,
+                baseline_id,
+                members,
+                policy,
+                accuracy_policy,
+                decoded if decoded is not None else {},
             )
         )
     return results
@@ -253,6 +266,7 @@ async def _group_drift(
     rows: Sequence[WindowRow],
     policy: DriftPolicy,
     accuracy_policy: AccuracyPolicy,
+    decoded: dict[str, WindowSummary],
 ) -> ModelDrift:
     result = ModelDrift(
         model_name=name,
@@ -273,7 +287,12 @@ async def _group_drift(
                 f"the windows counted in baseline {baseline_id}, "
                 f"but {name}@{version} ships baseline {manifest.baseline.id}"
             )
-        windows = [decode_window(r.payload) for r in rows]
+        windows = []
+        for r in rows:
+            window = decoded.get(r.window_id)
+            if window is None:
+                window = decoded[r.window_id] = decode_window(r.payload)
+            windows.append(window)
         aggregate = merge_windows(windows)
         names = [f.name for f in manifest.features]
         features = detect_drift(manifest.baseline, aggregate, policy, names)
@@ -439,8 +458,13 @@ async def evaluate_alerts(
     scope: Scope,
     results: Sequence[ModelDrift],
     now: datetime | None = None,
+    open_alerts: dict[str, AlertRow] | None = None,
 ) -> list[tuple[AlertChange, AlertRow]]:
-    """Open, update or close the alerts of ``scope`` by ``results`` (see the module rules)."""
+    """Open, update or close the alerts of ``scope`` by ``results`` (see the module rules).
+
+    ``open_alerts``, every open alert by its ``open_key`` (see :func:`load_open_alerts`),
+    saves a query per key; it is kept up to date.
+    """
     now = now or datetime.now(UTC)
     changes: list[tuple[AlertChange, AlertRow]] = []
     for result in results:
@@ -448,9 +472,12 @@ async def evaluate_alerts(
             if finding.action == "keep":
                 continue
             key = open_key(scope, result.model_name, result.model_version, finding.feature)
-            current = (
-                await session.scalars(select(AlertRow).where(AlertRow.open_key == key))
-            ).first()
+            if open_alerts is not None:
+                current = open_alerts.get(key)
+            else:
+                current = (
+                    await session.scalars(select(AlertRow).where(AlertRow.open_key == key))
+                ).first()
             if finding.action == "open":
                 if current is None:
                     row = AlertRow(
@@ -473,12 +500,16 @@ async def evaluate_alerts(
                             session.add(row)
                     except IntegrityError:
                         continue
+                    if open_alerts is not None:
+                        open_alerts[key] = row
                     changes.append(("opened", row))
                 else:
                     current.last_seen_at = now
                     current.evidence = finding.evidence
                     changes.append(("updated", current))
             elif current is not None:
+                if open_alerts is not None:
+                    open_alerts.pop(key, None)
                 current.state = "closed"
                 current.open_key = None
                 current.closed_at = now
@@ -486,6 +517,12 @@ async def evaluate_alerts(
                 changes.append(("closed", current))
     await session.flush()
     return changes
+
+
+async def load_open_alerts(session: AsyncSession) -> dict[str, AlertRow]:
+    """Every open alert, by its ``open_key``."""
+    rows = await session.scalars(select(AlertRow).where(AlertRow.open_key.is_not(None)))
+    return {row.open_key: row for row in rows if row.open_key is not None}
 
 
 @dataclass(frozen=True)
@@ -539,13 +576,20 @@ async def evaluate_fleet(
             select(WindowRow.model_name, WindowRow.model_version).where(*window_range).distinct()
         )
     ).all()
-    policies: dict[str, Any] = {"policy": policy, "accuracy_policy": accuracy_policy}
+    # One pass reads each window's payload once and the open alerts once.
+    decoded: dict[str, WindowSummary] = {}
+    open_alerts = await load_open_alerts(session)
+    policies: dict[str, Any] = {
+        "policy": policy,
+        "accuracy_policy": accuracy_policy,
+        "decoded": decoded,
+    }
     changes = []
     scopes = [Scope("device", d) for d in sorted(devices)]
     scopes += await cohorts_with_windows(session, since, until)
     for scope in scopes:
         results = await drift_of(session, manifests, scope, since, until, **policies)
-        changes += await evaluate_alerts(session, scope, results, until)
+        changes += await evaluate_alerts(session, scope, results, until, open_alerts)
     fleet = Scope("fleet")
     fleet_results: list[ModelDrift] = []
     for name, version in sorted(versions):
@@ -559,7 +603,7 @@ async def evaluate_fleet(
             model_version=version,
             **policies,
         )
-        changes += await evaluate_alerts(session, fleet, results, until)
+        changes += await evaluate_alerts(session, fleet, results, until, open_alerts)
         fleet_results += results
     return Evaluation(changes, fleet_results)
 
