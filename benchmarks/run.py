@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from benchmarks import (
     agent_inference,
     agent_memory,
@@ -16,6 +18,10 @@ BENCHMARKS = [
     ("local inference paths vs a bare interpreter call", agent_inference.main),
     ("agent memory, import shares and time to ready", agent_memory.main),
     ("server ingest from the broker vs a bare paho subscriber", server_ingest.main),
+    (
+        "server window-summary ingest vs a bare paho subscriber",
+        partial(server_ingest.main, "windows"),
+    ),
     ("director metadata for 10,000 devices vs bare signatures and writes", director_signing.main),
     ("telemetry: record cost, bytes a day, drift for 10,000 devices", telemetry.main),
 ]

@@ -1,13 +1,28 @@
 """Ingest throughput of a real ``fleet-server`` against a bare paho subscriber, in one run.
 
+Two streams, each measured on its own (``--stream messages``, the default, or
+``--stream windows``):
+
+- *messages*: :class:`~protocol.messages.DeviceEvent` and
+  :class:`~protocol.messages.Heartbeat` alternating, as JSON;
+- *windows*: binary window summaries (:func:`protocol.window.encode_window`)
+  on ``edgefleet/v1/devices/{id}/windows``. A few hundred distinct windows are
+  recorded first with the agent's :class:`~agent.telemetry.WindowRecorder`
+  over the sample model's bundle (``v2.tflite``, 16 features, the agent's
+  window policy, single-row requests of generated data scored by the model);
+  each message is one of them under a fresh window id and its device's id,
+  dated two hours back (``WINDOW_AGE_S``), encoded. The server decodes and
+  checks every window, stores it raw, and after each commit publishes an ack
+  on each sending device's ``acks`` topic; the benchmark listens there and
+  checks that every window is acknowledged exactly once.
+
 Every consumer drains the same kind of backlog from the same broker: a
-publisher process puts ``MESSAGES`` valid messages from ``DEVICES`` registered
-devices — :class:`~protocol.messages.DeviceEvent` and
-:class:`~protocol.messages.Heartbeat` alternating, QoS 1 — into the broker
-while the consumer is connected and subscribed but stopped (``SIGSTOP``), so
-the broker holds them in the consumer's session queue; the consumer is then
-resumed (``SIGCONT``) and timed until the last message has landed. This times
-the consumer alone, not the publisher.
+publisher process puts the round's stream from ``DEVICES`` registered
+devices, at QoS 1, into the broker while the consumer is connected and
+subscribed but stopped (``SIGSTOP``), so the broker holds it in the
+consumer's session queue; the consumer is then resumed (``SIGCONT``) and
+timed until the last message has landed. This times the consumer alone, not
+the publisher.
 
 - *paho*: a plain ``paho.mqtt.client`` subscribed at QoS 1 to the server's
   shared-subscription filters, counting messages and nothing else; it takes
@@ -16,27 +31,31 @@ the consumer alone, not the publisher.
   server uses: the floor of any ingest built on it.
 - *server*: ``fleet-server --data DIR --db URL --mqtt URL`` as a user runs it,
   with its shared subscription, the devices registered through
-  ``POST /api/v1/devices``. The stream ends with an event and one replica
-  writes its batches in the order it received them, so the stream has landed
-  when that event's row is in the database; the benchmark looks it up every
-  ``POLL_S`` on a connection of its own (not through the server, which the
-  polling would slow). The server's ingest counter must then have counted
-  exactly the stream, nothing dropped, and after the last round the rows are
-  checked against what was published (one ``device_events`` row per event,
-  every device seen).
+  ``POST /api/v1/devices``. The stream ends with a message that leaves a row
+  (an event, a window) and one replica writes its batches in the order it
+  received them, so the stream has landed when that row is in the database;
+  the benchmark looks it up every ``POLL_S`` on a connection of its own (not
+  through the server, which the polling would slow). The server's ingest
+  counter must then have counted exactly the stream, nothing dropped, and
+  after the last round the rows are checked against what was published (one
+  ``device_events`` row per event, or one ``windows`` row per window holding
+  the bytes sent, each exactly once; every device seen).
 
 Each consumer runs as its own process only during its own rounds, so it
 never sees another's stream; the order of the three rotates from round to
-round. The broker is a private Mosquitto on a free port, with Mosquitto's
-defaults except a session queue large enough for the backlog (its default,
-1000 queued messages per client, would drop most of it). The run is repeated
-for SQLite and for a temporary PostgreSQL database (``EDGEFLEET_BENCH_POSTGRES``
+round. The rounds' streams are written once and drained on each database.
+The broker is a private Mosquitto on a free port, with Mosquitto's defaults
+except a session queue large enough for the backlog (its default, 1000
+queued messages per client, would drop most of it). The run is repeated for
+SQLite and for a temporary PostgreSQL database (``EDGEFLEET_BENCH_POSTGRES``
 names the server, default ``postgresql://postgres@127.0.0.1:5432``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import getpass
 import json
 import os
@@ -52,9 +71,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -62,14 +82,22 @@ import paho.mqtt.client as mqtt
 import urllib3
 from paho.mqtt.enums import CallbackAPIVersion
 
-from protocol.messages import DeviceEvent, Heartbeat
-from protocol.topics import device_topic, ingest_subscriptions
+from protocol.messages import DeviceEvent, Heartbeat, WindowAck
+from protocol.topics import ROOT, acks_topic, device_topic, ingest_subscriptions
+from protocol.window import WindowSummary, encode_window
 
 DEVICES = 500
 MESSAGES = 15_000  # per round and consumer
 WARM_UP = 3_000  # messages of the first round, not counted
+WINDOWS = 4_000  # per round and consumer: the server takes about a millisecond a window
+WINDOWS_WARM_UP = 500
+DISTINCT_WINDOWS = 200  # recorded windows the stream cycles through
+# Windows are dated this far back: beyond the hour the server's drift job reads at start
+# and every minute, which would otherwise load each round's growing pile of rows meanwhile.
+WINDOW_AGE_S = 2 * 3600.0
 ROUNDS = 3  # per database, after the warm-up round
 POLL_S = 0.005
+ACK_WAIT_S = 30.0
 HARDWARE = "bench-hw"
 GOAL = 0.3
 SERVER_COMMAND = [sys.executable, "-m", "fleet_server.cli"]
@@ -106,7 +134,7 @@ def cpu_seconds(pid: int) -> float:
 # -- the broker --------------------------------------------------------------
 
 
-@contextmanager
+@contextlib.contextmanager
 def private_mosquitto(workdir: Path) -> Iterator[int]:
     """A Mosquitto of our own on a free port; yields the port."""
     binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -154,7 +182,7 @@ async def _postgres_admin(statement: str) -> None:
         await connection.close()
 
 
-@contextmanager
+@contextlib.contextmanager
 def database(kind: str, directory: Path) -> Iterator[str]:
     """The URL of an empty database: a SQLite file, or a temporary PostgreSQL database."""
     if kind == "sqlite":
@@ -168,21 +196,13 @@ def database(kind: str, directory: Path) -> Iterator[str]:
         asyncio.run(_postgres_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
-def stored(db_url: str) -> tuple[int, int]:
-    """(device_events rows, devices seen at least once) in the database."""
-    with EventLookup(db_url) as db:
-        return db.fetch("SELECT count(*) FROM device_events"), db.fetch(
-            "SELECT count(*) FROM devices WHERE last_seen_at IS NOT NULL"
-        )
-
-
-class EventLookup:
+class RowLookup:
     """A connection of the benchmark's own to the server's database, for cheap lookups."""
 
     def __init__(self, db_url: str) -> None:
         self.db_url = db_url
 
-    def __enter__(self) -> EventLookup:
+    def __enter__(self) -> RowLookup:
         if self.db_url.startswith("sqlite:///"):
             self._sqlite = sqlite3.connect(self.db_url.removeprefix("sqlite:///"))
         else:
@@ -206,54 +226,129 @@ class EventLookup:
             return row[0] if row else None
         return self._loop.run_until_complete(self._pg.fetchval(sql, *args))
 
-    def has_event(self, message_id: str) -> bool:
-        sql = "SELECT 1 FROM device_events WHERE message_id = $1"
-        return self.fetch(sql, message_id) is not None
+    def column(self, sql: str) -> list[Any]:
+        """The first column of every row."""
+        if self.db_url.startswith("sqlite:///"):
+            return [row[0] for row in self._sqlite.execute(sql)]
+        return [row[0] for row in self._loop.run_until_complete(self._pg.fetch(sql))]
+
+    def has_row(self, table: str, key: str, value: str) -> bool:
+        return self.fetch(f"SELECT 1 FROM {table} WHERE {key} = $1", value) is not None
 
 
 # -- the stream ----------------------------------------------------------------
 
 
+Message = tuple[str, bytes, str | None]  # topic, payload, the key of the row it leaves
+
+
 @dataclass(frozen=True)
 class Stream:
-    """A file of ``topic<TAB>payload`` lines to publish, and what it holds."""
+    """A file of ``topic<TAB>base64 payload`` lines to publish, and what it holds."""
 
     path: Path
     messages: int
-    events: int
-    last_message_id: str  # an event's: its row in the database marks the end of the stream
+    payload_bytes: int
+    # The keys of the rows the stream leaves in the server's database (event
+    # message ids, window ids), in order; the last message leaves the last row.
+    keys: list[str]
 
 
-def write_stream(path: Path, device_ids: list[str], tag: str, messages: int) -> Stream:
+def write_stream(path: Path, messages: Iterable[Message]) -> Stream:
+    """Write ``messages`` to ``path`` for :func:`publish`."""
+    count = size = 0
+    keys = []
+    with path.open("w") as f:
+        for topic, payload, key in messages:
+            f.write(f"{topic}\t{base64.b64encode(payload).decode()}\n")
+            count += 1
+            size += len(payload)
+            if key is not None:
+                keys.append(key)
+    return Stream(path, count, size, keys)
+
+
+def device_messages(device_ids: list[str], tag: str, messages: int) -> Iterator[Message]:
     """``messages`` messages, events and heartbeats alternating, the last one an event."""
     now = time.time()
-    events = 0
-    with path.open("w") as f:
-        for i in range(messages):
-            device_id = device_ids[i % len(device_ids)]
-            message_id = f"{tag}-{i:07d}"
-            if (messages - 1 - i) % 2 == 0:
-                events += 1
-                message: DeviceEvent | Heartbeat = DeviceEvent(
-                    device_id=device_id,
-                    message_id=message_id,
-                    sent_at=now,
-                    event="inference.window",
-                    at=now,
-                    details={"window": i, "served": 120, "fallbacks": 0},
-                )
-                topic = device_topic(device_id, "events")
-            else:
-                message = Heartbeat(
-                    device_id=device_id,
-                    message_id=message_id,
-                    sent_at=now,
-                    uptime_s=float(i),
-                    served={"pump-health": i},
-                )
-                topic = device_topic(device_id, "heartbeat")
-            f.write(f"{topic}\t{message.model_dump_json()}\n")
-    return Stream(path, messages, events, message_id)
+    for i in range(messages):
+        device_id = device_ids[i % len(device_ids)]
+        message_id = f"{tag}-{i:07d}"
+        key: str | None = None
+        if (messages - 1 - i) % 2 == 0:
+            key = message_id
+            message: DeviceEvent | Heartbeat = DeviceEvent(
+                device_id=device_id,
+                message_id=message_id,
+                sent_at=now,
+                event="inference.window",
+                at=now,
+                details={"window": i, "served": 120, "fallbacks": 0},
+            )
+            topic = device_topic(device_id, "events")
+        else:
+            message = Heartbeat(
+                device_id=device_id,
+                message_id=message_id,
+                sent_at=now,
+                uptime_s=float(i),
+                served={"pump-health": i},
+            )
+            topic = device_topic(device_id, "heartbeat")
+        yield topic, message.model_dump_json().encode(), key
+
+
+def device_windows(
+    recorded: list[WindowSummary], device_ids: list[str], tag: str, windows: int
+) -> Iterator[Message]:
+    """``windows`` encoded windows: the ``recorded`` in turn, each with a new id and its device.
+
+    They are dated ``WINDOW_AGE_S`` back.
+    """
+    for i in range(windows):
+        device_id = device_ids[i % len(device_ids)]
+        window_id = f"{tag}-{i:07d}"
+        template = recorded[i % len(recorded)]
+        window = template.model_copy(
+            update={
+                "window_id": window_id,
+                "device_id": device_id,
+                "start": template.start - WINDOW_AGE_S,
+                "end": template.end - WINDOW_AGE_S,
+            }
+        )
+        yield device_topic(device_id, "windows"), encode_window(window), window_id
+
+
+def record_windows(count: int) -> list[WindowSummary]:
+    """``count`` windows of the sample model, recorded the way the agent records them.
+
+    Single-row requests of generated sensor data, scored by the model on an
+    interpreter, timed, and folded into the window under the agent's policy.
+    """
+    # Imported here: the publisher and subscriber processes need none of it.
+    import numpy as np
+
+    from agent.telemetry import WindowRecorder
+    from benchmarks.telemetry import AGENT_POLICY, Bare, sample_bundle
+    from firmware_images.datagen import generate
+
+    built, model_path = sample_bundle()
+    model = Bare(model_path, rows=1)
+    recorder = WindowRecorder(built.manifest, "recording", AGENT_POLICY)
+    rng = np.random.default_rng(20)
+    windows: list[WindowSummary] = []
+    while len(windows) < count:
+        rows, _labels = generate(AGENT_POLICY.max_requests, rng)
+        for row in rows.astype(np.float32)[:, None, :]:
+            started = time.perf_counter()
+            scores = model(row)
+            recorder.record(
+                {"features": row}, {"scores": scores}, "active", time.perf_counter() - started
+            )
+        while (window := recorder.poll()) is not None:
+            windows.append(window)
+    return windows[:count]
 
 
 def _paho_client(client_id: str) -> mqtt.Client:
@@ -263,6 +358,7 @@ def _paho_client(client_id: str) -> mqtt.Client:
 def publish(port: int, stream: Path) -> None:
     """Publish every line of ``stream`` at QoS 1; return once the broker acknowledged all."""
     lines = [line.split("\t", 1) for line in stream.read_text().splitlines()]
+    payloads = [(topic, base64.b64decode(payload)) for topic, payload in lines]
     client = _paho_client(f"bench-publisher-{os.getpid()}")
     client.max_inflight_messages_set(1000)
     client.max_queued_messages_set(0)
@@ -278,8 +374,8 @@ def publish(port: int, stream: Path) -> None:
     client.on_publish = on_publish
     client.connect("127.0.0.1", port, keepalive=60)
     client.loop_start()
-    for topic, payload in lines:
-        client.publish(topic, payload.encode(), qos=1)
+    for topic, payload in payloads:
+        client.publish(topic, payload, qos=1)
     if not done.wait(120):
         raise SystemExit(f"the broker acknowledged {acked} of {len(lines)} messages")
     client.disconnect()
@@ -358,13 +454,19 @@ class Drain:
     """One consumer draining one backlog."""
 
     messages: int
+    payload_bytes: int
     seconds: float
     cpu_s: float
     publish_s: float
+    acked_s: float | None = None  # until the last window ack reached the devices' side
 
     @property
     def rate(self) -> float:
         return self.messages / self.seconds
+
+    @property
+    def byte_rate(self) -> float:
+        return self.payload_bytes / self.seconds
 
     @property
     def cpu_us(self) -> float:
@@ -399,7 +501,64 @@ def drain_subscriber(port: int, stream: Stream, library: str) -> Drain:
             os.kill(proc.pid, signal.SIGCONT)
             proc.kill()
             proc.wait()
-    return Drain(stream.messages, ended - started, cpu, publish_s)
+    return Drain(stream.messages, stream.payload_bytes, ended - started, cpu, publish_s)
+
+
+@dataclass
+class AckListener:
+    """The devices' side of window acks: every ``acks`` topic, subscribed at QoS 1.
+
+    Counts how often each window id is acknowledged and when the last ack came.
+    """
+
+    port: int
+    acked: Counter[str] = field(default_factory=Counter)
+    messages: int = 0
+    misaddressed: int = 0  # acks on another device's topic
+    last: float = 0.0
+
+    def __enter__(self) -> AckListener:
+        subscribed = threading.Event()
+        self._client = _paho_client(f"bench-acks-{os.getpid()}")
+
+        def on_message(_client, _userdata, message) -> None:  # type: ignore[no-untyped-def]
+            ack = WindowAck.model_validate_json(message.payload)
+            if message.topic != acks_topic(ack.device_id):
+                self.misaddressed += 1
+            self.acked.update(ack.window_ids)
+            self.messages += 1
+            self.last = time.monotonic()
+
+        self._client.on_subscribe = lambda *_args: subscribed.set()
+        self._client.on_message = on_message
+        self._client.connect("127.0.0.1", self.port, keepalive=60)
+        self._client.subscribe(f"{ROOT}/+/acks", qos=1)
+        self._client.loop_start()
+        if not subscribed.wait(30):
+            raise RuntimeError("no SUBACK for the acks subscription")
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def reset(self) -> None:
+        self.acked, self.messages, self.misaddressed, self.last = Counter(), 0, 0, 0.0
+
+    def wait_for(self, keys: list[str]) -> None:
+        """Wait for an ack of every key; each must be acknowledged exactly once."""
+        wait_until(
+            "the window acks", lambda: sum(self.acked.values()) >= len(keys), ACK_WAIT_S, 0.01
+        )
+        time.sleep(0.1)  # an ack beyond the last would show up now
+        if self.acked != Counter(keys) or self.misaddressed:
+            extra = self.acked - Counter(keys)
+            missing = Counter(keys) - self.acked
+            raise RuntimeError(
+                f"window acks differ from the windows sent: {sum(missing.values())} missing, "
+                f"{sum(extra.values())} extra or repeated, {self.misaddressed} acks on "
+                "another device's topic"
+            )
 
 
 class Server:
@@ -481,12 +640,15 @@ class Server:
             sum(float(v) for v in _DROPPED.findall(text)),
         )
 
-    def drain(self, stream: Stream, probe_device: str) -> Drain:
+    def drain(
+        self, stream: Stream, workload: Workload, probe_device: str, acks: AckListener | None
+    ) -> Drain:
         """Start a server, fill its queue while it is stopped, time it to the last message.
 
-        The stream's last message is an event, and one replica writes its batches
-        in the order it received them, so the stream has landed when that
-        event's row is in the database; the ingest counter confirms it after.
+        The stream's last message leaves a row, and one replica writes its
+        batches in the order it received them, so the stream has landed when
+        that row is in the database; the ingest counter confirms it after.
+        With ``acks``, every window must then be acknowledged exactly once.
         """
         self.start()
         assert self.proc is not None
@@ -498,26 +660,39 @@ class Server:
                 sent_at=time.time(),
                 uptime_s=0.0,
             )
-            probe_file = stream.path.with_name("probe.txt")
-            probe_file.write_text(
-                f"{device_topic(probe_device, 'heartbeat')}\t{probe.model_dump_json()}\n"
+            probe_message = (
+                device_topic(probe_device, "heartbeat"),
+                probe.model_dump_json().encode(),
+                None,
             )
-            run_publisher(self.broker_port, probe_file)
+            probe_file = write_stream(stream.path.with_name("probe.txt"), [probe_message])
+            run_publisher(self.broker_port, probe_file.path)
             wait_until("the probe message", lambda: self.counters()[0] >= 1, every=0.02)
             base, _ = self.counters()
-            with EventLookup(self.db_url) as db:
+            if acks is not None:
+                acks.reset()
+            with RowLookup(self.db_url) as db:
                 os.kill(self.proc.pid, signal.SIGSTOP)
                 publish_s = run_publisher(self.broker_port, stream.path)
                 cpu_before = cpu_seconds(self.proc.pid)
                 started = time.monotonic()
                 os.kill(self.proc.pid, signal.SIGCONT)
-                while not db.has_event(stream.last_message_id):
+                while not db.has_row(workload.table, workload.key, stream.keys[-1]):
                     if self.proc.poll() is not None:
                         raise RuntimeError(f"fleet-server exited; see {self.log}")
                     time.sleep(POLL_S)
                 ended = time.monotonic()
                 cpu = cpu_seconds(self.proc.pid) - cpu_before
+            acked_s = None
+            if acks is not None:
+                acks.wait_for(stream.keys)
+                acked_s = acks.last - started
+            # The server counts a batch just after its commit: give the last one a moment.
+            deadline = time.monotonic() + 5
             ingested, dropped = self.counters()
+            while ingested - base < stream.messages and time.monotonic() < deadline:
+                time.sleep(0.02)
+                ingested, dropped = self.counters()
             if ingested - base != stream.messages or dropped:
                 raise RuntimeError(
                     f"the server ingested {ingested - base:.0f} of {stream.messages} messages "
@@ -525,7 +700,9 @@ class Server:
                 )
         finally:
             self.stop()
-        return Drain(stream.messages, ended - started, cpu, publish_s)
+        return Drain(
+            stream.messages, stream.payload_bytes, ended - started, cpu, publish_s, acked_s
+        )
 
 
 # -- the benchmark ---------------------------------------------------------------
@@ -534,14 +711,92 @@ class Server:
 CONSUMERS = ("paho", "aiomqtt", "server")
 
 
-def run_database(kind: str, workdir: Path, port: int) -> dict[str, object]:
-    """A warm-up round, then ``ROUNDS`` rounds of every consumer on one database.
+@dataclass(frozen=True)
+class Workload:
+    """One stream to measure: its messages, and the rows the server keeps of them."""
 
-    Every round publishes one stream (new message ids) to each consumer in
-    turn; the order rotates from round to round.
+    title: str
+    messages: int  # per round and consumer
+    warm_up: int  # messages of the first round, not counted
+    generate: Callable[[list[str], str, int], Iterator[Message]]
+    table: str  # one row per key of the stream, keyed by ``key``
+    key: str
+    payload: str | None = None  # the column holding each message's bytes as sent
+    acks: bool = False  # the server acknowledges every stored row to its device
+    goal: float | None = None
+
+
+def device_message_workload() -> Workload:
+    return Workload(
+        title=f"{MESSAGES:,} messages per round (events and heartbeats alternating)",
+        messages=MESSAGES,
+        warm_up=WARM_UP,
+        generate=device_messages,
+        table="device_events",
+        key="message_id",
+        goal=GOAL,
+    )
+
+
+def window_workload() -> Workload:
+    recorded = record_windows(DISTINCT_WINDOWS)
+    sizes = [len(encode_window(w)) for w in recorded]
+    return Workload(
+        title=(
+            f"{WINDOWS:,} window summaries per round ({DISTINCT_WINDOWS} recorded, "
+            f"{len(recorded[0].features)} features, {recorded[0].requests:,} requests each, "
+            f"{statistics.median(sizes):.0f} B encoded, {min(sizes)}-{max(sizes)} B)"
+        ),
+        messages=WINDOWS,
+        warm_up=WINDOWS_WARM_UP,
+        generate=partial(device_windows, recorded),
+        table="windows",
+        key="window_id",
+        payload="payload",
+        acks=True,
+    )
+
+
+WORKLOADS: dict[str, Callable[[], Workload]] = {
+    "messages": device_message_workload,
+    "windows": window_workload,
+}
+
+
+def check_stored(db_url: str, workload: Workload, streams: list[Stream]) -> int:
+    """Every row the streams should leave is stored exactly once; returns how many there are."""
+    with RowLookup(db_url) as db:
+        keys = Counter(db.column(f"SELECT {workload.key} FROM {workload.table}"))
+        seen = db.fetch("SELECT count(*) FROM devices WHERE last_seen_at IS NOT NULL")
+        size = (
+            db.fetch(f"SELECT sum(length({workload.payload})) FROM {workload.table}")
+            if workload.payload
+            else None
+        )
+    published = Counter(k for s in streams for k in s.keys)
+    if keys != published or seen != DEVICES:
+        raise RuntimeError(
+            f"{workload.table}: {len(published - keys)} of {sum(published.values())} rows "
+            f"missing, {sum((keys - published).values())} extra or repeated; "
+            f"{seen} of {DEVICES} devices seen"
+        )
+    if size is not None and size != sum(s.payload_bytes for s in streams):
+        raise RuntimeError(f"{workload.table}: {size} bytes stored, not the bytes sent")
+    return sum(keys.values())
+
+
+def run_database(
+    kind: str,
+    workdir: Path,
+    port: int,
+    workload: Workload,
+    device_ids: list[str],
+    streams: list[Stream],
+) -> dict[str, object]:
+    """The warm-up stream, then one round per further stream, every consumer, on one database.
+
+    Each consumer drains every stream in turn; the order rotates from round to round.
     """
-    run_tag = secrets.token_hex(3)
-    device_ids = [f"ingest-{run_tag}-{i:04d}" for i in range(DEVICES)]
     with database(kind, workdir) as db_url:
         server = Server(workdir, db_url, port)
         server.start()
@@ -550,55 +805,68 @@ def run_database(kind: str, workdir: Path, port: int) -> dict[str, object]:
         register_s = time.perf_counter() - started
         server.stop()
         drains: dict[str, list[Drain]] = {c: [] for c in CONSUMERS}
-        events = 0
-        for r in range(ROUNDS + 1):
-            stream = write_stream(
-                workdir / f"stream-{r}.txt",
-                device_ids,
-                f"{kind[:2]}{run_tag}r{r}",
-                MESSAGES if r else WARM_UP,
-            )
-            events += stream.events
-            for who in CONSUMERS[r % 3 :] + CONSUMERS[: r % 3]:
-                if who == "server":
-                    d = server.drain(stream, device_ids[0])
-                else:
-                    d = drain_subscriber(port, stream, who)
-                if r:
-                    drains[who].append(d)
-        rows, seen = stored(db_url)
-    if rows != events or seen != DEVICES:
-        raise RuntimeError(
-            f"{kind}: stored {rows} events of {events} published, {seen} of {DEVICES} devices seen"
-        )
+        with contextlib.ExitStack() as stack:
+            acks = stack.enter_context(AckListener(port)) if workload.acks else None
+            for r, stream in enumerate(streams):
+                for who in CONSUMERS[r % 3 :] + CONSUMERS[: r % 3]:
+                    if who == "server":
+                        d = server.drain(stream, workload, device_ids[0], acks)
+                    else:
+                        d = drain_subscriber(port, stream, who)
+                    if r:
+                        drains[who].append(d)
+        rows = check_stored(db_url, workload, streams)
     figures: dict[str, object] = {
-        "register_per_device_ms": register_s / DEVICES * 1000,
+        "register_per_device_ms": register_s / len(device_ids) * 1000,
         "publish_rate": statistics.median(
             d.messages / d.publish_s for ds in drains.values() for d in ds
         ),
-        "events_stored": rows,
+        "rows_stored": rows,
     }
     for who, ds in drains.items():
         ratios = [d.rate / p.rate for d, p in zip(ds, drains["paho"], strict=True)]
         figures[who] = {
             "rate": statistics.median(d.rate for d in ds),
+            "byte_rate": statistics.median(d.byte_rate for d in ds),
             "ratio": statistics.median(ratios),
             "ratios": ratios,
             "cpu_us": statistics.median(d.cpu_us for d in ds),
         }
+    if acks is not None:
+        figures["acked_rate"] = statistics.median(
+            d.messages / d.acked_s for d in drains["server"] if d.acked_s
+        )
+        figures["ack_messages"] = acks.messages
     return figures
 
 
-def run(databases: tuple[str, ...] = ("sqlite", "postgresql")) -> dict[str, dict[str, object]]:
-    """Measure and return the figures for each database."""
+def run(
+    workload: Workload, databases: tuple[str, ...] = ("sqlite", "postgresql")
+) -> dict[str, dict[str, object]]:
+    """Measure and return the figures for each database.
+
+    The streams are written once, for devices of the same ids registered in
+    each database.
+    """
+    run_tag = secrets.token_hex(3)
+    device_ids = [f"ingest-{run_tag}-{i:04d}" for i in range(DEVICES)]
     results = {}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
+        streams = [
+            write_stream(
+                tmp / f"stream-{r}.txt",
+                workload.generate(
+                    device_ids, f"{run_tag}r{r}", workload.messages if r else workload.warm_up
+                ),
+            )
+            for r in range(ROUNDS + 1)
+        ]
         with private_mosquitto(tmp) as port:
             for kind in databases:
                 workdir = tmp / kind
                 workdir.mkdir()
-                results[kind] = run_database(kind, workdir, port)
+                results[kind] = run_database(kind, workdir, port, workload, device_ids, streams)
     return results
 
 
@@ -609,30 +877,40 @@ LABELS = {
 }
 
 
-def main() -> None:
-    results = run()
+def main(stream: str = "messages") -> None:
+    workload = WORKLOADS[stream]()
+    results = run(workload)
     print(
-        f"{MESSAGES:,} messages per round (events and heartbeats alternating) from {DEVICES} "
-        f"devices, QoS 1; medians of {ROUNDS} rotating rounds after a warm-up"
+        f"{workload.title} from {DEVICES} devices, QoS 1; medians of {ROUNDS} rotating "
+        f"rounds after a warm-up"
     )
     for kind, r in results.items():
         print(f"  {kind}:")
         for who in CONSUMERS:
             f: dict[str, Any] = r[who]  # type: ignore[assignment]
             line = (
-                f"    {LABELS[who]:22} {f['rate']:9,.0f} msg/s   {f['ratio']:.2f}x   "
-                f"CPU {f['cpu_us']:5.0f} us/msg"
+                f"    {LABELS[who]:22} {f['rate']:9,.0f} msg/s {f['byte_rate'] / 1e6:6.2f} MB/s   "
+                f"{f['ratio']:.2f}x   CPU {f['cpu_us']:5.0f} us/msg"
             )
             if who == "server":
-                met = "met" if f["ratio"] >= GOAL else "NOT met"
                 rounds = ", ".join(f"{x:.3f}" for x in f["ratios"])
-                line += f"   goal {GOAL}x: {met} (rounds {rounds})"
+                if workload.goal is None:
+                    line += f"   no goal (rounds {rounds})"
+                else:
+                    met = "met" if f["ratio"] >= workload.goal else "NOT met"
+                    line += f"   goal {workload.goal}x: {met} (rounds {rounds})"
             print(line)
         print(
             f"    publisher {r['publish_rate']:,.0f} msg/s; registration "
             f"{r['register_per_device_ms']:.1f} ms/device over REST; "
-            f"{r['events_stored']:,} event rows stored, as published"
+            f"{r['rows_stored']:,} {workload.table} rows stored, each exactly once"
         )
+        if "acked_rate" in r:
+            print(
+                f"    every window acknowledged exactly once; to the last ack "
+                f"{r['acked_rate']:,.0f} windows/s; {r['ack_messages']:,} ack messages "
+                f"for the last round's {workload.messages:,} windows"
+            )
 
 
 if __name__ == "__main__":
@@ -642,5 +920,11 @@ if __name__ == "__main__":
         count(int(sys.argv[2]), int(sys.argv[3]))
     elif len(sys.argv) == 4 and sys.argv[1] == "--count-aiomqtt":
         count_aiomqtt(int(sys.argv[2]), int(sys.argv[3]))
-    else:
+    elif len(sys.argv) == 3 and sys.argv[1] == "--stream" and sys.argv[2] in WORKLOADS:
+        main(sys.argv[2])
+    elif len(sys.argv) == 1:
         main()
+    else:
+        raise SystemExit(
+            f"usage: python -m benchmarks.server_ingest [--stream {{{','.join(WORKLOADS)}}}]"
+        )
