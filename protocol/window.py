@@ -66,6 +66,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Annotated, Final, Literal
 
+import numpy as np
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -193,7 +194,7 @@ def _check_parts(
     if any(v < 0 for v in served.values()):
         raise ValueError("served counts must be >= 0")
     for i, f in enumerate(features):
-        if any(c < 0 for c in f.counts):
+        if f.counts and min(f.counts) < 0:
             raise ValueError(f"feature {i}: bin counts must be >= 0")
         if sum(f.counts) != f.n:
             raise ValueError(f"feature {i}: bin counts sum to {sum(f.counts)}, not n = {f.n}")
@@ -374,22 +375,50 @@ class _Reader:
         return self.take(1)[0]
 
     def uint(self, limit: int | None = None) -> int:
+        pos = self.pos
+        if pos < len(self.data) and self.data[pos] < 0x80:  # most values: one byte
+            value = self.data[pos]
+            self.pos = pos + 1
+        else:
+            value = self._long_uint()
+        if limit is not None and value > limit:
+            raise WindowCodecError(f"value {value} at byte {self.pos} exceeds the limit {limit}")
+        return value
+
+    def _long_uint(self) -> int:
         value, shift = 0, 0
         while True:
             b = self.byte()
             value |= (b & 0x7F) << shift
             if not b & 0x80:
-                break
+                return value
             shift += 7
             if shift > 63:
                 raise WindowCodecError(f"varint longer than 64 bits at byte {self.pos}")
-        if limit is not None and value > limit:
-            raise WindowCodecError(f"value {value} at byte {self.pos} exceeds the limit {limit}")
-        return value
+
+    def uints(self, count: int) -> list[int]:
+        """``count`` varints in a row (the hot loop of decoding, kept to local variables)."""
+        data, pos, size = self.data, self.pos, len(self.data)
+        out: list[int] = []
+        append = out.append
+        for _ in range(count):
+            if pos < size and data[pos] < 0x80:
+                append(data[pos])
+                pos += 1
+            else:
+                self.pos = pos
+                append(self._long_uint())
+                pos = self.pos
+        self.pos = pos
+        return out
 
     def sint(self) -> int:
         z = self.uint()
         return (z >> 1) if not z & 1 else -((z + 1) >> 1)
+
+    def sints(self, count: int) -> list[int]:
+        """``count`` zigzag varints in a row."""
+        return [(z >> 1) if not z & 1 else -((z + 1) >> 1) for z in self.uints(count)]
 
     def f64(self) -> float:
         return float(_F64.unpack(self.take(8))[0])
@@ -502,9 +531,9 @@ def _read_features(r: _Reader) -> list[FeatureSummary]:
         if n < 0 or k < 1:
             raise WindowCodecError(f"a feature has {n} values in {k} bins")
         expected = n // k
-        counts = [r.sint() + expected for _ in range(k - 1)]
+        counts = [d + expected for d in r.sints(k - 1)]
         counts.append(n - sum(counts))
-        if any(c < 0 for c in counts):
+        if min(counts) < 0:
             raise WindowCodecError(f"a feature's bin counts are negative before byte {r.pos}")
         if bool(flags & _HAS_VALUES) != (n > 0):
             raise WindowCodecError(f"a feature with {n} values has the wrong flags {flags:#x}")
@@ -514,12 +543,12 @@ def _read_features(r: _Reader) -> list[FeatureSummary]:
         else:
             narrow_count += floats
         heads.append((flags, nan, out_of_range, n, counts))
-    raw = r.take(4 * narrow_count)
-    planes = [raw[i * narrow_count : (i + 1) * narrow_count] for i in range(4)]
-    narrow_values = [
-        float(_F32.unpack(bytes(plane[j] for plane in planes))[0]) for j in range(narrow_count)
-    ]
-    wide_values = [r.f64() for _ in range(wide_count)]
+    # Byte planes back into little-endian float32s: plane i holds byte i of each.
+    planes = np.frombuffer(r.take(4 * narrow_count), dtype=np.uint8).reshape(4, narrow_count)
+    narrow_values: list[float] = planes.T.copy().view("<f4").ravel().astype(np.float64).tolist()
+    wide_values: list[float] = (
+        np.frombuffer(r.take(8 * wide_count), dtype="<f8").astype(np.float64).tolist()
+    )
     if not all(math.isfinite(v) for v in [*narrow_values, *wide_values]):
         raise WindowCodecError("a feature's moments are not finite numbers")
     narrow, wide = iter(narrow_values), iter(wide_values)
@@ -575,7 +604,7 @@ def _read_latency(r: _Reader) -> ExponentialHistogram:
     if flags != _HAS_LATENCY:
         raise WindowCodecError(f"unknown latency flags {flags:#x}")
     scale, zero_count, offset = r.sint(), r.uint(), r.sint()
-    counts = [r.uint() for _ in range(r.uint(limit=MAX_BINS))]
+    counts = r.uints(r.uint(limit=MAX_BINS))
     return ExponentialHistogram(
         scale=scale,
         zero_count=zero_count,
@@ -618,10 +647,7 @@ def _read_scores(r: _Reader) -> ScoreHistogram | None:
         first, length = r.uint(limit=bins), r.uint(limit=bins)
         if first + length > bins:
             raise WindowCodecError(f"a score row reaches past its {bins} bins")
-        row = [0] * bins
-        for i in range(first, first + length):
-            row[i] = r.uint()
-        counts.append(row)
+        counts.append([0] * first + r.uints(length) + [0] * (bins - first - length))
     return ScoreHistogram(classes=classes, counts=counts)
 
 
