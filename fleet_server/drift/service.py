@@ -53,6 +53,7 @@ from protocol.drift import DriftPolicy, FeatureDrift, detect_drift
 from protocol.manifest import Manifest
 from protocol.summary import ScoreHistogram
 from protocol.window import (
+    WindowAggregate,
     WindowCodecError,
     WindowMergeError,
     WindowSummary,
@@ -287,15 +288,11 @@ async def _group_drift(
                 f"the windows counted in baseline {baseline_id}, "
                 f"but {name}@{version} ships baseline {manifest.baseline.id}"
             )
-        windows = []
-        for r in rows:
-            window = decoded.get(r.window_id)
-            if window is None:
-                window = decoded[r.window_id] = decode_window(r.payload)
-            windows.append(window)
-        aggregate = merge_windows(windows)
-        names = [f.name for f in manifest.features]
-        features = detect_drift(manifest.baseline, aggregate, policy, names)
+        # Decoding, merging and testing are CPU work: in a thread, so the event
+        # loop keeps ingesting and answering while a large scope is computed.
+        windows, aggregate, features = await asyncio.to_thread(
+            _test_windows, manifest, [(r.window_id, r.payload) for r in rows], policy, decoded
+        )
         accuracy = await _accuracy(session, manifest, windows, aggregate.scores, accuracy_policy)
     except (DriftError, WindowCodecError, WindowMergeError, ValueError) as exc:
         return replace(result, problem=str(exc))
@@ -305,6 +302,24 @@ async def _group_drift(
         accuracy=accuracy,
         summarised_requests=aggregate.summarised_requests,
     )
+
+
+def _test_windows(
+    manifest: Manifest,
+    payloads: Sequence[tuple[str, bytes]],
+    policy: DriftPolicy,
+    decoded: dict[str, WindowSummary],
+) -> tuple[list[WindowSummary], WindowAggregate, list[FeatureDrift]]:
+    """The windows of ``payloads`` (read once, kept in ``decoded``), their sum, and its drift."""
+    windows = []
+    for window_id, payload in payloads:
+        window = decoded.get(window_id)
+        if window is None:
+            window = decoded[window_id] = decode_window(payload)
+        windows.append(window)
+    aggregate = merge_windows(windows)
+    names = [f.name for f in manifest.features]
+    return windows, aggregate, detect_drift(manifest.baseline, aggregate, policy, names)
 
 
 async def _accuracy(
