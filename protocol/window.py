@@ -71,6 +71,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
@@ -358,6 +359,11 @@ class _Writer:
         self.buf += raw
 
 
+_FEATURE_LIST: Final = TypeAdapter(list[FeatureSummary])
+# Zigzag-decoded values of the one-byte varints.
+_ZIGZAG: Final = tuple((z >> 1) if not z & 1 else -((z + 1) >> 1) for z in range(0x80))
+
+
 class _Reader:
     def __init__(self, data: bytes) -> None:
         self.data = data
@@ -416,9 +422,23 @@ class _Reader:
         z = self.uint()
         return (z >> 1) if not z & 1 else -((z + 1) >> 1)
 
-    def sints(self, count: int) -> list[int]:
-        """``count`` zigzag varints in a row."""
-        return [(z >> 1) if not z & 1 else -((z + 1) >> 1) for z in self.uints(count)]
+    def sints(self, count: int, offset: int = 0) -> list[int]:
+        """``count`` zigzag varints in a row, each plus ``offset``."""
+        data, pos, size = self.data, self.pos, len(self.data)
+        zigzag = _ZIGZAG
+        out: list[int] = []
+        append = out.append
+        for _ in range(count):
+            if pos < size and data[pos] < 0x80:
+                append(zigzag[data[pos]] + offset)
+                pos += 1
+            else:
+                self.pos = pos
+                z = self._long_uint()
+                pos = self.pos
+                append(((z >> 1) if not z & 1 else -((z + 1) >> 1)) + offset)
+        self.pos = pos
+        return out
 
     def f64(self) -> float:
         return float(_F64.unpack(self.take(8))[0])
@@ -531,7 +551,7 @@ def _read_features(r: _Reader) -> list[FeatureSummary]:
         if n < 0 or k < 1:
             raise WindowCodecError(f"a feature has {n} values in {k} bins")
         expected = n // k
-        counts = [d + expected for d in r.sints(k - 1)]
+        counts = r.sints(k - 1, expected)
         counts.append(n - sum(counts))
         if min(counts) < 0:
             raise WindowCodecError(f"a feature's bin counts are negative before byte {r.pos}")
@@ -552,10 +572,10 @@ def _read_features(r: _Reader) -> list[FeatureSummary]:
     if not all(math.isfinite(v) for v in [*narrow_values, *wide_values]):
         raise WindowCodecError("a feature's moments are not finite numbers")
     narrow, wide = iter(narrow_values), iter(wide_values)
-    out = []
+    out: list[dict[str, object]] = []
     for flags, nan, out_of_range, n, counts in heads:
         if not flags & _HAS_VALUES:
-            out.append(FeatureSummary(n=0, nan=nan, out_of_range=out_of_range, counts=counts))
+            out.append({"n": 0, "nan": nan, "out_of_range": out_of_range, "counts": counts})
             continue
         source = wide if flags & _WIDE else narrow
         low = next(source)
@@ -567,18 +587,28 @@ def _read_features(r: _Reader) -> list[FeatureSummary]:
                 # Back from the offset, kept inside [min, max] despite rounding.
                 mean = min(max(low + mean, low), high)
         out.append(
-            FeatureSummary(
-                n=n,
-                nan=nan,
-                out_of_range=out_of_range,
-                mean=mean,
-                m2=m2,
-                min=low,
-                max=high,
-                counts=counts,
-            )
+            {
+                "n": n,
+                "nan": nan,
+                "out_of_range": out_of_range,
+                "mean": mean,
+                "m2": m2,
+                "min": low,
+                "max": high,
+                "counts": counts,
+            }
         )
-    return out
+    # One validation call for every feature: cheaper than a model per feature.
+    try:
+        return _FEATURE_LIST.validate_python(out)
+    except ValidationError as exc:
+        raise _invalid(exc, "features") from None
+
+
+def _invalid(exc: ValidationError, *where: str) -> WindowCodecError:
+    err = exc.errors()[0]
+    at = ".".join(str(p) for p in (*where, *err["loc"])) or "window"
+    return WindowCodecError(f"decoded window is invalid at {at}: {err['msg']}")
 
 
 def _write_latency(w: _Writer, h: ExponentialHistogram) -> None:
@@ -769,6 +799,4 @@ def decode_window(data: bytes) -> WindowSummary:
             latency_ms=latency,
         )
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "window"
-        raise WindowCodecError(f"decoded window is invalid at {where}: {err['msg']}") from None
+        raise _invalid(exc) from None

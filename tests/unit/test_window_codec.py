@@ -483,3 +483,13 @@ def test_feature_summary_with_counts_not_matching_n_cannot_be_encoded() -> None:
             requests=1,
             features=[FeatureSummary(n=2, nan=0, out_of_range=0, counts=[1, 0])],
         )
+
+
+def test_a_feature_that_decodes_to_an_invalid_summary_names_where() -> None:
+    # A negative m2 cannot come from a real window; the writer does not check it
+    # (it takes a validated WindowSummary), so the reader must.
+    window = _v1_window()
+    broken = window.features[1].model_copy(update={"m2": -4.0})
+    data = encode_window(window.model_copy(update={"features": [window.features[0], broken]}))
+    with pytest.raises(WindowCodecError, match=r"invalid at features\.1\.m2: .*greater than"):
+        decode_window(data)
