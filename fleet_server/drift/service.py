@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 from collections import defaultdict
@@ -40,7 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -58,6 +59,7 @@ from protocol.window import (
     WindowMergeError,
     WindowSummary,
     decode_window,
+    merge_scores,
     merge_windows,
 )
 
@@ -341,7 +343,7 @@ async def _accuracy(
         # Labels were checked against the window's classes when posted.
         usable = [w for w in windows if w.window_id in labels and w.scores is not None]
         marked = [labels[w.window_id] for w in usable]
-        subset = merge_windows(usable).scores if usable else None
+        subset = functools.reduce(merge_scores, [w.scores for w in usable]) if usable else None
         labelled = Labelled(
             windows=len(marked),
             rows=sum(m.rows for m in marked),
@@ -438,33 +440,39 @@ def open_key(scope: Scope, model_name: str, model_version: str, feature: int | N
 
 @dataclass(frozen=True)
 class _Finding:
-    """One alert's key and what the latest evaluation says about it."""
+    """One alert's key, what the latest evaluation says of it, and what it tested."""
 
     kind: Literal["drift", "accuracy"]
     feature: int | None
     feature_name: str | None
-    action: Literal["open", "close", "keep"]
-    evidence: dict[str, Any]
+    action: Literal["open", "close"]
+    tested: FeatureDrift | Accuracy
+
+    def evidence(self, result: ModelDrift) -> dict[str, Any]:
+        """Built only for an alert that changes: it lists the windows, up to a thousand."""
+        if isinstance(self.tested, Accuracy):
+            return accuracy_evidence(result, self.tested)
+        return evidence(result, self.tested)
+
+
+_ACTIONS: Final[dict[str, Literal["open", "close"]]] = {
+    "drift": "open",
+    "below": "open",
+    "no_drift": "close",
+    "within": "close",
+}
 
 
 def _findings(result: ModelDrift) -> list[_Finding]:
-    actions: dict[str, Literal["open", "close", "keep"]] = {
-        "drift": "open",
-        "below": "open",
-        "no_drift": "close",
-        "within": "close",
-    }
+    """The tests of ``result`` that open or close an alert (the others change nothing)."""
     found = [
-        _Finding("drift", f.feature, f.name, actions.get(f.verdict, "keep"), evidence(result, f))
+        _Finding("drift", f.feature, f.name, _ACTIONS[f.verdict], f)
         for f in result.features
+        if f.verdict in _ACTIONS
     ]
-    if result.accuracy is not None:
-        a = result.accuracy
-        found.append(
-            _Finding(
-                "accuracy", None, None, actions.get(a.verdict, "keep"), accuracy_evidence(result, a)
-            )
-        )
+    a = result.accuracy
+    if a is not None and a.verdict in _ACTIONS:
+        found.append(_Finding("accuracy", None, None, _ACTIONS[a.verdict], a))
     return found
 
 
@@ -472,27 +480,20 @@ async def evaluate_alerts(
     session: AsyncSession,
     scope: Scope,
     results: Sequence[ModelDrift],
+    open_alerts: dict[str, AlertRow],
     now: datetime | None = None,
-    open_alerts: dict[str, AlertRow] | None = None,
 ) -> list[tuple[AlertChange, AlertRow]]:
     """Open, update or close the alerts of ``scope`` by ``results`` (see the module rules).
 
-    ``open_alerts``, every open alert by its ``open_key`` (see :func:`load_open_alerts`),
-    saves a query per key; it is kept up to date.
+    ``open_alerts`` is every open alert by its ``open_key`` (:func:`load_open_alerts`);
+    it is kept up to date.
     """
     now = now or datetime.now(UTC)
     changes: list[tuple[AlertChange, AlertRow]] = []
     for result in results:
         for finding in _findings(result):
-            if finding.action == "keep":
-                continue
             key = open_key(scope, result.model_name, result.model_version, finding.feature)
-            if open_alerts is not None:
-                current = open_alerts.get(key)
-            else:
-                current = (
-                    await session.scalars(select(AlertRow).where(AlertRow.open_key == key))
-                ).first()
+            current = open_alerts.get(key)
             if finding.action == "open":
                 if current is None:
                     row = AlertRow(
@@ -507,7 +508,7 @@ async def evaluate_alerts(
                         open_key=key,
                         opened_at=now,
                         last_seen_at=now,
-                        evidence=finding.evidence,
+                        evidence=finding.evidence(result),
                     )
                     # A savepoint: another replica opening the same alert is not an error.
                     try:
@@ -515,20 +516,18 @@ async def evaluate_alerts(
                             session.add(row)
                     except IntegrityError:
                         continue
-                    if open_alerts is not None:
-                        open_alerts[key] = row
+                    open_alerts[key] = row
                     changes.append(("opened", row))
                 else:
                     current.last_seen_at = now
-                    current.evidence = finding.evidence
+                    current.evidence = finding.evidence(result)
                     changes.append(("updated", current))
             elif current is not None:
-                if open_alerts is not None:
-                    open_alerts.pop(key, None)
+                del open_alerts[key]
                 current.state = "closed"
                 current.open_key = None
                 current.closed_at = now
-                current.evidence = finding.evidence
+                current.evidence = finding.evidence(result)
                 changes.append(("closed", current))
     await session.flush()
     return changes
@@ -604,7 +603,7 @@ async def evaluate_fleet(
     scopes += await cohorts_with_windows(session, since, until)
     for scope in scopes:
         results = await drift_of(session, manifests, scope, since, until, **policies)
-        changes += await evaluate_alerts(session, scope, results, until, open_alerts)
+        changes += await evaluate_alerts(session, scope, results, open_alerts, until)
     fleet = Scope("fleet")
     fleet_results: list[ModelDrift] = []
     for name, version in sorted(versions):
@@ -618,7 +617,7 @@ async def evaluate_fleet(
             model_version=version,
             **policies,
         )
-        changes += await evaluate_alerts(session, fleet, results, until, open_alerts)
+        changes += await evaluate_alerts(session, fleet, results, open_alerts, until)
         fleet_results += results
     return Evaluation(changes, fleet_results)
 
