@@ -355,19 +355,8 @@ class DriftArrays:
             raise ValueError(f"results() takes the tests of one scope, not of shape {self.shape}")
         if names is not None and len(names) != self.verdict.size:
             raise ValueError(f"{len(names)} names for {self.verdict.size} features")
-        columns = zip(
-            self.verdict.tolist(),
-            self.n.tolist(),
-            self.baseline_n.tolist(),
-            self.psi.tolist(),
-            self.js.tolist(),
-            self.statistic.tolist(),
-            self.df.tolist(),
-            self.threshold.tolist(),
-            self.p_value.tolist(),
-            self.psi_threshold.tolist(),
-            strict=True,
-        )
+        fields = [f.name for f in dataclasses.fields(self)]  # named as FeatureDrift's
+        columns = [getattr(self, name).tolist() for name in fields]
         # One validation of the whole list is faster than one per object, and than
         # model_construct (Python, slower than pydantic-core for a model this small).
         return _FEATURE_DRIFTS.validate_python(
@@ -375,29 +364,9 @@ class DriftArrays:
                 {
                     "feature": j,
                     "name": None if names is None else names[j],
-                    "verdict": verdict,
-                    "n": n,
-                    "baseline_n": baseline_n,
-                    "psi": psi_,
-                    "js": js,
-                    "statistic": g,
-                    "df": df,
-                    "threshold": threshold,
-                    "p_value": p_value,
-                    "psi_threshold": psi_threshold,
+                    **dict(zip(fields, values, strict=True)),
                 }
-                for j, (
-                    verdict,
-                    n,
-                    baseline_n,
-                    psi_,
-                    js,
-                    g,
-                    df,
-                    threshold,
-                    p_value,
-                    psi_threshold,
-                ) in enumerate(columns)
+                for j, values in enumerate(zip(*columns, strict=True))
             ]
         )
 

@@ -360,8 +360,14 @@ class _Writer:
 
 
 _FEATURE_LIST: Final = TypeAdapter(list[FeatureSummary])
+
+
 # Zigzag-decoded values of the one-byte varints.
-_ZIGZAG: Final = tuple((z >> 1) if not z & 1 else -((z + 1) >> 1) for z in range(0x80))
+def _unzigzag(z: int) -> int:
+    return (z >> 1) if not z & 1 else -((z + 1) >> 1)
+
+
+_ZIGZAG: Final = tuple(_unzigzag(z) for z in range(0x80))
 
 
 class _Reader:
@@ -419,8 +425,7 @@ class _Reader:
         return out
 
     def sint(self) -> int:
-        z = self.uint()
-        return (z >> 1) if not z & 1 else -((z + 1) >> 1)
+        return _unzigzag(self.uint())
 
     def sints(self, count: int, offset: int = 0) -> list[int]:
         """``count`` zigzag varints in a row, each plus ``offset``."""
@@ -436,7 +441,7 @@ class _Reader:
                 self.pos = pos
                 z = self._long_uint()
                 pos = self.pos
-                append(((z >> 1) if not z & 1 else -((z + 1) >> 1)) + offset)
+                append(_unzigzag(z) + offset)
         self.pos = pos
         return out
 
