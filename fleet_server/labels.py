@@ -116,27 +116,18 @@ async def post_labels(
         right = sum(counts[i][i] for i in range(len(counts)))
         row = existing.get(body.window_id)
         if row is None:
-            session.add(
-                WindowLabels(
-                    window_id=body.window_id,
-                    classes=list(scores.classes),
-                    counts=counts,
-                    rows=total,
-                    correct=right,
-                    posted_at=now,
-                    posted_by=actor,
-                )
-            )
+            row = WindowLabels(window_id=body.window_id)
+            session.add(row)
             stored += 1
         else:
-            row.classes, row.counts, row.rows, row.correct = (
-                list(scores.classes),
-                counts,
-                total,
-                right,
-            )
-            row.posted_at, row.posted_by = now, actor
             replaced += 1
+        # The class order travels with the counts: they mean nothing without it.
+        row.classes = list(scores.classes)
+        row.counts = counts
+        row.rows = total
+        row.correct = right
+        row.posted_at = now
+        row.posted_by = actor
         rows += total
         correct += right
     await audit.record(
