@@ -150,12 +150,13 @@ def _read_csv(path: Path) -> tuple[list[str], npt.NDArray[np.float64]]:
 
 
 def _match_inputs(
-    arrays: Mapping[str, npt.NDArray[Any]], inputs: Sequence[TensorSpec]
+    arrays: Mapping[str, npt.NDArray[Any]], inputs: Sequence[TensorSpec], what: str = "baseline"
 ) -> dict[str, npt.NDArray[Any]]:
+    """``arrays`` as the model's inputs; ``what`` names the data in errors."""
     expected = {t.name for t in inputs}
     if set(arrays) != expected:
         raise BundleBuildError(
-            f"baseline arrays {sorted(arrays)} do not match the model's inputs {sorted(expected)}"
+            f"{what} arrays {sorted(arrays)} do not match the model's inputs {sorted(expected)}"
         )
     out: dict[str, npt.NDArray[Any]] = {}
     rows = None
@@ -166,19 +167,19 @@ def _match_inputs(
             array = array.reshape(-1, 1) if example == [1] else array.reshape(1, -1)
         if list(array.shape[1:]) != example:
             raise BundleBuildError(
-                f"baseline for input {spec.name!r} has rows of shape {list(array.shape[1:])}, "
+                f"{what} for input {spec.name!r} has rows of shape {list(array.shape[1:])}, "
                 f"the model expects {example}"
             )
         if array.dtype.kind not in "biuf":
-            raise BundleBuildError(f"baseline for input {spec.name!r} is not numeric")
+            raise BundleBuildError(f"{what} for input {spec.name!r} is not numeric")
         if np.issubdtype(np.dtype(spec.dtype), np.integer) and not np.all(np.isfinite(array)):
-            raise BundleBuildError(f"baseline for integer input {spec.name!r} holds NaN")
+            raise BundleBuildError(f"{what} for integer input {spec.name!r} holds NaN")
         rows = array.shape[0] if rows is None else rows
         if array.shape[0] != rows:
-            raise BundleBuildError("baseline arrays have different numbers of rows")
+            raise BundleBuildError(f"{what} arrays have different numbers of rows")
         out[spec.name] = array.astype(spec.dtype)
     if not rows:
-        raise BundleBuildError("the baseline holds no rows")
+        raise BundleBuildError(f"the {what} holds no rows")
     return out
 
 
@@ -334,23 +335,19 @@ def load_labelled(
     raw_labels = np.asarray(arrays.pop(label_key))
     if len(inputs) == 1 and len(arrays) == 1:
         arrays = {inputs[0].name: next(iter(arrays.values()))}
-    try:
-        rows = _match_inputs(arrays, inputs)
-    except BundleBuildError as exc:
-        raise BundleBuildError(
-            f"calibration data: {exc}".replace("baseline", "calibration")
-        ) from None
+    rows = _match_inputs(arrays, inputs, what="calibration data")
     count = next(iter(rows.values())).shape[0]
     if raw_labels.shape != (count,):
         raise BundleBuildError(f"calibration data has {raw_labels.size} labels for {count} rows")
     if raw_labels.dtype.kind in "US":
+        names = raw_labels.astype(str).tolist()  # bytes (dtype S) decoded too
         index = {name: i for i, name in enumerate(classes)}
-        unknown = sorted({str(v) for v in raw_labels} - set(index))
+        unknown = sorted(set(names) - set(index))
         if unknown:
             raise BundleBuildError(
                 f"calibration labels {unknown[:5]} are not classes of the model {list(classes)}"
             )
-        labels = np.array([index[str(v)] for v in raw_labels], dtype=np.int64)
+        labels = np.array([index[name] for name in names], dtype=np.int64)
     elif raw_labels.dtype.kind in "iu":
         labels = raw_labels.astype(np.int64)
         if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):

@@ -193,14 +193,15 @@ def test_calibration_is_measured_on_the_labelled_rows(tmp_path: Path) -> None:
     built.write(path)
     with path.open("rb") as f:
         assert read_bundle(f)[0].baseline.calibration == calibration
-    named = {"X": heldout["X"], "labels": np.array(classes)[heldout["y"]]}
-    again = build_bundle(
-        (MODELS / "v2.tflite").read_bytes(),
-        MODELS / "baseline.npy",
-        spec(feature_specs=features, classes=classes),
-        calibration=named,
-    )
-    assert again.manifest.baseline.calibration == calibration
+    names = np.array(classes)[heldout["y"]]
+    for labels in (names, names.astype(bytes)):
+        again = build_bundle(
+            (MODELS / "v2.tflite").read_bytes(),
+            MODELS / "baseline.npy",
+            spec(feature_specs=features, classes=classes),
+            calibration={"X": heldout["X"], "labels": labels},
+        )
+        assert again.manifest.baseline.calibration == calibration
 
 
 @pytest.mark.parametrize(
