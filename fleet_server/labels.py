@@ -23,7 +23,6 @@ Rules:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import select
@@ -31,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from fleet_server import audit
 from fleet_server.db.models import WindowLabels, WindowRow
-from protocol.api import WindowLabelsBody
+from protocol.api import LabelsResult, WindowLabelsBody
 from protocol.window import WindowCodecError, decode_window
 
 
@@ -41,14 +40,6 @@ class LabelsError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
-
-
-@dataclass(frozen=True)
-class LabelsStored:
-    stored: int
-    replaced: int
-    rows: int
-    correct: int
 
 
 def confusion_counts(body: WindowLabelsBody, classes: Sequence[str]) -> list[list[int]]:
@@ -78,7 +69,7 @@ def confusion_counts(body: WindowLabelsBody, classes: Sequence[str]) -> list[lis
 
 async def post_labels(
     session: AsyncSession, bodies: Sequence[WindowLabelsBody], actor: str
-) -> LabelsStored:
+) -> LabelsResult:
     """Store the labels of ``bodies`` (see the module's rules), in the caller's transaction."""
     ids = list(dict.fromkeys(b.window_id for b in bodies))
     if len(ids) != len(bodies):
@@ -143,4 +134,4 @@ async def post_labels(
             "window_ids": ids[:100],
         },
     )
-    return LabelsStored(stored=stored, replaced=replaced, rows=rows, correct=correct)
+    return LabelsResult(stored=stored, replaced=replaced, rows=rows, correct=correct)

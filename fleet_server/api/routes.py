@@ -608,11 +608,7 @@ async def create_labels(request: web.Request) -> web.StreamResponse:
     b = body(request, LabelsRequest)
     async with request.app[SERVER].db.session() as session:
         result = await post_labels(session, b.windows, request[PRINCIPAL].actor)
-    return answer(
-        LabelsResult(
-            stored=result.stored, replaced=result.replaced, rows=result.rows, correct=result.correct
-        )
-    )
+    return answer(result)
 
 
 # -- the table -----------------------------------------------------------------
