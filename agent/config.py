@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from protocol.versioning import HARDWARE_ID_PATTERN
 
@@ -34,8 +34,38 @@ class RepositoryConfig(_Section):
 
 
 class ApiConfig(_Section):
+    """The local inference API, and how much of the device it may take.
+
+    Defaults for a device with little memory (the serving process itself takes
+    about 70 MB): ``max_body_bytes`` 4 MiB holds a 224x224x3 float image as
+    JSON; a request is charged 12 times its body while served (its parsed JSON
+    and tensors, see ``agent.api.admission``), so ``max_inflight_bytes`` 48 MiB
+    bounds what requests can add to the process, and admits one request of the
+    largest size or four 1 MB images at once — more would only queue for the
+    same CPU. ``max_connections`` 64 local clients; beyond it, and beyond the
+    bytes, requests get 503 with ``Retry-After: retry_after_s`` after waiting
+    up to ``admission_wait_s`` for room.
+    """
+
     host: str = "127.0.0.1"
     port: int = Field(default=8500, ge=0, le=65535)
+    max_connections: int = Field(default=64, ge=1, le=65535)
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    max_inflight_bytes: int = Field(default=48 * 1024 * 1024, ge=1024)
+    retry_after_s: int = Field(default=1, ge=1, le=3600)
+    admission_wait_s: float = Field(default=2.0, ge=0, le=60, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _budget_holds_one_request(self) -> ApiConfig:
+        from agent.api.admission import request_cost
+
+        if self.max_inflight_bytes < request_cost(self.max_body_bytes):
+            raise ValueError(
+                f"max_inflight_bytes ({self.max_inflight_bytes}) must hold one request of "
+                f"max_body_bytes ({self.max_body_bytes}), which is charged "
+                f"{request_cost(self.max_body_bytes)} bytes (the body and its parsed form)"
+            )
+        return self
 
 
 class CloudConfig(_Section):

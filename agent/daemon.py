@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agent.api.admission import ApiLimits
 from agent.api.http import LocalApi
 from agent.config import AgentConfig
 from agent.ota.durable import atomic_write
@@ -99,7 +100,9 @@ class AgentDaemon:
                 on_desired=lambda _: self.wake.set(),
                 outbox=self.outbox,
             )
-        self.api = LocalApi(self.chain, config.api.host, config.api.port)
+        self.api = LocalApi(
+            self.chain, config.api.host, config.api.port, limits=ApiLimits.from_config(config.api)
+        )
         self.started = time.monotonic()
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -2,9 +2,11 @@
 
 Both the agent's local API and the fleet server's cloud endpoint speak this
 protocol. A request tensor carries ``name``, ``shape``, ``datatype`` and
-``data`` (row-major, flat or nested); decoding checks that the data holds
-exactly ``prod(shape)`` numbers of the declared datatype and raises
-:class:`InferenceRequestError`, naming the tensor, when it does not.
+``data`` (row-major, flat or nested); decoding checks the shape first (at
+most :data:`MAX_RANK` dimensions, none negative, a size an array can have),
+then that the data holds exactly ``prod(shape)`` numbers of the declared
+datatype, and raises :class:`InferenceRequestError`, naming the tensor, when it
+does not: nothing is allocated for a shape before it has passed.
 
 edgefleet adds three response ``parameters`` (the protocol's extension point):
 ``stage`` (which stage of the fallback chain answered), ``model_version`` (the
@@ -45,6 +47,12 @@ DATATYPES: Final[Mapping[str, str]] = {
 _DATATYPE_OF_DTYPE: Final[Mapping[str, str]] = {v: k for k, v in DATATYPES.items()}
 
 Parameters = dict[str, Any]
+
+# numpy 1.x's limit on an array's dimensions (numpy 2 allows 64); models use far fewer.
+MAX_RANK: Final = 32
+# numpy refuses an array whose non-zero dimensions multiply, with the item size,
+# beyond the largest intp, even when another dimension is 0 and the array empty.
+_MAX_NONZERO_BYTES: Final = int(np.iinfo(np.intp).max)
 
 
 class InferenceRequestError(ValueError):
@@ -195,9 +203,7 @@ def decode_tensor(
         target = np.dtype(dtype_of(datatype))
     except InferenceRequestError as exc:
         raise InferenceRequestError(f"{where}: {exc}", name) from None
-    if any(d < 0 for d in shape):
-        raise InferenceRequestError(f"{where}: shape {list(shape)} has a negative dimension", name)
-    expected = math.prod(shape)
+    expected = check_shape(name, shape, target.itemsize, role=role)
     try:
         raw = np.asarray(data)
     except (ValueError, TypeError, OverflowError):
@@ -207,12 +213,45 @@ def decode_tensor(
             f"{where}: data has {raw.size} elements, shape {list(shape)} needs {expected}", name
         )
     if raw.size == 0:
-        return np.zeros(shape, dtype=target)
+        return np.zeros(tuple(shape), dtype=target)
     if raw.dtype.kind == "O" and target.kind == "f":
         raw = _nulls_as_nan(raw)
     if raw.dtype.kind not in "biuf":
         raise InferenceRequestError(f"{where}: data holds values that are not {datatype}", name)
     return _convert(where, name, raw, target, datatype).reshape(shape)
+
+
+def check_shape(
+    name: str,
+    shape: Sequence[int],
+    itemsize: int = 8,
+    *,
+    role: Literal["input", "output"] = "input",
+) -> int:
+    """The number of elements ``shape`` describes, once it is a shape an array can have.
+
+    Refuses, naming the tensor, more than :data:`MAX_RANK` dimensions, a negative
+    dimension, and non-zero dimensions that multiply (with ``itemsize``) beyond
+    what numpy can address — even when a 0 elsewhere leaves the tensor empty.
+    Pure integer arithmetic: nothing is allocated.
+    """
+    where = f"{role} {name!r}"
+    if len(shape) > MAX_RANK:
+        raise InferenceRequestError(
+            f"{where}: shape has {len(shape)} dimensions, at most {MAX_RANK} are supported", name
+        )
+    if any(d < 0 for d in shape):
+        raise InferenceRequestError(f"{where}: shape {list(shape)} has a negative dimension", name)
+    nonzero = itemsize
+    for d in shape:
+        nonzero *= d or 1
+        if nonzero > _MAX_NONZERO_BYTES:
+            raise InferenceRequestError(
+                f"{where}: shape {list(shape)} is larger than any array can be "
+                f"(its non-zero dimensions multiply to more than {_MAX_NONZERO_BYTES} bytes)",
+                name,
+            )
+    return math.prod(shape)
 
 
 def _nulls_as_nan(raw: npt.NDArray[Any]) -> npt.NDArray[Any]:

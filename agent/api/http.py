@@ -9,17 +9,22 @@ Routes::
     GET  /v2/models/{name}[/versions/{v}]         model metadata from the manifest
     GET  /v2/models/{name}[/versions/{v}]/ready   200 when the model can answer
     POST /v2/models/{name}[/versions/{v}]/infer   inference through the fallback chain
+    GET  /metrics                              the API's connections, bytes in flight and
+                                               refusals, as Prometheus text
 
 ``{name}`` is the manifest's name. Every error has a JSON body
 ``{"error": "..."}`` that names the tensor at fault: 400 for a body that is not
 a valid protocol request, 404 for an unknown route, model or version, 413 for a
 body over the limit, 422 for a request that breaks the model's contract
-(shape, dtype, NaN/Inf, valid range). A failing stage is no error — the chain
-answers — so a 5xx only ever means a bug here.
+(shape, dtype, NaN/Inf, valid range), 503 with ``Retry-After`` when the API is
+at one of its limits (:mod:`agent.api.admission`). A failing stage is no
+error — the chain answers — so a 500 only ever means a bug here.
 
 HTTP/1.1 with keep-alive, one asyncio task per connection, parsed by h11: no
 web framework, to keep the device process small (aiohttp alone would cost
-~17 MB of a 64 MB budget).
+~17 MB of a 64 MB budget). Sockets are read with explicit sizes
+(``sock_recv``), never by a transport that reads ahead: a request's body
+stays in the kernel's socket buffer until the request is admitted.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -39,8 +45,9 @@ import h11
 from pydantic import BaseModel, ValidationError
 
 import agent
+from agent.api.admission import Admission, ApiLimits, request_cost
 from agent.serving.chain import ChainNotReady, FallbackChain, UnknownVersion
-from agent.serving.validation import InvalidInput
+from agent.serving.validation import InvalidInput, check_declared_shapes
 from protocol.inference import (
     ErrorResponse,
     InferenceRequest,
@@ -56,9 +63,20 @@ from protocol.inference import (
 
 logger = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 8 * 1024 * 1024
 _MAX_HEADER_BYTES = 16 * 1024
-_READ_SIZE = 65536
+# A request head is read in small pieces, so that little of a body not yet
+# admitted comes with it; an admitted body in larger ones.
+_HEAD_READ = 4096
+_BODY_READ = 65536
+# A connection closed with unread data in its receive buffer is reset, and a
+# reset can destroy the response just sent: before closing, what the client
+# still sends is read and thrown away (a "lingering close"), for a bounded time.
+_LINGER_READ_S = 2.0
+_LINGER_TOTAL_S = 10.0
+# Connections beyond max_connections answered 503 at a time; more wait,
+# unaccepted, in the kernel's listen queue (they cost the process nothing there).
+_MAX_TURNING_AWAY = 256
+_LISTEN_BACKLOG = 1024
 
 ChainProvider = FallbackChain | Callable[[], FallbackChain]
 
@@ -69,6 +87,7 @@ class _Response:
     body: bytes
     close: bool = False
     headers: list[tuple[str, str]] = field(default_factory=list)
+    content_type: str = "application/json"
 
 
 def _json(status: int, body: BaseModel, *, close: bool = False) -> _Response:
@@ -80,12 +99,13 @@ def _error(status: int, message: str, *, close: bool = False) -> _Response:
 
 
 class LocalApi:
-    """Serves the fallback chain over HTTP until closed.
+    """Serves the fallback chain over HTTP until closed, within ``limits``.
 
     ``chain`` is the chain, or a callable returning the chain to use for each
     request. Use as ``async with LocalApi(...) as api:``, or run
     ``api.serve_forever()`` as a task of a ``TaskGroup`` (cancel it to stop).
-    ``port=0`` picks a free port; :attr:`port` tells which.
+    ``port=0`` picks a free port; :attr:`port` tells which. :attr:`admission`
+    holds the counts of connections, bytes in flight and refusals.
     """
 
     def __init__(
@@ -94,25 +114,40 @@ class LocalApi:
         host: str = "127.0.0.1",
         port: int = 8080,
         *,
-        max_body_bytes: int = MAX_BODY_BYTES,
+        limits: ApiLimits | None = None,
         idle_timeout_s: float = 60.0,
         read_timeout_s: float = 10.0,
     ) -> None:
         self._chain = chain
         self.host = host
         self._port = port
-        self.max_body_bytes = max_body_bytes
+        self.limits = limits or ApiLimits()
+        self.admission = Admission(self.limits)
         self.idle_timeout_s = idle_timeout_s
         self.read_timeout_s = read_timeout_s
-        self._server: asyncio.Server | None = None
+        self._listener: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        self._turning_away = asyncio.Semaphore(_MAX_TURNING_AWAY)
+        self._budget_freed = asyncio.Event()
+        self._discard = bytearray(_BODY_READ)  # shared: what is read into it is never looked at
+        self._busy = _raw_response(
+            503,
+            f"the local API serves {self.limits.max_connections} connections at a time and all "
+            f"are busy; retry after {self.limits.retry_after_s} s",
+            self.limits.retry_after_s,
+        )
         self._closing = False
+
+    @property
+    def max_body_bytes(self) -> int:
+        return self.limits.max_body_bytes
 
     @property
     def port(self) -> int:
         """The port served on (the one picked when constructed with ``port=0``)."""
-        if self._server is not None and self._server.sockets:
-            return int(self._server.sockets[0].getsockname()[1])
+        if self._listener is not None:
+            return int(self._listener.getsockname()[1])
         return self._port
 
     @property
@@ -121,21 +156,33 @@ class LocalApi:
 
     async def start(self) -> None:
         """Listen; returns once the socket is bound."""
-        if self._server is None:
-            self._server = await asyncio.start_server(self._connection, self.host, self._port)
+        if self._listener is not None:
+            return
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(
+            self.host, self._port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        family, _, _, _, address = infos[0]
+        listener = socket.create_server(address, family=family, backlog=_LISTEN_BACKLOG)
+        listener.setblocking(False)
+        self._listener = listener
+        self._accepting = asyncio.create_task(self._accept(listener))
 
     async def close(self) -> None:
         """Stop listening and close every open connection."""
-        server, self._server = self._server, None
-        if server is None:
+        listener, self._listener = self._listener, None
+        if listener is None:
             return
         self._closing = True
         try:
-            server.close()
+            if self._accepting is not None:
+                self._accepting.cancel()
+                await asyncio.gather(self._accepting, return_exceptions=True)
+                self._accepting = None
+            listener.close()
             for task in list(self._connections):
                 task.cancel()
             await asyncio.gather(*self._connections, return_exceptions=True)
-            await server.wait_closed()
         finally:
             self._closing = False
 
@@ -161,120 +208,229 @@ class LocalApi:
 
     # -- connections ---------------------------------------------------------
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._connections.add(task)
+    async def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, _ = await loop.sock_accept(listener)
+            except OSError as exc:
+                # Out of file descriptors, most likely: what waits stays queued in the kernel.
+                logger.warning("the local API cannot accept a connection now: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            sock.setblocking(False)
+            if self.admission.open_connection():
+                self._track(self._connection(sock))
+            else:
+                await self._turning_away.acquire()
+                self._track(self._turn_away(sock))
+
+    def _track(self, coro: object) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro)  # type: ignore[arg-type]
+        self._connections.add(task)
+        task.add_done_callback(self._connections.discard)
+
+    async def _turn_away(self, sock: socket.socket) -> None:
+        """Answer 503 without reading the request: every connection slot is taken."""
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.read_timeout_s):
+                await loop.sock_sendall(sock, self._busy)
+            await self._linger(sock)
+        except (OSError, TimeoutError):
+            pass
+        except asyncio.CancelledError:
+            if not self._closing:
+                raise
+        finally:
+            sock.close()
+            self._turning_away.release()
+
+    async def _linger(self, sock: socket.socket) -> None:
+        """Half-close, then read and drop what the client still sends, for a bounded time."""
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(OSError, TimeoutError):
+            sock.shutdown(socket.SHUT_WR)
+            async with asyncio.timeout(_LINGER_TOTAL_S):
+                while True:
+                    async with asyncio.timeout(_LINGER_READ_S):
+                        if await loop.sock_recv_into(sock, self._discard) == 0:
+                            return
+
+    async def _connection(self, sock: socket.socket) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEADER_BYTES)
         try:
             while True:
-                head = False
-                try:
-                    request = await self._read_request(conn, reader, writer)
-                    if request is None:
-                        return
-                    if isinstance(request, _Response):
-                        response = request
-                    else:
-                        head = request[0].method == b"HEAD"
-                        response = await self._dispatch(request[0], request[1])
-                except h11.RemoteProtocolError as exc:
-                    if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-                        return
-                    response = _error(
-                        exc.error_status_hint, f"malformed HTTP request: {exc}", close=True
-                    )
-                await self._send(conn, writer, response, head=head)
-                if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                if not await self._exchange(conn, sock):
                     return
                 conn.start_next_cycle()
-        except (ConnectionError, h11.LocalProtocolError):
+        except (ConnectionError, TimeoutError, h11.LocalProtocolError):
             return
         except asyncio.CancelledError:
             # close() cancels open connections; ending quietly keeps asyncio from
-            # reporting the cancellation as an error of the stream's callback.
+            # reporting the cancellation as an error of the connection's task.
             if not self._closing:
                 raise
         except Exception:
             logger.exception("the local API failed on a connection")
         finally:
-            if task is not None:
-                self._connections.discard(task)
-            writer.close()
-            with contextlib.suppress(OSError, asyncio.CancelledError):
-                await writer.wait_closed()
+            sock.close()
+            self.admission.close_connection()
 
-    async def _read_request(
-        self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> tuple[h11.Request, bytes] | _Response | None:
-        """The next request and its body; a response to send instead; ``None`` to hang up."""
+    async def _exchange(self, conn: h11.Connection, sock: socket.socket) -> bool:
+        """Serve one request; whether the connection stays open for the next."""
+        head = False
+        charged = 0
         try:
-            event = await self._next_event(conn, reader, self.idle_timeout_s)
-        except TimeoutError:
-            return None
-        if not isinstance(event, h11.Request):
-            return None
-        length = _content_length(event)
-        if length is not None and length > self.max_body_bytes:
-            return self._too_large(close=True)
+            try:
+                try:
+                    event = await self._next_event(conn, sock, self.idle_timeout_s, _HEAD_READ)
+                except TimeoutError:
+                    return False
+                if not isinstance(event, h11.Request):
+                    return False
+                head = event.method == b"HEAD"
+                admitted = await self._admit(conn, sock, event)
+                if isinstance(admitted, _Response):
+                    response = admitted
+                else:
+                    charged = admitted
+                    body = await self._read_body(conn, sock)
+                    if body is None:
+                        return False
+                    response = (
+                        body if isinstance(body, _Response) else (await self._dispatch(event, body))
+                    )
+            except h11.RemoteProtocolError as exc:
+                if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+                    return False
+                response = _error(
+                    exc.error_status_hint, f"malformed HTTP request: {exc}", close=True
+                )
+            await self._send(conn, sock, response, head=head)
+        finally:
+            if charged:
+                self.admission.release(charged)
+                self._budget_freed.set()
+                self._budget_freed = asyncio.Event()
+        if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+            await self._linger(sock)
+            return False
+        return True
+
+    async def _admit(
+        self, conn: h11.Connection, sock: socket.socket, request: h11.Request
+    ) -> int | _Response:
+        """The bytes charged for ``request`` (0 without a body), or the refusal to send."""
+        length = _content_length(request)
+        if length is not None and not self.admission.body_allowed(length):
+            return self._too_large()
+        chunked = _chunked(request)
+        if not chunked and not length:
+            return 0
+        # A chunked body's size is known only at its end: it is charged as the largest allowed.
+        cost = request_cost(self.limits.max_body_bytes if chunked or length is None else length)
+        if not await self._charge(cost):
+            self.admission.refuse("inflight_bytes")
+            return self._over_budget()
         if conn.they_are_waiting_for_100_continue:
-            writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+            try:
+                await self._write(
+                    sock, conn.send(h11.InformationalResponse(status_code=100, headers=[]))
+                )
+            except BaseException:
+                self.admission.release(cost)
+                raise
+        return cost
+
+    async def _charge(self, cost: int) -> bool:
+        """Charge ``cost`` against the budget, waiting up to ``admission_wait_s`` for room."""
+        if self.admission.try_charge(cost):
+            return True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.limits.admission_wait_s):
+                while True:
+                    await self._budget_freed.wait()
+                    if self.admission.try_charge(cost):
+                        return True
+        return False
+
+    async def _read_body(
+        self, conn: h11.Connection, sock: socket.socket
+    ) -> bytearray | _Response | None:
+        """The request's body; a response to send instead; ``None`` to hang up."""
         body = bytearray()
         try:
             while True:
-                part = await self._next_event(conn, reader, self.read_timeout_s)
+                part = await self._next_event(conn, sock, self.read_timeout_s, _BODY_READ)
                 if isinstance(part, h11.Data):
                     body += part.data
-                    if len(body) > self.max_body_bytes:
-                        return self._too_large(close=True)
+                    if not self.admission.body_allowed(len(body)):
+                        return self._too_large()
                 elif isinstance(part, h11.EndOfMessage):
-                    return event, bytes(body)
+                    return body
                 else:
                     return None
         except TimeoutError:
             return _error(408, "the request body did not arrive in time", close=True)
 
     async def _next_event(
-        self, conn: h11.Connection, reader: asyncio.StreamReader, timeout_s: float
+        self, conn: h11.Connection, sock: socket.socket, timeout_s: float, size: int
     ) -> object:
+        loop = asyncio.get_running_loop()
         while True:
             event = conn.next_event()
             if event is not h11.NEED_DATA:
                 return event
             async with asyncio.timeout(timeout_s):
-                data = await reader.read(_READ_SIZE)
+                data = await loop.sock_recv(sock, size)
             conn.receive_data(data)
+
+    async def _write(self, sock: socket.socket, data: bytes) -> None:
+        async with asyncio.timeout(self.read_timeout_s):
+            await asyncio.get_running_loop().sock_sendall(sock, data)
 
     async def _send(
         self,
         conn: h11.Connection,
-        writer: asyncio.StreamWriter,
+        sock: socket.socket,
         response: _Response,
         *,
         head: bool = False,
     ) -> None:
         headers = [
-            ("Content-Type", "application/json"),
+            ("Content-Type", response.content_type),
             ("Content-Length", str(len(response.body))),
             *response.headers,
         ]
         if response.close:
             headers.append(("Connection", "close"))
         reason = HTTPStatus(response.status).phrase.encode()
-        writer.write(
+        parts = [
             conn.send(h11.Response(status_code=response.status, headers=headers, reason=reason))
-        )
+        ]
         if not head:
-            writer.write(conn.send(h11.Data(data=response.body)))
-        writer.write(conn.send(h11.EndOfMessage()))
-        await writer.drain()
+            parts.append(conn.send(h11.Data(data=response.body)))
+        parts.append(conn.send(h11.EndOfMessage()))
+        await self._write(sock, b"".join(p for p in parts if p is not None))
 
-    def _too_large(self, *, close: bool) -> _Response:
-        return _error(413, f"the request body is over {self.max_body_bytes} bytes", close=close)
+    def _too_large(self) -> _Response:
+        return _error(413, f"the request body is over {self.max_body_bytes} bytes", close=True)
+
+    def _over_budget(self) -> _Response:
+        limits = self.limits
+        response = _error(
+            503,
+            f"the local API has {limits.max_inflight_bytes} bytes for requests in flight and "
+            f"they are taken; retry after {limits.retry_after_s} s",
+            close=True,
+        )
+        response.headers.append(("Retry-After", str(limits.retry_after_s)))
+        return response
 
     # -- routes --------------------------------------------------------------
 
-    async def _dispatch(self, request: h11.Request, body: bytes) -> _Response:
+    async def _dispatch(self, request: h11.Request, body: bytearray) -> _Response:
         method = request.method.decode("ascii", "replace")
         path = urlsplit(request.target.decode("ascii", "replace")).path
         parts = [unquote(p) for p in path.split("/") if p]
@@ -285,8 +441,14 @@ class LocalApi:
             return _error(500, "internal error in the local inference API")
 
     async def _route(
-        self, method: str, parts: list[str], request: h11.Request, body: bytes
+        self, method: str, parts: list[str], request: h11.Request, body: bytearray
     ) -> _Response:
+        if parts == ["metrics"]:
+            return _only("GET", method) or _Response(
+                200,
+                self.admission.metrics().encode(),
+                content_type="text/plain; version=0.0.4; charset=utf-8",
+            )
         if parts == ["v2"]:
             return _only("GET", method) or _json(
                 200, ServerMetadata(name="edgefleet-agent", version=agent.__version__)
@@ -345,7 +507,7 @@ class LocalApi:
         return _Response(200, json.dumps({"name": name, "ready": True}).encode())
 
     async def _infer(
-        self, name: str, version: str | None, request: h11.Request, body: bytes
+        self, name: str, version: str | None, request: h11.Request, body: bytearray
     ) -> _Response:
         chain = self._current_chain()
         if missing := self._find_model(chain, name, version):
@@ -356,13 +518,22 @@ class LocalApi:
             parsed = InferenceRequest.model_validate_json(body)
         except ValidationError as exc:
             return _error(400, describe_validation_error(exc))
+        finally:
+            body.clear()  # parsed, the body is dead weight for the rest of the request
         manifest = chain.manifest
         assert manifest is not None
+        try:
+            # The declared shapes against the model's before decoding allocates anything.
+            check_declared_shapes(manifest, [(t.name, t.shape) for t in parsed.inputs])
+        except InvalidInput as exc:
+            return _error(422, str(exc))
         try:
             tensors = decode_inputs(parsed)
             check_requested_outputs([t.name for t in manifest.outputs], parsed.outputs)
         except InferenceRequestError as exc:
             return _error(400, str(exc))
+        request_id, wanted = parsed.id, parsed.outputs
+        del parsed  # its data lists take several times the tensors' memory
         try:
             answer = await chain.infer(tensors, version=version)
         except InvalidInput as exc:
@@ -372,7 +543,7 @@ class LocalApi:
         except ChainNotReady as exc:
             return _error(503, str(exc))
         try:
-            outputs = select_outputs(answer.outputs, parsed.outputs)
+            outputs = select_outputs(answer.outputs, wanted)
         except InferenceRequestError as exc:
             return _error(400, str(exc))
         response = encode_response(
@@ -381,7 +552,7 @@ class LocalApi:
             model_version=answer.model_version,
             stage=answer.stage,
             escalated=answer.escalated,
-            id=parsed.id,
+            id=request_id,
         )
         return _json(200, response)
 
@@ -399,3 +570,20 @@ def _content_length(request: h11.Request) -> int | None:
         if key == b"content-length":
             return int(value)
     return None
+
+
+def _chunked(request: h11.Request) -> bool:
+    return any(k == b"transfer-encoding" and b"chunked" in v.lower() for k, v in request.headers)
+
+
+def _raw_response(status: int, message: str, retry_after_s: int) -> bytes:
+    """A complete ``Connection: close`` response, sent before any of the request is read."""
+    body = ErrorResponse(error=message).model_dump_json().encode()
+    head = (
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        f"Retry-After: {retry_after_s}\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + body

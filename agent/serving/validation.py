@@ -11,7 +11,7 @@ vectorised: a request costs a few numpy calls whatever its size.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,6 +100,26 @@ def validate_inputs(manifest: Manifest, tensors: Mapping[str, npt.ArrayLike]) ->
     return InputContract(manifest).validate(tensors)
 
 
+def check_declared_shapes(manifest: Manifest, shapes: Iterable[tuple[str, Sequence[int]]]) -> None:
+    """Check the shapes a request declares for its inputs, before any array is made.
+
+    The same shape rule as :meth:`InputContract.validate` (``[batch,
+    *example_shape]``, at least one row), applied to ``(name, shape)`` pairs as
+    the request states them, so that a shape no model input can have — too many
+    dimensions, a dimension of 2**63 — is refused by name before it costs
+    memory. Names the model does not take are refused as by ``validate``.
+    """
+    specs = {spec.name: spec for spec in manifest.inputs}
+    for name, shape in shapes:
+        spec = specs.get(name)
+        if spec is None:
+            raise InvalidInput(
+                name, f"is not an input of model {manifest.name!r}; its inputs are {list(specs)}"
+            )
+        if problem := _shape_problem(spec, list(shape)):
+            raise InvalidInput(name, problem)
+
+
 def _check(rule: _InputRule, value: npt.ArrayLike) -> npt.NDArray[Any]:
     spec = rule.spec
     try:
@@ -147,15 +167,23 @@ def _clean(rule: _InputRule, array: npt.NDArray[Any]) -> bool:
 
 
 def _check_shape(spec: TensorSpec, array: npt.NDArray[Any]) -> None:
+    if problem := _shape_problem(spec, [int(d) for d in array.shape]):
+        raise InvalidInput(spec.name, problem)
+
+
+def _shape_problem(spec: TensorSpec, shape: list[int]) -> str | None:
+    """What is wrong with ``shape`` for ``spec``'s input, or ``None``."""
     example = list(spec.example_shape)
-    shape = list(array.shape)
-    if shape[1:] == example and array.ndim == len(example) + 1:
-        if shape[0] < 1:
-            raise InvalidInput(spec.name, "holds no rows (the batch dimension is 0)")
-        return
+    if any(d < 0 for d in shape[:64]):
+        return f"has a negative dimension in its shape {shape[:64]}"
+    if len(shape) == len(example) + 1 and shape[1:] == example:
+        return "holds no rows (the batch dimension is 0)" if shape[0] < 1 else None
     wanted = "[batch" + "".join(f", {d}" for d in example) + "]"
     hint = " (add the batch dimension)" if shape == example else ""
-    raise InvalidInput(spec.name, f"has shape {shape}, the model takes {wanted}{hint}")
+    if len(shape) > 8 * (len(example) + 1):
+        # A shape as long as a request allows would make an error as long: name its rank.
+        return f"has {len(shape)} dimensions, the model takes {wanted}"
+    return f"has shape {shape}, the model takes {wanted}{hint}"
 
 
 def _convert(rule: _InputRule, array: npt.NDArray[Any]) -> npt.NDArray[Any]:

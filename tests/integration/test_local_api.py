@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from agent.api import InferenceClient, LocalApi
+from agent.api import ApiLimits, InferenceClient, LocalApi
 from agent.runtime import default_runtime
 from agent.serving import FallbackChain, InvalidInput, ModelSlot
 from protocol.bundle import read_bundle
@@ -304,7 +304,7 @@ def test_json_nan_is_refused_by_name(served: ServedApi) -> None:
 
 
 def test_a_body_over_the_limit_is_413(manifests: dict[str, Manifest]) -> None:
-    server = ServedApi(FallbackChain(slot(manifests, "v2")), max_body_bytes=4096)
+    server = ServedApi(FallbackChain(slot(manifests, "v2")), limits=ApiLimits(max_body_bytes=4096))
     try:
         big = infer_body(BASELINE[:64])  # about 20 KB
         status, body = server.request("POST", INFER, big)
