@@ -20,6 +20,7 @@ import numpy.typing as npt
 import pytest
 
 from agent.api import ApiLimits, InferenceClient, LocalApi
+from agent.api.admission import request_cost
 from agent.runtime import default_runtime
 from agent.serving import FallbackChain, InvalidInput, ModelSlot
 from protocol.bundle import read_bundle
@@ -417,6 +418,226 @@ def test_requests_with_odd_values_in_any_field_never_get_a_5xx(served: ServedApi
     finally:
         conn.close()
     assert {400, 422} <= statuses, statuses
+
+
+# -- shapes: checked against the model before anything is allocated ---------------------------
+
+
+def shaped(shape: list[int], data: list[Any] | None = None) -> str:
+    tensor = {"name": "features", "shape": shape, "datatype": "FP32", "data": data or []}
+    return json.dumps({"inputs": [tensor]})
+
+
+@pytest.mark.parametrize(
+    ("shape", "data", "status", "message"),
+    [
+        ([1] * 33, [1.0], 422, "input 'features': has 33 dimensions, the model takes [batch, 16]"),
+        (
+            [0, 2**63],
+            [],
+            422,
+            "input 'features': has shape [0, 9223372036854775808], the model takes [batch, 16]",
+        ),
+        (
+            [0, 2**40, 2**40, 3],
+            [],
+            422,
+            "input 'features': has shape [0, 1099511627776, 1099511627776, 3], "
+            "the model takes [batch, 16]",
+        ),
+        ([1] * 100_000, [1.0], 422, "input 'features': has 100000 dimensions"),
+        ([-1, 16], [], 422, "input 'features': has a negative dimension in its shape [-1, 16]"),
+        ([1, -16], [], 422, "input 'features': has a negative dimension in its shape [1, -16]"),
+        ([0, 16], [], 422, "input 'features': holds no rows (the batch dimension is 0)"),
+        (
+            [2**63, 16],
+            BASELINE[0].tolist(),
+            400,
+            "input 'features': shape [9223372036854775808, 16] is larger than any array can be",
+        ),
+        (
+            [10**30, 16],
+            BASELINE[0].tolist(),
+            400,
+            "input 'features': shape [1000000000000000000000000000000, 16] is larger",
+        ),
+        (
+            [3, 16],
+            BASELINE[0].tolist(),
+            400,
+            "input 'features': data has 16 elements, shape [3, 16] needs 48",
+        ),
+        (
+            [1, 16],
+            BASELINE[0].tolist()[:15],
+            400,
+            "input 'features': data has 15 elements, shape [1, 16] needs 16",
+        ),
+    ],
+)
+def test_a_shape_no_input_can_have_is_a_4xx_naming_the_tensor(
+    served: ServedApi, shape: list[int], data: list[Any], status: int, message: str
+) -> None:
+    got, answer = served.request("POST", INFER, shaped(shape, data))
+    assert (got, list(answer)) == (status, ["error"])
+    assert answer["error"].startswith(message)
+    assert len(answer["error"]) < 300
+    # and the API still answers
+    assert served.request("POST", INFER, infer_body(BASELINE[:1]))[0] == 200
+
+
+# -- limits: connections and bytes in flight --------------------------------------------------
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP response from ``sock``: status, headers (lower-case names), body."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed before a response: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
+    while len(body) < int(headers["content-length"]):
+        chunk = sock.recv(65536)
+        assert chunk
+        body += chunk
+    return int(status_line.split()[1]), headers, body
+
+
+def metrics(server: ServedApi) -> dict[str, float]:
+    conn = server.connect()
+    try:
+        conn.request("GET", "/metrics")
+        response = conn.getresponse()
+        assert response.status == 200
+        assert response.getheader("Content-Type", "").startswith("text/plain")
+        text = response.read().decode()
+    finally:
+        conn.close()
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+
+
+def test_a_connection_beyond_the_limit_gets_503_with_retry_after(
+    manifests: dict[str, Manifest],
+) -> None:
+    limits = ApiLimits(max_connections=2, retry_after_s=7)
+    server = ServedApi(FallbackChain(slot(manifests, "v2")), limits=limits)
+    held = [server.connect(), server.connect()]
+    try:
+        for conn in held:  # two keep-alive connections take both slots
+            assert exchange(conn, "GET", "/v2/health/live")[0] == 200
+        body = infer_body(BASELINE[:1]).encode()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as third:
+            third.sendall(
+                f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            status, headers, answer = read_response(third)
+            assert status == 503
+            assert headers["retry-after"] == "7"
+            assert headers["connection"] == "close"
+            assert json.loads(answer) == {
+                "error": "the local API serves 2 connections at a time and all are busy; "
+                "retry after 7 s"
+            }
+            assert third.recv(1) == b""  # closed
+        held.pop().close()
+        server.call(asyncio.sleep(0.2))  # the server notices the close
+        conn = server.connect()
+        try:
+            assert exchange(conn, "POST", INFER, body)[0] == 200
+        finally:
+            conn.close()
+        assert metrics(server)['edgefleet_agent_api_refused_total{limit="connections"}'] == 1
+    finally:
+        for conn in held:
+            conn.close()
+        server.close()
+
+
+def test_a_request_beyond_the_bytes_in_flight_gets_503_and_its_body_is_never_read(
+    manifests: dict[str, Manifest],
+) -> None:
+    body = infer_body(BASELINE[:8]).encode()
+    # room for one such request at a time, and no waiting for room
+    limits = ApiLimits(
+        max_body_bytes=len(body),
+        max_inflight_bytes=request_cost(len(body)),
+        admission_wait_s=0,
+        retry_after_s=3,
+    )
+    server = ServedApi(FallbackChain(slot(manifests, "v2")), limits=limits)
+    head = f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as first:
+            first.sendall(head + body[:100])  # admitted: its charge is held until it is answered
+            server.call(asyncio.sleep(0.2))
+            assert metrics(server)["edgefleet_agent_api_inflight_bytes"] == request_cost(len(body))
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as second:
+                second.sendall(head + body)
+                status, headers, answer = read_response(second)
+                assert (status, headers["retry-after"]) == (503, "3")
+                assert "bytes for requests in flight" in json.loads(answer)["error"]
+            first.sendall(body[100:])
+            status, _, answer = read_response(first)
+            assert status == 200
+            assert json.loads(answer)["outputs"][0]["shape"] == [8, 4]
+        figures = metrics(server)
+        assert figures['edgefleet_agent_api_refused_total{limit="inflight_bytes"}'] == 1
+        assert figures["edgefleet_agent_api_inflight_bytes"] == 0
+        assert figures["edgefleet_agent_api_peak_inflight_bytes"] == request_cost(len(body))
+        assert server.request("POST", INFER, body)[0] == 200
+    finally:
+        server.close()
+
+
+def test_a_request_waits_for_room_rather_than_being_refused(
+    manifests: dict[str, Manifest],
+) -> None:
+    body = infer_body(BASELINE[:8]).encode()
+    limits = ApiLimits(
+        max_body_bytes=len(body), max_inflight_bytes=request_cost(len(body)), admission_wait_s=30
+    )
+    server = ServedApi(FallbackChain(slot(manifests, "v2")), limits=limits)
+    head = f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=20) as first:
+            first.sendall(head + body[:100])
+            server.call(asyncio.sleep(0.2))
+            with socket.create_connection(("127.0.0.1", server.port), timeout=20) as second:
+                second.sendall(head + body)
+                server.call(asyncio.sleep(0.2))
+                first.sendall(body[100:])  # the first finishes, the second gets its room
+                assert read_response(first)[0] == 200
+                assert read_response(second)[0] == 200
+        assert metrics(server)['edgefleet_agent_api_refused_total{limit="inflight_bytes"}'] == 0
+    finally:
+        server.close()
+
+
+def test_a_chunked_body_over_the_limit_is_refused_as_it_arrives(
+    manifests: dict[str, Manifest],
+) -> None:
+    server = ServedApi(FallbackChain(slot(manifests, "v2")), limits=ApiLimits(max_body_bytes=4096))
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(
+                f"POST {INFER} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+            )
+            for _ in range(3):
+                sock.sendall(b"800\r\n" + b" " * 2048 + b"\r\n")
+            status, headers, answer = read_response(sock)
+        assert (status, headers["connection"]) == (413, "close")
+        assert json.loads(answer) == {"error": "the request body is over 4096 bytes"}
+        assert metrics(server)['edgefleet_agent_api_refused_total{limit="body_too_large"}'] == 1
+    finally:
+        server.close()
 
 
 # -- connections ----------------------------------------------------------------------------------
