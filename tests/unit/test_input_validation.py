@@ -8,13 +8,19 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from agent.serving.validation import InputContract, InvalidInput, validate_inputs
+from agent.serving.validation import (
+    InputContract,
+    InvalidInput,
+    check_declared_shapes,
+    validate_inputs,
+)
 from protocol.bundle import read_bundle
 from protocol.inference import (
     DATATYPES,
     InferenceRequest,
     InferenceRequestError,
     InferenceResponse,
+    check_shape,
     datatype_of,
     decode_inputs,
     decode_outputs,
@@ -225,6 +231,88 @@ def test_tensor_data_that_does_not_match_its_declaration_is_refused(
     assert caught.value.tensor == "features"
     assert str(caught.value).startswith("input 'features': ")
     assert expected in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("shape", "datatype", "expected"),
+    [
+        ([1] * 33, "FP32", "shape has 33 dimensions, at most 32 are supported"),
+        ([1] * 100_000, "FP32", "shape has 100000 dimensions, at most 32 are supported"),
+        ([0, 2**63], "FP32", "shape [0, 9223372036854775808] is larger than any array can be"),
+        ([2**63, 0], "FP32", "shape [9223372036854775808, 0] is larger than any array can be"),
+        ([0, 2**40, 2**40, 3], "FP32", "shape [0, 1099511627776, 1099511627776, 3] is larger"),
+        # 2**63 bytes of float32, of float64
+        ([0, 2**61], "FP32", "shape [0, 2305843009213693952] is larger than any array can be"),
+        ([0, 2**60], "FP64", "shape [0, 1152921504606846976] is larger than any array can be"),
+        ([0, -3], "FP32", "shape [0, -3] has a negative dimension"),
+        ([0, 10**30], "UINT8", "shape [0, 1000000000000000000000000000000] is larger"),
+    ],
+)
+def test_a_shape_no_array_can_have_is_refused_before_numpy_sees_it(
+    shape: list[int], datatype: str, expected: str
+) -> None:
+    with pytest.raises(InferenceRequestError) as caught:
+        decode_tensor("image", shape, datatype, [])
+    assert caught.value.tensor == "image"
+    assert str(caught.value).startswith(f"input 'image': {expected}")
+    assert len(str(caught.value)) < 300
+
+
+def test_empty_tensors_of_any_addressable_shape_decode() -> None:
+    # Just inside numpy's limit: 2**60 float32 (2**62 bytes) is addressable when empty.
+    assert decode_tensor("image", [0, 2**60], "FP32", []).shape == (0, 2**60)
+    assert decode_tensor("image", [1] * 32, "FP32", [1.5]).shape == (1,) * 32
+    assert decode_tensor("image", [0, 0, 3], "INT8", []).dtype == np.int8
+
+
+def test_check_shape_counts_elements_without_allocating() -> None:
+    assert check_shape("x", [2, 3, 4]) == 24
+    assert check_shape("x", []) == 1
+    assert check_shape("x", [0, 2**40]) == 0
+    with pytest.raises(InferenceRequestError, match=r"^output 'y': shape has 33 dimensions"):
+        check_shape("y", [1] * 33, role="output")
+
+
+def test_an_output_with_an_impossible_shape_is_refused_by_name() -> None:
+    response = InferenceResponse.model_validate(
+        {
+            "model_name": "m",
+            "outputs": [{"name": "scores", "shape": [0, 2**63], "datatype": "FP32", "data": []}],
+        }
+    )
+    with pytest.raises(InferenceRequestError, match=r"^output 'scores': shape .* is larger"):
+        decode_outputs(response)
+
+
+@pytest.mark.parametrize(
+    ("shape", "expected"),
+    [
+        ([1] * 33, "input 'features': has 33 dimensions, the model takes [batch, 16]"),
+        (
+            [0, 2**63],
+            "input 'features': has shape [0, 9223372036854775808], the model takes [batch, 16]",
+        ),
+        ([2**40, 2**40, 16], "input 'features': has shape [1099511627776, 1099511627776, 16]"),
+        ([16], "input 'features': has shape [16], the model takes [batch, 16] (add the batch"),
+        ([-2, 16], "input 'features': has a negative dimension in its shape [-2, 16]"),
+        ([0, 16], "input 'features': holds no rows (the batch dimension is 0)"),
+    ],
+)
+def test_declared_shapes_are_checked_against_the_model_before_decoding(
+    manifest: Manifest, shape: list[int], expected: str
+) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        check_declared_shapes(manifest, [("features", shape)])
+    assert caught.value.tensor == "features"
+    assert str(caught.value).startswith(expected)
+
+
+def test_declared_shapes_the_model_takes_pass_and_unknown_inputs_are_named(
+    manifest: Manifest,
+) -> None:
+    check_declared_shapes(manifest, [("features", [1, 16]), ("features", [2**40, 16])])
+    with pytest.raises(InvalidInput, match="'image': is not an input of model 'pump-health'"):
+        check_declared_shapes(manifest, [("image", [1, 128, 128, 3])])
 
 
 def test_json_nan_and_overflow_decode_to_non_finite_values_for_validation_to_refuse() -> None:
