@@ -10,8 +10,10 @@ import socket
 import subprocess
 import sys
 import threading
+import urllib.request
 from collections.abc import Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,6 +28,7 @@ from agent.serving import FallbackChain, InvalidInput, ModelSlot
 from protocol.bundle import read_bundle
 from protocol.manifest import Manifest
 from tests.conftest import MODELS, make_bundle
+from tests.support.fleet import AgentProcess
 
 pytestmark = pytest.mark.integration
 
@@ -790,3 +793,235 @@ def test_a_process_serving_v2_stays_within_the_device_memory_budget(
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     assert measured["aiohttp"] is False
     assert measured["rss_kib"] < 64 * 1024
+
+
+# -- memory under 1,000 parallel requests: a real edge-agent serving a 128x128x3 image model ------
+
+FACE_LIMITS = {
+    "max_connections": 32,
+    "max_body_bytes": 2 * 1024 * 1024,
+    "max_inflight_bytes": 24 * 1024 * 1024,
+    "retry_after_s": 2,
+    "admission_wait_s": 1.0,
+}
+# What the process may add beyond its serving RSS and the budget: the state of
+# 32 served and up to 256 turned-away connections (a few kB each), the worker
+# threads that run the model, and the allocator's slack.
+ALLOWANCE_KB = 24 * 1024
+PARALLEL = 1000
+
+
+def face_model() -> bytes:
+    """A 1x128x128x3 image model with two outputs, like a face detector's heads."""
+    from firmware_images.tflite_writer import GraphBuilder
+
+    rng = np.random.default_rng(3)
+    g = GraphBuilder("face: a 128x128 RGB image in, class scores and a brightness out")
+    image = g.add_input("image", [1, 128, 128, 3])
+    pooled = g.mean(image, [1, 2], "pooled", keep_dims=False)
+    logits = g.fully_connected(pooled, rng.normal(size=(4, 3)), np.zeros(4), "logits")
+    g.mark_output(g.softmax(logits, "class_scores"))
+    g.mark_output(g.fully_connected(pooled, np.ones((1, 3)) / 3, np.zeros(1), "brightness"))
+    return g.to_bytes()
+
+
+def status_kb(pid: int) -> dict[str, int]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0])
+    return fields
+
+
+@dataclass
+class FaceAgent:
+    agent: AgentProcess
+    port: int
+    images: list[npt.NDArray[np.float32]]
+    expected: list[dict[str, npt.NDArray[Any]]]
+    bodies: list[bytes]
+
+
+@pytest.fixture(scope="module")
+def face_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaceAgent]:
+    from fleet_server.release.bundle_builder import BundleSpec, build_bundle
+    from fleet_server.release.keys import init_keys
+    from tests.support.fleet import HARDWARE, AgentProcess, Fleet
+
+    tmp = tmp_path_factory.mktemp("face")
+    rng = np.random.default_rng(5)
+    np.save(tmp / "images.npy", rng.uniform(0, 1, size=(24, 128, 128, 3)).astype(np.float32))
+    model = face_model()
+    (tmp / "face.tflite").write_bytes(model)
+    built = build_bundle(
+        model, tmp / "images.npy", BundleSpec(name="face", version="1.0.0", hardware_ids=[HARDWARE])
+    )
+    built.write(tmp / "face.bundle")
+    fleet = Fleet(tmp / "fleet", init_keys(tmp / "release"), init_keys(tmp / "director"))
+    fleet.director.register(fleet.director_keys, "camera-1")
+    fleet.assign("camera-1", fleet.release(tmp / "face.bundle"))
+    config = fleet.agent_config("camera-1")
+    limits = "".join(f"{k} = {json.dumps(v)}\n" for k, v in FACE_LIMITS.items())
+    config.write_text(config.read_text().replace("port = 0\n", f"port = 0\n{limits}", 1))
+    agent = AgentProcess(config)
+    try:
+        url = agent.wait_ready()
+        agent.wait_for(
+            "face 1.0.0 installed",
+            lambda: (
+                (agent.journal().get("installed") or {}).get("version") == "1.0.0"
+                and agent.journal().get("phase") == "idle"
+            ),
+        )
+        local = RUNTIME.load(tmp / "face.tflite")
+        images = [rng.uniform(0, 1, size=(1, 128, 128, 3)).astype(np.float32) for _ in range(4)]
+        bodies = [
+            json.dumps(
+                {
+                    "inputs": [
+                        {
+                            "name": "image",
+                            "shape": [1, 128, 128, 3],
+                            "datatype": "FP32",
+                            "data": x.reshape(-1).tolist(),
+                        }
+                    ]
+                }
+            ).encode()
+            for x in images
+        ]
+        yield FaceAgent(
+            agent,
+            int(url.rsplit(":", 1)[1]),
+            images,
+            [local.run({"image": x}) for x in images],
+            bodies,
+        )
+    finally:
+        agent.stop()
+        fleet.close()
+
+
+async def post_and_close(port: int, path: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
+    """One request on its own connection, its body written as the server takes it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+        )
+        view = memoryview(body)
+        try:
+            for start in range(0, len(body), 65536):
+                writer.write(view[start : start + 65536])
+                await writer.drain()
+        except ConnectionError:
+            pass  # answered early (503) and closed: the answer is read below
+        data = await reader.read()
+    finally:
+        writer.close()
+    head, _, payload = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
+    return int(status_line.split()[1]), headers, payload
+
+
+def check_face_answer(face: FaceAgent, index: int, payload: bytes) -> None:
+    answer = json.loads(payload)
+    assert answer["parameters"]["stage"] == "active"
+    outputs = {o["name"]: np.array(o["data"]).reshape(o["shape"]) for o in answer["outputs"]}
+    for name, expected in face.expected[index % len(face.images)].items():
+        np.testing.assert_allclose(outputs[name], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_face_shapes_no_input_can_have_get_a_4xx_from_the_agent(face_agent: FaceAgent) -> None:
+    path = "/v2/models/face/infer"
+    for shape, status, message in [
+        (
+            [0, 2**40, 2**40, 3],
+            422,
+            "input 'image': has shape [0, 1099511627776, 1099511627776, 3]",
+        ),
+        ([1] * 33, 422, "input 'image': has 33 dimensions, the model takes [batch, 128, 128, 3]"),
+        ([0, 2**63], 422, "input 'image': has shape [0, 9223372036854775808]"),
+        ([0, 128, 128, 3], 422, "input 'image': holds no rows (the batch dimension is 0)"),
+        ([1, 128, 128, -3], 422, "input 'image': has a negative dimension"),
+        ([2, 128, 128, 3], 400, "input 'image': data has 0 elements, shape [2, 128, 128, 3] needs"),
+    ]:
+        body = json.dumps(
+            {"inputs": [{"name": "image", "shape": shape, "datatype": "FP32", "data": []}]}
+        ).encode()
+        got, _, payload = asyncio.run(post_and_close(face_agent.port, path, body))
+        assert (got, json.loads(payload)["error"][: len(message)]) == (status, message)
+    got, _, payload = asyncio.run(post_and_close(face_agent.port, path, face_agent.bodies[0]))
+    assert got == 200
+    check_face_answer(face_agent, 0, payload)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+def test_1000_parallel_requests_stay_within_the_serving_memory_plus_the_budget(
+    face_agent: FaceAgent,
+) -> None:
+    pid, path = face_agent.agent.proc.pid, "/v2/models/face/infer"
+
+    async def requests(n: int) -> list[tuple[int, dict[str, str], bytes]]:
+        return await asyncio.gather(
+            *(post_and_close(face_agent.port, path, face_agent.bodies[i % 4]) for i in range(n))
+        )
+
+    # Serving: warmed up by requests one and a few at a time, below every limit.
+    for _ in range(8):
+        assert asyncio.run(requests(1))[0][0] == 200
+    assert all(r[0] in (200, 503) for r in asyncio.run(requests(4)))
+    serving_kb = status_kb(pid)["VmRSS"]
+    # "5" resets VmHWM to the current RSS (Linux 4.0+); sampling covers older kernels.
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    sampled = [serving_kb]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            sampled.append(status_kb(pid)["VmRSS"])
+            done.wait(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        answers = asyncio.run(requests(PARALLEL))
+    finally:
+        done.set()
+        sampler.join()
+    peak_kb = max(status_kb(pid)["VmHWM"], *sampled)
+
+    answered = [i for i, (status, _, _) in enumerate(answers) if status == 200]
+    refused = [(s, h, p) for s, h, p in answers if s == 503]
+    assert len(answered) + len(refused) == PARALLEL, {s for s, _, _ in answers}
+    for i in answered:
+        check_face_answer(face_agent, i, answers[i][2])
+    for _, headers, payload in refused:
+        assert headers["retry-after"] == "2"
+        assert "retry after 2 s" in json.loads(payload)["error"]
+    assert answered and refused  # the limits were reached, and requests were still served
+    budget_kb = FACE_LIMITS["max_inflight_bytes"] // 1024
+    assert peak_kb <= serving_kb + budget_kb + ALLOWANCE_KB, (serving_kb, peak_kb)
+
+    # The agent still serves, and counted what it refused.
+    status, _, payload = asyncio.run(post_and_close(face_agent.port, path, face_agent.bodies[1]))
+    assert status == 200
+    check_face_answer(face_agent, 1, payload)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{face_agent.port}/metrics", timeout=10).read()
+    figures = dict(line.rsplit(" ", 1) for line in text.decode().splitlines() if line[0] != "#")
+    counted = sum(
+        int(figures[f'edgefleet_agent_api_refused_total{{limit="{reason}"}}'])
+        for reason in ("connections", "inflight_bytes")
+    )
+    assert counted >= len(refused)  # the warm-up may have been refused a few too
+    assert (
+        int(figures["edgefleet_agent_api_peak_inflight_bytes"]) <= FACE_LIMITS["max_inflight_bytes"]
+    )
+    print(
+        f"serving {serving_kb / 1024:.0f} MB, peak {peak_kb / 1024:.0f} MB under {PARALLEL} "
+        f"parallel requests: {len(answered)} answered, {len(refused)} refused (503)"
+    )
