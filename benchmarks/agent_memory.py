@@ -19,11 +19,17 @@ over its local API. Then:
   agent's install code and the daemon;
 - the time from spawning ``edge-agent run`` (model installed) until
   ``GET /v2/health/live`` answers, and the agent's own ``ready_after_s``
-  (counted from when its modules are imported), median of several starts.
+  (counted from when its modules are imported), median of several starts;
+- memory under concurrency: an agent serving a 1x128x128x3 image model with
+  the default ``[api]`` limits gets 100, then 1,000 parallel requests (about
+  1 MB of JSON each, one connection each): its RSS before, its peak
+  (``VmHWM``, reset before each burst), its RSS 10 s after, and how many
+  requests were answered and how many refused with 503.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.client
 import importlib.util
@@ -65,7 +71,10 @@ IMPORT_STEPS: list[tuple[str, str]] = [
     ("TFLite runtime (tflite_runtime.interpreter)", "import tflite_runtime.interpreter"),
     ("pydantic, one model defined", "import pydantic\nclass M(pydantic.BaseModel):\n x: int"),
     ("protocol.manifest", "import protocol.manifest"),
-    ("agent.serving, agent.api (h11, protocol.inference)", "import agent.serving, agent.api"),
+    (
+        "agent.serving, agent.api (h11, protocol.inference)",
+        "import agent.serving, agent.api.http",
+    ),
     (
         "update machinery: tuf, urllib3 (tuf brings securesystemslib, cryptography)",
         "import tuf.api.metadata, tuf.ngclient, urllib3",
@@ -438,6 +447,128 @@ def start_to_ready(f: Fleet, data_dir: Path) -> dict[str, object]:
     return {"wall_s": walls, "ready_after_s": own, "restarted_status": steady}
 
 
+def face_model() -> bytes:
+    """A 1x128x128x3 image model with two heads (class scores, brightness)."""
+    from firmware_images.tflite_writer import GraphBuilder
+
+    rng = np.random.default_rng(3)
+    g = GraphBuilder("face: a 128x128 RGB image in, class scores and a brightness out")
+    image = g.add_input("image", [1, 128, 128, 3])
+    pooled = g.mean(image, [1, 2], "pooled", keep_dims=False)
+    logits = g.fully_connected(pooled, rng.normal(size=(4, 3)), np.zeros(4), "logits")
+    g.mark_output(g.softmax(logits, "class_scores"))
+    g.mark_output(g.fully_connected(pooled, np.ones((1, 3)) / 3, np.zeros(1), "brightness"))
+    return g.to_bytes()
+
+
+async def _post(port: int, path: str, body: bytes) -> tuple[int, str | None]:
+    """One request on its own connection: its status and ``Retry-After``."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+    async def send() -> None:
+        writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
+        view = memoryview(body)
+        with contextlib.suppress(ConnectionError):
+            for start in range(0, len(body), 65536):
+                writer.write(view[start : start + 65536])
+                await writer.drain()
+
+    sending = asyncio.create_task(send())
+    try:
+        data = await reader.read()
+    except ConnectionError:
+        return 0, None
+    finally:
+        sending.cancel()
+        await asyncio.gather(sending, return_exceptions=True)
+        writer.close()
+    head = data.partition(b"\r\n\r\n")[0].decode(errors="replace").split("\r\n")
+    retry = next((h.split(":", 1)[1].strip() for h in head if h.lower().startswith("retry-")), None)
+    return (int(head[0].split()[1]) if head[0] else 0), retry
+
+
+def under_concurrency(root: Path, bursts: tuple[int, ...] = (100, 1000)) -> list[dict[str, float]]:
+    """RSS before, peak during and 10 s after bursts of parallel image requests."""
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(5)
+    np.save(root / "images.npy", rng.uniform(0, 1, size=(24, 128, 128, 3)).astype(np.float32))
+    built = build_bundle(face_model(), root / "images.npy", BundleSpec("face", "1.0.0", [HARDWARE]))
+    built.write(root / "face.bundle")
+    release_keys = init_keys(root / "keys" / "release")
+    director_keys = init_keys(root / "keys" / "director")
+    repo = ImageRepository(root / "repo")
+    repo.create(release_keys)
+    director = DirectorRepository(root / "director")
+    director.create(director_keys)
+    director.register(director_keys, DEVICE)
+    director.assign(
+        director_keys, DEVICE, HARDWARE, repo.add_bundle(root / "face.bundle", release_keys)
+    )
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Quiet, directory=str(root)))
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    f = Fleet(
+        root,
+        f"http://127.0.0.1:{httpd.server_address[1]}",
+        repo.trusted_root_path,
+        director.trusted_root_path,
+    )
+    port = free_port()
+    agent = Agent(write_config(f, root / "device", port))
+    body = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "shape": [1, 128, 128, 3],
+                    "datatype": "FP32",
+                    "data": rng.uniform(0, 1, 128 * 128 * 3).astype(np.float32).tolist(),
+                }
+            ]
+        }
+    ).encode()
+    path = "/v2/models/face/infer"
+
+    async def burst(n: int) -> list[tuple[int, str | None]]:
+        return await asyncio.gather(*(_post(port, path, body) for _ in range(n)))
+
+    results = []
+    try:
+        agent.wait_for("install of face", lambda: agent.installed() == "1.0.0")
+        for _ in range(10):
+            asyncio.run(burst(1))
+        for n in bursts:
+            before = agent.status()["VmRSS"]
+            Path(f"/proc/{agent.proc.pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
+            started = time.perf_counter()
+            answers = asyncio.run(burst(n))
+            took = time.perf_counter() - started
+            peak = agent.status()["VmHWM"]
+            time.sleep(10)
+            statuses = [s for s, _ in answers]
+            results.append(
+                {
+                    "parallel": n,
+                    "body_mb": len(body) / 1e6,
+                    "before_mb": before / 1024,
+                    "peak_mb": peak / 1024,
+                    "after_10s_mb": agent.status()["VmRSS"] / 1024,
+                    "answered": statuses.count(200),
+                    "refused": sum(1 for s, r in answers if s == 503 and r is not None),
+                    "other": sum(1 for s, r in answers if s != 200 and (s != 503 or r is None)),
+                    "wall_s": took,
+                }
+            )
+    finally:
+        agent.stop()
+        httpd.shutdown()
+        httpd.server_close()
+    return results
+
+
 def run() -> dict[str, object]:
     """Measure and return the figures."""
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -447,7 +578,9 @@ def run() -> dict[str, object]:
             serving = serving_memory(f, data_dir)
             check = update_check(data_dir / "agent.toml")
             ready = start_to_ready(f, data_dir)
+        concurrency = under_concurrency(tmp / "face")
     return {
+        "concurrency": concurrency,
         "serving": serving,
         "update_check": check,
         "imports": import_shares(),
@@ -507,6 +640,19 @@ def main() -> None:
         "  importing agent.ota.journal and agent.ota.installer alone brings in: "
         f"{', '.join(pulled) or 'nothing of the update machinery'}"
     )
+    print(
+        "parallel image requests (1x128x128x3 as JSON, one connection each), default [api] "
+        "limits (64 connections, 48 MiB in flight):"
+    )
+    concurrency = r["concurrency"]
+    assert isinstance(concurrency, list)
+    for c in concurrency:
+        print(
+            f"  {c['parallel']:>5} x {c['body_mb']:.2f} MB: VmRSS {c['before_mb']:.1f} MB before, "
+            f"peak {c['peak_mb']:.1f} MB, {c['after_10s_mb']:.1f} MB 10 s after; "
+            f"{c['answered']} answered, {c['refused']} refused (503 + Retry-After), "
+            f"{c['other']} other, in {c['wall_s']:.1f} s"
+        )
     walls, own = ready["wall_s"], ready["ready_after_s"]
     print(
         f"start to live API, median of {STARTS}: {statistics.median(walls) * 1000:.0f} ms "
@@ -515,5 +661,12 @@ def main() -> None:
     )
 
 
+def concurrency_main() -> None:
+    """Only the memory-under-concurrency figures (``python -m benchmarks.agent_memory burst``)."""
+    with tempfile.TemporaryDirectory() as tmp_name:
+        for c in under_concurrency(Path(tmp_name) / "face"):
+            print(c)
+
+
 if __name__ == "__main__":
-    main()
+    concurrency_main() if sys.argv[1:] == ["burst"] else main()

@@ -34,11 +34,11 @@ import contextlib
 import json
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 from urllib.parse import unquote, urlsplit
 
 import h11
@@ -225,8 +225,8 @@ class LocalApi:
                 await self._turning_away.acquire()
                 self._track(self._turn_away(sock))
 
-    def _track(self, coro: object) -> None:
-        task: asyncio.Task[None] = asyncio.create_task(coro)  # type: ignore[arg-type]
+    def _track(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
         self._connections.add(task)
         task.add_done_callback(self._connections.discard)
 
@@ -310,9 +310,7 @@ class LocalApi:
             await self._send(conn, sock, response, head=head)
         finally:
             if charged:
-                self.admission.release(charged)
-                self._budget_freed.set()
-                self._budget_freed = asyncio.Event()
+                self._release(charged)
         if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
             await self._linger(sock)
             return False
@@ -339,9 +337,15 @@ class LocalApi:
                     sock, conn.send(h11.InformationalResponse(status_code=100, headers=[]))
                 )
             except BaseException:
-                self.admission.release(cost)
+                self._release(cost)
                 raise
         return cost
+
+    def _release(self, cost: int) -> None:
+        self.admission.release(cost)
+        # Wake every request waiting for room; each tries its own charge again.
+        self._budget_freed.set()
+        self._budget_freed = asyncio.Event()
 
     async def _charge(self, cost: int) -> bool:
         """Charge ``cost`` against the budget, waiting up to ``admission_wait_s`` for room."""
