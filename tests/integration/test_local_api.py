@@ -983,7 +983,8 @@ def test_1000_parallel_requests_stay_within_the_serving_memory_plus_the_budget(
     # Serving: warmed up by requests one and a few at a time, below every limit.
     for _ in range(8):
         assert asyncio.run(requests(1))[0][0] == 200
-    assert all(r[0] in (200, 503) for r in asyncio.run(requests(4)))
+    warm = [status for status, _, _ in asyncio.run(requests(4))]
+    assert set(warm) <= {200, 503}
     serving_kb = status_kb(pid)["VmRSS"]
     # "5" resets VmHWM to the current RSS (Linux 4.0+); sampling covers older kernels.
     Path(f"/proc/{pid}/clear_refs").write_text("5")
@@ -1026,7 +1027,7 @@ def test_1000_parallel_requests_stay_within_the_serving_memory_plus_the_budget(
         int(figures[f'edgefleet_agent_api_refused_total{{limit="{reason}"}}'])
         for reason in ("connections", "inflight_bytes")
     )
-    assert counted >= len(refused)  # the warm-up may have been refused a few too
+    assert counted == len(refused) + warm.count(503)
     assert (
         int(figures["edgefleet_agent_api_peak_inflight_bytes"]) <= FACE_LIMITS["max_inflight_bytes"]
     )
