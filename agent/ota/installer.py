@@ -213,21 +213,32 @@ class Installer:
             )
             return f"refused: {answer['message']}"
         if status == "refused":
-            self._save(
-                self.journal.abandoned(),
-                "assignment-refused",
-                reason=answer["reason"],
-                message=answer["message"],
-                abandoned=target.bundle_id,
-            )
+            self._give_up("assignment-refused", reason=answer["reason"], message=answer["message"])
             return f"assignment refused: {answer['message']}"
         if status != "downloaded" or not target.same_bundle(
             InstallTarget.model_validate(_target_fields(answer["target"]))
         ):
-            self._save(self.journal.abandoned(), "assignment-changed")
+            self._give_up("assignment-changed")
             return "the assignment changed; starting over on the next poll"
         self._save(self.journal.verified(), "verified")
         return None
+
+    def _give_up(self, event: str, **fields: object) -> None:
+        """Abandon the download without an outcome: nothing is known against its bundle."""
+        target = self.journal.target
+        assert target is not None
+        journal = self.journal.abandoned()
+        self.store.save(journal)
+        self.journal = journal
+        # Named "abandoned", not "bundle": the event is not about that bundle's merits.
+        self._event(
+            event,
+            phase=str(journal.phase),
+            abandoned=f"{target.name} {target.version}",
+            abandoned_id=target.bundle_id,
+            **fields,
+        )
+        log.info("install: %s, gave up %s %s %s", event, target.name, target.version, fields)
 
     def _report_unassigned(self, answer: dict[str, Any]) -> str:
         if answer["status"] == "none":
