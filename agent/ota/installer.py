@@ -40,6 +40,10 @@ from protocol.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
+# A download refused for the bytes that arrived (not for the bundle) is retried after
+# the poll interval, doubling per failure in a row, up to this.
+MAX_RETRY_DELAY_S = 3600.0
+
 
 @dataclass(frozen=True)
 class SlotModel:
@@ -87,6 +91,9 @@ class Installer:
         self.previous: SlotModel | None = None
         self.watchdog: Watchdog | None = None
         self._lock = asyncio.Lock()
+        # bundle id -> (failed tries in a row, not before): downloads refused for what
+        # arrived, not for what the bundle is, are retried with exponential backoff.
+        self._backoff: dict[str, tuple[int, float]] = {}
 
     # -- persistence -------------------------------------------------------
 
@@ -182,6 +189,10 @@ class Installer:
                     return "up to date"
                 if self.journal.rejection(target) is not None:
                     return f"not retrying {target.name} {target.version}: rejected before"
+                _, not_before = self._backoff.get(target.bundle_id, (0, 0.0))
+                if self.clock() < not_before:
+                    wait = not_before - self.clock()
+                    return f"retrying {target.name} {target.version} in {wait:.0f} s"
                 self._save(self.journal.start_download(target), "download-started")
             if self.journal.phase is Phase.DOWNLOADING:
                 stopped = await self._download()
@@ -208,9 +219,12 @@ class Installer:
             self._event("download-paused", message=answer["message"])
             return f"download paused: {answer['message']}"
         if status == "refused" and answer.get("about") == "download":
-            self._refuse(
-                answer["reason"], answer["message"], condemned=bool(answer.get("condemns_bundle"))
-            )
+            condemned = bool(answer.get("condemns_bundle"))
+            if not condemned:
+                tries, _ = self._backoff.get(target.bundle_id, (0, 0.0))
+                delay = min(self.config.update.poll_interval_s * 2**tries, MAX_RETRY_DELAY_S)
+                self._backoff[target.bundle_id] = (tries + 1, self.clock() + delay)
+            self._refuse(answer["reason"], answer["message"], condemned=condemned)
             return f"refused: {answer['message']}"
         if status == "refused":
             self._give_up("assignment-refused", reason=answer["reason"], message=answer["message"])
@@ -220,6 +234,7 @@ class Installer:
         ):
             self._give_up("assignment-changed")
             return "the assignment changed; starting over on the next poll"
+        self._backoff.pop(target.bundle_id, None)
         self._save(self.journal.verified(), "verified")
         return None
 

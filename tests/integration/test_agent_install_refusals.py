@@ -199,6 +199,10 @@ def test_garbled_bytes_on_the_wire_are_refused_without_condemning_the_bundle(
         [refused] = events_of(installer, "refused")
         assert refused["remembered"] is False
 
+        # Retried, but not in a tight loop: after the poll interval, doubling per failure.
+        assert (await installer.poll()).startswith("retrying pump-health 3.0.0 in ")
+        assert installer.journal.phase is Phase.IDLE
+        clock.now += installer.config.update.poll_interval_s
         stored.write_bytes(genuine)
         await installer.poll()
         await commit_trial(installer, clock)
