@@ -94,6 +94,7 @@ class Installer:
         # bundle id -> (failed tries in a row, not before): downloads refused for what
         # arrived, not for what the bundle is, are retried with exponential backoff.
         self._backoff: dict[str, tuple[int, float]] = {}
+        self._last_check: tuple[object, ...] | None = None  # what the last check reported
 
     # -- persistence -------------------------------------------------------
 
@@ -184,6 +185,7 @@ class Installer:
                 answer = await self._worker("check")
                 if answer["status"] != "assigned":
                     return self._report_unassigned(answer)
+                self._last_check = None
                 target = InstallTarget.model_validate(_target_fields(answer["target"]))
                 if self.journal.installed and self.journal.installed.same_bundle(target):
                     return "up to date"
@@ -256,13 +258,16 @@ class Installer:
         log.info("install: %s, gave up %s %s %s", event, target.name, target.version, fields)
 
     def _report_unassigned(self, answer: dict[str, Any]) -> str:
+        report = (answer["status"], answer.get("reason"), answer.get("message"))
+        repeated, self._last_check = report == self._last_check, report
         if answer["status"] == "none":
             return "nothing assigned"
-        self._event(
-            f"check-{answer['status']}",
-            reason=answer.get("reason"),
-            message=answer.get("message"),
-        )
+        if not repeated:  # the same refusal on every poll is recorded (and sent) once
+            self._event(
+                f"check-{answer['status']}",
+                reason=answer.get("reason"),
+                message=answer.get("message"),
+            )
         return f"{answer['status']}: {answer.get('message')}"
 
     async def _worker(self, command: str, expect: str | None = None) -> dict[str, Any]:
