@@ -40,8 +40,8 @@ from protocol.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
-# A download refused for the bytes that arrived (not for the bundle) is retried after
-# the poll interval, doubling per failure in a row, up to this.
+# An install refused for something other than the bundle (bytes garbled on the way,
+# storage failing) is retried after the poll interval, doubling per refusal, up to this.
 MAX_RETRY_DELAY_S = 3600.0
 
 
@@ -91,8 +91,8 @@ class Installer:
         self.previous: SlotModel | None = None
         self.watchdog: Watchdog | None = None
         self._lock = asyncio.Lock()
-        # bundle id -> (failed tries in a row, not before): downloads refused for what
-        # arrived, not for what the bundle is, are retried with exponential backoff.
+        # bundle id -> (refusals in a row, not before): installs refused for something
+        # other than the bundle itself are retried with exponential backoff.
         self._backoff: dict[str, tuple[int, float]] = {}
         self._last_check: tuple[object, ...] | None = None  # what the last check reported
 
@@ -222,10 +222,6 @@ class Installer:
             return f"download paused: {answer['message']}"
         if status == "refused" and answer.get("about") == "download":
             condemned = bool(answer.get("condemns_bundle"))
-            if not condemned:
-                tries, _ = self._backoff.get(target.bundle_id, (0, 0.0))
-                delay = min(self.config.update.poll_interval_s * 2**tries, MAX_RETRY_DELAY_S)
-                self._backoff[target.bundle_id] = (tries + 1, self.clock() + delay)
             self._refuse(answer["reason"], answer["message"], condemned=condemned)
             return f"refused: {answer['message']}"
         if status == "refused":
@@ -417,11 +413,21 @@ class Installer:
         bundle.unlink(missing_ok=True)
 
     def _refuse(self, reason: str, message: str, *, condemned: bool = True) -> None:
-        """End the install as refused; ``condemned``: the bundle itself is bad, never retry it."""
+        """End the install as refused.
+
+        ``condemned``: the bundle itself is bad and is never retried. Otherwise it
+        is tried again after a backoff (the poll interval, doubling per refusal in
+        a row, at most ``MAX_RETRY_DELAY_S``).
+        """
+        target = self.journal.target
         try:
             journal = self.journal.refused(reason, message, self.clock(), condemned=condemned)
         except JournalError:
             return
+        if not condemned and target is not None:
+            tries, _ = self._backoff.get(target.bundle_id, (0, 0.0))
+            delay = min(self.config.update.poll_interval_s * 2**tries, MAX_RETRY_DELAY_S)
+            self._backoff[target.bundle_id] = (tries + 1, self.clock() + delay)
         bundle = self._bundle_path()
         self._save(journal, "refused", reason=reason, message=message, remembered=condemned)
         bundle.unlink(missing_ok=True)
