@@ -58,6 +58,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
                     "name": t.name,
                     "version": t.version,
                     "release_counter": t.release_counter,
+                    "bundle_id": t.bundle_id,
                     "sha256": t.sha256,
                 }
             )
@@ -65,7 +66,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     else:
         print(
             f"Verified {t.name} {t.version} (release counter {t.release_counter}, "
-            f"sha256 {t.sha256[:16]}…) -> {verified.path}"
+            f"{t.bundle_id[: t.bundle_id.index(':') + 17]}…) -> {verified.path}"
         )
     return 0
 

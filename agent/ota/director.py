@@ -23,6 +23,7 @@ from agent.ota.errors import (
     WrongDevice,
     WrongHardware,
 )
+from agent.ota.identity import same_hashes
 from agent.ota.image_repository import BundleTarget, ImageRepositoryClient, check_counter, refusals
 from agent.ota.transport import FetchConfig
 
@@ -33,7 +34,7 @@ class DirectorTarget:
 
     path: str
     length: int
-    sha256: str
+    hashes: dict[str, str]
     device_id: str
     hardware_id: str
     release_counter: int
@@ -45,15 +46,15 @@ class DirectorTarget:
             return cls(
                 path=target.path,
                 length=target.length,
-                sha256=target.hashes["sha256"],
+                hashes=dict(target.hashes),
                 device_id=str(custom["device_id"]),
                 hardware_id=str(custom["hardware_id"]),
                 release_counter=int(custom["release_counter"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise UntrustedMetadata(
-                f"director target {target.path} lacks device_id, hardware_id, "
-                f"release_counter or sha256: {exc}"
+                f"director target {target.path} lacks device_id, hardware_id or "
+                f"release_counter: {exc}"
             ) from None
 
 
@@ -95,8 +96,9 @@ def resolve_assignment(
     """Accept the director's choice only if the image repository signed it as named.
 
     Uptane's full verification, step by step: the entry is for this device and
-    its hardware; the image repository signed that target path; length and
-    hashes agree; the signed hardware ids include ours; the release counter
+    its hardware; the image repository signed that target path; the lengths
+    agree, and the hashes too (they share at least one algorithm and agree on
+    every one they share); the signed hardware ids include ours; the release counter
     does not go below the installed one.
     """
     if director.device_id != device_id:
@@ -112,9 +114,11 @@ def resolve_assignment(
         raise BundleNotFound(
             f"the director named {director.path}, which the image repository never signed"
         )
-    if (director.length, director.sha256) != (image.length, image.sha256):
+    if director.length != image.length or not same_hashes(director.hashes, image.hashes):
         raise DirectorMismatch(
-            f"{director.path}: the director's length/hash differ from the image repository's"
+            f"{director.path}: the director's length/hash differ from the image repository's "
+            f"(director: {director.length} bytes, {_algorithms(director.hashes)}; image "
+            f"repository: {image.length} bytes, {_algorithms(image.hashes)})"
         )
     if director.release_counter != image.release_counter:
         raise DirectorMismatch(
@@ -128,6 +132,10 @@ def resolve_assignment(
         )
     check_counter(image, installed_counter)
     return image
+
+
+def _algorithms(hashes: dict[str, str]) -> str:
+    return ", ".join(f"{a} {h[:12]}…" for a, h in sorted(hashes.items())) or "no hashes"
 
 
 def image_target_or_none(client: ImageRepositoryClient, path: str) -> BundleTarget | None:

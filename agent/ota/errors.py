@@ -3,15 +3,27 @@
 Every refusal an attacker or a broken repository can cause is an
 ``UpdateRefused``; callers handle "the repository sent something bad" in one
 place and report ``reason`` (a short code) and the message (what and why).
+
+Most refusals are about an *answer* (metadata, the director's choice, the bytes
+one download delivered) and say nothing about the bundle the release keys
+signed: a forged or garbled answer must never keep a genuine bundle from
+installing later. Only the refusals whose ``condemns_bundle`` is true are
+about the signed bundle itself (its signed bytes are unusable, or its model
+failed the self-test); the installer remembers only those, and never retries
+that bundle.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 
 class UpdateRefused(Exception):
     """The device refused an update; ``reason`` is a short stable code."""
 
     reason = "refused"
+    # True only when the signed bundle itself is bad, whoever delivers it.
+    condemns_bundle: ClassVar[bool] = False
 
     @property
     def detail(self) -> str:
@@ -23,9 +35,16 @@ class UpdateRefused(Exception):
 
 
 class TamperedBundle(UpdateRefused):
-    """The bundle's bytes differ from what the release keys signed."""
+    """The downloaded bytes differ from what the release keys signed (length or hashes)."""
 
     reason = "tampered-bundle"
+
+
+class ManifestMismatch(TamperedBundle):
+    """The signed bytes hold a manifest that contradicts the signed fields (or none)."""
+
+    reason = "manifest-mismatch"
+    condemns_bundle = True
 
 
 class TamperedMetadata(UpdateRefused):
@@ -38,6 +57,15 @@ class UntrustedMetadata(UpdateRefused):
     """Metadata is not signed by enough trusted keys, or is otherwise invalid."""
 
     reason = "untrusted-metadata"
+
+
+class UntrustedRoot(UntrustedMetadata):
+    """The device's own trusted root is missing, unreadable, corrupt or not validly signed.
+
+    Nothing can be verified until the device is provisioned again with a good root.
+    """
+
+    reason = "untrusted-root"
 
 
 class MetadataRollback(UpdateRefused):
@@ -116,9 +144,11 @@ class SelfTestFailed(UpdateRefused):
     """The staged model failed its self-test (load, golden vectors, latency, memory)."""
 
     reason = "self-test-failed"
+    condemns_bundle = True
 
 
 class InvalidBundle(UpdateRefused):
     """The bundle is signed but unusable (members do not match its manifest, or newer schema)."""
 
     reason = "invalid-bundle"
+    condemns_bundle = True

@@ -6,9 +6,17 @@ speaks one JSON object on stdout:
 
     {"status": "none"}                          the director assigns nothing
     {"status": "assigned", "target": {...}}     what to install (``check``)
+    {"status": "changed", "target": {...}}      the director now names another
+                                                bundle than ``--expect`` (``download``)
     {"status": "downloaded", "target": {...}, "path": "..."}   (``download``)
-    {"status": "refused", "reason": "...", "message": "..."}
+    {"status": "refused", "reason": "...", "message": "...",
+     "about": "assignment" | "download", "condemns_bundle": bool}
     {"status": "unavailable", "reason": "...", "message": "..."}   retry later
+
+A refusal says what it is about: ``assignment`` (the director's answer, or the
+metadata behind it, was refused; nothing is known about any bundle) or
+``download`` (the expected bundle was fetched and refused). Only a refusal with
+``condemns_bundle`` proves the expected bundle itself bad.
 """
 
 from __future__ import annotations
@@ -77,26 +85,56 @@ def resolve(
     return target, image
 
 
-def run(command: str, config: AgentConfig, installed_counter: int) -> dict[str, Any]:
+def run(
+    command: str, config: AgentConfig, installed_counter: int, expect: str | None = None
+) -> dict[str, Any]:
+    """Carry out ``check`` or ``download``; ``expect`` is the bundle id a download is for.
+
+    A download first asks the director again: if it now names another bundle
+    (or nothing, or something refused), the expected bundle is not touched and
+    the answer says so, so the installer never blames the expected bundle for
+    what the director said.
+    """
     try:
         target, image = resolve(config, installed_counter)
-        if target is None:
-            return {"status": "none"}
-        if command == "check":
-            return {"status": "assigned", "target": asdict(target)}
-        faults = Faults(config.faults.hold_at)
+    except RepositoryUnavailable as exc:
+        return _unavailable(exc)
+    except UpdateRefused as exc:
+        return _refused(exc, "assignment")
+    if target is None:
+        return {"status": "none"}
+    if command == "check":
+        return {"status": "assigned", "target": asdict(target)}
+    if expect is not None and expect not in {f"{a}:{h}" for a, h in target.hashes.items()}:
+        return {"status": "changed", "target": asdict(target)}
+    faults = Faults(config.faults.hold_at)
 
-        def progress(received: int) -> None:
-            if received > 0:
-                faults.hold("download")
+    def progress(received: int) -> None:
+        if received > 0:
+            faults.hold("download")
 
+    try:
         path = image.download(target, downloads_dir(config), on_progress=progress)
         open_verified_manifest(path, target)
-        return {"status": "downloaded", "target": asdict(target), "path": str(path)}
     except RepositoryUnavailable as exc:
-        return {"status": "unavailable", "reason": exc.reason, "message": exc.detail}
+        return _unavailable(exc)
     except UpdateRefused as exc:
-        return {"status": "refused", "reason": exc.reason, "message": exc.detail}
+        return _refused(exc, "download")
+    return {"status": "downloaded", "target": asdict(target), "path": str(path)}
+
+
+def _unavailable(exc: UpdateRefused) -> dict[str, Any]:
+    return {"status": "unavailable", "reason": exc.reason, "message": exc.detail}
+
+
+def _refused(exc: UpdateRefused, about: str) -> dict[str, Any]:
+    return {
+        "status": "refused",
+        "reason": exc.reason,
+        "message": exc.detail,
+        "about": about,
+        "condemns_bundle": about == "download" and exc.condemns_bundle,
+    }
 
 
 def main() -> int:
@@ -104,9 +142,10 @@ def main() -> int:
     parser.add_argument("command", choices=["check", "download"])
     parser.add_argument("--config", required=True)
     parser.add_argument("--installed-counter", type=int, default=0)
+    parser.add_argument("--expect", help="the bundle id (ALGORITHM:HEX) a download is for")
     args = parser.parse_args()
     config = AgentConfig.load(Path(args.config))
-    print(json.dumps(run(args.command, config, args.installed_counter)), flush=True)
+    print(json.dumps(run(args.command, config, args.installed_counter, args.expect)), flush=True)
     return 0
 
 

@@ -3,14 +3,16 @@
 python-tuf's ``Updater`` refreshes and verifies the metadata (root, timestamp,
 snapshot, targets: TUF client workflow 5.3-5.6) and keeps the trusted copies
 in the device's metadata directory. The bundle itself is downloaded by this
-module, resumably, hashed while it is written and never past its signed
-length, then checked against the signed custom fields (name, version, release
-counter, hardware ids). Every refusal is an :class:`UpdateRefused`.
+module, resumably and never past its signed length, from the URL python-tuf's
+rules give (``HASH.NAME`` only when the trusted root uses consistent
+snapshots), then verified by python-tuf against every hash the repository
+signed (any algorithm python-tuf supports), then checked against the signed
+custom fields (name, version, release counter, hardware ids). Every refusal is
+an :class:`UpdateRefused`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -20,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from tuf.api import exceptions as tuf_exc
-from tuf.api.metadata import Metadata, TargetFile, Targets
+from tuf.api.metadata import Metadata, Root, TargetFile, Targets
+from tuf.api.serialization import DeserializationError
 from tuf.ngclient.config import UpdaterConfig
 from tuf.ngclient.updater import Updater
 
@@ -30,6 +33,7 @@ from agent.ota.errors import (
     DownloadInterrupted,
     EndlessData,
     InsufficientSpace,
+    ManifestMismatch,
     MetadataExpired,
     MetadataRollback,
     ReleaseCounterDowngrade,
@@ -38,9 +42,11 @@ from agent.ota.errors import (
     TamperedBundle,
     TamperedMetadata,
     UntrustedMetadata,
+    UntrustedRoot,
     UpdateRefused,
     WrongHardware,
 )
+from agent.ota.identity import bundle_id, is_verifiable
 from agent.ota.transport import FetchConfig, RepositoryFetcher, Stream, is_local, local_path
 from protocol.bundle import BundleFormatError, read_manifest
 from protocol.manifest import Manifest
@@ -50,11 +56,16 @@ PARTIAL_SUFFIX = ".partial"
 
 @dataclass(frozen=True)
 class BundleTarget:
-    """A bundle the image repository signed, with its trusted length, hash and fields."""
+    """A bundle the image repository signed, with its trusted length, hashes and fields.
+
+    ``hashes`` are all the hashes the repository signed, in its order (the
+    first names the file in a consistent-snapshot repository); the bundle's
+    identity is :attr:`bundle_id`, its strongest hash.
+    """
 
     path: str
     length: int
-    sha256: str
+    hashes: dict[str, str]
     name: str
     version: str
     release_counter: int
@@ -64,10 +75,10 @@ class BundleTarget:
     def from_target(cls, target: TargetFile) -> BundleTarget:
         custom: dict[str, Any] = target.custom or {}
         try:
-            return cls(
+            bundle = cls(
                 path=target.path,
                 length=target.length,
-                sha256=target.hashes["sha256"],
+                hashes=dict(target.hashes),
                 name=str(custom["name"]),
                 version=str(custom["version"]),
                 release_counter=int(custom["release_counter"]),
@@ -76,12 +87,39 @@ class BundleTarget:
         except (KeyError, TypeError, ValueError) as exc:
             raise UntrustedMetadata(
                 f"target {target.path} lacks the bundle fields (name, version, "
-                f"release_counter, hardware_ids, sha256): {exc}"
+                f"release_counter, hardware_ids): {exc}"
             ) from None
+        check_hash_algorithms(f"target {target.path}", bundle.hashes)
+        return bundle
+
+    @property
+    def bundle_id(self) -> str:
+        """``ALGORITHM:HEX`` of the strongest signed hash (the journal's key)."""
+        return bundle_id(self.hashes)
+
+    @property
+    def sha256(self) -> str | None:
+        """The signed sha256, when the repository signed one."""
+        return self.hashes.get("sha256")
 
     @property
     def file_name(self) -> str:
         return self.path.rpartition("/")[2]
+
+    def target_file(self) -> TargetFile:
+        return TargetFile(length=self.length, hashes=dict(self.hashes), path=self.path)
+
+
+def check_hash_algorithms(what: str, hashes: dict[str, str]) -> None:
+    """Refuse hashes python-tuf could not verify, before anything is downloaded."""
+    if not hashes:
+        raise UntrustedMetadata(f"{what} lists no hashes")
+    for algorithm in hashes:
+        if not is_verifiable(algorithm):
+            raise UntrustedMetadata(
+                f"{what} is signed with hash algorithm {algorithm!r}, which this device "
+                "cannot verify"
+            )
 
 
 @contextmanager
@@ -137,23 +175,58 @@ class ImageRepositoryClient:
     @classmethod
     def provision(cls, metadata_dir: Path, trusted_root: Path) -> None:
         """Install ``trusted_root`` as the root of a new trust store (once)."""
-        metadata_dir.mkdir(parents=True, exist_ok=True)
         root = metadata_dir / "root.json"
-        if not root.exists():
-            shutil.copyfile(trusted_root, root)
+        try:
+            metadata_dir.mkdir(parents=True, exist_ok=True)
+            if not root.exists():
+                shutil.copyfile(trusted_root, root)
+        except OSError as exc:
+            raise UntrustedRoot(
+                f"cannot install the trusted root {trusted_root} into {metadata_dir}: "
+                f"{exc.strerror or exc}"
+            ) from None
 
     def refresh(self) -> None:
         """Fetch and verify the newest metadata (TUF client workflow, steps 5.3-5.6)."""
-        self._updater = Updater(
-            metadata_dir=str(self.metadata_dir),
-            metadata_base_url=self._metadata_url,
-            target_base_url=self._targets_url,
-            fetcher=self._fetcher,
-            config=UpdaterConfig(),
-            bootstrap=None,  # the trusted root is the one in metadata_dir
-        )
+        self._updater = self._open_trusted_root()
         with refusals():
             self._updater.refresh()
+
+    def _open_trusted_root(self) -> Updater:
+        """An updater on the stored trusted root (client workflow 5.2), or a typed refusal.
+
+        The root on disk is the anchor of all trust: a missing, corrupt or
+        badly signed one cannot be repaired from the network, so it is refused
+        by name (the device must be provisioned again), never reported as a
+        repository that is merely unavailable.
+        """
+        root = self.metadata_dir / "root.json"
+        try:
+            return Updater(
+                metadata_dir=str(self.metadata_dir),
+                metadata_base_url=self._metadata_url,
+                target_base_url=self._targets_url,
+                fetcher=self._fetcher,
+                config=UpdaterConfig(),
+                bootstrap=None,  # the trusted root is the one in metadata_dir
+            )
+        except FileNotFoundError:
+            problem = "does not exist"
+        except OSError as exc:
+            problem = f"cannot be read ({exc.strerror or exc})"
+        except tuf_exc.UnsignedMetadataError as exc:
+            problem = f"is not signed by a threshold of its own root keys ({exc})"
+        except DeserializationError as exc:
+            cause = exc.__cause__ or exc
+            problem = f"is not valid TUF root metadata ({cause})"
+        except (tuf_exc.RepositoryError, ValueError, TypeError, KeyError) as exc:
+            problem = f"is not a usable TUF root ({exc})"
+        raise UntrustedRoot(
+            " ".join(
+                f"the trusted root {root} {problem}; provision the device again with "
+                "its repository's root".split()
+            )
+        )
 
     def bundles(self) -> list[BundleTarget]:
         """Every bundle the verified top-level targets metadata lists."""
@@ -213,8 +286,8 @@ class ImageRepositoryClient:
         """Download ``bundle`` into ``directory``, verified; returns the file's path.
 
         A partial download from an earlier try is resumed (HTTP Range). The file
-        is hashed while written, never grows past the signed length, and gets
-        its final name only once its hash and length match.
+        never grows past the signed length, and gets its final name only once
+        python-tuf has checked its length and every signed hash.
         """
         directory.mkdir(parents=True, exist_ok=True)
         final = directory / bundle.file_name
@@ -228,12 +301,10 @@ class ImageRepositoryClient:
             raise InsufficientSpace(
                 f"{bundle.path} needs {bundle.length - have} more bytes; {free} are free"
             )
-        dirname, _, basename = bundle.path.rpartition("/")
-        prefix = f"{dirname}/" if dirname else ""
-        url = f"{self._targets_url}{prefix}{bundle.sha256}.{basename}"
+        url = self.target_url(bundle)
         with refusals():
             stream = self._fetcher.open(url, have)
-            received, digest = _receive(stream, partial, bundle.length, on_progress)
+            received = _receive(stream, partial, bundle.length, on_progress)
         if received > bundle.length:
             partial.unlink()
             raise EndlessData(
@@ -243,15 +314,35 @@ class ImageRepositoryClient:
             raise DownloadInterrupted(
                 f"{bundle.path}: {received} of {bundle.length} bytes arrived; will resume"
             )
-        if digest.hexdigest() != bundle.sha256:
+        try:
+            with partial.open("rb") as f:
+                bundle.target_file().verify_length_and_hashes(f)
+        except tuf_exc.LengthOrHashMismatchError as exc:
             partial.unlink()
             raise TamperedBundle(
-                f"{bundle.path}: sha256 {digest.hexdigest()} differs from the signed "
-                f"{bundle.sha256}"
-            )
+                f"{bundle.path} from {url}: what arrived differs from the signed length "
+                f"and hashes ({exc})"
+            ) from None
         os.replace(partial, final)
         fsync_dir(directory)
         return final
+
+    def target_url(self, bundle: BundleTarget) -> str:
+        """Where the repository keeps ``bundle``, by python-tuf's rule (client workflow 5.7.3).
+
+        With consistent snapshots (as the trusted root says) the file is named
+        ``HASH.NAME`` after the first hash the repository listed, whatever its
+        algorithm; without, it is the plain target path.
+        """
+        if self._updater is None:
+            self.refresh()
+        with refusals():
+            root: Metadata[Root] = Metadata.from_file(str(self.metadata_dir / "root.json"))
+        if not (root.signed.consistent_snapshot and UpdaterConfig().prefix_targets_with_hash):
+            return f"{self._targets_url}{bundle.path}"
+        first_hash = next(iter(bundle.hashes.values()))
+        dirname, sep, basename = bundle.path.rpartition("/")
+        return f"{self._targets_url}{dirname}{sep}{first_hash}.{basename}"
 
 
 def check_counter(bundle: BundleTarget, installed_counter: int) -> None:
@@ -269,11 +360,11 @@ def open_verified_manifest(path: Path, bundle: BundleTarget) -> Manifest:
         with path.open("rb") as f:
             manifest = read_manifest(f)
     except BundleFormatError as exc:
-        raise TamperedBundle(f"{bundle.path}: {exc}") from None
+        raise ManifestMismatch(f"{bundle.path}: {exc}") from None
     signed = (bundle.name, bundle.version, bundle.release_counter, set(bundle.hardware_ids))
     inside = (manifest.name, manifest.version, manifest.release_counter, set(manifest.hardware_ids))
     if signed != inside:
-        raise TamperedBundle(
+        raise ManifestMismatch(
             f"{bundle.path}: the manifest (name, version, counter, hardware) {inside} "
             f"differs from the signed metadata {signed}"
         )
@@ -285,20 +376,12 @@ def _receive(
     partial: Path,
     length: int,
     on_progress: Callable[[int], None] | None = None,
-) -> tuple[int, Any]:
-    """Write the stream into ``partial`` from its offset, hashing all of the file.
+) -> int:
+    """Write the stream into ``partial`` from its offset; returns the file's new size.
 
     Stops one byte past ``length``: the caller refuses such a download.
     """
-    digest = hashlib.sha256()
     with partial.open("r+b" if stream.offset else "wb") as out:
-        remaining = stream.offset
-        while remaining:  # a resumed download: hash what is already on disk
-            chunk = out.read(min(remaining, 1 << 20))
-            if not chunk:
-                break
-            digest.update(chunk)
-            remaining -= len(chunk)
         out.seek(stream.offset)
         out.truncate()
         received = stream.offset
@@ -307,7 +390,6 @@ def _receive(
                 received += len(chunk)
                 if received > length:
                     break
-                digest.update(chunk)
                 out.write(chunk)
                 if on_progress is not None:
                     out.flush()
@@ -324,4 +406,4 @@ def _receive(
                 close()  # releases the HTTP connection when we stopped early
             out.flush()
             os.fsync(out.fileno())
-    return received, digest
+    return received

@@ -40,6 +40,10 @@ from protocol.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
+# An install refused for something other than the bundle (bytes garbled on the way,
+# storage failing) is retried after the poll interval, doubling per refusal, up to this.
+MAX_RETRY_DELAY_S = 3600.0
+
 
 @dataclass(frozen=True)
 class SlotModel:
@@ -87,6 +91,10 @@ class Installer:
         self.previous: SlotModel | None = None
         self.watchdog: Watchdog | None = None
         self._lock = asyncio.Lock()
+        # bundle id -> (refusals in a row, not before): installs refused for something
+        # other than the bundle itself are retried with exponential backoff.
+        self._backoff: dict[str, tuple[int, float]] = {}
+        self._last_check: tuple[object, ...] | None = None  # what the last check reported
 
     # -- persistence -------------------------------------------------------
 
@@ -177,44 +185,88 @@ class Installer:
                 answer = await self._worker("check")
                 if answer["status"] != "assigned":
                     return self._report_unassigned(answer)
-                target = InstallTarget.model_validate(
-                    {k: answer["target"][k] for k in InstallTarget.model_fields}
-                )
-                if self.journal.installed and self.journal.installed.sha256 == target.sha256:
+                self._last_check = None
+                target = InstallTarget.model_validate(_target_fields(answer["target"]))
+                if self.journal.installed and self.journal.installed.same_bundle(target):
                     return "up to date"
-                if target.sha256 in self.journal.rejected:
+                if self.journal.rejection(target) is not None:
                     return f"not retrying {target.name} {target.version}: rejected before"
+                _, not_before = self._backoff.get(target.bundle_id, (0, 0.0))
+                if self.clock() < not_before:
+                    wait = not_before - self.clock()
+                    return f"retrying {target.name} {target.version} in {wait:.0f} s"
                 self._save(self.journal.start_download(target), "download-started")
             if self.journal.phase is Phase.DOWNLOADING:
-                answer = await self._worker("download")
-                if answer["status"] == "unavailable":
-                    self._event("download-paused", message=answer["message"])
-                    return f"download paused: {answer['message']}"
-                if answer["status"] == "refused":
-                    self._refuse(answer["reason"], answer["message"])
-                    return f"refused: {answer['message']}"
-                if answer["status"] == "none" or answer["target"]["sha256"] != (
-                    self.journal.target.sha256 if self.journal.target else None
-                ):
-                    self._save(self.journal.abandoned(), "assignment-changed")
-                    return "the assignment changed; starting over on the next poll"
-                self._save(self.journal.verified(), "verified")
+                stopped = await self._download()
+                if stopped is not None:
+                    return stopped
                 self.faults.hold("verified")
             if self.journal.phase is Phase.VERIFIED:
                 await self._stage_and_switch()
             return str(self.journal.last_outcome.result if self.journal.last_outcome else "idle")
 
+    async def _download(self) -> str | None:
+        """Download the journal's bundle; ``None`` once it is verified, else what happened.
+
+        The fetcher asks the director again first. What it refuses there is the
+        director's answer, not the bundle being downloaded: the download is
+        given up and reported, and the bundle stays eligible. Only a refusal that
+        condemns the bundle itself (its signed bytes are unusable) remembers it.
+        """
+        target = self.journal.target
+        assert target is not None
+        answer = await self._worker("download", expect=target.bundle_id)
+        status = answer["status"]
+        if status == "unavailable":
+            self._event("download-paused", message=answer["message"])
+            return f"download paused: {answer['message']}"
+        if status == "refused" and answer.get("about") == "download":
+            condemned = bool(answer.get("condemns_bundle"))
+            self._refuse(answer["reason"], answer["message"], condemned=condemned)
+            return f"refused: {answer['message']}"
+        if status == "refused":
+            self._give_up("assignment-refused", reason=answer["reason"], message=answer["message"])
+            return f"assignment refused: {answer['message']}"
+        if status != "downloaded" or not target.same_bundle(
+            InstallTarget.model_validate(_target_fields(answer["target"]))
+        ):
+            self._give_up("assignment-changed")
+            return "the assignment changed; starting over on the next poll"
+        self._backoff.pop(target.bundle_id, None)
+        self._save(self.journal.verified(), "verified")
+        return None
+
+    def _give_up(self, event: str, **fields: object) -> None:
+        """Abandon the download without an outcome: nothing is known against its bundle."""
+        target = self.journal.target
+        assert target is not None
+        journal = self.journal.abandoned()
+        self.store.save(journal)
+        self.journal = journal
+        # Named "abandoned", not "bundle": the event is not about that bundle's merits.
+        self._event(
+            event,
+            phase=str(journal.phase),
+            abandoned=f"{target.name} {target.version}",
+            abandoned_id=target.bundle_id,
+            **fields,
+        )
+        log.info("install: %s, gave up %s %s %s", event, target.name, target.version, fields)
+
     def _report_unassigned(self, answer: dict[str, Any]) -> str:
+        report = (answer["status"], answer.get("reason"), answer.get("message"))
+        repeated, self._last_check = report == self._last_check, report
         if answer["status"] == "none":
             return "nothing assigned"
-        self._event(
-            f"check-{answer['status']}",
-            reason=answer.get("reason"),
-            message=answer.get("message"),
-        )
+        if not repeated:  # the same refusal on every poll is recorded (and sent) once
+            self._event(
+                f"check-{answer['status']}",
+                reason=answer.get("reason"),
+                message=answer.get("message"),
+            )
         return f"{answer['status']}: {answer.get('message')}"
 
-    async def _worker(self, command: str) -> dict[str, Any]:
+    async def _worker(self, command: str, expect: str | None = None) -> dict[str, Any]:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -224,6 +276,7 @@ class Installer:
             str(self.config_path),
             "--installed-counter",
             str(self.journal.installed_counter),
+            *(["--expect", expect] if expect else []),
             stdout=asyncio.subprocess.PIPE,
             preexec_fn=_die_with_parent,
         )
@@ -259,8 +312,12 @@ class Installer:
                 self._bundle_path(),
                 lambda: self.faults.hold("staging"),
             )
-        except (SlotError, OSError) as exc:
+        except SlotError as exc:
             self._refuse("invalid-bundle", f"cannot stage the bundle: {exc}")
+            return
+        except OSError as exc:
+            # The device's storage failed, not the bundle: report it, keep the bundle eligible.
+            self._refuse("staging-failed", f"cannot stage the bundle: {exc}", condemned=False)
             return
         self._save(self.journal.staged(), "staged", slot=slot)
         self.faults.hold("staged")
@@ -355,11 +412,27 @@ class Installer:
         )
         bundle.unlink(missing_ok=True)
 
-    def _refuse(self, reason: str, message: str) -> None:
+    def _refuse(self, reason: str, message: str, *, condemned: bool = True) -> None:
+        """End the install as refused.
+
+        ``condemned``: the bundle itself is bad and is never retried. Otherwise it
+        is tried again after a backoff (the poll interval, doubling per refusal in
+        a row, at most ``MAX_RETRY_DELAY_S``).
+        """
+        target = self.journal.target
         try:
-            journal = self.journal.refused(reason, message, self.clock())
+            journal = self.journal.refused(reason, message, self.clock(), condemned=condemned)
         except JournalError:
             return
+        if not condemned and target is not None:
+            tries, _ = self._backoff.get(target.bundle_id, (0, 0.0))
+            delay = min(self.config.update.poll_interval_s * 2**tries, MAX_RETRY_DELAY_S)
+            self._backoff[target.bundle_id] = (tries + 1, self.clock() + delay)
         bundle = self._bundle_path()
-        self._save(journal, "refused", reason=reason, message=message)
+        self._save(journal, "refused", reason=reason, message=message, remembered=condemned)
         bundle.unlink(missing_ok=True)
+
+
+def _target_fields(target: dict[str, Any]) -> dict[str, Any]:
+    """The fetcher's bundle target, cut to what the journal keeps."""
+    return {k: target[k] for k in InstallTarget.model_fields}

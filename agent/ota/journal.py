@@ -10,8 +10,12 @@ The rules:
 
 - every transition is written (atomically, fsynced) before the work of the
   next phase starts, so after a crash the journal says what may be half done;
-- a bundle that was refused or rolled back is remembered by hash and never
-  retried automatically (a bad model must not install in a loop);
+- a bundle that itself proved bad (its signed bytes are unusable, its model
+  failed the self-test, or it was rolled back) is remembered by its identity
+  (:func:`bundle_id`) and never retried automatically (a bad model must not
+  install in a loop); a refusal of an *answer* (forged director metadata,
+  garbled bytes on the wire) is reported but not remembered, so it can never
+  block the genuine bundle;
 - the installed release counter only grows, and only on commit.
 
 :class:`Journal` is pure data and pure transitions (no I/O, no clock: callers
@@ -22,15 +26,18 @@ pass ``now``); :class:`JournalStore` persists it. Recovery after a restart is
 from __future__ import annotations
 
 import json
+import re
 from enum import StrEnum
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from agent.ota.durable import append_line, atomic_write
+from agent.ota.identity import bundle_id, same_hashes
 
 MAX_EVENTS_KEPT = 500
+_BARE_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class Phase(StrEnum):
@@ -55,8 +62,35 @@ class InstallTarget(BaseModel):
     name: str
     version: str
     release_counter: int
-    sha256: str
+    hashes: dict[str, str]
     length: int
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_sha256(cls, data: Any) -> Any:
+        # Journals written before targets kept every signed hash had only "sha256".
+        if isinstance(data, dict) and "hashes" not in data and "sha256" in data:
+            data = {k: v for k, v in data.items() if k != "sha256"} | {
+                "hashes": {"sha256": data["sha256"]}
+            }
+        return data
+
+    @property
+    def bundle_id(self) -> str:
+        """This bundle's identity (:func:`bundle_id`)."""
+        return bundle_id(self.hashes)
+
+    @property
+    def sha256(self) -> str | None:
+        """The signed sha256, when the repository signed one."""
+        return self.hashes.get("sha256")
+
+    def same_bundle(self, other: InstallTarget) -> bool:
+        return same_hashes(self.hashes, other.hashes)
+
+    def matching_ids(self) -> set[str]:
+        """Every ``ALGORITHM:HEX`` that names this bundle (one per signed hash)."""
+        return {f"{a}:{h}" for a, h in self.hashes.items()}
 
 
 class Outcome(BaseModel):
@@ -95,8 +129,31 @@ class Journal(BaseModel):
     clean_shutdown: bool = False  # the agent was stopped on purpose during the trial
     installed: InstallTarget | None = None
     installed_counter: int = 0
+    # Bundles never to retry, by identity (bundle_id), with the reason they proved bad.
     rejected: dict[str, str] = {}
     last_outcome: Outcome | None = None
+
+    @field_validator("rejected", mode="before")
+    @classmethod
+    def _legacy_rejected_keys(cls, value: Any) -> Any:
+        # Older journals keyed rejected bundles by their bare sha256.
+        if isinstance(value, dict):
+            return {
+                f"sha256:{k}" if isinstance(k, str) and _BARE_SHA256.fullmatch(k) else k: v
+                for k, v in value.items()
+            }
+        return value
+
+    def rejection(self, target: InstallTarget) -> str | None:
+        """Why ``target`` was rejected before, or ``None`` if it never was.
+
+        Any of its signed hashes matches, so a bundle stays rejected whichever
+        of its hashes was the strongest when it was remembered.
+        """
+        for key in sorted(target.matching_ids()):
+            if key in self.rejected:
+                return self.rejected[key]
+        return None
 
     # -- transitions -------------------------------------------------------
 
@@ -106,8 +163,9 @@ class Journal(BaseModel):
         return self.model_copy(update={"phase": phase, **changes})
 
     def start_download(self, target: InstallTarget) -> Journal:
-        if target.sha256 in self.rejected:
-            raise JournalError(f"{target.path} was rejected before: {self.rejected[target.sha256]}")
+        why = self.rejection(target)
+        if why is not None:
+            raise JournalError(f"{target.path} was rejected before: {why}")
         return self._to(Phase.DOWNLOADING, target=target, slot=None)
 
     def verified(self) -> Journal:
@@ -139,13 +197,22 @@ class Journal(BaseModel):
             installed_counter=max(self.installed_counter, self.target.release_counter),
         )
 
-    def refused(self, reason: str, message: str, now: float) -> Journal:
-        """The bundle never became active; remember it so it is not retried."""
+    def refused(self, reason: str, message: str, now: float, *, condemned: bool = True) -> Journal:
+        """The bundle never became active.
+
+        ``condemned``: the bundle itself proved bad, so it is remembered and never
+        retried. Otherwise (bytes garbled on the way, no space to stage it) the
+        refusal is reported and the bundle may be tried again.
+        """
         if self.target is None or self.phase in (Phase.IDLE, Phase.TRIAL):
             raise JournalError(f"nothing to refuse in {self.phase}")
+        outcome = Outcome(
+            result="refused", target=self.target, reason=reason, message=message, at=now
+        )
+        if not condemned:
+            return self._idle(outcome)
         return self._idle(
-            Outcome(result="refused", target=self.target, reason=reason, message=message, at=now),
-            rejected={**self.rejected, self.target.sha256: f"{reason}: {message}"},
+            outcome, rejected={**self.rejected, self.target.bundle_id: f"{reason}: {message}"}
         )
 
     def rolled_back(self, reason: str, message: str, now: float) -> Journal:
@@ -156,7 +223,7 @@ class Journal(BaseModel):
             result="rolled_back", target=self.target, reason=reason, message=message, at=now
         )
         return self._idle(
-            outcome, rejected={**self.rejected, self.target.sha256: f"{reason}: {message}"}
+            outcome, rejected={**self.rejected, self.target.bundle_id: f"{reason}: {message}"}
         )
 
     def abandoned(self) -> Journal:

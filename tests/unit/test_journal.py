@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -47,14 +48,14 @@ def test_a_refused_bundle_is_remembered_and_not_retried() -> None:
     j = Journal().start_download(V2).verified().start_staging("b").staged()
     j = j.refused("self-test-failed", "golden vector 3 differs", now=5.0)
     assert j.phase is Phase.IDLE and j.installed_counter == 0
-    assert "self-test-failed" in j.rejected[V2.sha256]
+    assert "self-test-failed" in j.rejected[V2.bundle_id]
     with pytest.raises(JournalError, match="rejected before"):
         j.start_download(V2)
 
 
 def test_a_rolled_back_bundle_is_remembered_and_the_counter_stays() -> None:
     j = through_trial(Journal()).rolled_back("watchdog", "5 of 9 requests NaN", now=120.0)
-    assert j.installed_counter == 0 and V2.sha256 in j.rejected
+    assert j.installed_counter == 0 and V2.bundle_id in j.rejected
     assert j.last_outcome is not None and j.last_outcome.reason == "watchdog"
 
 
@@ -104,3 +105,40 @@ def test_a_deliberate_stop_during_the_trial_is_not_a_crash() -> None:
     after = stopped.rebooted_in_trial()
     assert after.trial_boots == 0 and not after.clean_shutdown
     assert recovery_action(after, max_trial_boots=1) == "roll_back"
+
+
+def test_a_refusal_that_does_not_condemn_the_bundle_is_reported_but_not_remembered() -> None:
+    j = Journal().start_download(V2)
+    j = j.refused("tampered-bundle", "what arrived differs", now=5.0, condemned=False)
+    assert j.phase is Phase.IDLE and j.rejected == {}
+    assert j.last_outcome is not None and j.last_outcome.reason == "tampered-bundle"
+    assert j.start_download(V2).phase is Phase.DOWNLOADING
+
+
+def test_a_bundle_is_named_by_its_strongest_signed_hash() -> None:
+    both = V2.model_copy(update={"hashes": {"sha256": "b" * 64, "sha512": "c" * 128}})
+    assert both.bundle_id == "sha512:" + "c" * 128
+    only512 = V2.model_copy(update={"hashes": {"sha512": "c" * 128}})
+    assert only512.bundle_id == "sha512:" + "c" * 128 and only512.sha256 is None
+    assert both.same_bundle(only512) and both.same_bundle(V2)
+    assert not only512.same_bundle(V2), "no hash in common: not known to be the same bytes"
+
+
+def test_a_rejection_matches_any_signed_hash_of_the_bundle() -> None:
+    j = Journal().start_download(V2).refused("invalid-bundle", "members differ", now=1.0)
+    both = V2.model_copy(update={"hashes": {"sha512": "c" * 128, "sha256": "b" * 64}})
+    assert j.rejection(both) is not None
+    with pytest.raises(JournalError, match="rejected before"):
+        j.start_download(both)
+
+
+def test_a_journal_written_with_bare_sha256_keys_still_loads(tmp_path: Path) -> None:
+    legacy = {
+        "phase": "downloading",
+        "target": {**V2.model_dump(exclude={"hashes"}), "sha256": "b" * 64},
+        "rejected": {"a" * 64: "self-test-failed: slow"},
+    }
+    (tmp_path / "journal.json").write_text(json.dumps(legacy))
+    j = JournalStore(tmp_path).load()
+    assert j.target == V2
+    assert j.rejected == {"sha256:" + "a" * 64: "self-test-failed: slow"}
