@@ -419,12 +419,17 @@ def cmd_devices_events(args: argparse.Namespace) -> None:
     ]
     table = _table(
         ["AT", "EVENT", "DETAILS"],
-        [
-            [_when(e["at"]), e["event"], json.dumps(e["details"], sort_keys=True)[:80]]
-            for e in events
-        ],
+        [[_when(e.get("at")), e.get("event"), _details_cell(e)] for e in events],
     )
     _emit(args, events, table if events else "No events.")
+
+
+def _details_cell(item: dict[str, Any]) -> str:
+    """An event's or audit entry's details in one cell; a clear note if the server left them out."""
+    omitted = item.get("details_omitted")
+    if omitted:
+        return f"[{omitted}]"
+    return json.dumps(item.get("details") or {}, sort_keys=True)[:80]
 
 
 def _duration(text: str) -> float:
