@@ -159,7 +159,9 @@ class ChainCheck:
 
     Pure: :meth:`add` each entry (``details`` as stored, or ``None`` if they are
     unreadable, with ``unreadable`` saying why), then :meth:`finish`. The first
-    problem found is the answer; later entries are not looked at.
+    problem found is the answer; later entries are not looked at. Entry times
+    only shape the wording of a problem already found (replicas' clocks may
+    differ a little), never whether there is one.
     """
 
     def __init__(self, anchor: Anchor | None = None) -> None:
@@ -168,6 +170,9 @@ class ChainCheck:
         self.prev = GENESIS
         self.last_seq: int | None = None
         self.anchor_seen = anchor is None or anchor.seq == 0
+        # The entries written before the anchor was signed: how many, the newest's number.
+        self.before_count = 0
+        self.before_last = 0
         self.report: ChainReport | None = None
 
     def _broken(self, seq: int, problem: str) -> ChainReport:
@@ -192,12 +197,7 @@ class ChainCheck:
             return self.report
         anchor = self.anchor
         if anchor is not None and not self.anchor_seen and seq > anchor.seq:
-            return self._broken(
-                seq,
-                f"entry {anchor.seq}, the newest when the anchor was signed "
-                f"({_when(anchor.signed_at)}), is missing: it was deleted and the "
-                "entries after it re-chained",
-            )
+            return self._broken(seq, self._cut(seq, at))
         self.entries += 1
         if prev_hash != self.prev:
             return self._broken(seq, "it does not follow the entry before it (one was deleted?)")
@@ -207,15 +207,14 @@ class ChainCheck:
             return self._broken(seq, "its content was changed")
         self.prev = hash
         self.last_seq = seq
-        if anchor is not None and seq == anchor.seq:
+        if anchor is None:
+            return None
+        if _aware(at) <= anchor.signed_at:
+            self.before_count, self.before_last = self.entries, seq
+        if seq == anchor.seq:
             self.anchor_seen = True
             if hash != anchor.hash and _aware(at) > anchor.signed_at:
-                return self._broken(
-                    seq,
-                    f"entry {anchor.seq}, the newest when the anchor was signed "
-                    f"({_when(anchor.signed_at)}), was deleted: the entry now numbered "
-                    f"{seq} was written after the anchor",
-                )
+                return self._broken(seq, self._cut(seq, at))
             if hash != anchor.hash:
                 return self._broken(
                     seq,
@@ -225,6 +224,30 @@ class ChainCheck:
                 )
         return None
 
+    def _cut(self, seq: int, at: datetime) -> str:
+        """Entry ``seq`` stands where the anchored entry should: say what was deleted."""
+        anchor = self.anchor
+        assert anchor is not None
+        when = _when(anchor.signed_at)
+        if _aware(at) > anchor.signed_at:
+            return (
+                f"entry {seq} was written after the anchor was signed ({when}) and follows "
+                f"entry {self.before_last}, where the anchor names entry {anchor.seq}: "
+                f"{self._deleted()}"
+            )
+        return (
+            f"entry {anchor.seq}, the newest when the anchor was signed ({when}), is missing: "
+            "it was deleted and the entries after it re-chained"
+        )
+
+    def _deleted(self) -> str:
+        assert self.anchor is not None
+        gone = self.anchor.entries - self.before_count
+        count = (
+            f"the newest {gone} entries" if gone > 1 else "the newest entry" if gone else "entries"
+        )
+        return f"{count} as of the anchor, after entry {self.before_last}, were deleted"
+
     def finish(self) -> ChainReport:
         """The verdict once every entry was added."""
         if self.report is not None:
@@ -232,17 +255,19 @@ class ChainCheck:
         anchor = self.anchor
         if anchor is not None and not self.anchor_seen:
             last = self.last_seq if self.last_seq is not None else 0
-            self.report = ChainReport(
-                False,
-                self.entries,
-                last + 1,
-                f"the log ends at entry {last} ({self.entries} entries), but the anchor signed "
-                f"{_when(anchor.signed_at)} names entry {anchor.seq} ({anchor.entries} entries): "
-                f"the newest entries, after {last}, were deleted",
-                self.last_seq,
-                self.prev,
-            )
-            return self.report
+            if self.entries > self.before_count:
+                problem = (
+                    f"the log holds no entry {anchor.seq}, which the anchor signed "
+                    f"{_when(anchor.signed_at)} names, and the entries after entry "
+                    f"{self.before_last} were written after it: {self._deleted()}"
+                )
+            else:
+                problem = (
+                    f"the log ends at entry {last} ({self.entries} entries), but the anchor "
+                    f"signed {_when(anchor.signed_at)} names entry {anchor.seq} "
+                    f"({anchor.entries} entries): {self._deleted()}"
+                )
+            return self._broken(self.before_last + 1, problem)
         self.report = ChainReport(True, self.entries, head_seq=self.last_seq, head_hash=self.prev)
         return self.report
 
