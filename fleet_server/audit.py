@@ -52,10 +52,11 @@ AUDIT_KEY_FILE = "audit-key.pem"
 # Signatures over a head start with this, so no other message of ours can pass for one.
 _HEAD_CONTEXT = b"edgefleet audit head v1\n"
 
-# What an entry's details may hold: generous (rollout evidence is large), yet small
-# enough that every reader (the API's serializer, fleetctl) takes it.
+# What an entry's details may hold: generous (an assignment to a tag lists every device it
+# reached, rollout evidence is large); the depth bound is what keeps every reader (the
+# API's serializer stops at about 255 levels) able to show it.
 AUDIT_DETAILS_BOUNDS = FreeformBounds(
-    max_depth=32, max_items=100_000, max_string=100_000, max_bytes=4 << 20
+    max_depth=32, max_items=4_000_000, max_string=1 << 20, max_bytes=48 << 20
 )
 
 
@@ -114,7 +115,7 @@ async def record(
     problem = freeform_problem(body, AUDIT_DETAILS_BOUNDS)
     if problem is not None:
         log.warning("audit %s %s: details not stored, they %s", action, subject, problem.message)
-        body = {"details_omitted": f"the details {problem.message}"}
+        body = {"details_omitted": f"not recorded: what was given {problem.message}"}
     entry = AuditEntry(
         at=at,
         actor=actor,

@@ -17,7 +17,7 @@ from typing import Any
 from protocol.messages import FreeformBounds, freeform_problem
 
 # Text beyond this is not even parsed: no bound of ours lets anything near it in.
-MAX_STORED_CHARS = 16 << 20
+MAX_STORED_CHARS = 64 << 20
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
+from fleet_server import audit
 from fleet_server.fleetctl import main
 from protocol.messages import FREEFORM_MAX_DEPTH
 from protocol.topics import device_topic
@@ -259,3 +260,20 @@ def test_a_poisoned_audit_entry_is_listed_with_a_note_and_reported_as_changed(
     assert main(["audit", "verify", *remote]) == 1
     out, err = capsys.readouterr()
     assert f"BROKEN at entry {seq}" in out and "Traceback" not in err
+
+
+def test_audit_details_beyond_the_bounds_are_recorded_as_a_note(stored: Stored) -> None:
+    async def record_deep() -> int:
+        async with stored.api.server.db.session() as session:
+            entry = await audit.record(session, "test", "test.deep", "deep", nested(300))
+            return entry.seq
+
+    seq = stored.api.call(record_deep())
+    status, page = stored.get(f"/audit?after={seq - 1}&limit=1")
+    assert status == 200, page
+    details = page["entries"][0]["details"]
+    assert details == {
+        "details_omitted": "not recorded: what was given nests deeper than 32 levels of "
+        "objects and arrays"
+    }
+    assert page["entries"][0]["details_omitted"] is None
