@@ -225,3 +225,13 @@ def test_saving_a_head_never_replaces_an_anchor_the_log_no_longer_extends(
     refused = audited.fleetctl("audit", "head", "--out", str(anchor))
     assert refused.code == 1 and "not replacing" in refused.err and "deleted" in refused.err
     assert anchor.read_text() == before
+
+
+def test_an_unreadable_audit_key_is_a_503_naming_it_never_a_new_key(audited: Audited) -> None:
+    key_file = audited.api.config.data_dir / AUDIT_KEY_FILE
+    key_file.write_text("not a key\n")
+    r = audited.api.request("GET", "/api/v1/audit/head", token=audited.api.admin_token)
+    assert r.status == 503 and b"audit key is unavailable" in r.data
+    assert key_file.read_text() == "not a key\n"  # left for the operator to restore
+    refused = audited.fleetctl("audit", "head")
+    assert refused.code == 1 and "(503)" in refused.err

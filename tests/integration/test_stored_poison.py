@@ -95,7 +95,10 @@ def test_a_300_level_event_over_the_broker_is_dropped_and_counted(tmp_path: Path
                 client.close()
 
             def stored() -> list[dict[str, Any]]:
-                return server.api("GET", f"/devices/{device}/events", token)["events"]
+                events: list[dict[str, Any]] = server.api(
+                    "GET", f"/devices/{device}/events", token
+                )["events"]
+                return events
 
             wait_until("the good event to be stored", lambda: len(stored()) >= 1)
             events = stored()
