@@ -30,7 +30,8 @@ _Count = Annotated[int, Field(ge=0, le=2**63 - 1)]
 FREEFORM_MAX_DEPTH = 8  # nested objects and arrays, the outermost object being level 1
 FREEFORM_MAX_ITEMS = 256  # keys and array items, counted through every level
 FREEFORM_MAX_STRING = 2000  # characters of any key or string (the agent clips its texts to it)
-FREEFORM_MAX_BYTES = 32 * 1024  # its compact JSON, UTF-8
+# Its compact JSON in UTF-8: the default message limit, held even where a server's is raised.
+FREEFORM_MAX_BYTES = 64 * 1024
 _FREEFORM_INT = 2**63  # integers a JSON reader in any language (and a BIGINT) holds
 
 
@@ -50,8 +51,7 @@ FREEFORM_BOUNDS = FreeformBounds()
 
 @dataclass(frozen=True)
 class FreeformProblem:
-    """Why a value is not bounded free-form JSON: ``kind`` (``too-deep``, ``too-large``,
-    ``not-json``) and a sentence that names the bound it broke."""
+    """Why a value is not bounded free-form JSON: its ``kind``, and a sentence naming the bound."""
 
     kind: Literal["too-deep", "too-large", "not-json"]
     message: str

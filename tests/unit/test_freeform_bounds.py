@@ -88,7 +88,6 @@ def test_details_at_the_depth_bound_pass_and_one_more_level_does_not() -> None:
         ({"s": "x" * (FREEFORM_MAX_STRING + 1)}, "string longer"),
         ({"k" * (FREEFORM_MAX_STRING + 1): 1}, "key longer"),
         ({"list": list(range(FREEFORM_MAX_ITEMS + 1))}, "keys and items"),
-        ({f"k{i}": "y" * 1500 for i in range(30)}, f"more than {FREEFORM_MAX_BYTES}"),
         ({"n": 2**70}, "beyond 64 bits"),
     ],
 )
@@ -96,6 +95,15 @@ def test_oversized_details_are_dropped_naming_the_bound(details: Any, says: str)
     verdict = gate("events", event(details))
     assert isinstance(verdict, Dropped) and verdict.reason == "field-too-large", verdict
     assert says in verdict.detail
+
+
+def test_the_byte_bound_holds_where_a_server_allows_larger_messages() -> None:
+    details = {f"k{i}": "é" * 1900 for i in range(20)}  # 76 KB in UTF-8
+    payload = event(details).replace(b"\\u00e9", "é".encode())
+    verdict = classify(device_topic(DEVICE, "events"), payload, 1 << 20)
+    assert isinstance(verdict, Dropped) and verdict.reason == "field-too-large", verdict
+    assert f"more than {FREEFORM_MAX_BYTES}" in verdict.detail
+    assert isinstance(gate("events", payload), Dropped)  # over the default message limit too
 
 
 def test_what_the_agent_sends_passes() -> None:
