@@ -15,7 +15,9 @@ checking the chain against a saved head (:class:`ChainCheck` with an
 :class:`Anchor`) then finds a deleted tail, a rewritten entry, or a head that
 another key signed. The checks are pure: the server runs them over its rows,
 ``fleetctl`` over the pages the API serves, so an operator need not take the
-server's word for it.
+server's word for it. The server also keeps the last head it handed out or
+verified in its data folder (:class:`HeadRecord`), so its own verification
+finds a deleted tail done through the database alone.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
+from pydantic import ValidationError
 from sqlalchemy import Text, cast, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -405,3 +408,77 @@ def anchor_of(signed: SignedAuditHead) -> Anchor:
     """The chain position a signed head vouches for."""
     h = signed.head
     return Anchor(seq=h.seq, hash=h.hash, entries=h.entries, signed_at=h.signed_at)
+
+
+# -- the server's own record of its head ----------------------------------------------
+
+AUDIT_HEAD_FILE = "audit-head.json"
+
+
+@dataclass(frozen=True)
+class HeadRecord:
+    """The last head the server vouched for, kept in its data folder, beside the audit key.
+
+    Out of reach of someone who can only edit the database, it lets the
+    server's own verification find a deleted tail too: each time the head is
+    handed out or the log verified, the chain is checked against the record
+    and, if it holds, the record moves on to the current head.
+    """
+
+    path: Path
+
+    @classmethod
+    def in_folder(cls, data_dir: Path) -> HeadRecord:
+        return cls(data_dir / AUDIT_HEAD_FILE)
+
+    def load(self, signer: AuditSigner) -> tuple[Anchor | None, str | None]:
+        """The recorded head as an anchor, or what is wrong with the record (none: both None)."""
+        try:
+            signed = SignedAuditHead.model_validate_json(self.path.read_bytes())
+        except FileNotFoundError:
+            return None, None
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or "the record"
+            return (
+                None,
+                f"the server's head record {self.path} cannot be read: {where}: {err['msg']}",
+            )
+        except (OSError, ValueError) as exc:
+            return None, f"the server's head record {self.path} cannot be read: {exc}"
+        problem = head_signature_problem(signed)
+        if problem is None and signed.head.key_id != signer.key_id:
+            problem = "another key than the server's audit key signed it"
+        if problem is not None:
+            return None, f"the server's head record {self.path} is not genuine: {problem}"
+        return anchor_of(signed), None
+
+    def save(self, signed: SignedAuditHead) -> None:
+        """Replace the record atomically (the caller checked the log extends the old one)."""
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(signed.model_dump_json(indent=2) + "\n")
+        tmp.replace(self.path)
+
+
+async def verify_and_record(
+    session: AsyncSession, signer: AuditSigner, record: HeadRecord
+) -> tuple[ChainReport, SignedAuditHead]:
+    """Check the chain against the server's head record, then move the record to the head.
+
+    The record moves only if the chain holds; a broken chain leaves it as
+    evidence. Returns the report and the current head, signed.
+    """
+    anchor, problem = record.load(signer)
+    if problem is not None:
+        report = await verify_chain(session)
+        if report.ok:
+            report = ChainReport(False, report.entries, None, problem, report.head_seq)
+        return report, await current_head(session, signer)
+    report = await verify_chain(session, anchor)
+    head = await current_head(session, signer)
+    if report.ok:
+        try:
+            record.save(head)
+        except OSError as exc:
+            log.error("cannot update the audit head record %s: %s", record.path, exc)
+    return report, head

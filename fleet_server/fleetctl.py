@@ -704,8 +704,16 @@ def cmd_audit_verify(args: argparse.Namespace) -> None:
         )
     report = _client(args).get("/audit/verify")
     if report["ok"]:
-        _emit(args, report, f"Audit log intact: {report['entries']} entries, hash chain verified.")
+        _emit(
+            args,
+            report,
+            f"Audit log intact: {report['entries']} entries, hash chain verified "
+            "(and it extends the last head the server recorded).",
+        )
         return
+    if report["broken_at"] is None:  # the server's head record itself is in doubt
+        _emit(args, report, f"Audit log NOT VERIFIED: {report['problem']}.")
+        raise CommandError(f"the audit log cannot be verified: {report['problem']}")
     _emit(
         args,
         report,

@@ -37,8 +37,8 @@ from fleet_server.audit import (
     AUDIT_DETAILS_BOUNDS,
     AuditKeyError,
     AuditSigner,
-    current_head,
-    verify_chain,
+    HeadRecord,
+    verify_and_record,
 )
 from fleet_server.auth import create_token, list_tokens, revoke_token
 from fleet_server.db.models import (
@@ -481,9 +481,21 @@ async def list_audit(request: web.Request) -> web.StreamResponse:
     return answer(AuditPage(entries=entries, next_after=page[-1][0] if more else None))
 
 
+def _audit_signer(request: web.Request) -> AuditSigner:
+    try:
+        return AuditSigner.in_folder(request.app[SERVER].config.data_dir)
+    except AuditKeyError as exc:
+        log.error("%s", exc)
+        raise ApiError(503, "the server's audit key is unavailable; see its log") from None
+
+
 async def verify_audit(request: web.Request) -> web.StreamResponse:
-    async with request.app[SERVER].db.session() as session:
-        report = await verify_chain(session)
+    server = request.app[SERVER]
+    signer = _audit_signer(request)
+    async with server.db.session() as session:
+        report, _ = await verify_and_record(
+            session, signer, HeadRecord.in_folder(server.config.data_dir)
+        )
     return answer(
         AuditVerification(
             ok=report.ok, entries=report.entries, broken_at=report.broken_at, problem=report.problem
@@ -493,13 +505,15 @@ async def verify_audit(request: web.Request) -> web.StreamResponse:
 
 async def audit_head(request: web.Request) -> web.StreamResponse:
     server = request.app[SERVER]
-    try:
-        signer = AuditSigner.in_folder(server.config.data_dir)
-    except AuditKeyError as exc:
-        log.error("%s", exc)
-        raise ApiError(503, "the server's audit key is unavailable; see its log") from None
+    signer = _audit_signer(request)
     async with server.db.session() as session:
-        signed = await current_head(session, signer)
+        # The server's own head record moves on only while the log extends it; a broken
+        # log's head is still handed out, and fleetctl's check against a saved one says why.
+        report, signed = await verify_and_record(
+            session, signer, HeadRecord.in_folder(server.config.data_dir)
+        )
+    if not report.ok:
+        log.warning("audit log broken at entry %s: %s", report.broken_at, report.problem)
     return answer(signed)
 
 
@@ -748,8 +762,9 @@ OPERATIONS: tuple[Operation, ...] = (
     ),
     Operation(
         "GET", f"{V}/audit/verify", verify_audit, "verifyAudit",
-        "Recompute the audit log's hash chain",
-        tag="audit", auth="viewer", response=AuditVerification, errors=_AUTH_ERRORS,
+        "Recompute the audit log's hash chain and check it extends the last head the server "
+        "recorded (which then moves to the current head)",
+        tag="audit", auth="viewer", response=AuditVerification, errors=(*_AUTH_ERRORS, 503),
     ),
     Operation(
         "GET", f"{V}/audit/head", audit_head, "getAuditHead",

@@ -18,7 +18,13 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import delete, func, select, update
 
-from fleet_server.audit import AUDIT_KEY_FILE, AuditSigner, entry_hash, head_signature_problem
+from fleet_server.audit import (
+    AUDIT_HEAD_FILE,
+    AUDIT_KEY_FILE,
+    AuditSigner,
+    entry_hash,
+    head_signature_problem,
+)
 from fleet_server.db.models import AuditEntry
 from fleet_server.fleetctl import main
 from protocol.api import SignedAuditHead
@@ -63,6 +69,9 @@ class Audited:
                 json={"device_id": f"anchored-{self.devices}", "hardware_id": HARDWARE},
             )
             assert r.status == 201, r.data
+
+    def forget_head_record(self) -> None:
+        (self.api.config.data_dir / AUDIT_HEAD_FILE).unlink()
 
     def newest_seq(self) -> int:
         async def newest() -> int:
@@ -157,7 +166,12 @@ def test_deleting_the_newest_entries_is_reported(audited: Audited) -> None:
     assert audited.fleetctl("audit", "head", "--out", str(anchor)).code == 0
     newest = audited.newest_seq()
     audited.delete_after(newest - 2)
-    # The chain alone still holds: that is the hole.
+    # The server's own record of the head it handed out finds it...
+    plain = audited.fleetctl("audit", "verify")
+    assert plain.code == 1 and "were deleted" in plain.out, plain
+    # ...until someone who can also write the server's data folder removes that record:
+    # then the chain alone holds (that is the hole), and only a saved anchor finds it.
+    audited.forget_head_record()
     assert audited.fleetctl("audit", "verify").code == 0
     checked = audited.fleetctl("audit", "verify", "--anchor", str(anchor), "--json")
     assert checked.code == 1
@@ -178,6 +192,9 @@ def test_a_rewritten_entry_with_a_rehashed_chain_is_reported(audited: Audited) -
     assert audited.fleetctl("audit", "head", "--out", str(anchor)).code == 0
     newest = audited.newest_seq()
     audited.rewrite_and_rehash(newest - 2, "forged")
+    plain = audited.fleetctl("audit", "verify", "--json")
+    assert plain.code == 1 and "rewritten" in json.loads(plain.out)["problem"]
+    audited.forget_head_record()
     assert audited.fleetctl("audit", "verify").code == 0  # the chain alone holds
     checked = audited.fleetctl("audit", "verify", "--anchor", str(anchor), "--json")
     assert checked.code == 1
@@ -235,3 +252,21 @@ def test_an_unreadable_audit_key_is_a_503_naming_it_never_a_new_key(audited: Aud
     assert key_file.read_text() == "not a key\n"  # left for the operator to restore
     refused = audited.fleetctl("audit", "head")
     assert refused.code == 1 and "(503)" in refused.err
+
+
+def test_a_forged_or_foreign_head_record_on_the_server_is_reported(audited: Audited) -> None:
+    assert audited.fleetctl("audit", "verify").code == 0
+    record = audited.api.config.data_dir / AUDIT_HEAD_FILE
+    genuine = SignedAuditHead.model_validate_json(record.read_text())
+    other = AuditSigner(Ed25519PrivateKey.generate())
+    record.write_text(
+        other.sign(genuine.head.model_copy(update={"key_id": other.key_id})).model_dump_json()
+    )
+    refused = audited.fleetctl("audit", "verify", "--json")
+    assert refused.code == 1
+    report = json.loads(refused.out)
+    assert report["ok"] is False and "another key" in report["problem"]
+    record.write_text("{}")
+    refused = audited.fleetctl("audit", "verify")
+    assert refused.code == 1 and "cannot be read" in refused.err
+    assert record.read_text() == "{}"  # left as evidence
