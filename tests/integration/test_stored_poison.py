@@ -70,12 +70,15 @@ def event(device_id: str, details: Any) -> dict[str, Any]:
 # -- at the gate, over a real broker ---------------------------------------------------
 
 
-def test_a_300_level_event_over_the_broker_is_dropped_and_counted(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", DATABASES)
+def test_a_300_level_event_over_the_broker_is_dropped_and_counted(
+    kind: str, tmp_path: Path
+) -> None:
     device = f"poison-{secrets.token_hex(3)}"
-    with private_broker(tmp_path / "broker") as broker:
+    with private_broker(tmp_path / "broker") as broker, database_url(kind, tmp_path) as db_url:
         server = ServerProcess(
             tmp_path,
-            db_url=f"sqlite:///{tmp_path / 'fleet.db'}",
+            db_url=db_url,
             broker=broker.url,
             replica_id=f"poison-{secrets.token_hex(3)}",
         )
