@@ -338,16 +338,20 @@ class AuditSigner:
                 serialization.PrivateFormat.PKCS8,
                 serialization.NoEncryption(),
             )
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             try:
-                # O_EXCL: replicas sharing the folder keep whichever key was made first.
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "wb") as out:
+                    out.write(pem)
+                # A hard link appears whole or not at all, and never replaces a key: replicas
+                # sharing the folder keep whichever key was made first.
+                os.link(tmp, path)
             except FileExistsError:
                 pass
             except OSError as exc:
                 raise AuditKeyError(f"cannot create the audit key {path}: {exc}") from None
-            else:
-                with os.fdopen(fd, "wb") as out:
-                    out.write(pem)
+            finally:
+                tmp.unlink(missing_ok=True)
         try:
             private = serialization.load_pem_private_key(path.read_bytes(), password=None)
         except (OSError, ValueError, TypeError) as exc:
@@ -391,15 +395,19 @@ def head_signature_problem(signed: SignedAuditHead) -> str | None:
 
 async def current_head(session: AsyncSession, signer: AuditSigner) -> SignedAuditHead:
     """The log's newest entry, signed now (an empty log's head is entry 0, the genesis hash)."""
-    newest = (
-        await session.execute(
-            select(AuditEntry.seq, AuditEntry.hash).order_by(AuditEntry.seq.desc()).limit(1)
-        )
-    ).first()
-    count = (await session.scalar(select(func.count()).select_from(AuditEntry))) or 0
-    seq, hash_ = (newest[0], newest[1]) if newest is not None else (0, GENESIS)
+    # One statement, so the count and the newest number are of the same moment.
+    count, newest = (await session.execute(select(func.count(), func.max(AuditEntry.seq)))).one()
+    seq, hash_ = 0, GENESIS
+    if newest is not None:
+        seq = newest
+        found = await session.scalar(select(AuditEntry.hash).where(AuditEntry.seq == newest))
+        hash_ = found or GENESIS
     head = AuditHead(
-        seq=seq, hash=hash_, entries=count, signed_at=datetime.now(UTC), key_id=signer.key_id
+        seq=seq,
+        hash=hash_,
+        entries=count,
+        signed_at=datetime.now(UTC),
+        key_id=signer.key_id,
     )
     return signer.sign(head)
 
