@@ -20,10 +20,14 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from fleet_server.api.client import ApiClient, ApiClientError, path_segment
+from fleet_server.audit import ChainCheck, ChainReport, anchor_of, head_signature_problem
 from fleet_server.broker_config import (
     DEFAULT_PORT,
     DEFAULT_TLS_PORT,
@@ -39,6 +43,7 @@ from fleet_server.release.bundle_builder import (
 )
 from fleet_server.release.keys import KeyStoreError, init_keys, is_encrypted, load_keys
 from fleet_server.release.repository import ImageRepository, RepositoryError
+from protocol.api import SignedAuditHead
 from protocol.bundle import BundleFormatError, read_bundle
 from protocol.manifest import Manifest, ResourceBudget
 
@@ -419,12 +424,17 @@ def cmd_devices_events(args: argparse.Namespace) -> None:
     ]
     table = _table(
         ["AT", "EVENT", "DETAILS"],
-        [
-            [_when(e["at"]), e["event"], json.dumps(e["details"], sort_keys=True)[:80]]
-            for e in events
-        ],
+        [[_when(e.get("at")), e.get("event"), _details_cell(e)] for e in events],
     )
     _emit(args, events, table if events else "No events.")
+
+
+def _details_cell(item: dict[str, Any]) -> str:
+    """An event's or audit entry's details in one cell; a clear note if the server left them out."""
+    omitted = item.get("details_omitted")
+    if omitted:
+        return f"[{omitted}]"
+    return json.dumps(item.get("details") or {}, sort_keys=True)[:80]
 
 
 def _duration(text: str) -> float:
@@ -567,11 +577,143 @@ def cmd_audit_list(args: argparse.Namespace) -> None:
     _emit(args, page, human)
 
 
+def _verified_head(data: Any, where: str) -> SignedAuditHead:
+    """A signed audit head from ``where`` whose signature verifies under the key it carries."""
+    try:
+        signed = SignedAuditHead.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "the head"
+        raise CommandError(f"{where} is not a signed audit head: {field}: {err['msg']}") from None
+    problem = head_signature_problem(signed)
+    if problem is not None:
+        raise CommandError(f"{where}: {problem}")
+    return signed
+
+
+def _read_anchor(path: str) -> SignedAuditHead:
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise CommandError(f"cannot read the anchor {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise CommandError(f"the anchor {path} is not JSON: {exc}") from None
+    return _verified_head(data, f"the anchor {path}")
+
+
+def _check_against(client: ApiClient, anchor: SignedAuditHead, path: str) -> ChainReport:
+    """Walk the whole log as the API serves it, checking the chain and that it extends ``anchor``.
+
+    The anchor must have been signed by the key the server signs with now.
+    """
+    current = _verified_head(client.get("/audit/head"), "the server's audit head")
+    if current.head.key_id != anchor.head.key_id:
+        raise CommandError(
+            f"the anchor {path} was signed by audit key {anchor.head.key_id[:16]}…, but this "
+            f"server signs with {current.head.key_id[:16]}…: the anchor is another server's, "
+            "or this server's audit key was replaced"
+        )
+    check = ChainCheck(anchor_of(anchor))
+    after = 0
+    while True:
+        page = client.get("/audit", after=after, limit=1000)
+        for e in page["entries"]:
+            omitted = e.get("details_omitted")
+            report = check.add(
+                seq=e["seq"],
+                at=datetime.fromisoformat(e["at"]),
+                actor=e["actor"],
+                action=e["action"],
+                subject=e["subject"],
+                details=e["details"],
+                prev_hash=e["prev_hash"],
+                hash=e["hash"],
+                unreadable=f"cannot be shown ({omitted})" if omitted else None,
+            )
+            if report is not None:
+                return report
+        if page["next_after"] is None:
+            return check.finish()
+        after = page["next_after"]
+
+
+def _head_line(signed: SignedAuditHead) -> str:
+    h = signed.head
+    return (
+        f"entry {h.seq} of {h.entries}, hash {h.hash[:16]}…, signed "
+        f"{h.signed_at.isoformat(timespec='seconds')} by audit key {h.key_id[:16]}…"
+    )
+
+
+def cmd_audit_head(args: argparse.Namespace) -> None:
+    client = _client(args)
+    signed = _verified_head(client.get("/audit/head"), "the server's audit head")
+    lines = [f"Audit head: {_head_line(signed)}"]
+    if args.out:
+        out = Path(args.out)
+        if out.exists():
+            # Replacing an anchor the log no longer extends would destroy the evidence.
+            previous = _read_anchor(args.out)
+            report = _check_against(client, previous, args.out)
+            if not report.ok:
+                raise CommandError(
+                    f"not replacing {args.out}: the audit log no longer extends it; "
+                    f"at entry {report.broken_at}: {report.problem}"
+                )
+        tmp = out.with_name(f".{out.name}.tmp")
+        try:
+            tmp.write_text(signed.model_dump_json(indent=2) + "\n")
+            tmp.replace(out)
+        except OSError as exc:
+            raise CommandError(
+                f"cannot write the anchor {args.out}: {exc.strerror or exc}"
+            ) from None
+        lines.append(f"Saved to {args.out}; check later with: fleetctl audit verify --anchor FILE")
+    _emit(args, signed.model_dump(mode="json"), "\n".join(lines))
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> None:
+    if args.anchor:
+        client = _client(args)
+        anchor = _read_anchor(args.anchor)
+        checked = _check_against(client, anchor, args.anchor)
+        data = {
+            "ok": checked.ok,
+            "entries": checked.entries,
+            "broken_at": checked.broken_at,
+            "problem": checked.problem,
+            "anchor": anchor.head.model_dump(mode="json"),
+        }
+        if checked.ok:
+            _emit(
+                args,
+                data,
+                f"Audit log intact: {checked.entries} entries, hash chain verified, and it "
+                f"extends the anchor ({_head_line(anchor)}).",
+            )
+            return
+        _emit(
+            args,
+            data,
+            f"Audit log BROKEN at entry {checked.broken_at}: {checked.problem} "
+            f"(checked {checked.entries} entries against {args.anchor}).",
+        )
+        raise CommandError(
+            f"the audit log does not extend the anchor {args.anchor}: "
+            f"broken at entry {checked.broken_at}"
+        )
     report = _client(args).get("/audit/verify")
     if report["ok"]:
-        _emit(args, report, f"Audit log intact: {report['entries']} entries, hash chain verified.")
+        _emit(
+            args,
+            report,
+            f"Audit log intact: {report['entries']} entries, hash chain verified "
+            "(and it extends the last head the server recorded).",
+        )
         return
+    if report["broken_at"] is None:  # the server's head record itself is in doubt
+        _emit(args, report, f"Audit log NOT VERIFIED: {report['problem']}.")
+        raise CommandError(f"the audit log cannot be verified: {report['problem']}")
     _emit(
         args,
         report,
@@ -960,9 +1102,30 @@ def _remote_commands(groups: Any, leaf: argparse.ArgumentParser, release: Any) -
     p.add_argument("--action", help="only this action, e.g. assignment.create")
     p.set_defaults(func=cmd_audit_list)
     p = audit.add_parser(
-        "verify", parents=both, help="check the hash chain; exit 1 if an entry was changed"
+        "verify",
+        parents=both,
+        help="check the hash chain (and with --anchor, that it extends a saved head); "
+        "exit 1 if an entry was changed or deleted",
+    )
+    p.add_argument(
+        "--anchor",
+        metavar="FILE",
+        help="a head saved by 'audit head --out': check here, entry by entry, that the log "
+        "still holds it (finds deleted newest entries and a re-hashed chain)",
     )
     p.set_defaults(func=cmd_audit_verify)
+    p = audit.add_parser(
+        "head",
+        parents=both,
+        help="the log's newest entry signed by the server's audit key; --out saves it as an anchor",
+    )
+    p.add_argument(
+        "--out",
+        metavar="FILE",
+        help="save the signed head here (kept where the server cannot write); an existing FILE "
+        "is replaced only if the log still extends it",
+    )
+    p.set_defaults(func=cmd_audit_head)
 
     api_tokens = groups.add_parser("tokens", help="API tokens (server, admin)").add_subparsers(
         dest="cmd", required=True

@@ -80,6 +80,9 @@ class DeviceView(_Response):
     assigned_target: str | None = None
     director_version: int = 0
     reported: dict[str, Any] | None = None
+    reported_omitted: str | None = Field(
+        default=None, description="why the stored report is not shown; null if shown"
+    )
     reported_at: datetime | None = None
 
 
@@ -134,6 +137,10 @@ class DeviceEventView(_Response):
     at: datetime
     received_at: datetime
     details: dict[str, Any] = Field(default_factory=dict)
+    details_omitted: str | None = Field(
+        default=None,
+        description="why the stored details are not shown (then details is empty); null if shown",
+    )
 
 
 class DeviceEventList(_Response):
@@ -270,6 +277,10 @@ class AuditEntryView(_Response):
     action: str
     subject: str
     details: dict[str, Any]
+    details_omitted: str | None = Field(
+        default=None,
+        description="why the stored details are not shown (then details is empty); null if shown",
+    )
     prev_hash: str
     hash: str
 
@@ -294,6 +305,31 @@ class AuditVerification(_Response):
     entries: int
     broken_at: int | None = None
     problem: str | None = None
+
+
+Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class AuditHead(BaseModel):
+    """The audit log's newest entry at ``signed_at``: its number, hash, and the entry count."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seq: int = Field(ge=0, description="the newest entry's sequence number; 0 for an empty log")
+    hash: Sha256Hex
+    entries: int = Field(ge=0)
+    signed_at: datetime
+    key_id: Sha256Hex = Field(description="SHA-256 of the raw Ed25519 public key that signed")
+
+
+class SignedAuditHead(BaseModel):
+    """A head signed with the server's audit key; saved by operators as an anchor."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    head: AuditHead
+    signature: Annotated[str, Field(pattern=r"^[0-9a-f]{128}$")]
+    public_key: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
 # -- drift and alerts ----------------------------------------------------------

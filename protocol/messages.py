@@ -9,9 +9,13 @@ a device's firmware shows up as a dropped, counted message.
 
 from __future__ import annotations
 
+import json
+import math
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic_core import PydanticCustomError
 
 MESSAGE_SCHEMA_VERSION = 1
 
@@ -20,6 +24,108 @@ _Short = Annotated[str, Field(max_length=256)]
 # Times are seconds since the epoch before 2100; counters fit a signed 64-bit column.
 _Time = Annotated[float, Field(ge=0, le=4_102_444_800)]
 _Count = Annotated[int, Field(ge=0, le=2**63 - 1)]
+
+# Free-form JSON (an event's details) is bounded at the gate, so that everything that reads
+# it later (the database, the API's serializer, a terminal) can take whatever got stored.
+FREEFORM_MAX_DEPTH = 8  # nested objects and arrays, the outermost object being level 1
+FREEFORM_MAX_ITEMS = 256  # keys and array items, counted through every level
+FREEFORM_MAX_STRING = 2000  # characters of any key or string (the agent clips its texts to it)
+# Its compact JSON in UTF-8: the default message limit, held even where a server's is raised.
+FREEFORM_MAX_BYTES = 64 * 1024
+_FREEFORM_INT = 2**63  # integers a JSON reader in any language (and a BIGINT) holds
+
+
+class FreeformBounds(BaseModel):
+    """How much free-form JSON a reader accepts; :data:`FREEFORM_BOUNDS` is the gate's."""
+
+    model_config = ConfigDict(frozen=True)
+
+    max_depth: int = FREEFORM_MAX_DEPTH
+    max_items: int = FREEFORM_MAX_ITEMS
+    max_string: int = FREEFORM_MAX_STRING
+    max_bytes: int = FREEFORM_MAX_BYTES
+
+
+FREEFORM_BOUNDS = FreeformBounds()
+
+
+@dataclass(frozen=True)
+class FreeformProblem:
+    """Why a value is not bounded free-form JSON: its ``kind``, and a sentence naming the bound."""
+
+    kind: Literal["too-deep", "too-large", "not-json"]
+    message: str
+
+
+def freeform_problem(
+    value: object, bounds: FreeformBounds = FREEFORM_BOUNDS
+) -> FreeformProblem | None:
+    """``None`` if ``value`` is JSON within ``bounds``, else the first bound it breaks.
+
+    The walk is iterative and stops at the first problem (or after ``max_items``
+    items), so a hostile value costs no recursion and little time.
+    """
+    items = 0
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict | list):
+            if depth > bounds.max_depth:
+                return FreeformProblem(
+                    "too-deep", f"nests deeper than {bounds.max_depth} levels of objects and arrays"
+                )
+            items += len(node)
+            if items > bounds.max_items:
+                return FreeformProblem(
+                    "too-large", f"holds more than {bounds.max_items} keys and items in all"
+                )
+            if isinstance(node, dict):
+                for key, child in node.items():
+                    if not isinstance(key, str):
+                        return FreeformProblem("not-json", "has a key that is not a string")
+                    if len(key) > bounds.max_string:
+                        return FreeformProblem(
+                            "too-large",
+                            f"has a key longer than {bounds.max_string} characters",
+                        )
+                    stack.append((child, depth + 1))
+            else:
+                stack.extend((child, depth + 1) for child in node)
+        elif isinstance(node, str):
+            if len(node) > bounds.max_string:
+                return FreeformProblem(
+                    "too-large", f"has a string longer than {bounds.max_string} characters"
+                )
+        elif isinstance(node, bool) or node is None:
+            pass
+        elif isinstance(node, int):
+            if not -_FREEFORM_INT <= node < _FREEFORM_INT:
+                return FreeformProblem("too-large", "has an integer beyond 64 bits")
+        elif isinstance(node, float):
+            if not math.isfinite(node):
+                return FreeformProblem(
+                    "not-json", "has a number JSON cannot hold (NaN or infinite)"
+                )
+        else:
+            return FreeformProblem("not-json", f"holds a {type(node).__name__}, not JSON")
+    size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+    if size > bounds.max_bytes:
+        return FreeformProblem(
+            "too-large", f"takes {size} bytes as JSON, more than {bounds.max_bytes}"
+        )
+    return None
+
+
+def _bounded(value: dict[str, Any]) -> dict[str, Any]:
+    problem = freeform_problem(value)
+    if problem is not None:
+        # The error type carries the problem's kind, so the ingest gate can count by it.
+        raise PydanticCustomError(f"freeform_{problem.kind.replace('-', '_')}", problem.message)
+    return value
+
+
+FreeformObject = Annotated[dict[str, Any], AfterValidator(_bounded)]
+"""A JSON object of a device's own choosing, within :data:`FREEFORM_BOUNDS`."""
 
 
 class _Message(BaseModel):
@@ -72,7 +178,7 @@ class DeviceEvent(_Message):
     kind: Literal["event"] = "event"
     event: Annotated[str, Field(min_length=1, max_length=64)]
     at: _Time
-    details: dict[str, Any] = Field(default_factory=dict, max_length=32)
+    details: FreeformObject = Field(default_factory=dict, max_length=32)
 
 
 class Heartbeat(_Message):
@@ -80,7 +186,9 @@ class Heartbeat(_Message):
 
     kind: Literal["heartbeat"] = "heartbeat"
     uptime_s: float = Field(ge=0, le=1e10)
-    served: dict[str, _Count] = Field(default_factory=dict, max_length=8)
+    served: dict[Annotated[str, Field(min_length=1, max_length=64)], _Count] = Field(
+        default_factory=dict, max_length=8
+    )
 
 
 class Presence(_Message):

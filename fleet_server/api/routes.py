@@ -20,7 +20,7 @@ from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel
-from sqlalchemy import select, text
+from sqlalchemy import Text, cast, select, text
 from tuf.api import exceptions as tuf_exc
 
 from fleet_server import registry
@@ -33,7 +33,13 @@ from fleet_server.api.operations import (
     body,
     query,
 )
-from fleet_server.audit import verify_chain
+from fleet_server.audit import (
+    AUDIT_DETAILS_BOUNDS,
+    AuditKeyError,
+    AuditSigner,
+    HeadRecord,
+    verify_and_record,
+)
 from fleet_server.auth import create_token, list_tokens, revoke_token
 from fleet_server.db.models import (
     AlertRow,
@@ -47,6 +53,7 @@ from fleet_server.db.models import (
 from fleet_server.drift import Accuracy, ModelDrift, Scope, drift_of
 from fleet_server.labels import post_labels
 from fleet_server.releases import ReleaseError
+from fleet_server.stored_json import show_object, show_value
 from protocol.api import (
     API_PREFIX,
     AccuracyView,
@@ -84,12 +91,14 @@ from protocol.api import (
     ReleasePushResult,
     ReleaseQuery,
     ReleaseView,
+    SignedAuditHead,
     TagChange,
     TokenCreated,
     TokenList,
     TokenRequest,
     TokenView,
 )
+from protocol.messages import FREEFORM_BOUNDS
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +119,7 @@ def _maybe_aware(at: datetime | None) -> datetime | None:
 
 
 def device_view(d: Device) -> DeviceView:
+    reported = show_value(d.reported, FREEFORM_BOUNDS, "report") if d.reported else None
     return DeviceView(
         id=d.id,
         hardware_id=d.hardware_id,
@@ -124,7 +134,8 @@ def device_view(d: Device) -> DeviceView:
         phase=d.phase,
         assigned_target=d.assigned_target,
         director_version=d.director_version or 0,
-        reported=d.reported,
+        reported=reported.value if reported is not None and reported.omitted is None else None,
+        reported_omitted=reported.omitted if reported is not None else None,
         reported_at=_maybe_aware(d.reported_at),
     )
 
@@ -241,23 +252,35 @@ async def device_events(request: web.Request) -> web.StreamResponse:
     q = query(request, EventQuery)
     async with request.app[SERVER].db.session() as session:
         device = await registry.get_device(session, request.match_info["device_id"])
-        rows = await session.scalars(
-            select(DeviceEventRow)
+        # Details as the text stored, so whatever an older version let in is shown as a
+        # note instead of failing the whole list (see fleet_server.stored_json).
+        rows = await session.execute(
+            select(
+                DeviceEventRow.message_id,
+                DeviceEventRow.kind,
+                DeviceEventRow.event,
+                DeviceEventRow.at,
+                DeviceEventRow.received_at,
+                cast(DeviceEventRow.details, Text),
+            )
             .where(DeviceEventRow.device_id == device.id)
             .order_by(DeviceEventRow.id.desc())
             .limit(q.limit)
         )
-        events = [
-            DeviceEventView(
-                message_id=r.message_id,
-                kind=r.kind,
-                event=r.event,
-                at=_aware(r.at),
-                received_at=_aware(r.received_at),
-                details=r.details or {},
+        events = []
+        for message_id, kind, event, at, received_at, raw in rows:
+            details = show_object(raw, FREEFORM_BOUNDS, "details")
+            events.append(
+                DeviceEventView(
+                    message_id=message_id,
+                    kind=kind,
+                    event=event,
+                    at=_aware(at),
+                    received_at=_aware(received_at),
+                    details=details.value,
+                    details_omitted=details.omitted,
+                )
             )
-            for r in rows
-        ]
     return answer(DeviceEventList(events=events))
 
 
@@ -422,38 +445,76 @@ async def revoke_api_token(request: web.Request) -> web.StreamResponse:
 
 async def list_audit(request: web.Request) -> web.StreamResponse:
     q = query(request, AuditQuery)
-    statement = select(AuditEntry).where(AuditEntry.seq > q.after)
+    statement = select(
+        AuditEntry.seq,
+        AuditEntry.at,
+        AuditEntry.actor,
+        AuditEntry.action,
+        AuditEntry.subject,
+        cast(AuditEntry.details, Text),  # as stored: unreadable details become a note
+        AuditEntry.prev_hash,
+        AuditEntry.hash,
+    ).where(AuditEntry.seq > q.after)
     if q.action is not None:
         statement = statement.where(AuditEntry.action == q.action)
     statement = statement.order_by(AuditEntry.seq).limit(q.limit + 1)
     async with request.app[SERVER].db.session() as session:
-        rows = list((await session.scalars(statement)).all())
+        rows = list((await session.execute(statement)).all())
     page = rows[: q.limit]
-    entries = [
-        AuditEntryView(
-            seq=e.seq,
-            at=_aware(e.at),
-            actor=e.actor,
-            action=e.action,
-            subject=e.subject,
-            details=e.details or {},
-            prev_hash=e.prev_hash,
-            hash=e.hash,
+    entries = []
+    for seq, at, actor, action, subject, raw, prev_hash, hash_ in page:
+        details = show_object(raw, AUDIT_DETAILS_BOUNDS, "details")
+        entries.append(
+            AuditEntryView(
+                seq=seq,
+                at=_aware(at),
+                actor=actor,
+                action=action,
+                subject=subject,
+                details=details.value,
+                details_omitted=details.omitted,
+                prev_hash=prev_hash,
+                hash=hash_,
+            )
         )
-        for e in page
-    ]
     more = len(rows) > q.limit
-    return answer(AuditPage(entries=entries, next_after=page[-1].seq if more else None))
+    return answer(AuditPage(entries=entries, next_after=page[-1][0] if more else None))
+
+
+def _audit_signer(request: web.Request) -> AuditSigner:
+    try:
+        return AuditSigner.in_folder(request.app[SERVER].config.data_dir)
+    except AuditKeyError as exc:
+        log.error("%s", exc)
+        raise ApiError(503, "the server's audit key is unavailable; see its log") from None
 
 
 async def verify_audit(request: web.Request) -> web.StreamResponse:
-    async with request.app[SERVER].db.session() as session:
-        report = await verify_chain(session)
+    server = request.app[SERVER]
+    signer = _audit_signer(request)
+    async with server.db.session() as session:
+        report, _ = await verify_and_record(
+            session, signer, HeadRecord.in_folder(server.config.data_dir)
+        )
     return answer(
         AuditVerification(
             ok=report.ok, entries=report.entries, broken_at=report.broken_at, problem=report.problem
         )
     )
+
+
+async def audit_head(request: web.Request) -> web.StreamResponse:
+    server = request.app[SERVER]
+    signer = _audit_signer(request)
+    async with server.db.session() as session:
+        # The server's own head record moves on only while the log extends it; a broken
+        # log's head is still handed out, and fleetctl's check against a saved one says why.
+        report, signed = await verify_and_record(
+            session, signer, HeadRecord.in_folder(server.config.data_dir)
+        )
+    if not report.ok:
+        log.warning("audit log broken at entry %s: %s", report.broken_at, report.problem)
+    return answer(signed)
 
 
 # -- drift and alerts ------------------------------------------------------------
@@ -701,8 +762,15 @@ OPERATIONS: tuple[Operation, ...] = (
     ),
     Operation(
         "GET", f"{V}/audit/verify", verify_audit, "verifyAudit",
-        "Recompute the audit log's hash chain",
-        tag="audit", auth="viewer", response=AuditVerification, errors=_AUTH_ERRORS,
+        "Recompute the audit log's hash chain and check it extends the last head the server "
+        "recorded (which then moves to the current head)",
+        tag="audit", auth="viewer", response=AuditVerification, errors=(*_AUTH_ERRORS, 503),
+    ),
+    Operation(
+        "GET", f"{V}/audit/head", audit_head, "getAuditHead",
+        "The audit log's newest entry, signed with the server's audit key: save it as an "
+        "anchor (fleetctl audit head --out FILE) to detect later deletion or rewriting",
+        tag="audit", auth="viewer", response=SignedAuditHead, errors=(*_AUTH_ERRORS, 503),
     ),
     Operation(
         "GET", f"{V}/drift", get_drift, "getDrift",

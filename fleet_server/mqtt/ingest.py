@@ -104,7 +104,8 @@ def classify(
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
-        return Dropped("invalid-payload", f"{topic}: {where}: {err['msg']}")
+        reason = _FREEFORM_REASONS.get(err["type"], "invalid-payload")
+        return Dropped(reason, f"{topic}: {where}: {err['msg']}")
     if message.kind != expected_kind:
         return Dropped("wrong-channel", f"a {message.kind} message on {topic}")
     return Accepted(device_id, channel, message)
@@ -132,6 +133,13 @@ def _classify_window(
         return Dropped("invalid-window", f"{topic}: a model name or version holds a NUL character")
     return Accepted(device_id, "windows", window, payload)
 
+
+# Free-form fields out of protocol.messages.FREEFORM_BOUNDS, counted by what was wrong.
+_FREEFORM_REASONS = {
+    "freeform_too_deep": "field-too-deep",
+    "freeform_too_large": "field-too-large",
+    "freeform_not_json": "invalid-payload",
+}
 
 _KIND_OF_CHANNEL = {
     "state": "state",
