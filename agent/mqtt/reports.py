@@ -8,6 +8,7 @@ nothing twice under one id and tests can pin the clock.
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -24,6 +25,7 @@ from protocol.messages import (
     InstallOutcome,
     Presence,
     ReportedState,
+    freeform_problem,
 )
 
 MAX_DETAILS = 32
@@ -111,9 +113,29 @@ def same_state(a: ReportedState, b: ReportedState) -> bool:
 
 
 def _detail(value: object) -> Any:
-    if value is None or isinstance(value, bool | int | float):
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int) and -(2**63) <= value < 2**63:
+        return value
+    if isinstance(value, float) and math.isfinite(value):
         return value
     return _clip(str(value), MAX_DETAIL_CHARS)
+
+
+def _within_gate(details: dict[str, Any]) -> dict[str, Any]:
+    """``details`` with its texts clipped until the server's gate takes them.
+
+    Texts full of multi-byte characters or escapes can exceed the gate's byte
+    bound even when each is short enough; halving every text converges fast.
+    """
+    limit = MAX_DETAIL_CHARS
+    while freeform_problem(details) is not None and limit > 8:
+        limit //= 2
+        details = {
+            key: _clip(value, limit) if isinstance(value, str) else value
+            for key, value in details.items()
+        }
+    return details
 
 
 def device_event(device_id: str, record: Mapping[str, object], sent_at: float) -> DeviceEvent:
@@ -124,7 +146,7 @@ def device_event(device_id: str, record: Mapping[str, object], sent_at: float) -
     """
     at = record.get("at")
     details = {
-        key: _detail(value)
+        _clip(str(key), MAX_SHORT_CHARS) or "?": _detail(value)
         for key, value in record.items()
         if key not in ("at", "event") and value is not None
     }
@@ -134,7 +156,7 @@ def device_event(device_id: str, record: Mapping[str, object], sent_at: float) -
         sent_at=sent_at,
         event=_clip(str(record.get("event") or "unknown"), 64) or "unknown",
         at=float(at) if isinstance(at, int | float) and at >= 0 else sent_at,
-        details=dict(list(details.items())[:MAX_DETAILS]),
+        details=_within_gate(dict(list(details.items())[:MAX_DETAILS])),
     )
 
 

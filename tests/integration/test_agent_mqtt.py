@@ -35,7 +35,13 @@ from agent.mqtt import Backoff
 from agent.mqtt.reports import IgnoredDesiredState, device_event, parse_desired
 from fleet_server.release.keys import KeyStore, init_keys
 from fleet_server.release.repository import ReleasedBundle
-from protocol.messages import DEVICE_MESSAGE, DesiredState, DeviceEvent, ReportedState
+from protocol.messages import (
+    DEVICE_MESSAGE,
+    DesiredState,
+    DeviceEvent,
+    ReportedState,
+    freeform_problem,
+)
 from protocol.topics import desired_topic, device_prefix, device_topic
 from tests.conftest import make_bundle
 from tests.support.fleet import HARDWARE, AgentProcess, Fleet
@@ -660,6 +666,18 @@ def test_device_events_drop_empty_details_and_clip_long_messages() -> None:
     assert set(event.details) == {"reason", "message"}
     assert len(event.details["message"]) == 2000
     assert event.message_id != device_event("pump-1", record, sent_at=6.0).message_id
+
+
+def test_device_events_always_pass_the_servers_gate_whatever_the_installer_recorded() -> None:
+    # 32 texts of multi-byte characters and control escapes, a long key, numbers JSON
+    # cannot hold: the event must still be one the server stores, not an exception.
+    record: dict[str, object] = {f"k{i}": "\u2603\x01" * 1500 for i in range(29)}
+    record |= {"at": 1.0, "event": "refused", "k" * 5000: float("nan"), "big": 2**70}
+    event = device_event("pump-1", record, sent_at=2.0)
+    assert freeform_problem(event.details) is None
+    assert event.details["big"] == str(2**70)
+    assert "nan" in event.details.values()
+    assert DeviceEvent.model_validate_json(event.model_dump_json()) == event
 
 
 @pytest.mark.parametrize(
