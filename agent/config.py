@@ -94,7 +94,7 @@ class ServerConfig(_Section):
         try:
             parse_broker_url(value)
         except BrokerUrlError as exc:
-            raise ValueError(f"{exc} (credentials go in [credentials])") from None
+            raise ValueError(str(exc)) from None
         return value
 
 

@@ -46,7 +46,10 @@ def parse_broker_url(url: str) -> BrokerAddress:
         raise BrokerUrlError(f"{url!r}: only {parts.scheme}://host[:port], no path or query")
     if parts.username is not None or parts.password is not None:
         # Not echoed: the URL holds a password.
-        raise BrokerUrlError("credentials do not belong in the broker URL")
+        raise BrokerUrlError(
+            "credentials do not belong in the broker URL (the agent's go in [credentials], "
+            "the server's in --mqtt-username and --mqtt-password-file)"
+        )
     if port == 0:
         raise BrokerUrlError(f"{url!r}: the port must be a number from 1 to 65535")
     return BrokerAddress(

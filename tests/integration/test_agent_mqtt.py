@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -42,6 +43,8 @@ from tests.support.fleet import HARDWARE, AgentProcess, Fleet
 
 pytestmark = pytest.mark.integration
 
+# This run's own namespace: other fleets on the shared broker never meet its topics.
+NS = f"agent-test-{secrets.token_hex(4)}"
 SHARED_PORT = 1883
 FIELD_ROW = [1500.0, 10, 20, 40, 40, 1, 1, 1, 3, 3, 3, 0.5, 0.2, 0.1, 0.1, 60]
 INSTALL_STEPS = ["download-started", "verified", "staging", "staged", "switched", "committed"]
@@ -126,7 +129,7 @@ class Listener:
         self.client.loop_start()
 
     def _on_connect(self, client: paho.Client, *_: Any) -> None:
-        client.subscribe(f"{device_prefix(self.device_id)}/#", qos=1)
+        client.subscribe(f"{device_prefix(NS, self.device_id)}/#", qos=1)
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         with self._lock:
@@ -134,12 +137,12 @@ class Listener:
 
     def channel(self, channel: str) -> list[dict[str, Any]]:
         """The payloads received on one channel (empty ones, clears, left out)."""
-        topic = f"{device_prefix(self.device_id)}/{channel}"
+        topic = f"{device_prefix(NS, self.device_id)}/{channel}"
         with self._lock:
             return [json.loads(p) for t, p, _ in self.received if t == topic and p]
 
     def retained(self, channel: str) -> list[dict[str, Any]]:
-        topic = f"{device_prefix(self.device_id)}/{channel}"
+        topic = f"{device_prefix(NS, self.device_id)}/{channel}"
         with self._lock:
             return [json.loads(p) for t, p, r in self.received if t == topic and p and r]
 
@@ -189,9 +192,9 @@ def desired(device_id: str, director_version: int) -> bytes:
 def clear_retained(device_id: str) -> None:
     """Empty retained payloads: the broker forgets this device's retained messages."""
     for topic in (
-        desired_topic(device_id),
-        device_topic(device_id, "state"),
-        device_topic(device_id, "presence"),
+        desired_topic(NS, device_id),
+        device_topic(NS, device_id, "state"),
+        device_topic(NS, device_id, "presence"),
     ):
         publish(topic, b"")
 
@@ -328,6 +331,7 @@ def config(
         update=update,
         server={"broker": broker or f"mqtt://127.0.0.1:{port}"},
         mqtt={
+            "namespace": NS,
             "heartbeat_interval_s": 0.3,
             "reconnect_min_s": 0.1,
             "reconnect_max_s": 0.5,
@@ -470,7 +474,7 @@ def test_malformed_and_foreign_desired_messages_are_ignored(
     try:
         listener.wait_for("online presence", presence_is(listener, True))
         version = assign(fleet, device, released["v2"])  # no poll for 300 s ...
-        topic = desired_topic(device)
+        topic = desired_topic(NS, device)
         foreign = desired("another-device", version)
         extra = json.loads(desired(device, version))
         extra["install_now"] = True
@@ -522,7 +526,7 @@ def test_a_desired_state_retained_while_offline_installs_on_reconnect(
         version = assign(fleet, device, fleet.release(built["v1"]))
         # The server leaves its word retained on a broker the device cannot reach yet ...
         staging = Mosquitto(_free_port(), store)
-        publish(desired_topic(device), desired(device, version), port=staging.port)
+        publish(desired_topic(NS, device), desired(device, version), port=staging.port)
         staging.stop()
         # ... which is there the moment the device's broker comes back.
         brokers.append(Mosquitto(port, store))
