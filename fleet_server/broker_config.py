@@ -6,15 +6,17 @@ Three files, each rendered here as text:
   (``user:$7$iterations$salt$hash``), so the broker checks passwords without a
   plugin. A device's username is its device id; its password is its own
   random credential.
-- ``acl``: a device may publish only to its own ``state``, ``events``,
-  ``heartbeat`` and ``presence`` and receive only its own ``desired``;
+- ``acl``, for one deployment's topic namespace (:mod:`protocol.topics`): a
+  device may publish only to its own ``state``, ``events``, ``heartbeat``,
+  ``presence`` and ``windows`` and receive only its own ``desired`` and ``acks``;
   Mosquitto's ``%u`` pattern substitution gives every device the same rules
   over its own prefix. The server user may read every device's reports
   (directly or through a ``$share/`` shared subscription) and write every
-  device's ``desired``. Anything not granted is denied. Mosquitto 2.0's ACL
-  file does not refuse a SUBSCRIBE; it withholds each message the subscriber
-  may not read, so a device that subscribes to ``#`` still receives only its
-  own ``desired``.
+  device's ``desired``, and use the namespace's ``server/`` topics (its
+  claim, :mod:`fleet_server.mqtt.claim`). Anything not granted is denied.
+  Mosquitto 2.0's ACL file does not refuse a SUBSCRIBE; it withholds each
+  message the subscriber may not read, so a device that subscribes to ``#``
+  still receives only its own ``desired``.
 - ``mosquitto.conf``: anonymous clients refused, the two files above, a plain
   listener and an optional TLS listener.
 
