@@ -107,7 +107,10 @@ class MqttConfig(_Section):
         "the server names it when the device is registered",
     )
     client_id: str | None = Field(
-        default=None, pattern=_ID, description="MQTT client id (default: the device id)"
+        default=None,
+        pattern=_ID,
+        description="MQTT client id (default: NAMESPACE-DEVICE_ID, so that devices of two "
+        "deployments with one id on one broker do not take each other's connection over)",
     )
     keepalive_s: int = Field(default=60, ge=5, le=65535)
     heartbeat_interval_s: float = Field(default=60.0, gt=0)

@@ -250,7 +250,7 @@ class MqttLink:
             self._port,
             username=self._username,
             password=self._password,
-            identifier=mqtt.client_id or self.device_id,
+            identifier=mqtt.client_id or f"{self.namespace}-{self.device_id}",
             will=aiomqtt.Will(self._topics["presence"], _json(offline), qos=1, retain=True),
             clean_session=True,
             keepalive=mqtt.keepalive_s,

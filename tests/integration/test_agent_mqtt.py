@@ -115,9 +115,14 @@ class Listener:
     """A test client that records everything published under one device's prefix."""
 
     def __init__(
-        self, device_id: str, port: int = SHARED_PORT, auth: tuple[str, str] | None = None
+        self,
+        device_id: str,
+        port: int = SHARED_PORT,
+        auth: tuple[str, str] | None = None,
+        namespace: str = NS,
     ) -> None:
         self.device_id = device_id
+        self.namespace = namespace
         self.received: list[tuple[str, bytes, bool]] = []
         self._lock = threading.Lock()
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"test-{uuid.uuid4().hex}")
@@ -129,7 +134,7 @@ class Listener:
         self.client.loop_start()
 
     def _on_connect(self, client: paho.Client, *_: Any) -> None:
-        client.subscribe(f"{device_prefix(NS, self.device_id)}/#", qos=1)
+        client.subscribe(f"{device_prefix(self.namespace, self.device_id)}/#", qos=1)
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         with self._lock:
@@ -137,12 +142,12 @@ class Listener:
 
     def channel(self, channel: str) -> list[dict[str, Any]]:
         """The payloads received on one channel (empty ones, clears, left out)."""
-        topic = f"{device_prefix(NS, self.device_id)}/{channel}"
+        topic = f"{device_prefix(self.namespace, self.device_id)}/{channel}"
         with self._lock:
             return [json.loads(p) for t, p, _ in self.received if t == topic and p]
 
     def retained(self, channel: str) -> list[dict[str, Any]]:
-        topic = f"{device_prefix(NS, self.device_id)}/{channel}"
+        topic = f"{device_prefix(self.namespace, self.device_id)}/{channel}"
         with self._lock:
             return [json.loads(p) for t, p, r in self.received if t == topic and p and r]
 
@@ -391,6 +396,42 @@ def test_a_clean_shutdown_reports_offline_presence(
         assert "no clean goodbye" not in agent.tail()
     finally:
         listener.close()
+
+
+def test_one_device_id_in_two_deployments_on_one_broker_keeps_both_connected(
+    fleet: Fleet, device: str, agents: list[AgentProcess], keys: tuple[KeyStore, KeyStore]
+) -> None:
+    # Two fleets that happen to name a device alike: neither takes the other's MQTT
+    # connection (one client id) nor sees the other's messages (one topic).
+    other_ns = f"{NS}-other"
+    other_fleet = Fleet(fleet.root / "other", *keys)
+    listeners = [Listener(device), Listener(device, namespace=other_ns)]
+    try:
+        for f, namespace in ((fleet, NS), (other_fleet, other_ns)):
+            f.director.register(f.director_keys, device)
+            agent = AgentProcess(config(f, device, mqtt={"namespace": namespace}))
+            agents.append(agent)
+            agent.wait_ready()
+        for listener in listeners:
+            listener.wait_for("online presence", presence_is(listener, True))
+            listener.wait_for(
+                "5 heartbeats", lambda lis=listener: len(lis.channel("heartbeat")) >= 5
+            )
+        for agent in agents:
+            assert agent.tail().count("mqtt: connected to") == 1, agent.tail()
+            assert "no connection" not in agent.tail(), agent.tail()
+    finally:
+        for listener in listeners:
+            listener.close()
+        for agent in agents:
+            agent.stop()
+        other_fleet.close()
+        for namespace in (NS, other_ns):
+            for topic in (
+                device_topic(namespace, device, "state"),
+                device_topic(namespace, device, "presence"),
+            ):
+                publish(topic, b"")
 
 
 # -- what the device reports ------------------------------------------------------------
