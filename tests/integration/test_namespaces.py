@@ -19,6 +19,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from fleet_server import fleetctl
 from protocol.messages import DeviceEvent
 from protocol.topics import device_topic
 from tests.support.mosquitto import free_port
@@ -94,9 +95,10 @@ def test_two_deployments_on_one_broker_never_see_each_others_device_messages(
     assert a.namespace != b.namespace
     device_id = f"pump-{secrets.token_hex(3)}"  # the same device id in both deployments
     for s in (a, b):
-        s.api(
+        created = s.api(
             "POST", "/devices", s.admin_token(), {"device_id": device_id, "hardware_id": HARDWARE}
         )
+        assert created["mqtt_namespace"] == s.namespace  # what the device's agent.toml names
     sent: dict[str, list[str]] = {a.namespace: [], b.namespace: []}
     client = DeviceClient(SHARED_BROKER, device_id)
     try:
@@ -217,3 +219,17 @@ def test_an_unsafe_namespace_is_refused_naming_the_flag(tmp_path: Path) -> None:
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert done.stderr.strip().startswith("fleet-server: --mqtt-namespace: ")
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_fleetctl_shows_the_namespace_a_registered_device_must_use(
+    tmp_path: Path, servers: list[ServerProcess], capsys: pytest.CaptureFixture[str]
+) -> None:
+    one = server(tmp_path, f"reg-{secrets.token_hex(3)}", "fleet.db")
+    servers.append(one)
+    one.start()
+    one.admin_token()
+    remote = ["--server", one.url, "--token-file", str(one.data / "admin.token")]
+    argv = ["devices", "register", "pump-1", "--hardware", HARDWARE, *remote]
+    assert fleetctl.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"MQTT namespace (agent.toml, [mqtt] namespace): {one.namespace}" in out
