@@ -227,7 +227,7 @@ def test_what_is_published_after_a_replica_is_killed_all_lands_on_the_survivor(
         killed_at = time.monotonic()
         # The kernel closes B's socket as the process dies; the broker then drops its clean
         # session and with it B's membership of the share group.
-        b_client = f"edgefleet-server-{b.replica_id}"
+        b_client = f"edgefleet-{b.namespace}-{b.replica_id}"  # the ingest client
         wait_until(
             "the broker to notice that replica B is gone",
             lambda: any(
