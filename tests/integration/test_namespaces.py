@@ -9,6 +9,7 @@ retained claims and records they leave are cleared afterwards.
 from __future__ import annotations
 
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -169,18 +170,34 @@ def test_a_second_live_replica_with_the_same_replica_id_is_refused(
     assert line.startswith("fleet-server: --replica-id: ")
     assert f"replica id {name!r}" in line and "already uses" in line
     assert one.alive
-    # A replica that died without a goodbye (its last will not sent yet) is replaced by
-    # its supervisor's restart under the same id.
-    one.kill()
-    again = ServerProcess(
-        tmp_path / "again",
-        db_url=f"sqlite:///{tmp_path / 'fleet.db'}",
-        broker=SHARED_BROKER,
-        replica_id=name,
-    )
+    # A replica whose host froze keeps its connection open but answers nothing: the broker
+    # has not sent its last will, and a restart under the same id takes over.
+    assert one.proc is not None
+    one.proc.send_signal(signal.SIGSTOP)
+    try:
+        frozen = restart(tmp_path / "frozen", name)
+        servers.append(frozen)
+        frozen.start()
+        assert "does not answer; taking over" in frozen.log()
+    finally:
+        one.kill()  # SIGKILL reaches a stopped process
+    # A replica that died (the broker sends its last will) is replaced by its
+    # supervisor's restart under the same id.
+    frozen.kill()
+    again = restart(tmp_path / "again", name)
     servers.append(again)
     again.start()
     assert again.alive
+
+
+def restart(workdir: Path, name: str) -> ServerProcess:
+    """A replica of the test's deployment (``fleet.db`` in the test's folder) named ``name``."""
+    return ServerProcess(
+        workdir,
+        db_url=f"sqlite:///{workdir.parent / 'fleet.db'}",
+        broker=SHARED_BROKER,
+        replica_id=name,
+    )
 
 
 def run_server(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
