@@ -6,7 +6,7 @@ Two streams, each measured on its own (``--stream messages``, the default, or
 - *messages*: :class:`~protocol.messages.DeviceEvent` and
   :class:`~protocol.messages.Heartbeat` alternating, as JSON;
 - *windows*: binary window summaries (:func:`protocol.window.encode_window`)
-  on ``edgefleet/v1/devices/{id}/windows``. A few hundred distinct windows are
+  on ``edgefleet/v1/{namespace}/devices/{id}/windows``. A few hundred distinct windows are
   recorded first with the agent's :class:`~agent.telemetry.WindowRecorder`
   over the sample model's bundle (``v2.tflite``, 16 features, the agent's
   window policy, single-row requests of generated data scored by the model);
