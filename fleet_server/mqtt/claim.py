@@ -42,6 +42,7 @@ import aiomqtt
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from fleet_server.config import ServerConfig
+from fleet_server.tls import TLSConfigError, client_context
 from protocol.broker_url import parse_broker_url
 from protocol.topics import server_topic
 
@@ -109,6 +110,9 @@ class NamespaceGuard:
         """Connect, check the claim and the replica id, then hold both; or :class:`StartRefused`."""
         try:
             self._client = await self._stack.enter_async_context(self._new_client())
+        except TLSConfigError as exc:
+            await self._stack.aclose()
+            raise StartRefused("--mqtt-ca-file", str(exc)) from None
         except aiomqtt.MqttError as exc:
             await self._stack.aclose()
             raise StartRefused(
@@ -289,8 +293,6 @@ class NamespaceGuard:
     async def _new_client(self) -> AsyncIterator[aiomqtt.Client]:
         tls = None
         if self._address.tls:
-            from fleet_server.tls import client_context
-
             tls = client_context(self.config.mqtt_ca_file)
         client = aiomqtt.Client(
             self._address.host,

@@ -231,6 +231,14 @@ def test_a_broker_url_the_server_cannot_use_is_one_line_naming_the_flag(
     assert lines[0].startswith("fleet-server: --mqtt: ") and message in lines[0]
 
 
+def test_a_ca_file_the_server_cannot_read_is_one_line_naming_the_flag(tmp_path: Path) -> None:
+    url = f"mqtts://127.0.0.1:{free_port()}"
+    done = run_server(tmp_path, "--mqtt", url, "--mqtt-ca-file", str(tmp_path / "missing.pem"))
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("fleet-server: ")]
+    assert len(lines) == 1 and lines[0].startswith("fleet-server: --mqtt-ca-file: "), lines
+
+
 def test_an_unsafe_namespace_is_refused_naming_the_flag(tmp_path: Path) -> None:
     done = run_server(tmp_path, "--mqtt", SHARED_BROKER, "--mqtt-namespace", "plant/#")
     assert done.returncode != 0 and "Traceback" not in done.stderr
