@@ -26,7 +26,9 @@ The retained messages a subscription brings arrive before anything published
 later on the same connection, so the checks read them behind an *echo* (a
 message the server sends itself) rather than after a fixed wait. The guard
 holds its own connection (random client id) for as long as the replica runs,
-answering pings and keeping its record.
+answering pings and keeping its record; should two deployments start at the
+same moment and both find the namespace free, each sees the other's claim
+arrive and logs an error naming ``--mqtt-namespace``.
 """
 
 from __future__ import annotations
@@ -234,6 +236,7 @@ class NamespaceGuard:
                         self.record_topic, self._record(online=True), qos=1, retain=True
                     )
                     await client.subscribe(self.ping_topic, qos=1)
+                    await client.subscribe(self.claim_topic, qos=1)
                 await client.subscribe(self.record_topic, qos=1)
                 delay = 0.5
                 reader = asyncio.create_task(self._serve(client))
@@ -267,6 +270,20 @@ class NamespaceGuard:
                 # "<our instance> <the asker's>": the asker knows it is its own ping answered.
                 answer = f"{self.instance} ".encode() + payload[:64]
                 await client.publish(self.pong_topic, answer, qos=1)
+            elif topic == self.claim_topic and payload:
+                try:
+                    claim = NamespaceClaim.model_validate_json(payload)
+                except ValidationError:
+                    claim = None
+                if claim is None or claim.deployment != self.config.deployment_id:
+                    # Two deployments started at the same moment both found the namespace
+                    # free; the broker keeps the later claim, and both must hear of it.
+                    log.error(
+                        "another deployment (%s) claimed MQTT namespace %s, which this one "
+                        "uses: give one of them its own --mqtt-namespace",
+                        claim.database if claim else "an unreadable claim",
+                        self.namespace,
+                    )
             elif topic == self.record_topic and payload:
                 try:
                     record = ReplicaRecord.model_validate_json(payload)

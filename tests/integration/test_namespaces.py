@@ -8,6 +8,7 @@ retained claims and records they leave are cleared afterwards.
 
 from __future__ import annotations
 
+import json
 import secrets
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import paho.mqtt.client as paho
+import paho.mqtt.publish as paho_publish
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
@@ -150,6 +152,21 @@ def test_a_second_deployment_on_a_claimed_namespace_is_refused_naming_the_flag(
     assert str(tmp_path / "first.db") in line  # names the deployment holding it
     replica.start()
     assert first.alive and replica.alive
+    # Two deployments that start at the same moment both find the namespace free: the
+    # running ones hear of the later claim, and say so.
+    forged = {"deployment": "f" * 32, "database": "sqlite:/elsewhere.db", "replica": "x"}
+    paho_publish.single(
+        f"edgefleet/v1/{namespace}/server/claim",
+        json.dumps({**forged, "claimed_at": 1.0}),
+        qos=1,
+        retain=True,
+        hostname="127.0.0.1",
+    )
+    for running in (first, replica):
+        wait_until(
+            f"{running.replica_id} to report the other claim",
+            lambda r=running: "another deployment (sqlite:/elsewhere.db) claimed" in r.log(),
+        )
 
 
 def test_a_second_live_replica_with_the_same_replica_id_is_refused(
