@@ -9,10 +9,18 @@ from __future__ import annotations
 import math
 import tomllib
 from pathlib import Path
-from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from protocol.broker_url import BrokerUrlError, parse_broker_url
+from protocol.topics import NAMESPACE_RULE, NamespaceError, check_namespace
 from protocol.versioning import HARDWARE_ID_PATTERN
 
 _ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
@@ -113,23 +121,26 @@ class ServerConfig(_Section):
     def _broker(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        parts = urlsplit(value)
         try:
-            parts.port  # noqa: B018 - raises on a port that is not a number
-        except ValueError:
-            raise ValueError("the port must be a number from 0 to 65535") from None
-        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-            raise ValueError("must be mqtt://host[:port] or mqtts://host[:port]")
-        if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
-            raise ValueError("must be only mqtt(s)://host[:port]; credentials go in [credentials]")
+            parse_broker_url(value)
+        except BrokerUrlError as exc:
+            raise ValueError(str(exc)) from None
         return value
 
 
 class MqttConfig(_Section):
     """How the agent talks to the broker named by ``server.broker``."""
 
+    namespace: str | None = Field(
+        default=None,
+        description="the deployment's topic namespace (required with server.broker); "
+        "the server names it when the device is registered",
+    )
     client_id: str | None = Field(
-        default=None, pattern=_ID, description="MQTT client id (default: the device id)"
+        default=None,
+        pattern=_ID,
+        description="MQTT client id (default: NAMESPACE-DEVICE_ID, so that devices of two "
+        "deployments with one id on one broker do not take each other's connection over)",
     )
     keepalive_s: int = Field(default=60, ge=5, le=65535)
     heartbeat_interval_s: float = Field(default=60.0, gt=0)
@@ -138,6 +149,16 @@ class MqttConfig(_Section):
     )
     reconnect_min_s: float = Field(default=1.0, gt=0)
     reconnect_max_s: float = Field(default=60.0, gt=0)
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            return check_namespace(value)
+        except NamespaceError:
+            raise ValueError(f"must be {NAMESPACE_RULE}") from None
 
 
 class TelemetryConfig(_Section):
@@ -197,6 +218,16 @@ class AgentConfig(_Section):
     telemetry: TelemetryConfig = TelemetryConfig()
     faults: FaultsConfig = FaultsConfig()
 
+    @model_validator(mode="after")
+    def _namespace_with_broker(self) -> AgentConfig:
+        # Without it the device would talk on topics no server of its fleet reads.
+        if self.server.broker is not None and self.mqtt.namespace is None:
+            raise ValueError(
+                "mqtt.namespace: required with server.broker; use the namespace the fleet "
+                "server named when the device was registered"
+            )
+        return self
+
     @field_validator("hardware_id")
     @classmethod
     def _hardware_id(cls, value: str) -> str:
@@ -219,7 +250,9 @@ class AgentConfig(_Section):
             config = cls.model_validate(raw)
         except ValidationError as exc:
             err = exc.errors()[0]
-            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            if not err["loc"]:  # a rule across fields names its own fields
+                raise ConfigError(f"{path}: {err['msg'].removeprefix('Value error, ')}") from None
+            where = ".".join(str(p) for p in err["loc"])
             raise ConfigError(f"{path}: {where}: {err['msg']}") from None
         return config.resolved(path.parent)
 

@@ -6,7 +6,7 @@ Two streams, each measured on its own (``--stream messages``, the default, or
 - *messages*: :class:`~protocol.messages.DeviceEvent` and
   :class:`~protocol.messages.Heartbeat` alternating, as JSON;
 - *windows*: binary window summaries (:func:`protocol.window.encode_window`)
-  on ``edgefleet/v1/devices/{id}/windows``. A few hundred distinct windows are
+  on ``edgefleet/v1/{namespace}/devices/{id}/windows``. A few hundred distinct windows are
   recorded first with the agent's :class:`~agent.telemetry.WindowRecorder`
   over the sample model's bundle (``v2.tflite``, 16 features, the agent's
   window policy, single-row requests of generated data scored by the model);
@@ -83,8 +83,11 @@ import urllib3
 from paho.mqtt.enums import CallbackAPIVersion
 
 from protocol.messages import DeviceEvent, Heartbeat, WindowAck
-from protocol.topics import ROOT, acks_topic, device_topic, ingest_subscriptions
+from protocol.topics import acks_topic, device_topic, devices_root, ingest_subscriptions
 from protocol.window import WindowSummary, encode_window
+
+# The benchmark server's topic namespace (on a broker of the benchmark's own).
+NS = "bench"
 
 DEVICES = 500
 MESSAGES = 15_000  # per round and consumer
@@ -285,7 +288,7 @@ def device_messages(device_ids: list[str], tag: str, messages: int) -> Iterator[
                 at=now,
                 details={"window": i, "served": 120, "fallbacks": 0},
             )
-            topic = device_topic(device_id, "events")
+            topic = device_topic(NS, device_id, "events")
         else:
             message = Heartbeat(
                 device_id=device_id,
@@ -294,7 +297,7 @@ def device_messages(device_ids: list[str], tag: str, messages: int) -> Iterator[
                 uptime_s=float(i),
                 served={"pump-health": i},
             )
-            topic = device_topic(device_id, "heartbeat")
+            topic = device_topic(NS, device_id, "heartbeat")
         yield topic, message.model_dump_json().encode(), key
 
 
@@ -317,7 +320,7 @@ def device_windows(
                 "end": template.end - WINDOW_AGE_S,
             }
         )
-        yield device_topic(device_id, "windows"), encode_window(window), window_id
+        yield device_topic(NS, device_id, "windows"), encode_window(window), window_id
 
 
 def record_windows(count: int) -> list[WindowSummary]:
@@ -385,7 +388,7 @@ def publish(port: int, stream: Path) -> None:
 def count(port: int, expect: int) -> None:
     """The bare consumer: subscribe like the server, count ``expect`` messages, print the time."""
     client = _paho_client(f"bench-paho-{os.getpid()}")
-    topics = ingest_subscriptions(shared=True)
+    topics = ingest_subscriptions(NS, shared=True)
     subscribed, done = threading.Event(), threading.Event()
     received = 0
 
@@ -423,7 +426,7 @@ def count_aiomqtt(port: int, expect: int) -> None:
         async with aiomqtt.Client(
             "127.0.0.1", port, identifier=f"bench-aiomqtt-{os.getpid()}", keepalive=60
         ) as client:
-            for topic in ingest_subscriptions(shared=True):
+            for topic in ingest_subscriptions(NS, shared=True):
                 await client.subscribe(topic, qos=1)
             print("ready", flush=True)
             received = 0
@@ -523,7 +526,7 @@ class AckListener:
 
         def on_message(_client, _userdata, message) -> None:  # type: ignore[no-untyped-def]
             ack = WindowAck.model_validate_json(message.payload)
-            if message.topic != acks_topic(ack.device_id):
+            if message.topic != acks_topic(NS, ack.device_id):
                 self.misaddressed += 1
             self.acked.update(ack.window_ids)
             self.messages += 1
@@ -532,7 +535,7 @@ class AckListener:
         self._client.on_subscribe = lambda *_args: subscribed.set()
         self._client.on_message = on_message
         self._client.connect("127.0.0.1", self.port, keepalive=60)
-        self._client.subscribe(f"{ROOT}/+/acks", qos=1)
+        self._client.subscribe(f"{devices_root(NS)}/+/acks", qos=1)
         self._client.loop_start()
         if not subscribed.wait(30):
             raise RuntimeError("no SUBACK for the acks subscription")
@@ -588,6 +591,8 @@ class Server:
                 self.db_url,
                 "--mqtt",
                 f"mqtt://127.0.0.1:{self.broker_port}",
+                "--mqtt-namespace",
+                NS,
                 "--http",
                 f"127.0.0.1:{self.http_port}",
             ],
@@ -661,7 +666,7 @@ class Server:
                 uptime_s=0.0,
             )
             probe_message = (
-                device_topic(probe_device, "heartbeat"),
+                device_topic(NS, probe_device, "heartbeat"),
                 probe.model_dump_json().encode(),
                 None,
             )

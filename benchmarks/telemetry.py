@@ -83,10 +83,11 @@ ROUNDS = 30
 DEVICES = 10_000
 WINDOWS_PER_DAY = 1440
 DAILY_BUDGET = 2_000_000
-# An MQTT 3.1.1 QoS 1 PUBLISH on "edgefleet/v1/devices/pump-0042/windows" (47),
-# a TLS 1.3 record (22) and TCP/IPv4 headers with timestamps (52): 121, rounded
-# up (as in tests/unit/test_window_codec.py). The PUBACK and keep-alives are not counted.
-WIRE_OVERHEAD = 128
+# An MQTT 3.1.1 QoS 1 PUBLISH on "edgefleet/v1/fleet-3c5a0e9d21b7/devices/pump-0042/windows"
+# (64, a default namespace), a TLS 1.3 record (22) and TCP/IPv4 headers with timestamps
+# (52): 138, rounded up (as in tests/unit/test_window_codec.py). The PUBACK and
+# keep-alives are not counted.
+WIRE_OVERHEAD = 144
 # The agent's defaults: summaries bounded to 20 % of inference; and every request summarised.
 AGENT_POLICY = WindowPolicy(max_requests=1000, max_seconds=60.0, max_overhead=0.2)
 EXACT_POLICY = WindowPolicy(max_requests=1000, max_seconds=60.0, max_overhead=None)

@@ -1,10 +1,13 @@
 """``fleet-server``: runs one fleet server replica.
 
-    fleet-server --data DIR [--db URL] [--mqtt URL] [--http HOST:PORT]
+    fleet-server --data DIR [--db URL] [--mqtt URL] [--mqtt-namespace NS] [--http HOST:PORT]
 
 Defaults need no set-up: SQLite in DIR, no broker. Run several replicas on
 one PostgreSQL and one broker to scale out: they split the MQTT ingest with a
-shared subscription and all serve the API.
+shared subscription and all serve the API. Every deployment talks on its own
+MQTT topic namespace (by default derived from its database, so the replicas of
+one database agree on it); a server whose namespace another deployment holds
+on the broker, or whose replica id a running replica uses, is refused at start.
 """
 
 from __future__ import annotations
@@ -17,7 +20,23 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from fleet_server.config import ServerConfig
+
+# The flag behind each configuration field, so that a refusal names what to change.
+_FLAGS = {
+    "data_dir": "--data",
+    "db_url": "--db",
+    "mqtt_url": "--mqtt",
+    "mqtt_namespace": "--mqtt-namespace",
+    "mqtt_ca_file": "--mqtt-ca-file",
+    "http_host": "--http",
+    "http_port": "--http",
+    "tls_cert": "--tls-cert",
+    "tls_key": "--tls-key",
+    "replica_id": "--replica-id",
+}
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -32,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True, help="the server's folder (repository, director)")
     parser.add_argument("--db", help="database URL (default: sqlite:///DATA/fleet.db)")
     parser.add_argument("--mqtt", help="broker URL, mqtt://host:port or mqtts://host:port")
+    parser.add_argument(
+        "--mqtt-namespace",
+        help="this deployment's MQTT topic namespace (default: derived from the database; "
+        "every replica of one deployment must use the same)",
+    )
     parser.add_argument("--mqtt-username")
     parser.add_argument("--mqtt-password-file")
     parser.add_argument("--mqtt-ca-file")
@@ -59,6 +83,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         "data_dir": data,
         "db_url": args.db or f"sqlite:///{data / 'fleet.db'}",
         "mqtt_url": args.mqtt,
+        "mqtt_namespace": args.mqtt_namespace,
         "mqtt_username": args.mqtt_username,
         "mqtt_password": (
             Path(args.mqtt_password_file).read_text().strip() if args.mqtt_password_file else None
@@ -83,9 +108,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         config = config_from_args(args)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else ""
+        flag = _FLAGS.get(field, field or "configuration")
+        print(f"fleet-server: {flag}: {err['msg'].removeprefix('Value error, ')}", file=sys.stderr)
+        return 2
     except (OSError, ValueError) as exc:
         print(f"fleet-server: {exc}", file=sys.stderr)
         return 1
+    from fleet_server.mqtt.claim import StartRefused
     from fleet_server.server import FleetServer, prepare
 
     config.data_dir.mkdir(parents=True, exist_ok=True)
@@ -98,7 +130,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             loop.add_signal_handler(sig, stop.set)
         await FleetServer(config).run(stop)
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except StartRefused as exc:
+        print(f"fleet-server: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from protocol.broker_url import parse_broker_url
+from protocol.topics import check_namespace, namespace_for
 
 
 class ServerConfig(BaseModel):
@@ -17,6 +23,10 @@ class ServerConfig(BaseModel):
     data_dir: Path = Field(description="repository, director metadata and director keys")
     db_url: str = Field(description="sqlite:///PATH or postgresql://...")
     mqtt_url: str | None = Field(default=None, description="mqtt://host:port or mqtts://")
+    mqtt_namespace: str | None = Field(
+        default=None,
+        description="the deployment's MQTT topic namespace (default: derived from the database)",
+    )
     mqtt_username: str | None = None
     mqtt_password: str | None = None
     mqtt_ca_file: Path | None = None
@@ -25,7 +35,11 @@ class ServerConfig(BaseModel):
     http_port: int = Field(default=8080, ge=0, le=65535)
     tls_cert: Path | None = None
     tls_key: Path | None = None
-    replica_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    replica_id: str = Field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
+        # Part of an MQTT client id and of a topic: one safe segment.
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+    )
     heartbeat_timeout_s: float = Field(default=90.0, gt=0)
     ingest_batch_size: int = Field(default=500, ge=1)
     ingest_batch_delay_s: float = Field(default=0.05, ge=0)
@@ -39,6 +53,37 @@ class ServerConfig(BaseModel):
         description="estimated accuracy this far below the calibration's opens an alert",
     )
 
+    @field_validator("mqtt_url")
+    @classmethod
+    def _mqtt_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_broker_url(value)  # a BrokerUrlError (ValueError) says what is wrong
+        return value
+
+    @field_validator("mqtt_namespace")
+    @classmethod
+    def _mqtt_namespace(cls, value: str | None) -> str | None:
+        return None if value is None else check_namespace(value)
+
+    @property
+    def deployment(self) -> str:
+        """What identifies this deployment: its database, as every replica names it.
+
+        Replicas of one deployment share the database, so they agree on it;
+        credentials, options and the spelling of defaults are left out.
+        """
+        return database_identity(self.db_url)
+
+    @property
+    def deployment_id(self) -> str:
+        """A stable, secret-free digest of :attr:`deployment` (published in the namespace claim)."""
+        return hashlib.sha256(self.deployment.encode()).hexdigest()[:32]
+
+    @property
+    def namespace(self) -> str:
+        """The MQTT topic namespace: as configured, or derived from :attr:`deployment`."""
+        return self.mqtt_namespace or namespace_for(self.deployment)
+
     @property
     def repository_dir(self) -> Path:
         return self.data_dir / "repository"
@@ -50,3 +95,22 @@ class ServerConfig(BaseModel):
     @property
     def director_keys_dir(self) -> Path:
         return self.data_dir / "director-keys"
+
+
+def database_identity(db_url: str) -> str:
+    """The database ``db_url`` names, without credentials or options: ``sqlite:/abs/path``
+    for a file (resolved), ``postgresql://host:port/name`` for a server."""
+    try:
+        url = make_url(db_url)
+    except ArgumentError:
+        return db_url
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        database = url.database or ""
+        path = str(Path(database).resolve()) if database and database != ":memory:" else database
+        return f"sqlite:{path}"
+    host = (url.host or str(url.query.get("host") or "") or "localhost").lower()
+    return f"{backend}://{host}:{url.port or _DEFAULT_DB_PORTS.get(backend, 0)}/{url.database}"
+
+
+_DEFAULT_DB_PORTS = {"postgresql": 5432, "mysql": 3306}

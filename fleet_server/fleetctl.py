@@ -414,7 +414,12 @@ def cmd_devices_register(args: argparse.Namespace) -> None:
         created,
         f"Registered {created['device_id']} ({created['device']['hardware_id']}).\n"
         f"Password (shown only now; the device's HTTP and MQTT credential):\n"
-        f"  {created['password']}",
+        f"  {created['password']}"
+        + (
+            f"\nMQTT namespace (agent.toml, [mqtt] namespace): {created['mqtt_namespace']}"
+            if created.get("mqtt_namespace")
+            else ""
+        ),
     )
 
 
@@ -990,6 +995,7 @@ def cmd_broker_config(args: argparse.Namespace) -> None:
         args.server_user,
         _read_secret(args.server_password_file, "server password"),
         devices,
+        namespace=args.namespace,
         tls=tls,
         port=args.port,
         bind_address=args.bind,
@@ -1008,11 +1014,12 @@ def cmd_broker_config(args: argparse.Namespace) -> None:
             "passwd": str(files.passwd),
             "acl": str(files.acl),
             "server_user": args.server_user,
+            "namespace": args.namespace,
             "devices": sorted(devices),
             "listeners": listeners,
         },
         f"Wrote {files.conf}, {files.passwd.name} and {files.acl.name} (mode 0600): server user "
-        f"{args.server_user}, {count}, listening on {where}\n"
+        f"{args.server_user}, namespace {args.namespace}, {count}, listening on {where}\n"
         f"Run the broker with: mosquitto -c {files.conf}",
     )
 
@@ -1266,6 +1273,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="directory for mosquitto.conf, passwd and acl")
     p.add_argument("--server-user", required=True, help="the fleet server's MQTT username")
+    p.add_argument(
+        "--namespace",
+        required=True,
+        help="the deployment's MQTT topic namespace (fleet-server logs it at start, and "
+        "fleetctl devices register shows it)",
+    )
     p.add_argument(
         "--server-password-file", required=True, help="file holding the server's MQTT password"
     )

@@ -21,6 +21,7 @@ from fleet_server.db import Database, migrate
 from fleet_server.director import DirectorRepository
 from fleet_server.drift import ManifestCache, run_drift_alerts
 from fleet_server.metrics import Metrics
+from fleet_server.mqtt.claim import NamespaceGuard
 from fleet_server.mqtt.link import ServerMqtt
 from fleet_server.release.keys import KeyStore, init_keys, load_keys
 from fleet_server.releases import ReleaseService
@@ -69,11 +70,28 @@ class FleetServer:
         return build_app(self)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Serve until ``stop`` is set."""
-        async with self.db.session() as session:
-            await self.releases.index(session)
-        runner = web.AppRunner(self.app(), access_log=None)
-        await runner.setup()
+        """Serve until ``stop`` is set.
+
+        Raises :class:`~fleet_server.mqtt.claim.StartRefused` before serving
+        anything when the broker is unreachable, the namespace belongs to
+        another deployment, or the replica id is in use.
+        """
+        guard = NamespaceGuard(self.config) if self.mqtt is not None else None
+        if guard is not None:
+            try:
+                await guard.start()
+            except BaseException:
+                await self.db.close()
+                raise
+        try:
+            async with self.db.session() as session:
+                await self.releases.index(session)
+            runner = web.AppRunner(self.app(), access_log=None)
+            await runner.setup()
+        except BaseException:
+            if guard is not None:
+                await guard.close()
+            raise
         ssl_context = None
         if self.config.tls_cert and self.config.tls_key:
             from fleet_server.tls import server_context
@@ -93,7 +111,8 @@ class FleetServer:
         )
         try:
             async with asyncio.TaskGroup() as tasks:
-                if self.mqtt is not None:
+                if self.mqtt is not None and guard is not None:
+                    tasks.create_task(guard.run(stop))
                     tasks.create_task(self.mqtt.run(stop))
                 tasks.create_task(self._presence_sweeper(stop))
                 tasks.create_task(self._director_refresher(stop))

@@ -123,6 +123,11 @@ class DeviceCredentials(_Response):
     device_id: str
     password: str
     device: DeviceView
+    mqtt_namespace: str | None = Field(
+        default=None,
+        description="the topic namespace the device's agent.toml names in [mqtt] namespace "
+        "(none: the server has no broker)",
+    )
 
 
 class TagChange(_Request):

@@ -151,18 +151,18 @@ def run_demo(workdir: Path) -> int:
 def fleet_chapter(workdir: Path) -> int:
     """The fleet behind a server: returns how many things did not turn out as expected."""
     print("\n== A fleet: fleet server, MQTT broker, three devices " + "=" * 18, flush=True)
-    with broker_for_demo() as (broker, embedded):
+    with broker_for_demo(workdir / "broker") as broker:
         print(
-            f"(MQTT broker: {broker}, "
-            + ("embedded amqtt, started for the demo)" if embedded else "already running)"),
+            f"(MQTT broker: {broker.url}, a private {broker.kind} started for the demo on a "
+            "free port: nothing else on this machine shares it)",
             flush=True,
         )
         fleet = FleetStory(
             workdir / "fleet",
-            broker,
+            broker.url,
             f"sqlite:///{workdir / 'fleet' / 'fleet.db'}",
             device_prefix=f"pump-{secrets.token_hex(2)}",
-            shared_subscription=not embedded,
+            shared_subscription=broker.shared_subscriptions,
             echo=True,
         )
         (workdir / "fleet").mkdir()

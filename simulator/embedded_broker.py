@@ -1,8 +1,14 @@
-"""The zero-set-up MQTT broker: amqtt, run in its own process when nothing listens.
+"""The demo's own MQTT broker: a private Mosquitto when installed, else amqtt in-process.
 
-``python -m simulator.embedded_broker --port 1883`` serves until terminated.
-amqtt speaks MQTT 3.1.1 and keeps retained messages, which is all the demo
-needs; it has no shared subscriptions, so a server using it runs as one replica.
+The demo never uses a broker it did not start: whatever else runs on the
+machine (another server, another demo, a test run on 127.0.0.1:1883) cannot
+take its messages. :func:`broker_for_demo` starts one on a free port of
+127.0.0.1 and stops it on exit. Mosquitto is preferred when its binary is
+installed: it is the broker production runs, and it has shared subscriptions,
+so the demo's server runs as a production replica does. Otherwise
+``python -m simulator.embedded_broker --port PORT`` serves amqtt until
+terminated: MQTT 3.1.1 with retained messages, which is all the demo needs,
+but no shared subscriptions, so a server on it runs as one replica.
 """
 
 from __future__ import annotations
@@ -11,12 +17,32 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+START_TIMEOUT_S = 20.0
+START_ATTEMPTS = 3
+
+
+class BrokerStartError(RuntimeError):
+    """The demo's broker did not start; the message says which and where its log is."""
+
+
+@dataclass(frozen=True)
+class DemoBroker:
+    """A broker started for the demo: its URL, which broker it is, and whether it has ``$share``."""
+
+    url: str
+    kind: str
+    shared_subscriptions: bool
 
 
 def listening(host: str, port: int) -> bool:
@@ -28,27 +54,78 @@ def listening(host: str, port: int) -> bool:
         return False
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def mosquitto_binary() -> str | None:
+    """The installed ``mosquitto``, if any (Debian puts it in /usr/sbin, often not on PATH)."""
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    for path in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
+        if os.access(path, os.X_OK):
+            return path
+    return None
+
+
 @contextlib.contextmanager
-def broker_for_demo(host: str = "127.0.0.1", port: int = 1883) -> Iterator[tuple[str, bool]]:
-    """The broker URL to use, and whether it was started here (stopped on exit)."""
-    if listening(host, port):
-        yield f"mqtt://{host}:{port}", False
-        return
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "simulator.embedded_broker", "--host", host, "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while not listening(host, port):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the embedded MQTT broker did not start on {host}:{port}")
-            time.sleep(0.1)
-        yield f"mqtt://{host}:{port}", True
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+def broker_for_demo(directory: Path, *, prefer_mosquitto: bool = True) -> Iterator[DemoBroker]:
+    """A broker of the demo's own on a free port of 127.0.0.1, files in ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    binary = mosquitto_binary() if prefer_mosquitto else None
+    host = "127.0.0.1"
+    for attempt in range(START_ATTEMPTS):
+        port = free_port(host)
+        if binary is not None:
+            conf = directory / "mosquitto.conf"
+            lines = [f"listener {port} {host}", "allow_anonymous true", "persistence false"]
+            lines += ["log_dest stderr", "max_queued_messages 100000"]
+            if hasattr(os, "geteuid") and os.geteuid() == 0:
+                lines.append("user root")  # as root, Mosquitto would switch to its own user
+            conf.write_text("\n".join(lines) + "\n")
+            command = [binary, "-c", str(conf)]
+            kind = "mosquitto"
+        else:
+            command = [sys.executable, "-m", "simulator.embedded_broker", "--port", str(port)]
+            kind = "amqtt"
+        log_path = directory / f"{kind}.log"
+        with log_path.open("ab") as log:
+            proc = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            )
+        try:
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while not listening(host, port) and proc.poll() is None:
+                if time.monotonic() > deadline:
+                    raise BrokerStartError(
+                        f"the demo's {kind} broker did not listen on {host}:{port} in "
+                        f"{START_TIMEOUT_S:.0f} s (log: {log_path})"
+                    )
+                time.sleep(0.05)
+            if proc.poll() is not None:
+                # Most likely the port was taken between choosing and binding it: try another.
+                if attempt + 1 < START_ATTEMPTS:
+                    continue
+                raise BrokerStartError(
+                    f"the demo's {kind} broker exited with status {proc.returncode} "
+                    f"(log: {log_path})"
+                )
+            yield DemoBroker(
+                f"mqtt://{host}:{port}", kind, shared_subscriptions=kind == "mosquitto"
+            )
+            return
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
 
 
 async def serve(host: str, port: int) -> None:

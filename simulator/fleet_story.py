@@ -178,6 +178,13 @@ class FleetStory:
         log.close()
 
         def healthy() -> bool:
+            if self.server is not None and self.server.poll() is not None:
+                log_text = (self.workdir / "server.log").read_text(errors="replace")
+                refusal = [line for line in log_text.splitlines() if "fleet-server:" in line]
+                raise StoryError(
+                    f"the fleet server exited with status {self.server.returncode}"
+                    + (f": {refusal[-1]}" if refusal else "")
+                )
             try:
                 return self.http.request("GET", f"{self.url}/healthz").status == 200
             except urllib3.exceptions.HTTPError:
@@ -215,6 +222,7 @@ class FleetStory:
                 f"fleetctl devices register {device_id} --hardware {HARDWARE} {tags} {self.remote}",
                 json_out=True,
             )
+            namespace = created["mqtt_namespace"]  # the server names the device's topics
             home = self.workdir / device_id
             home.mkdir(exist_ok=True)
             (home / "password").write_text(created["password"])
@@ -227,6 +235,7 @@ class FleetStory:
                 f'[director]\nurl = "{self.url}/director"\nroot = "{director_root}"\n'
                 f'[server]\nurl = "{self.url}"\nbroker = "{self.broker}"\n'
                 f'[credentials]\nusername = "{device_id}"\npassword_file = "{home / "password"}"\n'
+                f'[mqtt]\nnamespace = "{namespace}"\n'
                 "[api]\nport = 0\n"
                 "[update]\npoll_interval_s = 30\nhealth_period_s = 2.0\n"
                 "[telemetry]\nwindow_max_seconds = 2.0\n"

@@ -32,7 +32,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import aiomqtt
 from pydantic import BaseModel
@@ -52,6 +51,7 @@ from agent.mqtt.reports import (
 from agent.ota.installer import Installer
 from agent.serving.chain import FallbackChain
 from agent.telemetry.outbox import Outbox
+from protocol.broker_url import parse_broker_url
 from protocol.messages import DesiredState, DeviceEvent, ReportedState, WindowAck
 from protocol.topics import (
     MAX_PAYLOAD_BYTES,
@@ -133,13 +133,16 @@ class MqttLink:
     ) -> None:
         if config.server.broker is None:
             raise ConfigError("server.broker: no MQTT broker is configured")
-        url = urlsplit(config.server.broker)
+        if config.mqtt.namespace is None:
+            raise ConfigError("mqtt.namespace: no topic namespace is configured")
+        address = parse_broker_url(config.server.broker)  # validated with the config
         self.broker = config.server.broker
         self.device_id = config.device_id
+        self.namespace = config.mqtt.namespace
         self._config = config
-        self._host = url.hostname or ""
-        tls = url.scheme == "mqtts"
-        self._port = url.port or (8883 if tls else 1883)
+        self._host = address.host
+        tls = address.tls
+        self._port = address.port
         # Read once, at start: a bad CA or password file stops the agent with a clear message.
         self._tls = _tls_context(config.mqtt.ca_file) if tls else None
         self._password = _read_password(config.credentials.password_file)
@@ -158,13 +161,13 @@ class MqttLink:
         self._reported: ReportedState | None = None
         self._director_version: int | None = None
         self._topics = {
-            channel: device_topic(self.device_id, channel)
+            channel: device_topic(self.namespace, self.device_id, channel)
             for channel in ("state", "events", "heartbeat", "presence")
         }
-        self._desired = desired_topic(self.device_id)
+        self._desired = desired_topic(self.namespace, self.device_id)
         self._outbox = outbox
-        self._windows = windows_topic(self.device_id)
-        self._acks = acks_topic(self.device_id)
+        self._windows = windows_topic(self.namespace, self.device_id)
+        self._acks = acks_topic(self.namespace, self.device_id)
         self.connected = False
         """Whether the link is connected to the broker right now."""
         self._connected_at: float | None = None
@@ -247,7 +250,7 @@ class MqttLink:
             self._port,
             username=self._username,
             password=self._password,
-            identifier=mqtt.client_id or self.device_id,
+            identifier=mqtt.client_id or f"{self.namespace}-{self.device_id}",
             will=aiomqtt.Will(self._topics["presence"], _json(offline), qos=1, retain=True),
             clean_session=True,
             keepalive=mqtt.keepalive_s,

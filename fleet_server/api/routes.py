@@ -203,6 +203,16 @@ async def _after_enrolment(request: web.Request, device_id: str) -> None:
         log.exception("could not create the director repository of %s", device_id)
 
 
+def _credentials(
+    request: web.Request, device_id: str, password: str, view: DeviceView
+) -> DeviceCredentials:
+    config = request.app[SERVER].config
+    namespace = config.namespace if config.mqtt_url else None
+    return DeviceCredentials(
+        device_id=device_id, password=password, device=view, mqtt_namespace=namespace
+    )
+
+
 async def register_device(request: web.Request) -> web.StreamResponse:
     b = body(request, RegisterDevice)
     async with request.app[SERVER].db.session() as session:
@@ -216,7 +226,7 @@ async def register_device(request: web.Request) -> web.StreamResponse:
         )
         view = device_view(device)
     await _after_enrolment(request, device.id)
-    return answer(DeviceCredentials(device_id=device.id, password=password, device=view), 201)
+    return answer(_credentials(request, device.id, password, view), 201)
 
 
 async def enrol_device(request: web.Request) -> web.StreamResponse:
@@ -232,7 +242,7 @@ async def enrol_device(request: web.Request) -> web.StreamResponse:
         )
         view = device_view(device)
     await _after_enrolment(request, device.id)
-    return answer(DeviceCredentials(device_id=device.id, password=password, device=view), 201)
+    return answer(_credentials(request, device.id, password, view), 201)
 
 
 async def tag_device(request: web.Request) -> web.StreamResponse:

@@ -56,13 +56,19 @@ class Dropped:
 
 
 def classify(
-    topic: str, payload: bytes, max_bytes: int, max_window_bytes: int = MAX_WINDOW_BYTES
+    topic: str,
+    payload: bytes,
+    max_bytes: int,
+    max_window_bytes: int = MAX_WINDOW_BYTES,
+    *,
+    namespace: str,
 ) -> Accepted | Dropped:
     """Accept a well-formed message from the device its topic names, or say why not.
 
-    ``max_bytes`` limits JSON messages and ``max_window_bytes`` binary windows.
+    ``max_bytes`` limits JSON messages and ``max_window_bytes`` binary windows; a
+    topic outside the deployment's ``namespace`` is a bad topic.
     """
-    parsed = parse_device_topic(topic)
+    parsed = parse_device_topic(namespace, topic)
     if parsed is None:
         return Dropped("bad-topic", topic[:200])
     device_id, channel = parsed

@@ -1,6 +1,6 @@
 """The server's MQTT connection: consume device messages, publish retained desired states.
 
-One aiomqtt client per replica. With shared subscriptions (``$share/edgefleet/...``)
+One aiomqtt client per replica. With shared subscriptions (``$share/edgefleet-NS/...``)
 the broker gives each device message to one replica, so replicas split the
 ingest. A message is acknowledged to the broker when it arrives, before it is
 written, and sessions are clean: messages a replica had received but not yet
@@ -22,7 +22,6 @@ import contextlib
 import logging
 import random
 import time
-from urllib.parse import urlsplit
 
 import aiomqtt
 from sqlalchemy import select
@@ -32,6 +31,7 @@ from fleet_server.db import Database
 from fleet_server.db.models import Device, Release
 from fleet_server.metrics import Metrics
 from fleet_server.mqtt.ingest import Accepted, BatchResult, Dropped, classify, write_batch
+from protocol.broker_url import parse_broker_url
 from protocol.messages import BundleRef, DesiredState, WindowAck
 from protocol.topics import acks_topic, desired_topic, ingest_subscriptions
 
@@ -61,18 +61,19 @@ class ServerMqtt:
         self.connected = asyncio.Event()
 
     def _client_args(self) -> dict[str, object]:
-        url = urlsplit(self.config.mqtt_url or "mqtt://127.0.0.1:1883")
+        address = parse_broker_url(self.config.mqtt_url or "mqtt://127.0.0.1:1883")
         tls = None
-        if url.scheme == "mqtts":
+        if address.tls:
             from fleet_server.tls import client_context
 
             tls = client_context(self.config.mqtt_ca_file)
         return {
-            "hostname": url.hostname or "127.0.0.1",
-            "port": url.port or (8883 if url.scheme == "mqtts" else 1883),
+            "hostname": address.host,
+            "port": address.port,
             "username": self.config.mqtt_username,
             "password": self.config.mqtt_password,
-            "identifier": f"edgefleet-server-{self.config.replica_id}",
+            # Unique per live replica: fleet_server.mqtt.claim refuses a second one with this id.
+            "identifier": f"edgefleet-{self.config.namespace}-{self.config.replica_id}",
             "tls_context": tls,
             "keepalive": 30,
         }
@@ -89,7 +90,9 @@ class ServerMqtt:
             try:
                 async with aiomqtt.Client(**self._client_args()) as client:  # type: ignore[arg-type]
                     self._client = client
-                    for topic in ingest_subscriptions(self.config.shared_subscription):
+                    for topic in ingest_subscriptions(
+                        self.config.namespace, self.config.shared_subscription
+                    ):
                         await client.subscribe(topic, qos=1)
                     self.connected.set()
                     delay = 0.5
@@ -123,7 +126,10 @@ class ServerMqtt:
             )
             try:
                 verdict = classify(
-                    str(message.topic), bytes(payload), self.config.max_message_bytes
+                    str(message.topic),
+                    bytes(payload),
+                    self.config.max_message_bytes,
+                    namespace=self.config.namespace,
                 )
             except Exception as exc:  # no message may stop the ingest
                 verdict = Dropped("unreadable", f"{type(exc).__name__}: {exc}")
@@ -209,7 +215,7 @@ class ServerMqtt:
         outcomes = await asyncio.gather(
             *(
                 client.publish(
-                    acks_topic(ack.device_id),
+                    acks_topic(self.config.namespace, ack.device_id),
                     ack.model_dump_json().encode(),
                     qos=1,
                     retain=False,
@@ -236,7 +242,7 @@ class ServerMqtt:
             return
         try:
             await client.publish(
-                desired_topic(desired.device_id),
+                desired_topic(self.config.namespace, desired.device_id),
                 desired.model_dump_json().encode(),
                 qos=1,
                 retain=True,
@@ -271,7 +277,7 @@ class ServerMqtt:
         self._pending.clear()
         for desired in states.values():
             await client.publish(
-                desired_topic(desired.device_id),
+                desired_topic(self.config.namespace, desired.device_id),
                 desired.model_dump_json().encode(),
                 qos=1,
                 retain=True,

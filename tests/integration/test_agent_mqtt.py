@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -48,6 +49,8 @@ from tests.support.fleet import HARDWARE, AgentProcess, Fleet
 
 pytestmark = pytest.mark.integration
 
+# This run's own namespace: other fleets on the shared broker never meet its topics.
+NS = f"agent-test-{secrets.token_hex(4)}"
 SHARED_PORT = 1883
 FIELD_ROW = [1500.0, 10, 20, 40, 40, 1, 1, 1, 3, 3, 3, 0.5, 0.2, 0.1, 0.1, 60]
 INSTALL_STEPS = ["download-started", "verified", "staging", "staged", "switched", "committed"]
@@ -118,9 +121,14 @@ class Listener:
     """A test client that records everything published under one device's prefix."""
 
     def __init__(
-        self, device_id: str, port: int = SHARED_PORT, auth: tuple[str, str] | None = None
+        self,
+        device_id: str,
+        port: int = SHARED_PORT,
+        auth: tuple[str, str] | None = None,
+        namespace: str = NS,
     ) -> None:
         self.device_id = device_id
+        self.namespace = namespace
         self.received: list[tuple[str, bytes, bool]] = []
         self._lock = threading.Lock()
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"test-{uuid.uuid4().hex}")
@@ -132,7 +140,7 @@ class Listener:
         self.client.loop_start()
 
     def _on_connect(self, client: paho.Client, *_: Any) -> None:
-        client.subscribe(f"{device_prefix(self.device_id)}/#", qos=1)
+        client.subscribe(f"{device_prefix(self.namespace, self.device_id)}/#", qos=1)
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         with self._lock:
@@ -140,12 +148,12 @@ class Listener:
 
     def channel(self, channel: str) -> list[dict[str, Any]]:
         """The payloads received on one channel (empty ones, clears, left out)."""
-        topic = f"{device_prefix(self.device_id)}/{channel}"
+        topic = f"{device_prefix(self.namespace, self.device_id)}/{channel}"
         with self._lock:
             return [json.loads(p) for t, p, _ in self.received if t == topic and p]
 
     def retained(self, channel: str) -> list[dict[str, Any]]:
-        topic = f"{device_prefix(self.device_id)}/{channel}"
+        topic = f"{device_prefix(self.namespace, self.device_id)}/{channel}"
         with self._lock:
             return [json.loads(p) for t, p, r in self.received if t == topic and p and r]
 
@@ -195,9 +203,9 @@ def desired(device_id: str, director_version: int) -> bytes:
 def clear_retained(device_id: str) -> None:
     """Empty retained payloads: the broker forgets this device's retained messages."""
     for topic in (
-        desired_topic(device_id),
-        device_topic(device_id, "state"),
-        device_topic(device_id, "presence"),
+        desired_topic(NS, device_id),
+        device_topic(NS, device_id, "state"),
+        device_topic(NS, device_id, "presence"),
     ):
         publish(topic, b"")
 
@@ -334,6 +342,7 @@ def config(
         update=update,
         server={"broker": broker or f"mqtt://127.0.0.1:{port}"},
         mqtt={
+            "namespace": NS,
             "heartbeat_interval_s": 0.3,
             "reconnect_min_s": 0.1,
             "reconnect_max_s": 0.5,
@@ -393,6 +402,42 @@ def test_a_clean_shutdown_reports_offline_presence(
         assert "no clean goodbye" not in agent.tail()
     finally:
         listener.close()
+
+
+def test_one_device_id_in_two_deployments_on_one_broker_keeps_both_connected(
+    fleet: Fleet, device: str, agents: list[AgentProcess], keys: tuple[KeyStore, KeyStore]
+) -> None:
+    # Two fleets that happen to name a device alike: neither takes the other's MQTT
+    # connection (one client id) nor sees the other's messages (one topic).
+    other_ns = f"{NS}-other"
+    other_fleet = Fleet(fleet.root / "other", *keys)
+    listeners = [Listener(device), Listener(device, namespace=other_ns)]
+    try:
+        for f, namespace in ((fleet, NS), (other_fleet, other_ns)):
+            f.director.register(f.director_keys, device)
+            agent = AgentProcess(config(f, device, mqtt={"namespace": namespace}))
+            agents.append(agent)
+            agent.wait_ready()
+        for listener in listeners:
+            listener.wait_for("online presence", presence_is(listener, True))
+            listener.wait_for(
+                "5 heartbeats", lambda lis=listener: len(lis.channel("heartbeat")) >= 5
+            )
+        for agent in agents:
+            assert agent.tail().count("mqtt: connected to") == 1, agent.tail()
+            assert "no connection" not in agent.tail(), agent.tail()
+    finally:
+        for listener in listeners:
+            listener.close()
+        for agent in agents:
+            agent.stop()
+        other_fleet.close()
+        for namespace in (NS, other_ns):
+            for topic in (
+                device_topic(namespace, device, "state"),
+                device_topic(namespace, device, "presence"),
+            ):
+                publish(topic, b"")
 
 
 # -- what the device reports ------------------------------------------------------------
@@ -476,7 +521,7 @@ def test_malformed_and_foreign_desired_messages_are_ignored(
     try:
         listener.wait_for("online presence", presence_is(listener, True))
         version = assign(fleet, device, released["v2"])  # no poll for 300 s ...
-        topic = desired_topic(device)
+        topic = desired_topic(NS, device)
         foreign = desired("another-device", version)
         extra = json.loads(desired(device, version))
         extra["install_now"] = True
@@ -528,7 +573,7 @@ def test_a_desired_state_retained_while_offline_installs_on_reconnect(
         version = assign(fleet, device, fleet.release(built["v1"]))
         # The server leaves its word retained on a broker the device cannot reach yet ...
         staging = Mosquitto(_free_port(), store)
-        publish(desired_topic(device), desired(device, version), port=staging.port)
+        publish(desired_topic(NS, device), desired(device, version), port=staging.port)
         staging.stop()
         # ... which is there the moment the device's broker comes back.
         brokers.append(Mosquitto(port, store))

@@ -32,6 +32,7 @@ from fleet_server.broker_config import check_password, password_hash
 from protocol.topics import desired_topic, device_topic, ingest_subscriptions
 from tests.support.mosquitto import Mosquitto, free_port, running_mosquitto
 
+NS = "plant-7"
 pytestmark = pytest.mark.integration
 
 SERVER, A, B = "fleet-server", "dev-a", "dev-b"
@@ -58,7 +59,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         (tmp / f"{user}.password").write_text(password + "\n")
     port = free_port()
     out = tmp / "mosquitto"
-    argv = ["broker", "config", "--out", str(out), "--server-user", SERVER]
+    argv = ["broker", "config", "--out", str(out), "--server-user", SERVER, "--namespace", NS]
     argv += ["--server-password-file", str(tmp / f"{SERVER}.password")]
     for device in (A, B):
         argv += ["--device", f"{device}:{tmp / f'{device}.password'}"]
@@ -130,14 +131,14 @@ def test_broker_files_are_private(fleet: Fleet) -> None:
 def test_device_report_reaches_the_server_through_its_shared_subscription(fleet: Fleet) -> None:
     async def scenario() -> list[aiomqtt.Message]:
         async with client(fleet, SERVER) as server, client(fleet, A) as device:
-            for topic in ingest_subscriptions(shared=True):
+            for topic in ingest_subscriptions(NS, shared=True):
                 await server.subscribe(topic, qos=1)
-            await device.publish(device_topic(A, "heartbeat"), b"beat-1", qos=1)
+            await device.publish(device_topic(NS, A, "heartbeat"), b"beat-1", qos=1)
             return await receive_until(server, b"beat-1")
 
     received = asyncio.run(scenario())
     assert [(str(m.topic), m.payload) for m in received][-1] == (
-        device_topic(A, "heartbeat"),
+        device_topic(NS, A, "heartbeat"),
         b"beat-1",
     )
 
@@ -145,12 +146,14 @@ def test_device_report_reaches_the_server_through_its_shared_subscription(fleet:
 @pytest.mark.parametrize(
     "topic",
     [
-        device_topic(B, "state"),
-        device_topic(B, "presence"),
-        desired_topic(B),
-        desired_topic(A),  # a device must not set its own desired state
-        f"{device_topic(A, 'state')}/extra",
+        device_topic(NS, B, "state"),
+        device_topic(NS, B, "presence"),
+        desired_topic(NS, B),
+        desired_topic(NS, A),  # a device must not set its own desired state
+        f"{device_topic(NS, A, 'state')}/extra",
         "edgefleet/v1/fleet",
+        device_topic("another-fleet", A, "state"),  # its own id, another deployment's topics
+        f"edgefleet/v1/{NS}/server/claim",  # only servers hold the namespace
     ],
 )
 def test_device_publish_outside_its_own_channels_is_not_authorized(
@@ -160,7 +163,7 @@ def test_device_publish_outside_its_own_channels_is_not_authorized(
     c = paho_client(fleet, A)
     c.on_publish = lambda _c, _u, mid, reason, _p: acks.__setitem__(mid, reason)
     try:
-        allowed = c.publish(device_topic(A, "events"), b"ok", qos=1)
+        allowed = c.publish(device_topic(NS, A, "events"), b"ok", qos=1)
         refused = c.publish(topic, b"forged", qos=1)
         allowed.wait_for_publish(TIMEOUT)
         refused.wait_for_publish(TIMEOUT)
@@ -181,13 +184,13 @@ def test_device_publish_under_another_prefix_is_not_delivered(
             client(fleet, B) as victim,
             client(fleet, A, protocol=protocol) as attacker,
         ):
-            for topic in ingest_subscriptions(shared=True):
+            for topic in ingest_subscriptions(NS, shared=True):
                 await server.subscribe(topic, qos=1)
-            await victim.subscribe(desired_topic(B), qos=1)
-            await attacker.publish(device_topic(B, "state"), b"forged state", qos=1)
-            await attacker.publish(desired_topic(B), b"forged desired", qos=1)
-            await attacker.publish(device_topic(A, "state"), b"sentinel-a", qos=1)
-            await server.publish(desired_topic(B), b"sentinel-b", qos=1)
+            await victim.subscribe(desired_topic(NS, B), qos=1)
+            await attacker.publish(device_topic(NS, B, "state"), b"forged state", qos=1)
+            await attacker.publish(desired_topic(NS, B), b"forged desired", qos=1)
+            await attacker.publish(device_topic(NS, A, "state"), b"sentinel-a", qos=1)
+            await server.publish(desired_topic(NS, B), b"sentinel-b", qos=1)
             return await receive_until(server, b"sentinel-a"), await receive_until(
                 victim, b"sentinel-b"
             )
@@ -199,17 +202,17 @@ def test_device_publish_under_another_prefix_is_not_delivered(
 def test_device_cannot_read_another_devices_desired_state(fleet: Fleet) -> None:
     async def scenario() -> list[aiomqtt.Message]:
         async with client(fleet, SERVER) as server:
-            await server.publish(desired_topic(B), b"secret for dev-b", qos=1, retain=True)
-            await server.publish(desired_topic(A), b"for dev-a", qos=1, retain=True)
+            await server.publish(desired_topic(NS, B), b"secret for dev-b", qos=1, retain=True)
+            await server.publish(desired_topic(NS, A), b"for dev-a", qos=1, retain=True)
             async with client(fleet, A) as device:
                 # Mosquitto 2.0 grants these SUBSCRIBEs and withholds what may not be read.
-                for topic in (desired_topic(B), "edgefleet/v1/devices/+/desired", "#"):
+                for topic in (desired_topic(NS, B), f"edgefleet/v1/{NS}/devices/+/desired", "#"):
                     await device.subscribe(topic, qos=1)
-                await server.publish(desired_topic(A), b"sentinel", qos=1)
+                await server.publish(desired_topic(NS, A), b"sentinel", qos=1)
                 return await receive_until(device, b"sentinel")
 
     received = asyncio.run(scenario())
-    assert {str(m.topic) for m in received} == {desired_topic(A)}
+    assert {str(m.topic) for m in received} == {desired_topic(NS, A)}
     assert b"for dev-a" in [m.payload for m in received]
     assert b"secret for dev-b" not in [m.payload for m in received]
 
@@ -217,19 +220,19 @@ def test_device_cannot_read_another_devices_desired_state(fleet: Fleet) -> None:
 def test_server_sets_a_retained_desired_state_only_its_device_receives(fleet: Fleet) -> None:
     async def scenario() -> tuple[list[aiomqtt.Message], list[aiomqtt.Message]]:
         async with client(fleet, SERVER) as server:
-            await server.publish(desired_topic(A), b"bundle v2 for dev-a", qos=1, retain=True)
+            await server.publish(desired_topic(NS, A), b"bundle v2 for dev-a", qos=1, retain=True)
             async with client(fleet, A) as device, client(fleet, B) as other:
-                await device.subscribe(desired_topic(A), qos=1)
-                await other.subscribe(desired_topic(A), qos=1)
+                await device.subscribe(desired_topic(NS, A), qos=1)
+                await other.subscribe(desired_topic(NS, A), qos=1)
                 await other.subscribe("edgefleet/#", qos=1)
-                await server.publish(desired_topic(B), b"sentinel-b", qos=1)
+                await server.publish(desired_topic(NS, B), b"sentinel-b", qos=1)
                 return await receive_until(device, b"bundle v2 for dev-a"), await receive_until(
                     other, b"sentinel-b"
                 )
 
     to_device, to_other = asyncio.run(scenario())
-    assert to_device[-1].retain and str(to_device[-1].topic) == desired_topic(A)
-    assert {str(m.topic) for m in to_other} == {desired_topic(B)}
+    assert to_device[-1].retain and str(to_device[-1].topic) == desired_topic(NS, A)
+    assert {str(m.topic) for m in to_other} == {desired_topic(NS, B)}
 
 
 def test_a_will_under_another_prefix_is_not_delivered(fleet: Fleet) -> None:
@@ -246,10 +249,16 @@ def test_a_will_under_another_prefix_is_not_delivered(fleet: Fleet) -> None:
 
     async def scenario() -> list[aiomqtt.Message]:
         async with client(fleet, SERVER) as server:
-            presence = next(t for t in ingest_subscriptions(shared=True) if t.endswith("/presence"))
+            presence = next(
+                t for t in ingest_subscriptions(NS, shared=True) if t.endswith("/presence")
+            )
             await server.subscribe(presence, qos=1)
-            await asyncio.to_thread(die_with_will, device_topic(B, "presence"), b"forged offline")
-            await asyncio.to_thread(die_with_will, device_topic(A, "presence"), b"dev-a offline")
+            await asyncio.to_thread(
+                die_with_will, device_topic(NS, B, "presence"), b"forged offline"
+            )
+            await asyncio.to_thread(
+                die_with_will, device_topic(NS, A, "presence"), b"dev-a offline"
+            )
             return await receive_until(server, b"dev-a offline")
 
     received = asyncio.run(scenario())
@@ -283,6 +292,7 @@ def test_fleetctl_refuses_a_device_id_that_could_escape_its_prefix(
     secret = tmp_path / "password"
     secret.write_text("token\n")
     argv = ["broker", "config", "--out", str(tmp_path / "out"), "--server-user", SERVER]
+    argv += ["--namespace", NS]
     argv += ["--server-password-file", str(secret), f"--device={device_id}:{secret}"]
     code = fleetctl.main(argv)
     err = capsys.readouterr().err
@@ -290,3 +300,18 @@ def test_fleetctl_refuses_a_device_id_that_could_escape_its_prefix(
     assert err.startswith("fleetctl: device id") and device_id in err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out" / "passwd").exists()
+
+
+@pytest.mark.parametrize("namespace", ["a/b", "+", "#", "plant 7"])
+def test_fleetctl_refuses_a_namespace_that_is_not_one_topic_segment(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], namespace: str
+) -> None:
+    secret = tmp_path / "password"
+    secret.write_text("token\n")
+    argv = ["broker", "config", "--out", str(tmp_path / "out"), "--server-user", SERVER]
+    argv += ["--namespace", namespace, "--server-password-file", str(secret)]
+    code = fleetctl.main(argv)
+    err = capsys.readouterr().err
+    assert code == fleetctl.EXIT_FAILED
+    assert "not a valid MQTT namespace" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out" / "acl").exists()

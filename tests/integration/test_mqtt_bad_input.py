@@ -36,7 +36,7 @@ import pytest
 
 from fleet_server.mqtt.ingest import Dropped, classify
 from protocol.messages import DeviceEvent, Heartbeat, Presence, ReportedState
-from protocol.topics import MAX_PAYLOAD_BYTES, ROOT, device_topic
+from protocol.topics import MAX_PAYLOAD_BYTES, device_topic
 from tests.support.databases import postgres_database
 from tests.support.server_process import (
     DROPPED,
@@ -53,6 +53,8 @@ pytestmark = pytest.mark.integration
 SEED = 20240611
 EPOCH = 1_700_000_000  # device clocks of the run: a fixed day, so the bytes are the same
 HARDWARE = "rpi4-arm64"
+NS = "bad-input"  # the server's namespace, on a broker of the test's own
+ROOT = f"edgefleet/v1/{NS}/devices"
 CHANNELS = ("state", "events", "heartbeat", "presence")
 KIND_OF = {"state": "state", "events": "event", "heartbeat": "heartbeat", "presence": "presence"}
 # What the server subscribes to, written out independently of protocol.topics.
@@ -157,7 +159,7 @@ def corpus(rng: random.Random, fleet: Fleet) -> list[Sent]:
 
     def good_message(category: str, make_payload: Callable[[str], bytes], **kw: Any) -> Sent:
         channel = any_channel()
-        return Sent(good, device_topic(good, channel), make_payload(channel), category, **kw)
+        return Sent(good, device_topic(NS, good, channel), make_payload(channel), category, **kw)
 
     # Random bytes, and valid JSON cut short or with bytes overwritten.
     add(400, lambda: good_message("random-bytes", lambda _: rng.randbytes(rng.randint(0, 600))))
@@ -220,7 +222,7 @@ def corpus(rng: random.Random, fleet: Fleet) -> list[Sent]:
     out.extend(
         Sent(
             good,
-            device_topic(good, "events"),
+            device_topic(NS, good, "events"),
             long_string(""),
             "long-string",
             intended="invalid-payload",
@@ -251,7 +253,7 @@ def corpus(rng: random.Random, fleet: Fleet) -> list[Sent]:
         body = valid(rng, claimed, KIND_OF[channel])
         return Sent(
             sender,
-            device_topic(topic_owner, channel),
+            device_topic(NS, topic_owner, channel),
             dump(body),
             "spoofed",
             intended="spoofed-device-id",
@@ -265,7 +267,7 @@ def corpus(rng: random.Random, fleet: Fleet) -> list[Sent]:
         kind = rng.choice([k for k in KIND_OF.values() if k != KIND_OF[channel]])
         return Sent(
             good,
-            device_topic(good, channel),
+            device_topic(NS, good, channel),
             dump(valid(rng, good, kind)),
             "wrong-channel",
             intended="wrong-channel",
@@ -278,7 +280,7 @@ def corpus(rng: random.Random, fleet: Fleet) -> list[Sent]:
         channel, body = valid_on_own_channel(fleet.ghost)
         return Sent(
             fleet.ghost,
-            device_topic(fleet.ghost, channel),
+            device_topic(NS, fleet.ghost, channel),
             dump(body),
             "unknown-device",
             intended="unknown-device",
@@ -289,7 +291,7 @@ def corpus(rng: random.Random, fleet: Fleet) -> list[Sent]:
         100,
         lambda: Sent(
             fleet.ghost,
-            device_topic(fleet.ghost, any_channel()),
+            device_topic(NS, fleet.ghost, any_channel()),
             flipped("events"),
             "unknown-device-garbage",
         ),
@@ -317,6 +319,7 @@ def corpus(rng: random.Random, fleet: Fleet) -> list[Sent]:
         f"{ROOT}/{good}",
         f"{ROOT}/{good}/desired",
         "edgefleet/v1/other",
+        f"edgefleet/v1/other-fleet/devices/{good}/events",
         "edgefleet/v2/devices/x/events",
     ]
     add(
@@ -327,7 +330,9 @@ def corpus(rng: random.Random, fleet: Fleet) -> list[Sent]:
     # Good messages among the bad ones.
     def fine() -> Sent:
         channel, body = valid_on_own_channel(good)
-        return Sent(good, device_topic(good, channel), dump(body), "valid", intended=INGESTED_KEY)
+        return Sent(
+            good, device_topic(NS, good, channel), dump(body), "valid", intended=INGESTED_KEY
+        )
 
     add(300, fine)
 
@@ -354,22 +359,30 @@ def corpus(rng: random.Random, fleet: Fleet) -> list[Sent]:
         if choice == 0:  # a time no datetime holds (Python writes the Infinity literal)
             body = valid(rng, good, "event")
             body["at"] = rng.choice([math.inf, 1e308])
-            return Sent(good, device_topic(good, "events"), dump(body), "unstorable", hazard=True)
+            return Sent(
+                good, device_topic(NS, good, "events"), dump(body), "unstorable", hazard=True
+            )
         if choice == 1:  # a year past 9999
             body = valid(rng, good, "event")
             body["at"] = rng.uniform(3e11, 1e15)
-            return Sent(good, device_topic(good, "events"), dump(body), "unstorable", hazard=True)
+            return Sent(
+                good, device_topic(NS, good, "events"), dump(body), "unstorable", hazard=True
+            )
         if choice == 2:  # more than a BIGINT holds
             body = valid(rng, good, "state")
             body["installed_counter"] = 10 ** rng.randint(19, 40)
-            return Sent(good, device_topic(good, "state"), dump(body), "unstorable", hazard=True)
+            return Sent(
+                good, device_topic(NS, good, "state"), dump(body), "unstorable", hazard=True
+            )
         if choice == 3:  # NUL, which a PostgreSQL text column cannot hold
             body = valid(rng, good, "event")
             body["event"] = "before\u0000after"
-            return Sent(good, device_topic(good, "events"), dump(body), "unstorable", hazard=True)
+            return Sent(
+                good, device_topic(NS, good, "events"), dump(body), "unstorable", hazard=True
+            )
         body = valid(rng, good, "event")  # NaN inside free-form details: not JSON to PostgreSQL
         body["details"] = {"reading": math.nan}
-        return Sent(good, device_topic(good, "events"), dump(body), "unstorable", hazard=True)
+        return Sent(good, device_topic(NS, good, "events"), dump(body), "unstorable", hazard=True)
 
     add(40, unstorable)
 
@@ -385,7 +398,7 @@ def expected_count(message: Sent, fleet: Fleet) -> str | None:
     if message.hazard:
         return None
     try:
-        verdict = classify(message.topic, message.payload, MAX_PAYLOAD_BYTES)
+        verdict = classify(message.topic, message.payload, MAX_PAYLOAD_BYTES, namespace=NS)
     except Exception:
         return None  # the gate itself fails on it: a hazard found by the fuzzing
     if isinstance(verdict, Dropped):
@@ -414,6 +427,7 @@ def setup(tmp_path: Path) -> Iterator[Setup]:
             db_url=db,
             broker=broker.url,
             replica_id=f"bad-input-{suffix}",
+            namespace=NS,
             extra_args=["--verbose"],
         )
         try:
@@ -456,7 +470,7 @@ def test_thousands_of_bad_messages_are_each_counted_and_dropped_and_the_server_s
         for m in messages:
             senders[m.sender].publish(m.topic, m.payload)
         # A valid event sent last must still be stored: ingest goes on after all of that.
-        senders[fleet.good].publish(device_topic(fleet.good, "events"), dump(last))
+        senders[fleet.good].publish(device_topic(NS, fleet.good, "events"), dump(last))
         received += 1
         expected[INGESTED_KEY] += 1
         for client in senders.values():

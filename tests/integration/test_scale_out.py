@@ -1,7 +1,7 @@
 """Scale-out: two ``fleet-server`` processes on one PostgreSQL and one broker.
 
 The replicas split the MQTT ingest through the shared subscription
-``$share/edgefleet/...`` (Mosquitto hands each message to one member of the
+``$share/edgefleet-{namespace}/...`` (Mosquitto hands each message to one member of the
 group, round-robin) and both serve the REST API. Events are keyed by
 ``message_id``, so a message delivered twice is stored once.
 
@@ -80,7 +80,9 @@ class Cluster:
         return message_id, event.model_dump_json().encode()
 
     def publish(self, device_id: str, payload: bytes) -> None:
-        self.clients[device_id].publish(device_topic(device_id, "events"), payload)
+        self.clients[device_id].publish(
+            device_topic(self.a.namespace, device_id, "events"), payload
+        )
 
     def flush(self) -> None:
         for client in self.clients.values():
@@ -225,7 +227,7 @@ def test_what_is_published_after_a_replica_is_killed_all_lands_on_the_survivor(
         killed_at = time.monotonic()
         # The kernel closes B's socket as the process dies; the broker then drops its clean
         # session and with it B's membership of the share group.
-        b_client = f"edgefleet-server-{b.replica_id}"
+        b_client = f"edgefleet-{b.namespace}-{b.replica_id}"  # the ingest client
         wait_until(
             "the broker to notice that replica B is gone",
             lambda: any(

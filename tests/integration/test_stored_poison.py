@@ -91,8 +91,10 @@ def test_a_300_level_event_over_the_broker_is_dropped_and_counted(
             good = event(device, {"step": "after the hostile one"})
             client = DeviceClient(broker.url, device)
             try:
-                client.publish(device_topic(device, "events"), hostile)
-                client.publish(device_topic(device, "events"), json.dumps(good).encode())
+                client.publish(device_topic(server.namespace, device, "events"), hostile)
+                client.publish(
+                    device_topic(server.namespace, device, "events"), json.dumps(good).encode()
+                )
                 client.flush()
             finally:
                 client.close()

@@ -449,7 +449,8 @@ def _release_and_enrol(tmp: Path, server: ServerProcess, broker: str, count: int
             f'[credentials]\nusername = "{device_id}"\npassword_file = "{home / "password"}"\n'
             '[api]\nhost = "127.0.0.1"\nport = 0\n'
             "[update]\npoll_interval_s = 5\nhealth_period_s = 1.0\n"
-            "[mqtt]\nkeepalive_s = 5\nheartbeat_interval_s = 1.0\n"
+            f'[mqtt]\nnamespace = "{created["mqtt_namespace"]}"\n'
+            "keepalive_s = 5\nheartbeat_interval_s = 1.0\n"
             "reconnect_min_s = 0.2\nreconnect_max_s = 1.0\n"
             "[telemetry]\nwindow_max_seconds = 1.0\nack_timeout_s = 2.0\n"
         )

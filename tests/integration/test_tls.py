@@ -30,6 +30,7 @@ from protocol.topics import device_topic, ingest_subscriptions
 from tests.support.certs import Certificates, make_certificates
 from tests.support.mosquitto import free_port, running_mosquitto
 
+NS = "plant-7"
 pytestmark = pytest.mark.integration
 
 T = TypeVar("T")
@@ -49,6 +50,7 @@ def tls_port(certs: Certificates, tmp_path_factory: pytest.TempPathFactory) -> I
     """The TLS port of a Mosquitto configured by ``fleetctl broker config --tls-...``."""
     tmp = tmp_path_factory.mktemp("tls-broker")
     argv = ["broker", "config", "--out", str(tmp / "mosquitto"), "--server-user", SERVER]
+    argv += ["--namespace", NS]
     for user, password in PASSWORDS.items():
         (tmp / user).write_text(password)
     argv += ["--server-password-file", str(tmp / SERVER), "--device", f"{DEVICE}:{tmp / DEVICE}"]
@@ -83,14 +85,14 @@ def test_mqtt_over_tls_works_for_clients_trusting_the_fleet_ca(
             mqtt(tls_port, SERVER, context) as server,
             mqtt(tls_port, DEVICE, context) as device,
         ):
-            for topic in ingest_subscriptions(shared=True):
+            for topic in ingest_subscriptions(NS, shared=True):
                 await server.subscribe(topic, qos=1)
-            await device.publish(device_topic(DEVICE, "state"), b"over tls", qos=1)
+            await device.publish(device_topic(NS, DEVICE, "state"), b"over tls", qos=1)
             async with asyncio.timeout(5):
                 return await anext(aiter(server.messages))
 
     message = asyncio.run(scenario())
-    assert (str(message.topic), message.payload) == (device_topic(DEVICE, "state"), b"over tls")
+    assert (str(message.topic), message.payload) == (device_topic(NS, DEVICE, "state"), b"over tls")
 
 
 def test_mqtt_client_trusting_another_ca_is_refused(certs: Certificates, tls_port: int) -> None:
@@ -217,6 +219,7 @@ def test_fleetctl_wants_all_three_tls_files(
 ) -> None:
     (tmp_path / "server").write_text("token")
     argv = ["broker", "config", "--out", str(tmp_path / "out"), "--server-user", SERVER]
+    argv += ["--namespace", NS]
     argv += ["--server-password-file", str(tmp_path / "server")]
     code = fleetctl.main([*argv, "--tls-cert", str(certs.server_cert)])
     assert code == fleetctl.EXIT_FAILED

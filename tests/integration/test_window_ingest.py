@@ -31,7 +31,7 @@ from fleet_server.db.models import WindowRow
 from protocol.histogram import ExponentialHistogram, record
 from protocol.messages import WindowAck
 from protocol.summary import edges_id, quantile_edges, summarize
-from protocol.topics import MAX_WINDOW_BYTES, ROOT, acks_topic, windows_topic
+from protocol.topics import MAX_WINDOW_BYTES, acks_topic, devices_root, windows_topic
 from protocol.window import WindowSummary, decode_window, encode_window
 from tests.support.databases import DATABASES, database_url
 from tests.support.server_process import (
@@ -106,13 +106,16 @@ def setup(
 class AckListener:
     """A client that records every ack the server publishes on the broker."""
 
-    def __init__(self, broker: str) -> None:
+    def __init__(self, broker: str, namespace: str) -> None:
         host, _, port = broker.removeprefix("mqtt://").partition(":")
+        self.namespace = namespace
         self.acks: list[tuple[str, WindowAck]] = []
         self._lock = threading.Lock()
         subscribed = threading.Event()
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"acks-{uuid.uuid4().hex}")
-        self.client.on_connect = lambda c, *_: c.subscribe(f"{ROOT}/+/acks", qos=1)
+        self.client.on_connect = lambda c, *_: c.subscribe(
+            f"{devices_root(namespace)}/+/acks", qos=1
+        )
         self.client.on_subscribe = lambda *_: subscribed.set()
         self.client.on_message = self._on_message
         self.client.connect(host, int(port), keepalive=30)
@@ -133,7 +136,7 @@ class AckListener:
             return [
                 i
                 for topic, ack in self.acks
-                if topic == acks_topic(device_id)
+                if topic == acks_topic(self.namespace, device_id)
                 for i in ack.window_ids
             ]
 
@@ -144,7 +147,7 @@ class AckListener:
 
 @pytest.fixture
 def acks(setup: Setup) -> Iterator[AckListener]:
-    listener = AckListener(setup.broker)
+    listener = AckListener(setup.broker, setup.server.namespace)
     try:
         yield listener
     finally:
@@ -172,12 +175,12 @@ def window(
 
 
 def publish(
-    broker: str, device_id: str, payloads: list[bytes], topic_of: str | None = None
+    setup: Setup, device_id: str, payloads: list[bytes], topic_of: str | None = None
 ) -> None:
-    client = DeviceClient(broker, device_id)
+    client = DeviceClient(setup.broker, device_id)
     try:
         for payload in payloads:
-            client.publish(windows_topic(topic_of or device_id), payload)
+            client.publish(windows_topic(setup.server.namespace, topic_of or device_id), payload)
         client.flush()
     finally:
         client.close()
@@ -199,7 +202,7 @@ def test_stored_windows_are_acked_with_exactly_their_ids(setup: Setup, acks: Ack
     encoded = {w.window_id: encode_window(w) for w in windows}
     ingested = setup.ingested_windows()
 
-    publish(setup.broker, device, list(encoded.values()))
+    publish(setup, device, list(encoded.values()))
 
     wait_until("acks for all three windows", lambda: set(acks.acked(device)) == set(encoded))
     time.sleep(QUIET_S)
@@ -231,9 +234,9 @@ def test_a_resent_window_is_stored_once_and_acked_again(setup: Setup, acks: AckL
     w = window(device, np.random.default_rng(2))
     payload = encode_window(w)
 
-    publish(setup.broker, device, [payload])
+    publish(setup, device, [payload])
     wait_until("the first ack", lambda: acks.acked(device) == [w.window_id])
-    publish(setup.broker, device, [payload])
+    publish(setup, device, [payload])
     wait_until("the second ack", lambda: acks.acked(device) == [w.window_id, w.window_id])
 
     assert [r.window_id for r in setup.stored(device)] == [w.window_id]
@@ -250,7 +253,7 @@ def test_garbage_on_the_windows_topic_is_dropped_and_counted(
     before = setup.dropped()
 
     publish(
-        setup.broker,
+        setup,
         device,
         [
             b"not a window",
@@ -276,7 +279,7 @@ def test_a_window_naming_another_device_is_dropped_as_spoofed(
     honest = window(device, rng)
     before = setup.dropped()
 
-    publish(setup.broker, device, [encode_window(forged), encode_window(honest)])
+    publish(setup, device, [encode_window(forged), encode_window(honest)])
 
     wait_until("the honest window's ack", lambda: acks.acked(device) == [honest.window_id])
     time.sleep(QUIET_S)
@@ -292,7 +295,7 @@ def test_windows_of_an_unregistered_device_are_dropped_and_not_acked(
     ghost = f"win-{secrets.token_hex(3)}-ghost"
     before = setup.dropped()
 
-    publish(setup.broker, ghost, [encode_window(window(ghost, np.random.default_rng(5)))])
+    publish(setup, ghost, [encode_window(window(ghost, np.random.default_rng(5)))])
 
     wait_until(
         "the window to be dropped",

@@ -5,10 +5,11 @@ folder and port; it is ready once ``/healthz`` answers and its MQTT link has
 subscribed (the "MQTT connected; ingesting" line in its log). Tests read its
 REST API and its Prometheus counters over HTTP, and may SIGKILL it.
 
-:func:`private_broker` runs a Mosquitto of the test's own on a free port. The
-machine's shared broker cannot be used where messages are counted: every
-fleet server on it joins the same ``$share/edgefleet/`` group, so a server
-started by any other test or demo would take a share of ours.
+:func:`private_broker` runs a Mosquitto of the test's own on a free port, for
+tests that restart, fill or count the broker itself. Every deployment has its
+own topic namespace (by default derived from its database, see
+:attr:`ServerProcess.namespace`), so servers of other tests or demos on the
+same broker never see our devices' messages.
 
 :class:`DeviceClient` is a plain paho client that publishes as a device.
 """
@@ -33,6 +34,7 @@ import urllib3
 from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client.parser import text_string_to_metric_families
 
+from fleet_server.config import ServerConfig
 from tests.support.mosquitto import Mosquitto, free_port, running_mosquitto
 
 # The servers are the fan-in of every device's messages. Past Mosquitto's default of 1000
@@ -86,13 +88,19 @@ class ServerProcess:
         self,
         workdir: Path,
         *,
-        db_url: str,
+        db_url: str | None,
         broker: str,
         replica_id: str,
+        namespace: str | None = None,
         extra_args: Sequence[str] = (),
     ) -> None:
         self.replica_id = replica_id
         self.data = workdir / replica_id
+        # What the server itself derives when no --mqtt-namespace is given.
+        default_db = f"sqlite:///{self.data.resolve() / 'fleet.db'}"  # fleet-server's default
+        self.namespace = (
+            namespace or ServerConfig(data_dir=self.data, db_url=db_url or default_db).namespace
+        )
         self.log_path = workdir / f"{replica_id}.log"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -102,14 +110,14 @@ class ServerProcess:
             "fleet_server.cli",
             "--data",
             str(self.data),
-            "--db",
-            db_url,
+            *(("--db", db_url) if db_url else ()),
             "--mqtt",
             broker,
             "--http",
             f"127.0.0.1:{self.port}",
             "--replica-id",
             replica_id,
+            *(("--mqtt-namespace", namespace) if namespace else ()),
             *extra_args,
         ]
         self.http = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(5, 30))

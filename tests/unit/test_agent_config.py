@@ -108,3 +108,46 @@ def test_the_agent_bounds_its_summaries_as_configured(
     assert daemon.recorder is not None and daemon.outbox is not None
     daemon.outbox.close()
     assert daemon.recorder.policy.max_overhead == max_overhead
+
+
+BROKER = '[server]\nbroker = "mqtt://127.0.0.1:1883"\n'
+
+
+def test_the_namespace_comes_from_the_file(tmp_path: Path) -> None:
+    config = AgentConfig.load(write(tmp_path, GOOD + BROKER + '[mqtt]\nnamespace = "plant-7"\n'))
+    assert config.mqtt.namespace == "plant-7"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (GOOD + BROKER, "mqtt.namespace: required with server.broker"),
+        (GOOD + BROKER + '[mqtt]\nnamespace = "a/b"\n', "mqtt.namespace: Value error, must be"),
+        (GOOD + BROKER + '[mqtt]\nnamespace = "#"\n', "mqtt.namespace: Value error, must be"),
+        (GOOD + BROKER + '[mqtt]\nnamespace = ""\n', "mqtt.namespace: Value error, must be"),
+    ],
+)
+def test_a_missing_or_unsafe_namespace_is_refused(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=r"agent\.toml: ") as refused:
+        AgentConfig.load(write(tmp_path, text))
+    assert message in str(refused.value)
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("broker", "message"),
+    [
+        ("127.0.0.1:18883", "has no scheme"),
+        ("localhost:1883", "has no scheme"),
+        ("tcp://127.0.0.1:1883", "unknown scheme 'tcp'"),
+        ("mqtt://127.0.0.1:port", "the port must be a number"),
+        ("mqtt://127.0.0.1:0", "the port must be a number"),
+    ],
+)
+def test_a_broker_url_without_a_known_scheme_is_refused(
+    tmp_path: Path, broker: str, message: str
+) -> None:
+    text = GOOD + f'[server]\nbroker = "{broker}"\n[mqtt]\nnamespace = "plant-7"\n'
+    with pytest.raises(ConfigError, match=r"server\.broker: ") as refused:
+        AgentConfig.load(write(tmp_path, text))
+    assert message in str(refused.value)

@@ -20,6 +20,7 @@ from protocol.messages import (
 from protocol.topics import MAX_PAYLOAD_BYTES, device_topic
 
 DEVICE = "pump-1"
+NS = "bounds-test"
 
 
 def nested(depth: int) -> dict[str, Any]:
@@ -58,7 +59,7 @@ def heartbeat(served: dict[str, int]) -> bytes:
 
 
 def gate(channel: Literal["events", "heartbeat"], payload: bytes) -> Accepted | Dropped:
-    return classify(device_topic(DEVICE, channel), payload, MAX_PAYLOAD_BYTES)
+    return classify(device_topic(NS, DEVICE, channel), payload, MAX_PAYLOAD_BYTES, namespace=NS)
 
 
 def test_an_event_nesting_300_levels_is_dropped_as_too_deep() -> None:
@@ -100,7 +101,7 @@ def test_oversized_details_are_dropped_naming_the_bound(details: Any, says: str)
 def test_the_byte_bound_holds_where_a_server_allows_larger_messages() -> None:
     details = {f"k{i}": "é" * 1900 for i in range(20)}  # 76 KB in UTF-8
     payload = event(details).replace(b"\\u00e9", "é".encode())
-    verdict = classify(device_topic(DEVICE, "events"), payload, 1 << 20)
+    verdict = classify(device_topic(NS, DEVICE, "events"), payload, 1 << 20, namespace=NS)
     assert isinstance(verdict, Dropped) and verdict.reason == "field-too-large", verdict
     assert f"more than {FREEFORM_MAX_BYTES}" in verdict.detail
     assert isinstance(gate("events", payload), Dropped)  # over the default message limit too

@@ -8,7 +8,8 @@ import pytest
 
 from fleet_server.mqtt.ingest import Accepted, Dropped, classify
 
-TOPIC = "edgefleet/v1/devices/pump-1"
+NS = "fleet-test"
+TOPIC = f"edgefleet/v1/{NS}/devices/pump-1"
 
 
 def event(**changes: object) -> bytes:
@@ -25,15 +26,17 @@ def event(**changes: object) -> bytes:
 
 
 def test_a_good_event_is_accepted() -> None:
-    verdict = classify(f"{TOPIC}/events", event(), 65536)
+    verdict = classify(f"{TOPIC}/events", event(), 65536, namespace=NS)
     assert isinstance(verdict, Accepted) and verdict.device_id == "pump-1"
 
 
 @pytest.mark.parametrize(
     ("topic", "payload", "reason"),
     [
-        ("edgefleet/v1/devices/pump-1/secrets", event(), "bad-topic"),
-        ("edgefleet/v1/devices/+/events", event(), "bad-topic"),
+        (f"{TOPIC}/secrets", event(), "bad-topic"),
+        (f"edgefleet/v1/{NS}/devices/+/events", event(), "bad-topic"),
+        ("edgefleet/v1/devices/pump-1/events", event(), "bad-topic"),
+        ("edgefleet/v1/other-fleet/devices/pump-1/events", event(), "bad-topic"),
         ("other/topic", event(), "bad-topic"),
         (f"{TOPIC}/events", b"x" * 70000, "oversized"),
         (f"{TOPIC}/events", b"{not json", "malformed-json"),
@@ -48,5 +51,5 @@ def test_a_good_event_is_accepted() -> None:
     ],
 )
 def test_bad_messages_are_dropped_with_a_reason(topic: str, payload: bytes, reason: str) -> None:
-    verdict = classify(topic, payload, 65536)
+    verdict = classify(topic, payload, 65536, namespace=NS)
     assert isinstance(verdict, Dropped) and verdict.reason == reason, verdict

@@ -50,12 +50,12 @@ RANGES_16 = [(f.valid_min, f.valid_max) for f in FEATURES]
 DAILY_BUDGET = 2_000_000
 WINDOWS_PER_DAY = 1440
 # Bytes on the wire per window beyond the payload: an MQTT 3.1.1 QoS 1 PUBLISH
-# (fixed header and remaining length 3, topic length 2, a 40-character topic
-# such as "edgefleet/v1/devices/pump-0042/windows", packet id 2 = 47), a TLS 1.3
-# record (header 5, content type 1, AEAD tag 16 = 22) and TCP/IPv4 headers with
-# timestamps (52): 121, rounded up. Keep-alives and the PUBACK coming back are
-# not the window's.
-WIRE_OVERHEAD = 128
+# (fixed header and remaining length 3, topic length 2, a 57-character topic such
+# as "edgefleet/v1/fleet-3c5a0e9d21b7/devices/pump-0042/windows" in a default
+# namespace, packet id 2 = 64), a TLS 1.3 record (header 5, content type 1, AEAD
+# tag 16 = 22) and TCP/IPv4 headers with timestamps (52): 138, rounded up.
+# Keep-alives and the PUBACK coming back are not the window's.
+WIRE_OVERHEAD = 144
 
 
 def _v2_scores(X: np.ndarray) -> np.ndarray:
