@@ -43,6 +43,20 @@ def load_json(raw: str | bytes | None) -> Loaded:
         return Loaded(None, f"is not JSON ({type(exc).__name__}: {str(exc)[:120]})")
 
 
+class Unreadable(str):
+    """A stored JSON column the database layer could not parse; the text says why.
+
+    The engine's JSON reader (:func:`load_column`) hands these to the ORM in
+    place of raising, so one bad row never fails a whole query.
+    """
+
+
+def load_column(text: str | bytes) -> Any:
+    """The engine's JSON deserializer: the parsed value, or :class:`Unreadable`."""
+    loaded = load_json(text)
+    return Unreadable(loaded.problem) if loaded.problem is not None else loaded.value
+
+
 @dataclass(frozen=True)
 class Shown:
     """What a reader shows of a stored JSON object: ``value``, or ``{}`` and ``omitted``."""
@@ -65,6 +79,8 @@ def show_object(raw: str | bytes | None, bounds: FreeformBounds, what: str) -> S
 def show_value(value: Any, bounds: FreeformBounds, what: str, size: int | None = None) -> Shown:
     """Like :func:`show_object`, for a value already parsed (``size``: its stored length)."""
     stored = f" ({size} bytes stored)" if size is not None else ""
+    if isinstance(value, Unreadable):
+        return Shown({}, f"{what} not shown: what is stored {value}")
     if value is None:
         return Shown({})
     if not isinstance(value, dict):

@@ -17,6 +17,8 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from fleet_server.stored_json import load_column
+
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 
@@ -34,7 +36,9 @@ class Database:
 
     def __init__(self, url: str) -> None:
         self.url = normalise_url(url)
-        kwargs: dict[str, Any] = {}
+        # A stored JSON value no parser takes (nesting past the recursion limit, say)
+        # comes back marked, not raised, so the rows beside it stay readable.
+        kwargs: dict[str, Any] = {"json_deserializer": load_column}
         if self.url.startswith("sqlite"):
             kwargs["connect_args"] = {"timeout": 30}
         else:

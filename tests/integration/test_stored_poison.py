@@ -177,6 +177,11 @@ async def _insert(api: ServerThread, kind: str, device: str) -> None:
             text(f"UPDATE devices SET reported = {cast} WHERE id = :d"),
             {"d": device, "details": json.dumps(nested(300))},
         )
+        # Deeper than Python's JSON parser goes: the ORM itself reads this column.
+        await session.execute(
+            text(f"UPDATE devices SET reported = {cast} WHERE id = :d"),
+            {"d": f"{device}-deeper", "details": deep_text(3000)},
+        )
 
 
 @pytest.fixture(scope="module", params=DATABASES)
@@ -188,13 +193,14 @@ def stored(
         api = ServerThread(tmp / "server", url)
         try:
             device = "poisoned-1"
-            r = api.request(
-                "POST",
-                "/api/v1/devices",
-                token=api.admin_token,
-                json={"device_id": device, "hardware_id": HARDWARE},
-            )
-            assert r.status == 201, r.data
+            for device_id in (device, f"{device}-deeper"):
+                r = api.request(
+                    "POST",
+                    "/api/v1/devices",
+                    token=api.admin_token,
+                    json={"device_id": device_id, "hardware_id": HARDWARE},
+                )
+                assert r.status == 201, r.data
             api.call(_insert(api, request.param, device))
             yield Stored(api, request.param, device)
         finally:
@@ -221,8 +227,13 @@ def test_the_device_answers_with_a_note_in_place_of_a_poisoned_report(stored: St
     assert status == 200, device
     assert device["reported"] is None
     assert "deeper than" in device["reported_omitted"]
+    status, deeper = stored.get(f"/devices/{stored.device}-deeper")
+    assert status == 200, deeper
+    assert deeper["reported"] is None
+    assert "deeper than the JSON parser goes" in deeper["reported_omitted"]
     status, listed = stored.get("/devices")
-    assert status == 200 and stored.device in {d["id"] for d in listed["devices"]}
+    assert status == 200, listed
+    assert {stored.device, f"{stored.device}-deeper"} <= {d["id"] for d in listed["devices"]}
 
 
 def test_fleetctl_devices_events_shows_the_notes(
