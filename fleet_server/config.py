@@ -40,7 +40,10 @@ class ServerConfig(BaseModel):
         default=3600,
         ge=0,
         le=2**32 - 1,
-        description="how long the broker keeps a dead replica's session and its messages",
+        description=(
+            "how long the broker keeps a dead replica's session and its messages "
+            "(only with a replica id given: a derived one changes every start)"
+        ),
     )
     drift_interval_s: float = Field(default=60.0, gt=0, description="how often alerts are updated")
     drift_range_s: float = Field(default=3600.0, gt=0, description="trailing windows tested")

@@ -10,7 +10,9 @@ committed (messages the gate drops are acknowledged at once: there is nothing
 to store), and the session is persistent (MQTT 5, clean start off, a session
 expiry of ``mqtt_session_expiry_s``), so what a SIGKILLed replica held
 unacknowledged, and what the broker queued for it while it was down, is
-delivered again when it reconnects with the same replica id. Mosquitto drops
+delivered again when it reconnects with the same replica id. That needs a
+replica id that survives restarts (``--replica-id``, e.g. the StatefulSet pod
+or systemd instance name); a replica without one keeps no session. Mosquitto drops
 what it queued for a shared-subscription member whose clean session died
 (eclipse/mosquitto#2662); a persistent session is what keeps it. The broker
 sends at most ``mqtt_receive_maximum`` unacknowledged messages (MQTT 5 Receive
@@ -135,14 +137,30 @@ class ServerMqtt:
     def _ingest_topics(self) -> list[str]:
         return list(ingest_subscriptions(self.config.shared_subscription))
 
+    @property
+    def session_expiry_s(self) -> int:
+        """How long the broker keeps this replica's session after it goes; 0: not at all.
+
+        Only a replica id given in the configuration is stable across restarts.
+        A session under a derived one (host and process id) is never resumed,
+        and Mosquitto would go on handing it a share of the group's messages
+        until it expired, so such a replica's session ends with its connection.
+        """
+        if "replica_id" not in self.config.model_fields_set:
+            return 0
+        return self.config.mqtt_session_expiry_s
+
     def _new_client(self) -> aiomqtt.Client:
-        """A client with a persistent session whose QoS 1 messages this code acknowledges."""
+        """A client with the session of :attr:`session_expiry_s`, acknowledging by hand."""
         args = self._client_args()
         if self._mqtt311:
-            client = aiomqtt.Client(**args, clean_session=False)  # type: ignore[arg-type]
+            client = aiomqtt.Client(
+                **args,  # type: ignore[arg-type]
+                clean_session=self.session_expiry_s == 0,
+            )
         else:
             properties = Properties(PacketTypes.CONNECT)
-            properties.SessionExpiryInterval = self.config.mqtt_session_expiry_s
+            properties.SessionExpiryInterval = self.session_expiry_s
             properties.ReceiveMaximum = self.config.mqtt_receive_maximum
             client = aiomqtt.Client(
                 **args,  # type: ignore[arg-type]
@@ -156,6 +174,12 @@ class ServerMqtt:
         return client
 
     async def _connection(self, stop: asyncio.Event) -> None:
+        if self.session_expiry_s == 0:
+            log.warning(
+                "MQTT session not persistent (no --replica-id, or a session expiry of 0): "
+                "device messages this replica holds when it dies are lost; give each replica "
+                "an id that stays the same across its restarts"
+            )
         delay = 0.5
         while not stop.is_set():
             client = self._new_client()
