@@ -323,6 +323,64 @@ def test_a_replica_killed_mid_ingest_and_restarted_loses_nothing_and_stores_noth
     assert all(rows[d][1] for d in heartbeat_ids), "a heartbeat was lost"
 
 
+def test_a_replica_stopped_cleanly_leaves_nothing_behind_at_the_broker(cluster: Cluster) -> None:
+    """Scale-down: B is stopped (SIGTERM) mid-stream and never returns; nothing waits for it.
+
+    B's session is persistent, so without leaving the share group first the
+    broker would keep queuing B's share for it. B unsubscribes, stores and
+    acknowledges what it holds, and the stream goes on to A alone.
+    """
+    a, b = cluster.a, cluster.b
+    events: list[str] = []
+    started, stop = threading.Event(), threading.Event()
+    failure: list[BaseException] = []
+
+    def stream() -> None:
+        try:
+            while not stop.is_set():
+                for device_id in cluster.device_ids:
+                    message_id, payload = cluster.event(device_id)
+                    events.append(message_id)
+                    cluster.publish(device_id, payload)
+                if len(events) >= 500:
+                    started.set()
+                time.sleep(0.03)
+        except BaseException as exc:
+            failure.append(exc)
+            started.set()
+
+    publisher = threading.Thread(target=stream, daemon=True)
+    publisher.start()
+    try:
+        assert started.wait(30), "the stream did not start"
+        wait_until(
+            "replica B to store part of the stream",
+            lambda: b.replica_id in {replica for _, replica in cluster.stored()},
+        )
+        b.stop()
+        assert b.returncode == 0, b.log_tail()
+        stopped_at = len(events)
+        time.sleep(2.0)  # the stream goes on without B
+    finally:
+        stop.set()
+        publisher.join(10)
+    assert not failure, failure
+    cluster.flush()
+    assert len(events) - stopped_at >= 300, "too short a stream after the stop to show anything"
+
+    sent = set(events)
+    wait_until(
+        f"all {len(sent)} events to be stored",
+        lambda: {m for m, _ in cluster.stored()} >= sent,
+        timeout=60,
+    )
+    stored = cluster.stored()
+    ids = Counter(message_id for message_id, _ in stored)
+    assert set(ids) == sent and max(ids.values()) == 1
+    assert {r for m, r in stored if int(m.rpartition("-")[2]) > stopped_at} == {a.replica_id}
+    assert "not yet stored" not in b.log()
+
+
 async def _device_rows(db_url: str, device_ids: list[str]) -> dict[str, tuple[str | None, bool]]:
     """Per device: the message id of its stored reported state, and whether it is online."""
     connection = await asyncpg.connect(db_url)
