@@ -195,8 +195,8 @@ class ServerMqtt:
                     delay = 0.5
                     if self._mqtt311:
                         log.warning(
-                            "the broker speaks MQTT 3.1.1 only: the session is persistent, and "
-                            "the broker's own in-flight limit bounds what is unacknowledged"
+                            "the broker speaks MQTT 3.1.1 only: its own in-flight limit bounds "
+                            "what is unacknowledged, and a persistent session never expires there"
                         )
                     log.info("MQTT connected; ingesting")
                     await self._republish(client)
@@ -247,9 +247,11 @@ class ServerMqtt:
             await asyncio.sleep(0.05)
         if self._unsettled:
             log.warning(
-                "stopping with %d device message(s) not yet stored; the broker delivers "
-                "them again when this replica returns",
+                "stopping with %d device message(s) not yet stored; %s",
                 self._unsettled,
+                "the broker delivers them again when this replica returns"
+                if self.session_expiry_s
+                else "they are lost (no persistent session)",
             )
 
     async def _read(self, client: aiomqtt.Client) -> None:
