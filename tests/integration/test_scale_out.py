@@ -211,7 +211,8 @@ def test_a_replica_killed_mid_ingest_and_restarted_loses_nothing_and_stores_noth
     when it returns. Events are counted exactly (one row per message id);
     each device's stored state must be the newest it sent (an older state
     delivered late must not replace it); each of the heartbeat-only devices
-    sends exactly one heartbeat, so it is online only if that one was stored.
+    sends exactly one heartbeat and nothing else, so it has been seen only if
+    that one was stored.
     """
     a, b = cluster.a, cluster.b
     heartbeat_ids = [f"{cluster.device_ids[0][:-3]}-hb{i:03d}" for i in range(HEARTBEAT_DEVICES)]
@@ -303,14 +304,14 @@ def test_a_replica_killed_mid_ingest_and_restarted_loses_nothing_and_stores_noth
         timeout=90,
     )
 
-    def states_and_presence() -> dict[str, tuple[str | None, bool]] | None:
+    def states_and_beats() -> dict[str, tuple[str | None, bool]] | None:
         rows = asyncio.run(_device_rows(cluster.db_url, [*cluster.device_ids, *heartbeat_ids]))
         done = all(rows[d][0] == m for d, m in newest_state.items()) and all(
             rows[d][1] for d in heartbeat_ids
         )
         return rows if done else None
 
-    rows = wait_until("every newest state and every heartbeat to be stored", states_and_presence)
+    rows = wait_until("every newest state and every heartbeat to be stored", states_and_beats)
     time.sleep(1.0)  # anything still to come (nothing should be) has had time to arrive
     stored = cluster.stored()
     ids = Counter(message_id for message_id, _ in stored)
@@ -382,11 +383,12 @@ def test_a_replica_stopped_cleanly_leaves_nothing_behind_at_the_broker(cluster: 
 
 
 async def _device_rows(db_url: str, device_ids: list[str]) -> dict[str, tuple[str | None, bool]]:
-    """Per device: the message id of its stored reported state, and whether it is online."""
+    """Per device: the message id of its stored reported state, and whether it was seen."""
     connection = await asyncpg.connect(db_url)
     try:
         rows = await connection.fetch(
-            "SELECT id, reported, online FROM devices WHERE id = ANY($1::text[])", device_ids
+            "SELECT id, reported, last_seen_at FROM devices WHERE id = ANY($1::text[])",
+            device_ids,
         )
     finally:
         await connection.close()
@@ -395,7 +397,8 @@ async def _device_rows(db_url: str, device_ids: list[str]) -> dict[str, tuple[st
         reported = row["reported"]
         if isinstance(reported, str):
             reported = json.loads(reported)
-        out[row["id"]] = (reported.get("message_id") if reported else None, row["online"])
+        seen = row["last_seen_at"] is not None
+        out[row["id"]] = (reported.get("message_id") if reported else None, seen)
     return out
 
 
