@@ -44,6 +44,21 @@ class ServerConfig(BaseModel):
     ingest_batch_size: int = Field(default=500, ge=1)
     ingest_batch_delay_s: float = Field(default=0.05, ge=0)
     max_message_bytes: int = Field(default=64 * 1024, ge=256)
+    mqtt_receive_maximum: int = Field(
+        default=1000,
+        ge=1,
+        le=65535,
+        description="device messages the broker may hand over unacknowledged; it holds the rest",
+    )
+    mqtt_session_expiry_s: int = Field(
+        default=3600,
+        ge=0,
+        le=2**32 - 1,
+        description=(
+            "how long the broker keeps a dead replica's session and its messages "
+            "(only with a replica id given: a derived one changes every start)"
+        ),
+    )
     drift_interval_s: float = Field(default=60.0, gt=0, description="how often alerts are updated")
     drift_range_s: float = Field(default=3600.0, gt=0, description="trailing windows tested")
     accuracy_max_drop: float = Field(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 # Director timestamps live a day; re-sign those expiring within 12 hours, hourly.
 DIRECTOR_REFRESH_WITHIN = timedelta(hours=12)
 DIRECTOR_REFRESH_EVERY_S = 3600.0
+# Assignments committed but not signed (a signing failed) are tried again this often.
+DIRECTOR_RETRY_EVERY_S = 30.0
 
 
 def _director_keys(directory: Path) -> KeyStore:
@@ -145,24 +148,50 @@ class FleetServer:
                 await asyncio.wait_for(stop.wait(), 5.0)
 
     async def _director_refresher(self, stop: asyncio.Event) -> None:
-        """Keep every device's director timestamp fresh (it expires after a day).
+        """Keep every device's director metadata in line with the database, fresh and small.
 
-        Several replicas may do this at once: each re-signing is atomic and the
-        result equivalent, so it costs a little work and breaks nothing.
+        At start and hourly: sign what was committed but not signed (the
+        process died between an assignment's commit and its signing; a signing
+        that failed while the server ran is retried every 30 s), re-sign
+        timestamps that expire within 12 hours (they live a day), and prune
+        metadata versions no device can still need. Several replicas may do
+        this at once: each signing is atomic, never goes below the signed
+        version, and the result is equivalent, so it costs a little work and
+        breaks nothing.
         """
+        next_full = 0.0
         while not stop.is_set():
-            try:
-                count = await asyncio.to_thread(
-                    self.director.director.refresh_expiring,
-                    self.director.keys,
-                    DIRECTOR_REFRESH_WITHIN,
-                )
-                if count:
-                    log.info("re-signed %d director timestamps", count)
-            except Exception:
-                log.exception("re-signing director timestamps failed")
+            if time.monotonic() >= next_full:
+                next_full = time.monotonic() + DIRECTOR_REFRESH_EVERY_S
+                await self._director_maintenance()
+            elif self.director.unsigned:
+                try:
+                    await self.director.sync(self.db, sorted(self.director.unsigned))
+                except Exception:
+                    log.exception("signing committed assignments failed")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), DIRECTOR_REFRESH_EVERY_S)
+                await asyncio.wait_for(stop.wait(), DIRECTOR_RETRY_EVERY_S)
+
+    async def _director_maintenance(self) -> None:
+        try:
+            signed = await self.director.sync(self.db)
+            if signed:
+                log.info("signed %d committed assignments the director lacked", signed)
+        except Exception:
+            log.exception("bringing the director in line with the database failed")
+        try:
+            count = await asyncio.to_thread(
+                self.director.director.refresh_expiring,
+                self.director.keys,
+                DIRECTOR_REFRESH_WITHIN,
+            )
+            if count:
+                log.info("re-signed %d director timestamps", count)
+            pruned = await asyncio.to_thread(self.director.director.prune_all)
+            if pruned:
+                log.info("pruned %d superseded director metadata files", pruned)
+        except Exception:
+            log.exception("re-signing or pruning director metadata failed")
 
 
 def prepare(config: ServerConfig) -> None:

@@ -397,14 +397,15 @@ async def create_assignment(request: web.Request) -> web.StreamResponse:
     server = request.app[SERVER]
     async with server.db.session() as session:
         release = await find_release(session, b.release)
-        results = await server.director.assign(
-            session,
-            target_path=release.target_path,
-            actor=request[PRINCIPAL].actor,
-            device_ids=list(dict.fromkeys(b.devices)),
-            tag=b.tag,
-        )
         view = release_view(release)
+    # Its own transaction, committed before anything is signed.
+    results = await server.director.assign(
+        server.db,
+        target_path=release.target_path,
+        actor=request[PRINCIPAL].actor,
+        device_ids=list(dict.fromkeys(b.devices)),
+        tag=b.tag,
+    )
     try:
         await server.director.announce(release, results)
     except Exception:

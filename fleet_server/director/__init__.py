@@ -1,5 +1,5 @@
 """The director: per-device signed metadata saying which bundle each device runs (Uptane)."""
 
-from fleet_server.director.repository import Assignment, DirectorRepository
+from fleet_server.director.repository import Assignment, DirectorRepository, Signed
 
-__all__ = ["Assignment", "DirectorRepository"]
+__all__ = ["Assignment", "DirectorRepository", "Signed"]

@@ -13,7 +13,19 @@ Layout::
     DIR/devices/DEVICE_ID/metadata/...            each device's TUF repository
 
 Each assignment is a new targets version, so an older assignment replayed to
-a device is refused by ordinary TUF rollback checks.
+a device is refused by ordinary TUF rollback checks. The version is chosen by
+the caller (the database records it first; see :mod:`fleet_server.assignments`),
+and signing a version that is not newer than the signed one does nothing, so
+signing the same committed assignment twice, or an older one after a newer, is
+harmless.
+
+What is kept: a device only ever fetches ``timestamp.json``, the snapshot
+version it names, the targets version that snapshot names (consistent
+snapshots), and the root chain. Every write keeps the current snapshot and
+targets and the :data:`KEEP_VERSIONS` - 1 before them, so a device that read
+the previous timestamp just before an assignment still finds what it names;
+older ones are deleted (a device slower than that gets a 404 and refreshes
+again from the new timestamp). Roots are never deleted.
 """
 
 from __future__ import annotations
@@ -24,7 +36,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from tuf.api.metadata import TargetFile
+from tuf.api.metadata import Metadata, TargetFile, Targets
 
 from fleet_server.release.keys import KeyStore
 from fleet_server.release.repository import (
@@ -34,6 +46,8 @@ from fleet_server.release.repository import (
     TufRepository,
 )
 
+# Snapshot and targets versions kept per device: the current one and the one before.
+KEEP_VERSIONS = 2
 DEVICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # Freshness comes from the timestamp, which the server re-signs well before it
 # expires (see :meth:`DirectorRepository.refresh_expiring`); targets and snapshot
@@ -68,6 +82,69 @@ def assignment_custom(device_id: str, hardware_id: str, bundle: ReleasedBundle) 
     }
 
 
+@dataclass(frozen=True)
+class Signed:
+    """What a device's director metadata says now: the target it names and its version."""
+
+    target_path: str | None
+    version: int  # 0: the device has no director repository yet
+
+
+class DeviceRepository(TufRepository):
+    """One device's director repository: signed at versions the caller chooses, pruned."""
+
+    kind = "director repository"
+
+    def signed(self) -> Signed:
+        """The current assignment (``None`` for an empty one) and its targets version."""
+        if not self.exists():
+            return Signed(None, 0)
+        targets: Metadata[Targets] = self._load("targets")
+        paths = sorted(targets.signed.targets)
+        return Signed(paths[0] if paths else None, targets.signed.version)
+
+    def sign(self, keys: KeyStore, targets: dict[str, TargetFile], version: int | None) -> int:
+        """Sign ``targets`` as targets ``version`` (``None``: the next one); returns the version.
+
+        A version that is not newer than the signed one is not signed: the
+        current version is returned and nothing changes.
+        """
+        with self._locked():
+            if not self.exists():
+                raise RepositoryError(f"{self.path} holds no {self.kind} yet")
+            metadata: Metadata[Targets] = self._load("targets")
+            current = metadata.signed.version
+            if version is not None and version <= current:
+                return current
+            metadata.signed.targets = dict(targets)
+            self._bump(metadata.signed, self.expiry.targets)
+            if version is not None:
+                metadata.signed.version = version
+            self._write(metadata, keys, "targets", versioned=True)
+            snapshot_version = self._load("snapshot").signed.version + 1
+            self._publish_snapshot_and_timestamp(keys, snapshot_version)
+            self._prune_locked()
+            return metadata.signed.version
+
+    def prune(self) -> int:
+        """Delete snapshot and targets versions no device can still need; returns how many."""
+        with self._locked():
+            return self._prune_locked() if self.exists() else 0
+
+    def _prune_locked(self) -> int:
+        removed = 0
+        for role in ("snapshot", "targets"):
+            files = sorted(
+                (int(p.name.split(".")[0]), p)
+                for p in self.metadata_dir.glob(f"*.{role}.json")
+                if p.name.split(".")[0].isdigit()
+            )
+            for _, path in files[:-KEEP_VERSIONS]:
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+
 class DirectorRepository:
     """Signs and stores every device's director metadata under ``path``."""
 
@@ -96,22 +173,36 @@ class DirectorRepository:
             raise RepositoryError(f"{self.path} already holds a director")
         self._root_repo.create(keys)
 
-    def device(self, device_id: str) -> TufRepository:
+    def device(self, device_id: str) -> DeviceRepository:
         """The TUF repository of one device (not created until its first assignment)."""
         if not DEVICE_ID_PATTERN.match(device_id):
             raise RepositoryError(
                 f"device id {device_id!r} has characters outside A-Z a-z 0-9 . _ -"
             )
-        return TufRepository(self.path / "devices" / device_id, self.expiry, self._now)
+        return DeviceRepository(self.path / "devices" / device_id, self.expiry, self._now)
+
+    def signed(self, device_id: str) -> Signed:
+        """What ``device_id``'s director metadata names now."""
+        return self.device(device_id).signed()
 
     def device_url_path(self, device_id: str) -> str:
         """Where a device's repository lives relative to the director's base URL."""
         return f"devices/{device_id}"
 
     def assign(
-        self, keys: KeyStore, device_id: str, hardware_id: str, bundle: ReleasedBundle
+        self,
+        keys: KeyStore,
+        device_id: str,
+        hardware_id: str,
+        bundle: ReleasedBundle,
+        version: int | None = None,
     ) -> Assignment:
-        """Tell ``device_id`` to run ``bundle``; refuses a bundle not made for its hardware."""
+        """Tell ``device_id`` to run ``bundle``; refuses a bundle not made for its hardware.
+
+        ``version`` is the targets version to sign (default: the next one); if
+        the device's metadata is already at that version or newer, nothing is
+        signed and the returned assignment carries the current version.
+        """
         if hardware_id not in bundle.hardware_ids:
             raise RepositoryError(
                 f"{bundle.name} {bundle.version} is not released for hardware {hardware_id}"
@@ -123,9 +214,9 @@ class DirectorRepository:
             path=bundle.target_path,
             unrecognized_fields={"custom": assignment_custom(device_id, hardware_id, bundle)},
         )
-        version = repo.set_targets(keys, {bundle.target_path: target})
+        signed = repo.sign(keys, {bundle.target_path: target}, version)
         return Assignment(
-            device_id, hardware_id, bundle.target_path, bundle.release_counter, version
+            device_id, hardware_id, bundle.target_path, bundle.release_counter, signed
         )
 
     def register(self, keys: KeyStore, device_id: str) -> None:
@@ -134,7 +225,7 @@ class DirectorRepository:
 
     def unassign(self, keys: KeyStore, device_id: str) -> int:
         """Tell ``device_id`` to keep what it runs (an empty assignment)."""
-        return self._ensure_device(keys, device_id).set_targets(keys, {})
+        return self._ensure_device(keys, device_id).sign(keys, {}, None)
 
     def refresh_timestamp(self, keys: KeyStore, device_id: str) -> int:
         """Re-sign one device's timestamp before it expires."""
@@ -148,13 +239,23 @@ class DirectorRepository:
         refreshed = 0
         deadline = datetime.now(UTC) + within
         for folder in sorted(p for p in devices.iterdir() if p.is_dir()):
-            repo = TufRepository(folder, self.expiry, self._now)
+            repo = DeviceRepository(folder, self.expiry, self._now)
             if repo.exists() and repo.timestamp_expires() <= deadline:
                 repo.refresh_timestamp(keys)
                 refreshed += 1
         return refreshed
 
-    def _ensure_device(self, keys: KeyStore, device_id: str) -> TufRepository:
+    def prune_all(self) -> int:
+        """Prune every device's repository (folders written before pruning existed); how many."""
+        devices = self.path / "devices"
+        if not devices.is_dir():
+            return 0
+        return sum(
+            DeviceRepository(folder, self.expiry, self._now).prune()
+            for folder in sorted(p for p in devices.iterdir() if p.is_dir())
+        )
+
+    def _ensure_device(self, keys: KeyStore, device_id: str) -> DeviceRepository:
         repo = self.device(device_id)
         if not repo.exists():
             repo.create(keys, root=self.trusted_root_path.read_bytes())

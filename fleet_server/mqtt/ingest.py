@@ -7,7 +7,9 @@ not JSON: the gate decodes them, with their own size limit, and keeps the
 received bytes for storage. :func:`write_batch` stores a batch in one
 transaction; events are keyed by ``message_id`` and windows by ``window_id``, so
 a message delivered twice (QoS 1, a replica restart, a device resending a
-window it has no ack for) is stored once. It returns, per device, the windows
+window it has no ack for) is stored once, and a reported state older than the
+one stored (delivered again after a replica restart, or by a slower replica)
+does not replace it. It returns, per device, the windows
 of the batch that are stored (newly or before): the acks to send once the
 transaction has committed.
 """
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from pydantic import ValidationError
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, bindparam, case, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -183,9 +185,9 @@ class BatchResult:
 async def write_batch(db: Database, batch: Sequence[Accepted], replica: str) -> BatchResult:
     """Store one batch in one transaction; messages from unknown devices are dropped.
 
-    Device rows are updated once per device, in device-id order, and events and
-    windows are inserted in id order, so replicas writing overlapping batches
-    take row locks in the same order and cannot deadlock. The result's ``acks``
+    The batch's device rows are locked up front in device-id order, and events
+    and windows are inserted in id order, so replicas writing overlapping
+    batches take row locks in the same order and cannot deadlock. The result's ``acks``
     name every window of the batch that is stored for the device that sent it,
     including resends of windows stored before; they are for the caller to
     send once this has returned, that is once the transaction has committed.
@@ -194,7 +196,18 @@ async def write_batch(db: Database, batch: Sequence[Accepted], replica: str) -> 
     result = BatchResult(ingested={}, dropped={})
     async with db.session() as session:
         ids = {a.device_id for a in batch}
-        known = set((await session.scalars(select(Device.id).where(Device.id.in_(ids)))).all())
+        # The batch's device rows are locked first, all at once and in id order, so two
+        # replicas whose batches share devices wait for each other instead of deadlocking.
+        known = set(
+            (
+                await session.scalars(
+                    select(Device.id)
+                    .where(Device.id.in_(ids))
+                    .order_by(Device.id)
+                    .with_for_update()
+                )
+            ).all()
+        )
         updates: dict[str, dict[str, object]] = {}
         events: dict[str, dict[str, object]] = {}
         windows: dict[str, dict[str, object]] = {}
@@ -260,7 +273,9 @@ async def write_batch(db: Database, batch: Sequence[Accepted], replica: str) -> 
         for device_id in sorted(updates):
             values = updates[device_id]
             if "reported" in values:
-                await session.execute(update(Device).where(Device.id == device_id).values(**values))
+                await session.execute(
+                    update(Device).where(Device.id == device_id).values(**_newer_state(values))
+                )
             else:
                 groups.setdefault(tuple(sorted(values.items())), []).append(device_id)
         for key, device_ids in sorted(groups.items(), key=lambda g: g[1][0]):
@@ -300,6 +315,35 @@ async def write_batch(db: Database, batch: Sequence[Accepted], replica: str) -> 
                     result.dropped["window-id-taken"] = result.dropped.get("window-id-taken", 0) + 1
             result.acks = {d: list(ids) for d, ids in stored.items()}
     return result
+
+
+_STATE_COLUMNS = (
+    "agent_version",
+    "active_bundle",
+    "installed_counter",
+    "phase",
+    "reported",
+    "reported_at",
+)
+
+
+def _newer_state(values: dict[str, object]) -> dict[str, object]:
+    """``values`` for an UPDATE that replaces the stored state only with a newer one.
+
+    A delivery can come late (a replica restarted, another replica slower);
+    its presence (``last_seen_at``, ``online``) still counts, its state only if
+    it is at least as new as the row's (every SET sees the row as it was).
+    """
+    stamp = values["reported_at"]
+    newer = or_(Device.reported_at.is_(None), Device.reported_at <= stamp)
+    out: dict[str, object] = {}
+    for name, value in values.items():
+        if name in _STATE_COLUMNS:
+            column: ColumnElement[object] = getattr(Device, name)
+            out[name] = case((newer, bindparam(None, value, type_=column.type)), else_=column)
+        else:
+            out[name] = value
+    return out
 
 
 async def sweep_offline(db: Database, metrics: Metrics, timeout_s: float) -> None:

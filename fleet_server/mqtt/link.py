@@ -2,17 +2,36 @@
 
 One aiomqtt client per replica. With shared subscriptions (``$share/edgefleet-NS/...``)
 the broker gives each device message to one replica, so replicas split the
-ingest. A message is acknowledged to the broker when it arrives, before it is
-written, and sessions are clean: messages a replica had received but not yet
-written are lost if it dies (events are few and carry ids; the next state and
-heartbeat supersede the lost ones). Windows are not lost that way: a device
-keeps each window until an ack on its ``acks`` topic names it, and the server
-sends that ack only after the window's transaction has committed, so a window
-lost here is sent again (and a window stored twice is stored once). The
-connection is retried with jittered backoff; desired states published while
-disconnected are sent on reconnect, and every assigned device's desired state
-is published again on connect (retained messages do not survive a broker
-restart without persistence).
+ingest.
+
+Nothing a device sent is lost with a replica that dies. A QoS 1 message is
+acknowledged to the broker only once the transaction that stored it has
+committed (messages the gate drops are acknowledged at once: there is nothing
+to store), and the session is persistent (MQTT 5, clean start off, a session
+expiry of ``mqtt_session_expiry_s``), so what a SIGKILLed replica held
+unacknowledged, and what the broker queued for it while it was down, is
+delivered again when it reconnects with the same replica id. That needs a
+replica id that survives restarts (``--replica-id``, e.g. the StatefulSet pod
+or systemd instance name); a replica without one keeps no session. Mosquitto drops
+what it queued for a shared-subscription member whose clean session died
+(eclipse/mosquitto#2662); a persistent session is what keeps it. The broker
+sends at most ``mqtt_receive_maximum`` unacknowledged messages (MQTT 5 Receive
+Maximum) and holds the rest, which bounds what a replica has in memory. A
+broker that does not speak MQTT 5 (the embedded amqtt) gets MQTT 3.1.1 with
+``clean_session`` off; its own in-flight limit then bounds the window.
+
+A delivery is stored at least once, so storing is idempotent: events are
+keyed by ``message_id``, windows by ``window_id``, and a reported state older
+than the stored one does not replace it. On a clean stop the replica
+unsubscribes first, so the broker queues nothing more for it, then stores and
+acknowledges what it holds before it disconnects.
+
+Windows have a second guarantee: a device keeps each window until an ack on
+its ``acks`` topic names it, and the server sends that ack only after the
+window's transaction has committed. The connection is retried with jittered
+backoff; desired states published while disconnected are sent on reconnect,
+and every assigned device's desired state is published again on connect
+(retained messages do not survive a broker restart without persistence).
 """
 
 from __future__ import annotations
@@ -22,8 +41,11 @@ import contextlib
 import logging
 import random
 import time
+from dataclasses import dataclass
 
 import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from sqlalchemy import select
 
 from fleet_server.config import ServerConfig
@@ -40,11 +62,27 @@ log = logging.getLogger(__name__)
 # The most window ids one ack carries (WindowAck's limit).
 MAX_IDS_PER_ACK = 1000
 ACK_TIMEOUT_S = 10.0
+# How long a broker may take to answer an MQTT 5 CONNECT before 3.1.1 is tried
+# (amqtt never answers one).
+V5_CONNECT_TIMEOUT_S = 5.0
+# On a clean stop: how long to keep reading what the broker still sends after the
+# unsubscribe, and how long to wait for it to be stored and acknowledged.
+LEAVE_QUIET_S = 0.5
+LEAVE_TIMEOUT_S = 10.0
 # What the drops write_batch reports mean, for the log.
 _BATCH_DROPS = {
     "unknown-device": "from unregistered devices",
     "window-id-taken": "carrying a window id another device's window holds",
 }
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """Which connection delivered a message, and its packet id: what acknowledging needs."""
+
+    client: aiomqtt.Client
+    mid: int
+    qos: int
 
 
 class ServerMqtt:
@@ -54,8 +92,13 @@ class ServerMqtt:
         self.config = config
         self.db = db
         self.metrics = metrics
-        self.queue: asyncio.Queue[Accepted] = asyncio.Queue(maxsize=50_000)
+        self.queue: asyncio.Queue[tuple[Accepted, Delivery]] = asyncio.Queue(maxsize=50_000)
         self._client: aiomqtt.Client | None = None
+        # Received and not yet acknowledged (queued or being written).
+        self._unsettled = 0
+        self._last_arrival = 0.0
+        # Set once a broker refused MQTT 5 and took 3.1.1.
+        self._mqtt311 = False
         self._pending: dict[str, DesiredState] = {}
         self._drops: dict[str, int] = {}
         self.connected = asyncio.Event()
@@ -80,34 +123,104 @@ class ServerMqtt:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Stay connected until ``stop``; ingest in batches meanwhile."""
+        left = asyncio.Event()  # the connection is closed: nothing more will arrive
+
+        async def connection() -> None:
+            try:
+                await self._connection(stop)
+            finally:
+                left.set()
+
         async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self._writer(stop))
-            tasks.create_task(self._connection(stop))
+            tasks.create_task(self._writer(left))
+            tasks.create_task(connection())
+
+    def _ingest_topics(self) -> list[str]:
+        return list(ingest_subscriptions(self.config.namespace, self.config.shared_subscription))
+
+    @property
+    def session_expiry_s(self) -> int:
+        """How long the broker keeps this replica's session after it goes; 0: not at all.
+
+        Only a replica id given in the configuration is stable across restarts.
+        A session under a derived one (host and process id) is never resumed,
+        and Mosquitto would go on handing it a share of the group's messages
+        until it expired, so such a replica's session ends with its connection.
+        """
+        if "replica_id" not in self.config.model_fields_set:
+            return 0
+        return self.config.mqtt_session_expiry_s
+
+    def _new_client(self) -> aiomqtt.Client:
+        """A client with the session of :attr:`session_expiry_s`, acknowledging by hand."""
+        args = self._client_args()
+        if self._mqtt311:
+            client = aiomqtt.Client(
+                **args,  # type: ignore[arg-type]
+                clean_session=self.session_expiry_s == 0,
+            )
+        else:
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = self.session_expiry_s
+            properties.ReceiveMaximum = self.config.mqtt_receive_maximum
+            client = aiomqtt.Client(
+                **args,  # type: ignore[arg-type]
+                protocol=aiomqtt.ProtocolVersion.V5,
+                clean_start=False,
+                properties=properties,
+                timeout=V5_CONNECT_TIMEOUT_S,
+            )
+        # aiomqtt 2.5 has no option for it; paho's own switch keeps PUBACKs for ack().
+        client._client.manual_ack_set(True)
+        return client
 
     async def _connection(self, stop: asyncio.Event) -> None:
+        if self.session_expiry_s == 0:
+            log.warning(
+                "MQTT session not persistent (no --replica-id, or a session expiry of 0): "
+                "device messages this replica holds when it dies are lost; give each replica "
+                "an id that stays the same across its restarts"
+            )
         delay = 0.5
         while not stop.is_set():
+            client = self._new_client()
+            entered = False
             try:
-                async with aiomqtt.Client(**self._client_args()) as client:  # type: ignore[arg-type]
+                async with client:
+                    entered = True
+                    client.timeout = 10.0
                     self._client = client
-                    for topic in ingest_subscriptions(
-                        self.config.namespace, self.config.shared_subscription
-                    ):
+                    for topic in self._ingest_topics():
                         await client.subscribe(topic, qos=1)
                     self.connected.set()
                     delay = 0.5
+                    if self._mqtt311:
+                        log.warning(
+                            "the broker speaks MQTT 3.1.1 only: its own in-flight limit bounds "
+                            "what is unacknowledged, and a persistent session never expires there"
+                        )
                     log.info("MQTT connected; ingesting")
                     await self._republish(client)
                     reader = asyncio.create_task(self._read(client))
                     stopper = asyncio.create_task(stop.wait())
                     await asyncio.wait({reader, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                    if stopper.done() and not reader.done():
+                        await self._leave(client, reader)
                     for t in (reader, stopper):
                         t.cancel()
                     await asyncio.gather(reader, stopper, return_exceptions=True)
                     if reader.done() and not reader.cancelled() and reader.exception():
                         raise reader.exception()  # type: ignore[misc]
             except aiomqtt.MqttError as exc:
+                if not entered and not self._mqtt311:
+                    # No answer or a refusal to MQTT 5: try 3.1.1 at once; if that
+                    # connects, this broker gets 3.1.1 from now on.
+                    log.info("the broker did not take MQTT 5 (%s); trying MQTT 3.1.1", exc)
+                    self._mqtt311 = True
+                    continue
                 log.warning("MQTT connection lost (%s); retrying in %.1f s", exc, delay)
+                if not entered and self._mqtt311:
+                    self._mqtt311 = False  # neither version connected: start again with 5
             finally:
                 self._client = None
                 self.connected.clear()
@@ -117,8 +230,35 @@ class ServerMqtt:
                 await asyncio.wait_for(stop.wait(), delay * random.uniform(0.5, 1.5))
             delay = min(delay * 2, 30.0)
 
+    async def _leave(self, client: aiomqtt.Client, reader: asyncio.Task[None]) -> None:
+        """Stop cleanly: unsubscribe, take in what is still coming, store and acknowledge it.
+
+        The session stays (a restarted replica resumes it); unsubscribing first
+        means the broker queues nothing more for a replica that may not return.
+        """
+        deadline = time.monotonic() + LEAVE_TIMEOUT_S
+        try:
+            for topic in self._ingest_topics():
+                await client.unsubscribe(topic, timeout=LEAVE_TIMEOUT_S)
+        except aiomqtt.MqttError as exc:
+            log.warning("could not unsubscribe before stopping (%s)", exc)
+        while not reader.done() and time.monotonic() < deadline:
+            if time.monotonic() - self._last_arrival >= LEAVE_QUIET_S and self._unsettled == 0:
+                return
+            await asyncio.sleep(0.05)
+        if self._unsettled:
+            log.warning(
+                "stopping with %d device message(s) not yet stored; %s",
+                self._unsettled,
+                "the broker delivers them again when this replica returns"
+                if self.session_expiry_s
+                else "they are lost (no persistent session)",
+            )
+
     async def _read(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
+            self._last_arrival = time.monotonic()
+            delivery = Delivery(client, message.mid, message.qos)
             payload = (
                 message.payload
                 if isinstance(message.payload, bytes | bytearray)
@@ -135,8 +275,22 @@ class ServerMqtt:
                 verdict = Dropped("unreadable", f"{type(exc).__name__}: {exc}")
             if isinstance(verdict, Dropped):
                 self._drop(verdict.reason, verdict.detail)
+                self._ack([delivery])  # nothing to store
                 continue
-            await self.queue.put(verdict)
+            self._unsettled += 1
+            await self.queue.put((verdict, delivery))
+
+    def _ack(self, deliveries: list[Delivery]) -> None:
+        """Acknowledge stored (or dropped) messages to the broker.
+
+        Only on the connection that delivered them: after a reconnect the
+        broker sends again what was not acknowledged, and a packet id of the old
+        connection may name another message on the new one.
+        """
+        current = self._client
+        for d in deliveries:
+            if d.qos > 0 and d.client is current:
+                d.client._client.ack(d.mid, d.qos)
 
     def _drop(self, reason: str, detail: str, count: int = 1) -> None:
         self.metrics.messages_dropped.labels(reason).inc(count)
@@ -146,8 +300,8 @@ class ServerMqtt:
         if seen < 10 or (seen + count) // 1000 > seen // 1000:
             log.info("dropped a device message (%s, %d so far): %s", reason, seen + count, detail)
 
-    async def _writer(self, stop: asyncio.Event) -> None:
-        while not (stop.is_set() and self.queue.empty()):
+    async def _writer(self, left: asyncio.Event) -> None:
+        while not (left.is_set() and self.queue.empty()):
             try:
                 first = await asyncio.wait_for(self.queue.get(), 0.5)
             except TimeoutError:
@@ -163,31 +317,42 @@ class ServerMqtt:
                 await asyncio.sleep(min(remaining, 0.005))
             await self._store(batch)
 
-    async def _store(self, batch: list[Accepted]) -> None:
-        """Write a batch; if it fails, write its messages one by one and drop the poison."""
+    async def _store(self, batch: list[tuple[Accepted, Delivery]]) -> None:
+        """Write a batch; if it fails, write its messages one by one and drop the poison.
+
+        Each message is acknowledged to the broker once its transaction has
+        committed, or once it is dropped for good.
+        """
         try:
-            result = await write_batch(self.db, batch, self.config.replica_id)
+            result = await write_batch(self.db, [a for a, _ in batch], self.config.replica_id)
         except Exception as exc:
             log.warning(
                 "writing %d device messages failed (%s); writing them one by one", len(batch), exc
             )
         else:
+            self._settle([d for _, d in batch])
             self._count(result)
             await self._acknowledge(result.acks)
             return
-        for item in batch:
+        for item, delivery in batch:
             for attempt in range(3):
                 try:
                     result = await write_batch(self.db, [item], self.config.replica_id)
                 except Exception as exc:
                     if attempt == 2:  # a message the database will not take: drop it, counted
                         self._drop("unstorable", f"{item.device_id}/{item.channel}: {exc}")
+                        self._settle([delivery])
                     else:
                         await asyncio.sleep(0.5 * (attempt + 1))
                 else:
+                    self._settle([delivery])
                     self._count(result)
                     await self._acknowledge(result.acks)
                     break
+
+    def _settle(self, deliveries: list[Delivery]) -> None:
+        self._ack(deliveries)
+        self._unsettled -= len(deliveries)
 
     def _count(self, result: BatchResult) -> None:
         for channel, n in result.ingested.items():

@@ -1,0 +1,34 @@
+"""plan_sync: what brings a device's director metadata in line with the database."""
+
+from __future__ import annotations
+
+from fleet_server.assignments import Committed, SyncStep, plan_sync
+from fleet_server.director import Signed
+
+A = "pump-health/pump-health-1.0.0.bundle"
+B = "pump-health/pump-health-2.0.0.bundle"
+
+
+def test_a_device_never_assigned_needs_nothing_whatever_its_metadata_says() -> None:
+    assert plan_sync(Committed("d", None, 0), Signed(None, 1)) is None
+    assert plan_sync(Committed("d", None, 0), Signed(A, 3)) is None
+
+
+def test_metadata_naming_the_committed_assignment_at_its_version_needs_nothing() -> None:
+    assert plan_sync(Committed("d", A, 4), Signed(A, 4)) is None
+
+
+def test_a_committed_assignment_not_yet_signed_is_signed_at_the_recorded_version() -> None:
+    assert plan_sync(Committed("d", B, 5), Signed(A, 4)) == SyncStep(True, 5, False)
+    assert plan_sync(Committed("d", A, 2), Signed(None, 0)) == SyncStep(True, 2, False)
+    assert plan_sync(Committed("d", A, 2), Signed(None, 1)) == SyncStep(True, 2, False)
+
+
+def test_metadata_ahead_of_the_database_is_signed_back_to_it_at_a_newer_version() -> None:
+    # Signed 5 names B, but the database never committed B: sign A as 6 and record 6.
+    assert plan_sync(Committed("d", A, 4), Signed(B, 5)) == SyncStep(True, 6, True)
+    assert plan_sync(Committed("d", A, 4), Signed(B, 4)) == SyncStep(True, 5, True)
+
+
+def test_the_same_target_at_a_newer_signed_version_is_only_recorded() -> None:
+    assert plan_sync(Committed("d", A, 4), Signed(A, 6)) == SyncStep(False, 6, True)
