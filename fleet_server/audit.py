@@ -41,6 +41,7 @@ from pydantic import ValidationError
 from sqlalchemy import Text, cast, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from fleet_server.db import Database
 from fleet_server.db.models import AuditEntry
 from fleet_server.stored_json import load_json
 from protocol.api import AuditHead, SignedAuditHead
@@ -490,3 +491,15 @@ async def verify_and_record(
         except OSError as exc:
             log.error("cannot update the audit head record %s: %s", record.path, exc)
     return report, head
+
+
+async def anchor_once(db: Database, data_dir: Path) -> ChainReport:
+    """Check the log against the server's head record and, if it holds, move the record on.
+
+    Run at start, periodically and at a clean stop, so a tail deleted through
+    the database alone is found even if no operator asked for the head since.
+    """
+    signer = AuditSigner.in_folder(data_dir)
+    async with db.session() as session:
+        report, _ = await verify_and_record(session, signer, HeadRecord.in_folder(data_dir))
+    return report

@@ -59,6 +59,9 @@ class ServerConfig(BaseModel):
             "(only with a replica id given: a derived one changes every start)"
         ),
     )
+    audit_anchor_interval_s: float = Field(
+        default=300.0, gt=0, description="how often the audit log is checked and its head recorded"
+    )
     drift_interval_s: float = Field(default=60.0, gt=0, description="how often alerts are updated")
     drift_range_s: float = Field(default=3600.0, gt=0, description="trailing windows tested")
     accuracy_max_drop: float = Field(

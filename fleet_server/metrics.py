@@ -34,6 +34,11 @@ class Metrics:
             ["method", "route", "status"],
             registry=self.registry,
         )
+        self.audit_chain_intact = Gauge(
+            "edgefleet_audit_chain_intact",
+            "1 while the audit log extends the last head the server recorded, 0 once it does not",
+            registry=self.registry,
+        )
         self.drift_alerts_open = Gauge(
             "edgefleet_drift_alerts_open", "Open drift alerts, every scope", registry=self.registry
         )

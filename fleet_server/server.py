@@ -17,6 +17,7 @@ from pathlib import Path
 from aiohttp import web
 
 from fleet_server.assignments import DirectorService
+from fleet_server.audit import anchor_once
 from fleet_server.config import ServerConfig
 from fleet_server.db import Database, migrate
 from fleet_server.director import DirectorRepository
@@ -119,6 +120,7 @@ class FleetServer:
                     tasks.create_task(self.mqtt.run(stop))
                 tasks.create_task(self._presence_sweeper(stop))
                 tasks.create_task(self._director_refresher(stop))
+                tasks.create_task(self._audit_anchorer(stop))
                 tasks.create_task(
                     run_drift_alerts(
                         self.db,
@@ -171,6 +173,29 @@ class FleetServer:
                     log.exception("signing committed assignments failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), DIRECTOR_RETRY_EVERY_S)
+
+    async def _audit_anchorer(self, stop: asyncio.Event) -> None:
+        """Check the audit log against the recorded head at start, periodically and at stop.
+
+        Each check that holds moves the server's head record on, so deleting
+        the newest entries through the database alone is found by the next
+        check, whether or not an operator saved an anchor since.
+        """
+        while True:
+            try:
+                report = await anchor_once(self.db, self.config.data_dir)
+            except Exception:
+                log.exception("checking the audit log against its head failed")
+            else:
+                self.metrics.audit_chain_intact.set(1 if report.ok else 0)
+                if not report.ok:
+                    log.error(
+                        "audit log broken at entry %s: %s", report.broken_at, report.problem
+                    )
+            if stop.is_set():
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.config.audit_anchor_interval_s)
 
     async def _director_maintenance(self) -> None:
         try:

@@ -8,6 +8,8 @@ anchor signed by another key are each reported precisely, with exit status 1.
 from __future__ import annotations
 
 import json
+import secrets
+import sqlite3
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import delete, func, select, update
 
 from fleet_server.audit import (
@@ -31,8 +34,11 @@ from protocol.api import SignedAuditHead
 from tests.conftest import HARDWARE
 from tests.support.api_server import ServerThread
 from tests.support.databases import DATABASES, database_url
+from tests.support.server_process import ServerProcess, wait_until
 
 pytestmark = pytest.mark.integration
+
+SHARED_BROKER = "mqtt://127.0.0.1:1883"  # isolated by the server's own namespace
 
 
 @dataclass
@@ -270,3 +276,45 @@ def test_a_forged_or_foreign_head_record_on_the_server_is_reported(audited: Audi
     refused = audited.fleetctl("audit", "verify")
     assert refused.code == 1 and "cannot be read" in refused.err
     assert record.read_text() == "{}"  # left as evidence
+
+
+def _gauge(server: ServerProcess, name: str) -> float | None:
+    r = server.http.request("GET", f"{server.url}/metrics")
+    for family in text_string_to_metric_families(r.data.decode()):
+        for sample in family.samples:
+            if sample.name == name:
+                return float(sample.value)
+    return None
+
+
+def test_the_server_records_its_head_itself_so_a_tail_deleted_in_the_database_is_found(
+    tmp_path: Path,
+) -> None:
+    # Nobody asks for the head here: the server's own periodic record (at start, every
+    # interval, at a clean stop) is what finds entries deleted while it was down.
+    server = ServerProcess(
+        tmp_path, db_url=None, broker=SHARED_BROKER, replica_id=f"anchor-{secrets.token_hex(3)}"
+    )
+    server.start()
+    try:
+        token = server.admin_token()
+        for i in range(4):
+            server.api("POST", "/devices", token, {"device_id": f"a-{i}", "hardware_id": HARDWARE})
+        assert _gauge(server, "edgefleet_audit_chain_intact") == 1
+    finally:
+        server.stop()
+    assert (server.data / AUDIT_HEAD_FILE).exists()
+    with sqlite3.connect(server.data / "fleet.db") as db:
+        (newest,) = db.execute("SELECT max(seq) FROM audit_log").fetchone()
+        db.execute("DELETE FROM audit_log WHERE seq > ?", (newest - 2,))
+    server.start()
+    try:
+        wait_until(
+            "the server to find the deleted tail",
+            lambda: _gauge(server, "edgefleet_audit_chain_intact") == 0,
+        )
+        assert "audit log broken" in server.log()
+        report = server.api("GET", "/audit/verify", server.admin_token())
+        assert report["ok"] is False and "were deleted" in report["problem"], report
+    finally:
+        server.stop()
