@@ -703,6 +703,11 @@ def _accuracy_line(a: dict[str, Any] | None) -> str:
             f"predictions in {labelled['windows']} windows "
             f"(estimated {_percent(labelled['estimated'])} there)"
         )
+    if a.get("assumption"):
+        allowance = _percent(a.get("allowance"))
+        if not a.get("allowance_measured", True):
+            allowance += " (default: the bundle predates its measurement)"
+        line += f"\n  the interval assumes {a['assumption']}; allowance {allowance}"
     return line
 
 

@@ -412,8 +412,10 @@ class AccuracyView(_Response):
 
     ``reference`` is the model's accuracy on the calibration data in its bundle;
     ``threshold`` is the accuracy below which (upper end of the interval) an
-    accuracy alert opens. CBPE assumes the calibration carries over: it follows
-    covariate shift but is blind to concept drift (see ``protocol.cbpe``).
+    accuracy alert opens. ``assumption`` says what the interval holds under:
+    CBPE assumes the calibration carries over; it follows covariate shift of
+    about the size its ``allowance`` was measured for and is blind to concept
+    drift (see ``protocol.cbpe``).
     """
 
     estimated: float | None
@@ -422,6 +424,15 @@ class AccuracyView(_Response):
     confidence: float
     n: int = Field(description="predictions the estimate covers")
     unseen_share: float = Field(description="share of predictions in uncalibrated score cells")
+    allowance: float = Field(
+        default=0.0,
+        description="misspecification allowance in the interval (a standard deviation), "
+        "measured on held-out splits of the calibration rows",
+    )
+    allowance_measured: bool = Field(
+        default=True, description="false: the bundle predates it and a default was used"
+    )
+    assumption: str = Field(default="", description="what the interval holds under")
     reference: float
     threshold: float
     labelled: LabelledAccuracy | None = None

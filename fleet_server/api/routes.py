@@ -523,6 +523,9 @@ def accuracy_view(a: Accuracy) -> AccuracyView:
         confidence=e.confidence,
         n=e.n,
         unseen_share=e.unseen_share,
+        allowance=e.allowance,
+        allowance_measured=e.allowance_measured,
+        assumption=e.assumption,
         reference=a.reference,
         threshold=a.threshold,
         labelled=(

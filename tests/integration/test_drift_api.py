@@ -427,6 +427,10 @@ def test_accuracy_under_covariate_shift_is_estimated_and_measured_with_late_labe
     measured = float((predicted == y).mean())
     assert abs(measured - calibration.reference_accuracy) > 0.01  # the shift moved accuracy
     assert abs(accuracy["estimated"] - measured) <= 0.03, (accuracy["estimated"], measured)
+    # The interval includes the allowance measured at build time, and says what it assumes.
+    assert accuracy["allowance"] == calibration.allowance and accuracy["allowance_measured"]
+    assert accuracy["low"] <= measured <= accuracy["high"]
+    assert "covariate shift" in accuracy["assumption"] and "concept" in accuracy["assumption"]
 
     # Labels arrive later for half the windows: confusion counts, in the model's class order.
     classes = fleet.manifest.classes
@@ -642,6 +646,7 @@ def test_fleetctl_posts_labels_from_csv_and_shows_accuracy(
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.strip().startswith("accuracy:"))
     assert "estimated" in line and f"measured {right / 400:.1%} on 400 labelled" in line
+    assert "the interval assumes the calibration carries over" in out
 
     assert main(["drift", "--fleet", "--since", since, "--until", until, *remote]) == 0
     out = capsys.readouterr().out
