@@ -649,7 +649,7 @@ def cmd_drift(args: argparse.Namespace) -> None:
             f"{m['model']} {m['version']}: {m['windows']} windows, {m['requests']} requests"
             f"{_sampled(m)} "
             f"({_when(m['start'])} .. {_when(m['end'])}); drift at false-alarm rate "
-            f"{m['false_alarm_rate']}, at least {m['min_n']} values"
+            f"{m['false_alarm_rate']} per feature, at least {m['min_n']} values"
         )
         if m.get("problem"):
             lines.append(f"  cannot test: {m['problem']}")

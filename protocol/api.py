@@ -390,7 +390,9 @@ class ModelDriftView(_Response):
         "may summarise a random sample of requests to bound the cost); null if unread",
     )
     min_n: int
-    false_alarm_rate: float
+    false_alarm_rate: float = Field(
+        description="per feature, split over its tests (distribution 70 %, the others 10 % each)"
+    )
     features: list[FeatureDriftView]
     accuracy: AccuracyView | None = Field(
         default=None, description="null when the release has no calibration or no score output"

@@ -582,31 +582,10 @@ def feature_drift(
         distribution: DriftVerdict = "not_enough_data"
     else:
         distribution = "drift" if g > threshold else "no_drift"
-    seen, base = _summary_tails([observed]), _summary_tails([baseline])
-    tails = _Tails(**seen, **{f"baseline_{k}": v for k, v in base.items()})
-    tests = _tail_tests(
-        np.asarray([observed.counts], dtype=np.float64),
-        np.asarray([baseline.counts], dtype=np.float64),
-        np.asarray([len(observed.counts) - 1]),
-        np.asarray([float(n_o)]),
-        np.asarray([float(n_b)]),
-        tails,
-        policy,
+    values = _tail_tests_one(baseline, observed, n_o, n_b, policy)
+    verdict = _overall_one(
+        distribution, values["missing"], values["out_of_range_verdict"], values["new_range"]
     )
-    values = {k: v[0].item() for k, v in tests.items()}
-    for k in ("min", "max", "baseline_min", "baseline_max"):
-        values[k] = None if math.isnan(values[k]) else values[k]
-    verdict = _overall(
-        *(
-            np.asarray([v])
-            for v in (
-                distribution,
-                tests["missing"][0],
-                tests["out_of_range_verdict"][0],
-                tests["new_range"][0],
-            )
-        )
-    )[0].item()
     return FeatureDrift(
         feature=feature,
         name=name,
@@ -623,6 +602,90 @@ def feature_drift(
         distribution=distribution,
         **values,
     )
+
+
+def _log_choose_one(a: float, b: float) -> float:
+    return math.lgamma(a + 1.0) - math.lgamma(b + 1.0) - math.lgamma(a - b + 1.0)
+
+
+def _hypergeom_sf_one(x: float, k: float, n: float, pop: float) -> float:
+    """:func:`hypergeom_sf` of one count, in plain Python (a numpy call per value costs more)."""
+    if pop <= 0 or x <= k * n / pop:
+        return 1.0
+    if x > min(k, n):
+        return 0.0
+    mean = k * n / pop
+    variance = mean * (pop - k) / pop * (pop - n) / max(pop - 1.0, 1.0)
+    if variance > _EXACT_VARIANCE:
+        return float(
+            _deviance_tail(np.array([x]), np.array([k]), np.array([n]), np.array([pop]))[0]
+        )
+    log_first = _log_choose_one(k, x) + _log_choose_one(pop - k, n - x) - _log_choose_one(pop, n)
+    term = total = 1.0
+    s = x
+    for _ in range(_EXACT_TERMS - 1):
+        ratio = (k - s) * (n - s) / ((s + 1.0) * (pop - k - n + s + 1.0))
+        if ratio <= 0.0:
+            break
+        term *= ratio
+        total += term
+        s += 1.0
+    return min(math.exp(log_first) * total, 1.0)
+
+
+def _beyond_p_one(beyond: bool, t_o: float, t_b: float, n_o: float, n_b: float) -> float:
+    if not beyond or t_o < 1 or n_b <= 0:
+        return 1.0
+    total = n_o + n_b
+    return n_o / total * _hypergeom_sf_one(t_o - 1.0, t_o + t_b - 1.0, n_o - 1.0, total - 1.0)
+
+
+def _tail_tests_one(
+    baseline: FeatureSummary, observed: FeatureSummary, n_o: int, n_b: int, policy: DriftPolicy
+) -> dict[str, Any]:
+    """:func:`_tail_tests` of one feature, as :class:`FeatureDrift`'s fields."""
+    alpha = policy.false_alarm_rate
+    rows_o, rows_b = n_o + observed.nan, n_b + baseline.nan
+    nan_o, nan_b = observed.nan, baseline.nan
+    missing_p = _hypergeom_sf_one(nan_o, nan_o + nan_b, rows_o, rows_o + rows_b)
+    oor_o, oor_b = observed.out_of_range, baseline.out_of_range
+    oor_p = _hypergeom_sf_one(oor_o, oor_o + oor_b, n_o, n_o + n_b)
+    counts_o, counts_b = observed.counts, baseline.counts
+    hi_o, hi_b, lo_o, lo_b = observed.max, baseline.max, observed.min, baseline.min
+    above = hi_o is not None and hi_b is not None and hi_o > hi_b
+    below = lo_o is not None and lo_b is not None and lo_o < lo_b
+    high = _beyond_p_one(above, counts_o[-1], counts_b[-1], n_o, n_b)
+    low = _beyond_p_one(below, counts_o[0], counts_b[0], n_o, n_b)
+    new_range_p = min(2.0 * min(high, low), 1.0)
+    enough = n_o >= policy.min_n and n_b > 0
+
+    def verdict(tested: bool, p: float, reason: DriftReason) -> DriftVerdict:
+        if not tested:
+            return "not_enough_data"
+        return "drift" if p <= alpha * ALPHA_SHARES[reason] else "no_drift"
+
+    return {
+        "nan": nan_o,
+        "baseline_nan": nan_b,
+        "missing": verdict(rows_o >= policy.min_n and rows_b > 0, missing_p, "missing-values"),
+        "missing_p_value": missing_p,
+        "out_of_range": oor_o,
+        "baseline_out_of_range": oor_b,
+        "out_of_range_verdict": verdict(enough, oor_p, "out-of-range"),
+        "out_of_range_p_value": oor_p,
+        "min": observed.min,
+        "max": observed.max,
+        "baseline_min": baseline.min,
+        "baseline_max": baseline.max,
+        "new_range": verdict(enough, new_range_p, "new-range"),
+        "new_range_p_value": new_range_p,
+    }
+
+
+def _overall_one(*verdicts: DriftVerdict) -> DriftVerdict:
+    if "drift" in verdicts:
+        return "drift"
+    return "no_drift" if all(v == "no_drift" for v in verdicts) else "not_enough_data"
 
 
 def _distribution_alpha(policy: DriftPolicy) -> float:
