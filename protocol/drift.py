@@ -311,6 +311,8 @@ def _xlogy(x: npt.NDArray[np.float64], y: npt.NDArray[np.float64]) -> npt.NDArra
 # deviation 10): the terms summed reach 16 standard deviations past the count.
 _EXACT_VARIANCE: Final = 100.0
 _EXACT_TERMS: Final = 160
+# Up to this many exact tails in one call are summed in plain Python.
+_SCALAR_TAILS: Final = 64
 _HALF_LOG_2PI: Final = 0.5 * math.log(2.0 * math.pi)
 
 
@@ -356,7 +358,20 @@ def hypergeom_sf(
     out[impossible] = 0.0
     exact = upper & ~impossible & (variance <= _EXACT_VARIANCE)
     normal = upper & ~impossible & ~exact
-    if exact.any():
+    few = int(np.count_nonzero(exact))
+    if 0 < few <= _SCALAR_TAILS:
+        # A few tails cost less term by term in Python than numpy's per-call overhead.
+        out[exact] = [
+            _hypergeom_sf_one(*args)
+            for args in zip(
+                xs[exact].tolist(),
+                k[exact].tolist(),
+                n[exact].tolist(),
+                pop[exact].tolist(),
+                strict=True,
+            )
+        ]
+    elif few:
         xe, ke, ne, pe = xs[exact], k[exact], n[exact], pop[exact]
         log_first = _log_choose(ke, xe) + _log_choose(pe - ke, ne - xe) - _log_choose(pe, ne)
         s = xe[:, None] + np.arange(_EXACT_TERMS - 1)  # pmf(s + 1) / pmf(s)
@@ -396,6 +411,8 @@ def _excess_p(
     rows_b: npt.NDArray[np.float64],
 ) -> npt.NDArray[np.float64]:
     """Is ``count_o / rows_o`` above ``count_b / rows_b``? Fisher's one-sided exact p-value."""
+    if not count_o.any():  # none observed: never above
+        return np.ones(np.broadcast_shapes(count_o.shape, rows_o.shape, rows_b.shape))
     return hypergeom_sf(count_o, count_o + count_b, rows_o, rows_o + rows_b)
 
 
@@ -407,6 +424,8 @@ def _beyond_p(
     n_b: npt.NDArray[np.float64],
 ) -> npt.NDArray[np.float64]:
     """p-value of "a value beyond the baseline's extreme, and ``t_o`` or more in that end bin"."""
+    if not beyond.any():
+        return np.ones(np.broadcast_shapes(beyond.shape, t_o.shape, n_o.shape))
     beyond, t_o, t_b, n_o, n_b = np.broadcast_arrays(beyond, t_o, t_b, n_o, n_b)
     out = np.ones(beyond.shape)
     at = beyond & (t_o >= 1) & (n_b > 0)
@@ -468,9 +487,10 @@ def _tail_tests(
 
     def verdict(
         tested: npt.NDArray[np.bool_], p: npt.NDArray[np.float64], reason: DriftReason
-    ) -> npt.NDArray[np.str_]:
-        alarm = p <= alpha * ALPHA_SHARES[reason]
-        return np.where(tested, np.where(alarm, "drift", "no_drift"), "not_enough_data")
+    ) -> npt.NDArray[np.int8]:
+        """Verdict codes (:data:`_VERDICTS`): 0 not tested, 1 no drift, 2 drift."""
+        code: npt.NDArray[np.int8] = tested * (1 + (p <= alpha * ALPHA_SHARES[reason]))
+        return code.astype(np.int8)
 
     return {
         "nan": nan_o.astype(np.int64),
@@ -490,11 +510,16 @@ def _tail_tests(
     }
 
 
-def _overall(*verdicts: npt.NDArray[np.str_]) -> npt.NDArray[np.str_]:
-    """``drift`` if any test says so, ``no_drift`` if all do, else ``not_enough_data``."""
-    drift = np.logical_or.reduce([v == "drift" for v in verdicts])
-    quiet = np.logical_and.reduce([v == "no_drift" for v in verdicts])
-    return np.where(drift, "drift", np.where(quiet, "no_drift", "not_enough_data"))
+_VERDICTS: Final = np.array(["not_enough_data", "no_drift", "drift"])
+
+
+def _overall(*codes: npt.NDArray[np.int8]) -> npt.NDArray[np.int8]:
+    """``drift`` (2) if any test says so, ``no_drift`` (1) if all do, else 0."""
+    most, least = np.maximum.reduce(codes), np.minimum.reduce(codes)
+    result: npt.NDArray[np.int8] = np.where(most == 2, 2, np.where(least == 1, 1, 0)).astype(
+        np.int8
+    )
+    return result
 
 
 def _summary_tails(summaries: Sequence[FeatureSummary]) -> dict[str, npt.NDArray[np.float64]]:
@@ -625,10 +650,10 @@ def _hypergeom_sf_one(x: float, k: float, n: float, pop: float) -> float:
     s = x
     for _ in range(_EXACT_TERMS - 1):
         ratio = (k - s) * (n - s) / ((s + 1.0) * (pop - k - n + s + 1.0))
-        if ratio <= 0.0:
-            break
-        term *= ratio
+        term *= max(ratio, 0.0)
         total += term
+        if term <= total * 1e-17:  # the ratios only fall: the rest adds nothing
+            break
         s += 1.0
     return min(math.exp(log_first) * total, 1.0)
 
@@ -827,7 +852,7 @@ def _drift_arrays(
     psi_threshold = np.full(df.shape, math.inf)
     np.divide(threshold, n_eff, out=psi_threshold, where=n_eff > 0)
     enough = (n_o >= policy.min_n) & (n_b > 0)
-    distribution = np.where(enough, np.where(g > threshold, "drift", "no_drift"), "not_enough_data")
+    distribution = (enough * (1 + (g > threshold))).astype(np.int8)  # codes of _VERDICTS
     top = (real.sum(axis=-1) if real is not None else np.full(o.shape[-2:-1], o.shape[-1])) - 1
     with np.errstate(divide="ignore", invalid="ignore"):
         shape = np.broadcast_shapes(n_o.shape, n_b.shape)
@@ -840,10 +865,11 @@ def _drift_arrays(
             tails,
             policy,
         )
+    codes = [distribution, tests["missing"], tests["out_of_range_verdict"], tests["new_range"]]
+    for name in ("missing", "out_of_range_verdict", "new_range"):
+        tests[name] = _VERDICTS[tests[name]]
     return DriftArrays(
-        verdict=_overall(
-            distribution, tests["missing"], tests["out_of_range_verdict"], tests["new_range"]
-        ),
+        verdict=_VERDICTS[_overall(*codes)],
         n=np.broadcast_to(n_o, df.shape).astype(np.int64),
         baseline_n=np.broadcast_to(n_b, df.shape).astype(np.int64),
         psi=psi_,
@@ -853,7 +879,7 @@ def _drift_arrays(
         threshold=threshold,
         p_value=p_value,
         psi_threshold=psi_threshold,
-        distribution=distribution,
+        distribution=_VERDICTS[distribution],
         **tests,
     )
 
