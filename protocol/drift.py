@@ -359,21 +359,19 @@ def hypergeom_sf(
     exact = upper & ~impossible & (variance <= _EXACT_VARIANCE)
     normal = upper & ~impossible & ~exact
     few = int(np.count_nonzero(exact))
-    if 0 < few <= _SCALAR_TAILS:
-        # A few tails cost less term by term in Python than numpy's per-call overhead.
-        out[exact] = [
-            _hypergeom_sf_one(*args)
-            for args in zip(
-                xs[exact].tolist(),
-                k[exact].tolist(),
-                n[exact].tolist(),
-                pop[exact].tolist(),
-                strict=True,
-            )
-        ]
-    elif few:
+    if few:
         xe, ke, ne, pe = xs[exact], k[exact], n[exact], pop[exact]
-        log_first = _log_choose(ke, xe) + _log_choose(pe - ke, ne - xe) - _log_choose(pe, ne)
+        if few <= _SCALAR_TAILS:  # math.lgamma beats numpy's per-call overhead on a few
+            log_first = np.array(
+                [
+                    _log_choose_one(a, b) + _log_choose_one(c - a, d - b) - _log_choose_one(c, d)
+                    for a, b, c, d in zip(
+                        ke.tolist(), xe.tolist(), pe.tolist(), ne.tolist(), strict=True
+                    )
+                ]
+            )
+        else:
+            log_first = _log_choose(ke, xe) + _log_choose(pe - ke, ne - xe) - _log_choose(pe, ne)
         s = xe[:, None] + np.arange(_EXACT_TERMS - 1)  # pmf(s + 1) / pmf(s)
         ratio = (ke[:, None] - s) * (ne[:, None] - s)
         ratio /= (s + 1.0) * (pe[:, None] - ke[:, None] - ne[:, None] + s + 1.0)
@@ -652,7 +650,7 @@ def _hypergeom_sf_one(x: float, k: float, n: float, pop: float) -> float:
         ratio = (k - s) * (n - s) / ((s + 1.0) * (pop - k - n + s + 1.0))
         term *= max(ratio, 0.0)
         total += term
-        if term <= total * 1e-17:  # the ratios only fall: the rest adds nothing
+        if term <= total * 1e-14:  # the ratios only fall: the rest adds nothing
             break
         s += 1.0
     return min(math.exp(log_first) * total, 1.0)
