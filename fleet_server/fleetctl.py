@@ -760,6 +760,10 @@ def _number(value: float | None, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _p(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2g}"
+
+
 def cmd_drift(args: argparse.Namespace) -> None:
     scopes = {
         "device": args.device,
@@ -792,7 +796,7 @@ def cmd_drift(args: argparse.Namespace) -> None:
             f"{m['model']} {m['version']}: {m['windows']} windows, {m['requests']} requests"
             f"{_sampled(m)} "
             f"({_when(m['start'])} .. {_when(m['end'])}); drift at false-alarm rate "
-            f"{m['false_alarm_rate']}, at least {m['min_n']} values"
+            f"{m['false_alarm_rate']} per feature, at least {m['min_n']} values"
         )
         if m.get("problem"):
             lines.append(f"  cannot test: {m['problem']}")
@@ -800,14 +804,16 @@ def cmd_drift(args: argparse.Namespace) -> None:
         lines.append(_accuracy_line(m.get("accuracy")))
         lines.append(
             _table(
-                ["FEATURE", "N", "PSI", "JS", "STATISTIC/THRESHOLD", "VERDICT"],
+                ["FEATURE", "N", "NAN", "PSI", "JS", "STATISTIC/THRESHOLD", "REASONS", "VERDICT"],
                 [
                     [
                         f["name"] or f["feature"],
                         f["n"],
+                        f.get("nan", 0),
                         _number(f["psi"]),
                         _number(f["js"]),
                         f"{_number(f['statistic'], 1)}/{_number(f['threshold'], 1)}",
+                        ",".join(f.get("reasons") or []) or "-",
                         f["verdict"].upper() if f["verdict"] == "drift" else f["verdict"],
                     ]
                     for f in m["features"]
@@ -844,6 +850,11 @@ def _accuracy_line(a: dict[str, Any] | None) -> str:
             f"predictions in {labelled['windows']} windows "
             f"(estimated {_percent(labelled['estimated'])} there)"
         )
+    if a.get("assumption"):
+        allowance = _percent(a.get("allowance"))
+        if not a.get("allowance_measured", True):
+            allowance += " (default: the bundle predates its measurement)"
+        line += f"\n  the interval assumes {a['assumption']}; allowance {allowance}"
     return line
 
 
@@ -851,6 +862,18 @@ def _alert_figures(a: dict[str, Any]) -> str:
     ev = a["evidence"]
     if a["kind"] == "accuracy":
         return f"{_percent(ev.get('estimated'))} < {_percent(ev.get('threshold'))}"
+    reason = a.get("reason") or "distribution"
+    if reason in ("missing-values", "out-of-range"):
+        return (
+            f"{reason}: {_percent(ev.get('share'))} vs {_percent(ev.get('baseline_share'))}, "
+            f"p {_p(ev.get('p_value'))}"
+        )
+    if reason == "new-range":
+        return (
+            f"new-range: {_number(ev.get('min'))}..{_number(ev.get('max'))} vs "
+            f"{_number(ev.get('baseline_min'))}..{_number(ev.get('baseline_max'))}, "
+            f"p {_p(ev.get('p_value'))}"
+        )
     return f"{_number(ev.get('statistic'), 1)}/{_number(ev.get('threshold'), 1)}"
 
 

@@ -340,6 +340,7 @@ class SignedAuditHead(BaseModel):
 # -- drift and alerts ----------------------------------------------------------
 
 DriftVerdictName = Literal["not_enough_data", "no_drift", "drift"]
+DriftReasonName = Literal["distribution", "missing-values", "out-of-range", "new-range"]
 ScopeKind = Literal["device", "tag", "hardware_id", "region", "fleet"]
 ModelName = Annotated[str, Field(pattern=NAME_PATTERN.pattern, max_length=64)]
 ModelVersion = Annotated[str, Field(pattern=r"^[0-9A-Za-z.+-]{1,64}$", max_length=64)]
@@ -373,13 +374,32 @@ class DriftQuery(_Request):
 class FeatureDriftView(_Response):
     """One feature's drift statistics against the baseline, and the verdict.
 
-    ``threshold`` and ``psi_threshold`` are null when the test has no degrees
-    of freedom (every value in one bin).
+    ``verdict`` is ``drift`` when any of the feature's tests found drift
+    (``reasons`` names them), ``no_drift`` when all found none. ``verdicts``
+    gives each test's own: ``distribution`` (the G-test on the bins, whose
+    numbers follow), ``missing-values`` (the share of NaN above the baseline's),
+    ``out-of-range`` (the share outside the valid range above the baseline's),
+    ``new-range`` (values beyond the baseline's min or max). ``threshold`` and
+    ``psi_threshold`` are null when the test has no degrees of freedom (every
+    value in one bin).
     """
 
     feature: int
     name: str | None = None
     verdict: DriftVerdictName
+    reasons: list[DriftReasonName] = Field(default_factory=list)
+    verdicts: dict[DriftReasonName, DriftVerdictName] = Field(default_factory=dict)
+    nan: int = Field(default=0, description="NaN or infinite values observed")
+    baseline_nan: int = 0
+    missing_p_value: float = 1.0
+    out_of_range: int = Field(default=0, description="values outside the valid range observed")
+    baseline_out_of_range: int = 0
+    out_of_range_p_value: float = 1.0
+    min: float | None = None
+    max: float | None = None
+    baseline_min: float | None = None
+    baseline_max: float | None = None
+    new_range_p_value: float = 1.0
     n: int
     baseline_n: int
     psi: float
@@ -411,7 +431,9 @@ class ModelDriftView(_Response):
         "may summarise a random sample of requests to bound the cost); null if unread",
     )
     min_n: int
-    false_alarm_rate: float
+    false_alarm_rate: float = Field(
+        description="per feature, split over its tests (distribution 70 %, the others 10 % each)"
+    )
     features: list[FeatureDriftView]
     accuracy: AccuracyView | None = Field(
         default=None, description="null when the release has no calibration or no score output"
@@ -433,8 +455,10 @@ class AccuracyView(_Response):
 
     ``reference`` is the model's accuracy on the calibration data in its bundle;
     ``threshold`` is the accuracy below which (upper end of the interval) an
-    accuracy alert opens. CBPE assumes the calibration carries over: it follows
-    covariate shift but is blind to concept drift (see ``protocol.cbpe``).
+    accuracy alert opens. ``assumption`` says what the interval holds under:
+    CBPE assumes the calibration carries over; it follows covariate shift of
+    about the size its ``allowance`` was measured for and is blind to concept
+    drift (see ``protocol.cbpe``).
     """
 
     estimated: float | None
@@ -443,6 +467,15 @@ class AccuracyView(_Response):
     confidence: float
     n: int = Field(description="predictions the estimate covers")
     unseen_share: float = Field(description="share of predictions in uncalibrated score cells")
+    allowance: float = Field(
+        default=0.0,
+        description="misspecification allowance in the interval (a standard deviation), "
+        "measured on held-out splits of the calibration rows",
+    )
+    allowance_measured: bool = Field(
+        default=True, description="false: the bundle predates it and a default was used"
+    )
+    assumption: str = Field(default="", description="what the interval holds under")
     reference: float
     threshold: float
     labelled: LabelledAccuracy | None = None
@@ -479,6 +512,9 @@ class AlertView(_Response):
     version: str
     feature: int | None = None
     feature_name: str | None = None
+    reason: DriftReasonName | None = Field(
+        default=None, description="the test that found drift; null for accuracy alerts"
+    )
     state: Literal["open", "closed"]
     opened_at: datetime
     last_seen_at: datetime

@@ -181,10 +181,13 @@ class WindowLabels(Base):
 
 
 class AlertRow(Base):
-    """A drift alert of one (scope, model version, feature), or an accuracy alert (no feature).
+    """A drift alert of one (scope, model version, feature, reason), or an accuracy alert.
 
-    ``open_key`` is set while the alert is open and cleared when it closes; its
-    unique index is what keeps two replicas from opening the same alert twice.
+    ``reason`` says which test of the feature found drift (``distribution``,
+    ``missing-values``, ``out-of-range``, ``new-range``); accuracy alerts have
+    neither feature nor reason. ``open_key`` is set while the alert is open and
+    cleared when it closes; its unique index is what keeps two replicas from
+    opening the same alert twice.
     """
 
     __tablename__ = "alerts"
@@ -199,6 +202,7 @@ class AlertRow(Base):
     model_version: Mapped[str] = mapped_column(String(128))
     feature: Mapped[int | None] = mapped_column(Integer)
     feature_name: Mapped[str | None] = mapped_column(String(128))
+    reason: Mapped[str | None] = mapped_column(String(32))
     state: Mapped[str] = mapped_column(String(16), index=True)
     open_key: Mapped[str | None] = mapped_column(String(512), unique=True)
     opened_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

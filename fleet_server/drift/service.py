@@ -14,8 +14,12 @@ histograms also give the accuracy CBPE estimates without labels
 (:mod:`fleet_server.labels`) the accuracy measured on the labelled windows
 beside the estimate for those same windows.
 
-Alert rules, per (scope, model version, feature) for drift and per (scope,
-model version) for accuracy:
+Alert rules, per (scope, model version, feature, reason) for drift and per
+(scope, model version) for accuracy. A feature's reasons are its tests
+(:data:`protocol.drift.REASONS`): ``distribution`` (the bins), ``missing-values``
+(the share of NaN), ``out-of-range`` (the share outside the valid range) and
+``new-range`` (values beyond the baseline's min or max); each opens and closes
+its own alert by its own verdict:
 
 - ``drift`` (accuracy: ``below``, see :class:`protocol.cbpe.AccuracyPolicy`)
   opens an alert, or — if one is open — updates its evidence and
@@ -50,7 +54,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from fleet_server.db.models import AlertRow, Device, Release, WindowLabels, WindowRow
 from protocol.bundle import BundleFormatError, read_manifest
 from protocol.cbpe import AccuracyEstimate, AccuracyPolicy, AccuracyVerdict, estimate_accuracy
-from protocol.drift import DriftPolicy, FeatureDrift, detect_drift
+from protocol.drift import (
+    ALPHA_SHARES,
+    DriftPolicy,
+    DriftReason,
+    FeatureDrift,
+    detect_drift,
+)
 from protocol.manifest import Manifest
 from protocol.summary import ScoreHistogram
 from protocol.window import (
@@ -382,21 +392,62 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def evidence(result: ModelDrift, feature: FeatureDrift) -> dict[str, Any]:
+def _share(count: int, rows: int) -> float | None:
+    return count / rows if rows else None
+
+
+def evidence(
+    result: ModelDrift, feature: FeatureDrift, reason: DriftReason = "distribution"
+) -> dict[str, Any]:
     """What an alert shows: the test's numbers, its thresholds and the windows it merged."""
-    return {
-        "verdict": feature.verdict,
+    policy = result.policy
+    found: dict[str, Any] = {
+        "reason": reason,
+        "verdict": feature.verdicts[reason],
         "n": feature.n,
         "baseline_n": feature.baseline_n,
-        "psi": feature.psi,
-        "js": feature.js,
-        "statistic": feature.statistic,
-        "df": feature.df,
-        "threshold": _finite(feature.threshold),
-        "p_value": feature.p_value,
-        "psi_threshold": _finite(feature.psi_threshold),
-        "min_n": result.policy.min_n,
-        "false_alarm_rate": result.policy.false_alarm_rate,
+    }
+    if reason == "distribution":
+        found |= {
+            "psi": feature.psi,
+            "js": feature.js,
+            "statistic": feature.statistic,
+            "df": feature.df,
+            "threshold": _finite(feature.threshold),
+            "p_value": feature.p_value,
+            "psi_threshold": _finite(feature.psi_threshold),
+        }
+    elif reason == "missing-values":
+        rows, baseline_rows = feature.n + feature.nan, feature.baseline_n + feature.baseline_nan
+        found |= {
+            "nan": feature.nan,
+            "rows": rows,
+            "share": _share(feature.nan, rows),
+            "baseline_nan": feature.baseline_nan,
+            "baseline_rows": baseline_rows,
+            "baseline_share": _share(feature.baseline_nan, baseline_rows),
+            "p_value": feature.missing_p_value,
+        }
+    elif reason == "out-of-range":
+        found |= {
+            "out_of_range": feature.out_of_range,
+            "share": _share(feature.out_of_range, feature.n),
+            "baseline_out_of_range": feature.baseline_out_of_range,
+            "baseline_share": _share(feature.baseline_out_of_range, feature.baseline_n),
+            "p_value": feature.out_of_range_p_value,
+        }
+    else:
+        found |= {
+            "min": feature.min,
+            "max": feature.max,
+            "baseline_min": feature.baseline_min,
+            "baseline_max": feature.baseline_max,
+            "p_value": feature.new_range_p_value,
+        }
+    return found | {
+        "alpha": policy.false_alarm_rate * ALPHA_SHARES[reason],
+        "min_n": policy.min_n,
+        "false_alarm_rate": policy.false_alarm_rate,
         "baseline_id": result.baseline_id,
         "windows": result.windows,
         "window_ids": result.window_ids,
@@ -417,6 +468,9 @@ def accuracy_evidence(result: ModelDrift, accuracy: Accuracy) -> dict[str, Any]:
         "confidence": e.confidence,
         "n": e.n,
         "unseen_share": e.unseen_share,
+        "allowance": e.allowance,
+        "allowance_measured": e.allowance_measured,
+        "assumption": e.assumption,
         "reference": accuracy.reference,
         "threshold": accuracy.threshold,
         "max_drop": result.accuracy_policy.max_drop,
@@ -431,11 +485,22 @@ def accuracy_evidence(result: ModelDrift, accuracy: Accuracy) -> dict[str, Any]:
     }
 
 
-def open_key(scope: Scope, model_name: str, model_version: str, feature: int | None) -> str:
-    """The key no two open alerts share: a feature's drift, or (``None``) the accuracy."""
+def open_key(
+    scope: Scope,
+    model_name: str,
+    model_version: str,
+    feature: int | None,
+    reason: DriftReason | None = None,
+) -> str:
+    """The key no two open alerts share: a feature's drift by one test, or (``None``) accuracy.
+
+    The distribution test keeps the key it had before features had other tests,
+    so an alert opened by an older server still closes.
+    """
     if feature is None:
         return f"accuracy|{scope}|{model_name}@{model_version}"
-    return f"drift|{scope}|{model_name}@{model_version}|{feature}"
+    key = f"drift|{scope}|{model_name}@{model_version}|{feature}"
+    return key if reason in (None, "distribution") else f"{key}|{reason}"
 
 
 @dataclass(frozen=True)
@@ -445,6 +510,7 @@ class _Finding:
     kind: Literal["drift", "accuracy"]
     feature: int | None
     feature_name: str | None
+    reason: DriftReason | None
     action: Literal["open", "close"]
     tested: FeatureDrift | Accuracy
 
@@ -452,7 +518,7 @@ class _Finding:
         """Built only for an alert that changes: it lists the windows, up to a thousand."""
         if isinstance(self.tested, Accuracy):
             return accuracy_evidence(result, self.tested)
-        return evidence(result, self.tested)
+        return evidence(result, self.tested, self.reason or "distribution")
 
 
 _ACTIONS: Final[dict[str, Literal["open", "close"]]] = {
@@ -466,13 +532,14 @@ _ACTIONS: Final[dict[str, Literal["open", "close"]]] = {
 def _findings(result: ModelDrift) -> list[_Finding]:
     """The tests of ``result`` that open or close an alert (the others change nothing)."""
     found = [
-        _Finding("drift", f.feature, f.name, _ACTIONS[f.verdict], f)
+        _Finding("drift", f.feature, f.name, reason, _ACTIONS[verdict], f)
         for f in result.features
-        if f.verdict in _ACTIONS
+        for reason, verdict in f.verdicts.items()
+        if verdict in _ACTIONS
     ]
     a = result.accuracy
     if a is not None and a.verdict in _ACTIONS:
-        found.append(_Finding("accuracy", None, None, _ACTIONS[a.verdict], a))
+        found.append(_Finding("accuracy", None, None, None, _ACTIONS[a.verdict], a))
     return found
 
 
@@ -492,7 +559,9 @@ async def evaluate_alerts(
     changes: list[tuple[AlertChange, AlertRow]] = []
     for result in results:
         for finding in _findings(result):
-            key = open_key(scope, result.model_name, result.model_version, finding.feature)
+            key = open_key(
+                scope, result.model_name, result.model_version, finding.feature, finding.reason
+            )
             current = open_alerts.get(key)
             if finding.action == "open":
                 if current is None:
@@ -504,6 +573,7 @@ async def evaluate_alerts(
                         model_version=result.model_version,
                         feature=finding.feature,
                         feature_name=finding.feature_name,
+                        reason=finding.reason,
                         state="open",
                         open_key=key,
                         opened_at=now,
@@ -642,7 +712,9 @@ async def update_gauges(
     metrics.accuracy_alerts_open.set(open_by_kind.get("accuracy", 0))
     drifting = (
         await session.execute(
-            select(AlertRow.model_name, AlertRow.model_version, func.count())
+            select(
+                AlertRow.model_name, AlertRow.model_version, func.count(AlertRow.feature.distinct())
+            )
             .where(AlertRow.state == "open", AlertRow.scope == "fleet", AlertRow.kind == "drift")
             .group_by(AlertRow.model_name, AlertRow.model_version)
         )
@@ -689,7 +761,7 @@ async def run_drift_alerts(
             for change, row in evaluation.changes:
                 if change != "updated":
                     log.info(
-                        "%s alert %s %s: %s:%s %s@%s%s",
+                        "%s alert %s %s: %s:%s %s@%s%s%s",
                         row.kind,
                         row.id,
                         change,
@@ -700,6 +772,7 @@ async def run_drift_alerts(
                         f" feature {row.feature_name or row.feature}"
                         if row.feature is not None
                         else "",
+                        f" ({row.reason})" if row.reason else "",
                     )
         except Exception:
             log.exception("drift alert evaluation failed")

@@ -247,7 +247,7 @@ def build_bundle(
             raise BundleBuildError(
                 "calibration data was given but the model has no probability output"
             )
-        calibrated = _calibrate(loaded, calibration, inputs, score_output, classes)
+        calibrated = _calibrate(loaded, calibration, inputs, score_output, classes, derivations)
 
     golden_index = np.unique(
         np.linspace(0, derived.shape[0] - 1, min(spec.golden_count, derived.shape[0])).astype(int)
@@ -365,7 +365,13 @@ def _calibrate(
     inputs: Sequence[TensorSpec],
     score_output: TensorSpec,
     classes: Sequence[str],
+    derivations: Sequence[InputDerivation],
 ) -> Calibration:
+    """The calibration on labelled rows, with its misspecification allowance.
+
+    The allowance tilts the rows' summarised features (those devices upload),
+    so it is measured along the directions drift is watched in.
+    """
     rows, labels = load_labelled(source, inputs, classes)
     if labels.size < MIN_CALIBRATION_ROWS:
         raise BundleBuildError(
@@ -375,7 +381,8 @@ def _calibrate(
         scores = loaded.run(rows)[score_output.name].reshape(labels.size, len(classes))
     except ModelRuntimeError as exc:
         raise BundleBuildError(f"{exc} (on the calibration data)") from None
-    return calibrate(scores, labels, classes)
+    features = np.concatenate([derive(d.method, rows[d.input]) for d in derivations], axis=1)
+    return calibrate(scores, labels, classes, features=features)
 
 
 def _validation_message(exc: ValueError) -> str:

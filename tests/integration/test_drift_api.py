@@ -144,18 +144,17 @@ class DriftFleet:
 
         self.api.call(run())
 
-    def alerts(self, device_id: str) -> list[AlertRow]:
+    def alerts(self, device_id: str, reason: str | None = None) -> list[AlertRow]:
+        """The device's alerts, oldest first; only those of one test if ``reason`` is given."""
+
         async def load() -> list[AlertRow]:
+            statement = select(AlertRow).where(
+                AlertRow.scope == "device", AlertRow.scope_value == device_id
+            )
+            if reason is not None:
+                statement = statement.where(AlertRow.reason == reason)
             async with self.api.server.db.session() as session:
-                return list(
-                    (
-                        await session.scalars(
-                            select(AlertRow)
-                            .where(AlertRow.scope == "device", AlertRow.scope_value == device_id)
-                            .order_by(AlertRow.id)
-                        )
-                    ).all()
-                )
+                return list((await session.scalars(statement.order_by(AlertRow.id))).all())
 
         return self.api.call(load())
 
@@ -268,7 +267,10 @@ def test_an_alert_opens_once_stays_open_and_closes_when_drift_clears(fleet: Drif
     fleet.upload("alarm-1", fleet.shifted(1000, seed=6, feature=0), t0)
     fleet.evaluate(t0)
     fleet.evaluate(t0 + timedelta(minutes=1))  # the same drift: no second alert
-    (alert,) = fleet.alerts("alarm-1")
+    # Two standard deviations up also puts values beyond the baseline's maximum:
+    # one alert per test that found it, each opened once.
+    assert sorted(a.reason for a in fleet.alerts("alarm-1")) == ["distribution", "new-range"]
+    (alert,) = fleet.alerts("alarm-1", "distribution")
     assert alert.state == "open" and alert.feature_name == "shaft_rpm"
     assert alert.last_seen_at > alert.opened_at
     ev = alert.evidence
@@ -279,35 +281,77 @@ def test_an_alert_opens_once_stays_open_and_closes_when_drift_clears(fleet: Drif
     t1 = t0 + 2 * HOUR
     fleet.upload("alarm-1", fleet.in_distribution(200, seed=7), t1)
     fleet.evaluate(t1)
-    (alert,) = fleet.alerts("alarm-1")
+    (alert,) = fleet.alerts("alarm-1", "distribution")
     assert alert.state == "open"
 
     # Enough in-distribution values: the alert closes.
     t2 = t0 + 4 * HOUR
     fleet.upload("alarm-1", fleet.in_distribution(1000, seed=8), t2)
     fleet.evaluate(t2)
-    (alert,) = fleet.alerts("alarm-1")
+    (alert,) = fleet.alerts("alarm-1", "distribution")
     assert alert.state == "closed" and alert.closed_at is not None
     assert alert.evidence["verdict"] == "no_drift"
+    (beyond,) = fleet.alerts("alarm-1", "new-range")
+    assert beyond.state == "closed" and beyond.evidence["reason"] == "new-range"
 
     # Drift again: a new alert, the closed one stays closed.
     t3 = t0 + 6 * HOUR
     fleet.upload("alarm-1", fleet.shifted(1000, seed=9, feature=0), t3)
     fleet.evaluate(t3)
-    states = [a.state for a in fleet.alerts("alarm-1")]
+    states = [a.state for a in fleet.alerts("alarm-1", "distribution")]
     assert states == ["closed", "open"]
+    assert [a.state for a in fleet.alerts("alarm-1", "new-range")] == ["closed", "open"]
 
     status, listed = fleet.get("/alerts", state="open")
     assert status == 200
     mine = [a for a in listed["alerts"] if a["scope_value"] == "alarm-1"]
-    assert len(mine) == 1 and mine[0]["feature_name"] == "shaft_rpm"
-    assert mine[0]["evidence"]["verdict"] == "drift"
+    assert len(mine) == 2 and {a["feature_name"] for a in mine} == {"shaft_rpm"}
+    assert {a["reason"] for a in mine} == {"distribution", "new-range"}
+    assert all(a["evidence"]["verdict"] == "drift" for a in mine)
     status, closed = fleet.get("/alerts", state="closed")
     assert any(a["scope_value"] == "alarm-1" for a in closed["alerts"])
 
     metrics = fleet.api.request("GET", "/metrics").data.decode()
     assert "edgefleet_drift_alerts_open" in metrics
     assert 'edgefleet_drift_features_drifting{model="pump-health",version="1.0.0"}' in metrics
+
+
+def test_a_dead_sensor_opens_a_missing_values_alert_that_says_so(fleet: DriftFleet) -> None:
+    t0 = datetime(2031, 2, 10, 12, tzinfo=UTC)
+    fleet.register("dead-1")
+    data = fleet.in_distribution(1000, seed=21)
+    data[np.random.default_rng(21).random(1000) < 0.05, 1] = np.nan  # 5 % NaN, feature 1
+    fleet.upload("dead-1", data, t0)
+    since, until = (t0 - HOUR).isoformat(), t0.isoformat()
+    status, report = fleet.get("/drift", device="dead-1", since=since, until=until)
+    assert status == 200, report
+    (model,) = report["models"]
+    dead = model["features"][1]
+    assert dead["verdict"] == "drift" and dead["reasons"] == ["missing-values"]
+    assert dead["verdicts"]["distribution"] == "no_drift"  # what is left is undrifted
+    assert dead["nan"] == int(np.isnan(data[:, 1]).sum()) and dead["baseline_nan"] == 0
+    assert dead["missing_p_value"] < 1e-6
+    assert [f["verdict"] for i, f in enumerate(model["features"]) if i != 1] == ["no_drift"] * (
+        len(model["features"]) - 1
+    )
+
+    fleet.evaluate(t0)
+    fleet.evaluate(t0 + timedelta(minutes=1))
+    (alert,) = fleet.alerts("dead-1")
+    assert (alert.state, alert.reason, alert.feature) == ("open", "missing-values", 1)
+    ev = alert.evidence
+    assert ev["reason"] == "missing-values" and ev["baseline_share"] == 0.0
+    assert 0.03 < ev["share"] < 0.07 and ev["p_value"] <= ev["alpha"]
+    status, listed = fleet.get("/alerts", state="open")
+    (view,) = [a for a in listed["alerts"] if a["scope_value"] == "dead-1"]
+    assert view["reason"] == "missing-values"
+
+    # The sensor is replaced: no NaN in enough rows closes the alert.
+    t1 = t0 + 2 * HOUR
+    fleet.upload("dead-1", fleet.in_distribution(1000, seed=22), t1)
+    fleet.evaluate(t1)
+    (alert,) = fleet.alerts("dead-1")
+    assert alert.state == "closed" and alert.evidence["verdict"] == "no_drift"
 
 
 def test_fleetctl_drift_prints_a_table_and_alerts_lists_them(
@@ -383,6 +427,10 @@ def test_accuracy_under_covariate_shift_is_estimated_and_measured_with_late_labe
     measured = float((predicted == y).mean())
     assert abs(measured - calibration.reference_accuracy) > 0.01  # the shift moved accuracy
     assert abs(accuracy["estimated"] - measured) <= 0.03, (accuracy["estimated"], measured)
+    # The interval includes the allowance measured at build time, and says what it assumes.
+    assert accuracy["allowance"] == calibration.allowance and accuracy["allowance_measured"]
+    assert accuracy["low"] <= measured <= accuracy["high"]
+    assert "covariate shift" in accuracy["assumption"] and "concept" in accuracy["assumption"]
 
     # Labels arrive later for half the windows: confusion counts, in the model's class order.
     classes = fleet.manifest.classes
@@ -598,6 +646,7 @@ def test_fleetctl_posts_labels_from_csv_and_shows_accuracy(
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.strip().startswith("accuracy:"))
     assert "estimated" in line and f"measured {right / 400:.1%} on 400 labelled" in line
+    assert "the interval assumes the calibration carries over" in out
 
     assert main(["drift", "--fleet", "--since", since, "--until", until, *remote]) == 0
     out = capsys.readouterr().out

@@ -18,9 +18,10 @@ from fleet_server.release.bundle_builder import (
     load_feature_file,
 )
 from protocol.bundle import read_bundle
-from protocol.cbpe import calibrate
+from protocol.cbpe import DEFAULT_ALLOWANCE, calibrate, estimate_accuracy
 from protocol.derivation import derive_features
 from protocol.golden import unpack_golden
+from protocol.manifest import Manifest
 from protocol.summary import summarize
 from tests.conftest import MODELS
 
@@ -185,7 +186,10 @@ def test_calibration_is_measured_on_the_labelled_rows(tmp_path: Path) -> None:
     assert calibration is not None and calibration.classes == classes
     heldout = np.load(MODELS / "heldout.npz")
     scores = LoadedModel(built.members["model.tflite"]).run({"features": heldout["X"]})["scores"]
-    assert calibration == calibrate(scores, heldout["y"], classes)
+    # The calibration of those rows, and the allowance measured on their features.
+    without = calibration.model_copy(update={"allowance": None})
+    assert without == calibrate(scores, heldout["y"], classes)
+    assert calibration.allowance is not None and 0.0 < calibration.allowance < 0.05
     # The sample model's documented held-out accuracy (firmware_images/models/MODELS.md).
     assert calibration.reference_accuracy == pytest.approx(0.9144, abs=5e-4)
     # It survives the file format, and labels given as class names give the same calibration.
@@ -202,6 +206,16 @@ def test_calibration_is_measured_on_the_labelled_rows(tmp_path: Path) -> None:
             calibration={"X": heldout["X"], "labels": labels},
         )
         assert again.manifest.baseline.calibration == calibration
+
+    # A manifest written before the allowance existed still loads, and its
+    # estimates carry the stated default instead.
+    older = json.loads(built.manifest.model_dump_json())
+    del older["baseline"]["calibration"]["allowance"]
+    old = Manifest.model_validate(older).baseline
+    assert old.calibration is not None and old.calibration.allowance is None
+    assert old.scores is not None
+    estimate = estimate_accuracy(old.calibration, old.scores)
+    assert (estimate.allowance, estimate.allowance_measured) == (DEFAULT_ALLOWANCE, False)
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ import pytest
 
 from firmware_images.datagen import FEATURES, FieldConditions, generate
 from protocol.drift import (
+    ALPHA_SHARES,
     DriftPolicy,
     FeatureDrift,
     chi2_quantile,
@@ -20,6 +21,7 @@ from protocol.drift import (
     drift_arrays,
     feature_drift,
     g_statistic,
+    hypergeom_sf,
     jensen_shannon,
     merge_until,
     psi,
@@ -152,8 +154,10 @@ def test_the_threshold_is_the_chi_square_critical_value_of_the_false_alarm_rate(
     seen = FeatureSummary(n=1000, nan=0, out_of_range=0, counts=[50] * 20)
     result = feature_drift(base, seen, DriftPolicy(false_alarm_rate=0.05))
     assert (result.verdict, result.df) == ("no_drift", 19)
-    assert result.threshold == pytest.approx(30.143527, rel=1e-6)
-    assert result.psi_threshold == pytest.approx(30.143527 / (1000 * 5000 / 6000), rel=1e-6)
+    # The distribution test spends 70 % of the feature's rate: chi-square(19) at 1 - 0.035.
+    assert ALPHA_SHARES["distribution"] == 0.7
+    assert result.threshold == pytest.approx(31.561054, rel=1e-6)
+    assert result.psi_threshold == pytest.approx(31.561054 / (1000 * 5000 / 6000), rel=1e-6)
     assert result.p_value == pytest.approx(1.0)
 
 
@@ -451,3 +455,171 @@ def test_detect_drift_many_says_which_window_does_not_fit() -> None:
         detect_drift_many(mixed, [*windows[:2], bad])
     with pytest.raises(ValueError, match=r"^feature 1: 3 observed bins"):
         detect_drift(mixed, bad)
+
+
+# -- what the bins leave out: NaN, out-of-range values, values beyond the baseline ----
+
+
+def _log_choose(a: int, b: int) -> float:
+    return math.lgamma(a + 1) - math.lgamma(b + 1) - math.lgamma(a - b + 1)
+
+
+def _hypergeom_tail(x: int, k: int, n: int, pop: int) -> float:
+    """The sum of every term, each from math.lgamma."""
+    return sum(
+        math.exp(_log_choose(k, s) + _log_choose(pop - k, n - s) - _log_choose(pop, n))
+        for s in range(x, min(k, n) + 1)
+    )
+
+
+def test_hypergeometric_tail_is_exact_where_it_matters() -> None:
+    cases = [
+        (3, 3, 600, 5600),  # every NaN in the window, none in the baseline
+        (10, 12, 600, 5600),
+        (40, 300, 600, 5600),  # the top bin of a drifted window
+        (1, 1, 1, 2),
+        (7, 7, 7, 7),
+        (5, 4, 600, 5600),  # more than there are: impossible
+        (0, 0, 600, 5600),  # nothing anywhere
+    ]
+    got = hypergeom_sf(*np.array(cases, dtype=float).T)
+    for (x, k, n, pop), p in zip(cases, got, strict=True):
+        assert p == pytest.approx(_hypergeom_tail(x, k, n, pop), rel=1e-9, abs=1e-300)
+    # Large counts: the deviance's signed root, a few per cent above the exact tail.
+    for x in (1060, 1100, 1150):
+        exact = _hypergeom_tail(x, 6000, 10_000, 60_000)
+        assert exact <= hypergeom_sf([x], [6000], [10_000], [60_000])[0] <= 1.05 * exact
+    # At or below the mean the one-sided tail is reported as 1 (never an alarm).
+    assert hypergeom_sf([50], [500], [600], [5600])[0] == 1.0
+
+
+def _nan_baseline(nan: int = 0) -> FeatureSummary:
+    return FeatureSummary(n=5000 - nan, nan=nan, out_of_range=0, counts=[(5000 - nan) // 20] * 20)
+
+
+def _nan_window(rng: np.random.Generator, rows: int, share: float) -> FeatureSummary:
+    nan = int(rng.binomial(rows, share))
+    counts = rng.multinomial(rows - nan, np.full(20, 0.05))
+    return FeatureSummary(n=rows - nan, nan=nan, out_of_range=0, counts=counts.tolist())
+
+
+def test_a_dead_sensor_is_a_missing_values_drift_at_600_rows() -> None:
+    rng = np.random.default_rng(31)
+    base = _nan_baseline()
+    for share in (0.05, 0.5, 1.0):
+        verdicts = [feature_drift(base, _nan_window(rng, 600, share)) for _ in range(50)]
+        assert all(v.verdict == "drift" and "missing-values" in v.reasons for v in verdicts)
+        assert all(v.missing == "drift" for v in verdicts)
+    # A sensor that is all NaN has no values to bin, and still alarms.
+    dead = feature_drift(base, _nan_window(rng, 600, 1.0))
+    assert (dead.distribution, dead.missing, dead.n) == ("not_enough_data", "drift", 0)
+    # Too few rows: no verdict, as for the bins.
+    few = feature_drift(base, _nan_window(rng, 300, 0.5))
+    assert few.missing == "not_enough_data"
+
+
+def test_missing_values_alarm_at_most_at_their_share_of_the_rate() -> None:
+    # A loose rate, so that a thousand tests can show it: 0.1 of 0.3 per feature.
+    policy = DriftPolicy(false_alarm_rate=0.3)
+    level = 0.3 * ALPHA_SHARES["missing-values"]
+    rng = np.random.default_rng(32)
+    for share, baseline_nan in ((0.0, 0), (0.002, 10), (0.05, 250)):
+        base = _nan_baseline(baseline_nan)
+        alarms = [
+            feature_drift(base, _nan_window(rng, 600, share), policy).missing == "drift"
+            for _ in range(1000)
+        ]
+        assert np.mean(alarms) <= level + 0.01, (share, np.mean(alarms))
+
+
+def test_out_of_range_values_are_tested_against_the_baselines_share() -> None:
+    base = FeatureSummary(n=5000, nan=0, out_of_range=2, counts=[250] * 20)
+    rng = np.random.default_rng(33)
+    counts = rng.multinomial(600, np.full(20, 0.05)).tolist()
+    bad = FeatureSummary(n=600, nan=0, out_of_range=18, counts=counts)
+    result = feature_drift(base, bad)
+    assert result.reasons == ["out-of-range"] and result.out_of_range_p_value < 1e-8
+    fine = FeatureSummary(n=600, nan=0, out_of_range=1, counts=counts)
+    assert feature_drift(base, fine).out_of_range_verdict == "no_drift"
+
+
+def _category_baseline(rng: np.random.Generator) -> tuple[Baseline, list[list[float]]]:
+    """Mixed shapes: a category 0..4, a normal, a lognormal (the baseline as a bundle has it)."""
+    base = _category_rows(rng, 5000, 0.0)
+    edges = [quantile_edges(base[:, j]) for j in range(base.shape[1])]
+    return (
+        Baseline(
+            id=edges_id(edges),
+            rows=base.shape[0],
+            features=[
+                FeatureBaseline(edges=e, summary=s)
+                for e, s in zip(edges, summarize(base, edges), strict=True)
+            ],
+        ),
+        edges,
+    )
+
+
+def _category_rows(rng: np.random.Generator, n: int, new: float) -> np.ndarray:
+    category = rng.choice(5, n, p=[0.3, 0.25, 0.2, 0.15, 0.1]).astype(float)
+    category[rng.random(n) < new] = 5.0  # a category the training data never had
+    return np.column_stack([category, rng.normal(0.0, 1.0, n), rng.lognormal(0.0, 1.0, n)])
+
+
+def test_a_new_category_above_the_baselines_maximum_is_caught_more_often() -> None:
+    rng = np.random.default_rng(34)
+    baseline, _ = _category_baseline(rng)
+    old_threshold = {df: chi2_quantile(0.99, df) for df in range(1, 20)}
+    runs, before, after, new_range = 400, 0, 0, 0
+    for k in range(runs):
+        window = _window(baseline, _category_rows(rng, 600, 0.04), k)
+        category = detect_drift(baseline, window)[0]
+        before += category.statistic > old_threshold[category.df]  # the bins alone, at 1 %
+        after += category.verdict == "drift"
+        new_range += category.new_range == "drift"
+    # Measured: 35 % before, 56 % after (1,000 runs); the new-range test does the most.
+    assert before / runs < 0.45 and after / runs > 0.5 and new_range / runs > 0.35
+    assert after - before > 0.12 * runs
+
+
+def test_values_beyond_the_baseline_alarm_at_most_at_their_share_of_the_rate() -> None:
+    # No drift: the windows come from the baseline's own distributions.
+    policy = DriftPolicy(false_alarm_rate=0.3)
+    level = 0.3 * ALPHA_SHARES["new-range"]
+    rng = np.random.default_rng(35)
+    baseline, _ = _category_baseline(rng)
+    windows = [_window(baseline, _category_rows(rng, 600, 0.0), k) for k in range(2000)]
+    arrays = detect_drift_many(baseline, windows, policy)
+    rates = (arrays.new_range == "drift").mean(axis=0)
+    assert rates.max() <= level + 0.012, rates
+    # The continuous features do reach past the baseline's range (about n / N of the time).
+    beyond = np.mean([w.features[1].max > baseline.features[1].summary.max for w in windows])
+    assert 0.05 < beyond < 0.2
+
+
+def test_detect_drift_many_equals_feature_drift_on_nan_range_and_extremes() -> None:
+    rng = np.random.default_rng(36)
+    baseline, _ = _category_baseline(rng)
+    windows = []
+    for k, (new, nan) in enumerate([(0.0, 0.0), (0.05, 0.0), (0.0, 0.1), (0.1, 0.6)]):
+        rows = _category_rows(rng, 700, new)
+        rows[rng.random(rows.shape[0]) < nan, 2] = np.nan
+        rows[:, 1] -= 3.0 * (k == 3)  # below the baseline's minimum
+        windows.append(_window(baseline, rows, k))
+    arrays = detect_drift_many(baseline, windows)
+    seen: set[str] = set()
+    for i, window in enumerate(windows):
+        for j, got in enumerate(arrays[i].results()):
+            want = feature_drift(baseline.features[j].summary, window.features[j], feature=j)
+            _assert_same(got, want)
+            assert got.verdicts == want.verdicts
+            for name in ("missing_p_value", "out_of_range_p_value", "new_range_p_value"):
+                assert getattr(got, name) == pytest.approx(getattr(want, name), rel=1e-12)
+            assert (got.nan, got.min, got.max, got.baseline_max) == (
+                want.nan,
+                want.min,
+                want.max,
+                want.baseline_max,
+            )
+            seen.update(got.reasons)
+    assert seen == {"distribution", "missing-values", "new-range"}
