@@ -152,3 +152,15 @@ class InvalidBundle(UpdateRefused):
 
     reason = "invalid-bundle"
     condemns_bundle = True
+
+
+def answer_refusal_codes() -> frozenset[str]:
+    """The reason codes of refusals about an answer, never about the signed bundle itself."""
+    codes: set[str] = set()
+    pending: list[type[UpdateRefused]] = [UpdateRefused]
+    while pending:
+        cls = pending.pop()
+        if not cls.condemns_bundle:
+            codes.add(cls.reason)
+        pending.extend(cls.__subclasses__())
+    return frozenset(codes)

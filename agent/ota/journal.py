@@ -34,6 +34,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from agent.ota.durable import append_line, atomic_write
+from agent.ota.errors import answer_refusal_codes
 from agent.ota.identity import bundle_id, same_hashes
 
 MAX_EVENTS_KEPT = 500
@@ -136,13 +137,20 @@ class Journal(BaseModel):
     @field_validator("rejected", mode="before")
     @classmethod
     def _legacy_rejected_keys(cls, value: Any) -> Any:
-        # Older journals keyed rejected bundles by their bare sha256.
-        if isinstance(value, dict):
-            return {
-                f"sha256:{k}" if isinstance(k, str) and _BARE_SHA256.fullmatch(k) else k: v
-                for k, v in value.items()
-            }
-        return value
+        # Older journals keyed rejected bundles by their bare sha256, and remembered every
+        # refusal, also those about a forged or garbled answer; only the entries that
+        # condemn the bundle itself are kept, so a genuine bundle installs again.
+        if not isinstance(value, dict):
+            return value
+        kept: dict[Any, Any] = {}
+        answers = answer_refusal_codes()
+        for key, why in value.items():
+            if isinstance(key, str) and _BARE_SHA256.fullmatch(key):
+                if isinstance(why, str) and why.partition(":")[0] in answers:
+                    continue
+                key = f"sha256:{key}"
+            kept[key] = why
+        return kept
 
     def rejection(self, target: InstallTarget) -> str | None:
         """Why ``target`` was rejected before, or ``None`` if it never was.

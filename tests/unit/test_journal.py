@@ -142,3 +142,25 @@ def test_a_journal_written_with_bare_sha256_keys_still_loads(tmp_path: Path) -> 
     j = JournalStore(tmp_path).load()
     assert j.target == V2
     assert j.rejected == {"sha256:" + "a" * 64: "self-test-failed: slow"}
+
+
+def test_an_older_journals_refusals_about_an_answer_no_longer_block_the_bundle(
+    tmp_path: Path,
+) -> None:
+    # The journal of a device hit by the forged-director bug: 3.0.0 was held against the
+    # director's answer. After the upgrade only what condemns a bundle itself is kept.
+    forged = "bundle-not-found: the director named face/face-6.6.6.bundle, unsigned"
+    legacy = {
+        "phase": "idle",
+        "rejected": {
+            "a" * 64: forged,
+            "b" * 64: "tampered-bundle: hash mismatch on the wire",
+            "c" * 64: "self-test-failed: golden vector 3 off by 0.4",
+            "d" * 64: "watchdog: 3 failures in 200 requests",
+            "e" * 64: "invalid-bundle: no manifest.json",
+        },
+    }
+    (tmp_path / "journal.json").write_text(json.dumps(legacy))
+    j = JournalStore(tmp_path).load()
+    assert set(j.rejected) == {"sha256:" + c * 64 for c in "cde"}
+    assert j.rejection(V2.model_copy(update={"hashes": {"sha256": "a" * 64}})) is None
