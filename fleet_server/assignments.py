@@ -228,7 +228,11 @@ class DirectorService:
             (Committed(r.id, r.assigned_target, r.director_version or 0), r.hardware_id)
             for r in rows
         ]
-        signed_now, to_record = await asyncio.to_thread(self._sign_committed, committed, releases)
+        signed_now, to_record, ahead = await asyncio.to_thread(
+            self._sign_committed, committed, releases
+        )
+        if ahead:
+            signed_now += await self._realign(db, ahead, releases)
         if to_record:
             async with db.session() as session:
                 for device_id, (target_path, version) in sorted(to_record.items()):
@@ -244,16 +248,62 @@ class DirectorService:
                     )
         return signed_now
 
+    async def _realign(
+        self, db: Database, device_ids: list[str], releases: dict[str, ReleasedBundle]
+    ) -> int:
+        """Metadata that names another target than the database read: record, then sign.
+
+        The first read may be stale: an assignment committed and signed after
+        it looks just like metadata that got ahead of the database. So the row
+        is read again under its lock, and only if the metadata still names
+        another target is the next version recorded (committed) and signed.
+        """
+        fresh: list[tuple[Committed, str]] = []
+        async with db.session() as session:
+            rows = await session.execute(
+                select(
+                    Device.id, Device.hardware_id, Device.assigned_target, Device.director_version
+                )
+                .where(Device.id.in_(device_ids))
+                .order_by(Device.id)
+                .with_for_update()
+            )
+            for r in rows.all():
+                state = Committed(r.id, r.assigned_target, r.director_version or 0)
+                step = plan_sync(state, await asyncio.to_thread(self.director.signed, r.id))
+                if step is None or not (step.sign and step.record):
+                    continue  # in line now, or plainly unsigned: the next sync handles it
+                await session.execute(
+                    update(Device).where(Device.id == r.id).values(director_version=step.version)
+                )
+                fresh.append((Committed(r.id, r.assigned_target, step.version), r.hardware_id))
+            missing = {c.target_path for c, _ in fresh} - set(releases)
+            if missing:
+                for row in await session.scalars(
+                    select(Release).where(Release.target_path.in_(missing))
+                ):
+                    releases = {**releases, row.target_path: released_bundle(row)}
+        # Committed at the new version: signing it is now the plain "not signed yet" case.
+        signed_now, _, _ = await asyncio.to_thread(self._sign_committed, fresh, releases)
+        return signed_now
+
     def _sign_committed(
         self, committed: list[tuple[Committed, str]], releases: dict[str, ReleasedBundle]
-    ) -> tuple[int, dict[str, tuple[str, int]]]:
+    ) -> tuple[int, dict[str, tuple[str, int]], list[str]]:
+        """Sign what is committed but not signed; returns how many were signed, the
+        versions to record, and the devices whose metadata names another target
+        (left to :meth:`_realign`, which reads them again first)."""
         signed_now = 0
         to_record: dict[str, tuple[str, int]] = {}
+        ahead: list[str] = []
         for state, hardware_id in committed:
             try:
                 step = plan_sync(state, self.director.signed(state.device_id))
                 self.unsigned.discard(state.device_id)
                 if step is None or state.target_path is None:
+                    continue
+                if step.sign and step.record:
+                    ahead.append(state.device_id)
                     continue
                 if step.sign:
                     bundle = releases.get(state.target_path)
@@ -275,7 +325,7 @@ class DirectorService:
                     state.director_version,
                     exc,
                 )
-        return signed_now, to_record
+        return signed_now, to_record, ahead
 
     async def announce(self, release: Release, results: Sequence[AssignmentResult]) -> None:
         """Publish the retained desired state of each assigned device (after commit)."""

@@ -218,6 +218,35 @@ def test_metadata_signed_ahead_of_the_database_is_brought_back_to_it(
     assert served.device_sees(tmp_path / "device") == "1.0.0"
 
 
+def test_a_sync_racing_a_new_assignment_never_signs_the_one_it_replaced(
+    served: Served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sync reads the database, then an assignment commits and signs, then it looks.
+
+    What it read is stale, and the metadata it then sees names another target at
+    a later version, which is what metadata ahead of the database looks like too.
+    """
+    status, body = served.assign("1.0.0")
+    assert status == 201, body
+    real = DirectorRepository.signed
+    raced: list[tuple[int, Any]] = []
+
+    def signed(self: DirectorRepository, device_id: str) -> Signed:
+        if not raced:
+            raced.append((0, None))  # the assignment below calls this too
+            raced[0] = served.assign("2.0.0")
+        return real(self, device_id)
+
+    monkeypatch.setattr(DirectorRepository, "signed", signed)
+    served.api.call(served.api.server.director.sync(served.api.server.db))
+    monkeypatch.undo()
+    assert raced and raced[0][0] == 201, raced
+    recorded_path, recorded_version = served.recorded()
+    assert recorded_path == served.paths["2.0.0"]
+    assert served.director.signed(DEVICE) == Signed(served.paths["2.0.0"], recorded_version)
+    assert served.device_sees(tmp_path / "device") == "2.0.0"
+
+
 def metadata_files(director: DirectorRepository) -> list[str]:
     return sorted(p.name for p in director.device(DEVICE).metadata_dir.glob("*.json"))
 
