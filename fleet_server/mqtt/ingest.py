@@ -254,7 +254,8 @@ async def write_batch(db: Database, batch: Sequence[Accepted], replica: str) -> 
                 values["online"] = True
             elif isinstance(msg, ReportedState):
                 previous = values.get("reported_at")
-                stamp = _at(msg.sent_at)
+                # A device clock ahead of ours must not outrank every later report.
+                stamp = min(_at(msg.sent_at), now)
                 if not isinstance(previous, datetime) or stamp >= previous:
                     values.update(
                         agent_version=msg.agent_version,
@@ -274,7 +275,7 @@ async def write_batch(db: Database, batch: Sequence[Accepted], replica: str) -> 
             values = updates[device_id]
             if "reported" in values:
                 await session.execute(
-                    update(Device).where(Device.id == device_id).values(**_newer_state(values))
+                    update(Device).where(Device.id == device_id).values(**_newer_state(values, now))
                 )
             else:
                 groups.setdefault(tuple(sorted(values.items())), []).append(device_id)
@@ -327,15 +328,17 @@ _STATE_COLUMNS = (
 )
 
 
-def _newer_state(values: dict[str, object]) -> dict[str, object]:
+def _newer_state(values: dict[str, object], now: datetime) -> dict[str, object]:
     """``values`` for an UPDATE that replaces the stored state only with a newer one.
 
     A delivery can come late (a replica restarted, another replica slower);
     its presence (``last_seen_at``, ``online``) still counts, its state only if
-    it is at least as new as the row's (every SET sees the row as it was).
+    it is at least as new as the row's (every SET sees the row as it was). A
+    stored time ahead of ``now`` (a device clock that was ahead, stored before
+    times were capped at arrival) never outranks a report.
     """
     stamp = values["reported_at"]
-    newer = or_(Device.reported_at.is_(None), Device.reported_at <= stamp)
+    newer = or_(Device.reported_at.is_(None), Device.reported_at <= stamp, Device.reported_at > now)
     out: dict[str, object] = {}
     for name, value in values.items():
         if name in _STATE_COLUMNS:
