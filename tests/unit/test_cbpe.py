@@ -15,6 +15,7 @@ from protocol.cbpe import (
     Calibration,
     calibrate,
     estimate_accuracy,
+    misspecification_allowance,
 )
 from protocol.summary import ScoreHistogram, score_histogram
 
@@ -276,3 +277,19 @@ def test_an_older_calibration_without_an_allowance_gets_the_stated_default() -> 
     assert estimate.high - estimate.accuracy == pytest.approx(half, rel=1e-5)
     measured = cal.model_copy(update={"allowance": 0.0})
     assert estimate_accuracy(measured, seen).allowance_measured
+
+
+def test_a_bias_carried_by_one_feature_of_many_is_not_averaged_away() -> None:
+    # The model's confidence misses that it is right far more often where x0 is high;
+    # eleven other features carry nothing. The allowance is about a shift in any one
+    # feature, so adding the eleven must not dilute what x0 shows.
+    rng = np.random.default_rng(3)
+    rows = 4000
+    x = rng.normal(size=(rows, 12))
+    scores = np.column_stack([np.full(rows, 0.7), np.full(rows, 0.3)])
+    right = rng.random(rows) < 1.0 / (1.0 + np.exp(-2.0 * x[:, 0]))
+    labels = np.where(right, 0, 1)
+    alone = misspecification_allowance(scores, labels, x[:, :1], classes=2)
+    among_many = misspecification_allowance(scores, labels, x, classes=2)
+    assert alone > 0.02, alone
+    assert among_many >= 0.9 * alone, (among_many, alone)
