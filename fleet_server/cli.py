@@ -73,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-cert")
     parser.add_argument("--tls-key")
     parser.add_argument("--replica-id")
+    parser.add_argument(
+        "--ingest-batch-delay",
+        type=float,
+        metavar="SECONDS",
+        help="how long device messages gather into one write (default 0.05); longer batches "
+        "mean fewer transactions and more messages held unacknowledged",
+    )
     parser.add_argument("--verbose", action="store_true")
     return parser
 
@@ -97,6 +104,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     }
     if args.replica_id:
         fields["replica_id"] = args.replica_id
+    if args.ingest_batch_delay is not None:
+        fields["ingest_batch_delay_s"] = args.ingest_batch_delay
     return ServerConfig.model_validate(fields)
 
 
