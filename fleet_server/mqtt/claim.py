@@ -19,7 +19,10 @@ Rules, checked once at start, before the replica ingests anything:
    live holder answers on ``.../pong`` and the new one is refused, naming
    ``--replica-id``; a holder that died without a goodbye (SIGKILL, its will
    not yet sent) does not answer, and the new one takes over, as a
-   supervisor's restart should.
+   supervisor's restart should. Two replicas that start with one id at the
+   same moment can both pass that check; each then sees the other's record,
+   and the one with the lower instance id keeps the id while the other stops
+   with the same refusal.
 3. A broker URL the server cannot connect to is refused at start, naming ``--mqtt``.
 
 The retained messages a subscription brings arrive before anything published
@@ -296,12 +299,24 @@ class NamespaceGuard:
                     await client.publish(
                         self.record_topic, self._record(online=True), qos=1, retain=True
                     )
+                elif record.instance < self.instance:
+                    # Two replicas started with one id at the same moment both passed the
+                    # check; the lower instance keeps the id, so exactly one goes on.
+                    raise StartRefused(
+                        "--replica-id",
+                        f"another running replica (instance {record.instance}) uses replica id "
+                        f"{self.config.replica_id!r} too; it keeps the id and this replica "
+                        "stops: give each replica its own --replica-id",
+                    )
                 else:
                     log.error(
-                        "another running replica (instance %s) uses replica id %s: the two "
-                        "take each other's MQTT connection over; give each its own --replica-id",
+                        "another running replica (instance %s) uses replica id %s: this one "
+                        "keeps the id and the other stops; give each its own --replica-id",
                         record.instance,
                         self.config.replica_id,
+                    )
+                    await client.publish(
+                        self.record_topic, self._record(online=True), qos=1, retain=True
                     )
 
     # -- plumbing ----------------------------------------------------------------

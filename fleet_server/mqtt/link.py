@@ -203,12 +203,15 @@ class ServerMqtt:
                     await self._republish(client)
                     reader = asyncio.create_task(self._read(client))
                     stopper = asyncio.create_task(stop.wait())
-                    await asyncio.wait({reader, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                    if stopper.done() and not reader.done():
-                        await self._leave(client, reader)
-                    for t in (reader, stopper):
-                        t.cancel()
-                    await asyncio.gather(reader, stopper, return_exceptions=True)
+                    try:
+                        await asyncio.wait({reader, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                        if stopper.done() and not reader.done():
+                            await self._leave(client, reader)
+                    finally:
+                        # Also when this task is cancelled: no reader outlives its connection.
+                        for t in (reader, stopper):
+                            t.cancel()
+                        await asyncio.gather(reader, stopper, return_exceptions=True)
                     if reader.done() and not reader.cancelled() and reader.exception():
                         raise reader.exception()  # type: ignore[misc]
             except aiomqtt.MqttError as exc:

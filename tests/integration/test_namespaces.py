@@ -24,7 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from fleet_server import fleetctl
 from protocol.messages import DeviceEvent
-from protocol.topics import device_topic
+from protocol.topics import device_topic, server_topic
 from tests.support.mosquitto import free_port
 from tests.support.server_process import (
     DROPPED,
@@ -205,6 +205,39 @@ def test_a_second_live_replica_with_the_same_replica_id_is_refused(
     servers.append(again)
     again.start()
     assert again.alive
+
+
+def twin_record(namespace: str, name: str, instance: str) -> None:
+    """Announce, as a twin that started at the same moment would, that ``name`` is in use."""
+    record = {"deployment": "twin", "instance": instance, "online": True, "at": time.time()}
+    paho_publish.single(
+        server_topic(namespace, f"replicas/{name}"),
+        json.dumps(record),
+        qos=1,
+        retain=True,
+        hostname="127.0.0.1",
+        port=1883,
+    )
+
+
+@pytest.mark.parametrize("twin_is_lower", [True, False])
+def test_twins_that_both_passed_the_check_settle_on_one(
+    tmp_path: Path, servers: list[ServerProcess], twin_is_lower: bool
+) -> None:
+    # Two replicas started with one id at the same moment both find it free. Each then sees
+    # the other's record: the lower instance id keeps the id, the other stops, naming the flag.
+    name = f"twin-{secrets.token_hex(3)}"
+    one = server(tmp_path, name, "fleet.db")
+    servers.append(one)
+    one.start()
+    twin_record(one.namespace, name, "0" * 16 if twin_is_lower else "z" * 16)
+    if twin_is_lower:
+        line = refusal(one)
+        assert line.startswith("fleet-server: --replica-id: ") and "this replica stops" in line
+        return
+    wait_until("the replica to reclaim its id", lambda: "this one keeps the id" in one.log())
+    time.sleep(1.0)
+    assert one.alive
 
 
 def restart(workdir: Path, name: str) -> ServerProcess:
