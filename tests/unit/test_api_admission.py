@@ -42,6 +42,7 @@ def test_a_body_over_the_limit_is_refused_and_counted() -> None:
         "connections": 0,
         "inflight_bytes": 0,
         "body_too_large": 1,
+        "body_timeout": 0,
     }
 
 
@@ -92,10 +93,10 @@ def test_the_default_api_limits_fit_an_edge_device() -> None:
     assert (api.max_connections, api.max_body_bytes, api.max_inflight_bytes) == (
         64,
         4 * 1024 * 1024,
-        48 * 1024 * 1024,
+        80 * 1024 * 1024,
     )
     assert api.max_inflight_bytes >= request_cost(api.max_body_bytes)
-    assert (api.retry_after_s, api.admission_wait_s) == (1, 2.0)
+    assert (api.retry_after_s, api.admission_wait_s, api.body_timeout_s) == (1, 2.0, 10.0)
 
 
 def write_config(tmp_path: Path, api: str) -> Path:
@@ -113,16 +114,17 @@ def test_api_limits_are_read_from_the_config_file(tmp_path: Path) -> None:
     config = AgentConfig.load(
         write_config(
             tmp_path,
-            "max_connections = 8\nmax_body_bytes = 1048576\nmax_inflight_bytes = 16777216\n"
-            "retry_after_s = 5\nadmission_wait_s = 0.5",
+            "max_connections = 8\nmax_body_bytes = 1048576\nmax_inflight_bytes = 20971520\n"
+            "retry_after_s = 5\nadmission_wait_s = 0.5\nbody_timeout_s = 3",
         )
     )
     assert ApiLimits.from_config(config.api) == ApiLimits(
         max_connections=8,
         max_body_bytes=1024 * 1024,
-        max_inflight_bytes=16 * 1024 * 1024,
+        max_inflight_bytes=20 * 1024 * 1024,
         retry_after_s=5,
         admission_wait_s=0.5,
+        body_timeout_s=3.0,
     )
 
 
@@ -132,10 +134,11 @@ def test_api_limits_are_read_from_the_config_file(tmp_path: Path) -> None:
         (
             "max_body_bytes = 4194304\nmax_inflight_bytes = 8388608",
             "api: Value error, max_inflight_bytes (8388608) must hold one request of "
-            "max_body_bytes (4194304), which is charged 50331648 bytes",
+            "max_body_bytes (4194304), which is charged 83886080 bytes",
         ),
         ("max_connections = 0", "api.max_connections: Input should be greater than or equal to 1"),
         ("retry_after_s = 0", "api.retry_after_s: Input should be greater than or equal to 1"),
+        ("body_timeout_s = 0", "api.body_timeout_s: Input should be greater than 0"),
         ("max_inflight = 5", "api.max_inflight: Extra inputs are not permitted"),
     ],
 )
