@@ -341,9 +341,8 @@ class LocalApi:
         chunked = _chunked(request)
         if not chunked and not length:
             return None
-        # A chunked body's size is known only at its end: it is charged as it arrives,
-        # from one read's worth.
-        first = min(_BODY_READ, self.limits.max_body_bytes) if chunked or length is None else length
+        # A chunked body's size is known only at its end: it is charged as it arrives.
+        first = 0 if chunked or length is None else length
         if not await self._charge(charge, request_cost(first), more=False):
             self.admission.refuse("inflight_bytes")
             return self._over_budget()
@@ -363,8 +362,8 @@ class LocalApi:
 
         ``more``: the request was admitted before (see :meth:`Admission.try_charge`).
         """
-        cost = total - charge.amount
-        if cost <= 0:
+        cost = max(0, total - charge.amount)
+        if cost == 0 and more:
             return True
         if not self.admission.try_charge(cost, more=more):
             try:
@@ -396,11 +395,11 @@ class LocalApi:
                         body += part.data
                         if not self.admission.body_allowed(len(body)):
                             return self._too_large()
-                        if chunked and request_cost(len(body)) > charge.amount:
-                            ahead = min(len(body) + _BODY_READ, limits.max_body_bytes)
-                            if not await self._charge(charge, request_cost(ahead)):
-                                self.admission.refuse("inflight_bytes")
-                                return self._over_budget()
+                        # What has come is charged before more is read (at most one read
+                        # of _BODY_READ is in memory uncharged).
+                        if chunked and not await self._charge(charge, request_cost(len(body))):
+                            self.admission.refuse("inflight_bytes")
+                            return self._over_budget()
                     elif isinstance(part, h11.EndOfMessage):
                         return body
                     else:
@@ -594,7 +593,7 @@ class LocalApi:
         if refused := await self._charge_parse(body, charge):
             return refused
         try:
-            parsed = _parse_request(body)
+            parsed = parse_request(body)
         except InferenceRequestError as exc:
             return _error(400, str(exc))
         except ValidationError as exc:
@@ -638,7 +637,7 @@ class LocalApi:
         return _json(200, response)
 
 
-def _parse_request(body: bytearray) -> InferenceRequest:
+def parse_request(body: bytearray) -> InferenceRequest:
     """The request ``body`` holds, parsed by Python's json and checked by pydantic.
 
     Not by pydantic's own JSON parser: it builds a tree of its own before the

@@ -44,19 +44,22 @@ class JsonStructure:
     objects: int
 
 
-def scan_structure(body: bytes | bytearray, max_depth: int) -> JsonStructure:
+def scan_structure(
+    body: bytes | bytearray, max_depth: int, *, piece_bytes: int = _PIECE
+) -> JsonStructure:
     """How deep ``body``'s arrays and objects nest, and how many there are.
 
     Stops as soon as the nesting is deeper than ``max_depth``. Costs a few
-    numpy passes over the body and a fixed amount of memory, whatever its shape.
+    numpy passes over the body and a fixed amount of memory, whatever its
+    shape: it reads ``piece_bytes`` at a time.
     """
     view = memoryview(body)
     depth = deepest = arrays = objects = 0
     in_string = False
     backslashes = 0  # backslashes ending the previous piece (an odd run escapes what follows)
     try:
-        for start in range(0, len(view), _PIECE):
-            piece = np.frombuffer(view[start : start + _PIECE], dtype=np.uint8)
+        for start in range(0, len(view), piece_bytes):
+            piece = np.frombuffer(view[start : start + piece_bytes], dtype=np.uint8)
             outside: npt.NDArray[np.bool_] | None = None
             quotes = piece == _QUOTE
             if in_string or quotes.any():
