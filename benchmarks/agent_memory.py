@@ -777,7 +777,7 @@ def main() -> None:
     )
     print(
         "parallel image requests (1x128x128x3 as JSON, one connection each), default [api] "
-        "limits (64 connections, 48 MiB in flight):"
+        "limits (64 connections, 80 MiB in flight):"
     )
     concurrency = r["concurrency"]
     assert isinstance(concurrency, list)
