@@ -408,8 +408,9 @@ class LocalApi:
             self.admission.refuse("body_timeout")
             return _error(
                 408,
-                f"the request body did not arrive in time: {len(body)} bytes came in "
-                f"{limits.body_timeout_s:g} s (each read may wait {self.read_timeout_s:g} s)",
+                "the request body did not arrive in time: a body must arrive within "
+                f"{limits.body_timeout_s:g} s, with no pause over {self.read_timeout_s:g} s; "
+                f"{len(body)} bytes came",
                 close=True,
             )
 
