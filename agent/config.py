@@ -46,22 +46,27 @@ class ApiConfig(_Section):
 
     Defaults for a device with little memory (the serving process itself takes
     about 70 MB): ``max_body_bytes`` 4 MiB holds a 224x224x3 float image as
-    JSON; a request is charged 12 times its body while served (its parsed JSON
-    and tensors, see ``agent.api.admission``), so ``max_inflight_bytes`` 48 MiB
-    bounds what requests can add to the process, and admits one request of the
-    largest size or four 1 MB images at once — more would only queue for the
-    same CPU. ``max_connections`` 64 local clients; beyond it, and beyond the
-    bytes, requests get 503 with ``Retry-After: retry_after_s`` after waiting
-    up to ``admission_wait_s`` for room.
+    JSON; a request is charged 20 times its body while served (its parsed JSON
+    and tensors at their worst; more when its JSON holds more arrays and
+    objects than a request needs, see ``agent.api.admission``), so
+    ``max_inflight_bytes`` 80 MiB bounds what requests can add to the process,
+    and admits one request of the largest size or four 1 MB images at once —
+    more would only queue for the same CPU. ``max_connections`` 64 local
+    clients; beyond it, and beyond the bytes, requests get 503 with
+    ``Retry-After: retry_after_s`` after waiting up to ``admission_wait_s`` for
+    room. A body must arrive within ``body_timeout_s`` of its admission (a
+    local client sends 4 MiB in milliseconds), or the request gets 408 and its
+    charge goes back.
     """
 
     host: str = "127.0.0.1"
     port: int = Field(default=8500, ge=0, le=65535)
     max_connections: int = Field(default=64, ge=1, le=65535)
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
-    max_inflight_bytes: int = Field(default=48 * 1024 * 1024, ge=1024)
+    max_inflight_bytes: int = Field(default=80 * 1024 * 1024, ge=1024)
     retry_after_s: int = Field(default=1, ge=1, le=3600)
     admission_wait_s: float = Field(default=2.0, ge=0, le=60, allow_inf_nan=False)
+    body_timeout_s: float = Field(default=10.0, gt=0, le=3600, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _budget_holds_one_request(self) -> ApiConfig:

@@ -24,7 +24,16 @@ over its local API. Then:
   the default ``[api]`` limits gets 100, then 1,000 parallel requests (about
   1 MB of JSON each, one connection each): its RSS before, its peak
   (``VmHWM``, reset before each burst), its RSS 10 s after, and how many
-  requests were answered and how many refused with 503.
+  requests were answered and how many refused with 503;
+- what parsing a body costs (``python -m benchmarks.agent_memory parse``): for
+  4 MiB bodies of the JSON shapes that cost the most per byte (the deepest
+  nesting a request may have, many tiny or empty arrays, objects, short ints,
+  short strings, many tensors, parameters), each parsed and decoded as the
+  local API does in a fresh interpreter: its peak RSS above the interpreter's
+  before the parse (``VmHWM``, reset just before, against ``VmRSS``; the body
+  is read from a file), tracemalloc's peak in another run (which
+  sees Python's objects but not pydantic's own JSON tree), and the charge the
+  API takes for it (``agent.api.admission.parse_cost``).
 """
 
 from __future__ import annotations
@@ -569,6 +578,132 @@ def under_concurrency(root: Path, bursts: tuple[int, ...] = (100, 1000)) -> list
     return results
 
 
+PARSE_BODY_BYTES = 4 * 1024 * 1024
+
+# Runs in a fresh interpreter: argv = body file, parser ("api" or "pydantic"), tracemalloc (0/1).
+_PARSE_PROBE = """
+import contextlib, json, sys, tracemalloc
+from pydantic import ValidationError
+from agent.api.http import parse_request
+from protocol.inference import InferenceRequest, InferenceRequestError, decode_inputs
+def status_kb(field):
+    return int(open("/proc/self/status").read().split(field + ":")[1].split()[0])
+body = bytearray(open(sys.argv[1], "rb").read())
+traced = sys.argv[3] == "1"
+open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
+before = status_kb("VmRSS")
+if traced:
+    tracemalloc.start()
+with contextlib.suppress(InferenceRequestError, ValidationError):
+    request = parse_request(body) if sys.argv[2] == "api" else (
+        InferenceRequest.model_validate_json(body))
+    decode_inputs(request)
+peak = tracemalloc.get_traced_memory()[1] if traced else 0
+print(json.dumps({"rss": (status_kb("VmHWM") - before) * 1024, "traced": peak}))
+"""
+
+
+def hostile_bodies(size: int = PARSE_BODY_BYTES) -> dict[str, bytes]:
+    """Request bodies of about ``size`` bytes, of the JSON shapes that cost most once parsed."""
+
+    def request(data: str, shape: list[int], count: int = 1) -> bytes:
+        tensor = '{"name": "x%d", "shape": %s, "datatype": "FP32", "data": %s}'
+        inputs = ",".join(tensor % (i, json.dumps(shape), data) for i in range(count))
+        return ('{"inputs": [' + inputs + "]}").encode()
+
+    def repeat(item: str, sep: str = ",") -> tuple[str, int]:
+        n = size // (len(item) + len(sep))
+        return "[" + sep.join([item] * n) + "]", n
+
+    one = '{"name": "x", "shape": [1], "datatype": "FP32", "data": [0]}'
+    rank = 32
+    deepest = "[" * (rank - 1) + "0" + "]" * (rank - 1)
+    bodies = {
+        "short ints 0": request(*(lambda d, n: (d, [n]))(*repeat("0"))),
+        'floats "0.0"': request(*(lambda d, n: (d, [n]))(*repeat("0.0"))),
+        "ints 1000": request(*(lambda d, n: (d, [n]))(*repeat("1000"))),
+        "long floats": request(*(lambda d, n: (d, [n]))(*repeat("0.12345678901234567"))),
+        'short strings "ab"': request(*(lambda d, n: (d, [n]))(*repeat('"ab"'))),
+        "tiny arrays [[0],[0],...]": request(*(lambda d, n: (d, [n, 1]))(*repeat("[0]"))),
+        "empty arrays [[],[],...]": request(*(lambda d, n: (d, [n, 0]))(*repeat("[]"))),
+        "deepest allowed (rank 32)": request(
+            *(lambda d, n: (d, [n] + [1] * (rank - 1)))(*repeat(deepest))
+        ),
+        "nesting 100 deep (refused)": request(
+            *(lambda d, n: (d, [n] + [1] * 98))(*repeat("[" * 98 + "0" + "]" * 98))
+        ),
+        "empty objects [{},{},...]": request(*(lambda d, n: (d, [n]))(*repeat("{}"))),
+        "many tensors": request("[0]", [1], count=size // 60),
+        "parameters [{...},...]": (
+            '{"parameters": {"p": ' + repeat('{"": 0}')[0] + '}, "inputs": [' + one + "]}"
+        ).encode(),
+    }
+    return bodies
+
+
+def parse_costs(size: int = PARSE_BODY_BYTES) -> list[dict[str, object]]:
+    """Each hostile body: its structure, the charge, and what parsing it costs (see above)."""
+    from agent.api.admission import MAX_JSON_DEPTH, parse_cost, request_cost
+    from agent.api.jsonscan import scan_structure
+
+    rows: list[dict[str, object]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, body in hostile_bodies(size).items():
+            path = Path(tmp) / "body.json"
+            path.write_bytes(body)
+            scan_started = time.perf_counter()
+            structure = scan_structure(body, 1000)
+            scan_s = time.perf_counter() - scan_started
+            row: dict[str, object] = {
+                "shape": name,
+                "body_bytes": len(body),
+                "depth": structure.depth,
+                "arrays": structure.arrays,
+                "objects": structure.objects,
+                "scan_ms": scan_s * 1000,
+                "refused": structure.depth > MAX_JSON_DEPTH,
+                "charge_before": request_cost(len(body)),
+                "charge": parse_cost(len(body), structure),
+            }
+            for parser in ("api", "pydantic"):
+                for traced in ("0", "1"):
+                    out = subprocess.run(
+                        [sys.executable, "-c", _PARSE_PROBE, str(path), parser, traced],
+                        capture_output=True,
+                        text=True,
+                        check=True,
+                    )
+                    got = json.loads(out.stdout)
+                    key = f"{parser}_{'traced' if traced == '1' else 'rss'}"
+                    row[key] = got["traced" if traced == "1" else "rss"] + len(body)
+            rows.append(row)
+    return rows
+
+
+def parse_main() -> None:
+    """Only the parse-cost figures (``python -m benchmarks.agent_memory parse``)."""
+    print(
+        "bytes per body byte (the body included): peak RSS and tracemalloc, parsed as the "
+        "API does (json, then pydantic) and by pydantic's JSON parser; the charge"
+    )
+    for r in parse_costs():
+        b = r["body_bytes"]
+        assert isinstance(b, int)
+
+        def per(key: str, b: int = b, r: dict[str, object] = r) -> str:
+            value = r[key]
+            assert isinstance(value, int)
+            return f"{value / b:5.1f}"
+
+        print(
+            f"  {r['shape']:28} {b / 2**20:.1f} MiB depth {r['depth']:>3} arrays "
+            f"{r['arrays']:>8} objects {r['objects']:>8} scan {r['scan_ms']:5.0f} ms | API: RSS "
+            f"{per('api_rss')} traced {per('api_traced')} | pydantic JSON: RSS "
+            f"{per('pydantic_rss')} traced {per('pydantic_traced')} | charge {per('charge')}"
+            f"{' (refused: too deep)' if r['refused'] else ''}"
+        )
+
+
 def run() -> dict[str, object]:
     """Measure and return the figures."""
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -642,7 +777,7 @@ def main() -> None:
     )
     print(
         "parallel image requests (1x128x128x3 as JSON, one connection each), default [api] "
-        "limits (64 connections, 48 MiB in flight):"
+        "limits (64 connections, 80 MiB in flight):"
     )
     concurrency = r["concurrency"]
     assert isinstance(concurrency, list)
@@ -669,4 +804,9 @@ def concurrency_main() -> None:
 
 
 if __name__ == "__main__":
-    concurrency_main() if sys.argv[1:] == ["burst"] else main()
+    if sys.argv[1:] == ["burst"]:
+        concurrency_main()
+    elif sys.argv[1:] == ["parse"]:
+        parse_main()
+    else:
+        main()

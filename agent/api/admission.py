@@ -10,12 +10,22 @@ and answers the rest at once, cheaply, instead of queueing it in memory:
 2. A body declared (``Content-Length``) or found (chunked) to be over
    ``max_body_bytes`` is answered ``413`` before it is read.
 3. Before a body is read, its request is charged :func:`request_cost` — the
-   body, its parsed JSON and its tensors at their largest — against
-   ``max_inflight_bytes``; the charge is released when the response has
-   been sent. A request whose charge does not fit waits up to
-   ``admission_wait_s`` for others to finish (its body waits in the
-   kernel's socket buffer, not in the process), then gets ``503`` with
-   ``Retry-After``.
+   body, its parsed JSON and its tensors at their largest for a body of that
+   length — against ``max_inflight_bytes``; the charge is released when the
+   response has been sent. A request whose charge does not fit waits up to
+   ``admission_wait_s`` for others to finish (its body waits in the kernel's
+   socket buffer, not in the process), then gets ``503`` with
+   ``Retry-After``. A chunked body, whose length is known only at its end, is
+   charged as its bytes arrive, and waits or is refused the same way when the
+   next part does not fit.
+4. The body must arrive within ``body_timeout_s`` of its admission, or the
+   request gets ``408`` and its charge is released: a client that sends
+   slowly cannot hold the budget.
+5. Before a body is parsed, its structure is read (:mod:`agent.api.jsonscan`):
+   JSON nested deeper than :data:`MAX_JSON_DEPTH` is refused (``400``), and a
+   body with more arrays and objects than its charge covers is charged
+   :func:`parse_cost` — each array and object at what parsing it costs — or
+   refused (``413``) when that is more than the whole budget.
 
 So the memory requests take is at most ``max_inflight_bytes`` plus a few
 kilobytes per open connection. :class:`Admission` keeps the counts and
@@ -30,26 +40,51 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Literal
 
 if TYPE_CHECKING:
+    from agent.api.jsonscan import JsonStructure
     from agent.config import ApiConfig
 
-# What a request body of B bytes can cost at its peak, measured with
-# tracemalloc on 128x128x3 images as JSON: the body itself, pydantic's parse
-# (a Python float is 32 bytes with its list slot, and "0.0," is 4 bytes of
-# body), numpy's float64 copy and the model's float32 tensor. Long floats
-# cost 2.3 B, "0.0,"-style data 11 B: the charge is the worst case.
-REQUEST_COST_FACTOR: Final = 12
+# What parsing and decoding a request costs at its peak, measured (peak RSS, in
+# a fresh process, `python -m benchmarks.agent_memory parse`) over the shapes
+# JSON allows: the body and its parse (Python's json, then pydantic) cost at
+# most 16 bytes per body byte for scalars (short strings, "0.0,"-style floats;
+# numpy's copies of the tensor included), plus, per array, up to 96 bytes and
+# per object up to 100 bytes beyond their share of the body ("[0]," is a list
+# of 88 bytes and a slot in its parent). The charge rounds these up.
+REQUEST_COST_FACTOR: Final = 20
+ARRAY_COST: Final = 128
+OBJECT_COST: Final = 256
+# A request's own few arrays and objects (the request, its inputs, their shapes
+# and data) are covered by the per-byte charge, which is above the scalars'
+# worst (at 1.5 KB of body, its 4 spare bytes per byte pay for 16 of each).
+ENVELOPE_COST: Final = 16 * (ARRAY_COST + OBJECT_COST)
+# The deepest JSON an inference request needs: the request object, its
+# "inputs" array and an input object around a tensor's data, which nests one
+# array per dimension, at most protocol.inference.MAX_RANK (32; not imported
+# here, to keep numpy out of processes that only read the configuration).
+MAX_JSON_DEPTH: Final = 3 + 32
 
-RefusalReason = Literal["connections", "inflight_bytes", "body_too_large"]
+RefusalReason = Literal["connections", "inflight_bytes", "body_too_large", "body_timeout"]
 REFUSAL_REASONS: Final[tuple[RefusalReason, ...]] = (
     "connections",
     "inflight_bytes",
     "body_too_large",
+    "body_timeout",
 )
 
 
 def request_cost(body_bytes: int) -> int:
-    """The bytes a request with a body of ``body_bytes`` is charged while it is served."""
+    """The bytes a request with a body of ``body_bytes`` is charged before its body is read.
+
+    It holds any body of that length whose JSON has no more arrays and objects
+    than a request's envelope; :func:`parse_cost` says what one with more costs.
+    """
     return body_bytes * REQUEST_COST_FACTOR
+
+
+def parse_cost(body_bytes: int, structure: JsonStructure) -> int:
+    """What a body of ``body_bytes`` with ``structure`` costs to parse and decode, at most."""
+    containers = structure.arrays * ARRAY_COST + structure.objects * OBJECT_COST
+    return request_cost(body_bytes) + max(0, containers - ENVELOPE_COST)
 
 
 @dataclass(frozen=True)
@@ -62,9 +97,10 @@ class ApiLimits:
 
     max_connections: int = 64
     max_body_bytes: int = 4 * 1024 * 1024
-    max_inflight_bytes: int = 48 * 1024 * 1024
+    max_inflight_bytes: int = 80 * 1024 * 1024
     retry_after_s: int = 1
     admission_wait_s: float = 2.0
+    body_timeout_s: float = 10.0
 
     @classmethod
     def from_config(cls, config: ApiConfig) -> ApiLimits:
@@ -75,13 +111,17 @@ class ApiLimits:
             max_inflight_bytes=config.max_inflight_bytes,
             retry_after_s=config.retry_after_s,
             admission_wait_s=config.admission_wait_s,
+            body_timeout_s=config.body_timeout_s,
         )
 
     def __post_init__(self) -> None:
         if self.max_connections < 1 or self.max_body_bytes < 1:
             raise ValueError("max_connections and max_body_bytes must be at least 1")
-        if self.retry_after_s < 1 or self.admission_wait_s < 0:
-            raise ValueError("retry_after_s must be at least 1, admission_wait_s at least 0")
+        if self.retry_after_s < 1 or self.admission_wait_s < 0 or self.body_timeout_s <= 0:
+            raise ValueError(
+                "retry_after_s must be at least 1, admission_wait_s at least 0, "
+                "body_timeout_s more than 0"
+            )
         if self.max_inflight_bytes < request_cost(self.max_body_bytes):
             raise ValueError(
                 f"max_inflight_bytes {self.max_inflight_bytes} cannot hold one request of "
@@ -142,14 +182,20 @@ class Admission:
             return False
         return True
 
-    def try_charge(self, cost: int) -> bool:
-        """Charge ``cost`` bytes if they fit in the budget now; the caller waits or refuses."""
+    def try_charge(self, cost: int, *, more: bool = False) -> bool:
+        """Charge ``cost`` bytes if they fit in the budget now; the caller waits or refuses.
+
+        ``more``: the bytes add to the charge of a request already admitted
+        (its chunked body grew, or its JSON has more arrays than its charge
+        covers), which is not counted as another admission.
+        """
         if cost < 0:
             raise ValueError(f"a charge cannot be negative: {cost}")
         if self.inflight_bytes + cost > self.limits.max_inflight_bytes:
             return False
         self.inflight_bytes += cost
-        self._counters.requests_admitted += 1
+        if not more:
+            self._counters.requests_admitted += 1
         self._counters.peak_inflight_bytes = max(
             self._counters.peak_inflight_bytes, self.inflight_bytes
         )

@@ -45,7 +45,14 @@ import h11
 from pydantic import BaseModel, ValidationError
 
 import agent
-from agent.api.admission import Admission, ApiLimits, request_cost
+from agent.api.admission import (
+    MAX_JSON_DEPTH,
+    Admission,
+    ApiLimits,
+    parse_cost,
+    request_cost,
+)
+from agent.api.jsonscan import scan_structure
 from agent.serving.chain import ChainNotReady, FallbackChain, UnknownVersion
 from agent.serving.validation import InvalidInput, check_declared_shapes
 from protocol.inference import (
@@ -88,6 +95,13 @@ class _Response:
     close: bool = False
     headers: list[tuple[str, str]] = field(default_factory=list)
     content_type: str = "application/json"
+
+
+@dataclass
+class _Charge:
+    """The bytes charged to one request; released when its response has been sent."""
+
+    amount: int = 0
 
 
 def _json(status: int, body: BaseModel, *, close: bool = False) -> _Response:
@@ -280,7 +294,7 @@ class LocalApi:
     async def _exchange(self, conn: h11.Connection, sock: socket.socket) -> bool:
         """Serve one request; whether the connection stays open for the next."""
         head = False
-        charged = 0
+        charge = _Charge()
         try:
             try:
                 try:
@@ -290,16 +304,17 @@ class LocalApi:
                 if not isinstance(event, h11.Request):
                     return False
                 head = event.method == b"HEAD"
-                admitted = await self._admit(conn, sock, event)
-                if isinstance(admitted, _Response):
-                    response = admitted
+                refused = await self._admit(conn, sock, event, charge)
+                if refused is not None:
+                    response = refused
                 else:
-                    charged = admitted
-                    body = await self._read_body(conn, sock)
+                    body = await self._read_body(conn, sock, charge, chunked=_chunked(event))
                     if body is None:
                         return False
                     response = (
-                        body if isinstance(body, _Response) else (await self._dispatch(event, body))
+                        body
+                        if isinstance(body, _Response)
+                        else (await self._dispatch(event, body, charge))
                     )
             except h11.RemoteProtocolError as exc:
                 if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
@@ -309,37 +324,32 @@ class LocalApi:
                 )
             await self._send(conn, sock, response, head=head)
         finally:
-            if charged:
-                self._release(charged)
+            if charge.amount:
+                self._release(charge.amount)
         if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
             await self._linger(sock)
             return False
         return True
 
     async def _admit(
-        self, conn: h11.Connection, sock: socket.socket, request: h11.Request
-    ) -> int | _Response:
-        """The bytes charged for ``request`` (0 without a body), or the refusal to send."""
+        self, conn: h11.Connection, sock: socket.socket, request: h11.Request, charge: _Charge
+    ) -> _Response | None:
+        """Charge ``request``'s body to ``charge`` (nothing without one); the refusal to send."""
         length = _content_length(request)
         if length is not None and not self.admission.body_allowed(length):
             return self._too_large()
         chunked = _chunked(request)
         if not chunked and not length:
-            return 0
-        # A chunked body's size is known only at its end: it is charged as the largest allowed.
-        cost = request_cost(self.limits.max_body_bytes if chunked or length is None else length)
-        if not await self._charge(cost):
+            return None
+        # A chunked body's size is known only at its end: it is charged as it arrives.
+        first = 0 if chunked or length is None else length
+        if not await self._charge(charge, request_cost(first), more=False):
             self.admission.refuse("inflight_bytes")
             return self._over_budget()
         if conn.they_are_waiting_for_100_continue:
-            try:
-                await self._write(
-                    sock, conn.send(h11.InformationalResponse(status_code=100, headers=[]))
-                )
-            except BaseException:
-                self._release(cost)
-                raise
-        return cost
+            go_on = conn.send(h11.InformationalResponse(status_code=100, headers=[]))
+            await self._write(sock, go_on)
+        return None
 
     def _release(self, cost: int) -> None:
         self.admission.release(cost)
@@ -347,36 +357,62 @@ class LocalApi:
         self._budget_freed.set()
         self._budget_freed = asyncio.Event()
 
-    async def _charge(self, cost: int) -> bool:
-        """Charge ``cost`` against the budget, waiting up to ``admission_wait_s`` for room."""
-        if self.admission.try_charge(cost):
+    async def _charge(self, charge: _Charge, total: int, *, more: bool = True) -> bool:
+        """Raise ``charge`` to ``total`` bytes, waiting up to ``admission_wait_s`` for room.
+
+        ``more``: the request was admitted before (see :meth:`Admission.try_charge`).
+        """
+        cost = max(0, total - charge.amount)
+        if cost == 0 and more:
             return True
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.limits.admission_wait_s):
-                while True:
-                    await self._budget_freed.wait()
-                    if self.admission.try_charge(cost):
-                        return True
-        return False
+        if not self.admission.try_charge(cost, more=more):
+            try:
+                async with asyncio.timeout(self.limits.admission_wait_s):
+                    while True:
+                        await self._budget_freed.wait()
+                        if self.admission.try_charge(cost, more=more):
+                            break
+            except TimeoutError:
+                return False
+        charge.amount = total
+        return True
 
     async def _read_body(
-        self, conn: h11.Connection, sock: socket.socket
+        self, conn: h11.Connection, sock: socket.socket, charge: _Charge, *, chunked: bool
     ) -> bytearray | _Response | None:
-        """The request's body; a response to send instead; ``None`` to hang up."""
+        """The request's body; a response to send instead; ``None`` to hang up.
+
+        The whole body must arrive within ``body_timeout_s`` (each read within
+        ``read_timeout_s``); a chunked body's charge grows with it.
+        """
         body = bytearray()
+        limits = self.limits
         try:
-            while True:
-                part = await self._next_event(conn, sock, self.read_timeout_s, _BODY_READ)
-                if isinstance(part, h11.Data):
-                    body += part.data
-                    if not self.admission.body_allowed(len(body)):
-                        return self._too_large()
-                elif isinstance(part, h11.EndOfMessage):
-                    return body
-                else:
-                    return None
+            async with asyncio.timeout(limits.body_timeout_s):
+                while True:
+                    part = await self._next_event(conn, sock, self.read_timeout_s, _BODY_READ)
+                    if isinstance(part, h11.Data):
+                        body += part.data
+                        if not self.admission.body_allowed(len(body)):
+                            return self._too_large()
+                        # What has come is charged before more is read (at most one read
+                        # of _BODY_READ is in memory uncharged).
+                        if chunked and not await self._charge(charge, request_cost(len(body))):
+                            self.admission.refuse("inflight_bytes")
+                            return self._over_budget()
+                    elif isinstance(part, h11.EndOfMessage):
+                        return body
+                    else:
+                        return None
         except TimeoutError:
-            return _error(408, "the request body did not arrive in time", close=True)
+            self.admission.refuse("body_timeout")
+            return _error(
+                408,
+                "the request body did not arrive in time: a body must arrive within "
+                f"{limits.body_timeout_s:g} s, with no pause over {self.read_timeout_s:g} s; "
+                f"{len(body)} bytes came",
+                close=True,
+            )
 
     async def _next_event(
         self, conn: h11.Connection, sock: socket.socket, timeout_s: float, size: int
@@ -418,6 +454,31 @@ class LocalApi:
         parts.append(conn.send(h11.EndOfMessage()))
         await self._write(sock, b"".join(p for p in parts if p is not None))
 
+    async def _charge_parse(self, body: bytearray, charge: _Charge) -> _Response | None:
+        """Refuse JSON nested too deep; charge what parsing ``body`` costs, or refuse it."""
+        structure = scan_structure(body, MAX_JSON_DEPTH)
+        if structure.depth > MAX_JSON_DEPTH:
+            return _error(
+                400,
+                f"the body nests arrays and objects more than {MAX_JSON_DEPTH} deep; an "
+                "inference request needs 3 levels around a tensor's data, and the data one "
+                f"per dimension, at most {MAX_JSON_DEPTH - 3}",
+            )
+        cost = parse_cost(len(body), structure)
+        if cost > self.limits.max_inflight_bytes:
+            self.admission.refuse("body_too_large")
+            return _error(
+                413,
+                f"the body holds {structure.arrays} arrays and {structure.objects} objects, "
+                f"which would take {cost} bytes to parse, more than the "
+                f"{self.limits.max_inflight_bytes} the local API has for requests in flight",
+                close=True,
+            )
+        if not await self._charge(charge, cost):
+            self.admission.refuse("inflight_bytes")
+            return self._over_budget()
+        return None
+
     def _too_large(self) -> _Response:
         return _error(413, f"the request body is over {self.max_body_bytes} bytes", close=True)
 
@@ -434,18 +495,25 @@ class LocalApi:
 
     # -- routes --------------------------------------------------------------
 
-    async def _dispatch(self, request: h11.Request, body: bytearray) -> _Response:
+    async def _dispatch(
+        self, request: h11.Request, body: bytearray, charge: _Charge | None = None
+    ) -> _Response:
         method = request.method.decode("ascii", "replace")
         path = urlsplit(request.target.decode("ascii", "replace")).path
         parts = [unquote(p) for p in path.split("/") if p]
         try:
-            return await self._route(method, parts, request, body)
+            return await self._route(method, parts, request, body, charge or _Charge())
         except Exception:
             logger.exception("the local API failed on %s %s", method, path)
             return _error(500, "internal error in the local inference API")
 
     async def _route(
-        self, method: str, parts: list[str], request: h11.Request, body: bytearray
+        self,
+        method: str,
+        parts: list[str],
+        request: h11.Request,
+        body: bytearray,
+        charge: _Charge,
     ) -> _Response:
         if parts == ["metrics"]:
             return _only("GET", method) or _Response(
@@ -474,7 +542,7 @@ class LocalApi:
         if rest == ["ready"]:
             return _only("GET", method) or self._model_ready(name, version)
         if rest == ["infer"]:
-            return _only("POST", method) or await self._infer(name, version, request, body)
+            return _only("POST", method) or await self._infer(name, version, request, body, charge)
         return _error(404, f"no route {'/' + '/'.join(parts)}")
 
     def _current_chain(self) -> FallbackChain:
@@ -511,15 +579,24 @@ class LocalApi:
         return _Response(200, json.dumps({"name": name, "ready": True}).encode())
 
     async def _infer(
-        self, name: str, version: str | None, request: h11.Request, body: bytearray
+        self,
+        name: str,
+        version: str | None,
+        request: h11.Request,
+        body: bytearray,
+        charge: _Charge,
     ) -> _Response:
         chain = self._current_chain()
         if missing := self._find_model(chain, name, version):
             return missing
         if any(k == b"inference-header-content-length" for k, _ in request.headers):
             return _error(400, "the binary tensor data extension is not supported; send JSON data")
+        if refused := await self._charge_parse(body, charge):
+            return refused
         try:
-            parsed = InferenceRequest.model_validate_json(body)
+            parsed = parse_request(body)
+        except InferenceRequestError as exc:
+            return _error(400, str(exc))
         except ValidationError as exc:
             return _error(400, describe_validation_error(exc))
         finally:
@@ -559,6 +636,28 @@ class LocalApi:
             id=request_id,
         )
         return _json(200, response)
+
+
+def parse_request(body: bytearray) -> InferenceRequest:
+    """The request ``body`` holds, parsed by Python's json and checked by pydantic.
+
+    Not by pydantic's own JSON parser: it builds a tree of its own before the
+    Python objects, which costs about twice as much memory per array.
+    """
+    try:
+        document = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise InferenceRequestError(
+            f"the body is not UTF-8: {exc.reason} at byte {exc.start}"
+        ) from None
+    except ValueError as exc:  # json.JSONDecodeError, or an integer of over 4300 digits
+        raise InferenceRequestError(f"the body is not valid JSON: {exc}") from None
+    if not isinstance(document, dict):
+        kind = "an array" if isinstance(document, list) else "a single value"
+        raise InferenceRequestError(
+            f"Input should be an object (an inference request), the body is {kind}"
+        )
+    return InferenceRequest.model_validate(document)
 
 
 def _only(allowed: str, method: str) -> _Response | None:

@@ -23,10 +23,12 @@ import numpy.typing as npt
 import pytest
 
 from agent.api import ApiLimits, InferenceClient, LocalApi
-from agent.api.admission import request_cost
+from agent.api.admission import MAX_JSON_DEPTH, parse_cost, request_cost
+from agent.api.jsonscan import scan_structure
 from agent.runtime import default_runtime
 from agent.serving import FallbackChain, InvalidInput, ModelSlot
 from protocol.bundle import read_bundle
+from protocol.inference import MAX_RANK
 from protocol.manifest import Manifest
 from tests.conftest import MODELS, make_bundle
 from tests.support.fleet import AgentProcess
@@ -644,6 +646,188 @@ def test_a_chunked_body_over_the_limit_is_refused_as_it_arrives(
         server.close()
 
 
+def nested_data(rows: int, depth: int) -> str:
+    """``rows`` values of 0, each in ``depth - 1`` arrays of one, in the data array."""
+    one = "[" * (depth - 1) + "0" + "]" * (depth - 1)
+    return "[" + ",".join([one] * rows) + "]"
+
+
+def nested_request(rows: int, depth: int) -> bytes:
+    shape = [rows] + [1] * (depth - 1)
+    tensor = f'"name": "features", "shape": {json.dumps(shape)}, "datatype": "FP32"'
+    return ('{"inputs": [{' + tensor + ', "data": ' + nested_data(rows, depth) + "}]}").encode()
+
+
+def test_json_nested_deeper_than_a_request_needs_is_refused_before_it_is_parsed(
+    served: ServedApi,
+) -> None:
+    # 100 levels of arrays: 31.7 bytes per body byte to parse; no tensor has 97 dimensions
+    status, body = served.request("POST", INFER, nested_request(2000, 97))
+    assert status == 400
+    assert body == {
+        "error": f"the body nests arrays and objects more than {MAX_JSON_DEPTH} deep; an "
+        "inference request needs 3 levels around a tensor's data, and the data one per "
+        f"dimension, at most {MAX_RANK}"
+    }
+    deep_parameters = '{"parameters": {"p": %s}, "inputs": []}' % ("[" * 40 + "]" * 40)
+    assert served.request("POST", INFER, deep_parameters)[0] == 400
+    # the deepest a request can be is parsed, and refused by the model's contract
+    status, body = served.request("POST", INFER, nested_request(2, MAX_RANK))
+    assert status == 422
+    assert "input 'features'" in body["error"]
+    # brackets in strings are not structure
+    request = json.loads(infer_body(BASELINE[:1]))
+    request["id"] = "[" * 200
+    status, body = served.request("POST", INFER, json.dumps(request))
+    assert (status, body["id"]) == (200, "[" * 200)
+
+
+def test_a_body_of_many_small_arrays_is_charged_what_parsing_them_costs(
+    manifests: dict[str, Manifest],
+) -> None:
+    body = nested_request(4096, 2)  # [[0],[0],...]: 4 bytes of body, a list of 88 bytes
+    structure = scan_structure(body, MAX_JSON_DEPTH)
+    cost = parse_cost(len(body), structure)
+    assert cost > 2 * request_cost(len(body))
+    server = ServedApi(
+        FallbackChain(slot(manifests, "v2")),
+        limits=ApiLimits(max_body_bytes=len(body), max_inflight_bytes=cost),
+    )
+    try:
+        assert server.request("POST", INFER, body)[0] == 422  # a [4096, 1] input is not [n, 16]
+        figures = metrics(server)
+        assert figures["edgefleet_agent_api_peak_inflight_bytes"] == cost
+        assert figures["edgefleet_agent_api_inflight_bytes"] == 0
+    finally:
+        server.close()
+    # with a budget that holds the body's bytes but not its arrays, it is refused unparsed
+    server = ServedApi(
+        FallbackChain(slot(manifests, "v2")),
+        limits=ApiLimits(max_body_bytes=len(body), max_inflight_bytes=cost - 1),
+    )
+    try:
+        status, answer = server.request("POST", INFER, body)
+        assert status == 413
+        assert answer == {
+            "error": f"the body holds {structure.arrays} arrays and {structure.objects} "
+            f"objects, which would take {cost} bytes to parse, more than the {cost - 1} "
+            "the local API has for requests in flight"
+        }
+        assert metrics(server)['edgefleet_agent_api_refused_total{limit="body_too_large"}'] == 1
+    finally:
+        server.close()
+
+
+def wait_for_metric(server: ServedApi, name: str, value: float) -> None:
+    for _ in range(200):
+        if metrics(server)[name] == value:
+            return
+        server.call(asyncio.sleep(0.05))
+    raise AssertionError(f"{name} never reached {value}: {metrics(server)[name]}")
+
+
+def test_a_slow_client_is_cut_off_and_the_requests_waiting_for_its_bytes_are_served(
+    manifests: dict[str, Manifest],
+) -> None:
+    body = infer_body(BASELINE[:8]).encode()
+    # room for one such request at a time; the next waits for room as long as it takes
+    limits = ApiLimits(
+        max_body_bytes=len(body),
+        max_inflight_bytes=request_cost(len(body)),
+        admission_wait_s=60,
+        body_timeout_s=0.5,
+    )
+    server = ServedApi(FallbackChain(slot(manifests, "v2")), limits=limits)
+    head = f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    answered = threading.Event()
+
+    def trickle(sock: socket.socket) -> None:
+        # a byte at a time, each well within read_timeout_s, until the server answers
+        with contextlib.suppress(OSError):
+            for byte in body:
+                if answered.wait(0.05):
+                    return
+                sock.sendall(bytes([byte]))
+
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as slow:
+            slow.sendall(head)
+            wait_for_metric(server, "edgefleet_agent_api_inflight_bytes", request_cost(len(body)))
+            sender = threading.Thread(target=trickle, args=(slow,), daemon=True)
+            sender.start()
+            with socket.create_connection(("127.0.0.1", server.port), timeout=30) as other:
+                other.sendall(head + body)
+                assert read_response(other)[0] == 200
+            status, headers, answer = read_response(slow)
+            answered.set()
+            sender.join(10)
+        assert (status, headers["connection"]) == (408, "close")
+        assert json.loads(answer)["error"].startswith("the request body did not arrive in time")
+        figures = metrics(server)
+        assert figures['edgefleet_agent_api_refused_total{limit="body_timeout"}'] == 1
+        assert figures['edgefleet_agent_api_refused_total{limit="inflight_bytes"}'] == 0
+        assert figures["edgefleet_agent_api_inflight_bytes"] == 0
+    finally:
+        server.close()
+
+
+def chunked_head(path: str = INFER) -> bytes:
+    return f"POST {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+
+
+def test_a_tiny_chunked_request_does_not_hold_the_budget_of_the_largest_body(
+    manifests: dict[str, Manifest],
+) -> None:
+    body = infer_body(BASELINE[:8]).encode()
+    # room for one body of the largest size, and no waiting for room
+    limits = ApiLimits(
+        max_body_bytes=64 * 1024,
+        max_inflight_bytes=request_cost(64 * 1024),
+        admission_wait_s=0,
+    )
+    server = ServedApi(FallbackChain(slot(manifests, "v2")), limits=limits)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as tiny:
+            tiny.sendall(chunked_head() + b"2\r\n{}\r\n")  # and nothing more, for now
+            wait_for_metric(server, "edgefleet_agent_api_inflight_bytes", request_cost(2))
+            assert server.request("POST", INFER, body)[0] == 200
+            tiny.sendall(b"0\r\n\r\n")
+            status, _, answer = read_response(tiny)
+        assert (status, json.loads(answer)) == (400, {"error": "inputs: Field required"})
+        assert metrics(server)["edgefleet_agent_api_inflight_bytes"] == 0
+    finally:
+        server.close()
+
+
+def test_a_chunked_body_that_outgrows_the_room_left_is_refused_and_released(
+    manifests: dict[str, Manifest],
+) -> None:
+    body = infer_body(BASELINE[:8]).encode()
+    limits = ApiLimits(
+        max_body_bytes=len(body),
+        max_inflight_bytes=request_cost(len(body)) + request_cost(100),
+        admission_wait_s=0,
+    )
+    server = ServedApi(FallbackChain(slot(manifests, "v2")), limits=limits)
+    head = f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as holder:
+            holder.sendall(head + body[:10])  # holds all but request_cost(100)
+            wait_for_metric(server, "edgefleet_agent_api_inflight_bytes", request_cost(len(body)))
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as grower:
+                grower.sendall(chunked_head() + f"{len(body):x}\r\n".encode() + body + b"\r\n")
+                status, headers, answer = read_response(grower)
+            assert (status, headers["retry-after"]) == (503, "1")
+            assert "bytes for requests in flight" in json.loads(answer)["error"]
+            holder.sendall(body[10:])
+            assert read_response(holder)[0] == 200
+        figures = metrics(server)
+        assert figures['edgefleet_agent_api_refused_total{limit="inflight_bytes"}'] == 1
+        assert figures["edgefleet_agent_api_inflight_bytes"] == 0
+    finally:
+        server.close()
+
+
 # -- connections ----------------------------------------------------------------------------------
 
 
@@ -800,7 +984,7 @@ def test_a_process_serving_v2_stays_within_the_device_memory_budget(
 
 FACE_LIMITS = {
     "max_connections": 32,
-    "max_body_bytes": 2 * 1024 * 1024,
+    "max_body_bytes": 1_200_000,  # the images are about 1.0 MB of JSON each
     "max_inflight_bytes": 24 * 1024 * 1024,
     "retry_after_s": 2,
     "admission_wait_s": 1.0,
