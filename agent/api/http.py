@@ -78,7 +78,7 @@ _BODY_READ = 65536
 # A connection closed with unread data in its receive buffer is reset, and a
 # reset can destroy the response just sent: before closing, what the client
 # still sends is read and thrown away (a "lingering close"), for a bounded time.
-_LINGER_READ_S = 2.0
+_LINGER_READ_S = 5.0  # a client on a busy device may pause between writes
 _LINGER_TOTAL_S = 10.0
 # Connections beyond max_connections answered 503 at a time; more wait,
 # unaccepted, in the kernel's listen queue (they cost the process nothing there).
