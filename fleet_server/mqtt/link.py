@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from fleet_server.config import ServerConfig
 from fleet_server.db import Database
@@ -324,34 +324,87 @@ class ServerMqtt:
         """Write a batch; if it fails, write its messages one by one and drop the poison.
 
         Each message is acknowledged to the broker once its transaction has
-        committed, or once it is dropped for good.
+        committed, or once it is dropped for good. A message is poison only if
+        the database answers and still refuses it: while the database itself is
+        away, the batch is held unacknowledged until it returns.
         """
-        try:
-            result = await write_batch(self.db, [a for a, _ in batch], self.config.replica_id)
-        except Exception as exc:
-            log.warning(
-                "writing %d device messages failed (%s); writing them one by one", len(batch), exc
-            )
-        else:
-            self._settle([d for _, d in batch])
-            self._count(result)
-            await self._acknowledge(result.acks)
-            return
-        for item, delivery in batch:
-            for attempt in range(3):
-                try:
-                    result = await write_batch(self.db, [item], self.config.replica_id)
-                except Exception as exc:
-                    if attempt == 2:  # a message the database will not take: drop it, counted
-                        self._drop("unstorable", f"{item.device_id}/{item.channel}: {exc}")
-                        self._settle([delivery])
-                    else:
-                        await asyncio.sleep(0.5 * (attempt + 1))
-                else:
-                    self._settle([delivery])
-                    self._count(result)
-                    await self._acknowledge(result.acks)
+        while True:
+            try:
+                result = await write_batch(self.db, [a for a, _ in batch], self.config.replica_id)
+            except Exception as exc:
+                if await self._database_answers():
+                    log.warning(
+                        "writing %d device messages failed (%s); writing them one by one",
+                        len(batch),
+                        exc,
+                    )
                     break
+                if not await self._await_database(batch):
+                    return
+            else:
+                self._settle([d for _, d in batch])
+                self._count(result)
+                await self._acknowledge(result.acks)
+                return
+        for item, delivery in batch:
+            await self._store_one(item, delivery)
+
+    async def _store_one(self, item: Accepted, delivery: Delivery) -> None:
+        attempt = 0
+        while True:
+            try:
+                result = await write_batch(self.db, [item], self.config.replica_id)
+            except Exception as exc:
+                attempt += 1
+                if attempt < 3:
+                    await asyncio.sleep(0.5 * attempt)
+                elif await self._database_answers():
+                    # A message the database will not take: drop it, counted.
+                    self._drop("unstorable", f"{item.device_id}/{item.channel}: {exc}")
+                    self._settle([delivery])
+                    return
+                elif not await self._await_database([(item, delivery)]):
+                    return
+                else:
+                    attempt = 0
+            else:
+                self._settle([delivery])
+                self._count(result)
+                await self._acknowledge(result.acks)
+                return
+
+    async def _database_answers(self) -> bool:
+        try:
+            async with self.db.session() as session:
+                await session.execute(text("SELECT 1"))
+        except Exception:
+            return False
+        return True
+
+    async def _await_database(self, batch: list[tuple[Accepted, Delivery]]) -> bool:
+        """Hold ``batch`` unacknowledged until the database answers; whether any is left.
+
+        Messages whose connection is gone are let go unacknowledged: the broker
+        delivers them again on the next connection (a persistent session), and
+        their packet ids mean nothing there.
+        """
+        log.warning(
+            "the database does not answer; holding %d device message(s) unacknowledged "
+            "until it does",
+            len(batch),
+        )
+        delay = 0.5
+        while True:
+            current = [(a, d) for a, d in batch if d.client is self._client]
+            self._unsettled -= len(batch) - len(current)
+            batch[:] = current
+            if not batch:
+                return False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            if await self._database_answers():
+                log.info("the database answers again; storing what was held")
+                return True
 
     def _settle(self, deliveries: list[Delivery]) -> None:
         self._ack(deliveries)
