@@ -349,15 +349,15 @@ class _Running:
             if clean is not values:
                 outside &= finite
             self.out_of_range += np.count_nonzero(outside, axis=0)
-        # Likewise the values beyond the baseline's range: none in the usual fold.
-        if ((low < layout.baseline_low) | (high > layout.baseline_high)).any():
-            below = clean < layout.baseline_low
-            above = clean > layout.baseline_high
-            if clean is not values:
-                below &= finite
-                above &= finite
-            self.below += np.count_nonzero(below, axis=0)
-            self.above += np.count_nonzero(above, axis=0)
+        # Likewise the values beyond the baseline's range: none in the usual fold, and
+        # only the features that have some are looked at (``ordered`` holds NaN for
+        # non-finite values, which compare false).
+        if (low < layout.baseline_low).any():
+            (cols,) = np.nonzero(low < layout.baseline_low)
+            self.below[cols] += (ordered[cols] < layout.baseline_low[cols, None]).sum(axis=1)
+        if (high > layout.baseline_high).any():
+            (cols,) = np.nonzero(high > layout.baseline_high)
+            self.above[cols] += (ordered[cols] > layout.baseline_high[cols, None]).sum(axis=1)
         m2 = np.einsum("ij,ij->j", deviation, deviation)
         # Chan et al.: merge (n_a, mean_a, m2_a) with (n_b, mean_b, m2_b). With
         # n_a = 0 this gives mean_b and m2_b exactly; with n_b = 0 nothing changes.
