@@ -61,11 +61,14 @@ feature read those:
   beyond the baseline's max and ``t`` or more in the top bin" is
   ``Σ_{s >= t} P(T = s | K) s / K = (n_O / N) P(T' >= t - 1)`` with ``T'``
   hypergeometric over ``N - 1`` rows, ``K - 1`` top values and ``n_O - 1``
-  draws — far weaker, since the top bin's count mixes the new values with the
-  baseline's own. Either way the same at the bottom, and the smaller of the
-  two doubled. A summary whose range lies inside the baseline's has no value
-  beyond it, counted or not (:func:`count_beyond_baseline` fills that in, so
-  windows merge with the counts of the others).
+  draws. That tail is far weaker on a few new values, since the top bin's
+  count mixes them with the baseline's own, and stronger on a distribution
+  that widens (more values in the top bin, few beyond): where the count is
+  known both are taken, the smaller p-value doubled. The same at the
+  bottom, and the smaller of the two sides doubled. A summary whose range
+  lies inside the baseline's has no value beyond it, counted or not
+  (:func:`count_beyond_baseline` fills that in, so windows merge with the
+  counts of the others).
 
 The false-alarm rate is per feature, split over its tests (Bonferroni, in the
 shares of :data:`ALPHA_SHARES`): most to the distribution test, whose shifts
@@ -476,6 +479,16 @@ def _beyond_count_p(
     return out
 
 
+def _either(
+    end_bin: npt.NDArray[np.float64],
+    counted: npt.NDArray[np.float64],
+    count: npt.NDArray[np.float64],
+) -> npt.NDArray[np.float64]:
+    """One side's p-value: the end bin's, or with a count the smaller of both, doubled."""
+    both = np.minimum(2.0 * np.minimum(end_bin, counted), 1.0)
+    return np.where(np.isnan(count), end_bin, both)
+
+
 @dataclass(frozen=True)
 class _Tails:
     """What the bins leave out, observed and baseline, each shaped like the tests (or broadcast).
@@ -526,13 +539,14 @@ def _tail_tests(
     # A range inside the baseline's proves there is nothing beyond it, counted or not.
     above_c = np.where(above, np.broadcast_to(tails.above, shape), 0.0)
     below_c = np.where(below, np.broadcast_to(tails.below, shape), 0.0)
-    uncounted_above, uncounted_below = np.isnan(above_c), np.isnan(below_c)
-    high = _beyond_p(above & uncounted_above, t_o, t_b, n_o, n_b)
-    low = _beyond_p(
-        below & uncounted_below, o[..., 0], np.broadcast_to(b, o.shape)[..., 0], n_o, n_b
+    high = _either(
+        _beyond_p(above, t_o, t_b, n_o, n_b), _beyond_count_p(above_c, n_o, n_b), above_c
     )
-    high = np.where(uncounted_above, high, _beyond_count_p(above_c, n_o, n_b))
-    low = np.where(uncounted_below, low, _beyond_count_p(below_c, n_o, n_b))
+    low = _either(
+        _beyond_p(below, o[..., 0], np.broadcast_to(b, o.shape)[..., 0], n_o, n_b),
+        _beyond_count_p(below_c, n_o, n_b),
+        below_c,
+    )
     new_range_p = np.minimum(2.0 * np.minimum(high, low), 1.0)
     enough = (n_o >= policy.min_n) & (n_b > 0)
 
@@ -754,14 +768,12 @@ def _tail_tests_one(
     # A range inside the baseline's proves there is nothing beyond it, counted or not.
     above_c = observed.above_baseline if above else 0
     below_c = observed.below_baseline if below else 0
-    if above_c is None:
-        high = _beyond_p_one(above, counts_o[-1], counts_b[-1], n_o, n_b)
-    else:
-        high = _beyond_count_p_one(above_c, n_o, n_b)
-    if below_c is None:
-        low = _beyond_p_one(below, counts_o[0], counts_b[0], n_o, n_b)
-    else:
-        low = _beyond_count_p_one(below_c, n_o, n_b)
+    high = _beyond_p_one(above, counts_o[-1], counts_b[-1], n_o, n_b)
+    if above_c is not None:
+        high = min(2.0 * min(high, _beyond_count_p_one(above_c, n_o, n_b)), 1.0)
+    low = _beyond_p_one(below, counts_o[0], counts_b[0], n_o, n_b)
+    if below_c is not None:
+        low = min(2.0 * min(low, _beyond_count_p_one(below_c, n_o, n_b)), 1.0)
     new_range_p = min(2.0 * min(high, low), 1.0)
     enough = n_o >= policy.min_n and n_b > 0
 

@@ -640,7 +640,8 @@ def _counted_window(baseline: Baseline, rows: np.ndarray, k: int) -> WindowSumma
 
 def test_the_count_beyond_the_baselines_maximum_has_the_exchangeable_tail() -> None:
     # c values above all 5,000 baseline values, of 600: the c largest of 5,600 are all the
-    # window's, P = prod (600 - i) / (5600 - i).
+    # window's, P = prod (600 - i) / (5600 - i). The top bin holds just them, so its own
+    # tail is the weaker one: the side's p-value is P doubled, the test's twice that.
     counts = [250] * 20
     base = FeatureSummary(n=5000, nan=0, out_of_range=0, min=0.0, max=1.0, counts=counts)
     for c, p in ((0, 1.0), (1, 600 / 5600), (3, 600 * 599 * 598 / (5600 * 5599 * 5598))):
@@ -650,13 +651,13 @@ def test_the_count_beyond_the_baselines_maximum_has_the_exchangeable_tail() -> N
             out_of_range=0,
             min=0.1,
             max=1.0 + c,
-            counts=[30] * 20,
+            counts=[31] * 19 + [11 - c] if c == 0 else [31] * 18 + [42 - c] + [c],
             below_baseline=0,
             above_baseline=c,
         )
         result = feature_drift(base, window)
         assert result.above_baseline == c and result.below_baseline == 0
-        assert result.new_range_p_value == pytest.approx(min(2 * p, 1.0), rel=1e-9)
+        assert result.new_range_p_value == pytest.approx(min(4 * p, 1.0), rel=1e-9)
     # The tail is what exchangeable values give: 20,000 draws of 200 baseline and 100 window
     # values from one distribution, the window's counted above the baseline's max.
     draws = np.random.default_rng(39).random((20_000, 300))
@@ -664,11 +665,12 @@ def test_the_count_beyond_the_baselines_maximum_has_the_exchangeable_tail() -> N
     for c in (1, 2, 3):
         exact = math.prod((100 - i) / (300 - i) for i in range(c))
         assert np.mean(above >= c) == pytest.approx(exact, rel=0.15)
+        counts = [5] * 18 + [10 - c, c]
         window = FeatureSummary(
-            n=100, nan=0, out_of_range=0, min=0.5, max=2.0, counts=[5] * 20, above_baseline=c
+            n=100, nan=0, out_of_range=0, min=0.5, max=2.0, counts=counts, above_baseline=c
         )
         small = base.model_copy(update={"n": 200, "counts": [10] * 20})
-        assert feature_drift(small, window).new_range_p_value == pytest.approx(2 * exact)
+        assert feature_drift(small, window).new_range_p_value == pytest.approx(min(4 * exact, 1))
 
 
 def test_a_new_category_above_the_baselines_maximum_is_caught_with_the_devices_counts() -> None:
