@@ -399,6 +399,12 @@ class FeatureDriftView(_Response):
     max: float | None = None
     baseline_min: float | None = None
     baseline_max: float | None = None
+    below_baseline: int | None = Field(
+        default=None, description="values below the baseline's min; None: not counted"
+    )
+    above_baseline: int | None = Field(
+        default=None, description="values above the baseline's max; None: not counted"
+    )
     new_range_p_value: float = 1.0
     n: int
     baseline_n: int

@@ -46,16 +46,29 @@ feature read those:
   it alarms (at ``n = 600`` against 5,000 clean baseline rows: 3).
 - ``out-of-range``: the same test on the share of finite values outside the
   feature's valid range.
-- ``new-range``: values beyond the baseline's maximum (minimum). The summary
-  does not count them, but the window's ``max`` says whether there is one and
-  the open top bin holds them all. Under no drift the values in the top bin
-  are exchangeable given its count ``t`` in the window and ``K`` in both, so
-  the window holds the largest of the ``K`` with probability ``t / K`` (about
-  ``1 / (n_B + 1)`` per window value overall). The p-value of "a value beyond
-  the baseline's max and ``t`` or more in the top bin" is
+- ``new-range``: values beyond the baseline's maximum (minimum). A device
+  counts them (``above_baseline``, ``below_baseline``). Under no drift the
+  ``N = n_O + n_B`` values are exchangeable, so ``c`` or more of the window's
+  values lie above every baseline value exactly when the ``c`` largest of
+  the ``N`` are all the window's: ``P(C >= c) = Π_{i < c} (n_O - i) / (N - i)``
+  (about ``1 / (n_B + 1)`` per window value; ties with the baseline's max
+  only make it smaller, so the tail is exact or conservative). A summary that
+  did not count them (a window of an older device, or an aggregate with one
+  in it) still has its ``max``: it says whether there is one and the open top
+  bin holds them all. The values in the top bin are exchangeable given its
+  count ``t`` in the window and ``K`` in both, so the window holds the
+  largest of the ``K`` with probability ``t / K``, and the p-value of "a value
+  beyond the baseline's max and ``t`` or more in the top bin" is
   ``Σ_{s >= t} P(T = s | K) s / K = (n_O / N) P(T' >= t - 1)`` with ``T'``
   hypergeometric over ``N - 1`` rows, ``K - 1`` top values and ``n_O - 1``
-  draws; the same at the bottom, and the smaller of the two doubled.
+  draws. That tail is far weaker on a few new values, since the top bin's
+  count mixes them with the baseline's own, and stronger on a distribution
+  that widens (more values in the top bin, few beyond): where the count is
+  known both are taken, the smaller p-value doubled. The same at the
+  bottom, and the smaller of the two sides doubled. A summary whose range
+  lies inside the baseline's has no value beyond it, counted or not
+  (:func:`count_beyond_baseline` fills that in, so windows merge with the
+  counts of the others).
 
 The false-alarm rate is per feature, split over its tests (Bonferroni, in the
 shares of :data:`ALPHA_SHARES`): most to the distribution test, whose shifts
@@ -91,7 +104,7 @@ import itertools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -114,6 +127,8 @@ ALPHA_SHARES: Final[dict[DriftReason, float]] = {
     "new-range": 0.1,
 }
 REASONS: Final[tuple[DriftReason, ...]] = tuple(ALPHA_SHARES)
+
+_Observed = TypeVar("_Observed", bound=WindowSummary | WindowAggregate)
 
 
 class DriftPolicy(BaseModel):
@@ -166,6 +181,12 @@ class FeatureDrift(BaseModel):
     max: float | None = None
     baseline_min: float | None = None
     baseline_max: float | None = None
+    below_baseline: int | None = Field(
+        default=None, description="values below the baseline's min observed; None: not counted"
+    )
+    above_baseline: int | None = Field(
+        default=None, description="values above the baseline's max observed; None: not counted"
+    )
     new_range: DriftVerdict = Field(
         default="not_enough_data", description="are there values beyond the baseline's min/max?"
     )
@@ -434,17 +455,54 @@ def _beyond_p(
     return out
 
 
+def _beyond_count_p(
+    count: npt.NDArray[np.float64], n_o: npt.NDArray[np.float64], n_b: npt.NDArray[np.float64]
+) -> npt.NDArray[np.float64]:
+    """``P(C >= count)``: ``count`` window values beyond every baseline value (NaN: 1)."""
+    count, n_o, n_b = np.broadcast_arrays(count, n_o, n_b)
+    out = np.ones(count.shape)
+    with np.errstate(invalid="ignore"):
+        at = (count >= 1) & (n_b > 0)
+    few = int(np.count_nonzero(at))
+    if not few:
+        return out
+    c, no, nb = count[at], n_o[at], n_b[at]
+    if few <= _SCALAR_TAILS:  # math.lgamma beats numpy's per-call overhead on a few
+        out[at] = [
+            _beyond_count_p_one(x, y, z)
+            for x, y, z in zip(c.tolist(), no.tolist(), nb.tolist(), strict=True)
+        ]
+    else:
+        total = no + nb
+        log_p = _lgamma(no + 1.0) - _lgamma(no - c + 1.0) - _lgamma(total + 1.0)
+        out[at] = np.exp(log_p + _lgamma(total - c + 1.0))
+    return out
+
+
+def _either(
+    end_bin: npt.NDArray[np.float64],
+    counted: npt.NDArray[np.float64],
+    count: npt.NDArray[np.float64],
+) -> npt.NDArray[np.float64]:
+    """One side's p-value: the end bin's, or with a count the smaller of both, doubled."""
+    both = np.minimum(2.0 * np.minimum(end_bin, counted), 1.0)
+    return np.where(np.isnan(count), end_bin, both)
+
+
 @dataclass(frozen=True)
 class _Tails:
     """What the bins leave out, observed and baseline, each shaped like the tests (or broadcast).
 
-    ``min`` and ``max`` are NaN where the summary had none.
+    ``min`` and ``max`` are NaN where the summary had none, ``below`` and
+    ``above`` (the observed values beyond the baseline's range) where it did not count them.
     """
 
     nan: npt.NDArray[np.float64]
     out_of_range: npt.NDArray[np.float64]
     min: npt.NDArray[np.float64]
     max: npt.NDArray[np.float64]
+    below: npt.NDArray[np.float64]
+    above: npt.NDArray[np.float64]
     baseline_nan: npt.NDArray[np.float64]
     baseline_out_of_range: npt.NDArray[np.float64]
     baseline_min: npt.NDArray[np.float64]
@@ -464,7 +522,7 @@ def _tail_tests(
     shape = n_o.shape
     if tails is None:
         zero, none = np.zeros(shape), np.full(shape, math.nan)
-        tails = _Tails(zero, zero, none, none, zero, zero, none, none)
+        tails = _Tails(zero, zero, none, none, none, none, zero, zero, none, none)
     nan_o, nan_b = np.broadcast_to(tails.nan, shape), np.broadcast_to(tails.baseline_nan, shape)
     oor_o = np.broadcast_to(tails.out_of_range, shape)
     oor_b = np.broadcast_to(tails.baseline_out_of_range, shape)
@@ -476,10 +534,19 @@ def _tail_tests(
     t_o = np.take_along_axis(o, index, axis=-1)[..., 0]
     t_b = np.take_along_axis(np.broadcast_to(b, o.shape), index, axis=-1)[..., 0]
     with np.errstate(invalid="ignore"):  # NaN for a missing min or max: never beyond
-        above = tails.max > tails.baseline_max
-        below = tails.min < tails.baseline_min
-    high = _beyond_p(above, t_o, t_b, n_o, n_b)
-    low = _beyond_p(below, o[..., 0], np.broadcast_to(b, o.shape)[..., 0], n_o, n_b)
+        above = np.broadcast_to(tails.max > tails.baseline_max, shape)
+        below = np.broadcast_to(tails.min < tails.baseline_min, shape)
+    # A range inside the baseline's proves there is nothing beyond it, counted or not.
+    above_c = np.where(above, np.broadcast_to(tails.above, shape), 0.0)
+    below_c = np.where(below, np.broadcast_to(tails.below, shape), 0.0)
+    high = _either(
+        _beyond_p(above, t_o, t_b, n_o, n_b), _beyond_count_p(above_c, n_o, n_b), above_c
+    )
+    low = _either(
+        _beyond_p(below, o[..., 0], np.broadcast_to(b, o.shape)[..., 0], n_o, n_b),
+        _beyond_count_p(below_c, n_o, n_b),
+        below_c,
+    )
     new_range_p = np.minimum(2.0 * np.minimum(high, low), 1.0)
     enough = (n_o >= policy.min_n) & (n_b > 0)
 
@@ -503,6 +570,8 @@ def _tail_tests(
         "max": np.broadcast_to(tails.max, shape).astype(np.float64),
         "baseline_min": np.broadcast_to(tails.baseline_min, shape).astype(np.float64),
         "baseline_max": np.broadcast_to(tails.baseline_max, shape).astype(np.float64),
+        "below_baseline": below_c,
+        "above_baseline": above_c,
         "new_range": verdict(enough, new_range_p, "new-range"),
         "new_range_p_value": new_range_p,
     }
@@ -530,6 +599,16 @@ def _summary_tails(summaries: Sequence[FeatureSummary]) -> dict[str, npt.NDArray
         ),
         "max": np.fromiter(
             (math.nan if f.max is None else f.max for f in summaries), np.float64, count=count
+        ),
+        "below": np.fromiter(
+            (math.nan if f.below_baseline is None else f.below_baseline for f in summaries),
+            np.float64,
+            count=count,
+        ),
+        "above": np.fromiter(
+            (math.nan if f.above_baseline is None else f.above_baseline for f in summaries),
+            np.float64,
+            count=count,
         ),
     }
 
@@ -656,6 +735,15 @@ def _hypergeom_sf_one(x: float, k: float, n: float, pop: float) -> float:
     return min(math.exp(log_first) * total, 1.0)
 
 
+def _beyond_count_p_one(count: float, n_o: float, n_b: float) -> float:
+    """``P(C >= count)`` of :func:`_beyond_count_p`, in plain Python."""
+    if count < 1 or n_b <= 0:
+        return 1.0
+    total = n_o + n_b
+    log_p = math.lgamma(n_o + 1.0) - math.lgamma(n_o - count + 1.0) - math.lgamma(total + 1.0)
+    return math.exp(log_p + math.lgamma(total - count + 1.0))
+
+
 def _beyond_p_one(beyond: bool, t_o: float, t_b: float, n_o: float, n_b: float) -> float:
     if not beyond or t_o < 1 or n_b <= 0:
         return 1.0
@@ -677,8 +765,15 @@ def _tail_tests_one(
     hi_o, hi_b, lo_o, lo_b = observed.max, baseline.max, observed.min, baseline.min
     above = hi_o is not None and hi_b is not None and hi_o > hi_b
     below = lo_o is not None and lo_b is not None and lo_o < lo_b
+    # A range inside the baseline's proves there is nothing beyond it, counted or not.
+    above_c = observed.above_baseline if above else 0
+    below_c = observed.below_baseline if below else 0
     high = _beyond_p_one(above, counts_o[-1], counts_b[-1], n_o, n_b)
+    if above_c is not None:
+        high = min(2.0 * min(high, _beyond_count_p_one(above_c, n_o, n_b)), 1.0)
     low = _beyond_p_one(below, counts_o[0], counts_b[0], n_o, n_b)
+    if below_c is not None:
+        low = min(2.0 * min(low, _beyond_count_p_one(below_c, n_o, n_b)), 1.0)
     new_range_p = min(2.0 * min(high, low), 1.0)
     enough = n_o >= policy.min_n and n_b > 0
 
@@ -700,6 +795,8 @@ def _tail_tests_one(
         "max": observed.max,
         "baseline_min": baseline.min,
         "baseline_max": baseline.max,
+        "below_baseline": below_c,
+        "above_baseline": above_c,
         "new_range": verdict(enough, new_range_p, "new-range"),
         "new_range_p_value": new_range_p,
     }
@@ -718,7 +815,9 @@ def _distribution_alpha(policy: DriftPolicy) -> float:
 # -- many tests at once -----------------------------------------------------------------
 
 _FEATURE_DRIFTS: Final = TypeAdapter(list[FeatureDrift])
-_OPTIONAL_FLOATS: Final = frozenset({"min", "max", "baseline_min", "baseline_max"})
+_OPTIONAL_FLOATS: Final = frozenset(
+    {"min", "max", "baseline_min", "baseline_max", "below_baseline", "above_baseline"}
+)
 
 
 @dataclass(frozen=True)
@@ -754,6 +853,8 @@ class DriftArrays:
     max: npt.NDArray[np.float64]
     baseline_min: npt.NDArray[np.float64]
     baseline_max: npt.NDArray[np.float64]
+    below_baseline: npt.NDArray[np.float64]
+    above_baseline: npt.NDArray[np.float64]
     new_range: npt.NDArray[np.str_]
     new_range_p_value: npt.NDArray[np.float64]
 
@@ -959,6 +1060,7 @@ class _BaselineBins:
         self.tails = {
             f"baseline_{k}": v
             for k, v in _summary_tails([f.summary for f in baseline.features]).items()
+            if k not in ("below", "above")  # counted against a baseline, not by one
         }
 
     def pad(self, scopes: Sequence[Sequence[FeatureSummary]]) -> npt.NDArray[np.float64]:
@@ -1054,22 +1156,55 @@ def detect_drift(
     return detect_drift_many(baseline, [observed], policy)[0].results(names)
 
 
+def count_beyond_baseline(baseline: Baseline, observed: _Observed) -> _Observed:
+    """``observed`` with the counts beyond ``baseline``'s range that its own range proves.
+
+    A feature that did not count the values below the baseline's min (above
+    its max) but whose ``min`` (``max``) lies inside the baseline's has none
+    there: its count is 0. Call it on each window before merging, so that a
+    window that left the counts out (it had nothing beyond the range, or an
+    older device wrote it) does not leave its aggregate without them. Other
+    counts, and a window over another baseline, are returned as they are.
+    """
+    if observed.baseline_id != baseline.id or len(observed.features) != len(baseline.features):
+        return observed
+    features = list(observed.features)
+    for j, (f, b) in enumerate(zip(features, baseline.features, strict=True)):
+        below, above = f.below_baseline, f.above_baseline
+        low, high = b.summary.min, b.summary.max
+        if below is None and (f.min is None or low is None or f.min >= low):
+            below = 0
+        if above is None and (f.max is None or high is None or f.max <= high):
+            above = 0
+        if (below, above) != (f.below_baseline, f.above_baseline):
+            features[j] = f.model_copy(update={"below_baseline": below, "above_baseline": above})
+    if features == observed.features:
+        return observed
+    # model_copy keeps the type; mypy sees only the TypeVar's bound.
+    return cast(_Observed, observed.model_copy(update={"features": features}))
+
+
 def merge_until(
     windows: Iterable[WindowSummary | WindowAggregate],
     min_n: int = DEFAULT_MIN_N,
     pending: WindowAggregate | None = None,
     max_windows: int | None = None,
+    baseline: Baseline | None = None,
 ) -> tuple[list[WindowAggregate], WindowAggregate | None]:
     """Merge consecutive windows into groups in which every feature has ``min_n`` values.
 
     Returns the completed groups and the group still short of ``min_n``; pass
     that back as ``pending`` with the next windows. A group also closes after
     ``max_windows`` windows, so a feature that is mostly NaN cannot hold the
-    others back (its verdict is then ``not_enough_data``).
+    others back (its verdict is then ``not_enough_data``). With ``baseline``,
+    each window first gets the counts beyond its range that its range proves
+    (:func:`count_beyond_baseline`).
     """
     done: list[WindowAggregate] = []
     current = pending
     for w in windows:
+        if baseline is not None:
+            w = count_beyond_baseline(baseline, w)
         current = merge_windows([current, w]) if current is not None else merge_windows([w])
         full = all(f.n >= min_n for f in current.features)
         if full or (max_windows is not None and current.windows >= max_windows):

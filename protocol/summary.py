@@ -8,6 +8,12 @@ Bins are the baseline's: about 20 bins at the training set's quantiles, open at
 both ends. ``edges`` holds the inner edges ``e_0 < ... < e_{k-1}``; bin 0 is
 ``(-inf, e_0)``, bin ``i`` is ``[e_{i-1}, e_i)`` and bin ``k`` is ``[e_{k-1}, +inf)``,
 so there are ``len(edges) + 1`` counts. NaN goes to ``nan``, never to a bin.
+
+A summary counted against a baseline also says how many finite values lay below
+the baseline's ``min`` and above its ``max`` (``below_baseline``,
+``above_baseline``): the open end bins hold them among the baseline's own
+extremes, so only these counts tell how many are new. ``None`` means not
+counted (a baseline's own summary, a window from a device that did not count).
 """
 
 from __future__ import annotations
@@ -24,6 +30,10 @@ DEFAULT_BIN_COUNT = 20
 SCORE_BIN_COUNT = 20
 
 
+def _is_none(value: object) -> bool:
+    return value is None
+
+
 class FeatureSummary(BaseModel):
     """Moments, range and binned counts of one feature over some rows."""
 
@@ -37,6 +47,19 @@ class FeatureSummary(BaseModel):
     min: float | None = None
     max: float | None = None
     counts: list[int] = Field(description="counts per baseline bin, len(edges) + 1")
+    # Left out when not counted, so manifests (whose baselines never count) keep their bytes.
+    below_baseline: int | None = Field(
+        default=None,
+        ge=0,
+        exclude_if=_is_none,
+        description="finite values below the baseline's min; None: not counted",
+    )
+    above_baseline: int | None = Field(
+        default=None,
+        ge=0,
+        exclude_if=_is_none,
+        description="finite values above the baseline's max; None: not counted",
+    )
 
     @property
     def variance(self) -> float:
@@ -69,8 +92,14 @@ def summarize(
     values: npt.ArrayLike,
     edges: Sequence[Sequence[float]],
     valid_ranges: Sequence[tuple[float | None, float | None]] | None = None,
+    baseline_ranges: Sequence[tuple[float | None, float | None]] | None = None,
 ) -> list[FeatureSummary]:
-    """Summarise a ``[rows, features]`` array, one summary per feature column."""
+    """Summarise a ``[rows, features]`` array, one summary per feature column.
+
+    With ``baseline_ranges`` (each feature's baseline ``(min, max)``) the
+    summaries count the values below and above them; a bound of ``None``
+    counts nothing on its side.
+    """
     data = np.asarray(values, dtype=np.float64)
     if data.ndim != 2:
         raise ValueError(f"expected a [rows, features] array, got shape {data.shape}")
@@ -90,6 +119,11 @@ def summarize(
             outside |= finite > hi
         n = int(finite.size)
         mean = float(finite.mean()) if n else 0.0
+        below = above = None
+        if baseline_ranges is not None:
+            b_lo, b_hi = baseline_ranges[j]
+            below = int((finite < b_lo).sum()) if b_lo is not None else 0
+            above = int((finite > b_hi).sum()) if b_hi is not None else 0
         out.append(
             FeatureSummary(
                 n=n,
@@ -100,13 +134,24 @@ def summarize(
                 min=float(finite.min()) if n else None,
                 max=float(finite.max()) if n else None,
                 counts=bin_counts(column, edges[j]).tolist(),
+                below_baseline=below,
+                above_baseline=above,
             )
         )
     return out
 
 
+def _add_counted(a: int | None, b: int | None) -> int | None:
+    return None if a is None or b is None else a + b
+
+
 def merge(a: FeatureSummary, b: FeatureSummary) -> FeatureSummary:
-    """The summary of the union of the rows behind ``a`` and ``b`` (Chan's formula)."""
+    """The summary of the union of the rows behind ``a`` and ``b`` (Chan's formula).
+
+    A count beyond the baseline that one side did not count is not counted in
+    the union either (see :func:`protocol.drift.count_beyond_baseline`, which
+    fills in what the range alone proves before merging).
+    """
     if len(a.counts) != len(b.counts):
         raise ValueError("cannot merge summaries over different bins")
     n = a.n + b.n
@@ -127,6 +172,8 @@ def merge(a: FeatureSummary, b: FeatureSummary) -> FeatureSummary:
         min=min(mins) if mins else None,
         max=max(maxs) if maxs else None,
         counts=[x + y for x, y in zip(a.counts, b.counts, strict=True)],
+        below_baseline=_add_counted(a.below_baseline, b.below_baseline),
+        above_baseline=_add_counted(a.above_baseline, b.above_baseline),
     )
 
 

@@ -21,7 +21,7 @@ they counted in the same baseline bins.
 On the wire a window is a compact binary record (:func:`encode_window`,
 :func:`decode_window`), not JSON: at one window a minute with 32 features a
 day of windows must stay under 2 MB (about 1.1 kB a window at 600 requests,
-against 7 kB as JSON). Layout, codec version 2::
+against 7 kB as JSON). Layout, codec versions 2 and 3::
 
     "EFW" | version (1 byte) | CRC-32 of the body (4 bytes, little-endian)
     | body, compressed as raw LZMA2 (4 KiB dictionary, lc=1 lp=0 pb=0)
@@ -33,7 +33,17 @@ against 7 kB as JSON). Layout, codec version 2::
 Version 1 is the same without ``unsummarised_requests`` (0: every request
 summarised). A window that summarised every request is written as version 1,
 so readers that know only version 1 still read it; a sampled window needs
-version 2. The reader reads both.
+version 2. Version 3 is version 2 whose features also say how many values lay
+below the baseline's minimum and above its maximum (a feature flag, then the
+two counts, only where one is not zero). It is written only for a window that
+has such a value: every other window keeps its version 1 or 2 bytes, so a
+reader not yet upgraded still reads every window it read before, and loses
+only those that show a new range. Nothing is lost by leaving the counts out:
+a window without values beyond the baseline's range has its ``min`` and
+``max`` inside it, which proves both counts are 0
+(:func:`protocol.drift.count_beyond_baseline`). Such a window, and any window
+of version 1 or 2, reads back with the counts ``None`` (not counted). The
+reader reads all three.
 
 The body is unsigned LEB128 varints (signed ones zigzag-coded), little-endian
 IEEE floats and short strings (a kind byte — absent, UTF-8, hex digits packed
@@ -82,9 +92,11 @@ from protocol.inference import STAGE_NAMES, StageName
 from protocol.summary import FeatureSummary, ScoreHistogram, merge
 
 WINDOW_SCHEMA_VERSION: Final = 1
-WINDOW_CODEC_VERSION: Final = 2
-# Windows that summarised every request are written in version 1, which old readers know.
+WINDOW_CODEC_VERSION: Final = 3
+# Windows that summarised every request are written in version 1, which old readers know,
+# sampled ones in version 2; version 3 only for a window with values beyond the baseline.
 _EXACT_CODEC_VERSION: Final = 1
+_SAMPLED_CODEC_VERSION: Final = 2
 WINDOW_MAGIC: Final = b"EFW"
 # A decoded body larger than this is refused (a window of 1,024 features is ~100 kB).
 MAX_BODY_BYTES: Final = 1 << 20
@@ -199,6 +211,11 @@ def _check_parts(
             raise ValueError(f"feature {i}: bin counts must be >= 0")
         if sum(f.counts) != f.n:
             raise ValueError(f"feature {i}: bin counts sum to {sum(f.counts)}, not n = {f.n}")
+        if (f.below_baseline or 0) + (f.above_baseline or 0) > f.n:
+            raise ValueError(
+                f"feature {i}: {f.below_baseline} values below and {f.above_baseline} above "
+                f"the baseline's range, of only n = {f.n}"
+            )
     if scores is not None:
         if len(scores.counts) != len(scores.classes):
             raise ValueError("scores need one row of counts per class")
@@ -316,7 +333,9 @@ _CONSTANT = 0x08  # min == max: only min is sent
 _WIDE = 0x10  # floats in float64
 _OWN_ROWS = 0x20  # n + nan differs from the window's row count: n is sent
 _OWN_BINS = 0x40  # the bin count differs from the window's: it is sent
+_BEYOND = 0x80  # version 3: values below and above the baseline's range follow
 _FEATURE_FLAGS = 0x7F
+_FEATURE_FLAGS_V3 = 0xFF
 
 _HAS_LATENCY = 0x01
 # Float32 holds values below this without overflow.
@@ -476,8 +495,15 @@ def _fits_f32(value: float) -> bool:
     return bool(_F32.unpack(_F32.pack(value))[0] == value) if abs(value) < _F32_LIMIT else False
 
 
-def _feature_flags(f: FeatureSummary, rows: int, bins: int) -> int:
+def _beyond(features: Sequence[FeatureSummary]) -> bool:
+    """Whether any feature counted a value beyond the baseline's range (version 3 needed)."""
+    return any(f.below_baseline or f.above_baseline for f in features)
+
+
+def _feature_flags(f: FeatureSummary, rows: int, bins: int, beyond: bool) -> int:
     flags = (_HAS_NAN if f.nan else 0) | (_HAS_OUT_OF_RANGE if f.out_of_range else 0)
+    if beyond and (f.below_baseline or f.above_baseline):
+        flags |= _BEYOND
     flags |= (_OWN_ROWS if f.n + f.nan != rows else 0) | (_OWN_BINS if len(f.counts) != bins else 0)
     if not f.counts:
         raise WindowCodecError("a feature has no bins")
@@ -504,7 +530,8 @@ def _feature_floats(f: FeatureSummary, flags: int) -> list[float]:
     return [f.min, f.max, mean, f.m2]
 
 
-def _write_features(w: _Writer, features: Sequence[FeatureSummary]) -> None:
+def _write_features(w: _Writer, features: Sequence[FeatureSummary], beyond: bool) -> None:
+    """Write ``features``; ``beyond``: in version 3, with the counts beyond the baseline."""
     # Most features see every row and use the usual number of bins: those two
     # numbers are sent once, and a feature that differs says so in its flags.
     rows = _most_common([f.n + f.nan for f in features])
@@ -514,14 +541,21 @@ def _write_features(w: _Writer, features: Sequence[FeatureSummary]) -> None:
     w.uint(bins)
     narrow: list[float] = []
     wide: list[float] = []
-    for f in features:
-        flags = _feature_flags(f, rows, bins)
+    for j, f in enumerate(features):
+        if beyond and (f.below_baseline is None or f.above_baseline is None):
+            raise WindowCodecError(
+                f"feature {j} did not count values beyond the baseline's range, "
+                "but other features of the window did"
+            )
+        flags = _feature_flags(f, rows, bins, beyond)
         w.buf.append(flags)
         for flag, value in (
             (_HAS_NAN, f.nan),
             (_HAS_OUT_OF_RANGE, f.out_of_range),
             (_OWN_ROWS, f.n),
             (_OWN_BINS, len(f.counts)),
+            (_BEYOND, f.below_baseline or 0),
+            (_BEYOND, f.above_baseline or 0),
         ):
             if flags & flag:
                 w.uint(value)
@@ -541,18 +575,22 @@ def _write_features(w: _Writer, features: Sequence[FeatureSummary]) -> None:
         w.f64(v)
 
 
-def _read_features(r: _Reader) -> list[FeatureSummary]:
+def _read_features(r: _Reader, beyond: bool) -> list[FeatureSummary]:
+    """Read features; ``beyond``: version 3, with the counts beyond the baseline."""
     count, rows, bins = r.uint(limit=MAX_FEATURES), r.uint(), r.uint(limit=MAX_BINS)
-    heads: list[tuple[int, int, int, int, list[int]]] = []
+    heads: list[tuple[int, int, int, int, list[int], int | None, int | None]] = []
     narrow_count = wide_count = 0
+    known = _FEATURE_FLAGS_V3 if beyond else _FEATURE_FLAGS
+    counted = 0 if beyond else None
     for _ in range(count):
         flags = r.byte()
-        if flags & ~_FEATURE_FLAGS:
+        if flags & ~known:
             raise WindowCodecError(f"unknown feature flags {flags:#x} at byte {r.pos - 1}")
         nan = r.uint() if flags & _HAS_NAN else 0
         out_of_range = r.uint() if flags & _HAS_OUT_OF_RANGE else 0
         n = r.uint() if flags & _OWN_ROWS else rows - nan
         k = r.uint(limit=MAX_BINS) if flags & _OWN_BINS else bins
+        below, above = (r.uint(), r.uint()) if flags & _BEYOND else (counted, counted)
         if n < 0 or k < 1:
             raise WindowCodecError(f"a feature has {n} values in {k} bins")
         expected = n // k
@@ -567,7 +605,7 @@ def _read_features(r: _Reader) -> list[FeatureSummary]:
             wide_count += floats
         else:
             narrow_count += floats
-        heads.append((flags, nan, out_of_range, n, counts))
+        heads.append((flags, nan, out_of_range, n, counts, below, above))
     # Byte planes back into little-endian float32s: plane i holds byte i of each.
     planes = np.frombuffer(r.take(4 * narrow_count), dtype=np.uint8).reshape(4, narrow_count)
     narrow_values: list[float] = planes.T.copy().view("<f4").ravel().astype(np.float64).tolist()
@@ -578,9 +616,18 @@ def _read_features(r: _Reader) -> list[FeatureSummary]:
         raise WindowCodecError("a feature's moments are not finite numbers")
     narrow, wide = iter(narrow_values), iter(wide_values)
     out: list[dict[str, object]] = []
-    for flags, nan, out_of_range, n, counts in heads:
+    for flags, nan, out_of_range, n, counts, below, above in heads:
         if not flags & _HAS_VALUES:
-            out.append({"n": 0, "nan": nan, "out_of_range": out_of_range, "counts": counts})
+            out.append(
+                {
+                    "n": 0,
+                    "nan": nan,
+                    "out_of_range": out_of_range,
+                    "counts": counts,
+                    "below_baseline": below,
+                    "above_baseline": above,
+                }
+            )
             continue
         source = wide if flags & _WIDE else narrow
         low = next(source)
@@ -601,6 +648,8 @@ def _read_features(r: _Reader) -> list[FeatureSummary]:
                 "min": low,
                 "max": high,
                 "counts": counts,
+                "below_baseline": below,
+                "above_baseline": above,
             }
         )
     # One validation call for every feature: cheaper than a model per feature.
@@ -725,14 +774,20 @@ def encode_window(window: WindowSummary) -> bytes:
     w.f64(window.end)
     w.uint(window.requests)
     w.uint(window.errors)
-    version = WINDOW_CODEC_VERSION if window.unsummarised_requests else _EXACT_CODEC_VERSION
+    beyond = _beyond(window.features)
+    if beyond:
+        version = WINDOW_CODEC_VERSION
+    elif window.unsummarised_requests:
+        version = _SAMPLED_CODEC_VERSION
+    else:
+        version = _EXACT_CODEC_VERSION
     if version >= 2:
         w.uint(window.unsummarised_requests)
     for stage in STAGE_NAMES:
         w.uint(window.served.get(stage, 0))
     _write_latency(w, window.latency_ms)
     _write_scores(w, window.scores)
-    _write_features(w, window.features)
+    _write_features(w, window.features, beyond)
     body = bytes(w.buf)
     header = WINDOW_MAGIC + bytes([version]) + _CRC.pack(zlib.crc32(body))
     return header + lzma.compress(body, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
@@ -782,7 +837,7 @@ def decode_window(data: bytes) -> WindowSummary:
         served = {stage: r.uint() for stage in STAGE_NAMES}
         latency = _read_latency(r)
         scores = _read_scores(r)
-        features = _read_features(r)
+        features = _read_features(r, version >= 3)
         if r.pos != len(body):
             raise WindowCodecError(f"{len(body) - r.pos} unexpected bytes after the last feature")
         return WindowSummary(

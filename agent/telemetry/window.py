@@ -13,10 +13,12 @@ Rules:
    folded into the window with a few numpy calls over all its rows: derived
    features (:func:`protocol.derivation.derive_features`), NaN and
    out-of-range counts, one sort per feature for baseline bin counts, min and
-   max, moments merged with Chan's formula, the top-score histogram. The
+   max, the values below the baseline's minimum and above its maximum (only
+   counted when the fold's range leaves the baseline's), moments merged with
+   Chan's formula, the top-score histogram. The
    features and score histogram of the requests summarised equal
-   :func:`protocol.summary.summarize` over their rows: counts, ``min`` and
-   ``max`` exactly, ``mean`` and ``m2`` to floating-point rounding.
+   :func:`protocol.summary.summarize` over their rows with the baseline's
+   ranges: counts, ``min`` and ``max`` exactly, ``mean`` and ``m2`` to floating-point rounding.
 3. Every request is counted, summarised or not: ``requests``, ``served`` per
    stage, ``errors``, and its latency, kept in a list and recorded into the
    window's base-2 exponential histogram (:func:`protocol.histogram.record`)
@@ -149,6 +151,8 @@ class _Layout:
     low: F64
     high: F64
     check_range: bool
+    baseline_low: F64  # the baseline's min per feature (-inf: it has none)
+    baseline_high: F64
     score_output: str | None
     score_dtype: np.dtype[Any]
     score_quantization: tuple[float, int] | None  # (scale, zero point)
@@ -201,6 +205,9 @@ class _Layout:
         high = np.array(
             [math.inf if f.valid_max is None else f.valid_max for f in manifest.features]
         )
+        summaries = [b.summary for b in manifest.baseline.features]
+        baseline_low = np.array([-math.inf if f.min is None else f.min for f in summaries])
+        baseline_high = np.array([math.inf if f.max is None else f.max for f in summaries])
         score_output, classes = _score_output(manifest)
         score_spec = next((t for t in manifest.outputs if t.name == score_output), None)
         score_dtype = np.dtype(score_spec.dtype if score_spec is not None else "float64")
@@ -231,6 +238,8 @@ class _Layout:
             low=low,
             high=high,
             check_range=bool(np.isfinite(low).any() or np.isfinite(high).any()),
+            baseline_low=baseline_low.reshape(features),
+            baseline_high=baseline_high.reshape(features),
             score_output=score_output,
             score_dtype=score_dtype,
             score_quantization=quantization,
@@ -278,6 +287,8 @@ class _Running:
     n: I64 = field(init=False)
     nan: I64 = field(init=False)
     out_of_range: I64 = field(init=False)
+    below: I64 = field(init=False)  # values below the baseline's min
+    above: I64 = field(init=False)
     mean: F64 = field(init=False)
     m2: F64 = field(init=False)
     low: F64 = field(init=False)
@@ -293,6 +304,8 @@ class _Running:
         self.n = np.zeros(k, dtype=np.int64)
         self.nan = np.zeros(k, dtype=np.int64)
         self.out_of_range = np.zeros(k, dtype=np.int64)
+        self.below = np.zeros(k, dtype=np.int64)
+        self.above = np.zeros(k, dtype=np.int64)
         self.mean = np.zeros(k)
         self.m2 = np.zeros(k)
         self.low = np.full(k, math.inf)
@@ -336,6 +349,15 @@ class _Running:
             if clean is not values:
                 outside &= finite
             self.out_of_range += np.count_nonzero(outside, axis=0)
+        # Likewise the values beyond the baseline's range: none in the usual fold, and
+        # only the features that have some are looked at (``ordered`` holds NaN for
+        # non-finite values, which compare false).
+        if (low < layout.baseline_low).any():
+            (cols,) = np.nonzero(low < layout.baseline_low)
+            self.below[cols] += (ordered[cols] < layout.baseline_low[cols, None]).sum(axis=1)
+        if (high > layout.baseline_high).any():
+            (cols,) = np.nonzero(high > layout.baseline_high)
+            self.above[cols] += (ordered[cols] > layout.baseline_high[cols, None]).sum(axis=1)
         m2 = np.einsum("ij,ij->j", deviation, deviation)
         # Chan et al.: merge (n_a, mean_a, m2_a) with (n_b, mean_b, m2_b). With
         # n_a = 0 this gives mean_b and m2_b exactly; with n_b = 0 nothing changes.
@@ -392,6 +414,8 @@ class _Running:
                     min=float(self.low[j]) if n else None,
                     max=float(self.high[j]) if n else None,
                     counts=self.counts[lo : lo + layout.edges[j].size + 1].tolist(),
+                    below_baseline=int(self.below[j]),
+                    above_baseline=int(self.above[j]),
                 )
             )
         scores = None

@@ -568,6 +568,8 @@ def model_drift_view(m: ModelDrift) -> ModelDriftView:
                 max=f.max,
                 baseline_min=f.baseline_min,
                 baseline_max=f.baseline_max,
+                below_baseline=f.below_baseline,
+                above_baseline=f.above_baseline,
                 new_range_p_value=f.new_range_p_value,
                 n=f.n,
                 baseline_n=f.baseline_n,

@@ -59,6 +59,7 @@ from protocol.drift import (
     DriftPolicy,
     DriftReason,
     FeatureDrift,
+    count_beyond_baseline,
     detect_drift,
 )
 from protocol.manifest import Manifest
@@ -329,7 +330,9 @@ def _test_windows(
         if window is None:
             window = decoded[window_id] = decode_window(payload)
         windows.append(window)
-    aggregate = merge_windows(windows)
+    # Windows that left out their counts beyond the baseline's range (nothing was
+    # beyond it) get them from their range, so the aggregate keeps everyone's counts.
+    aggregate = merge_windows(count_beyond_baseline(manifest.baseline, w) for w in windows)
     names = [f.name for f in manifest.features]
     return windows, aggregate, detect_drift(manifest.baseline, aggregate, policy, names)
 
@@ -442,6 +445,8 @@ def evidence(
             "max": feature.max,
             "baseline_min": feature.baseline_min,
             "baseline_max": feature.baseline_max,
+            "below_baseline": feature.below_baseline,
+            "above_baseline": feature.above_baseline,
             "p_value": feature.new_range_p_value,
         }
     return found | {

@@ -71,14 +71,17 @@ class DriftFleet:
         end: datetime,
         rows_per_window: int = 200,
         scores: npt.NDArray[np.float64] | None = None,
+        counted: bool = False,
     ) -> list[str]:
         """Store ``data`` as consecutive one-minute windows of ``device_id`` ending at ``end``.
 
         ``scores``, the model's outputs for ``data``, give the windows their top-score histograms.
+        ``counted``: the windows count the values beyond the baseline's range, as devices do.
         """
         baseline = self.manifest.baseline
         edges = [f.edges for f in baseline.features]
         ranges = [(f.valid_min, f.valid_max) for f in self.manifest.features]
+        beyond = [(f.summary.min, f.summary.max) for f in baseline.features] if counted else None
         count = data.shape[0] // rows_per_window
         rows = []
         for k in range(count):
@@ -93,7 +96,7 @@ class DriftFleet:
                 start=(stop - timedelta(minutes=1)).timestamp(),
                 end=stop.timestamp(),
                 requests=rows_per_window,
-                features=summarize(chunk, edges, ranges),
+                features=summarize(chunk, edges, ranges, beyond),
                 scores=(
                     score_histogram(
                         scores[k * rows_per_window : (k + 1) * rows_per_window],
@@ -352,6 +355,40 @@ def test_a_dead_sensor_opens_a_missing_values_alert_that_says_so(fleet: DriftFle
     fleet.evaluate(t1)
     (alert,) = fleet.alerts("dead-1")
     assert alert.state == "closed" and alert.evidence["verdict"] == "no_drift"
+
+
+def test_a_few_new_values_open_a_new_range_alert_with_the_devices_counts(
+    fleet: DriftFleet,
+) -> None:
+    t0 = datetime(2031, 2, 12, 12, tzinfo=UTC)
+    fleet.register("new-1")
+    data = fleet.in_distribution(1000, seed=23)
+    top = fleet.manifest.baseline.features[2].summary.max
+    assert top is not None
+    data[[610, 650, 700, 720, 750, 790], 2] = top + 1.0  # six new values, in one window
+    ids = fleet.upload("new-1", data, t0, counted=True)
+    # Only that window needs codec version 3; the others keep version 1 and carry no counts.
+    payloads = fleet.api.call(_payloads(fleet, ids))
+    assert [p[3] for p in payloads] == [1, 1, 1, 3, 1]
+    since, until = (t0 - HOUR).isoformat(), t0.isoformat()
+    status, report = fleet.get("/drift", device="new-1", since=since, until=until)
+    assert status == 200, report
+    (model,) = report["models"]
+    feature = model["features"][2]
+    # The four windows without counts had nothing beyond the range: the merge keeps six.
+    assert (feature["below_baseline"], feature["above_baseline"]) == (0, 6)
+    assert feature["reasons"] == ["new-range"] and feature["new_range_p_value"] < 1e-3
+    fleet.evaluate(t0)
+    (alert,) = fleet.alerts("new-1", "new-range")
+    assert alert.state == "open" and alert.feature == 2
+    assert alert.evidence["above_baseline"] == 6 and alert.evidence["baseline_max"] == top
+
+
+async def _payloads(fleet: DriftFleet, window_ids: list[str]) -> list[bytes]:
+    async with fleet.api.server.db.session() as session:
+        rows = await session.scalars(select(WindowRow).where(WindowRow.window_id.in_(window_ids)))
+        by_id = {r.window_id: r.payload for r in rows}
+    return [by_id[i] for i in window_ids]
 
 
 def test_fleetctl_drift_prints_a_table_and_alerts_lists_them(

@@ -16,6 +16,7 @@ from protocol.drift import (
     chi2_quantile,
     chi2_sf,
     chi2_sf_many,
+    count_beyond_baseline,
     detect_drift,
     detect_drift_many,
     drift_arrays,
@@ -28,7 +29,7 @@ from protocol.drift import (
 )
 from protocol.manifest import Baseline, FeatureBaseline
 from protocol.summary import FeatureSummary, edges_id, quantile_edges, summarize
-from protocol.window import WindowAggregate, WindowSummary
+from protocol.window import WindowAggregate, WindowSummary, merge_windows
 
 MODELS = Path(__file__).resolve().parents[2] / "firmware_images" / "models"
 NAMES = [f.name for f in FEATURES]
@@ -623,3 +624,140 @@ def test_detect_drift_many_equals_feature_drift_on_nan_range_and_extremes() -> N
             )
             seen.update(got.reasons)
     assert seen == {"distribution", "missing-values", "new-range"}
+
+
+# -- values beyond the baseline's range, counted by the device ---------------------------
+
+
+def _counted_window(baseline: Baseline, rows: np.ndarray, k: int) -> WindowSummary:
+    """A window as a device that counts values beyond the baseline's range uploads it."""
+    ranges = [(f.summary.min, f.summary.max) for f in baseline.features]
+    edges = [f.edges for f in baseline.features]
+    return _window(baseline, rows, k).model_copy(
+        update={"features": summarize(rows, edges, baseline_ranges=ranges)}
+    )
+
+
+def test_the_count_beyond_the_baselines_maximum_has_the_exchangeable_tail() -> None:
+    # c values above all 5,000 baseline values, of 600: the c largest of 5,600 are all the
+    # window's, P = prod (600 - i) / (5600 - i). The top bin holds just them, so its own
+    # tail is the weaker one: the side's p-value is P doubled, the test's twice that.
+    counts = [250] * 20
+    base = FeatureSummary(n=5000, nan=0, out_of_range=0, min=0.0, max=1.0, counts=counts)
+    for c, p in ((0, 1.0), (1, 600 / 5600), (3, 600 * 599 * 598 / (5600 * 5599 * 5598))):
+        window = FeatureSummary(
+            n=600,
+            nan=0,
+            out_of_range=0,
+            min=0.1,
+            max=1.0 + c,
+            counts=[31] * 19 + [11 - c] if c == 0 else [31] * 18 + [42 - c] + [c],
+            below_baseline=0,
+            above_baseline=c,
+        )
+        result = feature_drift(base, window)
+        assert result.above_baseline == c and result.below_baseline == 0
+        assert result.new_range_p_value == pytest.approx(min(4 * p, 1.0), rel=1e-9)
+    # The tail is what exchangeable values give: 20,000 draws of 200 baseline and 100 window
+    # values from one distribution, the window's counted above the baseline's max.
+    draws = np.random.default_rng(39).random((20_000, 300))
+    above = (draws[:, 200:] > draws[:, :200].max(axis=1, keepdims=True)).sum(axis=1)
+    for c in (1, 2, 3):
+        exact = math.prod((100 - i) / (300 - i) for i in range(c))
+        assert np.mean(above >= c) == pytest.approx(exact, rel=0.15)
+        counts = [5] * 18 + [10 - c, c]
+        window = FeatureSummary(
+            n=100, nan=0, out_of_range=0, min=0.5, max=2.0, counts=counts, above_baseline=c
+        )
+        small = base.model_copy(update={"n": 200, "counts": [10] * 20})
+        assert feature_drift(small, window).new_range_p_value == pytest.approx(min(4 * exact, 1))
+
+
+def test_a_new_category_above_the_baselines_maximum_is_caught_with_the_devices_counts() -> None:
+    rng = np.random.default_rng(34)
+    baseline, _ = _category_baseline(rng)
+    runs, counted, uncounted = 400, 0, 0
+    for k in range(runs):
+        window = _counted_window(baseline, _category_rows(rng, 600, 0.04), k)
+        category = detect_drift(baseline, window)[0]
+        assert category.above_baseline == window.features[0].above_baseline
+        counted += category.new_range == "drift"
+        # The same window from a device that did not count: the top bin's evidence only.
+        old = window.features[0].model_copy(update={"below_baseline": None, "above_baseline": None})
+        uncounted += feature_drift(baseline.features[0].summary, old).new_range == "drift"
+    # Measured: 100 % of 6,000 runs over three baselines (56 % without the counts);
+    # at a 1 % share 85 %, at 0.5 % 35 %.
+    assert counted == runs
+    assert uncounted < 0.7 * runs
+
+
+def test_counted_values_beyond_the_baseline_alarm_at_most_at_their_share_of_the_rate() -> None:
+    # No drift; a loose rate, so that thousands of tests can show it.
+    policy = DriftPolicy(false_alarm_rate=0.3)
+    level = 0.3 * ALPHA_SHARES["new-range"]
+    rates = []
+    for seed in (35, 40, 41):
+        rng = np.random.default_rng(seed)
+        baseline, _ = _category_baseline(rng)
+        windows = [_counted_window(baseline, _category_rows(rng, 600, 0.0), k) for k in range(1500)]
+        arrays = detect_drift_many(baseline, windows, policy)
+        assert np.isfinite(arrays.above_baseline).all()
+        # The continuous features do reach past the baseline's range, about n / N of the time.
+        assert 0.03 < (arrays.above_baseline[:, 1] > 0).mean() < 0.3
+        rates.append((arrays.new_range == "drift").mean(axis=0))
+        # At the default rate, hardly ever.
+        default = detect_drift_many(baseline, windows)
+        assert (default.new_range == "drift").mean() <= 0.01 * ALPHA_SHARES["new-range"] + 0.002
+    # The rate holds on average over baselines; one baseline's max may sit low or high.
+    by_feature = np.mean(rates, axis=0)
+    assert by_feature.max() <= level, rates
+    assert np.max(rates) <= level + 0.012, rates
+
+
+def test_detect_drift_many_equals_feature_drift_with_counted_and_uncounted_windows() -> None:
+    rng = np.random.default_rng(38)
+    baseline, _ = _category_baseline(rng)
+    windows = []
+    for k in range(80):  # more than the tails summed in Python, for the numpy path too
+        rows = _category_rows(rng, 600, 0.03 * (k % 3))
+        rows[:, 1] -= 2.5 * (k % 4 == 1)  # below the baseline's minimum
+        window = _counted_window(baseline, rows, k) if k % 5 else _window(baseline, rows, k)
+        windows.append(window)
+    arrays = detect_drift_many(baseline, windows)
+    assert np.isnan(arrays.above_baseline[::5, 0]).sum() > 0  # old windows with a new value
+    for i, window in enumerate(windows):
+        for j, got in enumerate(arrays[i].results()):
+            want = feature_drift(baseline.features[j].summary, window.features[j], feature=j)
+            _assert_same(got, want)
+            assert got.verdicts == want.verdicts
+            assert got.new_range_p_value == pytest.approx(want.new_range_p_value, rel=1e-9)
+            assert (got.below_baseline, got.above_baseline) == (
+                want.below_baseline,
+                want.above_baseline,
+            )
+    few = detect_drift_many(baseline, windows[:3])
+    for i, window in enumerate(windows[:3]):
+        assert few[i].results() == detect_drift(baseline, window)
+
+
+def test_windows_without_counts_merge_with_counted_ones_when_their_range_proves_none() -> None:
+    rng = np.random.default_rng(37)
+    baseline, _ = _category_baseline(rng)
+    inside = _category_rows(rng, 300, 0.0)
+    inside[:, 1:] = np.clip(
+        inside[:, 1:],
+        [f.summary.min for f in baseline.features[1:]],
+        [f.summary.max for f in baseline.features[1:]],
+    )
+    quiet = _window(baseline, inside, 0)  # written without counts: nothing was beyond
+    new = _counted_window(baseline, _category_rows(rng, 300, 0.04), 1)
+    assert merge_windows([quiet, new]).features[0].above_baseline is None
+    proven = count_beyond_baseline(baseline, quiet)
+    assert all((f.below_baseline, f.above_baseline) == (0, 0) for f in proven.features)
+    [group], _ = merge_until([quiet, new], 500, baseline=baseline)
+    assert group.features[0].above_baseline == new.features[0].above_baseline > 0
+    category = detect_drift(baseline, group)[0]
+    assert category.new_range == "drift" and category.new_range_p_value < 1e-8
+    # A window that did not count and has a value beyond the range stays uncounted.
+    old = _window(baseline, _category_rows(rng, 300, 0.04), 2)
+    assert count_beyond_baseline(baseline, old).features[0].above_baseline is None

@@ -63,6 +63,10 @@ def ranges_of(m: Manifest) -> list[tuple[float | None, float | None]]:
     return [(f.valid_min, f.valid_max) for f in m.features]
 
 
+def baseline_ranges_of(m: Manifest) -> list[tuple[float | None, float | None]]:
+    return [(b.summary.min, b.summary.max) for b in m.baseline.features]
+
+
 def batches(sizes: list[int], start: int = 0) -> Iterator[slice]:
     for size in sizes:
         yield slice(start, start + size)
@@ -97,6 +101,9 @@ def assert_same_features(got: list[FeatureSummary], expected: list[FeatureSummar
     for j, (g, e) in enumerate(zip(got, expected, strict=True)):
         exact = (g.n, g.nan, g.out_of_range, g.min, g.max, g.counts)
         assert exact == (e.n, e.nan, e.out_of_range, e.min, e.max, e.counts), f"feature {j}"
+        if e.below_baseline is not None:  # summarize() counted against the baseline
+            beyond = (g.below_baseline, g.above_baseline)
+            assert beyond == (e.below_baseline, e.above_baseline), f"feature {j} beyond"
         assert g.mean == pytest.approx(e.mean, rel=1e-12, abs=1e-12), f"feature {j} mean"
         assert g.m2 == pytest.approx(e.m2, rel=1e-9, abs=1e-9), f"feature {j} m2"
 
@@ -121,7 +128,10 @@ def test_window_equals_summarize_over_the_same_rows(
         latencies,
     )
     assert_same_features(
-        window.features, summarize(BASELINE[:rows], edges_of(manifest), ranges_of(manifest))
+        window.features,
+        summarize(
+            BASELINE[:rows], edges_of(manifest), ranges_of(manifest), baseline_ranges_of(manifest)
+        ),
     )
     assert window.scores == score_histogram(scores[:rows], manifest.classes or [])
     assert window.latency_ms == record(ExponentialHistogram(), latencies * 1000.0)
@@ -448,6 +458,56 @@ def test_a_closed_window_round_trips_through_the_codec(
         )
         assert b.mean == pytest.approx(w.mean, rel=1e-6)
     assert len(data) < 1500  # 16 features, 600 requests
+
+
+# -- values beyond the baseline's range -------------------------------------------------
+
+
+def test_values_beyond_the_baselines_range_are_counted_per_side(
+    manifest: Manifest, scores: npt.NDArray[np.float32]
+) -> None:
+    low = np.array([b.summary.min for b in manifest.baseline.features])
+    high = np.array([b.summary.max for b in manifest.baseline.features])
+    rows = BASELINE[:500].copy()
+    rows[::13, 1] = high[1] + 1.0  # a new value above the training maximum
+    rows[::29, 1] = low[1] - 0.5  # and one below its minimum
+    rows[3::17, 5] = high[5] + np.arange(len(range(3, 500, 17)))  # the max, then new values
+    rows[::41, 5] = np.nan  # with NaN and infinities, which are no values
+    rows[5::61, 5] = np.inf
+    rows[9::61, 5] = -np.inf
+    rows[100:150, 0] = high[0]  # the maximum itself is not beyond it
+    # Folds of 64 rows, requests larger than the buffer, and single rows.
+    sizes = [1] * 100 + [150] + [3] * 50 + [100]
+    window = recorded(
+        manifest,
+        rows,
+        scores[:500],
+        sizes,
+        WindowPolicy(max_overhead=None, max_requests=10**6, buffer_rows=64),
+    )
+    expected = summarize(
+        rows, edges_of(manifest), ranges_of(manifest), baseline_ranges_of(manifest)
+    )
+    assert_same_features(window.features, expected)
+    finite = np.where(np.isfinite(rows), rows, np.nan)
+    with np.errstate(invalid="ignore"):
+        below = (finite < low).sum(axis=0).tolist()
+        above = (finite > high).sum(axis=0).tolist()
+    got = [(f.below_baseline, f.above_baseline) for f in window.features]
+    assert got == list(zip(below, above, strict=True))
+    beyond_1 = set(range(0, 500, 13)) | set(range(0, 500, 29))
+    assert got[1] == (len(range(0, 500, 29)), len(beyond_1) - len(range(0, 500, 29)))
+    new_5 = set(range(20, 500, 17)) - set(range(0, 500, 41)) - set(range(5, 500, 61))
+    assert got[5] == (0, len(new_5 - set(range(9, 500, 61))))
+    assert got[0] == (0, 0)
+    # The window carries them in codec version 3; one with nothing beyond keeps version 1.
+    data = encode_window(window)
+    assert data[3] == 3
+    back = decode_window(data)
+    assert [(f.below_baseline, f.above_baseline) for f in back.features] == got
+    quiet = recorded(manifest, BASELINE[:200], scores[:200], [4] * 50)
+    assert all((f.below_baseline, f.above_baseline) == (0, 0) for f in quiet.features)
+    assert encode_window(quiet)[3] == 1
 
 
 # -- large inputs are summarised through derived features -----------------------------

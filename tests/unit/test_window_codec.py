@@ -424,7 +424,7 @@ def test_a_sampled_window_says_so_and_round_trips_in_version_2() -> None:
     )
     assert window.summarised_requests == 200
     data = encode_window(window)
-    assert data[3] == WINDOW_CODEC_VERSION == 2
+    assert data[3] == 2
     back = decode_window(data)
     assert (back.requests, back.unsummarised_requests, back.summarised_requests) == (
         5000,
@@ -493,3 +493,105 @@ def test_a_feature_that_decodes_to_an_invalid_summary_names_where() -> None:
     data = encode_window(window.model_copy(update={"features": [window.features[0], broken]}))
     with pytest.raises(WindowCodecError, match=r"invalid at features\.1\.m2: .*greater than"):
         decode_window(data)
+
+
+# -- values beyond the baseline's range (codec version 3) -------------------------------
+
+# A sampled window written by the codec before version 3 existed (version 2).
+V2_WINDOW = bytes.fromhex(
+    "45465702fc57ec6ee0010200c101000104a683347fa080e9d6ce1c6765e72f72da5d1620a9a7519881ffbaea"
+    "d79eaeea3fdb239b6fc7da64aaa5e15fbc94752de07dd0a033622ff7fda59e3649a458b526174e8ed117e5d5"
+    "c6143c064bd9ba98bc2eeca83d3754402d1e6698af0adde0955d067a55898ce944fe492e8d2ccbf260206ae6"
+    "45ddf89435c5962481a6595c6eff8aba06265cf9d87f966cb0485f35ff915b324f331862826d2992ac0a1487"
+    "2f0f63ecded09911e4189e3f4f16f2cee5df6c20d4f628a774a3e04c90e435d600"
+)
+
+
+def _v2_window() -> WindowSummary:
+    """The window in ``V2_WINDOW``."""
+    return _v1_window().model_copy(
+        update={
+            "requests": 9,
+            "unsummarised_requests": 4,
+            "served": {"active": 7, "safe_default": 2},
+        }
+    )
+
+
+def _counted(window: WindowSummary, counts: list[tuple[int, int]]) -> WindowSummary:
+    features = [
+        f.model_copy(update={"below_baseline": lo, "above_baseline": hi})
+        for f, (lo, hi) in zip(window.features, counts, strict=True)
+    ]
+    return window.model_copy(update={"features": features})
+
+
+def test_windows_of_codec_versions_1_and_2_decode_as_before_without_counts() -> None:
+    for data, window in ((V1_WINDOW, _v1_window()), (V2_WINDOW, _v2_window())):
+        got = decode_window(data)
+        assert got == window
+        assert all(f.below_baseline is None and f.above_baseline is None for f in got.features)
+        assert encode_window(window) == data
+
+
+def test_a_window_with_nothing_beyond_the_baseline_keeps_its_old_bytes() -> None:
+    # Counted, and nothing beyond the range: old readers still read it, byte for byte.
+    assert encode_window(_counted(_v1_window(), [(0, 0), (0, 0)])) == V1_WINDOW
+    assert encode_window(_counted(_v2_window(), [(0, 0), (0, 0)])) == V2_WINDOW
+
+
+@pytest.mark.parametrize("unsummarised", [0, 4])
+def test_counts_beyond_the_baseline_round_trip_in_version_3(unsummarised: int) -> None:
+    window = _counted(
+        _v1_window().model_copy(update={"requests": 9, "unsummarised_requests": unsummarised}),
+        [(0, 2), (1, 0)],
+    )
+    data = encode_window(window)
+    assert data[3] == WINDOW_CODEC_VERSION == 3
+    got = decode_window(data)
+    assert got == window
+    assert [(f.below_baseline, f.above_baseline) for f in got.features] == [(0, 2), (1, 0)]
+    assert got.unsummarised_requests == unsummarised
+    # Larger windows too: every feature keeps its counts, zero or not.
+    X, _ = generate(600, 37)
+    big = _window(X, np.ones(600))
+    big = _counted(big, [(j % 3, 600 - j) if j % 2 else (0, 0) for j in range(len(big.features))])
+    back = decode_window(encode_window(big))
+    _assert_close_round_trip(back, big)
+    assert [(f.below_baseline, f.above_baseline) for f in back.features] == [
+        (f.below_baseline, f.above_baseline) for f in big.features
+    ]
+
+
+def test_a_version_3_window_cannot_mix_counted_and_uncounted_features() -> None:
+    window = _v1_window()
+    first = window.features[0].model_copy(update={"below_baseline": 0, "above_baseline": 1})
+    mixed = window.model_copy(update={"features": [first, window.features[1]]})
+    with pytest.raises(WindowCodecError, match="feature 1 did not count values beyond"):
+        encode_window(mixed)
+
+
+def test_counts_beyond_the_baseline_that_break_the_window_are_refused() -> None:
+    window = _counted(_v1_window(), [(0, 2), (1, 0)])
+    with pytest.raises(ValueError, match="above the baseline's range, of only n = 5"):
+        WindowSummary.model_validate(_counted(window, [(3, 3), (0, 0)]).model_dump())
+    # On the wire: version 3's flag in a version 1 body, and counts larger than n.
+    body = _body(encode_window(window))
+    with pytest.raises(WindowCodecError, match="unknown feature flags 0x86"):
+        decode_window(_frame(body, 2))
+    # Feature 0: flags (beyond, values, out of range), out_of_range 1, below 0, above 2.
+    flag_at = body.find(bytes([0x80 | 0x04 | 0x02, 1, 0, 2]))
+    assert flag_at > 0
+    edited = bytearray(body)
+    edited[flag_at + 2 : flag_at + 4] = bytes([5, 5])  # after out_of_range: below, above
+    with pytest.raises(WindowCodecError, match="of only n = 5"):
+        decode_window(_frame(bytes(edited), 3))
+
+
+def test_merging_adds_counts_beyond_the_baseline_and_keeps_not_counted() -> None:
+    a = _counted(_v1_window(), [(0, 2), (1, 0)])
+    b = _counted(_v1_window(), [(0, 1), (0, 0)])
+    merged = merge_windows([a, b])
+    assert [(f.below_baseline, f.above_baseline) for f in merged.features] == [(0, 3), (1, 0)]
+    unknown = merge_windows([a, _v1_window()])
+    assert all(f.above_baseline is None for f in unknown.features)
