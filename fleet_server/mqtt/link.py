@@ -472,14 +472,22 @@ class ServerMqtt:
             self._pending[desired.device_id] = desired
 
     async def _republish(self, client: aiomqtt.Client) -> None:
-        async with self.db.session() as session:
-            rows = (
-                await session.execute(
-                    select(Device, Release).join(
-                        Release, Release.target_path == Device.assigned_target
+        try:
+            async with self.db.session() as session:
+                rows = (
+                    await session.execute(
+                        select(Device, Release).join(
+                            Release, Release.target_path == Device.assigned_target
+                        )
                     )
-                )
-            ).all()
+                ).all()
+        except Exception as exc:  # the database is away: ingest goes on, it waits for it
+            log.warning(
+                "cannot read the assigned devices to publish their desired states again "
+                "(%s); publishing those of this run only",
+                exc,
+            )
+            rows = []
         states = {
             d.id: DesiredState(
                 device_id=d.id,
