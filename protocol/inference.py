@@ -194,7 +194,8 @@ def decode_tensor(
 
     ``data`` may be flat or nested; its element count must equal ``prod(shape)``
     and every element must be a value of ``datatype`` (an integer datatype
-    refuses 1.5, a numeric one refuses ``true`` and strings). In float data,
+    refuses 1.5, a numeric one refuses ``true`` and strings, a float one refuses
+    a finite number it cannot hold, such as 1e300 as FP32). In float data,
     ``null`` decodes as NaN: JSON has no NaN, and encoders (pydantic among
     them) write null for it; validation then refuses it by name.
     """
@@ -283,9 +284,19 @@ def _convert(
             f"{where}: data holds true/false, datatype {datatype} needs numbers", name
         )
     if target.kind == "f":
-        # Values beyond the float type's range become +-inf, refused later as not finite.
         with np.errstate(over="ignore"):
-            return raw.astype(target)
+            converted = raw.astype(target)
+        # A finite number the datatype cannot hold would become +-inf: refuse it
+        # for what it is. JSON's NaN/Infinity (and numbers beyond even FP64) are
+        # already non-finite here and are left for validation to name.
+        overflow = np.isinf(converted.reshape(-1)) & np.isfinite(flat)
+        if overflow.any():
+            index = int(np.argmax(overflow))
+            raise InferenceRequestError(
+                f"{where}: element {index} is {flat[index].item()!r}, out of range for {datatype}",
+                name,
+            )
+        return converted
     if raw.dtype.kind == "f":
         whole = np.isfinite(flat) & (flat == np.trunc(flat))
         if not whole.all():
@@ -305,6 +316,30 @@ def _convert(
             name,
         )
     return raw.astype(target)
+
+
+def check_input_datatypes(manifest: Manifest, inputs: Sequence[RequestInput]) -> None:
+    """Refuse, naming the tensor, an input declared with a datatype other than the model's.
+
+    The protocol leaves a server free to refuse a datatype its model does not
+    take, and Triton does (400, "unexpected datatype"): data is never converted
+    silently, so INT64 or FP64 data for an FP32 input is refused, not cast.
+    Inputs the model does not have are left to the shape check, which names them.
+    """
+    wanted = {spec.name: datatype_of(spec.dtype) for spec in manifest.inputs}
+    for tensor in inputs:
+        takes = wanted.get(tensor.name)
+        if takes is None or tensor.datatype == takes:
+            continue
+        where = f"input {tensor.name!r}"
+        if tensor.datatype not in DATATYPES:
+            raise InferenceRequestError(
+                f"{where}: datatype {tensor.datatype!r} is not supported; the model takes {takes}",
+                tensor.name,
+            )
+        raise InferenceRequestError(
+            f"{where}: unexpected datatype {tensor.datatype}, the model takes {takes}", tensor.name
+        )
 
 
 def decode_inputs(request: InferenceRequest) -> dict[str, npt.NDArray[Any]]:

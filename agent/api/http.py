@@ -14,9 +14,11 @@ Routes::
 
 ``{name}`` is the manifest's name. Every error has a JSON body
 ``{"error": "..."}`` that names the tensor at fault: 400 for a body that is not
-a valid protocol request, 404 for an unknown route, model or version, 413 for a
+a valid protocol request, that declares a datatype other than the model's (as
+Triton does: data is never converted silently) or holds a value its datatype
+cannot (1e300 as FP32), 404 for an unknown route, model or version, 413 for a
 body over the limit, 422 for a request that breaks the model's contract
-(shape, dtype, NaN/Inf, valid range), 503 with ``Retry-After`` when the API is
+(shape, NaN/Inf, valid range), 503 with ``Retry-After`` when the API is
 at one of its limits (:mod:`agent.api.admission`). A failing stage is no
 error — the chain answers — so a 500 only ever means a bug here.
 
@@ -60,6 +62,7 @@ from protocol.inference import (
     InferenceRequest,
     InferenceRequestError,
     ServerMetadata,
+    check_input_datatypes,
     check_requested_outputs,
     decode_inputs,
     describe_validation_error,
@@ -609,6 +612,7 @@ class LocalApi:
         except InvalidInput as exc:
             return _error(422, str(exc))
         try:
+            check_input_datatypes(manifest, parsed.inputs)
             tensors = decode_inputs(parsed)
             check_requested_outputs([t.name for t in manifest.outputs], parsed.outputs)
         except InferenceRequestError as exc:

@@ -198,8 +198,11 @@ def _convert(rule: _InputRule, array: npt.NDArray[Any]) -> npt.NDArray[Any]:
             converted = array.astype(target)
         if not np.isfinite(converted).all():
             row, element = _first(~np.isfinite(converted))
+            sent = array.reshape(array.shape[0], -1)[row, element]
             raise InvalidInput(
-                spec.name, f"{_where(rule, row, element, array)} does not fit in {spec.dtype}"
+                spec.name,
+                f"{_where(rule, row, element, array)} is {_number(sent)}, "
+                f"out of range for {spec.dtype}",
             )
         return converted
     if target.kind == "b":

@@ -301,6 +301,38 @@ def test_a_bad_request_gets_a_4xx_naming_what_was_wrong(
     assert message in answer["error"]
 
 
+@pytest.mark.parametrize(
+    ("datatype", "data", "message"),
+    [
+        # Whole numbers that FP32 could hold: still refused, never converted silently.
+        ("INT64", [int(v) for v in BASELINE[0]], "unexpected datatype INT64, the model takes FP32"),
+        # FP64 too: the protocol has no implicit conversions (Triton: "unexpected datatype").
+        ("FP64", BASELINE[0].tolist(), "unexpected datatype FP64, the model takes FP32"),
+        ("BOOL", [True] * 16, "unexpected datatype BOOL, the model takes FP32"),
+        ("BYTES", ["a"] * 16, "datatype 'BYTES' is not supported; the model takes FP32"),
+    ],
+)
+def test_a_datatype_other_than_the_models_is_a_400_naming_the_tensor_and_both_datatypes(
+    served: ServedApi, datatype: str, data: list[Any], message: str
+) -> None:
+    body = {"inputs": [valid_tensor(datatype=datatype, data=data)]}
+    status, answer = served.request("POST", INFER, json.dumps(body))
+    assert (status, answer) == (400, {"error": f"input 'features': {message}"})
+
+
+@pytest.mark.parametrize(("index", "value"), [(15, 1e300), (3, -1e300)])
+def test_an_fp32_value_beyond_float32_is_out_of_range_not_inf(
+    served: ServedApi, index: int, value: float
+) -> None:
+    status, answer = served.request(
+        "POST", INFER, json.dumps({"inputs": [with_value(index, value)]})
+    )
+    assert (status, answer) == (
+        400,
+        {"error": f"input 'features': element {index} is {value!r}, out of range for FP32"},
+    )
+
+
 def test_json_nan_is_refused_by_name(served: ServedApi) -> None:
     text = infer_body(BASELINE[:1]).replace(repr(float(BASELINE[0, 2])), "NaN", 1)
     status, body = served.request("POST", INFER, text)

@@ -20,6 +20,8 @@ from protocol.inference import (
     InferenceRequest,
     InferenceRequestError,
     InferenceResponse,
+    RequestInput,
+    check_input_datatypes,
     check_shape,
     datatype_of,
     decode_inputs,
@@ -145,7 +147,7 @@ def test_unknown_and_missing_inputs_are_named(manifest: Manifest) -> None:
         ([["1.0"] * 16], "holds <U3 values"),
         (np.ones((1, 16), dtype=bool), "holds booleans"),
         ([[1.0] * 16, [1.0] * 15], "not a numeric array"),
-        (np.full((1, 16), 1e300), "does not fit in float32"),
+        (np.full((1, 16), 1e300), "is 1e+300, out of range for float32"),
     ],
 )
 def test_values_that_are_not_float32_numbers_are_refused(
@@ -154,6 +156,19 @@ def test_values_that_are_not_float32_numbers_are_refused(
     error = refused(manifest, {"features": value})
     assert error.tensor == "features"
     assert expected in str(error)
+
+
+@pytest.mark.parametrize("value", [1e300, -1e300])
+def test_a_float64_value_beyond_float32_is_out_of_range_not_inf(
+    manifest: Manifest, value: float
+) -> None:
+    x = rows(2).astype(np.float64)
+    x[1, 15] = value
+    error = refused(manifest, {"features": x})
+    assert str(error) == (
+        f"input 'features': feature 'acoustic_db' (element 15) of row 1 is {value!r}, "
+        "out of range for float32"
+    )
 
 
 def int8_manifest(manifest: Manifest) -> Manifest:
@@ -313,6 +328,76 @@ def test_declared_shapes_the_model_takes_pass_and_unknown_inputs_are_named(
     check_declared_shapes(manifest, [("features", [1, 16]), ("features", [2**40, 16])])
     with pytest.raises(InvalidInput, match="'image': is not an input of model 'pump-health'"):
         check_declared_shapes(manifest, [("image", [1, 128, 128, 3])])
+
+
+def declared(datatype: str, name: str = "features") -> RequestInput:
+    return RequestInput(name=name, shape=[1, 16], datatype=datatype, data=[0] * 16)
+
+
+@pytest.mark.parametrize(
+    ("datatype", "expected"),
+    [
+        # FP64 is refused too: the protocol has no implicit conversions, as Triton shows.
+        ("INT64", "input 'features': unexpected datatype INT64, the model takes FP32"),
+        ("FP64", "input 'features': unexpected datatype FP64, the model takes FP32"),
+        ("FP16", "input 'features': unexpected datatype FP16, the model takes FP32"),
+        ("BOOL", "input 'features': unexpected datatype BOOL, the model takes FP32"),
+        ("BYTES", "input 'features': datatype 'BYTES' is not supported; the model takes FP32"),
+        ("fp32", "input 'features': datatype 'fp32' is not supported; the model takes FP32"),
+    ],
+)
+def test_a_datatype_other_than_the_models_is_refused_naming_both(
+    manifest: Manifest, datatype: str, expected: str
+) -> None:
+    with pytest.raises(InferenceRequestError) as caught:
+        check_input_datatypes(manifest, [declared(datatype)])
+    assert caught.value.tensor == "features"
+    assert str(caught.value) == expected
+
+
+def test_the_models_datatype_passes_and_unknown_inputs_are_left_to_the_shape_check(
+    manifest: Manifest,
+) -> None:
+    check_input_datatypes(manifest, [declared("FP32"), declared("INT64", name="image")])
+
+
+@pytest.mark.parametrize(
+    ("datatype", "data", "expected"),
+    [
+        ("FP32", [1.0, 1e300, 2.0], "input 'x': element 1 is 1e+300, out of range for FP32"),
+        ("FP32", [-1e300, 1.0, 2.0], "input 'x': element 0 is -1e+300, out of range for FP32"),
+        ("FP16", [1.0, 2.0, 70000.0], "input 'x': element 2 is 70000.0, out of range for FP16"),
+    ],
+)
+def test_a_finite_value_beyond_a_float_datatype_is_out_of_range(
+    datatype: str, data: list[float], expected: str
+) -> None:
+    with pytest.raises(InferenceRequestError) as caught:
+        decode_tensor("x", [3], datatype, data)
+    assert caught.value.tensor == "x"
+    assert str(caught.value) == expected
+
+
+def test_float_datatypes_keep_every_value_they_can_hold() -> None:
+    largest = float(np.finfo(np.float32).max)
+    decoded = decode_tensor("x", [3], "FP32", [largest, -largest, 1e-50])
+    assert decoded.tolist() == [largest, -largest, 0.0]
+    assert decode_tensor("x", [1], "FP64", [1e300]).tolist() == [1e300]
+
+
+def test_an_answer_with_a_value_beyond_its_datatype_is_refused_by_output_name() -> None:
+    # The cloud stage decodes its answers this way: such an answer is malformed, never Inf.
+    response = InferenceResponse.model_validate(
+        {
+            "model_name": "m",
+            "outputs": [
+                {"name": "scores", "shape": [1, 2], "datatype": "FP32", "data": [0, 1e300]}
+            ],
+        }
+    )
+    with pytest.raises(InferenceRequestError) as caught:
+        decode_outputs(response)
+    assert str(caught.value) == "output 'scores': element 1 is 1e+300, out of range for FP32"
 
 
 def test_json_nan_and_overflow_decode_to_non_finite_values_for_validation_to_refuse() -> None:
