@@ -1184,6 +1184,28 @@ def test_face_shapes_no_input_can_have_get_a_4xx_from_the_agent(face_agent: Face
     check_face_answer(face_agent, 0, payload)
 
 
+def test_the_agent_refuses_a_foreign_datatype_and_an_out_of_range_fp32_value(
+    face_agent: FaceAgent,
+) -> None:
+    path = "/v2/models/face/infer"
+    pixels = face_agent.images[0].reshape(-1)
+    whole = [int(v > 0.5) for v in pixels]
+    beyond = pixels.tolist()
+    beyond[7] = -1e300
+    for datatype, data, message in [
+        ("INT64", whole, "input 'image': unexpected datatype INT64, the model takes FP32"),
+        ("FP64", pixels.tolist(), "input 'image': unexpected datatype FP64, the model takes FP32"),
+        ("FP32", beyond, "input 'image': element 7 is -1e+300, out of range for FP32"),
+    ]:
+        tensor = {"name": "image", "shape": [1, 128, 128, 3], "datatype": datatype, "data": data}
+        body = json.dumps({"inputs": [tensor]}).encode()
+        got, _, payload = asyncio.run(post_and_close(face_agent.port, path, body))
+        assert (got, json.loads(payload)) == (400, {"error": message})
+    got, _, payload = asyncio.run(post_and_close(face_agent.port, path, face_agent.bodies[0]))
+    assert got == 200
+    check_face_answer(face_agent, 0, payload)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
 def test_1000_parallel_requests_stay_within_the_serving_memory_plus_the_budget(
