@@ -644,8 +644,12 @@ async def _unknown_drift_filter(
     """
     if scope.kind in _SCOPE_FLAG:
         column = {"hardware_id": Device.hardware_id, "region": Device.region}.get(scope.kind)
+        found: bool
         if column is not None:
-            found = await session.scalar(select(Device.id).where(column == scope.value).limit(1))
+            found = (
+                await session.scalar(select(Device.id).where(column == scope.value).limit(1))
+                is not None
+            )
         else:
             # Tags are a JSON list: looked at here so SQLite and PostgreSQL behave alike.
             tags = (await session.scalars(select(Device.tags))).all()
