@@ -7,6 +7,11 @@ STAMP  := $(VENV)/.installed
 .PHONY: demo test test-fast lint bench images clean
 
 $(STAMP): pyproject.toml constraints.txt
+	@if test -x $(BIN)/python; then \
+	  echo "updating $(VENV): installing pinned dependencies (about a minute)..."; \
+	else \
+	  echo "creating $(VENV) and installing pinned dependencies (about a minute)..."; \
+	fi
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $(STAMP)

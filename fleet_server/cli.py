@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pydantic import ValidationError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from fleet_server.config import ServerConfig
 
@@ -44,6 +46,15 @@ def _address(text: str) -> tuple[str, int]:
     if not sep or not port.isdigit():
         raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
     return host or "127.0.0.1", int(port)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("edgefleet")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,7 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long device messages gather into one write (default 0.05); longer batches "
         "mean fewer transactions and more messages held unacknowledged",
     )
-    parser.add_argument("--verbose", action="store_true")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="debug logging, and the database migrations' own lines",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     return parser
 
 
@@ -115,6 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        # Alembic narrates every plugin and upgrade step at every start; an operator needs
+        # those lines only when a migration misbehaves.
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         config = config_from_args(args)
     except ValidationError as exc:
@@ -130,7 +150,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fleet_server.server import FleetServer, prepare
 
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    prepare(config)
+    try:
+        prepare(config)
+    except (SQLAlchemyError, OSError) as exc:
+        print(
+            f"fleet-server: --db: cannot use the database at {_shown_url(config.db_url)}: "
+            f"{_reason(exc)}",
+            file=sys.stderr,
+        )
+        return 1
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -152,6 +180,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fleet-server: {_first(refused)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _shown_url(url: str) -> str:
+    """``url`` with any password masked, for a message an operator may paste elsewhere."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
+
+
+def _reason(exc: BaseException) -> str:
+    """The driver's own words for a database failure, without SQLAlchemy's statement dump."""
+    orig = getattr(exc, "orig", None)
+    if isinstance(orig, BaseException):
+        exc = orig
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -1211,14 +1211,18 @@ def _passphrase_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fleetctl", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="fleetctl", description=__doc__.splitlines()[0].replace("``", "")
+    )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {edgefleet_version()}")
     # Leaf commands accept --json too; SUPPRESS keeps a top-level --json from being reset.
     leaf = argparse.ArgumentParser(add_help=False)
     leaf.add_argument(
         "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output"
     )
-    groups = parser.add_subparsers(dest="group", required=True)
+    # Not required: ``fleetctl`` alone prints the groups (main) rather than "required: group".
+    groups = parser.add_subparsers(dest="group", title="commands", metavar="COMMAND")
 
     keys = groups.add_parser("keys", help="release keys").add_subparsers(dest="cmd", required=True)
     p = keys.add_parser("init", parents=[leaf], help="create Ed25519 keys for every TUF role")
@@ -1344,16 +1348,47 @@ USER_ERRORS = (
 )
 
 
+EXIT_USAGE = 2
+# A reader that stops early (``fleetctl ... | head``) ends us as SIGPIPE ends any Unix tool.
+EXIT_BROKEN_PIPE = 128 + 13
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.group is None:
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
         args.func(args)
+        # Written here, inside the handler, so a closed pipe is not found at exit instead.
+        sys.stdout.flush()
+    except BrokenPipeError:  # first: it is an OSError, which a user error may one day include
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except USER_ERRORS as exc:
         print(f"fleetctl: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def edgefleet_version() -> str:
+    """The installed edgefleet distribution's version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("edgefleet")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -23,7 +24,7 @@ from fleet_server.db import Database, migrate
 from fleet_server.director import DirectorRepository
 from fleet_server.drift import ManifestCache, run_drift_alerts
 from fleet_server.metrics import Metrics
-from fleet_server.mqtt.claim import NamespaceGuard
+from fleet_server.mqtt.claim import NamespaceGuard, StartRefused
 from fleet_server.mqtt.link import ServerMqtt
 from fleet_server.release.keys import KeyStore, init_keys, load_keys
 from fleet_server.releases import ReleaseService
@@ -78,7 +79,8 @@ class FleetServer:
 
         Raises :class:`~fleet_server.mqtt.claim.StartRefused` before serving
         anything when the broker is unreachable, the namespace belongs to
-        another deployment, or the replica id is in use.
+        another deployment, the replica id is in use, or the HTTP address
+        cannot be listened on (busy port, no such interface).
         """
         guard = NamespaceGuard(self.config) if self.mqtt is not None else None
         if guard is not None:
@@ -104,7 +106,19 @@ class FleetServer:
         site = web.TCPSite(
             runner, self.config.http_host, self.config.http_port, ssl_context=ssl_context
         )
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            # A busy or forbidden address is the operator's to change, not a crash.
+            await runner.cleanup()
+            if guard is not None:
+                await guard.close()
+            await self.db.close()
+            raise StartRefused(
+                "--http",
+                f"cannot listen on {self.config.http_host}:{self.config.http_port}: "
+                f"{os.strerror(exc.errno) if exc.errno else exc}",
+            ) from exc
         sockets = site._server.sockets if site._server else ()
         self.http_port = sockets[0].getsockname()[1] if sockets else self.config.http_port
         log.info(

@@ -21,6 +21,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel
 from sqlalchemy import Text, cast, select, text
+from sqlalchemy.ext.asyncio import AsyncSession
 from tuf.api import exceptions as tuf_exc
 
 from fleet_server import registry
@@ -49,6 +50,7 @@ from fleet_server.db.models import (
     DeviceEventRow,
     ProvisioningToken,
     Release,
+    WindowRow,
 )
 from fleet_server.drift import Accuracy, ModelDrift, Scope, drift_of
 from fleet_server.labels import post_labels
@@ -628,6 +630,52 @@ def _drift_scope(q: DriftQuery) -> Scope:
     return Scope("region", q.region)
 
 
+_SCOPE_FLAG = {"tag": "tag", "hardware_id": "hardware id", "region": "region"}
+
+
+async def _unknown_drift_filter(
+    session: AsyncSession, scope: Scope, model: str | None, version: str | None
+) -> str | None:
+    """Why the drift query names something the server does not know, or ``None``.
+
+    A typo must not read as "no windows": a cohort no device belongs to, and a
+    model or version neither released nor reported, are refused. A known scope
+    that has no windows yet is an empty report, not an error.
+    """
+    if scope.kind in _SCOPE_FLAG:
+        column = {"hardware_id": Device.hardware_id, "region": Device.region}.get(scope.kind)
+        found: bool
+        if column is not None:
+            found = (
+                await session.scalar(select(Device.id).where(column == scope.value).limit(1))
+                is not None
+            )
+        else:
+            # Tags are a JSON list: looked at here so SQLite and PostgreSQL behave alike.
+            tags = (await session.scalars(select(Device.tags))).all()
+            found = any(scope.value in (t or []) for t in tags)
+        if not found:
+            return f"no device has {_SCOPE_FLAG[scope.kind]} {scope.value!r}"
+    for value, release_column, window_column, what in (
+        (model, Release.name, WindowRow.model_name, "model"),
+        (version, Release.version, WindowRow.model_version, "model version"),
+    ):
+        if value is None:
+            continue
+        released = select(Release.target_path).where(release_column == value)
+        reported = select(WindowRow.window_id).where(window_column == value)
+        if model is not None and what == "model version":
+            released = released.where(Release.name == model)
+            reported = reported.where(WindowRow.model_name == model)
+        if (
+            await session.scalar(released.limit(1)) is None
+            and await session.scalar(reported.limit(1)) is None
+        ):
+            of = f" of {model}" if model is not None and what == "model version" else ""
+            return f"no {what} {value!r}{of} is released or reported"
+    return None
+
+
 async def get_drift(request: web.Request) -> web.StreamResponse:
     q = query(request, DriftQuery)
     server = request.app[SERVER]
@@ -644,6 +692,9 @@ async def get_drift(request: web.Request) -> web.StreamResponse:
     async with server.db.session() as session:
         if scope.kind == "device":
             await registry.get_device(session, scope.value)  # 404 for an unknown device
+        unknown = await _unknown_drift_filter(session, scope, q.model, q.version)
+        if unknown is not None:
+            raise ApiError(404, unknown)
         results = await drift_of(
             session,
             server.manifests,

@@ -260,8 +260,48 @@ def test_the_query_needs_exactly_one_scope_and_a_known_device(fleet: DriftFleet)
     assert fleet.get("/drift", device="calm-1", tag="line-7")[0] == 422
     assert fleet.get("/drift", device="calm-1", fleet="true")[0] == 422
     assert fleet.get("/drift", device="nobody-here")[0] == 404
-    status, report = fleet.get("/drift", tag="no-such-tag")
-    assert status == 200 and report["models"] == []
+
+
+def test_an_unknown_tag_hardware_region_model_or_version_is_a_404_naming_it(
+    fleet: DriftFleet,
+) -> None:
+    fleet.register("known-scope-1", "known-tag", region="known-region")
+    for params, named in (
+        ({"tag": "no-such-tag"}, "tag 'no-such-tag'"),
+        ({"hardware_id": "no-such-hw"}, "hardware id 'no-such-hw'"),
+        ({"region": "no-such-region"}, "region 'no-such-region'"),
+        ({"fleet": "true", "model": "no-such-model"}, "model 'no-such-model'"),
+        ({"fleet": "true", "version": "9.9.9"}, "model version '9.9.9'"),
+        (
+            {"tag": "known-tag", "model": "pump-health", "version": "9.9.9"},
+            "'9.9.9' of pump-health",
+        ),
+    ):
+        status, body = fleet.get("/drift", **params)
+        assert status == 404, (params, body)
+        assert named in json.dumps(body), (params, body)
+    # A known scope, model and version with no windows yet is an empty report, not an error.
+    for params in (
+        {"tag": "known-tag"},
+        {"region": "known-region"},
+        {"hardware_id": HARDWARE},
+        {"tag": "known-tag", "model": "pump-health", "version": "1.0.0"},
+    ):
+        status, report = fleet.get("/drift", **params)
+        assert status == 200 and report["models"] == [], (params, report)
+
+
+def test_fleetctl_drift_of_an_unknown_tag_is_one_line_and_a_failure(
+    fleet: DriftFleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    remote = ["--server", fleet.api.url, "--token-file", str(fleet.api.admin_token_file)]
+    capsys.readouterr()
+    code = main(["drift", "--tag", "nosuch", *remote])
+    captured = capsys.readouterr()
+    assert code != 0
+    assert captured.out == ""
+    (line,) = captured.err.strip().splitlines()
+    assert line.startswith("fleetctl: ") and "tag 'nosuch'" in line
 
 
 def test_an_alert_opens_once_stays_open_and_closes_when_drift_clears(fleet: DriftFleet) -> None:
