@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,27 +26,32 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from agent.ota.transport import FetchConfig
     from agent.ota.verify import verify_bundle
 
-    root = Path(args.root)
-    if not root.is_file():
-        print(f"edge-agent: trusted root {root} does not exist", file=sys.stderr)
-        return EXIT_ERROR
+    out = Path(args.out)
+    metadata_dir = Path(args.metadata_dir) if args.metadata_dir else None
+    # Folders this run creates are removed again if it fails: a refusal leaves nothing behind.
+    created = [d for d in (out, metadata_dir) if d is not None and not d.exists()]
     fetch = FetchConfig(
         connect_timeout=args.timeout,
         read_timeout=args.timeout,
         min_bytes_per_second=args.min_speed,
     )
     try:
-        verified = verify_bundle(
-            trusted_root=root,
-            repository=args.repo,
-            name=args.name,
-            hardware_id=args.hardware,
-            out_dir=Path(args.out),
-            metadata_dir=Path(args.metadata_dir) if args.metadata_dir else None,
-            installed_counter=args.installed_counter,
-            version=args.version,
-            fetch=fetch,
-        )
+        try:
+            verified = verify_bundle(
+                trusted_root=Path(args.root),
+                repository=args.repo,
+                name=args.name,
+                hardware_id=args.hardware,
+                out_dir=out,
+                metadata_dir=metadata_dir,
+                installed_counter=args.installed_counter,
+                version=args.version,
+                fetch=fetch,
+            )
+        except BaseException:
+            for d in created:
+                shutil.rmtree(d, ignore_errors=True)
+            raise
     except UpdateRefused as exc:
         print(f"edge-agent: refused {args.name} for {args.hardware}: {exc}", file=sys.stderr)
         return EXIT_REFUSED
