@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ from agent.config import AgentConfig, ConfigError
 
 EXIT_REFUSED = 3
 EXIT_ERROR = 1
+EXIT_BROKEN_PIPE = 141
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -135,9 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; exit 0, 1 (error), 3 (refused), 130 (interrupted), 141 (reader gone)."""
     try:
+        args = build_parser().parse_args(argv)
         code: int = args.func(args)
+        # Flushed here, not at exit, so a reader that went away is noticed below.
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader (``| head``) has what it wanted: stop quietly, as Unix tools do
+        # on SIGPIPE (status 128 + 13). Later flushes go to /dev/null, not to a traceback.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except ConfigError as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
         return EXIT_ERROR

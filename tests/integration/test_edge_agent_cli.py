@@ -9,6 +9,7 @@ that stops early (``| head -1``) ends quietly.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -154,3 +155,40 @@ def test_a_failed_verify_removes_only_the_out_folder_it_created(
     r = verify(tmp_path / "missing-root.json", repo, existing)
     assert r.returncode == EXIT_REFUSED
     assert sorted(p.name for p in existing.iterdir()) == ["keep.txt"]
+
+
+def test_output_piped_into_a_reader_that_is_gone_ends_quietly(
+    repo: ImageRepository, tmp_path: Path
+) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'device_id = "pump-1"\nhardware_id = "{HARDWARE}"\ndata_dir = "{tmp_path / "device"}"\n'
+        f'[image_repository]\nurl = "{repo.path}"\nroot = "{repo.trusted_root_path}"\n'
+        f'[director]\nurl = "{tmp_path / "director"}"\nroot = "{repo.trusted_root_path}"\n'
+    )
+    status = [sys.executable, "-m", "agent.cli", "status", "--config", str(config), "--json"]
+    works = subprocess.run(status, capture_output=True, text=True, timeout=120)
+    assert works.returncode == 0 and works.stdout, works.stderr
+
+    r = run_into_a_closed_pipe(status)
+    assert r.stderr == ""
+    assert r.returncode == 141  # 128 + SIGPIPE, what a shell reports for tools cut off by head
+
+
+def run_into_a_closed_pipe(command: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` with stdout a pipe whose reader has already closed."""
+    # A pipe whose reader has already closed, as after ``| head -1`` took its line:
+    # every write fails with EPIPE, whatever the timing.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run(
+            command,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write_end)
