@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +19,7 @@ from agent.config import AgentConfig, ConfigError
 
 EXIT_REFUSED = 3
 EXIT_ERROR = 1
+EXIT_BROKEN_PIPE = 141
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -25,27 +28,32 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from agent.ota.transport import FetchConfig
     from agent.ota.verify import verify_bundle
 
-    root = Path(args.root)
-    if not root.is_file():
-        print(f"edge-agent: trusted root {root} does not exist", file=sys.stderr)
-        return EXIT_ERROR
+    out = Path(args.out)
+    metadata_dir = Path(args.metadata_dir) if args.metadata_dir else None
+    # Folders this run creates are removed again if it fails: a refusal leaves nothing behind.
+    created = [d for d in (out, metadata_dir) if d is not None and not d.exists()]
     fetch = FetchConfig(
         connect_timeout=args.timeout,
         read_timeout=args.timeout,
         min_bytes_per_second=args.min_speed,
     )
     try:
-        verified = verify_bundle(
-            trusted_root=root,
-            repository=args.repo,
-            name=args.name,
-            hardware_id=args.hardware,
-            out_dir=Path(args.out),
-            metadata_dir=Path(args.metadata_dir) if args.metadata_dir else None,
-            installed_counter=args.installed_counter,
-            version=args.version,
-            fetch=fetch,
-        )
+        try:
+            verified = verify_bundle(
+                trusted_root=Path(args.root),
+                repository=args.repo,
+                name=args.name,
+                hardware_id=args.hardware,
+                out_dir=out,
+                metadata_dir=metadata_dir,
+                installed_counter=args.installed_counter,
+                version=args.version,
+                fetch=fetch,
+            )
+        except BaseException:
+            for d in created:
+                shutil.rmtree(d, ignore_errors=True)
+            raise
     except UpdateRefused as exc:
         print(f"edge-agent: refused {args.name} for {args.hardware}: {exc}", file=sys.stderr)
         return EXIT_REFUSED
@@ -129,9 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; exit 0, 1 (error), 3 (refused), 130 (interrupted), 141 (reader gone)."""
     try:
+        args = build_parser().parse_args(argv)
         code: int = args.func(args)
+        # Flushed here, not at exit, so a reader that went away is noticed below.
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader (``| head``) has what it wanted: stop quietly, as Unix tools do
+        # on SIGPIPE (status 128 + 13). Later flushes go to /dev/null, not to a traceback.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except ConfigError as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
         return EXIT_ERROR

@@ -13,6 +13,7 @@ an :class:`UpdateRefused`.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -149,6 +150,68 @@ def refusals() -> Iterator[None]:
         raise RepositoryUnavailable(f"{exc}") from None
 
 
+# The root a trust store was provisioned with, kept beside the (possibly newer) root.json.
+PROVISIONED_ROOT = "provisioned-root.json"
+
+
+def load_trusted_root(path: Path) -> Metadata[Root]:
+    """``path`` as a valid TUF root signed by its own keys.
+
+    Raises :class:`UntrustedRoot` naming the file and what is wrong with it
+    (missing, unreadable, not JSON, another role's metadata, not self-signed).
+    """
+    raw, problem = _read_root(path)
+    if raw is None:
+        raise UntrustedRoot(f"the trusted root {path} {problem}")
+    md: Metadata[Root] = Metadata.from_bytes(raw)
+    return md
+
+
+def _read_root(path: Path) -> tuple[bytes, None] | tuple[None, str]:
+    """The bytes of ``path`` if it is a self-signed TUF root, else what is wrong with it."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None, "does not exist"
+    except OSError as exc:
+        return None, f"cannot be read ({exc.strerror or exc})"
+    problem = _root_problem(raw)
+    if problem is not None:
+        return None, problem
+    return raw, None
+
+
+def _root_problem(raw: bytes) -> str | None:
+    """What keeps ``raw`` from being a self-signed TUF root, or None."""
+    try:
+        md = Metadata.from_bytes(raw)
+    except DeserializationError as exc:
+        cause = exc.__cause__ or exc
+        if isinstance(cause, json.JSONDecodeError):
+            return f"is not JSON ({cause})"
+        return " ".join(f"is not valid TUF metadata ({cause})".split())
+    if not isinstance(md.signed, Root):
+        return f"is {md.signed.type} metadata, not a root"
+    try:
+        md.verify_delegate(Root.type, md)
+    except tuf_exc.UnsignedMetadataError as exc:
+        return f"is not signed by a threshold of its own root keys ({exc})"
+    return None
+
+
+def _signed_of(path: Path) -> dict[str, Any] | None:
+    """The signed part of the valid root stored at ``path``; None when it is damaged.
+
+    A damaged store is left for the updater to refuse by name (it is the store
+    that needs provisioning again, not the root the user gave).
+    """
+    raw, _ = _read_root(path)
+    if raw is None:
+        return None
+    signed: dict[str, Any] = Metadata.from_bytes(raw).signed.to_dict()
+    return signed
+
+
 class ImageRepositoryClient:
     """Verifies and downloads bundles from one image repository.
 
@@ -173,13 +236,39 @@ class ImageRepositoryClient:
         self._updater: Updater | None = None
 
     @classmethod
-    def provision(cls, metadata_dir: Path, trusted_root: Path) -> None:
-        """Install ``trusted_root`` as the root of a new trust store (once)."""
+    def provision(cls, metadata_dir: Path, trusted_root: Path, *, insist: bool = False) -> None:
+        """Install ``trusted_root`` as the root of a new trust store (once).
+
+        Only a valid, self-signed TUF root is installed; anything else is an
+        :class:`UntrustedRoot` naming the file. A store that already exists
+        keeps its trusted root. With ``insist`` the given root must also be
+        the one that store was provisioned with: a user who names a root
+        expects it to be the anchor, so a disagreeing store is refused
+        (naming both), never silently preferred.
+        """
         root = metadata_dir / "root.json"
+        provisioned = metadata_dir / PROVISIONED_ROOT
+        if root.exists():
+            if insist:
+                given = load_trusted_root(trusted_root)
+                anchor = provisioned if provisioned.exists() else root
+                stored = _signed_of(anchor)
+                if stored is not None and stored != given.signed.to_dict():
+                    raise UntrustedRoot(
+                        f"the trusted root {trusted_root} disagrees with the trust store "
+                        f"{metadata_dir}, provisioned with {anchor}; use that root, or a new "
+                        "metadata directory to start over from this one"
+                    )
+            return
+        raw, problem = _read_root(trusted_root)
+        if raw is None:
+            raise UntrustedRoot(
+                f"cannot install the trusted root {trusted_root} into {metadata_dir}: it {problem}"
+            )
         try:
             metadata_dir.mkdir(parents=True, exist_ok=True)
-            if not root.exists():
-                shutil.copyfile(trusted_root, root)
+            provisioned.write_bytes(raw)
+            shutil.copyfile(provisioned, root)
         except OSError as exc:
             raise UntrustedRoot(
                 f"cannot install the trusted root {trusted_root} into {metadata_dir}: "

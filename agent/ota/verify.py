@@ -39,10 +39,11 @@ def verify_bundle(
 
     ``metadata_dir`` keeps the trusted metadata between runs (default
     ``out_dir/.metadata``), so a later run detects rolled-back metadata.
+    ``trusted_root`` must be the root that store was provisioned with.
     Raises :class:`agent.ota.errors.UpdateRefused` with the reason.
     """
     store = metadata_dir or out_dir / ".metadata"
-    ImageRepositoryClient.provision(store, trusted_root)
+    ImageRepositoryClient.provision(store, trusted_root, insist=True)
     client = ImageRepositoryClient(store, repository, fetch)
     client.refresh()
     target = client.choose(name, hardware_id, installed_counter, version)
