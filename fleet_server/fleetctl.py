@@ -570,9 +570,12 @@ def cmd_release_push(args: argparse.Namespace) -> None:
     if not repo.exists():
         raise CommandError(f"{args.repo} holds no image repository (fleetctl release add)")
     client = _client(args)
-    known = {(r["target_path"], r["sha256"]) for r in client.get("/releases")["releases"]}
-    files = _repository_files(repo, known)
-    result = client.post("/releases", {"files": files})
+    try:
+        known = {(r["target_path"], r["sha256"]) for r in client.get("/releases")["releases"]}
+        files = _repository_files(repo, known)
+        result = client.post("/releases", {"files": files})
+    except ApiClientError as exc:
+        raise CommandError(_with_token_hint(exc, client)) from None
     published = result["published"]
     bundles = sum(1 for path in files if path.startswith("targets/"))
     lines = [
@@ -587,6 +590,17 @@ def cmd_release_push(args: argparse.Namespace) -> None:
     if not published:
         lines.append("  no new bundle (metadata refreshed)")
     _emit(args, {**result, "sent": sorted(files)}, "\n".join(lines))
+
+
+def _with_token_hint(exc: ApiClientError, client: ApiClient) -> str:
+    """The server's refusal, plus how to give a token when it wanted one (401)."""
+    if exc.status != 401:
+        return str(exc)
+    given = "the token given was not accepted" if client.token else "no API token was given"
+    return (
+        f"{exc} ({given}; pass an operator or admin token with --token-file FILE, "
+        "--token-env VAR or the EDGEFLEET_TOKEN environment variable)"
+    )
 
 
 def cmd_assign(args: argparse.Namespace) -> None:
