@@ -333,3 +333,17 @@ def test_release_add_creates_a_repository_only_in_an_existing_folder(tmp_path: P
     assert f"Created repository {tmp_path / 'repo'}" in r.stdout
     r = _release(bundle, tmp_path / "repo", tmp_path / "keys")
     assert r.returncode == 0 and "Created repository" not in r.stdout
+
+
+def test_a_release_candidate_then_its_release_are_both_released_in_order(tmp_path: Path) -> None:
+    assert run("fleetctl", "keys", "init", "--dir", str(tmp_path / "keys")).returncode == 0
+    assert build(f"{tmp_path}/b/", version="1.2.0-rc1").returncode == 0
+    assert build(f"{tmp_path}/b/", model="v2", version="1.2.0").returncode == 0
+    for version in ("1.2.0-rc1", "1.2.0"):
+        r = _release(
+            tmp_path / "b" / f"pump-health-{version}.bundle", tmp_path / "repo", tmp_path / "keys"
+        )
+        assert r.returncode == 0, r.stderr
+    r = run("fleetctl", "release", "list", "--repo", str(tmp_path / "repo"), "--json")
+    listed = [(b["version"], b["release_counter"]) for b in json.loads(r.stdout)]
+    assert listed == [("1.2.0-rc1", 1_002_000_602), ("1.2.0", 1_002_000_999)]
