@@ -330,9 +330,9 @@ def cmd_release_list(args: argparse.Namespace) -> None:
         rows = _release_rows(_client(args).get("/releases")["releases"])
     else:
         raise CommandError("give --repo DIR (a local repository) or --server URL")
-    table = [f"{'NAME':<16} {'VERSION':<10} {'COUNTER':>9}  {'BYTES':>9}  HARDWARE"]
+    table = [f"{'NAME':<16} {'VERSION':<10} {'COUNTER':>10}  {'BYTES':>9}  HARDWARE"]
     table += [
-        f"{r['name']:<16} {r['version']:<10} {r['release_counter']:>9}  {r['length']:>9}  "
+        f"{r['name']:<16} {r['version']:<10} {r['release_counter']:>10}  {r['length']:>9}  "
         f"{', '.join(r['hardware_ids'])}"
         for r in rows
     ]
