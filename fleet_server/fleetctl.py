@@ -146,10 +146,11 @@ def cmd_bundle_build(args: argparse.Namespace) -> None:
     )
     calibration = Path(args.calibration) if args.calibration else None
     built = build_bundle(model, Path(args.baseline), spec, calibration=calibration)
-    out = Path(args.out)
-    if out.is_dir():
-        out = out / f"{built.manifest.name}-{built.manifest.version}.bundle"
-    built.write(out)
+    out = _bundle_destination(args.out, f"{built.manifest.name}-{built.manifest.version}.bundle")
+    try:
+        built.write(out)
+    except OSError as exc:
+        raise CommandError(f"cannot write the bundle {out}: {exc.strerror}") from None
     m = built.manifest
     _emit(
         args,
@@ -167,6 +168,24 @@ def cmd_bundle_build(args: argparse.Namespace) -> None:
         f"{', '.join(m.hardware_ids)}; {len(m.features)} features, {m.golden.count} golden vectors"
         + _calibration_note(m),
     )
+
+
+def _bundle_destination(out_arg: str, file_name: str) -> Path:
+    """Where ``--out`` puts the bundle: a folder (trailing slash or existing) gets FILE_NAME.
+
+    A folder is created with its parents; a file path gets its parent folders too,
+    so ``--out bundles/`` never becomes a file named ``bundles``.
+    """
+    out = Path(out_arg)
+    is_folder = out_arg.endswith(("/", os.sep)) or out.is_dir()
+    folder = out if is_folder else out.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise CommandError(f"cannot write into {folder}: it exists and is not a folder") from None
+    except OSError as exc:
+        raise CommandError(f"cannot create the folder {folder}: {exc.strerror}") from None
+    return folder / file_name if is_folder else out
 
 
 def _calibration_note(m: Manifest) -> str:
@@ -250,8 +269,19 @@ def describe_manifest(m: Manifest) -> str:
 
 def cmd_release_add(args: argparse.Namespace) -> None:
     repo = ImageRepository(Path(args.repo))
-    store = _load_store(args)
+    if not Path(args.bundle).is_file():
+        raise CommandError(f"bundle {args.bundle} does not exist")
     created = False
+    if not repo.exists():
+        # Creating a repository is the point of the first release, but only in a
+        # folder that exists: a mistyped path must not grow a new repository.
+        parent = repo.path.absolute().parent
+        if not parent.is_dir():
+            raise CommandError(
+                f"{args.repo} holds no image repository and its folder {parent} does not "
+                "exist; create the folder first (or give the path of an existing repository)"
+            )
+    store = _load_store(args)
     if not repo.exists():
         repo.create(store)
         created = True
@@ -268,7 +298,8 @@ def cmd_release_add(args: argparse.Namespace) -> None:
             "trusted_root": str(repo.trusted_root_path),
         },
         (
-            f"Created image repository {repo.path} (trusted root: {repo.trusted_root_path})\n"
+            f"Created repository {repo.path}: a new image repository "
+            f"(trusted root for devices: {repo.trusted_root_path})\n"
             if created
             else ""
         )
@@ -280,7 +311,10 @@ def cmd_release_add(args: argparse.Namespace) -> None:
 def cmd_release_list(args: argparse.Namespace) -> None:
     rows: list[dict[str, Any]]
     if args.repo:
-        bundles = ImageRepository(Path(args.repo)).bundles()
+        local = ImageRepository(Path(args.repo))
+        if not local.exists():
+            raise CommandError(f"{args.repo} holds no image repository (fleetctl release add)")
+        bundles = local.bundles()
         rows = [
             {
                 "name": b.name,
@@ -296,9 +330,9 @@ def cmd_release_list(args: argparse.Namespace) -> None:
         rows = _release_rows(_client(args).get("/releases")["releases"])
     else:
         raise CommandError("give --repo DIR (a local repository) or --server URL")
-    table = [f"{'NAME':<16} {'VERSION':<10} {'COUNTER':>9}  {'BYTES':>9}  HARDWARE"]
+    table = [f"{'NAME':<16} {'VERSION':<10} {'COUNTER':>10}  {'BYTES':>9}  HARDWARE"]
     table += [
-        f"{r['name']:<16} {r['version']:<10} {r['release_counter']:>9}  {r['length']:>9}  "
+        f"{r['name']:<16} {r['version']:<10} {r['release_counter']:>10}  {r['length']:>9}  "
         f"{', '.join(r['hardware_ids'])}"
         for r in rows
     ]
@@ -306,7 +340,10 @@ def cmd_release_list(args: argparse.Namespace) -> None:
 
 
 def cmd_release_timestamp(args: argparse.Namespace) -> None:
-    version = ImageRepository(Path(args.repo)).refresh_timestamp(_load_store(args))
+    repo = ImageRepository(Path(args.repo))
+    if not repo.exists():
+        raise CommandError(f"{args.repo} holds no image repository (fleetctl release add)")
+    version = repo.refresh_timestamp(_load_store(args))
     _emit(args, {"timestamp_version": version}, f"Re-signed timestamp (version {version})")
 
 
@@ -533,9 +570,12 @@ def cmd_release_push(args: argparse.Namespace) -> None:
     if not repo.exists():
         raise CommandError(f"{args.repo} holds no image repository (fleetctl release add)")
     client = _client(args)
-    known = {(r["target_path"], r["sha256"]) for r in client.get("/releases")["releases"]}
-    files = _repository_files(repo, known)
-    result = client.post("/releases", {"files": files})
+    try:
+        known = {(r["target_path"], r["sha256"]) for r in client.get("/releases")["releases"]}
+        files = _repository_files(repo, known)
+        result = client.post("/releases", {"files": files})
+    except ApiClientError as exc:
+        raise CommandError(_with_token_hint(exc, client)) from None
     published = result["published"]
     bundles = sum(1 for path in files if path.startswith("targets/"))
     lines = [
@@ -550,6 +590,17 @@ def cmd_release_push(args: argparse.Namespace) -> None:
     if not published:
         lines.append("  no new bundle (metadata refreshed)")
     _emit(args, {**result, "sent": sorted(files)}, "\n".join(lines))
+
+
+def _with_token_hint(exc: ApiClientError, client: ApiClient) -> str:
+    """The server's refusal, plus how to give a token when it wanted one (401)."""
+    if exc.status != 401:
+        return str(exc)
+    given = "the token given was not accepted" if client.token else "no API token was given"
+    return (
+        f"{exc} ({given}; pass an operator or admin token with --token-file FILE, "
+        "--token-env VAR or the EDGEFLEET_TOKEN environment variable)"
+    )
 
 
 def cmd_assign(args: argparse.Namespace) -> None:

@@ -198,6 +198,7 @@ class TufRepository:
     def _set_targets_locked(self, keys: KeyStore, targets: dict[str, TargetFile]) -> int:
         if not self.exists():
             raise RepositoryError(f"{self.path} holds no {self.kind} yet")
+        self._require_trusted(keys, "targets", "snapshot", "timestamp")
         metadata: Metadata[Targets] = self._load("targets")
         metadata.signed.targets = dict(targets)
         self._bump(metadata.signed, self.expiry.targets)
@@ -214,10 +215,33 @@ class TufRepository:
     def refresh_timestamp(self, keys: KeyStore) -> int:
         """Re-sign the timestamp with a new expiry (run at least daily); returns its version."""
         with self._locked():
+            if not self.exists():
+                raise RepositoryError(f"{self.path} holds no {self.kind}")
+            self._require_trusted(keys, "timestamp")
             timestamp: Metadata[Timestamp] = self._load("timestamp")
             self._bump(timestamp.signed, self.expiry.timestamp)
             self._write(timestamp, keys, "timestamp", versioned=False)
             return timestamp.signed.version
+
+    def _require_trusted(self, keys: KeyStore, *roles: str) -> None:
+        """Refuse, before anything is written, keys the current root does not trust.
+
+        Metadata signed by untrusted keys would be refused by every device, and
+        a later run with the right keys could not repair it (the versions are
+        already used), so this is checked up front for each role about to be signed.
+        """
+        root: Metadata[Root] = self._load("root")
+        for role in roles:
+            trusted = root.signed.roles[role]
+            offered = [key.keyid for key in keys[role].public_keys]
+            accepted = [keyid for keyid in offered if keyid in trusted.keyids]
+            if len(accepted) < trusted.threshold:
+                raise RepositoryError(
+                    f"the {role} keys given (key ids {_short_ids(offered)}) are not trusted "
+                    f"for the {role} role by the root of {self.path}, which needs "
+                    f"{trusted.threshold} of key ids {_short_ids(trusted.keyids)}; "
+                    "give this repository's release keys"
+                )
 
     def _bump(self, signed: Signed, lifetime: timedelta) -> None:
         signed.version += 1
@@ -333,6 +357,7 @@ class ImageRepository(TufRepository):
                         f"release counter {manifest.release_counter} is already used by "
                         f"{existing.name} {existing.version}; give the bundle a higher one"
                     )
+            self._require_trusted(keys, "targets", "snapshot", "timestamp")
             dest = self._target_file(released.target_path, digest)
             dest.parent.mkdir(parents=True, exist_ok=True)
             tmp = dest.with_suffix(".partial")
@@ -352,6 +377,10 @@ class ImageRepository(TufRepository):
     def _target_file(self, target_path: str, digest: str) -> Path:
         dirname, _, basename = target_path.rpartition("/")
         return self.targets_dir / dirname / f"{digest}.{basename}"
+
+
+def _short_ids(keyids: list[str]) -> str:
+    return ", ".join(keyid[:12] for keyid in keyids) or "none"
 
 
 def _sha256_file(path: Path) -> tuple[str, int]:

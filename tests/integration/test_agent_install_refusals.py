@@ -61,7 +61,7 @@ def forged(genuine: ReleasedBundle) -> ReleasedBundle:
         target_path="face/face-6.6.6.bundle",
         name="face",
         version="6.6.6",
-        release_counter=6_006_006,
+        release_counter=6_006_006_999,
     )
 
 

@@ -276,3 +276,17 @@ def test_errors_are_one_line_without_a_traceback(tmp_path: Path) -> None:
         assert r.returncode == 1, (args, r.stderr)
         assert r.stderr.count("\n") == 1 and r.stderr.startswith("fleetctl: "), r.stderr
         assert r.stdout == ""
+
+
+def test_release_push_without_a_token_says_how_to_give_one(
+    remote: Remote, local_repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("EDGEFLEET_TOKEN", raising=False)
+    result = remote.local("release", "push", "--repo", str(local_repo), "--server", remote.api.url)
+    err = one_line_error(result)
+    assert "401" in err and "no API token was given" in err
+    assert "--token-file" in err and "EDGEFLEET_TOKEN" in err
+    bad = remote.tmp / "bad.token"
+    bad.write_text("not-a-token\n")
+    err = one_line_error(remote.run("release", "push", "--repo", str(local_repo), token_file=bad))
+    assert "401" in err and "the token given was not accepted" in err and "EDGEFLEET_TOKEN" in err

@@ -49,7 +49,7 @@ def test_genuine_bundle_is_verified_over_http(
     repo: ImageRepository, http_repo: RepositoryServer, tmp_path: Path
 ) -> None:
     verified = verify(repo, http_repo.url, tmp_path / "out")
-    assert verified.target.release_counter == 1_000_000
+    assert verified.target.release_counter == 1_000_000_999
 
 
 def test_newest_release_is_chosen(
@@ -135,8 +135,8 @@ def test_wrong_hardware_is_refused(repo: ImageRepository, tmp_path: Path) -> Non
 def test_lower_release_counter_than_installed_is_refused(
     repo: ImageRepository, tmp_path: Path
 ) -> None:
-    with pytest.raises(errors.ReleaseCounterDowngrade, match="below the installed 2000000"):
-        verify(repo, str(repo.path), tmp_path / "out", installed_counter=2_000_000)
+    with pytest.raises(errors.ReleaseCounterDowngrade, match="below the installed 2000000999"):
+        verify(repo, str(repo.path), tmp_path / "out", installed_counter=2_000_000_999)
 
 
 def test_endless_data_from_a_directory_is_refused(repo: ImageRepository, tmp_path: Path) -> None:

@@ -61,7 +61,7 @@ def test_sample_model_bundle_carries_contract_baseline_and_golden_vectors() -> N
     assert m.inputs[0].shape_signature == [-1, baseline.shape[1]]
     assert m.classes == classes and m.fallback.confidence_output == m.outputs[0].name
     assert [f.name for f in m.features] == [f.name for f in features]
-    assert m.release_counter == 1_000_000
+    assert m.release_counter == 1_000_000_999
     # The baseline summary is exactly the summary of the baseline data in the manifest's bins.
     expected = summarize(
         baseline,

@@ -125,7 +125,35 @@ def test_unknown_schema_version_is_refused() -> None:
 
 def test_release_counter_follows_the_version() -> None:
     assert default_release_counter("1.2.3") < default_release_counter("1.10.0")
-    assert default_release_counter("2.0.0") == 2_000_000
+    assert default_release_counter("2.0.0") == 2_000_000_999
     with pytest.raises(ValueError, match="explicitly"):
         default_release_counter("1.1000.0")
     assert str(parse_semver("1.0.0-rc.1")) == "1.0.0-rc.1"
+
+
+def test_pre_releases_order_below_their_release_in_semver_precedence() -> None:
+    versions = [
+        "1.1.9",
+        "1.2.0-alpha",
+        "1.2.0-alpha.1",
+        "1.2.0-beta",
+        "1.2.0-beta.2",
+        "1.2.0-rc",
+        "1.2.0-rc.0",
+        "1.2.0-rc1",
+        "1.2.0-rc.2",
+        "1.2.0-rc.298",
+        "1.2.0",
+        "1.2.1-alpha",
+        "1.2.1",
+    ]
+    counters = [default_release_counter(v) for v in versions]
+    assert counters == sorted(set(counters))
+    assert default_release_counter("1.2.0-rc1") == 1_002_000_602
+    assert default_release_counter("1.2.0") == 1_002_000_999
+
+
+@pytest.mark.parametrize("version", ["1.2.0-dev", "1.2.0-rc.299", "1.2.0-rc.1.hotfix"])
+def test_a_pre_release_without_a_default_counter_asks_for_an_explicit_one(version: str) -> None:
+    with pytest.raises(ValueError, match="give the release counter explicitly"):
+        default_release_counter(version)
