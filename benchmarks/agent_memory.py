@@ -61,6 +61,7 @@ from pathlib import Path
 
 import numpy as np
 
+from firmware_images.tflite_writer import build_image_model
 from fleet_server.director import DirectorRepository
 from fleet_server.release.bundle_builder import BundleSpec, build_bundle, load_feature_file
 from fleet_server.release.keys import init_keys
@@ -456,20 +457,6 @@ def start_to_ready(f: Fleet, data_dir: Path) -> dict[str, object]:
     return {"wall_s": walls, "ready_after_s": own, "restarted_status": steady}
 
 
-def face_model() -> bytes:
-    """A 1x128x128x3 image model with two heads (class scores, brightness)."""
-    from firmware_images.tflite_writer import GraphBuilder
-
-    rng = np.random.default_rng(3)
-    g = GraphBuilder("face: a 128x128 RGB image in, class scores and a brightness out")
-    image = g.add_input("image", [1, 128, 128, 3])
-    pooled = g.mean(image, [1, 2], "pooled", keep_dims=False)
-    logits = g.fully_connected(pooled, rng.normal(size=(4, 3)), np.zeros(4), "logits")
-    g.mark_output(g.softmax(logits, "class_scores"))
-    g.mark_output(g.fully_connected(pooled, np.ones((1, 3)) / 3, np.zeros(1), "brightness"))
-    return g.to_bytes()
-
-
 async def _post(port: int, path: str, body: bytes) -> tuple[int, str | None]:
     """One request on its own connection: its status and ``Retry-After``."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -504,7 +491,9 @@ def under_concurrency(root: Path, bursts: tuple[int, ...] = (100, 1000)) -> list
     root.mkdir(parents=True)
     rng = np.random.default_rng(5)
     np.save(root / "images.npy", rng.uniform(0, 1, size=(24, 128, 128, 3)).astype(np.float32))
-    built = build_bundle(face_model(), root / "images.npy", BundleSpec("face", "1.0.0", [HARDWARE]))
+    built = build_bundle(
+        build_image_model(), root / "images.npy", BundleSpec("face", "1.0.0", [HARDWARE])
+    )
     built.write(root / "face.bundle")
     release_keys = init_keys(root / "keys" / "release")
     director_keys = init_keys(root / "keys" / "director")

@@ -447,3 +447,19 @@ def build_unresolved_custom_op_model(op_name: str = "EdgefleetMysteryOp") -> byt
     y = g.custom(op_name, [x], (1, 4), name="scores")
     g.mark_output(y)
     return g.to_bytes()
+
+
+def build_image_model() -> bytes:
+    """A 1x128x128x3 RGB image in, two heads out (4 class scores, a brightness).
+
+    Not one of the trained sample models: an image input of 49,152 elements,
+    to exercise per-channel summaries and the agent's memory bounds.
+    """
+    rng = np.random.default_rng(3)
+    g = GraphBuilder("image classifier with a brightness head")
+    image = g.add_input("image", [1, 128, 128, 3])
+    pooled = g.mean(image, [1, 2], "pooled", keep_dims=False)
+    logits = g.fully_connected(pooled, rng.normal(size=(4, 3)), np.zeros(4), "logits")
+    g.mark_output(g.softmax(logits, "class_scores"))
+    g.mark_output(g.fully_connected(pooled, np.ones((1, 3)) / 3, np.zeros(1), "brightness"))
+    return g.to_bytes()

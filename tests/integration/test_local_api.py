@@ -27,6 +27,7 @@ from agent.api.admission import MAX_JSON_DEPTH, parse_cost, request_cost
 from agent.api.jsonscan import scan_structure
 from agent.runtime import default_runtime
 from agent.serving import FallbackChain, InvalidInput, ModelSlot
+from firmware_images.tflite_writer import build_image_model
 from protocol.bundle import read_bundle
 from protocol.inference import MAX_RANK
 from protocol.manifest import Manifest
@@ -1028,20 +1029,6 @@ ALLOWANCE_KB = 24 * 1024
 PARALLEL = 1000
 
 
-def face_model() -> bytes:
-    """A 1x128x128x3 image model with two outputs, like a face detector's heads."""
-    from firmware_images.tflite_writer import GraphBuilder
-
-    rng = np.random.default_rng(3)
-    g = GraphBuilder("face: a 128x128 RGB image in, class scores and a brightness out")
-    image = g.add_input("image", [1, 128, 128, 3])
-    pooled = g.mean(image, [1, 2], "pooled", keep_dims=False)
-    logits = g.fully_connected(pooled, rng.normal(size=(4, 3)), np.zeros(4), "logits")
-    g.mark_output(g.softmax(logits, "class_scores"))
-    g.mark_output(g.fully_connected(pooled, np.ones((1, 3)) / 3, np.zeros(1), "brightness"))
-    return g.to_bytes()
-
-
 def status_kb(pid: int) -> dict[str, int]:
     fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -1069,7 +1056,7 @@ def face_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaceAgent]:
     tmp = tmp_path_factory.mktemp("face")
     rng = np.random.default_rng(5)
     np.save(tmp / "images.npy", rng.uniform(0, 1, size=(24, 128, 128, 3)).astype(np.float32))
-    model = face_model()
+    model = build_image_model()
     (tmp / "face.tflite").write_bytes(model)
     built = build_bundle(
         model, tmp / "images.npy", BundleSpec(name="face", version="1.0.0", hardware_ids=[HARDWARE])

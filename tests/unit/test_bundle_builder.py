@@ -9,7 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from firmware_images.tflite_writer import GraphBuilder, build_unresolved_custom_op_model
+from firmware_images.tflite_writer import (
+    GraphBuilder,
+    build_image_model,
+    build_unresolved_custom_op_model,
+)
 from fleet_server.models.runtime import LoadedModel
 from fleet_server.release.bundle_builder import (
     BundleBuildError,
@@ -24,18 +28,6 @@ from protocol.golden import unpack_golden
 from protocol.manifest import Manifest
 from protocol.summary import summarize
 from tests.conftest import MODELS
-
-
-def image_model() -> bytes:
-    """A model we did not make for edgefleet: a 128x128 RGB image in, two outputs."""
-    rng = np.random.default_rng(3)
-    g = GraphBuilder("image classifier with a brightness head")
-    image = g.add_input("image", [1, 128, 128, 3])
-    pooled = g.mean(image, [1, 2], "pooled", keep_dims=False)
-    logits = g.fully_connected(pooled, rng.normal(size=(4, 3)), np.zeros(4), "logits")
-    g.mark_output(g.softmax(logits, "class_scores"))
-    g.mark_output(g.fully_connected(pooled, np.ones((1, 3)) / 3, np.zeros(1), "brightness"))
-    return g.to_bytes()
 
 
 def spec(**kw: object) -> BundleSpec:
@@ -95,7 +87,7 @@ def test_image_model_is_summarised_by_channel_moments(tmp_path: Path) -> None:
     images = rng.uniform(0, 1, size=(24, 128, 128, 3)).astype(np.float32)
     images[:, :, :, 0] *= 0.5
     np.save(tmp_path / "images.npy", images)
-    built = build_bundle(image_model(), tmp_path / "images.npy", spec(name="camera-qa"))
+    built = build_bundle(build_image_model(), tmp_path / "images.npy", spec(name="camera-qa"))
     m = built.manifest
     assert [(t.name, t.shape) for t in m.inputs] == [("image", [1, 128, 128, 3])]
     assert {t.name for t in m.outputs} == {"class_scores", "brightness"}
