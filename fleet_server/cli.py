@@ -172,13 +172,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StartRefused as exc:
         print(f"fleet-server: {exc}", file=sys.stderr)
         return 2
-    except BaseExceptionGroup as group:
-        # A refusal found while running (a twin replica) ends the server's task group.
-        refused = group.subgroup(StartRefused)
-        if refused is None:
-            raise
-        print(f"fleet-server: {_first(refused)}", file=sys.stderr)
-        return 2
     return 0
 
 
@@ -197,13 +190,6 @@ def _reason(exc: BaseException) -> str:
         exc = orig
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
-
-
-def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    exc: BaseException = group
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc
 
 
 if __name__ == "__main__":

@@ -127,10 +127,11 @@ class FleetServer:
             self.config.http_host,
             self.http_port,
         )
+        refused: list[StartRefused] = []
         try:
             async with asyncio.TaskGroup() as tasks:
                 if self.mqtt is not None and guard is not None:
-                    tasks.create_task(guard.run(stop))
+                    tasks.create_task(self._guard(guard, stop, refused))
                     tasks.create_task(self.mqtt.run(stop))
                 tasks.create_task(self._presence_sweeper(stop))
                 tasks.create_task(self._director_refresher(stop))
@@ -150,6 +151,22 @@ class FleetServer:
         finally:
             await runner.cleanup()
             await self.db.close()
+        if refused:
+            raise refused[0]
+
+    @staticmethod
+    async def _guard(
+        guard: NamespaceGuard, stop: asyncio.Event, refused: list[StartRefused]
+    ) -> None:
+        """Run the namespace guard; a refusal it meets stops the server like a signal would.
+
+        Cancelling the other tasks instead would cut database work off mid-transaction.
+        """
+        try:
+            await guard.run(stop)
+        except StartRefused as exc:
+            refused.append(exc)
+            stop.set()
 
     async def _presence_sweeper(self, stop: asyncio.Event) -> None:
         """Mark devices offline whose heartbeats stopped (the last will covers clean cases)."""
@@ -203,9 +220,7 @@ class FleetServer:
             else:
                 self.metrics.audit_chain_intact.set(1 if report.ok else 0)
                 if not report.ok:
-                    log.error(
-                        "audit log broken at entry %s: %s", report.broken_at, report.problem
-                    )
+                    log.error("audit log broken at entry %s: %s", report.broken_at, report.problem)
             if stop.is_set():
                 return
             with contextlib.suppress(TimeoutError):
