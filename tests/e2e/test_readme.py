@@ -1,0 +1,135 @@
+"""The README's commands, run as written on a fresh clone, so the README cannot drift from the code.
+
+The quick start's ``make demo`` runs in a clone of its own while another
+deployment's server uses the machine's Mosquitto (two deployments on one broker
+must not see each other's messages); ``make test`` is what CI runs (``.ci/run``),
+so it is not run again from inside itself. Every other ``sh`` block is one
+walk-through, in order, in one shell: release engineer, device, operator.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.mosquitto import free_port
+from tests.support.readme import (
+    README_PORTS,
+    REPO,
+    fresh_clone,
+    shell_blocks,
+    walkthrough_script,
+)
+from tests.support.server_process import ServerProcess
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+SHARED_BROKER = "mqtt://127.0.0.1:1883"
+WALKTHROUGH_TIMEOUT_S = 600
+
+
+def _user_environment(home: Path) -> dict[str, str]:
+    """A new user's shell: no virtual environment active, no edgefleet variables, own HOME."""
+    venv_bin = str(REPO / ".venv" / "bin")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("EDGEFLEET_", "VIRTUAL_ENV", "PYTEST_", "PYTHON"))
+    }
+    env["PATH"] = os.pathsep.join(
+        p for p in env.get("PATH", "").split(os.pathsep) if p and Path(p) != Path(venv_bin)
+    )
+    env["HOME"] = str(home)
+    return env
+
+
+def _run(script: str, cwd: Path, env: dict[str, str], log: Path) -> tuple[int, str]:
+    """Run ``script`` with bash; whatever it left running in the background is stopped after."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            ["bash", "-c", script],
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            code = proc.wait(WALKTHROUGH_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            code = -1
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                if sig is signal.SIGTERM:
+                    try:
+                        proc.wait(10)
+                    except subprocess.TimeoutExpired:
+                        pass
+    return code, log.read_text(errors="replace")
+
+
+@pytest.fixture
+def foreign_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """Another deployment's fleet-server on the machine's shared Mosquitto, default settings.
+
+    Only what a user must give: its folder, the broker and a free HTTP port; no
+    --db, --replica-id or --mqtt-namespace.
+    """
+    tmp = tmp_path_factory.mktemp("foreign")
+    server = ServerProcess(tmp, db_url=None, broker=SHARED_BROKER, replica_id="foreign")
+    server.args = [a for a in server.args if a not in ("--replica-id", "foreign")]
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+def test_the_quick_start_is_make_demo_and_make_test() -> None:
+    shell = shell_blocks((REPO / "README.md").read_text())
+    assert shell, "README.md has no sh blocks"
+    assert shell[0].section == "Quick start", shell[0]
+    assert shell[0].text == "make demo\nmake test\n", shell[0].text
+
+
+def test_make_demo_runs_as_written_on_a_fresh_clone(
+    tmp_path: Path, foreign_server: ServerProcess
+) -> None:
+    clone = fresh_clone(tmp_path / "edgefleet")
+    code, output = _run("make demo\n", clone, _user_environment(tmp_path), tmp_path / "demo.log")
+    assert code == 0, output[-4000:]
+    assert foreign_server.alive, foreign_server.log_tail()
+    assert "a private " in output and SHARED_BROKER not in output
+    assert "tampered-bundle" in output and "wrong-hardware" in output
+    assert "Every genuine bundle verified" in output
+    assert "device: committed 1.1.0" in output
+    assert "device: refused 1.3.0: self-test-failed" in output
+    assert "device: rolled_back 1.2.0: watchdog" in output
+    assert " answered 200 from previous 1.1.0" in output
+    assert (clone / ".demo").is_dir()
+
+
+def test_every_walkthrough_command_runs_as_written_on_a_fresh_clone(tmp_path: Path) -> None:
+    clone = fresh_clone(tmp_path / "edgefleet")
+    shell = shell_blocks((clone / "README.md").read_text())
+    walkthrough = shell[1:]
+    sections = {b.section for b in walkthrough}
+    for role in ("Release engineer", "Device", "Fleet server"):
+        assert any(s.startswith(role) for s in sections), f"no walk-through for {role}: {sections}"
+    script = walkthrough_script(walkthrough, {p: free_port() for p in README_PORTS})
+    code, output = _run(script, clone, _user_environment(tmp_path), tmp_path / "walkthrough.log")
+    assert code == 0, f"exit {code}; the last README block started is the one that failed:\n" + (
+        output[-6000:]
+    )
+    assert ">>> README.md walk-through done" in output
+    assert "Traceback" not in output, output[-6000:]

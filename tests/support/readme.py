@@ -1,0 +1,103 @@
+"""The README's shell blocks, and a fresh clone of this checkout to run them in.
+
+Every fenced block marked ``sh`` in README.md is a command someone will paste;
+:func:`shell_blocks` returns them in order with their line numbers, and
+:func:`walkthrough_script` joins them into one bash script that stops at the
+first failing command and says which block it was in. Other fences (``toml``,
+``text``) are not commands.
+
+Ports are the one thing a test changes: on a shared machine the README's
+``8080`` or ``8500`` may be taken, so :data:`README_PORTS` lists the ports the
+README uses and the test maps each to a free one, everywhere it appears.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+README_PORTS = (8080, 8500)
+_FENCE = re.compile(r"^```(\S*)\s*$")
+
+
+@dataclass(frozen=True)
+class Block:
+    language: str
+    line: int  # of the first command line, 1-based
+    section: str  # the nearest level-2 heading above it
+    text: str
+
+
+def blocks(readme: str) -> list[Block]:
+    """Every fenced block of ``readme`` with its language, first line and section."""
+    found: list[Block] = []
+    section = ""
+    fence: tuple[str, int] | None = None
+    body: list[str] = []
+    for number, line in enumerate(readme.splitlines(), start=1):
+        match = _FENCE.match(line)
+        if fence is None:
+            if line.startswith("## "):
+                section = line[3:].strip()
+            elif match:
+                fence, body = (match.group(1), number + 1), []
+        elif line.strip() == "```":
+            found.append(Block(fence[0], fence[1], section, "\n".join(body) + "\n"))
+            fence = None
+        else:
+            body.append(line)
+    if fence is not None:
+        raise AssertionError(f"README.md: the block opened before line {fence[1]} is never closed")
+    return found
+
+
+def shell_blocks(readme: str) -> list[Block]:
+    return [b for b in blocks(readme) if b.language == "sh"]
+
+
+def walkthrough_script(shell: list[Block], ports: dict[int, int]) -> str:
+    """One bash script running ``shell`` in order, ``set -euo pipefail``, ports mapped."""
+    parts = ["set -euo pipefail"]
+    for block in shell:
+        text = block.text
+        for old, new in ports.items():
+            text = re.sub(rf"(?<![0-9]){old}(?![0-9])", str(new), text)
+        parts.append(f"echo '>>> README.md block at line {block.line} ({block.section})' >&2")
+        parts.append(text)
+    parts.append("echo '>>> README.md walk-through done' >&2")
+    return "\n".join(parts) + "\n"
+
+
+def fresh_clone(destination: Path) -> Path:
+    """A ``git clone`` of this checkout's HEAD, sharing its virtual environment.
+
+    The clone's ``.venv`` is a link to this checkout's, whose editable install
+    runs the same commit. Its build inputs are dated before the environment's
+    install stamp, so ``make`` in the clone does not reinstall into it.
+    """
+    subprocess.run(
+        ["git", "clone", "--quiet", "--no-hardlinks", str(REPO), str(destination)],
+        check=True,
+        capture_output=True,
+    )
+    (destination / ".venv").symlink_to(REPO / ".venv", target_is_directory=True)
+    stamp = (REPO / ".venv" / ".installed").stat().st_mtime
+    for name in ("pyproject.toml", "constraints.txt"):
+        os.utime(destination / name, (stamp - 60, stamp - 60))
+    return destination
+
+
+def uncommitted_readme() -> bool:
+    """Whether README.md differs from HEAD (the clone runs what is committed)."""
+    out = subprocess.run(
+        ["git", "status", "--porcelain", "--", "README.md"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return bool(out.stdout.strip())
