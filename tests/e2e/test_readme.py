@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -65,17 +66,21 @@ def _run(script: str, cwd: Path, env: dict[str, str], log: Path) -> tuple[int, s
         except subprocess.TimeoutExpired:
             code = -1
         finally:
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                if sig is signal.SIGTERM:
-                    try:
-                        proc.wait(10)
-                    except subprocess.TimeoutExpired:
-                        pass
+            _stop_group(proc.pid)
     return code, log.read_text(errors="replace")
+
+
+def _stop_group(pgid: int) -> None:
+    """SIGTERM what is left in the process group, then SIGKILL what has not stopped in 10 s."""
+    deadline = time.monotonic() + 10
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            os.killpg(pgid, 0)
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 @pytest.fixture
@@ -128,8 +133,8 @@ def test_every_walkthrough_command_runs_as_written_on_a_fresh_clone(tmp_path: Pa
         assert any(s.startswith(role) for s in sections), f"no walk-through for {role}: {sections}"
     script = walkthrough_script(walkthrough, {p: free_port() for p in README_PORTS})
     code, output = _run(script, clone, _user_environment(tmp_path), tmp_path / "walkthrough.log")
-    assert code == 0, f"exit {code}; the last README block started is the one that failed:\n" + (
-        output[-6000:]
+    assert code == 0, (
+        f"exit {code}; the last README block started is the one that failed:\n" + (output[-6000:])
     )
     assert ">>> README.md walk-through done" in output
     assert "Traceback" not in output, output[-6000:]
