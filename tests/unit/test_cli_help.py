@@ -70,9 +70,8 @@ def _needs_command(command: Command) -> bool:
     """A tool alone, or a group whose command is required (not one that also runs by itself)."""
     if command.group is None:
         return False
-    required = getattr(
-        command.parser, "_command_groups", []
-    )  # required=True, as CommandParser keeps it
+    # CommandParser keeps the groups declared required=True here.
+    required = getattr(command.parser, "_command_groups", [])
     return command.path == command.tool or command.group.required or command.group in required
 
 
