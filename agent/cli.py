@@ -14,11 +14,14 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import agent
 from agent.config import AgentConfig, ConfigError
 
 EXIT_REFUSED = 3
 EXIT_ERROR = 1
+EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 141
 
 
@@ -101,13 +104,81 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+class CommandParser(argparse.ArgumentParser):
+    """An argument parser whose command group, given no command, lists its commands.
+
+    ``edge-agent`` alone prints its help, one line per command, and exits 2, where
+    argparse would only say "the following arguments are required". A command's
+    description defaults to its one-line help, and epilogs keep their line breaks, so
+    their examples stay one to a line.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+        self._command_groups: list[argparse.Action] = []
+
+    def add_subparsers(self, **kwargs: Any) -> Any:
+        kwargs.setdefault("title", "commands")
+        kwargs.setdefault("metavar", "COMMAND")
+        kwargs.setdefault("action", _CommandGroup)
+        required = kwargs.pop("required", False)
+        group = super().add_subparsers(**kwargs)
+        if required and group.dest != argparse.SUPPRESS:
+            # Checked after parsing instead, where the group's help can be shown.
+            self._command_groups.append(group)
+        else:
+            group.required = required
+        return group
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        for group in self._command_groups:
+            if getattr(parsed, group.dest, None) is None:
+                self.print_help(sys.stderr)
+                self.exit(EXIT_USAGE)
+        return parsed, extras
+
+
+class _CommandGroup(argparse._SubParsersAction):  # type: ignore[type-arg]
+    """The commands of a group; each command's description defaults to its help."""
+
+    def add_parser(self, name: str, **kwargs: Any) -> Any:
+        kwargs.setdefault("description", kwargs.get("help"))
+        return super().add_parser(name, **kwargs)
+
+
+def _examples(*commands: str) -> str:
+    """An epilog of example commands, one to a line; each must parse as written."""
+    return "examples:\n" + "\n".join(f"  {command}" for command in commands)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edge-agent", description="the edgefleet device agent")
+    parser = CommandParser(
+        prog="edge-agent",
+        description="the edgefleet device agent",
+        epilog="It reads its settings from the config file only, no environment variables.\n\n"
+        + _examples("edge-agent run --config agent.toml", "edge-agent status --config agent.toml"),
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {agent.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("verify", help="download and verify a bundle from an image repository")
+    p = commands.add_parser(
+        "verify",
+        help="download and verify a bundle from an image repository",
+        epilog="It checks the bundle as an install would, without installing it: exit 0 with the\n"
+        "verified bundle in --out, or exit 3 and one line naming what was refused.\n\n"
+        + _examples(
+            "edge-agent verify --root 1.root.json --repo https://updates.example/repo "
+            "--name pump-health --hardware rpi4-arm64 --out bundles/",
+            "edge-agent verify --root repo/metadata/1.root.json --repo repo --name pump-health "
+            "--hardware rpi4-arm64 --out bundles/ --installed-counter 1000000999 --json",
+        ),
+    )
     p.add_argument("--root", required=True, help="the trusted root.json of the image repository")
     p.add_argument("--repo", required=True, help="repository URL or directory")
-    p.add_argument("--name", required=True)
+    p.add_argument("--name", required=True, help="the bundle's name, e.g. pump-health")
     p.add_argument("--hardware", required=True, help="this device's hardware id")
     p.add_argument("--out", required=True, help="directory for the verified bundle")
     p.add_argument("--version", help="a specific version (default: the newest)")
@@ -119,19 +190,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--metadata-dir", help="trusted metadata store (default: OUT/.metadata)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds without data (default 30)")
-    p.add_argument("--min-speed", type=float, default=2048.0, help="bytes/s (default 2048)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--min-speed",
+        type=float,
+        default=2048.0,
+        help="slowest download in bytes/s before it is given up (default 2048)",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_verify)
 
-    p = commands.add_parser("run", help="run the agent: serve models, install updates")
-    p.add_argument("--config", required=True, help="agent.toml")
-    p.add_argument("--verbose", action="store_true")
+    p = commands.add_parser(
+        "run",
+        help="run the agent: serve models, install updates",
+        epilog=_examples(
+            "edge-agent run --config agent.toml",
+            "edge-agent run --config /etc/edgefleet/agent.toml --verbose",
+        ),
+    )
+    p.add_argument("--config", required=True, help="the agent's config file (agent.toml)")
+    p.add_argument("--verbose", action="store_true", help="debug logging")
     p.set_defaults(func=cmd_run)
 
-    p = commands.add_parser("status", help="slots, install journal and recent events")
-    p.add_argument("--config", required=True, help="agent.toml")
-    p.add_argument("--events", type=int, default=10, help="how many recent events to show")
-    p.add_argument("--json", action="store_true")
+    p = commands.add_parser(
+        "status",
+        help="slots, install journal and recent events",
+        epilog=_examples(
+            "edge-agent status --config agent.toml",
+            "edge-agent status --config agent.toml --events 50 --json",
+        ),
+    )
+    p.add_argument("--config", required=True, help="the agent's config file (agent.toml)")
+    p.add_argument(
+        "--events", type=int, default=10, help="how many recent events to show (default 10)"
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
     return parser
 

@@ -58,18 +58,42 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fleet-server", description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="the server's folder (repository, director)")
-    parser.add_argument("--db", help="database URL (default: sqlite:///DATA/fleet.db)")
-    parser.add_argument("--mqtt", help="broker URL, mqtt://host:port or mqtts://host:port")
+    parser = argparse.ArgumentParser(
+        prog="fleet-server",
+        description=__doc__.splitlines()[0].replace("``", ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="On first start it writes an admin API token to DATA/admin.token.\n"
+        "It reads no environment variables: everything is a flag.\n\n"
+        "examples:\n"
+        "  fleet-server --data /var/lib/edgefleet-server\n"
+        "  fleet-server --data /var/lib/edgefleet-server --db postgresql://fleet@db/fleet "
+        "--mqtt mqtt://broker:1883 --http 0.0.0.0:8080 --replica-id a\n"
+        "  fleet-server --data /var/lib/edgefleet-server --mqtt mqtts://broker:8883 "
+        "--mqtt-ca-file ca.pem --mqtt-username fleet --mqtt-password-file fleet.pw "
+        "--tls-cert server.pem --tls-key server.key",
+    )
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="the server's folder: image repository, director metadata and keys, audit key, "
+        "admin.token, and the SQLite database by default",
+    )
+    parser.add_argument(
+        "--db", help="database URL, sqlite:///PATH or postgresql://... (default: DATA/fleet.db)"
+    )
+    parser.add_argument(
+        "--mqtt", help="broker URL, mqtt://host:port or mqtts://host:port (default: no broker)"
+    )
     parser.add_argument(
         "--mqtt-namespace",
         help="this deployment's MQTT topic namespace (default: derived from the database; "
         "every replica of one deployment must use the same)",
     )
-    parser.add_argument("--mqtt-username")
-    parser.add_argument("--mqtt-password-file")
-    parser.add_argument("--mqtt-ca-file")
+    parser.add_argument("--mqtt-username", help="the server's MQTT username")
+    parser.add_argument("--mqtt-password-file", help="file holding the server's MQTT password")
+    parser.add_argument(
+        "--mqtt-ca-file", help="CA (PEM) to verify an mqtts:// broker (default: the system's)"
+    )
     parser.add_argument(
         "--no-shared-subscription",
         action="store_true",
@@ -81,9 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=("127.0.0.1", 8080),
         help="HOST:PORT to listen on (default 127.0.0.1:8080)",
     )
-    parser.add_argument("--tls-cert")
-    parser.add_argument("--tls-key")
-    parser.add_argument("--replica-id")
+    parser.add_argument("--tls-cert", help="serve HTTPS with this certificate chain (PEM)")
+    parser.add_argument("--tls-key", help="the private key (PEM) of --tls-cert")
+    parser.add_argument(
+        "--replica-id",
+        help="this replica's id, the same across its restarts, so the broker keeps its messages "
+        "while it is down (default: HOST-PID, a new one every start)",
+    )
     parser.add_argument(
         "--ingest-batch-delay",
         type=float,

@@ -1101,15 +1101,71 @@ def cmd_broker_config(args: argparse.Namespace) -> None:
 # -- parser ----------------------------------------------------------------------
 
 
+class CommandParser(argparse.ArgumentParser):
+    """An argument parser for a tool of command groups.
+
+    A group given without its command (``fleetctl devices``) prints the group's help,
+    which lists each command with its one-line help, and exits 2, where argparse would
+    only say "the following arguments are required". A command's description defaults
+    to its one-line help, and descriptions and epilogs keep their line breaks, so the
+    examples in an epilog stay one to a line.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+        self._command_groups: list[argparse.Action] = []
+
+    def add_subparsers(self, **kwargs: Any) -> Any:
+        kwargs.setdefault("title", "commands")
+        kwargs.setdefault("metavar", "COMMAND")
+        kwargs.setdefault("action", _CommandGroup)
+        required = kwargs.pop("required", False)
+        group = super().add_subparsers(**kwargs)
+        if required and group.dest != argparse.SUPPRESS:
+            # Checked after parsing instead, where the group's help can be shown.
+            self._command_groups.append(group)
+        else:
+            group.required = required
+        return group
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        for group in self._command_groups:
+            if getattr(parsed, group.dest, None) is None:
+                self.print_help(sys.stderr)
+                self.exit(EXIT_USAGE)
+        return parsed, extras
+
+
+class _CommandGroup(argparse._SubParsersAction):  # type: ignore[type-arg]
+    """The commands of a group; each command's description defaults to its help."""
+
+    def add_parser(self, name: str, **kwargs: Any) -> Any:
+        kwargs.setdefault("description", kwargs.get("help"))
+        return super().add_parser(name, **kwargs)
+
+
+def _examples(*commands: str) -> str:
+    """An epilog of example commands, one to a line; each must parse as written."""
+    return "examples:\n" + "\n".join(f"  {command}" for command in commands)
+
+
 def _remote_flags() -> argparse.ArgumentParser:
     """``--server`` and the API token, for every command that talks to a fleet server."""
     remote = argparse.ArgumentParser(add_help=False)
     remote.add_argument("--server", help="the fleet server's URL (default: $EDGEFLEET_SERVER)")
-    remote.add_argument("--token-file", help="file holding an API token")
+    remote.add_argument(
+        "--token-file", help="file holding an API token (else --token-env, else $EDGEFLEET_TOKEN)"
+    )
     remote.add_argument(
         "--token-env", help="environment variable holding an API token (default: EDGEFLEET_TOKEN)"
     )
-    remote.add_argument("--ca-file", help="CA bundle to verify an https:// server")
+    remote.add_argument(
+        "--ca-file", help="CA bundle (PEM) to verify an https:// server (default: the system's)"
+    )
     return remote
 
 
@@ -1118,56 +1174,124 @@ def _remote_commands(groups: Any, leaf: argparse.ArgumentParser, release: Any) -
     both = [leaf, _remote_flags()]
 
     p = release.add_parser(
-        "push", parents=both, help="push a local image repository's new files to the server"
+        "push",
+        parents=both,
+        help="push a local image repository's new files to the server",
+        epilog=_examples(
+            "fleetctl release push --repo repo",
+            "fleetctl release push --repo repo --server https://fleet.example "
+            "--token-file operator.token --ca-file ca.pem",
+        ),
     )
-    p.add_argument("--repo", required=True)
+    p.add_argument("--repo", required=True, help="the local image repository (release add)")
     p.set_defaults(func=cmd_release_push)
 
     devices = groups.add_parser("devices", help="the device registry (server)").add_subparsers(
         dest="cmd", required=True
     )
-    p = devices.add_parser("list", parents=both, help="list devices")
-    p.add_argument("--tag")
-    p.add_argument("--hardware")
+    p = devices.add_parser(
+        "list",
+        parents=both,
+        help="list devices",
+        epilog=_examples(
+            "fleetctl devices list",
+            "fleetctl devices list --tag line-a --online",
+            "fleetctl devices list --hardware rpi4-arm64 --json",
+        ),
+    )
+    p.add_argument("--tag", help="only devices with this tag")
+    p.add_argument("--hardware", help="only devices of this hardware id")
     state = p.add_mutually_exclusive_group()
-    state.add_argument("--online", dest="online", action="store_const", const=True)
-    state.add_argument("--offline", dest="online", action="store_const", const=False)
+    state.add_argument(
+        "--online", dest="online", action="store_const", const=True, help="only devices online"
+    )
+    state.add_argument(
+        "--offline", dest="online", action="store_const", const=False, help="only devices offline"
+    )
     p.set_defaults(func=cmd_devices_list)
-    p = devices.add_parser("show", parents=both, help="show one device")
-    p.add_argument("device")
+    p = devices.add_parser(
+        "show",
+        parents=both,
+        help="show one device",
+        epilog=_examples("fleetctl devices show pump-17", "fleetctl devices show pump-17 --json"),
+    )
+    p.add_argument("device", help="the device's id")
     p.set_defaults(func=cmd_devices_show)
-    p = devices.add_parser("tag", parents=both, help="add or remove a device's tags")
-    p.add_argument("device")
-    p.add_argument("--add", action="append", default=[], metavar="TAG", help="repeatable")
-    p.add_argument("--remove", action="append", default=[], metavar="TAG", help="repeatable")
+    p = devices.add_parser(
+        "tag",
+        parents=both,
+        help="add or remove a device's tags",
+        epilog=_examples(
+            "fleetctl devices tag pump-17 --add canary",
+            "fleetctl devices tag pump-17 --add line-b --remove line-a",
+        ),
+    )
+    p.add_argument("device", help="the device's id")
+    p.add_argument("--add", action="append", default=[], metavar="TAG", help="add TAG (repeatable)")
+    p.add_argument(
+        "--remove", action="append", default=[], metavar="TAG", help="remove TAG (repeatable)"
+    )
     p.set_defaults(func=cmd_devices_tag)
     p = devices.add_parser(
-        "register", parents=both, help="pre-register a device and show its password (admin)"
+        "register",
+        parents=both,
+        help="pre-register a device and show its password (admin)",
+        epilog=_examples(
+            "fleetctl devices register pump-17 --hardware rpi4-arm64",
+            "fleetctl devices register pump-18 --hardware rpi4-arm64 --region eu-west "
+            "--tag line-a --tag canary",
+        ),
     )
-    p.add_argument("device")
-    p.add_argument("--hardware", required=True)
-    p.add_argument("--region")
-    p.add_argument("--tag", action="append", default=[], help="repeatable")
+    p.add_argument("device", help="the new device's id (its MQTT and HTTP username)")
+    p.add_argument("--hardware", required=True, help="the device's hardware id")
+    p.add_argument("--region", help="the device's region, for drift by region")
+    p.add_argument("--tag", action="append", default=[], help="a tag to give it (repeatable)")
     p.set_defaults(func=cmd_devices_register)
-    p = devices.add_parser("events", parents=both, help="a device's recent events")
-    p.add_argument("device")
-    p.add_argument("--limit", type=int, default=50)
+    p = devices.add_parser(
+        "events",
+        parents=both,
+        help="a device's recent events",
+        epilog=_examples(
+            "fleetctl devices events pump-17", "fleetctl devices events pump-17 --limit 10"
+        ),
+    )
+    p.add_argument("device", help="the device's id")
+    p.add_argument("--limit", type=int, default=50, help="at most this many (default %(default)s)")
     p.set_defaults(func=cmd_devices_events)
 
     tokens = groups.add_parser(
         "provisioning-token", help="tokens devices enrol with (server, admin)"
     ).add_subparsers(dest="cmd", required=True)
-    p = tokens.add_parser("create", parents=both, help="create a provisioning token")
+    p = tokens.add_parser(
+        "create",
+        parents=both,
+        help="create a provisioning token",
+        epilog=_examples(
+            "fleetctl provisioning-token create --hardware rpi4-arm64 --uses 100",
+            "fleetctl provisioning-token create --tag line-a --uses 10 --ttl 12h",
+        ),
+    )
     p.add_argument("--hardware", help="enrol only devices of this hardware id")
     p.add_argument("--tag", action="append", default=[], help="tag enrolled devices (repeatable)")
-    p.add_argument("--uses", type=int, default=1)
     p.add_argument(
-        "--ttl", type=_duration, default=7 * 86400, help="lifetime: seconds, or 30m, 12h, 7d"
+        "--uses", type=int, default=1, help="how many devices may enrol with it (default 1)"
+    )
+    p.add_argument(
+        "--ttl",
+        type=_duration,
+        default=7 * 86400,
+        help="lifetime: seconds, or 30m, 12h, 7d (default 7d)",
     )
     p.set_defaults(func=cmd_provisioning_token_create)
 
     p = groups.add_parser(
-        "assign", parents=both, help="assign a released bundle to devices or a tag (server)"
+        "assign",
+        parents=both,
+        help="assign a released bundle to devices or a tag (server)",
+        epilog=_examples(
+            "fleetctl assign pump-health@1.1.0 --tag canary",
+            "fleetctl assign pump-health@1.1.0 --device pump-17 --device pump-18",
+        ),
     )
     p.add_argument("release", help="NAME@VERSION or the bundle's target path")
     p.add_argument("--device", action="append", default=[], help="device id (repeatable)")
@@ -1177,9 +1301,20 @@ def _remote_commands(groups: Any, leaf: argparse.ArgumentParser, release: Any) -
     audit = groups.add_parser("audit", help="the audit log (server)").add_subparsers(
         dest="cmd", required=True
     )
-    p = audit.add_parser("list", parents=both, help="a page of the audit log, oldest first")
+    p = audit.add_parser(
+        "list",
+        parents=both,
+        help="a page of the audit log, oldest first",
+        epilog=_examples(
+            "fleetctl audit list",
+            "fleetctl audit list --after 100 --limit 50",
+            "fleetctl audit list --action assignment.create --json",
+        ),
+    )
     p.add_argument("--after", type=int, default=0, help="entries after this sequence number")
-    p.add_argument("--limit", type=int, default=100)
+    p.add_argument(
+        "--limit", type=int, default=100, help="at most this many entries (default %(default)s)"
+    )
     p.add_argument("--action", help="only this action, e.g. assignment.create")
     p.set_defaults(func=cmd_audit_list)
     p = audit.add_parser(
@@ -1187,6 +1322,9 @@ def _remote_commands(groups: Any, leaf: argparse.ArgumentParser, release: Any) -
         parents=both,
         help="check the hash chain (and with --anchor, that it extends a saved head); "
         "exit 1 if an entry was changed or deleted",
+        epilog=_examples(
+            "fleetctl audit verify", "fleetctl audit verify --anchor /backup/audit-head.json"
+        ),
     )
     p.add_argument(
         "--anchor",
@@ -1199,6 +1337,9 @@ def _remote_commands(groups: Any, leaf: argparse.ArgumentParser, release: Any) -
         "head",
         parents=both,
         help="the log's newest entry signed by the server's audit key; --out saves it as an anchor",
+        epilog=_examples(
+            "fleetctl audit head", "fleetctl audit head --out /backup/audit-head.json"
+        ),
     )
     p.add_argument(
         "--out",
@@ -1211,20 +1352,48 @@ def _remote_commands(groups: Any, leaf: argparse.ArgumentParser, release: Any) -
     api_tokens = groups.add_parser("tokens", help="API tokens (server, admin)").add_subparsers(
         dest="cmd", required=True
     )
-    p = api_tokens.add_parser("create", parents=both, help="create an API token")
-    p.add_argument("--name", required=True)
-    p.add_argument("--role", required=True, choices=["viewer", "operator", "admin"])
+    p = api_tokens.add_parser(
+        "create",
+        parents=both,
+        help="create an API token",
+        epilog=_examples(
+            "fleetctl tokens create --name ci --role operator",
+            "fleetctl tokens create --name dashboard --role viewer --json",
+        ),
+    )
+    p.add_argument("--name", required=True, help="what the token is for, shown in the audit log")
+    p.add_argument(
+        "--role",
+        required=True,
+        choices=["viewer", "operator", "admin"],
+        help="viewer reads; operator releases and assigns; admin also manages tokens and devices",
+    )
     p.set_defaults(func=cmd_tokens_create)
-    p = api_tokens.add_parser("list", parents=both, help="list API tokens")
+    p = api_tokens.add_parser(
+        "list",
+        parents=both,
+        help="list API tokens",
+        epilog=_examples("fleetctl tokens list", "fleetctl tokens list --json"),
+    )
     p.set_defaults(func=cmd_tokens_list)
-    p = api_tokens.add_parser("revoke", parents=both, help="revoke an API token")
-    p.add_argument("token_id")
+    p = api_tokens.add_parser(
+        "revoke",
+        parents=both,
+        help="revoke an API token",
+        epilog=_examples("fleetctl tokens revoke 3f9a1c0d5e7b2a64"),
+    )
+    p.add_argument("token_id", help="the token's id (the ID column of tokens list)")
     p.set_defaults(func=cmd_tokens_revoke)
 
     p = groups.add_parser(
         "drift",
         parents=both,
         help="drift per feature and estimated accuracy of a device, a cohort or the fleet (server)",
+        epilog=_examples(
+            "fleetctl drift --device pump-17",
+            "fleetctl drift --tag canary --model pump-health --version 1.1.0",
+            "fleetctl drift --fleet --since 2026-12-01T00:00:00Z --until 2026-12-02T00:00:00Z",
+        ),
     )
     p.add_argument("--device", help="one device")
     p.add_argument("--tag", help="every device with this tag")
@@ -1233,16 +1402,25 @@ def _remote_commands(groups: Any, leaf: argparse.ArgumentParser, release: Any) -
     p.add_argument("--fleet", action="store_true", help="every device")
     p.add_argument("--model", help="only this model")
     p.add_argument("--version", help="only this model version")
-    p.add_argument("--since", help="ISO time (default: an hour before --until)")
-    p.add_argument("--until", help="ISO time (default: now)")
+    p.add_argument(
+        "--since", help="windows that ended from this ISO time on (default: an hour before --until)"
+    )
+    p.add_argument("--until", help="windows that ended up to this ISO time (default: now)")
     p.set_defaults(func=cmd_drift)
 
     p = groups.add_parser(
-        "alerts", parents=both, help="drift and accuracy alerts, newest first (server)"
+        "alerts",
+        parents=both,
+        help="drift and accuracy alerts, newest first (server)",
+        epilog=_examples(
+            "fleetctl alerts --state open", "fleetctl alerts --kind accuracy --limit 20 --json"
+        ),
     )
-    p.add_argument("--state", choices=["open", "closed"])
-    p.add_argument("--kind", choices=["drift", "accuracy"])
-    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--state", choices=["open", "closed"], help="only open or closed alerts")
+    p.add_argument("--kind", choices=["drift", "accuracy"], help="only drift or accuracy alerts")
+    p.add_argument(
+        "--limit", type=int, default=100, help="at most this many alerts (default %(default)s)"
+    )
     p.set_defaults(func=cmd_alerts)
     labels = groups.add_parser(
         "labels", help="labels that arrived later, per window (server)"
@@ -1251,19 +1429,32 @@ def _remote_commands(groups: Any, leaf: argparse.ArgumentParser, release: Any) -
         "post",
         parents=both,
         help="post labels: .csv window_id,actual,predicted[,count] or the API's .json body",
+        epilog=_examples("fleetctl labels post labels.csv", "fleetctl labels post labels.json"),
     )
-    p.add_argument("file")
+    p.add_argument("file", help=".csv with a header window_id,actual,predicted[,count], or .json")
     p.set_defaults(func=cmd_labels_post)
 
 
 def _passphrase_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--passphrase-file", help="file holding the key passphrase")
-    parser.add_argument("--passphrase-env", help="environment variable holding the passphrase")
+    parser.add_argument("--passphrase-file", help="file holding the release keys' passphrase")
+    parser.add_argument(
+        "--passphrase-env",
+        help="environment variable holding the release keys' passphrase (without either, "
+        "encrypted keys ask for it on a terminal)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fleetctl", description=__doc__.splitlines()[0].replace("``", "")
+    parser = CommandParser(
+        prog="fleetctl",
+        description=__doc__.splitlines()[0].replace("``", ""),
+        epilog="Commands marked (server) talk to a fleet server: --server URL or "
+        "EDGEFLEET_SERVER,\nand an API token from --token-file, --token-env VAR or "
+        "EDGEFLEET_TOKEN.\nEach command's --help shows its options and examples.\n\n"
+        + _examples(
+            "fleetctl keys init --dir keys",
+            "fleetctl devices list --server http://127.0.0.1:8080",
+        ),
     )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--version", action="version", version=f"%(prog)s {edgefleet_version()}")
@@ -1276,8 +1467,18 @@ def build_parser() -> argparse.ArgumentParser:
     groups = parser.add_subparsers(dest="group", title="commands", metavar="COMMAND")
 
     keys = groups.add_parser("keys", help="release keys").add_subparsers(dest="cmd", required=True)
-    p = keys.add_parser("init", parents=[leaf], help="create Ed25519 keys for every TUF role")
-    p.add_argument("--dir", required=True)
+    p = keys.add_parser(
+        "init",
+        parents=[leaf],
+        help="create Ed25519 keys for every TUF role",
+        epilog="With --passphrase-file or --passphrase-env the keys are encrypted with that "
+        "passphrase.\n\n"
+        + _examples(
+            "fleetctl keys init --dir keys",
+            "fleetctl keys init --dir keys --threshold 2 --passphrase-env RELEASE_PASS",
+        ),
+    )
+    p.add_argument("--dir", required=True, help="a new folder for the keys")
     p.add_argument(
         "--threshold",
         type=int,
@@ -1291,11 +1492,22 @@ def build_parser() -> argparse.ArgumentParser:
         dest="cmd", required=True
     )
     p = bundle.add_parser(
-        "build", parents=[leaf], help="build a bundle from a .tflite model and baseline data"
+        "build",
+        parents=[leaf],
+        help="build a bundle from a .tflite model and baseline data",
+        epilog=_examples(
+            "fleetctl bundle build firmware_images/models/v1.tflite --name pump-health "
+            "--version 1.0.0 --hardware rpi4-arm64 --baseline firmware_images/models/baseline.npy "
+            "--out bundles/",
+            "fleetctl bundle build firmware_images/models/v2.tflite --name pump-health "
+            "--version 1.1.0 --hardware rpi4-arm64 --baseline firmware_images/models/baseline.npy "
+            "--features firmware_images/models/features.json "
+            "--calibration firmware_images/models/heldout.npz --out bundles/",
+        ),
     )
-    p.add_argument("model")
-    p.add_argument("--name", required=True)
-    p.add_argument("--version", required=True)
+    p.add_argument("model", help="the .tflite model file")
+    p.add_argument("--name", required=True, help="the model's name, e.g. pump-health")
+    p.add_argument("--version", required=True, help="the bundle's semantic version, e.g. 1.1.0")
     p.add_argument("--hardware", action="append", required=True, help="hardware id (repeatable)")
     p.add_argument("--baseline", required=True, help=".npy, .npz or .csv baseline data")
     p.add_argument("--out", required=True, help="bundle file or directory")
@@ -1306,37 +1518,97 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--features", help="JSON: feature names, units, valid ranges, classes")
     p.add_argument("--classes", help="comma-separated class labels of the score output")
-    p.add_argument("--release-counter", type=int, help="default: derived from the version")
-    p.add_argument("--min-agent-version", default="0.1.0")
-    p.add_argument("--description", default="")
-    p.add_argument("--confidence-threshold", type=float, default=0.6)
-    p.add_argument("--safe-default", help='JSON or a JSON file: {"output": [values]}')
-    p.add_argument("--max-latency-ms", type=float, default=100.0)
-    p.add_argument("--max-memory-mb", type=float, default=64.0)
+    p.add_argument(
+        "--release-counter",
+        type=int,
+        help="the counter devices compare to refuse rollbacks (default: derived from the version)",
+    )
+    p.add_argument(
+        "--min-agent-version",
+        default="0.1.0",
+        help="oldest agent that may install it (default %(default)s)",
+    )
+    p.add_argument("--description", default="", help="a free-form description for people")
+    p.add_argument(
+        "--confidence-threshold",
+        type=float,
+        default=0.6,
+        help="top score below which a request goes to the next fallback stage (default "
+        "%(default)s)",
+    )
+    p.add_argument(
+        "--safe-default",
+        help='JSON or a JSON file: {"output": [values]}, the answer when every stage fails',
+    )
+    p.add_argument(
+        "--max-latency-ms",
+        type=float,
+        default=100.0,
+        help="self-test latency budget in milliseconds (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-memory-mb",
+        type=float,
+        default=64.0,
+        help="self-test memory budget in MB (default %(default)s)",
+    )
     p.set_defaults(func=cmd_bundle_build)
-    p = bundle.add_parser("inspect", parents=[leaf], help="show a bundle's manifest")
-    p.add_argument("bundle")
+    p = bundle.add_parser(
+        "inspect",
+        parents=[leaf],
+        help="show a bundle's manifest",
+        epilog=_examples(
+            "fleetctl bundle inspect bundles/pump-health-1.1.0.bundle",
+            "fleetctl bundle inspect bundles/pump-health-1.1.0.bundle --json",
+        ),
+    )
+    p.add_argument("bundle", help="the .bundle file")
     p.set_defaults(func=cmd_bundle_inspect)
 
     release = groups.add_parser("release", help="the image repository").add_subparsers(
         dest="cmd", required=True
     )
-    p = release.add_parser("add", parents=[leaf], help="sign a bundle into the image repository")
-    p.add_argument("bundle")
-    p.add_argument("--repo", required=True)
-    p.add_argument("--keys", required=True)
+    p = release.add_parser(
+        "add",
+        parents=[leaf],
+        help="sign a bundle into the image repository",
+        epilog="The first release creates the repository, in a folder that exists; devices are\n"
+        "provisioned with its REPO/metadata/1.root.json.\n\n"
+        + _examples(
+            "fleetctl release add bundles/pump-health-1.1.0.bundle --repo repo --keys keys",
+            "fleetctl release add bundles/pump-health-1.1.0.bundle --repo repo --keys keys "
+            "--passphrase-env RELEASE_PASS",
+        ),
+    )
+    p.add_argument("bundle", help="the .bundle file (fleetctl bundle build)")
+    p.add_argument(
+        "--repo", required=True, help="the image repository's folder (created if it is new)"
+    )
+    p.add_argument("--keys", required=True, help="the release keys' folder (fleetctl keys init)")
     _passphrase_flags(p)
     p.set_defaults(func=cmd_release_add)
     p = release.add_parser(
-        "list", parents=[leaf, _remote_flags()], help="list released bundles (local or server)"
+        "list",
+        parents=[leaf, _remote_flags()],
+        help="list released bundles (local or server)",
+        epilog=_examples(
+            "fleetctl release list --repo repo",
+            "fleetctl release list --server http://127.0.0.1:8080 --json",
+        ),
     )
     p.add_argument("--repo", help="a local image repository (else: --server)")
     p.set_defaults(func=cmd_release_list)
     p = release.add_parser(
-        "timestamp", parents=[leaf], help="re-sign the timestamp before it expires"
+        "timestamp",
+        parents=[leaf],
+        help="re-sign the timestamp before it expires",
+        epilog=_examples(
+            "fleetctl release timestamp --repo repo --keys keys",
+            "fleetctl release timestamp --repo repo --keys keys --passphrase-file release.pass",
+        ),
     )
-    p.add_argument("--repo", required=True)
-    p.add_argument("--keys", required=True)
+    p.add_argument("--repo", required=True, help="the image repository's folder")
+    p.add_argument("--keys", required=True, help="the release keys' folder")
     _passphrase_flags(p)
     p.set_defaults(func=cmd_release_timestamp)
     _remote_commands(groups, leaf, release)
@@ -1348,6 +1620,13 @@ def build_parser() -> argparse.ArgumentParser:
         "config",
         parents=[leaf],
         help="write mosquitto.conf, passwd and acl confining each device to its own topics",
+        epilog=_examples(
+            "fleetctl broker config --out broker/ --server-user fleet --server-password-file "
+            "server.pw --namespace fleet-3c5a0e9d21b7 --device pump-17:pump-17.pw",
+            "fleetctl broker config --out broker/ --server-user fleet --server-password-file "
+            "server.pw --namespace plant-7 --device pump-17:pump-17.pw --tls-cert broker.pem "
+            "--tls-key broker.key --tls-ca ca.pem",
+        ),
     )
     p.add_argument("--out", required=True, help="directory for mosquitto.conf, passwd and acl")
     p.add_argument("--server-user", required=True, help="the fleet server's MQTT username")
