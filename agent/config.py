@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import tomllib
 from pathlib import Path
+from typing import TypeVar
 
 from pydantic import (
     BaseModel,
@@ -21,7 +22,7 @@ from pydantic import (
 
 from protocol.broker_url import BrokerUrlError, parse_broker_url
 from protocol.topics import NAMESPACE_RULE, NamespaceError, check_namespace
-from protocol.versioning import HARDWARE_ID_PATTERN
+from protocol.versioning import HARDWARE_ID_PATTERN, NAME_PATTERN
 
 _ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
@@ -39,6 +40,30 @@ class RepositoryConfig(_Section):
 
     url: str = Field(min_length=1, description="http(s) URL or a directory")
     root: Path = Field(description="trusted root.json provisioned with the device")
+
+
+class ImageRepositoryConfig(RepositoryConfig):
+    """The image repository; ``name`` only on a standalone device (no director).
+
+    A standalone device installs the newest bundle called ``name`` that the
+    repository released for its hardware id, with every check a director's
+    assignment gets (signatures, hardware, release counter never lower,
+    self-test, rollback).
+    """
+
+    name: str | None = Field(
+        default=None, description="the bundle a standalone device follows, e.g. pump-health"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        if value is not None and not NAME_PATTERN.match(value):
+            raise ValueError("must be a bundle name: 1-64 of a-z 0-9 . _ - (e.g. pump-health)")
+        return value
+
+
+_Repo = TypeVar("_Repo", bound=RepositoryConfig)
 
 
 class ApiConfig(_Section):
@@ -212,8 +237,8 @@ class AgentConfig(_Section):
     device_id: str = Field(pattern=_ID)
     hardware_id: str
     data_dir: Path
-    image_repository: RepositoryConfig
-    director: RepositoryConfig
+    image_repository: ImageRepositoryConfig
+    director: RepositoryConfig | None = None
     server: ServerConfig = ServerConfig()
     credentials: CredentialsConfig = CredentialsConfig()
     mqtt: MqttConfig = MqttConfig()
@@ -232,6 +257,32 @@ class AgentConfig(_Section):
                 "server named when the device was registered"
             )
         return self
+
+    @model_validator(mode="after")
+    def _director_or_name(self) -> AgentConfig:
+        # One source decides what to install: the director, or the newest release of a name.
+        if self.director is None:
+            if self.image_repository.name is None:
+                raise ValueError(
+                    "image_repository.name: required without [director]; name the bundle "
+                    'this device installs the newest release of (e.g. name = "pump-health")'
+                )
+            if self.server.broker is not None:
+                raise ValueError(
+                    "director: required with server.broker; a device in a fleet installs what "
+                    "the server's director assigns"
+                )
+        elif self.image_repository.name is not None:
+            raise ValueError(
+                "image_repository.name: only without [director]; the director chooses the "
+                "bundle of a device that has one"
+            )
+        return self
+
+    @property
+    def standalone(self) -> bool:
+        """True when the device follows the image repository alone (no director)."""
+        return self.director is None
 
     @field_validator("hardware_id")
     @classmethod
@@ -270,7 +321,7 @@ class AgentConfig(_Section):
         def maybe(p: Path | None) -> Path | None:
             return absolute(p) if p is not None else None
 
-        def repo(r: RepositoryConfig) -> RepositoryConfig:
+        def repo(r: _Repo) -> _Repo:
             url = r.url
             if "://" not in url:
                 url = str(absolute(Path(url)))
@@ -280,7 +331,7 @@ class AgentConfig(_Section):
             update={
                 "data_dir": absolute(self.data_dir),
                 "image_repository": repo(self.image_repository),
-                "director": repo(self.director),
+                "director": repo(self.director) if self.director is not None else None,
                 "credentials": self.credentials.model_copy(
                     update={"password_file": maybe(self.credentials.password_file)}
                 ),

@@ -151,3 +151,53 @@ def test_a_broker_url_without_a_known_scheme_is_refused(
     with pytest.raises(ConfigError, match=r"server\.broker: ") as refused:
         AgentConfig.load(write(tmp_path, text))
     assert message in str(refused.value)
+
+
+STANDALONE = """
+device_id = "pump-17"
+hardware_id = "rpi4-arm64"
+data_dir = "data"
+[image_repository]
+url = "repo"
+root = "trust/image-root.json"
+name = "pump-health"
+"""
+
+
+def test_a_device_without_a_director_follows_the_named_bundle(tmp_path: Path) -> None:
+    config = AgentConfig.load(write(tmp_path, STANDALONE))
+    assert config.director is None and config.standalone
+    assert config.image_repository.name == "pump-health"
+    assert not AgentConfig.load(write(tmp_path, GOOD)).standalone
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            STANDALONE.replace('name = "pump-health"\n', ""),
+            "image_repository.name: required without [director]; name the bundle this device "
+            'installs the newest release of (e.g. name = "pump-health")',
+        ),
+        (
+            GOOD.replace(
+                'root = "trust/image-root.json"\n', 'root = "r.json"\nname = "pump-health"\n'
+            ),
+            "image_repository.name: only without [director]",
+        ),
+        (
+            STANDALONE + '[server]\nbroker = "mqtt://127.0.0.1:1883"\n[mqtt]\nnamespace = "ns"\n',
+            "director: required with server.broker",
+        ),
+        (
+            STANDALONE.replace('"pump-health"', '"Pump Health"'),
+            "image_repository.name: Value error, must be a bundle name",
+        ),
+    ],
+)
+def test_the_source_of_updates_is_the_director_or_a_named_bundle(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=r"agent\.toml: ") as refused:
+        AgentConfig.load(write(tmp_path, text))
+    assert message in str(refused.value)
