@@ -122,7 +122,9 @@ def run_demo(workdir: Path) -> int:
             refused="this bundle is not released for this hardware",
         )
 
-        story.surprises += device_story(workdir, base, repo)
+        released = {version: bundles / f"pump-health-{version}.bundle" for _, version in RELEASES}
+        released["1.3.0"] = workdir / "pump-health-1.3.0.bundle"
+        story.surprises += device_story(workdir, base, keys, released)
 
         story.section("Attacker: one byte of v1.1.0 changed on the server")
         [target] = (repo / "targets" / "pump-health").glob("*.pump-health-1.1.0.bundle")
