@@ -140,6 +140,29 @@ class CredentialsConfig(_Section):
     password_file: Path | None = None
 
 
+class EnrolmentConfig(_Section):
+    """Enrol with the fleet server on first start (no password file yet).
+
+    The provisioning token (``fleetctl provisioning-token create``) is read from
+    ``token_file`` or the environment variable ``token_env``, only when
+    enrolling. A server that cannot be reached is asked again after
+    ``retry_initial_s``, doubling up to ``retry_max_s``.
+    """
+
+    token_file: Path | None = None
+    token_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+    retry_initial_s: float = Field(default=5.0, gt=0, le=3600, allow_inf_nan=False)
+    retry_max_s: float = Field(default=300.0, gt=0, le=86400, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _one_token(self) -> EnrolmentConfig:
+        if (self.token_file is None) == (self.token_env is None):
+            raise ValueError(
+                "enrolment: give the provisioning token as token_file or token_env (one of them)"
+            )
+        return self
+
+
 class ServerConfig(_Section):
     url: str | None = None
     broker: str | None = Field(
@@ -241,6 +264,7 @@ class AgentConfig(_Section):
     director: RepositoryConfig | None = None
     server: ServerConfig = ServerConfig()
     credentials: CredentialsConfig = CredentialsConfig()
+    enrolment: EnrolmentConfig | None = None
     mqtt: MqttConfig = MqttConfig()
     api: ApiConfig = ApiConfig()
     cloud: CloudConfig = CloudConfig()
@@ -250,12 +274,23 @@ class AgentConfig(_Section):
 
     @model_validator(mode="after")
     def _namespace_with_broker(self) -> AgentConfig:
-        # Without it the device would talk on topics no server of its fleet reads.
-        if self.server.broker is not None and self.mqtt.namespace is None:
+        # Without it the device would talk on topics no server of its fleet reads. An
+        # enrolling device learns it from the server (checked again once enrolled).
+        if (
+            self.server.broker is not None
+            and self.mqtt.namespace is None
+            and self.enrolment is None
+        ):
             raise ValueError(
                 "mqtt.namespace: required with server.broker; use the namespace the fleet "
                 "server named when the device was registered"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _enrolment_needs_a_server(self) -> AgentConfig:
+        if self.enrolment is not None and self.server.url is None:
+            raise ValueError("server.url: required with [enrolment]; the server to enrol with")
         return self
 
     @model_validator(mode="after")
@@ -327,13 +362,23 @@ class AgentConfig(_Section):
                 url = str(absolute(Path(url)))
             return r.model_copy(update={"root": absolute(r.root), "url": url})
 
+        password_file = self.credentials.password_file
+        if password_file is None and self.enrolment is not None:
+            password_file = self.data_dir / "password"  # where enrolment stores it
         return self.model_copy(
             update={
                 "data_dir": absolute(self.data_dir),
                 "image_repository": repo(self.image_repository),
                 "director": repo(self.director) if self.director is not None else None,
                 "credentials": self.credentials.model_copy(
-                    update={"password_file": maybe(self.credentials.password_file)}
+                    update={"password_file": maybe(password_file)}
+                ),
+                "enrolment": (
+                    self.enrolment.model_copy(
+                        update={"token_file": maybe(self.enrolment.token_file)}
+                    )
+                    if self.enrolment is not None
+                    else None
                 ),
                 "mqtt": self.mqtt.model_copy(update={"ca_file": maybe(self.mqtt.ca_file)}),
             }
