@@ -39,8 +39,11 @@ from protocol.topics import NAMESPACE_RULE, NamespaceError, check_namespace
 log = logging.getLogger(__name__)
 
 RECORD = "enrolment.json"
-# Statuses that say "not now" rather than "no": the request may succeed later as it is.
-_RETRYABLE = {429, 500, 502, 503, 504}
+
+
+def _not_now(status: int) -> bool:
+    """Statuses that say "not now" rather than "no": the same request may succeed later."""
+    return status == 429 or status >= 500
 
 
 class EnrolmentRefused(Exception):
@@ -152,7 +155,7 @@ def _enrol(
             if response.status == 201:
                 return _credentials(server, response.data)
             message = _error_message(response)
-            if response.status not in _RETRYABLE:
+            if not _not_now(response.status):
                 raise EnrolmentRefused(
                     f"{server} refused to enrol {config.device_id} ({response.status}): {message}"
                 )
