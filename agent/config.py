@@ -314,11 +314,6 @@ class AgentConfig(_Section):
             )
         return self
 
-    @property
-    def standalone(self) -> bool:
-        """True when the device follows the image repository alone (no director)."""
-        return self.director is None
-
     @field_validator("hardware_id")
     @classmethod
     def _hardware_id(cls, value: str) -> str:

@@ -166,9 +166,9 @@ name = "pump-health"
 
 def test_a_device_without_a_director_follows_the_named_bundle(tmp_path: Path) -> None:
     config = AgentConfig.load(write(tmp_path, STANDALONE))
-    assert config.director is None and config.standalone
+    assert config.director is None
     assert config.image_repository.name == "pump-health"
-    assert not AgentConfig.load(write(tmp_path, GOOD)).standalone
+    assert AgentConfig.load(write(tmp_path, GOOD)).image_repository.name is None
 
 
 @pytest.mark.parametrize(
