@@ -2,11 +2,12 @@
 
 A release engineer creates release keys, builds bundles of the sample models
 and releases them into an image repository served over HTTP; a device verifies
-them. Then a real ``edge-agent`` process installs what the director assigns:
-v1, then v2; it refuses a bundle that fails its self-test, and rolls back
-v3-bad on its own when the model answers NaN for idle machines — while a
-stream of requests keeps being answered. Last, an attacker tampers with a
-bundle and the device refuses it.
+them. Then a real ``edge-agent`` process on its own (no director, no server)
+installs each release as it is made: v1, then v2; it rolls back v3-bad on its
+own when the model answers NaN for idle machines — while a stream of requests
+keeps being answered — and refuses a bundle that fails its self-test. Last, an
+attacker tampers with a bundle and the device refuses it; then a fleet runs
+behind a server.
 """
 
 from __future__ import annotations
