@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import tomllib
 from pathlib import Path
+from typing import TypeVar
 
 from pydantic import (
     BaseModel,
@@ -21,7 +22,7 @@ from pydantic import (
 
 from protocol.broker_url import BrokerUrlError, parse_broker_url
 from protocol.topics import NAMESPACE_RULE, NamespaceError, check_namespace
-from protocol.versioning import HARDWARE_ID_PATTERN
+from protocol.versioning import HARDWARE_ID_PATTERN, NAME_PATTERN
 
 _ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
@@ -39,6 +40,30 @@ class RepositoryConfig(_Section):
 
     url: str = Field(min_length=1, description="http(s) URL or a directory")
     root: Path = Field(description="trusted root.json provisioned with the device")
+
+
+class ImageRepositoryConfig(RepositoryConfig):
+    """The image repository; ``name`` only on a standalone device (no director).
+
+    A standalone device installs the newest bundle called ``name`` that the
+    repository released for its hardware id, with every check a director's
+    assignment gets (signatures, hardware, release counter never lower,
+    self-test, rollback).
+    """
+
+    name: str | None = Field(
+        default=None, description="the bundle a standalone device follows, e.g. pump-health"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        if value is not None and not NAME_PATTERN.match(value):
+            raise ValueError("must be a bundle name: 1-64 of a-z 0-9 . _ - (e.g. pump-health)")
+        return value
+
+
+_Repo = TypeVar("_Repo", bound=RepositoryConfig)
 
 
 class ApiConfig(_Section):
@@ -113,6 +138,29 @@ class UpdateConfig(_Section):
 class CredentialsConfig(_Section):
     username: str | None = None
     password_file: Path | None = None
+
+
+class EnrolmentConfig(_Section):
+    """Enrol with the fleet server on first start (no password file yet).
+
+    The provisioning token (``fleetctl provisioning-token create``) is read from
+    ``token_file`` or the environment variable ``token_env``, only when
+    enrolling. A server that cannot be reached is asked again after
+    ``retry_initial_s``, doubling up to ``retry_max_s``.
+    """
+
+    token_file: Path | None = None
+    token_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+    retry_initial_s: float = Field(default=5.0, gt=0, le=3600, allow_inf_nan=False)
+    retry_max_s: float = Field(default=300.0, gt=0, le=86400, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _one_token(self) -> EnrolmentConfig:
+        if (self.token_file is None) == (self.token_env is None):
+            raise ValueError(
+                "enrolment: give the provisioning token as token_file or token_env (one of them)"
+            )
+        return self
 
 
 class ServerConfig(_Section):
@@ -212,10 +260,11 @@ class AgentConfig(_Section):
     device_id: str = Field(pattern=_ID)
     hardware_id: str
     data_dir: Path
-    image_repository: RepositoryConfig
-    director: RepositoryConfig
+    image_repository: ImageRepositoryConfig
+    director: RepositoryConfig | None = None
     server: ServerConfig = ServerConfig()
     credentials: CredentialsConfig = CredentialsConfig()
+    enrolment: EnrolmentConfig | None = None
     mqtt: MqttConfig = MqttConfig()
     api: ApiConfig = ApiConfig()
     cloud: CloudConfig = CloudConfig()
@@ -225,11 +274,43 @@ class AgentConfig(_Section):
 
     @model_validator(mode="after")
     def _namespace_with_broker(self) -> AgentConfig:
-        # Without it the device would talk on topics no server of its fleet reads.
-        if self.server.broker is not None and self.mqtt.namespace is None:
+        # Without it the device would talk on topics no server of its fleet reads. An
+        # enrolling device learns it from the server (checked again once enrolled).
+        if (
+            self.server.broker is not None
+            and self.mqtt.namespace is None
+            and self.enrolment is None
+        ):
             raise ValueError(
                 "mqtt.namespace: required with server.broker; use the namespace the fleet "
                 "server named when the device was registered"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _enrolment_needs_a_server(self) -> AgentConfig:
+        if self.enrolment is not None and self.server.url is None:
+            raise ValueError("server.url: required with [enrolment]; the server to enrol with")
+        return self
+
+    @model_validator(mode="after")
+    def _director_or_name(self) -> AgentConfig:
+        # One source decides what to install: the director, or the newest release of a name.
+        if self.director is None:
+            if self.image_repository.name is None:
+                raise ValueError(
+                    "image_repository.name: required without [director]; name the bundle "
+                    'this device installs the newest release of (e.g. name = "pump-health")'
+                )
+            if self.server.broker is not None:
+                raise ValueError(
+                    "director: required with server.broker; a device in a fleet installs what "
+                    "the server's director assigns"
+                )
+        elif self.image_repository.name is not None:
+            raise ValueError(
+                "image_repository.name: only without [director]; the director chooses the "
+                "bundle of a device that has one"
             )
         return self
 
@@ -270,19 +351,29 @@ class AgentConfig(_Section):
         def maybe(p: Path | None) -> Path | None:
             return absolute(p) if p is not None else None
 
-        def repo(r: RepositoryConfig) -> RepositoryConfig:
+        def repo(r: _Repo) -> _Repo:
             url = r.url
             if "://" not in url:
                 url = str(absolute(Path(url)))
             return r.model_copy(update={"root": absolute(r.root), "url": url})
 
+        password_file = self.credentials.password_file
+        if password_file is None and self.enrolment is not None:
+            password_file = self.data_dir / "password"  # where enrolment stores it
         return self.model_copy(
             update={
                 "data_dir": absolute(self.data_dir),
                 "image_repository": repo(self.image_repository),
-                "director": repo(self.director),
+                "director": repo(self.director) if self.director is not None else None,
                 "credentials": self.credentials.model_copy(
-                    update={"password_file": maybe(self.credentials.password_file)}
+                    update={"password_file": maybe(password_file)}
+                ),
+                "enrolment": (
+                    self.enrolment.model_copy(
+                        update={"token_file": maybe(self.enrolment.token_file)}
+                    )
+                    if self.enrolment is not None
+                    else None
                 ),
                 "mqtt": self.mqtt.model_copy(update={"ca_file": maybe(self.mqtt.ca_file)}),
             }

@@ -27,9 +27,18 @@ def collect_status(config: AgentConfig, events: int = 10) -> dict[str, Any]:
             }
         except SlotError:
             slot_info[name] = None
+    if config.director is not None:
+        updates: dict[str, str | None] = {"from": "director", "url": config.director.url}
+    else:
+        updates = {
+            "from": "image-repository",
+            "url": config.image_repository.url,
+            "name": config.image_repository.name,
+        }
     return {
         "device_id": config.device_id,
         "hardware_id": config.hardware_id,
+        "updates": updates,
         "active_slot": pointer.active,
         "previous_slot": pointer.previous,
         "slots": slot_info,
@@ -43,6 +52,13 @@ def describe_status(status: dict[str, Any]) -> str:
     """Human text for :func:`collect_status`'s data."""
     journal = status["journal"]
     lines = [f"device {status['device_id']} ({status['hardware_id']})"]
+    updates = status["updates"]
+    if updates["from"] == "director":
+        lines.append(f"  updates: what the director at {updates['url']} assigns")
+    else:
+        lines.append(
+            f"  updates: the newest {updates['name']} release in {updates['url']} (standalone)"
+        )
     for name, info in status["slots"].items():
         role = (
             "active"

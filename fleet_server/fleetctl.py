@@ -620,6 +620,48 @@ def cmd_assign(args: argparse.Namespace) -> None:
     _emit(args, result, "\n".join(lines))
 
 
+def _checked_root(data: Any) -> tuple[bytes, int]:
+    """The director root the server sent, as JSON text, and its version; refused unless valid.
+
+    Devices anchor all trust in this file, so only a TUF root signed by a
+    threshold of its own keys is written.
+    """
+    from tuf.api import exceptions as tuf_exc
+    from tuf.api.metadata import Metadata, Root
+
+    text = json.dumps(data, indent=1, sort_keys=True).encode() + b"\n"
+    try:
+        md = Metadata.from_bytes(text)
+        if not isinstance(md.signed, Root):
+            raise ValueError(f"it is {md.signed.type} metadata")
+        md.verify_delegate(Root.type, md)
+    except (tuf_exc.RepositoryError, ValueError, TypeError, KeyError) as exc:
+        raise CommandError(
+            f"the server's answer is not a director root signed by its own keys: {exc}"
+        ) from None
+    return text, md.signed.version
+
+
+def cmd_director_root(args: argparse.Namespace) -> None:
+    text, version = _checked_root(_client(args).get("/director/root"))
+    if not args.out:
+        sys.stdout.write(text.decode())
+        return
+    out = Path(args.out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        tmp.write_bytes(text)
+        tmp.replace(out)
+    except OSError as exc:
+        raise CommandError(f"cannot write {args.out}: {exc.strerror or exc}") from None
+    _emit(
+        args,
+        {"out": str(out), "version": version},
+        f"Wrote the director's root (version {version}) to {args.out}; devices name it in "
+        "agent.toml: [director] root",
+    )
+
+
 def cmd_audit_list(args: argparse.Namespace) -> None:
     page = _client(args).get("/audit", after=args.after, limit=args.limit, action=args.action)
     entries = page["entries"]
@@ -1283,6 +1325,20 @@ def _remote_commands(groups: Any, leaf: argparse.ArgumentParser, release: Any) -
         help="lifetime: seconds, or 30m, 12h, 7d (default 7d)",
     )
     p.set_defaults(func=cmd_provisioning_token_create)
+
+    director = groups.add_parser("director", help="the server's director (Uptane)").add_subparsers(
+        dest="cmd", required=True
+    )
+    p = director.add_parser(
+        "root",
+        parents=both,
+        help="the director's root.json, which devices are provisioned with ([director] root)",
+        epilog="example: fleetctl director root --out /etc/edgefleet/director-root.json",
+    )
+    p.add_argument(
+        "--out", metavar="FILE", help="write it to FILE (default: print it on standard output)"
+    )
+    p.set_defaults(func=cmd_director_root)
 
     p = groups.add_parser(
         "assign",

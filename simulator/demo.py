@@ -2,11 +2,12 @@
 
 A release engineer creates release keys, builds bundles of the sample models
 and releases them into an image repository served over HTTP; a device verifies
-them. Then a real ``edge-agent`` process installs what the director assigns:
-v1, then v2; it refuses a bundle that fails its self-test, and rolls back
-v3-bad on its own when the model answers NaN for idle machines — while a
-stream of requests keeps being answered. Last, an attacker tampers with a
-bundle and the device refuses it.
+them. Then a real ``edge-agent`` process on its own (no director, no server)
+installs each release as it is made: v1, then v2; it rolls back v3-bad on its
+own when the model answers NaN for idle machines — while a stream of requests
+keeps being answered — and refuses a bundle that fails its self-test. Last, an
+attacker tampers with a bundle and the device refuses it; then a fleet runs
+behind a server.
 """
 
 from __future__ import annotations
@@ -122,7 +123,9 @@ def run_demo(workdir: Path) -> int:
             refused="this bundle is not released for this hardware",
         )
 
-        story.surprises += device_story(workdir, base, repo)
+        released = {version: bundles / f"pump-health-{version}.bundle" for _, version in RELEASES}
+        released["1.3.0"] = workdir / "pump-health-1.3.0.bundle"
+        story.surprises += device_story(workdir, base, keys, released)
 
         story.section("Attacker: one byte of v1.1.0 changed on the server")
         [target] = (repo / "targets" / "pump-health").glob("*.pump-health-1.1.0.bundle")

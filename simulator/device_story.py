@@ -1,14 +1,18 @@
-"""The demo's device chapter: a real agent process installs, refuses and rolls back.
+"""The demo's device chapter: a standalone agent installs, rolls back and refuses.
 
-The operator's side is the director library (the fleet server's REST API and
-``fleetctl`` assignments come later); the device is an ``edge-agent run``
-process with its own data folder, talking HTTP to the repositories and
-answering Open Inference Protocol requests on localhost.
+The device is an ``edge-agent run`` process with its own data folder and no
+director: it follows the image repository alone (``[image_repository] name``),
+over HTTP, and answers Open Inference Protocol requests on localhost. The
+release engineer releases one bundle after another with ``fleetctl release
+add``; the device installs each newest release it can trust and run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import shlex
 import threading
 import time
 from pathlib import Path
@@ -16,10 +20,9 @@ from typing import Any
 
 import urllib3
 
+from agent.cli import main as edge_agent
 from firmware_images.datagen import FieldConditions, generate
-from fleet_server.director import DirectorRepository
-from fleet_server.release.keys import init_keys
-from fleet_server.release.repository import ImageRepository
+from fleet_server.fleetctl import main as fleetctl
 from simulator.fleet_story import Device, wait_until
 
 DEVICE = "pump-17"
@@ -78,49 +81,58 @@ def _show_outcome(outcome: dict[str, Any]) -> None:
     _say(f"  device: {outcome['result']} {outcome['target']['version']}{why}")
 
 
-def device_story(workdir: Path, base_url: str, repo_dir: Path) -> int:
-    """Run the device chapter; returns how many steps did not turn out as expected."""
-    print("\n== Device: a real agent installs what the director assigns " + "=" * 12)
-    repo = ImageRepository(repo_dir)
-    released = {b.version: b for b in repo.bundles() if b.name == "pump-health"}
-    director_keys = init_keys(workdir / "director-keys")
-    director = DirectorRepository(workdir / "director")
-    director.create(director_keys)
-    director.register(director_keys, DEVICE)
+def _run(command: str) -> int:
+    """Run a ``fleetctl`` command in process, echoing it; returns 1 if it failed."""
+    print(f"\n$ {command}", flush=True)
+    tool, *args = shlex.split(command)
+    assert tool == "fleetctl"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = fleetctl(args)
+    print(out.getvalue(), end="", flush=True)
+    return int(code != 0)
+
+
+def device_story(workdir: Path, base_url: str, keys: Path, bundles: dict[str, Path]) -> int:
+    """Run the device chapter; returns how many steps did not turn out as expected.
+
+    ``bundles`` maps each version to its bundle file; the chapter releases them
+    one by one into an image repository of its own, served under ``base_url``.
+    """
+    print("\n== Device: a standalone agent follows an image repository " + "=" * 13)
+    repo = workdir / "device-repo"
+    repo.mkdir()
+    surprises = _run(f"fleetctl release add {bundles['1.0.0']} --repo {repo} --keys {keys}")
     data_dir = workdir / DEVICE
     data_dir.mkdir()
     config = data_dir / "agent.toml"
     config.write_text(
         f'device_id = "{DEVICE}"\nhardware_id = "{HARDWARE}"\ndata_dir = "{data_dir}"\n'
-        f'[image_repository]\nurl = "{base_url}/repo"\nroot = "{repo.trusted_root_path}"\n'
-        f'[director]\nurl = "{base_url}/director"\nroot = "{director.trusted_root_path}"\n'
+        f'[image_repository]\nurl = "{base_url}/device-repo"\n'
+        f'root = "{repo / "metadata" / "1.root.json"}"\n'
+        'name = "pump-health"   # no [director]: install the newest release of this bundle\n'
         "[api]\nport = 0\n[update]\npoll_interval_s = 0.5\nhealth_period_s = 2.0\n"
     )
-    _say(f"$ edge-agent run --config {config}")
+    _say(f"\n$ cat {config}\n{config.read_text().rstrip()}")
+    _say(f"\n$ edge-agent run --config {config}")
     device = _Device(config)
     _say(f"  local Open Inference Protocol API on {device.url}")
     rows, _ = generate(400, 11, FieldConditions(idle_share=0.1))
     field = [[float(v) for v in r] for r in rows]
-    surprises = 0
     try:
-        for version in ("1.0.0", "1.1.0"):
-            _say(
-                f"\n(the operator assigns pump-health {version} to {DEVICE}; the director signs it)"
-            )
-            director.assign(director_keys, DEVICE, HARDWARE, released[version])
-            outcome = device.wait_outcome(version)
-            _show_outcome(outcome)
-            surprises += outcome["result"] != "committed"
-            _show_answer(device, field[0])
-
-        _say("\n(the operator assigns 1.3.0, built with a latency budget of one nanosecond)")
-        director.assign(director_keys, DEVICE, HARDWARE, released["1.3.0"])
-        outcome = device.wait_outcome("1.3.0")
+        outcome = device.wait_outcome("1.0.0")
         _show_outcome(outcome)
-        surprises += outcome["result"] != "refused"
+        surprises += outcome["result"] != "committed"
+        _show_answer(device, field[0])
+
+        surprises += _run(f"fleetctl release add {bundles['1.1.0']} --repo {repo} --keys {keys}")
+        outcome = device.wait_outcome("1.1.0")
+        _show_outcome(outcome)
+        surprises += outcome["result"] != "committed"
+        _show_answer(device, field[0])
 
         _say(
-            "\n(the operator assigns 1.2.0 = v3-bad while apps keep sending field data, "
+            "\n(1.2.0 = v3-bad is released while apps keep sending field data, "
             "a tenth of it from idle machines)"
         )
         answers: list[dict[str, Any]] = []
@@ -135,7 +147,7 @@ def device_story(workdir: Path, base_url: str, repo_dir: Path) -> int:
 
         sender = threading.Thread(target=stream)
         sender.start()
-        director.assign(director_keys, DEVICE, HARDWARE, released["1.2.0"])
+        surprises += _run(f"fleetctl release add {bundles['1.2.0']} --repo {repo} --keys {keys}")
         outcome = device.wait_outcome("1.2.0")
         time.sleep(0.5)
         done.set()
@@ -150,11 +162,15 @@ def device_story(workdir: Path, base_url: str, repo_dir: Path) -> int:
         for key, count in sorted(served.items()):
             _say(f"    {count:4d} answered {key}")
         surprises += any(a["status"] != 200 for a in answers)
+
+        _say("\n(1.3.0 is released, built with a latency budget of one nanosecond)")
+        surprises += _run(f"fleetctl release add {bundles['1.3.0']} --repo {repo} --keys {keys}")
+        outcome = device.wait_outcome("1.3.0")
+        _show_outcome(outcome)
+        surprises += outcome["result"] != "refused"
         _show_answer(device, field[0])
     finally:
         device.stop()
     print(f"\n$ edge-agent status --config {config}", flush=True)
-    from agent.cli import main as edge_agent
-
     edge_agent(["status", "--config", str(config), "--events", "6"])
     return surprises

@@ -215,7 +215,8 @@ class FleetStory:
 
     def enrol_devices(self, count: int = 3) -> list[str]:
         ids = [f"{self.device_prefix}-{i}" for i in range(1, count + 1)]
-        director_root = self.data / "director" / "metadata" / "1.root.json"
+        director_root = self.workdir / "director-root.json"  # every device's [director] root
+        self.run(f"fleetctl director root --out {director_root} {self.remote}")
         for i, device_id in enumerate(ids):
             tags = "--tag line-a" + (" --tag canary" if i == 0 else "")
             created = self.run(

@@ -14,7 +14,9 @@ speaks one JSON object on stdout:
     {"status": "unavailable", "reason": "...", "message": "..."}   retry later
 
 A refusal says what it is about: ``assignment`` (the director's answer, or the
-metadata behind it, was refused; nothing is known about any bundle) or
+metadata behind it, was refused; nothing is known about any bundle; on a
+standalone device, the image repository's newest release of its name was: none
+released, none for this hardware, or a release counter below the installed) or
 ``download`` (the expected bundle was fetched and refused). Only a refusal with
 ``condemns_bundle`` proves the expected bundle itself bad.
 """
@@ -64,13 +66,23 @@ def _fetch_config(config: AgentConfig) -> FetchConfig:
 def resolve(
     config: AgentConfig, installed_counter: int
 ) -> tuple[BundleTarget | None, ImageRepositoryClient]:
-    """Ask the director, then check its answer against the image repository."""
+    """What to install: the director's answer checked against the image repository.
+
+    A standalone device (no director) takes the newest bundle of its configured
+    name released for its hardware, never one below ``installed_counter``.
+    """
     image_dir, director_dir = trust_dirs(config)
     ImageRepositoryClient.provision(image_dir, config.image_repository.root)
-    ImageRepositoryClient.provision(director_dir, config.director.root)
     fetch = _fetch_config(config)
-    director = DirectorClient(director_dir, config.director.url, config.device_id, fetch)
     image = ImageRepositoryClient(image_dir, config.image_repository.url, fetch)
+    if config.director is None:
+        assert config.image_repository.name is not None  # the config insists on one
+        image.refresh()
+        return image.choose(
+            config.image_repository.name, config.hardware_id, installed_counter
+        ), image
+    ImageRepositoryClient.provision(director_dir, config.director.root)
+    director = DirectorClient(director_dir, config.director.url, config.device_id, fetch)
     assigned = director.assignment()
     if assigned is None:
         return None, image

@@ -1,7 +1,8 @@
 """The installer: carries out the journal's state machine with real files and models.
 
 One install, step by step (each step journaled before the next begins):
-ask the director (in a child process), download and verify (child process),
+ask the director (in a child process; a standalone device asks the image
+repository for the newest release of its bundle), download and verify (child process),
 stage into the inactive slot, self-test in this process, switch, watch the new
 model's first requests, commit after the health period — or refuse, or roll
 back, saying why. :meth:`Installer.recover` picks up whatever a crash left.
@@ -66,7 +67,10 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child before e
 
 
 class Installer:
-    """Installs what the director assigns, safely; serves models through ``publish``."""
+    """Installs what the director assigns (or, standalone, the newest release), safely.
+
+    Serves models through ``publish``.
+    """
 
     def __init__(
         self,

@@ -428,6 +428,15 @@ async def create_assignment(request: web.Request) -> web.StreamResponse:
     )
 
 
+async def get_director_root(request: web.Request) -> web.StreamResponse:
+    director = request.app[SERVER].director.director
+    try:
+        root = director.trusted_root_path.read_bytes()
+    except FileNotFoundError:
+        raise ApiError(404, "the director has no root yet; start the server once") from None
+    return web.Response(body=root, content_type="application/json")
+
+
 # -- tokens --------------------------------------------------------------------
 
 
@@ -820,6 +829,12 @@ OPERATIONS: tuple[Operation, ...] = (
         "Assign a released bundle to devices or a tag (signed by the director)",
         tag="assignments", auth="operator", body=AssignmentRequest, response=AssignmentResult,
         status=201, errors=(400, *_AUTH_ERRORS, 404, 409, 413, 422),
+    ),
+    Operation(
+        "GET", f"{V}/director/root", get_director_root, "getDirectorTrustedRoot",
+        "The director's root metadata (TUF root.json) that devices are provisioned with "
+        "(agent.toml [director] root)",
+        tag="assignments", auth="viewer", errors=(*_AUTH_ERRORS, 404),
     ),
     Operation(
         "GET", f"{V}/tokens", list_api_tokens, "listTokens", "List API tokens",

@@ -97,17 +97,22 @@ def reap_agents() -> None:
 class AgentProcess:
     """A real ``edge-agent run`` process."""
 
-    def __init__(self, config: Path) -> None:
+    def __init__(self, config: Path, *, verbose: bool = False) -> None:
         self.config = config
         self.data_dir = config.parent
         (self.data_dir / "agent.json").unlink(missing_ok=True)
         self.log = (self.data_dir / "agent.log").open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
+            [
+                sys.executable,
+                *("-m", "agent.cli", "run", "--config", str(config)),
+                *(["--verbose"] if verbose else []),
+            ],
             stdout=self.log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        _RUNNING.add(self)
         self._http = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(5, 5))
 
     def wait_ready(self, timeout: float = 30) -> str:

@@ -151,3 +151,99 @@ def test_a_broker_url_without_a_known_scheme_is_refused(
     with pytest.raises(ConfigError, match=r"server\.broker: ") as refused:
         AgentConfig.load(write(tmp_path, text))
     assert message in str(refused.value)
+
+
+STANDALONE = """
+device_id = "pump-17"
+hardware_id = "rpi4-arm64"
+data_dir = "data"
+[image_repository]
+url = "repo"
+root = "trust/image-root.json"
+name = "pump-health"
+"""
+
+
+def test_a_device_without_a_director_follows_the_named_bundle(tmp_path: Path) -> None:
+    config = AgentConfig.load(write(tmp_path, STANDALONE))
+    assert config.director is None
+    assert config.image_repository.name == "pump-health"
+    assert AgentConfig.load(write(tmp_path, GOOD)).image_repository.name is None
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            STANDALONE.replace('name = "pump-health"\n', ""),
+            "image_repository.name: required without [director]; name the bundle this device "
+            'installs the newest release of (e.g. name = "pump-health")',
+        ),
+        (
+            GOOD.replace(
+                'root = "trust/image-root.json"\n', 'root = "r.json"\nname = "pump-health"\n'
+            ),
+            "image_repository.name: only without [director]",
+        ),
+        (
+            STANDALONE + '[server]\nbroker = "mqtt://127.0.0.1:1883"\n[mqtt]\nnamespace = "ns"\n',
+            "director: required with server.broker",
+        ),
+        (
+            STANDALONE.replace('"pump-health"', '"Pump Health"'),
+            "image_repository.name: Value error, must be a bundle name",
+        ),
+    ],
+)
+def test_the_source_of_updates_is_the_director_or_a_named_bundle(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=r"agent\.toml: ") as refused:
+        AgentConfig.load(write(tmp_path, text))
+    assert message in str(refused.value)
+
+
+ENROLLING = (
+    GOOD
+    + """[server]
+url = "https://fleet.example"
+broker = "mqtts://fleet.example:8883"
+[enrolment]
+token_file = "token"
+"""
+)
+
+
+def test_an_enrolling_device_stores_its_password_in_its_data_folder(tmp_path: Path) -> None:
+    config = AgentConfig.load(write(tmp_path, ENROLLING))
+    assert config.enrolment is not None
+    assert config.enrolment.token_file == (tmp_path / "token").resolve()
+    assert config.credentials.password_file == (tmp_path / "data" / "password").resolve()
+    # The server names the namespace at enrolment: the file need not.
+    assert config.mqtt.namespace is None
+    given = ENROLLING + '[credentials]\npassword_file = "secret/pw"\n'
+    assert AgentConfig.load(write(tmp_path, given)).credentials.password_file == (
+        (tmp_path / "secret" / "pw").resolve()
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            ENROLLING.replace('token_file = "token"\n', ""),
+            "enrolment: Value error, enrolment: give the provisioning token as token_file or "
+            "token_env (one of them)",
+        ),
+        (ENROLLING + 'token_env = "TOKEN"\n', "give the provisioning token as token_file or"),
+        (ENROLLING.replace('url = "https://fleet.example"\n', ""), "server.url: required with"),
+        (
+            ENROLLING.replace('token_file = "token"', 'token_env = "A-B"'),
+            "enrolment.token_env: String should match pattern",
+        ),
+    ],
+)
+def test_a_wrong_enrolment_section_is_refused(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=r"agent\.toml: ") as refused:
+        AgentConfig.load(write(tmp_path, text))
+    assert message in str(refused.value)
