@@ -1333,7 +1333,10 @@ def _remote_commands(groups: Any, leaf: argparse.ArgumentParser, release: Any) -
         "root",
         parents=both,
         help="the director's root.json, which devices are provisioned with ([director] root)",
-        epilog="example: fleetctl director root --out /etc/edgefleet/director-root.json",
+        epilog=_examples(
+            "fleetctl director root --out /etc/edgefleet/director-root.json",
+            "fleetctl director root",
+        ),
     )
     p.add_argument(
         "--out", metavar="FILE", help="write it to FILE (default: print it on standard output)"
