@@ -125,7 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("run", help="run the agent: serve models, install updates")
     p.add_argument("--config", required=True, help="agent.toml")
-    p.add_argument("--verbose", action="store_true")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="log at DEBUG level, and let the model runtime print its own INFO lines",
+    )
     p.set_defaults(func=cmd_run)
 
     p = commands.add_parser("status", help="slots, install journal and recent events")
