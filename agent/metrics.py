@@ -36,26 +36,24 @@ The counts are kept on the agent's event loop and are not locked.
 
 from __future__ import annotations
 
+import logging
 from bisect import bisect_left
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Final, Literal
 
-from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import generate_latest
-from prometheus_client.metrics_core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
-
 from agent.ota.errors import UpdateRefused
+from agent.telemetry.outbox import OutboxError
 from protocol.inference import STAGE_NAMES, StageName
 
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.metrics_core import Metric
+
     from agent.mqtt import MqttLink
     from agent.serving.chain import FallbackChain
     from agent.telemetry.outbox import Outbox
+
+logger = logging.getLogger(__name__)
 
 PREFIX: Final = "edgefleet_agent_"
 # Edge models answer in tens of microseconds to seconds.
@@ -132,6 +130,8 @@ class InferenceMetrics:
         return {stage: sum(counts) for stage, counts in self._buckets.items()}
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily
+
         requests = CounterMetricFamily(
             PREFIX + "inference_requests",
             "Inference requests, by the fallback-chain stage that answered (none: refused "
@@ -179,6 +179,8 @@ class InstallMetrics:
             self._rollbacks[reason if reason in self._rollbacks else "other"] += 1
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.metrics_core import CounterMetricFamily
+
         results = CounterMetricFamily(
             PREFIX + "installs",
             "Installs by result: installed (the new model went active), committed, "
@@ -204,13 +206,22 @@ class AgentMetrics:
     """One agent's metrics in a registry of its own; :meth:`exposition` renders them."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
         self.inference = InferenceMetrics()
         self.installs = InstallMetrics()
         self._chain: FallbackChain | None = None
         self._outbox: Outbox | None = None
         self._link: MqttLink | None = None
-        self.registry.register(self)
+        self._registry: CollectorRegistry | None = None
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """The agent's own registry; made, and prometheus-client imported, when first needed."""
+        if self._registry is None:
+            from prometheus_client import CollectorRegistry
+
+            self._registry = CollectorRegistry()
+            self._registry.register(self)
+        return self._registry
 
     def watch(
         self,
@@ -226,9 +237,14 @@ class AgentMetrics:
 
     def exposition(self) -> bytes:
         """The metrics as Prometheus text (format 0.0.4)."""
+        from prometheus_client.exposition import generate_latest
+
         return generate_latest(self.registry)
 
     def collect(self) -> Iterator[Metric]:
+        """Every family, read now (the registry calls this at each scrape)."""
+        from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+
         yield from self.inference.collect()
         yield from self.installs.collect()
         if self._chain is not None:
@@ -248,6 +264,8 @@ class AgentMetrics:
 
     @staticmethod
     def _models(chain: FallbackChain) -> Metric:
+        from prometheus_client.metrics_core import GaugeMetricFamily
+
         info = GaugeMetricFamily(
             PREFIX + "model_info",
             "The models the fallback chain serves: 1 per slot (active, previous)",
@@ -260,7 +278,13 @@ class AgentMetrics:
 
     @staticmethod
     def _outbox_depth(outbox: Outbox) -> Iterator[Metric]:
-        stats = outbox.stats()
+        from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+
+        try:
+            stats = outbox.stats()
+        except OutboxError as exc:  # the rest of the scrape still answers
+            logger.warning("metrics: the outbox cannot be read: %s", exc)
+            return
         windows = GaugeMetricFamily(
             PREFIX + "telemetry_outbox_windows",
             "Telemetry windows waiting for the server's acknowledgement",

@@ -23,8 +23,8 @@ logger = logging.getLogger(__name__)
 
 # The runtime's C++ logger writes "INFO: Created TensorFlow Lite XNNPACK delegate for
 # CPU." to stderr when the first interpreter takes its default delegate. XNNPACK is kept
-# (without it the sample models run 1.4x slower, a 10 ms dense model 3.4x: see
-# benchmarks/BENCHMARKS.md); the logger's threshold is raised to WARNING instead. The
+# (without it the sample models take 1.4x the CPU, a dense 16-layer model 2.9x:
+# benchmarks/runtime_delegate.py); the logger's threshold is raised to WARNING instead. The
 # Python package does not expose that setting, so it is set through the symbols its
 # wrapper library exports (tflite-runtime 2.14); a build without them keeps its default.
 _LOGGER = "_ZN6tflite16logging_internal13MinimalLogger"

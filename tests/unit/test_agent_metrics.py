@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
@@ -124,3 +127,20 @@ def test_no_created_series_and_nothing_of_the_process_collectors() -> None:
     assert "process_" not in text and "python_gc" not in text
     names = {f.name for f in text_string_to_metric_families(text)}
     assert all(name.startswith("edgefleet_agent_") for name in names)
+
+
+def test_prometheus_client_is_imported_only_when_the_metrics_are_first_rendered() -> None:
+    # 1.3 MB resident on a device whose memory budget is 64 MB: only an agent that is scraped.
+    script = (
+        "import sys, agent.daemon\n"
+        "from agent.metrics import AgentMetrics\n"
+        "m = AgentMetrics()\n"
+        "m.inference.answered('active', 0.001)\n"
+        "before = 'prometheus_client' in sys.modules\n"
+        "m.exposition()\n"
+        "print(before, 'prometheus_client' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.split() == ["False", "True"]
