@@ -24,9 +24,9 @@ except ImportError:  # pragma: no cover - depends on which runtime is installed
 # The runtime's C++ logger writes "INFO: Created TensorFlow Lite XNNPACK delegate for
 # CPU." to stderr with the first interpreter (in the middle of `fleetctl bundle build`'s
 # output). XNNPACK is kept (benchmarks/runtime_delegate.py: 1.4-2.9x faster); the
-# logger's threshold is raised to WARNING
-# through the symbol the runtime's wrapper library exports (the Python package does not
-# offer the setting). As in agent/runtime/tflite.py, which this package may not import.
+# logger's threshold is raised to WARNING through the symbol the runtime's wrapper
+# library exports (the Python package does not offer the setting). As in
+# agent/runtime/tflite.py, which this package may not import.
 _LOGGER = "_ZN6tflite16logging_internal13MinimalLogger"
 _WARNING = 2  # tflite::LogSeverity, checked against the name the runtime gives it
 
