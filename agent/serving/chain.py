@@ -265,7 +265,11 @@ class _Snapshot:
 
 
 class FallbackChain:
-    """Answers inference requests through active → previous → cloud → safe default."""
+    """Answers inference requests through active → previous → cloud → safe default.
+
+    ``counter``, when given, counts every request: the stage that answered and
+    its time, or why no stage ran (see :class:`RequestCounter`).
+    """
 
     def __init__(
         self,
