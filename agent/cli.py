@@ -216,7 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--config", required=True, help="the agent's config file (agent.toml)")
-    p.add_argument("--verbose", action="store_true", help="debug logging")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="log at DEBUG level, and let the model runtime print its own INFO lines",
+    )
     p.set_defaults(func=cmd_run)
 
     p = commands.add_parser(

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from agent.api.admission import ApiLimits
 from agent.api.http import LocalApi
 from agent.config import AgentConfig
+from agent.metrics import AgentMetrics
 from agent.ota.durable import atomic_write
 from agent.ota.installer import Installer, SlotModel
 from agent.runtime import Runtime, default_runtime
@@ -57,7 +58,8 @@ class AgentDaemon:
             cloud = CloudStage(
                 config.cloud.url, config.cloud.model, timeout_s=config.cloud.timeout_s
             )
-        self.chain = FallbackChain(cloud=cloud)
+        self.metrics = AgentMetrics()
+        self.chain = FallbackChain(cloud=cloud, counter=self.metrics.inference)
         self.recorder: WindowRecorder | None = None
         self.outbox: Outbox | None = None
         telemetry = config.telemetry
@@ -100,8 +102,13 @@ class AgentDaemon:
                 on_desired=lambda _: self.wake.set(),
                 outbox=self.outbox,
             )
+        self.metrics.watch(chain=self.chain, outbox=self.outbox, link=self.link)
         self.api = LocalApi(
-            self.chain, config.api.host, config.api.port, limits=ApiLimits.from_config(config.api)
+            self.chain,
+            config.api.host,
+            config.api.port,
+            limits=ApiLimits.from_config(config.api),
+            metrics=self.metrics,
         )
         self.started = time.monotonic()
 
@@ -169,6 +176,7 @@ class AgentDaemon:
                 await asyncio.wait_for(stop.wait(), TELEMETRY_TICK_S)
 
     def _install_event(self, event: dict[str, object]) -> None:
+        self.metrics.installs.record(event)
         if self.link is not None:
             self.link.record(event)
 

@@ -25,6 +25,12 @@ it does not count waiting for a CPU that another process holds, so it is the
 steadier figure on a shared machine; the share of the CPUs other processes
 used during the run is printed too.
 
+The agent's own metrics (:mod:`agent.metrics`): for the small model each round
+also times the in-process path with the chain counting into the agent's
+``InferenceMetrics`` (what ``edge-agent run`` does), and with a counter built
+on prometheus-client's ``Counter`` and ``Histogram`` instead; each against the
+chain without metrics, block by block.
+
 Where the time goes: for the small model each round also times the two parts
 of the in-process path that can be called alone (input validation, and the
 agent's ``TFLiteModel.run``); for the 10 ms model, a second chain runs the
@@ -57,8 +63,9 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.api.inprocess import InferenceClient
+from agent.metrics import LATENCY_BUCKETS_S, InferenceMetrics
 from agent.runtime import TFLiteRuntime
-from agent.serving.chain import ChainConfig, FallbackChain, ModelSlot
+from agent.serving.chain import ChainConfig, FallbackChain, ModelSlot, RequestCounter
 from agent.serving.validation import InputContract
 from firmware_images.tflite_writer import GraphBuilder
 from fleet_server.release.bundle_builder import (
@@ -70,6 +77,7 @@ from fleet_server.release.bundle_builder import (
 
 MODELS = Path(__file__).resolve().parents[1] / "firmware_images" / "models"
 ROUNDS = 25
+METRICS_ROUNDS = 600
 HEAVY_TARGET_S = 0.010
 # Rows the heavy model spreads its input over; each layer is a [ROWS, WIDTH] x
 # [WIDTH, WIDTH] product, so its cost is compute, not memory bandwidth.
@@ -185,9 +193,36 @@ class Case:
     calls: dict[str, int]
     rounds: int
 
-    def chain(self, config: ChainConfig | None = None) -> FallbackChain:
+    def chain(
+        self, config: ChainConfig | None = None, counter: RequestCounter | None = None
+    ) -> FallbackChain:
         slot = ModelSlot.load(self.built.manifest, self.model_path, TFLiteRuntime())
-        return FallbackChain(active=slot, config=config)
+        return FallbackChain(active=slot, config=config, counter=counter)
+
+
+class ClientLibraryCounter:
+    """The alternative to ``InferenceMetrics``: prometheus-client's own Counter and Histogram.
+
+    Children are looked up once, so a request pays only ``inc`` and ``observe``.
+    """
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        registry = CollectorRegistry()
+        requests = Counter("r", "requests", ["stage", "outcome"], registry=registry)
+        latency = Histogram("d", "seconds", ["stage"], buckets=LATENCY_BUCKETS_S, registry=registry)
+        stages = ("active", "previous", "cloud", "safe_default")
+        self._ok = {s: requests.labels(s, "ok") for s in stages}
+        self._seconds = {s: latency.labels(s) for s in stages}
+        self._refused = {o: requests.labels("none", o) for o in ("client_error", "unavailable")}
+
+    def answered(self, stage: str, seconds: float) -> None:
+        self._ok[stage].inc()
+        self._seconds[stage].observe(seconds)
+
+    def refused(self, outcome: str) -> None:
+        self._refused[outcome].inc()
 
 
 def build_case(
@@ -362,6 +397,51 @@ async def measure(case: Case, api: ApiProcess, x: npt.NDArray[np.float32]) -> di
     return figures
 
 
+async def measure_metrics(case: Case, x: npt.NDArray[np.float32]) -> dict[str, float]:
+    """The chain's per-request cost with the agent's metrics, and with prometheus-client's.
+
+    Three chains on the same model — no counter, ``InferenceMetrics``,
+    :class:`ClientLibraryCounter` — in blocks of 50 requests, the order rotating
+    from round to round; each with a counter against the one without, per round.
+    Then the counters' own cost, called alone in blocks of 20,000.
+    """
+    inputs = {"features": x}
+    counts = InferenceMetrics()
+    library = ClientLibraryCounter()
+    clients = {
+        "plain": InferenceClient(case.chain()),
+        "metrics": InferenceClient(case.chain(counter=counts)),
+        "library": InferenceClient(case.chain(counter=library)),
+    }
+    for client in clients.values():
+        for _ in range(20):
+            await client.infer(inputs)
+    wall: dict[str, list[float]] = {k: [] for k in clients}
+    cpu: dict[str, list[float]] = {k: [] for k in clients}
+    names = list(clients)
+    for i in range(METRICS_ROUNDS):
+        for name in names[i % 3 :] + names[: i % 3]:
+            w, c = await async_block_mean(partial(clients[name].infer, inputs), 50)
+            wall[name].append(w)
+            cpu[name].append(c)
+    if counts.answered_by()["active"] != 20 + METRICS_ROUNDS * 50:
+        raise RuntimeError(f"the metered chain counted {counts.answered_by()} requests")
+    figures = {f"{k}_cpu": statistics.median(v) for k, v in cpu.items()}
+    for name in ("metrics", "library"):
+        figures[f"{name}_ratio"] = statistics.median(
+            t / b for t, b in zip(wall[name], wall["plain"], strict=True)
+        )
+        figures[f"{name}_cpu_ratio"] = statistics.median(
+            t / b for t, b in zip(cpu[name], cpu["plain"], strict=True)
+        )
+    # The counters alone: what a request pays for them.
+    alone = {"metrics": counts.answered, "library": library.answered}
+    for name, answered in alone.items():
+        blocks = [block_mean(partial(answered, "active", 0.0004), 20_000)[1] for _ in range(15)]
+        figures[f"{name}_alone_cpu"] = statistics.median(blocks)
+    return figures
+
+
 def run() -> dict[str, dict[str, float]]:
     """Measure and return the figures per model (seconds and ratios)."""
     baseline = np.load(MODELS / "baseline.npy")
@@ -386,6 +466,7 @@ def run() -> dict[str, dict[str, float]]:
             if case is cases[1]:
                 figures["layers"] = layers
             results[case.name] = figures
+        results["metrics"] = asyncio.run(measure_metrics(cases[0], x))
     results["machine"] = {"other_load": load.share()}
     return results
 
@@ -395,7 +476,7 @@ def main() -> None:
     print("wall: median over alternating rounds of a block's mean call, and the median of the")
     print("rounds' ratios to bare; CPU: of the calling process, plus the API process's for HTTP")
     for name, f in r.items():
-        if name == "machine":
+        if name in ("machine", "metrics"):
             continue
         extra = f", {int(f['layers'])} dense layers" if "layers" in f else ""
         print(f"  {name} ({f['model_kb']:.0f} KB{extra}), {int(f['rounds'])} rounds")
@@ -421,6 +502,20 @@ def main() -> None:
             f"      HTTP CPU: API process {f['http_server_cpu'] * 1e6:.1f} µs, "
             f"client {f['http_client_cpu'] * 1e6:.1f} µs"
         )
+    m = r["metrics"]
+    print(f"  the agent's metrics on the in-process path (v2), {METRICS_ROUNDS} rounds")
+    print(f"    {'chain':<34} {'CPU':>10}  wall ratio  CPU ratio (to no metrics)")
+    for key, label in (
+        ("plain", "no metrics"),
+        ("metrics", "agent.metrics.InferenceMetrics"),
+        ("library", "prometheus-client Counter+Histogram"),
+    ):
+        ratios = (
+            f"{m[key + '_ratio']:9.3f}x {m[key + '_cpu_ratio']:9.3f}x" if key != "plain" else ""
+        )
+        print(f"    {label:<34} {m[key + '_cpu'] * 1e6:7.2f} µs  {ratios}")
+    for key, label in (("metrics", "InferenceMetrics"), ("library", "prometheus-client")):
+        print(f"      {label}.answered alone: {m[key + '_alone_cpu'] * 1e9:.0f} ns of CPU")
     print(f"  other processes used {r['machine']['other_load']:.0%} of the CPUs meanwhile")
 
 

@@ -10,7 +10,8 @@ Routes::
     GET  /v2/models/{name}[/versions/{v}]/ready   200 when the model can answer
     POST /v2/models/{name}[/versions/{v}]/infer   inference through the fallback chain
     GET  /metrics                              the API's connections, bytes in flight and
-                                               refusals, as Prometheus text
+                                               refusals, and the agent's own metrics
+                                               (:mod:`agent.metrics`), as Prometheus text
 
 ``{name}`` is the manifest's name. Every error has a JSON body
 ``{"error": "..."}`` that names the tensor at fault: 400 for a body that is not
@@ -40,10 +41,11 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import unquote, urlsplit
 
 import h11
+import numpy.typing as npt
 from pydantic import BaseModel, ValidationError
 
 import agent
@@ -61,6 +63,7 @@ from protocol.inference import (
     ErrorResponse,
     InferenceRequest,
     InferenceRequestError,
+    RequestOutput,
     ServerMetadata,
     check_input_datatypes,
     check_requested_outputs,
@@ -70,6 +73,9 @@ from protocol.inference import (
     model_metadata,
     select_outputs,
 )
+
+if TYPE_CHECKING:
+    from agent.metrics import AgentMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +128,9 @@ class LocalApi:
     request. Use as ``async with LocalApi(...) as api:``, or run
     ``api.serve_forever()`` as a task of a ``TaskGroup`` (cancel it to stop).
     ``port=0`` picks a free port; :attr:`port` tells which. :attr:`admission`
-    holds the counts of connections, bytes in flight and refusals.
+    holds the counts of connections, bytes in flight and refusals; ``metrics``,
+    the agent's own, served with them at ``/metrics`` (requests the API refuses
+    before they reach the chain are counted there).
     """
 
     def __init__(
@@ -134,8 +142,10 @@ class LocalApi:
         limits: ApiLimits | None = None,
         idle_timeout_s: float = 60.0,
         read_timeout_s: float = 10.0,
+        metrics: AgentMetrics | None = None,
     ) -> None:
         self._chain = chain
+        self._metrics = metrics
         self.host = host
         self._port = port
         self.limits = limits or ApiLimits()
@@ -521,7 +531,7 @@ class LocalApi:
         if parts == ["metrics"]:
             return _only("GET", method) or _Response(
                 200,
-                self.admission.metrics().encode(),
+                self._metrics_text(),
                 content_type="text/plain; version=0.0.4; charset=utf-8",
             )
         if parts == ["v2"]:
@@ -547,6 +557,10 @@ class LocalApi:
         if rest == ["infer"]:
             return _only("POST", method) or await self._infer(name, version, request, body, charge)
         return _error(404, f"no route {'/' + '/'.join(parts)}")
+
+    def _metrics_text(self) -> bytes:
+        text = self.admission.metrics().encode()
+        return text if self._metrics is None else text + self._metrics.exposition()
 
     def _current_chain(self) -> FallbackChain:
         return self._chain if isinstance(self._chain, FallbackChain) else self._chain()
@@ -590,6 +604,47 @@ class LocalApi:
         charge: _Charge,
     ) -> _Response:
         chain = self._current_chain()
+        prepared = await self._decode(chain, name, version, request, body, charge)
+        if isinstance(prepared, _Response):
+            # Refused before the chain saw it (the chain counts what it refuses itself).
+            if self._metrics is not None:
+                self._metrics.inference.refused(
+                    "client_error" if prepared.status < 500 else "unavailable"
+                )
+            return prepared
+        tensors, request_id, wanted = prepared
+        try:
+            answer = await chain.infer(tensors, version=version)
+        except InvalidInput as exc:
+            return _error(422, str(exc))
+        except UnknownVersion as exc:
+            return _error(404, str(exc))
+        except ChainNotReady as exc:
+            return _error(503, str(exc))
+        try:
+            outputs = select_outputs(answer.outputs, wanted)
+        except InferenceRequestError as exc:
+            return _error(400, str(exc))
+        response = encode_response(
+            outputs,
+            model_name=answer.model_name,
+            model_version=answer.model_version,
+            stage=answer.stage,
+            escalated=answer.escalated,
+            id=request_id,
+        )
+        return _json(200, response)
+
+    async def _decode(
+        self,
+        chain: FallbackChain,
+        name: str,
+        version: str | None,
+        request: h11.Request,
+        body: bytearray,
+        charge: _Charge,
+    ) -> tuple[dict[str, npt.NDArray[Any]], str | None, list[RequestOutput] | None] | _Response:
+        """The request's tensors, id and requested outputs; or the response refusing it."""
         if missing := self._find_model(chain, name, version):
             return missing
         if any(k == b"inference-header-content-length" for k, _ in request.headers):
@@ -617,29 +672,8 @@ class LocalApi:
             check_requested_outputs([t.name for t in manifest.outputs], parsed.outputs)
         except InferenceRequestError as exc:
             return _error(400, str(exc))
-        request_id, wanted = parsed.id, parsed.outputs
-        del parsed  # its data lists take several times the tensors' memory
-        try:
-            answer = await chain.infer(tensors, version=version)
-        except InvalidInput as exc:
-            return _error(422, str(exc))
-        except UnknownVersion as exc:
-            return _error(404, str(exc))
-        except ChainNotReady as exc:
-            return _error(503, str(exc))
-        try:
-            outputs = select_outputs(answer.outputs, wanted)
-        except InferenceRequestError as exc:
-            return _error(400, str(exc))
-        response = encode_response(
-            outputs,
-            model_name=answer.model_name,
-            model_version=answer.model_version,
-            stage=answer.stage,
-            escalated=answer.escalated,
-            id=request_id,
-        )
-        return _json(200, response)
+        # Not the parsed request itself: its data lists take several times the tensors' memory.
+        return tensors, parsed.id, parsed.outputs
 
 
 def parse_request(body: bytearray) -> InferenceRequest:

@@ -170,6 +170,9 @@ class MqttLink:
         self._acks = acks_topic(self.namespace, self.device_id)
         self.connected = False
         """Whether the link is connected to the broker right now."""
+        self.reconnects = 0
+        """Connections made since the first one (each follows a lost connection)."""
+        self._connections = 0
         self._connected_at: float | None = None
 
     # -- what the rest of the agent calls ------------------------------------------
@@ -264,6 +267,8 @@ class MqttLink:
         self._connected_at = None
         async with self._client() as client:
             self.connected = True
+            self._connections += 1
+            self.reconnects = self._connections - 1
             self._connected_at = self._monotonic()
             log.info("mqtt: connected to %s as %s", self.broker, self.device_id)
             try:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import importlib
+import logging
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,6 +18,48 @@ from agent.runtime.base import ModelLoadError, ModelRunError, Tensors
 from protocol.manifest import TensorSpec
 
 _MODULES = ("tflite_runtime.interpreter", "ai_edge_litert.interpreter")
+
+logger = logging.getLogger(__name__)
+
+# The runtime's C++ logger writes "INFO: Created TensorFlow Lite XNNPACK delegate for
+# CPU." to stderr when the first interpreter takes its default delegate. XNNPACK is kept
+# (without it the sample models take 1.4x the CPU, a dense 16-layer model 2.9x:
+# benchmarks/runtime_delegate.py); the logger's threshold is raised to WARNING instead. The
+# Python package does not expose that setting, so it is set through the symbols its
+# wrapper library exports (tflite-runtime 2.14); a build without them keeps its default.
+_LOGGER = "_ZN6tflite16logging_internal13MinimalLogger"
+_SET_SEVERITY = _LOGGER + "21SetMinimumLogSeverityENS_11LogSeverityE"
+_SEVERITY_NAME = _LOGGER + "15GetSeverityNameENS_11LogSeverityE"
+_INFO, _WARNING = 1, 2  # tflite::LogSeverity, checked against the names the runtime gives
+
+
+@functools.cache
+def _severity_setter(package: str) -> Any:
+    """The runtime's ``SetMinimumLogSeverity``, or ``None`` if this build does not export it."""
+    try:
+        wrapper = importlib.import_module(f"{package}._pywrap_tensorflow_interpreter_wrapper")
+        library = ctypes.CDLL(str(wrapper.__file__))
+        name_of = getattr(library, _SEVERITY_NAME)
+        setter = getattr(library, _SET_SEVERITY)
+    except (ImportError, OSError, AttributeError, TypeError):
+        return None
+    name_of.argtypes, name_of.restype = [ctypes.c_int], ctypes.c_char_p
+    if (name_of(_INFO), name_of(_WARNING)) != (b"INFO", b"WARNING"):
+        return None
+    setter.argtypes, setter.restype = [ctypes.c_int], ctypes.c_int
+    return setter
+
+
+def set_runtime_verbose(package: str, verbose: bool) -> bool:
+    """Let the runtime ``package`` log its INFO lines (``verbose``) or only warnings and errors.
+
+    Returns whether the runtime took the setting (``False``: this build offers no way to).
+    """
+    setter = _severity_setter(package)
+    if setter is None:
+        return False
+    setter(_INFO if verbose else _WARNING)
+    return True
 
 
 def _interpreter_class() -> tuple[str, Any]:
@@ -76,11 +121,16 @@ class TFLiteModel:
 
 
 class TFLiteRuntime:
-    """Loads ``.tflite`` files; ``num_threads`` bounds the interpreter's threads."""
+    """Loads ``.tflite`` files; ``num_threads`` bounds the interpreter's threads.
+
+    The runtime's own INFO lines on stderr are shown only while this module's
+    logger is enabled for DEBUG (``edge-agent run --verbose``).
+    """
 
     def __init__(self, num_threads: int = 1) -> None:
         self.name, self._interpreter_class = _interpreter_class()
         self.num_threads = num_threads
+        set_runtime_verbose(self.name, logger.isEnabledFor(logging.DEBUG))
 
     def load(self, path: Path) -> TFLiteModel:
         try:

@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from agent.runtime.base import LoadedModel, Runtime
 from agent.serving.breaker import BreakerState, CircuitBreaker
-from agent.serving.validation import InputContract
+from agent.serving.validation import InputContract, InvalidInput
 from protocol.inference import STAGE_NAMES, StageName
 from protocol.manifest import Manifest
 
@@ -53,6 +53,15 @@ Tensors = dict[str, npt.NDArray[Any]]
 StageObserver = Callable[[StageName, str | None, bool, str | None], None]
 # on_answer(validated inputs, answer, seconds it took)
 AnswerListener = Callable[[dict[str, npt.NDArray[Any]], "Answer", float], None]
+
+
+class RequestCounter(Protocol):
+    """Where the chain counts its requests (``agent.metrics.InferenceMetrics``); must not block."""
+
+    def answered(self, stage: StageName, seconds: float) -> None: ...
+
+    def refused(self, outcome: Literal["client_error", "unavailable"]) -> None: ...
+
 
 # The asyncio.to_thread hop costs 0.1-0.7 ms of CPU (measured; more on a busy or
 # small CPU), which is most of a fast model's cost: a model faster than this runs
@@ -256,7 +265,11 @@ class _Snapshot:
 
 
 class FallbackChain:
-    """Answers inference requests through active → previous → cloud → safe default."""
+    """Answers inference requests through active → previous → cloud → safe default.
+
+    ``counter``, when given, counts every request: the stage that answered and
+    its time, or why no stage ran (see :class:`RequestCounter`).
+    """
 
     def __init__(
         self,
@@ -267,9 +280,11 @@ class FallbackChain:
         plan: ServingPlan | None = None,
         config: ChainConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
+        counter: RequestCounter | None = None,
     ) -> None:
         self.config = config or ChainConfig()
         self._clock = clock
+        self._counter = counter
         self._observers: list[StageObserver] = []
         self._counters = {name: StageCounters() for name in STAGE_NAMES}
         self._snapshot = _Snapshot(plan=plan or ServingPlan())
@@ -341,6 +356,11 @@ class FallbackChain:
         return None
 
     @property
+    def slots(self) -> tuple[ModelSlot | None, ModelSlot | None]:
+        """The active and the previous model (``None`` where there is none)."""
+        return self._snapshot.slots
+
+    @property
     def plan(self) -> ServingPlan:
         return self._snapshot.plan
 
@@ -387,13 +407,27 @@ class FallbackChain:
         Raises ``InvalidInput`` for a bad request, :class:`UnknownVersion` for a
         version the device does not hold, :class:`ChainNotReady` before any
         model is installed. Stage failures never raise: the safe default answers.
+        Each request is counted in the chain's ``counter``.
         """
         started = time.perf_counter()
         validated: list[Tensors] = []  # per call: concurrent requests must not share it
-        answer = await self._infer(tensors, version, validated)
+        counter = self._counter
+        try:
+            answer = await self._infer(tensors, version, validated)
+        except (InvalidInput, UnknownVersion):
+            if counter is not None:
+                counter.refused("client_error")
+            raise
+        except ChainNotReady:
+            if counter is not None:
+                counter.refused("unavailable")
+            raise
+        seconds = time.perf_counter() - started
+        if counter is not None:
+            counter.answered(answer.stage, seconds)
         if self._listener is not None and validated:
             try:
-                self._listener(validated[0], answer, time.perf_counter() - started)
+                self._listener(validated[0], answer, seconds)
             except Exception:  # telemetry must never fail a request
                 logger.exception("an answer listener failed")
         return answer

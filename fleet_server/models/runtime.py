@@ -6,6 +6,8 @@ its successor; both expose the same ``Interpreter``.
 
 from __future__ import annotations
 
+import ctypes
+import importlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +20,33 @@ try:
     from tflite_runtime.interpreter import Interpreter
 except ImportError:  # pragma: no cover - depends on which runtime is installed
     from ai_edge_litert.interpreter import Interpreter
+
+# The runtime's C++ logger writes "INFO: Created TensorFlow Lite XNNPACK delegate for
+# CPU." to stderr with the first interpreter (in the middle of `fleetctl bundle build`'s
+# output). XNNPACK is kept (benchmarks/runtime_delegate.py: 1.4-2.9x faster); the
+# logger's threshold is raised to WARNING through the symbol the runtime's wrapper
+# library exports (the Python package does not offer the setting). As in
+# agent/runtime/tflite.py, which this package may not import.
+_LOGGER = "_ZN6tflite16logging_internal13MinimalLogger"
+_WARNING = 2  # tflite::LogSeverity, checked against the name the runtime gives it
+
+
+def _quiet_runtime_info() -> None:
+    package = Interpreter.__module__.split(".")[0]
+    try:
+        wrapper = importlib.import_module(f"{package}._pywrap_tensorflow_interpreter_wrapper")
+        library = ctypes.CDLL(str(wrapper.__file__))
+        name_of = getattr(library, _LOGGER + "15GetSeverityNameENS_11LogSeverityE")
+        setter = getattr(library, _LOGGER + "21SetMinimumLogSeverityENS_11LogSeverityE")
+    except (ImportError, OSError, AttributeError, TypeError):
+        return  # a build without the symbols keeps its default
+    name_of.argtypes, name_of.restype = [ctypes.c_int], ctypes.c_char_p
+    if name_of(_WARNING) == b"WARNING":
+        setter.argtypes, setter.restype = [ctypes.c_int], ctypes.c_int
+        setter(_WARNING)
+
+
+_quiet_runtime_info()
 
 
 class ModelRuntimeError(Exception):

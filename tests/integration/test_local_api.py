@@ -26,7 +26,7 @@ from agent.api import ApiLimits, InferenceClient, LocalApi
 from agent.api.admission import MAX_JSON_DEPTH, parse_cost, request_cost
 from agent.api.jsonscan import scan_structure
 from agent.runtime import default_runtime
-from agent.serving import FallbackChain, InvalidInput, ModelSlot
+from agent.serving import ChainNotReady, FallbackChain, InvalidInput, ModelSlot
 from firmware_images.tflite_writer import build_image_model
 from protocol.bundle import read_bundle
 from protocol.inference import MAX_RANK
@@ -960,6 +960,126 @@ def test_the_blocking_client_runs_its_own_loop_when_there_is_none(
     client = InferenceClient(FallbackChain(slot(manifests, "v2")))
     answer = client.infer_blocking({"features": BASELINE[:3]})
     assert (answer.stage, answer.model_version) == ("active", "2.0.0")
+
+
+# -- the agent's metrics ---------------------------------------------------------------------------
+
+
+def scrape(server: ServedApi) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """``GET /metrics`` parsed by prometheus-client's parser: value by name and sorted labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    conn = server.connect()
+    try:
+        conn.request("GET", "/metrics")
+        response = conn.getresponse()
+        assert response.status == 200
+        text = response.read().decode()
+    finally:
+        conn.close()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def requests_by(figures: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> dict[str, float]:
+    """``edgefleet_agent_inference_requests_total`` as {"stage/outcome": count}, zeros left out."""
+    found = {}
+    for (name, labels), value in figures.items():
+        if name == "edgefleet_agent_inference_requests_total" and value:
+            found[f"{dict(labels)['stage']}/{dict(labels)['outcome']}"] = value
+    return found
+
+
+def test_metrics_count_requests_by_the_stage_that_answered_and_refusals(
+    manifests: dict[str, Manifest],
+) -> None:
+    from agent.metrics import AgentMetrics
+
+    metrics = AgentMetrics()
+    chain = FallbackChain(
+        slot(manifests, "v3-bad"), slot(manifests, "v2"), counter=metrics.inference
+    )
+    metrics.watch(chain=chain)
+    server = ServedApi(chain, metrics=metrics)
+    idle = BASELINE[:1].copy()
+    idle[0, 0] = 0.0  # v3-bad answers NaN for an idle machine
+    stages = []
+    try:
+        for x in (BASELINE[:1], BASELINE[1:3], idle, BASELINE[3:4], idle):
+            status, body = server.request("POST", INFER, infer_body(x))
+            assert status == 200
+            stages.append(body["parameters"]["stage"])
+        assert stages == ["active", "active", "previous", "active", "previous"]
+        figures = scrape(server)
+        info = {
+            dict(labels)["slot"]: (dict(labels)["name"], dict(labels)["version"], value)
+            for (name, labels), value in figures.items()
+            if name == "edgefleet_agent_model_info"
+        }
+        assert info == {
+            "active": ("pump-health", "3.0.0", 1),
+            "previous": ("pump-health", "2.0.0", 1),
+        }
+
+        # The previous model gone (an install reuses its slot): only the safe default is left.
+        chain.set_models(active=slot(manifests, "v3-bad"), previous=None)
+        status, body = server.request("POST", INFER, infer_body(idle))
+        assert (status, body["parameters"]["stage"]) == (200, "safe_default")
+
+        # Refused by the API before the chain: not JSON, an unknown version, a wrong shape.
+        assert server.request("POST", INFER, "{not json")[0] == 400
+        assert server.request("POST", "/v2/models/pump-health/versions/9.9.9/infer", "{}")[0] == 404
+        assert server.request("POST", INFER, infer_body(BASELINE[:1, :8]))[0] == 422
+        # Refused by the chain's validation: out of the valid range.
+        out_of_range = BASELINE[:1].copy()
+        out_of_range[0, 0] = -1.0
+        assert server.request("POST", INFER, infer_body(out_of_range))[0] == 422
+        # And through the in-process client, which goes to the chain alone.
+        with pytest.raises(InvalidInput):
+            asyncio.run(InferenceClient(chain).infer({"features": out_of_range}))
+
+        figures = scrape(server)
+        assert requests_by(figures) == {
+            "active/ok": 3,
+            "previous/ok": 2,
+            "safe_default/ok": 1,
+            "none/client_error": 5,
+        }
+        for stage, answered in (("active", 3), ("previous", 2), ("safe_default", 1), ("cloud", 0)):
+            labels = (("stage", stage),)
+            count = figures[("edgefleet_agent_inference_duration_seconds_count", labels)]
+            assert count == answered
+            inf = figures[
+                ("edgefleet_agent_inference_duration_seconds_bucket", (("le", "+Inf"), *labels))
+            ]
+            assert inf == answered
+            assert (figures[("edgefleet_agent_inference_duration_seconds_sum", labels)] > 0) == (
+                answered > 0
+            )
+        assert [v for (n, _), v in figures.items() if n == "edgefleet_agent_model_info"] == [1]
+        # The API's own figures are still there, beside the agent's.
+        assert figures[("edgefleet_agent_api_refused_total", (("limit", "connections"),))] == 0
+        assert figures[("edgefleet_agent_api_connections", ())] == 1
+    finally:
+        server.close()
+
+
+def test_a_device_without_a_model_counts_its_requests_as_unavailable() -> None:
+    from agent.metrics import AgentMetrics
+
+    metrics = AgentMetrics()
+    server = ServedApi(FallbackChain(counter=metrics.inference), metrics=metrics)
+    try:
+        assert server.request("POST", INFER, infer_body(BASELINE[:1]))[0] == 503
+        assert requests_by(scrape(server)) == {"none/unavailable": 1}
+        with pytest.raises(ChainNotReady):
+            InferenceClient(server.chain).infer_blocking({"features": BASELINE[:1]})
+        assert requests_by(scrape(server)) == {"none/unavailable": 2}
+    finally:
+        server.close()
 
 
 # -- footprint -------------------------------------------------------------------------------------

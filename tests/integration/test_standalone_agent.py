@@ -81,7 +81,7 @@ def test_a_device_without_a_director_installs_the_newest_release_and_refuses_a_b
     keys, repo = release_engineer
     release(bundles["v1"], repo, keys)
     config = standalone_config(tmp_path / "device", repo)
-    agent = AgentProcess(config, verbose=True)
+    agent = AgentProcess(config, "--verbose")
     url = agent.wait_ready()
     agent.wait_for("v1 committed", lambda: installed(agent) == "1.0.0")
     assert serving(agent, url)["model_version"] == "1.0.0"
@@ -120,7 +120,7 @@ def test_a_device_without_a_director_installs_the_newest_release_and_refuses_a_b
     assert agent.stop() == 0
 
     # A restart remembers the refusal: the rejected bundle is not downloaded again.
-    agent = AgentProcess(config, verbose=True)
+    agent = AgentProcess(config, "--verbose")
     url = agent.wait_ready()
     agent.wait_for(
         "a poll after the restart",

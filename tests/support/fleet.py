@@ -97,17 +97,14 @@ def reap_agents() -> None:
 class AgentProcess:
     """A real ``edge-agent run`` process."""
 
-    def __init__(self, config: Path, *, verbose: bool = False) -> None:
+    def __init__(self, config: Path, *options: str) -> None:
+        """Start ``edge-agent run --config CONFIG`` with ``options`` (e.g. ``--verbose``)."""
         self.config = config
         self.data_dir = config.parent
         (self.data_dir / "agent.json").unlink(missing_ok=True)
         self.log = (self.data_dir / "agent.log").open("ab")
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                *("-m", "agent.cli", "run", "--config", str(config)),
-                *(["--verbose"] if verbose else []),
-            ],
+            [sys.executable, "-m", "agent.cli", "run", "--config", str(config), *options],
             stdout=self.log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

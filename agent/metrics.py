@@ -1,0 +1,304 @@
+"""The agent's own metrics, as Prometheus text on the local API's ``GET /metrics``.
+
+Every figure lives where the agent already keeps it, or in a plain count
+here, and is turned into metric families only when scraped: the inference
+path pays an addition and a bisection per request (prometheus-client's
+``Histogram.observe`` and ``Counter.inc`` take a lock each, about five times
+as long; see ``benchmarks/BENCHMARKS.md``), the outbox and the MQTT link are
+read at scrape time, never updated on writes. Each agent has its own
+:class:`~prometheus_client.CollectorRegistry` (tests run several agents in one
+process), and no ``_created`` series (they would double the series a small
+device sends).
+
+Metrics, all named ``edgefleet_agent_*``:
+
+- ``inference_requests_total{stage, outcome}``: requests the fallback chain
+  answered, by the stage that answered (``active``, ``previous``, ``cloud``,
+  ``safe_default``; outcome ``ok``), and those it could not take (stage
+  ``none``; outcome ``client_error`` for a request that breaks the model's
+  contract or names an unknown model or version, ``unavailable`` when no
+  model is installed or the API's memory budget is taken);
+- ``inference_duration_seconds{stage}``: the answered requests' time in the
+  chain (validation and every stage tried), 100 µs to 5 s;
+- ``installs_total{result}``: ``installed`` (the new model went active),
+  ``committed``, ``rolled_back``, ``refused``;
+- ``install_refusals_total{reason}`` and ``install_rollbacks_total{reason}``:
+  by the installer's reason code (a bounded set; anything else counts as
+  ``other``);
+- ``telemetry_outbox_windows`` and ``telemetry_outbox_bytes``: windows waiting
+  for the server's acknowledgement; ``telemetry_outbox_dropped_windows_total{reason}``;
+- ``mqtt_connected`` (1 or 0) and ``mqtt_reconnects_total``, with a broker;
+- ``model_info{slot, name, version}``: 1 for each model the chain serves
+  (``slot`` is ``active`` or ``previous``).
+
+The counts are kept on the agent's event loop and are not locked.
+"""
+
+from __future__ import annotations
+
+import logging
+from bisect import bisect_left
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Final, Literal
+
+from agent.ota.errors import UpdateRefused
+from agent.telemetry.outbox import OutboxError
+from protocol.inference import STAGE_NAMES, StageName
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.metrics_core import Metric
+
+    from agent.mqtt import MqttLink
+    from agent.serving.chain import FallbackChain
+    from agent.telemetry.outbox import Outbox
+
+logger = logging.getLogger(__name__)
+
+PREFIX: Final = "edgefleet_agent_"
+# Edge models answer in tens of microseconds to seconds.
+LATENCY_BUCKETS_S: Final = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+)
+RequestOutcome = Literal["client_error", "unavailable"]
+REQUEST_OUTCOMES: Final[tuple[RequestOutcome, ...]] = ("client_error", "unavailable")
+INSTALL_RESULTS: Final = ("installed", "committed", "rolled_back", "refused")
+# The installer's event for each result.
+_INSTALL_EVENTS: Final = {
+    "switched": "installed",
+    "committed": "committed",
+    "rolled-back": "rolled_back",
+    "refused": "refused",
+}
+ROLLBACK_REASONS: Final = ("watchdog", "crash-loop", "other")
+
+
+def refusal_reasons() -> tuple[str, ...]:
+    """Every reason code an install can be refused for, and ``other``."""
+    codes: set[str] = set()
+    pending: list[type[UpdateRefused]] = [UpdateRefused]
+    while pending:
+        cls = pending.pop()
+        codes.add(cls.reason)
+        pending.extend(cls.__subclasses__())
+    codes.add("staging-failed")  # the device's storage failed while staging
+    return (*sorted(codes), "other")
+
+
+class InferenceMetrics:
+    """Requests the chain answered or could not take, and the answered ones' latency.
+
+    :meth:`answered` and :meth:`refused` are the hot path: a few list and dict
+    operations, no lock (they are called on the event loop).
+    """
+
+    def __init__(self) -> None:
+        self._bounds = LATENCY_BUCKETS_S
+        self._le = tuple(repr(float(bound)) for bound in self._bounds)  # 0.0001, ..., 5.0
+        # Per stage: observations per bucket (the last past the largest bound), and their sum.
+        self._buckets: dict[StageName, list[int]] = {
+            stage: [0] * (len(self._bounds) + 1) for stage in STAGE_NAMES
+        }
+        self._sums: dict[StageName, float] = dict.fromkeys(STAGE_NAMES, 0.0)
+        self._refused: dict[RequestOutcome, int] = dict.fromkeys(REQUEST_OUTCOMES, 0)
+
+    def answered(self, stage: StageName, seconds: float) -> None:
+        """Count a request ``stage`` answered after ``seconds`` in the chain."""
+        self._buckets[stage][bisect_left(self._bounds, seconds)] += 1
+        self._sums[stage] += seconds
+
+    def refused(self, outcome: RequestOutcome) -> None:
+        """Count a request no stage ran for."""
+        self._refused[outcome] += 1
+
+    def answered_by(self) -> dict[StageName, int]:
+        """Requests answered so far, per stage."""
+        return {stage: sum(counts) for stage, counts in self._buckets.items()}
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily
+
+        requests = CounterMetricFamily(
+            PREFIX + "inference_requests",
+            "Inference requests, by the fallback-chain stage that answered (none: refused "
+            "before any stage ran) and outcome",
+            labels=["stage", "outcome"],
+        )
+        latency = HistogramMetricFamily(
+            PREFIX + "inference_duration_seconds",
+            "Time answered requests spent in the fallback chain, by the stage that answered",
+            labels=["stage"],
+        )
+        for stage, counts in self._buckets.items():
+            counts = list(counts)
+            cumulative, buckets = 0, []
+            for le, count in zip(self._le, counts, strict=False):
+                cumulative += count
+                buckets.append((le, cumulative))
+            buckets.append(("+Inf", cumulative + counts[-1]))
+            requests.add_metric([stage, "ok"], buckets[-1][1])
+            latency.add_metric([stage], buckets, self._sums[stage])
+        for outcome, count in self._refused.items():
+            requests.add_metric(["none", outcome], count)
+        yield requests
+        yield latency
+
+
+class InstallMetrics:
+    """Install results and reasons, counted from the installer's events."""
+
+    def __init__(self) -> None:
+        self._results = dict.fromkeys(INSTALL_RESULTS, 0)
+        self._refusals = dict.fromkeys(refusal_reasons(), 0)
+        self._rollbacks = dict.fromkeys(ROLLBACK_REASONS, 0)
+
+    def record(self, event: Mapping[str, object]) -> None:
+        """Count one installer event (``{"event": ..., "reason": ...}``); others are ignored."""
+        result = _INSTALL_EVENTS.get(str(event.get("event")))
+        if result is None:
+            return
+        self._results[result] += 1
+        reason = str(event.get("reason"))
+        if result == "refused":
+            self._refusals[reason if reason in self._refusals else "other"] += 1
+        elif result == "rolled_back":
+            self._rollbacks[reason if reason in self._rollbacks else "other"] += 1
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.metrics_core import CounterMetricFamily
+
+        results = CounterMetricFamily(
+            PREFIX + "installs",
+            "Installs by result: installed (the new model went active), committed, "
+            "rolled_back, refused",
+            labels=["result"],
+        )
+        for result, count in self._results.items():
+            results.add_metric([result], count)
+        refusals = CounterMetricFamily(
+            PREFIX + "install_refusals", "Installs refused, by reason code", labels=["reason"]
+        )
+        for reason, count in self._refusals.items():
+            refusals.add_metric([reason], count)
+        rollbacks = CounterMetricFamily(
+            PREFIX + "install_rollbacks", "Installs rolled back, by reason", labels=["reason"]
+        )
+        for reason, count in self._rollbacks.items():
+            rollbacks.add_metric([reason], count)
+        yield from (results, refusals, rollbacks)
+
+
+class AgentMetrics:
+    """One agent's metrics in a registry of its own; :meth:`exposition` renders them."""
+
+    def __init__(self) -> None:
+        self.inference = InferenceMetrics()
+        self.installs = InstallMetrics()
+        self._chain: FallbackChain | None = None
+        self._outbox: Outbox | None = None
+        self._link: MqttLink | None = None
+        self._registry: CollectorRegistry | None = None
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """The agent's own registry; made, and prometheus-client imported, when first needed."""
+        if self._registry is None:
+            from prometheus_client import CollectorRegistry
+
+            self._registry = CollectorRegistry()
+            self._registry.register(self)
+        return self._registry
+
+    def watch(
+        self,
+        *,
+        chain: FallbackChain | None = None,
+        outbox: Outbox | None = None,
+        link: MqttLink | None = None,
+    ) -> None:
+        """At each scrape, read what ``chain`` serves, ``outbox``'s depth, ``link``'s state."""
+        self._chain = chain or self._chain
+        self._outbox = outbox or self._outbox
+        self._link = link or self._link
+
+    def exposition(self) -> bytes:
+        """The metrics as Prometheus text (format 0.0.4)."""
+        from prometheus_client.exposition import generate_latest
+
+        return generate_latest(self.registry)
+
+    def collect(self) -> Iterator[Metric]:
+        """Every family, read now (the registry calls this at each scrape)."""
+        from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+
+        yield from self.inference.collect()
+        yield from self.installs.collect()
+        if self._chain is not None:
+            yield self._models(self._chain)
+        if self._outbox is not None:
+            yield from self._outbox_depth(self._outbox)
+        if self._link is not None:
+            connected = GaugeMetricFamily(
+                PREFIX + "mqtt_connected", "1 while connected to the MQTT broker, else 0"
+            )
+            connected.add_metric([], 1 if self._link.connected else 0)
+            reconnects = CounterMetricFamily(
+                PREFIX + "mqtt_reconnects", "Connections to the broker after the first"
+            )
+            reconnects.add_metric([], self._link.reconnects)
+            yield from (connected, reconnects)
+
+    @staticmethod
+    def _models(chain: FallbackChain) -> Metric:
+        from prometheus_client.metrics_core import GaugeMetricFamily
+
+        info = GaugeMetricFamily(
+            PREFIX + "model_info",
+            "The models the fallback chain serves: 1 per slot (active, previous)",
+            labels=["slot", "name", "version"],
+        )
+        for slot, model in zip(("active", "previous"), chain.slots, strict=True):
+            if model is not None:
+                info.add_metric([slot, model.manifest.name, model.manifest.version], 1)
+        return info
+
+    @staticmethod
+    def _outbox_depth(outbox: Outbox) -> Iterator[Metric]:
+        from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+
+        try:
+            stats = outbox.stats()
+        except OutboxError as exc:  # the rest of the scrape still answers
+            logger.warning("metrics: the outbox cannot be read: %s", exc)
+            return
+        windows = GaugeMetricFamily(
+            PREFIX + "telemetry_outbox_windows",
+            "Telemetry windows waiting for the server's acknowledgement",
+        )
+        windows.add_metric([], stats.pending)
+        size = GaugeMetricFamily(
+            PREFIX + "telemetry_outbox_bytes", "Bytes of the windows waiting in the outbox"
+        )
+        size.add_metric([], stats.pending_bytes)
+        dropped = CounterMetricFamily(
+            PREFIX + "telemetry_outbox_dropped_windows",
+            "Windows dropped from the outbox over a bound (size or age), over the outbox's life",
+            labels=["reason"],
+        )
+        for reason, count in stats.dropped.items():
+            dropped.add_metric([reason], count)
+        yield from (windows, size, dropped)
