@@ -108,12 +108,13 @@ def plan_sync(committed: Committed, signed: Signed) -> SyncStep | None:
       got ahead of the database, as before signing followed the commit):
       sign the committed target at the next version and record that version;
     - the same target, the metadata at a later version: record its version;
-    - nothing committed (never assigned, or withdrawn by a yank or a
-      decommission) while the metadata still names a target: sign an empty
-      assignment, so the device keeps what it runs.
+    - an assignment withdrawn (by a yank or a decommission: nothing committed
+      at a recorded version) while the metadata still names a target: sign an
+      empty assignment, so the device keeps what it runs. A device never
+      assigned (recorded version 0) needs nothing, whatever its metadata says.
     """
     if committed.target_path is None:
-        if signed.target_path is None:
+        if committed.director_version == 0 or signed.target_path is None:
             return None  # never assigned, or withdrawn and signed: it keeps what it runs
         if signed.version < committed.director_version:
             return SyncStep(sign=True, version=committed.director_version, record=False)

@@ -29,6 +29,7 @@ from agent.config import AgentConfig
 from agent.ota.fetch_worker import resolve
 from fleet_server.config import ServerConfig
 from fleet_server.director import DirectorRepository
+from fleet_server.fleetctl import main
 from protocol.messages import BundleRef, DeviceEvent, ReportedState
 from protocol.topics import device_topic
 from tests.conftest import HARDWARE
@@ -62,14 +63,22 @@ class Fleet:
     director: DirectorRepository
     repo: Path
     tmp: Path
+    capsys: pytest.CaptureFixture[str] | None = None
 
-    def fleetctl(self, *args: str, remote: bool = True) -> Run:
-        """``fleetctl ARGS`` as its own process (against the server unless ``remote`` is off)."""
-        extra = (
-            ["--server", self.server.url, "--token-file", str(self.server.data / "admin.token")]
-            if remote
-            else []
-        )
+    def _remote(self) -> list[str]:
+        return ["--server", self.server.url, "--token-file", str(self.server.data / "admin.token")]
+
+    def ctl(self, *args: str, remote: bool = True) -> Run:
+        """``fleetctl ARGS`` in this process (quick, for what a test only reads)."""
+        assert self.capsys is not None
+        self.capsys.readouterr()
+        code = main([*args, *(self._remote() if remote else [])])
+        out, err = self.capsys.readouterr()
+        return Run(code, out, err)
+
+    def fleetctl(self, *args: str) -> Run:
+        """``fleetctl ARGS`` against the server as its own process, as an operator runs it."""
+        extra = self._remote()
         env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")}
         r = subprocess.run(
             [sys.executable, "-m", "fleet_server.fleetctl", *args, *extra],
@@ -83,7 +92,7 @@ class Fleet:
 
     def register(self, device_id: str) -> str:
         """Pre-register a device with fleetctl; returns its password."""
-        run = self.fleetctl("devices", "register", device_id, "--hardware", HARDWARE, "--json")
+        run = self.ctl("devices", "register", device_id, "--hardware", HARDWARE, "--json")
         assert run.code == 0, run.err
         return str(run.json()["password"])
 
@@ -147,7 +156,7 @@ def clear_retained(namespace: str) -> None:
 
 
 @pytest.fixture(scope="module", params=DATABASES)
-def fleet(
+def deployment(
     request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory,
     bundles: dict[str, Path],
@@ -165,19 +174,21 @@ def fleet(
             )
             fleet = Fleet(server, director, tmp / "repo", tmp)
             keys = str(tmp / "keys")
-            assert fleet.fleetctl("keys", "init", "--dir", keys, remote=False).code == 0
+            assert main(["keys", "init", "--dir", keys]) == 0
             for bundle in (bundles["v1"], bundles["v2"]):
-                added = fleet.fleetctl(
-                    "release", "add", str(bundle), "--repo", str(fleet.repo), "--keys", keys,
-                    remote=False,
-                )  # fmt: skip
-                assert added.code == 0, added.err
-            pushed = fleet.fleetctl("release", "push", "--repo", str(fleet.repo))
-            assert pushed.code == 0, pushed.err
+                assert main(["release", "add", str(bundle), "--repo", str(fleet.repo),
+                             "--keys", keys]) == 0  # fmt: skip
+            assert main(["release", "push", "--repo", str(fleet.repo), *fleet._remote()]) == 0
             yield fleet
         finally:
             server.stop()
             clear_retained(server.namespace)
+
+
+@pytest.fixture
+def fleet(deployment: Fleet, capsys: pytest.CaptureFixture[str]) -> Fleet:
+    deployment.capsys = capsys
+    return deployment
 
 
 # -- decommissioning -----------------------------------------------------------------
@@ -197,7 +208,7 @@ def test_a_decommissioned_device_is_refused_everywhere_and_its_history_kept(
         "dec-1's event to be stored",
         lambda: fleet.api("/devices/dec-1/events")["events"],
     )
-    assigned = fleet.fleetctl("assign", "pump-health@1.0.0", "--device", "dec-1")
+    assigned = fleet.ctl("assign", "pump-health@1.0.0", "--device", "dec-1")
     assert assigned.code == 0, assigned.err
     assert fleet.director.signed("dec-1").target_path is not None
 
@@ -221,38 +232,38 @@ def test_a_decommissioned_device_is_refused_everywhere_and_its_history_kept(
         lambda: fleet.server.counter(DROPPED, "reason").get("decommissioned-device", 0.0) > before,
     )
 
-    listed = fleet.fleetctl("devices", "list", "--json").json()
+    listed = fleet.ctl("devices", "list", "--json").json()
     assert "dec-1" not in [d["id"] for d in listed]
-    every = fleet.fleetctl("devices", "list", "--all")
+    every = fleet.ctl("devices", "list", "--all")
     line = next(line for line in every.out.splitlines() if line.startswith("dec-1 "))
     assert "decommissioned" in line
-    shown = fleet.fleetctl("devices", "show", "dec-1")
+    shown = fleet.ctl("devices", "show", "dec-1")
     assert "decommissioned:" in shown.out and "returned for repair" in shown.out
     # Its history is kept: the event it sent before, and the audit entry.
-    events = fleet.fleetctl("devices", "events", "dec-1", "--json").json()
+    events = fleet.ctl("devices", "events", "dec-1", "--json").json()
     assert [e["message_id"] for e in events] == ["dec-1-before"]
-    audit = fleet.fleetctl("audit", "list", "--action", "device.decommission", "--json").json()
+    audit = fleet.ctl("audit", "list", "--action", "device.decommission", "--json").json()
     entry = next(e for e in audit["entries"] if e["subject"] == "dec-1")
     assert entry["details"]["reason"] == "returned for repair"
 
     # A decommissioned device takes no changes.
     err = fleet.fleetctl("devices", "decommission", "dec-1").one_line_error()
     assert "409" in err and "decommissioned" in err
-    err = fleet.fleetctl("assign", "pump-health@1.0.0", "--device", "dec-1").one_line_error()
+    err = fleet.ctl("assign", "pump-health@1.0.0", "--device", "dec-1").one_line_error()
     assert "409" in err and "dec-1 is decommissioned" in err
-    err = fleet.fleetctl("devices", "rotate-credentials", "dec-1").one_line_error()
+    err = fleet.ctl("devices", "rotate-credentials", "dec-1").one_line_error()
     assert "409" in err and "dec-1 is decommissioned" in err
-    err = fleet.fleetctl("devices", "tag", "dec-1", "--add", "x").one_line_error()
+    err = fleet.ctl("devices", "tag", "dec-1", "--add", "x").one_line_error()
     assert "409" in err
 
 
 def test_a_decommissioned_id_is_reused_only_when_asked(fleet: Fleet) -> None:
     old = fleet.register("dec-2")
-    assert fleet.fleetctl("devices", "decommission", "dec-2").code == 0
+    assert fleet.ctl("devices", "decommission", "dec-2").code == 0
     err = fleet.fleetctl("devices", "register", "dec-2", "--hardware", HARDWARE).one_line_error()
     assert "409" in err and "was decommissioned" in err and "--reuse-decommissioned" in err
     # Enrolling itself with a provisioning token never takes a decommissioned id.
-    token = fleet.fleetctl("provisioning-token", "create", "--json").json()["token"]
+    token = fleet.ctl("provisioning-token", "create", "--json").json()["token"]
     enrol = fleet.server.request(
         "POST",
         "/api/v1/devices/enrol",
@@ -267,9 +278,9 @@ def test_a_decommissioned_id_is_reused_only_when_asked(fleet: Fleet) -> None:
     own = "/director/devices/dec-2/metadata/timestamp.json"
     assert fleet.get(own, "dec-2", new) == 200
     assert fleet.get(own, "dec-2", old) == 401
-    shown = fleet.fleetctl("devices", "show", "dec-2", "--json").json()
+    shown = fleet.ctl("devices", "show", "dec-2", "--json").json()
     assert shown["decommissioned_at"] is None and shown["assigned_target"] is None
-    audit = fleet.fleetctl("audit", "list", "--action", "device.register", "--json").json()
+    audit = fleet.ctl("audit", "list", "--action", "device.register", "--json").json()
     reused = [e for e in audit["entries"] if e["subject"] == "dec-2"]
     assert len(reused) == 2 and "reuses_decommissioned" in reused[-1]["details"]
 
@@ -296,9 +307,9 @@ def test_rotated_credentials_replace_the_old_password_at_once(fleet: Fleet) -> N
     again = fleet.fleetctl("devices", "rotate-credentials", "rot-1", "--json").json()
     assert again["password"] != new and again["device_id"] == "rot-1"
     assert fleet.get(own, "rot-1", new) == 401
-    audit = fleet.fleetctl("audit", "list", "--action", "device.rotate-credentials", "--json")
+    audit = fleet.ctl("audit", "list", "--action", "device.rotate-credentials", "--json")
     assert [e["subject"] for e in audit.json()["entries"]].count("rot-1") == 2
-    err = fleet.fleetctl("devices", "rotate-credentials", "ghost").one_line_error()
+    err = fleet.ctl("devices", "rotate-credentials", "ghost").one_line_error()
     assert "404" in err and "no device ghost" in err
 
 
@@ -330,7 +341,7 @@ def report_running(fleet: Fleet, device_id: str, version: str, counter: int) -> 
 def test_a_yanked_release_is_offered_only_to_devices_running_it(fleet: Fleet) -> None:
     releases = {r["version"]: r for r in fleet.api("/releases")["releases"]}
     passwords = {d: fleet.register(d) for d in ("yank-run", "yank-wait", "yank-new")}
-    assigned = fleet.fleetctl(
+    assigned = fleet.ctl(
         "assign", "pump-health@2.0.0", "--device", "yank-run", "--device", "yank-wait"
     )
     assert assigned.code == 0, assigned.err
@@ -355,24 +366,24 @@ def test_a_yanked_release_is_offered_only_to_devices_running_it(fleet: Fleet) ->
     assert "409" in err and "yanked: false alarms" in err
     assert fleet.director.signed("yank-new").target_path is None
     # Listed with its reason; the image repository (signed offline) still lists it.
-    listed = {r["version"]: r for r in fleet.fleetctl("release", "list", "--json").json()}
+    listed = {r["version"]: r for r in fleet.ctl("release", "list", "--json").json()}
     assert listed["2.0.0"]["yank_reason"] == "false alarms" and listed["2.0.0"]["yanked_at"]
     assert listed["1.0.0"]["yanked_at"] is None
-    table = fleet.fleetctl("release", "list").out
+    table = fleet.ctl("release", "list").out
     assert "[yanked" in table and "false alarms" in table
     assert (
         fleet.get("/repository/metadata/timestamp.json", "yank-new", passwords["yank-new"]) == 200
     )
     # Once only, audited with what it did.
-    err = fleet.fleetctl("release", "yank", "pump-health@2.0.0", "--reason", "x").one_line_error()
+    err = fleet.ctl("release", "yank", "pump-health@2.0.0", "--reason", "x").one_line_error()
     assert "409" in err and "yanked already" in err
-    audit = fleet.fleetctl("audit", "list", "--action", "release.yank", "--json").json()
+    audit = fleet.ctl("audit", "list", "--action", "release.yank", "--json").json()
     (entry,) = [e for e in audit["entries"] if e["details"]["version"] == "2.0.0"]
     assert entry["details"]["withdrawn"] == ["yank-wait"] and entry["details"]["kept"] == [
         "yank-run"
     ]
     assert entry["details"]["reason"] == "false alarms"
     # Another release is assigned as ever.
-    assert fleet.fleetctl("assign", "pump-health@1.0.0", "--device", "yank-new").code == 0
-    err = fleet.fleetctl("release", "yank", "nope@1.0.0", "--reason", "x").one_line_error()
+    assert fleet.ctl("assign", "pump-health@1.0.0", "--device", "yank-new").code == 0
+    err = fleet.ctl("release", "yank", "nope@1.0.0", "--reason", "x").one_line_error()
     assert "404" in err
