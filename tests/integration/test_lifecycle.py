@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -34,6 +35,7 @@ from protocol.messages import BundleRef, DeviceEvent, ReportedState
 from protocol.topics import device_topic
 from tests.conftest import HARDWARE
 from tests.support.databases import DATABASES, database_url
+from tests.support.mosquitto import free_port, running_mosquitto
 from tests.support.server_process import DROPPED, DeviceClient, ServerProcess, wait_until
 
 pytestmark = pytest.mark.integration
@@ -387,3 +389,66 @@ def test_a_yanked_release_is_offered_only_to_devices_running_it(fleet: Fleet) ->
     assert fleet.ctl("assign", "pump-health@1.0.0", "--device", "yank-new").code == 0
     err = fleet.ctl("release", "yank", "nope@1.0.0", "--reason", "x").one_line_error()
     assert "404" in err
+
+
+# -- the broker, after a rotation or a decommission ---------------------------------------
+
+
+def test_a_reloaded_broker_config_refuses_and_disconnects_the_old_credentials(
+    tmp_path: Path,
+) -> None:
+    """What the README tells operators: write the broker config again, then ``kill -HUP``."""
+    passwords = {user: secrets.token_urlsafe(24) for user in ("fleet", "rot-m", "dec-m")}
+    for user, password in passwords.items():
+        (tmp_path / f"{user}.password").write_text(password + "\n")
+    port = free_port()
+    out = tmp_path / "mosquitto"
+
+    def broker_config(*devices: str) -> None:
+        argv = ["broker", "config", "--out", str(out), "--server-user", "fleet"]
+        argv += ["--namespace", "life", "--server-password-file", str(tmp_path / "fleet.password")]
+        for device in devices:
+            argv += ["--device", f"{device}:{tmp_path / f'{device}.password'}"]
+        assert main([*argv, "--port", str(port), "--bind", "127.0.0.1"]) == 0
+
+    def connect(user: str, password: str) -> tuple[paho.Client | None, list[int]]:
+        """A connected client (``None`` if refused) and its disconnections' reason codes."""
+        gone: list[int] = []
+        answers: list[bool] = []
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"{user}-{secrets.token_hex(3)}")
+        c.username_pw_set(user, password)
+        c.reconnect_delay_set(60, 60)  # a disconnection stays visible
+        c.on_disconnect = lambda _c, _u, _f, rc, _p: gone.append(int(rc.value))
+        c.on_connect = lambda _c, _u, _f, rc, _p: answers.append(not rc.is_failure)
+        c.connect("127.0.0.1", port, keepalive=30)
+        c.loop_start()
+        wait_until(f"the broker to answer {user}", lambda: answers)
+        if answers[0]:
+            return c, gone
+        c.loop_stop()
+        return None, gone
+
+    broker_config("rot-m", "dec-m")
+    with running_mosquitto(out / "mosquitto.conf", [port]) as broker:
+        rotated, rotated_gone = connect("rot-m", passwords["rot-m"])
+        removed, removed_gone = connect("dec-m", passwords["dec-m"])
+        assert rotated is not None and removed is not None
+        try:
+            # rot-m's password rotated, dec-m decommissioned: the config written again.
+            old = passwords["rot-m"]
+            passwords["rot-m"] = secrets.token_urlsafe(24)
+            (tmp_path / "rot-m.password").write_text(passwords["rot-m"] + "\n")
+            broker_config("rot-m")
+            broker.process.send_signal(signal.SIGHUP)
+            wait_until("the old connections to be closed", lambda: rotated_gone and removed_gone)
+        finally:
+            for c in (rotated, removed):
+                c.disconnect()
+                c.loop_stop()
+        for user, password in (("rot-m", old), ("dec-m", passwords["dec-m"])):
+            refused, _ = connect(user, password)
+            assert refused is None, f"{user} connected with credentials that no longer hold"
+        renewed, _ = connect("rot-m", passwords["rot-m"])
+        assert renewed is not None
+        renewed.disconnect()
+        renewed.loop_stop()
