@@ -178,8 +178,8 @@ def deployment(
             keys = str(tmp / "keys")
             assert main(["keys", "init", "--dir", keys]) == 0
             for bundle in (bundles["v1"], bundles["v2"]):
-                assert main(["release", "add", str(bundle), "--repo", str(fleet.repo),
-                             "--keys", keys]) == 0  # fmt: skip
+                add = ["release", "add", str(bundle), "--repo", str(fleet.repo), "--keys", keys]
+                assert main(add) == 0
             assert main(["release", "push", "--repo", str(fleet.repo), *fleet._remote()]) == 0
             yield fleet
         finally:
@@ -196,16 +196,19 @@ def fleet(deployment: Fleet, capsys: pytest.CaptureFixture[str]) -> Fleet:
 # -- decommissioning -----------------------------------------------------------------
 
 
+def hello(device_id: str, message_id: str) -> DeviceEvent:
+    return DeviceEvent(
+        device_id=device_id, message_id=message_id, sent_at=time.time(), event="hello", at=1.0
+    )
+
+
 def test_a_decommissioned_device_is_refused_everywhere_and_its_history_kept(
     fleet: Fleet,
 ) -> None:
     password = fleet.register("dec-1")
     own = "/director/devices/dec-1/metadata/timestamp.json"
     assert fleet.get(own, "dec-1", password) == 200
-    fleet.publish(
-        "dec-1", "events", DeviceEvent(device_id="dec-1", message_id="dec-1-before", sent_at=1.0,
-                                       event="hello", at=1.0),
-    )  # fmt: skip
+    fleet.publish("dec-1", "events", hello("dec-1", "dec-1-before"))
     wait_until(
         "dec-1's event to be stored",
         lambda: fleet.api("/devices/dec-1/events")["events"],
@@ -225,10 +228,7 @@ def test_a_decommissioned_device_is_refused_everywhere_and_its_history_kept(
     assert fleet.director.signed("dec-1").target_path is None
     # Its MQTT messages are dropped and counted.
     before = fleet.server.counter(DROPPED, "reason").get("decommissioned-device", 0.0)
-    fleet.publish(
-        "dec-1", "events", DeviceEvent(device_id="dec-1", message_id="dec-1-after", sent_at=2.0,
-                                       event="hello", at=2.0),
-    )  # fmt: skip
+    fleet.publish("dec-1", "events", hello("dec-1", "dec-1-after"))
     wait_until(
         "the decommissioned device's message to be dropped",
         lambda: fleet.server.counter(DROPPED, "reason").get("decommissioned-device", 0.0) > before,
