@@ -25,6 +25,7 @@ import paho.mqtt.client as paho
 import pytest
 import urllib3
 from paho.mqtt.enums import CallbackAPIVersion
+from prometheus_client.parser import text_string_to_metric_families
 
 from agent.config import AgentConfig
 from agent.ota.fetch_worker import resolve
@@ -196,6 +197,16 @@ def fleet(deployment: Fleet, capsys: pytest.CaptureFixture[str]) -> Fleet:
 # -- decommissioning -----------------------------------------------------------------
 
 
+def registered(fleet: Fleet) -> float:
+    """The server's ``edgefleet_devices_registered`` gauge."""
+    r = fleet.server.http.request("GET", f"{fleet.server.url}/metrics")
+    for family in text_string_to_metric_families(r.data.decode()):
+        for sample in family.samples:
+            if sample.name == "edgefleet_devices_registered":
+                return float(sample.value)
+    raise AssertionError("no edgefleet_devices_registered in /metrics")
+
+
 def hello(device_id: str, message_id: str) -> DeviceEvent:
     return DeviceEvent(
         device_id=device_id, message_id=message_id, sent_at=time.time(), event="hello", at=1.0
@@ -216,6 +227,7 @@ def test_a_decommissioned_device_is_refused_everywhere_and_its_history_kept(
     assigned = fleet.ctl("assign", "pump-health@1.0.0", "--device", "dec-1")
     assert assigned.code == 0, assigned.err
     assert fleet.director.signed("dec-1").target_path is not None
+    counted = registered(fleet)
 
     done = fleet.fleetctl("devices", "decommission", "dec-1", "--reason", "returned for repair")
     assert done.code == 0, done.err
@@ -236,6 +248,7 @@ def test_a_decommissioned_device_is_refused_everywhere_and_its_history_kept(
 
     listed = fleet.ctl("devices", "list", "--json").json()
     assert "dec-1" not in [d["id"] for d in listed]
+    assert registered(fleet) == counted - 1
     every = fleet.ctl("devices", "list", "--all")
     line = next(line for line in every.out.splitlines() if line.startswith("dec-1 "))
     assert "decommissioned" in line
@@ -389,6 +402,27 @@ def test_a_yanked_release_is_offered_only_to_devices_running_it(fleet: Fleet) ->
     assert fleet.ctl("assign", "pump-health@1.0.0", "--device", "yank-new").code == 0
     err = fleet.ctl("release", "yank", "nope@1.0.0", "--reason", "x").one_line_error()
     assert "404" in err
+
+
+def test_only_admins_decommission_and_rotate_and_operators_yank(fleet: Fleet) -> None:
+    tokens = {}
+    for role in ("viewer", "operator"):
+        made = fleet.ctl("tokens", "create", "--name", f"life-{role}", "--role", role, "--json")
+        assert made.code == 0, made.err
+        tokens[role] = made.json()["token"]
+    fleet.register("roles-1")
+    for method, path, body, role in (
+        ("POST", "/devices/roles-1/decommission", {}, "operator"),
+        ("POST", "/devices/roles-1/credentials", None, "operator"),
+        ("POST", "/releases/yank", {"release": "pump-health@1.0.0", "reason": "x"}, "viewer"),
+    ):
+        r = fleet.server.request(method, f"/api/v1{path}", token=tokens[role], body=body)
+        assert r.status == 403, (path, r.status, r.data)
+    assert fleet.api("/devices/roles-1")["decommissioned_at"] is None
+    assert all(
+        r["yanked_at"] is None or r["version"] != "1.0.0"
+        for r in fleet.api("/releases")["releases"]
+    )
 
 
 # -- the broker, after a rotation or a decommission ---------------------------------------
