@@ -26,13 +26,19 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from fleet_server.audit import record
 from fleet_server.db import Database
 from fleet_server.db.models import Assignment, Device, Release
 from fleet_server.director import DirectorRepository, Signed
-from fleet_server.registry import DeviceNotFound, RegistryError, list_devices
+from fleet_server.registry import (
+    DeviceNotFound,
+    RegistryError,
+    list_devices,
+    refuse_decommissioned,
+)
 from fleet_server.release.keys import KeyStore
 from fleet_server.release.repository import ReleasedBundle, RepositoryError
 from protocol.messages import BundleRef, DesiredState
@@ -44,6 +50,12 @@ PublishDesired = Callable[[DesiredState], Awaitable[None]]
 
 class AssignmentError(RegistryError):
     """The assignment cannot be made; the message says why."""
+
+
+class ReleaseYanked(AssignmentError):
+    """The release was yanked: it is assigned to no device any more."""
+
+    status = 409
 
 
 @dataclass(frozen=True)
@@ -95,10 +107,18 @@ def plan_sync(committed: Committed, signed: Signed) -> SyncStep | None:
     - the metadata names another target at the recorded version or later (it
       got ahead of the database, as before signing followed the commit):
       sign the committed target at the next version and record that version;
-    - the same target, the metadata at a later version: record its version.
+    - the same target, the metadata at a later version: record its version;
+    - an assignment withdrawn (by a yank or a decommission: nothing committed
+      at a recorded version) while the metadata still names a target: sign an
+      empty assignment, so the device keeps what it runs. A device never
+      assigned (recorded version 0) needs nothing, whatever its metadata says.
     """
     if committed.target_path is None:
-        return None  # never assigned: the device keeps what it runs
+        if committed.director_version == 0 or signed.target_path is None:
+            return None  # never assigned, or withdrawn and signed: it keeps what it runs
+        if signed.version < committed.director_version:
+            return SyncStep(sign=True, version=committed.director_version, record=False)
+        return SyncStep(sign=True, version=signed.version + 1, record=True)
     if signed.version < committed.director_version:
         return SyncStep(sign=True, version=committed.director_version, record=False)
     if signed.target_path != committed.target_path:
@@ -140,14 +160,17 @@ class DirectorService:
         stands and :meth:`sync` signs it later.
         """
         async with db.session() as session:
-            release = await session.get(Release, target_path)
+            # Locked: a yank committed meanwhile is seen here, not overtaken.
+            release = await session.get(Release, target_path, with_for_update=True)
             if release is None:
                 raise AssignmentError(f"no release {target_path}; push it first")
+            refuse_yanked(release)
             devices: list[Device] = []
             for device_id in device_ids:
                 device = await session.get(Device, device_id)
                 if device is None:
                     raise DeviceNotFound(f"no device {device_id}")
+                refuse_decommissioned(device, "be assigned a release")
                 devices.append(device)
             if tag is not None:
                 devices += [
@@ -215,9 +238,12 @@ class DirectorService:
         )
         if device_ids is not None:
             query = query.where(Device.id.in_(list(device_ids)))
+        # Devices assigned nothing now but once assigned something (a withdrawn assignment)
+        # are looked at too: their metadata must come to name nothing.
+        once_assigned = or_(Device.assigned_target.is_not(None), Device.director_version > 0)
         async with db.session() as session:
-            rows = (await session.execute(query.where(Device.assigned_target.is_not(None)))).all()
-            targets = {r.assigned_target for r in rows}
+            rows = (await session.execute(query.where(once_assigned))).all()
+            targets = {r.assigned_target for r in rows if r.assigned_target is not None}
             releases = {
                 r.target_path: released_bundle(r)
                 for r in (
@@ -277,7 +303,7 @@ class DirectorService:
                     update(Device).where(Device.id == r.id).values(director_version=step.version)
                 )
                 fresh.append((Committed(r.id, r.assigned_target, step.version), r.hardware_id))
-            missing = {c.target_path for c, _ in fresh} - set(releases)
+            missing = {c.target_path for c, _ in fresh if c.target_path} - set(releases)
             if missing:
                 for row in await session.scalars(
                     select(Release).where(Release.target_path.in_(missing))
@@ -300,10 +326,15 @@ class DirectorService:
             try:
                 step = plan_sync(state, self.director.signed(state.device_id))
                 self.unsigned.discard(state.device_id)
-                if step is None or state.target_path is None:
+                if step is None:
                     continue
                 if step.sign and step.record:
                     ahead.append(state.device_id)
+                    continue
+                if state.target_path is None:
+                    if step.sign:  # a withdrawn assignment: the metadata comes to name nothing
+                        self.director.unassign(self.keys, state.device_id, step.version)
+                        signed_now += 1
                     continue
                 if step.sign:
                     bundle = releases.get(state.target_path)
@@ -346,3 +377,58 @@ class DirectorService:
                     issued_at=time.time(),
                 )
             )
+
+
+# -- lifecycle: withdrawing assignments (yanked releases, decommissioned devices) ---------
+
+
+def refuse_yanked(release: Release) -> None:
+    """Raise :class:`ReleaseYanked`, naming the reason, if ``release`` was yanked."""
+    if release.yanked_at is not None:
+        raise ReleaseYanked(
+            f"{release.name} {release.version} was yanked: {release.yank_reason}; "
+            "assign another release"
+        )
+
+
+async def withdraw_assignments(
+    director: DirectorService, session: AsyncSession, device_ids: Sequence[str]
+) -> dict[str, int]:
+    """Withdraw the devices' assignments in the caller's transaction; their new versions.
+
+    Each device is assigned nothing at its next director version (above both
+    the recorded and the signed one), so once the transaction has committed
+    :meth:`DirectorService.sync` signs an empty assignment for it: the device
+    keeps what it runs. Devices already assigned nothing are left alone.
+    """
+    ids = sorted(set(device_ids))
+    if not ids:
+        return {}
+    locked = (
+        await session.execute(
+            select(Device).where(Device.id.in_(ids)).order_by(Device.id).with_for_update()
+        )
+    ).scalars()
+    devices = [d for d in locked if d.assigned_target is not None]
+    signed = await asyncio.to_thread(
+        lambda: {d.id: director.director.signed(d.id).version for d in devices}
+    )
+    versions = {}
+    for device in devices:
+        version = max(device.director_version or 0, signed[device.id]) + 1
+        device.assigned_target = None
+        device.director_version = version
+        versions[device.id] = version
+    return versions
+
+
+async def announce_withdrawn(director: DirectorService, versions: dict[str, int]) -> None:
+    """Publish, retained, that each device is assigned nothing now (after commit)."""
+    if director.publish is None:
+        return
+    for device_id, version in sorted(versions.items()):
+        await director.publish(
+            DesiredState(
+                device_id=device_id, director_version=version, bundle=None, issued_at=time.time()
+            )
+        )

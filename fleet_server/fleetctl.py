@@ -333,7 +333,7 @@ def cmd_release_list(args: argparse.Namespace) -> None:
     table = [f"{'NAME':<16} {'VERSION':<10} {'COUNTER':>10}  {'BYTES':>9}  HARDWARE"]
     table += [
         f"{r['name']:<16} {r['version']:<10} {r['release_counter']:>10}  {r['length']:>9}  "
-        f"{', '.join(r['hardware_ids'])}"
+        f"{', '.join(r['hardware_ids'])}{_yank_note(r)}"
         for r in rows
     ]
     _emit(args, rows, "\n".join(table) if rows else "No bundles released.")
@@ -395,13 +395,18 @@ def _describe_device(d: dict[str, Any]) -> str:
         ("phase", d.get("phase") or "-"),
         ("assigned", d.get("assigned_target") or "-"),
         ("director version", d.get("director_version", 0)),
+        *_decommission_fields(d),
     ]
     return "\n".join(f"{name + ':':<18}{value}" for name, value in fields)
 
 
 def cmd_devices_list(args: argparse.Namespace) -> None:
     devices = _client(args).get(
-        "/devices", tag=args.tag, hardware_id=args.hardware, online=args.online
+        "/devices",
+        tag=args.tag,
+        hardware_id=args.hardware,
+        online=args.online,
+        include_decommissioned=args.all or None,
     )["devices"]
     table = _table(
         ["DEVICE", "HARDWARE", "ONLINE", "RUNNING", "ASSIGNED", "TAGS"],
@@ -409,7 +414,7 @@ def cmd_devices_list(args: argparse.Namespace) -> None:
             [
                 d["id"],
                 d["hardware_id"],
-                "yes" if d["online"] else "no",
+                _online_cell(d),
                 d.get("active_bundle"),
                 d.get("assigned_target"),
                 ",".join(d.get("tags") or []) or None,
@@ -444,6 +449,7 @@ def cmd_devices_register(args: argparse.Namespace) -> None:
             "hardware_id": args.hardware,
             "region": args.region,
             "tags": args.tag,
+            "reuse_decommissioned": args.reuse_decommissioned,
         },
     )
     _emit(
@@ -516,6 +522,8 @@ def _release_rows(releases: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "hardware_ids": list(r["hardware_ids"]),
             "length": r["length"],
             "target": r["target_path"],
+            "yanked_at": r.get("yanked_at"),
+            "yank_reason": r.get("yank_reason"),
         }
         for r in releases
     ]
@@ -660,6 +668,88 @@ def cmd_director_root(args: argparse.Namespace) -> None:
         f"Wrote the director's root (version {version}) to {args.out}; devices name it in "
         "agent.toml: [director] root",
     )
+
+
+# -- device and release lifecycle ---------------------------------------------------
+
+
+def _online_cell(d: dict[str, Any]) -> str:
+    if d.get("decommissioned_at"):
+        return "decommissioned"
+    return "yes" if d["online"] else "no"
+
+
+def _decommission_fields(d: dict[str, Any]) -> list[tuple[str, Any]]:
+    if not d.get("decommissioned_at"):
+        return []
+    return [
+        ("decommissioned", f"{_when(d['decommissioned_at'])} UTC"),
+        ("reason", d.get("decommission_reason") or "-"),
+    ]
+
+
+def _yank_note(r: dict[str, Any]) -> str:
+    if not r.get("yanked_at"):
+        return ""
+    return f"  [yanked {_when(r['yanked_at'])[:10]}: {r.get('yank_reason')}]"
+
+
+# What an operator must do on a broker whose passwd file `fleetctl broker config` wrote.
+_BROKER_NOTE = (
+    "If the broker's passwd file comes from 'fleetctl broker config', run it again {what} "
+    "and reload Mosquitto (kill -HUP): it re-reads passwd and acl and disconnects clients "
+    "whose credentials no longer hold."
+)
+
+
+def cmd_devices_decommission(args: argparse.Namespace) -> None:
+    device = _client(args).post(
+        f"/devices/{path_segment(args.device)}/decommission", {"reason": args.reason}
+    )
+    _emit(
+        args,
+        device,
+        f"Decommissioned {device['id']}: its credentials no longer work (HTTP 401, MQTT "
+        "messages dropped), its assignment is withdrawn, its history is kept; "
+        "'devices list --all' still shows it.\n"
+        + _BROKER_NOTE.format(what="without --device " + device["id"]),
+    )
+
+
+def cmd_devices_rotate_credentials(args: argparse.Namespace) -> None:
+    created = _client(args).post(f"/devices/{path_segment(args.device)}/credentials", {})
+    _emit(
+        args,
+        created,
+        f"New credentials for {created['device_id']}; the old password no longer works.\n"
+        "Password (shown only now; the device's HTTP and MQTT credential):\n"
+        f"  {created['password']}\n"
+        "Install it on the device (its credentials password file). "
+        + _BROKER_NOTE.format(
+            what=f"with --device {created['device_id']}:FILE holding the new password"
+        ),
+    )
+
+
+def cmd_release_yank(args: argparse.Namespace) -> None:
+    result = _client(args).post("/releases/yank", {"release": args.release, "reason": args.reason})
+    r = result["release"]
+    withdrawn, kept = result["withdrawn"], result["kept"]
+    lines = [f"Yanked {r['name']} {r['version']} ({r['target_path']}): {r['yank_reason']}"]
+    lines.append(
+        f"  withdrawn from {len(withdrawn)} device(s) not running it (they keep what they run)"
+        + (f": {', '.join(withdrawn)}" if withdrawn else "")
+    )
+    lines.append(
+        f"  {len(kept)} device(s) running it keep it until assigned another release"
+        + (f": {', '.join(kept)}" if kept else "")
+    )
+    lines.append(
+        "A yank is not a rollback: to move devices off this release, release the model to "
+        "return to again with a higher release counter (fleetctl bundle build "
+        "--release-counter N, release add, release push) and assign it."
+    )
+    _emit(args, result, "\n".join(lines))
 
 
 def cmd_audit_list(args: argparse.Namespace) -> None:
@@ -1250,6 +1340,9 @@ def _remote_commands(groups: Any, leaf: argparse.ArgumentParser, release: Any) -
     state.add_argument(
         "--offline", dest="online", action="store_const", const=False, help="only devices offline"
     )
+    p.add_argument(
+        "--all", action="store_true", help="list decommissioned devices too (hidden by default)"
+    )
     p.set_defaults(func=cmd_devices_list)
     p = devices.add_parser(
         "show",
@@ -1288,6 +1381,12 @@ def _remote_commands(groups: Any, leaf: argparse.ArgumentParser, release: Any) -
     p.add_argument("--hardware", required=True, help="the device's hardware id")
     p.add_argument("--region", help="the device's region, for drift by region")
     p.add_argument("--tag", action="append", default=[], help="a tag to give it (repeatable)")
+    p.add_argument(
+        "--reuse-decommissioned",
+        action="store_true",
+        help="register a new device under the id of a decommissioned one (refused otherwise); "
+        "its history stays, the new device starts with nothing assigned",
+    )
     p.set_defaults(func=cmd_devices_register)
     p = devices.add_parser(
         "events",
@@ -1300,6 +1399,7 @@ def _remote_commands(groups: Any, leaf: argparse.ArgumentParser, release: Any) -
     p.add_argument("device", help="the device's id")
     p.add_argument("--limit", type=int, default=50, help="at most this many (default %(default)s)")
     p.set_defaults(func=cmd_devices_events)
+    _lifecycle_commands(devices, release, both)
 
     tokens = groups.add_parser(
         "provisioning-token", help="tokens devices enrol with (server, admin)"
@@ -1492,6 +1592,44 @@ def _remote_commands(groups: Any, leaf: argparse.ArgumentParser, release: Any) -
     )
     p.add_argument("file", help=".csv with a header window_id,actual,predicted[,count], or .json")
     p.set_defaults(func=cmd_labels_post)
+
+
+def _lifecycle_commands(devices: Any, release: Any, both: list[argparse.ArgumentParser]) -> None:
+    """Decommissioning devices, rotating their credentials, yanking releases (server)."""
+    p = devices.add_parser(
+        "decommission",
+        parents=both,
+        help="take a device out of the fleet: its credentials stop working, its history stays "
+        "(admin)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_examples("fleetctl devices decommission pump-17 --reason 'returned for repair'"),
+    )
+    p.add_argument("device", help="the device id")
+    p.add_argument("--reason", help="why, kept with the device and in the audit log")
+    p.set_defaults(func=cmd_devices_decommission)
+    p = devices.add_parser(
+        "rotate-credentials",
+        parents=both,
+        help="give a device a new password, shown once; the old one stops working at once (admin)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_examples("fleetctl devices rotate-credentials pump-17"),
+    )
+    p.add_argument("device", help="the device id")
+    p.set_defaults(func=cmd_devices_rotate_credentials)
+    p = release.add_parser(
+        "yank",
+        parents=both,
+        help="stop offering a release to devices not running it yet (not a rollback)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_examples(
+            "fleetctl release yank pump-health@1.2.0 --reason 'false alarms on line B'"
+        ),
+    )
+    p.add_argument("release", help="NAME@VERSION or the bundle's target path")
+    p.add_argument(
+        "--reason", required=True, help="why, shown by release list and in refusals to assign it"
+    )
+    p.set_defaults(func=cmd_release_yank)
 
 
 def _passphrase_flags(parser: argparse.ArgumentParser) -> None:

@@ -14,7 +14,9 @@ class Metrics:
             "edgefleet_devices_online", "Devices whose presence is online", registry=self.registry
         )
         self.devices_registered = Gauge(
-            "edgefleet_devices_registered", "Registered devices", registry=self.registry
+            "edgefleet_devices_registered",
+            "Registered devices (decommissioned ones not counted)",
+            registry=self.registry,
         )
         self.messages_ingested = Counter(
             "edgefleet_mqtt_messages_ingested_total",

@@ -42,6 +42,12 @@ class InvalidProvisioningToken(RegistryError):
     status = 401
 
 
+class DeviceDecommissioned(RegistryError):
+    """The device was decommissioned: it has no credential and takes no changes."""
+
+    status = 409
+
+
 def secret_hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
@@ -68,10 +74,27 @@ async def create_device(
     region: str | None = None,
     tags: Sequence[str] = (),
     actor: str,
+    reuse_decommissioned: bool = False,
 ) -> tuple[Device, str]:
-    """Register a device; returns it and its password (shown only now)."""
+    """Register a device; returns it and its password (shown only now).
+
+    The id of a decommissioned device is taken again only with
+    ``reuse_decommissioned`` (see :func:`_register_again`).
+    """
     _check_attributes(device_id, hardware_id, tags)
-    if await session.get(Device, device_id) is not None:
+    existing = await session.get(Device, device_id, with_for_update=True)
+    if existing is not None and existing.decommissioned_at is not None:
+        if not reuse_decommissioned:
+            raise DeviceExists(
+                f"device {device_id} was decommissioned on "
+                f"{_aware(existing.decommissioned_at):%Y-%m-%d %H:%M} UTC; registering a new "
+                "device under its id needs reuse_decommissioned (fleetctl devices register "
+                "--reuse-decommissioned)"
+            )
+        return await _register_again(
+            session, existing, hardware_id=hardware_id, region=region, tags=tags, actor=actor
+        )
+    if existing is not None:
         raise DeviceExists(f"device {device_id} is already registered")
     password = new_secret()
     device = Device(
@@ -152,6 +175,8 @@ async def enrol(
     if row.hardware_id is not None and row.hardware_id != hardware_id:
         raise InvalidProvisioningToken(f"this token enrols only {row.hardware_id} devices")
     row.uses_left -= 1
+    # Never reuse_decommissioned here: a decommissioned (perhaps stolen) device holding a
+    # provisioning token must not come back under its old id on its own.
     return await create_device(
         session,
         device_id=device_id,
@@ -179,8 +204,12 @@ async def list_devices(
     tag: str | None = None,
     hardware_id: str | None = None,
     online: bool | None = None,
+    include_decommissioned: bool = False,
 ) -> list[Device]:
+    """Devices by id; decommissioned ones only with ``include_decommissioned``."""
     query = select(Device).order_by(Device.id)
+    if not include_decommissioned:
+        query = query.where(Device.decommissioned_at.is_(None))
     if hardware_id is not None:
         query = query.where(Device.hardware_id == hardware_id)
     if online is not None:
@@ -199,6 +228,7 @@ async def set_tags(
     actor: str,
 ) -> Device:
     device = await get_device(session, device_id)
+    refuse_decommissioned(device, "take tags")
     _check_attributes(device.id, device.hardware_id, add)
     device.tags = sorted((set(device.tags or []) | set(add)) - set(remove))
     await record(
@@ -211,6 +241,116 @@ async def authenticate_device(session: AsyncSession, device_id: str, password: s
     device = await session.get(Device, device_id)
     return (
         device is not None
+        and device.decommissioned_at is None
         and device.credential_hash is not None
         and hmac.compare_digest(device.credential_hash, secret_hash(password))
     )
+
+
+# -- lifecycle: decommissioning, re-registering, rotating credentials -------------------
+
+
+def refuse_decommissioned(device: Device, what: str) -> None:
+    """Raise :class:`DeviceDecommissioned` if ``device`` is decommissioned."""
+    if device.decommissioned_at is not None:
+        raise DeviceDecommissioned(
+            f"device {device.id} is decommissioned (since "
+            f"{_aware(device.decommissioned_at):%Y-%m-%d %H:%M} UTC) and cannot {what}"
+        )
+
+
+async def decommission_device(
+    session: AsyncSession, device_id: str, *, reason: str | None, actor: str
+) -> Device:
+    """Take a device out of the fleet for good: no credential, hidden from the default list.
+
+    Its row stays, so its events, windows, assignments and audit entries keep
+    naming it; its id is not given to another device unless an admin asks
+    (:func:`create_device` with ``reuse_decommissioned``). The caller withdraws
+    its assignment from the director in the same transaction.
+    """
+    device = await session.get(Device, device_id, with_for_update=True)
+    if device is None:
+        raise DeviceNotFound(f"no device {device_id}")
+    refuse_decommissioned(device, "be decommissioned again")
+    device.decommissioned_at = datetime.now(UTC)
+    device.decommission_reason = reason
+    device.credential_hash = None
+    device.online = False
+    await record(
+        session,
+        actor,
+        "device.decommission",
+        device_id,
+        {
+            "reason": reason,
+            "hardware_id": device.hardware_id,
+            "assigned_target": device.assigned_target,
+            "active_bundle": device.active_bundle,
+        },
+    )
+    return device
+
+
+async def rotate_credentials(
+    session: AsyncSession, device_id: str, *, actor: str
+) -> tuple[Device, str]:
+    """Give a device a new password (shown only now); the old one stops working at once."""
+    device = await session.get(Device, device_id, with_for_update=True)
+    if device is None:
+        raise DeviceNotFound(f"no device {device_id}")
+    refuse_decommissioned(device, "get new credentials")
+    password = new_secret()
+    device.credential_hash = secret_hash(password)
+    await record(session, actor, "device.rotate-credentials", device_id, {})
+    return device, password
+
+
+async def _register_again(
+    session: AsyncSession,
+    device: Device,
+    *,
+    hardware_id: str,
+    region: str | None,
+    tags: Sequence[str],
+    actor: str,
+) -> tuple[Device, str]:
+    """A new device under a decommissioned one's id: a fresh identity, the history kept.
+
+    Everything the old device reported or was assigned is cleared; the
+    director version goes on from where it was, so the new device's metadata
+    versions only ever grow. Events and windows stored before stay listed
+    under the id (older than the new ``enrolled_at``).
+    """
+    password = new_secret()
+    decommissioned_at = _aware(device.decommissioned_at or datetime.now(UTC))
+    device.hardware_id = hardware_id
+    device.region = region
+    device.tags = sorted(set(tags))
+    device.credential_hash = secret_hash(password)
+    device.enrolled_at = datetime.now(UTC)
+    device.last_seen_at = None
+    device.online = False
+    device.agent_version = None
+    device.active_bundle = None
+    device.installed_counter = 0
+    device.phase = None
+    device.reported = None
+    device.reported_at = None
+    device.assigned_target = None
+    device.decommissioned_at = None
+    device.decommission_reason = None
+    await session.flush()
+    await record(
+        session,
+        actor,
+        "device.register",
+        device.id,
+        {
+            "hardware_id": hardware_id,
+            "region": region,
+            "tags": device.tags,
+            "reuses_decommissioned": decommissioned_at.isoformat(),
+        },
+    )
+    return device, password

@@ -84,6 +84,10 @@ class DeviceView(_Response):
         default=None, description="why the stored report is not shown; null if shown"
     )
     reported_at: datetime | None = None
+    decommissioned_at: datetime | None = Field(
+        default=None, description="when the device was decommissioned; null while it is active"
+    )
+    decommission_reason: str | None = None
 
 
 class DeviceList(_Response):
@@ -96,6 +100,9 @@ class DeviceQuery(_Request):
     tag: Tag | None = None
     hardware_id: HardwareId | None = None
     online: bool | None = None
+    include_decommissioned: bool = Field(
+        default=False, description="list decommissioned devices too (hidden by default)"
+    )
 
 
 class RegisterDevice(_Request):
@@ -105,6 +112,11 @@ class RegisterDevice(_Request):
     hardware_id: HardwareId
     region: Region | None = None
     tags: Tags = Field(default_factory=list)
+    reuse_decommissioned: bool = Field(
+        default=False,
+        description="register a new device under the id of a decommissioned one (refused "
+        "otherwise); its history stays, the new device starts with nothing assigned",
+    )
 
 
 class EnrolDevice(_Request):
@@ -188,6 +200,10 @@ class ReleaseView(_Response):
     sha256: str
     length: int
     released_at: datetime
+    yanked_at: datetime | None = Field(
+        default=None, description="when the release was yanked; null if it was not"
+    )
+    yank_reason: str | None = None
 
 
 class ReleaseList(_Response):
@@ -243,6 +259,40 @@ class AssignmentView(_Response):
 class AssignmentResult(_Response):
     release: ReleaseView
     assignments: list[AssignmentView]
+
+
+# -- device and release lifecycle ---------------------------------------------------
+
+LifecycleReason = Annotated[
+    str, Field(min_length=1, max_length=500, pattern=r"^[^\x00-\x1f\x7f]+$")
+]
+
+
+class DecommissionRequest(_Request):
+    """Decommission a device: its credentials stop working, its history stays."""
+
+    reason: LifecycleReason | None = None
+
+
+class YankRequest(_Request):
+    """Yank a release: no device that does not run it already is offered it any more."""
+
+    release: Annotated[
+        str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._@/+-]{0,511}$", max_length=512)
+    ] = Field(description="NAME@VERSION or the bundle's target path")
+    reason: LifecycleReason
+
+
+class YankResult(_Response):
+    release: ReleaseView
+    withdrawn: list[str] = Field(
+        description="devices assigned the release but not running it: their director "
+        "metadata now names nothing, so they keep what they run"
+    )
+    kept: list[str] = Field(
+        description="devices running the release: they keep it until assigned another "
+        "(a yank is not a rollback)"
+    )
 
 
 # -- tokens --------------------------------------------------------------------

@@ -45,7 +45,9 @@ async def metrics(request: web.Request) -> web.StreamResponse:
     try:
         # Counted from the database so every replica reports the whole fleet.
         async with server.db.session() as session:
-            total = await session.scalar(select(func.count()).select_from(Device))
+            total = await session.scalar(
+                select(func.count()).select_from(Device).where(Device.decommissioned_at.is_(None))
+            )
             online = await session.scalar(
                 select(func.count()).select_from(Device).where(Device.online.is_(True))
             )

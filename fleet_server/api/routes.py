@@ -24,7 +24,7 @@ from sqlalchemy import Text, cast, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 from tuf.api import exceptions as tuf_exc
 
-from fleet_server import registry
+from fleet_server import lifecycle, registry
 from fleet_server.api.errors import ApiError
 from fleet_server.api.operations import (
     DEVICE_AUTH,
@@ -69,6 +69,7 @@ from protocol.api import (
     AuditPage,
     AuditQuery,
     AuditVerification,
+    DecommissionRequest,
     DeviceCredentials,
     DeviceEventList,
     DeviceEventView,
@@ -99,6 +100,8 @@ from protocol.api import (
     TokenList,
     TokenRequest,
     TokenView,
+    YankRequest,
+    YankResult,
 )
 from protocol.messages import FREEFORM_BOUNDS
 
@@ -139,6 +142,8 @@ def device_view(d: Device) -> DeviceView:
         reported=reported.value if reported is not None and reported.omitted is None else None,
         reported_omitted=reported.omitted if reported is not None else None,
         reported_at=_maybe_aware(d.reported_at),
+        decommissioned_at=_maybe_aware(d.decommissioned_at),
+        decommission_reason=d.decommission_reason,
     )
 
 
@@ -152,6 +157,8 @@ def release_view(r: Release) -> ReleaseView:
         sha256=r.sha256,
         length=r.length,
         released_at=_aware(r.released_at),
+        yanked_at=_maybe_aware(r.yanked_at),
+        yank_reason=r.yank_reason,
     )
 
 
@@ -185,7 +192,11 @@ async def list_devices(request: web.Request) -> web.StreamResponse:
     q = query(request, DeviceQuery)
     async with request.app[SERVER].db.session() as session:
         devices = await registry.list_devices(
-            session, tag=q.tag, hardware_id=q.hardware_id, online=q.online
+            session,
+            tag=q.tag,
+            hardware_id=q.hardware_id,
+            online=q.online,
+            include_decommissioned=q.include_decommissioned,
         )
         return answer(DeviceList(devices=[device_view(d) for d in devices]))
 
@@ -225,6 +236,7 @@ async def register_device(request: web.Request) -> web.StreamResponse:
             region=b.region,
             tags=b.tags,
             actor=request[PRINCIPAL].actor,
+            reuse_decommissioned=b.reuse_decommissioned,
         )
         view = device_view(device)
     await _after_enrolment(request, device.id)
@@ -435,6 +447,51 @@ async def get_director_root(request: web.Request) -> web.StreamResponse:
     except FileNotFoundError:
         raise ApiError(404, "the director has no root yet; start the server once") from None
     return web.Response(body=root, content_type="application/json")
+
+
+# -- device and release lifecycle ---------------------------------------------------
+
+
+async def decommission_device(request: web.Request) -> web.StreamResponse:
+    b = body(request, DecommissionRequest)
+    server = request.app[SERVER]
+    device = await lifecycle.decommission(
+        server.db,
+        server.director,
+        request.match_info["device_id"],
+        reason=b.reason,
+        actor=request[PRINCIPAL].actor,
+    )
+    # This replica forgets the credential now; others within the authenticator's TTL.
+    request.app[DEVICE_AUTH].forget(device.id)
+    return answer(device_view(device))
+
+
+async def rotate_device_credentials(request: web.Request) -> web.StreamResponse:
+    async with request.app[SERVER].db.session() as session:
+        device, password = await registry.rotate_credentials(
+            session, request.match_info["device_id"], actor=request[PRINCIPAL].actor
+        )
+        view = device_view(device)
+    request.app[DEVICE_AUTH].forget(device.id)
+    return answer(_credentials(request, device.id, password, view))
+
+
+async def yank_release(request: web.Request) -> web.StreamResponse:
+    b = body(request, YankRequest)
+    server = request.app[SERVER]
+    async with server.db.session() as session:
+        target_path = (await find_release(session, b.release)).target_path
+    outcome = await lifecycle.yank(
+        server.db, server.director, target_path, reason=b.reason, actor=request[PRINCIPAL].actor
+    )
+    return answer(
+        YankResult(
+            release=release_view(outcome.release),
+            withdrawn=outcome.withdrawn,
+            kept=outcome.kept,
+        )
+    )
 
 
 # -- tokens --------------------------------------------------------------------
@@ -829,6 +886,30 @@ OPERATIONS: tuple[Operation, ...] = (
         "Assign a released bundle to devices or a tag (signed by the director)",
         tag="assignments", auth="operator", body=AssignmentRequest, response=AssignmentResult,
         status=201, errors=(400, *_AUTH_ERRORS, 404, 409, 413, 422),
+    ),
+    # -- device and release lifecycle
+    Operation(
+        "POST", f"{V}/devices/{{device_id}}/decommission", decommission_device,
+        "decommissionDevice",
+        "Decommission a device: its credentials stop working, its assignment is withdrawn, "
+        "its history stays; hidden from the device list unless include_decommissioned",
+        tag="devices", auth="admin", body=DecommissionRequest, response=DeviceView,
+        errors=(400, *_AUTH_ERRORS, 404, 409, 413, 422),
+    ),
+    Operation(
+        "POST", f"{V}/devices/{{device_id}}/credentials", rotate_device_credentials,
+        "rotateDeviceCredentials",
+        "Give a device a new password (in the answer, only there); the old one stops "
+        "working at once",
+        tag="devices", auth="admin", response=DeviceCredentials,
+        errors=(*_AUTH_ERRORS, 404, 409),
+    ),
+    Operation(
+        "POST", f"{V}/releases/yank", yank_release, "yankRelease",
+        "Yank a release: devices not running it are no longer offered it (their director "
+        "metadata names nothing); devices running it keep it. Not a rollback",
+        tag="releases", auth="operator", body=YankRequest, response=YankResult,
+        errors=(400, *_AUTH_ERRORS, 404, 409, 413, 422),
     ),
     Operation(
         "GET", f"{V}/director/root", get_director_root, "getDirectorTrustedRoot",

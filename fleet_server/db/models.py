@@ -44,6 +44,9 @@ class Device(Base):
     reported_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     assigned_target: Mapped[str | None] = mapped_column(String(512))
     director_version: Mapped[int] = mapped_column(Integer, default=0)
+    # Lifecycle: a decommissioned device keeps its row (its history names it), no credential.
+    decommissioned_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    decommission_reason: Mapped[str | None] = mapped_column(String(500))
 
 
 class Release(Base):
@@ -59,6 +62,9 @@ class Release(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     length: Mapped[int] = mapped_column(BigInteger)
     released_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # Lifecycle: a yanked release is offered to no device that does not run it already.
+    yanked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    yank_reason: Mapped[str | None] = mapped_column(String(500))
 
 
 class Assignment(Base):

@@ -183,7 +183,8 @@ class BatchResult:
 
 
 async def write_batch(db: Database, batch: Sequence[Accepted], replica: str) -> BatchResult:
-    """Store one batch in one transaction; messages from unknown devices are dropped.
+    """Store one batch in one transaction; messages from unknown or decommissioned devices
+    are dropped (``unknown-device``, ``decommissioned-device``).
 
     The batch's device rows are locked up front in device-id order, and events
     and windows are inserted in id order, so replicas writing overlapping
@@ -198,23 +199,28 @@ async def write_batch(db: Database, batch: Sequence[Accepted], replica: str) -> 
         ids = {a.device_id for a in batch}
         # The batch's device rows are locked first, all at once and in id order, so two
         # replicas whose batches share devices wait for each other instead of deadlocking.
-        known = set(
-            (
-                await session.scalars(
-                    select(Device.id)
-                    .where(Device.id.in_(ids))
-                    .order_by(Device.id)
-                    .with_for_update()
-                )
-            ).all()
-        )
+        rows = (
+            await session.execute(
+                select(Device.id, Device.decommissioned_at)
+                .where(Device.id.in_(ids))
+                .order_by(Device.id)
+                .with_for_update()
+            )
+        ).all()
+        known = {device_id for device_id, gone in rows if gone is None}
+        decommissioned = {device_id for device_id, gone in rows if gone is not None}
         updates: dict[str, dict[str, object]] = {}
         events: dict[str, dict[str, object]] = {}
         windows: dict[str, dict[str, object]] = {}
         sent_windows: list[tuple[str, str]] = []  # (device_id, window_id), as they came
         for item in batch:
             if item.device_id not in known:
-                result.dropped["unknown-device"] = result.dropped.get("unknown-device", 0) + 1
+                reason = (
+                    "decommissioned-device"
+                    if item.device_id in decommissioned
+                    else "unknown-device"
+                )
+                result.dropped[reason] = result.dropped.get(reason, 0) + 1
                 continue
             msg = item.message
             values = updates.setdefault(item.device_id, {})
@@ -361,6 +367,10 @@ async def sweep_offline(db: Database, metrics: Metrics, timeout_s: float) -> Non
         online = len(
             (await session.scalars(select(Device.id).where(Device.online.is_(True)))).all()
         )
-        total = len((await session.scalars(select(Device.id))).all())
+        total = len(
+            (
+                await session.scalars(select(Device.id).where(Device.decommissioned_at.is_(None)))
+            ).all()
+        )
     metrics.devices_online.set(online)
     metrics.devices_registered.set(total)

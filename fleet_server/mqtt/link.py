@@ -72,6 +72,7 @@ LEAVE_TIMEOUT_S = 10.0
 # What the drops write_batch reports mean, for the log.
 _BATCH_DROPS = {
     "unknown-device": "from unregistered devices",
+    "decommissioned-device": "from decommissioned devices",
     "window-id-taken": "carrying a window id another device's window holds",
 }
 

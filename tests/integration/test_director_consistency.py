@@ -299,3 +299,33 @@ def test_folders_grown_before_pruning_are_pruned_by_the_maintenance_job(
     assert served.director.prune_all() == 2 * (12 - KEEP_VERSIONS)
     assert len(metadata_files(served.director)) == 2 + 2 * KEEP_VERSIONS
     assert served.device_sees(tmp_path / "device") == "1.0.0"
+
+
+def test_a_yank_committed_but_not_signed_is_signed_empty_by_the_director_sync(
+    served: Served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    status, body = served.assign("2.0.0")
+    assert status == 201, body
+    _, assigned_version = served.recorded()
+    assert served.device_sees(tmp_path / "device") == "2.0.0"
+
+    def disk_full(*_args: object, **_kw: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(served.director, "unassign", disk_full)
+        status, body = served.call(
+            "POST", "/releases/yank", {"release": "pump-health@2.0.0", "reason": "bad batch"}
+        )
+    # The yank stands (recorded, audited); the metadata still names 2.0.0 until signed.
+    assert status == 200, body
+    assert body["withdrawn"] == [DEVICE]
+    target, version = served.recorded()
+    assert target is None and version > assigned_version
+    assert served.director.signed(DEVICE).target_path == served.paths["2.0.0"]
+    assert DEVICE in served.api.server.director.unsigned
+
+    assert served.api.call(served.api.server.director.sync(served.api.server.db)) == 1
+    assert served.director.signed(DEVICE) == Signed(None, version)
+    assert served.device_sees(tmp_path / "device") is None
+    assert served.api.call(served.api.server.director.sync(served.api.server.db)) == 0

@@ -32,3 +32,14 @@ def test_metadata_ahead_of_the_database_is_signed_back_to_it_at_a_newer_version(
 
 def test_the_same_target_at_a_newer_signed_version_is_only_recorded() -> None:
     assert plan_sync(Committed("d", A, 4), Signed(A, 6)) == SyncStep(False, 6, True)
+
+
+def test_a_withdrawn_assignment_is_signed_empty_at_the_recorded_version() -> None:
+    # A yank or a decommission recorded "nothing" at version 5; the metadata still names A.
+    assert plan_sync(Committed("d", None, 5), Signed(A, 4)) == SyncStep(True, 5, False)
+    # Signed empty already: nothing to do.
+    assert plan_sync(Committed("d", None, 5), Signed(None, 5)) is None
+
+
+def test_metadata_naming_a_target_after_a_withdrawal_is_signed_empty_at_a_newer_version() -> None:
+    assert plan_sync(Committed("d", None, 5), Signed(A, 5)) == SyncStep(True, 6, True)
