@@ -223,9 +223,12 @@ class DirectorRepository:
         """Create a device's (empty) repository so it can ask before its first assignment."""
         self._ensure_device(keys, device_id)
 
-    def unassign(self, keys: KeyStore, device_id: str) -> int:
-        """Tell ``device_id`` to keep what it runs (an empty assignment)."""
-        return self._ensure_device(keys, device_id).sign(keys, {}, None)
+    def unassign(self, keys: KeyStore, device_id: str, version: int | None = None) -> int:
+        """Tell ``device_id`` to keep what it runs (an empty assignment) at ``version``.
+
+        ``version`` as for :meth:`assign` (default: the next one).
+        """
+        return self._ensure_device(keys, device_id).sign(keys, {}, version)
 
     def refresh_timestamp(self, keys: KeyStore, device_id: str) -> int:
         """Re-sign one device's timestamp before it expires."""
