@@ -123,14 +123,14 @@ def counter_refusal(release: Release, below: Sequence[Device], total: int, tag: 
     )
     more = f"; and {len(below) - NAMED_IN_REFUSAL} more" if len(below) > NAMED_IN_REFUSAL else ""
     if tag is not None:
-        whom = f"{len(below)} of the {total} devices it matches (tag {tag})"
+        whom = f"{len(below)} of the {total} devices it matches (tag {tag}) run"
     elif len(below) == 1:
-        whom = "the device"
+        whom = "the device runs"
     else:
-        whom = f"{len(below)} of the {total} devices"
+        whom = f"{len(below)} of the {total} devices run"
     return (
         f"{release.name} {release.version} (release counter {release.release_counter}) is below "
-        f"what {whom} run: {named}{more}; a device never installs a lower release counter, so "
+        f"what {whom}: {named}{more}; a device never installs a lower release counter, so "
         f"re-release it above: fleetctl release add --re-release-of "
         f"{release.name}@{release.version} --repo REPO --keys KEYS, then fleetctl release push "
         "--repo REPO, and assign the version that prints"

@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from datetime import datetime
@@ -43,7 +44,7 @@ from fleet_server.release.bundle_builder import (
 )
 from fleet_server.release.keys import KeyStoreError, init_keys, is_encrypted, load_keys
 from fleet_server.release.repository import ImageRepository, RepositoryError
-from protocol.api import SignedAuditHead
+from protocol.api import ASSIGNMENT_ID_PATTERN, SignedAuditHead
 from protocol.bundle import BundleFormatError, read_bundle
 from protocol.manifest import Manifest, ResourceBudget
 
@@ -715,15 +716,21 @@ def cmd_assignments_list(args: argparse.Namespace) -> None:
 
 
 def cmd_assignments_cancel(args: argparse.Namespace) -> None:
+    if not re.match(ASSIGNMENT_ID_PATTERN, args.id):
+        raise CommandError(
+            f"assignment id {args.id!r}: give dev-N (a device's) or tag-N (a tag rule), "
+            "as fleetctl assignments list shows"
+        )
     cancelled = _client(args).request("DELETE", f"/assignments/{path_segment(args.id)}")
     _emit(args, cancelled, _cancelled_line(cancelled))
 
 
 def _cancelled_line(c: dict[str, Any]) -> str:
     devices = c["devices"]
-    return f"Cancelled {c['id']} ({c['target_path']})" + (
-        f": {', '.join(devices)} keep what they run" if devices else ": no device held it"
-    )
+    if not devices:
+        return f"Cancelled {c['id']} ({c['target_path']}): no device held it"
+    keep = "keeps what it runs" if len(devices) == 1 else "keep what they run"
+    return f"Cancelled {c['id']} ({c['target_path']}): {', '.join(devices)} {keep}"
 
 
 def cmd_unassign(args: argparse.Namespace) -> None:
