@@ -32,3 +32,12 @@ def test_metadata_ahead_of_the_database_is_signed_back_to_it_at_a_newer_version(
 
 def test_the_same_target_at_a_newer_signed_version_is_only_recorded() -> None:
     assert plan_sync(Committed("d", A, 4), Signed(A, 6)) == SyncStep(False, 6, True)
+
+
+def test_a_cancelled_assignment_is_signed_as_an_empty_one() -> None:
+    # Cancelled at version 5 while the metadata still names A at 4: sign "nothing" as 5.
+    assert plan_sync(Committed("d", None, 5), Signed(A, 4)) == SyncStep(True, 5, False)
+    # The metadata got ahead naming A: sign "nothing" above it and record that version.
+    assert plan_sync(Committed("d", None, 5), Signed(A, 5)) == SyncStep(True, 6, True)
+    # Already signed as nothing: done.
+    assert plan_sync(Committed("d", None, 5), Signed(None, 5)) is None
