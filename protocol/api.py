@@ -19,8 +19,8 @@ from protocol.versioning import HARDWARE_ID_PATTERN, NAME_PATTERN
 API_PREFIX = "/api/v1"
 
 TOKEN_ID_PATTERN = r"^[A-Za-z0-9_-]{1,32}$"
-# dev-N: one device's assignment; tag-N: a tag rule.
-ASSIGNMENT_ID_PATTERN = r"^(dev|tag)-[1-9][0-9]{0,17}$"
+# dev-N: one device's assignment; tag-N: a tag rule (N fits the 32-bit id columns).
+ASSIGNMENT_ID_PATTERN = r"^(dev|tag)-[1-9][0-9]{0,8}$"
 
 Role = Literal["viewer", "operator", "admin"]
 ROLES: tuple[Role, ...] = ("viewer", "operator", "admin")

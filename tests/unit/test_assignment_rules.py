@@ -89,7 +89,7 @@ def test_a_refusal_matches_the_assigned_bundle_only_by_its_name_and_version_sinc
     assert refusal_of([named, newer], assigned, since) is named
 
 
-@pytest.mark.parametrize("text", ["dev-0", "tag-", "rule-3", "dev-3x", "3"])
+@pytest.mark.parametrize("text", ["dev-0", "tag-", "rule-3", "dev-3x", "3", "dev-6432747602"])
 def test_assignment_ids_are_dev_or_tag_and_a_number(text: str) -> None:
     with pytest.raises(AssignmentError, match="dev-N"):
         parse_assignment_id(text)
