@@ -266,12 +266,8 @@ def test_an_old_model_re_released_above_the_counter_reaches_a_device_running_a_n
     assert "Re-released pump-health 1.0.0 as pump-health 2.0.1" in released.out
     assert f"fleetctl release push --repo {fleet.repo}" in released.out
     # The same model bytes, a new version and a counter above every earlier one.
-    with (
-        (fleet.repo / "targets" / "pump-health")
-        .glob("*.pump-health-2.0.1.bundle")
-        .__next__()
-        .open("rb") as f
-    ):
+    [renewed] = (fleet.repo / "targets" / "pump-health").glob("*.pump-health-2.0.1.bundle")
+    with renewed.open("rb") as f:
         manifest, members = read_bundle(f)
     with bundles["v1"].open("rb") as f:
         _, old_members = read_bundle(f)
@@ -290,6 +286,11 @@ def test_an_old_model_re_released_above_the_counter_reaches_a_device_running_a_n
         str(fleet.keys),
     )
     assert "no pump-health 0.9.0" in one_line_error(again)
+    lower = ["--re-release-of", "pump-health@1.0.0", "--version", "1.5.0"]
+    lower += ["--repo", str(fleet.repo), "--keys", str(fleet.keys)]
+    refused = one_line_error(fleet.local("release", "add", *lower))
+    assert f"version 1.5.0 has release counter {default_release_counter('1.5.0')}" in refused
+    assert "not above" in refused and "pump-health 2.0.1" in refused
 
     pushed = fleet.run("release", "push", "--repo", str(fleet.repo), "--json")
     assert [r["version"] for r in pushed.json()["published"]] == ["2.0.1"]
