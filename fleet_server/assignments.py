@@ -23,7 +23,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -82,6 +82,7 @@ class Cancelled:
     assignment_id: str
     target_path: str
     devices: list[str]
+    versions: dict[str, int]  # each device's director version that names nothing
 
 
 # Assignments are named by kind: ``dev-N`` one device's (a row of ``assignments``),
@@ -568,11 +569,13 @@ class DirectorService:
             signed = await asyncio.to_thread(
                 lambda: {d: self.director.signed(d).version for d in devices}
             )
+            versions: dict[str, int] = {}
             for r in rows:
                 r.cancelled_at, r.cancelled_by = now, actor
                 device = by_id[r.device_id]
                 device.assigned_target = None
                 device.director_version = max(device.director_version or 0, signed[device.id]) + 1
+                versions[device.id] = device.director_version
             release = await session.get(Release, target_path)
             await record(
                 session,
@@ -587,7 +590,7 @@ class DirectorService:
                 },
             )
         await self.sync(db, devices)
-        return Cancelled(assignment_id, target_path, devices)
+        return Cancelled(assignment_id, target_path, devices, versions)
 
     async def sync(self, db: Database, device_ids: Sequence[str] | None = None) -> int:
         """Sign what the database says each device runs where its metadata says otherwise.
@@ -727,6 +730,24 @@ class DirectorService:
                     exc,
                 )
         return signed_now, to_record, ahead
+
+    async def announce_cancelled(self, versions: Mapping[str, int]) -> None:
+        """Publish each device's retained desired state naming no bundle (after commit).
+
+        It replaces the one naming the cancelled bundle, and an online device
+        refreshes its director metadata now rather than at its next poll.
+        """
+        if self.publish is None:
+            return
+        for device_id, version in sorted(versions.items()):
+            await self.publish(
+                DesiredState(
+                    device_id=device_id,
+                    director_version=version,
+                    bundle=None,
+                    issued_at=time.time(),
+                )
+            )
 
     async def announce(self, release: Release, results: Sequence[AssignmentResult]) -> None:
         """Publish the retained desired state of each assigned device (after commit)."""

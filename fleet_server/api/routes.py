@@ -14,6 +14,7 @@ import logging
 import math
 import re
 from collections.abc import Collection, Mapping
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -480,10 +481,18 @@ async def _sign_ruled(request: web.Request, ruled: tuple[Release, Recorded] | No
     if ruled is None:
         return
     release, result = ruled
-    director = request.app[SERVER].director
+    server = request.app[SERVER]
     try:
-        await director.sync(request.app[SERVER].db, [result.device_id])
-        await director.announce(release, [result])
+        await server.director.sync(server.db, [result.device_id])
+        # A device registered just now had no director metadata when the version was chosen:
+        # the sync signed above the empty one its registration made, and recorded that.
+        async with server.db.session() as session:
+            version = await session.scalar(
+                select(Device.director_version).where(Device.id == result.device_id)
+            )
+        await server.director.announce(
+            release, [replace(result, director_version=version or result.director_version)]
+        )
     except Exception:
         log.exception("tag rule assignment of %s committed but not signed", result.device_id)
 
@@ -592,6 +601,10 @@ async def cancel_assignment(request: web.Request) -> web.StreamResponse:
     cancelled = await server.director.cancel(
         server.db, request.match_info["assignment_id"], request[PRINCIPAL].actor
     )
+    try:
+        await server.director.announce_cancelled(cancelled.versions)
+    except Exception:
+        log.exception("cancel of %s committed but not announced", cancelled.assignment_id)
     return answer(
         AssignmentCancelled(
             id=cancelled.assignment_id,
