@@ -1496,7 +1496,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  fleetctl release add --re-release-of pump-health@1.1.0 --repo repo --keys keys",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("bundle", nargs="?")
+    p.add_argument("bundle", nargs="?", help="the bundle file (none with --re-release-of)")
     p.add_argument("--repo", required=True)
     p.add_argument("--keys", required=True)
     p.add_argument(
@@ -1507,7 +1507,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--version",
-        help="with --re-release-of: the new version (default: the next patch version)",
+        help="with --re-release-of: the new version (default: the patch version after the "
+        "highest released one)",
     )
     _passphrase_flags(p)
     p.set_defaults(func=cmd_release_add)
