@@ -179,8 +179,9 @@ def _aware(at: datetime) -> datetime:
     return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
 
 
-# The agent's events that say it refused an update (see agent.ota.installer).
-REFUSAL_EVENTS = ("check-refused", "assignment-refused", "refused")
+# The agent's events that say it refused an update, or rolled it back and will not
+# retry it (see agent.ota.installer).
+REFUSAL_EVENTS = ("check-refused", "assignment-refused", "refused", "rolled-back")
 
 
 @dataclass(frozen=True)
@@ -242,9 +243,10 @@ def refusal_of(refusals: Sequence[Refusal], release: Release, since: datetime) -
 
 
 def refusal_warning(device_id: str, release: Release, refusal: Refusal) -> str:
-    """One line: the device refused the bundle assigned to it."""
+    """One line: the device refused (or rolled back) the bundle assigned to it."""
+    did = "rolled back" if refusal.event == "rolled-back" else "refused"
     return (
-        f"{device_id} refused the assigned {release.name} {release.version} at "
+        f"{device_id} {did} the assigned {release.name} {release.version} at "
         f"{refusal.at:%Y-%m-%d %H:%M:%S}Z ({refusal.reason or refusal.event}: "
         f"{refusal.message or 'no message'}); it keeps running what it has"
     )

@@ -13,6 +13,7 @@ from fleet_server.assignments import (
     counter_refusal,
     parse_assignment_id,
     refusal_of,
+    refusal_warning,
     winning_rule,
 )
 from fleet_server.db.models import AssignmentRule, Device, Release
@@ -98,3 +99,13 @@ def test_assignment_ids_are_dev_or_tag_and_a_number(text: str) -> None:
 def test_assignment_ids_parse() -> None:
     assert parse_assignment_id("dev-12") == ("dev", 12)
     assert parse_assignment_id("tag-3") == ("tag", 3)
+
+
+def test_a_rollback_of_the_assigned_bundle_warns_as_a_rollback() -> None:
+    assigned = release("1.2.0", 1002000999)
+    at = T0 + timedelta(minutes=1)
+    rolled = Refusal(at, at, "rolled-back", "watchdog", "pump-health 1.2.0", "3 failures")
+    assert refusal_of([rolled], assigned, T0) is rolled
+    line = refusal_warning("pump-1", assigned, rolled)
+    assert line.startswith("pump-1 rolled back the assigned pump-health 1.2.0 at 2026-01-01")
+    assert "(watchdog: 3 failures)" in line
