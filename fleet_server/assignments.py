@@ -1,5 +1,15 @@
 """The director service: assign a released bundle to devices, sign, and tell them.
 
+An assignment names devices, or a tag: a tag assignment is a rule
+(``assignment_rules``) that also gives its release to every device that gains
+the tag later (:meth:`DirectorService.apply_rules`). Precedence for a device
+gaining a tag: an assignment made for the device by name overrides tag rules,
+and of two rules matching it, the newest wins. A release below the counter a
+device reports running is refused up front (the device would refuse it); an
+old model goes back out as a re-release above the counter. Cancelling
+(:meth:`DirectorService.cancel`) signs metadata that names nothing, so the
+device keeps what it runs.
+
 An assignment is recorded in the database and the audit log first; once that
 transaction has committed, the committed state is signed into each device's
 director metadata (which is what the device trusts) and announced with a
