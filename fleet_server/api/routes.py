@@ -244,7 +244,9 @@ async def register_device(request: web.Request) -> web.StreamResponse:
             tags=b.tags,
             actor=request[PRINCIPAL].actor,
         )
-        ruled = await _apply_tag_rules(request, session, device, device.tags, device.id)
+        ruled = await _apply_tag_rules(
+            request, session, device, device.tags, request[PRINCIPAL].actor
+        )
         view = device_view(device)
     await _after_enrolment(request, device.id)
     await _sign_ruled(request, ruled)

@@ -382,6 +382,7 @@ def test_a_tag_rule_assigns_devices_that_gain_the_tag_later(fleet: Fleet) -> Non
     applied = {e.details["device"]: e for e in fleet.audit("assignment.apply")}
     assert {"tr-2", "tr-3", "tr-4"} <= set(applied)
     assert applied["tr-4"].actor == "device:tr-4" and applied["tr-3"].details["rule"] == rule
+    assert applied["tr-2"].actor.startswith("token:") and applied["tr-2"].actor.endswith("admin")
 
     # Losing the tag keeps what the device was assigned.
     assert fleet.run("devices", "tag", "tr-3", "--remove", "tr-canary").code == 0
