@@ -1,5 +1,15 @@
 """The director service: assign a released bundle to devices, sign, and tell them.
 
+An assignment names devices, or a tag: a tag assignment is a rule
+(``assignment_rules``) that also gives its release to every device that gains
+the tag later (:meth:`DirectorService.apply_rules`). Precedence for a device
+gaining a tag: an assignment made for the device by name overrides tag rules,
+and of two rules matching it, the newest wins. A release below the counter a
+device reports running is refused up front (the device would refuse it); an
+old model goes back out as a re-release above the counter. Cancelling
+(:meth:`DirectorService.cancel`) signs metadata that names nothing, so the
+device keeps what it runs.
+
 An assignment is recorded in the database and the audit log first; once that
 transaction has committed, the committed state is signed into each device's
 director metadata (which is what the device trusts) and announced with a
@@ -21,17 +31,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from fleet_server.audit import record
 from fleet_server.db import Database
-from fleet_server.db.models import Assignment, Device, Release
+from fleet_server.db.models import Assignment, AssignmentRule, Device, DeviceEventRow, Release
 from fleet_server.director import DirectorRepository, Signed
 from fleet_server.registry import (
     DeviceNotFound,
@@ -41,6 +53,7 @@ from fleet_server.registry import (
 )
 from fleet_server.release.keys import KeyStore
 from fleet_server.release.repository import ReleasedBundle, RepositoryError
+from protocol.api import ASSIGNMENT_ID_PATTERN
 from protocol.messages import BundleRef, DesiredState
 
 log = logging.getLogger(__name__)
@@ -58,11 +71,206 @@ class ReleaseYanked(AssignmentError):
     status = 409
 
 
+class AssignmentConflict(AssignmentError):
+    """The assignment contradicts what a device runs, or what was cancelled already."""
+
+    status = 409
+
+
+class AssignmentNotFound(AssignmentError):
+    status = 404
+
+
 @dataclass(frozen=True)
 class AssignmentResult:
     device_id: str
     target_path: str
     director_version: int
+
+
+@dataclass(frozen=True)
+class Assigned:
+    """What :meth:`DirectorService.assign` recorded: each device's assignment, and the rule."""
+
+    results: list[AssignmentResult]
+    rule_id: int | None
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    """What :meth:`DirectorService.cancel` cancelled: the devices that now keep what they run."""
+
+    assignment_id: str
+    target_path: str
+    devices: list[str]
+    versions: dict[str, int]  # each device's director version that names nothing
+
+
+# Assignments are named by kind: ``dev-N`` one device's (a row of ``assignments``),
+# ``tag-N`` a tag rule (a row of ``assignment_rules``).
+_ASSIGNMENT_ID = re.compile(ASSIGNMENT_ID_PATTERN)
+# Devices named in a one-line refusal; the rest are counted.
+NAMED_IN_REFUSAL = 3
+
+
+def device_label(assignment_id: int) -> str:
+    return f"dev-{assignment_id}"
+
+
+def rule_label(rule_id: int) -> str:
+    return f"tag-{rule_id}"
+
+
+def parse_assignment_id(text: str) -> tuple[str, int]:
+    """``dev-N`` or ``tag-N`` as (kind, N); anything else is refused naming the form."""
+    if not _ASSIGNMENT_ID.match(text):
+        raise AssignmentError(
+            f"assignment id {text!r} must be dev-N (a device's) or tag-N (a tag rule's), "
+            "as fleetctl assignments list shows"
+        )
+    kind, _, number = text.partition("-")
+    return kind, int(number)
+
+
+def below_installed(release: Release, devices: Sequence[Device]) -> list[Device]:
+    """The devices running a higher release counter than ``release``: they would refuse it."""
+    return [d for d in devices if (d.installed_counter or 0) > release.release_counter]
+
+
+def counter_refusal(release: Release, below: Sequence[Device], total: int, tag: str | None) -> str:
+    """One line: which devices run a higher counter than ``release``, and how to roll back."""
+    named = "; ".join(
+        f"{d.id} runs {d.active_bundle or 'a bundle'} (release counter {d.installed_counter})"
+        for d in below[:NAMED_IN_REFUSAL]
+    )
+    more = f"; and {len(below) - NAMED_IN_REFUSAL} more" if len(below) > NAMED_IN_REFUSAL else ""
+    if tag is not None:
+        whom = f"{len(below)} of the {total} devices it matches (tag {tag}) run"
+    elif len(below) == 1:
+        whom = "the device runs"
+    else:
+        whom = f"{len(below)} of the {total} devices run"
+    return (
+        f"{release.name} {release.version} (release counter {release.release_counter}) is below "
+        f"what {whom}: {named}{more}; a device never installs a lower release counter, so "
+        f"re-release it above: fleetctl release add --re-release-of "
+        f"{release.name}@{release.version} --repo REPO --keys KEYS, then fleetctl release push "
+        "--repo REPO, and assign the version that prints"
+    )
+
+
+def winning_rule(rules: Iterable[AssignmentRule], tags: Iterable[str]) -> AssignmentRule | None:
+    """The newest active rule whose tag is among ``tags`` (of two rules, the later one wins)."""
+    held = set(tags)
+    matching = [r for r in rules if r.cancelled_at is None and r.tag in held]
+    return max(matching, key=lambda r: r.id, default=None)
+
+
+async def current_assignment(session: AsyncSession, device_id: str) -> Assignment | None:
+    """The device's latest assignment (cancelled or not), or ``None``."""
+    return (
+        await session.scalars(
+            select(Assignment)
+            .where(Assignment.device_id == device_id)
+            .order_by(Assignment.id.desc())
+            .limit(1)
+        )
+    ).first()
+
+
+async def current_assignments(session: AsyncSession) -> list[Assignment]:
+    """Every device's latest assignment (cancelled or not), by device id."""
+    latest = (
+        select(Assignment.device_id, func.max(Assignment.id).label("id"))
+        .group_by(Assignment.device_id)
+        .subquery()
+    )
+    return list(
+        (
+            await session.scalars(
+                select(Assignment)
+                .join(latest, Assignment.id == latest.c.id)
+                .order_by(Assignment.device_id)
+            )
+        ).all()
+    )
+
+
+def _aware(at: datetime) -> datetime:
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+
+
+# The agent's events that say it refused an update, or rolled it back and will not
+# retry it (see agent.ota.installer).
+REFUSAL_EVENTS = ("check-refused", "assignment-refused", "refused", "rolled-back")
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """An update a device refused, as its event says."""
+
+    at: datetime
+    received_at: datetime
+    event: str
+    reason: str | None
+    bundle: str | None
+    message: str | None
+
+
+def _text(details: dict[str, Any], key: str) -> str | None:
+    value = details.get(key)
+    return value[:500] if isinstance(value, str) else None
+
+
+async def recent_refusals(session: AsyncSession, device_id: str, limit: int = 5) -> list[Refusal]:
+    """The device's latest refusal events, newest first."""
+    rows = await session.scalars(
+        select(DeviceEventRow)
+        .where(DeviceEventRow.device_id == device_id, DeviceEventRow.event.in_(REFUSAL_EVENTS))
+        .order_by(DeviceEventRow.id.desc())
+        .limit(limit)
+    )
+    refusals = []
+    for row in rows:
+        details = row.details if isinstance(row.details, dict) else {}
+        refusals.append(
+            Refusal(
+                at=_aware(row.at),
+                received_at=_aware(row.received_at),
+                event=row.event,
+                reason=_text(details, "reason"),
+                # A refused install names its bundle; a given-up download the one abandoned.
+                bundle=_text(details, "bundle") or _text(details, "abandoned"),
+                message=_text(details, "message"),
+            )
+        )
+    return refusals
+
+
+def refusal_of(refusals: Sequence[Refusal], release: Release, since: datetime) -> Refusal | None:
+    """The newest refusal of ``release`` received since ``since`` (its assignment), if any.
+
+    A refusal names the bundle as NAME VERSION: in its ``bundle`` field, or (a
+    refused director answer) in its message.
+    """
+    label = f"{release.name} {release.version}"
+    named = re.compile(rf"(^|[\s(]){re.escape(label)}($|[\s:;,)])")
+    for r in refusals:
+        if r.received_at < _aware(since):
+            continue
+        if r.bundle == label or (r.bundle is None and r.message and named.search(r.message)):
+            return r
+    return None
+
+
+def refusal_warning(device_id: str, release: Release, refusal: Refusal) -> str:
+    """One line: the device refused (or rolled back) the bundle assigned to it."""
+    did = "rolled back" if refusal.event == "rolled-back" else "refused"
+    return (
+        f"{device_id} {did} the assigned {release.name} {release.version} at "
+        f"{refusal.at:%Y-%m-%d %H:%M:%S}Z ({refusal.reason or refusal.event}: "
+        f"{refusal.message or 'no message'}); it keeps running what it has"
+    )
 
 
 def released_bundle(row: Release) -> ReleasedBundle:
@@ -108,9 +316,9 @@ def plan_sync(committed: Committed, signed: Signed) -> SyncStep | None:
       got ahead of the database, as before signing followed the commit):
       sign the committed target at the next version and record that version;
     - the same target, the metadata at a later version: record its version;
-    - an assignment withdrawn (by a yank or a decommission: nothing committed
-      at a recorded version) while the metadata still names a target: sign an
-      empty assignment, so the device keeps what it runs. A device never
+    - an assignment withdrawn (by a cancel, a yank or a decommission: nothing
+      committed at a recorded version) while the metadata still names a target:
+      sign an empty assignment, so the device keeps what it runs. A device never
       assigned (recorded version 0) needs nothing, whatever its metadata says.
     """
     if committed.target_path is None:
@@ -152,12 +360,16 @@ class DirectorService:
         actor: str,
         device_ids: Sequence[str] = (),
         tag: str | None = None,
-    ) -> list[AssignmentResult]:
-        """Assign the release at ``target_path`` to the devices named or tagged.
+    ) -> Assigned:
+        """Assign the release at ``target_path`` to the devices named, and as a rule to ``tag``.
 
-        Records the assignment (commits), then signs what was committed. A
-        signing failure after the commit is logged, not raised: the assignment
-        stands and :meth:`sync` signs it later.
+        A tag assignment is a rule (:class:`AssignmentRule`): every device that
+        has the tag now gets the release, and so does every device that gains
+        it later (:meth:`apply_rules`). A release below the release counter a
+        device runs is refused (:class:`AssignmentConflict`): the device would
+        refuse it. Records the assignment (commits), then signs what was
+        committed. A signing failure after the commit is logged, not raised:
+        the assignment stands and :meth:`sync` signs it later.
         """
         async with db.session() as session:
             # Locked: a yank committed meanwhile is seen here, not overtaken.
@@ -172,59 +384,242 @@ class DirectorService:
                     raise DeviceNotFound(f"no device {device_id}")
                 refuse_decommissioned(device, "be assigned a release")
                 devices.append(device)
+            named = {d.id for d in devices}
             if tag is not None:
-                devices += [
-                    d
-                    for d in await list_devices(session, tag=tag)
-                    if d.id not in {x.id for x in devices}
-                ]
+                devices += [d for d in await list_devices(session, tag=tag) if d.id not in named]
             if not devices:
-                raise AssignmentError("no device matches the assignment")
+                # A typo in a tag must not become a rule that waits for devices forever.
+                raise AssignmentError(
+                    "no device matches the assignment"
+                    + (f" (no device has the tag {tag}; tag one first)" if tag else "")
+                )
             wrong = [d.id for d in devices if d.hardware_id not in release.hardware_ids]
             if wrong:
                 raise AssignmentError(
                     f"{release.name} {release.version} is not released for the hardware of "
                     f"{', '.join(wrong)}"
                 )
-            ids = sorted(d.id for d in devices)
-            # Locked in id order, and read again under the lock: two assignments of one
-            # device at once get different versions, not the same one twice.
-            locked = await session.execute(
-                select(Device.id, Device.director_version)
-                .where(Device.id.in_(ids))
-                .order_by(Device.id)
-                .with_for_update()
-            )
-            recorded = {device_id: version for device_id, version in locked}
-            signed = await asyncio.to_thread(
-                lambda: {d: self.director.signed(d).version for d in ids}
-            )
-            results = []
-            now = datetime.now(UTC)
-            for device in devices:
-                version = max(recorded[device.id] or 0, signed[device.id]) + 1
-                device.assigned_target = target_path
-                device.director_version = version
-                session.add(
-                    Assignment(
-                        device_id=device.id,
-                        target_path=target_path,
-                        director_version=version,
-                        assigned_at=now,
-                        actor=actor,
-                    )
+            below = below_installed(release, devices)
+            if below:
+                raise AssignmentConflict(counter_refusal(release, below, len(devices), tag))
+            rule: AssignmentRule | None = None
+            if tag is not None:
+                rule = AssignmentRule(
+                    tag=tag, target_path=target_path, created_at=datetime.now(UTC), actor=actor
                 )
-                results.append(AssignmentResult(device.id, target_path, version))
+                session.add(rule)
+                await session.flush()
+            results = await self._record(
+                session,
+                release,
+                [(d, None if d.id in named or rule is None else rule.id) for d in devices],
+                actor,
+            )
             await record(
                 session,
                 actor,
                 "assignment.create",
                 target_path,
-                {"devices": [r.device_id for r in results], "tag": tag, "version": release.version},
+                {
+                    "devices": [r.device_id for r in results],
+                    "tag": tag,
+                    "rule": rule_label(rule.id) if rule is not None else None,
+                    "version": release.version,
+                    "release_counter": release.release_counter,
+                },
             )
+            rule_id = rule.id if rule is not None else None
         # Committed: now, and only now, the devices may see it.
         await self.sync(db, [r.device_id for r in results])
+        return Assigned(results, rule_id)
+
+    async def _record(
+        self,
+        session: AsyncSession,
+        release: Release,
+        devices: Sequence[tuple[Device, int | None]],
+        actor: str,
+    ) -> list[AssignmentResult]:
+        """Record ``release`` as the assignment of each device (with the rule it came from)."""
+        ids = sorted(d.id for d, _ in devices)
+        # Locked in id order, and read again under the lock: two assignments of one
+        # device at once get different versions, not the same one twice.
+        locked = await session.execute(
+            select(Device.id, Device.director_version)
+            .where(Device.id.in_(ids))
+            .order_by(Device.id)
+            .with_for_update()
+        )
+        recorded = {device_id: version for device_id, version in locked}
+        signed = await asyncio.to_thread(lambda: {d: self.director.signed(d).version for d in ids})
+        results = []
+        now = datetime.now(UTC)
+        for device, rule_id in devices:
+            version = max(recorded[device.id] or 0, signed[device.id]) + 1
+            device.assigned_target = release.target_path
+            device.director_version = version
+            session.add(
+                Assignment(
+                    device_id=device.id,
+                    target_path=release.target_path,
+                    director_version=version,
+                    assigned_at=now,
+                    actor=actor,
+                    rule_id=rule_id,
+                )
+            )
+            results.append(AssignmentResult(device.id, release.target_path, version))
+        await session.flush()
         return results
+
+    async def apply_rules(
+        self, session: AsyncSession, device: Device, gained: Collection[str], actor: str
+    ) -> AssignmentResult | None:
+        """Give ``device``, which just gained the tags ``gained``, what its tag rules assign.
+
+        In the caller's transaction (the caller signs after its commit with
+        :meth:`sync`). The newest active rule among all the device's tags wins,
+        and only if one of the gained tags has a rule; a device whose current
+        assignment was made for it by name keeps it (a device-specific
+        assignment overrides tag rules). A rule whose release the device cannot
+        take (another hardware, or below the release counter it runs) is not
+        applied, and the audit log says why.
+        """
+        tags = set(device.tags or [])
+        if not set(gained) & tags:
+            return None
+        rules = (
+            await session.scalars(
+                select(AssignmentRule).where(
+                    AssignmentRule.tag.in_(sorted(tags)), AssignmentRule.cancelled_at.is_(None)
+                )
+            )
+        ).all()
+        rule = winning_rule(rules, tags)
+        if rule is None or not any(r.tag in gained for r in rules):
+            return None
+        current = await current_assignment(session, device.id)
+        if (
+            current is not None
+            and current.cancelled_at is None
+            and device.assigned_target
+            and current.rule_id in (None, rule.id)
+        ):
+            return None  # assigned by name (overrides rules), or by this rule already
+        release = await session.get(Release, rule.target_path)
+        assert release is not None  # a rule's release is a foreign key
+        details = {
+            "device": device.id,
+            "rule": rule_label(rule.id),
+            "tag": rule.tag,
+            "version": release.version,
+            "release_counter": release.release_counter,
+        }
+        why_not = None
+        if release.yanked_at is not None:
+            why_not = f"{release.name} {release.version} was yanked: {release.yank_reason}"
+        elif device.hardware_id not in release.hardware_ids:
+            why_not = f"{release.name} {release.version} is not released for {device.hardware_id}"
+        elif below_installed(release, [device]):
+            why_not = counter_refusal(release, [device], 1, None)
+        if why_not is not None:
+            await record(
+                session,
+                actor,
+                "assignment.rule-skip",
+                rule.target_path,
+                {**details, "why": why_not},
+            )
+            log.warning("rule %s not applied to %s: %s", rule_label(rule.id), device.id, why_not)
+            return None
+        [result] = await self._record(session, release, [(device, rule.id)], actor)
+        await record(
+            session,
+            actor,
+            "assignment.apply",
+            rule.target_path,
+            {**details, "director_version": result.director_version},
+        )
+        return result
+
+    async def cancel(self, db: Database, assignment_id: str, actor: str) -> Cancelled:
+        """Cancel a device's assignment (``dev-N``) or a tag rule (``tag-N``).
+
+        A cancelled rule applies to no device that gains its tag, and the
+        assignments it made that are still current are cancelled with it. A
+        device whose assignment is cancelled keeps running what it installed:
+        its director metadata names no target any more, so it installs nothing
+        new (and stops a download of the cancelled bundle).
+        """
+        kind, number = parse_assignment_id(assignment_id)
+        now = datetime.now(UTC)
+        async with db.session() as session:
+            rows: list[Assignment]
+            rule: AssignmentRule | None = None
+            if kind == "tag":
+                rule = await session.get(AssignmentRule, number, with_for_update=True)
+                if rule is None:
+                    raise AssignmentNotFound(f"no assignment {assignment_id}")
+                if rule.cancelled_at is not None:
+                    raise AssignmentConflict(
+                        f"{assignment_id} was already cancelled by {rule.cancelled_by} at "
+                        f"{_aware(rule.cancelled_at):%Y-%m-%d %H:%M:%S}Z"
+                    )
+                rule.cancelled_at, rule.cancelled_by = now, actor
+                target_path, subject = rule.target_path, rule_label(rule.id)
+                rows = [
+                    row
+                    for row in await current_assignments(session)
+                    if row.rule_id == rule.id and row.cancelled_at is None
+                ]
+            else:
+                row = await session.get(Assignment, number)
+                if row is None:
+                    raise AssignmentNotFound(f"no assignment {assignment_id}")
+                if row.cancelled_at is not None:
+                    raise AssignmentConflict(
+                        f"{assignment_id} was already cancelled by {row.cancelled_by} at "
+                        f"{_aware(row.cancelled_at):%Y-%m-%d %H:%M:%S}Z"
+                    )
+                latest = await current_assignment(session, row.device_id)
+                if latest is not None and latest.id != row.id:
+                    raise AssignmentConflict(
+                        f"{assignment_id} is no longer the assignment of {row.device_id}: "
+                        f"{device_label(latest.id)} ({latest.target_path}) replaced it; "
+                        "cancel that one"
+                    )
+                target_path, subject = row.target_path, device_label(row.id)
+                rows = [row]
+            devices = sorted({r.device_id for r in rows})
+            locked = await session.execute(
+                select(Device).where(Device.id.in_(devices)).order_by(Device.id).with_for_update()
+            )
+            by_id = {d.id: d for d in locked.scalars()}
+            signed = await asyncio.to_thread(
+                lambda: {d: self.director.signed(d).version for d in devices}
+            )
+            versions: dict[str, int] = {}
+            for r in rows:
+                r.cancelled_at, r.cancelled_by = now, actor
+                device = by_id[r.device_id]
+                device.assigned_target = None
+                device.director_version = max(device.director_version or 0, signed[device.id]) + 1
+                versions[device.id] = device.director_version
+            release = await session.get(Release, target_path)
+            await record(
+                session,
+                actor,
+                "assignment.cancel",
+                subject,
+                {
+                    "target": target_path,
+                    "version": release.version if release is not None else None,
+                    "tag": rule.tag if rule is not None else None,
+                    "devices": devices,
+                },
+            )
+        await self.sync(db, devices)
+        return Cancelled(assignment_id, target_path, devices, versions)
 
     async def sync(self, db: Database, device_ids: Sequence[str] | None = None) -> int:
         """Sign what the database says each device runs where its metadata says otherwise.
@@ -263,11 +658,16 @@ class DirectorService:
             async with db.session() as session:
                 for device_id, (target_path, version) in sorted(to_record.items()):
                     # Only if no newer assignment was committed meanwhile.
+                    same_target = (
+                        Device.assigned_target.is_(None)
+                        if target_path is None
+                        else Device.assigned_target == target_path
+                    )
                     await session.execute(
                         update(Device)
                         .where(
                             Device.id == device_id,
-                            Device.assigned_target == target_path,
+                            same_target,
                             Device.director_version < version,
                         )
                         .values(director_version=version)
@@ -315,12 +715,12 @@ class DirectorService:
 
     def _sign_committed(
         self, committed: list[tuple[Committed, str]], releases: dict[str, ReleasedBundle]
-    ) -> tuple[int, dict[str, tuple[str, int]], list[str]]:
+    ) -> tuple[int, dict[str, tuple[str | None, int]], list[str]]:
         """Sign what is committed but not signed; returns how many were signed, the
         versions to record, and the devices whose metadata names another target
         (left to :meth:`_realign`, which reads them again first)."""
         signed_now = 0
-        to_record: dict[str, tuple[str, int]] = {}
+        to_record: dict[str, tuple[str | None, int]] = {}
         ahead: list[str] = []
         for state, hardware_id in committed:
             try:
@@ -331,12 +731,10 @@ class DirectorService:
                 if step.sign and step.record:
                     ahead.append(state.device_id)
                     continue
-                if state.target_path is None:
-                    if step.sign:  # a withdrawn assignment: the metadata comes to name nothing
-                        self.director.unassign(self.keys, state.device_id, step.version)
-                        signed_now += 1
-                    continue
-                if step.sign:
+                if step.sign and state.target_path is None:
+                    self.director.unassign(self.keys, state.device_id, step.version)
+                    signed_now += 1
+                elif step.sign and state.target_path is not None:
                     bundle = releases.get(state.target_path)
                     if bundle is None:
                         raise RepositoryError(f"no release {state.target_path} in the database")
@@ -357,6 +755,24 @@ class DirectorService:
                     exc,
                 )
         return signed_now, to_record, ahead
+
+    async def announce_cancelled(self, versions: Mapping[str, int]) -> None:
+        """Publish each device's retained desired state naming no bundle (after commit).
+
+        It replaces the one naming the cancelled bundle, and an online device
+        refreshes its director metadata now rather than at its next poll.
+        """
+        if self.publish is None:
+            return
+        for device_id, version in sorted(versions.items()):
+            await self.publish(
+                DesiredState(
+                    device_id=device_id,
+                    director_version=version,
+                    bundle=None,
+                    issued_at=time.time(),
+                )
+            )
 
     async def announce(self, release: Release, results: Sequence[AssignmentResult]) -> None:
         """Publish the retained desired state of each assigned device (after commit)."""
@@ -392,14 +808,19 @@ def refuse_yanked(release: Release) -> None:
 
 
 async def withdraw_assignments(
-    director: DirectorService, session: AsyncSession, device_ids: Sequence[str]
+    director: DirectorService,
+    session: AsyncSession,
+    device_ids: Sequence[str],
+    actor: str,
 ) -> dict[str, int]:
     """Withdraw the devices' assignments in the caller's transaction; their new versions.
 
     Each device is assigned nothing at its next director version (above both
     the recorded and the signed one), so once the transaction has committed
     :meth:`DirectorService.sync` signs an empty assignment for it: the device
-    keeps what it runs. Devices already assigned nothing are left alone.
+    keeps what it runs. Its current assignment is marked cancelled by ``actor``
+    (``assignments list --cancelled`` shows it). Devices already assigned
+    nothing are left alone.
     """
     ids = sorted(set(device_ids))
     if not ids:
@@ -414,12 +835,31 @@ async def withdraw_assignments(
         lambda: {d.id: director.director.signed(d.id).version for d in devices}
     )
     versions = {}
+    now = datetime.now(UTC)
     for device in devices:
         version = max(device.director_version or 0, signed[device.id]) + 1
         device.assigned_target = None
         device.director_version = version
         versions[device.id] = version
+        current = await current_assignment(session, device.id)
+        if current is not None and current.cancelled_at is None:
+            current.cancelled_at, current.cancelled_by = now, actor
     return versions
+
+
+async def cancel_rules_of(session: AsyncSession, target_path: str, actor: str) -> list[str]:
+    """Cancel, in the caller's transaction, the active tag rules that assign ``target_path``."""
+    rules = (
+        await session.scalars(
+            select(AssignmentRule)
+            .where(AssignmentRule.target_path == target_path, AssignmentRule.cancelled_at.is_(None))
+            .with_for_update()
+        )
+    ).all()
+    now = datetime.now(UTC)
+    for rule in rules:
+        rule.cancelled_at, rule.cancelled_by = now, actor
+    return [rule_label(rule.id) for rule in rules]
 
 
 async def announce_withdrawn(director: DirectorService, versions: dict[str, int]) -> None:

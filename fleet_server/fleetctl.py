@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from datetime import datetime
@@ -43,7 +44,7 @@ from fleet_server.release.bundle_builder import (
 )
 from fleet_server.release.keys import KeyStoreError, init_keys, is_encrypted, load_keys
 from fleet_server.release.repository import ImageRepository, RepositoryError
-from protocol.api import SignedAuditHead
+from protocol.api import ASSIGNMENT_ID_PATTERN, SignedAuditHead
 from protocol.bundle import BundleFormatError, read_bundle
 from protocol.manifest import Manifest, ResourceBudget
 
@@ -268,6 +269,13 @@ def describe_manifest(m: Manifest) -> str:
 
 
 def cmd_release_add(args: argparse.Namespace) -> None:
+    if args.re_release_of is not None:
+        cmd_release_re_release(args)
+        return
+    if args.version is not None:
+        raise CommandError("--version goes with --re-release-of (a bundle carries its version)")
+    if args.bundle is None:
+        raise CommandError("give a bundle to release, or --re-release-of NAME@VERSION")
     repo = ImageRepository(Path(args.repo))
     if not Path(args.bundle).is_file():
         raise CommandError(f"bundle {args.bundle} does not exist")
@@ -305,6 +313,38 @@ def cmd_release_add(args: argparse.Namespace) -> None:
         )
         + f"Released {released.target_path} ({released.length} bytes, release counter "
         f"{released.release_counter}) for {', '.join(released.hardware_ids)}",
+    )
+
+
+def cmd_release_re_release(args: argparse.Namespace) -> None:
+    """An old model released again above the current release counter (a rollback)."""
+    if args.bundle is not None:
+        raise CommandError(
+            "--re-release-of takes the bundle from the repository; give no bundle file"
+        )
+    name, at, version = args.re_release_of.rpartition("@")
+    if not at or not name or not version:
+        raise CommandError(f"--re-release-of {args.re_release_of!r}: give NAME@VERSION")
+    repo = ImageRepository(Path(args.repo))
+    if not repo.exists():
+        raise CommandError(f"{args.repo} holds no image repository (fleetctl release add)")
+    released = repo.re_release(name, version, _load_store(args), args.version)
+    _emit(
+        args,
+        {
+            "repository": str(repo.path),
+            "target": released.target_path,
+            "version": released.version,
+            "re_release_of": version,
+            "sha256": released.sha256,
+            "length": released.length,
+            "release_counter": released.release_counter,
+        },
+        f"Re-released {name} {version} as {name} {released.version} "
+        f"({released.target_path}, release counter {released.release_counter}) for "
+        f"{', '.join(released.hardware_ids)}\n"
+        f"Next: fleetctl release push --repo {args.repo}, then "
+        f"fleetctl assign {name}@{released.version} ...",
     )
 
 
@@ -427,7 +467,23 @@ def cmd_devices_list(args: argparse.Namespace) -> None:
 
 def cmd_devices_show(args: argparse.Namespace) -> None:
     device = _client(args).get(f"/devices/{path_segment(args.device)}")
-    _emit(args, device, _describe_device(device))
+    _emit(args, device, _describe_device(device) + _describe_refusals(device))
+
+
+def _describe_refusals(d: dict[str, Any]) -> str:
+    """The warning about a refused assignment, and the device's latest refusals."""
+    lines = []
+    if d.get("assignment_warning"):
+        lines.append(f"WARNING: {d['assignment_warning']}")
+    refusals = d.get("refusals") or []
+    if refusals:
+        lines.append("recent refusals:")
+        lines += [
+            f"  {_when(r.get('at'))}  {r.get('bundle') or '-'}  "
+            f"{r.get('reason') or r.get('event')}: {r.get('message') or '-'}"
+            for r in refusals
+        ]
+    return "".join(f"\n{line}" for line in lines)
 
 
 def cmd_devices_tag(args: argparse.Namespace) -> None:
@@ -619,12 +675,18 @@ def cmd_assign(args: argparse.Namespace) -> None:
     )
     r = result["release"]
     lines = [f"Assigned {r['name']} {r['version']} ({r['target_path']}):"]
-    lines.append(
-        _table(
-            ["DEVICE", "DIRECTOR VERSION"],
-            [[a["device_id"], a["director_version"]] for a in result["assignments"]],
+    if result["assignments"]:
+        lines.append(
+            _table(
+                ["DEVICE", "DIRECTOR VERSION"],
+                [[a["device_id"], a["director_version"]] for a in result["assignments"]],
+            )
         )
-    )
+    if result.get("rule"):
+        lines.append(
+            f"Rule {result['rule']}: devices that gain the tag {args.tag} get it too "
+            f"(fleetctl assignments cancel {result['rule']} stops that)"
+        )
     _emit(args, result, "\n".join(lines))
 
 
@@ -744,12 +806,82 @@ def cmd_release_yank(args: argparse.Namespace) -> None:
         f"  {len(kept)} device(s) running it keep it until assigned another release"
         + (f": {', '.join(kept)}" if kept else "")
     )
+    if result.get("rules_cancelled"):
+        lines.append(f"  tag rules cancelled: {', '.join(result['rules_cancelled'])}")
     lines.append(
         "A yank is not a rollback: to move devices off this release, release the model to "
-        "return to again with a higher release counter (fleetctl bundle build "
-        "--release-counter N, release add, release push) and assign it."
+        "return to again above it (fleetctl release add --re-release-of NAME@VERSION, "
+        "release push) and assign that."
     )
     _emit(args, result, "\n".join(lines))
+
+
+# -- assignments: listing and cancelling ------------------------------------------
+
+
+def cmd_assignments_list(args: argparse.Namespace) -> None:
+    items = _client(args).get(
+        "/assignments",
+        device=args.device,
+        tag=args.tag,
+        name=args.name,
+        cancelled="true" if args.cancelled else None,
+    )["assignments"]
+    table = _table(
+        ["ID", "APPLIES TO", "RELEASE", "COUNTER", "ASSIGNED", "BY", "STATE"],
+        [
+            [
+                a["id"],
+                f"tag {a['tag']} ({a['devices']} devices)"
+                if a["kind"] == "tag"
+                else a["device_id"] + (f" (rule {a['rule']})" if a.get("rule") else ""),
+                f"{a['name']} {a['version']}",
+                a["release_counter"],
+                _when(a["assigned_at"]),
+                a["actor"],
+                f"cancelled {_when(a['cancelled_at'])} by {a['cancelled_by']}"
+                if a.get("cancelled_at")
+                else "active",
+            ]
+            for a in items
+        ],
+    )
+    _emit(args, items, table if items else "No assignments.")
+
+
+def cmd_assignments_cancel(args: argparse.Namespace) -> None:
+    if not re.match(ASSIGNMENT_ID_PATTERN, args.id):
+        raise CommandError(
+            f"assignment id {args.id!r}: give dev-N (a device's) or tag-N (a tag rule), "
+            "as fleetctl assignments list shows"
+        )
+    cancelled = _client(args).request("DELETE", f"/assignments/{path_segment(args.id)}")
+    _emit(args, cancelled, _cancelled_line(cancelled))
+
+
+def _cancelled_line(c: dict[str, Any]) -> str:
+    devices = c["devices"]
+    if not devices:
+        return f"Cancelled {c['id']} ({c['target_path']}): no device held it"
+    keep = "keeps what it runs" if len(devices) == 1 else "keep what they run"
+    return f"Cancelled {c['id']} ({c['target_path']}): {', '.join(devices)} {keep}"
+
+
+def cmd_unassign(args: argparse.Namespace) -> None:
+    if (args.device is None) == (args.tag is None):
+        raise CommandError("give --device ID or --tag TAG")
+    client = _client(args)
+    items = client.get("/assignments", device=args.device, tag=args.tag)["assignments"]
+    if args.device is not None:
+        ids = [a["id"] for a in items if a["kind"] == "device"]
+        if not ids:
+            raise CommandError(f"{args.device} has no current assignment to cancel")
+    else:
+        ids = [a["id"] for a in items if a["kind"] == "tag"]
+        if not ids:
+            raise CommandError(f"no tag rule for {args.tag} to cancel")
+    done = [client.request("DELETE", f"/assignments/{path_segment(i)}") for i in ids]
+    _emit(args, done, "\n".join(_cancelled_line(c) for c in done))
 
 
 def cmd_audit_list(args: argparse.Namespace) -> None:
@@ -1456,6 +1588,7 @@ def _remote_commands(groups: Any, leaf: argparse.ArgumentParser, release: Any) -
     p.add_argument("--device", action="append", default=[], help="device id (repeatable)")
     p.add_argument("--tag", help="every device with this tag")
     p.set_defaults(func=cmd_assign)
+    _assignment_commands(groups, both)
 
     audit = groups.add_parser("audit", help="the audit log (server)").add_subparsers(
         dest="cmd", required=True
@@ -1632,6 +1765,42 @@ def _lifecycle_commands(devices: Any, release: Any, both: list[argparse.Argument
     p.set_defaults(func=cmd_release_yank)
 
 
+def _assignment_commands(groups: Any, both: list[argparse.ArgumentParser]) -> None:
+    """``assignments list|cancel`` and ``unassign``."""
+    assignments = groups.add_parser(
+        "assignments", help="list and cancel assignments and tag rules (server)"
+    ).add_subparsers(dest="cmd", required=True)
+    p = assignments.add_parser(
+        "list",
+        parents=both,
+        help="current assignments: each device's (dev-N) and the tag rules (tag-N)",
+        epilog=_examples("fleetctl assignments list --tag canary --name pump-health"),
+    )
+    p.add_argument("--device", help="only this device's assignment and the rules of its tags")
+    p.add_argument("--tag", help="only this tag's rules and its devices' assignments")
+    p.add_argument("--name", help="only assignments of this bundle name")
+    p.add_argument("--cancelled", action="store_true", help="list cancelled ones too")
+    p.set_defaults(func=cmd_assignments_list)
+    p = assignments.add_parser(
+        "cancel",
+        parents=both,
+        help="cancel an assignment or tag rule; devices keep what they run (operator)",
+        epilog=_examples("fleetctl assignments cancel tag-3"),
+    )
+    p.add_argument("id", help="dev-N or tag-N, as assignments list shows")
+    p.set_defaults(func=cmd_assignments_cancel)
+    p = groups.add_parser(
+        "unassign",
+        parents=both,
+        help="cancel a device's assignment or a tag's rules; devices keep what they run",
+        epilog=_examples("fleetctl unassign --device pump-17", "fleetctl unassign --tag canary"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--device", help="cancel this device's current assignment")
+    p.add_argument("--tag", help="cancel every active rule of this tag")
+    p.set_defaults(func=cmd_unassign)
+
+
 def _passphrase_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--passphrase-file", help="file holding the release keys' passphrase")
     parser.add_argument(
@@ -1770,18 +1939,35 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[leaf],
         help="sign a bundle into the image repository",
         epilog="The first release creates the repository, in a folder that exists; devices are\n"
-        "provisioned with its REPO/metadata/1.root.json.\n\n"
+        "provisioned with its REPO/metadata/1.root.json. To roll back to an old model,\n"
+        "release it again above the current counter with --re-release-of.\n\n"
         + _examples(
             "fleetctl release add bundles/pump-health-1.1.0.bundle --repo repo --keys keys",
             "fleetctl release add bundles/pump-health-1.1.0.bundle --repo repo --keys keys "
             "--passphrase-env RELEASE_PASS",
+            "fleetctl release add --re-release-of pump-health@1.1.0 --repo repo --keys keys",
         ),
     )
-    p.add_argument("bundle", help="the .bundle file (fleetctl bundle build)")
+    p.add_argument(
+        "bundle",
+        nargs="?",
+        help="the .bundle file (fleetctl bundle build); none with --re-release-of",
+    )
     p.add_argument(
         "--repo", required=True, help="the image repository's folder (created if it is new)"
     )
     p.add_argument("--keys", required=True, help="the release keys' folder (fleetctl keys init)")
+    p.add_argument(
+        "--re-release-of",
+        metavar="NAME@VERSION",
+        help="release this old version's model again, above the highest release counter "
+        "(devices never install a lower one); takes no bundle file",
+    )
+    p.add_argument(
+        "--version",
+        help="with --re-release-of: the new version (default: the patch version after the "
+        "highest released one)",
+    )
     _passphrase_flags(p)
     p.set_defaults(func=cmd_release_add)
     p = release.add_parser(

@@ -27,7 +27,12 @@ from datetime import UTC, datetime
 from sqlalchemy import select
 
 from fleet_server import registry
-from fleet_server.assignments import DirectorService, announce_withdrawn, withdraw_assignments
+from fleet_server.assignments import (
+    DirectorService,
+    announce_withdrawn,
+    cancel_rules_of,
+    withdraw_assignments,
+)
 from fleet_server.audit import record
 from fleet_server.db import Database
 from fleet_server.db.models import Device, Release
@@ -51,6 +56,7 @@ class YankOutcome:
     release: Release
     withdrawn: list[str]
     kept: list[str]
+    rules_cancelled: list[str]
 
 
 async def decommission(
@@ -59,7 +65,7 @@ async def decommission(
     """Decommission ``device_id`` and withdraw its assignment; returns the device."""
     async with db.session() as session:
         device = await registry.decommission_device(session, device_id, reason=reason, actor=actor)
-        versions = await withdraw_assignments(director, session, [device_id])
+        versions = await withdraw_assignments(director, session, [device_id], actor)
     await _sign_withdrawn(db, director, versions)
     return device
 
@@ -93,9 +99,11 @@ async def yank(
         running = f"{release.name} {release.version}"
         kept = [d.id for d in assigned if d.active_bundle == running]
         versions = await withdraw_assignments(
-            director, session, [d.id for d in assigned if d.active_bundle != running]
+            director, session, [d.id for d in assigned if d.active_bundle != running], actor
         )
         withdrawn = sorted(versions)
+        # A tag rule naming it would give it to devices that gain the tag later.
+        rules = await cancel_rules_of(session, target_path, actor)
         await record(
             session,
             actor,
@@ -107,10 +115,11 @@ async def yank(
                 "reason": reason,
                 "withdrawn": withdrawn,
                 "kept": kept,
+                "rules_cancelled": rules,
             },
         )
     await _sign_withdrawn(db, director, versions)
-    return YankOutcome(release, withdrawn, kept)
+    return YankOutcome(release, withdrawn, kept, rules)
 
 
 async def _sign_withdrawn(

@@ -102,19 +102,22 @@ class ReleaseService:
         async with self._lock:
             await asyncio.to_thread(self._stage_and_swap, paths)
             rows = await self.index(session)
+            # A re-release (an old model above the current counter) says which version it is.
+            re_releases = {
+                b.target_path: b.re_release_of
+                for b in await asyncio.to_thread(self.repository.bundles)
+                if b.re_release_of is not None
+            }
             for row in rows:
-                await record(
-                    session,
-                    actor,
-                    "release.publish",
-                    row.target_path,
-                    {
-                        "version": row.version,
-                        "release_counter": row.release_counter,
-                        "sha256": row.sha256,
-                        "hardware_ids": row.hardware_ids,
-                    },
-                )
+                details = {
+                    "version": row.version,
+                    "release_counter": row.release_counter,
+                    "sha256": row.sha256,
+                    "hardware_ids": row.hardware_ids,
+                }
+                if row.target_path in re_releases:
+                    details["re_release_of"] = re_releases[row.target_path]
+                await record(session, actor, "release.publish", row.target_path, details)
             return rows
 
     def _stage_and_swap(self, files: dict[str, bytes]) -> None:

@@ -19,6 +19,8 @@ from protocol.versioning import HARDWARE_ID_PATTERN, NAME_PATTERN
 API_PREFIX = "/api/v1"
 
 TOKEN_ID_PATTERN = r"^[A-Za-z0-9_-]{1,32}$"
+# dev-N: one device's assignment; tag-N: a tag rule (N fits the 32-bit id columns).
+ASSIGNMENT_ID_PATTERN = r"^(dev|tag)-[1-9][0-9]{0,8}$"
 
 Role = Literal["viewer", "operator", "admin"]
 ROLES: tuple[Role, ...] = ("viewer", "operator", "admin")
@@ -63,6 +65,17 @@ class Health(_Response):
 # -- devices -------------------------------------------------------------------
 
 
+class DeviceRefusal(_Response):
+    """An update the device refused, from its events (``check-refused``, ``refused``, …)."""
+
+    at: datetime = Field(description="when the device refused (its clock)")
+    received_at: datetime
+    event: str
+    reason: str | None = None
+    bundle: str | None = Field(default=None, description="NAME VERSION, where the event names it")
+    message: str | None = None
+
+
 class DeviceView(_Response):
     """A device as the registry knows it: attributes, what it runs, what it should run."""
 
@@ -88,6 +101,14 @@ class DeviceView(_Response):
         default=None, description="when the device was decommissioned; null while it is active"
     )
     decommission_reason: str | None = None
+    refusals: list[DeviceRefusal] = Field(
+        default_factory=list,
+        description="the device's latest refused updates, newest first (one device's view only)",
+    )
+    assignment_warning: str | None = Field(
+        default=None,
+        description="set when the device refused the bundle assigned to it now, saying so",
+    )
 
 
 class DeviceList(_Response):
@@ -259,6 +280,50 @@ class AssignmentView(_Response):
 class AssignmentResult(_Response):
     release: ReleaseView
     assignments: list[AssignmentView]
+    rule: str | None = Field(
+        default=None,
+        description="the tag rule made (tag-N): devices gaining the tag later get the release too",
+    )
+
+
+class AssignmentQuery(_Request):
+    device: DeviceId | None = None
+    tag: Tag | None = None
+    name: Annotated[str, Field(pattern=NAME_PATTERN.pattern, max_length=64)] | None = Field(
+        default=None, description="the released bundle's name"
+    )
+    cancelled: bool = Field(default=False, description="list cancelled ones too")
+
+
+class AssignmentItem(_Response):
+    """A device's current assignment (``dev-N``) or a tag rule (``tag-N``)."""
+
+    id: str
+    kind: Literal["device", "tag"]
+    device_id: str | None = None
+    tag: str | None = None
+    rule: str | None = Field(default=None, description="the tag rule a device's assignment is from")
+    target_path: str
+    name: str
+    version: str
+    release_counter: int
+    assigned_at: datetime
+    actor: str
+    devices: int | None = Field(
+        default=None, description="a rule: how many devices hold its assignment now"
+    )
+    cancelled_at: datetime | None = None
+    cancelled_by: str | None = None
+
+
+class AssignmentList(_Response):
+    assignments: list[AssignmentItem]
+
+
+class AssignmentCancelled(_Response):
+    id: str
+    target_path: str
+    devices: list[str] = Field(description="the devices that now keep what they run")
 
 
 # -- device and release lifecycle ---------------------------------------------------
@@ -292,6 +357,10 @@ class YankResult(_Response):
     kept: list[str] = Field(
         description="devices running the release: they keep it until assigned another "
         "(a yank is not a rollback)"
+    )
+    rules_cancelled: list[str] = Field(
+        default_factory=list,
+        description="tag rules (tag-N) that assigned the release, cancelled with the yank",
     )
 
 

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 from fleet_server.api.errors import ApiError
 from fleet_server.api.security import DeviceAuthenticator, authenticate_operator
 from fleet_server.auth import Principal
-from protocol.api import ROLES, TOKEN_ID_PATTERN
+from protocol.api import ASSIGNMENT_ID_PATTERN, ROLES, TOKEN_ID_PATTERN
 from protocol.topics import DEVICE_ID_PATTERN
 
 if TYPE_CHECKING:
@@ -44,6 +44,7 @@ FILE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$"
 PATH_PARAMETERS: dict[str, str] = {
     "device_id": DEVICE_ID_PATTERN.pattern,
     "token_id": TOKEN_ID_PATTERN,
+    "assignment_id": ASSIGNMENT_ID_PATTERN,
     "name": FILE_NAME,
     "file": FILE_NAME,
 }

@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,15 @@ from fleet_server.api.operations import (
     body,
     query,
 )
+from fleet_server.assignments import AssignmentResult as Recorded
+from fleet_server.assignments import (
+    current_assignment,
+    current_assignments,
+    recent_refusals,
+    refusal_of,
+    refusal_warning,
+    rule_label,
+)
 from fleet_server.audit import (
     AUDIT_DETAILS_BOUNDS,
     AuditKeyError,
@@ -45,6 +55,8 @@ from fleet_server.auth import create_token, list_tokens, revoke_token
 from fleet_server.db.models import (
     AlertRow,
     ApiToken,
+    Assignment,
+    AssignmentRule,
     AuditEntry,
     Device,
     DeviceEventRow,
@@ -62,6 +74,10 @@ from protocol.api import (
     AlertList,
     AlertQuery,
     AlertView,
+    AssignmentCancelled,
+    AssignmentItem,
+    AssignmentList,
+    AssignmentQuery,
     AssignmentRequest,
     AssignmentResult,
     AssignmentView,
@@ -75,6 +91,7 @@ from protocol.api import (
     DeviceEventView,
     DeviceList,
     DeviceQuery,
+    DeviceRefusal,
     DeviceView,
     DriftQuery,
     DriftReport,
@@ -204,7 +221,8 @@ async def list_devices(request: web.Request) -> web.StreamResponse:
 async def get_device(request: web.Request) -> web.StreamResponse:
     async with request.app[SERVER].db.session() as session:
         device = await registry.get_device(session, request.match_info["device_id"])
-        return answer(device_view(device))
+        view = await _with_refusals(session, device, device_view(device))
+        return answer(view)
 
 
 async def _after_enrolment(request: web.Request, device_id: str) -> None:
@@ -238,8 +256,12 @@ async def register_device(request: web.Request) -> web.StreamResponse:
             actor=request[PRINCIPAL].actor,
             reuse_decommissioned=b.reuse_decommissioned,
         )
+        ruled = await _apply_tag_rules(
+            request, session, device, device.tags, request[PRINCIPAL].actor
+        )
         view = device_view(device)
     await _after_enrolment(request, device.id)
+    await _sign_ruled(request, ruled)
     return answer(_credentials(request, device.id, password, view), 201)
 
 
@@ -254,14 +276,17 @@ async def enrol_device(request: web.Request) -> web.StreamResponse:
             region=b.region,
             tags=b.tags,
         )
+        ruled = await _apply_tag_rules(request, session, device, device.tags, f"device:{device.id}")
         view = device_view(device)
     await _after_enrolment(request, device.id)
+    await _sign_ruled(request, ruled)
     return answer(_credentials(request, device.id, password, view), 201)
 
 
 async def tag_device(request: web.Request) -> web.StreamResponse:
     b = body(request, TagChange)
     async with request.app[SERVER].db.session() as session:
+        before = set((await registry.get_device(session, request.match_info["device_id"])).tags)
         device = await registry.set_tags(
             session,
             request.match_info["device_id"],
@@ -269,7 +294,11 @@ async def tag_device(request: web.Request) -> web.StreamResponse:
             remove=b.remove,
             actor=request[PRINCIPAL].actor,
         )
-        return answer(device_view(device))
+        gained = set(device.tags) - before
+        ruled = await _apply_tag_rules(request, session, device, gained, request[PRINCIPAL].actor)
+        view = device_view(device)
+    await _sign_ruled(request, ruled)
+    return answer(view)
 
 
 async def device_events(request: web.Request) -> web.StreamResponse:
@@ -413,13 +442,14 @@ async def create_assignment(request: web.Request) -> web.StreamResponse:
         release = await find_release(session, b.release)
         view = release_view(release)
     # Its own transaction, committed before anything is signed.
-    results = await server.director.assign(
+    assigned = await server.director.assign(
         server.db,
         target_path=release.target_path,
         actor=request[PRINCIPAL].actor,
         device_ids=list(dict.fromkeys(b.devices)),
         tag=b.tag,
     )
+    results = assigned.results
     try:
         await server.director.announce(release, results)
     except Exception:
@@ -427,6 +457,7 @@ async def create_assignment(request: web.Request) -> web.StreamResponse:
     return answer(
         AssignmentResult(
             release=view,
+            rule=rule_label(assigned.rule_id) if assigned.rule_id is not None else None,
             assignments=[
                 AssignmentView(
                     device_id=r.device_id,
@@ -490,6 +521,164 @@ async def yank_release(request: web.Request) -> web.StreamResponse:
             release=release_view(outcome.release),
             withdrawn=outcome.withdrawn,
             kept=outcome.kept,
+            rules_cancelled=outcome.rules_cancelled,
+        )
+    )
+
+
+# -- assignment rules, listing and cancelling ------------------------------------
+
+
+async def _apply_tag_rules(
+    request: web.Request,
+    session: AsyncSession,
+    device: Device,
+    gained: Collection[str],
+    actor: str,
+) -> tuple[Release, Recorded] | None:
+    """In the caller's transaction: what the tag rules assign to a device that gained tags."""
+    result = await request.app[SERVER].director.apply_rules(session, device, gained, actor)
+    if result is None:
+        return None
+    release = await session.get(Release, result.target_path)
+    assert release is not None  # the assignment was just recorded against it
+    return release, result
+
+
+async def _sign_ruled(request: web.Request, ruled: tuple[Release, Recorded] | None) -> None:
+    """After the commit: sign and announce what a tag rule assigned (failures are retried)."""
+    if ruled is None:
+        return
+    release, result = ruled
+    server = request.app[SERVER]
+    try:
+        await server.director.sync(server.db, [result.device_id])
+        # A device registered just now had no director metadata when the version was chosen:
+        # the sync signed above the empty one its registration made, and recorded that.
+        async with server.db.session() as session:
+            version = await session.scalar(
+                select(Device.director_version).where(Device.id == result.device_id)
+            )
+        await server.director.announce(
+            release, [replace(result, director_version=version or result.director_version)]
+        )
+    except Exception:
+        log.exception("tag rule assignment of %s committed but not signed", result.device_id)
+
+
+async def _with_refusals(session: AsyncSession, device: Device, view: DeviceView) -> DeviceView:
+    """``view`` with the device's latest refusals, and a warning if it refused its assignment."""
+    refusals = await recent_refusals(session, device.id)
+    warning = None
+    if device.assigned_target is not None and refusals:
+        release = await session.get(Release, device.assigned_target)
+        current = await current_assignment(session, device.id)
+        if release is not None and current is not None and current.cancelled_at is None:
+            refused = refusal_of(refusals, release, current.assigned_at)
+            if refused is not None:
+                warning = refusal_warning(device.id, release, refused)
+    return view.model_copy(
+        update={
+            "refusals": [
+                DeviceRefusal(
+                    at=r.at,
+                    received_at=r.received_at,
+                    event=r.event,
+                    reason=r.reason,
+                    bundle=r.bundle,
+                    message=r.message,
+                )
+                for r in refusals
+            ],
+            "assignment_warning": warning,
+        }
+    )
+
+
+async def list_assignments(request: web.Request) -> web.StreamResponse:
+    q = query(request, AssignmentQuery)
+    async with request.app[SERVER].db.session() as session:
+        releases = {r.target_path: r for r in (await session.scalars(select(Release))).all()}
+        devices = {d.id: d for d in await registry.list_devices(session)}
+        if q.device is not None and q.device not in devices:
+            raise ApiError(404, f"no device {q.device}")
+        rows = [
+            a
+            for a in await current_assignments(session)
+            if (q.cancelled or (a.cancelled_at is None and devices[a.device_id].assigned_target))
+        ]
+        rule_query = select(AssignmentRule).order_by(AssignmentRule.id)
+        if not q.cancelled:
+            rule_query = rule_query.where(AssignmentRule.cancelled_at.is_(None))
+        rules = list((await session.scalars(rule_query)).all())
+    holding: dict[int, int] = {}
+    for a in rows:
+        if a.rule_id is not None and a.cancelled_at is None:
+            holding[a.rule_id] = holding.get(a.rule_id, 0) + 1
+    tags_of = {d.id: set(d.tags or []) for d in devices.values()}
+    items: list[AssignmentItem] = []
+    for rule in rules:
+        if q.device is not None and rule.tag not in tags_of[q.device]:
+            continue
+        if q.tag is not None and rule.tag != q.tag:
+            continue
+        items.append(_assignment_item(rule, releases[rule.target_path], holding.get(rule.id, 0)))
+    for a in rows:
+        if q.device is not None and a.device_id != q.device:
+            continue
+        if q.tag is not None and q.tag not in tags_of[a.device_id]:
+            continue
+        items.append(_assignment_item(a, releases[a.target_path], None))
+    if q.name is not None:
+        items = [i for i in items if i.name == q.name]
+    return answer(AssignmentList(assignments=items))
+
+
+def _assignment_item(
+    row: Assignment | AssignmentRule, release: Release, devices: int | None
+) -> AssignmentItem:
+    common: dict[str, Any] = {
+        "target_path": release.target_path,
+        "name": release.name,
+        "version": release.version,
+        "release_counter": release.release_counter,
+        "actor": row.actor,
+        "cancelled_at": _maybe_aware(row.cancelled_at),
+        "cancelled_by": row.cancelled_by,
+    }
+    if isinstance(row, AssignmentRule):
+        return AssignmentItem(
+            id=rule_label(row.id),
+            kind="tag",
+            tag=row.tag,
+            assigned_at=_aware(row.created_at),
+            devices=devices,
+            **common,
+        )
+    return AssignmentItem(
+        id=f"dev-{row.id}",
+        kind="device",
+        device_id=row.device_id,
+        rule=rule_label(row.rule_id) if row.rule_id is not None else None,
+        assigned_at=_aware(row.assigned_at),
+        **common,
+    )
+
+
+async def cancel_assignment(request: web.Request) -> web.StreamResponse:
+    server = request.app[SERVER]
+    cancelled = await server.director.cancel(
+        server.db, request.match_info["assignment_id"], request[PRINCIPAL].actor
+    )
+    try:
+        await server.director.announce_cancelled(cancelled.versions)
+    except Exception:
+        log.exception("cancel of %s committed but not announced", cancelled.assignment_id)
+    return answer(
+        AssignmentCancelled(
+            id=cancelled.assignment_id,
+            target_path=cancelled.target_path,
+            devices=cancelled.devices,
         )
     )
 
@@ -916,6 +1105,19 @@ OPERATIONS: tuple[Operation, ...] = (
         "The director's root metadata (TUF root.json) that devices are provisioned with "
         "(agent.toml [director] root)",
         tag="assignments", auth="viewer", errors=(*_AUTH_ERRORS, 404),
+    ),
+    # -- assignment rules, listing and cancelling
+    Operation(
+        "GET", f"{V}/assignments", list_assignments, "listAssignments",
+        "Current assignments: each device's (dev-N) and the tag rules (tag-N)",
+        tag="assignments", auth="viewer", query=AssignmentQuery, response=AssignmentList,
+        errors=(*_AUTH_ERRORS, 404, 422),
+    ),
+    Operation(
+        "DELETE", f"{V}/assignments/{{assignment_id}}", cancel_assignment, "cancelAssignment",
+        "Cancel a device's assignment or a tag rule; the devices keep what they run",
+        tag="assignments", auth="operator", response=AssignmentCancelled,
+        errors=(*_AUTH_ERRORS, 404, 409),
     ),
     Operation(
         "GET", f"{V}/tokens", list_api_tokens, "listTokens", "List API tokens",

@@ -78,6 +78,28 @@ class Assignment(Base):
     director_version: Mapped[int] = mapped_column(Integer)
     assigned_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     actor: Mapped[str] = mapped_column(String(128))
+    # The tag rule this assignment came from (``None``: made for this device by name).
+    rule_id: Mapped[int | None] = mapped_column(Integer, default=None)
+    cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    cancelled_by: Mapped[str | None] = mapped_column(String(128), default=None)
+
+
+class AssignmentRule(Base):
+    """A tag assignment: every device that has (or later gains) ``tag`` gets the release.
+
+    Cancelling it stops it applying to devices that gain the tag, and cancels
+    the assignments it made that are still current.
+    """
+
+    __tablename__ = "assignment_rules"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tag: Mapped[str] = mapped_column(String(128), index=True)
+    target_path: Mapped[str] = mapped_column(ForeignKey("releases.target_path"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    actor: Mapped[str] = mapped_column(String(128))
+    cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    cancelled_by: Mapped[str | None] = mapped_column(String(128), default=None)
 
 
 class ApiToken(Base):

@@ -19,6 +19,7 @@ import fcntl
 import hashlib
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,8 +40,9 @@ from tuf.api.metadata import (
 from tuf.api.serialization.json import JSONSerializer
 
 from fleet_server.release.keys import KeyStore
-from protocol.bundle import BundleFormatError, read_manifest
+from protocol.bundle import BundleFormatError, read_bundle, read_manifest, write_bundle
 from protocol.manifest import Manifest
+from protocol.versioning import default_release_counter, parse_semver
 
 SPEC_VERSION = "1.0.31"
 
@@ -70,16 +72,21 @@ class ReleasedBundle:
     hardware_ids: tuple[str, ...]
     sha256: str
     length: int
+    # A re-release: the version whose model this bundle carries, above the current counter.
+    re_release_of: str | None = None
 
 
-def bundle_custom(manifest: Manifest) -> dict[str, Any]:
-    """The TUF ``custom`` field that describes a bundle."""
-    return {
+def bundle_custom(manifest: Manifest, re_release_of: str | None = None) -> dict[str, Any]:
+    """The TUF ``custom`` field that describes a bundle (and which version it re-releases)."""
+    custom: dict[str, Any] = {
         "name": manifest.name,
         "version": manifest.version,
         "release_counter": manifest.release_counter,
         "hardware_ids": list(manifest.hardware_ids),
     }
+    if re_release_of is not None:
+        custom["re_release_of"] = re_release_of
+    return custom
 
 
 class TufRepository:
@@ -308,13 +315,18 @@ class ImageRepository(TufRepository):
                     hardware_ids=tuple(custom.get("hardware_ids", ())),
                     sha256=target.hashes["sha256"],
                     length=target.length,
+                    re_release_of=(
+                        str(custom["re_release_of"]) if custom.get("re_release_of") else None
+                    ),
                 )
             )
         return sorted(out, key=lambda b: (b.name, b.release_counter))
 
     # -- changing --------------------------------------------------------
 
-    def add_bundle(self, bundle: Path, keys: KeyStore) -> ReleasedBundle:
+    def add_bundle(
+        self, bundle: Path, keys: KeyStore, re_release_of: str | None = None
+    ) -> ReleasedBundle:
         """Add a bundle as a target and re-sign targets, snapshot and timestamp.
 
         Releasing the same bytes twice is a no-op; releasing different bytes
@@ -337,6 +349,7 @@ class ImageRepository(TufRepository):
             hardware_ids=tuple(manifest.hardware_ids),
             sha256=digest,
             length=length,
+            re_release_of=re_release_of,
         )
         with self._locked():
             if not self.exists():
@@ -369,10 +382,68 @@ class ImageRepository(TufRepository):
                 length=length,
                 hashes={"sha256": digest},
                 path=released.target_path,
-                unrecognized_fields={"custom": bundle_custom(manifest)},
+                unrecognized_fields={"custom": bundle_custom(manifest, re_release_of)},
             )
             self._set_targets_locked(keys, listed)
         return released
+
+    def re_release(
+        self, name: str, version: str, keys: KeyStore, new_version: str | None = None
+    ) -> ReleasedBundle:
+        """Release the model of ``name`` ``version`` again, above every counter of ``name``.
+
+        Devices never install a lower release counter, so going back to an old
+        model is a new release: the old bundle's model, golden vectors and
+        baseline under ``new_version`` (default: the next patch version after
+        the highest released one) and that version's release counter, which
+        must be above the highest of ``name``. Its manifest's description and
+        its target's ``re_release_of`` field say which version it carries.
+        """
+        bundles = [b for b in self.bundles() if b.name == name]
+        old = next((b for b in bundles if b.version == version), None)
+        if old is None:
+            known = ", ".join(b.version for b in bundles) or "none"
+            raise RepositoryError(
+                f"{self.path} holds no {name} {version} to re-release (its versions: {known})"
+            )
+        highest = max(bundles, key=lambda b: b.release_counter)
+        if new_version is None:
+            top = parse_semver(highest.version)
+            new_version = f"{top.major}.{top.minor}.{top.patch + 1}"
+        try:
+            counter = default_release_counter(new_version)
+        except ValueError as exc:
+            raise RepositoryError(f"version {new_version}: {exc}") from None
+        if counter <= highest.release_counter:
+            raise RepositoryError(
+                f"version {new_version} has release counter {counter}, not above "
+                f"{highest.release_counter} of {name} {highest.version}; give a higher version"
+            )
+        source = self._target_file(old.target_path, old.sha256)
+        try:
+            with source.open("rb") as f:
+                manifest, members = read_bundle(f)
+        except (OSError, BundleFormatError) as exc:
+            raise RepositoryError(
+                f"cannot read {old.target_path} to re-release it: {exc}"
+            ) from None
+        note = f"re-release of {name} {version} (sha256 {old.sha256})"
+        description = f"{manifest.description} ({note})" if manifest.description else note
+        fields = {
+            **manifest.model_dump(mode="json"),
+            "version": new_version,
+            "release_counter": counter,
+            "description": description,
+        }
+        try:
+            renewed = Manifest.model_validate(fields)
+        except ValueError as exc:
+            raise RepositoryError(f"version {new_version}: {exc}") from None
+        with tempfile.TemporaryDirectory(dir=self.path) as tmp:
+            bundle = Path(tmp) / f"{name}-{new_version}.bundle"
+            with bundle.open("wb") as out:
+                write_bundle(out, renewed, members)
+            return self.add_bundle(bundle, keys, re_release_of=version)
 
     def _target_file(self, target_path: str, digest: str) -> Path:
         dirname, _, basename = target_path.rpartition("/")

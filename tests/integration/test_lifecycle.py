@@ -368,7 +368,7 @@ def test_a_yanked_release_is_offered_only_to_devices_running_it(fleet: Fleet) ->
     assert yanked.code == 0, yanked.err
     assert "withdrawn from 1 device(s) not running it" in yanked.out and "yank-wait" in yanked.out
     assert "1 device(s) running it keep it" in yanked.out and "yank-run" in yanked.out
-    assert "not a rollback" in yanked.out and "--release-counter" in yanked.out
+    assert "not a rollback" in yanked.out and "--re-release-of" in yanked.out
 
     # The device not on it yet is no longer offered it: the agent's own check finds nothing.
     target, _ = resolve(fleet.agent("yank-wait", passwords["yank-wait"]), 0)

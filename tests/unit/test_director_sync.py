@@ -43,3 +43,12 @@ def test_a_withdrawn_assignment_is_signed_empty_at_the_recorded_version() -> Non
 
 def test_metadata_naming_a_target_after_a_withdrawal_is_signed_empty_at_a_newer_version() -> None:
     assert plan_sync(Committed("d", None, 5), Signed(A, 5)) == SyncStep(True, 6, True)
+
+
+def test_a_cancelled_assignment_is_signed_as_an_empty_one() -> None:
+    # Cancelled at version 5 while the metadata still names A at 4: sign "nothing" as 5.
+    assert plan_sync(Committed("d", None, 5), Signed(A, 4)) == SyncStep(True, 5, False)
+    # The metadata got ahead naming A: sign "nothing" above it and record that version.
+    assert plan_sync(Committed("d", None, 5), Signed(A, 5)) == SyncStep(True, 6, True)
+    # Already signed as nothing: done.
+    assert plan_sync(Committed("d", None, 5), Signed(None, 5)) is None
