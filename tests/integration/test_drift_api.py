@@ -147,19 +147,32 @@ class DriftFleet:
 
         self.api.call(run())
 
-    def alerts(self, device_id: str, reason: str | None = None) -> list[AlertRow]:
-        """The device's alerts, oldest first; only those of one test if ``reason`` is given."""
+    def alerts(self, device_id: str, kind: str | None = None) -> list[AlertRow]:
+        """The device's alerts, oldest first; only those of one kind if ``kind`` is given."""
 
         async def load() -> list[AlertRow]:
             statement = select(AlertRow).where(
                 AlertRow.scope == "device", AlertRow.scope_value == device_id
             )
-            if reason is not None:
-                statement = statement.where(AlertRow.reason == reason)
+            if kind is not None:
+                statement = statement.where(AlertRow.kind == kind)
             async with self.api.server.db.session() as session:
                 return list((await session.scalars(statement.order_by(AlertRow.id))).all())
 
         return self.api.call(load())
+
+
+def listed_tests(alert: AlertRow | dict[str, Any]) -> dict[str, list[str]]:
+    """A drift alert's features by name, each with the tests that list it."""
+    evidence = alert.evidence if isinstance(alert, AlertRow) else alert["evidence"]
+    return {f["name"]: f["reasons"] for f in evidence["features"]}
+
+
+def figures(alert: AlertRow, feature: str, reason: str) -> dict[str, Any]:
+    """The statistics a drift alert shows for one test of one feature."""
+    (entry,) = [f for f in alert.evidence["features"] if f["name"] == feature]
+    found: dict[str, Any] = entry["tests"][reason]
+    return found
 
 
 @pytest.fixture(scope="module", params=DATABASES)
@@ -310,47 +323,53 @@ def test_an_alert_opens_once_stays_open_and_closes_when_drift_clears(fleet: Drif
     fleet.upload("alarm-1", fleet.shifted(1000, seed=6, feature=0), t0)
     fleet.evaluate(t0)
     fleet.evaluate(t0 + timedelta(minutes=1))  # the same drift: no second alert
-    # Two standard deviations up also puts values beyond the baseline's maximum:
-    # one alert per test that found it, each opened once.
-    assert sorted(a.reason for a in fleet.alerts("alarm-1")) == ["distribution", "new-range"]
-    (alert,) = fleet.alerts("alarm-1", "distribution")
-    assert alert.state == "open" and alert.feature_name == "shaft_rpm"
+    # Two standard deviations up also puts values beyond the baseline's maximum: one alert
+    # for the device's model version, listing the feature with each test that found it.
+    (alert,) = fleet.alerts("alarm-1")
+    assert alert.kind == "drift" and alert.state == "open" and alert.feature is None
+    assert listed_tests(alert) == {"shaft_rpm": ["distribution", "new-range"]}
     assert alert.last_seen_at > alert.opened_at
-    ev = alert.evidence
-    assert ev["verdict"] == "drift" and ev["statistic"] > ev["threshold"] and ev["windows"] == 5
-    assert len(ev["window_ids"]) == 5 and ev["min_n"] == 500
+    ev = figures(alert, "shaft_rpm", "distribution")
+    assert ev["verdict"] == "drift" and ev["statistic"] > ev["threshold"]
+    assert figures(alert, "shaft_rpm", "new-range")["verdict"] == "drift"
+    assert alert.evidence["windows"] == 5 and alert.evidence["verdict"] == "drift"
+    assert len(alert.evidence["window_ids"]) == 5 and alert.evidence["min_n"] == 500
 
     # Too few values later: no evidence either way, so the alert stays open.
     t1 = t0 + 2 * HOUR
     fleet.upload("alarm-1", fleet.in_distribution(200, seed=7), t1)
     fleet.evaluate(t1)
-    (alert,) = fleet.alerts("alarm-1", "distribution")
+    (alert,) = fleet.alerts("alarm-1")
     assert alert.state == "open"
+    assert listed_tests(alert) == {"shaft_rpm": ["distribution", "new-range"]}
 
-    # Enough in-distribution values: the alert closes.
+    # Enough in-distribution values: the alert closes, showing the tests that cleared.
     t2 = t0 + 4 * HOUR
     fleet.upload("alarm-1", fleet.in_distribution(1000, seed=8), t2)
     fleet.evaluate(t2)
-    (alert,) = fleet.alerts("alarm-1", "distribution")
+    (alert,) = fleet.alerts("alarm-1")
     assert alert.state == "closed" and alert.closed_at is not None
     assert alert.evidence["verdict"] == "no_drift"
-    (beyond,) = fleet.alerts("alarm-1", "new-range")
-    assert beyond.state == "closed" and beyond.evidence["reason"] == "new-range"
+    assert listed_tests(alert) == {"shaft_rpm": ["distribution", "new-range"]}
+    assert figures(alert, "shaft_rpm", "distribution")["verdict"] == "no_drift"
+    beyond = figures(alert, "shaft_rpm", "new-range")
+    assert beyond["verdict"] == "no_drift" and beyond["reason"] == "new-range"
 
     # Drift again: a new alert, the closed one stays closed.
     t3 = t0 + 6 * HOUR
     fleet.upload("alarm-1", fleet.shifted(1000, seed=9, feature=0), t3)
     fleet.evaluate(t3)
-    states = [a.state for a in fleet.alerts("alarm-1", "distribution")]
+    states = [a.state for a in fleet.alerts("alarm-1")]
     assert states == ["closed", "open"]
-    assert [a.state for a in fleet.alerts("alarm-1", "new-range")] == ["closed", "open"]
+    assert listed_tests(fleet.alerts("alarm-1")[-1]) == {"shaft_rpm": ["distribution", "new-range"]}
 
     status, listed = fleet.get("/alerts", state="open")
     assert status == 200
-    mine = [a for a in listed["alerts"] if a["scope_value"] == "alarm-1"]
-    assert len(mine) == 2 and {a["feature_name"] for a in mine} == {"shaft_rpm"}
-    assert {a["reason"] for a in mine} == {"distribution", "new-range"}
-    assert all(a["evidence"]["verdict"] == "drift" for a in mine)
+    (mine,) = [a for a in listed["alerts"] if a["scope_value"] == "alarm-1"]
+    assert [(f["name"], f["reasons"]) for f in mine["features"]] == [
+        ("shaft_rpm", ["distribution", "new-range"])
+    ]
+    assert mine["evidence"]["verdict"] == "drift"
     status, closed = fleet.get("/alerts", state="closed")
     assert any(a["scope_value"] == "alarm-1" for a in closed["alerts"])
 
@@ -381,13 +400,17 @@ def test_a_dead_sensor_opens_a_missing_values_alert_that_says_so(fleet: DriftFle
     fleet.evaluate(t0)
     fleet.evaluate(t0 + timedelta(minutes=1))
     (alert,) = fleet.alerts("dead-1")
-    assert (alert.state, alert.reason, alert.feature) == ("open", "missing-values", 1)
-    ev = alert.evidence
+    assert alert.state == "open" and listed_tests(alert) == {
+        fleet.manifest.features[1].name: ["missing-values"]
+    }
+    (entry,) = alert.evidence["features"]
+    assert entry["feature"] == 1
+    ev = entry["tests"]["missing-values"]
     assert ev["reason"] == "missing-values" and ev["baseline_share"] == 0.0
     assert 0.03 < ev["share"] < 0.07 and ev["p_value"] <= ev["alpha"]
     status, listed = fleet.get("/alerts", state="open")
     (view,) = [a for a in listed["alerts"] if a["scope_value"] == "dead-1"]
-    assert view["reason"] == "missing-values"
+    assert [(f["feature"], f["reasons"]) for f in view["features"]] == [(1, ["missing-values"])]
 
     # The sensor is replaced: no NaN in enough rows closes the alert.
     t1 = t0 + 2 * HOUR
@@ -419,9 +442,12 @@ def test_a_few_new_values_open_a_new_range_alert_with_the_devices_counts(
     assert (feature["below_baseline"], feature["above_baseline"]) == (0, 6)
     assert feature["reasons"] == ["new-range"] and feature["new_range_p_value"] < 1e-3
     fleet.evaluate(t0)
-    (alert,) = fleet.alerts("new-1", "new-range")
-    assert alert.state == "open" and alert.feature == 2
-    assert alert.evidence["above_baseline"] == 6 and alert.evidence["baseline_max"] == top
+    (alert,) = fleet.alerts("new-1")
+    assert alert.state == "open"
+    (entry,) = alert.evidence["features"]
+    assert entry["feature"] == 2 and entry["reasons"] == ["new-range"]
+    ev = entry["tests"]["new-range"]
+    assert ev["above_baseline"] == 6 and ev["baseline_max"] == top
 
 
 async def _payloads(fleet: DriftFleet, window_ids: list[str]) -> list[bytes]:
@@ -452,7 +478,10 @@ def test_fleetctl_drift_prints_a_table_and_alerts_lists_them(
     code = main(["alerts", "--state", "open", "--json", *remote])
     alerts = json.loads(capsys.readouterr().out)
     assert code == 0
-    assert any(a["scope_value"] == "cli-1" and a["feature_name"] == "shaft_rpm" for a in alerts)
+    assert any(
+        a["scope_value"] == "cli-1" and [f["name"] for f in a["features"]] == ["shaft_rpm"]
+        for a in alerts
+    )
     code = main(["drift", *remote])
     assert code == 1 and "give one of" in capsys.readouterr().err
 
@@ -664,7 +693,7 @@ def test_an_accuracy_alert_opens_for_device_and_cohort_and_closes_when_it_recove
     for scope, value in (("tag", "line-9"), ("region", "ap-south"), ("hardware_id", HARDWARE)):
         assert [a.state for a in accuracy_alerts(scope, value)] == ["open"], (scope, value)
     # No drift alert: the inputs did not move.
-    assert not [a for a in fleet.alerts("unsure-1") if a.kind == "drift"]
+    assert not fleet.alerts("unsure-1", "drift")
 
     status, listed = fleet.get("/alerts", state="open", kind="accuracy")
     assert status == 200
