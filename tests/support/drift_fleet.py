@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -22,7 +22,7 @@ import pytest
 from sqlalchemy import select
 
 from fleet_server.db.models import AlertRow, WindowRow
-from fleet_server.drift import evaluate_fleet
+from fleet_server.drift import Evaluation, evaluate_fleet, evaluate_once
 from fleet_server.release.keys import KeyStore
 from fleet_server.release.repository import ImageRepository
 from protocol.bundle import read_manifest
@@ -147,6 +147,35 @@ class DriftFleet:
 
         self.api.call(run())
 
+    def run_pass(
+        self, until: datetime, notify: Callable[[str, AlertRow], None] | None = None
+    ) -> Evaluation:
+        """One pass of the server's alert job (evaluate, commit, log, ``notify``) at ``until``."""
+        server = self.api.server
+        return self.api.call(
+            evaluate_once(
+                server.db,
+                server.metrics,
+                server.manifests,
+                HOUR.total_seconds(),
+                notify=notify,
+                until=until,
+            )
+        )
+
+    def send(
+        self, method: str, path: str, body: Any = None, token: str | None = None
+    ) -> tuple[int, Any]:
+        """One API request (as admin unless ``token``); its status and decoded answer."""
+        r = self.api.request(method, f"{V}{path}", token=token or self.admin, json=body)
+        return r.status, json.loads(r.data)
+
+    def token(self, name: str, role: str) -> str:
+        status, created = self.send("POST", "/tokens", {"name": name, "role": role})
+        assert status == 201, created
+        token: str = created["token"]
+        return token
+
     def alerts(self, device_id: str, kind: str | None = None) -> list[AlertRow]:
         """The device's alerts, oldest first; only those of one kind if ``kind`` is given."""
 
@@ -180,10 +209,13 @@ def drift_fleet(
     tmp_path_factory: pytest.TempPathFactory,
     session_keys: KeyStore,
     bundles: dict[str, Path],
+    **settings: Any,
 ) -> Iterator[DriftFleet]:
+    """A :class:`DriftFleet` on the database ``request.param`` names; ``settings`` configure
+    its server (:class:`fleet_server.config.ServerConfig` fields)."""
     tmp = tmp_path_factory.mktemp(f"drift-{request.param}")
     with database_url(request.param, tmp) as url:
-        api = ServerThread(tmp / "server", url)
+        api = ServerThread(tmp / "server", url, **settings)
         try:
             repo = ImageRepository(tmp / "repo")
             repo.create(session_keys)
