@@ -843,13 +843,22 @@ async def expire_alert_silence(request: web.Request) -> web.StreamResponse:
 # -- a device's windows (for labelling) --------------------------------------------------
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def window_cursor(end: datetime, window_id: str) -> str:
+    """Where a page of windows stopped, URL-safe: ``MICROSECONDS~WINDOW_ID`` of its last one."""
+    return f"{(_aware(end) - _EPOCH) // _MICROSECOND}~{window_id}"
+
+
 def _window_cursor(text_: str) -> tuple[datetime, str]:
-    end, sep, window_id = text_.partition("|")
+    micros, sep, window_id = text_.partition("~")
     try:
         if not sep or not window_id:
             raise ValueError
-        return _aware(datetime.fromisoformat(end)), window_id
-    except ValueError:
+        return _EPOCH + timedelta(microseconds=int(micros)), window_id
+    except (ValueError, OverflowError):
         raise ApiError(422, "query before: not a next_before this API handed out") from None
 
 
@@ -907,7 +916,7 @@ async def device_windows(request: web.Request) -> web.StreamResponse:
         WindowList(
             device_id=device.id,
             windows=windows,
-            next_before=f"{windows[-1].end.isoformat()}|{windows[-1].window_id}" if more else None,
+            next_before=window_cursor(windows[-1].end, windows[-1].window_id) if more else None,
         )
     )
 
