@@ -121,7 +121,9 @@ def test_list_windows_write_labels_post_them_and_see_measured_accuracy(
     workflow: Workflow, tmp_path: Path
 ) -> None:
     device = "labelled-pump-1"
-    workflow.ok("devices", "register", device, "--hardware", HARDWARE)
+    workflow.server.api(
+        "POST", "/devices", workflow.token, {"device_id": device, "hardware_id": HARDWARE}
+    )
     X, y = tilted({"bearing_temp_c": 1.0}, 6 * ROWS_PER_WINDOW, 301)
     scores = np.asarray(
         LoadedModel((MODELS / "v1.tflite").read_bytes()).run({"features": X})["scores"]
@@ -154,7 +156,6 @@ def test_list_windows_write_labels_post_them_and_see_measured_accuracy(
         *("WINDOW", "START", "END", "MODEL", "REQUESTS", "ERRORS", "LABELLED")
     ]
     assert len(table.splitlines()) == 4 and "(more: --limit 4" in table
-    assert workflow.ok("devices", "windows", device, "--version", "9.9.9").strip() == "No windows."
 
     # 2. Labels for three windows, one row per labelled prediction.
     labelled = sent[:3]
@@ -187,7 +188,9 @@ def test_windows_are_paged_newest_first_and_an_unknown_device_is_refused(
     workflow: Workflow,
 ) -> None:
     device = "paged-pump-1"
-    workflow.ok("devices", "register", device, "--hardware", HARDWARE)
+    workflow.server.api(
+        "POST", "/devices", workflow.token, {"device_id": device, "hardware_id": HARDWARE}
+    )
     X, _ = tilted({}, 5 * ROWS_PER_WINDOW, 302)
     scores = np.asarray(
         LoadedModel((MODELS / "v1.tflite").read_bytes()).run({"features": X})["scores"]
@@ -222,6 +225,8 @@ def test_windows_are_paged_newest_first_and_an_unknown_device_is_refused(
     )
     assert [w["window_id"] for w in ranged["windows"]] == [middle.window_id]
 
+    other = workflow.server.api("GET", f"{path}?version=9.9.9&model=pump-health", workflow.token)
+    assert other["windows"] == [] and other["next_before"] is None
     r = workflow.server.request("GET", f"/api/v1{path}?before=garbage", token=workflow.token)
     assert r.status == 422 and b"query before" in r.data
     result = workflow.fleetctl("devices", "windows", "nobody-here")
