@@ -14,20 +14,25 @@ histograms also give the accuracy CBPE estimates without labels
 (:mod:`fleet_server.labels`) the accuracy measured on the labelled windows
 beside the estimate for those same windows.
 
-Alert rules, per (scope, model version, feature, reason) for drift and per
-(scope, model version) for accuracy. A feature's reasons are its tests
-(:data:`protocol.drift.REASONS`): ``distribution`` (the bins), ``missing-values``
-(the share of NaN), ``out-of-range`` (the share outside the valid range) and
-``new-range`` (values beyond the baseline's min or max); each opens and closes
-its own alert by its own verdict:
+Alert rules: one alert per scope and cause, the cause being a model version's
+drift or its accuracy. A feature's tests (:data:`protocol.drift.REASONS`) are
+``distribution`` (the bins), ``missing-values`` (the share of NaN),
+``out-of-range`` (the share outside the valid range) and ``new-range`` (values
+beyond the baseline's min or max); the drift alert lists every (feature, test)
+that found drift, with its figures:
 
-- ``drift`` (accuracy: ``below``, see :class:`protocol.cbpe.AccuracyPolicy`)
-  opens an alert, or — if one is open — updates its evidence and
-  ``last_seen_at``; there is never more than one open alert per key (the
-  ``open_key`` column is unique, so concurrent replicas cannot both open one);
-- ``no_drift`` (accuracy: ``within``) closes the open alert;
+- ``drift`` adds a test to the list (or refreshes its figures); the first one
+  opens the alert. Accuracy: ``below`` (see :class:`protocol.cbpe.AccuracyPolicy`)
+  opens the alert or updates it;
+- ``no_drift`` on enough data takes a test off the list; the alert closes when
+  none is left. Accuracy: ``within`` closes it;
 - ``not_enough_data`` (accuracy: also ``uncertain``) changes nothing: too few
   values is no evidence of recovery.
+
+There is never more than one open alert per scope and cause (the ``open_key``
+column is unique, so concurrent replicas cannot both open one), and an alert is
+updated and closed only while it is still open (so only one replica closes it:
+the one that notifies, see :mod:`fleet_server.drift.webhook`).
 
 :func:`evaluate_fleet` evaluates every device, every cohort (tag, hardware id,
 region) with windows in range, and each model version fleet-wide.
