@@ -14,6 +14,8 @@ import numpy.typing as npt
 import pytest
 
 from fleet_server.db.models import AlertRow
+from fleet_server.drift import Scope, drift_of, evaluate_alerts
+from fleet_server.drift.service import load_open_alerts
 from fleet_server.drift.silences import active_silences
 from fleet_server.fleetctl import main
 from fleet_server.release.keys import KeyStore
@@ -415,3 +417,89 @@ def test_fleetctl_filters_acknowledges_and_silences(
         assert main([*argv, *remote]) == 1, argv
         (line,) = capsys.readouterr().err.strip().splitlines()
         assert line.startswith("fleetctl: ") and named in line, (argv, line)
+
+
+def _scores_with_top(top: float, rows: int, seed: int) -> npt.NDArray[np.float64]:
+    """Class probabilities whose top score is ``top``, predicted classes spread evenly."""
+    rng = np.random.default_rng(seed)
+    scores = np.full((rows, 4), (1.0 - top) / 3)
+    scores[np.arange(rows), rng.integers(0, 4, rows)] = top
+    return scores
+
+
+def test_accuracy_alerts_are_silenced_and_acknowledged_alike(fleet: DriftFleet) -> None:
+    t0 = datetime(2032, 6, 1, 12, tzinfo=UTC)
+    fleet.register("unsure-ack-1")
+    status, silence = fleet.send(
+        "POST",
+        "/silences",
+        {
+            "kind": "accuracy",
+            "scope": "device",
+            "scope_value": "unsure-ack-1",
+            "duration_s": 3600,
+            "reason": "new sensor batch",
+        },
+    )
+    assert status == 201, silence
+    fleet.upload(
+        "unsure-ack-1",
+        fleet.in_distribution(1000, seed=151),
+        t0,
+        scores=_scores_with_top(0.4, 1000, 151),
+    )
+    notified = Notified()
+    fleet.run_pass(t0, notified)
+    alert = device_alert(fleet, "unsure-ack-1", "accuracy")
+    assert alert.state == "open" and alert.evidence["verdict"] == "below"
+    assert all(alert_id != alert.id for _, alert_id in notified.changes)
+    status, listed = fleet.get("/alerts", state="silenced", kind="accuracy")
+    assert [a["id"] for a in listed["alerts"]] == [alert.id]
+    status, acked = fleet.send("POST", f"/alerts/{alert.id}/ack", {"comment": "known"})
+    assert status == 200 and acked["acknowledged"]["comment"] == "known"
+    assert acked["silenced_by"] == [silence["id"]]
+
+    t1 = t0 + 2 * HOUR
+    fleet.upload(
+        "unsure-ack-1",
+        fleet.in_distribution(1000, seed=152),
+        t1,
+        scores=_scores_with_top(0.97, 1000, 152),
+    )
+    notified = Notified()
+    fleet.run_pass(t1, notified)
+    assert device_alert(fleet, "unsure-ack-1", "accuracy").state == "closed"
+    assert all(alert_id != alert.id for _, alert_id in notified.changes)
+
+
+def test_only_one_replica_closes_an_alert(fleet: DriftFleet) -> None:
+    t0 = datetime(2032, 7, 1, 12, tzinfo=UTC)
+    fleet.register("race-1")
+    fleet.upload("race-1", shifted(fleet, 1000, seed=161, features=range(1)), t0)
+    fleet.run_pass(t0)
+    alert = device_alert(fleet, "race-1")
+    t1 = t0 + 2 * HOUR
+    fleet.upload("race-1", fleet.in_distribution(1000, seed=162), t1)
+    server = fleet.api.server
+
+    async def load() -> dict[str, AlertRow]:
+        async with server.db.session() as session:
+            return await load_open_alerts(session)
+
+    # Another replica read the open alerts before this one closed it ...
+    stale = fleet.api.call(load())
+    first = fleet.run_pass(t1)
+    assert ("closed", alert.id) in [(c, r.id) for c, r in first.changes]
+    closed_at = device_alert(fleet, "race-1").closed_at
+
+    # ... and then evaluates the same windows: it neither closes (nor notifies) it again.
+    async def late() -> list[tuple[str, int]]:
+        scope = Scope("device", "race-1")
+        async with server.db.session() as session:
+            results = await drift_of(session, server.manifests, scope, t1 - HOUR, t1)
+            changes = await evaluate_alerts(session, scope, results, stale, t1 + HOUR)
+            return [(c, r.id) for c, r in changes]
+
+    assert fleet.api.call(late()) == []
+    again = device_alert(fleet, "race-1")
+    assert again.state == "closed" and again.closed_at == closed_at
