@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from fleet_server.db.models import AlertRow
 from fleet_server.drift import Scope, drift_of, evaluate_alerts
@@ -85,6 +86,20 @@ def test_many_drifting_features_open_one_alert_per_scope_with_one_log_line_each(
     (line,) = [x for x in lines if "device:many-1 " in x]
     assert line.startswith(f"drift alert {alert.id} opened: device:many-1 pump-health@1.0.0")
     assert all(name in line for name in names)
+    # The gauges count grouped alerts, and the features of the open fleet-wide one.
+    gauges = {
+        s.name + str(sorted(s.labels.items())): s.value
+        for family in text_string_to_metric_families(
+            fleet.api.request("GET", "/metrics").data.decode()
+        )
+        for s in family.samples
+    }
+    status, listed = fleet.get("/alerts", state="open", kind="drift", limit=1000)
+    assert status == 200, listed
+    assert gauges["edgefleet_drift_alerts_open[]"] == len(listed["alerts"])
+    (fleet_wide,) = [a for a in listed["alerts"] if a["scope"] == "fleet"]
+    key = "edgefleet_drift_features_drifting[('model', 'pump-health'), ('version', '1.0.0')]"
+    assert gauges[key] == len(fleet_wide["features"]) >= 4
 
     # Only the first feature still drifts: the same alert stays open with that feature alone.
     caplog.clear()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import json
@@ -11,19 +12,23 @@ import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import numpy as np
 import pytest
 from aiohttp import web
 
 from fleet_server.cli import build_parser, config_from_args
 from fleet_server.drift.webhook import Notification, WebhookNotifier
 from fleet_server.release.keys import KeyStore
-from tests.support.drift_fleet import HOUR, DriftFleet, drift_fleet
-from tests.support.server_process import wait_until
+from fleet_server.release.repository import ImageRepository
+from protocol.bundle import read_manifest
+from tests.support.api_server import ServerThread
+from tests.support.drift_fleet import HOUR, MODELS, DriftFleet, V, drift_fleet
+from tests.support.server_process import ServerProcess, private_broker, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -286,3 +291,69 @@ def test_the_webhook_flags_need_a_readable_secret(tmp_path: Path) -> None:
         assert result.returncode != 0, (extra, result.stderr)
         (line,) = result.stderr.strip().splitlines()
         assert line.startswith("fleet-server: ") and named in line, (extra, line)
+
+
+def test_a_fleet_server_process_posts_the_alerts_it_opens(
+    tmp_path: Path, session_keys: KeyStore, bundles: dict[str, Path], receiver: Receiver
+) -> None:
+    replica = "hooked-server"
+    data = tmp_path / replica
+    data.mkdir()
+    # Windows that drift, stored before the server starts: its first alert pass finds them.
+    api = ServerThread(data, f"sqlite:///{data.resolve() / 'fleet.db'}")
+    try:
+        repo = ImageRepository(tmp_path / "repo")
+        repo.create(session_keys)
+        repo.add_bundle(bundles["v1"], session_keys)
+        files = {
+            p.relative_to(repo.path).as_posix(): base64.b64encode(p.read_bytes()).decode()
+            for p in repo.path.rglob("*")
+            if p.is_file() and not p.name.startswith(".")
+        }
+        r = api.request("POST", f"{V}/releases", token=api.admin_token, json={"files": files})
+        assert r.status == 201, r.data
+        with bundles["v1"].open("rb") as source:
+            manifest = read_manifest(source)
+        rows = np.load(MODELS / "baseline.npy").astype(np.float64)
+        fleet = DriftFleet(api, api.admin_token, manifest, rows)
+        fleet.register("process-hook-1")
+        drifting = fleet.in_distribution(1000, seed=211)
+        drifting[:, 0] += 2.0 * rows[:, 0].std()
+        now = datetime.now(UTC).replace(microsecond=0)
+        fleet.upload("process-hook-1", drifting, now - timedelta(minutes=1))
+    finally:
+        api.close()
+
+    secret = tmp_path / "webhook-secret"
+    secret.write_text(SECRET + "\n")
+    before = len(receiver.received)
+    with private_broker(tmp_path / "broker") as broker:
+        server = ServerProcess(
+            tmp_path,
+            db_url=None,
+            broker=broker.url,
+            replica_id=replica,
+            extra_args=[
+                "--alert-webhook",
+                receiver.url,
+                "--alert-webhook-secret-file",
+                str(secret),
+            ],
+        )
+        try:
+            server.start()
+
+            def device_alert_posted() -> list[Received]:
+                return [
+                    r
+                    for r in receiver.received[before:]
+                    if r.payload["alert"]["scope_value"] == "process-hook-1"
+                ]
+
+            (posted,) = wait_until("the device's alert posted", device_alert_posted)
+        finally:
+            server.stop()
+    assert verified(posted) and posted.status == 200
+    assert posted.payload["event"] == "alert.opened"
+    assert [f["name"] for f in posted.payload["alert"]["features"]] == ["shaft_rpm"]
+    assert "drift alert" in server.log() and "opened: device:process-hook-1" in server.log()
