@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -38,6 +39,8 @@ _FLAGS = {
     "tls_cert": "--tls-cert",
     "tls_key": "--tls-key",
     "replica_id": "--replica-id",
+    "alert_webhook_url": "--alert-webhook",
+    "alert_webhook_secret": "--alert-webhook-secret-file",
 }
 
 
@@ -119,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long device messages gather into one write (default 0.05); longer batches "
         "mean fewer transactions and more messages held unacknowledged",
     )
+    _alert_webhook_flags(parser)
     parser.add_argument(
         "--verbose",
         action="store_true",
@@ -126,6 +130,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     return parser
+
+
+def _alert_webhook_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--alert-webhook",
+        metavar="URL",
+        default=os.environ.get("EDGEFLEET_ALERT_WEBHOOK") or None,
+        help="POST alert notifications (opened, closed; not acknowledged or silenced ones) "
+        "as signed JSON to this URL (default: $EDGEFLEET_ALERT_WEBHOOK)",
+    )
+    parser.add_argument(
+        "--alert-webhook-secret-file",
+        metavar="FILE",
+        default=os.environ.get("EDGEFLEET_ALERT_WEBHOOK_SECRET_FILE") or None,
+        help="file holding the shared secret the webhook's X-Edgefleet-Signature "
+        "(HMAC-SHA256) is made with; required with --alert-webhook "
+        "(default: $EDGEFLEET_ALERT_WEBHOOK_SECRET_FILE)",
+    )
+
+
+def _alert_webhook_fields(args: argparse.Namespace) -> dict[str, object]:
+    if args.alert_webhook is None:
+        return {}
+    path = args.alert_webhook_secret_file
+    if not path:
+        raise ValueError(
+            "--alert-webhook-secret-file: required with --alert-webhook (the receiver "
+            "verifies each notification's signature with that shared secret)"
+        )
+    try:
+        secret = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ValueError(
+            f"--alert-webhook-secret-file: cannot read {path}: {exc.strerror}"
+        ) from None
+    if not secret:
+        raise ValueError(f"--alert-webhook-secret-file: {path} is empty")
+    return {"alert_webhook_url": args.alert_webhook, "alert_webhook_secret": secret}
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -150,6 +192,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         fields["replica_id"] = args.replica_id
     if args.ingest_batch_delay is not None:
         fields["ingest_batch_delay_s"] = args.ingest_batch_delay
+    fields |= _alert_webhook_fields(args)
     return ServerConfig.model_validate(fields)
 
 

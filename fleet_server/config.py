@@ -7,7 +7,7 @@ import os
 import socket
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -70,6 +70,29 @@ class ServerConfig(BaseModel):
         lt=1,
         description="estimated accuracy this far below the calibration's opens an alert",
     )
+
+    alert_webhook_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://[^\s]+$",
+        description="where alert notifications are POSTed (http:// or https://)",
+    )
+    alert_webhook_secret: SecretStr | None = Field(
+        default=None, description="the shared secret their HMAC-SHA256 signature is made with"
+    )
+    alert_webhook_attempts: int = Field(default=5, ge=1, le=20)
+    alert_webhook_backoff_s: float = Field(default=1.0, gt=0)
+    alert_webhook_timeout_s: float = Field(default=10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _webhook_secret(self) -> ServerConfig:
+        if self.alert_webhook_url is not None and not (
+            self.alert_webhook_secret is not None and self.alert_webhook_secret.get_secret_value()
+        ):
+            raise ValueError(
+                "alert_webhook_secret: a webhook needs a shared secret its receiver verifies "
+                "the signature with"
+            )
+        return self
 
     @field_validator("mqtt_url")
     @classmethod

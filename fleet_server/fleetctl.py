@@ -1173,11 +1173,11 @@ def _accuracy_line(a: dict[str, Any] | None) -> str:
     return line
 
 
-def _alert_figures(a: dict[str, Any]) -> str:
-    ev = a["evidence"]
-    if a["kind"] == "accuracy":
-        return f"{_percent(ev.get('estimated'))} < {_percent(ev.get('threshold'))}"
-    reason = a.get("reason") or "distribution"
+# -- alerts: filters, acknowledgements, silences ----------------------------------------
+
+
+def _test_figures(reason: str, ev: dict[str, Any]) -> str:
+    """One test's numbers in a few characters."""
     if reason in ("missing-values", "out-of-range"):
         return (
             f"{reason}: {_percent(ev.get('share'))} vs {_percent(ev.get('baseline_share'))}, "
@@ -1192,31 +1192,67 @@ def _alert_figures(a: dict[str, Any]) -> str:
     return f"{_number(ev.get('statistic'), 1)}/{_number(ev.get('threshold'), 1)}"
 
 
-def cmd_alerts(args: argparse.Namespace) -> None:
-    alerts = _client(args).get("/alerts", state=args.state, kind=args.kind, limit=args.limit)[
-        "alerts"
+def _alert_figures(a: dict[str, Any]) -> str:
+    ev = a["evidence"]
+    if a["kind"] == "accuracy":
+        return f"{_percent(ev.get('estimated'))} < {_percent(ev.get('threshold'))}"
+    tests = [
+        f"{f.get('name') or f['feature']} {_test_figures(reason, figures)}"
+        for f in a.get("features") or []
+        for reason, figures in sorted((f.get("tests") or {}).items())
     ]
+    return "; ".join(tests[:2]) + (f"; +{len(tests) - 2} more" if len(tests) > 2 else "")
+
+
+def _alert_features(a: dict[str, Any], most: int = 3) -> str | None:
+    names = [
+        f"{f.get('name') or f['feature']}({','.join(f.get('reasons') or [])})"
+        for f in a.get("features") or []
+    ]
+    if not names:
+        return None
+    return " ".join(names[:most]) + (f" +{len(names) - most}" if len(names) > most else "")
+
+
+def _alert_state(a: dict[str, Any]) -> str:
+    notes = []
+    if a.get("acknowledged") and a["state"] == "open":
+        notes.append("acked")
+    if a.get("silenced_by"):
+        notes.append("silenced")
+    return a["state"] + (f" ({', '.join(notes)})" if notes else "")
+
+
+def _scope(kind: str | None, value: str | None) -> str:
+    if kind is None:
+        return "any"
+    return f"{kind}:{value}" if value else kind
+
+
+def cmd_alerts(args: argparse.Namespace) -> None:
+    alerts = _client(args).get(
+        "/alerts",
+        state=args.state,
+        kind=args.kind,
+        scope=args.scope,
+        device=args.device,
+        model=args.model,
+        version=args.version,
+        limit=args.limit,
+    )["alerts"]
     table = _table(
         [
-            "ID",
-            "KIND",
-            "STATE",
-            "SCOPE",
-            "MODEL",
-            "FEATURE",
-            "OPENED",
-            "LAST SEEN",
-            "CLOSED",
-            "EVIDENCE",
+            *("ID", "KIND", "STATE", "SCOPE", "MODEL", "FEATURES"),
+            *("OPENED", "LAST SEEN", "CLOSED", "EVIDENCE"),
         ],
         [
             [
                 a["id"],
                 a["kind"],
-                a["state"],
-                f"{a['scope']}:{a['scope_value']}" if a["scope_value"] else a["scope"],
+                _alert_state(a),
+                _scope(a["scope"], a["scope_value"]),
                 f"{a['model']}@{a['version']}",
-                a["feature_name"] or ("-" if a["feature"] is None else a["feature"]),
+                _alert_features(a),
                 _when(a["opened_at"]),
                 _when(a["last_seen_at"]),
                 _when(a["closed_at"]),
@@ -1226,6 +1262,244 @@ def cmd_alerts(args: argparse.Namespace) -> None:
         ],
     )
     _emit(args, alerts, table if alerts else "No alerts.")
+
+
+def cmd_alerts_ack(args: argparse.Namespace) -> None:
+    alert = _client(args).post(f"/alerts/{args.alert_id}/ack", {"comment": args.comment})
+    _emit(
+        args,
+        alert,
+        f"Acknowledged alert {alert['id']} ({alert['kind']}, "
+        f"{_scope(alert['scope'], alert['scope_value'])}, {alert['model']}@{alert['version']}): "
+        "not notified again; it still closes when its condition clears",
+    )
+
+
+def _silence_scope(text: str) -> tuple[str, str | None]:
+    kind, sep, value = text.partition(":")
+    kinds = ("device", "tag", "hardware_id", "region", "fleet")
+    if kind not in kinds or (sep and not value) or (kind == "fleet" and value):
+        raise CommandError(
+            f"--scope {text!r}: give KIND or KIND:VALUE with KIND one of {', '.join(kinds)} "
+            "(fleet has no value), e.g. device:pump-17"
+        )
+    return kind, value or None
+
+
+def _describe_silence(s: dict[str, Any]) -> str:
+    matchers = [f"scope {_scope(s['scope'], s['scope_value'])}"]
+    if s.get("kind"):
+        matchers.append(f"kind {s['kind']}")
+    if s.get("model") or s.get("version"):
+        matchers.append(f"model {s.get('model') or '*'}@{s.get('version') or '*'}")
+    return ", ".join(matchers)
+
+
+def cmd_alerts_silence(args: argparse.Namespace) -> None:
+    body: dict[str, Any] = {"duration_s": args.duration, "reason": args.reason}
+    if args.alert_id is not None:
+        if args.scope or args.kind or args.model or args.version:
+            raise CommandError("give an alert ID or --scope (with --kind, --model, --version)")
+        body["alert_id"] = args.alert_id
+    elif args.scope is None:
+        raise CommandError("give an alert ID or --scope KIND[:VALUE] to silence")
+    else:
+        body["scope"], body["scope_value"] = _silence_scope(args.scope)
+        body |= {"kind": args.kind, "model": args.model, "version": args.version}
+    silence = _client(args).post("/silences", {k: v for k, v in body.items() if v is not None})
+    _emit(
+        args,
+        silence,
+        f"Silence {silence['id']} ({_describe_silence(silence)}) until "
+        f"{_when(silence['ends_at'])} UTC; it matches {silence['matching']} open alerts",
+    )
+
+
+def cmd_alerts_silences(args: argparse.Namespace) -> None:
+    silences = _client(args).get("/silences", state=args.state, limit=args.limit)["silences"]
+    table = _table(
+        ["ID", "ACTIVE", "MATCHES", "ENDS", "OPEN ALERTS", "BY", "REASON"],
+        [
+            [
+                s["id"],
+                "yes" if s["active"] else "no",
+                _describe_silence(s),
+                _when(s["ends_at"]),
+                s["matching"],
+                s["created_by"],
+                s["reason"][:60],
+            ]
+            for s in silences
+        ],
+    )
+    _emit(args, silences, table if silences else "No silences.")
+
+
+def cmd_alerts_unsilence(args: argparse.Namespace) -> None:
+    silence = _client(args).request("DELETE", f"/silences/{args.silence_id}")
+    _emit(args, silence, f"Silence {silence['id']} ended ({_describe_silence(silence)})")
+
+
+def _alert_commands(groups: Any, both: list[argparse.ArgumentParser]) -> None:
+    """``fleetctl alerts``: the list with its filters; ack, silence, silences, unsilence."""
+    raw = argparse.RawDescriptionHelpFormatter
+    alerts = groups.add_parser(
+        "alerts",
+        parents=both,
+        help="drift and accuracy alerts, one per scope and cause, newest first (server)",
+        formatter_class=raw,
+        epilog="examples:\n"
+        "  fleetctl alerts --state open --device pump-17\n"
+        "  fleetctl alerts --scope tag:line-a --kind drift --json\n"
+        "  fleetctl alerts ack 42 --comment 'sensor replaced tomorrow'\n"
+        "  fleetctl alerts silence --scope device:pump-17 --for 2h --reason maintenance",
+    )
+    alerts.add_argument(
+        "--state",
+        choices=["open", "closed", "acknowledged", "silenced"],
+        help="open (all open ones), closed, acknowledged or silenced (open and so handled)",
+    )
+    alerts.add_argument("--kind", choices=["drift", "accuracy"], help="only this kind")
+    alerts.add_argument(
+        "--scope", help="a scope kind (tag) or one scope (tag:line-a, device:pump-17, fleet)"
+    )
+    alerts.add_argument("--device", help="only alerts of this device's own scope")
+    alerts.add_argument("--model", help="only this model")
+    alerts.add_argument("--version", help="only this model version")
+    alerts.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    alerts.set_defaults(func=cmd_alerts)
+    actions = alerts.add_subparsers(dest="action", metavar="ACTION", title="actions")
+
+    p = actions.add_parser(
+        "ack",
+        parents=both,
+        help="acknowledge an open alert: not notified again, still closed when it clears",
+        formatter_class=raw,
+        epilog="example:\n  fleetctl alerts ack 42 --comment 'on site at 14:00'",
+    )
+    p.add_argument("alert_id", type=int, metavar="ID", help="the alert's id (fleetctl alerts)")
+    p.add_argument("--comment", help="why, or who is on it (shown with the alert, audited)")
+    p.set_defaults(func=cmd_alerts_ack)
+
+    p = actions.add_parser(
+        "silence",
+        parents=both,
+        help="withhold the notifications of matching alerts for a while",
+        formatter_class=raw,
+        epilog="examples:\n"
+        "  fleetctl alerts silence 42 --for 2h --reason 'recalibrating'\n"
+        "  fleetctl alerts silence --scope tag:line-a --kind drift --for 1d --reason 'line moved'",
+    )
+    p.add_argument(
+        "alert_id",
+        type=int,
+        nargs="?",
+        metavar="ID",
+        help="silence this alert's scope and cause (its kind, scope and model version)",
+    )
+    p.add_argument("--scope", help="KIND or KIND:VALUE: device:pump-17, tag:line-a, fleet")
+    p.add_argument("--kind", choices=["drift", "accuracy"], help="only alerts of this kind")
+    p.add_argument("--model", help="only alerts of this model")
+    p.add_argument("--version", help="only alerts of this model version")
+    p.add_argument(
+        "--for",
+        dest="duration",
+        required=True,
+        type=_duration,
+        help="how long, e.g. 2h, 30m, 7d (ends on its own)",
+    )
+    p.add_argument("--reason", required=True, help="why (shown with the silence, audited)")
+    p.set_defaults(func=cmd_alerts_silence)
+
+    p = actions.add_parser(
+        "silences",
+        parents=both,
+        help="list silences (active ones by default)",
+        formatter_class=raw,
+        epilog="example:\n  fleetctl alerts silences --state all",
+    )
+    p.add_argument(
+        "--state",
+        choices=["active", "expired", "all"],
+        default="active",
+        help="active (default), expired or all",
+    )
+    p.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    p.set_defaults(func=cmd_alerts_silences)
+
+    p = actions.add_parser(
+        "unsilence",
+        parents=both,
+        help="end a silence now",
+        formatter_class=raw,
+        epilog="example:\n  fleetctl alerts unsilence 7",
+    )
+    p.add_argument("silence_id", type=int, metavar="SILENCE_ID", help="fleetctl alerts silences")
+    p.set_defaults(func=cmd_alerts_unsilence)
+
+
+# -- a device's windows ---------------------------------------------------------------
+
+WINDOWS_PER_REQUEST = 1000
+
+
+def cmd_devices_windows(args: argparse.Namespace) -> None:
+    if args.limit < 1:
+        raise CommandError("--limit must be at least 1")
+    client = _client(args)
+    windows: list[dict[str, Any]] = []
+    before = None
+    while len(windows) < args.limit:
+        page = client.get(
+            f"/devices/{path_segment(args.device)}/windows",
+            since=args.since,
+            until=args.until,
+            model=args.model,
+            version=args.version,
+            limit=min(WINDOWS_PER_REQUEST, args.limit - len(windows)),
+            before=before,
+        )
+        windows += page["windows"]
+        before = page.get("next_before")
+        if before is None:
+            break
+    table = _table(
+        ["WINDOW", "START", "END", "MODEL", "REQUESTS", "ERRORS", "LABELLED"],
+        [
+            [
+                w["window_id"],
+                _when(w["start"]),
+                _when(w["end"]),
+                f"{w['model']}@{w['version']}",
+                w["requests"],
+                w["errors"],
+                "yes" if w["labelled"] else "no",
+            ]
+            for w in windows
+        ],
+    )
+    more = f"\n(more: --limit {args.limit * 2}, or an earlier --until)" if before else ""
+    _emit(args, windows, (table + more) if windows else "No windows.")
+
+
+def _window_commands(devices: Any, both: list[argparse.ArgumentParser]) -> None:
+    """``fleetctl devices windows``: the window ids ``labels post`` needs."""
+    p = devices.add_parser(
+        "windows",
+        parents=both,
+        help="a device's windows, newest first: the ids to label (fleetctl labels post)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  fleetctl devices windows pump-17 --since 2031-01-01T00:00:00Z --limit 20\n"
+        "  fleetctl devices windows pump-17 --version 1.1.0 --json",
+    )
+    p.add_argument("device", help="the device's id")
+    p.add_argument("--since", help="ISO time: windows that ended after it")
+    p.add_argument("--until", help="ISO time: windows that ended at or before it")
+    p.add_argument("--model", help="only windows of this model")
+    p.add_argument("--version", help="only windows of this model version")
+    p.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    p.set_defaults(func=cmd_devices_windows)
 
 
 # -- labels ------------------------------------------------------------------------
@@ -1520,6 +1794,7 @@ def _remote_commands(groups: Any, leaf: argparse.ArgumentParser, release: Any) -
         "its history stays, the new device starts with nothing assigned",
     )
     p.set_defaults(func=cmd_devices_register)
+    _window_commands(devices, both)
     p = devices.add_parser(
         "events",
         parents=both,
@@ -1700,20 +1975,8 @@ def _remote_commands(groups: Any, leaf: argparse.ArgumentParser, release: Any) -
     p.add_argument("--until", help="windows that ended up to this ISO time (default: now)")
     p.set_defaults(func=cmd_drift)
 
-    p = groups.add_parser(
-        "alerts",
-        parents=both,
-        help="drift and accuracy alerts, newest first (server)",
-        epilog=_examples(
-            "fleetctl alerts --state open", "fleetctl alerts --kind accuracy --limit 20 --json"
-        ),
-    )
-    p.add_argument("--state", choices=["open", "closed"], help="only open or closed alerts")
-    p.add_argument("--kind", choices=["drift", "accuracy"], help="only drift or accuracy alerts")
-    p.add_argument(
-        "--limit", type=int, default=100, help="at most this many alerts (default %(default)s)"
-    )
-    p.set_defaults(func=cmd_alerts)
+    _alert_commands(groups, both)
+
     labels = groups.add_parser(
         "labels", help="labels that arrived later, per window (server)"
     ).add_subparsers(dest="cmd", required=True)

@@ -42,7 +42,9 @@ class Metrics:
             registry=self.registry,
         )
         self.drift_alerts_open = Gauge(
-            "edgefleet_drift_alerts_open", "Open drift alerts, every scope", registry=self.registry
+            "edgefleet_drift_alerts_open",
+            "Open drift alerts (one per scope and model version), every scope",
+            registry=self.registry,
         )
         self.accuracy_alerts_open = Gauge(
             "edgefleet_accuracy_alerts_open",
@@ -67,5 +69,11 @@ class Metrics:
             "edgefleet_drift_features_drifting",
             "Features with an open fleet-wide drift alert, by model version",
             ["model", "version"],
+            registry=self.registry,
+        )
+        self.alert_notifications = Counter(
+            "edgefleet_alert_notifications_total",
+            "Alert webhook notifications, by result (delivered, failed, dropped)",
+            ["result"],
             registry=self.registry,
         )

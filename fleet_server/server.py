@@ -21,8 +21,11 @@ from fleet_server.assignments import DirectorService
 from fleet_server.audit import anchor_once
 from fleet_server.config import ServerConfig
 from fleet_server.db import Database, migrate
+from fleet_server.db.models import AlertRow
 from fleet_server.director import DirectorRepository
 from fleet_server.drift import ManifestCache, run_drift_alerts
+from fleet_server.drift.views import alert_view
+from fleet_server.drift.webhook import Notification, WebhookNotifier
 from fleet_server.metrics import Metrics
 from fleet_server.mqtt.claim import NamespaceGuard, StartRefused
 from fleet_server.mqtt.link import ServerMqtt
@@ -64,6 +67,26 @@ class FleetServer:
         self.mqtt = ServerMqtt(config, self.db, self.metrics) if config.mqtt_url else None
         self.director = DirectorService(director, keys, self._publish_desired)
         self.http_port: int | None = None
+        self.notifier = self._alert_notifier()
+
+    def _alert_notifier(self) -> WebhookNotifier | None:
+        config = self.config
+        if config.alert_webhook_url is None or config.alert_webhook_secret is None:
+            return None
+        return WebhookNotifier(
+            url=config.alert_webhook_url,
+            secret=config.alert_webhook_secret.get_secret_value().encode(),
+            metrics=self.metrics,
+            attempts=config.alert_webhook_attempts,
+            backoff_s=config.alert_webhook_backoff_s,
+            timeout_s=config.alert_webhook_timeout_s,
+        )
+
+    def notify_alert(self, change: str, row: AlertRow) -> None:
+        """Queue the webhook notification of an alert this replica opened or closed."""
+        if self.notifier is not None:
+            alert = alert_view(row).model_dump(mode="json")
+            self.notifier.notify(Notification(f"alert.{change}", alert))
 
     async def _publish_desired(self, desired: DesiredState) -> None:
         if self.mqtt is not None:
@@ -145,8 +168,11 @@ class FleetServer:
                         self.config.drift_interval_s,
                         self.config.drift_range_s,
                         AccuracyPolicy(max_drop=self.config.accuracy_max_drop),
+                        self.notify_alert,
                     )
                 )
+                if self.notifier is not None:
+                    tasks.create_task(self.notifier.run(stop))
                 await stop.wait()
         finally:
             await runner.cleanup()

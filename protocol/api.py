@@ -615,18 +615,62 @@ class DriftReport(_Response):
 
 
 AlertKind = Literal["drift", "accuracy"]
+AlertState = Literal["open", "closed", "acknowledged", "silenced"]
+# A scope kind, or KIND:VALUE (device:pump-17, tag:line-a); "fleet" has no value.
+ScopeFilter = Annotated[
+    str,
+    Field(
+        pattern=r"^(fleet|(device|tag|hardware_id|region)(:[A-Za-z0-9][A-Za-z0-9 ._:/-]{0,127})?)$",
+        max_length=150,
+    ),
+]
+MAX_SILENCE_S = 366 * 86400
 
 
 class AlertQuery(_Request):
-    state: Literal["open", "closed"] | None = None
+    """Which alerts: every filter given must hold (newest first).
+
+    ``state``: ``open`` (every open alert, acknowledged and silenced ones too),
+    ``closed``, ``acknowledged`` (open and acknowledged) or ``silenced`` (open
+    and matched by an active silence).
+    """
+
+    state: AlertState | None = None
     kind: AlertKind | None = None
+    scope: ScopeFilter | None = Field(
+        default=None, description="a scope kind (tag) or one scope (tag:line-a, device:pump-17)"
+    )
+    device: DeviceId | None = Field(default=None, description="alerts of this device's scope")
+    model: ModelName | None = None
+    version: ModelVersion | None = None
     limit: int = Field(default=100, ge=1, le=1000)
 
 
-class AlertView(_Response):
-    """A drift alert of one (scope, model version, feature), or an accuracy alert (no feature).
+class AlertFeature(_Response):
+    """A feature of a drift alert: the tests that found it drifting, each with its statistics.
 
-    ``evidence`` is the latest test's numbers, thresholds and windows.
+    Each test's figures are those of the latest evaluation with enough data.
+    """
+
+    feature: int
+    name: str | None = None
+    reasons: list[DriftReasonName]
+    tests: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+class AlertAcknowledgement(_Response):
+    at: datetime
+    by: str
+    comment: str | None = None
+
+
+class AlertView(_Response):
+    """An alert of one scope and cause: a model version's drift (``features`` lists each
+    drifting feature), or its estimated accuracy (no features).
+
+    ``evidence`` is the latest test's numbers, thresholds and windows. ``feature``,
+    ``feature_name`` and ``reason`` are set only on alerts stored before alerts
+    were grouped (one per feature and test); ``features`` holds theirs too.
     """
 
     id: int
@@ -635,20 +679,86 @@ class AlertView(_Response):
     scope_value: str
     model: str
     version: str
+    features: list[AlertFeature] = Field(default_factory=list)
     feature: int | None = None
     feature_name: str | None = None
     reason: DriftReasonName | None = Field(
-        default=None, description="the test that found drift; null for accuracy alerts"
+        default=None, description="only on alerts stored per feature and test (before grouping)"
     )
     state: Literal["open", "closed"]
     opened_at: datetime
     last_seen_at: datetime
     closed_at: datetime | None = None
+    acknowledged: AlertAcknowledgement | None = None
+    silenced_by: list[int] = Field(
+        default_factory=list, description="the active silences that match it (open alerts)"
+    )
     evidence: dict[str, Any]
 
 
 class AlertList(_Response):
     alerts: list[AlertView]
+
+
+class AcknowledgeAlert(_Request):
+    """Someone is on it: the alert is not notified again, and is still closed when it clears."""
+
+    comment: str | None = Field(default=None, max_length=1000)
+
+
+class SilenceRequest(_Request):
+    """Silence alerts for ``duration_s``: those matching every matcher given, or one alert's
+    scope and cause (``alert_id``: its kind, scope and model version, so the same cause
+    opening again is silenced too)."""
+
+    alert_id: int | None = Field(default=None, ge=1)
+    kind: AlertKind | None = None
+    scope: ScopeKind | None = None
+    scope_value: str | None = Field(default=None, min_length=1, max_length=128)
+    model: ModelName | None = None
+    version: ModelVersion | None = None
+    duration_s: float = Field(gt=0, le=MAX_SILENCE_S, description="how long it lasts, from now")
+    reason: str = Field(min_length=1, max_length=1000, description="why (shown and audited)")
+
+    @model_validator(mode="after")
+    def _what(self) -> SilenceRequest:
+        matchers = (self.kind, self.scope, self.scope_value, self.model, self.version)
+        if self.alert_id is not None and any(m is not None for m in matchers):
+            raise ValueError("give alert_id alone, or matchers (scope, ...) without it")
+        if self.alert_id is None and self.scope is None:
+            raise ValueError("give alert_id or scope (a silence needs at least a scope)")
+        if self.scope == "fleet" and self.scope_value is not None:
+            raise ValueError("the fleet scope has no value")
+        return self
+
+
+class SilenceView(_Response):
+    """A silence; ``None`` matchers match anything. ``active`` until ``ends_at``."""
+
+    id: int
+    kind: AlertKind | None = None
+    scope: ScopeKind | None = None
+    scope_value: str | None = None
+    model: str | None = None
+    version: str | None = None
+    alert_id: int | None = Field(default=None, description="the alert it was made from")
+    reason: str
+    created_by: str
+    created_at: datetime
+    starts_at: datetime
+    ends_at: datetime
+    expired_by: str | None = Field(default=None, description="who expired it early")
+    active: bool
+    matching: int = Field(description="open alerts it matches now")
+
+
+class SilenceList(_Response):
+    silences: list[SilenceView]
+
+
+class SilenceQuery(_Request):
+    state: Literal["active", "expired", "all"] = "active"
+    limit: int = Field(default=100, ge=1, le=1000)
 
 
 # -- labels ----------------------------------------------------------------------
@@ -706,3 +816,40 @@ class LabelsResult(_Response):
     replaced: int = Field(description="windows whose earlier labels these replace")
     rows: int = Field(description="labelled predictions in this request")
     correct: int = Field(description="of those, predictions that were right")
+
+
+# -- windows ---------------------------------------------------------------------
+
+
+class WindowQuery(_Request):
+    """A device's windows that ended in ``(since, until]``, newest first, a page at a time."""
+
+    since: datetime | None = None
+    until: datetime | None = None
+    model: ModelName | None = None
+    version: ModelVersion | None = None
+    limit: int = Field(default=100, ge=1, le=1000)
+    before: str | None = Field(
+        default=None,
+        max_length=200,
+        description="the next_before of the previous page: windows after it",
+    )
+
+
+class WindowView(_Response):
+    window_id: str
+    start: datetime
+    end: datetime
+    model: str
+    version: str
+    requests: int
+    errors: int
+    labelled: bool = Field(description="labels were posted for it")
+
+
+class WindowList(_Response):
+    device_id: str
+    windows: list[WindowView]
+    next_before: str | None = Field(
+        default=None, description="more windows: pass this as before for the next page"
+    )

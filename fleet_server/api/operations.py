@@ -47,6 +47,8 @@ PATH_PARAMETERS: dict[str, str] = {
     "assignment_id": ASSIGNMENT_ID_PATTERN,
     "name": FILE_NAME,
     "file": FILE_NAME,
+    "alert_id": r"^[1-9][0-9]{0,17}$",
+    "silence_id": r"^[1-9][0-9]{0,17}$",
 }
 _PATH_CHECKS = {name: re.compile(pattern) for name, pattern in PATH_PARAMETERS.items()}
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel
-from sqlalchemy import Text, cast, select, text
+from sqlalchemy import Text, and_, cast, false, or_, select, text, true
 from sqlalchemy.ext.asyncio import AsyncSession
 from tuf.api import exceptions as tuf_exc
 
@@ -62,15 +62,27 @@ from fleet_server.db.models import (
     DeviceEventRow,
     ProvisioningToken,
     Release,
+    SilenceRow,
+    WindowLabels,
     WindowRow,
 )
 from fleet_server.drift import Accuracy, ModelDrift, Scope, drift_of
+from fleet_server.drift.silences import (
+    acknowledge,
+    active_silences,
+    create_silence,
+    expire_silence,
+    get_alert,
+    list_silences,
+)
+from fleet_server.drift.views import alert_view, silence_view
 from fleet_server.labels import post_labels
 from fleet_server.releases import ReleaseError
 from fleet_server.stored_json import show_object, show_value
 from protocol.api import (
     API_PREFIX,
     AccuracyView,
+    AcknowledgeAlert,
     AlertList,
     AlertQuery,
     AlertView,
@@ -112,11 +124,18 @@ from protocol.api import (
     ReleaseQuery,
     ReleaseView,
     SignedAuditHead,
+    SilenceList,
+    SilenceQuery,
+    SilenceRequest,
+    SilenceView,
     TagChange,
     TokenCreated,
     TokenList,
     TokenRequest,
     TokenView,
+    WindowList,
+    WindowQuery,
+    WindowView,
     YankRequest,
     YankResult,
 )
@@ -970,35 +989,191 @@ async def get_drift(request: web.Request) -> web.StreamResponse:
     )
 
 
-def alert_view(a: AlertRow) -> AlertView:
-    return AlertView(
-        id=a.id,
-        kind=a.kind,  # type: ignore[arg-type]  # written only as "drift" or "accuracy"
-        scope=a.scope,  # type: ignore[arg-type]  # written only from ScopeKind
-        scope_value=a.scope_value,
-        model=a.model_name,
-        version=a.model_version,
-        feature=a.feature,
-        feature_name=a.feature_name,
-        reason=a.reason,  # type: ignore[arg-type]  # written only from DriftReason
-        state=a.state,  # type: ignore[arg-type]  # "open" or "closed"
-        opened_at=_aware(a.opened_at),
-        last_seen_at=_aware(a.last_seen_at),
-        closed_at=_maybe_aware(a.closed_at),
-        evidence=a.evidence or {},
-    )
+# -- alerts: filters, acknowledgements, silences ----------------------------------------
+
+
+def _alert_filters(q: AlertQuery, silences: list[SilenceRow]) -> list[Any]:
+    """The WHERE clauses of an alert query (see :class:`protocol.api.AlertQuery`)."""
+    where: list[Any] = []
+    if q.state in ("open", "closed"):
+        where.append(AlertRow.state == q.state)
+    elif q.state == "acknowledged":
+        where += [AlertRow.state == "open", AlertRow.acknowledged_at.is_not(None)]
+    elif q.state == "silenced":
+        where.append(AlertRow.state == "open")
+        matchers = [
+            and_(
+                true(),
+                *(
+                    column == value
+                    for column, value in (
+                        (AlertRow.kind, s.kind),
+                        (AlertRow.scope, s.scope),
+                        (AlertRow.scope_value, s.scope_value),
+                        (AlertRow.model_name, s.model_name),
+                        (AlertRow.model_version, s.model_version),
+                    )
+                    if value is not None
+                ),
+            )
+            for s in silences
+        ]
+        where.append(or_(*matchers) if matchers else false())
+    if q.kind is not None:
+        where.append(AlertRow.kind == q.kind)
+    if q.scope is not None:
+        kind, _, value = q.scope.partition(":")
+        where.append(AlertRow.scope == kind)
+        if value:
+            where.append(AlertRow.scope_value == value)
+    if q.device is not None:
+        where += [AlertRow.scope == "device", AlertRow.scope_value == q.device]
+    if q.model is not None:
+        where.append(AlertRow.model_name == q.model)
+    if q.version is not None:
+        where.append(AlertRow.model_version == q.version)
+    return where
 
 
 async def list_alerts(request: web.Request) -> web.StreamResponse:
     q = query(request, AlertQuery)
-    statement = select(AlertRow).order_by(AlertRow.id.desc()).limit(q.limit)
-    if q.state is not None:
-        statement = statement.where(AlertRow.state == q.state)
-    if q.kind is not None:
-        statement = statement.where(AlertRow.kind == q.kind)
     async with request.app[SERVER].db.session() as session:
+        silences = await active_silences(session)
+        statement = (
+            select(AlertRow)
+            .where(*_alert_filters(q, silences))
+            .order_by(AlertRow.id.desc())
+            .limit(q.limit)
+        )
         rows = (await session.scalars(statement)).all()
-        return answer(AlertList(alerts=[alert_view(a) for a in rows]))
+        return answer(AlertList(alerts=[alert_view(a, silences) for a in rows]))
+
+
+def _alert_id(request: web.Request) -> int:
+    return int(request.match_info["alert_id"])
+
+
+async def get_alert_by_id(request: web.Request) -> web.StreamResponse:
+    async with request.app[SERVER].db.session() as session:
+        row = await get_alert(session, _alert_id(request))
+        return answer(alert_view(row, await active_silences(session)))
+
+
+async def acknowledge_alert(request: web.Request) -> web.StreamResponse:
+    b = body(request, AcknowledgeAlert)
+    async with request.app[SERVER].db.session() as session:
+        row = await acknowledge(session, _alert_id(request), request[PRINCIPAL].actor, b.comment)
+        return answer(alert_view(row, await active_silences(session)))
+
+
+async def _open_alerts(session: AsyncSession) -> list[AlertRow]:
+    return list((await session.scalars(select(AlertRow).where(AlertRow.state == "open"))).all())
+
+
+async def create_alert_silence(request: web.Request) -> web.StreamResponse:
+    b = body(request, SilenceRequest)
+    async with request.app[SERVER].db.session() as session:
+        silence = await create_silence(session, b, request[PRINCIPAL].actor)
+        view = silence_view(silence, await _open_alerts(session), datetime.now(UTC))
+    return answer(view, 201)
+
+
+async def list_alert_silences(request: web.Request) -> web.StreamResponse:
+    q = query(request, SilenceQuery)
+    now = datetime.now(UTC)
+    async with request.app[SERVER].db.session() as session:
+        silences = await list_silences(session, q.state, q.limit, now)
+        open_alerts = await _open_alerts(session)
+        return answer(SilenceList(silences=[silence_view(s, open_alerts, now) for s in silences]))
+
+
+async def expire_alert_silence(request: web.Request) -> web.StreamResponse:
+    silence_id = int(request.match_info["silence_id"])
+    async with request.app[SERVER].db.session() as session:
+        silence = await expire_silence(session, silence_id, request[PRINCIPAL].actor)
+        view = silence_view(silence, await _open_alerts(session), datetime.now(UTC))
+    return answer(view)
+
+
+# -- a device's windows (for labelling) --------------------------------------------------
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def window_cursor(end: datetime, window_id: str) -> str:
+    """Where a page of windows stopped, URL-safe: ``MICROSECONDS~WINDOW_ID`` of its last one."""
+    return f"{(_aware(end) - _EPOCH) // _MICROSECOND}~{window_id}"
+
+
+def _window_cursor(text_: str) -> tuple[datetime, str]:
+    micros, sep, window_id = text_.partition("~")
+    try:
+        if not sep or not window_id:
+            raise ValueError
+        return _EPOCH + timedelta(microseconds=int(micros)), window_id
+    except (ValueError, OverflowError):
+        raise ApiError(422, "query before: not a next_before this API handed out") from None
+
+
+async def device_windows(request: web.Request) -> web.StreamResponse:
+    q = query(request, WindowQuery)
+    if q.since is not None and q.until is not None and _aware(q.since) > _aware(q.until):
+        raise ApiError(422, "query since: must not be after until")
+    statement = (
+        select(
+            WindowRow.window_id,
+            WindowRow.start,
+            WindowRow.end,
+            WindowRow.model_name,
+            WindowRow.model_version,
+            WindowRow.requests,
+            WindowRow.errors,
+            WindowLabels.window_id.is_not(None),
+        )
+        .outerjoin(WindowLabels, WindowLabels.window_id == WindowRow.window_id)
+        .order_by(WindowRow.end.desc(), WindowRow.window_id.desc())
+        .limit(q.limit + 1)
+    )
+    if q.since is not None:
+        statement = statement.where(WindowRow.end > _aware(q.since))
+    if q.until is not None:
+        statement = statement.where(WindowRow.end <= _aware(q.until))
+    if q.model is not None:
+        statement = statement.where(WindowRow.model_name == q.model)
+    if q.version is not None:
+        statement = statement.where(WindowRow.model_version == q.version)
+    if q.before is not None:
+        end, window_id = _window_cursor(q.before)
+        statement = statement.where(
+            or_(WindowRow.end < end, and_(WindowRow.end == end, WindowRow.window_id < window_id))
+        )
+    async with request.app[SERVER].db.session() as session:
+        device = await registry.get_device(session, request.match_info["device_id"])
+        rows = (await session.execute(statement.where(WindowRow.device_id == device.id))).all()
+    page = rows[: q.limit]
+    windows = [
+        WindowView(
+            window_id=window_id,
+            start=_aware(start),
+            end=_aware(end),
+            model=model,
+            version=version,
+            requests=requests,
+            errors=errors,
+            labelled=bool(labelled),
+        )
+        for window_id, start, end, model, version, requests, errors, labelled in page
+    ]
+    more = len(rows) > q.limit
+    return answer(
+        WindowList(
+            device_id=device.id,
+            windows=windows,
+            next_before=window_cursor(windows[-1].end, windows[-1].window_id) if more else None,
+        )
+    )
 
 
 async def create_labels(request: web.Request) -> web.StreamResponse:
@@ -1159,9 +1334,43 @@ OPERATIONS: tuple[Operation, ...] = (
     ),
     Operation(
         "GET", f"{V}/alerts", list_alerts, "listAlerts",
-        "Drift and estimated-accuracy alerts, newest first",
+        "Drift and estimated-accuracy alerts (one per scope and cause), filtered, newest first",
         tag="drift", auth="viewer", query=AlertQuery, response=AlertList,
         errors=(*_AUTH_ERRORS, 422),
+    ),
+    # -- alerts: acknowledgements and silences; a device's windows
+    Operation(
+        "GET", f"{V}/alerts/{{alert_id}}", get_alert_by_id, "getAlert", "Show one alert",
+        tag="drift", auth="viewer", response=AlertView, errors=(*_AUTH_ERRORS, 404),
+    ),
+    Operation(
+        "POST", f"{V}/alerts/{{alert_id}}/ack", acknowledge_alert, "acknowledgeAlert",
+        "Acknowledge an open alert: it is not notified again and still closes when it clears",
+        tag="drift", auth="operator", body=AcknowledgeAlert, response=AlertView,
+        errors=(400, *_AUTH_ERRORS, 404, 409, 413, 422),
+    ),
+    Operation(
+        "GET", f"{V}/silences", list_alert_silences, "listSilences",
+        "Silences, newest first (active ones by default)",
+        tag="drift", auth="viewer", query=SilenceQuery, response=SilenceList,
+        errors=(*_AUTH_ERRORS, 422),
+    ),
+    Operation(
+        "POST", f"{V}/silences", create_alert_silence, "createSilence",
+        "Silence the alerts that match (or one alert's scope and cause) for a while",
+        tag="drift", auth="operator", body=SilenceRequest, response=SilenceView, status=201,
+        errors=(400, *_AUTH_ERRORS, 404, 413, 422),
+    ),
+    Operation(
+        "DELETE", f"{V}/silences/{{silence_id}}", expire_alert_silence, "expireSilence",
+        "End a silence now",
+        tag="drift", auth="operator", response=SilenceView, errors=(*_AUTH_ERRORS, 404, 409),
+    ),
+    Operation(
+        "GET", f"{V}/devices/{{device_id}}/windows", device_windows, "listDeviceWindows",
+        "A device's windows (ids to label), newest first, a page at a time",
+        tag="drift", auth="viewer", query=WindowQuery, response=WindowList,
+        errors=(*_AUTH_ERRORS, 404, 422),
     ),
     Operation(
         "POST", f"{V}/labels", create_labels, "postLabels",

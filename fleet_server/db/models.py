@@ -209,13 +209,17 @@ class WindowLabels(Base):
 
 
 class AlertRow(Base):
-    """A drift alert of one (scope, model version, feature, reason), or an accuracy alert.
+    """An alert of one scope and cause: drift of a model version (every drifting feature), or
+    its estimated accuracy.
 
-    ``reason`` says which test of the feature found drift (``distribution``,
-    ``missing-values``, ``out-of-range``, ``new-range``); accuracy alerts have
-    neither feature nor reason. ``open_key`` is set while the alert is open and
-    cleared when it closes; its unique index is what keeps two replicas from
-    opening the same alert twice.
+    A drift alert's ``evidence["features"]`` lists each feature that drifts, by
+    which tests (``distribution``, ``missing-values``, ``out-of-range``,
+    ``new-range``) and with their statistics; it is open while any of them
+    drifts. ``feature``, ``feature_name`` and ``reason`` are set only on alerts
+    stored before alerts were grouped (one per feature and test), which are
+    shown as they are. ``open_key`` is set while the alert is open and cleared
+    when it closes; its unique index is what keeps two replicas from opening
+    the same alert twice. ``acknowledged_*`` say who acknowledged it, when, why.
     """
 
     __tablename__ = "alerts"
@@ -237,3 +241,33 @@ class AlertRow(Base):
     last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     closed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     evidence: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    acknowledged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    acknowledged_by: Mapped[str | None] = mapped_column(String(128))
+    acknowledge_comment: Mapped[str | None] = mapped_column(Text)
+
+
+class SilenceRow(Base):
+    """A silence: alerts it matches are not notified from ``starts_at`` until ``ends_at``.
+
+    Each matcher (``kind``, ``scope``, ``scope_value``, ``model_name``,
+    ``model_version``) is either ``None`` (any) or must equal the alert's.
+    Expiring a silence early sets ``ends_at`` to that moment, as Alertmanager does.
+    """
+
+    __tablename__ = "silences"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    kind: Mapped[str | None] = mapped_column(String(32))
+    scope: Mapped[str | None] = mapped_column(String(16))
+    scope_value: Mapped[str | None] = mapped_column(String(128))
+    model_name: Mapped[str | None] = mapped_column(String(128))
+    model_version: Mapped[str | None] = mapped_column(String(128))
+    alert_id: Mapped[int | None] = mapped_column(BigInteger)
+    reason: Mapped[str] = mapped_column(Text)
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    starts_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    ends_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    expired_by: Mapped[str | None] = mapped_column(String(128))

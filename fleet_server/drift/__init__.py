@@ -11,6 +11,7 @@ from fleet_server.drift.service import (
     drift_of,
     evaluate_alerts,
     evaluate_fleet,
+    evaluate_once,
     run_drift_alerts,
     update_gauges,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "drift_of",
     "evaluate_alerts",
     "evaluate_fleet",
+    "evaluate_once",
     "run_drift_alerts",
     "update_gauges",
 ]

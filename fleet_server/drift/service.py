@@ -14,20 +14,25 @@ histograms also give the accuracy CBPE estimates without labels
 (:mod:`fleet_server.labels`) the accuracy measured on the labelled windows
 beside the estimate for those same windows.
 
-Alert rules, per (scope, model version, feature, reason) for drift and per
-(scope, model version) for accuracy. A feature's reasons are its tests
-(:data:`protocol.drift.REASONS`): ``distribution`` (the bins), ``missing-values``
-(the share of NaN), ``out-of-range`` (the share outside the valid range) and
-``new-range`` (values beyond the baseline's min or max); each opens and closes
-its own alert by its own verdict:
+Alert rules: one alert per scope and cause, the cause being a model version's
+drift or its accuracy. A feature's tests (:data:`protocol.drift.REASONS`) are
+``distribution`` (the bins), ``missing-values`` (the share of NaN),
+``out-of-range`` (the share outside the valid range) and ``new-range`` (values
+beyond the baseline's min or max); the drift alert lists every (feature, test)
+that found drift, with its figures:
 
-- ``drift`` (accuracy: ``below``, see :class:`protocol.cbpe.AccuracyPolicy`)
-  opens an alert, or — if one is open — updates its evidence and
-  ``last_seen_at``; there is never more than one open alert per key (the
-  ``open_key`` column is unique, so concurrent replicas cannot both open one);
-- ``no_drift`` (accuracy: ``within``) closes the open alert;
+- ``drift`` adds a test to the list (or refreshes its figures); the first one
+  opens the alert. Accuracy: ``below`` (see :class:`protocol.cbpe.AccuracyPolicy`)
+  opens the alert or updates it;
+- ``no_drift`` on enough data takes a test off the list; the alert closes when
+  none is left. Accuracy: ``within`` closes it;
 - ``not_enough_data`` (accuracy: also ``uncertain``) changes nothing: too few
   values is no evidence of recovery.
+
+There is never more than one open alert per scope and cause (the ``open_key``
+column is unique, so concurrent replicas cannot both open one), and an alert is
+updated and closed only while it is still open (so only one replica closes it:
+the one that notifies, see :mod:`fleet_server.drift.webhook`).
 
 :func:`evaluate_fleet` evaluates every device, every cohort (tag, hardware id,
 region) with windows in range, and each model version fleet-wide.
@@ -41,15 +46,16 @@ import functools
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.attributes import set_committed_value
 
 from fleet_server.db.models import AlertRow, Device, Release, WindowLabels, WindowRow
 from protocol.bundle import BundleFormatError, read_manifest
@@ -399,11 +405,10 @@ def _share(count: int, rows: int) -> float | None:
     return count / rows if rows else None
 
 
-def evidence(
-    result: ModelDrift, feature: FeatureDrift, reason: DriftReason = "distribution"
+def evidence_of_test(
+    feature: FeatureDrift, reason: DriftReason, policy: DriftPolicy
 ) -> dict[str, Any]:
-    """What an alert shows: the test's numbers, its thresholds and the windows it merged."""
-    policy = result.policy
+    """What one test of a feature shows: its verdict, its numbers and its false-alarm rate."""
     found: dict[str, Any] = {
         "reason": reason,
         "verdict": feature.verdicts[reason],
@@ -449,15 +454,44 @@ def evidence(
             "above_baseline": feature.above_baseline,
             "p_value": feature.new_range_p_value,
         }
-    return found | {
-        "alpha": policy.false_alarm_rate * ALPHA_SHARES[reason],
-        "min_n": policy.min_n,
-        "false_alarm_rate": policy.false_alarm_rate,
+    return found | {"alpha": policy.false_alarm_rate * ALPHA_SHARES[reason]}
+
+
+def windows_evidence(result: ModelDrift) -> dict[str, Any]:
+    """What every alert of ``result`` shows of the merged windows (the first thousand ids)."""
+    return {
+        "min_n": result.policy.min_n,
+        "false_alarm_rate": result.policy.false_alarm_rate,
         "baseline_id": result.baseline_id,
         "windows": result.windows,
         "window_ids": result.window_ids,
         "start": result.start.isoformat(),
         "end": result.end.isoformat(),
+    }
+
+
+# A drift alert's tests by (feature, reason), each as its feature entry shows it.
+_Tests = dict[tuple[int, str], tuple[str | None, dict[str, Any]]]
+
+
+def drift_evidence(result: ModelDrift, tests: _Tests, verdict: str) -> dict[str, Any]:
+    """A drift alert's evidence: ``verdict``, every feature of ``tests`` and the windows."""
+    features: dict[int, dict[str, Any]] = {}
+    for (index, reason), (name, figures) in sorted(tests.items()):
+        entry = features.setdefault(index, {"feature": index, "name": name, "tests": {}})
+        entry["tests"][reason] = figures
+    return {
+        "verdict": verdict,
+        "features": [e | {"reasons": sorted(e["tests"])} for _, e in sorted(features.items())],
+    } | windows_evidence(result)
+
+
+def alert_tests(evidence: dict[str, Any]) -> _Tests:
+    """The tests a stored drift alert lists, by (feature, reason)."""
+    return {
+        (int(f["feature"]), reason): (f.get("name"), figures)
+        for f in evidence.get("features") or []
+        for reason, figures in (f.get("tests") or {}).items()
     }
 
 
@@ -490,40 +524,13 @@ def accuracy_evidence(result: ModelDrift, accuracy: Accuracy) -> dict[str, Any]:
     }
 
 
-def open_key(
-    scope: Scope,
-    model_name: str,
-    model_version: str,
-    feature: int | None,
-    reason: DriftReason | None = None,
-) -> str:
-    """The key no two open alerts share: a feature's drift by one test, or (``None``) accuracy.
-
-    The distribution test keeps the key it had before features had other tests,
-    so an alert opened by an older server still closes.
-    """
-    if feature is None:
-        return f"accuracy|{scope}|{model_name}@{model_version}"
-    key = f"drift|{scope}|{model_name}@{model_version}|{feature}"
-    return key if reason in (None, "distribution") else f"{key}|{reason}"
+AlertCause = Literal["drift", "accuracy"]
 
 
-@dataclass(frozen=True)
-class _Finding:
-    """One alert's key, what the latest evaluation says of it, and what it tested."""
-
-    kind: Literal["drift", "accuracy"]
-    feature: int | None
-    feature_name: str | None
-    reason: DriftReason | None
-    action: Literal["open", "close"]
-    tested: FeatureDrift | Accuracy
-
-    def evidence(self, result: ModelDrift) -> dict[str, Any]:
-        """Built only for an alert that changes: it lists the windows, up to a thousand."""
-        if isinstance(self.tested, Accuracy):
-            return accuracy_evidence(result, self.tested)
-        return evidence(result, self.tested, self.reason or "distribution")
+def open_key(scope: Scope, model_name: str, model_version: str, cause: AlertCause) -> str:
+    """The key no two open alerts share: one per scope and cause (a model version's drift,
+    or its accuracy). Accuracy alerts keep the key they had before drift alerts were grouped."""
+    return f"{cause}|{scope}|{model_name}@{model_version}"
 
 
 _ACTIONS: Final[dict[str, Literal["open", "close"]]] = {
@@ -534,18 +541,78 @@ _ACTIONS: Final[dict[str, Literal["open", "close"]]] = {
 }
 
 
-def _findings(result: ModelDrift) -> list[_Finding]:
-    """The tests of ``result`` that open or close an alert (the others change nothing)."""
-    found = [
-        _Finding("drift", f.feature, f.name, reason, _ACTIONS[verdict], f)
-        for f in result.features
-        for reason, verdict in f.verdicts.items()
-        if verdict in _ACTIONS
-    ]
-    a = result.accuracy
-    if a is not None and a.verdict in _ACTIONS:
-        found.append(_Finding("accuracy", None, None, None, _ACTIONS[a.verdict], a))
-    return found
+def drift_tests(result: ModelDrift, current: _Tests) -> tuple[_Tests, _Tests]:
+    """The tests a drift alert lists after ``result``, and those that cleared.
+
+    A test that found drift is (re)listed with its new figures; one that found
+    none on enough data is dropped (and returned as cleared, with those
+    figures); one without enough data keeps what it had: too few values is no
+    evidence either way.
+    """
+    tests = dict(current)
+    cleared: _Tests = {}
+    for f in result.features:
+        for reason, verdict in f.verdicts.items():
+            action = _ACTIONS.get(verdict)
+            key = (f.feature, reason)
+            if action == "open":
+                tests[key] = (f.name, evidence_of_test(f, reason, result.policy))
+            elif action == "close" and key in tests:
+                del tests[key]
+                cleared[key] = (f.name, evidence_of_test(f, reason, result.policy))
+    return tests, cleared
+
+
+async def _open(
+    session: AsyncSession,
+    scope: Scope,
+    result: ModelDrift,
+    cause: AlertCause,
+    key: str,
+    evidence: dict[str, Any],
+    now: datetime,
+) -> AlertRow | None:
+    """A new open alert, or ``None`` when another replica has just opened it."""
+    row = AlertRow(
+        kind=cause,
+        scope=scope.kind,
+        scope_value=scope.value,
+        model_name=result.model_name,
+        model_version=result.model_version,
+        state="open",
+        open_key=key,
+        opened_at=now,
+        last_seen_at=now,
+        evidence=evidence,
+    )
+    # A savepoint: another replica opening the same alert is not an error.
+    try:
+        async with session.begin_nested():
+            session.add(row)
+    except IntegrityError:
+        return None
+    return row
+
+
+async def _still_open(
+    session: AsyncSession, row: AlertRow, key: str, values: dict[str, Any]
+) -> bool:
+    """Write ``values`` to ``row`` if it is still open under ``key``; whether it was.
+
+    Conditional, so that when two replicas close the same alert only one of
+    them does (and notifies), and a replica never writes over a closed one.
+    """
+    result = await session.execute(
+        update(AlertRow)
+        .where(AlertRow.id == row.id, AlertRow.open_key == key)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    if getattr(result, "rowcount", 0) != 1:
+        return False
+    for name, value in values.items():
+        set_committed_value(row, name, value)
+    return True
 
 
 async def evaluate_alerts(
@@ -555,54 +622,80 @@ async def evaluate_alerts(
     open_alerts: dict[str, AlertRow],
     now: datetime | None = None,
 ) -> list[tuple[AlertChange, AlertRow]]:
-    """Open, update or close the alerts of ``scope`` by ``results`` (see the module rules).
+    """Open, update or close the alerts of ``scope`` by ``results``.
 
-    ``open_alerts`` is every open alert by its ``open_key`` (:func:`load_open_alerts`);
-    it is kept up to date.
+    One drift alert per model version, open while any test of any feature
+    finds drift (see :func:`drift_tests`), and one accuracy alert per model
+    version (``below`` opens, ``within`` closes, ``uncertain`` changes
+    nothing). ``open_alerts`` is every open alert by its ``open_key``
+    (:func:`load_open_alerts`); it is kept up to date.
     """
     now = now or datetime.now(UTC)
     changes: list[tuple[AlertChange, AlertRow]] = []
     for result in results:
-        for finding in _findings(result):
-            key = open_key(
-                scope, result.model_name, result.model_version, finding.feature, finding.reason
-            )
-            current = open_alerts.get(key)
-            if finding.action == "open":
-                if current is None:
-                    row = AlertRow(
-                        kind=finding.kind,
-                        scope=scope.kind,
-                        scope_value=scope.value,
-                        model_name=result.model_name,
-                        model_version=result.model_version,
-                        feature=finding.feature,
-                        feature_name=finding.feature_name,
-                        reason=finding.reason,
-                        state="open",
-                        open_key=key,
-                        opened_at=now,
-                        last_seen_at=now,
-                        evidence=finding.evidence(result),
-                    )
-                    # A savepoint: another replica opening the same alert is not an error.
-                    try:
-                        async with session.begin_nested():
-                            session.add(row)
-                    except IntegrityError:
-                        continue
+        if result.problem is not None:
+            continue
+        # -- drift: one alert listing every drifting feature
+        key = open_key(scope, result.model_name, result.model_version, "drift")
+        current = open_alerts.get(key)
+        before = alert_tests(current.evidence or {}) if current is not None else {}
+        tests, cleared = drift_tests(result, before)
+        if current is None:
+            if tests:
+                row = await _open(
+                    session,
+                    scope,
+                    result,
+                    "drift",
+                    key,
+                    drift_evidence(result, tests, "drift"),
+                    now,
+                )
+                if row is not None:
                     open_alerts[key] = row
                     changes.append(("opened", row))
-                else:
-                    current.last_seen_at = now
-                    current.evidence = finding.evidence(result)
-                    changes.append(("updated", current))
-            elif current is not None:
+        elif tests:
+            if await _still_open(
+                session,
+                current,
+                key,
+                {"last_seen_at": now, "evidence": drift_evidence(result, tests, "drift")},
+            ):
+                changes.append(("updated", current))
+            else:
                 del open_alerts[key]
-                current.state = "closed"
-                current.open_key = None
-                current.closed_at = now
-                current.evidence = finding.evidence(result)
+        else:
+            del open_alerts[key]
+            values = {
+                "state": "closed",
+                "open_key": None,
+                "closed_at": now,
+                "evidence": drift_evidence(result, cleared, "no_drift"),
+            }
+            if await _still_open(session, current, key, values):
+                changes.append(("closed", current))
+        # -- accuracy: one alert per model version
+        accuracy = result.accuracy
+        action = _ACTIONS.get(accuracy.verdict) if accuracy is not None else None
+        if accuracy is None or action is None:
+            continue
+        key = open_key(scope, result.model_name, result.model_version, "accuracy")
+        current = open_alerts.get(key)
+        found = accuracy_evidence(result, accuracy)
+        if action == "open" and current is None:
+            row = await _open(session, scope, result, "accuracy", key, found, now)
+            if row is not None:
+                open_alerts[key] = row
+                changes.append(("opened", row))
+        elif action == "open" and current is not None:
+            if await _still_open(session, current, key, {"last_seen_at": now, "evidence": found}):
+                changes.append(("updated", current))
+            else:
+                del open_alerts[key]
+        elif current is not None:
+            del open_alerts[key]
+            values = {"state": "closed", "open_key": None, "closed_at": now, "evidence": found}
+            if await _still_open(session, current, key, values):
                 changes.append(("closed", current))
     await session.flush()
     return changes
@@ -612,6 +705,18 @@ async def load_open_alerts(session: AsyncSession) -> dict[str, AlertRow]:
     """Every open alert, by its ``open_key``."""
     rows = await session.scalars(select(AlertRow).where(AlertRow.open_key.is_not(None)))
     return {row.open_key: row for row in rows if row.open_key is not None}
+
+
+def describe_features(row: AlertRow, most: int = 5) -> str:
+    """The features of a drift alert in one phrase: ``shaft_rpm (distribution, new-range)``."""
+    if row.feature is not None:  # stored before alerts were grouped
+        return f"{row.feature_name or row.feature} ({row.reason or 'distribution'})"
+    parts = [
+        f"{f.get('name') or f.get('feature')} ({', '.join(f.get('reasons') or [])})"
+        for f in (row.evidence or {}).get("features") or []
+    ]
+    more = f" and {len(parts) - most} more" if len(parts) > most else ""
+    return ", ".join(parts[:most]) + more
 
 
 @dataclass(frozen=True)
@@ -715,18 +820,20 @@ async def update_gauges(
     )
     metrics.drift_alerts_open.set(open_by_kind.get("drift", 0))
     metrics.accuracy_alerts_open.set(open_by_kind.get("accuracy", 0))
-    drifting = (
-        await session.execute(
-            select(
-                AlertRow.model_name, AlertRow.model_version, func.count(AlertRow.feature.distinct())
-            )
-            .where(AlertRow.state == "open", AlertRow.scope == "fleet", AlertRow.kind == "drift")
-            .group_by(AlertRow.model_name, AlertRow.model_version)
+    fleet_alerts = await session.scalars(
+        select(AlertRow).where(
+            AlertRow.state == "open", AlertRow.scope == "fleet", AlertRow.kind == "drift"
         )
-    ).all()
+    )
+    drifting: dict[tuple[str, str], set[int]] = defaultdict(set)
+    for row in fleet_alerts:
+        features = drifting[(row.model_name, row.model_version)]
+        if row.feature is not None:  # stored before alerts were grouped
+            features.add(row.feature)
+        features.update(index for index, _ in alert_tests(row.evidence or {}))
     metrics.drift_features_drifting.clear()
-    for name, version, count in drifting:
-        metrics.drift_features_drifting.labels(name, version).set(count)
+    for (name, version), features in drifting.items():
+        metrics.drift_features_drifting.labels(name, version).set(len(features))
     if fleet is None:
         return
     metrics.estimated_accuracy.clear()
@@ -742,6 +849,20 @@ async def update_gauges(
             metrics.measured_accuracy.labels(*labels).set(accuracy.labelled.accuracy)
 
 
+def _log_change(change: AlertChange, row: AlertRow, suppressed: bool) -> None:
+    log.info(
+        "%s alert %s %s: %s %s@%s%s%s",
+        row.kind,
+        row.id,
+        change,
+        f"{row.scope}:{row.scope_value}" if row.scope_value else row.scope,
+        row.model_name,
+        row.model_version,
+        f", features {describe_features(row)}" if row.kind == "drift" else "",
+        " (acknowledged or silenced: not notified)" if suppressed else "",
+    )
+
+
 async def run_drift_alerts(
     db: Database,
     metrics: Metrics,
@@ -750,36 +871,46 @@ async def run_drift_alerts(
     interval_s: float,
     trailing_s: float,
     accuracy_policy: AccuracyPolicy | None = None,
+    notify: Callable[[AlertChange, AlertRow], None] | None = None,
 ) -> None:
-    """Every ``interval_s``, update the alerts over the trailing ``trailing_s``, until ``stop``."""
+    """Every ``interval_s``, update the alerts over the trailing ``trailing_s``, until ``stop``.
+
+    One log line per alert opened or closed; ``notify`` is called, after the
+    commit, for each of those that is neither acknowledged nor silenced.
+    """
     while not stop.is_set():
         try:
-            async with db.session() as session:
-                evaluation = await evaluate_fleet(
-                    session,
-                    manifests,
-                    datetime.now(UTC),
-                    timedelta(seconds=trailing_s),
-                    accuracy_policy=accuracy_policy,
-                )
-                await update_gauges(session, metrics, evaluation.fleet)
-            for change, row in evaluation.changes:
-                if change != "updated":
-                    log.info(
-                        "%s alert %s %s: %s:%s %s@%s%s%s",
-                        row.kind,
-                        row.id,
-                        change,
-                        row.scope,
-                        row.scope_value,
-                        row.model_name,
-                        row.model_version,
-                        f" feature {row.feature_name or row.feature}"
-                        if row.feature is not None
-                        else "",
-                        f" ({row.reason})" if row.reason else "",
-                    )
+            await evaluate_once(db, metrics, manifests, trailing_s, accuracy_policy, notify)
         except Exception:
             log.exception("drift alert evaluation failed")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval_s)
+
+
+async def evaluate_once(
+    db: Database,
+    metrics: Metrics,
+    manifests: ManifestCache,
+    trailing_s: float,
+    accuracy_policy: AccuracyPolicy | None = None,
+    notify: Callable[[AlertChange, AlertRow], None] | None = None,
+    until: datetime | None = None,
+) -> Evaluation:
+    """One pass of :func:`run_drift_alerts`: evaluate, commit, log, notify."""
+    from fleet_server.drift.silences import active_silences, suppressed
+
+    now = until or datetime.now(UTC)
+    async with db.session() as session:
+        evaluation = await evaluate_fleet(
+            session, manifests, now, timedelta(seconds=trailing_s), accuracy_policy=accuracy_policy
+        )
+        await update_gauges(session, metrics, evaluation.fleet)
+        silences = await active_silences(session, datetime.now(UTC))
+        quiet = {id(row): suppressed(row, silences) for _, row in evaluation.changes}
+    for change, row in evaluation.changes:
+        if change == "updated":
+            continue
+        _log_change(change, row, quiet[id(row)])
+        if notify is not None and not quiet[id(row)]:
+            notify(change, row)
+    return evaluation

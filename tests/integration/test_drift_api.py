@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
 
 import numpy as np
 import numpy.typing as npt
@@ -18,148 +15,22 @@ from sqlalchemy import select
 
 from firmware_images.datagen import tilted
 from fleet_server.db.models import AlertRow, WindowRow
-from fleet_server.drift import evaluate_fleet
 from fleet_server.fleetctl import main
 from fleet_server.models.runtime import LoadedModel
 from fleet_server.release.keys import KeyStore
-from fleet_server.release.repository import ImageRepository
-from protocol.bundle import read_manifest
-from protocol.manifest import Manifest
-from protocol.summary import score_histogram, summarize
-from protocol.window import WindowSummary, encode_window
 from tests.conftest import HARDWARE
-from tests.support.api_server import ServerThread
-from tests.support.databases import DATABASES, database_url
+from tests.support.databases import DATABASES
+from tests.support.drift_fleet import (
+    HOUR,
+    MODELS,
+    DriftFleet,
+    V,
+    drift_fleet,
+    figures,
+    listed_tests,
+)
 
 pytestmark = pytest.mark.integration
-
-V = "/api/v1"
-MODELS = Path(__file__).resolve().parents[2] / "firmware_images" / "models"
-HOUR = timedelta(hours=1)
-
-
-@dataclass
-class DriftFleet:
-    api: ServerThread
-    admin: str
-    manifest: Manifest
-    rows: npt.NDArray[np.float64]
-
-    def get(self, path: str, **params: Any) -> tuple[int, Any]:
-        query = urlencode({k: v for k, v in params.items() if v is not None})
-        r = self.api.request("GET", f"{V}{path}?{query}", token=self.admin)
-        return r.status, json.loads(r.data)
-
-    def register(self, device_id: str, *tags: str, region: str | None = None) -> None:
-        r = self.api.request(
-            "POST",
-            f"{V}/devices",
-            token=self.admin,
-            json={
-                "device_id": device_id,
-                "hardware_id": HARDWARE,
-                "tags": list(tags),
-                "region": region,
-            },
-        )
-        assert r.status == 201, r.data
-
-    def upload(
-        self,
-        device_id: str,
-        data: npt.NDArray[np.float64],
-        end: datetime,
-        rows_per_window: int = 200,
-        scores: npt.NDArray[np.float64] | None = None,
-        counted: bool = False,
-    ) -> list[str]:
-        """Store ``data`` as consecutive one-minute windows of ``device_id`` ending at ``end``.
-
-        ``scores``, the model's outputs for ``data``, give the windows their top-score histograms.
-        ``counted``: the windows count the values beyond the baseline's range, as devices do.
-        """
-        baseline = self.manifest.baseline
-        edges = [f.edges for f in baseline.features]
-        ranges = [(f.valid_min, f.valid_max) for f in self.manifest.features]
-        beyond = [(f.summary.min, f.summary.max) for f in baseline.features] if counted else None
-        count = data.shape[0] // rows_per_window
-        rows = []
-        for k in range(count):
-            chunk = data[k * rows_per_window : (k + 1) * rows_per_window]
-            stop = end - timedelta(minutes=count - 1 - k)
-            window = WindowSummary(
-                window_id=f"{device_id}-{stop.timestamp():.0f}",
-                device_id=device_id,
-                model_name=self.manifest.name,
-                model_version=self.manifest.version,
-                baseline_id=baseline.id,
-                start=(stop - timedelta(minutes=1)).timestamp(),
-                end=stop.timestamp(),
-                requests=rows_per_window,
-                features=summarize(chunk, edges, ranges, beyond),
-                scores=(
-                    score_histogram(
-                        scores[k * rows_per_window : (k + 1) * rows_per_window],
-                        self.manifest.classes or [],
-                    )
-                    if scores is not None
-                    else None
-                ),
-            )
-            rows.append(
-                WindowRow(
-                    window_id=window.window_id,
-                    device_id=device_id,
-                    model_name=window.model_name,
-                    model_version=window.model_version,
-                    baseline_id=window.baseline_id,
-                    start=stop - timedelta(minutes=1),
-                    end=stop,
-                    requests=window.requests,
-                    errors=0,
-                    payload=encode_window(window),
-                    received_at=stop,
-                )
-            )
-
-        async def store() -> None:
-            async with self.api.server.db.session() as session:
-                session.add_all(rows)
-
-        self.api.call(store())
-        return [r.window_id for r in rows]
-
-    def in_distribution(self, n: int, seed: int) -> npt.NDArray[np.float64]:
-        """``n`` rows of the baseline itself (without replacement): no drift by construction."""
-        pick = np.random.default_rng(seed).permutation(self.rows.shape[0])[:n]
-        out: npt.NDArray[np.float64] = self.rows[pick].copy()
-        return out
-
-    def shifted(self, n: int, seed: int, feature: int = 0) -> npt.NDArray[np.float64]:
-        data = self.in_distribution(n, seed)
-        data[:, feature] += 2.0 * self.rows[:, feature].std()
-        return data
-
-    def evaluate(self, until: datetime) -> None:
-        async def run() -> None:
-            async with self.api.server.db.session() as session:
-                await evaluate_fleet(session, self.api.server.manifests, until, HOUR)
-
-        self.api.call(run())
-
-    def alerts(self, device_id: str, reason: str | None = None) -> list[AlertRow]:
-        """The device's alerts, oldest first; only those of one test if ``reason`` is given."""
-
-        async def load() -> list[AlertRow]:
-            statement = select(AlertRow).where(
-                AlertRow.scope == "device", AlertRow.scope_value == device_id
-            )
-            if reason is not None:
-                statement = statement.where(AlertRow.reason == reason)
-            async with self.api.server.db.session() as session:
-                return list((await session.scalars(statement.order_by(AlertRow.id))).all())
-
-        return self.api.call(load())
 
 
 @pytest.fixture(scope="module", params=DATABASES)
@@ -169,26 +40,7 @@ def fleet(
     session_keys: KeyStore,
     bundles: dict[str, Path],
 ) -> Iterator[DriftFleet]:
-    tmp = tmp_path_factory.mktemp(f"drift-{request.param}")
-    with database_url(request.param, tmp) as url:
-        api = ServerThread(tmp / "server", url)
-        try:
-            repo = ImageRepository(tmp / "repo")
-            repo.create(session_keys)
-            repo.add_bundle(bundles["v1"], session_keys)
-            files = {
-                p.relative_to(repo.path).as_posix(): base64.b64encode(p.read_bytes()).decode()
-                for p in repo.path.rglob("*")
-                if p.is_file() and not p.name.startswith(".")
-            }
-            r = api.request("POST", f"{V}/releases", token=api.admin_token, json={"files": files})
-            assert r.status == 201, r.data
-            with bundles["v1"].open("rb") as source:
-                manifest = read_manifest(source)
-            rows = np.load(MODELS / "baseline.npy").astype(np.float64)
-            yield DriftFleet(api, api.admin_token, manifest, rows)
-        finally:
-            api.close()
+    yield from drift_fleet(request, tmp_path_factory, session_keys, bundles)
 
 
 def _verdicts(report: dict[str, Any]) -> dict[str, str]:
@@ -310,47 +162,53 @@ def test_an_alert_opens_once_stays_open_and_closes_when_drift_clears(fleet: Drif
     fleet.upload("alarm-1", fleet.shifted(1000, seed=6, feature=0), t0)
     fleet.evaluate(t0)
     fleet.evaluate(t0 + timedelta(minutes=1))  # the same drift: no second alert
-    # Two standard deviations up also puts values beyond the baseline's maximum:
-    # one alert per test that found it, each opened once.
-    assert sorted(a.reason for a in fleet.alerts("alarm-1")) == ["distribution", "new-range"]
-    (alert,) = fleet.alerts("alarm-1", "distribution")
-    assert alert.state == "open" and alert.feature_name == "shaft_rpm"
+    # Two standard deviations up also puts values beyond the baseline's maximum: one alert
+    # for the device's model version, listing the feature with each test that found it.
+    (alert,) = fleet.alerts("alarm-1")
+    assert alert.kind == "drift" and alert.state == "open" and alert.feature is None
+    assert listed_tests(alert) == {"shaft_rpm": ["distribution", "new-range"]}
     assert alert.last_seen_at > alert.opened_at
-    ev = alert.evidence
-    assert ev["verdict"] == "drift" and ev["statistic"] > ev["threshold"] and ev["windows"] == 5
-    assert len(ev["window_ids"]) == 5 and ev["min_n"] == 500
+    ev = figures(alert, "shaft_rpm", "distribution")
+    assert ev["verdict"] == "drift" and ev["statistic"] > ev["threshold"]
+    assert figures(alert, "shaft_rpm", "new-range")["verdict"] == "drift"
+    assert alert.evidence["windows"] == 5 and alert.evidence["verdict"] == "drift"
+    assert len(alert.evidence["window_ids"]) == 5 and alert.evidence["min_n"] == 500
 
     # Too few values later: no evidence either way, so the alert stays open.
     t1 = t0 + 2 * HOUR
     fleet.upload("alarm-1", fleet.in_distribution(200, seed=7), t1)
     fleet.evaluate(t1)
-    (alert,) = fleet.alerts("alarm-1", "distribution")
+    (alert,) = fleet.alerts("alarm-1")
     assert alert.state == "open"
+    assert listed_tests(alert) == {"shaft_rpm": ["distribution", "new-range"]}
 
-    # Enough in-distribution values: the alert closes.
+    # Enough in-distribution values: the alert closes, showing the tests that cleared.
     t2 = t0 + 4 * HOUR
     fleet.upload("alarm-1", fleet.in_distribution(1000, seed=8), t2)
     fleet.evaluate(t2)
-    (alert,) = fleet.alerts("alarm-1", "distribution")
+    (alert,) = fleet.alerts("alarm-1")
     assert alert.state == "closed" and alert.closed_at is not None
     assert alert.evidence["verdict"] == "no_drift"
-    (beyond,) = fleet.alerts("alarm-1", "new-range")
-    assert beyond.state == "closed" and beyond.evidence["reason"] == "new-range"
+    assert listed_tests(alert) == {"shaft_rpm": ["distribution", "new-range"]}
+    assert figures(alert, "shaft_rpm", "distribution")["verdict"] == "no_drift"
+    beyond = figures(alert, "shaft_rpm", "new-range")
+    assert beyond["verdict"] == "no_drift" and beyond["reason"] == "new-range"
 
     # Drift again: a new alert, the closed one stays closed.
     t3 = t0 + 6 * HOUR
     fleet.upload("alarm-1", fleet.shifted(1000, seed=9, feature=0), t3)
     fleet.evaluate(t3)
-    states = [a.state for a in fleet.alerts("alarm-1", "distribution")]
+    states = [a.state for a in fleet.alerts("alarm-1")]
     assert states == ["closed", "open"]
-    assert [a.state for a in fleet.alerts("alarm-1", "new-range")] == ["closed", "open"]
+    assert listed_tests(fleet.alerts("alarm-1")[-1]) == {"shaft_rpm": ["distribution", "new-range"]}
 
     status, listed = fleet.get("/alerts", state="open")
     assert status == 200
-    mine = [a for a in listed["alerts"] if a["scope_value"] == "alarm-1"]
-    assert len(mine) == 2 and {a["feature_name"] for a in mine} == {"shaft_rpm"}
-    assert {a["reason"] for a in mine} == {"distribution", "new-range"}
-    assert all(a["evidence"]["verdict"] == "drift" for a in mine)
+    (mine,) = [a for a in listed["alerts"] if a["scope_value"] == "alarm-1"]
+    assert [(f["name"], f["reasons"]) for f in mine["features"]] == [
+        ("shaft_rpm", ["distribution", "new-range"])
+    ]
+    assert mine["evidence"]["verdict"] == "drift"
     status, closed = fleet.get("/alerts", state="closed")
     assert any(a["scope_value"] == "alarm-1" for a in closed["alerts"])
 
@@ -381,13 +239,17 @@ def test_a_dead_sensor_opens_a_missing_values_alert_that_says_so(fleet: DriftFle
     fleet.evaluate(t0)
     fleet.evaluate(t0 + timedelta(minutes=1))
     (alert,) = fleet.alerts("dead-1")
-    assert (alert.state, alert.reason, alert.feature) == ("open", "missing-values", 1)
-    ev = alert.evidence
+    assert alert.state == "open" and listed_tests(alert) == {
+        fleet.manifest.features[1].name: ["missing-values"]
+    }
+    (entry,) = alert.evidence["features"]
+    assert entry["feature"] == 1
+    ev = entry["tests"]["missing-values"]
     assert ev["reason"] == "missing-values" and ev["baseline_share"] == 0.0
     assert 0.03 < ev["share"] < 0.07 and ev["p_value"] <= ev["alpha"]
     status, listed = fleet.get("/alerts", state="open")
     (view,) = [a for a in listed["alerts"] if a["scope_value"] == "dead-1"]
-    assert view["reason"] == "missing-values"
+    assert [(f["feature"], f["reasons"]) for f in view["features"]] == [(1, ["missing-values"])]
 
     # The sensor is replaced: no NaN in enough rows closes the alert.
     t1 = t0 + 2 * HOUR
@@ -419,9 +281,12 @@ def test_a_few_new_values_open_a_new_range_alert_with_the_devices_counts(
     assert (feature["below_baseline"], feature["above_baseline"]) == (0, 6)
     assert feature["reasons"] == ["new-range"] and feature["new_range_p_value"] < 1e-3
     fleet.evaluate(t0)
-    (alert,) = fleet.alerts("new-1", "new-range")
-    assert alert.state == "open" and alert.feature == 2
-    assert alert.evidence["above_baseline"] == 6 and alert.evidence["baseline_max"] == top
+    (alert,) = fleet.alerts("new-1")
+    assert alert.state == "open"
+    (entry,) = alert.evidence["features"]
+    assert entry["feature"] == 2 and entry["reasons"] == ["new-range"]
+    ev = entry["tests"]["new-range"]
+    assert ev["above_baseline"] == 6 and ev["baseline_max"] == top
 
 
 async def _payloads(fleet: DriftFleet, window_ids: list[str]) -> list[bytes]:
@@ -452,7 +317,10 @@ def test_fleetctl_drift_prints_a_table_and_alerts_lists_them(
     code = main(["alerts", "--state", "open", "--json", *remote])
     alerts = json.loads(capsys.readouterr().out)
     assert code == 0
-    assert any(a["scope_value"] == "cli-1" and a["feature_name"] == "shaft_rpm" for a in alerts)
+    assert any(
+        a["scope_value"] == "cli-1" and [f["name"] for f in a["features"]] == ["shaft_rpm"]
+        for a in alerts
+    )
     code = main(["drift", *remote])
     assert code == 1 and "give one of" in capsys.readouterr().err
 
@@ -664,7 +532,7 @@ def test_an_accuracy_alert_opens_for_device_and_cohort_and_closes_when_it_recove
     for scope, value in (("tag", "line-9"), ("region", "ap-south"), ("hardware_id", HARDWARE)):
         assert [a.state for a in accuracy_alerts(scope, value)] == ["open"], (scope, value)
     # No drift alert: the inputs did not move.
-    assert not [a for a in fleet.alerts("unsure-1") if a.kind == "drift"]
+    assert not fleet.alerts("unsure-1", "drift")
 
     status, listed = fleet.get("/alerts", state="open", kind="accuracy")
     assert status == 200

@@ -26,8 +26,9 @@ T = TypeVar("T")
 class ServerThread:
     """``FleetServer(config).app()`` served on 127.0.0.1 until :meth:`close`."""
 
-    def __init__(self, data_dir: Path, db_url: str) -> None:
-        self.config = ServerConfig(data_dir=data_dir, db_url=db_url, http_port=0)
+    def __init__(self, data_dir: Path, db_url: str, **settings: Any) -> None:
+        """``settings``: other :class:`ServerConfig` fields (an alert webhook, say)."""
+        self.config = ServerConfig(data_dir=data_dir, db_url=db_url, http_port=0, **settings)
         prepare(self.config)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
