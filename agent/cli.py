@@ -14,15 +14,14 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import agent
 from agent.config import AgentConfig, ConfigError
+from protocol.cli import EXIT_BROKEN_PIPE, CommandParser, silence_stdout
+from protocol.cli import examples as _examples
 
 EXIT_REFUSED = 3
 EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_BROKEN_PIPE = 141
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -112,57 +111,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-class CommandParser(argparse.ArgumentParser):
-    """An argument parser whose command group, given no command, lists its commands.
-
-    ``edge-agent`` alone prints its help, one line per command, and exits 2, where
-    argparse would only say "the following arguments are required". A command's
-    description defaults to its one-line help, and epilogs keep their line breaks, so
-    their examples stay one to a line.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
-        super().__init__(*args, **kwargs)
-        self._command_groups: list[argparse.Action] = []
-
-    def add_subparsers(self, **kwargs: Any) -> Any:
-        kwargs.setdefault("title", "commands")
-        kwargs.setdefault("metavar", "COMMAND")
-        kwargs.setdefault("action", _CommandGroup)
-        required = kwargs.pop("required", False)
-        group = super().add_subparsers(**kwargs)
-        if required and group.dest != argparse.SUPPRESS:
-            # Checked after parsing instead, where the group's help can be shown.
-            self._command_groups.append(group)
-        else:
-            group.required = required
-        return group
-
-    def parse_known_args(  # type: ignore[override]
-        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
-    ) -> tuple[argparse.Namespace, list[str]]:
-        parsed, extras = super().parse_known_args(args, namespace)
-        for group in self._command_groups:
-            if getattr(parsed, group.dest, None) is None:
-                self.print_help(sys.stderr)
-                self.exit(EXIT_USAGE)
-        return parsed, extras
-
-
-class _CommandGroup(argparse._SubParsersAction):  # type: ignore[type-arg]
-    """The commands of a group; each command's description defaults to its help."""
-
-    def add_parser(self, name: str, **kwargs: Any) -> Any:
-        kwargs.setdefault("description", kwargs.get("help"))
-        return super().add_parser(name, **kwargs)
-
-
-def _examples(*commands: str) -> str:
-    """An epilog of example commands, one to a line; each must parse as written."""
-    return "examples:\n" + "\n".join(f"  {command}" for command in commands)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = CommandParser(
         prog="edge-agent",
@@ -250,8 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         # The reader (``| head``) has what it wanted: stop quietly, as Unix tools do
         # on SIGPIPE (status 128 + 13). Later flushes go to /dev/null, not to a traceback.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        silence_stdout()
         return EXIT_BROKEN_PIPE
     except ConfigError as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)

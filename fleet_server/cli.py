@@ -26,6 +26,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from fleet_server.config import ServerConfig
+from protocol.cli import edgefleet_version
 
 # The flag behind each configuration field, so that a refusal names what to change.
 _FLAGS = {
@@ -49,15 +50,6 @@ def _address(text: str) -> tuple[str, int]:
     if not sep or not port.isdigit():
         raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
     return host or "127.0.0.1", int(port)
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("edgefleet")
-    except PackageNotFoundError:
-        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="debug logging, and the database migrations' own lines",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {edgefleet_version()}")
     return parser
 
 

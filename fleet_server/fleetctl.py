@@ -46,9 +46,16 @@ from fleet_server.release.keys import KeyStoreError, init_keys, is_encrypted, lo
 from fleet_server.release.repository import ImageRepository, RepositoryError
 from protocol.api import ASSIGNMENT_ID_PATTERN, SignedAuditHead
 from protocol.bundle import BundleFormatError, read_bundle
+from protocol.cli import (
+    EXIT_BROKEN_PIPE,
+    EXIT_USAGE,
+    CommandParser,
+    edgefleet_version,
+    silence_stdout,
+)
+from protocol.cli import examples as _examples
 from protocol.manifest import Manifest, ResourceBudget
 
-EXIT_USAGE = 2
 EXIT_FAILED = 1
 
 
@@ -1639,58 +1646,6 @@ def cmd_broker_config(args: argparse.Namespace) -> None:
 # -- parser ----------------------------------------------------------------------
 
 
-class CommandParser(argparse.ArgumentParser):
-    """An argument parser for a tool of command groups.
-
-    A group given without its command (``fleetctl devices``) prints the group's help,
-    which lists each command with its one-line help, and exits 2, where argparse would
-    only say "the following arguments are required". A command's description defaults
-    to its one-line help, and descriptions and epilogs keep their line breaks, so the
-    examples in an epilog stay one to a line.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
-        super().__init__(*args, **kwargs)
-        self._command_groups: list[argparse.Action] = []
-
-    def add_subparsers(self, **kwargs: Any) -> Any:
-        kwargs.setdefault("title", "commands")
-        kwargs.setdefault("metavar", "COMMAND")
-        kwargs.setdefault("action", _CommandGroup)
-        required = kwargs.pop("required", False)
-        group = super().add_subparsers(**kwargs)
-        if required and group.dest != argparse.SUPPRESS:
-            # Checked after parsing instead, where the group's help can be shown.
-            self._command_groups.append(group)
-        else:
-            group.required = required
-        return group
-
-    def parse_known_args(  # type: ignore[override]
-        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
-    ) -> tuple[argparse.Namespace, list[str]]:
-        parsed, extras = super().parse_known_args(args, namespace)
-        for group in self._command_groups:
-            if getattr(parsed, group.dest, None) is None:
-                self.print_help(sys.stderr)
-                self.exit(EXIT_USAGE)
-        return parsed, extras
-
-
-class _CommandGroup(argparse._SubParsersAction):  # type: ignore[type-arg]
-    """The commands of a group; each command's description defaults to its help."""
-
-    def add_parser(self, name: str, **kwargs: Any) -> Any:
-        kwargs.setdefault("description", kwargs.get("help"))
-        return super().add_parser(name, **kwargs)
-
-
-def _examples(*commands: str) -> str:
-    """An epilog of example commands, one to a line; each must parse as written."""
-    return "examples:\n" + "\n".join(f"  {command}" for command in commands)
-
-
 def _remote_flags() -> argparse.ArgumentParser:
     """``--server`` and the API token, for every command that talks to a fleet server."""
     remote = argparse.ArgumentParser(add_help=False)
@@ -2324,11 +2279,6 @@ USER_ERRORS = (
 )
 
 
-EXIT_USAGE = 2
-# A reader that stops early (``fleetctl ... | head``) ends us as SIGPIPE ends any Unix tool.
-EXIT_BROKEN_PIPE = 128 + 13
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
@@ -2340,7 +2290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Written here, inside the handler, so a closed pipe is not found at exit instead.
         sys.stdout.flush()
     except BrokenPipeError:  # first: it is an OSError, which a user error may one day include
-        _silence_stdout()
+        silence_stdout()
         return EXIT_BROKEN_PIPE
     except USER_ERRORS as exc:
         print(f"fleetctl: {exc}", file=sys.stderr)
@@ -2348,23 +2298,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
-
-
-def _silence_stdout() -> None:
-    """Point stdout at /dev/null so the interpreter's final flush does not fail again."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
-
-
-def edgefleet_version() -> str:
-    """The installed edgefleet distribution's version."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("edgefleet")
-    except PackageNotFoundError:
-        return "unknown (not installed)"
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fleet_server.fleetctl import CommandParser, edgefleet_version
+from protocol.cli import CommandParser, edgefleet_version
 from simulator.demo import run_demo
 
 
