@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import hmac
 import json
@@ -26,7 +25,7 @@ from fleet_server.drift.webhook import Notification, WebhookNotifier
 from fleet_server.release.keys import KeyStore
 from fleet_server.release.repository import ImageRepository
 from protocol.bundle import read_manifest
-from tests.support.api_server import ServerThread
+from tests.support.api_server import ServerThread, repository_files
 from tests.support.drift_fleet import HOUR, MODELS, DriftFleet, V, drift_fleet
 from tests.support.server_process import ServerProcess, private_broker, wait_until
 
@@ -305,11 +304,7 @@ def test_a_fleet_server_process_posts_the_alerts_it_opens(
         repo = ImageRepository(tmp_path / "repo")
         repo.create(session_keys)
         repo.add_bundle(bundles["v1"], session_keys)
-        files = {
-            p.relative_to(repo.path).as_posix(): base64.b64encode(p.read_bytes()).decode()
-            for p in repo.path.rglob("*")
-            if p.is_file() and not p.name.startswith(".")
-        }
+        files = repository_files(repo.path)
         r = api.request("POST", f"{V}/releases", token=api.admin_token, json={"files": files})
         assert r.status == 201, r.data
         with bundles["v1"].open("rb") as source:

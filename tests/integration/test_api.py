@@ -26,7 +26,7 @@ from fleet_server.db.models import AuditEntry
 from fleet_server.release.keys import KeyStore
 from fleet_server.release.repository import ImageRepository
 from tests.conftest import HARDWARE
-from tests.support.api_server import ServerThread
+from tests.support.api_server import ServerThread, repository_files
 from tests.support.databases import DATABASES, database_url
 
 pytestmark = pytest.mark.integration
@@ -59,16 +59,6 @@ class Fleet:
         )
         assert status == 201, body
         return str(body["password"])
-
-
-def repository_files(root: Path, only: set[str] | None = None) -> dict[str, str]:
-    """Every file of a local image repository, base64, by path."""
-    files = {}
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root).as_posix()
-        if path.is_file() and not path.name.startswith(".") and (only is None or rel in only):
-            files[rel] = base64.b64encode(path.read_bytes()).decode()
-    return files
 
 
 def basic(device_id: str, password: str) -> dict[str, str]:

@@ -37,7 +37,7 @@ from schemathesis.specs.openapi.checks import (
 from fleet_server.release.keys import KeyStore
 from fleet_server.release.repository import ImageRepository
 from tests.conftest import HARDWARE
-from tests.support.api_server import ServerThread
+from tests.support.api_server import ServerThread, repository_files
 from tests.support.databases import DATABASES, database_url
 
 pytestmark = pytest.mark.integration
@@ -67,11 +67,7 @@ def api(
             repo = ImageRepository(tmp / "repo")
             repo.create(session_keys)
             repo.add_bundle(bundles["v1"], session_keys)
-            files = {
-                p.relative_to(repo.path).as_posix(): base64.b64encode(p.read_bytes()).decode()
-                for p in repo.path.rglob("*")
-                if p.is_file() and not p.name.startswith(".")
-            }
+            files = repository_files(repo.path)
             admin = api.admin_token
             r = api.request("POST", "/api/v1/releases", token=admin, json={"files": files})
             assert r.status == 201, r.data

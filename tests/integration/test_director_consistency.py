@@ -11,7 +11,6 @@ files.
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,7 +31,7 @@ from fleet_server.director.repository import KEEP_VERSIONS
 from fleet_server.release.keys import KeyStore
 from fleet_server.release.repository import ImageRepository, TufRepository
 from tests.conftest import HARDWARE
-from tests.support.api_server import ServerThread
+from tests.support.api_server import ServerThread, repository_files
 from tests.support.databases import DATABASES, database_url
 
 pytestmark = pytest.mark.integration
@@ -101,11 +100,7 @@ def served(
             repo.create(session_keys)
             for name in ("v1", "v2"):
                 repo.add_bundle(bundles[name], session_keys)
-            files = {
-                p.relative_to(repo.path).as_posix(): base64.b64encode(p.read_bytes()).decode()
-                for p in sorted(repo.path.rglob("*"))
-                if p.is_file() and not p.name.startswith(".")
-            }
+            files = repository_files(repo.path)
             served = Served(
                 api, repo, api.admin_token, {b.version: b.target_path for b in repo.bundles()}
             )

@@ -37,7 +37,13 @@ from protocol.topics import device_topic
 from tests.conftest import HARDWARE
 from tests.support.databases import DATABASES, database_url
 from tests.support.mosquitto import free_port, running_mosquitto
-from tests.support.server_process import DROPPED, DeviceClient, ServerProcess, wait_until
+from tests.support.server_process import (
+    DROPPED,
+    DeviceClient,
+    ServerProcess,
+    clear_retained,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -141,23 +147,6 @@ class Fleet:
         )
 
 
-def clear_retained(namespace: str) -> None:
-    """Empty every retained message the deployment left under its namespace."""
-    retained: set[str] = set()
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"cleanup-{secrets.token_hex(4)}")
-    client.on_connect = lambda c, *_: c.subscribe(f"edgefleet/v1/{namespace}/#", qos=1)
-    client.on_message = lambda _c, _u, m: retained.add(m.topic) if m.retain else None
-    client.connect("127.0.0.1", 1883, keepalive=10)
-    client.loop_start()
-    try:
-        time.sleep(1.0)  # retained messages come right after the subscription
-        for topic in sorted(retained):
-            client.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
-    finally:
-        client.disconnect()
-        client.loop_stop()
-
-
 @pytest.fixture(scope="module", params=DATABASES)
 def deployment(
     request: pytest.FixtureRequest,
@@ -185,7 +174,7 @@ def deployment(
             yield fleet
         finally:
             server.stop()
-            clear_retained(server.namespace)
+            clear_retained(f"edgefleet/v1/{server.namespace}/#")
 
 
 @pytest.fixture

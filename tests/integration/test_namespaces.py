@@ -17,10 +17,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import paho.mqtt.client as paho
 import paho.mqtt.publish as paho_publish
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from fleet_server import fleetctl
 from protocol.messages import DeviceEvent
@@ -31,6 +29,7 @@ from tests.support.server_process import (
     INGESTED,
     DeviceClient,
     ServerProcess,
+    clear_retained,
     wait_until,
 )
 
@@ -48,24 +47,7 @@ def servers() -> Iterator[list[ServerProcess]]:
     for server in started:
         server.stop()
     for namespace in {s.namespace for s in started}:
-        clear_server_topics(namespace)
-
-
-def clear_server_topics(namespace: str) -> None:
-    """Empty every retained message under the namespace's ``server/`` (claim, records)."""
-    retained: set[str] = set()
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"cleanup-{secrets.token_hex(4)}")
-    client.on_connect = lambda c, *_: c.subscribe(f"edgefleet/v1/{namespace}/server/#", qos=1)
-    client.on_message = lambda _c, _u, m: retained.add(m.topic) if m.retain else None
-    client.connect("127.0.0.1", 1883, keepalive=10)
-    client.loop_start()
-    try:
-        time.sleep(1.0)  # retained messages come right after the subscription
-        for topic in sorted(retained):
-            client.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
-    finally:
-        client.disconnect()
-        client.loop_stop()
+        clear_retained(f"edgefleet/v1/{namespace}/server/#")
 
 
 def server(tmp: Path, name: str, db: str, **kwargs: object) -> ServerProcess:

@@ -9,6 +9,7 @@ schemathesis) and can still run coroutines against its database with
 from __future__ import annotations
 
 import asyncio
+import base64
 import threading
 from collections.abc import Coroutine
 from pathlib import Path
@@ -88,3 +89,13 @@ class ServerThread:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(10)
             self.loop.close()
+
+
+def repository_files(root: Path, only: set[str] | None = None) -> dict[str, str]:
+    """Every file of a local image repository (or those in ``only``), base64, by path."""
+    files = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_file() and not path.name.startswith(".") and (only is None or rel in only):
+            files[rel] = base64.b64encode(path.read_bytes()).decode()
+    return files

@@ -7,7 +7,6 @@ alerts back; :func:`drift_fleet` makes one per database for a test module.
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from protocol.manifest import Manifest
 from protocol.summary import score_histogram, summarize
 from protocol.window import WindowSummary, encode_window
 from tests.conftest import HARDWARE
-from tests.support.api_server import ServerThread
+from tests.support.api_server import ServerThread, repository_files
 from tests.support.databases import database_url
 
 V = "/api/v1"
@@ -220,11 +219,7 @@ def drift_fleet(
             repo = ImageRepository(tmp / "repo")
             repo.create(session_keys)
             repo.add_bundle(bundles["v1"], session_keys)
-            files = {
-                p.relative_to(repo.path).as_posix(): base64.b64encode(p.read_bytes()).decode()
-                for p in repo.path.rglob("*")
-                if p.is_file() and not p.name.startswith(".")
-            }
+            files = repository_files(repo.path)
             r = api.request("POST", f"{V}/releases", token=api.admin_token, json={"files": files})
             assert r.status == 201, r.data
             with bundles["v1"].open("rb") as source:

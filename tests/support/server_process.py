@@ -258,3 +258,24 @@ class DeviceClient:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def clear_retained(topic_filter: str, broker: tuple[str, int] = ("127.0.0.1", 1883)) -> None:
+    """Empty every retained message under ``topic_filter`` (say ``edgefleet/v1/NS/#``).
+
+    The machine's broker keeps what a test's deployment retained (its claim,
+    replica records, desired states) after the test; this leaves it clean.
+    """
+    retained: set[str] = set()
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"cleanup-{uuid.uuid4().hex[:8]}")
+    client.on_connect = lambda c, *_: c.subscribe(topic_filter, qos=1)
+    client.on_message = lambda _c, _u, m: retained.add(m.topic) if m.retain else None
+    client.connect(*broker, keepalive=10)
+    client.loop_start()
+    try:
+        time.sleep(1.0)  # retained messages come right after the subscription
+        for topic in sorted(retained):
+            client.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
+    finally:
+        client.disconnect()
+        client.loop_stop()
