@@ -11,7 +11,7 @@ import pytest
 from fleet_server.release.bundle_builder import BundleSpec, build_bundle, load_feature_file
 from fleet_server.release.keys import KeyStore, init_keys
 from fleet_server.release.repository import ImageRepository
-from tests.support.fleet import reap_agents
+from tests.support.fleet import reap_agents, running_agents
 from tests.support.http_repo import RepositoryServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,5 +81,14 @@ def copy_tree(src: Path, dst: Path) -> None:
 
 @pytest.fixture(autouse=True)
 def _no_agent_outlives_its_test() -> Iterator[None]:
+    # Agents of wider-scoped fixtures (a module's agent) were started before this test
+    # began and outlive it on purpose; the fixture that started them stops them.
+    before = running_agents()
+    yield
+    reap_agents(keep=before)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_agent_outlives_the_session() -> Iterator[None]:
     yield
     reap_agents()

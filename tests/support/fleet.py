@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,9 +87,14 @@ class Fleet:
 _RUNNING: set[AgentProcess] = set()
 
 
-def reap_agents() -> None:
-    """Kill every agent a test started and did not stop (e.g. after a failed assertion)."""
-    for agent in list(_RUNNING):
+def running_agents() -> set[AgentProcess]:
+    """The agents started and not stopped yet."""
+    return set(_RUNNING)
+
+
+def reap_agents(keep: Collection[AgentProcess] = ()) -> None:
+    """Kill every agent started and not stopped (a failed assertion), except ``keep``."""
+    for agent in [a for a in _RUNNING if a not in keep]:
         agent.kill()
         agent.log.close()
 
