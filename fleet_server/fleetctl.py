@@ -556,17 +556,45 @@ def _duration(text: str) -> float:
 
 
 def cmd_provisioning_token_create(args: argparse.Namespace) -> None:
+    if args.out and not Path(args.out).absolute().parent.is_dir():
+        raise CommandError(f"--out {args.out}: its folder does not exist; no token was created")
     created = _client(args).post(
         "/provisioning-tokens",
         {"hardware_id": args.hardware, "tags": args.tag, "uses": args.uses, "ttl_s": args.ttl},
     )
     scope = f" for {created['hardware_id']} devices" if created["hardware_id"] else ""
+    summary = (
+        f"Provisioning token{scope}, {created['uses']} use(s), expires "
+        f"{_when(created['expires_at'])} UTC"
+    )
+    if not args.out:
+        _emit(args, created, f"{summary} (shown only now):\n  {created['token']}")
+        return
+    _write_secret(Path(args.out), created["token"] + "\n")
+    shown = {k: v for k, v in created.items() if k != "token"}
     _emit(
         args,
-        created,
-        f"Provisioning token{scope}, {created['uses']} use(s), expires "
-        f"{_when(created['expires_at'])} UTC (shown only now):\n  {created['token']}",
+        {**shown, "out": args.out},
+        f"{summary}, written to {args.out} (mode 0600); devices name it in agent.toml: "
+        "[enrolment] token_file",
     )
+
+
+def _write_secret(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable by its owner only (0600 from the start), atomically."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o600)
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CommandError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def _release_rows(releases: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -1463,6 +1491,9 @@ def cmd_devices_windows(args: argparse.Namespace) -> None:
         before = page.get("next_before")
         if before is None:
             break
+    if args.ids:
+        sys.stdout.write("".join(f"{w['window_id']}\n" for w in windows))
+        return
     table = _table(
         ["WINDOW", "START", "END", "MODEL", "REQUESTS", "ERRORS", "LABELLED"],
         [
@@ -1491,7 +1522,8 @@ def _window_commands(devices: Any, both: list[argparse.ArgumentParser]) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
         "  fleetctl devices windows pump-17 --since 2031-01-01T00:00:00Z --limit 20\n"
-        "  fleetctl devices windows pump-17 --version 1.1.0 --json",
+        "  fleetctl devices windows pump-17 --version 1.1.0 --json\n"
+        "  fleetctl devices windows pump-17 --limit 1 --ids",
     )
     p.add_argument("device", help="the device's id")
     p.add_argument("--since", help="ISO time: windows that ended after it")
@@ -1499,6 +1531,11 @@ def _window_commands(devices: Any, both: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--model", help="only windows of this model")
     p.add_argument("--version", help="only windows of this model version")
     p.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    p.add_argument(
+        "--ids",
+        action="store_true",
+        help="print only the window ids, one a line (for scripts, such as a labels CSV)",
+    )
     p.set_defaults(func=cmd_devices_windows)
 
 
@@ -1818,6 +1855,8 @@ def _remote_commands(groups: Any, leaf: argparse.ArgumentParser, release: Any) -
         epilog=_examples(
             "fleetctl provisioning-token create --hardware rpi4-arm64 --uses 100",
             "fleetctl provisioning-token create --tag line-a --uses 10 --ttl 12h",
+            "fleetctl provisioning-token create --hardware rpi4-arm64 --uses 10 "
+            "--out provisioning-token",
         ),
     )
     p.add_argument("--hardware", help="enrol only devices of this hardware id")
@@ -1830,6 +1869,12 @@ def _remote_commands(groups: Any, leaf: argparse.ArgumentParser, release: Any) -
         type=_duration,
         default=7 * 86400,
         help="lifetime: seconds, or 30m, 12h, 7d (default 7d)",
+    )
+    p.add_argument(
+        "--out",
+        metavar="FILE",
+        help="write only the token to FILE, readable by its owner only (mode 0600), for a "
+        "device's [enrolment] token_file (default: print it)",
     )
     p.set_defaults(func=cmd_provisioning_token_create)
 
