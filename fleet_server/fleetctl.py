@@ -497,7 +497,31 @@ def cmd_devices_tag(args: argparse.Namespace) -> None:
     _emit(args, device, f"{device['id']}: tags {', '.join(device['tags']) or '(none)'}")
 
 
+def _password_lines(
+    args: argparse.Namespace, created: dict[str, Any]
+) -> tuple[dict[str, Any], str]:
+    """The answer to show and its password lines: the password itself, or where --out wrote it."""
+    if not args.out:
+        return created, (
+            "Password (shown only now; the device's HTTP and MQTT credential):\n"
+            f"  {created['password']}"
+        )
+    _write_secret(Path(args.out), created["password"] + "\n")
+    shown = {k: v for k, v in created.items() if k != "password"}
+    return {**shown, "out": args.out}, (
+        f"Password written to {args.out} (mode 0600; the device's HTTP and MQTT credential, "
+        "for its [credentials] password_file)"
+    )
+
+
+def _check_out_folder(args: argparse.Namespace, what: str) -> None:
+    """Refuse an --out whose folder does not exist before the server makes a secret."""
+    if args.out and not Path(args.out).absolute().parent.is_dir():
+        raise CommandError(f"--out {args.out}: its folder does not exist; no {what}")
+
+
 def cmd_devices_register(args: argparse.Namespace) -> None:
+    _check_out_folder(args, "device was registered")
     created = _client(args).post(
         "/devices",
         {
@@ -508,12 +532,12 @@ def cmd_devices_register(args: argparse.Namespace) -> None:
             "reuse_decommissioned": args.reuse_decommissioned,
         },
     )
+    shown, password = _password_lines(args, created)
     _emit(
         args,
-        created,
+        shown,
         f"Registered {created['device_id']} ({created['device']['hardware_id']}).\n"
-        f"Password (shown only now; the device's HTTP and MQTT credential):\n"
-        f"  {created['password']}"
+        + password
         + (
             f"\nMQTT namespace (agent.toml, [mqtt] namespace): {created['mqtt_namespace']}"
             if created.get("mqtt_namespace")
@@ -556,8 +580,7 @@ def _duration(text: str) -> float:
 
 
 def cmd_provisioning_token_create(args: argparse.Namespace) -> None:
-    if args.out and not Path(args.out).absolute().parent.is_dir():
-        raise CommandError(f"--out {args.out}: its folder does not exist; no token was created")
+    _check_out_folder(args, "token was created")
     created = _client(args).post(
         "/provisioning-tokens",
         {"hardware_id": args.hardware, "tags": args.tag, "uses": args.uses, "ttl_s": args.ttl},
@@ -792,6 +815,13 @@ _BROKER_NOTE = (
 )
 
 
+_PASSWORD_OUT_HELP = (
+    "write only the password to FILE, readable by its owner only (mode 0600), for the "
+    "device's [credentials] password_file and broker config --device ID:FILE "
+    "(default: print it)"
+)
+
+
 def cmd_devices_decommission(args: argparse.Namespace) -> None:
     device = _client(args).post(
         f"/devices/{path_segment(args.device)}/decommission", {"reason": args.reason}
@@ -807,14 +837,15 @@ def cmd_devices_decommission(args: argparse.Namespace) -> None:
 
 
 def cmd_devices_rotate_credentials(args: argparse.Namespace) -> None:
+    _check_out_folder(args, "credentials were rotated")
     created = _client(args).post(f"/devices/{path_segment(args.device)}/credentials", {})
+    shown, password = _password_lines(args, created)
     _emit(
         args,
-        created,
+        shown,
         f"New credentials for {created['device_id']}; the old password no longer works.\n"
-        "Password (shown only now; the device's HTTP and MQTT credential):\n"
-        f"  {created['password']}\n"
-        "Install it on the device (its credentials password file). "
+        + password
+        + "\nInstall it on the device (its credentials password file). "
         + _BROKER_NOTE.format(
             what=f"with --device {created['device_id']}:FILE holding the new password"
         ),
@@ -1818,9 +1849,11 @@ def _remote_commands(groups: Any, leaf: argparse.ArgumentParser, release: Any) -
             "fleetctl devices register pump-17 --hardware rpi4-arm64",
             "fleetctl devices register pump-18 --hardware rpi4-arm64 --region eu-west "
             "--tag line-a --tag canary",
+            "fleetctl devices register pump-19 --hardware rpi4-arm64 --out pump-19.pw",
         ),
     )
     p.add_argument("device", help="the new device's id (its MQTT and HTTP username)")
+    p.add_argument("--out", metavar="FILE", help=_PASSWORD_OUT_HELP)
     p.add_argument("--hardware", required=True, help="the device's hardware id")
     p.add_argument("--region", help="the device's region, for drift by region")
     p.add_argument("--tag", action="append", default=[], help="a tag to give it (repeatable)")
@@ -2053,9 +2086,13 @@ def _lifecycle_commands(devices: Any, release: Any, both: list[argparse.Argument
         parents=both,
         help="give a device a new password, shown once; the old one stops working at once (admin)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=_examples("fleetctl devices rotate-credentials pump-17"),
+        epilog=_examples(
+            "fleetctl devices rotate-credentials pump-17",
+            "fleetctl devices rotate-credentials pump-17 --out pump-17.pw",
+        ),
     )
     p.add_argument("device", help="the device id")
+    p.add_argument("--out", metavar="FILE", help=_PASSWORD_OUT_HELP)
     p.set_defaults(func=cmd_devices_rotate_credentials)
     p = release.add_parser(
         "yank",
