@@ -4,7 +4,9 @@ The quick start's ``make demo`` runs in a clone of its own while another
 deployment's server uses the machine's Mosquitto (two deployments on one broker
 must not see each other's messages); ``make test`` is what CI runs (``.ci/run``),
 so it is not run again from inside itself. Every other ``sh`` block is one
-walk-through, in order, in one shell: release engineer, device, operator.
+walk-through, in order, in one shell: release engineer, device, operator. It
+must leave nothing running, and no ``sh`` block may hold reference syntax
+(``[--option]``, ``ID``, ``...``, ``<value>``) that cannot run as written.
 """
 
 from __future__ import annotations
@@ -188,3 +190,11 @@ def test_reference_syntax_is_recognised() -> None:
         assert flagged(reference), reference
     for command in ("cat > a <<EOF", "x > log 2>&1 &", "fleetctl assignments cancel dev-3"):
         assert not flagged(command), command
+
+
+def test_a_script_that_leaves_a_process_running_is_caught(tmp_path: Path) -> None:
+    env = _user_environment(tmp_path)
+    left = _run("sleep 600 &\n", tmp_path, env, tmp_path / "left.log")
+    assert left.code == 0 and left.left_running
+    stopped = _run("sleep 600 &\npid=$!\nkill $pid\nwait\n", tmp_path, env, tmp_path / "ok.log")
+    assert stopped.code == 0 and not stopped.left_running
