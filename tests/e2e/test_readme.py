@@ -162,6 +162,17 @@ def test_every_walkthrough_command_runs_as_written_on_a_fresh_clone(tmp_path: Pa
     assert ">>> README.md walk-through done" in ran.output
     assert "Traceback" not in ran.output + _logs(clone), ran.output[-6000:] + _logs(clone)
     assert not ran.left_running, "the walk-through ends with something still running"
+    status = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all"],
+        cwd=clone,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    written = [line for line in status if line[3:] != ".venv"]  # the test's own link
+    assert not written, "the walk-through changed or wrote files .gitignore does not name:\n" + (
+        "\n".join(written)
+    )
 
 
 def _logs(clone: Path) -> str:
