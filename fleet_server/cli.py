@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.splitlines()[0].replace("``", ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="On first start it writes an admin API token to DATA/admin.token.\n"
-        "It reads no environment variables: everything is a flag.\n\n"
+        "Every setting is a flag; the only environment variables it reads are\n"
+        "EDGEFLEET_ALERT_WEBHOOK and EDGEFLEET_ALERT_WEBHOOK_SECRET_FILE, the defaults\n"
+        "of --alert-webhook and --alert-webhook-secret-file.\n\n"
         "examples:\n"
         "  fleet-server --data /var/lib/edgefleet-server\n"
         "  fleet-server --data /var/lib/edgefleet-server --db postgresql://fleet@db/fleet "

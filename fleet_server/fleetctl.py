@@ -504,7 +504,31 @@ def cmd_devices_tag(args: argparse.Namespace) -> None:
     _emit(args, device, f"{device['id']}: tags {', '.join(device['tags']) or '(none)'}")
 
 
+def _password_lines(
+    args: argparse.Namespace, created: dict[str, Any]
+) -> tuple[dict[str, Any], str]:
+    """The answer to show and its password lines: the password itself, or where --out wrote it."""
+    if not args.out:
+        return created, (
+            "Password (shown only now; the device's HTTP and MQTT credential):\n"
+            f"  {created['password']}"
+        )
+    _write_secret(Path(args.out), created["password"] + "\n")
+    shown = {k: v for k, v in created.items() if k != "password"}
+    return {**shown, "out": args.out}, (
+        f"Password written to {args.out} (mode 0600; the device's HTTP and MQTT credential, "
+        "for its [credentials] password_file)"
+    )
+
+
+def _check_out_folder(args: argparse.Namespace, what: str) -> None:
+    """Refuse an --out whose folder does not exist before the server makes a secret."""
+    if args.out and not Path(args.out).absolute().parent.is_dir():
+        raise CommandError(f"--out {args.out}: its folder does not exist; no {what}")
+
+
 def cmd_devices_register(args: argparse.Namespace) -> None:
+    _check_out_folder(args, "device was registered")
     created = _client(args).post(
         "/devices",
         {
@@ -515,12 +539,12 @@ def cmd_devices_register(args: argparse.Namespace) -> None:
             "reuse_decommissioned": args.reuse_decommissioned,
         },
     )
+    shown, password = _password_lines(args, created)
     _emit(
         args,
-        created,
+        shown,
         f"Registered {created['device_id']} ({created['device']['hardware_id']}).\n"
-        f"Password (shown only now; the device's HTTP and MQTT credential):\n"
-        f"  {created['password']}"
+        + password
         + (
             f"\nMQTT namespace (agent.toml, [mqtt] namespace): {created['mqtt_namespace']}"
             if created.get("mqtt_namespace")
@@ -563,17 +587,44 @@ def _duration(text: str) -> float:
 
 
 def cmd_provisioning_token_create(args: argparse.Namespace) -> None:
+    _check_out_folder(args, "token was created")
     created = _client(args).post(
         "/provisioning-tokens",
         {"hardware_id": args.hardware, "tags": args.tag, "uses": args.uses, "ttl_s": args.ttl},
     )
     scope = f" for {created['hardware_id']} devices" if created["hardware_id"] else ""
+    summary = (
+        f"Provisioning token{scope}, {created['uses']} use(s), expires "
+        f"{_when(created['expires_at'])} UTC"
+    )
+    if not args.out:
+        _emit(args, created, f"{summary} (shown only now):\n  {created['token']}")
+        return
+    _write_secret(Path(args.out), created["token"] + "\n")
+    shown = {k: v for k, v in created.items() if k != "token"}
     _emit(
         args,
-        created,
-        f"Provisioning token{scope}, {created['uses']} use(s), expires "
-        f"{_when(created['expires_at'])} UTC (shown only now):\n  {created['token']}",
+        {**shown, "out": args.out},
+        f"{summary}, written to {args.out} (mode 0600); devices name it in agent.toml: "
+        "[enrolment] token_file",
     )
+
+
+def _write_secret(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable by its owner only (0600 from the start), atomically."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o600)
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CommandError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def _release_rows(releases: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -771,6 +822,13 @@ _BROKER_NOTE = (
 )
 
 
+_PASSWORD_OUT_HELP = (
+    "write only the password to FILE, readable by its owner only (mode 0600), for the "
+    "device's [credentials] password_file and broker config --device ID:FILE "
+    "(default: print it)"
+)
+
+
 def cmd_devices_decommission(args: argparse.Namespace) -> None:
     device = _client(args).post(
         f"/devices/{path_segment(args.device)}/decommission", {"reason": args.reason}
@@ -786,14 +844,15 @@ def cmd_devices_decommission(args: argparse.Namespace) -> None:
 
 
 def cmd_devices_rotate_credentials(args: argparse.Namespace) -> None:
+    _check_out_folder(args, "credentials were rotated")
     created = _client(args).post(f"/devices/{path_segment(args.device)}/credentials", {})
+    shown, password = _password_lines(args, created)
     _emit(
         args,
-        created,
+        shown,
         f"New credentials for {created['device_id']}; the old password no longer works.\n"
-        "Password (shown only now; the device's HTTP and MQTT credential):\n"
-        f"  {created['password']}\n"
-        "Install it on the device (its credentials password file). "
+        + password
+        + "\nInstall it on the device (its credentials password file). "
         + _BROKER_NOTE.format(
             what=f"with --device {created['device_id']}:FILE holding the new password"
         ),
@@ -1470,6 +1529,9 @@ def cmd_devices_windows(args: argparse.Namespace) -> None:
         before = page.get("next_before")
         if before is None:
             break
+    if args.ids:
+        sys.stdout.write("".join(f"{w['window_id']}\n" for w in windows))
+        return
     table = _table(
         ["WINDOW", "START", "END", "MODEL", "REQUESTS", "ERRORS", "LABELLED"],
         [
@@ -1498,7 +1560,8 @@ def _window_commands(devices: Any, both: list[argparse.ArgumentParser]) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
         "  fleetctl devices windows pump-17 --since 2031-01-01T00:00:00Z --limit 20\n"
-        "  fleetctl devices windows pump-17 --version 1.1.0 --json",
+        "  fleetctl devices windows pump-17 --version 1.1.0 --json\n"
+        "  fleetctl devices windows pump-17 --limit 1 --ids",
     )
     p.add_argument("device", help="the device's id")
     p.add_argument("--since", help="ISO time: windows that ended after it")
@@ -1506,6 +1569,11 @@ def _window_commands(devices: Any, both: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--model", help="only windows of this model")
     p.add_argument("--version", help="only windows of this model version")
     p.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    p.add_argument(
+        "--ids",
+        action="store_true",
+        help="print only the window ids, one a line (for scripts, such as a labels CSV)",
+    )
     p.set_defaults(func=cmd_devices_windows)
 
 
@@ -1736,9 +1804,11 @@ def _remote_commands(groups: Any, leaf: argparse.ArgumentParser, release: Any) -
             "fleetctl devices register pump-17 --hardware rpi4-arm64",
             "fleetctl devices register pump-18 --hardware rpi4-arm64 --region eu-west "
             "--tag line-a --tag canary",
+            "fleetctl devices register pump-19 --hardware rpi4-arm64 --out pump-19.pw",
         ),
     )
     p.add_argument("device", help="the new device's id (its MQTT and HTTP username)")
+    p.add_argument("--out", metavar="FILE", help=_PASSWORD_OUT_HELP)
     p.add_argument("--hardware", required=True, help="the device's hardware id")
     p.add_argument("--region", help="the device's region, for drift by region")
     p.add_argument("--tag", action="append", default=[], help="a tag to give it (repeatable)")
@@ -1773,6 +1843,8 @@ def _remote_commands(groups: Any, leaf: argparse.ArgumentParser, release: Any) -
         epilog=_examples(
             "fleetctl provisioning-token create --hardware rpi4-arm64 --uses 100",
             "fleetctl provisioning-token create --tag line-a --uses 10 --ttl 12h",
+            "fleetctl provisioning-token create --hardware rpi4-arm64 --uses 10 "
+            "--out provisioning-token",
         ),
     )
     p.add_argument("--hardware", help="enrol only devices of this hardware id")
@@ -1785,6 +1857,12 @@ def _remote_commands(groups: Any, leaf: argparse.ArgumentParser, release: Any) -
         type=_duration,
         default=7 * 86400,
         help="lifetime: seconds, or 30m, 12h, 7d (default 7d)",
+    )
+    p.add_argument(
+        "--out",
+        metavar="FILE",
+        help="write only the token to FILE, readable by its owner only (mode 0600), for a "
+        "device's [enrolment] token_file (default: print it)",
     )
     p.set_defaults(func=cmd_provisioning_token_create)
 
@@ -1963,9 +2041,13 @@ def _lifecycle_commands(devices: Any, release: Any, both: list[argparse.Argument
         parents=both,
         help="give a device a new password, shown once; the old one stops working at once (admin)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=_examples("fleetctl devices rotate-credentials pump-17"),
+        epilog=_examples(
+            "fleetctl devices rotate-credentials pump-17",
+            "fleetctl devices rotate-credentials pump-17 --out pump-17.pw",
+        ),
     )
     p.add_argument("device", help="the device id")
+    p.add_argument("--out", metavar="FILE", help=_PASSWORD_OUT_HELP)
     p.set_defaults(func=cmd_devices_rotate_credentials)
     p = release.add_parser(
         "yank",

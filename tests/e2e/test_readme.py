@@ -4,7 +4,9 @@ The quick start's ``make demo`` runs in a clone of its own while another
 deployment's server uses the machine's Mosquitto (two deployments on one broker
 must not see each other's messages); ``make test`` is what CI runs (``.ci/run``),
 so it is not run again from inside itself. Every other ``sh`` block is one
-walk-through, in order, in one shell: release engineer, device, operator.
+walk-through, in order, in one shell: release engineer, device, operator. It
+must leave nothing running, and no ``sh`` block may hold reference syntax
+(``[--option]``, ``ID``, ``...``, ``<value>``) that cannot run as written.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -22,7 +25,9 @@ from tests.support.mosquitto import free_port
 from tests.support.readme import (
     README_PORTS,
     REPO,
+    Block,
     fresh_clone,
+    placeholders,
     shell_blocks,
     walkthrough_script,
 )
@@ -49,7 +54,13 @@ def _user_environment(home: Path) -> dict[str, str]:
     return env
 
 
-def _run(script: str, cwd: Path, env: dict[str, str], log: Path) -> tuple[int, str]:
+class Ran(NamedTuple):
+    code: int
+    output: str
+    left_running: bool  # something the script started was still running when it ended
+
+
+def _run(script: str, cwd: Path, env: dict[str, str], log: Path) -> Ran:
     """Run ``script`` with bash; whatever it left running in the background is stopped after."""
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -61,13 +72,23 @@ def _run(script: str, cwd: Path, env: dict[str, str], log: Path) -> tuple[int, s
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        left_running = False
         try:
             code = proc.wait(WALKTHROUGH_TIMEOUT_S)
+            left_running = _alive(proc.pid)
         except subprocess.TimeoutExpired:
             code = -1
         finally:
             _stop_group(proc.pid)
-    return code, log.read_text(errors="replace")
+    return Ran(code, log.read_text(errors="replace"), left_running)
+
+
+def _alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _stop_group(pgid: int) -> None:
@@ -111,7 +132,7 @@ def test_make_demo_runs_as_written_on_a_fresh_clone(
     tmp_path: Path, foreign_server: ServerProcess
 ) -> None:
     clone = fresh_clone(tmp_path / "edgefleet")
-    code, output = _run("make demo\n", clone, _user_environment(tmp_path), tmp_path / "demo.log")
+    code, output, _ = _run("make demo\n", clone, _user_environment(tmp_path), tmp_path / "demo.log")
     assert code == 0, output[-4000:]
     assert foreign_server.alive, foreign_server.log_tail()
     assert "a private " in output and SHARED_BROKER not in output
@@ -132,9 +153,59 @@ def test_every_walkthrough_command_runs_as_written_on_a_fresh_clone(tmp_path: Pa
     for role in ("Release engineer", "Device", "Fleet server"):
         assert any(s.startswith(role) for s in sections), f"no walk-through for {role}: {sections}"
     script = walkthrough_script(walkthrough, {p: free_port() for p in README_PORTS})
-    code, output = _run(script, clone, _user_environment(tmp_path), tmp_path / "walkthrough.log")
-    assert code == 0, (
-        f"exit {code}; the last README block started is the one that failed:\n" + (output[-6000:])
+    ran = _run(script, clone, _user_environment(tmp_path), tmp_path / "walkthrough.log")
+    assert ran.code == 0, (
+        f"exit {ran.code}; the last README block started is the one that failed:\n"
+        + ran.output[-6000:]
+        + _logs(clone)
     )
-    assert ">>> README.md walk-through done" in output
-    assert "Traceback" not in output, output[-6000:]
+    assert ">>> README.md walk-through done" in ran.output
+    assert "Traceback" not in ran.output + _logs(clone), ran.output[-6000:] + _logs(clone)
+    assert not ran.left_running, "the walk-through ends with something still running"
+    status = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all"],
+        cwd=clone,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    written = [line for line in status if line[3:] != ".venv"]  # the test's own link
+    assert not written, "the walk-through changed or wrote files .gitignore does not name:\n" + (
+        "\n".join(written)
+    )
+
+
+def _logs(clone: Path) -> str:
+    """The tails of the logs the walk-through's background processes wrote in the clone."""
+    return "".join(
+        f"\n--- {log.name} ---\n" + log.read_text(errors="replace")[-3000:]
+        for log in sorted(clone.glob("*.log"))
+    )
+
+
+def test_no_sh_block_holds_reference_syntax() -> None:
+    """An sh block runs as written: options in brackets, ID, ... and <value> belong in prose."""
+    found = [
+        line for b in shell_blocks((REPO / "README.md").read_text()) for line in placeholders(b)
+    ]
+    assert not found, "sh blocks must run as written; move these to prose or a text block:\n" + (
+        "\n".join(found)
+    )
+
+
+def test_reference_syntax_is_recognised() -> None:
+    def flagged(text: str) -> bool:
+        return bool(placeholders(Block("sh", 1, "", text)))
+
+    for reference in ("x [--json]", "devices show ID", "--device a:f ...", "edgefleet/v1/<ns>/"):
+        assert flagged(reference), reference
+    for command in ("cat > a <<EOF", "x > log 2>&1 &", "fleetctl assignments cancel dev-3"):
+        assert not flagged(command), command
+
+
+def test_a_script_that_leaves_a_process_running_is_caught(tmp_path: Path) -> None:
+    env = _user_environment(tmp_path)
+    left = _run("sleep 600 &\n", tmp_path, env, tmp_path / "left.log")
+    assert left.code == 0 and left.left_running
+    stopped = _run("sleep 600 &\npid=$!\nkill $pid\nwait\n", tmp_path, env, tmp_path / "ok.log")
+    assert stopped.code == 0 and not stopped.left_running

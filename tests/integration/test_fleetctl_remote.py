@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -221,6 +222,34 @@ def test_provisioning_token_enrols_a_device(remote: Remote) -> None:
     )
     assert r.status == 201
     assert "self-enrolled" in remote.run("devices", "list").out
+
+
+def test_provisioning_token_written_to_a_file_readable_by_its_owner_only(
+    remote: Remote, tmp_path: Path
+) -> None:
+    out = tmp_path / "provisioning-token"
+    created = remote.run("provisioning-token", "create", "--hardware", HARDWARE, "--out", str(out))
+    assert created.code == 0, created.err
+    assert f"written to {out} (mode 0600)" in created.out
+    token = out.read_text().strip()
+    assert token and token not in created.out
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert not list(tmp_path.glob(".*.tmp"))
+    r = remote.api.request(
+        "POST",
+        "/api/v1/devices/enrol",
+        json={"token": token, "device_id": "enrolled-from-file", "hardware_id": HARDWARE},
+    )
+    assert r.status == 201
+
+    as_json = remote.run("provisioning-token", "create", "--out", str(out), "--json").json()
+    assert "token" not in as_json and as_json["out"] == str(out)
+    assert out.read_text().strip() != token
+
+    missing = tmp_path / "no-such-folder" / "token"
+    refused = remote.run("provisioning-token", "create", "--out", str(missing))
+    assert refused.code == 1 and not missing.exists()
+    assert "no-such-folder" in one_line_error(refused) and "no token was created" in refused.err
 
 
 def test_audit_list_and_verify_detects_an_edit(remote: Remote) -> None:

@@ -13,6 +13,7 @@ import json
 import os
 import secrets
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -315,6 +316,43 @@ def test_rotated_credentials_replace_the_old_password_at_once(fleet: Fleet) -> N
     assert [e["subject"] for e in audit.json()["entries"]].count("rot-1") == 2
     err = fleet.ctl("devices", "rotate-credentials", "ghost").one_line_error()
     assert "404" in err and "no device ghost" in err
+
+
+def test_passwords_are_written_to_a_file_readable_by_its_owner_only(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    own = "/director/devices/out-1/metadata/timestamp.json"
+    first = tmp_path / "out-1.pw"
+    registered = fleet.ctl(
+        "devices", "register", "out-1", "--hardware", HARDWARE, "--out", str(first)
+    )
+    assert registered.code == 0, registered.err
+    password = first.read_text().strip()
+    assert password and password not in registered.out
+    assert f"Password written to {first} (mode 0600" in registered.out
+    assert "MQTT namespace" in registered.out
+    assert stat.S_IMODE(first.stat().st_mode) == 0o600
+    assert fleet.get(own, "out-1", password) == 200
+
+    rotated = fleet.ctl("devices", "rotate-credentials", "out-1", "--out", str(first), "--json")
+    assert rotated.code == 0, rotated.err
+    assert "password" not in rotated.json() and rotated.json()["out"] == str(first)
+    new = first.read_text().strip()
+    assert new != password and stat.S_IMODE(first.stat().st_mode) == 0o600
+    assert fleet.get(own, "out-1", password) == 401
+    assert fleet.get(own, "out-1", new) == 200
+    assert not list(tmp_path.glob(".*.tmp"))
+
+    # A folder that does not exist is refused before the server makes a password.
+    missing = str(tmp_path / "nowhere" / "pw")
+    err = fleet.ctl("devices", "rotate-credentials", "out-1", "--out", missing).one_line_error()
+    assert "nowhere" in err and "no credentials were rotated" in err
+    assert fleet.get(own, "out-1", new) == 200
+    err = fleet.ctl(
+        "devices", "register", "out-2", "--hardware", HARDWARE, "--out", missing
+    ).one_line_error()
+    assert "no device was registered" in err
+    assert fleet.ctl("devices", "show", "out-2").code == 1
 
 
 # -- yanking a release -------------------------------------------------------------------

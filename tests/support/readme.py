@@ -6,9 +6,14 @@ Every fenced block marked ``sh`` in README.md is a command someone will paste;
 first failing command and says which block it was in. Other fences (``toml``,
 ``text``) are not commands.
 
-Ports are the one thing a test changes: on a shared machine the README's
-``8080`` or ``8500`` may be taken, so :data:`README_PORTS` lists the ports the
-README uses and the test maps each to a free one, everywhere it appears.
+Ports are the one thing a test changes: on a shared machine the ports the
+README uses (the server's 8080, the devices' 8500 and 8501) may be taken, so
+:data:`README_PORTS` lists them and the test maps each to a free one,
+everywhere it appears.
+
+Every ``sh`` block runs as written, so none may hold reference syntax such as
+``[--option]``, ``ID``, ``...`` or ``<value>``: :func:`placeholders` finds it.
+Sample output is fenced ``text``.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-README_PORTS = (8080, 8500)
+README_PORTS = (8080, 8500, 8501)
 _FENCE = re.compile(r"^```(\S*)\s*$")
 
 
@@ -57,6 +62,20 @@ def blocks(readme: str) -> list[Block]:
 
 def shell_blocks(readme: str) -> list[Block]:
     return [b for b in blocks(readme) if b.language == "sh"]
+
+
+# Reference syntax, not a command: an optional option, an upper-case ID
+# placeholder, an ellipsis, a <value> (a heredoc's << and <( are shell).
+_PLACEHOLDER = re.compile(r"\[--|(?<![\w-])ID\b|\.\.\.|…|(?<![<(])<(?![<(])")
+
+
+def placeholders(block: Block) -> list[str]:
+    """Each line of ``block`` holding reference syntax, as ``README.md:LINE: text``."""
+    return [
+        f"README.md:{block.line + i}: {line.strip()}"
+        for i, line in enumerate(block.text.splitlines())
+        if _PLACEHOLDER.search(line)
+    ]
 
 
 def walkthrough_script(shell: list[Block], ports: dict[int, int]) -> str:

@@ -13,10 +13,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import re
 import shlex
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 import pytest
@@ -205,3 +207,17 @@ def test_a_group_alone_lists_its_commands_in_a_real_process(
     assert "required" not in result.stderr
     commands = {line.split()[0] for line in result.stderr.splitlines() if line.startswith("    ")}
     assert set(listed) <= commands, result.stderr
+
+
+_READS = re.compile(r"environ(?:\.get)?[\[(]\s*\"(EDGEFLEET_[A-Z_]+)\"")
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_the_tools_help_names_each_environment_variable_it_reads(tool: str) -> None:
+    source = Path(str(sys.modules[TOOLS[tool].module].__file__)).read_text()
+    read = sorted(set(_READS.findall(source)))
+    text = TOOLS[tool].build_parser().format_help()
+    missing = [name for name in read if name not in text]
+    assert not missing, f"{tool} --help does not name {missing}, which it reads"
+    if read:
+        assert "reads no environment variables" not in text, f"{tool} reads {read}"
