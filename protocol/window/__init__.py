@@ -1,0 +1,31 @@
+"""Window summaries: the model and merge (:mod:`.model`) and the binary codec (:mod:`.codec`)."""
+
+from protocol.window.codec import (
+    WINDOW_CODEC_VERSION,
+    WINDOW_MAGIC,
+    WindowCodecError,
+    decode_window,
+    encode_window,
+)
+from protocol.window.model import (
+    WINDOW_SCHEMA_VERSION,
+    WindowAggregate,
+    WindowMergeError,
+    WindowSummary,
+    merge_scores,
+    merge_windows,
+)
+
+__all__ = [
+    "WINDOW_CODEC_VERSION",
+    "WINDOW_MAGIC",
+    "WINDOW_SCHEMA_VERSION",
+    "WindowAggregate",
+    "WindowCodecError",
+    "WindowMergeError",
+    "WindowSummary",
+    "decode_window",
+    "encode_window",
+    "merge_scores",
+    "merge_windows",
+]
