@@ -673,7 +673,7 @@ def test_the_last_fold_of_a_window_counts_only_when_requests_filled_it(
 def test_counting_alone_over_the_budget_keeps_a_minimum_sample(
     manifest: Manifest, scores: npt.NDArray[np.float32]
 ) -> None:
-    from agent.telemetry.window import MIN_SAMPLE_RATE
+    from agent.telemetry.budget import MIN_SAMPLE_RATE
 
     # The fake fast path costs 1e-3 / 256 s, above 20 % of a 1 µs model.
     recorder = sampling_recorder(manifest, timer=Stopwatch(1e-3))
