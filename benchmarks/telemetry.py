@@ -1,6 +1,6 @@
 """Telemetry: the window summary's cost per inference, bytes a day, and drift over a fleet.
 
-Three measurements, each against a baseline measured in the same run:
+Four measurements, each against a baseline measured in the same run:
 
 1. Record cost. For the sample model ``v2.tflite``, requests of 64 rows
    (batching) and of 1 row: *bare* = ``set_tensor``/``invoke``/``get_tensor``
@@ -29,7 +29,12 @@ Three measurements, each against a baseline measured in the same run:
    measured latencies, at 60 and at 600 requests a window; each encoded with
    ``encode_window`` and as JSON (``model_dump_json``). A day is 1,440 windows
    (one a minute), each with ``WIRE_OVERHEAD`` bytes of MQTT, TLS and TCP.
-3. Drift for 10,000 devices x 32 features. 10,000 windows, one per device
+3. Record alone per row. ``record`` alone (every request summarised) over
+   10,000 single-row requests (windows of 1,000), with a 64-row and a 256-row
+   buffer, and per row over 64-row requests, beside the bare single-row call: the work is
+   vectorised over the rows only if a row of a 64-row request costs well
+   under a single-row request. Best of five.
+4. Drift for 10,000 devices x 32 features. 10,000 windows, one per device
    (100 distinct recorded windows of 1,000 rows, a fifth of them from shifted
    data, each copied under 100 device and window ids), decoded from their
    wire form and tested against the release's baseline three ways: the old
@@ -270,6 +275,57 @@ async def measure_record(rows: int, calls: dict[str, int]) -> dict[str, float]:
         f[f"{key}_poll"] = poll_s / requests if requests else 0.0
         f[f"{key}_encode"] = encode_s / requests if requests else 0.0
     return f
+
+
+def measure_rows(repeat: int = 5) -> dict[str, float]:
+    """Seconds ``record`` alone takes per single-row request, and per row of 64-row requests."""
+    built, model_path = sample_bundle()
+    manifest = built.manifest
+    baseline = np.load(MODELS / "baseline.npy")
+    scores = np.array(Bare(model_path, len(baseline))(baseline))
+    singles = [(baseline[i : i + 1], scores[i : i + 1]) for i in range(len(baseline))] * 2
+    batches = [(baseline[i : i + 64], scores[i : i + 64]) for i in range(0, 4992, 64)]
+    bare = Bare(model_path, 1)
+
+    def best(run: Callable[[], object], per: int) -> float:
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
+        return min(times) / per
+
+    def recording(requests: list[Any], buffer_rows: int, max_requests: int) -> Callable[[], None]:
+        policy = WindowPolicy(max_overhead=None, max_requests=max_requests, buffer_rows=buffer_rows)
+        recorder = WindowRecorder(manifest, "pump-0042", policy)
+
+        def run() -> None:
+            for x, y in requests:
+                recorder.record({"features": x}, {"scores": y}, "active", 0.0005)
+            recorder.close_window()
+            while recorder.poll() is not None:
+                pass
+
+        return run
+
+    f = {
+        "bare": best(lambda: [bare(x) for x, _ in singles], len(singles)),
+        "single_64": best(recording(singles, 64, 1000), len(singles)),
+        "single_256": best(recording(singles, 256, 1000), len(singles)),
+        "batched_row": best(recording(batches, 256, 10**6), 64 * len(batches)),
+    }
+    f["batched_share"] = f["batched_row"] / f["single_256"]
+    return f
+
+
+def print_rows(f: dict[str, float]) -> None:
+    print("record alone, every request summarised (best of five; µs):")
+    print(
+        f"  bare single-row call {f['bare'] * 1e6:.2f}; record per single-row request "
+        f"{f['single_64'] * 1e6:.2f} (buffer_rows=64), {f['single_256'] * 1e6:.2f} "
+        f"(buffer_rows=256); per row of 64-row requests {f['batched_row'] * 1e6:.2f} "
+        f"({f['batched_share']:.2f}x a single-row request)"
+    )
 
 
 # -- 32 features ------------------------------------------------------------------
@@ -531,6 +587,7 @@ def run() -> dict[str, Any]:
     results["record_1"] = asyncio.run(
         measure_record(1, {"bare": 2000, "bare_exact": 1000, "bare_bounded": 2000, "chain": 200})
     )
+    results["rows"] = measure_rows()
     built, model = bundle_32()
     m32 = Model32(model)
     results["bytes"] = measure_bytes(built.manifest, m32)
@@ -579,6 +636,7 @@ def main() -> None:
     t0 = time.perf_counter()
     r = run()
     print_record_cost(r)
+    print_rows(r["rows"])
     print(
         "bytes per window, 32 features, single-row requests (median of 20 windows; day = max "
         f"window + {WIRE_OVERHEAD} B wire overhead, x {WINDOWS_PER_DAY})"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -840,64 +839,3 @@ def test_a_request_left_out_is_still_refused_for_its_stage_or_latency(
                 recorder.record({"features": BASELINE[:1]}, {"scores": scores[:1]}, stage, latency)
     assert recorder.requests == before
     assert closed(recorder).requests == before
-
-
-# -- cost ------------------------------------------------------------------------------
-
-
-def test_recording_costs_little_next_to_a_model_call(
-    manifest: Manifest,
-    v2: LoadedModel,
-    scores: npt.NDArray[np.float32],
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    n = 10_000
-    requests = [{"features": BASELINE[i % 5000 : i % 5000 + 1]} for i in range(n)]
-    answers = [{"scores": scores[i % 5000 : i % 5000 + 1]} for i in range(n)]
-
-    def bare() -> None:
-        for x in requests:
-            v2.run(x)
-
-    def best(f: Any, repeat: int = 3, per: int = n) -> float:
-        times = []
-        for _ in range(repeat):
-            start = time.perf_counter()
-            f()
-            times.append(time.perf_counter() - start)
-        return min(times) / per * 1e6
-
-    model_us = best(bare)
-    costs = {}
-    for rows in (64, 256):
-        recorder = WindowRecorder(
-            manifest, "pump-0042", WindowPolicy(max_overhead=None, buffer_rows=rows)
-        )
-
-        def recording(recorder: WindowRecorder = recorder) -> None:
-            for x, y in zip(requests, answers, strict=True):
-                recorder.record(x, y, "active", 0.0005)
-            while recorder.poll() is not None:
-                pass
-
-        costs[rows] = best(recording)
-    # 64-row requests: the per-row cost must fall well below the single-row one,
-    # which it only does if the work is vectorised over the rows.
-    batch = [BASELINE[i : i + 64] for i in range(0, 4992, 64)]
-    batch_scores = [scores[i : i + 64] for i in range(0, 4992, 64)]
-    recorder = WindowRecorder(
-        manifest, "pump-0042", WindowPolicy(max_overhead=None, max_requests=10**6)
-    )
-
-    def batched() -> None:
-        for x, y in zip(batch, batch_scores, strict=True):
-            recorder.record({"features": x}, {"scores": y}, "active", 0.0005)
-
-    per_row_batched = best(batched, per=64 * len(batch))
-    with capsys.disabled():
-        print(
-            f"\nv2 model call {model_us:.2f} us; record per single-row request "
-            f"{costs[64]:.2f} us (buffer_rows=64), {costs[256]:.2f} us (buffer_rows=256); "
-            f"per row in 64-row requests {per_row_batched:.2f} us"
-        )
-    assert per_row_batched < costs[256] / 2
