@@ -196,10 +196,6 @@ async def current_assignments(session: AsyncSession) -> list[Assignment]:
     )
 
 
-def _aware(at: datetime) -> datetime:
-    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
-
-
 # The agent's events that say it refused an update, or rolled it back and will not
 # retry it (see agent.ota.installer).
 REFUSAL_EVENTS = ("check-refused", "assignment-refused", "refused", "rolled-back")
@@ -235,8 +231,8 @@ async def recent_refusals(session: AsyncSession, device_id: str, limit: int = 5)
         details = row.details if isinstance(row.details, dict) else {}
         refusals.append(
             Refusal(
-                at=_aware(row.at),
-                received_at=_aware(row.received_at),
+                at=row.at,
+                received_at=row.received_at,
                 event=row.event,
                 reason=_text(details, "reason"),
                 # A refused install names its bundle; a given-up download the one abandoned.
@@ -256,7 +252,7 @@ def refusal_of(refusals: Sequence[Refusal], release: Release, since: datetime) -
     label = f"{release.name} {release.version}"
     named = re.compile(rf"(^|[\s(]){re.escape(label)}($|[\s:;,)])")
     for r in refusals:
-        if r.received_at < _aware(since):
+        if r.received_at < since:
             continue
         if r.bundle == label or (r.bundle is None and r.message and named.search(r.message)):
             return r
@@ -563,7 +559,7 @@ class DirectorService:
                 if rule.cancelled_at is not None:
                     raise AssignmentConflict(
                         f"{assignment_id} was already cancelled by {rule.cancelled_by} at "
-                        f"{_aware(rule.cancelled_at):%Y-%m-%d %H:%M:%S}Z"
+                        f"{rule.cancelled_at:%Y-%m-%d %H:%M:%S}Z"
                     )
                 rule.cancelled_at, rule.cancelled_by = now, actor
                 target_path, subject = rule.target_path, rule_label(rule.id)
@@ -579,7 +575,7 @@ class DirectorService:
                 if row.cancelled_at is not None:
                     raise AssignmentConflict(
                         f"{assignment_id} was already cancelled by {row.cancelled_by} at "
-                        f"{_aware(row.cancelled_at):%Y-%m-%d %H:%M:%S}Z"
+                        f"{row.cancelled_at:%Y-%m-%d %H:%M:%S}Z"
                     )
                 latest = await current_assignment(session, row.device_id)
                 if latest is not None and latest.id != row.id:

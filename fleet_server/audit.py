@@ -88,12 +88,8 @@ def entry_hash(
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _aware(at: datetime) -> datetime:
-    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)  # SQLite's are naive
-
-
 def _timestamp(at: datetime) -> str:
-    return _aware(at).astimezone(UTC).isoformat(timespec="microseconds")
+    return at.astimezone(UTC).isoformat(timespec="microseconds")
 
 
 async def record(
@@ -214,11 +210,11 @@ class ChainCheck:
         self.last_seq = seq
         if anchor is None:
             return None
-        if _aware(at) <= anchor.signed_at:
+        if at <= anchor.signed_at:
             self.before_count, self.before_last = self.entries, seq
         if seq == anchor.seq:
             self.anchor_seen = True
-            if hash != anchor.hash and _aware(at) > anchor.signed_at:
+            if hash != anchor.hash and at > anchor.signed_at:
                 return self._broken(seq, self._cut(seq, at))
             if hash != anchor.hash:
                 return self._broken(
@@ -234,7 +230,7 @@ class ChainCheck:
         anchor = self.anchor
         assert anchor is not None
         when = _when(anchor.signed_at)
-        if _aware(at) > anchor.signed_at:
+        if at > anchor.signed_at:
             return (
                 f"entry {seq} was written after the anchor was signed ({when}) and follows "
                 f"entry {self.before_last}, where the anchor names entry {anchor.seq}: "

@@ -80,7 +80,6 @@ async def yank(
             raise ReleaseNotFound(f"no release {target_path}")
         if release.yanked_at is not None:
             at = release.yanked_at
-            at = at if at.tzinfo is not None else at.replace(tzinfo=UTC)
             raise ReleaseAlreadyYanked(
                 f"{release.name} {release.version} was yanked already on "
                 f"{at:%Y-%m-%d %H:%M} UTC: {release.yank_reason}"

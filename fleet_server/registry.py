@@ -87,7 +87,7 @@ async def create_device(
         if not reuse_decommissioned:
             raise DeviceExists(
                 f"device {device_id} was decommissioned on "
-                f"{_aware(existing.decommissioned_at):%Y-%m-%d %H:%M} UTC; registering a new "
+                f"{existing.decommissioned_at:%Y-%m-%d %H:%M} UTC; registering a new "
                 "device under its id needs reuse_decommissioned (fleetctl devices register "
                 "--reuse-decommissioned)"
             )
@@ -169,7 +169,7 @@ async def enrol(
         row is None
         or not hmac.compare_digest(row.secret_hash, secret_hash(secret))
         or row.uses_left < 1
-        or _aware(row.expires_at) < now
+        or row.expires_at < now
     ):
         raise InvalidProvisioningToken("the provisioning token is unknown, used up or expired")
     if row.hardware_id is not None and row.hardware_id != hardware_id:
@@ -185,10 +185,6 @@ async def enrol(
         tags=[*row.tags, *tags],
         actor=f"device:{device_id}",
     )
-
-
-def _aware(at: datetime) -> datetime:
-    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
 
 
 async def get_device(session: AsyncSession, device_id: str) -> Device:
@@ -255,7 +251,7 @@ def refuse_decommissioned(device: Device, what: str) -> None:
     if device.decommissioned_at is not None:
         raise DeviceDecommissioned(
             f"device {device.id} is decommissioned (since "
-            f"{_aware(device.decommissioned_at):%Y-%m-%d %H:%M} UTC) and cannot {what}"
+            f"{device.decommissioned_at:%Y-%m-%d %H:%M} UTC) and cannot {what}"
         )
 
 
@@ -323,7 +319,7 @@ async def _register_again(
     under the id (older than the new ``enrolled_at``).
     """
     password = new_secret()
-    decommissioned_at = _aware(device.decommissioned_at or datetime.now(UTC))
+    decommissioned_at = device.decommissioned_at or datetime.now(UTC)
     device.hardware_id = hardware_id
     device.region = region
     device.tags = sorted(set(tags))

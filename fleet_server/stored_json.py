@@ -5,12 +5,13 @@ older version stored before the ingest gate bounded them, or what a hand put
 there: text that is not JSON, nesting deeper than any parser or serializer
 takes, megabytes. Readers take the column as text and pass it through here:
 they get the value, or ``None`` and a sentence saying why it cannot be shown,
-never an exception.
+never an exception. Writers pass numbers through :func:`finite_or_none`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,11 @@ from protocol.messages import FreeformBounds, freeform_problem
 
 # Text beyond this is not even parsed: no bound of ours lets anything near it in.
 MAX_STORED_CHARS = 64 << 20
+
+
+def finite_or_none(value: float) -> float | None:
+    """``value``, or ``None`` for an infinity or NaN, which JSON cannot hold."""
+    return value if math.isfinite(value) else None
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ its assignment at its next poll either way.
 from __future__ import annotations
 
 import logging
-import math
 import re
 from collections.abc import Collection, Mapping
 from dataclasses import replace
@@ -65,6 +64,7 @@ from fleet_server.db.models import (
     SilenceRow,
     WindowLabels,
     WindowRow,
+    as_utc,
 )
 from fleet_server.drift import Accuracy, ModelDrift, Scope, drift_of
 from fleet_server.drift.silences import (
@@ -78,7 +78,7 @@ from fleet_server.drift.silences import (
 from fleet_server.drift.views import alert_view, silence_view
 from fleet_server.labels import post_labels
 from fleet_server.releases import ReleaseError
-from fleet_server.stored_json import show_object, show_value
+from fleet_server.stored_json import finite_or_none, show_object, show_value
 from protocol.api import (
     API_PREFIX,
     AccuracyView,
@@ -151,14 +151,6 @@ def answer(model: BaseModel, status: int = 200) -> web.Response:
     return web.json_response(text=model.model_dump_json(), status=status)
 
 
-def _aware(at: datetime) -> datetime:
-    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
-
-
-def _maybe_aware(at: datetime | None) -> datetime | None:
-    return _aware(at) if at is not None else None
-
-
 def device_view(d: Device) -> DeviceView:
     reported = show_value(d.reported, FREEFORM_BOUNDS, "report") if d.reported else None
     return DeviceView(
@@ -166,9 +158,9 @@ def device_view(d: Device) -> DeviceView:
         hardware_id=d.hardware_id,
         region=d.region,
         tags=list(d.tags or []),
-        enrolled_at=_aware(d.enrolled_at),
+        enrolled_at=d.enrolled_at,
         online=bool(d.online),
-        last_seen_at=_maybe_aware(d.last_seen_at),
+        last_seen_at=d.last_seen_at,
         agent_version=d.agent_version,
         active_bundle=d.active_bundle,
         installed_counter=d.installed_counter or 0,
@@ -177,8 +169,8 @@ def device_view(d: Device) -> DeviceView:
         director_version=d.director_version or 0,
         reported=reported.value if reported is not None and reported.omitted is None else None,
         reported_omitted=reported.omitted if reported is not None else None,
-        reported_at=_maybe_aware(d.reported_at),
-        decommissioned_at=_maybe_aware(d.decommissioned_at),
+        reported_at=d.reported_at,
+        decommissioned_at=d.decommissioned_at,
         decommission_reason=d.decommission_reason,
     )
 
@@ -192,8 +184,8 @@ def release_view(r: Release) -> ReleaseView:
         hardware_ids=list(r.hardware_ids),
         sha256=r.sha256,
         length=r.length,
-        released_at=_aware(r.released_at),
-        yanked_at=_maybe_aware(r.yanked_at),
+        released_at=r.released_at,
+        yanked_at=r.yanked_at,
         yank_reason=r.yank_reason,
     )
 
@@ -203,8 +195,8 @@ def token_view(t: ApiToken) -> TokenView:
         id=t.id,
         name=t.name,
         role=t.role,
-        created_at=_aware(t.created_at),
-        revoked_at=_maybe_aware(t.revoked_at),
+        created_at=t.created_at,
+        revoked_at=t.revoked_at,
     )
 
 
@@ -347,8 +339,8 @@ async def device_events(request: web.Request) -> web.StreamResponse:
                     message_id=message_id,
                     kind=kind,
                     event=event,
-                    at=_aware(at),
-                    received_at=_aware(received_at),
+                    at=at,
+                    received_at=received_at,
                     details=details.value,
                     details_omitted=details.omitted,
                 )
@@ -376,7 +368,7 @@ async def create_provisioning_token(request: web.Request) -> web.StreamResponse:
             hardware_id=row.hardware_id,
             tags=list(row.tags),
             uses=row.uses_left,
-            expires_at=_aware(row.expires_at),
+            expires_at=row.expires_at,
         )
     return answer(created, 201)
 
@@ -662,7 +654,7 @@ def _assignment_item(
         "version": release.version,
         "release_counter": release.release_counter,
         "actor": row.actor,
-        "cancelled_at": _maybe_aware(row.cancelled_at),
+        "cancelled_at": row.cancelled_at,
         "cancelled_by": row.cancelled_by,
     }
     if isinstance(row, AssignmentRule):
@@ -670,7 +662,7 @@ def _assignment_item(
             id=rule_label(row.id),
             kind="tag",
             tag=row.tag,
-            assigned_at=_aware(row.created_at),
+            assigned_at=row.created_at,
             devices=devices,
             **common,
         )
@@ -679,7 +671,7 @@ def _assignment_item(
         kind="device",
         device_id=row.device_id,
         rule=rule_label(row.rule_id) if row.rule_id is not None else None,
-        assigned_at=_aware(row.assigned_at),
+        assigned_at=row.assigned_at,
         **common,
     )
 
@@ -754,7 +746,7 @@ async def list_audit(request: web.Request) -> web.StreamResponse:
         entries.append(
             AuditEntryView(
                 seq=seq,
-                at=_aware(at),
+                at=at,
                 actor=actor,
                 action=action,
                 subject=subject,
@@ -809,10 +801,6 @@ async def audit_head(request: web.Request) -> web.StreamResponse:
 DEFAULT_DRIFT_RANGE = timedelta(hours=1)
 
 
-def _finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None
-
-
 def model_drift_view(m: ModelDrift) -> ModelDriftView:
     return ModelDriftView(
         model=m.model_name,
@@ -853,9 +841,9 @@ def model_drift_view(m: ModelDrift) -> ModelDriftView:
                 js=f.js,
                 statistic=f.statistic,
                 df=f.df,
-                threshold=_finite(f.threshold),
+                threshold=finite_or_none(f.threshold),
                 p_value=f.p_value,
-                psi_threshold=_finite(f.psi_threshold),
+                psi_threshold=finite_or_none(f.psi_threshold),
             )
             for f in m.features
         ],
@@ -955,10 +943,8 @@ async def get_drift(request: web.Request) -> web.StreamResponse:
     server = request.app[SERVER]
     scope = _drift_scope(q)
     try:
-        until = _aware(q.until).astimezone(UTC) if q.until is not None else datetime.now(UTC)
-        since = (
-            _aware(q.since).astimezone(UTC) if q.since is not None else until - DEFAULT_DRIFT_RANGE
-        )
+        until = as_utc(q.until) if q.until is not None else datetime.now(UTC)
+        since = as_utc(q.since) if q.since is not None else until - DEFAULT_DRIFT_RANGE
     except OverflowError:
         raise ApiError(422, "query since/until: out of range (give both, in UTC)") from None
     if since > until:
@@ -1104,7 +1090,7 @@ _MICROSECOND = timedelta(microseconds=1)
 
 def window_cursor(end: datetime, window_id: str) -> str:
     """Where a page of windows stopped, URL-safe: ``MICROSECONDS~WINDOW_ID`` of its last one."""
-    return f"{(_aware(end) - _EPOCH) // _MICROSECOND}~{window_id}"
+    return f"{(end - _EPOCH) // _MICROSECOND}~{window_id}"
 
 
 def _window_cursor(text_: str) -> tuple[datetime, str]:
@@ -1119,7 +1105,7 @@ def _window_cursor(text_: str) -> tuple[datetime, str]:
 
 async def device_windows(request: web.Request) -> web.StreamResponse:
     q = query(request, WindowQuery)
-    if q.since is not None and q.until is not None and _aware(q.since) > _aware(q.until):
+    if q.since is not None and q.until is not None and as_utc(q.since) > as_utc(q.until):
         raise ApiError(422, "query since: must not be after until")
     statement = (
         select(
@@ -1137,9 +1123,9 @@ async def device_windows(request: web.Request) -> web.StreamResponse:
         .limit(q.limit + 1)
     )
     if q.since is not None:
-        statement = statement.where(WindowRow.end > _aware(q.since))
+        statement = statement.where(WindowRow.end > q.since)
     if q.until is not None:
-        statement = statement.where(WindowRow.end <= _aware(q.until))
+        statement = statement.where(WindowRow.end <= q.until)
     if q.model is not None:
         statement = statement.where(WindowRow.model_name == q.model)
     if q.version is not None:
@@ -1156,8 +1142,8 @@ async def device_windows(request: web.Request) -> web.StreamResponse:
     windows = [
         WindowView(
             window_id=window_id,
-            start=_aware(start),
-            end=_aware(end),
+            start=start,
+            end=end,
             model=model,
             version=version,
             requests=requests,

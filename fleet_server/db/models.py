@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from sqlalchemy import (
@@ -15,8 +15,31 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Text,
+    TypeDecorator,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def as_utc(at: datetime) -> datetime:
+    """``at`` in UTC; a naive datetime is taken to be in UTC already."""
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """A timestamp column that stores UTC and reads back timezone-aware UTC on every database.
+
+    SQLite keeps no time zone and hands back naive datetimes: they are UTC, as written.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return as_utc(value) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return as_utc(value) if value is not None else None
 
 
 class Base(DeclarativeBase):
@@ -33,19 +56,19 @@ class Device(Base):
     region: Mapped[str | None] = mapped_column(String(64), index=True)
     tags: Mapped[list[str]] = mapped_column(default=list)
     credential_hash: Mapped[str | None] = mapped_column(String(128))
-    enrolled_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    last_seen_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    enrolled_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    last_seen_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     online: Mapped[bool] = mapped_column(Boolean, default=False)
     agent_version: Mapped[str | None] = mapped_column(String(64))
     active_bundle: Mapped[str | None] = mapped_column(String(256))
     installed_counter: Mapped[int] = mapped_column(BigInteger, default=0)
     phase: Mapped[str | None] = mapped_column(String(32))
     reported: Mapped[dict[str, Any] | None] = mapped_column(default=None)
-    reported_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    reported_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     assigned_target: Mapped[str | None] = mapped_column(String(512))
     director_version: Mapped[int] = mapped_column(Integer, default=0)
     # Lifecycle: a decommissioned device keeps its row (its history names it), no credential.
-    decommissioned_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    decommissioned_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     decommission_reason: Mapped[str | None] = mapped_column(String(500))
 
 
@@ -61,9 +84,9 @@ class Release(Base):
     hardware_ids: Mapped[list[str]] = mapped_column()
     sha256: Mapped[str] = mapped_column(String(64))
     length: Mapped[int] = mapped_column(BigInteger)
-    released_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    released_at: Mapped[datetime] = mapped_column(UtcDateTime())
     # Lifecycle: a yanked release is offered to no device that does not run it already.
-    yanked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    yanked_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     yank_reason: Mapped[str | None] = mapped_column(String(500))
 
 
@@ -76,11 +99,11 @@ class Assignment(Base):
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), index=True)
     target_path: Mapped[str] = mapped_column(ForeignKey("releases.target_path"))
     director_version: Mapped[int] = mapped_column(Integer)
-    assigned_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    assigned_at: Mapped[datetime] = mapped_column(UtcDateTime())
     actor: Mapped[str] = mapped_column(String(128))
     # The tag rule this assignment came from (``None``: made for this device by name).
     rule_id: Mapped[int | None] = mapped_column(Integer, default=None)
-    cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    cancelled_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), default=None)
     cancelled_by: Mapped[str | None] = mapped_column(String(128), default=None)
 
 
@@ -96,9 +119,9 @@ class AssignmentRule(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     tag: Mapped[str] = mapped_column(String(128), index=True)
     target_path: Mapped[str] = mapped_column(ForeignKey("releases.target_path"))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
     actor: Mapped[str] = mapped_column(String(128))
-    cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    cancelled_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), default=None)
     cancelled_by: Mapped[str | None] = mapped_column(String(128), default=None)
 
 
@@ -111,8 +134,8 @@ class ApiToken(Base):
     name: Mapped[str] = mapped_column(String(128))
     role: Mapped[str] = mapped_column(String(16))
     secret_hash: Mapped[str] = mapped_column(String(128))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
 
 
 class ProvisioningToken(Base):
@@ -125,7 +148,7 @@ class ProvisioningToken(Base):
     hardware_id: Mapped[str | None] = mapped_column(String(64))
     tags: Mapped[list[str]] = mapped_column(default=list)
     uses_left: Mapped[int] = mapped_column(Integer)
-    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
 
 class AuditEntry(Base):
@@ -136,7 +159,7 @@ class AuditEntry(Base):
     seq: Mapped[int] = mapped_column(
         BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
     )
-    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    at: Mapped[datetime] = mapped_column(UtcDateTime())
     actor: Mapped[str] = mapped_column(String(128))
     action: Mapped[str] = mapped_column(String(64))
     subject: Mapped[str] = mapped_column(String(512))
@@ -157,8 +180,8 @@ class DeviceEventRow(Base):
     device_id: Mapped[str] = mapped_column(String(128), index=True)
     kind: Mapped[str] = mapped_column(String(16))
     event: Mapped[str] = mapped_column(String(64))
-    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    at: Mapped[datetime] = mapped_column(UtcDateTime())
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime())
     details: Mapped[dict[str, Any]] = mapped_column(default=dict)
     ingested_by: Mapped[str | None] = mapped_column(Text)
 
@@ -179,12 +202,12 @@ class WindowRow(Base):
     baseline_id: Mapped[str] = mapped_column(String(128))
     cohort_id: Mapped[str | None] = mapped_column(String(128))
     plan_id: Mapped[str | None] = mapped_column(String(128))
-    start: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    end: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    start: Mapped[datetime] = mapped_column(UtcDateTime())
+    end: Mapped[datetime] = mapped_column(UtcDateTime())
     requests: Mapped[int] = mapped_column(BigInteger)
     errors: Mapped[int] = mapped_column(BigInteger)
     payload: Mapped[bytes] = mapped_column(LargeBinary)
-    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime())
     ingested_by: Mapped[str | None] = mapped_column(Text)
 
 
@@ -204,7 +227,7 @@ class WindowLabels(Base):
     counts: Mapped[list[list[int]]] = mapped_column(JSON)
     rows: Mapped[int] = mapped_column(BigInteger)
     correct: Mapped[int] = mapped_column(BigInteger)
-    posted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    posted_at: Mapped[datetime] = mapped_column(UtcDateTime())
     posted_by: Mapped[str] = mapped_column(String(128))
 
 
@@ -237,11 +260,11 @@ class AlertRow(Base):
     reason: Mapped[str | None] = mapped_column(String(32))
     state: Mapped[str] = mapped_column(String(16), index=True)
     open_key: Mapped[str | None] = mapped_column(String(512), unique=True)
-    opened_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    closed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    opened_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    last_seen_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    closed_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     evidence: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    acknowledged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    acknowledged_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     acknowledged_by: Mapped[str | None] = mapped_column(String(128))
     acknowledge_comment: Mapped[str | None] = mapped_column(Text)
 
@@ -267,7 +290,7 @@ class SilenceRow(Base):
     alert_id: Mapped[int | None] = mapped_column(BigInteger)
     reason: Mapped[str] = mapped_column(Text)
     created_by: Mapped[str] = mapped_column(String(128))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    starts_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    ends_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    starts_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    ends_at: Mapped[datetime] = mapped_column(UtcDateTime(), index=True)
     expired_by: Mapped[str | None] = mapped_column(String(128))

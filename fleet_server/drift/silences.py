@@ -37,10 +37,6 @@ class AlertError(Exception):
         self.status = status
 
 
-def _aware(at: datetime) -> datetime:
-    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
-
-
 def matches(silence: SilenceRow, alert: AlertRow) -> bool:
     """Whether every matcher ``silence`` gives equals ``alert``'s (pure; ignores time)."""
     return all(
@@ -56,7 +52,7 @@ def matches(silence: SilenceRow, alert: AlertRow) -> bool:
 
 
 def is_active(silence: SilenceRow, now: datetime) -> bool:
-    return _aware(silence.starts_at) <= now < _aware(silence.ends_at)
+    return silence.starts_at <= now < silence.ends_at
 
 
 def silenced_by(alert: AlertRow, silences: Iterable[SilenceRow]) -> list[int]:
@@ -95,7 +91,7 @@ async def acknowledge(
         raise AlertError(
             409,
             f"alert {alert_id} was already acknowledged by {row.acknowledged_by} "
-            f"at {_aware(row.acknowledged_at).isoformat(timespec='seconds')}",
+            f"at {row.acknowledged_at.isoformat(timespec='seconds')}",
         )
     row.acknowledged_at = datetime.now(UTC)
     row.acknowledged_by = actor
@@ -167,11 +163,11 @@ async def expire_silence(session: AsyncSession, silence_id: int, actor: str) -> 
     if silence is None:
         raise AlertError(404, f"no silence {silence_id}")
     now = datetime.now(UTC)
-    if _aware(silence.ends_at) <= now:
+    if silence.ends_at <= now:
         raise AlertError(
             409,
             f"silence {silence_id} already ended at "
-            f"{_aware(silence.ends_at).isoformat(timespec='seconds')}",
+            f"{silence.ends_at.isoformat(timespec='seconds')}",
         )
     silence.ends_at = now
     silence.expired_by = actor

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from fleet_server.db.models import AlertRow, SilenceRow
 from fleet_server.drift.silences import is_active, matches, silenced_by
 from protocol.api import AlertAcknowledgement, AlertFeature, AlertView, SilenceView
-
-
-def _aware(at: datetime) -> datetime:
-    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
 
 
 def alert_features(a: AlertRow) -> list[AlertFeature]:
@@ -55,12 +51,12 @@ def alert_view(a: AlertRow, silences: Sequence[SilenceRow] = ()) -> AlertView:
         feature_name=a.feature_name,
         reason=a.reason,  # type: ignore[arg-type]  # written only from DriftReason
         state=a.state,  # type: ignore[arg-type]  # "open" or "closed"
-        opened_at=_aware(a.opened_at),
-        last_seen_at=_aware(a.last_seen_at),
-        closed_at=_aware(a.closed_at) if a.closed_at is not None else None,
+        opened_at=a.opened_at,
+        last_seen_at=a.last_seen_at,
+        closed_at=a.closed_at,
         acknowledged=(
             AlertAcknowledgement(
-                at=_aware(a.acknowledged_at),
+                at=a.acknowledged_at,
                 by=a.acknowledged_by or "",
                 comment=a.acknowledge_comment,
             )
@@ -84,9 +80,9 @@ def silence_view(s: SilenceRow, open_alerts: Sequence[AlertRow], now: datetime) 
         alert_id=s.alert_id,
         reason=s.reason,
         created_by=s.created_by,
-        created_at=_aware(s.created_at),
-        starts_at=_aware(s.starts_at),
-        ends_at=_aware(s.ends_at),
+        created_at=s.created_at,
+        starts_at=s.starts_at,
+        ends_at=s.ends_at,
         expired_by=s.expired_by,
         active=is_active(s, now),
         matching=sum(1 for a in open_alerts if matches(s, a)),
