@@ -18,7 +18,6 @@ Rules:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
@@ -26,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from fleet_server import audit
 from fleet_server.db.models import AlertRow, SilenceRow
+from fleet_server.drift.lifecycle import is_active
 from protocol.api import SilenceRequest
 
 
@@ -39,34 +39,6 @@ class AlertError(Exception):
 
 def _aware(at: datetime) -> datetime:
     return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
-
-
-def matches(silence: SilenceRow, alert: AlertRow) -> bool:
-    """Whether every matcher ``silence`` gives equals ``alert``'s (pure; ignores time)."""
-    return all(
-        want is None or want == have
-        for want, have in (
-            (silence.kind, alert.kind),
-            (silence.scope, alert.scope),
-            (silence.scope_value, alert.scope_value),
-            (silence.model_name, alert.model_name),
-            (silence.model_version, alert.model_version),
-        )
-    )
-
-
-def is_active(silence: SilenceRow, now: datetime) -> bool:
-    return _aware(silence.starts_at) <= now < _aware(silence.ends_at)
-
-
-def silenced_by(alert: AlertRow, silences: Iterable[SilenceRow]) -> list[int]:
-    """The ids of ``silences`` (active ones) that match ``alert``."""
-    return [s.id for s in silences if matches(s, alert)]
-
-
-def suppressed(alert: AlertRow, silences: Sequence[SilenceRow]) -> bool:
-    """Whether a change of ``alert`` goes un-notified: acknowledged, or silenced."""
-    return alert.acknowledged_at is not None or bool(silenced_by(alert, silences))
 
 
 async def active_silences(session: AsyncSession, now: datetime | None = None) -> list[SilenceRow]:

@@ -1,4 +1,4 @@
-"""Alerts, silences and windows as the API shows them (and the webhook sends them)."""
+"""Drift, alerts and silences as the API shows them (and the webhook sends them)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,18 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fleet_server.db.models import AlertRow, SilenceRow
-from fleet_server.drift.silences import is_active, matches, silenced_by
-from protocol.api import AlertAcknowledgement, AlertFeature, AlertView, SilenceView
+from fleet_server.drift.lifecycle import finite, is_active, matches, silenced_by
+from fleet_server.drift.models import Accuracy, ModelDrift
+from protocol.api import (
+    AccuracyView,
+    AlertAcknowledgement,
+    AlertFeature,
+    AlertView,
+    FeatureDriftView,
+    LabelledAccuracy,
+    ModelDriftView,
+    SilenceView,
+)
 
 
 def _aware(at: datetime) -> datetime:
@@ -90,4 +100,84 @@ def silence_view(s: SilenceRow, open_alerts: Sequence[AlertRow], now: datetime) 
         expired_by=s.expired_by,
         active=is_active(s, now),
         matching=sum(1 for a in open_alerts if matches(s, a)),
+    )
+
+
+def model_drift_view(m: ModelDrift) -> ModelDriftView:
+    """``m`` as the API shows it."""
+    return ModelDriftView(
+        model=m.model_name,
+        version=m.model_version,
+        baseline_id=m.baseline_id,
+        windows=m.windows,
+        window_ids=m.window_ids,
+        start=m.start,
+        end=m.end,
+        requests=m.requests,
+        summarised_requests=m.summarised_requests,
+        min_n=m.policy.min_n,
+        false_alarm_rate=m.policy.false_alarm_rate,
+        problem=m.problem,
+        features=[
+            FeatureDriftView(
+                feature=f.feature,
+                name=f.name,
+                verdict=f.verdict,
+                reasons=f.reasons,
+                verdicts=f.verdicts,
+                nan=f.nan,
+                baseline_nan=f.baseline_nan,
+                missing_p_value=f.missing_p_value,
+                out_of_range=f.out_of_range,
+                baseline_out_of_range=f.baseline_out_of_range,
+                out_of_range_p_value=f.out_of_range_p_value,
+                min=f.min,
+                max=f.max,
+                baseline_min=f.baseline_min,
+                baseline_max=f.baseline_max,
+                below_baseline=f.below_baseline,
+                above_baseline=f.above_baseline,
+                new_range_p_value=f.new_range_p_value,
+                n=f.n,
+                baseline_n=f.baseline_n,
+                psi=f.psi,
+                js=f.js,
+                statistic=f.statistic,
+                df=f.df,
+                threshold=finite(f.threshold),
+                p_value=f.p_value,
+                psi_threshold=finite(f.psi_threshold),
+            )
+            for f in m.features
+        ],
+        accuracy=accuracy_view(m.accuracy) if m.accuracy is not None else None,
+    )
+
+
+def accuracy_view(a: Accuracy) -> AccuracyView:
+    """``a`` as the API shows it."""
+    e = a.estimate
+    labelled = a.labelled
+    return AccuracyView(
+        estimated=e.accuracy,
+        low=e.low,
+        high=e.high,
+        confidence=e.confidence,
+        n=e.n,
+        unseen_share=e.unseen_share,
+        allowance=e.allowance,
+        allowance_measured=e.allowance_measured,
+        assumption=e.assumption,
+        reference=a.reference,
+        threshold=a.threshold,
+        labelled=(
+            LabelledAccuracy(
+                windows=labelled.windows,
+                rows=labelled.rows,
+                accuracy=labelled.accuracy,
+                estimated=labelled.estimated,
+            )
+            if labelled is not None
+            else None
+        ),
     )

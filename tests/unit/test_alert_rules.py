@@ -8,15 +8,17 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from fleet_server.db.models import AlertRow, SilenceRow
-from fleet_server.drift.service import (
-    ModelDrift,
-    Scope,
+from fleet_server.drift.lifecycle import (
     alert_tests,
     drift_evidence,
     drift_tests,
+    is_active,
+    matches,
     open_key,
+    silenced_by,
+    suppressed,
 )
-from fleet_server.drift.silences import is_active, matches, silenced_by, suppressed
+from fleet_server.drift.models import ModelDrift, Scope
 from fleet_server.drift.webhook import Notification, WebhookNotifier, signature, signature_matches
 from protocol.drift import DriftPolicy, FeatureDrift
 
