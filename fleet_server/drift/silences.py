@@ -14,6 +14,9 @@ Rules:
 - Silenced alerts are evaluated, opened and closed like any other; only
   their notifications are withheld.
 - Every acknowledgement, silence and early expiry is an audit entry.
+
+Matching a silence to an alert, and whether a change is notified, are rules of
+:mod:`fleet_server.drift.lifecycle`; this module stores and audits.
 """
 
 from __future__ import annotations

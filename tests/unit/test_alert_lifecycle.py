@@ -3,40 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
 from fleet_server.drift.lifecycle import Decision, decide, notified, open_key
-from fleet_server.drift.models import Accuracy, ModelDrift, Scope
+from fleet_server.drift.models import Accuracy, Scope
 from protocol.cbpe import AccuracyEstimate, AccuracyVerdict
-from protocol.drift import DriftPolicy, FeatureDrift
+from tests.support.drift_results import feature, result
 
-T0 = datetime(2031, 1, 1, tzinfo=UTC)
 DEVICE = Scope("device", "pump-17")
 DRIFT_KEY = open_key(DEVICE, "pump-health", "1.0.0", "drift")
 ACCURACY_KEY = open_key(DEVICE, "pump-health", "1.0.0", "accuracy")
-
-
-def feature(index: int, **verdicts: str) -> FeatureDrift:
-    """Feature ``index`` with the verdicts given (``distribution``, ``missing``, ...)."""
-    tests = {"distribution": "no_drift", "missing": "no_drift"} | verdicts
-    return FeatureDrift(
-        feature=index,
-        name=f"f{index}",
-        verdict="drift" if "drift" in tests.values() else "no_drift",
-        n=1000,
-        baseline_n=5000,
-        psi=0.3,
-        js=0.1,
-        statistic=90.0,
-        df=19,
-        threshold=40.0,
-        p_value=1e-9,
-        psi_threshold=0.1,
-        **tests,  # type: ignore[arg-type]
-    )
 
 
 def accuracy(verdict: AccuracyVerdict, estimated: float = 0.7) -> Accuracy:
@@ -45,22 +23,6 @@ def accuracy(verdict: AccuracyVerdict, estimated: float = 0.7) -> Accuracy:
         n=900, unseen_share=0.0,
     )  # fmt: skip
     return Accuracy(estimate=estimate, reference=0.9, threshold=0.85, verdict=verdict)
-
-
-def result(*features: FeatureDrift, accuracy: Accuracy | None = None) -> ModelDrift:
-    return ModelDrift(
-        model_name="pump-health",
-        model_version="1.0.0",
-        baseline_id="b1",
-        window_ids=["w1"],
-        windows=1,
-        start=T0,
-        end=T0 + timedelta(minutes=1),
-        requests=1000,
-        policy=DriftPolicy(),
-        features=list(features),
-        accuracy=accuracy,
-    )
 
 
 def listed(decision: Decision) -> list[tuple[int, list[str]]]:
