@@ -10,7 +10,6 @@ from protocol.cbpe import AccuracyEstimate, AccuracyPolicy, AccuracyVerdict
 from protocol.drift import DriftPolicy, FeatureDrift
 
 ScopeKind = Literal["device", "tag", "hardware_id", "region", "fleet"]
-CohortKind = Literal["tag", "hardware_id", "region"]
 
 # Window ids listed in a result and in an alert's evidence; the count is always exact.
 MAX_LISTED_WINDOWS = 1000

@@ -269,9 +269,7 @@ async def device_windows(
     """A page of a device's windows (see :func:`store.window_page`): its id, the rows, and
     whether more follow. An unknown device is a registry error."""
     device = await registry.get_device(session, device_id)
-    rows = await store.window_page(
-        session, device.id, q.since, q.until, q.model, q.version, before, q.limit + 1
-    )
+    rows = await store.window_page(session, device.id, q, before)
     return device.id, rows[: q.limit], len(rows) > q.limit
 
 

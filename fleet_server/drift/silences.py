@@ -29,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from fleet_server import audit
 from fleet_server.db.models import AlertRow, SilenceRow
 from fleet_server.drift.lifecycle import is_active
+from fleet_server.drift.models import utc
 from protocol.api import SilenceRequest
 
 
@@ -38,10 +39,6 @@ class AlertError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
-
-
-def _aware(at: datetime) -> datetime:
-    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
 
 
 async def active_silences(session: AsyncSession, now: datetime | None = None) -> list[SilenceRow]:
@@ -70,7 +67,7 @@ async def acknowledge(
         raise AlertError(
             409,
             f"alert {alert_id} was already acknowledged by {row.acknowledged_by} "
-            f"at {_aware(row.acknowledged_at).isoformat(timespec='seconds')}",
+            f"at {utc(row.acknowledged_at).isoformat(timespec='seconds')}",
         )
     row.acknowledged_at = datetime.now(UTC)
     row.acknowledged_by = actor
@@ -142,11 +139,11 @@ async def expire_silence(session: AsyncSession, silence_id: int, actor: str) -> 
     if silence is None:
         raise AlertError(404, f"no silence {silence_id}")
     now = datetime.now(UTC)
-    if _aware(silence.ends_at) <= now:
+    if utc(silence.ends_at) <= now:
         raise AlertError(
             409,
             f"silence {silence_id} already ended at "
-            f"{_aware(silence.ends_at).isoformat(timespec='seconds')}",
+            f"{utc(silence.ends_at).isoformat(timespec='seconds')}",
         )
     silence.ends_at = now
     silence.expired_by = actor

@@ -16,7 +16,7 @@ from fleet_server.db.models import AlertRow, Device, Release, SilenceRow, Window
 from fleet_server.drift.lifecycle import Decision
 from fleet_server.drift.models import DriftError, Scope, utc
 from fleet_server.release.repository import ImageRepository
-from protocol.api import AlertQuery
+from protocol.api import AlertQuery, WindowQuery
 from protocol.bundle import BundleFormatError
 from protocol.manifest import Manifest
 
@@ -198,16 +198,10 @@ async def unknown_filter(
 
 
 async def window_page(
-    session: AsyncSession,
-    device_id: str,
-    since: datetime | None,
-    until: datetime | None,
-    model: str | None,
-    version: str | None,
-    before: tuple[datetime, str] | None,
-    limit: int,
+    session: AsyncSession, device_id: str, q: WindowQuery, before: tuple[datetime, str] | None
 ) -> list[Any]:
-    """Up to ``limit`` of a device's windows before ``before`` (end, window id), newest first.
+    """Up to ``q.limit + 1`` of a device's windows (the extra one says more follow) that
+    ``q`` filters, before ``before`` (end, window id), newest first.
 
     Each row is (window id, start, end, model, version, requests, errors, labelled).
     """
@@ -225,16 +219,16 @@ async def window_page(
         .outerjoin(WindowLabels, WindowLabels.window_id == WindowRow.window_id)
         .where(WindowRow.device_id == device_id)
         .order_by(WindowRow.end.desc(), WindowRow.window_id.desc())
-        .limit(limit)
+        .limit(q.limit + 1)
     )
-    if since is not None:
-        statement = statement.where(WindowRow.end > utc(since))
-    if until is not None:
-        statement = statement.where(WindowRow.end <= utc(until))
-    if model is not None:
-        statement = statement.where(WindowRow.model_name == model)
-    if version is not None:
-        statement = statement.where(WindowRow.model_version == version)
+    if q.since is not None:
+        statement = statement.where(WindowRow.end > utc(q.since))
+    if q.until is not None:
+        statement = statement.where(WindowRow.end <= utc(q.until))
+    if q.model is not None:
+        statement = statement.where(WindowRow.model_name == q.model)
+    if q.version is not None:
+        statement = statement.where(WindowRow.model_version == q.version)
     if before is not None:
         end, window_id = before
         statement = statement.where(

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from fleet_server.db.models import AlertRow, SilenceRow
 from fleet_server.drift.lifecycle import finite, is_active, matches, silenced_by
-from fleet_server.drift.models import Accuracy, ModelDrift
+from fleet_server.drift.models import Accuracy, ModelDrift, utc
 from protocol.api import (
     AccuracyView,
     AlertAcknowledgement,
@@ -19,10 +19,6 @@ from protocol.api import (
     ModelDriftView,
     SilenceView,
 )
-
-
-def _aware(at: datetime) -> datetime:
-    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
 
 
 def alert_features(a: AlertRow) -> list[AlertFeature]:
@@ -65,12 +61,12 @@ def alert_view(a: AlertRow, silences: Sequence[SilenceRow] = ()) -> AlertView:
         feature_name=a.feature_name,
         reason=a.reason,  # type: ignore[arg-type]  # written only from DriftReason
         state=a.state,  # type: ignore[arg-type]  # "open" or "closed"
-        opened_at=_aware(a.opened_at),
-        last_seen_at=_aware(a.last_seen_at),
-        closed_at=_aware(a.closed_at) if a.closed_at is not None else None,
+        opened_at=utc(a.opened_at),
+        last_seen_at=utc(a.last_seen_at),
+        closed_at=utc(a.closed_at) if a.closed_at is not None else None,
         acknowledged=(
             AlertAcknowledgement(
-                at=_aware(a.acknowledged_at),
+                at=utc(a.acknowledged_at),
                 by=a.acknowledged_by or "",
                 comment=a.acknowledge_comment,
             )
@@ -94,9 +90,9 @@ def silence_view(s: SilenceRow, open_alerts: Sequence[AlertRow], now: datetime) 
         alert_id=s.alert_id,
         reason=s.reason,
         created_by=s.created_by,
-        created_at=_aware(s.created_at),
-        starts_at=_aware(s.starts_at),
-        ends_at=_aware(s.ends_at),
+        created_at=utc(s.created_at),
+        starts_at=utc(s.starts_at),
+        ends_at=utc(s.ends_at),
         expired_by=s.expired_by,
         active=is_active(s, now),
         matching=sum(1 for a in open_alerts if matches(s, a)),
