@@ -59,7 +59,7 @@ class FleetServer:
         self.db = Database(config.db_url)
         self.metrics = Metrics()
         self.releases = ReleaseService(config.repository_dir)
-        self.manifests = ManifestCache(config.repository_dir)
+        self.manifests = ManifestCache(self.releases.repository)
         director = DirectorRepository(config.director_dir)
         keys = _director_keys(config.director_keys_dir)
         if not director.exists():

@@ -18,6 +18,7 @@ from fleet_server.api.operations import DEVICE_AUTH, SERVER, Operation, bind
 from fleet_server.api.security import DeviceAuthenticator
 from fleet_server.auth import bootstrap_admin_token
 from fleet_server.db.models import Device
+from fleet_server.drift import routes as drift_routes
 from fleet_server.drift import update_gauges
 from protocol.api import API_PREFIX
 
@@ -83,7 +84,12 @@ META: tuple[Operation, ...] = (
     ),
 )
 
-OPERATIONS: tuple[Operation, ...] = (*routes.OPERATIONS, *META, *hosting.OPERATIONS)
+OPERATIONS: tuple[Operation, ...] = (
+    *routes.OPERATIONS,
+    *drift_routes.OPERATIONS,
+    *META,
+    *hosting.OPERATIONS,
+)
 
 
 def build_app(server: FleetServer) -> web.Application:

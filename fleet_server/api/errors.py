@@ -17,6 +17,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter
 
 from fleet_server.auth import TokenError
+from fleet_server.drift.models import DriftError
 from fleet_server.drift.silences import AlertError
 from fleet_server.labels import LabelsError
 from fleet_server.metrics import Metrics
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Errors a caller can cause; each carries the HTTP status it maps to.
-CALLER_ERRORS = (RegistryError, ReleaseError, TokenError, LabelsError, AlertError)
+CALLER_ERRORS = (RegistryError, ReleaseError, TokenError, LabelsError, AlertError, DriftError)
 _FORWARDED_HEADERS = ("Allow", "WWW-Authenticate", "Retry-After")
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 

@@ -117,6 +117,11 @@ def query(request: web.Request, model: type[M]) -> M:
     return value
 
 
+def answer(model: BaseModel, status: int = 200) -> web.Response:
+    """``model`` as the JSON answer, with ``status``."""
+    return web.json_response(text=model.model_dump_json(), status=status)
+
+
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The request body, refusing (413) one larger than ``limit`` without reading it all."""
     if request.content_length is not None and request.content_length > limit:

@@ -14,13 +14,12 @@ import logging
 import re
 from collections.abc import Collection, Mapping
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel
-from sqlalchemy import Text, and_, cast, false, or_, select, text, true
+from sqlalchemy import Text, cast, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 from tuf.api import exceptions as tuf_exc
 
@@ -31,6 +30,7 @@ from fleet_server.api.operations import (
     PRINCIPAL,
     SERVER,
     Operation,
+    answer,
     body,
     query,
 )
@@ -52,7 +52,6 @@ from fleet_server.audit import (
 )
 from fleet_server.auth import create_token, list_tokens, revoke_token
 from fleet_server.db.models import (
-    AlertRow,
     ApiToken,
     Assignment,
     AssignmentRule,
@@ -61,31 +60,11 @@ from fleet_server.db.models import (
     DeviceEventRow,
     ProvisioningToken,
     Release,
-    SilenceRow,
-    WindowLabels,
-    WindowRow,
-    as_utc,
 )
-from fleet_server.drift import Accuracy, ModelDrift, Scope, drift_of
-from fleet_server.drift.silences import (
-    acknowledge,
-    active_silences,
-    create_silence,
-    expire_silence,
-    get_alert,
-    list_silences,
-)
-from fleet_server.drift.views import alert_view, silence_view
-from fleet_server.labels import post_labels
 from fleet_server.releases import ReleaseError
-from fleet_server.stored_json import finite_or_none, show_object, show_value
+from fleet_server.stored_json import show_object, show_value
 from protocol.api import (
     API_PREFIX,
-    AccuracyView,
-    AcknowledgeAlert,
-    AlertList,
-    AlertQuery,
-    AlertView,
     AssignmentCancelled,
     AssignmentItem,
     AssignmentList,
@@ -105,16 +84,9 @@ from protocol.api import (
     DeviceQuery,
     DeviceRefusal,
     DeviceView,
-    DriftQuery,
-    DriftReport,
     EnrolDevice,
     EventQuery,
-    FeatureDriftView,
     Health,
-    LabelledAccuracy,
-    LabelsRequest,
-    LabelsResult,
-    ModelDriftView,
     ProvisioningTokenCreated,
     ProvisioningTokenRequest,
     RegisterDevice,
@@ -124,18 +96,11 @@ from protocol.api import (
     ReleaseQuery,
     ReleaseView,
     SignedAuditHead,
-    SilenceList,
-    SilenceQuery,
-    SilenceRequest,
-    SilenceView,
     TagChange,
     TokenCreated,
     TokenList,
     TokenRequest,
     TokenView,
-    WindowList,
-    WindowQuery,
-    WindowView,
     YankRequest,
     YankResult,
 )
@@ -145,10 +110,6 @@ log = logging.getLogger(__name__)
 
 MAX_PUSH_BODY = 512 << 20  # base64 of the pushed files, in JSON
 _VERSIONED_METADATA = re.compile(r"metadata/\d+\.[a-z]+\.json")
-
-
-def answer(model: BaseModel, status: int = 200) -> web.Response:
-    return web.json_response(text=model.model_dump_json(), status=status)
 
 
 def device_view(d: Device) -> DeviceView:
@@ -796,379 +757,6 @@ async def audit_head(request: web.Request) -> web.StreamResponse:
     return answer(signed)
 
 
-# -- drift and alerts ------------------------------------------------------------
-
-DEFAULT_DRIFT_RANGE = timedelta(hours=1)
-
-
-def model_drift_view(m: ModelDrift) -> ModelDriftView:
-    return ModelDriftView(
-        model=m.model_name,
-        version=m.model_version,
-        baseline_id=m.baseline_id,
-        windows=m.windows,
-        window_ids=m.window_ids,
-        start=m.start,
-        end=m.end,
-        requests=m.requests,
-        summarised_requests=m.summarised_requests,
-        min_n=m.policy.min_n,
-        false_alarm_rate=m.policy.false_alarm_rate,
-        problem=m.problem,
-        features=[
-            FeatureDriftView(
-                feature=f.feature,
-                name=f.name,
-                verdict=f.verdict,
-                reasons=f.reasons,
-                verdicts=f.verdicts,
-                nan=f.nan,
-                baseline_nan=f.baseline_nan,
-                missing_p_value=f.missing_p_value,
-                out_of_range=f.out_of_range,
-                baseline_out_of_range=f.baseline_out_of_range,
-                out_of_range_p_value=f.out_of_range_p_value,
-                min=f.min,
-                max=f.max,
-                baseline_min=f.baseline_min,
-                baseline_max=f.baseline_max,
-                below_baseline=f.below_baseline,
-                above_baseline=f.above_baseline,
-                new_range_p_value=f.new_range_p_value,
-                n=f.n,
-                baseline_n=f.baseline_n,
-                psi=f.psi,
-                js=f.js,
-                statistic=f.statistic,
-                df=f.df,
-                threshold=finite_or_none(f.threshold),
-                p_value=f.p_value,
-                psi_threshold=finite_or_none(f.psi_threshold),
-            )
-            for f in m.features
-        ],
-        accuracy=accuracy_view(m.accuracy) if m.accuracy is not None else None,
-    )
-
-
-def accuracy_view(a: Accuracy) -> AccuracyView:
-    e = a.estimate
-    labelled = a.labelled
-    return AccuracyView(
-        estimated=e.accuracy,
-        low=e.low,
-        high=e.high,
-        confidence=e.confidence,
-        n=e.n,
-        unseen_share=e.unseen_share,
-        allowance=e.allowance,
-        allowance_measured=e.allowance_measured,
-        assumption=e.assumption,
-        reference=a.reference,
-        threshold=a.threshold,
-        labelled=(
-            LabelledAccuracy(
-                windows=labelled.windows,
-                rows=labelled.rows,
-                accuracy=labelled.accuracy,
-                estimated=labelled.estimated,
-            )
-            if labelled is not None
-            else None
-        ),
-    )
-
-
-def _drift_scope(q: DriftQuery) -> Scope:
-    if q.fleet:
-        return Scope("fleet")
-    if q.device is not None:
-        return Scope("device", q.device)
-    if q.tag is not None:
-        return Scope("tag", q.tag)
-    if q.hardware_id is not None:
-        return Scope("hardware_id", q.hardware_id)
-    assert q.region is not None  # the query model insists on one scope
-    return Scope("region", q.region)
-
-
-_SCOPE_FLAG = {"tag": "tag", "hardware_id": "hardware id", "region": "region"}
-
-
-async def _unknown_drift_filter(
-    session: AsyncSession, scope: Scope, model: str | None, version: str | None
-) -> str | None:
-    """Why the drift query names something the server does not know, or ``None``.
-
-    A typo must not read as "no windows": a cohort no device belongs to, and a
-    model or version neither released nor reported, are refused. A known scope
-    that has no windows yet is an empty report, not an error.
-    """
-    if scope.kind in _SCOPE_FLAG:
-        column = {"hardware_id": Device.hardware_id, "region": Device.region}.get(scope.kind)
-        found: bool
-        if column is not None:
-            found = (
-                await session.scalar(select(Device.id).where(column == scope.value).limit(1))
-                is not None
-            )
-        else:
-            # Tags are a JSON list: looked at here so SQLite and PostgreSQL behave alike.
-            tags = (await session.scalars(select(Device.tags))).all()
-            found = any(scope.value in (t or []) for t in tags)
-        if not found:
-            return f"no device has {_SCOPE_FLAG[scope.kind]} {scope.value!r}"
-    for value, release_column, window_column, what in (
-        (model, Release.name, WindowRow.model_name, "model"),
-        (version, Release.version, WindowRow.model_version, "model version"),
-    ):
-        if value is None:
-            continue
-        released = select(Release.target_path).where(release_column == value)
-        reported = select(WindowRow.window_id).where(window_column == value)
-        if model is not None and what == "model version":
-            released = released.where(Release.name == model)
-            reported = reported.where(WindowRow.model_name == model)
-        if (
-            await session.scalar(released.limit(1)) is None
-            and await session.scalar(reported.limit(1)) is None
-        ):
-            of = f" of {model}" if model is not None and what == "model version" else ""
-            return f"no {what} {value!r}{of} is released or reported"
-    return None
-
-
-async def get_drift(request: web.Request) -> web.StreamResponse:
-    q = query(request, DriftQuery)
-    server = request.app[SERVER]
-    scope = _drift_scope(q)
-    try:
-        until = as_utc(q.until) if q.until is not None else datetime.now(UTC)
-        since = as_utc(q.since) if q.since is not None else until - DEFAULT_DRIFT_RANGE
-    except OverflowError:
-        raise ApiError(422, "query since/until: out of range (give both, in UTC)") from None
-    if since > until:
-        raise ApiError(422, "query since: must not be after until")
-    async with server.db.session() as session:
-        if scope.kind == "device":
-            await registry.get_device(session, scope.value)  # 404 for an unknown device
-        unknown = await _unknown_drift_filter(session, scope, q.model, q.version)
-        if unknown is not None:
-            raise ApiError(404, unknown)
-        results = await drift_of(
-            session,
-            server.manifests,
-            scope,
-            since,
-            until,
-            model_name=q.model,
-            model_version=q.version,
-        )
-    return answer(
-        DriftReport(
-            scope=scope.kind,
-            scope_value=scope.value,
-            since=since,
-            until=until,
-            models=[model_drift_view(m) for m in results],
-        )
-    )
-
-
-# -- alerts: filters, acknowledgements, silences ----------------------------------------
-
-
-def _alert_filters(q: AlertQuery, silences: list[SilenceRow]) -> list[Any]:
-    """The WHERE clauses of an alert query (see :class:`protocol.api.AlertQuery`)."""
-    where: list[Any] = []
-    if q.state in ("open", "closed"):
-        where.append(AlertRow.state == q.state)
-    elif q.state == "acknowledged":
-        where += [AlertRow.state == "open", AlertRow.acknowledged_at.is_not(None)]
-    elif q.state == "silenced":
-        where.append(AlertRow.state == "open")
-        matchers = [
-            and_(
-                true(),
-                *(
-                    column == value
-                    for column, value in (
-                        (AlertRow.kind, s.kind),
-                        (AlertRow.scope, s.scope),
-                        (AlertRow.scope_value, s.scope_value),
-                        (AlertRow.model_name, s.model_name),
-                        (AlertRow.model_version, s.model_version),
-                    )
-                    if value is not None
-                ),
-            )
-            for s in silences
-        ]
-        where.append(or_(*matchers) if matchers else false())
-    if q.kind is not None:
-        where.append(AlertRow.kind == q.kind)
-    if q.scope is not None:
-        kind, _, value = q.scope.partition(":")
-        where.append(AlertRow.scope == kind)
-        if value:
-            where.append(AlertRow.scope_value == value)
-    if q.device is not None:
-        where += [AlertRow.scope == "device", AlertRow.scope_value == q.device]
-    if q.model is not None:
-        where.append(AlertRow.model_name == q.model)
-    if q.version is not None:
-        where.append(AlertRow.model_version == q.version)
-    return where
-
-
-async def list_alerts(request: web.Request) -> web.StreamResponse:
-    q = query(request, AlertQuery)
-    async with request.app[SERVER].db.session() as session:
-        silences = await active_silences(session)
-        statement = (
-            select(AlertRow)
-            .where(*_alert_filters(q, silences))
-            .order_by(AlertRow.id.desc())
-            .limit(q.limit)
-        )
-        rows = (await session.scalars(statement)).all()
-        return answer(AlertList(alerts=[alert_view(a, silences) for a in rows]))
-
-
-def _alert_id(request: web.Request) -> int:
-    return int(request.match_info["alert_id"])
-
-
-async def get_alert_by_id(request: web.Request) -> web.StreamResponse:
-    async with request.app[SERVER].db.session() as session:
-        row = await get_alert(session, _alert_id(request))
-        return answer(alert_view(row, await active_silences(session)))
-
-
-async def acknowledge_alert(request: web.Request) -> web.StreamResponse:
-    b = body(request, AcknowledgeAlert)
-    async with request.app[SERVER].db.session() as session:
-        row = await acknowledge(session, _alert_id(request), request[PRINCIPAL].actor, b.comment)
-        return answer(alert_view(row, await active_silences(session)))
-
-
-async def _open_alerts(session: AsyncSession) -> list[AlertRow]:
-    return list((await session.scalars(select(AlertRow).where(AlertRow.state == "open"))).all())
-
-
-async def create_alert_silence(request: web.Request) -> web.StreamResponse:
-    b = body(request, SilenceRequest)
-    async with request.app[SERVER].db.session() as session:
-        silence = await create_silence(session, b, request[PRINCIPAL].actor)
-        view = silence_view(silence, await _open_alerts(session), datetime.now(UTC))
-    return answer(view, 201)
-
-
-async def list_alert_silences(request: web.Request) -> web.StreamResponse:
-    q = query(request, SilenceQuery)
-    now = datetime.now(UTC)
-    async with request.app[SERVER].db.session() as session:
-        silences = await list_silences(session, q.state, q.limit, now)
-        open_alerts = await _open_alerts(session)
-        return answer(SilenceList(silences=[silence_view(s, open_alerts, now) for s in silences]))
-
-
-async def expire_alert_silence(request: web.Request) -> web.StreamResponse:
-    silence_id = int(request.match_info["silence_id"])
-    async with request.app[SERVER].db.session() as session:
-        silence = await expire_silence(session, silence_id, request[PRINCIPAL].actor)
-        view = silence_view(silence, await _open_alerts(session), datetime.now(UTC))
-    return answer(view)
-
-
-# -- a device's windows (for labelling) --------------------------------------------------
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
-
-
-def window_cursor(end: datetime, window_id: str) -> str:
-    """Where a page of windows stopped, URL-safe: ``MICROSECONDS~WINDOW_ID`` of its last one."""
-    return f"{(end - _EPOCH) // _MICROSECOND}~{window_id}"
-
-
-def _window_cursor(text_: str) -> tuple[datetime, str]:
-    micros, sep, window_id = text_.partition("~")
-    try:
-        if not sep or not window_id:
-            raise ValueError
-        return _EPOCH + timedelta(microseconds=int(micros)), window_id
-    except (ValueError, OverflowError):
-        raise ApiError(422, "query before: not a next_before this API handed out") from None
-
-
-async def device_windows(request: web.Request) -> web.StreamResponse:
-    q = query(request, WindowQuery)
-    if q.since is not None and q.until is not None and as_utc(q.since) > as_utc(q.until):
-        raise ApiError(422, "query since: must not be after until")
-    statement = (
-        select(
-            WindowRow.window_id,
-            WindowRow.start,
-            WindowRow.end,
-            WindowRow.model_name,
-            WindowRow.model_version,
-            WindowRow.requests,
-            WindowRow.errors,
-            WindowLabels.window_id.is_not(None),
-        )
-        .outerjoin(WindowLabels, WindowLabels.window_id == WindowRow.window_id)
-        .order_by(WindowRow.end.desc(), WindowRow.window_id.desc())
-        .limit(q.limit + 1)
-    )
-    if q.since is not None:
-        statement = statement.where(WindowRow.end > q.since)
-    if q.until is not None:
-        statement = statement.where(WindowRow.end <= q.until)
-    if q.model is not None:
-        statement = statement.where(WindowRow.model_name == q.model)
-    if q.version is not None:
-        statement = statement.where(WindowRow.model_version == q.version)
-    if q.before is not None:
-        end, window_id = _window_cursor(q.before)
-        statement = statement.where(
-            or_(WindowRow.end < end, and_(WindowRow.end == end, WindowRow.window_id < window_id))
-        )
-    async with request.app[SERVER].db.session() as session:
-        device = await registry.get_device(session, request.match_info["device_id"])
-        rows = (await session.execute(statement.where(WindowRow.device_id == device.id))).all()
-    page = rows[: q.limit]
-    windows = [
-        WindowView(
-            window_id=window_id,
-            start=start,
-            end=end,
-            model=model,
-            version=version,
-            requests=requests,
-            errors=errors,
-            labelled=bool(labelled),
-        )
-        for window_id, start, end, model, version, requests, errors, labelled in page
-    ]
-    more = len(rows) > q.limit
-    return answer(
-        WindowList(
-            device_id=device.id,
-            windows=windows,
-            next_before=window_cursor(windows[-1].end, windows[-1].window_id) if more else None,
-        )
-    )
-
-
-async def create_labels(request: web.Request) -> web.StreamResponse:
-    b = body(request, LabelsRequest)
-    async with request.app[SERVER].db.session() as session:
-        result = await post_labels(session, b.windows, request[PRINCIPAL].actor)
-    return answer(result)
-
-
 # -- the table -----------------------------------------------------------------
 
 _AUTH_ERRORS = (401, 403)
@@ -1311,58 +899,6 @@ OPERATIONS: tuple[Operation, ...] = (
         "The audit log's newest entry, signed with the server's audit key: save it as an "
         "anchor (fleetctl audit head --out FILE) to detect later deletion or rewriting",
         tag="audit", auth="viewer", response=SignedAuditHead, errors=(*_AUTH_ERRORS, 503),
-    ),
-    Operation(
-        "GET", f"{V}/drift", get_drift, "getDrift",
-        "Drift per feature of a device's or a cohort's windows, per model version",
-        tag="drift", auth="viewer", query=DriftQuery, response=DriftReport,
-        errors=(*_AUTH_ERRORS, 404, 422),
-    ),
-    Operation(
-        "GET", f"{V}/alerts", list_alerts, "listAlerts",
-        "Drift and estimated-accuracy alerts (one per scope and cause), filtered, newest first",
-        tag="drift", auth="viewer", query=AlertQuery, response=AlertList,
-        errors=(*_AUTH_ERRORS, 422),
-    ),
-    # -- alerts: acknowledgements and silences; a device's windows
-    Operation(
-        "GET", f"{V}/alerts/{{alert_id}}", get_alert_by_id, "getAlert", "Show one alert",
-        tag="drift", auth="viewer", response=AlertView, errors=(*_AUTH_ERRORS, 404),
-    ),
-    Operation(
-        "POST", f"{V}/alerts/{{alert_id}}/ack", acknowledge_alert, "acknowledgeAlert",
-        "Acknowledge an open alert: it is not notified again and still closes when it clears",
-        tag="drift", auth="operator", body=AcknowledgeAlert, response=AlertView,
-        errors=(400, *_AUTH_ERRORS, 404, 409, 413, 422),
-    ),
-    Operation(
-        "GET", f"{V}/silences", list_alert_silences, "listSilences",
-        "Silences, newest first (active ones by default)",
-        tag="drift", auth="viewer", query=SilenceQuery, response=SilenceList,
-        errors=(*_AUTH_ERRORS, 422),
-    ),
-    Operation(
-        "POST", f"{V}/silences", create_alert_silence, "createSilence",
-        "Silence the alerts that match (or one alert's scope and cause) for a while",
-        tag="drift", auth="operator", body=SilenceRequest, response=SilenceView, status=201,
-        errors=(400, *_AUTH_ERRORS, 404, 413, 422),
-    ),
-    Operation(
-        "DELETE", f"{V}/silences/{{silence_id}}", expire_alert_silence, "expireSilence",
-        "End a silence now",
-        tag="drift", auth="operator", response=SilenceView, errors=(*_AUTH_ERRORS, 404, 409),
-    ),
-    Operation(
-        "GET", f"{V}/devices/{{device_id}}/windows", device_windows, "listDeviceWindows",
-        "A device's windows (ids to label), newest first, a page at a time",
-        tag="drift", auth="viewer", query=WindowQuery, response=WindowList,
-        errors=(*_AUTH_ERRORS, 404, 422),
-    ),
-    Operation(
-        "POST", f"{V}/labels", create_labels, "postLabels",
-        "Labels that arrived later: per window, confusion counts or (actual, predicted) pairs",
-        tag="drift", auth="operator", body=LabelsRequest, response=LabelsResult,
-        errors=(400, *_AUTH_ERRORS, 404, 413, 422),
     ),
 )
 # fmt: on

@@ -14,18 +14,21 @@ Rules:
 - Silenced alerts are evaluated, opened and closed like any other; only
   their notifications are withheld.
 - Every acknowledgement, silence and early expiry is an audit entry.
+
+Matching a silence to an alert, and whether a change is notified, are rules of
+:mod:`fleet_server.drift.lifecycle`; this module stores and audits.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from fleet_server import audit
-from fleet_server.db.models import AlertRow, SilenceRow
+from fleet_server.db.models import AlertRow, SilenceRow, as_utc
+from fleet_server.drift.lifecycle import is_active
 from protocol.api import SilenceRequest
 
 
@@ -35,34 +38,6 @@ class AlertError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
-
-
-def matches(silence: SilenceRow, alert: AlertRow) -> bool:
-    """Whether every matcher ``silence`` gives equals ``alert``'s (pure; ignores time)."""
-    return all(
-        want is None or want == have
-        for want, have in (
-            (silence.kind, alert.kind),
-            (silence.scope, alert.scope),
-            (silence.scope_value, alert.scope_value),
-            (silence.model_name, alert.model_name),
-            (silence.model_version, alert.model_version),
-        )
-    )
-
-
-def is_active(silence: SilenceRow, now: datetime) -> bool:
-    return silence.starts_at <= now < silence.ends_at
-
-
-def silenced_by(alert: AlertRow, silences: Iterable[SilenceRow]) -> list[int]:
-    """The ids of ``silences`` (active ones) that match ``alert``."""
-    return [s.id for s in silences if matches(s, alert)]
-
-
-def suppressed(alert: AlertRow, silences: Sequence[SilenceRow]) -> bool:
-    """Whether a change of ``alert`` goes un-notified: acknowledged, or silenced."""
-    return alert.acknowledged_at is not None or bool(silenced_by(alert, silences))
 
 
 async def active_silences(session: AsyncSession, now: datetime | None = None) -> list[SilenceRow]:
@@ -91,7 +66,7 @@ async def acknowledge(
         raise AlertError(
             409,
             f"alert {alert_id} was already acknowledged by {row.acknowledged_by} "
-            f"at {row.acknowledged_at.isoformat(timespec='seconds')}",
+            f"at {as_utc(row.acknowledged_at).isoformat(timespec='seconds')}",
         )
     row.acknowledged_at = datetime.now(UTC)
     row.acknowledged_by = actor
@@ -163,11 +138,11 @@ async def expire_silence(session: AsyncSession, silence_id: int, actor: str) -> 
     if silence is None:
         raise AlertError(404, f"no silence {silence_id}")
     now = datetime.now(UTC)
-    if silence.ends_at <= now:
+    if as_utc(silence.ends_at) <= now:
         raise AlertError(
             409,
             f"silence {silence_id} already ended at "
-            f"{silence.ends_at.isoformat(timespec='seconds')}",
+            f"{as_utc(silence.ends_at).isoformat(timespec='seconds')}",
         )
     silence.ends_at = now
     silence.expired_by = actor

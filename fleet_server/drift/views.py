@@ -1,4 +1,4 @@
-"""Alerts, silences and windows as the API shows them (and the webhook sends them)."""
+"""Drift, alerts and silences as the API shows them (and the webhook sends them)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,20 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from fleet_server.db.models import AlertRow, SilenceRow
-from fleet_server.drift.silences import is_active, matches, silenced_by
-from protocol.api import AlertAcknowledgement, AlertFeature, AlertView, SilenceView
+from fleet_server.db.models import AlertRow, SilenceRow, as_utc
+from fleet_server.drift.lifecycle import is_active, matches, silenced_by
+from fleet_server.drift.models import Accuracy, ModelDrift
+from fleet_server.stored_json import finite_or_none
+from protocol.api import (
+    AccuracyView,
+    AlertAcknowledgement,
+    AlertFeature,
+    AlertView,
+    FeatureDriftView,
+    LabelledAccuracy,
+    ModelDriftView,
+    SilenceView,
+)
 
 
 def alert_features(a: AlertRow) -> list[AlertFeature]:
@@ -51,12 +62,12 @@ def alert_view(a: AlertRow, silences: Sequence[SilenceRow] = ()) -> AlertView:
         feature_name=a.feature_name,
         reason=a.reason,  # type: ignore[arg-type]  # written only from DriftReason
         state=a.state,  # type: ignore[arg-type]  # "open" or "closed"
-        opened_at=a.opened_at,
-        last_seen_at=a.last_seen_at,
-        closed_at=a.closed_at,
+        opened_at=as_utc(a.opened_at),
+        last_seen_at=as_utc(a.last_seen_at),
+        closed_at=as_utc(a.closed_at) if a.closed_at is not None else None,
         acknowledged=(
             AlertAcknowledgement(
-                at=a.acknowledged_at,
+                at=as_utc(a.acknowledged_at),
                 by=a.acknowledged_by or "",
                 comment=a.acknowledge_comment,
             )
@@ -80,10 +91,90 @@ def silence_view(s: SilenceRow, open_alerts: Sequence[AlertRow], now: datetime) 
         alert_id=s.alert_id,
         reason=s.reason,
         created_by=s.created_by,
-        created_at=s.created_at,
-        starts_at=s.starts_at,
-        ends_at=s.ends_at,
+        created_at=as_utc(s.created_at),
+        starts_at=as_utc(s.starts_at),
+        ends_at=as_utc(s.ends_at),
         expired_by=s.expired_by,
         active=is_active(s, now),
         matching=sum(1 for a in open_alerts if matches(s, a)),
+    )
+
+
+def model_drift_view(m: ModelDrift) -> ModelDriftView:
+    """``m`` as the API shows it."""
+    return ModelDriftView(
+        model=m.model_name,
+        version=m.model_version,
+        baseline_id=m.baseline_id,
+        windows=m.windows,
+        window_ids=m.window_ids,
+        start=m.start,
+        end=m.end,
+        requests=m.requests,
+        summarised_requests=m.summarised_requests,
+        min_n=m.policy.min_n,
+        false_alarm_rate=m.policy.false_alarm_rate,
+        problem=m.problem,
+        features=[
+            FeatureDriftView(
+                feature=f.feature,
+                name=f.name,
+                verdict=f.verdict,
+                reasons=f.reasons,
+                verdicts=f.verdicts,
+                nan=f.nan,
+                baseline_nan=f.baseline_nan,
+                missing_p_value=f.missing_p_value,
+                out_of_range=f.out_of_range,
+                baseline_out_of_range=f.baseline_out_of_range,
+                out_of_range_p_value=f.out_of_range_p_value,
+                min=f.min,
+                max=f.max,
+                baseline_min=f.baseline_min,
+                baseline_max=f.baseline_max,
+                below_baseline=f.below_baseline,
+                above_baseline=f.above_baseline,
+                new_range_p_value=f.new_range_p_value,
+                n=f.n,
+                baseline_n=f.baseline_n,
+                psi=f.psi,
+                js=f.js,
+                statistic=f.statistic,
+                df=f.df,
+                threshold=finite_or_none(f.threshold),
+                p_value=f.p_value,
+                psi_threshold=finite_or_none(f.psi_threshold),
+            )
+            for f in m.features
+        ],
+        accuracy=accuracy_view(m.accuracy) if m.accuracy is not None else None,
+    )
+
+
+def accuracy_view(a: Accuracy) -> AccuracyView:
+    """``a`` as the API shows it."""
+    e = a.estimate
+    labelled = a.labelled
+    return AccuracyView(
+        estimated=e.accuracy,
+        low=e.low,
+        high=e.high,
+        confidence=e.confidence,
+        n=e.n,
+        unseen_share=e.unseen_share,
+        allowance=e.allowance,
+        allowance_measured=e.allowance_measured,
+        assumption=e.assumption,
+        reference=a.reference,
+        threshold=a.threshold,
+        labelled=(
+            LabelledAccuracy(
+                windows=labelled.windows,
+                rows=labelled.rows,
+                accuracy=labelled.accuracy,
+                estimated=labelled.estimated,
+            )
+            if labelled is not None
+            else None
+        ),
     )

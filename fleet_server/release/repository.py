@@ -445,6 +445,11 @@ class ImageRepository(TufRepository):
                 write_bundle(out, renewed, members)
             return self.add_bundle(bundle, keys, re_release_of=version)
 
+    def read_manifest(self, target_path: str, digest: str) -> Manifest:
+        """The manifest of the bundle released as ``target_path`` with sha256 ``digest``."""
+        with self._target_file(target_path, digest).open("rb") as source:
+            return read_manifest(source)
+
     def _target_file(self, target_path: str, digest: str) -> Path:
         dirname, _, basename = target_path.rpartition("/")
         return self.targets_dir / dirname / f"{digest}.{basename}"

@@ -16,8 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fleet_server.db.models import AlertRow
 from fleet_server.drift import Scope, drift_of, evaluate_alerts
-from fleet_server.drift.service import load_open_alerts
 from fleet_server.drift.silences import active_silences
+from fleet_server.drift.store import load_open_alerts
 from fleet_server.fleetctl import main
 from fleet_server.release.keys import KeyStore
 from tests.support.databases import DATABASES

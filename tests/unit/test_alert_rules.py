@@ -4,59 +4,23 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from fleet_server.db.models import AlertRow, SilenceRow
-from fleet_server.drift.service import (
-    ModelDrift,
-    Scope,
+from fleet_server.drift.lifecycle import (
     alert_tests,
     drift_evidence,
     drift_tests,
+    is_active,
+    matches,
     open_key,
+    silenced_by,
+    suppressed,
 )
-from fleet_server.drift.silences import is_active, matches, silenced_by, suppressed
+from fleet_server.drift.models import Scope
 from fleet_server.drift.webhook import Notification, WebhookNotifier, signature, signature_matches
-from protocol.drift import DriftPolicy, FeatureDrift
-
-T0 = datetime(2031, 1, 1, tzinfo=UTC)
-
-
-def feature(index: int, **verdicts: str) -> FeatureDrift:
-    """Feature ``index`` with the verdicts given (``distribution``, ``missing``, ...)."""
-    tests = {"distribution": "no_drift", "missing": "no_drift"} | verdicts
-    return FeatureDrift(
-        feature=index,
-        name=f"f{index}",
-        verdict="drift" if "drift" in tests.values() else "no_drift",
-        n=1000,
-        baseline_n=5000,
-        psi=0.3,
-        js=0.1,
-        statistic=90.0,
-        df=19,
-        threshold=40.0,
-        p_value=1e-9,
-        psi_threshold=0.1,
-        nan=30,
-        **tests,  # type: ignore[arg-type]
-    )
-
-
-def result(*features: FeatureDrift) -> ModelDrift:
-    return ModelDrift(
-        model_name="pump-health",
-        model_version="1.0.0",
-        baseline_id="b1",
-        window_ids=["w1", "w2"],
-        windows=2,
-        start=T0,
-        end=T0 + timedelta(minutes=2),
-        requests=1000,
-        policy=DriftPolicy(),
-        features=list(features),
-    )
+from tests.support.drift_results import T0, feature, result
 
 
 def test_one_drift_alert_lists_every_drifting_feature_and_test() -> None:
