@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from agent.config import AgentConfig, UpdateConfig
+from agent.ota import step_events as ev
 from agent.ota.errors import SelfTestFailed, UpdateRefused
 from agent.ota.faults import Faults
 from agent.ota.journal import Journal, Phase
@@ -35,37 +36,6 @@ from agent.ota.parts import (
     SlotStore,
 )
 from agent.ota.slots import SlotError, Slots
-from agent.ota.step_events import (
-    Check,
-    ChooseSlot,
-    DeleteBundle,
-    DiscardStaging,
-    Download,
-    Effect,
-    EndTrial,
-    Event,
-    Hold,
-    LoadModels,
-    Poll,
-    PollResult,
-    Report,
-    RollBack,
-    SaveJournal,
-    SelfTest,
-    SelfTestPassed,
-    SelfTestRefused,
-    SlotChosen,
-    SlotsRolledBack,
-    SlotWritten,
-    StagingFailed,
-    Started,
-    Stopping,
-    Switch,
-    Tick,
-    WatchdogTripped,
-    WatchTrial,
-    WriteSlot,
-)
 from agent.ota.steps import InstallerState, Policy, decide
 from agent.ota.watchdog import Watchdog
 from agent.runtime.base import ModelLoadError, Runtime
@@ -78,7 +48,7 @@ Publish = Callable[[SlotModel | None, SlotModel | None], None]
 EventListener = Callable[[dict[str, object]], None]
 
 # Effects that wait on I/O; each is the last of its step and its outcome the next event.
-_AWAITED = (Check, Download, WriteSlot, SelfTest)
+_AWAITED = (ev.Check, ev.Download, ev.WriteSlot, ev.SelfTest)
 
 
 class Installer:
@@ -156,12 +126,12 @@ class Installer:
 
     async def recover(self) -> None:
         """Continue or undo the install a restart interrupted, then load the models."""
-        await self._handle(Started())
+        await self._handle(ev.Started())
 
     async def poll(self) -> str:
         """Ask the director and install what it assigns; returns what happened."""
         async with self._lock:
-            said = await self._handle(Poll())
+            said = await self._handle(ev.Poll())
         if said is not None:
             return said
         outcome = self.journal.last_outcome
@@ -169,11 +139,11 @@ class Installer:
 
     def tick(self) -> None:
         """Commit the trial once its health period has passed without a rollback."""
-        self._handle_now(Tick())
+        self._handle_now(ev.Tick())
 
     def shutting_down_cleanly(self) -> None:
         """Record that this stop is deliberate, so the next start is not counted as a crash."""
-        self._handle_now(Stopping())
+        self._handle_now(ev.Stopping())
 
     def observe(self, stage: str, model_version: str | None, ok: bool, reason: str | None) -> None:
         """The serving chain's report of one stage attempt (the watchdog's input)."""
@@ -183,7 +153,7 @@ class Installer:
             return
         verdict = self.watchdog.observe(ok, reason)
         if verdict is not None:
-            self._handle_now(WatchdogTripped(verdict))
+            self._handle_now(ev.WatchdogTripped(verdict))
 
     def load_serving_models(self) -> None:
         """Load the active and previous slots and hand them to the server."""
@@ -198,7 +168,7 @@ class Installer:
 
     # -- the step loop -----------------------------------------------------------------
 
-    async def _handle(self, event: Event | None) -> str | None:
+    async def _handle(self, event: ev.Event | None) -> str | None:
         """Decide on ``event``, carry out the effects in order, then what they lead to.
 
         Returns what a poll says happened, when a step said it.
@@ -215,7 +185,7 @@ class Installer:
                     event = self._do(effect)
         return self._said
 
-    def _handle_now(self, event: Event | None) -> None:
+    def _handle_now(self, event: ev.Event | None) -> None:
         """:meth:`_handle` for events whose effects never wait (the clock, the watchdog)."""
         while event is not None:
             effects = self._decide(event)
@@ -224,27 +194,27 @@ class Installer:
                 assert event is None and not isinstance(effect, _AWAITED), effect
                 event = self._do(effect)
 
-    def _decide(self, event: Event) -> list[Effect]:
+    def _decide(self, event: ev.Event) -> list[ev.Effect]:
         # The journal part of the state moves on only as each journal is saved.
         after, effects = decide(self.state, event, self.clock(), self.policy)
         self.state = replace(self.state, retries=after.retries, last_check=after.last_check)
         return effects
 
-    def _do(self, effect: Effect) -> Event | None:
+    def _do(self, effect: ev.Effect) -> ev.Event | None:
         match effect:
-            case SaveJournal():
+            case ev.SaveJournal():
                 self._save(effect)
-            case Report():
+            case ev.Report():
                 self._event(effect.event, **effect.details)
-            case PollResult():
+            case ev.PollResult():
                 self._said = effect.text
-            case Hold():
+            case ev.Hold():
                 self.faults.hold(effect.step)
-            case ChooseSlot():
-                return SlotChosen(self.slots.inactive())
-            case Switch():
+            case ev.ChooseSlot():
+                return ev.SlotChosen(self.slots.inactive())
+            case ev.Switch():
                 self._switch(effect.slot)
-            case WatchTrial():
+            case ev.WatchTrial():
                 w = self.watchdog_config
                 self.watchdog = Watchdog(
                     window=w.window,
@@ -252,36 +222,36 @@ class Installer:
                     max_failure_rate=w.max_failure_rate,
                     min_requests=w.min_requests,
                 )
-            case EndTrial():
+            case ev.EndTrial():
                 self.watchdog = None
-            case RollBack():
+            case ev.RollBack():
                 return self._roll_back(effect)
-            case DeleteBundle():
+            case ev.DeleteBundle():
                 Path(effect.path).unlink(missing_ok=True)
-            case DiscardStaging():
+            case ev.DiscardStaging():
                 self.slots.discard_staging()
-            case LoadModels():
+            case ev.LoadModels():
                 self.load_serving_models()
             case _:  # pragma: no cover - a new effect without its I/O
                 raise AssertionError(f"no I/O for {effect}")
         return None
 
-    async def _awaited(self, effect: Effect) -> Event:
+    async def _awaited(self, effect: ev.Effect) -> ev.Event:
         counter = self.journal.installed_counter
         match effect:
-            case Check():
+            case ev.Check():
                 return await self.fetcher.check(counter)
-            case Download():
+            case ev.Download():
                 return await self.fetcher.download(counter, effect.expect)
-            case WriteSlot():
+            case ev.WriteSlot():
                 return await self._write_slot(effect.slot, Path(effect.bundle_file))
-            case SelfTest():
+            case ev.SelfTest():
                 return await self._self_test(effect.slot)
         raise AssertionError(f"{effect} is not awaited")  # pragma: no cover
 
     # -- persistence ---------------------------------------------------------------------
 
-    def _save(self, effect: SaveJournal) -> None:
+    def _save(self, effect: ev.SaveJournal) -> None:
         journal = effect.journal
         self.store.save(journal)
         self.state = replace(self.state, journal=journal)
@@ -317,7 +287,7 @@ class Installer:
             log.error("slot %s cannot serve: %s", slot, exc)
             return None
 
-    async def _write_slot(self, slot: str, bundle: Path) -> Event:
+    async def _write_slot(self, slot: str, bundle: Path) -> ev.Event:
         if self.previous is not None and self.previous.slot == slot:
             # The fallback model's slot is about to be overwritten: stop serving it.
             self.previous = None
@@ -327,20 +297,20 @@ class Installer:
                 self.slots.stage, slot, bundle, lambda: self.faults.hold("staging")
             )
         except SlotError as exc:
-            return StagingFailed("invalid-bundle", f"cannot stage the bundle: {exc}", True)
+            return ev.StagingFailed("invalid-bundle", f"cannot stage the bundle: {exc}", True)
         except OSError as exc:
             # The device's storage failed, not the bundle: report it, keep the bundle eligible.
-            return StagingFailed("staging-failed", f"cannot stage the bundle: {exc}", False)
-        return SlotWritten()
+            return ev.StagingFailed("staging-failed", f"cannot stage the bundle: {exc}", False)
+        return ev.SlotWritten()
 
-    async def _self_test(self, slot: str) -> Event:
+    async def _self_test(self, slot: str) -> ev.Event:
         try:
             self._tested, report = await asyncio.to_thread(self.models.self_test, slot)
         except (SelfTestFailed, SlotError) as exc:
             if isinstance(exc, UpdateRefused):
-                return SelfTestRefused(exc.reason, exc.detail)
-            return SelfTestRefused("invalid-bundle", str(exc))
-        return SelfTestPassed(report.latency_p95_ms, report.memory_mb)
+                return ev.SelfTestRefused(exc.reason, exc.detail)
+            return ev.SelfTestRefused("invalid-bundle", str(exc))
+        return ev.SelfTestPassed(report.latency_p95_ms, report.memory_mb)
 
     def _switch(self, slot: str) -> None:
         new, self._tested = self._tested, None
@@ -351,7 +321,7 @@ class Installer:
         self.active, self.previous = new, old
         self.publish(new, old)
 
-    def _roll_back(self, effect: RollBack) -> Event | None:
+    def _roll_back(self, effect: ev.RollBack) -> ev.Event | None:
         try:
             self.slots.roll_back()
         except SlotError as exc:
@@ -362,4 +332,4 @@ class Installer:
             self.active = self._load_slot(self.slots.pointer().active)
         self.publish(self.active, None)
         self.watchdog = None
-        return SlotsRolledBack(effect.reason, effect.message)
+        return ev.SlotsRolledBack(effect.reason, effect.message)

@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import pytest
 
+from agent.ota import step_events as ev
 from agent.ota.answers import (
     Assigned,
     Changed,
@@ -19,37 +20,6 @@ from agent.ota.answers import (
     parse_answer,
 )
 from agent.ota.journal import InstallTarget, Journal, Phase
-from agent.ota.step_events import (
-    Check,
-    ChooseSlot,
-    DeleteBundle,
-    DiscardStaging,
-    Download,
-    Effect,
-    EndTrial,
-    Event,
-    Hold,
-    LoadModels,
-    Poll,
-    PollResult,
-    Report,
-    RollBack,
-    SaveJournal,
-    SelfTest,
-    SelfTestPassed,
-    SelfTestRefused,
-    SlotChosen,
-    SlotsRolledBack,
-    SlotWritten,
-    StagingFailed,
-    Started,
-    Stopping,
-    Switch,
-    Tick,
-    WatchdogTripped,
-    WatchTrial,
-    WriteSlot,
-)
 from agent.ota.steps import (
     MAX_RETRY_DELAY_S,
     TRANSITIONS,
@@ -91,22 +61,22 @@ def at(phase: Phase, **changes: object) -> InstallerState:
     return InstallerState(JOURNALS[phase].model_copy(update=changes))
 
 
-def kinds(effects: list[Effect]) -> list[type]:
+def kinds(effects: list[ev.Effect]) -> list[type]:
     return [type(e) for e in effects]
 
 
-SAMPLES: dict[type, Event] = {
-    Started: Started(),
-    Poll: Poll(),
-    Tick: Tick(),
-    Stopping: Stopping(),
-    SlotChosen: SlotChosen("b"),
-    SlotWritten: SlotWritten(),
-    StagingFailed: StagingFailed("invalid-bundle", "no manifest.json", True),
-    SelfTestPassed: SelfTestPassed(latency_p95_ms=1.5, memory_mb=40.04),
-    SelfTestRefused: SelfTestRefused("self-test-failed", "golden vector 3 differs"),
-    WatchdogTripped: WatchdogTripped("5 of 9 requests NaN"),
-    SlotsRolledBack: SlotsRolledBack("watchdog", "5 of 9 requests NaN"),
+SAMPLES: dict[type, ev.Event] = {
+    ev.Started: ev.Started(),
+    ev.Poll: ev.Poll(),
+    ev.Tick: ev.Tick(),
+    ev.Stopping: ev.Stopping(),
+    ev.SlotChosen: ev.SlotChosen("b"),
+    ev.SlotWritten: ev.SlotWritten(),
+    ev.StagingFailed: ev.StagingFailed("invalid-bundle", "no manifest.json", True),
+    ev.SelfTestPassed: ev.SelfTestPassed(latency_p95_ms=1.5, memory_mb=40.04),
+    ev.SelfTestRefused: ev.SelfTestRefused("self-test-failed", "golden vector 3 differs"),
+    ev.WatchdogTripped: ev.WatchdogTripped("5 of 9 requests NaN"),
+    ev.SlotsRolledBack: ev.SlotsRolledBack("watchdog", "5 of 9 requests NaN"),
     Unassigned: Unassigned(),
     Assigned: Assigned(target=V2),
     Changed: Changed(target=V3),
@@ -116,68 +86,80 @@ SAMPLES: dict[type, Event] = {
 }
 
 # (phase, event, now, the phase it ends in, the effects in order): one case per row at least.
-CASES: list[tuple[Phase, Event, float, Phase, list[type]]] = [
-    (Phase.IDLE, Started(), NOW, Phase.IDLE, [DiscardStaging, LoadModels]),
-    (Phase.DOWNLOADING, Started(), NOW, Phase.DOWNLOADING, [DiscardStaging, LoadModels]),
-    (Phase.VERIFIED, Started(), NOW, Phase.VERIFIED, [DiscardStaging, LoadModels]),
+CASES: list[tuple[Phase, ev.Event, float, Phase, list[type]]] = [
+    (Phase.IDLE, ev.Started(), NOW, Phase.IDLE, [ev.DiscardStaging, ev.LoadModels]),
+    (Phase.DOWNLOADING, ev.Started(), NOW, Phase.DOWNLOADING, [ev.DiscardStaging, ev.LoadModels]),
+    (Phase.VERIFIED, ev.Started(), NOW, Phase.VERIFIED, [ev.DiscardStaging, ev.LoadModels]),
     (
         Phase.STAGING,
-        Started(),
+        ev.Started(),
         NOW,
         Phase.VERIFIED,
-        [DiscardStaging, LoadModels, SaveJournal, ChooseSlot],
+        [ev.DiscardStaging, ev.LoadModels, ev.SaveJournal, ev.ChooseSlot],
     ),
-    (Phase.STAGED, Started(), NOW, Phase.STAGED, [DiscardStaging, LoadModels, SelfTest]),
+    (
+        Phase.STAGED,
+        ev.Started(),
+        NOW,
+        Phase.STAGED,
+        [ev.DiscardStaging, ev.LoadModels, ev.SelfTest],
+    ),
     (
         Phase.TRIAL,
-        Started(),
+        ev.Started(),
         NOW,
         Phase.TRIAL,
-        [DiscardStaging, SaveJournal, LoadModels, WatchTrial],
+        [ev.DiscardStaging, ev.SaveJournal, ev.LoadModels, ev.WatchTrial],
     ),
-    (Phase.IDLE, Poll(), NOW, Phase.IDLE, [Check]),
-    (Phase.DOWNLOADING, Poll(), NOW, Phase.DOWNLOADING, [Download]),
-    (Phase.VERIFIED, Poll(), NOW, Phase.VERIFIED, [ChooseSlot]),
-    (Phase.STAGING, Poll(), NOW, Phase.STAGING, []),
-    (Phase.STAGED, Poll(), NOW, Phase.STAGED, []),
-    (Phase.TRIAL, Poll(), NOW, Phase.TRIAL, [PollResult]),
-    (Phase.IDLE, SAMPLES[Assigned], NOW, Phase.DOWNLOADING, [SaveJournal, Download]),
-    (Phase.IDLE, Unassigned(), NOW, Phase.IDLE, [PollResult]),
-    (Phase.IDLE, SAMPLES[Refused], NOW, Phase.IDLE, [Report, PollResult]),
-    (Phase.IDLE, SAMPLES[Unavailable], NOW, Phase.IDLE, [Report, PollResult]),
+    (Phase.IDLE, ev.Poll(), NOW, Phase.IDLE, [ev.Check]),
+    (Phase.DOWNLOADING, ev.Poll(), NOW, Phase.DOWNLOADING, [ev.Download]),
+    (Phase.VERIFIED, ev.Poll(), NOW, Phase.VERIFIED, [ev.ChooseSlot]),
+    (Phase.STAGING, ev.Poll(), NOW, Phase.STAGING, []),
+    (Phase.STAGED, ev.Poll(), NOW, Phase.STAGED, []),
+    (Phase.TRIAL, ev.Poll(), NOW, Phase.TRIAL, [ev.PollResult]),
+    (Phase.IDLE, SAMPLES[Assigned], NOW, Phase.DOWNLOADING, [ev.SaveJournal, ev.Download]),
+    (Phase.IDLE, Unassigned(), NOW, Phase.IDLE, [ev.PollResult]),
+    (Phase.IDLE, SAMPLES[Refused], NOW, Phase.IDLE, [ev.Report, ev.PollResult]),
+    (Phase.IDLE, SAMPLES[Unavailable], NOW, Phase.IDLE, [ev.Report, ev.PollResult]),
     (
         Phase.DOWNLOADING,
         SAMPLES[Downloaded],
         NOW,
         Phase.VERIFIED,
-        [SaveJournal, Hold, ChooseSlot],
+        [ev.SaveJournal, ev.Hold, ev.ChooseSlot],
     ),
-    (Phase.DOWNLOADING, SAMPLES[Refused], NOW, Phase.IDLE, [SaveJournal, PollResult]),
-    (Phase.DOWNLOADING, SAMPLES[Changed], NOW, Phase.IDLE, [SaveJournal]),
-    (Phase.DOWNLOADING, Unassigned(), NOW, Phase.IDLE, [SaveJournal]),
-    (Phase.DOWNLOADING, SAMPLES[Unavailable], NOW, Phase.DOWNLOADING, [Report, PollResult]),
-    (Phase.VERIFIED, SlotChosen("b"), NOW, Phase.STAGING, [SaveJournal, WriteSlot]),
-    (Phase.STAGING, SlotWritten(), NOW, Phase.STAGED, [SaveJournal, Hold, SelfTest]),
-    (Phase.STAGING, SAMPLES[StagingFailed], NOW, Phase.IDLE, [SaveJournal, DeleteBundle]),
+    (Phase.DOWNLOADING, SAMPLES[Refused], NOW, Phase.IDLE, [ev.SaveJournal, ev.PollResult]),
+    (Phase.DOWNLOADING, SAMPLES[Changed], NOW, Phase.IDLE, [ev.SaveJournal]),
+    (Phase.DOWNLOADING, Unassigned(), NOW, Phase.IDLE, [ev.SaveJournal]),
+    (Phase.DOWNLOADING, SAMPLES[Unavailable], NOW, Phase.DOWNLOADING, [ev.Report, ev.PollResult]),
+    (Phase.VERIFIED, ev.SlotChosen("b"), NOW, Phase.STAGING, [ev.SaveJournal, ev.WriteSlot]),
+    (Phase.STAGING, ev.SlotWritten(), NOW, Phase.STAGED, [ev.SaveJournal, ev.Hold, ev.SelfTest]),
+    (Phase.STAGING, SAMPLES[ev.StagingFailed], NOW, Phase.IDLE, [ev.SaveJournal, ev.DeleteBundle]),
     (
         Phase.STAGED,
-        SAMPLES[SelfTestPassed],
+        SAMPLES[ev.SelfTestPassed],
         NOW,
         Phase.TRIAL,
-        [Report, Switch, WatchTrial, SaveJournal, Hold],
+        [ev.Report, ev.Switch, ev.WatchTrial, ev.SaveJournal, ev.Hold],
     ),
-    (Phase.STAGED, SAMPLES[SelfTestRefused], NOW, Phase.IDLE, [SaveJournal, DeleteBundle]),
-    (Phase.TRIAL, Tick(), NOW + 299.0, Phase.TRIAL, []),
-    (Phase.TRIAL, Tick(), NOW + 300.0, Phase.IDLE, [SaveJournal, EndTrial, DeleteBundle]),
-    (Phase.TRIAL, SAMPLES[WatchdogTripped], NOW, Phase.TRIAL, [RollBack]),
-    (Phase.TRIAL, SAMPLES[SlotsRolledBack], NOW, Phase.IDLE, [SaveJournal, DeleteBundle]),
-    (Phase.TRIAL, Stopping(), NOW, Phase.TRIAL, [SaveJournal]),
-    *[(p, Tick(), NOW, p, []) for p in Phase if p is not Phase.TRIAL],
-    *[(p, Stopping(), NOW, p, []) for p in Phase if p is not Phase.TRIAL],
+    (Phase.STAGED, SAMPLES[ev.SelfTestRefused], NOW, Phase.IDLE, [ev.SaveJournal, ev.DeleteBundle]),
+    (Phase.TRIAL, ev.Tick(), NOW + 299.0, Phase.TRIAL, []),
+    (
+        Phase.TRIAL,
+        ev.Tick(),
+        NOW + 300.0,
+        Phase.IDLE,
+        [ev.SaveJournal, ev.EndTrial, ev.DeleteBundle],
+    ),
+    (Phase.TRIAL, SAMPLES[ev.WatchdogTripped], NOW, Phase.TRIAL, [ev.RollBack]),
+    (Phase.TRIAL, SAMPLES[ev.SlotsRolledBack], NOW, Phase.IDLE, [ev.SaveJournal, ev.DeleteBundle]),
+    (Phase.TRIAL, ev.Stopping(), NOW, Phase.TRIAL, [ev.SaveJournal]),
+    *[(p, ev.Tick(), NOW, p, []) for p in Phase if p is not Phase.TRIAL],
+    *[(p, ev.Stopping(), NOW, p, []) for p in Phase if p is not Phase.TRIAL],
 ]
 
 # Effects that begin the work of a phase: the journal naming that phase is saved first.
-WORK = (Check, Download, ChooseSlot, WriteSlot, SelfTest, Hold, DeleteBundle)
+WORK = (ev.Check, ev.Download, ev.ChooseSlot, ev.WriteSlot, ev.SelfTest, ev.Hold, ev.DeleteBundle)
 
 
 def test_every_row_of_the_table_has_a_case() -> None:
@@ -192,7 +174,7 @@ def test_every_row_of_the_table_has_a_case() -> None:
     ids=[f"{c[0]}-{type(c[1]).__name__}-{i}" for i, c in enumerate(CASES)],
 )
 def test_each_row_leads_where_the_table_says_with_its_effects_in_order(
-    phase: Phase, event: Event, now: float, to: Phase, effects: list[type]
+    phase: Phase, event: ev.Event, now: float, to: Phase, effects: list[type]
 ) -> None:
     before = at(phase)
     after, done = decide(before, event, now, POLICY)
@@ -202,7 +184,7 @@ def test_each_row_leads_where_the_table_says_with_its_effects_in_order(
     assert to in row.to
     if after.journal != before.journal:
         # The crash-safety rule: the new journal is saved before the work it names starts.
-        saves = [i for i, e in enumerate(done) if isinstance(e, SaveJournal)]
+        saves = [i for i, e in enumerate(done) if isinstance(e, ev.SaveJournal)]
         assert saves and done[saves[-1]].journal == after.journal  # type: ignore[union-attr]
         assert not any(isinstance(e, WORK) for e in done[: saves[-1]]), done
 
@@ -218,32 +200,32 @@ def test_an_event_no_row_names_is_refused(phase: Phase, event: type) -> None:
 
 def test_a_crash_loop_in_the_trial_rolls_back_after_max_trial_boots() -> None:
     state = at(Phase.TRIAL, trial_boots=1)
-    after, effects = decide(state, Started(), NOW, POLICY)
-    assert kinds(effects) == [DiscardStaging, LoadModels, RollBack]
-    assert effects[-1] == RollBack(
+    after, effects = decide(state, ev.Started(), NOW, POLICY)
+    assert kinds(effects) == [ev.DiscardStaging, ev.LoadModels, ev.RollBack]
+    assert effects[-1] == ev.RollBack(
         "crash-loop", "the agent restarted 2 times during the health period"
     )
     assert after.journal == state.journal
 
 
 def test_a_restart_in_the_trial_is_counted_before_the_models_load() -> None:
-    after, effects = decide(at(Phase.TRIAL), Started(), NOW, POLICY)
+    after, effects = decide(at(Phase.TRIAL), ev.Started(), NOW, POLICY)
     assert after.journal.trial_boots == 1
-    assert effects[1] == SaveJournal(
+    assert effects[1] == ev.SaveJournal(
         after.journal, "restarted-in-trial", {"boots": 1, "clean": False}
     )
     clean = at(Phase.TRIAL, clean_shutdown=True)
-    after, effects = decide(clean, Started(), NOW, POLICY)
+    after, effects = decide(clean, ev.Started(), NOW, POLICY)
     assert after.journal.trial_boots == 0 and not after.journal.clean_shutdown
 
 
 def test_an_installed_or_rejected_bundle_is_not_downloaded_again() -> None:
     installed = InstallerState(Journal(installed=V2))
     after, effects = decide(installed, Assigned(target=V2), NOW, POLICY)
-    assert effects == [PollResult("up to date")] and after.journal == installed.journal
+    assert effects == [ev.PollResult("up to date")] and after.journal == installed.journal
     rejected = InstallerState(Journal(rejected={V2.bundle_id: "watchdog: NaN"}))
     _, effects = decide(rejected, Assigned(target=V2), NOW, POLICY)
-    assert effects == [PollResult("not retrying p 2.0.0: rejected before")]
+    assert effects == [ev.PollResult("not retrying p 2.0.0: rejected before")]
 
 
 def test_a_refusal_that_spares_the_bundle_is_retried_after_a_doubling_backoff() -> None:
@@ -255,7 +237,7 @@ def test_a_refusal_that_spares_the_bundle_is_retried_after_a_doubling_backoff() 
         assert effects[0].details["remembered"] is False  # type: ignore[union-attr]
         assert state.journal.rejected == {}
         _, effects = decide(state, Assigned(target=V2), NOW + delay - 1, POLICY)
-        assert effects == [PollResult("retrying p 2.0.0 in 1 s")]
+        assert effects == [ev.PollResult("retrying p 2.0.0 in 1 s")]
         state = replace(state, journal=state.journal.start_download(V2))
     many = replace(state, retries={V2.bundle_id: Retry(30, 0.0)})
     after, _ = decide(many, garbled, NOW, POLICY)
@@ -266,15 +248,15 @@ def test_a_verified_download_clears_the_backoff_and_keeps_the_fetchers_path() ->
     state = replace(at(Phase.DOWNLOADING), retries={V2.bundle_id: Retry(2, 0.0)})
     after, _ = decide(state, Downloaded(target=V2, path=FILE), NOW, POLICY)
     assert after.retries == {} and after.journal.bundle_file == FILE
-    after, effects = decide(after, SlotChosen("a"), NOW, POLICY)
-    assert effects[-1] == WriteSlot("a", FILE)
+    after, effects = decide(after, ev.SlotChosen("a"), NOW, POLICY)
+    assert effects[-1] == ev.WriteSlot("a", FILE)
 
 
 def test_a_condemning_refusal_remembers_the_bundle() -> None:
     bad = Refused(reason="manifest-mismatch", message="x", about="download", condemns_bundle=True)
     after, effects = decide(at(Phase.DOWNLOADING), bad, NOW, POLICY)
     assert V2.bundle_id in after.journal.rejected and after.retries == {}
-    assert effects[-1] == PollResult("refused: x")
+    assert effects[-1] == ev.PollResult("refused: x")
 
 
 def test_a_refused_assignment_gives_the_download_up_without_blaming_its_bundle() -> None:
@@ -283,44 +265,46 @@ def test_a_refused_assignment_gives_the_download_up_without_blaming_its_bundle()
     assert after.journal.phase is Phase.IDLE and after.journal.rejected == {}
     assert after.journal.last_outcome is None
     save = effects[0]
-    assert isinstance(save, SaveJournal) and save.abandoned and save.event == "assignment-refused"
+    assert (
+        isinstance(save, ev.SaveJournal) and save.abandoned and save.event == "assignment-refused"
+    )
     assert save.details == {
         "abandoned": "p 2.0.0",
         "abandoned_id": V2.bundle_id,
         "reason": "bundle-not-found",
         "message": "unsigned",
     }
-    assert effects[-1] == PollResult("assignment refused: unsigned")
+    assert effects[-1] == ev.PollResult("assignment refused: unsigned")
 
 
 def test_a_download_of_another_bundle_than_expected_is_given_up() -> None:
     after, effects = decide(at(Phase.DOWNLOADING), Downloaded(target=V3, path=FILE), NOW, POLICY)
     assert after.journal.phase is Phase.IDLE and after.journal.rejected == {}
-    assert [e.event for e in effects if isinstance(e, SaveJournal)] == ["assignment-changed"]
+    assert [e.event for e in effects if isinstance(e, ev.SaveJournal)] == ["assignment-changed"]
 
 
 def test_the_same_check_refusal_is_reported_once() -> None:
     refused = Refused(reason="untrusted-root", message="damaged", about="assignment")
     state, effects = decide(at(Phase.IDLE), refused, NOW, POLICY)
     assert effects == [
-        Report("check-refused", {"reason": "untrusted-root", "message": "damaged"}),
-        PollResult("refused: damaged"),
+        ev.Report("check-refused", {"reason": "untrusted-root", "message": "damaged"}),
+        ev.PollResult("refused: damaged"),
     ]
     state, effects = decide(state, refused, NOW, POLICY)
-    assert effects == [PollResult("refused: damaged")]
+    assert effects == [ev.PollResult("refused: damaged")]
     state, _ = decide(state, Unassigned(), NOW, POLICY)
     _, effects = decide(state, refused, NOW, POLICY)
-    assert kinds(effects) == [Report, PollResult]
+    assert kinds(effects) == [ev.Report, ev.PollResult]
 
 
 def test_commit_raises_the_counter_and_deletes_the_bundle_file() -> None:
-    after, effects = decide(at(Phase.TRIAL), Tick(), NOW + 300.0, POLICY)
+    after, effects = decide(at(Phase.TRIAL), ev.Tick(), NOW + 300.0, POLICY)
     assert after.journal.installed == V2 and after.journal.installed_counter == V2.release_counter
-    assert effects[-1] == DeleteBundle(FILE)
+    assert effects[-1] == ev.DeleteBundle(FILE)
 
 
 def test_a_staging_failure_of_the_device_does_not_condemn_the_bundle() -> None:
-    failed = StagingFailed("staging-failed", "disk full", condemned=False)
+    failed = ev.StagingFailed("staging-failed", "disk full", condemned=False)
     after, _ = decide(at(Phase.STAGING), failed, NOW, POLICY)
     assert after.journal.rejected == {} and V2.bundle_id in after.retries
 
