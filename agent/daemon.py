@@ -26,7 +26,8 @@ from agent.api.http import LocalApi
 from agent.config import AgentConfig
 from agent.metrics import AgentMetrics
 from agent.ota.durable import atomic_write
-from agent.ota.installer import Installer, SlotModel
+from agent.ota.installer import Installer
+from agent.ota.parts import SlotModel
 from agent.runtime import Runtime, default_runtime
 from agent.serving.chain import Answer, FallbackChain, ModelSlot
 from agent.serving.cloud import CloudStage
@@ -79,7 +80,7 @@ class AgentDaemon:
                 max_age_s=telemetry.outbox_max_age_s,
             )
             self.chain.on_answer(self._record)
-        self.installer = Installer(
+        self.installer = Installer.from_config(
             config,
             config_path,
             runtime or default_runtime(),

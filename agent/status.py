@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from agent.config import AgentConfig
-from agent.ota.journal import JournalStore
+from agent.ota.journal_store import JournalStore
 from agent.ota.slots import SLOT_NAMES, SlotError, Slots
 
 

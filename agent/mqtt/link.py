@@ -30,8 +30,9 @@ import logging
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Protocol
 
 import aiomqtt
 from pydantic import BaseModel
@@ -48,10 +49,10 @@ from agent.mqtt.reports import (
     reported_state,
     same_state,
 )
-from agent.ota.installer import Installer
-from agent.serving.chain import FallbackChain
-from agent.telemetry.outbox import Outbox
+from agent.ota.journal import Journal
 from protocol.broker_url import parse_broker_url
+from protocol.inference import StageName
+from protocol.manifest import Manifest
 from protocol.messages import DesiredState, DeviceEvent, ReportedState, WindowAck
 from protocol.topics import (
     MAX_PAYLOAD_BYTES,
@@ -70,6 +71,48 @@ OPERATION_TIMEOUT_S = 10.0
 GOODBYE_TIMEOUT_S = 2.0
 
 OnDesired = Callable[[DesiredState], None]
+
+
+class ServingModel(Protocol):
+    @property
+    def manifest(self) -> Manifest: ...
+
+
+class InstallerView(Protocol):
+    """What the link reports of the installer (:class:`~agent.ota.installer.Installer`)."""
+
+    @property
+    def journal(self) -> Journal: ...
+
+    @property
+    def active(self) -> ServingModel | None: ...
+
+    @property
+    def previous(self) -> ServingModel | None: ...
+
+
+class StageCount(Protocol):
+    @property
+    def served(self) -> int: ...
+
+
+class ChainView(Protocol):
+    """What the heartbeat reports of the chain (:class:`~agent.serving.chain.FallbackChain`)."""
+
+    @property
+    def counters(self) -> Mapping[StageName, StageCount]: ...
+
+
+class WindowOutbox(Protocol):
+    """The telemetry windows waiting for the server (:class:`~agent.telemetry.outbox.Outbox`)."""
+
+    def pending(
+        self, limit: int = 100, *, resend_after_s: float | None = None
+    ) -> list[tuple[str, bytes]]: ...
+
+    def mark_sent(self, window_ids: Iterable[str], at: float | None = None) -> None: ...
+
+    def acknowledge(self, window_ids: Iterable[str]) -> int: ...
 
 
 def _read_password(path: Path | None) -> str | None:
@@ -123,11 +166,11 @@ class MqttLink:
     def __init__(
         self,
         config: AgentConfig,
-        installer: Installer,
-        chain: FallbackChain,
+        installer: InstallerView,
+        chain: ChainView,
         on_desired: OnDesired,
         *,
-        outbox: Outbox | None = None,
+        outbox: WindowOutbox | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:

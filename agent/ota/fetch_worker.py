@@ -2,39 +2,32 @@
 
 TUF, urllib3 and the cryptography libraries are large; running them in a
 short-lived child keeps them out of the serving process's memory. The child
-speaks one JSON object on stdout:
-
-    {"status": "none"}                          the director assigns nothing
-    {"status": "assigned", "target": {...}}     what to install (``check``)
-    {"status": "changed", "target": {...}}      the director now names another
-                                                bundle than ``--expect`` (``download``)
-    {"status": "downloaded", "target": {...}, "path": "..."}   (``download``)
-    {"status": "refused", "reason": "...", "message": "...",
-     "about": "assignment" | "download", "condemns_bundle": bool}
-    {"status": "unavailable", "reason": "...", "message": "..."}   retry later
-
-A refusal says what it is about: ``assignment`` (the director's answer, or the
-metadata behind it, was refused; nothing is known about any bundle; on a
-standalone device, the image repository's newest release of its name was: none
-released, none for this hardware, or a release counter below the installed) or
-``download`` (the expected bundle was fetched and refused). Only a refusal with
-``condemns_bundle`` proves the expected bundle itself bad.
+prints its answer (:mod:`agent.ota.answers`) as one JSON line on stdout.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
 from agent.config import AgentConfig
+from agent.ota.answers import (
+    Assigned,
+    Changed,
+    Downloaded,
+    FetchAnswer,
+    Refused,
+    Unassigned,
+    Unavailable,
+)
 from agent.ota.director import DirectorClient, image_target_or_none, resolve_assignment
 from agent.ota.errors import RepositoryUnavailable, UpdateRefused
 from agent.ota.faults import Faults
 from agent.ota.image_repository import BundleTarget, ImageRepositoryClient, open_verified_manifest
+from agent.ota.journal import InstallTarget
 from agent.ota.transport import FetchConfig
 
 
@@ -99,7 +92,7 @@ def resolve(
 
 def run(
     command: str, config: AgentConfig, installed_counter: int, expect: str | None = None
-) -> dict[str, Any]:
+) -> FetchAnswer:
     """Carry out ``check`` or ``download``; ``expect`` is the bundle id a download is for.
 
     A download first asks the director again: if it now names another bundle
@@ -114,11 +107,12 @@ def run(
     except UpdateRefused as exc:
         return _refused(exc, "assignment")
     if target is None:
-        return {"status": "none"}
+        return Unassigned()
+    signed = InstallTarget.model_validate(asdict(target))
     if command == "check":
-        return {"status": "assigned", "target": asdict(target)}
-    if expect is not None and expect not in {f"{a}:{h}" for a, h in target.hashes.items()}:
-        return {"status": "changed", "target": asdict(target)}
+        return Assigned(target=signed)
+    if expect is not None and expect not in signed.matching_ids():
+        return Changed(target=signed)
     faults = Faults(config.faults.hold_at)
 
     def progress(received: int) -> None:
@@ -132,21 +126,20 @@ def run(
         return _unavailable(exc)
     except UpdateRefused as exc:
         return _refused(exc, "download")
-    return {"status": "downloaded", "target": asdict(target), "path": str(path)}
+    return Downloaded(target=signed, path=str(path))
 
 
-def _unavailable(exc: UpdateRefused) -> dict[str, Any]:
-    return {"status": "unavailable", "reason": exc.reason, "message": exc.detail}
+def _unavailable(exc: UpdateRefused) -> Unavailable:
+    return Unavailable(reason=exc.reason, message=exc.detail)
 
 
-def _refused(exc: UpdateRefused, about: str) -> dict[str, Any]:
-    return {
-        "status": "refused",
-        "reason": exc.reason,
-        "message": exc.detail,
-        "about": about,
-        "condemns_bundle": about == "download" and exc.condemns_bundle,
-    }
+def _refused(exc: UpdateRefused, about: Literal["assignment", "download"]) -> Refused:
+    return Refused(
+        reason=exc.reason,
+        message=exc.detail,
+        about=about,
+        condemns_bundle=about == "download" and exc.condemns_bundle,
+    )
 
 
 def main() -> int:
@@ -157,7 +150,8 @@ def main() -> int:
     parser.add_argument("--expect", help="the bundle id (ALGORITHM:HEX) a download is for")
     args = parser.parse_args()
     config = AgentConfig.load(Path(args.config))
-    print(json.dumps(run(args.command, config, args.installed_counter, args.expect)), flush=True)
+    answer = run(args.command, config, args.installed_counter, args.expect)
+    print(answer.model_dump_json(), flush=True)
     return 0
 
 

@@ -19,25 +19,22 @@ The rules:
 - the installed release counter only grows, and only on commit.
 
 :class:`Journal` is pure data and pure transitions (no I/O, no clock: callers
-pass ``now``); :class:`JournalStore` persists it. Recovery after a restart is
-:func:`recovery_action`, a pure decision the installer carries out.
+pass ``now``); :class:`~agent.ota.journal_store.JournalStore` persists it.
+Recovery after a restart is :func:`recovery_action`, a pure decision; the
+installer's step function (:mod:`agent.ota.steps`) drives these transitions.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from enum import StrEnum
-from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-from agent.ota.durable import append_line, atomic_write
 from agent.ota.errors import answer_refusal_codes
 from agent.ota.identity import bundle_id, same_hashes
 
-MAX_EVENTS_KEPT = 500
 _BARE_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -125,6 +122,8 @@ class Journal(BaseModel):
     phase: Phase = Phase.IDLE
     target: InstallTarget | None = None
     slot: str | None = None  # the slot being staged, or the new active slot in trial
+    # The verified bundle file, as the fetcher named it; deleted once the install ends.
+    bundle_file: str | None = None
     trial_started_at: float | None = None
     trial_boots: int = 0
     clean_shutdown: bool = False  # the agent was stopped on purpose during the trial
@@ -133,6 +132,19 @@ class Journal(BaseModel):
     # Bundles never to retry, by identity (bundle_id), with the reason they proved bad.
     rejected: dict[str, str] = {}
     last_outcome: Outcome | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_without_bundle_file(cls, data: Any) -> Any:
+        # Journals written before the fetcher's path was kept: a verified bundle not yet
+        # staged is fetched again (resumed), which names its file.
+        if (
+            isinstance(data, dict)
+            and data.get("phase") in (Phase.VERIFIED, Phase.STAGING)
+            and data.get("bundle_file") is None
+        ):
+            return {**data, "phase": Phase.DOWNLOADING, "slot": None}
+        return data
 
     @field_validator("rejected", mode="before")
     @classmethod
@@ -174,10 +186,11 @@ class Journal(BaseModel):
         why = self.rejection(target)
         if why is not None:
             raise JournalError(f"{target.path} was rejected before: {why}")
-        return self._to(Phase.DOWNLOADING, target=target, slot=None)
+        return self._to(Phase.DOWNLOADING, target=target, slot=None, bundle_file=None)
 
-    def verified(self) -> Journal:
-        return self._to(Phase.VERIFIED)
+    def verified(self, bundle_file: str | None = None) -> Journal:
+        """The bundle is downloaded and verified, in ``bundle_file``."""
+        return self._to(Phase.VERIFIED, bundle_file=bundle_file)
 
     def start_staging(self, slot: str) -> Journal:
         return self._to(Phase.STAGING, slot=slot)
@@ -238,7 +251,9 @@ class Journal(BaseModel):
         """Give up an install that was not refused (e.g. the director changed its mind)."""
         if self.phase in (Phase.TRIAL, Phase.STAGED):
             raise JournalError(f"cannot abandon an install in {self.phase}")
-        return self.model_copy(update={"phase": Phase.IDLE, "target": None, "slot": None})
+        return self.model_copy(
+            update={"phase": Phase.IDLE, "target": None, "slot": None, "bundle_file": None}
+        )
 
     def _idle(self, outcome: Outcome, **changes: object) -> Journal:
         return self.model_copy(
@@ -246,6 +261,7 @@ class Journal(BaseModel):
                 "phase": Phase.IDLE,
                 "target": None,
                 "slot": None,
+                "bundle_file": None,
                 "trial_started_at": None,
                 "trial_boots": 0,
                 "clean_shutdown": False,
@@ -283,51 +299,3 @@ def recovery_action(journal: Journal, max_trial_boots: int) -> RecoveryAction:
             # This restart counts: the device rolls back on its max_trial_boots-th.
             restarts = journal.trial_boots + 1
             return "roll_back" if restarts >= max_trial_boots else "resume_trial"
-
-
-class JournalStore:
-    """Keeps the journal in ``DIR/journal.json`` and events in ``DIR/events.jsonl``."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.path = directory / "journal.json"
-        self.events_path = directory / "events.jsonl"
-
-    def load(self) -> Journal:
-        """The saved journal, or a fresh one on a new device."""
-        try:
-            return Journal.model_validate_json(self.path.read_bytes())
-        except FileNotFoundError:
-            return Journal()
-        except ValidationError as exc:
-            # atomic_write never leaves a torn file, so this is outside damage.
-            raise JournalError(f"{self.path} is corrupt: {exc.errors()[0]['msg']}") from None
-
-    def save(self, journal: Journal) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.path, journal.model_dump_json(indent=1).encode())
-
-    def event(self, at: float, kind: str, **fields: object) -> None:
-        """Record an event for ``edge-agent status`` and the server."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        append_line(self.events_path, json.dumps({"at": at, "event": kind, **fields}))
-        self._trim()
-
-    def events(self, last: int = 20) -> list[dict[str, object]]:
-        try:
-            lines = self.events_path.read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError:
-            return []
-        out = []
-        for line in lines[-last:]:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line torn by a crash mid-append
-        return out
-
-    def _trim(self) -> None:
-        if self.events_path.stat().st_size < MAX_EVENTS_KEPT * 400:
-            return
-        lines = self.events_path.read_text(encoding="utf-8").splitlines()[-MAX_EVENTS_KEPT // 2 :]
-        atomic_write(self.events_path, ("\n".join(lines) + "\n").encode())

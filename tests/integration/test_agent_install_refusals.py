@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from agent.config import AgentConfig
+from agent.ota.answers import FetchAnswer
 from agent.ota.installer import Installer
 from agent.ota.journal import Phase
+from agent.ota.parts import Fetcher
 from agent.runtime import default_runtime
 from agent.status import collect_status, describe_status
 from fleet_server.release.keys import KeyStore, init_keys
@@ -31,7 +32,6 @@ from tests.support.fleet import AgentProcess, Fleet
 pytestmark = pytest.mark.integration
 
 DEVICE = "face-1"
-Worker = Callable[..., Awaitable[dict[str, Any]]]
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +73,15 @@ class Clock:
         return self.now
 
 
-def installer_for(fleet: Fleet, clock: Clock) -> Installer:
+def config_for(fleet: Fleet) -> tuple[AgentConfig, Path]:
     path = fleet.agent_config(DEVICE, update={"health_period_s": 10.0})
-    return Installer(
-        AgentConfig.load(path), path, default_runtime(), lambda active, previous: None, clock
+    return AgentConfig.load(path), path
+
+
+def installer_for(fleet: Fleet, clock: Clock) -> Installer:
+    config, path = config_for(fleet)
+    return Installer.from_config(
+        config, path, default_runtime(), lambda active, previous: None, clock
     )
 
 
@@ -104,17 +109,19 @@ def test_a_forged_answer_racing_a_download_does_not_blacklist_the_genuine_bundle
         installer = installer_for(fleet, clock)
         await installer.recover()
         fleet.assign(DEVICE, v3)
-        real_worker: Worker = installer._worker
+        real_fetcher = installer.fetcher
 
-        async def director_changes_its_mind_after_the_check(
-            command: str, expect: str | None = None
-        ) -> dict[str, Any]:
-            answer = await real_worker(command, expect)
-            if command == "check":
+        class DirectorChangesItsMindAfterTheCheck:
+            async def check(self, installed_counter: int) -> FetchAnswer:
+                answer = await real_fetcher.check(installed_counter)
                 fleet.assign(DEVICE, forged(v3))
-            return answer
+                return answer
 
-        installer._worker = director_changes_its_mind_after_the_check  # type: ignore[method-assign]
+            async def download(self, installed_counter: int, expect: str) -> FetchAnswer:
+                return await real_fetcher.download(installed_counter, expect)
+
+        changing: Fetcher = DirectorChangesItsMindAfterTheCheck()
+        installer.fetcher = changing
         result = await installer.poll()
         assert "face/face-6.6.6.bundle" in result and "never signed" in result
 
@@ -130,7 +137,7 @@ def test_a_forged_answer_racing_a_download_does_not_blacklist_the_genuine_bundle
         assert not events_of(installer, "refused")
 
         # The operator assigns 3.0.0 again: it installs.
-        installer._worker = real_worker  # type: ignore[method-assign]
+        installer.fetcher = real_fetcher
         fleet.assign(DEVICE, v3)
         await installer.poll()
         await commit_trial(installer, clock)
@@ -202,7 +209,7 @@ def test_garbled_bytes_on_the_wire_are_refused_without_condemning_the_bundle(
         # Retried, but not in a tight loop: after the poll interval, doubling per failure.
         assert (await installer.poll()).startswith("retrying pump-health 3.0.0 in ")
         assert installer.journal.phase is Phase.IDLE
-        clock.now += installer.config.update.poll_interval_s
+        clock.now += installer.policy.poll_interval_s
         stored.write_bytes(genuine)
         await installer.poll()
         await commit_trial(installer, clock)
@@ -247,9 +254,11 @@ def test_a_damaged_trusted_root_shows_in_the_running_agents_events_and_status(
     fleet: Fleet, built: dict[str, Path]
 ) -> None:
     fleet.assign(DEVICE, fleet.release(built["v1"]))
-    clock = Clock()
-    installer = installer_for(fleet, clock)
-    root = installer.config.data_dir / "trust" / "director" / "root.json"
+    config, path = config_for(fleet)
+    installer = Installer.from_config(
+        config, path, default_runtime(), lambda active, previous: None, Clock()
+    )
+    root = config.data_dir / "trust" / "director" / "root.json"
     root.parent.mkdir(parents=True)
     root.write_text('{"signed": {}, "signatures": []}')
 
@@ -260,6 +269,6 @@ def test_a_damaged_trusted_root_shows_in_the_running_agents_events_and_status(
     assert all(r.startswith("refused: the trusted root ") for r in results)
     [event] = events_of(installer, "check-refused")  # recorded once, not on every poll
     assert event["reason"] == "untrusted-root" and str(root) in str(event["message"])
-    status = collect_status(installer.config)
+    status = collect_status(config)
     assert status["events"][-1]["reason"] == "untrusted-root"
     assert "untrusted-root" in describe_status(status)

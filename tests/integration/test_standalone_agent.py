@@ -147,6 +147,7 @@ def test_a_standalone_device_never_takes_a_release_below_the_installed_counter(
 ) -> None:
     from agent.config import AgentConfig
     from agent.ota import fetch_worker
+    from agent.ota.answers import Assigned, Refused
     from protocol.bundle import read_manifest
 
     keys, repo = release_engineer
@@ -156,13 +157,13 @@ def test_a_standalone_device_never_takes_a_release_below_the_installed_counter(
         v2_counter = read_manifest(f).release_counter
 
     answer = fetch_worker.run("check", config, installed_counter=v2_counter)
-    assert answer["status"] == "refused" and answer["about"] == "assignment", answer
-    assert answer["reason"] == "release-counter-downgrade", answer
-    assert "below the installed" in answer["message"]
-    assert not answer["condemns_bundle"]
+    assert isinstance(answer, Refused) and answer.about == "assignment", answer
+    assert answer.reason == "release-counter-downgrade", answer
+    assert "below the installed" in answer.message
+    assert not answer.condemns_bundle
 
     answer = fetch_worker.run("check", config, installed_counter=0)
-    assert (answer["status"], answer["target"]["version"]) == ("assigned", "1.0.0")
+    assert isinstance(answer, Assigned) and answer.target.version == "1.0.0", answer
     other = AgentConfig.load(standalone_config(tmp_path / "other", repo, name="no-such-model"))
     answer = fetch_worker.run("check", other, installed_counter=0)
-    assert (answer["status"], answer["reason"]) == ("refused", "bundle-not-found"), answer
+    assert isinstance(answer, Refused) and answer.reason == "bundle-not-found", answer

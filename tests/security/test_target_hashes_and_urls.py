@@ -12,6 +12,7 @@ import pytest
 
 from agent.config import AgentConfig
 from agent.ota import errors
+from agent.ota.answers import Downloaded
 from agent.ota.fetch_worker import resolve, run
 from agent.ota.verify import verify_bundle
 from fleet_server.director import DirectorRepository
@@ -188,8 +189,8 @@ def test_a_director_assignment_by_sha512_of_a_sha512_only_bundle_installs(
     assign_with_hashes(director, director_keys, DEVICE, HARDWARE, released, hashes)
     config = director_config(tmp_path, repo, director)
     answer = run("download", config, 0, expect=f"sha512:{hashes['sha512']}")
-    assert answer["status"] == "downloaded", answer
-    assert Path(answer["path"]).read_bytes() == bundles["v1"].read_bytes()
+    assert isinstance(answer, Downloaded), answer
+    assert Path(answer.path).read_bytes() == bundles["v1"].read_bytes()
 
 
 def test_director_and_image_repository_must_share_a_hash_algorithm_and_agree(

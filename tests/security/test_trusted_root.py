@@ -17,6 +17,7 @@ import pytest
 from agent.cli import EXIT_REFUSED, main
 from agent.config import AgentConfig
 from agent.ota import errors
+from agent.ota.answers import Refused
 from agent.ota.fetch_worker import run
 from agent.ota.verify import verify_bundle
 from fleet_server.director import DirectorRepository
@@ -156,6 +157,6 @@ def test_the_running_agents_fetcher_refuses_a_damaged_root_instead_of_retrying(
         # The image repository is consulted only once the director names a bundle.
         director.assign(director_keys, "pump-1", HARDWARE, repo.bundles()[0])
     answer = run("check", config, 0)
-    assert answer["status"] == "refused", answer
-    assert answer["reason"] == "untrusted-root"
-    assert str(root) in answer["message"]
+    assert isinstance(answer, Refused), answer
+    assert answer.reason == "untrusted-root"
+    assert str(root) in answer.message

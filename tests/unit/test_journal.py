@@ -11,10 +11,10 @@ from agent.ota.journal import (
     InstallTarget,
     Journal,
     JournalError,
-    JournalStore,
     Phase,
     recovery_action,
 )
+from agent.ota.journal_store import JournalStore
 
 V2 = InstallTarget(
     path="p/p-2.0.0.bundle",

@@ -1,0 +1,87 @@
+"""What the update fetcher answers the installer: one typed message per outcome.
+
+The fetcher (:mod:`agent.ota.fetch_worker`, a child process) prints exactly one
+of these as a JSON line; the installer parses it with :func:`parse_answer`.
+The models are light (no TUF, no network), so the serving process imports them
+without the verification machinery.
+
+A refusal says what it is about: ``assignment`` (the director's answer, or the
+metadata behind it, was refused; nothing is known about any bundle; on a
+standalone device, the image repository's newest release of its name was: none
+released, none for this hardware, or a release counter below the installed) or
+``download`` (the expected bundle was fetched and refused). Only a refusal with
+``condemns_bundle`` proves the expected bundle itself bad.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from agent.ota.journal import InstallTarget
+
+
+class _Answer(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class Unassigned(_Answer):
+    """The director assigns nothing (``check`` or ``download``)."""
+
+    status: Literal["none"] = "none"
+
+
+class Assigned(_Answer):
+    """What to install (``check``)."""
+
+    status: Literal["assigned"] = "assigned"
+    target: InstallTarget
+
+
+class Changed(_Answer):
+    """The director now names another bundle than the download expected (``download``)."""
+
+    status: Literal["changed"] = "changed"
+    target: InstallTarget
+
+
+class Downloaded(_Answer):
+    """The expected bundle, downloaded and verified, in the file ``path`` (``download``)."""
+
+    status: Literal["downloaded"] = "downloaded"
+    target: InstallTarget
+    path: str
+
+
+class Refused(_Answer):
+    """The fetcher refused the director's answer or the downloaded bundle."""
+
+    status: Literal["refused"] = "refused"
+    reason: str
+    message: str
+    about: Literal["assignment", "download"]
+    condemns_bundle: bool = False
+
+
+class Unavailable(_Answer):
+    """The repositories could not be reached, or the fetcher failed: try again later."""
+
+    status: Literal["unavailable"] = "unavailable"
+    reason: str
+    message: str
+
+
+FetchAnswer = Annotated[
+    Unassigned | Assigned | Changed | Downloaded | Refused | Unavailable,
+    Field(discriminator="status"),
+]
+_ANSWER: TypeAdapter[FetchAnswer] = TypeAdapter(FetchAnswer)
+
+
+def parse_answer(line: str) -> FetchAnswer:
+    """The fetcher's answer from its JSON line; raises ``ValueError`` when it is not one."""
+    try:
+        return _ANSWER.validate_json(line)
+    except ValidationError as exc:
+        raise ValueError(f"not an answer of the update fetcher: {exc.errors()[0]['msg']}") from None

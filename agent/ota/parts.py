@@ -1,0 +1,159 @@
+"""The installer's parts, each behind a small interface, and the real ones.
+
+The :class:`~agent.ota.installer.Installer` is given its slots, model loader,
+journal store, fetcher, clock and fault points; a device builds the real ones
+from its configuration (:meth:`Installer.from_config`), a test or a simulator
+of many devices passes its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from agent.ota.answers import FetchAnswer, Unavailable, parse_answer
+from agent.ota.journal import Journal
+from agent.ota.selftest import SelfTestReport, self_test
+from agent.ota.slots import SlotPointer, Slots
+from agent.runtime.base import LoadedModel, Runtime
+from protocol.manifest import Manifest
+
+
+@dataclass(frozen=True)
+class SlotModel:
+    """A model loaded from a slot, ready to serve."""
+
+    slot: str
+    manifest: Manifest
+    model: LoadedModel
+
+
+class SlotStore(Protocol):
+    """The A/B slots and the pointer that says which one serves (:class:`Slots`)."""
+
+    def pointer(self) -> SlotPointer: ...
+
+    def inactive(self) -> str: ...
+
+    def stage(
+        self, slot: str, bundle: Path, on_half_written: Callable[[], None] | None = None
+    ) -> Manifest:
+        """Write the bundle file into ``slot``; raises ``SlotError`` or ``OSError``."""
+        ...
+
+    def discard_staging(self) -> None: ...
+
+    def switch(self, slot: str) -> SlotPointer: ...
+
+    def roll_back(self) -> SlotPointer:
+        """Make the previous slot active; raises ``SlotError`` when there is none."""
+        ...
+
+
+class SlotModels(Protocol):
+    """Loads the model a slot holds, and self-tests it before it may serve."""
+
+    def load(self, slot: str) -> SlotModel:
+        """Raises ``SlotError`` or ``ModelLoadError``."""
+        ...
+
+    def self_test(self, slot: str) -> tuple[SlotModel, SelfTestReport]:
+        """Raises ``SelfTestFailed`` (with the reason) or ``SlotError``."""
+        ...
+
+
+class JournalKeeper(Protocol):
+    """Keeps the journal (fsynced on every save) and the install events."""
+
+    def load(self) -> Journal: ...
+
+    def save(self, journal: Journal) -> None: ...
+
+    def event(self, at: float, kind: str, **fields: object) -> None: ...
+
+    def events(self, last: int = 20) -> list[dict[str, object]]: ...
+
+
+class Fetcher(Protocol):
+    """Asks the director (or the image repository) and downloads verified bundles."""
+
+    async def check(self, installed_counter: int) -> FetchAnswer: ...
+
+    async def download(self, installed_counter: int, expect: str) -> FetchAnswer:
+        """Download the bundle whose id is ``expect``, if the director still names it."""
+        ...
+
+
+class FaultPoints(Protocol):
+    """Named steps a crash test may hold the agent at (:class:`~agent.ota.faults.Faults`)."""
+
+    def hold(self, step: str) -> None: ...
+
+
+class RuntimeSlotModels:
+    """Models loaded from :class:`Slots` with a :class:`Runtime`."""
+
+    def __init__(self, slots: Slots, runtime: Runtime) -> None:
+        self.slots = slots
+        self.runtime = runtime
+
+    def load(self, slot: str) -> SlotModel:
+        manifest = self.slots.manifest(slot)
+        return SlotModel(
+            slot, manifest, self.runtime.load(self.slots.path(slot) / manifest.model_file)
+        )
+
+    def self_test(self, slot: str) -> tuple[SlotModel, SelfTestReport]:
+        manifest = self.slots.manifest(slot)
+        model, report = self_test(self.runtime, self.slots.path(slot), manifest)
+        return SlotModel(slot, manifest, model), report
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    # PR_SET_PDEATHSIG: if the agent is killed, its fetcher dies with it.
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+
+
+class ProcessFetcher:
+    """The fetcher as a short-lived child process (:mod:`agent.ota.fetch_worker`).
+
+    TUF, urllib3 and the cryptography libraries stay out of the serving process.
+    """
+
+    def __init__(self, config_path: Path) -> None:
+        self.config_path = config_path
+
+    async def check(self, installed_counter: int) -> FetchAnswer:
+        return await self._run("check", installed_counter)
+
+    async def download(self, installed_counter: int, expect: str) -> FetchAnswer:
+        return await self._run("download", installed_counter, "--expect", expect)
+
+    async def _run(self, command: str, installed_counter: int, *extra: str) -> FetchAnswer:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "agent.ota.fetch_worker",
+            command,
+            "--config",
+            str(self.config_path),
+            "--installed-counter",
+            str(installed_counter),
+            *extra,
+            stdout=asyncio.subprocess.PIPE,
+            preexec_fn=_die_with_parent,
+        )
+        out, _ = await process.communicate()
+        try:
+            return parse_answer(out.decode().strip().splitlines()[-1])
+        except (IndexError, ValueError):
+            return Unavailable(
+                reason="fetcher-failed",
+                message=f"the update fetcher exited with status {process.returncode}",
+            )
