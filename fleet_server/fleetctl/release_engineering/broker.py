@@ -14,8 +14,8 @@ from fleet_server.broker_config import (
 )
 from fleet_server.fleetctl.commands import add_command, add_group
 from fleet_server.fleetctl.errors import CommandError
+from fleet_server.fleetctl.files import read_secret
 from fleet_server.fleetctl.render import emit
-from fleet_server.fleetctl.secret_files import read_secret
 
 
 def _device_credential(text: str) -> tuple[str, str]:

@@ -114,10 +114,7 @@ def cmd_bundle_inspect(args: argparse.Namespace) -> None:
             manifest, _ = read_bundle(f)
     except FileNotFoundError:
         raise CommandError(f"bundle {path} does not exist") from None
-    if args.json:
-        print(manifest.model_dump_json(indent=2))
-        return
-    print(describe_manifest(manifest))
+    emit(args, manifest.model_dump(mode="json"), describe_manifest(manifest))
 
 
 def describe_manifest(m: Manifest) -> str:

@@ -15,7 +15,9 @@ from fleet_server.fleetctl.render import emit
 from fleet_server.release.keys import init_keys, is_encrypted, load_keys
 
 
-def read_passphrase(args: argparse.Namespace, needed: bool, confirm: bool = False) -> bytes | None:
+def read_passphrase(args: argparse.Namespace, needed: bool) -> bytes | None:
+    """The passphrase from --passphrase-file or --passphrase-env, else asked on a terminal if
+    ``needed``."""
     if args.passphrase_file:
         try:
             return Path(args.passphrase_file).read_bytes().rstrip(b"\r\n")
@@ -33,10 +35,7 @@ def read_passphrase(args: argparse.Namespace, needed: bool, confirm: bool = Fals
             "the release keys are encrypted and standard input is not a terminal to ask on; "
             "give --passphrase-file FILE or --passphrase-env VAR"
         )
-    first = getpass.getpass("Passphrase for the release keys: ")
-    if confirm and getpass.getpass("Again: ") != first:
-        raise CommandError("the passphrases differ")
-    return first.encode()
+    return getpass.getpass("Passphrase for the release keys: ").encode()
 
 
 def cmd_keys_init(args: argparse.Namespace) -> None:
@@ -60,6 +59,7 @@ def cmd_keys_init(args: argparse.Namespace) -> None:
 
 
 def load_store(args: argparse.Namespace) -> Any:
+    """The release keys of ``--keys``, unlocked with the passphrase if they are encrypted."""
     keys_dir = Path(args.keys)
     encrypted = is_encrypted(keys_dir)
     return load_keys(
@@ -68,6 +68,7 @@ def load_store(args: argparse.Namespace) -> Any:
 
 
 def passphrase_flags(parser: argparse.ArgumentParser) -> None:
+    """Give ``parser`` the passphrase's flags."""
     parser.add_argument("--passphrase-file", help="file holding the release keys' passphrase")
     parser.add_argument(
         "--passphrase-env",

@@ -18,6 +18,14 @@ from fleet_server.fleetctl.render import emit, when
 from fleet_server.release.repository import ImageRepository
 
 
+def existing_repository(path: str) -> ImageRepository:
+    """The image repository in the folder ``path``; refused if there is none."""
+    repo = ImageRepository(Path(path))
+    if not repo.exists():
+        raise CommandError(f"{path} holds no image repository (fleetctl release add)")
+    return repo
+
+
 def cmd_release_add(args: argparse.Namespace) -> None:
     if args.re_release_of is not None:
         cmd_release_re_release(args)
@@ -75,9 +83,7 @@ def cmd_release_re_release(args: argparse.Namespace) -> None:
     name, at, version = args.re_release_of.rpartition("@")
     if not at or not name or not version:
         raise CommandError(f"--re-release-of {args.re_release_of!r}: give NAME@VERSION")
-    repo = ImageRepository(Path(args.repo))
-    if not repo.exists():
-        raise CommandError(f"{args.repo} holds no image repository (fleetctl release add)")
+    repo = existing_repository(args.repo)
     released = repo.re_release(name, version, load_store(args), args.version)
     emit(
         args,
@@ -101,10 +107,7 @@ def cmd_release_re_release(args: argparse.Namespace) -> None:
 def cmd_release_list(args: argparse.Namespace) -> None:
     rows: list[dict[str, Any]]
     if args.repo:
-        local = ImageRepository(Path(args.repo))
-        if not local.exists():
-            raise CommandError(f"{args.repo} holds no image repository (fleetctl release add)")
-        bundles = local.bundles()
+        bundles = existing_repository(args.repo).bundles()
         rows = [
             {
                 "name": b.name,
@@ -152,9 +155,7 @@ def _yank_note(r: dict[str, Any]) -> str:
 
 
 def cmd_release_timestamp(args: argparse.Namespace) -> None:
-    repo = ImageRepository(Path(args.repo))
-    if not repo.exists():
-        raise CommandError(f"{args.repo} holds no image repository (fleetctl release add)")
+    repo = existing_repository(args.repo)
     version = repo.refresh_timestamp(load_store(args))
     emit(args, {"timestamp_version": version}, f"Re-signed timestamp (version {version})")
 

@@ -14,6 +14,7 @@ from fleet_server.api.client import ApiClient
 from fleet_server.audit import ChainCheck, ChainReport, anchor_of, head_signature_problem
 from fleet_server.fleetctl.commands import add_command, add_group
 from fleet_server.fleetctl.errors import CommandError
+from fleet_server.fleetctl.files import write_file
 from fleet_server.fleetctl.remote.client import api_client
 from fleet_server.fleetctl.render import emit, text_table, when
 from protocol.api import SignedAuditHead
@@ -115,14 +116,7 @@ def cmd_audit_head(args: argparse.Namespace) -> None:
                     f"not replacing {args.out}: the audit log no longer extends it; "
                     f"at entry {report.broken_at}: {report.problem}"
                 )
-        tmp = out.with_name(f".{out.name}.tmp")
-        try:
-            tmp.write_text(signed.model_dump_json(indent=2) + "\n")
-            tmp.replace(out)
-        except OSError as exc:
-            raise CommandError(
-                f"cannot write the anchor {args.out}: {exc.strerror or exc}"
-            ) from None
+        write_file(out, signed.model_dump_json(indent=2) + "\n", what=f"the anchor {args.out}")
         lines.append(f"Saved to {args.out}; check later with: fleetctl audit verify --anchor FILE")
     emit(args, signed.model_dump(mode="json"), "\n".join(lines))
 

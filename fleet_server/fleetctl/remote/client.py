@@ -7,7 +7,7 @@ import os
 
 from fleet_server.api.client import ApiClient, ApiClientError
 from fleet_server.fleetctl.errors import CommandError
-from fleet_server.fleetctl.secret_files import read_secret
+from fleet_server.fleetctl.files import read_secret
 
 
 def remote_flags() -> argparse.ArgumentParser:
@@ -27,6 +27,7 @@ def remote_flags() -> argparse.ArgumentParser:
 
 
 def api_client(args: argparse.Namespace) -> ApiClient:
+    """A client of the server and token the command was given (or the environment names)."""
     server = args.server or os.environ.get("EDGEFLEET_SERVER")
     if not server:
         raise CommandError("give --server URL (or set EDGEFLEET_SERVER)")
@@ -54,6 +55,7 @@ def with_token_hint(exc: ApiClientError, client: ApiClient) -> str:
 
 
 def duration(text: str) -> float:
+    """An argument type: seconds from ``3600``, ``30m``, ``12h`` or ``7d``."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
     try:

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 from typing import Any
 
 from fleet_server.api.client import path_segment
 from fleet_server.fleetctl.commands import add_command, add_group
 from fleet_server.fleetctl.errors import CommandError
+from fleet_server.fleetctl.files import check_out_folder, secret_out
 from fleet_server.fleetctl.remote.client import api_client
 from fleet_server.fleetctl.render import emit, text_table, when
-from fleet_server.fleetctl.secret_files import check_out_folder, write_secret
 
 
 def _describe_device(d: dict[str, Any]) -> str:
@@ -97,14 +95,13 @@ def _password_lines(
     args: argparse.Namespace, created: dict[str, Any]
 ) -> tuple[dict[str, Any], str]:
     """The answer to show and its password lines: the password itself, or where --out wrote it."""
-    if not args.out:
+    shown = secret_out(args, created, "password")
+    if shown is None:
         return created, (
             "Password (shown only now; the device's HTTP and MQTT credential):\n"
             f"  {created['password']}"
         )
-    write_secret(Path(args.out), created["password"] + "\n")
-    shown = {k: v for k, v in created.items() if k != "password"}
-    return {**shown, "out": args.out}, (
+    return shown, (
         f"Password written to {args.out} (mode 0600; the device's HTTP and MQTT credential, "
         "for its [credentials] password_file)"
     )
@@ -239,7 +236,7 @@ def cmd_devices_windows(args: argparse.Namespace) -> None:
         if before is None:
             break
     if args.ids:
-        sys.stdout.write("".join(f"{w['window_id']}\n" for w in windows))
+        emit(args, windows, "".join(f"{w['window_id']}\n" for w in windows), end="")
         return
     table = text_table(
         ["WINDOW", "START", "END", "MODEL", "REQUESTS", "ERRORS", "LABELLED"],

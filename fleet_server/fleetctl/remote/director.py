@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 from fleet_server.fleetctl.commands import add_command, add_group
 from fleet_server.fleetctl.errors import CommandError
+from fleet_server.fleetctl.files import write_file
 from fleet_server.fleetctl.remote.client import api_client
 from fleet_server.fleetctl.render import emit
 
@@ -37,20 +37,15 @@ def _checked_root(data: Any) -> tuple[bytes, int]:
 
 
 def cmd_director_root(args: argparse.Namespace) -> None:
-    text, version = _checked_root(api_client(args).get("/director/root"))
+    root = api_client(args).get("/director/root")
+    text, version = _checked_root(root)
     if not args.out:
-        sys.stdout.write(text.decode())
+        emit(args, root, text.decode(), end="")
         return
-    out = Path(args.out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        tmp.write_bytes(text)
-        tmp.replace(out)
-    except OSError as exc:
-        raise CommandError(f"cannot write {args.out}: {exc.strerror or exc}") from None
+    write_file(Path(args.out), text.decode(), what=args.out)
     emit(
         args,
-        {"out": str(out), "version": version},
+        {"out": str(Path(args.out)), "version": version},
         f"Wrote the director's root (version {version}) to {args.out}; devices name it in "
         "agent.toml: [director] root",
     )

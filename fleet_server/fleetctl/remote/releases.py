@@ -11,6 +11,7 @@ from typing import Any
 from fleet_server.api.client import ApiClientError
 from fleet_server.fleetctl.commands import add_command
 from fleet_server.fleetctl.errors import CommandError
+from fleet_server.fleetctl.release_engineering.release import existing_repository
 from fleet_server.fleetctl.remote.client import api_client, with_token_hint
 from fleet_server.fleetctl.render import emit
 from fleet_server.release.repository import ImageRepository
@@ -61,9 +62,7 @@ def _repository_files(repo: ImageRepository, known: set[tuple[str, str]]) -> dic
 
 
 def cmd_release_push(args: argparse.Namespace) -> None:
-    repo = ImageRepository(Path(args.repo))
-    if not repo.exists():
-        raise CommandError(f"{args.repo} holds no image repository (fleetctl release add)")
+    repo = existing_repository(args.repo)
     client = api_client(args)
     try:
         known = {(r["target_path"], r["sha256"]) for r in client.get("/releases")["releases"]}

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from fleet_server.api.client import path_segment
 from fleet_server.fleetctl.commands import add_command, add_group
+from fleet_server.fleetctl.files import check_out_folder, secret_out
 from fleet_server.fleetctl.remote.client import api_client, duration
 from fleet_server.fleetctl.render import emit, text_table, when
-from fleet_server.fleetctl.secret_files import check_out_folder, write_secret
 
 
 def cmd_provisioning_token_create(args: argparse.Namespace) -> None:
@@ -24,14 +23,13 @@ def cmd_provisioning_token_create(args: argparse.Namespace) -> None:
         f"Provisioning token{scope}, {created['uses']} use(s), expires "
         f"{when(created['expires_at'])} UTC"
     )
-    if not args.out:
+    shown = secret_out(args, created, "token")
+    if shown is None:
         emit(args, created, f"{summary} (shown only now):\n  {created['token']}")
         return
-    write_secret(Path(args.out), created["token"] + "\n")
-    shown = {k: v for k, v in created.items() if k != "token"}
     emit(
         args,
-        {**shown, "out": args.out},
+        shown,
         f"{summary}, written to {args.out} (mode 0600); devices name it in agent.toml: "
         "[enrolment] token_file",
     )
