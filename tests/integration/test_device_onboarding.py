@@ -141,6 +141,7 @@ def test_fleetctl_writes_the_directors_root_or_prints_it(fleet: Fleet) -> None:
     printed = fleet.fleetctl("director", "root")
     assert printed.returncode == 0, printed.stderr
     assert json.loads(printed.stdout) == on_server
+    assert fleet.ok("director", "root") == on_server  # --json: the same root
 
     refused = fleet.fleetctl("director", "root", "--out", str(fleet.tmp / "x.json"), token=False)
     assert refused.returncode == 1

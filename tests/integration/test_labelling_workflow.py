@@ -158,6 +158,11 @@ def test_list_windows_write_labels_post_them_and_see_measured_accuracy(
     assert len(table.splitlines()) == 4 and "(more: --limit 4" in table
     ids = workflow.ok("devices", "windows", device, "--limit", "2", "--ids")
     assert ids == "".join(f"{w.window_id}\n" for w in list(reversed(sent))[:2])
+    # --json replaces the ids as it replaces the table: the windows, as data.
+    as_json = json.loads(
+        workflow.ok("devices", "windows", device, "--limit", "2", "--ids", "--json")
+    )
+    assert as_json == windows[:2]
     assert workflow.ok("devices", "windows", device, "--until", "2000-01-01", "--ids") == ""
 
     # 2. Labels for three windows, one row per labelled prediction.

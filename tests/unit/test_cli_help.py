@@ -214,7 +214,9 @@ _READS = re.compile(r"environ(?:\.get)?[\[(]\s*\"(EDGEFLEET_[A-Z_]+)\"")
 
 @pytest.mark.parametrize("tool", TOOLS)
 def test_the_tools_help_names_each_environment_variable_it_reads(tool: str) -> None:
-    source = Path(str(sys.modules[TOOLS[tool].module].__file__)).read_text()
+    path = Path(str(sys.modules[TOOLS[tool].module].__file__))
+    files = sorted(path.parent.rglob("*.py")) if path.name == "__init__.py" else [path]
+    source = "\n".join(f.read_text() for f in files)
     read = sorted(set(_READS.findall(source)))
     text = TOOLS[tool].build_parser().format_help()
     missing = [name for name in read if name not in text]

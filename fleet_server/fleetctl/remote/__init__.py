@@ -1,0 +1,1 @@
+"""The operator's commands: each talks to a fleet server's REST API (``--server``, a token)."""
