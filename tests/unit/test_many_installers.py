@@ -269,8 +269,7 @@ def ended(journal: Journal, release: Release) -> bool:
         and outcome is not None
         and outcome.target.same_bundle(release.target)
         and outcome.result != "refused"
-        or release.target.bundle_id in journal.rejected
-    )
+    ) or release.target.bundle_id in journal.rejected
 
 
 async def run_device(seed: int) -> None:
