@@ -36,7 +36,7 @@ from agent.ota.journal import (
 from agent.ota.selftest import self_test
 from agent.ota.slots import SlotError, Slots
 from agent.ota.watchdog import Watchdog
-from agent.runtime.base import LoadedModel, ModelLoadError, Runtime
+from model_runtime import LoadedModel, ModelLoadError, Runtime
 from protocol.manifest import Manifest
 
 log = logging.getLogger(__name__)

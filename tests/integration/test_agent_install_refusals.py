@@ -21,10 +21,10 @@ import pytest
 from agent.config import AgentConfig
 from agent.ota.installer import Installer
 from agent.ota.journal import Phase
-from agent.runtime import default_runtime
 from agent.status import collect_status, describe_status
 from fleet_server.release.keys import KeyStore, init_keys
 from fleet_server.release.repository import ReleasedBundle
+from model_runtime import default_runtime
 from tests.conftest import make_bundle
 from tests.support.fleet import AgentProcess, Fleet
 
