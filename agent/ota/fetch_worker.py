@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import AgentConfig
-from agent.ota.director import DirectorClient, image_target_or_none, resolve_assignment
+from agent.ota.director_client import DirectorClient, image_target_or_none, resolve_assignment
 from agent.ota.errors import RepositoryUnavailable, UpdateRefused
 from agent.ota.faults import Faults
 from agent.ota.image_repository import BundleTarget, ImageRepositoryClient, open_verified_manifest

@@ -4,6 +4,8 @@ The agent and the fleet server share only ``protocol`` and the model-runtime
 adapter; ``protocol`` imports none of ours; the adapter imports only
 ``protocol``. Checked on the source with ``ast``, imports inside functions
 included, so a violation is named by file and line before anything runs.
+Every folder of modules in them is a package (an ``__init__.py``), never an
+implicit namespace package.
 """
 
 from __future__ import annotations
@@ -64,6 +66,14 @@ def test_the_parts_named_in_the_rules_exist() -> None:
 @pytest.mark.parametrize("package", sorted(MAY_IMPORT))
 def test_each_part_imports_only_what_it_may(package: str) -> None:
     assert violations(package) == []
+
+
+@pytest.mark.parametrize("package", sorted(MAY_IMPORT))
+def test_every_folder_of_modules_is_a_package(package: str) -> None:
+    # Alembic loads its migration scripts by path; they are not imported.
+    folders = {p.parent for p in (ROOT / package).rglob("*.py") if "migrations" not in p.parts}
+    missing = [f for f in sorted(folders) if not (f / "__init__.py").is_file()]
+    assert [str(f.relative_to(ROOT)) for f in missing] == []
 
 
 def test_a_forbidden_import_is_named_by_file_and_line(tmp_path: Path) -> None:
