@@ -94,24 +94,17 @@ class TFLiteModel:
     def outputs(self) -> list[TensorSpec]:
         return [_spec(d) for d in self._outputs]
 
-    def run(self, inputs: Mapping[str, npt.ArrayLike]) -> Tensors:
-        """Outputs for a batch; ``inputs`` maps names to ``[batch, *example_shape]``.
+    def run(self, inputs: Mapping[str, npt.NDArray[Any]]) -> Tensors:
+        """Outputs for a batch of arrays of the model's dtypes, by input name.
 
-        Inputs are taken as the model's dtypes (no copy when they already are). A
-        model without a dynamic batch runs row by row.
+        A model without a dynamic batch runs row by row.
         """
-        try:
-            arrays = {
-                d["name"]: np.asarray(inputs[d["name"]], dtype=d["dtype"]) for d in self._inputs
-            }
-        except (ValueError, TypeError, KeyError) as exc:
-            raise ModelRunError(f"the model failed to run: {_first_line(exc)}") from None
-        rows = int(next(iter(arrays.values())).shape[0])
+        rows = int(next(iter(inputs.values())).shape[0])
         with self._lock:
             if rows == 1 or self._dynamic:
-                return self._invoke(arrays, rows)
+                return self._invoke(inputs, rows)
             parts = [
-                self._invoke({k: v[i : i + 1] for k, v in arrays.items()}, 1) for i in range(rows)
+                self._invoke({k: v[i : i + 1] for k, v in inputs.items()}, 1) for i in range(rows)
             ]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
@@ -126,7 +119,7 @@ class TFLiteModel:
             for d in self._inputs:
                 interpreter.set_tensor(d["index"], inputs[d["name"]])
             interpreter.invoke()
-        except (RuntimeError, ValueError) as exc:
+        except (RuntimeError, ValueError, KeyError) as exc:
             raise ModelRunError(f"the model failed to run: {_first_line(exc)}") from None
         return {d["name"]: interpreter.get_tensor(d["index"]) for d in self._outputs}
 

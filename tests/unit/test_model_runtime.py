@@ -34,13 +34,6 @@ def test_a_model_runs_alike_from_its_file_and_from_its_bytes() -> None:
     np.testing.assert_array_equal(from_file["scores"], from_bytes["scores"])
 
 
-def test_inputs_are_taken_as_the_models_dtype() -> None:
-    model = TFLiteRuntime().load(MODELS / "v1.tflite")
-    as_float32 = model.run({"features": ROWS})["scores"]
-    as_lists = model.run({"features": ROWS.astype(np.float64).tolist()})["scores"]
-    np.testing.assert_array_equal(as_lists, as_float32)
-
-
 def test_a_model_without_a_dynamic_batch_runs_row_by_row() -> None:
     model = TFLiteRuntime().load(static_batch_model())
     x = np.arange(12, dtype=np.float32).reshape(3, 4)
@@ -61,8 +54,8 @@ def test_a_model_the_runtime_cannot_load_is_refused_naming_it(tmp_path: Path) ->
 
 @pytest.mark.parametrize(
     "inputs",
-    [{"other": ROWS}, {"features": ROWS[:, :3]}, {"features": np.array(["a"] * 16)}],
-    ids=["missing input", "wrong shape", "not numbers"],
+    [{"other": ROWS}, {"features": ROWS[:, :3]}, {"features": ROWS.astype(np.float64)}],
+    ids=["missing input", "wrong shape", "wrong dtype"],
 )
 def test_inputs_the_model_cannot_take_are_a_run_error(inputs: dict[str, Any]) -> None:
     model = TFLiteRuntime().load(MODELS / "v1.tflite")
@@ -75,8 +68,9 @@ LOAD = (
     "from pathlib import Path\n"
     "if sys.argv[2] == 'debug':\n"
     "    logging.basicConfig(level=logging.DEBUG)\n"
+    "import numpy as np\n"
     "from model_runtime import TFLiteRuntime\n"
-    "TFLiteRuntime().load(Path(sys.argv[1])).run({'features': [[0.0] * 16]})\n"
+    "TFLiteRuntime().load(Path(sys.argv[1])).run({'features': np.zeros((1, 16), np.float32)})\n"
 )
 
 
