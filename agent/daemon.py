@@ -28,10 +28,10 @@ from agent.metrics import AgentMetrics
 from agent.ota.durable import atomic_write
 from agent.ota.installer import Installer
 from agent.ota.parts import SlotModel
-from agent.runtime import Runtime, default_runtime
 from agent.serving.chain import Answer, FallbackChain, ModelSlot
 from agent.serving.cloud import CloudStage
 from agent.telemetry import Outbox, WindowPolicy, WindowRecorder, WindowRecordError
+from model_runtime import Runtime, default_runtime
 from protocol.window import encode_window
 
 if TYPE_CHECKING:

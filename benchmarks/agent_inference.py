@@ -64,7 +64,6 @@ import numpy.typing as npt
 
 from agent.api.inprocess import InferenceClient
 from agent.metrics import LATENCY_BUCKETS_S, InferenceMetrics
-from agent.runtime import TFLiteRuntime
 from agent.serving.chain import ChainConfig, FallbackChain, ModelSlot, RequestCounter
 from agent.serving.validation import InputContract
 from firmware_images.tflite_writer import GraphBuilder
@@ -74,6 +73,7 @@ from fleet_server.release.bundle_builder import (
     build_bundle,
     load_feature_file,
 )
+from model_runtime import TFLiteRuntime
 
 MODELS = Path(__file__).resolve().parents[1] / "firmware_images" / "models"
 ROUNDS = 25

@@ -61,7 +61,6 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.api.inprocess import InferenceClient
-from agent.runtime import TFLiteRuntime
 from agent.serving.chain import Answer, FallbackChain, ModelSlot
 from agent.telemetry import WindowPolicy, WindowRecorder
 from firmware_images.datagen import generate
@@ -72,6 +71,7 @@ from fleet_server.release.bundle_builder import (
     build_bundle,
     load_feature_file,
 )
+from model_runtime import LoadedModel, TFLiteRuntime
 from protocol.drift import (
     DriftPolicy,
     FeatureDrift,
@@ -367,28 +367,9 @@ def bundle_32() -> tuple[BuiltBundle, bytes]:
     return built, model
 
 
-class Model32:
-    def __init__(self, model: bytes) -> None:
-        from tflite_runtime.interpreter import Interpreter
-
-        self.interpreter = Interpreter(model_content=model, num_threads=1)
-        self.input = self.interpreter.get_input_details()[0]["index"]
-        self.output = self.interpreter.get_output_details()[0]["index"]
-        self.rows = 0
-
-    def __call__(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        if x.shape[0] != self.rows:
-            self.interpreter.resize_tensor_input(self.input, list(x.shape))
-            self.interpreter.allocate_tensors()
-            self.rows = x.shape[0]
-        self.interpreter.set_tensor(self.input, x)
-        self.interpreter.invoke()
-        return np.array(self.interpreter.get_tensor(self.output))
-
-
 def record_windows(
     manifest: Manifest,
-    model: Model32,
+    model: LoadedModel,
     requests: int,
     rows_per_request: int,
     count: int,
@@ -409,7 +390,7 @@ def record_windows(
         for i in range(requests):
             x = X[i * rows_per_request : (i + 1) * rows_per_request]
             t0 = time.perf_counter()
-            scores = model(x)
+            scores = model.run({"features": x})["scores"]
             recorder.record({"features": x}, {"scores": scores}, "active", time.perf_counter() - t0)
         window = recorder.poll()
         assert window is not None and window.requests == requests
@@ -417,7 +398,7 @@ def record_windows(
     return out
 
 
-def measure_bytes(manifest: Manifest, model: Model32) -> dict[str, dict[str, float]]:
+def measure_bytes(manifest: Manifest, model: LoadedModel) -> dict[str, dict[str, float]]:
     result = {}
     for requests in (60, 600):
         windows = record_windows(manifest, model, requests, 1, 20, seed=requests)
@@ -466,7 +447,7 @@ def detect_drift_per_feature(
     ]
 
 
-def measure_drift(manifest: Manifest, model: Model32) -> dict[str, float]:
+def measure_drift(manifest: Manifest, model: LoadedModel) -> dict[str, float]:
     distinct = [
         *record_windows(manifest, model, 10, 100, 80, seed=7),
         *record_windows(manifest, model, 10, 100, 20, seed=8, shift=0.15),
@@ -589,7 +570,7 @@ def run() -> dict[str, Any]:
     )
     results["rows"] = measure_rows()
     built, model = bundle_32()
-    m32 = Model32(model)
+    m32 = TFLiteRuntime().load(model)
     results["bytes"] = measure_bytes(built.manifest, m32)
     results["drift"] = measure_drift(built.manifest, m32)
     return results

@@ -1,13 +1,13 @@
-"""The director service: assign a released bundle to devices, sign, and tell them.
+"""Assignments: which released bundle each device runs; recorded, signed, announced.
 
 An assignment names devices, or a tag: a tag assignment is a rule
 (``assignment_rules``) that also gives its release to every device that gains
-the tag later (:meth:`DirectorService.apply_rules`). Precedence for a device
+the tag later (:meth:`AssignmentService.apply_rules`). Precedence for a device
 gaining a tag: an assignment made for the device by name overrides tag rules,
 and of two rules matching it, the newest wins. A release below the counter a
 device reports running is refused up front (the device would refuse it); an
 old model goes back out as a re-release above the counter. Cancelling
-(:meth:`DirectorService.cancel`) signs metadata that names nothing, so the
+(:meth:`AssignmentService.cancel`) signs metadata that names nothing, so the
 device keeps what it runs.
 
 An assignment is recorded in the database and the audit log first; once that
@@ -22,7 +22,7 @@ The transaction chooses each device's next director version (above both the
 recorded and the signed one) and signing happens after the commit, so a
 commit that fails leaves the metadata as it was. What was committed but not
 signed (the process died in between, the disk was full) is signed by
-:meth:`DirectorService.sync`, which the server runs at start and hourly: the
+:meth:`AssignmentService.sync`, which the server runs at start and hourly: the
 outbox is the device table itself, compared with what each device's metadata
 names (:func:`plan_sync`).
 """
@@ -90,7 +90,7 @@ class AssignmentResult:
 
 @dataclass(frozen=True)
 class Assigned:
-    """What :meth:`DirectorService.assign` recorded: each device's assignment, and the rule."""
+    """What :meth:`AssignmentService.assign` recorded: each device's assignment, and the rule."""
 
     results: list[AssignmentResult]
     rule_id: int | None
@@ -98,7 +98,7 @@ class Assigned:
 
 @dataclass(frozen=True)
 class Cancelled:
-    """What :meth:`DirectorService.cancel` cancelled: the devices that now keep what they run."""
+    """What :meth:`AssignmentService.cancel` cancelled: the devices that now keep what they run."""
 
     assignment_id: str
     target_path: str
@@ -332,8 +332,8 @@ def plan_sync(committed: Committed, signed: Signed) -> SyncStep | None:
     return None
 
 
-class DirectorService:
-    """Signs assignments with the director's online key."""
+class AssignmentService:
+    """Assigns releases to devices, signs the assignments with the director's online key."""
 
     def __init__(
         self, director: DirectorRepository, keys: KeyStore, publish: PublishDesired | None = None
@@ -804,7 +804,7 @@ def refuse_yanked(release: Release) -> None:
 
 
 async def withdraw_assignments(
-    director: DirectorService,
+    assignments: AssignmentService,
     session: AsyncSession,
     device_ids: Sequence[str],
     actor: str,
@@ -813,7 +813,7 @@ async def withdraw_assignments(
 
     Each device is assigned nothing at its next director version (above both
     the recorded and the signed one), so once the transaction has committed
-    :meth:`DirectorService.sync` signs an empty assignment for it: the device
+    :meth:`AssignmentService.sync` signs an empty assignment for it: the device
     keeps what it runs. Its current assignment is marked cancelled by ``actor``
     (``assignments list --cancelled`` shows it). Devices already assigned
     nothing are left alone.
@@ -828,7 +828,7 @@ async def withdraw_assignments(
     ).scalars()
     devices = [d for d in locked if d.assigned_target is not None]
     signed = await asyncio.to_thread(
-        lambda: {d.id: director.director.signed(d.id).version for d in devices}
+        lambda: {d.id: assignments.director.signed(d.id).version for d in devices}
     )
     versions = {}
     now = datetime.now(UTC)
@@ -858,12 +858,12 @@ async def cancel_rules_of(session: AsyncSession, target_path: str, actor: str) -
     return [rule_label(rule.id) for rule in rules]
 
 
-async def announce_withdrawn(director: DirectorService, versions: dict[str, int]) -> None:
+async def announce_withdrawn(assignments: AssignmentService, versions: dict[str, int]) -> None:
     """Publish, retained, that each device is assigned nothing now (after commit)."""
-    if director.publish is None:
+    if assignments.publish is None:
         return
     for device_id, version in sorted(versions.items()):
-        await director.publish(
+        await assignments.publish(
             DesiredState(
                 device_id=device_id, director_version=version, bundle=None, issued_at=time.time()
             )

@@ -4,7 +4,7 @@ Both withdraw assignments: the database records, in one transaction with the
 audit entry, that the devices concerned are assigned nothing (at their next
 director version); once that has committed, their director metadata is signed
 empty, so each device keeps what it runs (:func:`fleet_server.assignments.withdraw_assignments`,
-signed by :meth:`~fleet_server.assignments.DirectorService.sync`, which also
+signed by :meth:`~fleet_server.assignments.AssignmentService.sync`, which also
 signs what a crash left unsigned).
 
 - **Decommission** (:func:`decommission`): the device's credential is
@@ -28,7 +28,7 @@ from sqlalchemy import select
 
 from fleet_server import registry
 from fleet_server.assignments import (
-    DirectorService,
+    AssignmentService,
     announce_withdrawn,
     cancel_rules_of,
     withdraw_assignments,
@@ -36,7 +36,7 @@ from fleet_server.assignments import (
 from fleet_server.audit import record
 from fleet_server.db import Database
 from fleet_server.db.models import Device, Release
-from fleet_server.releases import ReleaseError
+from fleet_server.publishing import ReleaseError
 
 log = logging.getLogger(__name__)
 
@@ -60,18 +60,18 @@ class YankOutcome:
 
 
 async def decommission(
-    db: Database, director: DirectorService, device_id: str, *, reason: str | None, actor: str
+    db: Database, assignments: AssignmentService, device_id: str, *, reason: str | None, actor: str
 ) -> Device:
     """Decommission ``device_id`` and withdraw its assignment; returns the device."""
     async with db.session() as session:
         device = await registry.decommission_device(session, device_id, reason=reason, actor=actor)
-        versions = await withdraw_assignments(director, session, [device_id], actor)
-    await _sign_withdrawn(db, director, versions)
+        versions = await withdraw_assignments(assignments, session, [device_id], actor)
+    await _sign_withdrawn(db, assignments, versions)
     return device
 
 
 async def yank(
-    db: Database, director: DirectorService, target_path: str, *, reason: str, actor: str
+    db: Database, assignments: AssignmentService, target_path: str, *, reason: str, actor: str
 ) -> YankOutcome:
     """Yank the release at ``target_path``: withdraw it from every device not running it."""
     async with db.session() as session:
@@ -98,7 +98,7 @@ async def yank(
         running = f"{release.name} {release.version}"
         kept = [d.id for d in assigned if d.active_bundle == running]
         versions = await withdraw_assignments(
-            director, session, [d.id for d in assigned if d.active_bundle != running], actor
+            assignments, session, [d.id for d in assigned if d.active_bundle != running], actor
         )
         withdrawn = sorted(versions)
         # A tag rule naming it would give it to devices that gain the tag later.
@@ -117,12 +117,12 @@ async def yank(
                 "rules_cancelled": rules,
             },
         )
-    await _sign_withdrawn(db, director, versions)
+    await _sign_withdrawn(db, assignments, versions)
     return YankOutcome(release, withdrawn, kept, rules)
 
 
 async def _sign_withdrawn(
-    db: Database, director: DirectorService, versions: dict[str, int]
+    db: Database, assignments: AssignmentService, versions: dict[str, int]
 ) -> None:
     """After the commit: sign the empty assignments and say so over MQTT.
 
@@ -132,10 +132,10 @@ async def _sign_withdrawn(
     if not versions:
         return
     try:
-        await director.sync(db, sorted(versions))
+        await assignments.sync(db, sorted(versions))
     except Exception:
         log.exception("withdrawn assignments of %s committed but not signed", sorted(versions))
     try:
-        await announce_withdrawn(director, versions)
+        await announce_withdrawn(assignments, versions)
     except Exception:
         log.exception("withdrawn assignments of %s committed but not announced", sorted(versions))

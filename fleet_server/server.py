@@ -17,7 +17,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from fleet_server.assignments import DirectorService
+from fleet_server.assignments import AssignmentService
 from fleet_server.audit import anchor_once
 from fleet_server.config import ServerConfig
 from fleet_server.db import Database, migrate
@@ -29,8 +29,8 @@ from fleet_server.drift.webhook import Notification, WebhookNotifier
 from fleet_server.metrics import Metrics
 from fleet_server.mqtt.claim import NamespaceGuard, StartRefused
 from fleet_server.mqtt.link import ServerMqtt
+from fleet_server.publishing import ReleaseService
 from fleet_server.release.keys import KeyStore, init_keys, load_keys
-from fleet_server.releases import ReleaseService
 from protocol.cbpe import AccuracyPolicy
 from protocol.messages import DesiredState
 
@@ -65,7 +65,7 @@ class FleetServer:
         if not director.exists():
             director.create(keys)
         self.mqtt = ServerMqtt(config, self.db, self.metrics) if config.mqtt_url else None
-        self.director = DirectorService(director, keys, self._publish_desired)
+        self.assignments = AssignmentService(director, keys, self._publish_desired)
         self.http_port: int | None = None
         self.notifier = self._alert_notifier()
 
@@ -223,9 +223,9 @@ class FleetServer:
             if time.monotonic() >= next_full:
                 next_full = time.monotonic() + DIRECTOR_REFRESH_EVERY_S
                 await self._director_maintenance()
-            elif self.director.unsigned:
+            elif self.assignments.unsigned:
                 try:
-                    await self.director.sync(self.db, sorted(self.director.unsigned))
+                    await self.assignments.sync(self.db, sorted(self.assignments.unsigned))
                 except Exception:
                     log.exception("signing committed assignments failed")
             with contextlib.suppress(TimeoutError):
@@ -254,20 +254,20 @@ class FleetServer:
 
     async def _director_maintenance(self) -> None:
         try:
-            signed = await self.director.sync(self.db)
+            signed = await self.assignments.sync(self.db)
             if signed:
                 log.info("signed %d committed assignments the director lacked", signed)
         except Exception:
             log.exception("bringing the director in line with the database failed")
         try:
             count = await asyncio.to_thread(
-                self.director.director.refresh_expiring,
-                self.director.keys,
+                self.assignments.director.refresh_expiring,
+                self.assignments.keys,
                 DIRECTOR_REFRESH_WITHIN,
             )
             if count:
                 log.info("re-signed %d director timestamps", count)
-            pruned = await asyncio.to_thread(self.director.director.prune_all)
+            pruned = await asyncio.to_thread(self.assignments.director.prune_all)
             if pruned:
                 log.info("pruned %d superseded director metadata files", pruned)
         except Exception:

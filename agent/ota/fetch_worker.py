@@ -23,7 +23,7 @@ from agent.ota.answers import (
     Unassigned,
     Unavailable,
 )
-from agent.ota.director import DirectorClient, image_target_or_none, resolve_assignment
+from agent.ota.director_client import DirectorClient, image_target_or_none, resolve_assignment
 from agent.ota.errors import RepositoryUnavailable, UpdateRefused
 from agent.ota.faults import Faults
 from agent.ota.image_repository import BundleTarget, ImageRepositoryClient, open_verified_manifest

@@ -38,7 +38,7 @@ from agent.ota.parts import (
 from agent.ota.slots import SlotError, Slots
 from agent.ota.steps import InstallerState, Policy, decide
 from agent.ota.watchdog import Watchdog
-from agent.runtime.base import ModelLoadError, Runtime
+from model_runtime import ModelLoadError, Runtime
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from agent.ota.answers import FetchAnswer, Unavailable, parse_answer
 from agent.ota.journal import Journal
 from agent.ota.selftest import SelfTestReport, self_test
 from agent.ota.slots import SlotPointer, Slots
-from agent.runtime.base import LoadedModel, Runtime
+from model_runtime import LoadedModel, Runtime
 from protocol.manifest import Manifest
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from agent.ota.errors import SelfTestFailed
-from agent.runtime.base import LoadedModel, ModelLoadError, ModelRunError, Runtime
+from model_runtime import LoadedModel, ModelLoadError, ModelRunError, Runtime
 from protocol.manifest import Manifest
 
 LATENCY_RUNS = 20

@@ -40,9 +40,9 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
-from agent.runtime.base import LoadedModel, Runtime
 from agent.serving.breaker import BreakerState, CircuitBreaker
 from agent.serving.validation import InputContract, InvalidInput
+from model_runtime import LoadedModel, Runtime
 from protocol.inference import STAGE_NAMES, StageName
 from protocol.manifest import Manifest
 

@@ -42,7 +42,7 @@ async def director_root(request: web.Request) -> web.StreamResponse:
     name = request.match_info["file"]
     if not name.endswith(".root.json"):
         raise ApiError(404, f"no file {name}; the director's shared metadata is its root")
-    director = request.app[SERVER].director.director
+    director = request.app[SERVER].assignments.director
     return _file(director.path / "metadata" / name, cacheable=False)
 
 
@@ -50,7 +50,7 @@ async def director_metadata(request: web.Request) -> web.StreamResponse:
     device_id = request.match_info["device_id"]
     if request[DEVICE] != device_id:
         raise ApiError(403, "a device may read only its own director metadata")
-    director = request.app[SERVER].director.director
+    director = request.app[SERVER].assignments.director
     repo = director.device(device_id)
     return _file(repo.metadata_dir / request.match_info["file"], cacheable=False)
 

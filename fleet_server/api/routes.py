@@ -61,7 +61,7 @@ from fleet_server.db.models import (
     ProvisioningToken,
     Release,
 )
-from fleet_server.releases import ReleaseError
+from fleet_server.publishing import ReleaseError
 from fleet_server.stored_json import show_object, show_value
 from protocol.api import (
     API_PREFIX,
@@ -200,7 +200,7 @@ async def get_device(request: web.Request) -> web.StreamResponse:
 async def _after_enrolment(request: web.Request, device_id: str) -> None:
     request.app[DEVICE_AUTH].forget(device_id)
     try:
-        await request.app[SERVER].director.register(device_id)
+        await request.app[SERVER].assignments.register(device_id)
     except Exception:
         # The first assignment creates the repository anyway; the credentials must not be lost.
         log.exception("could not create the director repository of %s", device_id)
@@ -414,7 +414,7 @@ async def create_assignment(request: web.Request) -> web.StreamResponse:
         release = await find_release(session, b.release)
         view = release_view(release)
     # Its own transaction, committed before anything is signed.
-    assigned = await server.director.assign(
+    assigned = await server.assignments.assign(
         server.db,
         target_path=release.target_path,
         actor=request[PRINCIPAL].actor,
@@ -423,7 +423,7 @@ async def create_assignment(request: web.Request) -> web.StreamResponse:
     )
     results = assigned.results
     try:
-        await server.director.announce(release, results)
+        await server.assignments.announce(release, results)
     except Exception:
         log.exception("assignment of %s committed but not announced", release.target_path)
     return answer(
@@ -444,7 +444,7 @@ async def create_assignment(request: web.Request) -> web.StreamResponse:
 
 
 async def get_director_root(request: web.Request) -> web.StreamResponse:
-    director = request.app[SERVER].director.director
+    director = request.app[SERVER].assignments.director
     try:
         root = director.trusted_root_path.read_bytes()
     except FileNotFoundError:
@@ -460,7 +460,7 @@ async def decommission_device(request: web.Request) -> web.StreamResponse:
     server = request.app[SERVER]
     device = await lifecycle.decommission(
         server.db,
-        server.director,
+        server.assignments,
         request.match_info["device_id"],
         reason=b.reason,
         actor=request[PRINCIPAL].actor,
@@ -486,7 +486,7 @@ async def yank_release(request: web.Request) -> web.StreamResponse:
     async with server.db.session() as session:
         target_path = (await find_release(session, b.release)).target_path
     outcome = await lifecycle.yank(
-        server.db, server.director, target_path, reason=b.reason, actor=request[PRINCIPAL].actor
+        server.db, server.assignments, target_path, reason=b.reason, actor=request[PRINCIPAL].actor
     )
     return answer(
         YankResult(
@@ -509,7 +509,7 @@ async def _apply_tag_rules(
     actor: str,
 ) -> tuple[Release, Recorded] | None:
     """In the caller's transaction: what the tag rules assign to a device that gained tags."""
-    result = await request.app[SERVER].director.apply_rules(session, device, gained, actor)
+    result = await request.app[SERVER].assignments.apply_rules(session, device, gained, actor)
     if result is None:
         return None
     release = await session.get(Release, result.target_path)
@@ -524,14 +524,14 @@ async def _sign_ruled(request: web.Request, ruled: tuple[Release, Recorded] | No
     release, result = ruled
     server = request.app[SERVER]
     try:
-        await server.director.sync(server.db, [result.device_id])
+        await server.assignments.sync(server.db, [result.device_id])
         # A device registered just now had no director metadata when the version was chosen:
         # the sync signed above the empty one its registration made, and recorded that.
         async with server.db.session() as session:
             version = await session.scalar(
                 select(Device.director_version).where(Device.id == result.device_id)
             )
-        await server.director.announce(
+        await server.assignments.announce(
             release, [replace(result, director_version=version or result.director_version)]
         )
     except Exception:
@@ -639,11 +639,11 @@ def _assignment_item(
 
 async def cancel_assignment(request: web.Request) -> web.StreamResponse:
     server = request.app[SERVER]
-    cancelled = await server.director.cancel(
+    cancelled = await server.assignments.cancel(
         server.db, request.match_info["assignment_id"], request[PRINCIPAL].actor
     )
     try:
-        await server.director.announce_cancelled(cancelled.versions)
+        await server.assignments.announce_cancelled(cancelled.versions)
     except Exception:
         log.exception("cancel of %s committed but not announced", cancelled.assignment_id)
     return answer(

@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import ValidationError
 
-from fleet_server.models.runtime import LoadedModel, ModelRuntimeError
+from model_runtime import LoadedModel, ModelLoadError, ModelRunError, TFLiteRuntime
 from protocol.bundle import file_entry, write_bundle
 from protocol.cbpe import Calibration, calibrate
 from protocol.derivation import InputDerivation, choose_method, derive, derived_names
@@ -204,8 +204,8 @@ def build_bundle(
     except ValueError as exc:
         raise BundleBuildError(str(exc)) from None
     try:
-        loaded = LoadedModel(model)
-    except ModelRuntimeError as exc:
+        loaded = TFLiteRuntime().load(model)
+    except ModelLoadError as exc:
         raise BundleBuildError(str(exc)) from None
     inputs, outputs = loaded.inputs, loaded.outputs
     if isinstance(baseline, Path):
@@ -215,7 +215,7 @@ def build_bundle(
         rows_by_input = _match_inputs(baseline, inputs)
     try:
         results = loaded.run(rows_by_input)
-    except ModelRuntimeError as exc:
+    except ModelRunError as exc:
         raise BundleBuildError(f"{exc} (on the baseline)") from None
 
     derivations = [
@@ -379,7 +379,7 @@ def _calibrate(
         )
     try:
         scores = loaded.run(rows)[score_output.name].reshape(labels.size, len(classes))
-    except ModelRuntimeError as exc:
+    except ModelRunError as exc:
         raise BundleBuildError(f"{exc} (on the calibration data)") from None
     features = np.concatenate([derive(d.method, rows[d.input]) for d in derivations], axis=1)
     return calibrate(scores, labels, classes, features=features)

@@ -22,10 +22,10 @@ from agent.ota.answers import FetchAnswer
 from agent.ota.installer import Installer
 from agent.ota.journal import Phase
 from agent.ota.parts import Fetcher
-from agent.runtime import default_runtime
 from agent.status import collect_status, describe_status
 from fleet_server.release.keys import KeyStore, init_keys
 from fleet_server.release.repository import ReleasedBundle
+from model_runtime import default_runtime
 from tests.conftest import make_bundle
 from tests.support.fleet import AgentProcess, Fleet
 

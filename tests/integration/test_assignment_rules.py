@@ -144,7 +144,7 @@ class Fleet:
 
     def device_sees(self, device_id: str, installed_counter: int = 0) -> BundleTarget | None:
         """What the real agent resolves from the server's director and image repository."""
-        director = self.api.server.director.director
+        director = self.api.server.assignments.director
         image = self.api.server.releases.repository
         config = AgentConfig.model_validate(
             {
@@ -452,7 +452,7 @@ def test_assignments_are_listed_by_viewers_and_cancelled_by_operators(fleet: Fle
     assert f"Cancelled {rule}" in cancelled.out and "cx-1, cx-2 keep what they run" in cancelled.out
     for device in ("cx-1", "cx-2"):
         assert fleet.device(device)["assigned_target"] is None
-        assert fleet.api.server.director.director.signed(device).target_path is None
+        assert fleet.api.server.assignments.director.signed(device).target_path is None
         assert fleet.device_sees(device) is None
     fleet.register("cx-3", "cx-wave")  # the rule no longer applies
     assert fleet.device("cx-3")["assigned_target"] is None

@@ -49,7 +49,7 @@ class Served:
 
     @property
     def director(self) -> DirectorRepository:
-        return self.api.server.director.director
+        return self.api.server.assignments.director
 
     def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         r = self.api.request(method, V + path, token=self.token, json=body)
@@ -183,16 +183,16 @@ def test_an_assignment_committed_but_not_signed_is_signed_by_the_director_sync(
     assert target == served.paths["2.0.0"]
     assert served.director.signed(DEVICE) == Signed(*v1)
     assert served.device_sees(tmp_path / "device") == "1.0.0"
-    assert DEVICE in served.api.server.director.unsigned
+    assert DEVICE in served.api.server.assignments.unsigned
 
     # What the server runs at start, hourly, and every 30 s for the unsigned ones.
-    signed = served.api.call(served.api.server.director.sync(served.api.server.db))
+    signed = served.api.call(served.api.server.assignments.sync(served.api.server.db))
     assert signed == 1
     assert served.director.signed(DEVICE) == Signed(target, version)
     assert served.device_sees(tmp_path / "device") == "2.0.0"
-    assert not served.api.server.director.unsigned
+    assert not served.api.server.assignments.unsigned
     # A second sync finds nothing to do.
-    assert served.api.call(served.api.server.director.sync(served.api.server.db)) == 0
+    assert served.api.call(served.api.server.assignments.sync(served.api.server.db)) == 0
 
 
 def test_metadata_signed_ahead_of_the_database_is_brought_back_to_it(
@@ -203,11 +203,11 @@ def test_metadata_signed_ahead_of_the_database_is_brought_back_to_it(
     assert status == 201, body
     v1_path, v1_version = served.recorded()
     released = {b.version: b for b in served.repo.bundles()}
-    keys = served.api.server.director.keys
+    keys = served.api.server.assignments.keys
     served.director.assign(keys, DEVICE, HARDWARE, released["2.0.0"])  # never committed
     assert served.director.signed(DEVICE) == Signed(served.paths["2.0.0"], v1_version + 1)
 
-    assert served.api.call(served.api.server.director.sync(served.api.server.db)) == 1
+    assert served.api.call(served.api.server.assignments.sync(served.api.server.db)) == 1
     assert served.recorded() == (v1_path, v1_version + 2)
     assert served.director.signed(DEVICE) == Signed(v1_path, v1_version + 2)
     assert served.device_sees(tmp_path / "device") == "1.0.0"
@@ -233,7 +233,7 @@ def test_a_sync_racing_a_new_assignment_never_signs_the_one_it_replaced(
         return real(self, device_id)
 
     monkeypatch.setattr(DirectorRepository, "signed", signed)
-    served.api.call(served.api.server.director.sync(served.api.server.db))
+    served.api.call(served.api.server.assignments.sync(served.api.server.db))
     monkeypatch.undo()
     assert raced and raced[0][0] == 201, raced
     recorded_path, recorded_version = served.recorded()
@@ -283,7 +283,7 @@ def test_folders_grown_before_pruning_are_pruned_by_the_maintenance_job(
 ) -> None:
     status, body = served.assign("1.0.0")
     assert status == 201, body
-    keys = served.api.server.director.keys
+    keys = served.api.server.assignments.keys
     # Signed the way every assignment was before: a new version, nothing deleted.
     grown = TufRepository(served.director.device(DEVICE).path)
     listed = grown.targets()
@@ -318,9 +318,9 @@ def test_a_yank_committed_but_not_signed_is_signed_empty_by_the_director_sync(
     target, version = served.recorded()
     assert target is None and version > assigned_version
     assert served.director.signed(DEVICE).target_path == served.paths["2.0.0"]
-    assert DEVICE in served.api.server.director.unsigned
+    assert DEVICE in served.api.server.assignments.unsigned
 
-    assert served.api.call(served.api.server.director.sync(served.api.server.db)) == 1
+    assert served.api.call(served.api.server.assignments.sync(served.api.server.db)) == 1
     assert served.director.signed(DEVICE) == Signed(None, version)
     assert served.device_sees(tmp_path / "device") is None
-    assert served.api.call(served.api.server.director.sync(served.api.server.db)) == 0
+    assert served.api.call(served.api.server.assignments.sync(served.api.server.db)) == 0

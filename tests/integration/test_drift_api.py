@@ -16,8 +16,8 @@ from sqlalchemy import select
 from firmware_images.datagen import tilted
 from fleet_server.db.models import AlertRow, WindowRow
 from fleet_server.fleetctl import main
-from fleet_server.models.runtime import LoadedModel
 from fleet_server.release.keys import KeyStore
+from model_runtime import TFLiteRuntime
 from tests.conftest import HARDWARE
 from tests.support.databases import DATABASES
 from tests.support.drift_fleet import (
@@ -329,7 +329,7 @@ def test_fleetctl_drift_prints_a_table_and_alerts_lists_them(
 
 
 def _v1_scores(X: npt.NDArray[Any]) -> npt.NDArray[np.float64]:
-    out = LoadedModel((MODELS / "v1.tflite").read_bytes()).run({"features": X})["scores"]
+    out = TFLiteRuntime().load(MODELS / "v1.tflite").run({"features": X})["scores"]
     return np.asarray(out, dtype=np.float64)
 
 

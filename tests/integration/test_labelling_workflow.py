@@ -21,9 +21,9 @@ import numpy.typing as npt
 import pytest
 
 from firmware_images.datagen import tilted
-from fleet_server.models.runtime import LoadedModel
 from fleet_server.release.keys import KeyStore
 from fleet_server.release.repository import ImageRepository
+from model_runtime import TFLiteRuntime
 from protocol.bundle import read_manifest
 from protocol.manifest import Manifest
 from protocol.summary import score_histogram, summarize
@@ -125,9 +125,7 @@ def test_list_windows_write_labels_post_them_and_see_measured_accuracy(
         "POST", "/devices", workflow.token, {"device_id": device, "hardware_id": HARDWARE}
     )
     X, y = tilted({"bearing_temp_c": 1.0}, 6 * ROWS_PER_WINDOW, 301)
-    scores = np.asarray(
-        LoadedModel((MODELS / "v1.tflite").read_bytes()).run({"features": X})["scores"]
-    )
+    scores = np.asarray(TFLiteRuntime().load(MODELS / "v1.tflite").run({"features": X})["scores"])
     predicted = scores.argmax(axis=1)
     sent = _windows(workflow.manifest, device, X.astype(np.float64), scores)
     client = DeviceClient(workflow.broker, device)
@@ -200,9 +198,7 @@ def test_windows_are_paged_newest_first_and_an_unknown_device_is_refused(
         "POST", "/devices", workflow.token, {"device_id": device, "hardware_id": HARDWARE}
     )
     X, _ = tilted({}, 5 * ROWS_PER_WINDOW, 302)
-    scores = np.asarray(
-        LoadedModel((MODELS / "v1.tflite").read_bytes()).run({"features": X})["scores"]
-    )
+    scores = np.asarray(TFLiteRuntime().load(MODELS / "v1.tflite").run({"features": X})["scores"])
     sent = _windows(workflow.manifest, device, X.astype(np.float64), scores)
     client = DeviceClient(workflow.broker, device)
     try:

@@ -25,9 +25,9 @@ import pytest
 from agent.api import ApiLimits, InferenceClient, LocalApi
 from agent.api.admission import MAX_JSON_DEPTH, parse_cost, request_cost
 from agent.api.jsonscan import scan_structure
-from agent.runtime import default_runtime
 from agent.serving import ChainNotReady, FallbackChain, InvalidInput, ModelSlot
 from firmware_images.tflite_writer import build_image_model
+from model_runtime import default_runtime
 from protocol.bundle import read_bundle
 from protocol.inference import MAX_RANK
 from protocol.manifest import Manifest
@@ -1088,7 +1088,7 @@ SERVE_AND_MEASURE = """
 import asyncio, json, sys
 from pathlib import Path
 from agent.api import LocalApi
-from agent.runtime import default_runtime
+from model_runtime import default_runtime
 from agent.serving import FallbackChain, ModelSlot
 from protocol.bundle import read_bundle
 

@@ -14,13 +14,13 @@ from firmware_images.tflite_writer import (
     build_image_model,
     build_unresolved_custom_op_model,
 )
-from fleet_server.models.runtime import LoadedModel
 from fleet_server.release.bundle_builder import (
     BundleBuildError,
     BundleSpec,
     build_bundle,
     load_feature_file,
 )
+from model_runtime import TFLiteRuntime
 from protocol.bundle import read_bundle
 from protocol.cbpe import DEFAULT_ALLOWANCE, calibrate, estimate_accuracy
 from protocol.derivation import derive_features
@@ -66,7 +66,7 @@ def test_sample_model_bundle_carries_contract_baseline_and_golden_vectors() -> N
     assert sum(map(sum, m.baseline.scores.counts)) == baseline.shape[0]
     # Golden outputs are what the real runtime gives for the golden inputs.
     inputs, outputs = unpack_golden(built.members["golden.npz"])
-    rerun = LoadedModel(built.members["model.tflite"]).run(inputs)
+    rerun = TFLiteRuntime().load(built.members["model.tflite"]).run(inputs)
     np.testing.assert_array_equal(rerun[m.outputs[0].name], outputs[m.outputs[0].name])
     assert m.golden.count == len(inputs["features"]) == 8
     # The safe default of a classifier is the baseline's class prior.
@@ -177,7 +177,8 @@ def test_calibration_is_measured_on_the_labelled_rows(tmp_path: Path) -> None:
     calibration = built.manifest.baseline.calibration
     assert calibration is not None and calibration.classes == classes
     heldout = np.load(MODELS / "heldout.npz")
-    scores = LoadedModel(built.members["model.tflite"]).run({"features": heldout["X"]})["scores"]
+    model = TFLiteRuntime().load(built.members["model.tflite"])
+    scores = model.run({"features": heldout["X"]})["scores"]
     # The calibration of those rows, and the allowance measured on their features.
     without = calibration.model_copy(update={"allowance": None})
     assert without == calibrate(scores, heldout["y"], classes)

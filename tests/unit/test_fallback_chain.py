@@ -14,7 +14,6 @@ import numpy.typing as npt
 import pytest
 from aiohttp import web
 
-from agent.runtime import LoadedModel, default_runtime
 from agent.serving import (
     Answer,
     ChainConfig,
@@ -27,6 +26,7 @@ from agent.serving import (
     ServingPlan,
     UnknownVersion,
 )
+from model_runtime import LoadedModel, default_runtime
 from protocol.bundle import read_bundle
 from protocol.inference import InferenceRequest, decode_inputs, encode_response
 from protocol.manifest import Manifest, TensorSpec

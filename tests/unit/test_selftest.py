@@ -12,9 +12,9 @@ import pytest
 from agent.ota.errors import SelfTestFailed
 from agent.ota.selftest import self_test
 from agent.ota.slots import Slots
-from agent.runtime import default_runtime
 from firmware_images.tflite_writer import GraphBuilder, build_unresolved_custom_op_model
 from fleet_server.release.bundle_builder import BundleSpec, build_bundle
+from model_runtime import default_runtime
 from protocol.manifest import ResourceBudget
 from tests.conftest import MODELS
 

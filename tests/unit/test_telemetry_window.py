@@ -11,8 +11,8 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from agent.runtime import LoadedModel, default_runtime
 from agent.telemetry import WindowPolicy, WindowRecorder, WindowRecordError
+from model_runtime import LoadedModel, default_runtime
 from protocol.bundle import read_bundle
 from protocol.derivation import InputDerivation, derive_features
 from protocol.drift import chi2_quantile, g_statistic

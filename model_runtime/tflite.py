@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from agent.runtime.base import ModelLoadError, ModelRunError, Tensors
+from model_runtime.base import ModelLoadError, ModelRunError, Tensors
 from protocol.manifest import TensorSpec
 
 _MODULES = ("tflite_runtime.interpreter", "ai_edge_litert.interpreter")
@@ -22,7 +22,8 @@ _MODULES = ("tflite_runtime.interpreter", "ai_edge_litert.interpreter")
 logger = logging.getLogger(__name__)
 
 # The runtime's C++ logger writes "INFO: Created TensorFlow Lite XNNPACK delegate for
-# CPU." to stderr when the first interpreter takes its default delegate. XNNPACK is kept
+# CPU." to stderr when the first interpreter takes its default delegate (in the middle of
+# `fleetctl bundle build`'s output, and in the agent's log). XNNPACK is kept
 # (without it the sample models take 1.4x the CPU, a dense 16-layer model 2.9x:
 # benchmarks/runtime_delegate.py); the logger's threshold is raised to WARNING instead. The
 # Python package does not expose that setting, so it is set through the symbols its
@@ -94,7 +95,10 @@ class TFLiteModel:
         return [_spec(d) for d in self._outputs]
 
     def run(self, inputs: Mapping[str, npt.NDArray[Any]]) -> Tensors:
-        """Outputs for a batch. A model without a dynamic batch runs row by row."""
+        """Outputs for a batch of arrays of the model's dtypes, by input name.
+
+        A model without a dynamic batch runs row by row.
+        """
         rows = int(next(iter(inputs.values())).shape[0])
         with self._lock:
             if rows == 1 or self._dynamic:
@@ -121,7 +125,7 @@ class TFLiteModel:
 
 
 class TFLiteRuntime:
-    """Loads ``.tflite`` files; ``num_threads`` bounds the interpreter's threads.
+    """Loads ``.tflite`` models; ``num_threads`` bounds the interpreter's threads.
 
     The runtime's own INFO lines on stderr are shown only while this module's
     logger is enabled for DEBUG (``edge-agent run --verbose``).
@@ -132,14 +136,18 @@ class TFLiteRuntime:
         self.num_threads = num_threads
         set_runtime_verbose(self.name, logger.isEnabledFor(logging.DEBUG))
 
-    def load(self, path: Path) -> TFLiteModel:
+    def load(self, model: Path | bytes) -> TFLiteModel:
+        """The model in file ``model``, or the model whose content ``model`` is."""
+        source: dict[str, bytes | str]
+        if isinstance(model, bytes):
+            source, what = {"model_content": model}, "the TFLite runtime cannot run this model"
+        else:
+            source, what = {"model_path": str(model)}, model.name
         try:
-            interpreter = self._interpreter_class(
-                model_path=str(path), num_threads=self.num_threads
-            )
+            interpreter = self._interpreter_class(**source, num_threads=self.num_threads)
             interpreter.allocate_tensors()
         except (RuntimeError, ValueError) as exc:
-            raise ModelLoadError(f"{path.name}: {_first_line(exc)}") from None
+            raise ModelLoadError(f"{what}: {_first_line(exc)}") from None
         return TFLiteModel(interpreter)
 
 

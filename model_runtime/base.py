@@ -6,7 +6,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import numpy.typing as npt
 
 from protocol.manifest import TensorSpec
@@ -40,8 +39,3 @@ class Runtime(Protocol):
     name: str
 
     def load(self, path: Path) -> LoadedModel: ...
-
-
-def as_batch(value: npt.ArrayLike, spec: TensorSpec) -> npt.NDArray[Any]:
-    """``value`` as an array of the tensor's dtype (no copy when it already is)."""
-    return np.asarray(value, dtype=spec.dtype)

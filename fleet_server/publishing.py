@@ -1,4 +1,4 @@
-"""Release hosting: the server serves the image repository and indexes its bundles.
+"""Publishing releases: pushed image repository files, verified, served and indexed.
 
 The server never holds the offline release keys. A release engineer signs a
 release into their copy of the repository (``fleetctl release add``) and
