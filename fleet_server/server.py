@@ -8,7 +8,6 @@ and stops them together.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -23,9 +22,10 @@ from fleet_server.config import ServerConfig
 from fleet_server.db import Database, migrate
 from fleet_server.db.models import AlertRow
 from fleet_server.director import DirectorRepository
-from fleet_server.drift import ManifestCache, run_drift_alerts
+from fleet_server.drift import ManifestCache, evaluate_once
 from fleet_server.drift.views import alert_view
 from fleet_server.drift.webhook import Notification, WebhookNotifier
+from fleet_server.jobs import Job, run_jobs
 from fleet_server.metrics import Metrics
 from fleet_server.mqtt.claim import NamespaceGuard, StartRefused
 from fleet_server.mqtt.link import ServerMqtt
@@ -67,6 +67,7 @@ class FleetServer:
         self.mqtt = ServerMqtt(config, self.db, self.metrics) if config.mqtt_url else None
         self.assignments = AssignmentService(director, keys, self._publish_desired)
         self.http_port: int | None = None
+        self._next_director_upkeep = 0.0  # the first upkeep runs at start
         self.notifier = self._alert_notifier()
 
     def _alert_notifier(self) -> WebhookNotifier | None:
@@ -156,21 +157,7 @@ class FleetServer:
                 if self.mqtt is not None and guard is not None:
                     tasks.create_task(self._guard(guard, stop, refused))
                     tasks.create_task(self.mqtt.run(stop))
-                tasks.create_task(self._presence_sweeper(stop))
-                tasks.create_task(self._director_refresher(stop))
-                tasks.create_task(self._audit_anchorer(stop))
-                tasks.create_task(
-                    run_drift_alerts(
-                        self.db,
-                        self.metrics,
-                        self.manifests,
-                        stop,
-                        self.config.drift_interval_s,
-                        self.config.drift_range_s,
-                        AccuracyPolicy(max_drop=self.config.accuracy_max_drop),
-                        self.notify_alert,
-                    )
-                )
+                tasks.create_task(run_jobs(self.jobs(), stop))
                 if self.notifier is not None:
                     tasks.create_task(self.notifier.run(stop))
                 await stop.wait()
@@ -194,19 +181,39 @@ class FleetServer:
             refused.append(exc)
             stop.set()
 
-    async def _presence_sweeper(self, stop: asyncio.Event) -> None:
-        """Mark devices offline whose heartbeats stopped (the last will covers clean cases)."""
+    def jobs(self) -> list[Job]:
+        """The server's periodic work, each with its interval (see :mod:`fleet_server.jobs`)."""
         from fleet_server.mqtt.ingest import sweep_offline
 
-        while not stop.is_set():
-            try:
-                await sweep_offline(self.db, self.metrics, self.config.heartbeat_timeout_s)
-            except Exception:
-                log.exception("presence sweep failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 5.0)
+        return [
+            # Devices whose heartbeats stopped go offline (the last will covers clean cases).
+            Job(
+                "presence sweep",
+                5.0,
+                lambda: sweep_offline(self.db, self.metrics, self.config.heartbeat_timeout_s),
+            ),
+            Job("director upkeep", DIRECTOR_RETRY_EVERY_S, self._director_step),
+            Job(
+                "checking the audit log against its head",
+                self.config.audit_anchor_interval_s,
+                self._audit_anchor,
+                at_stop=True,
+            ),
+            Job(
+                "drift alert evaluation",
+                self.config.drift_interval_s,
+                lambda: evaluate_once(
+                    self.db,
+                    self.metrics,
+                    self.manifests,
+                    self.config.drift_range_s,
+                    AccuracyPolicy(max_drop=self.config.accuracy_max_drop),
+                    self.notify_alert,
+                ),
+            ),
+        ]
 
-    async def _director_refresher(self, stop: asyncio.Event) -> None:
+    async def _director_step(self) -> None:
         """Keep every device's director metadata in line with the database, fresh and small.
 
         At start and hourly: sign what was committed but not signed (the
@@ -218,39 +225,26 @@ class FleetServer:
         version, and the result is equivalent, so it costs a little work and
         breaks nothing.
         """
-        next_full = 0.0
-        while not stop.is_set():
-            if time.monotonic() >= next_full:
-                next_full = time.monotonic() + DIRECTOR_REFRESH_EVERY_S
-                await self._director_maintenance()
-            elif self.assignments.unsigned:
-                try:
-                    await self.assignments.sync(self.db, sorted(self.assignments.unsigned))
-                except Exception:
-                    log.exception("signing committed assignments failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), DIRECTOR_RETRY_EVERY_S)
+        if time.monotonic() >= self._next_director_upkeep:
+            self._next_director_upkeep = time.monotonic() + DIRECTOR_REFRESH_EVERY_S
+            await self._director_maintenance()
+        elif self.assignments.unsigned:
+            try:
+                await self.assignments.sync(self.db, sorted(self.assignments.unsigned))
+            except Exception:
+                log.exception("signing committed assignments failed")
 
-    async def _audit_anchorer(self, stop: asyncio.Event) -> None:
-        """Check the audit log against the recorded head at start, periodically and at stop.
+    async def _audit_anchor(self) -> None:
+        """Check the audit log against the recorded head (at start, periodically and at stop).
 
         Each check that holds moves the server's head record on, so deleting
         the newest entries through the database alone is found by the next
         check, whether or not an operator saved an anchor since.
         """
-        while True:
-            try:
-                report = await anchor_once(self.db, self.config.data_dir)
-            except Exception:
-                log.exception("checking the audit log against its head failed")
-            else:
-                self.metrics.audit_chain_intact.set(1 if report.ok else 0)
-                if not report.ok:
-                    log.error("audit log broken at entry %s: %s", report.broken_at, report.problem)
-            if stop.is_set():
-                return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.config.audit_anchor_interval_s)
+        report = await anchor_once(self.db, self.config.data_dir)
+        self.metrics.audit_chain_intact.set(1 if report.ok else 0)
+        if not report.ok:
+            log.error("audit log broken at entry %s: %s", report.broken_at, report.problem)
 
     async def _director_maintenance(self) -> None:
         try:

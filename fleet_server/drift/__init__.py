@@ -2,13 +2,12 @@
 
 ``models`` (what drift is computed over and finds), ``lifecycle`` (the alert
 rules, no I/O), ``store`` (the database and the release manifests), ``service``
-(joins them), ``metrics`` (the gauges), ``scheduled`` (the periodic job),
+(joins them; the server runs its evaluation as a job), ``metrics`` (the gauges),
 ``routes`` (the REST operations) and ``views`` (how the API shows alerts).
 """
 
 from fleet_server.drift.metrics import update_gauges
 from fleet_server.drift.models import Accuracy, DriftError, Labelled, ModelDrift, Scope
-from fleet_server.drift.scheduled import run_drift_alerts
 from fleet_server.drift.service import (
     Evaluation,
     drift_of,
@@ -30,6 +29,5 @@ __all__ = [
     "evaluate_alerts",
     "evaluate_fleet",
     "evaluate_once",
-    "run_drift_alerts",
     "update_gauges",
 ]
