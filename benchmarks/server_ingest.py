@@ -56,6 +56,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import getpass
 import json
 import os
@@ -85,6 +86,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from protocol.messages import DeviceEvent, Heartbeat, WindowAck
 from protocol.topics import acks_topic, device_topic, devices_root, ingest_subscriptions
 from protocol.window import WindowSummary, encode_window
+from testbed import waiting
+from testbed.waiting import free_port
 
 # The benchmark server's topic namespace (on a broker of the benchmark's own).
 NS = "bench"
@@ -110,22 +113,7 @@ _INGESTED = re.compile(r"^edgefleet_mqtt_messages_ingested_total\{[^}]*\} (\S+)$
 _DROPPED = re.compile(r"^edgefleet_mqtt_messages_dropped_total\{[^}]*\} (\S+)$", re.M)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_until(
-    what: str, probe: Callable[[], object], timeout: float = 60.0, every: float = 0.05
-) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(every)
-    raise RuntimeError(f"timed out waiting for {what}")
+wait_until = functools.partial(waiting.wait_until, timeout=60.0, failure=RuntimeError)
 
 
 def cpu_seconds(pid: int) -> float:

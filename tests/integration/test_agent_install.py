@@ -18,8 +18,8 @@ import pytest
 
 from fleet_server.release.keys import KeyStore, init_keys
 from fleet_server.release.repository import ReleasedBundle
-from tests.conftest import MODELS, make_bundle
-from tests.support.fleet import AgentProcess, Fleet
+from testbed.fleet import AgentProcess, Fleet
+from testbed.images import MODELS, make_bundle
 
 pytestmark = pytest.mark.integration
 

@@ -44,8 +44,8 @@ from protocol.messages import (
     freeform_problem,
 )
 from protocol.topics import desired_topic, device_prefix, device_topic
-from tests.conftest import make_bundle
-from tests.support.fleet import HARDWARE, AgentProcess, Fleet
+from testbed.fleet import HARDWARE, AgentProcess, Fleet
+from testbed.images import make_bundle
 
 pytestmark = pytest.mark.integration
 

@@ -37,8 +37,7 @@ import pytest
 from fleet_server.mqtt.ingest import Dropped, classify
 from protocol.messages import DeviceEvent, Heartbeat, Presence, ReportedState
 from protocol.topics import MAX_PAYLOAD_BYTES, device_topic
-from tests.support.databases import postgres_database
-from tests.support.server_process import (
+from testbed.server_process import (
     DROPPED,
     FAN_IN_LIMITS,
     INGESTED,
@@ -47,6 +46,7 @@ from tests.support.server_process import (
     private_broker,
     wait_until,
 )
+from tests.support.databases import postgres_database
 
 pytestmark = pytest.mark.integration
 

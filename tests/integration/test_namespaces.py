@@ -23,8 +23,8 @@ import pytest
 from fleet_server import fleetctl
 from protocol.messages import DeviceEvent
 from protocol.topics import device_topic, server_topic
-from tests.support.mosquitto import free_port
-from tests.support.server_process import (
+from testbed.mosquitto import free_port
+from testbed.server_process import (
     DROPPED,
     INGESTED,
     DeviceClient,

@@ -11,7 +11,7 @@ SIGKILLed replica held (in its ingest queue or in flight) and what the broker
 queued for it while it was dead reach it when it is restarted with the same
 replica id, and every message is stored once.
 
-The broker is a private Mosquitto (see :mod:`tests.support.server_process`)
+The broker is a private Mosquitto (see :mod:`testbed.server_process`)
 that lets a replica's session queue a burst; PostgreSQL is the shared one,
 with a fresh database per test.
 """
@@ -33,8 +33,7 @@ import pytest
 
 from protocol.messages import DeviceEvent, Heartbeat, ReportedState
 from protocol.topics import device_topic
-from tests.support.databases import postgres_database
-from tests.support.server_process import (
+from testbed.server_process import (
     FAN_IN_LIMITS,
     INGESTED,
     Broker,
@@ -43,6 +42,7 @@ from tests.support.server_process import (
     private_broker,
     wait_until,
 )
+from tests.support.databases import postgres_database
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -33,8 +33,7 @@ from protocol.messages import WindowAck
 from protocol.summary import edges_id, quantile_edges, summarize
 from protocol.topics import MAX_WINDOW_BYTES, acks_topic, devices_root, windows_topic
 from protocol.window import WindowSummary, decode_window, encode_window
-from tests.support.databases import DATABASES, database_url
-from tests.support.server_process import (
+from testbed.server_process import (
     DROPPED,
     INGESTED,
     DeviceClient,
@@ -42,6 +41,7 @@ from tests.support.server_process import (
     private_broker,
     wait_until,
 )
+from tests.support.databases import DATABASES, database_url
 
 pytestmark = pytest.mark.integration
 
