@@ -56,7 +56,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import functools
 import getpass
 import json
 import os
@@ -113,7 +112,11 @@ _INGESTED = re.compile(r"^edgefleet_mqtt_messages_ingested_total\{[^}]*\} (\S+)$
 _DROPPED = re.compile(r"^edgefleet_mqtt_messages_dropped_total\{[^}]*\} (\S+)$", re.M)
 
 
-wait_until = functools.partial(waiting.wait_until, timeout=60.0, failure=RuntimeError)
+def wait_until(
+    what: str, probe: Callable[[], object], timeout: float = 60.0, every: float = 0.05
+) -> object:
+    """:func:`testbed.waiting.wait_until`, failing the benchmark with a RuntimeError."""
+    return waiting.wait_until(what, probe, timeout, every=every, failure=RuntimeError)
 
 
 def cpu_seconds(pid: int) -> float:

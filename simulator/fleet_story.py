@@ -11,7 +11,6 @@ the server shows why. Used by the end-to-end test and by ``fleet-sim demo``.
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import json
 import shlex
@@ -42,7 +41,9 @@ class StoryError(Exception):
     """A step of the story did not turn out as it should."""
 
 
-wait_until = functools.partial(waiting.wait_until, timeout=60.0, every=0.1, failure=StoryError)
+def wait_until(what: str, probe: Callable[[], Any], timeout: float = 60.0) -> Any:
+    """:func:`testbed.waiting.wait_until`, failing the story with :class:`StoryError`."""
+    return waiting.wait_until(what, probe, timeout, every=0.1, failure=StoryError)
 
 
 @dataclass
