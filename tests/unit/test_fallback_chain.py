@@ -446,17 +446,22 @@ def confidence_rows() -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]
     return BASELINE[unsure : unsure + 1].copy(), BASELINE[fair : fair + 1].copy()
 
 
+def escalating(manifests: dict[str, Manifest], cloud: CloudServer) -> FallbackChain:
+    """v2 alone, escalating what it is unsure about to ``cloud``."""
+    return FallbackChain(
+        slot(manifests, "v2"),
+        cloud=CloudStage(cloud.url, "pump-health"),
+        plan=ServingPlan(mode="local_with_escalation"),
+    )
+
+
 @pytest.mark.asyncio
 async def test_a_low_confidence_answer_is_escalated_to_the_cloud(
     manifests: dict[str, Manifest], cloud: CloudServer
 ) -> None:
     unsure, sure = confidence_rows()
 
-    chain = FallbackChain(
-        slot(manifests, "v2"),
-        cloud=CloudStage(cloud.url, "pump-health"),
-        plan=ServingPlan(mode="local_with_escalation"),
-    )
+    chain = escalating(manifests, cloud)
     answer = await chain.infer({"features": unsure})
     assert (answer.stage, answer.model_version, answer.escalated) == (
         "cloud",
@@ -481,11 +486,7 @@ async def test_the_plan_threshold_overrides_the_manifest(
 ) -> None:
     _, sure = confidence_rows()
 
-    chain = FallbackChain(
-        slot(manifests, "v2"),
-        cloud=CloudStage(cloud.url, "pump-health"),
-        plan=ServingPlan(mode="local_with_escalation"),
-    )
+    chain = escalating(manifests, cloud)
     assert not (await chain.infer({"features": sure})).escalated
     chain.set_plan(ServingPlan(mode="local_with_escalation", confidence_threshold=0.95))
     assert (await chain.infer({"features": sure})).escalated
@@ -498,11 +499,7 @@ async def test_a_failed_escalation_keeps_the_local_answer(
     unsure, _ = confidence_rows()
 
     cloud.mode = "error"
-    chain = FallbackChain(
-        slot(manifests, "v2"),
-        cloud=CloudStage(cloud.url, "pump-health"),
-        plan=ServingPlan(mode="local_with_escalation"),
-    )
+    chain = escalating(manifests, cloud)
     answer = await chain.infer({"features": unsure})
     assert (answer.stage, answer.model_version, answer.escalated) == ("active", "2.0.0", False)
     assert [(a.stage, a.ok) for a in answer.attempts] == [("active", True), ("cloud", False)]
