@@ -25,7 +25,6 @@ import math
 import random
 import re
 import secrets
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from testbed.server_process import (
     private_broker,
     wait_until,
 )
+from testbed.waiting import observe_for
 from tests.support.databases import postgres_database
 
 pytestmark = pytest.mark.integration
@@ -497,7 +497,7 @@ def test_thousands_of_bad_messages_are_each_counted_and_dropped_and_the_server_s
         raise AssertionError(
             f"{exc}; counted so far {counted()}, expected {dict(expected)}"
         ) from None
-    time.sleep(0.5)  # nothing is counted twice later either
+    observe_for(0.5, lambda: sum(counted().values()) > received, every=0.1)  # counted twice
     actual = counted()
 
     # The server runs, answers and ingests.
