@@ -45,18 +45,14 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +62,8 @@ from fleet_server.director import DirectorRepository
 from fleet_server.release.bundle_builder import BundleSpec, build_bundle, load_feature_file
 from fleet_server.release.keys import init_keys
 from fleet_server.release.repository import ImageRepository
+from testbed.http_repo import RepositoryServer
+from testbed.waiting import free_port
 
 MODELS = Path(__file__).resolve().parents[1] / "firmware_images" / "models"
 DEVICE, HARDWARE, MODEL = "bench-1", "rpi4-arm64", "pump-health"
@@ -114,11 +112,6 @@ def status_kb(pid: int) -> dict[str, int]:
     return fields
 
 
-class _Quiet(SimpleHTTPRequestHandler):
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @dataclass
 class Fleet:
     """An image repository and a director with v2 assigned to the device, served on loopback."""
@@ -156,19 +149,16 @@ def fleet(root: Path) -> Iterator[Fleet]:
     director.assign(
         director_keys, DEVICE, HARDWARE, repo.add_bundle(root / "v2.bundle", release_keys)
     )
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Quiet, directory=str(root)))
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    httpd = RepositoryServer(root)
     try:
         yield Fleet(
             root,
-            f"http://127.0.0.1:{httpd.server_address[1]}",
+            httpd.url,
             repo.trusted_root_path,
             director.trusted_root_path,
         )
     finally:
-        httpd.shutdown()
-        httpd.server_close()
+        httpd.close()
 
 
 def write_config(f: Fleet, data_dir: Path, port: int) -> Path:
@@ -198,12 +188,6 @@ def write_config(f: Fleet, data_dir: Path, port: int) -> Path:
         + "\n"
     )
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def agent_command(*python_flags: str) -> list[str]:
@@ -505,12 +489,10 @@ def under_concurrency(root: Path, bursts: tuple[int, ...] = (100, 1000)) -> list
     director.assign(
         director_keys, DEVICE, HARDWARE, repo.add_bundle(root / "face.bundle", release_keys)
     )
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Quiet, directory=str(root)))
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    httpd = RepositoryServer(root)
     f = Fleet(
         root,
-        f"http://127.0.0.1:{httpd.server_address[1]}",
+        httpd.url,
         repo.trusted_root_path,
         director.trusted_root_path,
     )
@@ -562,8 +544,7 @@ def under_concurrency(root: Path, bursts: tuple[int, ...] = (100, 1000)) -> list
             )
     finally:
         agent.stop()
-        httpd.shutdown()
-        httpd.server_close()
+        httpd.close()
     return results
 
 

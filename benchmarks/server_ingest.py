@@ -56,14 +56,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import getpass
 import json
 import os
 import re
 import secrets
-import shutil
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -85,6 +82,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from protocol.messages import DeviceEvent, Heartbeat, WindowAck
 from protocol.topics import acks_topic, device_topic, devices_root, ingest_subscriptions
 from protocol.window import WindowSummary, encode_window
+from testbed import waiting
+from testbed.server_process import private_broker
+from testbed.waiting import free_port
 
 # The benchmark server's topic namespace (on a broker of the benchmark's own).
 NS = "bench"
@@ -110,22 +110,11 @@ _INGESTED = re.compile(r"^edgefleet_mqtt_messages_ingested_total\{[^}]*\} (\S+)$
 _DROPPED = re.compile(r"^edgefleet_mqtt_messages_dropped_total\{[^}]*\} (\S+)$", re.M)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def wait_until(
     what: str, probe: Callable[[], object], timeout: float = 60.0, every: float = 0.05
 ) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(every)
-    raise RuntimeError(f"timed out waiting for {what}")
+    """:func:`testbed.waiting.wait_until`, failing the benchmark with a RuntimeError."""
+    return waiting.wait_until(what, probe, timeout, every=every, failure=RuntimeError)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -140,36 +129,9 @@ def cpu_seconds(pid: int) -> float:
 @contextlib.contextmanager
 def private_mosquitto(workdir: Path) -> Iterator[int]:
     """A Mosquitto of our own on a free port; yields the port."""
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    port = free_port()
-    conf = workdir / "mosquitto.conf"
-    lines = [
-        f"listener {port} 127.0.0.1",
-        "allow_anonymous true",
-        "persistence false",
-        # Room for the whole backlog; everything else is Mosquitto's default.
-        f"max_queued_messages {MESSAGES * 4}",
-    ]
-    if os.geteuid() == 0:
-        lines.insert(0, f"user {getpass.getuser()}")
-    conf.write_text("\n".join(lines) + "\n")
-    log = (workdir / "mosquitto.log").open("wb")
-    broker = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
-    log.close()
-    try:
-
-        def listening() -> bool:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                return True
-            except OSError:
-                return False
-
-        wait_until("mosquitto", listening, timeout=10)
-        yield port
-    finally:
-        broker.terminate()
-        broker.wait(10)
+    # Room for the whole backlog; everything else is Mosquitto's default.
+    with private_broker(workdir, [f"max_queued_messages {MESSAGES * 4}"]) as broker:
+        yield int(broker.url.rsplit(":", 1)[1])
 
 
 # -- the databases -------------------------------------------------------------

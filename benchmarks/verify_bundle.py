@@ -15,10 +15,7 @@ import shutil
 import statistics
 import subprocess
 import tempfile
-import threading
 import time
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +25,7 @@ from firmware_images.tflite_writer import GraphBuilder
 from fleet_server.release.bundle_builder import BundleSpec, build_bundle
 from fleet_server.release.keys import init_keys
 from fleet_server.release.repository import ImageRepository
+from testbed.http_repo import RepositoryServer
 
 TARGET_MB = 50
 ROUNDS = 7
@@ -47,11 +45,6 @@ def large_model() -> bytes:
     return g.to_bytes()
 
 
-class _Quiet(SimpleHTTPRequestHandler):
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 def run() -> dict[str, float]:
     """Measure and return the figures (seconds and ratios)."""
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -68,9 +61,8 @@ def run() -> dict[str, float]:
         repo.create(keys)
         released = repo.add_bundle(tmp / "big.bundle", keys)
         [target] = (repo.targets_dir / "big").glob("*.bundle")
-        httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Quiet, directory=str(repo.path)))
-        threading.Thread(target=httpd.serve_forever, daemon=True).start()
-        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        httpd = RepositoryServer(repo.path)
+        url = httpd.url
 
         def verify(source: str, i: int) -> float:
             out = tmp / f"out-{i}"
@@ -103,8 +95,7 @@ def run() -> dict[str, float]:
             ossl.append(timed(openssl))
             local.append(verify(str(repo.path), i))
             http.append(verify(url, i))
-        httpd.shutdown()
-        httpd.server_close()
+        httpd.close()
     b, o, lo, ht = (statistics.median(v) for v in (base, ossl, local, http))
     return {
         "bundle_mb": released.length / 1e6,

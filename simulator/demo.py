@@ -12,24 +12,20 @@ behind a server.
 
 from __future__ import annotations
 
-import functools
 import secrets
 import shlex
 import shutil
-import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from agent.cli import main as edge_agent
 from fleet_server.fleetctl import main as fleetctl
 from simulator.device_story import device_story
-from simulator.embedded_broker import broker_for_demo
 from simulator.fleet_story import FleetStory, StoryError
+from testbed.embedded_broker import broker_for_demo
+from testbed.http_repo import serve_directory
+from testbed.images import HARDWARE, MODELS
 
-MODELS = Path(__file__).resolve().parents[1] / "firmware_images" / "models"
-HARDWARE = "rpi4-arm64"
 RELEASES = [("v1", "1.0.0"), ("v2", "1.1.0"), ("v3-bad", "1.2.0")]
 
 
@@ -54,24 +50,6 @@ class Story:
         succeeded = TOOLS[tool](args) == 0
         if succeeded == bool(refused):
             self.surprises += 1
-
-
-@contextmanager
-def _serve(directory: Path) -> Iterator[str]:
-    handler = functools.partial(_QuietHandler, directory=str(directory))
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-
-
-class _QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, *args: object) -> None:
-        pass
 
 
 def run_demo(workdir: Path) -> int:
@@ -112,7 +90,7 @@ def run_demo(workdir: Path) -> int:
     )
 
     root = repo / "metadata" / "1.root.json"
-    with _serve(workdir) as base:
+    with serve_directory(workdir) as base:
         url = f"{base}/repo"
         verify = f"edge-agent verify --root {root} --repo {url} --hardware {HARDWARE}"
         story.section(f"Device: verify bundles from {url}")

@@ -24,9 +24,9 @@ from agent.cli import main as edge_agent
 from firmware_images.datagen import FieldConditions, generate
 from fleet_server.fleetctl import main as fleetctl
 from simulator.fleet_story import Device, wait_until
+from testbed.images import HARDWARE
 
 DEVICE = "pump-17"
-HARDWARE = "rpi4-arm64"
 
 
 def _say(text: str) -> None:
@@ -41,12 +41,6 @@ class _Device(Device):
         self.http = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(5, 5))
         self.start()
         self.url = self.api
-
-    def journal(self) -> dict[str, Any]:
-        try:
-            return dict(json.loads((self.data_dir / "journal.json").read_text()))
-        except (FileNotFoundError, json.JSONDecodeError):
-            return {}
 
     def wait_outcome(self, version: str) -> dict[str, Any]:
         def probe() -> dict[str, Any] | None:

@@ -14,7 +14,6 @@ import contextlib
 import io
 import json
 import shlex
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -30,9 +29,11 @@ import urllib3
 from agent.cli import main as edge_agent
 from firmware_images.datagen import FieldConditions, generate
 from fleet_server.fleetctl import main as fleetctl
+from testbed import waiting
+from testbed.fleet import AgentProcess
+from testbed.images import HARDWARE, MODELS
+from testbed.waiting import free_port
 
-MODELS = Path(__file__).resolve().parents[1] / "firmware_images" / "models"
-HARDWARE = "rpi4-arm64"
 TOOLS: dict[str, Callable[[Sequence[str]], int]] = {"fleetctl": fleetctl, "edge-agent": edge_agent}
 
 
@@ -40,58 +41,41 @@ class StoryError(Exception):
     """A step of the story did not turn out as it should."""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def wait_until(what: str, probe: Callable[[], Any], timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise StoryError(f"timed out waiting for {what}")
+    """:func:`testbed.waiting.wait_until`, failing the story with :class:`StoryError`."""
+    return waiting.wait_until(what, probe, timeout, every=0.1, failure=StoryError)
 
 
 @dataclass
 class Device:
-    """One ``edge-agent run`` process."""
+    """One ``edge-agent run`` process that can be stopped and started again."""
 
     device_id: str
     config: Path
-    proc: subprocess.Popen[bytes] | None = None
+    agent: AgentProcess | None = None
 
     @property
     def data_dir(self) -> Path:
         return self.config.parent
 
     def start(self) -> None:
-        (self.data_dir / "agent.json").unlink(missing_ok=True)
-        log = (self.data_dir / "agent.log").open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "run", "--config", str(self.config)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        log.close()
-        wait_until(f"{self.device_id} to start", lambda: (self.data_dir / "agent.json").exists())
+        self.agent = AgentProcess(self.config)
+        try:
+            self.agent.wait_ready(timeout=60)
+        except AssertionError as exc:
+            raise StoryError(f"{self.device_id} did not start: {exc}") from None
 
     @property
     def api(self) -> str:
         return str(json.loads((self.data_dir / "agent.json").read_text())["api"])
 
+    def journal(self) -> dict[str, Any]:
+        return self.agent.journal() if self.agent is not None else {}
+
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+        if self.agent is not None:
+            self.agent.stop()
+        self.agent = None
 
 
 @dataclass

@@ -8,43 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from fleet_server.release.bundle_builder import BundleSpec, build_bundle, load_feature_file
 from fleet_server.release.keys import KeyStore, init_keys
 from fleet_server.release.repository import ImageRepository
-from tests.support.fleet import reap_agents, running_agents
-from tests.support.http_repo import RepositoryServer
-
-ROOT = Path(__file__).resolve().parents[1]
-MODELS = ROOT / "firmware_images" / "models"
-HARDWARE = "rpi4-arm64"
+from testbed.fleet import reap_agents, running_agents
+from testbed.http_repo import RepositoryServer
+from testbed.images import MODELS, make_bundle
 
 
 @pytest.fixture(scope="session")
 def models_dir() -> Path:
     return MODELS
-
-
-def make_bundle(
-    tmp: Path, model: str, version: str, hardware: tuple[str, ...] = (HARDWARE,), **spec: object
-) -> Path:
-    """Build a bundle of a sample model into ``tmp`` and return its path."""
-    features, classes = load_feature_file(MODELS / "features.json")
-    built = build_bundle(
-        (MODELS / f"{model}.tflite").read_bytes(),
-        MODELS / "baseline.npy",
-        BundleSpec(
-            name="pump-health",
-            version=version,
-            hardware_ids=hardware,
-            feature_specs=features,
-            classes=classes,
-            **spec,
-        ),  # type: ignore[arg-type]
-        calibration=MODELS / "heldout.npz",
-    )
-    path = tmp / f"pump-health-{version}.bundle"
-    built.write(path)
-    return path
 
 
 @pytest.fixture(scope="session")

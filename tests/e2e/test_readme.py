@@ -21,7 +21,8 @@ from typing import NamedTuple
 
 import pytest
 
-from tests.support.mosquitto import free_port
+from testbed.mosquitto import free_port
+from testbed.server_process import ServerProcess
 from tests.support.readme import (
     README_PORTS,
     REPO,
@@ -31,7 +32,6 @@ from tests.support.readme import (
     shell_blocks,
     walkthrough_script,
 )
-from tests.support.server_process import ServerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

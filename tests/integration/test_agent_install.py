@@ -18,8 +18,9 @@ import pytest
 
 from fleet_server.release.keys import KeyStore, init_keys
 from fleet_server.release.repository import ReleasedBundle
-from tests.conftest import MODELS, make_bundle
-from tests.support.fleet import AgentProcess, Fleet
+from testbed.fleet import AgentProcess, Fleet
+from testbed.images import MODELS, make_bundle
+from testbed.waiting import observe_for
 
 pytestmark = pytest.mark.integration
 
@@ -181,7 +182,8 @@ def test_bad_model_is_rolled_back_by_the_watchdog_without_a_failed_request(
             "rollback",
             lambda: (agent.journal().get("last_outcome") or {}).get("result") == "rolled_back",
         )
-        time.sleep(0.3)
+        seen = len(answers)
+        agent.wait_for("requests answered after the rollback", lambda: len(answers) >= seen + 5)
     finally:
         done.set()
         sender.join()
@@ -201,7 +203,7 @@ def test_bad_model_is_rolled_back_by_the_watchdog_without_a_failed_request(
     last = json.loads(agent.infer(url, field_rows(1, idle_share=1.0)).data)
     assert (last["parameters"]["stage"], last["model_version"]) == ("active", "2.0.0")
     # The bad bundle is not retried although the director still assigns it.
-    time.sleep(1.0)
+    observe_for(1.0, lambda: agent.journal().get("phase") not in (None, "idle"))
     assert installed(agent) == "2.0.0" and agent.journal()["phase"] == "idle"
     agent.stop()
 

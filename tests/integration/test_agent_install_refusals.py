@@ -26,8 +26,8 @@ from agent.status import collect_status, describe_status
 from fleet_server.release.keys import KeyStore, init_keys
 from fleet_server.release.repository import ReleasedBundle
 from model_runtime import default_runtime
-from tests.conftest import make_bundle
-from tests.support.fleet import AgentProcess, Fleet
+from testbed.fleet import AgentProcess, Fleet
+from testbed.images import make_bundle
 
 pytestmark = pytest.mark.integration
 

@@ -25,9 +25,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from fleet_server.release.bundle_builder import BundleSpec, build_bundle
 from fleet_server.release.keys import KeyStore, init_keys
 from protocol.manifest import ResourceBudget
-from tests.conftest import HARDWARE, MODELS, make_bundle
-from tests.support.fleet import AgentProcess, Fleet
-from tests.support.mosquitto import free_port, running_mosquitto
+from testbed.fleet import AgentProcess, Fleet
+from testbed.images import HARDWARE, MODELS, make_bundle
+from testbed.mosquitto import free_port, running_mosquitto
 
 pytestmark = pytest.mark.integration
 

@@ -44,8 +44,9 @@ from protocol.messages import (
     freeform_problem,
 )
 from protocol.topics import desired_topic, device_prefix, device_topic
-from tests.conftest import make_bundle
-from tests.support.fleet import HARDWARE, AgentProcess, Fleet
+from testbed.fleet import HARDWARE, AgentProcess, Fleet
+from testbed.images import make_bundle
+from testbed.waiting import observe_for
 
 pytestmark = pytest.mark.integration
 
@@ -533,7 +534,8 @@ def test_malformed_and_foreign_desired_messages_are_ignored(
             b'{"device_id": "' + device.encode() + b'"}',
         ):
             publish(topic, payload)
-        time.sleep(1.5)  # ... and none of those may cause one
+        # ... and none of those may cause one
+        observe_for(1.5, lambda: agent.journal().get("phase") not in (None, "idle"))
         assert installed(agent) == "1.0.0" and agent.journal()["phase"] == "idle"
         assert agent.tail().count("mqtt: ignored a message") >= 5
         assert presence_is(listener, True)()

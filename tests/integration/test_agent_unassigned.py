@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from fleet_server.release.keys import init_keys
+from testbed.fleet import AgentProcess, Fleet
 from tests.integration.test_agent_install import assert_slots_intact, field_rows, installed
-from tests.support.fleet import AgentProcess, Fleet
 
 pytestmark = pytest.mark.integration
 

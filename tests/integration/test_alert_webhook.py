@@ -25,9 +25,9 @@ from fleet_server.drift.webhook import Notification, WebhookNotifier
 from fleet_server.release.keys import KeyStore
 from fleet_server.release.repository import ImageRepository
 from protocol.bundle import read_manifest
-from tests.support.api_server import ServerThread, repository_files
+from testbed.api_server import ServerThread, repository_files
+from testbed.server_process import ServerProcess, private_broker, wait_until
 from tests.support.drift_fleet import HOUR, MODELS, DriftFleet, V, drift_fleet
-from tests.support.server_process import ServerProcess, private_broker, wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -7,9 +7,9 @@ import json
 import os
 import shutil
 import stat
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,9 @@ from agent.ota.image_repository import PARTIAL_SUFFIX
 from fleet_server.db.models import AuditEntry
 from fleet_server.release.keys import KeyStore
 from fleet_server.release.repository import ImageRepository
-from tests.conftest import HARDWARE
-from tests.support.api_server import ServerThread, repository_files
+from testbed.api_server import ServerThread, repository_files
+from testbed.images import HARDWARE
+from testbed.waiting import wait_until
 from tests.support.databases import DATABASES, database_url
 
 pytestmark = pytest.mark.integration
@@ -206,7 +207,8 @@ def test_enrolment_refuses_wrong_hardware_expired_and_unknown_tokens(fleet: Flee
     )
     assert status == 401 and HARDWARE in body["error"]
     _, short = fleet.call("POST", "/provisioning-tokens", fleet.admin, json={"ttl_s": 0.01})
-    time.sleep(0.05)
+    expires_at = datetime.fromisoformat(short["expires_at"]).replace(tzinfo=UTC)
+    wait_until("the short token to expire", lambda: datetime.now(UTC) > expires_at, timeout=5)
     status, _ = fleet.call(
         "POST",
         "/devices/enrol",

@@ -36,8 +36,8 @@ from schemathesis.specs.openapi.checks import (
 
 from fleet_server.release.keys import KeyStore
 from fleet_server.release.repository import ImageRepository
-from tests.conftest import HARDWARE
-from tests.support.api_server import ServerThread, repository_files
+from testbed.api_server import ServerThread, repository_files
+from testbed.images import HARDWARE
 from tests.support.databases import DATABASES, database_url
 
 pytestmark = pytest.mark.integration

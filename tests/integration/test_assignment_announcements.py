@@ -29,8 +29,8 @@ from fleet_server.fleetctl import main
 from protocol.messages import BundleRef, DeviceEvent, ReportedState
 from protocol.topics import desired_topic, device_topic
 from protocol.versioning import default_release_counter
-from tests.conftest import HARDWARE
-from tests.support.server_process import DeviceClient, ServerProcess, private_broker, wait_until
+from testbed.images import HARDWARE
+from testbed.server_process import DeviceClient, ServerProcess, private_broker, wait_until
 
 pytestmark = pytest.mark.integration
 

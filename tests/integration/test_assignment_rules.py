@@ -35,8 +35,8 @@ from fleet_server.mqtt.ingest import Accepted, write_batch
 from protocol.bundle import read_bundle
 from protocol.messages import BundleRef, DeviceEvent, ReportedState
 from protocol.versioning import default_release_counter
-from tests.conftest import HARDWARE
-from tests.support.api_server import ServerThread
+from testbed.api_server import ServerThread
+from testbed.images import HARDWARE
 from tests.support.databases import DATABASES, database_url
 
 pytestmark = pytest.mark.integration

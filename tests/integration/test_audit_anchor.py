@@ -31,10 +31,10 @@ from fleet_server.audit import (
 from fleet_server.db.models import AuditEntry
 from fleet_server.fleetctl import main
 from protocol.api import SignedAuditHead
-from tests.conftest import HARDWARE
-from tests.support.api_server import ServerThread
+from testbed.api_server import ServerThread
+from testbed.images import HARDWARE
+from testbed.server_process import ServerProcess, wait_until
 from tests.support.databases import DATABASES, database_url
-from tests.support.server_process import ServerProcess, wait_until
 
 pytestmark = pytest.mark.integration
 

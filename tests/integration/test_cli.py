@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MODELS
+from testbed.images import MODELS
 
 HW = "rpi4-arm64"
 

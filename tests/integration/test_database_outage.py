@@ -32,7 +32,7 @@ from fleet_server.metrics import Metrics
 from fleet_server.mqtt.link import ServerMqtt
 from protocol.messages import DeviceEvent
 from protocol.topics import device_topic
-from tests.support.server_process import DeviceClient
+from testbed.server_process import DeviceClient
 
 pytestmark = pytest.mark.integration
 

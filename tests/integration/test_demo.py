@@ -16,8 +16,8 @@ pytestmark = pytest.mark.integration
 def test_the_fleet_story_runs_on_the_zero_setup_defaults(tmp_path: Path) -> None:
     # What `make demo` does on a machine without Mosquitto: the embedded amqtt broker on
     # a free port, and SQLite.
-    from simulator.embedded_broker import broker_for_demo
     from simulator.fleet_story import FleetStory
+    from testbed.embedded_broker import broker_for_demo
 
     with broker_for_demo(tmp_path / "broker", prefer_mosquitto=False) as broker:
         assert broker.kind == "amqtt" and not broker.shared_subscriptions

@@ -22,10 +22,10 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import HARDWARE
-from tests.support.fleet import AgentProcess
-from tests.support.mosquitto import free_port
-from tests.support.server_process import ServerProcess, wait_until
+from testbed.fleet import AgentProcess
+from testbed.images import HARDWARE
+from testbed.mosquitto import free_port
+from testbed.server_process import ServerProcess, wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -30,8 +30,8 @@ from fleet_server.director import DirectorRepository, Signed
 from fleet_server.director.repository import KEEP_VERSIONS
 from fleet_server.release.keys import KeyStore
 from fleet_server.release.repository import ImageRepository, TufRepository
-from tests.conftest import HARDWARE
-from tests.support.api_server import ServerThread, repository_files
+from testbed.api_server import ServerThread, repository_files
+from testbed.images import HARDWARE
 from tests.support.databases import DATABASES, database_url
 
 pytestmark = pytest.mark.integration

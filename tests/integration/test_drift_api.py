@@ -18,7 +18,7 @@ from fleet_server.db.models import AlertRow, WindowRow
 from fleet_server.fleetctl import main
 from fleet_server.release.keys import KeyStore
 from model_runtime import TFLiteRuntime
-from tests.conftest import HARDWARE
+from testbed.images import HARDWARE
 from tests.support.databases import DATABASES
 from tests.support.drift_fleet import (
     HOUR,

@@ -18,7 +18,7 @@ import pytest
 
 from fleet_server.release.keys import KeyStore, init_keys
 from fleet_server.release.repository import ImageRepository
-from tests.conftest import HARDWARE
+from testbed.images import HARDWARE
 
 EXIT_REFUSED = 3
 

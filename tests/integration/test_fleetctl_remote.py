@@ -17,8 +17,8 @@ from sqlalchemy import select, update
 
 from fleet_server.db.models import AuditEntry
 from fleet_server.fleetctl import main
-from tests.conftest import HARDWARE
-from tests.support.api_server import ServerThread
+from testbed.api_server import ServerThread
+from testbed.images import HARDWARE
 from tests.support.databases import DATABASES, database_url
 
 pytestmark = pytest.mark.integration

@@ -18,9 +18,9 @@ import pytest
 
 from protocol.messages import DeviceEvent
 from protocol.topics import device_topic
-from simulator.embedded_broker import listening
-from tests.support.mosquitto import free_port
-from tests.support.server_process import DeviceClient, ServerProcess, wait_until
+from testbed.embedded_broker import listening
+from testbed.mosquitto import free_port
+from testbed.server_process import DeviceClient, ServerProcess, wait_until
 
 pytestmark = [pytest.mark.integration]
 
@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.integration]
 def amqtt_url() -> Iterator[str]:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "simulator.embedded_broker", "--port", str(port)],
+        [sys.executable, "-m", "testbed.embedded_broker", "--port", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -29,8 +29,8 @@ from protocol.manifest import Manifest
 from protocol.summary import score_histogram, summarize
 from protocol.topics import windows_topic
 from protocol.window import WindowSummary, encode_window
-from tests.conftest import HARDWARE, MODELS
-from tests.support.server_process import DeviceClient, ServerProcess, private_broker, wait_until
+from testbed.images import HARDWARE, MODELS
+from testbed.server_process import DeviceClient, ServerProcess, private_broker, wait_until
 
 pytestmark = pytest.mark.integration
 

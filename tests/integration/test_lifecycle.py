@@ -35,16 +35,16 @@ from fleet_server.director import DirectorRepository
 from fleet_server.fleetctl import main
 from protocol.messages import BundleRef, DeviceEvent, ReportedState
 from protocol.topics import device_topic
-from tests.conftest import HARDWARE
-from tests.support.databases import DATABASES, database_url
-from tests.support.mosquitto import free_port, running_mosquitto
-from tests.support.server_process import (
+from testbed.images import HARDWARE
+from testbed.mosquitto import free_port, running_mosquitto
+from testbed.server_process import (
     DROPPED,
     DeviceClient,
     ServerProcess,
     clear_retained,
     wait_until,
 )
+from tests.support.databases import DATABASES, database_url
 
 pytestmark = pytest.mark.integration
 

@@ -31,8 +31,8 @@ from model_runtime import default_runtime
 from protocol.bundle import read_bundle
 from protocol.inference import MAX_RANK
 from protocol.manifest import Manifest
-from tests.conftest import MODELS, make_bundle
-from tests.support.fleet import AgentProcess
+from testbed.fleet import AgentProcess
+from testbed.images import MODELS, make_bundle
 
 pytestmark = pytest.mark.integration
 
@@ -1171,7 +1171,7 @@ class FaceAgent:
 def face_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaceAgent]:
     from fleet_server.release.bundle_builder import BundleSpec, build_bundle
     from fleet_server.release.keys import init_keys
-    from tests.support.fleet import HARDWARE, AgentProcess, Fleet
+    from testbed.fleet import HARDWARE, AgentProcess, Fleet
 
     tmp = tmp_path_factory.mktemp("face")
     rng = np.random.default_rng(5)

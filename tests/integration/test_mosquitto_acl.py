@@ -30,7 +30,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from fleet_server import fleetctl
 from fleet_server.broker_config import check_password, password_hash
 from protocol.topics import desired_topic, device_topic, ingest_subscriptions
-from tests.support.mosquitto import Mosquitto, free_port, running_mosquitto
+from testbed.mosquitto import Mosquitto, free_port, running_mosquitto
 
 NS = "plant-7"
 pytestmark = pytest.mark.integration

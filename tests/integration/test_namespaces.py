@@ -23,8 +23,8 @@ import pytest
 from fleet_server import fleetctl
 from protocol.messages import DeviceEvent
 from protocol.topics import device_topic, server_topic
-from tests.support.mosquitto import free_port
-from tests.support.server_process import (
+from testbed.mosquitto import free_port
+from testbed.server_process import (
     DROPPED,
     INGESTED,
     DeviceClient,
@@ -32,6 +32,7 @@ from tests.support.server_process import (
     clear_retained,
     wait_until,
 )
+from testbed.waiting import observe_for
 
 pytestmark = pytest.mark.integration
 
@@ -218,7 +219,7 @@ def test_twins_that_both_passed_the_check_settle_on_one(
         assert line.startswith("fleet-server: --replica-id: ") and "this replica stops" in line
         return
     wait_until("the replica to reclaim its id", lambda: "this one keeps the id" in one.log())
-    time.sleep(1.0)
+    observe_for(1.0, lambda: not one.alive)
     assert one.alive
 
 

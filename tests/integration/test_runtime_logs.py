@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from fleet_server.release.keys import KeyStore, init_keys
-from tests.conftest import HARDWARE, MODELS
-from tests.support.fleet import AgentProcess, Fleet
+from testbed.fleet import AgentProcess, Fleet
+from testbed.images import HARDWARE, MODELS
 
 pytestmark = pytest.mark.integration
 

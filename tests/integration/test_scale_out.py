@@ -11,7 +11,7 @@ SIGKILLed replica held (in its ingest queue or in flight) and what the broker
 queued for it while it was dead reach it when it is restarted with the same
 replica id, and every message is stored once.
 
-The broker is a private Mosquitto (see :mod:`tests.support.server_process`)
+The broker is a private Mosquitto (see :mod:`testbed.server_process`)
 that lets a replica's session queue a burst; PostgreSQL is the shared one,
 with a fresh database per test.
 """
@@ -33,8 +33,7 @@ import pytest
 
 from protocol.messages import DeviceEvent, Heartbeat, ReportedState
 from protocol.topics import device_topic
-from tests.support.databases import postgres_database
-from tests.support.server_process import (
+from testbed.server_process import (
     FAN_IN_LIMITS,
     INGESTED,
     Broker,
@@ -43,6 +42,8 @@ from tests.support.server_process import (
     private_broker,
     wait_until,
 )
+from testbed.waiting import observe_for
+from tests.support.databases import postgres_database
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -181,7 +182,8 @@ def test_two_replicas_split_the_ingest_and_store_every_event_once(cluster: Clust
         lambda: cluster.ingested_events(a, b) >= published,
         timeout=30,
     )
-    time.sleep(1.0)  # anything still to come (nothing should be) has had time to arrive
+    # Anything still to come (nothing should be) has the window to arrive.
+    observe_for(1.0, lambda: {m for m, _ in cluster.stored()} - set(sent), every=0.2)
     stored = cluster.stored()
     ids = Counter(message_id for message_id, _ in stored)
     assert set(ids) == set(sent), "events were lost or invented"
@@ -323,7 +325,8 @@ def test_a_replica_killed_mid_ingest_and_restarted_loses_nothing_and_stores_noth
         return rows if done else None
 
     rows = wait_until("every newest state and every heartbeat to be stored", states_and_beats)
-    time.sleep(1.0)  # anything still to come (nothing should be) has had time to arrive
+    # Anything still to come (nothing should be) has the window to arrive.
+    observe_for(1.0, lambda: {m for m, _ in cluster.stored()} - sent, every=0.2)
     stored = cluster.stored()
     ids = Counter(message_id for message_id, _ in stored)
     assert set(ids) == sent, "events were lost or invented"

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from protocol.manifest import ResourceBudget
-from tests.conftest import HARDWARE, make_bundle
-from tests.support.fleet import AgentProcess
+from testbed.fleet import AgentProcess
+from testbed.images import HARDWARE, make_bundle
 
 pytestmark = pytest.mark.integration
 

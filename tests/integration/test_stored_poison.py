@@ -26,10 +26,9 @@ from fleet_server import audit
 from fleet_server.fleetctl import main
 from protocol.messages import FREEFORM_MAX_DEPTH
 from protocol.topics import device_topic
-from tests.conftest import HARDWARE
-from tests.support.api_server import ServerThread
-from tests.support.databases import DATABASES, database_url
-from tests.support.server_process import (
+from testbed.api_server import ServerThread
+from testbed.images import HARDWARE
+from testbed.server_process import (
     DROPPED,
     INGESTED,
     DeviceClient,
@@ -37,6 +36,7 @@ from tests.support.server_process import (
     private_broker,
     wait_until,
 )
+from tests.support.databases import DATABASES, database_url
 
 pytestmark = pytest.mark.integration
 

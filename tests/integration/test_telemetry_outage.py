@@ -72,16 +72,16 @@ from fleet_server.db import Database
 from fleet_server.db.models import WindowRow
 from fleet_server.fleetctl import main as fleetctl
 from protocol.window import decode_window
-from tests.support.databases import postgres_database
-from tests.support.fleet import AgentProcess
-from tests.support.mosquitto import Mosquitto
-from tests.support.server_process import (
+from testbed.fleet import AgentProcess
+from testbed.mosquitto import Mosquitto
+from testbed.server_process import (
     FAN_IN_LIMITS,
     Broker,
     ServerProcess,
     private_broker,
     wait_until,
 )
+from tests.support.databases import postgres_database
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

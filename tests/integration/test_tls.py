@@ -27,8 +27,8 @@ from agent.ota.transport import FetchConfig, RepositoryFetcher
 from fleet_server import fleetctl
 from fleet_server.tls import TLSConfigError, client_context, server_context
 from protocol.topics import device_topic, ingest_subscriptions
+from testbed.mosquitto import free_port, running_mosquitto
 from tests.support.certs import Certificates, make_certificates
-from tests.support.mosquitto import free_port, running_mosquitto
 
 NS = "plant-7"
 pytestmark = pytest.mark.integration

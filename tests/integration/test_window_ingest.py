@@ -13,7 +13,6 @@ import asyncio
 import json
 import secrets
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,8 +32,7 @@ from protocol.messages import WindowAck
 from protocol.summary import edges_id, quantile_edges, summarize
 from protocol.topics import MAX_WINDOW_BYTES, acks_topic, devices_root, windows_topic
 from protocol.window import WindowSummary, decode_window, encode_window
-from tests.support.databases import DATABASES, database_url
-from tests.support.server_process import (
+from testbed.server_process import (
     DROPPED,
     INGESTED,
     DeviceClient,
@@ -42,6 +40,8 @@ from tests.support.server_process import (
     private_broker,
     wait_until,
 )
+from testbed.waiting import observe_for
+from tests.support.databases import DATABASES, database_url
 
 pytestmark = pytest.mark.integration
 
@@ -205,7 +205,7 @@ def test_stored_windows_are_acked_with_exactly_their_ids(setup: Setup, acks: Ack
     publish(setup, device, list(encoded.values()))
 
     wait_until("acks for all three windows", lambda: set(acks.acked(device)) == set(encoded))
-    time.sleep(QUIET_S)
+    observe_for(QUIET_S, lambda: len(acks.acked(device)) > len(encoded))  # a second ack
     assert sorted(acks.acked(device)) == sorted(encoded)  # each once, nothing else
     rows = {r.window_id: r for r in setup.stored(device)}
     assert set(rows) == set(encoded)
@@ -282,7 +282,7 @@ def test_a_window_naming_another_device_is_dropped_as_spoofed(
     publish(setup, device, [encode_window(forged), encode_window(honest)])
 
     wait_until("the honest window's ack", lambda: acks.acked(device) == [honest.window_id])
-    time.sleep(QUIET_S)
+    observe_for(QUIET_S, lambda: acks.acked(victim) or len(acks.acked(device)) > 1)
     assert increase(before, setup.dropped()) == {"spoofed-device-id": 1}
     assert acks.acked(victim) == []
     assert setup.stored(victim) == []
@@ -301,6 +301,6 @@ def test_windows_of_an_unregistered_device_are_dropped_and_not_acked(
         "the window to be dropped",
         lambda: increase(before, setup.dropped()) == {"unknown-device": 1},
     )
-    time.sleep(QUIET_S)
+    observe_for(QUIET_S, lambda: acks.acked(ghost))
     assert acks.acked(ghost) == []
     assert setup.stored(ghost) == []

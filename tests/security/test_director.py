@@ -19,7 +19,7 @@ from agent.ota.fetch_worker import resolve
 from fleet_server.director import DirectorRepository
 from fleet_server.release.keys import KeyStore, init_keys
 from fleet_server.release.repository import ImageRepository, ReleasedBundle
-from tests.conftest import HARDWARE
+from testbed.images import HARDWARE
 
 DEVICE = "pump-1"
 
@@ -154,7 +154,7 @@ def test_director_entry_for_another_hardware_id_is_refused(
     session_keys: KeyStore,
     bundles: dict[str, Path],
 ) -> None:
-    from tests.conftest import make_bundle
+    from testbed.images import make_bundle
 
     both = make_bundle(tmp_path, "v2", "3.0.0", hardware=(HARDWARE, "jetson-orin"))
     released = repo.add_bundle(both, session_keys)

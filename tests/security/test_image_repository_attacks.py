@@ -18,8 +18,8 @@ from agent.ota.transport import FetchConfig
 from agent.ota.verify import verify_bundle
 from fleet_server.release.keys import KeyStore, init_keys
 from fleet_server.release.repository import ImageRepository
-from tests.conftest import HARDWARE
-from tests.support.http_repo import RepositoryServer
+from testbed.http_repo import RepositoryServer
+from testbed.images import HARDWARE
 
 
 def verify(repo: ImageRepository, source: str, out: Path, **kw: object):  # type: ignore[no-untyped-def]

@@ -18,8 +18,8 @@ from agent.ota.verify import verify_bundle
 from fleet_server.director import DirectorRepository
 from fleet_server.release.keys import KeyStore, init_keys
 from fleet_server.release.repository import ImageRepository
-from tests.conftest import HARDWARE
-from tests.support.http_repo import RepositoryServer
+from testbed.http_repo import RepositoryServer
+from testbed.images import HARDWARE
 from tests.support.tuf_repos import assign_with_hashes, plain_repository, resign_with_hashes
 
 DEVICE = "pump-1"

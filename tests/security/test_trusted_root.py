@@ -23,7 +23,7 @@ from agent.ota.verify import verify_bundle
 from fleet_server.director import DirectorRepository
 from fleet_server.release.keys import KeyStore, init_keys
 from fleet_server.release.repository import ImageRepository
-from tests.conftest import HARDWARE
+from testbed.images import HARDWARE
 
 
 def not_json(root: Path) -> None:

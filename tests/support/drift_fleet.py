@@ -28,8 +28,8 @@ from protocol.bundle import read_manifest
 from protocol.manifest import Manifest
 from protocol.summary import score_histogram, summarize
 from protocol.window import WindowSummary, encode_window
-from tests.conftest import HARDWARE
-from tests.support.api_server import ServerThread, repository_files
+from testbed.api_server import ServerThread, repository_files
+from testbed.images import HARDWARE
 from tests.support.databases import database_url
 
 V = "/api/v1"

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
@@ -12,22 +12,24 @@ from fleet_server.api.errors import errors_middleware
 from fleet_server.drift import DriftError
 
 
-def answer_to(error: Exception) -> web.Response:
+async def answer_to(error: Exception) -> web.Response:
     async def handler(request: web.Request) -> web.StreamResponse:
         raise error
 
     request = make_mocked_request("GET", "/api/v1/drift?tag=nope")
-    response = asyncio.run(errors_middleware(request, handler))
+    response = await errors_middleware(request, handler)
     assert isinstance(response, web.Response)
     return response
 
 
-def test_a_drift_error_is_answered_with_its_status_and_message() -> None:
-    response = answer_to(DriftError("no device has tag 'nope'"))
+@pytest.mark.asyncio
+async def test_a_drift_error_is_answered_with_its_status_and_message() -> None:
+    response = await answer_to(DriftError("no device has tag 'nope'"))
     assert response.status == 404
     assert response.text is not None
     assert json.loads(response.text) == {"error": "no device has tag 'nope'"}
 
 
-def test_a_drift_error_may_name_another_status() -> None:
-    assert answer_to(DriftError("since is after until", status=422)).status == 422
+@pytest.mark.asyncio
+async def test_a_drift_error_may_name_another_status() -> None:
+    assert (await answer_to(DriftError("since is after until", status=422))).status == 422

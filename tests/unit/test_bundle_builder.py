@@ -27,7 +27,7 @@ from protocol.derivation import derive_features
 from protocol.golden import unpack_golden
 from protocol.manifest import Manifest
 from protocol.summary import summarize
-from tests.conftest import MODELS
+from testbed.images import MODELS
 
 
 def spec(**kw: object) -> BundleSpec:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pytest
+import pytest_asyncio
 from aiohttp import web
 
 from agent.serving import (
@@ -30,15 +32,10 @@ from model_runtime import LoadedModel, default_runtime
 from protocol.bundle import read_bundle
 from protocol.inference import InferenceRequest, decode_inputs, encode_response
 from protocol.manifest import Manifest, TensorSpec
-from tests.conftest import MODELS, make_bundle
+from testbed.images import MODELS, make_bundle
 
-T = TypeVar("T")
 BASELINE = np.load(MODELS / "baseline.npy")
 RUNTIME = default_runtime()
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
 
 
 def load(model: str) -> LoadedModel:
@@ -112,6 +109,21 @@ class CountingModel:
         return self.model.run(inputs)
 
 
+class HeldModel(CountingModel):
+    """A model whose run starts (``started`` is set) and then waits until ``release`` is set."""
+
+    def __init__(self, model: LoadedModel) -> None:
+        super().__init__(model)
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def run(self, inputs: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
+        self.runs += 1
+        self.started.set()
+        assert self.release.wait(30), "the held model was never released"
+        return self.model.run(inputs)
+
+
 class CloudServer:
     """A real Open Inference Protocol endpoint running ``cloud.tflite``, with switchable faults."""
 
@@ -166,37 +178,36 @@ def closed_port_url() -> str:
         return f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
-def with_cloud(
-    test: Callable[[CloudServer], Awaitable[None]],
-) -> None:
-    async def main() -> None:
-        async with CloudServer() as cloud:
-            await test(cloud)
-
-    run(main())
+@pytest_asyncio.fixture
+async def cloud() -> AsyncIterator[CloudServer]:
+    """A real cloud endpoint on a free port, on the test's event loop."""
+    async with CloudServer() as server:
+        yield server
 
 
 # -- local stages ------------------------------------------------------------------------------
 
 
-def test_a_healthy_active_model_answers(manifests: dict[str, Manifest]) -> None:
+@pytest.mark.asyncio
+async def test_a_healthy_active_model_answers(manifests: dict[str, Manifest]) -> None:
     chain = FallbackChain(slot(manifests, "v2"), slot(manifests, "v1"))
     x = running_rows(3)
-    answer = run(chain.infer({"features": x}))
+    answer = await chain.infer({"features": x})
     assert (answer.stage, answer.model_version, answer.escalated) == ("active", "2.0.0", False)
     assert [(a.stage, a.ok) for a in answer.attempts] == [("active", True)]
     np.testing.assert_allclose(answer.outputs["scores"], load("v2").run({"features": x})["scores"])
     assert chain.counters["active"].served == 1
 
 
-def test_nan_from_the_active_model_passes_the_request_to_the_previous(
+@pytest.mark.asyncio
+async def test_nan_from_the_active_model_passes_the_request_to_the_previous(
     manifests: dict[str, Manifest],
 ) -> None:
     chain = FallbackChain(slot(manifests, "v3-bad"), slot(manifests, "v2"))
     observed = Observed()
     chain.subscribe(observed)
     x = with_idle_row(3, idle=1)
-    answer = run(chain.infer({"features": x}))
+    answer = await chain.infer({"features": x})
     assert (answer.stage, answer.model_version) == ("previous", "2.0.0")
     np.testing.assert_allclose(answer.outputs["scores"], load("v2").run({"features": x})["scores"])
     assert np.isfinite(answer.outputs["scores"]).all()
@@ -209,13 +220,15 @@ def test_nan_from_the_active_model_passes_the_request_to_the_previous(
     assert (counters["active"].failed, counters["previous"].served) == (1, 1)
 
 
-def test_v3_bad_still_serves_running_machines_itself(manifests: dict[str, Manifest]) -> None:
+@pytest.mark.asyncio
+async def test_v3_bad_still_serves_running_machines_itself(manifests: dict[str, Manifest]) -> None:
     chain = FallbackChain(slot(manifests, "v3-bad"), slot(manifests, "v2"))
-    answer = run(chain.infer({"features": running_rows(4)}))
+    answer = await chain.infer({"features": running_rows(4)})
     assert (answer.stage, answer.model_version) == ("active", "3.0.0")
 
 
-def test_an_invalid_request_runs_no_stage(manifests: dict[str, Manifest]) -> None:
+@pytest.mark.asyncio
+async def test_an_invalid_request_runs_no_stage(manifests: dict[str, Manifest]) -> None:
     model = CountingModel(load("v2"))
     chain = FallbackChain(ModelSlot(manifests["v2"], model))
     observed = Observed()
@@ -223,31 +236,34 @@ def test_an_invalid_request_runs_no_stage(manifests: dict[str, Manifest]) -> Non
     x = running_rows(1)
     x[0, 2] = np.nan
     with pytest.raises(InvalidInput, match="ambient_temp_c"):
-        run(chain.infer({"features": x}))
+        await chain.infer({"features": x})
     assert model.runs == 0
     assert observed.events == []
 
 
-def test_a_raising_observer_does_not_break_serving(manifests: dict[str, Manifest]) -> None:
+@pytest.mark.asyncio
+async def test_a_raising_observer_does_not_break_serving(manifests: dict[str, Manifest]) -> None:
     chain = FallbackChain(slot(manifests, "v2"))
 
     def broken(*args: object) -> None:
         raise RuntimeError("observer bug")
 
     chain.subscribe(broken)
-    assert run(chain.infer({"features": running_rows()})).stage == "active"
+    assert (await chain.infer({"features": running_rows()})).stage == "active"
 
 
-def test_an_unsubscribed_observer_hears_nothing(manifests: dict[str, Manifest]) -> None:
+@pytest.mark.asyncio
+async def test_an_unsubscribed_observer_hears_nothing(manifests: dict[str, Manifest]) -> None:
     chain = FallbackChain(slot(manifests, "v2"))
     observed = Observed()
     unsubscribe = chain.subscribe(observed)
     unsubscribe()
-    run(chain.infer({"features": running_rows()}))
+    await chain.infer({"features": running_rows()})
     assert observed.events == []
 
 
-def test_a_local_model_over_its_timeout_passes_the_request_on(
+@pytest.mark.asyncio
+async def test_a_local_model_over_its_timeout_passes_the_request_on(
     manifests: dict[str, Manifest],
 ) -> None:
     # The timeout is generous for the previous model's first run, which goes to a worker
@@ -258,7 +274,7 @@ def test_a_local_model_over_its_timeout_passes_the_request_on(
         slot(manifests, "v1"),
         config=ChainConfig(local_timeout_s=0.3),
     )
-    answer = run(chain.infer({"features": running_rows()}))
+    answer = await chain.infer({"features": running_rows()})
     assert (answer.stage, answer.model_version) == ("previous", "1.0.0")
     assert answer.attempts[0].reason == "no answer within 0.3 s"
 
@@ -266,29 +282,27 @@ def test_a_local_model_over_its_timeout_passes_the_request_on(
 # -- cloud and safe default ---------------------------------------------------------------------
 
 
-def test_both_local_models_failing_passes_the_request_to_the_cloud(
-    manifests: dict[str, Manifest],
+@pytest.mark.asyncio
+async def test_both_local_models_failing_passes_the_request_to_the_cloud(
+    manifests: dict[str, Manifest], cloud: CloudServer
 ) -> None:
-    async def scenario(cloud: CloudServer) -> None:
-        chain = FallbackChain(
-            slot(manifests, "v3-bad"),
-            slot(manifests, "v3-bad", version="2.9.0"),
-            cloud=CloudStage(cloud.url, "pump-health", timeout_s=2.0),
-        )
-        x = with_idle_row(2, idle=0)
-        answer = await chain.infer({"features": x})
-        assert (answer.stage, answer.model_version) == ("cloud", "9.0.0-cloud")
-        assert [(a.stage, a.model_version, a.ok) for a in answer.attempts] == [
-            ("active", "3.0.0", False),
-            ("previous", "2.9.0", False),
-            ("cloud", "9.0.0-cloud", True),
-        ]
-        expected = load("cloud").run({"features": x})["scores"]
-        np.testing.assert_allclose(answer.outputs["scores"], expected, rtol=1e-6)
-        assert answer.outputs["scores"].dtype == np.float32
-        assert cloud.requests == 1
-
-    with_cloud(scenario)
+    chain = FallbackChain(
+        slot(manifests, "v3-bad"),
+        slot(manifests, "v3-bad", version="2.9.0"),
+        cloud=CloudStage(cloud.url, "pump-health", timeout_s=2.0),
+    )
+    x = with_idle_row(2, idle=0)
+    answer = await chain.infer({"features": x})
+    assert (answer.stage, answer.model_version) == ("cloud", "9.0.0-cloud")
+    assert [(a.stage, a.model_version, a.ok) for a in answer.attempts] == [
+        ("active", "3.0.0", False),
+        ("previous", "2.9.0", False),
+        ("cloud", "9.0.0-cloud", True),
+    ]
+    expected = load("cloud").run({"features": x})["scores"]
+    np.testing.assert_allclose(answer.outputs["scores"], expected, rtol=1e-6)
+    assert answer.outputs["scores"].dtype == np.float32
+    assert cloud.requests == 1
 
 
 def safe_default_rows(manifest: Manifest, rows: int) -> npt.NDArray[np.float32]:
@@ -302,13 +316,14 @@ def assert_safe_default(answer: Answer, manifest: Manifest, rows: int) -> None:
     assert answer.outputs["scores"].shape == (rows, 4)
 
 
-def test_an_unreachable_cloud_leaves_the_safe_default(manifests: dict[str, Manifest]) -> None:
+@pytest.mark.asyncio
+async def test_an_unreachable_cloud_leaves_the_safe_default(manifests: dict[str, Manifest]) -> None:
     chain = FallbackChain(
         slot(manifests, "v3-bad"),
         slot(manifests, "v3-bad", version="2.9.0"),
         cloud=CloudStage(closed_port_url(), "pump-health", timeout_s=2.0),
     )
-    answer = run(chain.infer({"features": with_idle_row(3, idle=2)}))
+    answer = await chain.infer({"features": with_idle_row(3, idle=2)})
     assert_safe_default(answer, manifests["v3-bad"], 3)
     cloud_attempt = answer.attempts[2]
     assert (cloud_attempt.stage, cloud_attempt.ok) == ("cloud", False)
@@ -316,6 +331,7 @@ def test_an_unreachable_cloud_leaves_the_safe_default(manifests: dict[str, Manif
     assert answer.attempts[3].stage == "safe_default"
 
 
+@pytest.mark.asyncio
 @pytest.mark.parametrize(
     ("mode", "reason"),
     [
@@ -325,40 +341,39 @@ def test_an_unreachable_cloud_leaves_the_safe_default(manifests: dict[str, Manif
         ("garbage", "not an inference response"),
     ],
 )
-def test_a_failing_cloud_leaves_the_safe_default(
-    manifests: dict[str, Manifest], mode: str, reason: str
+async def test_a_failing_cloud_leaves_the_safe_default(
+    manifests: dict[str, Manifest], mode: str, reason: str, cloud: CloudServer
 ) -> None:
-    async def scenario(cloud: CloudServer) -> None:
-        cloud.mode = mode
-        chain = FallbackChain(
-            slot(manifests, "v3-bad"),
-            cloud=CloudStage(cloud.url, "pump-health", timeout_s=0.2),
-        )
-        started = time.monotonic()
-        answer = await chain.infer({"features": with_idle_row(1, idle=0)})
-        assert time.monotonic() - started < 0.8
-        assert_safe_default(answer, manifests["v3-bad"], 1)
-        assert answer.attempts[1].stage == "cloud"
-        assert reason in (answer.attempts[1].reason or "")
-
-    with_cloud(scenario)
+    cloud.mode = mode
+    chain = FallbackChain(
+        slot(manifests, "v3-bad"),
+        cloud=CloudStage(cloud.url, "pump-health", timeout_s=0.2),
+    )
+    started = time.monotonic()
+    answer = await chain.infer({"features": with_idle_row(1, idle=0)})
+    assert time.monotonic() - started < 0.8
+    assert_safe_default(answer, manifests["v3-bad"], 1)
+    assert answer.attempts[1].stage == "cloud"
+    assert reason in (answer.attempts[1].reason or "")
 
 
-def test_a_slot_whose_model_cannot_run_is_served_by_its_safe_default(
+@pytest.mark.asyncio
+async def test_a_slot_whose_model_cannot_run_is_served_by_its_safe_default(
     manifests: dict[str, Manifest],
 ) -> None:
     chain = FallbackChain(ModelSlot(manifests["v2"], None))
     assert chain.ready
     assert chain.readiness()[1] == "only the safe default can answer"
-    answer = run(chain.infer({"features": running_rows(2)}))
+    answer = await chain.infer({"features": running_rows(2)})
     assert_safe_default(answer, manifests["v2"], 2)
 
 
-def test_a_chain_without_any_model_is_not_ready() -> None:
+@pytest.mark.asyncio
+async def test_a_chain_without_any_model_is_not_ready() -> None:
     chain = FallbackChain()
     assert not chain.ready
     with pytest.raises(ChainNotReady):
-        run(chain.infer({"features": running_rows()}))
+        await chain.infer({"features": running_rows()})
 
 
 # -- circuit breakers ----------------------------------------------------------------------------
@@ -372,7 +387,8 @@ class FakeClock:
         return self.now
 
 
-def test_the_breaker_stops_calling_a_failing_model_and_probes_it_later(
+@pytest.mark.asyncio
+async def test_the_breaker_stops_calling_a_failing_model_and_probes_it_later(
     manifests: dict[str, Manifest],
 ) -> None:
     bad = CountingModel(load("v3-bad"))
@@ -385,41 +401,38 @@ def test_the_breaker_stops_calling_a_failing_model_and_probes_it_later(
     )
     idle = {"features": with_idle_row(1, idle=0)}
 
-    async def scenario() -> None:
-        for _ in range(5):
-            assert (await chain.infer(idle)).stage == "previous"
-        assert bad.runs == 3  # opened after three failures; two requests skipped it
-        skipped = await chain.infer(idle)
-        assert skipped.attempts[0].reason == "circuit breaker is open"
-        assert chain.counters["active"].skipped == 3
-        clock.now += 30
-        assert (await chain.infer(idle)).stage == "previous"  # the probe fails
-        assert bad.runs == 4
-        assert (await chain.infer(idle)).attempts[0].reason == "circuit breaker is open"
-        clock.now += 30
-        probe = await chain.infer({"features": running_rows(1)})  # the probe succeeds
-        assert (probe.stage, bad.runs) == ("active", 5)
-        assert (await chain.infer({"features": running_rows(1)})).stage == "active"
-        assert bad.runs == 6
-
-    run(scenario())
+    for _ in range(5):
+        assert (await chain.infer(idle)).stage == "previous"
+    assert bad.runs == 3  # opened after three failures; two requests skipped it
+    skipped = await chain.infer(idle)
+    assert skipped.attempts[0].reason == "circuit breaker is open"
+    assert chain.counters["active"].skipped == 3
+    clock.now += 30
+    assert (await chain.infer(idle)).stage == "previous"  # the probe fails
+    assert bad.runs == 4
+    assert (await chain.infer(idle)).attempts[0].reason == "circuit breaker is open"
+    clock.now += 30
+    probe = await chain.infer({"features": running_rows(1)})  # the probe succeeds
+    assert (probe.stage, bad.runs) == ("active", 5)
+    assert (await chain.infer({"features": running_rows(1)})).stage == "active"
+    assert bad.runs == 6
 
 
-def test_the_cloud_breaker_stops_calls_to_a_down_cloud(manifests: dict[str, Manifest]) -> None:
-    async def scenario(cloud: CloudServer) -> None:
-        cloud.mode = "error"
-        chain = FallbackChain(
-            slot(manifests, "v3-bad"),
-            cloud=CloudStage(cloud.url, "pump-health"),
-            config=ChainConfig(failure_threshold=2, reset_after_s=60.0),
-        )
-        for _ in range(4):
-            answer = await chain.infer({"features": with_idle_row(1, idle=0)})
-            assert answer.stage == "safe_default"
-        assert cloud.requests == 2
-        assert chain.counters["cloud"].skipped == 2
-
-    with_cloud(scenario)
+@pytest.mark.asyncio
+async def test_the_cloud_breaker_stops_calls_to_a_down_cloud(
+    manifests: dict[str, Manifest], cloud: CloudServer
+) -> None:
+    cloud.mode = "error"
+    chain = FallbackChain(
+        slot(manifests, "v3-bad"),
+        cloud=CloudStage(cloud.url, "pump-health"),
+        config=ChainConfig(failure_threshold=2, reset_after_s=60.0),
+    )
+    for _ in range(4):
+        answer = await chain.infer({"features": with_idle_row(1, idle=0)})
+        assert answer.stage == "safe_default"
+    assert cloud.requests == 2
+    assert chain.counters["cloud"].skipped == 2
 
 
 # -- plans: escalation and cloud-primary ---------------------------------------------------------
@@ -433,172 +446,166 @@ def confidence_rows() -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]
     return BASELINE[unsure : unsure + 1].copy(), BASELINE[fair : fair + 1].copy()
 
 
-def test_a_low_confidence_answer_is_escalated_to_the_cloud(
-    manifests: dict[str, Manifest],
+def escalating(manifests: dict[str, Manifest], cloud: CloudServer) -> FallbackChain:
+    """v2 alone, escalating what it is unsure about to ``cloud``."""
+    return FallbackChain(
+        slot(manifests, "v2"),
+        cloud=CloudStage(cloud.url, "pump-health"),
+        plan=ServingPlan(mode="local_with_escalation"),
+    )
+
+
+@pytest.mark.asyncio
+async def test_a_low_confidence_answer_is_escalated_to_the_cloud(
+    manifests: dict[str, Manifest], cloud: CloudServer
 ) -> None:
     unsure, sure = confidence_rows()
 
-    async def scenario(cloud: CloudServer) -> None:
-        chain = FallbackChain(
-            slot(manifests, "v2"),
-            cloud=CloudStage(cloud.url, "pump-health"),
-            plan=ServingPlan(mode="local_with_escalation"),
-        )
-        answer = await chain.infer({"features": unsure})
-        assert (answer.stage, answer.model_version, answer.escalated) == (
-            "cloud",
-            "9.0.0-cloud",
-            True,
-        )
-        assert "is below 0.6; escalated" in (answer.attempts[0].reason or "")
-        assert answer.local_outputs is not None
-        np.testing.assert_allclose(
-            answer.local_outputs["scores"], load("v2").run({"features": unsure})["scores"]
-        )
-        confident = await chain.infer({"features": sure})
-        assert (confident.stage, confident.escalated) == ("active", False)
-        assert cloud.requests == 1
-        counters = chain.counters
-        assert (counters["active"].escalated, counters["cloud"].served) == (1, 1)
-
-    with_cloud(scenario)
+    chain = escalating(manifests, cloud)
+    answer = await chain.infer({"features": unsure})
+    assert (answer.stage, answer.model_version, answer.escalated) == (
+        "cloud",
+        "9.0.0-cloud",
+        True,
+    )
+    assert "is below 0.6; escalated" in (answer.attempts[0].reason or "")
+    assert answer.local_outputs is not None
+    np.testing.assert_allclose(
+        answer.local_outputs["scores"], load("v2").run({"features": unsure})["scores"]
+    )
+    confident = await chain.infer({"features": sure})
+    assert (confident.stage, confident.escalated) == ("active", False)
+    assert cloud.requests == 1
+    counters = chain.counters
+    assert (counters["active"].escalated, counters["cloud"].served) == (1, 1)
 
 
-def test_the_plan_threshold_overrides_the_manifest(manifests: dict[str, Manifest]) -> None:
+@pytest.mark.asyncio
+async def test_the_plan_threshold_overrides_the_manifest(
+    manifests: dict[str, Manifest], cloud: CloudServer
+) -> None:
     _, sure = confidence_rows()
 
-    async def scenario(cloud: CloudServer) -> None:
-        chain = FallbackChain(
-            slot(manifests, "v2"),
-            cloud=CloudStage(cloud.url, "pump-health"),
-            plan=ServingPlan(mode="local_with_escalation"),
-        )
-        assert not (await chain.infer({"features": sure})).escalated
-        chain.set_plan(ServingPlan(mode="local_with_escalation", confidence_threshold=0.95))
-        assert (await chain.infer({"features": sure})).escalated
-
-    with_cloud(scenario)
+    chain = escalating(manifests, cloud)
+    assert not (await chain.infer({"features": sure})).escalated
+    chain.set_plan(ServingPlan(mode="local_with_escalation", confidence_threshold=0.95))
+    assert (await chain.infer({"features": sure})).escalated
 
 
-def test_a_failed_escalation_keeps_the_local_answer(manifests: dict[str, Manifest]) -> None:
-    unsure, _ = confidence_rows()
-
-    async def scenario(cloud: CloudServer) -> None:
-        cloud.mode = "error"
-        chain = FallbackChain(
-            slot(manifests, "v2"),
-            cloud=CloudStage(cloud.url, "pump-health"),
-            plan=ServingPlan(mode="local_with_escalation"),
-        )
-        answer = await chain.infer({"features": unsure})
-        assert (answer.stage, answer.model_version, answer.escalated) == ("active", "2.0.0", False)
-        assert [(a.stage, a.ok) for a in answer.attempts] == [("active", True), ("cloud", False)]
-
-    with_cloud(scenario)
-
-
-def test_the_local_plan_never_escalates(manifests: dict[str, Manifest]) -> None:
-    unsure, _ = confidence_rows()
-
-    async def scenario(cloud: CloudServer) -> None:
-        chain = FallbackChain(slot(manifests, "v2"), cloud=CloudStage(cloud.url, "pump-health"))
-        answer = await chain.infer({"features": unsure})
-        assert (answer.stage, answer.escalated) == ("active", False)
-        assert cloud.requests == 0
-
-    with_cloud(scenario)
-
-
-def test_cloud_primary_asks_the_cloud_first_and_falls_back_to_the_device(
-    manifests: dict[str, Manifest],
+@pytest.mark.asyncio
+async def test_a_failed_escalation_keeps_the_local_answer(
+    manifests: dict[str, Manifest], cloud: CloudServer
 ) -> None:
-    async def scenario(cloud: CloudServer) -> None:
-        chain = FallbackChain(
-            slot(manifests, "v2"),
-            cloud=CloudStage(cloud.url, "pump-health"),
-            plan=ServingPlan(mode="cloud_primary"),
-        )
-        assert (await chain.infer({"features": running_rows()})).stage == "cloud"
-        cloud.mode = "error"
-        answer = await chain.infer({"features": running_rows()})
-        assert (answer.stage, answer.model_version) == ("active", "2.0.0")
-        assert answer.attempts[0].stage == "cloud"
+    unsure, _ = confidence_rows()
 
-    with_cloud(scenario)
+    cloud.mode = "error"
+    chain = escalating(manifests, cloud)
+    answer = await chain.infer({"features": unsure})
+    assert (answer.stage, answer.model_version, answer.escalated) == ("active", "2.0.0", False)
+    assert [(a.stage, a.ok) for a in answer.attempts] == [("active", True), ("cloud", False)]
+
+
+@pytest.mark.asyncio
+async def test_the_local_plan_never_escalates(
+    manifests: dict[str, Manifest], cloud: CloudServer
+) -> None:
+    unsure, _ = confidence_rows()
+
+    chain = FallbackChain(slot(manifests, "v2"), cloud=CloudStage(cloud.url, "pump-health"))
+    answer = await chain.infer({"features": unsure})
+    assert (answer.stage, answer.escalated) == ("active", False)
+    assert cloud.requests == 0
+
+
+@pytest.mark.asyncio
+async def test_cloud_primary_asks_the_cloud_first_and_falls_back_to_the_device(
+    manifests: dict[str, Manifest], cloud: CloudServer
+) -> None:
+    chain = FallbackChain(
+        slot(manifests, "v2"),
+        cloud=CloudStage(cloud.url, "pump-health"),
+        plan=ServingPlan(mode="cloud_primary"),
+    )
+    assert (await chain.infer({"features": running_rows()})).stage == "cloud"
+    cloud.mode = "error"
+    answer = await chain.infer({"features": running_rows()})
+    assert (answer.stage, answer.model_version) == ("active", "2.0.0")
+    assert answer.attempts[0].stage == "cloud"
 
 
 # -- model swaps, version pins, scheduling ------------------------------------------------------
 
 
-def test_models_swapped_mid_stream_serve_the_next_requests(manifests: dict[str, Manifest]) -> None:
+@pytest.mark.asyncio
+async def test_models_swapped_mid_stream_serve_the_next_requests(
+    manifests: dict[str, Manifest],
+) -> None:
     v1, v2 = slot(manifests, "v1"), slot(manifests, "v2")
     chain = FallbackChain(v1)
 
-    async def scenario() -> list[str | None]:
-        versions = []
-        for i in range(6):
-            if i == 3:
-                chain.set_models(active=v2, previous=v1)  # an install switched slots
-            versions.append((await chain.infer({"features": running_rows()})).model_version)
-        return versions
-
-    assert run(scenario()) == ["1.0.0"] * 3 + ["2.0.0"] * 3
+    versions = []
+    for i in range(6):
+        if i == 3:
+            chain.set_models(active=v2, previous=v1)  # an install switched slots
+        versions.append((await chain.infer({"features": running_rows()})).model_version)
+    assert versions == ["1.0.0"] * 3 + ["2.0.0"] * 3
     assert chain.versions == ["2.0.0", "1.0.0"]
 
 
-def test_a_request_in_flight_finishes_on_the_models_it_started_with(
+@pytest.mark.asyncio
+async def test_a_request_in_flight_finishes_on_the_models_it_started_with(
     manifests: dict[str, Manifest],
 ) -> None:
-    held = CountingModel(load("v2"), delay_s=0.2)  # keeps the first request in flight
+    held = HeldModel(load("v2"))  # keeps the first request in flight until released
     chain = FallbackChain(ModelSlot(manifests["v2"], held), slot(manifests, "v1"))
 
-    async def scenario() -> None:
-        in_flight = asyncio.create_task(chain.infer({"features": running_rows()}))
-        await asyncio.sleep(0.05)
+    in_flight = asyncio.create_task(chain.infer({"features": running_rows()}))
+    try:
+        assert await asyncio.to_thread(held.started.wait, 30), "the request never started"
         assert held.runs == 1
         chain.set_models(active=slot(manifests, "v3-bad"), previous=slot(manifests, "v1"))
         after = await chain.infer({"features": running_rows()})
-        before = await in_flight
-        assert (before.stage, before.model_version) == ("active", "2.0.0")
-        assert (after.stage, after.model_version) == ("active", "3.0.0")
+    finally:
+        held.release.set()
+    before = await in_flight
+    assert (before.stage, before.model_version) == ("active", "2.0.0")
+    assert (after.stage, after.model_version) == ("active", "3.0.0")
 
-    run(scenario())
 
-
-def test_a_breaker_belongs_to_its_model_and_a_new_model_starts_closed(
+@pytest.mark.asyncio
+async def test_a_breaker_belongs_to_its_model_and_a_new_model_starts_closed(
     manifests: dict[str, Manifest],
 ) -> None:
     previous = slot(manifests, "v2")
     chain = FallbackChain(
         slot(manifests, "v3-bad"), previous, config=ChainConfig(failure_threshold=1)
     )
-    run(chain.infer({"features": with_idle_row(1, idle=0)}))
+    await chain.infer({"features": with_idle_row(1, idle=0)})
     breaker, previous_breaker = chain.breaker("active"), chain.breaker("previous")
     assert breaker is not None and not breaker.allow()
     chain.set_models(active=slot(manifests, "v1"), previous=previous)
     assert chain.breaker("active") is not breaker
     assert chain.breaker("previous") is previous_breaker  # same model, same breaker
-    assert run(chain.infer({"features": running_rows()})).model_version == "1.0.0"
+    assert (await chain.infer({"features": running_rows()})).model_version == "1.0.0"
 
 
-def test_a_pinned_version_is_served_by_that_model(manifests: dict[str, Manifest]) -> None:
+@pytest.mark.asyncio
+async def test_a_pinned_version_is_served_by_that_model(manifests: dict[str, Manifest]) -> None:
     chain = FallbackChain(slot(manifests, "v2"), slot(manifests, "v1"))
-    answer = run(chain.infer({"features": running_rows()}, version="1.0.0"))
+    answer = await chain.infer({"features": running_rows()}, version="1.0.0")
     assert (answer.stage, answer.model_version) == ("previous", "1.0.0")
-    assert run(chain.infer({"features": running_rows()}, version="2.0.0")).stage == "active"
+    assert (await chain.infer({"features": running_rows()}, version="2.0.0")).stage == "active"
     with pytest.raises(UnknownVersion, match=r"'7\.0\.0'"):
-        run(chain.infer({"features": running_rows()}, version="7.0.0"))
+        await chain.infer({"features": running_rows()}, version="7.0.0")
 
 
-def test_a_fast_model_runs_on_the_event_loop_and_a_slow_one_in_a_thread() -> None:
-    async def scenario() -> None:
-        fast = ModelStage("active", "2.0.0", load("v2"))
-        slow = ModelStage("active", "2.0.0", CountingModel(load("v2"), delay_s=0.05))
-        for stage in (fast, slow):
-            assert not stage.runs_inline  # unknown cost: the first run goes to a thread
-            for _ in range(3):
-                await stage.infer({"features": running_rows()})
-        assert fast.runs_inline
-        assert not slow.runs_inline
-
-    run(scenario())
+@pytest.mark.asyncio
+async def test_a_fast_model_runs_on_the_event_loop_and_a_slow_one_in_a_thread() -> None:
+    fast = ModelStage("active", "2.0.0", load("v2"))
+    slow = ModelStage("active", "2.0.0", CountingModel(load("v2"), delay_s=0.05))
+    for stage in (fast, slow):
+        assert not stage.runs_inline  # unknown cost: the first run goes to a thread
+        for _ in range(3):
+            await stage.infer({"features": running_rows()})
+    assert fast.runs_inline
+    assert not slow.runs_inline

@@ -23,6 +23,7 @@ MAY_IMPORT = {
     "fleet_server": {"fleet_server", "protocol", "model_runtime"},
     "model_runtime": {"model_runtime", "protocol"},
     "protocol": {"protocol"},
+    "testbed": {"testbed", "agent", "fleet_server", "protocol", "model_runtime"},
 }
 
 

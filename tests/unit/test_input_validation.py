@@ -35,7 +35,7 @@ from protocol.inference import (
     select_outputs,
 )
 from protocol.manifest import Manifest, TensorSpec
-from tests.conftest import MODELS
+from testbed.images import MODELS
 
 BASELINE = np.load(MODELS / "baseline.npy")
 

@@ -18,6 +18,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 from agent.config import UpdateConfig
 from agent.ota.answers import (
     Assigned,
@@ -345,8 +347,6 @@ def check_device(seed: int, device: Device, releases: list[Release]) -> None:
     assert reasons <= {"watchdog", "crash-loop"}, where
 
 
-def test_two_hundred_agents_in_one_process_each_end_where_their_events_lead() -> None:
-    async def fleet() -> None:
-        await asyncio.gather(*(run_device(seed) for seed in range(AGENTS)))
-
-    asyncio.run(fleet())
+@pytest.mark.asyncio
+async def test_two_hundred_agents_in_one_process_each_end_where_their_events_lead() -> None:
+    await asyncio.gather(*(run_device(seed) for seed in range(AGENTS)))

@@ -16,7 +16,7 @@ from firmware_images.tflite_writer import GraphBuilder, build_unresolved_custom_
 from fleet_server.release.bundle_builder import BundleSpec, build_bundle
 from model_runtime import default_runtime
 from protocol.manifest import ResourceBudget
-from tests.conftest import MODELS
+from testbed.images import MODELS
 
 
 def staged(tmp_path: Path, bundle: Path) -> tuple[Path, object]:

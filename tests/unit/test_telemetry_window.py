@@ -21,7 +21,7 @@ from protocol.inference import StageName
 from protocol.manifest import Manifest
 from protocol.summary import FeatureSummary, edges_id, quantile_edges, score_histogram, summarize
 from protocol.window import WindowSummary, decode_window, encode_window, merge_windows
-from tests.conftest import MODELS
+from testbed.images import MODELS
 
 BASELINE = np.load(MODELS / "baseline.npy")
 T0 = 1_700_000_000.0

@@ -1,4 +1,4 @@
-"""Real ``fleet-server`` processes for tests, a private broker for them, and device clients.
+"""Real ``fleet-server`` processes, a private broker for them, and device clients.
 
 A :class:`ServerProcess` is ``python -m fleet_server.cli`` with its own data
 folder and port; it is ready once ``/healthz`` answers and its MQTT link has
@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +35,18 @@ from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client.parser import text_string_to_metric_families
 
 from fleet_server.config import ServerConfig
-from tests.support.mosquitto import Mosquitto, free_port, running_mosquitto
+from testbed.mosquitto import Mosquitto, running_mosquitto
+from testbed.waiting import free_port, wait_until
+
+__all__ = [
+    "Broker",
+    "DeviceClient",
+    "ServerProcess",
+    "clear_retained",
+    "free_port",
+    "private_broker",
+    "wait_until",
+]
 
 # The servers are the fan-in of every device's messages. Past Mosquitto's default of 1000
 # messages queued for one client it drops QoS 1 messages silently, so a fleet's broker must
@@ -44,18 +55,6 @@ FAN_IN_LIMITS = ("max_queued_messages 100000",)
 INGESTED = "edgefleet_mqtt_messages_ingested_total"
 DROPPED = "edgefleet_mqtt_messages_dropped_total"
 MQTT_READY_LINE = "MQTT connected; ingesting"
-
-
-def wait_until(what: str, probe: Callable[[], Any], timeout: float = 30.0) -> Any:
-    """Poll ``probe`` until it returns something true; fail the test after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.05)
 
 
 @dataclass(frozen=True)

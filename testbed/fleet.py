@@ -1,4 +1,4 @@
-"""A small real fleet for tests: image repository, director and agent processes.
+"""A small real fleet: image repository, director and agent processes.
 
 The repository and the director are served over HTTP by :class:`RepositoryServer`;
 agents run as real ``edge-agent run`` processes with their own data folders.
@@ -22,9 +22,10 @@ import urllib3
 from fleet_server.director import DirectorRepository
 from fleet_server.release.keys import KeyStore
 from fleet_server.release.repository import ImageRepository, ReleasedBundle
-from tests.support.http_repo import RepositoryServer
+from testbed.http_repo import RepositoryServer
+from testbed.images import HARDWARE
 
-HARDWARE = "rpi4-arm64"
+__all__ = ["HARDWARE", "AgentProcess", "Fleet", "reap_agents", "running_agents"]
 
 
 @dataclass

@@ -1,14 +1,19 @@
 """A real HTTP server for a repository directory, with faults a test can switch on.
 
 Serves files with HTTP Range like a static web server; the ``faults`` let a
-test make it misbehave the way a hostile or broken network does.
+test make it misbehave the way a hostile or broken network does. The demo and
+the benchmarks serve their image repositories and directors with
+:func:`serve_directory`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import shutil
 import threading
 import time
+import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -28,6 +33,12 @@ class Faults:
 
     def applies(self, path: str) -> bool:
         return self.match in path
+
+    def misbehaves(self) -> bool:
+        """Whether any fault is switched on (Range ignored is still a well-formed answer)."""
+        return bool(self.extra_bytes) or any(
+            x is not None for x in (self.stall_after, self.trickle_delay, self.cut_after)
+        )
 
 
 class RepositoryServer:
@@ -62,29 +73,34 @@ class RepositoryServer:
         self._httpd.server_close()
 
     def _serve(self, h: BaseHTTPRequestHandler) -> None:
-        path = self.root / h.path.lstrip("/").split("?")[0]
+        path = self.root / urllib.parse.unquote(h.path.lstrip("/").split("?")[0])
         faults = self.faults if self.faults.applies(h.path) else Faults()
         self.faults.requests.append((h.path, h.headers.get("Range")))
         if not path.is_file():
             h.send_error(404)
             return
-        data = path.read_bytes() + b"\0" * faults.extra_bytes
+        size = path.stat().st_size + faults.extra_bytes
         start = 0
         rng = h.headers.get("Range")
         if rng and not faults.ignore_range and rng.startswith("bytes="):
             start = int(rng[6:].split("-")[0])
-            if start >= len(data):
+            if start >= size:
                 h.send_response(416)
                 h.end_headers()
                 return
             h.send_response(206)
-            h.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            h.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
         else:
             h.send_response(200)
-        body = data[start:]
-        h.send_header("Content-Length", str(len(body)))
+        h.send_header("Content-Length", str(size - start))
         h.end_headers()
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            if not faults.misbehaves():  # stream the file
+                with path.open("rb") as f:
+                    f.seek(start)
+                    shutil.copyfileobj(f, h.wfile)
+                return
+            body = (path.read_bytes() + b"\0" * faults.extra_bytes)[start:]
             self._write_body(h, body, faults)
 
     def _write_body(self, h: BaseHTTPRequestHandler, body: bytes, faults: Faults) -> None:
@@ -105,3 +121,13 @@ class RepositoryServer:
             self._stop.wait(30)
         h.close_connection = True
         time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def serve_directory(directory: Path) -> Iterator[str]:
+    """Serve ``directory`` on a free port of 127.0.0.1 until the block ends; yields its URL."""
+    server = RepositoryServer(directory)
+    try:
+        yield server.url
+    finally:
+        server.close()

@@ -6,7 +6,7 @@ take its messages. :func:`broker_for_demo` starts one on a free port of
 127.0.0.1 and stops it on exit. Mosquitto is preferred when its binary is
 installed: it is the broker production runs, and it has shared subscriptions,
 so the demo's server runs as a production replica does. Otherwise
-``python -m simulator.embedded_broker --port PORT`` serves amqtt until
+``python -m testbed.embedded_broker --port PORT`` serves amqtt until
 terminated: MQTT 3.1.1 with retained messages, which is all the demo needs,
 but no shared subscriptions, so a server on it runs as one replica.
 """
@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -27,6 +26,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from testbed.mosquitto import find_mosquitto
+from testbed.waiting import free_port
 
 START_TIMEOUT_S = 20.0
 START_ATTEMPTS = 3
@@ -54,29 +56,11 @@ def listening(host: str, port: int) -> bool:
         return False
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port on ``host`` that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def mosquitto_binary() -> str | None:
-    """The installed ``mosquitto``, if any (Debian puts it in /usr/sbin, often not on PATH)."""
-    found = shutil.which("mosquitto")
-    if found:
-        return found
-    for path in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
-        if os.access(path, os.X_OK):
-            return path
-    return None
-
-
 @contextlib.contextmanager
 def broker_for_demo(directory: Path, *, prefer_mosquitto: bool = True) -> Iterator[DemoBroker]:
     """A broker of the demo's own on a free port of 127.0.0.1, files in ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
-    binary = mosquitto_binary() if prefer_mosquitto else None
+    binary = find_mosquitto() if prefer_mosquitto else None
     host = "127.0.0.1"
     for attempt in range(START_ATTEMPTS):
         port = free_port(host)
@@ -90,7 +74,7 @@ def broker_for_demo(directory: Path, *, prefer_mosquitto: bool = True) -> Iterat
             command = [binary, "-c", str(conf)]
             kind = "mosquitto"
         else:
-            command = [sys.executable, "-m", "simulator.embedded_broker", "--port", str(port)]
+            command = [sys.executable, "-m", "testbed.embedded_broker", "--port", str(port)]
             kind = "amqtt"
         log_path = directory / f"{kind}.log"
         with log_path.open("ab") as log:

@@ -1,10 +1,11 @@
-"""A private Mosquitto for tests: its own process, configuration and ports.
+"""A private Mosquitto: its own process, configuration and ports.
 
 Never the machine's shared broker. The configuration under test is used as
 written; only what running inside a test needs goes in front of it (stay the
 current user rather than drop to ``mosquitto`` when run as root, so the 0600
 files stay readable). A missing ``mosquitto`` binary fails the test, with
-what to install: a security test that skips is a test nobody runs.
+what to install: a security test that skips is a test nobody runs. The demo
+uses :func:`find_mosquitto` and falls back to an embedded broker instead.
 """
 
 from __future__ import annotations
@@ -19,29 +20,35 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import pytest
+from testbed.waiting import free_port
+
+__all__ = ["BrokerError", "Mosquitto", "free_port", "running_mosquitto"]
 
 START_TIMEOUT = 10.0
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+class BrokerError(AssertionError):
+    """The private broker is not installed, or did not start."""
+
+
+def find_mosquitto() -> str | None:
+    """The installed ``mosquitto``, if any (Debian puts it in /usr/sbin, often not on PATH)."""
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    for path in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
+        if os.access(path, os.X_OK):
+            return path
+    return None
 
 
 def mosquitto_binary() -> str:
     """The path of ``mosquitto``; fails the test when it is not installed."""
-    path = shutil.which("mosquitto") or next(
-        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.access(p, os.X_OK)),
-        None,
-    )
+    path = find_mosquitto()
     if path is None:
-        pytest.fail(
+        raise BrokerError(
             "the mosquitto broker is not installed (apt-get install mosquitto, or "
-            "brew install mosquitto); the broker security tests need the real broker",
-            pytrace=False,
+            "brew install mosquitto); the broker security tests need the real broker"
         )
     return path
 
@@ -91,7 +98,7 @@ class Mosquitto:
 
     def _fail(self, why: str) -> None:
         self.stop()
-        pytest.fail(f"{why}; its output:\n{self.output()}", pytrace=False)
+        raise BrokerError(f"{why}; its output:\n{self.output()}")
 
 
 @contextlib.contextmanager

@@ -1,0 +1,34 @@
+"""The sample models and bundles built from them, for tests and benchmarks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fleet_server.release.bundle_builder import BundleSpec, build_bundle, load_feature_file
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "firmware_images" / "models"
+HARDWARE = "rpi4-arm64"
+
+
+def make_bundle(
+    tmp: Path, model: str, version: str, hardware: tuple[str, ...] = (HARDWARE,), **spec: object
+) -> Path:
+    """Build a bundle of a sample model into ``tmp`` and return its path."""
+    features, classes = load_feature_file(MODELS / "features.json")
+    built = build_bundle(
+        (MODELS / f"{model}.tflite").read_bytes(),
+        MODELS / "baseline.npy",
+        BundleSpec(
+            name="pump-health",
+            version=version,
+            hardware_ids=hardware,
+            feature_specs=features,
+            classes=classes,
+            **spec,
+        ),  # type: ignore[arg-type]
+        calibration=MODELS / "heldout.npz",
+    )
+    path = tmp / f"pump-health-{version}.bundle"
+    built.write(path)
+    return path

@@ -1,0 +1,56 @@
+"""Free ports, and waits on the thing itself with a deadline instead of sleeps."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+class WaitTimeout(AssertionError):
+    """What was waited for did not happen before the deadline."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(
+    what: str,
+    probe: Callable[[], Any],
+    timeout: float = 30.0,
+    *,
+    every: float = 0.05,
+    failure: type[Exception] = WaitTimeout,
+) -> Any:
+    """Poll ``probe`` until it returns something true and return that.
+
+    After ``timeout`` seconds raise ``failure`` naming ``what`` was waited for.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise failure(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)
+
+
+def observe_for(seconds: float, probe: Callable[[], Any], *, every: float = 0.05) -> Any:
+    """Watch ``probe`` for a bounded window of ``seconds``; its first true value, else the last.
+
+    For checks that something does NOT happen: the caller asserts on what is
+    returned, and the window is named as what it is, an observation window,
+    not a wait for something.
+    """
+    deadline = time.monotonic() + seconds
+    while True:
+        value = probe()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(every)
