@@ -17,8 +17,9 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from fleet_server.assignments.listing import refusals_of_device
 from fleet_server.assignments.models import AssignmentResult, Refusal
-from fleet_server.assignments.service import AssignmentService, refusals_of_device
+from fleet_server.assignments.service import AssignmentService
 from fleet_server.assignments.withdrawal import sign_withdrawn, withdraw_assignments
 from fleet_server.db import Database
 from fleet_server.db.models import Device, ProvisioningToken, Release
