@@ -1,4 +1,4 @@
-"""Assignments: which released bundle each device runs; recorded, signed, announced.
+"""The assignment service: records what the planner allows, signs it, announces it.
 
 An assignment names devices, or a tag: a tag assignment is a rule
 (``assignment_rules``) that also gives its release to every device that gains
@@ -6,7 +6,9 @@ the tag later (:meth:`AssignmentService.apply_rules`). Precedence for a device
 gaining a tag: an assignment made for the device by name overrides tag rules,
 and of two rules matching it, the newest wins. A release below the counter a
 device reports running is refused up front (the device would refuse it); an
-old model goes back out as a re-release above the counter. Cancelling
+old model goes back out as a re-release above the counter. These rules are
+:mod:`fleet_server.assignments.planner`'s; the SQL is
+:mod:`fleet_server.assignments.store`'s. Cancelling
 (:meth:`AssignmentService.cancel`) signs metadata that names nothing, so the
 device keeps what it runs.
 
@@ -24,7 +26,7 @@ commit that fails leaves the metadata as it was. What was committed but not
 signed (the process died in between, the disk was full) is signed by
 :meth:`AssignmentService.sync`, which the server runs at start and hourly: the
 outbox is the device table itself, compared with what each device's metadata
-names (:func:`plan_sync`).
+names (:func:`~fleet_server.assignments.planner.plan_sync`).
 """
 
 from __future__ import annotations
