@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from fleet_server.audit import record
 from fleet_server.db import Database
 from fleet_server.db.models import ApiToken
-from fleet_server.registry import new_secret, secret_hash
+from fleet_server.devices.store import new_secret, secret_hash
 from protocol.api import ROLES, Role
 
 log = logging.getLogger(__name__)

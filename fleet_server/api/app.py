@@ -16,8 +16,10 @@ from fleet_server.api.errors import errors_middleware, observe_middleware, rejec
 from fleet_server.api.openapi import openapi_document
 from fleet_server.api.operations import DEVICE_AUTH, SERVER, Operation, bind
 from fleet_server.api.security import DeviceAuthenticator
+from fleet_server.assignments import routes as assignment_routes
 from fleet_server.auth import bootstrap_admin_token
 from fleet_server.db.models import Device
+from fleet_server.devices import routes as device_routes
 from fleet_server.drift import routes as drift_routes
 from fleet_server.drift import update_gauges
 from protocol.api import API_PREFIX
@@ -84,11 +86,51 @@ META: tuple[Operation, ...] = (
     ),
 )
 
-OPERATIONS: tuple[Operation, ...] = (
-    *routes.OPERATIONS,
-    *drift_routes.OPERATIONS,
-    *META,
-    *hosting.OPERATIONS,
+# The operations in the order the OpenAPI document lists them (and the router tries
+# them), whichever feature's module declares them: the document does not change when
+# an operation moves between modules. One not named here follows, in table order.
+DOCUMENT_ORDER = (
+    "health",
+    "listDevices",
+    "registerDevice",
+    "enrolDevice",
+    "getDevice",
+    "tagDevice",
+    "listDeviceEvents",
+    "createProvisioningToken",
+    "listReleases",
+    "pushRelease",
+    "createAssignment",
+    "decommissionDevice",
+    "rotateDeviceCredentials",
+    "yankRelease",
+    "getDirectorTrustedRoot",
+    "listAssignments",
+    "cancelAssignment",
+    "listTokens",
+    "createToken",
+    "revokeToken",
+    "listAudit",
+    "verifyAudit",
+    "getAuditHead",
+)
+
+
+def in_document_order(operations: tuple[Operation, ...]) -> tuple[Operation, ...]:
+    """``operations`` sorted by :data:`DOCUMENT_ORDER`; the others after, in their order."""
+    rank = {operation_id: i for i, operation_id in enumerate(DOCUMENT_ORDER)}
+    return tuple(sorted(operations, key=lambda op: rank.get(op.operation_id, len(rank))))
+
+
+OPERATIONS: tuple[Operation, ...] = in_document_order(
+    (
+        *routes.OPERATIONS,
+        *device_routes.OPERATIONS,
+        *assignment_routes.OPERATIONS,
+        *drift_routes.OPERATIONS,
+        *META,
+        *hosting.OPERATIONS,
+    )
 )
 
 

@@ -17,12 +17,12 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter
 
 from fleet_server.auth import TokenError
+from fleet_server.devices.errors import RegistryError
 from fleet_server.drift.models import DriftError
 from fleet_server.drift.silences import AlertError
 from fleet_server.labels import LabelsError
 from fleet_server.metrics import Metrics
 from fleet_server.publishing import ReleaseError
-from fleet_server.registry import RegistryError
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from fleet_server.api.errors import ApiError
 from fleet_server.auth import InvalidToken, Principal, authenticate
-from fleet_server.registry import authenticate_device, secret_hash
+from fleet_server.devices.store import authenticate_device, secret_hash
 from protocol.api import Role
 from protocol.topics import DEVICE_ID_PATTERN
 

@@ -38,8 +38,8 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from fleet_server import registry
 from fleet_server.db.models import AlertRow, SilenceRow, WindowRow, as_utc
+from fleet_server.devices import store as registry
 from fleet_server.drift import store
 from fleet_server.drift.lifecycle import AlertChange, decide, notified, suppressed
 from fleet_server.drift.metrics import update_gauges

@@ -1,4 +1,4 @@
-"""The device registry: enrolment, credentials, attributes, reported state.
+"""The device registry's store: enrolment, credentials, attributes, reported state.
 
 Device credentials are random tokens shown once; only their SHA-256 is kept
 (a 192-bit random secret needs no slow hash). A device enrols with a
@@ -12,40 +12,24 @@ import hmac
 import secrets
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Text, cast, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from fleet_server.audit import record
-from fleet_server.db.models import Device, ProvisioningToken
+from fleet_server.db.models import Device, DeviceEventRow, ProvisioningToken
+from fleet_server.devices.errors import (
+    DeviceDecommissioned,
+    DeviceExists,
+    DeviceNotFound,
+    InvalidProvisioningToken,
+    RegistryError,
+)
 from protocol.topics import DEVICE_ID_PATTERN
 from protocol.versioning import HARDWARE_ID_PATTERN
 
 TAG_PATTERN = DEVICE_ID_PATTERN
-
-
-class RegistryError(Exception):
-    """A registry request cannot be done; ``status`` is the HTTP status it maps to."""
-
-    status = 400
-
-
-class DeviceExists(RegistryError):
-    status = 409
-
-
-class DeviceNotFound(RegistryError):
-    status = 404
-
-
-class InvalidProvisioningToken(RegistryError):
-    status = 401
-
-
-class DeviceDecommissioned(RegistryError):
-    """The device was decommissioned: it has no credential and takes no changes."""
-
-    status = 409
 
 
 def secret_hash(secret: str) -> str:
@@ -350,3 +334,28 @@ async def _register_again(
         },
     )
     return device, password
+
+
+async def recent_events(session: AsyncSession, device_id: str, limit: int) -> list[Any]:
+    """The device's events, newest first, each ``(message_id, kind, event, at, received_at,
+    details)`` with the details as the text stored: whatever an older version let in is
+    shown as a note instead of failing the whole list (see :mod:`fleet_server.stored_json`)."""
+    rows = await session.execute(
+        select(
+            DeviceEventRow.message_id,
+            DeviceEventRow.kind,
+            DeviceEventRow.event,
+            DeviceEventRow.at,
+            DeviceEventRow.received_at,
+            cast(DeviceEventRow.details, Text),
+        )
+        .where(DeviceEventRow.device_id == device_id)
+        .order_by(DeviceEventRow.id.desc())
+        .limit(limit)
+    )
+    return list(rows.all())
+
+
+async def director_version(session: AsyncSession, device_id: str) -> int | None:
+    """The director version the database records for the device."""
+    return await session.scalar(select(Device.director_version).where(Device.id == device_id))

@@ -1,4 +1,4 @@
-"""Assignments: which released bundle each device runs; recorded, signed, announced.
+"""The assignment service: records what the planner allows, signs it, announces it.
 
 An assignment names devices, or a tag: a tag assignment is a rule
 (``assignment_rules``) that also gives its release to every device that gains
@@ -6,7 +6,9 @@ the tag later (:meth:`AssignmentService.apply_rules`). Precedence for a device
 gaining a tag: an assignment made for the device by name overrides tag rules,
 and of two rules matching it, the newest wins. A release below the counter a
 device reports running is refused up front (the device would refuse it); an
-old model goes back out as a re-release above the counter. Cancelling
+old model goes back out as a re-release above the counter. These rules are
+:mod:`fleet_server.assignments.planner`'s; the SQL is
+:mod:`fleet_server.assignments.store`'s. Cancelling
 (:meth:`AssignmentService.cancel`) signs metadata that names nothing, so the
 device keeps what it runs.
 
@@ -24,312 +26,52 @@ commit that fails leaves the metadata as it was. What was committed but not
 signed (the process died in between, the disk was full) is signed by
 :meth:`AssignmentService.sync`, which the server runs at start and hourly: the
 outbox is the device table itself, compared with what each device's metadata
-names (:func:`plan_sync`).
+names (:func:`~fleet_server.assignments.planner.plan_sync`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
 
-from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from fleet_server.assignments import store
+from fleet_server.assignments.models import (
+    Assigned,
+    AssignmentConflict,
+    AssignmentError,
+    AssignmentNotFound,
+    AssignmentResult,
+    Cancelled,
+    Committed,
+)
+from fleet_server.assignments.planner import (
+    check_assignment,
+    device_label,
+    parse_assignment_id,
+    plan_sync,
+    refuse_yanked,
+    rule_label,
+    rule_skip_reason,
+    rule_to_apply,
+)
 from fleet_server.audit import record
 from fleet_server.db import Database
-from fleet_server.db.models import Assignment, AssignmentRule, Device, DeviceEventRow, Release
-from fleet_server.director import DirectorRepository, Signed
-from fleet_server.registry import (
-    DeviceNotFound,
-    RegistryError,
-    list_devices,
-    refuse_decommissioned,
-)
+from fleet_server.db.models import Assignment, AssignmentRule, Device, Release
+from fleet_server.devices.errors import DeviceNotFound
+from fleet_server.devices.store import list_devices, refuse_decommissioned
+from fleet_server.director import DirectorRepository
 from fleet_server.release.keys import KeyStore
 from fleet_server.release.repository import ReleasedBundle, RepositoryError
-from protocol.api import ASSIGNMENT_ID_PATTERN
 from protocol.messages import BundleRef, DesiredState
 
 log = logging.getLogger(__name__)
 
 PublishDesired = Callable[[DesiredState], Awaitable[None]]
-
-
-class AssignmentError(RegistryError):
-    """The assignment cannot be made; the message says why."""
-
-
-class ReleaseYanked(AssignmentError):
-    """The release was yanked: it is assigned to no device any more."""
-
-    status = 409
-
-
-class AssignmentConflict(AssignmentError):
-    """The assignment contradicts what a device runs, or what was cancelled already."""
-
-    status = 409
-
-
-class AssignmentNotFound(AssignmentError):
-    status = 404
-
-
-@dataclass(frozen=True)
-class AssignmentResult:
-    device_id: str
-    target_path: str
-    director_version: int
-
-
-@dataclass(frozen=True)
-class Assigned:
-    """What :meth:`AssignmentService.assign` recorded: each device's assignment, and the rule."""
-
-    results: list[AssignmentResult]
-    rule_id: int | None
-
-
-@dataclass(frozen=True)
-class Cancelled:
-    """What :meth:`AssignmentService.cancel` cancelled: the devices that now keep what they run."""
-
-    assignment_id: str
-    target_path: str
-    devices: list[str]
-    versions: dict[str, int]  # each device's director version that names nothing
-
-
-# Assignments are named by kind: ``dev-N`` one device's (a row of ``assignments``),
-# ``tag-N`` a tag rule (a row of ``assignment_rules``).
-_ASSIGNMENT_ID = re.compile(ASSIGNMENT_ID_PATTERN)
-# Devices named in a one-line refusal; the rest are counted.
-NAMED_IN_REFUSAL = 3
-
-
-def device_label(assignment_id: int) -> str:
-    return f"dev-{assignment_id}"
-
-
-def rule_label(rule_id: int) -> str:
-    return f"tag-{rule_id}"
-
-
-def parse_assignment_id(text: str) -> tuple[str, int]:
-    """``dev-N`` or ``tag-N`` as (kind, N); anything else is refused naming the form."""
-    if not _ASSIGNMENT_ID.match(text):
-        raise AssignmentError(
-            f"assignment id {text!r} must be dev-N (a device's) or tag-N (a tag rule's), "
-            "as fleetctl assignments list shows"
-        )
-    kind, _, number = text.partition("-")
-    return kind, int(number)
-
-
-def below_installed(release: Release, devices: Sequence[Device]) -> list[Device]:
-    """The devices running a higher release counter than ``release``: they would refuse it."""
-    return [d for d in devices if (d.installed_counter or 0) > release.release_counter]
-
-
-def counter_refusal(release: Release, below: Sequence[Device], total: int, tag: str | None) -> str:
-    """One line: which devices run a higher counter than ``release``, and how to roll back."""
-    named = "; ".join(
-        f"{d.id} runs {d.active_bundle or 'a bundle'} (release counter {d.installed_counter})"
-        for d in below[:NAMED_IN_REFUSAL]
-    )
-    more = f"; and {len(below) - NAMED_IN_REFUSAL} more" if len(below) > NAMED_IN_REFUSAL else ""
-    if tag is not None:
-        whom = f"{len(below)} of the {total} devices it matches (tag {tag}) run"
-    elif len(below) == 1:
-        whom = "the device runs"
-    else:
-        whom = f"{len(below)} of the {total} devices run"
-    return (
-        f"{release.name} {release.version} (release counter {release.release_counter}) is below "
-        f"what {whom}: {named}{more}; a device never installs a lower release counter, so "
-        f"re-release it above: fleetctl release add --re-release-of "
-        f"{release.name}@{release.version} --repo REPO --keys KEYS, then fleetctl release push "
-        "--repo REPO, and assign the version that prints"
-    )
-
-
-def winning_rule(rules: Iterable[AssignmentRule], tags: Iterable[str]) -> AssignmentRule | None:
-    """The newest active rule whose tag is among ``tags`` (of two rules, the later one wins)."""
-    held = set(tags)
-    matching = [r for r in rules if r.cancelled_at is None and r.tag in held]
-    return max(matching, key=lambda r: r.id, default=None)
-
-
-async def current_assignment(session: AsyncSession, device_id: str) -> Assignment | None:
-    """The device's latest assignment (cancelled or not), or ``None``."""
-    return (
-        await session.scalars(
-            select(Assignment)
-            .where(Assignment.device_id == device_id)
-            .order_by(Assignment.id.desc())
-            .limit(1)
-        )
-    ).first()
-
-
-async def current_assignments(session: AsyncSession) -> list[Assignment]:
-    """Every device's latest assignment (cancelled or not), by device id."""
-    latest = (
-        select(Assignment.device_id, func.max(Assignment.id).label("id"))
-        .group_by(Assignment.device_id)
-        .subquery()
-    )
-    return list(
-        (
-            await session.scalars(
-                select(Assignment)
-                .join(latest, Assignment.id == latest.c.id)
-                .order_by(Assignment.device_id)
-            )
-        ).all()
-    )
-
-
-# The agent's events that say it refused an update, or rolled it back and will not
-# retry it (see agent.ota.installer).
-REFUSAL_EVENTS = ("check-refused", "assignment-refused", "refused", "rolled-back")
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """An update a device refused, as its event says."""
-
-    at: datetime
-    received_at: datetime
-    event: str
-    reason: str | None
-    bundle: str | None
-    message: str | None
-
-
-def _text(details: dict[str, Any], key: str) -> str | None:
-    value = details.get(key)
-    return value[:500] if isinstance(value, str) else None
-
-
-async def recent_refusals(session: AsyncSession, device_id: str, limit: int = 5) -> list[Refusal]:
-    """The device's latest refusal events, newest first."""
-    rows = await session.scalars(
-        select(DeviceEventRow)
-        .where(DeviceEventRow.device_id == device_id, DeviceEventRow.event.in_(REFUSAL_EVENTS))
-        .order_by(DeviceEventRow.id.desc())
-        .limit(limit)
-    )
-    refusals = []
-    for row in rows:
-        details = row.details if isinstance(row.details, dict) else {}
-        refusals.append(
-            Refusal(
-                at=row.at,
-                received_at=row.received_at,
-                event=row.event,
-                reason=_text(details, "reason"),
-                # A refused install names its bundle; a given-up download the one abandoned.
-                bundle=_text(details, "bundle") or _text(details, "abandoned"),
-                message=_text(details, "message"),
-            )
-        )
-    return refusals
-
-
-def refusal_of(refusals: Sequence[Refusal], release: Release, since: datetime) -> Refusal | None:
-    """The newest refusal of ``release`` received since ``since`` (its assignment), if any.
-
-    A refusal names the bundle as NAME VERSION: in its ``bundle`` field, or (a
-    refused director answer) in its message.
-    """
-    label = f"{release.name} {release.version}"
-    named = re.compile(rf"(^|[\s(]){re.escape(label)}($|[\s:;,)])")
-    for r in refusals:
-        if r.received_at < since:
-            continue
-        if r.bundle == label or (r.bundle is None and r.message and named.search(r.message)):
-            return r
-    return None
-
-
-def refusal_warning(device_id: str, release: Release, refusal: Refusal) -> str:
-    """One line: the device refused (or rolled back) the bundle assigned to it."""
-    did = "rolled back" if refusal.event == "rolled-back" else "refused"
-    return (
-        f"{device_id} {did} the assigned {release.name} {release.version} at "
-        f"{refusal.at:%Y-%m-%d %H:%M:%S}Z ({refusal.reason or refusal.event}: "
-        f"{refusal.message or 'no message'}); it keeps running what it has"
-    )
-
-
-def released_bundle(row: Release) -> ReleasedBundle:
-    return ReleasedBundle(
-        row.target_path,
-        row.name,
-        row.version,
-        row.release_counter,
-        tuple(row.hardware_ids),
-        row.sha256,
-        row.length,
-    )
-
-
-@dataclass(frozen=True)
-class Committed:
-    """A device's assignment as the database holds it."""
-
-    device_id: str
-    target_path: str | None
-    director_version: int
-
-
-@dataclass(frozen=True)
-class SyncStep:
-    """What brings one device's director metadata in line with the database.
-
-    ``sign``: sign the committed target at ``version`` (else nothing to sign);
-    ``record``: the database's director version becomes ``version``.
-    """
-
-    sign: bool
-    version: int
-    record: bool
-
-
-def plan_sync(committed: Committed, signed: Signed) -> SyncStep | None:
-    """The step that makes ``signed`` name what ``committed`` says, or ``None`` if it does.
-
-    - committed but not signed yet (metadata older than the recorded version):
-      sign it at the recorded version;
-    - the metadata names another target at the recorded version or later (it
-      got ahead of the database, as before signing followed the commit):
-      sign the committed target at the next version and record that version;
-    - the same target, the metadata at a later version: record its version;
-    - an assignment withdrawn (by a cancel, a yank or a decommission: nothing
-      committed at a recorded version) while the metadata still names a target:
-      sign an empty assignment, so the device keeps what it runs. A device never
-      assigned (recorded version 0) needs nothing, whatever its metadata says.
-    """
-    if committed.target_path is None:
-        if committed.director_version == 0 or signed.target_path is None:
-            return None  # never assigned, or withdrawn and signed: it keeps what it runs
-        if signed.version < committed.director_version:
-            return SyncStep(sign=True, version=committed.director_version, record=False)
-        return SyncStep(sign=True, version=signed.version + 1, record=True)
-    if signed.version < committed.director_version:
-        return SyncStep(sign=True, version=committed.director_version, record=False)
-    if signed.target_path != committed.target_path:
-        return SyncStep(sign=True, version=signed.version + 1, record=True)
-    if signed.version != committed.director_version:
-        return SyncStep(sign=False, version=signed.version, record=True)
-    return None
 
 
 class AssignmentService:
@@ -383,21 +125,7 @@ class AssignmentService:
             named = {d.id for d in devices}
             if tag is not None:
                 devices += [d for d in await list_devices(session, tag=tag) if d.id not in named]
-            if not devices:
-                # A typo in a tag must not become a rule that waits for devices forever.
-                raise AssignmentError(
-                    "no device matches the assignment"
-                    + (f" (no device has the tag {tag}; tag one first)" if tag else "")
-                )
-            wrong = [d.id for d in devices if d.hardware_id not in release.hardware_ids]
-            if wrong:
-                raise AssignmentError(
-                    f"{release.name} {release.version} is not released for the hardware of "
-                    f"{', '.join(wrong)}"
-                )
-            below = below_installed(release, devices)
-            if below:
-                raise AssignmentConflict(counter_refusal(release, below, len(devices), tag))
+            check_assignment(release, devices, tag)
             rule: AssignmentRule | None = None
             if tag is not None:
                 rule = AssignmentRule(
@@ -440,13 +168,7 @@ class AssignmentService:
         ids = sorted(d.id for d, _ in devices)
         # Locked in id order, and read again under the lock: two assignments of one
         # device at once get different versions, not the same one twice.
-        locked = await session.execute(
-            select(Device.id, Device.director_version)
-            .where(Device.id.in_(ids))
-            .order_by(Device.id)
-            .with_for_update()
-        )
-        recorded = {device_id: version for device_id, version in locked}
+        recorded = await store.lock_recorded_versions(session, ids)
         signed = await asyncio.to_thread(lambda: {d: self.director.signed(d).version for d in ids})
         results = []
         now = datetime.now(UTC)
@@ -484,24 +206,18 @@ class AssignmentService:
         tags = set(device.tags or [])
         if not set(gained) & tags:
             return None
-        rules = (
-            await session.scalars(
-                select(AssignmentRule).where(
-                    AssignmentRule.tag.in_(sorted(tags)), AssignmentRule.cancelled_at.is_(None)
-                )
-            )
-        ).all()
-        rule = winning_rule(rules, tags)
-        if rule is None or not any(r.tag in gained for r in rules):
-            return None
-        current = await current_assignment(session, device.id)
-        if (
-            current is not None
-            and current.cancelled_at is None
-            and device.assigned_target
-            and current.rule_id in (None, rule.id)
-        ):
-            return None  # assigned by name (overrides rules), or by this rule already
+        rules = await store.rules(session, tags=tags)
+        current = await store.current_assignment(session, device.id)
+        assigned = current is not None and current.cancelled_at is None
+        rule = rule_to_apply(
+            rules,
+            tags,
+            gained,
+            current.rule_id if current is not None else None,
+            assigned and bool(device.assigned_target),
+        )
+        if rule is None:
+            return None  # no rule, or assigned by name (overrides rules) or by this rule already
         release = await session.get(Release, rule.target_path)
         assert release is not None  # a rule's release is a foreign key
         details = {
@@ -511,13 +227,7 @@ class AssignmentService:
             "version": release.version,
             "release_counter": release.release_counter,
         }
-        why_not = None
-        if release.yanked_at is not None:
-            why_not = f"{release.name} {release.version} was yanked: {release.yank_reason}"
-        elif device.hardware_id not in release.hardware_ids:
-            why_not = f"{release.name} {release.version} is not released for {device.hardware_id}"
-        elif below_installed(release, [device]):
-            why_not = counter_refusal(release, [device], 1, None)
+        why_not = rule_skip_reason(release, device)
         if why_not is not None:
             await record(
                 session,
@@ -565,7 +275,7 @@ class AssignmentService:
                 target_path, subject = rule.target_path, rule_label(rule.id)
                 rows = [
                     row
-                    for row in await current_assignments(session)
+                    for row in await store.current_assignments(session)
                     if row.rule_id == rule.id and row.cancelled_at is None
                 ]
             else:
@@ -577,7 +287,7 @@ class AssignmentService:
                         f"{assignment_id} was already cancelled by {row.cancelled_by} at "
                         f"{row.cancelled_at:%Y-%m-%d %H:%M:%S}Z"
                     )
-                latest = await current_assignment(session, row.device_id)
+                latest = await store.current_assignment(session, row.device_id)
                 if latest is not None and latest.id != row.id:
                     raise AssignmentConflict(
                         f"{assignment_id} is no longer the assignment of {row.device_id}: "
@@ -587,10 +297,7 @@ class AssignmentService:
                 target_path, subject = row.target_path, device_label(row.id)
                 rows = [row]
             devices = sorted({r.device_id for r in rows})
-            locked = await session.execute(
-                select(Device).where(Device.id.in_(devices)).order_by(Device.id).with_for_update()
-            )
-            by_id = {d.id: d for d in locked.scalars()}
+            by_id = {d.id: d for d in await store.lock_devices(session, devices)}
             signed = await asyncio.to_thread(
                 lambda: {d: self.director.signed(d).version for d in devices}
             )
@@ -624,22 +331,14 @@ class AssignmentService:
         devices' metadata was signed; a device whose signing fails is logged
         and kept in :attr:`unsigned` for the next sync.
         """
-        query = select(
-            Device.id, Device.hardware_id, Device.assigned_target, Device.director_version
-        )
-        if device_ids is not None:
-            query = query.where(Device.id.in_(list(device_ids)))
-        # Devices assigned nothing now but once assigned something (a withdrawn assignment)
-        # are looked at too: their metadata must come to name nothing.
-        once_assigned = or_(Device.assigned_target.is_not(None), Device.director_version > 0)
         async with db.session() as session:
-            rows = (await session.execute(query.where(once_assigned))).all()
+            # Devices assigned nothing now but once assigned something (a withdrawn
+            # assignment) are looked at too: their metadata must come to name nothing.
+            rows = await store.committed_rows(session, device_ids)
             targets = {r.assigned_target for r in rows if r.assigned_target is not None}
             releases = {
-                r.target_path: released_bundle(r)
-                for r in (
-                    await session.scalars(select(Release).where(Release.target_path.in_(targets)))
-                ).all()
+                path: store.released_bundle(r)
+                for path, r in (await store.releases_by_path(session, targets)).items()
             }
         committed = [
             (Committed(r.id, r.assigned_target, r.director_version or 0), r.hardware_id)
@@ -653,21 +352,7 @@ class AssignmentService:
         if to_record:
             async with db.session() as session:
                 for device_id, (target_path, version) in sorted(to_record.items()):
-                    # Only if no newer assignment was committed meanwhile.
-                    same_target = (
-                        Device.assigned_target.is_(None)
-                        if target_path is None
-                        else Device.assigned_target == target_path
-                    )
-                    await session.execute(
-                        update(Device)
-                        .where(
-                            Device.id == device_id,
-                            same_target,
-                            Device.director_version < version,
-                        )
-                        .values(director_version=version)
-                    )
+                    await store.record_version(session, device_id, target_path, version)
         return signed_now
 
     async def _realign(
@@ -682,29 +367,17 @@ class AssignmentService:
         """
         fresh: list[tuple[Committed, str]] = []
         async with db.session() as session:
-            rows = await session.execute(
-                select(
-                    Device.id, Device.hardware_id, Device.assigned_target, Device.director_version
-                )
-                .where(Device.id.in_(device_ids))
-                .order_by(Device.id)
-                .with_for_update()
-            )
-            for r in rows.all():
+            for r in await store.committed_rows(session, device_ids, lock=True):
                 state = Committed(r.id, r.assigned_target, r.director_version or 0)
                 step = plan_sync(state, await asyncio.to_thread(self.director.signed, r.id))
                 if step is None or not (step.sign and step.record):
                     continue  # in line now, or plainly unsigned: the next sync handles it
-                await session.execute(
-                    update(Device).where(Device.id == r.id).values(director_version=step.version)
-                )
+                await store.set_version(session, r.id, step.version)
                 fresh.append((Committed(r.id, r.assigned_target, step.version), r.hardware_id))
             missing = {c.target_path for c, _ in fresh if c.target_path} - set(releases)
             if missing:
-                for row in await session.scalars(
-                    select(Release).where(Release.target_path.in_(missing))
-                ):
-                    releases = {**releases, row.target_path: released_bundle(row)}
+                for path, row in (await store.releases_by_path(session, missing)).items():
+                    releases = {**releases, path: store.released_bundle(row)}
         # Committed at the new version: signing it is now the plain "not signed yet" case.
         signed_now, _, _ = await asyncio.to_thread(self._sign_committed, fresh, releases)
         return signed_now
@@ -789,82 +462,3 @@ class AssignmentService:
                     issued_at=time.time(),
                 )
             )
-
-
-# -- lifecycle: withdrawing assignments (yanked releases, decommissioned devices) ---------
-
-
-def refuse_yanked(release: Release) -> None:
-    """Raise :class:`ReleaseYanked`, naming the reason, if ``release`` was yanked."""
-    if release.yanked_at is not None:
-        raise ReleaseYanked(
-            f"{release.name} {release.version} was yanked: {release.yank_reason}; "
-            "assign another release"
-        )
-
-
-async def withdraw_assignments(
-    assignments: AssignmentService,
-    session: AsyncSession,
-    device_ids: Sequence[str],
-    actor: str,
-) -> dict[str, int]:
-    """Withdraw the devices' assignments in the caller's transaction; their new versions.
-
-    Each device is assigned nothing at its next director version (above both
-    the recorded and the signed one), so once the transaction has committed
-    :meth:`AssignmentService.sync` signs an empty assignment for it: the device
-    keeps what it runs. Its current assignment is marked cancelled by ``actor``
-    (``assignments list --cancelled`` shows it). Devices already assigned
-    nothing are left alone.
-    """
-    ids = sorted(set(device_ids))
-    if not ids:
-        return {}
-    locked = (
-        await session.execute(
-            select(Device).where(Device.id.in_(ids)).order_by(Device.id).with_for_update()
-        )
-    ).scalars()
-    devices = [d for d in locked if d.assigned_target is not None]
-    signed = await asyncio.to_thread(
-        lambda: {d.id: assignments.director.signed(d.id).version for d in devices}
-    )
-    versions = {}
-    now = datetime.now(UTC)
-    for device in devices:
-        version = max(device.director_version or 0, signed[device.id]) + 1
-        device.assigned_target = None
-        device.director_version = version
-        versions[device.id] = version
-        current = await current_assignment(session, device.id)
-        if current is not None and current.cancelled_at is None:
-            current.cancelled_at, current.cancelled_by = now, actor
-    return versions
-
-
-async def cancel_rules_of(session: AsyncSession, target_path: str, actor: str) -> list[str]:
-    """Cancel, in the caller's transaction, the active tag rules that assign ``target_path``."""
-    rules = (
-        await session.scalars(
-            select(AssignmentRule)
-            .where(AssignmentRule.target_path == target_path, AssignmentRule.cancelled_at.is_(None))
-            .with_for_update()
-        )
-    ).all()
-    now = datetime.now(UTC)
-    for rule in rules:
-        rule.cancelled_at, rule.cancelled_by = now, actor
-    return [rule_label(rule.id) for rule in rules]
-
-
-async def announce_withdrawn(assignments: AssignmentService, versions: dict[str, int]) -> None:
-    """Publish, retained, that each device is assigned nothing now (after commit)."""
-    if assignments.publish is None:
-        return
-    for device_id, version in sorted(versions.items()):
-        await assignments.publish(
-            DesiredState(
-                device_id=device_id, director_version=version, bundle=None, issued_at=time.time()
-            )
-        )

@@ -1,0 +1,107 @@
+"""The assignments feature's data: what was assigned, cancelled, refused, yanked; its errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from fleet_server.db.models import Release
+from fleet_server.devices.errors import RegistryError
+from fleet_server.publishing import ReleaseError
+
+
+class AssignmentError(RegistryError):
+    """The assignment cannot be made; the message says why."""
+
+
+class ReleaseYanked(AssignmentError):
+    """The release was yanked: it is assigned to no device any more."""
+
+    status = 409
+
+
+class AssignmentConflict(AssignmentError):
+    """The assignment contradicts what a device runs, or what was cancelled already."""
+
+    status = 409
+
+
+class AssignmentNotFound(AssignmentError):
+    status = 404
+
+
+class ReleaseNotFound(ReleaseError):
+    status = 404
+
+
+class ReleaseAlreadyYanked(ReleaseError):
+    status = 409
+
+
+@dataclass(frozen=True)
+class AssignmentResult:
+    device_id: str
+    target_path: str
+    director_version: int
+
+
+@dataclass(frozen=True)
+class Assigned:
+    """What :meth:`AssignmentService.assign` recorded: each device's assignment, and the rule."""
+
+    results: list[AssignmentResult]
+    rule_id: int | None
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    """What :meth:`AssignmentService.cancel` cancelled: the devices that now keep what they run."""
+
+    assignment_id: str
+    target_path: str
+    devices: list[str]
+    versions: dict[str, int]  # each device's director version that names nothing
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """An update a device refused, as its event says."""
+
+    at: datetime
+    received_at: datetime
+    event: str
+    reason: str | None
+    bundle: str | None
+    message: str | None
+
+
+@dataclass(frozen=True)
+class Committed:
+    """A device's assignment as the database holds it."""
+
+    device_id: str
+    target_path: str | None
+    director_version: int
+
+
+@dataclass(frozen=True)
+class SyncStep:
+    """What brings one device's director metadata in line with the database.
+
+    ``sign``: sign the committed target at ``version`` (else nothing to sign);
+    ``record``: the database's director version becomes ``version``.
+    """
+
+    sign: bool
+    version: int
+    record: bool
+
+
+@dataclass(frozen=True)
+class YankOutcome:
+    """A yanked release, the devices whose assignment of it was withdrawn, those running it."""
+
+    release: Release
+    withdrawn: list[str]
+    kept: list[str]
+    rules_cancelled: list[str]
