@@ -45,6 +45,7 @@ from fleet_server.audit import record
 from fleet_server.db import Database
 from fleet_server.db.models import Assignment, AssignmentRule, Device, DeviceEventRow, Release
 from fleet_server.director import DirectorRepository, Signed
+from fleet_server.published.rules import released_bundle
 from fleet_server.registry import (
     DeviceNotFound,
     RegistryError,
@@ -266,18 +267,6 @@ def refusal_warning(device_id: str, release: Release, refusal: Refusal) -> str:
         f"{device_id} {did} the assigned {release.name} {release.version} at "
         f"{refusal.at:%Y-%m-%d %H:%M:%S}Z ({refusal.reason or refusal.event}: "
         f"{refusal.message or 'no message'}); it keeps running what it has"
-    )
-
-
-def released_bundle(row: Release) -> ReleasedBundle:
-    return ReleasedBundle(
-        row.target_path,
-        row.name,
-        row.version,
-        row.release_counter,
-        tuple(row.hardware_ids),
-        row.sha256,
-        row.length,
     )
 
 

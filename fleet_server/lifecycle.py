@@ -36,7 +36,7 @@ from fleet_server.assignments import (
 from fleet_server.audit import record
 from fleet_server.db import Database
 from fleet_server.db.models import Device, Release
-from fleet_server.publishing import ReleaseError
+from fleet_server.published import ReleaseError
 
 log = logging.getLogger(__name__)
 

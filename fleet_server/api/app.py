@@ -16,10 +16,12 @@ from fleet_server.api.errors import errors_middleware, observe_middleware, rejec
 from fleet_server.api.openapi import openapi_document
 from fleet_server.api.operations import DEVICE_AUTH, SERVER, Operation, bind
 from fleet_server.api.security import DeviceAuthenticator
+from fleet_server.audit import routes as audit_routes
 from fleet_server.auth import bootstrap_admin_token
 from fleet_server.db.models import Device
 from fleet_server.drift import routes as drift_routes
 from fleet_server.drift import update_gauges
+from fleet_server.published import routes as published_routes
 from protocol.api import API_PREFIX
 
 if TYPE_CHECKING:
@@ -84,11 +86,65 @@ META: tuple[Operation, ...] = (
     ),
 )
 
-OPERATIONS: tuple[Operation, ...] = (
-    *routes.OPERATIONS,
-    *drift_routes.OPERATIONS,
-    *META,
-    *hosting.OPERATIONS,
+# The order the OpenAPI document lists the operations in (its paths and schemas follow it):
+# the published document's, kept as features move their operations into their own folders.
+DOCUMENT_ORDER = [
+    "health",
+    "listDevices",
+    "registerDevice",
+    "enrolDevice",
+    "getDevice",
+    "tagDevice",
+    "listDeviceEvents",
+    "createProvisioningToken",
+    "listReleases",
+    "pushRelease",
+    "createAssignment",
+    "decommissionDevice",
+    "rotateDeviceCredentials",
+    "yankRelease",
+    "getDirectorTrustedRoot",
+    "listAssignments",
+    "cancelAssignment",
+    "listTokens",
+    "createToken",
+    "revokeToken",
+    "listAudit",
+    "verifyAudit",
+    "getAuditHead",
+    "getDrift",
+    "listAlerts",
+    "getAlert",
+    "acknowledgeAlert",
+    "listSilences",
+    "createSilence",
+    "expireSilence",
+    "listDeviceWindows",
+    "postLabels",
+    "getOpenApi",
+    "getMetrics",
+    "getRepositoryMetadata",
+    "getRepositoryTarget",
+    "getDirectorRoot",
+    "getDirectorMetadata",
+]
+
+
+def in_document_order(operations: tuple[Operation, ...]) -> tuple[Operation, ...]:
+    """``operations`` in :data:`DOCUMENT_ORDER`; any it does not name last, as given."""
+    rank = {operation_id: i for i, operation_id in enumerate(DOCUMENT_ORDER)}
+    return tuple(sorted(operations, key=lambda op: rank.get(op.operation_id, len(rank))))
+
+
+OPERATIONS: tuple[Operation, ...] = in_document_order(
+    (
+        *routes.OPERATIONS,
+        *published_routes.OPERATIONS,
+        *audit_routes.OPERATIONS,
+        *drift_routes.OPERATIONS,
+        *META,
+        *hosting.OPERATIONS,
+    )
 )
 
 
