@@ -21,6 +21,7 @@ from fleet_server.auth import bootstrap_admin_token
 from fleet_server.db.models import Device
 from fleet_server.drift import routes as drift_routes
 from fleet_server.drift import update_gauges
+from fleet_server.labels import routes as labels_routes
 from fleet_server.published import routes as published_routes
 from protocol.api import API_PREFIX
 
@@ -142,6 +143,7 @@ OPERATIONS: tuple[Operation, ...] = in_document_order(
         *published_routes.OPERATIONS,
         *audit_routes.OPERATIONS,
         *drift_routes.OPERATIONS,
+        *labels_routes.OPERATIONS,
         *META,
         *hosting.OPERATIONS,
     )
