@@ -13,6 +13,7 @@ from aiohttp import web
 from fleet_server.api.errors import ApiError
 from fleet_server.api.operations import SERVER, Operation, answer, query
 from fleet_server.audit import service
+from fleet_server.audit.chain import ChainReport
 from fleet_server.audit.signing import AuditKeyError, AuditSigner, HeadRecord
 from protocol.api import API_PREFIX, AuditPage, AuditQuery, AuditVerification, SignedAuditHead
 
@@ -26,21 +27,22 @@ async def list_audit(request: web.Request) -> web.StreamResponse:
     return answer(page)
 
 
-def _audit_signer(request: web.Request) -> AuditSigner:
+async def _verified(request: web.Request) -> tuple[ChainReport, SignedAuditHead]:
+    """The chain checked against the server's head record (which moves on if it holds)."""
+    server = request.app[SERVER]
     try:
-        return AuditSigner.in_folder(request.app[SERVER].config.data_dir)
+        signer = AuditSigner.in_folder(server.config.data_dir)
     except AuditKeyError as exc:
         log.error("%s", exc)
         raise ApiError(503, "the server's audit key is unavailable; see its log") from None
+    async with server.db.session() as session:
+        return await service.verify_and_record(
+            session, signer, HeadRecord.in_folder(server.config.data_dir)
+        )
 
 
 async def verify_audit(request: web.Request) -> web.StreamResponse:
-    server = request.app[SERVER]
-    signer = _audit_signer(request)
-    async with server.db.session() as session:
-        report, _ = await service.verify_and_record(
-            session, signer, HeadRecord.in_folder(server.config.data_dir)
-        )
+    report, _ = await _verified(request)
     return answer(
         AuditVerification(
             ok=report.ok, entries=report.entries, broken_at=report.broken_at, problem=report.problem
@@ -49,14 +51,9 @@ async def verify_audit(request: web.Request) -> web.StreamResponse:
 
 
 async def audit_head(request: web.Request) -> web.StreamResponse:
-    server = request.app[SERVER]
-    signer = _audit_signer(request)
-    async with server.db.session() as session:
-        # The server's own head record moves on only while the log extends it; a broken
-        # log's head is still handed out, and fleetctl's check against a saved one says why.
-        report, signed = await service.verify_and_record(
-            session, signer, HeadRecord.in_folder(server.config.data_dir)
-        )
+    # The server's own head record moves on only while the log extends it; a broken
+    # log's head is still handed out, and fleetctl's check against a saved one says why.
+    report, signed = await _verified(request)
     if not report.ok:
         log.warning("audit log broken at entry %s: %s", report.broken_at, report.problem)
     return answer(signed)
