@@ -34,7 +34,7 @@ async def window_owners(session: AsyncSession, window_ids: list[str]) -> dict[st
     rows = await session.execute(
         select(WindowRow.window_id, WindowRow.device_id).where(WindowRow.window_id.in_(window_ids))
     )
-    return dict(rows.tuples().all())
+    return {window_id: device_id for window_id, device_id in rows.all()}
 
 
 async def assigned_devices(db: Database) -> list[tuple[Device, Release]]:
@@ -43,7 +43,7 @@ async def assigned_devices(db: Database) -> list[tuple[Device, Release]]:
         rows = await session.execute(
             select(Device, Release).join(Release, Release.target_path == Device.assigned_target)
         )
-        return [(d, r) for d, r in rows.tuples().all()]
+        return [(d, r) for d, r in rows.all()]
 
 
 async def database_answers(db: Database) -> bool:
