@@ -97,13 +97,13 @@ async def stored_entries(session: AsyncSession) -> AsyncIterator[ChainEntry]:
 
 async def stored_page(
     session: AsyncSession, after: int, action: str | None, limit: int
-) -> list[tuple[int, datetime, str, str, str, str | None, str, str]]:
+) -> list[tuple[Any, ...]]:
     """At most ``limit`` rows after ``after`` (of ``action`` only), details as stored text."""
     statement = select(*_COLUMNS).where(AuditEntry.seq > after)
     if action is not None:
         statement = statement.where(AuditEntry.action == action)
     statement = statement.order_by(AuditEntry.seq).limit(limit)
-    return [tuple(row) for row in (await session.execute(statement)).all()]  # type: ignore[misc]
+    return [tuple(row) for row in (await session.execute(statement)).all()]
 
 
 async def verify_chain(session: AsyncSession, anchor: Anchor | None = None) -> ChainReport:
