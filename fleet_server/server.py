@@ -29,7 +29,7 @@ from fleet_server.jobs import Job, run_jobs
 from fleet_server.metrics import Metrics
 from fleet_server.mqtt.claim import NamespaceGuard, StartRefused
 from fleet_server.mqtt.link import ServerMqtt
-from fleet_server.publishing import ReleaseService
+from fleet_server.published import ReleaseService
 from fleet_server.release.keys import KeyStore, init_keys, load_keys
 from protocol.cbpe import AccuracyPolicy
 from protocol.messages import DesiredState

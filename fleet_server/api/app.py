@@ -17,11 +17,14 @@ from fleet_server.api.openapi import openapi_document
 from fleet_server.api.operations import DEVICE_AUTH, SERVER, Operation, bind
 from fleet_server.api.security import DeviceAuthenticator
 from fleet_server.assignments import routes as assignment_routes
+from fleet_server.audit import routes as audit_routes
 from fleet_server.auth import bootstrap_admin_token
 from fleet_server.db.models import Device
 from fleet_server.devices import routes as device_routes
 from fleet_server.drift import routes as drift_routes
 from fleet_server.drift import update_gauges
+from fleet_server.labels import routes as labels_routes
+from fleet_server.published import routes as published_routes
 from protocol.api import API_PREFIX
 
 if TYPE_CHECKING:
@@ -86,10 +89,9 @@ META: tuple[Operation, ...] = (
     ),
 )
 
-# The operations in the order the OpenAPI document lists them (and the router tries
-# them), whichever feature's module declares them: the document does not change when
-# an operation moves between modules. One not named here follows, in table order.
-DOCUMENT_ORDER = (
+# The order the OpenAPI document lists the operations in (its paths and schemas follow it):
+# the published document's, kept as features move their operations into their own folders.
+DOCUMENT_ORDER = [
     "health",
     "listDevices",
     "registerDevice",
@@ -113,11 +115,26 @@ DOCUMENT_ORDER = (
     "listAudit",
     "verifyAudit",
     "getAuditHead",
-)
+    "getDrift",
+    "listAlerts",
+    "getAlert",
+    "acknowledgeAlert",
+    "listSilences",
+    "createSilence",
+    "expireSilence",
+    "listDeviceWindows",
+    "postLabels",
+    "getOpenApi",
+    "getMetrics",
+    "getRepositoryMetadata",
+    "getRepositoryTarget",
+    "getDirectorRoot",
+    "getDirectorMetadata",
+]
 
 
 def in_document_order(operations: tuple[Operation, ...]) -> tuple[Operation, ...]:
-    """``operations`` sorted by :data:`DOCUMENT_ORDER`; the others after, in their order."""
+    """``operations`` in :data:`DOCUMENT_ORDER`; any it does not name last, as given."""
     rank = {operation_id: i for i, operation_id in enumerate(DOCUMENT_ORDER)}
     return tuple(sorted(operations, key=lambda op: rank.get(op.operation_id, len(rank))))
 
@@ -127,7 +144,10 @@ OPERATIONS: tuple[Operation, ...] = in_document_order(
         *routes.OPERATIONS,
         *device_routes.OPERATIONS,
         *assignment_routes.OPERATIONS,
+        *published_routes.OPERATIONS,
+        *audit_routes.OPERATIONS,
         *drift_routes.OPERATIONS,
+        *labels_routes.OPERATIONS,
         *META,
         *hosting.OPERATIONS,
     )

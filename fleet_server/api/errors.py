@@ -22,7 +22,7 @@ from fleet_server.drift.models import DriftError
 from fleet_server.drift.silences import AlertError
 from fleet_server.labels import LabelsError
 from fleet_server.metrics import Metrics
-from fleet_server.publishing import ReleaseError
+from fleet_server.published import ReleaseError
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,6 @@ from fleet_server.assignments.models import (
     Committed,
     Refusal,
     ReleaseAlreadyYanked,
-    ReleaseNotFound,
     ReleaseYanked,
     SyncStep,
     YankOutcome,
@@ -46,8 +45,8 @@ from fleet_server.assignments.store import (
     current_assignment,
     current_assignments,
     recent_refusals,
-    released_bundle,
 )
+from fleet_server.published.rules import ReleaseNotFound, released_bundle
 
 __all__ = [
     "NAMED_IN_REFUSAL",

@@ -16,6 +16,7 @@ from fleet_server.db import Database
 from fleet_server.db.models import Assignment, AssignmentRule, Device, Release
 from fleet_server.devices.errors import DeviceNotFound
 from fleet_server.devices.store import list_devices
+from fleet_server.published.service import find_release as find_published
 
 
 async def refusals_of_device(
@@ -73,4 +74,4 @@ async def list_current(db: Database, *, device: str | None, cancelled: bool) -> 
 async def find_release(db: Database, release: str) -> Release:
     """A release by ``NAME@VERSION`` or by target path (:class:`ReleaseNotFound` if none)."""
     async with db.session() as session:
-        return await store.find_release(session, release)
+        return await find_published(session, release)

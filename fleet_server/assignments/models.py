@@ -7,7 +7,7 @@ from datetime import datetime
 
 from fleet_server.db.models import Release
 from fleet_server.devices.errors import RegistryError
-from fleet_server.publishing import ReleaseError
+from fleet_server.published.rules import ReleaseError
 
 
 class AssignmentError(RegistryError):
@@ -27,10 +27,6 @@ class AssignmentConflict(AssignmentError):
 
 
 class AssignmentNotFound(AssignmentError):
-    status = 404
-
-
-class ReleaseNotFound(ReleaseError):
     status = 404
 
 

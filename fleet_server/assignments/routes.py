@@ -16,11 +16,11 @@ from aiohttp import web
 
 from fleet_server.api.errors import ApiError
 from fleet_server.api.operations import PRINCIPAL, SERVER, Operation, answer, body, query
-from fleet_server.api.routes import release_view
 from fleet_server.assignments import withdrawal
 from fleet_server.assignments.listing import find_release, list_current
 from fleet_server.assignments.planner import rule_label
 from fleet_server.db.models import Assignment, AssignmentRule, Release
+from fleet_server.published.routes import release_view
 from protocol.api import (
     API_PREFIX,
     AssignmentCancelled,

@@ -65,6 +65,7 @@ from fleet_server.db.models import Assignment, AssignmentRule, Device, Release
 from fleet_server.devices.errors import DeviceNotFound
 from fleet_server.devices.store import list_devices, refuse_decommissioned
 from fleet_server.director import DirectorRepository
+from fleet_server.published.rules import released_bundle
 from fleet_server.release.keys import KeyStore
 from fleet_server.release.repository import ReleasedBundle, RepositoryError
 from protocol.messages import BundleRef, DesiredState
@@ -337,7 +338,7 @@ class AssignmentService:
             rows = await store.committed_rows(session, device_ids)
             targets = {r.assigned_target for r in rows if r.assigned_target is not None}
             releases = {
-                path: store.released_bundle(r)
+                path: released_bundle(r)
                 for path, r in (await store.releases_by_path(session, targets)).items()
             }
         committed = [
@@ -377,7 +378,7 @@ class AssignmentService:
             missing = {c.target_path for c, _ in fresh if c.target_path} - set(releases)
             if missing:
                 for path, row in (await store.releases_by_path(session, missing)).items():
-                    releases = {**releases, path: store.released_bundle(row)}
+                    releases = {**releases, path: released_bundle(row)}
         # Committed at the new version: signing it is now the plain "not signed yet" case.
         signed_now, _, _ = await asyncio.to_thread(self._sign_committed, fresh, releases)
         return signed_now

@@ -13,42 +13,12 @@ from typing import Any
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from fleet_server.assignments.models import Refusal, ReleaseNotFound
+from fleet_server.assignments.models import Refusal
 from fleet_server.db.models import Assignment, AssignmentRule, Device, DeviceEventRow, Release
-from fleet_server.release.repository import ReleasedBundle
 
 # The agent's events that say it refused an update, or rolled it back and will not
 # retry it (see agent.ota.installer).
 REFUSAL_EVENTS = ("check-refused", "assignment-refused", "refused", "rolled-back")
-
-
-def released_bundle(row: Release) -> ReleasedBundle:
-    return ReleasedBundle(
-        row.target_path,
-        row.name,
-        row.version,
-        row.release_counter,
-        tuple(row.hardware_ids),
-        row.sha256,
-        row.length,
-    )
-
-
-async def find_release(session: AsyncSession, release: str) -> Release:
-    """A release by ``NAME@VERSION`` or by target path."""
-    row: Release | None
-    if "@" in release:
-        name, _, version = release.rpartition("@")
-        row = (
-            await session.scalars(
-                select(Release).where(Release.name == name, Release.version == version).limit(1)
-            )
-        ).first()
-    else:
-        row = await session.get(Release, release)
-    if row is None:
-        raise ReleaseNotFound(f"no release {release}; push it first (fleetctl release push)")
-    return row
 
 
 async def releases_by_path(

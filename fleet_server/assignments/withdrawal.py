@@ -26,12 +26,13 @@ from datetime import UTC, datetime
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from fleet_server.assignments import store
-from fleet_server.assignments.models import ReleaseAlreadyYanked, ReleaseNotFound, YankOutcome
+from fleet_server.assignments.models import ReleaseAlreadyYanked, YankOutcome
 from fleet_server.assignments.planner import rule_label
 from fleet_server.assignments.service import AssignmentService
 from fleet_server.audit import record
 from fleet_server.db import Database
 from fleet_server.db.models import Release
+from fleet_server.published.rules import ReleaseNotFound
 from protocol.messages import DesiredState
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Text, cast, select
+from sqlalchemy import ColumnElement, Text, bindparam, case, cast, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from fleet_server.audit import record
@@ -26,6 +26,7 @@ from fleet_server.devices.errors import (
     InvalidProvisioningToken,
     RegistryError,
 )
+from protocol.messages import ReportedState
 from protocol.topics import DEVICE_ID_PATTERN
 from protocol.versioning import HARDWARE_ID_PATTERN
 
@@ -359,3 +360,59 @@ async def recent_events(session: AsyncSession, device_id: str, limit: int) -> li
 async def director_version(session: AsyncSession, device_id: str) -> int | None:
     """The director version the database records for the device."""
     return await session.scalar(select(Device.director_version).where(Device.id == device_id))
+
+
+# -- reported state ----------------------------------------------------------------
+# What a device reports is written here; ingest (fleet_server.mqtt.ingest) calls these.
+
+
+def reported_state_columns(msg: ReportedState, stamp: datetime) -> dict[str, object]:
+    """The ``devices`` columns a reported state sets, stamped ``stamp``."""
+    return {
+        "agent_version": msg.agent_version,
+        "active_bundle": f"{msg.active.name} {msg.active.version}" if msg.active else None,
+        "installed_counter": msg.installed_counter,
+        "phase": msg.phase,
+        "reported": msg.model_dump(mode="json"),
+        "reported_at": stamp,
+    }
+
+
+async def write_reported_state(
+    session: AsyncSession, device_id: str, values: dict[str, object], now: datetime
+) -> None:
+    """Write a device's ``values`` (a reported state among them); the state only if newer."""
+    await session.execute(
+        update(Device).where(Device.id == device_id).values(**_newer_state(values, now))
+    )
+
+
+_STATE_COLUMNS = (
+    "agent_version",
+    "active_bundle",
+    "installed_counter",
+    "phase",
+    "reported",
+    "reported_at",
+)
+
+
+def _newer_state(values: dict[str, object], now: datetime) -> dict[str, object]:
+    """``values`` for an UPDATE that replaces the stored state only with a newer one.
+
+    A delivery can come late (a replica restarted, another replica slower);
+    its presence (``last_seen_at``, ``online``) still counts, its state only if
+    it is at least as new as the row's (every SET sees the row as it was). A
+    stored time ahead of ``now`` (a device clock that was ahead, stored before
+    times were capped at arrival) never outranks a report.
+    """
+    stamp = values["reported_at"]
+    newer = or_(Device.reported_at.is_(None), Device.reported_at <= stamp, Device.reported_at > now)
+    out: dict[str, object] = {}
+    for name, value in values.items():
+        if name in _STATE_COLUMNS:
+            column: ColumnElement[object] = getattr(Device, name)
+            out[name] = case((newer, bindparam(None, value, type_=column.type)), else_=column)
+        else:
+            out[name] = value
+    return out

@@ -1,9 +1,9 @@
-"""The drift feature's REST operations: drift, alerts, silences, a device's windows, labels.
+"""The drift feature's REST operations: drift, alerts, silences, a device's windows.
 
 Each handler parses nothing itself (its :class:`Operation` declares the query
 and body) and calls the service: :mod:`fleet_server.drift.service` for drift,
 alerts and windows, :mod:`fleet_server.drift.silences` for acknowledgements
-and silences, :mod:`fleet_server.labels` for labels.
+and silences. Labels are their own feature (:mod:`fleet_server.labels.routes`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from fleet_server.drift.silences import (
     list_silences,
 )
 from fleet_server.drift.views import alert_view, model_drift_view, silence_view
-from fleet_server.labels import post_labels
 from protocol.api import (
     API_PREFIX,
     AcknowledgeAlert,
@@ -35,8 +34,6 @@ from protocol.api import (
     AlertView,
     DriftQuery,
     DriftReport,
-    LabelsRequest,
-    LabelsResult,
     SilenceList,
     SilenceQuery,
     SilenceRequest,
@@ -190,13 +187,6 @@ async def device_windows(request: web.Request) -> web.StreamResponse:
     )
 
 
-async def create_labels(request: web.Request) -> web.StreamResponse:
-    b = body(request, LabelsRequest)
-    async with request.app[SERVER].db.session() as session:
-        result = await post_labels(session, b.windows, request[PRINCIPAL].actor)
-    return answer(result)
-
-
 # -- the feature's part of the operations table -------------------------------------
 
 _AUTH_ERRORS = (401, 403)
@@ -248,12 +238,6 @@ OPERATIONS: tuple[Operation, ...] = (
         "A device's windows (ids to label), newest first, a page at a time",
         tag="drift", auth="viewer", query=WindowQuery, response=WindowList,
         errors=(*_AUTH_ERRORS, 404, 422),
-    ),
-    Operation(
-        "POST", f"{V}/labels", create_labels, "postLabels",
-        "Labels that arrived later: per window, confusion counts or (actual, predicted) pairs",
-        tag="drift", auth="operator", body=LabelsRequest, response=LabelsResult,
-        errors=(400, *_AUTH_ERRORS, 404, 413, 422),
     ),
 )
 # fmt: on

@@ -23,13 +23,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from pydantic import ValidationError
-from sqlalchemy import ColumnElement, bindparam, case, or_, select, update
+from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from fleet_server.db import Database
 from fleet_server.db.models import Device, DeviceEventRow, WindowRow
+from fleet_server.devices.store import reported_state_columns, write_reported_state
 from fleet_server.metrics import Metrics
+from fleet_server.mqtt import store
 from protocol.messages import DEVICE_MESSAGE, DeviceEvent, Heartbeat, Presence, ReportedState
 from protocol.topics import MAX_WINDOW_BYTES, parse_device_topic
 from protocol.window import WindowCodecError, WindowSummary, decode_window
@@ -199,14 +201,7 @@ async def write_batch(db: Database, batch: Sequence[Accepted], replica: str) -> 
         ids = {a.device_id for a in batch}
         # The batch's device rows are locked first, all at once and in id order, so two
         # replicas whose batches share devices wait for each other instead of deadlocking.
-        rows = (
-            await session.execute(
-                select(Device.id, Device.decommissioned_at)
-                .where(Device.id.in_(ids))
-                .order_by(Device.id)
-                .with_for_update()
-            )
-        ).all()
+        rows = await store.lock_devices(session, ids)
         known = {device_id for device_id, gone in rows if gone is None}
         decommissioned = {device_id for device_id, gone in rows if gone is not None}
         updates: dict[str, dict[str, object]] = {}
@@ -263,16 +258,7 @@ async def write_batch(db: Database, batch: Sequence[Accepted], replica: str) -> 
                 # A device clock ahead of ours must not outrank every later report.
                 stamp = min(_at(msg.sent_at), now)
                 if not isinstance(previous, datetime) or stamp >= previous:
-                    values.update(
-                        agent_version=msg.agent_version,
-                        active_bundle=(
-                            f"{msg.active.name} {msg.active.version}" if msg.active else None
-                        ),
-                        installed_counter=msg.installed_counter,
-                        phase=msg.phase,
-                        reported=msg.model_dump(mode="json"),
-                        reported_at=stamp,
-                    )
+                    values.update(reported_state_columns(msg, stamp))
             result.ingested[item.channel] = result.ingested.get(item.channel, 0) + 1
         # Devices that only said "alive" (heartbeats, presence, events) share one UPDATE;
         # a reported state is a statement of its own.
@@ -280,9 +266,7 @@ async def write_batch(db: Database, batch: Sequence[Accepted], replica: str) -> 
         for device_id in sorted(updates):
             values = updates[device_id]
             if "reported" in values:
-                await session.execute(
-                    update(Device).where(Device.id == device_id).values(**_newer_state(values, now))
-                )
+                await write_reported_state(session, device_id, values, now)
             else:
                 groups.setdefault(tuple(sorted(values.items())), []).append(device_id)
         for key, device_ids in sorted(groups.items(), key=lambda g: g[1][0]):
@@ -301,17 +285,7 @@ async def write_batch(db: Database, batch: Sequence[Accepted], replica: str) -> 
                 insert(WindowRow).on_conflict_do_nothing(index_elements=["window_id"]),
                 [windows[k] for k in sorted(windows)],
             )
-            owners = dict(
-                (
-                    await session.execute(
-                        select(WindowRow.window_id, WindowRow.device_id).where(
-                            WindowRow.window_id.in_(list(windows))
-                        )
-                    )
-                )
-                .tuples()
-                .all()
-            )
+            owners = await store.window_owners(session, list(windows))
             stored: dict[str, dict[str, None]] = {}  # ordered sets
             for device_id, window_id in sent_windows:
                 if owners.get(window_id) == device_id:
@@ -322,37 +296,6 @@ async def write_batch(db: Database, batch: Sequence[Accepted], replica: str) -> 
                     result.dropped["window-id-taken"] = result.dropped.get("window-id-taken", 0) + 1
             result.acks = {d: list(ids) for d, ids in stored.items()}
     return result
-
-
-_STATE_COLUMNS = (
-    "agent_version",
-    "active_bundle",
-    "installed_counter",
-    "phase",
-    "reported",
-    "reported_at",
-)
-
-
-def _newer_state(values: dict[str, object], now: datetime) -> dict[str, object]:
-    """``values`` for an UPDATE that replaces the stored state only with a newer one.
-
-    A delivery can come late (a replica restarted, another replica slower);
-    its presence (``last_seen_at``, ``online``) still counts, its state only if
-    it is at least as new as the row's (every SET sees the row as it was). A
-    stored time ahead of ``now`` (a device clock that was ahead, stored before
-    times were capped at arrival) never outranks a report.
-    """
-    stamp = values["reported_at"]
-    newer = or_(Device.reported_at.is_(None), Device.reported_at <= stamp, Device.reported_at > now)
-    out: dict[str, object] = {}
-    for name, value in values.items():
-        if name in _STATE_COLUMNS:
-            column: ColumnElement[object] = getattr(Device, name)
-            out[name] = case((newer, bindparam(None, value, type_=column.type)), else_=column)
-        else:
-            out[name] = value
-    return out
 
 
 async def sweep_offline(db: Database, metrics: Metrics, timeout_s: float) -> None:

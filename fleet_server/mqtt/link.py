@@ -46,12 +46,11 @@ from dataclasses import dataclass
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from sqlalchemy import select, text
 
 from fleet_server.config import ServerConfig
 from fleet_server.db import Database
-from fleet_server.db.models import Device, Release
 from fleet_server.metrics import Metrics
+from fleet_server.mqtt import store
 from fleet_server.mqtt.ingest import Accepted, BatchResult, Dropped, classify, write_batch
 from protocol.broker_url import parse_broker_url
 from protocol.messages import BundleRef, DesiredState, WindowAck
@@ -375,12 +374,7 @@ class ServerMqtt:
                 return
 
     async def _database_answers(self) -> bool:
-        try:
-            async with self.db.session() as session:
-                await session.execute(text("SELECT 1"))
-        except Exception:
-            return False
-        return True
+        return await store.database_answers(self.db)
 
     async def _await_database(self, batch: list[tuple[Accepted, Delivery]]) -> bool:
         """Hold ``batch`` unacknowledged until the database answers; whether any is left.
@@ -474,14 +468,7 @@ class ServerMqtt:
 
     async def _republish(self, client: aiomqtt.Client) -> None:
         try:
-            async with self.db.session() as session:
-                rows = (
-                    await session.execute(
-                        select(Device, Release).join(
-                            Release, Release.target_path == Device.assigned_target
-                        )
-                    )
-                ).all()
+            rows = await store.assigned_devices(self.db)
         except Exception as exc:  # the database is away: ingest goes on, it waits for it
             log.warning(
                 "cannot read the assigned devices to publish their desired states again "

@@ -2,5 +2,5 @@
 
 ``fleetctl`` uses it offline, where the release keys are kept; the server
 reads and verifies the image repository it hosts with it
-(:mod:`fleet_server.publishing`) but never holds those keys.
+(:mod:`fleet_server.published`) but never holds those keys.
 """

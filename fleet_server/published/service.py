@@ -14,33 +14,30 @@ import hashlib
 import shutil
 import tempfile
 from datetime import UTC, datetime
-from pathlib import Path, PurePosixPath
+from pathlib import Path
+from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from fleet_server.audit import record
 from fleet_server.db.models import Release
+from fleet_server.published import store
+from fleet_server.published.rules import (
+    ReleaseError,
+    ReleaseNotFound,
+    release_row,
+    safe_relative,
+)
 from fleet_server.release.repository import ImageRepository, ReleasedBundle
 from fleet_server.release.verify import RepositoryVerificationError, verify_metadata
 
 
-class ReleaseError(Exception):
-    """A pushed release is refused; the message says why."""
-
-    status = 400
-
-
-def _safe_relative(path: str) -> PurePosixPath:
-    p = PurePosixPath(path)
-    if (
-        p.is_absolute()
-        or ".." in p.parts
-        or not p.parts
-        or p.parts[0] not in ("metadata", "targets")
-    ):
-        raise ReleaseError(f"{path!r} is not a path under metadata/ or targets/")
-    return p
+async def find_release(session: Any, release: str) -> Release:
+    """A release by ``NAME@VERSION`` or by target path; refused if there is none."""
+    row = await store.release_named(session, release)
+    if row is None:
+        raise ReleaseNotFound(f"no release {release}; push it first (fleetctl release push)")
+    return row
 
 
 def verify_repository(
@@ -74,21 +71,12 @@ class ReleaseService:
     async def index(self, session: AsyncSession) -> list[Release]:
         """Record every bundle the repository lists (idempotent)."""
         bundles = await asyncio.to_thread(self.repository.bundles)
-        known = {r.target_path for r in (await session.scalars(select(Release))).all()}
+        known = await store.known_target_paths(session)
         added = []
         for b in bundles:
             if b.target_path in known:
                 continue
-            row = Release(
-                target_path=b.target_path,
-                name=b.name,
-                version=b.version,
-                release_counter=b.release_counter,
-                hardware_ids=list(b.hardware_ids),
-                sha256=b.sha256,
-                length=b.length,
-                released_at=datetime.now(UTC),
-            )
+            row = release_row(b, datetime.now(UTC))
             session.add(row)
             added.append(row)
         await session.flush()
@@ -98,7 +86,7 @@ class ReleaseService:
         self, session: AsyncSession, files: dict[str, bytes], actor: str
     ) -> list[Release]:
         """Verify pushed repository files and publish them; returns the new releases."""
-        paths = {str(_safe_relative(p)): data for p, data in files.items()}
+        paths = {str(safe_relative(p)): data for p, data in files.items()}
         async with self._lock:
             await asyncio.to_thread(self._stage_and_swap, paths)
             rows = await self.index(session)
