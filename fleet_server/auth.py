@@ -27,6 +27,7 @@ from fleet_server.audit import record
 from fleet_server.db import Database
 from fleet_server.db.models import ApiToken
 from fleet_server.devices.store import new_secret, secret_hash
+from fleet_server.errors import Conflict, Forbidden, Invalid, NotFound, Unauthenticated
 from protocol.api import ROLES, Role
 
 log = logging.getLogger(__name__)
@@ -37,30 +38,28 @@ _BEARER = re.compile(r"^[A-Za-z0-9_-]{1,32}\.[A-Za-z0-9_-]{1,128}\Z")
 _TOKENS_LOCK_ID = 0x6564_6766  # advisory lock: one bootstrap, one last-admin check at a time
 
 
-class TokenError(Exception):
-    """A token request cannot be done; ``status`` is the HTTP status it maps to."""
-
-    status = 400
+class TokenError(Invalid):
+    """A token request cannot be done; the message says why."""
 
 
-class InvalidToken(TokenError):
-    status = 401
+class InvalidToken(Unauthenticated, TokenError):
+    """The bearer token is missing, malformed, unknown or expired."""
 
 
-class RoleTooLow(TokenError):
-    status = 403
+class RoleTooLow(Forbidden, TokenError):
+    """The token's role may not do this."""
 
 
-class TokenNotFound(TokenError):
-    status = 404
+class TokenNotFound(NotFound, TokenError):
+    """No token goes by that id."""
 
 
-class TokenRevoked(TokenError):
-    status = 409
+class TokenRevoked(Conflict, TokenError):
+    """The token was revoked before."""
 
 
-class LastAdminToken(TokenError):
-    status = 409
+class LastAdminToken(Conflict, TokenError):
+    """Revoking it would leave no admin token."""
 
 
 def role_allows(have: str, need: Role) -> bool:

@@ -16,20 +16,32 @@ from collections.abc import Awaitable, Callable, Mapping
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter
 
-from fleet_server.auth import TokenError
-from fleet_server.devices.errors import RegistryError
-from fleet_server.drift.models import DriftError
-from fleet_server.drift.silences import AlertError
-from fleet_server.labels import LabelsError
+from fleet_server.errors import (
+    Conflict,
+    FleetError,
+    Forbidden,
+    Invalid,
+    NotFound,
+    Unauthenticated,
+    Unprocessable,
+    kind_of,
+)
 from fleet_server.metrics import Metrics
-from fleet_server.published import ReleaseError
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-# Errors a caller can cause; each carries the HTTP status it maps to.
-CALLER_ERRORS = (RegistryError, ReleaseError, TokenError, LabelsError, AlertError, DriftError)
+# Errors a caller can cause: the domain's root; each kind is answered with one status.
+CALLER_ERRORS = FleetError
+HTTP_STATUS: Mapping[type[FleetError], int] = {
+    Invalid: 400,
+    Unauthenticated: 401,
+    Forbidden: 403,
+    NotFound: 404,
+    Conflict: 409,
+    Unprocessable: 422,
+}
 _FORWARDED_HEADERS = ("Allow", "WWW-Authenticate", "Retry-After")
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
@@ -48,6 +60,11 @@ def error_response(
     status: int, message: str, headers: Mapping[str, str] | None = None
 ) -> web.Response:
     return web.json_response({"error": message}, status=status, headers=headers)
+
+
+def http_status(exc: FleetError) -> int:
+    """The HTTP status a domain error is answered with, by its kind."""
+    return HTTP_STATUS[kind_of(exc)]
 
 
 def _clip(text: str, limit: int = 200) -> str:
@@ -73,7 +90,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except ApiError as exc:
         return error_response(exc.status, exc.message, exc.headers)
     except CALLER_ERRORS as exc:
-        return error_response(exc.status, str(exc))
+        return error_response(http_status(exc), str(exc))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -7,6 +7,7 @@ from datetime import datetime
 
 from fleet_server.db.models import Release
 from fleet_server.devices.errors import RegistryError
+from fleet_server.errors import Conflict, NotFound
 from fleet_server.published.rules import ReleaseError
 
 
@@ -14,24 +15,20 @@ class AssignmentError(RegistryError):
     """The assignment cannot be made; the message says why."""
 
 
-class ReleaseYanked(AssignmentError):
+class ReleaseYanked(Conflict, AssignmentError):
     """The release was yanked: it is assigned to no device any more."""
 
-    status = 409
 
-
-class AssignmentConflict(AssignmentError):
+class AssignmentConflict(Conflict, AssignmentError):
     """The assignment contradicts what a device runs, or what was cancelled already."""
 
-    status = 409
+
+class AssignmentNotFound(NotFound, AssignmentError):
+    """No assignment of that release to that device."""
 
 
-class AssignmentNotFound(AssignmentError):
-    status = 404
-
-
-class ReleaseAlreadyYanked(ReleaseError):
-    status = 409
+class ReleaseAlreadyYanked(Conflict, ReleaseError):
+    """The release was yanked before."""
 
 
 @dataclass(frozen=True)

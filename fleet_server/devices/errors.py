@@ -1,27 +1,25 @@
-"""The devices feature's errors; each carries the HTTP status the API maps it to."""
+"""The devices feature's errors, as kinds of :mod:`fleet_server.errors`."""
 
 from __future__ import annotations
 
-
-class RegistryError(Exception):
-    """A registry request cannot be done; ``status`` is the HTTP status it maps to."""
-
-    status = 400
+from fleet_server.errors import Conflict, Invalid, NotFound, Unauthenticated
 
 
-class DeviceExists(RegistryError):
-    status = 409
+class RegistryError(Invalid):
+    """A registry request cannot be done; the message says why."""
 
 
-class DeviceNotFound(RegistryError):
-    status = 404
+class DeviceExists(Conflict, RegistryError):
+    """A device goes by that id already."""
 
 
-class InvalidProvisioningToken(RegistryError):
-    status = 401
+class DeviceNotFound(NotFound, RegistryError):
+    """No device goes by that id."""
 
 
-class DeviceDecommissioned(RegistryError):
+class InvalidProvisioningToken(Unauthenticated, RegistryError):
+    """The provisioning token is unknown or expired."""
+
+
+class DeviceDecommissioned(Conflict, RegistryError):
     """The device was decommissioned: it has no credential and takes no changes."""
-
-    status = 409

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
+from fleet_server.errors import NotFound
 from protocol.cbpe import AccuracyEstimate, AccuracyPolicy, AccuracyVerdict
 from protocol.drift import DriftPolicy, FeatureDrift
 
@@ -15,12 +16,8 @@ ScopeKind = Literal["device", "tag", "hardware_id", "region", "fleet"]
 MAX_LISTED_WINDOWS = 1000
 
 
-class DriftError(Exception):
-    """Drift cannot be computed for what was asked; ``status`` is the HTTP status it maps to."""
-
-    def __init__(self, message: str, status: int = 404) -> None:
-        super().__init__(message)
-        self.status = status
+class DriftError(NotFound):
+    """Drift cannot be computed for what was asked: something it names is not there."""
 
 
 @dataclass(frozen=True)

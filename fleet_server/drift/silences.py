@@ -29,15 +29,20 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from fleet_server import audit
 from fleet_server.db.models import AlertRow, SilenceRow, as_utc
 from fleet_server.drift.lifecycle import is_active
+from fleet_server.errors import Conflict, FleetError, NotFound
 from protocol.api import SilenceRequest
 
 
-class AlertError(Exception):
-    """An alert or silence request the server refuses; ``status`` is its HTTP status."""
+class AlertError(FleetError):
+    """An alert or silence request the server refuses; the message says why."""
 
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+
+class AlertNotFound(NotFound, AlertError):
+    """No alert or silence goes by that id."""
+
+
+class AlertConflict(Conflict, AlertError):
+    """The alert or silence is past the state the request needs (closed, acknowledged, ended)."""
 
 
 async def active_silences(session: AsyncSession, now: datetime | None = None) -> list[SilenceRow]:
@@ -50,7 +55,7 @@ async def active_silences(session: AsyncSession, now: datetime | None = None) ->
 async def get_alert(session: AsyncSession, alert_id: int) -> AlertRow:
     row = await session.get(AlertRow, alert_id)
     if row is None:
-        raise AlertError(404, f"no alert {alert_id}")
+        raise AlertNotFound(f"no alert {alert_id}")
     return row
 
 
@@ -61,10 +66,9 @@ async def acknowledge(
     row = await get_alert(session, alert_id)
     await session.refresh(row, with_for_update=True)
     if row.state != "open":
-        raise AlertError(409, f"alert {alert_id} is closed; only an open alert is acknowledged")
+        raise AlertConflict(f"alert {alert_id} is closed; only an open alert is acknowledged")
     if row.acknowledged_at is not None:
-        raise AlertError(
-            409,
+        raise AlertConflict(
             f"alert {alert_id} was already acknowledged by {row.acknowledged_by} "
             f"at {as_utc(row.acknowledged_at).isoformat(timespec='seconds')}",
         )
@@ -136,11 +140,10 @@ async def expire_silence(session: AsyncSession, silence_id: int, actor: str) -> 
     """End silence ``silence_id`` now; refused (409) if it has already ended."""
     silence = await session.get(SilenceRow, silence_id, with_for_update=True)
     if silence is None:
-        raise AlertError(404, f"no silence {silence_id}")
+        raise AlertNotFound(f"no silence {silence_id}")
     now = datetime.now(UTC)
     if as_utc(silence.ends_at) <= now:
-        raise AlertError(
-            409,
+        raise AlertConflict(
             f"silence {silence_id} already ended at "
             f"{as_utc(silence.ends_at).isoformat(timespec='seconds')}",
         )

@@ -5,16 +5,21 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
+from fleet_server.errors import FleetError, NotFound, Unprocessable
 from protocol.api import WindowLabelsBody
 from protocol.window import WindowCodecError, decode_window
 
 
-class LabelsError(Exception):
-    """Labels the server cannot store; ``status`` is the HTTP status it maps to."""
+class LabelsError(FleetError):
+    """Labels the server cannot store; the message says why."""
 
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+
+class LabelsMismatch(Unprocessable, LabelsError):
+    """The labels do not fit the window they name (its classes, its outputs, its bytes)."""
+
+
+class WindowNotFound(NotFound, LabelsError):
+    """The labels name a window the server does not hold."""
 
 
 def confusion_counts(body: WindowLabelsBody, classes: Sequence[str]) -> list[list[int]]:
@@ -22,8 +27,7 @@ def confusion_counts(body: WindowLabelsBody, classes: Sequence[str]) -> list[lis
     width = len(classes)
     if body.counts is not None:
         if body.classes != list(classes):
-            raise LabelsError(
-                422,
+            raise LabelsMismatch(
                 f"window {body.window_id}: counts are given for classes {body.classes}, "
                 f"the window's model has {list(classes)} (in this order)",
             )
@@ -33,8 +37,7 @@ def confusion_counts(body: WindowLabelsBody, classes: Sequence[str]) -> list[lis
     for label in body.labels or ():
         for name in (label.actual, label.predicted):
             if name not in index:
-                raise LabelsError(
-                    422,
+                raise LabelsMismatch(
                     f"window {body.window_id}: {name!r} is not a class of its model "
                     f"{list(classes)}",
                 )
@@ -46,7 +49,7 @@ def distinct_windows(bodies: Sequence[WindowLabelsBody]) -> list[str]:
     """The windows ``bodies`` label, in order; refused if one appears twice."""
     ids = list(dict.fromkeys(b.window_id for b in bodies))
     if len(ids) != len(bodies):
-        raise LabelsError(422, "a window appears twice in one request; merge its labels")
+        raise LabelsMismatch("a window appears twice in one request; merge its labels")
     return ids
 
 
@@ -54,8 +57,7 @@ def missing_windows(ids: Sequence[str], held: Collection[str]) -> None:
     """Refuse labels for windows the server does not hold, naming the first."""
     missing = [i for i in ids if i not in held]
     if missing:
-        raise LabelsError(
-            404,
+        raise WindowNotFound(
             f"no window {missing[0]}" + (f" (and {len(missing) - 1} more)" if missing[1:] else ""),
         )
 
@@ -75,9 +77,9 @@ def labelled(body: WindowLabelsBody, payload: bytes) -> Labelled:
     try:
         scores = decode_window(payload).scores
     except WindowCodecError as exc:  # stored windows were decoded once; be safe anyway
-        raise LabelsError(422, f"window {body.window_id} cannot be read: {exc}") from None
+        raise LabelsMismatch(f"window {body.window_id} cannot be read: {exc}") from None
     if scores is None:
-        raise LabelsError(422, f"window {body.window_id}: its model has no score output to label")
+        raise LabelsMismatch(f"window {body.window_id}: its model has no score output to label")
     counts = confusion_counts(body, scores.classes)
     right = sum(counts[i][i] for i in range(len(counts)))
     # The class order travels with the counts: they mean nothing without it.

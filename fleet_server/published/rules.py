@@ -12,27 +12,22 @@ from datetime import datetime
 from pathlib import Path, PurePosixPath
 
 from fleet_server.db.models import Release
+from fleet_server.errors import Conflict, Invalid, NotFound
 from fleet_server.release.repository import ReleasedBundle
 
 _VERSIONED_METADATA = re.compile(r"metadata/\d+\.[a-z]+\.json")
 
 
-class ReleaseError(Exception):
+class ReleaseError(Invalid):
     """A pushed release is refused; the message says why."""
 
-    status = 400
 
-
-class PushConflict(ReleaseError):
+class PushConflict(Conflict, ReleaseError):
     """Pushed files clash with the files the repository already holds."""
 
-    status = 409
 
-
-class ReleaseNotFound(ReleaseError):
+class ReleaseNotFound(NotFound, ReleaseError):
     """No release goes by the name or target path given."""
-
-    status = 404
 
 
 def safe_relative(path: str) -> PurePosixPath:

@@ -10,6 +10,7 @@ from aiohttp.test_utils import make_mocked_request
 
 from fleet_server.api.errors import errors_middleware
 from fleet_server.drift import DriftError
+from fleet_server.labels.rules import LabelsMismatch
 
 
 async def answer_to(error: Exception) -> web.Response:
@@ -31,5 +32,8 @@ async def test_a_drift_error_is_answered_with_its_status_and_message() -> None:
 
 
 @pytest.mark.asyncio
-async def test_a_drift_error_may_name_another_status() -> None:
-    assert (await answer_to(DriftError("since is after until", status=422))).status == 422
+async def test_another_kind_of_error_is_answered_with_its_own_status() -> None:
+    response = await answer_to(LabelsMismatch("window w1: its model has no score output"))
+    assert response.status == 422
+    assert response.text is not None
+    assert json.loads(response.text) == {"error": "window w1: its model has no score output"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from fleet_server.errors import NotFound, Unprocessable
 from fleet_server.labels.rules import (
     LabelsError,
     confusion_counts,
@@ -32,7 +33,7 @@ def test_counts_for_other_classes_are_refused() -> None:
     body = WindowLabelsBody(window_id="w1", classes=["dog", "cat"], counts=[[1, 0], [0, 1]])
     with pytest.raises(LabelsError, match="the window's model has") as refused:
         confusion_counts(body, CLASSES)
-    assert refused.value.status == 422
+    assert isinstance(refused.value, Unprocessable)
 
 
 def test_a_class_the_model_lacks_is_refused_by_name() -> None:
@@ -50,7 +51,7 @@ def test_unknown_windows_are_refused_naming_the_first() -> None:
     missing_windows(["w1", "w2"], {"w1", "w2", "w3"})
     with pytest.raises(LabelsError, match=r"^no window w2 \(and 1 more\)$") as refused:
         missing_windows(["w1", "w2", "w4"], {"w1"})
-    assert refused.value.status == 404
+    assert isinstance(refused.value, NotFound)
 
 
 def test_an_unreadable_stored_window_is_refused() -> None:
