@@ -37,6 +37,9 @@ DEVICE: web.RequestKey[str] = web.RequestKey("device")
 QUERY: web.RequestKey[BaseModel] = web.RequestKey("query")
 BODY: web.RequestKey[BaseModel] = web.RequestKey("body")
 
+# What every operation behind a token may answer besides its own errors.
+AUTH_ERRORS = (401, 403)
+
 MAX_JSON_BODY = 1 << 20
 
 # Path parameters and the values they accept; anything else is a 404.

@@ -16,6 +16,7 @@ from sqlalchemy import text
 
 from fleet_server.api.errors import ApiError
 from fleet_server.api.operations import (
+    AUTH_ERRORS,
     PRINCIPAL,
     SERVER,
     Operation,
@@ -90,7 +91,6 @@ async def revoke_api_token(request: web.Request) -> web.StreamResponse:
 
 # -- the table -----------------------------------------------------------------
 
-_AUTH_ERRORS = (401, 403)
 V = API_PREFIX
 
 # fmt: off
@@ -101,18 +101,18 @@ OPERATIONS: tuple[Operation, ...] = (
     ),
     Operation(
         "GET", f"{V}/tokens", list_api_tokens, "listTokens", "List API tokens",
-        tag="tokens", auth="admin", response=TokenList, errors=_AUTH_ERRORS,
+        tag="tokens", auth="admin", response=TokenList, errors=AUTH_ERRORS,
     ),
     Operation(
         "POST", f"{V}/tokens", create_api_token, "createToken",
         "Create an API token; the token is in the answer, only there",
         tag="tokens", auth="admin", body=TokenRequest, response=TokenCreated, status=201,
-        errors=(400, *_AUTH_ERRORS, 413, 422),
+        errors=(400, *AUTH_ERRORS, 413, 422),
     ),
     Operation(
         "DELETE", f"{V}/tokens/{{token_id}}", revoke_api_token, "revokeToken",
         "Revoke an API token",
-        tag="tokens", auth="admin", response=TokenView, errors=(*_AUTH_ERRORS, 404, 409),
+        tag="tokens", auth="admin", response=TokenView, errors=(*AUTH_ERRORS, 404, 409),
     ),
 )
 # fmt: on

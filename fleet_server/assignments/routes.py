@@ -15,7 +15,15 @@ from typing import Any
 from aiohttp import web
 
 from fleet_server.api.errors import ApiError
-from fleet_server.api.operations import PRINCIPAL, SERVER, Operation, answer, body, query
+from fleet_server.api.operations import (
+    AUTH_ERRORS,
+    PRINCIPAL,
+    SERVER,
+    Operation,
+    answer,
+    body,
+    query,
+)
 from fleet_server.assignments import withdrawal
 from fleet_server.assignments.listing import find_release, list_current
 from fleet_server.assignments.planner import rule_label
@@ -170,7 +178,6 @@ async def cancel_assignment(request: web.Request) -> web.StreamResponse:
     )
 
 
-_AUTH_ERRORS = (401, 403)
 V = API_PREFIX
 
 # fmt: off
@@ -179,32 +186,32 @@ OPERATIONS: tuple[Operation, ...] = (
         "POST", f"{V}/assignments", create_assignment, "createAssignment",
         "Assign a released bundle to devices or a tag (signed by the director)",
         tag="assignments", auth="operator", body=AssignmentRequest, response=AssignmentResult,
-        status=201, errors=(400, *_AUTH_ERRORS, 404, 409, 413, 422),
+        status=201, errors=(400, *AUTH_ERRORS, 404, 409, 413, 422),
     ),
     Operation(
         "POST", f"{V}/releases/yank", yank_release, "yankRelease",
         "Yank a release: devices not running it are no longer offered it (their director "
         "metadata names nothing); devices running it keep it. Not a rollback",
         tag="releases", auth="operator", body=YankRequest, response=YankResult,
-        errors=(400, *_AUTH_ERRORS, 404, 409, 413, 422),
+        errors=(400, *AUTH_ERRORS, 404, 409, 413, 422),
     ),
     Operation(
         "GET", f"{V}/director/root", get_director_root, "getDirectorTrustedRoot",
         "The director's root metadata (TUF root.json) that devices are provisioned with "
         "(agent.toml [director] root)",
-        tag="assignments", auth="viewer", errors=(*_AUTH_ERRORS, 404),
+        tag="assignments", auth="viewer", errors=(*AUTH_ERRORS, 404),
     ),
     Operation(
         "GET", f"{V}/assignments", list_assignments, "listAssignments",
         "Current assignments: each device's (dev-N) and the tag rules (tag-N)",
         tag="assignments", auth="viewer", query=AssignmentQuery, response=AssignmentList,
-        errors=(*_AUTH_ERRORS, 404, 422),
+        errors=(*AUTH_ERRORS, 404, 422),
     ),
     Operation(
         "DELETE", f"{V}/assignments/{{assignment_id}}", cancel_assignment, "cancelAssignment",
         "Cancel a device's assignment or a tag rule; the devices keep what they run",
         tag="assignments", auth="operator", response=AssignmentCancelled,
-        errors=(*_AUTH_ERRORS, 404, 409),
+        errors=(*AUTH_ERRORS, 404, 409),
     ),
 )
 # fmt: on

@@ -11,7 +11,7 @@ import logging
 from aiohttp import web
 
 from fleet_server.api.errors import ApiError
-from fleet_server.api.operations import SERVER, Operation, answer, query
+from fleet_server.api.operations import AUTH_ERRORS, SERVER, Operation, answer, query
 from fleet_server.audit import service
 from fleet_server.audit.chain import ChainReport
 from fleet_server.audit.signing import AuditKeyError, AuditSigner, HeadRecord
@@ -59,7 +59,6 @@ async def audit_head(request: web.Request) -> web.StreamResponse:
     return answer(signed)
 
 
-_AUTH_ERRORS = (401, 403)
 V = API_PREFIX
 
 # fmt: off
@@ -67,19 +66,19 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation(
         "GET", f"{V}/audit", list_audit, "listAudit", "A page of the audit log, oldest first",
         tag="audit", auth="viewer", query=AuditQuery, response=AuditPage,
-        errors=(*_AUTH_ERRORS, 422),
+        errors=(*AUTH_ERRORS, 422),
     ),
     Operation(
         "GET", f"{V}/audit/verify", verify_audit, "verifyAudit",
         "Recompute the audit log's hash chain and check it extends the last head the server "
         "recorded (which then moves to the current head)",
-        tag="audit", auth="viewer", response=AuditVerification, errors=(*_AUTH_ERRORS, 503),
+        tag="audit", auth="viewer", response=AuditVerification, errors=(*AUTH_ERRORS, 503),
     ),
     Operation(
         "GET", f"{V}/audit/head", audit_head, "getAuditHead",
         "The audit log's newest entry, signed with the server's audit key: save it as an "
         "anchor (fleetctl audit head --out FILE) to detect later deletion or rewriting",
-        tag="audit", auth="viewer", response=SignedAuditHead, errors=(*_AUTH_ERRORS, 503),
+        tag="audit", auth="viewer", response=SignedAuditHead, errors=(*AUTH_ERRORS, 503),
     ),
 )
 # fmt: on

@@ -12,6 +12,7 @@ from datetime import timedelta
 from aiohttp import web
 
 from fleet_server.api.operations import (
+    AUTH_ERRORS,
     DEVICE_AUTH,
     PRINCIPAL,
     SERVER,
@@ -165,7 +166,6 @@ async def rotate_device_credentials(request: web.Request) -> web.StreamResponse:
     return answer(_credentials(request, device.id, password, device_view(device)))
 
 
-_AUTH_ERRORS = (401, 403)
 V = API_PREFIX
 
 # fmt: off
@@ -173,13 +173,13 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation(
         "GET", f"{V}/devices", list_devices, "listDevices", "List devices",
         tag="devices", auth="viewer", query=DeviceQuery, response=DeviceList,
-        errors=(*_AUTH_ERRORS, 422),
+        errors=(*AUTH_ERRORS, 422),
     ),
     Operation(
         "POST", f"{V}/devices", register_device, "registerDevice",
         "Pre-register a device; its password is in the answer, only there",
         tag="devices", auth="admin", body=RegisterDevice, response=DeviceCredentials,
-        status=201, errors=(400, *_AUTH_ERRORS, 409, 413, 422),
+        status=201, errors=(400, *AUTH_ERRORS, 409, 413, 422),
     ),
     Operation(
         "POST", f"{V}/devices/enrol", enrol_device, "enrolDevice",
@@ -189,25 +189,25 @@ OPERATIONS: tuple[Operation, ...] = (
     ),
     Operation(
         "GET", f"{V}/devices/{{device_id}}", get_device, "getDevice", "Show a device",
-        tag="devices", auth="viewer", response=DeviceView, errors=(*_AUTH_ERRORS, 404),
+        tag="devices", auth="viewer", response=DeviceView, errors=(*AUTH_ERRORS, 404),
     ),
     Operation(
         "PATCH", f"{V}/devices/{{device_id}}/tags", tag_device, "tagDevice",
         "Add and remove a device's tags",
         tag="devices", auth="operator", body=TagChange, response=DeviceView,
-        errors=(400, *_AUTH_ERRORS, 404, 413, 422),
+        errors=(400, *AUTH_ERRORS, 404, 413, 422),
     ),
     Operation(
         "GET", f"{V}/devices/{{device_id}}/events", device_events, "listDeviceEvents",
         "A device's reported events, newest first",
         tag="devices", auth="viewer", query=EventQuery, response=DeviceEventList,
-        errors=(*_AUTH_ERRORS, 404, 422),
+        errors=(*AUTH_ERRORS, 404, 422),
     ),
     Operation(
         "POST", f"{V}/provisioning-tokens", create_provisioning_token,
         "createProvisioningToken", "Create a token devices enrol themselves with",
         tag="devices", auth="admin", body=ProvisioningTokenRequest,
-        response=ProvisioningTokenCreated, status=201, errors=(400, *_AUTH_ERRORS, 413, 422),
+        response=ProvisioningTokenCreated, status=201, errors=(400, *AUTH_ERRORS, 413, 422),
     ),
     Operation(
         "POST", f"{V}/devices/{{device_id}}/decommission", decommission_device,
@@ -215,7 +215,7 @@ OPERATIONS: tuple[Operation, ...] = (
         "Decommission a device: its credentials stop working, its assignment is withdrawn, "
         "its history stays; hidden from the device list unless include_decommissioned",
         tag="devices", auth="admin", body=DecommissionRequest, response=DeviceView,
-        errors=(400, *_AUTH_ERRORS, 404, 409, 413, 422),
+        errors=(400, *AUTH_ERRORS, 404, 409, 413, 422),
     ),
     Operation(
         "POST", f"{V}/devices/{{device_id}}/credentials", rotate_device_credentials,
@@ -223,7 +223,7 @@ OPERATIONS: tuple[Operation, ...] = (
         "Give a device a new password (in the answer, only there); the old one stops "
         "working at once",
         tag="devices", auth="admin", response=DeviceCredentials,
-        errors=(*_AUTH_ERRORS, 404, 409),
+        errors=(*AUTH_ERRORS, 404, 409),
     ),
 )
 # fmt: on

@@ -13,7 +13,15 @@ from datetime import UTC, datetime, timedelta
 from aiohttp import web
 
 from fleet_server.api.errors import ApiError
-from fleet_server.api.operations import PRINCIPAL, SERVER, Operation, answer, body, query
+from fleet_server.api.operations import (
+    AUTH_ERRORS,
+    PRINCIPAL,
+    SERVER,
+    Operation,
+    answer,
+    body,
+    query,
+)
 from fleet_server.db.models import as_utc
 from fleet_server.drift import service
 from fleet_server.drift.models import Scope
@@ -189,7 +197,6 @@ async def device_windows(request: web.Request) -> web.StreamResponse:
 
 # -- the feature's part of the operations table -------------------------------------
 
-_AUTH_ERRORS = (401, 403)
 V = API_PREFIX
 
 # fmt: off
@@ -198,46 +205,46 @@ OPERATIONS: tuple[Operation, ...] = (
         "GET", f"{V}/drift", get_drift, "getDrift",
         "Drift per feature of a device's or a cohort's windows, per model version",
         tag="drift", auth="viewer", query=DriftQuery, response=DriftReport,
-        errors=(*_AUTH_ERRORS, 404, 422),
+        errors=(*AUTH_ERRORS, 404, 422),
     ),
     Operation(
         "GET", f"{V}/alerts", list_alerts, "listAlerts",
         "Drift and estimated-accuracy alerts (one per scope and cause), filtered, newest first",
         tag="drift", auth="viewer", query=AlertQuery, response=AlertList,
-        errors=(*_AUTH_ERRORS, 422),
+        errors=(*AUTH_ERRORS, 422),
     ),
     Operation(
         "GET", f"{V}/alerts/{{alert_id}}", get_alert_by_id, "getAlert", "Show one alert",
-        tag="drift", auth="viewer", response=AlertView, errors=(*_AUTH_ERRORS, 404),
+        tag="drift", auth="viewer", response=AlertView, errors=(*AUTH_ERRORS, 404),
     ),
     Operation(
         "POST", f"{V}/alerts/{{alert_id}}/ack", acknowledge_alert, "acknowledgeAlert",
         "Acknowledge an open alert: it is not notified again and still closes when it clears",
         tag="drift", auth="operator", body=AcknowledgeAlert, response=AlertView,
-        errors=(400, *_AUTH_ERRORS, 404, 409, 413, 422),
+        errors=(400, *AUTH_ERRORS, 404, 409, 413, 422),
     ),
     Operation(
         "GET", f"{V}/silences", list_alert_silences, "listSilences",
         "Silences, newest first (active ones by default)",
         tag="drift", auth="viewer", query=SilenceQuery, response=SilenceList,
-        errors=(*_AUTH_ERRORS, 422),
+        errors=(*AUTH_ERRORS, 422),
     ),
     Operation(
         "POST", f"{V}/silences", create_alert_silence, "createSilence",
         "Silence the alerts that match (or one alert's scope and cause) for a while",
         tag="drift", auth="operator", body=SilenceRequest, response=SilenceView, status=201,
-        errors=(400, *_AUTH_ERRORS, 404, 413, 422),
+        errors=(400, *AUTH_ERRORS, 404, 413, 422),
     ),
     Operation(
         "DELETE", f"{V}/silences/{{silence_id}}", expire_alert_silence, "expireSilence",
         "End a silence now",
-        tag="drift", auth="operator", response=SilenceView, errors=(*_AUTH_ERRORS, 404, 409),
+        tag="drift", auth="operator", response=SilenceView, errors=(*AUTH_ERRORS, 404, 409),
     ),
     Operation(
         "GET", f"{V}/devices/{{device_id}}/windows", device_windows, "listDeviceWindows",
         "A device's windows (ids to label), newest first, a page at a time",
         tag="drift", auth="viewer", query=WindowQuery, response=WindowList,
-        errors=(*_AUTH_ERRORS, 404, 422),
+        errors=(*AUTH_ERRORS, 404, 422),
     ),
 )
 # fmt: on

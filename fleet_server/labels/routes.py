@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from fleet_server.api.operations import PRINCIPAL, SERVER, Operation, answer, body
+from fleet_server.api.operations import AUTH_ERRORS, PRINCIPAL, SERVER, Operation, answer, body
 from fleet_server.labels.service import post_labels
 from protocol.api import API_PREFIX, LabelsRequest, LabelsResult
 
@@ -20,7 +20,6 @@ async def create_labels(request: web.Request) -> web.StreamResponse:
     return answer(result)
 
 
-_AUTH_ERRORS = (401, 403)
 V = API_PREFIX
 
 # fmt: off
@@ -29,7 +28,7 @@ OPERATIONS: tuple[Operation, ...] = (
         "POST", f"{V}/labels", create_labels, "postLabels",
         "Labels that arrived later: per window, confusion counts or (actual, predicted) pairs",
         tag="drift", auth="operator", body=LabelsRequest, response=LabelsResult,
-        errors=(400, *_AUTH_ERRORS, 404, 413, 422),
+        errors=(400, *AUTH_ERRORS, 404, 413, 422),
     ),
 )
 # fmt: on

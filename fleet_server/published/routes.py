@@ -10,7 +10,15 @@ from __future__ import annotations
 from aiohttp import web
 from tuf.api import exceptions as tuf_exc
 
-from fleet_server.api.operations import PRINCIPAL, SERVER, Operation, answer, body, query
+from fleet_server.api.operations import (
+    AUTH_ERRORS,
+    PRINCIPAL,
+    SERVER,
+    Operation,
+    answer,
+    body,
+    query,
+)
 from fleet_server.db.models import Release
 from fleet_server.published import store
 from fleet_server.published.rules import ReleaseError, check_push
@@ -64,7 +72,6 @@ async def push_release(request: web.Request) -> web.StreamResponse:
     return answer(result, 201 if published else 200)
 
 
-_AUTH_ERRORS = (401, 403)
 V = API_PREFIX
 
 # fmt: off
@@ -72,13 +79,13 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation(
         "GET", f"{V}/releases", list_releases, "listReleases", "List released bundles",
         tag="releases", auth="viewer", query=ReleaseQuery, response=ReleaseList,
-        errors=(*_AUTH_ERRORS, 422),
+        errors=(*AUTH_ERRORS, 422),
     ),
     Operation(
         "POST", f"{V}/releases", push_release, "pushRelease",
         "Push signed image-repository files; published only if they verify",
         tag="releases", auth="operator", body=ReleasePush, response=ReleasePushResult,
-        status=201, other_success=(200,), errors=(400, *_AUTH_ERRORS, 409, 413, 422),
+        status=201, other_success=(200,), errors=(400, *AUTH_ERRORS, 409, 413, 422),
         body_limit=MAX_PUSH_BODY,
     ),
 )
