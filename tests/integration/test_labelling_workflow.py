@@ -117,6 +117,22 @@ def _windows(
     return out
 
 
+def _publish_and_wait(workflow: Workflow, device: str, sent: list[WindowSummary]) -> None:
+    """Publish ``sent`` as the device would, and wait until the server lists all of them."""
+    client = DeviceClient(workflow.broker, device)
+    try:
+        for window in sent:
+            client.publish(windows_topic(workflow.server.namespace, device), encode_window(window))
+        client.flush()
+    finally:
+        client.close()
+    path = f"/devices/{device}/windows"
+    wait_until(
+        f"{device}'s windows stored",
+        lambda: len(workflow.server.api("GET", path, workflow.token)["windows"]) == len(sent),
+    )
+
+
 def test_list_windows_write_labels_post_them_and_see_measured_accuracy(
     workflow: Workflow, tmp_path: Path
 ) -> None:
@@ -128,20 +144,9 @@ def test_list_windows_write_labels_post_them_and_see_measured_accuracy(
     scores = np.asarray(TFLiteRuntime().load(MODELS / "v1.tflite").run({"features": X})["scores"])
     predicted = scores.argmax(axis=1)
     sent = _windows(workflow.manifest, device, X.astype(np.float64), scores)
-    client = DeviceClient(workflow.broker, device)
-    try:
-        for window in sent:
-            client.publish(windows_topic(workflow.server.namespace, device), encode_window(window))
-        client.flush()
-    finally:
-        client.close()
+    _publish_and_wait(workflow, device, sent)
 
     # 1. The device's windows, newest first: their ids, ranges, versions and request counts.
-    path = f"/devices/{device}/windows"
-    wait_until(
-        "the device's windows stored",
-        lambda: len(workflow.server.api("GET", path, workflow.token)["windows"]) == len(sent),
-    )
     windows = json.loads(workflow.ok("devices", "windows", device, "--json"))
     assert [w["window_id"] for w in windows] == [w.window_id for w in reversed(sent)]
     assert all(
@@ -200,18 +205,8 @@ def test_windows_are_paged_newest_first_and_an_unknown_device_is_refused(
     X, _ = tilted({}, 5 * ROWS_PER_WINDOW, 302)
     scores = np.asarray(TFLiteRuntime().load(MODELS / "v1.tflite").run({"features": X})["scores"])
     sent = _windows(workflow.manifest, device, X.astype(np.float64), scores)
-    client = DeviceClient(workflow.broker, device)
-    try:
-        for window in sent:
-            client.publish(windows_topic(workflow.server.namespace, device), encode_window(window))
-        client.flush()
-    finally:
-        client.close()
+    _publish_and_wait(workflow, device, sent)
     path = f"/devices/{device}/windows"
-    wait_until(
-        "the windows stored",
-        lambda: len(workflow.server.api("GET", path, workflow.token)["windows"]) == len(sent),
-    )
     first = workflow.server.api("GET", f"{path}?limit=3", workflow.token)
     assert first["next_before"] is not None
     second = workflow.server.api(
