@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+SLOW_STOP_S = 5.0  # a stop taking longer logs what it still waits for
 TICK_S = 0.2
 TELEMETRY_TICK_S = 1.0
 
@@ -118,6 +119,7 @@ class AgentDaemon:
         await self.installer.recover()
         await self.api.start()
         self._announce()
+        slow_stop: asyncio.Task[None] | None = None
         try:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._update_loop(stop))
@@ -127,10 +129,13 @@ class AgentDaemon:
                 if self.link is not None:
                     tasks.create_task(self.link.run(stop))
                 await stop.wait()
+                slow_stop = asyncio.create_task(_report_slow_stop(SLOW_STOP_S))
             # Only a clean stop gets here: a restart that follows is no crash of the model.
             self.installer.shutting_down_cleanly()
         finally:
             await self.api.close()
+            if slow_stop is not None:
+                slow_stop.cancel()
 
     def _announce(self) -> None:
         info = {
@@ -203,6 +208,17 @@ class AgentDaemon:
                 self.wake.set()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), TICK_S)
+
+
+async def _report_slow_stop(after_s: float) -> None:
+    """Log where each task still is when a stop takes longer than ``after_s``."""
+    await asyncio.sleep(after_s)
+    me = asyncio.current_task()
+    for task in asyncio.all_tasks():
+        if task is not me:
+            frames = task.get_stack(limit=1)
+            where = f"{frames[0].f_code.co_filename}:{frames[0].f_lineno}" if frames else "?"
+            log.warning("stopping for over %.0f s; still running: %s at %s", after_s, task, where)
 
 
 async def _first_set(*events: asyncio.Event, timeout: float) -> None:
