@@ -189,8 +189,18 @@ class AgentDaemon:
     async def _update_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             self.wake.clear()  # a desired state arriving during the poll wakes the next one
+            poll = asyncio.create_task(self.installer.poll())
+            await _first_set(stop, done=poll)
+            if not poll.done():
+                # Stopping mid-check or mid-download: the journal makes it resumable,
+                # as after a power cut, so the stop does not wait for the network.
+                poll.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await poll
+                log.info("update check interrupted by the stop; resumed at the next start")
+                return
             try:
-                outcome = await self.installer.poll()
+                outcome = poll.result()
                 log.debug("update check: %s", outcome)
                 if self.installer.in_trial and outcome == "trial in progress":
                     self._check_after_trial = True
@@ -221,11 +231,17 @@ async def _report_slow_stop(after_s: float) -> None:
             log.warning("stopping for over %.0f s; still running: %s at %s", after_s, task, where)
 
 
-async def _first_set(*events: asyncio.Event, timeout: float) -> None:
-    """Return when any of ``events`` is set, or after ``timeout`` seconds."""
-    waiters = [asyncio.create_task(e.wait()) for e in events]
+async def _first_set(
+    *events: asyncio.Event, timeout: float | None = None, done: asyncio.Task[Any] | None = None
+) -> None:
+    """Return when any of ``events`` is set, ``done`` has finished, or after ``timeout`` s."""
+    waiters: list[asyncio.Task[Any]] = [asyncio.create_task(e.wait()) for e in events]
     try:
-        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(
+            [*waiters, *([done] if done is not None else [])],
+            timeout=timeout,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
     finally:
         for waiter in waiters:
             waiter.cancel()

@@ -8,6 +8,9 @@ prints its answer (:mod:`agent.ota.answers`) as one JSON line on stdout.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import os
+import signal
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -142,13 +145,24 @@ def _refused(exc: UpdateRefused, about: Literal["assignment", "download"]) -> Re
     )
 
 
+def _die_with(parent: int) -> None:
+    """Be killed when ``parent`` dies (PR_SET_PDEATHSIG), or exit if it already has."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+    if os.getppid() != parent:
+        sys.exit(1)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="edge-agent-fetch")
     parser.add_argument("command", choices=["check", "download"])
     parser.add_argument("--config", required=True)
     parser.add_argument("--installed-counter", type=int, default=0)
     parser.add_argument("--expect", help="the bundle id (ALGORITHM:HEX) a download is for")
+    parser.add_argument("--parent", type=int, help="the agent's pid: the fetcher dies with it")
     args = parser.parse_args()
+    if args.parent is not None:
+        _die_with(args.parent)
     config = AgentConfig.load(Path(args.config))
     answer = run(args.command, config, args.installed_counter, args.expect)
     print(answer.model_dump_json(), flush=True)

@@ -9,8 +9,8 @@ of many devices passes its own.
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import signal
+import contextlib
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -115,11 +115,6 @@ class RuntimeSlotModels:
         return SlotModel(slot, manifest, model), report
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    # PR_SET_PDEATHSIG: if the agent is killed, its fetcher dies with it.
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
-
-
 class ProcessFetcher:
     """The fetcher as a short-lived child process (:mod:`agent.ota.fetch_worker`).
 
@@ -136,6 +131,8 @@ class ProcessFetcher:
         return await self._run("download", installed_counter, "--expect", expect)
 
     async def _run(self, command: str, installed_counter: int, *extra: str) -> FetchAnswer:
+        # No preexec_fn: Python code between fork and exec can deadlock in a process
+        # with threads; the child ties its life to ours itself (--parent).
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -145,11 +142,18 @@ class ProcessFetcher:
             str(self.config_path),
             "--installed-counter",
             str(installed_counter),
+            "--parent",
+            str(os.getpid()),
             *extra,
             stdout=asyncio.subprocess.PIPE,
-            preexec_fn=_die_with_parent,
         )
-        out, _ = await process.communicate()
+        try:
+            out, _ = await process.communicate()
+        except asyncio.CancelledError:  # the agent is stopping: the fetch is resumable
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+            raise
         try:
             return parse_answer(out.decode().strip().splitlines()[-1])
         except (IndexError, ValueError):

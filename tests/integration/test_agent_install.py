@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -119,6 +121,52 @@ def test_power_cut_at_every_install_step_leaves_a_working_model(
     assert events.count("committed") == 2
     assert "rolled-back" not in events and "refused" not in events
     agent.stop()
+
+
+def test_a_stop_mid_download_does_not_wait_for_the_fetcher_and_the_install_resumes(
+    fleet: Fleet, built: dict[str, Path]
+) -> None:
+    agent = AgentProcess(fleet.agent_config(DEVICE, update={"health_period_s": 0.5}))
+    agent.wait_ready()
+    released = install_v1(fleet, built, agent)
+    agent.stop()
+    agent = AgentProcess(
+        fleet.agent_config(
+            DEVICE, update={"health_period_s": 0.5}, faults={"hold_at": ["download"]}
+        )
+    )
+    agent.wait_ready()
+    fleet.assign(DEVICE, released["v2"])
+    agent.wait_for("the fetcher to hold mid-download", lambda: agent.holding("download"))
+    fetchers = _fetchers_of(agent.proc.pid)
+    assert fetchers, "no fetcher child while holding at download"
+
+    # SIGTERM to the agent alone (as `kill PID` sends it), not to its process group.
+    os.kill(agent.proc.pid, signal.SIGTERM)
+    assert agent.proc.wait(timeout=15) == 0
+    assert "update check interrupted by the stop" in agent.tail()
+    for pid in fetchers:  # the fetcher went with the agent, not left behind
+        assert not Path(f"/proc/{pid}").exists() or _is_zombie(pid), f"fetcher {pid} outlived"
+    agent.stop()
+
+    agent = AgentProcess(fleet.agent_config(DEVICE, update={"health_period_s": 0.5}))
+    agent.wait_ready()
+    agent.wait_for("v2 committed after the restart", lambda: installed(agent) == "2.0.0")
+    assert_slots_intact(agent.data_dir)
+    agent.stop()
+
+
+def _fetchers_of(parent: int) -> list[int]:
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    return [
+        int(pid)
+        for pid in children
+        if b"agent.ota.fetch_worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+
+
+def _is_zombie(pid: int) -> bool:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
 
 
 def test_crash_loop_during_the_health_period_rolls_back(
