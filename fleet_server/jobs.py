@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 class Job:
     name: str  # for the log: "<name> failed"
     interval_s: float
-    run: Callable[[], Awaitable[None]]
+    run: Callable[[], Awaitable[object]]
     at_stop: bool = False
 
 

@@ -13,6 +13,7 @@ import os
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import cast
 
 from aiohttp import web
 
@@ -143,7 +144,8 @@ class FleetServer:
                 f"cannot listen on {self.config.http_host}:{self.config.http_port}: "
                 f"{os.strerror(exc.errno) if exc.errno else exc}",
             ) from exc
-        sockets = site._server.sockets if site._server else ()
+        server = cast("asyncio.Server | None", site._server)
+        sockets = server.sockets if server else ()
         self.http_port = sockets[0].getsockname()[1] if sockets else self.config.http_port
         log.info(
             "fleet server %s listening on %s:%s",

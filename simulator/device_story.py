@@ -167,4 +167,4 @@ def device_story(workdir: Path, base_url: str, keys: Path, bundles: dict[str, Pa
         device.stop()
     print(f"\n$ edge-agent status --config {config}", flush=True)
     edge_agent(["status", "--config", str(config), "--events", "6"])
-    return surprises
+    return int(surprises)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from fleet_server.release.bundle_builder import BundleSpec, build_bundle, load_feature_file
 
@@ -12,7 +13,7 @@ HARDWARE = "rpi4-arm64"
 
 
 def make_bundle(
-    tmp: Path, model: str, version: str, hardware: tuple[str, ...] = (HARDWARE,), **spec: object
+    tmp: Path, model: str, version: str, hardware: tuple[str, ...] = (HARDWARE,), **spec: Any
 ) -> Path:
     """Build a bundle of a sample model into ``tmp`` and return its path."""
     features, classes = load_feature_file(MODELS / "features.json")
@@ -26,7 +27,7 @@ def make_bundle(
             feature_specs=features,
             classes=classes,
             **spec,
-        ),  # type: ignore[arg-type]
+        ),
         calibration=MODELS / "heldout.npz",
     )
     path = tmp / f"pump-health-{version}.bundle"

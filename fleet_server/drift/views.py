@@ -39,7 +39,7 @@ def alert_features(a: AlertRow) -> list[AlertFeature]:
         ]
     features = []
     for f in evidence.get("features") or []:
-        tests: dict[str, dict[str, Any]] = f.get("tests") or {}
+        tests: dict[Any, dict[str, Any]] = f.get("tests") or {}  # keys written from DriftReason
         features.append(
             AlertFeature(
                 feature=f["feature"], name=f.get("name"), reasons=sorted(tests), tests=tests

@@ -160,7 +160,7 @@ class ServerMqtt:
                 clean_session=self.session_expiry_s == 0,
             )
         else:
-            properties = Properties(PacketTypes.CONNECT)
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = self.session_expiry_s
             properties.ReceiveMaximum = self.config.mqtt_receive_maximum
             client = aiomqtt.Client(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from datetime import datetime
 
 from sqlalchemy import Row, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -13,7 +14,7 @@ from fleet_server.db.models import Device, Release, WindowRow
 
 async def lock_devices(
     session: AsyncSession, device_ids: Collection[str]
-) -> Sequence[Row[tuple[str, object]]]:
+) -> Sequence[Row[str, datetime | None]]:
     """``(id, decommissioned_at)`` of the devices among ``device_ids``, locked in id order.
 
     All at once and in id order, so two replicas whose batches share devices

@@ -35,7 +35,7 @@ class RoleKeys:
     @property
     def public_keys(self) -> list[SSlibKey]:
         """The public halves, as TUF key objects."""
-        return [s.public_key for s in self.signers]  # type: ignore[misc]
+        return [s.public_key for s in self.signers]
 
 
 @dataclass

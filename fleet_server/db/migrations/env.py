@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from alembic import context
-from sqlalchemy import text
+from sqlalchemy import Connection, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from fleet_server.db.models import Base
@@ -14,10 +14,10 @@ target_metadata = Base.metadata
 _MIGRATION_LOCK = 0x6564_6D67
 
 
-def _run(connection: object) -> None:
+def _run(connection: Connection) -> None:
     context.configure(
         connection=connection,
-        target_metadata=target_metadata,  # type: ignore[arg-type]
+        target_metadata=target_metadata,
         render_as_batch=True,
     )
     with context.begin_transaction():

@@ -41,18 +41,15 @@ def read_passphrase(args: argparse.Namespace, needed: bool) -> bytes | None:
 def cmd_keys_init(args: argparse.Namespace) -> None:
     passphrase = read_passphrase(args, needed=False)
     store = init_keys(Path(args.dir), threshold=args.threshold, passphrase=passphrase)
-    data = {
-        "dir": str(args.dir),
-        "encrypted": passphrase is not None,
-        "roles": {
-            role: {"threshold": keys.threshold, "keyids": [k.keyid for k in keys.public_keys]}
-            for role, keys in store.roles.items()
-        },
+    roles: dict[str, dict[str, Any]] = {
+        role: {"threshold": keys.threshold, "keyids": [k.keyid for k in keys.public_keys]}
+        for role, keys in store.roles.items()
     }
+    data = {"dir": str(args.dir), "encrypted": passphrase is not None, "roles": roles}
     lines = [f"Created release keys in {args.dir} ({'encrypted' if passphrase else 'unencrypted'})"]
     lines += [
         f"  {role:<10} threshold {v['threshold']}  {', '.join(k[:12] for k in v['keyids'])}"
-        for role, v in data["roles"].items()
+        for role, v in roles.items()
     ]
     lines.append("Keep the root and targets keys offline.")
     emit(args, data, "\n".join(lines))

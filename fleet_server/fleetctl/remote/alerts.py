@@ -55,7 +55,7 @@ def _alert_state(a: dict[str, Any]) -> str:
         notes.append("acked")
     if a.get("silenced_by"):
         notes.append("silenced")
-    return a["state"] + (f" ({', '.join(notes)})" if notes else "")
+    return str(a["state"]) + (f" ({', '.join(notes)})" if notes else "")
 
 
 def _scope(kind: str | None, value: str | None) -> str:
