@@ -93,10 +93,6 @@ class LocalApi:
         self._closing = False
 
     @property
-    def max_body_bytes(self) -> int:
-        return self.limits.max_body_bytes
-
-    @property
     def port(self) -> int:
         """The port served on (the one picked when constructed with ``port=0``)."""
         if self._listener is not None:
