@@ -181,10 +181,8 @@ class LocalApi:
 
     async def _turn_away(self, sock: socket.socket) -> None:
         """Answer 503 without reading the request: every connection slot is taken."""
-        loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(self.read_timeout_s):
-                await loop.sock_sendall(sock, self._busy)
+            await self._write(sock, self._busy)
             await self._linger(sock)
         except (OSError, TimeoutError):
             pass
