@@ -41,7 +41,7 @@ from bisect import bisect_left
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Final, Literal
 
-from agent.ota.errors import UpdateRefused
+from agent.ota.errors import refusal_kinds
 from agent.telemetry.outbox import OutboxError
 from protocol.inference import STAGE_NAMES, StageName
 
@@ -89,12 +89,7 @@ ROLLBACK_REASONS: Final = ("watchdog", "crash-loop", "other")
 
 def refusal_reasons() -> tuple[str, ...]:
     """Every reason code an install can be refused for, and ``other``."""
-    codes: set[str] = set()
-    pending: list[type[UpdateRefused]] = [UpdateRefused]
-    while pending:
-        cls = pending.pop()
-        codes.add(cls.reason)
-        pending.extend(cls.__subclasses__())
+    codes = {cls.reason for cls in refusal_kinds()}
     codes.add("staging-failed")  # the device's storage failed while staging
     return (*sorted(codes), "other")
 

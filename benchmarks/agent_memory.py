@@ -554,7 +554,7 @@ PARSE_BODY_BYTES = 4 * 1024 * 1024
 _PARSE_PROBE = """
 import contextlib, json, sys, tracemalloc
 from pydantic import ValidationError
-from agent.api.http import parse_request
+from agent.api.routes import parse_request
 from protocol.inference import InferenceRequest, InferenceRequestError, decode_inputs
 def status_kb(field):
     return int(open("/proc/self/status").read().split(field + ":")[1].split()[0])

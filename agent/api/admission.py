@@ -104,15 +104,8 @@ class ApiLimits:
 
     @classmethod
     def from_config(cls, config: ApiConfig) -> ApiLimits:
-        """The limits of the agent's ``[api]`` section."""
-        return cls(
-            max_connections=config.max_connections,
-            max_body_bytes=config.max_body_bytes,
-            max_inflight_bytes=config.max_inflight_bytes,
-            retry_after_s=config.retry_after_s,
-            admission_wait_s=config.admission_wait_s,
-            body_timeout_s=config.body_timeout_s,
-        )
+        """The limits of the agent's ``[api]`` section (its fields of the same names)."""
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
 
     def __post_init__(self) -> None:
         if self.max_connections < 1 or self.max_body_bytes < 1:

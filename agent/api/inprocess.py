@@ -18,6 +18,11 @@ from protocol.manifest import Manifest
 ChainProvider = FallbackChain | Callable[[], FallbackChain]
 
 
+def current_chain(provider: ChainProvider) -> FallbackChain:
+    """The chain ``provider`` is, or returns now."""
+    return provider if isinstance(provider, FallbackChain) else provider()
+
+
 class InferenceClient:
     """Asks the fallback chain for answers; ``chain`` may be a callable returning the chain.
 
@@ -35,7 +40,7 @@ class InferenceClient:
 
     @property
     def chain(self) -> FallbackChain:
-        return self._chain if isinstance(self._chain, FallbackChain) else self._chain()
+        return current_chain(self._chain)
 
     @property
     def manifest(self) -> Manifest | None:

@@ -154,13 +154,17 @@ class InvalidBundle(UpdateRefused):
     condemns_bundle = True
 
 
-def answer_refusal_codes() -> frozenset[str]:
-    """The reason codes of refusals about an answer, never about the signed bundle itself."""
-    codes: set[str] = set()
+def refusal_kinds() -> list[type[UpdateRefused]]:
+    """:class:`UpdateRefused` and every kind of it, each naming one reason code."""
+    kinds: list[type[UpdateRefused]] = []
     pending: list[type[UpdateRefused]] = [UpdateRefused]
     while pending:
         cls = pending.pop()
-        if not cls.condemns_bundle:
-            codes.add(cls.reason)
+        kinds.append(cls)
         pending.extend(cls.__subclasses__())
-    return frozenset(codes)
+    return kinds
+
+
+def answer_refusal_codes() -> frozenset[str]:
+    """The reason codes of refusals about an answer, never about the signed bundle itself."""
+    return frozenset(cls.reason for cls in refusal_kinds() if not cls.condemns_bundle)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from agent.ota.answers import Assigned, Changed, Downloaded, Refused, Unassigned, Unavailable
+from agent.ota.answers import FetchAnswer
 from agent.ota.journal import Journal
 
 # -- events: what happened -------------------------------------------------------------
@@ -87,7 +87,6 @@ class SlotsRolledBack:
     message: str
 
 
-FetcherAnswer = Unassigned | Assigned | Changed | Downloaded | Refused | Unavailable
 Event = (
     Started
     | Poll
@@ -100,7 +99,7 @@ Event = (
     | SelfTestRefused
     | WatchdogTripped
     | SlotsRolledBack
-    | FetcherAnswer
+    | FetchAnswer
 )
 
 

@@ -1,4 +1,4 @@
-"""Local inference: input validation, the fallback chain, circuit breakers, the cloud stage."""
+"""Local inference: input validation, the fallback chain, its stages and breakers, the cloud."""
 
 from agent.serving.breaker import BreakerState, CircuitBreaker
 from agent.serving.chain import (
@@ -8,15 +8,13 @@ from agent.serving.chain import (
     ChainNotReady,
     FallbackChain,
     ModelSlot,
-    ModelStage,
-    SafeDefaultStage,
     ServingPlan,
-    Stage,
     StageCounters,
     StageObserver,
     UnknownVersion,
 )
 from agent.serving.cloud import CloudClient, CloudError, CloudStage
+from agent.serving.stages import ModelStage, SafeDefaultStage, Stage
 from agent.serving.validation import InputContract, InvalidInput, validate_inputs
 
 __all__ = [

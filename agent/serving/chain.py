@@ -41,6 +41,14 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent.serving.breaker import BreakerState, CircuitBreaker
+from agent.serving.stages import (
+    INLINE_BELOW_S,
+    ModelStage,
+    SafeDefaultStage,
+    Stage,
+    Tensors,
+    batch_rows,
+)
 from agent.serving.validation import InputContract, InvalidInput
 from model_runtime import LoadedModel, Runtime
 from protocol.inference import STAGE_NAMES, StageName
@@ -48,7 +56,6 @@ from protocol.manifest import Manifest
 
 logger = logging.getLogger(__name__)
 
-Tensors = dict[str, npt.NDArray[Any]]
 # on_result(stage name, model version, ok, reason when not ok)
 StageObserver = Callable[[StageName, str | None, bool, str | None], None]
 # on_answer(validated inputs, answer, seconds it took)
@@ -63,115 +70,12 @@ class RequestCounter(Protocol):
     def refused(self, outcome: Literal["client_error", "unavailable"]) -> None: ...
 
 
-# The asyncio.to_thread hop costs 0.1-0.7 ms of CPU (measured; more on a busy or
-# small CPU), which is most of a fast model's cost: a model faster than this runs
-# on the event loop itself, a slower one in a worker thread so the loop stays
-# responsive to other requests. Configurable per device ([serving] in agent.toml).
-INLINE_BELOW_S = 0.02
-
-
 class ChainNotReady(RuntimeError):
     """No model is installed, so not even a safe default is known."""
 
 
 class UnknownVersion(LookupError):
     """A request pinned a model version this device does not hold."""
-
-
-class Stage(Protocol):
-    """One way to answer a request; the chain enforces ``timeout_s`` (``None``: no limit).
-
-    ``model_version`` is read after ``infer`` returns, so a stage whose version
-    is only known from its answer (the cloud) may update it there.
-    """
-
-    @property
-    def name(self) -> StageName: ...
-
-    @property
-    def model_version(self) -> str | None: ...
-
-    @property
-    def timeout_s(self) -> float | None: ...
-
-    async def infer(self, tensors: Mapping[str, npt.NDArray[Any]]) -> Tensors: ...
-
-
-class ModelStage:
-    """A model on this device (the active or the previous one).
-
-    Runs the model on the event loop while its measured run time (a moving
-    average) stays below ``inline_below_s``, in a worker thread otherwise; the
-    first run, of unknown cost, goes to a thread. ``inline`` forces either way.
-    """
-
-    def __init__(
-        self,
-        name: Literal["active", "previous"],
-        model_version: str,
-        model: LoadedModel,
-        *,
-        timeout_s: float | None = 1.0,
-        inline: bool | None = None,
-        inline_below_s: float = INLINE_BELOW_S,
-    ) -> None:
-        self.name: StageName = name
-        self.model_version: str | None = model_version
-        self.model = model
-        self.timeout_s = timeout_s
-        self._forced = inline
-        self._inline_below_s = inline_below_s
-        self._average_s: float | None = None
-
-    @property
-    def runs_inline(self) -> bool:
-        """Whether the next run happens on the event loop."""
-        if self._forced is not None:
-            return self._forced
-        return self._average_s is not None and self._average_s < self._inline_below_s
-
-    async def infer(self, tensors: Mapping[str, npt.NDArray[Any]]) -> Tensors:
-        if self.runs_inline:
-            return self._timed_run(tensors)
-        return await asyncio.to_thread(self._timed_run, tensors)
-
-    def run_inline(self, tensors: Mapping[str, npt.NDArray[Any]]) -> Tensors:
-        """Run on the caller's thread (the chain does this for fast models)."""
-        return self._timed_run(tensors)
-
-    def _timed_run(self, tensors: Mapping[str, npt.NDArray[Any]]) -> Tensors:
-        start = time.perf_counter()
-        outputs = self.model.run(tensors)
-        elapsed = time.perf_counter() - start
-        average = self._average_s
-        self._average_s = elapsed if average is None else 0.8 * average + 0.2 * elapsed
-        return outputs
-
-
-class SafeDefaultStage:
-    """The manifest's safe default, repeated for every row; it always answers."""
-
-    timeout_s: float | None = None
-
-    def __init__(self, manifest: Manifest) -> None:
-        self.name: StageName = "safe_default"
-        self.model_version: str | None = manifest.version
-        self._examples = {
-            spec.name: np.asarray(
-                manifest.fallback.safe_default[spec.name], dtype=spec.dtype
-            ).reshape(spec.example_shape)
-            for spec in manifest.outputs
-        }
-
-    async def infer(self, tensors: Mapping[str, npt.NDArray[Any]]) -> Tensors:
-        return self.answer(_rows(tensors))
-
-    def answer(self, rows: int) -> Tensors:
-        """The safe default for a batch of ``rows``."""
-        return {
-            name: np.repeat(example[np.newaxis], rows, axis=0)
-            for name, example in self._examples.items()
-        }
 
 
 @dataclass(frozen=True)
@@ -445,7 +349,7 @@ class FallbackChain:
         order = self._order(snap, version)
         inputs = snap.contract.validate(tensors)
         validated.append(inputs)
-        rows = _rows(inputs)
+        rows = batch_rows(inputs)
         attempts: list[Attempt] = []
         for entry in order:
             outputs = await self._attempt(entry, inputs, rows, snap.manifest, attempts)
@@ -603,10 +507,6 @@ class FallbackChain:
             inline_below_s=self.config.inline_below_s,
         )
         return _Entry(stage, self._breaker())
-
-
-def _rows(tensors: Mapping[str, npt.NDArray[Any]]) -> int:
-    return int(next(iter(tensors.values())).shape[0])
 
 
 def _check_outputs(

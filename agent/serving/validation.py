@@ -196,46 +196,30 @@ def _convert(rule: _InputRule, array: npt.NDArray[Any]) -> npt.NDArray[Any]:
             raise InvalidInput(spec.name, f"holds booleans, the model takes {spec.dtype}")
         with np.errstate(over="ignore"):
             converted = array.astype(target)
-        if not np.isfinite(converted).all():
-            row, element = _first(~np.isfinite(converted))
-            sent = array.reshape(array.shape[0], -1)[row, element]
-            raise InvalidInput(
-                spec.name,
-                f"{_where(rule, row, element, array)} is {_number(sent)}, "
-                f"out of range for {spec.dtype}",
-            )
+        _require(np.isfinite(converted), rule, array, f"out of range for {spec.dtype}")
         return converted
-    if target.kind == "b":
-        flat = array.reshape(array.shape[0], -1)
-        binary = (flat == 0) | (flat == 1)
-        if not binary.all():
-            row, element = _first(~binary)
-            raise InvalidInput(
-                spec.name,
-                f"{_where(rule, row, element, array)} is {_number(flat[row, element])}, "
-                "the model takes booleans (0 or 1)",
-            )
-        return array.astype(target)
     flat = array.reshape(array.shape[0], -1)
+    if target.kind == "b":
+        _require((flat == 0) | (flat == 1), rule, array, "the model takes booleans (0 or 1)")
+        return array.astype(target)
     if array.dtype.kind == "f":
         whole = flat == np.trunc(flat)
-        if not whole.all():
-            row, element = _first(~whole)
-            raise InvalidInput(
-                spec.name,
-                f"{_where(rule, row, element, array)} is {_number(flat[row, element])}, "
-                f"not a whole number as {spec.dtype} needs",
-            )
+        _require(whole, rule, array, f"not a whole number as {spec.dtype} needs")
     info = np.iinfo(target)
     inside = (flat >= info.min) & (flat <= info.max)
-    if not inside.all():
-        row, element = _first(~inside)
-        raise InvalidInput(
-            spec.name,
-            f"{_where(rule, row, element, array)} is {_number(flat[row, element])}, "
-            f"outside {spec.dtype}'s range {info.min}..{info.max}",
-        )
+    _require(inside, rule, array, f"outside {spec.dtype}'s range {info.min}..{info.max}")
     return array.astype(target)
+
+
+def _require(
+    ok: npt.NDArray[np.bool_], rule: _InputRule, array: npt.NDArray[Any], why: str
+) -> None:
+    """Refuse the first element of ``array`` where ``ok`` is false, saying ``why``."""
+    if not ok.all():
+        row, element = _first(~ok)
+        sent = array.reshape(array.shape[0], -1)[row, element]
+        where = _where(rule, row, element, array)
+        raise InvalidInput(rule.spec.name, f"{where} is {_number(sent)}, {why}")
 
 
 def _first(mask: npt.NDArray[np.bool_]) -> tuple[int, int]:

@@ -65,16 +65,9 @@ class SamplingBudget:
         ``inference`` is the typical inference time now (``None``: no new latency).
         """
         if inference is not None:
-            if self.inference is None:
-                self.inference = inference
-            else:
-                self.inference += COST_WEIGHT * (inference - self.inference)
+            self.inference = _moving_average(self.inference, inference)
         if n := self._summarised:
-            summary = self._spent / n
-            if self.summary is None:
-                self.summary = summary
-            else:
-                self.summary += COST_WEIGHT * (summary - self.summary)
+            self.summary = _moving_average(self.summary, self._spent / n)
             self._spent = 0.0
             self._summarised = 0
         if self.summary is None or self.inference is None:
@@ -83,6 +76,10 @@ class SamplingBudget:
         if self.summary <= room:
             return 1.0
         return max(room / self.summary, MIN_SAMPLE_RATE)
+
+
+def _moving_average(average: float | None, value: float) -> float:
+    return value if average is None else average + COST_WEIGHT * (value - average)
 
 
 def geometric_gap(rate: float, rng: random.Random) -> int:

@@ -600,19 +600,23 @@ def test_a_connection_beyond_the_limit_gets_503_with_retry_after(
         server.close()
 
 
+def api_with_room_for_one(
+    manifests: dict[str, Manifest], *, spare: int = 0, **limits: Any
+) -> tuple[ServedApi, bytes, bytes]:
+    """An API with room in flight for one 8-row request (and ``spare`` bytes); its body and head."""
+    body = infer_body(BASELINE[:8]).encode()
+    room = ApiLimits(
+        max_body_bytes=len(body), max_inflight_bytes=request_cost(len(body)) + spare, **limits
+    )
+    server = ServedApi(FallbackChain(slot(manifests, "v2")), limits=room)
+    head = f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    return server, body, head
+
+
 def test_a_request_beyond_the_bytes_in_flight_gets_503_and_its_body_is_never_read(
     manifests: dict[str, Manifest],
 ) -> None:
-    body = infer_body(BASELINE[:8]).encode()
-    # room for one such request at a time, and no waiting for room
-    limits = ApiLimits(
-        max_body_bytes=len(body),
-        max_inflight_bytes=request_cost(len(body)),
-        admission_wait_s=0,
-        retry_after_s=3,
-    )
-    server = ServedApi(FallbackChain(slot(manifests, "v2")), limits=limits)
-    head = f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    server, body, head = api_with_room_for_one(manifests, admission_wait_s=0, retry_after_s=3)
     try:
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as first:
             first.sendall(head + body[:100])  # admitted: its charge is held until it is answered
@@ -639,12 +643,7 @@ def test_a_request_beyond_the_bytes_in_flight_gets_503_and_its_body_is_never_rea
 def test_a_request_waits_for_room_rather_than_being_refused(
     manifests: dict[str, Manifest],
 ) -> None:
-    body = infer_body(BASELINE[:8]).encode()
-    limits = ApiLimits(
-        max_body_bytes=len(body), max_inflight_bytes=request_cost(len(body)), admission_wait_s=30
-    )
-    server = ServedApi(FallbackChain(slot(manifests, "v2")), limits=limits)
-    head = f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    server, body, head = api_with_room_for_one(manifests, admission_wait_s=30)
     try:
         with socket.create_connection(("127.0.0.1", server.port), timeout=20) as first:
             first.sendall(head + body[:100])
@@ -762,16 +761,8 @@ def wait_for_metric(server: ServedApi, name: str, value: float) -> None:
 def test_a_slow_client_is_cut_off_and_the_requests_waiting_for_its_bytes_are_served(
     manifests: dict[str, Manifest],
 ) -> None:
-    body = infer_body(BASELINE[:8]).encode()
-    # room for one such request at a time; the next waits for room as long as it takes
-    limits = ApiLimits(
-        max_body_bytes=len(body),
-        max_inflight_bytes=request_cost(len(body)),
-        admission_wait_s=60,
-        body_timeout_s=0.5,
-    )
-    server = ServedApi(FallbackChain(slot(manifests, "v2")), limits=limits)
-    head = f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    # the next request waits for room as long as it takes
+    server, body, head = api_with_room_for_one(manifests, admission_wait_s=60, body_timeout_s=0.5)
     answered = threading.Event()
 
     def trickle(sock: socket.socket) -> None:
@@ -835,14 +826,9 @@ def test_a_tiny_chunked_request_does_not_hold_the_budget_of_the_largest_body(
 def test_a_chunked_body_that_outgrows_the_room_left_is_refused_and_released(
     manifests: dict[str, Manifest],
 ) -> None:
-    body = infer_body(BASELINE[:8]).encode()
-    limits = ApiLimits(
-        max_body_bytes=len(body),
-        max_inflight_bytes=request_cost(len(body)) + request_cost(100),
-        admission_wait_s=0,
+    server, body, head = api_with_room_for_one(
+        manifests, spare=request_cost(100), admission_wait_s=0
     )
-    server = ServedApi(FallbackChain(slot(manifests, "v2")), limits=limits)
-    head = f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
     try:
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as holder:
             holder.sendall(head + body[:10])  # holds all but request_cost(100)

@@ -20,8 +20,8 @@ from agent.api.admission import (
     parse_cost,
     request_cost,
 )
-from agent.api.http import parse_request
 from agent.api.jsonscan import JsonStructure, scan_structure
+from agent.api.routes import parse_request
 from agent.config import AgentConfig, ApiConfig, ConfigError
 from protocol.inference import MAX_RANK, InferenceRequestError, decode_inputs
 
