@@ -1,7 +1,7 @@
 """The alert lifecycle: which alerts open, update, close and are notified (no I/O).
 
 One alert per scope and cause, the cause being a model version's drift or its
-accuracy. A feature's tests (:data:`protocol.drift.REASONS`) are
+accuracy. A feature's tests (:data:`protocol.drift.DriftReason`) are
 ``distribution`` (the bins), ``missing-values`` (the share of NaN),
 ``out-of-range`` (the share outside the valid range) and ``new-range`` (values
 beyond the baseline's min or max); the drift alert lists every (feature, test)
