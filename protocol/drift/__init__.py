@@ -7,23 +7,15 @@ windows merged until there are enough values (:mod:`.windows`).
 """
 
 from protocol.drift.bins import g_statistic, jensen_shannon, psi
-from protocol.drift.detect import (
-    DriftArrays,
-    detect_drift,
-    detect_drift_many,
-    drift_arrays,
-    feature_drift,
-)
+from protocol.drift.detect import detect_drift, detect_drift_many, drift_arrays, feature_drift
 from protocol.drift.distributions import chi2_quantile, chi2_sf, chi2_sf_many, hypergeom_sf
-from protocol.drift.model import ALPHA_SHARES, DriftPolicy, DriftReason, DriftVerdict, FeatureDrift
+from protocol.drift.model import ALPHA_SHARES, DriftPolicy, DriftReason, FeatureDrift
 from protocol.drift.windows import count_beyond_baseline, merge_until
 
 __all__ = [
     "ALPHA_SHARES",
-    "DriftArrays",
     "DriftPolicy",
     "DriftReason",
-    "DriftVerdict",
     "FeatureDrift",
     "chi2_quantile",
     "chi2_sf",

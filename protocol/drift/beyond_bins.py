@@ -42,7 +42,7 @@ feature read those:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -209,26 +209,20 @@ def tail_tests(
 
 
 def summary_tails(summaries: Sequence[FeatureSummary]) -> dict[str, npt.NDArray[np.float64]]:
-    count = len(summaries)
+    """Each field beyond the bins of ``summaries`` as an array, NaN where it is ``None``."""
+
+    def column(values: Iterable[float | None]) -> npt.NDArray[np.float64]:
+        return np.fromiter(
+            (math.nan if v is None else v for v in values), np.float64, len(summaries)
+        )
+
     return {
-        "nan": np.fromiter((f.nan for f in summaries), np.float64, count=count),
-        "out_of_range": np.fromiter((f.out_of_range for f in summaries), np.float64, count=count),
-        "min": np.fromiter(
-            (math.nan if f.min is None else f.min for f in summaries), np.float64, count=count
-        ),
-        "max": np.fromiter(
-            (math.nan if f.max is None else f.max for f in summaries), np.float64, count=count
-        ),
-        "below": np.fromiter(
-            (math.nan if f.below_baseline is None else f.below_baseline for f in summaries),
-            np.float64,
-            count=count,
-        ),
-        "above": np.fromiter(
-            (math.nan if f.above_baseline is None else f.above_baseline for f in summaries),
-            np.float64,
-            count=count,
-        ),
+        "nan": column(f.nan for f in summaries),
+        "out_of_range": column(f.out_of_range for f in summaries),
+        "min": column(f.min for f in summaries),
+        "max": column(f.max for f in summaries),
+        "below": column(f.below_baseline for f in summaries),
+        "above": column(f.above_baseline for f in summaries),
     }
 
 

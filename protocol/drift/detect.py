@@ -5,9 +5,7 @@ time. :func:`detect_drift` tests all the features of a window in one numpy
 pass (:func:`drift_arrays`, each feature's counts padded with zeros to the
 widest one's bins), and :func:`detect_drift_many` all the windows of a fleet
 in one, returning arrays (:class:`DriftArrays`) rather than an object per
-test. They agree with the reference to rounding; the p-values come from the
-closed form of the chi-square tail for integer degrees of freedom
-(:func:`chi2_sf_many`).
+test. They agree with the reference to rounding.
 """
 
 from __future__ import annotations
@@ -328,13 +326,9 @@ class _Same:
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_bins(key: _Same) -> _BaselineBins:
+def _baseline_bins(key: _Same) -> _BaselineBins:
+    """The padded counts of a baseline, made once per baseline object (models are frozen)."""
     return _BaselineBins(key.baseline)
-
-
-def _baseline_bins(baseline: Baseline) -> _BaselineBins:
-    """The padded counts of ``baseline``, made once per baseline object (models are frozen)."""
-    return _cached_bins(_Same(baseline))
 
 
 def detect_drift_many(
@@ -349,7 +343,7 @@ def detect_drift_many(
     that tests many scopes (every device of a fleet) look at verdicts and
     statistics without building an object per test.
     """
-    bins = _baseline_bins(baseline)
+    bins = _baseline_bins(_Same(baseline))
     for i, w in enumerate(windows):
         problem = bins.problem(w)
         if problem is not None:
