@@ -1,10 +1,9 @@
 """The missing-values, out-of-range and new-range tests: what the bins cannot show.
 
-What the bins cannot show. NaN and infinite values are counted apart from the
-bins (``nan``), values outside the feature's valid range are counted inside
-them (``out_of_range``), and a value beyond everything the baseline saw lands
-in an open end bin among the baseline's own extremes. Three more tests per
-feature read those:
+NaN and infinite values are counted apart from the bins (``nan``), values
+outside the feature's valid range are counted inside them (``out_of_range``),
+and a value beyond everything the baseline saw lands in an open end bin among
+the baseline's own extremes. Three more tests per feature read those:
 
 - ``missing-values``: is the share of NaN among the rows above the
   baseline's? One-sided exact conditional test (Fisher's): given the NaN of
@@ -35,7 +34,7 @@ feature read those:
   known both are taken, the smaller p-value doubled. The same at the
   bottom, and the smaller of the two sides doubled. A summary whose range
   lies inside the baseline's has no value beyond it, counted or not
-  (:func:`count_beyond_baseline` fills that in, so windows merge with the
+  (:func:`.windows.count_beyond_baseline` fills that in, so windows merge with the
   counts of the others).
 """
 
@@ -184,7 +183,7 @@ def tail_tests(
     def verdict(
         tested: npt.NDArray[np.bool_], p: npt.NDArray[np.float64], reason: DriftReason
     ) -> npt.NDArray[np.int8]:
-        """Verdict codes (:data:`_VERDICTS`): 0 not tested, 1 no drift, 2 drift."""
+        """Verdict codes: 0 not tested, 1 no drift, 2 drift (as ``detect`` reads them)."""
         code: npt.NDArray[np.int8] = tested * (1 + (p <= alpha * ALPHA_SHARES[reason]))
         return code.astype(np.int8)
 

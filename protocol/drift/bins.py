@@ -23,7 +23,7 @@ mass between sample quantiles varies like a multinomial share. The test is
 asymptotically exact and well calibrated when every bin expects a few counts;
 a minimum ``n`` (default 500: 25 expected rows per bin with 20 bins) keeps it
 there. Below it the verdict is ``not_enough_data``: merge more windows
-(:func:`merge_until`) instead of guessing. Bins empty in both samples carry no
+(:func:`.windows.merge_until`) instead of guessing. Bins empty in both samples carry no
 information and are dropped, with one degree of freedom each.
 
 PSI and the equal-weight Jensen–Shannon divergence (in bits, 0 to 1) are
