@@ -53,7 +53,8 @@ from fleet_server.drift.models import (
 )
 from fleet_server.drift.silences import active_silences
 from fleet_server.drift.store import ManifestCache
-from protocol.api import AlertQuery, WindowQuery
+from protocol.api.drift import AlertQuery
+from protocol.api.windows import WindowQuery
 from protocol.cbpe import AccuracyPolicy, estimate_accuracy
 from protocol.drift.detect import detect_drift
 from protocol.drift.model import DriftPolicy, FeatureDrift
