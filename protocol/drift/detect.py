@@ -1,11 +1,11 @@
 """Every test of every feature at once, and one feature at a time for reference.
 
-Many tests at once. :func:`feature_drift` is the reference, one feature at a
-time. :func:`detect_drift` tests all the features of a window in one numpy
-pass (:func:`drift_arrays`, each feature's counts padded with zeros to the
-widest one's bins), and :func:`detect_drift_many` all the windows of a fleet
-in one, returning arrays (:class:`DriftArrays`) rather than an object per
-test. They agree with the reference to rounding.
+:func:`feature_drift` is the reference, one feature at a time.
+:func:`detect_drift` tests all the features of a window in one numpy pass
+(:func:`drift_arrays`, each feature's counts padded with zeros to the widest
+one's bins), and :func:`detect_drift_many` all the windows of a fleet in one,
+returning arrays (:class:`DriftArrays`) rather than an object per test. They
+agree with the reference to rounding.
 """
 
 from __future__ import annotations
