@@ -33,7 +33,8 @@ from pydantic import ValidationError
 
 from agent.config import AgentConfig, ConfigError, EnrolmentConfig
 from agent.ota.durable import fsync_dir
-from protocol.api import API_PREFIX, DeviceCredentials, EnrolDevice
+from protocol.api.base import API_PREFIX
+from protocol.api.devices import DeviceCredentials, EnrolDevice
 from protocol.topics import NAMESPACE_RULE, NamespaceError, check_namespace
 
 log = logging.getLogger(__name__)

@@ -72,14 +72,9 @@ from fleet_server.release.bundle_builder import (
     load_feature_file,
 )
 from model_runtime import LoadedModel, TFLiteRuntime
-from protocol.drift import (
-    DriftPolicy,
-    FeatureDrift,
-    chi2_quantile,
-    detect_drift,
-    detect_drift_many,
-    feature_drift,
-)
+from protocol.drift.detect import detect_drift, detect_drift_many, feature_drift
+from protocol.drift.distributions import chi2_quantile
+from protocol.drift.model import DriftPolicy, FeatureDrift
 from protocol.manifest import Baseline, FeatureSpec, Manifest
 from protocol.window import WindowSummary, decode_window, encode_window
 

@@ -28,7 +28,7 @@ from fleet_server.db import Database
 from fleet_server.db.models import ApiToken
 from fleet_server.devices.store import new_secret, secret_hash
 from fleet_server.errors import Conflict, Forbidden, Invalid, NotFound, Unauthenticated
-from protocol.api import ROLES, Role
+from protocol.api.tokens import ROLES, Role
 
 log = logging.getLogger(__name__)
 

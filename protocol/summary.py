@@ -149,7 +149,7 @@ def merge(a: FeatureSummary, b: FeatureSummary) -> FeatureSummary:
     """The summary of the union of the rows behind ``a`` and ``b`` (Chan's formula).
 
     A count beyond the baseline that one side did not count is not counted in
-    the union either (see :func:`protocol.drift.count_beyond_baseline`, which
+    the union either (see :func:`protocol.drift.windows.count_beyond_baseline`, which
     fills in what the range alone proves before merging).
     """
     if len(a.counts) != len(b.counts):

@@ -25,7 +25,7 @@ from fleet_server.drift import routes as drift_routes
 from fleet_server.drift import update_gauges
 from fleet_server.labels import routes as labels_routes
 from fleet_server.published import routes as published_routes
-from protocol.api import API_PREFIX
+from protocol.api.base import API_PREFIX
 
 if TYPE_CHECKING:
     from fleet_server.server import FleetServer

@@ -13,7 +13,7 @@ from urllib.parse import quote, urlencode
 
 import urllib3
 
-from protocol.api import API_PREFIX
+from protocol.api.base import API_PREFIX
 
 
 class ApiClientError(Exception):

@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from fleet_server.api.operations import PATH_PARAMETERS, Operation
-from protocol.api import ErrorBody
+from protocol.api.base import ErrorBody
 
 _REF = "#/components/schemas/{model}"
 _STATUS_TEXT = {

@@ -20,7 +20,8 @@ from pydantic import BaseModel, ValidationError
 from fleet_server.api.errors import ApiError
 from fleet_server.api.security import DeviceAuthenticator, authenticate_operator
 from fleet_server.auth import Principal
-from protocol.api import ASSIGNMENT_ID_PATTERN, ROLES, TOKEN_ID_PATTERN
+from protocol.api.assignments import ASSIGNMENT_ID_PATTERN
+from protocol.api.tokens import ROLES, TOKEN_ID_PATTERN
 from protocol.topics import DEVICE_ID_PATTERN
 
 if TYPE_CHECKING:

@@ -27,14 +27,8 @@ from fleet_server.auth import create_token, list_tokens, revoke_token
 from fleet_server.db.models import (
     ApiToken,
 )
-from protocol.api import (
-    API_PREFIX,
-    Health,
-    TokenCreated,
-    TokenList,
-    TokenRequest,
-    TokenView,
-)
+from protocol.api.base import API_PREFIX, Health
+from protocol.api.tokens import TokenCreated, TokenList, TokenRequest, TokenView
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from aiohttp import web
 from fleet_server.api.errors import ApiError
 from fleet_server.auth import InvalidToken, Principal, authenticate
 from fleet_server.devices.store import authenticate_device, secret_hash
-from protocol.api import Role
+from protocol.api.tokens import Role
 from protocol.topics import DEVICE_ID_PATTERN
 
 if TYPE_CHECKING:

@@ -32,7 +32,7 @@ from fleet_server.assignments.models import (
     SyncStep,
 )
 from fleet_server.director import Signed
-from protocol.api import ASSIGNMENT_ID_PATTERN
+from protocol.api.assignments import ASSIGNMENT_ID_PATTERN
 
 # Assignments are named by kind: ``dev-N`` one device's (a row of ``assignments``),
 # ``tag-N`` a tag rule (a row of ``assignment_rules``).

@@ -29,8 +29,7 @@ from fleet_server.assignments.listing import find_release, list_current
 from fleet_server.assignments.planner import rule_label
 from fleet_server.db.models import Assignment, AssignmentRule, Release
 from fleet_server.published.routes import release_view
-from protocol.api import (
-    API_PREFIX,
+from protocol.api.assignments import (
     AssignmentCancelled,
     AssignmentItem,
     AssignmentList,
@@ -38,9 +37,9 @@ from protocol.api import (
     AssignmentRequest,
     AssignmentResult,
     AssignmentView,
-    YankRequest,
-    YankResult,
 )
+from protocol.api.base import API_PREFIX
+from protocol.api.releases import YankRequest, YankResult
 
 log = logging.getLogger(__name__)
 

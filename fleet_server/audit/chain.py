@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from protocol.api import SignedAuditHead
+from protocol.api.audit import SignedAuditHead
 from protocol.messages import FreeformBounds
 
 GENESIS = "0" * 64

@@ -15,7 +15,8 @@ from fleet_server.api.operations import AUTH_ERRORS, SERVER, Operation, answer, 
 from fleet_server.audit import service
 from fleet_server.audit.chain import ChainReport
 from fleet_server.audit.signing import AuditKeyError, AuditSigner, HeadRecord
-from protocol.api import API_PREFIX, AuditPage, AuditQuery, AuditVerification, SignedAuditHead
+from protocol.api.audit import AuditPage, AuditQuery, AuditVerification, SignedAuditHead
+from protocol.api.base import API_PREFIX
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from fleet_server.audit.signing import AuditSigner, HeadRecord
 from fleet_server.audit.store import current_head, stored_page, verify_chain
 from fleet_server.db import Database
 from fleet_server.stored_json import show_object
-from protocol.api import AuditEntryView, AuditPage, SignedAuditHead
+from protocol.api.audit import AuditEntryView, AuditPage, SignedAuditHead
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from pydantic import ValidationError
 
 from fleet_server.audit.chain import Anchor, anchor_of
-from protocol.api import AuditHead, SignedAuditHead
+from protocol.api.audit import AuditHead, SignedAuditHead
 
 AUDIT_KEY_FILE = "audit-key.pem"
 # Signatures over a head start with this, so no other message of ours can pass for one.

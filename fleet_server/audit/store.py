@@ -23,7 +23,7 @@ from fleet_server.audit.chain import (
 from fleet_server.audit.signing import AuditSigner
 from fleet_server.db.models import AuditEntry
 from fleet_server.stored_json import load_json
-from protocol.api import AuditHead, SignedAuditHead
+from protocol.api.audit import AuditHead, SignedAuditHead
 from protocol.messages import freeform_problem
 
 log = logging.getLogger(__name__)

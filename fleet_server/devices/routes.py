@@ -23,8 +23,8 @@ from fleet_server.api.operations import (
 )
 from fleet_server.devices import service
 from fleet_server.devices.views import device_view, event_view, with_refusals
-from protocol.api import (
-    API_PREFIX,
+from protocol.api.base import API_PREFIX
+from protocol.api.devices import (
     DecommissionRequest,
     DeviceCredentials,
     DeviceEventList,

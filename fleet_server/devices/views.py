@@ -8,7 +8,7 @@ from typing import Any
 from fleet_server.assignments.models import Refusal
 from fleet_server.db.models import Device
 from fleet_server.stored_json import show_object, show_value
-from protocol.api import DeviceEventView, DeviceRefusal, DeviceView
+from protocol.api.devices import DeviceEventView, DeviceRefusal, DeviceView
 from protocol.messages import FREEFORM_BOUNDS
 
 

@@ -1,7 +1,7 @@
 """The alert lifecycle: which alerts open, update, close and are notified (no I/O).
 
 One alert per scope and cause, the cause being a model version's drift or its
-accuracy. A feature's tests (:data:`protocol.drift.REASONS`) are
+accuracy. A feature's tests (:data:`protocol.drift.model.DriftReason`) are
 ``distribution`` (the bins), ``missing-values`` (the share of NaN),
 ``out-of-range`` (the share outside the valid range) and ``new-range`` (values
 beyond the baseline's min or max); the drift alert lists every (feature, test)
@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 from fleet_server.db.models import as_utc
 from fleet_server.drift.models import Accuracy, ModelDrift, Scope
 from fleet_server.stored_json import finite_or_none
-from protocol.drift import ALPHA_SHARES, DriftPolicy, DriftReason, FeatureDrift
+from protocol.drift.model import ALPHA_SHARES, DriftPolicy, DriftReason, FeatureDrift
 
 if TYPE_CHECKING:
     from fleet_server.db.models import AlertRow, SilenceRow

@@ -8,7 +8,7 @@ from typing import Literal
 
 from fleet_server.errors import NotFound
 from protocol.cbpe import AccuracyEstimate, AccuracyPolicy, AccuracyVerdict
-from protocol.drift import DriftPolicy, FeatureDrift
+from protocol.drift.model import DriftPolicy, FeatureDrift
 
 ScopeKind = Literal["device", "tag", "hardware_id", "region", "fleet"]
 

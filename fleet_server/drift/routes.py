@@ -34,8 +34,8 @@ from fleet_server.drift.silences import (
     list_silences,
 )
 from fleet_server.drift.views import alert_view, model_drift_view, silence_view
-from protocol.api import (
-    API_PREFIX,
+from protocol.api.base import API_PREFIX
+from protocol.api.drift import (
     AcknowledgeAlert,
     AlertList,
     AlertQuery,
@@ -46,10 +46,8 @@ from protocol.api import (
     SilenceQuery,
     SilenceRequest,
     SilenceView,
-    WindowList,
-    WindowQuery,
-    WindowView,
 )
+from protocol.api.windows import WindowList, WindowQuery, WindowView
 
 DEFAULT_DRIFT_RANGE = timedelta(hours=1)
 

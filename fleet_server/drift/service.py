@@ -5,7 +5,7 @@ with a tag, a hardware id or a region), or the whole fleet. Within a scope and
 a time range the windows are grouped by the model version that served them
 (each version counted in its own baseline's bins), merged
 (:func:`protocol.window.merge_windows`) and tested feature by feature
-(:func:`protocol.drift.detect_drift`) against the baseline in the release's
+(:func:`protocol.drift.detect.detect_drift`) against the baseline in the release's
 bundle manifest.
 
 Where the release's bundle carries a calibration, the merged top-score
@@ -53,9 +53,12 @@ from fleet_server.drift.models import (
 )
 from fleet_server.drift.silences import active_silences
 from fleet_server.drift.store import ManifestCache
-from protocol.api import AlertQuery, WindowQuery
+from protocol.api.drift import AlertQuery
+from protocol.api.windows import WindowQuery
 from protocol.cbpe import AccuracyPolicy, estimate_accuracy
-from protocol.drift import DriftPolicy, FeatureDrift, count_beyond_baseline, detect_drift
+from protocol.drift.detect import detect_drift
+from protocol.drift.model import DriftPolicy, FeatureDrift
+from protocol.drift.windows import count_beyond_baseline
 from protocol.manifest import Manifest
 from protocol.summary import ScoreHistogram
 from protocol.window import (

@@ -30,7 +30,7 @@ from fleet_server import audit
 from fleet_server.db.models import AlertRow, SilenceRow, as_utc
 from fleet_server.drift.lifecycle import is_active
 from fleet_server.errors import Conflict, FleetError, NotFound
-from protocol.api import SilenceRequest
+from protocol.api.drift import SilenceRequest
 
 
 class AlertError(FleetError):

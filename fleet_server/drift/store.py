@@ -24,7 +24,8 @@ from fleet_server.db.models import (
 from fleet_server.drift.lifecycle import Decision
 from fleet_server.drift.models import DriftError, Scope
 from fleet_server.release.repository import ImageRepository
-from protocol.api import AlertQuery, WindowQuery
+from protocol.api.drift import AlertQuery
+from protocol.api.windows import WindowQuery
 from protocol.bundle import BundleFormatError
 from protocol.manifest import Manifest
 
@@ -315,7 +316,7 @@ async def still_open(
 
 
 def _alert_filters(q: AlertQuery, silences: Sequence[SilenceRow]) -> list[Any]:
-    """The WHERE clauses of an alert query (see :class:`protocol.api.AlertQuery`)."""
+    """The WHERE clauses of an alert query (see :class:`protocol.api.drift.AlertQuery`)."""
     where: list[Any] = []
     if q.state in ("open", "closed"):
         where.append(AlertRow.state == q.state)

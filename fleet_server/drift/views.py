@@ -10,7 +10,7 @@ from fleet_server.db.models import AlertRow, SilenceRow, as_utc
 from fleet_server.drift.lifecycle import is_active, matches, silenced_by
 from fleet_server.drift.models import Accuracy, ModelDrift
 from fleet_server.stored_json import finite_or_none
-from protocol.api import (
+from protocol.api.drift import (
     AccuracyView,
     AlertAcknowledgement,
     AlertFeature,

@@ -10,7 +10,8 @@ from aiohttp import web
 
 from fleet_server.api.operations import AUTH_ERRORS, PRINCIPAL, SERVER, Operation, answer, body
 from fleet_server.labels.service import post_labels
-from protocol.api import API_PREFIX, LabelsRequest, LabelsResult
+from protocol.api.base import API_PREFIX
+from protocol.api.labels import LabelsRequest, LabelsResult
 
 
 async def create_labels(request: web.Request) -> web.StreamResponse:

@@ -6,7 +6,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from fleet_server.errors import FleetError, NotFound, Unprocessable
-from protocol.api import WindowLabelsBody
+from protocol.api.labels import WindowLabelsBody
 from protocol.window import WindowCodecError, decode_window
 
 

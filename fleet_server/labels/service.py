@@ -11,7 +11,7 @@ from fleet_server import audit
 from fleet_server.db.models import WindowLabels
 from fleet_server.labels import store
 from fleet_server.labels.rules import distinct_windows, labelled, missing_windows
-from protocol.api import LabelsResult, WindowLabelsBody
+from protocol.api.labels import LabelsResult, WindowLabelsBody
 
 
 async def post_labels(

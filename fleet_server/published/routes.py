@@ -22,8 +22,8 @@ from fleet_server.api.operations import (
 from fleet_server.db.models import Release
 from fleet_server.published import store
 from fleet_server.published.rules import ReleaseError, check_push
-from protocol.api import (
-    API_PREFIX,
+from protocol.api.base import API_PREFIX
+from protocol.api.releases import (
     ReleaseList,
     ReleasePush,
     ReleasePushResult,

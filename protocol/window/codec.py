@@ -23,7 +23,7 @@ reader not yet upgraded still reads every window it read before, and loses
 only those that show a new range. Nothing is lost by leaving the counts out:
 a window without values beyond the baseline's range has its ``min`` and
 ``max`` inside it, which proves both counts are 0
-(:func:`protocol.drift.count_beyond_baseline`). Such a window, and any window
+(:func:`protocol.drift.windows.count_beyond_baseline`). Such a window, and any window
 of version 1 or 2, reads back with the counts ``None`` (not counted). The
 reader reads all three.
 

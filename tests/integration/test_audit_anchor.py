@@ -30,7 +30,7 @@ from fleet_server.audit import (
 )
 from fleet_server.db.models import AuditEntry
 from fleet_server.fleetctl import main
-from protocol.api import SignedAuditHead
+from protocol.api.audit import SignedAuditHead
 from testbed.api_server import ServerThread
 from testbed.images import HARDWARE
 from testbed.server_process import ServerProcess, wait_until

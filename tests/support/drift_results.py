@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from fleet_server.drift.models import Accuracy, ModelDrift
-from protocol.drift import DriftPolicy, FeatureDrift
+from protocol.drift.model import DriftPolicy, FeatureDrift
 
 T0 = datetime(2031, 1, 1, tzinfo=UTC)
 

@@ -17,7 +17,7 @@ from fleet_server.audit import (
     entry_hash,
     head_signature_problem,
 )
-from protocol.api import AuditHead
+from protocol.api.audit import AuditHead
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -9,24 +9,11 @@ import numpy as np
 import pytest
 
 from firmware_images.datagen import FEATURES, FieldConditions, generate
-from protocol.drift import (
-    ALPHA_SHARES,
-    DriftPolicy,
-    FeatureDrift,
-    chi2_quantile,
-    chi2_sf,
-    chi2_sf_many,
-    count_beyond_baseline,
-    detect_drift,
-    detect_drift_many,
-    drift_arrays,
-    feature_drift,
-    g_statistic,
-    hypergeom_sf,
-    jensen_shannon,
-    merge_until,
-    psi,
-)
+from protocol.drift.bins import g_statistic, jensen_shannon, psi
+from protocol.drift.detect import detect_drift, detect_drift_many, drift_arrays, feature_drift
+from protocol.drift.distributions import chi2_quantile, chi2_sf, chi2_sf_many, hypergeom_sf
+from protocol.drift.model import ALPHA_SHARES, DriftPolicy, FeatureDrift
+from protocol.drift.windows import count_beyond_baseline, merge_until
 from protocol.manifest import Baseline, FeatureBaseline
 from protocol.summary import FeatureSummary, edges_id, quantile_edges, summarize
 from protocol.window import WindowAggregate, WindowSummary, merge_windows

@@ -12,7 +12,7 @@ from fleet_server.labels.rules import (
     labelled,
     missing_windows,
 )
-from protocol.api import LabelCount, WindowLabelsBody
+from protocol.api.labels import LabelCount, WindowLabelsBody
 
 CLASSES = ["cat", "dog"]
 

@@ -15,7 +15,8 @@ from agent.telemetry import WindowPolicy, WindowRecorder, WindowRecordError
 from model_runtime import LoadedModel, default_runtime
 from protocol.bundle import read_bundle
 from protocol.derivation import InputDerivation, derive_features
-from protocol.drift import chi2_quantile, g_statistic
+from protocol.drift.bins import g_statistic
+from protocol.drift.distributions import chi2_quantile
 from protocol.histogram import ExponentialHistogram, record
 from protocol.inference import StageName
 from protocol.manifest import Manifest

@@ -11,7 +11,7 @@ from fleet_server.fleetctl.commands import add_command, add_group
 from fleet_server.fleetctl.errors import CommandError
 from fleet_server.fleetctl.remote.client import api_client
 from fleet_server.fleetctl.render import emit, text_table, when
-from protocol.api import ASSIGNMENT_ID_PATTERN
+from protocol.api.assignments import ASSIGNMENT_ID_PATTERN
 
 
 def cmd_assign(args: argparse.Namespace) -> None:

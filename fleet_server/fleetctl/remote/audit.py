@@ -17,7 +17,7 @@ from fleet_server.fleetctl.errors import CommandError
 from fleet_server.fleetctl.files import write_file
 from fleet_server.fleetctl.remote.client import api_client
 from fleet_server.fleetctl.render import emit, text_table, when
-from protocol.api import SignedAuditHead
+from protocol.api.audit import SignedAuditHead
 
 
 def cmd_audit_list(args: argparse.Namespace) -> None:
