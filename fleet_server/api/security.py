@@ -18,8 +18,7 @@ from aiohttp import web
 
 from fleet_server.api.errors import ApiError
 from fleet_server.devices.store import authenticate_device, secret_hash
-from fleet_server.tokens.rules import InvalidToken, Principal
-from fleet_server.tokens.service import authenticate
+from fleet_server.tokens import InvalidToken, Principal, authenticate
 from protocol.api import Role
 from protocol.topics import DEVICE_ID_PATTERN
 

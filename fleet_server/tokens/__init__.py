@@ -22,19 +22,10 @@ from fleet_server.tokens.rules import (
     TokenError,
     TokenNotFound,
     TokenRevoked,
-    role_allows,
 )
-from fleet_server.tokens.service import (
-    ADMIN_TOKEN_FILE,
-    authenticate,
-    bootstrap_admin_token,
-    create_token,
-    list_tokens,
-    revoke_token,
-)
+from fleet_server.tokens.service import authenticate, bootstrap_admin_token
 
 __all__ = [
-    "ADMIN_TOKEN_FILE",
     "InvalidToken",
     "LastAdminToken",
     "Principal",
@@ -44,8 +35,4 @@ __all__ = [
     "TokenRevoked",
     "authenticate",
     "bootstrap_admin_token",
-    "create_token",
-    "list_tokens",
-    "revoke_token",
-    "role_allows",
 ]
