@@ -87,8 +87,10 @@ class StoredToken:
 
 
 def admit(digest: str, token: StoredToken | None) -> Principal:
-    """The caller whose secret has ``digest``, if it is ``token``'s (``None``: no such token)
-    and ``token`` is not revoked; else :class:`InvalidToken`."""
+    """The holder of ``token`` if ``digest`` is its secret's; else :class:`InvalidToken`.
+
+    ``token`` is ``None`` for an unknown id; a revoked token admits nobody.
+    """
     if token is None or not hmac.compare_digest(token.secret_hash, digest):
         raise InvalidToken("the bearer token is unknown")
     if token.revoked:

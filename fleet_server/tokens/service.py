@@ -97,12 +97,10 @@ async def authenticate(db: Database, bearer: str) -> Principal:
 
 
 async def bootstrap_admin_token(db: Database, data_dir: Path) -> Path | None:
-    """If no token exists, create an admin token and write it to ``DATA_DIR/admin.token``.
+    """If no token exists, create an admin token in ``DATA_DIR/admin.token``; the file, or ``None``.
 
-    Returns the file written, or ``None`` when tokens already exist. Safe to
-    call on every start and from several replicas at once. The file is
-    written (mode 0600) before the token is committed, so a crash cannot
-    leave a token that nobody holds.
+    Safe from several replicas at once. The file (mode 0600) is written before
+    the token is committed, so a crash cannot leave a token that nobody holds.
     """
     path = data_dir / ADMIN_TOKEN_FILE
     staged = path.with_name(f".{path.name}.tmp")
