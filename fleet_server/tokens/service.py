@@ -33,9 +33,7 @@ ADMIN_TOKEN_FILE = "admin.token"
 
 def token_view(t: ApiToken) -> TokenView:
     """A token as the API shows it (never its secret)."""
-    return TokenView(
-        id=t.id, name=t.name, role=t.role, created_at=t.created_at, revoked_at=t.revoked_at
-    )
+    return TokenView.model_validate(t, from_attributes=True)
 
 
 async def _create(session: AsyncSession, name: str, role: Role, actor: str) -> tuple[ApiToken, str]:
