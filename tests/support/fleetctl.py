@@ -69,6 +69,7 @@ class Fleetctl:
 
     @property
     def token_file(self) -> Path:
+        """The admin token the server wrote at its first start."""
         return self.api.admin_token_file
 
     def run(self, *args: str, token_file: Path | None = None) -> Result:
