@@ -9,23 +9,29 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
-from fleet_server.api import hosting, routes
-from fleet_server.api.errors import errors_middleware, observe_middleware, rejection_counter
+from fleet_server.api import hosting
+from fleet_server.api.errors import (
+    ApiError,
+    errors_middleware,
+    observe_middleware,
+    rejection_counter,
+)
 from fleet_server.api.openapi import openapi_document
-from fleet_server.api.operations import DEVICE_AUTH, SERVER, Operation, bind
+from fleet_server.api.operations import DEVICE_AUTH, SERVER, Operation, answer, bind
 from fleet_server.api.security import DeviceAuthenticator
 from fleet_server.assignments import routes as assignment_routes
 from fleet_server.audit import routes as audit_routes
-from fleet_server.auth import bootstrap_admin_token
 from fleet_server.db.models import Device
 from fleet_server.devices import routes as device_routes
 from fleet_server.drift import routes as drift_routes
 from fleet_server.drift import update_gauges
 from fleet_server.labels import routes as labels_routes
 from fleet_server.published import routes as published_routes
-from protocol.api.base import API_PREFIX
+from fleet_server.tokens import bootstrap_admin_token
+from fleet_server.tokens import routes as token_routes
+from protocol.api.base import API_PREFIX, Health
 
 if TYPE_CHECKING:
     from fleet_server.server import FleetServer
@@ -40,6 +46,16 @@ def _version() -> str:
         return version("edgefleet")
     except PackageNotFoundError:
         return "0"
+
+
+async def health(request: web.Request) -> web.StreamResponse:
+    try:
+        async with request.app[SERVER].db.session() as session:
+            await session.execute(text("SELECT 1"))
+    except Exception as exc:  # any database failure means "not ready", never a crash
+        log.warning("health check: the database does not answer: %s", exc)
+        raise ApiError(503, "the database does not answer", {"Retry-After": "5"}) from None
+    return answer(Health())
 
 
 async def openapi(request: web.Request) -> web.StreamResponse:
@@ -67,27 +83,22 @@ async def metrics(request: web.Request) -> web.StreamResponse:
     )
 
 
+# fmt: off
 META: tuple[Operation, ...] = (
     Operation(
-        "GET",
-        f"{API_PREFIX}/openapi.json",
-        openapi,
-        "getOpenApi",
-        "This document",
-        tag="meta",
-        auth="public",
+        "GET", "/healthz", health, "health", "Is the server up, its database reachable",
+        tag="meta", auth="public", response=Health, errors=(503,),
     ),
     Operation(
-        "GET",
-        "/metrics",
-        metrics,
-        "getMetrics",
-        "Prometheus metrics (text exposition format)",
-        tag="meta",
-        auth="public",
-        media_type="text/plain",
+        "GET", f"{API_PREFIX}/openapi.json", openapi, "getOpenApi", "This document",
+        tag="meta", auth="public",
+    ),
+    Operation(
+        "GET", "/metrics", metrics, "getMetrics", "Prometheus metrics (text exposition format)",
+        tag="meta", auth="public", media_type="text/plain",
     ),
 )
+# fmt: on
 
 # The order the OpenAPI document lists the operations in (its paths and schemas follow it):
 # the published document's, kept as features move their operations into their own folders.
@@ -141,10 +152,10 @@ def in_document_order(operations: tuple[Operation, ...]) -> tuple[Operation, ...
 
 OPERATIONS: tuple[Operation, ...] = in_document_order(
     (
-        *routes.OPERATIONS,
         *device_routes.OPERATIONS,
         *assignment_routes.OPERATIONS,
         *published_routes.OPERATIONS,
+        *token_routes.OPERATIONS,
         *audit_routes.OPERATIONS,
         *drift_routes.OPERATIONS,
         *labels_routes.OPERATIONS,
@@ -158,7 +169,7 @@ def build_app(server: FleetServer) -> web.Application:
     """The aiohttp application of ``server``.
 
     On start-up it creates the first admin token if there is none
-    (:func:`fleet_server.auth.bootstrap_admin_token`).
+    (:func:`fleet_server.tokens.bootstrap_admin_token`).
     """
     app = web.Application(middlewares=[observe_middleware(server.metrics), errors_middleware])
     app[SERVER] = server

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 
 from fleet_server.api.errors import ApiError
 from fleet_server.api.security import DeviceAuthenticator, authenticate_operator
-from fleet_server.auth import Principal
+from fleet_server.tokens import Principal
 from protocol.api.assignments import ASSIGNMENT_ID_PATTERN
 from protocol.api.tokens import ROLES, TOKEN_ID_PATTERN
 from protocol.topics import DEVICE_ID_PATTERN

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from fleet_server.api.errors import ApiError
-from fleet_server.auth import InvalidToken, Principal, authenticate
 from fleet_server.devices.store import authenticate_device, secret_hash
+from fleet_server.tokens import InvalidToken, Principal, authenticate
 from protocol.api.tokens import Role
 from protocol.topics import DEVICE_ID_PATTERN
 
@@ -38,8 +38,7 @@ async def authenticate_operator(server: FleetServer, request: web.Request, need:
             401, "this needs a bearer token (Authorization: Bearer ID.SECRET)", BEARER_CHALLENGE
         )
     try:
-        async with server.db.session() as session:
-            principal = await authenticate(session, value)
+        principal = await authenticate(server.db, value)
     except InvalidToken as exc:
         raise ApiError(401, str(exc), BEARER_CHALLENGE) from None
     principal.require(need)

@@ -24,33 +24,18 @@ from fleet_server.assignments.models import (
     YankOutcome,
 )
 from fleet_server.assignments.planner import (
-    NAMED_IN_REFUSAL,
     below_installed,
-    check_assignment,
     counter_refusal,
-    device_label,
     parse_assignment_id,
     plan_sync,
     refusal_of,
     refusal_warning,
-    refuse_yanked,
     rule_label,
-    rule_skip_reason,
-    rule_to_apply,
     winning_rule,
 )
-from fleet_server.assignments.service import AssignmentService, PublishDesired
-from fleet_server.assignments.store import (
-    REFUSAL_EVENTS,
-    current_assignment,
-    current_assignments,
-    recent_refusals,
-)
-from fleet_server.published.rules import ReleaseNotFound, released_bundle
+from fleet_server.assignments.service import AssignmentService
 
 __all__ = [
-    "NAMED_IN_REFUSAL",
-    "REFUSAL_EVENTS",
     "Assigned",
     "AssignmentConflict",
     "AssignmentError",
@@ -59,28 +44,17 @@ __all__ = [
     "AssignmentService",
     "Cancelled",
     "Committed",
-    "PublishDesired",
     "Refusal",
     "ReleaseAlreadyYanked",
-    "ReleaseNotFound",
     "ReleaseYanked",
     "SyncStep",
     "YankOutcome",
     "below_installed",
-    "check_assignment",
     "counter_refusal",
-    "current_assignment",
-    "current_assignments",
-    "device_label",
     "parse_assignment_id",
     "plan_sync",
-    "recent_refusals",
     "refusal_of",
     "refusal_warning",
-    "refuse_yanked",
-    "released_bundle",
     "rule_label",
-    "rule_skip_reason",
-    "rule_to_apply",
     "winning_rule",
 ]

@@ -171,6 +171,14 @@ def refuse_yanked(release: ReleaseLike) -> None:
         )
 
 
+def refuse_cancelled(assignment_id: str, cancelled_at: datetime | None, by: str | None) -> None:
+    """Raise :class:`AssignmentConflict`, naming who and when, if it was cancelled before."""
+    if cancelled_at is not None:
+        raise AssignmentConflict(
+            f"{assignment_id} was already cancelled by {by} at {cancelled_at:%Y-%m-%d %H:%M:%S}Z"
+        )
+
+
 def check_assignment(release: ReleaseLike, devices: Sequence[DeviceLike], tag: str | None) -> None:
     """Refuse assigning ``release`` to ``devices`` (matched by name or by ``tag``), or pass.
 

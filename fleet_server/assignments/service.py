@@ -54,6 +54,7 @@ from fleet_server.assignments.planner import (
     device_label,
     parse_assignment_id,
     plan_sync,
+    refuse_cancelled,
     refuse_yanked,
     rule_label,
     rule_skip_reason,
@@ -267,11 +268,7 @@ class AssignmentService:
                 rule = await session.get(AssignmentRule, number, with_for_update=True)
                 if rule is None:
                     raise AssignmentNotFound(f"no assignment {assignment_id}")
-                if rule.cancelled_at is not None:
-                    raise AssignmentConflict(
-                        f"{assignment_id} was already cancelled by {rule.cancelled_by} at "
-                        f"{rule.cancelled_at:%Y-%m-%d %H:%M:%S}Z"
-                    )
+                refuse_cancelled(assignment_id, rule.cancelled_at, rule.cancelled_by)
                 rule.cancelled_at, rule.cancelled_by = now, actor
                 target_path, subject = rule.target_path, rule_label(rule.id)
                 rows = [
@@ -283,11 +280,7 @@ class AssignmentService:
                 row = await session.get(Assignment, number)
                 if row is None:
                     raise AssignmentNotFound(f"no assignment {assignment_id}")
-                if row.cancelled_at is not None:
-                    raise AssignmentConflict(
-                        f"{assignment_id} was already cancelled by {row.cancelled_by} at "
-                        f"{row.cancelled_at:%Y-%m-%d %H:%M:%S}Z"
-                    )
+                refuse_cancelled(assignment_id, row.cancelled_at, row.cancelled_by)
                 latest = await store.current_assignment(session, row.device_id)
                 if latest is not None and latest.id != row.id:
                     raise AssignmentConflict(

@@ -25,15 +25,12 @@ and the REST operations, which only call the service, in :mod:`.routes`.
 """
 
 from fleet_server.audit.chain import (
-    AUDIT_DETAILS_BOUNDS,
     GENESIS,
     Anchor,
     ChainCheck,
-    ChainEntry,
     ChainReport,
     anchor_of,
     entry_hash,
-    verify_entries,
 )
 from fleet_server.audit.service import anchor_once, audit_page, verify_and_record
 from fleet_server.audit.signing import (
@@ -42,15 +39,11 @@ from fleet_server.audit.signing import (
     AuditKeyError,
     AuditSigner,
     HeadRecord,
-    canonical_head,
     head_signature_problem,
-    key_id,
-    public_hex,
 )
 from fleet_server.audit.store import current_head, record, verify_chain
 
 __all__ = [
-    "AUDIT_DETAILS_BOUNDS",
     "AUDIT_HEAD_FILE",
     "AUDIT_KEY_FILE",
     "GENESIS",
@@ -58,20 +51,15 @@ __all__ = [
     "AuditKeyError",
     "AuditSigner",
     "ChainCheck",
-    "ChainEntry",
     "ChainReport",
     "HeadRecord",
     "anchor_of",
     "anchor_once",
     "audit_page",
-    "canonical_head",
     "current_head",
     "entry_hash",
     "head_signature_problem",
-    "key_id",
-    "public_hex",
     "record",
     "verify_and_record",
     "verify_chain",
-    "verify_entries",
 ]

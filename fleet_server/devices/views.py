@@ -40,17 +40,7 @@ def with_refusals(view: DeviceView, refusals: Sequence[Refusal], warning: str | 
     """``view`` with the device's latest refusals, and a warning if it refused its assignment."""
     return view.model_copy(
         update={
-            "refusals": [
-                DeviceRefusal(
-                    at=r.at,
-                    received_at=r.received_at,
-                    event=r.event,
-                    reason=r.reason,
-                    bundle=r.bundle,
-                    message=r.message,
-                )
-                for r in refusals
-            ],
+            "refusals": [DeviceRefusal.model_validate(r, from_attributes=True) for r in refusals],
             "assignment_warning": warning,
         }
     )

@@ -185,10 +185,6 @@ class DirectorRepository:
         """What ``device_id``'s director metadata names now."""
         return self.device(device_id).signed()
 
-    def device_url_path(self, device_id: str) -> str:
-        """Where a device's repository lives relative to the director's base URL."""
-        return f"devices/{device_id}"
-
     def assign(
         self,
         keys: KeyStore,

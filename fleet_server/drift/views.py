@@ -20,6 +20,7 @@ from protocol.api.drift import (
     ModelDriftView,
     SilenceView,
 )
+from protocol.drift.model import FeatureDrift
 
 
 def alert_features(a: AlertRow) -> list[AlertFeature]:
@@ -115,40 +116,17 @@ def model_drift_view(m: ModelDrift) -> ModelDriftView:
         min_n=m.policy.min_n,
         false_alarm_rate=m.policy.false_alarm_rate,
         problem=m.problem,
-        features=[
-            FeatureDriftView(
-                feature=f.feature,
-                name=f.name,
-                verdict=f.verdict,
-                reasons=f.reasons,
-                verdicts=f.verdicts,
-                nan=f.nan,
-                baseline_nan=f.baseline_nan,
-                missing_p_value=f.missing_p_value,
-                out_of_range=f.out_of_range,
-                baseline_out_of_range=f.baseline_out_of_range,
-                out_of_range_p_value=f.out_of_range_p_value,
-                min=f.min,
-                max=f.max,
-                baseline_min=f.baseline_min,
-                baseline_max=f.baseline_max,
-                below_baseline=f.below_baseline,
-                above_baseline=f.above_baseline,
-                new_range_p_value=f.new_range_p_value,
-                n=f.n,
-                baseline_n=f.baseline_n,
-                psi=f.psi,
-                js=f.js,
-                statistic=f.statistic,
-                df=f.df,
-                threshold=finite_or_none(f.threshold),
-                p_value=f.p_value,
-                psi_threshold=finite_or_none(f.psi_threshold),
-            )
-            for f in m.features
-        ],
+        features=[feature_drift_view(f) for f in m.features],
         accuracy=accuracy_view(m.accuracy) if m.accuracy is not None else None,
     )
+
+
+def feature_drift_view(f: FeatureDrift) -> FeatureDriftView:
+    """``f`` as the API shows it: the same fields, an infinite threshold as null."""
+    shown = {name: getattr(f, name) for name in FeatureDriftView.model_fields}
+    shown["threshold"] = finite_or_none(f.threshold)
+    shown["psi_threshold"] = finite_or_none(f.psi_threshold)
+    return FeatureDriftView(**shown)
 
 
 def accuracy_view(a: Accuracy) -> AccuracyView:

@@ -457,14 +457,13 @@ class ServerMqtt:
             self._pending[desired.device_id] = desired
             return
         try:
-            await client.publish(
-                desired_topic(self.config.namespace, desired.device_id),
-                desired.model_dump_json().encode(),
-                qos=1,
-                retain=True,
-            )
+            await self._publish_desired(client, desired)
         except aiomqtt.MqttError:
             self._pending[desired.device_id] = desired
+
+    async def _publish_desired(self, client: aiomqtt.Client, desired: DesiredState) -> None:
+        topic = desired_topic(self.config.namespace, desired.device_id)
+        await client.publish(topic, desired.model_dump_json().encode(), qos=1, retain=True)
 
     async def _republish(self, client: aiomqtt.Client) -> None:
         try:
@@ -493,9 +492,4 @@ class ServerMqtt:
         states.update(self._pending)
         self._pending.clear()
         for desired in states.values():
-            await client.publish(
-                desired_topic(self.config.namespace, desired.device_id),
-                desired.model_dump_json().encode(),
-                qos=1,
-                retain=True,
-            )
+            await self._publish_desired(client, desired)

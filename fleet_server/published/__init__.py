@@ -11,9 +11,6 @@ from fleet_server.published.rules import (
     PushConflict,
     ReleaseError,
     ReleaseNotFound,
-    check_push,
-    release_row,
-    released_bundle,
 )
 from fleet_server.published.service import ReleaseService, find_release, verify_repository
 
@@ -22,9 +19,6 @@ __all__ = [
     "ReleaseError",
     "ReleaseNotFound",
     "ReleaseService",
-    "check_push",
     "find_release",
-    "release_row",
-    "released_bundle",
     "verify_repository",
 ]

@@ -35,18 +35,7 @@ MAX_PUSH_BODY = 512 << 20  # base64 of the pushed files, in JSON
 
 
 def release_view(r: Release) -> ReleaseView:
-    return ReleaseView(
-        target_path=r.target_path,
-        name=r.name,
-        version=r.version,
-        release_counter=r.release_counter,
-        hardware_ids=list(r.hardware_ids),
-        sha256=r.sha256,
-        length=r.length,
-        released_at=r.released_at,
-        yanked_at=r.yanked_at,
-        yank_reason=r.yank_reason,
-    )
+    return ReleaseView.model_validate(r, from_attributes=True)
 
 
 async def list_releases(request: web.Request) -> web.StreamResponse:

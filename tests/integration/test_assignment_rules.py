@@ -11,14 +11,9 @@ metadata the server signed.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,73 +33,24 @@ from protocol.versioning import default_release_counter
 from testbed.api_server import ServerThread
 from testbed.images import HARDWARE
 from tests.support.databases import DATABASES, database_url
+from tests.support.fleetctl import Fleetctl, one_line_error
 
 pytestmark = pytest.mark.integration
 
 C1 = default_release_counter("1.0.0")
 C2 = default_release_counter("2.0.0")
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-    def json(self) -> Any:
-        return json.loads(self.out)
-
-
-@dataclass
-class Fleet:
-    api: ServerThread
-    tmp: Path
-    keys: Path
-    repo: Path
-    capsys: pytest.CaptureFixture[str] | None = None
-
-    def flags(self, token_file: Path | None) -> list[str]:
-        return ["--server", self.api.url, "--token-file", str(token_file or self.token_file)]
+class Fleet(Fleetctl):
+    """``fleetctl`` against a server holding releases v1 and v2, with what a device sees of it."""
 
     @property
-    def token_file(self) -> Path:
-        return self.api.admin_token_file
+    def keys(self) -> Path:
+        return self.tmp / "keys"
 
-    def run(self, *args: str, token_file: Path | None = None) -> Result:
-        """``fleetctl ARGS`` in this process."""
-        assert self.capsys is not None
-        self.capsys.readouterr()
-        code = main([*args, *self.flags(token_file)])
-        out, err = self.capsys.readouterr()
-        return Result(code, out, err)
-
-    def local(self, *args: str) -> Result:
-        """``fleetctl ARGS`` in this process, with no server."""
-        assert self.capsys is not None
-        self.capsys.readouterr()
-        code = main(list(args))
-        out, err = self.capsys.readouterr()
-        return Result(code, out, err)
-
-    def process(self, *args: str, token_file: Path | None = None, remote: bool = True) -> Result:
-        """``fleetctl ARGS`` as its own process."""
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "fleet_server.fleetctl",
-                *args,
-                *(self.flags(token_file) if remote else ()),
-            ],
-            capture_output=True,
-            text=True,
-            stdin=subprocess.DEVNULL,
-            timeout=120,
-            cwd=REPO_ROOT,
-            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-        )
-        return Result(done.returncode, done.stdout, done.stderr)
+    @property
+    def repo(self) -> Path:
+        return self.tmp / "repo"
 
     def device(self, device_id: str) -> dict[str, Any]:
         shown = self.run("devices", "show", device_id, "--json")
@@ -191,12 +137,12 @@ def served(
     with database_url(request.param, tmp) as url:
         api = ServerThread(tmp / "server", url)
         try:
-            fleet = Fleet(api, tmp, tmp / "keys", tmp / "repo")
+            fleet = Fleet(api, tmp)
             assert main(["keys", "init", "--dir", str(fleet.keys)]) == 0
             for name in ("v1", "v2"):
                 add = ["release", "add", str(bundles[name]), "--repo", str(fleet.repo)]
                 assert main([*add, "--keys", str(fleet.keys)]) == 0
-            push = ["release", "push", "--repo", str(fleet.repo), *fleet.flags(None)]
+            push = ["release", "push", "--repo", str(fleet.repo), *fleet.flags()]
             assert main(push) == 0
             yield fleet
         finally:
@@ -207,13 +153,6 @@ def served(
 def fleet(served: Fleet, capsys: pytest.CaptureFixture[str]) -> Fleet:
     served.capsys = capsys
     return served
-
-
-def one_line_error(result: Result) -> str:
-    assert result.code == 1, result
-    assert result.err.count("\n") == 1 and result.err.startswith("fleetctl: "), result.err
-    assert "Traceback" not in result.err
-    return result.err
 
 
 # -- item: a release below what a device runs ------------------------------------

@@ -29,12 +29,12 @@ from fleet_server.audit import (
     head_signature_problem,
 )
 from fleet_server.db.models import AuditEntry
-from fleet_server.fleetctl import main
 from protocol.api.audit import SignedAuditHead
 from testbed.api_server import ServerThread
 from testbed.images import HARDWARE
 from testbed.server_process import ServerProcess, wait_until
 from tests.support.databases import DATABASES, database_url
+from tests.support.fleetctl import Fleetctl, Result
 
 pytestmark = pytest.mark.integration
 
@@ -42,28 +42,14 @@ SHARED_BROKER = "mqtt://127.0.0.1:1883"  # isolated by the server's own namespac
 
 
 @dataclass
-class Run:
-    code: int
-    out: str
-    err: str
-
-
-@dataclass
-class Audited:
-    api: ServerThread
-    tmp: Path
-    capsys: pytest.CaptureFixture[str]
+class Audited(Fleetctl):
     devices: int = 0
 
-    def fleetctl(self, *args: str) -> Run:
-        self.capsys.readouterr()
-        code = main(
-            [*args, "--server", self.api.url, "--token-file", str(self.api.admin_token_file)]
-        )
-        out, err = self.capsys.readouterr()
-        if code != 0:  # every refusal is one line, never a traceback
-            assert err.startswith("fleetctl: ") and err.count("\n") == 1, err
-        return Run(code, out, err)
+    def fleetctl(self, *args: str) -> Result:
+        result = self.run(*args)
+        if result.code != 0:  # every refusal is one line, never a traceback
+            assert result.err.startswith("fleetctl: ") and result.err.count("\n") == 1, result.err
+        return result
 
     def register(self, n: int = 1) -> None:
         for _ in range(n):

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 import stat
-import subprocess
-import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,71 +16,32 @@ from fleet_server.fleetctl import main
 from testbed.api_server import ServerThread
 from testbed.images import HARDWARE
 from tests.support.databases import DATABASES, database_url
+from tests.support.fleetctl import Fleetctl, fleetctl_process, one_line_error
 
 pytestmark = pytest.mark.integration
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-    def json(self) -> Any:
-        return json.loads(self.out)
-
-
-@dataclass
-class Remote:
-    api: ServerThread
-    tmp: Path
-    capsys: pytest.CaptureFixture[str] | None = None
-
-    def run(self, *args: str, token_file: Path | None = None) -> Result:
-        """``fleetctl ARGS --server URL --token-file F`` in this process."""
-        assert self.capsys is not None
-        self.capsys.readouterr()
-        code = main(
-            [
-                *args,
-                "--server",
-                self.api.url,
-                "--token-file",
-                str(token_file or self.api.admin_token_file),
-            ]
-        )
-        out, err = self.capsys.readouterr()
-        return Result(code, out, err)
-
-    def local(self, *args: str) -> Result:
-        assert self.capsys is not None
-        self.capsys.readouterr()
-        code = main(list(args))
-        out, err = self.capsys.readouterr()
-        return Result(code, out, err)
 
 
 @pytest.fixture(scope="module", params=DATABASES)
 def server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Remote]:
+) -> Iterator[Fleetctl]:
     tmp = tmp_path_factory.mktemp(f"fleetctl-{request.param}")
     with database_url(request.param, tmp) as url:
         api = ServerThread(tmp / "server", url)
         try:
-            yield Remote(api, tmp)
+            yield Fleetctl(api, tmp)
         finally:
             api.close()
 
 
 @pytest.fixture
-def remote(server: Remote, capsys: pytest.CaptureFixture[str]) -> Remote:
+def remote(server: Fleetctl, capsys: pytest.CaptureFixture[str]) -> Fleetctl:
     server.capsys = capsys
     return server
 
 
 @pytest.fixture(scope="module")
-def local_repo(server: Remote, bundles: dict[str, Path]) -> Path:
+def local_repo(server: Fleetctl, bundles: dict[str, Path]) -> Path:
     """Release keys and an image repository holding v1, made with ``fleetctl`` offline."""
     keys, repo = server.tmp / "keys", server.tmp / "repo"
     assert main(["keys", "init", "--dir", str(keys)]) == 0
@@ -94,15 +51,8 @@ def local_repo(server: Remote, bundles: dict[str, Path]) -> Path:
     return repo
 
 
-def one_line_error(result: Result) -> str:
-    assert result.code == 1, result
-    assert result.err.count("\n") == 1 and result.err.startswith("fleetctl: "), result.err
-    assert "Traceback" not in result.err
-    return result.err
-
-
 def test_release_push_then_list_from_the_server(
-    remote: Remote, local_repo: Path, bundles: dict[str, Path]
+    remote: Fleetctl, local_repo: Path, bundles: dict[str, Path]
 ) -> None:
     pushed = remote.run("release", "push", "--repo", str(local_repo), "--json").json()
     assert [r["version"] for r in pushed["published"]] == ["1.0.0"]
@@ -137,7 +87,7 @@ def test_release_push_then_list_from_the_server(
     assert "2.0.0" in remote.local("release", "list", "--repo", str(local_repo)).out
 
 
-def test_devices_register_list_show_tag(remote: Remote) -> None:
+def test_devices_register_list_show_tag(remote: Fleetctl) -> None:
     created = remote.run(
         "devices", "register", "cli-1", "--hardware", HARDWARE, "--tag", "line-1", "--json"
     )
@@ -164,7 +114,7 @@ def test_devices_register_list_show_tag(remote: Remote) -> None:
     assert "no device" in one_line_error(remote.run("devices", "show", "ghost"))
 
 
-def test_assign_to_a_device_and_to_a_tag(remote: Remote, local_repo: Path) -> None:
+def test_assign_to_a_device_and_to_a_tag(remote: Fleetctl, local_repo: Path) -> None:
     remote.run("release", "push", "--repo", str(local_repo))
     for device in ("as-1", "as-2", "as-3"):
         remote.run("devices", "register", device, "--hardware", HARDWARE, "--tag", "as-wave")
@@ -180,7 +130,7 @@ def test_assign_to_a_device_and_to_a_tag(remote: Remote, local_repo: Path) -> No
     assert "no release" in one_line_error(remote.run("assign", "nope@1.0.0", "--tag", "as-wave"))
 
 
-def test_tokens_and_roles(remote: Remote) -> None:
+def test_tokens_and_roles(remote: Fleetctl) -> None:
     created = remote.run("tokens", "create", "--name", "ci-viewer", "--role", "viewer", "--json")
     assert created.code == 0, created.err
     viewer_file = remote.tmp / "viewer.token"
@@ -201,7 +151,7 @@ def test_tokens_and_roles(remote: Remote) -> None:
     assert "401" in one_line_error(remote.run("devices", "list", token_file=viewer_file))
 
 
-def test_provisioning_token_enrols_a_device(remote: Remote) -> None:
+def test_provisioning_token_enrols_a_device(remote: Fleetctl) -> None:
     created = remote.run(
         "provisioning-token",
         "create",
@@ -225,7 +175,7 @@ def test_provisioning_token_enrols_a_device(remote: Remote) -> None:
 
 
 def test_provisioning_token_written_to_a_file_readable_by_its_owner_only(
-    remote: Remote, tmp_path: Path
+    remote: Fleetctl, tmp_path: Path
 ) -> None:
     out = tmp_path / "provisioning-token"
     created = remote.run("provisioning-token", "create", "--hardware", HARDWARE, "--out", str(out))
@@ -252,7 +202,7 @@ def test_provisioning_token_written_to_a_file_readable_by_its_owner_only(
     assert "no-such-folder" in one_line_error(refused) and "no token was created" in refused.err
 
 
-def test_audit_list_and_verify_detects_an_edit(remote: Remote) -> None:
+def test_audit_list_and_verify_detects_an_edit(remote: Fleetctl) -> None:
     remote.run("devices", "register", "audit-cli", "--hardware", HARDWARE)
     listed = remote.run("audit", "list", "--action", "device.register")
     assert listed.code == 0 and "audit-cli" in listed.out
@@ -294,21 +244,14 @@ def test_errors_are_one_line_without_a_traceback(tmp_path: Path) -> None:
         ["devices", "list", "--server", "http://127.0.0.1:9", "--token-file", "/nonexistent"],
         ["release", "list"],
     ):
-        r = subprocess.run(
-            [sys.executable, "-m", "fleet_server.fleetctl", *args],
-            capture_output=True,
-            text=True,
-            stdin=subprocess.DEVNULL,
-            timeout=60,
-            env=env,
-        )
-        assert r.returncode == 1, (args, r.stderr)
-        assert r.stderr.count("\n") == 1 and r.stderr.startswith("fleetctl: "), r.stderr
-        assert r.stdout == ""
+        r = fleetctl_process(args, env=env, timeout=60)
+        assert r.code == 1, (args, r.err)
+        assert r.err.count("\n") == 1 and r.err.startswith("fleetctl: "), r.err
+        assert r.out == ""
 
 
 def test_release_push_without_a_token_says_how_to_give_one(
-    remote: Remote, local_repo: Path, monkeypatch: pytest.MonkeyPatch
+    remote: Fleetctl, local_repo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("EDGEFLEET_TOKEN", raising=False)
     result = remote.local("release", "push", "--repo", str(local_repo), "--server", remote.api.url)

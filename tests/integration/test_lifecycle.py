@@ -9,13 +9,10 @@ machine's shared Mosquitto on a namespace of its own.
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import signal
 import stat
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,26 +42,11 @@ from testbed.server_process import (
     wait_until,
 )
 from tests.support.databases import DATABASES, database_url
+from tests.support.fleetctl import Result, fleetctl_process, one_line_error
 
 pytestmark = pytest.mark.integration
 
 SHARED_BROKER = "mqtt://127.0.0.1:1883"
-
-
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
-
-    def json(self) -> Any:
-        return json.loads(self.out)
-
-    def one_line_error(self) -> str:
-        assert self.code == 1, self
-        assert self.err.count("\n") == 1 and self.err.startswith("fleetctl: "), self.err
-        assert "Traceback" not in self.err
-        return self.err
 
 
 @dataclass
@@ -78,27 +60,19 @@ class Fleet:
     def _remote(self) -> list[str]:
         return ["--server", self.server.url, "--token-file", str(self.server.data / "admin.token")]
 
-    def ctl(self, *args: str, remote: bool = True) -> Run:
+    def ctl(self, *args: str, remote: bool = True) -> Result:
         """``fleetctl ARGS`` in this process (quick, for what a test only reads)."""
         assert self.capsys is not None
         self.capsys.readouterr()
         code = main([*args, *(self._remote() if remote else [])])
         out, err = self.capsys.readouterr()
-        return Run(code, out, err)
+        return Result(code, out, err)
 
-    def fleetctl(self, *args: str) -> Run:
+    def fleetctl(self, *args: str) -> Result:
         """``fleetctl ARGS`` against the server as its own process, as an operator runs it."""
         extra = self._remote()
         env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")}
-        r = subprocess.run(
-            [sys.executable, "-m", "fleet_server.fleetctl", *args, *extra],
-            capture_output=True,
-            text=True,
-            stdin=subprocess.DEVNULL,
-            timeout=120,
-            env=env,
-        )
-        return Run(r.returncode, r.stdout, r.stderr)
+        return fleetctl_process([*args, *extra], env=env)
 
     def register(self, device_id: str) -> str:
         """Pre-register a device with fleetctl; returns its password."""
@@ -252,20 +226,20 @@ def test_a_decommissioned_device_is_refused_everywhere_and_its_history_kept(
     assert entry["details"]["reason"] == "returned for repair"
 
     # A decommissioned device takes no changes.
-    err = fleet.fleetctl("devices", "decommission", "dec-1").one_line_error()
+    err = one_line_error(fleet.fleetctl("devices", "decommission", "dec-1"))
     assert "409" in err and "decommissioned" in err
-    err = fleet.ctl("assign", "pump-health@1.0.0", "--device", "dec-1").one_line_error()
+    err = one_line_error(fleet.ctl("assign", "pump-health@1.0.0", "--device", "dec-1"))
     assert "409" in err and "dec-1 is decommissioned" in err
-    err = fleet.ctl("devices", "rotate-credentials", "dec-1").one_line_error()
+    err = one_line_error(fleet.ctl("devices", "rotate-credentials", "dec-1"))
     assert "409" in err and "dec-1 is decommissioned" in err
-    err = fleet.ctl("devices", "tag", "dec-1", "--add", "x").one_line_error()
+    err = one_line_error(fleet.ctl("devices", "tag", "dec-1", "--add", "x"))
     assert "409" in err
 
 
 def test_a_decommissioned_id_is_reused_only_when_asked(fleet: Fleet) -> None:
     old = fleet.register("dec-2")
     assert fleet.ctl("devices", "decommission", "dec-2").code == 0
-    err = fleet.fleetctl("devices", "register", "dec-2", "--hardware", HARDWARE).one_line_error()
+    err = one_line_error(fleet.fleetctl("devices", "register", "dec-2", "--hardware", HARDWARE))
     assert "409" in err and "was decommissioned" in err and "--reuse-decommissioned" in err
     # Enrolling itself with a provisioning token never takes a decommissioned id.
     token = fleet.ctl("provisioning-token", "create", "--json").json()["token"]
@@ -314,7 +288,7 @@ def test_rotated_credentials_replace_the_old_password_at_once(fleet: Fleet) -> N
     assert fleet.get(own, "rot-1", new) == 401
     audit = fleet.ctl("audit", "list", "--action", "device.rotate-credentials", "--json")
     assert [e["subject"] for e in audit.json()["entries"]].count("rot-1") == 2
-    err = fleet.ctl("devices", "rotate-credentials", "ghost").one_line_error()
+    err = one_line_error(fleet.ctl("devices", "rotate-credentials", "ghost"))
     assert "404" in err and "no device ghost" in err
 
 
@@ -345,12 +319,12 @@ def test_passwords_are_written_to_a_file_readable_by_its_owner_only(
 
     # A folder that does not exist is refused before the server makes a password.
     missing = str(tmp_path / "nowhere" / "pw")
-    err = fleet.ctl("devices", "rotate-credentials", "out-1", "--out", missing).one_line_error()
+    err = one_line_error(fleet.ctl("devices", "rotate-credentials", "out-1", "--out", missing))
     assert "nowhere" in err and "no credentials were rotated" in err
     assert fleet.get(own, "out-1", new) == 200
-    err = fleet.ctl(
-        "devices", "register", "out-2", "--hardware", HARDWARE, "--out", missing
-    ).one_line_error()
+    err = one_line_error(
+        fleet.ctl("devices", "register", "out-2", "--hardware", HARDWARE, "--out", missing)
+    )
     assert "no device was registered" in err
     assert fleet.ctl("devices", "show", "out-2").code == 1
 
@@ -404,7 +378,7 @@ def test_a_yanked_release_is_offered_only_to_devices_running_it(fleet: Fleet) ->
     target, _ = resolve(fleet.agent("yank-run", passwords["yank-run"]), 0)
     assert target is not None and target.version == "2.0.0"
     # Assigning it is refused naming the reason, by device and by tag.
-    err = fleet.fleetctl("assign", "pump-health@2.0.0", "--device", "yank-new").one_line_error()
+    err = one_line_error(fleet.fleetctl("assign", "pump-health@2.0.0", "--device", "yank-new"))
     assert "409" in err and "yanked: false alarms" in err
     assert fleet.director.signed("yank-new").target_path is None
     # Listed with its reason; the image repository (signed offline) still lists it.
@@ -417,7 +391,7 @@ def test_a_yanked_release_is_offered_only_to_devices_running_it(fleet: Fleet) ->
         fleet.get("/repository/metadata/timestamp.json", "yank-new", passwords["yank-new"]) == 200
     )
     # Once only, audited with what it did.
-    err = fleet.ctl("release", "yank", "pump-health@2.0.0", "--reason", "x").one_line_error()
+    err = one_line_error(fleet.ctl("release", "yank", "pump-health@2.0.0", "--reason", "x"))
     assert "409" in err and "yanked already" in err
     audit = fleet.ctl("audit", "list", "--action", "release.yank", "--json").json()
     (entry,) = [e for e in audit["entries"] if e["details"]["version"] == "2.0.0"]
@@ -427,7 +401,7 @@ def test_a_yanked_release_is_offered_only_to_devices_running_it(fleet: Fleet) ->
     assert entry["details"]["reason"] == "false alarms"
     # Another release is assigned as ever.
     assert fleet.ctl("assign", "pump-health@1.0.0", "--device", "yank-new").code == 0
-    err = fleet.ctl("release", "yank", "nope@1.0.0", "--reason", "x").one_line_error()
+    err = one_line_error(fleet.ctl("release", "yank", "nope@1.0.0", "--reason", "x"))
     assert "404" in err
 
 

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from fleet_server.assignments import (
+    AssignmentConflict,
     AssignmentError,
     Refusal,
     below_installed,
@@ -16,6 +17,7 @@ from fleet_server.assignments import (
     refusal_warning,
     winning_rule,
 )
+from fleet_server.assignments.planner import refuse_cancelled
 from fleet_server.db.models import AssignmentRule, Device, Release
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -109,3 +111,11 @@ def test_a_rollback_of_the_assigned_bundle_warns_as_a_rollback() -> None:
     line = refusal_warning("pump-1", assigned, rolled)
     assert line.startswith("pump-1 rolled back the assigned pump-health 1.2.0 at 2026-01-01")
     assert "(watchdog: 3 failures)" in line
+
+
+def test_cancelling_twice_names_who_cancelled_and_when() -> None:
+    refuse_cancelled("dev-3", None, None)
+    with pytest.raises(AssignmentConflict) as refused:
+        refuse_cancelled("tag-2", T0, "token:ab:ci")
+    said = "tag-2 was already cancelled by token:ab:ci at 2026-01-01 00:00:00Z"
+    assert str(refused.value) == said

@@ -18,14 +18,6 @@ from fleet_server.assignments.models import (
     ReleaseAlreadyYanked,
     ReleaseYanked,
 )
-from fleet_server.auth import (
-    InvalidToken,
-    LastAdminToken,
-    RoleTooLow,
-    TokenError,
-    TokenNotFound,
-    TokenRevoked,
-)
 from fleet_server.devices.errors import (
     DeviceDecommissioned,
     DeviceExists,
@@ -37,6 +29,14 @@ from fleet_server.drift.models import DriftError
 from fleet_server.drift.silences import AlertConflict, AlertNotFound
 from fleet_server.labels.rules import LabelsMismatch, WindowNotFound
 from fleet_server.published.rules import PushConflict, ReleaseError, ReleaseNotFound
+from fleet_server.tokens.rules import (
+    InvalidToken,
+    LastAdminToken,
+    RoleTooLow,
+    TokenError,
+    TokenNotFound,
+    TokenRevoked,
+)
 
 # Errors under fleet_server that are not a caller's: refused by the API layer itself, raised
 # by the CLI or at start-up, or turned into an ApiError where a handler meets them.
