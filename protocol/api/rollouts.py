@@ -39,7 +39,7 @@ from protocol.api.base import RequestBody
 from protocol.topics import DEVICE_ID_PATTERN
 from protocol.versioning import HARDWARE_ID_PATTERN, NAME_PATTERN, parse_semver
 
-ROLLOUT_SPEC_VERSION = 1
+ROLLOUT_SPEC_VERSION: Literal[1] = 1
 MAX_WAVES = 20
 MAX_DURATION = timedelta(days=30)
 # AWS IoT Jobs' limits: a base rate of at most 1000 things a minute, which is
@@ -64,8 +64,8 @@ _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*([smhd])$")
 _RATE_UNITS = {"s": 1 / 60, "sec": 1 / 60, "min": 1.0, "m": 1.0, "h": 60.0, "hour": 60.0}
 _RATE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*/\s*([a-z]+)$")
-DAY_NAMES = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 Weekday = Literal["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]
+DAY_NAMES: tuple[Weekday, ...] = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _CLOCK = re.compile(r"^([01][0-9]|2[0-4]):([0-5][0-9])$")
 
 
