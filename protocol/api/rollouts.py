@@ -355,6 +355,8 @@ def _format_days(days: Iterable[int]) -> str:
             runs[-1].append(day)
         else:
             runs.append([day])
+    if len(runs) > 1 and runs[0][0] == 0 and runs[-1][-1] == 6:  # a run across Sunday night
+        runs = [*runs[1:-1], runs[-1] + runs[0]]
     return ",".join(
         DAY_NAMES[r[0]] if len(r) == 1 else f"{DAY_NAMES[r[0]]}-{DAY_NAMES[r[-1]]}" for r in runs
     )
@@ -423,6 +425,7 @@ class RolloutSpec(RequestBody):
     on_failure: Literal["pause", "rollback"] = "pause"
     holdback: Annotated[float, BeforeValidator(_percent)] = Field(
         default=DEFAULT_HOLDBACK,
+        validate_default=True,
         ge=0,
         le=MAX_HOLDBACK,
         allow_inf_nan=False,
