@@ -24,7 +24,9 @@ The rules, over plain data (no database, no clock):
    *canary*, named in the plan (its lowest bucket when the stratum was first
    seen) rather than let in by the cutoff: a cutoff raised to reach it would
    let every later device of the stratum below that bucket in as well, far
-   more than the share when the stratum grows.
+   more than the share when the stratum grows. Should every device of a
+   stratum the rollout reached leave, the lowest of those left becomes a
+   canary too.
 5. A device is reached at stage k if it is a canary of its stratum, or its
    bucket is at or below the stratum's cutoff for stage k; its *wave* is the
    first stage that reaches it. Cutoffs, once fixed, never change, later
@@ -231,7 +233,10 @@ def fix_cutoffs(
             if c in position and population.stratum[position[c]] == s
         ]
         canaries = before.canaries
-        if not present:  # first seen, or its canaries have left: name one more
+        by_cutoff = bool(before.cutoffs) and bool(
+            np.any(population.bucket[members] <= before.cutoffs[-1])
+        )
+        if not present and not by_cutoff:  # first seen, or none of it reached is left
             lowest = int(members[np.argmin(population.bucket[members])])
             present = [lowest]
             canaries = (*canaries, population.ids[lowest])

@@ -239,8 +239,9 @@ class MaintenanceWindow(RequestBody):
 
     ``days`` are the days a window opens; a window whose ``end`` is not after
     its ``start`` runs past midnight into the next day (``Fri 22:00-06:00``
-    holds Saturday 03:00). Times are wall-clock times: a device uses its own
-    zone when it reports one, ``zone`` otherwise.
+    holds Saturday 03:00; ``Mon 00:00-24:00`` is all Monday). Times are
+    wall-clock times: a device uses its own zone when it reports one, ``zone``
+    otherwise.
     """
 
     days: tuple[Weekday, ...] = Field(min_length=1, max_length=7)
@@ -256,12 +257,6 @@ class MaintenanceWindow(RequestBody):
                 f"{zone!r} is not an IANA time zone such as Europe/Berlin, America/New_York or UTC"
             )
         return zone
-
-    @model_validator(mode="after")
-    def _has_length(self) -> MaintenanceWindow:
-        if self.start == self.end:
-            raise ValueError(f"the window {self} has no length; its start and end are equal")
-        return self
 
     @property
     def weekdays(self) -> frozenset[int]:

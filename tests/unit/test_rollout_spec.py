@@ -217,7 +217,6 @@ def test_windows_read_days_ranges_and_wrapping(text: str, days: set[int], writte
         ("window", "Funday 02:00-05:00 UTC", "is not a day"),
         ("window", "Mon 25:00-05:00 UTC", "is not a time of day"),
         ("window", "Mon 02:00 UTC", "is not START-END"),
-        ("window", "Mon 02:00-02:00 UTC", "has no length"),
         ("on_failure", "retry", "'pause' or 'rollback'"),
         ("holdback", 60, "less than or equal to 50"),
         ("holdback", -1, "greater than or equal to 0"),
