@@ -53,6 +53,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
+from functools import cached_property
 from typing import Protocol, TypeVar
 
 import numpy as np
@@ -197,6 +198,7 @@ class Population:
     def __len__(self) -> int:
         return len(self.ids)
 
+    @cached_property
     def members(self) -> list[npt.NDArray[np.intp]]:
         """For each stratum (in the order of :attr:`strata`), the positions of its devices."""
         order = np.argsort(self.stratum, kind="stable")
@@ -224,7 +226,7 @@ def fix_cutoffs(
         return WavePlan(max(plan.stage, stage), strata)
     wanted = {c for p in strata.values() for c in p.canaries}
     position = {population.ids[i]: i for i in _positions(population.ids, wanted)}
-    for s, members in enumerate(population.members()):
+    for s, members in enumerate(population.members):
         key = population.strata[s]
         before = strata.get(key, StratumPlan())
         present = [
@@ -240,6 +242,8 @@ def fix_cutoffs(
             lowest = int(members[np.argmin(population.bucket[members])])
             present = [lowest]
             canaries = (*canaries, population.ids[lowest])
+        elif len(before.cutoffs) >= stage:
+            continue  # fixed already, and reached: a tick has nothing to do here
         others = np.sort(population.bucket[np.setdiff1d(members, present, assume_unique=True)])
         cutoffs = list(before.cutoffs)
         for k in range(len(cutoffs), stage):
@@ -274,7 +278,7 @@ def waves(plan: WavePlan, population: Population) -> npt.NDArray[np.intp]:
     """Each device's wave: the first stage that reaches it (1…), 0 if none has yet."""
     result = np.zeros(len(population), dtype=np.intp)
     canaries: dict[str, Stratum] = {}
-    for s, members in enumerate(population.members()):
+    for s, members in enumerate(population.members):
         fixed = plan.strata.get(population.strata[s])
         if fixed is None or not fixed.cutoffs:
             continue  # a stratum no stage has fixed yet: none of it is reached
@@ -302,7 +306,7 @@ def wave_counts(plan: WavePlan, population: Population) -> dict[Stratum, list[in
     """Per stratum, how many of its devices each stage reaches (cumulative)."""
     assigned = waves(plan, population)
     counts = {}
-    for s, members in enumerate(population.members()):
+    for s, members in enumerate(population.members):
         mine = assigned[members]
         counts[population.strata[s]] = [
             int(np.count_nonzero((mine > 0) & (mine <= k))) for k in range(1, plan.stage + 1)

@@ -150,7 +150,7 @@ def test_the_holdback_is_the_last_share_of_each_stratum_until_released() -> None
         assert n - cumulative[-2] == math.floor(n / 20)
     # Held back: the highest buckets of each stratum.
     held_ids = set(held)
-    for members in population.members():
+    for members in population.members:
         ranked = sorted(members.tolist(), key=lambda i: population.bucket[i])
         kept = {population.ids[i] for i in ranked[math.ceil(0.95 * len(ranked)) :]}
         assert kept == held_ids & {population.ids[i] for i in members}
