@@ -7,3 +7,36 @@ exponential ramp) and :mod:`~fleet_server.rollouts.maintenance` (when a
 device's maintenance window is open). The spec is
 :class:`protocol.api.rollouts.RolloutSpec`.
 """
+
+from fleet_server.rollouts.maintenance import in_window, next_open
+from fleet_server.rollouts.pacing import allowed_installs
+from fleet_server.rollouts.waves import (
+    DeviceFacts,
+    Population,
+    StratumPlan,
+    WavePlan,
+    bucket,
+    control,
+    fix_cutoffs,
+    matches,
+    preview,
+    reached,
+    waves,
+)
+
+__all__ = [
+    "DeviceFacts",
+    "Population",
+    "StratumPlan",
+    "WavePlan",
+    "allowed_installs",
+    "bucket",
+    "control",
+    "fix_cutoffs",
+    "in_window",
+    "matches",
+    "next_open",
+    "preview",
+    "reached",
+    "waves",
+]

@@ -62,7 +62,7 @@ _VALUE_PATTERNS = {
 }
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*([smhd])$")
-_RATE_UNITS = {"s": 1 / 60, "sec": 1 / 60, "min": 1.0, "m": 1.0, "h": 60.0, "hour": 60.0}
+_RATE_UNITS = {"s": 1 / 60, "sec": 1 / 60, "min": 1.0, "h": 60.0, "hour": 60.0}
 _RATE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*/\s*([a-z]+)$")
 Weekday = Literal["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]
 DAY_NAMES: tuple[Weekday, ...] = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")

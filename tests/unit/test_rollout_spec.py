@@ -207,6 +207,7 @@ def test_windows_read_days_ranges_and_wrapping(text: str, days: set[int], writte
         ("bake", "31d", "at most 30d"),
         ("max_bake", "10m", "max_bake 10m is shorter than bake 30m"),
         ("rate", "10/fortnight", "is not a rate such as 10/min"),
+        ("rate", "10/m", "is not a rate such as 10/min"),
         ("rate", "0/min", "must be more than 0"),
         ("rate", "5000/min", "at most 1000/min"),
         ("rate_factor", 1.0, "greater than or equal to 1.1"),
