@@ -22,6 +22,8 @@ _SLACK = 1e-9
 
 def installs_allowed_by(minutes: float, rate: float, factor: float | None = None) -> int:
     """Installs that may have started ``minutes`` after the start (0 before it)."""
+    if not rate > 0 or (factor is not None and not factor >= 1):
+        raise ValueError(f"a rate must be above 0 and a factor at least 1, not {rate}, {factor}")
     if minutes < 0:
         return 0
     rate = min(rate, MAX_RATE_PER_MINUTE)

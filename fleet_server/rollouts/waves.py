@@ -14,9 +14,11 @@ The rules, over plain data (no database, no clock):
    so every wave holds each hardware id and region in proportion.
 3. When stage k starts (:func:`fix_cutoffs`), each stratum's *cutoff* for it
    is fixed over the devices matching at that moment, n of them: the cutoff
-   reaches ``ceil(S_k × n)`` of them, those of the lowest buckets. Of the
-   values that reach exactly that many, the one nearest S_k is kept, so a
-   device that joins the stratum later is reached with probability S_k.
+   reaches ``ceil(S_k × n)`` of them, those of the lowest buckets (more only
+   if devices that joined since the previous stage sit below its cutoff). Of
+   the values that reach exactly that many, the one nearest S_k is kept, so a
+   device that joins the stratum later is reached with a probability as near
+   S_k as the stratum's devices allow.
 4. Small strata: ``ceil`` gives a stratum of 7 devices one device in a 1 %
    wave. A stratum is never missing from the first wave (a crash loop on one
    hardware id shows in wave 1), at the price of wave 1 holding up to one
@@ -33,7 +35,8 @@ The rules, over plain data (no database, no clock):
    stages' cutoffs are at least the earlier ones', and canaries are only ever
    added. So a device's wave depends on its bucket and its stratum's plan
    alone: once reached it stays reached, in the same wave, whoever joins or
-   leaves — itself included, if it leaves and comes back.
+   leaves — itself included, if it leaves and comes back. (A device that
+   moves to another stratum, a new region say, leaves one and joins another.)
 6. A device matching later (a new device, a device given the tag) joins at the
    current stage: it is reached if its bucket is within the stratum's cutoff
    now. A stratum first seen mid-rollout has its cutoffs fixed the first time
@@ -54,7 +57,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import cached_property
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -76,9 +79,6 @@ class DeviceLike(Protocol):
     def region(self) -> str | None: ...
     @property
     def tags(self) -> Iterable[str]: ...
-
-
-D = TypeVar("D", bound=DeviceLike)
 
 
 @dataclass(frozen=True)

@@ -297,6 +297,13 @@ def test_pacing_is_monotone_in_time_and_in_installs_done(rate: float, factor: fl
     assert allowed_installs(T0 - timedelta(minutes=1), T0, rate, factor, 0) == 0
 
 
+def test_a_rate_that_would_never_ramp_is_refused() -> None:
+    with pytest.raises(ValueError, match="a factor at least 1"):
+        installs_allowed_by(5, 10, 0.5)
+    with pytest.raises(ValueError, match="a rate must be above 0"):
+        installs_allowed_by(5, 0, None)
+
+
 def test_no_install_is_allowed_beyond_those_done() -> None:
     assert allowed_installs(T0 + timedelta(seconds=30), T0, 10, 2, 10) == 0
     assert allowed_installs(T0 + timedelta(seconds=60), T0, 10, 2, 10) == 20
