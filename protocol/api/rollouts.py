@@ -41,6 +41,7 @@ from protocol.versioning import HARDWARE_ID_PATTERN, NAME_PATTERN, parse_semver
 
 ROLLOUT_SPEC_VERSION: Literal[1] = 1
 MAX_WAVES = 20
+MAX_SELECTOR_VALUES = 64
 MAX_DURATION = timedelta(days=30)
 # AWS IoT Jobs' limits: a base rate of at most 1000 things a minute, which is
 # also where the exponential ramp stops; an increment factor of 1.1 to 5.
@@ -76,9 +77,9 @@ class Selector(RequestBody):
     the keys together must all match. A key not given does not restrict.
     """
 
-    hardware: tuple[str, ...] = ()
-    tag: tuple[str, ...] = ()
-    region: tuple[str, ...] = ()
+    hardware: tuple[str, ...] = Field(default=(), max_length=MAX_SELECTOR_VALUES)
+    tag: tuple[str, ...] = Field(default=(), max_length=MAX_SELECTOR_VALUES)
+    region: tuple[str, ...] = Field(default=(), max_length=MAX_SELECTOR_VALUES)
 
     @model_validator(mode="after")
     def _some_term(self) -> Selector:

@@ -194,6 +194,7 @@ def test_windows_read_days_ranges_and_wrapping(text: str, days: set[int], writte
         ("release", "detector@1.4", "not a semantic version"),
         ("select", "hw=rpi4", "'hw' is not a selector key"),
         ("select", "hardware=rpi4,region=", "region= has no value"),
+        ("select", ",".join(f"tag=t{i}" for i in range(65)), "at most 64 items"),
         ("waves", [1, 10, 5, 100], "waves must rise strictly: 5% comes after 10%"),
         ("waves", [1, 10, 10, 100], "waves must rise strictly"),
         ("waves", [1, 50], "the last wave must be 100%"),
