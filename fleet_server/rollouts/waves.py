@@ -57,7 +57,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import cached_property
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -324,3 +324,37 @@ def preview(
     return [
         int(np.count_nonzero((assigned > 0) & (assigned <= k))) for k in range(1, len(shares) + 1)
     ]
+
+
+def plan_to_json(plan: WavePlan) -> dict[str, Any]:
+    """The plan as JSON data: each stratum, its cutoffs and canaries (see :func:`plan_from_json`).
+
+    Cutoffs are floats, which JSON writes in their shortest exact form, so the
+    plan read back equals the plan written.
+    """
+    return {
+        "stage": plan.stage,
+        "strata": [
+            {
+                "hardware_id": hardware_id,
+                "region": region,
+                "cutoffs": list(fixed.cutoffs),
+                "canaries": list(fixed.canaries),
+            }
+            for (hardware_id, region), fixed in plan.strata.items()
+        ],
+    }
+
+
+def plan_from_json(data: Mapping[str, Any]) -> WavePlan:
+    """The plan :func:`plan_to_json` wrote; ``ValueError`` if ``data`` is not one."""
+    try:
+        strata = {
+            (str(s["hardware_id"]), None if s["region"] is None else str(s["region"])): StratumPlan(
+                tuple(float(c) for c in s["cutoffs"]), tuple(str(c) for c in s["canaries"])
+            )
+            for s in data["strata"]
+        }
+        return WavePlan(int(data["stage"]), strata)
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"not a wave plan: {exc!r}") from None
