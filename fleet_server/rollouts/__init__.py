@@ -3,13 +3,32 @@
 Pure rules so far: :mod:`~fleet_server.rollouts.waves` (which devices each
 wave reaches: consistent hashing, stratified, stable as the fleet changes),
 :mod:`~fleet_server.rollouts.pacing` (how many installs may start, an
-exponential ramp) and :mod:`~fleet_server.rollouts.maintenance` (when a
-device's maintenance window is open). The spec is
+exponential ramp), :mod:`~fleet_server.rollouts.maintenance` (when a
+device's maintenance window is open) and :mod:`~fleet_server.rollouts.controller`
+(the rollout's life as one transition table: ``decide(state, event, spec, now)``
+over the plain :class:`RolloutState`). The spec is
 :class:`protocol.api.rollouts.RolloutSpec`.
 """
 
+from fleet_server.rollouts.controller import (
+    Abort,
+    ActionRefused,
+    AssignDevices,
+    AssignStage,
+    InstallShadow,
+    Pause,
+    Promote,
+    RecordDecision,
+    Resume,
+    RollbackReached,
+    ServeStage,
+    Start,
+    Tick,
+    decide,
+)
 from fleet_server.rollouts.maintenance import in_window, next_open
 from fleet_server.rollouts.pacing import allowed_installs
+from fleet_server.rollouts.state import DecisionRecord, Phase, RolloutState
 from fleet_server.rollouts.waves import (
     DeviceFacts,
     Population,
@@ -25,13 +44,30 @@ from fleet_server.rollouts.waves import (
 )
 
 __all__ = [
+    "Abort",
+    "ActionRefused",
+    "AssignDevices",
+    "AssignStage",
+    "DecisionRecord",
     "DeviceFacts",
+    "InstallShadow",
+    "Pause",
+    "Phase",
     "Population",
+    "Promote",
+    "RecordDecision",
+    "Resume",
+    "RollbackReached",
+    "RolloutState",
+    "ServeStage",
+    "Start",
     "StratumPlan",
+    "Tick",
     "WavePlan",
     "allowed_installs",
     "bucket",
     "control",
+    "decide",
     "fix_cutoffs",
     "in_window",
     "matches",
