@@ -57,9 +57,12 @@ Replays: a tick at or before the last tick the state has seen changes
 nothing and has no effects, so a service that dies between deciding and
 storing repeats the step it lost, and one that ticks twice takes one step.
 Installs granted are counted in the state when granted, so the ramp never
-grants an install twice. Paused, stopped and final phases grant none; a
-paused rollout leaves that phase only by an operator's action (or by harm
-shown); a stopped one only by an abort.
+grants an install twice; a grant the service could not use (no device
+waiting, every window closed) is not carried over, so neither a closed window
+nor a pause saves installs up for a burst (the ramp starts again at a
+resume). Paused, stopped and final phases grant none; a paused rollout leaves
+that phase only by an operator's action (or by harm shown); a stopped one
+only by an abort.
 """
 
 from __future__ import annotations
@@ -334,7 +337,9 @@ def _pause(state: RolloutState, event: Event, spec: RolloutSpec, now: datetime) 
 def _resume(state: RolloutState, event: Event, spec: RolloutSpec, now: datetime) -> Step:
     assert isinstance(event, Resume)
     phase = Phase.SHADOW if state.stage == 0 else Phase.BAKING
-    after = replace(state, phase=phase, watch_from=now, reason=None, missing={})
+    # The ramp starts again, as at a stage's start: a pause never saves up installs for a burst.
+    base = state.granted[state.stage] if state.granted else 0
+    after = replace(state, phase=phase, watch_from=now, ramp_base=base, reason=None, missing={})
     return _record(state, after, [], now, "resume", event.by, "operator resume", "resume", None)
 
 
@@ -426,7 +431,7 @@ def _advance(
     last = len(spec.shares)
     if state.stage >= last:
         return replace(state, phase=Phase.COMPLETED, reason=None, missing={}), [], "complete"
-    if state.stage == 0 and spec.shadow is not None and state.plan.stage >= 1:
+    if state.stage == 0:  # the shadow passed: wave 1, fixed when the shadow started, serves it
         after = _begin(state, 1, now, state.plan)
         after, pacing = _pace(after, spec, now)
         return after, [ServeStage(1), *pacing], "serve wave 1"
@@ -450,6 +455,7 @@ def _begin(state: RolloutState, stage: int, now: datetime, plan: WavePlan) -> Ro
         plan=plan,
         stage_started_at=now,
         watch_from=now,
+        ramp_base=0,
         reason=None,
         missing={},
     )
@@ -459,9 +465,10 @@ def _pace(state: RolloutState, spec: RolloutSpec, now: datetime) -> Step:
     """The installs the ramp allows now that it has not granted yet, granted."""
     if spec.rate is None:
         return state, [AssignDevices(state.stage, None, spec.window)]
-    assert state.stage_started_at is not None
+    assert state.watch_from is not None
     done = state.granted[state.stage]
-    limit = allowed_installs(now, state.stage_started_at, spec.rate, spec.rate_factor, done)
+    since = done - state.ramp_base
+    limit = allowed_installs(now, state.watch_from, spec.rate, spec.rate_factor, since)
     if limit == 0:
         return state, []
     granted = list(state.granted)

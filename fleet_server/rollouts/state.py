@@ -115,13 +115,14 @@ class RolloutState:
     phase: Phase = Phase.PENDING
     stage: int = 0
     stage_started_at: datetime | None = None
-    # The maximum bake counts from here: the stage's start, or the last resume.
+    # The maximum bake and the install ramp count from here: the stage's start, or the last resume.
     watch_from: datetime | None = None
     plan: WavePlan = field(default_factory=WavePlan)
     reason: str | None = None  # why the rollout last paused or stopped
     missing: Mapping[str, str] = field(default_factory=dict)  # gate -> what it lacked, at a pause
     # Installs granted per stage (index = stage): the service starts at most this many.
     granted: tuple[int, ...] = ()
+    ramp_base: int = 0  # of the current stage's grants, those made before watch_from
     known_gates: tuple[str, ...] = ()  # every stop-gate evaluated so far: none may go missing
     last_tick: datetime | None = None
     decisions: int = 0  # the seq of the last decision
@@ -139,6 +140,7 @@ class RolloutState:
             "reason": self.reason,
             "missing": dict(self.missing),
             "granted": list(self.granted),
+            "ramp_base": self.ramp_base,
             "known_gates": list(self.known_gates),
             "last_tick": _moment(self.last_tick),
             "decisions": self.decisions,
@@ -162,6 +164,7 @@ class RolloutState:
                 reason=data["reason"],
                 missing={str(k): str(v) for k, v in data["missing"].items()},
                 granted=tuple(int(n) for n in data["granted"]),
+                ramp_base=int(data["ramp_base"]),
                 known_gates=tuple(str(g) for g in data["known_gates"]),
                 last_tick=_parse_moment(data["last_tick"]),
                 decisions=int(data["decisions"]),

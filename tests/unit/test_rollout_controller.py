@@ -526,6 +526,20 @@ def test_installs_are_granted_by_the_ramp_each_grant_once() -> None:
     assert state.granted[1] == 10 + 20 + 40 + 80
 
 
+def test_a_pause_saves_no_installs_up_the_ramp_starts_again_at_a_resume() -> None:
+    s = spec(rate="10/min", max_bake="6h")
+    weak = passing(but={"fallback_rate": gate("fallback_rate", "inconclusive")})
+    state, _ = decide(started(s), Pause("ops"), s, minutes(0.5))
+    state, _ = run(state, s, 1, 60, weak)
+    assert state.granted[1] == 10
+    state, _ = decide(state, Resume("ops"), s, minutes(60.5))
+    state, effects = decide(state, tick(weak), s, minutes(60.6))
+    assert of(AssignDevices, effects) == [AssignDevices(1, 10, None)]
+    state, effects = decide(state, tick(weak), s, minutes(61.6))
+    assert of(AssignDevices, effects) == [AssignDevices(1, 10, None)]
+    assert state.granted[1] == 30
+
+
 def test_without_a_rate_every_tick_lets_the_stage_assign_all() -> None:
     s = spec()
     _, effects = decide(started(s), tick(), s, minutes(1))
