@@ -27,7 +27,7 @@ from fleet_server.rollouts.waves import WavePlan, plan_from_json, plan_to_json
 
 STATE_VERSION = 1
 # Decisions kept in the state itself; the store keeps every one (RecordDecision).
-HISTORY_LIMIT = 50
+HISTORY_LIMIT = 20
 
 
 class Phase(StrEnum):
