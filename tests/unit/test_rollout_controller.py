@@ -259,7 +259,9 @@ def test_a_rollout_whose_gates_pass_goes_through_every_wave_and_the_holdback_and
     stages = [(t, e.stage) for t, e in seen if isinstance(e, AssignStage)]
     # Each stage promotes at the first tick once its 30-minute bake has passed.
     assert stages == [(30, 2), (60, 3), (90, 4), (120, 5)]
-    assert [r.action for r in state.history if r.action.startswith(("start", "complete"))] == [
+    records = [e.record for e in [*first, *(e for _, e in seen)] if isinstance(e, RecordDecision)]
+    assert [r.seq for r in records] == list(range(1, state.decisions + 1))  # the store gets all
+    assert [r.action for r in records if r.action.startswith(("start", "complete"))] == [
         "start wave 1",
         "start stage 2",
         "start stage 3",
