@@ -14,6 +14,7 @@ real runtime; the marker is the one the server's planner computes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Iterator
@@ -22,6 +23,9 @@ from typing import Any
 
 import pytest
 
+from agent.config import AgentConfig
+from agent.ota.answers import Changed, Refused, RollbackAssigned
+from agent.ota.fetch_worker import run
 from fleet_server.assignments.planner import ReleaseFacts, RollbackFacts, plan_rollback
 from fleet_server.release.keys import KeyStore, init_keys
 from fleet_server.release.repository import ReleasedBundle
@@ -207,3 +211,44 @@ def test_a_rollback_to_a_slot_whose_files_were_altered_is_refused(
     assert json.loads((slots / "current.json").read_text())["active"] == active
     assert installed(agent) == "2.0.0" and serving(agent) == "2.0.0"
     assert agent.journal()["previous"] is None, "a damaged slot is no step back"
+
+
+# -- the fetcher: a marked rollback keeps every other check, and is never downloaded ----------
+
+
+def fetcher_config(fleet: Fleet) -> AgentConfig:
+    return AgentConfig.load(fleet.agent_config(DEVICE))
+
+
+def test_a_marked_rollback_is_passed_to_the_installer_and_never_downloaded(
+    fleet: Fleet, released: dict[str, ReleasedBundle]
+) -> None:
+    config, floor = fetcher_config(fleet), counter_of(released, "2.0.0")
+    left = f"sha256:{released['2.0.0'].sha256}"
+    name_as_rollback(fleet, released["1.0.0"], left)
+    answer = run("check", config, floor)
+    assert isinstance(answer, RollbackAssigned) and answer.rollback_of == left
+    assert answer.target.version == "1.0.0" and answer.target.sha256 == released["1.0.0"].sha256
+    expect = f"sha256:{released['1.0.0'].sha256}"
+    assert isinstance(run("download", config, floor, expect), Changed)
+    assert not list((config.data_dir / "downloads").glob("*")), "nothing was downloaded"
+
+
+def test_a_marked_rollback_to_a_bundle_the_release_keys_never_signed_is_refused(
+    fleet: Fleet, released: dict[str, ReleasedBundle]
+) -> None:
+    evil = dataclasses.replace(
+        released["1.0.0"], target_path="pump-health/pump-health-0.0.1.bundle", version="0.0.1"
+    )
+    name_as_rollback(fleet, evil, f"sha256:{released['2.0.0'].sha256}")
+    answer = run("check", fetcher_config(fleet), counter_of(released, "2.0.0"))
+    assert isinstance(answer, Refused) and answer.reason == "bundle-not-found"
+
+
+def test_a_malformed_rollback_marker_is_refused(
+    fleet: Fleet, released: dict[str, ReleasedBundle]
+) -> None:
+    name_as_rollback(fleet, released["1.0.0"], "the previous one, please")
+    answer = run("check", fetcher_config(fleet), counter_of(released, "2.0.0"))
+    assert isinstance(answer, Refused) and answer.reason == "untrusted-metadata"
+    assert "rollback_of must be ALGORITHM:HEX" in answer.message
