@@ -325,7 +325,7 @@ class Installer:
             if held != signed:
                 raise SlotError(f"slot {slot} holds {held}, not the previous bundle {signed}")
             model, _ = await asyncio.to_thread(self.models.self_test, slot)
-        except (SelfTestFailed, SlotError) as exc:
+        except (SelfTestFailed, SlotError, OSError) as exc:
             what = f"{expect.name} {expect.version} ({expect.bundle_id})"
             return ev.ReturnRefused("invalid-bundle", f"cannot roll back to {what}: {exc}")
         self.slots.return_to(slot)

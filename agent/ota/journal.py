@@ -164,6 +164,8 @@ class Journal(BaseModel):
     # The bundle committed before ``installed``, while the other slot still holds it:
     # the one bundle a fleet rollback may return to (below the counter).
     previous: HeldBundle | None = None
+    # A fleet rollback to ``previous`` is under way: its slot may be switched to or not yet.
+    returning: bool = False
     # Bundles never to retry, by identity (bundle_id), with the reason they proved bad.
     rejected: dict[str, str] = {}
     last_outcome: Outcome | None = None
@@ -293,6 +295,12 @@ class Journal(BaseModel):
             )
         return None
 
+    def start_return(self) -> Journal:
+        """A fleet rollback to :attr:`previous` starts (written before its slot is switched to)."""
+        if self.phase is not Phase.IDLE or self.previous is None or self.installed is None:
+            raise JournalError(f"no fleet rollback from {self.phase} without a previous bundle")
+        return self.model_copy(update={"returning": True})
+
     def went_back(self, now: float) -> Journal:
         """The fleet rolled back: the previous bundle is installed again, the left one rejected.
 
@@ -317,7 +325,7 @@ class Journal(BaseModel):
 
     def forget_previous(self) -> Journal:
         """The other slot no longer holds the previous bundle whole: no step back remains."""
-        return self.model_copy(update={"previous": None})
+        return self.model_copy(update={"previous": None, "returning": False})
 
     def refused(self, reason: str, message: str, now: float, *, condemned: bool = True) -> Journal:
         """The bundle never became active.
@@ -366,6 +374,7 @@ class Journal(BaseModel):
                 "trial_started_at": None,
                 "trial_boots": 0,
                 "clean_shutdown": False,
+                "returning": False,
                 "last_outcome": outcome,
                 **changes,
             }
@@ -373,7 +382,7 @@ class Journal(BaseModel):
 
 
 RecoveryAction = Literal[
-    "none", "resume_download", "restage", "self_test", "resume_trial", "roll_back"
+    "none", "resume_download", "restage", "self_test", "resume_trial", "roll_back", "return"
 ]
 
 
@@ -383,9 +392,13 @@ def recovery_action(journal: Journal, max_trial_boots: int) -> RecoveryAction:
     Downloads resume (the partial file is kept). A slot write may be half done,
     so staging starts over from the verified bundle. A staged slot is tested
     again before it is switched in. A restart during the trial counts: too many
-    means the new model crashes the device, so it is rolled back.
+    means the new model crashes the device, so it is rolled back. A fleet
+    rollback under way is carried out again (checking and switching to the
+    previous slot is idempotent).
     """
     match journal.phase:
+        case Phase.IDLE if journal.returning:
+            return "return"
         case Phase.IDLE:
             return "none"
         case Phase.DOWNLOADING | Phase.VERIFIED:

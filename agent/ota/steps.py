@@ -10,11 +10,12 @@ screen; an event no row names for the current phase is refused
 
 A fleet rollback is three rows: the director names, marked as a rollback,
 the bundle the other slot holds from before (:class:`RollbackAssigned`); the
-journal's rule accepts exactly that one (:meth:`Journal.rollback_refusal`) and
-the slot is checked and switched back to without a download
-(:class:`ReturnToSlot`); :class:`ReturnedToSlot` records the bundle left as
-rolled back by the fleet, never retried, with the installed counter unchanged.
-Anything else the rule refuses is reported, naming what was refused.
+journal's rule accepts exactly that one (:meth:`Journal.rollback_refusal`),
+journals that the return is under way, and the slot is checked and switched
+back to without a download (:class:`ReturnToSlot`, carried out again after a
+restart); :class:`ReturnedToSlot` records the bundle left as rolled back by
+the fleet, never retried, with the installed counter unchanged. Anything else
+the rule refuses is reported, naming what was refused.
 
 The crash-safety rule lives in the order of the effects: a :class:`SaveJournal`
 comes before the work of the phase it enters, and the installer runs the next
@@ -156,6 +157,10 @@ def _recover(state: InstallerState, event: Event, now: float, policy: Policy) ->
         restarts = journal.trial_boots + 1
         message = f"the agent restarted {restarts} times during the health period"
         return state, [*effects, LoadModels(), RollBack("crash-loop", message)]
+    if action == "return":
+        assert journal.previous is not None
+        held = journal.previous
+        return state, [*effects, LoadModels(), ReturnToSlot(held.slot, held.target)]
     if action == "resume_trial":
         after = journal.rebooted_in_trial()
         saved = SaveJournal(
@@ -238,8 +243,13 @@ def _rollback_assigned(state: InstallerState, event: Event, now: float, policy: 
     refusal = journal.rollback_refusal(target, event.rollback_of)
     if refusal is not None:
         return _report_check(state, ("refused", *refusal))
-    assert journal.previous is not None
-    return replace(state, last_check=None), [ReturnToSlot(journal.previous.slot, target)]
+    # Journaled before the slot is switched to: a restart in between carries it out again.
+    after = journal.start_return()
+    assert after.previous is not None
+    return replace(_journal(state, after), last_check=None), [
+        SaveJournal(after, None),
+        ReturnToSlot(after.previous.slot, target),
+    ]
 
 
 def _went_back(state: InstallerState, event: Event, now: float, policy: Policy) -> Step:

@@ -163,8 +163,7 @@ CASES: list[tuple[Phase, ev.Event, float, Phase, list[type]]] = [
     (Phase.IDLE, Unassigned(), NOW, Phase.IDLE, [ev.PollResult]),
     (Phase.IDLE, SAMPLES[Refused], NOW, Phase.IDLE, [ev.Report, ev.PollResult]),
     (Phase.IDLE, SAMPLES[Unavailable], NOW, Phase.IDLE, [ev.Report, ev.PollResult]),
-    # The slot is checked and switched before the journal says so (see the fleet tests).
-    (Phase.IDLE, BACK, NOW, Phase.IDLE, [ev.ReturnToSlot]),
+    (Phase.IDLE, BACK, NOW, Phase.IDLE, [ev.SaveJournal, ev.ReturnToSlot]),
     (Phase.IDLE, ev.ReturnedToSlot(), NOW, Phase.IDLE, [ev.SaveJournal, ev.PollResult]),
     (
         Phase.IDLE,
@@ -211,7 +210,16 @@ CASES: list[tuple[Phase, ev.Event, float, Phase, list[type]]] = [
 ]
 
 # Effects that begin the work of a phase: the journal naming that phase is saved first.
-WORK = (ev.Check, ev.Download, ev.ChooseSlot, ev.WriteSlot, ev.SelfTest, ev.Hold, ev.DeleteBundle)
+WORK = (
+    ev.Check,
+    ev.Download,
+    ev.ChooseSlot,
+    ev.WriteSlot,
+    ev.SelfTest,
+    ev.Hold,
+    ev.DeleteBundle,
+    ev.ReturnToSlot,
+)
 
 
 def test_every_row_of_the_table_has_a_case() -> None:
@@ -404,7 +412,8 @@ def test_a_commit_remembers_the_bundle_the_other_slot_still_holds() -> None:
 def test_a_marked_rollback_returns_to_the_previous_slot_and_keeps_the_counter() -> None:
     state = InstallerState(committed_over(committed_over(Journal(), V0, "a"), V1, "b"))
     state, effects = decide(state, BACK, NOW, POLICY)
-    assert effects == [ev.ReturnToSlot("a", V0)], "no download: the slot holds it"
+    assert state.journal.returning
+    assert effects == [ev.SaveJournal(state.journal, None), ev.ReturnToSlot("a", V0)]
     after, effects = decide(state, ev.ReturnedToSlot(), NOW + 1, POLICY)
     journal = after.journal
     assert journal.installed == V0 and journal.previous is None
@@ -464,3 +473,14 @@ def test_a_previous_slot_that_fails_its_check_is_forgotten_and_reported_once() -
     )
     reason, _ = refusal(after, BACK)
     assert reason == DOWNGRADE, "with no step back left, the previous bundle is a downgrade"
+
+
+def test_a_fleet_rollback_a_restart_interrupted_is_carried_out_again() -> None:
+    returning, _ = decide(InstallerState(RAN_V1_AFTER_V0), BACK, NOW, POLICY)
+    after, effects = decide(returning, ev.Started(), NOW, POLICY)
+    assert after == returning
+    assert effects == [ev.DiscardStaging(), ev.LoadModels(), ev.ReturnToSlot("a", V0)]
+    done, _ = decide(after, ev.ReturnedToSlot(), NOW, POLICY)
+    assert not done.journal.returning and done.journal.installed == V0
+    refused, _ = decide(after, SAMPLES[ev.ReturnRefused], NOW, POLICY)
+    assert not refused.journal.returning and refused.journal.installed == V1
