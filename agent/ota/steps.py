@@ -36,7 +36,7 @@ from agent.ota.answers import (
     Unassigned,
     Unavailable,
 )
-from agent.ota.journal import Journal, JournalError, Phase, recovery_action
+from agent.ota.journal import FLEET_ROLLBACK, Journal, JournalError, Phase, recovery_action
 from agent.ota.step_events import (
     Check,
     ChooseSlot,
@@ -258,7 +258,7 @@ def _went_back(state: InstallerState, event: Event, now: float, policy: Policy) 
     assert journal.installed is not None and after.installed is not None
     left, back = journal.installed, after.installed
     details = {
-        "reason": "fleet-rollback",
+        "reason": FLEET_ROLLBACK,
         "left_id": left.bundle_id,
         "to": f"{back.name} {back.version}",
         "to_id": back.bundle_id,
