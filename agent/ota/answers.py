@@ -39,6 +39,20 @@ class Assigned(_Answer):
     target: InstallTarget
 
 
+class RollbackAssigned(_Answer):
+    """The director names a bundle as a fleet rollback of ``rollback_of`` (``check``).
+
+    Checked like any assignment except for the release counter, which only the
+    installer can judge: it accepts exactly the bundle its other slot holds from
+    before (:meth:`~agent.ota.journal.Journal.rollback_refusal`), and never
+    downloads one.
+    """
+
+    status: Literal["rollback"] = "rollback"
+    target: InstallTarget
+    rollback_of: str
+
+
 class Changed(_Answer):
     """The director now names another bundle than the download expected (``download``)."""
 
@@ -73,7 +87,7 @@ class Unavailable(_Answer):
 
 
 FetchAnswer = Annotated[
-    Unassigned | Assigned | Changed | Downloaded | Refused | Unavailable,
+    Unassigned | Assigned | RollbackAssigned | Changed | Downloaded | Refused | Unavailable,
     Field(discriminator="status"),
 ]
 _ANSWER: TypeAdapter[FetchAnswer] = TypeAdapter(FetchAnswer)

@@ -5,11 +5,17 @@ with python-tuf exactly like the image repository (so expiry, rollback and
 signature thresholds are enforced the same way). Its word is then checked
 against the image repository by :func:`resolve_assignment`, a pure function:
 the director may only choose among bundles the release keys signed, for this
-device and its hardware, and never below the installed release counter.
+device and its hardware, and never below the installed release counter —
+except for one marked fleet rollback: an entry whose ``custom`` carries
+``rollback_of`` (the ``ALGORITHM:HEX`` of the bundle it replaces) is passed on
+without the counter check, and the installer accepts it only if it is exactly
+the bundle its other slot holds from before, replacing the installed one
+(:meth:`agent.ota.journal.Journal.rollback_refusal`); anything else is refused.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +33,10 @@ from agent.ota.identity import same_hashes
 from agent.ota.image_repository import BundleTarget, ImageRepositoryClient, check_counter, refusals
 from agent.ota.transport import FetchConfig
 
+# The custom field that marks a director target as a fleet rollback, and its value's form.
+ROLLBACK_OF = "rollback_of"
+_BUNDLE_ID = re.compile(r"[a-z0-9_-]{1,32}:[0-9a-f]{32,128}")
+
 
 @dataclass(frozen=True)
 class DirectorTarget:
@@ -38,6 +48,8 @@ class DirectorTarget:
     device_id: str
     hardware_id: str
     release_counter: int
+    # A fleet rollback replacing this bundle (ALGORITHM:HEX), or None for an assignment.
+    rollback_of: str | None = None
 
     @classmethod
     def from_target(cls, target: TargetFile) -> DirectorTarget:
@@ -50,12 +62,21 @@ class DirectorTarget:
                 device_id=str(custom["device_id"]),
                 hardware_id=str(custom["hardware_id"]),
                 release_counter=int(custom["release_counter"]),
+                rollback_of=_rollback_of(custom.get(ROLLBACK_OF)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise UntrustedMetadata(
                 f"director target {target.path} lacks device_id, hardware_id or "
-                f"release_counter: {exc}"
+                f"release_counter, or has a malformed {ROLLBACK_OF}: {exc}"
             ) from None
+
+
+def _rollback_of(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _BUNDLE_ID.fullmatch(value):
+        raise ValueError(f"{ROLLBACK_OF} must be ALGORITHM:HEX, not {value!r}")
+    return value
 
 
 class DirectorClient:
@@ -99,7 +120,9 @@ def resolve_assignment(
     its hardware; the image repository signed that target path; the lengths
     agree, and the hashes too (they share at least one algorithm and agree on
     every one they share); the signed hardware ids include ours; the release counter
-    does not go below the installed one.
+    does not go below the installed one — unless the entry is a marked fleet
+    rollback, which only the installer's journal can judge (it knows what the
+    other slot holds) and which is never downloaded.
     """
     if director.device_id != device_id:
         raise WrongDevice(
@@ -130,7 +153,8 @@ def resolve_assignment(
             f"{image.name} {image.version} is released for {', '.join(image.hardware_ids)}, "
             f"not for {hardware_id}"
         )
-    check_counter(image, installed_counter)
+    if director.rollback_of is None:
+        check_counter(image, installed_counter)
     return image
 
 

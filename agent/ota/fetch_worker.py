@@ -23,6 +23,7 @@ from agent.ota.answers import (
     Downloaded,
     FetchAnswer,
     Refused,
+    RollbackAssigned,
     Unassigned,
     Unavailable,
 )
@@ -65,8 +66,18 @@ def resolve(
     """What to install: the director's answer checked against the image repository.
 
     A standalone device (no director) takes the newest bundle of its configured
-    name released for its hardware, never one below ``installed_counter``.
+    name released for its hardware, never one below ``installed_counter``. A
+    marked fleet rollback is returned without the counter check
+    (:func:`resolve_marked` says which bundle it replaces).
     """
+    target, _, image = resolve_marked(config, installed_counter)
+    return target, image
+
+
+def resolve_marked(
+    config: AgentConfig, installed_counter: int
+) -> tuple[BundleTarget | None, str | None, ImageRepositoryClient]:
+    """:func:`resolve`, with the bundle a marked fleet rollback replaces (``None``: none)."""
     image_dir, director_dir = trust_dirs(config)
     ImageRepositoryClient.provision(image_dir, config.image_repository.root)
     fetch = _fetch_config(config)
@@ -74,14 +85,13 @@ def resolve(
     if config.director is None:
         assert config.image_repository.name is not None  # the config insists on one
         image.refresh()
-        return image.choose(
-            config.image_repository.name, config.hardware_id, installed_counter
-        ), image
+        chosen = image.choose(config.image_repository.name, config.hardware_id, installed_counter)
+        return chosen, None, image
     ImageRepositoryClient.provision(director_dir, config.director.root)
     director = DirectorClient(director_dir, config.director.url, config.device_id, fetch)
     assigned = director.assignment()
     if assigned is None:
-        return None, image
+        return None, None, image
     image.refresh()
     target = resolve_assignment(
         assigned,
@@ -90,7 +100,7 @@ def resolve(
         config.hardware_id,
         installed_counter,
     )
-    return target, image
+    return target, assigned.rollback_of, image
 
 
 def run(
@@ -104,7 +114,7 @@ def run(
     what the director said.
     """
     try:
-        target, image = resolve(config, installed_counter)
+        target, rollback_of, image = resolve_marked(config, installed_counter)
     except RepositoryUnavailable as exc:
         return _unavailable(exc)
     except UpdateRefused as exc:
@@ -113,8 +123,11 @@ def run(
         return Unassigned()
     signed = InstallTarget.model_validate(asdict(target))
     if command == "check":
+        if rollback_of is not None:
+            return RollbackAssigned(target=signed, rollback_of=rollback_of)
         return Assigned(target=signed)
-    if expect is not None and expect not in signed.matching_ids():
+    if rollback_of is not None or (expect is not None and expect not in signed.matching_ids()):
+        # A fleet rollback is never downloaded: the director changed its mind.
         return Changed(target=signed)
     faults = Faults(config.faults.hold_at)
 

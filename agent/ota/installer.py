@@ -5,7 +5,9 @@ ask the director (through the fetcher; a standalone device asks the image
 repository for the newest release of its bundle), download and verify, stage
 into the inactive slot, self-test, switch, watch the new model's first
 requests, commit after the health period — or refuse, or roll back, saying
-why. Which step follows which is :func:`agent.ota.steps.decide`; this module
+why. A fleet rollback switches back to the other slot without a download,
+once its files check out against their manifest and its model passes the
+self-test again. Which step follows which is :func:`agent.ota.steps.decide`; this module
 only does the I/O it asks for and feeds back what happened. :meth:`Installer.recover`
 picks up whatever a crash left.
 """
@@ -23,7 +25,7 @@ from agent.config import AgentConfig, UpdateConfig
 from agent.ota import step_events as ev
 from agent.ota.errors import SelfTestFailed, UpdateRefused
 from agent.ota.faults import Faults
-from agent.ota.journal import Journal, Phase
+from agent.ota.journal import InstallTarget, Journal, Phase
 from agent.ota.journal_store import JournalStore
 from agent.ota.parts import (
     FaultPoints,
@@ -48,7 +50,7 @@ Publish = Callable[[SlotModel | None, SlotModel | None], None]
 EventListener = Callable[[dict[str, object]], None]
 
 # Effects that wait on I/O; each is the last of its step and its outcome the next event.
-_AWAITED = (ev.Check, ev.Download, ev.WriteSlot, ev.SelfTest)
+_AWAITED = (ev.Check, ev.Download, ev.WriteSlot, ev.SelfTest, ev.ReturnToSlot)
 
 
 class Installer:
@@ -247,6 +249,8 @@ class Installer:
                 return await self._write_slot(effect.slot, Path(effect.bundle_file))
             case ev.SelfTest():
                 return await self._self_test(effect.slot)
+            case ev.ReturnToSlot():
+                return await self._return_to(effect.slot, effect.expect)
         raise AssertionError(f"{effect} is not awaited")  # pragma: no cover
 
     # -- persistence ---------------------------------------------------------------------
@@ -311,6 +315,24 @@ class Installer:
                 return ev.SelfTestRefused(exc.reason, exc.detail)
             return ev.SelfTestRefused("invalid-bundle", str(exc))
         return ev.SelfTestPassed(report.latency_p95_ms, report.memory_mb)
+
+    async def _return_to(self, slot: str, expect: InstallTarget) -> ev.Event:
+        """Serve ``slot`` again if it still holds ``expect`` whole and its model passes."""
+        try:
+            manifest = await asyncio.to_thread(self.slots.verify, slot)
+            signed = (expect.name, expect.version, expect.release_counter)
+            held = (manifest.name, manifest.version, manifest.release_counter)
+            if held != signed:
+                raise SlotError(f"slot {slot} holds {held}, not the previous bundle {signed}")
+            model, _ = await asyncio.to_thread(self.models.self_test, slot)
+        except (SelfTestFailed, SlotError, OSError) as exc:
+            what = f"{expect.name} {expect.version} ({expect.bundle_id})"
+            return ev.ReturnRefused("invalid-bundle", f"cannot roll back to {what}: {exc}")
+        self.slots.return_to(slot)
+        self.active, self.previous = model, None
+        self.publish(model, None)
+        self.watchdog = None
+        return ev.ReturnedToSlot()
 
     def _switch(self, slot: str) -> None:
         new, self._tested = self._tested, None

@@ -16,7 +16,17 @@ The rules:
   install in a loop); a refusal of an *answer* (forged director metadata,
   garbled bytes on the wire) is reported but not remembered, so it can never
   block the genuine bundle;
-- the installed release counter only grows, and only on commit.
+- the installed release counter only grows, and only on commit;
+- one step back, and only one: the bundle committed before the installed one
+  is remembered while the other A/B slot still holds it (:attr:`Journal.previous`).
+  A director may name exactly that bundle below the counter, marked as a
+  rollback of the installed one (:meth:`Journal.rollback_refusal`); the device
+  then switches back to that slot without downloading anything
+  (:meth:`Journal.went_back`), remembers the bundle it left as never to retry,
+  and keeps its counter: the floor for any other bundle stays the highest
+  counter it ever committed. After that step the other slot holds the newer
+  bundle, so nothing older can follow: a compromised director can undo one
+  step, never install an arbitrary old release.
 
 :class:`Journal` is pure data and pure transitions (no I/O, no clock: callers
 pass ``now``); :class:`~agent.ota.journal_store.JournalStore` persists it.
@@ -34,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from agent.ota.errors import answer_refusal_codes
 from agent.ota.identity import bundle_id, same_hashes
+from agent.ota.slots import SLOT_NAMES
 
 _BARE_SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -103,6 +114,27 @@ class Outcome(BaseModel):
     at: float
 
 
+class HeldBundle(BaseModel):
+    """A bundle committed before, still whole in the A/B slot that is not active."""
+
+    model_config = ConfigDict(frozen=True)
+
+    slot: str
+    target: InstallTarget
+
+
+# The reason codes of a fleet rollback refused by the journal's rule.
+DOWNGRADE = "release-counter-downgrade"
+ROLLBACK_REFUSED = "rollback-refused"
+# The reason recorded for a bundle the fleet rolled back (never retried).
+FLEET_ROLLBACK = "fleet-rollback"
+
+
+def other_slot(slot: str) -> str:
+    """The A/B slot that is not ``slot``."""
+    return next(s for s in SLOT_NAMES if s != slot)
+
+
 _NEXT: dict[Phase, set[Phase]] = {
     Phase.IDLE: {Phase.DOWNLOADING},
     Phase.DOWNLOADING: {Phase.VERIFIED},
@@ -129,6 +161,11 @@ class Journal(BaseModel):
     clean_shutdown: bool = False  # the agent was stopped on purpose during the trial
     installed: InstallTarget | None = None
     installed_counter: int = 0
+    # The bundle committed before ``installed``, while the other slot still holds it:
+    # the one bundle a fleet rollback may return to (below the counter).
+    previous: HeldBundle | None = None
+    # A fleet rollback to ``previous`` is under way: its slot may be switched to or not yet.
+    returning: bool = False
     # Bundles never to retry, by identity (bundle_id), with the reason they proved bad.
     rejected: dict[str, str] = {}
     last_outcome: Outcome | None = None
@@ -193,7 +230,9 @@ class Journal(BaseModel):
         return self._to(Phase.VERIFIED, bundle_file=bundle_file)
 
     def start_staging(self, slot: str) -> Journal:
-        return self._to(Phase.STAGING, slot=slot)
+        # The slot about to be written no longer holds the bundle committed before.
+        previous = None if self.previous is None or self.previous.slot == slot else self.previous
+        return self._to(Phase.STAGING, slot=slot, previous=previous)
 
     def staged(self) -> Journal:
         return self._to(Phase.STAGED)
@@ -212,11 +251,81 @@ class Journal(BaseModel):
     def committed(self, now: float) -> Journal:
         if self.phase is not Phase.TRIAL or self.target is None:
             raise JournalError(f"cannot commit from {self.phase}")
+        previous = None
+        if self.installed is not None and self.slot is not None:
+            # The install went into the slot that was not active: the other still
+            # holds the bundle committed until now.
+            previous = HeldBundle(slot=other_slot(self.slot), target=self.installed)
         return self._idle(
             Outcome(result="committed", target=self.target, at=now),
             installed=self.target,
             installed_counter=max(self.installed_counter, self.target.release_counter),
+            previous=previous,
         )
+
+    def rollback_refusal(self, target: InstallTarget, rollback_of: str) -> tuple[str, str] | None:
+        """Why a fleet rollback to ``target``, replacing ``rollback_of``, is refused; or ``None``.
+
+        Accepted only when ``target`` is exactly the bundle committed before the
+        installed one and still held whole by the other slot, and ``rollback_of``
+        names the installed bundle (``ALGORITHM:HEX``), with no install under way.
+        A refusal of a target below the installed counter is a
+        release-counter downgrade, as for any other lower bundle.
+        """
+        name = f"{target.name} {target.version} ({target.bundle_id})"
+        reason = DOWNGRADE if target.release_counter < self.installed_counter else ROLLBACK_REFUSED
+        if self.phase is not Phase.IDLE:
+            return reason, f"a rollback to {name} cannot start while an install is {self.phase}"
+        held = self.previous
+        if held is None or not held.target.same_bundle(target):
+            holds = (
+                f"{held.target.name} {held.target.version}"
+                if held is not None
+                else "no bundle committed before"
+            )
+            return reason, (
+                f"a rollback to {name} (release counter {target.release_counter}, installed "
+                f"counter {self.installed_counter}): the other slot holds {holds}; a rollback "
+                "may only return to the bundle committed right before the installed one"
+            )
+        if self.installed is None or rollback_of not in self.installed.matching_ids():
+            runs = self.installed.bundle_id if self.installed is not None else "nothing"
+            return ROLLBACK_REFUSED, (
+                f"a rollback to {name} replaces {rollback_of}, but the installed bundle is {runs}"
+            )
+        return None
+
+    def start_return(self) -> Journal:
+        """A fleet rollback to :attr:`previous` starts (written before its slot is switched to)."""
+        if self.phase is not Phase.IDLE or self.previous is None or self.installed is None:
+            raise JournalError(f"no fleet rollback from {self.phase} without a previous bundle")
+        return self.model_copy(update={"returning": True})
+
+    def went_back(self, now: float) -> Journal:
+        """The fleet rolled back: the previous bundle is installed again, the left one rejected.
+
+        The installed counter stays where it was (the highest ever committed), and
+        no step back remains: the other slot now holds the bundle just left.
+        """
+        left, held = self.installed, self.previous
+        if self.phase is not Phase.IDLE or left is None or held is None:
+            raise JournalError(f"no fleet rollback from {self.phase} without a previous bundle")
+        message = (
+            f"the fleet rolled back from {left.name} {left.version} to "
+            f"{held.target.name} {held.target.version}"
+        )
+        return self._idle(
+            Outcome(
+                result="rolled_back", target=left, reason=FLEET_ROLLBACK, message=message, at=now
+            ),
+            installed=held.target,
+            previous=None,
+            rejected={**self.rejected, left.bundle_id: f"{FLEET_ROLLBACK}: {message}"},
+        )
+
+    def forget_previous(self) -> Journal:
+        """The other slot no longer holds the previous bundle whole: no step back remains."""
+        return self.model_copy(update={"previous": None, "returning": False})
 
     def refused(self, reason: str, message: str, now: float, *, condemned: bool = True) -> Journal:
         """The bundle never became active.
@@ -265,6 +374,7 @@ class Journal(BaseModel):
                 "trial_started_at": None,
                 "trial_boots": 0,
                 "clean_shutdown": False,
+                "returning": False,
                 "last_outcome": outcome,
                 **changes,
             }
@@ -272,7 +382,7 @@ class Journal(BaseModel):
 
 
 RecoveryAction = Literal[
-    "none", "resume_download", "restage", "self_test", "resume_trial", "roll_back"
+    "none", "resume_download", "restage", "self_test", "resume_trial", "roll_back", "return"
 ]
 
 
@@ -282,9 +392,13 @@ def recovery_action(journal: Journal, max_trial_boots: int) -> RecoveryAction:
     Downloads resume (the partial file is kept). A slot write may be half done,
     so staging starts over from the verified bundle. A staged slot is tested
     again before it is switched in. A restart during the trial counts: too many
-    means the new model crashes the device, so it is rolled back.
+    means the new model crashes the device, so it is rolled back. A fleet
+    rollback under way is carried out again (checking and switching to the
+    previous slot is idempotent).
     """
     match journal.phase:
+        case Phase.IDLE if journal.returning:
+            return "return"
         case Phase.IDLE:
             return "none"
         case Phase.DOWNLOADING | Phase.VERIFIED:

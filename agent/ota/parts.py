@@ -49,6 +49,14 @@ class SlotStore(Protocol):
 
     def discard_staging(self) -> None: ...
 
+    def verify(self, slot: str) -> Manifest:
+        """Check the slot's files against its manifest; raises ``SlotError``."""
+        ...
+
+    def return_to(self, slot: str) -> SlotPointer:
+        """Make ``slot`` active with no fallback (a fleet rollback)."""
+        ...
+
     def switch(self, slot: str) -> SlotPointer: ...
 
     def roll_back(self) -> SlotPointer:

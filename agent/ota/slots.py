@@ -119,6 +119,36 @@ class Slots:
         fsync_dir(self.directory)
         return manifest
 
+    def verify(self, slot: str) -> Manifest:
+        """Check every file of ``slot`` against its manifest (hash and length); its manifest.
+
+        Raises :class:`SlotError` naming the first file missing, altered or unlisted.
+        """
+        manifest = self.manifest(slot)
+        # Imported here: the hashing helper belongs with the bundle reader.
+        from protocol.bundle import file_entry
+
+        folder = self.path(slot)
+        present = {p.name for p in folder.iterdir()} - {MANIFEST_FILE}
+        unlisted = present - set(manifest.files)
+        if unlisted:
+            raise SlotError(f"slot {slot} holds {', '.join(sorted(unlisted))}, not in its manifest")
+        for name, entry in sorted(manifest.files.items()):
+            try:
+                data = (folder / name).read_bytes()
+            except FileNotFoundError:
+                raise SlotError(f"slot {slot} lacks {name}") from None
+            if file_entry(data) != entry:
+                raise SlotError(f"slot {slot}: {name} does not match the hash in its manifest")
+        return manifest
+
+    def return_to(self, slot: str) -> SlotPointer:
+        """Make ``slot`` active with no fallback (a fleet rollback); idempotent."""
+        self.manifest(slot)  # refuse to point at an empty slot
+        pointer = SlotPointer(active=slot, previous=None)
+        self._set_pointer(pointer)
+        return pointer
+
     def discard_staging(self) -> None:
         """Remove what a crash mid-staging left behind."""
         for slot in SLOT_NAMES:

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from agent.ota.answers import FetchAnswer
-from agent.ota.journal import Journal
+from agent.ota.journal import InstallTarget, Journal
 
 # -- events: what happened -------------------------------------------------------------
 
@@ -87,6 +87,19 @@ class SlotsRolledBack:
     message: str
 
 
+@dataclass(frozen=True)
+class ReturnedToSlot:
+    """The previous bundle's slot checked out and is active (and serving) again."""
+
+
+@dataclass(frozen=True)
+class ReturnRefused:
+    """The previous bundle's slot does not hold it whole: nothing was switched."""
+
+    reason: str
+    message: str
+
+
 Event = (
     Started
     | Poll
@@ -99,6 +112,8 @@ Event = (
     | SelfTestRefused
     | WatchdogTripped
     | SlotsRolledBack
+    | ReturnedToSlot
+    | ReturnRefused
     | FetchAnswer
 )
 
@@ -200,6 +215,16 @@ class RollBack:
 
 
 @dataclass(frozen=True)
+class ReturnToSlot:
+    """A fleet rollback: check ``slot``'s files against its manifest and that it holds
+    ``expect``, self-test it, make it active and serve it (no fallback); next
+    :class:`ReturnedToSlot` or :class:`ReturnRefused`."""
+
+    slot: str
+    expect: InstallTarget
+
+
+@dataclass(frozen=True)
 class DeleteBundle:
     """The install ended: its downloaded bundle file goes."""
 
@@ -230,6 +255,7 @@ Effect = (
     | WatchTrial
     | EndTrial
     | RollBack
+    | ReturnToSlot
     | DeleteBundle
     | DiscardStaging
     | LoadModels

@@ -8,6 +8,15 @@ event, the phases it may end in — so the whole life of an install reads on one
 screen; an event no row names for the current phase is refused
 (:class:`InvalidEvent`).
 
+A fleet rollback is three rows: the director names, marked as a rollback,
+the bundle the other slot holds from before (:class:`RollbackAssigned`); the
+journal's rule accepts exactly that one (:meth:`Journal.rollback_refusal`),
+journals that the return is under way, and the slot is checked and switched
+back to without a download (:class:`ReturnToSlot`, carried out again after a
+restart); :class:`ReturnedToSlot` records the bundle left as rolled back by
+the fleet, never retried, with the installed counter unchanged. Anything else
+the rule refuses is reported, naming what was refused.
+
 The crash-safety rule lives in the order of the effects: a :class:`SaveJournal`
 comes before the work of the phase it enters, and the installer runs the next
 effect only once the journal is fsynced.
@@ -18,8 +27,16 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
-from agent.ota.answers import Assigned, Changed, Downloaded, Refused, Unassigned, Unavailable
-from agent.ota.journal import Journal, JournalError, Phase, recovery_action
+from agent.ota.answers import (
+    Assigned,
+    Changed,
+    Downloaded,
+    Refused,
+    RollbackAssigned,
+    Unassigned,
+    Unavailable,
+)
+from agent.ota.journal import FLEET_ROLLBACK, Journal, JournalError, Phase, recovery_action
 from agent.ota.step_events import (
     Check,
     ChooseSlot,
@@ -34,6 +51,9 @@ from agent.ota.step_events import (
     Poll,
     PollResult,
     Report,
+    ReturnedToSlot,
+    ReturnRefused,
+    ReturnToSlot,
     RollBack,
     SaveJournal,
     SelfTest,
@@ -137,6 +157,10 @@ def _recover(state: InstallerState, event: Event, now: float, policy: Policy) ->
         restarts = journal.trial_boots + 1
         message = f"the agent restarted {restarts} times during the health period"
         return state, [*effects, LoadModels(), RollBack("crash-loop", message)]
+    if action == "return":
+        assert journal.previous is not None
+        held = journal.previous
+        return state, [*effects, LoadModels(), ReturnToSlot(held.slot, held.target)]
     if action == "resume_trial":
         after = journal.rebooted_in_trial()
         saved = SaveJournal(
@@ -198,13 +222,60 @@ def _not_assigned(state: InstallerState, event: Event, now: float, policy: Polic
     assert isinstance(event, Unassigned | Refused | Unavailable)
     if isinstance(event, Unassigned):
         return replace(state, last_check=("none", None, None)), [PollResult("nothing assigned")]
-    report: CheckReport = (event.status, event.reason, event.message)
+    return _report_check(state, (event.status, event.reason, event.message))
+
+
+def _report_check(state: InstallerState, report: CheckReport) -> Step:
+    """Report what a check found; the same refusal on every poll is recorded (and sent) once."""
+    status, reason, message = report
     effects: list[Effect] = []
-    if report != state.last_check:  # the same refusal on every poll is recorded (and sent) once
-        details = {"reason": event.reason, "message": event.message}
-        effects.append(Report(f"check-{event.status}", details))
-    effects.append(PollResult(f"{event.status}: {event.message}"))
+    if report != state.last_check:
+        effects.append(Report(f"check-{status}", {"reason": reason, "message": message}))
+    effects.append(PollResult(f"{status}: {message}"))
     return replace(state, last_check=report), effects
+
+
+def _rollback_assigned(state: InstallerState, event: Event, now: float, policy: Policy) -> Step:
+    assert isinstance(event, RollbackAssigned)
+    target, journal = event.target, state.journal
+    if journal.installed and journal.installed.same_bundle(target):
+        return replace(state, last_check=None), [PollResult("up to date")]
+    refusal = journal.rollback_refusal(target, event.rollback_of)
+    if refusal is not None:
+        return _report_check(state, ("refused", *refusal))
+    # Journaled before the slot is switched to: a restart in between carries it out again.
+    after = journal.start_return()
+    assert after.previous is not None
+    return replace(_journal(state, after), last_check=None), [
+        SaveJournal(after, None),
+        ReturnToSlot(after.previous.slot, target),
+    ]
+
+
+def _went_back(state: InstallerState, event: Event, now: float, policy: Policy) -> Step:
+    journal = state.journal
+    after = journal.went_back(now)
+    assert journal.installed is not None and after.installed is not None
+    left, back = journal.installed, after.installed
+    details = {
+        "reason": FLEET_ROLLBACK,
+        "left_id": left.bundle_id,
+        "to": f"{back.name} {back.version}",
+        "to_id": back.bundle_id,
+        "installed_counter": after.installed_counter,
+    }
+    return _journal(state, after), [
+        SaveJournal(after, "fleet-rolled-back", details),
+        PollResult(f"rolled back to {back.name} {back.version}"),
+    ]
+
+
+def _return_refused(state: InstallerState, event: Event, now: float, policy: Policy) -> Step:
+    # The slot cannot be trusted to hold the bundle any more: no step back remains.
+    assert isinstance(event, ReturnRefused)
+    after = state.journal.forget_previous()
+    state, effects = _report_check(_journal(state, after), ("refused", event.reason, event.message))
+    return state, [SaveJournal(after, None), *effects]
 
 
 def _downloaded(state: InstallerState, event: Event, now: float, policy: Policy) -> Step:
@@ -396,6 +467,10 @@ TRANSITIONS: tuple[Transition, ...] = (
     _row(IDLE, Unassigned, {IDLE}, _not_assigned),
     _row(IDLE, Refused, {IDLE}, _not_assigned),
     _row(IDLE, Unavailable, {IDLE}, _not_assigned),
+    # A fleet rollback: back to the bundle the other slot holds from before, no download.
+    _row(IDLE, RollbackAssigned, {IDLE}, _rollback_assigned),
+    _row(IDLE, ReturnedToSlot, {IDLE}, _went_back),
+    _row(IDLE, ReturnRefused, {IDLE}, _return_refused),
     # The fetcher's answer to a download.
     _row(DOWNLOADING, Downloaded, {VERIFIED, IDLE}, _downloaded),
     _row(DOWNLOADING, Refused, {IDLE}, _download_refused),

@@ -9,7 +9,12 @@ release, the tag rules and the facts the device reports:
 - a yanked release is assigned to no device;
 - for a device gaining a tag, an assignment made for the device by name
   overrides tag rules, and of two rules matching it, the newest wins;
-- the director metadata follows the database (:func:`plan_sync`).
+- the director metadata follows the database (:func:`plan_sync`);
+- a fleet rollback (:func:`plan_rollback`) may name a release below the
+  counter a device runs only as a marked rollback, and only the release that
+  device committed right before the one it runs: the device still holds it in
+  its other slot and accepts exactly that one (a compromised director can undo
+  one step, never install an arbitrary old release).
 
 The ORM rows satisfy the ``*Like`` protocols, and so do the plain
 dataclasses below (``ReleaseFacts``, ``DeviceFacts``, ``RuleFacts``).
@@ -112,6 +117,64 @@ class RuleFacts:
     id: int
     tag: str
     cancelled_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class RollbackFacts:
+    """A device as a fleet rollback sees it: what it runs, and what it ran right before.
+
+    ``running_sha256`` is the signed sha256 of the release it runs (the bundle
+    the rollback replaces); both releases are named by target path, as
+    committed by the device (``None``: unknown, or none).
+    """
+
+    id: str
+    hardware_id: str
+    running: str | None
+    running_sha256: str | None
+    ran_before: str | None
+
+
+@dataclass(frozen=True)
+class RollbackPlan:
+    """A marked rollback for the director to sign: ``target_path`` replacing ``rollback_of``."""
+
+    device_id: str
+    target_path: str
+    rollback_of: str  # the replaced bundle's identity, ALGORITHM:HEX, as the device names it
+
+
+class RollbackRefused(AssignmentConflict):
+    """The device cannot be rolled back to that release (it did not run it right before)."""
+
+
+def plan_rollback(device: RollbackFacts, previous: ReleaseLike) -> RollbackPlan:
+    """The marked rollback that returns ``device`` to ``previous``, or :class:`RollbackRefused`.
+
+    Allowed only when the device committed ``previous`` right before the
+    release it runs now (so its other slot holds it), for its hardware, not
+    yanked. The plan names the replaced bundle by its signed sha256, which is
+    what the device checks against the bundle it runs; a rollback is always
+    marked, whatever the counters, so the device never downloads it.
+    """
+    label = f"{previous.name} {previous.version}"
+    if device.running is None or device.running_sha256 is None:
+        raise RollbackRefused(f"{device.id} runs no release the server knows: nothing to undo")
+    if device.running == previous.target_path:
+        raise RollbackRefused(f"{device.id} runs {label} already: nothing to undo")
+    if device.ran_before != previous.target_path:
+        before = device.ran_before or "no release the server knows"
+        raise RollbackRefused(
+            f"{device.id} did not run {label} right before what it runs now (it ran {before}); "
+            "a rollback returns a device one step, to the release its other slot holds"
+        )
+    if device.hardware_id not in previous.hardware_ids:
+        raise RollbackRefused(f"{label} is not released for {device.hardware_id} ({device.id})")
+    if previous.yanked_at is not None:
+        raise RollbackRefused(
+            f"{label} was yanked ({previous.yank_reason}): {device.id} keeps what it runs"
+        )
+    return RollbackPlan(device.id, previous.target_path, f"sha256:{device.running_sha256}")
 
 
 def device_label(assignment_id: int) -> str:

@@ -5,7 +5,9 @@ bundle it should run now — the same target path, length and hashes as the
 image repository, plus the device id and hardware id it is meant for. The
 director's key is online (the server holds it), so the device trusts it only
 to *choose*: a bundle must also be signed by the offline release keys, and its
-release counter may never go down.
+release counter may never go down — but for one marked fleet rollback
+(``custom.rollback_of``), which a device accepts only for the bundle its other
+slot holds from before: one step back, never an arbitrary old release.
 
 Layout::
 
@@ -71,15 +73,30 @@ class Assignment:
     version: int  # the device's director targets version: grows with every assignment
 
 
-def assignment_custom(device_id: str, hardware_id: str, bundle: ReleasedBundle) -> dict[str, Any]:
-    """The ``custom`` field of a director target."""
-    return {
+# The custom field that marks a director target as a fleet rollback (the device's name for it).
+ROLLBACK_OF = "rollback_of"
+
+
+def assignment_custom(
+    device_id: str, hardware_id: str, bundle: ReleasedBundle, rollback_of: str | None = None
+) -> dict[str, Any]:
+    """The ``custom`` field of a director target.
+
+    ``rollback_of``: the bundle (``ALGORITHM:HEX``) this target replaces in a
+    fleet rollback. The device accepts such a target below its release counter
+    only if it is exactly the bundle its other slot holds from before, replacing
+    the one it runs (see :func:`fleet_server.assignments.planner.plan_rollback`).
+    """
+    custom: dict[str, Any] = {
         "device_id": device_id,
         "hardware_id": hardware_id,
         "name": bundle.name,
         "version": bundle.version,
         "release_counter": bundle.release_counter,
     }
+    if rollback_of is not None:
+        custom[ROLLBACK_OF] = rollback_of
+    return custom
 
 
 @dataclass(frozen=True)
@@ -192,8 +209,12 @@ class DirectorRepository:
         hardware_id: str,
         bundle: ReleasedBundle,
         version: int | None = None,
+        rollback_of: str | None = None,
     ) -> Assignment:
         """Tell ``device_id`` to run ``bundle``; refuses a bundle not made for its hardware.
+
+        ``rollback_of``: sign it as a marked fleet rollback replacing that bundle
+        (``ALGORITHM:HEX``, a :class:`~fleet_server.assignments.planner.RollbackPlan`'s).
 
         ``version`` is the targets version to sign (default: the next one); if
         the device's metadata is already at that version or newer, nothing is
@@ -208,7 +229,9 @@ class DirectorRepository:
             length=bundle.length,
             hashes={"sha256": bundle.sha256},
             path=bundle.target_path,
-            unrecognized_fields={"custom": assignment_custom(device_id, hardware_id, bundle)},
+            unrecognized_fields={
+                "custom": assignment_custom(device_id, hardware_id, bundle, rollback_of)
+            },
         )
         signed = repo.sign(keys, {bundle.target_path: target}, version)
         return Assignment(

@@ -10,9 +10,13 @@ from fleet_server.assignments.models import AssignmentConflict, AssignmentError,
 from fleet_server.assignments.planner import (
     DeviceFacts,
     ReleaseFacts,
+    RollbackFacts,
+    RollbackPlan,
+    RollbackRefused,
     RuleFacts,
     below_installed,
     check_assignment,
+    plan_rollback,
     refuse_yanked,
     rule_skip_reason,
     rule_to_apply,
@@ -129,3 +133,44 @@ def test_a_rule_is_skipped_for_a_yanked_release_another_hardware_or_a_lower_coun
 def test_yanked_is_named_before_hardware_and_counter() -> None:
     why = rule_skip_reason(YANKED, device("a", "coral", counter=9))
     assert why == "kws 1.1.0 was yanked: bad accuracy"
+
+
+# -- a fleet rollback: one step back, marked ---------------------------------------
+
+NEWER = ReleaseFacts("kws/kws-1.3.0.bundle", "kws", "1.3.0", 6, ("pi4", "pi5"))
+OLDEST = ReleaseFacts("kws/kws-1.0.0.bundle", "kws", "1.0.0", 3, ("pi4", "pi5"))
+RAN_1_2_THEN_1_3 = RollbackFacts(
+    "a", "pi4", running=NEWER.target_path, running_sha256="e" * 64, ran_before=RELEASE.target_path
+)
+
+
+def test_a_device_goes_back_to_the_release_it_ran_right_before_as_a_marked_rollback() -> None:
+    plan = plan_rollback(RAN_1_2_THEN_1_3, RELEASE)
+    assert plan == RollbackPlan("a", RELEASE.target_path, rollback_of="sha256:" + "e" * 64)
+    # Below the device's counter, which an ordinary assignment may never be.
+    with pytest.raises(AssignmentConflict):
+        check_assignment(RELEASE, [device("a", counter=NEWER.release_counter)], None)
+
+
+def test_a_rollback_to_anything_but_the_release_run_right_before_is_refused() -> None:
+    with pytest.raises(
+        RollbackRefused, match=r"did not run kws 1\.0\.0 right before .*\(it ran kws/kws-1\.2\.0"
+    ):
+        plan_rollback(RAN_1_2_THEN_1_3, OLDEST)
+    with pytest.raises(RollbackRefused, match=r"runs kws 1\.3\.0 already"):
+        plan_rollback(RAN_1_2_THEN_1_3, NEWER)
+    unknown = RollbackFacts("a", "pi4", None, None, None)
+    with pytest.raises(RollbackRefused, match="runs no release the server knows"):
+        plan_rollback(unknown, RELEASE)
+    first = RollbackFacts("a", "pi4", NEWER.target_path, "e" * 64, ran_before=None)
+    with pytest.raises(RollbackRefused, match="it ran no release the server knows"):
+        plan_rollback(first, RELEASE)
+
+
+def test_a_rollback_to_a_yanked_release_or_for_other_hardware_is_refused() -> None:
+    ran_yanked = RollbackFacts("a", "pi4", NEWER.target_path, "e" * 64, YANKED.target_path)
+    with pytest.raises(RollbackRefused, match=r"kws 1.1.0 was yanked \(bad accuracy\)"):
+        plan_rollback(ran_yanked, YANKED)
+    jetson = RollbackFacts("j", "jetson", NEWER.target_path, "e" * 64, RELEASE.target_path)
+    with pytest.raises(RollbackRefused, match="not released for jetson"):
+        plan_rollback(jetson, RELEASE)

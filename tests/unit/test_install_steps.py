@@ -15,11 +15,20 @@ from agent.ota.answers import (
     Changed,
     Downloaded,
     Refused,
+    RollbackAssigned,
     Unassigned,
     Unavailable,
     parse_answer,
 )
-from agent.ota.journal import InstallTarget, Journal, Phase
+from agent.ota.journal import (
+    DOWNGRADE,
+    FLEET_ROLLBACK,
+    ROLLBACK_REFUSED,
+    HeldBundle,
+    InstallTarget,
+    Journal,
+    Phase,
+)
 from agent.ota.steps import (
     MAX_RETRY_DELAY_S,
     TRANSITIONS,
@@ -45,8 +54,38 @@ V3 = V2.model_copy(
     update={"path": "p/p-3.0.0.bundle", "version": "3.0.0", "hashes": {"sha256": "c" * 64}}
 )
 
+# What the device ran before: 1.0.0 (active, slot b) committed over 0.9.0 (still in slot a).
+V0 = V2.model_copy(
+    update={
+        "path": "p/p-0.9.0.bundle",
+        "version": "0.9.0",
+        "release_counter": 9_999,
+        "hashes": {"sha256": "0" * 64},
+    }
+)
+V1 = V2.model_copy(
+    update={
+        "path": "p/p-1.0.0.bundle",
+        "version": "1.0.0",
+        "release_counter": 1_000_999,
+        "hashes": {"sha256": "1" * 64},
+    }
+)
+OLDER = V2.model_copy(
+    update={
+        "path": "p/p-0.5.0.bundle",
+        "version": "0.5.0",
+        "release_counter": 5_999,
+        "hashes": {"sha256": "5" * 64},
+    }
+)
+RAN_V1_AFTER_V0 = Journal(
+    installed=V1, installed_counter=V1.release_counter, previous=HeldBundle(slot="a", target=V0)
+)
+BACK = RollbackAssigned(target=V0, rollback_of=V1.bundle_id)
+
 JOURNALS = {
-    Phase.IDLE: Journal(),
+    Phase.IDLE: RAN_V1_AFTER_V0,
     Phase.DOWNLOADING: Journal().start_download(V2),
     Phase.VERIFIED: Journal().start_download(V2).verified(FILE),
     Phase.STAGING: Journal().start_download(V2).verified(FILE).start_staging("b"),
@@ -83,6 +122,9 @@ SAMPLES: dict[type, ev.Event] = {
     Downloaded: Downloaded(target=V2, path=FILE),
     Refused: Refused(reason="tampered-bundle", message="differs", about="download"),
     Unavailable: Unavailable(reason="repository-unavailable", message="timed out"),
+    RollbackAssigned: BACK,
+    ev.ReturnedToSlot: ev.ReturnedToSlot(),
+    ev.ReturnRefused: ev.ReturnRefused("invalid-bundle", "slot a: model.tflite differs"),
 }
 
 # (phase, event, now, the phase it ends in, the effects in order): one case per row at least.
@@ -121,6 +163,15 @@ CASES: list[tuple[Phase, ev.Event, float, Phase, list[type]]] = [
     (Phase.IDLE, Unassigned(), NOW, Phase.IDLE, [ev.PollResult]),
     (Phase.IDLE, SAMPLES[Refused], NOW, Phase.IDLE, [ev.Report, ev.PollResult]),
     (Phase.IDLE, SAMPLES[Unavailable], NOW, Phase.IDLE, [ev.Report, ev.PollResult]),
+    (Phase.IDLE, BACK, NOW, Phase.IDLE, [ev.SaveJournal, ev.ReturnToSlot]),
+    (Phase.IDLE, ev.ReturnedToSlot(), NOW, Phase.IDLE, [ev.SaveJournal, ev.PollResult]),
+    (
+        Phase.IDLE,
+        SAMPLES[ev.ReturnRefused],
+        NOW,
+        Phase.IDLE,
+        [ev.SaveJournal, ev.Report, ev.PollResult],
+    ),
     (
         Phase.DOWNLOADING,
         SAMPLES[Downloaded],
@@ -159,7 +210,16 @@ CASES: list[tuple[Phase, ev.Event, float, Phase, list[type]]] = [
 ]
 
 # Effects that begin the work of a phase: the journal naming that phase is saved first.
-WORK = (ev.Check, ev.Download, ev.ChooseSlot, ev.WriteSlot, ev.SelfTest, ev.Hold, ev.DeleteBundle)
+WORK = (
+    ev.Check,
+    ev.Download,
+    ev.ChooseSlot,
+    ev.WriteSlot,
+    ev.SelfTest,
+    ev.Hold,
+    ev.DeleteBundle,
+    ev.ReturnToSlot,
+)
 
 
 def test_every_row_of_the_table_has_a_case() -> None:
@@ -311,7 +371,10 @@ def test_a_staging_failure_of_the_device_does_not_condemn_the_bundle() -> None:
 
 def test_the_fetchers_answers_are_typed_and_garbage_is_refused() -> None:
     for answer in SAMPLES.values():
-        if isinstance(answer, Unassigned | Assigned | Changed | Downloaded | Refused | Unavailable):
+        if isinstance(
+            answer,
+            Unassigned | Assigned | RollbackAssigned | Changed | Downloaded | Refused | Unavailable,
+        ):
             assert parse_answer(answer.model_dump_json()) == answer
     with pytest.raises(ValueError, match="not an answer of the update fetcher"):
         parse_answer('{"status": "assigned"}')
@@ -325,3 +388,99 @@ def test_a_journal_written_before_the_bundle_file_was_kept_downloads_again() -> 
     assert journal.phase is Phase.DOWNLOADING and journal.slot is None
     trial = Journal.model_validate(JOURNALS[Phase.TRIAL].model_dump(exclude={"bundle_file"}))
     assert trial.phase is Phase.TRIAL
+
+
+# -- the fleet rollback: one step back, exactly the previous bundle, the counter kept --------
+
+
+def committed_over(journal: Journal, target: InstallTarget, slot: str) -> Journal:
+    """``journal`` after installing and committing ``target`` into ``slot``."""
+    staged = journal.start_download(target).verified(FILE).start_staging(slot).staged()
+    return staged.switched(NOW).committed(NOW)
+
+
+def test_a_commit_remembers_the_bundle_the_other_slot_still_holds() -> None:
+    first = committed_over(Journal(), V0, "a")
+    assert first.previous is None, "nothing was committed before the first bundle"
+    second = committed_over(first, V1, "b")
+    assert second.previous == HeldBundle(slot="a", target=V0)
+    # Staging the next bundle overwrites that slot: no step back remains.
+    staging = second.start_download(V2).verified(FILE).start_staging("a")
+    assert staging.previous is None
+
+
+def test_a_marked_rollback_returns_to_the_previous_slot_and_keeps_the_counter() -> None:
+    state = InstallerState(committed_over(committed_over(Journal(), V0, "a"), V1, "b"))
+    state, effects = decide(state, BACK, NOW, POLICY)
+    assert state.journal.returning
+    assert effects == [ev.SaveJournal(state.journal, None), ev.ReturnToSlot("a", V0)]
+    after, effects = decide(state, ev.ReturnedToSlot(), NOW + 1, POLICY)
+    journal = after.journal
+    assert journal.installed == V0 and journal.previous is None
+    assert journal.installed_counter == V1.release_counter, "the floor never goes down"
+    assert journal.rejection(V1) is not None and journal.rejection(V1).startswith(FLEET_ROLLBACK)  # type: ignore[union-attr]
+    outcome = journal.last_outcome
+    assert outcome is not None and outcome.result == "rolled_back" and outcome.target == V1
+    assert outcome.reason == FLEET_ROLLBACK
+    save = effects[0]
+    assert isinstance(save, ev.SaveJournal) and save.journal == journal
+    assert save.event == "fleet-rolled-back"
+    assert save.details["left_id"] == V1.bundle_id and save.details["to_id"] == V0.bundle_id
+    # Named again, the bundle left is never retried; the one returned to is up to date.
+    _, effects = decide(after, Assigned(target=V1), NOW, POLICY)
+    assert effects == [ev.PollResult("not retrying p 1.0.0: rejected before")]
+    _, effects = decide(after, BACK, NOW, POLICY)
+    assert effects == [ev.PollResult("up to date")]
+
+
+def refusal(state: InstallerState, answer: RollbackAssigned) -> tuple[str, str]:
+    after, effects = decide(state, answer, NOW, POLICY)
+    assert after.journal == state.journal, "a refused rollback changes nothing"
+    [report, _] = effects
+    assert isinstance(report, ev.Report) and report.event == "check-refused"
+    return str(report.details["reason"]), str(report.details["message"])
+
+
+def test_a_rollback_to_anything_but_the_previous_bundle_is_refused_naming_it() -> None:
+    state = InstallerState(RAN_V1_AFTER_V0)
+    reason, message = refusal(state, RollbackAssigned(target=OLDER, rollback_of=V1.bundle_id))
+    assert reason == DOWNGRADE and "p 0.5.0" in message and OLDER.bundle_id in message
+    assert "the other slot holds p 0.9.0" in message
+    # The previous bundle, but replacing another bundle than the installed one.
+    reason, message = refusal(state, RollbackAssigned(target=V0, rollback_of=V2.bundle_id))
+    assert reason == ROLLBACK_REFUSED and V2.bundle_id in message and V1.bundle_id in message
+    # After going back, the bundle left (in the other slot now) is no step back.
+    back, _ = decide(state, BACK, NOW, POLICY)
+    back, _ = decide(back, ev.ReturnedToSlot(), NOW, POLICY)
+    reason, message = refusal(back, RollbackAssigned(target=V1, rollback_of=V0.bundle_id))
+    assert reason == ROLLBACK_REFUSED and "no bundle committed before" in message
+    # Nor is anything older: the floor is still 1.0.0's counter.
+    reason, _ = refusal(back, RollbackAssigned(target=OLDER, rollback_of=V0.bundle_id))
+    assert reason == DOWNGRADE
+    # A journal written before the previous bundle was kept has no step back.
+    legacy = Journal.model_validate(RAN_V1_AFTER_V0.model_dump(exclude={"previous"}))
+    reason, _ = refusal(InstallerState(legacy), BACK)
+    assert reason == DOWNGRADE
+
+
+def test_a_previous_slot_that_fails_its_check_is_forgotten_and_reported_once() -> None:
+    damaged = ev.ReturnRefused("invalid-bundle", "slot a: model.tflite differs")
+    after, effects = decide(InstallerState(RAN_V1_AFTER_V0), damaged, NOW, POLICY)
+    assert after.journal.previous is None and after.journal.installed == V1
+    assert effects[0] == ev.SaveJournal(after.journal, None)
+    assert effects[1] == ev.Report(
+        "check-refused", {"reason": "invalid-bundle", "message": "slot a: model.tflite differs"}
+    )
+    reason, _ = refusal(after, BACK)
+    assert reason == DOWNGRADE, "with no step back left, the previous bundle is a downgrade"
+
+
+def test_a_fleet_rollback_a_restart_interrupted_is_carried_out_again() -> None:
+    returning, _ = decide(InstallerState(RAN_V1_AFTER_V0), BACK, NOW, POLICY)
+    after, effects = decide(returning, ev.Started(), NOW, POLICY)
+    assert after == returning
+    assert effects == [ev.DiscardStaging(), ev.LoadModels(), ev.ReturnToSlot("a", V0)]
+    done, _ = decide(after, ev.ReturnedToSlot(), NOW, POLICY)
+    assert not done.journal.returning and done.journal.installed == V0
+    refused, _ = decide(after, SAMPLES[ev.ReturnRefused], NOW, POLICY)
+    assert not refused.journal.returning and refused.journal.installed == V1

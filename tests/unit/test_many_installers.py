@@ -9,6 +9,10 @@ repositories unavailable, garbled downloads, forged assignments, restarts
 (clean or not) and power cuts at every step the crash tests hold at. Each
 agent must end where its events lead: phase, installed release and counter,
 active and previous slot, remembered bundles, and the count of each outcome.
+Then, where the last release was good and another good one came before it, the
+director rolls the agent back (a marked rollback), with power cuts in the
+slot switch too: it must end on the release before, its counter kept, the
+release it left never retried, and refuse to step back again.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from agent.ota.answers import (
     Downloaded,
     FetchAnswer,
     Refused,
+    RollbackAssigned,
     Unassigned,
     Unavailable,
 )
@@ -62,6 +67,7 @@ class World:
     assigned: Release | None = None
     bundles: dict[str, Release] = field(default_factory=dict)  # by file name
     power_cuts: int = 0
+    rollback_of: str | None = None  # the assignment is a fleet rollback replacing this bundle
 
     def noise(self, chance: float) -> bool:
         return self.rng.random() < chance
@@ -127,6 +133,19 @@ class MemorySlots:
         self.current = SlotPointer(active=slot, previous=self.current.active)
         return self.current
 
+    def verify(self, slot: str) -> Manifest:
+        release = self.held[slot]
+        if release is None:
+            raise SlotError(f"slot {slot} holds no bundle")
+        self.world.cut(0.05)
+        return manifest_of(release)
+
+    def return_to(self, slot: str) -> SlotPointer:
+        assert self.held[slot] is not None, "never point at an empty slot"
+        self.current = SlotPointer(active=slot, previous=None)
+        self.world.cut(0.1)  # switched, but the journal does not say so yet
+        return self.current
+
     def roll_back(self) -> SlotPointer:
         if self.current.previous is None:
             raise SlotError("there is no previous slot to roll back to")
@@ -172,6 +191,10 @@ class MemoryFetcher:
             return Unavailable(reason="repository-unavailable", message="timed out")
         if self.world.assigned is None:
             return Unassigned()
+        if self.world.rollback_of is not None:
+            return RollbackAssigned(
+                target=self.world.assigned.target, rollback_of=self.world.rollback_of
+            )
         return Assigned(target=self.world.assigned.target)
 
     async def download(self, installed_counter: int, expect: str) -> FetchAnswer:
@@ -184,7 +207,7 @@ class MemoryFetcher:
         if world.noise(0.05):
             return Refused(reason="bundle-not-found", message="forged", about="assignment")
         target = world.assigned.target
-        if expect not in target.matching_ids():
+        if world.rollback_of is not None or expect not in target.matching_ids():
             return Changed(target=target)
         world.cut(0.05)  # power cut mid-download: the partial file stays
         if world.noise(0.1):
@@ -313,6 +336,47 @@ async def run_device(seed: int) -> None:
                 f"device {seed} never finished {release}: {device.installer.journal}"
             )
     check_device(seed, device, releases)
+    good = [r for r in releases if r.kind == "good"]
+    if releases[-1].kind == "good" and len(good) >= 2:
+        await roll_back_device(seed, device, good[-2], good[-1])
+
+
+async def roll_back_device(seed: int, device: Device, back: Release, left: Release) -> None:
+    """The director rolls the device back from ``left`` to ``back``: one step, and no more."""
+    world, clock, rng = device.world, device.clock, device.world.rng
+    where = f"device {seed}: back from {left.target.version} to {back.target.version}"
+    back_slot = "b" if device.slots.current.active == "a" else "a"
+    assert device.slots.held[back_slot] == back, where
+    world.assigned, world.rollback_of = back, left.target.bundle_id
+    for _ in range(5000):
+        journal = device.installer.journal
+        if journal.installed == back.target:
+            break
+        clock.now += rng.uniform(0.0, 40.0)
+        action = rng.random()
+        if action < 0.6:
+            await device.safely(device.installer.poll())
+        elif action < 0.8:
+            device.installer.tick()
+        else:
+            await device.restart(clean=action < 0.9)
+    else:
+        raise AssertionError(f"{where}: never went back: {device.installer.journal}")
+    journal = device.installer.journal
+    assert journal.phase is Phase.IDLE and journal.previous is None, where
+    assert journal.installed_counter == left.target.release_counter, where
+    assert journal.rejection(left.target) is not None, where
+    assert device.slots.current == SlotPointer(active=back_slot, previous=None), where
+    serving = device.installer.active
+    assert serving is not None and serving.manifest.version == back.target.version, where
+    events = [e["event"] for e in device.store.log]
+    assert events.count("fleet-rolled-back") == 1, where
+    # Named as a rollback in turn, the bundle left (in the other slot now) is refused.
+    world.assigned, world.rollback_of = left, back.target.bundle_id
+    for _ in range(20):
+        await device.safely(device.installer.poll())
+    assert device.installer.journal.installed == back.target, where
+    assert device.slots.current.active == back_slot, where
 
 
 def check_device(seed: int, device: Device, releases: list[Release]) -> None:
