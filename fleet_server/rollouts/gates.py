@@ -414,6 +414,10 @@ def install_interval(
 # --------------------------------------------------------------------------- one gate
 
 
+def _usable(evidence: Comparison) -> bool:
+    return math.isfinite(evidence.estimate) and math.isfinite(evidence.se) and evidence.se > 0
+
+
 def _missing(spec: GateSpec, evidence: Evidence) -> str | None:
     """What keeps a gate from judging: devices, requests or labels; ``None`` if nothing."""
     if isinstance(evidence, InstallTally):
@@ -424,7 +428,7 @@ def _missing(spec: GateSpec, evidence: Evidence) -> str | None:
         return "labels"
     if short_devices:
         return "devices"
-    if short_samples or not (math.isfinite(evidence.estimate) and math.isfinite(evidence.se)):
+    if short_samples or not _usable(evidence):
         return "requests"
     return None
 
@@ -460,8 +464,7 @@ def evaluate(
         n_requests = evidence.samples_treatment
         harm, ni = comparison_log_e(spec, evidence.estimate, evidence.se)
         log_e_harm, log_e_ni = float(harm), float(ni)
-        usable = math.isfinite(evidence.estimate) and math.isfinite(evidence.se)
-        estimate = evidence.estimate if usable else None
+        estimate = evidence.estimate if _usable(evidence) else None
         low = high = None
         if estimate is not None:
             worse_level, better_level = (
