@@ -24,7 +24,8 @@ z-test at 1 % per gate at every tick (Kayenta's 98 % interval) against the
 same bounds, promoting after each bake when nothing failed; *fixed0*, the
 same against no margin at all (any significant worsening fails).
 
-Run ``python -m benchmarks.rollout_gates [--quick]``.
+Run ``python -m benchmarks.rollout_gates [--rollouts 500] [--policies anytime] [--only aa]``;
+``make bench`` runs 100 rollouts per scenario (about 70 s on 2 cores).
 """
 
 from __future__ import annotations
@@ -265,11 +266,16 @@ def _anytime(
 def _fixed(
     specs: dict[str, GateSpec],
     comparisons: dict[str, tuple[Array, Array]],
+    n_t: Array,
+    n_c: Array,
     installs: Array,
     failures: Array,
     margins: bool,
 ) -> dict[str, npt.NDArray[np.str_]]:
-    """Kayenta-style: a fixed-level z-test of harm per gate, at every tick; never a pass."""
+    """Kayenta-style: a fixed-level z-test of harm per gate, at every tick; never a pass.
+
+    Below a gate's minimum of devices it does not judge, as ours does not.
+    """
     out: dict[str, npt.NDArray[np.str_]] = {}
     with np.errstate(divide="ignore", invalid="ignore"):
         for name, (estimate, se) in comparisons.items():
@@ -277,6 +283,7 @@ def _fixed(
             bound = spec.bounds[0] if margins else 0.0
             z = (estimate - bound) / se
             z = z if spec.direction == "higher_is_worse" else -z
+            z = np.where(np.minimum(n_t, n_c) >= spec.min_devices, z, np.nan)
             out[name] = np.where(np.nan_to_num(z, nan=-np.inf) > _Z_FIXED, "fail", "inconclusive")
         allowed = specs[INSTALL_FAILURES].bounds[0]
         z = (failures / installs - allowed) / np.sqrt(allowed * (1 - allowed) / installs)
@@ -355,7 +362,9 @@ def _run_batch(
                 specs, alphas, betas, comparisons, n_t, n_c, r_t, r_c, installs, failures
             )
         else:
-            verdicts = _fixed(specs, comparisons, installs, failures, margins=policy == "fixed")
+            verdicts = _fixed(
+                specs, comparisons, n_t, n_c, installs, failures, margins=policy == "fixed"
+            )
         if cross_check:
             _cross_check(specs_list, alphas, betas, verdicts, comparisons, n_t, n_c, r_t, r_c)
 
@@ -451,32 +460,48 @@ def _summary(label: str, result: Outcomes, seconds: float, bad: bool) -> str:
     return line + f"  ({seconds:.0f} s)"
 
 
-def main(quick: bool = True) -> None:
-    """Print false stops (A/A) and stops before the half-fleet wave (bad versions) per policy."""
-    aa_rollouts, bad_rollouts = (100, 100) if quick else (500, 500)
+POLICIES = ("anytime", "fixed", "fixed0")
+
+
+def main(rollouts: int = 100, policies: Sequence[str] = POLICIES, only: str | None = None) -> None:
+    """Print false stops (A/A) and stops before the half-fleet wave (bad versions) per policy.
+
+    ``rollouts`` per scenario; ``only``: ``"aa"`` or ``"bad"``. Also 100 A/A
+    rollouts over 200 devices, whose first wave holds 2: a policy that
+    promotes them promotes on no evidence.
+    """
     print(
         f"10,000 devices, waves {','.join(f'{w:.0%}' for w in WAVES)} (5 % holdback), "
         f"bake 30 min, max bake 6 h, one window of {REQUESTS} requests a device a minute; "
-        f"A/A {aa_rollouts} rollouts, each bad version {bad_rollouts}"
+        f"{rollouts} rollouts per scenario"
     )
-    for policy in ("anytime", "fixed", "fixed0"):
+    for policy in policies:
         print(f" policy {policy}")
-        started = time.perf_counter()
-        result = simulate(AA, aa_rollouts, seed=1, policy=policy)
-        print(_summary(AA.name, result, time.perf_counter() - started, bad=False))
-        for index, scenario in enumerate(BAD):
+        if only in (None, "aa"):
             started = time.perf_counter()
-            result = simulate(
-                scenario,
-                bad_rollouts,
-                seed=100 + index,
-                plan=Plan(stop_at_wave=HALF_WAVE),
-                policy=policy,
-            )
-            print(_summary(scenario.name, result, time.perf_counter() - started, bad=True))
+            result = simulate(AA, rollouts, seed=1, policy=policy)
+            print(_summary(AA.name, result, time.perf_counter() - started, bad=False))
+            started = time.perf_counter()
+            result = simulate(AA, 100, seed=7, plan=Plan(devices=200), policy=policy)
+            seconds = time.perf_counter() - started
+            print(_summary("A/A, 200 devices (too few)", result, seconds, bad=False))
+        if only in (None, "bad"):
+            for index, scenario in enumerate(BAD):
+                started = time.perf_counter()
+                result = simulate(
+                    scenario,
+                    rollouts,
+                    seed=100 + index,
+                    plan=Plan(stop_at_wave=HALF_WAVE),
+                    policy=policy,
+                )
+                print(_summary(scenario.name, result, time.perf_counter() - started, bad=True))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--full", action="store_true", help="500 rollouts per scenario")
-    main(quick=not parser.parse_args().full)
+    parser.add_argument("--rollouts", type=int, default=100, help="per scenario (default 100)")
+    parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--only", choices=("aa", "bad"))
+    args = parser.parse_args()
+    main(args.rollouts, args.policies.split(","), args.only)
