@@ -123,7 +123,12 @@ class GateSpec:
 
     @property
     def bounds(self) -> tuple[float, float]:
-        """``(harm_at, non-inferiority bound)`` on the estimate's scale."""
+        """``(harm_at, non-inferiority bound)`` on the estimate's scale.
+
+        A comparison gate has one bound for both: harm is shown beyond the
+        margin, a pass within it. The install gate's harm is shown above
+        ``allowed_rate`` and its pass below ``allowed_rate + margin``.
+        """
         if self.scale == "rate":
             allowed = self.allowed_rate or 0.0
             return allowed, min(allowed + self.margin, 1.0)
