@@ -55,10 +55,14 @@ class DeviceAggregate:
     """One device's windows since it joined its arm, summed (kept up to date as windows arrive).
 
     ``expected_fallbacks`` is ``requests`` times the device's own fallback rate
-    before the rollout: the exposure the fallback gate compares against.
-    ``pre_*`` are the device's values on the current version before the
-    rollout; ``None`` where the device has none (it is then left out of that
-    comparison). ``classes`` counts the requests per predicted class.
+    before the rollout: the exposure the fallback gate compares against. Give
+    a device that never fell back a rate from a prior count (one fallback in
+    its history plus the fleet's usual share), not zero: with no exposure it is
+    left out. ``log_p95`` is the log of the p95 of its merged latency
+    histogram; ``accuracy`` its CBPE estimate from its release's own
+    calibration. ``pre_*`` are the device's values on the current version
+    before the rollout; ``None`` where the device has none (it is then left
+    out of that comparison). ``classes`` counts the requests per predicted class.
     """
 
     device_id: str
