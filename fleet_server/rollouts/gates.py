@@ -25,6 +25,10 @@ The rules, over plain numbers (no I/O, no clock):
    only before the last wave (a thousand devices cannot show a rate below
    2 %; five thousand can). The comparison gates' passes are required from
    the second wave on.
+6. The comparison gates are functions of the current aggregates, with the
+   information ``1/se^2`` as their clock: a replayed tick gives the same
+   verdict. That clock must not run backwards much, so the control must not
+   shrink to a handful: keep the last wave's holdback at a few hundred devices.
 
 The formulas and where they come from:
 
