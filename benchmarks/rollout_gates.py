@@ -46,6 +46,8 @@ from fleet_server.rollouts.evidence import (
     INSTALL_FAILURES,
     LATENCY_P95,
     Comparison,
+    Evidence,
+    InstallTally,
     MeanSums,
     RateSums,
     log_rate_ratio,
@@ -366,7 +368,15 @@ def _run_batch(
                 specs, comparisons, n_t, n_c, installs, failures, margins=policy == "fixed"
             )
         if cross_check:
-            _cross_check(specs_list, alphas, betas, verdicts, comparisons, n_t, n_c, r_t, r_c)
+            _cross_check(
+                specs_list,
+                alphas,
+                betas,
+                verdicts,
+                comparisons,
+                (n_t, n_c, r_t, r_c),
+                (installs, failures),
+            )
 
         live = np.ones(ids.size, bool)
         for row, rollout in enumerate(ids.tolist()):
@@ -415,27 +425,28 @@ def _cross_check(
     betas: dict[str, float],
     verdicts: dict[str, npt.NDArray[np.str_]],
     comparisons: dict[str, tuple[Array, Array]],
-    n_t: Array,
-    n_c: Array,
-    r_t: Array,
-    r_c: Array,
+    counts: tuple[Array, Array, Array, Array],
+    tally: tuple[Array, Array],
 ) -> None:
+    n_t, n_c, r_t, r_c = counts
     for spec in specs:
         if spec.name not in verdicts:
             continue
         for row in range(n_t.size):
+            evidence: Evidence
             if spec.name == INSTALL_FAILURES:
-                continue  # judged by the same install_log_e, one rollout at a time
-            estimate, se = (float(a[row]) for a in comparisons[spec.name])
-            ok = math.isfinite(estimate) and math.isfinite(se) and se > 0
-            evidence = Comparison(
-                estimate if ok else math.nan,
-                se if ok else math.nan,
-                int(n_t[row]),
-                int(n_c[row]),
-                int(r_t[row]),
-                int(r_c[row]),
-            )
+                evidence = InstallTally(int(tally[1][row]), int(tally[0][row]))
+            else:
+                estimate, se = (float(a[row]) for a in comparisons[spec.name])
+                ok = math.isfinite(estimate) and math.isfinite(se) and se > 0
+                evidence = Comparison(
+                    estimate if ok else math.nan,
+                    se if ok else math.nan,
+                    int(n_t[row]),
+                    int(n_c[row]),
+                    int(r_t[row]),
+                    int(r_c[row]),
+                )
             said = evaluate(spec, evidence, alphas[spec.name], betas[spec.name]).decision
             assert said == verdicts[spec.name][row], (spec.name, evidence, said)
 

@@ -330,10 +330,10 @@ def test_srm_refuses_counts_that_do_not_match_shares() -> None:
 
 
 def test_the_simulation_judges_as_evaluate_does() -> None:
-    outcomes = simulate(
-        BAD[1], 4, seed=3, plan=Plan(devices=2000, waves=(0.05, 0.25, 0.5, 0.95)), cross_check=True
-    )
-    assert len(outcomes.ending) == 4
+    # Every gate of every live rollout at every tick, through evaluate() as well.
+    plan = Plan(devices=2000, waves=(0.05, 0.25, 0.5, 0.95), max_bake=40)
+    assert len(simulate(AA, 2, seed=3, plan=plan, cross_check=True).ending) == 2
+    assert len(simulate(BAD[1], 4, seed=3, plan=plan, cross_check=True).ending) == 4
 
 
 @pytest.mark.slow
