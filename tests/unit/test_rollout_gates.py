@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from benchmarks.rollout_gates import AA, BAD, HALF_WAVE, Plan, simulate
 from fleet_server.rollouts.evidence import (
@@ -101,6 +102,21 @@ def test_an_unknown_gate_or_a_misplaced_field_is_refused_by_name() -> None:
         gate_specs({"latency": GateOverride(margin=0.1)})
     with pytest.raises(UnknownGateError, match="allowed_rate applies"):
         gate_specs({FALLBACK_RATE: GateOverride(allowed_rate=0.01)})
+
+
+def test_an_allowed_rate_outside_zero_to_one_is_refused_naming_the_field() -> None:
+    with pytest.raises(ValidationError, match="allowed_rate"):
+        GateOverride.model_validate({"allowed_rate": 1.5})
+    with pytest.raises(ValidationError, match="allowed_rate"):
+        GateOverride.model_validate({"allowed_rate": math.nan})
+
+
+def test_a_moved_class_mix_warns_without_drawing_on_the_stop_budget() -> None:
+    class_mix = SPECS[CLASS_MIX]
+    verdict = evaluate_all(DEFAULT_GATES, {CLASS_MIX: comparison(0.3, 0.02)})[-1]
+    assert (verdict.gate, verdict.severity, verdict.decision) == (CLASS_MIX, "warn", "fail")
+    assert verdict.alpha == 0.05
+    assert class_mix.required_from is None
 
 
 def test_bounds_follow_the_direction_and_scale() -> None:
