@@ -4,7 +4,9 @@ Pure rules so far: :mod:`~fleet_server.rollouts.waves` (which devices each
 wave reaches: consistent hashing, stratified, stable as the fleet changes),
 :mod:`~fleet_server.rollouts.pacing` (how many installs may start, an
 exponential ramp), :mod:`~fleet_server.rollouts.maintenance` (when a
-device's maintenance window is open) and :mod:`~fleet_server.rollouts.controller`
+device's maintenance window is open), :mod:`~fleet_server.rollouts.evidence`
+(device aggregates to each gate's evidence), :mod:`~fleet_server.rollouts.gates`
+(anytime-valid verdicts on it) and :mod:`~fleet_server.rollouts.controller`
 (the rollout's life as one transition table: ``decide(state, event, spec, now)``
 over the plain :class:`RolloutState`). The spec is
 :class:`protocol.api.rollouts.RolloutSpec`.
@@ -26,6 +28,8 @@ from fleet_server.rollouts.controller import (
     Tick,
     decide,
 )
+from fleet_server.rollouts.evidence import DeviceAggregate, InstallRecord, gather, install_tally
+from fleet_server.rollouts.gates import GateSpec, evaluate_all, gate_specs, required, srm_log_e
 from fleet_server.rollouts.maintenance import in_window, next_open
 from fleet_server.rollouts.pacing import allowed_installs
 from fleet_server.rollouts.state import DecisionRecord, Phase, RolloutState
@@ -49,7 +53,10 @@ __all__ = [
     "AssignDevices",
     "AssignStage",
     "DecisionRecord",
+    "DeviceAggregate",
     "DeviceFacts",
+    "GateSpec",
+    "InstallRecord",
     "InstallShadow",
     "Pause",
     "Phase",
@@ -68,11 +75,17 @@ __all__ = [
     "bucket",
     "control",
     "decide",
+    "evaluate_all",
     "fix_cutoffs",
+    "gate_specs",
+    "gather",
     "in_window",
+    "install_tally",
     "matches",
     "next_open",
     "preview",
     "reached",
+    "required",
+    "srm_log_e",
     "waves",
 ]

@@ -388,6 +388,13 @@ class GateOverride(RequestBody):
     severity: Literal["stop", "warn"] | None = None
     min_devices: int | None = Field(default=None, ge=1, le=10_000_000)
     min_requests: int | None = Field(default=None, ge=0, le=2**53)
+    allowed_rate: float | None = Field(
+        default=None,
+        ge=0,
+        lt=1,
+        allow_inf_nan=False,
+        description="install failures only: the rate the current version has, which harm exceeds",
+    )
 
 
 class RolloutSpec(RequestBody):
