@@ -25,6 +25,7 @@ from fleet_server.rollouts.aggregates import (
     sum_rows,
 )
 from protocol.histogram import ExponentialHistogram, quantile, record
+from protocol.inference import StageName
 from protocol.summary import SCORE_BIN_COUNT, score_histogram
 from protocol.window import WindowSummary
 
@@ -37,7 +38,7 @@ def window(
     *,
     end: float = T0,
     requests: int = 60,
-    served: dict[str, int] | None = None,
+    served: dict[StageName, int] | None = None,
     latencies: list[float] | None = None,
     seed: int = 0,
     version: str = "2.0.0",
