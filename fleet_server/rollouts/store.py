@@ -290,7 +290,7 @@ async def device_aggregates(
                 int(r[13]),
                 int(r[14]),
             )
-            for r in result.tuples()
+            for r in result.all()
         )
     return sum_rows(rows)
 
