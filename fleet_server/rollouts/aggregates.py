@@ -33,7 +33,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -315,17 +315,24 @@ class DeviceAggregates:
         return ScoreHistogram(classes=list(self.classes), counts=self.scores[i].tolist())
 
 
-def _flat_cells(
-    blobs: Sequence[bytes], rows: npt.NDArray[np.int64]
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-    """(row of each pair, cell index, count) over every blob, without a loop over pairs."""
+def _cell_sums(
+    blobs: Sequence[bytes], rows: npt.NDArray[np.int64], n: int, width: int
+) -> npt.NDArray[np.int64]:
+    """``[n, width]`` sums of the pairs of every blob into the row given for it (cells past
+    ``width`` are left out), without a Python loop over pairs."""
     pairs = np.frombuffer(b"".join(blobs), dtype=PAIR)
     lengths = np.fromiter((len(b) // PAIR.itemsize for b in blobs), np.int64, len(blobs))
-    return (
-        np.repeat(rows, lengths),
-        pairs["index"].astype(np.int64),
-        pairs["count"].astype(np.int64),
-    )
+    cell = pairs["index"].astype(np.int64)
+    inside = cell < width
+    flat = (np.repeat(rows, lengths) * width + cell)[inside]
+    counts = pairs["count"][inside]
+    if counts.size and int(counts.max()) >= 2**52:
+        # Beyond what float64 weights count exactly: the slow, exact path.
+        out = np.zeros(n * width, dtype=np.int64)
+        np.add.at(out, flat, counts.astype(np.int64))
+        return out.reshape(n, width)
+    summed = np.bincount(flat, weights=counts, minlength=n * width)
+    return summed.astype(np.int64).reshape(n, width)
 
 
 def sum_rows(rows: Sequence[HourRow]) -> DeviceAggregates:
@@ -340,37 +347,44 @@ def sum_rows(rows: Sequence[HourRow]) -> DeviceAggregates:
     n = len(device_ids)
     at = np.fromiter((position[d] for d in ids), np.int64, len(ids))
 
+    single = len(set(ids)) == len(ids)  # one row per device: the database summed them
+
     def total(name: str) -> npt.NDArray[np.int64]:
+        values = np.fromiter((getattr(r, name) for r in rows), np.int64, len(rows))
         out = np.zeros(n, dtype=np.int64)
-        np.add.at(out, at, np.fromiter((getattr(r, name) for r in rows), np.int64, len(rows)))
+        if single:
+            out[at] = values
+        else:
+            np.add.at(out, at, values)
         return out
 
-    lat_sum = np.zeros(n, dtype=np.float64)
-    np.add.at(lat_sum, at, np.fromiter((r.latency_sum for r in rows), np.float64, len(rows)))
-    lat_min = np.full(n, np.nan)
-    lat_max = np.full(n, np.nan)
+    sums = np.fromiter((r.latency_sum for r in rows), np.float64, len(rows))
     mins = np.fromiter(
         (np.nan if r.latency_min is None else r.latency_min for r in rows), np.float64, len(rows)
     )
     maxs = np.fromiter(
         (np.nan if r.latency_max is None else r.latency_max for r in rows), np.float64, len(rows)
     )
-    np.fmin.at(lat_min, at, mins)
-    np.fmax.at(lat_max, at, maxs)
+    lat_sum = np.zeros(n, dtype=np.float64)
+    lat_min = np.full(n, np.nan)
+    lat_max = np.full(n, np.nan)
+    if single:
+        lat_sum[at], lat_min[at], lat_max[at] = sums, mins, maxs
+    else:
+        np.add.at(lat_sum, at, sums)
+        np.fmin.at(lat_min, at, mins)
+        np.fmax.at(lat_max, at, maxs)
 
-    latency = np.zeros((n, LATENCY_BUCKETS), dtype=np.int64)
-    row_of, cell, count = _flat_cells([r.latency for r in rows], at)
-    np.add.at(latency, (row_of, np.minimum(cell, LATENCY_BUCKETS - 1)), count)
+    latency = _cell_sums([r.latency for r in rows], at, n, LATENCY_BUCKETS)
 
     classes = next((r.score_classes for r in rows if r.score_classes is not None), None)
     decoded = decode_classes(classes)
     width = len(decoded) if decoded is not None else 0
-    scores = np.zeros((n, width * SCORE_BIN_COUNT), dtype=np.int64)
     if decoded is not None:
         keep = [i for i, r in enumerate(rows) if r.score_classes == classes]
-        row_of, cell, count = _flat_cells([rows[i].scores for i in keep], at[keep])
-        inside = cell < width * SCORE_BIN_COUNT
-        np.add.at(scores, (row_of[inside], cell[inside]), count[inside])
+        scores = _cell_sums([rows[i].scores for i in keep], at[keep], n, width * SCORE_BIN_COUNT)
+    else:
+        scores = np.zeros((n, 0), dtype=np.int64)
     return DeviceAggregates(
         device_ids=device_ids,
         windows=total("windows"),
@@ -387,4 +401,53 @@ def sum_rows(rows: Sequence[HourRow]) -> DeviceAggregates:
         scores=scores.reshape(n, width, SCORE_BIN_COUNT),
         labelled_rows=total("labelled_rows"),
         labelled_correct=total("labelled_correct"),
+    )
+
+
+def add(a: DeviceAggregates, b: DeviceAggregates) -> DeviceAggregates:
+    """The per-device sum of two aggregates of one model version (say the hours already
+    read, kept, and the hours read at this tick); devices in either are in the result.
+
+    Scores over other classes than ``a``'s are left out (see :func:`combine`).
+    """
+    device_ids = sorted(set(a.device_ids) | set(b.device_ids))
+    position = {d: i for i, d in enumerate(device_ids)}
+    n = len(device_ids)
+    at_a = np.fromiter((position[d] for d in a.device_ids), np.int64, len(a))
+    at_b = np.fromiter((position[d] for d in b.device_ids), np.int64, len(b))
+    classes = a.classes if a.classes is not None else b.classes
+
+    def both(name: str, fill: float | int = 0) -> npt.NDArray[Any]:
+        x, y = getattr(a, name), getattr(b, name)
+        out = np.full((n, *x.shape[1:]), fill, dtype=x.dtype)
+        out[at_a] = x
+        if name == "latency_min":
+            out[at_b] = np.fmin(out[at_b], y)
+        elif name == "latency_max":
+            out[at_b] = np.fmax(out[at_b], y)
+        else:
+            out[at_b] += y
+        return out
+
+    scores = np.zeros((n, len(classes or ()), SCORE_BIN_COUNT), dtype=np.int64)
+    if a.classes is not None:
+        scores[at_a] = a.scores
+    if b.classes is not None and b.classes == classes:
+        scores[at_b] += b.scores
+    return DeviceAggregates(
+        device_ids=device_ids,
+        windows=both("windows"),
+        requests=both("requests"),
+        fallbacks=both("fallbacks"),
+        errors=both("errors"),
+        unsummarised_requests=both("unsummarised_requests"),
+        latency_zero=both("latency_zero"),
+        latency_sum=both("latency_sum", 0.0),
+        latency_min=both("latency_min", np.nan),
+        latency_max=both("latency_max", np.nan),
+        latency=both("latency"),
+        classes=classes,
+        scores=scores,
+        labelled_rows=both("labelled_rows"),
+        labelled_correct=both("labelled_correct"),
     )

@@ -14,12 +14,12 @@ from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, String, func, literal, select, tuple_, update
+from sqlalchemy import ColumnElement, Select, String, func, literal, select, text, tuple_, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.sql.expression import any_, bindparam
+from sqlalchemy.sql.expression import bindparam
 
 from fleet_server.db.models import (
     DeviceHourStats,
@@ -46,6 +46,7 @@ from fleet_server.rollouts.verdicts import GateEvaluation
 
 # SQLite takes at most 32,766 bound values in a statement.
 _SQLITE_CHUNK = 10_000
+_WORK_MEM = "256MB"
 
 
 def _is_postgres(session: AsyncSession) -> bool:
@@ -261,12 +262,20 @@ async def device_aggregates(
     else:
         ids = sorted(devices)
         chunks = [ids[i : i + _SQLITE_CHUNK] for i in range(0, len(ids), _SQLITE_CHUNK)]
+    if _is_postgres(session):
+        # The grouping sorts a row per device and hour; PostgreSQL's default 4 MB would
+        # spill 100,000 devices' histograms to disk. For this transaction only.
+        await session.execute(text(f"SET LOCAL work_mem = '{_WORK_MEM}'"))
     rows: list[HourRow] = []
     for chunk in chunks:
         statement = query
         if chunk is not None:
             condition: ColumnElement[bool] = (
-                t.device_id == any_(bindparam("devices", chunk, type_=ARRAY(String())))
+                # A semi-join on the unnested ids: hashed, where ``= ANY(array)`` compares
+                # every row with every id.
+                t.device_id.in_(
+                    select(func.unnest(bindparam("devices", chunk, type_=ARRAY(String()))))
+                )
                 if _is_postgres(session)
                 else t.device_id.in_(chunk)
             )

@@ -14,6 +14,7 @@ from fleet_server.rollouts.aggregates import (
     LATENCY_SCALE,
     AggregateDelta,
     HourRow,
+    add,
     combine,
     combine_all,
     decode_counts,
@@ -221,3 +222,25 @@ def test_no_rows_give_no_devices_and_an_empty_latency_is_empty() -> None:
     assert aggregates.classes is None and aggregates.score_histogram(0) is None
     assert aggregates.latency_histogram(0).count == 0
     assert quantile(aggregates.latency_histogram(0), 0.95) is None
+
+
+def test_kept_hours_plus_the_hours_read_now_equal_reading_them_all() -> None:
+    deltas = [
+        fold(window(device, end=T0 + 3600 * h, seed=h, latencies=[3.0 + h, 50.0 * (h + 1)]))
+        for device in ("d1", "d2", "d3")
+        for h in range(3)
+    ]
+    everything = sum_rows([row_of(d) for d in deltas])
+    split = hour_of(T0 + 3600)
+    early = [d for d in deltas if d.hour < split or d.device_id == "d2"]
+    kept = sum_rows([row_of(d) for d in early])
+    now = sum_rows([row_of(d) for d in deltas if d not in early])
+    added = add(kept, now)
+    assert added.device_ids == everything.device_ids
+    for name in ("windows", "requests", "fallbacks", "latency", "scores", "latency_sum"):
+        assert np.array_equal(getattr(added, name), getattr(everything, name)), name
+    assert np.array_equal(added.latency_min, everything.latency_min)
+    assert np.array_equal(added.latency_max, everything.latency_max)
+    # A device only one side has keeps its own values.
+    only_new = add(sum_rows([]), now)
+    assert only_new.device_ids == ["d1", "d3"] and only_new.classes == tuple(CLASSES)
