@@ -33,7 +33,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -222,10 +222,10 @@ def decode_classes(text: str | None) -> tuple[str, ...] | None:
     return None if text is None else tuple(json.loads(text))
 
 
-@dataclass(frozen=True)
-class HourRow:
+class HourRow(NamedTuple):
     """One stored row, or the database's sum of several rows of one device (concatenated
-    histogram bytes): the input of :func:`sum_rows`."""
+    histogram bytes): the input of :func:`sum_rows`. A database row with these columns in
+    this order will do."""
 
     device_id: str
     windows: int
@@ -335,54 +335,50 @@ def _cell_sums(
     return summed.astype(np.int64).reshape(n, width)
 
 
-def sum_rows(rows: Sequence[HourRow]) -> DeviceAggregates:
+def sum_rows(rows: Sequence[HourRow] | Sequence[Sequence[Any]]) -> DeviceAggregates:
     """Per-device sums of ``rows`` (any number per device, in any order), vectorised.
 
     Scores of rows whose classes differ from the first row's with scores are left out
     (see :func:`combine`).
     """
-    ids = [r.device_id for r in rows]
+    if not rows:
+        columns: list[Sequence[Any]] = [()] * len(HourRow._fields)
+    else:
+        columns = list(zip(*rows, strict=True))
+    col = dict(zip(HourRow._fields, columns, strict=True))
+    ids: Sequence[str] = col["device_id"]
     device_ids = sorted(set(ids))
     position = {d: i for i, d in enumerate(device_ids)}
-    n = len(device_ids)
-    at = np.fromiter((position[d] for d in ids), np.int64, len(ids))
-
-    single = len(set(ids)) == len(ids)  # one row per device: the database summed them
+    n, m = len(device_ids), len(ids)
+    at = np.fromiter(map(position.__getitem__, ids), np.int64, m)
 
     def total(name: str) -> npt.NDArray[np.int64]:
-        values = np.fromiter((getattr(r, name) for r in rows), np.int64, len(rows))
-        out = np.zeros(n, dtype=np.int64)
-        if single:
-            out[at] = values
-        else:
+        values = np.asarray(col[name], dtype=np.int64)
+        if values.size and int(np.abs(values).max()) >= 2**52:
+            # Beyond what float64 weights count exactly: the slow, exact path.
+            out = np.zeros(n, dtype=np.int64)
             np.add.at(out, at, values)
+            return out
+        return np.bincount(at, weights=values, minlength=n).astype(np.int64)
+
+    latency_sum: npt.NDArray[np.float64] = np.bincount(
+        at, weights=np.asarray(col["latency_sum"], dtype=np.float64), minlength=n
+    ).astype(np.float64)
+
+    def extreme(name: str, how: Any) -> npt.NDArray[np.float64]:
+        values = np.array([np.nan if v is None else v for v in col[name]], dtype=np.float64)
+        out = np.full(n, np.nan)
+        how.at(out, at, values)
         return out
 
-    sums = np.fromiter((r.latency_sum for r in rows), np.float64, len(rows))
-    mins = np.fromiter(
-        (np.nan if r.latency_min is None else r.latency_min for r in rows), np.float64, len(rows)
-    )
-    maxs = np.fromiter(
-        (np.nan if r.latency_max is None else r.latency_max for r in rows), np.float64, len(rows)
-    )
-    lat_sum = np.zeros(n, dtype=np.float64)
-    lat_min = np.full(n, np.nan)
-    lat_max = np.full(n, np.nan)
-    if single:
-        lat_sum[at], lat_min[at], lat_max[at] = sums, mins, maxs
-    else:
-        np.add.at(lat_sum, at, sums)
-        np.fmin.at(lat_min, at, mins)
-        np.fmax.at(lat_max, at, maxs)
-
-    latency = _cell_sums([r.latency for r in rows], at, n, LATENCY_BUCKETS)
-
-    classes = next((r.score_classes for r in rows if r.score_classes is not None), None)
+    latency = _cell_sums(col["latency"], at, n, LATENCY_BUCKETS)
+    classes = next((c for c in col["score_classes"] if c is not None), None)
     decoded = decode_classes(classes)
     width = len(decoded) if decoded is not None else 0
     if decoded is not None:
-        keep = [i for i, r in enumerate(rows) if r.score_classes == classes]
-        scores = _cell_sums([rows[i].scores for i in keep], at[keep], n, width * SCORE_BIN_COUNT)
+        keep = [i for i, c in enumerate(col["score_classes"]) if c == classes]
+        blobs = [col["scores"][i] for i in keep]
+        scores = _cell_sums(blobs, at[keep], n, width * SCORE_BIN_COUNT)
     else:
         scores = np.zeros((n, 0), dtype=np.int64)
     return DeviceAggregates(
@@ -393,9 +389,9 @@ def sum_rows(rows: Sequence[HourRow]) -> DeviceAggregates:
         errors=total("errors"),
         unsummarised_requests=total("unsummarised_requests"),
         latency_zero=total("latency_zero"),
-        latency_sum=lat_sum,
-        latency_min=lat_min,
-        latency_max=lat_max,
+        latency_sum=latency_sum,
+        latency_min=extreme("latency_min", np.fmin),
+        latency_max=extreme("latency_max", np.fmax),
         latency=latency,
         classes=decoded,
         scores=scores.reshape(n, width, SCORE_BIN_COUNT),
