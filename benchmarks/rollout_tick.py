@@ -65,7 +65,7 @@ DEVICES = 100_000
 BASELINE_HOURS = 24
 AFTER_HOURS = 3
 TEMPLATES = 97  # distinct hour rows, spread over the devices
-ROUNDS = 5
+ROUNDS = 3
 GOAL_S = 1.0
 MODEL = "pump-health"
 CURRENT, NEW = "1.0.0", "1.1.0"
@@ -154,8 +154,8 @@ async def populate(url: str, devices: int) -> dict[str, float]:
                 INSERT INTO device_hour_stats
                 SELECT $1,
                        CASE WHEN $2 >= 0 AND d % 2 = 0 THEN $3 ELSE $4 END,
-                       'dev-' || lpad(d::text, 6, '0'),
                        $5::timestamptz,
+                       'dev-' || lpad(d::text, 6, '0'),
                        t.windows, t.requests, t.fallbacks, t.errors, 0, t.latency_zero,
                        t.latency_sum, t.latency_min, t.latency_max, t.latency,
                        t.score_classes, t.scores, 0, 0

@@ -314,8 +314,8 @@ class DeviceHourStats(Base):
 
     model_name: Mapped[str] = mapped_column(String(128), primary_key=True)
     model_version: Mapped[str] = mapped_column(String(128), primary_key=True)
-    device_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     hour: Mapped[datetime] = mapped_column(UtcDateTime(), primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     windows: Mapped[int] = mapped_column(BigInteger)
     requests: Mapped[int] = mapped_column(BigInteger)
     fallbacks: Mapped[int] = mapped_column(BigInteger)

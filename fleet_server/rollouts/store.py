@@ -104,7 +104,7 @@ def _values_of(d: AggregateDelta) -> dict[str, Any]:
     }
 
 
-_KEY_COLUMNS = ("model_name", "model_version", "device_id", "hour")
+_KEY_COLUMNS = ("model_name", "model_version", "hour", "device_id")
 
 
 async def add_to_hour_stats(session: AsyncSession, deltas: Sequence[AggregateDelta]) -> None:
@@ -117,15 +117,15 @@ async def add_to_hour_stats(session: AsyncSession, deltas: Sequence[AggregateDel
     merged = combine_all(deltas)
     if not merged:
         return
-    keys: list[Key] = sorted(merged, key=lambda k: (k[1], k[2], k[0], k[3]))
+    keys: list[Key] = sorted(merged, key=lambda k: (k[1], k[2], k[3], k[0]))
     table = DeviceHourStats
     stored: dict[Key, AggregateDelta] = {}
     for start in range(0, len(keys), _SQLITE_CHUNK // 4):
         chunk = keys[start : start + _SQLITE_CHUNK // 4]
         rows = await session.scalars(
             select(table).where(
-                tuple_(table.model_name, table.model_version, table.device_id, table.hour).in_(
-                    [(k[1], k[2], k[0], k[3]) for k in chunk]
+                tuple_(table.model_name, table.model_version, table.hour, table.device_id).in_(
+                    [(k[1], k[2], k[3], k[0]) for k in chunk]
                 )
             )
         )

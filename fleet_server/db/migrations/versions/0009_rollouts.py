@@ -19,8 +19,8 @@ def upgrade() -> None:
         "device_hour_stats",
         sa.Column("model_name", sa.String(length=128), nullable=False),
         sa.Column("model_version", sa.String(length=128), nullable=False),
-        sa.Column("device_id", sa.String(length=128), nullable=False),
         sa.Column("hour", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("device_id", sa.String(length=128), nullable=False),
         sa.Column("windows", sa.BigInteger(), nullable=False),
         sa.Column("requests", sa.BigInteger(), nullable=False),
         sa.Column("fallbacks", sa.BigInteger(), nullable=False),
@@ -35,8 +35,8 @@ def upgrade() -> None:
         sa.Column("scores", sa.LargeBinary(), nullable=False),
         sa.Column("labelled_rows", sa.BigInteger(), nullable=False),
         sa.Column("labelled_correct", sa.BigInteger(), nullable=False),
-        # A version's rows in device order, each device's in hour order: a tick's read.
-        sa.PrimaryKeyConstraint("model_name", "model_version", "device_id", "hour"),
+        # A version's rows of a time range lie together: what a tick reads.
+        sa.PrimaryKeyConstraint("model_name", "model_version", "hour", "device_id"),
     )
     op.create_table(
         "rollouts",
