@@ -42,9 +42,7 @@ from typing import Any
 
 import asyncpg
 import numpy as np
-from sqlalchemy import String, func, select
-from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.sql.expression import bindparam
+from sqlalchemy import func, select
 
 from fleet_server.db import Database, migrate
 from fleet_server.db.models import DeviceHourStats
@@ -180,6 +178,13 @@ async def populate(url: str, devices: int) -> dict[str, float]:
     return {"rows": float(rows), "bytes": float(size), "fill_s": filled}
 
 
+Reads = tuple[tuple[str, str, datetime, datetime], ...]
+BARE_SELECT = (
+    "SELECT device_id, windows, requests, fallbacks, errors, unsummarised_requests,"
+    " latency_zero, latency_sum, latency_min, latency_max, latency, score_classes, scores,"
+    " labelled_rows, labelled_correct FROM device_hour_stats"
+    " WHERE model_name = $1 AND model_version = $2 AND hour >= $3 AND hour < $4"
+)
 OPEN = NOW - timedelta(hours=2)  # the hours windows may still arrive for: read at every tick
 FULL = (
     ("treatment", NEW, START, NOW),
@@ -190,14 +195,11 @@ OPEN_HOURS = (("treatment", NEW, OPEN, NOW), ("control", CURRENT, OPEN, NOW))
 KEPT_HOURS = (("treatment", NEW, START, OPEN), ("control", CURRENT, START, OPEN))
 
 
-async def measure(db: Database, ids: list[str]) -> dict[str, float]:
+async def measure(db: Database, url: str, ids: list[str]) -> dict[str, float]:
     t = DeviceHourStats
-    devices = bindparam("devices", ids, type_=ARRAY(String()))
     checks: dict[str, float] = {}
 
-    async def read(
-        reads: tuple[tuple[str, str, datetime, datetime], ...],
-    ) -> dict[str, DeviceAggregates]:
+    async def read(reads: Reads) -> dict[str, DeviceAggregates]:
         async with db.session() as session:
             return {
                 name: await store.device_aggregates(
@@ -218,7 +220,7 @@ async def measure(db: Database, ids: list[str]) -> dict[str, float]:
             both = add(kept[name], got)
             checks[f"{name}_windows"] = float(both.windows.sum())
 
-    def counter(reads: tuple[tuple[str, str, datetime, datetime], ...], key: str) -> Any:
+    def counter(reads: Reads, key: str) -> Callable[[], Awaitable[None]]:
         async def count() -> None:
             async with db.session() as session:
                 total = 0
@@ -232,7 +234,6 @@ async def measure(db: Database, ids: list[str]) -> dict[str, float]:
                                 t.model_version == version,
                                 t.hour >= since,
                                 t.hour < until,
-                                t.device_id.in_(select(func.unnest(devices))),
                             )
                         )
                         or 0
@@ -241,11 +242,24 @@ async def measure(db: Database, ids: list[str]) -> dict[str, float]:
 
         return count
 
+    def fetcher(reads: Reads) -> Callable[[], Awaitable[None]]:
+        async def fetch() -> None:
+            connection = await asyncpg.connect(url)
+            try:
+                for _, version, since, until in reads:
+                    await connection.fetch(BARE_SELECT, MODEL, version, since, until)
+            finally:
+                await connection.close()
+
+        return fetch
+
     measured: dict[str, Callable[[], Awaitable[None]]] = {
         "full": full,
         "count_full": counter(FULL, "rows_full"),
+        "fetch_full": fetcher(FULL),
         "tick": incremental,
         "count_tick": counter(OPEN_HOURS, "rows_tick"),
+        "fetch_tick": fetcher(OPEN_HOURS),
     }
     times: dict[str, list[float]] = {name: [] for name in measured}
     for round_ in range(ROUNDS + 1):
@@ -274,7 +288,7 @@ def run(devices: int = DEVICES) -> dict[str, float]:
         async def main() -> dict[str, float]:
             db = Database(url)
             try:
-                return await measure(db, [f"dev-{d:06d}" for d in range(devices)])
+                return await measure(db, url, [f"dev-{d:06d}" for d in range(devices)])
             finally:
                 await db.close()
 
@@ -292,8 +306,10 @@ def main(devices: int = DEVICES) -> None:
     )
     for label, key, floor in [
         (f"all hours: {int(r['rows_full']):,} rows", "full", "count_full"),
+        ("  asyncpg fetch of the same rows", "fetch_full", "count_full"),
         ("  count(*) of the same rows (floor)", "count_full", "count_full"),
         (f"tick, open hours only: {int(r['rows_tick']):,} rows", "tick", "count_tick"),
+        ("  asyncpg fetch of the same rows", "fetch_tick", "count_tick"),
         ("  count(*) of the same rows (floor)", "count_tick", "count_tick"),
     ]:
         print(

@@ -8,6 +8,7 @@ from benchmarks import (
     agent_inference,
     agent_memory,
     director_signing,
+    rollout_tick,
     rollout_waves,
     server_ingest,
     telemetry,
@@ -26,6 +27,7 @@ BENCHMARKS = [
     ("director metadata for 10,000 devices vs bare signatures and writes", director_signing.main),
     ("telemetry: record cost, bytes a day, drift for 10,000 devices", telemetry.main),
     ("rollout wave membership for 1,000,000 devices vs hashing their ids", rollout_waves.main),
+    ("a rollout tick's read of 100,000 devices' hourly aggregates vs count(*)", rollout_tick.main),
 ]
 
 
