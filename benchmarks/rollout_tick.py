@@ -185,14 +185,19 @@ BARE_SELECT = (
     " labelled_rows, labelled_correct FROM device_hour_stats"
     " WHERE model_name = $1 AND model_version = $2 AND hour >= $3 AND hour < $4"
 )
-OPEN = NOW - timedelta(hours=2)  # the hours windows may still arrive for: read at every tick
+CURRENT_HOUR = NOW - timedelta(minutes=30)
 FULL = (
     ("treatment", NEW, START, NOW),
     ("control", CURRENT, START, NOW),
     ("baseline", CURRENT, START - timedelta(hours=BASELINE_HOURS), START),
 )
-OPEN_HOURS = (("treatment", NEW, OPEN, NOW), ("control", CURRENT, OPEN, NOW))
-KEPT_HOURS = (("treatment", NEW, START, OPEN), ("control", CURRENT, START, OPEN))
+# What a tick reads: the hour now open, or it and the one before (late windows).
+OPEN_HOURS = (("treatment", NEW, CURRENT_HOUR, NOW), ("control", CURRENT, CURRENT_HOUR, NOW))
+TWO_HOURS = (
+    ("treatment", NEW, CURRENT_HOUR - timedelta(hours=1), NOW),
+    ("control", CURRENT, CURRENT_HOUR - timedelta(hours=1), NOW),
+)
+KEPT_HOURS = (("treatment", NEW, START, CURRENT_HOUR), ("control", CURRENT, START, CURRENT_HOUR))
 
 
 async def measure(db: Database, url: str, ids: list[str]) -> dict[str, float]:
@@ -219,6 +224,9 @@ async def measure(db: Database, url: str, ids: list[str]) -> dict[str, float]:
         for name, got in now.items():
             both = add(kept[name], got)
             checks[f"{name}_windows"] = float(both.windows.sum())
+
+    async def two_hours() -> None:
+        await read(TWO_HOURS)
 
     def counter(reads: Reads, key: str) -> Callable[[], Awaitable[None]]:
         async def count() -> None:
@@ -260,6 +268,9 @@ async def measure(db: Database, url: str, ids: list[str]) -> dict[str, float]:
         "tick": incremental,
         "count_tick": counter(OPEN_HOURS, "rows_tick"),
         "fetch_tick": fetcher(OPEN_HOURS),
+        "two": two_hours,
+        "count_two": counter(TWO_HOURS, "rows_two"),
+        "fetch_two": fetcher(TWO_HOURS),
     }
     times: dict[str, list[float]] = {name: [] for name in measured}
     for round_ in range(ROUNDS + 1):
@@ -308,9 +319,12 @@ def main(devices: int = DEVICES) -> None:
         (f"all hours: {int(r['rows_full']):,} rows", "full", "count_full"),
         ("  asyncpg fetch of the same rows", "fetch_full", "count_full"),
         ("  count(*) of the same rows (floor)", "count_full", "count_full"),
-        (f"tick, open hours only: {int(r['rows_tick']):,} rows", "tick", "count_tick"),
+        (f"tick, the open hour + kept: {int(r['rows_tick']):,} rows", "tick", "count_tick"),
         ("  asyncpg fetch of the same rows", "fetch_tick", "count_tick"),
         ("  count(*) of the same rows (floor)", "count_tick", "count_tick"),
+        (f"the last two hours: {int(r['rows_two']):,} rows", "two", "count_two"),
+        ("  asyncpg fetch of the same rows", "fetch_two", "count_two"),
+        ("  count(*) of the same rows (floor)", "count_two", "count_two"),
     ]:
         print(
             f"  {label:44} {r[key] * 1000:7.0f} ms  {r[key] / r[floor]:5.2f}x  "

@@ -321,7 +321,7 @@ def _cell_sums(
     """``[n, width]`` sums of the pairs of every blob into the row given for it (cells past
     ``width`` are left out), without a Python loop over pairs."""
     pairs = np.frombuffer(b"".join(blobs), dtype=PAIR)
-    lengths = np.fromiter((len(b) // PAIR.itemsize for b in blobs), np.int64, len(blobs))
+    lengths = np.fromiter(map(len, blobs), np.int64, len(blobs)) // PAIR.itemsize
     cell = pairs["index"].astype(np.int64)
     inside = cell < width
     flat = (np.repeat(rows, lengths) * width + cell)[inside]
