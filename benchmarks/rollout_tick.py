@@ -9,22 +9,22 @@ rows. Each row holds an hour of 60 one-minute windows of 60 requests folded by
 :func:`fleet_server.rollouts.aggregates.fold` (latency about 40 ms, scores over
 3 classes); rows are inserted hour by hour, as ingest writes them.
 
-What is measured, each over the same rows and the same list of 100,000 device
-ids:
+What is measured (the tick is half an hour into the last hour), over the same
+list of device ids:
 
-- *tick*: the three reads of a tick through
-  :func:`fleet_server.rollouts.store.device_aggregates` (treatment on the new
-  version since the start, control on the current version since the start, and
-  everyone's baseline over the 24 hours before), each one query returning a row
-  per device, summed into :class:`~fleet_server.rollouts.aggregates.DeviceAggregates`;
-- *tick, baseline kept*: the treatment and control reads only (a baseline does
-  not change once its hours are over, so a controller may read it once);
-- floors: *count*, ``SELECT count(*)`` over the same rows (the least any read
-  of them costs: finding them); *scalar sums*, the same ``GROUP BY device``
-  summing the counters only (no histograms).
+- *all hours*: the three reads of :func:`fleet_server.rollouts.store.device_aggregates`
+  a tick would make if it kept nothing: treatment (new version) and control
+  (current version) since the start, and everyone's baseline, the 24 hours before;
+- *tick, the open hour + kept*: the hour still open, for treatment and control,
+  added (:func:`~fleet_server.rollouts.aggregates.add`) to the sums of the closed
+  hours since the start, read before (untimed): what a tick reads when it keeps
+  what cannot change any more;
+- *the last two hours*: the open hour and the one before (for late windows);
+- floors, for each: ``SELECT count(*)`` of the same rows (finding them) and a bare
+  asyncpg ``fetch`` of the same rows and columns (reading them into Python).
 
 ``ROUNDS`` rounds after a warm-up, the order rotating; medians, and each
-figure's ratio to *count*.
+figure's ratio to its ``count(*)``. ``python -m benchmarks.rollout_tick [devices]``.
 """
 
 from __future__ import annotations
