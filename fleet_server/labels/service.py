@@ -11,6 +11,7 @@ from fleet_server import audit
 from fleet_server.db.models import WindowLabels
 from fleet_server.labels import store
 from fleet_server.labels.rules import distinct_windows, labelled, missing_windows
+from fleet_server.rollouts.store import add_labels
 from protocol.api.labels import LabelsResult, WindowLabelsBody
 
 
@@ -28,8 +29,20 @@ async def post_labels(
     now = datetime.now(UTC)
     stored = replaced = rows = correct = 0
     for body in bodies:
-        labels = labelled(body, windows[body.window_id].payload)
+        window = windows[body.window_id]
+        labels = labelled(body, window.payload)
         row = existing.get(body.window_id)
+        # The rollout gates read labelled accuracy from the hourly aggregates: a
+        # correction adds its difference to the labels it replaces.
+        await add_labels(
+            session,
+            window.device_id,
+            window.model_name,
+            window.model_version,
+            window.end,
+            labels.rows - (row.rows if row else 0),
+            labels.correct - (row.correct if row else 0),
+        )
         if row is None:
             row = WindowLabels(window_id=body.window_id)
             session.add(row)

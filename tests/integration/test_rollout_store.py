@@ -23,9 +23,11 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from fleet_server.db import Database, migrate
 from fleet_server.db.engine import MIGRATIONS, normalise_url
 from fleet_server.db.models import Device, DeviceHourStats, RolloutEvaluation
+from fleet_server.labels.service import post_labels
 from fleet_server.mqtt.ingest import Accepted, classify, write_batch
 from fleet_server.rollouts import store
 from fleet_server.rollouts.verdicts import GateEvaluation
+from protocol.api.labels import WindowLabelsBody
 from protocol.histogram import ExponentialHistogram, record
 from protocol.summary import score_histogram
 from protocol.topics import windows_topic
@@ -207,6 +209,29 @@ def test_labels_add_to_the_hour_of_the_window_they_label(url: str) -> None:
     assert aggregates.labelled_rows.tolist() == [55]
     assert aggregates.labelled_correct.tolist() == [49]
     assert aggregates.windows.tolist() == [1]
+
+
+def test_labels_posted_and_corrected_reach_the_aggregates_once(url: str) -> None:
+    w = window("a", T0)
+
+    def labels(counts: list[list[int]]) -> WindowLabelsBody:
+        return WindowLabelsBody(window_id=w.window_id, classes=list(CLASSES), counts=counts)
+
+    async def body(db: Database) -> store.DeviceAggregates:
+        await register(db, "a")
+        await write_batch(db, [accepted(w)], "r1")
+        async with db.session() as session:
+            await post_labels(session, [labels([[4, 1], [1, 4]])], "operator")
+        async with db.session() as session:  # a correction replaces them
+            await post_labels(session, [labels([[5, 0], [2, 3]])], "operator")
+        async with db.session() as session:
+            return await store.device_aggregates(
+                session, "vibration", "2.0.0", at(T0 - HOUR), at(T0 + HOUR)
+            )
+
+    aggregates = run(url, body)
+    assert aggregates.labelled_rows.tolist() == [10]
+    assert aggregates.labelled_correct.tolist() == [8]
 
 
 def test_a_rollout_is_created_listed_and_advanced_by_one_writer_only(url: str) -> None:
