@@ -80,10 +80,16 @@ import urllib3
 from paho.mqtt.enums import CallbackAPIVersion
 
 from protocol.messages import DeviceEvent, Heartbeat, WindowAck
-from protocol.topics import acks_topic, device_topic, devices_root, ingest_subscriptions
+from protocol.topics import (
+    acks_topic,
+    device_topic,
+    devices_root,
+    ingest_subscriptions,
+    server_topic,
+)
 from protocol.window import WindowSummary, encode_window
 from testbed import waiting
-from testbed.server_process import private_broker
+from testbed.server_process import clear_retained, private_broker
 from testbed.waiting import free_port
 
 # The benchmark server's topic namespace (on a broker of the benchmark's own).
@@ -764,6 +770,8 @@ def run_database(
 
     Each consumer drains every stream in turn; the order rotates from round to round.
     """
+    # Each database is its own deployment: the last one's claim on the namespace goes first.
+    clear_retained(server_topic(NS, "#"), ("127.0.0.1", port))
     with database(kind, workdir) as db_url:
         server = Server(workdir, db_url, port)
         server.start()
