@@ -9,6 +9,7 @@ from benchmarks import (
     agent_memory,
     director_signing,
     rollout_gates,
+    rollout_tick,
     rollout_waves,
     server_ingest,
     telemetry,
@@ -28,6 +29,7 @@ BENCHMARKS = [
     ("telemetry: record cost, bytes a day, drift for 10,000 devices", telemetry.main),
     ("rollout wave membership for 1,000,000 devices vs hashing their ids", rollout_waves.main),
     ("rollout gates: false stops and time to stop vs a fixed-level test", rollout_gates.main),
+    ("a rollout tick's read of 100,000 devices' hourly aggregates vs count(*)", rollout_tick.main),
 ]
 
 

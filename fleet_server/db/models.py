@@ -10,12 +10,14 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Integer,
     LargeBinary,
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -294,3 +296,96 @@ class SilenceRow(Base):
     starts_at: Mapped[datetime] = mapped_column(UtcDateTime())
     ends_at: Mapped[datetime] = mapped_column(UtcDateTime(), index=True)
     expired_by: Mapped[str | None] = mapped_column(String(128))
+
+
+class DeviceHourStats(Base):
+    """One device's windows of one model version that ended in one UTC hour, summed.
+
+    Kept up to date as windows arrive (:mod:`fleet_server.rollouts.aggregates` folds each
+    window stored for the first time into its hour's row, in the transaction that stores
+    it), so a rollout tick sums a few rows per device instead of decoding every window.
+    ``fallbacks`` counts the requests the active model did not answer. ``latency`` and
+    ``scores`` are sparse ``(index, count)`` arrays in fixed layouts (a base-2 exponential
+    histogram at one scale over a fixed range; ``score_classes`` x the score bins), so
+    rows add by concatenation. ``labelled_*`` sum the labels posted for the hour's windows.
+    """
+
+    __tablename__ = "device_hour_stats"
+
+    model_name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    model_version: Mapped[str] = mapped_column(String(128), primary_key=True)
+    hour: Mapped[datetime] = mapped_column(UtcDateTime(), primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    windows: Mapped[int] = mapped_column(BigInteger)
+    requests: Mapped[int] = mapped_column(BigInteger)
+    fallbacks: Mapped[int] = mapped_column(BigInteger)
+    errors: Mapped[int] = mapped_column(BigInteger)
+    unsummarised_requests: Mapped[int] = mapped_column(BigInteger)
+    latency_zero: Mapped[int] = mapped_column(BigInteger)
+    latency_sum: Mapped[float] = mapped_column(Float)
+    latency_min: Mapped[float | None] = mapped_column(Float)
+    latency_max: Mapped[float | None] = mapped_column(Float)
+    latency: Mapped[bytes] = mapped_column(LargeBinary)
+    score_classes: Mapped[str | None] = mapped_column(Text)
+    scores: Mapped[bytes] = mapped_column(LargeBinary)
+    labelled_rows: Mapped[int] = mapped_column(BigInteger, default=0)
+    labelled_correct: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class RolloutRow(Base):
+    """A rollout: its spec as the operator gave it, and the controller's persisted state.
+
+    ``revision`` goes up by one on every save of the state; a save names the revision it
+    read, so of two replicas that read the same revision only one can advance the rollout.
+    """
+
+    __tablename__ = "rollouts"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    release_name: Mapped[str] = mapped_column(String(64), index=True)
+    release_version: Mapped[str] = mapped_column(String(64))
+    spec: Mapped[dict[str, Any]] = mapped_column()
+    state: Mapped[dict[str, Any]] = mapped_column()
+    phase: Mapped[str] = mapped_column(String(32), index=True)
+    revision: Mapped[int] = mapped_column(Integer, default=0)
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class RolloutDevice(Base):
+    """A device a rollout reached: at which stage, when, and what it ran before (for rollback)."""
+
+    __tablename__ = "rollout_devices"
+
+    rollout_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("rollouts.id", ondelete="CASCADE"), primary_key=True
+    )
+    device_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    stage: Mapped[int] = mapped_column(Integer)
+    assigned_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    previous_target: Mapped[str | None] = mapped_column(String(512))
+    previous_bundle: Mapped[str | None] = mapped_column(String(256))
+
+
+class RolloutEvaluation(Base):
+    """One controller tick of a rollout: the gates' records, the rule that fired, the action.
+
+    At most one per rollout and tick time, so a replayed tick records nothing new.
+    """
+
+    __tablename__ = "rollout_evaluations"
+    __table_args__ = (UniqueConstraint("rollout_id", "at"),)
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    rollout_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("rollouts.id", ondelete="CASCADE")
+    )
+    at: Mapped[datetime] = mapped_column(UtcDateTime())
+    stage: Mapped[int] = mapped_column(Integer)
+    gates: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    rule: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(64))

@@ -32,6 +32,8 @@ from fleet_server.db.models import Device, DeviceEventRow, WindowRow
 from fleet_server.devices.store import reported_state_columns, write_reported_state
 from fleet_server.metrics import Metrics
 from fleet_server.mqtt import store
+from fleet_server.rollouts.aggregates import fold
+from fleet_server.rollouts.store import add_to_hour_stats
 from protocol.messages import DEVICE_MESSAGE, DeviceEvent, Heartbeat, Presence, ReportedState
 from protocol.topics import MAX_WINDOW_BYTES, parse_device_topic
 from protocol.window import WindowCodecError, WindowSummary, decode_window
@@ -207,6 +209,7 @@ async def write_batch(db: Database, batch: Sequence[Accepted], replica: str) -> 
         updates: dict[str, dict[str, object]] = {}
         events: dict[str, dict[str, object]] = {}
         windows: dict[str, dict[str, object]] = {}
+        summaries: dict[str, WindowSummary] = {}
         sent_windows: list[tuple[str, str]] = []  # (device_id, window_id), as they came
         for item in batch:
             if item.device_id not in known:
@@ -249,6 +252,7 @@ async def write_batch(db: Database, batch: Sequence[Accepted], replica: str) -> 
                     "ingested_by": replica,
                 }
                 sent_windows.append((msg.device_id, msg.window_id))
+                summaries[msg.window_id] = msg
             elif isinstance(msg, Presence):
                 values["online"] = msg.online
             elif isinstance(msg, Heartbeat):
@@ -281,10 +285,14 @@ async def write_batch(db: Database, batch: Sequence[Accepted], replica: str) -> 
             )
         if windows:
             insert = pg_insert if db.is_postgres else sqlite_insert
-            await session.execute(
-                insert(WindowRow).on_conflict_do_nothing(index_elements=["window_id"]),
+            inserted = await session.scalars(
+                insert(WindowRow)
+                .on_conflict_do_nothing(index_elements=["window_id"])
+                .returning(WindowRow.window_id),
                 [windows[k] for k in sorted(windows)],
             )
+            # Only windows stored now count in the aggregates: a resend is counted once.
+            await add_to_hour_stats(session, [fold(summaries[w]) for w in inserted.all()])
             owners = await store.window_owners(session, list(windows))
             stored: dict[str, dict[str, None]] = {}  # ordered sets
             for device_id, window_id in sent_windows:

@@ -1,0 +1,456 @@
+"""The rollouts feature's store: rollouts, the devices they reached, their evaluations, and the
+hourly per-device window aggregates a tick reads.
+
+Every function works in the caller's session (and so its transaction). Upserts use
+each dialect's ``INSERT ... ON CONFLICT``, so the same code runs on SQLite and
+PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Collection, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select, tuple_, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from fleet_server.db.models import (
+    DeviceHourStats,
+    RolloutDevice,
+    RolloutEvaluation,
+    RolloutRow,
+    as_utc,
+)
+from fleet_server.rollouts.aggregates import (
+    AggregateDelta,
+    DeviceAggregates,
+    Key,
+    combine,
+    combine_all,
+    decode_classes,
+    decode_counts,
+    encode_classes,
+    encode_counts,
+    hour_of,
+    sum_rows,
+)
+from fleet_server.rollouts.verdicts import GateEvaluation
+
+# SQLite takes at most 32,766 bound values in a statement.
+_SQLITE_CHUNK = 10_000
+
+
+def _is_postgres(session: AsyncSession) -> bool:
+    return session.bind is not None and session.bind.dialect.name == "postgresql"
+
+
+def _insert(session: AsyncSession) -> Any:
+    return pg_insert if _is_postgres(session) else sqlite_insert
+
+
+# --- hourly aggregates ---------------------------------------------------------------------
+
+
+def _delta_of(row: DeviceHourStats) -> AggregateDelta:
+    return AggregateDelta(
+        device_id=row.device_id,
+        model_name=row.model_name,
+        model_version=row.model_version,
+        hour=as_utc(row.hour),
+        windows=row.windows,
+        requests=row.requests,
+        fallbacks=row.fallbacks,
+        errors=row.errors,
+        unsummarised_requests=row.unsummarised_requests,
+        latency_zero=row.latency_zero,
+        latency_sum=row.latency_sum,
+        latency_min=row.latency_min,
+        latency_max=row.latency_max,
+        latency=decode_counts(row.latency),
+        score_classes=decode_classes(row.score_classes),
+        scores=decode_counts(row.scores),
+        labelled_rows=row.labelled_rows,
+        labelled_correct=row.labelled_correct,
+    )
+
+
+def _values_of(d: AggregateDelta) -> dict[str, Any]:
+    return {
+        "device_id": d.device_id,
+        "model_name": d.model_name,
+        "model_version": d.model_version,
+        "hour": d.hour,
+        "windows": d.windows,
+        "requests": d.requests,
+        "fallbacks": d.fallbacks,
+        "errors": d.errors,
+        "unsummarised_requests": d.unsummarised_requests,
+        "latency_zero": d.latency_zero,
+        "latency_sum": d.latency_sum,
+        "latency_min": d.latency_min,
+        "latency_max": d.latency_max,
+        "latency": encode_counts(d.latency),
+        "score_classes": encode_classes(d.score_classes),
+        "scores": encode_counts(d.scores),
+        "labelled_rows": d.labelled_rows,
+        "labelled_correct": d.labelled_correct,
+    }
+
+
+_KEY_COLUMNS = ("model_name", "model_version", "hour", "device_id")
+
+
+async def add_to_hour_stats(session: AsyncSession, deltas: Sequence[AggregateDelta]) -> None:
+    """Add ``deltas`` to their hourly rows, creating the rows that do not exist yet.
+
+    A read, a sum and an upsert per row: the caller must hold the row locks of the
+    deltas' devices (ingest's batch writer does, :func:`fleet_server.mqtt.store.lock_devices`),
+    so two replicas never add to one row at once. Rows are written in key order.
+    """
+    merged = combine_all(deltas)
+    if not merged:
+        return
+    keys: list[Key] = sorted(merged, key=lambda k: (k[1], k[2], k[3], k[0]))
+    table = DeviceHourStats
+    stored: dict[Key, AggregateDelta] = {}
+    for start in range(0, len(keys), _SQLITE_CHUNK // 4):
+        chunk = keys[start : start + _SQLITE_CHUNK // 4]
+        rows = await session.scalars(
+            select(table).where(
+                tuple_(table.model_name, table.model_version, table.hour, table.device_id).in_(
+                    [(k[1], k[2], k[3], k[0]) for k in chunk]
+                )
+            )
+        )
+        for row in rows:
+            delta = _delta_of(row)
+            stored[delta.key] = delta
+    values = []
+    for key in keys:
+        before = stored.get(key)
+        values.append(_values_of(merged[key] if before is None else combine(before, merged[key])))
+    insert = _insert(session)
+    statement = insert(table)
+    statement = statement.on_conflict_do_update(
+        index_elements=list(_KEY_COLUMNS),
+        set_={
+            c.name: statement.excluded[c.name]
+            for c in table.__table__.columns
+            if c.name not in _KEY_COLUMNS
+        },
+    )
+    await session.execute(statement, values)
+
+
+async def add_labels(
+    session: AsyncSession,
+    device_id: str,
+    model_name: str,
+    model_version: str,
+    window_end: datetime,
+    rows: int,
+    correct: int,
+) -> None:
+    """Add labelled rows (and how many of them the model got right) to the hour of the window
+    they label; negative values take back labels that a correction replaced."""
+    table = DeviceHourStats
+    insert = _insert(session)
+    statement = insert(table).values(
+        _values_of(
+            AggregateDelta(
+                device_id=device_id,
+                model_name=model_name,
+                model_version=model_version,
+                hour=hour_of(as_utc(window_end).timestamp()),
+                labelled_rows=rows,
+                labelled_correct=correct,
+            )
+        )
+    )
+    statement = statement.on_conflict_do_update(
+        index_elements=list(_KEY_COLUMNS),
+        set_={
+            "labelled_rows": table.labelled_rows + statement.excluded.labelled_rows,
+            "labelled_correct": table.labelled_correct + statement.excluded.labelled_correct,
+        },
+    )
+    await session.execute(statement)
+
+
+# device_aggregates' query on PostgreSQL, for the driver itself; the columns of HourRow.
+_PG_HOUR_ROWS = (
+    "SELECT device_id, windows, requests, fallbacks, errors, unsummarised_requests,"
+    " latency_zero, latency_sum, latency_min, latency_max, latency, score_classes, scores,"
+    " labelled_rows, labelled_correct FROM device_hour_stats"
+    " WHERE model_name = $1 AND model_version = $2 AND hour >= $3 AND hour < $4"
+)
+
+
+async def device_aggregates(
+    session: AsyncSession,
+    model_name: str,
+    model_version: str,
+    since: datetime,
+    until: datetime,
+    devices: Collection[str] | None = None,
+) -> DeviceAggregates:
+    """Per device of ``devices`` (default: every device), the sums of its hourly rows of
+    ``model_name@model_version`` for the hours from the one ``since`` falls in up to
+    ``until`` (exclusive). One query on PostgreSQL; on SQLite a query per 10,000 devices.
+    The rows are summed here, with numpy: summing in SQL would move as many histogram
+    bytes and cost a sort. Devices without rows are absent from the result.
+    """
+    t = DeviceHourStats
+    query = select(
+        t.device_id,
+        t.windows,
+        t.requests,
+        t.fallbacks,
+        t.errors,
+        t.unsummarised_requests,
+        t.latency_zero,
+        t.latency_sum,
+        t.latency_min,
+        t.latency_max,
+        t.latency,
+        t.score_classes,
+        t.scores,
+        t.labelled_rows,
+        t.labelled_correct,
+    ).where(
+        t.model_name == model_name,
+        t.model_version == model_version,
+        t.hour >= hour_of(as_utc(since).timestamp()),
+        t.hour < as_utc(until),
+    )
+    # Core, not the ORM: these are plain rows, and the ORM's row loading would double the cost.
+    connection = await session.connection()
+    rows: list[Any] = []
+    if _is_postgres(session):
+        # The version's rows of the range lie together; the devices are picked here (joined
+        # to a list of 100,000 ids, the planner guesses the list small and probes the range
+        # once per id). The driver's own records: SQLAlchemy's result rows cost as much as
+        # the fetch (benchmarks/rollout_tick.py), and these columns need no conversion.
+        raw = await connection.get_raw_connection()
+        driver: Any = raw.driver_connection
+        rows = await driver.fetch(
+            _PG_HOUR_ROWS,
+            model_name,
+            model_version,
+            hour_of(as_utc(since).timestamp()),
+            as_utc(until),
+        )
+        if devices is not None:
+            wanted = set(devices)
+            rows = [r for r in rows if r[0] in wanted]
+    elif devices is None:
+        rows.extend((await connection.execute(query)).all())
+    else:
+        listed = sorted(devices)
+        for i in range(0, len(listed), _SQLITE_CHUNK):
+            chunk = listed[i : i + _SQLITE_CHUNK]
+            rows.extend((await connection.execute(query.where(t.device_id.in_(chunk)))).all())
+    return sum_rows(rows)
+
+
+# --- rollouts ------------------------------------------------------------------------------
+
+
+class StaleRollout(Exception):
+    """The rollout changed since it was read (another replica advanced it)."""
+
+
+async def create_rollout(
+    session: AsyncSession,
+    *,
+    rollout_id: str,
+    name: str,
+    release_name: str,
+    release_version: str,
+    spec: Mapping[str, Any],
+    state: Mapping[str, Any],
+    phase: str,
+    created_by: str,
+    now: datetime,
+) -> RolloutRow:
+    """A new rollout at revision 0 (a name already taken raises the database's IntegrityError)."""
+    row = RolloutRow(
+        id=rollout_id,
+        name=name,
+        release_name=release_name,
+        release_version=release_version,
+        spec=dict(spec),
+        state=dict(state),
+        phase=phase,
+        revision=0,
+        created_by=created_by,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(row)
+    await session.flush()
+    return row
+
+
+async def get_rollout(session: AsyncSession, rollout_id: str) -> RolloutRow | None:
+    """The rollout with that id, or ``None``."""
+    return await session.get(RolloutRow, rollout_id)
+
+
+async def rollout_by_name(session: AsyncSession, name: str) -> RolloutRow | None:
+    """The rollout with that name, or ``None``."""
+    return (await session.scalars(select(RolloutRow).where(RolloutRow.name == name))).first()
+
+
+async def list_rollouts(
+    session: AsyncSession, *, phases: Collection[str] | None = None
+) -> list[RolloutRow]:
+    """Rollouts, newest first; only those in ``phases`` if given."""
+    query = select(RolloutRow).order_by(RolloutRow.created_at.desc(), RolloutRow.id)
+    if phases is not None:
+        query = query.where(RolloutRow.phase.in_(sorted(phases)))
+    return list((await session.scalars(query)).all())
+
+
+async def save_state(
+    session: AsyncSession,
+    rollout_id: str,
+    *,
+    read_revision: int,
+    state: Mapping[str, Any],
+    phase: str,
+    now: datetime,
+) -> int:
+    """Store the rollout's new state and phase if it is still at ``read_revision``; returns
+    the new revision. Raises :class:`StaleRollout` if another writer saved first."""
+    result = await session.execute(
+        update(RolloutRow)
+        .where(RolloutRow.id == rollout_id, RolloutRow.revision == read_revision)
+        .values(state=dict(state), phase=phase, revision=read_revision + 1, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if getattr(result, "rowcount", 0) != 1:
+        raise StaleRollout(f"rollout {rollout_id} is no longer at revision {read_revision}")
+    return read_revision + 1
+
+
+def _json_number(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
+def gate_record(evaluation: GateEvaluation) -> dict[str, Any]:
+    """A gate's evaluation as JSON (non-finite numbers as ``"inf"``, ``"-inf"``, ``"nan"``)."""
+    return {k: _json_number(v) for k, v in dataclasses.asdict(evaluation).items()}
+
+
+async def record_evaluation(
+    session: AsyncSession,
+    rollout_id: str,
+    *,
+    at: datetime,
+    stage: int,
+    gates: Sequence[GateEvaluation | Mapping[str, Any]],
+    rule: str,
+    action: str,
+) -> bool:
+    """Record one tick's evaluation; ``False`` (and nothing written) if one is already recorded
+    for this rollout at ``at`` (a replayed tick)."""
+    records = [
+        gate_record(g)
+        if isinstance(g, GateEvaluation)
+        else {k: _json_number(v) for k, v in g.items()}
+        for g in gates
+    ]
+    statement = (
+        _insert(session)(RolloutEvaluation)
+        .values(
+            rollout_id=rollout_id,
+            at=as_utc(at),
+            stage=stage,
+            gates=records,
+            rule=rule,
+            action=action,
+        )
+        .on_conflict_do_nothing(index_elements=["rollout_id", "at"])
+        .returning(RolloutEvaluation.id)
+    )
+    return (await session.execute(statement)).first() is not None
+
+
+async def evaluations(
+    session: AsyncSession, rollout_id: str, *, limit: int | None = None
+) -> list[RolloutEvaluation]:
+    """The rollout's evaluations, newest first (the ``limit`` newest if given)."""
+    query = (
+        select(RolloutEvaluation)
+        .where(RolloutEvaluation.rollout_id == rollout_id)
+        .order_by(RolloutEvaluation.at.desc(), RolloutEvaluation.id.desc())
+    )
+    if limit is not None:
+        query = query.limit(limit)
+    return list((await session.scalars(query)).all())
+
+
+@dataclasses.dataclass(frozen=True)
+class Reached:
+    """A device a tick assigns: the stage, and what it ran before (for a rollback)."""
+
+    device_id: str
+    stage: int
+    previous_target: str | None = None
+    previous_bundle: str | None = None
+
+
+async def add_reached(
+    session: AsyncSession, rollout_id: str, devices: Sequence[Reached], now: datetime
+) -> list[str]:
+    """Record that the rollout reached ``devices``; a device reached before keeps its first
+    record. Returns the ids newly added, in id order."""
+    if not devices:
+        return []
+    by_id = {d.device_id: d for d in devices}
+    added: list[str] = []
+    insert = _insert(session)
+    ids = sorted(by_id)
+    for start in range(0, len(ids), _SQLITE_CHUNK // 6):
+        chunk = ids[start : start + _SQLITE_CHUNK // 6]
+        statement = (
+            insert(RolloutDevice)
+            .values(
+                [
+                    {
+                        "rollout_id": rollout_id,
+                        "device_id": d,
+                        "stage": by_id[d].stage,
+                        "assigned_at": now,
+                        "previous_target": by_id[d].previous_target,
+                        "previous_bundle": by_id[d].previous_bundle,
+                    }
+                    for d in chunk
+                ]
+            )
+            .on_conflict_do_nothing(index_elements=["rollout_id", "device_id"])
+            .returning(RolloutDevice.device_id)
+        )
+        added.extend((await session.scalars(statement)).all())
+    return sorted(added)
+
+
+async def reached_devices(session: AsyncSession, rollout_id: str) -> list[RolloutDevice]:
+    """The devices the rollout reached, in id order."""
+    return list(
+        (
+            await session.scalars(
+                select(RolloutDevice)
+                .where(RolloutDevice.rollout_id == rollout_id)
+                .order_by(RolloutDevice.device_id)
+            )
+        ).all()
+    )
