@@ -35,7 +35,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from fleet_server.assignments.planner import (
@@ -93,6 +93,8 @@ log = logging.getLogger(__name__)
 INSTALL_TIMEOUT = timedelta(hours=1)
 # Each device's own baseline: its windows on its current version this long before the rollout.
 BASELINE = timedelta(hours=24)
+# The advisory lock a replica holds while it ticks (PostgreSQL).
+_TICK_LOCK_ID = 0x726F6C6C6F7574  # "rollout"
 # Devices named in a conflict's message.
 _NAMED = 5
 
@@ -254,8 +256,21 @@ async def tick(db: Database, assignments: AssignmentService, now: datetime) -> i
     """One controller step for every active rollout at ``now``; returns how many stepped.
 
     A pending rollout starts; any other is judged on its gates. One rollout's
-    failure is logged and does not stop the others.
+    failure is logged and does not stop the others. On PostgreSQL one replica
+    ticks at a time: the tick holds an advisory lock (a replica that finds it
+    taken skips this tick); SQLite serves one node.
     """
+    async with db.session() as leader:
+        if _is_postgres(leader):
+            held = await leader.scalar(
+                text("SELECT pg_try_advisory_xact_lock(:id)"), {"id": _TICK_LOCK_ID}
+            )
+            if not held:
+                return 0
+        return await _tick_all(db, assignments, now)
+
+
+async def _tick_all(db: Database, assignments: AssignmentService, now: datetime) -> int:
     async with db.session() as session:
         active = [r.id for r in await store.list_rollouts(session) if r.phase not in FINAL_PHASES]
     stepped = 0
@@ -644,6 +659,10 @@ def _version_of(bundle: str | None, name: str) -> str | None:
         return None
     found, _, version = bundle.partition(" ")
     return version if found == name and version else None
+
+
+def _is_postgres(session: AsyncSession) -> bool:
+    return session.bind is not None and session.bind.dialect.name == "postgresql"
 
 
 # -- reading --------------------------------------------------------------------------
