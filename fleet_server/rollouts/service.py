@@ -424,10 +424,11 @@ async def _assign(
         below = {d.id for d in below_installed(release, eligible)}
         eligible = [d for d in eligible if d.id not in below]
         chosen = eligible if effect.limit is None else eligible[: effect.limit]
+        ran = await _running_targets(session, chosen)
         await store.add_reached(
             session,
             stepped.rollout_id,
-            [store.Reached(d.id, effect.stage, d.assigned_target, d.active_bundle) for d in chosen],
+            [store.Reached(d.id, effect.stage, ran.get(d.id), d.active_bundle) for d in chosen],
             stepped.now,
         )
         # Recorded before but never assigned (the process died in between): assigned now.
@@ -507,6 +508,21 @@ async def _roll_back(
             await assignments.assign(db, target_path=target, actor=actor, device_ids=ids)
         except FleetError as exc:
             log.warning("rollout %s: could not reassign %s: %s", stepped.rollout_id, target, exc)
+
+
+async def _running_targets(session: AsyncSession, devices: Sequence[Device]) -> dict[str, str]:
+    """Each device's release before the rollout: what it was assigned, or else the release
+    named as it reports running it (a device that got its model some other way)."""
+    found = {d.id: d.assigned_target for d in devices if d.assigned_target is not None}
+    wanted = {d.active_bundle for d in devices if d.id not in found and d.active_bundle}
+    if wanted:
+        names = sorted({w.partition(" ")[0] for w in wanted})
+        rows = (await session.scalars(select(Release).where(Release.name.in_(names)))).all()
+        by_label = {f"{r.name} {r.version}": r.target_path for r in rows}
+        for d in devices:
+            if d.id not in found and d.active_bundle in by_label:
+                found[d.id] = by_label[d.active_bundle]
+    return found
 
 
 def _plan(facts: RollbackFacts, before: Release) -> RollbackPlan:

@@ -1,0 +1,248 @@
+"""Rollouts against a real server (SQLite and PostgreSQL): the REST API with its roles,
+refusals and audit entries, ``fleetctl rollout``, and the controller's tick over a small
+fleet of registered devices whose reports go through the server's own ingest.
+
+The tick is called with an injected ``now`` (the clock is the one thing not real); the
+devices' side of a fleet rollback is read from the director metadata the server signed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from fleet_server.db.models import AuditEntry
+from fleet_server.fleetctl import main
+from fleet_server.mqtt.ingest import Accepted, write_batch
+from fleet_server.rollouts import service
+from protocol.messages import BundleRef, InstallOutcome, ReportedState
+from protocol.versioning import default_release_counter
+from testbed.api_server import ServerThread
+from testbed.images import HARDWARE
+from tests.support.databases import DATABASES, database_url
+from tests.support.fleetctl import Fleetctl, one_line_error
+
+pytestmark = pytest.mark.integration
+
+C1 = default_release_counter("1.0.0")
+C2 = default_release_counter("2.0.0")
+V1 = "pump-health/pump-health-1.0.0.bundle"
+V2 = "pump-health/pump-health-2.0.0.bundle"
+
+
+class Fleet(Fleetctl):
+    """``fleetctl`` and the REST API against a server holding releases 1.0.0 and 2.0.0."""
+
+    def register(self, device_id: str, *tags: str) -> None:
+        flags = [x for tag in tags for x in ("--tag", tag)]
+        done = self.run("devices", "register", device_id, "--hardware", HARDWARE, *flags)
+        assert done.code == 0, done.err
+
+    def reports(
+        self, device_id: str, version: str, counter: int, outcome: str | None = None
+    ) -> None:
+        """The device's retained state, through the server's own ingest."""
+        ref = BundleRef(name="pump-health", version=version, release_counter=counter)
+        state = ReportedState(
+            device_id=device_id,
+            message_id=uuid.uuid4().hex,
+            sent_at=time.time(),
+            agent_version="0.1.0",
+            hardware_id=HARDWARE,
+            active=ref,
+            installed_counter=counter,
+            phase="idle",
+            last_outcome=(
+                InstallOutcome(result=outcome, bundle=ref, at=time.time())  # type: ignore[arg-type]
+                if outcome
+                else None
+            ),
+        )
+        result = self.api.call(
+            write_batch(self.api.server.db, [Accepted(device_id, "state", state)], "test")
+        )
+        assert not result.dropped, result.dropped
+
+    def call(
+        self, method: str, path: str, token: str | None = None, body: Any = None
+    ) -> tuple[int, Any]:
+        answer = self.api.request(
+            method, f"/api/v1{path}", token=token or self.api.admin_token, json=body
+        )
+        return answer.status, answer.json() if answer.data else None
+
+    def token(self, role: str) -> str:
+        created = self.run("tokens", "create", "--name", f"ro-{role}", "--role", role, "--json")
+        assert created.code == 0, created.err
+        return str(created.json()["token"])
+
+    def audit(self, action: str, subject: str) -> list[AuditEntry]:
+        async def read() -> list[AuditEntry]:
+            async with self.api.server.db.session() as session:
+                query = select(AuditEntry).where(
+                    AuditEntry.action == action, AuditEntry.subject == subject
+                )
+                return list((await session.scalars(query.order_by(AuditEntry.seq))).all())
+
+        return self.api.call(read())
+
+    def tick(self, now: datetime) -> int:
+        server = self.api.server
+        return self.api.call(service.tick(server.db, server.assignments, now))
+
+    def device(self, device_id: str) -> dict[str, Any]:
+        status, shown = self.call("GET", f"/devices/{device_id}")
+        assert status == 200, shown
+        return dict(shown)
+
+
+@pytest.fixture(scope="module", params=DATABASES)
+def served(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    bundles: dict[str, Path],
+) -> Iterator[Fleet]:
+    tmp = tmp_path_factory.mktemp(f"rollouts-{request.param}")
+    with database_url(request.param, tmp) as url:
+        api = ServerThread(tmp / "server", url)
+        try:
+            fleet = Fleet(api, tmp)
+            keys, repo = tmp / "keys", tmp / "repo"
+            assert main(["keys", "init", "--dir", str(keys)]) == 0
+            for name in ("v1", "v2"):
+                add = ["release", "add", str(bundles[name]), "--repo", str(repo)]
+                assert main([*add, "--keys", str(keys)]) == 0
+            assert main(["release", "push", "--repo", str(repo), *fleet.flags()]) == 0
+            yield fleet
+        finally:
+            api.close()
+
+
+@pytest.fixture
+def fleet(served: Fleet, capsys: pytest.CaptureFixture[str]) -> Fleet:
+    served.capsys = capsys
+    return served
+
+
+def spec(tag: str, **more: Any) -> dict[str, Any]:
+    return {
+        "release": "pump-health@2.0.0",
+        "select": f"tag={tag}",
+        "waves": "25%,50%,100%",
+        "bake": "30m",
+        **more,
+    }
+
+
+def test_create_list_show_and_actions_with_roles_refusals_and_audit(fleet: Fleet) -> None:
+    for n in range(4):
+        fleet.register(f"api-{n}", "api-wave")
+    status, created = fleet.call("POST", "/rollouts", body=spec("api-wave"))
+    assert status == 201, created
+    rollout_id = created["id"]
+    assert created["phase"] == "pending" and created["matched"] == 4
+    assert created["spec"]["waves"] == [25.0, 50.0, 100.0]
+    assert [s["share"] for s in created["stages"]] == [25.0, 50.0, 95.0, 100.0]
+    assert fleet.audit("rollout.create", rollout_id)[0].details["release"] == "pump-health@2.0.0"
+
+    viewer = fleet.token("viewer")
+    status, listed = fleet.call("GET", "/rollouts", token=viewer)
+    assert status == 200 and rollout_id in [r["id"] for r in listed["rollouts"]]
+    status, shown = fleet.call("GET", f"/rollouts/{rollout_id}", token=viewer)
+    assert status == 200 and shown["phase"] == "pending"
+    status, refused = fleet.call("POST", f"/rollouts/{rollout_id}/pause", token=viewer, body={})
+    assert status == 403, refused
+    status, refused = fleet.call("POST", "/rollouts", token=viewer, body=spec("api-wave"))
+    assert status == 403, refused
+    status, missing = fleet.call("GET", "/rollouts/ro-000000000000", token=viewer)
+    assert status == 404 and "no rollout ro-000000000000" in missing["error"]
+
+    # A bad spec is refused naming the field.
+    status, refused = fleet.call("POST", "/rollouts", body=spec("api-wave", waves="50%,10%"))
+    assert status == 422 and refused["error"].startswith("waves"), refused
+    status, refused = fleet.call(
+        "POST", "/rollouts", body=spec("api-wave", gates={"no_such_gate": {"margin": 0.1}})
+    )
+    assert status == 422 and "gates" in refused["error"] and "no_such_gate" in refused["error"]
+    status, refused = fleet.call("POST", "/rollouts", body=spec("api-wave", shadow="1h"))
+    assert status == 422 and "shadow stage is not available yet" in refused["error"]
+    status, refused = fleet.call(
+        "POST", "/rollouts", body={**spec("api-wave"), "release": "pump-health@9.9.9"}
+    )
+    assert status == 404, refused
+
+    # One rollout per model and device at a time.
+    fleet.register("api-other", "api-wave", "api-more")
+    status, refused = fleet.call("POST", "/rollouts", body=spec("api-more"))
+    assert status == 409, refused
+    assert rollout_id in refused["error"] and "api-other" in refused["error"]
+
+    # An action the controller refuses in the phase is a conflict naming the phase.
+    status, refused = fleet.call("POST", f"/rollouts/{rollout_id}/pause", body={})
+    assert status == 409 and "pending" in refused["error"], refused
+    status, aborted = fleet.call(
+        "POST", f"/rollouts/{rollout_id}/abort", body={"reason": "wrong selector"}
+    )
+    assert status == 200 and aborted["phase"] == "aborted", aborted
+    assert aborted["decisions"][-1]["rule"] == "operator abort"
+    assert "wrong selector" in aborted["reason"]
+    entry = fleet.audit("rollout.abort", rollout_id)[0]
+    assert entry.details["phase"] == "aborted" and "wrong selector" in entry.details["reason"]
+    # Aborted, it no longer holds its devices.
+    status, created = fleet.call("POST", "/rollouts", body=spec("api-more"))
+    assert status == 201, created
+    status, _ = fleet.call("POST", f"/rollouts/{created['id']}/abort", body={})
+    assert status == 200
+
+
+def test_a_tick_assigns_wave_one_then_a_failing_gate_rolls_the_reached_devices_back(
+    fleet: Fleet,
+) -> None:
+    ids = [f"tick-{n:02d}" for n in range(24)]
+    for device_id in ids:
+        fleet.register(device_id, "tick-wave")
+        fleet.reports(device_id, "1.0.0", C1)
+    status, created = fleet.call("POST", "/rollouts", body=spec("tick-wave", on_failure="rollback"))
+    assert status == 201, created
+    rollout_id = created["id"]
+    start = datetime.now(UTC)
+
+    assert fleet.tick(start) >= 1
+    status, shown = fleet.call("GET", f"/rollouts/{rollout_id}")
+    assert shown["phase"] == "baking" and shown["stage"] == 1, shown
+    wave = [d for d in ids if fleet.device(d)["assigned_target"] == V2]
+    assert len(wave) == shown["assigned"] == shown["stages"][0]["devices"] >= 3
+    assert shown["decisions"][-1]["action"] == "start wave 1"
+    # A tick assigns nothing twice; replayed, it does nothing at all.
+    assert fleet.tick(start + timedelta(minutes=1)) == 1
+    assert fleet.tick(start + timedelta(minutes=1)) == 0
+    assert [d for d in ids if fleet.device(d)["assigned_target"] == V2] == wave
+
+    # The wave installs 2.0.0, then goes silent: past the install timeout each counts as failed.
+    for device_id in wave:
+        fleet.reports(device_id, "2.0.0", C2, "committed")
+    fleet.tick(start + timedelta(hours=2))
+    status, shown = fleet.call("GET", f"/rollouts/{rollout_id}")
+    assert shown["phase"] == "rolling_back", shown
+    assert shown["decisions"][-1]["rule"] == "harm shown"
+    gate = next(g for g in shown["evaluations"] if g["gate"] == "install_failures")
+    assert gate["decision"] == "fail" and gate["n_devices"] == len(wave)
+    director = fleet.api.server.assignments.director
+    for device_id in wave:
+        assert fleet.device(device_id)["assigned_target"] == V1
+        signed = director.device(device_id).signed()
+        assert signed.target_path == V1
+        metadata = director.device(device_id).path / "metadata"
+        targets = json.loads((metadata / f"{signed.version}.targets.json").read_text())
+        custom = targets["signed"]["targets"][V1]["custom"]
+        assert custom["rollback_of"].startswith("sha256:"), custom
+    assert fleet.audit("rollout.tick", rollout_id)[-1].details["action"] == "roll back"
+    assert fleet.audit("assignment.rollback", rollout_id)
