@@ -28,7 +28,7 @@ from protocol.versioning import default_release_counter
 from testbed.api_server import ServerThread
 from testbed.images import HARDWARE
 from tests.support.databases import DATABASES, database_url
-from tests.support.fleetctl import Fleetctl, one_line_error
+from tests.support.fleetctl import Fleetctl
 
 pytestmark = pytest.mark.integration
 
