@@ -28,7 +28,7 @@ from protocol.versioning import default_release_counter
 from testbed.api_server import ServerThread
 from testbed.images import HARDWARE
 from tests.support.databases import DATABASES, database_url
-from tests.support.fleetctl import Fleetctl
+from tests.support.fleetctl import Fleetctl, one_line_error
 
 pytestmark = pytest.mark.integration
 
@@ -246,3 +246,45 @@ def test_a_tick_assigns_wave_one_then_a_failing_gate_rolls_the_reached_devices_b
         assert custom["rollback_of"].startswith("sha256:"), custom
     assert fleet.audit("rollout.tick", rollout_id)[-1].details["action"] == "roll back"
     assert fleet.audit("assignment.rollback", rollout_id)
+
+
+def test_fleetctl_rollout_commands(fleet: Fleet, tmp_path: Path) -> None:
+    for n in range(6):
+        fleet.register(f"cli-{n}", "cli-wave")
+        fleet.reports(f"cli-{n}", "1.0.0", C1)
+    gates = tmp_path / "gates.json"
+    gates.write_text(json.dumps({"latency_p95": {"margin": 0.2}}))
+    created = fleet.run(
+        "rollout", "create", "pump-health@2.0.0", "--select", "tag=cli-wave",
+        "--waves", "50%,100%", "--bake", "30m", "--rate", "10/min", "--rate-factor", "2",
+        "--window", "daily 00:00-24:00 UTC", "--on-failure", "rollback", "--holdback", "0",
+        "--gates", str(gates), "--json",
+    )  # fmt: skip
+    assert created.code == 0, created.err
+    rollout_id = created.json()["id"]
+    assert created.json()["spec"]["gates"]["latency_p95"]["margin"] == 0.2
+    listed = fleet.run("rollout", "list", "--json")
+    assert listed.code == 0 and rollout_id in [r["id"] for r in listed.json()]
+    assert rollout_id in fleet.run("rollout", "list").out
+
+    fleet.tick(datetime.now(UTC))
+    fleet.tick(datetime.now(UTC) + timedelta(minutes=1))
+    shown = fleet.run("rollout", "status", rollout_id)
+    assert shown.code == 0, shown.err
+    assert "phase baking, stage 1 of 2" in shown.out
+    assert "install_failures" in shown.out and "inconclusive" in shown.out
+    assert "start wave 1" in shown.out and "baking" in shown.out
+    assert fleet.run("rollout", "status", rollout_id, "--json").json()["stage"] == 1
+
+    paused = fleet.run("rollout", "pause", rollout_id, "--reason", "ticket 4711")
+    assert paused.code == 0 and "now paused" in paused.out, paused.err
+    refused = fleet.process("rollout", "pause", rollout_id)
+    assert refused.code != 0 and "409" in one_line_error(refused)
+    assert "paused" in one_line_error(refused)
+    resumed = fleet.run("rollout", "resume", rollout_id, "--json")
+    assert resumed.code == 0 and resumed.json()["phase"] == "baking"
+    aborted = fleet.run("rollout", "abort", rollout_id, "--reason", "done testing")
+    assert aborted.code == 0 and "now aborted" in aborted.out
+    assert fleet.audit("rollout.pause", rollout_id)[0].details["reason"].endswith("ticket 4711")
+    assert fleet.audit("rollout.resume", rollout_id)
+    assert fleet.run("rollout", "status", rollout_id, "--watch").code == 0  # ended: returns
