@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from fleet_server.db.models import AuditEntry
+from fleet_server.db.models import AuditEntry, Device
 from fleet_server.fleetctl import main
 from fleet_server.mqtt.ingest import Accepted, write_batch
 from fleet_server.rollouts import service
@@ -245,6 +245,24 @@ def test_a_tick_assigns_wave_one_then_a_failing_gate_rolls_the_reached_devices_b
         custom = targets["signed"]["targets"][V1]["custom"]
         assert custom["rollback_of"].startswith("sha256:"), custom
     assert fleet.audit("rollout.tick", rollout_id)[-1].details["action"] == "roll back"
+    # Signed again (committed at a newer version, as after a crash before signing), the
+    # standing rollback keeps its marker.
+    first = wave[0]
+    before = director.device(first).signed().version
+
+    async def bump() -> None:
+        async with fleet.api.server.db.session() as session:
+            device = await session.get(Device, first)
+            assert device is not None and device.assigned_rollback_of is not None
+            device.director_version = before + 1
+
+    fleet.api.call(bump())
+    assert fleet.api.call(fleet.api.server.assignments.sync(fleet.api.server.db, [first])) == 1
+    signed = director.device(first).signed()
+    assert signed.version == before + 1 and signed.target_path == V1
+    metadata = director.device(first).path / "metadata"
+    targets = json.loads((metadata / f"{signed.version}.targets.json").read_text())
+    assert targets["signed"]["targets"][V1]["custom"]["rollback_of"].startswith("sha256:")
     assert fleet.audit("assignment.rollback", rollout_id)
 
 
@@ -276,6 +294,10 @@ def test_fleetctl_rollout_commands(fleet: Fleet, tmp_path: Path) -> None:
     assert "start wave 1" in shown.out and "baking" in shown.out
     assert fleet.run("rollout", "status", rollout_id, "--json").json()["stage"] == 1
 
+    promoted = fleet.run("rollout", "promote", rollout_id, "--reason", "override", "--json")
+    assert promoted.code == 0 and promoted.json()["stage"] == 2, promoted.err
+    assert promoted.json()["decisions"][-1]["rule"] == "operator override"
+    assert promoted.json()["assigned"] == 6  # the ramp's first grant (10/min) covers them
     paused = fleet.run("rollout", "pause", rollout_id, "--reason", "ticket 4711")
     assert paused.code == 0 and "now paused" in paused.out, paused.err
     refused = fleet.process("rollout", "pause", rollout_id)
