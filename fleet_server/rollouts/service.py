@@ -587,16 +587,17 @@ async def _evaluate(
             continue
         devices.append(_aggregate(device_id, "control", control[version], baseline[version]))
     devices = [d for d in devices if d.windows > 0]
-    installs = install_tally(
-        [
-            _install(by_id.get(r.device_id), r.device_id, as_utc(r.assigned_at), spec)
-            for r in reached.values()
-        ],
-        now,
-        INSTALL_TIMEOUT,
-    )
+    records = [
+        _install(by_id.get(r.device_id), r.device_id, as_utc(r.assigned_at), spec)
+        for r in reached.values()
+    ]
+    installs = install_tally(records, now, INSTALL_TIMEOUT)
     evaluations = evaluate_all(gate_specs(spec.gates), gather(devices, installs))
-    srm = _srm(devices, len([d for d in reached if d in by_id]), len(control_ids))
+    # Only devices that run the release can report on it: the test's treatment arm is
+    # those that committed it, so installs still under way are no mismatch.
+    installed = {r.device_id for r in records if r.result == "committed"}
+    reporting = [d for d in devices if d.arm == "control" or d.device_id in installed]
+    srm = _srm(reporting, len(installed & set(by_id)), len([d for d in control_ids if d in ran]))
     return evaluations, srm
 
 

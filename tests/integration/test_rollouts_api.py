@@ -16,15 +16,20 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from sqlalchemy import select
 
 from fleet_server.db.models import AuditEntry, Device
 from fleet_server.fleetctl import main
-from fleet_server.mqtt.ingest import Accepted, write_batch
+from fleet_server.mqtt.ingest import Accepted, classify, write_batch
 from fleet_server.rollouts import service
+from protocol.histogram import ExponentialHistogram, record
 from protocol.messages import BundleRef, InstallOutcome, ReportedState
+from protocol.summary import score_histogram
+from protocol.topics import windows_topic
 from protocol.versioning import default_release_counter
+from protocol.window import WindowSummary, encode_window
 from testbed.api_server import ServerThread
 from testbed.images import HARDWARE
 from tests.support.databases import DATABASES, database_url
@@ -36,6 +41,7 @@ C1 = default_release_counter("1.0.0")
 C2 = default_release_counter("2.0.0")
 V1 = "pump-health/pump-health-1.0.0.bundle"
 V2 = "pump-health/pump-health-2.0.0.bundle"
+NS = "rollouts"
 
 
 class Fleet(Fleetctl):
@@ -69,6 +75,32 @@ class Fleet(Fleetctl):
         result = self.api.call(
             write_batch(self.api.server.db, [Accepted(device_id, "state", state)], "test")
         )
+        assert not result.dropped, result.dropped
+
+    def windows(self, version: str, end: float, *device_ids: str) -> None:
+        """A window of each device on ``version``, through the server's own ingest."""
+        batch = []
+        for device_id in device_ids:
+            rng = np.random.default_rng(len(batch))
+            w = WindowSummary(
+                window_id=uuid.uuid4().hex,
+                device_id=device_id,
+                model_name="pump-health",
+                model_version=version,
+                baseline_id="b1",
+                start=end - 60,
+                end=end,
+                requests=60,
+                errors=0,
+                served={"active": 58, "previous": 2},
+                features=[],
+                scores=score_histogram(rng.dirichlet([1.0, 1.0], size=60), ["ok", "fault"]),
+                latency_ms=record(ExponentialHistogram(), rng.lognormal(3.5, 0.3, size=60)),
+            )
+            verdict = classify(windows_topic(NS, device_id), encode_window(w), 65536, namespace=NS)
+            assert isinstance(verdict, Accepted), verdict
+            batch.append(verdict)
+        result = self.api.call(write_batch(self.api.server.db, batch, "test"))
         assert not result.dropped, result.dropped
 
     def call(
@@ -210,6 +242,7 @@ def test_a_tick_assigns_wave_one_then_a_failing_gate_rolls_the_reached_devices_b
     for device_id in ids:
         fleet.register(device_id, "tick-wave")
         fleet.reports(device_id, "1.0.0", C1)
+    fleet.windows("1.0.0", time.time() - 3600, *ids)  # each device's own baseline
     status, created = fleet.call("POST", "/rollouts", body=spec("tick-wave", on_failure="rollback"))
     assert status == 201, created
     rollout_id = created["id"]
@@ -229,12 +262,18 @@ def test_a_tick_assigns_wave_one_then_a_failing_gate_rolls_the_reached_devices_b
     # The wave installs 2.0.0, then goes silent: past the install timeout each counts as failed.
     for device_id in wave:
         fleet.reports(device_id, "2.0.0", C2, "committed")
+    fleet.windows("2.0.0", time.time(), *wave)
+    fleet.windows("1.0.0", time.time(), *[d for d in ids if d not in wave])
     fleet.tick(start + timedelta(hours=2))
     status, shown = fleet.call("GET", f"/rollouts/{rollout_id}")
     assert shown["phase"] == "rolling_back", shown
     assert shown["decisions"][-1]["rule"] == "harm shown"
     gate = next(g for g in shown["evaluations"] if g["gate"] == "install_failures")
     assert gate["decision"] == "fail" and gate["n_devices"] == len(wave)
+    fallbacks = next(g for g in shown["evaluations"] if g["gate"] == "fallback_rate")
+    assert fallbacks["n_devices"] == len(wave), fallbacks
+    assert fallbacks["n_control"] == len(ids) - len(wave), fallbacks
+    assert fallbacks["n_requests"] == 60 * len(wave)
     director = fleet.api.server.assignments.director
     for device_id in wave:
         assert fleet.device(device_id)["assigned_target"] == V1
