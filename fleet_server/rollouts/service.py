@@ -94,7 +94,7 @@ INSTALL_TIMEOUT = timedelta(hours=1)
 # Each device's own baseline: its windows on its current version this long before the rollout.
 BASELINE = timedelta(hours=24)
 # The advisory lock a replica holds while it ticks (PostgreSQL).
-_TICK_LOCK_ID = 0x726F6C6C6F7574  # "rollout"
+TICK_LOCK_ID = 0x726F6C6C6F7574  # "rollout"
 # Devices named in a conflict's message.
 _NAMED = 5
 
@@ -141,6 +141,11 @@ async def create(db: Database, spec: RolloutSpec, actor: str) -> RolloutView:
     now = datetime.now(UTC)
     rollout_id = f"ro-{secrets.token_hex(6)}"
     async with db.session() as session:
+        # Creates of one model wait for each other here (PostgreSQL), so two at once cannot
+        # both miss the other's devices.
+        await session.execute(
+            select(Release.target_path).where(Release.name == spec.name).with_for_update()
+        )
         release = await find_published(session, spec.release)
         refuse_yanked(release)
         mine = {d.id for d in await _matching(session, spec)}
@@ -263,7 +268,7 @@ async def tick(db: Database, assignments: AssignmentService, now: datetime) -> i
     async with db.session() as leader:
         if _is_postgres(leader):
             held = await leader.scalar(
-                text("SELECT pg_try_advisory_xact_lock(:id)"), {"id": _TICK_LOCK_ID}
+                text("SELECT pg_try_advisory_xact_lock(:id)"), {"id": TICK_LOCK_ID}
             )
             if not held:
                 return 0
@@ -587,9 +592,11 @@ async def _evaluate(
             continue
         devices.append(_aggregate(device_id, "control", control[version], baseline[version]))
     devices = [d for d in devices if d.windows > 0]
+    # A reached device that left the selection (decommissioned, retagged) no longer counts.
     records = [
-        _install(by_id.get(r.device_id), r.device_id, as_utc(r.assigned_at), spec)
+        _install(by_id[r.device_id], as_utc(r.assigned_at), spec)
         for r in reached.values()
+        if r.device_id in by_id
     ]
     installs = install_tally(records, now, INSTALL_TIMEOUT)
     evaluations = evaluate_all(gate_specs(spec.gates), gather(devices, installs))
@@ -638,12 +645,8 @@ def _log_p95(sums: DeviceAggregates, i: int) -> float | None:
     return float(np.log(p95)) if p95 is not None and p95 > 0 else None
 
 
-def _install(
-    device: Device | None, device_id: str, started: datetime, spec: RolloutSpec
-) -> InstallRecord:
+def _install(device: Device, started: datetime, spec: RolloutSpec) -> InstallRecord:
     """A reached device's install, as its latest reported state tells it."""
-    if device is None:
-        return InstallRecord(device_id, started, "failed")
     last_seen = as_utc(device.last_seen_at) if device.last_seen_at is not None else None
     outcome = (device.reported or {}).get("last_outcome") or {}
     bundle = outcome.get("bundle") or {}
@@ -655,7 +658,7 @@ def _install(
     if device.assigned_rollback_of is not None:  # rolled back by the fleet: it failed here
         result = "failed"
     seen = last_seen if last_seen is not None and last_seen >= started else None
-    return InstallRecord(device_id, started, result, seen)
+    return InstallRecord(device.id, started, result, seen)
 
 
 def _srm(devices: Sequence[DeviceAggregate], treatment: int, control: int) -> float | None:

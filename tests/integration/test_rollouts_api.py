@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from fleet_server.db.models import AuditEntry, Device
 from fleet_server.fleetctl import main
@@ -349,3 +349,27 @@ def test_fleetctl_rollout_commands(fleet: Fleet, tmp_path: Path) -> None:
     assert fleet.audit("rollout.pause", rollout_id)[0].details["reason"].endswith("ticket 4711")
     assert fleet.audit("rollout.resume", rollout_id)
     assert fleet.run("rollout", "status", rollout_id, "--watch").code == 0  # ended: returns
+
+
+def test_one_replica_ticks_at_a_time_on_postgresql(fleet: Fleet) -> None:
+    db = fleet.api.server.db
+
+    async def tick_while_another_holds_the_lock() -> int:
+        async with db.session() as other:
+            if other.bind is None or other.bind.dialect.name != "postgresql":
+                pytest.skip("SQLite serves one node: no leader to elect")
+            held = await other.scalar(
+                text("SELECT pg_try_advisory_xact_lock(:id)"), {"id": service.TICK_LOCK_ID}
+            )
+            assert held
+            return await service.tick(db, fleet.api.server.assignments, datetime.now(UTC))
+
+    fleet.register("leader-0", "leader-wave")
+    status, created = fleet.call("POST", "/rollouts", body=spec("leader-wave"))
+    assert status == 201, created
+    assert fleet.api.call(tick_while_another_holds_the_lock()) == 0
+    status, shown = fleet.call("GET", f"/rollouts/{created['id']}")
+    assert shown["phase"] == "pending"
+    assert fleet.tick(datetime.now(UTC)) >= 1
+    status, shown = fleet.call("GET", f"/rollouts/{created['id']}")
+    assert shown["phase"] == "baking"
