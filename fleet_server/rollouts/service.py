@@ -277,7 +277,21 @@ async def tick(db: Database, assignments: AssignmentService, now: datetime) -> i
 
 async def _tick_all(db: Database, assignments: AssignmentService, now: datetime) -> int:
     async with db.session() as session:
-        active = [r.id for r in await store.list_rollouts(session) if r.phase not in FINAL_PHASES]
+        rows = await store.list_rollouts(session)
+        active = [r.id for r in rows if r.phase not in FINAL_PHASES]
+        rolling_back = [
+            (r.id, RolloutSpec.model_validate(r.spec), RolloutState.from_json(r.state))
+            for r in rows
+            if r.phase == Phase.ROLLING_BACK.value
+        ]
+    # A rollback cut short (the process died after saving the decision) is finished here;
+    # devices already sent back are left alone, so this does nothing once it is done.
+    for rollout_id, spec, state in rolling_back:
+        try:
+            finish = Stepped(rollout_id, spec, state, Population.of(rollout_id, []), [], now)
+            await _roll_back(db, assignments, finish)
+        except Exception:
+            log.exception("rollout %s: finishing the rollback failed", rollout_id)
     stepped = 0
     for rollout_id in reversed(active):  # oldest first
         try:
@@ -400,7 +414,7 @@ async def _carry_out(db: Database, assignments: AssignmentService, stepped: Step
         if isinstance(effect, AssignDevices):
             await _assign(db, assignments, stepped, effect)
         elif isinstance(effect, RollbackReached):
-            await _roll_back(db, assignments, stepped, effect)
+            await _roll_back(db, assignments, stepped)
         elif isinstance(effect, InstallShadow | ServeStage):  # pragma: no cover - refused at create
             log.error("rollout %s: no shadow stage; %s ignored", stepped.rollout_id, effect)
         elif isinstance(effect, AssignStage | RecordDecision):
@@ -460,10 +474,9 @@ async def _assign(
         log.exception("rollout %s: assignment committed but not announced", stepped.rollout_id)
 
 
-async def _roll_back(
-    db: Database, assignments: AssignmentService, stepped: Stepped, effect: RollbackReached
-) -> None:
-    """Every device reached back to the release it ran before (see the module)."""
+async def _roll_back(db: Database, assignments: AssignmentService, stepped: Stepped) -> None:
+    """Every device reached and still assigned the release back to the one it ran before
+    (see the module)."""
     plans: list[RollbackPlan] = []
     again: dict[str, list[str]] = {}
     async with db.session() as session:
@@ -493,9 +506,10 @@ async def _roll_back(
                     r.device_id,
                 )
                 continue
+            if device.assigned_target != release.target_path:
+                continue  # sent back already, or assigned something else since
             if device.active_bundle != running_label:
-                if device.assigned_target == release.target_path:
-                    again.setdefault(before.target_path, []).append(device.id)
+                again.setdefault(before.target_path, []).append(device.id)
                 continue
             facts = RollbackFacts(
                 device.id, device.hardware_id, release.target_path, release.sha256,

@@ -284,6 +284,10 @@ def test_a_tick_assigns_wave_one_then_a_failing_gate_rolls_the_reached_devices_b
         custom = targets["signed"]["targets"][V1]["custom"]
         assert custom["rollback_of"].startswith("sha256:"), custom
     assert fleet.audit("rollout.tick", rollout_id)[-1].details["action"] == "roll back"
+    # Later ticks finish a rollback cut short, and leave alone the devices already sent back.
+    versions = {d: director.device(d).signed().version for d in wave}
+    fleet.tick(start + timedelta(hours=3))
+    assert {d: director.device(d).signed().version for d in wave} == versions
     # Signed again (committed at a newer version, as after a crash before signing), the
     # standing rollback keeps its marker.
     first = wave[0]
