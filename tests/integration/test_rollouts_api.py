@@ -377,3 +377,26 @@ def test_one_replica_ticks_at_a_time_on_postgresql(fleet: Fleet) -> None:
     assert fleet.tick(datetime.now(UTC)) >= 1
     status, shown = fleet.call("GET", f"/rollouts/{created['id']}")
     assert shown["phase"] == "baking"
+
+
+def test_installs_start_only_while_the_maintenance_window_is_open(fleet: Fleet) -> None:
+    ids = [f"win-{n}" for n in range(4)]
+    for device_id in ids:
+        fleet.register(device_id, "win-wave")
+        fleet.reports(device_id, "1.0.0", C1)
+    now = datetime.now(UTC).replace(second=0, microsecond=0)
+    opens = now + timedelta(hours=6)
+    window = f"daily {opens:%H}:00-{(opens + timedelta(hours=1)):%H}:00 UTC"
+    status, created = fleet.call(
+        "POST", "/rollouts", body=spec("win-wave", window=window, bake="12h")
+    )
+    assert status == 201, created
+    fleet.tick(now)
+    status, shown = fleet.call("GET", f"/rollouts/{created['id']}")
+    assert shown["stage"] == 1 and shown["stages"][0]["devices"] >= 1
+    assert shown["assigned"] == 0
+    assert all(fleet.device(d)["assigned_target"] is None for d in ids)
+    fleet.tick(opens.replace(minute=0) + timedelta(minutes=5))  # the window is open
+    status, shown = fleet.call("GET", f"/rollouts/{created['id']}")
+    assert shown["assigned"] == shown["stages"][0]["devices"], shown
+    assert fleet.call("POST", f"/rollouts/{created['id']}/abort", body={})[0] == 200
