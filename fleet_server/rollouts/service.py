@@ -32,7 +32,7 @@ import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from sqlalchemy import select, text
@@ -48,7 +48,7 @@ from fleet_server.assignments.planner import (
 from fleet_server.assignments.service import AssignmentService
 from fleet_server.audit import record as audit
 from fleet_server.db import Database
-from fleet_server.db.models import Device, Release, RolloutRow, as_utc
+from fleet_server.db.models import Device, DeviceEventRow, Release, RolloutRow, as_utc
 from fleet_server.errors import Conflict, FleetError, NotFound, Unprocessable
 from fleet_server.published.service import find_release as find_published
 from fleet_server.rollouts import store
@@ -607,10 +607,11 @@ async def _evaluate(
         devices.append(_aggregate(device_id, "control", control[version], baseline[version]))
     devices = [d for d in devices if d.windows > 0]
     # A reached device that left the selection (decommissioned, retagged) no longer counts.
+    still = [r for r in reached.values() if r.device_id in by_id]
+    outcomes = await _install_events(session, [(r.device_id, as_utc(r.assigned_at)) for r in still])
     records = [
-        _install(by_id[r.device_id], as_utc(r.assigned_at), spec)
-        for r in reached.values()
-        if r.device_id in by_id
+        _install(by_id[r.device_id], as_utc(r.assigned_at), spec, outcomes.get(r.device_id))
+        for r in still
     ]
     installs = install_tally(records, now, INSTALL_TIMEOUT)
     evaluations = evaluate_all(gate_specs(spec.gates), gather(devices, installs))
@@ -659,19 +660,67 @@ def _log_p95(sums: DeviceAggregates, i: int) -> float | None:
     return float(np.log(p95)) if p95 is not None and p95 > 0 else None
 
 
-def _install(device: Device, started: datetime, spec: RolloutSpec) -> InstallRecord:
-    """A reached device's install, as its latest reported state tells it."""
+# The installer's events that end an install, and what each means for the release.
+_OUTCOME_EVENTS: dict[str, Literal["committed", "failed"]] = {
+    "committed": "committed",
+    "refused": "failed",
+    "rolled-back": "failed",
+    "fleet-rolled-back": "failed",
+}
+
+
+async def _install_events(
+    session: AsyncSession, reached: Sequence[tuple[str, datetime]]
+) -> dict[str, tuple[str, str | None]]:
+    """Each device's latest install outcome event since it was reached: the event and the
+    bundle it names (``"NAME VERSION"``)."""
+    if not reached:
+        return {}
+    since = dict(reached)
+    latest: dict[str, tuple[str, str | None]] = {}
+    ids = sorted(since)
+    for start in range(0, len(ids), 5000):
+        chunk = ids[start : start + 5000]
+        rows = await session.execute(
+            select(DeviceEventRow.device_id, DeviceEventRow.event, DeviceEventRow.at,
+                   DeviceEventRow.details)
+            .where(
+                DeviceEventRow.device_id.in_(chunk),
+                DeviceEventRow.event.in_(sorted(_OUTCOME_EVENTS)),
+                DeviceEventRow.at >= min(since[d] for d in chunk),
+            )
+            .order_by(DeviceEventRow.at, DeviceEventRow.id)
+        )  # fmt: skip
+        for device_id, event, at, details in rows:
+            if as_utc(at) >= since[device_id]:
+                bundle = (details or {}).get("bundle")
+                latest[device_id] = (event, bundle if isinstance(bundle, str) else None)
+    return latest
+
+
+def _install(
+    device: Device,
+    started: datetime,
+    spec: RolloutSpec,
+    event: tuple[str, str | None] | None = None,
+) -> InstallRecord:
+    """A reached device's install, as its latest outcome event (or else its latest reported
+    state) tells it: committed, failed (refused, rolled back by itself or by the fleet), or
+    none yet."""
     last_seen = as_utc(device.last_seen_at) if device.last_seen_at is not None else None
+    seen = last_seen if last_seen is not None and last_seen >= started else None
+    label = f"{spec.name} {spec.version}"
+    if event is not None and (event[1] in (None, label) or event[0] == "fleet-rolled-back"):
+        return InstallRecord(device.id, started, _OUTCOME_EVENTS[event[0]], seen)
     outcome = (device.reported or {}).get("last_outcome") or {}
     bundle = outcome.get("bundle") or {}
-    result: Any = None
+    result: Literal["committed", "failed"] | None = None
     if bundle.get("name") == spec.name and bundle.get("version") == spec.version:
         result = "committed" if outcome.get("result") == "committed" else "failed"
     elif device.active_bundle == f"{spec.name} {spec.version}":
         result = "committed"
     if device.assigned_rollback_of is not None:  # rolled back by the fleet: it failed here
         result = "failed"
-    seen = last_seen if last_seen is not None and last_seen >= started else None
     return InstallRecord(device.id, started, result, seen)
 
 

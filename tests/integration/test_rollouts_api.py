@@ -25,7 +25,7 @@ from fleet_server.fleetctl import main
 from fleet_server.mqtt.ingest import Accepted, classify, write_batch
 from fleet_server.rollouts import service
 from protocol.histogram import ExponentialHistogram, record
-from protocol.messages import BundleRef, InstallOutcome, ReportedState
+from protocol.messages import BundleRef, DeviceEvent, InstallOutcome, ReportedState
 from protocol.summary import score_histogram
 from protocol.topics import windows_topic
 from protocol.versioning import default_release_counter
@@ -399,4 +399,39 @@ def test_installs_start_only_while_the_maintenance_window_is_open(fleet: Fleet) 
     fleet.tick(opens.replace(minute=0) + timedelta(minutes=5))  # the window is open
     status, shown = fleet.call("GET", f"/rollouts/{created['id']}")
     assert shown["assigned"] == shown["stages"][0]["devices"], shown
+    assert fleet.call("POST", f"/rollouts/{created['id']}/abort", body={})[0] == 200
+
+
+def test_installs_the_devices_refuse_stop_the_rollout(fleet: Fleet) -> None:
+    ids = [f"ref-{n:02d}" for n in range(24)]
+    for device_id in ids:
+        fleet.register(device_id, "ref-wave")
+        fleet.reports(device_id, "1.0.0", C1)
+    status, created = fleet.call("POST", "/rollouts", body=spec("ref-wave"))
+    assert status == 201, created
+    start = datetime.now(UTC)
+    fleet.tick(start)
+    wave = [d for d in ids if fleet.device(d)["assigned_target"] == V2]
+    assert len(wave) >= 3
+    for device_id in wave:  # the installer's event, as the agent publishes it
+        event = DeviceEvent(
+            device_id=device_id,
+            message_id=uuid.uuid4().hex,
+            sent_at=time.time(),
+            event="refused",
+            at=time.time(),
+            details={"phase": "idle", "bundle": "pump-health 2.0.0", "reason": "self-test"},
+        )
+        batch = [Accepted(device_id, "events", event)]
+        assert not fleet.api.call(write_batch(fleet.api.server.db, batch, "test")).dropped
+    fleet.tick(start + timedelta(minutes=5))
+    status, shown = fleet.call("GET", f"/rollouts/{created['id']}")
+    assert shown["phase"] == "stopped", shown
+    assert "install_failures shows harm" in shown["reason"]
+    gate = next(g for g in shown["evaluations"] if g["gate"] == "install_failures")
+    assert gate["decision"] == "fail" and gate["n_devices"] == len(wave)
+    # Stopped, the devices keep what they have: nothing is sent back.
+    assert all(fleet.device(d)["assigned_target"] == V2 for d in wave)
+    refused = fleet.call("POST", f"/rollouts/{created['id']}/resume", body={})
+    assert refused[0] == 409 and "stopped" in refused[1]["error"]
     assert fleet.call("POST", f"/rollouts/{created['id']}/abort", body={})[0] == 200
