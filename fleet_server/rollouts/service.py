@@ -95,6 +95,8 @@ INSTALL_TIMEOUT = timedelta(hours=1)
 BASELINE = timedelta(hours=24)
 # The advisory lock a replica holds while it ticks (PostgreSQL).
 TICK_LOCK_ID = 0x726F6C6C6F7574  # "rollout"
+# A tick's actions that change nothing an operator needs in the audit log.
+_QUIET_ACTIONS = frozenset({"wait", "assign"})
 # Devices named in a conflict's message.
 _NAMED = 5
 
@@ -377,8 +379,8 @@ async def _record(
     actor: str | None,
     reason: str | None,
 ) -> None:
-    """The decision in the rollout's record; audited when an operator acted or the phase or
-    the stage changed (a tick that only waits or assigns is in the record alone)."""
+    """The decision in the rollout's record; audited unless it is a tick that only waited or
+    assigned (those are in the rollout's record alone)."""
     await store.record_evaluation(
         session,
         rollout_id,
@@ -388,8 +390,7 @@ async def _record(
         rule=decision.rule[:64],
         action=decision.action[:64],
     )
-    moved = decision.from_phase != decision.phase or decision.event == "start"
-    if actor is None and not moved and decision.action != "roll back":
+    if actor is None and decision.action in _QUIET_ACTIONS:
         return
     await audit(
         session,
