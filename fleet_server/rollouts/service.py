@@ -13,10 +13,12 @@ the decision, and then carries out the effects:
   assigned yet, whose maintenance window is open, recorded first in
   ``rollout_devices`` with the release each ran before. A device recorded but
   not assigned (the process died in between) is assigned at the next step.
-- :class:`RollbackReached`: every device reached goes back to the release it
-  ran before: one that runs the rollout's release gets a marked fleet rollback
+- :class:`RollbackReached`: every device reached that is still assigned the
+  release goes back to the release it ran before: one that runs the release
+  gets a marked fleet rollback
   (:func:`~fleet_server.assignments.planner.plan_rollback`), one that has not
-  installed it yet is assigned its earlier release again.
+  installed it yet is assigned its earlier release again. Later ticks repeat
+  this for a rollout rolling back, so a rollback cut short is finished.
 - :class:`AssignStage`: nothing of its own; the :class:`AssignDevices` after it
   starts the stage's installs.
 
@@ -43,6 +45,7 @@ from fleet_server.assignments.planner import (
     RollbackPlan,
     RollbackRefused,
     below_installed,
+    plan_rollback,
     refuse_yanked,
 )
 from fleet_server.assignments.service import AssignmentService
@@ -517,7 +520,7 @@ async def _roll_back(db: Database, assignments: AssignmentService, stepped: Step
                 before.target_path,
             )  # fmt: skip
             try:
-                plans.append(_plan(facts, before))
+                plans.append(plan_rollback(facts, before))
             except RollbackRefused as exc:
                 log.warning("rollout %s: %s", stepped.rollout_id, exc)
     actor = f"rollout {stepped.rollout_id}"
@@ -543,12 +546,6 @@ async def _running_targets(session: AsyncSession, devices: Sequence[Device]) -> 
             if d.id not in found and d.active_bundle in by_label:
                 found[d.id] = by_label[d.active_bundle]
     return found
-
-
-def _plan(facts: RollbackFacts, before: Release) -> RollbackPlan:
-    from fleet_server.assignments.planner import plan_rollback
-
-    return plan_rollback(facts, before)
 
 
 # -- evidence -------------------------------------------------------------------------
