@@ -435,3 +435,27 @@ def test_installs_the_devices_refuse_stop_the_rollout(fleet: Fleet) -> None:
     refused = fleet.call("POST", f"/rollouts/{created['id']}/resume", body={})
     assert refused[0] == 409 and "stopped" in refused[1]["error"]
     assert fleet.call("POST", f"/rollouts/{created['id']}/abort", body={})[0] == 200
+
+
+def test_installs_start_no_faster_than_the_rate(fleet: Fleet) -> None:
+    ids = [f"rate-{n:02d}" for n in range(24)]
+    for device_id in ids:
+        fleet.register(device_id, "rate-wave")
+        fleet.reports(device_id, "1.0.0", C1)
+    status, created = fleet.call("POST", "/rollouts", body=spec("rate-wave", rate="1/min"))
+    assert status == 201, created
+    start = datetime.now(UTC)
+
+    def assigned() -> int:
+        return int(fleet.call("GET", f"/rollouts/{created['id']}")[1]["assigned"])
+
+    fleet.tick(start)
+    assert assigned() == 1
+    fleet.tick(start + timedelta(seconds=30))  # the minute's install has started
+    assert assigned() == 1
+    fleet.tick(start + timedelta(minutes=1))
+    assert assigned() == 2
+    fleet.tick(start + timedelta(minutes=3))
+    assert assigned() == 4
+    assert sum(fleet.device(d)["assigned_target"] == V2 for d in ids) == 4
+    assert fleet.call("POST", f"/rollouts/{created['id']}/abort", body={})[0] == 200
