@@ -219,7 +219,7 @@ class FleetServer:
 
     async def _rollout_tick(self) -> None:
         """Every active rollout's next step, by one replica at a time (:func:`rollouts.tick`)."""
-        await rollout_tick(self.db, self.assignments, datetime.now(UTC))
+        await rollout_tick(self.db, self.assignments, datetime.now(UTC), self.manifests)
 
     async def _director_step(self) -> None:
         """Keep every device's director metadata in line with the database, fresh and small.

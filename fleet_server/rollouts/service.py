@@ -52,6 +52,8 @@ from fleet_server.assignments.service import AssignmentService
 from fleet_server.audit import record as audit
 from fleet_server.db import Database
 from fleet_server.db.models import Device, DeviceEventRow, Release, RolloutRow, as_utc
+from fleet_server.drift.models import DriftError
+from fleet_server.drift.store import ManifestCache
 from fleet_server.errors import Conflict, FleetError, NotFound, Unprocessable
 from fleet_server.published.service import find_release as find_published
 from fleet_server.rollouts import store
@@ -88,6 +90,7 @@ from protocol.api.rollouts import (
     RolloutView,
     StageView,
 )
+from protocol.cbpe import Calibration, estimate_accuracy
 from protocol.histogram import quantile
 
 log = logging.getLogger(__name__)
@@ -262,10 +265,17 @@ async def act(
 # -- the tick -------------------------------------------------------------------------
 
 
-async def tick(db: Database, assignments: AssignmentService, now: datetime) -> int:
+async def tick(
+    db: Database,
+    assignments: AssignmentService,
+    now: datetime,
+    manifests: ManifestCache | None = None,
+) -> int:
     """One controller step for every active rollout at ``now``; returns how many stepped.
 
-    A pending rollout starts; any other is judged on its gates. One rollout's
+    A pending rollout starts; any other is judged on its gates (``manifests``:
+    where each version's calibration is read for CBPE accuracy; without it the
+    estimated-accuracy gate has no evidence). One rollout's
     failure is logged and does not stop the others. On PostgreSQL one replica
     ticks at a time: the tick holds an advisory lock (a replica that finds it
     taken skips this tick); SQLite serves one node.
@@ -277,10 +287,12 @@ async def tick(db: Database, assignments: AssignmentService, now: datetime) -> i
             )
             if not held:
                 return 0
-        return await _tick_all(db, assignments, now)
+        return await _tick_all(db, assignments, now, manifests)
 
 
-async def _tick_all(db: Database, assignments: AssignmentService, now: datetime) -> int:
+async def _tick_all(
+    db: Database, assignments: AssignmentService, now: datetime, manifests: ManifestCache | None
+) -> int:
     async with db.session() as session:
         rows = await store.list_rollouts(session)
         active = [r.id for r in rows if r.phase not in FINAL_PHASES]
@@ -300,7 +312,7 @@ async def _tick_all(db: Database, assignments: AssignmentService, now: datetime)
     stepped = 0
     for rollout_id in reversed(active):  # oldest first
         try:
-            done = await _step(db, rollout_id, None, now)
+            done = await _step(db, rollout_id, None, now, manifests=manifests)
             if done is not None:
                 await _carry_out(db, assignments, done)
                 stepped += 1
@@ -332,6 +344,7 @@ async def _step(
     *,
     actor: str | None = None,
     reason: str | None = None,
+    manifests: ManifestCache | None = None,
 ) -> Stepped | None:
     """Decide one step and save it (``make_event``: an operator's; ``None``: a tick).
 
@@ -349,7 +362,7 @@ async def _step(
         elif state.phase == Phase.PENDING:
             event = Start(selected.population)
         else:
-            evaluations, srm = await _evaluate(session, row, spec, state, selected, now)
+            evaluations, srm = await _evaluate(session, row, spec, state, selected, now, manifests)
             event = Tick(evaluations, srm, selected.population)
         after, effects = decide(state, event, spec, now)
         if after == state and not effects:
@@ -558,13 +571,15 @@ async def _evaluate(
     state: RolloutState,
     selected: Selected,
     now: datetime,
+    manifests: ManifestCache | None,
 ) -> tuple[list[GateEvaluation], float | None]:
     """Every gate's evaluation and the SRM test's log e-value at ``now``.
 
     Treatment: the devices the rollout reached, on the new version since their
     install; control: the matching devices not reached, on their current
     version, since the rollout's start; each device's baseline: its own
-    windows of the 24 h before the rollout on the version it ran then.
+    windows of the 24 h before the rollout on the version it ran then. CBPE
+    accuracy uses each version's own calibration, from its manifest.
     """
     started = as_utc(row.created_at)
     reached = {r.device_id: r for r in await store.reached_devices(session, row.id)}
@@ -594,15 +609,29 @@ async def _evaluate(
         control[version] = await store.device_aggregates(
             session, spec.name, version, started, now, [d for d in ids if d in control_ids]
         )
+    calibrations = {
+        v: await _calibration(session, manifests, spec.name, v)
+        for v in {spec.version, *ran.values()}
+    }
     devices: list[DeviceAggregate] = []
     for device_id in sorted(reached):
-        pre = baseline.get(ran.get(device_id, ""))
-        devices.append(_aggregate(device_id, "treatment", treatment, pre))
+        before = ran.get(device_id, "")
+        devices.append(
+            _aggregate(
+                device_id, "treatment", treatment, baseline.get(before),
+                calibrations[spec.version], calibrations.get(before),
+            )
+        )  # fmt: skip
     for device_id in control_ids:
         version = ran.get(device_id)
         if version is None:
             continue
-        devices.append(_aggregate(device_id, "control", control[version], baseline[version]))
+        calibration = calibrations[version]
+        devices.append(
+            _aggregate(
+                device_id, "control", control[version], baseline[version], calibration, calibration
+            )
+        )
     devices = [d for d in devices if d.windows > 0]
     # A reached device that left the selection (decommissioned, retagged) no longer counts.
     still = [r for r in reached.values() if r.device_id in by_id]
@@ -622,7 +651,12 @@ async def _evaluate(
 
 
 def _aggregate(
-    device_id: str, arm: Any, sums: DeviceAggregates, pre: DeviceAggregates | None
+    device_id: str,
+    arm: Any,
+    sums: DeviceAggregates,
+    pre: DeviceAggregates | None,
+    calibration: Calibration | None = None,
+    pre_calibration: Calibration | None = None,
 ) -> DeviceAggregate:
     i = sums.index().get(device_id)
     j = pre.index().get(device_id) if pre is not None else None
@@ -631,8 +665,9 @@ def _aggregate(
     requests = int(sums.requests[i])
     fallbacks = int(sums.fallbacks[i])
     pre_rate = None
-    pre_p95 = None
+    pre_p95 = pre_accuracy = None
     if pre is not None and j is not None:
+        pre_accuracy = _accuracy(pre, j, pre_calibration)
         pre_requests = int(pre.requests[j])
         # A device that never fell back gets a rate from one fallback in its history.
         pre_rate = (int(pre.fallbacks[j]) + 1) / (pre_requests + 1)
@@ -646,11 +681,24 @@ def _aggregate(
         expected_fallbacks=expected,
         log_p95=_log_p95(sums, i),
         pre_log_p95=pre_p95,
+        accuracy=_accuracy(sums, i, calibration),
+        pre_accuracy=pre_accuracy,
         labelled=int(sums.labelled_rows[i]),
         correct=int(sums.labelled_correct[i]),
         windows=int(sums.windows[i]),
         classes=tuple(int(c) for c in sums.predicted[i]) if sums.classes is not None else (),
     )
+
+
+def _accuracy(sums: DeviceAggregates, i: int, calibration: Calibration | None) -> float | None:
+    """CBPE's estimate of device ``i``'s accuracy with its version's own calibration."""
+    scores = sums.score_histogram(i)
+    if calibration is None or scores is None or scores.classes != calibration.classes:
+        return None
+    try:
+        return estimate_accuracy(calibration, scores).accuracy
+    except ValueError:  # a histogram of another layout than the calibration's
+        return None
 
 
 def _log_p95(sums: DeviceAggregates, i: int) -> float | None:
@@ -665,6 +713,20 @@ _OUTCOME_EVENTS: dict[str, Literal["committed", "failed"]] = {
     "rolled-back": "failed",
     "fleet-rolled-back": "failed",
 }
+
+
+async def _calibration(
+    session: AsyncSession, manifests: ManifestCache | None, name: str, version: str
+) -> Calibration | None:
+    """The calibration in the manifest of ``name@version``, ``None`` if it has none."""
+    if manifests is None:
+        return None
+    try:
+        manifest = await manifests.get(session, name, version)
+    except DriftError as exc:
+        log.warning("rollout: no calibration for %s@%s: %s", name, version, exc)
+        return None
+    return manifest.baseline.calibration
 
 
 async def _install_events(

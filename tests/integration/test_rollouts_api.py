@@ -42,6 +42,7 @@ C2 = default_release_counter("2.0.0")
 V1 = "pump-health/pump-health-1.0.0.bundle"
 V2 = "pump-health/pump-health-2.0.0.bundle"
 NS = "rollouts"
+CLASSES = ["normal", "imbalance", "bearing_wear", "overheating"]  # the sample model's
 
 
 class Fleet(Fleetctl):
@@ -94,7 +95,7 @@ class Fleet(Fleetctl):
                 errors=0,
                 served={"active": 58, "previous": 2},
                 features=[],
-                scores=score_histogram(rng.dirichlet([1.0, 1.0], size=60), ["ok", "fault"]),
+                scores=score_histogram(rng.dirichlet([1.0] * len(CLASSES), size=60), CLASSES),
                 latency_ms=record(ExponentialHistogram(), rng.lognormal(3.5, 0.3, size=60)),
             )
             verdict = classify(windows_topic(NS, device_id), encode_window(w), 65536, namespace=NS)
@@ -128,7 +129,7 @@ class Fleet(Fleetctl):
 
     def tick(self, now: datetime) -> int:
         server = self.api.server
-        return self.api.call(service.tick(server.db, server.assignments, now))
+        return self.api.call(service.tick(server.db, server.assignments, now, server.manifests))
 
     def device(self, device_id: str) -> dict[str, Any]:
         status, shown = self.call("GET", f"/devices/{device_id}")
@@ -274,6 +275,11 @@ def test_a_tick_assigns_wave_one_then_a_failing_gate_rolls_the_reached_devices_b
     assert fallbacks["n_devices"] == len(wave), fallbacks
     assert fallbacks["n_control"] == len(ids) - len(wave), fallbacks
     assert fallbacks["n_requests"] == 60 * len(wave)
+    # CBPE accuracy, each version by its own calibration, against each device's baseline.
+    accuracy = next(g for g in shown["evaluations"] if g["gate"] == "accuracy_estimated")
+    assert accuracy["n_devices"] == len(wave), accuracy
+    assert accuracy["n_control"] == len(ids) - len(wave)
+    assert accuracy["estimate"] is not None
     director = fleet.api.server.assignments.director
     for device_id in wave:
         assert fleet.device(device_id)["assigned_target"] == V1
