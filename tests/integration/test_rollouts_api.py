@@ -465,3 +465,26 @@ def test_installs_start_no_faster_than_the_rate(fleet: Fleet) -> None:
     assert assigned() == 4
     assert sum(fleet.device(d)["assigned_target"] == V2 for d in ids) == 4
     assert fleet.call("POST", f"/rollouts/{created['id']}/abort", body={})[0] == 200
+
+
+def test_a_stage_reaching_every_device_completes_after_its_bake(fleet: Fleet) -> None:
+    ids = [f"all-{n}" for n in range(3)]
+    for device_id in ids:
+        fleet.register(device_id, "all-wave")
+        fleet.reports(device_id, "1.0.0", C1)
+    body = spec("all-wave", waves="100%", holdback="0%")
+    status, created = fleet.call("POST", "/rollouts", body=body)
+    assert status == 201, created
+    start = datetime.now(UTC)
+    fleet.tick(start)
+    assert all(fleet.device(d)["assigned_target"] == V2 for d in ids)
+    fleet.tick(start + timedelta(minutes=10))
+    assert fleet.call("GET", f"/rollouts/{created['id']}")[1]["phase"] == "baking"
+    fleet.tick(start + timedelta(minutes=31))
+    status, shown = fleet.call("GET", f"/rollouts/{created['id']}")
+    assert shown["phase"] == "completed", shown
+    assert shown["decisions"][-1]["action"] == "complete"
+    assert fleet.audit("rollout.tick", created["id"])[-1].details["phase"] == "completed"
+    # Over: an action on it is refused, naming the phase.
+    refused = fleet.call("POST", f"/rollouts/{created['id']}/pause", body={})
+    assert refused[0] == 409 and "completed" in refused[1]["error"]
