@@ -116,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long device messages gather into one write (default 0.05); longer batches "
         "mean fewer transactions and more messages held unacknowledged",
     )
+    parser.add_argument(
+        "--rollout-interval",
+        type=float,
+        metavar="SECONDS",
+        help="how often every active rollout is judged and takes its next step (default 60); "
+        "one replica at a time does it",
+    )
     _alert_webhook_flags(parser)
     parser.add_argument(
         "--verbose",
@@ -186,6 +193,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         fields["replica_id"] = args.replica_id
     if args.ingest_batch_delay is not None:
         fields["ingest_batch_delay_s"] = args.ingest_batch_delay
+    if args.rollout_interval is not None:
+        fields["rollout_interval_s"] = args.rollout_interval
     fields |= _alert_webhook_fields(args)
     return ServerConfig.model_validate(fields)
 

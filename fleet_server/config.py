@@ -63,6 +63,9 @@ class ServerConfig(BaseModel):
         default=300.0, gt=0, description="how often the audit log is checked and its head recorded"
     )
     drift_interval_s: float = Field(default=60.0, gt=0, description="how often alerts are updated")
+    rollout_interval_s: float = Field(
+        default=60.0, gt=0, le=86400, description="how often every active rollout takes a step"
+    )
     drift_range_s: float = Field(default=3600.0, gt=0, description="trailing windows tested")
     accuracy_max_drop: float = Field(
         default=0.05,

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import os
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import cast
 
@@ -32,6 +32,7 @@ from fleet_server.mqtt.claim import NamespaceGuard, StartRefused
 from fleet_server.mqtt.link import ServerMqtt
 from fleet_server.published import ReleaseService
 from fleet_server.release.keys import KeyStore, init_keys, load_keys
+from fleet_server.rollouts.service import tick as rollout_tick
 from protocol.cbpe import AccuracyPolicy
 from protocol.messages import DesiredState
 
@@ -213,7 +214,12 @@ class FleetServer:
                     self.notify_alert,
                 ),
             ),
+            Job("rollout controller", self.config.rollout_interval_s, self._rollout_tick),
         ]
+
+    async def _rollout_tick(self) -> None:
+        """Every active rollout's next step, by one replica at a time (:func:`rollouts.tick`)."""
+        await rollout_tick(self.db, self.assignments, datetime.now(UTC), self.manifests)
 
     async def _director_step(self) -> None:
         """Keep every device's director metadata in line with the database, fresh and small.

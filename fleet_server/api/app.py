@@ -29,6 +29,7 @@ from fleet_server.drift import routes as drift_routes
 from fleet_server.drift import update_gauges
 from fleet_server.labels import routes as labels_routes
 from fleet_server.published import routes as published_routes
+from fleet_server.rollouts import routes as rollout_routes
 from fleet_server.tokens import bootstrap_admin_token
 from fleet_server.tokens import routes as token_routes
 from protocol.api.base import API_PREFIX, Health
@@ -141,6 +142,13 @@ DOCUMENT_ORDER = [
     "getRepositoryTarget",
     "getDirectorRoot",
     "getDirectorMetadata",
+    "createRollout",
+    "listRollouts",
+    "getRollout",
+    "pauseRollout",
+    "resumeRollout",
+    "promoteRollout",
+    "abortRollout",
 ]
 
 
@@ -159,6 +167,7 @@ OPERATIONS: tuple[Operation, ...] = in_document_order(
         *audit_routes.OPERATIONS,
         *drift_routes.OPERATIONS,
         *labels_routes.OPERATIONS,
+        *rollout_routes.OPERATIONS,
         *META,
         *hosting.OPERATIONS,
     )

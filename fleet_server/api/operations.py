@@ -21,6 +21,7 @@ from fleet_server.api.errors import ApiError
 from fleet_server.api.security import DeviceAuthenticator, authenticate_operator
 from fleet_server.tokens import Principal
 from protocol.api.assignments import ASSIGNMENT_ID_PATTERN
+from protocol.api.rollouts import ROLLOUT_ID_PATTERN
 from protocol.api.tokens import ROLES, TOKEN_ID_PATTERN
 from protocol.topics import DEVICE_ID_PATTERN
 
@@ -53,6 +54,7 @@ PATH_PARAMETERS: dict[str, str] = {
     "file": FILE_NAME,
     "alert_id": r"^[1-9][0-9]{0,17}$",
     "silence_id": r"^[1-9][0-9]{0,17}$",
+    "rollout_id": ROLLOUT_ID_PATTERN,
 }
 _PATH_CHECKS = {name: re.compile(pattern) for name, pattern in PATH_PARAMETERS.items()}
 

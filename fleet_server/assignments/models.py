@@ -75,6 +75,7 @@ class Committed:
     device_id: str
     target_path: str | None
     director_version: int
+    rollback_of: str | None = None  # a marked fleet rollback replacing this bundle
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -50,6 +51,7 @@ from fleet_server.assignments.models import (
     Committed,
 )
 from fleet_server.assignments.planner import (
+    RollbackPlan,
     check_assignment,
     device_label,
     parse_assignment_id,
@@ -159,6 +161,60 @@ class AssignmentService:
         await self.sync(db, [r.device_id for r in results])
         return Assigned(results, rule_id)
 
+    async def rollback(
+        self, db: Database, plans: Sequence[RollbackPlan], actor: str, subject: str
+    ) -> list[AssignmentResult]:
+        """Record and sign each marked fleet rollback (a :class:`RollbackPlan`).
+
+        The device's assignment names the release it ran before, marked as
+        replacing the bundle it runs (``rollback_of``); the marker is kept with
+        the assignment (``devices.assigned_rollback_of``), so every later
+        signing of it (:meth:`sync`) carries it too. Audited under ``subject``.
+        """
+        if not plans:
+            return []
+        by_id = {p.device_id: p for p in plans}
+        ids = sorted(by_id)
+        async with db.session() as session:
+            recorded = await store.lock_recorded_versions(session, ids)
+            signed = await asyncio.to_thread(
+                lambda: {d: self.director.signed(d).version for d in ids}
+            )
+            now = datetime.now(UTC)
+            results = []
+            for device_id in ids:
+                plan = by_id[device_id]
+                device = await session.get(Device, device_id)
+                if device is None:
+                    raise DeviceNotFound(f"no device {device_id}")
+                version = max(recorded[device_id] or 0, signed[device_id]) + 1
+                device.assigned_target = plan.target_path
+                device.assigned_rollback_of = plan.rollback_of
+                device.director_version = version
+                session.add(
+                    Assignment(
+                        device_id=device_id,
+                        target_path=plan.target_path,
+                        director_version=version,
+                        assigned_at=now,
+                        actor=actor,
+                    )
+                )
+                results.append(AssignmentResult(device_id, plan.target_path, version))
+            await session.flush()
+            await record(
+                session,
+                actor,
+                "assignment.rollback",
+                subject,
+                {
+                    "devices": ids,
+                    "targets": sorted({p.target_path for p in plans}),
+                },
+            )
+        await self.sync(db, ids)
+        return results
+
     async def _record(
         self,
         session: AsyncSession,
@@ -177,6 +233,7 @@ class AssignmentService:
         for device, rule_id in devices:
             version = max(recorded[device.id] or 0, signed[device.id]) + 1
             device.assigned_target = release.target_path
+            device.assigned_rollback_of = None
             device.director_version = version
             session.add(
                 Assignment(
@@ -335,7 +392,10 @@ class AssignmentService:
                 for path, r in (await store.releases_by_path(session, targets)).items()
             }
         committed = [
-            (Committed(r.id, r.assigned_target, r.director_version or 0), r.hardware_id)
+            (
+                Committed(r.id, r.assigned_target, r.director_version or 0, r.assigned_rollback_of),
+                r.hardware_id,
+            )
             for r in rows
         ]
         signed_now, to_record, ahead = await asyncio.to_thread(
@@ -362,12 +422,14 @@ class AssignmentService:
         fresh: list[tuple[Committed, str]] = []
         async with db.session() as session:
             for r in await store.committed_rows(session, device_ids, lock=True):
-                state = Committed(r.id, r.assigned_target, r.director_version or 0)
+                state = Committed(
+                    r.id, r.assigned_target, r.director_version or 0, r.assigned_rollback_of
+                )
                 step = plan_sync(state, await asyncio.to_thread(self.director.signed, r.id))
                 if step is None or not (step.sign and step.record):
                     continue  # in line now, or plainly unsigned: the next sync handles it
                 await store.set_version(session, r.id, step.version)
-                fresh.append((Committed(r.id, r.assigned_target, step.version), r.hardware_id))
+                fresh.append((replace(state, director_version=step.version), r.hardware_id))
             missing = {c.target_path for c, _ in fresh if c.target_path} - set(releases)
             if missing:
                 for path, row in (await store.releases_by_path(session, missing)).items():
@@ -402,7 +464,12 @@ class AssignmentService:
                     if bundle is None:
                         raise RepositoryError(f"no release {state.target_path} in the database")
                     self.director.assign(
-                        self.keys, state.device_id, hardware_id, bundle, step.version
+                        self.keys,
+                        state.device_id,
+                        hardware_id,
+                        bundle,
+                        step.version,
+                        rollback_of=state.rollback_of,
                     )
                     signed_now += 1
                 if step.record:

@@ -69,6 +69,9 @@ class Device(Base):
     reported_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     assigned_target: Mapped[str | None] = mapped_column(String(512))
     director_version: Mapped[int] = mapped_column(Integer, default=0)
+    # The bundle (ALGORITHM:HEX) a standing fleet-rollback assignment replaces; every
+    # re-signing of that assignment carries it, so the device keeps accepting it.
+    assigned_rollback_of: Mapped[str | None] = mapped_column(String(160))
     # Lifecycle: a decommissioned device keeps its row (its history names it), no credential.
     decommissioned_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     decommission_reason: Mapped[str | None] = mapped_column(String(500))

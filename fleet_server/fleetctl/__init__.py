@@ -3,8 +3,8 @@
 Human output by default, ``--json`` for scripts. It never prompts unless
 standard input is a terminal; passphrases come from ``--passphrase-file`` or
 ``--passphrase-env``. Commands that talk to a fleet server (devices, assign,
-audit, tokens, release push, drift, alerts, labels) take ``--server URL`` and an API token from
-``--token-file`` or ``--token-env``. Errors a user can cause end in one line
+audit, tokens, release push, drift, alerts, labels, rollout) take ``--server URL``
+and an API token from ``--token-file`` or ``--token-env``. Errors a user can cause end in one line
 on stderr and a non-zero exit, never a traceback.
 
 ``release_engineering/`` holds the offline commands, ``remote/`` those that talk

@@ -15,6 +15,7 @@ from fleet_server.fleetctl.remote import (
     drift,
     labels,
     releases,
+    rollouts,
     tokens,
 )
 from fleet_server.fleetctl.remote.client import remote_flags
@@ -58,5 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
     drift.add_commands(groups, server)
     alerts.add_commands(groups, server)
     labels.add_commands(groups, server)
+    rollouts.add_commands(groups, server)
     broker.add_commands(groups, local)
     return parser

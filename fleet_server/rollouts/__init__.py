@@ -1,6 +1,6 @@
 """Rollouts: a release going out to a selection of devices in waves, gated on the field.
 
-Pure rules so far: :mod:`~fleet_server.rollouts.waves` (which devices each
+The pure rules: :mod:`~fleet_server.rollouts.waves` (which devices each
 wave reaches: consistent hashing, stratified, stable as the fleet changes),
 :mod:`~fleet_server.rollouts.pacing` (how many installs may start, an
 exponential ramp), :mod:`~fleet_server.rollouts.maintenance` (when a
@@ -10,6 +10,12 @@ device's maintenance window is open), :mod:`~fleet_server.rollouts.evidence`
 (the rollout's life as one transition table: ``decide(state, event, spec, now)``
 over the plain :class:`RolloutState`). The spec is
 :class:`protocol.api.rollouts.RolloutSpec`.
+
+Around them: :mod:`~fleet_server.rollouts.store` (the tables),
+:mod:`~fleet_server.rollouts.service` (the only code touching the session:
+create, show, operators' actions and the controller's tick, which carries out
+the controller's effects) and :mod:`~fleet_server.rollouts.routes` (the REST
+operations, which call the service).
 """
 
 from fleet_server.rollouts.controller import (

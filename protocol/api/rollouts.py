@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Iterable
-from datetime import time, timedelta
+from datetime import datetime, time, timedelta
 from fractions import Fraction
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -35,7 +35,7 @@ from pydantic import (
     model_validator,
 )
 
-from protocol.api.base import RequestBody
+from protocol.api.base import RequestBody, ResponseBody
 from protocol.topics import DEVICE_ID_PATTERN
 from protocol.versioning import HARDWARE_ID_PATTERN, NAME_PATTERN, parse_semver
 
@@ -526,3 +526,102 @@ class RolloutSpec(RequestBody):
         cap = 1 - share(self.holdback)
         reached = tuple(min(share(w), cap) for w in self.waves)
         return (*reached, Fraction(1)) if self.holdback > 0 else reached
+
+
+# -- the REST API's messages ------------------------------------------------------------
+
+ROLLOUT_ID_PATTERN = r"^ro-[0-9a-f]{12}$"
+Phase = Literal[
+    "pending", "shadow", "baking", "paused", "stopped", "rolling_back", "completed", "aborted"
+]
+
+
+class RolloutAction(RequestBody):
+    """An operator's action on a rollout (pause, resume, promote, abort) and why."""
+
+    reason: str | None = Field(default=None, max_length=500)
+
+
+class StageView(ResponseBody):
+    """One stage: the cumulative share it reaches and the devices it reaches now."""
+
+    stage: int
+    share: float = Field(description="percent of the selected devices reached by this stage")
+    devices: int = Field(description="devices this stage reaches (cumulative); 0 before it starts")
+    started: bool
+
+
+class GateView(ResponseBody):
+    """One gate's verdict at the latest tick."""
+
+    gate: str
+    severity: Literal["stop", "warn"]
+    decision: Literal["fail", "pass", "inconclusive"]
+    n_devices: int
+    n_control: int
+    n_requests: int
+    estimate: float | None
+    low: float | None
+    high: float | None
+    margin: float
+    harm_at: float
+    missing: str | None = None
+
+
+class DecisionView(ResponseBody):
+    """One step of the controller: the event, the rule that fired and what it did."""
+
+    seq: int
+    at: datetime
+    event: str
+    by: str | None
+    from_phase: Phase
+    phase: Phase
+    stage: int
+    rule: str
+    action: str
+    reason: str | None = None
+    warnings: list[str] = Field(default_factory=list)
+    matched: int | None = None
+    reached: int | None = None
+
+
+class RolloutView(ResponseBody):
+    """A rollout: its spec, where it is, its waves, its gates' latest verdicts, its decisions."""
+
+    id: str
+    spec: RolloutSpec
+    phase: Phase
+    stage: int
+    shares: list[float] = Field(description="percent reached by each stage")
+    reason: str | None = None
+    missing: dict[str, str] = Field(default_factory=dict)
+    matched: int = Field(description="devices the selector matches now")
+    reached: int = Field(description="devices the rollout has reached")
+    assigned: int = Field(description="devices assigned the release by the rollout")
+    stages: list[StageView]
+    evaluations: list[GateView] = Field(description="each gate at the latest tick")
+    evaluated_at: datetime | None = None
+    decisions: list[DecisionView] = Field(description="the latest decisions, oldest first")
+    created_by: str
+    created_at: datetime
+    updated_at: datetime
+
+
+class RolloutSummary(ResponseBody):
+    """A rollout in a list."""
+
+    id: str
+    release: str
+    select: str
+    phase: Phase
+    stage: int
+    stages: int
+    reason: str | None = None
+    created_by: str
+    created_at: datetime
+    updated_at: datetime
+
+
+class RolloutList(ResponseBody):
+    rollouts: list[RolloutSummary]

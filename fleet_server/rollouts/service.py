@@ -1,0 +1,933 @@
+"""The rollouts service: creating rollouts, showing them, operators' actions and the tick.
+
+The only code of the feature that touches the session. Every step of a rollout
+is :func:`~fleet_server.rollouts.controller.decide`'s: the service loads the
+spec and the state, hands the controller the devices the selector matches now
+(and, at a tick, every gate's evaluation), saves the state it returns
+optimistically (:func:`~fleet_server.rollouts.store.save_state` names the
+revision it read, so of two replicas only one takes a step) with a record of
+the decision, and then carries out the effects:
+
+- :class:`AssignDevices`: the release is assigned (through the assignment
+  service) to up to ``limit`` devices the plan reaches that the rollout has not
+  assigned yet, whose maintenance window is open, recorded first in
+  ``rollout_devices`` with the release each ran before. A device recorded but
+  not assigned (the process died in between) is assigned at the next step.
+- :class:`RollbackReached`: every device reached that is still assigned the
+  release goes back to the release it ran before: one that runs the release
+  gets a marked fleet rollback
+  (:func:`~fleet_server.assignments.planner.plan_rollback`), one that has not
+  installed it yet is assigned its earlier release again. Later ticks repeat
+  this for a rollout rolling back, so a rollback cut short is finished.
+- :class:`AssignStage`: nothing of its own; the :class:`AssignDevices` after it
+  starts the stage's installs.
+
+A replayed tick (at or before the state's last) is no step at all, and a
+device recorded once is never assigned twice by the rollout, so a tick run
+twice does nothing twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+import numpy as np
+from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from fleet_server.assignments.planner import (
+    RollbackFacts,
+    RollbackPlan,
+    RollbackRefused,
+    below_installed,
+    plan_rollback,
+    refuse_yanked,
+)
+from fleet_server.assignments.service import AssignmentService
+from fleet_server.audit import record as audit
+from fleet_server.db import Database
+from fleet_server.db.models import Device, DeviceEventRow, Release, RolloutRow, as_utc
+from fleet_server.drift.models import DriftError
+from fleet_server.drift.store import ManifestCache
+from fleet_server.errors import Conflict, FleetError, NotFound, Unprocessable
+from fleet_server.published.service import find_release as find_published
+from fleet_server.rollouts import store
+from fleet_server.rollouts.aggregates import DeviceAggregates
+from fleet_server.rollouts.controller import (
+    Abort,
+    AssignDevices,
+    AssignStage,
+    Effect,
+    Event,
+    InstallShadow,
+    Pause,
+    Promote,
+    RecordDecision,
+    Resume,
+    RollbackReached,
+    ServeStage,
+    Start,
+    Tick,
+    decide,
+)
+from fleet_server.rollouts.evidence import DeviceAggregate, InstallRecord, gather, install_tally
+from fleet_server.rollouts.gates import UnknownGateError, evaluate_all, gate_specs, srm_log_e
+from fleet_server.rollouts.maintenance import in_window
+from fleet_server.rollouts.state import FINAL_PHASES, DecisionRecord, Phase, RolloutState
+from fleet_server.rollouts.verdicts import GateEvaluation
+from fleet_server.rollouts.waves import DeviceFacts, Population, matches, waves
+from protocol.api.rollouts import (
+    DecisionView,
+    GateView,
+    RolloutList,
+    RolloutSpec,
+    RolloutSummary,
+    RolloutView,
+    StageView,
+)
+from protocol.cbpe import Calibration, estimate_accuracy
+from protocol.histogram import quantile
+
+log = logging.getLogger(__name__)
+
+# A reached device with no install outcome and no report this long counts as failed.
+INSTALL_TIMEOUT = timedelta(hours=1)
+# Each device's own baseline: its windows on its current version this long before the rollout.
+BASELINE = timedelta(hours=24)
+# The advisory lock a replica holds while it ticks (PostgreSQL).
+TICK_LOCK_ID = 0x726F6C6C6F7574  # "rollout"
+# A tick's actions that change nothing an operator needs in the audit log.
+_QUIET_ACTIONS = frozenset({"wait", "assign"})
+# Devices named in a conflict's message.
+_NAMED = 5
+
+
+class RolloutNotFound(NotFound):
+    """No rollout has that id."""
+
+
+class RolloutConflict(Conflict):
+    """The rollout contradicts another one, or changed while the request was served."""
+
+
+class RolloutRefused(Unprocessable):
+    """The spec is well formed but cannot be carried out (an unknown gate, a shadow stage)."""
+
+
+@dataclass(frozen=True)
+class Selected:
+    """The devices a rollout's selector matches now: the rows and their population."""
+
+    devices: list[Device]
+    population: Population
+
+
+# -- create, list, show -------------------------------------------------------------------
+
+
+async def create(db: Database, spec: RolloutSpec, actor: str) -> RolloutView:
+    """A new rollout of ``spec`` (pending: the next tick starts it), audited.
+
+    Refused: an unknown gate or a shadow stage (:class:`RolloutRefused`), an
+    unknown release (404), a yanked one (409), and a rollout of the same model
+    name that is still active and selects some of the same devices
+    (:class:`RolloutConflict`, naming it and some of those devices).
+    """
+    try:
+        gate_specs(spec.gates)
+    except UnknownGateError as exc:
+        raise RolloutRefused(f"gates: {exc}") from None
+    if spec.shadow is not None:
+        raise RolloutRefused(
+            "shadow: the shadow stage is not available yet; leave out shadow to start with wave 1"
+        )
+    now = datetime.now(UTC)
+    rollout_id = f"ro-{secrets.token_hex(6)}"
+    async with db.session() as session:
+        # Creates of one model wait for each other here (PostgreSQL), so two at once cannot
+        # both miss the other's devices.
+        await session.execute(
+            select(Release.target_path).where(Release.name == spec.name).with_for_update()
+        )
+        release = await find_published(session, spec.release)
+        refuse_yanked(release)
+        mine = {d.id for d in await _matching(session, spec)}
+        for other in await store.list_rollouts(session):
+            if other.release_name != spec.name or other.phase in FINAL_PHASES:
+                continue
+            theirs = RolloutSpec.model_validate(other.spec)
+            both = sorted(mine & {d.id for d in await _matching(session, theirs)})
+            if both:
+                named = ", ".join(both[:_NAMED]) + (
+                    f" and {len(both) - _NAMED} more" if len(both) > _NAMED else ""
+                )
+                raise RolloutConflict(
+                    f"rollout {other.id} of {other.release_name} is {other.phase} and selects "
+                    f"{len(both)} of the same devices ({named}); one rollout per model and "
+                    "device at a time: abort it or narrow the selector"
+                )
+        row = await store.create_rollout(
+            session,
+            rollout_id=rollout_id,
+            name=rollout_id,
+            release_name=release.name,
+            release_version=release.version,
+            spec=spec.model_dump(mode="json"),
+            state=RolloutState().to_json(),
+            phase=Phase.PENDING.value,
+            created_by=actor,
+            now=now,
+        )
+        await audit(
+            session,
+            actor,
+            "rollout.create",
+            rollout_id,
+            {**spec.model_dump(mode="json"), "matched": len(mine)},
+        )
+        return await _view(session, row)
+
+
+async def list_all(db: Database) -> RolloutList:
+    """Every rollout, newest first."""
+    async with db.session() as session:
+        rows = await store.list_rollouts(session)
+    items = []
+    for row in rows:
+        spec = RolloutSpec.model_validate(row.spec)
+        state = RolloutState.from_json(row.state)
+        items.append(
+            RolloutSummary(
+                id=row.id,
+                release=spec.release,
+                select=str(spec.select),
+                phase=state.phase.value,
+                stage=state.stage,
+                stages=len(spec.shares),
+                reason=state.reason,
+                created_by=row.created_by,
+                created_at=row.created_at,
+                updated_at=row.updated_at,
+            )
+        )
+    return RolloutList(rollouts=items)
+
+
+async def get(db: Database, rollout_id: str) -> RolloutView:
+    """The rollout ``rollout_id`` (:class:`RolloutNotFound` if none)."""
+    async with db.session() as session:
+        return await _view(session, await _row(session, rollout_id))
+
+
+# -- operators' actions -----------------------------------------------------------------
+
+
+ACTIONS = ("pause", "resume", "promote", "abort")
+
+
+async def act(
+    db: Database,
+    assignments: AssignmentService,
+    rollout_id: str,
+    action: str,
+    actor: str,
+    reason: str | None = None,
+) -> RolloutView:
+    """An operator's ``action`` (one of :data:`ACTIONS`) on the rollout, audited.
+
+    An action the controller refuses in the rollout's phase is a conflict
+    naming the phase (:class:`~fleet_server.rollouts.controller.ActionRefused`).
+    """
+
+    def event(population: Population) -> Event:
+        if action == "pause":
+            return Pause(actor, reason)
+        if action == "resume":
+            return Resume(actor)
+        if action == "promote":
+            return Promote(actor, population, reason)
+        if action == "abort":
+            return Abort(actor, reason)
+        raise ValueError(f"{action!r} is not one of {', '.join(ACTIONS)}")
+
+    stepped = await _step(db, rollout_id, event, datetime.now(UTC), actor=actor, reason=reason)
+    if stepped is None:  # pragma: no cover - an operator's action always takes a step
+        raise RolloutConflict(f"rollout {rollout_id} changed meanwhile; try again")
+    await _carry_out(db, assignments, stepped)
+    return await get(db, rollout_id)
+
+
+# -- the tick -------------------------------------------------------------------------
+
+
+async def tick(
+    db: Database,
+    assignments: AssignmentService,
+    now: datetime,
+    manifests: ManifestCache | None = None,
+) -> int:
+    """One controller step for every active rollout at ``now``; returns how many stepped.
+
+    A pending rollout starts; any other is judged on its gates (``manifests``:
+    where each version's calibration is read for CBPE accuracy; without it the
+    estimated-accuracy gate has no evidence). One rollout's
+    failure is logged and does not stop the others. On PostgreSQL one replica
+    ticks at a time: the tick holds an advisory lock (a replica that finds it
+    taken skips this tick); SQLite serves one node.
+    """
+    async with db.session() as leader:
+        if _is_postgres(leader):
+            held = await leader.scalar(
+                text("SELECT pg_try_advisory_xact_lock(:id)"), {"id": TICK_LOCK_ID}
+            )
+            if not held:
+                return 0
+        return await _tick_all(db, assignments, now, manifests)
+
+
+async def _tick_all(
+    db: Database, assignments: AssignmentService, now: datetime, manifests: ManifestCache | None
+) -> int:
+    async with db.session() as session:
+        rows = await store.list_rollouts(session)
+        active = [r.id for r in rows if r.phase not in FINAL_PHASES]
+        rolling_back = [
+            (r.id, RolloutSpec.model_validate(r.spec), RolloutState.from_json(r.state))
+            for r in rows
+            if r.phase == Phase.ROLLING_BACK.value
+        ]
+    # A rollback cut short (the process died after saving the decision) is finished here;
+    # devices already sent back are left alone, so this does nothing once it is done.
+    for rollout_id, spec, state in rolling_back:
+        try:
+            finish = Stepped(rollout_id, spec, state, Population.of(rollout_id, []), [], now)
+            await _roll_back(db, assignments, finish)
+        except Exception:
+            log.exception("rollout %s: finishing the rollback failed", rollout_id)
+    stepped = 0
+    for rollout_id in reversed(active):  # oldest first
+        try:
+            done = await _step(db, rollout_id, None, now, manifests=manifests)
+            if done is not None:
+                await _carry_out(db, assignments, done)
+                stepped += 1
+        except Exception:  # one rollout's failure must not stop the others
+            log.exception("rollout %s: the tick failed; the next one tries again", rollout_id)
+    return stepped
+
+
+# -- the parts ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stepped:
+    """A step saved: what the effects need."""
+
+    rollout_id: str
+    spec: RolloutSpec
+    state: RolloutState
+    population: Population
+    effects: list[Effect]
+    now: datetime
+
+
+async def _step(
+    db: Database,
+    rollout_id: str,
+    make_event: Callable[[Population], Event] | None,
+    now: datetime,
+    *,
+    actor: str | None = None,
+    reason: str | None = None,
+    manifests: ManifestCache | None = None,
+) -> Stepped | None:
+    """Decide one step and save it (``make_event``: an operator's; ``None``: a tick).
+
+    ``None`` when there was nothing to do (a replayed tick, a final phase) or,
+    for a tick, when another replica saved first.
+    """
+    async with db.session() as session:
+        row = await _row(session, rollout_id)
+        spec = RolloutSpec.model_validate(row.spec)
+        state = RolloutState.from_json(row.state)
+        selected = await _selected(session, row.id, spec)
+        event: Event
+        if make_event is not None:
+            event = make_event(selected.population)
+        elif state.phase == Phase.PENDING:
+            event = Start(selected.population)
+        else:
+            evaluations, srm = await _evaluate(session, row, spec, state, selected, now, manifests)
+            event = Tick(evaluations, srm, selected.population)
+        after, effects = decide(state, event, spec, now)
+        if after == state and not effects:
+            return None
+        try:
+            await store.save_state(
+                session,
+                row.id,
+                read_revision=row.revision,
+                state=after.to_json(),
+                phase=after.phase.value,
+                now=now,
+            )
+        except store.StaleRollout:
+            if make_event is None:
+                return None
+            raise RolloutConflict(
+                f"rollout {rollout_id} changed while the action was decided; try again"
+            ) from None
+        for effect in effects:
+            if isinstance(effect, RecordDecision):
+                await _record(session, row.id, effect.record, actor, reason)
+    return Stepped(row.id, spec, after, selected.population, effects, now)
+
+
+async def _record(
+    session: AsyncSession,
+    rollout_id: str,
+    decision: DecisionRecord,
+    actor: str | None,
+    reason: str | None,
+) -> None:
+    """The decision in the rollout's record; audited unless it is a tick that only waited or
+    assigned (those are in the rollout's record alone)."""
+    await store.record_evaluation(
+        session,
+        rollout_id,
+        at=decision.at,
+        stage=decision.stage,
+        gates=decision.evaluations,
+        rule=decision.rule[:64],
+        action=decision.action[:64],
+    )
+    if actor is None and decision.action in _QUIET_ACTIONS:
+        return
+    await audit(
+        session,
+        actor or f"rollout {rollout_id}",
+        f"rollout.{decision.event}",
+        rollout_id,
+        {
+            "seq": decision.seq,
+            "from_phase": decision.from_phase.value,
+            "phase": decision.phase.value,
+            "stage": decision.stage,
+            "rule": decision.rule,
+            "action": decision.action,
+            "reason": decision.reason if decision.reason is not None else reason,
+        },
+    )
+
+
+async def _carry_out(db: Database, assignments: AssignmentService, stepped: Stepped) -> None:
+    """The step's effects, after its commit."""
+    for effect in stepped.effects:
+        if isinstance(effect, AssignDevices):
+            await _assign(db, assignments, stepped, effect)
+        elif isinstance(effect, RollbackReached):
+            await _roll_back(db, assignments, stepped)
+        elif isinstance(effect, InstallShadow | ServeStage):  # pragma: no cover - refused at create
+            log.error("rollout %s: no shadow stage; %s ignored", stepped.rollout_id, effect)
+        elif isinstance(effect, AssignStage | RecordDecision):
+            continue  # the AssignDevices after it starts the stage; the record is saved
+
+
+async def _assign(
+    db: Database, assignments: AssignmentService, stepped: Stepped, effect: AssignDevices
+) -> None:
+    """Record, then assign, up to ``effect.limit`` devices the plan reaches (see the module)."""
+    reached_ids = _reached(stepped.state, stepped.population)
+    async with db.session() as session:
+        release = await find_published(session, stepped.spec.release)
+        target = release.target_path
+        recorded = {
+            r.device_id: r for r in await store.reached_devices(session, stepped.rollout_id)
+        }
+        waiting = [d for d in reached_ids if d not in recorded]
+        devices = await _devices(session, waiting)
+        eligible = [
+            d
+            for d in devices
+            if d.hardware_id in release.hardware_ids
+            and (effect.window is None or in_window(effect.window, stepped.now))
+        ]
+        below = {d.id for d in below_installed(release, eligible)}
+        eligible = [d for d in eligible if d.id not in below]
+        chosen = eligible if effect.limit is None else eligible[: effect.limit]
+        ran = await _running_targets(session, chosen)
+        await store.add_reached(
+            session,
+            stepped.rollout_id,
+            [store.Reached(d.id, effect.stage, ran.get(d.id), d.active_bundle) for d in chosen],
+            stepped.now,
+        )
+        # Recorded before but never assigned (the process died in between): assigned now.
+        unassigned = [
+            d.id
+            for d in await _devices(session, sorted(recorded))
+            if d.assigned_target != target
+            and d.assigned_target == recorded[d.id].previous_target
+            and d.decommissioned_at is None
+        ]
+    to_assign = sorted({d.id for d in chosen} | set(unassigned))
+    if not to_assign:
+        return
+    try:
+        assigned = await assignments.assign(
+            db, target_path=target, actor=f"rollout {stepped.rollout_id}", device_ids=to_assign
+        )
+    except FleetError as exc:
+        log.warning("rollout %s: could not assign %s: %s", stepped.rollout_id, target, exc)
+        return
+    try:
+        await assignments.announce(release, assigned.results)
+    except Exception:
+        log.exception("rollout %s: assignment committed but not announced", stepped.rollout_id)
+
+
+async def _roll_back(db: Database, assignments: AssignmentService, stepped: Stepped) -> None:
+    """Every device reached and still assigned the release back to the one it ran before
+    (see the module)."""
+    plans: list[RollbackPlan] = []
+    again: dict[str, list[str]] = {}
+    async with db.session() as session:
+        release = await find_published(session, stepped.spec.release)
+        reached = await store.reached_devices(session, stepped.rollout_id)
+        devices = {d.id: d for d in await _devices(session, [r.device_id for r in reached])}
+        previous = {
+            r.target_path: r
+            for r in (
+                await session.scalars(
+                    select(Release).where(
+                        Release.target_path.in_(
+                            sorted({r.previous_target for r in reached if r.previous_target})
+                        )
+                    )
+                )
+            ).all()
+        }
+        running_label = f"{release.name} {release.version}"
+        for r in reached:
+            device = devices.get(r.device_id)
+            before = previous.get(r.previous_target or "")
+            if device is None or device.decommissioned_at is not None or before is None:
+                log.warning(
+                    "rollout %s: %s has no earlier release to go back to; it keeps what it has",
+                    stepped.rollout_id,
+                    r.device_id,
+                )
+                continue
+            if device.assigned_target != release.target_path:
+                continue  # sent back already, or assigned something else since
+            if device.active_bundle != running_label:
+                again.setdefault(before.target_path, []).append(device.id)
+                continue
+            facts = RollbackFacts(
+                device.id, device.hardware_id, release.target_path, release.sha256,
+                before.target_path,
+            )  # fmt: skip
+            try:
+                plans.append(plan_rollback(facts, before))
+            except RollbackRefused as exc:
+                log.warning("rollout %s: %s", stepped.rollout_id, exc)
+    actor = f"rollout {stepped.rollout_id}"
+    if plans:
+        await assignments.rollback(db, plans, actor, stepped.rollout_id)
+    for target, ids in sorted(again.items()):
+        try:
+            await assignments.assign(db, target_path=target, actor=actor, device_ids=ids)
+        except FleetError as exc:
+            log.warning("rollout %s: could not reassign %s: %s", stepped.rollout_id, target, exc)
+
+
+async def _running_targets(session: AsyncSession, devices: Sequence[Device]) -> dict[str, str]:
+    """Each device's release before the rollout: what it was assigned, or else the release
+    named as it reports running it (a device that got its model some other way)."""
+    found = {d.id: d.assigned_target for d in devices if d.assigned_target is not None}
+    wanted = {d.active_bundle for d in devices if d.id not in found and d.active_bundle}
+    if wanted:
+        names = sorted({w.partition(" ")[0] for w in wanted})
+        rows = (await session.scalars(select(Release).where(Release.name.in_(names)))).all()
+        by_label = {f"{r.name} {r.version}": r.target_path for r in rows}
+        for d in devices:
+            if d.id not in found and d.active_bundle in by_label:
+                found[d.id] = by_label[d.active_bundle]
+    return found
+
+
+# -- evidence -------------------------------------------------------------------------
+
+
+async def _evaluate(
+    session: AsyncSession,
+    row: RolloutRow,
+    spec: RolloutSpec,
+    state: RolloutState,
+    selected: Selected,
+    now: datetime,
+    manifests: ManifestCache | None,
+) -> tuple[list[GateEvaluation], float | None]:
+    """Every gate's evaluation and the SRM test's log e-value at ``now``.
+
+    Treatment: the devices the rollout reached, on the new version since their
+    install; control: the matching devices not reached, on their current
+    version, since the rollout's start; each device's baseline: its own
+    windows of the 24 h before the rollout on the version it ran then. CBPE
+    accuracy uses each version's own calibration, from its manifest.
+    """
+    started = as_utc(row.created_at)
+    reached = {r.device_id: r for r in await store.reached_devices(session, row.id)}
+    by_id = {d.id: d for d in selected.devices}
+    in_plan = set(_reached(state, selected.population))
+    control_ids = [d for d in by_id if d not in in_plan and d not in reached]
+    treatment = await store.device_aggregates(
+        session, spec.name, spec.version, started, now, sorted(reached)
+    )
+    # The versions each device ran before: its baseline's, and the control's now.
+    ran: dict[str, str] = {}
+    for device_id, r in reached.items():
+        version = _version_of(r.previous_bundle, spec.name)
+        if version is not None:
+            ran[device_id] = version
+    for device_id in control_ids:
+        version = _version_of(by_id[device_id].active_bundle, spec.name)
+        if version is not None:
+            ran[device_id] = version
+    control: dict[str, DeviceAggregates] = {}
+    baseline: dict[str, DeviceAggregates] = {}
+    for version in sorted(set(ran.values())):
+        ids = sorted(d for d, v in ran.items() if v == version)
+        baseline[version] = await store.device_aggregates(
+            session, spec.name, version, started - BASELINE, started, ids
+        )
+        control[version] = await store.device_aggregates(
+            session, spec.name, version, started, now, [d for d in ids if d in control_ids]
+        )
+    calibrations = {
+        v: await _calibration(session, manifests, spec.name, v)
+        for v in {spec.version, *ran.values()}
+    }
+    devices: list[DeviceAggregate] = []
+    for device_id in sorted(reached):
+        before = ran.get(device_id, "")
+        devices.append(
+            _aggregate(
+                device_id, "treatment", treatment, baseline.get(before),
+                calibrations[spec.version], calibrations.get(before),
+            )
+        )  # fmt: skip
+    for device_id in control_ids:
+        version = ran.get(device_id)
+        if version is None:
+            continue
+        calibration = calibrations[version]
+        devices.append(
+            _aggregate(
+                device_id, "control", control[version], baseline[version], calibration, calibration
+            )
+        )
+    devices = [d for d in devices if d.windows > 0]
+    # A reached device that left the selection (decommissioned, retagged) no longer counts.
+    still = [r for r in reached.values() if r.device_id in by_id]
+    outcomes = await _install_events(session, [(r.device_id, as_utc(r.assigned_at)) for r in still])
+    records = [
+        _install(by_id[r.device_id], as_utc(r.assigned_at), spec, outcomes.get(r.device_id))
+        for r in still
+    ]
+    installs = install_tally(records, now, INSTALL_TIMEOUT)
+    evaluations = evaluate_all(gate_specs(spec.gates), gather(devices, installs))
+    # Only devices that run the release can report on it: the test's treatment arm is
+    # those that committed it, so installs still under way are no mismatch.
+    installed = {r.device_id for r in records if r.result == "committed"}
+    reporting = [d for d in devices if d.arm == "control" or d.device_id in installed]
+    srm = _srm(reporting, len(installed & set(by_id)), len([d for d in control_ids if d in ran]))
+    return evaluations, srm
+
+
+def _aggregate(
+    device_id: str,
+    arm: Any,
+    sums: DeviceAggregates,
+    pre: DeviceAggregates | None,
+    calibration: Calibration | None = None,
+    pre_calibration: Calibration | None = None,
+) -> DeviceAggregate:
+    i = sums.index().get(device_id)
+    j = pre.index().get(device_id) if pre is not None else None
+    if i is None:
+        return DeviceAggregate(device_id, arm)
+    requests = int(sums.requests[i])
+    fallbacks = int(sums.fallbacks[i])
+    pre_rate = None
+    pre_p95 = pre_accuracy = None
+    if pre is not None and j is not None:
+        pre_accuracy = _accuracy(pre, j, pre_calibration)
+        pre_requests = int(pre.requests[j])
+        # A device that never fell back gets a rate from one fallback in its history.
+        pre_rate = (int(pre.fallbacks[j]) + 1) / (pre_requests + 1)
+        pre_p95 = _log_p95(pre, j)
+    expected = requests * pre_rate if pre_rate is not None else 0.0
+    return DeviceAggregate(
+        device_id=device_id,
+        arm=arm,
+        requests=requests,
+        fallbacks=fallbacks,
+        expected_fallbacks=expected,
+        log_p95=_log_p95(sums, i),
+        pre_log_p95=pre_p95,
+        accuracy=_accuracy(sums, i, calibration),
+        pre_accuracy=pre_accuracy,
+        labelled=int(sums.labelled_rows[i]),
+        correct=int(sums.labelled_correct[i]),
+        windows=int(sums.windows[i]),
+        classes=tuple(int(c) for c in sums.predicted[i]) if sums.classes is not None else (),
+    )
+
+
+def _accuracy(sums: DeviceAggregates, i: int, calibration: Calibration | None) -> float | None:
+    """CBPE's estimate of device ``i``'s accuracy with its version's own calibration."""
+    scores = sums.score_histogram(i)
+    if calibration is None or scores is None or scores.classes != calibration.classes:
+        return None
+    try:
+        return estimate_accuracy(calibration, scores).accuracy
+    except ValueError:  # a histogram of another layout than the calibration's
+        return None
+
+
+def _log_p95(sums: DeviceAggregates, i: int) -> float | None:
+    p95 = quantile(sums.latency_histogram(i), 0.95)
+    return float(np.log(p95)) if p95 is not None and p95 > 0 else None
+
+
+# The installer's events that end an install, and what each means for the release.
+_OUTCOME_EVENTS: dict[str, Literal["committed", "failed"]] = {
+    "committed": "committed",
+    "refused": "failed",
+    "rolled-back": "failed",
+    "fleet-rolled-back": "failed",
+}
+
+
+async def _calibration(
+    session: AsyncSession, manifests: ManifestCache | None, name: str, version: str
+) -> Calibration | None:
+    """The calibration in the manifest of ``name@version``, ``None`` if it has none."""
+    if manifests is None:
+        return None
+    try:
+        manifest = await manifests.get(session, name, version)
+    except DriftError as exc:
+        log.warning("rollout: no calibration for %s@%s: %s", name, version, exc)
+        return None
+    return manifest.baseline.calibration
+
+
+async def _install_events(
+    session: AsyncSession, reached: Sequence[tuple[str, datetime]]
+) -> dict[str, tuple[str, str | None]]:
+    """Each device's latest install outcome event since it was reached: the event and the
+    bundle it names (``"NAME VERSION"``)."""
+    if not reached:
+        return {}
+    since = dict(reached)
+    latest: dict[str, tuple[str, str | None]] = {}
+    ids = sorted(since)
+    for start in range(0, len(ids), 5000):
+        chunk = ids[start : start + 5000]
+        rows = await session.execute(
+            select(DeviceEventRow.device_id, DeviceEventRow.event, DeviceEventRow.at,
+                   DeviceEventRow.details)
+            .where(
+                DeviceEventRow.device_id.in_(chunk),
+                DeviceEventRow.event.in_(sorted(_OUTCOME_EVENTS)),
+                DeviceEventRow.at >= min(since[d] for d in chunk),
+            )
+            .order_by(DeviceEventRow.at, DeviceEventRow.id)
+        )  # fmt: skip
+        for device_id, event, at, details in rows:
+            if as_utc(at) >= since[device_id]:
+                bundle = (details or {}).get("bundle")
+                latest[device_id] = (event, bundle if isinstance(bundle, str) else None)
+    return latest
+
+
+def _install(
+    device: Device,
+    started: datetime,
+    spec: RolloutSpec,
+    event: tuple[str, str | None] | None = None,
+) -> InstallRecord:
+    """A reached device's install, as its latest outcome event (or else its latest reported
+    state) tells it: committed, failed (refused, rolled back by itself or by the fleet), or
+    none yet."""
+    last_seen = as_utc(device.last_seen_at) if device.last_seen_at is not None else None
+    seen = last_seen if last_seen is not None and last_seen >= started else None
+    label = f"{spec.name} {spec.version}"
+    if event is not None and (event[1] in (None, label) or event[0] == "fleet-rolled-back"):
+        return InstallRecord(device.id, started, _OUTCOME_EVENTS[event[0]], seen)
+    outcome = (device.reported or {}).get("last_outcome") or {}
+    bundle = outcome.get("bundle") or {}
+    result: Literal["committed", "failed"] | None = None
+    if bundle.get("name") == spec.name and bundle.get("version") == spec.version:
+        result = "committed" if outcome.get("result") == "committed" else "failed"
+    elif device.active_bundle == f"{spec.name} {spec.version}":
+        result = "committed"
+    if device.assigned_rollback_of is not None:  # rolled back by the fleet: it failed here
+        result = "failed"
+    return InstallRecord(device.id, started, result, seen)
+
+
+def _srm(devices: Sequence[DeviceAggregate], treatment: int, control: int) -> float | None:
+    """The SRM test over the devices reporting in each arm, against their assigned shares."""
+    if treatment == 0 or control == 0:
+        return None
+    reporting = [
+        sum(1 for d in devices if d.arm == "treatment"),
+        sum(1 for d in devices if d.arm == "control"),
+    ]
+    total = treatment + control
+    return srm_log_e(reporting, [treatment / total, control / total])
+
+
+def _version_of(bundle: str | None, name: str) -> str | None:
+    """The version of ``bundle`` (``"NAME VERSION"``, as devices report it) if it is ``name``."""
+    if bundle is None:
+        return None
+    found, _, version = bundle.partition(" ")
+    return version if found == name and version else None
+
+
+def _is_postgres(session: AsyncSession) -> bool:
+    return session.bind is not None and session.bind.dialect.name == "postgresql"
+
+
+# -- reading --------------------------------------------------------------------------
+
+
+async def _row(session: AsyncSession, rollout_id: str) -> RolloutRow:
+    row = await store.get_rollout(session, rollout_id)
+    if row is None:
+        raise RolloutNotFound(f"no rollout {rollout_id}; `fleetctl rollout list` shows them")
+    return row
+
+
+async def _matching(session: AsyncSession, spec: RolloutSpec) -> list[Device]:
+    """The devices (not decommissioned) the selector matches now, by id."""
+    query = select(Device).where(Device.decommissioned_at.is_(None)).order_by(Device.id)
+    if spec.select.hardware:
+        query = query.where(Device.hardware_id.in_(spec.select.hardware))
+    if spec.select.region:
+        query = query.where(Device.region.in_(spec.select.region))
+    rows = (await session.scalars(query)).all()
+    return [d for d in rows if matches(spec.select, _facts(d))]
+
+
+def _facts(device: Device) -> DeviceFacts:
+    return DeviceFacts(device.id, device.hardware_id, device.region, frozenset(device.tags or ()))
+
+
+async def _selected(session: AsyncSession, rollout_id: str, spec: RolloutSpec) -> Selected:
+    devices = await _matching(session, spec)
+    return Selected(devices, Population.of(rollout_id, [_facts(d) for d in devices]))
+
+
+async def _devices(session: AsyncSession, ids: Sequence[str]) -> list[Device]:
+    found: list[Device] = []
+    listed = sorted(ids)
+    for start in range(0, len(listed), 5000):
+        chunk = listed[start : start + 5000]
+        found.extend((await session.scalars(select(Device).where(Device.id.in_(chunk)))).all())
+    return sorted(found, key=lambda d: d.id)
+
+
+def _reached(state: RolloutState, population: Population) -> list[str]:
+    if not state.plan.strata:
+        return []
+    return [population.ids[i] for i in np.flatnonzero(waves(state.plan, population))]
+
+
+async def _view(session: AsyncSession, row: RolloutRow) -> RolloutView:
+    spec = RolloutSpec.model_validate(row.spec)
+    state = RolloutState.from_json(row.state)
+    selected = await _selected(session, row.id, spec)
+    stage_of = (
+        waves(state.plan, selected.population)
+        if state.plan.strata
+        else np.zeros(len(selected.population), dtype=np.intp)
+    )
+    stages = [
+        StageView(
+            stage=k,
+            share=float(share) * 100,
+            devices=int(np.count_nonzero((stage_of > 0) & (stage_of <= k))),
+            started=state.stage >= k,
+        )
+        for k, share in enumerate(spec.shares, start=1)
+    ]
+    assigned = len(await store.reached_devices(session, row.id))
+    latest = next((d for d in reversed(state.history) if d.evaluations), None)
+    return RolloutView(
+        id=row.id,
+        spec=spec,
+        phase=state.phase.value,
+        stage=state.stage,
+        shares=[float(s) * 100 for s in spec.shares],
+        reason=state.reason,
+        missing=dict(state.missing),
+        matched=len(selected.population),
+        reached=int(np.count_nonzero(stage_of)),
+        assigned=assigned,
+        stages=stages,
+        evaluations=[_gate_view(e) for e in latest.evaluations] if latest else [],
+        evaluated_at=latest.at if latest else None,
+        decisions=[_decision_view(d) for d in state.history],
+        created_by=row.created_by,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is None or np.isfinite(value) else None
+
+
+def _gate_view(e: GateEvaluation) -> GateView:
+    return GateView(
+        gate=e.gate,
+        severity=e.severity,
+        decision=e.decision,
+        n_devices=e.n_devices,
+        n_control=e.n_control,
+        n_requests=e.n_requests,
+        estimate=_finite(e.estimate),
+        low=_finite(e.low),
+        high=_finite(e.high),
+        margin=e.margin,
+        harm_at=e.harm_at,
+        missing=e.missing,
+    )
+
+
+def _decision_view(d: DecisionRecord) -> DecisionView:
+    return DecisionView(
+        seq=d.seq,
+        at=d.at,
+        event=d.event,
+        by=d.by,
+        from_phase=d.from_phase.value,
+        phase=d.phase.value,
+        stage=d.stage,
+        rule=d.rule,
+        action=d.action,
+        reason=d.reason,
+        warnings=list(d.warnings),
+        matched=d.matched,
+        reached=d.reached,
+    )

@@ -1,0 +1,490 @@
+"""Rollouts against a real server (SQLite and PostgreSQL): the REST API with its roles,
+refusals and audit entries, ``fleetctl rollout``, and the controller's tick over a small
+fleet of registered devices whose reports go through the server's own ingest.
+
+The tick is called with an injected ``now`` (the clock is the one thing not real); the
+devices' side of a fleet rollback is read from the director metadata the server signed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from sqlalchemy import select, text
+
+from fleet_server.db.models import AuditEntry, Device
+from fleet_server.fleetctl import main
+from fleet_server.mqtt.ingest import Accepted, classify, write_batch
+from fleet_server.rollouts import service
+from protocol.histogram import ExponentialHistogram, record
+from protocol.messages import BundleRef, DeviceEvent, InstallOutcome, ReportedState
+from protocol.summary import score_histogram
+from protocol.topics import windows_topic
+from protocol.versioning import default_release_counter
+from protocol.window import WindowSummary, encode_window
+from testbed.api_server import ServerThread
+from testbed.images import HARDWARE
+from tests.support.databases import DATABASES, database_url
+from tests.support.fleetctl import Fleetctl, one_line_error
+
+pytestmark = pytest.mark.integration
+
+C1 = default_release_counter("1.0.0")
+C2 = default_release_counter("2.0.0")
+V1 = "pump-health/pump-health-1.0.0.bundle"
+V2 = "pump-health/pump-health-2.0.0.bundle"
+NS = "rollouts"
+CLASSES = ["normal", "imbalance", "bearing_wear", "overheating"]  # the sample model's
+
+
+class Fleet(Fleetctl):
+    """``fleetctl`` and the REST API against a server holding releases 1.0.0 and 2.0.0."""
+
+    def register(self, device_id: str, *tags: str) -> None:
+        flags = [x for tag in tags for x in ("--tag", tag)]
+        done = self.run("devices", "register", device_id, "--hardware", HARDWARE, *flags)
+        assert done.code == 0, done.err
+
+    def reports(
+        self, device_id: str, version: str, counter: int, outcome: str | None = None
+    ) -> None:
+        """The device's retained state, through the server's own ingest."""
+        ref = BundleRef(name="pump-health", version=version, release_counter=counter)
+        state = ReportedState(
+            device_id=device_id,
+            message_id=uuid.uuid4().hex,
+            sent_at=time.time(),
+            agent_version="0.1.0",
+            hardware_id=HARDWARE,
+            active=ref,
+            installed_counter=counter,
+            phase="idle",
+            last_outcome=(
+                InstallOutcome(result=outcome, bundle=ref, at=time.time())  # type: ignore[arg-type]
+                if outcome
+                else None
+            ),
+        )
+        result = self.api.call(
+            write_batch(self.api.server.db, [Accepted(device_id, "state", state)], "test")
+        )
+        assert not result.dropped, result.dropped
+
+    def windows(self, version: str, end: float, *device_ids: str) -> None:
+        """A window of each device on ``version``, through the server's own ingest."""
+        batch = []
+        for device_id in device_ids:
+            rng = np.random.default_rng(len(batch))
+            w = WindowSummary(
+                window_id=uuid.uuid4().hex,
+                device_id=device_id,
+                model_name="pump-health",
+                model_version=version,
+                baseline_id="b1",
+                start=end - 60,
+                end=end,
+                requests=60,
+                errors=0,
+                served={"active": 58, "previous": 2},
+                features=[],
+                scores=score_histogram(rng.dirichlet([1.0] * len(CLASSES), size=60), CLASSES),
+                latency_ms=record(ExponentialHistogram(), rng.lognormal(3.5, 0.3, size=60)),
+            )
+            verdict = classify(windows_topic(NS, device_id), encode_window(w), 65536, namespace=NS)
+            assert isinstance(verdict, Accepted), verdict
+            batch.append(verdict)
+        result = self.api.call(write_batch(self.api.server.db, batch, "test"))
+        assert not result.dropped, result.dropped
+
+    def call(
+        self, method: str, path: str, token: str | None = None, body: Any = None
+    ) -> tuple[int, Any]:
+        answer = self.api.request(
+            method, f"/api/v1{path}", token=token or self.api.admin_token, json=body
+        )
+        return answer.status, answer.json() if answer.data else None
+
+    def token(self, role: str) -> str:
+        created = self.run("tokens", "create", "--name", f"ro-{role}", "--role", role, "--json")
+        assert created.code == 0, created.err
+        return str(created.json()["token"])
+
+    def audit(self, action: str, subject: str) -> list[AuditEntry]:
+        async def read() -> list[AuditEntry]:
+            async with self.api.server.db.session() as session:
+                query = select(AuditEntry).where(
+                    AuditEntry.action == action, AuditEntry.subject == subject
+                )
+                return list((await session.scalars(query.order_by(AuditEntry.seq))).all())
+
+        return self.api.call(read())
+
+    def tick(self, now: datetime) -> int:
+        server = self.api.server
+        return self.api.call(service.tick(server.db, server.assignments, now, server.manifests))
+
+    def device(self, device_id: str) -> dict[str, Any]:
+        status, shown = self.call("GET", f"/devices/{device_id}")
+        assert status == 200, shown
+        return dict(shown)
+
+
+@pytest.fixture(scope="module", params=DATABASES)
+def served(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    bundles: dict[str, Path],
+) -> Iterator[Fleet]:
+    tmp = tmp_path_factory.mktemp(f"rollouts-{request.param}")
+    with database_url(request.param, tmp) as url:
+        api = ServerThread(tmp / "server", url)
+        try:
+            fleet = Fleet(api, tmp)
+            keys, repo = tmp / "keys", tmp / "repo"
+            assert main(["keys", "init", "--dir", str(keys)]) == 0
+            for name in ("v1", "v2"):
+                add = ["release", "add", str(bundles[name]), "--repo", str(repo)]
+                assert main([*add, "--keys", str(keys)]) == 0
+            assert main(["release", "push", "--repo", str(repo), *fleet.flags()]) == 0
+            yield fleet
+        finally:
+            api.close()
+
+
+@pytest.fixture
+def fleet(served: Fleet, capsys: pytest.CaptureFixture[str]) -> Fleet:
+    served.capsys = capsys
+    return served
+
+
+def spec(tag: str, **more: Any) -> dict[str, Any]:
+    return {
+        "release": "pump-health@2.0.0",
+        "select": f"tag={tag}",
+        "waves": "25%,50%,100%",
+        "bake": "30m",
+        **more,
+    }
+
+
+def test_create_list_show_and_actions_with_roles_refusals_and_audit(fleet: Fleet) -> None:
+    for n in range(4):
+        fleet.register(f"api-{n}", "api-wave")
+    status, created = fleet.call("POST", "/rollouts", body=spec("api-wave"))
+    assert status == 201, created
+    rollout_id = created["id"]
+    assert created["phase"] == "pending" and created["matched"] == 4
+    assert created["spec"]["waves"] == [25.0, 50.0, 100.0]
+    assert [s["share"] for s in created["stages"]] == [25.0, 50.0, 95.0, 100.0]
+    assert fleet.audit("rollout.create", rollout_id)[0].details["release"] == "pump-health@2.0.0"
+
+    viewer = fleet.token("viewer")
+    status, listed = fleet.call("GET", "/rollouts", token=viewer)
+    assert status == 200 and rollout_id in [r["id"] for r in listed["rollouts"]]
+    status, shown = fleet.call("GET", f"/rollouts/{rollout_id}", token=viewer)
+    assert status == 200 and shown["phase"] == "pending"
+    status, refused = fleet.call("POST", f"/rollouts/{rollout_id}/pause", token=viewer, body={})
+    assert status == 403, refused
+    status, refused = fleet.call("POST", "/rollouts", token=viewer, body=spec("api-wave"))
+    assert status == 403, refused
+    status, missing = fleet.call("GET", "/rollouts/ro-000000000000", token=viewer)
+    assert status == 404 and "no rollout ro-000000000000" in missing["error"]
+
+    # A bad spec is refused naming the field.
+    status, refused = fleet.call("POST", "/rollouts", body=spec("api-wave", waves="50%,10%"))
+    assert status == 422 and refused["error"].startswith("waves"), refused
+    status, refused = fleet.call(
+        "POST", "/rollouts", body=spec("api-wave", gates={"no_such_gate": {"margin": 0.1}})
+    )
+    assert status == 422 and "gates" in refused["error"] and "no_such_gate" in refused["error"]
+    status, refused = fleet.call("POST", "/rollouts", body=spec("api-wave", shadow="1h"))
+    assert status == 422 and "shadow stage is not available yet" in refused["error"]
+    status, refused = fleet.call(
+        "POST", "/rollouts", body={**spec("api-wave"), "release": "pump-health@9.9.9"}
+    )
+    assert status == 404, refused
+
+    # One rollout per model and device at a time.
+    fleet.register("api-other", "api-wave", "api-more")
+    status, refused = fleet.call("POST", "/rollouts", body=spec("api-more"))
+    assert status == 409, refused
+    assert rollout_id in refused["error"] and "api-other" in refused["error"]
+
+    # An action the controller refuses in the phase is a conflict naming the phase.
+    status, refused = fleet.call("POST", f"/rollouts/{rollout_id}/pause", body={})
+    assert status == 409 and "pending" in refused["error"], refused
+    status, aborted = fleet.call(
+        "POST", f"/rollouts/{rollout_id}/abort", body={"reason": "wrong selector"}
+    )
+    assert status == 200 and aborted["phase"] == "aborted", aborted
+    assert aborted["decisions"][-1]["rule"] == "operator abort"
+    assert "wrong selector" in aborted["reason"]
+    entry = fleet.audit("rollout.abort", rollout_id)[0]
+    assert entry.details["phase"] == "aborted" and "wrong selector" in entry.details["reason"]
+    # Aborted, it no longer holds its devices.
+    status, created = fleet.call("POST", "/rollouts", body=spec("api-more"))
+    assert status == 201, created
+    status, _ = fleet.call("POST", f"/rollouts/{created['id']}/abort", body={})
+    assert status == 200
+
+
+def test_a_tick_assigns_wave_one_then_a_failing_gate_rolls_the_reached_devices_back(
+    fleet: Fleet,
+) -> None:
+    ids = [f"tick-{n:02d}" for n in range(24)]
+    for device_id in ids:
+        fleet.register(device_id, "tick-wave")
+        fleet.reports(device_id, "1.0.0", C1)
+    fleet.windows("1.0.0", time.time() - 3600, *ids)  # each device's own baseline
+    status, created = fleet.call("POST", "/rollouts", body=spec("tick-wave", on_failure="rollback"))
+    assert status == 201, created
+    rollout_id = created["id"]
+    start = datetime.now(UTC)
+
+    assert fleet.tick(start) >= 1
+    status, shown = fleet.call("GET", f"/rollouts/{rollout_id}")
+    assert shown["phase"] == "baking" and shown["stage"] == 1, shown
+    wave = [d for d in ids if fleet.device(d)["assigned_target"] == V2]
+    assert len(wave) == shown["assigned"] == shown["stages"][0]["devices"] >= 3
+    assert shown["decisions"][-1]["action"] == "start wave 1"
+    # A tick assigns nothing twice; replayed, it does nothing at all.
+    assert fleet.tick(start + timedelta(minutes=1)) == 1
+    assert fleet.tick(start + timedelta(minutes=1)) == 0
+    assert [d for d in ids if fleet.device(d)["assigned_target"] == V2] == wave
+
+    # The wave installs 2.0.0, then goes silent: past the install timeout each counts as failed.
+    for device_id in wave:
+        fleet.reports(device_id, "2.0.0", C2, "committed")
+    fleet.windows("2.0.0", time.time(), *wave)
+    fleet.windows("1.0.0", time.time(), *[d for d in ids if d not in wave])
+    fleet.tick(start + timedelta(hours=2))
+    status, shown = fleet.call("GET", f"/rollouts/{rollout_id}")
+    assert shown["phase"] == "rolling_back", shown
+    assert shown["decisions"][-1]["rule"] == "harm shown"
+    gate = next(g for g in shown["evaluations"] if g["gate"] == "install_failures")
+    assert gate["decision"] == "fail" and gate["n_devices"] == len(wave)
+    fallbacks = next(g for g in shown["evaluations"] if g["gate"] == "fallback_rate")
+    assert fallbacks["n_devices"] == len(wave), fallbacks
+    assert fallbacks["n_control"] == len(ids) - len(wave), fallbacks
+    assert fallbacks["n_requests"] == 60 * len(wave)
+    # CBPE accuracy, each version by its own calibration, against each device's baseline.
+    accuracy = next(g for g in shown["evaluations"] if g["gate"] == "accuracy_estimated")
+    assert accuracy["n_devices"] == len(wave), accuracy
+    assert accuracy["n_control"] == len(ids) - len(wave)
+    assert accuracy["estimate"] is not None
+    director = fleet.api.server.assignments.director
+    for device_id in wave:
+        assert fleet.device(device_id)["assigned_target"] == V1
+        signed = director.device(device_id).signed()
+        assert signed.target_path == V1
+        metadata = director.device(device_id).path / "metadata"
+        targets = json.loads((metadata / f"{signed.version}.targets.json").read_text())
+        custom = targets["signed"]["targets"][V1]["custom"]
+        assert custom["rollback_of"].startswith("sha256:"), custom
+    assert fleet.audit("rollout.tick", rollout_id)[-1].details["action"] == "roll back"
+    # Later ticks finish a rollback cut short, and leave alone the devices already sent back.
+    versions = {d: director.device(d).signed().version for d in wave}
+    fleet.tick(start + timedelta(hours=3))
+    assert {d: director.device(d).signed().version for d in wave} == versions
+    # Signed again (committed at a newer version, as after a crash before signing), the
+    # standing rollback keeps its marker.
+    first = wave[0]
+    before = director.device(first).signed().version
+
+    async def bump() -> None:
+        async with fleet.api.server.db.session() as session:
+            device = await session.get(Device, first)
+            assert device is not None and device.assigned_rollback_of is not None
+            device.director_version = before + 1
+
+    fleet.api.call(bump())
+    assert fleet.api.call(fleet.api.server.assignments.sync(fleet.api.server.db, [first])) == 1
+    signed = director.device(first).signed()
+    assert signed.version == before + 1 and signed.target_path == V1
+    metadata = director.device(first).path / "metadata"
+    targets = json.loads((metadata / f"{signed.version}.targets.json").read_text())
+    assert targets["signed"]["targets"][V1]["custom"]["rollback_of"].startswith("sha256:")
+    assert fleet.audit("assignment.rollback", rollout_id)
+
+
+def test_fleetctl_rollout_commands(fleet: Fleet, tmp_path: Path) -> None:
+    for n in range(6):
+        fleet.register(f"cli-{n}", "cli-wave")
+        fleet.reports(f"cli-{n}", "1.0.0", C1)
+    gates = tmp_path / "gates.json"
+    gates.write_text(json.dumps({"latency_p95": {"margin": 0.2}}))
+    created = fleet.run(
+        "rollout", "create", "pump-health@2.0.0", "--select", "tag=cli-wave",
+        "--waves", "50%,100%", "--bake", "30m", "--rate", "10/min", "--rate-factor", "2",
+        "--window", "daily 00:00-24:00 UTC", "--on-failure", "rollback", "--holdback", "0",
+        "--gates", str(gates), "--json",
+    )  # fmt: skip
+    assert created.code == 0, created.err
+    rollout_id = created.json()["id"]
+    assert created.json()["spec"]["gates"]["latency_p95"]["margin"] == 0.2
+    listed = fleet.run("rollout", "list", "--json")
+    assert listed.code == 0 and rollout_id in [r["id"] for r in listed.json()]
+    assert rollout_id in fleet.run("rollout", "list").out
+
+    fleet.tick(datetime.now(UTC))
+    fleet.tick(datetime.now(UTC) + timedelta(minutes=1))
+    shown = fleet.run("rollout", "status", rollout_id)
+    assert shown.code == 0, shown.err
+    assert "phase baking, stage 1 of 2" in shown.out
+    assert "install_failures" in shown.out and "inconclusive" in shown.out
+    assert "start wave 1" in shown.out and "baking" in shown.out
+    assert fleet.run("rollout", "status", rollout_id, "--json").json()["stage"] == 1
+
+    promoted = fleet.run("rollout", "promote", rollout_id, "--reason", "override", "--json")
+    assert promoted.code == 0 and promoted.json()["stage"] == 2, promoted.err
+    assert promoted.json()["decisions"][-1]["rule"] == "operator override"
+    assert promoted.json()["assigned"] == 6  # the ramp's first grant (10/min) covers them
+    paused = fleet.run("rollout", "pause", rollout_id, "--reason", "ticket 4711")
+    assert paused.code == 0 and "now paused" in paused.out, paused.err
+    refused = fleet.process("rollout", "pause", rollout_id)
+    assert refused.code != 0 and "409" in one_line_error(refused)
+    assert "paused" in one_line_error(refused)
+    resumed = fleet.run("rollout", "resume", rollout_id, "--json")
+    assert resumed.code == 0 and resumed.json()["phase"] == "baking"
+    aborted = fleet.run("rollout", "abort", rollout_id, "--reason", "done testing")
+    assert aborted.code == 0 and "now aborted" in aborted.out
+    assert fleet.audit("rollout.pause", rollout_id)[0].details["reason"].endswith("ticket 4711")
+    assert fleet.audit("rollout.resume", rollout_id)
+    assert fleet.run("rollout", "status", rollout_id, "--watch").code == 0  # ended: returns
+
+
+def test_one_replica_ticks_at_a_time_on_postgresql(fleet: Fleet) -> None:
+    db = fleet.api.server.db
+
+    async def tick_while_another_holds_the_lock() -> int:
+        async with db.session() as other:
+            if other.bind is None or other.bind.dialect.name != "postgresql":
+                pytest.skip("SQLite serves one node: no leader to elect")
+            held = await other.scalar(
+                text("SELECT pg_try_advisory_xact_lock(:id)"), {"id": service.TICK_LOCK_ID}
+            )
+            assert held
+            return await service.tick(db, fleet.api.server.assignments, datetime.now(UTC))
+
+    fleet.register("leader-0", "leader-wave")
+    status, created = fleet.call("POST", "/rollouts", body=spec("leader-wave"))
+    assert status == 201, created
+    assert fleet.api.call(tick_while_another_holds_the_lock()) == 0
+    status, shown = fleet.call("GET", f"/rollouts/{created['id']}")
+    assert shown["phase"] == "pending"
+    assert fleet.tick(datetime.now(UTC)) >= 1
+    status, shown = fleet.call("GET", f"/rollouts/{created['id']}")
+    assert shown["phase"] == "baking"
+
+
+def test_installs_start_only_while_the_maintenance_window_is_open(fleet: Fleet) -> None:
+    ids = [f"win-{n}" for n in range(4)]
+    for device_id in ids:
+        fleet.register(device_id, "win-wave")
+        fleet.reports(device_id, "1.0.0", C1)
+    now = datetime.now(UTC).replace(second=0, microsecond=0)
+    opens = now + timedelta(hours=6)
+    window = f"daily {opens:%H}:00-{(opens + timedelta(hours=1)):%H}:00 UTC"
+    status, created = fleet.call(
+        "POST", "/rollouts", body=spec("win-wave", window=window, bake="12h")
+    )
+    assert status == 201, created
+    fleet.tick(now)
+    status, shown = fleet.call("GET", f"/rollouts/{created['id']}")
+    assert shown["stage"] == 1 and shown["stages"][0]["devices"] >= 1
+    assert shown["assigned"] == 0
+    assert all(fleet.device(d)["assigned_target"] is None for d in ids)
+    fleet.tick(opens.replace(minute=0) + timedelta(minutes=5))  # the window is open
+    status, shown = fleet.call("GET", f"/rollouts/{created['id']}")
+    assert shown["assigned"] == shown["stages"][0]["devices"], shown
+    assert fleet.call("POST", f"/rollouts/{created['id']}/abort", body={})[0] == 200
+
+
+def test_installs_the_devices_refuse_stop_the_rollout(fleet: Fleet) -> None:
+    ids = [f"ref-{n:02d}" for n in range(24)]
+    for device_id in ids:
+        fleet.register(device_id, "ref-wave")
+        fleet.reports(device_id, "1.0.0", C1)
+    status, created = fleet.call("POST", "/rollouts", body=spec("ref-wave"))
+    assert status == 201, created
+    start = datetime.now(UTC)
+    fleet.tick(start)
+    wave = [d for d in ids if fleet.device(d)["assigned_target"] == V2]
+    assert len(wave) >= 3
+    for device_id in wave:  # the installer's event, as the agent publishes it
+        event = DeviceEvent(
+            device_id=device_id,
+            message_id=uuid.uuid4().hex,
+            sent_at=time.time(),
+            event="refused",
+            at=time.time(),
+            details={"phase": "idle", "bundle": "pump-health 2.0.0", "reason": "self-test"},
+        )
+        batch = [Accepted(device_id, "events", event)]
+        assert not fleet.api.call(write_batch(fleet.api.server.db, batch, "test")).dropped
+    fleet.tick(start + timedelta(minutes=5))
+    status, shown = fleet.call("GET", f"/rollouts/{created['id']}")
+    assert shown["phase"] == "stopped", shown
+    assert "install_failures shows harm" in shown["reason"]
+    gate = next(g for g in shown["evaluations"] if g["gate"] == "install_failures")
+    assert gate["decision"] == "fail" and gate["n_devices"] == len(wave)
+    # Stopped, the devices keep what they have: nothing is sent back.
+    assert all(fleet.device(d)["assigned_target"] == V2 for d in wave)
+    refused = fleet.call("POST", f"/rollouts/{created['id']}/resume", body={})
+    assert refused[0] == 409 and "stopped" in refused[1]["error"]
+    assert fleet.call("POST", f"/rollouts/{created['id']}/abort", body={})[0] == 200
+
+
+def test_installs_start_no_faster_than_the_rate(fleet: Fleet) -> None:
+    ids = [f"rate-{n:02d}" for n in range(24)]
+    for device_id in ids:
+        fleet.register(device_id, "rate-wave")
+        fleet.reports(device_id, "1.0.0", C1)
+    status, created = fleet.call("POST", "/rollouts", body=spec("rate-wave", rate="1/min"))
+    assert status == 201, created
+    start = datetime.now(UTC)
+
+    def assigned() -> int:
+        return int(fleet.call("GET", f"/rollouts/{created['id']}")[1]["assigned"])
+
+    fleet.tick(start)
+    assert assigned() == 1
+    fleet.tick(start + timedelta(seconds=30))  # the minute's install has started
+    assert assigned() == 1
+    fleet.tick(start + timedelta(minutes=1))
+    assert assigned() == 2
+    fleet.tick(start + timedelta(minutes=3))
+    assert assigned() == 4
+    assert sum(fleet.device(d)["assigned_target"] == V2 for d in ids) == 4
+    assert fleet.call("POST", f"/rollouts/{created['id']}/abort", body={})[0] == 200
+
+
+def test_a_stage_reaching_every_device_completes_after_its_bake(fleet: Fleet) -> None:
+    ids = [f"all-{n}" for n in range(3)]
+    for device_id in ids:
+        fleet.register(device_id, "all-wave")
+        fleet.reports(device_id, "1.0.0", C1)
+    body = spec("all-wave", waves="100%", holdback="0%")
+    status, created = fleet.call("POST", "/rollouts", body=body)
+    assert status == 201, created
+    start = datetime.now(UTC)
+    fleet.tick(start)
+    assert all(fleet.device(d)["assigned_target"] == V2 for d in ids)
+    fleet.tick(start + timedelta(minutes=10))
+    assert fleet.call("GET", f"/rollouts/{created['id']}")[1]["phase"] == "baking"
+    fleet.tick(start + timedelta(minutes=31))
+    status, shown = fleet.call("GET", f"/rollouts/{created['id']}")
+    assert shown["phase"] == "completed", shown
+    assert shown["decisions"][-1]["action"] == "complete"
+    assert fleet.audit("rollout.tick", created["id"])[-1].details["phase"] == "completed"
+    # Over: an action on it is refused, naming the phase.
+    refused = fleet.call("POST", f"/rollouts/{created['id']}/pause", body={})
+    assert refused[0] == 409 and "completed" in refused[1]["error"]
