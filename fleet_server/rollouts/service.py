@@ -777,8 +777,8 @@ def _install(
     result: Literal["committed", "failed"] | None = None
     if bundle.get("name") == spec.name and bundle.get("version") == spec.version:
         result = "committed" if outcome.get("result") == "committed" else "failed"
-    elif device.active_bundle == f"{spec.name} {spec.version}":
-        result = "committed"
+    elif device.active_bundle == label and device.phase == "idle":
+        result = "committed"  # past its trial: a device still in it has no outcome yet
     if device.assigned_rollback_of is not None:  # rolled back by the fleet: it failed here
         result = "failed"
     return InstallRecord(device.id, started, result, seen)

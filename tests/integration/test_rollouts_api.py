@@ -54,7 +54,12 @@ class Fleet(Fleetctl):
         assert done.code == 0, done.err
 
     def reports(
-        self, device_id: str, version: str, counter: int, outcome: str | None = None
+        self,
+        device_id: str,
+        version: str,
+        counter: int,
+        outcome: str | None = None,
+        phase: str = "idle",
     ) -> None:
         """The device's retained state, through the server's own ingest."""
         ref = BundleRef(name="pump-health", version=version, release_counter=counter)
@@ -66,7 +71,7 @@ class Fleet(Fleetctl):
             hardware_id=HARDWARE,
             active=ref,
             installed_counter=counter,
-            phase="idle",
+            phase=phase,  # type: ignore[arg-type]
             last_outcome=(
                 InstallOutcome(result=outcome, bundle=ref, at=time.time())  # type: ignore[arg-type]
                 if outcome
@@ -488,3 +493,31 @@ def test_a_stage_reaching_every_device_completes_after_its_bake(fleet: Fleet) ->
     # Over: an action on it is refused, naming the phase.
     refused = fleet.call("POST", f"/rollouts/{created['id']}/pause", body={})
     assert refused[0] == 409 and "completed" in refused[1]["error"]
+
+
+def test_a_device_still_in_its_trial_has_no_install_outcome_yet(fleet: Fleet) -> None:
+    ids = [f"trial-{n:02d}" for n in range(12)]
+    for device_id in ids:
+        fleet.register(device_id, "trial-wave")
+        fleet.reports(device_id, "1.0.0", C1)
+    status, created = fleet.call("POST", "/rollouts", body=spec("trial-wave"))
+    assert status == 201, created
+    start = datetime.now(UTC)
+    fleet.tick(start)
+    wave = [d for d in ids if fleet.device(d)["assigned_target"] == V2]
+    assert wave
+
+    def installs(at: datetime) -> int:
+        fleet.tick(at)
+        shown = fleet.call("GET", f"/rollouts/{created['id']}")[1]
+        gate = next(g for g in shown["evaluations"] if g["gate"] == "install_failures")
+        return int(gate["n_devices"])
+
+    # Switched to 2.0.0, its watchdog still judging: neither committed nor failed.
+    for device_id in wave:
+        fleet.reports(device_id, "2.0.0", C2, phase="trial")
+    assert installs(start + timedelta(minutes=1)) == 0
+    for device_id in wave:
+        fleet.reports(device_id, "2.0.0", C2)
+    assert installs(start + timedelta(minutes=2)) == len(wave)
+    assert fleet.call("POST", f"/rollouts/{created['id']}/abort", body={})[0] == 200

@@ -1,0 +1,410 @@
+"""Staged rollouts with real processes: the machine's Mosquitto (a namespace of this test's
+own), a PostgreSQL database of its own, one ``fleet-server`` ticking its rollouts every
+second, and twelve ``edge-agent`` processes serving a steady stream of field requests, so
+every device's telemetry windows (two seconds each) carry evidence to the gates.
+
+The story, in order on one fleet:
+
+1. Every device runs v1. ``pump-health@2.0.0`` goes out in three waves (34 %, 67 %,
+   100 %, no holdback) and completes; the server is stopped with SIGTERM mid-rollout and
+   started again on the same database, and the rollout carries on as if nothing had
+   happened: every device assigned exactly once, none skipped.
+
+   How the waves move on: the operator promotes waves 1 and 2 (``fleetctl rollout
+   promote``, recorded as an operator's override); the last wave, which reaches every
+   device, completes by itself after its bake. The gates cannot pass here, and
+   overriding them until they do would be pretending: on this fleet neither v1 nor v2
+   ever falls back (both answer every request), so the fallback gate has no rate ratio
+   to estimate and stays inconclusive whatever its margins; twelve devices split a third
+   to two thirds are below every comparison gate's default minimum of twenty a side, and
+   latency or CBPE accuracy margins wide enough for five devices against seven on a
+   shared machine would pass anything; the labelled-accuracy gate has no labels. The
+   status shows each gate inconclusive and what it lacks, which is the honest answer
+   for a twelve-device rehearsal.
+
+2. ``pump-health@3.0.0`` (v3-bad: NaN for every request from an idle machine, a quarter
+   of this traffic) goes out with ``--on-failure rollback``. Its first wave installs
+   it, the devices' watchdogs see NaN in the trial's first requests and roll back on
+   their own, the install-failure gate shows harm (every install failed, against an
+   allowed 1 %; three failed installs of three show it) and the rollout rolls back in
+   wave 1: the wave's devices are assigned their earlier release again and run 2.0.0,
+   the rest never saw 3.0.0. The evidence is in ``fleetctl rollout status --json`` and
+   the audit chain verifies. It is the install gate, not the fallback gate, that stops
+   it: with a control that never falls back the fallback gate has no estimate (see 1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+import json
+import secrets
+import sqlite3
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import urllib3
+
+from firmware_images.datagen import FieldConditions, generate
+from fleet_server.fleetctl import main as fleetctl_main
+from testbed.fleet import AgentProcess
+from testbed.images import HARDWARE, make_bundle
+from testbed.server_process import ServerProcess, clear_retained, wait_until
+from tests.support.databases import postgres_database
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+SHARED_BROKER = "mqtt://127.0.0.1:1883"
+DEVICES = 12
+TAG = "line-r"
+V1, V2, V3 = "1.0.0", "2.0.0", "3.0.0"
+WAVES = "34%,67%,100%"  # three waves: about a third, two thirds, all
+BAKE = "3s"
+IDLE_EVERY = 4  # every fourth request comes from an idle machine (shaft_rpm 0)
+
+
+@dataclass
+class Story:
+    """The server, the twelve agents and the traffic they serve."""
+
+    tmp: Path
+    server: ServerProcess
+    ids: list[str] = field(default_factory=list)
+    agents: dict[str, AgentProcess] = field(default_factory=dict)
+    stop_traffic: threading.Event = field(default_factory=threading.Event)
+    senders: list[threading.Thread] = field(default_factory=list)
+    answers: dict[int, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # -- fleetctl, in this process ------------------------------------------------------
+
+    def fleetctl(self, *args: str, json_out: bool = True, remote: bool = True) -> Any:
+        code, out, err = self.attempt(*args, json_out=json_out, remote=remote)
+        assert code == 0, f"fleetctl {' '.join(args)} failed with {code}: {err}"
+        return json.loads(out) if json_out else out
+
+    def attempt(
+        self, *args: str, json_out: bool = True, remote: bool = True
+    ) -> tuple[int, str, str]:
+        argv = ["--json", *args] if json_out else list(args)
+        if remote:
+            token = self.server.data / "admin.token"
+            argv += ["--server", self.server.url, "--token-file", str(token)]
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = fleetctl_main(argv)
+        return code, out.getvalue(), err.getvalue()
+
+    def promote(self, rollout_id: str, reason: str) -> dict[str, Any]:
+        """``fleetctl rollout promote``, again if a tick saved first (409, "try again")."""
+
+        def once() -> dict[str, Any] | None:
+            code, out, err = self.attempt("rollout", "promote", rollout_id, "--reason", reason)
+            if code != 0:
+                assert "changed while the action was decided" in err, err
+                return None
+            return dict(json.loads(out))
+
+        return dict(wait_until(f"{rollout_id} promoted", once, 30))
+
+    def device(self, device_id: str) -> dict[str, Any]:
+        return dict(self.fleetctl("devices", "show", device_id))
+
+    def rollout(self, rollout_id: str) -> dict[str, Any]:
+        return dict(self.fleetctl("rollout", "status", rollout_id))
+
+    def running(self, version: str, ids: list[str] | None = None) -> bool:
+        """Every device of ``ids`` (all by default) reports ``version`` committed."""
+        for device_id in ids if ids is not None else self.ids:
+            view = self.device(device_id)
+            if view["active_bundle"] != f"pump-health {version}" or view["phase"] != "idle":
+                return False
+        return True
+
+    # -- traffic --------------------------------------------------------------------------
+
+    def serve(self, agent: AgentProcess, rows: np.ndarray) -> None:
+        """Requests with field data to one agent's local API until the story ends."""
+        http = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(5, 10))
+        api = agent.wait_ready()
+        for row in itertools.cycle(rows):
+            if self.stop_traffic.wait(0.1):
+                return
+            body = {
+                "inputs": [
+                    {
+                        "name": "features",
+                        "shape": [1, len(row)],
+                        "datatype": "FP32",
+                        "data": [float(v) for v in row],
+                    }
+                ]
+            }
+            try:
+                status = http.request(
+                    "POST", f"{api}/v2/models/pump-health/infer", json=body
+                ).status
+            except urllib3.exceptions.HTTPError:
+                status = 0
+            with self.lock:
+                self.answers[status] = self.answers.get(status, 0) + 1
+
+    def windows_acknowledged(self, device_id: str) -> int:
+        """How many windows the server has acknowledged to the device (its outbox, read-only)."""
+        path = self.agents[device_id].data_dir / "outbox.db"
+        if not path.exists():
+            return 0
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        try:
+            row = db.execute("SELECT value FROM counters WHERE name = 'acknowledged'").fetchone()
+        except sqlite3.Error:
+            return 0
+        finally:
+            db.close()
+        return int(row[0]) if row else 0
+
+    def close(self) -> None:
+        self.stop_traffic.set()
+        for sender in self.senders:
+            sender.join(timeout=15)
+        for agent in self.agents.values():
+            agent.stop()
+        self.server.stop()
+
+
+def field_rows() -> np.ndarray:
+    """Running rows with an idle one every :data:`IDLE_EVERY`-th: v3-bad's NaN inputs."""
+    rows, _ = generate(800, 12, FieldConditions(idle_share=0.25))
+    idle = rows[rows[:, 0] == 0]
+    running = rows[rows[:, 0] != 0]
+    n = min(len(idle), len(running) // (IDLE_EVERY - 1))
+    mixed = [
+        r
+        for i in range(n)
+        for r in (*running[i * (IDLE_EVERY - 1) : (i + 1) * (IDLE_EVERY - 1)], idle[i])
+    ]
+    return np.asarray(mixed)
+
+
+def agent_config(story: Story, device_id: str, password: str, namespace: str) -> Path:
+    home = story.tmp / "devices" / device_id
+    home.mkdir(parents=True)
+    (home / "password").write_text(password)
+    (home / "password").chmod(0o600)
+    url = story.server.url
+    config = home / "agent.toml"
+    config.write_text(
+        f'device_id = "{device_id}"\nhardware_id = "{HARDWARE}"\ndata_dir = "{home}"\n'
+        f'[image_repository]\nurl = "{url}/repository"\n'
+        f'root = "{story.tmp / "repo" / "metadata" / "1.root.json"}"\n'
+        f'[director]\nurl = "{url}/director"\nroot = "{story.tmp / "director-root.json"}"\n'
+        f'[server]\nurl = "{url}"\nbroker = "{SHARED_BROKER}"\n'
+        f'[credentials]\nusername = "{device_id}"\npassword_file = "{home / "password"}"\n'
+        f'[mqtt]\nnamespace = "{namespace}"\nheartbeat_interval_s = 2.0\n'
+        "[api]\nport = 0\n"
+        # The trial lasts 4 s: long enough for the watchdog to see a few requests.
+        "[update]\npoll_interval_s = 2.0\nhealth_period_s = 4.0\n"
+        "[telemetry]\nwindow_max_seconds = 2.0\n"
+    )
+    return config
+
+
+@pytest.fixture(scope="module")
+def story(tmp_path_factory: pytest.TempPathFactory, bundles: dict[str, Path]) -> Iterator[Story]:
+    tmp = tmp_path_factory.mktemp("rollout-story")
+    with postgres_database() as db_url:
+        server = ServerProcess(
+            tmp / "servers",
+            db_url=db_url,
+            broker=SHARED_BROKER,
+            replica_id="a",
+            extra_args=["--rollout-interval", "1"],
+        )
+        s = Story(tmp, server)
+        try:
+            server.start()
+            server.admin_token()
+            keys, repo = tmp / "keys", tmp / "repo"
+            s.fleetctl("keys", "init", "--dir", str(keys), json_out=False, remote=False)
+            v3 = make_bundle(tmp, "v3-bad", V3)
+            for bundle in (bundles["v1"], bundles["v2"], v3):
+                s.fleetctl(
+                    "release", "add", str(bundle), "--repo", str(repo), "--keys", str(keys),
+                    json_out=False, remote=False,
+                )  # fmt: skip
+            s.fleetctl("release", "push", "--repo", str(repo), json_out=False)
+            s.fleetctl("director", "root", "--out", str(tmp / "director-root.json"), json_out=False)
+            prefix = f"ro-{secrets.token_hex(3)}"
+            s.ids = [f"{prefix}-{n:02d}" for n in range(DEVICES)]
+            for device_id in s.ids:
+                created = s.fleetctl(
+                    "devices", "register", device_id, "--hardware", HARDWARE, "--tag", TAG
+                )
+                config = agent_config(s, device_id, created["password"], created["mqtt_namespace"])
+                s.agents[device_id] = AgentProcess(config)
+            for agent in s.agents.values():
+                agent.wait_ready(timeout=90)
+            s.fleetctl("assign", f"pump-health@{V1}", "--tag", TAG, json_out=False)
+            wait_until("every device to run v1", lambda: s.running(V1), 120)
+            wait_until(
+                "every device online",
+                lambda: all(s.device(d)["online"] for d in s.ids),
+                60,
+            )
+            rows = field_rows()
+            for agent in s.agents.values():
+                sender = threading.Thread(target=s.serve, args=(agent, rows), daemon=True)
+                sender.start()
+                s.senders.append(sender)
+            yield s
+        finally:
+            s.close()
+            clear_retained(f"edgefleet/v1/{server.namespace}/#")
+
+
+def reached_once(story: Story, rollout_id: str, version: str) -> dict[str, int]:
+    """Per device, how many times the rollout assigned it ``version`` (from the audit log)."""
+    listed = story.fleetctl("audit", "list", "--action", "assignment.create", "--limit", "1000")
+    counts: dict[str, int] = {}
+    for e in listed["entries"]:
+        if e["actor"] == f"rollout {rollout_id}" and e["subject"].endswith(f"-{version}.bundle"):
+            for device_id in e["details"]["devices"]:
+                counts[device_id] = counts.get(device_id, 0) + 1
+    return counts
+
+
+def test_v2_goes_through_three_waves_and_a_server_restart_changes_nothing(story: Story) -> None:
+    ids = story.ids
+    wait_until(
+        "a window of v1 from every device",
+        lambda: all(story.windows_acknowledged(d) >= 2 for d in ids),
+        60,
+    )
+    created = story.fleetctl(
+        "rollout", "create", f"pump-health@{V2}", "--select", f"tag={TAG}", "--waves", WAVES,
+        "--bake", BAKE, "--max-bake", "10m", "--holdback", "0%", "--on-failure", "rollback",
+    )  # fmt: skip
+    rollout_id = created["id"]
+    assert created["matched"] == DEVICES
+
+    def stage(k: int) -> dict[str, Any] | None:
+        shown = story.rollout(rollout_id)
+        wave = shown["stages"][k - 1]["devices"]
+        return shown if shown["stage"] == k and shown["assigned"] == wave else None
+
+    wave1 = wait_until("wave 1 assigned", lambda: stage(1), 30)
+    first = [d for d in ids if story.device(d)["assigned_target"].endswith(f"-{V2}.bundle")]
+    assert len(first) == wave1["stages"][0]["devices"] and 0 < len(first) < DEVICES / 2
+    wait_until("wave 1 to run v2", lambda: story.running(V2, first), 90)
+    others = [d for d in ids if d not in first]
+    assert all(story.device(d)["active_bundle"] == f"pump-health {V1}" for d in others)
+
+    # The gates judge every tick; here they say what they lack instead of passing.
+    judged = wait_until(
+        "the gates to see wave 1's windows",
+        lambda: (
+            (r := story.rollout(rollout_id))["evaluations"]
+            and all(
+                g["n_devices"] > 0
+                for g in r["evaluations"]
+                if g["gate"] in ("latency_p95", "accuracy_estimated")
+            )
+            and r
+        ),
+        60,
+    )
+    assert judged["phase"] == "baking", judged
+    by_gate = {g["gate"]: g for g in judged["evaluations"]}
+    assert by_gate["fallback_rate"]["decision"] == "inconclusive"
+    assert by_gate["latency_p95"]["missing"] == "devices"
+    assert by_gate["install_failures"]["decision"] != "fail"
+
+    promoted = story.promote(rollout_id, "rehearsal: 12 devices cannot show it")
+    override = [d for d in promoted["decisions"] if d["rule"] == "operator override"]
+    assert promoted["stage"] == 2 and [(d["stage"], d["event"]) for d in override] == [
+        (2, "promote")
+    ]
+    wait_until("wave 2 assigned", lambda: stage(2), 30)
+
+    # The server stops (SIGTERM) mid-wave and starts again on the same database.
+    story.server.stop()
+    assert story.server.returncode == 0, story.server.log_tail()
+    story.server.start()
+    second = [d for d in ids if story.device(d)["assigned_target"].endswith(f"-{V2}.bundle")]
+    assert set(first) < set(second) and len(second) == story.rollout(rollout_id)["assigned"]
+    assert len(second) < DEVICES
+    wait_until("wave 2 to run v2", lambda: story.running(V2, second), 90)
+    assert story.rollout(rollout_id)["phase"] == "baking"
+
+    story.promote(rollout_id, "rehearsal")
+    # The last wave reaches every device: it completes by itself after its bake.
+    done = wait_until(
+        "the rollout to complete",
+        lambda: (r := story.rollout(rollout_id))["phase"] == "completed" and r,
+        120,
+    )
+    # (With a bake of seconds it may complete before the last installs' trials end.)
+    wait_until("every device to run v2", lambda: story.running(V2), 90)
+    assert done["assigned"] == DEVICES == done["reached"]
+    assert done["decisions"][-1]["action"] == "complete"
+    rules = [d["rule"] for d in done["decisions"]]
+    assert rules.count("operator override") == 2
+    # Across the restart: each device assigned by the rollout exactly once, none skipped.
+    assert reached_once(story, rollout_id, V2) == dict.fromkeys(ids, 1)
+    assert "Audit log intact" in story.fleetctl("audit", "verify", json_out=False)
+
+
+def test_v3_bad_is_stopped_in_its_first_wave_and_its_devices_are_back_on_v2(
+    story: Story,
+) -> None:
+    ids = story.ids
+    assert story.running(V2), "the fleet runs v2 after the first rollout"
+    created = story.fleetctl(
+        "rollout", "create", f"pump-health@{V3}", "--select", f"tag={TAG}", "--waves", WAVES,
+        "--bake", BAKE, "--max-bake", "10m", "--holdback", "0%", "--on-failure", "rollback",
+    )  # fmt: skip
+    rollout_id = created["id"]
+    stopped = wait_until(
+        "the rollout to roll back",
+        lambda: (r := story.rollout(rollout_id))["phase"] == "rolling_back" and r,
+        120,
+    )
+    assert stopped["stage"] == 1
+    assert "install_failures shows harm" in stopped["reason"], stopped
+    gate = next(g for g in stopped["evaluations"] if g["gate"] == "install_failures")
+    assert gate["decision"] == "fail" and 3 <= gate["n_devices"] <= stopped["assigned"]
+    assert gate["estimate"] == 1.0  # every install with an outcome failed
+    assert stopped["assigned"] == stopped["stages"][0]["devices"] < DEVICES / 2
+    harm = next(d for d in stopped["decisions"] if d["rule"] == "harm shown")
+    assert harm["action"] == "roll back" and harm["stage"] == 1
+
+    wave = sorted(reached_once(story, rollout_id, V3))
+    assert len(wave) == stopped["assigned"]
+    assert reached_once(story, rollout_id, V3) == dict.fromkeys(wave, 1)
+    # Back on the release they ran before, and assigned it again; the rest never saw v3.
+    wait_until(
+        "the wave to be assigned v2 again",
+        lambda: all(story.device(d)["assigned_target"].endswith(f"-{V2}.bundle") for d in ids),
+        60,
+    )
+    wait_until("every device to run v2", lambda: story.running(V2), 60)
+    for device_id in ids:
+        events = [e["event"] for e in story.agents[device_id].events()]
+        # Rolled back by its own watchdog, or by the fleet if the stop came first.
+        back = "rolled-back" in events or "fleet-rolled-back" in events
+        assert back == (device_id in wave), (device_id, events)
+
+    entries = story.fleetctl("audit", "list", "--limit", "1000")["entries"]
+    mine = [e for e in entries if e["subject"] == rollout_id]
+    assert "rollout.create" in [e["action"] for e in mine]
+    assert any(
+        e["action"] == "rollout.tick" and e["details"]["action"] == "roll back" for e in mine
+    ), mine
+    assert "Audit log intact" in story.fleetctl("audit", "verify", json_out=False)
+    assert set(story.answers) <= {200}, story.answers
