@@ -66,6 +66,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
+from fleet_server.errors import Unprocessable
 from fleet_server.rollouts.evidence import (
     ACCURACY_ESTIMATED,
     ACCURACY_LABELLED,
@@ -92,7 +93,7 @@ INSTALL_PRIOR_SIZE = 300.0
 SRM_PRIOR_SIZE = 100.0
 
 
-class UnknownGateError(ValueError):
+class UnknownGateError(Unprocessable, ValueError):
     """A rollout names a gate that does not exist, or sets a field a gate does not have."""
 
 

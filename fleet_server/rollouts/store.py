@@ -26,6 +26,7 @@ from fleet_server.db.models import (
     RolloutRow,
     as_utc,
 )
+from fleet_server.errors import Conflict
 from fleet_server.rollouts.aggregates import (
     AggregateDelta,
     DeviceAggregates,
@@ -261,7 +262,7 @@ async def device_aggregates(
 # --- rollouts ------------------------------------------------------------------------------
 
 
-class StaleRollout(Exception):
+class StaleRollout(Conflict):
     """The rollout changed since it was read (another replica advanced it)."""
 
 

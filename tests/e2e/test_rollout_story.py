@@ -299,8 +299,15 @@ def test_v2_goes_through_three_waves_and_a_server_restart_changes_nothing(story:
         return shown if shown["stage"] == k and shown["assigned"] == wave else None
 
     wave1 = wait_until("wave 1 assigned", lambda: stage(1), 30)
-    first = [d for d in ids if story.device(d)["assigned_target"].endswith(f"-{V2}.bundle")]
-    assert len(first) == wave1["stages"][0]["devices"] and 0 < len(first) < DEVICES / 2
+
+    def wave1_assigned_v2() -> list[str] | None:
+        assigned = [d for d in ids if story.device(d)["assigned_target"].endswith(f"-{V2}.bundle")]
+        return assigned if len(assigned) == wave1["stages"][0]["devices"] else None
+
+    # A tick records the devices it reaches, then assigns them: the director's
+    # assignments follow the record within that tick.
+    first = wait_until("wave 1's devices assigned v2", wave1_assigned_v2, 30, every=0.5)
+    assert 0 < len(first) < DEVICES / 2
     wait_until("wave 1 to run v2", lambda: story.running(V2, first), 90)
     others = [d for d in ids if d not in first]
     assert all(story.device(d)["active_bundle"] == f"pump-health {V1}" for d in others)
