@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
@@ -18,7 +18,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import func, inspect, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
 from fleet_server.db import Database, migrate
 from fleet_server.db.engine import MIGRATIONS, normalise_url
@@ -234,38 +234,40 @@ def test_labels_posted_and_corrected_reach_the_aggregates_once(url: str) -> None
     assert aggregates.labelled_correct.tolist() == [8]
 
 
+async def create(
+    session: AsyncSession, rollout_id: str, name: str, now: datetime, **fields: Any
+) -> None:
+    """A rollout row of release vibration 2.0.0, running, with ``fields`` overriding."""
+    values: dict[str, Any] = {
+        "release_name": "vibration",
+        "release_version": "2.0.0",
+        "spec": {},
+        "state": {},
+        "phase": "running",
+        "created_by": "ops",
+    }
+    await store.create_rollout(
+        session, rollout_id=rollout_id, name=name, now=now, **(values | fields)
+    )
+
+
 def test_a_rollout_is_created_listed_and_advanced_by_one_writer_only(url: str) -> None:
     now = at(T0)
 
     async def body(db: Database) -> None:
         async with db.session() as session:
             for i, name in enumerate(["first", "second"]):
-                await store.create_rollout(
+                await create(
                     session,
-                    rollout_id=f"r{i}",
-                    name=name,
-                    release_name="vibration",
-                    release_version="2.0.0",
+                    f"r{i}",
+                    name,
+                    now + timedelta(minutes=i),
                     spec={"waves": [0.01, 0.1, 1.0]},
                     state={"stage": 0},
-                    phase="running",
-                    created_by="ops",
-                    now=now + timedelta(minutes=i),
                 )
         with pytest.raises(IntegrityError):
             async with db.session() as session:
-                await store.create_rollout(
-                    session,
-                    rollout_id="r9",
-                    name="first",
-                    release_name="vibration",
-                    release_version="3.0.0",
-                    spec={},
-                    state={},
-                    phase="running",
-                    created_by="ops",
-                    now=now,
-                )
+                await create(session, "r9", "first", now, release_version="3.0.0")
         async with db.session() as session:
             assert [r.name for r in await store.list_rollouts(session)] == ["second", "first"]
             r0 = await store.get_rollout(session, "r0")
@@ -302,18 +304,7 @@ def test_a_device_is_reached_once_and_keeps_what_it_ran_before(url: str) -> None
 
     async def body(db: Database) -> None:
         async with db.session() as session:
-            await store.create_rollout(
-                session,
-                rollout_id="r0",
-                name="first",
-                release_name="vibration",
-                release_version="2.0.0",
-                spec={},
-                state={},
-                phase="running",
-                created_by="ops",
-                now=now,
-            )
+            await create(session, "r0", "first", now)
             added = await store.add_reached(
                 session,
                 "r0",
@@ -367,18 +358,7 @@ def test_an_evaluation_is_recorded_once_per_tick(url: str) -> None:
 
     async def body(db: Database) -> None:
         async with db.session() as session:
-            await store.create_rollout(
-                session,
-                rollout_id="r0",
-                name="first",
-                release_name="vibration",
-                release_version="2.0.0",
-                spec={},
-                state={},
-                phase="running",
-                created_by="ops",
-                now=now,
-            )
+            await create(session, "r0", "first", now)
             assert await store.record_evaluation(
                 session, "r0", at=now, stage=0, gates=[gate], rule="inconclusive", action="wait"
             )
