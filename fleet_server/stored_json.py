@@ -21,9 +21,9 @@ from protocol.messages import FreeformBounds, freeform_problem
 MAX_STORED_CHARS = 64 << 20
 
 
-def finite_or_none(value: float) -> float | None:
+def finite_or_none(value: float | None) -> float | None:
     """``value``, or ``None`` for an infinity or NaN, which JSON cannot hold."""
-    return value if math.isfinite(value) else None
+    return value if value is not None and math.isfinite(value) else None
 
 
 @dataclass(frozen=True)

@@ -81,6 +81,7 @@ from fleet_server.rollouts.maintenance import in_window
 from fleet_server.rollouts.state import FINAL_PHASES, DecisionRecord, Phase, RolloutState
 from fleet_server.rollouts.verdicts import GateEvaluation
 from fleet_server.rollouts.waves import DeviceFacts, Population, matches, waves
+from fleet_server.stored_json import finite_or_none
 from protocol.api.rollouts import (
     DecisionView,
     GateView,
@@ -894,10 +895,6 @@ async def _view(session: AsyncSession, row: RolloutRow) -> RolloutView:
     )
 
 
-def _finite(value: float | None) -> float | None:
-    return value if value is None or np.isfinite(value) else None
-
-
 def _gate_view(e: GateEvaluation) -> GateView:
     return GateView(
         gate=e.gate,
@@ -906,9 +903,9 @@ def _gate_view(e: GateEvaluation) -> GateView:
         n_devices=e.n_devices,
         n_control=e.n_control,
         n_requests=e.n_requests,
-        estimate=_finite(e.estimate),
-        low=_finite(e.low),
-        high=_finite(e.high),
+        estimate=finite_or_none(e.estimate),
+        low=finite_or_none(e.low),
+        high=finite_or_none(e.high),
         margin=e.margin,
         harm_at=e.harm_at,
         missing=e.missing,
