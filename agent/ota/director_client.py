@@ -15,7 +15,6 @@ the bundle its other slot holds from before, replacing the installed one
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,10 +31,7 @@ from agent.ota.errors import (
 from agent.ota.identity import same_hashes
 from agent.ota.image_repository import BundleTarget, ImageRepositoryClient, check_counter, refusals
 from agent.ota.transport import FetchConfig
-
-# The custom field that marks a director target as a fleet rollback, and its value's form.
-ROLLBACK_OF = "rollback_of"
-_BUNDLE_ID = re.compile(r"[a-z0-9_-]{1,32}:[0-9a-f]{32,128}")
+from protocol.director_marks import BUNDLE_ID, ROLLBACK_OF
 
 
 @dataclass(frozen=True)
@@ -74,7 +70,7 @@ class DirectorTarget:
 def _rollback_of(value: object) -> str | None:
     if value is None:
         return None
-    if not isinstance(value, str) or not _BUNDLE_ID.fullmatch(value):
+    if not isinstance(value, str) or not BUNDLE_ID.fullmatch(value):
         raise ValueError(f"{ROLLBACK_OF} must be ALGORITHM:HEX, not {value!r}")
     return value
 

@@ -47,6 +47,7 @@ from fleet_server.release.repository import (
     RepositoryError,
     TufRepository,
 )
+from protocol.director_marks import ROLLBACK_OF
 
 # Snapshot and targets versions kept per device: the current one and the one before.
 KEEP_VERSIONS = 2
@@ -71,10 +72,6 @@ class Assignment:
     target_path: str
     release_counter: int
     version: int  # the device's director targets version: grows with every assignment
-
-
-# The custom field that marks a director target as a fleet rollback (the device's name for it).
-ROLLBACK_OF = "rollback_of"
 
 
 def assignment_custom(

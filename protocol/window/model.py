@@ -39,6 +39,37 @@ _Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][
 _Name = Annotated[str, Field(min_length=1, max_length=128)]
 
 
+class ShadowSummary(BaseModel):
+    """What a shadow model did on the requests of a window it ran on, beside the active model.
+
+    A device in a rollout's shadow stage holds the new release beside its
+    active model and runs it on a share of requests without serving its
+    answers. ``requests`` counts the requests the shadow ran on; of them
+    ``agreements`` got the same answer as the one served (the same top class,
+    or for other outputs values within the manifest's tolerance), and
+    ``errors`` failed (the runtime raised, or an output was not finite).
+    ``latency_ms`` is the shadow's own inference time.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    bundle_id: _Id
+    model_version: _Name
+    requests: int = Field(ge=0)
+    agreements: int = Field(default=0, ge=0)
+    errors: int = Field(default=0, ge=0)
+    latency_ms: ExponentialHistogram = Field(default_factory=ExponentialHistogram)
+
+    @model_validator(mode="after")
+    def _is_consistent(self) -> ShadowSummary:
+        if self.agreements + self.errors > self.requests:
+            raise ValueError(
+                f"{self.agreements} agreements and {self.errors} errors of only "
+                f"{self.requests} shadow requests"
+            )
+        return self
+
+
 class WindowSummary(BaseModel):
     """One device's summary of the requests of one window (schema version 1).
 
@@ -69,6 +100,7 @@ class WindowSummary(BaseModel):
     latency_ms: ExponentialHistogram = Field(default_factory=ExponentialHistogram)
     cohort_id: _Id | None = None
     plan_id: _Id | None = None
+    shadow: ShadowSummary | None = None
 
     @field_validator("served")
     @classmethod

@@ -1,0 +1,25 @@
+"""The marks a director target's ``custom`` may carry beside its device, hardware and counter.
+
+Both sides read them from here: the server's director writes them
+(:mod:`fleet_server.director.repository`), the agent's director client reads
+them (:mod:`agent.ota.director_client`).
+
+- ``rollback_of`` (``ALGORITHM:HEX`` of the bundle it replaces): a fleet
+  rollback; the device accepts it only for exactly the bundle its other slot
+  holds from before.
+- ``shadow`` (``true``): a shadow install; the device installs the bundle
+  beside its active model and runs it on a share of requests without serving
+  its answers. A director lists at most one shadow target beside the device's
+  assignment.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+ROLLBACK_OF: Final = "rollback_of"
+SHADOW: Final = "shadow"
+
+# The form of a bundle id in a mark: ALGORITHM:HEX.
+BUNDLE_ID: Final = re.compile(r"[a-z0-9_-]{1,32}:[0-9a-f]{32,128}")
