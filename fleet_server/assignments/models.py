@@ -76,6 +76,7 @@ class Committed:
     target_path: str | None
     director_version: int
     rollback_of: str | None = None  # a marked fleet rollback replacing this bundle
+    shadow_path: str | None = None  # a release run as a shadow beside it
 
 
 @dataclass(frozen=True)

@@ -340,26 +340,32 @@ def refusal_warning(device_id: str, release: ReleaseLike, refusal: Refusal) -> s
 def plan_sync(committed: Committed, signed: Signed) -> SyncStep | None:
     """The step that makes ``signed`` name what ``committed`` says, or ``None`` if it does.
 
+    What is named is the assignment and the shadow install beside it, together:
+
     - committed but not signed yet (metadata older than the recorded version):
       sign it at the recorded version;
-    - the metadata names another target at the recorded version or later (it
-      got ahead of the database, as before signing followed the commit):
-      sign the committed target at the next version and record that version;
-    - the same target, the metadata at a later version: record its version;
+    - the metadata names another target (or shadow) at the recorded version or
+      later (it got ahead of the database, as before signing followed the
+      commit): sign the committed targets at the next version and record that
+      version;
+    - the same targets, the metadata at a later version: record its version;
     - an assignment withdrawn (by a cancel, a yank or a decommission: nothing
       committed at a recorded version) while the metadata still names a target:
       sign an empty assignment, so the device keeps what it runs. A device never
       assigned (recorded version 0) needs nothing, whatever its metadata says.
     """
-    if committed.target_path is None:
-        if committed.director_version == 0 or signed.target_path is None:
+    same = (
+        signed.target_path == committed.target_path and signed.shadow_path == committed.shadow_path
+    )
+    if committed.target_path is None and committed.shadow_path is None:
+        if committed.director_version == 0 or same:
             return None  # never assigned, or withdrawn and signed: it keeps what it runs
         if signed.version < committed.director_version:
             return SyncStep(sign=True, version=committed.director_version, record=False)
         return SyncStep(sign=True, version=signed.version + 1, record=True)
     if signed.version < committed.director_version:
         return SyncStep(sign=True, version=committed.director_version, record=False)
-    if signed.target_path != committed.target_path:
+    if not same:
         return SyncStep(sign=True, version=signed.version + 1, record=True)
     if signed.version != committed.director_version:
         return SyncStep(sign=False, version=signed.version, record=True)

@@ -10,7 +10,10 @@ old model goes back out as a re-release above the counter. These rules are
 :mod:`fleet_server.assignments.planner`'s; the SQL is
 :mod:`fleet_server.assignments.store`'s. Cancelling
 (:meth:`AssignmentService.cancel`) signs metadata that names nothing, so the
-device keeps what it runs.
+device keeps what it runs. Beside its assignment a device may hold a shadow
+install (:meth:`AssignmentService.set_shadows`, a rollout's shadow stage),
+signed in the same metadata and cleared when the device is assigned that
+release to serve.
 
 An assignment is recorded in the database and the audit log first; once that
 transaction has committed, the committed state is signed into each device's
@@ -234,6 +237,8 @@ class AssignmentService:
             version = max(recorded[device.id] or 0, signed[device.id]) + 1
             device.assigned_target = release.target_path
             device.assigned_rollback_of = None
+            if device.shadow_target == release.target_path:  # it serves its shadow from now on
+                device.shadow_target = device.shadow_rollout = None
             device.director_version = version
             session.add(
                 Assignment(
@@ -248,6 +253,101 @@ class AssignmentService:
             results.append(AssignmentResult(device.id, release.target_path, version))
         await session.flush()
         return results
+
+    async def set_shadows(
+        self,
+        db: Database,
+        device_ids: Sequence[str],
+        target_path: str | None,
+        rollout: str,
+        actor: str,
+    ) -> list[str]:
+        """Give each device ``target_path`` as its shadow install for ``rollout``, or
+        (``None``) drop the shadow ``rollout`` gave it; returns the devices changed.
+
+        A device's assignment stays as it is; a device whose shadow belongs to
+        another rollout, that is assigned ``target_path`` already, or whose
+        hardware the release is not for, is left alone. Recorded (a new director
+        version, audited as ``assignment.shadow`` or ``assignment.shadow-drop``
+        under ``rollout``), then signed and announced, like an assignment.
+        """
+        ids = sorted(set(device_ids))
+        if not ids:
+            return []
+        async with db.session() as session:
+            release = None
+            if target_path is not None:
+                release = await session.get(Release, target_path)
+                if release is None:
+                    raise AssignmentError(f"no release {target_path}; push it first")
+                refuse_yanked(release)
+            recorded = await store.lock_recorded_versions(session, ids)
+            signed = await asyncio.to_thread(
+                lambda: {d: self.director.signed(d).version for d in ids}
+            )
+            changed: list[str] = []
+            for device in await store.lock_devices(session, ids):
+                if release is None:
+                    if device.shadow_rollout != rollout:
+                        continue
+                    device.shadow_target = device.shadow_rollout = None
+                else:
+                    if device.shadow_rollout not in (None, rollout):
+                        continue
+                    if device.assigned_target == release.target_path:
+                        continue
+                    if device.hardware_id not in (release.hardware_ids or []):
+                        continue
+                    if device.shadow_target == release.target_path:
+                        continue
+                    device.shadow_target, device.shadow_rollout = release.target_path, rollout
+                version = max(recorded[device.id] or 0, signed[device.id]) + 1
+                device.director_version = version
+                changed.append(device.id)
+            if changed:
+                await record(
+                    session,
+                    actor,
+                    "assignment.shadow" if release is not None else "assignment.shadow-drop",
+                    rollout,
+                    {
+                        "devices": changed,
+                        "target": target_path,
+                        "version": release.version if release is not None else None,
+                    },
+                )
+        if changed:
+            await self.sync(db, changed)
+            await self.announce_changed(db, changed)
+        return changed
+
+    async def announce_changed(self, db: Database, device_ids: Sequence[str]) -> None:
+        """Publish each device's retained desired state at its recorded director version
+        (after commit), naming its assignment: it refreshes its metadata now."""
+        if self.publish is None or not device_ids:
+            return
+        async with db.session() as session:
+            devices = await store.lock_devices(session, list(device_ids))
+            targets = {d.assigned_target for d in devices if d.assigned_target is not None}
+            releases = await store.releases_by_path(session, targets)
+        for device in devices:
+            release = releases.get(device.assigned_target or "")
+            ref = None
+            if release is not None:
+                ref = BundleRef(
+                    name=release.name,
+                    version=release.version,
+                    release_counter=release.release_counter,
+                    sha256=release.sha256,
+                )
+            await self.publish(
+                DesiredState(
+                    device_id=device.id,
+                    director_version=device.director_version,
+                    bundle=ref,
+                    issued_at=time.time(),
+                )
+            )
 
     async def apply_rules(
         self, session: AsyncSession, device: Device, gained: Collection[str], actor: str
@@ -387,13 +487,20 @@ class AssignmentService:
             # assignment) are looked at too: their metadata must come to name nothing.
             rows = await store.committed_rows(session, device_ids)
             targets = {r.assigned_target for r in rows if r.assigned_target is not None}
+            targets |= {r.shadow_target for r in rows if r.shadow_target is not None}
             releases = {
                 path: released_bundle(r)
                 for path, r in (await store.releases_by_path(session, targets)).items()
             }
         committed = [
             (
-                Committed(r.id, r.assigned_target, r.director_version or 0, r.assigned_rollback_of),
+                Committed(
+                    r.id,
+                    r.assigned_target,
+                    r.director_version or 0,
+                    r.assigned_rollback_of,
+                    r.shadow_target,
+                ),
                 r.hardware_id,
             )
             for r in rows
@@ -423,14 +530,19 @@ class AssignmentService:
         async with db.session() as session:
             for r in await store.committed_rows(session, device_ids, lock=True):
                 state = Committed(
-                    r.id, r.assigned_target, r.director_version or 0, r.assigned_rollback_of
+                    r.id,
+                    r.assigned_target,
+                    r.director_version or 0,
+                    r.assigned_rollback_of,
+                    r.shadow_target,
                 )
                 step = plan_sync(state, await asyncio.to_thread(self.director.signed, r.id))
                 if step is None or not (step.sign and step.record):
                     continue  # in line now, or plainly unsigned: the next sync handles it
                 await store.set_version(session, r.id, step.version)
                 fresh.append((replace(state, director_version=step.version), r.hardware_id))
-            missing = {c.target_path for c, _ in fresh if c.target_path} - set(releases)
+            missing = {p for c, _ in fresh for p in (c.target_path, c.shadow_path) if p}
+            missing -= set(releases)
             if missing:
                 for path, row in (await store.releases_by_path(session, missing)).items():
                     releases = {**releases, path: released_bundle(row)}
@@ -456,8 +568,15 @@ class AssignmentService:
                 if step.sign and step.record:
                     ahead.append(state.device_id)
                     continue
+                shadow = None
+                if step.sign and state.shadow_path is not None:
+                    shadow = releases.get(state.shadow_path)
+                    if shadow is None:
+                        raise RepositoryError(f"no release {state.shadow_path} in the database")
                 if step.sign and state.target_path is None:
-                    self.director.unassign(self.keys, state.device_id, step.version)
+                    self.director.unassign(
+                        self.keys, state.device_id, step.version, shadow, hardware_id
+                    )
                     signed_now += 1
                 elif step.sign and state.target_path is not None:
                     bundle = releases.get(state.target_path)
@@ -470,6 +589,7 @@ class AssignmentService:
                         bundle,
                         step.version,
                         rollback_of=state.rollback_of,
+                        shadow=shadow,
                     )
                     signed_now += 1
                 if step.record:

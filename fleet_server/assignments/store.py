@@ -127,16 +127,17 @@ async def lock_recorded_versions(
 async def committed_rows(
     session: AsyncSession, device_ids: Sequence[str] | None, *, lock: bool = False
 ) -> list[Any]:
-    """``(id, hardware_id, assigned_target, director_version, assigned_rollback_of)`` of
-    the devices assigned something now or once (a withdrawn assignment must come to name
-    nothing), or of ``device_ids`` only; ``lock``: locked in id order, whatever they were
-    assigned."""
+    """``(id, hardware_id, assigned_target, director_version, assigned_rollback_of,
+    shadow_target)`` of the devices assigned something now or once (a withdrawn assignment
+    must come to name nothing), or of ``device_ids`` only; ``lock``: locked in id order,
+    whatever they were assigned."""
     query = select(
         Device.id,
         Device.hardware_id,
         Device.assigned_target,
         Device.director_version,
         Device.assigned_rollback_of,
+        Device.shadow_target,
     )
     if device_ids is not None:
         query = query.where(Device.id.in_(list(device_ids)))

@@ -50,13 +50,17 @@ async def withdraw_assignments(
     the recorded and the signed one), so once the transaction has committed
     :meth:`AssignmentService.sync` signs an empty assignment for it: the device
     keeps what it runs. Its current assignment is marked cancelled by ``actor``
-    (``assignments list --cancelled`` shows it). Devices already assigned
-    nothing are left alone.
+    (``assignments list --cancelled`` shows it), and a shadow install beside it
+    is dropped. Devices already assigned nothing are left alone.
     """
     ids = sorted(set(device_ids))
     if not ids:
         return {}
-    devices = [d for d in await store.lock_devices(session, ids) if d.assigned_target is not None]
+    devices = [
+        d
+        for d in await store.lock_devices(session, ids)
+        if d.assigned_target is not None or d.shadow_target is not None
+    ]
     signed = await asyncio.to_thread(
         lambda: {d.id: assignments.director.signed(d.id).version for d in devices}
     )
@@ -65,6 +69,7 @@ async def withdraw_assignments(
     for device in devices:
         version = max(device.director_version or 0, signed[device.id]) + 1
         device.assigned_target = None
+        device.shadow_target = device.shadow_rollout = None
         device.director_version = version
         versions[device.id] = version
         current = await store.current_assignment(session, device.id)

@@ -72,6 +72,11 @@ class Device(Base):
     # The bundle (ALGORITHM:HEX) a standing fleet-rollback assignment replaces; every
     # re-signing of that assignment carries it, so the device keeps accepting it.
     assigned_rollback_of: Mapped[str | None] = mapped_column(String(160))
+    # A release the device runs as a shadow beside its assignment (a rollout's shadow stage:
+    # run on a share of requests, its answers never served), and the rollout that put it
+    # there; signed into its director metadata as a second target marked ``shadow``.
+    shadow_target: Mapped[str | None] = mapped_column(String(512))
+    shadow_rollout: Mapped[str | None] = mapped_column(String(64))
     # Lifecycle: a decommissioned device keeps its row (its history names it), no credential.
     decommissioned_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     decommission_reason: Mapped[str | None] = mapped_column(String(500))
@@ -333,6 +338,13 @@ class DeviceHourStats(Base):
     scores: Mapped[bytes] = mapped_column(LargeBinary)
     labelled_rows: Mapped[int] = mapped_column(BigInteger, default=0)
     labelled_correct: Mapped[int] = mapped_column(BigInteger, default=0)
+    # The windows' shadow sections, in the row of the shadow's version: the requests the
+    # shadow ran on, of them those it agreed with the answer served and those it failed, and
+    # its own latency in the fixed layout (``None``: no shadow latency).
+    shadow_requests: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    shadow_agreements: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    shadow_errors: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    shadow_latency: Mapped[bytes | None] = mapped_column(LargeBinary)
 
 
 class RolloutRow(Base):

@@ -319,6 +319,7 @@ async def _register_again(
     device.reported = None
     device.reported_at = None
     device.assigned_target = None
+    device.shadow_target = device.shadow_rollout = None
     device.decommissioned_at = None
     device.decommission_reason = None
     await session.flush()

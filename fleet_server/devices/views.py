@@ -27,6 +27,8 @@ def device_view(d: Device) -> DeviceView:
         installed_counter=d.installed_counter or 0,
         phase=d.phase,
         assigned_target=d.assigned_target,
+        shadow_target=d.shadow_target,
+        shadow_rollout=d.shadow_rollout,
         director_version=d.director_version or 0,
         reported=reported.value if reported is not None and reported.omitted is None else None,
         reported_omitted=reported.omitted if reported is not None else None,

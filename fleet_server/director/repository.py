@@ -28,6 +28,13 @@ targets and the :data:`KEEP_VERSIONS` - 1 before them, so a device that read
 the previous timestamp just before an assignment still finds what it names;
 older ones are deleted (a device slower than that gets a 404 and refreshes
 again from the new timestamp). Roots are never deleted.
+
+Beside its assignment a device's targets may list one shadow target
+(``custom.shadow`` true, :mod:`protocol.director_marks`): a release the device
+installs next to its active model and runs on a share of requests without
+serving its answers (a rollout's shadow stage). It is signed with the
+assignment, at the same versions, so it follows the same record-then-sign
+discipline; it never carries ``rollback_of``.
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ from fleet_server.release.repository import (
     RepositoryError,
     TufRepository,
 )
-from protocol.director_marks import ROLLBACK_OF
+from protocol.director_marks import ROLLBACK_OF, SHADOW
 
 # Snapshot and targets versions kept per device: the current one and the one before.
 KEEP_VERSIONS = 2
@@ -75,7 +82,11 @@ class Assignment:
 
 
 def assignment_custom(
-    device_id: str, hardware_id: str, bundle: ReleasedBundle, rollback_of: str | None = None
+    device_id: str,
+    hardware_id: str,
+    bundle: ReleasedBundle,
+    rollback_of: str | None = None,
+    shadow: bool = False,
 ) -> dict[str, Any]:
     """The ``custom`` field of a director target.
 
@@ -83,7 +94,10 @@ def assignment_custom(
     fleet rollback. The device accepts such a target below its release counter
     only if it is exactly the bundle its other slot holds from before, replacing
     the one it runs (see :func:`fleet_server.assignments.planner.plan_rollback`).
+    ``shadow``: the target is a shadow install (never a rollback).
     """
+    if shadow and rollback_of is not None:
+        raise ValueError("a shadow target never carries rollback_of")
     custom: dict[str, Any] = {
         "device_id": device_id,
         "hardware_id": hardware_id,
@@ -93,7 +107,15 @@ def assignment_custom(
     }
     if rollback_of is not None:
         custom[ROLLBACK_OF] = rollback_of
+    if shadow:
+        custom[SHADOW] = True
     return custom
+
+
+def is_shadow(target: TargetFile) -> bool:
+    """Whether a signed director target is marked a shadow install."""
+    custom = target.unrecognized_fields.get("custom")
+    return isinstance(custom, dict) and custom.get(SHADOW) is True
 
 
 @dataclass(frozen=True)
@@ -102,6 +124,7 @@ class Signed:
 
     target_path: str | None
     version: int  # 0: the device has no director repository yet
+    shadow_path: str | None = None  # the target marked shadow, if one is listed
 
 
 class DeviceRepository(TufRepository):
@@ -110,12 +133,18 @@ class DeviceRepository(TufRepository):
     kind = "director repository"
 
     def signed(self) -> Signed:
-        """The current assignment (``None`` for an empty one) and its targets version."""
+        """The current assignment (``None`` for an empty one), its shadow, its targets version."""
         if not self.exists():
             return Signed(None, 0)
         targets: Metadata[Targets] = self._load("targets")
-        paths = sorted(targets.signed.targets)
-        return Signed(paths[0] if paths else None, targets.signed.version)
+        listed = targets.signed.targets
+        paths = sorted(p for p, t in listed.items() if not is_shadow(t))
+        shadows = sorted(p for p, t in listed.items() if is_shadow(t))
+        return Signed(
+            paths[0] if paths else None,
+            targets.signed.version,
+            shadows[0] if shadows else None,
+        )
 
     def sign(self, keys: KeyStore, targets: dict[str, TargetFile], version: int | None) -> int:
         """Sign ``targets`` as targets ``version`` (``None``: the next one); returns the version.
@@ -207,11 +236,13 @@ class DirectorRepository:
         bundle: ReleasedBundle,
         version: int | None = None,
         rollback_of: str | None = None,
+        shadow: ReleasedBundle | None = None,
     ) -> Assignment:
         """Tell ``device_id`` to run ``bundle``; refuses a bundle not made for its hardware.
 
         ``rollback_of``: sign it as a marked fleet rollback replacing that bundle
         (``ALGORITHM:HEX``, a :class:`~fleet_server.assignments.planner.RollbackPlan`'s).
+        ``shadow``: list that release beside it as the device's shadow install.
 
         ``version`` is the targets version to sign (default: the next one); if
         the device's metadata is already at that version or newer, nothing is
@@ -222,15 +253,9 @@ class DirectorRepository:
                 f"{bundle.name} {bundle.version} is not released for hardware {hardware_id}"
             )
         repo = self._ensure_device(keys, device_id)
-        target = TargetFile(
-            length=bundle.length,
-            hashes={"sha256": bundle.sha256},
-            path=bundle.target_path,
-            unrecognized_fields={
-                "custom": assignment_custom(device_id, hardware_id, bundle, rollback_of)
-            },
-        )
-        signed = repo.sign(keys, {bundle.target_path: target}, version)
+        target = _target(device_id, hardware_id, bundle, rollback_of)
+        targets = {bundle.target_path: target, **self._shadow(device_id, hardware_id, shadow)}
+        signed = repo.sign(keys, targets, version)
         return Assignment(
             device_id, hardware_id, bundle.target_path, bundle.release_counter, signed
         )
@@ -239,12 +264,37 @@ class DirectorRepository:
         """Create a device's (empty) repository so it can ask before its first assignment."""
         self._ensure_device(keys, device_id)
 
-    def unassign(self, keys: KeyStore, device_id: str, version: int | None = None) -> int:
+    def unassign(
+        self,
+        keys: KeyStore,
+        device_id: str,
+        version: int | None = None,
+        shadow: ReleasedBundle | None = None,
+        hardware_id: str | None = None,
+    ) -> int:
         """Tell ``device_id`` to keep what it runs (an empty assignment) at ``version``.
 
-        ``version`` as in :meth:`assign` (default: the next one).
+        ``version`` as in :meth:`assign` (default: the next one); ``shadow`` (with
+        the device's ``hardware_id``): the shadow install listed alone.
         """
-        return self._ensure_device(keys, device_id).sign(keys, {}, version)
+        targets: dict[str, TargetFile] = {}
+        if shadow is not None:
+            if hardware_id is None:
+                raise ValueError("a shadow target names the device's hardware id")
+            targets = self._shadow(device_id, hardware_id, shadow)
+        return self._ensure_device(keys, device_id).sign(keys, targets, version)
+
+    @staticmethod
+    def _shadow(
+        device_id: str, hardware_id: str, shadow: ReleasedBundle | None
+    ) -> dict[str, TargetFile]:
+        if shadow is None:
+            return {}
+        if hardware_id not in shadow.hardware_ids:
+            raise RepositoryError(
+                f"{shadow.name} {shadow.version} is not released for hardware {hardware_id}"
+            )
+        return {shadow.target_path: _target(device_id, hardware_id, shadow, shadow=True)}
 
     def refresh_timestamp(self, keys: KeyStore, device_id: str) -> int:
         """Re-sign one device's timestamp before it expires."""
@@ -279,3 +329,20 @@ class DirectorRepository:
         if not repo.exists():
             repo.create(keys, root=self.trusted_root_path.read_bytes())
         return repo
+
+
+def _target(
+    device_id: str,
+    hardware_id: str,
+    bundle: ReleasedBundle,
+    rollback_of: str | None = None,
+    shadow: bool = False,
+) -> TargetFile:
+    return TargetFile(
+        length=bundle.length,
+        hashes={"sha256": bundle.sha256},
+        path=bundle.target_path,
+        unrecognized_fields={
+            "custom": assignment_custom(device_id, hardware_id, bundle, rollback_of, shadow)
+        },
+    )

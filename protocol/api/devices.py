@@ -45,6 +45,13 @@ class DeviceView(ResponseBody):
     installed_counter: int = 0
     phase: str | None = None
     assigned_target: str | None = None
+    shadow_target: str | None = Field(
+        default=None,
+        description="a release the device runs beside its model without serving its answers",
+    )
+    shadow_rollout: str | None = Field(
+        default=None, description="the rollout whose shadow stage put shadow_target there"
+    )
     director_version: int = 0
     reported: dict[str, Any] | None = None
     reported_omitted: str | None = Field(

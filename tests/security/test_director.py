@@ -7,6 +7,7 @@ repositories, real signatures, verified by the agent's own code path.
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,8 +18,10 @@ from agent.config import AgentConfig
 from agent.ota import errors
 from agent.ota.fetch_worker import resolve
 from fleet_server.director import DirectorRepository
+from fleet_server.director.repository import assignment_custom
 from fleet_server.release.keys import KeyStore, init_keys
 from fleet_server.release.repository import ImageRepository, ReleasedBundle
+from protocol.director_marks import ROLLBACK_OF, SHADOW
 from testbed.images import HARDWARE
 
 DEVICE = "pump-1"
@@ -230,3 +233,27 @@ def test_expiring_director_timestamps_are_re_signed(
     assert current.device(DEVICE).timestamp_expires() > datetime.now(UTC) + timedelta(hours=23)
     target, _ = resolve(agent_config(tmp_path, repo, current), 0)
     assert target is not None and target.version == "2.0.0"
+
+
+def test_a_shadow_is_signed_beside_the_assignment_with_its_mark_and_never_a_rollback(
+    director: DirectorRepository,
+    director_keys: KeyStore,
+    released: dict[str, ReleasedBundle],
+) -> None:
+    v1, v2 = released["1.0.0"], released["2.0.0"]
+    director.assign(director_keys, DEVICE, HARDWARE, v1, shadow=v2)
+    signed = director.signed(DEVICE)
+    assert (signed.target_path, signed.shadow_path) == (v1.target_path, v2.target_path)
+    metadata = director.device(DEVICE).path / "metadata"
+    targets = json.loads((metadata / f"{signed.version}.targets.json").read_text())["signed"]
+    assert targets["targets"][v2.target_path]["custom"][SHADOW] is True
+    assert SHADOW not in targets["targets"][v1.target_path]["custom"]
+    assert ROLLBACK_OF not in targets["targets"][v2.target_path]["custom"]
+    # A device assigned nothing may hold a shadow alone; dropped, the metadata names nothing.
+    director.unassign(director_keys, DEVICE, shadow=v2, hardware_id=HARDWARE)
+    assert director.signed(DEVICE).target_path is None
+    assert director.signed(DEVICE).shadow_path == v2.target_path
+    director.unassign(director_keys, DEVICE)
+    assert director.signed(DEVICE).shadow_path is None
+    with pytest.raises(ValueError, match="never carries rollback_of"):
+        assignment_custom(DEVICE, HARDWARE, v2, rollback_of="sha256:" + "0" * 64, shadow=True)

@@ -52,3 +52,19 @@ def test_a_cancelled_assignment_is_signed_as_an_empty_one() -> None:
     assert plan_sync(Committed("d", None, 5), Signed(A, 5)) == SyncStep(True, 6, True)
     # Already signed as nothing: done.
     assert plan_sync(Committed("d", None, 5), Signed(None, 5)) is None
+
+
+def test_a_shadow_beside_the_assignment_is_signed_and_dropped_like_one() -> None:
+    # A shadow of B recorded at 5 beside A; the metadata names A alone at 4: sign both as 5.
+    assert plan_sync(Committed("d", A, 5, shadow_path=B), Signed(A, 4)) == SyncStep(True, 5, False)
+    assert plan_sync(Committed("d", A, 5, shadow_path=B), Signed(A, 5, B)) is None
+    # A shadow alone, on a device assigned nothing.
+    assert plan_sync(Committed("d", None, 3, shadow_path=B), Signed(None, 2)) == SyncStep(
+        True, 3, False
+    )
+    assert plan_sync(Committed("d", None, 3, shadow_path=B), Signed(None, 3, B)) is None
+    # Dropped at 6 while the metadata still lists it at 5: signed without it.
+    assert plan_sync(Committed("d", A, 6), Signed(A, 5, B)) == SyncStep(True, 6, False)
+    assert plan_sync(Committed("d", None, 6), Signed(None, 5, B)) == SyncStep(True, 6, False)
+    # Metadata listing a shadow the database never committed is signed back without it.
+    assert plan_sync(Committed("d", A, 4), Signed(A, 4, B)) == SyncStep(True, 5, True)

@@ -28,6 +28,11 @@ def _describe_device(d: dict[str, Any]) -> str:
         ("counter", d.get("installed_counter", 0)),
         ("phase", d.get("phase") or "-"),
         ("assigned", d.get("assigned_target") or "-"),
+        *(
+            [("shadow", f"{d['shadow_target']} (rollout {d.get('shadow_rollout') or '-'})")]
+            if d.get("shadow_target")
+            else []
+        ),
         ("director version", d.get("director_version", 0)),
         *_decommission_fields(d),
     ]
