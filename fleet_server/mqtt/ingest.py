@@ -32,7 +32,7 @@ from fleet_server.db.models import Device, DeviceEventRow, WindowRow
 from fleet_server.devices.store import reported_state_columns, write_reported_state
 from fleet_server.metrics import Metrics
 from fleet_server.mqtt import store
-from fleet_server.rollouts.aggregates import fold
+from fleet_server.rollouts.aggregates import fold, fold_shadow
 from fleet_server.rollouts.store import add_to_hour_stats
 from protocol.messages import DEVICE_MESSAGE, DeviceEvent, Heartbeat, Presence, ReportedState
 from protocol.topics import MAX_WINDOW_BYTES, parse_device_topic
@@ -292,7 +292,9 @@ async def write_batch(db: Database, batch: Sequence[Accepted], replica: str) -> 
                 [windows[k] for k in sorted(windows)],
             )
             # Only windows stored now count in the aggregates: a resend is counted once.
-            await add_to_hour_stats(session, [fold(summaries[w]) for w in inserted.all()])
+            new = [summaries[w] for w in inserted.all()]
+            shadows = [d for d in map(fold_shadow, new) if d is not None]
+            await add_to_hour_stats(session, [*map(fold, new), *shadows])
             owners = await store.window_owners(session, list(windows))
             stored: dict[str, dict[str, None]] = {}  # ordered sets
             for device_id, window_id in sent_windows:

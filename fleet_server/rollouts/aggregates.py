@@ -24,6 +24,12 @@ Both are stored sparse, as packed little-endian ``(uint16 index, int64 count)``
 pairs (:func:`encode_counts`): at most one pair per cell, and two rows' arrays
 concatenated are the arrays of their sum, which lets a database concatenate
 them in its aggregation. Everything here is pure: no database, no clock.
+
+A window's ``shadow`` section (a rollout's shadow stage: the new release run
+beside the active model on a share of requests) is folded
+(:func:`fold_shadow`) into the ``shadow_*`` columns of the row of the
+*shadow's* version, so the shadow's numbers belong to it and never mix with
+the active model's; :func:`sum_shadow_rows` sums them per device.
 """
 
 from __future__ import annotations
@@ -82,6 +88,10 @@ class AggregateDelta:
     scores: Mapping[int, int] = field(default_factory=dict)
     labelled_rows: int = 0
     labelled_correct: int = 0
+    shadow_requests: int = 0
+    shadow_agreements: int = 0
+    shadow_errors: int = 0
+    shadow_latency: Mapping[int, int] = field(default_factory=dict)
 
     @property
     def key(self) -> Key:
@@ -118,6 +128,24 @@ def fold(window: WindowSummary) -> AggregateDelta:
         latency=latency_cells(lat),
         score_classes=classes,
         scores=scores,
+    )
+
+
+def fold_shadow(window: WindowSummary) -> AggregateDelta | None:
+    """What ``window``'s shadow section adds to the hourly row of the shadow's version
+    (``None``: the window has no shadow section)."""
+    shadow = window.shadow
+    if shadow is None:
+        return None
+    return AggregateDelta(
+        device_id=window.device_id,
+        model_name=window.model_name,
+        model_version=shadow.model_version,
+        hour=hour_of(window.end),
+        shadow_requests=shadow.requests,
+        shadow_agreements=shadow.agreements,
+        shadow_errors=shadow.errors,
+        shadow_latency=latency_cells(shadow.latency_ms),
     )
 
 
@@ -186,6 +214,10 @@ def combine(a: AggregateDelta, b: AggregateDelta) -> AggregateDelta:
         scores=scores,
         labelled_rows=a.labelled_rows + b.labelled_rows,
         labelled_correct=a.labelled_correct + b.labelled_correct,
+        shadow_requests=a.shadow_requests + b.shadow_requests,
+        shadow_agreements=a.shadow_agreements + b.shadow_agreements,
+        shadow_errors=a.shadow_errors + b.shadow_errors,
+        shadow_latency=_add_cells(a.shadow_latency, b.shadow_latency),
     )
 
 
@@ -446,4 +478,73 @@ def add(a: DeviceAggregates, b: DeviceAggregates) -> DeviceAggregates:
         scores=scores,
         labelled_rows=both("labelled_rows"),
         labelled_correct=both("labelled_correct"),
+    )
+
+
+class ShadowRow(NamedTuple):
+    """One stored row's shadow columns (or several rows' of one device, the latency bytes
+    concatenated): the input of :func:`sum_shadow_rows`."""
+
+    device_id: str
+    shadow_requests: int
+    shadow_agreements: int
+    shadow_errors: int
+    shadow_latency: bytes | None
+
+
+@dataclass(frozen=True)
+class ShadowAggregates:
+    """Per device (``device_ids[i]``), the sums of the shadow sections of one version's rows:
+    requests the shadow ran on, agreements with the answer served, errors, and its latency
+    in the fixed layout (``latency[i]``, ``[devices, LATENCY_BUCKETS]``)."""
+
+    device_ids: list[str]
+    requests: npt.NDArray[np.int64]
+    agreements: npt.NDArray[np.int64]
+    errors: npt.NDArray[np.int64]
+    latency: npt.NDArray[np.int64]
+
+    def index(self) -> dict[str, int]:
+        """Device id -> row."""
+        return {d: i for i, d in enumerate(self.device_ids)}
+
+    def latency_histogram(self, i: int) -> ExponentialHistogram:
+        """Device ``i``'s shadow latency at :data:`LATENCY_SCALE`; the buckets are kept, not
+        the sum, and the extremes are the outer edges of the end buckets."""
+        counts = self.latency[i]
+        nonzero = np.flatnonzero(counts)
+        if len(nonzero) == 0:
+            return ExponentialHistogram(scale=LATENCY_SCALE)
+        lo, hi = int(nonzero[0]), int(nonzero[-1])
+        width = 2.0**LATENCY_SCALE
+        return ExponentialHistogram(
+            scale=LATENCY_SCALE,
+            offset=LATENCY_FIRST + lo,
+            counts=[int(c) for c in counts[lo : hi + 1]],
+            min=2.0 ** ((LATENCY_FIRST + lo) / width),
+            max=2.0 ** ((LATENCY_FIRST + hi + 1) / width),
+        )
+
+
+def sum_shadow_rows(rows: Sequence[ShadowRow] | Sequence[Sequence[Any]]) -> ShadowAggregates:
+    """Per-device sums of ``rows``' shadow columns; devices whose rows hold no shadow
+    requests are left out."""
+    kept = [ShadowRow(*r) for r in rows if int(r[1]) > 0]
+    device_ids = sorted({r.device_id for r in kept})
+    position = {d: i for i, d in enumerate(device_ids)}
+    n = len(device_ids)
+    at = np.fromiter((position[r.device_id] for r in kept), np.int64, len(kept))
+
+    def total(values: Iterable[int]) -> npt.NDArray[np.int64]:
+        out = np.zeros(n, dtype=np.int64)
+        np.add.at(out, at, np.fromiter(values, np.int64, len(kept)))
+        return out
+
+    latency = _cell_sums([r.shadow_latency or b"" for r in kept], at, n, LATENCY_BUCKETS)
+    return ShadowAggregates(
+        device_ids=device_ids,
+        requests=total(r.shadow_requests for r in kept),
+        agreements=total(r.shadow_agreements for r in kept),
+        errors=total(r.shadow_errors for r in kept),
+        latency=latency,
     )

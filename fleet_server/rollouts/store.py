@@ -31,6 +31,7 @@ from fleet_server.rollouts.aggregates import (
     AggregateDelta,
     DeviceAggregates,
     Key,
+    ShadowAggregates,
     combine,
     combine_all,
     decode_classes,
@@ -39,6 +40,7 @@ from fleet_server.rollouts.aggregates import (
     encode_counts,
     hour_of,
     sum_rows,
+    sum_shadow_rows,
 )
 from fleet_server.rollouts.verdicts import GateEvaluation
 
@@ -77,6 +79,10 @@ def _delta_of(row: DeviceHourStats) -> AggregateDelta:
         scores=decode_counts(row.scores),
         labelled_rows=row.labelled_rows,
         labelled_correct=row.labelled_correct,
+        shadow_requests=row.shadow_requests or 0,
+        shadow_agreements=row.shadow_agreements or 0,
+        shadow_errors=row.shadow_errors or 0,
+        shadow_latency=decode_counts(row.shadow_latency or b""),
     )
 
 
@@ -100,6 +106,10 @@ def _values_of(d: AggregateDelta) -> dict[str, Any]:
         "scores": encode_counts(d.scores),
         "labelled_rows": d.labelled_rows,
         "labelled_correct": d.labelled_correct,
+        "shadow_requests": d.shadow_requests,
+        "shadow_agreements": d.shadow_agreements,
+        "shadow_errors": d.shadow_errors,
+        "shadow_latency": encode_counts(d.shadow_latency) if d.shadow_latency else None,
     }
 
 
@@ -257,6 +267,36 @@ async def device_aggregates(
             chunk = listed[i : i + _SQLITE_CHUNK]
             rows.extend((await connection.execute(query.where(t.device_id.in_(chunk)))).all())
     return sum_rows(rows)
+
+
+async def shadow_aggregates(
+    session: AsyncSession,
+    model_name: str,
+    model_version: str,
+    since: datetime,
+    until: datetime,
+    devices: Collection[str],
+) -> ShadowAggregates:
+    """Per device of ``devices``, the sums of the shadow columns of its hourly rows of
+    ``model_name@model_version`` (the shadow's version) over the hours of
+    :func:`device_aggregates`; devices without shadow requests are absent."""
+    t = DeviceHourStats
+    query = select(
+        t.device_id, t.shadow_requests, t.shadow_agreements, t.shadow_errors, t.shadow_latency
+    ).where(
+        t.model_name == model_name,
+        t.model_version == model_version,
+        t.hour >= hour_of(as_utc(since).timestamp()),
+        t.hour < as_utc(until),
+        t.shadow_requests > 0,
+    )
+    connection = await session.connection()
+    rows: list[Any] = []
+    listed = sorted(devices)
+    for i in range(0, len(listed), _SQLITE_CHUNK):
+        chunk = listed[i : i + _SQLITE_CHUNK]
+        rows.extend((await connection.execute(query.where(t.device_id.in_(chunk)))).all())
+    return sum_shadow_rows(rows)
 
 
 # --- rollouts ------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from fleet_server.rollouts.aggregates import (
     LATENCY_SCALE,
     AggregateDelta,
     HourRow,
+    ShadowRow,
     add,
     combine,
     combine_all,
@@ -21,14 +22,17 @@ from fleet_server.rollouts.aggregates import (
     encode_classes,
     encode_counts,
     fold,
+    fold_shadow,
     hour_of,
     latency_cells,
     sum_rows,
+    sum_shadow_rows,
 )
 from protocol.histogram import ExponentialHistogram, quantile, record
 from protocol.inference import StageName
 from protocol.summary import SCORE_BIN_COUNT, score_histogram
 from protocol.window import WindowSummary
+from protocol.window.model import ShadowSummary
 
 T0 = 1_780_000_000.0  # a time well inside an hour: 2026-05-28 20:26:40 UTC
 CLASSES = ["ok", "fault", "unknown"]
@@ -244,3 +248,57 @@ def test_kept_hours_plus_the_hours_read_now_equal_reading_them_all() -> None:
     # A device only one side has keeps its own values.
     only_new = add(sum_rows([]), now)
     assert only_new.device_ids == ["d1", "d3"] and only_new.classes == tuple(CLASSES)
+
+
+def _shadowed(device: str, seed: int, agreements: int, errors: int) -> WindowSummary:
+    rng = np.random.default_rng(seed)
+    shadow = ShadowSummary(
+        bundle_id="sha256:" + "ab" * 32,
+        model_version="3.0.0",
+        requests=30,
+        agreements=agreements,
+        errors=errors,
+        latency_ms=record(ExponentialHistogram(), list(rng.lognormal(3.0, 0.2, size=30))),
+    )
+    return window(device, seed=seed, latencies=[10.0] * 60).model_copy(update={"shadow": shadow})
+
+
+def test_a_shadow_section_counts_in_the_row_of_the_shadows_version_only() -> None:
+    w = _shadowed("d1", 1, agreements=27, errors=2)
+    active, shadow = fold(w), fold_shadow(w)
+    assert fold_shadow(window("d1")) is None
+    assert shadow is not None
+    assert shadow.key == ("d1", "vibration", "3.0.0", hour_of(T0))
+    assert (shadow.windows, shadow.requests, shadow.errors) == (0, 0, 0)
+    assert (shadow.shadow_requests, shadow.shadow_agreements, shadow.shadow_errors) == (30, 27, 2)
+    assert sum(shadow.shadow_latency.values()) == 30
+    # The active model's numbers stay in its own row, without the shadow's.
+    assert active.model_version == "2.0.0" and active.shadow_requests == 0
+    both = combine(shadow, fold_shadow(_shadowed("d1", 2, agreements=30, errors=0)))  # type: ignore[arg-type]
+    assert (both.shadow_requests, both.shadow_agreements, both.shadow_errors) == (60, 57, 2)
+    assert sum(both.shadow_latency.values()) == 60
+
+
+def test_shadow_rows_sum_per_device_and_keep_p95_within_a_bucket() -> None:
+    deltas = [
+        fold_shadow(_shadowed(d, k, agreements=28, errors=1)) for d in ("a", "b") for k in range(3)
+    ]
+    rows = [
+        ShadowRow(d.device_id, d.shadow_requests, d.shadow_agreements, d.shadow_errors,
+                  encode_counts(d.shadow_latency))
+        for d in deltas if d is not None
+    ] + [ShadowRow("c", 0, 0, 0, None)]  # fmt: skip
+    sums = sum_shadow_rows(rows)
+    assert sums.device_ids == ["a", "b"]  # a row without shadow requests counts for no device
+    assert sums.requests.tolist() == [90, 90] and sums.agreements.tolist() == [84, 84]
+    assert sums.errors.tolist() == [3, 3]
+    exact = quantile(
+        record(
+            ExponentialHistogram(),
+            [x for k in range(3) for x in np.random.default_rng(k).lognormal(3.0, 0.2, size=30)],
+        ),
+        0.95,
+    )
+    p95 = quantile(sums.latency_histogram(0), 0.95)
+    assert exact is not None and p95 is not None
+    assert abs(math.log(p95 / exact)) < math.log(2) / 2**LATENCY_SCALE + 1e-9
