@@ -75,6 +75,7 @@ from datetime import datetime, timedelta
 import numpy as np
 
 from fleet_server.errors import Conflict
+from fleet_server.rollouts.evidence import SHADOW_GATES
 from fleet_server.rollouts.pacing import allowed_installs
 from fleet_server.rollouts.state import HISTORY_LIMIT, DecisionRecord, Phase, RolloutState
 from fleet_server.rollouts.verdicts import GateEvaluation
@@ -226,12 +227,21 @@ def decide(state: RolloutState, event: Event, spec: RolloutSpec, now: datetime) 
 
 
 def required_gates(state: RolloutState, spec: RolloutSpec) -> list[str]:
-    """The stop-gates whose ``pass`` promotion out of the current stage needs."""
+    """The stop-gates whose ``pass`` promotion out of the current stage needs.
+
+    The shadow stage (stage 0) needs its own gates' (:data:`SHADOW_GATES`) and
+    no other stage needs them.
+    """
     if state.stage >= len(spec.shares):
         return []  # every device reached: no control to show non-inferiority against
     entering = state.stage + 1
     late_too = entering >= len(spec.waves)
-    return [g for g in state.known_gates if late_too or g not in LATE_GATES]
+    in_shadow = state.stage == 0
+    return [
+        g
+        for g in state.known_gates
+        if (g in SHADOW_GATES) == in_shadow and (late_too or g not in LATE_GATES)
+    ]
 
 
 # -- the rules -----------------------------------------------------------------------

@@ -21,6 +21,12 @@ The rules, over plain data (no database, no clock of its own):
 5. Install failures are counted over every install of the rollout so far, so
    their evidence accumulates across waves; a device silent past the timeout
    after its install counts as failed, never as passing.
+6. The shadow stage has no control group: each wave-1 device runs the new
+   release as a shadow beside its active model, so the shadow is compared with
+   the active model *on the same devices and hours* (:class:`ShadowDevice`):
+   its error rate against the active model's, its log p95 against the active
+   model's device by device (a paired mean), and its agreement with the answers
+   served as a share of its requests. Devices remain the units.
 
 The array functions (:class:`RateSums`, :class:`MeanSums`, :func:`log_rate_ratio`,
 :func:`ratio_difference`, :func:`mean_difference`) work elementwise, so many
@@ -48,6 +54,11 @@ LATENCY_P95 = "latency_p95"
 ACCURACY_ESTIMATED = "accuracy_estimated"
 ACCURACY_LABELLED = "accuracy_labelled"
 CLASS_MIX = "class_mix"
+SHADOW_ERRORS = "shadow_errors"
+SHADOW_LATENCY_P95 = "shadow_latency_p95"
+SHADOW_AGREEMENT = "shadow_agreement"
+# The gates of the shadow stage; no other stage judges them, and they judge no other.
+SHADOW_GATES = frozenset({SHADOW_ERRORS, SHADOW_LATENCY_P95, SHADOW_AGREEMENT})
 
 
 @dataclass(frozen=True)
@@ -391,4 +402,91 @@ def gather(devices: Sequence[DeviceAggregate], installs: InstallTally) -> dict[s
         ACCURACY_ESTIMATED: accuracy_evidence(devices),
         ACCURACY_LABELLED: labelled_accuracy_evidence(devices),
         CLASS_MIX: class_mix_evidence(devices),
+    }
+
+
+# --------------------------------------------------------------------------- the shadow stage
+
+
+@dataclass(frozen=True)
+class ShadowDevice:
+    """One device's shadow stage so far: its windows' shadow sections summed, and the
+    active model's windows of the same hours.
+
+    ``requests`` the shadow ran on, of them ``agreements`` with the answer served
+    and ``errors`` (the runtime raised, or an output was not finite); ``log_p95``
+    the log of the shadow's p95 latency. ``active_*``: the active model's
+    requests, errors and log p95 on the same device.
+    """
+
+    device_id: str
+    requests: int = 0
+    agreements: int = 0
+    errors: int = 0
+    log_p95: float | None = None
+    active_requests: int = 0
+    active_errors: int = 0
+    active_log_p95: float | None = None
+
+
+def shadow_errors_evidence(devices: Sequence[ShadowDevice]) -> Comparison:
+    """Shadow-error gate: the shadow's error rate minus the active model's, on the same devices.
+
+    Each arm's rate is errors over requests with the cluster-robust, binomial-
+    floored variance of :func:`ratio_difference`; treating the two arms of one
+    device as independent overstates the variance of their difference when
+    they move together, which only makes the test slower, never wrong.
+    """
+    kept = [d for d in devices if d.requests > 0 and d.active_requests > 0]
+    shadow = RateSums.of([d.errors for d in kept], [d.requests for d in kept])
+    active = RateSums.of([d.active_errors for d in kept], [d.active_requests for d in kept])
+    samples = (sum(d.requests for d in kept), sum(d.active_requests for d in kept))
+    return _comparison(ratio_difference(shadow, active), (len(kept), len(kept)), samples)
+
+
+def shadow_latency_evidence(devices: Sequence[ShadowDevice]) -> Comparison:
+    """Shadow-latency gate: mean over devices of log p95 of the shadow minus the active
+    model's (0.1 is about 10 % slower), with the se of a paired mean."""
+    kept = [
+        d
+        for d in devices
+        if d.log_p95 is not None
+        and d.active_log_p95 is not None
+        and math.isfinite(d.log_p95 - d.active_log_p95)
+    ]
+    y = np.array([float(d.log_p95 or 0.0) - float(d.active_log_p95 or 0.0) for d in kept])
+    n = len(kept)
+    samples = (sum(d.requests for d in kept), sum(d.active_requests for d in kept))
+    if n < 2:
+        return Comparison(math.nan, math.nan, n, n, samples[0], samples[1])
+    se = np.sqrt(np.asarray(y.var(ddof=1) / n, dtype=np.float64))
+    return _comparison((np.asarray(y.mean(), dtype=np.float64), se), (n, n), samples)
+
+
+def shadow_agreement_evidence(devices: Sequence[ShadowDevice]) -> Comparison:
+    """Agreement gate: the share of shadow requests whose answer agreed with the one served.
+
+    One arm, judged against a minimum share (the gate's ``allowed_rate``): the
+    ratio of sums over devices, its variance the cluster-robust one floored at
+    the binomial (with the share kept half a count from 0 and 1).
+    """
+    kept = [d for d in devices if d.requests > 0]
+    sums = RateSums.of([d.agreements for d in kept], [d.requests for d in kept])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        share, var = _robust_ratio(sums)
+        exposure = sums.exposure
+        p = np.clip(share, 0.5 / exposure, 1.0 - 0.5 / exposure)
+        se = np.sqrt(np.maximum(var / exposure**2, p * (1.0 - p) / exposure))
+    requests = int(sums.exposure)
+    if len(kept) < 2:
+        return Comparison(math.nan, math.nan, len(kept), len(kept), requests, requests)
+    return _comparison((share, se), (len(kept), len(kept)), (requests, requests))
+
+
+def gather_shadow(devices: Sequence[ShadowDevice]) -> dict[str, Evidence]:
+    """Every shadow gate's evidence, by gate name."""
+    return {
+        SHADOW_ERRORS: shadow_errors_evidence(devices),
+        SHADOW_LATENCY_P95: shadow_latency_evidence(devices),
+        SHADOW_AGREEMENT: shadow_agreement_evidence(devices),
     }

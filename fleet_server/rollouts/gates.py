@@ -29,6 +29,14 @@ The rules, over plain numbers (no I/O, no clock):
    information ``1/se^2`` as their clock: a replayed tick gives the same
    verdict. That clock must not run backwards much, so the control must not
    shrink to a handful: keep the last wave's holdback at a few hundred devices.
+7. The shadow stage (a rollout with ``shadow``) has gates of its own
+   (:data:`SHADOW_DEFAULTS`): the shadow's error rate and p95 latency against
+   the active model's on the same devices (stop), and its agreement with the
+   answers served (a warning by default: a better model may rightly disagree;
+   an operator's ``min_agreement`` makes it a stop). Only the shadow stage
+   judges them, and only they judge it; a rollout with a shadow stage splits
+   ``alpha`` and ``beta`` over its shadow gates and the others together, so
+   its whole life stays within the budget.
 
 The formulas and where they come from:
 
@@ -59,7 +67,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -74,6 +82,10 @@ from fleet_server.rollouts.evidence import (
     FALLBACK_RATE,
     INSTALL_FAILURES,
     LATENCY_P95,
+    SHADOW_AGREEMENT,
+    SHADOW_ERRORS,
+    SHADOW_GATES,
+    SHADOW_LATENCY_P95,
     Comparison,
     Evidence,
     InstallTally,
@@ -134,6 +146,10 @@ class GateSpec:
         margin, a pass within it. The install gate's harm is shown above
         ``allowed_rate`` and its pass below ``allowed_rate + margin``.
         """
+        if self.scale == "rate" and self.direction == "lower_is_worse":
+            # A share that must stay high (shadow agreement): harm below the minimum.
+            allowed = self.allowed_rate or 0.0
+            return allowed, max(allowed - self.margin, 0.0)
         if self.scale == "rate":
             allowed = self.allowed_rate or 0.0
             return allowed, min(allowed + self.margin, 1.0)
@@ -186,20 +202,58 @@ DEFAULT_GATES: tuple[GateSpec, ...] = (
 )
 
 
+# The shadow stage's gates: the shadow against the active model on the same wave-1 devices.
+SHADOW_DEFAULTS: tuple[GateSpec, ...] = (
+    # NaN or failed outputs: half a point more than the active model's rate is harm.
+    GateSpec(
+        SHADOW_ERRORS, "higher_is_worse", "difference", margin=0.005, tau=0.01,
+        min_devices=10, min_requests=1000,
+    ),
+    GateSpec(
+        SHADOW_LATENCY_P95, "higher_is_worse", "ratio", margin=0.10, tau=0.1,
+        min_devices=10, min_requests=1000,
+    ),
+    # A better model may rightly disagree: a warning below 90 % agreement by default;
+    # an operator's min_agreement makes it a stop.
+    GateSpec(
+        SHADOW_AGREEMENT, "lower_is_worse", "rate", margin=0.05, tau=0.05, severity="warn",
+        min_devices=10, min_requests=1000, required_from=None, allowed_rate=0.90,
+    ),
+)  # fmt: skip
+
+
 def gate_specs(
     overrides: Mapping[str, GateOverride] | None = None,
     defaults: Sequence[GateSpec] = DEFAULT_GATES,
+    *,
+    shadow: bool = False,
 ) -> tuple[GateSpec, ...]:
     """The defaults with a rollout's overrides (``RolloutSpec.gates``) applied.
 
-    Raises :class:`UnknownGateError` for a gate name that is not a gate, or an
-    ``allowed_rate`` for a gate that is not judged against a rate.
+    ``shadow``: the rollout has a shadow stage, so the :data:`SHADOW_DEFAULTS`
+    are its gates too. Raises :class:`UnknownGateError` for a gate name that is
+    not a gate (a shadow gate of a rollout without a shadow stage), an
+    ``allowed_rate`` for a gate that is not judged against a rate, or a
+    ``min_agreement`` for another gate than the shadow's agreement.
     """
-    by_name = {spec.name: spec for spec in defaults}
+    by_name = {spec.name: spec for spec in (*defaults, *(SHADOW_DEFAULTS if shadow else ()))}
     for name, override in (overrides or {}).items():
+        if name in SHADOW_GATES and name not in by_name:
+            raise UnknownGateError(
+                f"{name} judges the shadow stage; this rollout has none (give shadow, such as 1h)"
+            )
         if name not in by_name:
             raise UnknownGateError(f"no gate {name!r}; the gates are {', '.join(by_name)}")
         changes = override.model_dump(exclude_none=True)
+        if "min_agreement" in changes:
+            if name != SHADOW_AGREEMENT:
+                raise UnknownGateError(
+                    f"min_agreement applies to {SHADOW_AGREEMENT}, not to {name}"
+                )
+            # A minimum the operator sets is one the shadow must meet: a stop unless told.
+            changes["allowed_rate"] = changes.pop("min_agreement")
+            changes.setdefault("severity", "stop")
+            changes.setdefault("required_from", 1)
         if "allowed_rate" in changes and by_name[name].scale != "rate":
             raise UnknownGateError(
                 f"allowed_rate applies to gates judged against a rate ({INSTALL_FAILURES}), "
@@ -509,10 +563,16 @@ def evaluate_all(
     evidence: Mapping[str, Evidence],
     alpha: float = ALPHA,
     beta: float = BETA,
+    only: Collection[str] | None = None,
 ) -> list[GateEvaluation]:
-    """Every gate's verdict at one tick, the budgets split over the stop-gates."""
+    """Every gate's verdict at one tick, the budgets split over the stop-gates.
+
+    ``only``: judge just these gates (the shadow stage's, or every other stage's),
+    their shares still split over all of ``specs``.
+    """
     alphas, betas = split(alpha, specs), split(beta, specs)
-    return [evaluate(s, evidence.get(s.name), alphas[s.name], betas[s.name]) for s in specs]
+    judged = [s for s in specs if only is None or s.name in only]
+    return [evaluate(s, evidence.get(s.name), alphas[s.name], betas[s.name]) for s in judged]
 
 
 # --------------------------------------------------------------------------- sample ratio

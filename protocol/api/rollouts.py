@@ -395,6 +395,14 @@ class GateOverride(RequestBody):
         allow_inf_nan=False,
         description="install failures only: the rate the current version has, which harm exceeds",
     )
+    min_agreement: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="shadow_agreement only: the least share of shadow answers agreeing with the "
+        "ones served; setting it makes the gate a stop unless severity says otherwise",
+    )
 
 
 class RolloutSpec(RequestBody):

@@ -489,12 +489,23 @@ def test_a_shadow_runs_on_wave_1_first_and_serves_once_judged() -> None:
     assert of(InstallShadow, effects) == [InstallShadow(1)]
     assert not of(AssignStage, effects)
     assert reached_share(state) == pytest.approx(0.01, abs=0.01)  # the wave-1 devices hold it
-    state, _ = run(state, s, 5, 55)
+    # The shadow stage is judged by its own gates; the others' passes do not count there.
+    state, _ = run(state, s, 5, 30)
+    assert state.phase == Phase.SHADOW and required_gates(state, s) == []
+    shadow_passing = [
+        gate("shadow_errors", "pass"),
+        gate("shadow_latency_p95", "pass"),
+        gate("shadow_agreement", "inconclusive", severity="warn"),
+    ]
+    state, _ = run(state, s, 35, 55, shadow_passing)
     assert state.phase == Phase.SHADOW  # passing, but not for an hour yet
-    state, effects = decide(state, tick(), s, minutes(60))
+    assert required_gates(state, s) == ["shadow_errors", "shadow_latency_p95"]
+    state, effects = decide(state, tick(shadow_passing), s, minutes(60))
     assert state.phase == Phase.BAKING and state.stage == 1
     assert kinds(effects) == ["ServeStage", "AssignDevices", "RecordDecision"]
     assert state.history[-1].action == "serve wave 1"
+    # Wave 1 is judged by the other gates from now on, never by the shadow's.
+    assert not set(required_gates(state, s)) & {"shadow_errors", "shadow_latency_p95"}
 
 
 def test_a_shadow_showing_harm_is_dropped_with_rollback() -> None:
