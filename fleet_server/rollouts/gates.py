@@ -206,7 +206,7 @@ DEFAULT_GATES: tuple[GateSpec, ...] = (
 SHADOW_DEFAULTS: tuple[GateSpec, ...] = (
     # NaN or failed outputs: half a point more than the active model's rate is harm.
     GateSpec(
-        SHADOW_ERRORS, "higher_is_worse", "difference", margin=0.005, tau=0.01,
+        SHADOW_ERRORS, "higher_is_worse", "difference", margin=0.005, tau=0.02,
         min_devices=10, min_requests=1000,
     ),
     GateSpec(

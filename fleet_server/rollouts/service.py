@@ -21,6 +21,18 @@ the decision, and then carries out the effects:
   this for a rollout rolling back, so a rollback cut short is finished.
 - :class:`AssignStage`: nothing of its own; the :class:`AssignDevices` after it
   starts the stage's installs.
+- The shadow stage (stage 0): :class:`InstallShadow` has nothing of its own;
+  each :class:`AssignDevices` of stage 0 gives up to ``limit`` wave-1 devices
+  whose window is open the release as a shadow beside their assignment
+  (:meth:`~fleet_server.assignments.AssignmentService.set_shadows`; the
+  device row records it, so none gets it twice). :class:`ServeStage`: the
+  stage-1 installs that follow assign the release to the devices holding the
+  shadow first (assigning it clears the shadow); a device holding it that left
+  the wave has it dropped. A rollout that ends (rolled back, aborted,
+  completed) drops every shadow it still has out, so an abort or a rollback
+  in the shadow stage leaves the devices as they were. The shadow stage is
+  judged on the shadow gates alone, from the shadow sections of the holders'
+  windows against their active model's windows of the same hours.
 
 A replayed tick (at or before the state's last) is no step at all, and a
 device recorded once is never assigned twice by the rollout, so a tick run
@@ -37,7 +49,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import numpy as np
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from fleet_server.assignments.planner import (
@@ -75,7 +87,15 @@ from fleet_server.rollouts.controller import (
     Tick,
     decide,
 )
-from fleet_server.rollouts.evidence import DeviceAggregate, InstallRecord, gather, install_tally
+from fleet_server.rollouts.evidence import (
+    SHADOW_GATES,
+    DeviceAggregate,
+    InstallRecord,
+    ShadowDevice,
+    gather,
+    gather_shadow,
+    install_tally,
+)
 from fleet_server.rollouts.gates import UnknownGateError, evaluate_all, gate_specs, srm_log_e
 from fleet_server.rollouts.maintenance import in_window
 from fleet_server.rollouts.state import FINAL_PHASES, DecisionRecord, Phase, RolloutState
@@ -84,12 +104,15 @@ from fleet_server.rollouts.waves import DeviceFacts, Population, matches, waves
 from fleet_server.stored_json import finite_or_none
 from protocol.api.rollouts import (
     DecisionView,
+    GateSettingView,
     GateView,
     RolloutList,
     RolloutSpec,
     RolloutSummary,
     RolloutView,
+    ShadowStageView,
     StageView,
+    format_duration,
 )
 from protocol.cbpe import Calibration, estimate_accuracy
 from protocol.histogram import quantile
@@ -117,7 +140,7 @@ class RolloutConflict(Conflict):
 
 
 class RolloutRefused(Unprocessable):
-    """The spec is well formed but cannot be carried out (an unknown gate, a shadow stage)."""
+    """The spec is well formed but cannot be carried out (an unknown gate)."""
 
 
 @dataclass(frozen=True)
@@ -134,19 +157,15 @@ class Selected:
 async def create(db: Database, spec: RolloutSpec, actor: str) -> RolloutView:
     """A new rollout of ``spec`` (pending: the next tick starts it), audited.
 
-    Refused: an unknown gate or a shadow stage (:class:`RolloutRefused`), an
+    Refused: an unknown gate (:class:`RolloutRefused`), an
     unknown release (404), a yanked one (409), and a rollout of the same model
     name that is still active and selects some of the same devices
     (:class:`RolloutConflict`, naming it and some of those devices).
     """
     try:
-        gate_specs(spec.gates)
+        gate_specs(spec.gates, shadow=spec.shadow is not None)
     except UnknownGateError as exc:
         raise RolloutRefused(f"gates: {exc}") from None
-    if spec.shadow is not None:
-        raise RolloutRefused(
-            "shadow: the shadow stage is not available yet; leave out shadow to start with wave 1"
-        )
     now = datetime.now(UTC)
     rollout_id = f"ro-{secrets.token_hex(6)}"
     async with db.session() as session:
@@ -308,6 +327,7 @@ async def _tick_all(
         try:
             finish = Stepped(rollout_id, spec, state, Population.of(rollout_id, []), [], now)
             await _roll_back(db, assignments, finish)
+            await _drop_shadows(db, assignments, rollout_id)
         except Exception:
             log.exception("rollout %s: finishing the rollback failed", rollout_id)
     stepped = 0
@@ -429,14 +449,80 @@ async def _record(
 async def _carry_out(db: Database, assignments: AssignmentService, stepped: Stepped) -> None:
     """The step's effects, after its commit."""
     for effect in stepped.effects:
-        if isinstance(effect, AssignDevices):
+        if isinstance(effect, AssignDevices) and effect.stage == 0:
+            await _install_shadows(db, assignments, stepped, effect)
+        elif isinstance(effect, AssignDevices):
             await _assign(db, assignments, stepped, effect)
         elif isinstance(effect, RollbackReached):
             await _roll_back(db, assignments, stepped)
-        elif isinstance(effect, InstallShadow | ServeStage):  # pragma: no cover - refused at create
-            log.error("rollout %s: no shadow stage; %s ignored", stepped.rollout_id, effect)
-        elif isinstance(effect, AssignStage | RecordDecision):
-            continue  # the AssignDevices after it starts the stage; the record is saved
+        elif isinstance(effect, ServeStage):
+            await _serve(db, assignments, stepped)
+        elif isinstance(effect, InstallShadow | AssignStage | RecordDecision):
+            continue  # the AssignDevices after it starts the installs; the record is saved
+    if stepped.state.phase in FINAL_PHASES:
+        await _drop_shadows(db, assignments, stepped.rollout_id)
+
+
+async def _install_shadows(
+    db: Database, assignments: AssignmentService, stepped: Stepped, effect: AssignDevices
+) -> None:
+    """Give up to ``effect.limit`` wave-1 devices whose window is open the release as a
+    shadow (see the module); devices that hold it, run it, or cannot take it are passed by."""
+    wave = _reached(stepped.state, stepped.population)
+    async with db.session() as session:
+        release = await find_published(session, stepped.spec.release)
+        label = f"{release.name} {release.version}"
+        devices = await _devices(session, wave)
+        eligible = [
+            d
+            for d in devices
+            if d.shadow_rollout is None
+            and d.assigned_target != release.target_path
+            and d.active_bundle != label
+            and d.hardware_id in release.hardware_ids
+            and (effect.window is None or in_window(effect.window, stepped.now))
+        ]
+        below = {d.id for d in below_installed(release, eligible)}
+        eligible = [d for d in eligible if d.id not in below]
+    chosen = eligible if effect.limit is None else eligible[: effect.limit]
+    if not chosen:
+        return
+    try:
+        await assignments.set_shadows(
+            db,
+            [d.id for d in chosen],
+            release.target_path,
+            stepped.rollout_id,
+            f"rollout {stepped.rollout_id}",
+        )
+    except FleetError as exc:
+        log.warning("rollout %s: could not install shadows: %s", stepped.rollout_id, exc)
+
+
+async def _serve(db: Database, assignments: AssignmentService, stepped: Stepped) -> None:
+    """The shadow passed: holders that left wave 1 have it dropped; the installs of stage 1
+    that follow assign the others first."""
+    wave = set(_reached(stepped.state, stepped.population))
+    left = [d for d in await _shadow_holders(db, stepped.rollout_id) if d not in wave]
+    if left:
+        await assignments.set_shadows(
+            db, left, None, stepped.rollout_id, f"rollout {stepped.rollout_id}"
+        )
+
+
+async def _drop_shadows(db: Database, assignments: AssignmentService, rollout_id: str) -> None:
+    """Every shadow the rollout still has out, dropped (the devices keep their assignment)."""
+    holders = await _shadow_holders(db, rollout_id)
+    if holders:
+        await assignments.set_shadows(db, holders, None, rollout_id, f"rollout {rollout_id}")
+
+
+async def _shadow_holders(db: Database, rollout_id: str) -> list[str]:
+    async with db.session() as session:
+        rows = await session.scalars(
+            select(Device.id).where(Device.shadow_rollout == rollout_id).order_by(Device.id)
+        )
+        return list(rows.all())
 
 
 async def _assign(
@@ -452,6 +538,8 @@ async def _assign(
         }
         waiting = [d for d in reached_ids if d not in recorded]
         devices = await _devices(session, waiting)
+        # Devices holding the release as this rollout's shadow serve it first.
+        devices.sort(key=lambda d: (d.shadow_rollout != stepped.rollout_id, d.id))
         eligible = [
             d
             for d in devices
@@ -582,6 +670,8 @@ async def _evaluate(
     windows of the 24 h before the rollout on the version it ran then. CBPE
     accuracy uses each version's own calibration, from its manifest.
     """
+    if state.stage == 0:
+        return await _evaluate_shadow(session, row, spec, state, selected, now), None
     started = as_utc(row.created_at)
     reached = {r.device_id: r for r in await store.reached_devices(session, row.id)}
     by_id = {d.id: d for d in selected.devices}
@@ -642,13 +732,64 @@ async def _evaluate(
         for r in still
     ]
     installs = install_tally(records, now, INSTALL_TIMEOUT)
-    evaluations = evaluate_all(gate_specs(spec.gates), gather(devices, installs))
+    specs = gate_specs(spec.gates, shadow=spec.shadow is not None)
+    others = [s.name for s in specs if s.name not in SHADOW_GATES]
+    evaluations = evaluate_all(specs, gather(devices, installs), only=others)
     # Only devices that run the release can report on it: the test's treatment arm is
     # those that committed it, so installs still under way are no mismatch.
     installed = {r.device_id for r in records if r.result == "committed"}
     reporting = [d for d in devices if d.arm == "control" or d.device_id in installed]
     srm = _srm(reporting, len(installed & set(by_id)), len([d for d in control_ids if d in ran]))
     return evaluations, srm
+
+
+async def _evaluate_shadow(
+    session: AsyncSession,
+    row: RolloutRow,
+    spec: RolloutSpec,
+    state: RolloutState,
+    selected: Selected,
+    now: datetime,
+) -> list[GateEvaluation]:
+    """The shadow gates' evaluations: each device holding the shadow, the shadow sections
+    of its windows since the stage started against its active model's windows of the same
+    hours."""
+    started = as_utc(state.stage_started_at or row.created_at)
+    holders = [d for d in selected.devices if d.shadow_rollout == row.id]
+    ids = [d.id for d in holders]
+    shadow = await store.shadow_aggregates(session, spec.name, spec.version, started, now, ids)
+    at = shadow.index()
+    by_version: dict[str, list[str]] = {}
+    for d in holders:
+        version = _version_of(d.active_bundle, spec.name)
+        if version is not None and version != spec.version:
+            by_version.setdefault(version, []).append(d.id)
+    active: dict[str, tuple[DeviceAggregates, int]] = {}
+    for version, members in sorted(by_version.items()):
+        sums = await store.device_aggregates(session, spec.name, version, started, now, members)
+        for device_id, row_of in sums.index().items():
+            active[device_id] = (sums, row_of)
+    devices = []
+    for device_id in ids:
+        i = at.get(device_id)
+        if i is None:
+            continue
+        p95 = quantile(shadow.latency_histogram(i), 0.95)
+        mine = active.get(device_id)
+        devices.append(
+            ShadowDevice(
+                device_id=device_id,
+                requests=int(shadow.requests[i]),
+                agreements=int(shadow.agreements[i]),
+                errors=int(shadow.errors[i]),
+                log_p95=float(np.log(p95)) if p95 is not None and p95 > 0 else None,
+                active_requests=int(mine[0].requests[mine[1]]) if mine else 0,
+                active_errors=int(mine[0].errors[mine[1]]) if mine else 0,
+                active_log_p95=_log_p95(*mine) if mine else None,
+            )
+        )
+    specs = gate_specs(spec.gates, shadow=True)
+    return evaluate_all(specs, gather_shadow(devices), only=SHADOW_GATES)
 
 
 def _aggregate(
@@ -874,6 +1015,28 @@ async def _view(session: AsyncSession, row: RolloutRow) -> RolloutView:
     ]
     assigned = len(await store.reached_devices(session, row.id))
     latest = next((d for d in reversed(state.history) if d.evaluations), None)
+    shadow = None
+    if spec.shadow is not None:
+        holding = await session.scalar(
+            select(func.count()).select_from(Device).where(Device.shadow_rollout == row.id)
+        )
+        shadow = ShadowStageView(
+            duration=format_duration(spec.shadow),
+            holding=int(holding or 0),
+            gates=[
+                GateSettingView(
+                    gate=g.name,
+                    severity=g.severity,
+                    direction=g.direction,
+                    harm_at=g.bounds[0],
+                    margin=g.bounds[1],
+                    min_devices=g.min_devices,
+                    min_requests=g.min_requests,
+                )
+                for g in gate_specs(spec.gates, shadow=True)
+                if g.name in SHADOW_GATES
+            ],
+        )
     return RolloutView(
         id=row.id,
         spec=spec,
@@ -886,6 +1049,7 @@ async def _view(session: AsyncSession, row: RolloutRow) -> RolloutView:
         reached=int(np.count_nonzero(stage_of)),
         assigned=assigned,
         stages=stages,
+        shadow=shadow,
         evaluations=[_gate_view(e) for e in latest.evaluations] if latest else [],
         evaluated_at=latest.at if latest else None,
         decisions=[_decision_view(d) for d in state.history],

@@ -576,6 +576,27 @@ class GateView(ResponseBody):
     missing: str | None = None
 
 
+class GateSettingView(ResponseBody):
+    """A gate as a rollout sets it (the defaults with its overrides), before any evidence."""
+
+    gate: str
+    severity: Literal["stop", "warn"]
+    direction: Literal["higher_is_worse", "lower_is_worse"]
+    harm_at: float = Field(description="harm is shown beyond this bound, on the estimate's scale")
+    margin: float = Field(description="non-inferiority is shown within this bound")
+    min_devices: int
+    min_requests: int
+
+
+class ShadowStageView(ResponseBody):
+    """The shadow stage: how long it runs at least, the devices holding the shadow now, and
+    the gates that judge it."""
+
+    duration: str
+    holding: int = Field(description="devices running the release as a shadow now")
+    gates: list[GateSettingView]
+
+
 class DecisionView(ResponseBody):
     """One step of the controller: the event, the rule that fired and what it did."""
 
@@ -608,6 +629,9 @@ class RolloutView(ResponseBody):
     reached: int = Field(description="devices the rollout has reached")
     assigned: int = Field(description="devices assigned the release by the rollout")
     stages: list[StageView]
+    shadow: ShadowStageView | None = Field(
+        default=None, description="the shadow stage before wave 1 serves; null without one"
+    )
     evaluations: list[GateView] = Field(description="each gate at the latest tick")
     evaluated_at: datetime | None = None
     decisions: list[DecisionView] = Field(description="the latest decisions, oldest first")

@@ -24,12 +24,14 @@ from fleet_server.db.models import AuditEntry, Device
 from fleet_server.fleetctl import main
 from fleet_server.mqtt.ingest import Accepted, classify, write_batch
 from fleet_server.rollouts import service
+from protocol.director_marks import SHADOW
 from protocol.histogram import ExponentialHistogram, record
 from protocol.messages import BundleRef, DeviceEvent, InstallOutcome, ReportedState
 from protocol.summary import score_histogram
 from protocol.topics import windows_topic
 from protocol.versioning import default_release_counter
 from protocol.window import WindowSummary, encode_window
+from protocol.window.model import ShadowSummary
 from testbed.api_server import ServerThread
 from testbed.images import HARDWARE
 from tests.support.databases import DATABASES, database_url
@@ -108,6 +110,47 @@ class Fleet(Fleetctl):
             batch.append(verdict)
         result = self.api.call(write_batch(self.api.server.db, batch, "test"))
         assert not result.dropped, result.dropped
+
+    def shadow_windows(self, end: float, errors: int, *device_ids: str) -> None:
+        """A window of each device on 1.0.0 with a shadow section of 2.0.0 (30 of its 60
+        requests, ``errors`` of them failed), through the server's own write path."""
+        batch = []
+        for n, device_id in enumerate(device_ids):
+            rng = np.random.default_rng(1000 + n)
+            shadow = ShadowSummary(
+                bundle_id="sha256:" + "2" * 64,
+                model_version="2.0.0",
+                requests=30,
+                agreements=28 - errors if errors < 28 else 0,
+                errors=errors,
+                latency_ms=record(ExponentialHistogram(), rng.lognormal(3.0, 0.3, size=30)),
+            )
+            w = WindowSummary(
+                window_id=uuid.uuid4().hex,
+                device_id=device_id,
+                model_name="pump-health",
+                model_version="1.0.0",
+                baseline_id="b1",
+                start=end - 60,
+                end=end,
+                requests=60,
+                errors=0,
+                served={"active": 60},
+                features=[],
+                latency_ms=record(ExponentialHistogram(), rng.lognormal(3.5, 0.3, size=60)),
+                shadow=shadow,
+            )
+            batch.append(Accepted(device_id, "windows", w, encode_window(w)))
+        result = self.api.call(write_batch(self.api.server.db, batch, "test"))
+        assert not result.dropped, result.dropped
+
+    def signed_targets(self, device_id: str) -> dict[str, Any]:
+        """The targets of the device's director metadata, as the server signed them."""
+        director = self.api.server.assignments.director
+        signed = director.device(device_id).signed()
+        metadata = director.device(device_id).path / "metadata"
+        document = json.loads((metadata / f"{signed.version}.targets.json").read_text())
+        return dict(document["signed"]["targets"])
 
     def call(
         self, method: str, path: str, token: str | None = None, body: Any = None
@@ -210,8 +253,10 @@ def test_create_list_show_and_actions_with_roles_refusals_and_audit(fleet: Fleet
         "POST", "/rollouts", body=spec("api-wave", gates={"no_such_gate": {"margin": 0.1}})
     )
     assert status == 422 and "gates" in refused["error"] and "no_such_gate" in refused["error"]
-    status, refused = fleet.call("POST", "/rollouts", body=spec("api-wave", shadow="1h"))
-    assert status == 422 and "shadow stage is not available yet" in refused["error"]
+    status, refused = fleet.call(
+        "POST", "/rollouts", body=spec("api-wave", gates={"shadow_errors": {"margin": 0.01}})
+    )
+    assert status == 422 and "shadow_errors judges the shadow stage" in refused["error"]
     status, refused = fleet.call(
         "POST", "/rollouts", body={**spec("api-wave"), "release": "pump-health@9.9.9"}
     )
@@ -521,3 +566,106 @@ def test_a_device_still_in_its_trial_has_no_install_outcome_yet(fleet: Fleet) ->
         fleet.reports(device_id, "2.0.0", C2)
     assert installs(start + timedelta(minutes=2)) == len(wave)
     assert fleet.call("POST", f"/rollouts/{created['id']}/abort", body={})[0] == 200
+
+
+# Small waves in a small fleet: the shadow gates judge from few devices here.
+SHADOW_GATES = {
+    "shadow_errors": {"min_devices": 3, "min_requests": 100},
+    "shadow_latency_p95": {"min_devices": 3, "min_requests": 100},
+    "shadow_agreement": {"min_devices": 3, "min_requests": 100},
+}
+
+
+def _shadow_rollout(fleet: Fleet, tag: str, **more: Any) -> tuple[str, list[str], datetime]:
+    ids = [f"{tag}-{n:02d}" for n in range(24)]
+    for device_id in ids:
+        fleet.register(device_id, tag)
+        fleet.reports(device_id, "1.0.0", C1)
+    status, created = fleet.call(
+        "POST", "/rollouts", body=spec(tag, shadow="1h", gates=SHADOW_GATES, **more)
+    )
+    assert status == 201, created
+    start = datetime.now(UTC)
+    assert fleet.tick(start) >= 1
+    return created["id"], ids, start
+
+
+def test_a_shadow_stage_installs_beside_wave_1_then_wave_1_serves_it(fleet: Fleet) -> None:
+    rollout_id, ids, start = _shadow_rollout(fleet, "shw")
+    status, shown = fleet.call("GET", f"/rollouts/{rollout_id}")
+    assert status == 200 and shown["phase"] == "shadow" and shown["stage"] == 0, shown
+    wave = [d for d in ids if fleet.device(d)["shadow_target"] == V2]
+    assert len(wave) == shown["stages"][0]["devices"] == shown["shadow"]["holding"] >= 3
+    assert shown["assigned"] == 0  # nobody serves it yet
+    for device_id in wave:
+        device = fleet.device(device_id)
+        assert device["assigned_target"] is None and device["shadow_rollout"] == rollout_id
+        # The signed director metadata lists it marked as a shadow, and nothing else.
+        targets = fleet.signed_targets(device_id)
+        assert list(targets) == [V2] and targets[V2]["custom"][SHADOW] is True
+    assert all(fleet.device(d)["shadow_target"] is None for d in ids if d not in wave)
+    assert fleet.audit("assignment.shadow", rollout_id)[0].details["devices"] == wave
+    # The shadow gates' settings, readable before any evidence; the device view names it.
+    settings = {g["gate"]: g for g in shown["shadow"]["gates"]}
+    assert settings["shadow_agreement"]["severity"] == "warn"
+    assert settings["shadow_errors"]["min_devices"] == 3
+    human = fleet.run("devices", "show", wave[0])
+    assert human.code == 0 and f"{V2} (rollout {rollout_id})" in human.out, human.err
+
+    # Windows with shadow sections: within the hour the gates pass but the shadow runs on.
+    for minutes in range(5, 35, 5):
+        fleet.shadow_windows(time.time() - 3600 + 60 * minutes, 0, *wave)
+    fleet.tick(start + timedelta(minutes=40))
+    _, shown = fleet.call("GET", f"/rollouts/{rollout_id}")
+    assert shown["phase"] == "shadow", shown
+    gates = {g["gate"]: g for g in shown["evaluations"]}
+    assert set(gates) == {"shadow_errors", "shadow_latency_p95", "shadow_agreement"}
+    assert gates["shadow_errors"]["decision"] == "pass", gates
+    assert gates["shadow_latency_p95"]["decision"] == "pass", gates
+    assert gates["shadow_errors"]["n_devices"] == len(wave)
+    assert gates["shadow_errors"]["n_requests"] == 6 * 30 * len(wave)
+    status_json = fleet.run("rollout", "status", rollout_id, "--json")
+    assert status_json.code == 0 and status_json.json()["phase"] == "shadow"
+    human = fleet.run("rollout", "status", rollout_id)
+    assert "shadow stage: at least 1h" in human.out and "shadow_latency_p95" in human.out
+
+    # After the hour wave 1 serves it: assigned normally, the shadow cleared, signed so.
+    fleet.tick(start + timedelta(minutes=61))
+    _, shown = fleet.call("GET", f"/rollouts/{rollout_id}")
+    assert shown["phase"] == "baking" and shown["stage"] == 1, shown
+    assert shown["decisions"][-1]["action"] == "serve wave 1"
+    assert shown["shadow"]["holding"] == 0
+    for device_id in wave:
+        device = fleet.device(device_id)
+        assert device["assigned_target"] == V2 and device["shadow_target"] is None
+        targets = fleet.signed_targets(device_id)
+        assert list(targets) == [V2] and SHADOW not in targets[V2]["custom"]
+    assert fleet.call("POST", f"/rollouts/{rollout_id}/abort", body={})[0] == 200
+
+
+def test_a_shadow_failing_its_gates_is_dropped_from_every_device(fleet: Fleet) -> None:
+    rollout_id, ids, start = _shadow_rollout(fleet, "shf", on_failure="rollback")
+    wave = [d for d in ids if fleet.device(d)["shadow_target"] == V2]
+    assert len(wave) >= 3
+    fleet.shadow_windows(time.time() - 600, 9, *wave)  # NaN on 30 % of its requests
+    fleet.tick(start + timedelta(minutes=15))
+    _, shown = fleet.call("GET", f"/rollouts/{rollout_id}")
+    assert shown["phase"] == "rolling_back", shown
+    assert "shadow_errors shows harm" in shown["reason"]
+    assert shown["shadow"]["holding"] == 0
+    for device_id in wave:
+        device = fleet.device(device_id)
+        assert device["shadow_target"] is None and device["assigned_target"] is None
+        assert fleet.signed_targets(device_id) == {}
+    assert fleet.audit("assignment.shadow-drop", rollout_id)[0].details["devices"] == wave
+    assert fleet.audit("rollout.tick", rollout_id)[-1].details["action"] == "roll back"
+
+
+def test_an_abort_in_the_shadow_stage_drops_the_shadows(fleet: Fleet) -> None:
+    rollout_id, ids, _ = _shadow_rollout(fleet, "sha")
+    wave = [d for d in ids if fleet.device(d)["shadow_target"] == V2]
+    assert wave
+    status, aborted = fleet.call("POST", f"/rollouts/{rollout_id}/abort", body={})
+    assert status == 200 and aborted["phase"] == "aborted"
+    assert all(fleet.device(d)["shadow_target"] is None for d in wave)
+    assert all(fleet.signed_targets(d) == {} for d in wave)

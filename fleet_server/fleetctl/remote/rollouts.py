@@ -99,6 +99,18 @@ def describe(r: dict[str, Any]) -> str:
         lines.append(f"  reason: {r['reason']}")
     for gate, what in sorted(r["missing"].items()):
         lines.append(f"  missing: {gate} {what}")
+    shadow = r.get("shadow")
+    if shadow:
+        lines.append(
+            f"  shadow stage: at least {shadow['duration']} before wave 1 serves; "
+            f"{shadow['holding']} device(s) hold the shadow now"
+        )
+        for g in shadow["gates"]:
+            lines.append(
+                f"    {g['gate']} ({g['severity']}): harm beyond {number(g['harm_at'])}, "
+                f"passes within {number(g['margin'])}; needs {g['min_devices']} devices, "
+                f"{g['min_requests']} shadow requests"
+            )
     lines.append("")
     lines.append(
         text_table(
