@@ -614,7 +614,7 @@ def test_a_shadow_stage_installs_beside_wave_1_then_wave_1_serves_it(fleet: Flee
 
     # Windows with shadow sections: within the hour the gates pass but the shadow runs on.
     for minutes in range(5, 35, 5):
-        fleet.shadow_windows(time.time() - 3600 + 60 * minutes, 0, *wave)
+        fleet.shadow_windows(start.timestamp() + 60 * minutes, 0, *wave)
     fleet.tick(start + timedelta(minutes=40))
     _, shown = fleet.call("GET", f"/rollouts/{rollout_id}")
     assert shown["phase"] == "shadow", shown
@@ -647,7 +647,7 @@ def test_a_shadow_failing_its_gates_is_dropped_from_every_device(fleet: Fleet) -
     rollout_id, ids, start = _shadow_rollout(fleet, "shf", on_failure="rollback")
     wave = [d for d in ids if fleet.device(d)["shadow_target"] == V2]
     assert len(wave) >= 3
-    fleet.shadow_windows(time.time() - 600, 9, *wave)  # NaN on 30 % of its requests
+    fleet.shadow_windows(start.timestamp() + 600, 9, *wave)  # NaN on 30 % of its requests
     fleet.tick(start + timedelta(minutes=15))
     _, shown = fleet.call("GET", f"/rollouts/{rollout_id}")
     assert shown["phase"] == "rolling_back", shown
