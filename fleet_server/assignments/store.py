@@ -111,6 +111,20 @@ async def lock_assigned(session: AsyncSession, target_path: str) -> list[Device]
     )
 
 
+async def lock_shadowing(session: AsyncSession, target_path: str) -> list[Device]:
+    """The devices holding ``target_path`` as a shadow install, locked in id order."""
+    return list(
+        (
+            await session.scalars(
+                select(Device)
+                .where(Device.shadow_target == target_path)
+                .order_by(Device.id)
+                .with_for_update()
+            )
+        ).all()
+    )
+
+
 async def lock_recorded_versions(
     session: AsyncSession, device_ids: Sequence[str]
 ) -> dict[str, int | None]:

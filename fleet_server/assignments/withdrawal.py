@@ -125,6 +125,7 @@ async def yank(
         withdrawn = sorted(versions)
         # A tag rule naming it would give it to devices that gain the tag later.
         rules = await cancel_rules_of(session, target_path, actor)
+        shadows = await drop_shadows_of(assignments, session, target_path)
         await record(
             session,
             actor,
@@ -137,10 +138,32 @@ async def yank(
                 "withdrawn": withdrawn,
                 "kept": kept,
                 "rules_cancelled": rules,
+                "shadows_dropped": shadows,
             },
         )
     await sign_withdrawn(db, assignments, versions)
+    if shadows:
+        try:
+            await assignments.sync(db, shadows)
+            await assignments.announce_changed(db, shadows)
+        except Exception:
+            log.exception("dropped shadows of %s committed but not signed", shadows)
     return YankOutcome(release, withdrawn, kept, rules)
+
+
+async def drop_shadows_of(
+    assignments: AssignmentService, session: AsyncSession, target_path: str
+) -> list[str]:
+    """Drop, in the caller's transaction, every shadow install of ``target_path``; the devices
+    keep their assignments. Returns them (each at its next director version)."""
+    devices = await store.lock_shadowing(session, target_path)
+    signed = await asyncio.to_thread(
+        lambda: {d.id: assignments.director.signed(d.id).version for d in devices}
+    )
+    for device in devices:
+        device.shadow_target = device.shadow_rollout = None
+        device.director_version = max(device.director_version or 0, signed[device.id]) + 1
+    return [d.id for d in devices]
 
 
 async def sign_withdrawn(
