@@ -8,9 +8,13 @@ Rules:
    it does, the answer is already made.
 2. Each offered request runs with probability ``share``, drawn at random
    independently of the request.
-3. Bounded work: at most ``max_in_flight`` shadow runs at once (in worker
-   threads, off the event loop). A request drawn while the shadow is that
-   busy is skipped and counted (:attr:`ShadowRunner.skipped`); nothing queues.
+3. Bounded work: at most ``max_in_flight`` shadow runs at once, each in a
+   task of its own that starts once the answer is on its way. A shadow
+   faster than ``inline_below_s`` (its moving average, as the chain's model
+   stages measure theirs) runs on the event loop, a slower one (and the
+   first run, of unknown cost, or one beside another run) in a worker
+   thread. A request drawn while the shadow is that busy is skipped and
+   counted (:attr:`ShadowRunner.skipped`); nothing queues.
 4. A run is compared with the answer served (:func:`compare`): it *agrees*
    when, for a classifier (the manifest names a ``confidence_output``), every
    row has the same top class; for other outputs, when every value is within
@@ -35,6 +39,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from agent.serving.stages import INLINE_BELOW_S
 from model_runtime import LoadedModel
 from protocol.manifest import Manifest
 
@@ -107,6 +112,7 @@ class ShadowRunner:
         share: float,
         on_result: ResultListener,
         max_in_flight: int = 1,
+        inline_below_s: float = INLINE_BELOW_S,
         seed: int | None = None,
     ) -> None:
         if not 0.0 <= share <= 1.0:
@@ -122,6 +128,8 @@ class ShadowRunner:
         self._random = random.Random(seed)
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._inline_below_s = inline_below_s
+        self._average_s: float | None = None
         self.offered = 0
         """Requests offered (answered by the active model), since the shadow was loaded."""
         self.ran = 0
@@ -158,19 +166,31 @@ class ShadowRunner:
         """Stop offering requests; runs under way finish, their results are dropped."""
         self._closed = True
 
-    async def _run(self, inputs: Tensors, served: Tensors) -> None:
+    def _timed_run(self, inputs: Tensors) -> tuple[Mapping[str, Any] | Exception, float]:
         started = time.perf_counter()
         try:
-            outputs = await asyncio.to_thread(self.model.run, inputs)
+            outputs: Mapping[str, Any] | Exception = self.model.run(inputs)
         except Exception as exc:  # any failure of the shadow is counted, never raised
-            elapsed = time.perf_counter() - started
-            result = ShadowResult(
-                self.bundle_id, self.version, False, True, elapsed, f"{type(exc).__name__}: {exc}"
-            )
+            outputs = exc
+        elapsed = time.perf_counter() - started
+        average = self._average_s
+        self._average_s = elapsed if average is None else 0.8 * average + 0.2 * elapsed
+        return outputs, elapsed
+
+    async def _run(self, inputs: Tensors, served: Tensors) -> None:
+        average = self._average_s
+        # Inline only when no other run is under way: the model's lock must never block the loop.
+        alone = len(self._tasks) <= 1
+        if alone and average is not None and average < self._inline_below_s:
+            outputs, elapsed = self._timed_run(inputs)
         else:
-            elapsed = time.perf_counter() - started
-            agreed, error, reason = compare(self.manifest, served, outputs)
-            result = ShadowResult(self.bundle_id, self.version, agreed, error, elapsed, reason)
+            outputs, elapsed = await asyncio.to_thread(self._timed_run, inputs)
+        if isinstance(outputs, Exception):
+            reason = f"{type(outputs).__name__}: {outputs}"
+            result = ShadowResult(self.bundle_id, self.version, False, True, elapsed, reason)
+        else:
+            agreed, error, why = compare(self.manifest, served, outputs)
+            result = ShadowResult(self.bundle_id, self.version, agreed, error, elapsed, why)
         if self._closed:
             return
         try:

@@ -289,26 +289,29 @@ def test_a_busy_shadow_skips_requests_and_counts_them_instead_of_queueing(
 ) -> None:
     results: list[ShadowResult] = []
 
+    rows = BASELINE[:1]
+    served = load("v1").run({"features": rows})
+
     async def main() -> ShadowRunner:
-        chain = _chain(manifests)
         runner = ShadowRunner(
             "sha256:" + "e" * 64,
             manifests["v1"],
             load("v1"),
             share=1.0,
-            max_in_flight=1,
+            max_in_flight=2,
             on_result=results.append,
         )
-        chain.set_shadow(runner)
-        # Concurrent requests: while one shadow run is in flight, the others are skipped.
-        await asyncio.gather(*(chain.infer({"features": BASELINE[i : i + 1]}) for i in range(30)))
+        # 30 answers in one step of the event loop: two runs start, the rest find it busy.
+        started = [runner.offer({"features": rows}, served, "active") for _ in range(30)]
+        assert started == [True, True] + [False] * 28
         await runner.idle()
+        # Answers of other stages are never offered: there is no active answer to compare.
+        assert not runner.offer({"features": rows}, served, "previous")
         return runner
 
     runner = asyncio.run(main())
-    assert runner.offered == 30
-    assert runner.ran + runner.skipped == 30 and runner.skipped > 0
-    assert len(results) == runner.ran and all(r.agreed for r in results)
+    assert (runner.offered, runner.ran, runner.skipped) == (30, 2, 28)
+    assert len(results) == 2 and all(r.agreed and not r.error for r in results)
 
 
 def test_a_share_of_requests_is_run_and_a_closed_runner_takes_none(
