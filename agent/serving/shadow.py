@@ -8,13 +8,13 @@ Rules:
    it does, the answer is already made.
 2. Each offered request runs with probability ``share``, drawn at random
    independently of the request.
-3. Bounded work: at most ``max_in_flight`` shadow runs at once, each in a
-   task of its own that starts once the answer is on its way. A shadow
-   faster than ``inline_below_s`` (its moving average, as the chain's model
-   stages measure theirs) runs on the event loop, a slower one (and the
-   first run, of unknown cost, or one beside another run) in a worker
-   thread. A request drawn while the shadow is that busy is skipped and
-   counted (:attr:`ShadowRunner.skipped`); nothing queues.
+3. Bounded work: at most ``max_in_flight`` shadow runs at once. A shadow
+   faster than ``inline_below_s`` (its moving average, measured as the
+   chain's model stages measure theirs) runs on the event loop right after
+   the answer is made; a slower one (and the first run, of unknown cost, or
+   one beside another run) in a worker thread. A request drawn while the
+   shadow is that busy is skipped and counted (:attr:`ShadowRunner.skipped`);
+   nothing queues.
 4. A run is compared with the answer served (:func:`compare`): it *agrees*
    when, for a classifier (the manifest names a ``confidence_output``), every
    row has the same top class; for other outputs, when every value is within
@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -39,7 +40,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from agent.serving.stages import INLINE_BELOW_S
 from model_runtime import LoadedModel
 from protocol.manifest import Manifest
 
@@ -97,10 +97,18 @@ def compare(
     return True, False, None
 
 
+# A shadow faster than this runs on the event loop right after the answer is made
+# (adding its run time to that request's response); a slower one in a worker thread.
+# Lower than the chain's own threshold: the shadow's time is pure overhead.
+SHADOW_INLINE_BELOW_S = 0.002
+
+
 class ShadowRunner:
     """Runs one shadow model on a share of the active model's answered requests.
 
-    Used from the event loop: :meth:`offer` never blocks and never raises.
+    Used from the event loop: :meth:`offer` never raises. A run in a worker
+    thread starts at once (not in a task, which keep-alive traffic answered
+    back to back could starve) and counts as in flight until its thread is done.
     """
 
     def __init__(
@@ -112,7 +120,7 @@ class ShadowRunner:
         share: float,
         on_result: ResultListener,
         max_in_flight: int = 1,
-        inline_below_s: float = INLINE_BELOW_S,
+        inline_below_s: float = SHADOW_INLINE_BELOW_S,
         seed: int | None = None,
     ) -> None:
         if not 0.0 <= share <= 1.0:
@@ -126,7 +134,9 @@ class ShadowRunner:
         self.max_in_flight = max_in_flight
         self._on_result = on_result
         self._random = random.Random(seed)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._lock = threading.Lock()
+        self._in_flight = 0  # runs whose thread has not finished (under _lock)
+        self._pending: set[asyncio.Future[ShadowResult]] = set()
         self._closed = False
         self._inline_below_s = inline_below_s
         self._average_s: float | None = None
@@ -142,55 +152,64 @@ class ShadowRunner:
         return self.manifest.version
 
     def offer(self, inputs: Tensors, served: Tensors, stage: str) -> bool:
-        """Maybe run the shadow on ``inputs`` (rules 1-3); whether it started a run."""
+        """Maybe run the shadow on ``inputs`` (rules 1-3); whether it ran or started a run."""
         if self._closed or stage != "active":
             return False
         self.offered += 1
         if self.share < 1.0 and self._random.random() >= self.share:
             return False
-        if len(self._tasks) >= self.max_in_flight:
-            self.skipped += 1
-            return False
+        with self._lock:
+            busy = self._in_flight
+            if busy >= self.max_in_flight:
+                self.skipped += 1
+                return False
+            self._in_flight += 1
         self.ran += 1
-        task = asyncio.get_running_loop().create_task(self._run(inputs, served))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        average = self._average_s
+        # Inline only when no other run is under way: the model's lock must never block the loop.
+        if not busy and average is not None and average < self._inline_below_s:
+            self._report(self._run(inputs, served))
+            return True
+        future = asyncio.get_running_loop().run_in_executor(None, self._run, inputs, served)
+        self._pending.add(future)
+        future.add_done_callback(self._finished)
         return True
 
     async def idle(self) -> None:
-        """Wait until no shadow run is under way."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        """Wait until no shadow run is under way and every result is reported."""
+        while self._pending:
+            await asyncio.gather(*list(self._pending), return_exceptions=True)
+            await asyncio.sleep(0)  # the done callbacks
 
     def close(self) -> None:
         """Stop offering requests; runs under way finish, their results are dropped."""
         self._closed = True
 
-    def _timed_run(self, inputs: Tensors) -> tuple[Mapping[str, Any] | Exception, float]:
-        started = time.perf_counter()
+    def _run(self, inputs: Tensors, served: Tensors) -> ShadowResult:
+        """Run the shadow and compare (on the loop or in a worker thread); never raises."""
         try:
-            outputs: Mapping[str, Any] | Exception = self.model.run(inputs)
-        except Exception as exc:  # any failure of the shadow is counted, never raised
-            outputs = exc
-        elapsed = time.perf_counter() - started
-        average = self._average_s
-        self._average_s = elapsed if average is None else 0.8 * average + 0.2 * elapsed
-        return outputs, elapsed
+            started = time.perf_counter()
+            try:
+                outputs = self.model.run(inputs)
+            except Exception as exc:  # any failure of the shadow is counted, never raised
+                elapsed = time.perf_counter() - started
+                why = f"{type(exc).__name__}: {exc}"
+                return ShadowResult(self.bundle_id, self.version, False, True, elapsed, why)
+            elapsed = time.perf_counter() - started
+            average = self._average_s
+            self._average_s = elapsed if average is None else 0.8 * average + 0.2 * elapsed
+            agreed, error, reason = compare(self.manifest, served, outputs)
+            return ShadowResult(self.bundle_id, self.version, agreed, error, elapsed, reason)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
 
-    async def _run(self, inputs: Tensors, served: Tensors) -> None:
-        average = self._average_s
-        # Inline only when no other run is under way: the model's lock must never block the loop.
-        alone = len(self._tasks) <= 1
-        if alone and average is not None and average < self._inline_below_s:
-            outputs, elapsed = self._timed_run(inputs)
-        else:
-            outputs, elapsed = await asyncio.to_thread(self._timed_run, inputs)
-        if isinstance(outputs, Exception):
-            reason = f"{type(outputs).__name__}: {outputs}"
-            result = ShadowResult(self.bundle_id, self.version, False, True, elapsed, reason)
-        else:
-            agreed, error, why = compare(self.manifest, served, outputs)
-            result = ShadowResult(self.bundle_id, self.version, agreed, error, elapsed, why)
+    def _finished(self, future: asyncio.Future[ShadowResult]) -> None:
+        self._pending.discard(future)
+        if not future.cancelled() and future.exception() is None:
+            self._report(future.result())
+
+    def _report(self, result: ShadowResult) -> None:
         if self._closed:
             return
         try:

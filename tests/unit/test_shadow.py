@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -284,34 +285,52 @@ def test_the_chain_offers_answers_to_the_shadow_which_never_changes_them(
     assert all(r.model_version == "3.0.0" and r.latency_s >= 0 for r in results)
 
 
+class Stalled:
+    """An injected fault: the real model, whose runs wait until ``release`` is set."""
+
+    def __init__(self, model: LoadedModel) -> None:
+        self.model = model
+        self.release = threading.Event()
+        self.inputs = model.inputs
+        self.outputs = model.outputs
+
+    def run(self, tensors: Any) -> Any:
+        assert self.release.wait(30)
+        return self.model.run(tensors)
+
+
 def test_a_busy_shadow_skips_requests_and_counts_them_instead_of_queueing(
     manifests: dict[str, Manifest],
 ) -> None:
     results: list[ShadowResult] = []
-
     rows = BASELINE[:1]
     served = load("v1").run({"features": rows})
+    stalled = Stalled(load("v1"))
 
     async def main() -> ShadowRunner:
         runner = ShadowRunner(
             "sha256:" + "e" * 64,
             manifests["v1"],
-            load("v1"),
+            stalled,
             share=1.0,
             max_in_flight=2,
             on_result=results.append,
         )
-        # 30 answers in one step of the event loop: two runs start, the rest find it busy.
+        # While two runs are stuck in their threads, the answers that follow are skipped.
         started = [runner.offer({"features": rows}, served, "active") for _ in range(30)]
         assert started == [True, True] + [False] * 28
+        stalled.release.set()
         await runner.idle()
         # Answers of other stages are never offered: there is no active answer to compare.
         assert not runner.offer({"features": rows}, served, "previous")
+        # Free again, and fast: the next run happens at once, on the loop.
+        assert runner.offer({"features": rows}, served, "active")
+        assert len(results) == 3
         return runner
 
     runner = asyncio.run(main())
-    assert (runner.offered, runner.ran, runner.skipped) == (30, 2, 28)
-    assert len(results) == 2 and all(r.agreed and not r.error for r in results)
+    assert (runner.offered, runner.ran, runner.skipped) == (31, 3, 28)
+    assert all(r.agreed and not r.error for r in results)
 
 
 def test_a_share_of_requests_is_run_and_a_closed_runner_takes_none(
