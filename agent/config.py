@@ -248,6 +248,28 @@ class TelemetryConfig(_Section):
         return value
 
 
+class ShadowConfig(_Section):
+    """How a shadow model (a rollout's shadow stage) runs beside the active model.
+
+    ``share`` of the requests the active model answers (0.25: one in four,
+    drawn at random) also go to the shadow, after their answer is made; its
+    answers are compared and counted in the window summaries, never served.
+    At most ``max_in_flight`` shadow runs at once: a request drawn while the
+    shadow is that busy is skipped (counted), never queued. ``share = 0``
+    installs a listed shadow but never runs it.
+    """
+
+    share: float = Field(default=0.25, ge=0, le=1, allow_inf_nan=False)
+    max_in_flight: int = Field(default=1, ge=1, le=64)
+
+    @field_validator("share", mode="before")
+    @classmethod
+    def _share(cls, value: object) -> object:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError("must be a share of the requests from 0 to 1, such as 0.25")
+        return value
+
+
 class FaultsConfig(_Section):
     """Fault injection for crash tests; empty in production."""
 
@@ -270,6 +292,7 @@ class AgentConfig(_Section):
     cloud: CloudConfig = CloudConfig()
     update: UpdateConfig = UpdateConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
+    shadow: ShadowConfig = ShadowConfig()
     faults: FaultsConfig = FaultsConfig()
 
     @model_validator(mode="after")

@@ -5,8 +5,12 @@ the local Open Inference Protocol API, the update loop (poll the director
 through the child fetcher, install), the trial clock (commit after the
 health period) and, when ``server.broker`` is set, the MQTT link. The
 installer publishes models to the fallback chain; the chain reports every
-stage attempt back to the installer's watchdog. The installer's events go to
-the link; a new desired state from the link wakes the update loop early.
+stage attempt back to the installer's watchdog. A device with a director
+also keeps the director's shadow (:mod:`agent.ota.shadow`), asked after each
+update check, and runs it beside the active model on ``shadow.share`` of the
+requests (:mod:`agent.serving.shadow`), its results counted in the windows.
+The installer's events go to the link; a new desired state from the link
+wakes the update loop early.
 """
 
 from __future__ import annotations
@@ -26,10 +30,13 @@ from agent.api.http import LocalApi
 from agent.config import AgentConfig
 from agent.metrics import AgentMetrics
 from agent.ota.durable import atomic_write
+from agent.ota.faults import Faults
 from agent.ota.installer import Installer
-from agent.ota.parts import SlotModel
+from agent.ota.parts import ProcessFetcher, SlotModel
+from agent.ota.shadow import ShadowKeeper, ShadowModel, ShadowStore
 from agent.serving.chain import Answer, FallbackChain, ModelSlot
 from agent.serving.cloud import CloudStage
+from agent.serving.shadow import ShadowResult, ShadowRunner
 from agent.telemetry import Outbox, WindowPolicy, WindowRecorder, WindowRecordError
 from model_runtime import Runtime, default_runtime
 from protocol.window import encode_window
@@ -81,14 +88,27 @@ class AgentDaemon:
                 max_age_s=telemetry.outbox_max_age_s,
             )
             self.chain.on_answer(self._record)
+        runtime = runtime or default_runtime()
         self.installer = Installer.from_config(
             config,
             config_path,
-            runtime or default_runtime(),
+            runtime,
             publish=self._serve_models,
             on_event=self._install_event,
         )
         self.chain.subscribe(self.installer.observe)
+        self.shadow: ShadowKeeper | None = None
+        if config.director is not None:  # only a director lists a shadow
+            installer = self.installer
+            self.shadow = ShadowKeeper(
+                store=ShadowStore(config.data_dir / "shadow"),
+                runtime=runtime,
+                fetcher=ProcessFetcher(config_path),
+                publish=self._run_shadow,
+                report=installer.record_event,
+                installed_counter=lambda: installer.journal.installed_counter,
+                faults=Faults(config.faults.hold_at),
+            )
         # Set when the server says the assignment changed: check for updates now.
         self.wake = asyncio.Event()
         self._check_after_trial = False
@@ -117,6 +137,8 @@ class AgentDaemon:
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set."""
         await self.installer.recover()
+        if self.shadow is not None:
+            await self.shadow.recover()
         await self.api.start()
         self._announce()
         slow_stop: asyncio.Task[None] | None = None
@@ -151,6 +173,43 @@ class AgentDaemon:
         if self.recorder is not None:
             # A new model version starts a new window: summaries never mix versions.
             self.recorder.set_manifest(self.chain.manifest)
+
+    def _run_shadow(self, model: ShadowModel | None) -> None:
+        runner = None
+        if model is not None:
+            runner = ShadowRunner(
+                model.target.bundle_id,
+                model.manifest,
+                model.model,
+                share=self.config.shadow.share,
+                max_in_flight=self.config.shadow.max_in_flight,
+                on_result=self._record_shadow,
+            )
+        self.chain.set_shadow(runner)
+
+    def _record_shadow(self, result: ShadowResult) -> None:
+        if self.recorder is None:
+            return
+        try:
+            self.recorder.record_shadow(
+                result.bundle_id,
+                result.model_version,
+                agreed=result.agreed,
+                error=result.error,
+                latency_s=result.latency_s,
+            )
+        except WindowRecordError as exc:
+            log.debug("shadow result not counted: %s", exc)
+
+    async def _poll(self) -> str:
+        """One update check, then the shadow's (a failing shadow check never stops updates)."""
+        outcome = await self.installer.poll()
+        if self.shadow is not None:
+            try:
+                await self.shadow.poll()
+            except Exception:
+                log.exception("shadow check failed")
+        return outcome
 
     def _record(self, inputs: dict[str, Any], answer: Answer, seconds: float) -> None:
         assert self.recorder is not None
@@ -189,7 +248,7 @@ class AgentDaemon:
     async def _update_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             self.wake.clear()  # a desired state arriving during the poll wakes the next one
-            poll = asyncio.create_task(self.installer.poll())
+            poll = asyncio.create_task(self._poll())
             await _first_set(stop, done=poll)
             if not poll.done():
                 # Stopping mid-check or mid-download: the journal makes it resumable,

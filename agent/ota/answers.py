@@ -9,8 +9,13 @@ A refusal says what it is about: ``assignment`` (the director's answer, or the
 metadata behind it, was refused; nothing is known about any bundle; on a
 standalone device, the image repository's newest release of its name was: none
 released, none for this hardware, or a release counter below the installed) or
-``download`` (the expected bundle was fetched and refused). Only a refusal with
+``download`` (the expected bundle was fetched and refused) or ``shadow`` (the
+director's shadow target, or its download, was refused). Only a refusal with
 ``condemns_bundle`` proves the expected bundle itself bad.
+
+The ``shadow`` command answers :data:`ShadowAnswer`: no shadow listed, the
+shadow the device already holds still listed, a new shadow downloaded and
+verified, or a refusal or unavailability as above.
 """
 
 from __future__ import annotations
@@ -74,7 +79,7 @@ class Refused(_Answer):
     status: Literal["refused"] = "refused"
     reason: str
     message: str
-    about: Literal["assignment", "download"]
+    about: Literal["assignment", "download", "shadow"]
     condemns_bundle: bool = False
 
 
@@ -86,11 +91,38 @@ class Unavailable(_Answer):
     message: str
 
 
+class NoShadow(_Answer):
+    """The director lists no shadow for this device (``shadow``)."""
+
+    status: Literal["no-shadow"] = "no-shadow"
+
+
+class ShadowKept(_Answer):
+    """The director still lists the shadow this device holds (``shadow``); nothing downloaded."""
+
+    status: Literal["shadow-kept"] = "shadow-kept"
+    target: InstallTarget
+
+
+class ShadowDownloaded(_Answer):
+    """The director's shadow, verified like an assignment, downloaded into ``path`` (``shadow``)."""
+
+    status: Literal["shadow-downloaded"] = "shadow-downloaded"
+    target: InstallTarget
+    path: str
+
+
 FetchAnswer = Annotated[
     Unassigned | Assigned | RollbackAssigned | Changed | Downloaded | Refused | Unavailable,
     Field(discriminator="status"),
 ]
 _ANSWER: TypeAdapter[FetchAnswer] = TypeAdapter(FetchAnswer)
+
+ShadowAnswer = Annotated[
+    NoShadow | ShadowKept | ShadowDownloaded | Refused | Unavailable,
+    Field(discriminator="status"),
+]
+_SHADOW_ANSWER: TypeAdapter[ShadowAnswer] = TypeAdapter(ShadowAnswer)
 
 
 def parse_answer(line: str) -> FetchAnswer:
@@ -99,3 +131,13 @@ def parse_answer(line: str) -> FetchAnswer:
         return _ANSWER.validate_json(line)
     except ValidationError as exc:
         raise ValueError(f"not an answer of the update fetcher: {exc.errors()[0]['msg']}") from None
+
+
+def parse_shadow_answer(line: str) -> ShadowAnswer:
+    """The fetcher's answer to ``shadow`` from its JSON line; ``ValueError`` when it is not one."""
+    try:
+        return _SHADOW_ANSWER.validate_json(line)
+    except ValidationError as exc:
+        raise ValueError(
+            f"not a shadow answer of the update fetcher: {exc.errors()[0]['msg']}"
+        ) from None

@@ -11,6 +11,15 @@ except for one marked fleet rollback: an entry whose ``custom`` carries
 without the counter check, and the installer accepts it only if it is exactly
 the bundle its other slot holds from before, replacing the installed one
 (:meth:`agent.ota.journal.Journal.rollback_refusal`); anything else is refused.
+
+Beside the assignment the director may list one shadow target (``custom``
+carries ``shadow: true``, :mod:`protocol.director_marks`): a bundle the device
+installs beside its active model and runs without serving its answers
+(:mod:`agent.ota.shadow`). :meth:`DirectorClient.targets` splits the listing
+into the two and refuses anything else by name: two shadows, two assignments,
+more than two targets, a shadow marked as a fleet rollback. A shadow is
+checked by :func:`resolve_assignment` exactly like an assignment, release
+counter included.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ from agent.ota.errors import (
 from agent.ota.identity import same_hashes
 from agent.ota.image_repository import BundleTarget, ImageRepositoryClient, check_counter, refusals
 from agent.ota.transport import FetchConfig
-from protocol.director_marks import BUNDLE_ID, ROLLBACK_OF
+from protocol.director_marks import BUNDLE_ID, ROLLBACK_OF, SHADOW
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,8 @@ class DirectorTarget:
     release_counter: int
     # A fleet rollback replacing this bundle (ALGORITHM:HEX), or None for an assignment.
     rollback_of: str | None = None
+    # A shadow install beside the active model, not an assignment.
+    shadow: bool = False
 
     @classmethod
     def from_target(cls, target: TargetFile) -> DirectorTarget:
@@ -59,12 +70,58 @@ class DirectorTarget:
                 hardware_id=str(custom["hardware_id"]),
                 release_counter=int(custom["release_counter"]),
                 rollback_of=_rollback_of(custom.get(ROLLBACK_OF)),
+                shadow=_shadow(custom.get(SHADOW)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise UntrustedMetadata(
                 f"director target {target.path} lacks device_id, hardware_id or "
-                f"release_counter, or has a malformed {ROLLBACK_OF}: {exc}"
+                f"release_counter, or has a malformed {ROLLBACK_OF} or {SHADOW}: {exc}"
             ) from None
+
+
+@dataclass(frozen=True)
+class DirectorTargets:
+    """What the director lists for this device: its assignment and its shadow, each optional."""
+
+    assignment: DirectorTarget | None = None
+    shadow: DirectorTarget | None = None
+
+
+def split_targets(listed: list[DirectorTarget]) -> DirectorTargets:
+    """The assignment and the shadow among ``listed``; anything else is refused, by name.
+
+    At most two targets: one assignment (a fleet rollback is one) and one
+    shadow, which is never a fleet rollback.
+    """
+    shadows = [t for t in listed if t.shadow]
+    assigned = [t for t in listed if not t.shadow]
+    if len(listed) > 2:
+        raise UntrustedMetadata(
+            f"the director names {len(listed)} bundles ({_paths(listed)}); "
+            "expected an assignment and at most one shadow"
+        )
+    if len(shadows) > 1:
+        raise UntrustedMetadata(
+            f"the director names {len(shadows)} shadow bundles ({_paths(shadows)}); "
+            "expected at most one"
+        )
+    if len(assigned) > 1:
+        raise UntrustedMetadata(
+            f"the director assigns {len(assigned)} bundles ({_paths(assigned)}); expected one"
+        )
+    for shadow in shadows:
+        if shadow.rollback_of is not None:
+            raise UntrustedMetadata(
+                f"the director's shadow {shadow.path} is marked as a fleet rollback of "
+                f"{shadow.rollback_of}; a shadow never is"
+            )
+    return DirectorTargets(
+        assignment=assigned[0] if assigned else None, shadow=shadows[0] if shadows else None
+    )
+
+
+def _paths(targets: list[DirectorTarget]) -> str:
+    return ", ".join(t.path for t in targets)
 
 
 def _rollback_of(value: object) -> str | None:
@@ -75,8 +132,16 @@ def _rollback_of(value: object) -> str | None:
     return value
 
 
+def _shadow(value: object) -> bool:
+    if value is None or value is False:
+        return False
+    if value is not True:
+        raise ValueError(f"{SHADOW} must be true, not {value!r}")
+    return True
+
+
 class DirectorClient:
-    """Refreshes this device's director metadata and reads its assignment."""
+    """Refreshes this device's director metadata and reads its assignment and shadow."""
 
     def __init__(
         self,
@@ -92,15 +157,16 @@ class DirectorClient:
 
     def assignment(self) -> DirectorTarget | None:
         """The verified assignment, or ``None`` when the director names no bundle."""
+        return self.targets().assignment
+
+    def targets(self) -> DirectorTargets:
+        """The verified assignment and shadow (:func:`split_targets`), each ``None`` if unlisted."""
         self._repo.refresh()
         with refusals():
             targets: Metadata[Targets] = Metadata.from_file(str(self.metadata_dir / "targets.json"))
-        listed = list(targets.signed.targets.values())
-        if not listed:
-            return None
-        if len(listed) > 1:
-            raise UntrustedMetadata(f"the director names {len(listed)} bundles; expected one")
-        return DirectorTarget.from_target(listed[0])
+        return split_targets(
+            [DirectorTarget.from_target(t) for t in targets.signed.targets.values()]
+        )
 
 
 def resolve_assignment(

@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Collection
 
-STEPS = ("download", "verified", "staging", "staged", "trial")
+STEPS = ("download", "verified", "staging", "staged", "trial", "shadow-staging")
 
 
 class Faults:

@@ -22,12 +22,21 @@ from agent.ota.answers import (
     Changed,
     Downloaded,
     FetchAnswer,
+    NoShadow,
     Refused,
     RollbackAssigned,
+    ShadowAnswer,
+    ShadowDownloaded,
+    ShadowKept,
     Unassigned,
     Unavailable,
 )
-from agent.ota.director_client import DirectorClient, image_target_or_none, resolve_assignment
+from agent.ota.director_client import (
+    DirectorClient,
+    DirectorTarget,
+    image_target_or_none,
+    resolve_assignment,
+)
 from agent.ota.errors import RepositoryUnavailable, UpdateRefused
 from agent.ota.faults import Faults
 from agent.ota.image_repository import BundleTarget, ImageRepositoryClient, open_verified_manifest
@@ -42,6 +51,11 @@ def trust_dirs(config: AgentConfig) -> tuple[Path, Path]:
 
 def downloads_dir(config: AgentConfig) -> Path:
     return config.data_dir / "downloads"
+
+
+def shadow_downloads_dir(config: AgentConfig) -> Path:
+    """Where shadow bundles are downloaded, apart from the assignment's downloads."""
+    return config.data_dir / "shadow-downloads"
 
 
 def _fetch_config(config: AgentConfig) -> FetchConfig:
@@ -78,17 +92,12 @@ def resolve_marked(
     config: AgentConfig, installed_counter: int
 ) -> tuple[BundleTarget | None, str | None, ImageRepositoryClient]:
     """:func:`resolve`, with the bundle a marked fleet rollback replaces (``None``: none)."""
-    image_dir, director_dir = trust_dirs(config)
-    ImageRepositoryClient.provision(image_dir, config.image_repository.root)
-    fetch = _fetch_config(config)
-    image = ImageRepositoryClient(image_dir, config.image_repository.url, fetch)
-    if config.director is None:
+    director, image = _director_and_image(config)
+    if director is None:
         assert config.image_repository.name is not None  # the config insists on one
         image.refresh()
         chosen = image.choose(config.image_repository.name, config.hardware_id, installed_counter)
         return chosen, None, image
-    ImageRepositoryClient.provision(director_dir, config.director.root)
-    director = DirectorClient(director_dir, config.director.url, config.device_id, fetch)
     assigned = director.assignment()
     if assigned is None:
         return None, None, image
@@ -101,6 +110,71 @@ def resolve_marked(
         installed_counter,
     )
     return target, assigned.rollback_of, image
+
+
+def _director_and_image(
+    config: AgentConfig,
+) -> tuple[DirectorClient | None, ImageRepositoryClient]:
+    image_dir, director_dir = trust_dirs(config)
+    ImageRepositoryClient.provision(image_dir, config.image_repository.root)
+    fetch = _fetch_config(config)
+    image = ImageRepositoryClient(image_dir, config.image_repository.url, fetch)
+    if config.director is None:
+        return None, image
+    ImageRepositoryClient.provision(director_dir, config.director.root)
+    return DirectorClient(director_dir, config.director.url, config.device_id, fetch), image
+
+
+def resolve_shadow(
+    config: AgentConfig, installed_counter: int
+) -> tuple[BundleTarget | None, ImageRepositoryClient]:
+    """The director's shadow target, checked against the image repository like an assignment.
+
+    ``None`` when the director lists none (and always on a standalone device).
+    """
+    director, image = _director_and_image(config)
+    if director is None:
+        return None, image
+    listed: DirectorTarget | None = director.targets().shadow
+    if listed is None:
+        return None, image
+    image.refresh()
+    target = resolve_assignment(
+        listed,
+        image_target_or_none(image, listed.path),
+        config.device_id,
+        config.hardware_id,
+        installed_counter,
+    )
+    return target, image
+
+
+def run_shadow(config: AgentConfig, installed_counter: int, have: str | None) -> ShadowAnswer:
+    """Carry out ``shadow``: what the director lists as this device's shadow, downloaded.
+
+    ``have`` is the bundle id of the shadow the device holds: if the director
+    still lists it, nothing is downloaded. Installing the shadow never touches
+    the assignment's downloads, slots or journal.
+    """
+    try:
+        target, image = resolve_shadow(config, installed_counter)
+    except RepositoryUnavailable as exc:
+        return _unavailable(exc)
+    except UpdateRefused as exc:
+        return _refused(exc, "shadow")
+    if target is None:
+        return NoShadow()
+    signed = InstallTarget.model_validate(asdict(target))
+    if have is not None and have in signed.matching_ids():
+        return ShadowKept(target=signed)
+    try:
+        path = image.download(target, shadow_downloads_dir(config))
+        open_verified_manifest(path, target)
+    except RepositoryUnavailable as exc:
+        return _unavailable(exc)
+    except UpdateRefused as exc:
+        return _refused(exc, "shadow")
+    return ShadowDownloaded(target=signed, path=str(path))
 
 
 def run(
@@ -149,12 +223,12 @@ def _unavailable(exc: UpdateRefused) -> Unavailable:
     return Unavailable(reason=exc.reason, message=exc.detail)
 
 
-def _refused(exc: UpdateRefused, about: Literal["assignment", "download"]) -> Refused:
+def _refused(exc: UpdateRefused, about: Literal["assignment", "download", "shadow"]) -> Refused:
     return Refused(
         reason=exc.reason,
         message=exc.detail,
         about=about,
-        condemns_bundle=about == "download" and exc.condemns_bundle,
+        condemns_bundle=about != "assignment" and exc.condemns_bundle,
     )
 
 
@@ -168,16 +242,21 @@ def _die_with(parent: int) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="edge-agent-fetch")
-    parser.add_argument("command", choices=["check", "download"])
+    parser.add_argument("command", choices=["check", "download", "shadow"])
     parser.add_argument("--config", required=True)
     parser.add_argument("--installed-counter", type=int, default=0)
     parser.add_argument("--expect", help="the bundle id (ALGORITHM:HEX) a download is for")
+    parser.add_argument("--have", help="the bundle id of the shadow the device holds")
     parser.add_argument("--parent", type=int, help="the agent's pid: the fetcher dies with it")
     args = parser.parse_args()
     if args.parent is not None:
         _die_with(args.parent)
     config = AgentConfig.load(Path(args.config))
-    answer = run(args.command, config, args.installed_counter, args.expect)
+    answer: FetchAnswer | ShadowAnswer
+    if args.command == "shadow":
+        answer = run_shadow(config, args.installed_counter, args.have)
+    else:
+        answer = run(args.command, config, args.installed_counter, args.expect)
     print(answer.model_dump_json(), flush=True)
     return 0
 

@@ -17,7 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from agent.ota.answers import FetchAnswer, Unavailable, parse_answer
+from agent.ota.answers import (
+    FetchAnswer,
+    ShadowAnswer,
+    Unavailable,
+    parse_answer,
+    parse_shadow_answer,
+)
 from agent.ota.journal import Journal
 from agent.ota.selftest import SelfTestReport, self_test
 from agent.ota.slots import SlotPointer, Slots
@@ -138,7 +144,26 @@ class ProcessFetcher:
     async def download(self, installed_counter: int, expect: str) -> FetchAnswer:
         return await self._run("download", installed_counter, "--expect", expect)
 
+    async def shadow(self, installed_counter: int, known: str | None) -> ShadowAnswer:
+        """The director's shadow for this device (:func:`agent.ota.fetch_worker.run_shadow`)."""
+        extra = ("--have", known) if known is not None else ()
+        line, status = await self._output("shadow", installed_counter, *extra)
+        try:
+            return parse_shadow_answer(line)
+        except ValueError:
+            return _fetcher_failed(status)
+
     async def _run(self, command: str, installed_counter: int, *extra: str) -> FetchAnswer:
+        line, status = await self._output(command, installed_counter, *extra)
+        try:
+            return parse_answer(line)
+        except ValueError:
+            return _fetcher_failed(status)
+
+    async def _output(
+        self, command: str, installed_counter: int, *extra: str
+    ) -> tuple[str, int | None]:
+        """The last line the fetcher printed (empty if none), and its exit status."""
         # No preexec_fn: Python code between fork and exec can deadlock in a process
         # with threads; the child ties its life to ours itself (--parent).
         process = await asyncio.create_subprocess_exec(
@@ -162,10 +187,11 @@ class ProcessFetcher:
                 process.kill()
             await process.wait()
             raise
-        try:
-            return parse_answer(out.decode().strip().splitlines()[-1])
-        except (IndexError, ValueError):
-            return Unavailable(
-                reason="fetcher-failed",
-                message=f"the update fetcher exited with status {process.returncode}",
-            )
+        lines = out.decode(errors="replace").strip().splitlines()
+        return (lines[-1] if lines else ""), process.returncode
+
+
+def _fetcher_failed(status: int | None) -> Unavailable:
+    return Unavailable(
+        reason="fetcher-failed", message=f"the update fetcher exited with status {status}"
+    )

@@ -14,6 +14,7 @@ from agent.serving.chain import (
     UnknownVersion,
 )
 from agent.serving.cloud import CloudClient, CloudError, CloudStage
+from agent.serving.shadow import ShadowResult, ShadowRunner
 from agent.serving.stages import ModelStage, SafeDefaultStage, Stage
 from agent.serving.validation import InputContract, InvalidInput, validate_inputs
 
@@ -34,6 +35,8 @@ __all__ = [
     "ModelStage",
     "SafeDefaultStage",
     "ServingPlan",
+    "ShadowResult",
+    "ShadowRunner",
     "Stage",
     "StageCounters",
     "StageObserver",

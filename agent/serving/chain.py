@@ -19,6 +19,8 @@ Rules, in order:
    stands.
 6. ``set_models`` swaps the models (an install switches slots); a request in
    flight finishes on the models it started with.
+7. A shadow model (``set_shadow``, :mod:`agent.serving.shadow`) is offered each
+   request after its answer is made; it never changes or fails the answer.
 
 Every answer says which stage and model version served it and what happened
 at each stage tried. Observers (a watchdog that rolls back a bad new model)
@@ -41,6 +43,7 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent.serving.breaker import BreakerState, CircuitBreaker
+from agent.serving.shadow import ShadowRunner
 from agent.serving.stages import (
     INLINE_BELOW_S,
     ModelStage,
@@ -193,6 +196,7 @@ class FallbackChain:
         self._counters = {name: StageCounters() for name in STAGE_NAMES}
         self._snapshot = _Snapshot(plan=plan or ServingPlan())
         self._listener: AnswerListener | None = None
+        self._shadow: ShadowRunner | None = None
         self.set_cloud(cloud)
         self.set_models(active=active, previous=previous)
 
@@ -224,6 +228,20 @@ class FallbackChain:
         self._snapshot = dataclasses.replace(
             old, cloud=_Entry(cloud, self._breaker()) if cloud is not None else None
         )
+
+    def set_shadow(self, shadow: ShadowRunner | None) -> None:
+        """Offer every answered request to ``shadow`` from now on (``None``: no shadow runs).
+
+        The shadow replaced stops taking requests (:meth:`ShadowRunner.close`).
+        """
+        old, self._shadow = self._shadow, shadow
+        if old is not None and old is not shadow:
+            old.close()
+
+    @property
+    def shadow(self) -> ShadowRunner | None:
+        """The shadow model offered the answered requests, if one runs."""
+        return self._shadow
 
     def set_plan(self, plan: ServingPlan) -> None:
         """Serve by ``plan`` from the next request on."""
@@ -334,6 +352,12 @@ class FallbackChain:
                 self._listener(validated[0], answer, seconds)
             except Exception:  # telemetry must never fail a request
                 logger.exception("an answer listener failed")
+        shadow = self._shadow
+        if shadow is not None and validated and not answer.escalated:
+            try:
+                shadow.offer(validated[0], answer.outputs, answer.stage)
+            except Exception:  # the shadow must never fail a request
+                logger.exception("the shadow model failed to take a request")
         return answer
 
     def on_answer(self, listener: AnswerListener | None) -> None:

@@ -28,7 +28,7 @@ from protocol.histogram import DEFAULT_MAX_BUCKETS, ExponentialHistogram, record
 from protocol.inference import STAGE_NAMES, StageName
 from protocol.manifest import Manifest, TensorSpec
 from protocol.summary import SCORE_BIN_COUNT, FeatureSummary, ScoreHistogram
-from protocol.window import WindowSummary
+from protocol.window import ShadowSummary, WindowSummary
 
 Tensors = Mapping[str, npt.ArrayLike]
 F64 = npt.NDArray[np.float64]
@@ -177,6 +177,32 @@ def _score_output(manifest: Manifest) -> tuple[str | None, tuple[str, ...]]:
 
 
 @dataclass
+class ShadowTally:
+    """What a shadow model did on the window's requests (a :class:`ShadowSummary`)."""
+
+    bundle_id: str
+    model_version: str
+    requests: int = 0
+    agreements: int = 0
+    errors: int = 0
+    latencies: list[float] = field(default_factory=list)  # seconds
+
+    def summary(self) -> ShadowSummary:
+        latency = ExponentialHistogram()
+        if self.latencies:
+            ms = np.array(self.latencies, dtype=np.float64) * 1000.0
+            latency = record(latency, ms, DEFAULT_MAX_BUCKETS)
+        return ShadowSummary(
+            bundle_id=self.bundle_id,
+            model_version=self.model_version,
+            requests=self.requests,
+            agreements=self.agreements,
+            errors=self.errors,
+            latency_ms=latency,
+        )
+
+
+@dataclass
 class RunningWindow:
     """The additive state of the open window."""
 
@@ -202,6 +228,8 @@ class RunningWindow:
     latency: ExponentialHistogram = field(default_factory=ExponentialHistogram)
     # Latencies not in ``latency`` yet: a closed window records them when it is handed out.
     latencies: list[float] = field(default_factory=list)
+    # What a shadow model did beside the active one, when one ran in this window.
+    shadow: ShadowTally | None = None
 
     def __post_init__(self) -> None:
         k = self.layout.features
@@ -345,6 +373,7 @@ class RunningWindow:
             features=features,
             scores=scores,
             latency_ms=self.latency,
+            shadow=self.shadow.summary() if self.shadow is not None else None,
         )
 
 

@@ -40,7 +40,12 @@ Rules:
    version, the cloud or the safe default are counted in ``served`` only. A
    counted answer whose scores are NaN or Inf is an error, and its rows stay out
    of the histogram.
-7. Closed windows wait in a queue until :meth:`~WindowRecorder.poll` hands them
+7. A shadow model's results (:meth:`WindowRecorder.record_shadow`, from
+   :mod:`agent.serving.shadow`) are counted in the window open when they
+   arrive, as its ``shadow`` section; a window in which no shadow ran has
+   none. A result of another shadow bundle than the window's closes the
+   window first, so a section never mixes two shadows.
+8. Closed windows wait in a queue until :meth:`~WindowRecorder.poll` hands them
    out, each with a fresh id (uuid4). The queue is bounded
    (:data:`MAX_CLOSED_WINDOWS`); if nobody collects them the oldest go and are
    counted (:attr:`~WindowRecorder.dropped_windows`).
@@ -67,6 +72,7 @@ from agent.telemetry.budget import LATENCY_SAMPLE, SamplingBudget, geometric_gap
 from agent.telemetry.fold import (
     RowBuffer,
     RunningWindow,
+    ShadowTally,
     Tensors,
     WindowLayout,
     WindowRecordError,
@@ -366,6 +372,36 @@ class WindowRecorder:
             if scores is not None:
                 buffer.score_starts.append(first_score)
                 buffer.score_rows = first_score + rows
+
+    def record_shadow(
+        self, bundle_id: str, model_version: str, *, agreed: bool, error: bool, latency_s: float
+    ) -> None:
+        """Count one request a shadow model ran on: agreed with the answer served, or failed.
+
+        Ignored while no model is installed. Raises :class:`WindowRecordError`
+        for a latency that is not a finite number >= 0, or an agreement that
+        is also an error.
+        """
+        if not 0.0 <= latency_s < _INF:
+            raise WindowRecordError(f"latency must be a finite number >= 0, got {latency_s!r}")
+        if agreed and error:
+            raise WindowRecordError("a shadow run cannot both agree and fail")
+        window = self._window
+        if window is None:
+            return
+        tally = window.shadow
+        if tally is not None and tally.bundle_id != bundle_id:
+            # A window without requests stays open (and its old tally is replaced).
+            self._close_window(None, full=False)
+            window = self._window
+            assert window is not None
+            tally = None
+        if tally is None:
+            tally = window.shadow = ShadowTally(bundle_id, model_version)
+        tally.requests += 1
+        tally.agreements += agreed
+        tally.errors += error
+        tally.latencies.append(latency_s)
 
     def record_error(self, latency_s: float | None = None) -> None:
         """Count a request that got no answer (the chain could not serve it) as an error.

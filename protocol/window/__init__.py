@@ -9,6 +9,7 @@ from protocol.window.codec import (
 )
 from protocol.window.model import (
     WINDOW_SCHEMA_VERSION,
+    ShadowSummary,
     WindowAggregate,
     WindowMergeError,
     WindowSummary,
@@ -20,6 +21,7 @@ __all__ = [
     "WINDOW_CODEC_VERSION",
     "WINDOW_MAGIC",
     "WINDOW_SCHEMA_VERSION",
+    "ShadowSummary",
     "WindowAggregate",
     "WindowCodecError",
     "WindowMergeError",

@@ -24,8 +24,18 @@ only those that show a new range. Nothing is lost by leaving the counts out:
 a window without values beyond the baseline's range has its ``min`` and
 ``max`` inside it, which proves both counts are 0
 (:func:`protocol.drift.windows.count_beyond_baseline`). Such a window, and any window
-of version 1 or 2, reads back with the counts ``None`` (not counted). The
-reader reads all three.
+of version 1 or 2, reads back with the counts ``None`` (not counted).
+
+Version 4 carries what a shadow model did beside the active one
+(:class:`~protocol.window.model.ShadowSummary`): it is version 2 with a
+sections byte after ``unsummarised_requests`` (``0x01``: features carry the
+counts beyond the baseline as in version 3; ``0x02``: a shadow section
+follows the features) and, at the end of the body, the shadow section::
+
+    bundle_id model_version | requests agreements errors | latency histogram
+
+It is written only for a window with a shadow section, so every other window
+keeps its version 1, 2 or 3 bytes. The reader reads all four.
 
 The body is unsigned LEB128 varints (signed ones zigzag-coded), little-endian
 IEEE floats and short strings (a kind byte — absent, UTF-8, hex digits packed
@@ -64,13 +74,18 @@ from pydantic import TypeAdapter, ValidationError
 from protocol.histogram import ExponentialHistogram
 from protocol.inference import STAGE_NAMES
 from protocol.summary import FeatureSummary, ScoreHistogram
-from protocol.window.model import WindowSummary
+from protocol.window.model import ShadowSummary, WindowSummary
 
-WINDOW_CODEC_VERSION: Final = 3
+WINDOW_CODEC_VERSION: Final = 4
 # Windows that summarised every request are written in version 1, which old readers know,
 # sampled ones in version 2; version 3 only for a window with values beyond the baseline.
 _EXACT_CODEC_VERSION: Final = 1
 _SAMPLED_CODEC_VERSION: Final = 2
+_BEYOND_CODEC_VERSION: Final = 3
+# Version 4's sections byte.
+_SECTION_BEYOND: Final = 0x01
+_SECTION_SHADOW: Final = 0x02
+_SECTIONS: Final = _SECTION_BEYOND | _SECTION_SHADOW
 WINDOW_MAGIC: Final = b"EFW"
 # A decoded body larger than this is refused (a window of 1,024 features is ~100 kB).
 MAX_BODY_BYTES: Final = 1 << 20
@@ -507,12 +522,43 @@ def _read_scores(r: _Reader) -> ScoreHistogram | None:
     return ScoreHistogram(classes=classes, counts=counts)
 
 
+def _write_shadow(w: _Writer, shadow: ShadowSummary) -> None:
+    w.text(shadow.bundle_id)
+    w.text(shadow.model_version)
+    w.uint(shadow.requests)
+    w.uint(shadow.agreements)
+    w.uint(shadow.errors)
+    _write_latency(w, shadow.latency_ms)
+
+
+def _read_shadow(r: _Reader) -> ShadowSummary:
+    try:
+        bundle_id, model_version = r.required_text(), r.required_text()
+        requests, agreements, errors = r.uint(), r.uint(), r.uint()
+        latency = _read_latency(r)
+    except WindowCodecError as exc:
+        raise WindowCodecError(f"the shadow section is malformed: {exc}") from None
+    try:
+        return ShadowSummary(
+            bundle_id=bundle_id,
+            model_version=model_version,
+            requests=requests,
+            agreements=agreements,
+            errors=errors,
+            latency_ms=latency,
+        )
+    except ValidationError as exc:
+        raise _invalid(exc, "shadow") from None
+
+
 def _most_common(values: list[int]) -> int:
     return Counter(values).most_common(1)[0][0] if values else 0
 
 
 def _check_limits(window: WindowSummary) -> None:
     """Refuse to write what :func:`decode_window` would refuse to read."""
+    if window.shadow is not None and len(window.shadow.latency_ms.counts) > MAX_BINS:
+        raise WindowCodecError(f"more than {MAX_BINS} bins in the shadow's latency histogram")
     if len(window.features) > MAX_FEATURES:
         raise WindowCodecError(f"{len(window.features)} features; the codec carries {MAX_FEATURES}")
     widest = max((len(f.counts) for f in window.features), default=0)
@@ -547,19 +593,25 @@ def encode_window(window: WindowSummary) -> bytes:
     w.uint(window.requests)
     w.uint(window.errors)
     beyond = _beyond(window.features)
-    if beyond:
+    if window.shadow is not None:
         version = WINDOW_CODEC_VERSION
+    elif beyond:
+        version = _BEYOND_CODEC_VERSION
     elif window.unsummarised_requests:
         version = _SAMPLED_CODEC_VERSION
     else:
         version = _EXACT_CODEC_VERSION
     if version >= 2:
         w.uint(window.unsummarised_requests)
+    if version >= 4:
+        w.buf.append((_SECTION_BEYOND if beyond else 0) | _SECTION_SHADOW)
     for stage in STAGE_NAMES:
         w.uint(window.served.get(stage, 0))
     _write_latency(w, window.latency_ms)
     _write_scores(w, window.scores)
     _write_features(w, window.features, beyond)
+    if window.shadow is not None:
+        _write_shadow(w, window.shadow)
     body = bytes(w.buf)
     header = WINDOW_MAGIC + bytes([version]) + _CRC.pack(zlib.crc32(body))
     return header + lzma.compress(body, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
@@ -606,12 +658,16 @@ def decode_window(data: bytes) -> WindowSummary:
         start, end = r.f64(), r.f64()
         requests, errors = r.uint(), r.uint()
         unsummarised = r.uint() if version >= 2 else 0
+        sections = _read_sections(r) if version >= 4 else 0
+        beyond = version == _BEYOND_CODEC_VERSION or bool(sections & _SECTION_BEYOND)
         served = {stage: r.uint() for stage in STAGE_NAMES}
         latency = _read_latency(r)
         scores = _read_scores(r)
-        features = _read_features(r, version >= 3)
+        features = _read_features(r, beyond)
+        shadow = _read_shadow(r) if sections & _SECTION_SHADOW else None
         if r.pos != len(body):
-            raise WindowCodecError(f"{len(body) - r.pos} unexpected bytes after the last feature")
+            last = "the shadow section" if shadow is not None else "the last feature"
+            raise WindowCodecError(f"{len(body) - r.pos} unexpected bytes after {last}")
         return WindowSummary(
             window_id=window_id,
             device_id=device_id,
@@ -629,6 +685,17 @@ def decode_window(data: bytes) -> WindowSummary:
             features=features,
             scores=scores,
             latency_ms=latency,
+            shadow=shadow,
         )
     except ValidationError as exc:
         raise _invalid(exc) from None
+
+
+def _read_sections(r: _Reader) -> int:
+    """Version 4's sections byte; a version 4 window always has its shadow section."""
+    sections = r.byte()
+    if sections & ~_SECTIONS:
+        raise WindowCodecError(f"unknown window sections {sections:#x}")
+    if not sections & _SECTION_SHADOW:
+        raise WindowCodecError("a version 4 window without its shadow section")
+    return sections

@@ -32,6 +32,7 @@ from protocol.summary import (
 from protocol.window import (
     WINDOW_CODEC_VERSION,
     WINDOW_MAGIC,
+    ShadowSummary,
     WindowAggregate,
     WindowCodecError,
     WindowMergeError,
@@ -547,7 +548,7 @@ def test_counts_beyond_the_baseline_round_trip_in_version_3(unsummarised: int) -
         [(0, 2), (1, 0)],
     )
     data = encode_window(window)
-    assert data[3] == WINDOW_CODEC_VERSION == 3
+    assert data[3] == 3
     got = decode_window(data)
     assert got == window
     assert [(f.below_baseline, f.above_baseline) for f in got.features] == [(0, 2), (1, 0)]
@@ -595,3 +596,99 @@ def test_merging_adds_counts_beyond_the_baseline_and_keeps_not_counted() -> None
     assert [(f.below_baseline, f.above_baseline) for f in merged.features] == [(0, 3), (1, 0)]
     unknown = merge_windows([a, _v1_window()])
     assert all(f.above_baseline is None for f in unknown.features)
+
+
+# -- the shadow section (version 4) ----------------------------------------------------
+
+_SHADOW_ID = "sha256:" + "ab" * 32
+
+
+def _shadowed(window: WindowSummary, **fields: object) -> WindowSummary:
+    latency = ExponentialHistogram()
+    for ms in (1.5, 2.0, 2.5, 40.0):
+        latency = record(latency, [ms])
+    shadow = {
+        "bundle_id": _SHADOW_ID,
+        "model_version": "2.0.0",
+        "requests": 4,
+        "agreements": 3,
+        "errors": 1,
+        "latency_ms": latency,
+        **fields,
+    }
+    return window.model_copy(update={"shadow": ShadowSummary.model_validate(shadow)})
+
+
+@pytest.mark.parametrize("counted", [False, True])
+@pytest.mark.parametrize("unsummarised", [0, 4])
+def test_a_shadow_section_round_trips_in_version_4(unsummarised: int, counted: bool) -> None:
+    window = _v1_window().model_copy(update={"requests": 9, "unsummarised_requests": unsummarised})
+    if counted:
+        window = _counted(window, [(0, 2), (1, 0)])
+    window = _shadowed(window)
+    data = encode_window(window)
+    assert data[3] == WINDOW_CODEC_VERSION == 4
+    got = decode_window(data)
+    assert got == window
+    assert got.shadow is not None and got.shadow.latency_ms.count == 4
+
+
+def test_a_window_without_a_shadow_keeps_its_old_bytes() -> None:
+    assert _v1_window().shadow is None
+    assert encode_window(_v1_window()) == V1_WINDOW
+    assert encode_window(_v2_window()) == V2_WINDOW
+    assert decode_window(V1_WINDOW).shadow is None
+    # A shadow with an empty latency histogram (it never finished) round-trips too.
+    empty = _shadowed(_v1_window(), requests=0, agreements=0, errors=0, latency_ms={})
+    assert decode_window(encode_window(empty)) == empty
+
+
+def _shadow_body(window: WindowSummary) -> tuple[bytes, int]:
+    """The body of ``window`` and where its shadow section starts."""
+    body = _body(encode_window(window))
+    at = body.rfind(bytes([3]) + bytes.fromhex(_SHADOW_ID[7:]))
+    assert at > 0
+    return body, at
+
+
+def test_malformed_shadow_sections_are_refused_naming_what_is_wrong() -> None:
+    window = _shadowed(_v1_window())
+    body, at = _shadow_body(window)
+    # bundle id (33 bytes), version (kind, length 5, "2.0.0"), then the three counts.
+    counts = at + 33 + 7
+    assert body[counts : counts + 3] == bytes([4, 3, 1])
+    more = bytearray(body)
+    more[counts + 1] = 4  # 4 agreements and 1 error of 4 requests
+    with pytest.raises(WindowCodecError, match=r"invalid at shadow: .*4 agreements and 1 errors"):
+        decode_window(_frame(bytes(more), 4))
+    with pytest.raises(WindowCodecError, match=r"the shadow section is malformed: .*truncated"):
+        decode_window(_frame(body[: counts + 2], 4))
+    absent = bytearray(body)
+    absent[at] = 0  # no bundle id
+    with pytest.raises(WindowCodecError, match="shadow section is malformed: a required string"):
+        decode_window(_frame(bytes(absent[: at + 1]) + body[at + 33 :], 4))
+    bad_id = _frame(body[:at] + bytes([1, 3]) + b"a b" + body[at + 33 :], 4)
+    with pytest.raises(WindowCodecError, match=r"invalid at shadow\.bundle_id"):
+        decode_window(bad_id)
+    with pytest.raises(WindowCodecError, match="unexpected bytes after the shadow section"):
+        decode_window(_frame(body + b"\x00", 4))
+
+
+def test_a_version_4_window_names_its_sections_or_is_refused() -> None:
+    body, _ = _shadow_body(_shadowed(_v2_window()))
+    # Bodies of versions 2 and 4 agree up to the unsummarised count; 4 then has its byte.
+    plain = _body(encode_window(_v2_window()))
+    sections_at = next(i for i, (a, b) in enumerate(zip(plain, body, strict=False)) if a != b)
+    assert body[sections_at] == 0x02
+    for flags, message in ((0x06, "unknown window sections 0x6"), (0x00, "without its shadow")):
+        edited = bytearray(body)
+        edited[sections_at] = flags
+        with pytest.raises(WindowCodecError, match=message):
+            decode_window(_frame(bytes(edited), 4))
+    with pytest.raises(WindowCodecError, match="version 5 is not supported"):
+        decode_window(_frame(body, 5))
+
+
+def test_a_shadow_summary_with_more_outcomes_than_requests_is_invalid() -> None:
+    with pytest.raises(ValueError, match="2 agreements and 1 errors of only 2 shadow requests"):
+        ShadowSummary(bundle_id=_SHADOW_ID, model_version="2", requests=2, agreements=2, errors=1)
