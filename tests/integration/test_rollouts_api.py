@@ -113,7 +113,8 @@ class Fleet(Fleetctl):
 
     def shadow_windows(self, end: float, errors: int, *device_ids: str) -> None:
         """A window of each device on 1.0.0 with a shadow section of 2.0.0 (30 of its 60
-        requests, ``errors`` of them failed), through the server's own write path."""
+        requests, ``errors`` of them failed), encoded as a device sends it, through the
+        server's own ingest."""
         batch = []
         for n, device_id in enumerate(device_ids):
             rng = np.random.default_rng(1000 + n)
@@ -140,7 +141,10 @@ class Fleet(Fleetctl):
                 latency_ms=record(ExponentialHistogram(), rng.lognormal(3.5, 0.3, size=60)),
                 shadow=shadow,
             )
-            batch.append(Accepted(device_id, "windows", w, encode_window(w)))
+            verdict = classify(windows_topic(NS, device_id), encode_window(w), 65536, namespace=NS)
+            assert isinstance(verdict, Accepted), verdict
+            assert isinstance(verdict.message, WindowSummary) and verdict.message.shadow == shadow
+            batch.append(verdict)
         result = self.api.call(write_batch(self.api.server.db, batch, "test"))
         assert not result.dropped, result.dropped
 
