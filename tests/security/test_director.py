@@ -16,7 +16,7 @@ import pytest
 
 from agent.config import AgentConfig
 from agent.ota import errors
-from agent.ota.fetch_worker import resolve
+from agent.ota.fetch_worker import resolve, resolve_shadow
 from fleet_server.director import DirectorRepository
 from fleet_server.director.repository import assignment_custom
 from fleet_server.release.keys import KeyStore, init_keys
@@ -236,6 +236,8 @@ def test_expiring_director_timestamps_are_re_signed(
 
 
 def test_a_shadow_is_signed_beside_the_assignment_with_its_mark_and_never_a_rollback(
+    tmp_path: Path,
+    repo: ImageRepository,
     director: DirectorRepository,
     director_keys: KeyStore,
     released: dict[str, ReleasedBundle],
@@ -249,6 +251,12 @@ def test_a_shadow_is_signed_beside_the_assignment_with_its_mark_and_never_a_roll
     assert targets["targets"][v2.target_path]["custom"][SHADOW] is True
     assert SHADOW not in targets["targets"][v1.target_path]["custom"]
     assert ROLLBACK_OF not in targets["targets"][v2.target_path]["custom"]
+    # The device's own code reads the two apart: its assignment, and its shadow.
+    config = agent_config(tmp_path, repo, director)
+    assigned, _ = resolve(config, 0)
+    shadow, _ = resolve_shadow(config, 0)
+    assert assigned is not None and assigned.version == "1.0.0"
+    assert shadow is not None and (shadow.version, shadow.sha256) == ("2.0.0", v2.sha256)
     # A device assigned nothing may hold a shadow alone; dropped, the metadata names nothing.
     director.unassign(director_keys, DEVICE, shadow=v2, hardware_id=HARDWARE)
     assert director.signed(DEVICE).target_path is None
