@@ -327,7 +327,7 @@ class AssignmentService:
         if self.publish is None or not device_ids:
             return
         async with db.session() as session:
-            devices = await store.lock_devices(session, list(device_ids))
+            devices = await store.devices_by_id(session, device_ids)
             targets = {d.assigned_target for d in devices if d.assigned_target is not None}
             releases = await store.releases_by_path(session, targets)
         for device in devices:

@@ -111,6 +111,17 @@ async def lock_assigned(session: AsyncSession, target_path: str) -> list[Device]
     )
 
 
+async def devices_by_id(session: AsyncSession, device_ids: Sequence[str]) -> list[Device]:
+    """The devices named (those that exist), in id order, unlocked."""
+    return list(
+        (
+            await session.scalars(
+                select(Device).where(Device.id.in_(list(device_ids))).order_by(Device.id)
+            )
+        ).all()
+    )
+
+
 async def lock_shadowing(session: AsyncSession, target_path: str) -> list[Device]:
     """The devices holding ``target_path`` as a shadow install, locked in id order."""
     return list(
