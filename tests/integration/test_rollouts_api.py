@@ -673,3 +673,44 @@ def test_an_abort_in_the_shadow_stage_drops_the_shadows(fleet: Fleet) -> None:
     assert status == 200 and aborted["phase"] == "aborted"
     assert all(fleet.device(d)["shadow_target"] is None for d in wave)
     assert all(fleet.signed_targets(d) == {} for d in wave)
+
+
+def test_shadows_install_only_while_the_window_is_open_and_no_faster_than_the_rate(
+    fleet: Fleet,
+) -> None:
+    for tag in ("shp", "shr"):
+        for n in range(24):
+            fleet.register(f"{tag}-{n:02d}", tag)
+            fleet.reports(f"{tag}-{n:02d}", "1.0.0", C1)
+    now = datetime.now(UTC).replace(second=0, microsecond=0)
+    opens = now + timedelta(hours=6)
+    window = f"daily {opens:%H}:00-{(opens + timedelta(hours=1)):%H}:00 UTC"
+    status, windowed = fleet.call(
+        "POST", "/rollouts", body=spec("shp", shadow="12h", window=window)
+    )
+    assert status == 201, windowed
+    status, paced = fleet.call("POST", "/rollouts", body=spec("shr", shadow="12h", rate="2/min"))
+    assert status == 201, paced
+
+    def holding(rollout_id: str) -> int:
+        _, shown = fleet.call("GET", f"/rollouts/{rollout_id}")
+        assert shown["phase"] == "shadow", shown
+        return int(shown["shadow"]["holding"])
+
+    fleet.tick(now)
+    _, shown = fleet.call("GET", f"/rollouts/{windowed['id']}")
+    wave = shown["stages"][0]["devices"]
+    assert wave >= 3 and holding(windowed["id"]) == 0  # its window is closed
+    assert holding(paced["id"]) == 2  # the ramp's first minute
+    fleet.tick(now + timedelta(seconds=30))
+    assert holding(paced["id"]) == 2
+    fleet.tick(now + timedelta(seconds=61))
+    assert holding(paced["id"]) == min(4, wave)
+    fleet.tick(opens.replace(minute=0) + timedelta(minutes=5))  # the window is open
+    assert holding(windowed["id"]) == wave
+    for rollout in (windowed, paced):
+        holders = [d for d in fleet.call("GET", "/devices")[1]["devices"]
+                   if d.get("shadow_rollout") == rollout["id"]]  # fmt: skip
+        assert holders and all(d["assigned_target"] is None for d in holders)
+        assert fleet.call("POST", f"/rollouts/{rollout['id']}/abort", body={})[0] == 200
+        assert all(fleet.device(d["id"])["shadow_target"] is None for d in holders)
