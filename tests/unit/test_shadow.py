@@ -516,3 +516,41 @@ def test_a_shadow_runs_after_its_self_test_again_after_a_restart_and_goes_when_u
     assert asyncio.run(again.poll()) is st.ShadowPhase.ABSENT
     assert reported[-1][0] == "shadow-dropped" and published[-1] is None
     assert not (tmp_path / "shadow" / "current").exists()
+
+
+def test_the_agent_metrics_show_the_shadow_and_what_it_ran_and_skipped(
+    manifests: dict[str, Manifest],
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from agent.metrics import AgentMetrics
+
+    metrics = AgentMetrics()
+    chain = _chain(manifests)
+    metrics.watch(chain=chain)
+    assert b"shadow" not in metrics.exposition()
+    stalled = Stalled(load("v1"))
+    runner = ShadowRunner(
+        "sha256:" + "e" * 64, manifests["v1"], stalled, share=1.0, on_result=lambda _: None
+    )
+    chain.set_shadow(runner)
+    served = load("v1").run({"features": BASELINE[:1]})
+
+    async def offer() -> None:
+        for _ in range(3):  # the first runs (and stalls), the others find it busy
+            runner.offer({"features": BASELINE[:1]}, served, "active")
+        stalled.release.set()
+        await runner.idle()
+
+    asyncio.run(offer())
+    found = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(metrics.exposition().decode())
+        for s in family.samples
+    }
+    prefix = "edgefleet_agent_shadow_"
+    assert found[(prefix + "requests_total", (("outcome", "ran"),))] == 1
+    assert found[(prefix + "requests_total", (("outcome", "skipped"),))] == 2
+    assert (
+        found[(prefix + "info", (("bundle_id", "sha256:" + "e" * 64), ("version", "1.0.0")))] == 1
+    )
