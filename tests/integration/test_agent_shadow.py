@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from tuf.api.metadata import TargetFile
 
+from agent.config import AgentConfig
+from agent.status import collect_status, describe_status
 from agent.telemetry.outbox import Outbox
 from fleet_server.director.repository import assignment_custom
 from fleet_server.release.keys import KeyStore, init_keys
@@ -156,6 +158,9 @@ def test_an_identical_shadow_agrees_on_every_request_it_runs_and_changes_nothing
     assert installed_event["memory_mb"] is not None and installed_event["latency_p95_ms"] > 0
     assert device_state(agent) == before, "the shadow changed the slots or the journal"
     assert (agent.data_dir / "shadow" / "current" / "manifest.json").exists()
+    status = collect_status(AgentConfig.load(agent.config))
+    assert status["shadow"]["version"] == "1.0.1"
+    assert "shadow: pump-health 1.0.1 (answers not served)" in describe_status(status)
 
     rows = field_rows(40, seed=3)
     served = answers(agent, url, rows)

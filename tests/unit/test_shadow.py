@@ -26,7 +26,8 @@ from agent.ota.answers import (
 from agent.ota.director_client import DirectorTarget, split_targets
 from agent.ota.errors import UntrustedMetadata
 from agent.ota.journal import InstallTarget
-from agent.ota.shadow import ShadowKeeper, ShadowStore
+from agent.ota.shadow import ShadowKeeper
+from agent.ota.shadow_store import ShadowStore
 from agent.serving import FallbackChain, ModelSlot, ShadowResult, ShadowRunner
 from agent.serving.shadow import compare
 from agent.telemetry import WindowPolicy, WindowRecorder, WindowRecordError
