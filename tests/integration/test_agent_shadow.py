@@ -19,6 +19,8 @@ import pytest
 from tuf.api.metadata import TargetFile
 
 from agent.config import AgentConfig
+from agent.ota.answers import NoShadow, Refused, ShadowDownloaded, ShadowKept
+from agent.ota.fetch_worker import run_shadow, shadow_downloads_dir
 from agent.status import collect_status, describe_status
 from agent.telemetry.outbox import Outbox
 from fleet_server.director.repository import assignment_custom
@@ -308,3 +310,24 @@ def test_a_power_cut_mid_shadow_install_leaves_the_device_serving_its_active_mod
     assert manifest["version"] == "1.0.1"
     assert device_state(agent) == before
     agent.stop()
+
+
+def test_the_fetcher_checks_a_shadow_like_an_assignment_release_counter_included(
+    fleet: Fleet, built: dict[str, Path]
+) -> None:
+    released = {k: fleet.release(v) for k, v in built.items()}
+    list_targets(fleet, released["v1"], released["v1-again"])
+    config = AgentConfig.load(fleet.agent_config(DEVICE))
+    below = run_shadow(config, released["v3-bad"].release_counter, None)
+    assert isinstance(below, Refused), below
+    assert (below.reason, below.about) == ("release-counter-downgrade", "shadow")
+    assert "1.0.1" in below.message
+    assert not shadow_downloads_dir(config).exists()  # refused before any download
+
+    got = run_shadow(config, released["v1"].release_counter, None)
+    assert isinstance(got, ShadowDownloaded), got
+    assert got.target.version == "1.0.1" and Path(got.path).parent == shadow_downloads_dir(config)
+    kept = run_shadow(config, released["v1"].release_counter, got.target.bundle_id)
+    assert isinstance(kept, ShadowKept) and kept.target == got.target
+    fleet.assign(DEVICE, released["v1"])
+    assert isinstance(run_shadow(config, released["v1"].release_counter, None), NoShadow)
