@@ -33,7 +33,8 @@ from agent.ota.durable import atomic_write
 from agent.ota.faults import Faults
 from agent.ota.installer import Installer
 from agent.ota.parts import ProcessFetcher, SlotModel
-from agent.ota.shadow import ShadowKeeper, ShadowModel, ShadowStore
+from agent.ota.shadow import ShadowKeeper, ShadowModel
+from agent.ota.shadow_store import ShadowStore
 from agent.serving.chain import Answer, FallbackChain, ModelSlot
 from agent.serving.cloud import CloudStage
 from agent.serving.shadow import ShadowResult, ShadowRunner

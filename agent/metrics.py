@@ -29,7 +29,12 @@ Metrics, all named ``edgefleet_agent_*``:
   for the server's acknowledgement; ``telemetry_outbox_dropped_windows_total{reason}``;
 - ``mqtt_connected`` (1 or 0) and ``mqtt_reconnects_total``, with a broker;
 - ``model_info{slot, name, version}``: 1 for each model the chain serves
-  (``slot`` is ``active`` or ``previous``).
+  (``slot`` is ``active`` or ``previous``);
+- with a shadow model running beside the active one (a rollout's shadow
+  stage): ``shadow_info{bundle_id, version}`` 1, and
+  ``shadow_requests_total{outcome}``, the active model's answers offered to
+  it since it was loaded: ``ran``, ``skipped`` (drawn while it was busy) and
+  ``not_drawn`` (outside its share).
 
 The counts are kept on the agent's event loop and are not locked.
 """
@@ -244,6 +249,7 @@ class AgentMetrics:
         yield from self.installs.collect()
         if self._chain is not None:
             yield self._models(self._chain)
+            yield from self._shadow(self._chain)
         if self._outbox is not None:
             yield from self._outbox_depth(self._outbox)
         if self._link is not None:
@@ -270,6 +276,33 @@ class AgentMetrics:
             if model is not None:
                 info.add_metric([slot, model.manifest.name, model.manifest.version], 1)
         return info
+
+    @staticmethod
+    def _shadow(chain: FallbackChain) -> Iterator[Metric]:
+        from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+
+        shadow = chain.shadow
+        if shadow is None:
+            return
+        info = GaugeMetricFamily(
+            PREFIX + "shadow_info",
+            "The shadow model run beside the active one without serving its answers",
+            labels=["bundle_id", "version"],
+        )
+        info.add_metric([shadow.bundle_id, shadow.version], 1)
+        requests = CounterMetricFamily(
+            PREFIX + "shadow_requests",
+            "Answers of the active model offered to the shadow since it was loaded, by outcome",
+            labels=["outcome"],
+        )
+        not_drawn = shadow.offered - shadow.ran - shadow.skipped
+        for outcome, count in (
+            ("ran", shadow.ran),
+            ("skipped", shadow.skipped),
+            ("not_drawn", not_drawn),
+        ):
+            requests.add_metric([outcome], count)
+        yield from (info, requests)
 
     @staticmethod
     def _outbox_depth(outbox: Outbox) -> Iterator[Metric]:

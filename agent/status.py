@@ -7,6 +7,7 @@ from typing import Any
 
 from agent.config import AgentConfig
 from agent.ota.journal_store import JournalStore
+from agent.ota.shadow_store import ShadowStore, ShadowStoreError
 from agent.ota.slots import SLOT_NAMES, SlotError, Slots
 
 
@@ -27,6 +28,12 @@ def collect_status(config: AgentConfig, events: int = 10) -> dict[str, Any]:
             }
         except SlotError:
             slot_info[name] = None
+    shadow: dict[str, Any] | None = None
+    try:
+        m = ShadowStore(config.data_dir / "shadow").manifest()
+        shadow = {"name": m.name, "version": m.version, "release_counter": m.release_counter}
+    except ShadowStoreError:
+        pass
     if config.director is not None:
         updates: dict[str, str | None] = {"from": "director", "url": config.director.url}
     else:
@@ -42,6 +49,7 @@ def collect_status(config: AgentConfig, events: int = 10) -> dict[str, Any]:
         "active_slot": pointer.active,
         "previous_slot": pointer.previous,
         "slots": slot_info,
+        "shadow": shadow,
         "journal": journal.model_dump(mode="json", exclude={"rejected"}),
         "rejected": journal.rejected,
         "events": store.events(events),
@@ -69,6 +77,9 @@ def describe_status(status: dict[str, Any]) -> str:
         )
         what = f"{info['name']} {info['version']}" if info else "empty"
         lines.append(f"  slot {name}: {what:<24} {role}")
+    shadow = status.get("shadow")
+    if shadow:
+        lines.append(f"  shadow: {shadow['name']} {shadow['version']} (answers not served)")
     target = journal.get("target")
     doing = f" {target['name']} {target['version']}" if target else ""
     lines.append(

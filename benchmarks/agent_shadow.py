@@ -20,7 +20,7 @@ the local API (the client's wall time of ``POST /v2/models/pump-health/infer``,
 one row a request) at p50 and p95, the shadow's own memory as its self-test
 measured it (what the budget check reads), and from the agents' window
 summaries how many requests the shadow ran on and how many it skipped because
-it was busy.
+it was busy, and the shadow's own run time (its latency histogram) at p50 and p95.
 
 Run: ``python -m benchmarks.agent_shadow [--requests N]``.
 """
@@ -41,6 +41,7 @@ from fleet_server.director.repository import assignment_custom
 from fleet_server.release.keys import init_keys
 from fleet_server.release.repository import ReleasedBundle
 from protocol.director_marks import SHADOW
+from protocol.histogram import ExponentialHistogram, merge_histograms, quantile
 from protocol.window import decode_window
 from testbed.fleet import HARDWARE, AgentProcess, Fleet
 from testbed.images import make_bundle
@@ -155,13 +156,13 @@ def _report(
     print(f"{requests} requests to each agent, in rotating blocks of {BLOCK}, one row each")
     print(
         "| agent | VmRSS | VmHWM | RSS vs baseline | p50 | p95 | p50 ratio | p95 ratio "
-        "| shadow ran | skipped (busy) | shadow self-test memory |"
+        "| shadow ran | skipped (busy) | shadow run p50 / p95 | shadow self-test memory |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for label, agent in agents.items():
         rss, hwm = memory[label]["VmRSS"] / 1024, memory[label]["VmHWM"] / 1024
         p50, p95 = statistics.median(latencies[label]), _percentile(latencies[label], 0.95)
-        ran = skipped = "—"
+        ran = skipped = own = "—"
         selftest = "—"
         if SHARES[label] is not None:
             with Outbox(agent.data_dir / "outbox.db") as outbox:
@@ -170,13 +171,18 @@ def _report(
             served = sum(w.requests for w in windows)
             drawn = round(served * (SHARES[label] or 0.0))
             ran = f"{shadow_runs} of {served}"
+            histogram = ExponentialHistogram()
+            for w in windows:
+                if w.shadow is not None:
+                    histogram = merge_histograms(histogram, w.shadow.latency_ms)
+            own = f"{quantile(histogram, 0.5) or 0:.3f} / {quantile(histogram, 0.95) or 0:.3f} ms"
             skipped = f"~{max(drawn - shadow_runs, 0)}"
             event = next(e for e in agent.events() if e["event"] == "shadow-installed")
             selftest = f"{event['memory_mb']} MB, p95 {event['latency_p95_ms']} ms"
         print(
             f"| {label} | {rss:.1f} MB | {hwm:.1f} MB | {rss - base_rss:+.1f} MB "
             f"| {p50:.2f} ms | {p95:.2f} ms | {p50 / base_p50:.2f} | {p95 / base_p95:.2f} "
-            f"| {ran} | {skipped} | {selftest} |"
+            f"| {ran} | {skipped} | {own} | {selftest} |"
         )
     print(json.dumps({k: round(statistics.median(v), 3) for k, v in latencies.items()}))
 

@@ -7,6 +7,7 @@ from functools import partial
 from benchmarks import (
     agent_inference,
     agent_memory,
+    agent_shadow,
     director_signing,
     rollout_gates,
     rollout_tick,
@@ -20,6 +21,7 @@ BENCHMARKS = [
     ("verify a 50 MB bundle vs sha256sum", verify_bundle.main),
     ("local inference paths vs a bare interpreter call", agent_inference.main),
     ("agent memory, import shares and time to ready", agent_memory.main),
+    ("a shadow model's memory and latency vs the same agent without one", agent_shadow.main),
     ("server ingest from the broker vs a bare paho subscriber", server_ingest.main),
     (
         "server window-summary ingest vs a bare paho subscriber",

@@ -17,7 +17,8 @@ Rules:
    serves only after its self-test passed in this process, after every start
    too. One that fails the self-test (its memory or latency over the bundle's
    budget included) is dropped, reported once and not tried again while the
-   director keeps listing it.
+   director keeps listing it (a restart forgets that: the next start tries it
+   once more).
 3. When the director no longer lists the shadow, it is dropped (unloaded,
    deleted). A refusal of the director's answer changes nothing on the
    device: the shadow held stays as it is.

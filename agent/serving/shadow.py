@@ -24,6 +24,11 @@ Rules:
    shadow's own run time.
 5. Each result goes to ``on_result``, which counts it in the window
    (:meth:`agent.telemetry.WindowRecorder.record_shadow`).
+
+The shadow gets the inputs the active model's contract validated: a shadow
+whose inputs differ from the active model's fails on every request it runs,
+and each failure is counted as an error — which is what a rollout's gates
+should see of such a release.
 """
 
 from __future__ import annotations

@@ -18,6 +18,10 @@ from pathlib import Path
 import pytest
 from tuf.api.metadata import TargetFile
 
+from agent.config import AgentConfig
+from agent.ota.answers import NoShadow, Refused, ShadowDownloaded, ShadowKept
+from agent.ota.fetch_worker import run_shadow, shadow_downloads_dir
+from agent.status import collect_status, describe_status
 from agent.telemetry.outbox import Outbox
 from fleet_server.director.repository import assignment_custom
 from fleet_server.release.keys import KeyStore, init_keys
@@ -156,11 +160,14 @@ def test_an_identical_shadow_agrees_on_every_request_it_runs_and_changes_nothing
     assert installed_event["memory_mb"] is not None and installed_event["latency_p95_ms"] > 0
     assert device_state(agent) == before, "the shadow changed the slots or the journal"
     assert (agent.data_dir / "shadow" / "current" / "manifest.json").exists()
+    status = collect_status(AgentConfig.load(agent.config))
+    assert status["shadow"]["version"] == "1.0.1"
+    assert "shadow: pump-health 1.0.1 (answers not served)" in describe_status(status)
 
     rows = field_rows(40, seed=3)
     served = answers(agent, url, rows)
     assert {(a["model_version"], a["parameters"]["stage"]) for a in served} == {("1.0.0", "active")}
-    time.sleep(0.5)  # the last shadow runs finish after their answers
+    time.sleep(1.0)  # a run in a worker thread reports after its answer (microseconds)
     assert agent.stop() == 0  # the last window is stored on the way out
 
     shadowed = [w.shadow for w in windows(agent) if w.shadow is not None]
@@ -187,7 +194,7 @@ def test_a_nan_producing_shadow_counts_errors_and_the_answers_served_stay_the_sa
     with_shadow = answers(agent, url, rows)
     assert [a["outputs"] for a in with_shadow] == [a["outputs"] for a in without]
     assert {a["parameters"]["stage"] for a in with_shadow} == {"active"}
-    time.sleep(0.5)
+    time.sleep(1.0)
     agent.stop()
     shadowed = [w.shadow for w in windows(agent) if w.shadow is not None]
     assert {s.model_version for s in shadowed} == {"3.0.0"}
@@ -303,3 +310,24 @@ def test_a_power_cut_mid_shadow_install_leaves_the_device_serving_its_active_mod
     assert manifest["version"] == "1.0.1"
     assert device_state(agent) == before
     agent.stop()
+
+
+def test_the_fetcher_checks_a_shadow_like_an_assignment_release_counter_included(
+    fleet: Fleet, built: dict[str, Path]
+) -> None:
+    released = {k: fleet.release(v) for k, v in built.items()}
+    list_targets(fleet, released["v1"], released["v1-again"])
+    config = AgentConfig.load(fleet.agent_config(DEVICE))
+    below = run_shadow(config, released["v3-bad"].release_counter, None)
+    assert isinstance(below, Refused), below
+    assert (below.reason, below.about) == ("release-counter-downgrade", "shadow")
+    assert "1.0.1" in below.message
+    assert not shadow_downloads_dir(config).exists()  # refused before any download
+
+    got = run_shadow(config, released["v1"].release_counter, None)
+    assert isinstance(got, ShadowDownloaded), got
+    assert got.target.version == "1.0.1" and Path(got.path).parent == shadow_downloads_dir(config)
+    kept = run_shadow(config, released["v1"].release_counter, got.target.bundle_id)
+    assert isinstance(kept, ShadowKept) and kept.target == got.target
+    fleet.assign(DEVICE, released["v1"])
+    assert isinstance(run_shadow(config, released["v1"].release_counter, None), NoShadow)

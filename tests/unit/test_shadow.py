@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -13,17 +15,25 @@ import pytest
 
 from agent.config import ShadowConfig
 from agent.ota import shadow_steps as st
-from agent.ota.answers import NoShadow, Refused, ShadowDownloaded, ShadowKept, Unavailable
+from agent.ota.answers import (
+    NoShadow,
+    Refused,
+    ShadowAnswer,
+    ShadowDownloaded,
+    ShadowKept,
+    Unavailable,
+)
 from agent.ota.director_client import DirectorTarget, split_targets
 from agent.ota.errors import UntrustedMetadata
 from agent.ota.journal import InstallTarget
-from agent.ota.shadow import ShadowStore
+from agent.ota.shadow import ShadowKeeper
+from agent.ota.shadow_store import ShadowStore
 from agent.serving import FallbackChain, ModelSlot, ShadowResult, ShadowRunner
 from agent.serving.shadow import compare
 from agent.telemetry import WindowPolicy, WindowRecorder, WindowRecordError
 from model_runtime import LoadedModel, default_runtime
 from protocol.bundle import read_bundle
-from protocol.manifest import Manifest
+from protocol.manifest import Manifest, ResourceBudget
 from protocol.window import decode_window, encode_window
 from testbed.images import MODELS, make_bundle
 
@@ -408,3 +418,140 @@ def test_the_shadow_share_is_validated(value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ShadowConfig.model_validate({"share": value})
     assert ShadowConfig().share == 0.25
+
+
+# -- the keeper, with the real folder, runtime and self-test ------------------------------
+
+
+class DirectorWord:
+    """The fetcher's answers to ``shadow``, as a director listing ``bundle`` would give them."""
+
+    def __init__(self, downloads: Path) -> None:
+        self.downloads = downloads
+        self.bundle: Path | None = None
+        self.downloaded = 0
+
+    def target(self) -> InstallTarget:
+        assert self.bundle is not None
+        with self.bundle.open("rb") as f:
+            manifest = read_bundle(f)[0]
+        data = self.bundle.read_bytes()
+        return InstallTarget(
+            path=manifest.target_path,
+            name=manifest.name,
+            version=manifest.version,
+            release_counter=manifest.release_counter,
+            hashes={"sha256": hashlib.sha256(data).hexdigest()},
+            length=len(data),
+        )
+
+    async def shadow(self, installed_counter: int, known: str | None) -> ShadowAnswer:
+        if self.bundle is None:
+            return NoShadow()
+        target = self.target()
+        if known in target.matching_ids():
+            return ShadowKept(target=target)
+        self.downloaded += 1
+        self.downloads.mkdir(exist_ok=True)
+        path = self.downloads / self.bundle.name
+        shutil.copyfile(self.bundle, path)
+        return ShadowDownloaded(target=target, path=str(path))
+
+
+def _keeper(tmp_path: Path, word: DirectorWord) -> tuple[ShadowKeeper, list[Any], list[Any]]:
+    published: list[Any] = []
+    reported: list[Any] = []
+    keeper = ShadowKeeper(
+        store=ShadowStore(tmp_path / "shadow"),
+        runtime=RUNTIME,
+        fetcher=word,
+        publish=published.append,
+        report=lambda kind, details: reported.append((kind, details)),
+        installed_counter=lambda: 1,
+    )
+    return keeper, published, reported
+
+
+def test_a_shadow_over_its_budget_is_refused_naming_the_budget_and_not_fetched_again(
+    tmp_path: Path,
+) -> None:
+    word = DirectorWord(tmp_path / "downloads")
+    word.bundle = make_bundle(
+        tmp_path, "v2", "2.0.0", budget=ResourceBudget(max_latency_ms=1e-6, max_memory_mb=64)
+    )
+    keeper, published, reported = _keeper(tmp_path, word)
+
+    async def main() -> None:
+        await keeper.recover()
+        await keeper.poll()
+        await keeper.poll()
+
+    asyncio.run(main())
+    assert [kind for kind, _ in reported] == ["shadow-refused"]
+    details = reported[0][1]
+    assert details["reason"] == "self-test-failed" and details["bundle"] == "pump-health 2.0.0"
+    assert "over the budget of 1e-06 ms" in details["message"]
+    assert published == [None, None]  # stopped before writing, and on the drop
+    assert not (tmp_path / "shadow" / "current").exists()
+    assert word.downloaded == 1  # refused once, not fetched again while it is listed
+    assert not list((tmp_path / "downloads").iterdir())  # the download file went
+
+
+def test_a_shadow_runs_after_its_self_test_again_after_a_restart_and_goes_when_unlisted(
+    tmp_path: Path, bundles: dict[str, Path]
+) -> None:
+    word = DirectorWord(tmp_path / "downloads")
+    word.bundle = bundles["v2"]
+    keeper, published, reported = _keeper(tmp_path, word)
+    asyncio.run(keeper.poll())
+    assert [kind for kind, _ in reported] == ["shadow-installed"]
+    assert published[-1] is not None and published[-1].manifest.version == "2.0.0"
+
+    again, published, reported = _keeper(tmp_path, word)  # the agent restarted
+    asyncio.run(again.recover())
+    assert published[-1] is not None and published[-1].target == word.target()
+    asyncio.run(again.poll())
+    assert word.downloaded == 1  # still listed: kept, not downloaded again
+
+    word.bundle = None
+    assert asyncio.run(again.poll()) is st.ShadowPhase.ABSENT
+    assert reported[-1][0] == "shadow-dropped" and published[-1] is None
+    assert not (tmp_path / "shadow" / "current").exists()
+
+
+def test_the_agent_metrics_show_the_shadow_and_what_it_ran_and_skipped(
+    manifests: dict[str, Manifest],
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from agent.metrics import AgentMetrics
+
+    metrics = AgentMetrics()
+    chain = _chain(manifests)
+    metrics.watch(chain=chain)
+    assert b"shadow" not in metrics.exposition()
+    stalled = Stalled(load("v1"))
+    runner = ShadowRunner(
+        "sha256:" + "e" * 64, manifests["v1"], stalled, share=1.0, on_result=lambda _: None
+    )
+    chain.set_shadow(runner)
+    served = load("v1").run({"features": BASELINE[:1]})
+
+    async def offer() -> None:
+        for _ in range(3):  # the first runs (and stalls), the others find it busy
+            runner.offer({"features": BASELINE[:1]}, served, "active")
+        stalled.release.set()
+        await runner.idle()
+
+    asyncio.run(offer())
+    found = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(metrics.exposition().decode())
+        for s in family.samples
+    }
+    prefix = "edgefleet_agent_shadow_"
+    assert found[(prefix + "requests_total", (("outcome", "ran"),))] == 1
+    assert found[(prefix + "requests_total", (("outcome", "skipped"),))] == 2
+    assert (
+        found[(prefix + "info", (("bundle_id", "sha256:" + "e" * 64), ("version", "1.0.0")))] == 1
+    )
