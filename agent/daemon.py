@@ -34,6 +34,7 @@ from agent.ota.faults import Faults
 from agent.ota.installer import Installer
 from agent.ota.parts import ProcessFetcher, SlotModel
 from agent.ota.shadow import ShadowKeeper, ShadowModel
+from agent.ota.shadow_steps import ShadowPolicy
 from agent.ota.shadow_store import ShadowStore
 from agent.serving.chain import Answer, FallbackChain, ModelSlot
 from agent.serving.cloud import CloudStage
@@ -108,6 +109,7 @@ class AgentDaemon:
                 publish=self._run_shadow,
                 report=installer.record_event,
                 installed_counter=lambda: installer.journal.installed_counter,
+                policy=ShadowPolicy(config.update.poll_interval_s),
                 faults=Faults(config.faults.hold_at),
             )
         # Set when the server says the assignment changed: check for updates now.

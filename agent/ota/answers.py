@@ -74,13 +74,19 @@ class Downloaded(_Answer):
 
 
 class Refused(_Answer):
-    """The fetcher refused the director's answer or the downloaded bundle."""
+    """The fetcher refused the director's answer or the downloaded bundle.
+
+    ``target`` is the bundle whose download was refused, when a shadow's was
+    (the director's answer was accepted): the keeper backs off that bundle, or
+    never downloads it again while listed when ``condemns_bundle``.
+    """
 
     status: Literal["refused"] = "refused"
     reason: str
     message: str
     about: Literal["assignment", "download", "shadow"]
     condemns_bundle: bool = False
+    target: InstallTarget | None = None
 
 
 class Unavailable(_Answer):

@@ -12,6 +12,7 @@ import ctypes
 import os
 import signal
 import sys
+from collections.abc import Collection
 from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
@@ -149,12 +150,15 @@ def resolve_shadow(
     return target, image
 
 
-def run_shadow(config: AgentConfig, installed_counter: int, have: str | None) -> ShadowAnswer:
+def run_shadow(
+    config: AgentConfig, installed_counter: int, have: Collection[str] = ()
+) -> ShadowAnswer:
     """Carry out ``shadow``: what the director lists as this device's shadow, downloaded.
 
-    ``have`` is the bundle id of the shadow the device holds: if the director
-    still lists it, nothing is downloaded. Installing the shadow never touches
-    the assignment's downloads, slots or journal.
+    ``have`` are the bundle ids not to download (the shadow the device holds,
+    one it refused, one it waits to retry): if the director lists one of
+    them, nothing is downloaded. A refused download names its bundle. Installing
+    the shadow never touches the assignment's downloads, slots or journal.
     """
     try:
         target, image = resolve_shadow(config, installed_counter)
@@ -165,7 +169,7 @@ def run_shadow(config: AgentConfig, installed_counter: int, have: str | None) ->
     if target is None:
         return NoShadow()
     signed = InstallTarget.model_validate(asdict(target))
-    if have is not None and have in signed.matching_ids():
+    if any(known in signed.matching_ids() for known in have):
         return ShadowKept(target=signed)
     try:
         path = image.download(target, shadow_downloads_dir(config))
@@ -173,7 +177,7 @@ def run_shadow(config: AgentConfig, installed_counter: int, have: str | None) ->
     except RepositoryUnavailable as exc:
         return _unavailable(exc)
     except UpdateRefused as exc:
-        return _refused(exc, "shadow")
+        return _refused(exc, "shadow").model_copy(update={"target": signed})
     return ShadowDownloaded(target=signed, path=str(path))
 
 
@@ -246,7 +250,12 @@ def main() -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--installed-counter", type=int, default=0)
     parser.add_argument("--expect", help="the bundle id (ALGORITHM:HEX) a download is for")
-    parser.add_argument("--have", help="the bundle id of the shadow the device holds")
+    parser.add_argument(
+        "--have",
+        action="append",
+        default=[],
+        help="a bundle id (ALGORITHM:HEX) not to download as the shadow (repeatable)",
+    )
     parser.add_argument("--parent", type=int, help="the agent's pid: the fetcher dies with it")
     args = parser.parse_args()
     if args.parent is not None:

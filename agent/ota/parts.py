@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -144,9 +144,9 @@ class ProcessFetcher:
     async def download(self, installed_counter: int, expect: str) -> FetchAnswer:
         return await self._run("download", installed_counter, "--expect", expect)
 
-    async def shadow(self, installed_counter: int, known: str | None) -> ShadowAnswer:
+    async def shadow(self, installed_counter: int, known: Collection[str]) -> ShadowAnswer:
         """The director's shadow for this device (:func:`agent.ota.fetch_worker.run_shadow`)."""
-        extra = ("--have", known) if known is not None else ()
+        extra = [arg for bundle_id in known for arg in ("--have", bundle_id)]
         line, status = await self._output("shadow", installed_counter, *extra)
         try:
             return parse_shadow_answer(line)

@@ -8,7 +8,8 @@ the install journal.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -35,8 +36,8 @@ class ShadowModel:
 class ShadowFetcher(Protocol):
     """Asks the director for this device's shadow and downloads it, verified."""
 
-    async def shadow(self, installed_counter: int, known: str | None) -> ShadowAnswer:
-        """The shadow's answer; ``known`` is the bundle id not to download again."""
+    async def shadow(self, installed_counter: int, known: Collection[str]) -> ShadowAnswer:
+        """The shadow's answer; ``known`` are the bundle ids not to download."""
         ...
 
 
@@ -47,7 +48,7 @@ class Hold(Protocol):
 PublishShadow = Callable[[ShadowModel | None], None]
 ReportEvent = Callable[[str, dict[str, object]], None]
 
-_AWAITED = (st.WriteShadow, st.TestShadow)
+_AWAITED = (st.AskShadow, st.WriteShadow, st.TestShadow)
 
 
 class ShadowKeeper:
@@ -55,7 +56,8 @@ class ShadowKeeper:
 
     ``publish`` hands the serving chain the shadow model to run (``None``: stop
     running one); ``report`` records an event; ``installed_counter`` reads the
-    installed release counter, below which no shadow is accepted.
+    installed release counter, below which no shadow is accepted; ``policy``
+    paces retries on the agent's ``clock``.
     """
 
     def __init__(
@@ -67,6 +69,8 @@ class ShadowKeeper:
         publish: PublishShadow,
         report: ReportEvent,
         installed_counter: Callable[[], int],
+        policy: st.ShadowPolicy,
+        clock: Callable[[], float] = time.time,
         faults: Hold | None = None,
     ) -> None:
         self.store = store
@@ -75,6 +79,8 @@ class ShadowKeeper:
         self.publish = publish
         self.report = report
         self.installed_counter = installed_counter
+        self.policy = policy
+        self.clock = clock
         self.faults = faults
         self.state = st.ShadowState()
         self.model: ShadowModel | None = None  # the model running, or the one just tested
@@ -83,24 +89,23 @@ class ShadowKeeper:
     async def recover(self) -> None:
         """Remove what a power cut left half written; self-test a whole shadow before it runs."""
         async with self._lock:
-            held = await asyncio.to_thread(self._held)
-            await self._handle(st.ShadowStarted(held))
+            held, refused = await asyncio.to_thread(self._held)
+            await self._handle(st.ShadowStarted(held, refused))
 
-    def _held(self) -> InstallTarget | None:
+    def _held(self) -> tuple[InstallTarget | None, str | None]:
         if self.store.directory.exists():
             self.store.discard_leftovers()
-        return self.store.held()
+        return self.store.held(), self.store.refusal()
 
     async def poll(self) -> st.ShadowPhase:
-        """Ask the director for the shadow and carry out what its answer leads to."""
+        """Ask the director for the shadow (unless backing off) and carry out its answer."""
         async with self._lock:
-            answer = await self.fetcher.shadow(self.installed_counter(), self.state.known)
-            await self._handle(answer)
+            await self._handle(st.ShadowPoll())
             return self.state.phase
 
     async def _handle(self, event: st.ShadowEvent | None) -> None:
         while event is not None:
-            self.state, effects = st.decide_shadow(self.state, event)
+            self.state, effects = st.decide_shadow(self.state, event, self.clock(), self.policy)
             event = None
             for effect in effects:
                 assert event is None, "only the last effect of a step leads to an event"
@@ -118,6 +123,11 @@ class ShadowKeeper:
                 self.publish(None)
                 self.model = None
                 self.store.remove()
+            case st.KeepRefusal():
+                if effect.bundle_id is None:
+                    self.store.forget_refusal()
+                else:
+                    self.store.remember_refusal(effect.bundle_id, effect.details)
             case st.ReportShadow():
                 self.report(effect.event, dict(effect.details))
             case _:  # pragma: no cover - a new effect without its I/O
@@ -125,6 +135,8 @@ class ShadowKeeper:
 
     async def _awaited(self, effect: st.ShadowEffect) -> st.ShadowEvent:
         match effect:
+            case st.AskShadow():
+                return await self.fetcher.shadow(self.installed_counter(), effect.known)
             case st.WriteShadow():
                 return await self._write(Path(effect.bundle_file))
             case st.TestShadow():
@@ -142,9 +154,12 @@ class ShadowKeeper:
         try:
             await asyncio.to_thread(self.store.install, bundle, target, halfway)
         except ShadowStoreError as exc:
-            return st.ShadowWriteFailed("invalid-bundle", f"cannot install the shadow: {exc}")
+            message = f"cannot install the shadow: {exc}"
+            return st.ShadowWriteFailed("invalid-bundle", message, condemned=True)
         except OSError as exc:
-            return st.ShadowWriteFailed("staging-failed", f"cannot install the shadow: {exc}")
+            # The device's storage failed, not the bundle: tried again after a backoff.
+            message = f"cannot install the shadow: {exc}"
+            return st.ShadowWriteFailed("staging-failed", message, condemned=False)
         finally:
             bundle.unlink(missing_ok=True)
         return st.ShadowWritten()

@@ -8,21 +8,24 @@ folder renamed into place, each rename made durable by a folder fsync. A
 power cut at any moment leaves the old shadow, the new one or none in
 ``current`` — never half of one; what it leaves in ``.staging`` or ``.old``
 is removed at the next start, and ``current`` is checked file by file against
-its manifest before its model is loaded. None of it touches the A/B slots or
-the install journal.
+its manifest before its model is loaded. ``DATA_DIR/shadow/refused.json``
+names the last bundle refused for itself (its self-test, its budget, its
+signed bytes), replaced atomically, so a restart does not try it again. None
+of it touches the A/B slots or the install journal.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from pydantic import ValidationError
 
-from agent.ota.durable import fsync_dir
+from agent.ota.durable import atomic_write, fsync_dir
 from agent.ota.journal import InstallTarget
 from agent.ota.slots import MANIFEST_FILE
 from protocol.manifest import Manifest
@@ -30,6 +33,7 @@ from protocol.manifest import Manifest
 log = logging.getLogger(__name__)
 
 TARGET_FILE = "target.json"
+REFUSED_FILE = "refused.json"
 
 
 class ShadowStoreError(Exception):
@@ -44,6 +48,7 @@ class ShadowStore:
         self.current = directory / "current"
         self._staging = directory / ".staging"
         self._old = directory / ".old"
+        self._refused = directory / REFUSED_FILE
 
     def discard_leftovers(self) -> None:
         """Remove what a power cut mid-write left beside ``current``."""
@@ -101,6 +106,36 @@ class ShadowStore:
             os.replace(self.current, self._old)
             fsync_dir(self.directory)
             shutil.rmtree(self._old)
+
+    def remember_refusal(self, bundle_id: str, details: Mapping[str, object]) -> None:
+        """Write down, atomically, that ``bundle_id`` was refused for itself (``details``: why)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        record = {**details, "bundle_id": bundle_id}
+        atomic_write(self._refused, json.dumps(record, sort_keys=True).encode())
+
+    def forget_refusal(self) -> None:
+        """Forget the refused bundle (the director lists another, or none)."""
+        if self._refused.exists():
+            self._refused.unlink()
+            fsync_dir(self.directory)
+
+    def refusal(self) -> str | None:
+        """The bundle id last refused for itself, or ``None``.
+
+        An unreadable record is removed: the bundle is then tried once more.
+        """
+        try:
+            record = json.loads(self._refused.read_bytes())
+            bundle_id = record["bundle_id"]
+            if not isinstance(bundle_id, str):
+                raise TypeError(f"bundle_id is {bundle_id!r}")
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            log.error("shadow: removing an unreadable %s: %s", REFUSED_FILE, exc)
+            self._refused.unlink(missing_ok=True)
+            return None
+        return bundle_id
 
     def manifest(self) -> Manifest:
         try:

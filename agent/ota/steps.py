@@ -77,6 +77,14 @@ from agent.ota.step_events import (
 MAX_RETRY_DELAY_S = 3600.0
 
 
+def retry_delay(poll_interval_s: float, refusals: int) -> float:
+    """The wait before the next try after a refusal that ``refusals`` others preceded in a row.
+
+    The poll interval, doubling per refusal, at most :data:`MAX_RETRY_DELAY_S`.
+    """
+    return min(poll_interval_s * 2.0 ** min(refusals, 32), MAX_RETRY_DELAY_S)
+
+
 # -- state -------------------------------------------------------------------------
 
 
@@ -424,8 +432,9 @@ def _refuse(
     retries = dict(state.retries)
     if not condemned and target is not None:
         tries = retries[target.bundle_id].refusals if target.bundle_id in retries else 0
-        delay = min(policy.poll_interval_s * 2**tries, MAX_RETRY_DELAY_S)
-        retries[target.bundle_id] = Retry(tries + 1, now + delay)
+        retries[target.bundle_id] = Retry(
+            tries + 1, now + retry_delay(policy.poll_interval_s, tries)
+        )
     details = {"reason": reason, "message": message, "remembered": condemned}
     return replace(state, journal=after, retries=retries), [
         SaveJournal(after, "refused", details),

@@ -11,6 +11,7 @@ its active model.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,8 +28,10 @@ from fleet_server.director.repository import assignment_custom
 from fleet_server.release.keys import KeyStore, init_keys
 from fleet_server.release.repository import ReleasedBundle
 from protocol.director_marks import SHADOW
+from protocol.manifest import ResourceBudget
 from protocol.window import WindowSummary, decode_window
 from testbed.fleet import HARDWARE, AgentProcess, Fleet
+from testbed.http_repo import Faults
 from testbed.images import make_bundle
 
 pytestmark = pytest.mark.integration
@@ -51,6 +54,10 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         # The same model as v1, released again: a shadow that must agree on every request.
         "v1-again": make_bundle(tmp, "v1", "1.0.1"),
         "v3-bad": make_bundle(tmp, "v3-bad", "3.0.0"),
+        # v1 again, with a latency budget no model meets: refused by its self-test.
+        "v1-heavy": make_bundle(
+            tmp, "v1", "1.0.2", budget=ResourceBudget(max_latency_ms=1e-6, max_memory_mb=64)
+        ),
     }
 
 
@@ -318,16 +325,93 @@ def test_the_fetcher_checks_a_shadow_like_an_assignment_release_counter_included
     released = {k: fleet.release(v) for k, v in built.items()}
     list_targets(fleet, released["v1"], released["v1-again"])
     config = AgentConfig.load(fleet.agent_config(DEVICE))
-    below = run_shadow(config, released["v3-bad"].release_counter, None)
+    below = run_shadow(config, released["v3-bad"].release_counter)
     assert isinstance(below, Refused), below
     assert (below.reason, below.about) == ("release-counter-downgrade", "shadow")
     assert "1.0.1" in below.message
     assert not shadow_downloads_dir(config).exists()  # refused before any download
 
-    got = run_shadow(config, released["v1"].release_counter, None)
+    got = run_shadow(config, released["v1"].release_counter)
     assert isinstance(got, ShadowDownloaded), got
     assert got.target.version == "1.0.1" and Path(got.path).parent == shadow_downloads_dir(config)
-    kept = run_shadow(config, released["v1"].release_counter, got.target.bundle_id)
+    kept = run_shadow(config, released["v1"].release_counter, [got.target.bundle_id])
     assert isinstance(kept, ShadowKept) and kept.target == got.target
     fleet.assign(DEVICE, released["v1"])
-    assert isinstance(run_shadow(config, released["v1"].release_counter, None), NoShadow)
+    assert isinstance(run_shadow(config, released["v1"].release_counter), NoShadow)
+
+
+def requests_to(fleet: Fleet, since: int, part: str) -> int:
+    """The requests the repository server answered after the first ``since``, for ``part``."""
+    return sum(part in path for path, _ in fleet.server.faults.requests[since:])
+
+
+def director_checks(fleet: Fleet, since: int) -> int:
+    """The director refreshes since ``since``: the installer's check and the shadow's, per poll."""
+    return requests_to(fleet, since, f"/director/devices/{DEVICE}/metadata/timestamp.json")
+
+
+@pytest.mark.parametrize("fault", ["tampered-bundle", "unreachable"])
+def test_a_shadow_download_refused_or_unreachable_is_retried_with_a_backoff_not_every_poll(
+    fault: str, fleet: Fleet, built: dict[str, Path]
+) -> None:
+    agent, _ = start(fleet)
+    released = install_v1(fleet, built, agent)
+    shadow = released["v1-again"]
+    name = Path(shadow.target_path).name
+    if fault == "tampered-bundle":  # the bytes on the server differ from the signed ones
+        stored = next(fleet.repo.targets_dir.rglob(f"*{name}"))
+        data = bytearray(stored.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        stored.write_bytes(bytes(data))
+    else:  # every download of the shadow breaks off before its first byte
+        fleet.server.faults = Faults(match=name, cut_after=0)
+    since = len(fleet.server.faults.requests)
+    started = time.monotonic()
+    list_targets(fleet, released["v1"], shadow)
+    # At least eight polls: each refreshes the director once or twice (check, shadow).
+    agent.wait_for("eight polls", lambda: director_checks(fleet, since) >= 16, timeout=300)
+    elapsed = time.monotonic() - started
+    downloads = requests_to(fleet, since, name)
+    interval = 0.2  # the poll interval of the test fleet's agents
+    # The k-th try comes at least interval * (2**(k-1) - 1) after the first: a bound from
+    # the time that passed, so a slow machine only loosens it. Every poll would be 8 or more.
+    bound = math.floor(math.log2(elapsed / interval + 1)) + 1
+    assert 2 <= downloads <= bound, (downloads, bound, elapsed)
+    refused = events(agent, "shadow-refused")
+    if fault == "tampered-bundle":
+        assert [e["reason"] for e in refused] == ["tampered-bundle"]  # reported once
+        assert refused[0]["bundle"] == "pump-health 1.0.1"
+    else:
+        assert refused == []  # unreachable is no refusal
+    assert not events(agent, "shadow-installed")
+    assert installed(agent) == "1.0.0"
+    agent.stop()
+
+
+def test_a_shadow_refused_by_its_self_test_is_not_tried_again_after_a_restart(
+    fleet: Fleet, built: dict[str, Path]
+) -> None:
+    agent, _ = start(fleet)
+    released = install_v1(fleet, built, agent)
+    heavy = Path(released["v1-heavy"].target_path).name
+    since = len(fleet.server.faults.requests)
+    list_targets(fleet, released["v1"], released["v1-heavy"])
+    agent.wait_for("the shadow refused", lambda: events(agent, "shadow-refused"))
+    [refused] = events(agent, "shadow-refused")
+    assert refused["reason"] == "self-test-failed" and refused["bundle"] == "pump-health 1.0.2"
+    assert requests_to(fleet, since, heavy) == 1
+    agent.stop()
+
+    agent, _ = start(fleet)  # the same bundle still listed
+    restarted = len(fleet.server.faults.requests)
+    agent.wait_for("four polls", lambda: director_checks(fleet, restarted) >= 8, timeout=300)
+    assert requests_to(fleet, since, heavy) == 1, "the refused shadow was downloaded again"
+    assert len(events(agent, "shadow-refused")) == 1
+    assert not events(agent, "shadow-installed")
+    assert not (agent.data_dir / "shadow" / "current").exists()
+
+    list_targets(fleet, released["v1"], released["v1-again"])  # another bundle: tried as usual
+    agent.wait_for("the other shadow installed", lambda: events(agent, "shadow-installed"))
+    assert events(agent, "shadow-installed")[0]["bundle"] == "pump-health 1.0.1"
+    assert not (agent.data_dir / "shadow" / "refused.json").exists()
+    agent.stop()

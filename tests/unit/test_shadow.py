@@ -7,6 +7,7 @@ import hashlib
 import math
 import shutil
 import threading
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -100,10 +101,15 @@ def test_a_shadow_mark_other_than_true_is_refused() -> None:
 # -- the rules ---------------------------------------------------------------------------
 
 
-def _run(state: st.ShadowState, *events: st.ShadowEvent) -> tuple[st.ShadowState, list[Any]]:
+POLICY = st.ShadowPolicy(poll_interval_s=10.0)
+
+
+def _run(
+    state: st.ShadowState, *events: st.ShadowEvent, now: float = 0.0
+) -> tuple[st.ShadowState, list[Any]]:
     effects: list[Any] = []
     for event in events:
-        state, more = st.decide_shadow(state, event)
+        state, more = st.decide_shadow(state, event, now, POLICY)
         effects += more
     return state, effects
 
@@ -137,8 +143,9 @@ def test_a_shadow_failing_its_self_test_is_dropped_and_not_downloaded_again() ->
     assert state.phase is st.ShadowPhase.ABSENT and state.held is None
     assert state.known == SHADOW.bundle_id  # the fetcher is told not to download it again
     assert effects[0] == st.DropShadow()
-    assert effects[1].event == "shadow-refused"
-    assert effects[1].details["message"] == budget
+    assert effects[1] == st.KeepRefusal(SHADOW.bundle_id, effects[2].details)  # on disk too
+    assert effects[2].event == "shadow-refused"
+    assert effects[2].details["message"] == budget
     assert _run(state, ShadowKept(target=SHADOW))[1] == []
 
 
@@ -155,7 +162,7 @@ def test_a_new_shadow_replaces_the_one_running() -> None:
     serving = st.ShadowState(phase=st.ShadowPhase.SERVING, held=SHADOW)
     state, effects = _run(serving, ShadowDownloaded(target=OTHER, path="/d/o.bundle"))
     assert state.held == OTHER and effects == [st.WriteShadow("/d/o.bundle")]
-    state, effects = _run(state, st.ShadowWriteFailed("invalid-bundle", "torn"))
+    state, effects = _run(state, st.ShadowWriteFailed("invalid-bundle", "torn", condemned=True))
     assert state.phase is st.ShadowPhase.ABSENT and state.known == OTHER.bundle_id
 
 
@@ -167,10 +174,106 @@ def test_a_restart_tests_a_whole_shadow_again_before_it_runs() -> None:
 
 def test_events_outside_the_table_are_refused() -> None:
     with pytest.raises(st.InvalidShadowEvent, match="ShadowWritten is not expected in absent"):
-        st.decide_shadow(st.ShadowState(), st.ShadowWritten())
+        st.decide_shadow(st.ShadowState(), st.ShadowWritten(), 0.0, POLICY)
     installing = st.ShadowState(phase=st.ShadowPhase.INSTALLING, held=SHADOW)
     with pytest.raises(st.InvalidShadowEvent, match="NoShadow is not expected in installing"):
-        st.decide_shadow(installing, NoShadow())
+        st.decide_shadow(installing, NoShadow(), 0.0, POLICY)
+
+
+def _asked(state: st.ShadowState, now: float) -> tuple[str, ...] | None:
+    """What a poll at ``now`` asks the fetcher not to download; ``None``: no check at all."""
+    after, effects = _run(state, st.ShadowPoll(), now=now)
+    assert after == state
+    if not effects:
+        return None
+    [ask] = effects
+    assert isinstance(ask, st.AskShadow)
+    return ask.known
+
+
+def test_a_download_garbled_on_the_way_is_retried_after_a_growing_backoff_not_every_poll() -> None:
+    garbled = Refused(
+        reason="tampered-bundle", message="hash mismatch", about="shadow", target=SHADOW
+    )
+    state, effects = _run(st.ShadowState(), garbled, now=100.0)
+    assert [e.event for e in effects] == ["shadow-refused"]
+    assert effects[0].details["bundle"] == "pump-health 2.0.0"
+    assert state.refused is None, "a garbled download does not condemn the bundle"
+    # Checked on every poll, but the bundle is not downloaded before the poll interval...
+    assert _asked(state, 109.0) == (SHADOW.bundle_id,)
+    assert _asked(state, 110.0) == ()
+    # ...then twice that after a second refusal in a row, reported once.
+    state, effects = _run(state, garbled, now=110.0)
+    assert effects == []
+    assert _asked(state, 129.0) == (SHADOW.bundle_id,) and _asked(state, 130.0) == ()
+    # Another bundle named meanwhile is downloaded at once.
+    state, effects = _run(state, ShadowDownloaded(target=OTHER, path="/d/o"), now=111.0)
+    assert effects == [st.WriteShadow("/d/o")] and SHADOW.bundle_id in state.retries
+    # A successful download of the bundle ends its backoff.
+    absent = st.ShadowState(retries=state.retries)
+    state, _ = _run(absent, ShadowDownloaded(target=SHADOW, path="/d/s"), now=200.0)
+    assert state.retries == {}
+
+
+def test_the_backoff_is_the_installers_and_bounded() -> None:
+    from agent.ota.steps import MAX_RETRY_DELAY_S, retry_delay
+
+    assert [retry_delay(10.0, n) for n in range(4)] == [10.0, 20.0, 40.0, 80.0]
+    assert retry_delay(10.0, 20) == retry_delay(10.0, 10_000) == MAX_RETRY_DELAY_S
+    garbled = Refused(reason="tampered-bundle", message="m", about="shadow", target=SHADOW)
+    state = st.ShadowState()
+    for n in range(30):
+        state, _ = _run(state, garbled, now=float(n))
+    assert state.retries[SHADOW.bundle_id].not_before == 29.0 + MAX_RETRY_DELAY_S
+
+
+def test_a_bundle_whose_signed_bytes_are_unusable_is_never_downloaded_again_while_listed() -> None:
+    serving = st.ShadowState(phase=st.ShadowPhase.SERVING, held=SHADOW)
+    bad = Refused(
+        reason="manifest-mismatch",
+        message="m",
+        about="shadow",
+        condemns_bundle=True,
+        target=OTHER,
+    )
+    state, effects = _run(serving, bad, now=5.0)
+    assert state.phase is st.ShadowPhase.SERVING and state.held == SHADOW  # the held one stays
+    assert effects[0] == st.KeepRefusal(OTHER.bundle_id, effects[1].details)
+    assert effects[1].event == "shadow-refused"
+    assert _asked(state, 1e9) == (SHADOW.bundle_id, OTHER.bundle_id)
+    # The director names another bundle: downloaded, and the refusal forgotten on disk.
+    state, effects = _run(state, ShadowDownloaded(target=SHADOW, path="/d/s"))
+    assert effects == [st.KeepRefusal(None), st.WriteShadow("/d/s")] and state.refused is None
+
+
+def test_an_unreachable_repository_puts_off_the_whole_check_with_a_growing_backoff() -> None:
+    down = Unavailable(reason="repository-unavailable", message="connection refused")
+    state, effects = _run(st.ShadowState(), down, now=100.0)
+    assert effects == []
+    assert _asked(state, 109.0) is None and _asked(state, 110.0) == ()
+    state, _ = _run(state, down, now=110.0)
+    assert _asked(state, 129.0) is None and _asked(state, 130.0) == ()
+    # Any answer means it is reachable again: the next poll asks.
+    state, _ = _run(state, NoShadow(), now=130.0)
+    assert state.unreachable is None and _asked(state, 130.0) == ()
+
+
+def test_a_refusal_read_back_after_a_restart_is_not_downloaded_and_unlisting_forgets_it() -> None:
+    state, effects = _run(st.ShadowState(), st.ShadowStarted(None, SHADOW.bundle_id))
+    assert effects == [] and _asked(state, 0.0) == (SHADOW.bundle_id,)
+    assert _run(state, ShadowKept(target=SHADOW))[1] == []
+    state, effects = _run(state, NoShadow())
+    assert state == st.ShadowState() and effects == [st.KeepRefusal(None)]
+
+
+def test_a_shadow_the_storage_failed_to_write_is_retried_later_not_condemned() -> None:
+    installing = st.ShadowState(phase=st.ShadowPhase.INSTALLING, held=SHADOW)
+    failed = st.ShadowWriteFailed("staging-failed", "disk full", condemned=False)
+    state, effects = _run(installing, failed, now=50.0)
+    assert state.phase is st.ShadowPhase.ABSENT and state.refused is None
+    assert effects[0] == st.DropShadow() and effects[1].event == "shadow-refused"
+    assert not any(isinstance(e, st.KeepRefusal) for e in effects)
+    assert _asked(state, 59.0) == (SHADOW.bundle_id,) and _asked(state, 60.0) == ()
 
 
 # -- the folder ------------------------------------------------------------------------
@@ -203,6 +306,21 @@ def test_the_shadow_folder_holds_a_whole_bundle_and_a_damaged_one_is_removed(
     model.write_bytes(model.read_bytes()[:-1])  # outside damage
     assert store.held() is None
     assert not store.current.exists()
+
+
+def test_the_refused_bundle_is_kept_on_disk_and_an_unreadable_record_is_dropped(
+    tmp_path: Path,
+) -> None:
+    store = ShadowStore(tmp_path / "shadow")
+    assert store.refusal() is None
+    store.remember_refusal(SHADOW.bundle_id, {"reason": "self-test-failed"})
+    assert ShadowStore(tmp_path / "shadow").refusal() == SHADOW.bundle_id
+    store.forget_refusal()
+    store.forget_refusal()  # nothing to forget: no error
+    assert store.refusal() is None
+    (tmp_path / "shadow" / "refused.json").write_text('{"bundle_id": ')  # outside damage
+    assert store.refusal() is None
+    assert not (tmp_path / "shadow" / "refused.json").exists()
 
 
 def test_a_power_cut_mid_write_leaves_the_old_shadow_in_place(
@@ -445,11 +563,11 @@ class DirectorWord:
             length=len(data),
         )
 
-    async def shadow(self, installed_counter: int, known: str | None) -> ShadowAnswer:
+    async def shadow(self, installed_counter: int, known: Collection[str]) -> ShadowAnswer:
         if self.bundle is None:
             return NoShadow()
         target = self.target()
-        if known in target.matching_ids():
+        if any(k in target.matching_ids() for k in known):
             return ShadowKept(target=target)
         self.downloaded += 1
         self.downloads.mkdir(exist_ok=True)
@@ -468,6 +586,7 @@ def _keeper(tmp_path: Path, word: DirectorWord) -> tuple[ShadowKeeper, list[Any]
         publish=published.append,
         report=lambda kind, details: reported.append((kind, details)),
         installed_counter=lambda: 1,
+        policy=POLICY,
     )
     return keeper, published, reported
 
@@ -495,6 +614,30 @@ def test_a_shadow_over_its_budget_is_refused_naming_the_budget_and_not_fetched_a
     assert not (tmp_path / "shadow" / "current").exists()
     assert word.downloaded == 1  # refused once, not fetched again while it is listed
     assert not list((tmp_path / "downloads").iterdir())  # the download file went
+
+
+def test_a_shadow_refused_for_its_budget_is_not_fetched_again_after_a_restart(
+    tmp_path: Path, bundles: dict[str, Path]
+) -> None:
+    word = DirectorWord(tmp_path / "downloads")
+    word.bundle = make_bundle(
+        tmp_path, "v2", "2.0.0", budget=ResourceBudget(max_latency_ms=1e-6, max_memory_mb=64)
+    )
+    keeper, _, reported = _keeper(tmp_path, word)
+    asyncio.run(keeper.recover())
+    asyncio.run(keeper.poll())
+    assert [kind for kind, _ in reported] == ["shadow-refused"] and word.downloaded == 1
+
+    again, _, reported = _keeper(tmp_path, word)  # the agent restarted
+    asyncio.run(again.recover())
+    asyncio.run(again.poll())
+    asyncio.run(again.poll())
+    assert reported == [] and word.downloaded == 1, "the refused bundle was tried again"
+
+    word.bundle = bundles["v2"]  # a different bundle is tried as usual
+    asyncio.run(again.poll())
+    assert [kind for kind, _ in reported] == ["shadow-installed"] and word.downloaded == 2
+    assert again.store.refusal() is None
 
 
 def test_a_shadow_runs_after_its_self_test_again_after_a_restart_and_goes_when_unlisted(
