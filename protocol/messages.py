@@ -170,6 +170,10 @@ class ReportedState(_Message):
     phase: Literal["idle", "downloading", "verified", "staging", "staged", "trial"]
     installing: BundleRef | None = None
     last_outcome: InstallOutcome | None = None
+    # The shadow model running beside the active one (a rollout's shadow stage). Devices
+    # leave it out when none runs, so a server that predates it (and refuses unknown
+    # fields) still takes their state; a server reading an older device sees ``None``.
+    shadow: BundleRef | None = None
 
 
 class DeviceEvent(_Message):

@@ -48,6 +48,8 @@ from agent.mqtt.reports import (
     presence,
     reported_state,
     same_state,
+    shadow_ref,
+    state_payload,
 )
 from agent.ota.journal import Journal
 from protocol.broker_url import parse_broker_url
@@ -96,11 +98,22 @@ class StageCount(Protocol):
     def served(self) -> int: ...
 
 
+class ShadowView(Protocol):
+    """What the state reports of a running shadow (:class:`~agent.serving.shadow.ShadowRunner`)."""
+
+    bundle_id: str
+    manifest: Manifest
+
+
 class ChainView(Protocol):
-    """What the heartbeat reports of the chain (:class:`~agent.serving.chain.FallbackChain`)."""
+    """What the heartbeat and the state report of the chain
+    (:class:`~agent.serving.chain.FallbackChain`)."""
 
     @property
     def counters(self) -> Mapping[StageName, StageCount]: ...
+
+    @property
+    def shadow(self) -> ShadowView | None: ...
 
 
 class WindowOutbox(Protocol):
@@ -240,6 +253,7 @@ class MqttLink:
     def current_state(self) -> ReportedState:
         """What the device would report now."""
         installer = self._installer
+        shadow = self._chain.shadow
         return reported_state(
             device_id=self.device_id,
             hardware_id=self._config.hardware_id,
@@ -248,6 +262,7 @@ class MqttLink:
             active=installer.active.manifest if installer.active else None,
             previous=installer.previous.manifest if installer.previous else None,
             sent_at=self._clock(),
+            shadow=shadow_ref(shadow.bundle_id, shadow.manifest) if shadow else None,
         )
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -444,6 +459,8 @@ class MqttLink:
 
 
 def _json(message: BaseModel) -> bytes:
+    if isinstance(message, ReportedState):
+        return state_payload(message)
     return message.model_dump_json().encode()
 
 

@@ -80,8 +80,9 @@ def reported_state(
     active: Manifest | None,
     previous: Manifest | None,
     sent_at: float,
+    shadow: BundleRef | None = None,
 ) -> ReportedState:
-    """The device's retained state: what it serves and how its install is going."""
+    """The device's retained state: what it serves, its shadow and how its install is going."""
     outcome = journal.last_outcome
     return ReportedState(
         device_id=device_id,
@@ -103,7 +104,25 @@ def reported_state(
         )
         if outcome is not None
         else None,
+        shadow=shadow,
     )
+
+
+def shadow_ref(bundle_id: str, manifest: Manifest) -> BundleRef:
+    """The running shadow as messages name it (``bundle_id`` is ``ALGORITHM:HEX``)."""
+    algorithm, _, digest = bundle_id.partition(":")
+    return BundleRef(
+        name=manifest.name,
+        version=manifest.version,
+        release_counter=manifest.release_counter,
+        sha256=digest if algorithm == "sha256" else None,
+    )
+
+
+def state_payload(state: ReportedState) -> bytes:
+    """The state's JSON; without a ``shadow`` key when none runs, as servers before it expect."""
+    exclude = {"shadow"} if state.shadow is None else None
+    return state.model_dump_json(exclude=exclude).encode()
 
 
 def same_state(a: ReportedState, b: ReportedState) -> bool:

@@ -506,6 +506,57 @@ def test_an_install_is_reported_as_events_state_and_heartbeats(
     assert state.hardware_id == HARDWARE
 
 
+def test_the_reported_state_names_the_shadow_while_it_runs_and_leaves_it_out_otherwise(
+    fleet: Fleet, built: dict[str, Path], device: str, agents: list[AgentProcess]
+) -> None:
+    from tuf.api.metadata import TargetFile
+
+    from fleet_server.director.repository import assignment_custom
+    from protocol.director_marks import SHADOW
+
+    fleet.director.register(fleet.director_keys, device)
+    agent = AgentProcess(config(fleet, device))
+    agents.append(agent)
+    agent.wait_ready()
+    v1, v2 = fleet.release(built["v1"]), fleet.release(built["v2"])
+    assign(fleet, device, v1)
+    listener = Listener(device)
+
+    def states() -> list[dict[str, Any]]:
+        return listener.channel("state")
+
+    try:
+        listener.wait_for(
+            "v1 active",
+            lambda: any((s.get("active") or {}).get("version") == "1.0.0" for s in states()),
+            timeout=120,
+        )
+        assert all("shadow" not in s for s in states()), "a state without a shadow names none"
+        targets = {
+            b.target_path: TargetFile(
+                b.length,
+                {"sha256": b.sha256},
+                b.target_path,
+                {"custom": {**assignment_custom(device, HARDWARE, b), **extra}},
+            )
+            for b, extra in ((v1, {}), (v2, {SHADOW: True}))
+        }
+        fleet.director.device(device).sign(fleet.director_keys, targets, None)
+        listener.wait_for(
+            "a state naming the shadow", lambda: bool(states()[-1].get("shadow")), timeout=120
+        )
+        shadow = ReportedState.model_validate(states()[-1]).shadow
+        assert shadow is not None and (shadow.version, shadow.sha256) == ("2.0.0", v2.sha256)
+        assert ReportedState.model_validate(retained_now(device, "state")).shadow == shadow
+
+        assign(fleet, device, v1)  # the assignment alone: the shadow goes
+        listener.wait_for(
+            "a state without the shadow", lambda: "shadow" not in states()[-1], timeout=120
+        )
+    finally:
+        listener.close()
+
+
 # -- desired state ------------------------------------------------------------------
 
 
