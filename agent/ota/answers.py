@@ -13,9 +13,10 @@ released, none for this hardware, or a release counter below the installed) or
 director's shadow target, or its download, was refused). Only a refusal with
 ``condemns_bundle`` proves the expected bundle itself bad.
 
-The ``shadow`` command answers :data:`ShadowAnswer`: no shadow listed, the
-shadow the device already holds still listed, a new shadow downloaded and
-verified, or a refusal or unavailability as above.
+The ``shadow`` command answers :data:`ShadowAnswer`: no shadow listed, a
+shadow the device said not to download (held, refused, or waiting for its
+retry) still listed, a new shadow downloaded and verified, or a refusal or
+unavailability as above.
 """
 
 from __future__ import annotations
@@ -104,7 +105,8 @@ class NoShadow(_Answer):
 
 
 class ShadowKept(_Answer):
-    """The director still lists the shadow this device holds (``shadow``); nothing downloaded."""
+    """The director lists a bundle the device said not to download (``shadow``): the shadow
+    it holds, one it refused, or one waiting for its retry. Nothing downloaded."""
 
     status: Literal["shadow-kept"] = "shadow-kept"
     target: InstallTarget
