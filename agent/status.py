@@ -34,6 +34,7 @@ def collect_status(config: AgentConfig, events: int = 10) -> dict[str, Any]:
         shadow = {"name": m.name, "version": m.version, "release_counter": m.release_counter}
     except ShadowStoreError:
         pass
+    shadow_refused = ShadowStore(config.data_dir / "shadow").refusal_record()
     if config.director is not None:
         updates: dict[str, str | None] = {"from": "director", "url": config.director.url}
     else:
@@ -50,6 +51,7 @@ def collect_status(config: AgentConfig, events: int = 10) -> dict[str, Any]:
         "previous_slot": pointer.previous,
         "slots": slot_info,
         "shadow": shadow,
+        "shadow_refused": shadow_refused,
         "journal": journal.model_dump(mode="json", exclude={"rejected"}),
         "rejected": journal.rejected,
         "events": store.events(events),
@@ -80,6 +82,13 @@ def describe_status(status: dict[str, Any]) -> str:
     shadow = status.get("shadow")
     if shadow:
         lines.append(f"  shadow: {shadow['name']} {shadow['version']} (answers not served)")
+    refused = status.get("shadow_refused")
+    if refused:
+        what = refused.get("bundle") or refused["bundle_id"]
+        lines.append(
+            f"  shadow refused: {what} ({refused.get('reason')}); "
+            "not tried again while the director lists it"
+        )
     target = journal.get("target")
     doing = f" {target['name']} {target['version']}" if target else ""
     lines.append(

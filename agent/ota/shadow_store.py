@@ -124,18 +124,22 @@ class ShadowStore:
 
         An unreadable record is removed: the bundle is then tried once more.
         """
+        record = self.refusal_record()
+        return str(record["bundle_id"]) if record is not None else None
+
+    def refusal_record(self) -> dict[str, object] | None:
+        """The refused bundle's record (``bundle_id``, ``bundle``, ``reason``, ``message``)."""
         try:
             record = json.loads(self._refused.read_bytes())
-            bundle_id = record["bundle_id"]
-            if not isinstance(bundle_id, str):
-                raise TypeError(f"bundle_id is {bundle_id!r}")
+            if not isinstance(record, dict) or not isinstance(record.get("bundle_id"), str):
+                raise ValueError("no bundle_id")
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, TypeError, KeyError) as exc:
+        except (OSError, ValueError) as exc:
             log.error("shadow: removing an unreadable %s: %s", REFUSED_FILE, exc)
             self._refused.unlink(missing_ok=True)
             return None
-        return bundle_id
+        return record
 
     def manifest(self) -> Manifest:
         try:

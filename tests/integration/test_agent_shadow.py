@@ -409,9 +409,13 @@ def test_a_shadow_refused_by_its_self_test_is_not_tried_again_after_a_restart(
     assert len(events(agent, "shadow-refused")) == 1
     assert not events(agent, "shadow-installed")
     assert not (agent.data_dir / "shadow" / "current").exists()
+    status = collect_status(AgentConfig.load(agent.config))
+    assert status["shadow_refused"]["bundle"] == "pump-health 1.0.2"
+    assert "shadow refused: pump-health 1.0.2 (self-test-failed)" in describe_status(status)
 
     list_targets(fleet, released["v1"], released["v1-again"])  # another bundle: tried as usual
     agent.wait_for("the other shadow installed", lambda: events(agent, "shadow-installed"))
     assert events(agent, "shadow-installed")[0]["bundle"] == "pump-health 1.0.1"
     assert not (agent.data_dir / "shadow" / "refused.json").exists()
+    assert collect_status(AgentConfig.load(agent.config))["shadow_refused"] is None
     agent.stop()
