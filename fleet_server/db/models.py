@@ -56,6 +56,8 @@ class Device(Base):
     id: Mapped[str] = mapped_column(String(128), primary_key=True)
     hardware_id: Mapped[str] = mapped_column(String(64), index=True)
     region: Mapped[str | None] = mapped_column(String(64), index=True)
+    # IANA name; rollouts read their maintenance windows on this clock (None: the window's).
+    timezone: Mapped[str | None] = mapped_column(String(64), default=None)
     tags: Mapped[list[str]] = mapped_column(default=list)
     credential_hash: Mapped[str | None] = mapped_column(String(128))
     enrolled_at: Mapped[datetime] = mapped_column(UtcDateTime())

@@ -10,7 +10,8 @@ the decision, and then carries out the effects:
 
 - :class:`AssignDevices`: the release is assigned (through the assignment
   service) to up to ``limit`` devices the plan reaches that the rollout has not
-  assigned yet, whose maintenance window is open, recorded first in
+  assigned yet, whose maintenance window is open on the device's own clock (its
+  ``timezone``; the window's zone for a device without one), recorded first in
   ``rollout_devices`` with the release each ran before. A device recorded but
   not assigned (the process died in between) is assigned at the next step.
 - :class:`RollbackReached`: every device reached that is still assigned the
@@ -456,7 +457,7 @@ async def _assign(
             d
             for d in devices
             if d.hardware_id in release.hardware_ids
-            and (effect.window is None or in_window(effect.window, stepped.now))
+            and (effect.window is None or in_window(effect.window, stepped.now, d.timezone))
         ]
         below = {d.id for d in below_installed(release, eligible)}
         eligible = [d for d in eligible if d.id not in below]

@@ -241,8 +241,8 @@ class MaintenanceWindow(RequestBody):
     ``days`` are the days a window opens; a window whose ``end`` is not after
     its ``start`` runs past midnight into the next day (``Fri 22:00-06:00``
     holds Saturday 03:00; ``Mon 00:00-24:00`` is all Monday). Times are
-    wall-clock times: a device uses its own zone when it reports one, ``zone``
-    otherwise.
+    wall-clock times: a device with a time zone of its own (set at its
+    registration or enrolment) reads them in it, one without in ``zone``.
     """
 
     days: tuple[Weekday, ...] = Field(min_length=1, max_length=7)

@@ -12,9 +12,11 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
+from datetime import time as dt_time
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import numpy as np
 import pytest
@@ -48,8 +50,9 @@ CLASSES = ["normal", "imbalance", "bearing_wear", "overheating"]  # the sample m
 class Fleet(Fleetctl):
     """``fleetctl`` and the REST API against a server holding releases 1.0.0 and 2.0.0."""
 
-    def register(self, device_id: str, *tags: str) -> None:
+    def register(self, device_id: str, *tags: str, timezone: str | None = None) -> None:
         flags = [x for tag in tags for x in ("--tag", tag)]
+        flags += ["--timezone", timezone] if timezone else []
         done = self.run("devices", "register", device_id, "--hardware", HARDWARE, *flags)
         assert done.code == 0, done.err
 
@@ -411,6 +414,62 @@ def test_installs_start_only_while_the_maintenance_window_is_open(fleet: Fleet) 
     status, shown = fleet.call("GET", f"/rollouts/{created['id']}")
     assert shown["assigned"] == shown["stages"][0]["devices"], shown
     assert fleet.call("POST", f"/rollouts/{created['id']}/abort", body={})[0] == 200
+
+
+def local(zone: str, day: date, hour: int, minute: int) -> datetime:
+    """The instant a clock in ``zone`` shows ``hour:minute`` on ``day``, in UTC."""
+    return datetime.combine(day, dt_time(hour, minute), ZoneInfo(zone)).astimezone(UTC)
+
+
+def test_each_device_installs_in_the_window_on_its_own_clock(fleet: Fleet) -> None:
+    zones = {"tz-tokyo": "Asia/Tokyo", "tz-new-york": "America/New_York", "tz-none": None}
+    for device_id, zone in zones.items():
+        fleet.register(device_id, "tz-wave", timezone=zone)
+        fleet.reports(device_id, "1.0.0", C1)
+    assert fleet.device("tz-tokyo")["timezone"] == "Asia/Tokyo"
+    assert fleet.device("tz-none")["timezone"] is None
+    status, created = fleet.call(
+        "POST",
+        "/rollouts",
+        body=spec("tz-wave", waves="100%", holdback=0, bake="72h",
+                  window="daily 02:00-03:00 UTC"),
+    )  # fmt: skip
+    assert status == 201, created
+    day = datetime.now(UTC).date() + timedelta(days=2)
+    # 02:30 on each device's own clock (the window's zone, UTC, for the one without a zone).
+    opens = sorted(
+        (local(zone or "UTC", day, 2, 30), device_id) for device_id, zone in zones.items()
+    )
+    assigned: list[str] = []
+    for at, device_id in opens:
+        fleet.tick(at)
+        assigned.append(device_id)
+        now_assigned = [d for d in zones if fleet.device(d)["assigned_target"] == V2]
+        assert sorted(now_assigned) == sorted(assigned), (at, device_id)
+    assert fleet.call("POST", f"/rollouts/{created['id']}/abort", body={})[0] == 200
+
+
+def test_a_device_time_zone_is_an_iana_name_or_refused_naming_it(fleet: Fleet) -> None:
+    refused = fleet.run(
+        "devices", "register", "tz-bad", "--hardware", HARDWARE, "--timezone", "Mars/Olympus"
+    )
+    assert "Mars/Olympus" in one_line_error(refused) and "timezone" in refused.err
+    status, answer = fleet.call(
+        "POST", "/devices", body={"device_id": "tz-bad", "hardware_id": HARDWARE,
+                                  "timezone": "UTC+2"},
+    )  # fmt: skip
+    assert status == 422 and "'UTC+2'" in answer["error"] and "timezone" in answer["error"]
+    status, token = fleet.call("POST", "/provisioning-tokens", body={"uses": 2})
+    assert status == 201, token
+    status, enrolled = fleet.call(
+        "POST", "/devices/enrol",
+        body={"token": token["token"], "device_id": "tz-enrolled", "hardware_id": HARDWARE,
+              "timezone": "Europe/Berlin"},
+    )  # fmt: skip
+    assert status == 201, enrolled
+    assert enrolled["device"]["timezone"] == "Europe/Berlin"
+    shown = fleet.run("devices", "show", "tz-enrolled")
+    assert shown.code == 0 and "Europe/Berlin" in shown.out, shown.err
 
 
 def test_installs_the_devices_refuse_stop_the_rollout(fleet: Fleet) -> None:
