@@ -78,6 +78,7 @@ from fleet_server.rollouts.controller import (
 )
 from fleet_server.rollouts.evidence import DeviceAggregate, InstallRecord, gather, install_tally
 from fleet_server.rollouts.gates import UnknownGateError, evaluate_all, gate_specs, srm_log_e
+from fleet_server.rollouts.kept import KeptAggregates
 from fleet_server.rollouts.maintenance import in_window
 from fleet_server.rollouts.state import FINAL_PHASES, DecisionRecord, Phase, RolloutState
 from fleet_server.rollouts.verdicts import GateEvaluation
@@ -272,12 +273,15 @@ async def tick(
     assignments: AssignmentService,
     now: datetime,
     manifests: ManifestCache | None = None,
+    kept: KeptAggregates | None = None,
 ) -> int:
     """One controller step for every active rollout at ``now``; returns how many stepped.
 
     A pending rollout starts; any other is judged on its gates (``manifests``:
     where each version's calibration is read for CBPE accuracy; without it the
-    estimated-accuracy gate has no evidence). One rollout's
+    estimated-accuracy gate has no evidence; ``kept``: the sums of the hourly
+    aggregates kept from earlier ticks, so a tick reads only the rows received
+    since; without it every tick reads every row of its ranges). One rollout's
     failure is logged and does not stop the others. On PostgreSQL one replica
     ticks at a time: the tick holds an advisory lock (a replica that finds it
     taken skips this tick); SQLite serves one node.
@@ -289,11 +293,18 @@ async def tick(
             )
             if not held:
                 return 0
-        return await _tick_all(db, assignments, now, manifests)
+        stepped = await _tick_all(db, assignments, now, manifests, kept)
+        if kept is not None:
+            kept.forget_unused()
+        return stepped
 
 
 async def _tick_all(
-    db: Database, assignments: AssignmentService, now: datetime, manifests: ManifestCache | None
+    db: Database,
+    assignments: AssignmentService,
+    now: datetime,
+    manifests: ManifestCache | None,
+    kept: KeptAggregates | None,
 ) -> int:
     async with db.session() as session:
         rows = await store.list_rollouts(session)
@@ -314,7 +325,7 @@ async def _tick_all(
     stepped = 0
     for rollout_id in reversed(active):  # oldest first
         try:
-            done = await _step(db, rollout_id, None, now, manifests=manifests)
+            done = await _step(db, rollout_id, None, now, manifests=manifests, kept=kept)
             if done is not None:
                 await _carry_out(db, assignments, done)
                 stepped += 1
@@ -347,6 +358,7 @@ async def _step(
     actor: str | None = None,
     reason: str | None = None,
     manifests: ManifestCache | None = None,
+    kept: KeptAggregates | None = None,
 ) -> Stepped | None:
     """Decide one step and save it (``make_event``: an operator's; ``None``: a tick).
 
@@ -364,7 +376,9 @@ async def _step(
         elif state.phase == Phase.PENDING:
             event = Start(selected.population)
         else:
-            evaluations, srm = await _evaluate(session, row, spec, state, selected, now, manifests)
+            evaluations, srm = await _evaluate(
+                session, row, spec, state, selected, now, manifests, kept
+            )
             event = Tick(evaluations, srm, selected.population)
         after, effects = decide(state, event, spec, now)
         if after == state and not effects:
@@ -574,6 +588,7 @@ async def _evaluate(
     selected: Selected,
     now: datetime,
     manifests: ManifestCache | None,
+    kept: KeptAggregates | None = None,
 ) -> tuple[list[GateEvaluation], float | None]:
     """Every gate's evaluation and the SRM test's log e-value at ``now``.
 
@@ -581,16 +596,24 @@ async def _evaluate(
     install; control: the matching devices not reached, on their current
     version, since the rollout's start; each device's baseline: its own
     windows of the 24 h before the rollout on the version it ran then. CBPE
-    accuracy uses each version's own calibration, from its manifest.
+    accuracy uses each version's own calibration, from its manifest. With ``kept``
+    the sums cover every device of each version (only the devices asked for are
+    looked up in them).
     """
+
+    async def read(
+        version: str, since: datetime, until: datetime, ids: list[str]
+    ) -> DeviceAggregates:
+        if kept is not None:
+            return await kept.read(session, spec.name, version, since, until)
+        return await store.device_aggregates(session, spec.name, version, since, until, ids)
+
     started = as_utc(row.created_at)
     reached = {r.device_id: r for r in await store.reached_devices(session, row.id)}
     by_id = {d.id: d for d in selected.devices}
     in_plan = set(_reached(state, selected.population))
     control_ids = [d for d in by_id if d not in in_plan and d not in reached]
-    treatment = await store.device_aggregates(
-        session, spec.name, spec.version, started, now, sorted(reached)
-    )
+    treatment = await read(spec.version, started, now, sorted(reached))
     # The versions each device ran before: its baseline's, and the control's now.
     ran: dict[str, str] = {}
     for device_id, r in reached.items():
@@ -605,12 +628,8 @@ async def _evaluate(
     baseline: dict[str, DeviceAggregates] = {}
     for version in sorted(set(ran.values())):
         ids = sorted(d for d, v in ran.items() if v == version)
-        baseline[version] = await store.device_aggregates(
-            session, spec.name, version, started - BASELINE, started, ids
-        )
-        control[version] = await store.device_aggregates(
-            session, spec.name, version, started, now, [d for d in ids if d in control_ids]
-        )
+        baseline[version] = await read(version, started - BASELINE, started, ids)
+        control[version] = await read(version, started, now, [d for d in ids if d in control_ids])
     calibrations = {
         v: await _calibration(session, manifests, spec.name, v)
         for v in {spec.version, *ran.values()}

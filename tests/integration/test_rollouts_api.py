@@ -137,7 +137,11 @@ class Fleet(Fleetctl):
 
     def tick(self, now: datetime) -> int:
         server = self.api.server
-        return self.api.call(service.tick(server.db, server.assignments, now, server.manifests))
+        return self.api.call(
+            service.tick(
+                server.db, server.assignments, now, server.manifests, server.kept_aggregates
+            )
+        )
 
     def device(self, device_id: str) -> dict[str, Any]:
         status, shown = self.call("GET", f"/devices/{device_id}")
