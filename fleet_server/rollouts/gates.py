@@ -22,9 +22,10 @@ The rules, over plain numbers (no I/O, no clock):
    a metric with no data is never a pass.
 5. Install failures have no control: they are judged against an allowed rate
    with evidence that accumulates across waves, and their pass is required
-   only before the last wave (a thousand devices cannot show a rate below
-   2 %; five thousand can). The comparison gates' passes are required from
-   the second wave on.
+   only from the promotion into the last wave on (a thousand devices cannot
+   show a rate below 2 %; five thousand can). The comparison gates' passes are
+   required at every promotion, the shadow's included. :func:`required` alone
+   decides which passes a promotion needs; the controller asks it.
 6. The comparison gates are functions of the current aggregates, with the
    information ``1/se^2`` as their clock: a replayed tick gives the same
    verdict. That clock must not run backwards much, so the control must not
@@ -107,10 +108,11 @@ class GateSpec:
     slower p95) and a difference for ``"difference"`` (0.01: one point of
     accuracy). The tests work on the estimate's scale, :attr:`bounds`.
     ``required_from`` is the first wave (an index into the spec's waves;
-    negative counts from the end) whose promotion needs this gate's pass;
-    ``None``: never needed (it can only stop). ``tau``: the effect size, on the
-    estimate's scale, the mixture is tuned to find. ``weight``: its share of
-    ``alpha`` and ``beta`` among the stop-gates.
+    negative counts from the end) whose promotion into needs this gate's pass
+    (0: every promotion, the shadow's into wave 1 included; -1: from the
+    promotion into the last wave on); ``None``: never needed (it can only stop).
+    ``tau``: the effect size, on the estimate's scale, the mixture is tuned to find.
+    ``weight``: its share of ``alpha`` and ``beta`` among the stop-gates.
     """
 
     name: str
@@ -121,7 +123,7 @@ class GateSpec:
     severity: Severity = "stop"
     min_devices: int = 20
     min_requests: int = 0
-    required_from: int | None = 1
+    required_from: int | None = 0
     weight: float = 1.0
     allowed_rate: float | None = None
     unit: Literal["requests", "labels"] = "requests"
@@ -223,9 +225,11 @@ def split(total: float, specs: Iterable[GateSpec]) -> dict[str, float]:
 
 
 def required(specs: Iterable[GateSpec], next_wave: int, waves: int) -> list[str]:
-    """The stop-gates whose pass promoting into wave ``next_wave`` (of ``waves``) needs.
+    """The stop-gates whose pass promoting into wave ``next_wave`` (an index, of ``waves``)
+    needs, in the order of ``specs``: the one rule of which gate is required when.
 
-    A ``next_wave`` past the last (releasing the holdback) needs what the last wave did.
+    ``next_wave`` 0 is the shadow stage's promotion into wave 1; one past the last
+    (releasing the holdback) needs what the last wave did. Warn-gates are never needed.
     """
     needed = []
     for spec in specs:
