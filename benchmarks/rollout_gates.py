@@ -45,11 +45,13 @@ from fleet_server.rollouts.evidence import (
     FALLBACK_RATE,
     INSTALL_FAILURES,
     LATENCY_P95,
+    ArmRates,
     Comparison,
     Evidence,
     InstallTally,
     MeanSums,
     RateSums,
+    arm_rates,
     log_rate_ratio,
     mean_difference,
 )
@@ -190,12 +192,27 @@ class Plan:
 
 def _evidence(
     fleet: _Fleet,
-) -> tuple[dict[str, tuple[Array, Array]], Array, Array, Array, Array, Array, Array]:
+) -> tuple[
+    dict[str, tuple[Array, Array]],
+    dict[str, ArmRates],
+    Array,
+    Array,
+    Array,
+    Array,
+    Array,
+    Array,
+]:
+    """The comparisons, the fallback gate's rates per request, devices, requests, installs."""
     treated = fleet.installed & ~fleet.failed
     control = ~fleet.installed
     fallback = log_rate_ratio(
         RateSums.of(fleet.fallbacks, fleet.expected, treated),
         RateSums.of(fleet.fallbacks, fleet.expected, control),
+    )
+    rates = arm_rates(
+        RateSums.of(fleet.fallbacks, fleet.expected, treated),
+        RateSums.of(fleet.fallbacks, fleet.expected, control),
+        np.where(treated, REQUESTS * fleet.windows, 0.0).sum(1),
     )
     seen = np.maximum(fleet.windows, 1.0)
     latency_change = fleet.latency_sum / seen - fleet.pre_log_p95
@@ -217,7 +234,7 @@ def _evidence(
     installs = fleet.installed.sum(1)
     failures = (fleet.installed & fleet.failed).sum(1)
     comparisons = {FALLBACK_RATE: fallback, LATENCY_P95: latency, ACCURACY_ESTIMATED: accuracy}
-    return comparisons, n_t, n_c, r_t, r_c, installs, failures
+    return comparisons, {FALLBACK_RATE: rates}, n_t, n_c, r_t, r_c, installs, failures
 
 
 def _anytime(
@@ -225,6 +242,7 @@ def _anytime(
     alphas: dict[str, float],
     betas: dict[str, float],
     comparisons: dict[str, tuple[Array, Array]],
+    rates: dict[str, ArmRates],
     n_t: Array,
     n_c: Array,
     r_t: Array,
@@ -236,12 +254,15 @@ def _anytime(
     out: dict[str, npt.NDArray[np.str_]] = {}
     for name, (estimate, se) in comparisons.items():
         spec = specs[name]
-        harm, ni = comparison_log_e(spec, estimate, se)
+        harm, ni = comparison_log_e(spec, estimate, se, rates.get(name))
+        usable = np.isfinite(estimate) & np.isfinite(se)
+        if spec.allowed_extra is not None and name in rates:
+            r = [np.asarray(x) for x in rates[name]]
+            usable |= np.isfinite(r[0] + r[1] + r[2] + r[3]) & (r[1] + r[3] > 0)
         judged = (
             (np.minimum(n_t, n_c) >= spec.min_devices)
             & (np.minimum(r_t, r_c) >= spec.min_requests)
-            & np.isfinite(estimate)
-            & np.isfinite(se)
+            & usable
         )
         verdict = np.where(
             harm >= math.log(1 / alphas[name]),
@@ -358,10 +379,20 @@ def _run_batch(
         fleet.latency_sum += np.where(sending, fleet.log_p95 + 0.15 * noise[1], 0.0)
         fleet.windows += sending
 
-        comparisons, n_t, n_c, r_t, r_c, installs, failures = _evidence(fleet)
+        comparisons, rates, n_t, n_c, r_t, r_c, installs, failures = _evidence(fleet)
         if policy == "anytime":
             verdicts = _anytime(
-                specs, alphas, betas, comparisons, n_t, n_c, r_t, r_c, installs, failures
+                specs,
+                alphas,
+                betas,
+                comparisons,
+                rates,
+                n_t,
+                n_c,
+                r_t,
+                r_c,
+                installs,
+                failures,
             )
         else:
             verdicts = _fixed(
@@ -374,6 +405,7 @@ def _run_batch(
                 betas,
                 verdicts,
                 comparisons,
+                rates,
                 (n_t, n_c, r_t, r_c),
                 (installs, failures),
             )
@@ -425,6 +457,7 @@ def _cross_check(
     betas: dict[str, float],
     verdicts: dict[str, npt.NDArray[np.str_]],
     comparisons: dict[str, tuple[Array, Array]],
+    rates: dict[str, ArmRates],
     counts: tuple[Array, Array, Array, Array],
     tally: tuple[Array, Array],
 ) -> None:
@@ -439,6 +472,11 @@ def _cross_check(
             else:
                 estimate, se = (float(a[row]) for a in comparisons[spec.name])
                 ok = math.isfinite(estimate) and math.isfinite(se) and se > 0
+                arms = (
+                    ArmRates(*(float(np.asarray(a)[row]) for a in rates[spec.name]))
+                    if spec.name in rates
+                    else None
+                )
                 evidence = Comparison(
                     estimate if ok else math.nan,
                     se if ok else math.nan,
@@ -446,6 +484,7 @@ def _cross_check(
                     int(n_c[row]),
                     int(r_t[row]),
                     int(r_c[row]),
+                    arms,
                 )
             said = evaluate(spec, evidence, alphas[spec.name], betas[spec.name]).decision
             assert said == verdicts[spec.name][row], (spec.name, evidence, said)

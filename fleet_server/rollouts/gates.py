@@ -75,6 +75,7 @@ from fleet_server.rollouts.evidence import (
     FALLBACK_RATE,
     INSTALL_FAILURES,
     LATENCY_P95,
+    ArmRates,
     Comparison,
     Evidence,
     InstallTally,
@@ -113,6 +114,9 @@ class GateSpec:
     promotion into the last wave on); ``None``: never needed (it can only stop).
     ``tau``: the effect size, on the estimate's scale, the mixture is tuned to find.
     ``weight``: its share of ``alpha`` and ``beta`` among the stop-gates.
+    ``allowed_extra``: an absolute bound beside a ratio's margin (the fallback
+    gate: extra fallbacks per request allowed), for where the control's rate is
+    zero or tiny and a ratio says little; see :func:`comparison_log_e`.
     """
 
     name: str
@@ -127,6 +131,7 @@ class GateSpec:
     weight: float = 1.0
     allowed_rate: float | None = None
     unit: Literal["requests", "labels"] = "requests"
+    allowed_extra: float | None = None
 
     @property
     def bounds(self) -> tuple[float, float]:
@@ -158,7 +163,19 @@ DEFAULT_GATES: tuple[GateSpec, ...] = (
         weight=5.0,
         allowed_rate=0.01,
     ),
-    GateSpec(FALLBACK_RATE, "higher_is_worse", "ratio", margin=0.10, tau=0.2, min_requests=1000),
+    # Harm: 10 % more fallbacks AND 0.1 points more of the requests. The absolute bound is
+    # below the ratio's at the 2 % base rate the gates are tuned for (10 % of 2 % is 0.2
+    # points), so it decides only under a 1 % control rate, where 10 % of it is less than one
+    # request in a thousand, and over a control that never falls back, where no ratio holds.
+    GateSpec(
+        FALLBACK_RATE,
+        "higher_is_worse",
+        "ratio",
+        margin=0.10,
+        tau=0.2,
+        min_requests=1000,
+        allowed_extra=0.001,
+    ),
     GateSpec(LATENCY_P95, "higher_is_worse", "ratio", margin=0.10, tau=0.1, min_requests=1000),
     GateSpec(
         ACCURACY_ESTIMATED, "lower_is_worse", "difference", margin=0.01, tau=0.02, min_requests=1000
@@ -205,6 +222,12 @@ def gate_specs(
         if "allowed_rate" in changes and by_name[name].scale != "rate":
             raise UnknownGateError(
                 f"allowed_rate applies to gates judged against a rate ({INSTALL_FAILURES}), "
+                f"not to {name}"
+            )
+        if "allowed_extra" in changes and not _absolute(by_name[name]):
+            absolute = [s.name for s in by_name.values() if s.allowed_extra is not None]
+            raise UnknownGateError(
+                f"allowed_extra applies to gates with an absolute bound ({', '.join(absolute)}), "
                 f"not to {name}"
             )
         by_name[name] = dataclasses.replace(by_name[name], **changes)
@@ -317,15 +340,49 @@ def normal_mixture_reach(se: float, level: float, tau: float) -> float:
 
 
 def comparison_log_e(
-    spec: GateSpec, estimate: npt.ArrayLike, se: npt.ArrayLike
+    spec: GateSpec, estimate: npt.ArrayLike, se: npt.ArrayLike, rates: ArmRates | None = None
 ) -> tuple[FloatArray, FloatArray]:
-    """``(log e harm, log e non-inferiority)`` of a comparison gate (elementwise over estimates)."""
+    """``(log e harm, log e non-inferiority)`` of a comparison gate (elementwise over estimates).
+
+    A ratio gate with ``allowed_extra``, given each arm's ``rates`` per request,
+    counts as harm only an increase beyond both its margin and ``allowed_extra``:
+    ``rate_t > (1 + margin) rate_c`` and ``rate_t - rate_c > allowed_extra``, each a
+    linear contrast of the arms' rates (defined when the control never has an event,
+    where no ratio is). The null "no harm" is the union of the two nulls, so harm is
+    shown when both tests reject (an intersection-union test: the smaller e-value is
+    an e-process under either null, at the gate's whole ``alpha``). Non-inferiority
+    is shown by the ratio's test or the absolute bound's: the null, beyond both, lies
+    in each test's null, so the mean of their e-values is an e-process for it. Where
+    the rates have no estimate the ratio alone judges, as for a gate without the bound.
+    """
     harm_at, ni_at = spec.bounds
     worse: Side = "above" if spec.direction == "higher_is_worse" else "below"
     better: Side = "below" if worse == "above" else "above"
+    harm = normal_mixture_log_e(estimate, se, harm_at, worse, spec.tau)
+    ni = normal_mixture_log_e(estimate, se, ni_at, better, spec.tau)
+    if not _absolute(spec) or rates is None or spec.allowed_extra is None:
+        return harm, ni
+    r_t, v_t, r_c, v_c = (np.asarray(x, dtype=np.float64) for x in rates)
+    k = 1.0 + spec.margin
+    with np.errstate(invalid="ignore"):
+        usable = np.isfinite(r_t + v_t + r_c + v_c) & (v_t + v_c > 0)
+        se_relative = np.sqrt(v_t + k * k * v_c)
+        se_absolute = np.sqrt(v_t + v_c)
+    tau = max(2.0 * spec.allowed_extra, 1e-3)  # tuned to twice the bound, on rates per request
+    relative = normal_mixture_log_e(r_t - k * r_c, se_relative, 0.0, "above", tau)
+    absolute = normal_mixture_log_e(r_t - r_c, se_absolute, spec.allowed_extra, "above", tau)
+    within = normal_mixture_log_e(r_t - r_c, se_absolute, spec.allowed_extra, "below", tau)
+    both: FloatArray = np.where(usable, np.minimum(relative, absolute), harm)
+    either: FloatArray = np.where(usable, np.logaddexp(ni, within) - math.log(2.0), ni)
+    return both, either
+
+
+def _absolute(spec: GateSpec) -> bool:
+    """Whether the gate has an absolute bound beside its ratio (more is worse)."""
     return (
-        normal_mixture_log_e(estimate, se, harm_at, worse, spec.tau),
-        normal_mixture_log_e(estimate, se, ni_at, better, spec.tau),
+        spec.allowed_extra is not None
+        and spec.scale == "ratio"
+        and spec.direction == "higher_is_worse"
     )
 
 
@@ -432,6 +489,13 @@ def _usable(evidence: Comparison) -> bool:
     return math.isfinite(evidence.estimate) and math.isfinite(evidence.se) and evidence.se > 0
 
 
+def _rates_usable(spec: GateSpec, evidence: Comparison) -> bool:
+    if not _absolute(spec) or evidence.rates is None:
+        return False
+    r_t, v_t, r_c, v_c = (float(np.asarray(x)) for x in evidence.rates)
+    return math.isfinite(r_t + v_t + r_c + v_c) and v_t + v_c > 0
+
+
 def _missing(spec: GateSpec, evidence: Evidence) -> str | None:
     """What keeps a gate from judging: devices, requests or labels; ``None`` if nothing."""
     if isinstance(evidence, InstallTally):
@@ -442,7 +506,7 @@ def _missing(spec: GateSpec, evidence: Evidence) -> str | None:
         return "labels"
     if short_devices:
         return "devices"
-    if short_samples or not _usable(evidence):
+    if short_samples or not (_usable(evidence) or _rates_usable(spec, evidence)):
         return "requests"
     return None
 
@@ -476,7 +540,7 @@ def evaluate(
     else:
         n_devices, n_control = evidence.n_treatment, evidence.n_control
         n_requests = evidence.samples_treatment
-        harm, ni = comparison_log_e(spec, evidence.estimate, evidence.se)
+        harm, ni = comparison_log_e(spec, evidence.estimate, evidence.se, evidence.rates)
         log_e_harm, log_e_ni = float(harm), float(ni)
         estimate = evidence.estimate if _usable(evidence) else None
         low = high = None

@@ -395,6 +395,15 @@ class GateOverride(RequestBody):
         allow_inf_nan=False,
         description="install failures only: the rate the current version has, which harm exceeds",
     )
+    allowed_extra: float | None = Field(
+        default=None,
+        ge=0,
+        lt=1,
+        allow_inf_nan=False,
+        description="fallback rate only: the extra share of requests allowed beside the ratio's "
+        "margin (0.001: 0.1 points); harm must exceed both, which decides where the current "
+        "version almost never falls back",
+    )
 
 
 class RolloutSpec(RequestBody):
