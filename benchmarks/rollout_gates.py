@@ -15,11 +15,17 @@ many rollouts side by side as the rows of (rollouts x devices) arrays:
   N(log 40 ms, 0.25), with window noise 0.05 and 0.15, and a day of
   pre-rollout history on the current version (each device's own baseline);
 - a wave installs at its first tick; 1 % of installs fail; a failed device
-  leaves both arms.
+  leaves both arms; 2 % of the devices, in both arms, are alive (they send
+  heartbeats, and install) but send no windows;
+- the sample-ratio test (:func:`~fleet_server.rollouts.gates.srm_log_e`) at
+  every tick, as the service runs it: the devices that have reported in each
+  arm against the arms' shares of the devices assigned (treatment: installed
+  and not failed); a mismatch pauses (``SRM_THRESHOLD`` of the controller).
 
 Policies: *anytime*, the gates as the controller uses them (every stop-gate
-at every tick; fail on shown harm; promote after the bake only when every
-required gate passed; pause after the maximum bake); *fixed*, a one-sided
+at every tick; fail on shown harm; pause on a sample-ratio mismatch; promote
+after the bake only when every required gate passed; pause after the maximum
+bake); *fixed*, a one-sided
 z-test at 1 % per gate at every tick (Kayenta's 98 % interval) against the
 same bounds, promoting after each bake when nothing failed; *fixed0*, the
 same against no margin at all (any significant worsening fails).
@@ -40,6 +46,7 @@ from statistics import NormalDist
 import numpy as np
 import numpy.typing as npt
 
+from fleet_server.rollouts.controller import SRM_THRESHOLD
 from fleet_server.rollouts.evidence import (
     ACCURACY_ESTIMATED,
     FALLBACK_RATE,
@@ -65,6 +72,7 @@ from fleet_server.rollouts.gates import (
     install_log_e,
     required,
     split,
+    srm_log_e,
 )
 
 WAVES = (0.01, 0.10, 0.50, 0.95)  # the last wave keeps a 5 % holdback as its control
@@ -90,6 +98,7 @@ class Scenario:
     fallback_factor: float = 1.0
     accuracy_shift: float = 0.0
     crash_hardware: int | None = None  # every install on this hardware id fails (crash loop)
+    silent_share: float = 0.0  # this share of each wave stops reporting once installed
 
 
 AA = Scenario("identical versions (A/A)")
@@ -99,6 +108,9 @@ BAD = (
     Scenario("CBPE accuracy -3 pts", accuracy_shift=-0.03),
     Scenario("crash loop on 1 hardware id of 5", crash_hardware=0),
 )
+SILENT = Scenario("half of each wave goes silent", silent_share=0.5)
+OFFLINE = 0.02  # devices alive but sending no windows, in either arm
+SRM_PAUSE = "sample ratio mismatch"
 
 
 @dataclass
@@ -114,6 +126,13 @@ class Outcomes:
         hits = [
             e == ending and (before_wave is None or w < before_wave)
             for e, w in zip(self.ending, self.wave, strict=True)
+        ]
+        return float(np.mean(hits)) if hits else math.nan
+
+    def share_paused_by(self, reason: str) -> float:
+        """The share of rollouts paused for ``reason`` (such as :data:`SRM_PAUSE`)."""
+        hits = [
+            e == "paused" and r == reason for e, r in zip(self.ending, self.reason, strict=True)
         ]
         return float(np.mean(hits)) if hits else math.nan
 
@@ -136,6 +155,7 @@ class _Fleet:
     pre_log_p95: Array
     installed: Mask
     failed: Mask
+    quiet: Mask  # sends no windows: idle, or a silent install
     fallbacks: Array
     expected: Array
     accuracy_sum: Array
@@ -171,6 +191,7 @@ def _fleet(rng: np.random.Generator, rollouts: int, devices: int, waves: Sequenc
         pre_log_p95=log_p95 + 0.15 * noise[1],
         installed=np.zeros(shape, bool),
         failed=np.zeros(shape, bool),
+        quiet=rng.random(shape) < OFFLINE,
         fallbacks=zeros.copy(),
         expected=zeros.copy(),
         accuracy_sum=zeros.copy(),
@@ -364,12 +385,14 @@ def _run_batch(
             if scenario.crash_hardware is not None:
                 fail_p[fleet.hardware == scenario.crash_hardware] = 1.0
             fleet.failed |= joins & (rng.random(fail_p.shape) < fail_p)
+            if scenario.silent_share:
+                fleet.quiet |= joins & (rng.random(fail_p.shape) < scenario.silent_share)
             fleet.installed |= joins
             for sums in (fleet.fallbacks, fleet.expected, fleet.accuracy_sum, fleet.latency_sum):
                 sums[joins] = 0.0
             fleet.windows[joins] = 0.0
         treated = fleet.installed & ~fleet.failed
-        sending = treated | ~fleet.installed
+        sending = (treated | ~fleet.installed) & ~fleet.quiet
         p = fleet.fallback_p * np.where(treated, scenario.fallback_factor, 1.0)
         noise = rng.standard_normal((2, *p.shape))
         fleet.fallbacks += np.where(sending, rng.poisson(REQUESTS * p), 0.0)
@@ -410,6 +433,7 @@ def _run_batch(
                 (installs, failures),
             )
 
+        srm = _srm(fleet) if policy == "anytime" else np.full(ids.size, -np.inf)
         live = np.ones(ids.size, bool)
         for row, rollout in enumerate(ids.tolist()):
             failing = [name for name, v in verdicts.items() if v[row] == "fail"]
@@ -417,6 +441,11 @@ def _run_batch(
                 live[row] = False
                 ending[rollout], tick_of[rollout] = "fail", tick
                 wave_of[rollout], reason[rollout] = int(wave[row]), failing[0]
+                continue
+            if srm[row] >= SRM_THRESHOLD:
+                live[row] = False
+                ending[rollout], tick_of[rollout] = "paused", tick
+                wave_of[rollout], reason[rollout] = int(wave[row]), SRM_PAUSE
                 continue
             if tick - wave_start[row] + 1 < plan.bake:
                 continue
@@ -449,6 +478,23 @@ def _run_batch(
     outcomes.tick += tick_of
     outcomes.wave += wave_of
     outcomes.reason += reason
+
+
+def _srm(fleet: _Fleet) -> Array:
+    """Each rollout's SRM log e-value: devices reporting per arm against the arms' shares
+    of the devices assigned (``-inf`` while an arm is empty), as the service computes it."""
+    treated = fleet.installed & ~fleet.failed
+    control = ~fleet.installed
+    reporting = fleet.windows > 0
+    out = np.full(treated.shape[0], -np.inf)
+    assigned_t, assigned_c = treated.sum(1), control.sum(1)
+    seen_t, seen_c = (treated & reporting).sum(1), (control & reporting).sum(1)
+    for row in range(out.size):
+        a_t, a_c = int(assigned_t[row]), int(assigned_c[row])
+        if a_t and a_c:
+            shares = [a_t / (a_t + a_c), a_c / (a_t + a_c)]
+            out[row] = srm_log_e([int(seen_t[row]), int(seen_c[row])], shares)
+    return out
 
 
 def _cross_check(
@@ -499,6 +545,7 @@ def _summary(label: str, result: Outcomes, seconds: float, bad: bool) -> str:
         line += (
             f"false stop {result.share('fail'):6.1%}  completed {result.share('completed'):6.1%}"
             f"  paused {result.share('paused'):6.1%}"
+            f" (of which SRM {result.share_paused_by(SRM_PAUSE):6.1%})"
         )
     if stops:
         line += f"  min to stop median {np.median(stops):.0f} p90 {np.quantile(stops, 0.9):.0f}"

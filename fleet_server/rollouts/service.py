@@ -664,10 +664,13 @@ async def _evaluate(
     installs = install_tally(records, now, INSTALL_TIMEOUT)
     evaluations = evaluate_all(gate_specs(spec.gates), gather(devices, installs))
     # Only devices that run the release can report on it: the test's treatment arm is
-    # those that committed it, so installs still under way are no mismatch.
+    # those that committed it, so installs still under way are no mismatch; its control
+    # arm, alike, the devices alive since the start (a device the fleet never hears from
+    # would count against the control only, and never commits an install).
     installed = {r.device_id for r in records if r.result == "committed"}
     reporting = [d for d in devices if d.arm == "control" or d.device_id in installed]
-    srm = _srm(reporting, len(installed & set(by_id)), len([d for d in control_ids if d in ran]))
+    alive = [d for d in control_ids if d in ran and _seen_since(by_id[d], started)]
+    srm = _srm(reporting, len(installed & set(by_id)), len(alive))
     return evaluations, srm
 
 
@@ -803,6 +806,10 @@ def _install(
     if device.assigned_rollback_of is not None:  # rolled back by the fleet: it failed here
         result = "failed"
     return InstallRecord(device.id, started, result, seen)
+
+
+def _seen_since(device: Device, at: datetime) -> bool:
+    return device.last_seen_at is not None and as_utc(device.last_seen_at) >= at
 
 
 def _srm(devices: Sequence[DeviceAggregate], treatment: int, control: int) -> float | None:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from benchmarks.rollout_gates import AA, BAD, HALF_WAVE, Plan, simulate
+from benchmarks.rollout_gates import AA, BAD, HALF_WAVE, SILENT, SRM_PAUSE, Plan, simulate
 from fleet_server.rollouts.evidence import (
     ACCURACY_ESTIMATED,
     ACCURACY_LABELLED,
@@ -444,6 +444,9 @@ def test_identical_versions_are_falsely_stopped_in_at_most_five_percent() -> Non
     plan = Plan(devices=1000, waves=(0.10, 0.25, 0.50, 0.95), max_bake=60)
     outcomes = simulate(AA, 500, seed=1, plan=plan)
     assert outcomes.share("fail") <= 0.05
+    # The sample-ratio test runs at every tick too (2 % of the devices in both arms send no
+    # windows): its false pauses count with the false stops.
+    assert outcomes.share("fail") + outcomes.share_paused_by(SRM_PAUSE) <= 0.05
     assert outcomes.share("fail") + outcomes.share("completed") + outcomes.share("paused") == 1
 
 
@@ -457,6 +460,14 @@ def test_a_bad_version_is_stopped_before_the_half_fleet_wave(index: int, rollout
     plan = Plan(stop_at_wave=HALF_WAVE)
     outcomes = simulate(BAD[index], rollouts, seed=100 + index, plan=plan)
     assert outcomes.share("fail", before_wave=HALF_WAVE) >= 0.95
+
+
+def test_a_wave_half_of_which_goes_silent_is_paused_by_the_sample_ratio_test() -> None:
+    plan = Plan(devices=2000, waves=(0.05, 0.25, 0.50, 0.95), max_bake=60)
+    outcomes = simulate(SILENT, 50, seed=11, plan=plan)
+    assert outcomes.share_paused_by(SRM_PAUSE) >= 0.95, outcomes.reason
+    # In the first wave (100 devices), or at the latest when the second wave goes silent.
+    assert max(outcomes.wave) < HALF_WAVE
 
 
 def test_too_few_devices_never_promotes() -> None:
