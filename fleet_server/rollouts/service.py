@@ -108,6 +108,8 @@ TICK_LOCK_ID = 0x726F6C6C6F7574  # "rollout"
 _QUIET_ACTIONS = frozenset({"wait", "assign"})
 # Devices named in a conflict's message.
 _NAMED = 5
+# How often an operator's action is decided again when a tick saved the rollout meanwhile.
+ACTION_ATTEMPTS = 5
 
 
 class RolloutNotFound(NotFound):
@@ -245,6 +247,10 @@ async def act(
 
     An action the controller refuses in the rollout's phase is a conflict
     naming the phase (:class:`~fleet_server.rollouts.controller.ActionRefused`).
+    When a tick (or another replica) saves the rollout between reading it and
+    saving the action, the action is decided again on the state saved, up to
+    :data:`ACTION_ATTEMPTS` times, so it lands instead of asking the operator to
+    retry; only a rollout that changes every time is a conflict.
     """
 
     def event(population: Population) -> Event:
@@ -258,7 +264,19 @@ async def act(
             return Abort(actor, reason)
         raise ValueError(f"{action!r} is not one of {', '.join(ACTIONS)}")
 
-    stepped = await _step(db, rollout_id, event, datetime.now(UTC), actor=actor, reason=reason)
+    for attempt in range(1, ACTION_ATTEMPTS + 1):
+        try:
+            stepped = await _step(
+                db, rollout_id, event, datetime.now(UTC), actor=actor, reason=reason
+            )
+            break
+        except store.StaleRollout:
+            if attempt == ACTION_ATTEMPTS:
+                raise RolloutConflict(
+                    f"rollout {rollout_id} changed {ACTION_ATTEMPTS} times while the {action} "
+                    "was decided; try again"
+                ) from None
+            log.info("rollout %s: saved meanwhile; deciding the %s again", rollout_id, action)
     if stepped is None:  # pragma: no cover - an operator's action always takes a step
         raise RolloutConflict(f"rollout {rollout_id} changed meanwhile; try again")
     await _carry_out(db, assignments, stepped)
@@ -363,7 +381,8 @@ async def _step(
     """Decide one step and save it (``make_event``: an operator's; ``None``: a tick).
 
     ``None`` when there was nothing to do (a replayed tick, a final phase) or,
-    for a tick, when another replica saved first.
+    for a tick, when another replica saved first; for an operator's action, another
+    save first raises :class:`~fleet_server.rollouts.store.StaleRollout`.
     """
     async with db.session() as session:
         row = await _row(session, rollout_id)
@@ -395,9 +414,7 @@ async def _step(
         except store.StaleRollout:
             if make_event is None:
                 return None
-            raise RolloutConflict(
-                f"rollout {rollout_id} changed while the action was decided; try again"
-            ) from None
+            raise
         for effect in effects:
             if isinstance(effect, RecordDecision):
                 await _record(session, row.id, effect.record, actor, reason)

@@ -25,7 +25,7 @@ from sqlalchemy import select, text
 from fleet_server.db.models import AuditEntry, Device
 from fleet_server.fleetctl import main
 from fleet_server.mqtt.ingest import Accepted, classify, write_batch
-from fleet_server.rollouts import service
+from fleet_server.rollouts import service, store
 from protocol.histogram import ExponentialHistogram, record
 from protocol.messages import BundleRef, DeviceEvent, InstallOutcome, ReportedState
 from protocol.summary import score_histogram
@@ -395,6 +395,48 @@ def test_one_replica_ticks_at_a_time_on_postgresql(fleet: Fleet) -> None:
     assert fleet.tick(datetime.now(UTC)) >= 1
     status, shown = fleet.call("GET", f"/rollouts/{created['id']}")
     assert shown["phase"] == "baking"
+
+
+def test_an_operators_action_racing_a_tick_lands_on_the_state_the_tick_saved(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = fleet.api.server
+
+    async def on_postgresql() -> bool:
+        async with server.db.session() as session:
+            return session.bind is not None and session.bind.dialect.name == "postgresql"
+
+    if not fleet.api.call(on_postgresql()):
+        pytest.skip("SQLite serves one node: a tick and an action do not write at once")
+    for n in range(4):
+        fleet.register(f"race-{n}", "race-wave")
+        fleet.reports(f"race-{n}", "1.0.0", C1)
+    status, created = fleet.call("POST", "/rollouts", body=spec("race-wave", bake="12h"))
+    assert status == 201, created
+    rollout_id = created["id"]
+    fleet.tick(datetime.now(UTC))  # started
+    # The fault: each of the action's first two saves finds that a tick (a real one, on its
+    # own connection) saved the rollout after the action read it.
+    saves = store.save_state
+    raced: list[int] = []
+
+    async def racing_save(session: Any, rollout: str, **kwargs: Any) -> int:
+        if rollout == rollout_id and kwargs["phase"] == "paused" and len(raced) < 2:
+            raced.append(kwargs["read_revision"])
+            ticked = await service.tick(
+                server.db, server.assignments, datetime.now(UTC), server.manifests
+            )
+            assert ticked >= 1
+        return await saves(session, rollout, **kwargs)
+
+    monkeypatch.setattr(store, "save_state", racing_save)
+    status, paused = fleet.call("POST", f"/rollouts/{rollout_id}/pause", body={"reason": "race"})
+    assert status == 200, paused
+    assert paused["phase"] == "paused" and len(raced) == 2 and raced[0] < raced[1]
+    events = [d["event"] for d in paused["decisions"]]
+    assert events[-3:] == ["tick", "tick", "pause"]  # decided again after each tick
+    monkeypatch.undo()
+    assert fleet.call("POST", f"/rollouts/{rollout_id}/abort", body={})[0] == 200
 
 
 def test_installs_start_only_while_the_maintenance_window_is_open(fleet: Fleet) -> None:
