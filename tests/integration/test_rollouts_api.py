@@ -439,6 +439,34 @@ def test_an_operators_action_racing_a_tick_lands_on_the_state_the_tick_saved(
     assert fleet.call("POST", f"/rollouts/{rollout_id}/abort", body={})[0] == 200
 
 
+def test_a_fleet_rollback_the_device_reports_is_listed_with_its_install_outcomes(
+    fleet: Fleet,
+) -> None:
+    fleet.register("fleet-back-0", "fleet-back")
+    event = DeviceEvent(
+        device_id="fleet-back-0",
+        message_id=uuid.uuid4().hex,
+        sent_at=time.time(),
+        event="fleet-rolled-back",
+        at=time.time(),
+        details={
+            "reason": "fleet-rollback",
+            "bundle": "pump-health 2.0.0",
+            "to": "pump-health 1.0.0",
+        },
+    )
+    batch = [Accepted("fleet-back-0", "events", event)]
+    assert not fleet.api.call(write_batch(fleet.api.server.db, batch, "test")).dropped
+    shown = fleet.device("fleet-back-0")
+    [listed] = shown["refusals"]
+    assert (listed["event"], listed["bundle"], listed["reason"]) == (
+        "fleet-rolled-back",
+        "pump-health 2.0.0",
+        "fleet-rollback",
+    )
+    assert shown["assignment_warning"] is None  # it runs what the fleet sent it back to
+
+
 def test_installs_start_only_while_the_maintenance_window_is_open(fleet: Fleet) -> None:
     ids = [f"win-{n}" for n in range(4)]
     for device_id in ids:
