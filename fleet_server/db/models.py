@@ -323,7 +323,14 @@ class DeviceHourStats(Base):
 
     __tablename__ = "device_hour_stats"
     __table_args__ = (
-        Index("ix_device_hour_stats_received", "model_name", "model_version", "received_hour"),
+        # A tick's read of what arrived since: the rows received in an hour, of a range of hours.
+        Index(
+            "ix_device_hour_stats_received",
+            "model_name",
+            "model_version",
+            "received_hour",
+            "hour",
+        ),
     )
 
     model_name: Mapped[str] = mapped_column(String(128), primary_key=True)

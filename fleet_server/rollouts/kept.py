@@ -96,7 +96,7 @@ class KeptAggregates:
         fresh = await self._rows(session, key, first, until, (finished, None))
         if hours < until:  # hours past the kept ones, received before ``finished``
             fresh = add(fresh, await self._rows(session, key, hours, until, (None, finished)))
-        return add(kept.sums, fresh)
+        return add(kept.sums, fresh) if len(fresh) else kept.sums
 
     async def _rows(
         self,

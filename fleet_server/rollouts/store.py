@@ -263,6 +263,9 @@ async def device_aggregates(
         # the fetch (benchmarks/rollout_tick.py), and these columns need no conversion.
         raw = await connection.get_raw_connection()
         driver: Any = raw.driver_connection
+        # Planned for the values at hand: a generic plan cannot tell the hour still open
+        # (a few rows, by the received-hour index) from a whole range (the primary key).
+        await driver.execute("SET LOCAL plan_cache_mode = force_custom_plan")
         rows = await driver.fetch(
             _PG_HOUR_ROWS,
             model_name,

@@ -72,7 +72,7 @@ def upgrade() -> None:
     op.create_index(
         "ix_device_hour_stats_received",
         "device_hour_stats",
-        ["model_name", "model_version", "received_hour"],
+        ["model_name", "model_version", "received_hour", "hour"],
     )
 
 
