@@ -35,7 +35,7 @@ from fleet_server.rollouts.aggregates import DeviceAggregates, add, hour_of
 # that writes hour rows, and than the clocks of two replicas differ.
 GRACE = timedelta(minutes=5)
 
-Range = tuple[str, str, datetime, datetime | None]  # model, version, first hour, fixed end
+Range = tuple[str, str, datetime]  # model, version, first hour
 
 
 @dataclass
@@ -80,10 +80,17 @@ class KeptAggregates:
         first, until = hour_of(as_utc(since).timestamp()), as_utc(until)
         finished = hour_of((as_utc(self._clock()) - GRACE).timestamp())
         hours = min(finished, until)
-        key: Range = (model_name, model_version, first, until if until <= finished else None)
+        key: Range = (model_name, model_version, first)
         self._used.add(key)
         kept = self._kept.get(key)
-        if kept is None or kept.received > finished or kept.hours > hours:
+        if (
+            kept is None
+            or kept.received > finished
+            or kept.hours > hours
+            or (hours > kept.hours and kept.hours != hour_of(kept.hours.timestamp()))
+        ):
+            # Nothing kept, or a range that ends other than before (two ranges of one start
+            # and version, a clock going back, an end within an hour moving): from the start.
             sums = await self._rows(session, key, first, hours, (None, finished))
             kept = self._kept[key] = _Kept(finished, hours, sums)
         elif (kept.received, kept.hours) != (finished, hours):

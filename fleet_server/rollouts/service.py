@@ -310,6 +310,8 @@ async def tick(
                 text("SELECT pg_try_advisory_xact_lock(:id)"), {"id": TICK_LOCK_ID}
             )
             if not held:
+                if kept is not None:  # another replica leads: what this one kept goes stale
+                    kept.forget_unused()
                 return 0
         stepped = await _tick_all(db, assignments, now, manifests, kept)
         if kept is not None:
