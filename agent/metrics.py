@@ -21,7 +21,8 @@ Metrics, all named ``edgefleet_agent_*``:
 - ``inference_duration_seconds{stage}``: the answered requests' time in the
   chain (validation and every stage tried), 100 µs to 5 s;
 - ``installs_total{result}``: ``installed`` (the new model went active),
-  ``committed``, ``rolled_back``, ``refused``;
+  ``committed``, ``rolled_back``, ``refused``, ``fleet_rolled_back`` (the fleet
+  sent it back to the bundle its other slot held);
 - ``install_refusals_total{reason}`` and ``install_rollbacks_total{reason}``:
   by the installer's reason code (a bounded set; anything else counts as
   ``other``);
@@ -81,13 +82,14 @@ LATENCY_BUCKETS_S: Final = (
 )
 RequestOutcome = Literal["client_error", "unavailable"]
 REQUEST_OUTCOMES: Final[tuple[RequestOutcome, ...]] = ("client_error", "unavailable")
-INSTALL_RESULTS: Final = ("installed", "committed", "rolled_back", "refused")
+INSTALL_RESULTS: Final = ("installed", "committed", "rolled_back", "refused", "fleet_rolled_back")
 # The installer's event for each result.
 _INSTALL_EVENTS: Final = {
     "switched": "installed",
     "committed": "committed",
     "rolled-back": "rolled_back",
     "refused": "refused",
+    "fleet-rolled-back": "fleet_rolled_back",
 }
 ROLLBACK_REASONS: Final = ("watchdog", "crash-loop", "other")
 
@@ -184,7 +186,7 @@ class InstallMetrics:
         results = CounterMetricFamily(
             PREFIX + "installs",
             "Installs by result: installed (the new model went active), committed, "
-            "rolled_back, refused",
+            "rolled_back, refused, fleet_rolled_back",
             labels=["result"],
         )
         for result, count in self._results.items():

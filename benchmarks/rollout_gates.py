@@ -15,11 +15,17 @@ many rollouts side by side as the rows of (rollouts x devices) arrays:
   N(log 40 ms, 0.25), with window noise 0.05 and 0.15, and a day of
   pre-rollout history on the current version (each device's own baseline);
 - a wave installs at its first tick; 1 % of installs fail; a failed device
-  leaves both arms.
+  leaves both arms; 2 % of the devices, in both arms, are alive (they send
+  heartbeats, and install) but send no windows;
+- the sample-ratio test (:func:`~fleet_server.rollouts.gates.srm_log_e`) at
+  every tick, as the service runs it: the devices that have reported in each
+  arm against the arms' shares of the devices assigned (treatment: installed
+  and not failed); a mismatch pauses (``SRM_THRESHOLD`` of the controller).
 
 Policies: *anytime*, the gates as the controller uses them (every stop-gate
-at every tick; fail on shown harm; promote after the bake only when every
-required gate passed; pause after the maximum bake); *fixed*, a one-sided
+at every tick; fail on shown harm; pause on a sample-ratio mismatch; promote
+after the bake only when every required gate passed; pause after the maximum
+bake); *fixed*, a one-sided
 z-test at 1 % per gate at every tick (Kayenta's 98 % interval) against the
 same bounds, promoting after each bake when nothing failed; *fixed0*, the
 same against no margin at all (any significant worsening fails).
@@ -40,16 +46,19 @@ from statistics import NormalDist
 import numpy as np
 import numpy.typing as npt
 
+from fleet_server.rollouts.controller import SRM_THRESHOLD
 from fleet_server.rollouts.evidence import (
     ACCURACY_ESTIMATED,
     FALLBACK_RATE,
     INSTALL_FAILURES,
     LATENCY_P95,
+    ArmRates,
     Comparison,
     Evidence,
     InstallTally,
     MeanSums,
     RateSums,
+    arm_rates,
     log_rate_ratio,
     mean_difference,
 )
@@ -63,6 +72,7 @@ from fleet_server.rollouts.gates import (
     install_log_e,
     required,
     split,
+    srm_log_e,
 )
 
 WAVES = (0.01, 0.10, 0.50, 0.95)  # the last wave keeps a 5 % holdback as its control
@@ -88,6 +98,7 @@ class Scenario:
     fallback_factor: float = 1.0
     accuracy_shift: float = 0.0
     crash_hardware: int | None = None  # every install on this hardware id fails (crash loop)
+    silent_share: float = 0.0  # this share of each wave stops reporting once installed
 
 
 AA = Scenario("identical versions (A/A)")
@@ -97,6 +108,9 @@ BAD = (
     Scenario("CBPE accuracy -3 pts", accuracy_shift=-0.03),
     Scenario("crash loop on 1 hardware id of 5", crash_hardware=0),
 )
+SILENT = Scenario("half of each wave goes silent", silent_share=0.5)
+OFFLINE = 0.02  # devices alive but sending no windows, in either arm
+SRM_PAUSE = "sample ratio mismatch"
 
 
 @dataclass
@@ -112,6 +126,13 @@ class Outcomes:
         hits = [
             e == ending and (before_wave is None or w < before_wave)
             for e, w in zip(self.ending, self.wave, strict=True)
+        ]
+        return float(np.mean(hits)) if hits else math.nan
+
+    def share_paused_by(self, reason: str) -> float:
+        """The share of rollouts paused for ``reason`` (such as :data:`SRM_PAUSE`)."""
+        hits = [
+            e == "paused" and r == reason for e, r in zip(self.ending, self.reason, strict=True)
         ]
         return float(np.mean(hits)) if hits else math.nan
 
@@ -134,6 +155,7 @@ class _Fleet:
     pre_log_p95: Array
     installed: Mask
     failed: Mask
+    quiet: Mask  # sends no windows: idle, or a silent install
     fallbacks: Array
     expected: Array
     accuracy_sum: Array
@@ -169,6 +191,7 @@ def _fleet(rng: np.random.Generator, rollouts: int, devices: int, waves: Sequenc
         pre_log_p95=log_p95 + 0.15 * noise[1],
         installed=np.zeros(shape, bool),
         failed=np.zeros(shape, bool),
+        quiet=rng.random(shape) < OFFLINE,
         fallbacks=zeros.copy(),
         expected=zeros.copy(),
         accuracy_sum=zeros.copy(),
@@ -190,12 +213,27 @@ class Plan:
 
 def _evidence(
     fleet: _Fleet,
-) -> tuple[dict[str, tuple[Array, Array]], Array, Array, Array, Array, Array, Array]:
+) -> tuple[
+    dict[str, tuple[Array, Array]],
+    dict[str, ArmRates],
+    Array,
+    Array,
+    Array,
+    Array,
+    Array,
+    Array,
+]:
+    """The comparisons, the fallback gate's rates per request, devices, requests, installs."""
     treated = fleet.installed & ~fleet.failed
     control = ~fleet.installed
     fallback = log_rate_ratio(
         RateSums.of(fleet.fallbacks, fleet.expected, treated),
         RateSums.of(fleet.fallbacks, fleet.expected, control),
+    )
+    rates = arm_rates(
+        RateSums.of(fleet.fallbacks, fleet.expected, treated),
+        RateSums.of(fleet.fallbacks, fleet.expected, control),
+        np.where(treated, REQUESTS * fleet.windows, 0.0).sum(1),
     )
     seen = np.maximum(fleet.windows, 1.0)
     latency_change = fleet.latency_sum / seen - fleet.pre_log_p95
@@ -217,7 +255,7 @@ def _evidence(
     installs = fleet.installed.sum(1)
     failures = (fleet.installed & fleet.failed).sum(1)
     comparisons = {FALLBACK_RATE: fallback, LATENCY_P95: latency, ACCURACY_ESTIMATED: accuracy}
-    return comparisons, n_t, n_c, r_t, r_c, installs, failures
+    return comparisons, {FALLBACK_RATE: rates}, n_t, n_c, r_t, r_c, installs, failures
 
 
 def _anytime(
@@ -225,6 +263,7 @@ def _anytime(
     alphas: dict[str, float],
     betas: dict[str, float],
     comparisons: dict[str, tuple[Array, Array]],
+    rates: dict[str, ArmRates],
     n_t: Array,
     n_c: Array,
     r_t: Array,
@@ -236,12 +275,15 @@ def _anytime(
     out: dict[str, npt.NDArray[np.str_]] = {}
     for name, (estimate, se) in comparisons.items():
         spec = specs[name]
-        harm, ni = comparison_log_e(spec, estimate, se)
+        harm, ni = comparison_log_e(spec, estimate, se, rates.get(name))
+        usable = np.isfinite(estimate) & np.isfinite(se)
+        if spec.allowed_extra is not None and name in rates:
+            r = [np.asarray(x) for x in rates[name]]
+            usable |= np.isfinite(r[0] + r[1] + r[2] + r[3]) & (r[1] + r[3] > 0)
         judged = (
             (np.minimum(n_t, n_c) >= spec.min_devices)
             & (np.minimum(r_t, r_c) >= spec.min_requests)
-            & np.isfinite(estimate)
-            & np.isfinite(se)
+            & usable
         )
         verdict = np.where(
             harm >= math.log(1 / alphas[name]),
@@ -343,12 +385,14 @@ def _run_batch(
             if scenario.crash_hardware is not None:
                 fail_p[fleet.hardware == scenario.crash_hardware] = 1.0
             fleet.failed |= joins & (rng.random(fail_p.shape) < fail_p)
+            if scenario.silent_share:
+                fleet.quiet |= joins & (rng.random(fail_p.shape) < scenario.silent_share)
             fleet.installed |= joins
             for sums in (fleet.fallbacks, fleet.expected, fleet.accuracy_sum, fleet.latency_sum):
                 sums[joins] = 0.0
             fleet.windows[joins] = 0.0
         treated = fleet.installed & ~fleet.failed
-        sending = treated | ~fleet.installed
+        sending = (treated | ~fleet.installed) & ~fleet.quiet
         p = fleet.fallback_p * np.where(treated, scenario.fallback_factor, 1.0)
         noise = rng.standard_normal((2, *p.shape))
         fleet.fallbacks += np.where(sending, rng.poisson(REQUESTS * p), 0.0)
@@ -358,10 +402,20 @@ def _run_batch(
         fleet.latency_sum += np.where(sending, fleet.log_p95 + 0.15 * noise[1], 0.0)
         fleet.windows += sending
 
-        comparisons, n_t, n_c, r_t, r_c, installs, failures = _evidence(fleet)
+        comparisons, rates, n_t, n_c, r_t, r_c, installs, failures = _evidence(fleet)
         if policy == "anytime":
             verdicts = _anytime(
-                specs, alphas, betas, comparisons, n_t, n_c, r_t, r_c, installs, failures
+                specs,
+                alphas,
+                betas,
+                comparisons,
+                rates,
+                n_t,
+                n_c,
+                r_t,
+                r_c,
+                installs,
+                failures,
             )
         else:
             verdicts = _fixed(
@@ -374,10 +428,12 @@ def _run_batch(
                 betas,
                 verdicts,
                 comparisons,
+                rates,
                 (n_t, n_c, r_t, r_c),
                 (installs, failures),
             )
 
+        srm = _srm(fleet) if policy == "anytime" else np.full(ids.size, -np.inf)
         live = np.ones(ids.size, bool)
         for row, rollout in enumerate(ids.tolist()):
             failing = [name for name, v in verdicts.items() if v[row] == "fail"]
@@ -385,6 +441,11 @@ def _run_batch(
                 live[row] = False
                 ending[rollout], tick_of[rollout] = "fail", tick
                 wave_of[rollout], reason[rollout] = int(wave[row]), failing[0]
+                continue
+            if srm[row] >= SRM_THRESHOLD:
+                live[row] = False
+                ending[rollout], tick_of[rollout] = "paused", tick
+                wave_of[rollout], reason[rollout] = int(wave[row]), SRM_PAUSE
                 continue
             if tick - wave_start[row] + 1 < plan.bake:
                 continue
@@ -419,12 +480,30 @@ def _run_batch(
     outcomes.reason += reason
 
 
+def _srm(fleet: _Fleet) -> Array:
+    """Each rollout's SRM log e-value: devices reporting per arm against the arms' shares
+    of the devices assigned (``-inf`` while an arm is empty), as the service computes it."""
+    treated = fleet.installed & ~fleet.failed
+    control = ~fleet.installed
+    reporting = fleet.windows > 0
+    out = np.full(treated.shape[0], -np.inf)
+    assigned_t, assigned_c = treated.sum(1), control.sum(1)
+    seen_t, seen_c = (treated & reporting).sum(1), (control & reporting).sum(1)
+    for row in range(out.size):
+        a_t, a_c = int(assigned_t[row]), int(assigned_c[row])
+        if a_t and a_c:
+            shares = [a_t / (a_t + a_c), a_c / (a_t + a_c)]
+            out[row] = srm_log_e([int(seen_t[row]), int(seen_c[row])], shares)
+    return out
+
+
 def _cross_check(
     specs: Sequence[GateSpec],
     alphas: dict[str, float],
     betas: dict[str, float],
     verdicts: dict[str, npt.NDArray[np.str_]],
     comparisons: dict[str, tuple[Array, Array]],
+    rates: dict[str, ArmRates],
     counts: tuple[Array, Array, Array, Array],
     tally: tuple[Array, Array],
 ) -> None:
@@ -439,6 +518,11 @@ def _cross_check(
             else:
                 estimate, se = (float(a[row]) for a in comparisons[spec.name])
                 ok = math.isfinite(estimate) and math.isfinite(se) and se > 0
+                arms = (
+                    ArmRates(*(float(np.asarray(a)[row]) for a in rates[spec.name]))
+                    if spec.name in rates
+                    else None
+                )
                 evidence = Comparison(
                     estimate if ok else math.nan,
                     se if ok else math.nan,
@@ -446,6 +530,7 @@ def _cross_check(
                     int(n_c[row]),
                     int(r_t[row]),
                     int(r_c[row]),
+                    arms,
                 )
             said = evaluate(spec, evidence, alphas[spec.name], betas[spec.name]).decision
             assert said == verdicts[spec.name][row], (spec.name, evidence, said)
@@ -460,6 +545,7 @@ def _summary(label: str, result: Outcomes, seconds: float, bad: bool) -> str:
         line += (
             f"false stop {result.share('fail'):6.1%}  completed {result.share('completed'):6.1%}"
             f"  paused {result.share('paused'):6.1%}"
+            f" (of which SRM {result.share_paused_by(SRM_PAUSE):6.1%})"
         )
     if stops:
         line += f"  min to stop median {np.median(stops):.0f} p90 {np.quantile(stops, 0.9):.0f}"

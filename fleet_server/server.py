@@ -32,6 +32,7 @@ from fleet_server.mqtt.claim import NamespaceGuard, StartRefused
 from fleet_server.mqtt.link import ServerMqtt
 from fleet_server.published import ReleaseService
 from fleet_server.release.keys import KeyStore, init_keys, load_keys
+from fleet_server.rollouts.kept import KeptAggregates
 from fleet_server.rollouts.service import tick as rollout_tick
 from protocol.cbpe import AccuracyPolicy
 from protocol.messages import DesiredState
@@ -62,6 +63,8 @@ class FleetServer:
         self.metrics = Metrics()
         self.releases = ReleaseService(config.repository_dir)
         self.manifests = ManifestCache(self.releases.repository)
+        # The hourly aggregates' sums the rollout controller keeps between its ticks.
+        self.kept_aggregates = KeptAggregates()
         director = DirectorRepository(config.director_dir)
         keys = _director_keys(config.director_keys_dir)
         if not director.exists():
@@ -219,7 +222,9 @@ class FleetServer:
 
     async def _rollout_tick(self) -> None:
         """Every active rollout's next step, by one replica at a time (:func:`rollouts.tick`)."""
-        await rollout_tick(self.db, self.assignments, datetime.now(UTC), self.manifests)
+        await rollout_tick(
+            self.db, self.assignments, datetime.now(UTC), self.manifests, self.kept_aggregates
+        )
 
     async def _director_step(self) -> None:
         """Keep every device's director metadata in line with the database, fresh and small.

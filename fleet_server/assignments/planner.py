@@ -329,7 +329,10 @@ def refusal_of(
 
 def refusal_warning(device_id: str, release: ReleaseLike, refusal: Refusal) -> str:
     """One line: the device refused (or rolled back) the bundle assigned to it."""
-    did = "rolled back" if refusal.event == "rolled-back" else "refused"
+    did = {
+        "rolled-back": "rolled back",
+        "fleet-rolled-back": "was rolled back by the fleet from",
+    }.get(refusal.event, "refused")
     return (
         f"{device_id} {did} the assigned {release.name} {release.version} at "
         f"{refusal.at:%Y-%m-%d %H:%M:%S}Z ({refusal.reason or refusal.event}: "

@@ -17,8 +17,14 @@ from fleet_server.assignments.models import Refusal
 from fleet_server.db.models import Assignment, AssignmentRule, Device, DeviceEventRow, Release
 
 # The agent's events that say it refused an update, or rolled it back and will not
-# retry it (see agent.ota.installer).
-REFUSAL_EVENTS = ("check-refused", "assignment-refused", "refused", "rolled-back")
+# retry it, or was sent back from it by a fleet rollback (see agent.ota.installer).
+REFUSAL_EVENTS = (
+    "check-refused",
+    "assignment-refused",
+    "refused",
+    "rolled-back",
+    "fleet-rolled-back",
+)
 
 
 async def releases_by_path(

@@ -12,6 +12,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     String,
@@ -56,6 +57,8 @@ class Device(Base):
     id: Mapped[str] = mapped_column(String(128), primary_key=True)
     hardware_id: Mapped[str] = mapped_column(String(64), index=True)
     region: Mapped[str | None] = mapped_column(String(64), index=True)
+    # IANA name; rollouts read their maintenance windows on this clock (None: the window's).
+    timezone: Mapped[str | None] = mapped_column(String(64), default=None)
     tags: Mapped[list[str]] = mapped_column(default=list)
     credential_hash: Mapped[str | None] = mapped_column(String(128))
     enrolled_at: Mapped[datetime] = mapped_column(UtcDateTime())
@@ -316,14 +319,30 @@ class DeviceHourStats(Base):
     ``scores`` are sparse ``(index, count)`` arrays in fixed layouts (a base-2 exponential
     histogram at one scale over a fixed range; ``score_classes`` x the score bins), so
     rows add by concatenation. ``labelled_*`` sum the labels posted for the hour's windows.
+
+    ``received_hour`` is the UTC hour (the server's clock) the row's windows and labels were
+    stored in: what arrives for an hour after that hour ends (a device uploading its
+    backlog, labels) goes to a row of its own, so a row of a received hour that has ended
+    never changes again and a tick may keep its sums (:mod:`fleet_server.rollouts.kept`).
     """
 
     __tablename__ = "device_hour_stats"
+    __table_args__ = (
+        # A tick's read of what arrived since: the rows received in an hour, of a range of hours.
+        Index(
+            "ix_device_hour_stats_received",
+            "model_name",
+            "model_version",
+            "received_hour",
+            "hour",
+        ),
+    )
 
     model_name: Mapped[str] = mapped_column(String(128), primary_key=True)
     model_version: Mapped[str] = mapped_column(String(128), primary_key=True)
     hour: Mapped[datetime] = mapped_column(UtcDateTime(), primary_key=True)
     device_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    received_hour: Mapped[datetime] = mapped_column(UtcDateTime(), primary_key=True)
     windows: Mapped[int] = mapped_column(BigInteger)
     requests: Mapped[int] = mapped_column(BigInteger)
     fallbacks: Mapped[int] = mapped_column(BigInteger)

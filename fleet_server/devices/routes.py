@@ -76,6 +76,7 @@ async def register_device(request: web.Request) -> web.StreamResponse:
         device_id=b.device_id,
         hardware_id=b.hardware_id,
         region=b.region,
+        timezone=b.timezone,
         tags=b.tags,
         actor=request[PRINCIPAL].actor,
         reuse_decommissioned=b.reuse_decommissioned,
@@ -94,6 +95,7 @@ async def enrol_device(request: web.Request) -> web.StreamResponse:
         device_id=b.device_id,
         hardware_id=b.hardware_id,
         region=b.region,
+        timezone=b.timezone,
         tags=b.tags,
     )
     request.app[DEVICE_AUTH].forget(device.id)

@@ -71,6 +71,7 @@ async def register_device(
     device_id: str,
     hardware_id: str,
     region: str | None,
+    timezone: str | None,
     tags: Sequence[str],
     actor: str,
     reuse_decommissioned: bool,
@@ -82,6 +83,7 @@ async def register_device(
             device_id=device_id,
             hardware_id=hardware_id,
             region=region,
+            timezone=timezone,
             tags=tags,
             actor=actor,
             reuse_decommissioned=reuse_decommissioned,
@@ -100,6 +102,7 @@ async def enrol_device(
     device_id: str,
     hardware_id: str,
     region: str | None,
+    timezone: str | None,
     tags: Sequence[str],
 ) -> tuple[Device, str]:
     """A device enrols itself with a provisioning token; returns it and its password."""
@@ -110,6 +113,7 @@ async def enrol_device(
             device_id=device_id,
             hardware_id=hardware_id,
             region=region,
+            timezone=timezone,
             tags=tags,
         )
         ruled = await _apply_tag_rules(

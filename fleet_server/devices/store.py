@@ -57,6 +57,7 @@ async def create_device(
     device_id: str,
     hardware_id: str,
     region: str | None = None,
+    timezone: str | None = None,
     tags: Sequence[str] = (),
     actor: str,
     reuse_decommissioned: bool = False,
@@ -77,7 +78,13 @@ async def create_device(
                 "--reuse-decommissioned)"
             )
         return await _register_again(
-            session, existing, hardware_id=hardware_id, region=region, tags=tags, actor=actor
+            session,
+            existing,
+            hardware_id=hardware_id,
+            region=region,
+            timezone=timezone,
+            tags=tags,
+            actor=actor,
         )
     if existing is not None:
         raise DeviceExists(f"device {device_id} is already registered")
@@ -86,6 +93,7 @@ async def create_device(
         id=device_id,
         hardware_id=hardware_id,
         region=region,
+        timezone=timezone,
         tags=sorted(set(tags)),
         credential_hash=secret_hash(password),
         enrolled_at=datetime.now(UTC),
@@ -100,7 +108,12 @@ async def create_device(
         actor,
         "device.register",
         device_id,
-        {"hardware_id": hardware_id, "region": region, "tags": device.tags},
+        {
+            "hardware_id": hardware_id,
+            "region": region,
+            "timezone": timezone,
+            "tags": device.tags,
+        },
     )
     return device, password
 
@@ -144,6 +157,7 @@ async def enrol(
     device_id: str,
     hardware_id: str,
     region: str | None = None,
+    timezone: str | None = None,
     tags: Sequence[str] = (),
 ) -> tuple[Device, str]:
     """A device enrols itself with a provisioning token; returns its credentials."""
@@ -167,6 +181,7 @@ async def enrol(
         device_id=device_id,
         hardware_id=hardware_id,
         region=region,
+        timezone=timezone,
         tags=[*row.tags, *tags],
         actor=f"device:{device_id}",
     )
@@ -293,6 +308,7 @@ async def _register_again(
     *,
     hardware_id: str,
     region: str | None,
+    timezone: str | None,
     tags: Sequence[str],
     actor: str,
 ) -> tuple[Device, str]:
@@ -307,6 +323,7 @@ async def _register_again(
     decommissioned_at = device.decommissioned_at or datetime.now(UTC)
     device.hardware_id = hardware_id
     device.region = region
+    device.timezone = timezone
     device.tags = sorted(set(tags))
     device.credential_hash = secret_hash(password)
     device.enrolled_at = datetime.now(UTC)
@@ -331,6 +348,7 @@ async def _register_again(
         {
             "hardware_id": hardware_id,
             "region": region,
+            "timezone": timezone,
             "tags": device.tags,
             "reuses_decommissioned": decommissioned_at.isoformat(),
         },

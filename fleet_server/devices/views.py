@@ -18,6 +18,7 @@ def device_view(d: Device) -> DeviceView:
         id=d.id,
         hardware_id=d.hardware_id,
         region=d.region,
+        timezone=d.timezone,
         tags=list(d.tags or []),
         enrolled_at=d.enrolled_at,
         online=bool(d.online),

@@ -438,11 +438,15 @@ def add(a: DeviceAggregates, b: DeviceAggregates) -> DeviceAggregates:
 
     Scores over other classes than ``a``'s are left out (see :func:`combine`).
     """
-    device_ids = sorted(set(a.device_ids) | set(b.device_ids))
-    position = {d: i for i, d in enumerate(device_ids)}
+    ids_a, ids_b = np.asarray(a.device_ids, dtype=str), np.asarray(b.device_ids, dtype=str)
+    if len(b) and not np.isin(ids_b, ids_a).all():
+        merged = np.union1d(ids_a, ids_b)  # both lists are sorted: so is their union
+        device_ids = merged.tolist()
+    else:  # b's devices are among a's (a tick's open hour against the hours kept)
+        merged, device_ids = ids_a, list(a.device_ids)
     n = len(device_ids)
-    at_a = np.fromiter((position[d] for d in a.device_ids), np.int64, len(a))
-    at_b = np.fromiter((position[d] for d in b.device_ids), np.int64, len(b))
+    at_a = np.searchsorted(merged, ids_a) if len(a) else np.zeros(0, np.int64)
+    at_b = np.searchsorted(merged, ids_b) if len(b) else np.zeros(0, np.int64)
     classes = a.classes if a.classes is not None else b.classes
 
     def both(name: str, fill: float | int = 0) -> npt.NDArray[Any]:

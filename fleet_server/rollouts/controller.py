@@ -23,11 +23,13 @@ The rules of a tick, in this order (the first that applies decides):
    stop-gate required at this stage shows ``pass`` (non-inferiority within
    its margin shown; inconclusive is never a pass): the next stage starts
    (:class:`AssignStage`; :class:`ServeStage` after the shadow), or after the
-   last stage the rollout completes. A stop-gate is required if it has been
-   evaluated at any tick of the rollout (one that goes missing is not
-   passing), except the :data:`LATE_GATES` before the promotion into the last
-   wave: install failures are judged against an allowed rate, with no
-   control, and only the larger waves give that test power. The stage that
+   last stage the rollout completes. Which stop-gates a promotion requires is
+   :func:`~fleet_server.rollouts.gates.required`'s to say, from the rollout's
+   gates (install failures, judged against an allowed rate with no control,
+   only from the promotion into the last wave on, where the larger waves give
+   that test power; the labelled-accuracy gate never, since labels may never
+   arrive); a required gate with no evaluation at a tick is not passing, and
+   until some stop-gate has been evaluated nothing promotes. The stage that
    reaches every device has no control left to compare with: it completes
    after its bake unless harm is shown.
 4. The maximum bake has passed (``spec.bake_limit``, counted from the stage's
@@ -75,7 +77,7 @@ from datetime import datetime, timedelta
 import numpy as np
 
 from fleet_server.errors import Conflict
-from fleet_server.rollouts.evidence import SHADOW_GATES
+from fleet_server.rollouts.gates import gate_specs, required
 from fleet_server.rollouts.pacing import allowed_installs
 from fleet_server.rollouts.state import HISTORY_LIMIT, DecisionRecord, Phase, RolloutState
 from fleet_server.rollouts.verdicts import GateEvaluation
@@ -86,9 +88,6 @@ from protocol.api.rollouts import MaintenanceWindow, RolloutSpec
 # only pauses, and a false one costs an operator's look.
 SRM_ALPHA = 0.001
 SRM_THRESHOLD = math.log(1 / SRM_ALPHA)
-# Stop-gates required only from the promotion into the last wave on: install
-# failures, judged against an allowed rate whose evidence accumulates across waves.
-LATE_GATES = frozenset({"install_failures"})
 
 
 # -- events --------------------------------------------------------------------------
@@ -227,21 +226,13 @@ def decide(state: RolloutState, event: Event, spec: RolloutSpec, now: datetime) 
 
 
 def required_gates(state: RolloutState, spec: RolloutSpec) -> list[str]:
-    """The stop-gates whose ``pass`` promotion out of the current stage needs.
-
-    The shadow stage (stage 0) needs its own gates' (:data:`SHADOW_GATES`) and
-    no other stage needs them.
-    """
+    """The stop-gates whose ``pass`` promotion out of the current stage needs
+    (:func:`~fleet_server.rollouts.gates.required`: stage ``k`` promotes into wave index ``k``)."""
     if state.stage >= len(spec.shares):
         return []  # every device reached: no control to show non-inferiority against
-    entering = state.stage + 1
-    late_too = entering >= len(spec.waves)
-    in_shadow = state.stage == 0
-    return [
-        g
-        for g in state.known_gates
-        if (g in SHADOW_GATES) == in_shadow and (late_too or g not in LATE_GATES)
-    ]
+    return required(
+        gate_specs(spec.gates, shadow=spec.shadow is not None), state.stage, len(spec.waves)
+    )
 
 
 # -- the rules -----------------------------------------------------------------------
@@ -397,14 +388,14 @@ def _lacking(
     state: RolloutState, spec: RolloutSpec, evaluations: Sequence[GateEvaluation]
 ) -> dict[str, str]:
     """Each required stop-gate not passing, with what it lacks; empty when promotion may go."""
-    required = required_gates(state, spec)
+    needed = required_gates(state, spec)
     if state.stage >= len(spec.shares):
         return {}
-    if not required:
+    if not state.known_gates:
         return {"gates": "none evaluated yet; no stop-gate has evidence"}
     by_gate = {e.gate: e for e in evaluations if e.severity == "stop"}
     lacking = {}
-    for gate in required:
+    for gate in sorted(needed):
         found = by_gate.get(gate)
         if found is None:
             lacking[gate] = "has no evaluation at this tick"

@@ -29,12 +29,13 @@ The rules, over plain data (no database, no clock of its own):
    served as a share of its requests. Devices remain the units.
 
 The array functions (:class:`RateSums`, :class:`MeanSums`, :func:`log_rate_ratio`,
-:func:`ratio_difference`, :func:`mean_difference`) work elementwise, so many
+:func:`arm_rates`, :func:`ratio_difference`, :func:`mean_difference`) work elementwise, so many
 rollouts' sums can be judged in one call.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -97,7 +98,9 @@ class Comparison:
 
     ``estimate`` and ``se`` are NaN when the effect cannot be estimated.
     ``samples_*`` count what the gate's minimum is about: requests, or labels
-    for the labelled accuracy gate.
+    for the labelled accuracy gate. ``rates``: each arm's events per request,
+    for a gate that has an absolute bound beside its ratio (the fallback gate);
+    ``None`` for the others.
     """
 
     estimate: float
@@ -106,6 +109,17 @@ class Comparison:
     n_control: int
     samples_treatment: int
     samples_control: int
+    rates: ArmRates | None = None
+
+
+class ArmRates(NamedTuple):
+    """Each arm's events per request, adjusted to the treatment devices' own baseline, and the
+    variance of each (:func:`arm_rates`); arrays or floats, NaN where there is no estimate."""
+
+    treatment: npt.ArrayLike
+    treatment_var: npt.ArrayLike
+    control: npt.ArrayLike
+    control_var: npt.ArrayLike
 
 
 class InstallTally(NamedTuple):
@@ -215,6 +229,34 @@ def log_rate_ratio(treatment: RateSums, control: RateSums) -> tuple[FloatArray, 
     return logs[0] - logs[1], np.sqrt(variances[0] + variances[1])
 
 
+def arm_rates(treatment: RateSums, control: RateSums, requests: npt.ArrayLike) -> ArmRates:
+    """Each arm's events per request at the treatment devices' own baseline, and its variance.
+
+    With expected counts ``e`` as exposures, ``sum x / sum e`` is an arm's rate
+    relative to its devices' own rates before; times the treatment's own rate
+    before per request (``sum e_t / requests``) it is events per request, adjusted
+    for each device's baseline as the ratio is, so the difference of the two arms
+    is the treatment's extra share of requests. Each variance is the robust one,
+    floored at the Poisson variance of the arm's count, an arm with no events
+    counting half of one (all quiet is not certainty). NaN below two devices or
+    with no exposure in an arm.
+    """
+    r = np.asarray(requests, dtype=np.float64)
+    rates, variances = [], []
+    with np.errstate(divide="ignore", invalid="ignore"):
+        base = np.where(r > 0, treatment.exposure / r, np.nan)
+        for arm in (treatment, control):
+            ratio, var = _robust_ratio(arm)
+            ok = (arm.devices >= 2) & (arm.exposure > 0)
+            var = np.where(arm.counts > 0, var, 0.0)
+            floor = np.maximum(arm.counts, 0.5) / arm.exposure**2
+            rates.append(np.where(ok, base * ratio, np.nan))
+            variances.append(
+                np.where(ok, base**2 * np.maximum(var / arm.exposure**2, floor), np.nan)
+            )
+    return ArmRates(rates[0], variances[0], rates[1], variances[1])
+
+
 def ratio_difference(treatment: RateSums, control: RateSums) -> tuple[FloatArray, FloatArray]:
     """``sum x / sum e`` of treatment minus control (a proportion: correct of labelled), and its se.
 
@@ -264,11 +306,14 @@ def _split(devices: Iterable[DeviceAggregate]) -> tuple[list[DeviceAggregate], .
 
 
 def fallback_evidence(devices: Sequence[DeviceAggregate]) -> Comparison:
-    """Fallback gate: log ratio of fallbacks over expected fallbacks, treatment to control.
+    """Fallback gate: log ratio of fallbacks over expected fallbacks, treatment to control,
+    and each arm's fallbacks per request (:func:`arm_rates`).
 
     Each device's expected count (its requests at its own pre-rollout rate) is
-    its exposure, so a device on a noisy line is compared with itself. Devices
-    with no requests or no expected fallbacks are left out.
+    its exposure, so a device on a noisy line is compared with itself. The rates
+    per request are what the gate's absolute bound judges, which decides where
+    the control's rate is zero or tiny (no ratio over a control that never falls
+    back). Devices with no requests or no expected fallbacks are left out.
     """
     arms = [
         [d for d in arm if d.requests > 0 and d.expected_fallbacks > 0] for arm in _split(devices)
@@ -277,9 +322,11 @@ def fallback_evidence(devices: Sequence[DeviceAggregate]) -> Comparison:
         RateSums.of([d.fallbacks for d in arm], [d.expected_fallbacks for d in arm]) for arm in arms
     ]
     requests = tuple(sum(d.requests for d in arm) for arm in arms)
-    return _comparison(
+    ratio = _comparison(
         log_rate_ratio(sums[0], sums[1]), (len(arms[0]), len(arms[1])), (requests[0], requests[1])
     )
+    rates = ArmRates(*(float(np.asarray(x)) for x in arm_rates(sums[0], sums[1], requests[0])))
+    return dataclasses.replace(ratio, rates=rates)
 
 
 def _change_evidence(devices: Sequence[DeviceAggregate], value: str, before: str) -> Comparison:

@@ -22,9 +22,10 @@ The rules, over plain numbers (no I/O, no clock):
    a metric with no data is never a pass.
 5. Install failures have no control: they are judged against an allowed rate
    with evidence that accumulates across waves, and their pass is required
-   only before the last wave (a thousand devices cannot show a rate below
-   2 %; five thousand can). The comparison gates' passes are required from
-   the second wave on.
+   only from the promotion into the last wave on (a thousand devices cannot
+   show a rate below 2 %; five thousand can). The comparison gates' passes are
+   required at every promotion, the shadow's included. :func:`required` alone
+   decides which passes a promotion needs; the controller asks it.
 6. The comparison gates are functions of the current aggregates, with the
    information ``1/se^2`` as their clock: a replayed tick gives the same
    verdict. That clock must not run backwards much, so the control must not
@@ -86,6 +87,7 @@ from fleet_server.rollouts.evidence import (
     SHADOW_ERRORS,
     SHADOW_GATES,
     SHADOW_LATENCY_P95,
+    ArmRates,
     Comparison,
     Evidence,
     InstallTally,
@@ -119,10 +121,14 @@ class GateSpec:
     slower p95) and a difference for ``"difference"`` (0.01: one point of
     accuracy). The tests work on the estimate's scale, :attr:`bounds`.
     ``required_from`` is the first wave (an index into the spec's waves;
-    negative counts from the end) whose promotion needs this gate's pass;
-    ``None``: never needed (it can only stop). ``tau``: the effect size, on the
-    estimate's scale, the mixture is tuned to find. ``weight``: its share of
-    ``alpha`` and ``beta`` among the stop-gates.
+    negative counts from the end) whose promotion into needs this gate's pass
+    (0: every promotion, the shadow's into wave 1 included; -1: from the
+    promotion into the last wave on); ``None``: never needed (it can only stop).
+    ``tau``: the effect size, on the estimate's scale, the mixture is tuned to find.
+    ``weight``: its share of ``alpha`` and ``beta`` among the stop-gates.
+    ``allowed_extra``: an absolute bound beside a ratio's margin (the fallback
+    gate: extra fallbacks per request allowed), for where the control's rate is
+    zero or tiny and a ratio says little; see :func:`comparison_log_e`.
     """
 
     name: str
@@ -133,10 +139,11 @@ class GateSpec:
     severity: Severity = "stop"
     min_devices: int = 20
     min_requests: int = 0
-    required_from: int | None = 1
+    required_from: int | None = 0
     weight: float = 1.0
     allowed_rate: float | None = None
     unit: Literal["requests", "labels"] = "requests"
+    allowed_extra: float | None = None
 
     @property
     def bounds(self) -> tuple[float, float]:
@@ -172,7 +179,19 @@ DEFAULT_GATES: tuple[GateSpec, ...] = (
         weight=5.0,
         allowed_rate=0.01,
     ),
-    GateSpec(FALLBACK_RATE, "higher_is_worse", "ratio", margin=0.10, tau=0.2, min_requests=1000),
+    # Harm: 10 % more fallbacks AND 0.1 points more of the requests. The absolute bound is
+    # below the ratio's at the 2 % base rate the gates are tuned for (10 % of 2 % is 0.2
+    # points), so it decides only under a 1 % control rate, where 10 % of it is less than one
+    # request in a thousand, and over a control that never falls back, where no ratio holds.
+    GateSpec(
+        FALLBACK_RATE,
+        "higher_is_worse",
+        "ratio",
+        margin=0.10,
+        tau=0.2,
+        min_requests=1000,
+        allowed_extra=0.001,
+    ),
     GateSpec(LATENCY_P95, "higher_is_worse", "ratio", margin=0.10, tau=0.1, min_requests=1000),
     GateSpec(
         ACCURACY_ESTIMATED, "lower_is_worse", "difference", margin=0.01, tau=0.02, min_requests=1000
@@ -253,10 +272,16 @@ def gate_specs(
             # A minimum the operator sets is one the shadow must meet: a stop unless told.
             changes["allowed_rate"] = changes.pop("min_agreement")
             changes.setdefault("severity", "stop")
-            changes.setdefault("required_from", 1)
+            changes.setdefault("required_from", 0)
         if "allowed_rate" in changes and by_name[name].scale != "rate":
             raise UnknownGateError(
                 f"allowed_rate applies to gates judged against a rate ({INSTALL_FAILURES}), "
+                f"not to {name}"
+            )
+        if "allowed_extra" in changes and not _absolute(by_name[name]):
+            absolute = [s.name for s in by_name.values() if s.allowed_extra is not None]
+            raise UnknownGateError(
+                f"allowed_extra applies to gates with an absolute bound ({', '.join(absolute)}), "
                 f"not to {name}"
             )
         by_name[name] = dataclasses.replace(by_name[name], **changes)
@@ -277,13 +302,22 @@ def split(total: float, specs: Iterable[GateSpec]) -> dict[str, float]:
 
 
 def required(specs: Iterable[GateSpec], next_wave: int, waves: int) -> list[str]:
-    """The stop-gates whose pass promoting into wave ``next_wave`` (of ``waves``) needs.
+    """The stop-gates whose pass promoting into wave ``next_wave`` (an index, of ``waves``)
+    needs, in the order of ``specs``: the one rule of which gate is required when.
 
-    A ``next_wave`` past the last (releasing the holdback) needs what the last wave did.
+    ``next_wave`` 0 is the shadow stage's promotion into wave 1: it needs the
+    shadow's stop-gates (:data:`SHADOW_GATES`) and only them, and no later
+    promotion needs them. One past the last (releasing the holdback) needs what
+    the last wave did. Warn-gates are never needed.
     """
     needed = []
     for spec in specs:
         if spec.severity != "stop" or spec.required_from is None:
+            continue
+        if (spec.name in SHADOW_GATES) != (next_wave == 0):
+            continue  # the shadow's gates decide its promotion, and only they do
+        if next_wave == 0:
+            needed.append(spec.name)
             continue
         first = spec.required_from if spec.required_from >= 0 else waves + spec.required_from
         if min(next_wave, waves - 1) >= first:
@@ -367,15 +401,49 @@ def normal_mixture_reach(se: float, level: float, tau: float) -> float:
 
 
 def comparison_log_e(
-    spec: GateSpec, estimate: npt.ArrayLike, se: npt.ArrayLike
+    spec: GateSpec, estimate: npt.ArrayLike, se: npt.ArrayLike, rates: ArmRates | None = None
 ) -> tuple[FloatArray, FloatArray]:
-    """``(log e harm, log e non-inferiority)`` of a comparison gate (elementwise over estimates)."""
+    """``(log e harm, log e non-inferiority)`` of a comparison gate (elementwise over estimates).
+
+    A ratio gate with ``allowed_extra``, given each arm's ``rates`` per request,
+    counts as harm only an increase beyond both its margin and ``allowed_extra``:
+    ``rate_t > (1 + margin) rate_c`` and ``rate_t - rate_c > allowed_extra``, each a
+    linear contrast of the arms' rates (defined when the control never has an event,
+    where no ratio is). The null "no harm" is the union of the two nulls, so harm is
+    shown when both tests reject (an intersection-union test: the smaller e-value is
+    an e-process under either null, at the gate's whole ``alpha``). Non-inferiority
+    is shown by the ratio's test or the absolute bound's: the null, beyond both, lies
+    in each test's null, so the mean of their e-values is an e-process for it. Where
+    the rates have no estimate the ratio alone judges, as for a gate without the bound.
+    """
     harm_at, ni_at = spec.bounds
     worse: Side = "above" if spec.direction == "higher_is_worse" else "below"
     better: Side = "below" if worse == "above" else "above"
+    harm = normal_mixture_log_e(estimate, se, harm_at, worse, spec.tau)
+    ni = normal_mixture_log_e(estimate, se, ni_at, better, spec.tau)
+    if not _absolute(spec) or rates is None or spec.allowed_extra is None:
+        return harm, ni
+    r_t, v_t, r_c, v_c = (np.asarray(x, dtype=np.float64) for x in rates)
+    k = 1.0 + spec.margin
+    with np.errstate(invalid="ignore"):
+        usable = np.isfinite(r_t + v_t + r_c + v_c) & (v_t + v_c > 0)
+        se_relative = np.sqrt(v_t + k * k * v_c)
+        se_absolute = np.sqrt(v_t + v_c)
+    tau = max(2.0 * spec.allowed_extra, 1e-3)  # tuned to twice the bound, on rates per request
+    relative = normal_mixture_log_e(r_t - k * r_c, se_relative, 0.0, "above", tau)
+    absolute = normal_mixture_log_e(r_t - r_c, se_absolute, spec.allowed_extra, "above", tau)
+    within = normal_mixture_log_e(r_t - r_c, se_absolute, spec.allowed_extra, "below", tau)
+    both: FloatArray = np.where(usable, np.minimum(relative, absolute), harm)
+    either: FloatArray = np.where(usable, np.logaddexp(ni, within) - math.log(2.0), ni)
+    return both, either
+
+
+def _absolute(spec: GateSpec) -> bool:
+    """Whether the gate has an absolute bound beside its ratio (more is worse)."""
     return (
-        normal_mixture_log_e(estimate, se, harm_at, worse, spec.tau),
-        normal_mixture_log_e(estimate, se, ni_at, better, spec.tau),
+        spec.allowed_extra is not None
+        and spec.scale == "ratio"
+        and spec.direction == "higher_is_worse"
     )
 
 
@@ -482,6 +550,13 @@ def _usable(evidence: Comparison) -> bool:
     return math.isfinite(evidence.estimate) and math.isfinite(evidence.se) and evidence.se > 0
 
 
+def _rates_usable(spec: GateSpec, evidence: Comparison) -> bool:
+    if not _absolute(spec) or evidence.rates is None:
+        return False
+    r_t, v_t, r_c, v_c = (float(np.asarray(x)) for x in evidence.rates)
+    return math.isfinite(r_t + v_t + r_c + v_c) and v_t + v_c > 0
+
+
 def _missing(spec: GateSpec, evidence: Evidence) -> str | None:
     """What keeps a gate from judging: devices, requests or labels; ``None`` if nothing."""
     if isinstance(evidence, InstallTally):
@@ -492,7 +567,7 @@ def _missing(spec: GateSpec, evidence: Evidence) -> str | None:
         return "labels"
     if short_devices:
         return "devices"
-    if short_samples or not _usable(evidence):
+    if short_samples or not (_usable(evidence) or _rates_usable(spec, evidence)):
         return "requests"
     return None
 
@@ -526,7 +601,7 @@ def evaluate(
     else:
         n_devices, n_control = evidence.n_treatment, evidence.n_control
         n_requests = evidence.samples_treatment
-        harm, ni = comparison_log_e(spec, evidence.estimate, evidence.se)
+        harm, ni = comparison_log_e(spec, evidence.estimate, evidence.se, evidence.rates)
         log_e_harm, log_e_ni = float(harm), float(ni)
         estimate = evidence.estimate if _usable(evidence) else None
         low = high = None

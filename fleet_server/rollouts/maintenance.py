@@ -4,7 +4,8 @@ A window (:class:`~protocol.api.rollouts.MaintenanceWindow`) is wall-clock
 time: ``Mon-Fri 02:00-05:00`` is open while a clock on the wall where the
 device stands shows a weekday between 02:00 and 05:00 (a window whose end is
 not after its start runs past midnight, and counts as the day it opened). The
-zone is the device's when it reports a known one, the window's otherwise.
+zone is the device's own (``Device.timezone``, an IANA name given at its
+registration or enrolment) when it has one, the window's otherwise.
 Across daylight-saving changes the wall clock rules: on the night the clocks
 skip 02:00–03:00 that window opens at 03:00 and lasts two hours; on the night
 they repeat 02:00–03:00 it lasts four.
@@ -22,7 +23,7 @@ _DAYS_AHEAD = 8
 
 
 def zone_of(window: MaintenanceWindow, device_tz: str | None) -> ZoneInfo:
-    """The zone a device's window is read in: its own if it reports a known one."""
+    """The zone a device's window is read in: its own if it has a known one."""
     if device_tz and known_zone(device_tz):
         return ZoneInfo(device_tz)
     return window.tz

@@ -10,7 +10,8 @@ the decision, and then carries out the effects:
 
 - :class:`AssignDevices`: the release is assigned (through the assignment
   service) to up to ``limit`` devices the plan reaches that the rollout has not
-  assigned yet, whose maintenance window is open, recorded first in
+  assigned yet, whose maintenance window is open on the device's own clock (its
+  ``timezone``; the window's zone for a device without one), recorded first in
   ``rollout_devices`` with the release each ran before. A device recorded but
   not assigned (the process died in between) is assigned at the next step.
 - :class:`RollbackReached`: every device reached that is still assigned the
@@ -97,6 +98,7 @@ from fleet_server.rollouts.evidence import (
     install_tally,
 )
 from fleet_server.rollouts.gates import UnknownGateError, evaluate_all, gate_specs, srm_log_e
+from fleet_server.rollouts.kept import KeptAggregates
 from fleet_server.rollouts.maintenance import in_window
 from fleet_server.rollouts.state import FINAL_PHASES, DecisionRecord, Phase, RolloutState
 from fleet_server.rollouts.verdicts import GateEvaluation
@@ -129,6 +131,8 @@ TICK_LOCK_ID = 0x726F6C6C6F7574  # "rollout"
 _QUIET_ACTIONS = frozenset({"wait", "assign"})
 # Devices named in a conflict's message.
 _NAMED = 5
+# How often an operator's action is decided again when a tick saved the rollout meanwhile.
+ACTION_ATTEMPTS = 5
 
 
 class RolloutNotFound(NotFound):
@@ -262,6 +266,10 @@ async def act(
 
     An action the controller refuses in the rollout's phase is a conflict
     naming the phase (:class:`~fleet_server.rollouts.controller.ActionRefused`).
+    When a tick (or another replica) saves the rollout between reading it and
+    saving the action, the action is decided again on the state saved, up to
+    :data:`ACTION_ATTEMPTS` times, so it lands instead of asking the operator to
+    retry; only a rollout that changes every time is a conflict.
     """
 
     def event(population: Population) -> Event:
@@ -275,7 +283,19 @@ async def act(
             return Abort(actor, reason)
         raise ValueError(f"{action!r} is not one of {', '.join(ACTIONS)}")
 
-    stepped = await _step(db, rollout_id, event, datetime.now(UTC), actor=actor, reason=reason)
+    for attempt in range(1, ACTION_ATTEMPTS + 1):
+        try:
+            stepped = await _step(
+                db, rollout_id, event, datetime.now(UTC), actor=actor, reason=reason
+            )
+            break
+        except store.StaleRollout:
+            if attempt == ACTION_ATTEMPTS:
+                raise RolloutConflict(
+                    f"rollout {rollout_id} changed {ACTION_ATTEMPTS} times while the {action} "
+                    "was decided; try again"
+                ) from None
+            log.info("rollout %s: saved meanwhile; deciding the %s again", rollout_id, action)
     if stepped is None:  # pragma: no cover - an operator's action always takes a step
         raise RolloutConflict(f"rollout {rollout_id} changed meanwhile; try again")
     await _carry_out(db, assignments, stepped)
@@ -290,12 +310,15 @@ async def tick(
     assignments: AssignmentService,
     now: datetime,
     manifests: ManifestCache | None = None,
+    kept: KeptAggregates | None = None,
 ) -> int:
     """One controller step for every active rollout at ``now``; returns how many stepped.
 
     A pending rollout starts; any other is judged on its gates (``manifests``:
     where each version's calibration is read for CBPE accuracy; without it the
-    estimated-accuracy gate has no evidence). One rollout's
+    estimated-accuracy gate has no evidence; ``kept``: the sums of the hourly
+    aggregates kept from earlier ticks, so a tick reads only the rows received
+    since; without it every tick reads every row of its ranges). One rollout's
     failure is logged and does not stop the others. On PostgreSQL one replica
     ticks at a time: the tick holds an advisory lock (a replica that finds it
     taken skips this tick); SQLite serves one node.
@@ -306,12 +329,21 @@ async def tick(
                 text("SELECT pg_try_advisory_xact_lock(:id)"), {"id": TICK_LOCK_ID}
             )
             if not held:
+                if kept is not None:  # another replica leads: what this one kept goes stale
+                    kept.forget_unused()
                 return 0
-        return await _tick_all(db, assignments, now, manifests)
+        stepped = await _tick_all(db, assignments, now, manifests, kept)
+        if kept is not None:
+            kept.forget_unused()
+        return stepped
 
 
 async def _tick_all(
-    db: Database, assignments: AssignmentService, now: datetime, manifests: ManifestCache | None
+    db: Database,
+    assignments: AssignmentService,
+    now: datetime,
+    manifests: ManifestCache | None,
+    kept: KeptAggregates | None,
 ) -> int:
     async with db.session() as session:
         rows = await store.list_rollouts(session)
@@ -333,7 +365,7 @@ async def _tick_all(
     stepped = 0
     for rollout_id in reversed(active):  # oldest first
         try:
-            done = await _step(db, rollout_id, None, now, manifests=manifests)
+            done = await _step(db, rollout_id, None, now, manifests=manifests, kept=kept)
             if done is not None:
                 await _carry_out(db, assignments, done)
                 stepped += 1
@@ -366,11 +398,13 @@ async def _step(
     actor: str | None = None,
     reason: str | None = None,
     manifests: ManifestCache | None = None,
+    kept: KeptAggregates | None = None,
 ) -> Stepped | None:
     """Decide one step and save it (``make_event``: an operator's; ``None``: a tick).
 
     ``None`` when there was nothing to do (a replayed tick, a final phase) or,
-    for a tick, when another replica saved first.
+    for a tick, when another replica saved first; for an operator's action, another
+    save first raises :class:`~fleet_server.rollouts.store.StaleRollout`.
     """
     async with db.session() as session:
         row = await _row(session, rollout_id)
@@ -383,7 +417,9 @@ async def _step(
         elif state.phase == Phase.PENDING:
             event = Start(selected.population)
         else:
-            evaluations, srm = await _evaluate(session, row, spec, state, selected, now, manifests)
+            evaluations, srm = await _evaluate(
+                session, row, spec, state, selected, now, manifests, kept
+            )
             event = Tick(evaluations, srm, selected.population)
         after, effects = decide(state, event, spec, now)
         if after == state and not effects:
@@ -400,9 +436,7 @@ async def _step(
         except store.StaleRollout:
             if make_event is None:
                 return None
-            raise RolloutConflict(
-                f"rollout {rollout_id} changed while the action was decided; try again"
-            ) from None
+            raise
         for effect in effects:
             if isinstance(effect, RecordDecision):
                 await _record(session, row.id, effect.record, actor, reason)
@@ -544,7 +578,7 @@ async def _assign(
             d
             for d in devices
             if d.hardware_id in release.hardware_ids
-            and (effect.window is None or in_window(effect.window, stepped.now))
+            and (effect.window is None or in_window(effect.window, stepped.now, d.timezone))
         ]
         below = {d.id for d in below_installed(release, eligible)}
         eligible = [d for d in eligible if d.id not in below]
@@ -661,6 +695,7 @@ async def _evaluate(
     selected: Selected,
     now: datetime,
     manifests: ManifestCache | None,
+    kept: KeptAggregates | None = None,
 ) -> tuple[list[GateEvaluation], float | None]:
     """Every gate's evaluation and the SRM test's log e-value at ``now``.
 
@@ -668,18 +703,26 @@ async def _evaluate(
     install; control: the matching devices not reached, on their current
     version, since the rollout's start; each device's baseline: its own
     windows of the 24 h before the rollout on the version it ran then. CBPE
-    accuracy uses each version's own calibration, from its manifest.
+    accuracy uses each version's own calibration, from its manifest. With ``kept``
+    the sums cover every device of each version (only the devices asked for are
+    looked up in them).
     """
     if state.stage == 0:
         return await _evaluate_shadow(session, row, spec, state, selected, now), None
+
+    async def read(
+        version: str, since: datetime, until: datetime, ids: list[str]
+    ) -> DeviceAggregates:
+        if kept is not None:
+            return await kept.read(session, spec.name, version, since, until)
+        return await store.device_aggregates(session, spec.name, version, since, until, ids)
+
     started = as_utc(row.created_at)
     reached = {r.device_id: r for r in await store.reached_devices(session, row.id)}
     by_id = {d.id: d for d in selected.devices}
     in_plan = set(_reached(state, selected.population))
     control_ids = [d for d in by_id if d not in in_plan and d not in reached]
-    treatment = await store.device_aggregates(
-        session, spec.name, spec.version, started, now, sorted(reached)
-    )
+    treatment = await read(spec.version, started, now, sorted(reached))
     # The versions each device ran before: its baseline's, and the control's now.
     ran: dict[str, str] = {}
     for device_id, r in reached.items():
@@ -694,12 +737,8 @@ async def _evaluate(
     baseline: dict[str, DeviceAggregates] = {}
     for version in sorted(set(ran.values())):
         ids = sorted(d for d, v in ran.items() if v == version)
-        baseline[version] = await store.device_aggregates(
-            session, spec.name, version, started - BASELINE, started, ids
-        )
-        control[version] = await store.device_aggregates(
-            session, spec.name, version, started, now, [d for d in ids if d in control_ids]
-        )
+        baseline[version] = await read(version, started - BASELINE, started, ids)
+        control[version] = await read(version, started, now, [d for d in ids if d in control_ids])
     calibrations = {
         v: await _calibration(session, manifests, spec.name, v)
         for v in {spec.version, *ran.values()}
@@ -736,10 +775,13 @@ async def _evaluate(
     others = [s.name for s in specs if s.name not in SHADOW_GATES]
     evaluations = evaluate_all(specs, gather(devices, installs), only=others)
     # Only devices that run the release can report on it: the test's treatment arm is
-    # those that committed it, so installs still under way are no mismatch.
+    # those that committed it, so installs still under way are no mismatch; its control
+    # arm, alike, the devices alive since the start (a device the fleet never hears from
+    # would count against the control only, and never commits an install).
     installed = {r.device_id for r in records if r.result == "committed"}
     reporting = [d for d in devices if d.arm == "control" or d.device_id in installed]
-    srm = _srm(reporting, len(installed & set(by_id)), len([d for d in control_ids if d in ran]))
+    alive = [d for d in control_ids if d in ran and _seen_since(by_id[d], started)]
+    srm = _srm(reporting, len(installed & set(by_id)), len(alive))
     return evaluations, srm
 
 
@@ -924,6 +966,10 @@ def _install(
     if device.assigned_rollback_of is not None:  # rolled back by the fleet: it failed here
         result = "failed"
     return InstallRecord(device.id, started, result, seen)
+
+
+def _seen_since(device: Device, at: datetime) -> bool:
+    return device.last_seen_at is not None and as_utc(device.last_seen_at) >= at
 
 
 def _srm(devices: Sequence[DeviceAggregate], treatment: int, control: int) -> float | None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from typing import Annotated, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from protocol.topics import DEVICE_ID_PATTERN
 from protocol.versioning import HARDWARE_ID_PATTERN
@@ -16,6 +17,20 @@ HardwareId = Annotated[str, Field(pattern=HARDWARE_ID_PATTERN.pattern, max_lengt
 Tag = Annotated[str, Field(pattern=DEVICE_ID_PATTERN.pattern, max_length=128)]
 Region = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._:/-]{0,63}$", max_length=64)]
 Tags = Annotated[list[Tag], Field(max_length=64)]
+
+
+def iana_zone(zone: str) -> str:
+    """``zone`` if it names a time zone of the IANA database; a ``ValueError`` naming it if not."""
+    try:
+        ZoneInfo(zone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(
+            f"{zone!r} is not an IANA time zone such as Europe/Berlin, America/New_York or UTC"
+        ) from None
+    return zone
+
+
+TimeZoneName = Annotated[str, Field(max_length=64), AfterValidator(iana_zone)]
 LifecycleReason = Annotated[
     str, Field(min_length=1, max_length=500, pattern=r"^[^\x00-\x1f\x7f]+$")
 ]

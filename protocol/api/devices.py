@@ -16,6 +16,7 @@ from protocol.api.base import (
     ResponseBody,
     Tag,
     Tags,
+    TimeZoneName,
 )
 
 
@@ -36,6 +37,11 @@ class DeviceView(ResponseBody):
     id: str
     hardware_id: str
     region: str | None = None
+    timezone: str | None = Field(
+        default=None,
+        description="the device's IANA time zone, which its rollout maintenance windows are "
+        "read in; null: each window's own zone",
+    )
     tags: list[str] = Field(default_factory=list)
     enrolled_at: datetime
     online: bool
@@ -93,6 +99,11 @@ class RegisterDevice(RequestBody):
     device_id: DeviceId
     hardware_id: HardwareId
     region: Region | None = None
+    timezone: TimeZoneName | None = Field(
+        default=None,
+        description="the device's IANA time zone (Europe/Berlin): rollouts hold its installs "
+        "to their maintenance window on its own clock; none: each window's own zone",
+    )
     tags: Tags = Field(default_factory=list)
     reuse_decommissioned: bool = Field(
         default=False,
@@ -108,6 +119,11 @@ class EnrolDevice(RequestBody):
     device_id: DeviceId
     hardware_id: HardwareId
     region: Region | None = None
+    timezone: TimeZoneName | None = Field(
+        default=None,
+        description="the device's IANA time zone (Europe/Berlin): rollouts hold its installs "
+        "to their maintenance window on its own clock; none: each window's own zone",
+    )
     tags: Tags = Field(default_factory=list)
 
 

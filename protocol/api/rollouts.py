@@ -241,8 +241,8 @@ class MaintenanceWindow(RequestBody):
     ``days`` are the days a window opens; a window whose ``end`` is not after
     its ``start`` runs past midnight into the next day (``Fri 22:00-06:00``
     holds Saturday 03:00; ``Mon 00:00-24:00`` is all Monday). Times are
-    wall-clock times: a device uses its own zone when it reports one, ``zone``
-    otherwise.
+    wall-clock times: a device with a time zone of its own (set at its
+    registration or enrolment) reads them in it, one without in ``zone``.
     """
 
     days: tuple[Weekday, ...] = Field(min_length=1, max_length=7)
@@ -402,6 +402,15 @@ class GateOverride(RequestBody):
         allow_inf_nan=False,
         description="shadow_agreement only: the least share of shadow answers agreeing with the "
         "ones served; setting it makes the gate a stop unless severity says otherwise",
+    )
+    allowed_extra: float | None = Field(
+        default=None,
+        ge=0,
+        lt=1,
+        allow_inf_nan=False,
+        description="fallback rate only: the extra share of requests allowed beside the ratio's "
+        "margin (0.001: 0.1 points); harm must exceed both, which decides where the current "
+        "version almost never falls back",
     )
 
 

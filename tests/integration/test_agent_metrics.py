@@ -183,6 +183,7 @@ def test_a_running_agent_serves_its_own_metrics(
             "committed": 1,
             "rolled_back": 1,
             "refused": 1,
+            "fleet_rolled_back": 0,
         }
         refusals = by_label(figures, "edgefleet_agent_install_refusals_total", "reason")
         assert {r: v for r, v in refusals.items() if v} == {"self-test-failed": 1}

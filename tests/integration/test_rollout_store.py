@@ -26,6 +26,8 @@ from fleet_server.db.models import Device, DeviceHourStats, RolloutEvaluation
 from fleet_server.labels.service import post_labels
 from fleet_server.mqtt.ingest import Accepted, classify, write_batch
 from fleet_server.rollouts import store
+from fleet_server.rollouts.aggregates import fold
+from fleet_server.rollouts.kept import KeptAggregates, Range
 from fleet_server.rollouts.verdicts import GateEvaluation
 from protocol.api.labels import WindowLabelsBody
 from protocol.histogram import ExponentialHistogram, record
@@ -232,6 +234,80 @@ def test_labels_posted_and_corrected_reach_the_aggregates_once(url: str) -> None
     aggregates = run(url, body)
     assert aggregates.labelled_rows.tolist() == [10]
     assert aggregates.labelled_correct.tolist() == [8]
+
+
+def same(a: store.DeviceAggregates, b: store.DeviceAggregates) -> None:
+    """Two aggregates hold the same devices and the same sums, field by field."""
+    assert a.device_ids == b.device_ids and a.classes == b.classes
+    for name in ("windows", "requests", "fallbacks", "errors", "unsummarised_requests",
+                 "latency_zero", "latency_min", "latency_max", "latency", "scores",
+                 "labelled_rows", "labelled_correct"):  # fmt: skip
+        assert np.array_equal(getattr(a, name), getattr(b, name), equal_nan=True), name
+    # A float sum's last bit depends on the order it is added in (no gate reads it).
+    assert np.allclose(a.latency_sum, b.latency_sum, rtol=1e-12, atol=0)
+
+
+class CountingKept(KeptAggregates):
+    """Kept sums that note which received hours each of their reads asked for."""
+
+    def __init__(self, clock: Callable[[], datetime]) -> None:
+        super().__init__(clock)
+        self.asked: list[tuple[datetime, datetime | None, datetime | None]] = []
+
+    async def _rows(
+        self,
+        session: AsyncSession,
+        key: Range,
+        since: datetime,
+        until: datetime,
+        received: tuple[datetime | None, datetime | None],
+    ) -> store.DeviceAggregates:
+        self.asked.append((since, *received))
+        return await super()._rows(session, key, since, until, received)
+
+
+def test_kept_sums_plus_the_rows_received_since_are_every_rows_sums(url: str) -> None:
+    start = at(T0)  # the rollout starts 20:40
+    now = [start]
+    kept = CountingKept(lambda: now[0])
+
+    async def receive(session: AsyncSession, *windows: WindowSummary) -> None:
+        await store.add_to_hour_stats(session, [fold(w) for w in windows], received_at=now[0])
+
+    async def check(session: AsyncSession) -> None:
+        for since, until in ((start, now[0]), (start - timedelta(hours=24), start)):
+            full = await store.device_aggregates(session, "vibration", "2.0.0", since, until)
+            same(await kept.read(session, "vibration", "2.0.0", since, until), full)
+
+    async def body(db: Database) -> list[tuple[datetime, datetime | None, datetime | None]]:
+        async with db.session() as session:
+            await receive(session, window("a", T0 - 3 * HOUR), window("b", T0 - 600))
+            await check(session)
+            for minutes in range(10, 5 * 60, 25):  # ticks over five hours
+                now[0] = start + timedelta(minutes=minutes)
+                t = now[0].timestamp()
+                await receive(session, window("a", t - 30), window("b", t - 90, fallbacks=9))
+                if minutes == 135:  # a's backlog: windows of hours that ended long ago
+                    await receive(session, window("a", T0 - 2 * HOUR), window("a", T0 + 600))
+                if minutes == 185:  # labels of an hour that ended, and a clock running ahead
+                    await store.add_labels(
+                        session, "b", "vibration", "2.0.0", at(T0 + 900), 30, 27, now[0]
+                    )
+                    await receive(session, window("b", t + 2 * HOUR))
+                await check(session)
+            kept.asked.clear()
+            now[0] += timedelta(minutes=1)
+            await check(session)
+        return kept.asked
+
+    asked = run(url, body)
+    # Once kept, a tick reads only the rows received in the hour still open, and those of
+    # hours past the kept ones (the future-dated), never the finished ones again.
+    finished = datetime(2026, 5, 29, 1, tzinfo=UTC)
+    assert asked and all(
+        (low is not None and low >= finished) or (low is None and since >= finished)
+        for since, low, _ in asked
+    ), asked
 
 
 async def create(

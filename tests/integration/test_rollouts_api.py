@@ -12,9 +12,11 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
+from datetime import time as dt_time
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import numpy as np
 import pytest
@@ -23,7 +25,7 @@ from sqlalchemy import select, text
 from fleet_server.db.models import AuditEntry, Device
 from fleet_server.fleetctl import main
 from fleet_server.mqtt.ingest import Accepted, classify, write_batch
-from fleet_server.rollouts import service
+from fleet_server.rollouts import service, store
 from protocol.director_marks import SHADOW
 from protocol.histogram import ExponentialHistogram, record
 from protocol.messages import BundleRef, DeviceEvent, InstallOutcome, ReportedState
@@ -50,8 +52,9 @@ CLASSES = ["normal", "imbalance", "bearing_wear", "overheating"]  # the sample m
 class Fleet(Fleetctl):
     """``fleetctl`` and the REST API against a server holding releases 1.0.0 and 2.0.0."""
 
-    def register(self, device_id: str, *tags: str) -> None:
+    def register(self, device_id: str, *tags: str, timezone: str | None = None) -> None:
         flags = [x for tag in tags for x in ("--tag", tag)]
+        flags += ["--timezone", timezone] if timezone else []
         done = self.run("devices", "register", device_id, "--hardware", HARDWARE, *flags)
         assert done.code == 0, done.err
 
@@ -181,7 +184,11 @@ class Fleet(Fleetctl):
 
     def tick(self, now: datetime) -> int:
         server = self.api.server
-        return self.api.call(service.tick(server.db, server.assignments, now, server.manifests))
+        return self.api.call(
+            service.tick(
+                server.db, server.assignments, now, server.manifests, server.kept_aggregates
+            )
+        )
 
     def device(self, device_id: str) -> dict[str, Any]:
         status, shown = self.call("GET", f"/devices/{device_id}")
@@ -439,6 +446,76 @@ def test_one_replica_ticks_at_a_time_on_postgresql(fleet: Fleet) -> None:
     assert shown["phase"] == "baking"
 
 
+def test_an_operators_action_racing_a_tick_lands_on_the_state_the_tick_saved(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = fleet.api.server
+
+    async def on_postgresql() -> bool:
+        async with server.db.session() as session:
+            return session.bind is not None and session.bind.dialect.name == "postgresql"
+
+    if not fleet.api.call(on_postgresql()):
+        pytest.skip("SQLite serves one node: a tick and an action do not write at once")
+    for n in range(4):
+        fleet.register(f"race-{n}", "race-wave")
+        fleet.reports(f"race-{n}", "1.0.0", C1)
+    status, created = fleet.call("POST", "/rollouts", body=spec("race-wave", bake="12h"))
+    assert status == 201, created
+    rollout_id = created["id"]
+    fleet.tick(datetime.now(UTC))  # started
+    # The fault: each of the action's first two saves finds that a tick (a real one, on its
+    # own connection) saved the rollout after the action read it.
+    saves = store.save_state
+    raced: list[int] = []
+
+    async def racing_save(session: Any, rollout: str, **kwargs: Any) -> int:
+        if rollout == rollout_id and kwargs["phase"] == "paused" and len(raced) < 2:
+            raced.append(kwargs["read_revision"])
+            ticked = await service.tick(
+                server.db, server.assignments, datetime.now(UTC), server.manifests
+            )
+            assert ticked >= 1
+        return await saves(session, rollout, **kwargs)
+
+    monkeypatch.setattr(store, "save_state", racing_save)
+    status, paused = fleet.call("POST", f"/rollouts/{rollout_id}/pause", body={"reason": "race"})
+    assert status == 200, paused
+    assert paused["phase"] == "paused" and len(raced) == 2 and raced[0] < raced[1]
+    events = [d["event"] for d in paused["decisions"]]
+    assert events[-3:] == ["tick", "tick", "pause"]  # decided again after each tick
+    monkeypatch.undo()
+    assert fleet.call("POST", f"/rollouts/{rollout_id}/abort", body={})[0] == 200
+
+
+def test_a_fleet_rollback_the_device_reports_is_listed_with_its_install_outcomes(
+    fleet: Fleet,
+) -> None:
+    fleet.register("fleet-back-0", "fleet-back")
+    event = DeviceEvent(
+        device_id="fleet-back-0",
+        message_id=uuid.uuid4().hex,
+        sent_at=time.time(),
+        event="fleet-rolled-back",
+        at=time.time(),
+        details={
+            "reason": "fleet-rollback",
+            "bundle": "pump-health 2.0.0",
+            "to": "pump-health 1.0.0",
+        },
+    )
+    batch = [Accepted("fleet-back-0", "events", event)]
+    assert not fleet.api.call(write_batch(fleet.api.server.db, batch, "test")).dropped
+    shown = fleet.device("fleet-back-0")
+    [listed] = shown["refusals"]
+    assert (listed["event"], listed["bundle"], listed["reason"]) == (
+        "fleet-rolled-back",
+        "pump-health 2.0.0",
+        "fleet-rollback",
+    )
+    assert shown["assignment_warning"] is None  # it runs what the fleet sent it back to
+
+
 def test_installs_start_only_while_the_maintenance_window_is_open(fleet: Fleet) -> None:
     ids = [f"win-{n}" for n in range(4)]
     for device_id in ids:
@@ -460,6 +537,62 @@ def test_installs_start_only_while_the_maintenance_window_is_open(fleet: Fleet) 
     status, shown = fleet.call("GET", f"/rollouts/{created['id']}")
     assert shown["assigned"] == shown["stages"][0]["devices"], shown
     assert fleet.call("POST", f"/rollouts/{created['id']}/abort", body={})[0] == 200
+
+
+def local(zone: str, day: date, hour: int, minute: int) -> datetime:
+    """The instant a clock in ``zone`` shows ``hour:minute`` on ``day``, in UTC."""
+    return datetime.combine(day, dt_time(hour, minute), ZoneInfo(zone)).astimezone(UTC)
+
+
+def test_each_device_installs_in_the_window_on_its_own_clock(fleet: Fleet) -> None:
+    zones = {"tz-tokyo": "Asia/Tokyo", "tz-new-york": "America/New_York", "tz-none": None}
+    for device_id, zone in zones.items():
+        fleet.register(device_id, "tz-wave", timezone=zone)
+        fleet.reports(device_id, "1.0.0", C1)
+    assert fleet.device("tz-tokyo")["timezone"] == "Asia/Tokyo"
+    assert fleet.device("tz-none")["timezone"] is None
+    status, created = fleet.call(
+        "POST",
+        "/rollouts",
+        body=spec("tz-wave", waves="100%", holdback=0, bake="72h",
+                  window="daily 02:00-03:00 UTC"),
+    )  # fmt: skip
+    assert status == 201, created
+    day = datetime.now(UTC).date() + timedelta(days=2)
+    # 02:30 on each device's own clock (the window's zone, UTC, for the one without a zone).
+    opens = sorted(
+        (local(zone or "UTC", day, 2, 30), device_id) for device_id, zone in zones.items()
+    )
+    assigned: list[str] = []
+    for at, device_id in opens:
+        fleet.tick(at)
+        assigned.append(device_id)
+        now_assigned = [d for d in zones if fleet.device(d)["assigned_target"] == V2]
+        assert sorted(now_assigned) == sorted(assigned), (at, device_id)
+    assert fleet.call("POST", f"/rollouts/{created['id']}/abort", body={})[0] == 200
+
+
+def test_a_device_time_zone_is_an_iana_name_or_refused_naming_it(fleet: Fleet) -> None:
+    refused = fleet.run(
+        "devices", "register", "tz-bad", "--hardware", HARDWARE, "--timezone", "Mars/Olympus"
+    )
+    assert "Mars/Olympus" in one_line_error(refused) and "timezone" in refused.err
+    status, answer = fleet.call(
+        "POST", "/devices", body={"device_id": "tz-bad", "hardware_id": HARDWARE,
+                                  "timezone": "UTC+2"},
+    )  # fmt: skip
+    assert status == 422 and "'UTC+2'" in answer["error"] and "timezone" in answer["error"]
+    status, token = fleet.call("POST", "/provisioning-tokens", body={"uses": 2})
+    assert status == 201, token
+    status, enrolled = fleet.call(
+        "POST", "/devices/enrol",
+        body={"token": token["token"], "device_id": "tz-enrolled", "hardware_id": HARDWARE,
+              "timezone": "Europe/Berlin"},
+    )  # fmt: skip
+    assert status == 201, enrolled
+    assert enrolled["device"]["timezone"] == "Europe/Berlin"
+    shown = fleet.run("devices", "show", "tz-enrolled")
+    assert shown.code == 0 and "Europe/Berlin" in shown.out, shown.err
 
 
 def test_installs_the_devices_refuse_stop_the_rollout(fleet: Fleet) -> None:

@@ -77,6 +77,7 @@ def test_install_results_and_reasons_are_counted_with_bounded_labels() -> None:
         {"event": "refused", "reason": "self-test-failed", "message": "latency 3 ms"},
         {"event": "refused", "reason": "wrong-hardware"},
         {"event": "refused", "reason": "a reason nobody planned for: /etc/passwd"},
+        {"event": "fleet-rolled-back", "reason": "fleet-rollback", "to": "pump 1.0.0"},
     ):
         metrics.installs.record(event)
     got = samples(metrics)
@@ -85,7 +86,13 @@ def test_install_results_and_reasons_are_counted_with_bounded_labels() -> None:
         for (name, labels), value in got.items()
         if name == "edgefleet_agent_installs_total"
     }
-    assert results == {"installed": 2, "committed": 1, "rolled_back": 1, "refused": 3}
+    assert results == {
+        "installed": 2,
+        "committed": 1,
+        "rolled_back": 1,
+        "refused": 3,
+        "fleet_rolled_back": 1,
+    }
     refusals = {
         dict(labels)["reason"]: value
         for (name, labels), value in got.items()

@@ -245,6 +245,11 @@ def test_kept_hours_plus_the_hours_read_now_equal_reading_them_all() -> None:
         assert np.array_equal(getattr(added, name), getattr(everything, name)), name
     assert np.array_equal(added.latency_min, everything.latency_min)
     assert np.array_equal(added.latency_max, everything.latency_max)
+    # The other way round: the hours read now lack a device the kept ones have.
+    swapped = add(now, kept)
+    assert swapped.device_ids == everything.device_ids
+    for name in ("windows", "requests", "fallbacks", "latency", "scores"):
+        assert np.array_equal(getattr(swapped, name), getattr(everything, name)), name
     # A device only one side has keeps its own values.
     only_new = add(sum_rows([]), now)
     assert only_new.device_ids == ["d1", "d3"] and only_new.classes == tuple(CLASSES)

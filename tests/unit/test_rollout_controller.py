@@ -14,7 +14,6 @@ import pytest
 
 from fleet_server.errors import Conflict
 from fleet_server.rollouts.controller import (
-    LATE_GATES,
     SRM_THRESHOLD,
     TRANSITIONS,
     Abort,
@@ -35,6 +34,7 @@ from fleet_server.rollouts.controller import (
     decide,
     required_gates,
 )
+from fleet_server.rollouts.gates import gate_specs, required
 from fleet_server.rollouts.state import FINAL_PHASES, HISTORY_LIMIT, Phase, RolloutState
 from fleet_server.rollouts.verdicts import Decision, GateEvaluation, Severity
 from fleet_server.rollouts.waves import DeviceFacts, Population, plan_from_json, plan_to_json, waves
@@ -301,9 +301,27 @@ def test_the_install_gate_is_required_only_from_the_promotion_into_the_last_wave
     assert state.phase == Phase.PAUSED and state.stage == 3  # 50 %: the last wave (95 %) waits
     assert state.missing == {"install_failures": "needs 900 more installs"}
     assert "install_failures needs 900 more installs" in (state.reason or "")
-    assert "install_failures" in LATE_GATES
     assert "install_failures" not in required_gates(replace(state, stage=2), s)
     assert "install_failures" in required_gates(state, s)
+
+
+def test_the_controller_requires_what_the_gates_rule_says_at_every_stage() -> None:
+    for s in (spec(), spec(shadow="1h"), spec(waves="100%"), spec(waves="5%,100%", holdback=0)):
+        specs = gate_specs(s.gates, shadow=s.shadow is not None)
+        for stage in range(len(s.shares)):
+            state = replace(started(s), stage=stage)
+            assert required_gates(state, s) == required(specs, stage, len(s.waves)), (s, stage)
+        assert required_gates(replace(started(s), stage=len(s.shares)), s) == []
+
+
+def test_a_labelled_accuracy_gate_without_labels_does_not_hold_a_promotion() -> None:
+    s = spec()
+    no_labels = {
+        "accuracy_labelled": gate("accuracy_labelled", "inconclusive", missing="labels"),
+    }
+    state, seen = run(started(s), s, 5, 35, passing(but=no_labels))
+    assert state.stage == 2 and [e.stage for _, e in seen if isinstance(e, AssignStage)] == [2]
+    assert "accuracy_labelled" in state.known_gates  # evaluated, a stop-gate, never required
 
 
 def test_a_one_wave_rollout_requires_the_install_gate_before_its_holdback_is_released() -> None:
@@ -491,7 +509,8 @@ def test_a_shadow_runs_on_wave_1_first_and_serves_once_judged() -> None:
     assert reached_share(state) == pytest.approx(0.01, abs=0.01)  # the wave-1 devices hold it
     # The shadow stage is judged by its own gates; the others' passes do not count there.
     state, _ = run(state, s, 5, 30)
-    assert state.phase == Phase.SHADOW and required_gates(state, s) == []
+    assert state.phase == Phase.SHADOW
+    assert required_gates(state, s) == ["shadow_errors", "shadow_latency_p95"]
     shadow_passing = [
         gate("shadow_errors", "pass"),
         gate("shadow_latency_p95", "pass"),

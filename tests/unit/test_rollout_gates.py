@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from benchmarks.rollout_gates import AA, BAD, HALF_WAVE, Plan, simulate
+from benchmarks.rollout_gates import AA, BAD, HALF_WAVE, SILENT, SRM_PAUSE, Plan, simulate
 from fleet_server.rollouts.evidence import (
     ACCURACY_ESTIMATED,
     ACCURACY_LABELLED,
@@ -22,6 +22,9 @@ from fleet_server.rollouts.evidence import (
     FALLBACK_RATE,
     INSTALL_FAILURES,
     LATENCY_P95,
+    SHADOW_ERRORS,
+    SHADOW_LATENCY_P95,
+    ArmRates,
     Comparison,
     DeviceAggregate,
     InstallTally,
@@ -29,6 +32,7 @@ from fleet_server.rollouts.evidence import (
 )
 from fleet_server.rollouts.gates import (
     DEFAULT_GATES,
+    SHADOW_DEFAULTS,
     GateSpec,
     UnknownGateError,
     decide,
@@ -130,7 +134,12 @@ def test_the_install_gates_pass_is_required_only_before_the_last_wave() -> None:
     assert required(DEFAULT_GATES, 2, 4) == [FALLBACK_RATE, LATENCY_P95, ACCURACY_ESTIMATED]
     assert INSTALL_FAILURES in required(DEFAULT_GATES, 3, 4)
     assert required(DEFAULT_GATES, 4, 4) == required(DEFAULT_GATES, 3, 4)  # holdback release
+    # Out of the shadow into wave 1: the shadow's stop-gates, and only they, judge it.
     assert required(DEFAULT_GATES, 0, 4) == []
+    with_shadow = (*DEFAULT_GATES, *SHADOW_DEFAULTS)
+    assert required(with_shadow, 0, 4) == [SHADOW_ERRORS, SHADOW_LATENCY_P95]
+    for later in (1, 2, 3, 4):
+        assert required(with_shadow, later, 4) == required(DEFAULT_GATES, later, 4)
     for never in (ACCURACY_LABELLED, CLASS_MIX):
         assert never not in required(DEFAULT_GATES, 3, 4)
 
@@ -342,6 +351,89 @@ def test_srm_refuses_counts_that_do_not_match_shares() -> None:
         srm_log_e([math.nan, 2], [0.5, 0.5])
 
 
+# --------------------------------------------------------------------------- fallbacks from zero
+
+
+def quiet_fleet(
+    minutes: int, treatment_rate: float, seed: int, devices: int = 400, wave: int = 40
+) -> list[DeviceAggregate]:
+    """A fleet whose current version never fell back (a day of history each), ``wave`` devices
+    on the new version falling back at ``treatment_rate``, ``minutes`` of 60 requests each."""
+    rng = np.random.default_rng(seed)
+    pre_requests = 60 * 1440
+    requests = 60 * minutes
+    out = []
+    for i in range(devices):
+        arm = "treatment" if i < wave else "control"
+        rate = treatment_rate if arm == "treatment" else 0.0
+        out.append(
+            DeviceAggregate(
+                f"d{i}",
+                arm,  # type: ignore[arg-type]
+                requests=requests,
+                fallbacks=int(rng.binomial(requests, rate)),
+                expected_fallbacks=requests * 1 / (pre_requests + 1),
+                windows=minutes,
+            )
+        )
+    return out
+
+
+def fallback_verdicts(treatment_rate: float, seed: int) -> list[str]:
+    """The fallback gate's decision at every minute of an hour."""
+    return [
+        next(
+            e.decision
+            for e in evaluate_all(DEFAULT_GATES, gather(quiet_fleet(m, treatment_rate, seed),
+                                                        InstallTally(0, 40)))
+            if e.gate == FALLBACK_RATE
+        )
+        for m in range(1, 61)
+    ]  # fmt: skip
+
+
+def test_a_version_falling_back_where_the_fleet_never_does_is_stopped() -> None:
+    # No ratio holds over a control with no fallbacks; 3 % of requests is 30 times the
+    # absolute bound (0.1 points), shown within minutes.
+    for seed in range(5):
+        verdicts = fallback_verdicts(0.03, seed)
+        assert "fail" in verdicts[:10], verdicts
+    assert FALLBACK.allowed_extra == 0.001
+
+
+def test_identical_versions_that_never_fall_back_pass_and_are_never_stopped() -> None:
+    for seed in range(5):
+        verdicts = fallback_verdicts(0.0, seed)
+        assert "fail" not in verdicts
+        assert verdicts[-1] == "pass", verdicts  # within the absolute bound, shown
+
+
+def test_harm_needs_both_the_ratio_and_the_absolute_bound() -> None:
+    def rates(treatment: float, control: float) -> ArmRates:
+        return ArmRates(treatment, 1e-12, control, 1e-12)  # rates known to a hair
+
+    # 2x a 0.01 % rate is 0.01 points more: beyond the ratio's margin, within the bound.
+    tiny = Comparison(math.log(2.0), 0.01, 100, 9000, 10**7, 10**8, rates(0.0002, 0.0001))
+    assert evaluate(FALLBACK, tiny, 0.01, 0.01).decision == "pass"
+    # 1.3x a 2 % rate is 0.6 points more: beyond both.
+    both = Comparison(math.log(1.3), 0.01, 100, 9000, 10**7, 10**8, rates(0.026, 0.02))
+    assert evaluate(FALLBACK, both, 0.01, 0.01).decision == "fail"
+    # 1.05x a 20 % rate is a point more: beyond the bound, within the ratio's margin.
+    high = Comparison(math.log(1.05), 0.01, 100, 9000, 10**7, 10**8, rates(0.21, 0.20))
+    assert evaluate(FALLBACK, high, 0.01, 0.01).decision == "pass"
+    # Without the rates the ratio judges alone, as before.
+    assert evaluate(FALLBACK, comparison(math.log(2.0), 0.01), 0.01, 0.01).decision == "fail"
+
+
+def test_allowed_extra_is_overridden_only_on_a_gate_that_has_one() -> None:
+    specs = {s.name: s for s in gate_specs({FALLBACK_RATE: GateOverride(allowed_extra=0.005)})}
+    assert specs[FALLBACK_RATE].allowed_extra == 0.005
+    with pytest.raises(UnknownGateError, match="allowed_extra applies"):
+        gate_specs({LATENCY_P95: GateOverride(allowed_extra=0.01)})
+    with pytest.raises(ValidationError, match="allowed_extra"):
+        GateOverride.model_validate({"allowed_extra": -0.1})
+
+
 # --------------------------------------------------------------------------- simulated rollouts
 
 
@@ -359,6 +451,9 @@ def test_identical_versions_are_falsely_stopped_in_at_most_five_percent() -> Non
     plan = Plan(devices=1000, waves=(0.10, 0.25, 0.50, 0.95), max_bake=60)
     outcomes = simulate(AA, 500, seed=1, plan=plan)
     assert outcomes.share("fail") <= 0.05
+    # The sample-ratio test runs at every tick too (2 % of the devices in both arms send no
+    # windows): its false pauses count with the false stops.
+    assert outcomes.share("fail") + outcomes.share_paused_by(SRM_PAUSE) <= 0.05
     assert outcomes.share("fail") + outcomes.share("completed") + outcomes.share("paused") == 1
 
 
@@ -372,6 +467,14 @@ def test_a_bad_version_is_stopped_before_the_half_fleet_wave(index: int, rollout
     plan = Plan(stop_at_wave=HALF_WAVE)
     outcomes = simulate(BAD[index], rollouts, seed=100 + index, plan=plan)
     assert outcomes.share("fail", before_wave=HALF_WAVE) >= 0.95
+
+
+def test_a_wave_half_of_which_goes_silent_is_paused_by_the_sample_ratio_test() -> None:
+    plan = Plan(devices=2000, waves=(0.05, 0.25, 0.50, 0.95), max_bake=60)
+    outcomes = simulate(SILENT, 50, seed=11, plan=plan)
+    assert outcomes.share_paused_by(SRM_PAUSE) >= 0.95, outcomes.reason
+    # In the first wave (100 devices), or at the latest when the second wave goes silent.
+    assert max(outcomes.wave) < HALF_WAVE
 
 
 def test_too_few_devices_never_promotes() -> None:

@@ -355,6 +355,21 @@ def test_the_device_reads_the_window_in_its_own_zone() -> None:
     assert next_open(window, at, "Asia/Tokyo") == utc(2026, 12, 8, 17, 0)
 
 
+def test_devices_in_tokyo_and_new_york_see_one_window_open_at_different_instants() -> None:
+    window = parse_window("Mon-Fri 02:00-04:00 Europe/Berlin")
+    # Tuesday 2026-12-08 17:30 UTC: 02:30 Wednesday in Tokyo, 12:30 Tuesday in New York.
+    at = utc(2026, 12, 8, 17, 30)
+    assert in_window(window, at, "Asia/Tokyo")
+    assert not in_window(window, at, "America/New_York")
+    assert not in_window(window, at)  # 18:30 in Berlin: the window's own zone is closed
+    # Fourteen hours on it is 02:30 in New York and 16:30 in Tokyo.
+    later = at + timedelta(hours=14)
+    assert in_window(window, later, "America/New_York")
+    assert not in_window(window, later, "Asia/Tokyo")
+    assert next_open(window, later, "Asia/Tokyo") == utc(2026, 12, 9, 17, 0)
+    assert next_open(window, at, "America/New_York") == utc(2026, 12, 9, 7, 0)
+
+
 def test_on_the_night_the_clocks_skip_an_hour_the_window_opens_when_they_land() -> None:
     # Berlin: 2026-03-29 02:00 CET becomes 03:00 CEST (01:00 UTC).
     window = parse_window("Sun 02:00-05:00 Europe/Berlin")

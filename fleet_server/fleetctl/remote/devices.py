@@ -19,6 +19,7 @@ def _describe_device(d: dict[str, Any]) -> str:
         ("device", d["id"]),
         ("hardware", d["hardware_id"]),
         ("region", d.get("region") or "-"),
+        ("time zone", d.get("timezone") or "-"),
         ("tags", ", ".join(d.get("tags") or []) or "-"),
         ("online", "yes" if d["online"] else "no"),
         ("last seen", when(d.get("last_seen_at"))),
@@ -120,6 +121,7 @@ def cmd_devices_register(args: argparse.Namespace) -> None:
             "device_id": args.device,
             "hardware_id": args.hardware,
             "region": args.region,
+            "timezone": args.timezone,
             "tags": args.tag,
             "reuse_decommissioned": args.reuse_decommissioned,
         },
@@ -319,13 +321,19 @@ def add_commands(groups: Any, parents: list[argparse.ArgumentParser]) -> None:
         "pre-register a device and show its password (admin)",
         "fleetctl devices register pump-17 --hardware rpi4-arm64",
         "fleetctl devices register pump-18 --hardware rpi4-arm64 --region eu-west "
-        "--tag line-a --tag canary",
+        "--timezone Europe/Berlin --tag line-a --tag canary",
         "fleetctl devices register pump-19 --hardware rpi4-arm64 --out pump-19.pw",
     )
     p.add_argument("device", help="the new device's id (its MQTT and HTTP username)")
     p.add_argument("--out", metavar="FILE", help=_PASSWORD_OUT_HELP)
     p.add_argument("--hardware", required=True, help="the device's hardware id")
     p.add_argument("--region", help="the device's region, for drift by region")
+    p.add_argument(
+        "--timezone",
+        metavar="ZONE",
+        help="the device's IANA time zone (Europe/Berlin): rollouts read their maintenance "
+        "window on its clock (default: each window's own zone)",
+    )
     p.add_argument("--tag", action="append", default=[], help="a tag to give it (repeatable)")
     p.add_argument(
         "--reuse-decommissioned",

@@ -1,14 +1,14 @@
 """shadow installs: a device's shadow release and its rollout; the shadow sections of windows
 in the hourly aggregates
 
-Revision ID: 0011_shadow
+Revision ID: 0011
 Revises: 0010
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0011_shadow"
+revision = "0011"
 down_revision = "0010"
 branch_labels = None
 depends_on = None
