@@ -34,6 +34,11 @@ the decision, and then carries out the effects:
   judged on the shadow gates alone, from the shadow sections of the holders'
   windows against their active model's windows of the same hours.
 
+Steps and their effects are taken one at a time (an operator's action waits
+for a tick under way; a tick skips while another replica's holds the lock):
+two carrying out at once could both assign a device that one had recorded and
+not yet assigned.
+
 A replayed tick (at or before the state's last) is no step at all, and a
 device recorded once is never assigned twice by the rollout, so a tick run
 twice does nothing twice.
@@ -41,9 +46,12 @@ twice does nothing twice.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -125,6 +133,8 @@ INSTALL_TIMEOUT = timedelta(hours=1)
 BASELINE = timedelta(hours=24)
 # The advisory lock a replica holds while it ticks (PostgreSQL).
 TICK_LOCK_ID = 0x726F6C6C6F7574  # "rollout"
+# Steps are taken and carried out one at a time per database (see _one_at_a_time).
+_STEPPING: weakref.WeakKeyDictionary[Database, asyncio.Lock] = weakref.WeakKeyDictionary()
 # A tick's actions that change nothing an operator needs in the audit log.
 _QUIET_ACTIONS = frozenset({"wait", "assign"})
 # Devices named in a conflict's message.
@@ -275,10 +285,12 @@ async def act(
             return Abort(actor, reason)
         raise ValueError(f"{action!r} is not one of {', '.join(ACTIONS)}")
 
-    stepped = await _step(db, rollout_id, event, datetime.now(UTC), actor=actor, reason=reason)
-    if stepped is None:  # pragma: no cover - an operator's action always takes a step
-        raise RolloutConflict(f"rollout {rollout_id} changed meanwhile; try again")
-    await _carry_out(db, assignments, stepped)
+    async with _one_at_a_time(db, wait=True) as held:
+        assert held
+        stepped = await _step(db, rollout_id, event, datetime.now(UTC), actor=actor, reason=reason)
+        if stepped is None:  # pragma: no cover - an operator's action always takes a step
+            raise RolloutConflict(f"rollout {rollout_id} changed meanwhile; try again")
+        await _carry_out(db, assignments, stepped)
     return await get(db, rollout_id)
 
 
@@ -300,14 +312,31 @@ async def tick(
     ticks at a time: the tick holds an advisory lock (a replica that finds it
     taken skips this tick); SQLite serves one node.
     """
-    async with db.session() as leader:
-        if _is_postgres(leader):
-            held = await leader.scalar(
-                text("SELECT pg_try_advisory_xact_lock(:id)"), {"id": TICK_LOCK_ID}
-            )
-            if not held:
-                return 0
+    async with _one_at_a_time(db, wait=False) as held:
+        if not held:
+            return 0
         return await _tick_all(db, assignments, now, manifests)
+
+
+@asynccontextmanager
+async def _one_at_a_time(db: Database, *, wait: bool) -> AsyncIterator[bool]:
+    """Hold the right to step rollouts and carry out their effects; yields whether it is held.
+
+    An operator's action and a tick carrying out at once could both assign a
+    device one of them recorded and had not assigned yet (the repair of a step
+    cut short), so they take turns: in this process an asyncio lock, across
+    replicas (PostgreSQL) an advisory lock held to the end of a transaction —
+    the lock taken first, in that order everywhere. ``wait=False`` (a tick)
+    gives up at once when another replica holds it.
+    """
+    lock = _STEPPING.setdefault(db, asyncio.Lock())
+    async with lock, db.session() as guard:
+        if _is_postgres(guard):
+            function = "pg_advisory_xact_lock" if wait else "pg_try_advisory_xact_lock"
+            held = await guard.scalar(text(f"SELECT {function}(:id)"), {"id": TICK_LOCK_ID})
+            yield wait or bool(held)
+        else:
+            yield True
 
 
 async def _tick_all(
