@@ -30,9 +30,14 @@ the decision, and then carries out the effects:
   shadow first (assigning it clears the shadow); a device holding it that left
   the wave has it dropped. A rollout that ends (rolled back, aborted,
   completed) drops every shadow it still has out, so an abort or a rollback
-  in the shadow stage leaves the devices as they were. The shadow stage is
-  judged on the shadow gates alone, from the shadow sections of the holders'
-  windows against their active model's windows of the same hours.
+  in the shadow stage leaves the devices as they were. :class:`DropShadows`
+  (a stop in the shadow stage, ``on_failure=pause``): every shadow dropped at
+  once — a shadow serves nothing but costs each device CPU, and a stopped
+  rollout leads only to an abort; later ticks repeat the drop for a rollout
+  stopped there, so a drop cut short is finished. A pause keeps the shadows
+  for a resume. The shadow stage is judged on the shadow gates alone, from the
+  shadow sections of the holders' windows against their active model's
+  windows of the same hours.
 
 Steps and their effects are taken one at a time (an operator's action waits
 for a tick under way; a tick skips while another replica's holds the lock):
@@ -82,6 +87,7 @@ from fleet_server.rollouts.controller import (
     Abort,
     AssignDevices,
     AssignStage,
+    DropShadows,
     Effect,
     Event,
     InstallShadow,
@@ -350,6 +356,12 @@ async def _tick_all(
             for r in rows
             if r.phase == Phase.ROLLING_BACK.value
         ]
+        # Stopped in the shadow stage: its shadows go (a drop cut short is finished here).
+        stopped_shadows = [
+            r.id
+            for r in rows
+            if r.phase == Phase.STOPPED.value and RolloutState.from_json(r.state).stage == 0
+        ]
     # A rollback cut short (the process died after saving the decision) is finished here;
     # devices already sent back are left alone, so this does nothing once it is done.
     for rollout_id, spec, state in rolling_back:
@@ -359,6 +371,11 @@ async def _tick_all(
             await _drop_shadows(db, assignments, rollout_id)
         except Exception:
             log.exception("rollout %s: finishing the rollback failed", rollout_id)
+    for rollout_id in stopped_shadows:
+        try:
+            await _drop_shadows(db, assignments, rollout_id)
+        except Exception:
+            log.exception("rollout %s: dropping the stopped shadows failed", rollout_id)
     stepped = 0
     for rollout_id in reversed(active):  # oldest first
         try:
@@ -486,6 +503,8 @@ async def _carry_out(db: Database, assignments: AssignmentService, stepped: Step
             await _roll_back(db, assignments, stepped)
         elif isinstance(effect, ServeStage):
             await _serve(db, assignments, stepped)
+        elif isinstance(effect, DropShadows):
+            await _drop_shadows(db, assignments, stepped.rollout_id)
         elif isinstance(effect, InstallShadow | AssignStage | RecordDecision):
             continue  # the AssignDevices after it starts the installs; the record is saved
     if stepped.state.phase in FINAL_PHASES:

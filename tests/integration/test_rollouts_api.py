@@ -714,3 +714,26 @@ def test_shadows_install_only_while_the_window_is_open_and_no_faster_than_the_ra
         assert holders and all(d["assigned_target"] is None for d in holders)
         assert fleet.call("POST", f"/rollouts/{rollout['id']}/abort", body={})[0] == 200
         assert all(fleet.device(d["id"])["shadow_target"] is None for d in holders)
+
+
+def test_a_shadow_stopped_by_its_gates_without_rollback_is_dropped_at_the_stop(
+    fleet: Fleet,
+) -> None:
+    rollout_id, ids, start = _shadow_rollout(fleet, "shs")  # on_failure: pause
+    wave = [d for d in ids if fleet.device(d)["shadow_target"] == V2]
+    assert len(wave) >= 3
+    fleet.shadow_windows(start.timestamp() + 600, 9, *wave)  # NaN on 30 % of its requests
+    fleet.tick(start + timedelta(minutes=15))
+    _, shown = fleet.call("GET", f"/rollouts/{rollout_id}")
+    assert shown["phase"] == "stopped" and shown["stage"] == 0, shown
+    assert "shadow_errors shows harm" in shown["reason"]
+    # Stopped, the rollout leads only to an abort: the shadows, serving nothing, go now.
+    assert shown["shadow"]["holding"] == 0
+    for device_id in wave:
+        device = fleet.device(device_id)
+        assert device["shadow_target"] is None and device["assigned_target"] is None
+        assert fleet.signed_targets(device_id) == {}
+    assert fleet.audit("assignment.shadow-drop", rollout_id)[0].details["devices"] == wave
+    fleet.tick(start + timedelta(minutes=20))  # stopped: evidence recorded, nothing given back
+    assert all(fleet.device(d)["shadow_target"] is None for d in wave)
+    assert fleet.call("POST", f"/rollouts/{rollout_id}/abort", body={})[0] == 200

@@ -13,12 +13,22 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fleet_server.rollouts.controller import RollbackReached, ServeStage, Start, Tick, decide
+from fleet_server.rollouts.controller import (
+    DropShadows,
+    Promote,
+    RollbackReached,
+    ServeStage,
+    Start,
+    Tick,
+    decide,
+)
 from fleet_server.rollouts.evidence import (
+    INSTALL_FAILURES,
     SHADOW_AGREEMENT,
     SHADOW_ERRORS,
     SHADOW_GATES,
     SHADOW_LATENCY_P95,
+    InstallTally,
     ShadowDevice,
     gather_shadow,
 )
@@ -159,8 +169,26 @@ def test_a_shadow_producing_nan_is_stopped_and_with_rollback_its_shadows_are_dro
         assert [e.stage for e in effects if isinstance(e, RollbackReached)] == [0]
         assert not [e for e in effects if isinstance(e, ServeStage)]
         assert "shadow_errors shows harm" in (state.reason or "")
-    stopped, _, _ = run(spec(), lambda ids: Wave1(ids, shadow_error=0.05, seed=7), until=60)
-    assert stopped.phase == Phase.STOPPED  # on_failure=pause: the shadows stay for a look
+    stopped, effects, _ = run(spec(), lambda ids: Wave1(ids, shadow_error=0.05, seed=7), until=60)
+    # on_failure=pause: stopped, and the shadows, which serve nothing but cost CPU, dropped.
+    assert stopped.phase == Phase.STOPPED and stopped.stage == 0
+    assert [e for e in effects if isinstance(e, DropShadows)] == [DropShadows()]
+    assert not [e for e in effects if isinstance(e, RollbackReached | ServeStage)]
+
+
+def test_a_stop_after_the_shadow_stage_drops_no_shadows() -> None:
+    s = spec()
+    state, _ = decide(RolloutState(), Start(POP), s, T0)
+    state, _ = decide(state, Tick([], None, POP), s, T0 + timedelta(minutes=61))
+    # No gate evaluated yet: the shadow stage waits. Promoted by an operator instead.
+    state, effects = decide(state, Promote("ops", POP), s, T0 + timedelta(minutes=62))
+    assert state.stage == 1 and ServeStage(1) in effects
+    harm = evaluate_all(
+        gate_specs(), {INSTALL_FAILURES: InstallTally(30, 30)}, only=[INSTALL_FAILURES]
+    )
+    state, effects = decide(state, Tick(harm, None, POP), s, T0 + timedelta(minutes=70))
+    assert state.phase == Phase.STOPPED and state.stage == 1
+    assert not [e for e in effects if isinstance(e, DropShadows)]
 
 
 def test_a_slow_shadow_is_stopped_by_its_latency_gate() -> None:
