@@ -19,7 +19,9 @@ The rules of a tick, in this order (the first that applies decides):
    warning is recorded.
 2. Sample-ratio mismatch: ``srm_log_e >= log(1 / SRM_ALPHA)`` (an
    anytime-valid test that the arms report in other proportions than
-   assigned) pauses, "sample ratio mismatch".
+   assigned) pauses, "sample ratio mismatch". In the shadow stage the arms
+   are the devices that installed the shadow, reporting when it runs, and
+   the devices outside wave 1.
 3. The bake has passed (``bake``; ``shadow`` in the shadow stage) and every
    stop-gate required at this stage shows ``pass`` (non-inferiority within
    its margin shown; inconclusive is never a pass): the next stage starts
