@@ -838,3 +838,48 @@ def test_a_shadow_refused_by_one_device_of_many_counts_as_one_failed_install(
     assert (gate["n_devices"], gate["estimate"]) == (len(wave), 1 / len(wave)), gate
     assert shown["phase"] == "shadow", shown
     assert fleet.call("POST", f"/rollouts/{rollout_id}/abort", body={})[0] == 200
+
+
+def test_a_yanked_release_is_dropped_from_every_device_holding_it_as_a_shadow(
+    fleet: Fleet,
+) -> None:
+    # A release of its own to yank: the old model again, as 7.0.0.
+    keys, repo = fleet.tmp / "keys", fleet.tmp / "repo"
+    add = ["release", "add", "--re-release-of", "pump-health@1.0.0", "--version", "7.0.0"]
+    assert fleet.local(*add, "--repo", str(repo), "--keys", str(keys)).code == 0
+    assert fleet.run("release", "push", "--repo", str(repo)).code == 0
+    v7 = "pump-health/pump-health-7.0.0.bundle"
+    ids = [f"shy-{n:02d}" for n in range(24)]
+    for device_id in ids:
+        fleet.register(device_id, "shy")
+        fleet.reports(device_id, "1.0.0", C1)
+    assert fleet.run("assign", "pump-health@1.0.0", "--tag", "shy").code == 0
+    status, created = fleet.call(
+        "POST", "/rollouts", body=spec("shy", release="pump-health@7.0.0", shadow="1h")
+    )
+    assert status == 201, created
+    start = datetime.now(UTC)
+    fleet.tick(start)
+    wave = [d for d in ids if fleet.device(d)["shadow_target"] == v7]
+    assert len(wave) >= 3
+    for device_id in wave:
+        targets = fleet.signed_targets(device_id)
+        assert sorted(targets) == [V1, v7] and targets[v7]["custom"][SHADOW] is True
+
+    status, yanked = fleet.call(
+        "POST", "/releases/yank", body={"release": "pump-health@7.0.0", "reason": "bad bearings"}
+    )
+    assert status == 200, yanked
+    # Dropped from every holder, signed so; each keeps its assignment.
+    for device_id in ids:
+        device = fleet.device(device_id)
+        assert device["shadow_target"] is None and device["assigned_target"] == V1
+        targets = fleet.signed_targets(device_id)
+        assert list(targets) == [V1] and SHADOW not in targets[V1]["custom"]
+    [entry] = fleet.audit("release.yank", v7)
+    assert entry.details["shadows_dropped"] == wave
+    # The rollout's next ticks give the yanked release to nobody again.
+    fleet.tick(start + timedelta(minutes=5))
+    assert all(fleet.device(d)["shadow_target"] is None for d in ids)
+    assert all(list(fleet.signed_targets(d)) == [V1] for d in wave)
+    assert fleet.call("POST", f"/rollouts/{created['id']}/abort", body={})[0] == 200
