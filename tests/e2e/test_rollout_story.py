@@ -66,6 +66,7 @@ from fleet_server.fleetctl import main as fleetctl_main
 from testbed.fleet import AgentProcess
 from testbed.images import HARDWARE, make_bundle
 from testbed.server_process import ServerProcess, clear_retained, wait_until
+from testbed.waiting import WaitTimeout
 from tests.support.databases import postgres_database
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -348,7 +349,13 @@ def shadow_stage(story: Story, rollout_id: str) -> list[str]:
                 seen.append(gates)
         return shown if shown["stage"] == 1 else None
 
-    served = wait_until("the shadow gates to pass and wave 1 to serve", judged_then_served, 90)
+    try:
+        served = wait_until("the shadow gates to pass and wave 1 to serve", judged_then_served, 180)
+    except WaitTimeout as exc:
+        shown = story.rollout(rollout_id)
+        raise AssertionError(
+            f"{exc}: {shown['phase']} ({shown['reason']}), {shown['evaluations']}"
+        ) from None
     assert seen, "no evaluation of the shadow's windows was shown in the shadow stage"
     assert set(seen[-1]) >= {"shadow_errors", "shadow_latency_p95", "shadow_agreement"}
     assert 3 <= seen[-1]["shadow_errors"]["n_devices"] <= len(holders), seen[-1]
