@@ -5,8 +5,9 @@ wave reaches: consistent hashing, stratified, stable as the fleet changes),
 :mod:`~fleet_server.rollouts.pacing` (how many installs may start, an
 exponential ramp), :mod:`~fleet_server.rollouts.maintenance` (when a
 device's maintenance window is open), :mod:`~fleet_server.rollouts.evidence`
-(device aggregates to each gate's evidence), :mod:`~fleet_server.rollouts.gates`
-(anytime-valid verdicts on it) and :mod:`~fleet_server.rollouts.controller`
+(device aggregates, and the shadow stage's devices and installs, to each
+gate's evidence), :mod:`~fleet_server.rollouts.gates` (anytime-valid
+verdicts on it) and :mod:`~fleet_server.rollouts.controller`
 (the rollout's life as one transition table: ``decide(state, event, spec, now)``
 over the plain :class:`RolloutState`). The spec is
 :class:`protocol.api.rollouts.RolloutSpec`.
@@ -23,6 +24,7 @@ from fleet_server.rollouts.controller import (
     ActionRefused,
     AssignDevices,
     AssignStage,
+    DropShadows,
     InstallShadow,
     Pause,
     Promote,
@@ -34,7 +36,17 @@ from fleet_server.rollouts.controller import (
     Tick,
     decide,
 )
-from fleet_server.rollouts.evidence import DeviceAggregate, InstallRecord, gather, install_tally
+from fleet_server.rollouts.evidence import (
+    DeviceAggregate,
+    InstallRecord,
+    ShadowDevice,
+    ShadowInstall,
+    gather,
+    gather_shadow,
+    install_tally,
+    shadow_install_tally,
+    shadow_reporting,
+)
 from fleet_server.rollouts.gates import GateSpec, evaluate_all, gate_specs, required, srm_log_e
 from fleet_server.rollouts.maintenance import in_window, next_open
 from fleet_server.rollouts.pacing import allowed_installs
@@ -61,6 +73,7 @@ __all__ = [
     "DecisionRecord",
     "DeviceAggregate",
     "DeviceFacts",
+    "DropShadows",
     "GateSpec",
     "InstallRecord",
     "InstallShadow",
@@ -73,6 +86,8 @@ __all__ = [
     "RollbackReached",
     "RolloutState",
     "ServeStage",
+    "ShadowDevice",
+    "ShadowInstall",
     "Start",
     "StratumPlan",
     "Tick",
@@ -85,6 +100,7 @@ __all__ = [
     "fix_cutoffs",
     "gate_specs",
     "gather",
+    "gather_shadow",
     "in_window",
     "install_tally",
     "matches",
@@ -92,6 +108,8 @@ __all__ = [
     "preview",
     "reached",
     "required",
+    "shadow_install_tally",
+    "shadow_reporting",
     "srm_log_e",
     "waves",
 ]

@@ -13,12 +13,15 @@ The rules of a tick, in this order (the first that applies decides):
 1. A stop-gate ``fail`` — harm beyond its bound shown — stops assigning. With
    ``on_failure=rollback`` the rollout rolls back (:class:`RollbackReached`:
    every device it reached returns to the release it ran before); otherwise it
-   is *stopped*, the devices keeping what they have. Harm is acted on in every
+   is *stopped*, the devices keeping what they have (stopped in the shadow
+   stage, the shadows are dropped: :class:`DropShadows`). Harm is acted on in every
    phase a tick judges, a paused one included. A warn-gate never stops; its
    warning is recorded.
 2. Sample-ratio mismatch: ``srm_log_e >= log(1 / SRM_ALPHA)`` (an
    anytime-valid test that the arms report in other proportions than
-   assigned) pauses, "sample ratio mismatch".
+   assigned) pauses, "sample ratio mismatch". In the shadow stage the arms
+   are the devices that installed the shadow, reporting when it runs, and
+   the devices outside wave 1.
 3. The bake has passed (``bake``; ``shadow`` in the shadow stage) and every
    stop-gate required at this stage shows ``pass`` (non-inferiority within
    its margin shown; inconclusive is never a pass): the next stage starts
@@ -193,13 +196,31 @@ class RollbackReached:
 
 
 @dataclass(frozen=True)
+class DropShadows:
+    """The shadow stage stopped: every shadow the rollout installed is dropped.
+
+    A shadow serves nothing but costs each device CPU; a rollout stopped in its
+    shadow stage (``on_failure=pause``) leads nowhere but to an abort, so its
+    shadows go at the stop rather than at the abort.
+    """
+
+
+@dataclass(frozen=True)
 class RecordDecision:
     """Store this decision in the rollout's full record (keyed by ``record.seq``)."""
 
     record: DecisionRecord
 
 
-Effect = InstallShadow | ServeStage | AssignStage | AssignDevices | RollbackReached | RecordDecision
+Effect = (
+    InstallShadow
+    | ServeStage
+    | AssignStage
+    | AssignDevices
+    | RollbackReached
+    | DropShadows
+    | RecordDecision
+)
 Step = tuple[RolloutState, list[Effect]]
 
 
@@ -422,7 +443,10 @@ def _stop(
     if spec.on_failure == "rollback":
         after = replace(state, phase=Phase.ROLLING_BACK, reason=reason, missing={})
         return after, [RollbackReached(state.stage, reason)], "roll back"
-    return replace(state, phase=Phase.STOPPED, reason=reason, missing={}), [], "stop"
+    stopped = replace(state, phase=Phase.STOPPED, reason=reason, missing={})
+    if state.stage == 0:
+        return stopped, [DropShadows()], "stop"
+    return stopped, [], "stop"
 
 
 def _advance(

@@ -27,6 +27,11 @@ The rules, over plain data (no database, no clock of its own):
    its error rate against the active model's, its log p95 against the active
    model's device by device (a paired mean), and its agreement with the answers
    served as a share of its requests. Devices remain the units.
+7. In the shadow stage the install gate judges the shadow installs
+   (:func:`shadow_install_tally`): a refusal is a failed install, and so is a
+   shadow that never runs while its device serves; the sample-ratio test
+   counts the devices whose shadow reports requests against the control's
+   devices reporting windows (:func:`shadow_reporting`).
 
 The array functions (:class:`RateSums`, :class:`MeanSums`, :func:`log_rate_ratio`,
 :func:`arm_rates`, :func:`ratio_difference`, :func:`mean_difference`) work elementwise, so many
@@ -537,3 +542,70 @@ def gather_shadow(devices: Sequence[ShadowDevice]) -> dict[str, Evidence]:
         SHADOW_LATENCY_P95: shadow_latency_evidence(devices),
         SHADOW_AGREEMENT: shadow_agreement_evidence(devices),
     }
+
+
+@dataclass(frozen=True)
+class ShadowInstall:
+    """One wave-1 device's shadow install, as its events, reports and windows tell it.
+
+    ``started_at``: when the rollout gave it the shadow; ``result``: its latest
+    ``shadow-installed`` or ``shadow-refused`` event since (``None``: neither
+    yet), ``installed_at`` the time of a ``shadow-installed``; ``last_seen`` its
+    latest report of any kind after ``started_at``. ``shadow_requests``: the
+    requests its shadow ran on in the stage; ``active_requests``: those its
+    active model answered in the same hours.
+    """
+
+    device_id: str
+    started_at: datetime
+    result: Literal["installed", "refused"] | None = None
+    installed_at: datetime | None = None
+    last_seen: datetime | None = None
+    shadow_requests: int = 0
+    active_requests: int = 0
+
+
+def shadow_install_tally(
+    installs: Iterable[ShadowInstall], now: datetime, timeout: timedelta
+) -> InstallTally:
+    """Failures among the shadow installs with an outcome at ``now``: the install gate of
+    the shadow stage.
+
+    Failed, as an install is (:func:`install_tally`): refused by the device
+    (``shadow-refused``: its self-test failed, it is over the bundle's budget,
+    its download or verification was refused), silent longer than ``timeout``,
+    or no outcome within ``timeout``. Failed too: installed longer than
+    ``timeout`` ago while its active model answered requests and the shadow ran
+    on none of them — a shadow that never runs gives no evidence, and is
+    neither passing nor silently absent. Succeeded: installed, and running or
+    not yet due to.
+    """
+    records = []
+    for s in installs:
+        result: Literal["committed", "failed"] | None = None
+        if s.result == "refused":
+            result = "failed"
+        elif s.result == "installed":
+            since = s.installed_at or s.started_at
+            idle = s.shadow_requests == 0 and s.active_requests > 0
+            result = "failed" if idle and now - since > timeout else "committed"
+        records.append(InstallRecord(s.device_id, s.started_at, result, s.last_seen))
+    return install_tally(records, now, timeout)
+
+
+def shadow_reporting(
+    installed: Iterable[ShadowDevice], control: Iterable[DeviceAggregate]
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The sample-ratio test's counts in the shadow stage: ``(reporting, assigned)``, each
+    ``(shadow arm, control)``.
+
+    The shadow arm: the wave-1 devices that installed the shadow, reporting
+    when their shadow ran on some request; the control: the selected devices
+    outside wave 1, reporting when they sent a window. A shadow that runs on far
+    fewer of its devices than installed it (crashing, never drawn, its reports
+    lost) shows as a mismatch; installs still under way are none.
+    """
+    shadow = list(installed)
+    others = list(control)
+    reporting = (sum(1 for d in shadow if d.requests > 0), sum(1 for d in others if d.windows > 0))
+    return reporting, (len(shadow), len(others))

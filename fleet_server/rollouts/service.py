@@ -31,9 +31,26 @@ the decision, and then carries out the effects:
   shadow first (assigning it clears the shadow); a device holding it that left
   the wave has it dropped. A rollout that ends (rolled back, aborted,
   completed) drops every shadow it still has out, so an abort or a rollback
-  in the shadow stage leaves the devices as they were. The shadow stage is
-  judged on the shadow gates alone, from the shadow sections of the holders'
-  windows against their active model's windows of the same hours.
+  in the shadow stage leaves the devices as they were. :class:`DropShadows`
+  (a stop in the shadow stage, ``on_failure=pause``): every shadow dropped at
+  once — a shadow serves nothing but costs each device CPU, and a stopped
+  rollout leads only to an abort; later ticks repeat the drop for a rollout
+  stopped there, so a drop cut short is finished. A pause keeps the shadows
+  for a resume. The shadow stage is judged on the shadow gates, from the
+  shadow sections of the holders' windows against their active model's
+  windows of the same hours; on the install gate, from the holders' shadow
+  installs (a ``shadow-refused`` event of the release — self-test failed, over
+  the bundle's budget, download or verification refused — is a failed
+  install, and so is a holder with no outcome or silent past the install
+  timeout, or whose shadow has run on none of the requests its active model
+  answered for that long); and on the sample-ratio test, the holders that
+  installed it reporting shadow requests against the selected devices outside
+  wave 1 reporting windows.
+
+Steps and their effects are taken one at a time (an operator's action waits
+for a tick under way; a tick skips while another replica's holds the lock):
+two carrying out at once could both assign a device that one had recorded and
+not yet assigned.
 
 A replayed tick (at or before the state's last) is no step at all, and a
 device recorded once is never assigned twice by the rollout, so a tick run
@@ -42,9 +59,12 @@ twice does nothing twice.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -64,7 +84,14 @@ from fleet_server.assignments.planner import (
 from fleet_server.assignments.service import AssignmentService
 from fleet_server.audit import record as audit
 from fleet_server.db import Database
-from fleet_server.db.models import Device, DeviceEventRow, Release, RolloutRow, as_utc
+from fleet_server.db.models import (
+    AuditEntry,
+    Device,
+    DeviceEventRow,
+    Release,
+    RolloutRow,
+    as_utc,
+)
 from fleet_server.drift.models import DriftError
 from fleet_server.drift.store import ManifestCache
 from fleet_server.errors import Conflict, FleetError, NotFound, Unprocessable
@@ -75,6 +102,7 @@ from fleet_server.rollouts.controller import (
     Abort,
     AssignDevices,
     AssignStage,
+    DropShadows,
     Effect,
     Event,
     InstallShadow,
@@ -89,13 +117,17 @@ from fleet_server.rollouts.controller import (
     decide,
 )
 from fleet_server.rollouts.evidence import (
+    INSTALL_FAILURES,
     SHADOW_GATES,
     DeviceAggregate,
     InstallRecord,
     ShadowDevice,
+    ShadowInstall,
     gather,
     gather_shadow,
     install_tally,
+    shadow_install_tally,
+    shadow_reporting,
 )
 from fleet_server.rollouts.gates import UnknownGateError, evaluate_all, gate_specs, srm_log_e
 from fleet_server.rollouts.kept import KeptAggregates
@@ -127,6 +159,8 @@ INSTALL_TIMEOUT = timedelta(hours=1)
 BASELINE = timedelta(hours=24)
 # The advisory lock a replica holds while it ticks (PostgreSQL).
 TICK_LOCK_ID = 0x726F6C6C6F7574  # "rollout"
+# Steps are taken and carried out one at a time per database (see _one_at_a_time).
+_STEPPING: weakref.WeakKeyDictionary[Database, asyncio.Lock] = weakref.WeakKeyDictionary()
 # A tick's actions that change nothing an operator needs in the audit log.
 _QUIET_ACTIONS = frozenset({"wait", "assign"})
 # Devices named in a conflict's message.
@@ -283,22 +317,24 @@ async def act(
             return Abort(actor, reason)
         raise ValueError(f"{action!r} is not one of {', '.join(ACTIONS)}")
 
-    for attempt in range(1, ACTION_ATTEMPTS + 1):
-        try:
-            stepped = await _step(
-                db, rollout_id, event, datetime.now(UTC), actor=actor, reason=reason
-            )
-            break
-        except store.StaleRollout:
-            if attempt == ACTION_ATTEMPTS:
-                raise RolloutConflict(
-                    f"rollout {rollout_id} changed {ACTION_ATTEMPTS} times while the {action} "
-                    "was decided; try again"
-                ) from None
-            log.info("rollout %s: saved meanwhile; deciding the %s again", rollout_id, action)
-    if stepped is None:  # pragma: no cover - an operator's action always takes a step
-        raise RolloutConflict(f"rollout {rollout_id} changed meanwhile; try again")
-    await _carry_out(db, assignments, stepped)
+    async with _one_at_a_time(db, wait=True) as held:
+        assert held
+        for attempt in range(1, ACTION_ATTEMPTS + 1):
+            try:
+                stepped = await _step(
+                    db, rollout_id, event, datetime.now(UTC), actor=actor, reason=reason
+                )
+                break
+            except store.StaleRollout:
+                if attempt == ACTION_ATTEMPTS:
+                    raise RolloutConflict(
+                        f"rollout {rollout_id} changed {ACTION_ATTEMPTS} times while the "
+                        f"{action} was decided; try again"
+                    ) from None
+                log.info("rollout %s: saved meanwhile; deciding the %s again", rollout_id, action)
+        if stepped is None:  # pragma: no cover - an operator's action always takes a step
+            raise RolloutConflict(f"rollout {rollout_id} changed meanwhile; try again")
+        await _carry_out(db, assignments, stepped)
     return await get(db, rollout_id)
 
 
@@ -323,19 +359,36 @@ async def tick(
     ticks at a time: the tick holds an advisory lock (a replica that finds it
     taken skips this tick); SQLite serves one node.
     """
-    async with db.session() as leader:
-        if _is_postgres(leader):
-            held = await leader.scalar(
-                text("SELECT pg_try_advisory_xact_lock(:id)"), {"id": TICK_LOCK_ID}
-            )
-            if not held:
-                if kept is not None:  # another replica leads: what this one kept goes stale
-                    kept.forget_unused()
-                return 0
+    async with _one_at_a_time(db, wait=False) as held:
+        if not held:
+            if kept is not None:  # another replica leads: what this one kept goes stale
+                kept.forget_unused()
+            return 0
         stepped = await _tick_all(db, assignments, now, manifests, kept)
         if kept is not None:
             kept.forget_unused()
         return stepped
+
+
+@asynccontextmanager
+async def _one_at_a_time(db: Database, *, wait: bool) -> AsyncIterator[bool]:
+    """Hold the right to step rollouts and carry out their effects; yields whether it is held.
+
+    An operator's action and a tick carrying out at once could both assign a
+    device one of them recorded and had not assigned yet (the repair of a step
+    cut short), so they take turns: in this process an asyncio lock, across
+    replicas (PostgreSQL) an advisory lock held to the end of a transaction —
+    the lock taken first, in that order everywhere. ``wait=False`` (a tick)
+    gives up at once when another replica holds it.
+    """
+    lock = _STEPPING.setdefault(db, asyncio.Lock())
+    async with lock, db.session() as guard:
+        if _is_postgres(guard):
+            function = "pg_advisory_xact_lock" if wait else "pg_try_advisory_xact_lock"
+            held = await guard.scalar(text(f"SELECT {function}(:id)"), {"id": TICK_LOCK_ID})
+            yield wait or bool(held)
+        else:
+            yield True
 
 
 async def _tick_all(
@@ -353,6 +406,12 @@ async def _tick_all(
             for r in rows
             if r.phase == Phase.ROLLING_BACK.value
         ]
+        # Stopped in the shadow stage: its shadows go (a drop cut short is finished here).
+        stopped_shadows = [
+            r.id
+            for r in rows
+            if r.phase == Phase.STOPPED.value and RolloutState.from_json(r.state).stage == 0
+        ]
     # A rollback cut short (the process died after saving the decision) is finished here;
     # devices already sent back are left alone, so this does nothing once it is done.
     for rollout_id, spec, state in rolling_back:
@@ -362,6 +421,11 @@ async def _tick_all(
             await _drop_shadows(db, assignments, rollout_id)
         except Exception:
             log.exception("rollout %s: finishing the rollback failed", rollout_id)
+    for rollout_id in stopped_shadows:
+        try:
+            await _drop_shadows(db, assignments, rollout_id)
+        except Exception:
+            log.exception("rollout %s: dropping the stopped shadows failed", rollout_id)
     stepped = 0
     for rollout_id in reversed(active):  # oldest first
         try:
@@ -491,6 +555,8 @@ async def _carry_out(db: Database, assignments: AssignmentService, stepped: Step
             await _roll_back(db, assignments, stepped)
         elif isinstance(effect, ServeStage):
             await _serve(db, assignments, stepped)
+        elif isinstance(effect, DropShadows):
+            await _drop_shadows(db, assignments, stepped.rollout_id)
         elif isinstance(effect, InstallShadow | AssignStage | RecordDecision):
             continue  # the AssignDevices after it starts the installs; the record is saved
     if stepped.state.phase in FINAL_PHASES:
@@ -708,7 +774,7 @@ async def _evaluate(
     looked up in them).
     """
     if state.stage == 0:
-        return await _evaluate_shadow(session, row, spec, state, selected, now), None
+        return await _evaluate_shadow(session, row, spec, state, selected, now)
 
     async def read(
         version: str, since: datetime, until: datetime, ids: list[str]
@@ -792,17 +858,30 @@ async def _evaluate_shadow(
     state: RolloutState,
     selected: Selected,
     now: datetime,
-) -> list[GateEvaluation]:
-    """The shadow gates' evaluations: each device holding the shadow, the shadow sections
-    of its windows since the stage started against its active model's windows of the same
-    hours."""
+) -> tuple[list[GateEvaluation], float | None]:
+    """The shadow stage's evaluations and SRM test at ``now``.
+
+    The shadow gates: each device holding the shadow, the shadow sections of its
+    windows since the stage started against its active model's windows of the
+    same hours. The install gate: the holders' shadow installs
+    (:func:`~fleet_server.rollouts.evidence.shadow_install_tally`; a
+    ``shadow-refused`` is a failed install). The SRM test: the holders that
+    installed it reporting shadow requests against the selected devices outside
+    wave 1 reporting windows (:func:`~fleet_server.rollouts.evidence.shadow_reporting`).
+    """
     started = as_utc(state.stage_started_at or row.created_at)
     holders = [d for d in selected.devices if d.shadow_rollout == row.id]
     ids = [d.id for d in holders]
     shadow = await store.shadow_aggregates(session, spec.name, spec.version, started, now, ids)
     at = shadow.index()
+    in_plan = set(_reached(state, selected.population))
+    control_ids = {
+        d.id for d in selected.devices if d.id not in in_plan and d.shadow_rollout is None
+    }
     by_version: dict[str, list[str]] = {}
-    for d in holders:
+    for d in selected.devices:
+        if d.id not in control_ids and d.shadow_rollout != row.id:
+            continue
         version = _version_of(d.active_bundle, spec.name)
         if version is not None and version != spec.version:
             by_version.setdefault(version, []).append(d.id)
@@ -811,27 +890,122 @@ async def _evaluate_shadow(
         sums = await store.device_aggregates(session, spec.name, version, started, now, members)
         for device_id, row_of in sums.index().items():
             active[device_id] = (sums, row_of)
-    devices = []
+    devices: dict[str, ShadowDevice] = {}
     for device_id in ids:
-        i = at.get(device_id)
-        if i is None:
-            continue
-        p95 = quantile(shadow.latency_histogram(i), 0.95)
         mine = active.get(device_id)
-        devices.append(
-            ShadowDevice(
-                device_id=device_id,
-                requests=int(shadow.requests[i]),
-                agreements=int(shadow.agreements[i]),
-                errors=int(shadow.errors[i]),
-                log_p95=float(np.log(p95)) if p95 is not None and p95 > 0 else None,
-                active_requests=int(mine[0].requests[mine[1]]) if mine else 0,
-                active_errors=int(mine[0].errors[mine[1]]) if mine else 0,
-                active_log_p95=_log_p95(*mine) if mine else None,
+        i = at.get(device_id)
+        p95 = quantile(shadow.latency_histogram(i), 0.95) if i is not None else None
+        devices[device_id] = ShadowDevice(
+            device_id=device_id,
+            requests=int(shadow.requests[i]) if i is not None else 0,
+            agreements=int(shadow.agreements[i]) if i is not None else 0,
+            errors=int(shadow.errors[i]) if i is not None else 0,
+            log_p95=float(np.log(p95)) if p95 is not None and p95 > 0 else None,
+            active_requests=int(mine[0].requests[mine[1]]) if mine else 0,
+            active_errors=int(mine[0].errors[mine[1]]) if mine else 0,
+            active_log_p95=_log_p95(*mine) if mine else None,
+        )
+    given = await _shadows_given(session, row.id, ids, started)
+    outcomes = await _shadow_events(session, given, f"{spec.name} {spec.version}")
+    installs = []
+    for d in holders:
+        since = given[d.id]
+        result, installed_at = outcomes.get(d.id, (None, None))
+        last_seen = as_utc(d.last_seen_at) if d.last_seen_at is not None else None
+        installs.append(
+            ShadowInstall(
+                device_id=d.id,
+                started_at=since,
+                result=result,
+                installed_at=installed_at,
+                last_seen=last_seen if last_seen is not None and last_seen >= since else None,
+                shadow_requests=devices[d.id].requests,
+                active_requests=devices[d.id].active_requests,
             )
         )
+    tally = shadow_install_tally(installs, now, INSTALL_TIMEOUT)
+    evidence = {
+        **gather_shadow([d for d in devices.values() if d.requests > 0]),
+        INSTALL_FAILURES: tally,
+    }
     specs = gate_specs(spec.gates, shadow=True)
-    return evaluate_all(specs, gather_shadow(devices), only=SHADOW_GATES)
+    evaluations = evaluate_all(specs, evidence, only=SHADOW_GATES | {INSTALL_FAILURES})
+    # Only a shadow that installed can run: installs under way are no mismatch.
+    installed = [devices[s.device_id] for s in installs if s.result == "installed"]
+    versioned = {d for members in by_version.values() for d in members}
+    control = [
+        DeviceAggregate(d, "control", windows=int(active[d][0].windows[active[d][1]]))
+        if d in active
+        else DeviceAggregate(d, "control")
+        for d in sorted(control_ids & versioned)
+    ]
+    (shadow_arm, control_arm), (assigned_shadow, assigned_control) = shadow_reporting(
+        installed, control
+    )
+    srm = None
+    if assigned_shadow and assigned_control:
+        total = assigned_shadow + assigned_control
+        srm = srm_log_e(
+            [shadow_arm, control_arm], [assigned_shadow / total, assigned_control / total]
+        )
+    return evaluations, srm
+
+
+async def _shadows_given(
+    session: AsyncSession, rollout_id: str, ids: Sequence[str], stage_start: datetime
+) -> dict[str, datetime]:
+    """When the rollout last gave each of ``ids`` its shadow (its ``assignment.shadow``
+    audit entries); the stage's start for one it names in none."""
+    given = dict.fromkeys(ids, stage_start)
+    if not ids:
+        return given
+    wanted = set(ids)
+    entries = await session.execute(
+        select(AuditEntry.at, AuditEntry.details)
+        .where(AuditEntry.action == "assignment.shadow", AuditEntry.subject == rollout_id)
+        .order_by(AuditEntry.seq)
+    )
+    for at, details in entries:
+        for device_id in (details or {}).get("devices") or []:
+            if device_id in wanted:
+                given[device_id] = max(as_utc(at), stage_start)
+    return given
+
+
+_SHADOW_EVENTS = ("shadow-installed", "shadow-refused")
+
+
+async def _shadow_events(
+    session: AsyncSession, given: dict[str, datetime], label: str
+) -> dict[str, tuple[Literal["installed", "refused"], datetime]]:
+    """Each device's latest ``shadow-installed`` or ``shadow-refused`` since it was given
+    the shadow, naming ``label`` (``"NAME VERSION"``) or no bundle (a refusal of the
+    director's answer), and when."""
+    if not given:
+        return {}
+    latest: dict[str, tuple[Literal["installed", "refused"], datetime]] = {}
+    ids = sorted(given)
+    for start in range(0, len(ids), 5000):
+        chunk = ids[start : start + 5000]
+        rows = await session.execute(
+            select(DeviceEventRow.device_id, DeviceEventRow.event, DeviceEventRow.at,
+                   DeviceEventRow.details)
+            .where(
+                DeviceEventRow.device_id.in_(chunk),
+                DeviceEventRow.event.in_(_SHADOW_EVENTS),
+                DeviceEventRow.at >= min(given[d] for d in chunk),
+            )
+            .order_by(DeviceEventRow.at, DeviceEventRow.id)
+        )  # fmt: skip
+        for device_id, event, at, details in rows:
+            bundle = (details or {}).get("bundle")
+            if as_utc(at) < given[device_id] or bundle not in (None, label):
+                continue
+            latest[device_id] = (
+                "installed" if event == "shadow-installed" else "refused",
+                as_utc(at),
+            )
+    return latest
 
 
 def _aggregate(

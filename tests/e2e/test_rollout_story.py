@@ -10,6 +10,16 @@ The story, in order on one fleet:
    started again on the same database, and the rollout carries on as if nothing had
    happened: every device assigned exactly once, none skipped.
 
+   First it runs as a shadow for ten seconds (``--shadow 10s``): wave 1's devices
+   install 2.0.0 beside 1.0.0 (their signed director metadata lists it marked as a
+   shadow; each reports ``shadow-installed``), run it on every request without serving
+   its answers, and their windows carry its agreement, errors and latency. The shadow
+   gates judge those sections against 1.0.0 on the same devices; the gates file lowers
+   their minimums to wave 1's few devices and widens the latency margin (a shared
+   two-core machine's timings say nothing about a model, only gross slowness is harm).
+   Once they pass, wave 1 serves 2.0.0 through its normal A/B install and the shadows
+   are cleared.
+
    How the waves move on: the operator promotes waves 1 and 2 (``fleetctl rollout
    promote``, recorded as an operator's override); the last wave, which reaches every
    device, completes by itself after its bake. The gates cannot pass here, and
@@ -56,6 +66,7 @@ from fleet_server.fleetctl import main as fleetctl_main
 from testbed.fleet import AgentProcess
 from testbed.images import HARDWARE, make_bundle
 from testbed.server_process import ServerProcess, clear_retained, wait_until
+from testbed.waiting import WaitTimeout
 from tests.support.databases import postgres_database
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -66,6 +77,13 @@ TAG = "line-r"
 V1, V2, V3 = "1.0.0", "2.0.0", "3.0.0"
 WAVES = "34%,67%,100%"  # three waves: about a third, two thirds, all
 BAKE = "3s"
+SHADOW = "10s"
+# Wave 1 holds four of the twelve devices: the shadow gates judge from three.
+SHADOW_GATES = {
+    "shadow_errors": {"min_devices": 3, "min_requests": 200},
+    "shadow_latency_p95": {"min_devices": 3, "min_requests": 200, "margin": 1.0},
+    "shadow_agreement": {"min_devices": 3, "min_requests": 200},
+}
 IDLE_EVERY = 4  # every fourth request comes from an idle machine (shaft_rpm 0)
 
 
@@ -118,6 +136,15 @@ class Story:
 
     def rollout(self, rollout_id: str) -> dict[str, Any]:
         return dict(self.fleetctl("rollout", "status", rollout_id))
+
+    def director_targets(self, device_id: str) -> dict[str, Any]:
+        """The targets of the device's latest director metadata, as the server signed it."""
+        metadata = self.server.data / "director" / "devices" / device_id / "metadata"
+        latest = max(metadata.glob("*.targets.json"), key=lambda p: int(p.name.split(".")[0]))
+        return dict(json.loads(latest.read_text())["signed"]["targets"])
+
+    def events(self, device_id: str, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self.agents[device_id].events() if e["event"] == kind]
 
     def running(self, version: str, ids: list[str] | None = None) -> bool:
         """Every device of ``ids`` (all by default) reports ``version`` committed."""
@@ -211,6 +238,8 @@ def agent_config(story: Story, device_id: str, password: str, namespace: str) ->
         # The trial lasts 4 s: long enough for the watchdog to see a few requests.
         "[update]\npoll_interval_s = 2.0\nhealth_period_s = 4.0\n"
         "[telemetry]\nwindow_max_seconds = 2.0\n"
+        # A shadow runs on every request: wave 1's few devices give its gates enough.
+        "[shadow]\nshare = 1.0\nmax_in_flight = 4\n"
     )
     return config
 
@@ -279,6 +308,77 @@ def reached_once(story: Story, rollout_id: str, version: str) -> dict[str, int]:
     return counts
 
 
+def shadow_stage(story: Story, rollout_id: str) -> list[str]:
+    """Wave 1 runs v2 as a shadow until its gates pass and it serves v2; returns wave 1."""
+    v2 = f"-{V2}.bundle"
+    shadowing = wait_until(
+        "wave 1 to hold the shadow",
+        lambda: (
+            (r := story.rollout(rollout_id))["phase"] == "shadow"
+            and r["shadow"]["holding"] == r["stages"][0]["devices"]
+            and r
+        ),
+        30,
+    )
+    assert shadowing["stage"] == 0 and shadowing["assigned"] == 0, shadowing
+    holders = sorted(d for d in story.ids if (story.device(d)["shadow_target"] or "").endswith(v2))
+    assert 0 < len(holders) == shadowing["stages"][0]["devices"] < DEVICES / 2
+    for device_id in holders:
+        # Signed beside the assignment, marked as a shadow: the device serves v1 still.
+        targets = story.director_targets(device_id)
+        [shadow] = [p for p in targets if p.endswith(v2)]
+        [assigned] = [p for p in targets if p != shadow]
+        assert targets[shadow]["custom"]["shadow"] is True and assigned.endswith(f"-{V1}.bundle")
+    wait_until(
+        "wave 1 to install the shadow",
+        lambda: all(
+            [e["bundle"] for e in story.events(d, "shadow-installed")] == [f"pump-health {V2}"]
+            for d in holders
+        ),
+        60,
+    )
+
+    # The shadow gates judge the shadow sections of wave 1's windows at every tick.
+    seen: list[dict[str, Any]] = []
+
+    def judged_then_served() -> dict[str, Any] | None:
+        shown = story.rollout(rollout_id)
+        if shown["phase"] == "shadow":
+            gates = {g["gate"]: g for g in shown["evaluations"]}
+            if gates.get("shadow_errors", {}).get("n_requests", 0) > 0:
+                seen.append(gates)
+        return shown if shown["stage"] == 1 else None
+
+    try:
+        served = wait_until("the shadow gates to pass and wave 1 to serve", judged_then_served, 180)
+    except WaitTimeout as exc:
+        shown = story.rollout(rollout_id)
+        raise AssertionError(
+            f"{exc}: {shown['phase']} ({shown['reason']}), {shown['evaluations']}"
+        ) from None
+    assert seen, "no evaluation of the shadow's windows was shown in the shadow stage"
+    assert set(seen[-1]) >= {"shadow_errors", "shadow_latency_p95", "shadow_agreement"}
+    assert 3 <= seen[-1]["shadow_errors"]["n_devices"] <= len(holders), seen[-1]
+    stops = [g for g in seen[-1].values() if g["severity"] == "stop"]
+    assert all(g["decision"] != "fail" for g in stops), seen[-1]
+    serve = next(d for d in served["decisions"] if d["action"] == "serve wave 1")
+    assert serve["rule"] == "bake passed and every required gate passes", serve
+    assert serve["from_phase"] == "shadow" and serve["stage"] == 1
+    # v2 predicts otherwise than v1 on part of these rows: a warning, never a stop.
+    assert any("shadow_agreement" in w for w in serve["warnings"]), serve
+    # The shadows cleared (by the installs the same tick starts): none held, none signed.
+    wait_until(
+        "the shadows cleared", lambda: story.rollout(rollout_id)["shadow"]["holding"] == 0, 30
+    )
+    for device_id in holders:
+        assert story.device(device_id)["shadow_target"] is None
+        assert not any(
+            t["custom"].get("shadow") for t in story.director_targets(device_id).values()
+        )
+    assert not any(story.events(d, "shadow-installed") for d in story.ids if d not in holders)
+    return holders
+
+
 def test_v2_goes_through_three_waves_and_a_server_restart_changes_nothing(story: Story) -> None:
     ids = story.ids
     wait_until(
@@ -286,12 +386,16 @@ def test_v2_goes_through_three_waves_and_a_server_restart_changes_nothing(story:
         lambda: all(story.windows_acknowledged(d) >= 2 for d in ids),
         60,
     )
+    gates = story.tmp / "shadow-gates.json"
+    gates.write_text(json.dumps(SHADOW_GATES))
     created = story.fleetctl(
         "rollout", "create", f"pump-health@{V2}", "--select", f"tag={TAG}", "--waves", WAVES,
         "--bake", BAKE, "--max-bake", "10m", "--holdback", "0%", "--on-failure", "rollback",
+        "--shadow", SHADOW, "--gates", str(gates),
     )  # fmt: skip
     rollout_id = created["id"]
     assert created["matched"] == DEVICES
+    holders = shadow_stage(story, rollout_id)
 
     def stage(k: int) -> dict[str, Any] | None:
         shown = story.rollout(rollout_id)
@@ -308,6 +412,7 @@ def test_v2_goes_through_three_waves_and_a_server_restart_changes_nothing(story:
     # assignments follow the record within that tick.
     first = wait_until("wave 1's devices assigned v2", wave1_assigned_v2, 30, every=0.5)
     assert 0 < len(first) < DEVICES / 2
+    assert sorted(first) == holders  # wave 1 serves what it ran as a shadow
     wait_until("wave 1 to run v2", lambda: story.running(V2, first), 90)
     others = [d for d in ids if d not in first]
     assert all(story.device(d)["active_bundle"] == f"pump-health {V1}" for d in others)
@@ -340,7 +445,7 @@ def test_v2_goes_through_three_waves_and_a_server_restart_changes_nothing(story:
     wait_until("wave 2 assigned", lambda: stage(2), 30)
 
     # The server stops (SIGTERM) mid-wave and starts again on the same database.
-    story.server.stop()
+    story.server.stop(timeout=90)  # a loaded machine may take a while to drain and close
     assert story.server.returncode == 0, story.server.log_tail()
     story.server.start()
     second = [d for d in ids if story.device(d)["assigned_target"].endswith(f"-{V2}.bundle")]

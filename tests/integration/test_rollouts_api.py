@@ -151,6 +151,39 @@ class Fleet(Fleetctl):
         result = self.api.call(write_batch(self.api.server.db, batch, "test"))
         assert not result.dropped, result.dropped
 
+    def events(self, event: str, *device_ids: str, **details: Any) -> None:
+        """An agent event of each device (``shadow-installed``, ``refused``, ...), through the
+        server's own ingest."""
+        batch: list[Accepted] = [
+            Accepted(
+                device_id,
+                "events",
+                DeviceEvent(
+                    device_id=device_id,
+                    message_id=uuid.uuid4().hex,
+                    sent_at=time.time(),
+                    event=event,
+                    at=time.time(),
+                    details=details,
+                ),
+            )
+            for device_id in device_ids
+        ]
+        assert not self.api.call(write_batch(self.api.server.db, batch, "test")).dropped
+
+    def seen_at(self, at: datetime, *device_ids: str) -> None:
+        """The devices' latest report at ``at`` on the test's clock (the ingest stamps the
+        real one): what a device reporting all along shows at a tick that far ahead."""
+
+        async def write() -> None:
+            async with self.api.server.db.session() as session:
+                for device in (
+                    await session.scalars(select(Device).where(Device.id.in_(device_ids)))
+                ).all():
+                    device.last_seen_at = at
+
+        self.api.call(write())
+
     def signed_targets(self, device_id: str) -> dict[str, Any]:
         """The targets of the device's director metadata, as the server signed them."""
         director = self.api.server.assignments.director
@@ -750,23 +783,32 @@ def test_a_shadow_stage_installs_beside_wave_1_then_wave_1_serves_it(fleet: Flee
     assert human.code == 0 and f"{V2} (rollout {rollout_id})" in human.out, human.err
 
     # Windows with shadow sections: within the hour the gates pass but the shadow runs on.
+    fleet.events("shadow-installed", *wave, bundle="pump-health 2.0.0")
     for minutes in range(5, 35, 5):
         fleet.shadow_windows(start.timestamp() + 60 * minutes, 0, *wave)
+    fleet.seen_at(start + timedelta(minutes=40), *wave)
     fleet.tick(start + timedelta(minutes=40))
     _, shown = fleet.call("GET", f"/rollouts/{rollout_id}")
     assert shown["phase"] == "shadow", shown
     gates = {g["gate"]: g for g in shown["evaluations"]}
-    assert set(gates) == {"shadow_errors", "shadow_latency_p95", "shadow_agreement"}
+    assert set(gates) == {
+        "shadow_errors", "shadow_latency_p95", "shadow_agreement", "install_failures",
+    }  # fmt: skip
     assert gates["shadow_errors"]["decision"] == "pass", gates
     assert gates["shadow_latency_p95"]["decision"] == "pass", gates
     assert gates["shadow_errors"]["n_devices"] == len(wave)
     assert gates["shadow_errors"]["n_requests"] == 6 * 30 * len(wave)
+    # The shadow installs, judged by the install gate: every one installed and running.
+    installs = gates["install_failures"]
+    assert installs["decision"] != "fail" and installs["estimate"] == 0.0, installs
+    assert installs["n_devices"] == len(wave)
     status_json = fleet.run("rollout", "status", rollout_id, "--json")
     assert status_json.code == 0 and status_json.json()["phase"] == "shadow"
     human = fleet.run("rollout", "status", rollout_id)
     assert "shadow stage: at least 1h" in human.out and "shadow_latency_p95" in human.out
 
     # After the hour wave 1 serves it: assigned normally, the shadow cleared, signed so.
+    fleet.seen_at(start + timedelta(minutes=60), *wave)
     fleet.tick(start + timedelta(minutes=61))
     _, shown = fleet.call("GET", f"/rollouts/{rollout_id}")
     assert shown["phase"] == "baking" and shown["stage"] == 1, shown
@@ -808,6 +850,29 @@ def test_an_abort_in_the_shadow_stage_drops_the_shadows(fleet: Fleet) -> None:
     assert all(fleet.signed_targets(d) == {} for d in wave)
 
 
+def test_a_shadow_stopped_by_its_gates_without_rollback_is_dropped_at_the_stop(
+    fleet: Fleet,
+) -> None:
+    rollout_id, ids, start = _shadow_rollout(fleet, "shs")  # on_failure: pause
+    wave = [d for d in ids if fleet.device(d)["shadow_target"] == V2]
+    assert len(wave) >= 3
+    fleet.shadow_windows(start.timestamp() + 600, 9, *wave)  # NaN on 30 % of its requests
+    fleet.tick(start + timedelta(minutes=15))
+    _, shown = fleet.call("GET", f"/rollouts/{rollout_id}")
+    assert shown["phase"] == "stopped" and shown["stage"] == 0, shown
+    assert "shadow_errors shows harm" in shown["reason"]
+    # Stopped, the rollout leads only to an abort: the shadows, serving nothing, go now.
+    assert shown["shadow"]["holding"] == 0
+    for device_id in wave:
+        device = fleet.device(device_id)
+        assert device["shadow_target"] is None and device["assigned_target"] is None
+        assert fleet.signed_targets(device_id) == {}
+    assert fleet.audit("assignment.shadow-drop", rollout_id)[0].details["devices"] == wave
+    fleet.tick(start + timedelta(minutes=20))  # stopped: evidence recorded, nothing given back
+    assert all(fleet.device(d)["shadow_target"] is None for d in wave)
+    assert fleet.call("POST", f"/rollouts/{rollout_id}/abort", body={})[0] == 200
+
+
 def test_shadows_install_only_while_the_window_is_open_and_no_faster_than_the_rate(
     fleet: Fleet,
 ) -> None:
@@ -839,6 +904,12 @@ def test_shadows_install_only_while_the_window_is_open_and_no_faster_than_the_ra
     assert holding(paced["id"]) == 2
     fleet.tick(now + timedelta(seconds=61))
     assert holding(paced["id"]) == min(4, wave)
+    # Hours on, the paced shadows installed and their devices reporting (a shadow with no
+    # outcome that long would be a failed install).
+    paced_holders = [f"shr-{n:02d}" for n in range(24)]
+    paced_holders = [d for d in paced_holders if fleet.device(d)["shadow_target"] == V2]
+    fleet.events("shadow-installed", *paced_holders, bundle="pump-health 2.0.0")
+    fleet.seen_at(opens.replace(minute=0), *paced_holders)
     fleet.tick(opens.replace(minute=0) + timedelta(minutes=5))  # the window is open
     assert holding(windowed["id"]) == wave
     for rollout in (windowed, paced):
@@ -847,3 +918,101 @@ def test_shadows_install_only_while_the_window_is_open_and_no_faster_than_the_ra
         assert holders and all(d["assigned_target"] is None for d in holders)
         assert fleet.call("POST", f"/rollouts/{rollout['id']}/abort", body={})[0] == 200
         assert all(fleet.device(d["id"])["shadow_target"] is None for d in holders)
+
+
+def test_a_shadow_refused_on_wave_1_fails_its_installs_and_the_stop_drops_the_shadows(
+    fleet: Fleet,
+) -> None:
+    rollout_id, ids, start = _shadow_rollout(fleet, "shx")
+    wave = [d for d in ids if fleet.device(d)["shadow_target"] == V2]
+    assert len(wave) >= 3
+    # Over the bundle's memory budget on every device: refused, so it never runs or reports.
+    fleet.events(
+        "shadow-refused", *wave, bundle="pump-health 2.0.0", reason="self-test",
+        message="memory 900 MB is over the bundle's budget of 256 MB",
+    )  # fmt: skip
+    fleet.tick(start + timedelta(minutes=5))
+    _, shown = fleet.call("GET", f"/rollouts/{rollout_id}")
+    assert shown["phase"] == "stopped" and shown["stage"] == 0, shown
+    assert "install_failures shows harm" in shown["reason"]
+    gates = {g["gate"]: g for g in shown["evaluations"]}
+    assert gates["install_failures"]["decision"] == "fail"
+    assert gates["install_failures"]["n_devices"] == len(wave)
+    assert gates["install_failures"]["estimate"] == 1.0
+    # Absent evidence never passes: the shadow gates lack their requests.
+    assert gates["shadow_errors"]["decision"] == "inconclusive"
+    # Stopped (on_failure pause) in the shadow stage: the shadows, serving nothing, dropped.
+    assert shown["shadow"]["holding"] == 0
+    for device_id in wave:
+        assert fleet.device(device_id)["shadow_target"] is None
+        assert fleet.signed_targets(device_id) == {}
+    assert fleet.audit("assignment.shadow-drop", rollout_id)[0].details["devices"] == wave
+    # Ticks while stopped give none back; only an abort moves it on.
+    fleet.tick(start + timedelta(minutes=10))
+    assert all(fleet.device(d)["shadow_target"] is None for d in wave)
+    assert fleet.call("POST", f"/rollouts/{rollout_id}/abort", body={})[0] == 200
+
+
+def test_a_shadow_refused_by_one_device_of_many_counts_as_one_failed_install(
+    fleet: Fleet,
+) -> None:
+    rollout_id, ids, start = _shadow_rollout(fleet, "sho")
+    wave = [d for d in ids if fleet.device(d)["shadow_target"] == V2]
+    assert len(wave) >= 3
+    fleet.events("shadow-installed", *wave[1:], bundle="pump-health 2.0.0")
+    # A refusal of the director's answer names no bundle; it is this shadow's all the same.
+    fleet.events("shadow-refused", wave[0], reason="verification", message="bad signature")
+    # Another release's refusal is not this rollout's.
+    fleet.events("shadow-refused", wave[1], bundle="pump-health 9.9.9", reason="self-test")
+    fleet.shadow_windows(start.timestamp() + 300, 0, *wave[1:])
+    fleet.tick(start + timedelta(minutes=6))
+    _, shown = fleet.call("GET", f"/rollouts/{rollout_id}")
+    gate = next(g for g in shown["evaluations"] if g["gate"] == "install_failures")
+    assert (gate["n_devices"], gate["estimate"]) == (len(wave), 1 / len(wave)), gate
+    assert shown["phase"] == "shadow", shown
+    assert fleet.call("POST", f"/rollouts/{rollout_id}/abort", body={})[0] == 200
+
+
+def test_a_yanked_release_is_dropped_from_every_device_holding_it_as_a_shadow(
+    fleet: Fleet,
+) -> None:
+    # A release of its own to yank: the old model again, as 7.0.0.
+    keys, repo = fleet.tmp / "keys", fleet.tmp / "repo"
+    add = ["release", "add", "--re-release-of", "pump-health@1.0.0", "--version", "7.0.0"]
+    assert fleet.local(*add, "--repo", str(repo), "--keys", str(keys)).code == 0
+    assert fleet.run("release", "push", "--repo", str(repo)).code == 0
+    v7 = "pump-health/pump-health-7.0.0.bundle"
+    ids = [f"shy-{n:02d}" for n in range(24)]
+    for device_id in ids:
+        fleet.register(device_id, "shy")
+        fleet.reports(device_id, "1.0.0", C1)
+    assert fleet.run("assign", "pump-health@1.0.0", "--tag", "shy").code == 0
+    status, created = fleet.call(
+        "POST", "/rollouts", body=spec("shy", release="pump-health@7.0.0", shadow="1h")
+    )
+    assert status == 201, created
+    start = datetime.now(UTC)
+    fleet.tick(start)
+    wave = [d for d in ids if fleet.device(d)["shadow_target"] == v7]
+    assert len(wave) >= 3
+    for device_id in wave:
+        targets = fleet.signed_targets(device_id)
+        assert sorted(targets) == [V1, v7] and targets[v7]["custom"][SHADOW] is True
+
+    status, yanked = fleet.call(
+        "POST", "/releases/yank", body={"release": "pump-health@7.0.0", "reason": "bad bearings"}
+    )
+    assert status == 200, yanked
+    # Dropped from every holder, signed so; each keeps its assignment.
+    for device_id in ids:
+        device = fleet.device(device_id)
+        assert device["shadow_target"] is None and device["assigned_target"] == V1
+        targets = fleet.signed_targets(device_id)
+        assert list(targets) == [V1] and SHADOW not in targets[V1]["custom"]
+    [entry] = fleet.audit("release.yank", v7)
+    assert entry.details["shadows_dropped"] == wave
+    # The rollout's next ticks give the yanked release to nobody again.
+    fleet.tick(start + timedelta(minutes=5))
+    assert all(fleet.device(d)["shadow_target"] is None for d in ids)
+    assert all(list(fleet.signed_targets(d)) == [V1] for d in wave)
+    assert fleet.call("POST", f"/rollouts/{created['id']}/abort", body={})[0] == 200

@@ -13,14 +13,29 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fleet_server.rollouts.controller import RollbackReached, ServeStage, Start, Tick, decide
+from fleet_server.rollouts.controller import (
+    SRM_THRESHOLD,
+    DropShadows,
+    Promote,
+    RollbackReached,
+    ServeStage,
+    Start,
+    Tick,
+    decide,
+)
 from fleet_server.rollouts.evidence import (
+    INSTALL_FAILURES,
     SHADOW_AGREEMENT,
     SHADOW_ERRORS,
     SHADOW_GATES,
     SHADOW_LATENCY_P95,
+    DeviceAggregate,
+    InstallTally,
     ShadowDevice,
+    ShadowInstall,
     gather_shadow,
+    shadow_install_tally,
+    shadow_reporting,
 )
 from fleet_server.rollouts.gates import (
     SHADOW_DEFAULTS,
@@ -28,6 +43,7 @@ from fleet_server.rollouts.gates import (
     evaluate_all,
     gate_specs,
     split,
+    srm_log_e,
 )
 from fleet_server.rollouts.state import Phase, RolloutState
 from fleet_server.rollouts.verdicts import GateEvaluation
@@ -159,8 +175,26 @@ def test_a_shadow_producing_nan_is_stopped_and_with_rollback_its_shadows_are_dro
         assert [e.stage for e in effects if isinstance(e, RollbackReached)] == [0]
         assert not [e for e in effects if isinstance(e, ServeStage)]
         assert "shadow_errors shows harm" in (state.reason or "")
-    stopped, _, _ = run(spec(), lambda ids: Wave1(ids, shadow_error=0.05, seed=7), until=60)
-    assert stopped.phase == Phase.STOPPED  # on_failure=pause: the shadows stay for a look
+    stopped, effects, _ = run(spec(), lambda ids: Wave1(ids, shadow_error=0.05, seed=7), until=60)
+    # on_failure=pause: stopped, and the shadows, which serve nothing but cost CPU, dropped.
+    assert stopped.phase == Phase.STOPPED and stopped.stage == 0
+    assert [e for e in effects if isinstance(e, DropShadows)] == [DropShadows()]
+    assert not [e for e in effects if isinstance(e, RollbackReached | ServeStage)]
+
+
+def test_a_stop_after_the_shadow_stage_drops_no_shadows() -> None:
+    s = spec()
+    state, _ = decide(RolloutState(), Start(POP), s, T0)
+    state, _ = decide(state, Tick([], None, POP), s, T0 + timedelta(minutes=61))
+    # No gate evaluated yet: the shadow stage waits. Promoted by an operator instead.
+    state, effects = decide(state, Promote("ops", POP), s, T0 + timedelta(minutes=62))
+    assert state.stage == 1 and ServeStage(1) in effects
+    harm = evaluate_all(
+        gate_specs(), {INSTALL_FAILURES: InstallTally(30, 30)}, only=[INSTALL_FAILURES]
+    )
+    state, effects = decide(state, Tick(harm, None, POP), s, T0 + timedelta(minutes=70))
+    assert state.phase == Phase.STOPPED and state.stage == 1
+    assert not [e for e in effects if isinstance(e, DropShadows)]
 
 
 def test_a_slow_shadow_is_stopped_by_its_latency_gate() -> None:
@@ -204,3 +238,89 @@ def test_shadow_gates_share_alpha_with_the_others_and_belong_to_shadowed_rollout
     # A rollout without a shadow stage judges exactly as before.
     plain = gate_specs()
     assert not {s.name for s in plain} & SHADOW_GATES
+
+
+# -- shadow installs: a refusal is a failed install -----------------------------------
+
+TIMEOUT = timedelta(hours=1)
+
+
+def test_shadow_installs_refused_silent_overdue_or_never_running_count_as_failed() -> None:
+    def one(**fields: Any) -> InstallTally:
+        return shadow_install_tally([ShadowInstall("d", T0, **fields)], now, TIMEOUT)
+
+    now = T0 + timedelta(minutes=90)
+    recent = T0 + timedelta(minutes=80)
+    running = {"shadow_requests": 40, "active_requests": 120, "last_seen": recent}
+    assert one(result="refused", last_seen=recent) == InstallTally(1, 1)
+    assert one(result="installed", installed_at=T0, **running) == InstallTally(0, 1)
+    # Installed, its active model answering, its shadow running on nothing for over an hour.
+    idle = {"shadow_requests": 0, "active_requests": 120, "last_seen": recent}
+    assert one(result="installed", installed_at=T0, **idle) == InstallTally(1, 1)
+    assert one(result="installed", installed_at=recent, **idle) == InstallTally(0, 1)
+    # No traffic at all: nothing to run the shadow on, no failure of the shadow.
+    assert one(result="installed", installed_at=T0, last_seen=recent) == InstallTally(0, 1)
+    # No outcome: none yet within the timeout, failed after it, or when silent that long.
+    assert shadow_install_tally(
+        [ShadowInstall("d", T0)], T0 + timedelta(minutes=30), TIMEOUT
+    ) == InstallTally(0, 0)
+    assert one(last_seen=recent) == InstallTally(1, 1)
+    assert one(result="installed", installed_at=T0, shadow_requests=40) == InstallTally(1, 1)
+
+
+def test_a_shadow_refused_across_wave_1_stops_the_shadow_stage_on_the_install_gate() -> None:
+    s = spec()
+    state, _ = decide(RolloutState(), Start(POP), s, T0)
+    wave1 = [POP.ids[i] for i in np.flatnonzero(waves(state.plan, POP))]
+    now = T0 + timedelta(minutes=10)
+    # Over its budget on every device: refused, so no shadow ever runs or reports.
+    installs = [ShadowInstall(d, T0, "refused", last_seen=now) for d in wave1]
+    evidence = {**gather_shadow([]), INSTALL_FAILURES: shadow_install_tally(installs, now, TIMEOUT)}
+    specs = gate_specs(s.gates, shadow=True)
+    evaluations = evaluate_all(specs, evidence, only=SHADOW_GATES | {INSTALL_FAILURES})
+    by_gate = {e.gate: e for e in evaluations}
+    assert by_gate[INSTALL_FAILURES].decision == "fail"
+    assert by_gate[INSTALL_FAILURES].n_devices == len(wave1)
+    assert by_gate[SHADOW_ERRORS].decision == "inconclusive"  # absent, never passing
+    state, effects = decide(state, Tick(evaluations, None, POP), s, now)
+    assert state.phase == Phase.STOPPED and "install_failures shows harm" in (state.reason or "")
+    assert DropShadows() in effects
+    # A few refusals among many installs show no harm: the shadow stage goes on.
+    mixed = [
+        ShadowInstall(d, T0, "refused" if i < 1 else "installed", T0, now, 50, 100)
+        for i, d in enumerate(wave1)
+    ]
+    evidence[INSTALL_FAILURES] = shadow_install_tally(mixed, now, TIMEOUT)
+    fine = evaluate_all(specs, evidence, only=SHADOW_GATES | {INSTALL_FAILURES})
+    assert {e.gate: e for e in fine}[INSTALL_FAILURES].decision != "fail"
+
+
+# -- sample-ratio mismatch in the shadow stage ----------------------------------------
+
+
+def test_installed_shadows_not_reporting_pause_the_shadow_stage_as_a_ratio_mismatch() -> None:
+    s = spec()
+    state, _ = decide(RolloutState(), Start(POP), s, T0)
+    in_wave = set(np.flatnonzero(waves(state.plan, POP)))
+    wave1 = [POP.ids[i] for i in sorted(in_wave)]
+    control = [
+        DeviceAggregate(POP.ids[i], "control", windows=3)
+        for i in range(len(POP))
+        if i not in in_wave
+    ]
+
+    def srm(running: int) -> float:
+        holders = [ShadowDevice(d, requests=30 if n < running else 0) for n, d in enumerate(wave1)]
+        reporting, assigned = shadow_reporting(holders, control)
+        assert assigned == (len(wave1), len(control))
+        total = sum(assigned)
+        return srm_log_e(list(reporting), [a / total for a in assigned])
+
+    assert srm(len(wave1)) < SRM_THRESHOLD
+    # A shadow that runs on a third of the devices that installed it: far fewer than their share.
+    mismatch = srm(len(wave1) // 3)
+    assert mismatch >= SRM_THRESHOLD
+    state, effects = decide(state, Tick([], mismatch, POP), s, T0 + timedelta(minutes=10))
+    assert state.phase == Phase.PAUSED and state.stage == 0
+    assert "sample ratio mismatch" in (state.reason or "")
+    assert not [e for e in effects if isinstance(e, DropShadows)]  # paused: kept for a resume
