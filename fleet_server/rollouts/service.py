@@ -382,6 +382,9 @@ async def _one_at_a_time(db: Database, *, wait: bool) -> AsyncIterator[bool]:
     gives up at once when another replica holds it.
     """
     lock = _STEPPING.setdefault(db, asyncio.Lock())
+    if not wait and lock.locked():
+        yield False  # an action is stepping in this process: the tick comes again
+        return
     async with lock, db.session() as guard:
         if _is_postgres(guard):
             function = "pg_advisory_xact_lock" if wait else "pg_try_advisory_xact_lock"

@@ -498,15 +498,17 @@ def test_an_operators_action_racing_a_tick_lands_on_the_state_the_tick_saved(
     rollout_id = created["id"]
     fleet.tick(datetime.now(UTC))  # started
     # The fault: each of the action's first two saves finds that a tick (a real one, on its
-    # own connection) saved the rollout after the action read it.
+    # own connection, as a replica that ignored the stepping locks would) saved the rollout
+    # after the action read it.
     saves = store.save_state
     raced: list[int] = []
 
     async def racing_save(session: Any, rollout: str, **kwargs: Any) -> int:
         if rollout == rollout_id and kwargs["phase"] == "paused" and len(raced) < 2:
             raced.append(kwargs["read_revision"])
-            ticked = await service.tick(
-                server.db, server.assignments, datetime.now(UTC), server.manifests
+            # Another replica's tick, stepping past the locks an action takes (the fault).
+            ticked = await service._tick_all(
+                server.db, server.assignments, datetime.now(UTC), server.manifests, None
             )
             assert ticked >= 1
         return await saves(session, rollout, **kwargs)

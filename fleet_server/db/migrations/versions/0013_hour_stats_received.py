@@ -28,8 +28,19 @@ _SUMS = (
     "latency_sum",
     "labelled_rows",
     "labelled_correct",
+    "shadow_requests",
+    "shadow_agreements",
+    "shadow_errors",
 )
-_VALUES = (*_SUMS, "latency_min", "latency_max", "latency", "score_classes", "scores")
+_VALUES = (
+    *_SUMS,
+    "latency_min",
+    "latency_max",
+    "latency",
+    "score_classes",
+    "scores",
+    "shadow_latency",
+)
 _KEY = ("model_name", "model_version", "hour", "device_id")
 
 
@@ -56,6 +67,11 @@ def _table(name: str, received: bool) -> None:
         sa.Column("scores", sa.LargeBinary(), nullable=False),
         sa.Column("labelled_rows", sa.BigInteger(), nullable=False),
         sa.Column("labelled_correct", sa.BigInteger(), nullable=False),
+        *(
+            sa.Column(name, sa.BigInteger(), nullable=False, server_default="0")
+            for name in ("shadow_requests", "shadow_agreements", "shadow_errors")
+        ),
+        sa.Column("shadow_latency", sa.LargeBinary(), nullable=True),
         sa.PrimaryKeyConstraint(*key, name=f"pk_{name}"),
     )
 
@@ -94,6 +110,10 @@ def downgrade() -> None:
             both = [v for v in (into[name], row[name]) if v is not None]
             into[name] = pick(both) if both else None
         into["latency"] = bytes(into["latency"]) + bytes(row["latency"])
+        shadow = [
+            bytes(v) for v in (into["shadow_latency"], row["shadow_latency"]) if v is not None
+        ]
+        into["shadow_latency"] = b"".join(shadow) if shadow else None
         if into["score_classes"] is None:
             into["score_classes"], into["scores"] = row["score_classes"], row["scores"]
         elif row["score_classes"] == into["score_classes"]:
