@@ -3,6 +3,8 @@ PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# Test processes (pytest-xdist); each test module runs whole in one of them.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test test-fast lint bench images clean
 
@@ -20,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/fleet-sim demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --numprocesses $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
