@@ -3,6 +3,9 @@ PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# Test processes (pytest-xdist); each test module runs whole in one of them, in the
+# order collected, so the few long end-to-end modules start first instead of last.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test test-fast lint bench images clean
 
@@ -20,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/fleet-sim demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --numprocesses $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -86,6 +86,9 @@ class Fleet:
 
 
 _RUNNING: set[AgentProcess] = set()
+# How long a SIGTERMed agent has to stop cleanly (close its window into the outbox, leave
+# the broker) before it is killed; a loaded machine must not turn a slow stop into a kill.
+STOP_GRACE_S = 60.0
 
 
 def running_agents() -> set[AgentProcess]:
@@ -188,10 +191,11 @@ class AgentProcess:
         _RUNNING.discard(self)
 
     def stop(self) -> int:
+        """SIGTERM, then SIGKILL only if it has not stopped within :data:`STOP_GRACE_S`."""
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
-                self.proc.wait(timeout=15)
+                self.proc.wait(timeout=STOP_GRACE_S)
             except subprocess.TimeoutExpired:
                 self.kill()
         _RUNNING.discard(self)

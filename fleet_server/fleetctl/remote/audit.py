@@ -6,18 +6,20 @@ import argparse
 import json
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from fleet_server.api.client import ApiClient
-from fleet_server.audit import ChainCheck, ChainReport, anchor_of, head_signature_problem
 from fleet_server.fleetctl.commands import add_command, add_group
 from fleet_server.fleetctl.errors import CommandError
 from fleet_server.fleetctl.files import write_file
 from fleet_server.fleetctl.remote.client import api_client
 from fleet_server.fleetctl.render import emit, text_table, when
 from protocol.api.audit import SignedAuditHead
+
+if TYPE_CHECKING:
+    from fleet_server.audit import ChainReport
 
 
 def cmd_audit_list(args: argparse.Namespace) -> None:
@@ -41,6 +43,10 @@ def _verified_head(data: Any, where: str) -> SignedAuditHead:
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or "the head"
         raise CommandError(f"{where} is not a signed audit head: {field}: {err['msg']}") from None
+    # Imported here: the audit package brings the server's database layer, which every
+    # other fleetctl command would otherwise load at start for nothing.
+    from fleet_server.audit import head_signature_problem
+
     problem = head_signature_problem(signed)
     if problem is not None:
         raise CommandError(f"{where}: {problem}")
@@ -69,6 +75,8 @@ def _check_against(client: ApiClient, anchor: SignedAuditHead, path: str) -> Cha
             f"server signs with {current.head.key_id[:16]}…: the anchor is another server's, "
             "or this server's audit key was replaced"
         )
+    from fleet_server.audit import ChainCheck, anchor_of
+
     check = ChainCheck(anchor_of(anchor))
     after = 0
     while True:
