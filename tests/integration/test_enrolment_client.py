@@ -88,6 +88,7 @@ def test_a_server_that_is_not_ready_is_asked_again_with_growing_waits(
         "device_id": "pump-9",
         "hardware_id": "rpi4-arm64",
         "region": None,
+        "timezone": None,
         "tags": [],
     }
     assert not (tmp_path / "data" / "password").exists()
