@@ -102,15 +102,21 @@ def resolve_marked(
     assigned = director.assignment()
     if assigned is None:
         return None, None, image
+    return _checked(assigned, image, config, installed_counter), assigned.rollback_of, image
+
+
+def _checked(
+    listed: DirectorTarget, image: ImageRepositoryClient, config: AgentConfig, counter: int
+) -> BundleTarget:
+    """The director's entry ``listed``, checked against the image repository (refreshed)."""
     image.refresh()
-    target = resolve_assignment(
-        assigned,
-        image_target_or_none(image, assigned.path),
+    return resolve_assignment(
+        listed,
+        image_target_or_none(image, listed.path),
         config.device_id,
         config.hardware_id,
-        installed_counter,
+        counter,
     )
-    return target, assigned.rollback_of, image
 
 
 def _director_and_image(
@@ -139,15 +145,7 @@ def resolve_shadow(
     listed: DirectorTarget | None = director.targets().shadow
     if listed is None:
         return None, image
-    image.refresh()
-    target = resolve_assignment(
-        listed,
-        image_target_or_none(image, listed.path),
-        config.device_id,
-        config.hardware_id,
-        installed_counter,
-    )
-    return target, image
+    return _checked(listed, image, config, installed_counter), image
 
 
 def run_shadow(
