@@ -20,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from protocol.api.base import TimeZoneName
 from protocol.broker_url import BrokerUrlError, parse_broker_url
 from protocol.topics import NAMESPACE_RULE, NamespaceError, check_namespace
 from protocol.versioning import HARDWARE_ID_PATTERN, NAME_PATTERN
@@ -146,13 +147,16 @@ class EnrolmentConfig(_Section):
     The provisioning token (``fleetctl provisioning-token create``) is read from
     ``token_file`` or the environment variable ``token_env``, only when
     enrolling. A server that cannot be reached is asked again after
-    ``retry_initial_s``, doubling up to ``retry_max_s``.
+    ``retry_initial_s``, doubling up to ``retry_max_s``. ``timezone`` (IANA) is
+    the device's own, sent with the enrolment: a rollout's maintenance window
+    opens on its clock.
     """
 
     token_file: Path | None = None
     token_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
     retry_initial_s: float = Field(default=5.0, gt=0, le=3600, allow_inf_nan=False)
     retry_max_s: float = Field(default=300.0, gt=0, le=86400, allow_inf_nan=False)
+    timezone: TimeZoneName | None = None
 
     @model_validator(mode="after")
     def _one_token(self) -> EnrolmentConfig:

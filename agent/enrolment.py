@@ -127,7 +127,10 @@ def _enrol(
     url = f"{server}{API_PREFIX}/devices/enrol"
     try:
         request = EnrolDevice(
-            token=token, device_id=config.device_id, hardware_id=config.hardware_id
+            token=token,
+            device_id=config.device_id,
+            hardware_id=config.hardware_id,
+            timezone=enrolment.timezone,
         )
     except ValidationError:
         # Never echo the token itself: it would land in logs.

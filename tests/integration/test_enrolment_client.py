@@ -94,6 +94,19 @@ def test_a_server_that_is_not_ready_is_asked_again_with_growing_waits(
     assert not (tmp_path / "data" / "password").exists()
 
 
+def test_the_devices_time_zone_is_sent_with_its_enrolment_and_a_bad_one_refused(
+    tmp_path: Path, fake_server: tuple[str, type[_Answers]]
+) -> None:
+    url, handler = fake_server
+    handler.answers = [(409, {"error": "device pump-9 is already registered"})]
+    config = config_for(tmp_path, url, 'timezone = "Asia/Tokyo"\n')
+    with pytest.raises(EnrolmentRefused):
+        enrolled_config(config, {}, sleep=lambda _: None, jitter=lambda: 1.0)
+    assert handler.bodies[0]["timezone"] == "Asia/Tokyo"
+    with pytest.raises(ConfigError, match=r"enrolment\.timezone: .*Mars/Olympus"):
+        config_for(tmp_path, url, 'timezone = "Mars/Olympus"\n')
+
+
 def test_a_namespace_the_file_contradicts_is_refused_naming_both(tmp_path: Path) -> None:
     config = config_for(tmp_path, "http://127.0.0.1:9", '[mqtt]\nnamespace = "plant-7"\n')
     config.data_dir.mkdir()
