@@ -11,6 +11,9 @@ them (:mod:`agent.ota.director_client`).
   beside its active model and runs it on a share of requests without serving
   its answers. A director lists at most one shadow target beside the device's
   assignment.
+- ``hybrid_plan`` (a :class:`protocol.hybrid.HybridPlan` as JSON): not a
+  bundle but the device's hybrid-inference plan; the target's hashes and
+  length are those of the plan's canonical JSON. A director lists at most one.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Final
 
 ROLLBACK_OF: Final = "rollback_of"
 SHADOW: Final = "shadow"
+HYBRID_PLAN: Final = "hybrid_plan"
 
 # The form of a bundle id in a mark: ALGORITHM:HEX.
 BUNDLE_ID: Final = re.compile(r"[a-z0-9_-]{1,32}:[0-9a-f]{32,128}")

@@ -156,6 +156,13 @@ class FallbackPolicy(_Strict):
         default=None, description="the probability output whose top score is the confidence"
     )
     confidence_threshold: float = Field(default=0.6, ge=0.0, le=1.0)
+    temperature: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=100.0,
+        description="temperature that calibrates confidence_output's scores, "
+        "softmax(log(p) / T), fitted on labelled reference data (1.0: as the model gives them)",
+    )
 
 
 class ResourceBudget(_Strict):

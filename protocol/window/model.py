@@ -30,6 +30,7 @@ from typing import Annotated, Final, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from protocol.histogram import DEFAULT_MAX_BUCKETS, ExponentialHistogram, merge_histograms
+from protocol.hybrid import HybridSummary
 from protocol.inference import StageName
 from protocol.summary import FeatureSummary, ScoreHistogram, merge
 
@@ -101,6 +102,7 @@ class WindowSummary(BaseModel):
     cohort_id: _Id | None = None
     plan_id: _Id | None = None
     shadow: ShadowSummary | None = None
+    hybrid: HybridSummary | None = None
 
     @field_validator("served")
     @classmethod
