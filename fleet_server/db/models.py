@@ -83,6 +83,10 @@ class Device(Base):
     # Lifecycle: a decommissioned device keeps its row (its history names it), no credential.
     decommissioned_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     decommission_reason: Mapped[str | None] = mapped_column(String(500))
+    # Hybrid inference: the device's priority in the split of the cloud's capacity, and
+    # whether its data must never leave it (planned local only).
+    hybrid_weight: Mapped[float] = mapped_column(Float, default=1.0)
+    offload_opt_out: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class Release(Base):
@@ -423,3 +427,43 @@ class RolloutEvaluation(Base):
     gates: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     rule: Mapped[str] = mapped_column(String(64))
     action: Mapped[str] = mapped_column(String(64))
+
+
+class HybridPlanRow(Base):
+    """A device's current hybrid-inference plan (:class:`protocol.hybrid.HybridPlan`).
+
+    ``plan`` is the plan as signed into the device's director metadata; ``mode``,
+    ``quota_rate``, ``quota_burst`` and ``expires_at`` repeat it for the cloud endpoint's
+    quota book. ``inputs`` records what the planner planned it from (request rate, weight,
+    share, expected offload, why): what ``fleetctl plan show`` explains.
+    """
+
+    __tablename__ = "hybrid_plans"
+
+    device_id: Mapped[str] = mapped_column(
+        String(128), ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    plan_id: Mapped[str] = mapped_column(String(128), unique=True)
+    mode: Mapped[str] = mapped_column(String(16))
+    quota_rate: Mapped[float] = mapped_column(Float)
+    quota_burst: Mapped[int] = mapped_column(Integer)
+    issued_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    plan: Mapped[dict[str, Any]] = mapped_column()
+    inputs: Mapped[dict[str, Any]] = mapped_column()
+
+
+class CloudSettings(Base):
+    """The cloud endpoint's capacity C (requests a second) and the share of it held back.
+
+    One row (``id`` 1) once an operator has set it; the planner splits
+    ``capacity * (1 - headroom)`` across devices.
+    """
+
+    __tablename__ = "cloud_settings"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    capacity: Mapped[float] = mapped_column(Float)
+    headroom: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    updated_by: Mapped[str | None] = mapped_column(String(128))
