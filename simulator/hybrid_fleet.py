@@ -20,11 +20,15 @@ weight) and returns what a :class:`simulator.sim_device.SimDevice` needs.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import json
+import logging
 import subprocess
 import sys
 import threading
 from collections.abc import Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -44,6 +48,8 @@ from testbed.waiting import free_port, wait_until
 CLOUD_HARDWARE = "cloud"
 MODEL_NAME = "pump-health"
 STOP_GRACE_S = 30.0
+log = logging.getLogger(__name__)
+THREADS = 32  # the devices' loop's worker threads
 T = TypeVar("T")
 
 
@@ -190,6 +196,7 @@ class HybridDeployment:
             server_url=self.server.url,
             broker=self.broker,
             director_root=self.director_root,
+            repository_root=self.repo.trusted_root_path,
             data_dir=data_dir,
             cloud_url=self.cloud.url,
             **settings,
@@ -235,11 +242,16 @@ class SimFleet:
     def __init__(self, devices: Sequence[SimDevice]) -> None:
         self.devices = {d.device_id: d for d in devices}
         self.loop = asyncio.new_event_loop()
+        # Blocking work (director refreshes, the outboxes' SQLite) runs in threads: each real
+        # device has its own, so many simulated ones must not queue behind a handful.
+        self.loop.set_default_executor(ThreadPoolExecutor(max_workers=THREADS))
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
         self._stop = self.call(_new_event())
         self._traffic_stop = self.call(_new_event())
         self._running: Any = None
+        self.stuck: list[str] = []
+        """Where the tasks waited that did not end after a stop (see :meth:`stop`)."""
 
     def call(self, coroutine: Coroutine[Any, Any, T], timeout: float = 60) -> T:
         """Run ``coroutine`` on the devices' loop and return its result."""
@@ -270,13 +282,28 @@ class SimFleet:
         """No new requests from now on (those under way finish)."""
         self.loop.call_soon_threadsafe(self._traffic_stop.set)
 
-    def stop(self, timeout: float = 60) -> None:
-        """Stop the traffic, then the devices (their last windows into the outbox), then the loop."""
+    def stop(self, timeout: float = 30) -> None:
+        """Stop the traffic, then the devices (their last windows into the outbox), then the loop.
+
+        Tasks still running ``timeout`` seconds after the stop are cancelled;
+        where each of them waited is kept in :attr:`stuck` (and logged).
+        """
         try:
             self.stop_traffic()
             self.loop.call_soon_threadsafe(self._stop.set)
             if self._running is not None:
-                self._running.result(timeout)
+                try:
+                    self._running.result(timeout)
+                except concurrent.futures.TimeoutError:
+                    self.stuck = self.call(_where_tasks_wait(), 10)
+                    log.warning(
+                        "simulated devices still running %.0f s after the stop, cancelled: %s",
+                        timeout,
+                        "; ".join(self.stuck),
+                    )
+                    self._running.cancel()
+                    with contextlib.suppress(concurrent.futures.CancelledError, TimeoutError):
+                        self._running.result(10)
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(10)
@@ -284,3 +311,15 @@ class SimFleet:
 
 async def _new_event() -> asyncio.Event:
     return asyncio.Event()
+
+
+async def _where_tasks_wait() -> list[str]:
+    me = asyncio.current_task()
+    where = []
+    for task in asyncio.all_tasks():
+        if task is not me:
+            frames = task.get_stack(limit=1)
+            frame = frames[0] if frames else None
+            at = f"{frame.f_code.co_filename}:{frame.f_lineno}" if frame else "?"
+            where.append(f"{task.get_coro()} at {at}")
+    return sorted(where)

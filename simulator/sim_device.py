@@ -90,6 +90,7 @@ class SimDeviceConfig:
     server_url: str  # the fleet server: its director hosting
     broker: str
     director_root: Path  # the director's root.json the device was provisioned with
+    repository_root: Path  # the image repository's root.json, likewise
     data_dir: Path
     cloud_url: str | None = None
     window_s: float = 2.0
@@ -118,8 +119,9 @@ class DeviceStats:
     plan_refusals: list[str] = field(default_factory=list)
     # Every window the device closed, as it went into the outbox, with when (monotonic).
     windows: list[tuple[float, WindowSummary]] = field(default_factory=list)
-    # Monotonic times of the cloud's answers (escalations and audits alike).
+    # Monotonic times of the cloud's answers (escalations and audits alike), and their latency.
     cloud_answers: list[float] = field(default_factory=list)
+    cloud_latency_s: list[float] = field(default_factory=list)
 
     def plan_at(self, at: float) -> str | None:
         """The plan id the device followed at monotonic time ``at``."""
@@ -178,6 +180,14 @@ class SimDevice:
                 "device_id": config.device_id,
                 "hardware_id": config.hardware_id,
                 "data_dir": data,
+                "image_repository": {
+                    "url": f"{config.server_url.rstrip('/')}/repository",
+                    "root": config.repository_root,
+                },
+                "director": {
+                    "url": f"{config.server_url.rstrip('/')}/director",
+                    "root": config.director_root,
+                },
                 "server": {"url": config.server_url, "broker": config.broker},
                 "credentials": {"username": config.device_id, "password_file": password_file},
                 "mqtt": {
@@ -255,6 +265,7 @@ class SimDevice:
                 stats.cloud_errors[route.cloud_error] += 1
             if route.cloud_latency_s is not None:
                 stats.cloud_answers.append(time.monotonic())
+                stats.cloud_latency_s.append(route.cloud_latency_s)
         if label is not None:
             stats.labelled += 1
             stats.correct += int(top_class(answer) == label)
@@ -362,6 +373,7 @@ class SimDevice:
     def _record_audit(self, result: AuditResult) -> None:
         if result.cloud_latency_s is not None:
             self.stats.cloud_answers.append(time.monotonic())
+            self.stats.cloud_latency_s.append(result.cloud_latency_s)
         try:
             self.recorder.record_audit(result)
         except WindowRecordError as exc:
@@ -405,6 +417,8 @@ async def drive(
     while not stop.is_set():
         next_at += rng.expovariate(rate)
         delay = next_at - time.monotonic()
+        if delay < -1.0:  # the loop fell behind: carry on from now, not with a burst
+            next_at, delay = time.monotonic(), 0.0
         if delay > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
