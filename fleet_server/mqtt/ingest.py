@@ -30,6 +30,8 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from fleet_server.db import Database
 from fleet_server.db.models import Device, DeviceEventRow, WindowRow
 from fleet_server.devices.store import reported_state_columns, write_reported_state
+from fleet_server.hybrid.aggregates import fold_hybrid
+from fleet_server.hybrid.store import add_to_hybrid_stats
 from fleet_server.metrics import Metrics
 from fleet_server.mqtt import store
 from fleet_server.rollouts.aggregates import fold, fold_shadow
@@ -295,6 +297,7 @@ async def write_batch(db: Database, batch: Sequence[Accepted], replica: str) -> 
             new = [summaries[w] for w in inserted.all()]
             shadows = [d for d in map(fold_shadow, new) if d is not None]
             await add_to_hour_stats(session, [*map(fold, new), *shadows])
+            await add_to_hybrid_stats(session, [fold_hybrid(w) for w in new])
             owners = await store.window_owners(session, list(windows))
             stored: dict[str, dict[str, None]] = {}  # ordered sets
             for device_id, window_id in sent_windows:
