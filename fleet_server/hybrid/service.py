@@ -9,6 +9,7 @@ operator changes the capacity or a device's weight or opt-out):
    temperature of each device's active release;
 2. ask :mod:`fleet_server.hybrid.watch` why the fleet must be planned again; with
    no reason, stop (but sign what a failed signing left behind);
+   Until a capacity is known (set by an operator, or configured) no plan is made.
 3. plan every device at once (:func:`fleet_server.hybrid.planner.plan_fleet`, the
    weighted max-min split of the capacity), then per device: a plan whose
    parameters changed, that nears its expiry, or whose device gave its own reason
@@ -326,6 +327,10 @@ class PlanService:
             if not held:
                 return None
             snap = await self._read(db, now)
+            if not snap.plans and snap.capacity.source == "default" and snap.capacity.capacity <= 0:
+                # No cloud configured: hybrid inference is off and nothing is signed.
+                await self._sign_pending(db, None)
+                return None
             reasons, per = replan_reasons(snap, now, self.settings)
             reasons = [*forced, *reasons]
             run = None
@@ -362,9 +367,7 @@ class PlanService:
                 if owner.get(d.plan_id) == d.device_id:
                     current.setdefault(d.device_id, []).append(d)
             open_alerts = (
-                await session.scalars(
-                    select(AlertRow).where(AlertRow.state == "open", AlertRow.kind == "drift")
-                )
+                await session.scalars(select(AlertRow).where(AlertRow.state == "open"))
             ).all()
             alerts = {
                 d.id: sorted(a.id for a in open_alerts if _alert_concerns(a, d)) for d in devices
