@@ -63,7 +63,7 @@ from fleet_server.release.repository import (
     TufRepository,
 )
 from protocol.director_marks import HYBRID_PLAN, ROLLBACK_OF, SHADOW
-from protocol.hybrid import HybridPlan
+from protocol.hybrid import HybridPlan, plan_custom
 
 # Snapshot and targets versions kept per device: the current one and the one before.
 KEEP_VERSIONS = 2
@@ -137,13 +137,15 @@ def plan_target_path(plan_id: str) -> str:
 
 def plan_target(plan: HybridPlan) -> TargetFile:
     """The director target that delivers ``plan``: its canonical JSON's length and sha256,
-    the plan itself in ``custom.hybrid_plan`` (no device, hardware or counter keys)."""
+    the plan itself in ``custom.hybrid_plan`` (no device, hardware or counter keys; floats
+    as their JSON text, :func:`protocol.hybrid.plan_custom`, since TUF's canonical JSON
+    has none)."""
     data = plan.canonical_json()
     return TargetFile(
         length=len(data),
         hashes={"sha256": hashlib.sha256(data).hexdigest()},
         path=plan_target_path(plan.plan_id),
-        unrecognized_fields={"custom": {HYBRID_PLAN: plan.model_dump(mode="json")}},
+        unrecognized_fields={"custom": {HYBRID_PLAN: plan_custom(plan)}},
     )
 
 

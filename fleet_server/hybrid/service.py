@@ -480,7 +480,8 @@ class PlanService:
             if renew:
                 # A plan renewed only for its expiry is the same plan: its stats carry on.
                 # Issued for a device's own reason, it is watched afresh.
-                renewal = old is not None and unchanged and not own
+                expiry = expiry_reason(old.expires_at, now, s.renew_before) if old else None
+                renewal = old is not None and unchanged and not [r for r in own if r != expiry]
                 details["continues"] = (
                     plan_ids_of(old)[:KEEP_CONTINUES] if renewal and old is not None else []
                 )
@@ -606,7 +607,7 @@ class PlanService:
                     self.unsigned.discard(device_id)
                     signed_now.append(device_id)
             except Exception as exc:  # one device's failure must not stop the others
-                log.warning("could not sign the hybrid plan of %s: %s; retried", device_id, exc)
+                log.warning("could not sign the hybrid plan of %s: %r; retried", device_id, exc)
         if behind:
             async with db.session() as session:
                 now_recorded = await lock_recorded_versions(session, behind)
@@ -667,8 +668,16 @@ class PlanService:
                     "before": {"capacity": before.capacity, "headroom": before.headroom},
                 },
             )
-        await self.step(db, now, forced=[f"capacity set to {capacity:g}/s by {actor}"])
+        await self._replan_now(db, f"capacity set to {capacity:g}/s by {actor}")
         return await self.capacity(db)
+
+    async def _replan_now(self, db: Database, reason: str) -> None:
+        """Plan at once after an operator's change; a failure is logged, and the planning
+        job, which sees the change too, plans at its next run."""
+        try:
+            await self.step(db, forced=[reason])
+        except Exception:
+            log.exception("planning after %r failed; the planning job tries again", reason)
 
     async def set_device(
         self,
@@ -696,7 +705,7 @@ class PlanService:
             after = {"weight": device.hybrid_weight, "offload_opt_out": device.offload_opt_out}
             await audit(session, actor, "device.hybrid", device_id, {"before": before, **after})
         if before != after:
-            await self.step(db, forced=[f"{device_id}'s settings changed by {actor}"])
+            await self._replan_now(db, f"{device_id}'s settings changed by {actor}")
         async with db.session() as session:
             found = await session.get(Device, device_id)
             assert found is not None

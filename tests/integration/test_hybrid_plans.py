@@ -354,10 +354,10 @@ def test_setting_the_capacity_plans_every_device_signed_for_it(fleet: Fleet) -> 
 
 def test_an_assignment_signed_after_the_plan_keeps_the_plan_target(fleet: Fleet) -> None:
     before = fleet.plan("plan-1")
-    done = fleet.run("assign", "pump-health@1.0.0", "--device", "plan-1", "--json")
+    done = fleet.run("assign", "pump-health@2.0.0", "--device", "plan-1", "--json")
     assert done.code == 0, done.err
     targets = fleet.signed_targets("plan-1")
-    assert any(p.endswith("pump-health-1.0.0.bundle") for p in targets)
+    assert any(p.endswith("pump-health-2.0.0.bundle") for p in targets)
     assert f"hybrid-plan/{before['plan_id']}.json" in targets
     verified = fleet.verified_plan("plan-1", fleet.tmp)
     assert verified is not None and verified.plan_id == before["plan_id"]
