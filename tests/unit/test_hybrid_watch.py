@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import numpy as np
 import pytest
@@ -64,7 +65,13 @@ def summary(plan: str = "p-000000000001", **counts: int) -> HybridSummary:
     confidence = [0] * CONFIDENCE_BINS
     confidence[10] = 20
     confidence[45] = 100
-    values = {"local": 100, "escalated": 20, "cloud_answered": 18, "audits": 2, **counts}
+    values: dict[str, Any] = {
+        "local": 100,
+        "escalated": 20,
+        "cloud_answered": 18,
+        "audits": 2,
+        **counts,
+    }
     return HybridSummary(
         plan_id=plan,
         mode="escalate",
