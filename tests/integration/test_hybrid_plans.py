@@ -8,6 +8,7 @@ The planning step is called with an injected ``now`` (the clock is the one thing
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import time
@@ -28,7 +29,9 @@ from tuf.ngclient.urllib3_fetcher import Urllib3Fetcher
 from fleet_server.db.models import AlertRow, AuditEntry, CloudSettings, DeviceHybridStats
 from fleet_server.fleetctl import main
 from fleet_server.hybrid.service import PlanRun
+from fleet_server.jobs import Job, run_jobs
 from fleet_server.mqtt.ingest import Accepted, write_batch
+from fleet_server.server import FleetServer
 from protocol.director_marks import HYBRID_PLAN
 from protocol.histogram import ExponentialHistogram, record
 from protocol.hybrid import CONFIDENCE_BINS, HybridPlan, HybridSummary
@@ -547,3 +550,27 @@ def test_fleetctl_plan_and_cloud_commands(fleet: Fleet) -> None:
     assert fleet.plan("plan-3")["inputs"]["capacity"] == 8
     assert "404" in one_line_error(fleet.run("plan", "show", "nobody"))
     assert one_line_error(fleet.run("cloud", "capacity", "--headroom", "0.2"))
+
+
+def test_the_planning_job_plans_a_device_that_joins_on_its_own(
+    served: Fleet, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    served.capsys = capsys
+    server = served.api.server
+    config = server.config.model_copy(update={"hybrid_interval_s": 0.2})
+    jobs = [j for j in FleetServer(config).jobs() if j.name == "hybrid planning"]
+    assert len(jobs) == 1 and jobs[0].interval_s == 0.2
+    job = Job("hybrid planning", 0.2, lambda: server.plans.step(server.db))
+    stop = asyncio.Event()
+    running = asyncio.run_coroutine_threadsafe(run_jobs([job], stop), served.api.loop)
+    try:
+        served.register("by-job-1")
+        served.window("by-job-1")
+        deadline = time.monotonic() + 60
+        while served.call("GET", "/plans/by-job-1")[0] != 200:
+            assert time.monotonic() < deadline, "the planning job never planned by-job-1"
+            time.sleep(0.2)
+    finally:
+        served.api.loop.call_soon_threadsafe(stop.set)
+        running.result(30)
+    assert any("joined: by-job-1" in r for r in served.plan("by-job-1")["issued_for"])
