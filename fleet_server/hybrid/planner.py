@@ -182,11 +182,13 @@ def _refuse_bad(bad: Bools, ids: list[str], what: str) -> None:
         )
 
 
-def _checked(demand: FleetDemand) -> tuple[Floats, Floats, Floats, Bools, Floats, Floats]:
+def _checked(
+    demand: FleetDemand,
+) -> tuple[Floats, Floats, npt.NDArray[Any], Bools, Floats, Floats]:
     n = len(demand.device_ids)
     rate = np.asarray(demand.rate, dtype=np.float64)
     weight = np.asarray(demand.weight, dtype=np.float64)
-    counts = np.asarray(demand.confidence, dtype=np.float64)
+    counts = np.asarray(demand.confidence)
     opted_out = np.asarray(demand.opted_out, dtype=np.bool_)
     link_errors = np.asarray(demand.link_errors, dtype=np.float64)
     latency = np.asarray(demand.link_latency_ms, dtype=np.float64)
@@ -209,11 +211,13 @@ def _checked(demand: FleetDemand) -> tuple[Floats, Floats, Floats, Bools, Floats
     ids = demand.device_ids
     _refuse_bad(~(np.isfinite(rate) & (rate >= 0)), ids, "a rate that is not a finite number >= 0")
     _refuse_bad(~(np.isfinite(weight) & (weight > 0)), ids, "a weight that is not finite and > 0")
-    _refuse_bad(
-        ~np.all(np.isfinite(counts) & (counts >= 0), axis=1),
-        ids,
-        "confidence counts that are not finite and >= 0",
-    )
+    if counts.dtype.kind not in "iuf":
+        raise PlanInputError(f"planning refused: confidence counts of type {counts.dtype}")
+    # Integer counts are finite by their type; only their sign needs a look.
+    bad_counts = np.any(counts < 0, axis=1)
+    if counts.dtype.kind == "f":
+        bad_counts |= ~np.all(np.isfinite(counts), axis=1)
+    _refuse_bad(bad_counts, ids, "confidence counts that are not finite and >= 0")
     _refuse_bad(link_errors < 0, ids, "a negative link error share")
     _refuse_bad(latency < 0, ids, "a negative link latency")
     return rate, weight, counts, opted_out, link_errors, latency
@@ -253,37 +257,43 @@ def confidence_quantile(counts: npt.NDArray[Any], fraction: Floats) -> Floats:
     there). A device with no counts is taken as uniform: tau = fraction.
     ``fraction`` is clamped to [0, 1]; 0 gives 0 and 1 gives 1.
     """
-    c = np.asarray(counts, dtype=np.float64)
     f = np.clip(np.asarray(fraction, dtype=np.float64), 0.0, 1.0)
-    bins = c.shape[1]
-    total = c.sum(axis=1)
-    cum = np.cumsum(c, axis=1)
-    target = f * total
-    k = np.minimum(np.count_nonzero(cum < target[:, None], axis=1), bins - 1)
-    rows = np.arange(c.shape[0])
-    below = np.where(k > 0, cum[rows, np.maximum(k - 1, 0)], 0.0)
-    mass = c[rows, k]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        inside = np.where(mass > 0, (target - below) / mass, 0.0)
-    tau = (k + np.clip(inside, 0.0, 1.0)) / bins
-    tau = np.where(total > 0, tau, f)
-    tau = np.where(f <= 0.0, 0.0, np.where(f >= 1.0, 1.0, tau))
-    out: Floats = np.clip(tau, 0.0, 1.0)
-    return out
+    return _quantile(np.cumsum(counts, axis=1, dtype=np.float64), f)
 
 
 def mass_below(counts: npt.NDArray[Any], tau: Floats) -> Floats:
     """Per device, the share of its confidence histogram below ``tau`` (uniform if empty)."""
-    c = np.asarray(counts, dtype=np.float64)
     t = np.clip(np.asarray(tau, dtype=np.float64), 0.0, 1.0)
-    bins = c.shape[1]
-    total = c.sum(axis=1)
-    cum = np.cumsum(c, axis=1)
+    return _mass_below(np.cumsum(counts, axis=1, dtype=np.float64), t)
+
+
+def _quantile(cum: Floats, f: Floats) -> Floats:
+    """:func:`confidence_quantile` from the histograms' running sums (``f`` in [0, 1])."""
+    rows = np.arange(cum.shape[0])
+    bins = cum.shape[1]
+    total = cum[:, -1] if bins else np.zeros(cum.shape[0])
+    target = f * total
+    # The first bin whose running sum reaches the target holds the quantile.
+    k = np.minimum(np.count_nonzero(cum < target[:, None], axis=1), bins - 1)
+    below = np.where(k > 0, cum[rows, np.maximum(k - 1, 0)], 0.0)
+    mass = cum[rows, k] - below
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inside = np.where(mass > 0, (target - below) / mass, 0.0)
+    tau = (k + np.clip(inside, 0.0, 1.0)) / bins
+    tau = np.where(total > 0, tau, f)
+    out: Floats = np.clip(np.where(f <= 0.0, 0.0, np.where(f >= 1.0, 1.0, tau)), 0.0, 1.0)
+    return out
+
+
+def _mass_below(cum: Floats, t: Floats) -> Floats:
+    """:func:`mass_below` from the histograms' running sums (``t`` in [0, 1])."""
+    rows = np.arange(cum.shape[0])
+    bins = cum.shape[1]
+    total = cum[:, -1] if bins else np.zeros(cum.shape[0])
     position = t * bins
     k = np.minimum(np.floor(position).astype(np.intp), bins - 1)
-    rows = np.arange(c.shape[0])
     below = np.where(k > 0, cum[rows, np.maximum(k - 1, 0)], 0.0)
-    inside = np.clip(position - k, 0.0, 1.0) * c[rows, k]
+    inside = np.clip(position - k, 0.0, 1.0) * (cum[rows, k] - below)
     with np.errstate(divide="ignore", invalid="ignore"):
         share = np.where(total > 0, (below + inside) / total, t)
     out: Floats = np.clip(share, 0.0, 1.0)
@@ -332,8 +342,13 @@ def plan_fleet(demand: FleetDemand, settings: PlannerSettings) -> FleetPlan:
     audit = np.where(escalating, np.minimum(settings.audit_rate, s), 0.0)
     f = np.clip((s - audit) / (1.0 - audit), 0.0, 1.0)
     f = np.where(covered | bootstrap, 1.0, np.where(served, f, 0.0))
-    tau = confidence_quantile(counts, f)
-    below = mass_below(counts, tau)
+    # tau is 0 (1) where f is 0 (1) whatever the histogram; read only the others'.
+    tau = np.where(f >= 1.0, 1.0, 0.0)
+    below = tau.copy()
+    inside = np.flatnonzero((f > 0.0) & (f < 1.0))
+    cum = np.cumsum(counts[inside], axis=1, dtype=np.float64)
+    tau[inside] = _quantile(cum, f[inside])
+    below[inside] = _mass_below(cum, tau[inside])
     expected = np.where(served, below + audit * (1.0 - below), 0.0)
 
     # Rule 8: the quota.
