@@ -31,7 +31,9 @@ cloud latency p95).
    capacity is left once every demand is met: then it is planned
    ``escalate`` with tau = 1 and a share of at most ``bootstrap_rate`` of
    what is left, so a device that starts serving can reach the cloud before
-   the next plan; its quota bounds what it sends.
+   the next plan; its quota bounds what it sends, and its expected offload
+   is 1 (every request, up to the quota: a device that then serves more
+   than its quota is seen off its plan and re-planned with a rate).
 5. Audits: a share ``audit_rate`` of the confident requests is also sent; a
    device's audit rate is at most its share ``s = share / rate`` (so audits
    alone never exceed it). The escalated fraction ``f`` then solves
@@ -258,13 +260,23 @@ def confidence_quantile(counts: npt.NDArray[Any], fraction: Floats) -> Floats:
     ``fraction`` is clamped to [0, 1]; 0 gives 0 and 1 gives 1.
     """
     f = np.clip(np.asarray(fraction, dtype=np.float64), 0.0, 1.0)
-    return _quantile(np.cumsum(counts, axis=1, dtype=np.float64), f)
+    return _quantile(_running_sums(np.asarray(counts)), f)
 
 
 def mass_below(counts: npt.NDArray[Any], tau: Floats) -> Floats:
     """Per device, the share of its confidence histogram below ``tau`` (uniform if empty)."""
     t = np.clip(np.asarray(tau, dtype=np.float64), 0.0, 1.0)
-    return _mass_below(np.cumsum(counts, axis=1, dtype=np.float64), t)
+    return _mass_below(_running_sums(np.asarray(counts)), t)
+
+
+def _running_sums(counts: npt.NDArray[Any]) -> Floats:
+    """Each row's running sum, as floats."""
+    if counts.dtype.kind in "iu":
+        # Summed in integers (exact, and several times faster than casting on the fly).
+        out: Floats = np.cumsum(counts, axis=1).astype(np.float64)
+        return out
+    summed: Floats = np.cumsum(counts, axis=1, dtype=np.float64)
+    return summed
 
 
 def _quantile(cum: Floats, f: Floats) -> Floats:
@@ -346,7 +358,7 @@ def plan_fleet(demand: FleetDemand, settings: PlannerSettings) -> FleetPlan:
     tau = np.where(f >= 1.0, 1.0, 0.0)
     below = tau.copy()
     inside = np.flatnonzero((f > 0.0) & (f < 1.0))
-    cum = np.cumsum(counts[inside], axis=1, dtype=np.float64)
+    cum = _running_sums(counts[inside])
     tau[inside] = _quantile(cum, f[inside])
     below[inside] = _mass_below(cum, tau[inside])
     expected = np.where(served, below + audit * (1.0 - below), 0.0)

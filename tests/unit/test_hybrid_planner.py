@@ -296,6 +296,42 @@ def test_more_capacity_never_shrinks_a_share_and_weights_scale_out(seed: int) ->
     )
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_bootstrap_shares_only_what_every_demand_left(seed: int) -> None:
+    demand = random_fleet(seed, 300)
+    for capacity in (10.0, 1e4):
+        settings = PlannerSettings(capacity=capacity, headroom=0.1, bootstrap_rate=0.3)
+        plan = plan_fleet(demand, settings)
+        boot = np.array(reasons(plan)) == "bootstrap"
+        assert plan.share.sum() <= settings.handed_out * (1 + 1e-12)
+        if boot.any():
+            np.testing.assert_allclose(plan.share[~boot], plan.demand[~boot])  # all met first
+            assert np.all(plan.share[boot] <= 0.3) and np.all(plan.share[boot] > 0)
+            assert np.all(plan.tau[boot] == 1.0) and np.all(plan.expected_offload[boot] == 1.0)
+            assert np.all(plan.quota_burst[boot] >= 1)
+        else:
+            assert capacity == 10.0
+
+
+def test_a_large_fleet_hands_out_exactly_the_capacity() -> None:
+    demand = random_fleet(11, 20_000)
+    settings = PlannerSettings(capacity=2_000.0, headroom=0.1)
+    plan = plan_fleet(demand, settings)
+    assert plan.share.sum() == pytest.approx(settings.handed_out, rel=1e-9)
+    assert weighted_fairness(plan.share, demand.weight, plan.bottlenecked()) == pytest.approx(1.0)
+
+
+def test_integer_and_float_counts_plan_alike() -> None:
+    demand = random_fleet(3, 100)
+    as_int = FleetDemand(**{**demand.__dict__, "confidence": demand.confidence.astype(np.int32)})
+    as_float = FleetDemand(**{**demand.__dict__, "confidence": demand.confidence.astype(float)})
+    settings = PlannerSettings(capacity=20.0)
+    np.testing.assert_allclose(plan_fleet(as_int, settings).tau, plan_fleet(as_float, settings).tau)
+    as_bool = FleetDemand(**{**demand.__dict__, "confidence": demand.confidence > 0})
+    with pytest.raises(PlanInputError, match="confidence counts of type bool"):
+        plan_fleet(as_bool, settings)
+
+
 def test_ties_and_one_device() -> None:
     plan = plan_fleet(fleet([3.0, 3.0, 3.0]), PlannerSettings(capacity=6.0, headroom=0.0))
     np.testing.assert_allclose(plan.share, [2.0, 2.0, 2.0])
