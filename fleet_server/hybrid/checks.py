@@ -1,8 +1,12 @@
 """Does a device follow its plan? Binomial intervals, not point comparisons.
 
 A device planned to send a share ``p`` of its requests to the cloud (its
-plan's ``expected_offload``) sent ``k`` of its ``n`` requests in a window
-(escalations plus audits). ``k / n`` is never exactly ``p``; the question is
+plan's ``expected_offload``) chose to send ``k`` of its ``n`` requests in a
+window. What tau predicts is the choice, not what the quota let through: from
+a :class:`~protocol.hybrid.HybridSummary`, ``k = escalated + kept_local_quota
++ audits`` and ``n = requests`` (a device whose confidence drifted low shows
+up in ``kept_local_quota`` even while its quota holds what it sends to its
+share). ``k / n`` is never exactly ``p``; the question is
 whether ``p`` is plausible given ``k`` of ``n``. The Wilson score interval
 answers it (it stays inside [0, 1] and behaves at ``k = 0`` and ``k = n``,
 where the normal approximation does not): the plan holds while ``p`` lies
