@@ -154,7 +154,11 @@ def _empty() -> Floats:
 
 @dataclass(frozen=True)
 class FleetPlan:
-    """The planner's answer, in the demand's device order."""
+    """The planner's answer, in the demand's device order.
+
+    ``demand`` and ``reason`` are always filled by :func:`plan_fleet` (their
+    defaults only keep the type constructible as before they were added).
+    """
 
     mode: npt.NDArray[np.int8]  # index into protocol.hybrid.PLAN_MODES
     share: Floats  # cloud requests a second granted
