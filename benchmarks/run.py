@@ -9,6 +9,7 @@ from benchmarks import (
     agent_memory,
     agent_shadow,
     director_signing,
+    hybrid_plan,
     rollout_gates,
     rollout_tick,
     rollout_waves,
@@ -32,6 +33,7 @@ BENCHMARKS = [
     ("rollout wave membership for 1,000,000 devices vs hashing their ids", rollout_waves.main),
     ("rollout gates: false stops and time to stop vs a fixed-level test", rollout_gates.main),
     ("a rollout tick's read of 100,000 devices' hourly aggregates vs count(*)", rollout_tick.main),
+    ("hybrid plan for 100,000 devices vs a per-device loop", hybrid_plan.main),
 ]
 
 
