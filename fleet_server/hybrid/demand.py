@@ -9,8 +9,7 @@ hours (:mod:`fleet_server.hybrid.aggregates` rows):
   yet has its windows' top-score histograms instead (``"scores"``), mapped through
   the temperature of its active release (:func:`scores_to_confidence`): an
   approximation, since the histogram keeps only the top score; with none of either
-  (``"none"``) every request counts as fully uncertain (confidence 0), so the
-  device's share alone bounds what it sends;
+  (``"none"``) the histogram is empty and the planner takes confidence as uniform;
 - link: the share of its cloud calls (escalations and audits) that failed for
   another reason than a 429 (rate-limited is the cloud's refusal, not the link's),
   and the p95 of its cloud latency (NaN when unknown);
@@ -126,7 +125,6 @@ def device_inputs(
             source = "scores"
         else:
             confidence = np.zeros(CONFIDENCE_BINS, dtype=np.float64)
-            confidence[0] = 1.0
             source = "none"
     calls = sum(r.escalated + r.audits for r in recent)
     failed = sum(v for r in recent for k, v in r.cloud_errors.items() if k != "rate_limited")

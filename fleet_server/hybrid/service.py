@@ -57,7 +57,7 @@ from fleet_server.errors import Conflict, Invalid
 from fleet_server.hybrid import store
 from fleet_server.hybrid.aggregates import HybridDelta
 from fleet_server.hybrid.demand import DeviceInputs, device_inputs, fleet_demand
-from fleet_server.hybrid.planner import FleetPlan, PlannerSettings, plan_fleet
+from fleet_server.hybrid.planner import PLAN_REASONS, FleetPlan, PlannerSettings, plan_fleet
 from fleet_server.hybrid.watch import (
     Observed,
     agreement_reason,
@@ -108,7 +108,8 @@ class HybridSettings:
     default_capacity: float = 0.0
     default_headroom: float = 0.1
     audit_rate: float = 0.02
-    interval_z: float = 2.576  # 99% two-sided
+    interval_confidence: float = 0.99  # two-sided level of the Wilson intervals
+    bootstrap_rate: float = 0.0  # cloud requests a second for a device with no rate yet
     cloud_model: str | None = None
     max_link_errors: float = 0.2
     max_link_latency_ms: float = 1000.0
@@ -227,10 +228,10 @@ def replan_reasons(
         load += seen.cloud_rate
         expected = inputs.get("expected_offload")
         if row.mode != "local" and isinstance(expected, float | int):
-            reason = offload_reason(float(expected), seen, settings.interval_z)
+            reason = offload_reason(float(expected), seen, settings.interval_confidence)
             if reason is not None:
                 reasons.append(reason)
-        reason = agreement_reason(seen, settings.interval_z)
+        reason = agreement_reason(seen, settings.interval_confidence)
         if reason is not None:
             reasons.append(reason)
         planned_with = set(inputs.get("drift_alerts") or [])
@@ -245,27 +246,32 @@ def replan_reasons(
     return fleet, per
 
 
-def explain(mode: str, inputs: DeviceInputs, settings: HybridSettings, share: float) -> str:
-    """One sentence: why the device got its mode."""
-    if inputs.opted_out:
+def explain(
+    reason: str, mode: str, inputs: DeviceInputs, settings: HybridSettings, share: float
+) -> str:
+    """One sentence: why the device got its mode (``reason``: the planner's, PLAN_REASONS)."""
+    if reason == "opted_out":
         return "the device opted out of offloading: local only"
-    if mode == "local":
-        if inputs.link_errors > settings.max_link_errors:
-            return (
-                f"{inputs.link_errors:.0%} of its cloud calls failed (above "
-                f"{settings.max_link_errors:.0%}): local only"
-            )
-        p95 = inputs.link_latency_p95_ms
-        if not math.isnan(p95) and p95 > settings.max_link_latency_ms:
-            return (
-                f"its cloud latency p95 {p95:.0f} ms is above "
-                f"{settings.max_link_latency_ms:.0f} ms: local only"
-            )
-        if inputs.rate <= 0:
-            return "no requests seen yet: local only"
-        return "no share of the cloud's capacity left for it: local only"
+    if reason == "link_errors":
+        return (
+            f"{inputs.link_errors:.0%} of its cloud calls failed (above "
+            f"{settings.max_link_errors:.0%}): local only"
+        )
+    if reason == "link_latency":
+        return (
+            f"its cloud latency p95 {inputs.link_latency_p95_ms:.0f} ms is above "
+            f"{settings.max_link_latency_ms:.0f} ms: local only"
+        )
+    if reason == "no_requests":
+        return "no requests seen yet: local only"
+    if reason == "no_capacity":
+        return "no cloud capacity to share: local only"
+    if reason == "bootstrap":
+        return f"no requests seen yet; {share:.3g}/s of capacity left over lets it start"
     if mode == "cloud_first":
         return f"its share {share:.3g}/s covers all its {inputs.rate:.3g} requests/s: cloud first"
+    if mode == "local":
+        return "its share of the cloud's capacity is 0: local only"
     return (
         f"its share {share:.3g}/s of its {inputs.rate:.3g} requests/s: requests whose "
         "calibrated confidence is below tau go to the cloud"
@@ -428,6 +434,7 @@ class PlanService:
                 max_link_latency_ms=s.max_link_latency_ms,
                 burst_seconds=s.burst_seconds,
                 cloud_first_when_covered=s.cloud_first_when_covered,
+                bootstrap_rate=s.bootstrap_rate,
             ),
         )
         rows: list[dict[str, Any]] = []
@@ -473,9 +480,10 @@ class PlanService:
                 "share": finite_or_none(share),
                 "tau": candidate.tau,
                 "expected_offload": finite_or_none(float(result.expected_offload[i])),
-                "why": explain(mode, device_inputs_, s, share),
+                "why": explain(PLAN_REASONS[int(result.reason[i])], mode, device_inputs_, s, share),
+                "planner_reason": PLAN_REASONS[int(result.reason[i])],
                 "drift_alerts": snap.alerts.get(device_id, []),
-                "interval_z": s.interval_z,
+                "interval_confidence": s.interval_confidence,
             }
             if renew:
                 # A plan renewed only for its expiry is the same plan: its stats carry on.
@@ -723,7 +731,9 @@ class PlanService:
             if owner.get(d.plan_id) == d.device_id:
                 by_device.setdefault(d.device_id, []).append(d)
         return [
-            PlanShown(r, observed(by_device.get(r.device_id, [])), self.settings.interval_z)
+            PlanShown(
+                r, observed(by_device.get(r.device_id, [])), self.settings.interval_confidence
+            )
             for r in rows
         ]
 
@@ -744,16 +754,16 @@ class PlanShown:
 
     row: HybridPlanRow
     seen: Observed
-    z: float
+    confidence: float  # of the Wilson intervals
 
     @property
     def offload_interval(self) -> tuple[float, float] | None:
         if not self.seen.requests:
             return None
-        return wilson(self.seen.offloaded, self.seen.requests, self.z)
+        return wilson(self.seen.offloaded, self.seen.requests, self.confidence)
 
     @property
     def agreement_interval(self) -> tuple[float, float] | None:
         if not self.seen.audit_compared:
             return None
-        return wilson(self.seen.audit_agreements, self.seen.audit_compared, self.z)
+        return wilson(self.seen.audit_agreements, self.seen.audit_compared, self.confidence)

@@ -19,7 +19,7 @@ shift): the server re-plans when
 - a plan nears its expiry.
 
 Each check returns the reason as a sentence (recorded in the plan's inputs and the
-audit log) or ``None``. The Wilson interval is written here.
+audit log) or ``None``. The interval is :func:`fleet_server.hybrid.checks.wilson_interval`'s.
 """
 
 from __future__ import annotations
@@ -30,21 +30,17 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from fleet_server.hybrid.aggregates import HybridDelta
+from fleet_server.hybrid.checks import wilson_interval
 
 # Fewer requests (or compared audits) than this say too little to re-plan on.
 MIN_REQUESTS = 30
 MIN_COMPARED = 20
 
 
-def wilson(k: int, n: int, z: float) -> tuple[float, float]:
-    """The Wilson score interval of ``k`` successes in ``n`` trials at ``z`` ((0, 1) for none)."""
-    if n <= 0:
-        return (0.0, 1.0)
-    p = k / n
-    z2 = z * z
-    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
-    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
+def wilson(k: int, n: int, confidence: float) -> tuple[float, float]:
+    """The Wilson score interval of ``k`` of ``n`` at two-sided ``confidence`` ((0, 1): none)."""
+    low, high = wilson_interval(k, n, confidence)
+    return (float(low), float(high))
 
 
 @dataclass(frozen=True)
@@ -94,11 +90,11 @@ def observed(rows: Sequence[HybridDelta]) -> Observed:
     )
 
 
-def offload_reason(expected: float, seen: Observed, z: float) -> str | None:
+def offload_reason(expected: float, seen: Observed, confidence: float) -> str | None:
     """Why the observed offload contradicts the ``expected`` one, or ``None``."""
     if seen.requests < MIN_REQUESTS:
         return None
-    lo, hi = wilson(seen.offloaded, seen.requests, z)
+    lo, hi = wilson(seen.offloaded, seen.requests, confidence)
     if lo <= expected <= hi:
         return None
     return (
@@ -108,12 +104,12 @@ def offload_reason(expected: float, seen: Observed, z: float) -> str | None:
     )
 
 
-def agreement_reason(seen: Observed, z: float) -> str | None:
+def agreement_reason(seen: Observed, confidence: float) -> str | None:
     """Why audited agreement contradicts what calibration promised, or ``None``."""
     if seen.audit_compared < MIN_COMPARED:
         return None
-    promised = seen.audit_confidence_sum / seen.audit_compared
-    lo, hi = wilson(seen.audit_agreements, seen.audit_compared, z)
+    promised = min(seen.audit_confidence_sum / seen.audit_compared, 1.0)
+    lo, hi = wilson(seen.audit_agreements, seen.audit_compared, confidence)
     if lo <= promised <= hi:
         return None
     return (

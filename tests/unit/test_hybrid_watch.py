@@ -104,28 +104,28 @@ def test_a_hybrid_section_counts_in_its_plans_row_and_rows_add() -> None:
 
 
 def test_wilson_holds_the_truth_and_narrows_with_n() -> None:
-    lo, hi = wilson(20, 100, 2.576)
+    lo, hi = wilson(20, 100, 0.99)
     assert lo < 0.2 < hi
-    lo2, hi2 = wilson(200, 1000, 2.576)
+    lo2, hi2 = wilson(200, 1000, 0.99)
     assert hi2 - lo2 < hi - lo
-    assert wilson(0, 0, 2.0) == (0.0, 1.0)
-    assert wilson(0, 50, 2.0)[0] == 0.0 and wilson(50, 50, 2.0)[1] == 1.0
+    assert wilson(0, 0, 0.95) == (0.0, 1.0)
+    assert wilson(0, 50, 0.95)[0] == 0.0 and wilson(50, 50, 0.95)[1] == 1.0
 
 
 def test_observed_offload_inside_its_interval_calls_for_nothing_outside_it_does() -> None:
     seen = observed([fold_hybrid(window(hybrid=summary()))] * 5)
     assert seen.offloaded == 5 * 22 and seen.requests == 600
-    assert offload_reason(0.18, seen, 2.576) is None
-    reason = offload_reason(0.05, seen, 2.576)
+    assert offload_reason(0.18, seen, 0.99) is None
+    reason = offload_reason(0.05, seen, 0.99)
     assert reason is not None and "0.183" in reason and "600 requests" in reason
-    assert offload_reason(0.9, Observed(requests=10, offloaded=0), 2.576) is None  # too few
+    assert offload_reason(0.9, Observed(requests=10, offloaded=0), 0.99) is None  # too few
 
 
 def test_audit_agreement_is_held_against_what_calibration_promised() -> None:
     fine = Observed(audit_compared=200, audit_agreements=180, audit_confidence_sum=182.0)
-    assert agreement_reason(fine, 2.576) is None
+    assert agreement_reason(fine, 0.99) is None
     off = Observed(audit_compared=200, audit_agreements=120, audit_confidence_sum=182.0)
-    reason = agreement_reason(off, 2.576)
+    reason = agreement_reason(off, 0.99)
     assert reason is not None and "0.910 calibration promised" in reason
 
 
@@ -174,7 +174,7 @@ def test_a_devices_demand_prefers_hybrid_confidence_then_scores_then_none() -> N
     assert d.link_errors == pytest.approx(1 / 22)
     assert 40 <= d.link_latency_p95_ms <= 40 * 2**0.25
     none = device_inputs("d2", weight=1.0, opted_out=True, temperature=1.0, recent=[])
-    assert none.source == "none" and none.rate == 0.0 and none.confidence[0] == 1.0
+    assert none.source == "none" and none.rate == 0.0 and none.confidence.sum() == 0
     demand = fleet_demand([d, none])
     assert demand.device_ids == ["d1", "d2"] and demand.confidence.shape == (2, CONFIDENCE_BINS)
     assert demand.opted_out.tolist() == [False, True] and demand.weight.tolist() == [2.0, 1.0]
