@@ -80,6 +80,8 @@ PLAN_LOCK_ID = 0x687962726964  # "hybrid"
 _PLANNING: weakref.WeakKeyDictionary[Database, asyncio.Lock] = weakref.WeakKeyDictionary()
 # Renewals of an unchanged plan whose stats still count as the plan's.
 KEEP_CONTINUES = 5
+# A device bringing this share more than its quota to a loaded endpoint is planned afresh.
+QUOTA_SLACK = 0.1
 # Devices and reasons named in one audit entry.
 AUDIT_NAMED = 50
 
@@ -195,6 +197,7 @@ def replan_reasons(
         fleet.append(f"{len(left)} device(s) left: {', '.join(left[:10])}")
     cap = snap.capacity
     load = 0.0
+    loads: dict[str, tuple[float, float]] = {}  # device -> (cloud rate, quota rate)
     capacity_noted = False
     for device_id, row in snap.plans.items():
         device = active.get(device_id)
@@ -226,6 +229,7 @@ def replan_reasons(
         ]
         seen = observed(snap.current.get(device_id, []))
         load += seen.cloud_rate
+        loads[device_id] = (seen.cloud_rate, row.quota_rate)
         expected = inputs.get("expected_offload")
         if row.mode != "local" and isinstance(expected, float | int):
             reason = offload_reason(float(expected), seen, settings.interval_confidence)
@@ -243,6 +247,13 @@ def replan_reasons(
     reason = load_reason(load, cap.capacity)
     if reason is not None:
         fleet.append(reason)
+        # Those bringing more than their quota are planned afresh (a new plan watched from
+        # its first window), so the same windows do not call for a re-plan at every step.
+        for device_id, (rate, quota) in sorted(loads.items()):
+            if rate > quota * (1 + QUOTA_SLACK) + 1e-9:
+                per.setdefault(device_id, []).append(
+                    f"brought {rate:.2f}/s to the cloud against its quota {quota:.2f}/s"
+                )
     return fleet, per
 
 

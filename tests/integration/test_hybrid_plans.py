@@ -440,7 +440,9 @@ def test_endpoint_load_above_the_capacity_re_plans_the_fleet(fleet: Fleet) -> No
     run = fleet.step()
     assert run is not None
     assert any("endpoint load" in r and "exceeds the capacity 6.00/s" in r for r in run.reasons)
-    fleet.settle()
+    assert any("against its quota" in r for r in run.device_reasons["plan-1"])
+    assert fleet.plan("plan-1")["plan_id"] != p["plan_id"]  # watched afresh
+    assert fleet.step() is None  # the same windows do not call for it again
 
 
 def test_drift_flagged_for_a_device_re_plans_it_once(fleet: Fleet) -> None:
