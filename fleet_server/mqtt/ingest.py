@@ -11,7 +11,10 @@ window it has no ack for) is stored once, and a reported state older than the
 one stored (delivered again after a replica restart, or by a slower replica)
 does not replace it. It returns, per device, the windows
 of the batch that are stored (newly or before): the acks to send once the
-transaction has committed.
+transaction has committed. Each window stored for the first time is folded, in
+the same transaction, into its device's hourly rollout aggregates and hybrid
+stats (:mod:`fleet_server.hybrid.aggregates`: request rate, confidence, what it
+did under its hybrid plan).
 """
 
 from __future__ import annotations

@@ -228,7 +228,8 @@ def served(
 def fleet(served: Fleet, capsys: pytest.CaptureFixture[str]) -> Fleet:
     served.capsys = capsys
     served.clock += timedelta(seconds=30)
-    served.settle() if served.passwords and _has_capacity(served) else None
+    if served.passwords and _has_capacity(served):
+        served.settle()  # what an earlier test left to re-plan is planned first
     return served
 
 
