@@ -23,7 +23,8 @@ counter included.
 
 The director may also list this device's hybrid-inference plan
 (:class:`protocol.hybrid.HybridPlan`): a target whose ``custom`` carries only
-``hybrid_plan`` (the plan's JSON), whose path is ``hybrid-plan/PLAN_ID.json``
+``hybrid_plan`` (the text of the plan's canonical JSON: TUF's canonical JSON
+cannot sign floats), whose path is ``hybrid-plan/PLAN_ID.json``
 and whose length and hashes are those of the plan's canonical JSON. It is read
 apart from the bundles (:func:`read_plan`) and never blocks them: a plan that
 is malformed, does not match its signed length and hashes, is meant for
@@ -175,7 +176,7 @@ def read_plan(
             "a plan target carries nothing else",
         )
     try:
-        plan = HybridPlan.model_validate(custom[HYBRID_PLAN])
+        plan = _parse_plan(custom[HYBRID_PLAN])
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
@@ -207,6 +208,19 @@ def read_plan(
             f"plan {plan.plan_id} expired at {plan.expires_at.isoformat()}",
         )
     return plan, None
+
+
+def _parse_plan(signed: object) -> HybridPlan:
+    """The plan a target's ``custom`` carries: its canonical JSON as a string, or an object.
+
+    TUF signs metadata as OLPC canonical JSON, which has no floats, so a plan
+    (whose tau, temperature, rates are floats) is signed as the text of its
+    canonical JSON; an object whose numbers are written as strings is read too.
+    Raises pydantic's ``ValidationError``.
+    """
+    if isinstance(signed, str):
+        return HybridPlan.model_validate_json(signed)
+    return HybridPlan.model_validate(signed)
 
 
 def _listing(targets: Metadata[Targets], device_id: str, now: datetime) -> DirectorTargets:
