@@ -119,7 +119,7 @@ def test_a_refused_plan_keeps_the_assignment_and_a_signed_one_is_followed_across
     sign(fleet, released, tampered)
     agent, url = start(fleet)
     agent.wait_for("v1 committed", lambda: installed(agent) == "1.0.0")
-    agent.wait_for("the plan refused", lambda: events(agent, "plan-refused"))
+    agent.wait_for("the plan refused", lambda: bool(events(agent, "plan-refused")))
     [refused] = events(agent, "plan-refused")
     assert refused["reason"] == "plan-hash-mismatch", refused
     assert "p-000000000001" in str(refused["message"])
@@ -130,7 +130,7 @@ def test_a_refused_plan_keeps_the_assignment_and_a_signed_one_is_followed_across
 
     plan = make_plan("p-000000000002")
     sign(fleet, released, plan_target(plan))  # a new plan alone: the bundle is unchanged
-    agent.wait_for("the plan followed", lambda: events(agent, "plan-followed"))
+    agent.wait_for("the plan followed", lambda: bool(events(agent, "plan-followed")))
     [followed] = events(agent, "plan-followed")
     assert (followed["plan"], followed["mode"]) == ("p-000000000002", "escalate")
     assert followed["expires_at"] == plan.expires_at.timestamp()
@@ -154,8 +154,8 @@ def test_a_plan_is_dropped_when_it_expires_without_asking_the_director(
     released = fleet.release(v1)
     agent, url = start(fleet)
     sign(fleet, released, plan_target(make_plan("p-000000000003", ttl=timedelta(seconds=8))))
-    agent.wait_for("the plan followed", lambda: events(agent, "plan-followed"))
-    agent.wait_for("the plan expired", lambda: events(agent, "plan-refused"))
+    agent.wait_for("the plan followed", lambda: bool(events(agent, "plan-followed")))
+    agent.wait_for("the plan expired", lambda: bool(events(agent, "plan-refused")))
     [expired] = events(agent, "plan-refused")
     assert (expired["reason"], expired["plan"]) == ("plan-expired", "p-000000000003")
     assert 'edgefleet_agent_plan_refusals_total{reason="plan-expired"} 1.0' in metrics(url)
