@@ -9,6 +9,10 @@ stage attempt back to the installer's watchdog. A device with a director
 also keeps the director's shadow (:mod:`agent.ota.shadow`), asked after each
 update check, and runs it beside the active model on ``shadow.share`` of the
 requests (:mod:`agent.serving.shadow`), its results counted in the windows.
+It also follows the hybrid plan its director signs (:mod:`agent.ota.plan`),
+asked at each update check before the install, dropped when it expires:
+:meth:`AgentDaemon._follow_plan` is the one place the plan reaches the
+serving chain.
 The installer's events go to the link; a new desired state from the link
 wakes the update loop early.
 """
@@ -29,10 +33,12 @@ from agent.api.admission import ApiLimits
 from agent.api.http import LocalApi
 from agent.config import AgentConfig
 from agent.metrics import AgentMetrics
+from agent.ota.answers import Why
 from agent.ota.durable import atomic_write
 from agent.ota.faults import Faults
 from agent.ota.installer import Installer
 from agent.ota.parts import ProcessFetcher, SlotModel
+from agent.ota.plan import PlanKeeper, reported
 from agent.ota.shadow import ShadowKeeper, ShadowModel
 from agent.ota.shadow_steps import ShadowPolicy
 from agent.ota.shadow_store import ShadowStore
@@ -41,6 +47,8 @@ from agent.serving.cloud import CloudStage
 from agent.serving.shadow import ShadowResult, ShadowRunner
 from agent.telemetry import Outbox, WindowPolicy, WindowRecorder, WindowRecordError
 from model_runtime import Runtime, default_runtime
+from protocol.hybrid import HybridPlan
+from protocol.messages import HybridPlanState
 from protocol.window import encode_window
 
 if TYPE_CHECKING:
@@ -112,6 +120,15 @@ class AgentDaemon:
                 policy=ShadowPolicy(config.update.poll_interval_s),
                 faults=Faults(config.faults.hold_at),
             )
+        # Only a director signs a hybrid plan; without one the device serves locally only.
+        self.plan: PlanKeeper | None = None
+        self._plan_metrics_registered = False
+        if config.director is not None:
+            self.plan = PlanKeeper(
+                fetcher=ProcessFetcher(config_path),
+                on_plan=self._follow_plan,
+                report=self.installer.record_event,
+            )
         # Set when the server says the assignment changed: check for updates now.
         self.wake = asyncio.Event()
         self._check_after_trial = False
@@ -126,6 +143,7 @@ class AgentDaemon:
                 self.chain,
                 on_desired=lambda _: self.wake.set(),
                 outbox=self.outbox,
+                hybrid_plan=self._plan_state,
             )
         self.metrics.watch(chain=self.chain, outbox=self.outbox, link=self.link)
         self.api = LocalApi(
@@ -204,8 +222,41 @@ class AgentDaemon:
         except WindowRecordError as exc:
             log.debug("shadow result not counted: %s", exc)
 
+    def _follow_plan(self, plan: HybridPlan | None, refusal: Why | None) -> None:
+        """Hand the serving chain the hybrid plan to follow (``None``: serve locally only).
+
+        Called by the plan keeper on every change (a new plan, one refused, one
+        expired or withdrawn), never for a plan it did not check. ``refusal``
+        says why a plan the director listed is not followed; the state reports it.
+        """
+        set_hybrid_plan = getattr(self.chain, "set_hybrid_plan", None)
+        if set_hybrid_plan is not None:
+            set_hybrid_plan(plan)
+        elif plan is not None and plan.mode != "local":
+            log.warning("plan %s: this chain cannot escalate; serving locally", plan.plan_id)
+        if self.plan is not None and not self._plan_metrics_registered:
+            # Registered with the first plan: a device that never gets one never imports
+            # prometheus-client for it.
+            self.metrics.registry.register(self.plan.metrics)
+            self._plan_metrics_registered = True
+        if self.link is not None:
+            self.link.state_changed()
+
+    def _plan_state(self) -> HybridPlanState | None:
+        """The hybrid plan as the reported state names it (``None``: the director lists none)."""
+        return reported(self.plan.state) if self.plan is not None else None
+
     async def _poll(self) -> str:
-        """One update check, then the shadow's (a failing shadow check never stops updates)."""
+        """One update check, then the shadow's (a failing shadow check never stops updates).
+
+        The hybrid plan is asked first: it takes a refresh, not a download, and
+        applies whether or not a bundle changes.
+        """
+        if self.plan is not None:
+            try:
+                await self.plan.poll()
+            except Exception:
+                log.exception("plan check failed")
         outcome = await self.installer.poll()
         if self.shadow is not None:
             try:
@@ -273,6 +324,8 @@ class AgentDaemon:
     async def _trial_clock(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             self.installer.tick()
+            if self.plan is not None:
+                self.plan.tick()  # a plan past its expiry is dropped at once
             if self._check_after_trial and not self.installer.in_trial:
                 # A check was put off by the trial (committed or rolled back by now):
                 # do it now rather than at the next poll.
