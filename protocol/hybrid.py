@@ -101,20 +101,6 @@ class HybridPlan(BaseModel):
         ).encode()
 
 
-def plan_custom(plan: HybridPlan) -> dict[str, Any]:
-    """The plan as a director target's ``custom.hybrid_plan`` carries it.
-
-    TUF signs the canonical JSON of its metadata (OLPC canonical JSON), which has
-    no floating-point numbers, so every float of the plan is given as its JSON
-    text (``"0.25"``); :meth:`HybridPlan.model_validate` parses it back to the same
-    float, so the parsed plan's :meth:`~HybridPlan.canonical_json` is the one signed.
-    """
-    return {
-        k: json.dumps(v) if isinstance(v, float) else v
-        for k, v in plan.model_dump(mode="json").items()
-    }
-
-
 class HybridSummary(BaseModel):
     """What a device did with the requests of one window under plan ``plan_id``.
 

@@ -63,7 +63,7 @@ from fleet_server.release.repository import (
     TufRepository,
 )
 from protocol.director_marks import HYBRID_PLAN, ROLLBACK_OF, SHADOW
-from protocol.hybrid import HybridPlan, plan_custom
+from protocol.hybrid import HybridPlan
 
 # Snapshot and targets versions kept per device: the current one and the one before.
 KEEP_VERSIONS = 2
@@ -137,15 +137,14 @@ def plan_target_path(plan_id: str) -> str:
 
 def plan_target(plan: HybridPlan) -> TargetFile:
     """The director target that delivers ``plan``: its canonical JSON's length and sha256,
-    the plan itself in ``custom.hybrid_plan`` (no device, hardware or counter keys; floats
-    as their JSON text, :func:`protocol.hybrid.plan_custom`, since TUF's canonical JSON
-    has none)."""
+    the plan itself in ``custom.hybrid_plan`` as the text of that canonical JSON (TUF's
+    canonical JSON has no floats; :mod:`protocol.director_marks`), nothing else beside it."""
     data = plan.canonical_json()
     return TargetFile(
         length=len(data),
         hashes={"sha256": hashlib.sha256(data).hexdigest()},
         path=plan_target_path(plan.plan_id),
-        unrecognized_fields={"custom": {HYBRID_PLAN: plan_custom(plan)}},
+        unrecognized_fields={"custom": {HYBRID_PLAN: data.decode()}},
     )
 
 
@@ -160,7 +159,10 @@ def signed_plan(target: TargetFile) -> HybridPlan:
     custom = target.unrecognized_fields.get("custom")
     if not isinstance(custom, dict):
         raise ValueError(f"{target.path} carries no custom field")
-    return HybridPlan.model_validate(custom.get(HYBRID_PLAN))
+    value = custom.get(HYBRID_PLAN)
+    if isinstance(value, str):
+        return HybridPlan.model_validate_json(value)
+    return HybridPlan.model_validate(value)
 
 
 @dataclass(frozen=True)

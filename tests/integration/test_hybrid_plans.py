@@ -26,6 +26,8 @@ from tuf.ngclient import Updater
 from tuf.ngclient._internal.proxy import ProxyEnvironment
 from tuf.ngclient.urllib3_fetcher import Urllib3Fetcher
 
+from agent.ota.director_client import DirectorClient
+from agent.ota.transport import FetchConfig
 from fleet_server.db.models import AlertRow, AuditEntry, CloudSettings, DeviceHybridStats
 from fleet_server.fleetctl import main
 from fleet_server.hybrid.service import PlanRun
@@ -189,12 +191,24 @@ class Fleet(Fleetctl):
             return None
         info = updater.get_targetinfo(plans[0])
         assert info is not None
-        plan = HybridPlan.model_validate(info.custom[HYBRID_PLAN])
+        plan = HybridPlan.model_validate_json(info.custom[HYBRID_PLAN])
         data = plan.canonical_json()
         info.verify_length_and_hashes(data)
         assert info.hashes == {"sha256": hashlib.sha256(data).hexdigest()}
         assert set(info.custom) == {HYBRID_PLAN}
         assert plans[0] == f"hybrid-plan/{plan.plan_id}.json"
+        # And the agent's own director client follows it, refusing nothing.
+        agent_dir = folder / "agent"
+        agent_dir.mkdir()
+        (agent_dir / "root.json").write_bytes(root.read_bytes())
+        client = DirectorClient(
+            agent_dir,
+            f"{self.api.url}/director",
+            device_id,
+            FetchConfig(auth=(device_id, self.passwords[device_id])),
+        )
+        listing = client.plan(now=plan.issued_at)
+        assert listing.plan_refusal is None and listing.plan == plan
         return plan
 
 
