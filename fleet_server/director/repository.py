@@ -40,8 +40,9 @@ A device's targets may also list one hybrid-inference plan target
 (``custom.hybrid_plan``, a :class:`protocol.hybrid.HybridPlan`): not a bundle,
 but the plan's canonical JSON, by length and sha256, at
 ``hybrid-plan/{plan_id}.json`` (:func:`plan_target`). Every re-signing of the
-assignment or shadow keeps the plan target the metadata lists; only
-:meth:`DirectorRepository.sign_plan` replaces or removes it.
+assignment or shadow (:meth:`DirectorRepository.assign`, ``unassign``) keeps the
+plan target the metadata lists; only :meth:`DirectorRepository.sign_plan`
+replaces or removes it.
 """
 
 from __future__ import annotations
@@ -197,12 +198,21 @@ class DeviceRepository(TufRepository):
             plans[0] if plans else None,
         )
 
-    def sign(self, keys: KeyStore, targets: dict[str, TargetFile], version: int | None) -> int:
+    def sign(
+        self,
+        keys: KeyStore,
+        targets: dict[str, TargetFile],
+        version: int | None,
+        *,
+        keep_plan: bool = False,
+    ) -> int:
         """Sign ``targets`` as targets ``version`` (``None``: the next one); returns the version.
 
-        The plan target the metadata lists stays listed (``targets`` names
-        bundles only). A version that is not newer than the signed one is not
-        signed: the current version is returned and nothing changes.
+        ``keep_plan``: ``targets`` are the bundles, and the plan target the
+        metadata lists stays listed beside them (read under the same lock, so a
+        plan signed meanwhile is not lost). A version that is not newer than
+        the signed one is not signed: the current version is returned and
+        nothing changes.
         """
         with self._locked():
             if not self.exists():
@@ -211,9 +221,11 @@ class DeviceRepository(TufRepository):
             current = metadata.signed.version
             if version is not None and version <= current:
                 return current
-            kept = {p: t for p, t in metadata.signed.targets.items() if is_plan(t)}
-            bundles = {p: t for p, t in targets.items() if not is_plan(t)}
-            return self._sign_locked(keys, metadata, {**bundles, **kept}, version)
+            listed = dict(targets)
+            if keep_plan:
+                listed = {p: t for p, t in listed.items() if not is_plan(t)}
+                listed.update({p: t for p, t in metadata.signed.targets.items() if is_plan(t)})
+            return self._sign_locked(keys, metadata, listed, version)
 
     def sign_plan(self, keys: KeyStore, plan: HybridPlan | None, version: int | None) -> int:
         """List ``plan`` as the device's only plan target (``None``: none) beside the bundles
@@ -336,7 +348,7 @@ class DirectorRepository:
         repo = self._ensure_device(keys, device_id)
         target = _target(device_id, hardware_id, bundle, rollback_of)
         targets = {bundle.target_path: target, **self._shadow(device_id, hardware_id, shadow)}
-        signed = repo.sign(keys, targets, version)
+        signed = repo.sign(keys, targets, version, keep_plan=True)
         return Assignment(
             device_id, hardware_id, bundle.target_path, bundle.release_counter, signed
         )
@@ -363,7 +375,7 @@ class DirectorRepository:
             if hardware_id is None:
                 raise ValueError("a shadow target names the device's hardware id")
             targets = self._shadow(device_id, hardware_id, shadow)
-        return self._ensure_device(keys, device_id).sign(keys, targets, version)
+        return self._ensure_device(keys, device_id).sign(keys, targets, version, keep_plan=True)
 
     @staticmethod
     def _shadow(
