@@ -171,10 +171,10 @@ class FaultyCloud:
             await self.release.wait()
         parsed = InferenceRequest.model_validate_json(await request.read())
         outputs = self.model.run(decode_inputs(parsed))
-        body = encode_response(
+        answer = encode_response(
             outputs, model_name=request.match_info["name"], model_version="9.0.0", stage="active"
         ).model_dump_json()
-        return web.Response(body=body, content_type="application/json")
+        return web.Response(body=answer, content_type="application/json")
 
 
 def closed_port_url() -> str:
