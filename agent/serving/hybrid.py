@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -32,7 +31,6 @@ from protocol.hybrid import (
     CloudErrorKind,
     HybridPlan,
     PlanMode,
-    calibrated_confidence,
 )
 from protocol.manifest import Manifest
 
@@ -67,9 +65,8 @@ class TokenBucket:
         return True
 
 
-@dataclass(frozen=True)
-class Route:
-    """How one request was served under plan ``plan_id``.
+class Route(NamedTuple):
+    """How one request was served under plan ``plan_id`` (a tuple: cheap to make per request).
 
     ``route`` is where the window counts it (see
     :class:`protocol.hybrid.HybridSummary`). ``confidence`` is the local
@@ -88,8 +85,7 @@ class Route:
     agreed: bool | None = None
 
 
-@dataclass(frozen=True)
-class AuditResult:
+class AuditResult(NamedTuple):
     """One audit: a confident request also sent to the cloud after its local answer was served."""
 
     plan_id: str
@@ -122,18 +118,27 @@ class PlanState:
         return False
 
 
+def _score_spec(manifest: Manifest) -> tuple[str | None, tuple[float, int] | None]:
+    """The confidence output's name, and its quantization when it is an integer tensor."""
+    name = manifest.fallback.confidence_output
+    for spec in manifest.outputs:
+        if spec.name == name:
+            quantized = spec.quantization is not None and np.dtype(spec.dtype).kind in "iu"
+            return name, spec.quantization if quantized else None
+    return None, None
+
+
 def scores_of(manifest: Manifest, outputs: Mapping[str, npt.NDArray[Any]], rows: int) -> Any:
     """The confidence output as probabilities ``[rows, classes]`` (``None``: the manifest has none).
 
     A quantized score output is turned back into the probabilities it stands for.
     """
-    name = manifest.fallback.confidence_output
+    name, quantization = _score_spec(manifest)
     if name is None or name not in outputs:
         return None
-    scores = np.asarray(outputs[name]).reshape(rows, -1).astype(np.float64)
-    spec = next((t for t in manifest.outputs if t.name == name), None)
-    if spec is not None and np.dtype(spec.dtype).kind in "iu" and spec.quantization is not None:
-        scale, zero_point = spec.quantization
+    scores = np.asarray(outputs[name], dtype=np.float64).reshape(rows, -1)
+    if quantization is not None:
+        scale, zero_point = quantization
         scores = (scores - zero_point) * scale
     return scores
 
@@ -141,12 +146,40 @@ def scores_of(manifest: Manifest, outputs: Mapping[str, npt.NDArray[Any]], rows:
 def request_confidence(
     manifest: Manifest, outputs: Mapping[str, npt.NDArray[Any]], rows: int, temperature: float
 ) -> float | None:
-    """The lowest calibrated confidence over the batch (``None``: the manifest names no scores)."""
-    scores = scores_of(manifest, outputs, rows)
-    if scores is None or rows == 0:
+    """The lowest calibrated confidence over the batch (``None``: the manifest names no scores).
+
+    The same number as :func:`protocol.hybrid.calibrated_confidence` (to
+    rounding), computed as ``1 / sum_j (p_j / p_max) ** (1 / T)``: the top
+    share of ``softmax(log(p) / T)`` without logarithms, in plain floats for
+    one row (about a tenth of the numpy call's time on the serving path).
+    A row that is not finite or all zero counts as confidence 0.
+    """
+    if rows == 0:
         return None
-    value = float(np.min(calibrated_confidence(scores, temperature)))
-    return value if math.isfinite(value) else 0.0
+    name, quantization = _score_spec(manifest)
+    if name is None or name not in outputs:
+        return None
+    inverse = 1.0 / temperature
+    if rows == 1 and quantization is None:
+        row: list[float] = np.asarray(outputs[name]).ravel().tolist()
+        top = max(row)
+        if not (top > 0.0 and math.isfinite(top)):
+            return 0.0
+        total = 0.0
+        for value in row:
+            if not math.isfinite(value):
+                return 0.0
+            if value > 0.0:
+                total += (value / top) ** inverse
+        return 1.0 / total
+    scores = scores_of(manifest, outputs, rows)
+    if not np.isfinite(scores).all():
+        return 0.0
+    top = scores.max(axis=1, keepdims=True)
+    if not (top > 0.0).all():
+        return 0.0
+    total = ((np.clip(scores, 0.0, None) / top) ** inverse).sum(axis=1)
+    return float((1.0 / total).min())
 
 
 def same_top_class(

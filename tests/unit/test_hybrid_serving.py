@@ -34,7 +34,7 @@ from agent.serving import (
     TokenBucket,
 )
 from agent.serving.cloud import CloudRateLimited, rate_limited
-from agent.serving.hybrid import confidence_bin
+from agent.serving.hybrid import confidence_bin, request_confidence
 from agent.telemetry import WindowPolicy, WindowRecorder
 from model_runtime import LoadedModel, default_runtime
 from protocol.bundle import read_bundle
@@ -597,3 +597,18 @@ async def test_escalations_are_answered_by_a_real_open_inference_protocol_server
     expected = load("cloud").run({"features": rows["unsure"]})["scores"]
     np.testing.assert_allclose(answer.outputs["scores"], expected, rtol=1e-6)
     assert answer.hybrid is not None and answer.hybrid.agreed is not None
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 1.7, 4.0])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_the_request_confidence_is_the_protocol_s_calibrated_confidence(
+    v2: ModelSlot, temperature: float, batch: int
+) -> None:
+    rng = np.random.default_rng(int(temperature * 10) + batch)
+    scores = rng.dirichlet(np.ones(4), size=batch).astype(np.float32)
+    scores[0, 1] = 0.0  # a class the model rules out
+    got = request_confidence(v2.manifest, {"scores": scores}, batch, temperature)
+    assert got == pytest.approx(float(calibrated_confidence(scores, temperature).min()), abs=1e-9)
+    nan = scores.copy()
+    nan[-1, 0] = np.nan
+    assert request_confidence(v2.manifest, {"scores": nan}, batch, temperature) == 0.0
