@@ -14,7 +14,10 @@ asked at each update check before the install, dropped when it expires:
 :meth:`AgentDaemon._follow_plan` is the one place the plan reaches the
 serving chain.
 The installer's events go to the link; a new desired state from the link
-wakes the update loop early.
+wakes the update loop early. The cloud stage (``[cloud] url``) authenticates
+with the device id and the credential of its MQTT connection; under a hybrid
+plan (``chain.set_hybrid_plan``) every request's route and every audit's
+outcome are counted in the windows and the metrics.
 """
 
 from __future__ import annotations

@@ -234,7 +234,11 @@ class FallbackChain:
     """Answers inference requests through active → previous → cloud → safe default.
 
     ``counter``, when given, counts every request: the stage that answered and
-    its time, or why no stage ran (see :class:`RequestCounter`).
+    its time, or why no stage ran (see :class:`RequestCounter`);
+    ``hybrid_counter`` counts routes and audits under a hybrid plan. ``clock``
+    (monotonic seconds) drives breakers, the plan's token bucket and the
+    back-off; ``wall_clock`` (seconds since the epoch) a plan's expiry;
+    ``seed`` the audit draws.
     """
 
     def __init__(
