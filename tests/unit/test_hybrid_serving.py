@@ -612,3 +612,59 @@ def test_the_request_confidence_is_the_protocol_s_calibrated_confidence(
     nan = scores.copy()
     nan[-1, 0] = np.nan
     assert request_confidence(v2.manifest, {"scores": nan}, batch, temperature) == 0.0
+
+
+# -- the daemon's wiring -------------------------------------------------------------------------
+
+AGENT_TOML = """
+device_id = "pump-17"
+hardware_id = "rpi4-arm64"
+data_dir = "data"
+[image_repository]
+url = "repo"
+root = "trust/image-root.json"
+[director]
+url = "http://fleet.example/director"
+root = "trust/director-root.json"
+[credentials]
+password_file = "password"
+[cloud]
+url = "{url}"
+timeout_s = 2.0
+"""
+
+
+@pytest.mark.asyncio
+async def test_the_agent_asks_the_cloud_with_the_credential_of_its_mqtt_connection(
+    tmp_path: Path, v2: ModelSlot, rows: dict[str, npt.NDArray[np.float32]], cloud: FaultyCloud
+) -> None:
+    from agent.config import AgentConfig, ConfigError
+    from agent.daemon import AgentDaemon
+
+    path = tmp_path / "agent.toml"
+    path.write_text(AGENT_TOML.format(url=cloud.url))
+    (tmp_path / "data").mkdir()
+    with pytest.raises(ConfigError, match=r"credentials\.password_file: cannot read"):
+        AgentDaemon(AgentConfig.load(path), path)
+    (tmp_path / "password").write_text("hunter2-of-pump-17\n")
+    daemon = AgentDaemon(AgentConfig.load(path), path)
+    try:
+        assert daemon.recorder is not None
+        daemon.chain.set_models(active=v2, previous=None)  # as an install publishes them
+        daemon.recorder.set_manifest(v2.manifest)
+        expires = datetime.now(UTC) + timedelta(hours=1)
+        daemon.chain.set_hybrid_plan(plan(device_id="pump-17", expires_at=expires))
+        answer = await daemon.chain.infer({"features": rows["unsure"][:1]})
+    finally:
+        if daemon.outbox is not None:
+            daemon.outbox.close()
+    assert answer.stage == "cloud"
+    token = base64.b64encode(b"pump-17:hunter2-of-pump-17").decode()
+    assert cloud.authorizations == [f"Basic {token}"]
+    assert cloud.models == [v2.manifest.name]  # no [cloud] model: the served model's name
+    text = daemon.metrics.exposition().decode()
+    assert 'edgefleet_agent_hybrid_requests_total{route="escalated"} 1.0' in text
+    assert 'edgefleet_agent_hybrid_plan_info{mode="escalate",plan_id="p-0123456789ab"} 1.0' in text
+    daemon.recorder.close_window()
+    window = daemon.recorder.poll()
+    assert window is not None and window.hybrid is not None and window.hybrid.escalated == 1
