@@ -668,3 +668,37 @@ async def test_the_agent_asks_the_cloud_with_the_credential_of_its_mqtt_connecti
     daemon.recorder.close_window()
     window = daemon.recorder.poll()
     assert window is not None and window.hybrid is not None and window.hybrid.escalated == 1
+
+
+def test_requests_left_out_of_the_summaries_are_still_counted_in_the_hybrid_section(
+    v2: ModelSlot, rows: dict[str, npt.NDArray[np.float32]]
+) -> None:
+    from agent.serving import Route
+    from agent.serving.hybrid import RouteName
+
+    ticks = iter(range(10**9))
+    recorder = WindowRecorder(
+        v2.manifest,
+        DEVICE,
+        WindowPolicy(max_requests=5000, max_overhead=0.2),
+        clock=Clock(1.0e9),
+        timer=lambda: next(ticks) * 1e-3,  # summarising looks costly: most requests sampled out
+        seed=3,
+    )
+    x = {"features": rows["sure"][:1]}
+    outputs = {"scores": load("v2").run(x)["scores"]}
+    routes: list[RouteName] = ["local", "escalated", "kept_local_quota"]
+    for i in range(3000):
+        route = Route("p-1", "escalate", routes[i % 3], 0.9, 1e-5)
+        recorder.record(x, outputs, "active", 1e-5, hybrid=route)
+    recorder.close_window()
+    window = recorder.poll()
+    assert window is not None and window.hybrid is not None
+    assert window.unsummarised_requests > 1000  # the fast path took most of them
+    assert window.hybrid.requests == window.requests == 3000
+    assert (window.hybrid.local, window.hybrid.escalated, window.hybrid.kept_local_quota) == (
+        1000,
+        1000,
+        1000,
+    )
+    assert window.plan_id == "p-1" and sum(window.hybrid.confidence) == 3000
