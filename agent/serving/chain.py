@@ -594,12 +594,12 @@ class FallbackChain:
                     hybrid=route,
                 )
             if call.skipped:
-                route_name = "kept_local_quota"
+                route_name, kept = "kept_local_quota", "not sent, kept"
             else:
-                route_name, error = "escalated", call.error
+                route_name, error, kept = "escalated", call.error, "the cloud failed, kept"
                 self._counters[stage.name].escalated += 1
             attempts[local_attempt] = dataclasses.replace(
-                attempts[local_attempt], reason=f"{why}; the cloud did not answer, kept"
+                attempts[local_attempt], reason=f"{why}; {kept}"
             )
         elif (
             plan.mode == "escalate"

@@ -109,12 +109,16 @@ class PlanState:
         return wall_now < self.expires_at
 
     def wants_cloud(self, confidence: float | None) -> bool:
-        """Whether the plan sends a request with this local confidence to the cloud."""
+        """Whether the plan sends a request with this local confidence to the cloud.
+
+        A model without a confidence output (``None``) is never escalated: there
+        is nothing to compare with ``tau``.
+        """
         mode = self.plan.mode
         if mode == "cloud_first":
             return True
         if mode == "escalate":
-            return confidence is None or confidence < self.plan.tau
+            return confidence is not None and confidence < self.plan.tau
         return False
 
 
