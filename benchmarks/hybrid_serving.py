@@ -57,7 +57,7 @@ def _chain(slot: ModelSlot, plan: HybridPlan | None, cloud: bool) -> FallbackCha
     return chain
 
 
-async def main(requests: int) -> None:
+async def _measure(requests: int) -> None:
     import tempfile
     from pathlib import Path
 
@@ -131,8 +131,11 @@ async def main(requests: int) -> None:
         )
 
 
+def main(requests: int = REQUESTS) -> None:
+    asyncio.run(_measure(requests))
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=REQUESTS)
-    args = parser.parse_args()
-    asyncio.run(main(args.requests))
+    main(parser.parse_args().requests)

@@ -10,6 +10,7 @@ from benchmarks import (
     agent_shadow,
     director_signing,
     hybrid_plan,
+    hybrid_serving,
     rollout_gates,
     rollout_tick,
     rollout_waves,
@@ -34,6 +35,7 @@ BENCHMARKS = [
     ("rollout gates: false stops and time to stop vs a fixed-level test", rollout_gates.main),
     ("a rollout tick's read of 100,000 devices' hourly aggregates vs count(*)", rollout_tick.main),
     ("hybrid plan for 100,000 devices vs a per-device loop", hybrid_plan.main),
+    ("a hybrid plan's cost to a request that stays local vs no plan", hybrid_serving.main),
 ]
 
 
