@@ -412,17 +412,19 @@ async def test_under_a_plan_a_failing_local_model_still_falls_back_to_the_cloud(
         ("429", "rate_limited"),
     ],
 )
+@pytest.mark.parametrize("plan_mode", ["escalate", "cloud_first"])
 async def test_every_request_is_answered_locally_whatever_the_cloud_does(
     v2: ModelSlot,
     rows: dict[str, npt.NDArray[np.float32]],
     cloud: FaultyCloud,
     mode: str,
     kind: str,
+    plan_mode: PlanMode,
 ) -> None:
     cloud.mode = mode
     url = closed_port_url() if mode == "closed" else cloud.url
     device = Device(v2, url, timeout_s=0.2, failure_threshold=3)
-    device.chain.set_hybrid_plan(plan())
+    device.chain.set_hybrid_plan(plan(plan_mode))
     local = load("v2")
     for x in rows["unsure"]:
         answer = await device.chain.infer({"features": x[None]})
