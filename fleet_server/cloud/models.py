@@ -1,0 +1,255 @@
+"""The cloud models: released, signed and verified exactly as a device's.
+
+Each refresh (:meth:`ModelSource.refresh`, blocking: run it in a thread):
+
+1. python-tuf's ``ngclient`` refreshes the image repository's metadata from
+   the trusted root (signatures, thresholds, versions, expiry: TUF client
+   workflow 5.3-5.6), keeping the verified copies in ``metadata_dir``;
+2. per bundle name, the target released for this endpoint's hardware id with
+   the highest release counter is chosen (:func:`protocol.signed_bundle.newest_by_name`);
+3. a chosen bundle not already served is downloaded through python-tuf (its
+   signed length and every signed hash), read (every member against the
+   manifest's sha256), its manifest compared with the signed fields, its model
+   loaded and its tensors compared with the manifest's.
+
+A bundle that fails any step is refused, logged and counted by reason, and
+the model it would have replaced keeps serving; a repository that cannot be
+refreshed leaves every model as it was.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final, Literal
+
+from tuf.api import exceptions as tuf_exc
+from tuf.api.metadata import Metadata, Targets
+from tuf.ngclient.fetcher import FetcherInterface
+from tuf.ngclient.updater import Updater
+
+from fleet_server.release.verify import DirectoryFetcher
+from model_runtime import LoadedModel, ModelLoadError, ModelRunError
+from protocol.bundle import BundleFormatError, read_bundle
+from protocol.manifest import Manifest, TensorSpec
+from protocol.signed_bundle import (
+    SignedFields,
+    SignedFieldsError,
+    manifest_disagreement,
+    newest_by_name,
+    signed_fields,
+)
+from protocol.validation import InputContract
+
+logger = logging.getLogger(__name__)
+
+RefusalReason = Literal[
+    "metadata", "signed_fields", "download", "bundle", "manifest_mismatch", "load", "contract"
+]
+MODEL_REFUSAL_REASONS: Final[tuple[RefusalReason, ...]] = (
+    "metadata",
+    "signed_fields",
+    "download",
+    "bundle",
+    "manifest_mismatch",
+    "load",
+    "contract",
+)
+
+
+class ModelRefused(Exception):
+    """A release the endpoint will not serve; ``reason`` is a short stable code."""
+
+    def __init__(self, reason: RefusalReason, message: str) -> None:
+        super().__init__(message)
+        self.reason: RefusalReason = reason
+
+
+@dataclass(frozen=True)
+class SignedTarget(SignedFields):
+    """An image-repository target: its signed bundle fields, path, length and hashes."""
+
+    path: str = ""
+    length: int = 0
+    hashes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CloudModel:
+    """A verified, loaded model the endpoint serves, with the contract requests are checked by."""
+
+    target: SignedTarget
+    manifest: Manifest
+    model: LoadedModel
+    contract: InputContract
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+
+@dataclass(frozen=True)
+class RefreshReport:
+    """What one refresh did: models newly served, and releases refused (by name)."""
+
+    loaded: list[CloudModel]
+    refused: list[tuple[str, ModelRefused]]
+
+
+Loader = Callable[[bytes], LoadedModel]
+
+
+class ModelSource:
+    """Reads the image repository and keeps the newest verified model of each name.
+
+    ``loader`` turns a model file's bytes into a runnable model (the TFLite
+    runtime). ``models`` is replaced as a whole on each change, so a reader
+    on the event loop always sees a consistent mapping.
+    """
+
+    def __init__(
+        self,
+        *,
+        repository: str,
+        trusted_root: Path,
+        metadata_dir: Path,
+        hardware_id: str,
+        loader: Loader,
+    ) -> None:
+        base = repository.rstrip("/")
+        self._fetcher: FetcherInterface | None = None
+        if not base.startswith(("http://", "https://")):
+            base = Path(base.removeprefix("file://")).resolve().as_uri()
+            self._fetcher = DirectoryFetcher()
+        self._metadata_url = f"{base}/metadata/"
+        self._targets_url = f"{base}/targets/"
+        self.trusted_root = trusted_root
+        self.metadata_dir = metadata_dir
+        self.hardware_id = hardware_id
+        self._loader = loader
+        self.models: dict[str, CloudModel] = {}
+        # Target paths refused for what their signed bytes hold: not downloaded again.
+        self._condemned: dict[str, ModelRefused] = {}
+
+    def refresh(self) -> RefreshReport:
+        """Verify the repository and load what changed; refusals are reported, never raised."""
+        try:
+            chosen = self._chosen_targets()
+        except ModelRefused as exc:
+            return RefreshReport([], [("*", exc)])
+        loaded: list[CloudModel] = []
+        refused: list[tuple[str, ModelRefused]] = []
+        models = dict(self.models)
+        for name, target in sorted(chosen.items()):
+            held = models.get(name)
+            if held is not None and held.target.path == target.path:
+                continue
+            if target.path in self._condemned:
+                continue
+            try:
+                model = self._load(target)
+            except ModelRefused as exc:
+                refused.append((name, exc))
+                if exc.reason != "download":  # the bytes were the signed ones: do not retry
+                    self._condemned[target.path] = exc
+                continue
+            models[name] = model
+            loaded.append(model)
+        self.models = models
+        return RefreshReport(loaded, refused)
+
+    def _updater(self) -> Updater:
+        root = self.metadata_dir / "root.json"
+        if not root.exists():
+            self.metadata_dir.mkdir(parents=True, exist_ok=True)
+            root.write_bytes(self.trusted_root.read_bytes())
+        return Updater(
+            metadata_dir=str(self.metadata_dir),
+            metadata_base_url=self._metadata_url,
+            target_dir=str(self.metadata_dir / "targets"),
+            target_base_url=self._targets_url,
+            fetcher=self._fetcher,
+            bootstrap=None,  # the trusted root is the one in metadata_dir
+        )
+
+    def _chosen_targets(self) -> dict[str, SignedTarget]:
+        try:
+            self._update = self._updater()
+            self._update.refresh()
+            targets: Metadata[Targets] = Metadata.from_file(str(self.metadata_dir / "targets.json"))
+        except (tuf_exc.RepositoryError, tuf_exc.DownloadError) as exc:
+            raise ModelRefused(
+                "metadata", f"the image repository's metadata does not verify: {exc}"
+            ) from None
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise ModelRefused("metadata", f"cannot read the image repository: {exc}") from None
+        signed: list[SignedTarget] = []
+        for path, info in targets.signed.targets.items():
+            try:
+                fields = signed_fields(path, info.custom)
+            except SignedFieldsError as exc:
+                if path not in self._condemned:
+                    self._condemned[path] = ModelRefused("signed_fields", str(exc))
+                    logger.warning("cloud model refused: %s", exc)
+                continue
+            signed.append(
+                SignedTarget(
+                    name=fields.name,
+                    version=fields.version,
+                    release_counter=fields.release_counter,
+                    hardware_ids=fields.hardware_ids,
+                    path=path,
+                    length=info.length,
+                    hashes=dict(info.hashes),
+                )
+            )
+        return newest_by_name(signed, self.hardware_id)
+
+    def _load(self, target: SignedTarget) -> CloudModel:
+        what = f"{target.name} {target.version} ({target.path})"
+        try:
+            info = self._update.get_targetinfo(target.path)
+            if info is None:
+                raise ModelRefused("download", f"{what}: no longer signed")
+            path = self._update.find_cached_target(info) or self._update.download_target(info)
+            raw = Path(path).read_bytes()
+        except tuf_exc.LengthOrHashMismatchError as exc:
+            raise ModelRefused(
+                "download",
+                f"{what}: what arrived differs from the signed length and hashes ({exc})",
+            ) from None
+        except (tuf_exc.RepositoryError, tuf_exc.DownloadError, OSError) as exc:
+            raise ModelRefused("download", f"{what}: cannot download it: {exc}") from None
+        try:
+            manifest, members = read_bundle(io.BytesIO(raw))
+        except BundleFormatError as exc:
+            raise ModelRefused("bundle", f"{what}: {exc}") from None
+        if (problem := manifest_disagreement(manifest, target)) is not None:
+            raise ModelRefused("manifest_mismatch", f"{what}: {problem}")
+        try:
+            model = self._loader(members[manifest.model_file])
+        except (ModelLoadError, ModelRunError) as exc:
+            raise ModelRefused("load", f"{what}: the model does not load: {exc}") from None
+        if (problem := contract_disagreement(model, manifest)) is not None:
+            raise ModelRefused("contract", f"{what}: {problem}")
+        return CloudModel(target, manifest, model, InputContract(manifest))
+
+
+def contract_disagreement(model: LoadedModel, manifest: Manifest) -> str | None:
+    """How the loaded model's tensors differ from the manifest's, or ``None``."""
+
+    def shape(specs: Iterable[TensorSpec]) -> list[tuple[str, str, list[int]]]:
+        return [(t.name, t.dtype, t.shape) for t in specs]
+
+    have = (shape(model.inputs), shape(model.outputs))
+    promised = (shape(manifest.inputs), shape(manifest.outputs))
+    if have == promised:
+        return None
+    return f"the model's tensors {have} differ from the manifest's contract {promised}"
