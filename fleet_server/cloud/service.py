@@ -30,6 +30,7 @@ from fleet_server.cloud.batching import Batcher, QueueFull
 from fleet_server.cloud.config import CloudConfig
 from fleet_server.cloud.metrics import CloudMetrics
 from fleet_server.cloud.models import CloudModel, RefreshReport
+from fleet_server.errors import FleetError, Invalid, NotFound, Unauthenticated
 from model_runtime import ModelRunError
 from protocol.inference import (
     InferenceRequest,
@@ -47,37 +48,49 @@ from protocol.validation import InvalidInput, check_declared_shapes
 logger = logging.getLogger(__name__)
 
 
-class CloudRefusal(Exception):
-    """A request the endpoint does not answer with a model's outputs."""
+class CloudRefusal(FleetError):
+    """A request the endpoint does not answer with a model's outputs; ``outcome`` labels it."""
 
     outcome = "refused"
 
 
-class Unauthorized(CloudRefusal):
+class Unauthorized(CloudRefusal, Unauthenticated):
+    """No credentials, or not the device's current ones."""
+
     outcome = "unauthorized"
 
 
-class UnknownModel(CloudRefusal):
+class UnknownModel(CloudRefusal, NotFound):
+    """No model of that name (or version) is served."""
+
     outcome = "unknown_model"
 
 
-class BadRequest(CloudRefusal):
+class BadRequest(CloudRefusal, Invalid):
+    """The body is not a valid request for the model; the message names the fault."""
+
     outcome = "bad_request"
 
 
 class BodyTooLarge(BadRequest):
-    outcome = "bad_request"
+    """The body is over the endpoint's limit."""
 
 
 class ModelFailed(CloudRefusal):
+    """The model failed while running the batch the request was in."""
+
     outcome = "model_error"
 
 
 class Unavailable(CloudRefusal):
+    """The endpoint cannot check credentials now (its database is unreachable)."""
+
     outcome = "unavailable"
 
 
 class RateLimited(CloudRefusal):
+    """Beyond the device's quota, the endpoint's capacity, or its queue."""
+
     outcome = "rate_limited"
 
     def __init__(self, refusal: Refusal) -> None:
