@@ -10,7 +10,9 @@ Each refresh (:meth:`ModelSource.refresh`, blocking: run it in a thread):
 3. a chosen bundle not already served is downloaded through python-tuf (its
    signed length and every signed hash), read (every member against the
    manifest's sha256), its manifest compared with the signed fields, its model
-   loaded and its tensors compared with the manifest's.
+   loaded, its tensors compared with the manifest's, and its answers to the
+   bundle's golden vectors checked within the manifest's tolerance (as a
+   device's self-test does).
 
 A bundle that fails any step is refused, logged and counted by reason, and
 the model it would have replaced keeps serving; a repository that cannot be
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Literal
@@ -34,7 +36,8 @@ from tuf.ngclient.updater import Updater
 from fleet_server.release.verify import DirectoryFetcher
 from model_runtime import LoadedModel, ModelLoadError, ModelRunError
 from protocol.bundle import BundleFormatError, read_bundle
-from protocol.manifest import Manifest, TensorSpec
+from protocol.golden import golden_disagreement, unpack_golden
+from protocol.manifest import Manifest
 from protocol.signed_bundle import (
     SignedFields,
     SignedFieldsError,
@@ -47,7 +50,14 @@ from protocol.validation import InputContract
 logger = logging.getLogger(__name__)
 
 RefusalReason = Literal[
-    "metadata", "signed_fields", "download", "bundle", "manifest_mismatch", "load", "contract"
+    "metadata",
+    "signed_fields",
+    "download",
+    "bundle",
+    "manifest_mismatch",
+    "load",
+    "contract",
+    "golden",
 ]
 MODEL_REFUSAL_REASONS: Final[tuple[RefusalReason, ...]] = (
     "metadata",
@@ -57,6 +67,7 @@ MODEL_REFUSAL_REASONS: Final[tuple[RefusalReason, ...]] = (
     "manifest_mismatch",
     "load",
     "contract",
+    "golden",
 )
 
 
@@ -237,19 +248,15 @@ class ModelSource:
             model = self._loader(members[manifest.model_file])
         except (ModelLoadError, ModelRunError) as exc:
             raise ModelRefused("load", f"{what}: the model does not load: {exc}") from None
-        if (problem := contract_disagreement(model, manifest)) is not None:
+        if (problem := manifest.tensor_disagreement(model.inputs, model.outputs)) is not None:
             raise ModelRefused("contract", f"{what}: {problem}")
+        try:
+            inputs, expected = unpack_golden(members[manifest.golden.file])
+            _, problem = golden_disagreement(
+                model.run(inputs), expected, manifest.golden.atol, manifest.golden.rtol
+            )
+        except (ValueError, ModelRunError) as exc:
+            problem = f"the model fails on its golden vectors: {exc}"
+        if problem is not None:
+            raise ModelRefused("golden", f"{what}: {problem}")
         return CloudModel(target, manifest, model, InputContract(manifest))
-
-
-def contract_disagreement(model: LoadedModel, manifest: Manifest) -> str | None:
-    """How the loaded model's tensors differ from the manifest's, or ``None``."""
-
-    def shape(specs: Iterable[TensorSpec]) -> list[tuple[str, str, list[int]]]:
-        return [(t.name, t.dtype, t.shape) for t in specs]
-
-    have = (shape(model.inputs), shape(model.outputs))
-    promised = (shape(manifest.inputs), shape(manifest.outputs))
-    if have == promised:
-        return None
-    return f"the model's tensors {have} differ from the manifest's contract {promised}"
