@@ -14,7 +14,8 @@ import asyncio
 import base64
 import json
 import re
-from collections.abc import AsyncIterator, Iterator
+import threading
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,11 +29,13 @@ import pytest_asyncio
 
 from fleet_server.cloud import CloudConfig, CloudEndpoint
 from fleet_server.cloud.cli import main as cloud_main
+from fleet_server.cloud.models import Loader
 from fleet_server.db.engine import Database, migrate
 from fleet_server.db.models import CloudSettings, HybridPlanRow
 from fleet_server.devices.store import create_device
 from fleet_server.release.keys import KeyStore
 from fleet_server.release.repository import ImageRepository
+from model_runtime import LoadedModel, TFLiteRuntime
 from protocol.bundle import read_bundle
 from protocol.golden import unpack_golden
 from testbed.http_repo import RepositoryServer
@@ -126,6 +129,7 @@ async def _fleet(
     keys: KeyStore,
     bundles: dict[str, Path],
     devices: int = 4,
+    loader: Loader | None = None,
     **settings: Any,
 ) -> AsyncIterator[Fleet]:
     repo = ImageRepository(tmp_path / "repo")
@@ -151,7 +155,7 @@ async def _fleet(
         settings_refresh_s=3600,
         **settings,
     )
-    endpoint = CloudEndpoint(config, database=database)
+    endpoint = CloudEndpoint(config, database=database, loader=loader)
     await endpoint.start()
     try:
         yield Fleet(endpoint, database, repo, keys, passwords)
@@ -336,6 +340,86 @@ async def test_the_endpoint_refuses_beyond_its_capacity_from_the_database(
     assert int(headers["Retry-After"]) >= 1
     assert _sample(metrics, "edgefleet_cloud_rate_limited_total", reason="capacity") == 1
     assert _sample(metrics, "edgefleet_cloud_capacity") == 0.01
+
+
+class _HeldModel:
+    """Injected fault: the real model, whose calls wait while ``held`` (a model that is slow)."""
+
+    def __init__(self, model: LoadedModel) -> None:
+        self._model = model
+        self.released = threading.Event()
+        self.released.set()
+        self.entered = threading.Event()
+        self.inputs = model.inputs
+        self.outputs = model.outputs
+
+    def run(self, inputs: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
+        self.entered.set()
+        self.released.wait(timeout=60)
+        return self._model.run(inputs)
+
+
+@pytest.mark.asyncio
+async def test_a_full_queue_is_429_for_capacity_and_the_queued_requests_are_answered(
+    sqlite_url: str,
+    tmp_path: Path,
+    session_keys: KeyStore,
+    cloud_bundles: dict[str, Path],
+    golden: tuple[npt.NDArray[Any], Any],
+) -> None:
+    inputs, _ = golden
+    held: list[_HeldModel] = []
+
+    def load(content: bytes) -> LoadedModel:
+        held.append(_HeldModel(TFLiteRuntime().load(content)))
+        return held[-1]
+
+    async for fleet in _fleet(
+        sqlite_url, tmp_path, session_keys, cloud_bundles, loader=load, max_queue=1
+    ):
+        for device in fleet.passwords:
+            await fleet.set_plan(device, rate=100.0, burst=100)
+        (model,) = held
+        model.released.clear()
+        model.entered.clear()
+        batcher = fleet.endpoint.service.batchers[MODEL]
+        async with aiohttp.ClientSession() as http:
+            running = asyncio.create_task(_post(http, fleet, "dev-0", _body(inputs[:1])))
+            await asyncio.to_thread(model.entered.wait, 30)  # its batch is in the interpreter
+            queued = asyncio.create_task(_post(http, fleet, "dev-1", _body(inputs[1:2])))
+            while batcher.depth < 1:
+                await asyncio.sleep(0.01)
+            status, answer, headers = await _post(http, fleet, "dev-2", _body(inputs[2:3]))
+            assert status == 429
+            assert answer["reason"] == "capacity"
+            assert "queue of model 'pump-health' is full" in answer["error"]
+            assert int(headers["Retry-After"]) >= 1
+            model.released.set()
+            assert (await running)[0] == 200
+            assert (await queued)[0] == 200
+            # The refused request's tokens were given back: dev-2 still has its burst.
+            assert fleet.endpoint.service.book._devices["dev-2"].tokens == pytest.approx(
+                100, abs=0.5
+            )
+
+
+@pytest.mark.asyncio
+async def test_an_expired_plan_falls_back_to_the_default_quota(
+    fleet: Fleet, golden: tuple[npt.NDArray[Any], Any]
+) -> None:
+    inputs, _ = golden
+    await fleet.set_plan("dev-0", rate=100.0, burst=100)
+    assert fleet.endpoint.service.book.quota_of("dev-0").burst == 100
+    async with fleet.database.session() as session:
+        row = await session.get(HybridPlanRow, "dev-0")
+        assert row is not None
+        row.expires_at = datetime.now(UTC) - timedelta(seconds=1)
+    await fleet.endpoint.refresh_settings()
+    assert fleet.endpoint.service.book.quota_of("dev-0").burst == 2  # the default
+    async with aiohttp.ClientSession() as http:
+        statuses = [(await _post(http, fleet, "dev-0", _body(inputs[:1])))[0] for _ in range(4)]
+    # The plan's tokens it held are kept up to the default's burst, then 429.
+    assert statuses[:2] == [200, 200] and statuses[-1] == 429
 
 
 @pytest.mark.asyncio
