@@ -164,7 +164,8 @@ class Batcher:
         if self._on_batch is not None:
             self._on_batch(self.name, sum(rows))
         try:
-            outputs = await asyncio.to_thread(model.model.run, join_rows([p.inputs for p in live]))
+            joined = join_rows([p.inputs for p in live])
+            outputs = await asyncio.to_thread(model.model.run, joined)
         except Exception as exc:  # the model failed: every request of the batch hears why
             for p in live:
                 if not p.future.done():

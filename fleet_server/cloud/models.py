@@ -22,7 +22,6 @@ refreshed leaves every model as it was.
 from __future__ import annotations
 
 import io
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,8 +45,6 @@ from protocol.signed_bundle import (
     signed_fields,
 )
 from protocol.validation import InputContract
-
-logger = logging.getLogger(__name__)
 
 RefusalReason = Literal[
     "metadata",
@@ -108,10 +105,11 @@ class CloudModel:
 
 @dataclass(frozen=True)
 class RefreshReport:
-    """What one refresh did: models newly served, and releases refused (by name)."""
+    """What one refresh did: models newly served, releases refused (by name), models withdrawn."""
 
     loaded: list[CloudModel]
     refused: list[tuple[str, ModelRefused]]
+    withdrawn: list[CloudModel]
 
 
 Loader = Callable[[bytes], LoadedModel]
@@ -151,13 +149,15 @@ class ModelSource:
 
     def refresh(self) -> RefreshReport:
         """Verify the repository and load what changed; refusals are reported, never raised."""
-        try:
-            chosen = self._chosen_targets()
-        except ModelRefused as exc:
-            return RefreshReport([], [("*", exc)])
-        loaded: list[CloudModel] = []
         refused: list[tuple[str, ModelRefused]] = []
-        models = dict(self.models)
+        try:
+            chosen = self._chosen_targets(refused)
+        except ModelRefused as exc:
+            return RefreshReport([], [("*", exc)], [])
+        loaded: list[CloudModel] = []
+        # A name no longer released for this hardware is no longer served.
+        models = {name: m for name, m in self.models.items() if name in chosen}
+        withdrawn = [m for name, m in self.models.items() if name not in chosen]
         for name, target in sorted(chosen.items()):
             held = models.get(name)
             if held is not None and held.target.path == target.path:
@@ -174,7 +174,7 @@ class ModelSource:
             models[name] = model
             loaded.append(model)
         self.models = models
-        return RefreshReport(loaded, refused)
+        return RefreshReport(loaded, refused, withdrawn)
 
     def _updater(self) -> Updater:
         root = self.metadata_dir / "root.json"
@@ -190,7 +190,7 @@ class ModelSource:
             bootstrap=None,  # the trusted root is the one in metadata_dir
         )
 
-    def _chosen_targets(self) -> dict[str, SignedTarget]:
+    def _chosen_targets(self, refused: list[tuple[str, ModelRefused]]) -> dict[str, SignedTarget]:
         try:
             self._update = self._updater()
             self._update.refresh()
@@ -208,7 +208,7 @@ class ModelSource:
             except SignedFieldsError as exc:
                 if path not in self._condemned:
                     self._condemned[path] = ModelRefused("signed_fields", str(exc))
-                    logger.warning("cloud model refused: %s", exc)
+                    refused.append((path, self._condemned[path]))
                 continue
             signed.append(
                 SignedTarget(

@@ -133,6 +133,13 @@ class CloudService:
             if held is not None:
                 self.metrics.models_served.remove(held.name, held.version)
             self.metrics.models_served.labels(model.name, model.version).set(1)
+        for model in report.withdrawn:
+            logger.warning(
+                "cloud model %s %s is no longer released for this endpoint; no longer served",
+                model.name,
+                model.version,
+            )
+            self.metrics.models_served.remove(model.name, model.version)
         for name, refusal in report.refused:
             logger.warning(
                 "cloud model %s refused (%s); the model before it keeps serving: %s",
