@@ -19,9 +19,10 @@ back (a new one as soon as its answer arrives) for ``SECONDS``. A round runs
 each endpoint once, in alternating order, so both see the same machine;
 throughput is answered requests per second, the ratio batching / one at a time
 per round, and the figures are medians over rounds. The endpoint's own CPU
-time per request (from ``/proc``) is printed beside it, the steadier figure
-on a shared machine, and the mean rows per interpreter call from the
-endpoint's ``/metrics``.
+time per request (from ``/proc``) is printed beside it, with its ratio per
+round: it does not count waiting for a CPU another process holds, so it is
+the steadier figure on a shared machine. The mean rows per interpreter call
+come from the endpoint's ``/metrics``.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from protocol.bundle import read_bundle
 from protocol.golden import unpack_golden
 from testbed.images import make_bundle
 
-ROUNDS = 5
+ROUNDS = 7
 SECONDS = 4.0
 CONCURRENCY = 32
 MODES = {
@@ -193,7 +194,7 @@ async def _load(
                 writer.write(requests[i % len(requests)])
                 head = await reader.readuntil(b"\r\n\r\n")
                 status = int(head.split(b" ", 2)[1])
-                length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+                length = _content_length(head)
                 payload = await reader.readexactly(length)
                 if status != 200:
                     raise RuntimeError(f"{status}: {payload[:200]!r}")
@@ -205,6 +206,13 @@ async def _load(
     devices = list(passwords.items())[:CONCURRENCY]
     await asyncio.gather(*(client(i, d, p) for i, (d, p) in enumerate(devices)))
     return answered
+
+
+def _content_length(head: bytes) -> int:
+    match = re.search(rb"(?i)content-length: *(\d+)", head)
+    if match is None:
+        raise RuntimeError(f"an answer without Content-Length: {head[:200]!r}")
+    return int(match.group(1))
 
 
 async def _batch_mean(endpoint: Endpoint) -> float:
@@ -237,6 +245,7 @@ async def _run(work: Path) -> None:
             await _load(endpoint, passwords, rows, seconds=0.5)  # warm-up
         results: dict[str, list[tuple[float, float]]] = {e.name: [] for e in endpoints}
         ratios: list[float] = []
+        cpu_ratios: list[float] = []
         for round_ in range(ROUNDS):
             order = endpoints if round_ % 2 == 0 else endpoints[::-1]
             per_round: dict[str, float] = {}
@@ -249,6 +258,8 @@ async def _run(work: Path) -> None:
                 per_round[endpoint.name] = answered / wall
                 results[endpoint.name].append((answered / wall, cpu_per))
             ratios.append(per_round["batching"] / per_round["one at a time"])
+            spent = {name: runs[-1][1] for name, runs in results.items()}
+            cpu_ratios.append(spent["one at a time"] / spent["batching"])
             print(
                 f"round {round_ + 1}: "
                 + ", ".join(f"{k} {v:.0f} req/s" for k, v in per_round.items())
@@ -266,7 +277,11 @@ async def _run(work: Path) -> None:
                 f"  {endpoint.name:14s} {throughput:8.0f} requests/s  "
                 f"endpoint CPU {cpu_us:6.0f} µs/request  mean rows per call {mean_batch:.1f}"
             )
-        print(f"  ratio batching / one at a time: {statistics.median(ratios):.2f}")
+        print(f"  throughput ratio batching / one at a time: {statistics.median(ratios):.2f}")
+        print(
+            "  endpoint CPU per request, one at a time / batching: "
+            f"{statistics.median(cpu_ratios):.2f}"
+        )
     finally:
         for endpoint in endpoints:
             endpoint.process.terminate()
