@@ -36,7 +36,7 @@ from fleet_server.devices.store import create_device
 from fleet_server.release.keys import KeyStore
 from fleet_server.release.repository import ImageRepository
 from model_runtime import LoadedModel, TFLiteRuntime
-from protocol.bundle import read_bundle
+from protocol.bundle import file_entry, read_bundle, write_bundle
 from protocol.golden import unpack_golden
 from testbed.http_repo import RepositoryServer
 from testbed.images import make_bundle
@@ -74,6 +74,7 @@ class Fleet:
     repo: ImageRepository
     keys: KeyStore
     passwords: dict[str, str]
+    repository_server: RepositoryServer
 
     @property
     def url(self) -> str:
@@ -158,7 +159,7 @@ async def _fleet(
     endpoint = CloudEndpoint(config, database=database, loader=loader)
     await endpoint.start()
     try:
-        yield Fleet(endpoint, database, repo, keys, passwords)
+        yield Fleet(endpoint, database, repo, keys, passwords, server)
     finally:
         await endpoint.stop()
         await database.close()
@@ -486,6 +487,44 @@ async def test_a_new_release_is_served_and_a_tampered_one_is_refused_keeping_the
         metrics = await _metrics(http, fleet)
     assert _sample(metrics, "edgefleet_cloud_model_info", model=MODEL, version="9.1.0") == 1
     assert _sample(metrics, "edgefleet_cloud_model_info", model=MODEL, version="9.0.0") == 0
+
+
+def _with_model_of(bundle: Path, model: Path, version: str, out: Path) -> Path:
+    """``bundle`` re-built as ``version`` around another model: its golden vectors do not hold."""
+    with bundle.open("rb") as f:
+        manifest, members = read_bundle(f)
+    members[manifest.model_file] = model.read_bytes()
+    counter = manifest.release_counter + 1
+    files = dict(manifest.files) | {manifest.model_file: file_entry(members[manifest.model_file])}
+    changed = manifest.model_copy(
+        update={"version": version, "release_counter": counter, "files": files}
+    )
+    with out.open("wb") as f:
+        write_bundle(f, changed, members)
+    return out
+
+
+@pytest.mark.asyncio
+async def test_a_release_failing_its_golden_vectors_or_an_unreachable_repository_keep_the_model(
+    fleet: Fleet, cloud_bundles: dict[str, Path], models_dir: Path, tmp_path: Path
+) -> None:
+    wrong = _with_model_of(
+        cloud_bundles["9.0.0"], models_dir / "v2.tflite", "9.2.0", tmp_path / "wrong.bundle"
+    )
+    fleet.repo.add_bundle(wrong, fleet.keys)  # signed: only the endpoint's own checks catch it
+    await fleet.endpoint.refresh_models()
+    await fleet.endpoint.refresh_models()  # refused once, not downloaded and counted again
+    fleet.repository_server.close()
+    await fleet.endpoint.refresh_models()
+    async with aiohttp.ClientSession() as http:
+        async with http.get(
+            fleet.url + f"/v2/models/{MODEL}", headers=fleet.auth("dev-0")
+        ) as response:
+            assert (await response.json())["versions"] == ["9.0.0"]
+        metrics = await _metrics(http, fleet)
+    assert _sample(metrics, "edgefleet_cloud_model_refusals_total", reason="golden") == 1
+    assert _sample(metrics, "edgefleet_cloud_model_refusals_total", reason="metadata") == 1
+    assert _sample(metrics, "edgefleet_cloud_model_info", model=MODEL, version="9.0.0") == 1
 
 
 @pytest.mark.asyncio
