@@ -18,7 +18,6 @@ were validated against: a batch never mixes two models.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -71,8 +70,8 @@ def join_rows(requests: list[Tensors]) -> Tensors:
 class Batcher:
     """One model name's queue and the task that runs its batches.
 
-    ``on_batch(model_name, rows)`` is told the rows of every batch run;
-    ``clock`` is monotonic seconds (the batch's wait budget is measured on it).
+    ``on_batch(model_name, rows)`` is told the rows of every batch run. The
+    wait budget is measured on the event loop's clock.
     """
 
     def __init__(
@@ -83,14 +82,12 @@ class Batcher:
         max_wait_s: float,
         max_queue: int,
         on_batch: BatchObserver | None = None,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self._on_batch = on_batch
-        self._clock = clock
         self._queue: deque[_Pending] = deque()
         self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -133,7 +130,8 @@ class Batcher:
 
     async def _gather(self) -> list[_Pending]:
         """Take requests for one batch: up to the size, the wait budget, one model."""
-        deadline = self._clock() + self.max_wait_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_wait_s
         batch = [self._queue.popleft()]
         rows = batch[0].rows
         while rows < self.max_batch_size:
@@ -144,7 +142,7 @@ class Batcher:
                 batch.append(self._queue.popleft())
                 rows += nxt.rows
                 continue
-            left = deadline - self._clock()
+            left = deadline - loop.time()
             if left <= 0:
                 break
             self._arrived.clear()

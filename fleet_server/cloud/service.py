@@ -142,8 +142,8 @@ class CloudService:
             self.metrics.models_served.remove(model.name, model.version)
         for name, refusal in report.refused:
             logger.warning(
-                "cloud model %s refused (%s); the model before it keeps serving: %s",
-                name,
+                "cloud release of %s refused (%s); what was served keeps serving: %s",
+                "every model" if name == "*" else name,
                 refusal.reason,
                 refusal,
             )
@@ -157,7 +157,6 @@ class CloudService:
                     max_wait_s=self.config.max_batch_wait_s,
                     max_queue=self.config.max_queue,
                     on_batch=self._observe_batch,
-                    clock=self._clock,
                 )
                 batcher.start()
                 self.batchers[name] = batcher
