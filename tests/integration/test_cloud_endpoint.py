@@ -38,6 +38,12 @@ from fleet_server.release.repository import ImageRepository
 from model_runtime import LoadedModel, TFLiteRuntime
 from protocol.bundle import file_entry, read_bundle, write_bundle
 from protocol.golden import unpack_golden
+from protocol.inference import (
+    AnswerParameters,
+    InferenceResponse,
+    decode_outputs,
+    encode_request,
+)
 from testbed.http_repo import RepositoryServer
 from testbed.images import make_bundle
 from tests.support.databases import DATABASES, database_url
@@ -266,6 +272,22 @@ async def test_concurrent_requests_from_several_devices_share_batches_and_get_th
     assert rows_run == sum(len(p) for p in picks)
     assert batches < len(picks), "some requests should have shared an interpreter call"
     assert _sample(metrics, "edgefleet_cloud_requests_total", model=MODEL, outcome="ok") == 16
+
+
+@pytest.mark.asyncio
+async def test_a_request_encoded_as_the_agent_does_is_answered_as_the_agent_reads_it(
+    fleet: Fleet, golden: tuple[npt.NDArray[Any], npt.NDArray[Any]]
+) -> None:
+    inputs, expected = golden
+    request = encode_request({"features": inputs[:3].astype(np.float32)}, id="agent-1")
+    body = request.model_dump_json(exclude_none=True).encode()
+    async with aiohttp.ClientSession() as http:
+        status, answer, _ = await _post(http, fleet, "dev-0", body)
+    assert status == 200
+    response = InferenceResponse.model_validate(answer)
+    assert response.answer() == AnswerParameters(stage="cloud", model_version="9.0.0")
+    outputs = decode_outputs(response)
+    np.testing.assert_allclose(outputs["scores"], expected[:3], rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.asyncio
