@@ -15,11 +15,28 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from protocol.manifest import Manifest
 
-_Signed = TypeVar("_Signed", bound="SignedFields")
+
+class Released(Protocol):
+    """Anything that carries a release's signed fields (what :func:`newest_by_name` reads)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def version(self) -> str: ...
+
+    @property
+    def release_counter(self) -> int: ...
+
+    @property
+    def hardware_ids(self) -> tuple[str, ...]: ...
+
+
+_Signed = TypeVar("_Signed", bound=Released)
 
 
 class SignedFieldsError(ValueError):
@@ -56,7 +73,7 @@ def signed_fields(target_path: str, custom: Mapping[str, Any] | None) -> SignedF
         ) from None
 
 
-def manifest_disagreement(manifest: Manifest, signed: SignedFields) -> str | None:
+def manifest_disagreement(manifest: Manifest, signed: Released) -> str | None:
     """What the manifest inside signed bytes contradicts in the signed fields, or ``None``.
 
     Name, version, release counter and hardware ids must be the same (the

@@ -52,9 +52,9 @@ from agent.ota.transport import FetchConfig, RepositoryFetcher, Stream, is_local
 from protocol.bundle import BundleFormatError, read_manifest
 from protocol.manifest import Manifest
 from protocol.signed_bundle import (
-    SignedFields,
     SignedFieldsError,
     manifest_disagreement,
+    newest_by_name,
     signed_fields,
 )
 
@@ -365,7 +365,7 @@ class ImageRepositoryClient:
                 f"{name} is released for hardware {', '.join(released_for)}, "
                 f"not for this device's {hardware_id}"
             )
-        best = max(fitting, key=lambda b: b.release_counter)
+        best = newest_by_name(fitting, hardware_id)[name]
         check_counter(best, installed_counter)
         return best
 
@@ -453,8 +453,7 @@ def open_verified_manifest(path: Path, bundle: BundleTarget) -> Manifest:
             manifest = read_manifest(f)
     except BundleFormatError as exc:
         raise ManifestMismatch(f"{bundle.path}: {exc}") from None
-    signed = SignedFields(bundle.name, bundle.version, bundle.release_counter, bundle.hardware_ids)
-    if (problem := manifest_disagreement(manifest, signed)) is not None:
+    if (problem := manifest_disagreement(manifest, bundle)) is not None:
         raise ManifestMismatch(f"{bundle.path}: {problem}")
     return manifest
 
