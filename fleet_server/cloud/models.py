@@ -68,6 +68,10 @@ MODEL_REFUSAL_REASONS: Final[tuple[RefusalReason, ...]] = (
 )
 
 
+# The root the trust store was provisioned with, kept beside the (possibly newer) root.json.
+PROVISIONED_ROOT = "provisioned-root.json"
+
+
 class ModelRefused(Exception):
     """A release the endpoint will not serve; ``reason`` is a short stable code."""
 
@@ -144,6 +148,7 @@ class ModelSource:
         self.hardware_id = hardware_id
         self._loader = loader
         self.models: dict[str, CloudModel] = {}
+        self._update: Updater | None = None
         # Target paths refused for what their signed bytes hold: not downloaded again.
         self._condemned: dict[str, ModelRefused] = {}
 
@@ -177,10 +182,26 @@ class ModelSource:
         return RefreshReport(loaded, refused, withdrawn)
 
     def _updater(self) -> Updater:
+        """An updater on the trust store, provisioned from ``trusted_root`` the first time.
+
+        The store keeps the root it was provisioned with; a different
+        ``trusted_root`` given later is refused, never silently ignored (the
+        store's newer roots were verified from the first one, not from it).
+        """
         root = self.metadata_dir / "root.json"
+        provisioned = self.metadata_dir / PROVISIONED_ROOT
+        given = self.trusted_root.read_bytes()
+        if provisioned.exists() and provisioned.read_bytes() != given:
+            raise ModelRefused(
+                "metadata",
+                f"the trusted root {self.trusted_root} is not the one the trust store "
+                f"{self.metadata_dir} was provisioned with ({provisioned}); use that root, "
+                "or a new metadata directory to start over from this one",
+            )
         if not root.exists():
             self.metadata_dir.mkdir(parents=True, exist_ok=True)
-            root.write_bytes(self.trusted_root.read_bytes())
+            provisioned.write_bytes(given)
+            root.write_bytes(given)
         return Updater(
             metadata_dir=str(self.metadata_dir),
             metadata_base_url=self._metadata_url,
@@ -225,6 +246,7 @@ class ModelSource:
 
     def _load(self, target: SignedTarget) -> CloudModel:
         what = f"{target.name} {target.version} ({target.path})"
+        assert self._update is not None  # set by the refresh that chose the target
         try:
             info = self._update.get_targetinfo(target.path)
             if info is None:

@@ -29,11 +29,11 @@ import pytest_asyncio
 
 from fleet_server.cloud import CloudConfig, CloudEndpoint
 from fleet_server.cloud.cli import main as cloud_main
-from fleet_server.cloud.models import Loader
+from fleet_server.cloud.models import Loader, ModelSource
 from fleet_server.db.engine import Database, migrate
 from fleet_server.db.models import CloudSettings, HybridPlanRow
 from fleet_server.devices.store import create_device
-from fleet_server.release.keys import KeyStore
+from fleet_server.release.keys import KeyStore, init_keys
 from fleet_server.release.repository import ImageRepository
 from model_runtime import LoadedModel, TFLiteRuntime
 from protocol.bundle import file_entry, read_bundle, write_bundle
@@ -567,6 +567,42 @@ async def test_devices_and_quotas_come_from_either_database(
             assert (await _post(http, fleet, "dev-1", _body(inputs[:1])))[0] == 200
             fleet.passwords["dev-1"] += "x"
             assert (await _post(http, fleet, "dev-1", _body(inputs[:1])))[0] == 401
+
+
+def test_a_trust_store_refuses_a_root_other_than_the_one_it_was_provisioned_with(
+    tmp_path: Path, session_keys: KeyStore, cloud_bundles: dict[str, Path]
+) -> None:
+    first = ImageRepository(tmp_path / "first")
+    first.create(session_keys)
+    first.add_bundle(cloud_bundles["9.0.0"], session_keys)
+    other = ImageRepository(tmp_path / "other")
+    other.create(init_keys(tmp_path / "other-keys"))
+
+    def source(root: Path) -> ModelSource:
+        return ModelSource(
+            repository=str(first.path),
+            trusted_root=root,
+            metadata_dir=tmp_path / "store",
+            hardware_id="cloud",
+            loader=TFLiteRuntime().load,
+        )
+
+    report = source(first.trusted_root_path).refresh()
+    assert [m.version for m in report.loaded] == ["9.0.0"] and report.refused == []
+    report = source(other.trusted_root_path).refresh()
+    assert report.loaded == []
+    ((_, refusal),) = report.refused
+    assert refusal.reason == "metadata"
+    assert "is not the one the trust store" in str(refusal)
+    # A store that never verified this repository's root refuses its metadata outright.
+    stranger = ModelSource(
+        repository=str(first.path),
+        trusted_root=other.trusted_root_path,
+        metadata_dir=tmp_path / "stranger",
+        hardware_id="cloud",
+        loader=TFLiteRuntime().load,
+    ).refresh()
+    assert stranger.loaded == [] and stranger.refused[0][1].reason == "metadata"
 
 
 def test_the_cli_names_a_bad_setting(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
