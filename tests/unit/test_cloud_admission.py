@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 import numpy as np
@@ -15,7 +16,7 @@ from fleet_server.cloud.admission import (
     TokenBucket,
     queue_full_refusal,
 )
-from fleet_server.cloud.auth import basic_credentials
+from fleet_server.cloud.auth import FAILED_TTL_S, DeviceAuthenticator, basic_credentials
 from fleet_server.cloud.batching import join_rows, split_rows
 from protocol.signed_bundle import (
     SignedFields,
@@ -202,3 +203,45 @@ def test_signed_fields_name_what_a_target_lacks() -> None:
         "t", {"name": "x", "version": "1", "release_counter": "4", "hardware_ids": ["cloud"]}
     )
     assert fields == SignedFields("x", "1", 4, ("cloud",))
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_checked_credential_is_trusted_for_its_ttl_and_a_failed_one_briefly() -> None:
+    clock = _Clock()
+    checks: list[tuple[str, str]] = []
+    valid = {"dev-1": "right"}
+
+    async def check(device_id: str, password: str) -> bool:
+        checks.append((device_id, password))
+        return valid.get(device_id) == password
+
+    auth = DeviceAuthenticator(check, ttl_s=60.0, clock=clock)
+
+    async def run() -> None:
+        assert await auth.authenticate("dev-1", "right")
+        assert await auth.authenticate("dev-1", "right")
+        assert not await auth.authenticate("dev-1", "wrong")
+        assert not await auth.authenticate("dev-1", "wrong")
+        assert len(checks) == 2  # one look-up per credential while cached
+        valid["dev-1"] = "rotated"
+        clock.now = 59.0
+        assert await auth.authenticate("dev-1", "right")  # still within its TTL
+        clock.now = 61.0
+        assert not await auth.authenticate("dev-1", "right")  # the rotation is seen
+        assert len(checks) == 3
+        assert await auth.authenticate("dev-1", "rotated")
+        clock.now = 61.0 + FAILED_TTL_S - 0.1
+        assert not await auth.authenticate("dev-1", "right")  # a failure is cached briefly
+        assert len(checks) == 4
+        clock.now = 61.0 + FAILED_TTL_S + 0.1
+        assert not await auth.authenticate("dev-1", "right")
+        assert len(checks) == 5
+
+    asyncio.run(run())
