@@ -14,7 +14,10 @@ asked at each update check before the install, dropped when it expires:
 :meth:`AgentDaemon._follow_plan` is the one place the plan reaches the
 serving chain.
 The installer's events go to the link; a new desired state from the link
-wakes the update loop early.
+wakes the update loop early. The cloud stage (``[cloud] url``) authenticates
+with the device id and the credential of its MQTT connection; under a hybrid
+plan (``chain.set_hybrid_plan``) every request's route and every audit's
+outcome are counted in the windows and the metrics.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.api.admission import ApiLimits
 from agent.api.http import LocalApi
-from agent.config import AgentConfig
+from agent.config import AgentConfig, ConfigError
 from agent.metrics import AgentMetrics
 from agent.ota.answers import Why
 from agent.ota.durable import atomic_write
@@ -42,7 +45,7 @@ from agent.ota.plan import PlanKeeper, reported
 from agent.ota.shadow import ShadowKeeper, ShadowModel
 from agent.ota.shadow_steps import ShadowPolicy
 from agent.ota.shadow_store import ShadowStore
-from agent.serving.chain import Answer, FallbackChain, ModelSlot
+from agent.serving.chain import Answer, ChainConfig, FallbackChain, ModelSlot
 from agent.serving.cloud import CloudStage
 from agent.serving.shadow import ShadowResult, ShadowRunner
 from agent.telemetry import Outbox, WindowPolicy, WindowRecorder, WindowRecordError
@@ -61,6 +64,17 @@ TICK_S = 0.2
 TELEMETRY_TICK_S = 1.0
 
 
+def _device_password(config: AgentConfig) -> str | None:
+    """The device's credential (``[credentials] password_file``), read once at start."""
+    path = config.credentials.password_file
+    if path is None:
+        return None
+    try:
+        return path.read_text(encoding="utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"credentials.password_file: cannot read {path}: {exc}") from None
+
+
 def _slot(model: SlotModel | None) -> ModelSlot | None:
     return ModelSlot(model.manifest, model.model) if model is not None else None
 
@@ -73,12 +87,22 @@ class AgentDaemon:
     ) -> None:
         self.config = config
         cloud = None
-        if config.cloud.url and config.cloud.model:
+        if config.cloud.url:
+            # The endpoint knows the device by the credentials of its MQTT connection.
             cloud = CloudStage(
-                config.cloud.url, config.cloud.model, timeout_s=config.cloud.timeout_s
+                config.cloud.url,
+                config.cloud.model,
+                timeout_s=config.cloud.timeout_s,
+                username=config.device_id,
+                password=_device_password(config),
             )
         self.metrics = AgentMetrics()
-        self.chain = FallbackChain(cloud=cloud, counter=self.metrics.inference)
+        self.chain = FallbackChain(
+            cloud=cloud,
+            config=ChainConfig(max_audits_in_flight=config.cloud.max_audits_in_flight),
+            counter=self.metrics.inference,
+            hybrid_counter=self.metrics.hybrid,
+        )
         self.recorder: WindowRecorder | None = None
         self.outbox: Outbox | None = None
         telemetry = config.telemetry
@@ -98,6 +122,7 @@ class AgentDaemon:
                 max_age_s=telemetry.outbox_max_age_s,
             )
             self.chain.on_answer(self._record)
+            self.chain.on_audit(self.recorder.record_audit)
         runtime = runtime or default_runtime()
         self.installer = Installer.from_config(
             config,
@@ -269,7 +294,12 @@ class AgentDaemon:
         assert self.recorder is not None
         try:
             self.recorder.record(
-                inputs, answer.outputs, answer.stage, seconds, model_version=answer.model_version
+                inputs,
+                answer.outputs,
+                answer.stage,
+                seconds,
+                model_version=answer.model_version,
+                hybrid=answer.hybrid,
             )
         except WindowRecordError as exc:  # e.g. a request that straddled a model switch
             log.debug("not summarised: %s", exc)

@@ -1,6 +1,7 @@
 """``fleet-server``: runs one fleet server replica.
 
     fleet-server --data DIR [--db URL] [--mqtt URL] [--mqtt-namespace NS] [--http HOST:PORT]
+    fleet-server cloud --data DIR --trusted-root ROOT.json ...   (the cloud endpoint)
 
 Defaults need no set-up: SQLite in DIR, no broker. Run several replicas on
 one PostgreSQL and one broker to scale out: they split the MQTT ingest with a
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Every setting is a flag; the only environment variables it reads are\n"
         "EDGEFLEET_ALERT_WEBHOOK and EDGEFLEET_ALERT_WEBHOOK_SECRET_FILE, the defaults\n"
         "of --alert-webhook and --alert-webhook-secret-file.\n\n"
+        "The cloud inference endpoint runs as its own process: fleet-server cloud --help.\n\n"
         "examples:\n"
         "  fleet-server --data /var/lib/edgefleet-server\n"
         "  fleet-server --data /var/lib/edgefleet-server --db postgresql://fleet@db/fleet "
@@ -200,7 +202,12 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    if given[:1] == ["cloud"]:
+        from fleet_server.cloud.cli import main as cloud_main
+
+        return cloud_main(given[1:])
+    args = build_parser().parse_args(given)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

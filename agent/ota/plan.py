@@ -197,7 +197,6 @@ class PlanKeeper:
             self.report(PLAN_REFUSED, details)
         elif after.plan is None and before.plan is not None and refusal is None:
             log.info("plan: the director lists no plan any more; serving locally only")
-        self.metrics.following(after.plan)
         try:
             self.on_plan(after.plan, refusal)
         except Exception:  # the serving side must never break the update loop
@@ -211,29 +210,24 @@ def plan_refusal_reasons() -> tuple[str, ...]:
 
 
 class PlanMetrics:
-    """Plans refused by reason, and the plan followed, as Prometheus families.
+    """Plans refused by reason, as a Prometheus family: ``edgefleet_agent_plan_refusals_total``.
 
-    ``edgefleet_agent_plan_refusals_total{reason}`` and
-    ``edgefleet_agent_hybrid_plan_info{plan_id, mode}`` (1 while a plan is
-    followed).
+    The plan followed is the serving chain's ``edgefleet_agent_hybrid_plan_info``
+    (:mod:`agent.metrics`).
     """
 
     def __init__(self) -> None:
         self._refusals: dict[str, int] = dict.fromkeys(plan_refusal_reasons(), 0)
-        self._plan: HybridPlan | None = None
 
     def refused(self, reason: str) -> None:
         self._refusals[reason if reason in self._refusals else "other"] += 1
-
-    def following(self, plan: HybridPlan | None) -> None:
-        self._plan = plan
 
     @property
     def refusals(self) -> Mapping[str, int]:
         return dict(self._refusals)
 
     def collect(self) -> Iterator[Metric]:
-        from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+        from prometheus_client.metrics_core import CounterMetricFamily
 
         refusals = CounterMetricFamily(
             "edgefleet_agent_plan_refusals",
@@ -242,11 +236,4 @@ class PlanMetrics:
         )
         for reason, count in self._refusals.items():
             refusals.add_metric([reason], count)
-        info = GaugeMetricFamily(
-            "edgefleet_agent_hybrid_plan_info",
-            "The hybrid plan the device follows: 1 while one is followed",
-            labels=["plan_id", "mode"],
-        )
-        if self._plan is not None:
-            info.add_metric([self._plan.plan_id, self._plan.mode], 1)
-        yield from (refusals, info)
+        yield refusals
