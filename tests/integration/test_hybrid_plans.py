@@ -32,13 +32,14 @@ from fleet_server.db.models import AlertRow, AuditEntry, CloudSettings, DeviceHy
 from fleet_server.fleetctl import main
 from fleet_server.hybrid.service import PlanRun
 from fleet_server.jobs import Job, run_jobs
-from fleet_server.mqtt.ingest import Accepted, write_batch
+from fleet_server.mqtt.ingest import Accepted, classify, write_batch
 from fleet_server.server import FleetServer
 from protocol.director_marks import HYBRID_PLAN
 from protocol.histogram import ExponentialHistogram, record
 from protocol.hybrid import CONFIDENCE_BINS, HybridPlan, HybridSummary
 from protocol.messages import BundleRef, ReportedState
 from protocol.summary import score_histogram
+from protocol.topics import windows_topic
 from protocol.versioning import default_release_counter
 from protocol.window import WindowSummary, encode_window
 from testbed.api_server import ServerThread
@@ -49,6 +50,7 @@ from tests.support.fleetctl import Fleetctl, one_line_error
 pytestmark = pytest.mark.integration
 
 CLASSES = ["normal", "imbalance", "bearing_wear", "overheating"]
+NS = "hybrid-plans"
 TTL = timedelta(minutes=10)
 
 
@@ -102,7 +104,8 @@ class Fleet(Fleetctl):
         hybrid: HybridSummary | None = None,
         resend: WindowSummary | None = None,
     ) -> WindowSummary:
-        """A window of the device ending at the clock, through the server's own ingest."""
+        """A window of the device ending at the clock, encoded as the agent sends it, through
+        the server's own ingest gate and batch writer."""
         rng = np.random.default_rng(len(device_id) + requests)
         end = self.clock.timestamp()
         w = resend or WindowSummary(
@@ -120,7 +123,9 @@ class Fleet(Fleetctl):
             latency_ms=record(ExponentialHistogram(), rng.lognormal(3.0, 0.3, size=requests)),
             hybrid=hybrid,
         )
-        self.ingest([Accepted(device_id, "windows", w, encode_window(w))])
+        verdict = classify(windows_topic(NS, device_id), encode_window(w), 65536, namespace=NS)
+        assert isinstance(verdict, Accepted) and verdict.message == w, verdict
+        self.ingest([verdict])
         return w
 
     def step(self, forced: tuple[str, ...] = ()) -> PlanRun | None:
