@@ -21,6 +21,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy.engine import make_url
@@ -125,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="how often every active rollout is judged and takes its next step (default 60); "
         "one replica at a time does it",
     )
+    _hybrid_flags(parser)
     _alert_webhook_flags(parser)
     parser.add_argument(
         "--verbose",
@@ -198,7 +200,49 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     if args.rollout_interval is not None:
         fields["rollout_interval_s"] = args.rollout_interval
     fields |= _alert_webhook_fields(args)
+    fields |= _hybrid_fields(args)
     return ServerConfig.model_validate(fields)
+
+
+def _hybrid_flags(parser: argparse.ArgumentParser) -> None:
+    hybrid = parser.add_argument_group("hybrid inference plans")
+    hybrid.add_argument(
+        "--plan-interval",
+        type=float,
+        metavar="SECONDS",
+        help="how often every device's plan is checked against what it reports and made "
+        "again where needed (default 30); one replica at a time does it",
+    )
+    hybrid.add_argument(
+        "--plan-ttl",
+        type=float,
+        metavar="SECONDS",
+        help="how long a signed plan holds (default 600); plans are renewed before",
+    )
+    hybrid.add_argument(
+        "--cloud-capacity",
+        type=float,
+        metavar="REQUESTS_PER_S",
+        help="the cloud's capacity until an operator sets one (fleetctl cloud capacity); "
+        "default 0: no plans, nothing leaves a device",
+    )
+    hybrid.add_argument(
+        "--cloud-model", metavar="NAME", help="the cloud model's name at the endpoint"
+    )
+
+
+def _hybrid_fields(args: argparse.Namespace) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for flag, field in (
+        ("plan_interval", "hybrid_interval_s"),
+        ("plan_ttl", "hybrid_plan_ttl_s"),
+        ("cloud_capacity", "hybrid_capacity"),
+        ("cloud_model", "hybrid_cloud_model"),
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            fields[field] = value
+    return fields
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,11 +6,13 @@ from __future__ import annotations
 import math
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from fleet_server.cli import build_parser, config_from_args
 from fleet_server.hybrid.aggregates import NO_PLAN, combine, combine_all, fold_hybrid
 from fleet_server.hybrid.demand import (
     device_inputs,
@@ -28,6 +30,7 @@ from fleet_server.hybrid.watch import (
     offload_reason,
     wilson,
 )
+from fleet_server.server import hybrid_settings
 from protocol.histogram import ExponentialHistogram, record
 from protocol.hybrid import CONFIDENCE_BINS, HybridSummary, calibrated_confidence
 from protocol.summary import SCORE_BIN_COUNT, score_histogram
@@ -179,3 +182,18 @@ def test_a_devices_demand_prefers_hybrid_confidence_then_scores_then_none() -> N
     assert demand.device_ids == ["d1", "d2"] and demand.confidence.shape == (2, CONFIDENCE_BINS)
     assert demand.opted_out.tolist() == [False, True] and demand.weight.tolist() == [2.0, 1.0]
     assert math.isnan(latency_p95_ms({}))
+
+
+def test_fleet_server_flags_set_the_planning_interval_ttl_capacity_and_cloud_model(
+    tmp_path: Path,
+) -> None:
+    flags = ["--plan-interval", "2", "--plan-ttl", "120", "--cloud-capacity", "40"]
+    args = build_parser().parse_args(["--data", str(tmp_path), *flags, "--cloud-model", "big"])
+    config = config_from_args(args)
+    assert (config.hybrid_interval_s, config.hybrid_plan_ttl_s) == (2.0, 120.0)
+    assert (config.hybrid_capacity, config.hybrid_cloud_model) == (40.0, "big")
+    settings = hybrid_settings(config)
+    assert settings.ttl == timedelta(seconds=120) and settings.renew_before < settings.ttl
+    assert settings.default_capacity == 40.0 and settings.cloud_model == "big"
+    defaults = config_from_args(build_parser().parse_args(["--data", str(tmp_path)]))
+    assert defaults.hybrid_capacity == 0.0 and defaults.hybrid_interval_s == 30.0
