@@ -137,8 +137,8 @@ class Snapshot:
     devices: list[Device]
     plans: dict[str, HybridPlanRow]
     capacity: Capacity
-    recent: dict[str, list[HybridDelta]]
-    current: dict[str, list[HybridDelta]]  # each plan's rows (with its renewals)
+    recent: dict[str, list[HybridDelta]]  # read only when planning (histograms)
+    current: dict[str, list[HybridDelta]]  # each plan's rows, counts only (with its renewals)
     alerts: dict[str, list[int]]  # open drift alerts that concern each device
     temperatures: dict[str, tuple[float, str]]  # device -> (T, where it came from)
 
@@ -352,6 +352,7 @@ class PlanService:
             reasons = [*forced, *reasons]
             run = None
             if reasons or per:
+                snap.recent = await self._recent(db, now)
                 run = await self._plan(db, snap, now, reasons, per)
             await self._sign_pending(db, run)
             return run
@@ -369,18 +370,13 @@ class PlanService:
                 yield True
 
     async def _read(self, db: Database, now: datetime) -> Snapshot:
-        since = now - self.settings.lookback
-        since = since.replace(minute=0, second=0, microsecond=0)
         async with db.session() as session:
             devices = await store.active_devices(session)
             plans = {p.device_id: p for p in await store.plans(session)}
             capacity = capacity_of(await store.cloud_settings(session), self.settings)
-            recent: dict[str, list[HybridDelta]] = {}
-            for d in await store.hybrid_stats(session, since):
-                recent.setdefault(d.device_id, []).append(d)
             owner = {pid: row.device_id for row in plans.values() for pid in plan_ids_of(row)}
             current: dict[str, list[HybridDelta]] = {}
-            for d in await store.plan_stats(session, list(owner)):
+            for d in await store.plan_counts(session, list(owner)):
                 if owner.get(d.plan_id) == d.device_id:
                     current.setdefault(d.device_id, []).append(d)
             open_alerts = (
@@ -390,7 +386,16 @@ class PlanService:
                 d.id: sorted(a.id for a in open_alerts if _alert_concerns(a, d)) for d in devices
             }
             temperatures = await self._temperatures(session, devices)
-        return Snapshot(devices, plans, capacity, recent, current, alerts, temperatures)
+        return Snapshot(devices, plans, capacity, {}, current, alerts, temperatures)
+
+    async def _recent(self, db: Database, now: datetime) -> dict[str, list[HybridDelta]]:
+        """Each device's rows of the hours of the last ``lookback`` (read only to plan)."""
+        since = (now - self.settings.lookback).replace(minute=0, second=0, microsecond=0)
+        recent: dict[str, list[HybridDelta]] = {}
+        async with db.session() as session:
+            for d in await store.hybrid_stats(session, since):
+                recent.setdefault(d.device_id, []).append(d)
+        return recent
 
     async def _temperatures(
         self, session: Any, devices: Sequence[Device]
@@ -735,7 +740,7 @@ class PlanService:
         async with db.session() as session:
             rows = await store.plans(session, device_id)
             ids = [pid for r in rows for pid in plan_ids_of(r)]
-            stats = await store.plan_stats(session, ids)
+            stats = await store.plan_counts(session, ids)
         owner = {pid: r.device_id for r in rows for pid in plan_ids_of(r)}
         by_device: dict[str, list[HybridDelta]] = {}
         for d in stats:
