@@ -82,6 +82,8 @@ _PLANNING: weakref.WeakKeyDictionary[Database, asyncio.Lock] = weakref.WeakKeyDi
 KEEP_CONTINUES = 5
 # A device bringing this share more than its quota to a loaded endpoint is planned afresh.
 QUOTA_SLACK = 0.1
+# Devices whose plan is signed at once (each in a thread).
+SIGNING_AT_ONCE = 8
 # Devices and reasons named in one audit entry.
 AUDIT_NAMED = 50
 
@@ -609,29 +611,43 @@ class PlanService:
             )
         signed_now: list[str] = []
         behind: list[str] = []
-        for device_id in pending:
+        # Each device's metadata is its own files and lock: several are signed at once, so
+        # their writes' fsyncs overlap.
+        slots = asyncio.Semaphore(SIGNING_AT_ONCE)
+
+        def sign_one(device_id: str) -> str | None:
+            """``"signed"``, ``"behind"`` (a newer version is recorded first) or ``None``."""
             row = rows.get(device_id)
             plan = HybridPlan.model_validate(row.plan) if row is not None else None
-            try:
-                signed = await asyncio.to_thread(self.director.signed, device_id)
-                if signed.version == 0 and plan is None:
-                    self.unsigned.discard(device_id)
-                    continue
-                if signed.plan_id == (plan.plan_id if plan else None):
-                    self.unsigned.discard(device_id)
-                    continue
-                want = recorded.get(device_id) or 0
-                if signed.version >= want:
-                    behind.append(device_id)  # overtaken: a newer version is recorded first
-                    continue
-                done = await asyncio.to_thread(
-                    self.director.sign_plan, self.keys, device_id, plan, want
-                )
-                if done == want:
-                    self.unsigned.discard(device_id)
-                    signed_now.append(device_id)
-            except Exception as exc:  # one device's failure must not stop the others
-                log.warning("could not sign the hybrid plan of %s: %r; retried", device_id, exc)
+            signed = self.director.signed(device_id)
+            if (signed.version == 0 and plan is None) or signed.plan_id == (
+                plan.plan_id if plan else None
+            ):
+                self.unsigned.discard(device_id)
+                return None
+            want = recorded.get(device_id) or 0
+            if signed.version >= want:
+                return "behind"
+            if self.director.sign_plan(self.keys, device_id, plan, want) == want:
+                self.unsigned.discard(device_id)
+                return "signed"
+            return None
+
+        async def one(device_id: str) -> None:
+            async with slots:
+                try:
+                    done = await asyncio.to_thread(sign_one, device_id)
+                except Exception as exc:  # one device's failure must not stop the others
+                    log.warning("could not sign the hybrid plan of %s: %r; retried", device_id, exc)
+                    return
+            if done == "signed":
+                signed_now.append(device_id)
+            elif done == "behind":
+                behind.append(device_id)
+
+        await asyncio.gather(*(one(d) for d in pending))
+        signed_now.sort()
+        behind.sort()
         if behind:
             async with db.session() as session:
                 now_recorded = await lock_recorded_versions(session, behind)
