@@ -155,6 +155,15 @@ def is_plan(target: TargetFile) -> bool:
     return isinstance(custom, dict) and HYBRID_PLAN in custom
 
 
+def _plan_id(path: str, target: TargetFile) -> str:
+    """The id of the plan a plan target carries; from its path if it does not parse (what
+    the server itself signed always does), so reading the assignment never fails on it."""
+    try:
+        return signed_plan(target).plan_id
+    except ValueError:
+        return path.removeprefix(PLAN_TARGET_PREFIX).removesuffix(".json")
+
+
 def signed_plan(target: TargetFile) -> HybridPlan:
     """The plan a plan target carries (``ValueError`` if it does not parse)."""
     custom = target.unrecognized_fields.get("custom")
@@ -190,7 +199,7 @@ class DeviceRepository(TufRepository):
         bundles = {p: t for p, t in listed.items() if not is_plan(t)}
         paths = sorted(p for p, t in bundles.items() if not is_shadow(t))
         shadows = sorted(p for p, t in bundles.items() if is_shadow(t))
-        plans = sorted(signed_plan(t).plan_id for t in listed.values() if is_plan(t))
+        plans = sorted(_plan_id(p, t) for p, t in listed.items() if is_plan(t))
         return Signed(
             paths[0] if paths else None,
             targets.signed.version,

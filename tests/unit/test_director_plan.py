@@ -106,3 +106,19 @@ def test_a_plan_for_another_device_is_refused(
 ) -> None:
     with pytest.raises(RepositoryError, match="is for dev-2, not dev-1"):
         director.sign_plan(session_keys, "dev-1", plan(device="dev-2"))
+
+
+def test_a_plan_target_that_does_not_parse_never_hides_the_assignment(
+    director: DirectorRepository, session_keys: KeyStore, repo: ImageRepository
+) -> None:
+    bundle = repo.bundles()[0]
+    director.assign(session_keys, "dev-1", HARDWARE, bundle)
+    bad = plan_target(plan())
+    bad.unrecognized_fields["custom"] = {HYBRID_PLAN: "not a plan"}
+    repo_ = director.device("dev-1")
+    listed = {bundle.target_path: repo_.targets()[bundle.target_path], bad.path: bad}
+    repo_.sign(session_keys, listed, None)
+    signed = director.signed("dev-1")
+    assert signed.target_path == bundle.target_path and signed.plan_id == "p-0123456789ab"
+    director.sign_plan(session_keys, "dev-1", None)  # and it can be signed away
+    assert set(targets(director, "dev-1")) == {bundle.target_path}
