@@ -108,9 +108,17 @@ class ApiConfig(_Section):
 
 
 class CloudConfig(_Section):
+    """The cloud endpoint (Open Inference Protocol); the device authenticates with its credentials.
+
+    HTTP Basic with the device id and the password of ``[credentials]`` (the
+    MQTT connection's). ``model`` names the model at the endpoint; without it,
+    a hybrid plan's ``cloud_model`` or the served model's own name.
+    """
+
     url: str | None = Field(default=None, description="Open Inference Protocol endpoint")
     model: str | None = Field(default=None, description="model name at the endpoint")
     timeout_s: float = Field(default=1.0, gt=0)
+    max_audits_in_flight: int = Field(default=2, ge=1)
 
 
 class WatchdogConfig(_Section):

@@ -9,8 +9,15 @@ stage attempt back to the installer's watchdog. A device with a director
 also keeps the director's shadow (:mod:`agent.ota.shadow`), asked after each
 update check, and runs it beside the active model on ``shadow.share`` of the
 requests (:mod:`agent.serving.shadow`), its results counted in the windows.
+It also follows the hybrid plan its director signs (:mod:`agent.ota.plan`),
+asked at each update check before the install, dropped when it expires:
+:meth:`AgentDaemon._follow_plan` is the one place the plan reaches the
+serving chain.
 The installer's events go to the link; a new desired state from the link
-wakes the update loop early.
+wakes the update loop early. The cloud stage (``[cloud] url``) authenticates
+with the device id and the credential of its MQTT connection; under a hybrid
+plan (``chain.set_hybrid_plan``) every request's route and every audit's
+outcome are counted in the windows and the metrics.
 """
 
 from __future__ import annotations
@@ -27,20 +34,24 @@ from typing import TYPE_CHECKING, Any
 
 from agent.api.admission import ApiLimits
 from agent.api.http import LocalApi
-from agent.config import AgentConfig
+from agent.config import AgentConfig, ConfigError
 from agent.metrics import AgentMetrics
+from agent.ota.answers import Why
 from agent.ota.durable import atomic_write
 from agent.ota.faults import Faults
 from agent.ota.installer import Installer
 from agent.ota.parts import ProcessFetcher, SlotModel
+from agent.ota.plan import PlanKeeper, reported
 from agent.ota.shadow import ShadowKeeper, ShadowModel
 from agent.ota.shadow_steps import ShadowPolicy
 from agent.ota.shadow_store import ShadowStore
-from agent.serving.chain import Answer, FallbackChain, ModelSlot
+from agent.serving.chain import Answer, ChainConfig, FallbackChain, ModelSlot
 from agent.serving.cloud import CloudStage
 from agent.serving.shadow import ShadowResult, ShadowRunner
 from agent.telemetry import Outbox, WindowPolicy, WindowRecorder, WindowRecordError
 from model_runtime import Runtime, default_runtime
+from protocol.hybrid import HybridPlan
+from protocol.messages import HybridPlanState
 from protocol.window import encode_window
 
 if TYPE_CHECKING:
@@ -51,6 +62,17 @@ log = logging.getLogger(__name__)
 SLOW_STOP_S = 5.0  # a stop taking longer logs what it still waits for
 TICK_S = 0.2
 TELEMETRY_TICK_S = 1.0
+
+
+def _device_password(config: AgentConfig) -> str | None:
+    """The device's credential (``[credentials] password_file``), read once at start."""
+    path = config.credentials.password_file
+    if path is None:
+        return None
+    try:
+        return path.read_text(encoding="utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"credentials.password_file: cannot read {path}: {exc}") from None
 
 
 def _slot(model: SlotModel | None) -> ModelSlot | None:
@@ -65,12 +87,22 @@ class AgentDaemon:
     ) -> None:
         self.config = config
         cloud = None
-        if config.cloud.url and config.cloud.model:
+        if config.cloud.url:
+            # The endpoint knows the device by the credentials of its MQTT connection.
             cloud = CloudStage(
-                config.cloud.url, config.cloud.model, timeout_s=config.cloud.timeout_s
+                config.cloud.url,
+                config.cloud.model,
+                timeout_s=config.cloud.timeout_s,
+                username=config.device_id,
+                password=_device_password(config),
             )
         self.metrics = AgentMetrics()
-        self.chain = FallbackChain(cloud=cloud, counter=self.metrics.inference)
+        self.chain = FallbackChain(
+            cloud=cloud,
+            config=ChainConfig(max_audits_in_flight=config.cloud.max_audits_in_flight),
+            counter=self.metrics.inference,
+            hybrid_counter=self.metrics.hybrid,
+        )
         self.recorder: WindowRecorder | None = None
         self.outbox: Outbox | None = None
         telemetry = config.telemetry
@@ -90,6 +122,7 @@ class AgentDaemon:
                 max_age_s=telemetry.outbox_max_age_s,
             )
             self.chain.on_answer(self._record)
+            self.chain.on_audit(self.recorder.record_audit)
         runtime = runtime or default_runtime()
         self.installer = Installer.from_config(
             config,
@@ -112,6 +145,15 @@ class AgentDaemon:
                 policy=ShadowPolicy(config.update.poll_interval_s),
                 faults=Faults(config.faults.hold_at),
             )
+        # Only a director signs a hybrid plan; without one the device serves locally only.
+        self.plan: PlanKeeper | None = None
+        self._plan_metrics_registered = False
+        if config.director is not None:
+            self.plan = PlanKeeper(
+                fetcher=ProcessFetcher(config_path),
+                on_plan=self._follow_plan,
+                report=self.installer.record_event,
+            )
         # Set when the server says the assignment changed: check for updates now.
         self.wake = asyncio.Event()
         self._check_after_trial = False
@@ -126,6 +168,7 @@ class AgentDaemon:
                 self.chain,
                 on_desired=lambda _: self.wake.set(),
                 outbox=self.outbox,
+                hybrid_plan=self._plan_state,
             )
         self.metrics.watch(chain=self.chain, outbox=self.outbox, link=self.link)
         self.api = LocalApi(
@@ -204,8 +247,41 @@ class AgentDaemon:
         except WindowRecordError as exc:
             log.debug("shadow result not counted: %s", exc)
 
+    def _follow_plan(self, plan: HybridPlan | None, refusal: Why | None) -> None:
+        """Hand the serving chain the hybrid plan to follow (``None``: serve locally only).
+
+        Called by the plan keeper on every change (a new plan, one refused, one
+        expired or withdrawn), never for a plan it did not check. ``refusal``
+        says why a plan the director listed is not followed; the state reports it.
+        """
+        set_hybrid_plan = getattr(self.chain, "set_hybrid_plan", None)
+        if set_hybrid_plan is not None:
+            set_hybrid_plan(plan)
+        elif plan is not None and plan.mode != "local":
+            log.warning("plan %s: this chain cannot escalate; serving locally", plan.plan_id)
+        if self.plan is not None and not self._plan_metrics_registered:
+            # Registered with the first plan: a device that never gets one never imports
+            # prometheus-client for it.
+            self.metrics.registry.register(self.plan.metrics)
+            self._plan_metrics_registered = True
+        if self.link is not None:
+            self.link.state_changed()
+
+    def _plan_state(self) -> HybridPlanState | None:
+        """The hybrid plan as the reported state names it (``None``: the director lists none)."""
+        return reported(self.plan.state) if self.plan is not None else None
+
     async def _poll(self) -> str:
-        """One update check, then the shadow's (a failing shadow check never stops updates)."""
+        """One update check, then the shadow's (a failing shadow check never stops updates).
+
+        The hybrid plan is asked first: it takes a refresh, not a download, and
+        applies whether or not a bundle changes.
+        """
+        if self.plan is not None:
+            try:
+                await self.plan.poll()
+            except Exception:
+                log.exception("plan check failed")
         outcome = await self.installer.poll()
         if self.shadow is not None:
             try:
@@ -218,7 +294,12 @@ class AgentDaemon:
         assert self.recorder is not None
         try:
             self.recorder.record(
-                inputs, answer.outputs, answer.stage, seconds, model_version=answer.model_version
+                inputs,
+                answer.outputs,
+                answer.stage,
+                seconds,
+                model_version=answer.model_version,
+                hybrid=answer.hybrid,
             )
         except WindowRecordError as exc:  # e.g. a request that straddled a model switch
             log.debug("not summarised: %s", exc)
@@ -273,6 +354,8 @@ class AgentDaemon:
     async def _trial_clock(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             self.installer.tick()
+            if self.plan is not None:
+                self.plan.tick()  # a plan past its expiry is dropped at once
             if self._check_after_trial and not self.installer.in_trial:
                 # A check was put off by the trial (committed or rolled back by now):
                 # do it now rather than at the next poll.

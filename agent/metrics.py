@@ -35,7 +35,17 @@ Metrics, all named ``edgefleet_agent_*``:
   stage): ``shadow_info{bundle_id, version}`` 1, and
   ``shadow_requests_total{outcome}``, the active model's answers offered to
   it since it was loaded: ``ran``, ``skipped`` (drawn while it was busy) and
-  ``not_drawn`` (outside its share).
+  ``not_drawn`` (outside its share);
+- ``hybrid_requests_total{route}``: requests served under a hybrid plan, by
+  route: ``local`` (answered on the device as the plan says), ``escalated``
+  (sent to the cloud), ``kept_local_quota`` (would have gone, but the quota,
+  a back-off or the cloud's open breaker said no), and ``audit`` (confident
+  requests also sent to the cloud to measure agreement; not requests of their own);
+- ``hybrid_cloud_errors_total{kind}``: cloud calls under a plan that gave no
+  usable answer, by kind (``rate_limited``, ``timeout``, ``unavailable``,
+  ``server_error``, ``bad_answer``);
+- ``hybrid_plan_info{plan_id, mode}``: 1 while the device follows a plan
+  (none before one arrives or after it expired).
 
 The counts are kept on the agent's event loop and are not locked.
 """
@@ -48,7 +58,9 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Final, Literal
 
 from agent.ota.errors import refusal_kinds
+from agent.serving.hybrid import ROUTES, AuditResult, Route
 from agent.telemetry.outbox import OutboxError
+from protocol.hybrid import CLOUD_ERROR_KINDS, CloudErrorKind
 from protocol.inference import STAGE_NAMES, StageName
 
 if TYPE_CHECKING:
@@ -160,6 +172,46 @@ class InferenceMetrics:
         yield latency
 
 
+class HybridMetrics:
+    """Requests by hybrid route, audits and cloud errors by kind (the chain's ``HybridCounter``)."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, int] = dict.fromkeys((*ROUTES, "audit"), 0)
+        self.cloud_errors: dict[CloudErrorKind, int] = dict.fromkeys(CLOUD_ERROR_KINDS, 0)
+
+    def route(self, route: Route) -> None:
+        """Count one request served under a plan."""
+        self.routes[route.route] += 1
+        if route.cloud_error is not None:
+            self.cloud_errors[route.cloud_error] += 1
+
+    def audit(self, result: AuditResult) -> None:
+        """Count one audit sent to the cloud."""
+        self.routes["audit"] += 1
+        if result.cloud_error is not None:
+            self.cloud_errors[result.cloud_error] += 1
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.metrics_core import CounterMetricFamily
+
+        routes = CounterMetricFamily(
+            PREFIX + "hybrid_requests",
+            "Requests served under a hybrid plan, by route: local, escalated, kept_local_quota; "
+            "audit: confident requests also sent to the cloud",
+            labels=["route"],
+        )
+        for name, count in self.routes.items():
+            routes.add_metric([name], count)
+        errors = CounterMetricFamily(
+            PREFIX + "hybrid_cloud_errors",
+            "Cloud calls under a hybrid plan that gave no usable answer, by kind",
+            labels=["kind"],
+        )
+        for kind, count in self.cloud_errors.items():
+            errors.add_metric([kind], count)
+        yield from (routes, errors)
+
+
 class InstallMetrics:
     """Install results and reasons, counted from the installer's events."""
 
@@ -210,6 +262,7 @@ class AgentMetrics:
     def __init__(self) -> None:
         self.inference = InferenceMetrics()
         self.installs = InstallMetrics()
+        self.hybrid = HybridMetrics()
         self._chain: FallbackChain | None = None
         self._outbox: Outbox | None = None
         self._link: MqttLink | None = None
@@ -249,9 +302,11 @@ class AgentMetrics:
 
         yield from self.inference.collect()
         yield from self.installs.collect()
+        yield from self.hybrid.collect()
         if self._chain is not None:
             yield self._models(self._chain)
             yield from self._shadow(self._chain)
+            yield self._plan(self._chain)
         if self._outbox is not None:
             yield from self._outbox_depth(self._outbox)
         if self._link is not None:
@@ -277,6 +332,20 @@ class AgentMetrics:
         for slot, model in zip(("active", "previous"), chain.slots, strict=True):
             if model is not None:
                 info.add_metric([slot, model.manifest.name, model.manifest.version], 1)
+        return info
+
+    @staticmethod
+    def _plan(chain: FallbackChain) -> Metric:
+        from prometheus_client.metrics_core import GaugeMetricFamily
+
+        info = GaugeMetricFamily(
+            PREFIX + "hybrid_plan_info",
+            "The hybrid plan the device follows (none: no plan, or it expired)",
+            labels=["plan_id", "mode"],
+        )
+        plan = chain.hybrid_plan
+        if plan is not None:
+            info.add_metric([plan.plan_id, plan.mode], 1)
         return info
 
     @staticmethod

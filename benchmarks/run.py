@@ -8,7 +8,10 @@ from benchmarks import (
     agent_inference,
     agent_memory,
     agent_shadow,
+    cloud_endpoint,
     director_signing,
+    hybrid_plan,
+    hybrid_serving,
     rollout_gates,
     rollout_tick,
     rollout_waves,
@@ -30,8 +33,11 @@ BENCHMARKS = [
     ("director metadata for 10,000 devices vs bare signatures and writes", director_signing.main),
     ("telemetry: record cost, bytes a day, drift for 10,000 devices", telemetry.main),
     ("rollout wave membership for 1,000,000 devices vs hashing their ids", rollout_waves.main),
+    ("the cloud endpoint: dynamic batching vs one request per call", cloud_endpoint.main),
     ("rollout gates: false stops and time to stop vs a fixed-level test", rollout_gates.main),
     ("a rollout tick's read of 100,000 devices' hourly aggregates vs count(*)", rollout_tick.main),
+    ("hybrid plan for 100,000 devices vs a per-device loop", hybrid_plan.main),
+    ("a hybrid plan's cost to a request that stays local vs no plan", hybrid_serving.main),
 ]
 
 

@@ -1,6 +1,7 @@
 """``fleet-server``: runs one fleet server replica.
 
     fleet-server --data DIR [--db URL] [--mqtt URL] [--mqtt-namespace NS] [--http HOST:PORT]
+    fleet-server cloud --data DIR --trusted-root ROOT.json ...   (the cloud endpoint)
 
 Defaults need no set-up: SQLite in DIR, no broker. Run several replicas on
 one PostgreSQL and one broker to scale out: they split the MQTT ingest with a
@@ -20,6 +21,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy.engine import make_url
@@ -61,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Every setting is a flag; the only environment variables it reads are\n"
         "EDGEFLEET_ALERT_WEBHOOK and EDGEFLEET_ALERT_WEBHOOK_SECRET_FILE, the defaults\n"
         "of --alert-webhook and --alert-webhook-secret-file.\n\n"
+        "The cloud inference endpoint runs as its own process: fleet-server cloud --help.\n\n"
         "examples:\n"
         "  fleet-server --data /var/lib/edgefleet-server\n"
         "  fleet-server --data /var/lib/edgefleet-server --db postgresql://fleet@db/fleet "
@@ -123,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="how often every active rollout is judged and takes its next step (default 60); "
         "one replica at a time does it",
     )
+    _hybrid_flags(parser)
     _alert_webhook_flags(parser)
     parser.add_argument(
         "--verbose",
@@ -196,11 +200,58 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     if args.rollout_interval is not None:
         fields["rollout_interval_s"] = args.rollout_interval
     fields |= _alert_webhook_fields(args)
+    fields |= _hybrid_fields(args)
     return ServerConfig.model_validate(fields)
 
 
+def _hybrid_flags(parser: argparse.ArgumentParser) -> None:
+    hybrid = parser.add_argument_group("hybrid inference plans")
+    hybrid.add_argument(
+        "--plan-interval",
+        type=float,
+        metavar="SECONDS",
+        help="how often every device's plan is checked against what it reports and made "
+        "again where needed (default 30); one replica at a time does it",
+    )
+    hybrid.add_argument(
+        "--plan-ttl",
+        type=float,
+        metavar="SECONDS",
+        help="how long a signed plan holds (default 600); plans are renewed before",
+    )
+    hybrid.add_argument(
+        "--cloud-capacity",
+        type=float,
+        metavar="REQUESTS_PER_S",
+        help="the cloud's capacity until an operator sets one (fleetctl cloud capacity); "
+        "default 0: no plans, nothing leaves a device",
+    )
+    hybrid.add_argument(
+        "--cloud-model", metavar="NAME", help="the cloud model's name at the endpoint"
+    )
+
+
+def _hybrid_fields(args: argparse.Namespace) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for flag, field in (
+        ("plan_interval", "hybrid_interval_s"),
+        ("plan_ttl", "hybrid_plan_ttl_s"),
+        ("cloud_capacity", "hybrid_capacity"),
+        ("cloud_model", "hybrid_cloud_model"),
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            fields[field] = value
+    return fields
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    if given[:1] == ["cloud"]:
+        from fleet_server.cloud.cli import main as cloud_main
+
+        return cloud_main(given[1:])
+    args = build_parser().parse_args(given)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

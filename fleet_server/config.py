@@ -74,6 +74,26 @@ class ServerConfig(BaseModel):
         description="estimated accuracy this far below the calibration's opens an alert",
     )
 
+    hybrid_interval_s: float = Field(
+        default=30.0, gt=0, le=86400, description="how often hybrid plans are checked and re-made"
+    )
+    hybrid_plan_ttl_s: float = Field(
+        default=600.0, ge=60, le=86400, description="how long a signed hybrid plan holds"
+    )
+    hybrid_lookback_s: float = Field(
+        default=3600.0, gt=0, description="the windows a device's request rate is counted over"
+    )
+    hybrid_capacity: float = Field(
+        default=0.0,
+        ge=0,
+        description="the cloud's capacity (requests a second) until an operator sets one",
+    )
+    hybrid_headroom: float = Field(default=0.1, ge=0, lt=1)
+    hybrid_audit_rate: float = Field(default=0.02, ge=0, le=1)
+    hybrid_cloud_model: str | None = Field(
+        default=None, max_length=128, description="the cloud model's name at the endpoint"
+    )
+
     alert_webhook_url: str | None = Field(
         default=None,
         pattern=r"^https?://[^\s]+$",

@@ -2,7 +2,7 @@
 
 A :class:`Job` is one periodic piece of work: the presence sweep, the
 director's re-signing, the audit anchor, the drift evaluation (and the jobs
-that come next, such as rollout steps). :func:`run_jobs` runs each on its own
+that came next: the rollout controller, hybrid planning). :func:`run_jobs` runs each on its own
 interval until the server stops: a failed run is logged and the next runs on
 time, so one failing job never stops another. A job with ``at_stop`` runs once
 more when the server stops (the audit anchor records the head at a clean stop).

@@ -26,6 +26,7 @@ from fleet_server.director import DirectorRepository
 from fleet_server.drift import ManifestCache, evaluate_once
 from fleet_server.drift.views import alert_view
 from fleet_server.drift.webhook import Notification, WebhookNotifier
+from fleet_server.hybrid.service import HybridSettings, PlanService
 from fleet_server.jobs import Job, run_jobs
 from fleet_server.metrics import Metrics
 from fleet_server.mqtt.claim import NamespaceGuard, StartRefused
@@ -71,6 +72,13 @@ class FleetServer:
             director.create(keys)
         self.mqtt = ServerMqtt(config, self.db, self.metrics) if config.mqtt_url else None
         self.assignments = AssignmentService(director, keys, self._publish_desired)
+        self.plans = PlanService(
+            director,
+            keys,
+            self.manifests,
+            hybrid_settings(config),
+            self.assignments.announce_changed,
+        )
         self.http_port: int | None = None
         self._next_director_upkeep = 0.0  # the first upkeep runs at start
         self.notifier = self._alert_notifier()
@@ -218,6 +226,7 @@ class FleetServer:
                 ),
             ),
             Job("rollout controller", self.config.rollout_interval_s, self._rollout_tick),
+            Job("hybrid planning", self.config.hybrid_interval_s, lambda: self.plans.step(self.db)),
         ]
 
     async def _rollout_tick(self) -> None:
@@ -279,6 +288,20 @@ class FleetServer:
                 log.info("pruned %d superseded director metadata files", pruned)
         except Exception:
             log.exception("re-signing or pruning director metadata failed")
+
+
+def hybrid_settings(config: ServerConfig) -> HybridSettings:
+    """The planning service's settings from the server's configuration."""
+    ttl = timedelta(seconds=config.hybrid_plan_ttl_s)
+    return HybridSettings(
+        ttl=ttl,
+        renew_before=ttl * 0.3,
+        lookback=timedelta(seconds=config.hybrid_lookback_s),
+        default_capacity=config.hybrid_capacity,
+        default_headroom=config.hybrid_headroom,
+        audit_rate=config.hybrid_audit_rate,
+        cloud_model=config.hybrid_cloud_model,
+    )
 
 
 def prepare(config: ServerConfig) -> None:

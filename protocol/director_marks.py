@@ -14,6 +14,9 @@ them (:mod:`agent.ota.director_client`).
 - ``hybrid_plan`` (a :class:`protocol.hybrid.HybridPlan` as JSON): not a
   bundle but the device's hybrid-inference plan; the target's hashes and
   length are those of the plan's canonical JSON. A director lists at most one.
+  TUF signs metadata as OLPC canonical JSON, which refuses floats, so the value
+  is the *text* of :meth:`~protocol.hybrid.HybridPlan.canonical_json` (a JSON
+  string); the agent also reads an object whose floats are written as strings.
 """
 
 from __future__ import annotations

@@ -45,3 +45,37 @@ def unpack_golden(data: bytes) -> tuple[Arrays, Arrays]:
                 raise ValueError(f"golden vectors hold an unexpected array {key!r}")
             target[name] = archive[key]
     return inputs, outputs
+
+
+def golden_disagreement(
+    outputs: Mapping[str, npt.ArrayLike],
+    expected: Mapping[str, npt.ArrayLike],
+    atol: float,
+    rtol: float,
+) -> tuple[float, str | None]:
+    """The largest error of ``outputs`` against golden ``expected``, and what is wrong, if any.
+
+    Every expected output must be present and finite, and within
+    ``atol + rtol * |expected|`` of the golden value element by element; the
+    problem names the first output at fault (and the worst golden vector).
+    """
+    worst = 0.0
+    for name, want in expected.items():
+        if name not in outputs:
+            return worst, f"output {name!r} is missing"
+        got = np.asarray(outputs[name], dtype=np.float64)
+        want64 = np.asarray(want, dtype=np.float64)
+        if got.shape != want64.shape:
+            return worst, f"output {name!r} has shape {list(got.shape)}, not {list(want64.shape)}"
+        if not np.all(np.isfinite(got)):
+            return worst, f"output {name!r} is NaN or Inf on a golden vector"
+        error = np.abs(got - want64)
+        excess = error - (atol + rtol * np.abs(want64))
+        if np.any(excess > 0):
+            row = int(np.argmax(excess.reshape(len(excess), -1).max(axis=1)))
+            return worst, (
+                f"golden vector {row}: output {name!r} differs by "
+                f"{float(error.max()):.3g}, beyond atol {atol} + rtol {rtol}"
+            )
+        worst = max(worst, float(error.max()) if error.size else 0.0)
+    return worst, None

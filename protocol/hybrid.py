@@ -36,7 +36,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
-from protocol.histogram import ExponentialHistogram
+from protocol.histogram import ExponentialHistogram, merge_histograms
 
 PlanMode = Literal["local", "escalate", "cloud_first"]
 PLAN_MODES: Final[tuple[PlanMode, ...]] = ("local", "escalate", "cloud_first")
@@ -201,3 +201,37 @@ def confidence_bin(confidence: npt.NDArray[Any]) -> npt.NDArray[np.intp]:
         (c * CONFIDENCE_BINS).astype(np.intp), 0, CONFIDENCE_BINS - 1
     )
     return out
+
+
+def merge_hybrid(a: HybridSummary, b: HybridSummary) -> HybridSummary:
+    """The sum of two windows' hybrid sections under the same plan.
+
+    Raises ``ValueError`` for sections of different plans or modes: what a
+    device did under one plan says nothing about another.
+    """
+    if (a.plan_id, a.mode) != (b.plan_id, b.mode):
+        raise ValueError(
+            f"hybrid sections of plan {a.plan_id} ({a.mode}) and {b.plan_id} ({b.mode}) "
+            "cannot be merged"
+        )
+    errors: dict[CloudErrorKind, int] = dict(a.cloud_errors)
+    for kind, count in b.cloud_errors.items():
+        errors[kind] = errors.get(kind, 0) + count
+    return HybridSummary(
+        plan_id=a.plan_id,
+        mode=a.mode,
+        local=a.local + b.local,
+        escalated=a.escalated + b.escalated,
+        kept_local_quota=a.kept_local_quota + b.kept_local_quota,
+        cloud_answered=a.cloud_answered + b.cloud_answered,
+        audits=a.audits + b.audits,
+        cloud_errors=errors,
+        escalated_compared=a.escalated_compared + b.escalated_compared,
+        escalated_agreements=a.escalated_agreements + b.escalated_agreements,
+        audit_compared=a.audit_compared + b.audit_compared,
+        audit_agreements=a.audit_agreements + b.audit_agreements,
+        audit_confidence_sum=a.audit_confidence_sum + b.audit_confidence_sum,
+        local_latency_ms=merge_histograms(a.local_latency_ms, b.local_latency_ms),
+        cloud_latency_ms=merge_histograms(a.cloud_latency_ms, b.cloud_latency_ms),
+        confidence=[x + y for x, y in zip(a.confidence, b.confidence, strict=True)],
+    )

@@ -9,6 +9,7 @@ never acts on a manifest that does not make sense.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -234,6 +235,24 @@ class Manifest(_Strict):
         if self.fallback.confidence_output not in (None, *output_names):
             raise ValueError("fallback.confidence_output names no output")
         return self
+
+    def tensor_disagreement(
+        self, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]
+    ) -> str | None:
+        """How a loaded model's tensors differ from the ones this manifest promises, or ``None``.
+
+        Names, dtypes and shapes must be the same, in order.
+        """
+
+        def shape(specs: Sequence[TensorSpec]) -> list[tuple[str, str, list[int]]]:
+            return [(t.name, t.dtype, t.shape) for t in specs]
+
+        if (shape(inputs), shape(outputs)) == (shape(self.inputs), shape(self.outputs)):
+            return None
+        return (
+            "the model's tensors differ from the manifest's contract: "
+            f"{shape(inputs)} -> {shape(outputs)}"
+        )
 
     @property
     def target_path(self) -> str:

@@ -158,6 +158,25 @@ class InstallOutcome(BaseModel):
     at: _Time
 
 
+class HybridPlanState(BaseModel):
+    """The hybrid plan a device follows (``plan_id``), or why it serves locally only.
+
+    ``plan_id``/``mode``/``expires_at``: the plan in force (the plan's own
+    expiry, seconds since the epoch); all ``None`` when none is. ``refused``
+    (a reason code such as ``plan-hash-mismatch`` or ``plan-expired``) and
+    ``message``: why the plan the director listed, or the one followed until
+    now, is not followed.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    plan_id: _Short | None = None
+    mode: Literal["local", "escalate", "cloud_first"] | None = None
+    expires_at: _Time | None = None
+    refused: _Short | None = None
+    message: Annotated[str, Field(max_length=2000)] | None = None
+
+
 class ReportedState(_Message):
     """What the device runs and how its install is going (retained: the latest wins)."""
 
@@ -174,6 +193,9 @@ class ReportedState(_Message):
     # leave it out when none runs, so a server that predates it (and refuses unknown
     # fields) still takes their state; a server reading an older device sees ``None``.
     shadow: BundleRef | None = None
+    # The hybrid plan followed, or why none is; left out like ``shadow`` while the
+    # director has listed none.
+    hybrid_plan: HybridPlanState | None = None
 
 
 class DeviceEvent(_Message):

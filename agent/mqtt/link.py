@@ -6,7 +6,7 @@ While connected the link
   will (the broker publishes it when the connection dies without a goodbye)
   and on a clean shutdown;
 - keeps ``state`` retained: a :class:`~protocol.messages.ReportedState` on
-  connect and whenever the install journal or the serving slots change;
+  connect and whenever the install journal, the serving slots or the hybrid plan change;
 - sends each install event as a :class:`~protocol.messages.DeviceEvent`
   (QoS 1; events recorded while offline wait in a small bounded queue);
 - sends a :class:`~protocol.messages.Heartbeat` every ``mqtt.heartbeat_interval_s``
@@ -55,7 +55,13 @@ from agent.ota.journal import Journal
 from protocol.broker_url import parse_broker_url
 from protocol.inference import StageName
 from protocol.manifest import Manifest
-from protocol.messages import DesiredState, DeviceEvent, ReportedState, WindowAck
+from protocol.messages import (
+    DesiredState,
+    DeviceEvent,
+    HybridPlanState,
+    ReportedState,
+    WindowAck,
+)
 from protocol.topics import (
     MAX_PAYLOAD_BYTES,
     acks_topic,
@@ -184,6 +190,7 @@ class MqttLink:
         on_desired: OnDesired,
         *,
         outbox: WindowOutbox | None = None,
+        hybrid_plan: Callable[[], HybridPlanState | None] | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -208,6 +215,7 @@ class MqttLink:
         self._installer = installer
         self._chain = chain
         self._on_desired = on_desired
+        self._hybrid_plan = hybrid_plan
         self._clock = clock
         self._monotonic = monotonic
         self._started = monotonic()
@@ -250,6 +258,10 @@ class MqttLink:
         """New windows are in the outbox: send them soon."""
         self._changed.set()
 
+    def state_changed(self) -> None:
+        """Something the state reports changed (the hybrid plan): report it soon."""
+        self._changed.set()
+
     def current_state(self) -> ReportedState:
         """What the device would report now."""
         installer = self._installer
@@ -263,6 +275,7 @@ class MqttLink:
             previous=installer.previous.manifest if installer.previous else None,
             sent_at=self._clock(),
             shadow=shadow_ref(shadow.bundle_id, shadow.manifest) if shadow else None,
+            hybrid_plan=self._hybrid_plan() if self._hybrid_plan is not None else None,
         )
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -22,6 +22,7 @@ from protocol.messages import (
     DesiredState,
     DeviceEvent,
     Heartbeat,
+    HybridPlanState,
     InstallOutcome,
     Presence,
     ReportedState,
@@ -81,8 +82,10 @@ def reported_state(
     previous: Manifest | None,
     sent_at: float,
     shadow: BundleRef | None = None,
+    hybrid_plan: HybridPlanState | None = None,
 ) -> ReportedState:
-    """The device's retained state: what it serves, its shadow and how its install is going."""
+    """The device's retained state: what it serves, its shadow, its hybrid plan and how its
+    install is going."""
     outcome = journal.last_outcome
     return ReportedState(
         device_id=device_id,
@@ -105,6 +108,7 @@ def reported_state(
         if outcome is not None
         else None,
         shadow=shadow,
+        hybrid_plan=hybrid_plan,
     )
 
 
@@ -119,10 +123,15 @@ def shadow_ref(bundle_id: str, manifest: Manifest) -> BundleRef:
     )
 
 
+# Optional parts of the state left out when empty, as servers that predate them expect.
+_LEFT_OUT_WHEN_NONE = ("shadow", "hybrid_plan")
+
+
 def state_payload(state: ReportedState) -> bytes:
-    """The state's JSON; without a ``shadow`` key when none runs, as servers before it expect."""
-    exclude = {"shadow"} if state.shadow is None else None
-    return state.model_dump_json(exclude=exclude).encode()
+    """The state's JSON; without a ``shadow`` key when none runs, nor a ``hybrid_plan`` key
+    when the director lists no plan, as servers before them expect."""
+    exclude = {key for key in _LEFT_OUT_WHEN_NONE if getattr(state, key) is None}
+    return state.model_dump_json(exclude=exclude or None).encode()
 
 
 def same_state(a: ReportedState, b: ReportedState) -> bool:

@@ -17,15 +17,20 @@ The ``shadow`` command answers :data:`ShadowAnswer`: no shadow listed, a
 shadow the device said not to download (held, refused, or waiting for its
 retry) still listed, a new shadow downloaded and verified, or a refusal or
 unavailability as above.
+
+The ``plan`` command answers :data:`PlanAnswer`: the director's hybrid plan
+for this device (:class:`PlanRead`: the plan, or why the one listed is
+refused, or neither), or an unavailability when the fetcher itself failed.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from agent.ota.journal import InstallTarget
+from protocol.hybrid import HybridPlan
 
 
 class _Answer(BaseModel):
@@ -120,6 +125,33 @@ class ShadowDownloaded(_Answer):
     path: str
 
 
+class Why(_Answer):
+    """A reason code and what it means."""
+
+    reason: str
+    message: str
+
+
+class PlanRead(_Answer):
+    """The director's hybrid plan for this device (``plan``).
+
+    ``plan``: the plan to follow, checked (signed, meant for this device, not
+    expired); ``refusal``: why the plan the director listed is not followed;
+    both ``None`` when it lists none. ``expires``: when the director targets
+    metadata the plan came from expires (the plan is followed no longer).
+    ``refresh_failed``: the director could not be refreshed (unreachable, or
+    its new metadata failed verification), so this is the plan of the
+    metadata trusted before, verified again; ``None`` after a refresh. When
+    that stored metadata cannot be trusted either, ``plan`` is ``None``.
+    """
+
+    status: Literal["plan"] = "plan"
+    plan: HybridPlan | None = None
+    refusal: Why | None = None
+    expires: AwareDatetime | None = None
+    refresh_failed: Why | None = None
+
+
 FetchAnswer = Annotated[
     Unassigned | Assigned | RollbackAssigned | Changed | Downloaded | Refused | Unavailable,
     Field(discriminator="status"),
@@ -131,6 +163,10 @@ ShadowAnswer = Annotated[
     Field(discriminator="status"),
 ]
 _SHADOW_ANSWER: TypeAdapter[ShadowAnswer] = TypeAdapter(ShadowAnswer)
+
+
+PlanAnswer = Annotated[PlanRead | Unavailable, Field(discriminator="status")]
+_PLAN_ANSWER: TypeAdapter[PlanAnswer] = TypeAdapter(PlanAnswer)
 
 
 def parse_answer(line: str) -> FetchAnswer:
@@ -148,4 +184,14 @@ def parse_shadow_answer(line: str) -> ShadowAnswer:
     except ValidationError as exc:
         raise ValueError(
             f"not a shadow answer of the update fetcher: {exc.errors()[0]['msg']}"
+        ) from None
+
+
+def parse_plan_answer(line: str) -> PlanAnswer:
+    """The fetcher's answer to ``plan`` from its JSON line; ``ValueError`` when it is not one."""
+    try:
+        return _PLAN_ANSWER.validate_json(line)
+    except ValidationError as exc:
+        raise ValueError(
+            f"not a plan answer of the update fetcher: {exc.errors()[0]['msg']}"
         ) from None

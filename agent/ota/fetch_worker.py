@@ -14,6 +14,7 @@ import signal
 import sys
 from collections.abc import Collection
 from dataclasses import asdict
+from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
@@ -24,6 +25,8 @@ from agent.ota.answers import (
     Downloaded,
     FetchAnswer,
     NoShadow,
+    PlanAnswer,
+    PlanRead,
     Refused,
     RollbackAssigned,
     ShadowAnswer,
@@ -31,10 +34,12 @@ from agent.ota.answers import (
     ShadowKept,
     Unassigned,
     Unavailable,
+    Why,
 )
 from agent.ota.director_client import (
     DirectorClient,
     DirectorTarget,
+    DirectorTargets,
     image_target_or_none,
     resolve_assignment,
 )
@@ -179,6 +184,43 @@ def run_shadow(
     return ShadowDownloaded(target=signed, path=str(path))
 
 
+def run_plan(config: AgentConfig, now: datetime | None = None) -> PlanAnswer:
+    """Carry out ``plan``: the director's hybrid plan for this device, checked.
+
+    The director is refreshed first; when that fails (unreachable, or its new
+    metadata refused by TUF) the plan is read from the director targets the
+    device trusted before, verified again, as long as they have not expired
+    (:meth:`~agent.ota.director_client.DirectorClient.trusted_plan`). A
+    standalone device has no director and so no plan.
+    """
+    if config.director is None:
+        return PlanRead()
+    try:
+        director, _ = _director_and_image(config)
+        assert director is not None
+    except UpdateRefused as exc:  # the trusted roots themselves
+        return _unavailable(exc)
+    try:
+        return _plan_read(director.plan(now))
+    except UpdateRefused as refresh:
+        failed = Why(reason=refresh.reason, message=refresh.detail)
+    try:
+        return _plan_read(director.trusted_plan(now), failed)
+    except UpdateRefused as exc:
+        message = f"{failed.message}; and the director targets trusted before: {exc}"
+        return PlanRead(refresh_failed=Why(reason=failed.reason, message=message))
+
+
+def _plan_read(listing: DirectorTargets, refresh_failed: Why | None = None) -> PlanRead:
+    refusal = listing.plan_refusal
+    return PlanRead(
+        plan=listing.plan,
+        refusal=Why(reason=refusal.reason, message=refusal.message) if refusal else None,
+        expires=listing.expires,
+        refresh_failed=refresh_failed,
+    )
+
+
 def run(
     command: str, config: AgentConfig, installed_counter: int, expect: str | None = None
 ) -> FetchAnswer:
@@ -244,7 +286,7 @@ def _die_with(parent: int) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="edge-agent-fetch")
-    parser.add_argument("command", choices=["check", "download", "shadow"])
+    parser.add_argument("command", choices=["check", "download", "shadow", "plan"])
     parser.add_argument("--config", required=True)
     parser.add_argument("--installed-counter", type=int, default=0)
     parser.add_argument("--expect", help="the bundle id (ALGORITHM:HEX) a download is for")
@@ -259,9 +301,11 @@ def main() -> int:
     if args.parent is not None:
         _die_with(args.parent)
     config = AgentConfig.load(Path(args.config))
-    answer: FetchAnswer | ShadowAnswer
+    answer: FetchAnswer | ShadowAnswer | PlanAnswer
     if args.command == "shadow":
         answer = run_shadow(config, args.installed_counter, args.have)
+    elif args.command == "plan":
+        answer = run_plan(config)
     else:
         answer = run(args.command, config, args.installed_counter, args.expect)
     print(answer.model_dump_json(), flush=True)

@@ -51,6 +51,12 @@ from agent.ota.identity import bundle_id, is_verifiable
 from agent.ota.transport import FetchConfig, RepositoryFetcher, Stream, is_local, local_path
 from protocol.bundle import BundleFormatError, read_manifest
 from protocol.manifest import Manifest
+from protocol.signed_bundle import (
+    SignedFieldsError,
+    manifest_disagreement,
+    newest_by_name,
+    signed_fields,
+)
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -74,22 +80,19 @@ class BundleTarget:
 
     @classmethod
     def from_target(cls, target: TargetFile) -> BundleTarget:
-        custom: dict[str, Any] = target.custom or {}
         try:
-            bundle = cls(
-                path=target.path,
-                length=target.length,
-                hashes=dict(target.hashes),
-                name=str(custom["name"]),
-                version=str(custom["version"]),
-                release_counter=int(custom["release_counter"]),
-                hardware_ids=tuple(str(h) for h in custom["hardware_ids"]),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise UntrustedMetadata(
-                f"target {target.path} lacks the bundle fields (name, version, "
-                f"release_counter, hardware_ids): {exc}"
-            ) from None
+            fields = signed_fields(target.path, target.custom)
+        except SignedFieldsError as exc:
+            raise UntrustedMetadata(str(exc)) from None
+        bundle = cls(
+            path=target.path,
+            length=target.length,
+            hashes=dict(target.hashes),
+            name=fields.name,
+            version=fields.version,
+            release_counter=fields.release_counter,
+            hardware_ids=fields.hardware_ids,
+        )
         check_hash_algorithms(f"target {target.path}", bundle.hashes)
         return bundle
 
@@ -362,7 +365,7 @@ class ImageRepositoryClient:
                 f"{name} is released for hardware {', '.join(released_for)}, "
                 f"not for this device's {hardware_id}"
             )
-        best = max(fitting, key=lambda b: b.release_counter)
+        best = newest_by_name(fitting, hardware_id)[name]
         check_counter(best, installed_counter)
         return best
 
@@ -450,13 +453,8 @@ def open_verified_manifest(path: Path, bundle: BundleTarget) -> Manifest:
             manifest = read_manifest(f)
     except BundleFormatError as exc:
         raise ManifestMismatch(f"{bundle.path}: {exc}") from None
-    signed = (bundle.name, bundle.version, bundle.release_counter, set(bundle.hardware_ids))
-    inside = (manifest.name, manifest.version, manifest.release_counter, set(manifest.hardware_ids))
-    if signed != inside:
-        raise ManifestMismatch(
-            f"{bundle.path}: the manifest (name, version, counter, hardware) {inside} "
-            f"differs from the signed metadata {signed}"
-        )
+    if (problem := manifest_disagreement(manifest, bundle)) is not None:
+        raise ManifestMismatch(f"{bundle.path}: {problem}")
     return manifest
 
 

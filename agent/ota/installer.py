@@ -158,9 +158,10 @@ class Installer:
             self._handle_now(ev.WatchdogTripped(verdict))
 
     def record_event(self, kind: str, details: dict[str, object]) -> None:
-        """Record an event that is no step of an install (the shadow's) like the installer's."""
+        """Record an event that is no step of an install (the shadow's, the hybrid plan's)
+        like the installer's."""
         self._event(kind, **details)
-        log.info("shadow: %s %s", kind, details)
+        log.info("event: %s %s", kind, details)
 
     def load_serving_models(self) -> None:
         """Load the active and previous slots and hand them to the server."""

@@ -19,9 +19,11 @@ from typing import Protocol
 
 from agent.ota.answers import (
     FetchAnswer,
+    PlanAnswer,
     ShadowAnswer,
     Unavailable,
     parse_answer,
+    parse_plan_answer,
     parse_shadow_answer,
 )
 from agent.ota.journal import Journal
@@ -150,6 +152,14 @@ class ProcessFetcher:
         line, status = await self._output("shadow", installed_counter, *extra)
         try:
             return parse_shadow_answer(line)
+        except ValueError:
+            return _fetcher_failed(status)
+
+    async def plan(self) -> PlanAnswer:
+        """The director's hybrid plan for this device (:func:`agent.ota.fetch_worker.run_plan`)."""
+        line, status = await self._output("plan", 0)
+        try:
+            return parse_plan_answer(line)
         except ValueError:
             return _fetcher_failed(status)
 

@@ -51,31 +51,18 @@ def self_test(
     except ModelLoadError as exc:
         raise SelfTestFailed(f"the model does not load: {exc}") from None
     _check_contract(model, manifest)
-    from protocol.golden import unpack_golden  # the zip reader is only needed while installing
+    from protocol.golden import golden_disagreement, unpack_golden  # only while installing
 
     try:
         inputs, expected = unpack_golden((slot_dir / manifest.golden.file).read_bytes())
     except (OSError, ValueError) as exc:
         raise SelfTestFailed(f"the golden vectors cannot be read: {exc}") from None
-    worst = 0.0
     try:
-        outputs = model.run(inputs)
-        for name, want in expected.items():
-            got = np.asarray(outputs[name], dtype=np.float64)
-            want64 = want.astype(np.float64)
-            if not np.all(np.isfinite(got)):
-                raise SelfTestFailed(f"output {name!r} is NaN or Inf on a golden vector")
-            excess = np.abs(got - want64) - (
-                manifest.golden.atol + manifest.golden.rtol * np.abs(want64)
-            )
-            if np.any(excess > 0):
-                row = int(np.argmax(excess.reshape(len(excess), -1).max(axis=1)))
-                raise SelfTestFailed(
-                    f"golden vector {row}: output {name!r} differs by "
-                    f"{float(np.abs(got - want64).max()):.3g}, beyond atol {manifest.golden.atol} "
-                    f"+ rtol {manifest.golden.rtol}"
-                )
-            worst = max(worst, float(np.abs(got - want64).max()))
+        worst, problem = golden_disagreement(
+            model.run(inputs), expected, manifest.golden.atol, manifest.golden.rtol
+        )
+        if problem is not None:
+            raise SelfTestFailed(problem)
         latency = _latency_p95_ms(model, inputs)
     except ModelRunError as exc:
         raise SelfTestFailed(f"the model fails on its golden vectors: {exc}") from None
@@ -93,16 +80,8 @@ def self_test(
 
 
 def _check_contract(model: LoadedModel, manifest: Manifest) -> None:
-    def shape(specs: Any) -> list[tuple[str, str, list[int]]]:
-        return [(t.name, t.dtype, t.shape) for t in specs]
-
-    if shape(model.inputs) != shape(manifest.inputs) or shape(model.outputs) != shape(
-        manifest.outputs
-    ):
-        raise SelfTestFailed(
-            "the model's tensors differ from the manifest's contract: "
-            f"{shape(model.inputs)} -> {shape(model.outputs)}"
-        )
+    if (problem := manifest.tensor_disagreement(model.inputs, model.outputs)) is not None:
+        raise SelfTestFailed(problem)
 
 
 def _latency_p95_ms(model: LoadedModel, inputs: dict[str, Any]) -> float:

@@ -7,13 +7,14 @@ from agent.serving.chain import (
     ChainConfig,
     ChainNotReady,
     FallbackChain,
+    HybridCounter,
     ModelSlot,
-    ServingPlan,
     StageCounters,
     StageObserver,
     UnknownVersion,
 )
-from agent.serving.cloud import CloudClient, CloudError, CloudStage
+from agent.serving.cloud import CloudClient, CloudError, CloudRateLimited, CloudStage
+from agent.serving.hybrid import AuditResult, PlanState, Route, TokenBucket
 from agent.serving.shadow import ShadowResult, ShadowRunner
 from agent.serving.stages import ModelStage, SafeDefaultStage, Stage
 from agent.serving.validation import InputContract, InvalidInput, validate_inputs
@@ -21,25 +22,30 @@ from agent.serving.validation import InputContract, InvalidInput, validate_input
 __all__ = [
     "Answer",
     "Attempt",
+    "AuditResult",
     "BreakerState",
     "ChainConfig",
     "ChainNotReady",
     "CircuitBreaker",
     "CloudClient",
     "CloudError",
+    "CloudRateLimited",
     "CloudStage",
     "FallbackChain",
+    "HybridCounter",
     "InputContract",
     "InvalidInput",
     "ModelSlot",
     "ModelStage",
+    "PlanState",
+    "Route",
     "SafeDefaultStage",
-    "ServingPlan",
     "ShadowResult",
     "ShadowRunner",
     "Stage",
     "StageCounters",
     "StageObserver",
+    "TokenBucket",
     "UnknownVersion",
     "validate_inputs",
 ]

@@ -5,22 +5,49 @@ Rules, in order:
 1. The request is validated against the active manifest's contract first; a
    bad request raises :class:`~agent.serving.validation.InvalidInput` and no
    stage runs.
-2. Stages are tried in the plan's order — ``local`` and
-   ``local_with_escalation``: active model → previous model → cloud;
-   ``cloud_primary``: cloud → active → previous — and the manifest's safe
-   default answers when none of them could.
+2. Stages are tried in order: active model → previous model → cloud, and the
+   manifest's safe default answers when none of them could.
 3. A stage that raises, exceeds its timeout, or returns an output with NaN or
    Inf (or of the wrong shape) has failed; the request passes on.
 4. Each stage has a circuit breaker; a stage whose breaker is open is skipped
    without being called.
-5. With ``local_with_escalation``, a local answer whose confidence (the lowest
-   top score of the manifest's ``confidence_output`` over the batch) is below
-   the threshold is sent on to the cloud; if the cloud fails, the local answer
-   stands.
-6. ``set_models`` swaps the models (an install switches slots); a request in
+5. ``set_models`` swaps the models (an install switches slots); a request in
    flight finishes on the models it started with.
-7. A shadow model (``set_shadow``, :mod:`agent.serving.shadow`) is offered each
+6. A shadow model (``set_shadow``, :mod:`agent.serving.shadow`) is offered each
    request after its answer is made; it never changes or fails the answer.
+
+Hybrid plans (``set_hybrid_plan``, :class:`protocol.hybrid.HybridPlan`), the
+rules the device follows when the fleet server shares its requests with the
+cloud model:
+
+7. No plan, or a plan past its ``expires_at`` (on the injected wall clock):
+   no request is routed to the cloud; the cloud stage is only the fallback of
+   rule 2, after both local models failed. A plan in mode ``local``: nothing
+   leaves the device, not even that fallback (a device that opted out).
+8. ``escalate``: the local answer's calibrated confidence
+   (:func:`protocol.hybrid.calibrated_confidence` with the plan's
+   temperature over the manifest's ``confidence_output``; a batch's is its
+   lowest row) below ``tau`` sends the request to the cloud, if a token is
+   left in the plan's bucket (``quota_rate``/``quota_burst``), no back-off is
+   in force and the cloud's breaker is not open; otherwise the local answer
+   stands, counted as kept local for quota. ``cloud_first``: every request,
+   answered locally first (that answer is the fallback, and gives the
+   confidence and agreement the window reports), goes to the cloud on the
+   same conditions. A request pinned to a model version is answered locally.
+9. Any failure of a cloud call — 429, timeout, unreachable, 5xx, a malformed
+   answer — leaves the local answer (or rule 2's fallback); every request is
+   answered. The error is counted by kind
+   (:data:`protocol.hybrid.CLOUD_ERROR_KINDS`). A 429 starts a back-off of
+   its ``retry_after_s`` (plan or not): no cloud call until it is over. Other
+   failures count towards the cloud's circuit breaker (rule 4).
+10. ``escalate`` with ``audit_rate``: a confident request is, with that
+    probability, also sent to the cloud after its local answer was returned
+    (it never delays or changes it), on the conditions of rule 8 and with at
+    most ``max_audits_in_flight`` audits under way (one more is not sent), to
+    measure agreement (:meth:`FallbackChain.on_audit`).
+11. Every request under a plan in force carries a :class:`~agent.serving.hybrid.Route`
+    (``Answer.hybrid``): local, escalated or kept local for quota, with its
+    confidence, latencies, cloud error and agreement; the window counts it.
 
 Every answer says which stage and model version served it and what happened
 at each stage tried. Observers (a watchdog that rolls back a bad new model)
@@ -32,6 +59,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -43,6 +71,15 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent.serving.breaker import BreakerState, CircuitBreaker
+from agent.serving.cloud import CloudError, CloudRateLimited, CloudStage
+from agent.serving.hybrid import (
+    AuditResult,
+    PlanState,
+    Route,
+    RouteName,
+    request_confidence,
+    same_top_class,
+)
 from agent.serving.shadow import ShadowRunner
 from agent.serving.stages import (
     INLINE_BELOW_S,
@@ -54,6 +91,7 @@ from agent.serving.stages import (
 )
 from agent.serving.validation import InputContract, InvalidInput
 from model_runtime import LoadedModel, Runtime
+from protocol.hybrid import CloudErrorKind, HybridPlan
 from protocol.inference import STAGE_NAMES, StageName
 from protocol.manifest import Manifest
 
@@ -63,6 +101,7 @@ logger = logging.getLogger(__name__)
 StageObserver = Callable[[StageName, str | None, bool, str | None], None]
 # on_answer(validated inputs, answer, seconds it took)
 AnswerListener = Callable[[dict[str, npt.NDArray[Any]], "Answer", float], None]
+AuditListener = Callable[[AuditResult], None]
 
 
 class RequestCounter(Protocol):
@@ -71,6 +110,14 @@ class RequestCounter(Protocol):
     def answered(self, stage: StageName, seconds: float) -> None: ...
 
     def refused(self, outcome: Literal["client_error", "unavailable"]) -> None: ...
+
+
+class HybridCounter(Protocol):
+    """Where the chain counts what it did under a hybrid plan (``agent.metrics.HybridMetrics``)."""
+
+    def route(self, route: Route) -> None: ...
+
+    def audit(self, result: AuditResult) -> None: ...
 
 
 class ChainNotReady(RuntimeError):
@@ -94,20 +141,8 @@ class ModelSlot:
         return cls(manifest, runtime.load(model_path))
 
 
-class ServingPlan(BaseModel):
-    """How this device serves, as the fleet server's hybrid planner decides.
-
-    ``confidence_threshold`` overrides the manifest's when set.
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    mode: Literal["local", "local_with_escalation", "cloud_primary"] = "local"
-    confidence_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
-
-
 class ChainConfig(BaseModel):
-    """Timeouts and circuit-breaker settings for the local stages."""
+    """Timeouts, circuit-breaker settings, and the audits a hybrid plan may have under way."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -115,6 +150,7 @@ class ChainConfig(BaseModel):
     failure_threshold: int = Field(default=5, ge=1)
     reset_after_s: float = Field(default=30.0, ge=0)
     inline_below_s: float = Field(default=INLINE_BELOW_S, ge=0)
+    max_audits_in_flight: int = Field(default=2, ge=1)
 
 
 @dataclass(frozen=True)
@@ -139,6 +175,8 @@ class Answer:
     attempts: tuple[Attempt, ...]
     # The local answer the cloud's replaced, when the request was escalated.
     local_outputs: Tensors | None = None
+    # How the request was routed, while a hybrid plan is in force.
+    hybrid: Route | None = None
 
 
 @dataclass
@@ -161,7 +199,6 @@ class _Entry:
 class _Snapshot:
     """Everything one request uses, swapped as a whole so a request never sees half a swap."""
 
-    plan: ServingPlan
     manifest: Manifest | None = None
     contract: InputContract | None = None
     safe_default: SafeDefaultStage | None = None
@@ -169,13 +206,39 @@ class _Snapshot:
     previous: _Entry | None = None
     slots: tuple[ModelSlot | None, ModelSlot | None] = (None, None)
     cloud: _Entry | None = None
+    hybrid: PlanState | None = None
+
+
+@dataclass(frozen=True)
+class _CloudCall:
+    """One call to the cloud: its checked outputs, or why there are none."""
+
+    outputs: Tensors | None
+    skipped: bool = False  # not sent: back-off, quota or open breaker
+    error: CloudErrorKind | None = None
+    latency_s: float | None = None
+
+
+@dataclass(frozen=True)
+class _Audit:
+    state: PlanState
+    entry: _Entry
+    manifest: Manifest
+    inputs: Tensors
+    local: Tensors
+    rows: int
+    confidence: float
 
 
 class FallbackChain:
     """Answers inference requests through active → previous → cloud → safe default.
 
     ``counter``, when given, counts every request: the stage that answered and
-    its time, or why no stage ran (see :class:`RequestCounter`).
+    its time, or why no stage ran (see :class:`RequestCounter`);
+    ``hybrid_counter`` counts routes and audits under a hybrid plan. ``clock``
+    (monotonic seconds) drives breakers, the plan's token bucket and the
+    back-off; ``wall_clock`` (seconds since the epoch) a plan's expiry;
+    ``seed`` the audit draws.
     """
 
     def __init__(
@@ -184,19 +247,29 @@ class FallbackChain:
         previous: ModelSlot | None = None,
         *,
         cloud: Stage | None = None,
-        plan: ServingPlan | None = None,
         config: ChainConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
         counter: RequestCounter | None = None,
+        hybrid_counter: HybridCounter | None = None,
+        seed: int | None = None,
     ) -> None:
         self.config = config or ChainConfig()
         self._clock = clock
+        self._wall_clock = wall_clock
         self._counter = counter
+        self._hybrid_counter = hybrid_counter
         self._observers: list[StageObserver] = []
         self._counters = {name: StageCounters() for name in STAGE_NAMES}
-        self._snapshot = _Snapshot(plan=plan or ServingPlan())
+        self._snapshot = _Snapshot()
         self._listener: AnswerListener | None = None
+        self._audit_listener: AuditListener | None = None
         self._shadow: ShadowRunner | None = None
+        self._random = random.Random(seed)
+        self._backoff_until = -float("inf")  # monotonic: no cloud call before (after a 429)
+        self._audits: set[asyncio.Task[None]] = set()
+        self.audits_skipped = 0
+        """Audits drawn but not sent: back-off, quota, open breaker or too many under way."""
         self.set_cloud(cloud)
         self.set_models(active=active, previous=previous)
 
@@ -243,9 +316,38 @@ class FallbackChain:
         """The shadow model offered the answered requests, if one runs."""
         return self._shadow
 
-    def set_plan(self, plan: ServingPlan) -> None:
-        """Serve by ``plan`` from the next request on."""
-        self._snapshot = dataclasses.replace(self._snapshot, plan=plan)
+    def set_hybrid_plan(self, plan: HybridPlan | None) -> None:
+        """Follow ``plan`` from the next request on (``None``: no plan; rules 7-11).
+
+        The same plan set again keeps its token bucket; a new one starts with a full bucket.
+        """
+        old = self._snapshot.hybrid
+        if plan is not None and old is not None and old.plan == plan:
+            return
+        state = PlanState(plan, self._clock()) if plan is not None else None
+        self._snapshot = dataclasses.replace(self._snapshot, hybrid=state)
+
+    @property
+    def hybrid_plan(self) -> HybridPlan | None:
+        """The plan followed now: ``None`` without one, or once it expired."""
+        state = self._snapshot.hybrid
+        if state is None or not state.in_force(self._wall_clock()):
+            return None
+        return state.plan
+
+    @property
+    def backing_off_s(self) -> float:
+        """Seconds left of the back-off a 429 asked for (0: none)."""
+        return max(0.0, self._backoff_until - self._clock())
+
+    def on_audit(self, listener: AuditListener | None) -> None:
+        """Call ``listener(result)`` when an audit (rule 10) has its outcome."""
+        self._audit_listener = listener
+
+    async def audits_idle(self) -> None:
+        """Wait until no audit is under way and every result is reported."""
+        while self._audits:
+            await asyncio.gather(*list(self._audits), return_exceptions=True)
 
     def subscribe(self, observer: StageObserver) -> Callable[[], None]:
         """Call ``observer(stage, model_version, ok, reason)`` after every stage attempt.
@@ -281,10 +383,6 @@ class FallbackChain:
     def slots(self) -> tuple[ModelSlot | None, ModelSlot | None]:
         """The active and the previous model (``None`` where there is none)."""
         return self._snapshot.slots
-
-    @property
-    def plan(self) -> ServingPlan:
-        return self._snapshot.plan
 
     @property
     def versions(self) -> list[str]:
@@ -333,9 +431,10 @@ class FallbackChain:
         """
         started = time.perf_counter()
         validated: list[Tensors] = []  # per call: concurrent requests must not share it
+        audits: list[_Audit] = []
         counter = self._counter
         try:
-            answer = await self._infer(tensors, version, validated)
+            answer = await self._infer(tensors, version, validated, audits)
         except (InvalidInput, UnknownVersion):
             if counter is not None:
                 counter.refused("client_error")
@@ -347,6 +446,11 @@ class FallbackChain:
         seconds = time.perf_counter() - started
         if counter is not None:
             counter.answered(answer.stage, seconds)
+        if answer.hybrid is not None and self._hybrid_counter is not None:
+            try:
+                self._hybrid_counter.route(answer.hybrid)
+            except Exception:  # counting must never fail a request
+                logger.exception("a hybrid counter failed")
         if self._listener is not None and validated:
             try:
                 self._listener(validated[0], answer, seconds)
@@ -358,6 +462,8 @@ class FallbackChain:
                 shadow.offer(validated[0], answer.outputs, answer.stage)
             except Exception:  # the shadow must never fail a request
                 logger.exception("the shadow model failed to take a request")
+        if audits:
+            self._start_audit(audits[0])
         return answer
 
     def on_answer(self, listener: AnswerListener | None) -> None:
@@ -365,35 +471,150 @@ class FallbackChain:
         self._listener = listener
 
     async def _infer(
-        self, tensors: Mapping[str, npt.ArrayLike], version: str | None, validated: list[Tensors]
+        self,
+        tensors: Mapping[str, npt.ArrayLike],
+        version: str | None,
+        validated: list[Tensors],
+        audits: list[_Audit],
     ) -> Answer:
         snap = self._snapshot
-        if snap.manifest is None or snap.contract is None or snap.safe_default is None:
+        manifest = snap.manifest
+        if manifest is None or snap.contract is None or snap.safe_default is None:
             raise ChainNotReady("no model is installed on this device yet")
-        order = self._order(snap, version)
+        local = self._local_order(snap, version)
         inputs = snap.contract.validate(tensors)
         validated.append(inputs)
         rows = batch_rows(inputs)
+        state = snap.hybrid
+        if state is not None and not state.in_force(self._wall_clock()):
+            state = None  # rule 7: an expired plan is no plan
+        cloud = snap.cloud
+        if state is not None and state.plan.mode == "local":
+            cloud = None  # rule 7: nothing leaves the device
         attempts: list[Attempt] = []
-        for entry in order:
-            outputs = await self._attempt(entry, inputs, rows, snap.manifest, attempts)
+        started = time.perf_counter()
+        for entry in local:
+            outputs = await self._attempt(entry, inputs, rows, manifest, attempts)
             if outputs is None:
                 continue
-            stage = entry.stage
-            if stage.name in ("active", "previous") and snap.plan.mode == "local_with_escalation":
-                answer = await self._escalate(snap, entry, outputs, inputs, rows, attempts)
-                if answer is not None:
-                    return answer
-            self._counters[stage.name].served += 1
-            return self._answer(snap.manifest, stage, outputs, attempts)
+            if state is None:
+                self._counters[entry.stage.name].served += 1
+                return self._answer(manifest, entry.stage, outputs, attempts)
+            return await self._route(
+                state,
+                entry,
+                cloud,
+                manifest,
+                inputs,
+                outputs,
+                rows,
+                version,
+                attempts,
+                started,
+                audits,
+            )
+        # No local model answered: the cloud, then the safe default (rule 2).
+        route: Route | None = None
+        if cloud is not None:
+            call = await self._call_cloud(cloud, state, manifest, inputs, rows, attempts)
+            if state is not None:
+                route = Route(
+                    state.plan.plan_id,
+                    state.plan.mode,
+                    "kept_local_quota" if call.skipped else "escalated",
+                    cloud_latency_s=call.latency_s,
+                    cloud_error=call.error,
+                )
+            if call.outputs is not None:
+                self._counters["cloud"].served += 1
+                return self._answer(manifest, cloud.stage, call.outputs, attempts, hybrid=route)
+        elif state is not None:
+            route = Route(state.plan.plan_id, state.plan.mode, "local")
         fallback = snap.safe_default
         outputs = fallback.answer(rows)
         attempts.append(Attempt(fallback.name, fallback.model_version, ok=True))
         self._counters[fallback.name].served += 1
         self._notify(fallback.name, fallback.model_version, True, None)
-        return self._answer(snap.manifest, fallback, outputs, attempts)
+        return self._answer(manifest, fallback, outputs, attempts, hybrid=route)
 
-    def _order(self, snap: _Snapshot, version: str | None) -> list[_Entry]:
+    async def _route(
+        self,
+        state: PlanState,
+        entry: _Entry,
+        cloud: _Entry | None,
+        manifest: Manifest,
+        inputs: Tensors,
+        outputs: Tensors,
+        rows: int,
+        version: str | None,
+        attempts: list[Attempt],
+        started: float,
+        audits: list[_Audit],
+    ) -> Answer:
+        """A local model answered under a plan in force: keep it, or ask the cloud (rules 8-10)."""
+        plan = state.plan
+        local_s = time.perf_counter() - started
+        confidence = request_confidence(manifest, outputs, rows, plan.temperature)
+        stage = entry.stage
+        route_name: RouteName = "local"
+        error: CloudErrorKind | None = None
+        if version is None and cloud is not None and state.wants_cloud(confidence):
+            why = (
+                "cloud first"
+                if plan.mode == "cloud_first"
+                else f"calibrated confidence {confidence or 0.0:.3f} is below tau {plan.tau:g}"
+            )
+            call = await self._call_cloud(cloud, state, manifest, inputs, rows, attempts)
+            local_attempt = next(
+                i for i, a in enumerate(attempts) if a.stage == stage.name and a.ok
+            )
+            if call.outputs is not None:
+                attempts[local_attempt] = dataclasses.replace(
+                    attempts[local_attempt], reason=f"{why}; escalated"
+                )
+                self._counters[stage.name].escalated += 1
+                self._counters["cloud"].served += 1
+                route = Route(
+                    plan.plan_id,
+                    plan.mode,
+                    "escalated",
+                    confidence,
+                    local_s,
+                    call.latency_s,
+                    None,
+                    same_top_class(manifest, outputs, call.outputs, rows),
+                )
+                return self._answer(
+                    manifest,
+                    cloud.stage,
+                    call.outputs,
+                    attempts,
+                    escalated=True,
+                    local=outputs,
+                    hybrid=route,
+                )
+            if call.skipped:
+                route_name, kept = "kept_local_quota", "not sent, kept"
+            else:
+                route_name, error, kept = "escalated", call.error, "the cloud failed, kept"
+                self._counters[stage.name].escalated += 1
+            attempts[local_attempt] = dataclasses.replace(
+                attempts[local_attempt], reason=f"{why}; {kept}"
+            )
+        elif (
+            plan.mode == "escalate"
+            and version is None
+            and cloud is not None
+            and confidence is not None
+            and plan.audit_rate > 0.0
+            and self._random.random() < plan.audit_rate
+        ):
+            audits.append(_Audit(state, cloud, manifest, inputs, outputs, rows, confidence))
+        self._counters[stage.name].served += 1
+        route = Route(plan.plan_id, plan.mode, route_name, confidence, local_s, cloud_error=error)
+        return self._answer(manifest, stage, outputs, attempts, hybrid=route)
+
+    def _local_order(self, snap: _Snapshot, version: str | None) -> list[_Entry]:
         local = [snap.active, snap.previous]
         if version is not None:
             active_slot, previous_slot = snap.slots
@@ -407,39 +628,121 @@ class FallbackChain:
                     f"this device holds no version {version!r} of model {snap.manifest.name!r}; "
                     f"it holds {self.versions}"
                 )
-        ordered = (
-            [snap.cloud, *local] if snap.plan.mode == "cloud_primary" else [*local, snap.cloud]
-        )
-        return [entry for entry in ordered if entry is not None]
+        return [entry for entry in local if entry is not None]
 
-    async def _escalate(
+    def _may_call_cloud(self, entry: _Entry, state: PlanState | None, now: float) -> str | None:
+        """Why the cloud may not be called now (``None``: it may; its breaker let it through)."""
+        if now < self._backoff_until:
+            return f"backing off for {self._backoff_until - now:.1f} s more after a 429"
+        if state is not None and not state.bucket.has_token(now):
+            return "the plan's quota is spent"
+        if not entry.breaker.allow():
+            self._counters["cloud"].skipped += 1
+            return "circuit breaker is open"
+        return None
+
+    async def _call_cloud(
         self,
-        snap: _Snapshot,
-        local: _Entry,
-        outputs: Tensors,
+        entry: _Entry,
+        state: PlanState | None,
+        manifest: Manifest,
         inputs: Tensors,
         rows: int,
         attempts: list[Attempt],
-    ) -> Answer | None:
-        """The cloud's answer when the local one is not confident enough and the cloud answers."""
-        assert snap.manifest is not None
-        confidence = _confidence(snap.manifest, outputs, rows)
-        threshold = snap.plan.confidence_threshold
-        if threshold is None:
-            threshold = snap.manifest.fallback.confidence_threshold
-        if confidence is None or confidence >= threshold or snap.cloud is None:
-            return None
-        attempts[-1] = dataclasses.replace(
-            attempts[-1], reason=f"confidence {confidence:.3f} is below {threshold:g}; escalated"
+    ) -> _CloudCall:
+        """One call to the cloud under the back-off, the plan's quota and the breaker (rule 9)."""
+        stage = entry.stage
+        now = self._clock()
+        refused = self._may_call_cloud(entry, state, now)
+        if refused is not None:
+            attempts.append(Attempt(stage.name, stage.model_version, ok=False, reason=refused))
+            return _CloudCall(None, skipped=True)
+        if state is not None:
+            state.bucket.take(now)
+        outputs, error, reason, latency = await self._run_cloud(
+            entry, state, manifest, inputs, rows
         )
-        self._counters[local.stage.name].escalated += 1
-        cloud_outputs = await self._attempt(snap.cloud, inputs, rows, snap.manifest, attempts)
-        if cloud_outputs is None:
-            return None
-        self._counters["cloud"].served += 1
-        return self._answer(
-            snap.manifest, snap.cloud.stage, cloud_outputs, attempts, escalated=True, local=outputs
+        version = stage.model_version
+        if outputs is None:
+            self._counters[stage.name].failed += 1
+        attempts.append(Attempt(stage.name, version, ok=outputs is not None, reason=reason))
+        self._notify(stage.name, version, outputs is not None, reason)
+        return _CloudCall(outputs, error=error, latency_s=latency)
+
+    async def _run_cloud(
+        self,
+        entry: _Entry,
+        state: PlanState | None,
+        manifest: Manifest,
+        inputs: Tensors,
+        rows: int,
+    ) -> tuple[Tensors | None, CloudErrorKind | None, str | None, float | None]:
+        """Call the cloud stage (already let through); outputs, error kind, reason, latency."""
+        stage, breaker = entry.stage, entry.breaker
+        started = time.perf_counter()
+        error: CloudErrorKind | None = None
+        outputs: Tensors | None = None
+        reason: str | None
+        try:
+            async with asyncio.timeout(stage.timeout_s):
+                if isinstance(stage, CloudStage):
+                    name = (state.plan.cloud_model if state is not None else None) or (
+                        stage.model_name or manifest.name
+                    )
+                    raw = await stage.infer(inputs, model_name=name)
+                else:
+                    raw = await stage.infer(inputs)
+        except TimeoutError:
+            error, reason = "timeout", f"no answer within {stage.timeout_s:g} s"
+        except CloudRateLimited as exc:
+            error, reason = "rate_limited", str(exc)
+            self._backoff_until = max(self._backoff_until, self._clock() + exc.retry_after_s)
+        except CloudError as exc:
+            error, reason = exc.kind, str(exc)
+        except Exception as exc:  # any failure of a stage passes the request on
+            error, reason = "server_error", f"{type(exc).__name__}: {exc}"
+        else:
+            outputs, reason = _check_outputs(manifest, raw, rows)
+            if outputs is None:
+                error = "bad_answer"
+        latency = time.perf_counter() - started
+        if outputs is not None or error == "rate_limited":
+            breaker.record_success()  # a 429 comes from an endpoint that is up
+        else:
+            breaker.record_failure()
+        return outputs, error, reason, latency if outputs is not None else None
+
+    def _start_audit(self, audit: _Audit) -> None:
+        """Send a confident request to the cloud too, after its answer was returned (rule 10)."""
+        if len(self._audits) >= self.config.max_audits_in_flight:
+            self.audits_skipped += 1
+            return
+        if self._may_call_cloud(audit.entry, audit.state, self._clock()) is not None:
+            self.audits_skipped += 1
+            return
+        audit.state.bucket.take(self._clock())
+        task = asyncio.get_running_loop().create_task(self._audit(audit))
+        self._audits.add(task)
+        task.add_done_callback(self._audits.discard)
+
+    async def _audit(self, audit: _Audit) -> None:
+        outputs, error, _, latency = await self._run_cloud(
+            audit.entry, audit.state, audit.manifest, audit.inputs, audit.rows
         )
+        plan = audit.state.plan
+        agreed = (
+            same_top_class(audit.manifest, audit.local, outputs, audit.rows)
+            if outputs is not None
+            else None
+        )
+        result = AuditResult(plan.plan_id, plan.mode, audit.confidence, latency, error, agreed)
+        try:
+            if self._hybrid_counter is not None:
+                self._hybrid_counter.audit(result)
+            if self._audit_listener is not None:
+                self._audit_listener(result)
+        except Exception:  # counting must never break serving
+            logger.exception("an audit listener failed")
 
     async def _attempt(
         self,
@@ -490,6 +793,7 @@ class FallbackChain:
         *,
         escalated: bool = False,
         local: Tensors | None = None,
+        hybrid: Route | None = None,
     ) -> Answer:
         return Answer(
             model_name=manifest.name,
@@ -499,6 +803,7 @@ class FallbackChain:
             escalated=escalated,
             attempts=tuple(attempts),
             local_outputs=local,
+            hybrid=hybrid,
         )
 
     def _notify(self, stage: StageName, version: str | None, ok: bool, reason: str | None) -> None:
@@ -557,12 +862,3 @@ def _check_outputs(
             return None, f"output {spec.name!r} is not numeric ({array.dtype})"
         checked[spec.name] = array.astype(spec.dtype, copy=False)
     return checked, None
-
-
-def _confidence(manifest: Manifest, outputs: Tensors, rows: int) -> float | None:
-    """The lowest top score over the batch, or ``None`` if the manifest names no score output."""
-    name = manifest.fallback.confidence_output
-    if name is None:
-        return None
-    scores = outputs[name].reshape(rows, -1).astype(np.float64)
-    return float(scores.max(axis=1).min())

@@ -25,6 +25,7 @@ import numpy.typing as npt
 
 from protocol.derivation import InputDerivation, derived_names
 from protocol.histogram import DEFAULT_MAX_BUCKETS, ExponentialHistogram, record
+from protocol.hybrid import CONFIDENCE_BINS, CloudErrorKind, HybridSummary, PlanMode
 from protocol.inference import STAGE_NAMES, StageName
 from protocol.manifest import Manifest, TensorSpec
 from protocol.summary import SCORE_BIN_COUNT, FeatureSummary, ScoreHistogram
@@ -202,6 +203,59 @@ class ShadowTally:
         )
 
 
+def _histogram(seconds: list[float]) -> ExponentialHistogram:
+    if not seconds:
+        return ExponentialHistogram()
+    ms = np.array(seconds, dtype=np.float64) * 1000.0
+    return record(ExponentialHistogram(), ms, DEFAULT_MAX_BUCKETS)
+
+
+@dataclass
+class HybridTally:
+    """What the device did under a hybrid plan in the window (a :class:`HybridSummary`)."""
+
+    plan_id: str
+    mode: PlanMode
+    local: int = 0
+    escalated: int = 0
+    kept_local_quota: int = 0
+    cloud_answered: int = 0
+    audits: int = 0
+    cloud_errors: dict[CloudErrorKind, int] = field(default_factory=dict)
+    escalated_compared: int = 0
+    escalated_agreements: int = 0
+    audit_compared: int = 0
+    audit_agreements: int = 0
+    audit_confidence_sum: float = 0.0
+    local_latencies: list[float] = field(default_factory=list)  # seconds
+    cloud_latencies: list[float] = field(default_factory=list)
+    confidence: list[int] = field(default_factory=lambda: [0] * CONFIDENCE_BINS)
+
+    def error(self, kind: CloudErrorKind | None) -> None:
+        if kind is not None:
+            self.cloud_errors[kind] = self.cloud_errors.get(kind, 0) + 1
+
+    def summary(self) -> HybridSummary:
+        return HybridSummary(
+            plan_id=self.plan_id,
+            mode=self.mode,
+            local=self.local,
+            escalated=self.escalated,
+            kept_local_quota=self.kept_local_quota,
+            cloud_answered=self.cloud_answered,
+            audits=self.audits,
+            cloud_errors={k: v for k, v in self.cloud_errors.items() if v},
+            escalated_compared=self.escalated_compared,
+            escalated_agreements=self.escalated_agreements,
+            audit_compared=self.audit_compared,
+            audit_agreements=self.audit_agreements,
+            audit_confidence_sum=min(self.audit_confidence_sum, float(self.audit_compared)),
+            local_latency_ms=_histogram(self.local_latencies),
+            cloud_latency_ms=_histogram(self.cloud_latencies),
+            confidence=list(self.confidence),
+        )
+
+
 @dataclass
 class RunningWindow:
     """The additive state of the open window."""
@@ -230,6 +284,8 @@ class RunningWindow:
     latencies: list[float] = field(default_factory=list)
     # What a shadow model did beside the active one, when one ran in this window.
     shadow: ShadowTally | None = None
+    # What the device did under a hybrid plan, while it followed one.
+    hybrid: HybridTally | None = None
 
     def __post_init__(self) -> None:
         k = self.layout.features
@@ -374,6 +430,7 @@ class RunningWindow:
             scores=scores,
             latency_ms=self.latency,
             shadow=self.shadow.summary() if self.shadow is not None else None,
+            hybrid=self.hybrid.summary() if self.hybrid is not None else None,
         )
 
 

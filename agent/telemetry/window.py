@@ -45,7 +45,18 @@ Rules:
    arrive, as its ``shadow`` section; a window in which no shadow ran has
    none. A result of another shadow bundle than the window's closes the
    window first, so a section never mixes two shadows.
-8. Closed windows wait in a queue until :meth:`~WindowRecorder.poll` hands them
+8. While the device follows a hybrid plan, every answered request carries
+   its :class:`~agent.serving.hybrid.Route` (``record(..., hybrid=)``) and is
+   counted once in the window's ``hybrid`` section
+   (:class:`protocol.hybrid.HybridSummary`): local, escalated or kept local
+   for quota, cloud answers, cloud errors by kind, agreement, local and cloud
+   latency, the calibrated-confidence histogram. The window is labelled with
+   the plan's id (``plan_id``); a request under another plan, or under none
+   after one, closes the window first, so a window never mixes plans. An
+   audit's result (:meth:`WindowRecorder.record_audit`) is counted in the
+   window open when it arrives if that window follows the audit's plan, and
+   dropped otherwise (the plan changed while it was under way).
+9. Closed windows wait in a queue until :meth:`~WindowRecorder.poll` hands them
    out, each with a fresh id (uuid4). The queue is bounded
    (:data:`MAX_CLOSED_WINDOWS`); if nobody collects them the oldest go and are
    counted (:attr:`~WindowRecorder.dropped_windows`).
@@ -68,8 +79,10 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
+from agent.serving.hybrid import AuditResult, Route, confidence_bin
 from agent.telemetry.budget import LATENCY_SAMPLE, SamplingBudget, geometric_gap
 from agent.telemetry.fold import (
+    HybridTally,
     RowBuffer,
     RunningWindow,
     ShadowTally,
@@ -150,6 +163,9 @@ class WindowRecorder:
         self._window: RunningWindow | None = None
         self._cohort_id: str | None = None
         self._plan_id: str | None = None
+        self._hybrid_plan: str | None = None  # the plan the requests were last routed by
+        self.dropped_audits = 0
+        """Audit results that arrived after their plan's window had closed (cumulative)."""
         self._closed: deque[tuple[RunningWindow, float]] = deque()
         self.dropped_windows = 0
         """Closed windows lost because nobody polled for them (cumulative)."""
@@ -226,6 +242,7 @@ class WindowRecorder:
         *,
         model_version: str | None = None,
         error: bool = False,
+        hybrid: Route | None = None,
     ) -> None:
         """Count one answered request in the current window, and summarise it if it is chosen.
 
@@ -235,8 +252,13 @@ class WindowRecorder:
         counts as failed. Raises :class:`WindowRecordError`, leaving the window
         as it was, for a request that does not fit the manifest (a request left
         out of the summaries is not looked at, so it is refused only for its
-        stage or latency).
+        stage or latency). ``hybrid`` is how a hybrid plan routed it (rule 8).
         """
+        if hybrid is not None or self._hybrid_plan is not None:
+            plan_id = hybrid.plan_id if hybrid is not None else None
+            if plan_id != self._hybrid_plan:
+                self._hybrid_plan = plan_id
+                self.set_cohort(self._cohort_id, plan_id)
         if self._countdown and 0.0 <= latency_s < _INF:
             # The fast path, for a request left out of the summaries: a handful
             # of attribute operations; _settle() adds them to the window later.
@@ -248,6 +270,8 @@ class WindowRecorder:
             self._latencies.append(latency_s)
             if error:
                 self._errors += 1
+            if hybrid is not None and self._window is not None:
+                _tally(self._window, hybrid)
             return
         # The full path. What it costs a summarised request is timed, from here.
         budget, folds = self._budget, self._folds
@@ -275,6 +299,8 @@ class WindowRecorder:
         window.requests += 1
         if error:
             window.errors += 1
+        if hybrid is not None:
+            _tally(window, hybrid)
         latencies = self._latencies
         latencies.append(latency_s)
         if len(latencies) >= LATENCY_BUFFER:
@@ -402,6 +428,26 @@ class WindowRecorder:
         tally.agreements += agreed
         tally.errors += error
         tally.latencies.append(latency_s)
+
+    def record_audit(self, result: AuditResult) -> None:
+        """Count one audit's outcome in the open window, if it follows the audit's plan (rule 8)."""
+        window = self._window
+        if window is None:
+            return
+        if result.plan_id != self._plan_id:
+            self.dropped_audits += 1
+            return
+        tally = window.hybrid
+        if tally is None:
+            tally = window.hybrid = HybridTally(result.plan_id, result.mode)
+        tally.audits += 1
+        tally.error(result.cloud_error)
+        if result.cloud_latency_s is not None:
+            tally.cloud_latencies.append(result.cloud_latency_s)
+        if result.agreed is not None:
+            tally.audit_compared += 1
+            tally.audit_agreements += result.agreed
+            tally.audit_confidence_sum += min(max(result.confidence, 0.0), 1.0)
 
     def record_error(self, latency_s: float | None = None) -> None:
         """Count a request that got no answer (the chain could not serve it) as an error.
@@ -568,6 +614,32 @@ class WindowRecorder:
             window.fold_scores(buffer.scores[: buffer.score_rows], buffer.score_starts)
             buffer.score_rows = 0
             buffer.score_starts = []
+
+
+def _tally(window: RunningWindow, route: Route) -> None:
+    """Count one routed request in the window's hybrid section."""
+    tally = window.hybrid
+    if tally is None:
+        tally = window.hybrid = HybridTally(route.plan_id, route.mode)
+    name = route.route
+    if name == "local":
+        tally.local += 1
+    elif name == "escalated":
+        tally.escalated += 1
+        if route.cloud_latency_s is not None:
+            tally.cloud_answered += 1
+            tally.cloud_latencies.append(route.cloud_latency_s)
+        if route.agreed is not None:
+            tally.escalated_compared += 1
+            tally.escalated_agreements += route.agreed
+    else:
+        tally.kept_local_quota += 1
+    if route.cloud_error is not None:
+        tally.error(route.cloud_error)
+    if route.confidence is not None:
+        tally.confidence[confidence_bin(route.confidence)] += 1
+    if route.local_latency_s is not None:
+        tally.local_latencies.append(route.local_latency_s)
 
 
 def _unknown_stage(stage: object) -> str:

@@ -27,6 +27,7 @@ from fleet_server.db.models import Device
 from fleet_server.devices import routes as device_routes
 from fleet_server.drift import routes as drift_routes
 from fleet_server.drift import update_gauges
+from fleet_server.hybrid import routes as hybrid_routes
 from fleet_server.labels import routes as labels_routes
 from fleet_server.published import routes as published_routes
 from fleet_server.rollouts import routes as rollout_routes
@@ -168,6 +169,7 @@ OPERATIONS: tuple[Operation, ...] = in_document_order(
         *drift_routes.OPERATIONS,
         *labels_routes.OPERATIONS,
         *rollout_routes.OPERATIONS,
+        *hybrid_routes.OPERATIONS,
         *META,
         *hosting.OPERATIONS,
     )

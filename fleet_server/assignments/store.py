@@ -17,13 +17,15 @@ from fleet_server.assignments.models import Refusal
 from fleet_server.db.models import Assignment, AssignmentRule, Device, DeviceEventRow, Release
 
 # The agent's events that say it refused an update, or rolled it back and will not
-# retry it, or was sent back from it by a fleet rollback (see agent.ota.installer).
+# retry it, or was sent back from it by a fleet rollback (see agent.ota.installer),
+# or refused (or dropped) the hybrid plan its director signed (see agent.ota.plan).
 REFUSAL_EVENTS = (
     "check-refused",
     "assignment-refused",
     "refused",
     "rolled-back",
     "fleet-rolled-back",
+    "plan-refused",
 )
 
 

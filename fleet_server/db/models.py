@@ -467,3 +467,47 @@ class CloudSettings(Base):
     headroom: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
     updated_by: Mapped[str | None] = mapped_column(String(128))
+
+
+class DeviceHybridStats(Base):
+    """One device's windows of one UTC hour (of their end), summed per hybrid plan.
+
+    ``plan_id`` is the plan the windows' hybrid sections name, or ``""`` for windows
+    without one (a device with no plan yet). Every window counts ``windows``,
+    ``requests``, ``seconds`` (its duration: the request rate is ``requests /
+    seconds``) and its top-score histogram summed over classes (``scores``,
+    :data:`protocol.summary.SCORE_BIN_COUNT` counts; ``score_classes`` how many classes
+    the model has). The rest sums :class:`protocol.hybrid.HybridSummary`: the counts,
+    ``cloud_errors`` by kind, latencies as sparse ``[cell, count]`` pairs in the rollout
+    aggregates' fixed layout, ``confidence`` (:data:`protocol.hybrid.CONFIDENCE_BINS`
+    counts). ``last_end`` is the end of the newest window folded in. Kept by ingest in
+    the transaction that stores each window (:mod:`fleet_server.hybrid.aggregates`).
+    """
+
+    __tablename__ = "device_hybrid_stats"
+
+    device_id: Mapped[str] = mapped_column(
+        String(128), ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    plan_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    hour: Mapped[datetime] = mapped_column(UtcDateTime(), primary_key=True, index=True)
+    windows: Mapped[int] = mapped_column(BigInteger)
+    requests: Mapped[int] = mapped_column(BigInteger)
+    seconds: Mapped[float] = mapped_column(Float)
+    last_end: Mapped[datetime] = mapped_column(UtcDateTime())
+    score_classes: Mapped[int] = mapped_column(Integer)
+    scores: Mapped[list[int]] = mapped_column(JSON)
+    local: Mapped[int] = mapped_column(BigInteger)
+    escalated: Mapped[int] = mapped_column(BigInteger)
+    kept_local_quota: Mapped[int] = mapped_column(BigInteger)
+    cloud_answered: Mapped[int] = mapped_column(BigInteger)
+    audits: Mapped[int] = mapped_column(BigInteger)
+    cloud_errors: Mapped[dict[str, Any]] = mapped_column()
+    escalated_compared: Mapped[int] = mapped_column(BigInteger)
+    escalated_agreements: Mapped[int] = mapped_column(BigInteger)
+    audit_compared: Mapped[int] = mapped_column(BigInteger)
+    audit_agreements: Mapped[int] = mapped_column(BigInteger)
+    audit_confidence_sum: Mapped[float] = mapped_column(Float)
+    local_latency: Mapped[list[list[int]]] = mapped_column(JSON)
+    cloud_latency: Mapped[list[list[int]]] = mapped_column(JSON)
+    confidence: Mapped[list[int]] = mapped_column(JSON)

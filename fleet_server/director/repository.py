@@ -35,10 +35,19 @@ installs next to its active model and runs on a share of requests without
 serving its answers (a rollout's shadow stage). It is signed with the
 assignment, at the same versions, so it follows the same record-then-sign
 discipline; it never carries ``rollback_of``.
+
+A device's targets may also list one hybrid-inference plan target
+(``custom.hybrid_plan``, a :class:`protocol.hybrid.HybridPlan`): not a bundle,
+but the plan's canonical JSON, by length and sha256, at
+``hybrid-plan/{plan_id}.json`` (:func:`plan_target`). Every re-signing of the
+assignment or shadow (:meth:`DirectorRepository.assign`, ``unassign``) keeps the
+plan target the metadata lists; only :meth:`DirectorRepository.sign_plan`
+replaces or removes it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -54,7 +63,8 @@ from fleet_server.release.repository import (
     RepositoryError,
     TufRepository,
 )
-from protocol.director_marks import ROLLBACK_OF, SHADOW
+from protocol.director_marks import HYBRID_PLAN, ROLLBACK_OF, SHADOW
+from protocol.hybrid import HybridPlan
 
 # Snapshot and targets versions kept per device: the current one and the one before.
 KEEP_VERSIONS = 2
@@ -118,6 +128,53 @@ def is_shadow(target: TargetFile) -> bool:
     return isinstance(custom, dict) and custom.get(SHADOW) is True
 
 
+PLAN_TARGET_PREFIX = "hybrid-plan/"
+
+
+def plan_target_path(plan_id: str) -> str:
+    """Where a plan is listed in a device's director targets."""
+    return f"{PLAN_TARGET_PREFIX}{plan_id}.json"
+
+
+def plan_target(plan: HybridPlan) -> TargetFile:
+    """The director target that delivers ``plan``: its canonical JSON's length and sha256,
+    the plan itself in ``custom.hybrid_plan`` as the text of that canonical JSON (TUF's
+    canonical JSON has no floats; :mod:`protocol.director_marks`), nothing else beside it."""
+    data = plan.canonical_json()
+    return TargetFile(
+        length=len(data),
+        hashes={"sha256": hashlib.sha256(data).hexdigest()},
+        path=plan_target_path(plan.plan_id),
+        unrecognized_fields={"custom": {HYBRID_PLAN: data.decode()}},
+    )
+
+
+def is_plan(target: TargetFile) -> bool:
+    """Whether a signed director target is a hybrid plan rather than a bundle."""
+    custom = target.unrecognized_fields.get("custom")
+    return isinstance(custom, dict) and HYBRID_PLAN in custom
+
+
+def _plan_id(path: str, target: TargetFile) -> str:
+    """The id of the plan a plan target carries; from its path if it does not parse (what
+    the server itself signed always does), so reading the assignment never fails on it."""
+    try:
+        return signed_plan(target).plan_id
+    except ValueError:
+        return path.removeprefix(PLAN_TARGET_PREFIX).removesuffix(".json")
+
+
+def signed_plan(target: TargetFile) -> HybridPlan:
+    """The plan a plan target carries (``ValueError`` if it does not parse)."""
+    custom = target.unrecognized_fields.get("custom")
+    if not isinstance(custom, dict):
+        raise ValueError(f"{target.path} carries no custom field")
+    value = custom.get(HYBRID_PLAN)
+    if isinstance(value, str):
+        return HybridPlan.model_validate_json(value)
+    return HybridPlan.model_validate(value)
+
+
 @dataclass(frozen=True)
 class Signed:
     """What a device's director metadata says now: the target it names and its version."""
@@ -125,6 +182,7 @@ class Signed:
     target_path: str | None
     version: int  # 0: the device has no director repository yet
     shadow_path: str | None = None  # the target marked shadow, if one is listed
+    plan_id: str | None = None  # the hybrid plan listed, if one is
 
 
 class DeviceRepository(TufRepository):
@@ -138,19 +196,32 @@ class DeviceRepository(TufRepository):
             return Signed(None, 0)
         targets: Metadata[Targets] = self._load("targets")
         listed = targets.signed.targets
-        paths = sorted(p for p, t in listed.items() if not is_shadow(t))
-        shadows = sorted(p for p, t in listed.items() if is_shadow(t))
+        bundles = {p: t for p, t in listed.items() if not is_plan(t)}
+        paths = sorted(p for p, t in bundles.items() if not is_shadow(t))
+        shadows = sorted(p for p, t in bundles.items() if is_shadow(t))
+        plans = sorted(_plan_id(p, t) for p, t in listed.items() if is_plan(t))
         return Signed(
             paths[0] if paths else None,
             targets.signed.version,
             shadows[0] if shadows else None,
+            plans[0] if plans else None,
         )
 
-    def sign(self, keys: KeyStore, targets: dict[str, TargetFile], version: int | None) -> int:
+    def sign(
+        self,
+        keys: KeyStore,
+        targets: dict[str, TargetFile],
+        version: int | None,
+        *,
+        keep_plan: bool = False,
+    ) -> int:
         """Sign ``targets`` as targets ``version`` (``None``: the next one); returns the version.
 
-        A version that is not newer than the signed one is not signed: the
-        current version is returned and nothing changes.
+        ``keep_plan``: ``targets`` are the bundles, and the plan target the
+        metadata lists stays listed beside them (read under the same lock, so a
+        plan signed meanwhile is not lost). A version that is not newer than
+        the signed one is not signed: the current version is returned and
+        nothing changes.
         """
         with self._locked():
             if not self.exists():
@@ -159,15 +230,46 @@ class DeviceRepository(TufRepository):
             current = metadata.signed.version
             if version is not None and version <= current:
                 return current
-            metadata.signed.targets = dict(targets)
-            self._bump(metadata.signed, self.expiry.targets)
-            if version is not None:
-                metadata.signed.version = version
-            self._write(metadata, keys, "targets", versioned=True)
-            snapshot_version = self._load("snapshot").signed.version + 1
-            self._publish_snapshot_and_timestamp(keys, snapshot_version)
-            self._prune_locked()
-            return metadata.signed.version
+            listed = dict(targets)
+            if keep_plan:
+                listed = {p: t for p, t in listed.items() if not is_plan(t)}
+                listed.update({p: t for p, t in metadata.signed.targets.items() if is_plan(t)})
+            return self._sign_locked(keys, metadata, listed, version)
+
+    def sign_plan(self, keys: KeyStore, plan: HybridPlan | None, version: int | None) -> int:
+        """List ``plan`` as the device's only plan target (``None``: none) beside the bundles
+        the metadata lists, as targets ``version`` (``None``: the next one).
+
+        As :meth:`sign`, a version not newer than the signed one signs nothing.
+        """
+        with self._locked():
+            if not self.exists():
+                raise RepositoryError(f"{self.path} holds no {self.kind} yet")
+            metadata: Metadata[Targets] = self._load("targets")
+            current = metadata.signed.version
+            if version is not None and version <= current:
+                return current
+            bundles = {p: t for p, t in metadata.signed.targets.items() if not is_plan(t)}
+            if plan is not None:
+                bundles[plan_target_path(plan.plan_id)] = plan_target(plan)
+            return self._sign_locked(keys, metadata, bundles, version)
+
+    def _sign_locked(
+        self,
+        keys: KeyStore,
+        metadata: Metadata[Targets],
+        targets: dict[str, TargetFile],
+        version: int | None,
+    ) -> int:
+        metadata.signed.targets = dict(targets)
+        self._bump(metadata.signed, self.expiry.targets)
+        if version is not None:
+            metadata.signed.version = version
+        self._write(metadata, keys, "targets", versioned=True)
+        snapshot_version = self._load("snapshot").signed.version + 1
+        self._publish_snapshot_and_timestamp(keys, snapshot_version)
+        self._prune_locked()
+        return metadata.signed.version
 
     def prune(self) -> int:
         """Delete snapshot and targets versions no device can still need; returns how many."""
@@ -255,7 +357,7 @@ class DirectorRepository:
         repo = self._ensure_device(keys, device_id)
         target = _target(device_id, hardware_id, bundle, rollback_of)
         targets = {bundle.target_path: target, **self._shadow(device_id, hardware_id, shadow)}
-        signed = repo.sign(keys, targets, version)
+        signed = repo.sign(keys, targets, version, keep_plan=True)
         return Assignment(
             device_id, hardware_id, bundle.target_path, bundle.release_counter, signed
         )
@@ -282,7 +384,7 @@ class DirectorRepository:
             if hardware_id is None:
                 raise ValueError("a shadow target names the device's hardware id")
             targets = self._shadow(device_id, hardware_id, shadow)
-        return self._ensure_device(keys, device_id).sign(keys, targets, version)
+        return self._ensure_device(keys, device_id).sign(keys, targets, version, keep_plan=True)
 
     @staticmethod
     def _shadow(
@@ -295,6 +397,15 @@ class DirectorRepository:
                 f"{shadow.name} {shadow.version} is not released for hardware {hardware_id}"
             )
         return {shadow.target_path: _target(device_id, hardware_id, shadow, shadow=True)}
+
+    def sign_plan(
+        self, keys: KeyStore, device_id: str, plan: HybridPlan | None, version: int | None = None
+    ) -> int:
+        """List ``plan`` in ``device_id``'s metadata (``None``: drop its plan), keeping its
+        assignment and shadow; returns the targets version signed (or the current one)."""
+        if plan is not None and plan.device_id != device_id:
+            raise RepositoryError(f"plan {plan.plan_id} is for {plan.device_id}, not {device_id}")
+        return self._ensure_device(keys, device_id).sign_plan(keys, plan, version)
 
     def refresh_timestamp(self, keys: KeyStore, device_id: str) -> int:
         """Re-sign one device's timestamp before it expires."""

@@ -14,6 +14,7 @@ from fleet_server.fleetctl.remote import (
     director,
     drift,
     labels,
+    plans,
     releases,
     rollouts,
     tokens,
@@ -60,5 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
     alerts.add_commands(groups, server)
     labels.add_commands(groups, server)
     rollouts.add_commands(groups, server)
+    plans.add_commands(groups, server)
     broker.add_commands(groups, local)
     return parser

@@ -11,7 +11,10 @@ window it has no ack for) is stored once, and a reported state older than the
 one stored (delivered again after a replica restart, or by a slower replica)
 does not replace it. It returns, per device, the windows
 of the batch that are stored (newly or before): the acks to send once the
-transaction has committed.
+transaction has committed. Each window stored for the first time is folded, in
+the same transaction, into its device's hourly rollout aggregates and hybrid
+stats (:mod:`fleet_server.hybrid.aggregates`: request rate, confidence, what it
+did under its hybrid plan).
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from fleet_server.db import Database
 from fleet_server.db.models import Device, DeviceEventRow, WindowRow
 from fleet_server.devices.store import reported_state_columns, write_reported_state
+from fleet_server.hybrid.aggregates import fold_hybrid
+from fleet_server.hybrid.store import add_to_hybrid_stats
 from fleet_server.metrics import Metrics
 from fleet_server.mqtt import store
 from fleet_server.rollouts.aggregates import fold, fold_shadow
@@ -295,6 +300,7 @@ async def write_batch(db: Database, batch: Sequence[Accepted], replica: str) -> 
             new = [summaries[w] for w in inserted.all()]
             shadows = [d for d in map(fold_shadow, new) if d is not None]
             await add_to_hour_stats(session, [*map(fold, new), *shadows])
+            await add_to_hybrid_stats(session, [fold_hybrid(w) for w in new])
             owners = await store.window_owners(session, list(windows))
             stored: dict[str, dict[str, None]] = {}  # ordered sets
             for device_id, window_id in sent_windows:

@@ -24,7 +24,7 @@ class RepositoryVerificationError(Exception):
     """The repository's metadata does not verify."""
 
 
-class _DirectoryFetcher(FetcherInterface):
+class DirectoryFetcher(FetcherInterface):
     """Reads ``file://`` URLs; a missing file is a 404, as ngclient expects."""
 
     def _fetch(self, url: str) -> Iterator[bytes]:
@@ -55,7 +55,7 @@ def verify_metadata(
             updater = Updater(
                 metadata_dir=trust,
                 metadata_base_url=(directory / "metadata").resolve().as_uri() + "/",
-                fetcher=_DirectoryFetcher(),
+                fetcher=DirectoryFetcher(),
                 bootstrap=None,
             )
             updater.refresh()

@@ -35,7 +35,24 @@ follows the features) and, at the end of the body, the shadow section::
     bundle_id model_version | requests agreements errors | latency histogram
 
 It is written only for a window with a shadow section, so every other window
-keeps its version 1, 2 or 3 bytes. The reader reads all four.
+keeps its version 1, 2 or 3 bytes.
+
+Version 5 carries what the device did under a hybrid plan
+(:class:`~protocol.hybrid.HybridSummary`): version 4's layout, whose sections
+byte may also say ``0x04`` (a hybrid section follows the features, and the
+shadow section when there is one) and need not say ``0x02``::
+
+    plan_id | mode (index in PLAN_MODES) | local escalated kept_local_quota
+    cloud_answered audits | error kinds (a bit per CLOUD_ERROR_KINDS entry)
+    and the count of each kind set | escalated_compared escalated_agreements
+    audit_compared audit_agreements | audit_confidence_sum (float64)
+    | local latency histogram | cloud latency histogram
+    | confidence: first bin, number of bins, their counts (a trimmed row)
+
+It is written only for a window with a hybrid section (a window without one
+keeps its version 1 to 4 bytes); a version 5 window always has one. A reader
+that knows only versions 1 to 4 refuses it, saying to upgrade. The reader
+reads all five.
 
 The body is unsigned LEB128 varints (signed ones zigzag-coded), little-endian
 IEEE floats and short strings (a kind byte — absent, UTF-8, hex digits packed
@@ -72,20 +89,24 @@ import numpy as np
 from pydantic import TypeAdapter, ValidationError
 
 from protocol.histogram import ExponentialHistogram
+from protocol.hybrid import CLOUD_ERROR_KINDS, CONFIDENCE_BINS, PLAN_MODES, HybridSummary
 from protocol.inference import STAGE_NAMES
 from protocol.summary import FeatureSummary, ScoreHistogram
 from protocol.window.model import ShadowSummary, WindowSummary
 
-WINDOW_CODEC_VERSION: Final = 4
+WINDOW_CODEC_VERSION: Final = 5
 # Windows that summarised every request are written in version 1, which old readers know,
 # sampled ones in version 2; version 3 only for a window with values beyond the baseline.
 _EXACT_CODEC_VERSION: Final = 1
 _SAMPLED_CODEC_VERSION: Final = 2
 _BEYOND_CODEC_VERSION: Final = 3
-# Version 4's sections byte.
+_SHADOW_CODEC_VERSION: Final = 4
+# Version 4's and 5's sections byte.
 _SECTION_BEYOND: Final = 0x01
 _SECTION_SHADOW: Final = 0x02
+_SECTION_HYBRID: Final = 0x04
 _SECTIONS: Final = _SECTION_BEYOND | _SECTION_SHADOW
+_SECTIONS_V5: Final = _SECTIONS | _SECTION_HYBRID
 WINDOW_MAGIC: Final = b"EFW"
 # A decoded body larger than this is refused (a window of 1,024 features is ~100 kB).
 MAX_BODY_BYTES: Final = 1 << 20
@@ -551,6 +572,85 @@ def _read_shadow(r: _Reader) -> ShadowSummary:
         raise _invalid(exc, "shadow") from None
 
 
+def _write_hybrid(w: _Writer, hybrid: HybridSummary) -> None:
+    w.text(hybrid.plan_id)
+    w.buf.append(PLAN_MODES.index(hybrid.mode))
+    for count in (
+        hybrid.local,
+        hybrid.escalated,
+        hybrid.kept_local_quota,
+        hybrid.cloud_answered,
+        hybrid.audits,
+    ):
+        w.uint(count)
+    kinds = [(i, kind) for i, kind in enumerate(CLOUD_ERROR_KINDS) if hybrid.cloud_errors.get(kind)]
+    w.buf.append(sum(1 << i for i, _ in kinds))
+    for _, kind in kinds:
+        w.uint(hybrid.cloud_errors[kind])
+    for count in (
+        hybrid.escalated_compared,
+        hybrid.escalated_agreements,
+        hybrid.audit_compared,
+        hybrid.audit_agreements,
+    ):
+        w.uint(count)
+    w.f64(hybrid.audit_confidence_sum)
+    _write_latency(w, hybrid.local_latency_ms)
+    _write_latency(w, hybrid.cloud_latency_ms)
+    nonzero = [i for i, c in enumerate(hybrid.confidence) if c]
+    first = nonzero[0] if nonzero else 0
+    last = nonzero[-1] + 1 if nonzero else 0
+    w.uint(first)
+    w.uint(last - first)
+    for c in hybrid.confidence[first:last]:
+        w.uint(c)
+
+
+def _read_hybrid(r: _Reader) -> HybridSummary:
+    try:
+        plan_id = r.required_text()
+        mode_index = r.byte()
+        if mode_index >= len(PLAN_MODES):
+            raise WindowCodecError(f"unknown plan mode {mode_index}")
+        local, escalated, kept, answered, audits = r.uints(5)
+        mask = r.byte()
+        if mask >> len(CLOUD_ERROR_KINDS):
+            raise WindowCodecError(f"unknown cloud error kinds {mask:#x}")
+        errors = {kind: r.uint() for i, kind in enumerate(CLOUD_ERROR_KINDS) if mask & (1 << i)}
+        esc_compared, esc_agreed, audit_compared, audit_agreed = r.uints(4)
+        confidence_sum = r.f64()
+        if not math.isfinite(confidence_sum):
+            raise WindowCodecError("audit_confidence_sum is not a finite number")
+        local_latency, cloud_latency = _read_latency(r), _read_latency(r)
+        first, length = r.uint(limit=CONFIDENCE_BINS), r.uint(limit=CONFIDENCE_BINS)
+        if first + length > CONFIDENCE_BINS:
+            raise WindowCodecError(f"the confidence row reaches past its {CONFIDENCE_BINS} bins")
+        confidence = [0] * first + r.uints(length) + [0] * (CONFIDENCE_BINS - first - length)
+    except WindowCodecError as exc:
+        raise WindowCodecError(f"the hybrid section is malformed: {exc}") from None
+    try:
+        return HybridSummary(
+            plan_id=plan_id,
+            mode=PLAN_MODES[mode_index],
+            local=local,
+            escalated=escalated,
+            kept_local_quota=kept,
+            cloud_answered=answered,
+            audits=audits,
+            cloud_errors=errors,
+            escalated_compared=esc_compared,
+            escalated_agreements=esc_agreed,
+            audit_compared=audit_compared,
+            audit_agreements=audit_agreed,
+            audit_confidence_sum=confidence_sum,
+            local_latency_ms=local_latency,
+            cloud_latency_ms=cloud_latency,
+            confidence=confidence,
+        )
+    except ValidationError as exc:
+        raise _invalid(exc, "hybrid") from None
+
+
 def _most_common(values: list[int]) -> int:
     return Counter(values).most_common(1)[0][0] if values else 0
 
@@ -559,6 +659,12 @@ def _check_limits(window: WindowSummary) -> None:
     """Refuse to write what :func:`decode_window` would refuse to read."""
     if window.shadow is not None and len(window.shadow.latency_ms.counts) > MAX_BINS:
         raise WindowCodecError(f"more than {MAX_BINS} bins in the shadow's latency histogram")
+    hybrid = window.hybrid
+    if (
+        hybrid is not None
+        and max(len(hybrid.local_latency_ms.counts), len(hybrid.cloud_latency_ms.counts)) > MAX_BINS
+    ):
+        raise WindowCodecError(f"more than {MAX_BINS} bins in a hybrid latency histogram")
     if len(window.features) > MAX_FEATURES:
         raise WindowCodecError(f"{len(window.features)} features; the codec carries {MAX_FEATURES}")
     widest = max((len(f.counts) for f in window.features), default=0)
@@ -593,8 +699,10 @@ def encode_window(window: WindowSummary) -> bytes:
     w.uint(window.requests)
     w.uint(window.errors)
     beyond = _beyond(window.features)
-    if window.shadow is not None:
+    if window.hybrid is not None:
         version = WINDOW_CODEC_VERSION
+    elif window.shadow is not None:
+        version = _SHADOW_CODEC_VERSION
     elif beyond:
         version = _BEYOND_CODEC_VERSION
     elif window.unsummarised_requests:
@@ -604,7 +712,11 @@ def encode_window(window: WindowSummary) -> bytes:
     if version >= 2:
         w.uint(window.unsummarised_requests)
     if version >= 4:
-        w.buf.append((_SECTION_BEYOND if beyond else 0) | _SECTION_SHADOW)
+        w.buf.append(
+            (_SECTION_BEYOND if beyond else 0)
+            | (_SECTION_SHADOW if window.shadow is not None else 0)
+            | (_SECTION_HYBRID if window.hybrid is not None else 0)
+        )
     for stage in STAGE_NAMES:
         w.uint(window.served.get(stage, 0))
     _write_latency(w, window.latency_ms)
@@ -612,6 +724,8 @@ def encode_window(window: WindowSummary) -> bytes:
     _write_features(w, window.features, beyond)
     if window.shadow is not None:
         _write_shadow(w, window.shadow)
+    if window.hybrid is not None:
+        _write_hybrid(w, window.hybrid)
     body = bytes(w.buf)
     header = WINDOW_MAGIC + bytes([version]) + _CRC.pack(zlib.crc32(body))
     return header + lzma.compress(body, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
@@ -658,15 +772,22 @@ def decode_window(data: bytes) -> WindowSummary:
         start, end = r.f64(), r.f64()
         requests, errors = r.uint(), r.uint()
         unsummarised = r.uint() if version >= 2 else 0
-        sections = _read_sections(r) if version >= 4 else 0
+        sections = _read_sections(r, version) if version >= 4 else 0
         beyond = version == _BEYOND_CODEC_VERSION or bool(sections & _SECTION_BEYOND)
         served = {stage: r.uint() for stage in STAGE_NAMES}
         latency = _read_latency(r)
         scores = _read_scores(r)
         features = _read_features(r, beyond)
         shadow = _read_shadow(r) if sections & _SECTION_SHADOW else None
+        hybrid = _read_hybrid(r) if sections & _SECTION_HYBRID else None
         if r.pos != len(body):
-            last = "the shadow section" if shadow is not None else "the last feature"
+            last = (
+                "the hybrid section"
+                if hybrid is not None
+                else "the shadow section"
+                if shadow is not None
+                else "the last feature"
+            )
             raise WindowCodecError(f"{len(body) - r.pos} unexpected bytes after {last}")
         return WindowSummary(
             window_id=window_id,
@@ -686,16 +807,19 @@ def decode_window(data: bytes) -> WindowSummary:
             scores=scores,
             latency_ms=latency,
             shadow=shadow,
+            hybrid=hybrid,
         )
     except ValidationError as exc:
         raise _invalid(exc) from None
 
 
-def _read_sections(r: _Reader) -> int:
-    """Version 4's sections byte; a version 4 window always has its shadow section."""
+def _read_sections(r: _Reader, version: int) -> int:
+    """The sections byte: version 4 always has its shadow section, version 5 its hybrid one."""
     sections = r.byte()
-    if sections & ~_SECTIONS:
+    if sections & ~(_SECTIONS_V5 if version >= 5 else _SECTIONS):
         raise WindowCodecError(f"unknown window sections {sections:#x}")
-    if not sections & _SECTION_SHADOW:
+    if version == _SHADOW_CODEC_VERSION and not sections & _SECTION_SHADOW:
         raise WindowCodecError("a version 4 window without its shadow section")
+    if version >= 5 and not sections & _SECTION_HYBRID:
+        raise WindowCodecError("a version 5 window without its hybrid section")
     return sections

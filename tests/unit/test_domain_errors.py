@@ -45,6 +45,8 @@ NOT_DOMAIN_ERRORS = {
     "fleet_server.api.client.ApiClientError",
     "fleet_server.audit.signing.AuditKeyError",
     "fleet_server.broker_config.BrokerConfigError",
+    "fleet_server.cloud.batching.QueueFull",
+    "fleet_server.cloud.models.ModelRefused",
     "fleet_server.fleetctl.errors.CommandError",
     "fleet_server.mqtt.claim.StartRefused",
     "fleet_server.release.bundle_builder.BundleBuildError",

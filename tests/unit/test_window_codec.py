@@ -22,6 +22,7 @@ from protocol.histogram import (
     quantile,
     record,
 )
+from protocol.hybrid import CONFIDENCE_BINS, HybridSummary, merge_hybrid
 from protocol.summary import (
     FeatureSummary,
     edges_id,
@@ -627,7 +628,7 @@ def test_a_shadow_section_round_trips_in_version_4(unsummarised: int, counted: b
         window = _counted(window, [(0, 2), (1, 0)])
     window = _shadowed(window)
     data = encode_window(window)
-    assert data[3] == WINDOW_CODEC_VERSION == 4
+    assert data[3] == 4
     got = decode_window(data)
     assert got == window
     assert got.shadow is not None and got.shadow.latency_ms.count == 4
@@ -685,10 +686,143 @@ def test_a_version_4_window_names_its_sections_or_is_refused() -> None:
         edited[sections_at] = flags
         with pytest.raises(WindowCodecError, match=message):
             decode_window(_frame(bytes(edited), 4))
-    with pytest.raises(WindowCodecError, match="version 5 is not supported"):
-        decode_window(_frame(body, 5))
+    with pytest.raises(WindowCodecError, match="version 6 is not supported"):
+        decode_window(_frame(body, 6))
 
 
 def test_a_shadow_summary_with_more_outcomes_than_requests_is_invalid() -> None:
     with pytest.raises(ValueError, match="2 agreements and 1 errors of only 2 shadow requests"):
         ShadowSummary(bundle_id=_SHADOW_ID, model_version="2", requests=2, agreements=2, errors=1)
+
+
+# -- the hybrid section (version 5) ----------------------------------------------------
+
+_PLAN_ID = "p-0123456789ab"
+
+
+def _hybrid(**fields: object) -> HybridSummary:
+    local_ms = ExponentialHistogram()
+    for ms in (0.05, 0.07, 0.06, 0.2):
+        local_ms = record(local_ms, [ms])
+    cloud_ms = record(ExponentialHistogram(), [12.0, 15.5])
+    confidence = [0] * CONFIDENCE_BINS
+    confidence[20], confidence[30], confidence[49] = 2, 1, 7
+    hybrid = {
+        "plan_id": _PLAN_ID,
+        "mode": "escalate",
+        "local": 7,
+        "escalated": 2,
+        "kept_local_quota": 1,
+        "cloud_answered": 1,
+        "audits": 2,
+        "cloud_errors": {"rate_limited": 1, "timeout": 1},
+        "escalated_compared": 1,
+        "escalated_agreements": 0,
+        "audit_compared": 1,
+        "audit_agreements": 1,
+        "audit_confidence_sum": 0.97,
+        "local_latency_ms": local_ms,
+        "cloud_latency_ms": cloud_ms,
+        "confidence": confidence,
+        **fields,
+    }
+    return HybridSummary.model_validate(hybrid)
+
+
+def _hybrid_window(window: WindowSummary, **fields: object) -> WindowSummary:
+    return window.model_copy(update={"plan_id": _PLAN_ID, "hybrid": _hybrid(**fields)})
+
+
+@pytest.mark.parametrize("shadow", [False, True])
+@pytest.mark.parametrize("counted", [False, True])
+def test_a_hybrid_section_round_trips_in_version_5(counted: bool, shadow: bool) -> None:
+    window = _v2_window().model_copy(update={"requests": 10})
+    if counted:
+        window = _counted(window, [(0, 2), (1, 0)])
+    if shadow:
+        window = _shadowed(window)
+    window = _hybrid_window(window)
+    data = encode_window(window)
+    assert data[3] == WINDOW_CODEC_VERSION == 5
+    got = decode_window(data)
+    assert got == window
+    assert got.hybrid is not None and got.hybrid.requests == 10
+    assert got.hybrid.cloud_errors == {"rate_limited": 1, "timeout": 1}
+
+
+def test_a_window_without_a_hybrid_section_keeps_its_old_bytes() -> None:
+    assert encode_window(_v1_window()) == V1_WINDOW
+    assert encode_window(_v2_window()) == V2_WINDOW
+    assert encode_window(_shadowed(_v1_window()))[3] == 4
+    # The plan id alone (a window labelled with a plan) is no hybrid section.
+    labelled = _v1_window().model_copy(update={"plan_id": _PLAN_ID})
+    assert encode_window(labelled)[3] == 1
+    # Every mode, and a section with nothing but zeros, round-trip.
+    for mode in ("local", "escalate", "cloud_first"):
+        empty = _v1_window().model_copy(
+            update={"hybrid": HybridSummary(plan_id=_PLAN_ID, mode=mode)}
+        )
+        assert decode_window(encode_window(empty)) == empty
+
+
+def _hybrid_body(window: WindowSummary) -> tuple[bytes, int]:
+    """The body of ``window`` and where its hybrid section starts (after the plan id)."""
+    body = _body(encode_window(window))
+    plan = bytes([1, len(_PLAN_ID)]) + _PLAN_ID.encode()
+    at = body.rfind(plan)
+    assert at > 0
+    return body, at + len(plan)
+
+
+def test_malformed_hybrid_sections_are_refused_naming_what_is_wrong() -> None:
+    body, at = _hybrid_body(_hybrid_window(_v2_window()))
+    # mode, then local escalated kept_local_quota cloud_answered audits, then the error kinds.
+    assert body[at : at + 7] == bytes([1, 7, 2, 1, 1, 2, 0b00011])
+    cases = {
+        bytes([9]): r"hybrid section is malformed: unknown plan mode 9",
+        bytes([1, 7, 2, 1, 3]): r"invalid at hybrid: .*3 cloud answers of only 2 escalated",
+        bytes([1, 7, 2, 1, 1, 2, 0x40]): r"hybrid section is malformed: unknown cloud error kinds",
+    }
+    for edit, message in cases.items():
+        edited = body[:at] + edit + body[at + len(edit) :]
+        with pytest.raises(WindowCodecError, match=message):
+            decode_window(_frame(edited, 5))
+    with pytest.raises(WindowCodecError, match=r"the hybrid section is malformed: .*truncated"):
+        decode_window(_frame(body[: at + 4], 5))
+    with pytest.raises(WindowCodecError, match="unexpected bytes after the hybrid section"):
+        decode_window(_frame(body + b"\x00", 5))
+    # The confidence row: first bin 20, 30 bins long, past the 50 bins there are.
+    row = body.rfind(bytes([20, 30, 2]))
+    assert row > at
+    wide = body[:row] + bytes([40, 30]) + body[row + 2 :]
+    with pytest.raises(WindowCodecError, match="confidence row reaches past its 50 bins"):
+        decode_window(_frame(wide, 5))
+
+
+def test_a_version_5_window_names_its_hybrid_section_or_is_refused() -> None:
+    window = _hybrid_window(_v2_window())
+    body, _ = _hybrid_body(window)
+    plain = _body(encode_window(_v2_window().model_copy(update={"plan_id": _PLAN_ID})))
+    sections_at = next(i for i, (a, b) in enumerate(zip(plain, body, strict=False)) if a != b)
+    assert body[sections_at] == 0x04
+    for flags, message in ((0x0C, "unknown window sections 0xc"), (0x00, "without its hybrid")):
+        edited = bytearray(body)
+        edited[sections_at] = flags
+        with pytest.raises(WindowCodecError, match=message):
+            decode_window(_frame(bytes(edited), 5))
+    # A version 4 reader's rules: the hybrid flag is not one of its sections.
+    with pytest.raises(WindowCodecError, match="unknown window sections 0x4"):
+        decode_window(_frame(body, 4))
+    with pytest.raises(WindowCodecError, match=r"version 6 is not supported .* upgrade the reader"):
+        decode_window(_frame(body, 6))
+
+
+def test_hybrid_sections_of_one_plan_merge_and_of_two_plans_do_not() -> None:
+    a, b = _hybrid(), _hybrid(local=3, cloud_errors={"timeout": 2})
+    merged = merge_hybrid(a, b)
+    assert merged.requests == a.requests + b.requests
+    assert merged.cloud_errors == {"rate_limited": 1, "timeout": 3}
+    assert merged.confidence[49] == 14
+    assert merged.local_latency_ms.count == 8
+    with pytest.raises(ValueError, match="cannot be merged"):
+        merge_hybrid(a, _hybrid(plan_id="p-other"))

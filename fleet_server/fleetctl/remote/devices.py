@@ -10,6 +10,7 @@ from fleet_server.api.client import path_segment
 from fleet_server.fleetctl.commands import add_command, add_group
 from fleet_server.fleetctl.errors import CommandError
 from fleet_server.fleetctl.files import check_out_folder, secret_out
+from fleet_server.fleetctl.remote import plans
 from fleet_server.fleetctl.remote.client import api_client
 from fleet_server.fleetctl.render import emit, text_table, when
 
@@ -265,7 +266,7 @@ def cmd_devices_windows(args: argparse.Namespace) -> None:
 
 
 def add_commands(groups: Any, parents: list[argparse.ArgumentParser]) -> None:
-    """``devices list|show|tag|register|windows|events|decommission|rotate-credentials``."""
+    """``devices list|show|tag|register|windows|events|decommission|rotate-credentials|set``."""
     devices = add_group(groups, "devices", "the device registry (server)")
     p = add_command(
         devices,
@@ -395,3 +396,4 @@ def add_commands(groups: Any, parents: list[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("device", help="the device id")
     p.add_argument("--out", metavar="FILE", help=_PASSWORD_OUT_HELP)
+    plans.add_device_commands(devices, parents)

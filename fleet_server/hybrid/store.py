@@ -1,0 +1,154 @@
+"""The hybrid feature's queries: hourly stats kept by ingest, plans, the cloud's capacity."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, select, tuple_
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from fleet_server.db.models import CloudSettings, Device, DeviceHybridStats, HybridPlanRow
+from fleet_server.hybrid.aggregates import (
+    HybridDelta,
+    Key,
+    combine,
+    combine_all,
+    delta_of,
+    row_values,
+)
+
+_CHUNK = 500
+_KEY_COLUMNS = ("device_id", "plan_id", "hour")
+
+
+def _insert(session: AsyncSession) -> Any:
+    postgres = session.bind is not None and session.bind.dialect.name == "postgresql"
+    return pg_insert if postgres else sqlite_insert
+
+
+async def add_to_hybrid_stats(session: AsyncSession, deltas: Sequence[HybridDelta]) -> None:
+    """Add ``deltas`` to their rows, creating those that do not exist yet.
+
+    A read, a sum and an upsert per row: the caller holds the row locks of the
+    deltas' devices (ingest's batch writer does), so two replicas never add to
+    one row at once. Rows are written in key order.
+    """
+    merged = combine_all(deltas)
+    if not merged:
+        return
+    keys: list[Key] = sorted(merged)
+    table = DeviceHybridStats
+    stored: dict[Key, HybridDelta] = {}
+    for start in range(0, len(keys), _CHUNK):
+        chunk = keys[start : start + _CHUNK]
+        rows = await session.scalars(
+            select(table).where(tuple_(table.device_id, table.plan_id, table.hour).in_(chunk))
+        )
+        for row in rows:
+            d = delta_of(row)
+            stored[d.key] = d
+    values = []
+    for key in keys:
+        before = stored.get(key)
+        values.append(row_values(merged[key] if before is None else combine(before, merged[key])))
+    statement = _insert(session)(table)
+    statement = statement.on_conflict_do_update(
+        index_elements=list(_KEY_COLUMNS),
+        set_={
+            c.name: statement.excluded[c.name]
+            for c in table.__table__.columns
+            if c.name not in _KEY_COLUMNS
+        },
+    )
+    await session.execute(statement, values)
+
+
+async def hybrid_stats(
+    session: AsyncSession, since: datetime, device_ids: Collection[str] | None = None
+) -> list[HybridDelta]:
+    """The rows of hours from ``since`` on (of ``device_ids``, default every device)."""
+    query = select(DeviceHybridStats).where(DeviceHybridStats.hour >= since)
+    if device_ids is not None:
+        query = query.where(DeviceHybridStats.device_id.in_(list(device_ids)))
+    return [delta_of(r) for r in (await session.scalars(query)).all()]
+
+
+_COUNT_COLUMNS = (
+    "device_id",
+    "plan_id",
+    "hour",
+    "last_end",
+    "windows",
+    "requests",
+    "seconds",
+    "local",
+    "escalated",
+    "kept_local_quota",
+    "cloud_answered",
+    "audits",
+    "cloud_errors",
+    "escalated_compared",
+    "escalated_agreements",
+    "audit_compared",
+    "audit_agreements",
+    "audit_confidence_sum",
+)
+
+
+async def plan_counts(session: AsyncSession, plan_ids: Collection[str]) -> list[HybridDelta]:
+    """Every row of the plans ``plan_ids``, counts only (no histograms: what the checks read)."""
+    if not plan_ids:
+        return []
+    table = DeviceHybridStats
+    columns = [getattr(table, name) for name in _COUNT_COLUMNS]
+    out: list[HybridDelta] = []
+    ids = sorted(plan_ids)
+    for start in range(0, len(ids), _CHUNK):
+        rows = await session.execute(
+            select(*columns).where(table.plan_id.in_(ids[start : start + _CHUNK]))
+        )
+        for row in rows.all():
+            values = dict(zip(_COUNT_COLUMNS, row, strict=True))
+            errors = values.pop("cloud_errors")
+            out.append(
+                HybridDelta(
+                    **values,
+                    cloud_errors={str(k): int(v) for k, v in dict(errors or {}).items()},
+                )
+            )
+    return out
+
+
+async def active_devices(session: AsyncSession) -> list[Device]:
+    """Every device not decommissioned, in id order."""
+    query = select(Device).where(Device.decommissioned_at.is_(None)).order_by(Device.id)
+    return list((await session.scalars(query)).all())
+
+
+async def plans(
+    session: AsyncSession, device_id: str | None = None, lock: bool = False
+) -> list[HybridPlanRow]:
+    """The stored plans (of ``device_id``), in device order."""
+    query = select(HybridPlanRow).order_by(HybridPlanRow.device_id)
+    if device_id is not None:
+        query = query.where(HybridPlanRow.device_id == device_id)
+    if lock:
+        query = query.with_for_update()
+    return list((await session.scalars(query)).all())
+
+
+async def drop_plans(session: AsyncSession, device_ids: Collection[str]) -> None:
+    """Delete the plans of ``device_ids``."""
+    if device_ids:
+        await session.execute(
+            delete(HybridPlanRow).where(HybridPlanRow.device_id.in_(list(device_ids)))
+        )
+
+
+async def cloud_settings(session: AsyncSession) -> CloudSettings | None:
+    """The operator's capacity setting (``None``: never set)."""
+    return await session.get(CloudSettings, 1)
