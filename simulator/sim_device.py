@@ -212,7 +212,11 @@ class SimDevice:
                 password=config.password,
             )
         # A loaded model may be shared by many devices: its runs are serialised by a lock.
-        slot = ModelSlot(installed.manifest, model or runtime.load(installed.model))
+        if model is None:  # the device's own copy, as its slot holds it
+            model_path = data / installed.manifest.model_file
+            model_path.write_bytes(installed.model)
+            model = runtime.load(model_path)
+        slot = ModelSlot(installed.manifest, model)
         self.chain = FallbackChain(
             slot, cloud=cloud, config=ChainConfig(max_audits_in_flight=2), seed=seed
         )
