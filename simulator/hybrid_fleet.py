@@ -82,6 +82,7 @@ class CloudProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 90.0) -> None:
+        """Start the process (again, on the same port, after :meth:`kill` or :meth:`stop`)."""
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 self.args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
@@ -105,6 +106,12 @@ class CloudProcess:
     def log_tail(self, chars: int = 3000) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
         return text[-chars:]
+
+    def kill(self) -> None:
+        """SIGKILL: the endpoint is gone at once (connections refused until :meth:`start`)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
