@@ -74,7 +74,10 @@ def network_scores(network: Network, X: ArrayLike) -> NDArray[np.float64]:
     Dense layers with ReLU between them and softmax at the end, as the plain
     sample graphs (v1, v2, cloud) compute them.
     """
-    h = np.asarray(X, dtype=np.float32).astype(np.float64)
+    x = np.asarray(X, dtype=np.float32)
+    if network.input_scale is not None and network.input_offset is not None:
+        x = (x * network.input_scale[None, :]).astype(np.float32) + network.input_offset[None, :]
+    h = x.astype(np.float64)
     last = len(network.layers) - 1
     with np.errstate(invalid="ignore", over="ignore"):
         for k, layer in enumerate(network.layers):

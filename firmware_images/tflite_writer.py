@@ -13,7 +13,10 @@ The conventions the runtime relies on, all kept here:
   dimension, so ``Interpreter.resize_tensor_input`` can run batches;
 * operator codes set both ``deprecated_builtin_code`` (capped at 127, what old
   readers look at) and ``builtin_code``;
-* the file identifier is ``TFL3`` and the schema version 3.
+* the file identifier is ``TFL3`` and the schema version 3;
+* an int8 tensor carries one ``(scale, zero_point)`` (per-tensor, affine:
+  ``real = scale * (q - zero_point)``); an int32 bias of a quantized dense
+  layer has scale ``input_scale * weight_scale`` and zero point 0.
 """
 
 from __future__ import annotations
@@ -34,8 +37,10 @@ _FILE_IDENTIFIER = b"TFL3"
 _BUFFER_ALIGNMENT = 16
 _DEPRECATED_CODE_LIMIT = 127
 
+_FLOAT32: np.dtype[Any] = np.dtype(np.float32)
 _TENSOR_TYPES: dict[np.dtype[Any], int] = {
     np.dtype(np.float32): tflite.TensorType.FLOAT32,
+    np.dtype(np.int8): tflite.TensorType.INT8,
     np.dtype(np.int32): tflite.TensorType.INT32,
     np.dtype(np.int64): tflite.TensorType.INT64,
 }
@@ -61,6 +66,7 @@ class _Tensor:
     signature: tuple[int, ...] | None
     dtype: np.dtype[Any]
     buffer: int
+    quantization: tuple[float, int] | None = None
 
 
 @dataclass
@@ -86,7 +92,7 @@ class GraphBuilder:
         self._tensors: list[_Tensor] = []
         self._buffers: list[bytes] = [b""]  # buffer 0: the empty sentinel
         self._operators: list[_Operator] = []
-        self._opcodes: list[tuple[int, str]] = []
+        self._opcodes: list[tuple[int, str, int]] = []
         self._inputs: list[int] = []
         self._outputs: list[int] = []
 
@@ -111,8 +117,14 @@ class GraphBuilder:
         self._inputs.append(ref.index)
         return ref
 
-    def add_constant(self, name: str, value: ArrayLike) -> TensorRef:
-        """Store ``value`` (float32, int32 or int64) in a buffer and return its tensor."""
+    def add_constant(
+        self, name: str, value: ArrayLike, quantization: tuple[float, int] | None = None
+    ) -> TensorRef:
+        """Store ``value`` (float32, int8, int32 or int64) in a buffer and return its tensor.
+
+        ``quantization`` is the tensor's ``(scale, zero_point)`` when it holds
+        quantized values.
+        """
         value = np.asarray(value)
         dtype = value.dtype
         if dtype not in _TENSOR_TYPES:
@@ -120,7 +132,12 @@ class GraphBuilder:
         data = np.ascontiguousarray(value, dtype=dtype.newbyteorder("<")).tobytes()
         self._buffers.append(data)
         return self._new_tensor(
-            name, tuple(value.shape), None, dtype, buffer=len(self._buffers) - 1
+            name,
+            tuple(value.shape),
+            None,
+            dtype,
+            buffer=len(self._buffers) - 1,
+            quantization=quantization,
         )
 
     def mark_output(self, tensor: TensorRef) -> None:
@@ -155,6 +172,72 @@ class GraphBuilder:
             out,
             tflite.BuiltinOptions.FullyConnectedOptions,
             ("FullyConnectedOptions", {"FusedActivationFunction": 0, "KeepNumDims": False}),
+        )
+        return out
+
+    def quantize(self, x: TensorRef, scale: float, zero_point: int, name: str) -> TensorRef:
+        """float32 ``x`` to int8: ``clamp(round(x / scale) + zero_point, -128, 127)``."""
+        self._check(x)
+        out = self._derived(name, x.shape, x, np.dtype(np.int8), (scale, zero_point))
+        self._add_op(tflite.BuiltinOperator.QUANTIZE, (x,), out, 0, None, version=2)
+        return out
+
+    def dequantize(self, x: TensorRef, name: str) -> TensorRef:
+        """int8 ``x`` back to float32: ``scale * (q - zero_point)``."""
+        self._check(x)
+        if x.dtype != np.dtype(np.int8):
+            raise GraphError(f"{name}: DEQUANTIZE needs an int8 input, got {x.dtype}")
+        out = self._derived(name, x.shape, x)
+        self._add_op(tflite.BuiltinOperator.DEQUANTIZE, (x,), out, 0, None, version=2)
+        return out
+
+    def fully_connected_int8(
+        self,
+        x: TensorRef,
+        weights: ArrayLike,
+        weight_scale: float,
+        bias: ArrayLike,
+        output: tuple[float, int],
+        name: str,
+        *,
+        relu: bool = False,
+    ) -> TensorRef:
+        """An int8 dense layer: int8 ``x`` and ``weights`` ``[out, in]``, int32 ``bias``.
+
+        ``weights`` are symmetric (zero point 0) with one ``weight_scale``;
+        ``bias`` has scale ``input_scale * weight_scale``; the int8 result has
+        ``output = (scale, zero_point)``. With ``relu`` the activation is fused.
+        """
+        self._check(x)
+        quantization = self._tensors[x.index].quantization
+        if x.dtype != np.dtype(np.int8) or quantization is None:
+            raise GraphError(f"{name}: the input of an int8 dense layer must be quantized int8")
+        weights = np.asarray(weights)
+        bias = np.asarray(bias)
+        if weights.dtype != np.int8 or bias.dtype != np.int32:
+            raise GraphError(f"{name}: weights must be int8 and bias int32")
+        if len(x.shape) != 2 or weights.ndim != 2 or weights.shape[1] != x.shape[1]:
+            raise GraphError(f"{name}: weights {weights.shape} do not fit input {x.shape}")
+        if bias.shape != (weights.shape[0],):
+            raise GraphError(f"{name}: bias {bias.shape} does not fit weights {weights.shape}")
+        w = self.add_constant(f"{name}/weights", weights, (weight_scale, 0))
+        b = self.add_constant(f"{name}/bias", bias, (quantization[0] * weight_scale, 0))
+        out = self._derived(
+            name, (x.shape[0], weights.shape[0]), x, np.dtype(np.int8), (output[0], output[1])
+        )
+        self._add_op(
+            tflite.BuiltinOperator.FULLY_CONNECTED,
+            (x, w, b),
+            out,
+            tflite.BuiltinOptions.FullyConnectedOptions,
+            (
+                "FullyConnectedOptions",
+                {
+                    "FusedActivationFunction": tflite.ActivationFunctionType.RELU if relu else 0,
+                    "KeepNumDims": False,
+                },
+            ),
+            version=4,
         )
         return out
 
@@ -272,12 +355,12 @@ class GraphBuilder:
         subgraph = tflite.SubGraphEnd(b)
 
         opcode_offsets = []
-        for code, custom in self._opcodes:
+        for code, custom, version in self._opcodes:
             custom_name = b.CreateString(custom) if custom else None
             tflite.OperatorCodeStart(b)
             tflite.OperatorCodeAddDeprecatedBuiltinCode(b, min(code, _DEPRECATED_CODE_LIMIT))
             tflite.OperatorCodeAddBuiltinCode(b, code)
-            tflite.OperatorCodeAddVersion(b, 1)
+            tflite.OperatorCodeAddVersion(b, version)
             if custom_name is not None:
                 tflite.OperatorCodeAddCustomCode(b, custom_name)
             opcode_offsets.append(tflite.OperatorCodeEnd(b))
@@ -305,19 +388,29 @@ class GraphBuilder:
         signature: tuple[int, ...] | None,
         dtype: np.dtype[Any],
         buffer: int,
+        quantization: tuple[float, int] | None = None,
     ) -> TensorRef:
         if dtype not in _TENSOR_TYPES:
             raise GraphError(f"tensor {name!r} has unsupported dtype {dtype}")
         if any(t.name == name for t in self._tensors):
             raise GraphError(f"tensor name {name!r} is already used")
-        self._tensors.append(_Tensor(name, shape, signature, dtype, buffer))
+        if quantization is not None and not quantization[0] > 0:
+            raise GraphError(f"tensor {name!r} needs a positive quantization scale")
+        self._tensors.append(_Tensor(name, shape, signature, dtype, buffer, quantization))
         return TensorRef(len(self._tensors) - 1, shape, dtype)
 
-    def _derived(self, name: str, shape: tuple[int, ...], like: TensorRef | None) -> TensorRef:
-        """A computed float32 tensor whose batch is dynamic if ``like``'s is."""
+    def _derived(
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        like: TensorRef | None,
+        dtype: np.dtype[Any] = _FLOAT32,
+        quantization: tuple[float, int] | None = None,
+    ) -> TensorRef:
+        """A computed tensor (float32 unless told) whose batch is dynamic if ``like``'s is."""
         dynamic = like is not None and self._tensors[like.index].signature is not None
         signature = (-1, *shape[1:]) if dynamic and shape else None
-        return self._new_tensor(name, shape, signature, np.dtype(np.float32), buffer=0)
+        return self._new_tensor(name, shape, signature, dtype, buffer=0, quantization=quantization)
 
     def _binary(
         self, code: int, options_type: int, options_name: str, a: TensorRef, c: TensorRef, name: str
@@ -343,12 +436,13 @@ class GraphBuilder:
         out: TensorRef,
         options_type: int,
         options: tuple[str, dict[str, object]] | None,
+        version: int = 1,
     ) -> None:
         for t in inputs:
             self._check(t)
         self._operators.append(
             _Operator(
-                self._opcode(code, ""),
+                self._opcode(code, "", version),
                 tuple(t.index for t in inputs),
                 (out.index,),
                 options_type,
@@ -356,8 +450,8 @@ class GraphBuilder:
             )
         )
 
-    def _opcode(self, code: int, custom: str) -> int:
-        key = (int(code), custom)
+    def _opcode(self, code: int, custom: str, version: int = 1) -> int:
+        key = (int(code), custom, version)
         if key not in self._opcodes:
             self._opcodes.append(key)
         return self._opcodes.index(key)
@@ -388,6 +482,18 @@ class GraphBuilder:
             if t.signature is not None
             else None
         )
+        quantization = None
+        if t.quantization is not None:
+            scale_vector = _float32_vector(
+                b, tflite.QuantizationParametersStartScaleVector, [t.quantization[0]]
+            )
+            b.StartVector(8, 1, 8)
+            b.PrependInt64(int(t.quantization[1]))
+            zero_point_vector = b.EndVector()
+            tflite.QuantizationParametersStart(b)
+            tflite.QuantizationParametersAddScale(b, scale_vector)
+            tflite.QuantizationParametersAddZeroPoint(b, zero_point_vector)
+            quantization = tflite.QuantizationParametersEnd(b)
         tflite.TensorStart(b)
         tflite.TensorAddShape(b, shape)
         tflite.TensorAddType(b, _TENSOR_TYPES[t.dtype])
@@ -395,6 +501,8 @@ class GraphBuilder:
         tflite.TensorAddName(b, name)
         if signature is not None:
             tflite.TensorAddShapeSignature(b, signature)
+        if quantization is not None:
+            tflite.TensorAddQuantization(b, quantization)
         return int(tflite.TensorEnd(b))
 
     @staticmethod
@@ -425,6 +533,13 @@ def _int32_vector(b: flatbuffers.Builder, start: _VectorStart, values: Sequence[
     start(b, len(values))
     for v in reversed(values):
         b.PrependInt32(int(v))
+    return int(b.EndVector())
+
+
+def _float32_vector(b: flatbuffers.Builder, start: _VectorStart, values: Sequence[float]) -> int:
+    start(b, len(values))
+    for v in reversed(values):
+        b.PrependFloat32(float(v))
     return int(b.EndVector())
 
 

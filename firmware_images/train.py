@@ -43,6 +43,10 @@ class Network:
     """
 
     layers: tuple[Dense, ...]
+    # Standardisation ``x * input_scale + input_offset`` before the first layer
+    # (float32 ``[in]``); ``None``: folded into the first layer.
+    input_scale: NDArray[np.float32] | None = None
+    input_offset: NDArray[np.float32] | None = None
 
     @property
     def n_inputs(self) -> int:
@@ -94,13 +98,17 @@ def train_mlp(
     batch_size: int = 256,
     learning_rate: float = 0.003,
     l2: float = 1e-4,
+    fold_standardisation: bool = True,
 ) -> Network:
     """Fit an MLP (ReLU hidden layers of the given widths, softmax output).
 
     Minimises cross-entropy plus ``l2`` times the squared weights with Adam
     over seeded mini-batches. Deterministic for a given seed and data; the
     result takes raw features (standardisation is folded into the first
-    layer) and its weights lie on the :data:`SIGNIFICANT_BITS` grid.
+    layer, or with ``fold_standardisation=False`` kept apart as the
+    network's ``input_scale`` and ``input_offset``, what a quantized graph
+    applies in float before its int8 layers) and its weights lie on the
+    :data:`SIGNIFICANT_BITS` grid.
     """
     X = np.asarray(X, dtype=np.float64)
     y = np.asarray(y, dtype=np.int64)
@@ -143,6 +151,11 @@ def train_mlp(
                 p -= rate * m_hat / (np.sqrt(v_hat) + eps)
 
     Ws, bs = params[0::2], params[1::2]
+    if not fold_standardisation:
+        layers = tuple(
+            Dense(weights=_on_grid(W.T), bias=_on_grid(b)) for W, b in zip(Ws, bs, strict=True)
+        )
+        return Network(layers, input_scale=_on_grid(1.0 / std), input_offset=_on_grid(-mean / std))
     # Fold z = (x - mean) / std into the first layer: x @ (W / std) + (b - (mean / std) @ W).
     W0 = Ws[0] / std[:, None]
     b0 = bs[0] - (mean / std) @ Ws[0]

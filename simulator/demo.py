@@ -24,7 +24,7 @@ from simulator.device_story import device_story
 from simulator.fleet_story import FleetStory, StoryError
 from testbed.embedded_broker import broker_for_demo
 from testbed.http_repo import serve_directory
-from testbed.images import HARDWARE, MODELS
+from testbed.images import HARDWARE, MODELS, temperature
 
 RELEASES = [("v1", "1.0.0"), ("v2", "1.1.0"), ("v3-bad", "1.2.0")]
 
@@ -70,11 +70,13 @@ def run_demo(workdir: Path) -> int:
     for model, version in RELEASES:
         story.step(
             f"fleetctl bundle build {MODELS / model}.tflite --name pump-health --version "
-            f"{version} --hardware {HARDWARE} --hardware jetson-orin {data} --out {bundles}"
+            f"{version} --hardware {HARDWARE} --hardware jetson-orin {data} "
+            f"--temperature {temperature(model)} --out {bundles}"
         )
     story.step(
         f"fleetctl bundle build {MODELS / 'cloud.tflite'} --name pump-health-cloud "
-        f"--version 1.0.0 --hardware cloud-x86_64 {data} --out {bundles}"
+        f"--version 1.0.0 --hardware cloud-x86_64 {data} "
+        f"--temperature {temperature('cloud')} --out {bundles}"
     )
     story.step(f"fleetctl bundle inspect {bundles / 'pump-health-1.1.0.bundle'}")
     for bundle in sorted(bundles.glob("*.bundle")):
@@ -83,7 +85,8 @@ def run_demo(workdir: Path) -> int:
 
     story.step(
         f"fleetctl bundle build {MODELS / 'v2.tflite'} --name pump-health --version 1.3.0 "
-        f"--hardware {HARDWARE} {data} --max-latency-ms 0.000001 --out {workdir}"
+        f"--hardware {HARDWARE} {data} --temperature {temperature('v2')} "
+        f"--max-latency-ms 0.000001 --out {workdir}"
     )
     story.step(
         f"fleetctl release add {workdir}/pump-health-1.3.0.bundle --repo {repo} --keys {keys}"

@@ -31,7 +31,7 @@ from firmware_images.datagen import FieldConditions, generate
 from fleet_server.fleetctl import main as fleetctl
 from testbed import waiting
 from testbed.fleet import AgentProcess
-from testbed.images import HARDWARE, MODELS
+from testbed.images import HARDWARE, MODELS, temperature
 from testbed.waiting import free_port
 
 TOOLS: dict[str, Callable[[Sequence[str]], int]] = {"fleetctl": fleetctl, "edge-agent": edge_agent}
@@ -189,7 +189,8 @@ class FleetStory:
         for model, version in (("v1", "1.0.0"), ("v2", "1.1.0"), ("v3-bad", "1.2.0")):
             self.run(
                 f"fleetctl bundle build {MODELS / model}.tflite --name pump-health "
-                f"--version {version} --hardware {HARDWARE} {data} --out {built}"
+                f"--version {version} --hardware {HARDWARE} {data} "
+                f"--temperature {temperature(model)} --out {built}"
             )
             self.run(
                 f"fleetctl release add {built}/pump-health-{version}.bundle --repo {repo} "

@@ -63,6 +63,10 @@ class BundleSpec:
     feature_specs: Sequence[FeatureSpec] | None = None
     classes: Sequence[str] | None = None
     confidence_threshold: float = 0.6
+    # Temperature calibrating the score output's confidence, softmax(log(p) / T),
+    # fitted on labelled rows the model was not trained on (the sample models'
+    # are in firmware_images/models/models.json); 1.0: the scores as given.
+    temperature: float = 1.0
     safe_default: Mapping[str, Sequence[float]] | None = None
     budget: ResourceBudget = field(default_factory=ResourceBudget)
     golden_count: int = 8
@@ -292,6 +296,7 @@ def build_bundle(
                 safe_default=_safe_default(outputs, results, spec.safe_default),
                 confidence_output=score_output.name if score_output else None,
                 confidence_threshold=spec.confidence_threshold,
+                temperature=spec.temperature,
             ),
             budget=spec.budget,
         )

@@ -184,7 +184,7 @@ def test_calibration_is_measured_on_the_labelled_rows(tmp_path: Path) -> None:
     assert without == calibrate(scores, heldout["y"], classes)
     assert calibration.allowance is not None and 0.0 < calibration.allowance < 0.05
     # The sample model's documented held-out accuracy (firmware_images/models/MODELS.md).
-    assert calibration.reference_accuracy == pytest.approx(0.9144, abs=5e-4)
+    assert calibration.reference_accuracy == pytest.approx(0.8876, abs=5e-4)
     # It survives the file format, and labels given as class names give the same calibration.
     path = tmp_path / "calibrated.bundle"
     built.write(path)

@@ -94,7 +94,9 @@ def test_in_distribution_estimate_matches_labelled_accuracy(calibration: Calibra
     "tilt",
     [
         # Quieter, better-mounted machines: the model is less sure, accuracy falls.
-        {"vib_rms_z": -1.0, "acoustic_db": -1.0},
+        # (Vibration is skewed by how machines are mounted, and bounded by 0: a
+        # tilt of -2 moves its mean by about half a standard deviation.)
+        {"vib_rms_z": -2.0, "acoustic_db": -1.0},
         # Hotter, more loaded machines.
         {"bearing_temp_c": 1.0, "motor_current_a": 1.0, "shaft_rpm": 1.0},
         # Clear impacts in the signal: accuracy rises.

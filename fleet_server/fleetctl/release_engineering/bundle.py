@@ -45,6 +45,7 @@ def cmd_bundle_build(args: argparse.Namespace) -> None:
         feature_specs=features,
         classes=args.classes.split(",") if args.classes else classes,
         confidence_threshold=args.confidence_threshold,
+        temperature=args.temperature,
         safe_default=safe_default,
         budget=ResourceBudget(max_latency_ms=args.max_latency_ms, max_memory_mb=args.max_memory_mb),
     )
@@ -145,7 +146,8 @@ def describe_manifest(m: Manifest) -> str:
     )
     lines.append(
         f"  fallback:       escalate below {m.fallback.confidence_threshold} on "
-        f"{m.fallback.confidence_output or '-'}; safe default "
+        f"{m.fallback.confidence_output or '-'} (temperature {m.fallback.temperature:g}); "
+        "safe default "
         + "; ".join(
             f"{k}={[round(v, 3) for v in vals]}" for k, vals in m.fallback.safe_default.items()
         )
@@ -180,7 +182,7 @@ def add_commands(groups: Any, parents: list[argparse.ArgumentParser]) -> None:
         "fleetctl bundle build firmware_images/models/v2.tflite --name pump-health "
         "--version 1.1.0 --hardware rpi4-arm64 --baseline firmware_images/models/baseline.npy "
         "--features firmware_images/models/features.json "
-        "--calibration firmware_images/models/heldout.npz --out bundles/",
+        "--calibration firmware_images/models/heldout.npz --temperature 0.9649 --out bundles/",
     )
     p.add_argument("model", help="the .tflite model file")
     p.add_argument("--name", required=True, help="the model's name, e.g. pump-health")
@@ -212,6 +214,14 @@ def add_commands(groups: Any, parents: list[argparse.ArgumentParser]) -> None:
         default=0.6,
         help="top score below which a request goes to the next fallback stage (default "
         "%(default)s)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="calibration temperature of the score output, softmax(log(p) / T), fitted on "
+        "labelled rows (default %(default)s: scores as given; the sample models' are in "
+        "firmware_images/models/models.json)",
     )
     p.add_argument(
         "--safe-default",
