@@ -10,6 +10,7 @@ from benchmarks import (
     agent_shadow,
     cloud_endpoint,
     director_signing,
+    hybrid_accuracy,
     hybrid_plan,
     hybrid_serving,
     rollout_gates,
@@ -37,6 +38,10 @@ BENCHMARKS = [
     ("rollout gates: false stops and time to stop vs a fixed-level test", rollout_gates.main),
     ("a rollout tick's read of 100,000 devices' hourly aggregates vs count(*)", rollout_tick.main),
     ("hybrid plan for 100,000 devices vs a per-device loop", hybrid_plan.main),
+    (
+        "fleet accuracy against offload share, device model vs cloud model alone",
+        hybrid_accuracy.main,
+    ),
     ("a hybrid plan's cost to a request that stays local vs no plan", hybrid_serving.main),
 ]
 
