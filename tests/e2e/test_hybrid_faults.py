@@ -163,6 +163,16 @@ def test_after_an_outage_the_devices_use_the_cloud_again(
 ) -> None:
     deployment, fleet = running
     outage(deployment, fleet)
+    # An outage long enough for the planner to notice: it plans the devices local.
+    wait_until(
+        "the server to plan every device local for its failed cloud calls",
+        lambda: all(
+            p["mode"] == "local" and "failed" in (p.get("why") or "")
+            for p in deployment.plans().values()
+        ),
+        timeout=60,
+        every=0.5,
+    )
     deployment.cloud.start()
     back = answered(fleet)
     try:
