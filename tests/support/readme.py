@@ -7,9 +7,9 @@ first failing command and says which block it was in. Other fences (``toml``,
 ``text``) are not commands.
 
 Ports are the one thing a test changes: on a shared machine the ports the
-README uses (the server's 8080, the devices' 8500 and 8501) may be taken, so
-:data:`README_PORTS` lists them and the test maps each to a free one,
-everywhere it appears.
+README uses (the server's 8080, the cloud endpoint's 8090, the devices' 8500
+and 8501) may be taken, so :data:`README_PORTS` lists them and the test maps
+each to a free one, everywhere it appears.
 
 Every ``sh`` block runs as written, so none may hold reference syntax such as
 ``[--option]``, ``ID``, ``...`` or ``<value>``: :func:`placeholders` finds it.
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-README_PORTS = (8080, 8500, 8501)
+README_PORTS = (8080, 8090, 8500, 8501)
 _FENCE = re.compile(r"^```(\S*)\s*$")
 
 
