@@ -50,6 +50,7 @@ MODEL_NAME = "pump-health"
 STOP_GRACE_S = 30.0
 log = logging.getLogger(__name__)
 THREADS = 32  # the devices' loop's worker threads
+REFRESHES_AT_ONCE = 4  # director refreshes under way at once in one simulation
 T = TypeVar("T")
 
 
@@ -254,6 +255,12 @@ class SimFleet:
         self.loop.set_default_executor(ThreadPoolExecutor(max_workers=THREADS))
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
+        # A director refresh (python-tuf: JSON and signatures) is CPU work a real device does on
+        # its own CPU; here all devices share one process, and a re-plan wakes them all at once:
+        # a few at a time keeps their event loop, and so their cloud latency, as a device's.
+        slots = self.call(_new_semaphore(REFRESHES_AT_ONCE))
+        for device in self.devices.values():
+            device.refresh_slots = slots
         self._stop = self.call(_new_event())
         self._traffic_stop = self.call(_new_event())
         self._running: Any = None
@@ -318,6 +325,10 @@ class SimFleet:
 
 async def _new_event() -> asyncio.Event:
     return asyncio.Event()
+
+
+async def _new_semaphore(value: int) -> asyncio.Semaphore:
+    return asyncio.Semaphore(value)
 
 
 async def _where_tasks_wait() -> list[str]:

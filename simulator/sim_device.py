@@ -231,6 +231,8 @@ class SimDevice:
         self.chain.on_audit(self._record_audit)
         self.outbox = Outbox(data / "outbox.db")
         self.wake = asyncio.Event()
+        self.refresh_slots: asyncio.Semaphore | None = None
+        """Shared by the devices of one process: how many refresh their director at once."""
         self.link = MqttLink(
             self.agent_config,
             _Installed(installed),
@@ -314,7 +316,11 @@ class SimDevice:
     async def refresh_plan(self) -> HybridPlan | None:
         """Read the director and hand its plan (or none) to the chain."""
         try:
-            plan = await asyncio.to_thread(self.read_plan)
+            if self.refresh_slots is None:
+                plan = await asyncio.to_thread(self.read_plan)
+            else:
+                async with self.refresh_slots:
+                    plan = await asyncio.to_thread(self.read_plan)
         except Exception as exc:  # nothing trusted either: local only, and say why
             self.stats.plan_refusals.append(f"{type(exc).__name__}: {exc}")
             plan = None
