@@ -5,8 +5,11 @@ Two token buckets stand in front of every inference request, in this order:
 1. the device's own bucket (``quota_rate`` tokens a second up to ``quota_burst``,
    from the device's current row in ``hybrid_plans``, else the endpoint's
    default quota): empty means ``429`` with reason ``quota``;
-2. the endpoint's capacity bucket (``capacity`` requests a second, burst one
-   second's worth): empty means ``429`` with reason ``capacity``.
+2. the endpoint's capacity bucket (``capacity`` requests a second, burst a
+   tenth of a second's worth, :data:`CAPACITY_BURST_S`): empty means ``429``
+   with reason ``capacity``. In any one second the endpoint so admits at most
+   ``1.1 * capacity`` requests, within the planner's default headroom, even
+   when every device spends a full bucket at once.
 
 A request takes a token from both or from neither, so a request refused for
 capacity does not cost its device quota. Both are checked before the request
@@ -98,11 +101,13 @@ class Refusal:
 # What a client is told to wait when no token will ever come (a quota of 0):
 # long enough not to hammer, short enough to notice a new plan.
 NEVER_RETRY_S: Final = 60.0
+# The capacity bucket holds this many seconds of capacity.
+CAPACITY_BURST_S: Final = 0.1
 
 
 def capacity_quota(capacity: float) -> Quota:
-    """The endpoint's bucket: ``capacity`` requests a second, a burst of one second's worth."""
-    return Quota(rate=capacity, burst=max(1.0, capacity))
+    """The endpoint's bucket: ``capacity`` a second, a burst of :data:`CAPACITY_BURST_S` of it."""
+    return Quota(rate=capacity, burst=max(1.0, capacity * CAPACITY_BURST_S))
 
 
 class QuotaBook:

@@ -7,6 +7,7 @@ Every error is JSON ``{"error": "..."}`` saying what was refused and why; a
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -46,7 +47,7 @@ def refusal_response(exc: CloudRefusal) -> web.Response:
         response = _error(
             429,
             refusal.message,
-            retry_after_s=round(refusal.retry_after_s, 3),
+            retry_after_s=math.ceil(refusal.retry_after_s * 1000) / 1000,
             reason=refusal.reason,
         )
         response.headers["Retry-After"] = refusal.retry_after_header

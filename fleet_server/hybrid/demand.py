@@ -12,14 +12,18 @@ hours (:mod:`fleet_server.hybrid.aggregates` rows):
   (``"none"``) the histogram is empty and the planner takes confidence as uniform;
 - link: the share of its cloud calls (escalations and audits) that failed for
   another reason than a 429 (rate-limited is the cloud's refusal, not the link's),
-  and the p95 of its cloud latency (NaN when unknown);
+  and the p95 of its cloud latency (NaN when unknown), judged on the windows of
+  its current plan (and the plans it renewed) when it has one: a device planned
+  local for a failing link makes no calls under that plan, so its next plan (at
+  the latest when the local one nears expiry) tries the link again instead of
+  keeping it local for as long as the old failures stay in the lookback;
 - weight and opt-out: the device's row.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -107,8 +111,13 @@ def device_inputs(
     opted_out: bool,
     temperature: float,
     recent: Sequence[HybridDelta],
+    link_plans: Collection[str] | None = None,
 ) -> DeviceInputs:
-    """``device_id``'s demand from its ``recent`` rows (every plan, and no plan)."""
+    """``device_id``'s demand from its ``recent`` rows (every plan, and no plan).
+
+    ``link_plans``: the ids of its current plan and those it renewed, whose rows
+    alone the link is judged on (``None``: it has no plan; every recent row).
+    """
     requests = sum(r.requests for r in recent)
     seconds = sum(r.seconds for r in recent)
     rate = requests / seconds if seconds > 0 else 0.0
@@ -126,8 +135,9 @@ def device_inputs(
         else:
             confidence = np.zeros(CONFIDENCE_BINS, dtype=np.float64)
             source = "none"
-    calls = sum(r.escalated + r.audits for r in recent)
-    failed = sum(v for r in recent for k, v in r.cloud_errors.items() if k != "rate_limited")
+    linked = recent if link_plans is None else [r for r in recent if r.plan_id in link_plans]
+    calls = sum(r.escalated + r.audits for r in linked)
+    failed = sum(v for r in linked for k, v in r.cloud_errors.items() if k != "rate_limited")
     return DeviceInputs(
         device_id=device_id,
         rate=rate,
@@ -137,7 +147,7 @@ def device_inputs(
         confidence=confidence,
         source=source,
         link_errors=min(failed / calls, 1.0) if calls else 0.0,
-        link_latency_p95_ms=latency_p95_ms(_sum_cells(recent)),
+        link_latency_p95_ms=latency_p95_ms(_sum_cells(linked)),
         requests=requests,
         seconds=seconds,
     )

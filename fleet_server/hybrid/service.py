@@ -438,6 +438,7 @@ class PlanService:
                 opted_out=d.offload_opt_out,
                 temperature=snap.temperatures.get(d.id, (1.0, ""))[0],
                 recent=snap.recent.get(d.id, []),
+                link_plans=plan_ids_of(snap.plans[d.id]) if d.id in snap.plans else None,
             )
             for d in snap.devices
         ]

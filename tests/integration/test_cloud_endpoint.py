@@ -160,7 +160,7 @@ async def _fleet(
         http_port=0,
         model_refresh_s=3600,
         settings_refresh_s=3600,
-        **settings,
+        **{"capacity": 1000.0, **settings},
     )
     endpoint = CloudEndpoint(config, database=database, loader=loader)
     await endpoint.start()

@@ -91,11 +91,26 @@ def test_a_device_without_a_plan_gets_the_default_quota() -> None:
 
 def test_the_capacity_bounds_all_devices_together() -> None:
     quotas = {f"d{i}": Quota(100.0, 100) for i in range(5)}
-    book = _book(capacity=3.0, **quotas)
+    book = _book(capacity=30.0, **quotas)  # a burst of a tenth of a second's worth: 3
     admitted = [book.admit(f"d{i}", 0.0) for i in range(5)]
     assert admitted[:3] == [None, None, None]
     assert all(r is not None and r.reason == "capacity" for r in admitted[3:])
-    assert book.admit("d4", 1 / 3) is None  # one more token a third of a second later
+    assert book.admit("d4", 1 / 30) is None  # one more token a thirtieth of a second later
+
+
+def test_the_capacity_admits_at_most_a_tenth_more_in_any_second() -> None:
+    # Twenty devices, each with a full bucket of its own, all sending as fast as they may:
+    # the endpoint's own bucket holds a tenth of a second's capacity, so no second sees more
+    # than 1.1 C admitted, however the devices' bursts line up.
+    capacity = 50.0
+    book = _book(capacity=capacity, **{f"d{i}": Quota(100.0, 100) for i in range(20)})
+    admitted_at = [
+        t / 1000 for t in range(3000) for i in range(20) if book.admit(f"d{i}", t / 1000) is None
+    ]
+    per_second = max(
+        sum(1 for a in admitted_at if start / 10 <= a < start / 10 + 1) for start in range(21)
+    )
+    assert capacity <= per_second <= capacity * 1.1
 
 
 def test_a_refusal_for_capacity_costs_the_device_no_quota() -> None:
@@ -120,12 +135,12 @@ def test_a_new_reading_keeps_what_devices_spent_and_follows_new_quotas() -> None
 
 def test_a_capacity_cut_takes_effect_at_once() -> None:
     book = _book(capacity=100.0, a=Quota(1000.0, 1000))
-    book.update({"a": Quota(1000.0, 1000)}, Quota(0.2, 2), 2.0, now=0.0)
+    book.update({"a": Quota(1000.0, 1000)}, Quota(0.2, 2), 20.0, now=0.0)
     assert book.admit("a", 0.0) is None
     assert book.admit("a", 0.0) is None
     refusal = book.admit("a", 0.0)
     assert refusal is not None and refusal.reason == "capacity"
-    assert "2 requests a second" in refusal.message
+    assert "20 requests a second" in refusal.message
 
 
 def test_a_refund_gives_back_both_tokens() -> None:

@@ -197,3 +197,34 @@ def test_fleet_server_flags_set_the_planning_interval_ttl_capacity_and_cloud_mod
     assert settings.default_capacity == 40.0 and settings.cloud_model == "big"
     defaults = config_from_args(build_parser().parse_args(["--data", str(tmp_path)]))
     assert defaults.hybrid_capacity == 0.0 and defaults.hybrid_interval_s == 30.0
+
+
+def test_the_link_is_judged_on_the_current_plans_windows_so_a_local_plan_tries_it_again() -> None:
+    # Under p-1 every cloud call timed out; the device was then planned local (p-2), under
+    # which it makes no calls. Judged on p-2's windows its link is unknown, not failing, so
+    # its next plan may send requests again; judged on every recent window it never would.
+    failing = summary("p-000000000001", escalated=20, cloud_answered=0)
+    failing = failing.model_copy(update={"cloud_errors": {"timeout": 22}})
+    local = HybridSummary(plan_id="p-000000000002", mode="local", local=120)
+    recent = [fold_hybrid(window(hybrid=failing)), fold_hybrid(window(hybrid=local))]
+    stale = device_inputs("d1", weight=1.0, opted_out=False, temperature=1.0, recent=recent)
+    assert stale.link_errors == 1.0
+    now = device_inputs(
+        "d1",
+        weight=1.0,
+        opted_out=False,
+        temperature=1.0,
+        recent=recent,
+        link_plans=["p-000000000002"],
+    )
+    assert now.link_errors == 0.0 and math.isnan(now.link_latency_p95_ms)
+    assert now.rate == stale.rate  # the demand itself still counts every window
+    under_failing = device_inputs(
+        "d1",
+        weight=1.0,
+        opted_out=False,
+        temperature=1.0,
+        recent=recent,
+        link_plans=["p-000000000001"],
+    )
+    assert under_failing.link_errors == 1.0
