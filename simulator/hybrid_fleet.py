@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import gc
 import json
 import logging
 import subprocess
@@ -50,7 +51,10 @@ MODEL_NAME = "pump-health"
 STOP_GRACE_S = 30.0
 log = logging.getLogger(__name__)
 THREADS = 32  # the devices' loop's worker threads
-REFRESHES_AT_ONCE = 4  # director refreshes under way at once in one simulation
+REFRESHES_AT_ONCE = 4
+_STOPPED_LOOPS: list[
+    asyncio.AbstractEventLoop
+] = []  # see SimFleet.stop  # director refreshes under way at once in one simulation
 T = TypeVar("T")
 
 
@@ -319,8 +323,18 @@ class SimFleet:
                     with contextlib.suppress(concurrent.futures.CancelledError, TimeoutError):
                         self._running.result(10)
         finally:
+            # aiomqtt's clients call back into their loop when paho's objects are collected;
+            # collected later, from a closed loop, that raises inside whatever code the
+            # collector interrupted. Collect them now, and never close a simulation's loop.
+            with contextlib.suppress(Exception):
+                self.call(_collect(), 10)
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(10)
+            _STOPPED_LOOPS.append(self.loop)
+
+
+async def _collect() -> None:
+    gc.collect()
 
 
 async def _new_event() -> asyncio.Event:
