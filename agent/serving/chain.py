@@ -319,11 +319,14 @@ class FallbackChain:
     def set_hybrid_plan(self, plan: HybridPlan | None) -> None:
         """Follow ``plan`` from the next request on (``None``: no plan; rules 7-11).
 
-        The same plan set again keeps its token bucket; a new one starts with a full bucket.
+        The same plan set again keeps its token bucket; a new one starts with a full bucket
+        and ends a back-off a 429 started: the new plan is a new quota, granted after it.
         """
         old = self._snapshot.hybrid
         if plan is not None and old is not None and old.plan == plan:
             return
+        if plan is not None:
+            self._backoff_until = -float("inf")
         state = PlanState(plan, self._clock()) if plan is not None else None
         self._snapshot = dataclasses.replace(self._snapshot, hybrid=state)
 

@@ -232,6 +232,10 @@ def replan_reasons(
         seen = observed(snap.current.get(device_id, []))
         load += seen.cloud_rate
         loads[device_id] = (seen.cloud_rate, row.quota_rate)
+        if inputs.get("planner_reason") == "no_requests" and seen.requests > 0:
+            reasons.append(
+                f"{seen.requests} requests seen since a plan made when it had served none"
+            )
         expected = inputs.get("expected_offload")
         if row.mode != "local" and isinstance(expected, float | int):
             reason = offload_reason(float(expected), seen, settings.interval_confidence)

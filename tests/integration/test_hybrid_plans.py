@@ -36,7 +36,7 @@ from fleet_server.mqtt.ingest import Accepted, classify, write_batch
 from fleet_server.server import FleetServer
 from protocol.director_marks import HYBRID_PLAN
 from protocol.histogram import ExponentialHistogram, record
-from protocol.hybrid import CONFIDENCE_BINS, HybridPlan, HybridSummary
+from protocol.hybrid import CONFIDENCE_BINS, HybridPlan, HybridSummary, PlanMode
 from protocol.messages import BundleRef, ReportedState
 from protocol.summary import score_histogram
 from protocol.topics import windows_topic
@@ -257,13 +257,15 @@ def _has_capacity(fleet: Fleet) -> bool:
     return status == 200 and shown["source"] == "operator"
 
 
-def hybrid(plan_id: str, *, escalated: int, local: int, **more: Any) -> HybridSummary:
+def hybrid(
+    plan_id: str, *, escalated: int = 0, local: int, mode: PlanMode = "escalate", **more: Any
+) -> HybridSummary:
     confidence = [0] * CONFIDENCE_BINS
     confidence[5] = escalated
     confidence[45] = local
     return HybridSummary(
         plan_id=plan_id,
-        mode="escalate",
+        mode=mode,
         local=local,
         escalated=escalated,
         cloud_answered=more.pop("cloud_answered", escalated),
@@ -516,6 +518,26 @@ def test_a_device_joining_is_planned(fleet: Fleet) -> None:
     assert run is not None and "joiner-1" in run.issued
     assert any("joined: joiner-1" in r for r in run.reasons)
     assert fleet.verified_plan("joiner-1", fleet.tmp) is not None
+
+
+def test_a_device_planned_before_it_served_any_request_is_planned_again_once_it_does(
+    fleet: Fleet,
+) -> None:
+    fleet.register("starter-1")
+    run = fleet.step()
+    assert run is not None and "starter-1" in run.issued
+    first = fleet.plan("starter-1")
+    assert first["mode"] == "local" and first["inputs"]["planner_reason"] == "no_requests"
+    quiet = fleet.step()
+    assert quiet is None or "starter-1" not in quiet.issued  # nothing new to plan it for yet
+    # It starts serving: its windows under the local plan show requests.
+    fleet.window("starter-1", hybrid=hybrid(first["plan_id"], mode="local", local=120))
+    run = fleet.step()
+    assert run is not None and "starter-1" in run.issued
+    assert any("requests seen since" in r for r in run.device_reasons["starter-1"])
+    again = fleet.plan("starter-1")
+    assert again["plan_id"] != first["plan_id"] and again["mode"] == "escalate"
+    fleet.settle()
 
 
 def test_an_opted_out_device_is_local_only_and_weight_is_settable(fleet: Fleet) -> None:

@@ -473,6 +473,15 @@ async def test_a_429_is_honoured_for_as_long_as_it_says_then_requests_go_again(
     await device.chain.infer(unsure)
     assert device.chain.backing_off_s == pytest.approx(3.0)
     assert cloud.requests == 3
+    # The same plan again keeps the back-off; a new plan (a new quota, granted after the
+    # 429) ends it, and the next unsure request goes to the cloud at once.
+    device.chain.set_hybrid_plan(plan())
+    assert device.chain.backing_off_s == pytest.approx(3.0)
+    cloud.mode = "ok"
+    device.chain.set_hybrid_plan(plan(plan_id="p-0123456789ac"))
+    assert device.chain.backing_off_s == 0.0
+    assert (await device.chain.infer(unsure)).stage == "cloud"
+    assert cloud.requests == 4
 
 
 def test_a_429_is_parsed_into_its_wait_and_reason() -> None:
