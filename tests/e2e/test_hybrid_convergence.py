@@ -58,7 +58,7 @@ HEADROOM = 0.1
 SETTINGS_REFRESH_S = 0.5  # how often the endpoint reads capacity and quotas
 WEIGHTS = (1.0, 2.0)
 MAX_AUDITS_IN_FLIGHT = 2  # an audit sent in one window may be counted in the next
-STABLE_WINDOWS = 15  # watched after convergence: the plans stay put, the served shares are fair
+STABLE_WINDOWS = 25  # watched after convergence: the plans stay put, the served shares are fair
 
 
 def rates(n: int, seed: int = 13) -> list[float]:
