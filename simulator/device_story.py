@@ -38,7 +38,7 @@ class _Device(Device):
 
     def __init__(self, config: Path) -> None:
         super().__init__(DEVICE, config)
-        self.http = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(5, 5))
+        self.http = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(connect=5, read=30))
         self.start()
         self.url = self.api
 

@@ -91,7 +91,9 @@ class FleetStory:
     server: subprocess.Popen[bytes] | None = None
     devices: dict[str, Device] = field(default_factory=dict)
     http: urllib3.PoolManager = field(
-        default_factory=lambda: urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(5, 10))
+        default_factory=lambda: urllib3.PoolManager(
+            retries=False, timeout=urllib3.Timeout(connect=5, read=60)
+        )
     )
 
     # -- plumbing ------------------------------------------------------------

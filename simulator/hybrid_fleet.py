@@ -83,7 +83,7 @@ class CloudProcess:
             "--http",
             f"127.0.0.1:{self.port}",
         ]
-        self.http = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(5, 10))
+        self.http = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(connect=5, read=60))
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 90.0) -> None:

@@ -121,7 +121,7 @@ class ServerProcess:
             *(("--mqtt-namespace", namespace) if namespace else ()),
             *extra_args,
         ]
-        self.http = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(5, 30))
+        self.http = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(connect=5, read=60))
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60.0) -> None:
