@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -215,14 +217,18 @@ def test_a_device_beyond_its_quota_gets_429_while_the_others_are_served(
 
         return list(await asyncio.gather(*(one() for _ in range(burst))))
 
+    started = time.monotonic()
     outcomes = asyncio.run(hammer())
+    took = time.monotonic() - started
     # Beyond its burst the rogue device is refused with a wait: for its quota, or for the
     # capacity its burst took (a refusal for capacity costs no quota, so a burst all at once
-    # meets the capacity first).
-    assert outcomes.count(200) <= plan.quota_burst + 2, outcomes
+    # meets the capacity first). Its bucket is the law: at most its burst plus what its rate
+    # earned while the burst was sent (on a loaded machine the burst takes longer to send).
+    allowed = plan.quota_burst + math.ceil(plan.quota_rate * took) + 2
+    assert outcomes.count(200) <= allowed, (took, outcomes)
     refused = [o for o in outcomes if isinstance(o, str) and o.startswith("429")]
     assert all(o.endswith("True") for o in refused), outcomes
-    assert len(refused) >= burst - plan.quota_burst - 2, outcomes
+    assert len(refused) >= burst - allowed, (took, outcomes)
     # Meanwhile the others are answered by the cloud as before, never refused.
     wait_until(
         "the other devices to get the cloud's answers after the burst",
