@@ -50,7 +50,7 @@ from testbed.waiting import observe_for, wait_until
 pytestmark = pytest.mark.integration
 
 DEVICES = 50
-WINDOW_S = 2.0
+WINDOW_S = 4.0
 REPLAN_S = 2.0
 C_BEFORE = 80.0
 C_AFTER = 40.0
@@ -58,7 +58,7 @@ HEADROOM = 0.1
 SETTINGS_REFRESH_S = 0.5  # how often the endpoint reads capacity and quotas
 WEIGHTS = (1.0, 2.0)
 MAX_AUDITS_IN_FLIGHT = 2  # an audit sent in one window may be counted in the next
-STABLE_WINDOWS = 25  # watched after convergence: the plans stay put, the served shares are fair
+STABLE_WINDOWS = 13  # watched after convergence: the plans stay put, the served shares are fair
 
 
 def rates(n: int, seed: int = 13) -> list[float]:
