@@ -22,6 +22,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from fleet_server.cli import _address
 from fleet_server.cloud.config import CloudConfig
 
 _FLAGS = {
@@ -60,13 +61,6 @@ _OPTIONAL = {
     "default_quota_rate": "default_quota_rate",
     "default_quota_burst": "default_quota_burst",
 }
-
-
-def _address(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
-    return host or "127.0.0.1", int(port)
 
 
 def build_parser() -> argparse.ArgumentParser:
