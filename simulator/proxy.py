@@ -577,11 +577,15 @@ class FaultProxy:
     async def close(self) -> None:
         """Stop listening and close every connection; the proxy cannot be reopened."""
         self.closing = True
+        connecting: list[asyncio.Task[None]] = []
         for state in self._groups.values():
             if state.server is not None:
                 state.server.close()
             for link in list(state.links):
+                if link.connecting is not None:
+                    connecting.append(link.connecting)
                 link.reset()
+        await asyncio.gather(*connecting, return_exceptions=True)
         for state in self._groups.values():
             if state.server is not None:
                 await state.server.wait_closed()
