@@ -180,7 +180,7 @@ class Peer:
 
     def _on_message(self, _c: paho.Client, _u: Any, message: paho.MQTTMessage) -> None:
         with self._lock:
-            self.received.append((message.topic, message.payload))
+            self.received.append((message.topic, bytes(message.payload)))
 
 
 def connect_packet(client_id: str) -> bytes:
