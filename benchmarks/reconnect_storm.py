@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import socket
 import statistics
 import struct
@@ -113,6 +114,8 @@ class Storm:
     clients: int
     seconds: float
     back_s: list[float]
+    proxy_cpu_ms_per_connect: float | None = None
+    proxy_kib_per_connection: float | None = None
 
     @property
     def rate(self) -> float:
@@ -126,19 +129,60 @@ class Storm:
 Trigger = Callable[[list["StormClient"]], Awaitable[None]]
 
 
-async def storm(arm: str, port: int, clients: int, round_no: int, trigger: Trigger) -> Storm:
-    """Connect ``clients``, end their links with ``trigger``, time them all being back."""
+class ProcessMeter:
+    """CPU time and resident memory of another process, read from /proc."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def cpu_s(self) -> float:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError(f"no VmRSS for process {self.pid}")
+
+
+async def storm(
+    arm: str,
+    port: int,
+    clients: int,
+    round_no: int,
+    trigger: Trigger,
+    proxy: ProcessMeter | None = None,
+) -> Storm:
+    """Connect ``clients``, end their links with ``trigger``, time them all being back.
+
+    With ``proxy``, also what the proxy process spent: CPU per reconnect
+    relayed, and resident memory per open connection (its RSS with the
+    clients connected less its RSS before).
+    """
     fleet = [StormClient(port, f"storm-{arm}-{round_no}-{i}") for i in range(clients)]
+    idle_kib = proxy.rss_kib() if proxy else 0
     for start in range(0, clients, 100):  # a gentle ramp-in: this is not what is timed
         await asyncio.gather(*(c.connect() for c in fleet[start : start + 100]))
     waiting = [asyncio.create_task(c.ride_out_the_storm()) for c in fleet]
     await asyncio.sleep(0.2)  # every client is waiting on its link
+    busy_kib = proxy.rss_kib() if proxy else 0
+    cpu_before = proxy.cpu_s() if proxy else 0.0
     started = time.perf_counter()
     await trigger(fleet)
     async with asyncio.timeout(STORM_TIMEOUT_S):
         back = await asyncio.gather(*waiting)
+    cpu_ms = (proxy.cpu_s() - cpu_before) * 1000 / clients if proxy else None
     await asyncio.gather(*(c.hang_up() for c in fleet))
-    return Storm(arm, round_no, clients, max(back) - started, [t - started for t in back])
+    return Storm(
+        arm,
+        round_no,
+        clients,
+        max(back) - started,
+        [t - started for t in back],
+        proxy_cpu_ms_per_connect=cpu_ms,
+        proxy_kib_per_connection=(busy_kib - idle_kib) / clients if proxy else None,
+    )
 
 
 class ProxyProcess:
@@ -213,7 +257,8 @@ async def proxy_storm(broker_port: int, clients: int, round_no: int, in_process:
             async def trigger(_: list[StormClient]) -> None:
                 cut.append(await child.cut())
 
-            result = await storm("proxy", child.port, clients, round_no, trigger)
+            meter = ProcessMeter(child.process.pid)
+            result = await storm("proxy", child.port, clients, round_no, trigger, meter)
     if cut != [clients]:
         raise RuntimeError(f"the proxy cut {cut} connections, not {clients}")
     return result
@@ -242,6 +287,13 @@ def report(storms: list[Storm], clients: int, in_process: bool) -> None:
     proxied = statistics.median(s.rate for s in storms if s.arm == "proxy")
     print(f"median connects/s: bare {bare:.0f}, through the proxy {proxied:.0f}")
     print(f"ratio proxy/bare: {proxied / bare:.2f}x")
+    cpu = [s.proxy_cpu_ms_per_connect for s in storms if s.proxy_cpu_ms_per_connect is not None]
+    kib = [s.proxy_kib_per_connection for s in storms if s.proxy_kib_per_connection is not None]
+    if cpu and kib:
+        print(
+            f"the proxy process: {statistics.median(cpu):.3f} ms CPU per reconnect relayed, "
+            f"{statistics.median(kib):.1f} KiB resident per open connection (medians)"
+        )
 
 
 async def run(clients: int, rounds: int, in_process: bool, workdir: Path) -> list[Storm]:
