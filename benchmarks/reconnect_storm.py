@@ -287,6 +287,9 @@ def report(storms: list[Storm], clients: int, in_process: bool) -> None:
     proxied = statistics.median(s.rate for s in storms if s.arm == "proxy")
     print(f"median connects/s: bare {bare:.0f}, through the proxy {proxied:.0f}")
     print(f"ratio proxy/bare: {proxied / bare:.2f}x")
+    bare_p50 = statistics.median(s.percentile(0.5) for s in storms if s.arm == "bare")
+    proxy_p50 = statistics.median(s.percentile(0.5) for s in storms if s.arm == "proxy")
+    print(f"half the clients back (median of p50s): bare {bare_p50:.3f} s, proxy {proxy_p50:.3f} s")
     cpu = [s.proxy_cpu_ms_per_connect for s in storms if s.proxy_cpu_ms_per_connect is not None]
     kib = [s.proxy_kib_per_connection for s in storms if s.proxy_kib_per_connection is not None]
     if cpu and kib:

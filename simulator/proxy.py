@@ -128,9 +128,11 @@ class GroupStats:
     now, ``cut`` those reset by :meth:`FaultProxy.cut` or by ``down``,
     ``refused`` those turned away while the link was down, ``target_failed``
     those whose target could not be reached. ``bytes_up`` went from devices to
-    the target, ``bytes_down`` back; ``retransmits`` counts lost chunks
-    delivered late; ``bytes_dropped`` were queued on a connection when it was
-    reset, as a reset throws away what is in flight.
+    the target in ``chunks_up`` writes, ``bytes_down`` back in ``chunks_down``;
+    ``retransmits`` counts chunk losses made up for by a late delivery, and
+    ``retransmit_resets`` connections reset because a chunk was lost more than
+    :data:`RETRIES_MAX` times in a row; ``bytes_dropped`` were queued on a
+    connection when it was reset, as a reset throws away what is in flight.
     """
 
     opened: int = 0
@@ -224,13 +226,11 @@ class _Direction:
             due += group.rng.uniform(0, faults.jitter_ms) / 1000
         payload: bytes | None = data
         if faults.loss:
-            lost, extra = self._retransmission_delay(faults.loss, group.rng)
-            if lost:
-                group.stats.retransmits += lost
-            if extra is None:
-                payload = None  # given up: the connection is reset at that moment
+            lost, extra, given_up = self._retransmission_delay(faults.loss, group.rng)
+            group.stats.retransmits += lost
+            if given_up:
+                payload = None  # the connection is reset at that moment instead
                 group.stats.retransmit_resets += 1
-                extra = RTO_MAX_S * RETRIES_MAX
             due += extra
         due = max(due, self.last_due)
         self.last_due = due
@@ -259,18 +259,18 @@ class _Direction:
         return 0.0 if self.tokens >= 0 else -self.tokens / rate
 
     @staticmethod
-    def _retransmission_delay(loss: float, rng: random.Random) -> tuple[int, float | None]:
-        """How many times the chunk is lost and the extra delay (None: the connection gives up)."""
+    def _retransmission_delay(loss: float, rng: random.Random) -> tuple[int, float, bool]:
+        """Times the chunk was lost, the delay that added, and whether the sender gave up."""
         lost = 0
         extra = 0.0
         rto = RTO_MIN_S
         while rng.random() < loss:
             lost += 1
-            if lost > RETRIES_MAX:
-                return lost, None
             extra += rto
+            if lost > RETRIES_MAX:
+                return lost, extra, True
             rto = min(rto * 2, RTO_MAX_S)
-        return lost, extra
+        return lost, extra, False
 
     def deliver(self) -> None:
         """Write every chunk that is due, then wait for the next one's time."""
@@ -575,7 +575,7 @@ class FaultProxy:
         return {name: replace(state.stats) for name, state in self._groups.items()}
 
     async def close(self) -> None:
-        """Stop listening and close every connection; the proxy cannot be reopened."""
+        """Stop listening and reset every open connection; the proxy cannot be reopened."""
         self.closing = True
         connecting: list[asyncio.Task[None]] = []
         for state in self._groups.values():

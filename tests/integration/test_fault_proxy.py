@@ -633,3 +633,19 @@ def test_bad_cloud_faults_are_refused_by_name(settings: dict[str, float], named:
     with pytest.raises(ProxyError, match=named):
         proxy.set(**settings)
     assert proxy.stats()["forwarded"] == 0
+
+
+class _AlwaysLost:
+    """A draw that loses every chunk: the retransmission model's worst case."""
+
+    def random(self) -> float:
+        return 0.0
+
+
+def test_a_chunk_lost_past_the_retries_gives_up_after_linux_s_backoff() -> None:
+    from simulator.proxy import RETRIES_MAX, RTO_MAX_S, RTO_MIN_S, _Direction
+
+    lost, extra, given_up = _Direction._retransmission_delay(0.5, _AlwaysLost())  # type: ignore[arg-type]
+    backoff = [min(RTO_MIN_S * 2**k, RTO_MAX_S) for k in range(RETRIES_MAX + 1)]
+    assert (lost, given_up) == (RETRIES_MAX + 1, True)
+    assert extra == pytest.approx(sum(backoff)) == pytest.approx(924.6)
