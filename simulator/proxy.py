@@ -55,7 +55,7 @@ import struct
 from collections import deque
 from dataclasses import dataclass, replace
 
-from aiohttp import ClientError, ClientSession, ClientTimeout, web
+from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, web
 
 __all__ = [
     "CloudFaultProxy",
@@ -510,7 +510,8 @@ class FaultProxy:
 
     Every group listens on a port of its own (:meth:`open`); devices of a
     group connect there instead of to the target. All connections live in the
-    one event loop that opened the groups.
+    one event loop that opened the groups, and the methods are called from it
+    (a runner on another thread hands them over with ``call_soon_threadsafe``).
     """
 
     def __init__(
@@ -669,7 +670,12 @@ class CloudFaultProxy:
             return self._url
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{path:.*}", self._handle)
-        self._session = ClientSession(timeout=ClientTimeout(total=None), auto_decompress=False)
+        # No cap on connections to the endpoint: a queue here would be a delay nobody set.
+        self._session = ClientSession(
+            connector=TCPConnector(limit=0),
+            timeout=ClientTimeout(total=None),
+            auto_decompress=False,
+        )
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         listening = socket.socket()
