@@ -9,8 +9,9 @@ groups when they are created; each group gets a listening port of its own on
 refuses or slows whole HTTP requests, as a capacity cut would.
 
 The link model, per connection and per direction (device to target, "up", and
-target to device, "down"); a *chunk* is what one read from the socket returned
-(at most :data:`CHUNK_BYTES`), the proxy's stand-in for a TCP segment:
+target to device, "down"); a *chunk* is what one read from the socket returned,
+cut to at most :data:`CHUNK_BYTES` (and to the token bucket's depth under a
+bandwidth cap), the proxy's stand-in for a TCP segment:
 
 - ``latency_ms`` is one-way: every chunk is delivered at least that late, each
   way, so a request/answer round trip grows by twice it. ``jitter_ms`` adds a
@@ -42,6 +43,20 @@ its head, never a task per chunk; reading from a side pauses while more than
 socket buffer is full, so a slow link never grows memory without bound.
 There is no task per connection either: both sides are asyncio protocols, and
 only connecting to the target is a short-lived task.
+
+Jitter and loss are drawn from a generator seeded per group (the proxy's
+``seed`` and the group's name); how the bytes fall into chunks depends on
+timing, so two runs are alike rather than identical.
+
+Use::
+
+    proxy = FaultProxy("127.0.0.1", 1883, seed=7, name="broker")
+    port = await proxy.open("cohort-a")      # devices of cohort-a connect to 127.0.0.1:port
+    proxy.set("cohort-a", LinkFaults(latency_ms=80, jitter_ms=20, loss=0.01))
+    proxy.cut("cohort-a")                    # a reconnect storm
+    proxy.set("cohort-a", LinkFaults(down=True))
+    proxy.set("cohort-a", LinkFaults())      # healed
+    await proxy.close()
 """
 
 from __future__ import annotations
@@ -204,17 +219,21 @@ class _Direction:
     def push(self, data: bytes) -> None:
         """Take a chunk read from the source and schedule its delivery.
 
-        Under a bandwidth cap a chunk larger than the bucket goes as pieces of
-        the bucket's size, so the far side receives a steady trickle, as from a
-        slow link, rather than the whole chunk at once when its last byte is paid for.
+        A large read goes as pieces of :data:`CHUNK_BYTES`, under a bandwidth
+        cap of the bucket's depth, so the far side receives a steady trickle,
+        as from a slow link, rather than the whole read at once when its last
+        byte is paid for.
         """
         faults = self.link.group.faults
-        if faults.bandwidth_kbps is None:
+        piece = CHUNK_BYTES
+        if faults.bandwidth_kbps is not None:
+            piece = min(piece, int(_burst_bytes(faults.bandwidth_kbps)))
+        if len(data) <= piece:
             self._push(data, faults)
             return
-        piece = int(_burst_bytes(faults.bandwidth_kbps))
+        view = memoryview(data)
         for start in range(0, len(data), piece):
-            self._push(data[start : start + piece], faults)
+            self._push(bytes(view[start : start + piece]), faults)
 
     def _push(self, data: bytes, faults: LinkFaults) -> None:
         group = self.link.group
