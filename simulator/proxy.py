@@ -39,8 +39,9 @@ Changes apply at once: ``down`` resets what is open, and the other faults
 apply to every chunk read after the change (chunks already queued keep the time
 they were given). Chunks are held in a queue per direction with one timer for
 its head, never a task per chunk; reading from a side pauses while more than
-:data:`HIGH_WATER_BYTES` wait to be delivered to the other or the other's
-socket buffer is full, so a slow link never grows memory without bound.
+:data:`HIGH_WATER_BYTES` wait to be delivered to the other (the read that
+passed the mark still lands) or the other's socket buffer is full, so a slow
+link pushes back on the sender instead of growing memory without bound.
 There is no task per connection either: both sides are asyncio protocols, and
 only connecting to the target is a short-lived task.
 
@@ -148,6 +149,8 @@ class GroupStats:
     ``retransmit_resets`` connections reset because a chunk was lost more than
     :data:`RETRIES_MAX` times in a row; ``bytes_dropped`` were queued on a
     connection when it was reset, as a reset throws away what is in flight.
+    ``bytes_in_flight`` is what the proxy holds, read but not yet delivered,
+    at the moment of the snapshot.
     """
 
     opened: int = 0
@@ -162,6 +165,7 @@ class GroupStats:
     chunks_down: int = 0
     retransmits: int = 0
     bytes_dropped: int = 0
+    bytes_in_flight: int = 0
 
 
 class _Group:
@@ -592,7 +596,15 @@ class FaultProxy:
 
     def stats(self) -> dict[str, GroupStats]:
         """Counts per group, copied: later traffic does not change what was returned."""
-        return {name: replace(state.stats) for name, state in self._groups.items()}
+        return {
+            name: replace(
+                state.stats,
+                bytes_in_flight=sum(
+                    link.up.queued_bytes + link.down.queued_bytes for link in state.links
+                ),
+            )
+            for name, state in self._groups.items()
+        }
 
     async def close(self) -> None:
         """Stop listening and reset every open connection; the proxy cannot be reopened."""

@@ -31,6 +31,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from simulator.proxy import (
     BURST_MIN_BYTES,
     BURST_S,
+    HIGH_WATER_BYTES,
     CloudFaultProxy,
     FaultProxy,
     LinkFaults,
@@ -42,6 +43,7 @@ pytestmark = pytest.mark.integration
 BROKER_HOST = "127.0.0.1"
 BROKER_PORT = 1883
 WAIT_S = 60.0
+ASYNCIO_READ_BYTES = 256 * 1024  # the most a selector transport reads at once
 
 
 async def eventually(what: str, probe: Callable[[], Any], timeout: float = WAIT_S) -> Any:
@@ -501,6 +503,32 @@ async def test_bandwidth_cap_limits_throughput_each_way(
         echo_s = time.monotonic() - started
     assert down_s >= (size - burst) / rate
     assert echo_s >= (size - burst) / rate
+
+
+@pytest.mark.asyncio
+async def test_a_slow_link_pushes_back_on_the_sender_instead_of_filling_the_proxy(
+    http_target: HttpTarget, http_proxy: FaultProxy
+) -> None:
+    port = await http_proxy.open("trickle")
+    http_proxy.set("trickle", LinkFaults(bandwidth_kbps=80, latency_ms=50))
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    size = 32 * 1024 * 1024
+    writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size)
+    writer.write(bytes(size))  # far more than the link carries in the seconds watched
+    held: list[int] = []
+
+    def sample() -> bool:
+        held.append(http_proxy.stats()["trickle"].bytes_in_flight)
+        return len(held) >= 50
+
+    await eventually("samples of what the proxy holds", sample)
+    # Reading pauses once the mark is passed; the read that passed it is up to 256 KiB.
+    assert 0 < max(held) <= HIGH_WATER_BYTES + ASYNCIO_READ_BYTES
+    assert writer.transport.get_write_buffer_size() > 0  # the sender is the one waiting
+    http_proxy.cut("trickle")
+    assert await was_reset(reader)
+    await hang_up(writer)
+    assert http_proxy.stats()["trickle"].bytes_in_flight == 0
 
 
 # --- the cloud endpoint -----------------------------------------------------------------
