@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import count
@@ -27,6 +28,7 @@ from fleet_server.release.repository import ReleasedBundle
 from model_runtime import default_runtime
 from simulator.device_parts import SharedRuntime, shared_runtime
 from simulator.hybrid_fleet import HybridDeployment, SimFleet, Traffic
+from simulator.scenario import INSTALL_STEPS
 from simulator.sim_device import SimDevice
 from testbed.api_server import repository_files
 from testbed.images import make_bundle
@@ -193,7 +195,7 @@ def test_a_bad_model_is_rolled_back_by_the_watchdog(
     assert device.stats.stages["previous"] > 0, "2.0.0 answered what 3.0.0 could not"
 
 
-@pytest.mark.parametrize("step", ["staging", "trial"])
+@pytest.mark.parametrize("step", INSTALL_STEPS)
 def test_a_power_cut_mid_install_boots_on_a_verified_model(
     step: str, fleet: Fleet, tmp_path: Path, running: list[SimFleet]
 ) -> None:
@@ -292,11 +294,13 @@ def test_a_full_disk_keeps_serving_and_loses_no_window(
     assert set(stored) == set(produced)
 
 
-def test_a_lost_desired_push_is_made_up_for_by_the_poll(
-    fleet: Fleet, tmp_path: Path, running: list[SimFleet]
+@pytest.mark.parametrize("mode", ["lost", "duplicate"])
+def test_lost_and_duplicated_desired_pushes_still_install_once(
+    mode: str, fleet: Fleet, tmp_path: Path, running: list[SimFleet]
 ) -> None:
+    # A lost push is made up for by the poll; a duplicated one asks twice, installs once.
     (device,) = new_devices(fleet, tmp_path, 1, poll_s=3.0)
-    device.faults.desired = "lost"
+    device.faults.desired = mode  # type: ignore[assignment]
     device.faults.desired_share = 1.0
     start(running, [device])
 
@@ -305,8 +309,30 @@ def test_a_lost_desired_push_is_made_up_for_by_the_poll(
     running.pop().stop()
 
     stats = device.stats
-    assert stats.desired_pushes >= 1 and stats.desired_lost == stats.desired_pushes
+    affected = stats.desired_lost if mode == "lost" else stats.desired_duplicated
+    assert stats.desired_pushes >= 1 and affected == stats.desired_pushes
     assert stats.installs == {"committed": 1}
+    assert_served_throughout(device)
+
+
+def test_the_clock_offset_moves_the_device_clock(
+    fleet: Fleet, tmp_path: Path, running: list[SimFleet]
+) -> None:
+    (device,) = new_devices(fleet, tmp_path, 1)
+    device.faults.clock_offset_s = -3600.0
+    start(running, [device])
+    wait_until("a window stored", lambda: len(device.stats.windows) >= 2, 60)
+    assign(fleet, fleet.good, [device])
+    wait_until("2.1.0 committed", lambda: committed(device, "2.1.0"), 120)
+    running.pop().stop()
+
+    now = time.time()
+    ends = [w.end for _, w in device.stats.windows]
+    assert all(now - 3700 < end < now - 3500 for end in ends), ends[:3]
+    events = [json.loads(line) for line in (device.config.data_dir / "events.jsonl").open()]
+    assert events and all(now - 3700 < e["at"] < now - 3500 for e in events)
+    outcome = device.installer.journal.last_outcome  # type: ignore[union-attr]
+    assert outcome is not None and now - 3700 < outcome.at < now - 3500
 
 
 def test_devices_share_one_interpreter_per_model(
