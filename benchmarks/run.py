@@ -17,6 +17,7 @@ from benchmarks import (
     rollout_tick,
     rollout_waves,
     server_ingest,
+    sim_devices,
     telemetry,
     verify_bundle,
 )
@@ -43,6 +44,10 @@ BENCHMARKS = [
         hybrid_accuracy.main,
     ),
     ("a hybrid plan's cost to a request that stays local vs no plan", hybrid_serving.main),
+    (
+        "simulated devices per process: RSS and CPU per device vs the same process without",
+        sim_devices.main,
+    ),
 ]
 
 

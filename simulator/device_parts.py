@@ -29,6 +29,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
+import json
+import os
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -40,6 +42,8 @@ from typing import Any, Literal, get_args
 from agent.config import AgentConfig
 from agent.ota import fetch_worker
 from agent.ota.answers import FetchAnswer, Unavailable
+from agent.ota.journal import Journal
+from agent.ota.journal_store import JournalStore
 from agent.ota.parts import SlotModel
 from agent.ota.selftest import SelfTestReport, self_test
 from agent.ota.slots import Slots
@@ -356,7 +360,14 @@ class SimSlots(Slots):
 
 
 class SimOutbox(Outbox):
-    """The real SQLite outbox; storing a window fails with ``ENOSPC`` while the disk is full."""
+    """The real SQLite outbox; storing a window fails with ``ENOSPC`` while the disk is full.
+
+    Commits are not fsynced (``synchronous=NORMAL``; the WAL still orders
+    them): a simulated power cut stops a device, not the machine, so the
+    operating system keeps every write, and a thousand devices' fsyncs on one
+    disk — the acknowledgements' on the event loop — would be the
+    simulation's bottleneck.
+    """
 
     def __init__(
         self, path: Path, faults: SimFaults, on_full: Callable[[], None], **kwargs: Any
@@ -364,12 +375,38 @@ class SimOutbox(Outbox):
         super().__init__(path, **kwargs)
         self.faults = faults
         self.on_full = on_full
+        with self._lock:
+            self._db.execute("PRAGMA synchronous=NORMAL")
 
     def put(self, window_id: str, payload: bytes, created_at: float) -> bool:
         if self.faults.disk_full:
             self.on_full()
             raise self.faults.full_disk(f"outbox {self.path.name}")
         return super().put(window_id, payload, created_at)
+
+
+class SimJournalStore(JournalStore):
+    """The real journal and event log, written without fsync (see :class:`SimOutbox`).
+
+    The journal is still replaced atomically (a new file renamed over the
+    old), so a device that boots again reads the old journal or the new one.
+    """
+
+    def save(self, journal: Journal) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        _replace(self.path, journal.model_dump_json(indent=1).encode())
+
+    def event(self, at: float, kind: str, **fields: object) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with self.events_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps({"at": at, "event": kind, **fields}) + "\n")
+        self._trim()
+
+
+def _replace(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -401,6 +438,7 @@ __all__ = [
     "SharedModels",
     "SharedRuntime",
     "SimFaults",
+    "SimJournalStore",
     "SimOutbox",
     "SimSlots",
     "ThreadFetcher",

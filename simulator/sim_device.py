@@ -87,6 +87,7 @@ from simulator.device_parts import (
     SharedModels,
     SharedRuntime,
     SimFaults,
+    SimJournalStore,
     SimOutbox,
     SimSlots,
     ThreadFetcher,
@@ -292,6 +293,7 @@ class SimDevice:
         self._power = asyncio.Event()
         self._up = asyncio.Event()
         self._check_after_trial = False
+        self._polled = asyncio.Event()
         self.refresh_slots: asyncio.Semaphore | None = None
         """Shared by the devices of one process: how many refresh their director at once."""
         self.fetch_slots: FetchSlots = PROCESS_FETCH_SLOTS
@@ -392,7 +394,7 @@ class SimDevice:
         return Installer(
             slots=slots,
             models=SharedModels(slots, self.runtime, self._busy),
-            store=JournalStore(data),
+            store=SimJournalStore(data),
             fetcher=ThreadFetcher(
                 self.agent_config, self.faults, busy=self._busy, slots=self.fetch_slots
             ),
@@ -635,6 +637,7 @@ class SimDevice:
                 with contextlib.suppress(asyncio.CancelledError):
                     await poll
                 return
+            self._polled.set()  # a trial may have started: the trial clock looks
             try:
                 outcome = poll.result()
                 if installer.in_trial and outcome == "trial in progress":
@@ -647,7 +650,10 @@ class SimDevice:
             await _first_set(stop, self.update_wake, timeout=self.config.poll_s)
 
     async def _trial_clock(self, stop: asyncio.Event) -> None:
-        """Commit a trial once its health period is over; idle while no trial runs."""
+        """Commit a trial once its health period is over; idle while no trial runs.
+
+        Only an update check starts a trial (or a boot, which starts this loop).
+        """
         installer = self.installer
         assert installer is not None
         while not stop.is_set():
@@ -655,10 +661,12 @@ class SimDevice:
             if self._check_after_trial and not installer.in_trial:
                 self._check_after_trial = False
                 self.update_wake.set()
-            # Many devices in one process: only a trial needs the clock's fine grain.
-            tick = TRIAL_TICK_S if installer.in_trial else 1.0
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), tick)
+            if installer.in_trial:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), TRIAL_TICK_S)
+            else:  # many devices in one process: no clock while no trial runs
+                self._polled.clear()
+                await _first_set(stop, self._polled, timeout=None)
 
     def read_plan(self) -> HybridPlan | None:
         """One refresh of the director metadata: the plan it lists for this device, if any.
@@ -769,7 +777,7 @@ class SimDevice:
             log.debug("%s: audit not counted: %s", self.device_id, exc)
 
 
-async def _first_set(*events: asyncio.Event, timeout: float) -> None:
+async def _first_set(*events: asyncio.Event, timeout: float | None) -> None:
     """Return when any of ``events`` is set, or after ``timeout`` seconds."""
     waiters = [asyncio.create_task(e.wait()) for e in events]
     try:
