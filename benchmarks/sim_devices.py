@@ -214,21 +214,24 @@ def report(base: Measured, runs: list[Measured]) -> str:
         f"{MEASURE_S:g} s after {SETTLE_S:g} s settling",
         "",
         "| devices | up after | RSS | peak | RSS per device | CPU | CPU per device per window "
-        "| windows stored | requests answered / offered | online |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| requests per window | CPU per request | windows stored | requests answered / offered "
+        "| online |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
         f"| 0 (baseline) | – | {base.rss_mb:.1f} MB | {base.hwm_mb:.1f} MB | – | "
-        f"{base.cpu_s / base.measured_s * 100:.1f} % of a core | – | – | – | – |",
+        f"{base.cpu_s / base.measured_s * 100:.1f} % of a core | – | – | – | – | – | – |",
     ]
     for m in runs:
         per_rss = (m.rss_mb - base.rss_mb) / m.devices
         cpu = m.cpu_s - base.cpu_s * m.measured_s / base.measured_s
         per_window_ms = cpu / m.windows * 1000 if m.windows else float("nan")
         offered = m.devices * RATE * m.measured_s
+        per_request_ms = cpu / m.answered * 1000 if m.answered else float("nan")
+        requests_per_window = m.answered / m.windows if m.windows else float("nan")
         lines.append(
             f"| {m.devices} | {m.up_s:.0f} s | {m.rss_mb:.0f} MB | {m.hwm_mb:.0f} MB | "
             f"{per_rss:.2f} MB | {m.cpu_s / m.measured_s * 100:.0f} % of a core | "
-            f"{per_window_ms:.1f} ms | {m.windows} | {m.answered} / {offered:.0f} | "
-            f"{m.online} |"
+            f"{per_window_ms:.1f} ms | {requests_per_window:.1f} | {per_request_ms:.2f} ms | "
+            f"{m.windows} | {m.answered} / {offered:.0f} | {m.online} |"
         )
     return "\n".join(lines)
 
