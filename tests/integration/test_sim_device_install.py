@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from itertools import count
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,7 @@ def new_devices(
     settings = {"window_s": 1.0, "plan_poll_s": 30.0, "poll_s": 2.0, "health_period_s": 2.0} | (
         settings
     )
-    devices = []
+    devices: list[SimDevice] = []
     for _ in range(n):
         with _lock:
             device_id = f"sim-{next(_ids)}"
@@ -101,9 +102,20 @@ def committed(device: SimDevice, version: str) -> bool:
     return snap.active_version == version and snap.phase == "idle" and snap.verified
 
 
-def server_view(fleet: Fleet, device: SimDevice) -> dict[str, Any]:
-    view: dict[str, Any] = fleet.deployment.api("GET", f"/devices/{device.device_id}")
-    return view
+def verified(device: SimDevice) -> bool:
+    return device.snapshot().verified
+
+
+def last_reason(device: SimDevice) -> str | None:
+    """The reason of the device's last install outcome, if any."""
+    outcome = device.installer.journal.last_outcome if device.installer else None
+    return outcome.reason if outcome is not None else None
+
+
+def server_counter_is(fleet: Fleet, device: SimDevice, counter: int) -> bool:
+    """The server's registry shows ``device`` with ``counter`` installed."""
+    view = fleet.deployment.api("GET", f"/devices/{device.device_id}")
+    return bool(view["installed_counter"] == counter)
 
 
 def assert_served_throughout(device: SimDevice) -> None:
@@ -139,7 +151,7 @@ def start(running: list[SimFleet], devices: list[SimDevice], **kwargs: Any) -> S
     running.append(sim)
     sim.start(traffic(devices, **kwargs))
     for device in devices:
-        wait_until(f"{device.device_id} up", lambda d=device: d.snapshot().verified, 60)
+        wait_until(f"{device.device_id} up", partial(verified, device), 60)
     return sim
 
 
@@ -153,7 +165,7 @@ def test_an_assigned_release_is_installed_and_committed(
 
     assign(fleet, fleet.good, devices)
     for device in devices:
-        wait_until(f"{device.device_id} on 2.1.0", lambda d=device: committed(d, "2.1.0"), 120)
+        wait_until(f"{device.device_id} on 2.1.0", partial(committed, device, "2.1.0"), 120)
     running.pop().stop()
 
     for device in devices:
@@ -169,9 +181,7 @@ def test_an_assigned_release_is_installed_and_committed(
     for device in devices:
         wait_until(
             f"the server to see {device.device_id} on 2.1.0",
-            lambda d=device: (
-                server_view(fleet, d)["installed_counter"] == fleet.good.release_counter
-            ),
+            partial(server_counter_is, fleet, device, fleet.good.release_counter),
             30,
         )
 
@@ -263,11 +273,7 @@ def test_a_full_disk_keeps_serving_and_loses_no_window(
     assign(fleet, fleet.good, [device])
     wait_until(
         "staging refused by the full disk",
-        lambda: (
-            device.installer is not None
-            and (device.installer.journal.last_outcome or None) is not None
-            and device.installer.journal.last_outcome.reason == "staging-failed"
-        ),  # type: ignore[union-attr]
+        lambda: last_reason(device) == "staging-failed",
         120,
     )
     assert device.snapshot().active_version == "2.0.0" and device.snapshot().verified
@@ -343,7 +349,7 @@ def test_devices_share_one_interpreter_per_model(
     start(running, devices, rate=5.0)
     assign(fleet, fleet.good, devices)
     for device in devices:
-        wait_until(f"{device.device_id} on 2.1.0", lambda d=device: committed(d, "2.1.0"), 180)
+        wait_until(f"{device.device_id} on 2.1.0", partial(committed, device, "2.1.0"), 180)
     running.pop().stop()
 
     interpreters = shared.interpreters()
@@ -354,3 +360,19 @@ def test_devices_share_one_interpreter_per_model(
     assert len(models) == 1
     for device in devices:
         assert_served_throughout(device)
+
+
+def test_the_hardware_profile_adds_its_inference_time(
+    fleet: Fleet, tmp_path: Path, running: list[SimFleet]
+) -> None:
+    (device,) = new_devices(fleet, tmp_path, 1, inference_ms=80.0)
+    sim = start(running, [device], rate=1.0)
+    rows, _ = generate(1, 1)
+
+    async def timed() -> float:
+        started = time.monotonic()
+        answer = await device.infer(rows[0])
+        assert answer is not None and answer.stage == "active"
+        return time.monotonic() - started
+
+    assert sim.call(timed()) >= 0.08
