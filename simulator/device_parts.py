@@ -86,8 +86,6 @@ class SimFaults:
         self.clock_offset_s = 0.0
         self._desired: DesiredFault = "normal"
         self._desired_share = 1.0
-        self.on_power_cut: Callable[[str], None] | None = None
-        """Told the step each time a power cut fires (from any thread)."""
 
     @property
     def power_cut_at(self) -> str | None:
@@ -126,8 +124,6 @@ class SimFaults:
         if step != self._power_cut_at:
             return
         self._power_cut_at = None  # the device comes back with the setting spent
-        if self.on_power_cut is not None:
-            self.on_power_cut(step)
         raise PowerCut(step)
 
     def full_disk(self, what: str) -> OSError:

@@ -294,6 +294,7 @@ class SimDevice:
         self._up = asyncio.Event()
         self._check_after_trial = False
         self._polled = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop the device runs on
         self.refresh_slots: asyncio.Semaphore | None = None
         """Shared by the devices of one process: how many refresh their director at once."""
         self.fetch_slots: FetchSlots = PROCESS_FETCH_SLOTS
@@ -518,8 +519,15 @@ class SimDevice:
         )
 
     def power_cut(self) -> None:
-        """Cut the power now: the device stops where it is and boots again."""
-        self._power_went("now")
+        """Cut the power now: the device stops where it is and boots again.
+
+        May be called from any thread; the cut happens on the device's loop.
+        """
+        loop = self._loop
+        if loop is not None and _running_loop() is not loop:
+            loop.call_soon_threadsafe(self._power_went, "now")
+        else:
+            self._power_went("now")
 
     def _power_went(self, step: str) -> None:
         self.stats.power_cuts += 1
@@ -535,6 +543,7 @@ class SimDevice:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Keep the device going until ``stop`` is set, booting again after each power cut."""
+        self._loop = asyncio.get_running_loop()
         try:
             if self.installer is None:
                 self._up.set()
@@ -775,6 +784,13 @@ class SimDevice:
             self.recorder.record_audit(result)
         except WindowRecordError as exc:
             log.debug("%s: audit not counted: %s", self.device_id, exc)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 async def _first_set(*events: asyncio.Event, timeout: float | None) -> None:
