@@ -415,6 +415,7 @@ class DeviceSnapshot:
     active_version: str | None
     verified: bool  # an active model that passed its self-test is loaded
     installing: bool  # an install is under way (the journal is not idle)
+    booting: bool = False  # starting, or again after a power cut: it serves nothing yet
 
 
 def device_clock(base: Callable[[], float], faults: SimFaults) -> Callable[[], float]:

@@ -516,6 +516,7 @@ class SimDevice:
             # Every model in the active slot passed the self-test before the pointer named it.
             verified=active is not None and self._up.is_set(),
             installing=journal.phase is not Phase.IDLE,
+            booting=installer is not None and self._loop is not None and not self._up.is_set(),
         )
 
     def power_cut(self) -> None:
