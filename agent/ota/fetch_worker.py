@@ -16,7 +16,7 @@ from collections.abc import Collection
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from agent.config import AgentConfig
 from agent.ota.answers import (
@@ -47,8 +47,10 @@ from agent.ota.errors import RepositoryUnavailable, UpdateRefused
 from agent.ota.faults import Faults
 from agent.ota.image_repository import BundleTarget, ImageRepositoryClient, open_verified_manifest
 from agent.ota.journal import InstallTarget
-from agent.ota.parts import FaultPoints
 from agent.ota.transport import FetchConfig
+
+if TYPE_CHECKING:  # the child process imports no more than it needs
+    from agent.ota.parts import FaultPoints
 
 
 def trust_dirs(config: AgentConfig) -> tuple[Path, Path]:
