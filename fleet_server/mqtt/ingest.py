@@ -24,6 +24,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Final
 
 from pydantic import ValidationError
 from sqlalchemy import select, update
@@ -44,6 +45,11 @@ from protocol.topics import MAX_WINDOW_BYTES, parse_device_topic
 from protocol.window import WindowCodecError, WindowSummary, decode_window
 
 DeviceMessage = ReportedState | DeviceEvent | Heartbeat | Presence
+
+# The tables ingest inserts into, written through SQLAlchemy Core: rows go in as
+# parameter sets, without the ORM's per-row bookkeeping of a bulk insert.
+_EVENTS: Final = DeviceEventRow.metadata.tables[DeviceEventRow.__tablename__]
+_WINDOWS: Final = WindowRow.metadata.tables[WindowRow.__tablename__]
 
 # What a window must fit to be stored: the bounds messages' times and counters have.
 _LAST_TIME = 4_102_444_800  # 2100-01-01
@@ -285,23 +291,28 @@ async def write_batch(db: Database, batch: Sequence[Accepted], replica: str) -> 
         if events:
             insert = pg_insert if db.is_postgres else sqlite_insert
             await session.execute(
-                insert(DeviceEventRow).on_conflict_do_nothing(index_elements=["message_id"]),
+                insert(_EVENTS).on_conflict_do_nothing(index_elements=["message_id"]),
                 [events[k] for k in sorted(events)],
             )
         if windows:
             insert = pg_insert if db.is_postgres else sqlite_insert
-            inserted = await session.scalars(
-                insert(WindowRow)
+            inserted = await session.execute(
+                insert(_WINDOWS)
                 .on_conflict_do_nothing(index_elements=["window_id"])
-                .returning(WindowRow.window_id),
+                .returning(_WINDOWS.c.window_id),
                 [windows[k] for k in sorted(windows)],
             )
             # Only windows stored now count in the aggregates: a resend is counted once.
-            new = [summaries[w] for w in inserted.all()]
+            new = [summaries[w] for w in inserted.scalars().all()]
             shadows = [d for d in map(fold_shadow, new) if d is not None]
             await add_to_hour_stats(session, [*map(fold, new), *shadows])
             await add_to_hybrid_stats(session, [fold_hybrid(w) for w in new])
-            owners = await store.window_owners(session, list(windows))
+            # A window stored now belongs to the device whose row was inserted; only
+            # the others (resends, or an id another device's window holds) are looked up.
+            owners = {w.window_id: w.device_id for w in new}
+            resent = [w for w in windows if w not in owners]
+            if resent:
+                owners.update(await store.window_owners(session, resent))
             stored: dict[str, dict[str, None]] = {}  # ordered sets
             for device_id, window_id in sent_windows:
                 if owners.get(window_id) == device_id:
