@@ -42,7 +42,7 @@ from fleet_server.rollouts.aggregates import fold, fold_shadow
 from fleet_server.rollouts.store import add_to_hour_stats
 from protocol.messages import DEVICE_MESSAGE, DeviceEvent, Heartbeat, Presence, ReportedState
 from protocol.topics import MAX_WINDOW_BYTES, parse_device_topic
-from protocol.window import WindowCodecError, WindowSummary, decode_window
+from protocol.window import WindowCodecError, WindowSummary, decode_window_head
 
 DeviceMessage = ReportedState | DeviceEvent | Heartbeat | Presence
 
@@ -58,7 +58,14 @@ _MAX_COUNT = 2**63 - 1
 
 @dataclass(frozen=True)
 class Accepted:
-    """A message that passed the gate; a window keeps its bytes as received (``payload``)."""
+    """A message that passed the gate; a window keeps its bytes as received (``payload``).
+
+    A window that came through :func:`classify` is its head
+    (:func:`~protocol.window.decode_window_head`): every field but the
+    features, which were checked as :func:`~protocol.window.decode_window`
+    checks them and stay in ``payload``, the bytes stored. Nothing ingest
+    writes or folds reads a feature.
+    """
 
     device_id: str
     channel: str
@@ -140,7 +147,8 @@ def _classify_window(
     if len(payload) > max_bytes:
         return Dropped("oversized", f"{len(payload)} bytes on {topic}")
     try:
-        window = decode_window(payload)
+        # Checked as a whole, made without its features: ingest stores the bytes.
+        window = decode_window_head(payload)
     except WindowCodecError as exc:
         return Dropped("malformed-window", f"{topic}: {str(exc)[:200]}")
     if window.device_id != device_id:

@@ -486,6 +486,8 @@ class _Unsure(Exception):
     """The bulk reader cannot vouch for these bytes: the reference reader reads them."""
 
 
+# One-byte varints as their zigzag value plus 64 (0 to 127), for bytes.translate.
+_ZIGZAG_PLUS_64: Final = bytes(z + 64 for z in _ZIGZAG) + bytes(0x80)
 # The feature flags that announce counts of the feature's own after its flags byte.
 _OWN_COUNTS: Final = _HAS_NAN | _HAS_OUT_OF_RANGE | _OWN_ROWS | _OWN_BINS | _BEYOND
 
@@ -502,8 +504,89 @@ def _read_features_in_bulk(r: _Reader, beyond: bool) -> list[FeatureSummary]:
     (:meth:`_Reader.sints`). Anything the reference reader would refuse raises
     :class:`_Unsure` or the reference's own error; :func:`decode_window` then
     reads the window the reference way, which names what is wrong. What both
-    take they read alike, and both end in :func:`_finish_features`.
+    take they read alike, and both end in :func:`_features`.
     """
+    heads, narrow, wide = _read_heads_in_bulk(r, beyond)
+    return _features(heads, iter(narrow), iter(wide))
+
+
+def _check_features_in_bulk(r: _Reader, beyond: bool) -> list[FeatureSummary]:
+    """Read and check the features as :func:`_read_features_in_bulk` would make them, but
+    make no summaries: an empty list, for :func:`decode_window_head`.
+
+    Besides the reader's own checks (flags, a count per bin, none negative,
+    the last implied by ``n``, finite floats), what
+    :class:`~protocol.summary.FeatureSummary` and the window's own check
+    require of a feature is ``m2 >= 0`` and no more values beyond the
+    baseline's range than ``n``; a feature that breaks any of them raises
+    :class:`_Unsure`, and the reference reader then names it. A one-byte run
+    of bin counts is checked without a Python int per bin: translated through
+    a table to its zigzag values plus 64, its ``min`` says whether a count is
+    negative and its ``sum`` what is left for the last one.
+    """
+    count, rows, bins = r.uint(limit=MAX_FEATURES), r.uint(), r.uint(limit=MAX_BINS)
+    data, pos = r.data, r.pos
+    known = _FEATURE_FLAGS_V3 if beyond else _FEATURE_FLAGS
+    narrow_m2: list[int] = []  # where each feature's m2 lies among the narrow floats
+    wide_m2: list[int] = []
+    narrow_count = wide_count = 0
+    for _ in range(count):
+        flags = data[pos]
+        pos += 1
+        if flags & ~known:
+            raise _Unsure
+        n, k = rows, bins
+        if flags & _OWN_COUNTS:
+            r.pos = pos
+            nan = r.uint() if flags & _HAS_NAN else 0
+            if flags & _HAS_OUT_OF_RANGE:
+                r.uint()
+            n = r.uint() if flags & _OWN_ROWS else rows - nan
+            if flags & _OWN_BINS:
+                k = r.uint(limit=MAX_BINS)
+            if flags & _BEYOND and r.uint() + r.uint() > n:
+                raise _Unsure
+            pos = r.pos
+        if n < 0 or k < 1 or bool(flags & _HAS_VALUES) != (n > 0):
+            raise _Unsure
+        expected = n // k
+        end = pos + k - 1
+        run = data[pos:end]
+        if len(run) == k - 1 and (not run or max(run) < 0x80):
+            shifted = run.translate(_ZIGZAG_PLUS_64)
+            if run and min(shifted) - 64 + expected < 0:
+                raise _Unsure
+            total = sum(shifted) - 64 * len(run) + expected * len(run)
+            pos = end
+        else:
+            r.pos = pos
+            counts = r.sints(k - 1, expected)
+            pos = r.pos
+            if counts and min(counts) < 0:
+                raise _Unsure
+            total = sum(counts)
+        if n - total < 0:
+            raise _Unsure
+        if flags & _HAS_VALUES:
+            if flags & _WIDE:
+                if not flags & _CONSTANT:
+                    wide_m2.append(wide_count + 3)  # min, max, mean, m2
+                wide_count += 1 if flags & _CONSTANT else 4
+            else:
+                if not flags & _CONSTANT:
+                    narrow_m2.append(narrow_count + 3)
+                narrow_count += 1 if flags & _CONSTANT else 4
+    r.pos = pos
+    narrow_values, wide_values = _floats_in_bulk(r, narrow_count, wide_count)
+    if any(narrow_values[i] < 0 for i in narrow_m2) or any(wide_values[i] < 0 for i in wide_m2):
+        raise _Unsure
+    return []
+
+
+def _read_heads_in_bulk(
+    r: _Reader, beyond: bool
+) -> tuple[list[_Head], tuple[float, ...], tuple[float, ...]]:
+    """The features' heads and their narrow and wide floats, read in bulk (see above)."""
     count, rows, bins = r.uint(limit=MAX_FEATURES), r.uint(), r.uint(limit=MAX_BINS)
     data, pos = r.data, r.pos
     known = _FEATURE_FLAGS_V3 if beyond else _FEATURE_FLAGS
@@ -550,6 +633,14 @@ def _read_features_in_bulk(r: _Reader, beyond: bool) -> list[FeatureSummary]:
                 narrow_count += floats
         heads.append((flags, nan, out_of_range, n, counts, below, above))
     r.pos = pos
+    narrow_values, wide_values = _floats_in_bulk(r, narrow_count, wide_count)
+    return heads, narrow_values, wide_values
+
+
+def _floats_in_bulk(
+    r: _Reader, narrow_count: int, wide_count: int
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The features' float32 and float64 values, checked finite."""
     narrow = r.take(4 * narrow_count)
     # Byte planes back into little-endian float32s: plane i holds byte i of each.
     interleaved = bytearray(4 * narrow_count)
@@ -562,7 +653,7 @@ def _read_features_in_bulk(r: _Reader, beyond: bool) -> list[FeatureSummary]:
         math.isfinite(v) for v in (*narrow_values, *wide_values)
     ):
         raise _Unsure
-    return _features(heads, iter(narrow_values), iter(wide_values))
+    return narrow_values, wide_values
 
 
 def _invalid(exc: ValidationError, *where: str) -> WindowCodecError:
@@ -852,6 +943,30 @@ def decode_window(data: bytes) -> WindowSummary:
         return _read_body(body, version, _read_features)
     except ValidationError as exc:
         raise _invalid(exc) from None
+
+
+def decode_window_head(data: bytes) -> WindowSummary:
+    """The window in ``data`` without its features (``features`` empty), once everything
+    :func:`decode_window` checks has passed, the features included.
+
+    For a reader that keeps the bytes and needs only the rest of the window:
+    ingest stores a window as received and folds its counts, latency, scores
+    and sections into aggregates, none of which reads a feature, so making a
+    pydantic summary per feature there would be work thrown away. The
+    features are read in bulk and checked against what their summaries and
+    the window require (:func:`_check_features_in_bulk`); the rest of the
+    window is made and validated as :func:`decode_window` makes it. Bytes the
+    bulk check cannot vouch for go to :func:`decode_window`: it raises the
+    same :class:`WindowCodecError` for what it refuses, and what it accepts is
+    returned without its features. So this accepts and refuses exactly what
+    :func:`decode_window` does, and returns its window with ``features=[]``.
+    """
+    version, body = _open(data)
+    try:
+        return _read_body(body, version, _check_features_in_bulk)
+    except (_Unsure, ValueError, IndexError, OverflowError):
+        pass
+    return decode_window(data).model_copy(update={"features": []})
 
 
 _FeatureReader = Callable[[_Reader, bool], list[FeatureSummary]]
