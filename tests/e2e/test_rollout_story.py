@@ -85,6 +85,11 @@ SHADOW_GATES = {
     "shadow_agreement": {"min_devices": 3, "min_requests": 200},
 }
 IDLE_EVERY = 4  # every fourth request comes from an idle machine (shaft_rpm 0)
+# The server announces every assignment and shadow change over MQTT, which wakes the
+# device's update check at once; the poll is only the fallback. Each poll starts up to
+# three fetcher processes (assignment, shadow, plan): twelve devices polling every two
+# seconds started them faster than two cores could run them and slowed everything else.
+POLL_INTERVAL_S = 10.0
 
 
 @dataclass
@@ -236,7 +241,7 @@ def agent_config(story: Story, device_id: str, password: str, namespace: str) ->
         f'[mqtt]\nnamespace = "{namespace}"\nheartbeat_interval_s = 2.0\n'
         "[api]\nport = 0\n"
         # The trial lasts 4 s: long enough for the watchdog to see a few requests.
-        "[update]\npoll_interval_s = 2.0\nhealth_period_s = 4.0\n"
+        f"[update]\npoll_interval_s = {POLL_INTERVAL_S}\nhealth_period_s = 4.0\n"
         "[telemetry]\nwindow_max_seconds = 2.0\n"
         # A shadow runs on every request: wave 1's few devices give its gates enough.
         "[shadow]\nshare = 1.0\nmax_in_flight = 4\n"

@@ -15,7 +15,7 @@ import pytest
 
 from fleet_server.release.keys import init_keys
 from testbed.fleet import AgentProcess, Fleet
-from tests.integration.test_agent_install import assert_slots_intact, field_rows, installed
+from tests.support.install_fleet import assert_slots_intact, field_rows, installed
 
 pytestmark = pytest.mark.integration
 
