@@ -1,0 +1,990 @@
+"""``fleet-sim run``: a scenario carried out in real time against a real server and broker.
+
+:func:`run_scenario` starts what the scenario does not give, on zero-setup
+defaults: its own broker (:class:`RunBroker`: Mosquitto when installed, else
+the embedded one; restartable on the same port, for ``broker-restart``), a
+``fleet-server`` process on SQLite in the run's folder, and the cloud endpoint
+when ``server.cloud``. It releases the initial model, registers the devices
+(many at once), builds a :class:`~simulator.sim_device.SimDevice` for each
+(one loaded model per process, shared), drives Poisson traffic per cohort
+(inputs from :mod:`firmware_images.datagen`, drifting from a cohort's drift
+time on; labels for a share of the windows posted late through the labels
+API), carries out the scenario's steps and faults on schedule, samples the
+fleet each second (:class:`~simulator.report.Sample`), and at the end makes
+the checks (:mod:`simulator.checks`) and returns the
+:class:`~simulator.report.RunReport`.
+
+Blocking calls (the server's REST API, SQLite, process starts) run in worker
+threads so the devices' event loop keeps its time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import importlib
+import json
+import logging
+import os
+import random
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, cast
+
+import numpy.typing as npt
+from pydantic import ValidationError
+
+from firmware_images.datagen import FieldConditions, generate
+from fleet_server.release.keys import KeyStore, init_keys
+from fleet_server.release.repository import ImageRepository, ReleasedBundle
+from model_runtime import LoadedModel, default_runtime
+from protocol.api.rollouts import RolloutSpec
+from simulator.checks import RunRecord, make_checks
+from simulator.hybrid_fleet import REFRESHES_AT_ONCE, CloudProcess, install_target
+from simulator.progress import Metrics, ProgressLine
+from simulator.report import RunReport, Sample
+from simulator.scenario import Cohort, Fault, Scenario, ScenarioError, Step
+from simulator.sim_device import InstalledModel, SimDevice, SimDeviceConfig, drive, top_class
+from testbed.api_server import repository_files
+from testbed.embedded_broker import BrokerStartError, listening
+from testbed.images import make_bundle
+from testbed.mosquitto import find_mosquitto
+from testbed.server_process import ServerProcess
+from testbed.waiting import free_port
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "pump-health"
+VERSIONS = {"v1": "1.0.0", "v2": "1.1.0", "v3-bad": "1.2.0", "cloud": "1.0.1"}
+"""The version each sample model is released as unless a step names one."""
+CLOUD_HARDWARE = "cloud"
+THREADS = 32  # the devices' loop's worker threads (director refreshes, outboxes)
+REGISTER_AT_ONCE = 8  # registrations under way at once
+ROWS_PER_COHORT = 512  # rows drawn per cohort and condition, sent in turn
+CONNECT_WAIT_S = 60.0  # how long the fleet may take to come online before traffic starts
+SETTLE_S = 30.0  # after the traffic: how long the last windows may take to be stored
+STOP_GRACE_S = 30.0
+
+
+# -- the run's own broker ------------------------------------------------------
+
+
+class RunBroker:
+    """The run's own broker on a fixed free port: Mosquitto when installed, else amqtt.
+
+    Unlike :func:`testbed.embedded_broker.broker_for_demo` it can be stopped
+    and started again on the same port (``broker-restart``): devices
+    reconnect to where they were.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self.host = "127.0.0.1"
+        self.port = free_port(self.host)
+        self.url = f"mqtt://{self.host}:{self.port}"
+        binary = find_mosquitto()
+        self.kind = "mosquitto" if binary else "amqtt"
+        if binary is not None:
+            conf = directory / "mosquitto.conf"
+            lines = [f"listener {self.port} {self.host}", "allow_anonymous true"]
+            lines += ["persistence false", "log_dest stderr", "max_queued_messages 100000"]
+            if hasattr(os, "geteuid") and os.geteuid() == 0:
+                lines.append("user root")  # as root, Mosquitto would switch to its own user
+            conf.write_text("\n".join(lines) + "\n")
+            self.command = [binary, "-c", str(conf)]
+        else:
+            self.command = [sys.executable, "-m", "testbed.embedded_broker"]
+            self.command += ["--port", str(self.port)]
+        self.log_path = directory / f"{self.kind}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def shared_subscriptions(self) -> bool:
+        return self.kind == "mosquitto"
+
+    def start(self, timeout: float = 20.0) -> None:
+        with self.log_path.open("ab") as out:
+            self.proc = subprocess.Popen(
+                self.command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + timeout
+        while not listening(self.host, self.port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise BrokerStartError(
+                    f"the run's {self.kind} broker did not listen on {self.host}:{self.port} "
+                    f"(log: {self.log_path})"
+                )
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+# -- the deployment: server, releases, cloud -----------------------------------
+
+
+@dataclass
+class Deployment:
+    """What the run talks to: its servers, release keys and image repository, the cloud."""
+
+    workdir: Path
+    broker_url: str
+    servers: list[ServerProcess]
+    token: str
+    keys: KeyStore
+    repo: ImageRepository
+    hardware: tuple[str, ...]
+    external: ServerProcess | None = None
+    cloud: CloudProcess | None = None
+    releases: dict[str, ReleasedBundle] = field(default_factory=dict)  # by version
+    bundles: dict[str, Path] = field(default_factory=dict)  # by version
+
+    @property
+    def server(self) -> ServerProcess:
+        return self.servers[0]
+
+    @property
+    def database(self) -> Path | None:
+        """The SQLite file of a server the run started on its default database."""
+        path = self.server.data / "fleet.db"
+        return path if self.external is None and path.exists() else None
+
+    def api(self, method: str, path: str, body: Any = None) -> Any:
+        """``/api/v1`` + ``path`` as the admin, on the first replica that answers."""
+        error: Exception | None = None
+        for server in self.servers:
+            try:
+                return server.api(method, path, self.token, body)
+            except Exception as exc:  # a replica killed by a fault: try the next
+                error = exc
+        assert error is not None
+        raise error
+
+    def release(self, model: str, version: str | None = None) -> ReleasedBundle:
+        """Build a bundle of sample ``model``, add it to the repository and push it."""
+        version = version or VERSIONS[model]
+        hardware = (CLOUD_HARDWARE,) if model == "cloud" else self.hardware
+        built = self.workdir / "bundles"
+        built.mkdir(exist_ok=True)
+        path = make_bundle(built, model, version, hardware=hardware)
+        released = self.repo.add_bundle(path, self.keys)
+        self.api("POST", "/releases", {"files": repository_files(self.repo.path)})
+        self.releases[version] = released
+        self.bundles[version] = path
+        return released
+
+    def installed(self, version: str) -> InstalledModel:
+        return InstalledModel.from_bundle(
+            self.bundles[version].read_bytes(), install_target(self.releases[version])
+        )
+
+    def close(self) -> None:
+        if self.cloud is not None:
+            self.cloud.stop()
+        for server in self.servers:
+            server.stop(STOP_GRACE_S)
+
+
+def start_deployment(scenario: Scenario, workdir: Path, broker: RunBroker | None) -> Deployment:
+    """The servers (or the given one), release keys and repository, the initial release."""
+    setup = scenario.server
+    broker_url = setup.broker or (broker.url if broker else "")
+    tick = str(max(1, round(setup.tick.total_seconds())))
+    extra = ["--rollout-interval", tick]
+    if broker is not None and not broker.shared_subscriptions:
+        extra.append("--no-shared-subscription")
+    if setup.cloud:
+        extra += ["--plan-interval", "2"]
+    servers: list[ServerProcess] = []
+    external = None
+    if setup.url is not None:
+        if not setup.token:
+            raise ScenarioError("server.url: a server given by URL needs server.token")
+        external = ServerProcess(workdir, db_url=None, broker=broker_url, replica_id="external")
+        external.url = setup.url.rstrip("/")
+        servers.append(external)
+        token = setup.token
+    else:
+        db_url = setup.database or f"sqlite:///{(workdir / 'server' / 'fleet.db').resolve()}"
+        for i in range(setup.replicas):
+            replica = "server" if i == 0 else f"server-{i + 1}"
+            servers.append(
+                ServerProcess(
+                    workdir, db_url=db_url, broker=broker_url, replica_id=replica, extra_args=extra
+                )
+            )
+        servers[0].start()
+        for replica_process in servers[1:]:
+            replica_process.start()
+        token = servers[0].admin_token()
+    keys = init_keys(workdir / "keys")
+    repo = ImageRepository(workdir / "repo")
+    repo.create(keys)
+    hardware = tuple(dict.fromkeys(h.id for h in scenario.hardware))
+    deployment = Deployment(
+        workdir, broker_url, servers, token, keys, repo, hardware, external=external
+    )
+    deployment.release(scenario.initial)
+    if setup.cloud:
+        deployment.release("cloud")
+        deployment.cloud = CloudProcess(
+            workdir,
+            [
+                "--data",
+                str(deployment.server.data),
+                "--trusted-root",
+                str(repo.trusted_root_path),
+            ],
+        )
+        deployment.cloud.start()
+    return deployment
+
+
+# -- the fleet -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Member:
+    """A device of the run: its cohort and what registration gave it."""
+
+    device_id: str
+    cohort: Cohort
+    password: str
+    namespace: str
+
+
+def cohort_tags(cohort: Cohort) -> tuple[str | None, list[str]]:
+    """A cohort's region (a ``region=…`` tag) and its other tags."""
+    region = None
+    tags = []
+    for tag in cohort.tags:
+        key, sep, value = tag.partition("=")
+        if sep and key == "region":
+            region = value
+        else:
+            tags.append(tag)
+    return region, tags
+
+
+def register_fleet(scenario: Scenario, deployment: Deployment) -> list[Member]:
+    """Register every device of the scenario, :data:`REGISTER_AT_ONCE` at a time."""
+    cohorts = {c.name: c for c in scenario.cohorts}
+
+    def register(item: tuple[str, str]) -> Member:
+        cohort_name, device_id = item
+        cohort = cohorts[cohort_name]
+        region, tags = cohort_tags(cohort)
+        body: dict[str, Any] = {"device_id": device_id, "hardware_id": cohort.hardware}
+        if region:
+            body["region"] = region
+        body["tags"] = [cohort.name, *tags]
+        created = deployment.api("POST", "/devices", body)
+        if cohort.weight is not None:
+            deployment.api("PATCH", f"/devices/{device_id}/hybrid", {"weight": cohort.weight})
+        return Member(device_id, cohort, created["password"], created["mqtt_namespace"] or "")
+
+    items = [(c, d) for c, ids in scenario.device_ids().items() for d in ids]
+    with ThreadPoolExecutor(REGISTER_AT_ONCE) as pool:
+        return list(pool.map(register, items))
+
+
+class Caller:
+    """A device's caller as :func:`drive` sees it: each answer's top class kept for labels."""
+
+    def __init__(self, device: SimDevice, keep_labels: bool) -> None:
+        self.device = device
+        self.keep_labels = keep_labels
+        self.predictions: list[tuple[float, int, int]] = []  # (device clock, actual, predicted)
+
+    async def infer(self, row: npt.NDArray[Any], label: int | None = None) -> Any:
+        answer = await self.device.infer(row, label)
+        if answer is not None and label is not None and self.keep_labels:
+            self.predictions.append((time.time(), label, top_class(answer)))
+        return answer
+
+
+@dataclass
+class ActiveFault:
+    fault: Fault
+    targets: list[str]
+    undo: Callable[[], Any] | None = None
+
+
+# -- the run -------------------------------------------------------------------
+
+
+class Run:
+    """One real-time run of a scenario; :meth:`execute` it once."""
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        workdir: Path,
+        *,
+        progress: ProgressLine | None,
+        metrics_port: int | None,
+    ) -> None:
+        self.scenario = scenario
+        self.workdir = workdir
+        self.progress = progress
+        self.metrics = Metrics(metrics_port) if metrics_port is not None else None
+        self.rng = random.Random(scenario.seed)
+        self.report = RunReport(
+            scenario=scenario.name,
+            mode="real",
+            seed=scenario.seed,
+            devices=scenario.devices,
+            started_at=datetime.now(UTC).isoformat(),
+            duration_s=scenario.duration.total_seconds(),
+        )
+        self.broker: RunBroker | None = None
+        self.deployment: Deployment | None = None
+        self.devices: dict[str, SimDevice] = {}
+        self.members: dict[str, Member] = {}
+        self.callers: dict[str, Caller] = {}
+        self.active: list[ActiveFault] = []
+        self.rollouts: list[str] = []
+        self.capacity_steps: list[float] = []
+        self.unserved: dict[str, list[tuple[float, str]]] = {}
+        self.labels_posted = 0
+        self.t0 = 0.0
+        self._labelled_windows: set[str] = set()
+        self._stored_cache = 0
+        self.classes: list[str] = []
+
+    # -- setting up and tearing down ------------------------------------------
+
+    def execute(self) -> RunReport:
+        started = time.monotonic()
+        check_steps(self.scenario)
+        try:
+            if self.scenario.server.broker is None and self.scenario.server.url is None:
+                self.broker = RunBroker(self.workdir / "broker")
+                self.broker.start()
+            self.deployment = start_deployment(self.scenario, self.workdir, self.broker)
+            members = register_fleet(self.scenario, self.deployment)
+            self.members = {m.device_id: m for m in members}
+            asyncio.run(self._main())
+        finally:
+            with contextlib.suppress(Exception):
+                if self.deployment is not None:
+                    self.deployment.close()
+            if self.broker is not None:
+                self.broker.stop()
+            if self.metrics is not None:
+                self.metrics.close()
+        self.report.wall_s = round(time.monotonic() - started, 1)
+        return self.report
+
+    def _build_devices(self) -> None:
+        deployment = self.deployment
+        assert deployment is not None
+        runtime = default_runtime()
+        initial = deployment.installed(VERSIONS[self.scenario.initial])
+        self.classes = list(initial.manifest.classes or ())
+        model_path = self.workdir / "models" / initial.manifest.model_file
+        model_path.parent.mkdir(parents=True, exist_ok=True)
+        model_path.write_bytes(initial.model)
+        shared: LoadedModel = runtime.load(model_path)  # one interpreter for every device
+        director_root = self.workdir / "director-root.json"
+        director_root.write_text(json.dumps(deployment.api("GET", "/director/root")))
+        profiles = {h.id: h for h in self.scenario.hardware}
+        window_s = self.scenario.traffic.window.total_seconds()
+        labelled = self.scenario.traffic.labels.share > 0
+        for i, member in enumerate(self.members.values()):
+            config = SimDeviceConfig(
+                device_id=member.device_id,
+                password=member.password,
+                namespace=member.namespace,
+                hardware_id=member.cohort.hardware,
+                server_url=deployment.server.url,
+                broker=deployment.broker_url,
+                director_root=director_root,
+                repository_root=deployment.repo.trusted_root_path,
+                data_dir=self.workdir / "devices" / member.device_id,
+                cloud_url=deployment.cloud.url if deployment.cloud is not None else None,
+                window_s=window_s,
+                **device_settings(SimDeviceConfig, profiles[member.cohort.hardware]),
+            )
+            device = SimDevice(
+                config, initial, runtime, model=shared, seed=self.scenario.seed * 100_003 + i
+            )
+            self.devices[member.device_id] = device
+            self.callers[member.device_id] = Caller(device, labelled)
+
+    # -- the run itself --------------------------------------------------------
+
+    async def _main(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=THREADS))
+        await asyncio.to_thread(self._build_devices)
+        stop, traffic_stop = asyncio.Event(), asyncio.Event()
+        refreshes = asyncio.Semaphore(REFRESHES_AT_ONCE)
+        for device in self.devices.values():
+            device.refresh_slots = refreshes
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                for device in self.devices.values():
+                    tasks.create_task(device.run(stop))
+                await self._until_online()
+                self.t0 = time.monotonic()
+                side = [
+                    asyncio.create_task(self._sampler(traffic_stop)),
+                    asyncio.create_task(self._schedule()),
+                    asyncio.create_task(self._labels(traffic_stop)),
+                ]
+                for cohort in self.scenario.cohorts:
+                    tasks.create_task(self._cohort_traffic(cohort, traffic_stop))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        traffic_stop.wait(), self.scenario.duration.total_seconds()
+                    )
+                traffic_stop.set()
+                for task in side:
+                    task.cancel()
+                await asyncio.gather(*side, return_exceptions=True)
+                await self._end_faults()
+                await self._settle()
+                produced = {
+                    d: [w.window_id for _, w in dev.stats.windows]
+                    for d, dev in self.devices.items()
+                }
+                stored = await asyncio.to_thread(self._stored_windows)
+                await self._finish(produced, stored)
+                stop.set()
+        finally:
+            stop.set()
+            gc.collect()  # aiomqtt's clients call back into this loop when collected
+
+    async def _until_online(self) -> None:
+        deadline = time.monotonic() + CONNECT_WAIT_S
+        started = time.monotonic()
+        while time.monotonic() < deadline:
+            online = sum(d.link.connected for d in self.devices.values())
+            if online == len(self.devices):
+                break
+            await asyncio.sleep(0.2)
+        self.report.figures["connect_s"] = round(time.monotonic() - started, 2)
+
+    def now(self) -> float:
+        """Seconds since the traffic started."""
+        return time.monotonic() - self.t0
+
+    # -- traffic and labels ----------------------------------------------------
+
+    async def _cohort_traffic(self, cohort: Cohort, stop: asyncio.Event) -> None:
+        """The cohort's devices at its rate: training-like rows, drifted ones from its drift on."""
+        rate = cohort.rate or self.scenario.traffic.rate
+        seed = self.scenario.seed * 7919 + sum(map(ord, cohort.name))
+        rows, labels = generate(ROWS_PER_COHORT, seed)
+        ids = [d for d, m in self.members.items() if m.cohort.name == cohort.name]
+        phases: list[tuple[float, npt.NDArray[Any], npt.NDArray[Any]]] = [(0.0, rows, labels)]
+        if cohort.drift is not None:
+            drift = cohort.drift
+            conditions = FieldConditions(
+                covariate_shift=drift.covariate_shift,
+                idle_share=drift.idle_share,
+                noise_scale=drift.noise_scale,
+            )
+            drifted, drifted_labels = generate(ROWS_PER_COHORT, seed + 1, conditions)
+            phases.append((drift.at.total_seconds(), drifted, drifted_labels))
+        for n, (at, x, y) in enumerate(phases):
+            ends = phases[n + 1][0] if n + 1 < len(phases) else None
+            if stop.is_set():
+                return
+            await asyncio.sleep(max(0.0, at - self.now()))
+            phase_stop = asyncio.Event()
+
+            async def end_phase(
+                ends: float | None = ends, phase_stop: asyncio.Event = phase_stop
+            ) -> None:
+                if ends is None:
+                    await stop.wait()
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), max(0.0, ends - self.now()))
+                phase_stop.set()
+
+            ender = asyncio.create_task(end_phase())
+            await asyncio.gather(
+                *(
+                    drive(
+                        cast(SimDevice, self.callers[d]),
+                        x,
+                        rate,
+                        phase_stop,
+                        labels=y,
+                        seed=seed + i + 1000 * n,
+                    )
+                    for i, d in enumerate(ids)
+                )
+            )
+            await ender
+
+    async def _labels(self, stop: asyncio.Event) -> None:
+        """Post labels for a share of the stored windows, ``labels.delay`` after they closed."""
+        setup = self.scenario.traffic.labels
+        if setup.share <= 0:
+            return
+        delay = setup.delay.total_seconds()
+        pick = random.Random(self.scenario.seed + 17)
+        decided: set[str] = set()
+        while True:
+            due = []
+            for device_id, device in self.devices.items():
+                for closed_at, window in device.stats.windows:
+                    if window.window_id in decided or time.monotonic() - closed_at < delay:
+                        continue
+                    decided.add(window.window_id)
+                    if pick.random() < setup.share:
+                        due.append((device_id, window))
+            if due:
+                await asyncio.to_thread(self._post_labels, due)
+            await asyncio.sleep(1.0)
+
+    def _post_labels(self, due: list[tuple[str, Any]]) -> None:
+        classes = self.classes
+        windows = []
+        for device_id, window in due:
+            pairs = Counter(
+                (actual, predicted)
+                for at, actual, predicted in self.callers[device_id].predictions
+                if window.start <= at < window.end
+            )
+            if not pairs:
+                continue
+            windows.append(
+                {
+                    "window_id": window.window_id,
+                    "labels": [
+                        {"actual": classes[a], "predicted": classes[p], "count": n}
+                        for (a, p), n in sorted(pairs.items())
+                    ],
+                }
+            )
+        assert self.deployment is not None
+        for start in range(0, len(windows), 100):
+            try:
+                self.deployment.api("POST", "/labels", {"windows": windows[start : start + 100]})
+                self.labels_posted += len(windows[start : start + 100])
+            except AssertionError as exc:  # a window not stored yet: counted, not fatal
+                log.info("labels refused: %s", exc)
+
+    # -- steps and faults ------------------------------------------------------
+
+    async def _schedule(self) -> None:
+        """The steps in their order, at their times; each fault as a task of its own."""
+        events: list[tuple[float, int, Step | Fault]] = []
+        events += [(s.at.total_seconds(), n, s) for n, s in enumerate(self.scenario.steps)]
+        events += [
+            (f.at.total_seconds(), 10_000 + n, f) for n, f in enumerate(self.scenario.faults)
+        ]
+        faults: set[asyncio.Task[None]] = set()
+        try:
+            for at, _, event in sorted(events, key=lambda e: (e[0], e[1])):
+                await asyncio.sleep(max(0.0, at - self.now()))
+                if isinstance(event, Fault):
+                    task = asyncio.create_task(self._start_fault(event))
+                    faults.add(task)
+                    task.add_done_callback(faults.discard)
+                    continue
+                try:
+                    await self._step(event)
+                except Exception as exc:  # a step the server refused: reported, the run goes on
+                    log.warning("at %.0f s: %s", self.now(), exc)
+                    self.report.decisions.append(
+                        {"t": round(self.now(), 1), "step": event.action, "error": str(exc)}
+                    )
+            await asyncio.Event().wait()  # until the traffic ends
+        finally:
+            for task in list(faults):
+                task.cancel()
+            await asyncio.gather(*faults, return_exceptions=True)
+
+    async def _step(self, step: Step) -> None:
+        deployment = self.deployment
+        assert deployment is not None
+        record: dict[str, Any] = {"t": round(self.now(), 1), "step": step.action}
+        if step.action == "release":
+            assert step.model is not None
+            released = await asyncio.to_thread(deployment.release, step.model, step.version)
+            record["release"] = f"{released.name}@{released.version}"
+        elif step.action == "rollout":
+            spec = rollout_spec(step, deployment, self.scenario)
+            created = await asyncio.to_thread(deployment.api, "POST", "/rollouts", spec)
+            self.rollouts.append(created["id"])
+            record["rollout"] = created["id"]
+        elif step.action == "capacity":
+            assert step.capacity is not None
+            await asyncio.to_thread(
+                deployment.api,
+                "PUT",
+                "/cloud/capacity",
+                {"capacity": step.capacity, "headroom": 0.1},
+            )
+            self.capacity_steps.append(step.capacity)
+            record["capacity"] = step.capacity
+        elif step.action == "assign":
+            release = step.release or f"{MODEL_NAME}@{list(deployment.releases)[-1]}"
+            body = {"release": release, "devices": list(self.devices)}
+            await asyncio.to_thread(deployment.api, "POST", "/assignments", body)
+            record["assign"] = release
+        self.report.decisions.append(record)
+
+    def _targets(self, fault: Fault) -> list[str]:
+        target = fault.target
+        ids = list(self.devices)
+        if target.devices is not None:
+            ids = [d for d in target.devices if d in self.devices]
+        if target.cohort is not None:
+            ids = [d for d in ids if self.members[d].cohort.name == target.cohort]
+        if target.share is not None:
+            ids = sorted(self.rng.sample(ids, max(1, round(len(ids) * target.share))))
+        return ids
+
+    async def _start_fault(self, fault: Fault) -> None:
+        targets = self._targets(fault)
+        active = ActiveFault(fault, targets)
+        applied = await self._apply(fault, targets, active)
+        self.report.faults.append(
+            {
+                "kind": fault.kind,
+                "at": round(self.now(), 1),
+                "duration_s": fault.duration.total_seconds(),
+                "targets": len(targets),
+                "applied": applied,
+            }
+        )
+        if not applied.startswith("yes"):
+            return
+        self.active.append(active)
+        if fault.duration.total_seconds() > 0:
+            await asyncio.sleep(fault.duration.total_seconds())
+        await self._end_fault(active)
+
+    async def _end_fault(self, active: ActiveFault) -> None:
+        if active not in self.active:
+            return
+        self.active.remove(active)
+        if active.undo is not None:
+            result = active.undo()
+            if asyncio.iscoroutine(result):
+                await result
+
+    async def _end_faults(self) -> None:
+        for active in list(self.active):
+            await self._end_fault(active)
+
+    async def _apply(self, fault: Fault, targets: list[str], active: ActiveFault) -> str:
+        """Start ``fault``; ``"yes"``, or why it could not be applied in this run."""
+        kind = fault.kind
+        deployment = self.deployment
+        assert deployment is not None
+        if kind in ("broker-restart", "reconnect-storm"):
+            if self.broker is None:
+                return "no: the broker is not the run's own"
+            await asyncio.to_thread(self.broker.stop)
+            if kind == "reconnect-storm" or fault.duration.total_seconds() == 0:
+                await asyncio.to_thread(self.broker.start)
+                return "yes"
+            active.undo = lambda: asyncio.to_thread(self.broker.start)  # type: ignore[union-attr]
+            return "yes"
+        if kind == "server-kill":
+            if deployment.external is not None:
+                return "no: the server is not the run's own"
+            replica = deployment.servers[-1]
+            await asyncio.to_thread(replica.kill)
+            active.undo = lambda: asyncio.to_thread(replica.start)
+            return "yes"
+        device_faults = device_fault_setter(kind, fault)
+        if device_faults is not None:
+            devices = [self.devices[d] for d in targets]
+            if not all(hasattr(d, "faults") for d in devices):
+                return "no: these simulated devices have no fault points yet"
+            undo = [device_faults(d) for d in devices]
+            active.undo = lambda: [u() for u in undo]
+            return "yes"
+        return f"no: {kind} needs the fault proxy, not in this build"
+
+    # -- sampling, settling, checks --------------------------------------------
+
+    async def _sampler(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            sample = await self._sample()
+            self.report.series.append(sample)
+            if self.progress is not None:
+                self.progress.show(
+                    sample, len(self.devices), self.scenario.duration.total_seconds()
+                )
+            if self.metrics is not None:
+                self.metrics.update(sample, len(self.devices))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+
+    async def _sample(self) -> Sample:
+        online = serving = installing = 0
+        versions: Counter[str] = Counter()
+        now = self.now()
+        for device_id, device in self.devices.items():
+            snapshot = device_snapshot(device)
+            online += snapshot["online"]
+            installing += snapshot["installing"]
+            if snapshot["verified"]:
+                serving += 1
+            else:
+                self.unserved.setdefault(device_id, []).append((now, "no verified model"))
+            if snapshot["version"]:
+                versions[snapshot["version"]] += 1
+        stats = [d.stats for d in self.devices.values()]
+        try:
+            stored = await asyncio.to_thread(self._stored_count)
+        except Exception:  # the database is busy or the server down: the last count holds
+            stored = self._stored_cache
+        self._stored_cache = stored
+        return Sample(
+            t=round(now, 1),
+            online=online,
+            serving=serving,
+            installing=installing,
+            requests=sum(s.answered for s in stats),
+            windows_produced=sum(len(s.windows) for s in stats),
+            windows_stored=stored,
+            cloud_answers=sum(len(s.cloud_answers) for s in stats),
+            faults_active=";".join(sorted({a.fault.kind for a in self.active})),
+            versions=";".join(f"{v}={n}" for v, n in sorted(versions.items())),
+        )
+
+    def _stored_count(self) -> int:
+        assert self.deployment is not None
+        database = self.deployment.database
+        if database is None:
+            return self._stored_cache
+        with contextlib.closing(
+            sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=2)
+        ) as db:
+            return int(db.execute("SELECT count(*) FROM windows").fetchone()[0])
+
+    def _stored_windows(self) -> dict[str, list[str]]:
+        """The window ids the server stored, by device (its database, else its API)."""
+        assert self.deployment is not None
+        database = self.deployment.database
+        stored: dict[str, list[str]] = {d: [] for d in self.devices}
+        if database is not None:
+            with contextlib.closing(
+                sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=10)
+            ) as db:
+                for window_id, device_id in db.execute("SELECT window_id, device_id FROM windows"):
+                    stored.setdefault(device_id, []).append(window_id)
+            return stored
+        for device_id in self.devices:
+            before = None
+            while True:
+                path = f"/devices/{device_id}/windows?limit=500" + (
+                    f"&before={before}" if before else ""
+                )
+                page = self.deployment.api("GET", path)
+                stored[device_id] += [w["window_id"] for w in page["windows"]]
+                before = page.get("next_before")
+                if not before:
+                    break
+        return stored
+
+    async def _settle(self) -> None:
+        """After the traffic: let the open windows close and the server store them."""
+        window_s = self.scenario.traffic.window.total_seconds()
+        await asyncio.sleep(window_s + 0.5)
+        deadline = time.monotonic() + max(SETTLE_S, 3 * window_s)
+        while time.monotonic() < deadline:
+            produced = sum(len(d.stats.windows) for d in self.devices.values())
+            stored = await asyncio.to_thread(self._stored_count)
+            if self.deployment is not None and self.deployment.database is None:
+                break  # counted through the API at the end only
+            if stored >= produced:
+                break
+            await asyncio.sleep(0.5)
+        self.report.series.append(await self._sample())
+
+    async def _finish(self, produced: dict[str, list[str]], stored: dict[str, list[str]]) -> None:
+        assert self.deployment is not None
+        record = RunRecord(
+            scenario=self.scenario,
+            stats={d: dev.stats for d, dev in self.devices.items()},
+            produced=produced,
+            stored=stored,
+            unserved={
+                d: [*self.unserved.get(d, []), *getattr(dev.stats, "unserved", [])]
+                for d, dev in self.devices.items()
+            },
+            series=self.report.series,
+            rollouts=self.rollouts,
+            capacity_steps=self.capacity_steps,
+            api=self.deployment.api,
+        )
+        self.report.checks = await asyncio.to_thread(make_checks, record)
+        stats = [d.stats for d in self.devices.values()]
+        self.report.figures.update(
+            {
+                "requests": sum(s.requests for s in stats),
+                "answered": sum(s.answered for s in stats),
+                "windows_produced": sum(len(s.windows) for s in stats),
+                "windows_stored": sum(len(v) for v in stored.values()),
+                "cloud_answers": sum(len(s.cloud_answers) for s in stats),
+                "labels_posted": self.labels_posted,
+                "broker": self.broker.kind if self.broker else "given",
+                "rollouts": self.rollouts,
+            }
+        )
+
+
+# -- helpers -------------------------------------------------------------------
+
+
+def check_steps(scenario: Scenario) -> None:
+    """Refuse, before anything starts, a rollout step whose spec the server would refuse."""
+    for n, step in enumerate(scenario.steps):
+        if step.action == "rollout":
+            try:
+                RolloutSpec.model_validate(rollout_fields(step, scenario, "x@1.0.0"))
+            except ValidationError as exc:
+                problems = "; ".join(
+                    f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+                )
+                raise ScenarioError(f"steps.{n}.rollout: {problems}") from None
+        if step.action == "release" and step.model is None:
+            raise ScenarioError(f"steps.{n}.model: a release step names the model to release")
+        if step.action == "capacity" and step.capacity is None:
+            raise ScenarioError(f"steps.{n}.capacity: a capacity step gives the capacity")
+        if step.action == "capacity" and not scenario.server.cloud:
+            raise ScenarioError(f"steps.{n}: a capacity step needs server.cloud = true")
+
+
+def rollout_fields(step: Step, scenario: Scenario, release: str) -> dict[str, Any]:
+    spec = dict(step.rollout or {})
+    spec.setdefault("release", release)
+    spec.setdefault("select", ",".join(f"hardware={h.id}" for h in scenario.hardware))
+    spec.setdefault("waves", [10, 50, 100])
+    spec.setdefault("bake", "30s")
+    return spec
+
+
+def rollout_spec(step: Step, deployment: Deployment, scenario: Scenario) -> dict[str, Any]:
+    """The spec to post: the step's fields over defaults (the latest release, every device)."""
+    latest = next(
+        reversed([v for v, r in deployment.releases.items() if CLOUD_HARDWARE not in r.target_path])
+    )
+    return rollout_fields(step, scenario, f"{MODEL_NAME}@{latest}")
+
+
+def device_settings(config_type: type, profile: Any) -> dict[str, Any]:
+    """The hardware profile's settings a device's configuration knows (``inference_ms``)."""
+    fields = getattr(config_type, "__dataclass_fields__", {})
+    settings: dict[str, Any] = {}
+    if "inference_ms" in fields:
+        settings["inference_ms"] = profile.inference_ms
+    return settings
+
+
+def device_snapshot(device: SimDevice) -> dict[str, Any]:
+    """What a device shows now: online, verified model, installing, its active version."""
+    snapshot = getattr(device, "snapshot", None)
+    if snapshot is not None:
+        s = snapshot()
+        return {
+            "online": bool(s.online),
+            "verified": bool(s.verified),
+            "installing": bool(s.installing),
+            "version": s.active_version,
+        }
+    version = None
+    with contextlib.suppress(AttributeError):  # the link reports what the device runs
+        version = device.link._installer.active.manifest.version  # type: ignore[union-attr]
+    return {
+        "online": device.link.connected,
+        "verified": True,
+        "installing": False,
+        "version": version,
+    }
+
+
+def device_fault_setter(kind: str, fault: Fault) -> Callable[[Any], Callable[[], None]] | None:
+    """For a device fault: a function that sets it on a device and returns its undoing."""
+
+    def setting(name: str, value: Any, off: Any) -> Callable[[Any], Callable[[], None]]:
+        def apply(device: Any) -> Callable[[], None]:
+            setattr(device.faults, name, value)
+            return lambda: setattr(device.faults, name, off)
+
+        return apply
+
+    if kind == "clock-offset":
+        return setting("clock_offset_s", fault.offset_s, 0.0)
+    if kind == "disk-full":
+        return setting("disk_full", True, False)
+    if kind == "power-cut":
+        if fault.step is not None:
+            return setting("power_cut_at", fault.step, None)
+
+        def cut(device: Any) -> Callable[[], None]:
+            device.power_cut()
+            return lambda: None
+
+        return cut
+    if kind in ("desired-lost", "desired-duplicate"):
+        mode = "lost" if kind == "desired-lost" else "duplicate"
+
+        def desired(device: Any) -> Callable[[], None]:
+            device.faults.desired = mode
+            device.faults.desired_share = fault.share or 1.0
+
+            def undo() -> None:
+                device.faults.desired = "normal"
+
+            return undo
+
+        return desired
+    return None
+
+
+def run_scenario(
+    scenario: Scenario,
+    workdir: Path,
+    *,
+    progress: bool,
+    metrics_port: int | None,
+) -> RunReport:
+    """Carry out ``scenario`` in ``workdir`` (emptied first) and return its report.
+
+    A virtual-clock scenario (``mode = "virtual"``) is handed to
+    :func:`simulator.virtual.run_virtual`.
+    """
+    workdir = workdir.resolve()
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    line = ProgressLine(sys.stderr) if progress else None
+    if scenario.mode == "virtual":
+        virtual = importlib.import_module("simulator.virtual")
+        return cast(RunReport, virtual.run_virtual(scenario, workdir, progress=line))
+    run = Run(scenario, workdir, progress=line, metrics_port=metrics_port)
+    try:
+        return run.execute()
+    finally:
+        if line is not None:
+            line.done()
