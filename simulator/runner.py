@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import numpy.typing as npt
+import urllib3
 from pydantic import ValidationError
 
 from firmware_images.datagen import FieldConditions, generate
@@ -229,6 +230,12 @@ def start_deployment(scenario: Scenario, workdir: Path, broker: RunBroker | None
                 ServerProcess(
                     workdir, db_url=db_url, broker=broker_url, replica_id=replica, extra_args=extra
                 )
+            )
+        for server in servers:  # registrations and the sampler use it from several threads
+            server.http = urllib3.PoolManager(
+                maxsize=REGISTER_AT_ONCE,
+                retries=False,
+                timeout=urllib3.Timeout(connect=5, read=60),
             )
         servers[0].start()
         for replica_process in servers[1:]:
@@ -460,7 +467,7 @@ class Run:
                 for task in side:
                     task.cancel()
                 await asyncio.gather(*side, return_exceptions=True)
-                await self._end_faults()
+                await self._end_faults(outlasting=False)
                 await self._settle()
                 produced = {
                     d: [w.window_id for _, w in dev.stats.windows]
@@ -468,6 +475,7 @@ class Run:
                 }
                 stored = await asyncio.to_thread(self._stored_windows)
                 await self._finish(produced, stored)
+                await self._end_faults(outlasting=True)
                 stop.set()
         finally:
             stop.set()
@@ -688,9 +696,17 @@ class Run:
             if asyncio.iscoroutine(result):
                 await result
 
-    async def _end_faults(self) -> None:
+    async def _end_faults(self, *, outlasting: bool) -> None:
+        """End the active faults; ``outlasting``: those too whose span outlasts the traffic.
+
+        A fault scheduled past the end of the traffic holds while the run
+        settles and makes its checks, as it would for the fleet.
+        """
+        end = self.scenario.duration.total_seconds()
         for active in list(self.active):
-            await self._end_fault(active)
+            fault = active.fault
+            if outlasting or (fault.at + fault.duration).total_seconds() <= end:
+                await self._end_fault(active)
 
     async def _apply(self, fault: Fault, targets: list[str], active: ActiveFault) -> str:
         """Start ``fault``; ``"yes"``, or why it could not be applied in this run."""
@@ -810,7 +826,9 @@ class Run:
         """After the traffic: let the open windows close and the server store them."""
         window_s = self.scenario.traffic.window.total_seconds()
         await asyncio.sleep(window_s + 0.5)
-        deadline = time.monotonic() + max(SETTLE_S, 3 * window_s)
+        # While a fault outlasting the traffic holds, what is not stored soon will not be.
+        patience = 2 * window_s + 2 if self.active else max(SETTLE_S, 3 * window_s)
+        deadline = time.monotonic() + patience
         while time.monotonic() < deadline:
             produced = sum(len(d.stats.windows) for d in self.devices.values())
             stored = await asyncio.to_thread(self._stored_count)
