@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -132,7 +131,6 @@ def run_command(args: argparse.Namespace) -> int:
     except ScenarioError as exc:
         print(f"fleet-sim: {exc}", file=sys.stderr)
         return EXIT_BAD_SCENARIO
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from simulator.runner import run_scenario
 
     workdir: Path = args.workdir

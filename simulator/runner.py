@@ -34,7 +34,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -155,7 +155,8 @@ class Deployment:
     external: ServerProcess | None = None
     cloud: CloudProcess | None = None
     releases: dict[str, ReleasedBundle] = field(default_factory=dict)  # by version
-    bundles: dict[str, Path] = field(default_factory=dict)  # by version
+    bundles: dict[str, Path] = field(default_factory=dict)  # released, by version
+    built: dict[tuple[str, str], Path] = field(default_factory=dict)  # by model and version
 
     @property
     def server(self) -> ServerProcess:
@@ -178,13 +179,21 @@ class Deployment:
         assert error is not None
         raise error
 
-    def release(self, model: str, version: str | None = None) -> ReleasedBundle:
-        """Build a bundle of sample ``model``, add it to the repository and push it."""
+    def build(self, model: str, version: str | None = None) -> Path:
+        """A bundle of sample ``model`` (built once; the setup builds the steps' ahead)."""
         version = version or VERSIONS[model]
-        hardware = (CLOUD_HARDWARE,) if model == "cloud" else self.hardware
-        built = self.workdir / "bundles"
-        built.mkdir(exist_ok=True)
-        path = make_bundle(built, model, version, hardware=hardware)
+        path = self.built.get((model, version))
+        if path is None:
+            hardware = (CLOUD_HARDWARE,) if model == "cloud" else self.hardware
+            folder = self.workdir / "bundles" / model
+            folder.mkdir(parents=True, exist_ok=True)
+            path = self.built[model, version] = make_bundle(folder, model, version, hardware)
+        return path
+
+    def release(self, model: str, version: str | None = None) -> ReleasedBundle:
+        """Add a bundle of sample ``model`` to the repository and push the repository."""
+        version = version or VERSIONS[model]
+        path = self.build(model, version)
         released = self.repo.add_bundle(path, self.keys)
         self.api("POST", "/releases", {"files": repository_files(self.repo.path)})
         self.releases[version] = released
@@ -237,10 +246,8 @@ def start_deployment(scenario: Scenario, workdir: Path, broker: RunBroker | None
                 retries=False,
                 timeout=urllib3.Timeout(connect=5, read=60),
             )
-        servers[0].start()
-        for replica_process in servers[1:]:
-            replica_process.start()
-        token = servers[0].admin_token()
+        servers[0].launch()
+        token = ""
     keys = init_keys(workdir / "keys")
     repo = ImageRepository(workdir / "repo")
     repo.create(keys)
@@ -248,6 +255,18 @@ def start_deployment(scenario: Scenario, workdir: Path, broker: RunBroker | None
     deployment = Deployment(
         workdir, broker_url, servers, token, keys, repo, hardware, external=external
     )
+    # While the server starts: the bundles of the run, so no step builds one mid-run.
+    deployment.build(scenario.initial)
+    if setup.cloud:
+        deployment.build("cloud")
+    for step in scenario.steps:
+        if step.action == "release" and step.model is not None:
+            deployment.build(step.model, step.version)
+    if external is None:
+        servers[0].wait_ready()
+        for replica_process in servers[1:]:
+            replica_process.start()
+        deployment.token = servers[0].admin_token()
     deployment.release(scenario.initial)
     if setup.cloud:
         deployment.release("cloud")
@@ -258,9 +277,10 @@ def start_deployment(scenario: Scenario, workdir: Path, broker: RunBroker | None
                 str(deployment.server.data),
                 "--trusted-root",
                 str(repo.trusted_root_path),
+                "--settings-refresh",
+                "0.5",
             ],
         )
-        deployment.cloud.start()
     return deployment
 
 
@@ -386,7 +406,12 @@ class Run:
                 self.broker = RunBroker(self.workdir / "broker")
                 self.broker.start()
             self.deployment = start_deployment(self.scenario, self.workdir, self.broker)
-            members = register_fleet(self.scenario, self.deployment)
+            cloud = self.deployment.cloud
+            with ThreadPoolExecutor(1) as starting:  # the cloud loads its model meanwhile
+                cloud_ready = starting.submit(cloud.start) if cloud is not None else None
+                members = register_fleet(self.scenario, self.deployment)
+                if cloud_ready is not None:
+                    cloud_ready.result()
             self.members = {m.device_id: m for m in members}
             asyncio.run(self._main())
         finally:
@@ -997,12 +1022,39 @@ def run_scenario(
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
     line = ProgressLine(sys.stderr) if progress else None
-    if scenario.mode == "virtual":
-        virtual = importlib.import_module("simulator.virtual")
-        return cast(RunReport, virtual.run_virtual(scenario, workdir, progress=line))
-    run = Run(scenario, workdir, progress=line, metrics_port=metrics_port)
+    with run_log(workdir / "fleet-sim.log"):
+        if scenario.mode == "virtual":
+            virtual = importlib.import_module("simulator.virtual")
+            return cast(RunReport, virtual.run_virtual(scenario, workdir, progress=line))
+        run = Run(scenario, workdir, progress=line, metrics_port=metrics_port)
+        try:
+            return run.execute()
+        finally:
+            if line is not None:
+                line.done()
+
+
+@contextlib.contextmanager
+def run_log(path: Path) -> Iterator[None]:
+    """What the devices and the run log goes to the run's folder; the terminal shows progress.
+
+    A reconnect storm makes every device warn at once: on the terminal that
+    would bury the progress line, in the file it is the run's record.
+    """
+    root = logging.getLogger()
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    saved = (root.level, list(root.handlers))
+    for old in saved[1]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     try:
-        return run.execute()
+        yield
     finally:
-        if line is not None:
-            line.done()
+        root.removeHandler(handler)
+        handler.close()
+        root.setLevel(saved[0])
+        for old in saved[1]:
+            root.addHandler(old)
