@@ -1,0 +1,145 @@
+"""The shipped scenarios' short forms, run as a user runs them: ``fleet-sim run FILE --short``.
+
+Each run starts its own broker, fleet server (and cloud endpoint) and
+simulated devices, and must exit 0 with every check of its report passed; a
+scenario whose broker never comes back must exit 1 naming the checks that
+failed, with the windows left on the devices counted, not lost.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from simulator.scenario import CHECKS
+from simulator.sim_device import SimDevice
+
+pytestmark = pytest.mark.integration
+
+SCENARIOS = Path(__file__).resolve().parents[2] / "simulator" / "scenarios"
+RUN_TIMEOUT_S = 600  # a hung run fails the test instead of the suite
+INSTALLING = hasattr(SimDevice, "snapshot")  # simulated devices with the real installer
+
+
+def fleet_sim(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], Any]:
+    """``fleet-sim run ARGS`` in its own process; its result and the JSON report it wrote."""
+    report = tmp_path / "report.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "simulator.cli",
+            "run",
+            *args,
+            "--workdir",
+            str(tmp_path / "run"),
+            "--report-json",
+            str(report),
+            "--report-csv",
+            str(tmp_path / "series.csv"),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+        check=False,
+    )
+    data = json.loads(report.read_text()) if report.exists() else None
+    return done, data
+
+
+def checks_of(report: Any) -> dict[str, dict[str, Any]]:
+    return {c["name"]: c for c in report["checks"]}
+
+
+def assert_passed(done: subprocess.CompletedProcess[str], report: Any) -> None:
+    said = f"stdout:\n{done.stdout}\nstderr:\n{done.stderr[-3000:]}"
+    assert report is not None, said
+    assert done.returncode == 0, said
+    assert report["passed"] is True
+    assert set(checks_of(report)) == set(CHECKS)
+    assert all(c["passed"] for c in report["checks"]), said
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "reconnect-storm",
+        "drift-region",
+        "cloud-capacity",
+        pytest.param(
+            "good-rollout",
+            marks=pytest.mark.skipif(not INSTALLING, reason="simulated devices do not install"),
+        ),
+        pytest.param(
+            "bad-model",
+            marks=pytest.mark.skipif(not INSTALLING, reason="simulated devices do not install"),
+        ),
+        pytest.param(
+            "power-cuts",
+            marks=pytest.mark.skipif(not INSTALLING, reason="simulated devices do not install"),
+        ),
+    ],
+)
+def test_a_short_scenario_passes_every_check(tmp_path: Path, name: str) -> None:
+    done, report = fleet_sim(tmp_path, str(SCENARIOS / f"{name}.toml"), "--short")
+    assert_passed(done, report)
+    assert report["scenario"] == name and report["mode"] == "real"
+    figures = report["figures"]
+    assert figures["requests"] == figures["answered"] > 0
+    assert figures["windows_stored"] == figures["windows_produced"] > 0
+    # One sample a second of the traffic, in the report and in the CSV alike.
+    with (tmp_path / "series.csv").open() as rows:
+        series = list(csv.DictReader(rows))
+    assert len(series) == len(report["series"]) >= 10
+    assert int(series[-1]["windows_stored"]) == figures["windows_stored"]
+    assert ": passed" in done.stdout
+
+
+def test_the_reconnect_storm_takes_every_device_offline_and_back(tmp_path: Path) -> None:
+    done, report = fleet_sim(tmp_path, str(SCENARIOS / "reconnect-storm.toml"), "--short")
+    assert_passed(done, report)
+    devices = report["devices"]
+    online = [s["online"] for s in report["series"]]
+    restart = next(f for f in report["faults"] if f["kind"] == "broker-restart")
+    assert restart["applied"] == "yes"
+    during = [s for s in report["series"] if "broker-restart" in s["faults_active"]]
+    assert during, "the restart was sampled"
+    assert min(online) == 0 and online[-1] == devices
+
+
+def test_a_cloud_capacity_cut_is_followed_by_the_plans(tmp_path: Path) -> None:
+    done, report = fleet_sim(tmp_path, str(SCENARIOS / "cloud-capacity.toml"), "--short")
+    assert_passed(done, report)
+    assert report["figures"]["cloud_answers"] > 0
+    assert [d["capacity"] for d in report["decisions"] if d["step"] == "capacity"] == [20, 6]
+    assert "capacity of 6" in checks_of(report)["expectations"]["detail"]
+
+
+def test_a_scenario_that_fails_a_check_exits_1_naming_it(tmp_path: Path) -> None:
+    # The broker goes down and stays down past the end of the traffic: the windows closed
+    # since wait in the devices' outboxes, never stored, and the fleet ends offline.
+    scenario = tmp_path / "broker-gone.toml"
+    scenario.write_text(
+        'name = "broker-gone"\nduration = "15s"\n'
+        '[traffic]\nrate = 3.0\nwindow = "2s"\n'
+        '[[cohorts]]\nname = "fleet"\ndevices = 3\n'
+        '[[faults]]\nkind = "broker-restart"\nat = "6s"\nduration = "1h"\n'
+        "[expect]\nmin_online = 1.0\n"
+    )
+    done, report = fleet_sim(tmp_path, str(scenario))
+    said = f"stdout:\n{done.stdout}\nstderr:\n{done.stderr[-3000:]}"
+    assert done.returncode == 1, said
+    checks = checks_of(report)
+    assert not checks["windows-once"]["passed"]
+    assert "never stored" in checks["windows-once"]["detail"]
+    assert not checks["expectations"]["passed"]
+    assert checks["requests-answered"]["passed"]  # the devices served on without the broker
+    assert report["passed"] is False
+    assert "FAIL windows-once" in done.stdout and "FAIL expectations" in done.stdout
