@@ -343,7 +343,8 @@ class Caller:
     async def infer(self, row: npt.NDArray[Any], label: int | None = None) -> Any:
         answer = await self.device.infer(row, label)
         if answer is not None and label is not None and self.keep_labels:
-            self.predictions.append((time.time(), label, top_class(answer)))
+            clock = getattr(self.device, "clock", time.time)  # the device's, offset or not
+            self.predictions.append((clock(), label, top_class(answer)))
         return answer
 
 

@@ -16,9 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import urllib3
+from prometheus_client.parser import text_string_to_metric_families
 
 from simulator.scenario import CHECKS
 from simulator.sim_device import SimDevice
+from testbed.waiting import free_port, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -143,3 +146,54 @@ def test_a_scenario_that_fails_a_check_exits_1_naming_it(tmp_path: Path) -> None
     assert checks["requests-answered"]["passed"]  # the devices served on without the broker
     assert report["passed"] is False
     assert "FAIL windows-once" in done.stdout and "FAIL expectations" in done.stdout
+
+
+def test_a_run_shows_its_progress_and_serves_its_metrics_while_it_runs(tmp_path: Path) -> None:
+    port = free_port()
+    run = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "simulator.cli",
+            "run",
+            "--devices",
+            "2",
+            "--duration",
+            "20s",
+            "--workdir",
+            str(tmp_path / "run"),
+            "--metrics-port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    http = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(connect=1, read=5))
+
+    def online() -> float | None:
+        if run.poll() is not None:
+            raise AssertionError(f"fleet-sim exited with {run.returncode} before serving metrics")
+        try:
+            text = http.request("GET", f"http://127.0.0.1:{port}/metrics").data.decode()
+        except urllib3.exceptions.HTTPError:
+            return None
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "fleetsim_devices_online" and sample.value == 2:
+                    return sample.value
+        return None
+
+    try:
+        wait_until("the run's metrics to show both devices online", online, RUN_TIMEOUT_S)
+        out, err = run.communicate(timeout=RUN_TIMEOUT_S)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert run.returncode == 0, f"stdout:\n{out}\nstderr:\n{err[-3000:]}"
+    # Not a terminal: plain progress lines, not one line rewritten in place.
+    progress = [line for line in err.splitlines() if "online 2/2" in line]
+    assert progress and "\r" not in err
+    assert (tmp_path / "run" / "report.json").exists()
+    assert (tmp_path / "run" / "report.csv").exists()
