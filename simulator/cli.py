@@ -78,7 +78,7 @@ def _run_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 def scenario_for(args: argparse.Namespace) -> Scenario:
     """The scenario the command line asks for: the file (or the default) with its overrides."""
-    from simulator.runner import check_steps  # the demo needs none of the runner
+    from simulator.runner import check_runnable  # the demo needs none of the runner
 
     scenario = load_scenario(args.scenario) if args.scenario is not None else Scenario()
     where = str(args.scenario) if args.scenario is not None else "the default scenario"
@@ -105,7 +105,7 @@ def scenario_for(args: argparse.Namespace) -> Scenario:
             )
         if updates:
             scenario = Scenario.model_validate({**scenario.model_dump(), **updates})
-        check_steps(scenario)
+        check_runnable(scenario)
     except ScenarioError as exc:
         raise ScenarioError(f"{where}: {exc}") from None
     except ValidationError as exc:  # the short form's overrides: not a scenario

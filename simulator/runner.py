@@ -401,7 +401,7 @@ class Run:
 
     def execute(self) -> RunReport:
         started = time.monotonic()
-        check_steps(self.scenario)
+        check_runnable(self.scenario)
         try:
             if self.scenario.server.broker is None and self.scenario.server.url is None:
                 self.broker = RunBroker(self.workdir / "broker")
@@ -900,8 +900,15 @@ class Run:
 # -- helpers -------------------------------------------------------------------
 
 
-def check_steps(scenario: Scenario) -> None:
-    """Refuse, before anything starts, a rollout step whose spec the server would refuse."""
+def check_runnable(scenario: Scenario) -> None:
+    """Refuse, before anything starts, what the run could not carry out: a rollout spec the
+    server would refuse, a step without what it needs, drift of a feature the data has not."""
+    for n, cohort in enumerate(scenario.cohorts):
+        if cohort.drift is not None:
+            try:
+                FieldConditions(covariate_shift=cohort.drift.covariate_shift)
+            except ValueError as exc:
+                raise ScenarioError(f"cohorts.{n}.drift.covariate_shift: {exc}") from None
     for n, step in enumerate(scenario.steps):
         if step.action == "rollout":
             try:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from simulator.cli import EXIT_BAD_SCENARIO, build_parser, main, scenario_for
-from simulator.runner import check_steps
+from simulator.runner import check_runnable
 from simulator.scenario import CHECKS, Scenario, ScenarioError, load_scenario
 
 SCENARIOS = Path(__file__).resolve().parents[2] / "simulator" / "scenarios"
@@ -52,8 +52,8 @@ def test_a_shipped_scenario_loads_with_a_short_form_of_a_few_devices_and_at_most
     assert full.short is not None
     assert short.duration <= SHORT_LIMIT
     assert short.devices <= 10 < full.devices
-    check_steps(full)  # every rollout spec is one the server takes
-    check_steps(short)
+    check_runnable(full)  # every rollout spec is one the server takes
+    check_runnable(short)
 
 
 def test_good_rollout_is_a_rollout_across_a_thousand_devices() -> None:
@@ -185,3 +185,13 @@ def test_fleet_sim_run_exits_2_on_a_bad_scenario_saying_why(
 
 def test_every_check_can_be_named_to_skip() -> None:
     assert Scenario(skip_checks=list(CHECKS)).skip_checks == list(CHECKS)  # type: ignore[arg-type]
+
+
+def test_drift_of_a_feature_the_data_has_not_is_refused_naming_it(tmp_path: Path) -> None:
+    text = '[[cohorts]]\nname = "eu"\ndevices = 2\ndrift = { covariate_shift = { rpm = 1.0 } }\n'
+    path = write(tmp_path, text)
+    with pytest.raises(ScenarioError) as caught:
+        scenario_for(args_for(str(path)))
+    message = str(caught.value)
+    assert str(path) in message and "cohorts.0.drift.covariate_shift" in message
+    assert "'rpm'" in message
