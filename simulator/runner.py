@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import random
+import resource
 import shutil
 import sqlite3
 import subprocess
@@ -407,10 +408,13 @@ class Run:
                 self.broker = RunBroker(self.workdir / "broker")
                 self.broker.start()
             self.deployment = start_deployment(self.scenario, self.workdir, self.broker)
+            self._took("setup_s", started)
             cloud = self.deployment.cloud
             with ThreadPoolExecutor(1) as starting:  # the cloud loads its model meanwhile
                 cloud_ready = starting.submit(cloud.start) if cloud is not None else None
+                registering = time.monotonic()
                 members = register_fleet(self.scenario, self.deployment)
+                self._took("register_s", registering)
                 if cloud_ready is not None:
                     cloud_ready.result()
             self.members = {m.device_id: m for m in members}
@@ -425,6 +429,9 @@ class Run:
                 self.metrics.close()
         self.report.wall_s = round(time.monotonic() - started, 1)
         return self.report
+
+    def _took(self, figure: str, since: float) -> None:
+        self.report.figures[figure] = round(time.monotonic() - since, 2)
 
     def _build_devices(self) -> None:
         deployment = self.deployment
@@ -467,7 +474,9 @@ class Run:
     async def _main(self) -> None:
         loop = asyncio.get_running_loop()
         loop.set_default_executor(ThreadPoolExecutor(max_workers=THREADS))
+        building = time.monotonic()
         await asyncio.to_thread(self._build_devices)
+        self._took("build_devices_s", building)
         stop, traffic_stop = asyncio.Event(), asyncio.Event()
         refreshes = asyncio.Semaphore(REFRESHES_AT_ONCE)
         for device in self.devices.values():
@@ -892,6 +901,8 @@ class Run:
                 "cloud_answers": sum(len(s.cloud_answers) for s in stats),
                 "labels_posted": self.labels_posted,
                 "broker": self.broker.kind if self.broker else "given",
+                "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                "cpu_s": round(sum(os.times()[:2]), 1),
                 "rollouts": self.rollouts,
             }
         )
