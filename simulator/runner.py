@@ -55,7 +55,7 @@ from simulator.checks import RunRecord, make_checks
 from simulator.hybrid_fleet import REFRESHES_AT_ONCE, CloudProcess, install_target
 from simulator.progress import Metrics, ProgressLine
 from simulator.report import RunReport, Sample
-from simulator.scenario import Cohort, Fault, Scenario, ScenarioError, Step
+from simulator.scenario import Cohort, Fault, LinkProfile, Scenario, ScenarioError, Step
 from simulator.sim_device import InstalledModel, SimDevice, SimDeviceConfig, drive, top_class
 from testbed.api_server import repository_files
 from testbed.embedded_broker import BrokerStartError, listening
@@ -354,6 +354,137 @@ class ActiveFault:
     fault: Fault
     targets: list[str]
     undo: Callable[[], Any] | None = None
+    groups: set[str] = field(default_factory=set)  # the network groups it is aimed at
+
+
+# -- the network between the devices and the services --------------------------
+
+NETWORK_FAULTS = ("link-down", "latency", "loss", "bandwidth", "reconnect-storm")
+"""Faults carried out by the fault proxy in front of the broker and the server."""
+CLOUD_FAULTS = ("cloud-429", "cloud-503", "cloud-slow")
+
+
+def needs_network(scenario: Scenario) -> bool:
+    """Whether the devices reach the services through fault proxies in this scenario.
+
+    Only then: a relay in the devices' own process costs CPU a plain run
+    does not need to spend.
+    """
+    links = any(h.link != LinkProfile() for h in scenario.hardware)
+    return links or any(f.kind in NETWORK_FAULTS + CLOUD_FAULTS for f in scenario.faults)
+
+
+class Network:
+    """The fault proxies: one in front of the broker, one in front of the server's HTTP, one
+    in front of the cloud; a group (a port on each) per class of devices alike in their link
+    and the network faults aimed at them, fixed when the devices are made."""
+
+    def __init__(self, scenario: Scenario, groups: dict[str, str]) -> None:
+        proxy = importlib.import_module("simulator.proxy")
+        self.module = proxy
+        self.groups = groups  # device id -> group
+        self.profiles = {h.id: h.link for h in scenario.hardware}
+        self.hardware_of: dict[str, str] = {}
+        self.seed = scenario.seed
+        self.mqtt: Any = None
+        self.http: Any = None
+        self.cloud: Any = None
+        self.mqtt_ports: dict[str, int] = {}
+        self.http_ports: dict[str, int] = {}
+        self.cloud_url: str | None = None
+
+    async def open(self, broker_url: str, server_url: str, cloud_url: str | None) -> None:
+        broker = urllib3.util.parse_url(broker_url)
+        server = urllib3.util.parse_url(server_url)
+        proxy = self.module
+        self.mqtt = proxy.FaultProxy(broker.host, broker.port, seed=self.seed, name="broker")
+        self.http = proxy.FaultProxy(server.host, server.port, seed=self.seed + 1, name="server")
+        for group in sorted(set(self.groups.values())):
+            self.mqtt_ports[group] = await self.mqtt.open(group)
+            self.http_ports[group] = await self.http.open(group)
+        if cloud_url is not None:
+            self.cloud = proxy.CloudFaultProxy(cloud_url, seed=self.seed + 2)
+            self.cloud_url = await self.cloud.start()
+
+    def broker_for(self, device_id: str) -> str:
+        return f"mqtt://127.0.0.1:{self.mqtt_ports[self.groups[device_id]]}"
+
+    def server_for(self, device_id: str) -> str:
+        return f"http://127.0.0.1:{self.http_ports[self.groups[device_id]]}"
+
+    def apply(self, active: list[ActiveFault]) -> None:
+        """Set every group's link to its profile with the active network faults on top."""
+        for group in set(self.groups.values()):
+            hardware = group.split("~")[0]
+            link = self.profiles.get(hardware, LinkProfile())
+            down, latency, jitter = False, link.latency_ms, link.jitter_ms
+            loss, bandwidth = 0.0, link.bandwidth_kbps
+            for a in active:
+                if a.fault.kind not in NETWORK_FAULTS or group not in a.groups:
+                    continue
+                f = a.fault
+                down = down or f.kind == "link-down"
+                if f.kind == "latency":
+                    latency += f.latency_ms or 0.0
+                    jitter += f.jitter_ms or 0.0
+                if f.kind == "loss":
+                    loss = max(loss, f.loss or 0.0)
+                if f.kind == "bandwidth" and f.bandwidth_kbps is not None:
+                    bandwidth = min(bandwidth or f.bandwidth_kbps, f.bandwidth_kbps)
+            faults = self.module.LinkFaults(
+                down=down,
+                latency_ms=latency,
+                jitter_ms=jitter,
+                loss=min(loss, 0.99),
+                bandwidth_kbps=bandwidth,
+            )
+            self.mqtt.set(group, faults)
+            self.http.set(group, faults)
+        if self.cloud is not None:
+            share = {"cloud-429": 0.0, "cloud-503": 0.0}
+            slow = 0.0
+            for a in active:
+                kind = a.fault.kind
+                if kind in share:
+                    share[kind] = max(share[kind], a.fault.share or 1.0)
+                if kind == "cloud-slow":
+                    slow = max(slow, a.fault.latency_ms or 0.0)
+            self.cloud.set(share_429=share["cloud-429"], share_503=share["cloud-503"], slow_ms=slow)
+
+    def cut(self, groups: set[str]) -> int:
+        """Reset the open MQTT connections of ``groups`` at once (a reconnect storm)."""
+        if groups >= set(self.groups.values()):
+            return int(self.mqtt.cut())
+        return sum(int(self.mqtt.cut(g)) for g in sorted(groups))
+
+    def stats(self) -> dict[str, Any]:
+        figures: dict[str, Any] = {}
+        for name, proxy in (("broker", self.mqtt), ("server", self.http)):
+            if proxy is not None:
+                totals: Counter[str] = Counter()
+                for group_stats in proxy.stats().values():
+                    totals.update({k: v for k, v in vars(group_stats).items()})
+                figures[f"proxy_{name}"] = dict(totals)
+        if self.cloud is not None:
+            figures["proxy_cloud"] = dict(self.cloud.stats())
+        return figures
+
+    async def close(self) -> None:
+        for proxy in (self.mqtt, self.http, self.cloud):
+            if proxy is not None:
+                with contextlib.suppress(Exception):
+                    await proxy.close()
+
+
+def device_groups(scenario: Scenario, targets: list[list[str]]) -> dict[str, str]:
+    """Each device's group: its hardware and the network faults aimed at it (``~``-joined)."""
+    hardware = {d: c.hardware for c in scenario.cohorts for d in scenario.device_ids()[c.name]}
+    aimed: dict[str, list[str]] = {d: [] for d in hardware}
+    for n, (fault, devices) in enumerate(zip(scenario.faults, targets, strict=True)):
+        if fault.kind in NETWORK_FAULTS:
+            for d in devices:
+                aimed[d].append(f"f{n}")
+    return {d: "~".join([hardware[d], *aimed[d]]) for d in hardware}
 
 
 # -- the run -------------------------------------------------------------------
@@ -397,6 +528,13 @@ class Run:
         self._labelled_windows: set[str] = set()
         self._stored_cache = 0
         self.classes: list[str] = []
+        self.fault_targets = [self._targets(f) for f in scenario.faults]
+        self.network: Network | None = None
+        if needs_network(scenario):
+            try:
+                self.network = Network(scenario, device_groups(scenario, self.fault_targets))
+            except ImportError:  # a build without the fault proxy: its faults are reported
+                log.warning("no fault proxy in this build: network faults are not applied")
 
     # -- setting up and tearing down ------------------------------------------
 
@@ -448,18 +586,23 @@ class Run:
         profiles = {h.id: h for h in self.scenario.hardware}
         window_s = self.scenario.traffic.window.total_seconds()
         labelled = self.scenario.traffic.labels.share > 0
+        network = self.network
+        cloud_url = deployment.cloud.url if deployment.cloud is not None else None
+        if network is not None and network.cloud_url is not None:
+            cloud_url = network.cloud_url
         for i, member in enumerate(self.members.values()):
+            device_id = member.device_id
             config = SimDeviceConfig(
                 device_id=member.device_id,
                 password=member.password,
                 namespace=member.namespace,
                 hardware_id=member.cohort.hardware,
-                server_url=deployment.server.url,
-                broker=deployment.broker_url,
+                server_url=network.server_for(device_id) if network else deployment.server.url,
+                broker=network.broker_for(device_id) if network else deployment.broker_url,
                 director_root=director_root,
                 repository_root=deployment.repo.trusted_root_path,
                 data_dir=self.workdir / "devices" / member.device_id,
-                cloud_url=deployment.cloud.url if deployment.cloud is not None else None,
+                cloud_url=cloud_url,
                 window_s=window_s,
                 **device_settings(SimDeviceConfig, profiles[member.cohort.hardware]),
             )
@@ -474,6 +617,12 @@ class Run:
     async def _main(self) -> None:
         loop = asyncio.get_running_loop()
         loop.set_default_executor(ThreadPoolExecutor(max_workers=THREADS))
+        deployment = self.deployment
+        assert deployment is not None
+        if self.network is not None:
+            cloud = deployment.cloud.url if deployment.cloud is not None else None
+            await self.network.open(deployment.broker_url, deployment.server.url, cloud)
+            self.network.apply([])
         building = time.monotonic()
         await asyncio.to_thread(self._build_devices)
         self._took("build_devices_s", building)
@@ -514,6 +663,9 @@ class Run:
                 stop.set()
         finally:
             stop.set()
+            if self.network is not None:
+                self.report.figures.update(self.network.stats())
+                await self.network.close()
             gc.collect()  # aiomqtt's clients call back into this loop when collected
 
     async def _until_online(self) -> None:
@@ -692,19 +844,23 @@ class Run:
         self.report.decisions.append(record)
 
     def _targets(self, fault: Fault) -> list[str]:
+        """The devices ``fault`` hits, drawn once when the run is made (seeded)."""
         target = fault.target
-        ids = list(self.devices)
+        by_cohort = self.scenario.device_ids()
+        ids = [d for c in self.scenario.cohorts for d in by_cohort[c.name]]
         if target.devices is not None:
-            ids = [d for d in target.devices if d in self.devices]
+            ids = [d for d in target.devices if d in set(ids)]
         if target.cohort is not None:
-            ids = [d for d in ids if self.members[d].cohort.name == target.cohort]
+            ids = [d for d in ids if d in set(by_cohort[target.cohort])]
         if target.share is not None:
             ids = sorted(self.rng.sample(ids, max(1, round(len(ids) * target.share))))
         return ids
 
     async def _start_fault(self, fault: Fault) -> None:
-        targets = self._targets(fault)
+        targets = self.fault_targets[self.scenario.faults.index(fault)]
         active = ActiveFault(fault, targets)
+        if self.network is not None:
+            active.groups = {self.network.groups[d] for d in targets}
         applied = await self._apply(fault, targets, active)
         self.report.faults.append(
             {
@@ -718,6 +874,8 @@ class Run:
         if not applied.startswith("yes"):
             return
         self.active.append(active)
+        if self.network is not None:
+            self.network.apply(self.active)
         if fault.duration.total_seconds() > 0:
             await asyncio.sleep(fault.duration.total_seconds())
         await self._end_fault(active)
@@ -726,6 +884,8 @@ class Run:
         if active not in self.active:
             return
         self.active.remove(active)
+        if self.network is not None:
+            self.network.apply(self.active)
         if active.undo is not None:
             result = active.undo()
             if asyncio.iscoroutine(result):
@@ -748,6 +908,17 @@ class Run:
         kind = fault.kind
         deployment = self.deployment
         assert deployment is not None
+        storm_without_proxy = kind == "reconnect-storm" and self.network is None
+        if (kind in NETWORK_FAULTS or kind in CLOUD_FAULTS) and not storm_without_proxy:
+            if self.network is None:
+                return f"no: {kind} needs the fault proxy, not in this build"
+            if kind in CLOUD_FAULTS and self.network.cloud is None:
+                return f"no: {kind} needs the cloud (server.cloud = true)"
+            if kind == "reconnect-storm":
+                self.report.figures.setdefault("storm_cut", []).append(
+                    self.network.cut(active.groups)
+                )
+            return "yes"  # the proxies are set as the fault becomes active
         if kind in ("broker-restart", "reconnect-storm"):
             if self.broker is None:
                 return "no: the broker is not the run's own"
