@@ -225,8 +225,8 @@ def expectations(record: RunRecord) -> Check:
 
 
 def stopped_wave(rollout: Mapping[str, Any]) -> int:
-    """The wave (1-based) a rollout stood at: its stage when it stopped or paused."""
-    return int(rollout["stage"]) + 1 if int(rollout["stage"]) >= 0 else 0
+    """The wave a rollout stood at when it stopped or paused: its stage (wave 1 is stage 1)."""
+    return int(rollout["stage"])
 
 
 def drift_alerts(

@@ -970,8 +970,8 @@ class Run:
             installing += snapshot["installing"]
             if snapshot["verified"]:
                 serving += 1
-            else:
-                self.unserved.setdefault(device_id, []).append((now, "no verified model"))
+            elif snapshot["online"]:  # up and connected, not off after a power cut
+                self.unserved.setdefault(device_id, []).append((now, "online, no verified model"))
             if snapshot["version"]:
                 versions[snapshot["version"]] += 1
         stats = [d.stats for d in self.devices.values()]
@@ -1062,6 +1062,19 @@ class Run:
             api=self.deployment.api,
         )
         self.report.checks = await asyncio.to_thread(make_checks, record)
+        for rollout_id in self.rollouts:  # what the server decided, and on what evidence
+            with contextlib.suppress(Exception):
+                view = await asyncio.to_thread(
+                    self.deployment.api, "GET", f"/rollouts/{rollout_id}"
+                )
+                self.report.decisions.append(
+                    {
+                        "rollout": rollout_id,
+                        **{k: view.get(k) for k in ("phase", "stage", "reason", "missing")},
+                        "evaluations": view.get("evaluations"),
+                        "decisions": view.get("decisions"),
+                    }
+                )
         stats = [d.stats for d in self.devices.values()]
         self.report.figures.update(
             {
@@ -1071,6 +1084,7 @@ class Run:
                 "windows_stored": sum(len(v) for v in stored.values()),
                 "cloud_answers": sum(len(s.cloud_answers) for s in stats),
                 "labels_posted": self.labels_posted,
+                **device_figures(stats),
                 "broker": self.broker.kind if self.broker else "given",
                 "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                 "cpu_s": round(sum(os.times()[:2]), 1),
@@ -1132,6 +1146,20 @@ def device_settings(config_type: type, profile: Any) -> dict[str, Any]:
     if "inference_ms" in fields:
         settings["inference_ms"] = profile.inference_ms
     return settings
+
+
+def device_figures(stats: list[Any]) -> dict[str, Any]:
+    """The devices' own counts of what the faults did (where the devices keep them)."""
+    figures: dict[str, Any] = {}
+    for name in ("reboots", "power_cuts", "disk_full_errors", "desired_pushes", "windows_lost"):
+        if stats and hasattr(stats[0], name):
+            figures[name] = sum(getattr(s, name) for s in stats)
+    if stats and hasattr(stats[0], "installs"):
+        installs: Counter[str] = Counter()
+        for s in stats:
+            installs.update(s.installs)
+        figures["installs"] = dict(installs)
+    return figures
 
 
 def device_snapshot(device: SimDevice) -> dict[str, Any]:
