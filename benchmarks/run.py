@@ -13,6 +13,7 @@ from benchmarks import (
     hybrid_accuracy,
     hybrid_plan,
     hybrid_serving,
+    reconnect_storm,
     rollout_gates,
     rollout_tick,
     rollout_waves,
@@ -43,6 +44,10 @@ BENCHMARKS = [
         hybrid_accuracy.main,
     ),
     ("a hybrid plan's cost to a request that stays local vs no plan", hybrid_serving.main),
+    (
+        "a reconnect storm of 1,000 clients through the fault proxy vs straight to Mosquitto",
+        reconnect_storm.main,
+    ),
 ]
 
 
