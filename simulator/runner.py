@@ -54,6 +54,7 @@ from protocol.api.rollouts import RolloutSpec
 from simulator.checks import RunRecord, make_checks
 from simulator.hybrid_fleet import REFRESHES_AT_ONCE, CloudProcess, install_target
 from simulator.progress import Metrics, ProgressLine
+from simulator.proxy import CloudFaultProxy, FaultProxy, LinkFaults
 from simulator.report import RunReport, Sample
 from simulator.scenario import Cohort, Fault, LinkProfile, Scenario, ScenarioError, Step
 from simulator.sim_device import InstalledModel, SimDevice, SimDeviceConfig, drive, top_class
@@ -380,15 +381,13 @@ class Network:
     and the network faults aimed at them, fixed when the devices are made."""
 
     def __init__(self, scenario: Scenario, groups: dict[str, str]) -> None:
-        proxy = importlib.import_module("simulator.proxy")
-        self.module = proxy
         self.groups = groups  # device id -> group
         self.profiles = {h.id: h.link for h in scenario.hardware}
         self.hardware_of: dict[str, str] = {}
         self.seed = scenario.seed
-        self.mqtt: Any = None
-        self.http: Any = None
-        self.cloud: Any = None
+        self.mqtt: FaultProxy | None = None
+        self.http: FaultProxy | None = None
+        self.cloud: CloudFaultProxy | None = None
         self.mqtt_ports: dict[str, int] = {}
         self.http_ports: dict[str, int] = {}
         self.cloud_url: str | None = None
@@ -396,14 +395,14 @@ class Network:
     async def open(self, broker_url: str, server_url: str, cloud_url: str | None) -> None:
         broker = urllib3.util.parse_url(broker_url)
         server = urllib3.util.parse_url(server_url)
-        proxy = self.module
-        self.mqtt = proxy.FaultProxy(broker.host, broker.port, seed=self.seed, name="broker")
-        self.http = proxy.FaultProxy(server.host, server.port, seed=self.seed + 1, name="server")
+        assert broker.host and broker.port and server.host and server.port
+        self.mqtt = FaultProxy(broker.host, broker.port, seed=self.seed, name="broker")
+        self.http = FaultProxy(server.host, server.port, seed=self.seed + 1, name="server")
         for group in sorted(set(self.groups.values())):
             self.mqtt_ports[group] = await self.mqtt.open(group)
             self.http_ports[group] = await self.http.open(group)
         if cloud_url is not None:
-            self.cloud = proxy.CloudFaultProxy(cloud_url, seed=self.seed + 2)
+            self.cloud = CloudFaultProxy(cloud_url, seed=self.seed + 2)
             self.cloud_url = await self.cloud.start()
 
     def broker_for(self, device_id: str) -> str:
@@ -431,13 +430,14 @@ class Network:
                     loss = max(loss, f.loss or 0.0)
                 if f.kind == "bandwidth" and f.bandwidth_kbps is not None:
                     bandwidth = min(bandwidth or f.bandwidth_kbps, f.bandwidth_kbps)
-            faults = self.module.LinkFaults(
+            faults = LinkFaults(
                 down=down,
                 latency_ms=latency,
                 jitter_ms=jitter,
                 loss=min(loss, 0.99),
                 bandwidth_kbps=bandwidth,
             )
+            assert self.mqtt is not None and self.http is not None
             self.mqtt.set(group, faults)
             self.http.set(group, faults)
         if self.cloud is not None:
@@ -453,6 +453,7 @@ class Network:
 
     def cut(self, groups: set[str]) -> int:
         """Reset the open MQTT connections of ``groups`` at once (a reconnect storm)."""
+        assert self.mqtt is not None
         if groups >= set(self.groups.values()):
             return int(self.mqtt.cut())
         return sum(int(self.mqtt.cut(g)) for g in sorted(groups))
@@ -531,10 +532,7 @@ class Run:
         self.fault_targets = [self._targets(f) for f in scenario.faults]
         self.network: Network | None = None
         if needs_network(scenario):
-            try:
-                self.network = Network(scenario, device_groups(scenario, self.fault_targets))
-            except ImportError:  # a build without the fault proxy: its faults are reported
-                log.warning("no fault proxy in this build: network faults are not applied")
+            self.network = Network(scenario, device_groups(scenario, self.fault_targets))
 
     # -- setting up and tearing down ------------------------------------------
 
@@ -908,10 +906,8 @@ class Run:
         kind = fault.kind
         deployment = self.deployment
         assert deployment is not None
-        storm_without_proxy = kind == "reconnect-storm" and self.network is None
-        if (kind in NETWORK_FAULTS or kind in CLOUD_FAULTS) and not storm_without_proxy:
-            if self.network is None:
-                return f"no: {kind} needs the fault proxy, not in this build"
+        if kind in NETWORK_FAULTS or kind in CLOUD_FAULTS:
+            assert self.network is not None  # made for every scenario with such faults
             if kind in CLOUD_FAULTS and self.network.cloud is None:
                 return f"no: {kind} needs the cloud (server.cloud = true)"
             if kind == "reconnect-storm":
@@ -919,11 +915,11 @@ class Run:
                     self.network.cut(active.groups)
                 )
             return "yes"  # the proxies are set as the fault becomes active
-        if kind in ("broker-restart", "reconnect-storm"):
+        if kind == "broker-restart":
             if self.broker is None:
                 return "no: the broker is not the run's own"
             await asyncio.to_thread(self.broker.stop)
-            if kind == "reconnect-storm" or fault.duration.total_seconds() == 0:
+            if fault.duration.total_seconds() == 0:
                 await asyncio.to_thread(self.broker.start)
                 return "yes"
             active.undo = lambda: asyncio.to_thread(self.broker.start)  # type: ignore[union-attr]
@@ -943,7 +939,7 @@ class Run:
             undo = [device_faults(d) for d in devices]
             active.undo = lambda: [u() for u in undo]
             return "yes"
-        return f"no: {kind} needs the fault proxy, not in this build"
+        return f"no: {kind} is not a fault this run knows"
 
     # -- sampling, settling, checks --------------------------------------------
 

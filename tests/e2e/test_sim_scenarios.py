@@ -197,3 +197,29 @@ def test_a_run_shows_its_progress_and_serves_its_metrics_while_it_runs(tmp_path:
     assert progress and "\r" not in err
     assert (tmp_path / "run" / "report.json").exists()
     assert (tmp_path / "run" / "report.csv").exists()
+
+
+def test_network_faults_go_through_the_proxy_and_lose_nothing(tmp_path: Path) -> None:
+    # One cohort's link goes down, the other's slows; then every connection is cut at once.
+    scenario = tmp_path / "network.toml"
+    scenario.write_text(
+        'name = "network"\nduration = "25s"\n'
+        '[traffic]\nrate = 3.0\nwindow = "3s"\n'
+        '[[hardware]]\nid = "rpi4-arm64"\nlink = { latency_ms = 20 }\n'
+        '[[cohorts]]\nname = "a"\ndevices = 3\n'
+        '[[cohorts]]\nname = "b"\ndevices = 2\n'
+        '[[faults]]\nkind = "link-down"\nat = "5s"\nduration = "5s"\ntarget = { cohort = "b" }\n'
+        '[[faults]]\nkind = "latency"\nat = "3s"\nduration = "10s"\nlatency_ms = 100\n'
+        'jitter_ms = 20\ntarget = { cohort = "a" }\n'
+        '[[faults]]\nkind = "reconnect-storm"\nat = "15s"\n'
+        "[expect]\nmin_online = 1.0\n"
+    )
+    done, report = fleet_sim(tmp_path, str(scenario))
+    assert_passed(done, report)
+    assert [f["applied"] for f in report["faults"]] == ["yes", "yes", "yes"]
+    down = [s for s in report["series"] if "link-down" in s["faults_active"]]
+    assert down and min(s["online"] for s in down) <= 3  # cohort b was cut off
+    figures = report["figures"]
+    # Every connection open at that moment (a device of b may still be in its backoff).
+    assert len(figures["storm_cut"]) == 1 and 1 <= figures["storm_cut"][0] <= 5
+    assert figures["proxy_broker"]["refused"] > 0  # b's reconnects while its link was down
