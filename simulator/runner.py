@@ -1237,9 +1237,16 @@ def run_scenario(
     workdir.mkdir(parents=True)
     line = ProgressLine(sys.stderr) if progress else None
     with run_log(workdir / "fleet-sim.log"):
-        if scenario.mode == "virtual":
+        if scenario.mode == "virtual":  # its own module, loaded only for it
             virtual = importlib.import_module("simulator.virtual")
-            return cast(RunReport, virtual.run_virtual(scenario, workdir, progress=line))
+            duration = scenario.duration.total_seconds()
+            shown = (lambda s: line.show(s, scenario.devices, duration)) if line else None
+            report = virtual.run_virtual(
+                scenario, workdir, trace=workdir / "virtual.trace", progress=shown
+            )
+            if line is not None:
+                line.done()
+            return cast(RunReport, report)
         run = Run(scenario, workdir, progress=line, metrics_port=metrics_port)
         try:
             return run.execute()
