@@ -530,6 +530,11 @@ class Run:
         self._stored_cache = 0
         self.classes: list[str] = []
         self.fault_targets = [self._targets(f) for f in scenario.faults]
+        if scenario.processes > 1:  # not split yet: every device runs in this process
+            log.warning(
+                "processes = %d: this build runs every device in one process", scenario.processes
+            )
+            self.report.figures["processes"] = 1
         self.network: Network | None = None
         if needs_network(scenario):
             self.network = Network(scenario, device_groups(scenario, self.fault_targets))
