@@ -159,6 +159,12 @@ class Deployment:
     releases: dict[str, ReleasedBundle] = field(default_factory=dict)  # by version
     bundles: dict[str, Path] = field(default_factory=dict)  # released, by version
     built: dict[tuple[str, str], Path] = field(default_factory=dict)  # by model and version
+    device_versions: list[str] = field(default_factory=list)  # released for devices, in order
+
+    @property
+    def latest(self) -> str:
+        """``NAME@VERSION`` of the device release made last (what a step means by default)."""
+        return f"{MODEL_NAME}@{self.device_versions[-1]}"
 
     @property
     def server(self) -> ServerProcess:
@@ -200,6 +206,8 @@ class Deployment:
         self.api("POST", "/releases", {"files": repository_files(self.repo.path)})
         self.releases[version] = released
         self.bundles[version] = path
+        if model != "cloud":
+            self.device_versions.append(version)
         return released
 
     def installed(self, version: str) -> InstalledModel:
@@ -705,9 +713,10 @@ class Run:
             phases.append((drift.at.total_seconds(), drifted, drifted_labels))
         for n, (at, x, y) in enumerate(phases):
             ends = phases[n + 1][0] if n + 1 < len(phases) else None
+            with contextlib.suppress(TimeoutError):  # a drift after the end never starts
+                await asyncio.wait_for(stop.wait(), max(0.0, at - self.now()))
             if stop.is_set():
                 return
-            await asyncio.sleep(max(0.0, at - self.now()))
             phase_stop = asyncio.Event()
 
             async def end_phase(
@@ -840,7 +849,7 @@ class Run:
             self.capacity_steps.append(step.capacity)
             record["capacity"] = step.capacity
         elif step.action == "assign":
-            release = step.release or f"{MODEL_NAME}@{list(deployment.releases)[-1]}"
+            release = step.release or deployment.latest
             body = {"release": release, "devices": list(self.devices)}
             await asyncio.to_thread(deployment.api, "POST", "/assignments", body)
             record["assign"] = release
@@ -1100,6 +1109,11 @@ class Run:
 def check_runnable(scenario: Scenario) -> None:
     """Refuse, before anything starts, what the run could not carry out: a rollout spec the
     server would refuse, a step without what it needs, drift of a feature the data has not."""
+    if scenario.server.url is not None and not (scenario.server.token and scenario.server.broker):
+        raise ScenarioError(
+            "server.url: a server given by URL needs server.token (an admin token) and "
+            "server.broker (the broker it ingests from, which the devices then use)"
+        )
     for n, cohort in enumerate(scenario.cohorts):
         if cohort.drift is not None:
             try:
@@ -1134,10 +1148,7 @@ def rollout_fields(step: Step, scenario: Scenario, release: str) -> dict[str, An
 
 def rollout_spec(step: Step, deployment: Deployment, scenario: Scenario) -> dict[str, Any]:
     """The spec to post: the step's fields over defaults (the latest release, every device)."""
-    latest = next(
-        reversed([v for v, r in deployment.releases.items() if CLOUD_HARDWARE not in r.target_path])
-    )
-    return rollout_fields(step, scenario, f"{MODEL_NAME}@{latest}")
+    return rollout_fields(step, scenario, deployment.latest)
 
 
 def device_settings(config_type: type, profile: Any) -> dict[str, Any]:

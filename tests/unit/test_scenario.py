@@ -195,3 +195,9 @@ def test_drift_of_a_feature_the_data_has_not_is_refused_naming_it(tmp_path: Path
     message = str(caught.value)
     assert str(path) in message and "cohorts.0.drift.covariate_shift" in message
     assert "'rpm'" in message
+
+
+def test_a_server_given_by_url_needs_its_broker(tmp_path: Path) -> None:
+    with pytest.raises(ScenarioError) as caught:
+        scenario_for(args_for("--server-url", "http://127.0.0.1:9", "--token", "t"))
+    assert "server.broker" in str(caught.value)
