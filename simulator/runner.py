@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import importlib
 import json
 import logging
+import multiprocessing
 import os
 import random
 import resource
@@ -37,7 +39,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
@@ -46,6 +48,7 @@ import numpy.typing as npt
 import urllib3
 from pydantic import ValidationError
 
+from agent.ota.journal import InstallTarget
 from firmware_images.datagen import FieldConditions, generate
 from fleet_server.release.keys import KeyStore, init_keys
 from fleet_server.release.repository import ImageRepository, ReleasedBundle
@@ -496,6 +499,81 @@ def device_groups(scenario: Scenario, targets: list[list[str]]) -> dict[str, str
     return {d: "~".join([hardware[d], *aimed[d]]) for d in hardware}
 
 
+@dataclass(frozen=True)
+class Wiring:
+    """Where each device connects and what it was provisioned with: all a device process
+    needs of the run its parent set up."""
+
+    brokers: dict[str, str]  # by device id: the broker, or its group's proxy port
+    servers: dict[str, str]  # likewise the server's HTTP
+    cloud_url: str | None
+    director_root: Path
+    repository_root: Path
+    initial_bundle: Path
+    initial_target: InstallTarget
+    api_url: str
+    token: str
+
+
+class ApiClient:
+    """The server's REST API as the admin, for a device process (labels)."""
+
+    def __init__(self, url: str, token: str) -> None:
+        self.url, self.token = url.rstrip("/"), token
+        self.http = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(connect=5, read=60))
+
+    def __call__(self, method: str, path: str, body: Any = None) -> Any:
+        headers = {"Authorization": f"Bearer {self.token}"}
+        r = self.http.request(method, f"{self.url}/api/v1{path}", json=body, headers=headers)
+        if not 200 <= r.status < 300:
+            raise AssertionError(f"{method} {path}: {r.status} {r.data[:300]!r}")
+        return json.loads(r.data)
+
+
+@dataclass
+class Part:
+    """A device process of a run split over several (``scenario.processes``)."""
+
+    index: int
+    process: Any  # multiprocessing.Process
+    conn: Any  # its end of the pipe
+    ready: bool = False
+    sample: dict[str, Any] | None = None  # the latest it sent
+    final: dict[str, Any] | None = None  # its devices' records, after its traffic
+    error: str | None = None
+
+
+def device_part(
+    scenario_json: str,
+    workdir: str,
+    index: int,
+    members: list[Member],
+    wiring: Wiring,
+    conn: Any,
+    go: Any,
+    release: Any,
+) -> None:
+    """A device process: its share of the devices, their traffic and device faults.
+
+    It says ``ready`` once its devices are online, starts its traffic when
+    ``go`` is set, sends a sample a second and, after its traffic, its
+    devices' records; it stops them when ``release`` is set.
+    """
+    scenario = Scenario.model_validate_json(scenario_json)
+    with run_log(Path(workdir) / f"fleet-sim-{index}.log"):
+        run = Run(scenario, Path(workdir), progress=None, metrics_port=None)
+        run.part_index = index
+        run.network = None  # the proxies are the run's process's; the wiring points at them
+        run.members = {m.device_id: m for m in members}
+        run.api_call = ApiClient(wiring.api_url, wiring.token)
+        run.conn = conn
+        try:
+            asyncio.run(run.part_main(wiring, go, release))
+        except BaseException as exc:
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+            raise
+
+
 # -- the run -------------------------------------------------------------------
 
 
@@ -538,11 +616,16 @@ class Run:
         self._stored_cache = 0
         self.classes: list[str] = []
         self.fault_targets = [self._targets(f) for f in scenario.faults]
-        if scenario.processes > 1:  # not split yet: every device runs in this process
-            log.warning(
-                "processes = %d: this build runs every device in one process", scenario.processes
-            )
-            self.report.figures["processes"] = 1
+        self.scenario_ids = [d for ids in scenario.device_ids().values() for d in ids]
+        self.part_index = 0  # 0: the run's own process; else a device process
+        self.parts: list[Part] = []
+        self.others: list[list[Member]] = []  # the device processes' members
+        self.all_members: list[Member] = []
+        self.api_call: Callable[..., Any] | None = None
+        self.conn: Any = None  # a device process's pipe to the run's process
+        self._release: Any = None
+        self._go: Any = None
+        self._readers: list[asyncio.Task[None]] = []
         self.network: Network | None = None
         if needs_network(scenario):
             self.network = Network(scenario, device_groups(scenario, self.fault_targets))
@@ -566,7 +649,14 @@ class Run:
                 self._took("register_s", registering)
                 if cloud_ready is not None:
                     cloud_ready.result()
-            self.members = {m.device_id: m for m in members}
+            # Device n runs in process n % processes; process 0 is this one.
+            count = self.scenario.processes
+            self.all_members = members
+            self.members = {m.device_id: m for n, m in enumerate(members) if n % count == 0}
+            self.others = [
+                [m for n, m in enumerate(members) if n % count == k] for k in range(1, count)
+            ]
+            self.api_call = self.deployment.api
             asyncio.run(self._main())
         finally:
             with contextlib.suppress(Exception):
@@ -582,44 +672,132 @@ class Run:
     def _took(self, figure: str, since: float) -> None:
         self.report.figures[figure] = round(time.monotonic() - since, 2)
 
-    def _build_devices(self) -> None:
+    def wiring(self) -> Wiring:
+        """Where each device connects (straight, or through its group's proxies)."""
         deployment = self.deployment
         assert deployment is not None
-        runtime = default_runtime()
-        initial = deployment.installed(VERSIONS[self.scenario.initial])
-        self.classes = list(initial.manifest.classes or ())
-        model_path = self.workdir / "models" / initial.manifest.model_file
-        model_path.parent.mkdir(parents=True, exist_ok=True)
-        model_path.write_bytes(initial.model)
-        shared: LoadedModel = runtime.load(model_path)  # one interpreter for every device
         director_root = self.workdir / "director-root.json"
         director_root.write_text(json.dumps(deployment.api("GET", "/director/root")))
-        profiles = {h.id: h for h in self.scenario.hardware}
-        window_s = self.scenario.traffic.window.total_seconds()
-        labelled = self.scenario.traffic.labels.share > 0
         network = self.network
         cloud_url = deployment.cloud.url if deployment.cloud is not None else None
         if network is not None and network.cloud_url is not None:
             cloud_url = network.cloud_url
-        for i, member in enumerate(self.members.values()):
+        ids = [m.device_id for m in self.all_members]
+        version = VERSIONS[self.scenario.initial]
+        return Wiring(
+            brokers={d: network.broker_for(d) if network else deployment.broker_url for d in ids},
+            servers={d: network.server_for(d) if network else deployment.server.url for d in ids},
+            cloud_url=cloud_url,
+            director_root=director_root,
+            repository_root=deployment.repo.trusted_root_path,
+            initial_bundle=deployment.bundles[version],
+            initial_target=install_target(deployment.releases[version]),
+            api_url=deployment.server.url,
+            token=deployment.token,
+        )
+
+    def _start_parts(self, wiring: Wiring) -> None:
+        """Start a device process for each share of the devices but this process's own."""
+        if not self.others:
+            return
+        context = multiprocessing.get_context("spawn")  # no copy of this process's threads
+        go, self._release = context.Event(), context.Event()
+        self._go = go
+        scenario_json = self.scenario.model_dump_json()
+        for index, members in enumerate(self.others, start=1):
+            ours, theirs = context.Pipe()
+            process = context.Process(
+                target=device_part,
+                args=(
+                    scenario_json,
+                    str(self.workdir),
+                    index,
+                    members,
+                    wiring,
+                    theirs,
+                    go,
+                    self._release,
+                ),
+                name=f"fleet-sim-devices-{index}",
+            )
+            process.start()
+            part = Part(index, process, ours)
+            self.parts.append(part)
+            self._readers.append(asyncio.create_task(self._read_part(part)))
+
+    async def _read_part(self, part: Part) -> None:
+        while True:
+            try:
+                kind, *body = await asyncio.to_thread(part.conn.recv)
+            except (EOFError, OSError):
+                if part.final is None and part.error is None:
+                    part.error = f"device process {part.index} ended without its records"
+                return
+            if kind == "ready":
+                part.ready = True
+            elif kind == "sample":
+                part.sample = body[0]
+            elif kind == "final":
+                part.final = body[0]
+            elif kind == "error":
+                part.error = body[0]
+
+    async def _parts_ready(self) -> None:
+        deadline = time.monotonic() + CONNECT_WAIT_S * 3
+        while not all(p.ready or p.error for p in self.parts) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        failed = [p.error for p in self.parts if p.error]
+        if failed:
+            raise RuntimeError(f"a device process failed: {failed[0]}")
+        if self.parts:
+            self._go.set()
+
+    async def _parts_final(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not all(p.final or p.error for p in self.parts) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+
+    def _stop_parts(self) -> None:
+        if self._release is not None:
+            self._release.set()
+        for part in self.parts:
+            part.process.join(STOP_GRACE_S)
+            if part.process.is_alive():
+                part.process.kill()
+                part.process.join(10)
+
+    def _build_devices(self, wiring: Wiring) -> None:
+        runtime = default_runtime()
+        initial = InstalledModel.from_bundle(
+            wiring.initial_bundle.read_bytes(), wiring.initial_target
+        )
+        self.classes = list(initial.manifest.classes or ())
+        model_path = self.workdir / "models" / f"{self.part_index}-{initial.manifest.model_file}"
+        model_path.parent.mkdir(parents=True, exist_ok=True)
+        model_path.write_bytes(initial.model)
+        shared: LoadedModel = runtime.load(model_path)  # one interpreter for every device
+        profiles = {h.id: h for h in self.scenario.hardware}
+        window_s = self.scenario.traffic.window.total_seconds()
+        labelled = self.scenario.traffic.labels.share > 0
+        order = {d: i for i, d in enumerate(self.scenario_ids)}
+        for member in self.members.values():
             device_id = member.device_id
             config = SimDeviceConfig(
                 device_id=member.device_id,
                 password=member.password,
                 namespace=member.namespace,
                 hardware_id=member.cohort.hardware,
-                server_url=network.server_for(device_id) if network else deployment.server.url,
-                broker=network.broker_for(device_id) if network else deployment.broker_url,
-                director_root=director_root,
-                repository_root=deployment.repo.trusted_root_path,
+                server_url=wiring.servers[device_id],
+                broker=wiring.brokers[device_id],
+                director_root=wiring.director_root,
+                repository_root=wiring.repository_root,
                 data_dir=self.workdir / "devices" / member.device_id,
-                cloud_url=cloud_url,
+                cloud_url=wiring.cloud_url,
                 window_s=window_s,
                 **device_settings(SimDeviceConfig, profiles[member.cohort.hardware]),
             )
-            device = SimDevice(
-                config, initial, runtime, model=shared, seed=self.scenario.seed * 100_003 + i
-            )
+            seed = self.scenario.seed * 100_003 + order[device_id]
+            device = SimDevice(config, initial, runtime, model=shared, seed=seed)
             self.devices[member.device_id] = device
             self.callers[member.device_id] = Caller(device, labelled)
 
@@ -634,8 +812,10 @@ class Run:
             cloud = deployment.cloud.url if deployment.cloud is not None else None
             await self.network.open(deployment.broker_url, deployment.server.url, cloud)
             self.network.apply([])
+        wiring = await asyncio.to_thread(self.wiring)
+        self._start_parts(wiring)
         building = time.monotonic()
-        await asyncio.to_thread(self._build_devices)
+        await asyncio.to_thread(self._build_devices, wiring)
         self._took("build_devices_s", building)
         stop, traffic_stop = asyncio.Event(), asyncio.Event()
         refreshes = asyncio.Semaphore(REFRESHES_AT_ONCE)
@@ -646,6 +826,7 @@ class Run:
                 for device in self.devices.values():
                     tasks.create_task(device.run(stop))
                 await self._until_online()
+                await self._parts_ready()
                 self.t0 = time.monotonic()
                 side = [
                     asyncio.create_task(self._sampler(traffic_stop)),
@@ -664,20 +845,89 @@ class Run:
                 await asyncio.gather(*side, return_exceptions=True)
                 await self._end_faults(outlasting=False)
                 await self._settle()
-                produced = {
-                    d: [w.window_id for _, w in dev.stats.windows]
-                    for d, dev in self.devices.items()
-                }
+                produced = self._produced()
+                for part in self.parts:
+                    if part.final is not None:
+                        produced.update(part.final["produced"])
                 stored = await asyncio.to_thread(self._stored_windows)
                 await self._finish(produced, stored)
                 await self._end_faults(outlasting=True)
                 stop.set()
         finally:
             stop.set()
+            if self.parts:
+                await asyncio.to_thread(self._stop_parts)
+                for reader in self._readers:
+                    reader.cancel()
             if self.network is not None:
                 self.report.figures.update(self.network.stats())
                 await self.network.close()
             gc.collect()  # aiomqtt's clients call back into this loop when collected
+
+    def _produced(self) -> dict[str, list[str]]:
+        return {d: [w.window_id for _, w in dev.stats.windows] for d, dev in self.devices.items()}
+
+    async def part_main(self, wiring: Wiring, go: Any, release: Any) -> None:
+        """A device process's run: see :func:`device_part`."""
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=THREADS))
+        await asyncio.to_thread(self._build_devices, wiring)
+        stop, traffic_stop = asyncio.Event(), asyncio.Event()
+        refreshes = asyncio.Semaphore(REFRESHES_AT_ONCE)
+        for device in self.devices.values():
+            device.refresh_slots = refreshes
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                for device in self.devices.values():
+                    tasks.create_task(device.run(stop))
+                await self._until_online()
+                self.conn.send(("ready",))
+                await asyncio.to_thread(go.wait)
+                self.t0 = time.monotonic()
+                side = [
+                    asyncio.create_task(self._sampler(traffic_stop)),
+                    asyncio.create_task(self._schedule()),
+                    asyncio.create_task(self._labels(traffic_stop)),
+                ]
+                for cohort in self.scenario.cohorts:
+                    tasks.create_task(self._cohort_traffic(cohort, traffic_stop))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        traffic_stop.wait(), self.scenario.duration.total_seconds()
+                    )
+                traffic_stop.set()
+                for task in side:
+                    task.cancel()
+                await asyncio.gather(*side, return_exceptions=True)
+                await self._end_faults(outlasting=False)
+                await asyncio.sleep(self.scenario.traffic.window.total_seconds() + 0.5)
+                self.conn.send(("sample", asdict(await self._sample())))
+                self.conn.send(
+                    (
+                        "final",
+                        {
+                            "produced": self._produced(),
+                            "stats": {
+                                d: dataclasses.replace(dev.stats, windows=[])
+                                for d, dev in self.devices.items()
+                            },
+                            "unserved": self._unserved(),
+                            "labels_posted": self.labels_posted,
+                        },
+                    )
+                )
+                await asyncio.to_thread(release.wait)
+                await self._end_faults(outlasting=True)
+                stop.set()
+        finally:
+            stop.set()
+            gc.collect()
+
+    def _unserved(self) -> dict[str, list[tuple[float, str]]]:
+        return {
+            d: [*self.unserved.get(d, []), *getattr(dev.stats, "unserved", [])]
+            for d, dev in self.devices.items()
+        }
 
     async def _until_online(self) -> None:
         deadline = time.monotonic() + CONNECT_WAIT_S
@@ -786,10 +1036,10 @@ class Run:
                     ],
                 }
             )
-        assert self.deployment is not None
+        assert self.api_call is not None
         for start in range(0, len(windows), 100):
             try:
-                self.deployment.api("POST", "/labels", {"windows": windows[start : start + 100]})
+                self.api_call("POST", "/labels", {"windows": windows[start : start + 100]})
                 self.labels_posted += len(windows[start : start + 100])
             except AssertionError as exc:  # a window not stored yet: counted, not fatal
                 log.info("labels refused: %s", exc)
@@ -806,6 +1056,10 @@ class Run:
         faults: set[asyncio.Task[None]] = set()
         try:
             for at, _, event in sorted(events, key=lambda e: (e[0], e[1])):
+                if self.part_index and not (
+                    isinstance(event, Fault) and device_fault_setter(event.kind, event)
+                ):
+                    continue  # a device process carries out the device faults only
                 await asyncio.sleep(max(0.0, at - self.now()))
                 if isinstance(event, Fault):
                     task = asyncio.create_task(self._start_fault(event))
@@ -918,8 +1172,6 @@ class Run:
     async def _apply(self, fault: Fault, targets: list[str], active: ActiveFault) -> str:
         """Start ``fault``; ``"yes"``, or why it could not be applied in this run."""
         kind = fault.kind
-        deployment = self.deployment
-        assert deployment is not None
         if kind in NETWORK_FAULTS or kind in CLOUD_FAULTS:
             assert self.network is not None  # made for every scenario with such faults
             if kind in CLOUD_FAULTS and self.network.cloud is None:
@@ -939,6 +1191,8 @@ class Run:
             active.undo = lambda: asyncio.to_thread(self.broker.start)  # type: ignore[union-attr]
             return "yes"
         if kind == "server-kill":
+            deployment = self.deployment
+            assert deployment is not None
             if deployment.external is not None:
                 return "no: the server is not the run's own"
             replica = deployment.servers[-1]
@@ -947,7 +1201,7 @@ class Run:
             return "yes"
         device_faults = device_fault_setter(kind, fault)
         if device_faults is not None:
-            devices = [self.devices[d] for d in targets]
+            devices = [self.devices[d] for d in targets if d in self.devices]  # this process's
             if not all(hasattr(d, "faults") for d in devices):
                 return "no: these simulated devices have no fault points yet"
             undo = [device_faults(d) for d in devices]
@@ -960,13 +1214,16 @@ class Run:
     async def _sampler(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             sample = await self._sample()
-            self.report.series.append(sample)
-            if self.progress is not None:
-                self.progress.show(
-                    sample, len(self.devices), self.scenario.duration.total_seconds()
-                )
-            if self.metrics is not None:
-                self.metrics.update(sample, len(self.devices))
+            if self.conn is not None:  # a device process: the run's process samples the fleet
+                self.conn.send(("sample", asdict(sample)))
+            else:
+                self.report.series.append(sample)
+                if self.progress is not None:
+                    self.progress.show(
+                        sample, len(self.scenario_ids), self.scenario.duration.total_seconds()
+                    )
+                if self.metrics is not None:
+                    self.metrics.update(sample, len(self.scenario_ids))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
 
@@ -985,21 +1242,38 @@ class Run:
             if snapshot["version"]:
                 versions[snapshot["version"]] += 1
         stats = [d.stats for d in self.devices.values()]
-        try:
-            stored = await asyncio.to_thread(self._stored_count)
-        except Exception:  # the database is busy or the server down: the last count holds
-            stored = self._stored_cache
+        stored = self._stored_cache
+        if self.deployment is not None:
+            with contextlib.suppress(Exception):  # busy, or the server down: the last count
+                stored = await asyncio.to_thread(self._stored_count)
         self._stored_cache = stored
+        requests = sum(s.answered for s in stats)
+        produced = sum(len(s.windows) for s in stats)
+        cloud = sum(len(s.cloud_answers) for s in stats)
+        faults = {a.fault.kind for a in self.active}
+        for part in self.parts:  # the device processes' latest
+            if part.sample is not None:
+                theirs = part.sample
+                online += theirs["online"]
+                serving += theirs["serving"]
+                installing += theirs["installing"]
+                requests += theirs["requests"]
+                produced += theirs["windows_produced"]
+                cloud += theirs["cloud_answers"]
+                faults |= set(filter(None, theirs["faults_active"].split(";")))
+                for item in filter(None, theirs["versions"].split(";")):
+                    version, _, n = item.partition("=")
+                    versions[version] += int(n)
         return Sample(
             t=round(now, 1),
             online=online,
             serving=serving,
             installing=installing,
-            requests=sum(s.answered for s in stats),
-            windows_produced=sum(len(s.windows) for s in stats),
+            requests=requests,
+            windows_produced=produced,
             windows_stored=stored,
-            cloud_answers=sum(len(s.cloud_answers) for s in stats),
-            faults_active=";".join(sorted({a.fault.kind for a in self.active})),
+            cloud_answers=cloud,
+            faults_active=";".join(sorted(faults)),
             versions=";".join(f"{v}={n}" for v, n in sorted(versions.items())),
         )
 
@@ -1042,11 +1316,15 @@ class Run:
         """After the traffic: let the open windows close and the server store them."""
         window_s = self.scenario.traffic.window.total_seconds()
         await asyncio.sleep(window_s + 0.5)
+        await self._parts_final(CONNECT_WAIT_S)
+        theirs = sum(
+            len(ids) for p in self.parts if p.final for ids in p.final["produced"].values()
+        )
         # While a fault outlasting the traffic holds, what is not stored soon will not be.
         patience = 2 * window_s + 2 if self.active else max(SETTLE_S, 3 * window_s)
         deadline = time.monotonic() + patience
         while time.monotonic() < deadline:
-            produced = sum(len(d.stats.windows) for d in self.devices.values())
+            produced = theirs + sum(len(d.stats.windows) for d in self.devices.values())
             stored = await asyncio.to_thread(self._stored_count)
             if self.deployment is not None and self.deployment.database is None:
                 break  # counted through the API at the end only
@@ -1057,15 +1335,22 @@ class Run:
 
     async def _finish(self, produced: dict[str, list[str]], stored: dict[str, list[str]]) -> None:
         assert self.deployment is not None
+        all_stats = {d: dev.stats for d, dev in self.devices.items()}
+        unserved = self._unserved()
+        for part in self.parts:
+            if part.final is None:
+                raise RuntimeError(
+                    f"device process {part.index} sent no records: {part.error or 'no answer'}"
+                )
+            all_stats.update(part.final["stats"])
+            unserved.update(part.final["unserved"])
+            self.labels_posted += part.final["labels_posted"]
         record = RunRecord(
             scenario=self.scenario,
-            stats={d: dev.stats for d, dev in self.devices.items()},
+            stats=all_stats,
             produced=produced,
             stored=stored,
-            unserved={
-                d: [*self.unserved.get(d, []), *getattr(dev.stats, "unserved", [])]
-                for d, dev in self.devices.items()
-            },
+            unserved=unserved,
             series=self.report.series,
             rollouts=self.rollouts,
             capacity_steps=self.capacity_steps,
@@ -1085,12 +1370,13 @@ class Run:
                         "decisions": view.get("decisions"),
                     }
                 )
-        stats = [d.stats for d in self.devices.values()]
+        stats = list(all_stats.values())
         self.report.figures.update(
             {
+                "processes": 1 + len(self.parts),
                 "requests": sum(s.requests for s in stats),
                 "answered": sum(s.answered for s in stats),
-                "windows_produced": sum(len(s.windows) for s in stats),
+                "windows_produced": sum(len(ids) for ids in produced.values()),
                 "windows_stored": sum(len(v) for v in stored.values()),
                 "cloud_answers": sum(len(s.cloud_answers) for s in stats),
                 "labels_posted": self.labels_posted,

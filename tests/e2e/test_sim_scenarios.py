@@ -223,3 +223,23 @@ def test_network_faults_go_through_the_proxy_and_lose_nothing(tmp_path: Path) ->
     # Every connection open at that moment (a device of b may still be in its backoff).
     assert len(figures["storm_cut"]) == 1 and 1 <= figures["storm_cut"][0] <= 5
     assert figures["proxy_broker"]["refused"] > 0  # b's reconnects while its link was down
+
+
+def test_a_fleet_split_over_two_processes_is_checked_as_one(tmp_path: Path) -> None:
+    scenario = tmp_path / "two.toml"
+    scenario.write_text(
+        'name = "two-processes"\nduration = "20s"\nprocesses = 2\n'
+        '[traffic]\nrate = 2.0\nwindow = "3s"\nlabels = { share = 0.5, delay = "2s" }\n'
+        '[[cohorts]]\nname = "eu"\ndevices = 5\ntags = ["region=eu"]\n'
+        '[[faults]]\nkind = "broker-restart"\nat = "8s"\nduration = "3s"\n'
+        "[expect]\nmin_online = 1.0\n"
+    )
+    done, report = fleet_sim(tmp_path, str(scenario))
+    assert_passed(done, report)
+    figures = report["figures"]
+    assert figures["processes"] == 2
+    # Every device's windows are checked, those of the device process too (3 of the 5 here).
+    assert "5 devices" in checks_of(report)["verified-model"]["detail"]
+    assert figures["windows_stored"] == figures["windows_produced"] > 0
+    assert report["series"][-1]["online"] == 5
+    assert (tmp_path / "run" / "fleet-sim-1.log").exists()
