@@ -18,6 +18,7 @@ from benchmarks import (
     rollout_tick,
     rollout_waves,
     server_ingest,
+    sim_devices,
     telemetry,
     verify_bundle,
 )
@@ -47,6 +48,10 @@ BENCHMARKS = [
     (
         "a reconnect storm of 1,000 clients through the fault proxy vs straight to Mosquitto",
         reconnect_storm.main,
+    ),
+    (
+        "simulated devices per process: RSS and CPU per device vs the same process without",
+        sim_devices.main,
     ),
 ]
 

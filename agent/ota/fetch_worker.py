@@ -16,7 +16,7 @@ from collections.abc import Collection
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from agent.config import AgentConfig
 from agent.ota.answers import (
@@ -48,6 +48,9 @@ from agent.ota.faults import Faults
 from agent.ota.image_repository import BundleTarget, ImageRepositoryClient, open_verified_manifest
 from agent.ota.journal import InstallTarget
 from agent.ota.transport import FetchConfig
+
+if TYPE_CHECKING:  # the child process imports no more than it needs
+    from agent.ota.parts import FaultPoints
 
 
 def trust_dirs(config: AgentConfig) -> tuple[Path, Path]:
@@ -222,9 +225,17 @@ def _plan_read(listing: DirectorTargets, refresh_failed: Why | None = None) -> P
 
 
 def run(
-    command: str, config: AgentConfig, installed_counter: int, expect: str | None = None
+    command: str,
+    config: AgentConfig,
+    installed_counter: int,
+    expect: str | None = None,
+    faults: FaultPoints | None = None,
 ) -> FetchAnswer:
     """Carry out ``check`` or ``download``; ``expect`` is the bundle id a download is for.
+
+    ``faults`` is where a download may be held (``download``, once bytes
+    arrived); by default the configuration's ``faults.hold_at``. An in-process
+    caller passes its own (a simulated device's power cut).
 
     A download first asks the director again: if it now names another bundle
     (or nothing, or something refused), the expected bundle is not touched and
@@ -247,11 +258,11 @@ def run(
     if rollback_of is not None or (expect is not None and expect not in signed.matching_ids()):
         # A fleet rollback is never downloaded: the director changed its mind.
         return Changed(target=signed)
-    faults = Faults(config.faults.hold_at)
+    hold = faults or Faults(config.faults.hold_at)
 
     def progress(received: int) -> None:
         if received > 0:
-            faults.hold("download")
+            hold.hold("download")
 
     try:
         path = image.download(target, downloads_dir(config), on_progress=progress)

@@ -239,6 +239,7 @@ def scenario(deployment: HybridDeployment, tmp_path: Path) -> Run:
             tmp_path / "devices" / device_id,
             window_s=WINDOW_S,
             plan_poll_s=10.0,
+            install=False,  # the plan's rules are under test; installs have their own
             cloud_timeout_s=5.0,
         )
         devices.append(SimDevice(config, deployment.installed, runtime, seed=i))

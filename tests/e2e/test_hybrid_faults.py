@@ -76,6 +76,7 @@ def running(tmp_path: Path) -> Iterator[tuple[HybridDeployment, SimFleet]]:
                 tmp_path / "devices" / registered.device_id,
                 window_s=WINDOW_S,
                 plan_poll_s=5.0,
+                install=False,  # the plan's rules are under test; installs have their own
                 cloud_timeout_s=2.0,
             )
             devices.append(SimDevice(config, deployment.installed, runtime, seed=i))

@@ -137,6 +137,11 @@ def test_the_previous_bundle_marked_as_a_rollback_is_served_again_and_the_left_o
     assert f"sha256:{released['2.0.0'].sha256}" in journal["rejected"]
     assert journal["last_outcome"]["result"] == "rolled_back"
     assert journal["last_outcome"]["reason"] == "fleet-rollback"
+    # The event is appended after the journal is saved: wait for it, not only the journal.
+    agent.wait_for(
+        "the fleet-rolled-back event",
+        lambda: any(e["event"] == "fleet-rolled-back" for e in agent.events()),
+    )
     [event] = [e for e in agent.events() if e["event"] == "fleet-rolled-back"]
     assert event["bundle"] == "pump-health 2.0.0" and event["to"] == "pump-health 1.0.0"
     assert serving(agent) == "1.0.0"
