@@ -794,7 +794,7 @@ class Run:
                 data_dir=self.workdir / "devices" / member.device_id,
                 cloud_url=wiring.cloud_url,
                 window_s=window_s,
-                **device_settings(SimDeviceConfig, profiles[member.cohort.hardware]),
+                inference_ms=profiles[member.cohort.hardware].inference_ms,
             )
             seed = self.scenario.seed * 100_003 + order[device_id]
             device = SimDevice(config, initial, runtime, model=shared, seed=seed)
@@ -1237,7 +1237,7 @@ class Run:
             installing += snapshot["installing"]
             if snapshot["verified"]:
                 serving += 1
-            elif snapshot["online"]:  # up and connected, not off after a power cut
+            elif not snapshot["booting"]:  # up, not starting again after a power cut
                 self.unserved.setdefault(device_id, []).append((now, "online, no verified model"))
             if snapshot["version"]:
                 versions[snapshot["version"]] += 1
@@ -1437,15 +1437,6 @@ def rollout_spec(step: Step, deployment: Deployment, scenario: Scenario) -> dict
     return rollout_fields(step, scenario, deployment.latest)
 
 
-def device_settings(config_type: type, profile: Any) -> dict[str, Any]:
-    """The hardware profile's settings a device's configuration knows (``inference_ms``)."""
-    fields = getattr(config_type, "__dataclass_fields__", {})
-    settings: dict[str, Any] = {}
-    if "inference_ms" in fields:
-        settings["inference_ms"] = profile.inference_ms
-    return settings
-
-
 def device_figures(stats: list[Any]) -> dict[str, Any]:
     """The devices' own counts of what the faults did (where the devices keep them)."""
     figures: dict[str, Any] = {}
@@ -1461,24 +1452,14 @@ def device_figures(stats: list[Any]) -> dict[str, Any]:
 
 
 def device_snapshot(device: SimDevice) -> dict[str, Any]:
-    """What a device shows now: online, verified model, installing, its active version."""
-    snapshot = getattr(device, "snapshot", None)
-    if snapshot is not None:
-        s = snapshot()
-        return {
-            "online": bool(s.online),
-            "verified": bool(s.verified),
-            "installing": bool(s.installing),
-            "version": s.active_version,
-        }
-    version = None
-    with contextlib.suppress(AttributeError):  # the link reports what the device runs
-        version = device.link._installer.active.manifest.version  # type: ignore[union-attr]
+    """What a device shows now: online, verified model, booting, installing, its version."""
+    shown = device.snapshot()
     return {
-        "online": device.link.connected,
-        "verified": True,
-        "installing": False,
-        "version": version,
+        "online": shown.online,
+        "verified": shown.verified,
+        "booting": shown.booting,
+        "installing": shown.installing,
+        "version": shown.active_version,
     }
 
 
