@@ -33,6 +33,7 @@ BENCHMARKS = [
         "server window-summary ingest vs a bare paho subscriber",
         partial(server_ingest.main, "windows"),
     ),
+    ("window readers alone vs the value-by-value reference reader", server_ingest.main_decode),
     ("director metadata for 10,000 devices vs bare signatures and writes", director_signing.main),
     ("telemetry: record cost, bytes a day, drift for 10,000 devices", telemetry.main),
     ("rollout wave membership for 1,000,000 devices vs hashing their ids", rollout_waves.main),

@@ -49,6 +49,15 @@ except a session queue large enough for the backlog (its default, 1000
 queued messages per client, would drop most of it). The run is repeated for
 SQLite and for a temporary PostgreSQL database (``EDGEFLEET_BENCH_POSTGRES``
 names the server, default ``postgresql://postgres@127.0.0.1:5432``).
+
+``--decode`` times the window readers alone, in one process, on the same
+recorded windows: :func:`~protocol.window.decode_window_head` (what ingest
+reads: the window checked whole, made without its features),
+:func:`~protocol.window.decode_window`, and the reference reader that reads
+a body value by value and builds a summary per feature (the decoder as it was
+before the bulk reader; both readers fall back to it for what they cannot
+vouch for). The readers alternate round by round; CPU time per window,
+medians of ``DECODE_ROUNDS`` rounds.
 """
 
 from __future__ import annotations
@@ -109,6 +118,9 @@ POLL_S = 0.005
 ACK_WAIT_S = 30.0
 HARDWARE = "bench-hw"
 GOAL = 0.3
+WINDOW_GOAL = 0.25
+DECODE_ROUNDS = 15
+DECODE_PASSES = 5  # passes over the recorded windows per reader and round
 SERVER_COMMAND = [sys.executable, "-m", "fleet_server.cli"]
 POSTGRES_SERVER = os.environ.get("EDGEFLEET_BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
 
@@ -727,6 +739,7 @@ def window_workload() -> Workload:
         key="window_id",
         payload="payload",
         acks=True,
+        goal=WINDOW_GOAL,
     )
 
 
@@ -888,6 +901,44 @@ def main(stream: str = "messages") -> None:
             )
 
 
+def decode_only() -> dict[str, float]:
+    """CPU microseconds per window of each window reader, medians of alternating rounds."""
+    from protocol.window import codec, decode_window, decode_window_head
+
+    def reference(data: bytes) -> object:
+        version, body = codec._open(data)
+        return codec._read_body(body, version, codec._read_features)
+
+    readers: dict[str, Callable[[bytes], object]] = {
+        "decode_window_head (ingest)": decode_window_head,
+        "decode_window": decode_window,
+        "reference reader (value by value)": reference,
+    }
+    encoded = [encode_window(w) for w in record_windows(DISTINCT_WINDOWS)]
+    times: dict[str, list[float]] = {name: [] for name in readers}
+    for r in range(DECODE_ROUNDS):
+        order = list(readers.items())
+        for name, read in order[r % 3 :] + order[: r % 3]:
+            started = time.process_time()
+            for _ in range(DECODE_PASSES):
+                for data in encoded:
+                    read(data)
+            spent = time.process_time() - started
+            times[name].append(spent / (DECODE_PASSES * len(encoded)) * 1e6)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def main_decode() -> None:
+    figures = decode_only()
+    base = figures["reference reader (value by value)"]
+    print(
+        f"window readers alone on {DISTINCT_WINDOWS} recorded windows, CPU per window; "
+        f"medians of {DECODE_ROUNDS} alternating rounds"
+    )
+    for name, us in figures.items():
+        print(f"  {name:36} {us:7.1f} us   {us / base:.2f}x the reference")
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--publish":
         publish(int(sys.argv[2]), Path(sys.argv[3]))
@@ -897,9 +948,12 @@ if __name__ == "__main__":
         count_aiomqtt(int(sys.argv[2]), int(sys.argv[3]))
     elif len(sys.argv) == 3 and sys.argv[1] == "--stream" and sys.argv[2] in WORKLOADS:
         main(sys.argv[2])
+    elif len(sys.argv) == 2 and sys.argv[1] == "--decode":
+        main_decode()
     elif len(sys.argv) == 1:
         main()
     else:
         raise SystemExit(
-            f"usage: python -m benchmarks.server_ingest [--stream {{{','.join(WORKLOADS)}}}]"
+            "usage: python -m benchmarks.server_ingest "
+            f"[--stream {{{','.join(WORKLOADS)}}} | --decode]"
         )

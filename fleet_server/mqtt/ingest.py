@@ -24,6 +24,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Final
 
 from pydantic import ValidationError
 from sqlalchemy import select, update
@@ -41,9 +42,14 @@ from fleet_server.rollouts.aggregates import fold, fold_shadow
 from fleet_server.rollouts.store import add_to_hour_stats
 from protocol.messages import DEVICE_MESSAGE, DeviceEvent, Heartbeat, Presence, ReportedState
 from protocol.topics import MAX_WINDOW_BYTES, parse_device_topic
-from protocol.window import WindowCodecError, WindowSummary, decode_window
+from protocol.window import WindowCodecError, WindowSummary, decode_window_head
 
 DeviceMessage = ReportedState | DeviceEvent | Heartbeat | Presence
+
+# The tables ingest inserts into, written through SQLAlchemy Core: rows go in as
+# parameter sets, without the ORM's per-row bookkeeping of a bulk insert.
+_EVENTS: Final = DeviceEventRow.metadata.tables[DeviceEventRow.__tablename__]
+_WINDOWS: Final = WindowRow.metadata.tables[WindowRow.__tablename__]
 
 # What a window must fit to be stored: the bounds messages' times and counters have.
 _LAST_TIME = 4_102_444_800  # 2100-01-01
@@ -52,7 +58,14 @@ _MAX_COUNT = 2**63 - 1
 
 @dataclass(frozen=True)
 class Accepted:
-    """A message that passed the gate; a window keeps its bytes as received (``payload``)."""
+    """A message that passed the gate; a window keeps its bytes as received (``payload``).
+
+    A window that came through :func:`classify` is its head
+    (:func:`~protocol.window.decode_window_head`): every field but the
+    features, which were checked as :func:`~protocol.window.decode_window`
+    checks them and stay in ``payload``, the bytes stored. Nothing ingest
+    writes or folds reads a feature.
+    """
 
     device_id: str
     channel: str
@@ -134,7 +147,8 @@ def _classify_window(
     if len(payload) > max_bytes:
         return Dropped("oversized", f"{len(payload)} bytes on {topic}")
     try:
-        window = decode_window(payload)
+        # Checked as a whole, made without its features: ingest stores the bytes.
+        window = decode_window_head(payload)
     except WindowCodecError as exc:
         return Dropped("malformed-window", f"{topic}: {str(exc)[:200]}")
     if window.device_id != device_id:
@@ -285,23 +299,28 @@ async def write_batch(db: Database, batch: Sequence[Accepted], replica: str) -> 
         if events:
             insert = pg_insert if db.is_postgres else sqlite_insert
             await session.execute(
-                insert(DeviceEventRow).on_conflict_do_nothing(index_elements=["message_id"]),
+                insert(_EVENTS).on_conflict_do_nothing(index_elements=["message_id"]),
                 [events[k] for k in sorted(events)],
             )
         if windows:
             insert = pg_insert if db.is_postgres else sqlite_insert
-            inserted = await session.scalars(
-                insert(WindowRow)
+            inserted = await session.execute(
+                insert(_WINDOWS)
                 .on_conflict_do_nothing(index_elements=["window_id"])
-                .returning(WindowRow.window_id),
+                .returning(_WINDOWS.c.window_id),
                 [windows[k] for k in sorted(windows)],
             )
             # Only windows stored now count in the aggregates: a resend is counted once.
-            new = [summaries[w] for w in inserted.all()]
+            new = [summaries[w] for w in inserted.scalars().all()]
             shadows = [d for d in map(fold_shadow, new) if d is not None]
             await add_to_hour_stats(session, [*map(fold, new), *shadows])
             await add_to_hybrid_stats(session, [fold_hybrid(w) for w in new])
-            owners = await store.window_owners(session, list(windows))
+            # A window stored now belongs to the device whose row was inserted; only
+            # the others (resends, or an id another device's window holds) are looked up.
+            owners = {w.window_id: w.device_id for w in new}
+            resent = [w for w in windows if w not in owners]
+            if resent:
+                owners.update(await store.window_owners(session, resent))
             stored: dict[str, dict[str, None]] = {}  # ordered sets
             for device_id, window_id in sent_windows:
                 if owners.get(window_id) == device_id:

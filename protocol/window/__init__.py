@@ -5,6 +5,7 @@ from protocol.window.codec import (
     WINDOW_MAGIC,
     WindowCodecError,
     decode_window,
+    decode_window_head,
     encode_window,
 )
 from protocol.window.model import (
@@ -27,6 +28,7 @@ __all__ = [
     "WindowMergeError",
     "WindowSummary",
     "decode_window",
+    "decode_window_head",
     "encode_window",
     "merge_scores",
     "merge_windows",

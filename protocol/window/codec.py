@@ -82,7 +82,7 @@ import re
 import struct
 import zlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Final
 
 import numpy as np
@@ -383,10 +383,14 @@ def _write_features(w: _Writer, features: Sequence[FeatureSummary], beyond: bool
         w.f64(v)
 
 
+# What the counts of a feature read: flags, NaN, out of range, n, bin counts, below, above.
+_Head = tuple[int, int, int, int, list[int], int | None, int | None]
+
+
 def _read_features(r: _Reader, beyond: bool) -> list[FeatureSummary]:
     """Read features; ``beyond``: version 3, with the counts beyond the baseline."""
     count, rows, bins = r.uint(limit=MAX_FEATURES), r.uint(), r.uint(limit=MAX_BINS)
-    heads: list[tuple[int, int, int, int, list[int], int | None, int | None]] = []
+    heads: list[_Head] = []
     narrow_count = wide_count = 0
     known = _FEATURE_FLAGS_V3 if beyond else _FEATURE_FLAGS
     counted = 0 if beyond else None
@@ -422,7 +426,18 @@ def _read_features(r: _Reader, beyond: bool) -> list[FeatureSummary]:
     )
     if not all(math.isfinite(v) for v in [*narrow_values, *wide_values]):
         raise WindowCodecError("a feature's moments are not finite numbers")
-    narrow, wide = iter(narrow_values), iter(wide_values)
+    return _features(heads, iter(narrow_values), iter(wide_values))
+
+
+def _features(
+    heads: Sequence[_Head], narrow: Iterator[float], wide: Iterator[float]
+) -> list[FeatureSummary]:
+    """The summaries of ``heads`` with their floats taken in order from ``narrow`` and ``wide``.
+
+    ``heads`` holds each feature's flags, NaN, out-of-range, ``n``, bin counts
+    and counts beyond the baseline, as read; both readers end here, so a window
+    they both take gives the same summaries.
+    """
     out: list[dict[str, object]] = []
     for flags, nan, out_of_range, n, counts, below, above in heads:
         if not flags & _HAS_VALUES:
@@ -465,6 +480,180 @@ def _read_features(r: _Reader, beyond: bool) -> list[FeatureSummary]:
         return _FEATURE_LIST.validate_python(out)
     except ValidationError as exc:
         raise _invalid(exc, "features") from None
+
+
+class _Unsure(Exception):
+    """The bulk reader cannot vouch for these bytes: the reference reader reads them."""
+
+
+# One-byte varints as their zigzag value plus 64 (0 to 127), for bytes.translate.
+_ZIGZAG_PLUS_64: Final = bytes(z + 64 for z in _ZIGZAG) + bytes(0x80)
+# The feature flags that announce counts of the feature's own after its flags byte.
+_OWN_COUNTS: Final = _HAS_NAN | _HAS_OUT_OF_RANGE | _OWN_ROWS | _OWN_BINS | _BEYOND
+
+
+def _read_features_in_bulk(r: _Reader, beyond: bool) -> list[FeatureSummary]:
+    """:func:`_read_features` for the usual window, a run of bytes at a time.
+
+    A feature's bin counts are a run of varints that are almost always one
+    byte each (small differences from ``n / bins``): such a run is checked with
+    one ``max`` over its slice and decoded in one comprehension, instead of a
+    call per value; the float32 byte planes are interleaved back by slice
+    assignment and unpacked in one call, and their finiteness is checked with
+    one sum. A feature with a longer varint in its run is read value by value
+    (:meth:`_Reader.sints`). Anything the reference reader would refuse raises
+    :class:`_Unsure` or the reference's own error; :func:`decode_window` then
+    reads the window the reference way, which names what is wrong. What both
+    take they read alike, and both end in :func:`_features`.
+    """
+    heads, narrow, wide = _read_heads_in_bulk(r, beyond)
+    return _features(heads, iter(narrow), iter(wide))
+
+
+def _check_features_in_bulk(r: _Reader, beyond: bool) -> list[FeatureSummary]:
+    """Read and check the features as :func:`_read_features_in_bulk` would make them, but
+    make no summaries: an empty list, for :func:`decode_window_head`.
+
+    Besides the reader's own checks (flags, a count per bin, none negative,
+    the last implied by ``n``, finite floats), what
+    :class:`~protocol.summary.FeatureSummary` and the window's own check
+    require of a feature is ``m2 >= 0`` and no more values beyond the
+    baseline's range than ``n``; a feature that breaks any of them raises
+    :class:`_Unsure`, and the reference reader then names it. A one-byte run
+    of bin counts is checked without a Python int per bin: translated through
+    a table to its zigzag values plus 64, its ``min`` says whether a count is
+    negative and its ``sum`` what is left for the last one.
+    """
+    count, rows, bins = r.uint(limit=MAX_FEATURES), r.uint(), r.uint(limit=MAX_BINS)
+    data, pos = r.data, r.pos
+    known = _FEATURE_FLAGS_V3 if beyond else _FEATURE_FLAGS
+    narrow_m2: list[int] = []  # where each feature's m2 lies among the narrow floats
+    wide_m2: list[int] = []
+    narrow_count = wide_count = 0
+    for _ in range(count):
+        flags = data[pos]
+        pos += 1
+        if flags & ~known:
+            raise _Unsure
+        n, k = rows, bins
+        if flags & _OWN_COUNTS:
+            r.pos = pos
+            nan = r.uint() if flags & _HAS_NAN else 0
+            if flags & _HAS_OUT_OF_RANGE:
+                r.uint()
+            n = r.uint() if flags & _OWN_ROWS else rows - nan
+            if flags & _OWN_BINS:
+                k = r.uint(limit=MAX_BINS)
+            if flags & _BEYOND and r.uint() + r.uint() > n:
+                raise _Unsure
+            pos = r.pos
+        if n < 0 or k < 1 or bool(flags & _HAS_VALUES) != (n > 0):
+            raise _Unsure
+        expected = n // k
+        end = pos + k - 1
+        run = data[pos:end]
+        if len(run) == k - 1 and (not run or max(run) < 0x80):
+            shifted = run.translate(_ZIGZAG_PLUS_64)
+            if run and min(shifted) - 64 + expected < 0:
+                raise _Unsure
+            total = sum(shifted) - 64 * len(run) + expected * len(run)
+            pos = end
+        else:
+            r.pos = pos
+            counts = r.sints(k - 1, expected)
+            pos = r.pos
+            if counts and min(counts) < 0:
+                raise _Unsure
+            total = sum(counts)
+        if n - total < 0:
+            raise _Unsure
+        if flags & _HAS_VALUES:
+            if flags & _WIDE:
+                if not flags & _CONSTANT:
+                    wide_m2.append(wide_count + 3)  # min, max, mean, m2
+                wide_count += 1 if flags & _CONSTANT else 4
+            else:
+                if not flags & _CONSTANT:
+                    narrow_m2.append(narrow_count + 3)
+                narrow_count += 1 if flags & _CONSTANT else 4
+    r.pos = pos
+    narrow_values, wide_values = _floats_in_bulk(r, narrow_count, wide_count)
+    if any(narrow_values[i] < 0 for i in narrow_m2) or any(wide_values[i] < 0 for i in wide_m2):
+        raise _Unsure
+    return []
+
+
+def _read_heads_in_bulk(
+    r: _Reader, beyond: bool
+) -> tuple[list[_Head], tuple[float, ...], tuple[float, ...]]:
+    """The features' heads and their narrow and wide floats, read in bulk (see above)."""
+    count, rows, bins = r.uint(limit=MAX_FEATURES), r.uint(), r.uint(limit=MAX_BINS)
+    data, pos = r.data, r.pos
+    known = _FEATURE_FLAGS_V3 if beyond else _FEATURE_FLAGS
+    counted = 0 if beyond else None
+    zigzag = _ZIGZAG
+    heads: list[_Head] = []
+    narrow_count = wide_count = 0
+    for _ in range(count):
+        flags = data[pos]
+        pos += 1
+        if flags & ~known:
+            raise _Unsure
+        if flags & _OWN_COUNTS:
+            r.pos = pos
+            nan = r.uint() if flags & _HAS_NAN else 0
+            out_of_range = r.uint() if flags & _HAS_OUT_OF_RANGE else 0
+            n = r.uint() if flags & _OWN_ROWS else rows - nan
+            k = r.uint(limit=MAX_BINS) if flags & _OWN_BINS else bins
+            below, above = (r.uint(), r.uint()) if flags & _BEYOND else (counted, counted)
+            pos = r.pos
+        else:
+            nan = out_of_range = 0
+            n, k, below, above = rows, bins, counted, counted
+        if n < 0 or k < 1 or bool(flags & _HAS_VALUES) != (n > 0):
+            raise _Unsure
+        expected = n // k
+        end = pos + k - 1
+        run = data[pos:end]
+        if len(run) == k - 1 and (not run or max(run) < 0x80):
+            counts = [zigzag[b] + expected for b in run]
+            pos = end
+        else:
+            r.pos = pos
+            counts = r.sints(k - 1, expected)
+            pos = r.pos
+        counts.append(n - sum(counts))
+        if min(counts) < 0:
+            raise _Unsure
+        if flags & _HAS_VALUES:
+            floats = 1 if flags & _CONSTANT else 4
+            if flags & _WIDE:
+                wide_count += floats
+            else:
+                narrow_count += floats
+        heads.append((flags, nan, out_of_range, n, counts, below, above))
+    r.pos = pos
+    narrow_values, wide_values = _floats_in_bulk(r, narrow_count, wide_count)
+    return heads, narrow_values, wide_values
+
+
+def _floats_in_bulk(
+    r: _Reader, narrow_count: int, wide_count: int
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The features' float32 and float64 values, checked finite."""
+    narrow = r.take(4 * narrow_count)
+    # Byte planes back into little-endian float32s: plane i holds byte i of each.
+    interleaved = bytearray(4 * narrow_count)
+    for i in range(4):
+        interleaved[i::4] = narrow[i * narrow_count : (i + 1) * narrow_count]
+    narrow_values = struct.unpack(f"<{narrow_count}f", interleaved)
+    wide_values = struct.unpack(f"<{wide_count}d", r.take(8 * wide_count))
+    # A sum is finite only if every term is (or it overflowed: then look at each).
+    if not math.isfinite(sum(narrow_values) + sum(wide_values)) and not all(
+        math.isfinite(v) for v in (*narrow_values, *wide_values)
+    ):
+        raise _Unsure
+    return narrow_values, wide_values
 
 
 def _invalid(exc: ValidationError, *where: str) -> WindowCodecError:
@@ -737,7 +926,54 @@ def decode_window(data: bytes) -> WindowSummary:
     Raises :class:`WindowCodecError` saying what is wrong: not a window, an
     unknown codec version, corrupt or truncated bytes, or values that do not
     make a valid window.
+
+    The body is read first with the bin counts in bulk
+    (:func:`_read_features_in_bulk`); bytes that reader cannot vouch for, or
+    that do not make a valid window, are read again value by value
+    (:func:`_read_features`), whose error says exactly what is refused. So
+    the two readers accept the same windows with the same result and refuse
+    the same bytes with the same words.
     """
+    version, body = _open(data)
+    try:
+        return _read_body(body, version, _read_features_in_bulk)
+    except (_Unsure, ValueError, IndexError, OverflowError):
+        pass  # ValueError covers WindowCodecError and pydantic's ValidationError
+    try:
+        return _read_body(body, version, _read_features)
+    except ValidationError as exc:
+        raise _invalid(exc) from None
+
+
+def decode_window_head(data: bytes) -> WindowSummary:
+    """The window in ``data`` without its features (``features`` empty), once everything
+    :func:`decode_window` checks has passed, the features included.
+
+    For a reader that keeps the bytes and needs only the rest of the window:
+    ingest stores a window as received and folds its counts, latency, scores
+    and sections into aggregates, none of which reads a feature, so making a
+    pydantic summary per feature there would be work thrown away. The
+    features are read in bulk and checked against what their summaries and
+    the window require (:func:`_check_features_in_bulk`); the rest of the
+    window is made and validated as :func:`decode_window` makes it. Bytes the
+    bulk check cannot vouch for go to :func:`decode_window`: it raises the
+    same :class:`WindowCodecError` for what it refuses, and what it accepts is
+    returned without its features. So this accepts and refuses exactly what
+    :func:`decode_window` does, and returns its window with ``features=[]``.
+    """
+    version, body = _open(data)
+    try:
+        return _read_body(body, version, _check_features_in_bulk)
+    except (_Unsure, ValueError, IndexError, OverflowError):
+        pass
+    return decode_window(data).model_copy(update={"features": []})
+
+
+_FeatureReader = Callable[[_Reader, bool], list[FeatureSummary]]
+
+
+def _open(data: bytes) -> tuple[int, bytes]:
+    """The codec version and the decompressed, checksummed body of ``data``."""
     header = len(WINDOW_MAGIC) + 1 + _CRC.size
     if len(data) < len(WINDOW_MAGIC) + 1 or data[: len(WINDOW_MAGIC)] != WINDOW_MAGIC:
         raise WindowCodecError("not a window summary (bad magic bytes)")
@@ -763,54 +999,60 @@ def decode_window(data: bytes) -> WindowSummary:
     (checksum,) = _CRC.unpack(data[len(WINDOW_MAGIC) + 1 : header])
     if zlib.crc32(body) != checksum:
         raise WindowCodecError("window body is corrupt: its CRC-32 does not match")
+    return version, body
+
+
+def _read_body(body: bytes, version: int, read_features: _FeatureReader) -> WindowSummary:
+    """The window in ``body``, its features read by ``read_features``.
+
+    Raises :class:`WindowCodecError`, or pydantic's ``ValidationError`` for
+    values that do not make a valid window.
+    """
     r = _Reader(body)
-    try:
-        window_id, device_id, model_name, model_version, baseline_id = (
-            r.required_text() for _ in range(5)
+    window_id, device_id, model_name, model_version, baseline_id = (
+        r.required_text() for _ in range(5)
+    )
+    cohort_id, plan_id = r.text(), r.text()
+    start, end = r.f64(), r.f64()
+    requests, errors = r.uint(), r.uint()
+    unsummarised = r.uint() if version >= 2 else 0
+    sections = _read_sections(r, version) if version >= 4 else 0
+    beyond = version == _BEYOND_CODEC_VERSION or bool(sections & _SECTION_BEYOND)
+    served = {stage: r.uint() for stage in STAGE_NAMES}
+    latency = _read_latency(r)
+    scores = _read_scores(r)
+    features = read_features(r, beyond)
+    shadow = _read_shadow(r) if sections & _SECTION_SHADOW else None
+    hybrid = _read_hybrid(r) if sections & _SECTION_HYBRID else None
+    if r.pos != len(body):
+        last = (
+            "the hybrid section"
+            if hybrid is not None
+            else "the shadow section"
+            if shadow is not None
+            else "the last feature"
         )
-        cohort_id, plan_id = r.text(), r.text()
-        start, end = r.f64(), r.f64()
-        requests, errors = r.uint(), r.uint()
-        unsummarised = r.uint() if version >= 2 else 0
-        sections = _read_sections(r, version) if version >= 4 else 0
-        beyond = version == _BEYOND_CODEC_VERSION or bool(sections & _SECTION_BEYOND)
-        served = {stage: r.uint() for stage in STAGE_NAMES}
-        latency = _read_latency(r)
-        scores = _read_scores(r)
-        features = _read_features(r, beyond)
-        shadow = _read_shadow(r) if sections & _SECTION_SHADOW else None
-        hybrid = _read_hybrid(r) if sections & _SECTION_HYBRID else None
-        if r.pos != len(body):
-            last = (
-                "the hybrid section"
-                if hybrid is not None
-                else "the shadow section"
-                if shadow is not None
-                else "the last feature"
-            )
-            raise WindowCodecError(f"{len(body) - r.pos} unexpected bytes after {last}")
-        return WindowSummary(
-            window_id=window_id,
-            device_id=device_id,
-            model_name=model_name,
-            model_version=model_version,
-            baseline_id=baseline_id,
-            cohort_id=cohort_id,
-            plan_id=plan_id,
-            start=start,
-            end=end,
-            requests=requests,
-            errors=errors,
-            unsummarised_requests=unsummarised,
-            served=served,
-            features=features,
-            scores=scores,
-            latency_ms=latency,
-            shadow=shadow,
-            hybrid=hybrid,
-        )
-    except ValidationError as exc:
-        raise _invalid(exc) from None
+        raise WindowCodecError(f"{len(body) - r.pos} unexpected bytes after {last}")
+    return WindowSummary(
+        window_id=window_id,
+        device_id=device_id,
+        model_name=model_name,
+        model_version=model_version,
+        baseline_id=baseline_id,
+        cohort_id=cohort_id,
+        plan_id=plan_id,
+        start=start,
+        end=end,
+        requests=requests,
+        errors=errors,
+        unsummarised_requests=unsummarised,
+        served=served,
+        features=features,
+        scores=scores,
+        latency_ms=latency,
+        shadow=shadow,
+        hybrid=hybrid,
+    )
 
 
 def _read_sections(r: _Reader, version: int) -> int:
