@@ -80,6 +80,7 @@ ROWS_PER_COHORT = 512  # rows drawn per cohort and condition, sent in turn
 CONNECT_WAIT_S = 60.0  # how long the fleet may take to come online before traffic starts
 SETTLE_S = 30.0  # after the traffic: how long the last windows may take to be stored
 STOP_GRACE_S = 30.0
+SHOWN_ERRORS = 3
 
 
 # -- the run's own broker ------------------------------------------------------
@@ -821,10 +822,11 @@ class Run:
         refreshes = asyncio.Semaphore(REFRESHES_AT_ONCE)
         for device in self.devices.values():
             device.refresh_slots = refreshes
+        running: list[asyncio.Task[None]] = []
         try:
             async with asyncio.TaskGroup() as tasks:
                 for device in self.devices.values():
-                    tasks.create_task(device.run(stop))
+                    running.append(asyncio.create_task(device.run(stop)))
                 await self._until_online()
                 await self._parts_ready()
                 self.t0 = time.monotonic()
@@ -852,7 +854,7 @@ class Run:
                 stored = await asyncio.to_thread(self._stored_windows)
                 await self._finish(produced, stored)
                 await self._end_faults(outlasting=True)
-                stop.set()
+                await self._stop_devices(stop, running)
         finally:
             stop.set()
             if self.parts:
@@ -863,6 +865,34 @@ class Run:
                 self.report.figures.update(self.network.stats())
                 await self.network.close()
             gc.collect()  # aiomqtt's clients call back into this loop when collected
+
+    async def _stop_devices(self, stop: asyncio.Event, running: list[asyncio.Task[None]]) -> None:
+        """Stop every device; one still running :data:`STOP_GRACE_S` later is cancelled, and
+        where it waited is kept (figure ``stuck_at_stop``) rather than holding the run."""
+        stop.set()
+        if not running:
+            return
+        done, pending = await asyncio.wait(running, timeout=STOP_GRACE_S)
+        failed = [t.exception() for t in done if not t.cancelled() and t.exception()]
+        for error in failed[:SHOWN_ERRORS]:
+            log.warning("a device ended with %s: %s", type(error).__name__, error)
+        if failed:
+            self.report.figures["devices_failed_at_stop"] = len(failed)
+        if pending:
+            where = []
+            for task in pending:
+                frames = task.get_stack(limit=1)
+                at = f"{frames[0].f_code.co_filename}:{frames[0].f_lineno}" if frames else "?"
+                where.append(at)
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            self.report.figures["stuck_at_stop"] = dict(Counter(where))
+            log.warning(
+                "%d devices still running %.0f s after the stop, cancelled: %s",
+                len(pending),
+                STOP_GRACE_S,
+                Counter(where),
+            )
 
     def _produced(self) -> dict[str, list[str]]:
         return {d: [w.window_id for _, w in dev.stats.windows] for d, dev in self.devices.items()}
@@ -876,10 +906,11 @@ class Run:
         refreshes = asyncio.Semaphore(REFRESHES_AT_ONCE)
         for device in self.devices.values():
             device.refresh_slots = refreshes
+        running: list[asyncio.Task[None]] = []
         try:
             async with asyncio.TaskGroup() as tasks:
                 for device in self.devices.values():
-                    tasks.create_task(device.run(stop))
+                    running.append(asyncio.create_task(device.run(stop)))
                 await self._until_online()
                 self.conn.send(("ready",))
                 await asyncio.to_thread(go.wait)
@@ -918,7 +949,7 @@ class Run:
                 )
                 await asyncio.to_thread(release.wait)
                 await self._end_faults(outlasting=True)
-                stop.set()
+                await self._stop_devices(stop, running)
         finally:
             stop.set()
             gc.collect()
