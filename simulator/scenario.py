@@ -25,11 +25,35 @@ from __future__ import annotations
 import tomllib
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    model_validator,
+)
 
-from protocol.api.rollouts import Duration
+from protocol.api.rollouts import Duration, format_duration, parse_duration
+
+
+def _moment(value: Any) -> timedelta:
+    """A duration that may be zero (``"0s"``, ``0``): a moment of the run, from its start."""
+    zero = value == 0 or (isinstance(value, str) and value.strip() in {"0", "0s", "0m", "0h"})
+    if isinstance(value, bool) or not zero:
+        return parse_duration(value)
+    return timedelta(0)
+
+
+Moment = Annotated[
+    timedelta,
+    BeforeValidator(_moment),
+    PlainSerializer(lambda v: format_duration(v) if v else "0s", return_type=str),
+]
+"""When something happens, from the start of the run's traffic; ``"0s"`` is the start."""
 
 MODELS = ("v1", "v2", "v3-bad")
 """The sample models a scenario can release (``firmware_images/models``)."""
@@ -95,7 +119,7 @@ class HardwareProfile(_Strict):
 class Drift(_Strict):
     """A cohort's inputs move from ``at`` on (``firmware_images.datagen.FieldConditions``)."""
 
-    at: Duration = timedelta(0)
+    at: Moment = timedelta(0)
     covariate_shift: dict[str, float] = Field(default_factory=dict)
     idle_share: float = Field(default=0.0, ge=0, le=1)
     noise_scale: float = Field(default=1.0, gt=0)
@@ -141,7 +165,7 @@ class ServerSetup(_Strict):
 class Step(_Strict):
     """What the operator does at ``at``."""
 
-    at: Duration = timedelta(0)
+    at: Moment = timedelta(0)
     action: Literal["release", "rollout", "capacity", "assign"]
     model: Literal["v1", "v2", "v3-bad", "cloud"] | None = None  # release
     version: str | None = None  # release: the bundle's version
@@ -160,8 +184,8 @@ class FaultTarget(_Strict):
 
 class Fault(_Strict):
     kind: FaultKind
-    at: Duration
-    duration: Duration = timedelta(0)
+    at: Moment
+    duration: Moment = timedelta(0)
     target: FaultTarget = FaultTarget()
     latency_ms: float | None = Field(default=None, ge=0)
     jitter_ms: float | None = Field(default=None, ge=0)
