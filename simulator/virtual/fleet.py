@@ -1,0 +1,263 @@
+"""The devices of a virtual run: the real recorder and the real models, on the simulated clock.
+
+Each device is a light object: its active and previous model, the real
+:class:`~agent.telemetry.window.WindowRecorder` reading the simulated clock,
+and the real :class:`~agent.ota.watchdog.Watchdog` over a new model's first
+requests. The models are the sample models (``firmware_images/models``) built
+into bundles as a release engineer builds them, each run by one interpreter
+shared by every device (a window's rows in one batch): a device's answers are
+the real model's outputs on real rows of :func:`firmware_images.datagen.generate`.
+
+What a device does with a window's requests follows the agent's rules: the
+active model answers; an answer that is not finite is a failure, served by the
+previous model (the fallback chain); while a new model is on trial the
+watchdog counts those failures and rolls the device back on its own when they
+are too many, and the install is committed when the trial has seen its
+requests. Installs switch models at a window's end, so a window never mixes
+versions besides what a rollback forces.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.ota.watchdog import Watchdog
+from agent.telemetry.window import WindowPolicy, WindowRecorder
+from firmware_images.datagen import FieldConditions, generate
+from fleet_server.release.bundle_builder import BundleSpec, build_bundle, load_feature_file
+from model_runtime.tflite import TFLiteModel, TFLiteRuntime
+from protocol.manifest import Manifest
+from protocol.messages import DeviceEvent
+from protocol.window import WindowSummary
+from simulator.scenario import Cohort, Scenario
+from testbed.images import MODELS, temperature
+
+NAME = "pump-health"
+VERSIONS = {"v1": "1.0.0", "v2": "2.0.0", "v3-bad": "3.0.0"}
+"""The version a sample model is released as unless a step names another."""
+
+IDLE_SHARE = 0.05
+"""The share of requests taken while a machine stands still, unless a cohort's drift says.
+
+Real machines stop now and then; the sample models never saw such rows in
+training, and v3-bad answers them with NaN — what its watchdog must catch."""
+
+BASE_LATENCY_MS = 5.0
+"""A request's latency on a hardware profile without ``inference_ms``; times a log-normal."""
+
+LATENCY_SIGMA = 0.25
+
+
+@dataclass
+class Model:
+    """A released sample model: its manifest and the interpreter every device shares."""
+
+    key: str  # v1, v2, v3-bad
+    version: str
+    manifest: Manifest
+    runtime: TFLiteModel
+    input_name: str
+    output_name: str
+
+    @property
+    def label(self) -> str:
+        """The bundle as devices report it (``"NAME VERSION"``)."""
+        return f"{NAME} {self.version}"
+
+    def scores(self, rows: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        return np.asarray(self.runtime.run({self.input_name: rows})[self.output_name])
+
+
+def build_model(key: str, version: str, runtime: TFLiteRuntime) -> Model:
+    """Build the sample model ``key`` into a bundle of ``version`` (in memory) and load it."""
+    features, classes = load_feature_file(MODELS / "features.json")
+    built = build_bundle(
+        (MODELS / f"{key}.tflite").read_bytes(),
+        MODELS / "baseline.npy",
+        BundleSpec(
+            name=NAME,
+            version=version,
+            hardware_ids=("rpi4-arm64",),
+            feature_specs=features,
+            classes=classes,
+            temperature=temperature(key),
+        ),
+        calibration=MODELS / "heldout.npz",
+    )
+    manifest = built.manifest
+    loaded = runtime.load(built.members[manifest.model_file])
+    return Model(key, version, manifest, loaded, manifest.inputs[0].name, manifest.outputs[0].name)
+
+
+def message_id(*parts: object) -> str:
+    """A message id that follows from what the message is about: the same in every replay."""
+    return hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()[:32]
+
+
+@dataclass
+class Served:
+    """What a device's requests have come to, summed."""
+
+    requests: int = 0
+    answered: int = 0
+    by_fallback: int = 0
+    unserved: int = 0  # answered by no verified model
+
+
+@dataclass
+class VirtualDevice:
+    """One device: its models, recorder, trial and the install it is waiting for."""
+
+    device_id: str
+    cohort: Cohort
+    hardware_ms: float
+    active: Model
+    clock_epoch: float
+    previous: Model | None = None
+    desired: Model | None = None  # what the server assigned, when it differs from active
+    fetched: bool = False  # the desired model is downloaded and verified: installed next
+    trial: Watchdog | None = None
+    now: float = 0.0  # seconds since the epoch, on the simulated clock
+    served: Served = field(default_factory=Served)
+    installs: dict[str, int] = field(default_factory=dict)
+    recorder: WindowRecorder = field(init=False)
+
+    def __post_init__(self) -> None:
+        policy = WindowPolicy(
+            max_requests=1_000_000, max_seconds=1e9, buffer_rows=64, max_overhead=None
+        )
+        self.recorder = WindowRecorder(
+            self.active.manifest, self.device_id, policy, clock=lambda: self.now
+        )
+
+    def conditions(self, t: float) -> FieldConditions:
+        drift = self.cohort.drift
+        if drift is None or t < drift.at.total_seconds():
+            return FieldConditions(idle_share=IDLE_SHARE)
+        return FieldConditions(
+            covariate_shift=dict(drift.covariate_shift),
+            idle_share=drift.idle_share or IDLE_SHARE,
+            noise_scale=drift.noise_scale,
+        )
+
+    def serve_window(
+        self, t: float, window_s: float, requests: int, seed: int
+    ) -> tuple[list[WindowSummary], list[DeviceEvent]]:
+        """Answer a window's ``requests`` ending at ``t`` (seconds into the run); its summaries
+        and the install events it led to."""
+        rng = np.random.default_rng(seed)
+        rows, _ = generate(requests, rng, self.conditions(t))
+        latencies = self.hardware_ms * rng.lognormal(0.0, LATENCY_SIGMA, requests) / 1000.0
+        answers: dict[str, npt.NDArray[np.float32]] = {}
+
+        def scores(model: Model) -> npt.NDArray[np.float32]:
+            if model.version not in answers:
+                answers[model.version] = model.scores(rows)
+            return answers[model.version]
+
+        events: list[DeviceEvent] = []
+        step = window_s / requests
+        for i in range(requests):
+            self.now = self.clock_epoch + t - window_s + (i + 1) * step
+            self._answer(rows[i : i + 1], scores, i, float(latencies[i]), events)
+        self.now = self.clock_epoch + t
+        self.recorder.close_window(self.now)
+        windows = []
+        while (summary := self.recorder.poll(self.now)) is not None:
+            windows.append(summary)
+        return windows, events
+
+    def _answer(
+        self,
+        row: npt.NDArray[np.float32],
+        scores: Callable[[Model], npt.NDArray[np.float32]],
+        i: int,
+        latency_s: float,
+        events: list[DeviceEvent],
+    ) -> None:
+        self.served.requests += 1
+        active = self.active
+        out = scores(active)[i : i + 1]
+        ok = bool(np.isfinite(out).all())
+        if self.trial is not None:
+            why = self.trial.observe(ok, None if ok else "nan")
+            if why is not None:
+                events.append(self._rolled_back(why))
+                active = self.active  # the model that ran before answers from now on
+                out = scores(active)[i : i + 1]
+                ok = bool(np.isfinite(out).all())
+            elif self.trial.done:
+                events.append(self._committed())
+        if ok:
+            self.served.answered += 1
+            self.recorder.record({active.input_name: row}, {active.output_name: out}, "active",
+                                 latency_s)  # fmt: skip
+            return
+        previous = self.previous
+        fallback = scores(previous)[i : i + 1] if previous is not None else None
+        if previous is not None and fallback is not None and np.isfinite(fallback).all():
+            self.served.answered += 1
+            self.served.by_fallback += 1
+            self.recorder.record(
+                {active.input_name: row}, {previous.output_name: fallback}, "previous",
+                latency_s, model_version=previous.version,
+            )  # fmt: skip
+            return
+        self.served.unserved += 1
+        self.recorder.record_error(latency_s)
+
+    # -- installs ------------------------------------------------------------------
+
+    def install(self) -> DeviceEvent | None:
+        """Switch to the fetched model at a window's end; a return to the previous model (a
+        fleet rollback) needs no trial: it ran here before."""
+        desired = self.desired
+        if desired is None or not self.fetched:
+            return None
+        self.desired, self.fetched = None, False
+        back = self.previous is not None and desired.version == self.previous.version
+        self.previous, self.active = self.active, desired
+        self.recorder.set_manifest(desired.manifest)
+        if back:
+            self.trial = None
+            return self._event("fleet-rolled-back", desired)
+        self.trial = Watchdog()
+        return None
+
+    def _committed(self) -> DeviceEvent:
+        self.trial = None
+        self._count("committed")
+        return self._event("committed", self.active)
+
+    def _rolled_back(self, why: str) -> DeviceEvent:
+        failed = self.active
+        self.trial = None
+        if self.previous is not None:
+            self.active, self.previous = self.previous, failed
+            self.recorder.set_manifest(self.active.manifest)
+        self._count("rolled-back")
+        return self._event("rolled-back", failed, reason=why)
+
+    def _count(self, outcome: str) -> None:
+        self.installs[outcome] = self.installs.get(outcome, 0) + 1
+
+    def _event(self, event: str, model: Model, **details: Any) -> DeviceEvent:
+        return DeviceEvent(
+            device_id=self.device_id,
+            message_id=message_id(self.device_id, event, model.version, self.now),
+            sent_at=self.now,
+            event=event,
+            at=self.now,
+            details={"bundle": model.label, **details},
+        )
+
+
+def hardware_ms(scenario: Scenario, cohort: Cohort) -> float:
+    profile = next(h for h in scenario.hardware if h.id == cohort.hardware)
+    return profile.inference_ms or BASE_LATENCY_MS
