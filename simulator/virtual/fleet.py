@@ -167,6 +167,10 @@ class VirtualDevice:
             self.now = self.clock_epoch + t - window_s + (i + 1) * step
             self._answer(rows[i : i + 1], scores, i, float(latencies[i]), events)
         self.now = self.clock_epoch + t
+        trial = self.trial
+        if trial is not None and trial.seen >= trial.min_requests:
+            # The trial lasts a window: a simulated device answers a window's requests at once.
+            events.append(self._committed())
         self.recorder.close_window(self.now)
         windows = []
         while (summary := self.recorder.poll(self.now)) is not None:

@@ -28,13 +28,21 @@ from fleet_server.rollouts.controller import (
     Start,
     Tick,
 )
-from fleet_server.rollouts.state import Phase
+from fleet_server.rollouts.state import DecisionRecord, Phase
 from fleet_server.rollouts.waves import DeviceFacts
 from model_runtime.tflite import TFLiteRuntime
 from protocol.api.rollouts import RolloutSpec
 from simulator.report import Check, RunReport, Sample
 from simulator.scenario import Scenario, Step
-from simulator.virtual.fleet import NAME, VERSIONS, Model, VirtualDevice, build_model, hardware_ms
+from simulator.virtual.fleet import (
+    NAME,
+    VERSIONS,
+    Model,
+    VirtualDevice,
+    build_model,
+    hardware_ms,
+    message_id,
+)
 from simulator.virtual.server import Reached, VirtualRollout, VirtualServer, fresh_database
 from simulator.virtual.trace import Event, Fetched, StepTaken, TraceWriter, WindowSent, read_trace
 
@@ -171,10 +179,10 @@ class _Run:
         if not self.replaying:
             for device_id in self.devices:
                 rng = self.rngs[device_id] = np.random.default_rng(
-                    [scenario.seed, int.from_bytes(device_id.encode()[-8:], "big")]
+                    [scenario.seed, int(message_id(device_id)[:15], 16)]
                 )
-                self._draw(WindowSent(float(rng.uniform(0.0, self.window_s)) or self.window_s,
-                                      device_id, self._requests(device_id), _seed(rng)))  # fmt: skip
+                first = float(rng.uniform(0.0, self.window_s)) or self.window_s
+                self._draw(WindowSent(first, device_id, self._requests(device_id), _seed(rng)))
             for index, step in enumerate(scenario.steps):
                 self._draw(StepTaken(step.at.total_seconds(), index))
         self._queue_at(0.0, "sample", "", None)
@@ -280,12 +288,7 @@ class _Run:
         release = self.models[rollout.spec.version]
         for effect in effects:
             if isinstance(effect, RecordDecision):
-                r = effect.record
-                rollout.decisions.append({
-                    "at": (r.at - EPOCH).total_seconds(), "event": r.event, "phase": r.phase.value,
-                    "stage": r.stage, "rule": r.rule, "action": r.action, "reason": r.reason,
-                    "gates": {e.gate: e.decision for e in r.evaluations},
-                })  # fmt: skip
+                _record(rollout.decisions, effect.record)
             elif isinstance(effect, AssignDevices):
                 waiting = rollout.waiting(population)
                 chosen = waiting if effect.limit is None else waiting[: effect.limit]
@@ -293,10 +296,10 @@ class _Run:
                     rollout.reached[device_id] = Reached(now, server.running[device_id])
                     self._assign(device_id, release, t)
             elif isinstance(effect, RollbackReached):
-                for device_id, r in sorted(rollout.reached.items()):
+                for device_id, was in sorted(rollout.reached.items()):
                     device = self.devices[device_id]
                     if device.active.version == release.version or device.desired is release:
-                        self._assign(device_id, self.models[r.previous], t)
+                        self._assign(device_id, self.models[was.previous], t)
 
     def _assign(self, device_id: str, model: Model, t: float) -> None:
         device = self.devices[device_id]
@@ -412,6 +415,28 @@ class _Run:
                 "expectations", False, f"expected {', '.join(wanted)}: {'; '.join(problems)}"
             )
         return Check("expectations", True, f"{', '.join(wanted)}, as expected")
+
+
+def _record(decisions: list[dict[str, Any]], r: DecisionRecord) -> None:
+    """The controller's decision as the report lists it; a tick that changes nothing and says
+    what the one before said (a wave baking, a paused rollout waiting) is counted, not listed."""
+    entry: dict[str, Any] = {
+        "at": (r.at - EPOCH).total_seconds(),
+        "event": r.event,
+        "phase": r.phase.value,
+        "stage": r.stage,
+        "rule": r.rule,
+        "action": r.action,
+        "reason": r.reason,
+        "gates": {e.gate: e.decision for e in r.evaluations},
+        "repeated": 0,
+    }
+    last = decisions[-1] if decisions else None
+    same = ("event", "phase", "stage", "rule", "action", "reason", "gates")
+    if last is not None and all(last[k] == entry[k] for k in same):
+        last["repeated"] += 1
+        return
+    decisions.append(entry)
 
 
 def _seed(rng: np.random.Generator) -> int:

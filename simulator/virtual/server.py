@@ -190,7 +190,7 @@ class VirtualRollout:
         in_plan = set(reached(self.state.plan, population)) if self.state.plan.strata else set()
         ids = [f.id for f in selected]
         control_ids = [d for d in ids if d not in in_plan and d not in self.reached]
-        ran = {d: r.previous for d, r in self.reached.items()}
+        ran: dict[str, str] = {d: r.previous for d, r in self.reached.items()}
         ran.update({d: server.running[d] for d in control_ids if d in server.running})
         async with server.db.session() as session:
 
@@ -217,13 +217,11 @@ class VirtualRollout:
                            calibration.get(spec.version), calibration.get(before))
             )  # fmt: skip
         for device_id in control_ids:
-            version = ran.get(device_id)
-            if version is None:
+            was = ran.get(device_id)
+            if was is None:
                 continue
-            cal = calibration.get(version)
-            devices.append(
-                _aggregate(device_id, "control", control[version], baseline[version], cal, cal)
-            )
+            cal = calibration.get(was)
+            devices.append(_aggregate(device_id, "control", control[was], baseline[was], cal, cal))
         devices = [d for d in devices if d.windows > 0]
         records = [self._install(server, d, r) for d, r in sorted(self.reached.items())]
         installs = install_tally(records, now, INSTALL_TIMEOUT)
