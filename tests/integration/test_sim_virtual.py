@@ -41,6 +41,43 @@ def scenario(model: str, **expect: Any) -> Scenario:
     )
 
 
+def test_v2_goes_out_to_the_whole_fleet_in_stages(tmp_path: Path) -> None:
+    # Enough devices that each arm of each wave has the gates' 20; a small fleet's rehearsal
+    # allows 20 % install failures, so that 125 installs can show the install gate's pass.
+    chosen = Scenario.model_validate(
+        {
+            "name": "virtual-v2",
+            "mode": "virtual",
+            "seed": 3,
+            "duration": "330m",
+            "traffic": {"rate": 0.05, "window": "30m"},
+            "cohorts": [{"name": "plant", "devices": 250}],
+            "server": {"tick": "10m"},
+            "steps": [
+                {"at": "1h", "action": "release", "model": "v2"},
+                {
+                    "at": "1h",
+                    "action": "rollout",
+                    "rollout": {
+                        "waves": [10, 50, 100],
+                        "bake": "30m",
+                        "holdback": 10,
+                        "gates": {"install_failures": {"allowed_rate": 0.2}},
+                    },
+                },
+            ],
+            "expect": {"rollout": "completed"},
+        }
+    )
+    report = run_virtual(chosen, tmp_path / "run")
+    assert report.passed, report.summary()
+    assert report.figures["installs"] == {"committed": 250}
+    assert report.series[-1].versions == "2.0.0=250"
+    stages = [d["stage"] for d in report.decisions if d["action"].startswith("start")]
+    assert stages == [1, 2, 3, 4]  # each wave, then the holdback
+    assert report.figures["windows_stored"] == report.figures["windows_produced"] > 0
+
+
 def test_v3_bad_is_stopped_in_wave_1_and_rolled_back(tmp_path: Path) -> None:
     report = run_virtual(
         scenario("v3-bad", rollout="rolled-back", rollout_stopped_in_wave=1), tmp_path / "run"
