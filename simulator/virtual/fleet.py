@@ -12,14 +12,16 @@ What a device does with a window's requests follows the agent's rules: the
 active model answers; an answer that is not finite is a failure, served by the
 previous model (the fallback chain); while a new model is on trial the
 watchdog counts those failures and rolls the device back on its own when they
-are too many, and the install is committed when the trial has seen its
-requests. Installs switch models at a window's end, so a window never mixes
-versions besides what a rollback forces.
+are too many, and the install is committed once its health period has passed
+without a rollback (:data:`HEALTH_PERIOD_S`). A device answers each request at its own moment of the
+window; an install or a rollback closes the window under way, as the
+recorder's rule 1 says.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +49,16 @@ IDLE_SHARE = 0.05
 
 Real machines stop now and then; the sample models never saw such rows in
 training, and v3-bad answers them with NaN — what its watchdog must catch."""
+
+HEALTH_PERIOD_S = 300.0
+"""How long a new model runs on trial before it is committed (the agent's ``health_period_s``).
+
+A device is judged healthy at the end of a window: the first window to end at
+least this long after the install commits it. The commit and the new model's
+first window reach the server together, as they would with the agent's
+one-minute windows; with longer windows a device committed mid-window would
+report nothing on the new version for up to a window, which the sample-ratio
+test rightly takes for a wave that does not report."""
 
 BASE_LATENCY_MS = 5.0
 """A request's latency on a hardware profile without ``inference_ms``; times a log-normal."""
@@ -101,6 +113,22 @@ def message_id(*parts: object) -> str:
 
 
 @dataclass
+class _Window:
+    """The window under way: its rows and latencies, drawn once; its answers, by model version."""
+
+    end: float
+    rows: npt.NDArray[np.float32]
+    latencies: npt.NDArray[np.float64]
+    next: int = 0
+    answers: dict[str, npt.NDArray[np.float32]] = field(default_factory=dict)
+
+    def scores(self, model: Model) -> npt.NDArray[np.float32]:
+        if model.version not in self.answers:
+            self.answers[model.version] = model.scores(self.rows)
+        return self.answers[model.version]
+
+
+@dataclass
 class Served:
     """What a device's requests have come to, summed."""
 
@@ -123,6 +151,9 @@ class VirtualDevice:
     desired: Model | None = None  # what the server assigned, when it differs from active
     fetched: bool = False  # the desired model is downloaded and verified: installed next
     trial: Watchdog | None = None
+    trial_started: float = 0.0  # seconds into the run
+    upcoming: deque[tuple[float, int, int]] = field(default_factory=deque)
+    current: _Window | None = None
     now: float = 0.0  # seconds since the epoch, on the simulated clock
     served: Served = field(default_factory=Served)
     installs: dict[str, int] = field(default_factory=dict)
@@ -146,30 +177,43 @@ class VirtualDevice:
             noise_scale=drift.noise_scale,
         )
 
-    def serve_window(
-        self, t: float, window_s: float, requests: int, seed: int
-    ) -> tuple[list[WindowSummary], list[DeviceEvent]]:
-        """Answer a window's ``requests`` ending at ``t`` (seconds into the run); its summaries
-        and the install events it led to."""
-        rng = np.random.default_rng(seed)
-        rows, _ = generate(requests, rng, self.conditions(t))
-        latencies = self.hardware_ms * rng.lognormal(0.0, LATENCY_SIGMA, requests) / 1000.0
-        answers: dict[str, npt.NDArray[np.float32]] = {}
+    def expect_window(self, t: float, requests: int, seed: int) -> None:
+        """The device's next window ends at ``t`` with ``requests`` requests drawn from ``seed``."""
+        self.upcoming.append((t, requests, seed))
 
-        def scores(model: Model) -> npt.NDArray[np.float32]:
-            if model.version not in answers:
-                answers[model.version] = model.scores(rows)
-            return answers[model.version]
-
-        events: list[DeviceEvent] = []
+    def serve_until(self, t: float, window_s: float, events: list[DeviceEvent]) -> None:
+        """Answer the requests of the window under way that come at ``t`` (seconds into the
+        run) or before; their rows and latencies are drawn when the window is first touched."""
+        if not self.upcoming:
+            return
+        end, requests, seed = self.upcoming[0]
+        if self.current is None:
+            rng = np.random.default_rng(seed)
+            rows, _ = generate(requests, rng, self.conditions(end))
+            latencies = self.hardware_ms * rng.lognormal(0.0, LATENCY_SIGMA, requests) / 1000.0
+            self.current = _Window(end, rows, latencies)
+        window = self.current
         step = window_s / requests
-        for i in range(requests):
-            self.now = self.clock_epoch + t - window_s + (i + 1) * step
-            self._answer(rows[i : i + 1], scores, i, float(latencies[i]), events)
+        start = end - window_s
+        while window.next < requests and start + (window.next + 1) * step <= t + 1e-9:
+            i = window.next
+            window.next += 1
+            self.now = self.clock_epoch + start + (i + 1) * step
+            self._answer(window.rows[i : i + 1], window.scores, i, float(window.latencies[i]),
+                         events)  # fmt: skip
+
+    def end_window(
+        self, t: float, window_s: float
+    ) -> tuple[list[WindowSummary], list[DeviceEvent]]:
+        """Answer the rest of the window ending at ``t`` and hand out its summaries."""
+        events: list[DeviceEvent] = []
+        self.serve_until(t, window_s, events)
+        self.upcoming.popleft()
+        self.current = None
         self.now = self.clock_epoch + t
-        trial = self.trial
-        if trial is not None and trial.seen >= trial.min_requests:
-            # The trial lasts a window: a simulated device answers a window's requests at once.
+        if self.trial is not None and t - self.trial_started >= HEALTH_PERIOD_S:
+            # Its health period passed without a rollback: committed, told at the window's
+            # end, with the first window of the new model.
             events.append(self._committed())
         self.recorder.close_window(self.now)
         windows = []
@@ -187,14 +231,14 @@ class VirtualDevice:
     ) -> None:
         self.served.requests += 1
         active = self.active
-        out = scores(active)[i : i + 1]
+        out = scores(active)[i : i + 1]  # the window's answers, one batch per model
         ok = bool(np.isfinite(out).all())
         if self.trial is not None:
             why = self.trial.observe(ok, None if ok else "nan")
             if why is not None:
                 events.append(self._rolled_back(why))
                 active = self.active  # the model that ran before answers from now on
-                out = scores(active)[i : i + 1]
+                out = scores(active)[i : i + 1]  # the window's answers, one batch per model
                 ok = bool(np.isfinite(out).all())
             elif self.trial.done:
                 events.append(self._committed())
@@ -218,21 +262,26 @@ class VirtualDevice:
 
     # -- installs ------------------------------------------------------------------
 
-    def install(self) -> DeviceEvent | None:
-        """Switch to the fetched model at a window's end; a return to the previous model (a
-        fleet rollback) needs no trial: it ran here before."""
+    def install(self, t: float, window_s: float) -> list[DeviceEvent]:
+        """Switch to the fetched model at ``t`` (seconds into the run); a return to the previous
+        model (a fleet rollback) needs no trial: it ran here before."""
+        events: list[DeviceEvent] = []
         desired = self.desired
         if desired is None or not self.fetched:
-            return None
+            return events
+        self.serve_until(t, window_s, events)
+        self.now = self.clock_epoch + t
         self.desired, self.fetched = None, False
         back = self.previous is not None and desired.version == self.previous.version
         self.previous, self.active = self.active, desired
         self.recorder.set_manifest(desired.manifest)
         if back:
             self.trial = None
-            return self._event("fleet-rolled-back", desired)
-        self.trial = Watchdog()
-        return None
+            events.append(self._event("fleet-rolled-back", desired))
+        else:
+            self.trial = Watchdog()
+            self.trial_started = t
+        return events
 
     def _committed(self) -> DeviceEvent:
         self.trial = None

@@ -136,8 +136,8 @@ class _Run:
         self.released: Model | None = None
         self.series: list[Sample] = []
         self.ticks = 0
-        for event in events or ():
-            self._queue(event)
+        self.spent = {"devices": 0.0, "ingest": 0.0, "ticks": 0.0}  # wall seconds, by part
+        self.recorded = events or []
 
     # -- the loop ------------------------------------------------------------------
 
@@ -159,6 +159,8 @@ class _Run:
                 self.trace.close()
         report.wall_s = time.perf_counter() - wall
         report.figures["wall_s_per_simulated_hour"] = report.wall_s / max(self.end / 3600, 1e-9)
+        for part, spent in self.spent.items():
+            report.figures[f"wall_s_{part}"] = round(spent, 3)
         return report
 
     async def _start(self, server: VirtualServer) -> None:
@@ -176,6 +178,8 @@ class _Run:
                     device_id, cohort, hardware_ms(scenario, cohort), initial, EPOCH.timestamp()
                 )
         await server.register(facts, initial.version, EPOCH)
+        for event in self.recorded:
+            self._queue(event)
         if not self.replaying:
             for device_id in self.devices:
                 rng = self.rngs[device_id] = np.random.default_rng(
@@ -199,6 +203,7 @@ class _Run:
 
     def _queue(self, event: Event) -> None:
         if isinstance(event, WindowSent):
+            self.devices[event.device].expect_window(event.t, event.requests, event.seed)
             self._queue_at(event.t, "window", event.device, event)
         elif isinstance(event, Fetched):
             self._queue_at(event.t, "fetched", event.device, event)
@@ -210,37 +215,46 @@ class _Run:
 
     async def _handle(self, server: VirtualServer, item: _Next) -> None:
         kind, event = item.event
+        began = time.perf_counter()
         if kind == "window":
             self._window(server, event)
+            self.spent["devices"] += time.perf_counter() - began
         elif kind == "fetched":
-            device = self.devices[event.device]
-            if device.desired is not None and device.desired.version == event.version:
-                device.fetched = True
+            self._fetched(server, event)
         elif kind == "step":
             await server.flush()
             self._step(server, event)
         elif kind == "tick":
             await server.flush()
+            flushed = time.perf_counter()
+            self.spent["ingest"] += flushed - began
             await self._tick(server, item.t)
+            self.spent["ticks"] += time.perf_counter() - flushed
         elif kind == "sample":
             self._sample(server, item.t)
             self._queue_at(item.t + self.sample_s, "sample", "", None)
 
     def _window(self, server: VirtualServer, sent: WindowSent) -> None:
         device = self.devices[sent.device]
-        windows, events = device.serve_window(sent.t, self.window_s, sent.requests, sent.seed)
+        windows, events = device.end_window(sent.t, self.window_s)
         for summary in windows:
             server.send_window(summary)
         for event in events:
             server.send_event(event)
-        done = device.install()
-        if done is not None:
-            server.send_event(done)
         if not self.replaying:
             rng = self.rngs[sent.device]
             nxt = sent.t + self.window_s
             if nxt <= self.end:
                 self._draw(WindowSent(nxt, sent.device, self._requests(sent.device), _seed(rng)))
+
+    def _fetched(self, server: VirtualServer, fetched: Fetched) -> None:
+        """A download finished: the device installs it now, if it still wants it."""
+        device = self.devices[fetched.device]
+        if device.desired is None or device.desired.version != fetched.version:
+            return
+        device.fetched = True
+        for said in device.install(fetched.t, self.window_s):
+            server.send_event(said)
 
     # -- the operator and the controller -------------------------------------------
 
@@ -272,6 +286,7 @@ class _Run:
         if rollout is None or rollout.state.phase in (Phase.COMPLETED, Phase.ABORTED):
             return
         now = EPOCH + timedelta(seconds=t)
+        server.heartbeats(now)
         selected, population = rollout.population(server)
         evaluations, srm = await rollout.evaluate(server, selected, population, now, self.models)
         effects = rollout.step(Tick(evaluations, srm, population), now)  # type: ignore[arg-type]
