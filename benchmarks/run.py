@@ -17,6 +17,7 @@ from benchmarks import (
     rollout_tick,
     rollout_waves,
     server_ingest,
+    sim_virtual,
     telemetry,
     verify_bundle,
 )
@@ -43,6 +44,10 @@ BENCHMARKS = [
         hybrid_accuracy.main,
     ),
     ("a hybrid plan's cost to a request that stays local vs no plan", hybrid_serving.main),
+    (
+        "a staged rollout across 10,000 devices in virtual-clock mode vs the time it simulates",
+        sim_virtual.main,
+    ),
 ]
 
 

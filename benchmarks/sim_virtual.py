@@ -1,10 +1,10 @@
 """A staged rollout across 10,000 devices in virtual-clock mode: wall time against simulated time.
 
 The scenario (seeded): ``DEVICES`` devices on v1 (one hardware id), each
-answering a request a minute and sending an hourly window; at one hour in, v2
-is released and rolled out in waves of 1 %, 10 %, 50 % and 100 % (a 5 %
-holdback) with a bake of an hour, the controller ticking every 10 minutes,
-with the default gates. What :func:`simulator.virtual.run_virtual` does
+answering a request a minute and sending a window every half hour; at one
+hour in, v2 is released and rolled out in waves of 1 %, 10 %, 50 % and 100 %
+(a 5 % holdback) with a bake of half an hour, the controller ticking every 10
+minutes, with the default gates; four hours simulated. What :func:`simulator.virtual.run_virtual` does
 throughout is real: the sample models by a shared interpreter, the agent's
 recorder and watchdog, the server's window codec, ingest into SQLite and
 rollout controller and gates; only the clock is simulated.
@@ -38,8 +38,8 @@ def scenario(devices: int) -> Scenario:
             "name": "virtual-rollout",
             "mode": "virtual",
             "seed": 1,
-            "duration": "10h",
-            "traffic": {"rate": 1 / 60, "window": "1h"},
+            "duration": "4h",
+            "traffic": {"rate": 1 / 60, "window": "30m"},
             "cohorts": [{"name": "fleet", "devices": devices}],
             "server": {"tick": "10m"},
             "steps": [
@@ -47,7 +47,7 @@ def scenario(devices: int) -> Scenario:
                 {
                     "at": "1h",
                     "action": "rollout",
-                    "rollout": {"waves": [1, 10, 50, 100], "bake": "1h"},
+                    "rollout": {"waves": [1, 10, 50, 100], "bake": "30m"},
                 },
             ],
             "expect": {"rollout": "completed"},

@@ -23,6 +23,8 @@ from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import numpy as np
+import numpy.typing as npt
 from sqlalchemy import func, insert, select
 
 from fleet_server.db import Database
@@ -273,14 +275,23 @@ class VirtualRollout:
 
 @dataclass(frozen=True)
 class _Indexed(DeviceAggregates):
-    """Aggregates whose device index is built once: the service's ``_aggregate`` asks for it
-    per device, and a fresh dict of 10,000 ids per device makes a tick quadratic."""
+    """Aggregates whose device index and predicted classes are worked out once: the
+    service's ``_aggregate`` asks for both per device, and working them out afresh over
+    10,000 devices for each device makes a tick quadratic in the fleet."""
 
     def index(self) -> dict[str, int]:
         cached: dict[str, int] | None = self.__dict__.get("_index")
         if cached is None:
             cached = super().index()
             object.__setattr__(self, "_index", cached)
+        return cached
+
+    @property
+    def predicted(self) -> npt.NDArray[np.int64]:
+        cached: npt.NDArray[np.int64] | None = self.__dict__.get("_predicted")
+        if cached is None:
+            cached = self.scores.sum(axis=2)
+            object.__setattr__(self, "_predicted", cached)
         return cached
 
 
