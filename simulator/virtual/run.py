@@ -151,7 +151,7 @@ class _Run:
                 item = heapq.heappop(self.heap)
                 await self._handle(server, item)
             await server.flush()
-            self._sample(server, self.end)
+            await self._sample(server, self.end)
             report = await self._report(server, started_at)
         finally:
             await server.close()
@@ -231,7 +231,8 @@ class _Run:
             await self._tick(server, item.t)
             self.spent["ticks"] += time.perf_counter() - flushed
         elif kind == "sample":
-            self._sample(server, item.t)
+            await server.flush()
+            await self._sample(server, item.t)
             self._queue_at(item.t + self.sample_s, "sample", "", None)
 
     def _window(self, server: VirtualServer, sent: WindowSent) -> None:
@@ -328,7 +329,7 @@ class _Run:
 
     # -- the report ----------------------------------------------------------------
 
-    def _sample(self, server: VirtualServer, t: float) -> None:
+    async def _sample(self, server: VirtualServer, t: float) -> None:
         versions: dict[str, int] = {}
         for device in self.devices.values():
             versions[device.active.version] = versions.get(device.active.version, 0) + 1
@@ -339,6 +340,7 @@ class _Run:
             installing=sum(1 for d in self.devices.values() if d.desired is not None or d.trial),
             requests=sum(d.served.answered for d in self.devices.values()),
             windows_produced=len(server.produced),
+            windows_stored=(await server.stored_windows())[0],
             versions=";".join(f"{v}={n}" for v, n in sorted(versions.items())),
         )
         self.series.append(sample)
@@ -367,8 +369,6 @@ class _Run:
         ]  # fmt: skip
         checks = [c for c in checks if c.name not in scenario.skip_checks]
         rollout = self.rollout
-        if self.series:
-            self.series[-1] = Sample(**{**self.series[-1].__dict__, "windows_stored": rows})
         return RunReport(
             scenario=scenario.name,
             mode="virtual",

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from simulator.report import Sample
 from simulator.scenario import Scenario
 from simulator.virtual import TraceError, replay, run_virtual, same_report
 
@@ -93,7 +94,9 @@ def test_same_seed_same_report_and_replay_gives_it_too(tmp_path: Path) -> None:
 def test_a_bad_trace_is_refused_naming_the_line(tmp_path: Path) -> None:
     chosen = scenario("v2", devices=5).model_copy(update={"duration": timedelta(hours=1)})
     trace = tmp_path / "trace.jsonl"
-    run_virtual(chosen, tmp_path / "a", trace=trace)
+    samples: list[Sample] = []
+    report = run_virtual(chosen, tmp_path / "a", trace=trace, progress=samples.append)
+    assert samples and samples[-1] == report.series[-1] and report.passed
     lines = trace.read_text().splitlines()
     lines.insert(3, '{"kind": "window", "t": 5.0, "device": "line-00001", "seed": 1}')
     trace.write_text("\n".join(lines) + "\n")
