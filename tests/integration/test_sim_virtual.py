@@ -31,7 +31,7 @@ def scenario(model: str, devices: int = 250, **expect: Any) -> Scenario:
             "name": f"virtual-{model}",
             "mode": "virtual",
             "seed": 3,
-            "duration": "330m",
+            "duration": "5h",
             "traffic": {"rate": 0.05, "window": "30m"},
             "cohorts": [{"name": "plant", "devices": devices}],
             "server": {"tick": "10m"},
@@ -55,7 +55,11 @@ def scenario(model: str, devices: int = 250, **expect: Any) -> Scenario:
 
 
 def test_v2_goes_out_to_the_whole_fleet_in_stages(tmp_path: Path) -> None:
-    report = run_virtual(scenario("v2", rollout="completed"), tmp_path / "run")
+    # Completed at 3.5 h; the holdback's installs are committed by 4.2 h.
+    chosen = scenario("v2", rollout="completed").model_copy(
+        update={"duration": timedelta(hours=4.5)}
+    )
+    report = run_virtual(chosen, tmp_path / "run")
     assert report.passed, report.summary()
     assert report.figures["installs"] == {"committed": 250}
     assert report.series[-1].versions == "2.0.0=250"
