@@ -106,7 +106,17 @@ def read_trace(path: Path) -> Trace:
     if not lines:
         raise TraceError(f"{path}: empty; a trace starts with its scenario line")
     scenario = _scenario(path, lines[0])
-    events = [_event(path, number, text) for number, text in _numbered(lines)]
+    known = {d for ids in scenario.device_ids().values() for d in ids}
+    events = []
+    for number, text in _numbered(lines):
+        event = _event(path, number, text)
+        if isinstance(event, WindowSent | Fetched) and event.device not in known:
+            raise TraceError(f"{path}:{number}: no device {event.device!r} in the scenario")
+        if isinstance(event, StepTaken) and not 0 <= event.index < len(scenario.steps):
+            raise TraceError(
+                f"{path}:{number}: no step {event.index}; the scenario has {len(scenario.steps)}"
+            )
+        events.append(event)
     return Trace(scenario, events)
 
 

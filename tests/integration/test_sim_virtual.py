@@ -106,6 +106,10 @@ def test_a_bad_trace_is_refused_naming_the_line(tmp_path: Path) -> None:
     trace.write_text("\n".join(lines) + "\n")
     with pytest.raises(TraceError, match=r"trace.jsonl:4: a window event needs requests"):
         replay(trace, tmp_path / "b")
+    lines[3] = '{"kind": "window", "t": 5.0, "device": "plant-09999", "requests": 3, "seed": 1}'
+    trace.write_text("\n".join(lines) + "\n")
+    with pytest.raises(TraceError, match=r"trace.jsonl:4: no device 'plant-09999'"):
+        replay(trace, tmp_path / "b")
     trace.write_text("not json\n")
     with pytest.raises(TraceError, match=r"trace.jsonl:1: not JSON"):
         replay(trace, tmp_path / "c")
