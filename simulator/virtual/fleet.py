@@ -120,11 +120,14 @@ class _Window:
     rows: npt.NDArray[np.float32]
     latencies: npt.NDArray[np.float64]
     next: int = 0
-    answers: dict[str, npt.NDArray[np.float32]] = field(default_factory=dict)
+    answers: dict[str, tuple[npt.NDArray[np.float32], list[bool]]] = field(default_factory=dict)
 
-    def scores(self, model: Model) -> npt.NDArray[np.float32]:
+    def scores(self, model: Model) -> tuple[npt.NDArray[np.float32], list[bool]]:
+        """``model``'s answers to the window's rows and, per row, whether it is finite."""
         if model.version not in self.answers:
-            self.answers[model.version] = model.scores(self.rows)
+            out = model.scores(self.rows)
+            finite = np.isfinite(out).reshape(len(out), -1).all(axis=1).tolist()
+            self.answers[model.version] = (out, finite)
         return self.answers[model.version]
 
 
@@ -224,39 +227,39 @@ class VirtualDevice:
     def _answer(
         self,
         row: npt.NDArray[np.float32],
-        scores: Callable[[Model], npt.NDArray[np.float32]],
+        scores: Callable[[Model], tuple[npt.NDArray[np.float32], list[bool]]],
         i: int,
         latency_s: float,
         events: list[DeviceEvent],
     ) -> None:
         self.served.requests += 1
         active = self.active
-        out = scores(active)[i : i + 1]  # the window's answers, one batch per model
-        ok = bool(np.isfinite(out).all())
+        answers, finite = scores(active)  # the window's answers, one batch per model
+        ok = finite[i]
         if self.trial is not None:
             why = self.trial.observe(ok, None if ok else "nan")
             if why is not None:
                 events.append(self._rolled_back(why))
                 active = self.active  # the model that ran before answers from now on
-                out = scores(active)[i : i + 1]  # the window's answers, one batch per model
-                ok = bool(np.isfinite(out).all())
-            elif self.trial.done:
-                events.append(self._committed())
+                answers, finite = scores(active)
+                ok = finite[i]
         if ok:
             self.served.answered += 1
-            self.recorder.record({active.input_name: row}, {active.output_name: out}, "active",
+            self.recorder.record({active.input_name: row},
+                                 {active.output_name: answers[i : i + 1]}, "active",
                                  latency_s)  # fmt: skip
             return
         previous = self.previous
-        fallback = scores(previous)[i : i + 1] if previous is not None else None
-        if previous is not None and fallback is not None and np.isfinite(fallback).all():
-            self.served.answered += 1
-            self.served.by_fallback += 1
-            self.recorder.record(
-                {active.input_name: row}, {previous.output_name: fallback}, "previous",
-                latency_s, model_version=previous.version,
-            )  # fmt: skip
-            return
+        if previous is not None:
+            fallback, fine = scores(previous)
+            if fine[i]:
+                self.served.answered += 1
+                self.served.by_fallback += 1
+                self.recorder.record(
+                    {active.input_name: row}, {previous.output_name: fallback[i : i + 1]},
+                    "previous", latency_s, model_version=previous.version,
+                )  # fmt: skip
+                return
         self.served.unserved += 1
         self.recorder.record_error(latency_s)
 
