@@ -5,8 +5,9 @@ Each device is a light object: its active and previous model, the real
 and the real :class:`~agent.ota.watchdog.Watchdog` over a new model's first
 requests. The models are the sample models (``firmware_images/models``) built
 into bundles as a release engineer builds them, each run by one interpreter
-shared by every device (a window's rows in one batch): a device's answers are
-the real model's outputs on real rows of :func:`firmware_images.datagen.generate`.
+shared by every device: a device's answers are the real model's outputs on real
+rows of :func:`firmware_images.datagen.generate`, drawn once per field condition
+into a :class:`RowPool` and answered there in one batch per model.
 
 What a device does with a window's requests follows the agent's rules: the
 active model answers; an answer that is not finite is a failure, served by the
@@ -49,6 +50,9 @@ IDLE_SHARE = 0.05
 
 Real machines stop now and then; the sample models never saw such rows in
 training, and v3-bad answers them with NaN — what its watchdog must catch."""
+
+POOL_ROWS = 65_536
+"""Rows drawn once per field condition, from which every window picks its requests."""
 
 HEALTH_PERIOD_S = 300.0
 """How long a new model runs on trial before it is committed (the agent's ``health_period_s``).
@@ -112,11 +116,51 @@ def message_id(*parts: object) -> str:
     return hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()[:32]
 
 
+class RowPool:
+    """Rows of :func:`~firmware_images.datagen.generate` drawn once per field condition, and
+    each model's answers to them, run in one batch by the shared interpreter.
+
+    A window's requests are ``requests`` of the pool's rows picked at random (from
+    the window's seed): real rows and the real model's real answers, without a
+    call to the generator and the interpreter per window, which at 10,000 devices
+    cost more than the rest of a device's window.
+    """
+
+    def __init__(self, seed: int, size: int = POOL_ROWS) -> None:
+        self.seed = seed
+        self.size = size
+        self._rows: dict[str, npt.NDArray[np.float32]] = {}
+        self._answers: dict[
+            tuple[str, str], tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]
+        ] = {}
+
+    def rows(self, conditions: FieldConditions) -> tuple[str, npt.NDArray[np.float32]]:
+        key = repr((sorted(conditions.covariate_shift.items()), conditions.class_mix,
+                    conditions.idle_share, conditions.noise_scale))  # fmt: skip
+        if key not in self._rows:
+            seed = int(message_id(self.seed, key)[:15], 16)
+            self._rows[key] = generate(self.size, seed, conditions)[0]
+        return key, self._rows[key]
+
+    def answers(
+        self, key: str, model: Model
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+        """``model``'s answers to the rows of ``key`` and, per row, whether they are finite."""
+        if (key, model.version) not in self._answers:
+            out = model.scores(self._rows[key])
+            finite = np.isfinite(out).reshape(len(out), -1).all(axis=1)
+            self._answers[key, model.version] = (out, finite)
+        return self._answers[key, model.version]
+
+
 @dataclass
 class _Window:
     """The window under way: its rows and latencies, drawn once; its answers, by model version."""
 
     end: float
+    pool: RowPool
+    key: str
+    picked: npt.NDArray[np.int64]  # the pool's rows, one per request
     rows: npt.NDArray[np.float32]
     latencies: npt.NDArray[np.float64]
     next: int = 0
@@ -125,9 +169,8 @@ class _Window:
     def scores(self, model: Model) -> tuple[npt.NDArray[np.float32], list[bool]]:
         """``model``'s answers to the window's rows and, per row, whether it is finite."""
         if model.version not in self.answers:
-            out = model.scores(self.rows)
-            finite = np.isfinite(out).reshape(len(out), -1).all(axis=1).tolist()
-            self.answers[model.version] = (out, finite)
+            out, finite = self.pool.answers(self.key, model)
+            self.answers[model.version] = (out[self.picked], finite[self.picked].tolist())
         return self.answers[model.version]
 
 
@@ -150,6 +193,7 @@ class VirtualDevice:
     hardware_ms: float
     active: Model
     clock_epoch: float
+    pool: RowPool
     previous: Model | None = None
     desired: Model | None = None  # what the server assigned, when it differs from active
     fetched: bool = False  # the desired model is downloaded and verified: installed next
@@ -192,9 +236,10 @@ class VirtualDevice:
         end, requests, seed = self.upcoming[0]
         if self.current is None:
             rng = np.random.default_rng(seed)
-            rows, _ = generate(requests, rng, self.conditions(end))
+            key, rows = self.pool.rows(self.conditions(end))
+            picked = rng.integers(0, len(rows), requests)
             latencies = self.hardware_ms * rng.lognormal(0.0, LATENCY_SIGMA, requests) / 1000.0
-            self.current = _Window(end, rows, latencies)
+            self.current = _Window(end, self.pool, key, picked, rows[picked], latencies)
         window = self.current
         step = window_s / requests
         start = end - window_s

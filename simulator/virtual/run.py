@@ -38,6 +38,7 @@ from simulator.virtual.fleet import (
     NAME,
     VERSIONS,
     Model,
+    RowPool,
     VirtualDevice,
     build_model,
     hardware_ms,
@@ -166,6 +167,7 @@ class _Run:
     async def _start(self, server: VirtualServer) -> None:
         scenario = self.scenario
         initial = self._model(scenario.initial, VERSIONS[scenario.initial])
+        pool = RowPool(scenario.seed)
         facts = []
         for cohort in scenario.cohorts:
             region = next(
@@ -175,8 +177,9 @@ class _Run:
             for device_id in scenario.device_ids()[cohort.name]:
                 facts.append(DeviceFacts(device_id, cohort.hardware, region, tags))
                 self.devices[device_id] = VirtualDevice(
-                    device_id, cohort, hardware_ms(scenario, cohort), initial, EPOCH.timestamp()
-                )
+                    device_id, cohort, hardware_ms(scenario, cohort), initial, EPOCH.timestamp(),
+                    pool,
+                )  # fmt: skip
         await server.register(facts, initial.version, EPOCH)
         for event in self.recorded:
             self._queue(event)
