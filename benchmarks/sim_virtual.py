@@ -4,8 +4,9 @@ The scenario (seeded): ``DEVICES`` devices on v1 (one hardware id), each
 answering a request a minute and sending a window every half hour; at one
 hour in, v2 is released and rolled out in waves of 1 %, 10 %, 50 % and 100 %
 (a 5 % holdback) with a bake of half an hour, the controller ticking every 10
-minutes, with the default gates; four hours simulated. What :func:`simulator.virtual.run_virtual` does
-throughout is real: the sample models by a shared interpreter, the agent's
+minutes, with the default gates; four hours simulated. What
+:func:`simulator.virtual.run_virtual` does throughout is real: the sample
+models by a shared interpreter (on a pool of generated rows), the agent's
 recorder and watchdog, the server's window codec, ingest into SQLite and
 rollout controller and gates; only the clock is simulated.
 
