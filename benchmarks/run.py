@@ -19,6 +19,7 @@ from benchmarks import (
     rollout_waves,
     server_ingest,
     sim_devices,
+    sim_virtual,
     telemetry,
     verify_bundle,
 )
@@ -53,6 +54,10 @@ BENCHMARKS = [
     (
         "simulated devices per process: RSS and CPU per device vs the same process without",
         sim_devices.main,
+    ),
+    (
+        "a staged rollout across 10,000 devices in virtual-clock mode vs the time it simulates",
+        sim_virtual.main,
     ),
 ]
 
