@@ -34,6 +34,7 @@ the active model's; :func:`sum_shadow_rows` sums them per device.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -306,12 +307,17 @@ class DeviceAggregates:
         return len(self.device_ids)
 
     def index(self) -> dict[str, int]:
-        """Device id -> row."""
+        """Device id -> row (made once: a tick asks it for every device)."""
+        return self._index
+
+    @functools.cached_property
+    def _index(self) -> dict[str, int]:
         return {d: i for i, d in enumerate(self.device_ids)}
 
-    @property
+    @functools.cached_property
     def predicted(self) -> npt.NDArray[np.int64]:
-        """Summarised requests per device and predicted class, ``[devices, classes]``."""
+        """Summarised requests per device and predicted class, ``[devices, classes]``
+        (summed once: the sums are never changed after they are made)."""
         total: npt.NDArray[np.int64] = self.scores.sum(axis=2)
         return total
 

@@ -19,12 +19,10 @@ drawn delay), maintenance windows and the shadow stage.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import numpy as np
-import numpy.typing as npt
 from sqlalchemy import func, insert, select
 
 from fleet_server.db import Database
@@ -218,17 +216,15 @@ class VirtualRollout:
                            devices: list[str]) -> DeviceAggregates:  # fmt: skip
                 return await store.device_aggregates(session, NAME, version, since, until, devices)
 
-            treatment = _indexed(await read(spec.version, started, now, sorted(self.reached)))
+            treatment = await read(spec.version, started, now, sorted(self.reached))
             control: dict[str, DeviceAggregates] = {}
             baseline: dict[str, DeviceAggregates] = {}
             control_set = set(control_ids)
             for version in sorted(set(ran.values())):
                 members = sorted(d for d, v in ran.items() if v == version)
-                baseline[version] = _indexed(
-                    await read(version, started - BASELINE, started, members)
-                )
-                control[version] = _indexed(
-                    await read(version, started, now, [d for d in members if d in control_set])
+                baseline[version] = await read(version, started - BASELINE, started, members)
+                control[version] = await read(
+                    version, started, now, [d for d in members if d in control_set]
                 )
         calibration = {v: m.manifest.baseline.calibration for v, m in calibrations.items()}
         devices: list[DeviceAggregate] = []
@@ -271,29 +267,3 @@ class VirtualRollout:
                 if result is not None:
                     return InstallRecord(device_id, r.assigned_at, result, seen)  # type: ignore[arg-type]
         return InstallRecord(device_id, r.assigned_at, None, seen)
-
-
-@dataclass(frozen=True)
-class _Indexed(DeviceAggregates):
-    """Aggregates whose device index and predicted classes are worked out once: the
-    service's ``_aggregate`` asks for both per device, and working them out afresh over
-    10,000 devices for each device makes a tick quadratic in the fleet."""
-
-    def index(self) -> dict[str, int]:
-        cached: dict[str, int] | None = self.__dict__.get("_index")
-        if cached is None:
-            cached = super().index()
-            object.__setattr__(self, "_index", cached)
-        return cached
-
-    @property
-    def predicted(self) -> npt.NDArray[np.int64]:
-        cached: npt.NDArray[np.int64] | None = self.__dict__.get("_predicted")
-        if cached is None:
-            cached = self.scores.sum(axis=2)
-            object.__setattr__(self, "_predicted", cached)
-        return cached
-
-
-def _indexed(sums: DeviceAggregates) -> DeviceAggregates:
-    return _Indexed(**{f.name: getattr(sums, f.name) for f in fields(sums)})
