@@ -74,6 +74,7 @@ MODEL_NAME = "pump-health"
 VERSIONS = {"v1": "1.0.0", "v2": "1.1.0", "v3-bad": "1.2.0", "cloud": "1.0.1"}
 """The version each sample model is released as unless a step names one."""
 CLOUD_HARDWARE = "cloud"
+PLAN_POLL_S = 30.0  # as often as a simulated device's installer polls (SimDeviceConfig.poll_s)
 THREADS = 32  # the devices' loop's worker threads (director refreshes, outboxes)
 REGISTER_AT_ONCE = 8  # registrations under way at once
 ROWS_PER_COHORT = 512  # rows drawn per cohort and condition, sent in turn
@@ -796,6 +797,9 @@ class Run:
                 cloud_url=wiring.cloud_url,
                 window_s=window_s,
                 inference_ms=profiles[member.cohort.hardware].inference_ms,
+                # As the agent does: the plan is read with each update check, and at once
+                # when the server announces a change; not on a clock of its own.
+                plan_poll_s=PLAN_POLL_S,
             )
             seed = self.scenario.seed * 100_003 + order[device_id]
             device = SimDevice(config, initial, runtime, model=shared, seed=seed)
