@@ -14,9 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from fleet_server.db.models import DeviceHybridStats
 from fleet_server.rollouts.aggregates import hour_of, latency_cells
 from protocol.hybrid import CONFIDENCE_BINS
 from protocol.summary import SCORE_BIN_COUNT
@@ -165,8 +164,8 @@ def row_values(d: HybridDelta) -> dict[str, object]:
     return values
 
 
-def delta_of(row: DeviceHybridStats) -> HybridDelta:
-    """The delta a stored row holds."""
+def delta_of(row: Any) -> HybridDelta:
+    """The delta a stored row holds: a ``DeviceHybridStats`` or a Core row of its columns."""
     return HybridDelta(
         device_id=row.device_id,
         plan_id=row.plan_id,
