@@ -11,12 +11,12 @@ that plan's row. A window without one goes to the row of plan ``""``.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from fleet_server.db.models import DeviceHybridStats
 from fleet_server.rollouts.aggregates import hour_of, latency_cells
 from protocol.hybrid import CONFIDENCE_BINS
 from protocol.summary import SCORE_BIN_COUNT
@@ -125,6 +125,13 @@ def _add(a: Mapping[K, int], b: Mapping[K, int]) -> dict[K, int]:
     return out
 
 
+def _add_bins(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    """Two histograms of one layout added bin by bin (a row has one for every window)."""
+    if len(a) != len(b):
+        raise ValueError(f"histograms of {len(a)} and {len(b)} bins")
+    return tuple(map(operator.add, a, b))
+
+
 def combine(a: HybridDelta, b: HybridDelta) -> HybridDelta:
     """The sum of two deltas of the same row (the newer ``last_end`` stays)."""
     if a.key != b.key:
@@ -136,12 +143,12 @@ def combine(a: HybridDelta, b: HybridDelta) -> HybridDelta:
         last_end=max(a.last_end, b.last_end),
         seconds=a.seconds + b.seconds,
         score_classes=max(a.score_classes, b.score_classes),
-        scores=tuple(x + y for x, y in zip(a.scores, b.scores, strict=True)),
+        scores=_add_bins(a.scores, b.scores),
         cloud_errors=_add(a.cloud_errors, b.cloud_errors),
         audit_confidence_sum=a.audit_confidence_sum + b.audit_confidence_sum,
         local_latency=_add(a.local_latency, b.local_latency),
         cloud_latency=_add(a.cloud_latency, b.cloud_latency),
-        confidence=tuple(x + y for x, y in zip(a.confidence, b.confidence, strict=True)),
+        confidence=_add_bins(a.confidence, b.confidence),
     )
 
 
@@ -165,8 +172,8 @@ def row_values(d: HybridDelta) -> dict[str, object]:
     return values
 
 
-def delta_of(row: DeviceHybridStats) -> HybridDelta:
-    """The delta a stored row holds."""
+def delta_of(row: Any) -> HybridDelta:
+    """The delta a stored row holds: a ``DeviceHybridStats`` or a Core row of its columns."""
     return HybridDelta(
         device_id=row.device_id,
         plan_id=row.plan_id,
@@ -176,7 +183,7 @@ def delta_of(row: DeviceHybridStats) -> HybridDelta:
         requests=row.requests,
         seconds=row.seconds,
         score_classes=row.score_classes,
-        scores=tuple(int(x) for x in row.scores),
+        scores=tuple(map(int, row.scores)),
         local=row.local,
         escalated=row.escalated,
         kept_local_quota=row.kept_local_quota,
@@ -190,5 +197,5 @@ def delta_of(row: DeviceHybridStats) -> HybridDelta:
         audit_confidence_sum=row.audit_confidence_sum,
         local_latency={int(k): int(c) for k, c in row.local_latency},
         cloud_latency={int(k): int(c) for k, c in row.cloud_latency},
-        confidence=tuple(int(x) for x in row.confidence),
+        confidence=tuple(map(int, row.confidence)),
     )

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
-from sqlalchemy import delete, select, tuple_
+from sqlalchemy import delete, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -30,6 +30,50 @@ def _insert(session: AsyncSession) -> Any:
     return pg_insert if postgres else sqlite_insert
 
 
+# The hourly rows as a table: ingest reads and writes them through Core, as plain rows and
+# parameter sets, without the ORM's objects and per-row bookkeeping.
+_STATS: Final = DeviceHybridStats.__table__
+
+
+def _upsert(session: AsyncSession) -> Any:
+    """``INSERT ... ON CONFLICT`` of whole rows: a stored row takes the new sums."""
+    statement = _insert(session)(_STATS)
+    return statement.on_conflict_do_update(
+        index_elements=list(_KEY_COLUMNS),
+        set_={
+            c.name: statement.excluded[c.name] for c in _STATS.columns if c.name not in _KEY_COLUMNS
+        },
+    )
+
+
+async def _stored(session: AsyncSession, keys: Sequence[Key]) -> dict[Key, HybridDelta]:
+    """The stored rows of ``keys``, as deltas.
+
+    One query per plan and hour (a batch has one or a few) with the devices
+    listed: a list of plain ids rather than of key tuples, which costs
+    SQLAlchemy more to expand than the query.
+    """
+    groups: dict[tuple[str, datetime], list[str]] = {}
+    for device_id, plan_id, hour in keys:
+        groups.setdefault((plan_id, hour), []).append(device_id)
+    connection = await session.connection()
+    stored: dict[Key, HybridDelta] = {}
+    t = _STATS.c
+    for (plan_id, hour), devices in groups.items():
+        for start in range(0, len(devices), _CHUNK):
+            rows = await connection.execute(
+                select(*_STATS.columns).where(
+                    t.device_id.in_(devices[start : start + _CHUNK]),
+                    t.plan_id == plan_id,
+                    t.hour == hour,
+                )
+            )
+            for row in rows:
+                d = delta_of(row)
+                stored[d.key] = d
+    return stored
+
+
 async def add_to_hybrid_stats(session: AsyncSession, deltas: Sequence[HybridDelta]) -> None:
     """Add ``deltas`` to their rows, creating those that do not exist yet.
 
@@ -41,30 +85,13 @@ async def add_to_hybrid_stats(session: AsyncSession, deltas: Sequence[HybridDelt
     if not merged:
         return
     keys: list[Key] = sorted(merged)
-    table = DeviceHybridStats
-    stored: dict[Key, HybridDelta] = {}
-    for start in range(0, len(keys), _CHUNK):
-        chunk = keys[start : start + _CHUNK]
-        rows = await session.scalars(
-            select(table).where(tuple_(table.device_id, table.plan_id, table.hour).in_(chunk))
-        )
-        for row in rows:
-            d = delta_of(row)
-            stored[d.key] = d
+    stored = await _stored(session, keys)
     values = []
     for key in keys:
         before = stored.get(key)
         values.append(row_values(merged[key] if before is None else combine(before, merged[key])))
-    statement = _insert(session)(table)
-    statement = statement.on_conflict_do_update(
-        index_elements=list(_KEY_COLUMNS),
-        set_={
-            c.name: statement.excluded[c.name]
-            for c in table.__table__.columns
-            if c.name not in _KEY_COLUMNS
-        },
-    )
-    await session.execute(statement, values)
+    connection = await session.connection()
+    await connection.execute(_upsert(session), values)
 
 
 async def hybrid_stats(

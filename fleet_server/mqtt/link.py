@@ -44,6 +44,7 @@ import time
 from dataclasses import dataclass
 
 import aiomqtt
+from paho.mqtt.client import MQTT_ERR_SUCCESS, error_string
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -60,7 +61,6 @@ log = logging.getLogger(__name__)
 
 # The most window ids one ack carries (WindowAck's limit).
 MAX_IDS_PER_ACK = 1000
-ACK_TIMEOUT_S = 10.0
 # How long a broker may take to answer an MQTT 5 CONNECT before 3.1.1 is tried
 # (amqtt never answers one).
 V5_CONNECT_TIMEOUT_S = 5.0
@@ -344,7 +344,7 @@ class ServerMqtt:
             else:
                 self._settle([d for _, d in batch])
                 self._count(result)
-                await self._acknowledge(result.acks)
+                self._acknowledge(result.acks)
                 return
         for item, delivery in batch:
             await self._store_one(item, delivery)
@@ -370,7 +370,7 @@ class ServerMqtt:
             else:
                 self._settle([delivery])
                 self._count(result)
-                await self._acknowledge(result.acks)
+                self._acknowledge(result.acks)
                 return
 
     async def _database_answers(self) -> bool:
@@ -411,11 +411,18 @@ class ServerMqtt:
         for reason, n in result.dropped.items():
             self._drop(reason, f"{n} message(s) {_BATCH_DROPS.get(reason, reason)}", n)
 
-    async def _acknowledge(self, acks: dict[str, list[str]]) -> None:
+    def _acknowledge(self, acks: dict[str, list[str]]) -> None:
         """Tell each device which of its windows are stored (QoS 1, not retained).
 
-        An ack that cannot be sent is not retried: the device sends those
-        windows again, and they are acknowledged then.
+        Called once the windows' transaction has committed. A batch's acks are
+        handed to the connection together and not awaited one by one: the
+        connection sends them and takes their PUBACKs while the next batch is
+        written (at most its in-flight limit at a time, the rest queued in
+        order). They belong to the connection they were handed to: a connection
+        that ends drops what it has not sent, and the next one never sends
+        them, so no ack goes out twice. An ack that is not sent is not retried:
+        the device sends those windows again, they are stored once, and
+        acknowledged then.
         """
         client = self._client
         if not acks:
@@ -428,26 +435,25 @@ class ServerMqtt:
             for device_id, ids in sorted(acks.items())
             for i in range(0, len(ids), MAX_IDS_PER_ACK)
         ]
-        outcomes = await asyncio.gather(
-            *(
-                client.publish(
+        refused = [
+            info.rc
+            for info in (
+                client._client.publish(
                     acks_topic(self.config.namespace, ack.device_id),
                     ack.model_dump_json().encode(),
                     qos=1,
                     retain=False,
-                    timeout=ACK_TIMEOUT_S,
                 )
                 for ack in messages
-            ),
-            return_exceptions=True,
-        )
-        failed = [o for o in outcomes if isinstance(o, BaseException)]
-        if failed:
+            )
+            if info.rc != MQTT_ERR_SUCCESS
+        ]
+        if refused:
             log.warning(
                 "%d of %d window acks were not sent (%s); those windows will be sent again",
-                len(failed),
+                len(refused),
                 len(messages),
-                failed[0],
+                error_string(refused[0]),
             )
 
     async def publish_desired(self, desired: DesiredState) -> None:

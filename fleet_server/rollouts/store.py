@@ -12,9 +12,9 @@ import dataclasses
 import math
 from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
-from sqlalchemy import select, tuple_, update
+from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -59,7 +59,8 @@ def _insert(session: AsyncSession) -> Any:
 # --- hourly aggregates ---------------------------------------------------------------------
 
 
-def _delta_of(row: DeviceHourStats) -> AggregateDelta:
+def _delta_of(row: Any) -> AggregateDelta:
+    """The delta a stored row holds (a row of :data:`_STORED`'s columns)."""
     return AggregateDelta(
         device_id=row.device_id,
         model_name=row.model_name,
@@ -122,6 +123,53 @@ def received_hour_of(at: datetime | None) -> datetime:
     return hour_of((as_utc(at) if at is not None else datetime.now(UTC)).timestamp())
 
 
+# The hourly rows as a table: ingest reads and writes them through Core, as plain rows and
+# parameter sets, without the ORM's objects and per-row bookkeeping.
+_HOURS: Final = DeviceHourStats.__table__
+_SUMMED: Final = tuple(c for c in _HOURS.columns if c.name not in _KEY_COLUMNS)
+
+
+def _upsert(session: AsyncSession) -> Any:
+    """``INSERT ... ON CONFLICT`` of whole hourly rows: a stored row takes the new sums."""
+    statement = _insert(session)(_HOURS)
+    return statement.on_conflict_do_update(
+        index_elements=list(_KEY_COLUMNS),
+        set_={c.name: statement.excluded[c.name] for c in _SUMMED},
+    )
+
+
+async def _stored_hours(
+    session: AsyncSession, keys: Sequence[Key], received: datetime
+) -> dict[Key, AggregateDelta]:
+    """The stored rows of ``keys`` received in the hour ``received``, as deltas.
+
+    One query per model version and hour (a batch has one or a few) with the
+    devices listed: the primary key's own order, and a list of plain ids rather
+    than of key tuples, which costs SQLAlchemy more to expand than the query.
+    """
+    groups: dict[tuple[str, str, datetime], list[str]] = {}
+    for device_id, model_name, model_version, hour in keys:
+        groups.setdefault((model_name, model_version, hour), []).append(device_id)
+    connection = await session.connection()
+    stored: dict[Key, AggregateDelta] = {}
+    t = _HOURS.c
+    for (model_name, model_version, hour), devices in groups.items():
+        for start in range(0, len(devices), _SQLITE_CHUNK):
+            rows = await connection.execute(
+                select(*_HOURS.columns).where(
+                    t.model_name == model_name,
+                    t.model_version == model_version,
+                    t.hour == hour,
+                    t.received_hour == received,
+                    t.device_id.in_(devices[start : start + _SQLITE_CHUNK]),
+                )
+            )
+            for row in rows:
+                delta = _delta_of(row)
+                stored[delta.key] = delta
+    return stored
+
+
 async def add_to_hour_stats(
     session: AsyncSession, deltas: Sequence[AggregateDelta], received_at: datetime | None = None
 ) -> None:
@@ -137,37 +185,14 @@ async def add_to_hour_stats(
         return
     received = received_hour_of(received_at)
     keys: list[Key] = sorted(merged, key=lambda k: (k[1], k[2], k[3], k[0]))
-    table = DeviceHourStats
-    stored: dict[Key, AggregateDelta] = {}
-    for start in range(0, len(keys), _SQLITE_CHUNK // 4):
-        chunk = keys[start : start + _SQLITE_CHUNK // 4]
-        rows = await session.scalars(
-            select(table).where(
-                table.received_hour == received,
-                tuple_(table.model_name, table.model_version, table.hour, table.device_id).in_(
-                    [(k[1], k[2], k[3], k[0]) for k in chunk]
-                ),
-            )
-        )
-        for row in rows:
-            delta = _delta_of(row)
-            stored[delta.key] = delta
+    stored = await _stored_hours(session, keys, received)
     values = []
     for key in keys:
         before = stored.get(key)
         summed = merged[key] if before is None else combine(before, merged[key])
         values.append(_values_of(summed, received))
-    insert = _insert(session)
-    statement = insert(table)
-    statement = statement.on_conflict_do_update(
-        index_elements=list(_KEY_COLUMNS),
-        set_={
-            c.name: statement.excluded[c.name]
-            for c in table.__table__.columns
-            if c.name not in _KEY_COLUMNS
-        },
-    )
-    await session.execute(statement, values)
+    connection = await session.connection()
+    await connection.execute(_upsert(session), values)
 
 
 async def add_labels(
