@@ -96,6 +96,7 @@ from simulator.device_parts import (
 )
 
 log = logging.getLogger(__name__)
+SIM_INLINE_BELOW_S = 1.0
 
 TRIAL_TICK_S = 0.2  # the trial clock while a trial runs (agent.daemon.TICK_S)
 DUPLICATE_AFTER_S = 0.5  # a duplicated desired-state push comes again this much later
@@ -276,7 +277,11 @@ class SimDevice:
         self.chain = FallbackChain(
             slot,
             cloud=cloud,
-            config=ChainConfig(max_audits_in_flight=2),
+            # On the loop, always after the first run: the devices of a process share its
+            # CPU, so a worker-thread hop buys no responsiveness, and under a thousand
+            # devices' load a model timed in a thread stays slower than the agent's
+            # threshold and never comes back (its p95 ten times its inline peers').
+            config=ChainConfig(max_audits_in_flight=2, inline_below_s=SIM_INLINE_BELOW_S),
             wall_clock=self.clock,
             seed=seed,
         )
