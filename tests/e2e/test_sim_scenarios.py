@@ -1,113 +1,50 @@
 """The shipped scenarios' short forms, run as a user runs them: ``fleet-sim run FILE --short``.
 
 Each run starts its own broker, fleet server (and cloud endpoint) and
-simulated devices, and must exit 0 with every check of its report passed; a
-scenario whose broker never comes back must exit 1 naming the checks that
-failed, with the windows left on the devices counted, not lost.
+simulated devices, and must exit 0 with every check of its report passed,
+its figures and time series agreeing; the reconnect storm and the capacity
+cut are also looked at in detail. (``fleet-sim run``'s options and a run that
+fails a check: ``test_sim_run_options.py``.)
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-import urllib3
-from prometheus_client.parser import text_string_to_metric_families
 
-from simulator.scenario import CHECKS
-from simulator.sim_device import SimDevice
-from testbed.waiting import free_port, wait_until
+from tests.support.sim_runs import SCENARIOS, assert_passed, checks_of, fleet_sim
 
 pytestmark = pytest.mark.integration
 
-SCENARIOS = Path(__file__).resolve().parents[2] / "simulator" / "scenarios"
-RUN_TIMEOUT_S = 600  # a hung run fails the test instead of the suite
-INSTALLING = hasattr(SimDevice, "snapshot")  # simulated devices with the real installer
 
-
-def fleet_sim(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], Any]:
-    """``fleet-sim run ARGS`` in its own process; its result and the JSON report it wrote."""
-    report = tmp_path / "report.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "simulator.cli",
-            "run",
-            *args,
-            "--workdir",
-            str(tmp_path / "run"),
-            "--report-json",
-            str(report),
-            "--report-csv",
-            str(tmp_path / "series.csv"),
-            "--quiet",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT_S,
-        check=False,
-    )
-    data = json.loads(report.read_text()) if report.exists() else None
-    return done, data
-
-
-def checks_of(report: Any) -> dict[str, dict[str, Any]]:
-    return {c["name"]: c for c in report["checks"]}
-
-
-def assert_passed(done: subprocess.CompletedProcess[str], report: Any) -> None:
-    said = f"stdout:\n{done.stdout}\nstderr:\n{done.stderr[-3000:]}"
-    assert report is not None, said
-    assert done.returncode == 0, said
-    assert report["passed"] is True
-    assert set(checks_of(report)) == set(CHECKS)
-    assert all(c["passed"] for c in report["checks"]), said
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        "reconnect-storm",
-        "drift-region",
-        "cloud-capacity",
-        pytest.param(
-            "good-rollout",
-            marks=pytest.mark.skipif(not INSTALLING, reason="simulated devices do not install"),
-        ),
-        pytest.param(
-            "bad-model",
-            marks=pytest.mark.skipif(not INSTALLING, reason="simulated devices do not install"),
-        ),
-        pytest.param(
-            "power-cuts",
-            marks=pytest.mark.skipif(not INSTALLING, reason="simulated devices do not install"),
-        ),
-    ],
-)
-def test_a_short_scenario_passes_every_check(tmp_path: Path, name: str) -> None:
+def run_short(tmp_path: Path, name: str) -> tuple[subprocess.CompletedProcess[str], Any]:
+    """``fleet-sim run NAME.toml --short``: every check passed, every request answered, every
+    window stored, a sample a second in the report and the CSV alike."""
     done, report = fleet_sim(tmp_path, str(SCENARIOS / f"{name}.toml"), "--short")
     assert_passed(done, report)
     assert report["scenario"] == name and report["mode"] == "real"
     figures = report["figures"]
     assert figures["requests"] == figures["answered"] > 0
     assert figures["windows_stored"] == figures["windows_produced"] > 0
-    # One sample a second of the traffic, in the report and in the CSV alike.
     with (tmp_path / "series.csv").open() as rows:
         series = list(csv.DictReader(rows))
     assert len(series) == len(report["series"]) >= 10
     assert int(series[-1]["windows_stored"]) == figures["windows_stored"]
     assert ": passed" in done.stdout
+    return done, report
+
+
+@pytest.mark.parametrize("name", ["drift-region", "good-rollout", "bad-model", "power-cuts"])
+def test_a_short_scenario_passes_every_check(tmp_path: Path, name: str) -> None:
+    run_short(tmp_path, name)
 
 
 def test_the_reconnect_storm_takes_every_device_offline_and_back(tmp_path: Path) -> None:
-    done, report = fleet_sim(tmp_path, str(SCENARIOS / "reconnect-storm.toml"), "--short")
-    assert_passed(done, report)
+    _, report = run_short(tmp_path, "reconnect-storm")
     devices = report["devices"]
     online = [s["online"] for s in report["series"]]
     restart = next(f for f in report["faults"] if f["kind"] == "broker-restart")
@@ -118,128 +55,7 @@ def test_the_reconnect_storm_takes_every_device_offline_and_back(tmp_path: Path)
 
 
 def test_a_cloud_capacity_cut_is_followed_by_the_plans(tmp_path: Path) -> None:
-    done, report = fleet_sim(tmp_path, str(SCENARIOS / "cloud-capacity.toml"), "--short")
-    assert_passed(done, report)
+    _, report = run_short(tmp_path, "cloud-capacity")
     assert report["figures"]["cloud_answers"] > 0
     assert [d["capacity"] for d in report["decisions"] if d["step"] == "capacity"] == [20, 6]
     assert "capacity of 6" in checks_of(report)["expectations"]["detail"]
-
-
-def test_a_scenario_that_fails_a_check_exits_1_naming_it(tmp_path: Path) -> None:
-    # The broker goes down and stays down past the end of the traffic: the windows closed
-    # since wait in the devices' outboxes, never stored, and the fleet ends offline.
-    scenario = tmp_path / "broker-gone.toml"
-    scenario.write_text(
-        'name = "broker-gone"\nduration = "15s"\n'
-        '[traffic]\nrate = 3.0\nwindow = "2s"\n'
-        '[[cohorts]]\nname = "fleet"\ndevices = 3\n'
-        '[[faults]]\nkind = "broker-restart"\nat = "6s"\nduration = "1h"\n'
-        "[expect]\nmin_online = 1.0\n"
-    )
-    done, report = fleet_sim(tmp_path, str(scenario))
-    said = f"stdout:\n{done.stdout}\nstderr:\n{done.stderr[-3000:]}"
-    assert done.returncode == 1, said
-    checks = checks_of(report)
-    assert not checks["windows-once"]["passed"]
-    assert "never stored" in checks["windows-once"]["detail"]
-    assert not checks["expectations"]["passed"]
-    assert checks["requests-answered"]["passed"]  # the devices served on without the broker
-    assert report["passed"] is False
-    assert "FAIL windows-once" in done.stdout and "FAIL expectations" in done.stdout
-
-
-def test_a_run_shows_its_progress_and_serves_its_metrics_while_it_runs(tmp_path: Path) -> None:
-    port = free_port()
-    run = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "simulator.cli",
-            "run",
-            "--devices",
-            "2",
-            "--duration",
-            "20s",
-            "--workdir",
-            str(tmp_path / "run"),
-            "--metrics-port",
-            str(port),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    http = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(connect=1, read=5))
-
-    def online() -> float | None:
-        if run.poll() is not None:
-            raise AssertionError(f"fleet-sim exited with {run.returncode} before serving metrics")
-        try:
-            text = http.request("GET", f"http://127.0.0.1:{port}/metrics").data.decode()
-        except urllib3.exceptions.HTTPError:
-            return None
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == "fleetsim_devices_online" and sample.value == 2:
-                    return sample.value
-        return None
-
-    try:
-        wait_until("the run's metrics to show both devices online", online, RUN_TIMEOUT_S)
-        out, err = run.communicate(timeout=RUN_TIMEOUT_S)
-    finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
-    assert run.returncode == 0, f"stdout:\n{out}\nstderr:\n{err[-3000:]}"
-    # Not a terminal: plain progress lines, not one line rewritten in place.
-    progress = [line for line in err.splitlines() if "online 2/2" in line]
-    assert progress and "\r" not in err
-    assert (tmp_path / "run" / "report.json").exists()
-    assert (tmp_path / "run" / "report.csv").exists()
-
-
-def test_network_faults_go_through_the_proxy_and_lose_nothing(tmp_path: Path) -> None:
-    # One cohort's link goes down, the other's slows; then every connection is cut at once.
-    scenario = tmp_path / "network.toml"
-    scenario.write_text(
-        'name = "network"\nduration = "25s"\n'
-        '[traffic]\nrate = 3.0\nwindow = "3s"\n'
-        '[[hardware]]\nid = "rpi4-arm64"\nlink = { latency_ms = 20 }\n'
-        '[[cohorts]]\nname = "a"\ndevices = 3\n'
-        '[[cohorts]]\nname = "b"\ndevices = 2\n'
-        '[[faults]]\nkind = "link-down"\nat = "5s"\nduration = "5s"\ntarget = { cohort = "b" }\n'
-        '[[faults]]\nkind = "latency"\nat = "3s"\nduration = "10s"\nlatency_ms = 100\n'
-        'jitter_ms = 20\ntarget = { cohort = "a" }\n'
-        '[[faults]]\nkind = "reconnect-storm"\nat = "15s"\n'
-        "[expect]\nmin_online = 1.0\n"
-    )
-    done, report = fleet_sim(tmp_path, str(scenario))
-    assert_passed(done, report)
-    assert [f["applied"] for f in report["faults"]] == ["yes", "yes", "yes"]
-    down = [s for s in report["series"] if "link-down" in s["faults_active"]]
-    assert down and min(s["online"] for s in down) <= 3  # cohort b was cut off
-    figures = report["figures"]
-    # Every connection open at that moment (a device of b may still be in its backoff).
-    assert len(figures["storm_cut"]) == 1 and 1 <= figures["storm_cut"][0] <= 5
-    assert figures["proxy_broker"]["refused"] > 0  # b's reconnects while its link was down
-
-
-def test_a_fleet_split_over_two_processes_is_checked_as_one(tmp_path: Path) -> None:
-    scenario = tmp_path / "two.toml"
-    scenario.write_text(
-        'name = "two-processes"\nduration = "20s"\nprocesses = 2\n'
-        '[traffic]\nrate = 2.0\nwindow = "3s"\nlabels = { share = 0.5, delay = "2s" }\n'
-        '[[cohorts]]\nname = "eu"\ndevices = 5\ntags = ["region=eu"]\n'
-        '[[faults]]\nkind = "broker-restart"\nat = "8s"\nduration = "3s"\n'
-        "[expect]\nmin_online = 1.0\n"
-    )
-    done, report = fleet_sim(tmp_path, str(scenario))
-    assert_passed(done, report)
-    figures = report["figures"]
-    assert figures["processes"] == 2
-    # Every device's windows are checked, those of the device process too (3 of the 5 here).
-    assert "5 devices" in checks_of(report)["verified-model"]["detail"]
-    assert figures["windows_stored"] == figures["windows_produced"] > 0
-    assert report["series"][-1]["online"] == 5
-    assert (tmp_path / "run" / "fleet-sim-1.log").exists()
