@@ -833,23 +833,7 @@ class Run:
                     running.append(asyncio.create_task(device.run(stop)))
                 await self._until_online()
                 await self._parts_ready()
-                self.t0 = time.monotonic()
-                side = [
-                    asyncio.create_task(self._sampler(traffic_stop)),
-                    asyncio.create_task(self._schedule()),
-                    asyncio.create_task(self._labels(traffic_stop)),
-                ]
-                for cohort in self.scenario.cohorts:
-                    tasks.create_task(self._cohort_traffic(cohort, traffic_stop))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        traffic_stop.wait(), self.scenario.duration.total_seconds()
-                    )
-                traffic_stop.set()
-                for task in side:
-                    task.cancel()
-                await asyncio.gather(*side, return_exceptions=True)
-                await self._end_faults(outlasting=False)
+                await self._traffic(tasks, traffic_stop)
                 await self._settle()
                 produced = self._produced()
                 for part in self.parts:
@@ -869,6 +853,25 @@ class Run:
                 self.report.figures.update(self.network.stats())
                 await self.network.close()
             gc.collect()  # aiomqtt's clients call back into this loop when collected
+
+    async def _traffic(self, tasks: asyncio.TaskGroup, traffic_stop: asyncio.Event) -> None:
+        """The scenario's traffic, steps, faults and samples for its duration; then the
+        traffic stops and the faults that end with it are ended."""
+        self.t0 = time.monotonic()
+        side = [
+            asyncio.create_task(self._sampler(traffic_stop)),
+            asyncio.create_task(self._schedule()),
+            asyncio.create_task(self._labels(traffic_stop)),
+        ]
+        for cohort in self.scenario.cohorts:
+            tasks.create_task(self._cohort_traffic(cohort, traffic_stop))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(traffic_stop.wait(), self.scenario.duration.total_seconds())
+        traffic_stop.set()
+        for task in side:
+            task.cancel()
+        await asyncio.gather(*side, return_exceptions=True)
+        await self._end_faults(outlasting=False)
 
     async def _stop_devices(self, stop: asyncio.Event, running: list[asyncio.Task[None]]) -> None:
         """Stop every device; one still running :data:`STOP_GRACE_S` later is cancelled, and
@@ -918,23 +921,7 @@ class Run:
                 await self._until_online()
                 self.conn.send(("ready",))
                 await asyncio.to_thread(go.wait)
-                self.t0 = time.monotonic()
-                side = [
-                    asyncio.create_task(self._sampler(traffic_stop)),
-                    asyncio.create_task(self._schedule()),
-                    asyncio.create_task(self._labels(traffic_stop)),
-                ]
-                for cohort in self.scenario.cohorts:
-                    tasks.create_task(self._cohort_traffic(cohort, traffic_stop))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        traffic_stop.wait(), self.scenario.duration.total_seconds()
-                    )
-                traffic_stop.set()
-                for task in side:
-                    task.cancel()
-                await asyncio.gather(*side, return_exceptions=True)
-                await self._end_faults(outlasting=False)
+                await self._traffic(tasks, traffic_stop)
                 await asyncio.sleep(self.scenario.traffic.window.total_seconds() + 0.5)
                 self.conn.send(("sample", asdict(await self._sample())))
                 self.conn.send(
