@@ -2,7 +2,8 @@
 
 Tasks, all owned by one ``TaskGroup`` and stopped together on SIGTERM:
 the local Open Inference Protocol API, the update loop (poll the director
-through the child fetcher, install), the trial clock (commit after the
+through the child fetcher, which the poll gate spares while the director's
+and the image repository's metadata are unchanged; install), the trial clock (commit after the
 health period) and, when ``server.broker`` is set, the MQTT link. The
 installer publishes models to the fallback chain; the chain reports every
 stage attempt back to the installer's watchdog. A device with a director
@@ -42,6 +43,7 @@ from agent.ota.faults import Faults
 from agent.ota.installer import Installer
 from agent.ota.parts import ProcessFetcher, SlotModel
 from agent.ota.plan import PlanKeeper, reported
+from agent.ota.poll_gate import PollGate
 from agent.ota.shadow import ShadowKeeper, ShadowModel
 from agent.ota.shadow_steps import ShadowPolicy
 from agent.ota.shadow_store import ShadowStore
@@ -124,12 +126,16 @@ class AgentDaemon:
             self.chain.on_answer(self._record)
             self.chain.on_audit(self.recorder.record_audit)
         runtime = runtime or default_runtime()
+        # One fetcher for the three questions of a poll: a child process, asked only
+        # when the director's or the image repository's metadata may have changed.
+        self.fetcher = PollGate(ProcessFetcher(config_path), config)
         self.installer = Installer.from_config(
             config,
             config_path,
             runtime,
             publish=self._serve_models,
             on_event=self._install_event,
+            fetcher=self.fetcher,
         )
         self.chain.subscribe(self.installer.observe)
         self.shadow: ShadowKeeper | None = None
@@ -138,7 +144,7 @@ class AgentDaemon:
             self.shadow = ShadowKeeper(
                 store=ShadowStore(config.data_dir / "shadow"),
                 runtime=runtime,
-                fetcher=ProcessFetcher(config_path),
+                fetcher=self.fetcher,
                 publish=self._run_shadow,
                 report=installer.record_event,
                 installed_counter=lambda: installer.journal.installed_counter,
@@ -150,7 +156,7 @@ class AgentDaemon:
         self._plan_metrics_registered = False
         if config.director is not None:
             self.plan = PlanKeeper(
-                fetcher=ProcessFetcher(config_path),
+                fetcher=self.fetcher,
                 on_plan=self._follow_plan,
                 report=self.installer.record_event,
             )

@@ -47,15 +47,11 @@ from agent.ota.errors import RepositoryUnavailable, UpdateRefused
 from agent.ota.faults import Faults
 from agent.ota.image_repository import BundleTarget, ImageRepositoryClient, open_verified_manifest
 from agent.ota.journal import InstallTarget
+from agent.ota.poll_gate import trust_dirs as trust_dirs  # where it always was
 from agent.ota.transport import FetchConfig
 
 if TYPE_CHECKING:  # the child process imports no more than it needs
     from agent.ota.parts import FaultPoints
-
-
-def trust_dirs(config: AgentConfig) -> tuple[Path, Path]:
-    """The metadata stores of the image repository and the director."""
-    return config.data_dir / "trust" / "image", config.data_dir / "trust" / "director"
 
 
 def downloads_dir(config: AgentConfig) -> Path:

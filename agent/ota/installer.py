@@ -37,6 +37,7 @@ from agent.ota.parts import (
     SlotModels,
     SlotStore,
 )
+from agent.ota.poll_gate import PollGate
 from agent.ota.slots import SlotError, Slots
 from agent.ota.steps import InstallerState, Policy, decide
 from agent.ota.watchdog import Watchdog
@@ -100,14 +101,19 @@ class Installer:
         publish: Publish,
         clock: Callable[[], float] = time.time,
         on_event: EventListener | None = None,
+        fetcher: Fetcher | None = None,
     ) -> Installer:
-        """The installer of a device: its slots, journal and fetcher under ``config.data_dir``."""
+        """The installer of a device: its slots, journal and fetcher under ``config.data_dir``.
+
+        ``fetcher`` by default: the child process behind the poll gate
+        (:class:`~agent.ota.poll_gate.PollGate`).
+        """
         slots = Slots(config.data_dir / "slots")
         return cls(
             slots=slots,
             models=RuntimeSlotModels(slots, runtime),
             store=JournalStore(config.data_dir),
-            fetcher=ProcessFetcher(config_path),
+            fetcher=fetcher or PollGate(ProcessFetcher(config_path), config),
             update=config.update,
             publish=publish,
             clock=clock,
