@@ -7,6 +7,7 @@ from functools import partial
 from benchmarks import (
     agent_inference,
     agent_memory,
+    agent_poll,
     agent_shadow,
     cloud_endpoint,
     director_signing,
@@ -29,6 +30,7 @@ BENCHMARKS = [
     ("local inference paths vs a bare interpreter call", agent_inference.main),
     ("agent memory, import shares and time to ready", agent_memory.main),
     ("a shadow model's memory and latency vs the same agent without one", agent_shadow.main),
+    ("an update poll's CPU with the poll gate vs a fetcher child per question", agent_poll.main),
     ("server ingest from the broker vs a bare paho subscriber", server_ingest.main),
     (
         "server window-summary ingest vs a bare paho subscriber",
