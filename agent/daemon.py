@@ -176,7 +176,7 @@ class AgentDaemon:
                 outbox=self.outbox,
                 hybrid_plan=self._plan_state,
             )
-        self.metrics.watch(chain=self.chain, outbox=self.outbox, link=self.link)
+        self.metrics.watch(chain=self.chain, outbox=self.outbox, link=self.link, gate=self.fetcher)
         self.api = LocalApi(
             self.chain,
             config.api.host,

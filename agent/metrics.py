@@ -45,7 +45,11 @@ Metrics, all named ``edgefleet_agent_*``:
   usable answer, by kind (``rate_limited``, ``timeout``, ``unavailable``,
   ``server_error``, ``bad_answer``);
 - ``hybrid_plan_info{plan_id, mode}``: 1 while the device follows a plan
-  (none before one arrives or after it expired).
+  (none before one arrives or after it expired);
+- ``update_questions_total{answered_by}``: the questions of the update polls
+  (the plan, the assignment, the shadow, a download), by who answered:
+  ``fetcher`` (a child process verified the metadata) or ``poll_gate`` (the
+  metadata was unchanged: the last child's answer, :mod:`agent.ota.poll_gate`).
 
 The counts are kept on the agent's event loop and are not locked.
 """
@@ -68,6 +72,7 @@ if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
     from agent.mqtt import MqttLink
+    from agent.ota.poll_gate import PollGate
     from agent.serving.chain import FallbackChain
     from agent.telemetry.outbox import Outbox
 
@@ -266,6 +271,7 @@ class AgentMetrics:
         self._chain: FallbackChain | None = None
         self._outbox: Outbox | None = None
         self._link: MqttLink | None = None
+        self._gate: PollGate | None = None
         self._registry: CollectorRegistry | None = None
 
     @property
@@ -284,11 +290,14 @@ class AgentMetrics:
         chain: FallbackChain | None = None,
         outbox: Outbox | None = None,
         link: MqttLink | None = None,
+        gate: PollGate | None = None,
     ) -> None:
-        """At each scrape, read what ``chain`` serves, ``outbox``'s depth, ``link``'s state."""
+        """At each scrape, read what ``chain`` serves, ``outbox``'s depth, ``link``'s state,
+        and who answered ``gate``'s questions."""
         self._chain = chain or self._chain
         self._outbox = outbox or self._outbox
         self._link = link or self._link
+        self._gate = gate or self._gate
 
     def exposition(self) -> bytes:
         """The metrics as Prometheus text (format 0.0.4)."""
@@ -319,6 +328,16 @@ class AgentMetrics:
             )
             reconnects.add_metric([], self._link.reconnects)
             yield from (connected, reconnects)
+        if self._gate is not None:
+            questions = CounterMetricFamily(
+                PREFIX + "update_questions",
+                "Questions of the update polls, by who answered: a fetcher child process, "
+                "or the poll gate while the metadata was unchanged",
+                labels=["answered_by"],
+            )
+            questions.add_metric(["fetcher"], self._gate.asked)
+            questions.add_metric(["poll_gate"], self._gate.repeated)
+            yield questions
 
     @staticmethod
     def _models(chain: FallbackChain) -> Metric:

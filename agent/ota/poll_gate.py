@@ -234,7 +234,7 @@ class PollGate:
         now = self.clock()
         try:
             stores = tuple((repo, store_state(repo.store)) for repo in depends)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except Exception as exc:  # a store python-tuf did not write: nothing is kept
             log.debug("poll gate: not keeping the %s answer: %s", kind, exc)
             return
         fresh_until = min(state.expires for _, state in stores)
@@ -258,6 +258,9 @@ class PollGate:
                     return None
         except (OSError, TimeoutError, ValueError) as exc:
             log.debug("poll gate: %s asked of the fetcher: %s", kind, exc)
+            return None
+        except Exception:  # a doubt all the same: the child answers
+            log.warning("poll gate: %s asked of the fetcher after an error", kind, exc_info=True)
             return None
         self.repeated += 1
         return kept.answer
@@ -302,7 +305,9 @@ class PollGate:
             # HTTP/1.0: no chunked body, the server closes after it.
             cap = _HEAD_MAX_BYTES + limit + 1
             raw = b""
-            while len(raw) < cap and (chunk := await reader.read(cap - len(raw))):
+            while len(raw) < cap and not _whole(raw):
+                if not (chunk := await reader.read(cap - len(raw))):
+                    break
                 raw += chunk
         finally:
             writer.close()
@@ -333,6 +338,19 @@ def _metadata_url(base: str) -> str:
         path = Path(unquote(urlsplit(base).path)) if base.startswith("file://") else Path(base)
         base = path.resolve().as_uri()
     return f"{base}/metadata/"
+
+
+def _whole(raw: bytes) -> bool:
+    """Whether ``raw`` holds a response head and all the body its Content-Length announces
+    (a server that keeps the connection open anyway is not waited for)."""
+    head, sep, body = raw.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return value.strip().isdigit() and len(body) >= int(value.strip())
+    return False
 
 
 def _response(raw: bytes, limit: int) -> tuple[int, bytes]:

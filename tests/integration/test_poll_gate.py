@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import urllib.request
 from collections.abc import Collection, Coroutine, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from agent.config import AgentConfig
 from agent.ota.answers import (
@@ -33,7 +35,7 @@ from fleet_server.director import DirectorRepository
 from fleet_server.release.keys import KeyStore, init_keys
 from fleet_server.release.repository import ExpiryPolicy, ReleasedBundle
 from protocol.hybrid import HybridPlan
-from testbed.fleet import Fleet
+from testbed.fleet import AgentProcess, Fleet
 from testbed.http_repo import Faults
 from testbed.images import make_bundle
 
@@ -253,3 +255,41 @@ def test_a_director_that_cannot_be_reached_runs_the_child(
     answer = run(gate.check(0))
     assert isinstance(answer, Unavailable), answer
     assert fetcher.children == 2
+
+
+def _questions(url: str) -> dict[str, float]:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {
+        s.labels["answered_by"]: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "edgefleet_agent_update_questions_total"
+    }
+
+
+def test_an_idle_agent_polls_without_children_and_still_installs_what_is_assigned(
+    fleet: Fleet, built: dict[str, Path]
+) -> None:
+    bundles = released(fleet, built)
+    fleet.assign(DEVICE, bundles["v1"])
+    agent = AgentProcess(fleet.agent_config(DEVICE, update={"health_period_s": 0.5}))
+    try:
+        url = agent.wait_ready()
+        agent.wait_for("v1 committed", lambda: installed(agent) == "1.0.0")
+        agent.wait_for("polls answered by the gate", lambda: _questions(url)["poll_gate"] >= 6)
+        before = _questions(url)
+        agent.wait_for(
+            "more polls", lambda: _questions(url)["poll_gate"] >= before["poll_gate"] + 9
+        )
+        assert _questions(url)["fetcher"] == before["fetcher"], "an idle poll started a child"
+
+        fleet.assign(DEVICE, bundles["v2"])
+        agent.wait_for("v2 committed", lambda: installed(agent) == "2.0.0")
+        assert _questions(url)["fetcher"] > before["fetcher"]
+    finally:
+        agent.stop()
+
+
+def installed(agent: AgentProcess) -> str | None:
+    return (agent.journal().get("installed") or {}).get("version")
