@@ -135,6 +135,8 @@ class ProcessFetcher:
     """The fetcher as a short-lived child process (:mod:`agent.ota.fetch_worker`).
 
     TUF, urllib3 and the cryptography libraries stay out of the serving process.
+    The agent asks it through :class:`~agent.ota.poll_gate.PollGate`, which
+    spares the child while the repositories' metadata is unchanged.
     """
 
     def __init__(self, config_path: Path) -> None:
