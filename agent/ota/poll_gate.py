@@ -305,13 +305,13 @@ class PollGate:
             # HTTP/1.0: no chunked body, the server closes after it.
             cap = _HEAD_MAX_BYTES + limit + 1
             raw = b""
-            while len(raw) < cap and not _whole(raw):
+            while len(raw) < cap and not response_complete(raw):
                 if not (chunk := await reader.read(cap - len(raw))):
                     break
                 raw += chunk
         finally:
             writer.close()
-        return _response(raw, limit)
+        return parse_response(raw, limit)
 
     def _authorization(self) -> str | None:
         """HTTP Basic, as the fetcher sends it (the password file read afresh, like the child)."""
@@ -340,7 +340,7 @@ def _metadata_url(base: str) -> str:
     return f"{base}/metadata/"
 
 
-def _whole(raw: bytes) -> bool:
+def response_complete(raw: bytes) -> bool:
     """Whether ``raw`` holds a response head and all the body its Content-Length announces
     (a server that keeps the connection open anyway is not waited for)."""
     head, sep, body = raw.partition(b"\r\n\r\n")
@@ -353,7 +353,7 @@ def _whole(raw: bytes) -> bool:
     return False
 
 
-def _response(raw: bytes, limit: int) -> tuple[int, bytes]:
+def parse_response(raw: bytes, limit: int) -> tuple[int, bytes]:
     """Status and body of an HTTP/1.x response; ``ValueError`` when it is not a whole one."""
     head, sep, body = raw.partition(b"\r\n\r\n")
     if not sep:

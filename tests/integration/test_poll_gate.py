@@ -293,3 +293,26 @@ def test_an_idle_agent_polls_without_children_and_still_installs_what_is_assigne
 
 def installed(agent: AgentProcess) -> str | None:
     return (agent.journal().get("installed") or {}).get("version")
+
+
+def test_a_clock_set_back_or_past_the_earliest_expiry_runs_the_child(
+    fleet: Fleet, built: dict[str, Path]
+) -> None:
+    bundles = released(fleet, built)
+    fleet.assign(DEVICE, bundles["v1"])
+    path = fleet.agent_config(DEVICE)
+    fetcher = CountedFetcher(path)
+    now = [time.time()]
+    gate = PollGate(fetcher, AgentConfig.load(path), clock=lambda: now[0])
+    first = run(gate.check(0))
+    assert isinstance(first, Assigned)
+    assert run(gate.check(0)) == first and fetcher.children == 1
+
+    now[0] -= 3600  # the clock went back: whatever the gate knew, the child answers
+    assert run(gate.check(0)) == first and fetcher.children == 2
+    assert run(gate.check(0)) == first and fetcher.children == 2
+
+    # The director's timestamp (one day) is the earliest expiry in the stores.
+    stored = json.loads((trust_dirs(gate.config)[1] / "timestamp.json").read_bytes())
+    now[0] = datetime.fromisoformat(stored["signed"]["expires"]).timestamp()
+    assert run(gate.check(0)) == first and fetcher.children == 3
