@@ -243,12 +243,33 @@ class VirtualDevice:
         window = self.current
         step = window_s / requests
         start = end - window_s
-        while window.next < requests and start + (window.next + 1) * step <= t + 1e-9:
-            i = window.next
-            window.next += 1
+        i = window.next
+        if self.trial is None:
+            # No model on trial, so none changes mid-window: the active model's answers
+            # hold for every request, and a finite one is recorded here without the
+            # general path's look-ups (the same calls, in the same order).
+            active, served, record = self.active, self.served, self.recorder.record
+            answers, finite = window.scores(active)
+            rows, latencies = window.rows, window.latencies
+            inputs, outputs = active.input_name, active.output_name
+            while i < requests and start + (i + 1) * step <= t + 1e-9:
+                window.next = i + 1
+                self.now = self.clock_epoch + start + (i + 1) * step
+                if finite[i]:
+                    served.requests += 1
+                    served.answered += 1
+                    record({inputs: rows[i : i + 1]}, {outputs: answers[i : i + 1]}, "active",
+                           float(latencies[i]))  # fmt: skip
+                else:
+                    self._answer(rows[i : i + 1], window.scores, i, float(latencies[i]), events)
+                i += 1
+            return
+        while i < requests and start + (i + 1) * step <= t + 1e-9:
+            window.next = i + 1
             self.now = self.clock_epoch + start + (i + 1) * step
             self._answer(window.rows[i : i + 1], window.scores, i, float(window.latencies[i]),
                          events)  # fmt: skip
+            i += 1
 
     def end_window(
         self, t: float, window_s: float

@@ -22,8 +22,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import event, func, insert, select
 
 from fleet_server.db import Database
 from fleet_server.db.engine import migrate
@@ -44,6 +45,7 @@ from fleet_server.rollouts.service import BASELINE, INSTALL_TIMEOUT, _aggregate,
 from fleet_server.rollouts.state import RolloutState
 from fleet_server.rollouts.waves import DeviceFacts, Population, matches, reached
 from protocol.api.rollouts import RolloutSpec
+from protocol.cbpe import Calibration
 from protocol.messages import DeviceEvent
 from protocol.topics import windows_topic
 from protocol.window import WindowSummary, encode_window
@@ -80,6 +82,8 @@ class VirtualServer:
 
     def __init__(self, url: str) -> None:
         self.db = Database(url)
+        # The run's own scratch database: a crash loses the run anyway, so no fsync at all.
+        event.listen(self.db.engine.sync_engine, "connect", _no_sync)
         self._pending: list[Accepted] = []
         self.produced: set[str] = set()
         self.resent = 0
@@ -183,6 +187,7 @@ class VirtualRollout:
         self.state = RolloutState()
         self.reached: dict[str, Reached] = {}
         self.decisions: list[dict[str, object]] = []
+        self._made: dict[tuple[str, str], tuple[tuple[object, ...], DeviceAggregate]] = {}
 
     def population(self, server: VirtualServer) -> tuple[list[DeviceFacts], Population]:
         selected = [f for f in server.facts if matches(self.spec.select, f)]
@@ -231,15 +236,17 @@ class VirtualRollout:
         for device_id in sorted(self.reached):
             before = ran.get(device_id, "")
             devices.append(
-                _aggregate(device_id, "treatment", treatment, baseline.get(before),
-                           calibration.get(spec.version), calibration.get(before))
+                self._aggregate(device_id, "treatment", (spec.version, treatment),
+                                (before, baseline.get(before)), calibration)
             )  # fmt: skip
         for device_id in control_ids:
             was = ran.get(device_id)
             if was is None:
                 continue
-            cal = calibration.get(was)
-            devices.append(_aggregate(device_id, "control", control[was], baseline[was], cal, cal))
+            devices.append(
+                self._aggregate(device_id, "control", (was, control[was]),
+                                (was, baseline[was]), calibration)
+            )  # fmt: skip
         devices = [d for d in devices if d.windows > 0]
         records = [self._install(server, d, r) for d, r in sorted(self.reached.items())]
         installs = install_tally(records, now, INSTALL_TIMEOUT)
@@ -254,6 +261,34 @@ class VirtualRollout:
         ]  # fmt: skip
         return list(evaluations), _srm(reporting, len(installed), len(alive))
 
+    def _aggregate(
+        self,
+        device_id: str,
+        arm: str,
+        sums: tuple[str, DeviceAggregates],
+        pre: tuple[str, DeviceAggregates | None],
+        calibration: dict[str, Calibration | None],
+    ) -> DeviceAggregate:
+        """The service's ``_aggregate`` of the device, made again only when its rows changed.
+
+        Windows are only ever added to the hourly rows, and the ranges read only
+        grow (``until`` is the tick's time) or stay (the baseline), so a device
+        whose window counts in both reads are as at an earlier tick has the
+        same sums as then, and the same aggregate: most devices, at a tick
+        shorter than their windows.
+        """
+        (version, now), (before, then) = sums, pre
+        then_classes = then.classes if then is not None else None
+        key = (version, now.classes, _counts(now, device_id),
+               before, then_classes, _counts(then, device_id))  # fmt: skip
+        last = self._made.get((device_id, arm))
+        if last is not None and last[0] == key:
+            return last[1]
+        made = _aggregate(device_id, arm, now, then, calibration.get(version),
+                          calibration.get(before))  # fmt: skip
+        self._made[device_id, arm] = (key, made)
+        return made
+
     def _install(self, server: VirtualServer, device_id: str, r: Reached) -> InstallRecord:
         """The device's install as its latest outcome event since it was assigned tells it."""
         seen = server.seen(device_id)
@@ -267,3 +302,17 @@ class VirtualRollout:
                 if result is not None:
                     return InstallRecord(device_id, r.assigned_at, result, seen)  # type: ignore[arg-type]
         return InstallRecord(device_id, r.assigned_at, None, seen)
+
+
+def _counts(sums: DeviceAggregates | None, device_id: str) -> tuple[int, int] | None:
+    """The device's windows and requests in ``sums`` (``None``: it has no rows there)."""
+    i = sums.index().get(device_id) if sums is not None else None
+    if i is None or sums is None:
+        return None
+    return int(sums.windows[i]), int(sums.requests[i])
+
+
+def _no_sync(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA synchronous=OFF")
+    cursor.close()
