@@ -56,6 +56,11 @@ FETCH_S = (30.0, 300.0)
 SAMPLES = 200
 """At most this many samples in the report's series."""
 
+INGEST_PROCESS = 1_000
+"""From this many devices the server's ingest runs in a process of its own, beside the
+devices (the same steps, the same database: see :class:`~simulator.virtual.server.IngestProcess`);
+a smaller fleet does not repay starting it."""
+
 _RANK = {"step": 0, "fetched": 1, "window": 2, "tick": 3, "sample": 4}
 _EXPECTED = {
     "completed": Phase.COMPLETED,
@@ -145,7 +150,8 @@ class _Run:
     async def run(self) -> RunReport:
         started_at = datetime.now(UTC).isoformat()
         wall = time.perf_counter()
-        self.server = server = VirtualServer(self.url)
+        fleet = sum(c.devices for c in self.scenario.cohorts)
+        self.server = server = VirtualServer(self.url, ingest_process=fleet >= INGEST_PROCESS)
         try:
             await self._start(server)
             while self.heap and self.heap[0].t <= self.end:
