@@ -6,6 +6,13 @@ of time and then of a fixed rank, so two runs of one scenario take the same
 steps. The seed-derived events are drawn per device from ``(seed, device)``
 and written to the trace as they are drawn; :func:`replay` takes them from a
 trace instead and draws nothing.
+
+Faults: a ``link-down`` holds a device's windows and events in its outbox and
+its downloads unfinished until the link is back, and silences its heartbeats;
+a ``power-cut`` loses the window under way (at a random moment of its span,
+or in an install, which then resumes from its journal :data:`REBOOT_S` later).
+Whom and when follow from the scenario's seed alone. The other kinds are
+listed in the report as not applied, with why.
 """
 
 from __future__ import annotations
