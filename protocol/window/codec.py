@@ -371,14 +371,19 @@ def _write_features(w: _Writer, features: Sequence[FeatureSummary], beyond: bool
         # from n / bins (small numbers that deflate codes in few bits); the last
         # count is implied by n.
         expected = f.n // len(f.counts)
-        for c in f.counts[:-1]:
-            w.sint(c - expected)
+        zigzags = [(d << 1) if d >= 0 else ((-d) << 1) - 1
+                   for d in [c - expected for c in f.counts[:-1]]]  # fmt: skip
+        if zigzags and max(zigzags) < 0x80:
+            w.buf += bytes(zigzags)  # the usual run: every varint one byte
+        else:
+            for z in zigzags:
+                w.uint(z)
         (wide if flags & _WIDE else narrow).extend(_feature_floats(f, flags))
     # Floats go after all counts, float32 ones byte-plane by byte-plane: the
     # sign and exponent bytes of similar values then sit together and compress.
-    planes = [_F32.pack(v) for v in narrow]
+    packed = struct.pack(f"<{len(narrow)}f", *narrow)
     for i in range(4):
-        w.buf += bytes(p[i] for p in planes)
+        w.buf += packed[i::4]
     for v in wide:
         w.f64(v)
 

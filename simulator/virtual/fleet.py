@@ -204,15 +204,32 @@ class VirtualDevice:
     now: float = 0.0  # seconds since the epoch, on the simulated clock
     served: Served = field(default_factory=Served)
     installs: dict[str, int] = field(default_factory=dict)
+    links_down: int = 0  # link-down faults on the device now: it sends nothing while any is
+    held: list[WindowSummary | DeviceEvent] = field(default_factory=list)  # its outbox
+    held_fetch: str | None = None  # a download that could not finish while the link was down
+    power_cuts: int = 0
+    lost_requests: int = 0  # answered, but in a window a power cut lost
     recorder: WindowRecorder = field(init=False)
 
     def __post_init__(self) -> None:
+        self.recorder = self._boot()
+
+    def _boot(self) -> WindowRecorder:
+        """The agent's recorder as it starts: an empty window of the active model."""
         policy = WindowPolicy(
             max_requests=1_000_000, max_seconds=1e9, buffer_rows=64, max_overhead=None
         )
-        self.recorder = WindowRecorder(
-            self.active.manifest, self.device_id, policy, clock=lambda: self.now
-        )
+        return WindowRecorder(self.active.manifest, self.device_id, policy, clock=lambda: self.now)
+
+    def power_cut(self, t: float, window_s: float, events: list[DeviceEvent]) -> None:
+        """Power fails at ``t`` (seconds into the run) and comes back at once: the window
+        under way, kept in memory, is lost; the outbox, on disk, is not, and the model on
+        trial stays on trial (the install journal is on disk too)."""
+        self.serve_until(t, window_s, events)
+        self.now = self.clock_epoch + t
+        self.lost_requests += self.recorder.requests
+        self.recorder = self._boot()
+        self.power_cuts += 1
 
     def conditions(self, t: float) -> FieldConditions:
         drift = self.cohort.drift
@@ -243,12 +260,33 @@ class VirtualDevice:
         window = self.current
         step = window_s / requests
         start = end - window_s
-        while window.next < requests and start + (window.next + 1) * step <= t + 1e-9:
-            i = window.next
-            window.next += 1
+        i = window.next
+        if self.trial is None:
+            # No model on trial, so none changes mid-window: the active model's answers
+            # hold for every request, and a finite one is recorded here without the
+            # general path's look-ups (the same calls, in the same order).
+            active, served, record = self.active, self.served, self.recorder.record
+            answers, finite = window.scores(active)
+            rows, latencies = window.rows, window.latencies
+            inputs, outputs = active.input_name, active.output_name
+            while i < requests and start + (i + 1) * step <= t + 1e-9:
+                window.next = i + 1
+                self.now = self.clock_epoch + start + (i + 1) * step
+                if finite[i]:
+                    served.requests += 1
+                    served.answered += 1
+                    record({inputs: rows[i : i + 1]}, {outputs: answers[i : i + 1]}, "active",
+                           float(latencies[i]))  # fmt: skip
+                else:
+                    self._answer(rows[i : i + 1], window.scores, i, float(latencies[i]), events)
+                i += 1
+            return
+        while i < requests and start + (i + 1) * step <= t + 1e-9:
+            window.next = i + 1
             self.now = self.clock_epoch + start + (i + 1) * step
             self._answer(window.rows[i : i + 1], window.scores, i, float(window.latencies[i]),
                          events)  # fmt: skip
+            i += 1
 
     def end_window(
         self, t: float, window_s: float

@@ -6,6 +6,13 @@ of time and then of a fixed rank, so two runs of one scenario take the same
 steps. The seed-derived events are drawn per device from ``(seed, device)``
 and written to the trace as they are drawn; :func:`replay` takes them from a
 trace instead and draws nothing.
+
+Faults: a ``link-down`` holds a device's windows and events in its outbox and
+its downloads unfinished until the link is back, and silences its heartbeats;
+a ``power-cut`` loses the window under way (at a random moment of its span,
+or in an install, which then resumes from its journal :data:`REBOOT_S` later).
+Whom and when follow from the scenario's seed alone. The other kinds are
+listed in the report as not applied, with why.
 """
 
 from __future__ import annotations
@@ -32,8 +39,10 @@ from fleet_server.rollouts.state import DecisionRecord, Phase
 from fleet_server.rollouts.waves import DeviceFacts
 from model_runtime.tflite import TFLiteRuntime
 from protocol.api.rollouts import RolloutSpec
+from protocol.messages import DeviceEvent
+from protocol.window import WindowSummary
 from simulator.report import Check, RunReport, Sample
-from simulator.scenario import Scenario, Step
+from simulator.scenario import Fault, Scenario, Step
 from simulator.virtual.fleet import (
     NAME,
     VERSIONS,
@@ -56,7 +65,17 @@ FETCH_S = (30.0, 300.0)
 SAMPLES = 200
 """At most this many samples in the report's series."""
 
-_RANK = {"step": 0, "fetched": 1, "window": 2, "tick": 3, "sample": 4}
+INGEST_PROCESS = 1_000
+"""From this many devices the server's ingest runs in a process of its own, beside the
+devices (the same steps, the same database: see :class:`~simulator.virtual.server.IngestProcess`);
+a smaller fleet does not repay starting it."""
+
+_RANK = {"step": 0, "fault": 1, "fetched": 2, "window": 3, "tick": 4, "sample": 5}
+
+REBOOT_S = 30.0
+"""How long an install cut by a power failure takes to resume from its journal."""
+
+SIMULATED_FAULTS = ("link-down", "power-cut")
 _EXPECTED = {
     "completed": Phase.COMPLETED,
     "rolled-back": Phase.ROLLING_BACK,
@@ -139,13 +158,18 @@ class _Run:
         self.ticks = 0
         self.spent = {"devices": 0.0, "ingest": 0.0, "ticks": 0.0}  # wall seconds, by part
         self.recorded = events or []
+        self.fault_report: list[dict[str, Any]] = []
+        # Power cuts aimed at an install step: (fault index, from, until, devices hit).
+        self.install_cuts: list[tuple[int, float, float, set[str]]] = []
+        self.cut: set[tuple[int, str]] = set()  # (fault, device): each install cut once
 
     # -- the loop ------------------------------------------------------------------
 
     async def run(self) -> RunReport:
         started_at = datetime.now(UTC).isoformat()
         wall = time.perf_counter()
-        self.server = server = VirtualServer(self.url)
+        fleet = sum(c.devices for c in self.scenario.cohorts)
+        self.server = server = VirtualServer(self.url, ingest_process=fleet >= INGEST_PROCESS)
         try:
             await self._start(server)
             while self.heap and self.heap[0].t <= self.end:
@@ -181,6 +205,8 @@ class _Run:
                     pool,
                 )  # fmt: skip
         await server.register(facts, initial.version, EPOCH)
+        for index, fault in enumerate(scenario.faults):
+            self._plan_fault(index, fault)
         for event in self.recorded:
             self._queue(event)
         if not self.replaying:
@@ -233,6 +259,8 @@ class _Run:
             self.spent["ingest"] += flushed - began
             await self._tick(server, item.t)
             self.spent["ticks"] += time.perf_counter() - flushed
+        elif kind == "fault":
+            self._fault(server, item.t, event)
         elif kind == "sample":
             await server.flush()
             await self._sample(server, item.t)
@@ -241,10 +269,14 @@ class _Run:
     def _window(self, server: VirtualServer, sent: WindowSent) -> None:
         device = self.devices[sent.device]
         windows, events = device.end_window(sent.t, self.window_s)
-        for summary in windows:
-            server.send_window(summary)
-        for event in events:
-            server.send_event(event)
+        if device.links_down:
+            device.held += windows
+            device.held += events
+        else:
+            for summary in windows:
+                server.send_window(summary)
+            for event in events:
+                server.send_event(event)
         if not self.replaying:
             rng = self.rngs[sent.device]
             nxt = sent.t + self.window_s
@@ -256,9 +288,102 @@ class _Run:
         device = self.devices[fetched.device]
         if device.desired is None or device.desired.version != fetched.version:
             return
+        if device.links_down:
+            device.held_fetch = fetched.version  # it finishes when the link is back
+            return
+        for index, since, until, hit in self.install_cuts:
+            cut = since <= fetched.t < until and fetched.device in hit
+            if cut and (index, fetched.device) not in self.cut:
+                # Power fails mid-install: the device boots, and its journal takes the
+                # install up again where it stopped.
+                self.cut.add((index, fetched.device))
+                events: list[DeviceEvent] = []
+                device.power_cut(fetched.t, self.window_s, events)
+                self._send(server, device, events)
+                again = Fetched(fetched.t + REBOOT_S, fetched.device, fetched.version)
+                self._queue_at(again.t, "fetched", again.device, again)
+                return
         device.fetched = True
-        for said in device.install(fetched.t, self.window_s):
+        self._send(server, device, device.install(fetched.t, self.window_s))
+
+    def _send(
+        self, server: VirtualServer, device: VirtualDevice, events: list[DeviceEvent]
+    ) -> None:
+        if device.links_down:
+            device.held += events
+            return
+        for said in events:
             server.send_event(said)
+
+    # -- faults ----------------------------------------------------------------------
+
+    def _plan_fault(self, index: int, fault: Fault) -> None:
+        """Queue ``fault``'s moments; devices and moments follow from the seed alone, so a
+        replay, which has the scenario, makes the same."""
+        at, span = fault.at.total_seconds(), fault.duration.total_seconds()
+        targets = self._targets(index, fault)
+        entry: dict[str, Any] = {
+            "kind": fault.kind, "at": at, "duration_s": span, "targets": len(targets),
+        }  # fmt: skip
+        self.fault_report.append(entry)
+        if fault.kind not in SIMULATED_FAULTS:
+            entry["applied"] = f"no: {fault.kind} is not simulated in virtual mode"
+            return
+        entry["applied"] = "yes"
+        if fault.kind == "link-down":
+            self._queue_at(at, "fault", f"{index:06d}", ("link-down", index, targets))
+            self._queue_at(at + span, "fault", f"{index:06d}", ("link-up", index, targets))
+        elif fault.step is not None:
+            self.install_cuts.append((index, at, at + max(span, 1e-9), set(targets)))
+        else:
+            rng = np.random.default_rng([self.scenario.seed, index, 7])
+            for device_id, u in zip(targets, rng.uniform(0.0, 1.0, len(targets)), strict=True):
+                self._queue_at(
+                    at + float(u) * span, "fault", device_id, ("power-cut", index, [device_id])
+                )
+
+    def _targets(self, index: int, fault: Fault) -> list[str]:
+        """The devices ``fault`` hits: its target's, a seeded share of them if it says."""
+        target = fault.target
+        by_cohort = self.scenario.device_ids()
+        ids = [d for c in self.scenario.cohorts for d in by_cohort[c.name]]
+        if target.devices is not None:
+            named = set(target.devices)
+            ids = [d for d in ids if d in named]
+        if target.cohort is not None:
+            ids = [d for d in ids if d in set(by_cohort.get(target.cohort, []))]
+        if target.share is not None and ids:
+            rng = np.random.default_rng([self.scenario.seed, index])
+            count = max(1, round(len(ids) * target.share))
+            ids = sorted(str(d) for d in rng.choice(ids, count, replace=False))
+        return ids
+
+    def _fault(self, server: VirtualServer, t: float, fault: tuple[str, int, list[str]]) -> None:
+        kind, _index, targets = fault
+        now = EPOCH + timedelta(seconds=t)
+        for device_id in targets:
+            device = self.devices[device_id]
+            if kind == "power-cut":
+                events: list[DeviceEvent] = []
+                device.power_cut(t, self.window_s, events)
+                self._send(server, device, events)
+            elif kind == "link-down":
+                device.links_down += 1
+                server.silent.setdefault(device_id, now)
+            elif device.links_down:  # link-up
+                device.links_down -= 1
+                if device.links_down:
+                    continue
+                server.silent.pop(device_id, None)
+                held, device.held = device.held, []
+                for message in held:  # the outbox, oldest first
+                    if isinstance(message, WindowSummary):
+                        server.send_window(message)
+                    else:
+                        server.send_event(message)
+                if device.held_fetch is not None:
+                    version, device.held_fetch = device.held_fetch, None
+                    self._fetched(server, Fetched(t, device_id, version))
 
     # -- the operator and the controller -------------------------------------------
 
@@ -391,16 +516,11 @@ class _Run:
                 "rollout_phase": rollout.state.phase.value if rollout is not None else None,
                 "rollout_stage": rollout.state.stage if rollout is not None else None,
                 "reached": len(rollout.reached) if rollout is not None else 0,
+                "power_cuts": sum(d.power_cuts for d in self.devices.values()),
+                "requests_lost_in_power_cuts": sum(d.lost_requests for d in self.devices.values()),
+                "windows_held": sum(len(d.held) for d in self.devices.values()),
             },
-            faults=[
-                {
-                    "kind": f.kind,
-                    "at": f.at.total_seconds(),
-                    "applied": False,
-                    "why": "faults are not simulated in virtual mode",
-                }
-                for f in scenario.faults
-            ],
+            faults=self.fault_report,
             decisions=rollout.decisions if rollout is not None else [],
         )
 

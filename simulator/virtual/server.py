@@ -18,12 +18,19 @@ drawn delay), maintenance windows and the shadow stage.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import socket
+import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import event, func, insert, select
 
 from fleet_server.db import Database
 from fleet_server.db.engine import migrate
@@ -44,6 +51,7 @@ from fleet_server.rollouts.service import BASELINE, INSTALL_TIMEOUT, _aggregate,
 from fleet_server.rollouts.state import RolloutState
 from fleet_server.rollouts.waves import DeviceFacts, Population, matches, reached
 from protocol.api.rollouts import RolloutSpec
+from protocol.cbpe import Calibration
 from protocol.messages import DeviceEvent
 from protocol.topics import windows_topic
 from protocol.window import WindowSummary, encode_window
@@ -51,6 +59,8 @@ from simulator.virtual.fleet import NAME, Model
 
 NAMESPACE = "virtual"
 MAX_WINDOW_BYTES = 1 << 20
+BATCH = 2000
+"""Messages a write takes, at most: what the ingest takes from the broker at once."""
 _OUTCOMES = {"committed": "committed", "rolled-back": "failed", "fleet-rolled-back": "failed"}
 
 
@@ -78,9 +88,10 @@ def fresh_database(workdir: Path) -> str:
 class VirtualServer:
     """The run's database, its ingest, and the one rollout it steps."""
 
-    def __init__(self, url: str) -> None:
-        self.db = Database(url)
-        self._pending: list[Accepted] = []
+    def __init__(self, url: str, *, ingest_process: bool = False) -> None:
+        self.db = _scratch(url)
+        self._ingest: Ingest = IngestProcess(url) if ingest_process else Ingest(self.db)
+        self._heard: list[WindowSummary | DeviceEvent] = []
         self.produced: set[str] = set()
         self.resent = 0
         self.running: dict[str, str] = {}  # the version each device last said it runs
@@ -88,6 +99,7 @@ class VirtualServer:
         self.last_seen: dict[str, datetime] = {}
         self.facts: list[DeviceFacts] = []
         self.heard_at: datetime | None = None
+        self.silent: dict[str, datetime] = {}  # devices whose link is down, since when
 
     async def register(self, facts: Sequence[DeviceFacts], version: str, at: datetime) -> None:
         self.facts = list(facts)
@@ -110,35 +122,28 @@ class VirtualServer:
     def send_window(self, summary: WindowSummary) -> None:
         """A window as the device publishes it: encoded, then classified by the server."""
         payload = encode_window(summary)
-        verdict = classify(
-            windows_topic(NAMESPACE, summary.device_id), payload, MAX_WINDOW_BYTES,
-            namespace=NAMESPACE,
-        )  # fmt: skip
-        if not isinstance(verdict, Accepted):
-            raise IngestRefused(f"window of {summary.device_id} refused: {verdict}")
+        self._ingest.window(summary.device_id, payload)
         self.produced.add(summary.window_id)
-        self._pending.append(verdict)
+        self._heard.append(summary)
 
     def send_event(self, event: DeviceEvent) -> None:
-        self._pending.append(Accepted(event.device_id, "events", event))
+        self._ingest.event(event)
+        self._heard.append(event)
 
     async def flush(self) -> None:
         """Store what devices sent since the last flush, in batches as the ingest takes them."""
-        pending, self._pending = self._pending, []
-        for start in range(0, len(pending), 2000):
-            batch = pending[start : start + 2000]
-            result = await write_batch(self.db, batch, "virtual")
-            if result.dropped:
-                raise IngestRefused(f"ingest dropped {result.dropped}")
-            for item in batch:
-                self._seen(item)
+        await self._ingest.flush()
+        heard, self._heard = self._heard, []
+        for message in heard:
+            self._seen(message)
 
     def heartbeats(self, at: datetime) -> None:
         """Every device has said it is alive by ``at``.
 
-        A device heartbeats every minute or so; the virtual run has no faults that
-        silence one, so the heartbeats between two ticks are taken as heard at the
-        tick rather than ingested one by one (10,000 devices would send 600,000 an hour).
+        A device heartbeats every minute or so: the heartbeats between two ticks are
+        taken as heard at the tick rather than ingested one by one (10,000 devices would
+        send 600,000 an hour), except from a device whose link is down
+        (:attr:`silent`), last heard when it went down.
         """
         self.heard_at = at
 
@@ -146,21 +151,23 @@ class VirtualServer:
         """The device's latest report of any kind."""
         seen = self.last_seen.get(device_id)
         heard = self.heard_at
+        down = self.silent.get(device_id)
+        if down is not None and heard is not None:
+            heard = min(heard, down)
         if seen is None or (heard is not None and heard > seen):
             return heard
         return seen
 
-    def _seen(self, item: Accepted) -> None:
-        message = item.message
+    def _seen(self, message: WindowSummary | DeviceEvent) -> None:
         if isinstance(message, WindowSummary):
-            self.last_seen[item.device_id] = datetime.fromtimestamp(message.end, UTC)
-        elif isinstance(message, DeviceEvent):
+            self.last_seen[message.device_id] = datetime.fromtimestamp(message.end, UTC)
+        else:
             at = datetime.fromtimestamp(message.at, UTC)
             bundle = message.details.get("bundle")
             label = bundle if isinstance(bundle, str) else None
-            self.outcomes[item.device_id] = (message.event, label, at)
+            self.outcomes[message.device_id] = (message.event, label, at)
             if message.event in ("committed", "fleet-rolled-back") and label is not None:
-                self.running[item.device_id] = label.rpartition(" ")[2]
+                self.running[message.device_id] = label.rpartition(" ")[2]
 
     async def stored_windows(self) -> tuple[int, int]:
         """Rows in the windows table, and distinct window ids among them."""
@@ -170,7 +177,149 @@ class VirtualServer:
         return int(rows or 0), int(ids or 0)
 
     async def close(self) -> None:
+        self._ingest.close()
         await self.db.close()
+
+
+class Ingest:
+    """The server's ingest of what devices send: :func:`classify` as each message arrives,
+    :func:`write_batch` in batches of :data:`BATCH` at a flush."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._pending: list[Accepted] = []
+
+    def window(self, device_id: str, payload: bytes) -> None:
+        self._pending.append(_classified(device_id, payload))
+
+    def event(self, event: DeviceEvent) -> None:
+        self._pending.append(Accepted(event.device_id, "events", event))
+
+    async def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        for start in range(0, len(pending), BATCH):
+            await _write(self.db, pending[start : start + BATCH])
+
+    def close(self) -> None:
+        return None
+
+
+class IngestProcess(Ingest):
+    """The same ingest in a process of its own, beside the devices: the server's side of the
+    run takes the second core. The messages reach it in the order sent and are classified
+    and written in the same batches as by :class:`Ingest`, so the database ends the same.
+    A refusal is raised at the next flush."""
+
+    def __init__(self, url: str) -> None:
+        # A fresh interpreter (not multiprocessing's spawn, which runs the caller's main
+        # module again), joined by a socket pair and importing this very package.
+        ours, theirs = socket.socketpair()
+        root = str(Path(__file__).resolve().parents[2])
+        code = "import sys; sys.path.insert(0, sys.argv[1]); " \
+            "from simulator.virtual.server import ingest_main; ingest_main()"  # fmt: skip
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", code, root, str(theirs.fileno()), url],
+            pass_fds=[theirs.fileno()],
+        )
+        theirs.close()
+        self._conn = Connection(ours.detach())
+        self._outbox: list[tuple[str, bytes] | DeviceEvent] = []
+
+    def window(self, device_id: str, payload: bytes) -> None:
+        self._outbox.append((device_id, payload))
+        if len(self._outbox) >= 256:
+            self._send()
+
+    def event(self, event: DeviceEvent) -> None:
+        self._outbox.append(event)
+
+    def _send(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        try:
+            self._conn.send(outbox)
+        except OSError as exc:
+            raise IngestRefused(f"the ingest process is gone: {exc}") from None
+
+    async def flush(self) -> None:
+        self._send()
+        self._conn.send(None)
+        try:
+            problem = self._conn.recv()
+        except EOFError:
+            raise IngestRefused("the ingest process ended before the flush") from None
+        if problem is not None:
+            raise IngestRefused(problem)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._conn.send("stop")
+        try:
+            self._process.wait(30)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._conn.close()
+
+
+def ingest_main() -> None:
+    """The ingest process of :class:`IngestProcess`: ``ROOT FD URL`` in its arguments."""
+    asyncio.run(_ingest_loop(sys.argv[3], Connection(int(sys.argv[2]))))
+
+
+async def _ingest_loop(url: str, conn: Connection) -> None:
+    db = _scratch(url)
+    ingest = Ingest(db)
+    problem: str | None = None
+    try:
+        while (message := conn.recv()) != "stop":
+            if message is None:
+                if problem is None:
+                    try:
+                        await ingest.flush()
+                    except IngestRefused as exc:
+                        problem = str(exc)
+                conn.send(problem)
+                problem = None
+                continue
+            for item in message:
+                if problem is not None:
+                    continue
+                try:
+                    if isinstance(item, DeviceEvent):
+                        ingest.event(item)
+                    else:
+                        ingest.window(*item)
+                    if len(ingest._pending) >= BATCH:
+                        await ingest.flush()
+                except IngestRefused as exc:
+                    problem = str(exc)
+                    ingest._pending = []
+    except EOFError:
+        pass  # the run is gone
+    finally:
+        await db.close()
+
+
+def _classified(device_id: str, payload: bytes) -> Accepted:
+    verdict = classify(
+        windows_topic(NAMESPACE, device_id), payload, MAX_WINDOW_BYTES, namespace=NAMESPACE
+    )
+    if not isinstance(verdict, Accepted):
+        raise IngestRefused(f"window of {device_id} refused: {verdict}")
+    return verdict
+
+
+async def _write(db: Database, batch: list[Accepted]) -> None:
+    result = await write_batch(db, batch, "virtual")
+    if result.dropped:
+        raise IngestRefused(f"ingest dropped {result.dropped}")
+
+
+def _scratch(url: str) -> Database:
+    """The run's own scratch database: a crash loses the run anyway, so no fsync at all."""
+    db = Database(url)
+    event.listen(db.engine.sync_engine, "connect", _no_sync)
+    return db
 
 
 class VirtualRollout:
@@ -183,6 +332,7 @@ class VirtualRollout:
         self.state = RolloutState()
         self.reached: dict[str, Reached] = {}
         self.decisions: list[dict[str, object]] = []
+        self._made: dict[tuple[str, str], tuple[tuple[object, ...], DeviceAggregate]] = {}
 
     def population(self, server: VirtualServer) -> tuple[list[DeviceFacts], Population]:
         selected = [f for f in server.facts if matches(self.spec.select, f)]
@@ -231,15 +381,17 @@ class VirtualRollout:
         for device_id in sorted(self.reached):
             before = ran.get(device_id, "")
             devices.append(
-                _aggregate(device_id, "treatment", treatment, baseline.get(before),
-                           calibration.get(spec.version), calibration.get(before))
+                self._aggregate(device_id, "treatment", (spec.version, treatment),
+                                (before, baseline.get(before)), calibration)
             )  # fmt: skip
         for device_id in control_ids:
             was = ran.get(device_id)
             if was is None:
                 continue
-            cal = calibration.get(was)
-            devices.append(_aggregate(device_id, "control", control[was], baseline[was], cal, cal))
+            devices.append(
+                self._aggregate(device_id, "control", (was, control[was]),
+                                (was, baseline[was]), calibration)
+            )  # fmt: skip
         devices = [d for d in devices if d.windows > 0]
         records = [self._install(server, d, r) for d, r in sorted(self.reached.items())]
         installs = install_tally(records, now, INSTALL_TIMEOUT)
@@ -254,6 +406,34 @@ class VirtualRollout:
         ]  # fmt: skip
         return list(evaluations), _srm(reporting, len(installed), len(alive))
 
+    def _aggregate(
+        self,
+        device_id: str,
+        arm: str,
+        sums: tuple[str, DeviceAggregates],
+        pre: tuple[str, DeviceAggregates | None],
+        calibration: dict[str, Calibration | None],
+    ) -> DeviceAggregate:
+        """The service's ``_aggregate`` of the device, made again only when its rows changed.
+
+        Windows are only ever added to the hourly rows, and the ranges read only
+        grow (``until`` is the tick's time) or stay (the baseline), so a device
+        whose window counts in both reads are as at an earlier tick has the
+        same sums as then, and the same aggregate: most devices, at a tick
+        shorter than their windows.
+        """
+        (version, now), (before, then) = sums, pre
+        then_classes = then.classes if then is not None else None
+        key = (version, now.classes, _counts(now, device_id),
+               before, then_classes, _counts(then, device_id))  # fmt: skip
+        last = self._made.get((device_id, arm))
+        if last is not None and last[0] == key:
+            return last[1]
+        made = _aggregate(device_id, arm, now, then, calibration.get(version),
+                          calibration.get(before))  # fmt: skip
+        self._made[device_id, arm] = (key, made)
+        return made
+
     def _install(self, server: VirtualServer, device_id: str, r: Reached) -> InstallRecord:
         """The device's install as its latest outcome event since it was assigned tells it."""
         seen = server.seen(device_id)
@@ -267,3 +447,17 @@ class VirtualRollout:
                 if result is not None:
                     return InstallRecord(device_id, r.assigned_at, result, seen)  # type: ignore[arg-type]
         return InstallRecord(device_id, r.assigned_at, None, seen)
+
+
+def _counts(sums: DeviceAggregates | None, device_id: str) -> tuple[int, int] | None:
+    """The device's windows and requests in ``sums`` (``None``: it has no rows there)."""
+    i = sums.index().get(device_id) if sums is not None else None
+    if i is None or sums is None:
+        return None
+    return int(sums.windows[i]), int(sums.requests[i])
+
+
+def _no_sync(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA synchronous=OFF")
+    cursor.close()

@@ -113,3 +113,74 @@ def test_a_bad_trace_is_refused_naming_the_line(tmp_path: Path) -> None:
     trace.write_text("not json\n")
     with pytest.raises(TraceError, match=r"trace.jsonl:1: not JSON"):
         replay(trace, tmp_path / "c")
+
+
+def test_ingest_in_a_process_of_its_own_stores_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A large fleet's ingest runs beside the devices, in its own process; a small one's in
+    # the run's. Forced here for 40 devices: the same steps, the same report.
+    chosen = scenario("v2", devices=40).model_copy(update={"duration": timedelta(hours=2)})
+    here = run_virtual(chosen, tmp_path / "here")
+    monkeypatch.setattr("simulator.virtual.run.INGEST_PROCESS", 1)
+    beside = run_virtual(chosen, tmp_path / "beside")
+    assert same_report(here, beside)
+    assert beside.figures["windows_stored"] == beside.figures["windows_produced"] > 0
+    assert beside.figures["installs"]
+
+
+def faulty(devices: int = 40) -> Scenario:
+    """v2 to every device at once at 0.5 h; half of the installs cut by a power failure while
+    staging, half of the devices losing power at a random moment of the next half hour,
+    and every link down from 1.5 h to 2 h."""
+    return Scenario.model_validate(
+        {
+            "name": "virtual-faults",
+            "mode": "virtual",
+            "seed": 5,
+            "duration": "2.5h",
+            "traffic": {"rate": 0.05, "window": "30m"},
+            "cohorts": [{"name": "plant", "devices": devices}],
+            "server": {"tick": "10m"},
+            "steps": [
+                {"at": "30m", "action": "release", "model": "v2"},
+                {
+                    "at": "30m",
+                    "action": "rollout",
+                    "rollout": {"waves": [100], "holdback": 0, "bake": "30m"},
+                },
+            ],
+            "faults": [
+                {
+                    "kind": "power-cut",
+                    "at": "30m",
+                    "duration": "30m",
+                    "step": "staging",
+                    "target": {"share": 0.5},
+                },
+                {"kind": "power-cut", "at": "1h", "duration": "30m", "target": {"share": 0.5}},
+                {"kind": "link-down", "at": "90m", "duration": "30m"},
+                {"kind": "disk-full", "at": "1h"},
+            ],
+        }
+    )
+
+
+def test_power_cuts_and_a_link_down_in_virtual_mode(tmp_path: Path) -> None:
+    report = run_virtual(faulty(), tmp_path / "run", trace=tmp_path / "trace.jsonl")
+    assert report.passed, report.summary()
+    applied = [(f["kind"], f["targets"], f["applied"]) for f in report.faults]
+    assert applied[:3] == [("power-cut", 20, "yes"), ("power-cut", 20, "yes"),
+                           ("link-down", 40, "yes")]  # fmt: skip
+    assert applied[3][2].startswith("no: disk-full")
+    # Every install went through, the 20 cut mid-install after their journal took it up again.
+    assert report.figures["installs"] == {"committed": 40}
+    assert report.figures["power_cuts"] == 40
+    assert report.figures["requests_lost_in_power_cuts"] > 0
+    # Nothing reached the server while the links were down; the outboxes were delivered
+    # when they came back, every window stored once.
+    stored = {s.t: s.windows_stored for s in report.series}
+    assert stored[5400.0] == stored[6000.0] == stored[6600.0] < stored[7200.0]
+    assert report.figures["windows_held"] == 0
+    assert report.figures["windows_stored"] == report.figures["windows_produced"]
+    assert same_report(report, replay(tmp_path / "trace.jsonl", tmp_path / "again"))
