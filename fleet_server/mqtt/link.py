@@ -259,29 +259,39 @@ class ServerMqtt:
             )
 
     async def _read(self, client: aiomqtt.Client) -> None:
+        # aiomqtt's iterator makes a task and a wait per message; what the connection has
+        # already queued is taken straight from its queue (aiomqtt's own, in order), and the
+        # iterator only waits for the next message or the end of the connection.
+        queued: asyncio.Queue[aiomqtt.Message] = client._queue
         async for message in client.messages:
-            self._last_arrival = time.monotonic()
-            delivery = Delivery(client, message.mid, message.qos)
-            payload = (
-                message.payload
-                if isinstance(message.payload, bytes | bytearray)
-                else (str(message.payload).encode() if message.payload is not None else b"")
+            await self._take(client, message)
+            while not queued.empty():
+                await self._take(client, queued.get_nowait())
+
+    async def _take(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
+        """Gate one received message: queue it for the writer, or drop and acknowledge it."""
+        self._last_arrival = time.monotonic()
+        delivery = Delivery(client, message.mid, message.qos)
+        payload = (
+            message.payload
+            if isinstance(message.payload, bytes | bytearray)
+            else (str(message.payload).encode() if message.payload is not None else b"")
+        )
+        try:
+            verdict = classify(
+                message.topic.value,
+                bytes(payload),
+                self.config.max_message_bytes,
+                namespace=self.config.namespace,
             )
-            try:
-                verdict = classify(
-                    str(message.topic),
-                    bytes(payload),
-                    self.config.max_message_bytes,
-                    namespace=self.config.namespace,
-                )
-            except Exception as exc:  # no message may stop the ingest
-                verdict = Dropped("unreadable", f"{type(exc).__name__}: {exc}")
-            if isinstance(verdict, Dropped):
-                self._drop(verdict.reason, verdict.detail)
-                self._ack([delivery])  # nothing to store
-                continue
-            self._unsettled += 1
-            await self.queue.put((verdict, delivery))
+        except Exception as exc:  # no message may stop the ingest
+            verdict = Dropped("unreadable", f"{type(exc).__name__}: {exc}")
+        if isinstance(verdict, Dropped):
+            self._drop(verdict.reason, verdict.detail)
+            self._ack([delivery])  # nothing to store
+            return
+        self._unsettled += 1
+        await self.queue.put((verdict, delivery))
 
     def _ack(self, deliveries: list[Delivery]) -> None:
         """Acknowledge stored (or dropped) messages to the broker.

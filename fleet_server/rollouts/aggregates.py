@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -45,7 +46,7 @@ from typing import Any, Final, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from protocol.histogram import ExponentialHistogram, downscale
+from protocol.histogram import ExponentialHistogram
 from protocol.summary import SCORE_BIN_COUNT, ScoreHistogram
 from protocol.window import WindowSummary
 
@@ -55,6 +56,7 @@ LATENCY_BUCKETS: Final = 80  # up to 2**(64/4) ms = 65.5 s
 MAX_SCORE_CLASSES: Final = 1024  # keeps every score cell index within uint16
 
 PAIR: Final = np.dtype([("index", "<u2"), ("count", "<i8")])
+_PAIRS: Final = struct.Struct("<Hq")  # PAIR, for struct
 
 Key = tuple[str, str, str, datetime]  # device_id, model_name, model_version, hour
 
@@ -152,19 +154,23 @@ def fold_shadow(window: WindowSummary) -> AggregateDelta | None:
 
 def latency_cells(h: ExponentialHistogram) -> dict[int, int]:
     """The non-empty buckets of ``h`` in the fixed latency layout (cell index -> count)."""
-    if h.scale >= LATENCY_SCALE:
-        fixed = downscale(h, LATENCY_SCALE)
-        pairs = [(fixed.offset + j, c) for j, c in enumerate(fixed.counts) if c]
-    else:
-        # Each coarse bucket spans 2**shift fine ones: its count goes to the middle one.
-        shift = LATENCY_SCALE - h.scale
-        pairs = [
-            (((h.offset + j) << shift) + (1 << shift) // 2, c) for j, c in enumerate(h.counts) if c
-        ]
+    # Downscaling halves a bucket index per step (protocol.histogram.downscale), so
+    # each bucket's cell is its index shifted; equal cells add up.
     cells: dict[int, int] = {}
-    for index, count in pairs:
-        cell = min(max(index - LATENCY_FIRST, 0), LATENCY_BUCKETS - 1)
-        cells[cell] = cells.get(cell, 0) + count
+    if h.scale >= LATENCY_SCALE:
+        shift = h.scale - LATENCY_SCALE
+        half = 0
+    else:
+        # Each coarse bucket spans 2**-shift fine ones: its count goes to the middle one.
+        shift = h.scale - LATENCY_SCALE
+        half = (1 << -shift) // 2
+    last = LATENCY_BUCKETS - 1
+    for index, count in enumerate(h.counts, h.offset):
+        if count:
+            fine = index >> shift if shift >= 0 else (index << -shift) + half
+            cell = fine - LATENCY_FIRST
+            cell = 0 if cell < 0 else last if cell > last else cell
+            cells[cell] = cells.get(cell, 0) + count
     return cells
 
 
@@ -233,16 +239,15 @@ def combine_all(deltas: Iterable[AggregateDelta]) -> dict[Key, AggregateDelta]:
 
 def encode_counts(cells: Mapping[int, int]) -> bytes:
     """Cells as packed ``(uint16 index, int64 count)`` pairs, in index order."""
-    array = np.zeros(len(cells), dtype=PAIR)
-    for i, (index, count) in enumerate(sorted(cells.items())):
-        array[i] = (index, count)
-    return array.tobytes()
+    return np.array(sorted(cells.items()), dtype=PAIR).tobytes() if cells else b""
 
 
 def decode_counts(data: bytes) -> dict[int, int]:
     """The cells of :func:`encode_counts` bytes (of one row, or several concatenated: summed)."""
     cells: dict[int, int] = {}
-    for index, count in np.frombuffer(data, dtype=PAIR).tolist():
+    # struct reads the few pairs of a row faster than numpy; numpy refuses a torn pair.
+    pairs = _PAIRS.iter_unpack(data) if len(data) % _PAIRS.size == 0 else np.frombuffer(data, PAIR)
+    for index, count in pairs:
         cells[int(index)] = cells.get(int(index), 0) + int(count)
     return cells
 
