@@ -77,8 +77,8 @@ CLOUD_HARDWARE = "cloud"
 THREADS = 32  # the devices' loop's worker threads (director refreshes, outboxes)
 # The GIL's hand-over interval in a process of devices. Its loop is busy with a thousand
 # devices, and a worker thread (a fetch's TUF refresh, an outbox write) waits up to this
-# long for the GIL after each blocking call it makes: at Python's 5 ms a fetch of a
-# hundred such calls was held up for seconds, and installs queued behind it.
+# long for the GIL after each blocking call it makes: at Python's 5 ms a fetch, a hundred
+# or so such calls, may wait half a second on the loop alone, and installs queue behind it.
 SWITCH_INTERVAL_S = 0.001
 REGISTER_AT_ONCE = 8  # registrations under way at once
 ROWS_PER_COHORT = 512  # rows drawn per cohort and condition, sent in turn
