@@ -54,7 +54,7 @@ from simulator.scenario import INSTALL_STEPS
 
 DesiredFault = Literal["normal", "lost", "duplicate"]
 DESIRED_FAULTS: tuple[str, ...] = get_args(DesiredFault)
-FETCHES_AT_ONCE = 4
+FETCHES_AT_ONCE = 8
 
 
 class PowerCut(BaseException):
@@ -162,27 +162,31 @@ class Busy:
 
 
 class FetchSlots:
-    """How many fetches the devices of one process run at once (one semaphore per loop).
+    """How many fetches the devices of one process run at once (semaphores per loop).
 
     A fetch is python-tuf's CPU work (JSON, signatures) a real device does on
     its own CPU; here every device shares the process, and a new assignment
-    wakes them all at once.
+    wakes them all at once. Checks and downloads have ``limit`` slots each: a
+    device that found an assignment downloads without queueing behind every
+    other device's routine check, as it would on its own CPU.
     """
 
     def __init__(self, limit: int = FETCHES_AT_ONCE) -> None:
         if limit < 1:
             raise ValueError(f"fetch slots: {limit} is not a positive number of fetches")
         self.limit = limit
-        self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore]
-        self._by_loop = weakref.WeakKeyDictionary()
+        self._by_loop: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, dict[str, asyncio.Semaphore]
+        ] = weakref.WeakKeyDictionary()
         self.in_flight = 0
         self.fetches = 0
 
-    def semaphore(self) -> asyncio.Semaphore:
-        loop = asyncio.get_running_loop()
-        semaphore = self._by_loop.get(loop)
+    def semaphore(self, command: str = "check") -> asyncio.Semaphore:
+        """The slots of ``command`` (``check`` or ``download``) on the running loop."""
+        by_command = self._by_loop.setdefault(asyncio.get_running_loop(), {})
+        semaphore = by_command.get(command)
         if semaphore is None:
-            semaphore = self._by_loop[loop] = asyncio.Semaphore(self.limit)
+            semaphore = by_command[command] = asyncio.Semaphore(self.limit)
         return semaphore
 
 
@@ -221,7 +225,7 @@ class ThreadFetcher:
 
     async def _fetch(self, command: str, installed_counter: int, expect: str | None) -> FetchAnswer:
         slots = self.slots
-        async with slots.semaphore():
+        async with slots.semaphore(command):
             slots.in_flight += 1
             slots.fetches += 1
             try:

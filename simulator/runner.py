@@ -74,8 +74,12 @@ MODEL_NAME = "pump-health"
 VERSIONS = {"v1": "1.0.0", "v2": "1.1.0", "v3-bad": "1.2.0", "cloud": "1.0.1"}
 """The version each sample model is released as unless a step names one."""
 CLOUD_HARDWARE = "cloud"
-PLAN_POLL_S = 30.0  # as often as a simulated device's installer polls (SimDeviceConfig.poll_s)
 THREADS = 32  # the devices' loop's worker threads (director refreshes, outboxes)
+# The GIL's hand-over interval in a process of devices. Its loop is busy with a thousand
+# devices, and a worker thread (a fetch's TUF refresh, an outbox write) waits up to this
+# long for the GIL after each blocking call it makes: at Python's 5 ms a fetch, a hundred
+# or so such calls, may wait half a second on the loop alone, and installs queue behind it.
+SWITCH_INTERVAL_S = 0.001
 REGISTER_AT_ONCE = 8  # registrations under way at once
 ROWS_PER_COHORT = 512  # rows drawn per cohort and condition, sent in turn
 CONNECT_WAIT_S = 60.0  # how long the fleet may take to come online before traffic starts
@@ -570,7 +574,8 @@ def device_part(
         run.api_call = ApiClient(wiring.api_url, wiring.token)
         run.conn = conn
         try:
-            asyncio.run(run.part_main(wiring, go, release))
+            with switch_interval(SWITCH_INTERVAL_S):
+                asyncio.run(run.part_main(wiring, go, release))
         except BaseException as exc:
             conn.send(("error", f"{type(exc).__name__}: {exc}"))
             raise
@@ -659,7 +664,8 @@ class Run:
                 [m for n, m in enumerate(members) if n % count == k] for k in range(1, count)
             ]
             self.api_call = self.deployment.api
-            asyncio.run(self._main())
+            with switch_interval(SWITCH_INTERVAL_S):
+                asyncio.run(self._main())
         finally:
             with contextlib.suppress(Exception):
                 if self.deployment is not None:
@@ -780,6 +786,8 @@ class Run:
         shared: LoadedModel = runtime.load(model_path)  # one interpreter for every device
         profiles = {h.id: h for h in self.scenario.hardware}
         window_s = self.scenario.traffic.window.total_seconds()
+        agent = self.scenario.agent
+        poll_s = agent.poll.total_seconds()
         labelled = self.scenario.traffic.labels.share > 0
         order = {d: i for i, d in enumerate(self.scenario_ids)}
         for member in self.members.values():
@@ -799,7 +807,11 @@ class Run:
                 inference_ms=profiles[member.cohort.hardware].inference_ms,
                 # As the agent does: the plan is read with each update check, and at once
                 # when the server announces a change; not on a clock of its own.
-                plan_poll_s=PLAN_POLL_S,
+                poll_s=poll_s,
+                plan_poll_s=poll_s,
+                heartbeat_s=agent.heartbeat.total_seconds(),
+                health_period_s=agent.trial.total_seconds(),
+                telemetry_tick_s=telemetry_tick(window_s),
             )
             seed = self.scenario.seed * 100_003 + order[device_id]
             device = SimDevice(config, initial, runtime, model=shared, seed=seed)
@@ -1457,6 +1469,26 @@ def rollout_fields(step: Step, scenario: Scenario, release: str) -> dict[str, An
 def rollout_spec(step: Step, deployment: Deployment, scenario: Scenario) -> dict[str, Any]:
     """The spec to post: the step's fields over defaults (the latest release, every device)."""
     return rollout_fields(step, scenario, deployment.latest)
+
+
+@contextlib.contextmanager
+def switch_interval(seconds: float) -> Iterator[None]:
+    """The interpreter's thread switch interval set to ``seconds`` while the block runs."""
+    saved = sys.getswitchinterval()
+    sys.setswitchinterval(seconds)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(saved)
+
+
+def telemetry_tick(window_s: float) -> float:
+    """How often a device looks for a closed window: a thirtieth of a window, 0.25–1 s.
+
+    A window closes at the first look after it is due; a thousand devices looking
+    four times a second cost their loop more than their requests at a long window.
+    """
+    return max(0.25, min(1.0, window_s / 30))
 
 
 def device_figures(stats: list[Any]) -> dict[str, Any]:

@@ -162,6 +162,22 @@ class ServerSetup(_Strict):
     cloud: bool = False  # start the cloud endpoint and release the cloud model
 
 
+class AgentSetup(_Strict):
+    """How each simulated device's agent is configured (``agent.config``'s own settings)."""
+
+    # The update check and the plan read: a device asks the director this often, and at
+    # once when the server's MQTT push announces a new desired state, so a long poll
+    # delays no install; each check costs TUF refreshes on the device and the server.
+    poll: Duration = timedelta(seconds=30)
+    # The MQTT heartbeat (the agent's default is a minute; the server marks a device
+    # offline after 90 s without one).
+    heartbeat: Duration = timedelta(seconds=5)
+    # A new model's trial under the watchdog before its commit (the agent's default is
+    # five minutes). A trial shorter than a window commits before the device has reported
+    # on the new model: the server's sample-ratio test then sees installed devices silent.
+    trial: Duration = timedelta(seconds=10)
+
+
 class Step(_Strict):
     """What the operator does at ``at``."""
 
@@ -236,6 +252,7 @@ class Scenario(_Strict):
         default_factory=lambda: [Cohort(name="fleet", devices=10)], min_length=1
     )
     server: ServerSetup = ServerSetup()
+    agent: AgentSetup = AgentSetup()
     steps: list[Step] = Field(default_factory=list)
     faults: list[Fault] = Field(default_factory=list)
     expect: Expect = Expect()

@@ -99,6 +99,7 @@ log = logging.getLogger(__name__)
 SIM_INLINE_BELOW_S = 1.0
 
 TRIAL_TICK_S = 0.2  # the trial clock while a trial runs (agent.daemon.TICK_S)
+TRIAL_TICKS = 60  # ... or a sixtieth of a longer trial: a thousand devices in trial at once
 DUPLICATE_AFTER_S = 0.5  # a duplicated desired-state push comes again this much later
 
 
@@ -298,6 +299,7 @@ class SimDevice:
         self._power = asyncio.Event()
         self._up = asyncio.Event()
         self._check_after_trial = False
+        self._trial_tick_s = max(TRIAL_TICK_S, config.health_period_s / TRIAL_TICKS)
         self._polled = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop the device runs on
         self.refresh_slots: asyncio.Semaphore | None = None
@@ -678,7 +680,7 @@ class SimDevice:
                 self.update_wake.set()
             if installer.in_trial:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), TRIAL_TICK_S)
+                    await asyncio.wait_for(stop.wait(), self._trial_tick_s)
             else:  # many devices in one process: no clock while no trial runs
                 self._polled.clear()
                 await _first_set(stop, self._polled, timeout=None)
