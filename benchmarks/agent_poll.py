@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any
 
@@ -111,8 +111,7 @@ def _summary(rows: list[dict[str, Any]], which: str) -> dict[str, float]:
 
 def main(polls: int = 20, changed: int = 5) -> None:
     from fleet_server.release.keys import init_keys
-    from protocol.hybrid import HybridPlan
-    from testbed.fleet import Fleet
+    from testbed.fleet import Fleet, escalate_plan
     from testbed.images import make_bundle
 
     device = "bench-1"
@@ -124,19 +123,7 @@ def main(polls: int = 20, changed: int = 5) -> None:
             (root / "built").mkdir()
             v1 = fleet.release(make_bundle(root / "built", "v1", "1.0.0"))
             fleet.assign(device, v1)
-            now = datetime.now(UTC)
-            plan = HybridPlan(
-                plan_id="bench-plan",
-                device_id=device,
-                mode="escalate",
-                temperature=1.5,
-                tau=0.8,
-                quota_rate=1.0,
-                quota_burst=2,
-                audit_rate=0.05,
-                issued_at=now,
-                expires_at=now + timedelta(hours=6),
-            )
+            plan = escalate_plan(device, "bench-plan", timedelta(hours=6))
             fleet.director.sign_plan(fleet.director_keys, device, plan)
             config = fleet.agent_config(device)
             side = ["--device-side", str(config), "--counter", str(v1.release_counter)]

@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,28 @@ import urllib3
 from fleet_server.director import DirectorRepository
 from fleet_server.release.keys import KeyStore
 from fleet_server.release.repository import ImageRepository, ReleasedBundle
+from protocol.hybrid import HybridPlan
 from testbed.http_repo import RepositoryServer
 from testbed.images import HARDWARE
 
-__all__ = ["HARDWARE", "AgentProcess", "Fleet", "reap_agents", "running_agents"]
+__all__ = ["HARDWARE", "AgentProcess", "Fleet", "escalate_plan", "reap_agents", "running_agents"]
+
+
+def escalate_plan(device_id: str, plan_id: str, ttl: timedelta = timedelta(hours=1)) -> HybridPlan:
+    """A hybrid plan for ``device_id``, issued now: escalate below tau 0.8, quota 1/s burst 2."""
+    now = datetime.now(UTC)
+    return HybridPlan(
+        plan_id=plan_id,
+        device_id=device_id,
+        mode="escalate",
+        temperature=1.5,
+        tau=0.8,
+        quota_rate=1.0,
+        quota_burst=2,
+        audit_rate=0.05,
+        issued_at=now,
+        expires_at=now + ttl,
+    )
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -23,7 +23,7 @@ from fleet_server.release.keys import KeyStore, init_keys
 from fleet_server.release.repository import ReleasedBundle
 from protocol.director_marks import HYBRID_PLAN
 from protocol.hybrid import HybridPlan
-from testbed.fleet import HARDWARE, AgentProcess, Fleet
+from testbed.fleet import HARDWARE, AgentProcess, Fleet, escalate_plan
 from testbed.images import make_bundle
 
 pytestmark = pytest.mark.integration
@@ -51,19 +51,7 @@ def fleet(tmp_path: Path, keys: tuple[KeyStore, KeyStore]) -> Iterator[Fleet]:
 
 
 def make_plan(plan_id: str, ttl: timedelta = timedelta(hours=1)) -> HybridPlan:
-    now = datetime.now(UTC)
-    return HybridPlan(
-        plan_id=plan_id,
-        device_id=DEVICE,
-        mode="escalate",
-        temperature=1.5,
-        tau=0.8,
-        quota_rate=1.0,
-        quota_burst=2,
-        audit_rate=0.05,
-        issued_at=now,
-        expires_at=now + ttl,
-    )
+    return escalate_plan(DEVICE, plan_id, ttl)
 
 
 def plan_target(plan: HybridPlan, signed_as: HybridPlan | None = None) -> TargetFile:

@@ -12,7 +12,7 @@ import json
 import time
 import urllib.request
 from collections.abc import Collection, Coroutine, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,7 +35,7 @@ from fleet_server.director import DirectorRepository
 from fleet_server.release.keys import KeyStore, init_keys
 from fleet_server.release.repository import ExpiryPolicy, ReleasedBundle
 from protocol.hybrid import HybridPlan
-from testbed.fleet import AgentProcess, Fleet
+from testbed.fleet import AgentProcess, Fleet, escalate_plan
 from testbed.http_repo import Faults
 from testbed.images import make_bundle
 
@@ -88,19 +88,7 @@ def run(coroutine: Coroutine[Any, Any, T]) -> T:
 
 
 def make_plan(plan_id: str, ttl: timedelta = timedelta(hours=1)) -> HybridPlan:
-    now = datetime.now(UTC)
-    return HybridPlan(
-        plan_id=plan_id,
-        device_id=DEVICE,
-        mode="escalate",
-        temperature=1.5,
-        tau=0.8,
-        quota_rate=1.0,
-        quota_burst=2,
-        audit_rate=0.05,
-        issued_at=now,
-        expires_at=now + ttl,
-    )
+    return escalate_plan(DEVICE, plan_id, ttl)
 
 
 def released(fleet: Fleet, built: dict[str, Path]) -> dict[str, ReleasedBundle]:
