@@ -14,11 +14,15 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import agent
-from agent.config import AgentConfig, ConfigError
 from protocol.cli import EXIT_BROKEN_PIPE, CommandParser, silence_stdout
 from protocol.cli import examples as _examples
+
+if TYPE_CHECKING:
+    # Loaded by the commands that read a configuration: `verify` needs none of it.
+    from agent.config import AgentConfig
 
 EXIT_REFUSED = 3
 EXIT_ERROR = 1
@@ -82,6 +86,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> AgentConfig:
+    from agent.config import AgentConfig
+
     return AgentConfig.load(Path(args.config))
 
 
@@ -200,12 +206,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # on SIGPIPE (status 128 + 13). Later flushes go to /dev/null, not to a traceback.
         silence_stdout()
         return EXIT_BROKEN_PIPE
-    except ConfigError as exc:
-        print(f"edge-agent: {exc}", file=sys.stderr)
-        return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
-    except OSError as exc:
+    except Exception as exc:
+        # A ConfigError comes only from a command that loaded agent.config.
+        config = sys.modules.get("agent.config")
+        if not isinstance(exc, OSError) and not (config and isinstance(exc, config.ConfigError)):
+            raise
         print(f"edge-agent: {exc}", file=sys.stderr)
         return EXIT_ERROR
     return code

@@ -5,7 +5,9 @@ Each round first hashes the released file with ``sha256sum`` (the floor: one
 read and one hash, in C), then verifies it as a device would — TUF refresh of
 root, timestamp, snapshot and targets, download into an empty directory,
 hashing while writing, manifest check — from a directory repository, and
-then from the same repository over HTTP on loopback. Rounds alternate so both
+then from the same repository over HTTP on loopback; last, the whole
+``edge-agent verify`` command as a process of its own (interpreter start and
+imports included), from the directory and over HTTP. Rounds alternate so all
 see the same machine state; the ratio is of the medians.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -78,6 +81,34 @@ def run() -> dict[str, float]:
             shutil.rmtree(out)
             return elapsed
 
+        edge_agent = Path(sys.executable).with_name("edge-agent")
+
+        def verify_command(source: str, i: int) -> float:
+            """The whole ``edge-agent verify`` process, as a user runs it."""
+            out = tmp / f"cmd-{i}"
+            started = time.perf_counter()
+            subprocess.run(
+                [
+                    str(edge_agent),
+                    "verify",
+                    "--root",
+                    str(repo.trusted_root_path),
+                    "--repo",
+                    source,
+                    "--name",
+                    "big",
+                    "--hardware",
+                    "bench",
+                    "--out",
+                    str(out),
+                ],
+                check=True,
+                capture_output=True,
+            )
+            elapsed = time.perf_counter() - started
+            shutil.rmtree(out)
+            return elapsed
+
         def timed(command: list[str]) -> float:
             started = time.perf_counter()
             subprocess.run([*command, str(target)], check=True, capture_output=True)
@@ -89,15 +120,22 @@ def run() -> dict[str, float]:
         openssl = ["openssl", "dgst", "-sha256"] if shutil.which("openssl") else sha256sum
         timed(sha256sum)
         verify(str(repo.path), -1)  # warm the page cache and imports
-        base, ossl, local, http = [], [], [], []
+        verify_command(str(repo.path), -1)
+        base, ossl, local, http, cmd_local, cmd_http = [], [], [], [], [], []
         for i in range(ROUNDS):
             base.append(timed(sha256sum))
             ossl.append(timed(openssl))
             local.append(verify(str(repo.path), i))
             http.append(verify(url, i))
+            cmd_local.append(verify_command(str(repo.path), i))
+            cmd_http.append(verify_command(url, i))
         httpd.close()
-    b, o, lo, ht = (statistics.median(v) for v in (base, ossl, local, http))
+    b, o, lo, ht, cl, ch = (
+        statistics.median(v) for v in (base, ossl, local, http, cmd_local, cmd_http)
+    )
     return {
+        "command_dir_s": cl,
+        "command_http_s": ch,
         "bundle_mb": released.length / 1e6,
         "sha256sum_s": b,
         "openssl_s": o,
@@ -122,6 +160,12 @@ def main() -> None:
         f"  verify (HTTP, loopback)   {r['verify_http_s'] * 1000:8.1f} ms   {r['ratio_http']:.2f}x"
     )
     print(f"  verify (directory) against openssl: {r['ratio_dir_openssl']:.2f}x")
+    for label, key in (("directory repo", "command_dir_s"), ("HTTP, loopback", "command_http_s")):
+        print(
+            f"  edge-agent verify, whole process ({label}) {r[key] * 1000:8.1f} ms   "
+            f"{r[key] / r['sha256sum_s']:.2f}x sha256sum, "
+            f"{r[key] / r['openssl_s']:.2f}x openssl"
+        )
 
 
 if __name__ == "__main__":

@@ -56,11 +56,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from statistics import NormalDist
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
-import numpy as np
-import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# numpy is imported by the functions that compute: the manifest reads this module's
+# models, and `edge-agent verify` reads the manifest without loading numpy.
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
 
 from protocol.summary import SCORE_BIN_COUNT, ScoreHistogram, score_histogram
 
@@ -134,6 +138,8 @@ class Calibration(BaseModel):
 
     def probabilities(self) -> npt.NDArray[np.float64]:
         """``p[c][k]``: the smoothed share of correct predictions per cell."""
+        import numpy as np
+
         total = np.asarray(self.total, dtype=np.float64)
         correct = np.asarray(self.correct, dtype=np.float64)
         midpoint = (np.arange(self.bins, dtype=np.float64) + 0.5) / self.bins
@@ -178,6 +184,8 @@ def calibrate(
     measure the misspecification allowance (:func:`misspecification_allowance`);
     without them the calibration has none and estimates use the default.
     """
+    import numpy as np
+
     probs = np.asarray(scores, dtype=np.float64)
     truth = np.asarray(labels)
     if probs.ndim != 2 or probs.shape[1] != len(classes):
@@ -212,6 +220,8 @@ def calibrate(
 
 def _cells(probs: npt.NDArray[np.float64], bins: int) -> npt.NDArray[np.int64]:
     """Each row's calibration cell, flattened: ``predicted class * bins + score bin``."""
+    import numpy as np
+
     k = np.clip((probs.max(axis=1) * bins).astype(np.int64), 0, bins - 1)
     cells: npt.NDArray[np.int64] = probs.argmax(axis=1) * bins + k
     return cells
@@ -238,6 +248,8 @@ def misspecification_allowance(
     bias under a shift of ``tilt`` standard deviations in any one feature.
     Constant features carry no tilt and are skipped.
     """
+    import numpy as np
+
     probs = np.asarray(scores, dtype=np.float64)
     truth = np.asarray(labels)
     values = np.asarray(features, dtype=np.float64)
@@ -287,6 +299,8 @@ def estimate_accuracy(
     The interval holds under :data:`ASSUMPTION`: sampling, the calibration's
     own error and its misspecification allowance (see the module docs).
     """
+    import numpy as np
+
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
     if observed.classes != calibration.classes:

@@ -10,12 +10,17 @@ call :func:`derive_features`, so they compute exactly the same thing.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import numpy as np
-import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict
+
+# numpy is imported by the functions that compute: the manifest reads this module's
+# models, and `edge-agent verify` reads the manifest without loading numpy.
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
 
 DerivationMethod = Literal["elements", "channel_moments", "global_moments"]
 
@@ -36,7 +41,7 @@ class InputDerivation(BaseModel):
 
 def choose_method(example_shape: Sequence[int]) -> DerivationMethod:
     """Pick the derivation for an input whose per-example shape is ``example_shape``."""
-    size = int(np.prod(example_shape)) if len(example_shape) else 1
+    size = math.prod(example_shape) if len(example_shape) else 1
     if size <= MAX_ELEMENT_FEATURES:
         return "elements"
     if len(example_shape) >= 2 and example_shape[-1] <= MAX_CHANNELS:
@@ -49,7 +54,7 @@ def derived_names(
 ) -> list[str]:
     """Default feature names for an input, e.g. ``image.c0_mean`` or ``features[3]``."""
     if method == "elements":
-        size = int(np.prod(example_shape)) if len(example_shape) else 1
+        size = math.prod(example_shape) if len(example_shape) else 1
         return [f"{input_name}[{i}]" for i in range(size)]
     if method == "channel_moments":
         return [
@@ -62,6 +67,8 @@ def derived_names(
 
 def derive(method: DerivationMethod, batch: npt.ArrayLike) -> npt.NDArray[np.float64]:
     """Derived features of one input: ``[batch, *example_shape]`` -> ``[batch, k]``."""
+    import numpy as np
+
     x = np.asarray(batch, dtype=np.float64)
     rows = x.shape[0]
     out: npt.NDArray[np.float64]
@@ -81,5 +88,7 @@ def derive_features(
     derivations: Sequence[InputDerivation], inputs: Mapping[str, npt.ArrayLike]
 ) -> npt.NDArray[np.float64]:
     """All summary features of a batch, inputs in manifest order: ``[batch, features]``."""
+    import numpy as np
+
     parts = [derive(d.method, inputs[d.input]) for d in derivations]
     return np.concatenate(parts, axis=1)

@@ -21,10 +21,15 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import numpy as np
-import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
+
+# numpy is imported by the functions that compute: the manifest reads this module's
+# models, and `edge-agent verify` reads the manifest without loading numpy.
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
 
 DEFAULT_BIN_COUNT = 20
 SCORE_BIN_COUNT = 20
@@ -72,6 +77,8 @@ def quantile_edges(values: npt.ArrayLike, bins: int = DEFAULT_BIN_COUNT) -> list
 
     A feature with few distinct values gets fewer bins rather than empty ones.
     """
+    import numpy as np
+
     data = np.asarray(values, dtype=np.float64)
     data = data[np.isfinite(data)]
     if data.size == 0:
@@ -83,6 +90,8 @@ def quantile_edges(values: npt.ArrayLike, bins: int = DEFAULT_BIN_COUNT) -> list
 
 def bin_counts(values: npt.NDArray[np.float64], edges: Sequence[float]) -> npt.NDArray[np.int64]:
     """Counts of the finite ``values`` per bin of ``edges`` (see module docstring)."""
+    import numpy as np
+
     finite = values[np.isfinite(values)]
     idx = np.searchsorted(np.asarray(edges, dtype=np.float64), finite, side="right")
     return np.bincount(idx, minlength=len(edges) + 1).astype(np.int64)
@@ -100,6 +109,8 @@ def summarize(
     summaries count the values below and above them; a bound of ``None``
     counts nothing on its side.
     """
+    import numpy as np
+
     data = np.asarray(values, dtype=np.float64)
     if data.ndim != 2:
         raise ValueError(f"expected a [rows, features] array, got shape {data.shape}")
@@ -192,6 +203,8 @@ class ScoreHistogram(BaseModel):
 
 def score_histogram(scores: npt.ArrayLike, classes: Sequence[str]) -> ScoreHistogram:
     """Build the top-score histogram of ``[rows, classes]`` probabilities."""
+    import numpy as np
+
     probs = np.asarray(scores, dtype=np.float64)
     rows = probs[np.all(np.isfinite(probs), axis=1)]
     predicted = rows.argmax(axis=1)

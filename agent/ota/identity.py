@@ -13,14 +13,31 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+from typing import Protocol
+
+
+class Hasher(Protocol):
+    """What the device needs of a hash object: hashlib's and blake2b's alike."""
+
+    @property
+    def digest_size(self) -> int: ...
+
+    def update(self, data: bytes, /) -> None: ...
+
+    def hexdigest(self) -> str: ...
+
+
+def new_hash(algorithm: str) -> Hasher:
+    """A hash object for ``algorithm``, named as python-tuf names it; ValueError if unknown."""
+    if algorithm == "blake2b-256":  # python-tuf's one name beyond hashlib's
+        return hashlib.blake2b(digest_size=32)
+    return hashlib.new(algorithm)
 
 
 def _digest_size(algorithm: str) -> int:
     """Bytes of ``algorithm``'s digest (as python-tuf computes it); 0 if unsupported."""
-    if algorithm == "blake2b-256":  # python-tuf's one name beyond hashlib's
-        return 32
     try:
-        return int(hashlib.new(algorithm).digest_size)
+        return int(new_hash(algorithm).digest_size)
     except (ValueError, TypeError):
         return 0
 

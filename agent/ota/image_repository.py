@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +47,7 @@ from agent.ota.errors import (
     UpdateRefused,
     WrongHardware,
 )
-from agent.ota.identity import bundle_id, is_verifiable
+from agent.ota.identity import Hasher, bundle_id, is_verifiable, new_hash
 from agent.ota.transport import FetchConfig, RepositoryFetcher, Stream, is_local, local_path
 from protocol.bundle import BundleFormatError, read_manifest
 from protocol.manifest import Manifest
@@ -59,6 +59,7 @@ from protocol.signed_bundle import (
 )
 
 PARTIAL_SUFFIX = ".partial"
+_READ_BLOCK = 1 << 20  # bytes a resumed download's earlier part is hashed by
 
 
 @dataclass(frozen=True)
@@ -394,9 +395,12 @@ class ImageRepositoryClient:
                 f"{bundle.path} needs {bundle.length - have} more bytes; {free} are free"
             )
         url = self.target_url(bundle)
+        # Every signed hash is computed while the file is written, as python-tuf
+        # computes it (a resumed download's earlier bytes first): the bundle is read once.
+        hashes = {algorithm: new_hash(algorithm) for algorithm in bundle.hashes}
         with refusals():
             stream = self._fetcher.open(url, have)
-            received = _receive(stream, partial, bundle.length, on_progress)
+            received = _receive(stream, partial, bundle.length, on_progress, hashes.values())
         if received > bundle.length:
             partial.unlink()
             raise EndlessData(
@@ -406,15 +410,14 @@ class ImageRepositoryClient:
             raise DownloadInterrupted(
                 f"{bundle.path}: {received} of {bundle.length} bytes arrived; will resume"
             )
-        try:
-            with partial.open("rb") as f:
-                bundle.target_file().verify_length_and_hashes(f)
-        except tuf_exc.LengthOrHashMismatchError as exc:
-            partial.unlink()
-            raise TamperedBundle(
-                f"{bundle.path} from {url}: what arrived differs from the signed length "
-                f"and hashes ({exc})"
-            ) from None
+        for algorithm, computed in hashes.items():
+            if computed.hexdigest() != bundle.hashes[algorithm]:
+                partial.unlink()
+                raise TamperedBundle(
+                    f"{bundle.path} from {url}: what arrived differs from the signed length "
+                    f"and hashes (its {algorithm} is {computed.hexdigest()}, signed "
+                    f"{bundle.hashes[algorithm]})"
+                )
         os.replace(partial, final)
         fsync_dir(directory)
         return final
@@ -463,12 +466,22 @@ def _receive(
     partial: Path,
     length: int,
     on_progress: Callable[[int], None] | None = None,
+    hashes: Iterable[Hasher] = (),
 ) -> int:
     """Write the stream into ``partial`` from its offset; returns the file's new size.
 
-    Stops one byte past ``length``: the caller refuses such a download.
+    ``hashes`` are fed every byte of the file: those already there up to the
+    offset, then each chunk written. Stops one byte past ``length``: the caller
+    refuses such a download.
     """
+    hashes = list(hashes)
     with partial.open("r+b" if stream.offset else "wb") as out:
+        while (done := out.tell()) < stream.offset:
+            block = out.read(min(_READ_BLOCK, stream.offset - done))
+            if not block:
+                break
+            for h in hashes:
+                h.update(block)
         out.seek(stream.offset)
         out.truncate()
         received = stream.offset
@@ -478,6 +491,8 @@ def _receive(
                 if received > length:
                     break
                 out.write(chunk)
+                for h in hashes:
+                    h.update(chunk)
                 if on_progress is not None:
                     out.flush()
                     on_progress(received)

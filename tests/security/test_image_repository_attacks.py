@@ -205,6 +205,30 @@ def test_interrupted_download_resumes_with_range(
     assert ranges[-1] == f"bytes={size // 3}-"
 
 
+def test_a_resumed_download_whose_earlier_part_was_changed_is_refused(
+    repo: ImageRepository, http_repo: RepositoryServer, tmp_path: Path
+) -> None:
+    # The hashes are computed while the file is written: a resumed download
+    # hashes the bytes already on disk too, so a change to them is caught.
+    size = target_file(repo).stat().st_size
+    http_repo.faults.match = "/targets/"
+    http_repo.faults.cut_after = size // 3
+    out = tmp_path / "out"
+    with pytest.raises(errors.DownloadInterrupted):
+        verify(repo, http_repo.url, out)
+    [partial] = out.glob("*.partial")
+    data = bytearray(partial.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    partial.write_bytes(bytes(data))
+    http_repo.faults.cut_after = None
+    with pytest.raises(errors.TamperedBundle, match=r"its sha256 is [0-9a-f]{64}, signed"):
+        verify(repo, http_repo.url, out)
+    assert [r for p, r in http_repo.faults.requests if "/targets/" in p][
+        -1
+    ] == f"bytes={size // 3}-"
+    assert not list(out.glob("*.partial")) and not list(out.glob("*.bundle"))
+
+
 def test_resume_against_a_server_without_range_restarts(
     repo: ImageRepository, http_repo: RepositoryServer, tmp_path: Path
 ) -> None:

@@ -6,6 +6,7 @@ real signatures, served by a real HTTP server; the agent's own code verifies.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,54 @@ def test_a_target_signed_only_with_sha512_is_verified_and_fetched_by_its_sha512_
     assert verified.target.sha256 is None
     [url] = target_requests(http_repo)
     assert url.endswith(f"/targets/pump-health/{hashes['sha512']}.pump-health-1.0.0.bundle")
+
+
+def test_a_target_signed_with_blake2b_256_is_verified_as_python_tuf_names_it(
+    repo: ImageRepository,
+    session_keys: KeyStore,
+    bundles: dict[str, Path],
+    http_repo: RepositoryServer,
+    tmp_path: Path,
+) -> None:
+    # python-tuf's one algorithm name beyond hashlib's: blake2b with a 32-byte digest.
+    from tuf.api.metadata import TargetFile
+
+    resign_with_hashes(repo, session_keys, bundles["v1"], ("sha256",))
+    listed = repo.targets()
+    [(path, entry)] = listed.items()
+    digest = TargetFile.from_data(path, bundles["v1"].read_bytes(), ["blake2b-256"]).hashes
+    # Stored under each hash's name, as a consistent-snapshot repository must.
+    dirname, _, basename = path.rpartition("/")
+    shutil.copyfile(
+        bundles["v1"], repo.targets_dir / dirname / f"{digest['blake2b-256']}.{basename}"
+    )
+    listed[path] = TargetFile(
+        entry.length, {**entry.hashes, **digest}, path, entry.unrecognized_fields
+    )
+    repo.set_targets(session_keys, listed)
+    verified = verify_bundle(
+        trusted_root=repo.trusted_root_path,
+        repository=http_repo.url,
+        name="pump-health",
+        hardware_id=HARDWARE,
+        out_dir=tmp_path / "out",
+    )
+    assert verified.path.read_bytes() == bundles["v1"].read_bytes()
+    listed[path] = TargetFile(
+        entry.length, {**entry.hashes, "blake2b-256": "0" * 64}, path, entry.unrecognized_fields
+    )
+    repo.set_targets(session_keys, listed)
+    shutil.copyfile(bundles["v1"], repo.targets_dir / dirname / f"{'0' * 64}.{basename}")
+    with pytest.raises(
+        errors.TamperedBundle, match=r"its blake2b-256 is [0-9a-f]{64}, signed 0+\)"
+    ):
+        verify_bundle(
+            trusted_root=repo.trusted_root_path,
+            repository=http_repo.url,
+            name="pump-health",
+            hardware_id=HARDWARE,
+            out_dir=tmp_path / "out2",
+        )
 
 
 def test_a_download_that_matches_one_signed_hash_but_not_another_is_refused(
