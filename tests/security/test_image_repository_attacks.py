@@ -188,21 +188,29 @@ def test_trickling_server_is_refused(
         verify(repo, http_repo.url, tmp_path / "out", fetch=fetch)
 
 
+def interrupted(repo: ImageRepository, http_repo: RepositoryServer, out: Path, at: int) -> None:
+    """A download of the bundle into ``out`` cut after ``at`` bytes; the server then heals."""
+    http_repo.faults.match = "/targets/"
+    http_repo.faults.cut_after = at
+    with pytest.raises(errors.DownloadInterrupted):
+        verify(repo, http_repo.url, out)
+    http_repo.faults.cut_after = None
+
+
+def last_range(http_repo: RepositoryServer) -> str | None:
+    return [r for p, r in http_repo.faults.requests if "/targets/" in p][-1]
+
+
 def test_interrupted_download_resumes_with_range(
     repo: ImageRepository, http_repo: RepositoryServer, tmp_path: Path
 ) -> None:
     size = target_file(repo).stat().st_size
-    http_repo.faults.match = "/targets/"
-    http_repo.faults.cut_after = size // 3
     out = tmp_path / "out"
-    with pytest.raises(errors.DownloadInterrupted):
-        verify(repo, http_repo.url, out)
+    interrupted(repo, http_repo, out, size // 3)
     assert [p.stat().st_size for p in out.glob("*.partial")] == [size // 3]
-    http_repo.faults.cut_after = None
     verified = verify(repo, http_repo.url, out)
     assert verified.path.read_bytes() == target_file(repo).read_bytes()
-    ranges = [r for p, r in http_repo.faults.requests if "/targets/" in p]
-    assert ranges[-1] == f"bytes={size // 3}-"
+    assert last_range(http_repo) == f"bytes={size // 3}-"
 
 
 def test_a_resumed_download_whose_earlier_part_was_changed_is_refused(
@@ -211,21 +219,15 @@ def test_a_resumed_download_whose_earlier_part_was_changed_is_refused(
     # The hashes are computed while the file is written: a resumed download
     # hashes the bytes already on disk too, so a change to them is caught.
     size = target_file(repo).stat().st_size
-    http_repo.faults.match = "/targets/"
-    http_repo.faults.cut_after = size // 3
     out = tmp_path / "out"
-    with pytest.raises(errors.DownloadInterrupted):
-        verify(repo, http_repo.url, out)
+    interrupted(repo, http_repo, out, size // 3)
     [partial] = out.glob("*.partial")
     data = bytearray(partial.read_bytes())
     data[len(data) // 2] ^= 0x01
     partial.write_bytes(bytes(data))
-    http_repo.faults.cut_after = None
     with pytest.raises(errors.TamperedBundle, match=r"its sha256 is [0-9a-f]{64}, signed"):
         verify(repo, http_repo.url, out)
-    assert [r for p, r in http_repo.faults.requests if "/targets/" in p][
-        -1
-    ] == f"bytes={size // 3}-"
+    assert last_range(http_repo) == f"bytes={size // 3}-"
     assert not list(out.glob("*.partial")) and not list(out.glob("*.bundle"))
 
 
@@ -233,12 +235,8 @@ def test_resume_against_a_server_without_range_restarts(
     repo: ImageRepository, http_repo: RepositoryServer, tmp_path: Path
 ) -> None:
     size = target_file(repo).stat().st_size
-    http_repo.faults.match = "/targets/"
-    http_repo.faults.cut_after = size // 2
     out = tmp_path / "out"
-    with pytest.raises(errors.DownloadInterrupted):
-        verify(repo, http_repo.url, out)
-    http_repo.faults.cut_after = None
+    interrupted(repo, http_repo, out, size // 2)
     http_repo.faults.ignore_range = True
     assert verify(repo, http_repo.url, out).path.read_bytes() == target_file(repo).read_bytes()
 

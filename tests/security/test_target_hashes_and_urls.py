@@ -15,7 +15,7 @@ from agent.config import AgentConfig
 from agent.ota import errors
 from agent.ota.answers import Downloaded
 from agent.ota.fetch_worker import resolve, run
-from agent.ota.verify import verify_bundle
+from agent.ota.verify import VerifiedBundle, verify_bundle
 from fleet_server.director import DirectorRepository
 from fleet_server.release.keys import KeyStore, init_keys
 from fleet_server.release.repository import ImageRepository
@@ -35,6 +35,17 @@ def target_requests(server: RepositoryServer) -> list[str]:
     return [p for p, _ in server.faults.requests if "/targets/" in p]
 
 
+def verify_from(repo: ImageRepository, http_repo: RepositoryServer, out: Path) -> VerifiedBundle:
+    """The device's verification of pump-health from ``http_repo``, into ``out``."""
+    return verify_bundle(
+        trusted_root=repo.trusted_root_path,
+        repository=http_repo.url,
+        name="pump-health",
+        hardware_id=HARDWARE,
+        out_dir=out,
+    )
+
+
 def test_a_target_signed_only_with_sha512_is_verified_and_fetched_by_its_sha512_name(
     repo: ImageRepository,
     session_keys: KeyStore,
@@ -43,13 +54,7 @@ def test_a_target_signed_only_with_sha512_is_verified_and_fetched_by_its_sha512_
     tmp_path: Path,
 ) -> None:
     hashes = resign_with_hashes(repo, session_keys, bundles["v1"], ("sha512",))
-    verified = verify_bundle(
-        trusted_root=repo.trusted_root_path,
-        repository=http_repo.url,
-        name="pump-health",
-        hardware_id=HARDWARE,
-        out_dir=tmp_path / "out",
-    )
+    verified = verify_from(repo, http_repo, tmp_path / "out")
     assert verified.path.read_bytes() == bundles["v1"].read_bytes()
     assert verified.target.bundle_id == f"sha512:{hashes['sha512']}"
     assert verified.target.sha256 is None
@@ -80,13 +85,7 @@ def test_a_target_signed_with_blake2b_256_is_verified_as_python_tuf_names_it(
         entry.length, {**entry.hashes, **digest}, path, entry.unrecognized_fields
     )
     repo.set_targets(session_keys, listed)
-    verified = verify_bundle(
-        trusted_root=repo.trusted_root_path,
-        repository=http_repo.url,
-        name="pump-health",
-        hardware_id=HARDWARE,
-        out_dir=tmp_path / "out",
-    )
+    verified = verify_from(repo, http_repo, tmp_path / "out")
     assert verified.path.read_bytes() == bundles["v1"].read_bytes()
     listed[path] = TargetFile(
         entry.length, {**entry.hashes, "blake2b-256": "0" * 64}, path, entry.unrecognized_fields
@@ -96,13 +95,7 @@ def test_a_target_signed_with_blake2b_256_is_verified_as_python_tuf_names_it(
     with pytest.raises(
         errors.TamperedBundle, match=r"its blake2b-256 is [0-9a-f]{64}, signed 0+\)"
     ):
-        verify_bundle(
-            trusted_root=repo.trusted_root_path,
-            repository=http_repo.url,
-            name="pump-health",
-            hardware_id=HARDWARE,
-            out_dir=tmp_path / "out2",
-        )
+        verify_from(repo, http_repo, tmp_path / "out2")
 
 
 def test_a_download_that_matches_one_signed_hash_but_not_another_is_refused(
@@ -123,13 +116,7 @@ def test_a_download_that_matches_one_signed_hash_but_not_another_is_refused(
     listed[path] = TargetFile(entry.length, wrong, path, entry.unrecognized_fields)
     repo.set_targets(session_keys, listed)
     with pytest.raises(errors.TamperedBundle, match="differs from the signed length and hashes"):
-        verify_bundle(
-            trusted_root=repo.trusted_root_path,
-            repository=http_repo.url,
-            name="pump-health",
-            hardware_id=HARDWARE,
-            out_dir=tmp_path / "out",
-        )
+        verify_from(repo, http_repo, tmp_path / "out")
 
 
 def test_a_target_signed_with_an_algorithm_the_device_cannot_verify_is_refused_up_front(
@@ -148,13 +135,7 @@ def test_a_target_signed_with_an_algorithm_the_device_cannot_verify_is_refused_u
     )
     repo.set_targets(session_keys, listed)
     with pytest.raises(errors.UntrustedMetadata, match="'sha3-999', which this device cannot"):
-        verify_bundle(
-            trusted_root=repo.trusted_root_path,
-            repository=http_repo.url,
-            name="pump-health",
-            hardware_id=HARDWARE,
-            out_dir=tmp_path / "out",
-        )
+        verify_from(repo, http_repo, tmp_path / "out")
     assert target_requests(http_repo) == [], "nothing is downloaded"
 
 
