@@ -27,6 +27,7 @@ def page(
     role: str | None = None,
     csrf: str | None = None,
     live: bool = True,
+    digest: str = "",
 ) -> str:
     """A whole page: header with navigation and logout, ``main`` in the ``<main>`` landmark."""
     nav = "".join(
@@ -56,7 +57,8 @@ def page(
         '<script src="/dashboard/static/dashboard.js" defer></script></head>'
         f"<body{' data-live' if live else ''}>"
         '<a class="skip" href="#main">Skip to content</a>'
-        f'{header}<main id="main" tabindex="-1"><h1>{e(title)}</h1>{main}</main>'
+        f'{header}<main id="main" tabindex="-1" data-digest="{e(digest)}">'
+        f"<h1>{e(title)}</h1>{main}</main>"
         '<p class="status" role="status" aria-live="polite" id="live-status"></p>'
         "</body></html>"
     )

@@ -10,6 +10,7 @@ script polls with it and swaps the content in place, without a reload.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -36,7 +37,8 @@ from fleet_server.dashboard.sessions import (
 from fleet_server.devices import service as devices
 from fleet_server.devices.views import device_view, event_view, with_refusals
 from fleet_server.drift import service as drift
-from fleet_server.drift.models import Scope
+from fleet_server.drift import store as drift_store
+from fleet_server.drift.models import DriftError, Scope
 from fleet_server.drift.views import alert_view, model_drift_view
 from fleet_server.errors import NotFound
 from fleet_server.hybrid.service import PlanNotFound
@@ -49,9 +51,12 @@ from protocol.api.devices import DeviceView
 from protocol.api.drift import AlertView
 from protocol.api.tokens import Role
 from protocol.api.windows import WindowQuery
+from protocol.window import WindowCodecError, WindowMergeError, decode_window, merge_windows
 
 SESSIONS: web.AppKey[Sessions] = web.AppKey("dashboard_sessions")
 FRAGMENT_HEADER = "X-Dashboard-Fragment"
+# What a fragment's content hashes to: the script swaps <main> only when it changed.
+DIGEST_HEADER = "X-Dashboard-Digest"
 ACTIONS = rollouts.ACTIONS
 ACTION_ROLE: Role = "operator"
 INSTALLING_PHASES = frozenset({"downloading", "verified", "staging", "staged", "trial"})
@@ -105,9 +110,21 @@ def view(section_name: str, render: View) -> Callable[[web.Request], Awaitable[w
                 status=404,
                 content_type="text/html",
             )
+        digest = hashlib.sha256(f"{title}\0{main}".encode()).hexdigest()[:32]
         if request.headers.get(FRAGMENT_HEADER) == "1":
-            return web.Response(text=f"<h1>{e(title)}</h1>{main}", content_type="text/html")
-        html = page(title, main, section=section_name, role=principal.role, csrf=session.csrf)
+            return web.Response(
+                text=f"<h1>{e(title)}</h1>{main}",
+                content_type="text/html",
+                headers={**_NO_STORE, DIGEST_HEADER: digest},
+            )
+        html = page(
+            title,
+            main,
+            section=section_name,
+            role=principal.role,
+            csrf=session.csrf,
+            digest=digest,
+        )
         return web.Response(text=html, content_type="text/html", headers=_NO_STORE)
 
     return handle
@@ -246,7 +263,7 @@ def _alert_rows(alerts: list[AlertView]) -> list[list[str]]:
             (
                 f'<a href="/dashboard/devices/{e(a.scope_value)}">{e(a.scope_value)}</a>'
                 if a.scope == "device"
-                else e(f"{a.scope}:{a.scope_value}")
+                else e(f"{a.scope}:{a.scope_value}" if a.scope_value else a.scope)
             ),
             e(f"{a.model} {a.version}"),
             e(", ".join(f.name or str(f.feature) for f in a.features) or "—"),
@@ -732,10 +749,60 @@ def _heat_cell(feature: str, scope: str, cell: Any) -> str:
     enough = stat is not None and critical is not None and f.n >= v.min_n
     colour = svg.heat_colour(stat if enough else None, critical)
     text = f"{stat:.3g} / {critical:.3g}" if enough else "not enough data"
+    link = f"/dashboard/drift/histogram?feature={quote(feature)}&scope={quote(scope)}"
     return (
-        f'<td class="{"cell" if enough else "nodata"}" style="background:{colour}" '
-        f'title="{e(feature)} in {e(scope)}: {e(text)}">{e(text)}</td>'
+        f'<td class="{"cell" if enough else "nodata"}" style="background:{colour}">'
+        f'<a href="{e(link)}" aria-label="{e(feature)} in {e(scope)}: {e(text)}; histograms">'
+        f"{e(text)}</a></td>"
     )
+
+
+async def drift_histogram(request: web.Request, principal: Principal) -> PageBody:
+    """One feature in one scope: the baseline's histogram against the field's, per version."""
+    server = request.app[SERVER]
+    feature = request.query.get("feature", "")[:100]
+    label = request.query.get("scope", "fleet")[:100]
+    kind, _, value = label.partition(":")
+    scope = Scope("tag", value) if kind == "tag" and value else Scope("fleet", "")
+    until = datetime.now(UTC)
+    groups: dict[tuple[str, str, str], list[Any]] = {}
+    charts = []
+    async with server.db.session() as session:
+        for row in await drift_store.load_windows(session, scope, until - DRIFT_RANGE, until):
+            key = (row.model_name, row.model_version, row.baseline_id)
+            groups.setdefault(key, []).append(row)
+        for (name, version, baseline_id), rows in sorted(groups.items()):
+            try:
+                manifest = await server.manifests.get(session, name, version)
+            except DriftError:
+                continue
+            names = [f.name for f in manifest.features]
+            if manifest.baseline.id != baseline_id or feature not in names:
+                continue
+            index = names.index(feature)
+            try:
+                merged = merge_windows(decode_window(r.payload) for r in rows)
+            except (WindowCodecError, WindowMergeError, ValueError):
+                continue
+            base = manifest.baseline.features[index]
+            field = merged.features[index]
+            charts.append(
+                f"<figure><figcaption>{e(name)} {e(version)}: baseline ({base.summary.n} rows, "
+                f"blue) against the field ({field.n} values in {len(rows)} windows, orange), "
+                "as shares of each; the first and last bins hold what lies beyond the edges"
+                "</figcaption>"
+                + svg.histogram_chart(
+                    f"{feature} in {label}: baseline against field",
+                    base.edges,
+                    base.summary.counts,
+                    field.counts,
+                )
+                + "</figure>"
+            )
+    body = "".join(charts) or '<p class="empty">no windows of this feature in the last 24 h</p>'
+    return f"{feature} in {label}", section(
+        "Baseline against field", body, ident="histograms"
+    ) + '<p><a href="/dashboard/drift">Back to the heat map</a></p>'
 
 
 # -- hybrid ----------------------------------------------------------------------------
@@ -787,6 +854,7 @@ PAGES: tuple[tuple[str, str, View], ...] = (
     ("/dashboard/rollouts", "rollouts", rollout_list),
     ("/dashboard/rollouts/{rollout_id}", "rollouts", rollout_page),
     ("/dashboard/drift", "drift", drift_page),
+    ("/dashboard/drift/histogram", "drift", drift_histogram),
     ("/dashboard/hybrid", "hybrid", hybrid_page),
 )
 

@@ -80,7 +80,7 @@ def gate_chart(
     """A gate over time: each tick's estimate with its interval, against the margin (dashed)
     and the harm bound (dotted). A tick without an estimate is a grey mark at the foot."""
     height = 180
-    left, right, top, bottom = 56, 12, 14, 36
+    left, right, top, bottom = 92, 12, 14, 36
     plot_w = width - left - right
     plot_h = height - top - bottom
     values = [margin, harm_at]
@@ -107,14 +107,26 @@ def gate_chart(
         f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" '
         f'stroke="{MUTED}"/>',
     ]
+    labelled: list[float] = []
     for v, dash, name in ((margin, "6 4", "margin"), (harm_at, "2 3", "harm")):
         parts.append(
             f'<line class="{name}" x1="{left}" y1="{_num(y(v))}" x2="{left + plot_w}" '
             f'y2="{_num(y(v))}" stroke="{FAIL if name == "harm" else PASS}" '
-            f'stroke-dasharray="{dash}"/>'
-            f'<text x="{left - 4}" y="{_num(y(v) + 4)}" text-anchor="end" font-size="11" '
-            f'fill="{INK}">{escape(_label(v))}</text>'
+            f'stroke-dasharray="{dash}"><title>{name} {escape(_label(v))}</title></line>'
         )
+        labelled.append(y(v))
+        if len(labelled) == 1 or abs(labelled[0] - labelled[1]) >= 12:
+            parts.append(
+                f'<text x="{left - 4}" y="{_num(y(v) + 4)}" text-anchor="end" font-size="11" '
+                f'fill="{INK}">{name} {escape(_label(v))}</text>'
+            )
+    # The axis's ends, where no bound's label sits.
+    for v in (hi, lo):
+        if all(abs(y(v) - at) >= 12 for at in labelled):
+            parts.append(
+                f'<text x="{left - 4}" y="{_num(y(v) + 4)}" text-anchor="end" font-size="10" '
+                f'fill="{MUTED}">{escape(_label(v))}</text>'
+            )
     for i, p in enumerate(points):
         cx = _num(x(i))
         if p.estimate is None or not math.isfinite(p.estimate):

@@ -12,6 +12,7 @@ import json
 import re
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from playwright.sync_api import Browser, expect
@@ -106,10 +107,22 @@ def test_each_page_shows_what_the_api_answers_without_console_errors(
     )
     screenshot(served, page, "device")
 
+    since = (datetime.now(UTC) - timedelta(hours=24)).isoformat().replace("+00:00", "Z")
+    (drift,) = [
+        m for m in served.api(f"/drift?fleet=true&since={since}")["models"] if m["features"]
+    ]
+    shaft = next(f for f in drift["features"] if f["name"] == "shaft_rpm")
     page.get_by_role("link", name="Drift").click()
-    expect(page.locator("table.heat")).to_be_visible()
-    assert page.locator("table.heat tbody tr").count() >= 1
+    fleet_cell = page.locator("table.heat tbody tr", has_text="shaft_rpm").locator("td").first
+    expect(fleet_cell).to_have_text(f"{shaft['statistic']:.3g} / {shaft['threshold']:.3g}")
+    expect(page.locator("table.heat td.nodata").first).to_have_text("no data")
     screenshot(served, page, "drift")
+    fleet_cell.get_by_role("link").click()
+    expect(page.get_by_role("heading", level=1)).to_have_text("shaft_rpm in fleet")
+    histogram = page.locator("svg.histogram")
+    expect(histogram).to_have_count(1)
+    assert histogram.locator("rect.baseline").count() == histogram.locator("rect.field").count()
+    screenshot(served, page, "drift-histogram")
 
     capacity = served.api("/cloud/capacity")
     page.get_by_role("link", name="Hybrid").click()
@@ -170,6 +183,7 @@ def test_an_operators_pause_reaches_the_rollout(browser: Browser, served: Served
     pause.focus()
     pause.press("Enter")
     expect(page.locator("#rollout-phase")).to_have_text("paused")
+    expect(page.locator(".action-result")).to_have_text("Pause: rollout is paused")
     assert page.evaluate("window.__sameDocument") is True  # updated in place
     screenshot(served, page, "rollout-paused")
     shown = served.api(f"/rollouts/{served.rollout_id}", served.viewer)

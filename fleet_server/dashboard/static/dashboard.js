@@ -16,8 +16,8 @@
 
   function refresh() {
     if (busy || document.hidden) return Promise.resolve();
-    var active = document.activeElement;
-    if (active && main.contains(active) && active.tagName === "INPUT") return Promise.resolve();
+    var typing = document.activeElement;
+    if (typing && main.contains(typing) && typing.tagName === "INPUT") return Promise.resolve();
     busy = true;
     return fetch(location.href, {
       headers: { "X-Dashboard-Fragment": "1" },
@@ -29,14 +29,27 @@
           location.assign("/dashboard/login");
           return null;
         }
-        return r.ok ? r.text() : null;
+        var digest = r.headers.get("X-Dashboard-Digest");
+        if (!r.ok || !digest || digest === main.getAttribute("data-digest")) return null;
+        return r.text().then(function (html) {
+          return { html: html, digest: digest };
+        });
       })
-      .then(function (html) {
-        if (html !== null && html !== main.innerHTML) {
-          main.innerHTML = html;
-          bind();
-          main.setAttribute("data-updated", new Date().toISOString());
-        }
+      .then(function (fresh) {
+        if (fresh === null) return;
+        // Keep the keyboard where it was: refocus the control of the same id or action.
+        var active = document.activeElement;
+        var key = active && main.contains(active)
+          ? (active.id ? "#" + active.id
+            : active.getAttribute("data-action")
+              ? '[data-action="' + active.getAttribute("data-action") + '"]' : null)
+          : null;
+        main.innerHTML = fresh.html;
+        main.setAttribute("data-digest", fresh.digest);
+        main.setAttribute("data-updated", new Date().toISOString());
+        bind();
+        var again = key ? main.querySelector(key) : null;
+        if (again) again.focus();
       })
       .catch(function () {
         say("live updates paused: the server does not answer");
@@ -53,7 +66,7 @@
         event.preventDefault();
         var button = event.submitter;
         var action = button ? button.getAttribute("formaction") : form.action;
-        var result = form.parentNode.querySelector(".action-result");
+        var result = main.querySelector(".action-result");
         fetch(action, {
           method: "POST",
           credentials: "same-origin",
@@ -71,7 +84,13 @@
               : answer.body.error;
             say(text);
             if (result) result.textContent = text;
-            return refresh();
+            return refresh().then(function () {
+              var shown = main.querySelector(".action-result");
+              if (shown) shown.textContent = text;
+            });
+          })
+          .catch(function () {
+            say("the action was not sent: the server does not answer");
           });
       });
     });
