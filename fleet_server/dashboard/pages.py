@@ -859,15 +859,25 @@ PAGES: tuple[tuple[str, str, View], ...] = (
 )
 
 
+Route = tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]
+
+
+def routes() -> tuple[Route, ...]:
+    """Every route of the dashboard: method, path, handler. None is part of the REST API, so
+    none is in its OpenAPI document."""
+    return (
+        *(("GET", path, view(name, render)) for path, name, render in PAGES),
+        *(("GET", path, to_overview) for path in ("/", "/ui", "/dashboard/")),
+        ("GET", "/dashboard/login", login_form),
+        ("POST", "/dashboard/login", login),
+        ("POST", "/dashboard/logout", logout),
+        ("POST", "/dashboard/rollouts/{rollout_id}/{action}", rollout_action),
+        ("GET", "/dashboard/static/{name}", static),
+    )
+
+
 def add_routes(app: web.Application) -> None:
     """Register the dashboard's pages, actions and assets on ``app``."""
     app[SESSIONS] = Sessions()
-    for path, name, render in PAGES:
-        app.router.add_get(path, view(name, render))
-    for path in ("/", "/ui", "/dashboard/"):
-        app.router.add_get(path, to_overview)
-    app.router.add_get("/dashboard/login", login_form)
-    app.router.add_post("/dashboard/login", login)
-    app.router.add_post("/dashboard/logout", logout)
-    app.router.add_post("/dashboard/rollouts/{rollout_id}/{action}", rollout_action)
-    app.router.add_get("/dashboard/static/{name}", static)
+    for method, path, handler in routes():
+        app.router.add_route(method, path, handler)
