@@ -831,15 +831,16 @@ async def hybrid_page(request: web.Request, principal: Principal) -> PageBody:
         f"<dt>Set by</dt><dd>{e(capacity.updated_by or capacity.source)}</dd></dl>"
         + section(
             "Each device's share",
-            svg.bar_chart("cloud requests a second granted to each device", shares),
+            svg.bar_chart("cloud requests a second granted to each device", shares, width=640),
             ident="shares",
         )
         + section(
             "Plans and observed offload",
             table(
-                "plans",
+                "plans: each device's share of the cloud and the offload observed under it",
                 ("Device", "Mode", "Share (req/s)", "Expected", "Observed", "Offloaded", "Plan"),
                 rows,
+                cls="plans",
             ),
             ident="plans",
         )

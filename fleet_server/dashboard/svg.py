@@ -41,7 +41,7 @@ def bar_chart(title: str, items: Sequence[tuple[str, float]], width: int = 360) 
     height = max(1, len(items)) * row + 4
     top = max((v for _, v in items), default=0.0) or 1.0
     parts = [
-        f'<svg class="chart" viewBox="0 0 {width} {height}" width="100%" role="img" '
+        f'<svg class="chart bars" viewBox="0 0 {width} {height}" width="{width}" role="img" '
         f'aria-label="{escape(title)}" xmlns="http://www.w3.org/2000/svg">',
         f"<title>{escape(title)}</title>",
     ]

@@ -33,6 +33,7 @@ from fleet_server.release.repository import ImageRepository
 from fleet_server.rollouts import service as rollout_service
 from protocol.bundle import read_manifest
 from protocol.histogram import ExponentialHistogram, record
+from protocol.hybrid import CONFIDENCE_BINS, HybridSummary
 from protocol.messages import BundleRef, DeviceEvent, InstallOutcome, ReportedState
 from protocol.summary import score_histogram
 from protocol.topics import windows_topic
@@ -51,6 +52,7 @@ C2 = default_release_counter("2.0.0")
 CLASSES = ["normal", "imbalance", "bearing_wear", "overheating"]
 WAVE_TAG = "line-a"
 DRIFT_TAG = "line-b"
+HYBRID_DEVICE = "pump-11"
 SCREENS: list[Path] = []
 
 
@@ -108,7 +110,14 @@ def _event(device_id: str, event: str, **details: Any) -> Accepted:
     )
 
 
-def _window(device_id: str, version: str, end: float, seed: int) -> Accepted:
+def _window(
+    device_id: str,
+    version: str,
+    end: float,
+    seed: int,
+    requests: int = 60,
+    hybrid: HybridSummary | None = None,
+) -> Accepted:
     rng = np.random.default_rng(seed)
     w = WindowSummary(
         window_id=uuid.uuid4().hex,
@@ -118,12 +127,13 @@ def _window(device_id: str, version: str, end: float, seed: int) -> Accepted:
         baseline_id="b1",
         start=end - 60,
         end=end,
-        requests=60,
+        requests=requests,
         errors=0,
-        served={"active": 58, "previous": 2},
+        served={"active": requests - 2, "previous": 2},
         features=[],
-        scores=score_histogram(rng.dirichlet([1.0] * len(CLASSES), size=60), CLASSES),
-        latency_ms=record(ExponentialHistogram(), rng.lognormal(3.5, 0.3, size=60)),
+        scores=score_histogram(rng.dirichlet([1.0] * len(CLASSES), size=requests), CLASSES),
+        latency_ms=record(ExponentialHistogram(), rng.lognormal(3.5, 0.3, size=requests)),
+        hybrid=hybrid,
     )
     verdict = classify(windows_topic("dash", device_id), encode_window(w), 65536, namespace="dash")
     assert isinstance(verdict, Accepted), verdict
@@ -211,6 +221,27 @@ def _populate(api: ServerThread, keys: KeyStore, bundles: dict[str, Path], tmp: 
             ]
         )
         tick(start + timedelta(minutes=minute))
+
+    # The cloud's capacity set: the planner plans every device; one follows its plan and
+    # reports what it offloaded.
+    status, _ = fleet.send("PUT", "/cloud/capacity", {"capacity": 6, "headroom": 0.5})
+    assert status == 200
+    api.call(server.plans.step(server.db, datetime.now(UTC)))
+    plan = fleet.get(f"/plans/{HYBRID_DEVICE}")[1]
+    # Offloading what the plan expects, so the server has no reason to plan it again.
+    escalated = round(plan["expected_offload"] * 120)
+    confidence = [0] * CONFIDENCE_BINS
+    confidence[5], confidence[45] = escalated, 120 - escalated
+    summary = HybridSummary(
+        plan_id=plan["plan_id"],
+        mode=plan["mode"],
+        local=120 - escalated,
+        escalated=escalated,
+        cloud_answered=escalated,
+        cloud_latency_ms=record(ExponentialHistogram(), np.full(max(escalated, 1), 50.0)),
+        confidence=confidence,
+    )
+    write([_window(HYBRID_DEVICE, "1.0.0", time.time(), 7, requests=120, hybrid=summary)])
     return fleet, rollout_id
 
 

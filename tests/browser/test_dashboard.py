@@ -19,8 +19,8 @@ from playwright.sync_api import Browser, expect
 
 from protocol.messages import DeviceEvent
 from protocol.topics import device_topic
-from testbed.server_process import DeviceClient
-from tests.browser.conftest import SHARED_BROKER, Served, log_in, screenshot
+from testbed.server_process import INGESTED, DeviceClient
+from tests.browser.conftest import HYBRID_DEVICE, SHARED_BROKER, Served, log_in, screenshot
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
 
@@ -125,9 +125,24 @@ def test_each_page_shows_what_the_api_answers_without_console_errors(
     screenshot(served, page, "drift-histogram")
 
     capacity = served.api("/cloud/capacity")
+    plans = served.api("/plans")["plans"]
+    assert len(plans) == len(devices)
     page.get_by_role("link", name="Hybrid").click()
     expect(page.locator("#capacity")).to_have_text(f"{capacity['capacity']:g}")
+    rows = page.locator("table.plans tbody tr")
+    expect(rows).to_have_count(len(plans))
+    followed = next(p for p in plans if p["device_id"] == HYBRID_DEVICE)
+    observed = followed["observed"]
+    assert observed["requests"] == 120 and observed["offloaded"] > 0, followed
+    row = rows.filter(has_text=HYBRID_DEVICE)
+    expect(row).to_contain_text(f"{followed['share']:.4g}")
+    expect(row).to_contain_text(f"{observed['offloaded']} of 120")
     screenshot(served, page, "hybrid")
+    page.goto(f"{served.server.url}/dashboard/devices/{HYBRID_DEVICE}")
+    expect(page.get_by_role("region", name="Hybrid plan")).to_contain_text(followed["plan_id"])
+    expect(page.get_by_role("region", name="Hybrid plan")).to_contain_text(
+        f"{observed['offload']:.4g} ({observed['offloaded']} of 120)"
+    )
     assert tab.errors == []
 
     # The same pages at a phone's width: nothing wider than the screen.
@@ -227,5 +242,12 @@ def test_a_new_device_event_appears_without_a_reload(browser: Browser, served: S
     assert page.evaluate("window.__sameDocument") is True
     listed = served.api(f"/devices/{device}/events")["events"]
     assert listed[0]["event"] == name, json.dumps(listed[:2])
+    # The overview's ingest health is the server's own counters.
+    ingested = served.server.counter(INGESTED, "channel")
+    assert ingested.get("events", 0) >= 1
+    page.goto(f"{served.server.url}/dashboard")
+    health = page.get_by_role("region", name="Ingest health (this server)")
+    for channel, count in ingested.items():
+        expect(health.locator("tr", has_text=channel)).to_contain_text(str(int(count)))
     assert tab.errors == []
     tab.context.close()
