@@ -706,7 +706,7 @@ async def drift_page(request: web.Request, principal: Principal) -> PageBody:
                             e(f"{v.model} {v.version}"),
                             e(_fmt(v.accuracy.estimated)),
                             e(f"[{_fmt(v.accuracy.low)}, {_fmt(v.accuracy.high)}]"),
-                            e(_fmt(getattr(lab, "accuracy", None)) if lab else "—"),
+                            e(_fmt(lab.accuracy) if lab else "—"),
                         ]
                     )
     head = "".join(f'<th scope="col">{e(label)}</th>' for label, _ in scopes)
@@ -734,6 +734,7 @@ async def drift_page(request: web.Request, principal: Principal) -> PageBody:
         "accuracy estimated without labels (CBPE), with labelled accuracy where labels exist",
         ("Scope", "Model", "Estimated", "Interval", "Labelled"),
         accuracy_rows,
+        cls="accuracy",
     )
     return "Drift", section("Features × cohorts", heat, ident="heat") + section(
         "Accuracy", accuracy, ident="accuracy"

@@ -7,14 +7,16 @@ alert, a rollout ticked into its first wave with gate evaluations), then served 
 browser is Debian's ``/usr/bin/chromium`` driven by Playwright; a missing browser
 fails these tests (it is installed by ``.ci/run``), never skips them.
 
-Screenshots of every page are written under ``dashboard-screenshots`` in the
-test run's temporary folder; the run's summary prints where.
+Screenshots of every page are written to ``$EDGEFLEET_SCREENSHOTS`` (by default
+``edgefleet-dashboard-screenshots`` in the system's temporary folder), emptied at the
+start of each run; the run's summary prints where.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -53,7 +55,12 @@ CLASSES = ["normal", "imbalance", "bearing_wear", "overheating"]
 WAVE_TAG = "line-a"
 DRIFT_TAG = "line-b"
 HYBRID_DEVICE = "pump-11"
-SCREENS: list[Path] = []
+# Where each run leaves its screenshots of every page (the run's summary names it).
+SCREENSHOTS = Path(
+    os.environ.get("EDGEFLEET_SCREENSHOTS")
+    or Path(tempfile.gettempdir()) / "edgefleet-dashboard-screenshots"
+)
+STARTED = time.time()
 
 
 @dataclass
@@ -179,8 +186,11 @@ def _populate(api: ServerThread, keys: KeyStore, bundles: dict[str, Path], tmp: 
     )
     # Drift in press-01's windows opens an alert.
     now = datetime.now(UTC).replace(microsecond=0)
-    fleet.upload("press-01", fleet.shifted(1000, seed=5), now - timedelta(minutes=1))
-    fleet.upload("press-02", fleet.in_distribution(1000, seed=6), now - timedelta(minutes=1))
+    # The windows carry the model's scores, so CBPE estimates their accuracy.
+    scores = np.random.default_rng(4).dirichlet([0.5] * len(CLASSES), size=1000)
+    end = now - timedelta(minutes=1)
+    fleet.upload("press-01", fleet.shifted(1000, seed=5), end, scores=scores)
+    fleet.upload("press-02", fleet.in_distribution(1000, seed=6), end, scores=scores)
     fleet.run_pass(now)
 
     status, created = fleet.send(
@@ -261,8 +271,10 @@ def served(
     finally:
         api.close()
     server = ServerProcess(tmp, db_url=None, broker=SHARED_BROKER, replica_id=replica)
-    screenshots = tmp_path_factory.getbasetemp() / "dashboard-screenshots"
-    screenshots.mkdir(exist_ok=True)
+    screenshots = SCREENSHOTS
+    screenshots.mkdir(parents=True, exist_ok=True)
+    for old in screenshots.glob("*.png"):
+        old.unlink()
     server.start()
     try:
         yield Served(
@@ -326,13 +338,13 @@ def log_in(browser: Browser, served: Served, token: str, **context: Any) -> Tab:
 def screenshot(served: Served, page: Page, name: str) -> None:
     path = served.screenshots / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
-    SCREENS.append(path)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if SCREENS:
-        folder = SCREENS[0].parent
-        terminalreporter.write_line(f"dashboard screenshots ({len(SCREENS)}): {folder}")
+    # Read from the folder: under pytest-xdist the screenshots are taken by a worker.
+    taken = [p for p in SCREENSHOTS.glob("*.png") if p.stat().st_mtime >= STARTED]
+    if taken:
+        terminalreporter.write_line(f"dashboard screenshots ({len(taken)}): {SCREENSHOTS}")
 
 
 __all__ = ["Served", "Tab", "json", "log_in", "screenshot"]

@@ -116,6 +116,11 @@ def test_each_page_shows_what_the_api_answers_without_console_errors(
     fleet_cell = page.locator("table.heat tbody tr", has_text="shaft_rpm").locator("td").first
     expect(fleet_cell).to_have_text(f"{shaft['statistic']:.3g} / {shaft['threshold']:.3g}")
     expect(page.locator("table.heat td.nodata").first).to_have_text("no data")
+    accuracy = drift["accuracy"]
+    assert accuracy is not None and accuracy["estimated"] is not None
+    expect(page.locator("table.accuracy tbody tr").first).to_contain_text(
+        f"{accuracy['estimated']:.4g}"
+    )
     screenshot(served, page, "drift")
     fleet_cell.get_by_role("link").click()
     expect(page.get_by_role("heading", level=1)).to_have_text("shaft_rpm in fleet")
