@@ -86,6 +86,14 @@ def _login_redirect(request: web.Request) -> web.HTTPSeeOther:
     return web.HTTPSeeOther(f"/dashboard/login?next={quote(request.path_qs, safe='')}")
 
 
+def _refuse_other_origins(request: web.Request, what: str) -> None:
+    """Refuse a POST another site's page sent (its ``Origin`` names another host): the
+    SameSite cookie and the CSRF token stop those already; this also covers the login."""
+    origin = request.headers.get("Origin")
+    if origin is not None and origin != f"{request.scheme}://{request.host}":
+        raise ApiError(403, f"refused: {what} from another origin ({origin[:100]})")
+
+
 def _safe_next(value: str | None) -> str:
     """Where to go after login: a dashboard path only, never another site."""
     if value and value.startswith("/dashboard") and "//" not in value and "\\" not in value:
@@ -109,6 +117,7 @@ def view(section_name: str, render: View) -> Callable[[web.Request], Awaitable[w
                 text=page("Not found", f"<p>{e(exc)}</p>", role=principal.role, csrf=session.csrf),
                 status=404,
                 content_type="text/html",
+                headers=_NO_STORE,
             )
         digest = hashlib.sha256(f"{title}\0{main}".encode()).hexdigest()[:32]
         if request.headers.get(FRAGMENT_HEADER) == "1":
@@ -130,7 +139,18 @@ def view(section_name: str, render: View) -> Callable[[web.Request], Awaitable[w
     return handle
 
 
-_NO_STORE = {"Cache-Control": "no-store"}
+# Every page: never cached, never framed (its buttons act), scripts and styles only its own
+# (inline style attributes colour the heat map).
+_NO_STORE = {
+    "Cache-Control": "no-store",
+    "Content-Security-Policy": (
+        "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+        "frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+}
 
 
 async def login_form(request: web.Request) -> web.Response:
@@ -151,6 +171,7 @@ async def login_form(request: web.Request) -> web.Response:
 
 
 async def login(request: web.Request) -> web.Response:
+    _refuse_other_origins(request, "login")
     form = await request.post()
     token = str(form.get("token", "")).strip()
     target = _safe_next(str(form.get("next", "")))
@@ -169,6 +190,7 @@ async def login(request: web.Request) -> web.Response:
 
 
 async def logout(request: web.Request) -> web.Response:
+    _refuse_other_origins(request, "logout")
     session = _session(request)
     if session is not None:
         form = await request.post()
@@ -203,6 +225,7 @@ async def rollout_action(request: web.Request) -> web.Response:
     action = request.match_info["action"]
     if action not in ACTIONS:
         raise ApiError(404, f"nothing at {request.path[:200]}")
+    _refuse_other_origins(request, f"{action} of rollout {rollout_id}")
     session = _session(request)
     principal = await _principal(request, session) if session else None
     if session is None or principal is None:

@@ -185,9 +185,25 @@ def test_a_viewer_has_no_action_and_a_forged_one_is_refused(
     operator = log_in(browser, served, served.operator)
     forged = operator.page.request.post(url, form={"csrf": "not-the-token"})
     assert forged.status == 403 and "CSRF" in forged.json()["error"]
+    # Nor from another site's page, even with the token.
+    token = operator.page.locator('meta[name="csrf-token"]').get_attribute("content")
+    assert token
+    crossed = operator.page.request.post(
+        url, headers={"X-CSRF-Token": token, "Origin": "http://elsewhere.example"}
+    )
+    assert crossed.status == 403 and "another origin" in crossed.json()["error"]
     after = served.api(f"/rollouts/{served.rollout_id}")
     assert after["phase"] == before["phase"] and after["decisions"] == before["decisions"]
-    assert tab.errors == [] and operator.errors == []
+    # No page of the dashboard can be framed by another to have its buttons pressed.
+    shown = operator.page.goto(f"{served.server.url}/dashboard/rollouts/{served.rollout_id}")
+    assert shown is not None
+    assert "frame-ancestors 'none'" in shown.headers["content-security-policy"]
+    missing = operator.page.goto(f"{served.server.url}/dashboard/devices/no-such-device")
+    assert missing is not None and missing.status == 404
+    expect(operator.page.get_by_role("heading", level=1)).to_have_text("Not found")
+    assert tab.errors == []
+    # The 404 page itself is the one error the operator's console saw.
+    assert [e for e in operator.errors if "404" not in e] == []
     tab.context.close()
     operator.context.close()
 
