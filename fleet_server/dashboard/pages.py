@@ -554,7 +554,15 @@ async def rollout_page(request: web.Request, principal: Principal) -> PageBody:
             ),
             ident="waves",
         )
-        + section("Gates over time", f'<div class="gates">{gates}</div>', ident="gates")
+        + section(
+            "Gates over time",
+            '<p class="legend">Each evaluation: the estimate (dot) and its anytime-valid '
+            "interval (bar), green when it passed, red when it failed; dashed green line: the "
+            "margin non-inferiority is shown within; dotted red line: the bound past which harm "
+            "is shown; grey square: not enough data.</p>"
+            f'<div class="gates">{gates}</div>',
+            ident="gates",
+        )
         + section(
             "Decision log",
             table(
