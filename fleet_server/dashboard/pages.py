@@ -559,7 +559,8 @@ async def rollout_page(request: web.Request, principal: Principal) -> PageBody:
             '<p class="legend">Each evaluation: the estimate (dot) and its anytime-valid '
             "interval (bar), green when it passed, red when it failed; dashed green line: the "
             "margin non-inferiority is shown within; dotted red line: the bound past which harm "
-            "is shown; grey square: not enough data.</p>"
+            "is shown (one line when they are the same bound); grey square: not enough "
+            "data.</p>"
             f'<div class="gates">{gates}</div>',
             ident="gates",
         )

@@ -109,6 +109,8 @@ def gate_chart(
     ]
     labelled: list[float] = []
     for v, dash, name in ((margin, "6 4", "margin"), (harm_at, "2 3", "harm")):
+        if name == "harm" and math.isclose(harm_at, margin):
+            continue  # a comparison gate: harm beyond the margin, a pass within it
         parts.append(
             f'<line class="{name}" x1="{left}" y1="{_num(y(v))}" x2="{left + plot_w}" '
             f'y2="{_num(y(v))}" stroke="{FAIL if name == "harm" else PASS}" '

@@ -65,6 +65,12 @@ def test_a_gate_chart_draws_each_estimate_inside_its_interval_and_the_margin() -
     assert "not enough data" in (no_data.find("s:title", NS).text or "")  # type: ignore[union-attr]
 
 
+def test_a_comparison_gate_draws_one_line_for_harm_and_margin() -> None:
+    root = parse(gate_chart("latency_p95", [_point(0.01, -0.02, 0.04)], 0.0953, 0.0953))
+    classes = [line.get("class") for line in root.findall("s:line", NS)]
+    assert classes.count("margin") == 1 and "harm" not in classes
+
+
 def test_a_gate_chart_without_evaluations_says_so() -> None:
     root = parse(gate_chart("class_mix", [], margin=0.1, harm_at=0.2))
     assert any("no evaluation yet" in (t.text or "") for t in root.findall("s:text", NS))
