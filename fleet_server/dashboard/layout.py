@@ -52,6 +52,7 @@ def page(
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{e(title)} · edgefleet</title>"
+        '<link rel="icon" href="data:,">'  # no favicon request, no 404 in the console
         '<link rel="stylesheet" href="/dashboard/static/dashboard.css">'
         f'<meta name="csrf-token" content="{e(csrf or "")}">'
         '<script src="/dashboard/static/dashboard.js" defer></script></head>'

@@ -327,6 +327,10 @@ def log_in(browser: Browser, served: Served, token: str, **context: Any) -> Tab:
     errors: list[str] = []
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on(
+        "response",
+        lambda r: errors.append(f"{r.status} {r.url}") if r.status >= 400 else None,
+    )
     page.goto(f"{served.server.url}/dashboard")
     assert page.url.startswith(f"{served.server.url}/dashboard/login"), page.url
     page.get_by_label("Token (ID.SECRET)").fill(token)

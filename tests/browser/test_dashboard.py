@@ -272,3 +272,41 @@ def test_a_new_device_event_appears_without_a_reload(browser: Browser, served: S
         expect(health.locator("tr", has_text=channel)).to_contain_text(str(int(count)))
     assert tab.errors == []
     tab.context.close()
+
+
+def test_pages_have_landmarks_labelled_controls_and_a_skip_link(
+    browser: Browser, served: Served
+) -> None:
+    tab = log_in(browser, served, served.operator)
+    page = tab.page
+    for path in (
+        "/dashboard",
+        "/dashboard/rollouts",
+        f"/dashboard/rollouts/{served.rollout_id}",
+        f"/dashboard/devices/{served.refusing_device}",
+        "/dashboard/drift",
+        "/dashboard/hybrid",
+    ):
+        page.goto(served.server.url + path)
+        expect(page.get_by_role("main")).to_have_count(1)
+        expect(page.get_by_role("navigation", name="Dashboard sections")).to_have_count(1)
+        expect(page.get_by_role("heading", level=1)).to_have_count(1)
+        unlabelled = page.evaluate(
+            """() => [...document.querySelectorAll('input:not([type=hidden]), button')]
+                .filter(el => !(el.labels && el.labels.length) && !el.getAttribute('aria-label')
+                              && !el.textContent.trim())
+                .map(el => el.outerHTML)"""
+        )
+        assert unlabelled == [], (path, unlabelled)
+        charts = page.locator("svg")
+        for i in range(charts.count()):
+            assert charts.nth(i).get_attribute("role") == "img", path
+            assert charts.nth(i).get_attribute("aria-label"), path
+        for i in range(page.locator("table").count()):
+            assert page.locator("table").nth(i).locator("caption").count() == 1, path
+        # The first Tab reaches the skip link, which leads to the content.
+        page.keyboard.press("Tab")
+        focused = page.evaluate("document.activeElement.textContent")
+        assert focused == "Skip to content", (path, focused)
+    assert tab.errors == []
+    tab.context.close()
