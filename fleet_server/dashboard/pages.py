@@ -62,6 +62,8 @@ ACTION_ROLE: Role = "operator"
 INSTALLING_PHASES = frozenset({"downloading", "verified", "staging", "staged", "trial"})
 STATIC = ("dashboard.css", "dashboard.js")
 DRIFT_RANGE = timedelta(hours=24)
+# Columns of the drift heat map besides the fleet's: tags, then regions.
+MAX_COHORTS = 24
 
 PageBody = tuple[str, str]  # the page's title and the HTML inside <main> under the title
 View = Callable[[web.Request, Principal], Awaitable[PageBody]]
@@ -378,6 +380,8 @@ async def device_search(request: web.Request, principal: Principal) -> PageBody:
     q = request.query.get("q", "").strip()[:100]
     server = request.app[SERVER]
     shown = [device_view(d) for d in await devices.list_devices(server.db)]
+    if any(d.id == q for d in shown) and request.headers.get(FRAGMENT_HEADER) != "1":
+        raise web.HTTPSeeOther(f"/dashboard/devices/{quote(q)}")  # an exact id: its page
     needle = q.lower()
     found = [
         d
@@ -714,10 +718,16 @@ async def drift_page(request: web.Request, principal: Principal) -> PageBody:
     """Features × cohorts: the distribution test's statistic against its critical value."""
     server = request.app[SERVER]
     shown = [device_view(d) for d in await devices.list_devices(server.db)]
-    cohorts = sorted({t for d in shown for t in d.tags})[:24]
+    cohorts: list[tuple[str, Scope]] = [
+        *((f"tag:{t}", Scope("tag", t)) for t in sorted({t for d in shown for t in d.tags})),
+        *(
+            (f"region:{r}", Scope("region", r))
+            for r in sorted({d.region for d in shown if d.region})
+        ),
+    ][:MAX_COHORTS]
     until = datetime.now(UTC)
     since = until - DRIFT_RANGE
-    scopes = [("fleet", Scope("fleet", "")), *((f"tag:{t}", Scope("tag", t)) for t in cohorts)]
+    scopes = [("fleet", Scope("fleet", "")), *cohorts]
     cells: dict[tuple[str, str], Any] = {}
     features: list[str] = []
     accuracy_rows: list[list[str]] = []
@@ -796,7 +806,13 @@ async def drift_histogram(request: web.Request, principal: Principal) -> PageBod
     feature = request.query.get("feature", "")[:100]
     label = request.query.get("scope", "fleet")[:100]
     kind, _, value = label.partition(":")
-    scope = Scope("tag", value) if kind == "tag" and value else Scope("fleet", "")
+    scope = (
+        Scope("tag", value)
+        if kind == "tag" and value
+        else Scope("region", value)
+        if kind == "region" and value
+        else Scope("fleet", "")
+    )
     until = datetime.now(UTC)
     groups: dict[tuple[str, str, str], list[Any]] = {}
     charts = []

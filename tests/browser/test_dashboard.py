@@ -74,6 +74,9 @@ def test_each_page_shows_what_the_api_answers_without_console_errors(
     page.get_by_label("Search devices").press("Enter")
     expect(page.get_by_role("table")).to_contain_text("3 devices")
     screenshot(served, page, "device-search")
+    page.get_by_label("Search devices").fill(served.refusing_device)
+    page.get_by_label("Search devices").press("Enter")
+    expect(page.get_by_role("heading", level=1)).to_have_text(f"Device {served.refusing_device}")
 
     page.get_by_role("link", name="Rollouts").click()
     expect(page.get_by_role("link", name=served.rollout_id)).to_be_visible()
