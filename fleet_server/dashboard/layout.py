@@ -26,10 +26,11 @@ def page(
     section: str = "",
     role: str | None = None,
     csrf: str | None = None,
-    live: bool = True,
+    live_s: float | None = 3.0,
     digest: str = "",
 ) -> str:
-    """A whole page: header with navigation and logout, ``main`` in the ``<main>`` landmark."""
+    """A whole page: header with navigation and logout, ``main`` in the ``<main>`` landmark;
+    its script asks for ``main`` again every ``live_s`` seconds (``None``: never)."""
     nav = "".join(
         f'<li><a href="{href}"{_CURRENT if key == section else ""}>{label}</a></li>'
         for key, href, label in NAV
@@ -56,8 +57,8 @@ def page(
         '<link rel="stylesheet" href="/dashboard/static/dashboard.css">'
         f'<meta name="csrf-token" content="{e(csrf or "")}">'
         '<script src="/dashboard/static/dashboard.js" defer></script></head>'
-        f"<body{' data-live' if live else ''}>"
-        '<a class="skip" href="#main">Skip to content</a>'
+        + (f'<body data-live="{round(live_s * 1000)}">' if live_s else "<body>")
+        + '<a class="skip" href="#main">Skip to content</a>'
         f'{header}<main id="main" tabindex="-1" data-digest="{e(digest)}">'
         f"<h1>{e(title)}</h1>{main}</main>"
         '<p class="status" role="status" aria-live="polite" id="live-status"></p>'

@@ -62,6 +62,9 @@ ACTION_ROLE: Role = "operator"
 INSTALLING_PHASES = frozenset({"downloading", "verified", "staging", "staged", "trial"})
 STATIC = ("dashboard.css", "dashboard.js")
 DRIFT_RANGE = timedelta(hours=24)
+# How often each section's pages ask for their content again: drift tests every scope's
+# windows of the last day at each ask, so it asks least.
+POLL_S = {"overview": 3.0, "rollouts": 3.0, "hybrid": 10.0, "drift": 60.0}
 # Columns of the drift heat map besides the fleet's: tags, then regions.
 MAX_COHORTS = 24
 
@@ -135,6 +138,7 @@ def view(section_name: str, render: View) -> Callable[[web.Request], Awaitable[w
             role=principal.role,
             csrf=session.csrf,
             digest=digest,
+            live_s=POLL_S.get(section_name, 3.0),
         )
         return web.Response(text=html, content_type="text/html", headers=_NO_STORE)
 
@@ -168,7 +172,7 @@ async def login_form(request: web.Request) -> web.Response:
         "<p>Tokens come from <code>fleetctl token create</code> or the admin token file.</p>"
     )
     return web.Response(
-        text=page("Log in", body, live=False), content_type="text/html", headers=_NO_STORE
+        text=page("Log in", body, live_s=None), content_type="text/html", headers=_NO_STORE
     )
 
 

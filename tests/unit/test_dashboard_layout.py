@@ -20,11 +20,12 @@ def test_a_logged_in_page_has_navigation_search_logout_and_the_csrf_token() -> N
     assert '<input type="hidden" name="csrf" value="tok">' in html  # the logout form
     assert '<meta name="csrf-token" content="tok">' in html
     assert '<main id="main"' in html and 'href="#main"' in html
-    assert "data-live" in html
+    assert 'data-live="3000"' in html
+    assert 'data-live="60000"' in page("Drift", "", role="viewer", csrf="t", live_s=60)
 
 
 def test_the_login_page_has_no_navigation_and_does_not_poll() -> None:
-    html = page("Log in", "<form></form>", live=False)
+    html = page("Log in", "<form></form>", live_s=None)
     assert "<nav" not in html and "data-live" not in html and "Log out" not in html
 
 

@@ -1,9 +1,9 @@
 // edgefleet dashboard: live updates without reloads, and actions sent with the CSRF token.
-// Every few seconds the page asks the server for its <main> again (X-Dashboard-Fragment)
-// and swaps it in when it changed, keeping focus and the text being typed.
+// Every few seconds (the body's data-live, in ms) the page asks the server for its <main>
+// again (X-Dashboard-Fragment) and swaps it in when its digest changed, keeping the focus
+// and leaving alone a page whose input is being typed in.
 (function () {
   "use strict";
-  var PERIOD_MS = 3000;
   var main = document.getElementById("main");
   var status = document.getElementById("live-status");
   var csrfMeta = document.querySelector('meta[name="csrf-token"]');
@@ -96,8 +96,7 @@
     });
   }
 
-  if (main && document.body.hasAttribute("data-live")) {
-    bind();
-    setInterval(refresh, PERIOD_MS);
-  }
+  var period = parseInt(document.body.getAttribute("data-live") || "0", 10);
+  if (main) bind();
+  if (main && period > 0) setInterval(refresh, Math.max(period, 1000));
 })();
