@@ -55,6 +55,7 @@ CLASSES = ["normal", "imbalance", "bearing_wear", "overheating"]
 WAVE_TAG = "line-a"
 DRIFT_TAG = "line-b"
 HYBRID_DEVICE = "pump-11"
+STOPPED_TAG = "line-c"
 # Where each run leaves its screenshots of every page (the run's summary names it).
 SCREENSHOTS = Path(
     os.environ.get("EDGEFLEET_SCREENSHOTS")
@@ -72,6 +73,7 @@ class Served:
     operator: str
     viewer: str
     rollout_id: str
+    stopped_id: str
     refusing_device: str
     drifting_device: str
     screenshots: Path
@@ -193,18 +195,6 @@ def _populate(api: ServerThread, keys: KeyStore, bundles: dict[str, Path], tmp: 
     fleet.upload("press-02", fleet.in_distribution(1000, seed=6), end, scores=scores)
     fleet.run_pass(now)
 
-    status, created = fleet.send(
-        "POST",
-        "/rollouts",
-        {
-            "release": f"{MODEL}@2.0.0",
-            "select": f"tag={WAVE_TAG}",
-            "waves": "25%,100%",
-            "bake": "30m",
-        },
-    )
-    assert status == 201, created
-    rollout_id = created["id"]
     server = api.server
 
     def tick(at: datetime) -> None:
@@ -214,6 +204,35 @@ def _populate(api: ServerThread, keys: KeyStore, bundles: dict[str, Path], tmp: 
             )
         )
 
+    def create(tag: str, **more: str) -> str:
+        spec = {"release": f"{MODEL}@2.0.0", "select": f"tag={tag}", "waves": "25%,100%"}
+        status, created = fleet.send("POST", "/rollouts", {**spec, "bake": "30m", **more})
+        assert status == 201, created
+        return str(created["id"])
+
+    # A rollout stopped by its gates: its first wave installs, then goes silent past the
+    # install timeout; harm is shown and the wave is rolled back. Its ticks run first (the
+    # other rollout's, at earlier times, are replays to it).
+    mills = [f"mill-{n:02d}" for n in range(24)]
+    for device_id in mills:
+        fleet.register(device_id, STOPPED_TAG, region="east")
+    write([_state(d, "1.0.0", C1) for d in mills])
+    write([_window(d, "1.0.0", time.time() - 3600, 500 + i) for i, d in enumerate(mills)])
+    stopped_id = create(STOPPED_TAG, on_failure="rollback")
+    start = datetime.now(UTC)
+    tick(start)
+    stopped_wave = [
+        d for d in mills if fleet.get(f"/devices/{d}")[1]["assigned_target"] is not None
+    ]
+    write([_state(d, "2.0.0", C2, outcome="committed") for d in stopped_wave])
+    write([_window(d, "2.0.0", time.time(), 600 + i) for i, d in enumerate(stopped_wave)])
+    tick(start + timedelta(hours=2))
+    stopped = fleet.get(f"/rollouts/{stopped_id}")[1]
+    assert stopped["phase"] in ("rolling_back", "rolled_back"), json.dumps(
+        [stopped["spec"], stopped["decisions"][-1]]
+    )
+
+    rollout_id = create(WAVE_TAG)
     start = datetime.now(UTC)
     tick(start)
     shown = fleet.get(f"/rollouts/{rollout_id}")[1]
@@ -252,7 +271,7 @@ def _populate(api: ServerThread, keys: KeyStore, bundles: dict[str, Path], tmp: 
         confidence=confidence,
     )
     write([_window(HYBRID_DEVICE, "1.0.0", time.time(), 7, requests=120, hybrid=summary)])
-    return fleet, rollout_id
+    return fleet, rollout_id, stopped_id
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +284,7 @@ def served(
     data.mkdir()
     api = ServerThread(data, f"sqlite:///{data.resolve() / 'fleet.db'}")
     try:
-        fleet, rollout_id = _populate(api, session_keys, bundles, tmp)
+        fleet, rollout_id, stopped_id = _populate(api, session_keys, bundles, tmp)
         tokens = {role: fleet.token(f"dash-{role}", role) for role in ("operator", "viewer")}
         admin = api.admin_token
     finally:
@@ -283,6 +302,7 @@ def served(
             operator=tokens["operator"],
             viewer=tokens["viewer"],
             rollout_id=rollout_id,
+            stopped_id=stopped_id,
             refusing_device="press-02",
             drifting_device="press-01",
             screenshots=screenshots,

@@ -97,6 +97,20 @@ def test_each_page_shows_what_the_api_answers_without_console_errors(
         expect(page.locator("table.decisions")).to_contain_text(d["rule"])
     screenshot(served, page, "rollout")
 
+    stopped = served.api(f"/rollouts/{served.stopped_id}")
+    page.goto(f"{served.server.url}/dashboard/rollouts/{served.stopped_id}")
+    expect(page.locator("#rollout-phase")).to_have_text(stopped["phase"])
+    fired = stopped["decisions"][-1]["rule"]
+    assert fired == "harm shown", stopped["decisions"][-1]
+    expect(page.locator("table.decisions tbody tr").first).to_contain_text(fired)
+    failed = [g["gate"] for g in stopped["evaluations"] if g["decision"] == "fail"]
+    assert failed
+    for gate in failed:
+        figure = page.locator(f'figure.gate[data-gate="{gate}"]')
+        expect(figure).to_contain_text("fail")
+        assert figure.locator('svg .estimate[fill="#c53030"]').count() >= 1
+    screenshot(served, page, "rollout-stopped")
+
     device = served.api(f"/devices/{served.refusing_device}")
     events = served.api(f"/devices/{served.refusing_device}/events")["events"]
     page.goto(f"{served.server.url}/dashboard/devices/{served.refusing_device}")
