@@ -155,7 +155,8 @@ def gate_chart(
         last = points[-1]
         parts.append(
             f'<text x="{left}" y="{height - 8}" font-size="11" fill="{INK}">{len(points)} '
-            f"evaluations; latest n={last.n}, {escape(last.decision)}</text>"
+            f"evaluations, {escape(_span(points[0].at, last.at))}; latest n={last.n}, "
+            f"{escape(last.decision)}</text>"
         )
     else:
         parts.append(
@@ -164,6 +165,13 @@ def gate_chart(
         )
     parts.append("</svg>")
     return "".join(parts)
+
+
+def _span(first: str, last: str) -> str:
+    """From ``first`` to ``last`` (``YYYY-MM-DD HH:MM:SS``), the date once if they share it."""
+    if first[:10] == last[:10]:
+        return f"{first[:10]} {first[11:16]}–{last[11:16]}"
+    return f"{first[:16]} – {last[:16]}"
 
 
 def histogram_chart(
