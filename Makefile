@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # order collected, so the few long end-to-end modules start first instead of last.
 TEST_WORKERS ?= 2
 
-.PHONY: demo test test-fast lint bench images clean
+.PHONY: demo test test-fast test-browser lint bench images clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@if test -x $(BIN)/python; then \
@@ -24,6 +24,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest --numprocesses $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
+# The dashboard in Debian's headless chromium (also part of ``test``); screenshots of every
+# page are saved under the run's temporary folder, which the summary names.
+test-browser: $(STAMP)
+	$(BIN)/python -m pytest tests/browser
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

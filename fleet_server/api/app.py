@@ -23,6 +23,7 @@ from fleet_server.api.operations import DEVICE_AUTH, SERVER, Operation, answer, 
 from fleet_server.api.security import DeviceAuthenticator
 from fleet_server.assignments import routes as assignment_routes
 from fleet_server.audit import routes as audit_routes
+from fleet_server.dashboard import add_routes as add_dashboard_routes
 from fleet_server.db.models import Device
 from fleet_server.devices import routes as device_routes
 from fleet_server.drift import routes as drift_routes
@@ -193,6 +194,7 @@ def build_app(server: FleetServer) -> web.Application:
             app.router.add_get(op.path, handler, name=op.operation_id)
         else:
             app.router.add_route(op.method, op.path, handler, name=op.operation_id)
+    add_dashboard_routes(app)
 
     async def bootstrap(app: web.Application) -> None:
         await bootstrap_admin_token(server.db, server.config.data_dir)
