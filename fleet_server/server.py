@@ -165,6 +165,12 @@ class FleetServer:
             self.config.http_host,
             self.http_port,
         )
+        log.info(
+            "dashboard: %s://%s:%s/dashboard",
+            "https" if self.config.tls_cert else "http",
+            self.config.http_host,
+            self.http_port,
+        )
         refused: list[StartRefused] = []
         try:
             async with asyncio.TaskGroup() as tasks:

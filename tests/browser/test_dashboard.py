@@ -30,6 +30,8 @@ PHONE = {"width": 390, "height": 844}
 def test_pages_need_a_session_and_the_cookie_is_httponly_strict(
     browser: Browser, served: Served
 ) -> None:
+    # The server says where its dashboard is when it starts.
+    assert f"dashboard: {served.server.url}/dashboard" in served.server.log()
     ctx = browser.new_context()
     page = ctx.new_page()
     for path in ("/", "/ui", "/dashboard", f"/dashboard/rollouts/{served.rollout_id}"):
