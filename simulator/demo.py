@@ -5,24 +5,30 @@ and releases them into an image repository served over HTTP; a device verifies
 them. Then a real ``edge-agent`` process on its own (no director, no server)
 installs each release as it is made: v1, then v2; it rolls back v3-bad on its
 own when the model answers NaN for idle machines — while a stream of requests
-keeps being answered — and refuses a bundle that fails its self-test. Last, an
-attacker tampers with a bundle and the device refuses it; then a fleet runs
-behind a server.
+keeps being answered — and refuses a bundle that fails its self-test. Then an
+attacker tampers with a bundle and the device refuses it. Last, a simulated
+fleet behind a server (:mod:`simulator.demo_fleet`): v2 rolled out wave by wave
+on its gates, v3-bad stopped in its first wave, drift in one region, the
+hybrid plans after a cloud capacity cut; the server then keeps serving its
+dashboard until Ctrl-C (not when ``stay`` is false: ``DEMO_EXIT=1``, ``CI=true``
+or no terminal).
 """
 
 from __future__ import annotations
 
-import secrets
+import os
 import shlex
 import shutil
+import signal
+import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from agent.cli import main as edge_agent
 from fleet_server.fleetctl import main as fleetctl
+from simulator.demo_fleet import DashboardServer, FleetChapterError, fleet_chapter
 from simulator.device_story import device_story
-from simulator.fleet_story import FleetStory, StoryError
-from testbed.embedded_broker import broker_for_demo
 from testbed.http_repo import serve_directory
 from testbed.images import HARDWARE, MODELS, temperature
 
@@ -52,8 +58,23 @@ class Story:
             self.surprises += 1
 
 
-def run_demo(workdir: Path) -> int:
-    """Run the demo in ``workdir`` (emptied first); returns a process exit status."""
+def stays_up() -> bool:
+    """Whether the demo keeps its dashboard up at the end: not under ``DEMO_EXIT=1``, in CI,
+    or without a terminal to press Ctrl-C in."""
+    if os.environ.get("DEMO_EXIT", "") not in ("", "0"):
+        return False
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        return False
+    return sys.stdin.isatty()
+
+
+def run_demo(workdir: Path, *, stay: bool | None = None) -> int:
+    """Run the demo in ``workdir`` (emptied first); returns a process exit status.
+
+    With ``stay`` (default: :func:`stays_up`) the fleet server keeps serving its
+    dashboard after the story until Ctrl-C.
+    """
+    stay = stays_up() if stay is None else stay
     # Absolute: the agents' configuration files name paths relative to themselves.
     workdir = workdir.resolve()
     if workdir.exists():
@@ -118,53 +139,39 @@ def run_demo(workdir: Path) -> int:
             refused="the bytes differ from what the release keys signed",
         )
 
-    story.surprises += fleet_chapter(workdir)
+    try:
+        with fleet_chapter(workdir) as server:
+            return result(story.surprises, server, stay)
+    except FleetChapterError as exc:
+        print(f"\n!! {exc}")
+        return 1
 
+
+def result(surprises: int, server: DashboardServer, stay: bool) -> int:
+    """The demo's verdict, the dashboard's address, and (``stay``) the wait for Ctrl-C."""
+    story = Story()
     story.section("Result")
-    if story.surprises:
-        print(f"{story.surprises} step(s) did not turn out as expected")
+    if surprises:
+        print(f"{surprises} step(s) did not turn out as expected")
         return 1
     print(
         "Every genuine bundle verified and installed; the wrong-hardware, the slow and the\n"
         "tampered bundle were refused, and v3-bad was rolled back by the device itself\n"
-        "without one request going unanswered — alone, and in a fleet behind the server."
+        "without one request going unanswered — alone, and in a fleet behind the server:\n"
+        "v2 went out wave by wave on its gates, v3-bad stopped in its first wave, drift in\n"
+        "eu raised its alert, and the hybrid plans followed the cloud's capacity cut."
     )
+    print(
+        f"\nDashboard: {server.url}/dashboard\n  log in with the admin token in {server.token_file}"
+    )
+    if not stay:
+        return 0
+    print("  (the server stays up until Ctrl-C)", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.is_set() and server.proc is not None and server.proc.poll() is None:
+            stop.wait(1.0)
+    except KeyboardInterrupt:
+        print()
     return 0
-
-
-def fleet_chapter(workdir: Path) -> int:
-    """The fleet behind a server: returns how many things did not turn out as expected."""
-    print("\n== A fleet: fleet server, MQTT broker, three devices " + "=" * 18, flush=True)
-    with broker_for_demo(workdir / "broker") as broker:
-        print(
-            f"(MQTT broker: {broker.url}, a private {broker.kind} started for the demo on a "
-            "free port: nothing else on this machine shares it)",
-            flush=True,
-        )
-        fleet = FleetStory(
-            workdir / "fleet",
-            broker.url,
-            f"sqlite:///{workdir / 'fleet' / 'fleet.db'}",
-            device_prefix=f"pump-{secrets.token_hex(2)}",
-            shared_subscription=broker.shared_subscriptions,
-            echo=True,
-        )
-        (workdir / "fleet").mkdir()
-        try:
-            told = fleet.tell()
-        except StoryError as exc:
-            print(f"\n!! {exc}")
-            return 1
-        finally:
-            fleet.close()
-    canary = told["canary"]
-    outcome = told["outcome"]
-    print(
-        f"\n{canary} rolled back {outcome['bundle']['version']}: {outcome['reason']} — "
-        f"{outcome['message']}"
-    )
-    print(
-        f"{len(told['answers'])} requests to {canary} meanwhile, all answered: "
-        f"{set(told['answers']) == {200}}"
-    )
-    return 0 if set(told["answers"]) == {200} else 1

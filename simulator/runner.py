@@ -983,7 +983,7 @@ class Run:
         """The cohort's devices at its rate: training-like rows, drifted ones from its drift on."""
         rate = cohort.rate or self.scenario.traffic.rate
         seed = self.scenario.seed * 7919 + sum(map(ord, cohort.name))
-        rows, labels = generate(ROWS_PER_COHORT, seed)
+        rows, labels = generate(self.scenario.traffic.rows, seed)
         ids = [d for d, m in self.members.items() if m.cohort.name == cohort.name]
         phases: list[tuple[float, npt.NDArray[Any], npt.NDArray[Any]]] = [(0.0, rows, labels)]
         if cohort.drift is not None:
@@ -993,7 +993,7 @@ class Run:
                 idle_share=drift.idle_share,
                 noise_scale=drift.noise_scale,
             )
-            drifted, drifted_labels = generate(ROWS_PER_COHORT, seed + 1, conditions)
+            drifted, drifted_labels = generate(self.scenario.traffic.rows, seed + 1, conditions)
             phases.append((drift.at.total_seconds(), drifted, drifted_labels))
         for n, (at, x, y) in enumerate(phases):
             ends = phases[n + 1][0] if n + 1 < len(phases) else None

@@ -148,6 +148,12 @@ class Traffic(_Strict):
     rate: float = Field(default=1.0, gt=0, description="requests a second per device")
     window: Duration = timedelta(seconds=10)
     labels: Labels = Labels()
+    # The distinct rows drawn per cohort and condition, sent in turn. The server's drift test
+    # takes every request as a fresh draw: n requests over fewer distinct rows than about n
+    # look drifted from the baseline (512 rows give a chi-square over its critical value
+    # from a few hundred requests on), so a run that looks for drift alerts where there is
+    # none needs more rows than the requests a scope sends.
+    rows: int = Field(default=512, ge=16, le=1_000_000)
 
 
 class ServerSetup(_Strict):

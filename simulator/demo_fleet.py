@@ -1,0 +1,282 @@
+"""The demo's fleet chapter: the demo scenario on a simulated fleet, its evidence, the dashboard.
+
+The chapter prints the scenario's steps as the ``fleetctl`` commands they
+are, runs it (``fleet-sim run simulator/scenarios/demo.toml``: its own broker,
+fleet server and cloud endpoint on free ports, a progress line meanwhile),
+then starts the fleet server again on the run's database and shows, through
+its API and ``fleetctl``, what happened: the v2 rollout's promotions with the
+rule that fired, v3-bad stopped in its first wave with the gate's evidence and
+those devices back on v2, the one drift alert, the plans after the capacity
+cut. The server keeps serving its dashboard until the caller stops it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shlex
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import urllib3
+
+from fleet_server.fleetctl import main as fleetctl
+from simulator.report import RunReport
+from simulator.runner import VERSIONS, run_scenario
+from simulator.scenario import Scenario, Step, load_scenario
+from testbed import waiting
+from testbed.waiting import free_port
+
+SCENARIO = Path(__file__).parent / "scenarios" / "demo.toml"
+
+
+class FleetChapterError(Exception):
+    """The fleet chapter did not turn out as the story says."""
+
+
+def step_commands(step: Step, scenario: Scenario, workdir: Path) -> list[str]:
+    """What an operator types for ``step`` (server and token from ``EDGEFLEET_*``)."""
+    if step.action == "release":
+        assert step.model is not None
+        version = step.version or VERSIONS[step.model]
+        bundle = workdir / "bundles" / step.model / f"pump-health-{version}.bundle"
+        repo, keys = workdir / "repo", workdir / "keys"
+        return [
+            f"fleetctl release add {bundle} --repo {repo} --keys {keys}",
+            f"fleetctl release push --repo {repo}",
+        ]
+    if step.action == "rollout":
+        spec = dict(step.rollout or {})
+        release = f"pump-health@{spec.pop('release', VERSIONS[last_release(scenario, step)])}"
+        command = f"fleetctl rollout create {release} --select {spec.pop('select')}"
+        command += " --waves " + ",".join(f"{w:g}%" for w in spec.pop("waves"))
+        command += f" --bake {spec.pop('bake')}"
+        if "on_failure" in spec:
+            command += f" --on-failure {spec.pop('on_failure')}"
+        if "holdback" in spec:
+            command += f" --holdback {spec.pop('holdback')}%"
+        gates = spec.pop("gates", None)
+        if gates:
+            path = workdir.parent / f"gates-{release.partition('@')[2]}.json"
+            command += f" --gates {path}"
+        return [command]
+    if step.action == "capacity":
+        return [f"fleetctl cloud capacity {step.capacity:g}"]
+    return [f"fleetctl assign {step.release} --select all"]
+
+
+def last_release(scenario: Scenario, step: Step) -> str:
+    """The model released last before ``step`` (what a rollout step rolls out)."""
+    model: str = scenario.initial
+    for earlier in scenario.steps:
+        if earlier is step:
+            break
+        if earlier.action == "release" and earlier.model is not None:
+            model = earlier.model
+    return model
+
+
+def write_gate_files(scenario: Scenario, workdir: Path) -> None:
+    """The ``--gates`` files the printed rollout commands name, as the run uses them."""
+    for step in scenario.steps:
+        if step.action == "rollout" and step.rollout and step.rollout.get("gates"):
+            version = VERSIONS[last_release(scenario, step)]
+            path = workdir.parent / f"gates-{version}.json"
+            path.write_text(json.dumps(step.rollout["gates"], indent=2) + "\n")
+
+
+@dataclass
+class DashboardServer:
+    """The run's fleet server started again on its data, for the evidence and the dashboard."""
+
+    data: Path
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+    url: str = ""
+
+    def start(self) -> None:
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        args = [sys.executable, "-m", "fleet_server.cli", "--data", str(self.data)]
+        args += ["--db", f"sqlite:///{self.data / 'fleet.db'}", "--http", f"127.0.0.1:{port}"]
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+            )
+        http = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(connect=2, read=10))
+
+        def healthy() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise FleetChapterError(f"the fleet server exited; see {self.log}")
+            try:
+                return http.request("GET", f"{self.url}/healthz").status == 200
+            except urllib3.exceptions.HTTPError:
+                return False
+
+        waiting.wait_until("the fleet server", healthy, 60, every=0.2, failure=FleetChapterError)
+
+    @property
+    def token_file(self) -> Path:
+        return self.data / "admin.token"
+
+    def api(self, path: str) -> Any:
+        token = self.token_file.read_text().strip()
+        r = urllib3.request(
+            "GET", f"{self.url}/api/v1{path}", headers={"Authorization": f"Bearer {token}"}
+        )
+        if r.status != 200:
+            raise FleetChapterError(f"GET {path}: {r.status} {r.data[:200]!r}")
+        return json.loads(r.data)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def fleetctl_shown(command: str, server: DashboardServer) -> str:
+    """Run ``command`` (a ``fleetctl`` line) against ``server``, echoing it and its output."""
+    print(f"\n$ {command}", flush=True)
+    args = [*shlex.split(command)[1:], "--server", server.url]
+    args += ["--token-file", str(server.token_file)]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = fleetctl(args)
+    print(out.getvalue(), end="", flush=True)
+    if code != 0:
+        raise FleetChapterError(f"{command!r} failed with status {code}")
+    return out.getvalue()
+
+
+def shown_path(path: Path) -> Path:
+    """``path`` relative to the working folder when it lies under it."""
+    return path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
+
+
+def section(title: str) -> None:
+    print(f"\n== {title} " + "=" * max(0, 70 - len(title)), flush=True)
+
+
+@contextlib.contextmanager
+def fleet_chapter(workdir: Path) -> Iterator[DashboardServer]:
+    """Run the demo scenario in ``workdir``, show its evidence, yield the dashboard's server.
+
+    Raises :class:`FleetChapterError` when the story did not happen as told.
+    """
+    scenario = load_scenario(SCENARIO)
+    run_dir = workdir / "fleet"
+    section(f"A fleet: {scenario.devices} simulated devices in eu and us, one story")
+    print(
+        f"$ fleet-sim run {shown_path(SCENARIO)}\n"
+        f"(each device runs the real agent code; the run starts a private broker — Mosquitto\n"
+        f"when installed, else the embedded one — its own fleet-server and cloud endpoint on\n"
+        f"free ports, in {run_dir}: nothing else on this machine shares them)\n\n"
+        "What the operator does, and when (fleetctl reads the server and its token from\n"
+        "EDGEFLEET_SERVER and EDGEFLEET_TOKEN):",
+        flush=True,
+    )
+    write_gate_files(scenario, run_dir)
+    for step in scenario.steps:
+        for command in step_commands(step, scenario, run_dir):
+            print(f"  at {step.at.total_seconds():4.0f} s  $ {command}")
+    for cohort in scenario.cohorts:
+        if cohort.drift is not None:
+            shift = ", ".join(f"{k} {v:+g} sd" for k, v in cohort.drift.covariate_shift.items())
+            print(
+                f"  at {cohort.drift.at.total_seconds():4.0f} s  (the field) {cohort.name}: "
+                f"{shift}, {cohort.drift.idle_share:.0%} of readings from idle machines"
+            )
+    print(flush=True)
+    report = run_scenario(scenario, run_dir, progress=True, metrics_port=None)
+    report.write_json(run_dir / "report.json")
+    print(report.summary(), flush=True)
+    print(f"(MQTT broker of the run: a private {report.figures.get('broker')} on a free port)")
+    if not report.passed:
+        raise FleetChapterError(f"the run did not pass its checks; see {run_dir / 'report.json'}")
+    server = DashboardServer(run_dir / "server", run_dir / "dashboard-server.log")
+    try:
+        server.start()
+        show_evidence(report, server)
+        yield server
+    finally:
+        server.stop()
+
+
+def show_evidence(report: RunReport, server: DashboardServer) -> None:
+    """What the server recorded, through its API and ``fleetctl``; raises if a part is missing."""
+    good, bad = report.figures["rollouts"]
+    section("Evidence: the v2 rollout, wave by wave")
+    fleetctl_shown(f"fleetctl rollout status {good}", server)
+    rollout = server.api(f"/rollouts/{good}")
+    promotions = [
+        d for d in rollout["decisions"] if d["action"].startswith(("start stage", "complete"))
+    ]
+    for d in promotions:
+        print(f"  {d['action']} ({d['reached']}/{d['matched']} devices): {d['rule']}")
+    if rollout["phase"] != "completed" or len(promotions) < 2:
+        raise FleetChapterError(
+            f"v2's rollout {good} did not promote wave by wave: {rollout['phase']}"
+        )
+    print(f"v2 promoted by its gates: {len(promotions)} promotions, rollout {rollout['phase']}")
+
+    section("Evidence: v3-bad stopped in its first wave")
+    fleetctl_shown(f"fleetctl rollout status {bad}", server)
+    rollout = server.api(f"/rollouts/{bad}")
+    stop = next(d for d in rollout["decisions"] if d["rule"] == "harm shown")
+    fired = [e for e in rollout["evaluations"] if e["decision"] == "fail"]
+    for e in fired:
+        print(
+            f"  gate {e['gate']}: {e['decision']} — estimate {e['estimate']:g} over "
+            f"{e['n_devices']} devices, interval [{e['low']:.3f}, {e['high']:.3f}], harm above "
+            f"{e['harm_at']:g}"
+        )
+    reached = int(stop["reached"])
+    devices = server.api("/devices")["devices"]
+    on_v2 = [d for d in devices if d.get("active_bundle") == "pump-health 1.1.0"]
+    print(
+        f"v3-bad stopped in wave {rollout['stage']} ({reached} of {stop['matched']} devices): "
+        f"{stop['reason']}; rollout {rollout['phase']}"
+    )
+    print(f"devices on v2 (1.1.0) now: {len(on_v2)} of {len(devices)}")
+    if rollout["stage"] != 1 or len(on_v2) != len(devices):
+        raise FleetChapterError(
+            f"v3-bad's rollout {bad} was not stopped in wave 1 with all back on v2"
+        )
+
+    section("Evidence: drift in eu, one alert grouping its features")
+    fleetctl_shown("fleetctl alerts --kind drift --scope region", server)
+    alerts = server.api("/alerts")["alerts"]
+    eu = [
+        a
+        for a in alerts
+        if a.get("kind") == "drift" and a["scope"] == "region" and a["scope_value"] == "eu"
+    ]
+    for a in eu:
+        features = [f["name"] for f in a.get("features", [])]
+        print(
+            f"drift alert for region eu on {a['version']}: {len(features)} features, "
+            f"vib_rms_x among them: {'vib_rms_x' in features}"
+        )
+    if not any("vib_rms_x" in [f["name"] for f in a.get("features", [])] for a in eu):
+        raise FleetChapterError("no drift alert for region eu naming vib_rms_x")
+
+    section("Evidence: the hybrid plans follow a cloud capacity cut")
+    cuts = [d["capacity"] for d in report.decisions if d.get("step") == "capacity"]
+    fleetctl_shown("fleetctl cloud capacity", server)
+    plans = server.api("/plans")["plans"]
+    granted = sum(float(p.get("share") or 0.0) for p in plans)
+    print(
+        f"cloud capacity cut {' -> '.join(f'{c:g}' for c in cuts)} requests/s: the "
+        f"{len(plans)} plans now grant {granted:.1f} requests/s"
+    )
+    if not plans or granted > cuts[-1] * 1.0001:
+        raise FleetChapterError(f"the plans grant {granted:.1f}, above the capacity {cuts[-1]:g}")
