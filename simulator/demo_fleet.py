@@ -81,6 +81,23 @@ def last_release(scenario: Scenario, step: Step) -> str:
     return model
 
 
+def timeline(scenario: Scenario, workdir: Path) -> list[tuple[float, str]]:
+    """The run's steps as commands, and its drift as what happens in the field, in time order."""
+    lines = [
+        (step.at.total_seconds(), f"$ {command}")
+        for step in scenario.steps
+        for command in step_commands(step, scenario, workdir)
+    ]
+    for cohort in scenario.cohorts:
+        if cohort.drift is not None:
+            shift = ", ".join(f"{k} {v:+g} sd" for k, v in cohort.drift.covariate_shift.items())
+            idle = f"{cohort.drift.idle_share:.0%} of readings from idle machines"
+            lines.append(
+                (cohort.drift.at.total_seconds(), f"(in the field) {cohort.name}: {shift}, {idle}")
+            )
+    return sorted(lines, key=lambda line: line[0])
+
+
 def write_gate_files(scenario: Scenario, workdir: Path) -> None:
     """The ``--gates`` files the printed rollout commands name, as the run uses them."""
     for step in scenario.steps:
@@ -185,16 +202,8 @@ def fleet_chapter(workdir: Path) -> Iterator[DashboardServer]:
         flush=True,
     )
     write_gate_files(scenario, run_dir)
-    for step in scenario.steps:
-        for command in step_commands(step, scenario, run_dir):
-            print(f"  at {step.at.total_seconds():4.0f} s  $ {command}")
-    for cohort in scenario.cohorts:
-        if cohort.drift is not None:
-            shift = ", ".join(f"{k} {v:+g} sd" for k, v in cohort.drift.covariate_shift.items())
-            print(
-                f"  at {cohort.drift.at.total_seconds():4.0f} s  (the field) {cohort.name}: "
-                f"{shift}, {cohort.drift.idle_share:.0%} of readings from idle machines"
-            )
+    for at, line in timeline(scenario, run_dir):
+        print(f"  at {at:4.0f} s  {line}")
     print(flush=True)
     report = run_scenario(scenario, run_dir, progress=True, metrics_port=None)
     report.write_json(run_dir / "report.json")
