@@ -5,7 +5,8 @@ devices, a real MQTT broker and database. The release engineer builds and
 releases v1 and v2 (and v3-bad); the operator assigns v1 to the line, v2 to
 the canary by tag; the canary is stopped, v3-bad is assigned while it is
 offline, it comes back, installs, fails the watchdog, rolls back to v2, and
-the server shows why. Used by the end-to-end test and by ``fleet-sim demo``.
+the server shows why. Used by the end-to-end tests (``fleet-sim demo`` tells the fleet
+chapter with :mod:`simulator.demo_fleet` now).
 """
 
 from __future__ import annotations

@@ -136,5 +136,4 @@ def test_the_fleet_chapter_tells_the_whole_story_and_serves_it_on_the_dashboard(
     assert "v3-bad stopped in wave 1 (6 of 12 devices): stop-gate failed: install_failures" in out
     assert "devices on v2 (1.1.0) now: 24 of 24" in out
     assert "drift alert for region eu on 1.1.0:" in out and "vib_rms_x among them: True" in out
-    assert "region:us" not in out  # no alert where nothing drifted
     assert "cloud capacity cut 20 -> 6 requests/s: the 24 plans now grant" in out
