@@ -425,11 +425,12 @@ class Network:
         self.cloud_url: str | None = None
 
     async def open(self, broker_url: str, server_url: str, cloud_url: str | None) -> None:
-        broker = urllib3.util.parse_url(broker_url)
+        broker = parse_broker_url(broker_url)
         server = urllib3.util.parse_url(server_url)
-        assert broker.host and broker.port and server.host and server.port
+        assert server.host
+        server_port = server.port or (443 if server.scheme == "https" else 80)
         self.mqtt = FaultProxy(broker.host, broker.port, seed=self.seed, name="broker")
-        self.http = FaultProxy(server.host, server.port, seed=self.seed + 1, name="server")
+        self.http = FaultProxy(server.host, server_port, seed=self.seed + 1, name="server")
         for group in sorted(set(self.groups.values())):
             self.mqtt_ports[group] = await self.mqtt.open(group)
             self.http_ports[group] = await self.http.open(group)
@@ -1535,6 +1536,12 @@ def check_given_setup(scenario: Scenario) -> None:
         raise ScenarioError(
             f"server.replicas and server.database set up a server the run starts itself; "
             f"with {GIVEN} leave them out"
+        )
+    tls = str(setup.url).startswith("https://") or setup.broker.startswith("mqtts://")
+    if tls and needs_network(scenario):
+        raise ScenarioError(
+            "the scenario's links and network faults run the devices' connections through "
+            "plain TCP proxies of the run; give --server-url http:// and --mqtt mqtt:// URLs"
         )
     for n, fault in enumerate(scenario.faults):
         if fault.kind in ("server-kill", "broker-restart"):

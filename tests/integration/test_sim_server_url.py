@@ -168,6 +168,48 @@ def test_a_scenario_runs_against_a_server_given_by_url(
     assert devices[bystander]["assigned_target"] is None
 
 
+def test_a_fleet_over_two_processes_behind_the_fault_proxy_reports_to_the_given_server(
+    fresh_server: RunningServer, tmp_path: Path
+) -> None:
+    # Half the devices in a second process; one cohort's link goes down through the run's
+    # fault proxy in front of the given server and broker. Every window of both processes
+    # must be found stored on the server.
+    scenario = tmp_path / "split.toml"
+    scenario.write_text(
+        'name = "split"\nduration = "20s"\nprocesses = 2\n'
+        '[traffic]\nrate = 2.0\nwindow = "3s"\n'
+        '[[cohorts]]\nname = "a"\ndevices = 2\n'
+        '[[cohorts]]\nname = "b"\ndevices = 2\n'
+        '[[faults]]\nkind = "link-down"\nat = "5s"\nduration = "4s"\ntarget = { cohort = "b" }\n'
+        "[expect]\nmin_online = 1.0\n"
+    )
+    report_path = tmp_path / "report.json"
+    done = fleet_sim(
+        tmp_path / "run",
+        str(scenario),
+        "--server-url",
+        fresh_server.url,
+        "--token",
+        fresh_server.token,
+        "--mqtt",
+        BROKER,
+        "--report-json",
+        str(report_path),
+    )
+    said = f"stdout:\n{done.stdout}\nstderr:\n{done.stderr[-3000:]}"
+    assert done.returncode == 0, said
+    report = json.loads(report_path.read_text())
+    assert all(c["passed"] for c in report["checks"]), said
+    figures = report["figures"]
+    assert figures["processes"] == 2
+    assert [f["applied"] for f in report["faults"]] == ["yes"]
+    assert figures["proxy_broker"]["refused"] > 0  # b's reconnects while its link was down
+    ids = ["a-00000", "a-00001", "b-00000", "b-00001"]
+    stored = {d: fresh_server.api("GET", f"/devices/{d}/windows?limit=500")["windows"] for d in ids}
+    assert all(stored[d] for d in ids), stored  # the second process's devices' too
+    assert sum(len(w) for w in stored.values()) == figures["windows_produced"]
+
+
 def refusal(done: Any) -> str:
     """The one ``fleet-sim:`` line of a refused run (and no traceback)."""
     assert done.returncode == 2, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr[-3000:]}"
