@@ -59,8 +59,8 @@ def _run_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "the broker it ingests from (the devices connect there; the server does not say\n"
         "which it is). The run releases sample models under release keys of its own and\n"
         "registers the scenario's devices, so the server must hold neither yet:\n"
-        "  fleet-sim run simulator/scenarios/good-rollout.toml --short \\\n"
-        "    --server-url http://fleet.example:8080 --token TOKEN --mqtt mqtt://fleet.example:1883",
+        "  fleet-sim run simulator/scenarios/good-rollout.toml --short --server-url "
+        "http://fleet.example:8080 --token TOKEN --mqtt mqtt://fleet.example:1883",
     )
     run.add_argument("scenario", nargs="?", type=Path, help="the scenario file (TOML)")
     run.add_argument("--devices", type=int, help="this many devices, split over the cohorts")
@@ -114,9 +114,11 @@ def scenario_for(args: argparse.Namespace) -> Scenario:
         if args.server_url is not None:
             missing = []
             if not args.token:
-                missing.append("--token TOKEN (an admin token of that server)")
+                missing.append("--token TOKEN (server.token: an admin token of that server)")
             if not args.mqtt:
-                missing.append("--mqtt BROKER_URL (the broker that server ingests from)")
+                missing.append(
+                    "--mqtt BROKER_URL (server.broker: the broker that server ingests from)"
+                )
             if missing:
                 raise ScenarioError(f"--server-url needs {' and '.join(missing)}")
             server.update(url=args.server_url, token=args.token)
