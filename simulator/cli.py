@@ -79,7 +79,14 @@ def _run_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     run.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     run.add_argument("--server-url", help="a fleet server already running, instead of one's own")
-    run.add_argument("--token", help="an admin token of --server-url")
+    token = run.add_mutually_exclusive_group()
+    token.add_argument("--token", help="an admin token of --server-url")
+    token.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="FILE",
+        help="a file holding it (kept out of the process list and the shell's history)",
+    )
     run.add_argument(
         "--mqtt",
         metavar="BROKER_URL",
@@ -110,11 +117,16 @@ def scenario_for(args: argparse.Namespace) -> Scenario:
                 updates["duration"] = parse_duration(args.duration)
             except ValueError as exc:
                 raise ScenarioError(f"--duration {args.duration!r}: {exc}") from None
+        if args.token_file is not None:
+            args.token = read_token(args.token_file)
         server: dict[str, object] = {}
         if args.server_url is not None:
             missing = []
             if not args.token:
-                missing.append("--token TOKEN (server.token: an admin token of that server)")
+                missing.append(
+                    "--token TOKEN or --token-file FILE (server.token: an admin token of that "
+                    "server)"
+                )
             if not args.mqtt:
                 missing.append(
                     "--mqtt BROKER_URL (server.broker: the broker that server ingests from)"
@@ -122,8 +134,10 @@ def scenario_for(args: argparse.Namespace) -> Scenario:
             if missing:
                 raise ScenarioError(f"--server-url needs {' and '.join(missing)}")
             server.update(url=args.server_url, token=args.token)
-        elif args.token is not None:
-            raise ScenarioError("--token is the token of --server-url, which was not given")
+        elif args.token is not None:  # the token of the scenario's server.url
+            if scenario.server.url is None:
+                raise ScenarioError("--token is the token of --server-url, which was not given")
+            server["token"] = args.token
         if args.mqtt is not None:
             try:
                 parse_broker_url(args.mqtt)
@@ -144,6 +158,17 @@ def scenario_for(args: argparse.Namespace) -> Scenario:
     except ValueError as exc:
         raise ScenarioError(f"{where}: {exc}") from None
     return scenario
+
+
+def read_token(path: Path) -> str:
+    """The token held in ``path`` (``--token-file``), without its line end."""
+    try:
+        token = path.read_text().strip()
+    except OSError as exc:
+        raise ScenarioError(f"--token-file {path}: cannot read it: {exc.strerror}") from None
+    if not token:
+        raise ScenarioError(f"--token-file {path} is empty; it should hold an admin token")
+    return token
 
 
 def problems(exc: ValidationError) -> str:

@@ -219,18 +219,23 @@ def refusal(done: Any) -> str:
     return lines[0]
 
 
+@pytest.mark.parametrize("given", ["--token", "--token-file"])
 def test_a_wrong_token_is_refused_naming_the_server_and_its_refusal(
-    server: RunningServer, tmp_path: Path
+    server: RunningServer, tmp_path: Path, given: str
 ) -> None:
     before = server.api("GET", "/devices")["devices"]
+    token = "not-a-token-of-this-server"
+    if given == "--token-file":
+        (tmp_path / "token").write_text(token + "\n")
+        token = str(tmp_path / "token")
     done = fleet_sim(
         tmp_path / "run",
         str(SCENARIO),
         "--short",
         "--server-url",
         server.url,
-        "--token",
-        "not-a-token-of-this-server",
+        given,
+        token,
         "--mqtt",
         BROKER,
         timeout=120,
@@ -279,6 +284,24 @@ def test_an_unreachable_server_is_refused_naming_its_url(tmp_path: Path) -> None
     line = refusal(done)
     assert f"--server-url {url}" in line
     assert "cannot reach" in line
+
+
+def test_an_unreadable_token_file_is_refused_naming_it(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-token"
+    done = fleet_sim(
+        tmp_path / "run",
+        str(SCENARIO),
+        "--short",
+        "--server-url",
+        "http://127.0.0.1:9",
+        "--token-file",
+        str(missing),
+        "--mqtt",
+        BROKER,
+        timeout=120,
+    )
+    line = refusal(done)
+    assert f"--token-file {missing}: cannot read it" in line
 
 
 def test_the_broker_is_asked_for_when_the_server_is_given(tmp_path: Path) -> None:
