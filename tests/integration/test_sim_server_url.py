@@ -65,7 +65,9 @@ class RunningServer:
 
 
 @contextmanager
-def running_server(tmp: Path, db_url: str) -> Iterator[RunningServer]:
+def running_server(
+    tmp: Path, db_url: str, extra_args: tuple[str, ...] = ("--rollout-interval", "1")
+) -> Iterator[RunningServer]:
     """``fleet-server`` on ``db_url`` and the machine's broker, under a namespace of its own.
 
     As typed: ``fleet-server --data DIR --db URL --mqtt mqtt://127.0.0.1:1883 --mqtt-namespace
@@ -79,7 +81,7 @@ def running_server(tmp: Path, db_url: str) -> Iterator[RunningServer]:
         broker=BROKER,
         replica_id="fleet",
         namespace=namespace,
-        extra_args=["--rollout-interval", "1"],
+        extra_args=extra_args,
     )
     process.start()
     try:
@@ -208,6 +210,35 @@ def test_a_fleet_over_two_processes_behind_the_fault_proxy_reports_to_the_given_
     stored = {d: fresh_server.api("GET", f"/devices/{d}/windows?limit=500")["windows"] for d in ids}
     assert all(stored[d] for d in ids), stored  # the second process's devices' too
     assert sum(len(w) for w in stored.values()) == figures["windows_produced"]
+
+
+def test_a_rollout_left_going_out_by_a_slow_server_says_the_servers_pace(tmp_path: Path) -> None:
+    # A server on its default pace (a rollout step a minute): the short scenario's rollout is
+    # still under way when the run ends, and the failed check says why.
+    tmp = tmp_path / "slow"
+    tmp.mkdir()
+    with running_server(tmp, f"sqlite:///{tmp / 'fleet.db'}", extra_args=()) as slow:
+        report_path = tmp_path / "report.json"
+        done = fleet_sim(
+            tmp_path / "run",
+            str(SCENARIO),
+            "--short",
+            "--server-url",
+            slow.url,
+            "--token",
+            slow.token,
+            "--mqtt",
+            BROKER,
+            "--report-json",
+            str(report_path),
+        )
+    said = f"stdout:\n{done.stdout}\nstderr:\n{done.stderr[-3000:]}"
+    assert done.returncode == 1, said
+    checks = {c["name"]: c for c in json.loads(report_path.read_text())["checks"]}
+    assert not checks["expectations"]["passed"], said
+    assert "--rollout-interval 1" in checks["expectations"]["detail"]
+    assert "FAIL expectations" in done.stdout and "--rollout-interval" in done.stdout
+    assert checks["windows-once"]["passed"], said  # the fleet reported to it all the same
 
 
 def refusal(done: Any) -> str:
