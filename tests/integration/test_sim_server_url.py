@@ -157,6 +157,10 @@ def test_a_scenario_runs_against_a_server_given_by_url(
     assert sum(len(ids) for ids in stored.values()) == report["figures"]["windows_stored"]
     assert report["figures"]["windows_stored"] == report["figures"]["windows_produced"] > 0
     assert all(len(ids) == len(set(ids)) for ids in stored.values())
+    # Counted through the API while the run went on, too, not only at its end.
+    series = report["series"]
+    assert any(s["windows_stored"] > 0 for s in series[:-1]), series
+    assert series[-1]["windows_stored"] == report["figures"]["windows_stored"]
 
     # The run's rollout is that server's; it completed there, on the run's devices alone, and
     # they run the release it carried.
