@@ -14,6 +14,13 @@ fleet each second (:class:`~simulator.report.Sample`), and at the end makes
 the checks (:mod:`simulator.checks`) and returns the
 :class:`~simulator.report.RunReport`.
 
+A server given by URL (``--server-url``, with an admin token and the broker it
+ingests from) is checked before anything starts (:func:`check_given_server`:
+it answers, takes the token as an admin's, holds neither releases nor the
+scenario's devices; the broker answers) and again once the devices are up
+(it sees them online); the run's devices carry a tag of the run, which its
+rollouts select, and their windows are counted through the server's API.
+
 Blocking calls (the server's REST API, SQLite, process starts) run in worker
 threads so the devices' event loop keeps its time.
 """
