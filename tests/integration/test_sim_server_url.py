@@ -52,6 +52,13 @@ def fleet_sim(workdir: Path, *args: str, timeout: float = RUN_TIMEOUT_S) -> Any:
     )
 
 
+def short_run(workdir: Path, server_url: str, *args: str, timeout: float = RUN_TIMEOUT_S) -> Any:
+    """``fleet-sim run SCENARIO --short --server-url URL ARGS``, as a user types it."""
+    return fleet_sim(
+        workdir, str(SCENARIO), "--short", "--server-url", server_url, *args, timeout=timeout
+    )
+
+
 class RunningServer:
     """A ``fleet-server`` started as a user would, and an admin token made through its API."""
 
@@ -119,11 +126,8 @@ def test_a_scenario_runs_against_a_server_given_by_url(
     bystander = f"bystander-{secrets.token_hex(3)}"
     server.api("POST", "/devices", {"device_id": bystander, "hardware_id": "rpi4-arm64"})
     report_path = tmp_path / "report.json"
-    done = fleet_sim(
+    done = short_run(
         tmp_path / "run",
-        str(SCENARIO),
-        "--short",
-        "--server-url",
         server.url,
         "--token",
         server.token,
@@ -223,11 +227,8 @@ def test_a_rollout_left_going_out_by_a_slow_server_says_the_servers_pace(tmp_pat
     tmp.mkdir()
     with running_server(tmp, f"sqlite:///{tmp / 'fleet.db'}", extra_args=()) as slow:
         report_path = tmp_path / "report.json"
-        done = fleet_sim(
+        done = short_run(
             tmp_path / "run",
-            str(SCENARIO),
-            "--short",
-            "--server-url",
             slow.url,
             "--token",
             slow.token,
@@ -263,11 +264,8 @@ def test_a_wrong_token_is_refused_naming_the_server_and_its_refusal(
     if given == "--token-file":
         (tmp_path / "token").write_text(token + "\n")
         token = str(tmp_path / "token")
-    done = fleet_sim(
+    done = short_run(
         tmp_path / "run",
-        str(SCENARIO),
-        "--short",
-        "--server-url",
         server.url,
         given,
         token,
@@ -286,11 +284,8 @@ def test_a_token_that_is_not_an_admin_token_is_refused(
     server: RunningServer, tmp_path: Path
 ) -> None:
     viewer = server.api("POST", "/tokens", {"name": "sim-viewer", "role": "viewer"})["token"]
-    done = fleet_sim(
+    done = short_run(
         tmp_path / "run",
-        str(SCENARIO),
-        "--short",
-        "--server-url",
         server.url,
         "--token",
         viewer,
@@ -304,11 +299,8 @@ def test_a_token_that_is_not_an_admin_token_is_refused(
 
 def test_an_unreachable_server_is_refused_naming_its_url(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    done = fleet_sim(
+    done = short_run(
         tmp_path / "run",
-        str(SCENARIO),
-        "--short",
-        "--server-url",
         url,
         "--token",
         "anything",
@@ -323,11 +315,8 @@ def test_an_unreachable_server_is_refused_naming_its_url(tmp_path: Path) -> None
 
 def test_an_unreadable_token_file_is_refused_naming_it(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-token"
-    done = fleet_sim(
+    done = short_run(
         tmp_path / "run",
-        str(SCENARIO),
-        "--short",
-        "--server-url",
         "http://127.0.0.1:9",
         "--token-file",
         str(missing),
@@ -340,11 +329,8 @@ def test_an_unreadable_token_file_is_refused_naming_it(tmp_path: Path) -> None:
 
 
 def test_the_broker_is_asked_for_when_the_server_is_given(tmp_path: Path) -> None:
-    done = fleet_sim(
+    done = short_run(
         tmp_path / "run",
-        str(SCENARIO),
-        "--short",
-        "--server-url",
         "http://127.0.0.1:9",
         "--token",
         "anything",
@@ -356,11 +342,8 @@ def test_the_broker_is_asked_for_when_the_server_is_given(tmp_path: Path) -> Non
 
 def test_an_unreachable_broker_is_refused_naming_it(server: RunningServer, tmp_path: Path) -> None:
     other = f"mqtt://127.0.0.1:{free_port()}"  # nothing listens there
-    done = fleet_sim(
+    done = short_run(
         tmp_path / "run",
-        str(SCENARIO),
-        "--short",
-        "--server-url",
         server.url,
         "--token",
         server.token,
@@ -378,11 +361,8 @@ def test_a_broker_the_server_does_not_ingest_from_is_refused(
     # A broker that is up, but not the one the server ingests from: the devices connect,
     # the server never sees them.
     with private_broker(tmp_path / "other-broker") as other:
-        done = fleet_sim(
+        done = short_run(
             tmp_path / "run",
-            str(SCENARIO),
-            "--short",
-            "--server-url",
             fresh_server.url,
             "--token",
             fresh_server.token,
@@ -401,11 +381,8 @@ def test_a_server_holding_releases_already_is_refused(
 ) -> None:
     # Released under other keys than the run's: the run could not release beside them.
     fresh_server.api("POST", "/releases", {"files": repository_files(repo.path)})
-    done = fleet_sim(
+    done = short_run(
         tmp_path / "run",
-        str(SCENARIO),
-        "--short",
-        "--server-url",
         fresh_server.url,
         "--token",
         fresh_server.token,
@@ -422,11 +399,8 @@ def test_a_server_holding_the_scenarios_devices_already_is_refused(
     fresh_server: RunningServer, tmp_path: Path
 ) -> None:
     fresh_server.api("POST", "/devices", {"device_id": "us-00001", "hardware_id": "rpi4-arm64"})
-    done = fleet_sim(
+    done = short_run(
         tmp_path / "run",
-        str(SCENARIO),
-        "--short",
-        "--server-url",
         fresh_server.url,
         "--token",
         fresh_server.token,
