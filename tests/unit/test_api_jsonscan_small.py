@@ -54,7 +54,7 @@ def test_the_small_scan_reads_strings_escapes_and_depth_like_the_numpy_scan(
     assert scan_structure(body, MAX_JSON_DEPTH) == expected
 
 
-def test_a_small_request_body_takes_the_small_scan_and_a_large_one_numpy() -> None:
+def test_request_bodies_either_side_of_the_small_limit_are_counted_exactly() -> None:
     row = {"name": "features", "shape": [1, 16], "datatype": "FP32", "data": [0.5] * 16}
     small = json.dumps({"inputs": [row]}).encode()
     large = json.dumps({"inputs": [row] * 200}).encode()
