@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import partial
 
 from benchmarks import (
+    agent_http_api,
     agent_inference,
     agent_memory,
     agent_poll,
@@ -28,6 +29,7 @@ from benchmarks import (
 BENCHMARKS = [
     ("verify a 50 MB bundle vs sha256sum", verify_bundle.main),
     ("local inference paths vs a bare interpreter call", agent_inference.main),
+    ("the local HTTP API vs a minimal aiohttp server on the same model", agent_http_api.main),
     ("agent memory, import shares and time to ready", agent_memory.main),
     ("a shadow model's memory and latency vs the same agent without one", agent_shadow.main),
     ("an update poll's CPU with the poll gate vs a fetcher child per question", agent_poll.main),

@@ -28,6 +28,13 @@ ROLLOUT_PHASES = {
     "aborted": ("aborted",),
 }
 """The rollout phases that meet an expected outcome."""
+UNDER_WAY = ("pending", "shadow", "baking")
+"""The phases of a rollout still going out."""
+GIVEN_SERVER_PACE = (
+    "(a server given by URL steps its rollouts at its own pace, every 60 s unless started "
+    "with --rollout-interval; a short scenario's rollout wants --rollout-interval 1)"
+)
+"""Why a rollout may still be active at the end of a run against a server given by URL."""
 
 
 @dataclass
@@ -199,6 +206,8 @@ def expectations(record: RunRecord) -> Check:
             phase = rollout["phase"]
             if expect.rollout is not None:
                 said = f"rollout {phase} (expected {expect.rollout})"
+                if phase in UNDER_WAY and record.scenario.server.url is not None:
+                    said += f" {GIVEN_SERVER_PACE}"
                 (met if phase in ROLLOUT_PHASES[expect.rollout] else unmet).append(said)
             if expect.rollout_stopped_in_wave is not None:
                 wave = stopped_wave(rollout)

@@ -10,6 +10,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from protocol.api.rollouts import parse_duration
+from protocol.broker_url import parse_broker_url
 from protocol.cli import CommandParser, edgefleet_version
 from simulator.demo import run_demo
 from simulator.scenario import Scenario, ScenarioError, load_scenario
@@ -53,7 +54,13 @@ def _run_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "examples:\n"
         "  fleet-sim run simulator/scenarios/bad-model.toml --short\n"
         "  fleet-sim run simulator/scenarios/good-rollout.toml --devices 200 --duration 5m\n"
-        "  fleet-sim run --devices 50 --metrics-port 9300 --report-json run.json",
+        "  fleet-sim run --devices 50 --metrics-port 9300 --report-json run.json\n\n"
+        "Against a fleet server already running, give its URL, an admin token of it and\n"
+        "the broker it ingests from (the devices connect there; the server does not say\n"
+        "which it is). The run releases sample models under release keys of its own and\n"
+        "registers the scenario's devices, so the server must hold neither yet:\n"
+        "  fleet-sim run simulator/scenarios/good-rollout.toml --short --server-url "
+        "http://fleet.example:8080 --token TOKEN --mqtt mqtt://fleet.example:1883",
     )
     run.add_argument("scenario", nargs="?", type=Path, help="the scenario file (TOML)")
     run.add_argument("--devices", type=int, help="this many devices, split over the cohorts")
@@ -72,7 +79,20 @@ def _run_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     run.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     run.add_argument("--server-url", help="a fleet server already running, instead of one's own")
-    run.add_argument("--token", help="an admin token of --server-url")
+    token = run.add_mutually_exclusive_group()
+    token.add_argument("--token", help="an admin token of --server-url")
+    token.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="FILE",
+        help="a file holding it (kept out of the process list and the shell's history)",
+    )
+    run.add_argument(
+        "--mqtt",
+        metavar="BROKER_URL",
+        help="the broker the devices connect to: with --server-url, the one that server "
+        "ingests from (mqtt://host:port); without, the run's own server uses it",
+    )
     run.add_argument("--quiet", action="store_true", help="no progress line")
 
 
@@ -97,12 +117,35 @@ def scenario_for(args: argparse.Namespace) -> Scenario:
                 updates["duration"] = parse_duration(args.duration)
             except ValueError as exc:
                 raise ScenarioError(f"--duration {args.duration!r}: {exc}") from None
+        if args.token_file is not None:
+            args.token = read_token(args.token_file)
+        server: dict[str, object] = {}
         if args.server_url is not None:
+            missing = []
             if not args.token:
-                raise ScenarioError("--server-url needs --token (an admin token of that server)")
-            updates["server"] = scenario.server.model_copy(
-                update={"url": args.server_url, "token": args.token}
-            )
+                missing.append(
+                    "--token TOKEN or --token-file FILE (server.token: an admin token of that "
+                    "server)"
+                )
+            if not args.mqtt:
+                missing.append(
+                    "--mqtt BROKER_URL (server.broker: the broker that server ingests from)"
+                )
+            if missing:
+                raise ScenarioError(f"--server-url needs {' and '.join(missing)}")
+            server.update(url=args.server_url, token=args.token)
+        elif args.token is not None:  # the token of the scenario's server.url
+            if scenario.server.url is None:
+                raise ScenarioError("--token is the token of --server-url, which was not given")
+            server["token"] = args.token
+        if args.mqtt is not None:
+            try:
+                parse_broker_url(args.mqtt)
+            except ValueError as exc:
+                raise ScenarioError(f"--mqtt {args.mqtt}: {exc}") from None
+            server["broker"] = args.mqtt
+        if server:
+            updates["server"] = {**scenario.server.model_dump(), **server}
         if updates:
             scenario = Scenario.model_validate({**scenario.model_dump(), **updates})
         check_runnable(scenario)
@@ -115,6 +158,17 @@ def scenario_for(args: argparse.Namespace) -> Scenario:
     except ValueError as exc:
         raise ScenarioError(f"{where}: {exc}") from None
     return scenario
+
+
+def read_token(path: Path) -> str:
+    """The token held in ``path`` (``--token-file``), without its line end."""
+    try:
+        token = path.read_text().strip()
+    except OSError as exc:
+        raise ScenarioError(f"--token-file {path}: cannot read it: {exc.strerror}") from None
+    if not token:
+        raise ScenarioError(f"--token-file {path} is empty; it should hold an admin token")
+    return token
 
 
 def problems(exc: ValidationError) -> str:

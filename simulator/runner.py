@@ -14,6 +14,13 @@ fleet each second (:class:`~simulator.report.Sample`), and at the end makes
 the checks (:mod:`simulator.checks`) and returns the
 :class:`~simulator.report.RunReport`.
 
+A server given by URL (``--server-url``, with an admin token and the broker it
+ingests from) is checked before anything starts (:func:`check_given_server`:
+it answers, takes the token as an admin's, holds neither releases nor the
+scenario's devices; the broker answers) and again once the devices are up
+(it sees them online); the run's devices carry a tag of the run, which its
+rollouts select, and their windows are counted through the server's API.
+
 Blocking calls (the server's REST API, SQLite, process starts) run in worker
 threads so the devices' event loop keeps its time.
 """
@@ -32,10 +39,12 @@ import os
 import random
 import resource
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -50,10 +59,13 @@ from pydantic import ValidationError
 
 from agent.ota.journal import InstallTarget
 from firmware_images.datagen import FieldConditions, generate
+from fleet_server.api.client import ApiClient as RestClient
+from fleet_server.api.client import ApiClientError
 from fleet_server.release.keys import KeyStore, init_keys
 from fleet_server.release.repository import ImageRepository, ReleasedBundle
 from model_runtime import LoadedModel, default_runtime
-from protocol.api.rollouts import RolloutSpec
+from protocol.api.rollouts import RolloutSpec, parse_selector
+from protocol.broker_url import parse_broker_url
 from simulator.checks import RunRecord, make_checks
 from simulator.hybrid_fleet import REFRESHES_AT_ONCE, CloudProcess, install_target
 from simulator.progress import Metrics, ProgressLine
@@ -83,6 +95,9 @@ SWITCH_INTERVAL_S = 0.001
 REGISTER_AT_ONCE = 8  # registrations under way at once
 ROWS_PER_COHORT = 512  # rows drawn per cohort and condition, sent in turn
 CONNECT_WAIT_S = 60.0  # how long the fleet may take to come online before traffic starts
+# On a server given by URL: how long it may take to see the first device online.
+SEEN_WAIT_S = 30.0
+STORED_COUNTS_PER_S = 20.0  # without a database to read: devices' windows listed a second
 SETTLE_S = 30.0  # after the traffic: how long the last windows may take to be stored
 STOP_GRACE_S = 30.0
 SHOWN_ERRORS = 3
@@ -164,6 +179,9 @@ class Deployment:
     repo: ImageRepository
     hardware: tuple[str, ...]
     external: ServerProcess | None = None
+    # On a server given by URL: a tag every device of the run carries, which its rollouts
+    # select, so they never reach the server's other devices.
+    run_tag: str | None = None
     cloud: CloudProcess | None = None
     releases: dict[str, ReleasedBundle] = field(default_factory=dict)  # by version
     bundles: dict[str, Path] = field(default_factory=dict)  # released, by version
@@ -259,14 +277,15 @@ def start_deployment(scenario: Scenario, workdir: Path, broker: RunBroker | None
                     workdir, db_url=db_url, broker=broker_url, replica_id=replica, extra_args=extra
                 )
             )
-        for server in servers:  # registrations and the sampler use it from several threads
-            server.http = urllib3.PoolManager(
-                maxsize=REGISTER_AT_ONCE,
-                retries=False,
-                timeout=urllib3.Timeout(connect=5, read=60),
-            )
-        servers[0].launch()
         token = ""
+    for server in servers:  # registrations and the sampler use it from several threads
+        server.http = urllib3.PoolManager(
+            maxsize=REGISTER_AT_ONCE,
+            retries=False,
+            timeout=urllib3.Timeout(connect=5, read=60),
+        )
+    if external is None:
+        servers[0].launch()
     keys = init_keys(workdir / "keys")
     repo = ImageRepository(workdir / "repo")
     repo.create(keys)
@@ -274,6 +293,8 @@ def start_deployment(scenario: Scenario, workdir: Path, broker: RunBroker | None
     deployment = Deployment(
         workdir, broker_url, servers, token, keys, repo, hardware, external=external
     )
+    if external is not None:
+        deployment.run_tag = f"fleet-sim-{uuid.uuid4().hex[:12]}"
     # While the server starts: the bundles of the run, so no step builds one mid-run.
     deployment.build(scenario.initial)
     if setup.cloud:
@@ -341,6 +362,8 @@ def register_fleet(scenario: Scenario, deployment: Deployment) -> list[Member]:
         if region:
             body["region"] = region
         body["tags"] = [cohort.name, *tags]
+        if deployment.run_tag is not None:
+            body["tags"].append(deployment.run_tag)
         created = deployment.api("POST", "/devices", body)
         if cohort.weight is not None:
             deployment.api("PATCH", f"/devices/{device_id}/hybrid", {"weight": cohort.weight})
@@ -410,11 +433,12 @@ class Network:
         self.cloud_url: str | None = None
 
     async def open(self, broker_url: str, server_url: str, cloud_url: str | None) -> None:
-        broker = urllib3.util.parse_url(broker_url)
+        broker = parse_broker_url(broker_url)
         server = urllib3.util.parse_url(server_url)
-        assert broker.host and broker.port and server.host and server.port
+        assert server.host
+        server_port = server.port or (443 if server.scheme == "https" else 80)
         self.mqtt = FaultProxy(broker.host, broker.port, seed=self.seed, name="broker")
-        self.http = FaultProxy(server.host, server.port, seed=self.seed + 1, name="server")
+        self.http = FaultProxy(server.host, server_port, seed=self.seed + 1, name="server")
         for group in sorted(set(self.groups.values())):
             self.mqtt_ports[group] = await self.mqtt.open(group)
             self.http_ports[group] = await self.http.open(group)
@@ -621,6 +645,7 @@ class Run:
         self.t0 = 0.0
         self._labelled_windows: set[str] = set()
         self._stored_cache = 0
+        self._stored_by_device: dict[str, int] = {}  # counted through the API
         self.classes: list[str] = []
         self.fault_targets = [self._targets(f) for f in scenario.faults]
         self.scenario_ids = [d for ids in scenario.device_ids().values() for d in ids]
@@ -642,20 +667,30 @@ class Run:
     def execute(self) -> RunReport:
         started = time.monotonic()
         check_runnable(self.scenario)
+        given = self.scenario.server.url
+        if given is not None:
+            check_given_server(self.scenario)
         try:
-            if self.scenario.server.broker is None and self.scenario.server.url is None:
+            if self.scenario.server.broker is None and given is None:
                 self.broker = RunBroker(self.workdir / "broker")
                 self.broker.start()
-            self.deployment = start_deployment(self.scenario, self.workdir, self.broker)
+            with refused_by(given):
+                self.deployment = start_deployment(self.scenario, self.workdir, self.broker)
             self._took("setup_s", started)
             cloud = self.deployment.cloud
             with ThreadPoolExecutor(1) as starting:  # the cloud loads its model meanwhile
                 cloud_ready = starting.submit(cloud.start) if cloud is not None else None
                 registering = time.monotonic()
-                members = register_fleet(self.scenario, self.deployment)
+                with refused_by(given):
+                    members = register_fleet(self.scenario, self.deployment)
                 self._took("register_s", registering)
                 if cloud_ready is not None:
                     cloud_ready.result()
+            if given is not None and not all(m.namespace for m in members):
+                raise ScenarioError(
+                    f"--server-url {given} has no broker (started without --mqtt): its "
+                    "devices could not report to it"
+                )
             # Device n runs in process n % processes; process 0 is this one.
             count = self.scenario.processes
             self.all_members = members
@@ -665,7 +700,13 @@ class Run:
             ]
             self.api_call = self.deployment.api
             with switch_interval(SWITCH_INTERVAL_S):
-                asyncio.run(self._main())
+                try:
+                    asyncio.run(self._main())
+                except BaseExceptionGroup as group:  # the devices' task group: a refusal in it
+                    refusal = group.subgroup(ScenarioError)
+                    if refusal is None:
+                        raise
+                    raise first_leaf(refusal) from None
         finally:
             with contextlib.suppress(Exception):
                 if self.deployment is not None:
@@ -845,6 +886,7 @@ class Run:
                     running.append(asyncio.create_task(device.run(stop)))
                 await self._until_online()
                 await self._parts_ready()
+                await self._seen_by_given_server()
                 await self._traffic(tasks, traffic_stop)
                 await self._settle()
                 produced = self._produced()
@@ -874,6 +916,7 @@ class Run:
             asyncio.create_task(self._sampler(traffic_stop)),
             asyncio.create_task(self._schedule()),
             asyncio.create_task(self._labels(traffic_stop)),
+            asyncio.create_task(self._count_stored()),
         ]
         for cohort in self.scenario.cohorts:
             tasks.create_task(self._cohort_traffic(cohort, traffic_stop))
@@ -972,6 +1015,26 @@ class Run:
                 break
             await asyncio.sleep(0.2)
         self.report.figures["connect_s"] = round(time.monotonic() - started, 2)
+
+    async def _seen_by_given_server(self) -> None:
+        """On a server given by URL: that it sees the devices online, that is, ingests from
+        the broker they connected to; else the run stops, naming the broker."""
+        deployment = self.deployment
+        assert deployment is not None
+        if deployment.external is None or deployment.run_tag is None:
+            return
+        path = f"/devices?tag={deployment.run_tag}&online=true"
+        deadline = time.monotonic() + SEEN_WAIT_S
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):  # busy: asked again
+                if (await asyncio.to_thread(deployment.api, "GET", path))["devices"]:
+                    return
+            await asyncio.sleep(1.0)
+        raise ScenarioError(
+            f"--mqtt {deployment.broker_url}: the devices are connected to it, yet "
+            f"--server-url {deployment.server.url} saw none of them online within "
+            f"{SEEN_WAIT_S:.0f} s: that server ingests from another broker"
+        )
 
     def now(self) -> float:
         """Seconds since the traffic started."""
@@ -1315,7 +1378,7 @@ class Run:
         assert self.deployment is not None
         database = self.deployment.database
         if database is None:
-            return self._stored_cache
+            return sum(self._stored_by_device.values())
         with contextlib.closing(
             sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=2)
         ) as db:
@@ -1325,7 +1388,8 @@ class Run:
         """The window ids the server stored, by device (its database, else its API)."""
         assert self.deployment is not None
         database = self.deployment.database
-        stored: dict[str, list[str]] = {d: [] for d in self.devices}
+        fleet = [m.device_id for m in self.all_members] or list(self.devices)
+        stored: dict[str, list[str]] = {d: [] for d in fleet}
         if database is not None:
             with contextlib.closing(
                 sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=10)
@@ -1333,18 +1397,40 @@ class Run:
                 for window_id, device_id in db.execute("SELECT window_id, device_id FROM windows"):
                     stored.setdefault(device_id, []).append(window_id)
             return stored
-        for device_id in self.devices:
-            before = None
-            while True:
-                path = f"/devices/{device_id}/windows?limit=500" + (
-                    f"&before={before}" if before else ""
-                )
-                page = self.deployment.api("GET", path)
-                stored[device_id] += [w["window_id"] for w in page["windows"]]
-                before = page.get("next_before")
-                if not before:
-                    break
+        for device_id in fleet:  # every process's devices
+            stored[device_id] = self._device_windows(device_id)
+        self._stored_by_device = {d: len(ids) for d, ids in stored.items()}
         return stored
+
+    def _device_windows(self, device_id: str) -> list[str]:
+        """The ids of the windows of ``device_id`` the server stored, through its API."""
+        assert self.deployment is not None
+        ids: list[str] = []
+        before = None
+        while True:
+            path = f"/devices/{device_id}/windows?limit=500" + (
+                f"&before={before}" if before else ""
+            )
+            page = self.deployment.api("GET", path)
+            ids += [w["window_id"] for w in page["windows"]]
+            before = page.get("next_before")
+            if not before:
+                return ids
+
+    async def _count_stored(self) -> None:
+        """Without a database of the run's to read: each device's stored windows counted
+        through the API in turn, :data:`STORED_COUNTS_PER_S` devices a second at most, so
+        the samples show them (a little late on a large fleet) at a load the server hardly
+        notices."""
+        if self.deployment is None or self.deployment.database is not None:
+            return
+        fleet = [m.device_id for m in self.all_members]
+        while fleet:
+            for device_id in fleet:
+                with contextlib.suppress(Exception):  # busy: counted again next round
+                    ids = await asyncio.to_thread(self._device_windows, device_id)
+                    self._stored_by_device[device_id] = len(ids)
+                await asyncio.sleep(1.0 / STORED_COUNTS_PER_S)
 
     async def _settle(self) -> None:
         """After the traffic: let the open windows close and the server store them."""
@@ -1357,14 +1443,21 @@ class Run:
         # While a fault outlasting the traffic holds, what is not stored soon will not be.
         patience = 2 * window_s + 2 if self.active else max(SETTLE_S, 3 * window_s)
         deadline = time.monotonic() + patience
+        through_api = self.deployment is not None and self.deployment.database is None
         while time.monotonic() < deadline:
             produced = theirs + sum(len(d.stats.windows) for d in self.devices.values())
-            stored = await asyncio.to_thread(self._stored_count)
-            if self.deployment is not None and self.deployment.database is None:
-                break  # counted through the API at the end only
+            if through_api:  # no database of its own to read: each device's windows, listed
+                try:
+                    listed = await asyncio.to_thread(self._stored_windows)
+                except Exception as exc:  # the server busy: counted again, and at the end
+                    log.info("counting the stored windows: %s", exc)
+                    listed = {}
+                stored = self._stored_cache = sum(len(ids) for ids in listed.values())
+            else:
+                stored = await asyncio.to_thread(self._stored_count)
             if stored >= produced:
                 break
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(2.0 if through_api else 0.5)
         self.report.series.append(await self._sample())
 
     async def _finish(self, produced: dict[str, list[str]], stored: dict[str, list[str]]) -> None:
@@ -1429,11 +1522,8 @@ class Run:
 def check_runnable(scenario: Scenario) -> None:
     """Refuse, before anything starts, what the run could not carry out: a rollout spec the
     server would refuse, a step without what it needs, drift of a feature the data has not."""
-    if scenario.server.url is not None and not (scenario.server.token and scenario.server.broker):
-        raise ScenarioError(
-            "server.url: a server given by URL needs server.token (an admin token) and "
-            "server.broker (the broker it ingests from, which the devices then use)"
-        )
+    if scenario.server.url is not None:
+        check_given_setup(scenario)
     for n, cohort in enumerate(scenario.cohorts):
         if cohort.drift is not None:
             try:
@@ -1457,6 +1547,110 @@ def check_runnable(scenario: Scenario) -> None:
             raise ScenarioError(f"steps.{n}: a capacity step needs server.cloud = true")
 
 
+GIVEN = "a server given by URL (--server-url, server.url)"
+
+
+def check_given_setup(scenario: Scenario) -> None:
+    """Refuse what a run against a server given by URL cannot have: what the run would start
+    or stop beside a server of its own (the cloud endpoint, replicas, the broker)."""
+    setup = scenario.server
+    if not (setup.token and setup.broker):
+        raise ScenarioError(
+            f"{GIVEN} needs an admin token of it (--token, server.token) and the broker it "
+            "ingests from (--mqtt, server.broker), which the devices connect to"
+        )
+    if setup.cloud:
+        raise ScenarioError(
+            f"server.cloud = true: the cloud endpoint is started beside a server the run starts "
+            f"itself; {GIVEN} has none the run knows of (run this scenario without --server-url)"
+        )
+    if setup.replicas > 1 or setup.database is not None:
+        raise ScenarioError(
+            f"server.replicas and server.database set up a server the run starts itself; "
+            f"with {GIVEN} leave them out"
+        )
+    tls = str(setup.url).startswith("https://") or setup.broker.startswith("mqtts://")
+    if tls and needs_network(scenario):
+        raise ScenarioError(
+            "the scenario's links and network faults run the devices' connections through "
+            "plain TCP proxies of the run; give --server-url http:// and --mqtt mqtt:// URLs"
+        )
+    for n, fault in enumerate(scenario.faults):
+        if fault.kind in ("server-kill", "broker-restart"):
+            what = "server" if fault.kind == "server-kill" else "broker"
+            raise ScenarioError(
+                f"faults.{n}: {fault.kind} stops the run's own {what}; with {GIVEN} the "
+                f"{what} is not the run's to stop"
+            )
+
+
+def check_given_server(scenario: Scenario) -> None:
+    """Before anything starts: that the given server answers and takes the token as an
+    admin's, that the given broker answers, and that the server holds nothing the run would
+    make (releases, the scenario's devices). Each refusal names the flag and what was refused."""
+    setup = scenario.server
+    assert setup.url is not None and setup.token is not None and setup.broker is not None
+    flag = f"--server-url {setup.url}"
+    try:
+        client = RestClient(setup.url, setup.token, timeout_s=60.0)
+        client.get("/tokens")  # an admin's operation: the run registers devices and releases
+    except ApiClientError as exc:
+        if exc.status == 401:
+            raise ScenarioError(f"{flag} refused --token: {exc}") from None
+        if exc.status == 403:
+            raise ScenarioError(
+                f"{flag}: --token is not an admin token of that server (the run registers "
+                f"devices and pushes releases): {exc}"
+            ) from None
+        raise ScenarioError(f"{flag}: {exc}") from None
+    broker = parse_broker_url(setup.broker)
+    try:
+        socket.create_connection((broker.host, broker.port), timeout=10).close()
+    except OSError as exc:
+        raise ScenarioError(
+            f"--mqtt {setup.broker}: cannot reach the broker at {broker.host}:{broker.port}: "
+            f"{exc.strerror or exc}"
+        ) from None
+    try:
+        releases = client.get("/releases")["releases"]
+        known = {d["id"] for d in client.get("/devices", include_decommissioned=True)["devices"]}
+    except ApiClientError as exc:
+        raise ScenarioError(f"{flag}: {exc}") from None
+    if releases:
+        raise ScenarioError(
+            f"{flag} holds releases already ({len(releases)}): the run releases its sample "
+            "models under release keys of its own, which that server's image repository does "
+            "not trust; give a server without releases"
+        )
+    taken = sorted(known & {d for ids in scenario.device_ids().values() for d in ids})
+    if taken:
+        shown = ", ".join(taken[:SHOWN_ERRORS]) + (" …" if len(taken) > SHOWN_ERRORS else "")
+        raise ScenarioError(
+            f"{flag} has devices of this scenario's names registered already ({len(taken)}: "
+            f"{shown}); the run registers its devices anew, so give a server without them"
+        )
+
+
+def first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The first exception of ``group`` that is not itself a group."""
+    first = group.exceptions[0]
+    return first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+
+
+@contextlib.contextmanager
+def refused_by(server_url: str | None) -> Iterator[None]:
+    """A given server's refusal of the run's set-up as a :class:`ScenarioError` naming it."""
+    if server_url is None:
+        yield
+        return
+    try:
+        yield
+    except AssertionError as exc:  # ServerProcess.api: the request, status and answer
+        raise ScenarioError(f"--server-url {server_url} refused the run's set-up: {exc}") from None
+    except urllib3.exceptions.HTTPError as exc:
+        raise ScenarioError(f"--server-url {server_url}: cannot reach the server: {exc}") from None
+
+
 def rollout_fields(step: Step, scenario: Scenario, release: str) -> dict[str, Any]:
     spec = dict(step.rollout or {})
     spec.setdefault("release", release)
@@ -1467,8 +1661,18 @@ def rollout_fields(step: Step, scenario: Scenario, release: str) -> dict[str, An
 
 
 def rollout_spec(step: Step, deployment: Deployment, scenario: Scenario) -> dict[str, Any]:
-    """The spec to post: the step's fields over defaults (the latest release, every device)."""
-    return rollout_fields(step, scenario, deployment.latest)
+    """The spec to post: the step's fields over defaults (the latest release, every device).
+
+    On a server given by URL a selector without tags is narrowed to the run's own devices.
+    """
+    spec = rollout_fields(step, scenario, deployment.latest)
+    select = spec["select"]
+    if deployment.run_tag is not None:
+        if isinstance(select, str) and not parse_selector(select).tag:
+            spec["select"] = f"{select},tag={deployment.run_tag}"
+        elif isinstance(select, dict) and not select.get("tag"):
+            spec["select"] = {**select, "tag": [deployment.run_tag]}
+    return spec
 
 
 @contextlib.contextmanager

@@ -47,6 +47,7 @@ _LINGER_TOTAL_S = 10.0
 # unaccepted, in the kernel's listen queue (they cost the process nothing there).
 _MAX_TURNING_AWAY = 256
 _LISTEN_BACKLOG = 1024
+_REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 
 
 class LocalApi:
@@ -168,6 +169,8 @@ class LocalApi:
                 await asyncio.sleep(0.1)
                 continue
             sock.setblocking(False)
+            with contextlib.suppress(OSError):  # each response is one write: send it at once
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.admission.open_connection():
                 self._track(self._connection(sock))
             else:
@@ -327,8 +330,13 @@ class LocalApi:
             conn.receive_data(data)
 
     async def _write(self, sock: socket.socket, data: bytes) -> None:
-        async with asyncio.timeout(self.read_timeout_s):
-            await asyncio.get_running_loop().sock_sendall(sock, data)
+        try:  # a response that fits the socket's send buffer goes in one send(), no timer
+            sent = sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        if sent < len(data):
+            async with asyncio.timeout(self.read_timeout_s):
+                await asyncio.get_running_loop().sock_sendall(sock, memoryview(data)[sent:])
 
     async def _send(
         self,
@@ -345,7 +353,7 @@ class LocalApi:
         ]
         if response.close:
             headers.append(("Connection", "close"))
-        reason = HTTPStatus(response.status).phrase.encode()
+        reason = _REASONS.get(response.status) or HTTPStatus(response.status).phrase.encode()
         parts = [
             conn.send(h11.Response(status_code=response.status, headers=headers, reason=reason))
         ]

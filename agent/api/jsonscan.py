@@ -15,6 +15,7 @@ are exact; for an invalid one, the parser stops at the first error anyway.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Final
 
@@ -28,6 +29,14 @@ _OPEN_ARRAY, _OPEN_OBJECT = ord("["), ord("{")
 _STEP: Final = np.zeros(256, dtype=np.int8)
 _STEP[[_OPEN_ARRAY, _OPEN_OBJECT]] = 1
 _STEP[[ord("]"), ord("}")]] = -1
+# Bodies up to this size are scanned token by token in Python instead: for a
+# request of one small tensor that is a tenth of the numpy passes' fixed cost.
+_SMALL: Final = 2048
+# What the small-body scan looks at, as the numpy scan reads it: a pair of
+# backslashes escapes nothing after it, a backslash before a quote makes it no
+# quote, a lone backslash escapes nothing that counts (a bracket after it is
+# still a bracket, as in the numpy scan), and quotes and brackets.
+_TOKENS: Final = re.compile(rb'\\\\|\\"|\\|["\[\]{}]')
 
 
 @dataclass(frozen=True)
@@ -51,8 +60,16 @@ def scan_structure(
 
     Stops as soon as the nesting is deeper than ``max_depth``. Costs a few
     numpy passes over the body and a fixed amount of memory, whatever its
-    shape: it reads ``piece_bytes`` at a time.
+    shape: it reads ``piece_bytes`` at a time. A body within one piece and
+    :data:`_SMALL` bytes is read token by token instead, with the same result.
     """
+    if len(body) <= min(_SMALL, piece_bytes):
+        return _scan_small(body, max_depth)
+    return _scan_pieces(body, max_depth, piece_bytes)
+
+
+def _scan_pieces(body: bytes | bytearray, max_depth: int, piece_bytes: int) -> JsonStructure:
+    """:func:`scan_structure` with numpy, ``piece_bytes`` at a time."""
     view = memoryview(body)
     depth = deepest = arrays = objects = 0
     in_string = False
@@ -88,6 +105,30 @@ def scan_structure(
                 return JsonStructure(max_depth + 1, arrays, objects)
     finally:
         view.release()
+    return JsonStructure(deepest, arrays, objects)
+
+
+def _scan_small(body: bytes | bytearray, max_depth: int) -> JsonStructure:
+    """:func:`scan_structure` of a body within one piece, the same counts without numpy."""
+    depth = deepest = arrays = objects = 0
+    in_string = False
+    for token in _TOKENS.findall(body):
+        if token == b'"':
+            in_string = not in_string
+        elif in_string or token[0] == _BACKSLASH:
+            continue
+        elif token == b"[":
+            arrays += 1
+            depth += 1
+        elif token == b"{":
+            objects += 1
+            depth += 1
+        else:
+            depth -= 1
+        if depth > deepest:
+            deepest = depth
+    if deepest > max_depth:
+        return JsonStructure(max_depth + 1, arrays, objects)
     return JsonStructure(deepest, arrays, objects)
 
 

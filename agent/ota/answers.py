@@ -25,12 +25,28 @@ refused, or neither), or an unavailability when the fetcher itself failed.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from agent.ota.journal import InstallTarget
 from protocol.hybrid import HybridPlan
+
+# Why a plan the director listed is not followed (each a stable reason code). Here,
+# not beside the director client that finds them, so the serving process knows
+# them without loading python-tuf.
+PLAN_MALFORMED: Final = "plan-malformed"
+PLAN_HASH_MISMATCH: Final = "plan-hash-mismatch"
+PLAN_WRONG_DEVICE: Final = "plan-wrong-device"
+PLAN_DUPLICATE: Final = "plan-duplicate"
+PLAN_EXPIRED: Final = "plan-expired"
+PLAN_REFUSALS: Final = (
+    PLAN_MALFORMED,
+    PLAN_HASH_MISMATCH,
+    PLAN_WRONG_DEVICE,
+    PLAN_DUPLICATE,
+    PLAN_EXPIRED,
+)
 
 
 class _Answer(BaseModel):

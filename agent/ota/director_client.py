@@ -48,6 +48,13 @@ from pydantic import ValidationError
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import Metadata, Root, TargetFile, Targets
 
+from agent.ota.answers import (
+    PLAN_DUPLICATE,
+    PLAN_EXPIRED,
+    PLAN_HASH_MISMATCH,
+    PLAN_MALFORMED,
+    PLAN_WRONG_DEVICE,
+)
 from agent.ota.errors import (
     BundleNotFound,
     DirectorMismatch,
@@ -64,20 +71,6 @@ from protocol.hybrid import HybridPlan
 
 # Where a director lists a device's plan: PLAN_PREFIX + plan_id + ".json".
 PLAN_PREFIX: Final = "hybrid-plan/"
-
-# Why a plan the director listed is not followed (each a stable reason code).
-PLAN_MALFORMED: Final = "plan-malformed"
-PLAN_HASH_MISMATCH: Final = "plan-hash-mismatch"
-PLAN_WRONG_DEVICE: Final = "plan-wrong-device"
-PLAN_DUPLICATE: Final = "plan-duplicate"
-PLAN_EXPIRED: Final = "plan-expired"
-PLAN_REFUSALS: Final = (
-    PLAN_MALFORMED,
-    PLAN_HASH_MISMATCH,
-    PLAN_WRONG_DEVICE,
-    PLAN_DUPLICATE,
-    PLAN_EXPIRED,
-)
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Final, Protocol
 
-from agent.ota.answers import PlanAnswer, PlanRead, Why
-from agent.ota.director_client import PLAN_EXPIRED, PLAN_REFUSALS
+from agent.ota.answers import PLAN_EXPIRED, PLAN_REFUSALS, PlanAnswer, PlanRead, Why
 from agent.ota.errors import refusal_kinds
 from protocol.hybrid import HybridPlan
 from protocol.messages import HybridPlanState

@@ -15,7 +15,7 @@ import operator
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from fleet_server.rollouts.aggregates import hour_of, latency_cells
 from protocol.hybrid import CONFIDENCE_BINS
@@ -24,6 +24,8 @@ from protocol.window import WindowSummary
 
 NO_PLAN = ""
 Key = tuple[str, str, datetime]  # device_id, plan_id, hour
+# A row's histograms and error counts, stored as JSON; the rest are counts and times.
+JSON_COLUMNS: Final = ("scores", "cloud_errors", "local_latency", "cloud_latency", "confidence")
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,12 @@ class HybridDelta:
     @property
     def key(self) -> Key:
         return (self.device_id, self.plan_id, self.hour)
+
+    def adds_to(self, column: str) -> bool:
+        """Whether adding this delta to a row changes its column ``column`` (one of
+        :data:`JSON_COLUMNS`): some bin or count of it is not zero."""
+        value = getattr(self, column)
+        return any(value.values() if isinstance(value, Mapping) else value)
 
 
 def fold_hybrid(window: WindowSummary) -> HybridDelta:
@@ -158,14 +166,59 @@ def combine_all(deltas: Iterable[HybridDelta]) -> dict[Key, HybridDelta]:
     return out
 
 
+_FIELDS: Final = tuple(f.name for f in fields(HybridDelta))
+
+
 def row_values(d: HybridDelta) -> dict[str, object]:
     """The column values of a row holding ``d``."""
-    values: dict[str, object] = {f.name: getattr(d, f.name) for f in fields(d)}
+    values: dict[str, object] = {name: getattr(d, name) for name in _FIELDS}
     values["scores"] = list(d.scores)
     values["confidence"] = list(d.confidence)
     values["cloud_errors"] = dict(sorted(d.cloud_errors.items()))
     values["local_latency"] = [[k, v] for k, v in sorted(d.local_latency.items())]
     values["cloud_latency"] = [[k, v] for k, v in sorted(d.cloud_latency.items())]
+    return values
+
+
+def added_values(row: Any, d: HybridDelta, columns: Iterable[str]) -> dict[str, object]:
+    """The values of the stored ``row`` (a row of its counts and of the JSON ``columns``)
+    with ``d`` added: its counts and times, and its ``columns``, as
+    ``row_values(combine(delta_of(row), d))`` has them, without making either delta.
+
+    The JSON columns not named are left out: the caller leaves them as stored,
+    for ``d`` adds nothing to them (:meth:`HybridDelta.adds_to`).
+    """
+    values: dict[str, object] = {
+        "last_end": max(row.last_end, d.last_end),
+        "windows": row.windows + d.windows,
+        "requests": row.requests + d.requests,
+        "seconds": row.seconds + d.seconds,
+        "score_classes": max(row.score_classes, d.score_classes),
+        "local": row.local + d.local,
+        "escalated": row.escalated + d.escalated,
+        "kept_local_quota": row.kept_local_quota + d.kept_local_quota,
+        "cloud_answered": row.cloud_answered + d.cloud_answered,
+        "audits": row.audits + d.audits,
+        "escalated_compared": row.escalated_compared + d.escalated_compared,
+        "escalated_agreements": row.escalated_agreements + d.escalated_agreements,
+        "audit_compared": row.audit_compared + d.audit_compared,
+        "audit_agreements": row.audit_agreements + d.audit_agreements,
+        "audit_confidence_sum": row.audit_confidence_sum + d.audit_confidence_sum,
+    }
+    for column in columns:
+        if column == "scores":
+            values[column] = list(_add_bins(tuple(map(int, row.scores)), d.scores))
+        elif column == "confidence":
+            values[column] = list(_add_bins(tuple(map(int, row.confidence)), d.confidence))
+        elif column == "cloud_errors":
+            stored = {str(k): int(c) for k, c in row.cloud_errors.items()}
+            values[column] = dict(sorted(_add(stored, d.cloud_errors).items()))
+        elif column in ("local_latency", "cloud_latency"):
+            cells = {int(k): int(c) for k, c in getattr(row, column)}
+            summed = _add(cells, getattr(d, column))
+            values[column] = [[k, v] for k, v in sorted(summed.items())]
+        else:
+            raise ValueError(f"{column} is not a JSON column of the hybrid stats")
     return values
 
 

@@ -6,16 +6,17 @@ from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any, Final
 
-from sqlalchemy import delete, select
+from sqlalchemy import bindparam, delete, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from fleet_server.db.models import CloudSettings, Device, DeviceHybridStats, HybridPlanRow
 from fleet_server.hybrid.aggregates import (
+    JSON_COLUMNS,
     HybridDelta,
     Key,
-    combine,
+    added_values,
     combine_all,
     delta_of,
     row_values,
@@ -46,8 +47,16 @@ def _upsert(session: AsyncSession) -> Any:
     )
 
 
-async def _stored(session: AsyncSession, keys: Sequence[Key]) -> dict[Key, HybridDelta]:
-    """The stored rows of ``keys``, as deltas.
+# What a batch's sums need of a stored row besides the columns it adds to: the key and the
+# counts (no JSON to decode).
+_READ: Final = tuple(c for c in _STATS.columns if c.name not in JSON_COLUMNS)
+
+
+async def _stored(
+    session: AsyncSession, keys: Sequence[Key], added: Sequence[str]
+) -> dict[Key, Any]:
+    """The stored rows of ``keys``: their counts and the columns ``added`` (rows of those
+    columns).
 
     One query per plan and hour (a batch has one or a few) with the devices
     listed: a list of plain ids rather than of key tuples, which costs
@@ -57,41 +66,71 @@ async def _stored(session: AsyncSession, keys: Sequence[Key]) -> dict[Key, Hybri
     for device_id, plan_id, hour in keys:
         groups.setdefault((plan_id, hour), []).append(device_id)
     connection = await session.connection()
-    stored: dict[Key, HybridDelta] = {}
+    stored: dict[Key, Any] = {}
     t = _STATS.c
+    columns = [*_READ, *(t[name] for name in added)]
     for (plan_id, hour), devices in groups.items():
         for start in range(0, len(devices), _CHUNK):
             rows = await connection.execute(
-                select(*_STATS.columns).where(
+                select(*columns).where(
                     t.device_id.in_(devices[start : start + _CHUNK]),
                     t.plan_id == plan_id,
                     t.hour == hour,
                 )
             )
             for row in rows:
-                d = delta_of(row)
-                stored[d.key] = d
+                stored[(row.device_id, plan_id, hour)] = row
     return stored
+
+
+def _update(added: Sequence[str]) -> Any:
+    """An ``UPDATE`` of a stored row's counts and the columns ``added``, by key (the key's
+    parameters are ``key_``-prefixed)."""
+    t = _STATS.c
+    summed = [c.name for c in _READ if c.name not in _KEY_COLUMNS] + list(added)
+    return (
+        update(DeviceHybridStats)
+        .where(
+            t.device_id == bindparam("key_device_id"),
+            t.plan_id == bindparam("key_plan_id"),
+            t.hour == bindparam("key_hour"),
+        )
+        .values({name: bindparam(name, type_=t[name].type) for name in summed})
+    )
 
 
 async def add_to_hybrid_stats(session: AsyncSession, deltas: Sequence[HybridDelta]) -> None:
     """Add ``deltas`` to their rows, creating those that do not exist yet.
 
-    A read, a sum and an upsert per row: the caller holds the row locks of the
+    A read, a sum and a write per row: the caller holds the row locks of the
     deltas' devices (ingest's batch writer does), so two replicas never add to
-    one row at once. Rows are written in key order.
+    one row at once. Rows are written in key order, new rows first. A stored
+    row's histogram and error columns (JSON) that none of the deltas adds to
+    are neither read nor written: they stay as they are, which is what adding
+    nothing to them would write. The values written are those of
+    :func:`~fleet_server.hybrid.aggregates.combine` of the stored row and the deltas.
     """
     merged = combine_all(deltas)
     if not merged:
         return
     keys: list[Key] = sorted(merged)
-    stored = await _stored(session, keys)
-    values = []
+    added = [name for name in JSON_COLUMNS if any(d.adds_to(name) for d in merged.values())]
+    stored = await _stored(session, keys, added)
+    new: list[dict[str, object]] = []
+    updates: list[dict[str, object]] = []
     for key in keys:
         before = stored.get(key)
-        values.append(row_values(merged[key] if before is None else combine(before, merged[key])))
+        if before is None:
+            new.append(row_values(merged[key]))
+        else:
+            values = added_values(before, merged[key], added)
+            values["key_device_id"], values["key_plan_id"], values["key_hour"] = key
+            updates.append(values)
     connection = await session.connection()
-    await connection.execute(_upsert(session), values)
+    if new:
+        await connection.execute(_upsert(session), new)
+    if updates:
+        await connection.execute(_update(added), updates)
 
 
 async def hybrid_stats(

@@ -53,6 +53,7 @@ from fleet_server.db import Database
 from fleet_server.metrics import Metrics
 from fleet_server.mqtt import store
 from fleet_server.mqtt.ingest import Accepted, BatchResult, Dropped, classify, write_batch
+from fleet_server.mqtt.property_tables import share_property_tables
 from protocol.broker_url import parse_broker_url
 from protocol.messages import BundleRef, DesiredState, WindowAck
 from protocol.topics import acks_topic, desired_topic, ingest_subscriptions
@@ -89,6 +90,8 @@ class ServerMqtt:
     """Ingest and publishing over one broker connection."""
 
     def __init__(self, config: ServerConfig, db: Database, metrics: Metrics) -> None:
+        # paho would build its MQTT 5 property tables for every packet read: twice a window.
+        share_property_tables()
         self.config = config
         self.db = db
         self.metrics = metrics

@@ -239,7 +239,23 @@ def combine_all(deltas: Iterable[AggregateDelta]) -> dict[Key, AggregateDelta]:
 
 def encode_counts(cells: Mapping[int, int]) -> bytes:
     """Cells as packed ``(uint16 index, int64 count)`` pairs, in index order."""
-    return np.array(sorted(cells.items()), dtype=PAIR).tobytes() if cells else b""
+    if not cells:
+        return b""
+    pairs = sorted(cells.items())
+    try:
+        # struct packs the few pairs of a row faster than numpy makes an array of them.
+        return b"".join([_PAIRS.pack(index, count) for index, count in pairs])
+    except struct.error:
+        # A cell or count beyond the layout: numpy refuses it with its own error, as before.
+        return np.array(pairs, dtype=PAIR).tobytes()
+
+
+def add_counts(data: bytes | None, cells: Mapping[int, int]) -> bytes:
+    """Stored :func:`encode_counts` bytes (``None``: none) with ``cells`` added, encoded."""
+    summed = decode_counts(data or b"")
+    for index, count in cells.items():
+        summed[index] = summed.get(index, 0) + count
+    return encode_counts(summed)
 
 
 def decode_counts(data: bytes) -> dict[int, int]:

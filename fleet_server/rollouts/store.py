@@ -32,7 +32,7 @@ from fleet_server.rollouts.aggregates import (
     DeviceAggregates,
     Key,
     ShadowAggregates,
-    combine,
+    add_counts,
     combine_all,
     decode_classes,
     decode_counts,
@@ -140,8 +140,9 @@ def _upsert(session: AsyncSession) -> Any:
 
 async def _stored_hours(
     session: AsyncSession, keys: Sequence[Key], received: datetime
-) -> dict[Key, AggregateDelta]:
-    """The stored rows of ``keys`` received in the hour ``received``, as deltas.
+) -> dict[Key, Any]:
+    """The stored rows of ``keys`` received in the hour ``received`` (rows of the table's
+    columns).
 
     One query per model version and hour (a batch has one or a few) with the
     devices listed: the primary key's own order, and a list of plain ids rather
@@ -151,7 +152,7 @@ async def _stored_hours(
     for device_id, model_name, model_version, hour in keys:
         groups.setdefault((model_name, model_version, hour), []).append(device_id)
     connection = await session.connection()
-    stored: dict[Key, AggregateDelta] = {}
+    stored: dict[Key, Any] = {}
     t = _HOURS.c
     for (model_name, model_version, hour), devices in groups.items():
         for start in range(0, len(devices), _SQLITE_CHUNK):
@@ -165,9 +166,60 @@ async def _stored_hours(
                 )
             )
             for row in rows:
-                delta = _delta_of(row)
-                stored[delta.key] = delta
+                stored[(row.device_id, model_name, model_version, hour)] = row
     return stored
+
+
+def _added_values(row: Any, d: AggregateDelta, received_hour: datetime) -> dict[str, Any]:
+    """The values of the stored ``row`` with ``d`` added: those of
+    ``combine(_delta_of(row), d)``, made without either delta or re-encoding what ``d``
+    leaves as it is."""
+    # What this module stores is already in the encoders' form (one pair per cell, in
+    # order; classes as encode_classes writes them): what d leaves alone is kept as read.
+    classes, scores = row.score_classes, row.scores
+    if classes is None:
+        classes, scores = encode_classes(d.score_classes), encode_counts(d.scores)
+    elif d.score_classes == decode_classes(classes):
+        scores = add_counts(scores, d.scores)
+    # Else scores over other classes are left out (see combine): the stored cells stay.
+    shadow_latency = (
+        add_counts(row.shadow_latency, d.shadow_latency)
+        if d.shadow_latency
+        else row.shadow_latency or None
+    )
+    return {
+        "device_id": d.device_id,
+        "model_name": d.model_name,
+        "model_version": d.model_version,
+        "hour": d.hour,
+        "received_hour": received_hour,
+        "windows": row.windows + d.windows,
+        "requests": row.requests + d.requests,
+        "fallbacks": row.fallbacks + d.fallbacks,
+        "errors": row.errors + d.errors,
+        "unsummarised_requests": row.unsummarised_requests + d.unsummarised_requests,
+        "latency_zero": row.latency_zero + d.latency_zero,
+        "latency_sum": row.latency_sum + d.latency_sum,
+        "latency_min": _least(row.latency_min, d.latency_min),
+        "latency_max": _greatest(row.latency_max, d.latency_max),
+        "latency": add_counts(row.latency, d.latency),
+        "score_classes": classes,
+        "scores": scores,
+        "labelled_rows": row.labelled_rows + d.labelled_rows,
+        "labelled_correct": row.labelled_correct + d.labelled_correct,
+        "shadow_requests": (row.shadow_requests or 0) + d.shadow_requests,
+        "shadow_agreements": (row.shadow_agreements or 0) + d.shadow_agreements,
+        "shadow_errors": (row.shadow_errors or 0) + d.shadow_errors,
+        "shadow_latency": shadow_latency,
+    }
+
+
+def _least(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else min(a, b)
+
+
+def _greatest(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else max(a, b)
 
 
 async def add_to_hour_stats(
@@ -179,6 +231,9 @@ async def add_to_hour_stats(
     A read, a sum and an upsert per row: the caller must hold the row locks of the
     deltas' devices (ingest's batch writer does, :func:`fleet_server.mqtt.store.lock_devices`),
     so two replicas never add to one row at once. Rows are written in key order.
+    The deltas are summed per row first, and each stored row is summed with them as
+    it was read, without being made a delta: the values written are those of
+    :func:`~fleet_server.rollouts.aggregates.combine` of the two.
     """
     merged = combine_all(deltas)
     if not merged:
@@ -189,8 +244,11 @@ async def add_to_hour_stats(
     values = []
     for key in keys:
         before = stored.get(key)
-        summed = merged[key] if before is None else combine(before, merged[key])
-        values.append(_values_of(summed, received))
+        values.append(
+            _values_of(merged[key], received)
+            if before is None
+            else _added_values(before, merged[key], received)
+        )
     connection = await session.connection()
     await connection.execute(_upsert(session), values)
 
