@@ -93,7 +93,6 @@ THREADS = 32  # the devices' loop's worker threads (director refreshes, outboxes
 # or so such calls, may wait half a second on the loop alone, and installs queue behind it.
 SWITCH_INTERVAL_S = 0.001
 REGISTER_AT_ONCE = 8  # registrations under way at once
-ROWS_PER_COHORT = 512  # rows drawn per cohort and condition, sent in turn
 CONNECT_WAIT_S = 60.0  # how long the fleet may take to come online before traffic starts
 # On a server given by URL: how long it may take to see the first device online.
 SEEN_WAIT_S = 30.0
