@@ -377,9 +377,16 @@ def shadow_stage(story: Story, rollout_id: str) -> list[str]:
     )
     for device_id in holders:
         assert story.device(device_id)["shadow_target"] is None
-        assert not any(
-            t["custom"].get("shadow") for t in story.director_targets(device_id).values()
+
+    # An assignment is committed, then signed: the director's metadata follows shortly.
+    def signed_without_shadows() -> bool:
+        return not any(
+            t["custom"].get("shadow")
+            for device_id in holders
+            for t in story.director_targets(device_id).values()
         )
+
+    wait_until("no shadow in the holders' signed director targets", signed_without_shadows, 30)
     assert not any(story.events(d, "shadow-installed") for d in story.ids if d not in holders)
     return holders
 
