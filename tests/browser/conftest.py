@@ -8,12 +8,14 @@ browser is Debian's ``/usr/bin/chromium`` driven by Playwright; a missing browse
 fails these tests (it is installed by ``.ci/run``), never skips them.
 
 Screenshots of every page are written to ``$EDGEFLEET_SCREENSHOTS`` (by default
-``edgefleet-dashboard-screenshots`` in the system's temporary folder), emptied at the
+``edgefleet-dashboard-screenshots-HASH`` in the system's temporary folder, a folder per
+checkout, so two checkouts tested at once on one machine keep apart), emptied at the
 start of each run; the run's summary prints where.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -56,10 +58,11 @@ WAVE_TAG = "line-a"
 DRIFT_TAG = "line-b"
 HYBRID_DEVICE = "pump-11"
 STOPPED_TAG = "line-c"
+_CHECKOUT = hashlib.sha256(str(Path(__file__).resolve().parents[2]).encode()).hexdigest()[:8]
 # Where each run leaves its screenshots of every page (the run's summary names it).
 SCREENSHOTS = Path(
     os.environ.get("EDGEFLEET_SCREENSHOTS")
-    or Path(tempfile.gettempdir()) / "edgefleet-dashboard-screenshots"
+    or Path(tempfile.gettempdir()) / f"edgefleet-dashboard-screenshots-{_CHECKOUT}"
 )
 STARTED = time.time()
 
@@ -293,7 +296,7 @@ def served(
     screenshots = SCREENSHOTS
     screenshots.mkdir(parents=True, exist_ok=True)
     for old in screenshots.glob("*.png"):
-        old.unlink()
+        old.unlink(missing_ok=True)
     server.start()
     try:
         yield Served(
