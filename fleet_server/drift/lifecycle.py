@@ -5,7 +5,9 @@ accuracy. A feature's tests (:data:`protocol.drift.model.DriftReason`) are
 ``distribution`` (the bins), ``missing-values`` (the share of NaN),
 ``out-of-range`` (the share outside the valid range) and ``new-range`` (values
 beyond the baseline's min or max); the drift alert lists every (feature, test)
-that found drift, with its figures:
+that found drift, with its figures. Each test is decided at its share of the
+scope's false-alarm rate (:mod:`fleet_server.drift.family`), so
+the alert as a whole, not each feature, holds that rate:
 
 - ``drift`` adds a test to the list (or refreshes its figures); the first one
   opens the alert. Accuracy: ``below`` (see :class:`protocol.cbpe.AccuracyPolicy`)
@@ -29,9 +31,10 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from fleet_server.db.models import as_utc
+from fleet_server.drift.family import alarm_levels
 from fleet_server.drift.models import Accuracy, ModelDrift, Scope
 from fleet_server.stored_json import finite_or_none
-from protocol.drift.model import ALPHA_SHARES, DriftPolicy, DriftReason, FeatureDrift
+from protocol.drift.model import DriftPolicy, DriftReason, FeatureDrift
 
 if TYPE_CHECKING:
     from fleet_server.db.models import AlertRow, SilenceRow
@@ -123,15 +126,16 @@ def drift_tests(result: ModelDrift, current: _Tests) -> tuple[_Tests, _Tests]:
     """
     tests = dict(current)
     cleared: _Tests = {}
+    policy = result.feature_policy
     for f in result.features:
         for reason, verdict in f.verdicts.items():
             action = _ACTIONS.get(verdict)
             key = (f.feature, reason)
             if action == "open":
-                tests[key] = (f.name, evidence_of_test(f, reason, result.policy))
+                tests[key] = (f.name, evidence_of_test(f, reason, policy))
             elif action == "close" and key in tests:
                 del tests[key]
-                cleared[key] = (f.name, evidence_of_test(f, reason, result.policy))
+                cleared[key] = (f.name, evidence_of_test(f, reason, policy))
     return tests, cleared
 
 
@@ -227,14 +231,16 @@ def evidence_of_test(
             "above_baseline": feature.above_baseline,
             "p_value": feature.new_range_p_value,
         }
-    return found | {"alpha": policy.false_alarm_rate * ALPHA_SHARES[reason]}
+    return found | {"alpha": alarm_levels(feature, policy)[reason]}
 
 
 def windows_evidence(result: ModelDrift) -> dict[str, Any]:
     """What every alert of ``result`` shows of the merged windows (the first thousand ids)."""
     return {
         "min_n": result.policy.min_n,
-        "false_alarm_rate": result.policy.false_alarm_rate,
+        # Per feature, as the API's drift report gives it; the scope's is the sum.
+        "false_alarm_rate": result.feature_policy.false_alarm_rate,
+        "scope_false_alarm_rate": result.policy.false_alarm_rate,
         "baseline_id": result.baseline_id,
         "windows": result.windows,
         "window_ids": result.window_ids,

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
+from fleet_server.drift.family import feature_policy
 from fleet_server.errors import NotFound
 from protocol.cbpe import AccuracyEstimate, AccuracyPolicy, AccuracyVerdict
 from protocol.drift.model import DriftPolicy, FeatureDrift
@@ -74,3 +75,10 @@ class ModelDrift:
     features: list[FeatureDrift] = field(default_factory=list)
     accuracy: Accuracy | None = None
     problem: str | None = None
+
+    @property
+    def feature_policy(self) -> DriftPolicy:
+        """The policy each feature was tested at
+        (:func:`fleet_server.drift.family.feature_policy`); ``policy`` holds the false-alarm
+        rate of the whole scope and model version."""
+        return feature_policy(self.policy, len(self.features))

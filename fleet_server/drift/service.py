@@ -6,7 +6,10 @@ a time range the windows are grouped by the model version that served them
 (each version counted in its own baseline's bins), merged
 (:func:`protocol.window.merge_windows`) and tested feature by feature
 (:func:`protocol.drift.detect.detect_drift`) against the baseline in the release's
-bundle manifest.
+bundle manifest. The policy's false-alarm rate is the family's, one scope and
+model version, split over its features (:mod:`fleet_server.drift.family`):
+an undrifted cohort opens a drift alert at most that often, however many
+features its model reads, and a drifted one opens one alert listing them.
 
 Where the release's bundle carries a calibration, the merged top-score
 histograms also give the accuracy CBPE estimates without labels
@@ -41,6 +44,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from fleet_server.db.models import AlertRow, SilenceRow, WindowRow, as_utc
 from fleet_server.devices import store as registry
 from fleet_server.drift import store
+from fleet_server.drift.family import decide_tails, feature_policy
 from fleet_server.drift.lifecycle import AlertChange, decide, notified, suppressed
 from fleet_server.drift.metrics import update_gauges
 from fleet_server.drift.models import (
@@ -92,6 +96,9 @@ async def drift_of(
     decoded: dict[str, WindowSummary] | None = None,
 ) -> list[ModelDrift]:
     """Drift and accuracy per model version of the windows of ``scope`` in ``(since, until]``.
+
+    ``policy``'s false-alarm rate is per scope and model version, each feature
+    tested at its share (:mod:`fleet_server.drift.family`).
 
     ``decoded`` keeps the windows read from their payloads, by window id, for
     the next call: a pass over many scopes reads each window once.
@@ -183,7 +190,9 @@ def _test_windows(
     # beyond it) get them from their range, so the aggregate keeps everyone's counts.
     aggregate = merge_windows(count_beyond_baseline(manifest.baseline, w) for w in windows)
     names = [f.name for f in manifest.features]
-    return windows, aggregate, detect_drift(manifest.baseline, aggregate, policy, names)
+    tested = feature_policy(policy, len(names))
+    features = detect_drift(manifest.baseline, aggregate, tested, names)
+    return windows, aggregate, decide_tails(features, tested)
 
 
 async def _accuracy(
@@ -236,11 +245,7 @@ async def drift_report(
 ) -> list[ModelDrift]:
     """:func:`drift_of` for an operator's query; :class:`DriftError` if it names an unknown
     cohort, model or version, a registry error if an unknown device."""
-    if scope.kind == "device":
-        await registry.get_device(session, scope.value)
-    unknown = await store.unknown_filter(session, scope, model_name, model_version)
-    if unknown is not None:
-        raise DriftError(unknown)
+    await check_report_filter(session, scope, model_name, model_version)
     return await drift_of(
         session,
         manifests,
@@ -250,6 +255,18 @@ async def drift_report(
         model_name=model_name,
         model_version=model_version,
     )
+
+
+async def check_report_filter(
+    session: AsyncSession, scope: Scope, model_name: str | None, model_version: str | None
+) -> None:
+    """Refuse a query that names an unknown cohort, model or version (:class:`DriftError`)
+    or an unknown device (a registry error)."""
+    if scope.kind == "device":
+        await registry.get_device(session, scope.value)
+    unknown = await store.unknown_filter(session, scope, model_name, model_version)
+    if unknown is not None:
+        raise DriftError(unknown)
 
 
 async def find_alerts(

@@ -114,7 +114,7 @@ def model_drift_view(m: ModelDrift) -> ModelDriftView:
         requests=m.requests,
         summarised_requests=m.summarised_requests,
         min_n=m.policy.min_n,
-        false_alarm_rate=m.policy.false_alarm_rate,
+        false_alarm_rate=m.feature_policy.false_alarm_rate,
         problem=m.problem,
         features=[feature_drift_view(f) for f in m.features],
         accuracy=accuracy_view(m.accuracy) if m.accuracy is not None else None,
