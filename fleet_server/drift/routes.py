@@ -24,6 +24,7 @@ from fleet_server.api.operations import (
 )
 from fleet_server.db.models import as_utc
 from fleet_server.drift import service
+from fleet_server.drift.history import accuracy_history
 from fleet_server.drift.models import Scope
 from fleet_server.drift.silences import (
     acknowledge,
@@ -34,6 +35,7 @@ from fleet_server.drift.silences import (
     list_silences,
 )
 from fleet_server.drift.views import alert_view, model_drift_view, silence_view
+from protocol.api.accuracy import AccuracyHistory, AccuracyHistoryQuery
 from protocol.api.base import API_PREFIX
 from protocol.api.drift import (
     AcknowledgeAlert,
@@ -48,6 +50,7 @@ from protocol.api.drift import (
     SilenceView,
 )
 from protocol.api.windows import WindowList, WindowQuery, WindowView
+from protocol.cbpe import AccuracyPolicy
 
 DEFAULT_DRIFT_RANGE = timedelta(hours=1)
 
@@ -69,13 +72,7 @@ async def get_drift(request: web.Request) -> web.StreamResponse:
     q = query(request, DriftQuery)
     server = request.app[SERVER]
     scope = _drift_scope(q)
-    try:
-        until = as_utc(q.until) if q.until is not None else datetime.now(UTC)
-        since = as_utc(q.since) if q.since is not None else until - DEFAULT_DRIFT_RANGE
-    except OverflowError:
-        raise ApiError(422, "query since/until: out of range (give both, in UTC)") from None
-    if since > until:
-        raise ApiError(422, "query since: must not be after until")
+    since, until = _range(q)
     async with server.db.session() as session:
         results = await service.drift_report(
             session, server.manifests, scope, since, until, q.model, q.version
@@ -87,6 +84,48 @@ async def get_drift(request: web.Request) -> web.StreamResponse:
             since=since,
             until=until,
             models=[model_drift_view(m) for m in results],
+        )
+    )
+
+
+def _range(q: DriftQuery) -> tuple[datetime, datetime]:
+    try:
+        until = as_utc(q.until) if q.until is not None else datetime.now(UTC)
+        since = as_utc(q.since) if q.since is not None else until - DEFAULT_DRIFT_RANGE
+    except OverflowError:
+        raise ApiError(422, "query since/until: out of range (give both, in UTC)") from None
+    if since > until:
+        raise ApiError(422, "query since: must not be after until")
+    return since, until
+
+
+async def get_accuracy_history(request: web.Request) -> web.StreamResponse:
+    q = query(request, AccuracyHistoryQuery)
+    server = request.app[SERVER]
+    scope = _drift_scope(q)
+    since, until = _range(q)
+    async with server.db.session() as session:
+        await service.check_report_filter(session, scope, q.model, q.version)
+        periods, series = await accuracy_history(
+            session,
+            server.manifests,
+            scope,
+            since,
+            until,
+            step_s=q.step_s,
+            buckets=q.buckets,
+            model_name=q.model,
+            model_version=q.version,
+            policy=AccuracyPolicy(max_drop=server.config.accuracy_max_drop),
+        )
+    return answer(
+        AccuracyHistory(
+            scope=scope.kind,
+            scope_value=scope.value,
+            since=since,
+            until=until,
+            step_s=periods.step.total_seconds(),
+            series=series,
         )
     )
 
@@ -203,6 +242,13 @@ OPERATIONS: tuple[Operation, ...] = (
         "GET", f"{V}/drift", get_drift, "getDrift",
         "Drift per feature of a device's or a cohort's windows, per model version",
         tag="drift", auth="viewer", query=DriftQuery, response=DriftReport,
+        errors=(*AUTH_ERRORS, 404, 422),
+    ),
+    Operation(
+        "GET", f"{V}/accuracy/history", get_accuracy_history, "getAccuracyHistory",
+        "CBPE's estimated accuracy and the labelled accuracy of a device's or a cohort's "
+        "windows over time, per model version",
+        tag="drift", auth="viewer", query=AccuracyHistoryQuery, response=AccuracyHistory,
         errors=(*AUTH_ERRORS, 404, 422),
     ),
     Operation(
