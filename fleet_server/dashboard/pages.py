@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from importlib import resources
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 from aiohttp import web
 
@@ -38,6 +38,7 @@ from fleet_server.devices import service as devices
 from fleet_server.devices.views import device_view, event_view, with_refusals
 from fleet_server.drift import service as drift
 from fleet_server.drift import store as drift_store
+from fleet_server.drift.history import Periods, accuracy_history
 from fleet_server.drift.models import DriftError, Scope
 from fleet_server.drift.views import alert_view, model_drift_view
 from fleet_server.errors import NotFound
@@ -47,6 +48,7 @@ from fleet_server.rollouts import service as rollouts
 from fleet_server.rollouts import store as rollout_store
 from fleet_server.tokens import InvalidToken, Principal, authenticate
 from fleet_server.tokens.rules import role_allows
+from protocol.api.accuracy import AccuracySeries
 from protocol.api.devices import DeviceView
 from protocol.api.drift import AlertView
 from protocol.api.tokens import Role
@@ -735,9 +737,17 @@ async def drift_page(request: web.Request, principal: Principal) -> PageBody:
     cells: dict[tuple[str, str], Any] = {}
     features: list[str] = []
     accuracy_rows: list[list[str]] = []
+    histories: list[str] = []
+    decoded: dict[str, Any] = {}  # each window read once for every scope and chart
     async with server.db.session() as session:
         for label, scope in scopes:
-            for m in await drift.drift_of(session, server.manifests, scope, since, until):
+            periods, series = await accuracy_history(
+                session, server.manifests, scope, since, until, decoded=decoded
+            )
+            histories += [_accuracy_figure(label, scope, periods, s) for s in series]
+            for m in await drift.drift_of(
+                session, server.manifests, scope, since, until, decoded=decoded
+            ):
                 v = model_drift_view(m)
                 for f in v.features:
                     name = f.name or str(f.feature)
@@ -782,8 +792,64 @@ async def drift_page(request: web.Request, principal: Principal) -> PageBody:
         accuracy_rows,
         cls="accuracy",
     )
-    return "Drift", section("Features × cohorts", heat, ident="heat") + section(
-        "Accuracy", accuracy, ident="accuracy"
+    over_time = (
+        f'<div class="histories">{"".join(histories)}</div>'
+        if histories
+        else '<p class="empty">no windows in the last 24 h</p>'
+    )
+    return "Drift", (
+        section("Features × cohorts", heat, ident="heat")
+        + section("Accuracy", accuracy, ident="accuracy")
+        + section("Accuracy over time", over_time, ident="accuracy-history")
+    )
+
+
+def _scope_query(scope: Scope) -> dict[str, str]:
+    """``scope`` as the API's query names it."""
+    return {"fleet": "true"} if scope.kind == "fleet" else {scope.kind: scope.value}
+
+
+def _accuracy_figure(label: str, scope: Scope, periods: Periods, series: AccuracySeries) -> str:
+    """One scope and model version's accuracy over time: the chart, and the API query that
+    gives its numbers (``data-query``)."""
+    marks = [
+        svg.AccuracyMark(
+            t=p.end.timestamp(),
+            at=p.end.strftime("%Y-%m-%d %H:%M:%S"),
+            estimate=p.estimated,
+            low=p.low,
+            high=p.high,
+            n=p.n,
+            labelled=p.labelled,
+            labelled_rows=p.labelled_rows,
+        )
+        for p in series.points
+    ]
+    api_query = urlencode(
+        {
+            **_scope_query(scope),
+            "model": series.model,
+            "version": series.version,
+            "since": periods.since.isoformat(),
+            "until": periods.until.isoformat(),
+            "step_s": f"{periods.step.total_seconds():g}",
+        }
+    )
+    last = series.points[-1] if series.points else None
+    latest = (
+        f"latest: estimated {_fmt(last.estimated)} [{_fmt(last.low)}, {_fmt(last.high)}], "
+        f"labelled {_fmt(last.labelled)} ({last.labelled_rows} rows)"
+        if last is not None
+        else "no periods"
+    )
+    problem = f"; {series.problem}" if series.problem else ""
+    title = f"{label}, {series.model} {series.version}: accuracy over time"
+    return (
+        f'<figure class="accuracy-history" data-query="{e(api_query)}">'
+        f"<figcaption>{e(label)} · {e(series.model)} {e(series.version)} — {e(latest)}"
+        f"{e(problem)}</figcaption>"
+        + svg.accuracy_chart(title, marks, series.threshold, series.reference)
+        + "</figure>"
     )
 
 

@@ -235,3 +235,134 @@ def heat_colour(statistic: float | None, critical: float | None) -> str:
     a, b, t = (green, amber, ratio * 2) if ratio < 0.5 else (amber, red, ratio * 2 - 1)
     rgb = tuple(round(a[k] + (b[k] - a[k]) * t) for k in range(3))
     return "#{:02x}{:02x}{:02x}".format(*rgb)
+
+
+@dataclass(frozen=True)
+class AccuracyMark:
+    """One period on an accuracy chart: where it ends (``t``, seconds; ``at``, as shown),
+    CBPE's estimate and interval, and the labelled accuracy (``None``: not there)."""
+
+    t: float
+    at: str
+    estimate: float | None
+    low: float | None
+    high: float | None
+    n: int
+    labelled: float | None
+    labelled_rows: int
+
+
+def _fig(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def accuracy_chart(
+    title: str,
+    marks: Sequence[AccuracyMark],
+    threshold: float | None,
+    reference: float | None,
+    width: int = 560,
+) -> str:
+    """Accuracy over time: CBPE's estimate with its interval (blue) and the labelled accuracy
+    (orange squares) on one time axis, against the alert threshold (dashed) and the
+    calibration's accuracy (dotted)."""
+    height = 190
+    left, right, top, bottom = 46, 12, 12, 40
+    plot_w = width - left - right
+    plot_h = height - top - bottom
+    values = [v for v in (threshold, reference) if v is not None and math.isfinite(v)]
+    for m in marks:
+        values += [
+            v for v in (m.estimate, m.low, m.high, m.labelled) if v is not None and math.isfinite(v)
+        ]
+    lo = max(0.0, min(values, default=0.0) - 0.05)
+    hi = min(1.0, max(values, default=1.0) + 0.05)
+    if hi - lo < 0.1:
+        lo, hi = max(0.0, lo - 0.05), min(1.0, hi + 0.05)
+    t0 = min((m.t for m in marks), default=0.0)
+    t1 = max((m.t for m in marks), default=0.0)
+
+    def y(v: float) -> float:
+        return top + plot_h * (hi - min(max(v, lo), hi)) / (hi - lo)
+
+    def x(t: float) -> float:
+        return left + (plot_w * (t - t0) / (t1 - t0) if t1 > t0 else plot_w / 2)
+
+    parts = [
+        f'<svg class="chart accuracy" viewBox="0 0 {width} {height}" width="100%" role="img" '
+        f'aria-label="{escape(title)}" xmlns="http://www.w3.org/2000/svg">',
+        f"<title>{escape(title)}</title>",
+        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="{MUTED}"/>',
+        f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" '
+        f'stroke="{MUTED}"/>',
+    ]
+    for end in (hi, lo):
+        parts.append(
+            f'<text x="{left - 4}" y="{_num(y(end) + 4)}" text-anchor="end" font-size="10" '
+            f'fill="{MUTED}">{escape(_label(end))}</text>'
+        )
+    for bound, dash, name, colour in (
+        (threshold, "6 4", "threshold", FAIL),
+        (reference, "2 3", "reference", PASS),
+    ):
+        if bound is None or not math.isfinite(bound):
+            continue
+        parts.append(
+            f'<line class="{name}" x1="{left}" y1="{_num(y(bound))}" x2="{left + plot_w}" '
+            f'y2="{_num(y(bound))}" stroke="{colour}" stroke-dasharray="{dash}">'
+            f"<title>{name} {escape(_label(bound))}</title></line>"
+        )
+    estimated = [(m.t, m.estimate) for m in marks if m.estimate is not None]
+    labelled = [(m.t, m.labelled) for m in marks if m.labelled is not None]
+    for line, points, colour, dash in (
+        ("estimate-line", estimated, BAR, ""),
+        ("labelled-line", labelled, FIELD, ' stroke-dasharray="4 3"'),
+    ):
+        if len(points) > 1:
+            path = " ".join(f"{_num(x(t))},{_num(y(v))}" for t, v in points)
+            parts.append(
+                f'<polyline class="{line}" points="{path}" fill="none" stroke="{colour}" '
+                f'stroke-width="1.5"{dash}/>'
+            )
+    for m in marks:
+        cx = _num(x(m.t))
+        said = (
+            f"{m.at}: estimated {_fig(m.estimate)} [{_fig(m.low)}, {_fig(m.high)}], n={m.n}; "
+            f"labelled {_fig(m.labelled)} ({m.labelled_rows} rows)"
+        )
+        if m.estimate is not None:
+            if m.low is not None and m.high is not None:
+                parts.append(
+                    f'<line class="interval" x1="{cx}" y1="{_num(y(m.low))}" x2="{cx}" '
+                    f'y2="{_num(y(m.high))}" stroke="{BAR}" stroke-width="2" opacity="0.6"/>'
+                )
+            parts.append(
+                f'<circle class="estimate" cx="{cx}" cy="{_num(y(m.estimate))}" r="3.5" '
+                f'fill="{BAR}"><title>{escape(said)}</title></circle>'
+            )
+        if m.labelled is not None:
+            parts.append(
+                f'<rect class="labelled" x="{_num(x(m.t) - 3.5)}" y="{_num(y(m.labelled) - 3.5)}" '
+                f'width="7" height="7" fill="{FIELD}"><title>{escape(said)}</title></rect>'
+            )
+        if m.estimate is None and m.labelled is None:
+            parts.append(
+                f'<rect class="no-data" x="{_num(x(m.t) - 3)}" y="{top + plot_h - 8}" width="6" '
+                f'height="6" fill="{NO_DATA}" stroke="{MUTED}"><title>{escape(said)}</title></rect>'
+            )
+    if marks:
+        parts.append(
+            f'<text x="{left}" y="{height - 22}" font-size="11" fill="{INK}">'
+            f"{escape(_span(marks[0].at, marks[-1].at))}, {len(marks)} "
+            f"period{'s' if len(marks) != 1 else ''}</text>"
+            f'<text x="{left}" y="{height - 8}" font-size="11" fill="{INK}">'
+            f'<tspan fill="{BAR}">● estimated (CBPE) with interval</tspan>  '
+            f'<tspan fill="{FIELD}">■ labelled</tspan></text>'
+        )
+    else:
+        parts.append(
+            f'<text x="{left + 8}" y="{top + plot_h / 2}" font-size="12" fill="{MUTED}">'
+            "no windows in range</text>"
+        )
+    parts.append("</svg>")
+    return "".join(parts)

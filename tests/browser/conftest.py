@@ -1,9 +1,10 @@
 """A real ``fleet-server`` process with a populated fleet, and headless Debian chromium.
 
 The fleet is written first through an in-process server (releases, devices, their
-reported states and events through the server's own ingest, windows, an open drift
-alert, a rollout ticked into its first wave with gate evaluations), then served by a
-``fleet-server`` process on the same data folder, as an operator would run it. The
+reported states and events through the server's own ingest, windows, labels for some,
+an open drift alert, a rollout ticked into its first wave with gate evaluations), then
+served by a ``fleet-server`` process on the same data folder, as an operator would run
+it. The
 browser is Debian's ``/usr/bin/chromium`` driven by Playwright; a missing browser
 fails these tests (it is installed by ``.ci/run``), never skips them.
 
@@ -153,7 +154,8 @@ def _window(
 
 
 def _populate(api: ServerThread, keys: KeyStore, bundles: dict[str, Path], tmp: Path) -> Any:
-    """Releases, devices, reports, events, windows, an alert and a ticked rollout."""
+    """Releases, devices, reports, events, windows (some labelled), an alert and a ticked
+    rollout."""
     admin = api.admin_token
     repo = ImageRepository(tmp / "repo")
     repo.create(keys)
@@ -194,8 +196,26 @@ def _populate(api: ServerThread, keys: KeyStore, bundles: dict[str, Path], tmp: 
     # The windows carry the model's scores, so CBPE estimates their accuracy.
     scores = np.random.default_rng(4).dirichlet([0.5] * len(CLASSES), size=1000)
     end = now - timedelta(minutes=1)
-    fleet.upload("press-01", fleet.shifted(1000, seed=5), end, scores=scores)
+    drifted = fleet.upload("press-01", fleet.shifted(1000, seed=5), end, scores=scores)
     fleet.upload("press-02", fleet.in_distribution(1000, seed=6), end, scores=scores)
+    # Labels arrive for press-01's windows: a little less right each minute.
+    status, stored = fleet.send(
+        "POST",
+        "/labels",
+        {
+            "windows": [
+                {
+                    "window_id": window_id,
+                    "labels": [
+                        {"actual": CLASSES[0], "predicted": CLASSES[0], "count": 160 - 10 * k},
+                        {"actual": CLASSES[1], "predicted": CLASSES[0], "count": 40 + 10 * k},
+                    ],
+                }
+                for k, window_id in enumerate(drifted)
+            ]
+        },
+    )
+    assert status == 200, stored
     fleet.run_pass(now)
 
     server = api.server

@@ -20,7 +20,14 @@ from playwright.sync_api import Browser, expect
 from protocol.messages import DeviceEvent
 from protocol.topics import device_topic
 from testbed.server_process import INGESTED, DeviceClient
-from tests.browser.conftest import HYBRID_DEVICE, SHARED_BROKER, Served, log_in, screenshot
+from tests.browser.conftest import (
+    DRIFT_TAG,
+    HYBRID_DEVICE,
+    SHARED_BROKER,
+    Served,
+    log_in,
+    screenshot,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
 
@@ -139,6 +146,29 @@ def test_each_page_shows_what_the_api_answers_without_console_errors(
     assert accuracy is not None and accuracy["estimated"] is not None
     expect(page.locator("table.accuracy tbody tr").first).to_contain_text(
         f"{accuracy['estimated']:.4g}"
+    )
+    # Accuracy over time: each period's estimate and labelled accuracy, as the API gives
+    # them for the query the chart names.
+    history = page.locator("figure.accuracy-history").filter(
+        has_text=f"tag:{DRIFT_TAG} · pump-health 1.0.0"
+    )
+    expect(history).to_have_count(1)
+    (series,) = served.api(f"/accuracy/history?{history.get_attribute('data-query')}")["series"]
+    points = series["points"]
+    assert len(points) >= 3 and all(p["estimated"] is not None for p in points), points
+    labelled = [p for p in points if p["labelled"] is not None]
+    assert len(labelled) >= 3 and len({p["labelled"] for p in labelled}) > 1, points
+    chart = history.locator("svg.accuracy")
+    expect(chart.locator("circle.estimate")).to_have_count(len(points))
+    expect(chart.locator("rect.labelled")).to_have_count(len(labelled))
+    for p, mark in zip(points, chart.locator("circle.estimate").all(), strict=True):
+        said = mark.locator("title").text_content() or ""
+        assert f"estimated {p['estimated']:.3f} [{p['low']:.3f}, {p['high']:.3f}]" in said
+        if p["labelled"] is not None:
+            assert f"labelled {p['labelled']:.3f} ({p['labelled_rows']} rows)" in said
+    last = points[-1]
+    expect(history.locator("figcaption")).to_contain_text(
+        f"latest: estimated {last['estimated']:.4g}"
     )
     screenshot(served, page, "drift")
     fleet_cell.get_by_role("link").click()

@@ -6,7 +6,9 @@ import xml.etree.ElementTree as ET
 
 from fleet_server.dashboard.svg import (
     NO_DATA,
+    AccuracyMark,
     GatePoint,
+    accuracy_chart,
     bar_chart,
     gate_chart,
     heat_colour,
@@ -105,3 +107,39 @@ def test_heat_colour_shades_from_green_to_red_and_greys_missing_data() -> None:
     assert heat_colour(20.0, 10.0) == heat_colour(99.0, 10.0) == "#c53030"
     below, past = heat_colour(5.0, 10.0), heat_colour(15.0, 10.0)
     assert below not in (NO_DATA, past)
+
+
+def _mark(t: float, estimate: float | None, labelled: float | None = None) -> AccuracyMark:
+    low, high = (estimate - 0.05, estimate + 0.05) if estimate is not None else (None, None)
+    at = f"2031-01-01 12:{int(t) // 60:02d}:00"
+    return AccuracyMark(t, at, estimate, low, high, 200, labelled, 100 if labelled else 0)
+
+
+def test_accuracy_over_time_draws_estimates_labels_and_periods_on_one_time_axis() -> None:
+    marks = [_mark(0, 0.9, 0.88), _mark(60, 0.8), _mark(120, None, 0.7), _mark(600, None)]
+    svg = accuracy_chart("fleet accuracy", marks, threshold=0.85, reference=0.9)
+    root = parse(svg)
+    assert "nan" not in svg.lower()
+    circles = root.findall("s:circle", NS)
+    assert len(circles) == 2  # the periods with an estimate
+    squares = [r for r in root.findall("s:rect", NS) if r.get("class") == "labelled"]
+    assert len(squares) == 2
+    # Time, not order, places a period: 60 s after the first is a tenth of the way to 600 s.
+    xs = [float(c.get("cx", "")) for c in circles]
+    empty = next(r for r in root.findall("s:rect", NS) if r.get("class") == "no-data")
+    last_x = float(empty.get("x", "")) + 3
+    assert abs((xs[1] - xs[0]) / (last_x - xs[0]) - 0.1) < 0.01
+    # Higher accuracy sits higher; each mark says its figures to a screen reader.
+    assert float(circles[0].get("cy", "")) < float(circles[1].get("cy", ""))
+    title = circles[0].find("s:title", NS)
+    assert title is not None and title.text is not None
+    assert "estimated 0.900 [0.850, 0.950], n=200; labelled 0.880 (100 rows)" in title.text
+    classes = {line.get("class") for line in root.findall("s:line", NS)}
+    assert {"threshold", "reference", "interval"} <= classes
+
+
+def test_an_accuracy_chart_without_periods_or_bounds_says_so() -> None:
+    root = parse(accuracy_chart("nothing yet", [], threshold=None, reference=None))
+    assert any("no windows" in (t.text or "") for t in root.findall("s:text", NS))
+    one = parse(accuracy_chart("one", [_mark(0, 0.5)], threshold=None, reference=None))
+    assert len(one.findall("s:circle", NS)) == 1
