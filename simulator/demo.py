@@ -9,9 +9,9 @@ keeps being answered — and refuses a bundle that fails its self-test. Then an
 attacker tampers with a bundle and the device refuses it. Last, a simulated
 fleet behind a server (:mod:`simulator.demo_fleet`): v2 rolled out wave by wave
 on its gates, v3-bad stopped in its first wave, drift in one region, the
-hybrid plans after a cloud capacity cut; the server then keeps serving its
-dashboard until Ctrl-C (not when ``stay`` is false: ``DEMO_EXIT=1``, ``CI=true``
-or no terminal).
+hybrid plans after a cloud capacity cut; the fleet then keeps heartbeating and
+the server keeps serving its dashboard until Ctrl-C (not when ``stay`` is false:
+``DEMO_EXIT=1``, ``CI=true`` or no terminal).
 """
 
 from __future__ import annotations
@@ -158,19 +158,20 @@ def result(surprises: int, server: DashboardServer, stay: bool) -> int:
         "Every genuine bundle verified and installed; the wrong-hardware, the slow and the\n"
         "tampered bundle were refused, and v3-bad was rolled back by the device itself\n"
         "without one request going unanswered — alone, and in a fleet behind the server:\n"
-        "v2 went out wave by wave on its gates, v3-bad stopped in its first wave, drift in\n"
-        "eu raised its alert, and the hybrid plans followed the cloud's capacity cut."
+        "v2 went out wave by wave on its gates, v3-bad stopped in its first wave and its\n"
+        "devices went back to v2, drift in eu raised one alert grouping its features, and the\n"
+        "hybrid plans followed the cloud's capacity cut."
     )
     print(
         f"\nDashboard: {server.url}/dashboard\n  log in with the admin token in {server.token_file}"
     )
     if not stay:
         return 0
-    print("  (the server stays up until Ctrl-C)", flush=True)
+    print("  (the server and its simulated fleet stay up until Ctrl-C)", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        while not stop.is_set() and server.proc is not None and server.proc.poll() is None:
+        while not stop.is_set() and server.alive():
             stop.wait(1.0)
     except KeyboardInterrupt:
         print()

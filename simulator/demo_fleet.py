@@ -3,11 +3,12 @@
 The chapter prints the scenario's steps as the ``fleetctl`` commands they
 are, runs it (``fleet-sim run simulator/scenarios/demo.toml``: its own broker,
 fleet server and cloud endpoint on free ports, a progress line meanwhile),
-then starts the fleet server again on the run's database and shows, through
-its API and ``fleetctl``, what happened: the v2 rollout's promotions with the
-rule that fired, v3-bad stopped in its first wave with the gate's evidence and
-those devices back on v2, the one drift alert, the plans after the capacity
-cut. The server keeps serving its dashboard until the caller stops it.
+then, its fleet still up, shows through the server's API and ``fleetctl`` what
+happened: the v2 rollout's promotions with the rule that fired, v3-bad stopped
+in its first wave with the gate's evidence and (once the rollback is done)
+those devices back on v2, the one grouped drift alert, the plans after the
+capacity cut. The fleet keeps heartbeating and the server keeps serving its
+dashboard until the caller leaves the chapter.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import queue
 import shlex
-import subprocess
-import sys
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +29,15 @@ import urllib3
 
 from fleet_server.fleetctl import main as fleetctl
 from simulator.report import RunReport
-from simulator.runner import VERSIONS, run_scenario
+from simulator.runner import VERSIONS, Deployment, run_scenario
 from simulator.scenario import Scenario, Step, load_scenario
-from testbed import waiting
-from testbed.waiting import free_port
+from testbed.server_process import ServerProcess
 
 SCENARIO = Path(__file__).parent / "scenarios" / "demo.toml"
+GOOD_BUNDLE = "pump-health 1.1.0"  # v2, as a device reports its active bundle
+# How long the chapter waits, the fleet up, for v3-bad's rollback to reach every device.
+ROLLBACK_WAIT_S = 45.0
+INSTALLING_PHASES = frozenset({"downloading", "verified", "staging", "staged", "trial"})
 
 
 class FleetChapterError(Exception):
@@ -109,37 +114,20 @@ def write_gate_files(scenario: Scenario, workdir: Path) -> None:
 
 @dataclass
 class DashboardServer:
-    """The run's fleet server started again on its data, for the evidence and the dashboard."""
+    """The run's fleet server, kept up with its fleet, for the evidence and the dashboard."""
 
-    data: Path
-    log: Path
-    proc: subprocess.Popen[bytes] | None = None
-    url: str = ""
+    process: ServerProcess
 
-    def start(self) -> None:
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        args = [sys.executable, "-m", "fleet_server.cli", "--data", str(self.data)]
-        args += ["--db", f"sqlite:///{self.data / 'fleet.db'}", "--http", f"127.0.0.1:{port}"]
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
-            )
-        http = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(connect=2, read=10))
-
-        def healthy() -> bool:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise FleetChapterError(f"the fleet server exited; see {self.log}")
-            try:
-                return http.request("GET", f"{self.url}/healthz").status == 200
-            except urllib3.exceptions.HTTPError:
-                return False
-
-        waiting.wait_until("the fleet server", healthy, 60, every=0.2, failure=FleetChapterError)
+    @property
+    def url(self) -> str:
+        return self.process.url
 
     @property
     def token_file(self) -> Path:
-        return self.data / "admin.token"
+        return self.process.data / "admin.token"
+
+    def alive(self) -> bool:
+        return self.process.alive
 
     def api(self, path: str) -> Any:
         token = self.token_file.read_text().strip()
@@ -149,15 +137,6 @@ class DashboardServer:
         if r.status != 200:
             raise FleetChapterError(f"GET {path}: {r.status} {r.data[:200]!r}")
         return json.loads(r.data)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 def fleetctl_shown(command: str, server: DashboardServer) -> str:
@@ -187,7 +166,10 @@ def section(title: str) -> None:
 def fleet_chapter(workdir: Path) -> Iterator[DashboardServer]:
     """Run the demo scenario in ``workdir``, show its evidence, yield the dashboard's server.
 
-    Raises :class:`FleetChapterError` when the story did not happen as told.
+    The simulated fleet, its broker and its server stay up (the devices
+    heartbeating, no traffic) until the caller leaves the context, so the
+    dashboard shows the live fleet. Raises :class:`FleetChapterError` when the
+    story did not happen as told.
     """
     scenario = load_scenario(SCENARIO)
     run_dir = workdir / "fleet"
@@ -205,19 +187,48 @@ def fleet_chapter(workdir: Path) -> Iterator[DashboardServer]:
     for at, line in timeline(scenario, run_dir):
         print(f"  at {at:4.0f} s  {line}")
     print(flush=True)
-    report = run_scenario(scenario, run_dir, progress=True, metrics_port=None)
-    report.write_json(run_dir / "report.json")
-    print(report.summary(), flush=True)
-    print(f"(MQTT broker of the run: a private {report.figures.get('broker')} on a free port)")
-    if not report.passed:
-        raise FleetChapterError(f"the run did not pass its checks; see {run_dir / 'report.json'}")
-    server = DashboardServer(run_dir / "server", run_dir / "dashboard-server.log")
-    try:
-        server.start()
+    with held_run(scenario, run_dir) as (report, deployment):
+        report.write_json(run_dir / "report.json")
+        print(report.summary(), flush=True)
+        print(f"(MQTT broker of the run: a private {report.figures.get('broker')} on a free port)")
+        if not report.passed:
+            raise FleetChapterError(
+                f"the run did not pass its checks; see {run_dir / 'report.json'}"
+            )
+        server = DashboardServer(deployment.server)
         show_evidence(report, server)
         yield server
+
+
+@contextlib.contextmanager
+def held_run(scenario: Scenario, run_dir: Path) -> Iterator[tuple[RunReport, Deployment]]:
+    """Run ``scenario`` in a thread and yield its report and deployment once its checks are
+    made; its fleet keeps running until the context ends, then the run stops it."""
+    handed: queue.Queue[tuple[RunReport, Deployment] | RunReport | BaseException] = queue.Queue()
+    release = threading.Event()
+
+    def hold(report: RunReport, deployment: Deployment) -> None:
+        handed.put((report, deployment))
+        release.wait()
+
+    def run() -> None:
+        try:
+            handed.put(run_scenario(scenario, run_dir, progress=True, metrics_port=None, hold=hold))
+        except BaseException as exc:  # handed to the waiting thread, which raises it
+            handed.put(exc)
+
+    thread = threading.Thread(target=run, name="demo-fleet")
+    thread.start()
+    try:
+        got = handed.get()
+        if isinstance(got, BaseException):
+            raise FleetChapterError(f"the fleet run failed: {got}") from got
+        if isinstance(got, RunReport):  # ended before its checks: nothing to hold
+            raise FleetChapterError(f"the fleet run ended early; see {run_dir / 'fleet-sim.log'}")
+        yield got
     finally:
-        server.stop()
+        release.set()
+        thread.join()
 
 
 def show_evidence(report: RunReport, server: DashboardServer) -> None:
@@ -249,37 +260,49 @@ def show_evidence(report: RunReport, server: DashboardServer) -> None:
             f"{e['harm_at']:g}"
         )
     reached = int(stop["reached"])
-    devices = server.api("/devices")["devices"]
-    on_v2 = [d for d in devices if d.get("active_bundle") == "pump-health 1.1.0"]
     print(
         f"v3-bad stopped in wave {rollout['stage']} ({reached} of {stop['matched']} devices): "
         f"{stop['reason']}; rollout {rollout['phase']}"
     )
-    print(f"devices on v2 (1.1.0) now: {len(on_v2)} of {len(devices)}")
-    if rollout["stage"] != 1 or len(on_v2) != len(devices):
+    if rollout["stage"] != 1:
+        raise FleetChapterError(f"v3-bad's rollout {bad} was not stopped in wave 1")
+    waited, devices = wait_rolled_back(server, GOOD_BUNDLE, ROLLBACK_WAIT_S)
+    back = [d for d in devices if rolled_back(d, GOOD_BUNDLE)]
+    print(
+        f"rollback complete (waited {waited:.0f} s; {rollout['phase']} is the rollout's last "
+        f"phase): every device reports {GOOD_BUNDLE} active, none has anything else "
+        f"assigned or under way: {len(back)} of {len(devices)}"
+    )
+    print(f"devices on v2 (1.1.0) now: {len(back)} of {len(devices)}")
+    if len(back) != len(devices):
         raise FleetChapterError(
-            f"v3-bad's rollout {bad} was not stopped in wave 1 with all back on v2"
+            f"v3-bad's rollout {bad}: {len(devices) - len(back)} devices not back on v2 "
+            f"after {ROLLBACK_WAIT_S:.0f} s"
         )
 
     section("Evidence: drift in eu, one alert grouping its features")
     fleetctl_shown("fleetctl alerts --kind drift --scope region", server)
-    alerts = server.api("/alerts")["alerts"]
-    found = False
+    alerts = [
+        a
+        for a in server.api("/alerts?kind=drift&scope=region&state=open")["alerts"]
+        if a.get("kind") == "drift" and a["scope"] == "region"
+    ]
     for a in alerts:
-        if a.get("kind") != "drift" or a["scope"] != "region":
-            continue
         features = [f["name"] for f in a.get("features", [])]
-        found = found or (a["scope_value"] == "eu" and "vib_rms_x" in features)
         print(
             f"drift alert for region {a['scope_value']} on {a['version']}: {len(features)} "
             f"features, vib_rms_x among them: {'vib_rms_x' in features}"
         )
-    if not found:
-        raise FleetChapterError("no drift alert for region eu naming vib_rms_x")
+    regions = sorted({a["scope_value"] for a in alerts})
     print(
-        "(every feature of a scope and model version is tested at a false-alarm rate of 1 %:\n"
-        "over sixteen features, one just over its critical value in another alert may be that)"
+        f"regions with a drift alert: {', '.join(regions) or 'none'} (each scope and model "
+        "version's features are tested together at a false-alarm rate of 1 %)"
     )
+    if not any(
+        a["scope_value"] == "eu" and "vib_rms_x" in [f["name"] for f in a.get("features", [])]
+        for a in alerts
+    ):
+        raise FleetChapterError("no drift alert for region eu naming vib_rms_x")
 
     section("Evidence: the hybrid plans follow a cloud capacity cut")
     cuts = [d["capacity"] for d in report.decisions if d.get("step") == "capacity"]
@@ -292,3 +315,28 @@ def show_evidence(report: RunReport, server: DashboardServer) -> None:
     )
     if not plans or granted > cuts[-1] * 1.0001:
         raise FleetChapterError(f"the plans grant {granted:.1f}, above the capacity {cuts[-1]:g}")
+
+
+def rolled_back(device: dict[str, Any], bundle: str) -> bool:
+    """Whether ``device`` (as the API shows it) runs ``bundle``, is assigned nothing else and
+    has no install under way."""
+    assigned = device.get("assigned_target")
+    return (
+        device.get("active_bundle") == bundle
+        and device.get("phase") not in INSTALLING_PHASES
+        and (assigned is None or bundle.replace(" ", "-") in assigned)
+    )
+
+
+def wait_rolled_back(
+    server: DashboardServer, bundle: str, timeout: float
+) -> tuple[float, list[dict[str, Any]]]:
+    """Wait up to ``timeout`` seconds until every device is :func:`rolled_back` to ``bundle``;
+    the seconds waited and the devices as last seen."""
+    started = time.monotonic()
+    while True:
+        devices: list[dict[str, Any]] = server.api("/devices")["devices"]
+        waited = time.monotonic() - started
+        if all(rolled_back(d, bundle) for d in devices) or waited >= timeout:
+            return waited, devices
+        time.sleep(1.0)

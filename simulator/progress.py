@@ -62,6 +62,7 @@ class ProgressLine:
         if self.tty and self._shown:
             self.stream.write("\n")
             self.stream.flush()
+            self._shown = False
 
 
 class Metrics:

@@ -101,6 +101,9 @@ SETTLE_S = 30.0  # after the traffic: how long the last windows may take to be s
 STOP_GRACE_S = 30.0
 SHOWN_ERRORS = 3
 
+Hold = Callable[[RunReport, "Deployment"], None]
+"""Called when a run's checks are made, its fleet still up; the run ends when it returns."""
+
 
 # -- the run's own broker ------------------------------------------------------
 
@@ -617,8 +620,11 @@ class Run:
         *,
         progress: ProgressLine | None,
         metrics_port: int | None,
+        hold: Hold | None = None,
     ) -> None:
         self.scenario = scenario
+        self.hold = hold
+        self._started = time.monotonic()
         self.workdir = workdir
         self.progress = progress
         self.metrics = Metrics(metrics_port) if metrics_port is not None else None
@@ -664,7 +670,7 @@ class Run:
     # -- setting up and tearing down ------------------------------------------
 
     def execute(self) -> RunReport:
-        started = time.monotonic()
+        started = self._started = time.monotonic()
         check_runnable(self.scenario)
         given = self.scenario.server.url
         if given is not None:
@@ -894,6 +900,7 @@ class Run:
                         produced.update(part.final["produced"])
                 stored = await asyncio.to_thread(self._stored_windows)
                 await self._finish(produced, stored)
+                await self._hold()
                 await self._end_faults(outlasting=True)
                 await self._stop_devices(stop, running)
         finally:
@@ -906,6 +913,17 @@ class Run:
                 self.report.figures.update(self.network.stats())
                 await self.network.close()
             gc.collect()  # aiomqtt's clients call back into this loop when collected
+
+    async def _hold(self) -> None:
+        """With a ``hold``, call it (in a thread) with the report and the deployment, the
+        checks made; the devices keep running (heartbeats, installs, no traffic) until it
+        returns."""
+        if self.hold is None or self.deployment is None:
+            return
+        if self.progress is not None:
+            self.progress.done()
+        self.report.wall_s = round(time.monotonic() - self._started, 1)
+        await asyncio.to_thread(self.hold, self.report, self.deployment)
 
     async def _traffic(self, tasks: asyncio.TaskGroup, traffic_stop: asyncio.Event) -> None:
         """The scenario's traffic, steps, faults and samples for its duration; then the
@@ -1765,11 +1783,13 @@ def run_scenario(
     *,
     progress: bool,
     metrics_port: int | None,
+    hold: Hold | None = None,
 ) -> RunReport:
     """Carry out ``scenario`` in ``workdir`` (emptied first) and return its report.
 
     A virtual-clock scenario (``mode = "virtual"``) is handed to
-    :func:`simulator.virtual.run_virtual`.
+    :func:`simulator.virtual.run_virtual`. A real one with ``hold`` calls it once the
+    checks are made, and keeps its fleet, broker and servers up until it returns.
     """
     workdir = workdir.resolve()
     if workdir.exists():
@@ -1787,7 +1807,7 @@ def run_scenario(
             if line is not None:
                 line.done()
             return cast(RunReport, report)
-        run = Run(scenario, workdir, progress=line, metrics_port=metrics_port)
+        run = Run(scenario, workdir, progress=line, metrics_port=metrics_port, hold=hold)
         try:
             return run.execute()
         finally:

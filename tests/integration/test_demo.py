@@ -105,9 +105,13 @@ def test_the_demo_keeps_its_dashboard_up_only_at_a_terminal_unless_told_to_exit(
 def test_the_fleet_chapter_tells_the_whole_story_and_serves_it_on_the_dashboard(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    import time
+
     import urllib3
 
     from simulator.demo_fleet import fleet_chapter
+
+    HEARTBEAT_S = 5  # the demo scenario's agent heartbeat
 
     with fleet_chapter(tmp_path) as server:
         out = capsys.readouterr().out
@@ -125,6 +129,14 @@ def test_the_fleet_chapter_tells_the_whole_story_and_serves_it_on_the_dashboard(
         )
         assert page.status == 200
         assert "install_failures" in page.data.decode()
+        # While the dashboard is up its fleet is live: every device online, heartbeating.
+        before = {d["id"]: d["last_seen_at"] for d in server.api("/devices")["devices"]}
+        time.sleep(HEARTBEAT_S * 2 + 1)
+        after = server.api("/devices")["devices"]
+        assert len(after) == 24 and all(d["online"] for d in after), after
+        assert all(d["last_seen_at"] > before[d["id"]] for d in after), (before, after)
+    # Leaving the chapter stops the fleet and its server.
+    assert not server.alive()
     # Each part of the story happened, with its evidence.
     assert "fleetctl rollout create pump-health@1.1.0 --select hardware=rpi4-arm64" in out
     assert "--on-failure rollback" in out
@@ -135,5 +147,8 @@ def test_the_fleet_chapter_tells_the_whole_story_and_serves_it_on_the_dashboard(
     assert "gate install_failures: fail" in out
     assert "v3-bad stopped in wave 1 (6 of 12 devices): stop-gate failed: install_failures" in out
     assert "devices on v2 (1.1.0) now: 24 of 24" in out
+    # The rollback reached every device before the chapter said so.
+    assert "rollback complete (waited" in out
+    assert "every device reports pump-health 1.1.0 active" in out and ": 24 of 24" in out
     assert "drift alert for region eu on 1.1.0:" in out and "vib_rms_x among them: True" in out
     assert "cloud capacity cut 20 -> 6 requests/s: the 24 plans now grant" in out
