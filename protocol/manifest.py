@@ -119,7 +119,8 @@ class Baseline(_Strict):
                 raise ValueError("a calibration needs the top-score histogram (scores)")
             if self.calibration.classes != self.scores.classes:
                 raise ValueError("calibration.classes differ from scores.classes")
-            if self.calibration.bins != len(self.scores.counts[0]):
+            # An empty histogram has no bins to compare: refused, not an IndexError.
+            if not self.scores.counts or self.calibration.bins != len(self.scores.counts[0]):
                 raise ValueError("calibration and scores have different numbers of score bins")
         return self
 
