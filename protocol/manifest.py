@@ -4,6 +4,11 @@ A bundle is a model file plus this manifest (and its golden vectors). The
 manifest is versioned by ``schema_version``; a reader refuses versions it does
 not know instead of guessing. Every field is validated on load, so a device
 never acts on a manifest that does not make sense.
+
+A device that only checks a manifest (``edge-agent verify``, the fetcher) reads
+it through :mod:`protocol.manifest_check`, the same rules without pydantic: a
+change here needs the same change there, and ``tests/unit/test_manifest_check.py``
+fails until the two accept and refuse the same documents.
 """
 
 from __future__ import annotations
