@@ -50,6 +50,8 @@ TENSOR_DTYPES: Final = (
 )
 DERIVATION_METHODS: Final = ("elements", "channel_moments", "global_moments")
 DEFAULT_PRIOR_ROWS: Final = 2.0
+# pydantic-core's JSON parser refuses a value nested deeper than this (the document is 0).
+MAX_JSON_DEPTH: Final = 200
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -313,7 +315,34 @@ def check_manifest(document: Any) -> CheckedManifest:
 def check_manifest_json(raw: bytes) -> CheckedManifest:
     """Parse and check a manifest's JSON (NaN and Infinity allowed, as pydantic allows them)."""
     try:
-        document = json.loads(raw)
+        # UTF-8 only, as pydantic reads JSON (json.loads would also take UTF-16 and UTF-32).
+        document = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError) as exc:
         raise ManifestInvalid(f"manifest: Invalid JSON: {exc}") from None
+    if (problem := _parser_refuses(document)) is not None:
+        raise ManifestInvalid(f"manifest: Invalid JSON: {problem}")
     return check_manifest(document)
+
+
+def _parser_refuses(document: Any) -> str | None:
+    """What pydantic's JSON parser refuses that json.loads took, anywhere in ``document``.
+
+    Values nested deeper than :data:`MAX_JSON_DEPTH`, and strings with a lone
+    surrogate escape (``"\\ud800"``); ignored keys included.
+    """
+    stack = [(document, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            return f"nested deeper than {MAX_JSON_DEPTH}"
+        if isinstance(value, dict):
+            stack.extend((k, depth + 1) for k in value)
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return "a lone surrogate escape in a string"
+    return None

@@ -348,6 +348,53 @@ def test_both_refuse_what_is_not_json(raw: bytes) -> None:
         check_manifest_json(raw)
 
 
+@pytest.mark.parametrize("depth", [194, 195, 196, 300])
+@pytest.mark.parametrize("kind", ["arrays", "objects"])
+def test_both_refuse_the_same_depth_of_nesting(depth: int, kind: str) -> None:
+    # Under an ignored key of a summary (5 levels down), where no field check refuses it.
+    doc = copy.deepcopy(BASE)
+    nested: Any = 1
+    for _ in range(depth):
+        nested = [nested] if kind == "arrays" else {"a": nested}
+    doc["baseline"]["features"][0]["summary"]["ignored"] = nested
+    raw = json.dumps(doc).encode()
+    assert pydantic_outcome(raw)[0] == device_outcome(raw)[0]
+    assert device_outcome(raw)[0] == ("accepted" if depth <= 195 else "refused")
+
+
+@pytest.mark.parametrize(
+    ("what", "old", "new"),
+    [
+        (
+            "a repeated key (the last wins)",
+            '"name": "pump-health"',
+            '"name": "x", "name": "pump-health"',
+        ),
+        ("a lone surrogate", '"a pump"', '"\\ud800"'),
+        ("a lone surrogate in an ignored key", '"n": 4,', '"\\udc00": 1, "n": 4,'),
+        ("a surrogate pair", '"a pump"', '"\\ud83d\\ude00"'),
+        ("a NUL escape", '"a pump"', '"a\\u0000b"'),
+        ("a raw control character", '"a pump"', '"a\tb"'),
+        ("a byte-order mark", "{", "\ufeff{"),
+    ],
+)
+def test_both_parse_the_same_json(what: str, old: str, new: str) -> None:
+    text = json.dumps(BASE)
+    assert old in text
+    raw = text.replace(old, new, 1).encode()
+    expected = pydantic_outcome(raw)
+    if expected[0] == "accepted":
+        assert device_outcome(raw) == expected, what
+    else:  # the words of a JSON syntax error are each parser's own
+        assert device_outcome(raw)[0] == "refused", what
+        assert device_outcome(raw)[1].startswith("manifest: Invalid JSON: "), what
+
+
+def test_both_refuse_other_encodings_than_utf8() -> None:
+    for raw in (json.dumps(BASE).encode("utf-16"), json.dumps(BASE).encode("utf-32")):
+        assert pydantic_outcome(raw)[0] == device_outcome(raw)[0] == "refused"
+
+
 def test_a_refusal_names_the_place_and_the_rule() -> None:
     doc = changed(baseline__features__0__summary__m2=-1)
     with pytest.raises(ManifestInvalid) as refused:
