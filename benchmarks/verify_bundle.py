@@ -13,6 +13,7 @@ see the same machine state; the ratio is of the medians.
 
 from __future__ import annotations
 
+import resource
 import shutil
 import statistics
 import subprocess
@@ -87,9 +88,18 @@ def run(before: Path | None = None) -> dict[str, float]:
 
         edge_agent = Path(sys.executable).with_name("edge-agent")
 
+        # CPU time (user + system) of each process as well: on a machine shared with
+        # other work it is inflated less than wall time.
+        cpu: dict[str, list[float]] = {}
+
+        def children_cpu() -> float:
+            usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+            return usage.ru_utime + usage.ru_stime
+
         def verify_command(source: str, i: int, script: Path = edge_agent) -> float:
             """The whole ``edge-agent verify`` process, as a user runs it."""
             out = tmp / f"cmd-{i}"
+            cpu_before = children_cpu()
             started = time.perf_counter()
             subprocess.run(
                 [
@@ -110,13 +120,22 @@ def run(before: Path | None = None) -> dict[str, float]:
                 capture_output=True,
             )
             elapsed = time.perf_counter() - started
+            key = (
+                "before"
+                if script != edge_agent
+                else f"command {'http' if '://' in source else 'dir'}"
+            )
+            cpu.setdefault(key, []).append(children_cpu() - cpu_before)
             shutil.rmtree(out)
             return elapsed
 
         def timed(command: list[str]) -> float:
+            cpu_before = children_cpu()
             started = time.perf_counter()
             subprocess.run([*command, str(target)], check=True, capture_output=True)
-            return time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            cpu.setdefault(command[0], []).append(children_cpu() - cpu_before)
+            return elapsed
 
         sha256sum = ["sha256sum"]
         # OpenSSL's SHA-256 uses the CPU's SHA extensions where coreutils may not: a second,
@@ -156,6 +175,8 @@ def run(before: Path | None = None) -> dict[str, float]:
     }
     if cmd_before:
         figures["command_before_s"] = statistics.median(cmd_before)
+    for key, values in cpu.items():
+        figures[f"cpu {key}"] = statistics.median(values)
     return figures
 
 
@@ -184,6 +205,14 @@ def main() -> None:
             f"{r[key] / r['sha256sum_s']:.2f}x sha256sum, "
             f"{r[key] / r['openssl_s']:.2f}x openssl"
         )
+    base_cpu, ossl_cpu = r["cpu sha256sum"], r.get("cpu openssl", r["cpu sha256sum"])
+    print("CPU time (user + system), medians:")
+    for key, value in r.items():
+        if key.startswith("cpu "):
+            print(
+                f"  {key[4:]:<16} {value * 1000:8.1f} ms   {value / base_cpu:.2f}x sha256sum, "
+                f"{value / ossl_cpu:.2f}x openssl"
+            )
 
 
 if __name__ == "__main__":

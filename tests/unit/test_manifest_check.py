@@ -12,8 +12,10 @@ refuse the same documents naming the same place with the same words.
 from __future__ import annotations
 
 import copy
+import io
 import json
 import math
+import tarfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,7 +23,13 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from protocol import manifest as pm
-from protocol.bundle import _first_error
+from protocol.bundle import (
+    MANIFEST_MEMBER,
+    BundleFormatError,
+    _first_error,
+    read_checked_manifest,
+    read_manifest,
+)
 from protocol.cbpe import DEFAULT_PRIOR_ROWS, Calibration
 from protocol.checking import Model
 from protocol.derivation import InputDerivation
@@ -451,3 +459,36 @@ def test_the_enumerations_and_defaults_are_the_models() -> None:
 
     assert pm.TensorDType.__args__ == TENSOR_DTYPES
     assert method.__args__ == DERIVATION_METHODS
+
+
+def bundle_with_manifest(raw: bytes) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        info = tarfile.TarInfo(MANIFEST_MEMBER)
+        info.size = len(raw)
+        tar.addfile(info, io.BytesIO(raw))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        BASE,
+        changed(release_counter=0),
+        changed(name="Pump"),
+        changed(fallback__confidence_output="z"),
+        changed(baseline__calibration__prior_rows=math.nan),
+    ],
+    ids=["valid", "counter 0", "bad name", "unknown output", "NaN prior"],
+)
+def test_a_bundle_reads_alike_with_and_without_pydantic(doc: dict[str, Any]) -> None:
+    data = bundle_with_manifest(json.dumps(doc).encode())
+    try:
+        expected: object = read_manifest(io.BytesIO(data)).model_dump()
+    except BundleFormatError as exc:
+        expected = str(exc)
+    try:
+        got: object = read_checked_manifest(io.BytesIO(data)).document
+    except BundleFormatError as exc:
+        got = str(exc)
+    assert canonical(got) == canonical(expected)
