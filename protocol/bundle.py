@@ -15,14 +15,14 @@ import tarfile
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, BinaryIO
 
-from protocol.manifest_check import CheckedManifest, ManifestInvalid, check_manifest_json
-
-# pydantic is imported by the functions that build or return the models: a device
-# that only checks a bundle (read_checked_manifest) never loads it.
+# Each reader imports its own manifest code: a device that only checks a bundle
+# (read_checked_manifest) never loads pydantic, and one that installs a bundle
+# (read_bundle, with the models) does not load the check beside them.
 if TYPE_CHECKING:
     from pydantic import ValidationError
 
     from protocol.manifest import FileEntry, Manifest
+    from protocol.manifest_check import CheckedManifest
 
 MANIFEST_MEMBER = "manifest.json"
 MAX_MANIFEST_BYTES = 8 * 1024 * 1024
@@ -110,6 +110,8 @@ def read_checked_manifest(source: BinaryIO) -> CheckedManifest:
 
     The refusal names the same field in the same words (``protocol.manifest_check``).
     """
+    from protocol.manifest_check import ManifestInvalid, check_manifest_json
+
     raw = _manifest_json(source)
     try:
         return check_manifest_json(raw)
