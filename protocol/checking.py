@@ -161,10 +161,12 @@ def literal(*allowed: str | int) -> Check:
     def check(value: Any, loc: Loc) -> str | int:
         if ints and isinstance(value, int) and not isinstance(value, bool) and abs(value) >= _I64:
             raise Invalid(loc, "Unable to parse input string as an integer, exceeded maximum size")
+        if isinstance(value, str) and not ints and value in allowed:
+            return value
         # An int literal also matches True and 1.0, as pydantic's lookup by hash does.
-        if (ints and isinstance(value, bool | int | float)) or isinstance(value, str):
+        if ints and isinstance(value, bool | int | float):
             for a in allowed:
-                if (type(a) is type(value) and a == value) or (ints and value == a):
+                if value == a:
                     return a
         raise Invalid(loc, f"Input should be {expected}")
 
@@ -244,6 +246,11 @@ class Field:
     exclude_none: bool = False
     after: Sequence[Callable[[Any], Any]] = ()
 
+    @property
+    def required(self) -> bool:
+        """Whether the field has no default."""
+        return self.default is _REQUIRED
+
 
 @dataclass(frozen=True)
 class Model:
@@ -264,7 +271,7 @@ class Model:
         out: dict[str, Any] = {}
         for f in self.fields:
             if f.name not in value:
-                if f.default is _REQUIRED:
+                if f.required:
                     raise Invalid((*loc, f.name), "Field required")
                 out[f.name] = f.default() if callable(f.default) else f.default
                 continue

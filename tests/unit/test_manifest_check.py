@@ -438,9 +438,8 @@ def test_each_check_has_its_models_fields_defaults_and_extra_rule(
     assert [f.name for f in check.fields] == list(fields)
     for f in check.fields:
         info = fields[f.name]
-        if info.is_required():
-            assert f.default is not None and f.default.__class__ is object, f.name
-        else:
+        assert f.required == info.is_required(), f.name
+        if not f.required:
             default = f.default() if callable(f.default) else f.default
             expected = info.get_default(call_default_factory=True)
             if isinstance(expected, BaseModel):
