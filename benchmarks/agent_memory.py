@@ -201,7 +201,7 @@ def agent_command(*python_flags: str) -> list[str]:
 class Agent:
     """A real ``edge-agent run`` process in its own session, logging to DATA_DIR/agent.log."""
 
-    def __init__(self, config: Path, *python_flags: str) -> None:
+    def __init__(self, config: Path, *python_flags: str, env: dict[str, str] | None = None) -> None:
         self.data_dir = config.parent
         (self.data_dir / "agent.json").unlink(missing_ok=True)
         self.log_path = self.data_dir / "agent.log"
@@ -211,6 +211,7 @@ class Agent:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                env={**os.environ, **(env or {})},
             )
 
     def wait_for(self, what: str, predicate: Callable[[], object], timeout: float = 60) -> None:
@@ -766,6 +767,151 @@ def main() -> None:
     )
 
 
+# The serving agent's libraries and nothing of ours: the model loaded in tflite-runtime
+# and invoked per request, an asyncio server parsing HTTP with h11, JSON, an SQLite
+# outbox row per request, LZMA, and an aiomqtt link publishing a heartbeat.
+_FLOOR = r"""
+import asyncio, json, lzma, os, sqlite3, sys
+import h11, numpy as np, aiomqtt
+from tflite_runtime.interpreter import Interpreter
+if os.environ.get("FLOOR_PYDANTIC"):
+    import pydantic
+    class Probe(pydantic.BaseModel):
+        x: int
+model, db, broker_port, topic = sys.argv[1:5]
+# The window codec's filters: LZMA2 with a 4 KiB dictionary.
+FILTERS = [{"id": lzma.FILTER_LZMA2, "dict_size": 4096, "lc": 1, "lp": 0, "pb": 0}]
+it = Interpreter(model_path=model, num_threads=1)  # as model_runtime loads it
+it.allocate_tensors()
+inp, out = it.get_input_details()[0], it.get_output_details()[0]
+con = sqlite3.connect(db)
+con.execute("create table if not exists outbox (id integer primary key, body blob)")
+
+async def serve(reader, writer):
+    conn = h11.Connection(h11.SERVER)
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            data = await reader.read(65536)
+            if not data:
+                break
+            conn.receive_data(data)
+            continue
+        if isinstance(event, h11.Request):
+            body = b""
+            while not isinstance(event := conn.next_event(), h11.EndOfMessage):
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await reader.read(65536))
+                elif isinstance(event, h11.Data):
+                    body += event.data
+            req = json.loads(body or b"{}")
+            if req:
+                x = np.asarray(req["inputs"][0]["data"], np.float32).reshape(inp["shape"])
+                it.set_tensor(inp["index"], x)
+                it.invoke()
+                y = it.get_tensor(out["index"])
+                answer = {"outputs": [{"name": "y", "data": y.ravel().tolist()}],
+                          "parameters": {"stage": "active"}}
+                packed = lzma.compress(body, format=lzma.FORMAT_RAW, filters=FILTERS)
+                con.execute("insert into outbox (body) values (?)", (packed,))
+                con.commit()
+            else:
+                answer = {}
+            payload = json.dumps(answer).encode()
+            writer.write(conn.send(h11.Response(status_code=200, headers=[
+                ("content-type", "application/json"), ("content-length", str(len(payload)))])))
+            writer.write(conn.send(h11.Data(data=payload)) + conn.send(h11.EndOfMessage()))
+            await writer.drain()
+            conn.start_next_cycle()
+    writer.close()
+
+async def main():
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    async with aiomqtt.Client("127.0.0.1", int(broker_port)) as client:
+        await client.publish(topic, b"up", qos=1)
+        print(server.sockets[0].getsockname()[1], flush=True)
+        while True:
+            await client.publish(topic, b"heartbeat", qos=1)
+            await asyncio.sleep(1)
+
+asyncio.run(main())
+"""
+
+
+def lean_floor(rounds: int = 3) -> list[dict[str, float]]:
+    """The serving agent's RSS against the floor of its libraries, alternating, in one run.
+
+    Each round: ``edge-agent run`` with the MQTT link to the broker on 127.0.0.1:1883
+    (its own namespace) and telemetry on, v2 installed through the director, after
+    REQUESTS requests; the same with ``MALLOC_ARENA_MAX=2``; the floor process
+    (``_FLOOR``: the same libraries, none of our code, no pydantic) after the same
+    requests; the floor with pydantic and one model defined.
+    """
+    rows: list[dict[str, float]] = []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        with fleet(tmp / "fleet") as f:
+            for i in range(rounds):
+                row: dict[str, float] = {}
+                for label, env in (("agent", {}), ("agent_arena2", {"MALLOC_ARENA_MAX": "2"})):
+                    data_dir = tmp / f"device-{label}-{i}"
+                    config = write_config(f, data_dir, 0)
+                    namespace = f"bench-lean-{os.getpid()}-{i}-{label.replace('_', '-')}"
+                    with config.open("a") as c:
+                        c.write(
+                            '[server]\nbroker = "mqtt://127.0.0.1:1883"\n'
+                            f'[mqtt]\nnamespace = "{namespace}"\n'
+                        )
+                    agent = Agent(config, env=env)
+                    try:
+                        agent.wait_for("install of v2", lambda a=agent: a.installed() == "2.0.0")
+                        info = agent.info()
+                        assert info is not None
+                        send_requests(int(str(info["api"]).rsplit(":", 1)[1]), REQUESTS)
+                        time.sleep(1.0)
+                        row[label] = agent.status()["VmRSS"] / 1024
+                    finally:
+                        agent.stop()
+                for label, env in (("floor", {}), ("floor_pydantic", {"FLOOR_PYDANTIC": "1"})):
+                    proc = subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-c",
+                            _FLOOR,
+                            str(MODELS / "v2.tflite"),
+                            str(tmp / f"{label}-{i}.db"),
+                            "1883",
+                            f"bench-lean-{os.getpid()}/{label}",
+                        ],
+                        stdout=subprocess.PIPE,
+                        env={**os.environ, **env},
+                        start_new_session=True,
+                    )
+                    try:
+                        assert proc.stdout is not None
+                        port = int(proc.stdout.readline())
+                        send_requests(port, REQUESTS)
+                        time.sleep(1.0)
+                        row[label] = status_kb(proc.pid)["VmRSS"] / 1024
+                    finally:
+                        os.killpg(proc.pid, signal.SIGTERM)
+                        proc.wait()
+                rows.append(row)
+                print(row, flush=True)
+    return rows
+
+
+def lean_main() -> None:
+    """``python -m benchmarks.agent_memory floor``: the agent against its libraries' floor."""
+    rows = lean_floor()
+    for key in rows[0]:
+        values = [r[key] for r in rows]
+        print(
+            f"  {key:<16} VmRSS median {statistics.median(values):5.1f} MB "
+            f"(range {min(values):.1f}-{max(values):.1f}, n = {len(values)})"
+        )
+
+
 def concurrency_main() -> None:
     """Only the memory-under-concurrency figures (``python -m benchmarks.agent_memory burst``)."""
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -778,5 +924,7 @@ if __name__ == "__main__":
         concurrency_main()
     elif sys.argv[1:] == ["parse"]:
         parse_main()
+    elif sys.argv[1:] == ["floor"]:
+        lean_main()
     else:
         main()

@@ -13,6 +13,7 @@ see the same machine state; the ratio is of the medians.
 
 from __future__ import annotations
 
+import resource
 import shutil
 import statistics
 import subprocess
@@ -48,8 +49,12 @@ def large_model() -> bytes:
     return g.to_bytes()
 
 
-def run() -> dict[str, float]:
-    """Measure and return the figures (seconds and ratios)."""
+def run(before: Path | None = None) -> dict[str, float]:
+    """Measure and return the figures (seconds and ratios).
+
+    ``before``: another tree's ``edge-agent`` script, timed in the same rounds
+    (from the directory repository) as the baseline of a change.
+    """
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         baseline = np.random.default_rng(1).normal(size=(64, 16)).astype(np.float32)
@@ -83,13 +88,22 @@ def run() -> dict[str, float]:
 
         edge_agent = Path(sys.executable).with_name("edge-agent")
 
-        def verify_command(source: str, i: int) -> float:
+        # CPU time (user + system) of each process as well: on a machine shared with
+        # other work it is inflated less than wall time.
+        cpu: dict[str, list[float]] = {}
+
+        def children_cpu() -> float:
+            usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+            return usage.ru_utime + usage.ru_stime
+
+        def verify_command(source: str, i: int, script: Path = edge_agent) -> float:
             """The whole ``edge-agent verify`` process, as a user runs it."""
             out = tmp / f"cmd-{i}"
+            cpu_before = children_cpu()
             started = time.perf_counter()
             subprocess.run(
                 [
-                    str(edge_agent),
+                    str(script),
                     "verify",
                     "--root",
                     str(repo.trusted_root_path),
@@ -106,13 +120,22 @@ def run() -> dict[str, float]:
                 capture_output=True,
             )
             elapsed = time.perf_counter() - started
+            key = (
+                "before"
+                if script != edge_agent
+                else f"command {'http' if '://' in source else 'dir'}"
+            )
+            cpu.setdefault(key, []).append(children_cpu() - cpu_before)
             shutil.rmtree(out)
             return elapsed
 
         def timed(command: list[str]) -> float:
+            cpu_before = children_cpu()
             started = time.perf_counter()
             subprocess.run([*command, str(target)], check=True, capture_output=True)
-            return time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            cpu.setdefault(command[0], []).append(children_cpu() - cpu_before)
+            return elapsed
 
         sha256sum = ["sha256sum"]
         # OpenSSL's SHA-256 uses the CPU's SHA extensions where coreutils may not: a second,
@@ -122,7 +145,12 @@ def run() -> dict[str, float]:
         verify(str(repo.path), -1)  # warm the page cache and imports
         verify_command(str(repo.path), -1)
         base, ossl, local, http, cmd_local, cmd_http = [], [], [], [], [], []
+        cmd_before: list[float] = []
+        if before is not None:
+            verify_command(str(repo.path), -2, before)
         for i in range(ROUNDS):
+            if before is not None:
+                cmd_before.append(verify_command(str(repo.path), i + ROUNDS, before))
             base.append(timed(sha256sum))
             ossl.append(timed(openssl))
             local.append(verify(str(repo.path), i))
@@ -133,7 +161,7 @@ def run() -> dict[str, float]:
     b, o, lo, ht, cl, ch = (
         statistics.median(v) for v in (base, ossl, local, http, cmd_local, cmd_http)
     )
-    return {
+    figures = {
         "command_dir_s": cl,
         "command_http_s": ch,
         "bundle_mb": released.length / 1e6,
@@ -145,10 +173,18 @@ def run() -> dict[str, float]:
         "ratio_http": ht / b,
         "ratio_dir_openssl": lo / o,
     }
+    if cmd_before:
+        figures["command_before_s"] = statistics.median(cmd_before)
+    for key, values in cpu.items():
+        figures[f"cpu {key}"] = statistics.median(values)
+    return figures
 
 
 def main() -> None:
-    r = run()
+    before = None
+    if "--before" in sys.argv:
+        before = Path(sys.argv[sys.argv.index("--before") + 1])
+    r = run(before)
     print(f"bundle: {r['bundle_mb']:.1f} MB, median of {ROUNDS} alternating rounds")
     print(f"  sha256sum                 {r['sha256sum_s'] * 1000:8.1f} ms   1.00x")
     print(
@@ -160,12 +196,23 @@ def main() -> None:
         f"  verify (HTTP, loopback)   {r['verify_http_s'] * 1000:8.1f} ms   {r['ratio_http']:.2f}x"
     )
     print(f"  verify (directory) against openssl: {r['ratio_dir_openssl']:.2f}x")
-    for label, key in (("directory repo", "command_dir_s"), ("HTTP, loopback", "command_http_s")):
+    rows = [("directory repo", "command_dir_s"), ("HTTP, loopback", "command_http_s")]
+    if "command_before_s" in r:
+        rows.append((f"directory repo, {before}", "command_before_s"))
+    for label, key in rows:
         print(
             f"  edge-agent verify, whole process ({label}) {r[key] * 1000:8.1f} ms   "
             f"{r[key] / r['sha256sum_s']:.2f}x sha256sum, "
             f"{r[key] / r['openssl_s']:.2f}x openssl"
         )
+    base_cpu, ossl_cpu = r["cpu sha256sum"], r.get("cpu openssl", r["cpu sha256sum"])
+    print("CPU time (user + system), medians:")
+    for key, value in r.items():
+        if key.startswith("cpu "):
+            print(
+                f"  {key[4:]:<16} {value * 1000:8.1f} ms   {value / base_cpu:.2f}x sha256sum, "
+                f"{value / ossl_cpu:.2f}x openssl"
+            )
 
 
 if __name__ == "__main__":

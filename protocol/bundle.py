@@ -13,11 +13,16 @@ import hashlib
 import io
 import tarfile
 from collections.abc import Mapping
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
-from pydantic import ValidationError
+# Each reader imports its own manifest code: a device that only checks a bundle
+# (read_checked_manifest) never loads pydantic, and one that installs a bundle
+# (read_bundle, with the models) does not load the check beside them.
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
-from protocol.manifest import FileEntry, Manifest
+    from protocol.manifest import FileEntry, Manifest
+    from protocol.manifest_check import CheckedManifest
 
 MANIFEST_MEMBER = "manifest.json"
 MAX_MANIFEST_BYTES = 8 * 1024 * 1024
@@ -29,6 +34,8 @@ class BundleFormatError(ValueError):
 
 def file_entry(data: bytes) -> FileEntry:
     """The manifest entry (hash and length) for a member's bytes."""
+    from protocol.manifest import FileEntry
+
     return FileEntry(sha256=hashlib.sha256(data).hexdigest(), length=len(data))
 
 
@@ -74,8 +81,7 @@ def _read_member(tar: tarfile.TarFile, info: tarfile.TarInfo, limit: int) -> byt
         raise BundleFormatError(f"member {info.name!r} is truncated or corrupt: {exc}") from exc
 
 
-def read_manifest(source: BinaryIO) -> Manifest:
-    """Read and validate the manifest, the bundle's first member."""
+def _manifest_json(source: BinaryIO) -> bytes:
     tar = _open(source)
     try:
         first = tar.next()
@@ -83,11 +89,34 @@ def read_manifest(source: BinaryIO) -> Manifest:
         raise BundleFormatError(f"bundle is truncated or corrupt: {exc}") from exc
     if first is None or first.name != MANIFEST_MEMBER:
         raise BundleFormatError(f"the first member of a bundle must be {MANIFEST_MEMBER}")
-    raw = _read_member(tar, first, MAX_MANIFEST_BYTES)
+    return _read_member(tar, first, MAX_MANIFEST_BYTES)
+
+
+def read_manifest(source: BinaryIO) -> Manifest:
+    """Read and validate the manifest, the bundle's first member."""
+    from pydantic import ValidationError
+
+    from protocol.manifest import Manifest
+
+    raw = _manifest_json(source)
     try:
         return Manifest.model_validate_json(raw)
     except ValidationError as exc:
         raise BundleFormatError(f"manifest is invalid: {_first_error(exc)}") from exc
+
+
+def read_checked_manifest(source: BinaryIO) -> CheckedManifest:
+    """Read and check the manifest without pydantic: accepted and refused as :func:`read_manifest`.
+
+    The refusal names the same field in the same words (``protocol.manifest_check``).
+    """
+    from protocol.manifest_check import ManifestInvalid, check_manifest_json
+
+    raw = _manifest_json(source)
+    try:
+        return check_manifest_json(raw)
+    except ManifestInvalid as exc:
+        raise BundleFormatError(f"manifest is invalid: {exc}") from exc
 
 
 def read_bundle(source: BinaryIO) -> tuple[Manifest, dict[str, bytes]]:

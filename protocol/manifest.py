@@ -4,6 +4,11 @@ A bundle is a model file plus this manifest (and its golden vectors). The
 manifest is versioned by ``schema_version``; a reader refuses versions it does
 not know instead of guessing. Every field is validated on load, so a device
 never acts on a manifest that does not make sense.
+
+A device that only checks a manifest (``edge-agent verify``, the fetcher) reads
+it through :mod:`protocol.manifest_check`, the same rules without pydantic: a
+change here needs the same change there, and ``tests/unit/test_manifest_check.py``
+fails until the two accept and refuse the same documents.
 """
 
 from __future__ import annotations
@@ -119,7 +124,8 @@ class Baseline(_Strict):
                 raise ValueError("a calibration needs the top-score histogram (scores)")
             if self.calibration.classes != self.scores.classes:
                 raise ValueError("calibration.classes differ from scores.classes")
-            if self.calibration.bins != len(self.scores.counts[0]):
+            # An empty histogram has no bins to compare: refused, not an IndexError.
+            if not self.scores.counts or self.calibration.bins != len(self.scores.counts[0]):
                 raise ValueError("calibration and scores have different numbers of score bins")
         return self
 

@@ -13,11 +13,9 @@ bytes) is the caller's, through python-tuf.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
-
-from protocol.manifest import Manifest
 
 
 class Released(Protocol):
@@ -34,6 +32,22 @@ class Released(Protocol):
 
     @property
     def hardware_ids(self) -> tuple[str, ...]: ...
+
+
+class Described(Protocol):
+    """A manifest as :func:`manifest_disagreement` reads it (the model or the device's check)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def version(self) -> str: ...
+
+    @property
+    def release_counter(self) -> int: ...
+
+    @property
+    def hardware_ids(self) -> Sequence[str]: ...
 
 
 _Signed = TypeVar("_Signed", bound=Released)
@@ -73,7 +87,7 @@ def signed_fields(target_path: str, custom: Mapping[str, Any] | None) -> SignedF
         ) from None
 
 
-def manifest_disagreement(manifest: Manifest, signed: Released) -> str | None:
+def manifest_disagreement(manifest: Described, signed: Released) -> str | None:
     """What the manifest inside signed bytes contradicts in the signed fields, or ``None``.
 
     Name, version, release counter and hardware ids must be the same (the

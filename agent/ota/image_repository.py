@@ -49,8 +49,8 @@ from agent.ota.errors import (
 )
 from agent.ota.identity import Hasher, bundle_id, is_verifiable, new_hash
 from agent.ota.transport import FetchConfig, RepositoryFetcher, Stream, is_local, local_path
-from protocol.bundle import BundleFormatError, read_manifest
-from protocol.manifest import Manifest
+from protocol.bundle import BundleFormatError, read_checked_manifest
+from protocol.manifest_check import CheckedManifest
 from protocol.signed_bundle import (
     SignedFieldsError,
     manifest_disagreement,
@@ -449,11 +449,14 @@ def check_counter(bundle: BundleTarget, installed_counter: int) -> None:
         )
 
 
-def open_verified_manifest(path: Path, bundle: BundleTarget) -> Manifest:
-    """Read a downloaded bundle's manifest and check it says what the metadata signed."""
+def open_verified_manifest(path: Path, bundle: BundleTarget) -> CheckedManifest:
+    """Read a downloaded bundle's manifest and check it says what the metadata signed.
+
+    Checked without pydantic (``protocol.manifest_check``), so verifying builds no models.
+    """
     try:
         with path.open("rb") as f:
-            manifest = read_manifest(f)
+            manifest = read_checked_manifest(f)
     except BundleFormatError as exc:
         raise ManifestMismatch(f"{bundle.path}: {exc}") from None
     if (problem := manifest_disagreement(manifest, bundle)) is not None:

@@ -11,7 +11,7 @@ from agent.ota.image_repository import (
     open_verified_manifest,
 )
 from agent.ota.transport import FetchConfig
-from protocol.manifest import Manifest
+from protocol.manifest_check import CheckedManifest
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,7 @@ class VerifiedBundle:
 
     path: Path
     target: BundleTarget
-    manifest: Manifest
+    manifest: CheckedManifest
 
 
 def verify_bundle(
