@@ -306,10 +306,15 @@ class LocalApi:
                         assert isinstance(refusal, Malformed)
                         return error_response(refusal.status, refusal.message, close=True)
                     if conn.at_eof:
+                        whole = (
+                            "a chunked body"
+                            if request.chunked
+                            else f"a body of {request.content_length} bytes"
+                        )
                         return error_response(
                             400,
-                            f"malformed HTTP request: the connection ended {seen} bytes "
-                            "into the request body",
+                            f"malformed HTTP request: the client stopped sending after "
+                            f"{seen} bytes of {whole}",
                             close=True,
                         )
                     await conn.wait(self.read_timeout_s)
