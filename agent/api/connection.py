@@ -119,6 +119,8 @@ class HttpConnection(asyncio.BufferedProtocol):
         self._counting_reads = False
         self._parsing: Request | None = None  # the request whose body is being parsed
         self._waiter: asyncio.Future[None] | None = None
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
         self._drained: asyncio.Future[None] | None = None
         self._reading_paused = False
         self._writing_paused = False
@@ -293,12 +295,28 @@ class HttpConnection(asyncio.BufferedProtocol):
         if self._reading_paused and self.transport is not None:
             self._reading_paused = False
             self.transport.resume_reading()
-        timer = self._loop.call_later(timeout_s, _expire, waiter)
+        # One timer per connection, moved only when a wait must end sooner than it fires:
+        # most waits end long before their deadline, and cost no timer of their own.
+        deadline = self._deadline = self._loop.time() + timeout_s
+        timer = self._timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = self._loop.call_at(deadline, self._on_timer)
         try:
             await waiter
         finally:
-            timer.cancel()
             self._waiter = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # the next wait sets a timer of its own
+        if self._loop.time() >= self._deadline:
+            waiter.set_exception(TimeoutError())
+        else:
+            self._timer = self._loop.call_at(self._deadline, self._on_timer)
 
     def write(self, data: bytes) -> None:
         """Send ``data`` (one ``send()`` when the socket takes it whole)."""
@@ -337,6 +355,9 @@ class HttpConnection(asyncio.BufferedProtocol):
 
     def close(self) -> None:
         """Close the connection; what is still unsent is dropped."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self.transport is None:
             return
         if self.transport.get_write_buffer_size():
