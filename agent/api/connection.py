@@ -14,7 +14,7 @@ lengths, a transfer coding other than chunked) is queued as a
 the connection is parsed after it. A head over ``max_head_bytes`` is refused
 the same way (431); its bytes are counted as they arrive, whole reads at a
 time once a head spans reads, and header by header within the read that
-began it, so a head is held to ``max_head_bytes`` plus one read.
+began it: the limit holds to within one read (4 KB while a head is awaited).
 """
 
 from __future__ import annotations
@@ -44,7 +44,18 @@ class Request(h11.Request):
     pairs. ``complete`` once the whole body has come.
     """
 
-    __slots__ = ("body", "chunked", "complete", "content_length", "expect_continue", "keep_alive")
+    __slots__ = (
+        "body",
+        "chunked",
+        "complete",
+        "content_length",
+        "expect_continue",
+        "has_host",
+        "keep_alive",
+    )
+    # Not frozen as h11's events are: the body and its state change as it arrives, and
+    # the dataclass's checking __setattr__ would cost a call for each of them.
+    __setattr__ = object.__setattr__
 
     def __init__(
         self,
@@ -57,7 +68,7 @@ class Request(h11.Request):
     ) -> None:
         object.__setattr__(self, "method", method)
         object.__setattr__(self, "target", target)
-        object.__setattr__(self, "headers", headers)
+        object.__setattr__(self, "headers", headers)  # pairs, as h11's Headers iterate
         object.__setattr__(self, "http_version", http_version)
         self.keep_alive = keep_alive
         self.body = bytearray()
@@ -65,8 +76,11 @@ class Request(h11.Request):
         self.content_length: int | None = None
         self.chunked = False
         self.expect_continue = False
+        self.has_host = False
         for name, value in headers:
-            if name == b"content-length":
+            if name == b"host":
+                self.has_host = True
+            elif name == b"content-length":
                 self.content_length = int(value)  # llhttp checked it is a number, and one
             elif name == b"transfer-encoding":
                 self.chunked = b"chunked" in value.lower()
@@ -190,8 +204,6 @@ class HttpConnection(asyncio.BufferedProtocol):
 
     def _count_head(self, size: int) -> None:
         """Count ``size`` bytes of the head in the read that began it; refuse it when over."""
-        if self._counting_reads:
-            return
         self._head_bytes += size
         if self._head_bytes > self._max_head_bytes:
             self._refuse(self._head_too_large())
@@ -235,11 +247,13 @@ class HttpConnection(asyncio.BufferedProtocol):
 
     def on_url(self, url: bytes) -> None:
         self._target += url
-        self._count_head(len(url))
+        if not self._counting_reads:
+            self._count_head(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name.lower(), value))
-        self._count_head(len(name) + len(value) + 4)
+        if not self._counting_reads:
+            self._count_head(len(name) + len(value) + 4)
 
     def on_headers_complete(self) -> None:
         parser = self._parser
@@ -253,7 +267,7 @@ class HttpConnection(asyncio.BufferedProtocol):
             keep_alive=version == "1.1" and parser.should_keep_alive(),
         )
         self._in_head = False
-        if version == "1.1" and not any(name == b"host" for name, _ in self._headers):
+        if version == "1.1" and not request.has_host:
             self._refuse(Malformed(400, "malformed HTTP request: Missing mandatory Host: header"))
             raise _HeadRefused
         self._parsing = request
