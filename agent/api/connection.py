@@ -160,10 +160,8 @@ class HttpConnection(asyncio.BufferedProtocol):
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-        elif not self._reading_paused and self.transport is not None:
-            # Nobody waits for bytes now: leave the next ones in the kernel.
-            self._reading_paused = True
-            self.transport.pause_reading()
+        else:  # nobody waits for bytes now: leave the next ones in the kernel
+            self._pause_reading()
 
     def _parse(self, nbytes: int) -> None:
         spans = self._in_head
@@ -295,7 +293,16 @@ class HttpConnection(asyncio.BufferedProtocol):
             if self.at_eof or self.broken:
                 return None
             await self.wait(timeout_s)
-        return self.requests.popleft()
+        request = self.requests.popleft()
+        if isinstance(request, Request) and not request.complete:
+            # Its body waits in the kernel until the request is admitted and reads it.
+            self._pause_reading()
+        return request
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
 
     def reading_body(self, reading: bool) -> None:
         """Read in large pieces (an admitted body is read) or small ones (a head is awaited)."""

@@ -338,3 +338,55 @@ def test_an_idle_connection_is_closed_after_the_idle_timeout() -> None:
         assert [s for s, _, _ in responses(data)] == [200]
     finally:
         server.close()
+
+
+# -- a body waiting for admission waits in the kernel, not in the process ---------------------
+
+
+def unread_bytes(server_port: int, client_port: int) -> int:
+    """What the kernel holds unread for the server's end of a loopback connection."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = fields[1], fields[2]
+        if int(local.split(":")[1], 16) == server_port and (
+            int(remote.split(":")[1], 16) == client_port
+        ):
+            return int(fields[4].split(":")[1], 16)
+    raise AssertionError(f"no connection {server_port} <- {client_port} in /proc/net/tcp")
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs /proc/net/tcp")
+def test_the_body_of_a_request_waiting_for_room_stays_in_the_kernel(
+    bundles: dict[str, Path],
+) -> None:
+    from agent.api import ApiLimits
+    from agent.api.admission import request_cost
+
+    with bundles["v2"].open("rb") as f:
+        manifest = read_bundle(f)[0]
+    chain = FallbackChain(ModelSlot(manifest, default_runtime().load(MODELS / "v2.tflite")))
+    request = infer_request(slice(0, 64))  # about 20 KB, five times one read of a head
+    head, _, body = request.partition(b"\r\n\r\n")
+    head += b"\r\n\r\n"
+    limits = ApiLimits(
+        max_body_bytes=len(body),
+        max_inflight_bytes=request_cost(len(body)),  # room for one such request
+        admission_wait_s=30,
+    )
+    server = Served(chain, limits=limits)
+    try:
+        with server.connect() as first, server.connect() as second:
+            first.sendall(head + body[:100])  # admitted; holds the room until answered
+            time.sleep(0.3)
+            second.sendall(head + body)  # waits for room
+            time.sleep(0.3)
+            # At most the one read that brought the head (4 KB) left the kernel.
+            assert unread_bytes(server.port, second.getsockname()[1]) >= len(request) - 4096
+            first.sendall(body[100:])
+            first.shutdown(socket.SHUT_WR)
+            second.shutdown(socket.SHUT_WR)
+            answers = [responses(read_to_end(first)), responses(read_to_end(second))]
+        assert [[status for status, _, _ in a] for a in answers] == [[200], [200]]
+        assert json.loads(answers[1][0][2])["outputs"][0]["shape"] == [64, 4]
+    finally:
+        server.close()
