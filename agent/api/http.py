@@ -2,11 +2,12 @@
 
 What each route answers is in :mod:`agent.api.routes`; what the API admits,
 in :mod:`agent.api.admission`. This module serves connections: HTTP/1.1 with
-keep-alive, one asyncio task per connection, parsed by h11: no web framework,
-to keep the device process small (aiohttp alone would cost ~17 MB of a 64 MB
-budget). Sockets are read with explicit sizes (``sock_recv``), never by a
-transport that reads ahead: a request's body stays in the kernel's socket
-buffer until the request is admitted.
+keep-alive and pipelining, one asyncio task per connection over a transport
+whose bytes llhttp parses (:mod:`agent.api.connection`): no web framework, to
+keep the device process small (aiohttp alone would cost ~17 MB of a 64 MB
+budget). Reading stops while a request waits for admission: its body stays
+in the kernel's socket buffer until it is admitted. A connection beyond
+``max_connections`` is answered on the bare socket, without reading it.
 """
 
 from __future__ import annotations
@@ -20,10 +21,16 @@ from http import HTTPStatus
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
-import h11
-
 from agent.api.admission import Admission, ApiLimits
 from agent.api.charges import Charge, RequestCharges
+from agent.api.connection import (
+    BODY_READ,
+    LINGER_READ_S,
+    LINGER_TOTAL_S,
+    HttpConnection,
+    Malformed,
+    Request,
+)
 from agent.api.inprocess import ChainProvider
 from agent.api.responses import Response, error_response, raw_busy_response
 from agent.api.routes import InferenceRoutes
@@ -34,20 +41,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _MAX_HEADER_BYTES = 16 * 1024
-# A request head is read in small pieces, so that little of a body not yet
-# admitted comes with it; an admitted body in larger ones.
-_HEAD_READ = 4096
-_BODY_READ = 65536
-# A connection closed with unread data in its receive buffer is reset, and a
-# reset can destroy the response just sent: before closing, what the client
-# still sends is read and thrown away (a "lingering close"), for a bounded time.
-_LINGER_READ_S = 5.0  # a client on a busy device may pause between writes
-_LINGER_TOTAL_S = 10.0
 # Connections beyond max_connections answered 503 at a time; more wait,
 # unaccepted, in the kernel's listen queue (they cost the process nothing there).
 _MAX_TURNING_AWAY = 256
 _LISTEN_BACKLOG = 1024
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class LocalApi:
@@ -85,7 +84,9 @@ class LocalApi:
         self._accepting: asyncio.Task[None] | None = None
         self._connections: set[asyncio.Task[None]] = set()
         self._turning_away = asyncio.Semaphore(_MAX_TURNING_AWAY)
-        self._discard = bytearray(_BODY_READ)  # shared: what is read into it is never looked at
+        self._discard = bytearray(BODY_READ)  # shared: what is read into it is never looked at
+        # Shared by every connection: each read is parsed as soon as it is made.
+        self._read_buffer = memoryview(bytearray(BODY_READ))
         self._busy = raw_busy_response(
             f"the local API serves {self.limits.max_connections} connections at a time and all "
             f"are busy; retry after {self.limits.retry_after_s} s",
@@ -201,20 +202,19 @@ class LocalApi:
         loop = asyncio.get_running_loop()
         with contextlib.suppress(OSError, TimeoutError):
             sock.shutdown(socket.SHUT_WR)
-            async with asyncio.timeout(_LINGER_TOTAL_S):
+            async with asyncio.timeout(LINGER_TOTAL_S):
                 while True:
-                    async with asyncio.timeout(_LINGER_READ_S):
+                    async with asyncio.timeout(LINGER_READ_S):
                         if await loop.sock_recv_into(sock, self._discard) == 0:
                             return
 
     async def _connection(self, sock: socket.socket) -> None:
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEADER_BYTES)
+        conn = HttpConnection(self._read_buffer, _MAX_HEADER_BYTES)
         try:
-            while True:
-                if not await self._exchange(conn, sock):
-                    return
-                conn.start_next_cycle()
-        except (ConnectionError, TimeoutError, h11.LocalProtocolError):
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: conn, sock)
+            while await self._exchange(conn):
+                pass
+        except (ConnectionError, TimeoutError):
             return
         except asyncio.CancelledError:
             # close() cancels open connections; ending quietly keeps asyncio from
@@ -224,89 +224,100 @@ class LocalApi:
         except Exception:
             logger.exception("the local API failed on a connection")
         finally:
-            sock.close()
+            if conn.transport is None:
+                sock.close()
+            conn.close()
             self.admission.close_connection()
 
-    async def _exchange(self, conn: h11.Connection, sock: socket.socket) -> bool:
+    async def _exchange(self, conn: HttpConnection) -> bool:
         """Serve one request; whether the connection stays open for the next."""
-        head = False
+        try:
+            request = await conn.next_request(self.idle_timeout_s)
+        except TimeoutError:
+            return False
+        if request is None:
+            return False
+        if isinstance(request, Malformed):
+            await self._send(conn, error_response(request.status, request.message, close=True))
+            await conn.linger()
+            return False
         charge = Charge()
         try:
-            try:
-                try:
-                    event = await self._next_event(conn, sock, self.idle_timeout_s, _HEAD_READ)
-                except TimeoutError:
-                    return False
-                if not isinstance(event, h11.Request):
-                    return False
-                head = event.method == b"HEAD"
-                refused = await self._admit(conn, sock, event, charge)
-                if refused is not None:
-                    response = refused
-                else:
-                    body = await self._read_body(conn, sock, charge, chunked=_chunked(event))
-                    if body is None:
-                        return False
-                    response = (
-                        body
-                        if isinstance(body, Response)
-                        else await self._routes.dispatch(
-                            event, body, lambda b: self._charges.charge_parse(charge, b)
-                        )
+            refused = await self._admit(conn, request, charge)
+            if refused is not None:
+                response = refused
+            else:
+                body = await self._read_body(conn, request, charge)
+                response = (
+                    body
+                    if isinstance(body, Response)
+                    else await self._routes.dispatch(
+                        request, body, lambda b: self._charges.charge_parse(charge, b)
                     )
-            except h11.RemoteProtocolError as exc:
-                if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-                    return False
-                response = error_response(
-                    exc.error_status_hint, f"malformed HTTP request: {exc}", close=True
                 )
-            await self._send(conn, sock, response, head=head)
+            keep = request.keep_alive and request.complete and not response.close
+            await self._send(conn, response, head=request.method == b"HEAD", close=not keep)
         finally:
             self._charges.release(charge)
-        if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
-            await self._linger(sock)
-            return False
-        return True
+        if not keep:
+            await conn.linger()
+        return keep
 
     async def _admit(
-        self, conn: h11.Connection, sock: socket.socket, request: h11.Request, charge: Charge
+        self, conn: HttpConnection, request: Request, charge: Charge
     ) -> Response | None:
         """Charge ``request``'s body to ``charge`` (nothing without one); the refusal to send."""
-        length = _content_length(request)
-        chunked = _chunked(request)
+        length, chunked = request.content_length, request.chunked
         if refused := await self._charges.admit(charge, length, chunked=chunked):
             return refused
-        if (chunked or length) and conn.they_are_waiting_for_100_continue:
-            go_on = conn.send(h11.InformationalResponse(status_code=100, headers=[]))
-            await self._write(sock, go_on)
+        if (chunked or length) and request.expect_continue and not request.body:
+            conn.write(_CONTINUE)
         return None
 
     async def _read_body(
-        self, conn: h11.Connection, sock: socket.socket, charge: Charge, *, chunked: bool
-    ) -> bytearray | Response | None:
-        """The request's body; a response to send instead; ``None`` to hang up.
+        self, conn: HttpConnection, request: Request, charge: Charge
+    ) -> bytearray | Response:
+        """The request's body, or a response to send instead.
 
         The whole body must arrive within ``body_timeout_s`` (each read within
         ``read_timeout_s``); a chunked body's charge grows with it.
         """
-        body = bytearray()
+        body = request.body
+        if request.complete and not request.chunked:  # came whole with its head
+            return body
         limits = self.limits
+        seen = 0
+        conn.reading_body(True)
         try:
             async with asyncio.timeout(limits.body_timeout_s):
                 while True:
-                    part = await self._next_event(conn, sock, self.read_timeout_s, _BODY_READ)
-                    if isinstance(part, h11.Data):
-                        body += part.data
-                        if not self.admission.body_allowed(len(body)):
+                    if len(body) > seen:
+                        seen = len(body)
+                        if not self.admission.body_allowed(seen):
                             return self._charges.too_large()
                         # What has come is charged before more is read (at most one read
-                        # of _BODY_READ is in memory uncharged).
-                        if chunked and (refused := await self._charges.grow(charge, len(body))):
+                        # of BODY_READ is in memory uncharged).
+                        if request.chunked and (refused := await self._charges.grow(charge, seen)):
                             return refused
-                    elif isinstance(part, h11.EndOfMessage):
+                    if request.complete:
                         return body
-                    else:
-                        return None
+                    if conn.broken:  # the parser refused the rest of the body
+                        refusal = conn.requests.pop()
+                        assert isinstance(refusal, Malformed)
+                        return error_response(refusal.status, refusal.message, close=True)
+                    if conn.at_eof:
+                        whole = (
+                            "a chunked body"
+                            if request.chunked
+                            else f"a body of {request.content_length} bytes"
+                        )
+                        return error_response(
+                            400,
+                            f"malformed HTTP request: the client stopped sending after "
+                            f"{seen} bytes of {whole}",
+                            close=True,
+                        )
+                    await conn.wait(self.read_timeout_s)
         except TimeoutError:
             self.admission.refuse("body_timeout")
             return error_response(
@@ -316,18 +327,8 @@ class LocalApi:
                 f"{len(body)} bytes came",
                 close=True,
             )
-
-    async def _next_event(
-        self, conn: h11.Connection, sock: socket.socket, timeout_s: float, size: int
-    ) -> object:
-        loop = asyncio.get_running_loop()
-        while True:
-            event = conn.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            async with asyncio.timeout(timeout_s):
-                data = await loop.sock_recv(sock, size)
-            conn.receive_data(data)
+        finally:
+            conn.reading_body(False)
 
     async def _write(self, sock: socket.socket, data: bytes) -> None:
         try:  # a response that fits the socket's send buffer goes in one send(), no timer
@@ -339,36 +340,21 @@ class LocalApi:
                 await asyncio.get_running_loop().sock_sendall(sock, memoryview(data)[sent:])
 
     async def _send(
-        self,
-        conn: h11.Connection,
-        sock: socket.socket,
-        response: Response,
-        *,
-        head: bool = False,
+        self, conn: HttpConnection, response: Response, *, head: bool = False, close: bool = True
     ) -> None:
-        headers = [
-            ("Content-Type", response.content_type),
-            ("Content-Length", str(len(response.body))),
-            *response.headers,
-        ]
-        if response.close:
-            headers.append(("Connection", "close"))
+        """Write ``response`` whole, in one write; ``close``: the connection ends after it."""
         reason = _REASONS.get(response.status) or HTTPStatus(response.status).phrase.encode()
-        parts = [
-            conn.send(h11.Response(status_code=response.status, headers=headers, reason=reason))
+        body = response.body
+        lines = [
+            b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+            % (response.status, reason, response.content_type.encode(), len(body))
         ]
+        for name, value in response.headers:
+            lines.append(f"{name}: {value}\r\n".encode())
+        if close:
+            lines.append(b"Connection: close\r\n")
+        lines.append(b"\r\n")
         if not head:
-            parts.append(conn.send(h11.Data(data=response.body)))
-        parts.append(conn.send(h11.EndOfMessage()))
-        await self._write(sock, b"".join(p for p in parts if p is not None))
-
-
-def _content_length(request: h11.Request) -> int | None:
-    for key, value in request.headers:
-        if key == b"content-length":
-            return int(value)
-    return None
-
-
-def _chunked(request: h11.Request) -> bool:
-    return any(k == b"transfer-encoding" and b"chunked" in v.lower() for k, v in request.headers)
+            lines.append(body)
+        conn.write(b"".join(lines))
+        await conn.drain(self.read_timeout_s)
