@@ -4,7 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # Test processes (pytest-xdist); each test module runs whole in one of them, in the
-# order collected, so the few long end-to-end modules start first instead of last.
+# order collected: tests/conftest.py collects the longest modules first (LONGEST), so
+# that none starts when the other processes are nearly done.
 TEST_WORKERS ?= 2
 
 .PHONY: demo test test-fast test-browser lint bench images clean

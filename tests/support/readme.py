@@ -20,13 +20,17 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parents[2]
 README_PORTS = (8080, 8090, 8500, 8501)
 _FENCE = re.compile(r"^```(\S*)\s*$")
+SCRIPT_TIMEOUT_S = 600
 
 
 @dataclass(frozen=True)
@@ -120,3 +124,76 @@ def uncommitted_readme() -> bool:
         check=False,
     )
     return bool(out.stdout.strip())
+
+
+def user_environment(home: Path) -> dict[str, str]:
+    """A new user's shell: no virtual environment active, no edgefleet variables, own HOME."""
+    venv_bin = str(REPO / ".venv" / "bin")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("EDGEFLEET_", "VIRTUAL_ENV", "PYTEST_", "PYTHON"))
+    }
+    env["PATH"] = os.pathsep.join(
+        p for p in env.get("PATH", "").split(os.pathsep) if p and Path(p) != Path(venv_bin)
+    )
+    env["HOME"] = str(home)
+    return env
+
+
+class Ran(NamedTuple):
+    code: int
+    output: str
+    left_running: bool  # something the script started was still running when it ended
+
+
+def run_script(script: str, cwd: Path, env: dict[str, str], log: Path) -> Ran:
+    """Run ``script`` with bash; whatever it left running in the background is stopped after."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            ["bash", "-c", script],
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        left_running = False
+        try:
+            code = proc.wait(SCRIPT_TIMEOUT_S)
+            left_running = alive(proc.pid)
+        except subprocess.TimeoutExpired:
+            code = -1
+        finally:
+            stop_group(proc.pid)
+    return Ran(code, log.read_text(errors="replace"), left_running)
+
+
+def alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def stop_group(pgid: int) -> None:
+    """SIGTERM what is left in the process group, then SIGKILL what has not stopped in 10 s."""
+    deadline = time.monotonic() + 10
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            os.killpg(pgid, 0)
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def clone_logs(clone: Path) -> str:
+    """The tails of the logs the walk-through's background processes wrote in the clone."""
+    return "".join(
+        f"\n--- {log.name} ---\n" + log.read_text(errors="replace")[-3000:]
+        for log in sorted(clone.glob("*.log"))
+    )

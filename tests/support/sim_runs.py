@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -52,3 +53,20 @@ def assert_passed(done: subprocess.CompletedProcess[str], report: Any) -> None:
     assert report["passed"] is True
     assert set(checks_of(report)) == set(CHECKS)
     assert all(c["passed"] for c in report["checks"]), said
+
+
+def run_short(tmp_path: Path, name: str) -> tuple[subprocess.CompletedProcess[str], Any]:
+    """``fleet-sim run NAME.toml --short``: every check passed, every request answered, every
+    window stored, a sample a second in the report and the CSV alike."""
+    done, report = fleet_sim(tmp_path, str(SCENARIOS / f"{name}.toml"), "--short")
+    assert_passed(done, report)
+    assert report["scenario"] == name and report["mode"] == "real"
+    figures = report["figures"]
+    assert figures["requests"] == figures["answered"] > 0
+    assert figures["windows_stored"] == figures["windows_produced"] > 0
+    with (tmp_path / "series.csv").open() as rows:
+        series = list(csv.DictReader(rows))
+    assert len(series) == len(report["series"]) >= 10
+    assert int(series[-1]["windows_stored"]) == figures["windows_stored"]
+    assert ": passed" in done.stdout
+    return done, report
