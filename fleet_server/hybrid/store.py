@@ -6,7 +6,7 @@ from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any, Final
 
-from sqlalchemy import bindparam, delete, select, update
+from sqlalchemy import JSON, BigInteger, bindparam, cast, delete, func, select, type_coerce, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -21,6 +21,8 @@ from fleet_server.hybrid.aggregates import (
     delta_of,
     row_values,
 )
+from protocol.hybrid import CONFIDENCE_BINS
+from protocol.summary import SCORE_BIN_COUNT
 
 _CHUNK = 500
 _KEY_COLUMNS = ("device_id", "plan_id", "hour")
@@ -99,26 +101,82 @@ def _update(added: Sequence[str]) -> Any:
     )
 
 
+# The JSON columns a database adds to by itself: histograms of a fixed number of bins.
+_BINS: Final = {"scores": SCORE_BIN_COUNT, "confidence": CONFIDENCE_BINS}
+
+
+def _summed_upsert(session: AsyncSession) -> Any:
+    """``INSERT ... ON CONFLICT`` of a row's sums, added to a stored row by the database:
+    counts summed, the later ``last_end`` and the larger ``score_classes`` kept, the
+    fixed-bin histograms (:data:`_BINS`) added bin by bin. For deltas that add nothing
+    to the other JSON columns (:data:`_READ_BACK`), which it leaves as stored."""
+    postgres = session.bind is not None and session.bind.dialect.name == "postgresql"
+    statement = _insert(session)(_STATS)
+    new, t = statement.excluded, _STATS.c
+    greatest = func.greatest if postgres else func.max
+    summed: dict[str, Any] = {
+        c.name: t[c.name] + new[c.name]
+        for c in _READ
+        if c.name not in (*_KEY_COLUMNS, "last_end", "score_classes")
+    }
+    summed["last_end"] = greatest(t.last_end, new.last_end)
+    summed["score_classes"] = greatest(t.score_classes, new.score_classes)
+    for name, bins in _BINS.items():
+        summed[name] = _bins_added(t[name], new[name], bins, postgres=postgres)
+    return statement.on_conflict_do_update(index_elements=list(_KEY_COLUMNS), set_=summed)
+
+
+def _bins_added(stored: Any, added: Any, bins: int, *, postgres: bool) -> Any:
+    """Two JSON arrays of ``bins`` integers added element by element, as a JSON array."""
+    if postgres:
+        items = [
+            cast(stored.op("->>")(i), BigInteger) + cast(added.op("->>")(i), BigInteger)
+            for i in range(bins)
+        ]
+        return type_coerce(func.json_build_array(*items), JSON)
+    items = [
+        func.json_extract(stored, f"$[{i}]") + func.json_extract(added, f"$[{i}]")
+        for i in range(bins)
+    ]
+    return type_coerce(func.json_array(*items), JSON)
+
+
+# JSON columns a database does not add to (maps and sparse pairs): a row a batch adds to
+# one of them is read, summed here and written back.
+_READ_BACK: Final = tuple(name for name in JSON_COLUMNS if name not in _BINS)
+
+
 async def add_to_hybrid_stats(session: AsyncSession, deltas: Sequence[HybridDelta]) -> None:
     """Add ``deltas`` to their rows, creating those that do not exist yet.
 
-    A read, a sum and a write per row: the caller holds the row locks of the
-    deltas' devices (ingest's batch writer does), so two replicas never add to
-    one row at once. Rows are written in key order, new rows first. A stored
-    row's histogram and error columns (JSON) that none of the deltas adds to
-    are neither read nor written: they stay as they are, which is what adding
-    nothing to them would write. The values written are those of
-    :func:`~fleet_server.hybrid.aggregates.combine` of the stored row and the deltas.
+    The deltas are summed per row first. A row whose sum adds nothing to its
+    error counts or latencies (:data:`_READ_BACK`; every row of windows without a
+    hybrid section) is added to by the database (:func:`_summed_upsert`), not read.
+    The others are read, summed here and written: a stored row's JSON columns that
+    none of the deltas adds to are neither read nor written. The caller holds the
+    row locks of the deltas' devices (ingest's batch writer does), so two replicas
+    never add to one row at once; rows are written in key order. The values written
+    are those of :func:`~fleet_server.hybrid.aggregates.combine` of the stored row
+    and the deltas.
     """
     merged = combine_all(deltas)
     if not merged:
         return
     keys: list[Key] = sorted(merged)
-    added = [name for name in JSON_COLUMNS if any(d.adds_to(name) for d in merged.values())]
-    stored = await _stored(session, keys, added)
+    read = [k for k in keys if any(merged[k].adds_to(name) for name in _READ_BACK)]
+    connection = await session.connection()
+    if len(read) < len(keys):
+        wanted = set(read)
+        await connection.execute(
+            _summed_upsert(session), [row_values(merged[k]) for k in keys if k not in wanted]
+        )
+    if not read:
+        return
+    added = [name for name in JSON_COLUMNS if any(merged[k].adds_to(name) for k in read)]
+    stored = await _stored(session, read, added)
     new: list[dict[str, object]] = []
     updates: list[dict[str, object]] = []
-    for key in keys:
+    for key in read:
         before = stored.get(key)
         if before is None:
             new.append(row_values(merged[key]))
@@ -126,7 +184,6 @@ async def add_to_hybrid_stats(session: AsyncSession, deltas: Sequence[HybridDelt
             values = added_values(before, merged[key], added)
             values["key_device_id"], values["key_plan_id"], values["key_hour"] = key
             updates.append(values)
-    connection = await session.connection()
     if new:
         await connection.execute(_upsert(session), new)
     if updates:
