@@ -6,7 +6,19 @@ from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any, Final
 
-from sqlalchemy import JSON, BigInteger, bindparam, cast, delete, func, select, type_coerce, update
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    bindparam,
+    case,
+    cast,
+    delete,
+    func,
+    null,
+    select,
+    type_coerce,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -127,23 +139,39 @@ def _summed_upsert(session: AsyncSession) -> Any:
 
 
 def _bins_added(stored: Any, added: Any, bins: int, *, postgres: bool) -> Any:
-    """Two JSON arrays of ``bins`` integers added element by element, as a JSON array."""
+    """Two JSON arrays of ``bins`` integers added element by element, as a JSON array;
+    ``NULL`` if the stored one has another length, which the column refuses: a batch
+    adding to such a row fails, as adding two histograms of other layouts does
+    (:func:`~fleet_server.hybrid.aggregates.combine`)."""
     if postgres:
         items = [
             cast(stored.op("->>")(i), BigInteger) + cast(added.op("->>")(i), BigInteger)
             for i in range(bins)
         ]
-        return type_coerce(func.json_build_array(*items), JSON)
-    items = [
-        func.json_extract(stored, f"$[{i}]") + func.json_extract(added, f"$[{i}]")
-        for i in range(bins)
-    ]
-    return type_coerce(func.json_array(*items), JSON)
+        summed = func.json_build_array(*items)
+    else:
+        items = [
+            func.json_extract(stored, f"$[{i}]") + func.json_extract(added, f"$[{i}]")
+            for i in range(bins)
+        ]
+        summed = func.json_array(*items)
+    return type_coerce(case((func.json_array_length(stored) == bins, summed), else_=null()), JSON)
 
 
 # JSON columns a database does not add to (maps and sparse pairs): a row a batch adds to
 # one of them is read, summed here and written back.
 _READ_BACK: Final = tuple(name for name in JSON_COLUMNS if name not in _BINS)
+
+
+def _summed_by_database(d: HybridDelta) -> bool:
+    """Whether the database adds ``d`` to its row: it adds nothing to :data:`_READ_BACK`,
+    and its histograms have their layouts' bins (what does not is read and refused by
+    :func:`~fleet_server.hybrid.aggregates.combine`, as before)."""
+    return (
+        len(d.scores) == SCORE_BIN_COUNT
+        and len(d.confidence) == CONFIDENCE_BINS
+        and not any(d.adds_to(name) for name in _READ_BACK)
+    )
 
 
 async def add_to_hybrid_stats(session: AsyncSession, deltas: Sequence[HybridDelta]) -> None:
@@ -163,7 +191,7 @@ async def add_to_hybrid_stats(session: AsyncSession, deltas: Sequence[HybridDelt
     if not merged:
         return
     keys: list[Key] = sorted(merged)
-    read = [k for k in keys if any(merged[k].adds_to(name) for name in _READ_BACK)]
+    read = [k for k in keys if not _summed_by_database(merged[k])]
     connection = await session.connection()
     if len(read) < len(keys):
         wanted = set(read)
