@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any, Final
@@ -14,6 +15,7 @@ from sqlalchemy import (
     cast,
     delete,
     func,
+    literal_column,
     null,
     select,
     type_coerce,
@@ -113,29 +115,42 @@ def _update(added: Sequence[str]) -> Any:
     )
 
 
-# The JSON columns a database adds to by itself: histograms of a fixed number of bins.
-_BINS: Final = {"scores": SCORE_BIN_COUNT, "confidence": CONFIDENCE_BINS}
-
-
-def _summed_upsert(session: AsyncSession) -> Any:
+def _summed_upsert(postgres: bool) -> Any:
     """``INSERT ... ON CONFLICT`` of a row's sums, added to a stored row by the database:
     counts summed, the later ``last_end`` and the larger ``score_classes`` kept, the
-    fixed-bin histograms (:data:`_BINS`) added bin by bin. For deltas that add nothing
-    to the other JSON columns (:data:`_READ_BACK`), which it leaves as stored."""
-    postgres = session.bind is not None and session.bind.dialect.name == "postgresql"
-    statement = _insert(session)(_STATS)
+    score histogram added bin by bin; the other JSON columns of a new row are empty,
+    and those of a stored row are left as they are (for deltas that add nothing to
+    them: :func:`_summed_by_database`). Made once per dialect: its constants are part
+    of the statement, not parameters that every row's parameter set would carry."""
+    statement = _insert_of(postgres)(_STATS).values(
+        {name: literal_column(f"'{text}'") for name, text in _EMPTY.items()}
+    )
     new, t = statement.excluded, _STATS.c
     greatest = func.greatest if postgres else func.max
-    summed: dict[str, Any] = {
-        c.name: t[c.name] + new[c.name]
-        for c in _READ
-        if c.name not in (*_KEY_COLUMNS, "last_end", "score_classes")
-    }
+    summed: dict[str, Any] = {name: t[name] + new[name] for name in _SUMMED}
     summed["last_end"] = greatest(t.last_end, new.last_end)
     summed["score_classes"] = greatest(t.score_classes, new.score_classes)
-    for name, bins in _BINS.items():
-        summed[name] = _bins_added(t[name], new[name], bins, postgres=postgres)
+    summed["scores"] = _bins_added(t.scores, new.scores, SCORE_BIN_COUNT, postgres=postgres)
     return statement.on_conflict_do_update(index_elements=list(_KEY_COLUMNS), set_=summed)
+
+
+def _insert_of(postgres: bool) -> Any:
+    return pg_insert if postgres else sqlite_insert
+
+
+# What a new row holds in the JSON columns a delta of the database's sums adds nothing to.
+_EMPTY: Final = {
+    "cloud_errors": "{}",
+    "local_latency": "[]",
+    "cloud_latency": "[]",
+    "confidence": json.dumps([0] * CONFIDENCE_BINS),
+}
+# The counts a database's sum adds, besides the key, last_end, score_classes and scores.
+_SUMMED: Final = tuple(
+    c.name
+    for c in _STATS.columns
+    if c.name not in (*_KEY_COLUMNS, *JSON_COLUMNS, "last_end", "score_classes")
+)
 
 
 def _bins_added(stored: Any, added: Any, bins: int, *, postgres: bool) -> Any:
@@ -145,41 +160,48 @@ def _bins_added(stored: Any, added: Any, bins: int, *, postgres: bool) -> Any:
     (:func:`~fleet_server.hybrid.aggregates.combine`)."""
     if postgres:
         items = [
-            cast(stored.op("->>")(i), BigInteger) + cast(added.op("->>")(i), BigInteger)
+            cast(stored.op("->>")(literal_column(str(i))), BigInteger)
+            + cast(added.op("->>")(literal_column(str(i))), BigInteger)
             for i in range(bins)
         ]
         summed = func.json_build_array(*items)
     else:
         items = [
-            func.json_extract(stored, f"$[{i}]") + func.json_extract(added, f"$[{i}]")
+            func.json_extract(stored, literal_column(f"'$[{i}]'"))
+            + func.json_extract(added, literal_column(f"'$[{i}]'"))
             for i in range(bins)
         ]
         summed = func.json_array(*items)
-    return type_coerce(case((func.json_array_length(stored) == bins, summed), else_=null()), JSON)
+    same = func.json_array_length(stored) == literal_column(str(bins))
+    return type_coerce(case((same, summed), else_=null()), JSON)
 
 
-# JSON columns a database does not add to (maps and sparse pairs): a row a batch adds to
-# one of them is read, summed here and written back.
-_READ_BACK: Final = tuple(name for name in JSON_COLUMNS if name not in _BINS)
+_SUMMED_UPSERT: Final = {postgres: _summed_upsert(postgres) for postgres in (False, True)}
 
 
 def _summed_by_database(d: HybridDelta) -> bool:
-    """Whether the database adds ``d`` to its row: it adds nothing to :data:`_READ_BACK`,
-    and its histograms have their layouts' bins (what does not is read and refused by
-    :func:`~fleet_server.hybrid.aggregates.combine`, as before)."""
-    return (
-        len(d.scores) == SCORE_BIN_COUNT
-        and len(d.confidence) == CONFIDENCE_BINS
-        and not any(d.adds_to(name) for name in _READ_BACK)
-    )
+    """Whether the database adds ``d`` to its row: it adds to no JSON column but the
+    score histogram, and that has the layout's bins (what does not is read and
+    refused by :func:`~fleet_server.hybrid.aggregates.combine`, as before)."""
+    return len(d.scores) == SCORE_BIN_COUNT and not any(map(d.adds_to, _EMPTY))
+
+
+def _summed_values(d: HybridDelta) -> dict[str, object]:
+    """The parameters of :func:`_summed_upsert` for ``d``."""
+    values: dict[str, object] = {name: getattr(d, name) for name in _SUMMED}
+    values["device_id"], values["plan_id"], values["hour"] = d.key
+    values["last_end"] = d.last_end
+    values["score_classes"] = d.score_classes
+    values["scores"] = list(d.scores)
+    return values
 
 
 async def add_to_hybrid_stats(session: AsyncSession, deltas: Sequence[HybridDelta]) -> None:
     """Add ``deltas`` to their rows, creating those that do not exist yet.
 
-    The deltas are summed per row first. A row whose sum adds nothing to its
-    error counts or latencies (:data:`_READ_BACK`; every row of windows without a
-    hybrid section) is added to by the database (:func:`_summed_upsert`), not read.
+    The deltas are summed per row first. A row whose sum adds to no JSON column
+    but its score histogram (every row of windows without a hybrid section) is
+    added to by the database (:func:`_summed_upsert`), not read.
     The others are read, summed here and written: a stored row's JSON columns that
     none of the deltas adds to are neither read nor written. The caller holds the
     row locks of the deltas' devices (ingest's batch writer does), so two replicas
@@ -195,8 +217,9 @@ async def add_to_hybrid_stats(session: AsyncSession, deltas: Sequence[HybridDelt
     connection = await session.connection()
     if len(read) < len(keys):
         wanted = set(read)
+        postgres = session.bind is not None and session.bind.dialect.name == "postgresql"
         await connection.execute(
-            _summed_upsert(session), [row_values(merged[k]) for k in keys if k not in wanted]
+            _SUMMED_UPSERT[postgres], [_summed_values(merged[k]) for k in keys if k not in wanted]
         )
     if not read:
         return

@@ -14,7 +14,16 @@ from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from sqlalchemy import LargeBinary, case, cast, func, select, type_coerce, update
+from sqlalchemy import (
+    LargeBinary,
+    case,
+    cast,
+    func,
+    literal_column,
+    select,
+    type_coerce,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -98,6 +107,11 @@ _HOURS: Final = DeviceHourStats.__table__
 
 
 def _upsert(session: AsyncSession) -> Any:
+    """:func:`_summed_upsert` of the session's dialect (made once for each)."""
+    return _SUMMED_UPSERT[_is_postgres(session)]
+
+
+def _summed_upsert(postgres: bool) -> Any:
     """``INSERT ... ON CONFLICT`` of a batch's sums per row, added to a stored row by the
     database: counts summed, extremes kept, histogram pairs appended.
 
@@ -107,7 +121,8 @@ def _upsert(session: AsyncSession) -> Any:
     so the row means what ``combine`` of the stored row and the batch would store.
     Scores over other classes than the stored row's are left out (see ``combine``).
     """
-    statement = _insert(session)(_HOURS)
+    insert: Any = pg_insert if postgres else sqlite_insert
+    statement = insert(_HOURS)
     new, t = statement.excluded, _HOURS.c
     summed: dict[str, Any] = {
         name: t[name] + new[name]
@@ -124,7 +139,7 @@ def _upsert(session: AsyncSession) -> Any:
         )
     }
     for name in ("shadow_requests", "shadow_agreements", "shadow_errors"):
-        summed[name] = func.coalesce(t[name], 0) + new[name]
+        summed[name] = func.coalesce(t[name], literal_column("0")) + new[name]
     summed["latency_min"] = _extreme(t.latency_min, new.latency_min, lower=True)
     summed["latency_max"] = _extreme(t.latency_max, new.latency_max, lower=False)
     summed["latency"] = _appended(t.latency, new.latency)
@@ -156,6 +171,9 @@ def _appended(stored: Any, added: Any) -> Any:
     """Packed pairs appended to stored ones (bytes on both dialects: SQLite's ``||`` makes
     text of blobs, cast back without changing a byte)."""
     return type_coerce(cast(stored.op("||")(added), LargeBinary), LargeBinary)
+
+
+_SUMMED_UPSERT: Final = {postgres: _summed_upsert(postgres) for postgres in (False, True)}
 
 
 async def add_to_hour_stats(
