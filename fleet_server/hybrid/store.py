@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any, Final
 
-from sqlalchemy import bindparam, delete, select, update
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    bindparam,
+    case,
+    cast,
+    delete,
+    func,
+    literal_column,
+    null,
+    select,
+    type_coerce,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -21,6 +35,8 @@ from fleet_server.hybrid.aggregates import (
     delta_of,
     row_values,
 )
+from protocol.hybrid import CONFIDENCE_BINS
+from protocol.summary import SCORE_BIN_COUNT
 
 _CHUNK = 500
 _KEY_COLUMNS = ("device_id", "plan_id", "hour")
@@ -99,26 +115,119 @@ def _update(added: Sequence[str]) -> Any:
     )
 
 
+def _summed_upsert(postgres: bool) -> Any:
+    """``INSERT ... ON CONFLICT`` of a row's sums, added to a stored row by the database:
+    counts summed, the later ``last_end`` and the larger ``score_classes`` kept, the
+    score histogram added bin by bin; the other JSON columns of a new row are empty,
+    and those of a stored row are left as they are (for deltas that add nothing to
+    them: :func:`_summed_by_database`). Made once per dialect: its constants are part
+    of the statement, not parameters that every row's parameter set would carry."""
+    statement = _insert_of(postgres)(_STATS).values(
+        {name: literal_column(f"'{text}'") for name, text in _EMPTY.items()}
+    )
+    new, t = statement.excluded, _STATS.c
+    greatest = func.greatest if postgres else func.max
+    summed: dict[str, Any] = {name: t[name] + new[name] for name in _SUMMED}
+    summed["last_end"] = greatest(t.last_end, new.last_end)
+    summed["score_classes"] = greatest(t.score_classes, new.score_classes)
+    summed["scores"] = _bins_added(t.scores, new.scores, SCORE_BIN_COUNT, postgres=postgres)
+    return statement.on_conflict_do_update(index_elements=list(_KEY_COLUMNS), set_=summed)
+
+
+def _insert_of(postgres: bool) -> Any:
+    return pg_insert if postgres else sqlite_insert
+
+
+# What a new row holds in the JSON columns a delta of the database's sums adds nothing to.
+_EMPTY: Final = {
+    "cloud_errors": "{}",
+    "local_latency": "[]",
+    "cloud_latency": "[]",
+    "confidence": json.dumps([0] * CONFIDENCE_BINS),
+}
+# The counts a database's sum adds, besides the key, last_end, score_classes and scores.
+_SUMMED: Final = tuple(
+    c.name
+    for c in _STATS.columns
+    if c.name not in (*_KEY_COLUMNS, *JSON_COLUMNS, "last_end", "score_classes")
+)
+
+
+def _bins_added(stored: Any, added: Any, bins: int, *, postgres: bool) -> Any:
+    """Two JSON arrays of ``bins`` integers added element by element, as a JSON array;
+    ``NULL`` if the stored one has another length, which the column refuses: a batch
+    adding to such a row fails, as adding two histograms of other layouts does
+    (:func:`~fleet_server.hybrid.aggregates.combine`)."""
+    if postgres:
+        items = [
+            cast(stored.op("->>")(literal_column(str(i))), BigInteger)
+            + cast(added.op("->>")(literal_column(str(i))), BigInteger)
+            for i in range(bins)
+        ]
+        summed = func.json_build_array(*items)
+    else:
+        items = [
+            func.json_extract(stored, literal_column(f"'$[{i}]'"))
+            + func.json_extract(added, literal_column(f"'$[{i}]'"))
+            for i in range(bins)
+        ]
+        summed = func.json_array(*items)
+    same = func.json_array_length(stored) == literal_column(str(bins))
+    return type_coerce(case((same, summed), else_=null()), JSON)
+
+
+_SUMMED_UPSERT: Final = {postgres: _summed_upsert(postgres) for postgres in (False, True)}
+
+
+def _summed_by_database(d: HybridDelta) -> bool:
+    """Whether the database adds ``d`` to its row: it adds to no JSON column but the
+    score histogram, and that has the layout's bins (what does not is read and
+    refused by :func:`~fleet_server.hybrid.aggregates.combine`, as before)."""
+    return len(d.scores) == SCORE_BIN_COUNT and not any(map(d.adds_to, _EMPTY))
+
+
+def _summed_values(d: HybridDelta) -> dict[str, object]:
+    """The parameters of :func:`_summed_upsert` for ``d``."""
+    values: dict[str, object] = {name: getattr(d, name) for name in _SUMMED}
+    values["device_id"], values["plan_id"], values["hour"] = d.key
+    values["last_end"] = d.last_end
+    values["score_classes"] = d.score_classes
+    values["scores"] = list(d.scores)
+    return values
+
+
 async def add_to_hybrid_stats(session: AsyncSession, deltas: Sequence[HybridDelta]) -> None:
     """Add ``deltas`` to their rows, creating those that do not exist yet.
 
-    A read, a sum and a write per row: the caller holds the row locks of the
-    deltas' devices (ingest's batch writer does), so two replicas never add to
-    one row at once. Rows are written in key order, new rows first. A stored
-    row's histogram and error columns (JSON) that none of the deltas adds to
-    are neither read nor written: they stay as they are, which is what adding
-    nothing to them would write. The values written are those of
-    :func:`~fleet_server.hybrid.aggregates.combine` of the stored row and the deltas.
+    The deltas are summed per row first. A row whose sum adds to no JSON column
+    but its score histogram (every row of windows without a hybrid section) is
+    added to by the database (:func:`_summed_upsert`), not read.
+    The others are read, summed here and written: a stored row's JSON columns that
+    none of the deltas adds to are neither read nor written. The caller holds the
+    row locks of the deltas' devices (ingest's batch writer does), so two replicas
+    never add to one row at once; rows are written in key order. The values written
+    are those of :func:`~fleet_server.hybrid.aggregates.combine` of the stored row
+    and the deltas.
     """
     merged = combine_all(deltas)
     if not merged:
         return
     keys: list[Key] = sorted(merged)
-    added = [name for name in JSON_COLUMNS if any(d.adds_to(name) for d in merged.values())]
-    stored = await _stored(session, keys, added)
+    read = [k for k in keys if not _summed_by_database(merged[k])]
+    connection = await session.connection()
+    if len(read) < len(keys):
+        wanted = set(read)
+        postgres = session.bind is not None and session.bind.dialect.name == "postgresql"
+        await connection.execute(
+            _SUMMED_UPSERT[postgres], [_summed_values(merged[k]) for k in keys if k not in wanted]
+        )
+    if not read:
+        return
+    added = [name for name in JSON_COLUMNS if any(merged[k].adds_to(name) for k in read)]
+    stored = await _stored(session, read, added)
     new: list[dict[str, object]] = []
     updates: list[dict[str, object]] = []
-    for key in keys:
+    for key in read:
         before = stored.get(key)
         if before is None:
             new.append(row_values(merged[key]))
@@ -126,7 +235,6 @@ async def add_to_hybrid_stats(session: AsyncSession, deltas: Sequence[HybridDelt
             values = added_values(before, merged[key], added)
             values["key_device_id"], values["key_plan_id"], values["key_hour"] = key
             updates.append(values)
-    connection = await session.connection()
     if new:
         await connection.execute(_upsert(session), new)
     if updates:

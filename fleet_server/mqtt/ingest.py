@@ -294,7 +294,10 @@ async def write_batch(db: Database, batch: Sequence[Accepted], replica: str) -> 
                 groups.setdefault(tuple(sorted(values.items())), []).append(device_id)
         for key, device_ids in sorted(groups.items(), key=lambda g: g[1][0]):
             await session.execute(
-                update(Device).where(Device.id.in_(device_ids)).values(**dict(key))
+                update(Device)
+                .where(store.listed(session, Device.id, device_ids))
+                .values(**dict(key))
+                .execution_options(synchronize_session=False)
             )
         if events:
             insert = pg_insert if db.is_postgres else sqlite_insert

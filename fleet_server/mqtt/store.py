@@ -2,14 +2,44 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Sequence
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import Row, select, text
+from sqlalchemy import (
+    ColumnElement,
+    Row,
+    String,
+    any_,
+    bindparam,
+    func,
+    literal_column,
+    select,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from fleet_server.db import Database
 from fleet_server.db.models import Device, Release, WindowRow
+
+
+def listed(session: AsyncSession, column: Any, ids: Collection[str]) -> ColumnElement[bool]:
+    """``column`` is one of ``ids``, the ids bound as one parameter: an array on
+    PostgreSQL (``= ANY``), a JSON array on SQLite (``IN (SELECT value FROM json_each(...))``).
+
+    An expanding ``IN`` binds a parameter per id, which costs SQLAlchemy more than the
+    query for the hundreds of devices of a batch; one parameter also keeps SQLite's
+    limit of bound values out of reach.
+    """
+    if session.bind is not None and session.bind.dialect.name == "postgresql":
+        listing: Any = any_(bindparam(None, list(ids), type_=ARRAY(String)))
+        return column == listing  # type: ignore[no-any-return]
+    values: Any = select(literal_column("value")).select_from(
+        func.json_each(bindparam(None, json.dumps(list(ids)), type_=String))
+    )
+    return column.in_(values)  # type: ignore[no-any-return]
 
 
 async def lock_devices(
@@ -23,7 +53,7 @@ async def lock_devices(
     return (
         await session.execute(
             select(Device.id, Device.decommissioned_at)
-            .where(Device.id.in_(device_ids))
+            .where(listed(session, Device.id, device_ids))
             .order_by(Device.id)
             .with_for_update()
         )
@@ -33,7 +63,9 @@ async def lock_devices(
 async def window_owners(session: AsyncSession, window_ids: list[str]) -> dict[str, str]:
     """The device each of the stored windows among ``window_ids`` belongs to."""
     rows = await session.execute(
-        select(WindowRow.window_id, WindowRow.device_id).where(WindowRow.window_id.in_(window_ids))
+        select(WindowRow.window_id, WindowRow.device_id).where(
+            listed(session, WindowRow.window_id, window_ids)
+        )
     )
     return {window_id: device_id for window_id, device_id in rows.all()}
 

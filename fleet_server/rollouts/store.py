@@ -14,7 +14,16 @@ from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from sqlalchemy import select, update
+from sqlalchemy import (
+    LargeBinary,
+    case,
+    cast,
+    func,
+    literal_column,
+    select,
+    type_coerce,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -32,10 +41,7 @@ from fleet_server.rollouts.aggregates import (
     DeviceAggregates,
     Key,
     ShadowAggregates,
-    add_counts,
     combine_all,
-    decode_classes,
-    decode_counts,
     encode_classes,
     encode_counts,
     hour_of,
@@ -57,34 +63,6 @@ def _insert(session: AsyncSession) -> Any:
 
 
 # --- hourly aggregates ---------------------------------------------------------------------
-
-
-def _delta_of(row: Any) -> AggregateDelta:
-    """The delta a stored row holds (a row of :data:`_STORED`'s columns)."""
-    return AggregateDelta(
-        device_id=row.device_id,
-        model_name=row.model_name,
-        model_version=row.model_version,
-        hour=as_utc(row.hour),
-        windows=row.windows,
-        requests=row.requests,
-        fallbacks=row.fallbacks,
-        errors=row.errors,
-        unsummarised_requests=row.unsummarised_requests,
-        latency_zero=row.latency_zero,
-        latency_sum=row.latency_sum,
-        latency_min=row.latency_min,
-        latency_max=row.latency_max,
-        latency=decode_counts(row.latency),
-        score_classes=decode_classes(row.score_classes),
-        scores=decode_counts(row.scores),
-        labelled_rows=row.labelled_rows,
-        labelled_correct=row.labelled_correct,
-        shadow_requests=row.shadow_requests or 0,
-        shadow_agreements=row.shadow_agreements or 0,
-        shadow_errors=row.shadow_errors or 0,
-        shadow_latency=decode_counts(row.shadow_latency or b""),
-    )
 
 
 def _values_of(d: AggregateDelta, received_hour: datetime) -> dict[str, Any]:
@@ -126,100 +104,76 @@ def received_hour_of(at: datetime | None) -> datetime:
 # The hourly rows as a table: ingest reads and writes them through Core, as plain rows and
 # parameter sets, without the ORM's objects and per-row bookkeeping.
 _HOURS: Final = DeviceHourStats.__table__
-_SUMMED: Final = tuple(c for c in _HOURS.columns if c.name not in _KEY_COLUMNS)
 
 
 def _upsert(session: AsyncSession) -> Any:
-    """``INSERT ... ON CONFLICT`` of whole hourly rows: a stored row takes the new sums."""
-    statement = _insert(session)(_HOURS)
-    return statement.on_conflict_do_update(
-        index_elements=list(_KEY_COLUMNS),
-        set_={c.name: statement.excluded[c.name] for c in _SUMMED},
-    )
+    """:func:`_summed_upsert` of the session's dialect (made once for each)."""
+    return _SUMMED_UPSERT[_is_postgres(session)]
 
 
-async def _stored_hours(
-    session: AsyncSession, keys: Sequence[Key], received: datetime
-) -> dict[Key, Any]:
-    """The stored rows of ``keys`` received in the hour ``received`` (rows of the table's
-    columns).
+def _summed_upsert(postgres: bool) -> Any:
+    """``INSERT ... ON CONFLICT`` of a batch's sums per row, added to a stored row by the
+    database: counts summed, extremes kept, histogram pairs appended.
 
-    One query per model version and hour (a batch has one or a few) with the
-    devices listed: the primary key's own order, and a list of plain ids rather
-    than of key tuples, which costs SQLAlchemy more to expand than the query.
+    Every ``SET`` reads the row as stored (before this statement), on both dialects.
+    A histogram column may so hold more than one pair per cell: every reader sums
+    its pairs (:func:`~fleet_server.rollouts.aggregates.decode_counts`, ``sum_rows``),
+    so the row means what ``combine`` of the stored row and the batch would store.
+    Scores over other classes than the stored row's are left out (see ``combine``).
     """
-    groups: dict[tuple[str, str, datetime], list[str]] = {}
-    for device_id, model_name, model_version, hour in keys:
-        groups.setdefault((model_name, model_version, hour), []).append(device_id)
-    connection = await session.connection()
-    stored: dict[Key, Any] = {}
-    t = _HOURS.c
-    for (model_name, model_version, hour), devices in groups.items():
-        for start in range(0, len(devices), _SQLITE_CHUNK):
-            rows = await connection.execute(
-                select(*_HOURS.columns).where(
-                    t.model_name == model_name,
-                    t.model_version == model_version,
-                    t.hour == hour,
-                    t.received_hour == received,
-                    t.device_id.in_(devices[start : start + _SQLITE_CHUNK]),
-                )
-            )
-            for row in rows:
-                stored[(row.device_id, model_name, model_version, hour)] = row
-    return stored
-
-
-def _added_values(row: Any, d: AggregateDelta, received_hour: datetime) -> dict[str, Any]:
-    """The values of the stored ``row`` with ``d`` added: those of
-    ``combine(_delta_of(row), d)``, made without either delta or re-encoding what ``d``
-    leaves as it is."""
-    # What this module stores is already in the encoders' form (one pair per cell, in
-    # order; classes as encode_classes writes them): what d leaves alone is kept as read.
-    classes, scores = row.score_classes, row.scores
-    if classes is None:
-        classes, scores = encode_classes(d.score_classes), encode_counts(d.scores)
-    elif d.score_classes == decode_classes(classes):
-        scores = add_counts(scores, d.scores)
-    # Else scores over other classes are left out (see combine): the stored cells stay.
-    shadow_latency = (
-        add_counts(row.shadow_latency, d.shadow_latency)
-        if d.shadow_latency
-        else row.shadow_latency or None
-    )
-    return {
-        "device_id": d.device_id,
-        "model_name": d.model_name,
-        "model_version": d.model_version,
-        "hour": d.hour,
-        "received_hour": received_hour,
-        "windows": row.windows + d.windows,
-        "requests": row.requests + d.requests,
-        "fallbacks": row.fallbacks + d.fallbacks,
-        "errors": row.errors + d.errors,
-        "unsummarised_requests": row.unsummarised_requests + d.unsummarised_requests,
-        "latency_zero": row.latency_zero + d.latency_zero,
-        "latency_sum": row.latency_sum + d.latency_sum,
-        "latency_min": _least(row.latency_min, d.latency_min),
-        "latency_max": _greatest(row.latency_max, d.latency_max),
-        "latency": add_counts(row.latency, d.latency),
-        "score_classes": classes,
-        "scores": scores,
-        "labelled_rows": row.labelled_rows + d.labelled_rows,
-        "labelled_correct": row.labelled_correct + d.labelled_correct,
-        "shadow_requests": (row.shadow_requests or 0) + d.shadow_requests,
-        "shadow_agreements": (row.shadow_agreements or 0) + d.shadow_agreements,
-        "shadow_errors": (row.shadow_errors or 0) + d.shadow_errors,
-        "shadow_latency": shadow_latency,
+    insert: Any = pg_insert if postgres else sqlite_insert
+    statement = insert(_HOURS)
+    new, t = statement.excluded, _HOURS.c
+    summed: dict[str, Any] = {
+        name: t[name] + new[name]
+        for name in (
+            "windows",
+            "requests",
+            "fallbacks",
+            "errors",
+            "unsummarised_requests",
+            "latency_zero",
+            "latency_sum",
+            "labelled_rows",
+            "labelled_correct",
+        )
     }
+    for name in ("shadow_requests", "shadow_agreements", "shadow_errors"):
+        summed[name] = func.coalesce(t[name], literal_column("0")) + new[name]
+    summed["latency_min"] = _extreme(t.latency_min, new.latency_min, lower=True)
+    summed["latency_max"] = _extreme(t.latency_max, new.latency_max, lower=False)
+    summed["latency"] = _appended(t.latency, new.latency)
+    summed["score_classes"] = func.coalesce(t.score_classes, new.score_classes)
+    summed["scores"] = case(
+        (t.score_classes.is_(None), new.scores),
+        (t.score_classes == new.score_classes, _appended(t.scores, new.scores)),
+        else_=t.scores,
+    )
+    summed["shadow_latency"] = case(
+        (new.shadow_latency.is_(None), t.shadow_latency),
+        (t.shadow_latency.is_(None), new.shadow_latency),
+        else_=_appended(t.shadow_latency, new.shadow_latency),
+    )
+    return statement.on_conflict_do_update(index_elements=list(_KEY_COLUMNS), set_=summed)
 
 
-def _least(a: float | None, b: float | None) -> float | None:
-    return b if a is None else a if b is None else min(a, b)
+def _extreme(stored: Any, added: Any, *, lower: bool) -> Any:
+    """The lower (or higher) of two nullable values, ``NULL`` only when both are."""
+    return case(
+        (stored.is_(None), added),
+        (added.is_(None), stored),
+        ((added < stored) if lower else (added > stored), added),
+        else_=stored,
+    )
 
 
-def _greatest(a: float | None, b: float | None) -> float | None:
-    return b if a is None else a if b is None else max(a, b)
+def _appended(stored: Any, added: Any) -> Any:
+    """Packed pairs appended to stored ones (bytes on both dialects: SQLite's ``||`` makes
+    text of blobs, cast back without changing a byte)."""
+    return type_coerce(cast(stored.op("||")(added), LargeBinary), LargeBinary)
+
+
+_SUMMED_UPSERT: Final = {postgres: _summed_upsert(postgres) for postgres in (False, True)}
 
 
 async def add_to_hour_stats(
@@ -228,29 +182,18 @@ async def add_to_hour_stats(
     """Add ``deltas`` to their hourly rows of the hour they are received in (``received_at``,
     default now), creating the rows that do not exist yet.
 
-    A read, a sum and an upsert per row: the caller must hold the row locks of the
-    deltas' devices (ingest's batch writer does, :func:`fleet_server.mqtt.store.lock_devices`),
-    so two replicas never add to one row at once. Rows are written in key order.
-    The deltas are summed per row first, and each stored row is summed with them as
-    it was read, without being made a delta: the values written are those of
-    :func:`~fleet_server.rollouts.aggregates.combine` of the two.
+    The deltas are summed per row first; the database adds each sum to its stored
+    row (:func:`_upsert`) without it being read here. Rows are written in key order,
+    under the row locks of the deltas' devices that the caller holds (ingest's batch
+    writer does, :func:`fleet_server.mqtt.store.lock_devices`).
     """
     merged = combine_all(deltas)
     if not merged:
         return
     received = received_hour_of(received_at)
     keys: list[Key] = sorted(merged, key=lambda k: (k[1], k[2], k[3], k[0]))
-    stored = await _stored_hours(session, keys, received)
-    values = []
-    for key in keys:
-        before = stored.get(key)
-        values.append(
-            _values_of(merged[key], received)
-            if before is None
-            else _added_values(before, merged[key], received)
-        )
     connection = await session.connection()
-    await connection.execute(_upsert(session), values)
+    await connection.execute(_upsert(session), [_values_of(merged[k], received) for k in keys])
 
 
 async def add_labels(

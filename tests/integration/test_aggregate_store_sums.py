@@ -36,6 +36,8 @@ from tests.support.generated_windows import random_window
 pytestmark = pytest.mark.integration
 
 DEVICES = ["pump-a", "pump-b", "pump-c"]
+# The hourly rows' histograms: packed pairs, more than one per cell once added to.
+HISTOGRAMS = ("latency", "scores", "shadow_latency")
 RECEIVED = datetime(2026, 12, 7, 10, 30, tzinfo=UTC)
 T0 = 1_780_000_000.0
 
@@ -122,7 +124,14 @@ def test_rows_summed_batch_after_batch_are_those_of_the_deltas_sums(url: str) ->
     assert len(hour_rows) == len(expected_hours)
     for row in hour_rows:
         key = (row.device_id, row.model_name, row.model_version, row.hour)
-        assert dict(row._mapping) == expected_hours[key], key
+        stored, expected = dict(row._mapping), dict(expected_hours[key])
+        for name in HISTOGRAMS:
+            assert (stored[name] is None) == (expected[name] is None), (key, name)
+            assert isinstance(stored[name], bytes | None), (key, name)
+            assert len(stored[name] or b"") % hours.PAIR.itemsize == 0, (key, name)
+            cells = hours.decode_counts(stored.pop(name) or b"")
+            assert cells == hours.decode_counts(expected.pop(name) or b""), (key, name)
+        assert stored == expected, key
     assert len(hybrid_rows) == len(expected_hybrid)
     for row in hybrid_rows:
         key = (row.device_id, row.plan_id, row.hour)
