@@ -50,6 +50,10 @@ _DATATYPE_OF_DTYPE: Final[Mapping[str, str]] = {v: k for k, v in DATATYPES.items
 # The same, by numpy dtype (native byte order): a dict look-up instead of dtype.name's work.
 _DATATYPE_OF_NP: Final[Mapping[np.dtype[Any], str]] = {np.dtype(v): k for k, v in DATATYPES.items()}
 _NP_DTYPES: Final[Mapping[str, np.dtype[Any]]] = {k: np.dtype(v) for k, v in DATATYPES.items()}
+# The largest finite value of each float datatype.
+_FLOAT_MAX: Final[Mapping[np.dtype[Any], float]] = {
+    np.dtype(t): float(np.finfo(t).max) for t in (np.float16, np.float32, np.float64)
+}
 # Shapes the plain parse takes; a dimension beyond is left to pydantic (which takes any int).
 _PLAIN_DIM: Final = 2**63
 
@@ -369,6 +373,9 @@ def _convert(
             f"{where}: data holds true/false, datatype {datatype} needs numbers", name
         )
     if target.kind == "f":
+        if raw.dtype.kind == "f" and not (np.abs(flat) > _FLOAT_MAX[target]).any():
+            # Nothing beyond the datatype's largest value (nor any Inf): no overflow to look for.
+            return raw.astype(target)
         with np.errstate(over="ignore"):
             converted = raw.astype(target)
         # A finite number the datatype cannot hold would become +-inf: refuse it

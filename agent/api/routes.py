@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import unquote, urlsplit
 
 import numpy.typing as npt
@@ -63,6 +64,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# A target of only a path, with nothing escaped: no query, fragment, "%" or authority ("//").
+_PLAIN_PATH: Final = re.compile(r"/(?!/)[A-Za-z0-9._~!$&'()*+,;=:@/-]*")
 # Charges what parsing a body costs before it is parsed; the refusal when it cannot.
 ParseCharge = Callable[[bytearray], Awaitable[Response | None]]
 
@@ -90,8 +93,13 @@ class InferenceRoutes:
     ) -> Response:
         """The response to ``request``; a bug here is a 500, logged."""
         method = request.method.decode("ascii", "replace")
-        path = urlsplit(request.target.decode("ascii", "replace")).path
-        parts = [unquote(p) for p in path.split("/") if p]
+        target = request.target.decode("ascii", "replace")
+        if _PLAIN_PATH.fullmatch(target):  # what urlsplit and unquote would leave as it is
+            path = target
+            parts = [p for p in path.split("/") if p]
+        else:
+            path = urlsplit(target).path
+            parts = [unquote(p) for p in path.split("/") if p]
         try:
             return await self._route(method, parts, request, body, charge_parse)
         except Exception:

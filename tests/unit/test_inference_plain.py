@@ -34,7 +34,10 @@ from agent.serving import FallbackChain, ModelSlot
 from model_runtime import default_runtime
 from protocol.bundle import read_bundle
 from protocol.inference import (
+    DATATYPES,
     InferenceRequest,
+    InferenceRequestError,
+    decode_tensor,
     encode_response,
     plain_request,
     response_json,
@@ -250,3 +253,22 @@ def test_the_response_is_the_document_pydantic_writes(
     assert ours == theirs or json.loads(ours) == json.loads(theirs)
     if "scores" not in outputs:  # no float written with an exponent: the very same bytes
         assert ours == theirs
+
+
+@pytest.mark.parametrize("datatype", ["FP16", "FP32", "FP64"])
+@pytest.mark.parametrize(
+    "value", [0.5, -1.0, 65504.0, 65520.0, 3.4028235e38, 3.4028236e38, 3.5e38, 1e300, -1e300]
+)
+def test_a_float_the_datatype_cannot_hold_is_refused_and_every_other_kept(
+    datatype: str, value: float
+) -> None:
+    dtype = np.dtype(DATATYPES[datatype])
+    with np.errstate(over="ignore"):
+        held = np.array([value]).astype(dtype)
+    if np.isinf(held[0]):
+        with pytest.raises(InferenceRequestError, match=r"element 1 is .*out of range"):
+            decode_tensor("x", [3], datatype, [0.0, value, math.nan])
+    else:
+        decoded = decode_tensor("x", [3], datatype, [0.0, value, math.nan])
+        assert decoded.dtype == dtype
+        assert decoded[1] == held[0] and math.isnan(decoded[2])
