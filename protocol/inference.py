@@ -16,9 +16,11 @@ sent on to the cloud). Pure data and functions: no I/O.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Final, Literal
+from functools import lru_cache
+from typing import Any, Final, Literal, NamedTuple, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -45,6 +47,15 @@ DATATYPES: Final[Mapping[str, str]] = {
     "FP64": "float64",
 }
 _DATATYPE_OF_DTYPE: Final[Mapping[str, str]] = {v: k for k, v in DATATYPES.items()}
+# The same, by numpy dtype (native byte order): a dict look-up instead of dtype.name's work.
+_DATATYPE_OF_NP: Final[Mapping[np.dtype[Any], str]] = {np.dtype(v): k for k, v in DATATYPES.items()}
+_NP_DTYPES: Final[Mapping[str, np.dtype[Any]]] = {k: np.dtype(v) for k, v in DATATYPES.items()}
+# The largest finite value of each float datatype.
+_FLOAT_MAX: Final[Mapping[np.dtype[Any], float]] = {
+    np.dtype(t): float(np.finfo(t).max) for t in (np.float16, np.float32, np.float64)
+}
+# Shapes the plain parse takes; a dimension beyond is left to pydantic (which takes any int).
+_PLAIN_DIM: Final = 2**63
 
 Parameters = dict[str, Any]
 
@@ -161,8 +172,85 @@ class ErrorResponse(_Body):
     error: str
 
 
+class InputFields(Protocol):
+    """What decoding reads of an input: a :class:`RequestInput` or a :class:`PlainInput`."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def shape(self) -> Sequence[int]: ...
+    @property
+    def datatype(self) -> str: ...
+    @property
+    def data(self) -> Sequence[Any]: ...
+
+
+class PlainInput(NamedTuple):
+    """An input of a request in the common shape, read without pydantic (:func:`plain_request`)."""
+
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list[Any]
+
+
+class PlainRequest(NamedTuple):
+    """What the routes read of a request: its id, inputs and requested outputs."""
+
+    id: str | None
+    inputs: list[PlainInput]
+    outputs: list[RequestOutput] | None
+
+
+def plain_request(document: dict[str, Any]) -> PlainRequest | None:
+    """``document`` read as :class:`InferenceRequest` would read it, when it has the common shape.
+
+    The common shape: ``inputs`` a non-empty list of objects, each with a string
+    ``name`` and ``datatype``, a list of integers ``shape``, a list ``data`` and
+    no ``parameters`` (or null, or empty); ``id`` a string or null; no
+    ``outputs`` (or null); the request's ``parameters`` absent, null or empty.
+    Unknown fields are ignored, as the model ignores them. Every such document
+    is one the model accepts, with the same fields; for any other this returns
+    ``None`` and the caller validates with the model, which accepts or refuses
+    it as before (a test holds the two to that over a corpus).
+    """
+    inputs = document.get("inputs")
+    if type(inputs) is not list or not inputs:
+        return None
+    request_id = document.get("id")
+    if request_id is not None and type(request_id) is not str:
+        return None
+    if document.get("outputs") is not None or document.get("parameters") not in _NO_PARAMETERS:
+        return None
+    plain = []
+    for tensor in inputs:
+        if type(tensor) is not dict:
+            return None
+        name, shape = tensor.get("name"), tensor.get("shape")
+        datatype, data = tensor.get("datatype"), tensor.get("data")
+        if (
+            type(name) is not str
+            or type(datatype) is not str
+            or type(data) is not list
+            or type(shape) is not list
+            or tensor.get("parameters") not in _NO_PARAMETERS
+        ):
+            return None
+        for d in shape:
+            if type(d) is not int or not -_PLAIN_DIM <= d < _PLAIN_DIM:
+                return None
+        plain.append(PlainInput(name, shape, datatype, data))
+    return PlainRequest(request_id, plain, None)
+
+
+_NO_PARAMETERS: Final[tuple[Any, ...]] = (None, {})
+
+
 def datatype_of(dtype: str | np.dtype[Any]) -> str:
     """The protocol datatype of a numpy dtype (``float32`` -> ``FP32``)."""
+    known = _DATATYPE_OF_DTYPE.get(dtype) if isinstance(dtype, str) else _DATATYPE_OF_NP.get(dtype)
+    if known is not None:
+        return known
     name = np.dtype(dtype).name
     try:
         return _DATATYPE_OF_DTYPE[name]
@@ -201,7 +289,8 @@ def decode_tensor(
     """
     where = f"{role} {name!r}"
     try:
-        target = np.dtype(dtype_of(datatype))
+        known = _NP_DTYPES.get(datatype)
+        target = known if known is not None else np.dtype(dtype_of(datatype))
     except InferenceRequestError as exc:
         raise InferenceRequestError(f"{where}: {exc}", name) from None
     expected = check_shape(name, shape, target.itemsize, role=role)
@@ -284,6 +373,9 @@ def _convert(
             f"{where}: data holds true/false, datatype {datatype} needs numbers", name
         )
     if target.kind == "f":
+        if raw.dtype.kind == "f" and not (np.abs(flat) > _FLOAT_MAX[target]).any():
+            # Nothing beyond the datatype's largest value (nor any Inf): no overflow to look for.
+            return raw.astype(target)
         with np.errstate(over="ignore"):
             converted = raw.astype(target)
         # A finite number the datatype cannot hold would become +-inf: refuse it
@@ -318,7 +410,7 @@ def _convert(
     return raw.astype(target)
 
 
-def check_input_datatypes(manifest: Manifest, inputs: Sequence[RequestInput]) -> None:
+def check_input_datatypes(manifest: Manifest, inputs: Sequence[InputFields]) -> None:
     """Refuse, naming the tensor, an input declared with a datatype other than the model's.
 
     The protocol leaves a server free to refuse a datatype its model does not
@@ -342,7 +434,7 @@ def check_input_datatypes(manifest: Manifest, inputs: Sequence[RequestInput]) ->
         )
 
 
-def decode_inputs(request: InferenceRequest) -> dict[str, npt.NDArray[Any]]:
+def decode_inputs(request: InferenceRequest | PlainRequest) -> dict[str, npt.NDArray[Any]]:
     """Every input tensor of a request as a numpy array, by name."""
     tensors: dict[str, npt.NDArray[Any]] = {}
     for tensor in request.inputs:
@@ -463,3 +555,82 @@ def describe_validation_error(exc: ValidationError) -> str:
         return f"the body is not valid JSON: {error['msg'].removeprefix('Invalid JSON: ')}"
     where = ".".join(str(p) for p in error["loc"])
     return f"{where}: {error['msg']}" if where else str(error["msg"])
+
+
+def response_json(
+    outputs: Mapping[str, npt.NDArray[Any]],
+    *,
+    model_name: str,
+    model_version: str | None,
+    stage: StageName,
+    escalated: bool = False,
+    id: str | None = None,
+) -> bytes:
+    """:func:`encode_response`'s body as JSON without its unset fields, built directly.
+
+    The same document ``encode_response(...).model_dump_json(exclude_none=True)``
+    writes (equal once parsed: Python writes an exponent as ``e-06`` where
+    pydantic writes ``e-6``; a test holds them to it), from fragments made once per answer kind
+    and the outputs' ``tolist()``: no model objects per request. Data that JSON
+    cannot hold as numbers (NaN, Inf) goes through the models, which write null.
+    """
+    head, middle = _response_fragments(model_name, model_version, stage, escalated)
+    parts = [head]
+    if id is not None:
+        parts.append(b',"id":' + _json_string(id))
+    parts.append(middle)
+    for i, (name, array) in enumerate(outputs.items()):
+        datatype = _DATATYPE_OF_NP.get(array.dtype) or datatype_of(array.dtype)
+        try:
+            data = _DATA_JSON.encode(array.reshape(-1).tolist())
+        except ValueError:
+            return (
+                encode_response(
+                    outputs,
+                    model_name=model_name,
+                    model_version=model_version,
+                    stage=stage,
+                    escalated=escalated,
+                    id=id,
+                )
+                .model_dump_json(exclude_none=True)
+                .encode()
+            )
+        parts.append(
+            b'%s{"name":%s,"shape":[%s],"datatype":"%s","data":%s}'
+            % (
+                b"," if i else b"",
+                _json_string(name),
+                ",".join(str(int(d)) for d in array.shape).encode(),
+                datatype.encode(),
+                data.encode(),
+            )
+        )
+    parts.append(b"]}")
+    return b"".join(parts)
+
+
+@lru_cache(maxsize=64)
+def _response_fragments(
+    model_name: str, model_version: str | None, stage: StageName, escalated: bool
+) -> tuple[bytes, bytes]:
+    """The bytes before a response's ``id``, and from after it to its first output."""
+    head = b'{"model_name":' + _json_string(model_name)
+    if model_version is not None:
+        head += b',"model_version":' + _json_string(model_version)
+    version = b"null" if model_version is None else _json_string(model_version)
+    middle = b',"parameters":{"stage":%s,"model_version":%s,"escalated":%s},"outputs":[' % (
+        _json_string(stage),
+        version,
+        b"true" if escalated else b"false",
+    )
+    return head, middle
+
+
+def _json_string(text: str) -> bytes:
+    return _STRING_JSON.encode(text).encode("utf-8", "surrogatepass")
+
+
+# Made once: json.dumps builds an encoder on every call given any option.
+_DATA_JSON: Final = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
+_STRING_JSON: Final = json.JSONEncoder(ensure_ascii=False)

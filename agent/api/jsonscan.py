@@ -25,6 +25,7 @@ import numpy.typing as npt
 _PIECE: Final = 32 * 1024  # bytes scanned at a time: about 0.4 MB of numpy temporaries
 _QUOTE, _BACKSLASH = ord('"'), ord("\\")
 _OPEN_ARRAY, _OPEN_OBJECT = ord("["), ord("{")
+_OPENERS: Final = frozenset((_OPEN_ARRAY, _OPEN_OBJECT))
 # +1 for what opens an array or object, -1 for what closes one, 0 for any other byte.
 _STEP: Final = np.zeros(256, dtype=np.int8)
 _STEP[[_OPEN_ARRAY, _OPEN_OBJECT]] = 1
@@ -36,6 +37,8 @@ _SMALL: Final = 2048
 # backslashes escapes nothing after it, a backslash before a quote makes it no
 # quote, a lone backslash escapes nothing that counts (a bracket after it is
 # still a bracket, as in the numpy scan), and quotes and brackets.
+# Every byte but the brackets, for bytes.translate to delete.
+_NOT_BRACKETS: Final = bytes(b for b in range(256) if b not in b"[]{}")
 _TOKENS: Final = re.compile(rb'\\\\|\\"|\\|["\[\]{}]')
 
 
@@ -110,6 +113,8 @@ def _scan_pieces(body: bytes | bytearray, max_depth: int, piece_bytes: int) -> J
 
 def _scan_small(body: bytes | bytearray, max_depth: int) -> JsonStructure:
     """:func:`scan_structure` of a body within one piece, the same counts without numpy."""
+    if _BACKSLASH not in body:
+        return _scan_plain(body, max_depth)
     depth = deepest = arrays = objects = 0
     in_string = False
     for token in _TOKENS.findall(body):
@@ -127,6 +132,28 @@ def _scan_small(body: bytes | bytearray, max_depth: int) -> JsonStructure:
             depth -= 1
         if depth > deepest:
             deepest = depth
+    if deepest > max_depth:
+        return JsonStructure(max_depth + 1, arrays, objects)
+    return JsonStructure(deepest, arrays, objects)
+
+
+def _scan_plain(body: bytes | bytearray, max_depth: int) -> JsonStructure:
+    """:func:`_scan_small` of a body without a backslash: every quote opens or closes a string.
+
+    What lies outside strings is every other piece between quotes; of that, only
+    the brackets are walked one by one.
+    """
+    outside = b"".join(bytes(body).split(b'"')[::2])
+    brackets = outside.translate(None, _NOT_BRACKETS)
+    depth = deepest = 0
+    for byte in brackets:
+        if byte in _OPENERS:
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+        else:
+            depth -= 1
+    arrays, objects = brackets.count(b"["), brackets.count(b"{")
     if deepest > max_depth:
         return JsonStructure(max_depth + 1, arrays, objects)
     return JsonStructure(deepest, arrays, objects)

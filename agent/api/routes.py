@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import unquote, urlsplit
 
-import h11
 import numpy.typing as npt
 from pydantic import ValidationError
 
@@ -44,22 +44,28 @@ from agent.serving.validation import InvalidInput, check_declared_shapes
 from protocol.inference import (
     InferenceRequest,
     InferenceRequestError,
+    PlainRequest,
     RequestOutput,
     ServerMetadata,
     check_input_datatypes,
     check_requested_outputs,
     decode_inputs,
     describe_validation_error,
-    encode_response,
     model_metadata,
+    plain_request,
+    response_json,
     select_outputs,
 )
 
 if TYPE_CHECKING:
+    import h11  # the type of a request head only: the serving process need not load h11
+
     from agent.metrics import AgentMetrics
 
 logger = logging.getLogger(__name__)
 
+# A target of only a path, with nothing escaped: no query, fragment, "%" or authority ("//").
+_PLAIN_PATH: Final = re.compile(r"/(?!/)[A-Za-z0-9._~!$&'()*+,;=:@/-]*")
 # Charges what parsing a body costs before it is parsed; the refusal when it cannot.
 ParseCharge = Callable[[bytearray], Awaitable[Response | None]]
 
@@ -87,8 +93,13 @@ class InferenceRoutes:
     ) -> Response:
         """The response to ``request``; a bug here is a 500, logged."""
         method = request.method.decode("ascii", "replace")
-        path = urlsplit(request.target.decode("ascii", "replace")).path
-        parts = [unquote(p) for p in path.split("/") if p]
+        target = request.target.decode("ascii", "replace")
+        if _PLAIN_PATH.fullmatch(target):  # what urlsplit and unquote would leave as it is
+            path = target
+            parts = [p for p in path.split("/") if p]
+        else:
+            path = urlsplit(target).path
+            parts = [unquote(p) for p in path.split("/") if p]
         try:
             return await self._route(method, parts, request, body, charge_parse)
         except Exception:
@@ -203,7 +214,7 @@ class InferenceRoutes:
             outputs = select_outputs(answer.outputs, wanted)
         except InferenceRequestError as exc:
             return error_response(400, str(exc))
-        response = encode_response(
+        encoded = response_json(
             outputs,
             model_name=answer.model_name,
             model_version=answer.model_version,
@@ -211,7 +222,7 @@ class InferenceRoutes:
             escalated=answer.escalated,
             id=request_id,
         )
-        return json_response(200, response)
+        return Response(200, encoded)
 
     async def _decode(
         self,
@@ -256,11 +267,13 @@ class InferenceRoutes:
         return tensors, parsed.id, parsed.outputs
 
 
-def parse_request(body: bytearray) -> InferenceRequest:
+def parse_request(body: bytearray, *, plain: bool = True) -> InferenceRequest | PlainRequest:
     """The request ``body`` holds, parsed by Python's json and checked by pydantic.
 
     Not by pydantic's own JSON parser: it builds a tree of its own before the
-    Python objects, which costs about twice as much memory per array.
+    Python objects, which costs about twice as much memory per array. A request
+    of the common shape is read without pydantic (:func:`plain_request`), with
+    the same fields; ``plain=False`` checks every request with pydantic.
     """
     try:
         document = json.loads(body.decode("utf-8"))
@@ -275,6 +288,8 @@ def parse_request(body: bytearray) -> InferenceRequest:
         raise InferenceRequestError(
             f"Input should be an object (an inference request), the body is {kind}"
         )
+    if plain and (read := plain_request(document)) is not None:
+        return read
     return InferenceRequest.model_validate(document)
 
 

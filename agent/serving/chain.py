@@ -63,6 +63,7 @@ import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -783,8 +784,12 @@ class FallbackChain:
             self._counters[stage.name].failed += 1
         else:
             breaker.record_success()
-        attempts.append(Attempt(stage.name, version, ok=outputs is not None, reason=reason))
-        self._notify(stage.name, version, outputs is not None, reason)
+        if outputs is not None and reason is None:
+            attempts.append(_served(stage.name, version))
+        else:
+            attempts.append(Attempt(stage.name, version, ok=outputs is not None, reason=reason))
+        if self._observers:
+            self._notify(stage.name, version, outputs is not None, reason)
         return outputs
 
     def _answer(
@@ -839,6 +844,12 @@ class FallbackChain:
             inline_below_s=self.config.inline_below_s,
         )
         return _Entry(stage, self._breaker())
+
+
+@lru_cache(maxsize=32)
+def _served(stage: StageName, version: str | None) -> Attempt:
+    """The attempt of a stage that answered: made once per stage and version (it is frozen)."""
+    return Attempt(stage, version, ok=True)
 
 
 def _check_outputs(

@@ -61,3 +61,13 @@ def test_request_bodies_either_side_of_the_small_limit_are_counted_exactly() -> 
     assert len(small) <= jsonscan._SMALL < len(large)
     assert scan_structure(small, MAX_JSON_DEPTH) == JsonStructure(4, 3, 2)
     assert scan_structure(large, MAX_JSON_DEPTH) == JsonStructure(4, 401, 201)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_a_body_without_a_backslash_is_scanned_alike(seed: int) -> None:
+    rng = random.Random(seed)
+    for _ in range(3000):
+        body = bytes(rng.choice(ALPHABET.replace(b"\\", b"")) for _ in range(rng.randrange(0, 200)))
+        max_depth = rng.choice([0, 1, 2, 3, MAX_JSON_DEPTH])
+        small, pieces = both(body, max_depth)
+        assert small == pieces, body
