@@ -24,7 +24,6 @@ import contextlib
 from collections import deque
 from typing import Final
 
-import h11
 import httptools
 
 HEAD_READ: Final = 4096
@@ -36,12 +35,12 @@ LINGER_READ_S: Final = 5.0  # a client on a busy device may pause between writes
 LINGER_TOTAL_S: Final = 10.0
 
 
-class Request(h11.Request):
+class Request:
     """A request head as llhttp parsed it, and its body as it arrives.
 
-    An :class:`h11.Request` (the type the routes take), built without h11's
-    own checks: llhttp made them. ``headers`` are ``(lower-case name, value)``
-    pairs. ``complete`` once the whole body has come.
+    ``method``, ``target`` and ``headers`` are what the routes read; llhttp
+    made the checks. ``headers`` are ``(lower-case name, value)`` pairs.
+    ``complete`` once the whole body has come.
     """
 
     __slots__ = (
@@ -51,11 +50,12 @@ class Request(h11.Request):
         "content_length",
         "expect_continue",
         "has_host",
+        "headers",
+        "http_version",
         "keep_alive",
+        "method",
+        "target",
     )
-    # Not frozen as h11's events are: the body and its state change as it arrives, and
-    # the dataclass's checking __setattr__ would cost a call for each of them.
-    __setattr__ = object.__setattr__
 
     def __init__(
         self,
@@ -66,10 +66,10 @@ class Request(h11.Request):
         *,
         keep_alive: bool,
     ) -> None:
-        object.__setattr__(self, "method", method)
-        object.__setattr__(self, "target", target)
-        object.__setattr__(self, "headers", headers)  # pairs, as h11's Headers iterate
-        object.__setattr__(self, "http_version", http_version)
+        self.method = method
+        self.target = target
+        self.headers = headers
+        self.http_version = http_version
         self.keep_alive = keep_alive
         self.body = bytearray()
         self.complete = False

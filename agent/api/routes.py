@@ -58,8 +58,7 @@ from protocol.inference import (
 )
 
 if TYPE_CHECKING:
-    import h11  # the type of a request head only: the serving process need not load h11
-
+    from agent.api.connection import Request
     from agent.metrics import AgentMetrics
 
 logger = logging.getLogger(__name__)
@@ -89,7 +88,7 @@ class InferenceRoutes:
         self._metrics = metrics
 
     async def dispatch(
-        self, request: h11.Request, body: bytearray, charge_parse: ParseCharge
+        self, request: Request, body: bytearray, charge_parse: ParseCharge
     ) -> Response:
         """The response to ``request``; a bug here is a 500, logged."""
         method = request.method.decode("ascii", "replace")
@@ -110,7 +109,7 @@ class InferenceRoutes:
         self,
         method: str,
         parts: list[str],
-        request: h11.Request,
+        request: Request,
         body: bytearray,
         charge_parse: ParseCharge,
     ) -> Response:
@@ -188,7 +187,7 @@ class InferenceRoutes:
         self,
         name: str,
         version: str | None,
-        request: h11.Request,
+        request: Request,
         body: bytearray,
         charge_parse: ParseCharge,
     ) -> Response:
@@ -229,7 +228,7 @@ class InferenceRoutes:
         chain: FallbackChain,
         name: str,
         version: str | None,
-        request: h11.Request,
+        request: Request,
         body: bytearray,
         charge_parse: ParseCharge,
     ) -> tuple[dict[str, npt.NDArray[Any]], str | None, list[RequestOutput] | None] | Response:

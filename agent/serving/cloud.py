@@ -32,10 +32,9 @@ import json
 import math
 import ssl as ssl_module
 from collections.abc import Mapping
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 from urllib.parse import quote, urlsplit
 
-import h11
 import numpy.typing as npt
 from pydantic import ValidationError
 
@@ -61,6 +60,9 @@ DEFAULT_RETRY_AFTER_S: Final = 1.0
 MAX_RETRY_AFTER_S: Final = 600.0
 
 RateLimitReason = Literal["quota", "capacity"]
+
+if TYPE_CHECKING:
+    import h11  # loaded with the first call to the cloud, not with the serving process
 
 
 class CloudError(Exception):
@@ -142,6 +144,8 @@ class CloudClient:
             ) from None
 
     async def _post(self, target: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        import h11
+
         try:
             reader, writer = await asyncio.open_connection(
                 self._host,
@@ -181,6 +185,8 @@ class CloudClient:
     async def _read_response(
         self, conn: h11.Connection, reader: asyncio.StreamReader
     ) -> tuple[int, dict[str, str], bytes]:
+        import h11
+
         status = 0
         headers: dict[str, str] = {}
         chunks: list[bytes] = []

@@ -26,3 +26,12 @@ def test_the_serving_process_loads_no_update_machinery() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
     )
     assert json.loads(done.stdout) == []
+
+
+def test_the_local_api_parses_http_without_h11() -> None:
+    # llhttp (httptools) parses the local API's requests; h11 stays the cloud client's.
+    probe = "import sys\nimport agent.api.http, agent.api.routes\nprint('h11' in sys.modules)\n"
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.strip() == "False"
