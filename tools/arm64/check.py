@@ -1,0 +1,287 @@
+"""``make check-arm64``: the agent-only install on 64-bit ARM, under qemu-user.
+
+In a Debian bookworm arm64 root filesystem (``tools/arm64/rootfs.sh``, built once and
+kept in ``~/.cache/edgefleet/``) this installs the working tree's ``edgefleet[agent]``
+into a fresh virtual environment, then, with the release tooling, the image
+repository and the director running on this machine:
+
+1. ``edge-agent verify`` verifies a real signed bundle (and refuses one for other hardware);
+2. ``edge-agent run`` installs v1 under the director and answers inferences;
+3. v2 is assigned, the agent is killed (SIGKILL) while holding mid-install, restarted,
+   serves a verified model at once, and commits v2.
+
+The chroot sees ``/proc``, ``/sys`` (without it the runtime silently loses its XNNPACK
+delegate), ``/dev`` and this run's folder at the same path as here. Exit 0 when every
+step passed; each step prints one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from fleet_server.release.keys import init_keys
+from testbed.fleet import AgentProcess, Fleet
+from testbed.images import HARDWARE, make_bundle
+from tools.agent_env import SERVER_ONLY, copy_sources
+
+ROOT = Path(__file__).resolve().parents[2]
+DEVICE = "pump-arm64"
+VENV = "/opt/edgefleet-agent"
+ROWS = [[1500.0, 10, 20, 40, 40, 1, 1, 1, 3, 3, 3, 0.5, 0.2, 0.1, 0.1, 60]] * 4
+HOST_CA_SOURCE = "/etc/ssl/certs/ca-certificates.crt"
+HOST_CA = "/etc/ssl/host-ca-certificates.crt"
+CHROOT = shutil.which("chroot") or "/usr/sbin/chroot"
+RUNTIMES = {"agent": "constraints.txt", "litert": "constraints-litert.txt"}
+
+
+def say(line: str) -> None:
+    print(f"check-arm64: {line}", flush=True)
+
+
+def rootfs() -> Path:
+    done = subprocess.run(
+        [str(ROOT / "tools" / "arm64" / "rootfs.sh")], stdout=subprocess.PIPE, text=True
+    )
+    if done.returncode != 0:
+        raise SystemExit(done.returncode)
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
+@contextlib.contextmanager
+def mounted(fs: Path, work: Path) -> Iterator[None]:
+    """``/proc``, ``/sys``, ``/dev`` and ``work`` (at its own path) inside ``fs``."""
+    done: list[Path] = []
+    try:
+        for source, options in (
+            ("/proc", ["-t", "proc", "proc"]),
+            ("/sys", ["--rbind", "/sys"]),
+            ("/dev", ["--rbind", "/dev"]),
+            (str(work), ["--bind", str(work)]),
+        ):
+            target = fs / source.lstrip("/")
+            target.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["mount", *options, str(target)], check=True)
+            done.append(target)
+        shutil.copyfile("/etc/resolv.conf", fs / "etc" / "resolv.conf")
+        if Path(HOST_CA_SOURCE).exists():
+            shutil.copyfile(HOST_CA_SOURCE, fs / HOST_CA.lstrip("/"))
+        yield
+    finally:
+        for target in reversed(done):
+            subprocess.run(["umount", "--lazy", "--recursive", str(target)], check=False)
+
+
+def chroot(fs: Path, *command: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/root", "LANG": "C.UTF-8"}
+    # The host's certificate authorities and proxy, so that pip reaches the index as here.
+    env |= {k: v for k, v in os.environ.items() if k.lower().endswith("_proxy")}
+    if (fs / HOST_CA.lstrip("/")).exists():
+        env["PIP_CERT"] = HOST_CA
+    return subprocess.run(
+        [CHROOT, str(fs), *command],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def expect(done: subprocess.CompletedProcess[str], what: str) -> str:
+    if done.returncode != 0:
+        raise SystemExit(f"check-arm64: FAILED {what}:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+    return done.stdout
+
+
+def install(fs: Path, runtime: str) -> float:
+    """The working tree's ``edgefleet[runtime]`` in a new venv at :data:`VENV`; seconds taken.
+
+    The wheel (pure Python) is built here from a copy of the tree; pip in the root
+    filesystem installs it with its dependencies' aarch64 wheels from the index.
+    """
+    started = time.monotonic()
+    target = fs / VENV.lstrip("/")
+    wheels = fs / "opt" / "edgefleet-wheels"
+    for old in (target, wheels):
+        shutil.rmtree(old, ignore_errors=True)
+    wheels.mkdir(parents=True)
+    with tempfile.TemporaryDirectory(prefix="edgefleet-src-") as tmp:
+        expect(
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "wheel",
+                    "--quiet",
+                    "--no-deps",
+                    "-w",
+                    str(wheels),
+                    str(copy_sources(ROOT, Path(tmp))),
+                ],
+                capture_output=True,
+                text=True,
+            ),
+            "building the wheel",
+        )
+    (wheel,) = wheels.glob("edgefleet-*.whl")
+    shutil.copyfile(ROOT / RUNTIMES[runtime], wheels / RUNTIMES[runtime])
+    inside = "/opt/edgefleet-wheels"
+    expect(chroot(fs, "python3", "-m", "venv", VENV), "python3 -m venv")
+    pip = [f"{VENV}/bin/python", "-m", "pip", "install", "--disable-pip-version-check"]
+    expect(
+        chroot(
+            fs, *pip, "-c", f"{inside}/{RUNTIMES[runtime]}", f"{inside}/{wheel.name}[{runtime}]"
+        ),
+        f"pip install edgefleet[{runtime}]",
+    )
+    return time.monotonic() - started
+
+
+def probe(fs: Path) -> dict[str, object]:
+    script = (
+        "import importlib.util as u, json, platform, sys, numpy;"
+        "from model_runtime import TFLiteRuntime;"
+        "r = TFLiteRuntime();"
+        "print(json.dumps({'machine': platform.machine(), 'libc': platform.libc_ver(),"
+        "'python': platform.python_version(), 'numpy': numpy.__version__, 'runtime': r.name,"
+        "'server_packages': [m for m in sys.argv[1:] if u.find_spec(m)]}))"
+    )
+    out = expect(chroot(fs, f"{VENV}/bin/python", "-c", script, *SERVER_ONLY), "the probe")
+    return dict(json.loads(out.strip().splitlines()[-1]))
+
+
+def venv_size(fs: Path) -> str:
+    out = expect(
+        subprocess.run(
+            [sys.executable, "-m", "tools.agent_env", "size", str(fs / VENV.lstrip("/"))],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        ),
+        "measuring the environment",
+    )
+    return out
+
+
+def check(fs: Path, work: Path, runtime: str) -> None:
+    say(f"installing edgefleet[{runtime}] from {ROOT} in {fs} (minutes under emulation)")
+    seconds = install(fs, runtime)
+    facts = probe(fs)
+    say(f"installed in {seconds:.0f} s: {json.dumps(facts)}")
+    if facts["machine"] != "aarch64" or facts["server_packages"]:
+        raise SystemExit(f"check-arm64: FAILED: not an agent-only aarch64 install: {facts}")
+    print(venv_size(fs), flush=True)
+
+    keys = init_keys(work / "keys" / "release"), init_keys(work / "keys" / "director")
+    built = {v: make_bundle(work / "built", v, f"{v[1]}.0.0") for v in ("v1", "v2")}
+    fleet = Fleet(work / "fleet", *keys)
+    edge_agent = [CHROOT, str(fs), f"{VENV}/bin/edge-agent"]
+    try:
+        fleet.director.register(fleet.director_keys, DEVICE)
+        released = {k: fleet.release(v) for k, v in built.items()}
+
+        verify = [
+            *edge_agent,
+            "verify",
+            "--root",
+            str(fleet.repo.trusted_root_path),
+            "--repo",
+            str(fleet.repo.path),
+            "--name",
+            "pump-health",
+            "--out",
+        ]
+        out = expect(
+            subprocess.run(
+                [*verify, str(work / "verified"), "--hardware", HARDWARE, "--json"],
+                capture_output=True,
+                text=True,
+                timeout=600,
+            ),
+            "edge-agent verify",
+        )
+        say(f"verify: {out.strip()}")
+        refused = subprocess.run(
+            [*verify, str(work / "refused"), "--hardware", "jetson-orin"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        if refused.returncode != 3 or "refused pump-health for jetson-orin" not in refused.stderr:
+            raise SystemExit(f"check-arm64: FAILED: verify for other hardware: {refused.stderr}")
+        say(f"verify, other hardware: exit 3, {refused.stderr.strip()}")
+
+        agent = AgentProcess(fleet.agent_config(DEVICE), command=edge_agent)
+        url = agent.wait_ready(timeout=300)
+        fleet.assign(DEVICE, released["v1"])
+        agent.wait_for("v1 committed", lambda: installed(agent) == "1.0.0", timeout=600)
+        answers = [infer(agent, url) for _ in range(20)]
+        say(f"run: v1 committed, {len(answers)} inferences answered by {answers[-1][0]}")
+        agent.stop()
+
+        agent = AgentProcess(
+            fleet.agent_config(DEVICE, faults={"hold_at": ["staged"]}), command=edge_agent
+        )
+        agent.wait_ready(timeout=300)
+        fleet.assign(DEVICE, released["v2"])
+        agent.wait_for("the install of v2 to hold", lambda: agent.holding("staged"), timeout=600)
+        agent.kill()
+        say("killed (SIGKILL) mid-install of v2, holding at 'staged'")
+
+        agent = AgentProcess(fleet.agent_config(DEVICE), command=edge_agent)
+        url = agent.wait_ready(timeout=300)
+        version, stage = infer(agent, url)
+        if version not in ("1.0.0", "2.0.0"):
+            raise SystemExit(f"check-arm64: FAILED: after the kill the agent served {version}")
+        say(f"restarted: serving {version} ({stage}) at once")
+        agent.wait_for("v2 committed", lambda: installed(agent) == "2.0.0", timeout=600)
+        version, stage = infer(agent, url)
+        say(f"restarted: v2 committed and answering ({version}, {stage})")
+        agent.stop()
+    finally:
+        fleet.close()
+
+
+def installed(agent: AgentProcess) -> str | None:
+    return (agent.journal().get("installed") or {}).get("version")
+
+
+def infer(agent: AgentProcess, url: str) -> tuple[str, str]:
+    answer = agent.infer(url, ROWS)
+    if answer.status != 200:
+        raise SystemExit(f"check-arm64: FAILED: inference answered {answer.status}: {answer.data}")
+    body = json.loads(answer.data)
+    return str(body["model_version"]), str(body["parameters"]["stage"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="make check-arm64", description=__doc__)
+    parser.add_argument("--runtime", choices=sorted(RUNTIMES), default="agent")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        raise SystemExit("check-arm64: needs root (debootstrap, mount, chroot)")
+    say(f"host {platform.machine()}, {platform.platform()}")
+    fs = rootfs()
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="edgefleet-arm64-") as tmp:
+        work = Path(tmp)
+        with mounted(fs, work):
+            check(fs, work, args.runtime)
+    say(f"PASSED ({args.runtime}) in {time.monotonic() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
