@@ -38,7 +38,7 @@ SOURCES = (
 # Distributions only the fleet server and the release tooling use: never on a device.
 SERVER_ONLY = ("sqlalchemy", "aiohttp", "alembic", "asyncpg", "aiosqlite", "amqtt", "tflite")
 
-_SIZES = """
+SIZES = """
 import importlib.metadata as m, json, os, sys
 out = {}
 for d in m.distributions():
@@ -107,7 +107,7 @@ def create(
 def sizes(venv: Path) -> dict[str, int]:
     """Bytes on disk of each distribution installed in ``venv``, by name."""
     done = subprocess.run(
-        [str(venv / "bin" / "python"), "-c", _SIZES], capture_output=True, text=True, check=True
+        [str(venv / "bin" / "python"), "-c", SIZES], capture_output=True, text=True, check=True
     )
     return {str(k): int(v) for k, v in json.loads(done.stdout).items()}
 

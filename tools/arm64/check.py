@@ -18,7 +18,10 @@ step passed; each step prints one line.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
+import csv
+import hashlib
 import json
 import os
 import platform
@@ -33,7 +36,8 @@ from pathlib import Path
 from fleet_server.release.keys import init_keys
 from testbed.fleet import AgentProcess, Fleet
 from testbed.images import HARDWARE, make_bundle
-from tools.agent_env import SERVER_ONLY, copy_sources
+from tools import agent_env
+from tools.agent_env import SERVER_ONLY, SOURCES, copy_sources
 
 ROOT = Path(__file__).resolve().parents[2]
 DEVICE = "pump-arm64"
@@ -149,6 +153,39 @@ def install(fs: Path, runtime: str) -> float:
     return time.monotonic() - started
 
 
+def installed_from_this_tree(fs: Path, runtime: str) -> bool:
+    """Whether :data:`VENV` holds ``edgefleet[runtime]`` built from the working tree as it is.
+
+    Every file the installed ``edgefleet`` lists in its RECORD has the hash of the tree's
+    file, every Python file of the tree is installed, the runtime is the one asked for and
+    the constraints file is the tree's.
+    """
+    site = fs / VENV.lstrip("/") / "lib" / "python3.11" / "site-packages"
+    records = list(site.glob("edgefleet-*.dist-info/RECORD"))
+    marker = {"agent": "tflite_runtime-*.dist-info", "litert": "ai_edge_litert-*.dist-info"}
+    used = fs / "opt" / "edgefleet-wheels" / RUNTIMES[runtime]
+    if len(records) != 1 or not list(site.glob(marker[runtime])) or not used.exists():
+        return False
+    if used.read_bytes() != (ROOT / RUNTIMES[runtime]).read_bytes():
+        return False
+    listed: set[str] = set()
+    for row in csv.reader(records[0].read_text().splitlines()):
+        path, digest = row[0], row[1]
+        if not digest.startswith("sha256=") or ".dist-info/" in path:
+            continue
+        listed.add(path)
+        try:
+            data = (ROOT / path).read_bytes()
+        except OSError:
+            return False
+        ours = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        if digest != f"sha256={ours}":
+            return False
+    packages = [n for n in SOURCES if (ROOT / n).is_dir()]
+    tree = {str(p.relative_to(ROOT)) for n in packages for p in (ROOT / n).rglob("*.py")}
+    return tree <= listed
+
+
 def probe(fs: Path) -> dict[str, object]:
     script = (
         "import importlib.util as u, json, platform, sys, numpy;"
@@ -163,28 +200,29 @@ def probe(fs: Path) -> dict[str, object]:
 
 
 def venv_size(fs: Path) -> str:
-    out = expect(
-        subprocess.run(
-            [sys.executable, "-m", "tools.agent_env", "size", str(fs / VENV.lstrip("/"))],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-        ),
-        "measuring the environment",
-    )
-    return out
+    """What the environment takes on disk, by distribution (measured by its own Python)."""
+    out = expect(chroot(fs, f"{VENV}/bin/python", "-c", agent_env.SIZES), "measuring the venv")
+    by_name = sorted(json.loads(out.strip().splitlines()[-1]).items(), key=lambda kv: -kv[1])
+    lines = [f"{VENV}: {agent_env.disk_usage(fs / VENV.lstrip('/')) / 1e6:.1f} MB on disk"]
+    lines += [f"  {size / 1e6:6.1f} MB  {name}" for name, size in by_name]
+    return "\n".join(lines)
 
 
 def check(fs: Path, work: Path, runtime: str) -> None:
-    say(f"installing edgefleet[{runtime}] from {ROOT} in {fs} (minutes under emulation)")
-    seconds = install(fs, runtime)
+    if installed_from_this_tree(fs, runtime):
+        say(f"edgefleet[{runtime}] in {fs}{VENV} is this working tree's: reused")
+    else:
+        say(f"installing edgefleet[{runtime}] from {ROOT} in {fs} (minutes under emulation)")
+        seconds = install(fs, runtime)
+        say(f"installed in {seconds:.0f} s")
     facts = probe(fs)
-    say(f"installed in {seconds:.0f} s: {json.dumps(facts)}")
+    say(f"installed: {json.dumps(facts)}")
     if facts["machine"] != "aarch64" or facts["server_packages"]:
         raise SystemExit(f"check-arm64: FAILED: not an agent-only aarch64 install: {facts}")
     print(venv_size(fs), flush=True)
 
     keys = init_keys(work / "keys" / "release"), init_keys(work / "keys" / "director")
+    (work / "built").mkdir()
     built = {v: make_bundle(work / "built", v, f"{v[1]}.0.0") for v in ("v1", "v2")}
     fleet = Fleet(work / "fleet", *keys)
     edge_agent = [CHROOT, str(fs), f"{VENV}/bin/edge-agent"]
