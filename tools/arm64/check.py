@@ -171,7 +171,8 @@ def installed_from_this_tree(fs: Path, runtime: str) -> bool:
     listed: set[str] = set()
     for row in csv.reader(records[0].read_text().splitlines()):
         path, digest = row[0], row[1]
-        if not digest.startswith("sha256=") or ".dist-info/" in path:
+        # Skipped: bytecode (no hash), the distribution's metadata, the generated scripts.
+        if not digest.startswith("sha256=") or ".dist-info/" in path or path.startswith(".."):
             continue
         listed.add(path)
         try:
@@ -261,13 +262,19 @@ def check(fs: Path, work: Path, runtime: str) -> None:
             raise SystemExit(f"check-arm64: FAILED: verify for other hardware: {refused.stderr}")
         say(f"verify, other hardware: exit 3, {refused.stderr.strip()}")
 
-        agent = AgentProcess(fleet.agent_config(DEVICE), command=edge_agent)
+        agent = AgentProcess(fleet.agent_config(DEVICE), "--verbose", command=edge_agent)
         url = agent.wait_ready(timeout=300)
         fleet.assign(DEVICE, released["v1"])
         agent.wait_for("v1 committed", lambda: installed(agent) == "1.0.0", timeout=600)
         answers = [infer(agent, url) for _ in range(20)]
         say(f"run: v1 committed, {len(answers)} inferences answered by {answers[-1][0]}")
         agent.stop()
+        # The runtime takes its XNNPACK delegate only when it can read the CPU's features
+        # from /sys; without it the models run on the slower reference kernels.
+        log = (agent.data_dir / "agent.log").read_text(errors="replace")
+        if "Created TensorFlow Lite XNNPACK delegate" not in log:
+            raise SystemExit("check-arm64: FAILED: the runtime ran without its XNNPACK delegate")
+        say("run: the runtime uses its XNNPACK delegate")
 
         agent = AgentProcess(
             fleet.agent_config(DEVICE, faults={"hold_at": ["staged"]}), command=edge_agent
