@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from fleet_server.release.keys import init_keys
-from testbed.fleet import AgentProcess, Fleet
+from testbed.fleet import AgentProcess, Fleet, reap_agents
 from testbed.images import HARDWARE, make_bundle
 from tools import agent_env
 from tools.agent_env import SERVER_ONLY, SOURCES, copy_sources
@@ -291,16 +291,28 @@ def check(fs: Path, work: Path, runtime: str) -> None:
         if version not in ("1.0.0", "2.0.0"):
             raise SystemExit(f"check-arm64: FAILED: after the kill the agent served {version}")
         say(f"restarted: serving {version} ({stage}) at once")
-        agent.wait_for("v2 committed", lambda: installed(agent) == "2.0.0", timeout=600)
+        agent.wait_for(
+            "v2 committed or refused",
+            lambda: installed(agent) == "2.0.0" or refusal(agent) is not None,
+            timeout=600,
+        )
+        if installed(agent) != "2.0.0":
+            raise SystemExit(f"check-arm64: FAILED: v2 refused after the restart: {refusal(agent)}")
         version, stage = infer(agent, url)
         say(f"restarted: v2 committed and answering ({version}, {stage})")
         agent.stop()
     finally:
+        reap_agents()
         fleet.close()
 
 
 def installed(agent: AgentProcess) -> str | None:
     return (agent.journal().get("installed") or {}).get("version")
+
+
+def refusal(agent: AgentProcess) -> dict[str, object] | None:
+    outcome = agent.journal().get("last_outcome") or {}
+    return dict(outcome) if outcome.get("result") == "refused" else None
 
 
 def infer(agent: AgentProcess, url: str) -> tuple[str, str]:
