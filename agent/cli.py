@@ -211,7 +211,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         # A ConfigError comes only from a command that loaded agent.config.
         config = sys.modules.get("agent.config")
-        if not isinstance(exc, OSError) and not (config and isinstance(exc, config.ConfigError)):
+        runtime = sys.modules.get("model_runtime.base")  # no runtime installed: what to do
+        known = (config and isinstance(exc, config.ConfigError)) or (
+            runtime and isinstance(exc, runtime.RuntimeNotInstalled)
+        )
+        if not isinstance(exc, OSError) and not known:
             raise
         print(f"edge-agent: {exc}", file=sys.stderr)
         return EXIT_ERROR

@@ -4,7 +4,13 @@ The one adapter the agent (serving, self-test), the fleet server (bundle
 builder) and the benchmarks run models through. It imports only ``protocol``.
 """
 
-from model_runtime.base import LoadedModel, ModelLoadError, ModelRunError, Runtime
+from model_runtime.base import (
+    LoadedModel,
+    ModelLoadError,
+    ModelRunError,
+    Runtime,
+    RuntimeNotInstalled,
+)
 from model_runtime.tflite import TFLiteRuntime, default_runtime
 
 __all__ = [
@@ -12,6 +18,7 @@ __all__ = [
     "ModelLoadError",
     "ModelRunError",
     "Runtime",
+    "RuntimeNotInstalled",
     "TFLiteRuntime",
     "default_runtime",
 ]

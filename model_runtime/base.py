@@ -17,6 +17,10 @@ class ModelLoadError(Exception):
     """The runtime cannot load or prepare the model (bad file, unresolved custom op)."""
 
 
+class RuntimeNotInstalled(ModelLoadError):
+    """No TFLite runtime imports on this device; the message says what to install or use."""
+
+
 class ModelRunError(Exception):
     """The model failed while running on an input."""
 

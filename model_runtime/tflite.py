@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from model_runtime.base import ModelLoadError, ModelRunError, Tensors
+from model_runtime.base import ModelLoadError, ModelRunError, RuntimeNotInstalled, Tensors
+from model_runtime.platforms import this_platform_message
 from protocol.manifest import TensorSpec
 
 _MODULES = ("tflite_runtime.interpreter", "ai_edge_litert.interpreter")
@@ -70,7 +71,7 @@ def _interpreter_class() -> tuple[str, Any]:
         except ImportError:
             continue
         return module_name.split(".")[0], module.Interpreter
-    raise ModelLoadError("no TFLite runtime installed: install tflite-runtime or ai-edge-litert")
+    raise RuntimeNotInstalled(this_platform_message())
 
 
 class TFLiteModel:

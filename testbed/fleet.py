@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -125,14 +125,22 @@ def reap_agents(keep: Collection[AgentProcess] = ()) -> None:
 class AgentProcess:
     """A real ``edge-agent run`` process."""
 
-    def __init__(self, config: Path, *options: str) -> None:
-        """Start ``edge-agent run --config CONFIG`` with ``options`` (e.g. ``--verbose``)."""
+    def __init__(
+        self,
+        config: Path,
+        *options: str,
+        command: Sequence[str] = (sys.executable, "-m", "agent.cli"),
+    ) -> None:
+        """Start ``edge-agent run --config CONFIG`` with ``options`` (e.g. ``--verbose``).
+
+        ``command`` runs the agent: by default this interpreter's ``agent.cli``.
+        """
         self.config = config
         self.data_dir = config.parent
         (self.data_dir / "agent.json").unlink(missing_ok=True)
         self.log = (self.data_dir / "agent.log").open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "run", "--config", str(config), *options],
+            [*command, "run", "--config", str(config), *options],
             stdout=self.log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
