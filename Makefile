@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Test processes (pytest-xdist); each test module runs whole in one of them, in the
 # order collected: tests/conftest.py collects the longest modules first (LONGEST), so
 # that none starts when the other processes are nearly done.
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 
 .PHONY: demo test test-fast test-browser test-litert check-arm64 lint bench images clean
 
