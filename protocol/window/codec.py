@@ -425,7 +425,8 @@ def _read_features(r: _Reader, beyond: bool) -> list[FeatureSummary]:
         heads.append((flags, nan, out_of_range, n, counts, below, above))
     # Byte planes back into little-endian float32s: plane i holds byte i of each.
     planes = np.frombuffer(r.take(4 * narrow_count), dtype=np.uint8).reshape(4, narrow_count)
-    narrow_values: list[float] = planes.T.copy().view("<f4").ravel().astype(np.float64).tolist()
+    with np.errstate(invalid="ignore"):  # a signalling NaN is refused just below, not warned of
+        narrow_values: list[float] = planes.T.copy().view("<f4").ravel().astype(np.float64).tolist()
     wide_values: list[float] = (
         np.frombuffer(r.take(8 * wide_count), dtype="<f8").astype(np.float64).tolist()
     )
