@@ -3,24 +3,21 @@ connections, pipelined requests split anywhere, 100-continue, upgrade requests a
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 import struct
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 
-from agent.api import LocalApi
 from agent.serving import FallbackChain, ModelSlot
 from model_runtime import default_runtime
 from protocol.bundle import read_bundle
 from testbed.images import MODELS
+from tests.support.local_api import Served as LocalServed
 
 pytestmark = pytest.mark.integration
 
@@ -29,27 +26,11 @@ INFER = "/v2/models/pump-health/infer"
 LIVE = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
 
 
-class Served:
-    """A LocalApi on a free port, its event loop in a background thread."""
+class Served(LocalServed):
+    """The shared test server, its connections without Nagle's delay."""
 
-    def __init__(self, chain: FallbackChain, **options: Any) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.api = LocalApi(chain, port=0, **options)
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        asyncio.run_coroutine_threadsafe(self.api.start(), self.loop).result(10)
-        self.port = self.api.port
-
-    def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.api.close(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()
-
-    def connect(self) -> socket.socket:
-        sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
+    def connect(self, *, nodelay: bool = True, **options: int) -> socket.socket:
+        return super().connect(nodelay=nodelay, **options)
 
     def exchange(self, data: bytes) -> bytes:
         """Send ``data`` and half-close; everything the server sends until it closes."""

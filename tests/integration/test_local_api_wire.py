@@ -3,10 +3,8 @@ refusals inside a pipeline, and a large response to a client with a small receiv
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,43 +13,18 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.api import ApiLimits, LocalApi
+from agent.api import ApiLimits
 from agent.serving import FallbackChain, ModelSlot
 from model_runtime import default_runtime
 from protocol.bundle import read_bundle
 from testbed.images import MODELS
+from tests.support.local_api import Served
 
 pytestmark = pytest.mark.integration
 
 BASELINE = np.load(MODELS / "baseline.npy")
 INFER = "/v2/models/pump-health/infer"
 EXPECTED = default_runtime().load(MODELS / "v2.tflite").run({"features": BASELINE})["scores"]
-
-
-class Served:
-    """A LocalApi on a free port, its event loop in a background thread."""
-
-    def __init__(self, chain: FallbackChain, **options: Any) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.api = LocalApi(chain, port=0, **options)
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        asyncio.run_coroutine_threadsafe(self.api.start(), self.loop).result(10)
-        self.port = self.api.port
-
-    def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.api.close(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()
-
-    def connect(self, **options: int) -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        for option, value in options.items():
-            sock.setsockopt(socket.SOL_SOCKET, getattr(socket, option), value)
-        sock.settimeout(10)
-        sock.connect(("127.0.0.1", self.port))
-        return sock
 
 
 def chain_of(bundle: Path) -> FallbackChain:

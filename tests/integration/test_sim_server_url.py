@@ -13,40 +13,27 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from simulator.scenario import CHECKS
-from tests.support.databases import DATABASES, database_url
+from tests.support.databases import DATABASES
 from tests.support.sim_server import (
     BROKER,
     RunningServer,
     fleet_sim,
+    fresh_server_on_sqlite,
     running_server,
+    server_on_database,
     short_run,
 )
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module", params=DATABASES)
-def server(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[RunningServer]:
-    tmp = tmp_path_factory.mktemp(f"sim-server-url-{request.param}")
-    with database_url(request.param, tmp) as db_url, running_server(tmp, db_url) as running:
-        yield running
-
-
-@pytest.fixture
-def fresh_server(tmp_path: Path) -> Iterator[RunningServer]:
-    """A server of the test's own on SQLite, holding nothing yet."""
-    tmp = tmp_path / "fresh"
-    tmp.mkdir()
-    with running_server(tmp, f"sqlite:///{tmp / 'fleet.db'}") as running:
-        yield running
+server = pytest.fixture(scope="module", params=DATABASES, name="server")(server_on_database)
+fresh_server = pytest.fixture(name="fresh_server")(fresh_server_on_sqlite)
 
 
 def test_a_scenario_runs_against_a_server_given_by_url(

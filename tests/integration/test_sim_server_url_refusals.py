@@ -5,7 +5,6 @@ carried out against a server given by URL: ``test_sim_server_url.py``.)
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,36 +13,23 @@ from fleet_server.release.repository import ImageRepository
 from testbed.api_server import repository_files
 from testbed.server_process import private_broker
 from testbed.waiting import free_port
-from tests.support.databases import DATABASES, database_url
+from tests.support.databases import DATABASES
 from tests.support.sim_runs import SCENARIOS
 from tests.support.sim_server import (
     BROKER,
     RunningServer,
     fleet_sim,
+    fresh_server_on_sqlite,
     refusal,
-    running_server,
+    server_on_database,
     short_run,
 )
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module", params=DATABASES)
-def server(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[RunningServer]:
-    tmp = tmp_path_factory.mktemp(f"sim-server-url-{request.param}")
-    with database_url(request.param, tmp) as db_url, running_server(tmp, db_url) as running:
-        yield running
-
-
-@pytest.fixture
-def fresh_server(tmp_path: Path) -> Iterator[RunningServer]:
-    """A server of the test's own on SQLite, holding nothing yet."""
-    tmp = tmp_path / "fresh"
-    tmp.mkdir()
-    with running_server(tmp, f"sqlite:///{tmp / 'fleet.db'}") as running:
-        yield running
+server = pytest.fixture(scope="module", params=DATABASES, name="server")(server_on_database)
+fresh_server = pytest.fixture(name="fresh_server")(fresh_server_on_sqlite)
 
 
 @pytest.mark.parametrize("given", ["--token", "--token-file"])

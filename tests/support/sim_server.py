@@ -12,7 +12,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from testbed.server_process import ServerProcess, clear_retained
+from tests.support.databases import database_url
 from tests.support.sim_runs import RUN_TIMEOUT_S, SCENARIOS
 
 BROKER = "mqtt://127.0.0.1:1883"  # the machine's Mosquitto, shared with other runs
@@ -82,6 +85,24 @@ def running_server(
     finally:
         process.stop()
         clear_retained(f"edgefleet/v1/{namespace}/#")
+
+
+def server_on_database(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningServer]:
+    """A test module's server on the database its fixture's parameter names (see
+    ``test_sim_server_url*.py``: ``pytest.fixture(scope="module", params=DATABASES)``)."""
+    tmp = tmp_path_factory.mktemp(f"sim-server-url-{request.param}")
+    with database_url(request.param, tmp) as db_url, running_server(tmp, db_url) as running:
+        yield running
+
+
+def fresh_server_on_sqlite(tmp_path: Path) -> Iterator[RunningServer]:
+    """A server of the test's own on SQLite, holding nothing yet."""
+    tmp = tmp_path / "fresh"
+    tmp.mkdir()
+    with running_server(tmp, f"sqlite:///{tmp / 'fleet.db'}") as running:
+        yield running
 
 
 def refusal(done: Any) -> str:
