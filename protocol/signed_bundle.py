@@ -18,22 +18,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 
-class Released(Protocol):
-    """Anything that carries a release's signed fields (what :func:`newest_by_name` reads)."""
-
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def version(self) -> str: ...
-
-    @property
-    def release_counter(self) -> int: ...
-
-    @property
-    def hardware_ids(self) -> tuple[str, ...]: ...
-
-
 class Described(Protocol):
     """A manifest as :func:`manifest_disagreement` reads it (the model or the device's check)."""
 
@@ -48,6 +32,13 @@ class Described(Protocol):
 
     @property
     def hardware_ids(self) -> Sequence[str]: ...
+
+
+class Released(Described, Protocol):
+    """Anything that carries a release's signed fields (what :func:`newest_by_name` reads)."""
+
+    @property
+    def hardware_ids(self) -> tuple[str, ...]: ...
 
 
 _Signed = TypeVar("_Signed", bound=Released)
