@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -49,52 +50,24 @@ def test_the_agent_only_install_has_no_server_package(venv: Path) -> None:
     assert found == dict.fromkeys(agent_env.SERVER_ONLY, False)
 
 
+def verify(venv: Path, repo: ImageRepository, hardware: str, out: Path) -> Any:
+    """``edge-agent verify`` of the installed environment, as a device runs it."""
+    command = [str(venv / "bin" / "edge-agent"), "verify", "--root", str(repo.trusted_root_path)]
+    command += ["--repo", str(repo.path), "--name", "pump-health", "--hardware", hardware]
+    command += ["--out", str(out)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
 def test_the_agent_only_install_verifies_a_signed_bundle(
     venv: Path, repo: ImageRepository, tmp_path: Path
 ) -> None:
     out = tmp_path / "verified"
-    done = subprocess.run(
-        [
-            str(venv / "bin" / "edge-agent"),
-            "verify",
-            "--root",
-            str(repo.trusted_root_path),
-            "--repo",
-            str(repo.path),
-            "--name",
-            "pump-health",
-            "--hardware",
-            HARDWARE,
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = verify(venv, repo, HARDWARE, out)
     assert done.returncode == 0, done.stderr
     assert "Verified pump-health 1.0.0" in done.stdout
     assert [p.name for p in out.glob("*.bundle")] != []
 
-    refused = subprocess.run(
-        [
-            str(venv / "bin" / "edge-agent"),
-            "verify",
-            "--root",
-            str(repo.trusted_root_path),
-            "--repo",
-            str(repo.path),
-            "--name",
-            "pump-health",
-            "--hardware",
-            "some-other-board",
-            "--out",
-            str(tmp_path / "other"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    refused = verify(venv, repo, "some-other-board", tmp_path / "other")
     assert refused.returncode == 3, refused.stderr
     assert "refused pump-health for some-other-board" in refused.stderr
 
