@@ -53,7 +53,9 @@ def missing_runtime_message(machine: str, libc: tuple[str, str]) -> str:
             return (
                 f"{lead}; tflite-runtime's aarch64 wheels need glibc 2.34 and this system has "
                 f"{shown}: pip install 'edgefleet[litert]' instead (LiteRT, numpy 2; its "
-                "wheels need glibc 2.27), or use a newer OS image (glibc 2.34 or later: "
+                "wheels need glibc 2.27; on aarch64 it is not yet checked on hardware, and "
+                "under emulation its self-test refused a sample release), or use a newer OS "
+                "image (glibc 2.34 or later: "
                 "Debian 12, Ubuntu 22.04, JetPack 6), or the TFLite runtime from the board's "
                 "vendor"
             )
