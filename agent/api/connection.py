@@ -268,6 +268,17 @@ class HttpConnection(asyncio.BufferedProtocol):
         if version == "1.1" and not request.has_host:
             self._refuse(Malformed(400, "malformed HTTP request: Missing mandatory Host: header"))
             raise _HeadRefused
+        if parser.should_upgrade() and (request.content_length or request.chunked):
+            # llhttp hands what follows such a head back unparsed, as the new protocol's: a
+            # body there would be read as the next request. No switch is made, so refuse it.
+            self._refuse(
+                Malformed(
+                    400,
+                    "malformed HTTP request: a request to switch protocols (Upgrade or "
+                    "CONNECT) cannot carry a body here",
+                )
+            )
+            raise _HeadRefused
         self._parsing = request
         self.requests.append(request)
 

@@ -296,6 +296,22 @@ def test_an_upgrade_request_is_answered_without_switching_and_the_next_one_too(
     assert [status for status, _, _ in answers] == [200, 200]
 
 
+def test_an_upgrade_request_with_a_body_is_refused_and_its_body_never_read_as_a_request(
+    bare: Served,
+) -> None:
+    # The body is itself a request: served, it would be one the client never sent as such.
+    smuggled = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+    upgrade = (
+        b"POST /v2/models/pump-health/infer HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        b"Connection: upgrade\r\nContent-Length: %d\r\n\r\n" % len(smuggled)
+    )
+    answers = responses(bare.exchange(upgrade + smuggled))
+    assert len(answers) == 1, answers
+    status, _, body = answers[0]
+    assert status == 400
+    assert b"a request to switch protocols (Upgrade or CONNECT) cannot carry a body" in body
+
+
 def test_an_http_1_0_request_is_answered_and_its_connection_closed(bare: Served) -> None:
     with bare.connect() as sock:
         sock.sendall(b"GET /v2/health/live HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
