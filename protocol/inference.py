@@ -580,7 +580,7 @@ def response_json(
         parts.append(b',"id":' + _json_string(id))
     parts.append(middle)
     for i, (name, array) in enumerate(outputs.items()):
-        datatype = _DATATYPE_OF_NP.get(array.dtype) or datatype_of(array.dtype)
+        datatype = datatype_of(array.dtype)
         try:
             data = _DATA_JSON.encode(array.reshape(-1).tolist())
         except ValueError:
@@ -628,9 +628,13 @@ def _response_fragments(
 
 
 def _json_string(text: str) -> bytes:
-    return _STRING_JSON.encode(text).encode("utf-8", "surrogatepass")
+    try:
+        return _STRING_JSON.encode(text).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (JSON allows "\ud800"): escaped, valid UTF-8
+        return _ASCII_JSON.encode(text).encode("ascii")
 
 
 # Made once: json.dumps builds an encoder on every call given any option.
 _DATA_JSON: Final = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
 _STRING_JSON: Final = json.JSONEncoder(ensure_ascii=False)
+_ASCII_JSON: Final = json.JSONEncoder()

@@ -266,13 +266,13 @@ class InferenceRoutes:
         return tensors, parsed.id, parsed.outputs
 
 
-def parse_request(body: bytearray, *, plain: bool = True) -> InferenceRequest | PlainRequest:
+def parse_request(body: bytearray) -> InferenceRequest | PlainRequest:
     """The request ``body`` holds, parsed by Python's json and checked by pydantic.
 
     Not by pydantic's own JSON parser: it builds a tree of its own before the
     Python objects, which costs about twice as much memory per array. A request
     of the common shape is read without pydantic (:func:`plain_request`), with
-    the same fields; ``plain=False`` checks every request with pydantic.
+    the same fields.
     """
     try:
         document = json.loads(body.decode("utf-8"))
@@ -287,7 +287,7 @@ def parse_request(body: bytearray, *, plain: bool = True) -> InferenceRequest | 
         raise InferenceRequestError(
             f"Input should be an object (an inference request), the body is {kind}"
         )
-    if plain and (read := plain_request(document)) is not None:
+    if (read := plain_request(document)) is not None:
         return read
     return InferenceRequest.model_validate(document)
 

@@ -255,6 +255,15 @@ def test_the_response_is_the_document_pydantic_writes(
         assert ours == theirs
 
 
+def test_a_request_id_holding_a_lone_surrogate_is_answered_in_valid_utf_8() -> None:
+    # JSON lets a request carry "\ud800" as its id; the answer must still be UTF-8.
+    outputs = {"scores": np.array([[0.25]], np.float32)}
+    ours = response_json(
+        outputs, model_name="pump-health", model_version="2.0.0", stage="active", id="a\ud800é"
+    )
+    assert json.loads(ours.decode("utf-8"))["id"] == "a\ud800é"
+
+
 @pytest.mark.parametrize("datatype", ["FP16", "FP32", "FP64"])
 @pytest.mark.parametrize(
     "value", [0.5, -1.0, 65504.0, 65520.0, 3.4028235e38, 3.4028236e38, 3.5e38, 1e300, -1e300]
