@@ -56,10 +56,13 @@ def periods_for(
     first_end: datetime | None,
 ) -> Periods:
     """The periods of a query: ``step_s`` given, or the span from the first window's end
-    (else ``since``) to ``until`` cut into ``buckets`` periods of whole seconds."""
+    (else ``since``) to ``until`` cut into ``buckets`` periods of whole seconds. A period
+    holds the windows that ended after its start, up to and at its end, so the step is a
+    second more than ``span / buckets`` rounded down: the first window, which ended exactly
+    ``span`` before ``until``, falls in the first of the ``buckets``, not in one more."""
     if step_s is None:
         span = (until - (first_end or since)).total_seconds()
-        step_s = max(1.0, math.ceil(span / buckets) if span > 0 else 1.0)
+        step_s = float(math.floor(span / buckets) + 1) if span > 0 else 1.0
     return Periods(since, until, timedelta(seconds=step_s))
 
 

@@ -109,7 +109,9 @@ class ModelDriftView(ResponseBody):
     )
     min_n: int
     false_alarm_rate: float = Field(
-        description="per feature, split over its tests (distribution 70 %, the others 10 % each)"
+        description="the rate each feature is tested at: the scope and model version's rate "
+        "split evenly over its features, then over the feature's tests (distribution 70 %, "
+        "the others 10 % each)"
     )
     features: list[FeatureDriftView]
     accuracy: AccuracyView | None = Field(
