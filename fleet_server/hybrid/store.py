@@ -21,10 +21,9 @@ from sqlalchemy import (
     type_coerce,
     update,
 )
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from fleet_server.db.dialects import dialect_insert, insert_for, on_postgres
 from fleet_server.db.models import CloudSettings, Device, DeviceHybridStats, HybridPlanRow
 from fleet_server.hybrid.aggregates import (
     JSON_COLUMNS,
@@ -42,11 +41,6 @@ _CHUNK = 500
 _KEY_COLUMNS = ("device_id", "plan_id", "hour")
 
 
-def _insert(session: AsyncSession) -> Any:
-    postgres = session.bind is not None and session.bind.dialect.name == "postgresql"
-    return pg_insert if postgres else sqlite_insert
-
-
 # The hourly rows as a table: ingest reads and writes them through Core, as plain rows and
 # parameter sets, without the ORM's objects and per-row bookkeeping.
 _STATS: Final = DeviceHybridStats.__table__
@@ -54,7 +48,7 @@ _STATS: Final = DeviceHybridStats.__table__
 
 def _upsert(session: AsyncSession) -> Any:
     """``INSERT ... ON CONFLICT`` of whole rows: a stored row takes the new sums."""
-    statement = _insert(session)(_STATS)
+    statement = dialect_insert(session)(_STATS)
     return statement.on_conflict_do_update(
         index_elements=list(_KEY_COLUMNS),
         set_={
@@ -122,7 +116,7 @@ def _summed_upsert(postgres: bool) -> Any:
     and those of a stored row are left as they are (for deltas that add nothing to
     them: :func:`_summed_by_database`). Made once per dialect: its constants are part
     of the statement, not parameters that every row's parameter set would carry."""
-    statement = _insert_of(postgres)(_STATS).values(
+    statement = insert_for(postgres)(_STATS).values(
         {name: literal_column(f"'{text}'") for name, text in _EMPTY.items()}
     )
     new, t = statement.excluded, _STATS.c
@@ -132,10 +126,6 @@ def _summed_upsert(postgres: bool) -> Any:
     summed["score_classes"] = greatest(t.score_classes, new.score_classes)
     summed["scores"] = _bins_added(t.scores, new.scores, SCORE_BIN_COUNT, postgres=postgres)
     return statement.on_conflict_do_update(index_elements=list(_KEY_COLUMNS), set_=summed)
-
-
-def _insert_of(postgres: bool) -> Any:
-    return pg_insert if postgres else sqlite_insert
 
 
 # What a new row holds in the JSON columns a delta of the database's sums adds nothing to.
@@ -217,7 +207,7 @@ async def add_to_hybrid_stats(session: AsyncSession, deltas: Sequence[HybridDelt
     connection = await session.connection()
     if len(read) < len(keys):
         wanted = set(read)
-        postgres = session.bind is not None and session.bind.dialect.name == "postgresql"
+        postgres = on_postgres(session)
         await connection.execute(
             _SUMMED_UPSERT[postgres], [_summed_values(merged[k]) for k in keys if k not in wanted]
         )

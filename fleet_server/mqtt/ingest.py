@@ -28,10 +28,9 @@ from typing import Final
 
 from pydantic import ValidationError
 from sqlalchemy import select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from fleet_server.db import Database
+from fleet_server.db.dialects import insert_for
 from fleet_server.db.models import Device, DeviceEventRow, WindowRow
 from fleet_server.devices.store import reported_state_columns, write_reported_state
 from fleet_server.hybrid.aggregates import fold_hybrid
@@ -300,13 +299,13 @@ async def write_batch(db: Database, batch: Sequence[Accepted], replica: str) -> 
                 .execution_options(synchronize_session=False)
             )
         if events:
-            insert = pg_insert if db.is_postgres else sqlite_insert
+            insert = insert_for(db.is_postgres)
             await session.execute(
                 insert(_EVENTS).on_conflict_do_nothing(index_elements=["message_id"]),
                 [events[k] for k in sorted(events)],
             )
         if windows:
-            insert = pg_insert if db.is_postgres else sqlite_insert
+            insert = insert_for(db.is_postgres)
             inserted = await session.execute(
                 insert(_WINDOWS)
                 .on_conflict_do_nothing(index_elements=["window_id"])

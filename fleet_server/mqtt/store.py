@@ -22,6 +22,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from fleet_server.db import Database
+from fleet_server.db.dialects import on_postgres
 from fleet_server.db.models import Device, Release, WindowRow
 
 
@@ -33,7 +34,7 @@ def listed(session: AsyncSession, column: Any, ids: Collection[str]) -> ColumnEl
     query for the hundreds of devices of a batch; one parameter also keeps SQLite's
     limit of bound values out of reach.
     """
-    if session.bind is not None and session.bind.dialect.name == "postgresql":
+    if on_postgres(session):
         listing: Any = any_(bindparam(None, list(ids), type_=ARRAY(String)))
         return column == listing  # type: ignore[no-any-return]
     values: Any = select(literal_column("value")).select_from(

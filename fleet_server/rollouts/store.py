@@ -24,10 +24,9 @@ from sqlalchemy import (
     type_coerce,
     update,
 )
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from fleet_server.db.dialects import dialect_insert, insert_for, on_postgres
 from fleet_server.db.models import (
     DeviceHourStats,
     RolloutDevice,
@@ -52,14 +51,6 @@ from fleet_server.rollouts.verdicts import GateEvaluation
 
 # SQLite takes at most 32,766 bound values in a statement.
 _SQLITE_CHUNK = 10_000
-
-
-def _is_postgres(session: AsyncSession) -> bool:
-    return session.bind is not None and session.bind.dialect.name == "postgresql"
-
-
-def _insert(session: AsyncSession) -> Any:
-    return pg_insert if _is_postgres(session) else sqlite_insert
 
 
 # --- hourly aggregates ---------------------------------------------------------------------
@@ -108,7 +99,7 @@ _HOURS: Final = DeviceHourStats.__table__
 
 def _upsert(session: AsyncSession) -> Any:
     """:func:`_summed_upsert` of the session's dialect (made once for each)."""
-    return _SUMMED_UPSERT[_is_postgres(session)]
+    return _SUMMED_UPSERT[on_postgres(session)]
 
 
 def _summed_upsert(postgres: bool) -> Any:
@@ -121,7 +112,7 @@ def _summed_upsert(postgres: bool) -> Any:
     so the row means what ``combine`` of the stored row and the batch would store.
     Scores over other classes than the stored row's are left out (see ``combine``).
     """
-    insert: Any = pg_insert if postgres else sqlite_insert
+    insert: Any = insert_for(postgres)
     statement = insert(_HOURS)
     new, t = statement.excluded, _HOURS.c
     summed: dict[str, Any] = {
@@ -210,7 +201,7 @@ async def add_labels(
     they label, in the row of the hour they are received in (``received_at``, default now);
     negative values take back labels that a correction replaced."""
     table = DeviceHourStats
-    insert = _insert(session)
+    insert = dialect_insert(session)
     statement = insert(table).values(
         _values_of(
             AggregateDelta(
@@ -292,7 +283,7 @@ async def device_aggregates(
     # Core, not the ORM: these are plain rows, and the ORM's row loading would double the cost.
     connection = await session.connection()
     rows: list[Any] = []
-    if _is_postgres(session):
+    if on_postgres(session):
         # The version's rows of the range lie together; the devices are picked here (joined
         # to a list of 100,000 ids, the planner guesses the list small and probes the range
         # once per id). The driver's own records: SQLAlchemy's result rows cost as much as
@@ -465,7 +456,7 @@ async def record_evaluation(
         for g in gates
     ]
     statement = (
-        _insert(session)(RolloutEvaluation)
+        dialect_insert(session)(RolloutEvaluation)
         .values(
             rollout_id=rollout_id,
             at=as_utc(at),
@@ -513,7 +504,7 @@ async def add_reached(
         return []
     by_id = {d.device_id: d for d in devices}
     added: list[str] = []
-    insert = _insert(session)
+    insert = dialect_insert(session)
     ids = sorted(by_id)
     for start in range(0, len(ids), _SQLITE_CHUNK // 6):
         chunk = ids[start : start + _SQLITE_CHUNK // 6]
