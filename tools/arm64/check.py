@@ -21,6 +21,7 @@ import argparse
 import base64
 import contextlib
 import csv
+import fcntl
 import hashlib
 import json
 import os
@@ -46,7 +47,7 @@ ROWS = [[1500.0, 10, 20, 40, 40, 1, 1, 1, 3, 3, 3, 0.5, 0.2, 0.1, 0.1, 60]] * 4
 HOST_CA_SOURCE = "/etc/ssl/certs/ca-certificates.crt"
 HOST_CA = "/etc/ssl/host-ca-certificates.crt"
 CHROOT = shutil.which("chroot") or "/usr/sbin/chroot"
-RUNTIMES = {"agent": "constraints.txt", "litert": "constraints-litert.txt"}
+RUNTIMES = agent_env.RUNTIMES
 
 
 def say(line: str) -> None:
@@ -323,6 +324,21 @@ def infer(agent: AgentProcess, url: str) -> tuple[str, str]:
     return str(body["model_version"]), str(body["parameters"]["stage"])
 
 
+@contextlib.contextmanager
+def one_check_at_a_time() -> Iterator[None]:
+    """Hold the machine's arm64 lock: every check shares one root filesystem, its /opt
+    and its mounts, so a second check (another checkout, the other runtime) waits."""
+    cache = Path(os.environ.get("EDGEFLEET_CACHE", Path.home() / ".cache" / "edgefleet"))
+    cache.mkdir(parents=True, exist_ok=True)
+    with (cache / "arm64-check.lock").open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"another check-arm64 holds {cache / 'arm64-check.lock'}: waiting for it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make check-arm64", description=__doc__)
     parser.add_argument("--runtime", choices=sorted(RUNTIMES), default="agent")
@@ -330,12 +346,13 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         raise SystemExit("check-arm64: needs root (debootstrap, mount, chroot)")
     say(f"host {platform.machine()}, {platform.platform()}")
-    fs = rootfs()
-    started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="edgefleet-arm64-") as tmp:
-        work = Path(tmp)
-        with mounted(fs, work):
-            check(fs, work, args.runtime)
+    with one_check_at_a_time():
+        fs = rootfs()
+        started = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix="edgefleet-arm64-") as tmp:
+            work = Path(tmp)
+            with mounted(fs, work):
+                check(fs, work, args.runtime)
     say(f"PASSED ({args.runtime}) in {time.monotonic() - started:.0f} s")
     return 0
 
