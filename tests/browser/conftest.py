@@ -199,23 +199,7 @@ def _populate(api: ServerThread, keys: KeyStore, bundles: dict[str, Path], tmp: 
     drifted = fleet.upload("press-01", fleet.shifted(1000, seed=5), end, scores=scores)
     fleet.upload("press-02", fleet.in_distribution(1000, seed=6), end, scores=scores)
     # Labels arrive for press-01's windows: a little less right each minute.
-    status, stored = fleet.send(
-        "POST",
-        "/labels",
-        {
-            "windows": [
-                {
-                    "window_id": window_id,
-                    "labels": [
-                        {"actual": CLASSES[0], "predicted": CLASSES[0], "count": 160 - 10 * k},
-                        {"actual": CLASSES[1], "predicted": CLASSES[0], "count": 40 + 10 * k},
-                    ],
-                }
-                for k, window_id in enumerate(drifted)
-            ]
-        },
-    )
-    assert status == 200, stored
+    fleet.label({window_id: (160 - 10 * k, 40 + 10 * k) for k, window_id in enumerate(drifted)})
     fleet.run_pass(now)
 
     server = api.server

@@ -41,26 +41,6 @@ def _finite_everywhere(found: Any) -> bool:
     return bool(json.loads(text))
 
 
-def _label(fleet: DriftFleet, window_id: str, right: int, wrong: int) -> None:
-    classes = fleet.manifest.classes or []
-    status, stored = fleet.send(
-        "POST",
-        "/labels",
-        {
-            "windows": [
-                {
-                    "window_id": window_id,
-                    "labels": [
-                        {"actual": classes[0], "predicted": classes[0], "count": right},
-                        {"actual": classes[1], "predicted": classes[0], "count": wrong},
-                    ],
-                }
-            ]
-        },
-    )
-    assert status == 200, stored
-
-
 def test_each_hour_shows_the_estimate_and_the_labelled_accuracy_and_empty_hours_are_left_out(
     fleet: DriftFleet,
 ) -> None:
@@ -72,9 +52,7 @@ def test_each_hour_shows_the_estimate_and_the_labelled_accuracy_and_empty_hours_
     early = fleet.upload(
         "hist-1", fleet.in_distribution(400, seed=2), end - 2 * HOUR, scores=scores
     )
-    _label(fleet, late[0], 150, 50)
-    _label(fleet, late[1], 100, 100)
-    _label(fleet, early[0], 180, 20)
+    fleet.label({late[0]: (150, 50), late[1]: (100, 100), early[0]: (180, 20)})
     since, until = (end - 3 * HOUR).isoformat(), end.isoformat()
 
     status, found = _history(fleet, region="hist-north", since=since, until=until, step_s=3600)

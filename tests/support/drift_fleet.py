@@ -169,6 +169,23 @@ class DriftFleet:
         r = self.api.request(method, f"{V}{path}", token=token or self.admin, json=body)
         return r.status, json.loads(r.data)
 
+    def label(self, counts: dict[str, tuple[int, int]]) -> None:
+        """Posts labels for windows: for each window id, how many predictions of the first
+        class were right and how many were wrong (the second class was the actual)."""
+        classes = self.manifest.classes or []
+        windows = [
+            {
+                "window_id": window_id,
+                "labels": [
+                    {"actual": classes[0], "predicted": classes[0], "count": right},
+                    {"actual": classes[1], "predicted": classes[0], "count": wrong},
+                ],
+            }
+            for window_id, (right, wrong) in counts.items()
+        ]
+        status, stored = self.send("POST", "/labels", {"windows": windows})
+        assert status == 200, stored
+
     def token(self, name: str, role: str) -> str:
         status, created = self.send("POST", "/tokens", {"name": name, "role": role})
         assert status == 201, created

@@ -26,5 +26,6 @@ rm -rf "$partial"
 echo "check-arm64: debootstrap bookworm arm64 into $partial (several minutes under emulation)" >&2
 debootstrap --arch=arm64 --variant=minbase --include="$PACKAGES" bookworm "$partial" "$MIRROR" >&2
 touch "$partial/.complete"
+rm -rf "$ROOTFS"  # a folder left by a run that stopped before .complete
 mv "$partial" "$ROOTFS"
 echo "$ROOTFS"
