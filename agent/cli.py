@@ -93,19 +93,21 @@ def _config(args: argparse.Namespace) -> AgentConfig:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from agent.daemon import run_agent
-    from agent.enrolment import EnrolmentRefused, enrolled_config
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     config = _config(args)
-    try:
-        # The entry point hands the environment over: only it reads one (token_env).
-        config = enrolled_config(config, os.environ)
-    except EnrolmentRefused as exc:
-        print(f"edge-agent: {exc}", file=sys.stderr)
-        return EXIT_REFUSED
+    if config.enrolment is not None:  # a device without [enrolment] never loads the client
+        from agent.enrolment import EnrolmentRefused, enrolled_config
+
+        try:
+            # The entry point hands the environment over: only it reads one (token_env).
+            config = enrolled_config(config, os.environ)
+        except EnrolmentRefused as exc:
+            print(f"edge-agent: {exc}", file=sys.stderr)
+            return EXIT_REFUSED
     return run_agent(config, Path(args.config))
 
 

@@ -26,16 +26,20 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import urllib3
 from pydantic import ValidationError
 
 from agent.config import AgentConfig, ConfigError, EnrolmentConfig
 from agent.ota.durable import fsync_dir
 from protocol.api.base import API_PREFIX
-from protocol.api.devices import DeviceCredentials, EnrolDevice
 from protocol.topics import NAMESPACE_RULE, NamespaceError, check_namespace
+
+if TYPE_CHECKING:
+    # Loaded only to enrol: a device that has its credentials starts without them.
+    import urllib3
+
+    from protocol.api.devices import DeviceCredentials
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +125,10 @@ def _enrol(
     sleep: Callable[[float], None],
     jitter: Callable[[], float],
 ) -> DeviceCredentials:
+    import urllib3
+
+    from protocol.api.devices import EnrolDevice
+
     enrolment = config.enrolment
     assert enrolment is not None and config.server.url is not None
     server = config.server.url.rstrip("/")
@@ -172,6 +180,8 @@ def _enrol(
 
 
 def _credentials(server: str, body: bytes) -> DeviceCredentials:
+    from protocol.api.devices import DeviceCredentials
+
     try:
         return DeviceCredentials.model_validate_json(body)
     except ValidationError as exc:
