@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import importlib
 import json
 import logging
 import os
@@ -38,33 +39,36 @@ from agent.api.admission import ApiLimits
 from agent.api.http import LocalApi
 from agent.config import AgentConfig, ConfigError
 from agent.metrics import AgentMetrics
-from agent.ota.answers import Why
 from agent.ota.durable import atomic_write
 from agent.ota.faults import Faults
 from agent.ota.installer import Installer
 from agent.ota.parts import ProcessFetcher, SlotModel
-from agent.ota.plan import PlanKeeper, reported
 from agent.ota.poll_gate import PollGate
-from agent.ota.shadow import ShadowKeeper, ShadowModel
-from agent.ota.shadow_steps import ShadowPolicy
-from agent.ota.shadow_store import ShadowStore
 from agent.serving.chain import Answer, ChainConfig, FallbackChain, ModelSlot
 from agent.serving.cloud import CloudStage
+from agent.serving.hybrid import AuditResult
 from agent.serving.shadow import ShadowResult, ShadowRunner
-from agent.telemetry import Outbox, WindowPolicy, WindowRecorder, WindowRecordError
 from model_runtime import Runtime, default_runtime
-from protocol.hybrid import HybridPlan
-from protocol.messages import HybridPlanState
-from protocol.window import encode_window
 
 if TYPE_CHECKING:
+    # The parts that do not answer requests are built once the API listens (see
+    # ``AgentDaemon.run``): their modules load then, not before the device serves.
     from agent.mqtt import MqttLink
+    from agent.ota.answers import Why
+    from agent.ota.plan import PlanKeeper
+    from agent.ota.shadow import ShadowKeeper, ShadowModel
+    from agent.telemetry import Outbox, WindowRecorder
+    from protocol.hybrid import HybridPlan
+    from protocol.messages import HybridPlanState
 
 log = logging.getLogger(__name__)
 
 SLOW_STOP_S = 5.0  # a stop taking longer logs what it still waits for
 TICK_S = 0.2
 TELEMETRY_TICK_S = 1.0
+# Answers, audits and installer events kept for the telemetry and the link while they
+# are built after the API listens (a fraction of a second); beyond this, the oldest go.
+EARLY_KEPT = 1024
 
 
 def _device_password(config: AgentConfig) -> str | None:
@@ -83,10 +87,25 @@ def _slot(model: SlotModel | None) -> ModelSlot | None:
 
 
 class AgentDaemon:
-    """The running agent: serving, updates and the trial clock."""
+    """The running agent: serving, updates and the trial clock.
+
+    What answers requests (the chain, the installer that recovers and checks
+    the installed models, the local API) is built by the constructor. The
+    parts that do not (telemetry, the shadow, the hybrid plan, the MQTT link)
+    are built by the constructor too, unless ``serving_first``: then
+    :meth:`run` builds them once the API listens, their modules loaded in a
+    thread meanwhile, and the answers, audits and installer events of those
+    first moments are kept for them (at most :data:`EARLY_KEPT` of each).
+    No update check starts before they are built.
+    """
 
     def __init__(
-        self, config: AgentConfig, config_path: Path, runtime: Runtime | None = None
+        self,
+        config: AgentConfig,
+        config_path: Path,
+        runtime: Runtime | None = None,
+        *,
+        serving_first: bool = False,
     ) -> None:
         self.config = config
         cloud = None
@@ -108,6 +127,56 @@ class AgentDaemon:
         )
         self.recorder: WindowRecorder | None = None
         self.outbox: Outbox | None = None
+        self.shadow: ShadowKeeper | None = None
+        self.plan: PlanKeeper | None = None
+        self.link: MqttLink | None = None
+        self._plan_metrics_registered = False
+        self._background_built = False
+        # What the parts built after the API listens missed meanwhile (see the class).
+        self._early_answers: list[tuple[dict[str, Any], Answer, float]] = []
+        self._early_audits: list[AuditResult] = []
+        self._early_events: list[dict[str, object]] = []
+        if config.telemetry.enabled:
+            self.chain.on_answer(self._record)
+            self.chain.on_audit(self._record_audit)
+        self.runtime = runtime or default_runtime()
+        # One fetcher for the three questions of a poll: a child process, asked only
+        # when the director's or the image repository's metadata may have changed.
+        self.fetcher = PollGate(ProcessFetcher(config_path), config)
+        self.installer = Installer.from_config(
+            config,
+            config_path,
+            self.runtime,
+            publish=self._serve_models,
+            on_event=self._install_event,
+            fetcher=self.fetcher,
+        )
+        self.chain.subscribe(self.installer.observe)
+        # Set when the server says the assignment changed: check for updates now.
+        self.wake = asyncio.Event()
+        self._check_after_trial = False
+        self.metrics.watch(chain=self.chain, gate=self.fetcher)
+        self.api = LocalApi(
+            self.chain,
+            config.api.host,
+            config.api.port,
+            limits=ApiLimits.from_config(config.api),
+            metrics=self.metrics,
+        )
+        self.started = time.monotonic()
+        self._listening_after_s: float | None = None
+        if not serving_first:
+            self._build_background_parts()
+
+    def _build_background_parts(self) -> None:
+        """Telemetry, the shadow keeper, the hybrid plan keeper and the MQTT link."""
+        from agent.ota.plan import PlanKeeper
+        from agent.ota.shadow import ShadowKeeper
+        from agent.ota.shadow_steps import ShadowPolicy
+        from agent.ota.shadow_store import ShadowStore
+        from agent.telemetry import Outbox, WindowPolicy, WindowRecorder
+
+        config = self.config
         telemetry = config.telemetry
         if telemetry.enabled:
             self.recorder = WindowRecorder(
@@ -119,32 +188,18 @@ class AgentDaemon:
                     max_overhead=telemetry.max_overhead or None,  # 0: summarise every request
                 ),
             )
+            if self.chain.manifest is not None:  # models were published before it existed
+                self.recorder.set_manifest(self.chain.manifest)
             self.outbox = Outbox(
                 config.data_dir / "outbox.db",
                 max_bytes=telemetry.outbox_max_bytes,
                 max_age_s=telemetry.outbox_max_age_s,
             )
-            self.chain.on_answer(self._record)
-            self.chain.on_audit(self.recorder.record_audit)
-        runtime = runtime or default_runtime()
-        # One fetcher for the three questions of a poll: a child process, asked only
-        # when the director's or the image repository's metadata may have changed.
-        self.fetcher = PollGate(ProcessFetcher(config_path), config)
-        self.installer = Installer.from_config(
-            config,
-            config_path,
-            runtime,
-            publish=self._serve_models,
-            on_event=self._install_event,
-            fetcher=self.fetcher,
-        )
-        self.chain.subscribe(self.installer.observe)
-        self.shadow: ShadowKeeper | None = None
         if config.director is not None:  # only a director lists a shadow
             installer = self.installer
             self.shadow = ShadowKeeper(
                 store=ShadowStore(config.data_dir / "shadow"),
-                runtime=runtime,
+                runtime=self.runtime,
                 fetcher=self.fetcher,
                 publish=self._run_shadow,
                 report=installer.record_event,
@@ -152,19 +207,12 @@ class AgentDaemon:
                 policy=ShadowPolicy(config.update.poll_interval_s),
                 faults=Faults(config.faults.hold_at),
             )
-        # Only a director signs a hybrid plan; without one the device serves locally only.
-        self.plan: PlanKeeper | None = None
-        self._plan_metrics_registered = False
-        if config.director is not None:
+            # Only a director signs a hybrid plan; without one the device serves locally only.
             self.plan = PlanKeeper(
                 fetcher=self.fetcher,
                 on_plan=self._follow_plan,
                 report=self.installer.record_event,
             )
-        # Set when the server says the assignment changed: check for updates now.
-        self.wake = asyncio.Event()
-        self._check_after_trial = False
-        self.link: MqttLink | None = None
         if config.server.broker:
             # Imported here: a device without a broker does not carry paho (about 2 MB).
             from agent.mqtt import MqttLink
@@ -177,25 +225,37 @@ class AgentDaemon:
                 outbox=self.outbox,
                 hybrid_plan=self._plan_state,
             )
-        self.metrics.watch(chain=self.chain, outbox=self.outbox, link=self.link, gate=self.fetcher)
-        self.api = LocalApi(
-            self.chain,
-            config.api.host,
-            config.api.port,
-            limits=ApiLimits.from_config(config.api),
-            metrics=self.metrics,
-        )
-        self.started = time.monotonic()
+        self.metrics.watch(outbox=self.outbox, link=self.link)
+        self._background_built = True
+        answers, self._early_answers = self._early_answers, []
+        for inputs, answer, seconds in answers:
+            self._record(inputs, answer, seconds)
+        audits, self._early_audits = self._early_audits, []
+        for audit in audits:
+            self._record_audit(audit)
+        events, self._early_events = self._early_events, []
+        if self.link is not None:
+            for event in events:
+                self.link.record(event)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Serve until ``stop`` is set."""
+        """Serve until ``stop`` is set.
+
+        The API listens as soon as the installed models are checked and
+        loaded (:meth:`Installer.recover`); the rest is started behind it, and
+        ``agent.json`` written once all of it runs.
+        """
         await self.installer.recover()
-        if self.shadow is not None:
-            await self.shadow.recover()
         await self.api.start()
-        self._announce()
+        self._listening_after_s = time.monotonic() - self.started
         slow_stop: asyncio.Task[None] | None = None
         try:
+            if not self._background_built:
+                await asyncio.to_thread(_load_background_modules, self.config)
+                self._build_background_parts()
+            if self.shadow is not None:
+                await self.shadow.recover()
+            self._announce()
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._update_loop(stop))
                 tasks.create_task(self._trial_clock(stop))
@@ -216,6 +276,7 @@ class AgentDaemon:
         info = {
             "pid": os.getpid(),
             "api": self.api.url,
+            "listening_after_s": round(self._listening_after_s or 0.0, 3),
             "ready_after_s": round(time.monotonic() - self.started, 3),
         }
         atomic_write(self.config.data_dir / "agent.json", json.dumps(info).encode())
@@ -252,7 +313,7 @@ class AgentDaemon:
                 error=result.error,
                 latency_s=result.latency_s,
             )
-        except WindowRecordError as exc:
+        except _window_record_error() as exc:
             log.debug("shadow result not counted: %s", exc)
 
     def _follow_plan(self, plan: HybridPlan | None, refusal: Why | None) -> None:
@@ -277,7 +338,11 @@ class AgentDaemon:
 
     def _plan_state(self) -> HybridPlanState | None:
         """The hybrid plan as the reported state names it (``None``: the director lists none)."""
-        return reported(self.plan.state) if self.plan is not None else None
+        if self.plan is None:
+            return None
+        from agent.ota.plan import reported
+
+        return reported(self.plan.state)
 
     async def _poll(self) -> str:
         """One update check, then the shadow's (a failing shadow check never stops updates).
@@ -299,7 +364,9 @@ class AgentDaemon:
         return outcome
 
     def _record(self, inputs: dict[str, Any], answer: Answer, seconds: float) -> None:
-        assert self.recorder is not None
+        if self.recorder is None:  # telemetry is being built: count it once it is
+            _keep(self._early_answers, (inputs, answer, seconds))
+            return
         try:
             self.recorder.record(
                 inputs,
@@ -309,11 +376,19 @@ class AgentDaemon:
                 model_version=answer.model_version,
                 hybrid=answer.hybrid,
             )
-        except WindowRecordError as exc:  # e.g. a request that straddled a model switch
+        except _window_record_error() as exc:  # e.g. a request that straddled a model switch
             log.debug("not summarised: %s", exc)
+
+    def _record_audit(self, result: AuditResult) -> None:
+        if self.recorder is None:
+            _keep(self._early_audits, result)
+            return
+        self.recorder.record_audit(result)
 
     async def _telemetry(self, stop: asyncio.Event) -> None:
         """Move closed windows into the outbox and tell the link; at the end, the last one."""
+        from protocol.window import encode_window
+
         assert self.recorder is not None and self.outbox is not None
         while True:
             stopping = stop.is_set()
@@ -336,6 +411,8 @@ class AgentDaemon:
         self.metrics.installs.record(event)
         if self.link is not None:
             self.link.record(event)
+        elif not self._background_built and self.config.server.broker:
+            _keep(self._early_events, event)  # the link is being built: it sends them
 
     async def _update_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -371,6 +448,38 @@ class AgentDaemon:
                 self.wake.set()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), TICK_S)
+
+
+# The modules of the parts built after the API listens (AgentDaemon._build_background_parts).
+_BACKGROUND_MODULES = (
+    "agent.telemetry.window",
+    "agent.telemetry.outbox",
+    "protocol.window",
+    "agent.ota.shadow",
+    "agent.ota.shadow_store",
+    "agent.ota.plan",
+    "protocol.messages",
+)
+
+
+def _load_background_modules(config: AgentConfig) -> None:
+    """Import what the parts built after the API listens need (in a thread, while it serves)."""
+    for name in _BACKGROUND_MODULES:
+        importlib.import_module(name)
+    if config.server.broker:
+        importlib.import_module("agent.mqtt")
+
+
+def _keep(kept: list[Any], item: object) -> None:
+    if len(kept) >= EARLY_KEPT:
+        del kept[0]
+    kept.append(item)
+
+
+def _window_record_error() -> type[Exception]:
+    from agent.telemetry import WindowRecordError
+
+    return WindowRecordError
 
 
 def _return_freed_memory() -> None:
@@ -423,7 +532,9 @@ def run_agent(config: AgentConfig, config_path: Path) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await AgentDaemon(config, config_path).run(stop)
+        # The API answers as soon as the installed model is checked and loaded; the parts
+        # that do not serve start behind it.
+        await AgentDaemon(config, config_path, serving_first=True).run(stop)
 
     asyncio.run(main())
     return 0
