@@ -14,6 +14,11 @@ same raw-socket client, a fresh connection each try), then stopped:
 - the interpreter alone: ``python -c pass``, spawn to exit (the floor any
   Python process pays).
 
+With ``--before TREE`` a fourth process alternates with them: ``edge-agent
+run`` of another checkout (its own ``.venv``, run from its folder) on the same
+configuration, so a change is measured against the tree before it in the same
+stretches of the machine's load.
+
 Figures are medians over rounds; the ratio is the median of the rounds'
 ratios (ours / baseline). Beside the wall time, the CPU time each process
 used until ready (``/proc/PID/task/*/schedstat``), which other processes on a
@@ -22,6 +27,7 @@ loaded machine do not stretch. Goal (issue 16): under 300 ms for ours.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import signal
@@ -86,7 +92,12 @@ def cpu_s(pid: int) -> float:
     return total / 1e9
 
 
-def time_to_ready(command: list[str], port: int, timeout_s: float = 60) -> tuple[float, float]:
+HERE = Path(__file__).resolve().parents[1]
+
+
+def time_to_ready(
+    command: list[str], port: int, timeout_s: float = 60, cwd: Path = HERE
+) -> tuple[float, float]:
     """Seconds from spawning ``command`` until ``port`` answers ready, and the CPU seconds
     the process used by then (its threads'; what a loaded machine does not stretch)."""
     started = time.perf_counter()
@@ -95,7 +106,7 @@ def time_to_ready(command: list[str], port: int, timeout_s: float = 60) -> tuple
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=cwd,
     )
     try:
         while not ready(port):
@@ -150,8 +161,11 @@ def installed_agent(root: Path, port: int) -> Path:
     return config
 
 
-def run(rounds: int | None = None) -> dict[str, Any]:
-    """Measure; medians per process kind, the ratio and the machine's load."""
+def run(rounds: int | None = None, before: Path | None = None) -> dict[str, Any]:
+    """Measure; medians per process kind, the ratio and the machine's load.
+
+    ``before``: another checkout whose ``edge-agent run`` alternates with ours.
+    """
     rounds = rounds or ROUNDS
     with tempfile.TemporaryDirectory() as tmp_name:
         ours_port, base_port = free_port(), free_port()
@@ -167,14 +181,19 @@ def run(rounds: int | None = None) -> dict[str, Any]:
             ],
         }
         ports = {"ours": ours_port, "baseline": base_port}
+        cwds = {"ours": HERE, "baseline": HERE}
+        if before is not None:
+            commands["before"] = [str(before / ".venv/bin/python"), *commands["ours"][1:]]
+            ports["before"], cwds["before"] = ours_port, before
+        names = list(commands)
         for name, command in commands.items():  # warm the page cache
-            time_to_ready(command, ports[name])
+            time_to_ready(command, ports[name], cwd=cwds[name])
         load = OtherLoad()
-        per: dict[str, list[float]] = {"ours": [], "baseline": [], "python": []}
-        cpu: dict[str, list[float]] = {"ours": [], "baseline": []}
+        per: dict[str, list[float]] = {name: [] for name in [*names, "python"]}
+        cpu: dict[str, list[float]] = {name: [] for name in names}
         for i in range(rounds):
-            for name in ("ours", "baseline") if i % 2 == 0 else ("baseline", "ours"):
-                wall, used = time_to_ready(commands[name], ports[name])
+            for name in names if i % 2 == 0 else names[::-1]:
+                wall, used = time_to_ready(commands[name], ports[name], cwd=cwds[name])
                 per[name].append(wall)
                 cpu[name].append(used)
             per["python"].append(time_to_exit([sys.executable, "-c", "pass"]))
@@ -189,13 +208,18 @@ def run(rounds: int | None = None) -> dict[str, Any]:
         "cpu_ratio": statistics.median(
             o / b for o, b in zip(cpu["ours"], cpu["baseline"], strict=True)
         ),
+        "before_ratio": (
+            statistics.median(o / b for o, b in zip(per["ours"], per["before"], strict=True))
+            if "before" in per
+            else None
+        ),
         "other_load": load.share(),
         "loadavg": os.getloadavg()[0],
     }
 
 
-def main() -> None:
-    r = run()
+def main(rounds: int = ROUNDS, before: Path | None = None) -> None:
+    r = run(rounds, before.resolve() if before else None)
     print(
         f"spawn to GET /v2/health/ready = 200, {r['rounds']} alternating rounds "
         "(v2.tflite; polled every 2 ms)"
@@ -205,6 +229,8 @@ def main() -> None:
         "baseline": "aiohttp server, same model",
         "python": "python -c pass (to exit)",
     }
+    if before is not None:
+        labels["before"] = f"before: {before}"
     for name, label in labels.items():
         low, high = r["range_s"][name]
         used = f"CPU {r['cpu_s'][name] * 1000:5.0f} ms" if name in r["cpu_s"] else ""
@@ -212,6 +238,8 @@ def main() -> None:
             f"  {label:<32} {r['median_s'][name] * 1000:6.0f} ms  "
             f"({low * 1000:.0f}-{high * 1000:.0f} ms)  {used}"
         )
+    if r["before_ratio"] is not None:
+        print(f"  ours / before (median of rounds): wall {r['before_ratio']:.2f}x")
     met = "met" if r["median_s"]["ours"] < GOAL_S else "NOT met"
     print(
         f"  ours / baseline (median of rounds): wall {r['ratio']:.2f}x, CPU "
@@ -224,4 +252,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
+    parser.add_argument(
+        "--before", type=Path, help="another checkout (with its .venv) to alternate with ours"
+    )
+    args = parser.parse_args()
+    main(args.rounds, args.before)
