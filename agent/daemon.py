@@ -167,6 +167,12 @@ class AgentDaemon:
         self._listening_after_s: float | None = None
         if not serving_first:
             self._build_background_parts()
+        elif config.server.broker:
+            # Read now what the link reads once: a file it cannot use stops the agent
+            # before it serves, as when the link was built here.
+            from agent.mqtt.settings import check_link_files
+
+            check_link_files(config)
 
     def _build_background_parts(self) -> None:
         """Telemetry, the shadow keeper, the hybrid plan keeper and the MQTT link."""
@@ -467,7 +473,7 @@ def _load_background_modules(config: AgentConfig) -> None:
     for name in _BACKGROUND_MODULES:
         importlib.import_module(name)
     if config.server.broker:
-        importlib.import_module("agent.mqtt")
+        importlib.import_module("agent.mqtt.link")
 
 
 def _keep(kept: list[Any], item: object) -> None:

@@ -27,11 +27,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
 from typing import Protocol
 
 import aiomqtt
@@ -51,6 +49,7 @@ from agent.mqtt.reports import (
     shadow_ref,
     state_payload,
 )
+from agent.mqtt.settings import read_password, tls_context
 from agent.ota.journal import Journal
 from protocol.broker_url import parse_broker_url
 from protocol.inference import StageName
@@ -134,23 +133,6 @@ class WindowOutbox(Protocol):
     def acknowledge(self, window_ids: Iterable[str]) -> int: ...
 
 
-def _read_password(path: Path | None) -> str | None:
-    if path is None:
-        return None
-    try:
-        return path.read_text(encoding="utf-8").rstrip("\r\n")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"credentials.password_file: cannot read {path}: {exc}") from None
-
-
-def _tls_context(ca_file: Path | None) -> ssl.SSLContext:
-    """Certificate and host name checked against ``ca_file`` (or the system's CAs)."""
-    try:
-        return ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"mqtt.ca_file: cannot use {ca_file} as a CA bundle: {exc}") from None
-
-
 def _first_leaf(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
@@ -207,8 +189,8 @@ class MqttLink:
         tls = address.tls
         self._port = address.port
         # Read once, at start: a bad CA or password file stops the agent with a clear message.
-        self._tls = _tls_context(config.mqtt.ca_file) if tls else None
-        self._password = _read_password(config.credentials.password_file)
+        self._tls = tls_context(config.mqtt.ca_file) if tls else None
+        self._password = read_password(config.credentials.password_file)
         self._username = config.credentials.username
         if self._username is None and self._password is not None:
             self._username = config.device_id

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.config import AgentConfig
+from agent.config import AgentConfig, ConfigError
 from agent.daemon import AgentDaemon
 from agent.serving import ModelSlot
 from model_runtime import default_runtime
@@ -48,7 +48,9 @@ NOT_BEFORE_READY = (
     "agent.ota.shadow_steps",
     "agent.ota.plan",
     "protocol.messages",
-    "agent.mqtt",
+    "agent.mqtt.link",
+    "aiomqtt",
+    "paho",
     "protocol.api.devices",
     "urllib3",
 )
@@ -148,3 +150,12 @@ def test_a_daemon_built_whole_has_every_part_before_it_runs(tmp_path: Path) -> N
     finally:
         assert daemon.outbox is not None
         daemon.outbox.close()
+
+
+@pytest.mark.parametrize("serving_first", [False, True])
+def test_a_link_file_the_agent_cannot_use_stops_it_before_it_serves(
+    tmp_path: Path, serving_first: bool
+) -> None:
+    path = agent_config(tmp_path, BROKER + '[credentials]\npassword_file = "missing"\n')
+    with pytest.raises(ConfigError, match=r"credentials\.password_file: cannot read"):
+        AgentDaemon(AgentConfig.load(path), path, serving_first=serving_first)
