@@ -50,7 +50,9 @@ PLAN_REFUSALS: Final = (
 
 
 class _Answer(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    # Answers are read only by update checks, after the agent serves: their validators
+    # are built then, not at import (edge-agent run imports this module before it listens).
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
 
 class Unassigned(_Answer):
@@ -168,21 +170,23 @@ class PlanRead(_Answer):
     refresh_failed: Why | None = None
 
 
+_DEFERRED = ConfigDict(defer_build=True)
+
 FetchAnswer = Annotated[
     Unassigned | Assigned | RollbackAssigned | Changed | Downloaded | Refused | Unavailable,
     Field(discriminator="status"),
 ]
-_ANSWER: TypeAdapter[FetchAnswer] = TypeAdapter(FetchAnswer)
+_ANSWER: TypeAdapter[FetchAnswer] = TypeAdapter(FetchAnswer, config=_DEFERRED)
 
 ShadowAnswer = Annotated[
     NoShadow | ShadowKept | ShadowDownloaded | Refused | Unavailable,
     Field(discriminator="status"),
 ]
-_SHADOW_ANSWER: TypeAdapter[ShadowAnswer] = TypeAdapter(ShadowAnswer)
+_SHADOW_ANSWER: TypeAdapter[ShadowAnswer] = TypeAdapter(ShadowAnswer, config=_DEFERRED)
 
 
 PlanAnswer = Annotated[PlanRead | Unavailable, Field(discriminator="status")]
-_PLAN_ANSWER: TypeAdapter[PlanAnswer] = TypeAdapter(PlanAnswer)
+_PLAN_ANSWER: TypeAdapter[PlanAnswer] = TypeAdapter(PlanAnswer, config=_DEFERRED)
 
 
 def parse_answer(line: str) -> FetchAnswer:
