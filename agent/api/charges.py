@@ -31,6 +31,7 @@ class RequestCharges:
         self.admission = admission
         self.limits = admission.limits
         self._freed = asyncio.Event()
+        self._waiting = 0  # requests waiting in _raise for room
 
     async def admit(
         self, charge: Charge, body_bytes: int | None, *, chunked: bool
@@ -81,9 +82,10 @@ class RequestCharges:
             return
         self.admission.release(charge.amount)
         charge.amount = 0
-        # Each waiting request tries its own charge again.
-        self._freed.set()
-        self._freed = asyncio.Event()
+        if self._waiting:
+            # Each waiting request tries its own charge again.
+            self._freed.set()
+            self._freed = asyncio.Event()
 
     def too_large(self) -> Response:
         """The refusal of a body over ``max_body_bytes``."""
@@ -100,6 +102,7 @@ class RequestCharges:
         if cost == 0 and more:
             return True
         if not self.admission.try_charge(cost, more=more):
+            self._waiting += 1
             try:
                 async with asyncio.timeout(self.limits.admission_wait_s):
                     while True:
@@ -108,6 +111,8 @@ class RequestCharges:
                             break
             except TimeoutError:
                 return False
+            finally:
+                self._waiting -= 1
         charge.amount = total
         return True
 

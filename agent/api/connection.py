@@ -44,6 +44,7 @@ class Request:
     """
 
     __slots__ = (
+        "binary_data",
         "body",
         "chunked",
         "complete",
@@ -77,6 +78,7 @@ class Request:
         self.chunked = False
         self.expect_continue = False
         self.has_host = False
+        self.binary_data = False  # the binary tensor data extension's header came
         for name, value in headers:
             if name == b"host":
                 self.has_host = True
@@ -86,6 +88,8 @@ class Request:
                 self.chunked = b"chunked" in value.lower()
             elif name == b"expect":
                 self.expect_continue = value.lower() == b"100-continue"
+            elif name == b"inference-header-content-length":
+                self.binary_data = True
 
 
 class Malformed:

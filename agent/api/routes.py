@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import unquote, urlsplit
 
@@ -44,11 +44,13 @@ from agent.serving.validation import InvalidInput, check_declared_shapes
 from protocol.inference import (
     InferenceRequest,
     InferenceRequestError,
+    InputFields,
     PlainRequest,
     RequestOutput,
     ServerMetadata,
     check_input_datatypes,
     check_requested_outputs,
+    datatype_of,
     decode_inputs,
     describe_validation_error,
     model_metadata,
@@ -60,6 +62,7 @@ from protocol.inference import (
 if TYPE_CHECKING:
     from agent.api.connection import Request
     from agent.metrics import AgentMetrics
+    from protocol.manifest import Manifest
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +89,7 @@ class InferenceRoutes:
         self._chain = chain
         self._admission_metrics = admission_metrics
         self._metrics = metrics
+        self._plan: _InputPlan | None = None
 
     async def dispatch(
         self, request: Request, body: bytearray, charge_parse: ParseCharge
@@ -100,6 +104,11 @@ class InferenceRoutes:
             path = urlsplit(target).path
             parts = [unquote(p) for p in path.split("/") if p]
         try:
+            if len(parts) == 4 and parts[3] == "infer" and parts[:2] == ["v2", "models"]:
+                # The common request, routed as _route would route it.
+                return _only("POST", method) or await self._infer(
+                    parts[2], None, request, body, charge_parse
+                )
             return await self._route(method, parts, request, body, charge_parse)
         except Exception:
             logger.exception("the local API failed on %s %s", method, path)
@@ -209,10 +218,12 @@ class InferenceRoutes:
             return error_response(404, str(exc))
         except ChainNotReady as exc:
             return error_response(503, str(exc))
-        try:
-            outputs = select_outputs(answer.outputs, wanted)
-        except InferenceRequestError as exc:
-            return error_response(400, str(exc))
+        outputs = answer.outputs
+        if wanted:
+            try:
+                outputs = select_outputs(outputs, wanted)
+            except InferenceRequestError as exc:
+                return error_response(400, str(exc))
         encoded = response_json(
             outputs,
             model_name=answer.model_name,
@@ -235,7 +246,7 @@ class InferenceRoutes:
         """The request's tensors, id and requested outputs; or the response refusing it."""
         if missing := self._find_model(chain, name, version):
             return missing
-        if any(k == b"inference-header-content-length" for k, _ in request.headers):
+        if request.binary_data:
             return error_response(
                 400, "the binary tensor data extension is not supported; send JSON data"
             )
@@ -251,19 +262,68 @@ class InferenceRoutes:
             body.clear()  # parsed, the body is dead weight for the rest of the request
         manifest = chain.manifest
         assert manifest is not None
+        plan = self._plan
+        if plan is None or plan.manifest is not manifest:
+            plan = self._plan = _InputPlan(manifest)
+        inputs = parsed.inputs
+        if not plan.shapes_fit(inputs):
+            try:
+                # The declared shapes against the model's before decoding allocates anything.
+                check_declared_shapes(manifest, [(t.name, t.shape) for t in inputs])
+            except InvalidInput as exc:
+                return error_response(422, str(exc))
         try:
-            # The declared shapes against the model's before decoding allocates anything.
-            check_declared_shapes(manifest, [(t.name, t.shape) for t in parsed.inputs])
-        except InvalidInput as exc:
-            return error_response(422, str(exc))
-        try:
-            check_input_datatypes(manifest, parsed.inputs)
+            if not plan.datatypes_fit(inputs):
+                check_input_datatypes(manifest, inputs)
             tensors = decode_inputs(parsed)
-            check_requested_outputs([t.name for t in manifest.outputs], parsed.outputs)
+            if parsed.outputs:
+                check_requested_outputs(plan.output_names, parsed.outputs)
         except InferenceRequestError as exc:
             return error_response(400, str(exc))
         # Not the parsed request itself: its data lists take several times the tensors' memory.
         return tensors, parsed.id, parsed.outputs
+
+
+class _InputPlan:
+    """A manifest's inputs as the checks before decoding read them, made once per manifest.
+
+    ``shapes_fit`` and ``datatypes_fit`` pass what ``check_declared_shapes`` and
+    ``check_input_datatypes`` pass, and nothing they refuse; when they do not
+    pass, those checks run, and refuse or not as before.
+    """
+
+    __slots__ = ("datatypes", "examples", "manifest", "output_names")
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.manifest = manifest
+        # An input with a negative dimension in its example shape is left to the full check.
+        self.examples = {
+            spec.name: list(spec.example_shape)
+            for spec in manifest.inputs
+            if all(d >= 0 for d in spec.example_shape)
+        }
+        self.datatypes = {spec.name: datatype_of(spec.dtype) for spec in manifest.inputs}
+        self.output_names = [spec.name for spec in manifest.outputs]
+
+    def shapes_fit(self, inputs: Sequence[InputFields]) -> bool:
+        """Whether every input is one the model has, shaped ``[rows >= 1, *example]``."""
+        examples = self.examples
+        for tensor in inputs:
+            example = examples.get(tensor.name)
+            shape = tensor.shape
+            if (
+                example is None
+                or len(shape) != len(example) + 1
+                or shape[0] < 1
+                or shape[1:] != example
+            ):
+                return False
+        return True
+
+    def datatypes_fit(self, inputs: Sequence[InputFields]) -> bool:
+        """Whether every input declares the datatype the model takes for it."""
+        datatypes = self.datatypes
+        return all(datatypes.get(tensor.name) == tensor.datatype for tensor in inputs)
 
 
 def parse_request(body: bytearray) -> InferenceRequest | PlainRequest:
