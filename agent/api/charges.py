@@ -46,7 +46,11 @@ class RequestCharges:
         if not chunked and not body_bytes:
             return None
         first = 0 if chunked or body_bytes is None else body_bytes
-        if not await self._raise(charge, request_cost(first), more=False):
+        total = request_cost(first)
+        if not (
+            self._raise_now(charge, total, more=False)
+            or await self._raise(charge, total, more=False)
+        ):
             return self._over_budget()
         return None
 
@@ -74,7 +78,9 @@ class RequestCharges:
                 f"{self.limits.max_inflight_bytes} the local API has for requests in flight",
                 close=True,
             )
-        return None if await self._raise(charge, cost) else self._over_budget()
+        if self._raise_now(charge, cost) or await self._raise(charge, cost):
+            return None
+        return self._over_budget()
 
     def release(self, charge: Charge) -> None:
         """Give back what ``charge`` holds and wake every request waiting for room."""
@@ -92,6 +98,16 @@ class RequestCharges:
         return error_response(
             413, f"the request body is over {self.limits.max_body_bytes} bytes", close=True
         )
+
+    def _raise_now(self, charge: Charge, total: int, *, more: bool = True) -> bool:
+        """:meth:`_raise` when there is room now, without waiting; ``False``: there is none."""
+        cost = total - charge.amount
+        if cost <= 0 and more:
+            return True
+        if not self.admission.try_charge(max(0, cost), more=more):
+            return False
+        charge.amount = total
+        return True
 
     async def _raise(self, charge: Charge, total: int, *, more: bool = True) -> bool:
         """Raise ``charge`` to ``total`` bytes, waiting up to ``admission_wait_s`` for room.

@@ -30,6 +30,7 @@ import json
 import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import unquote, urlsplit
 
@@ -96,13 +97,12 @@ class InferenceRoutes:
     ) -> Response:
         """The response to ``request``; a bug here is a 500, logged."""
         method = request.method.decode("ascii", "replace")
-        target = request.target.decode("ascii", "replace")
-        if _PLAIN_PATH.fullmatch(target):  # what urlsplit and unquote would leave as it is
-            path = target
-            parts = [p for p in path.split("/") if p]
+        raw_target = request.target
+        if len(raw_target) <= _KNOWN_TARGET_BYTES:
+            path, known = _split_target(raw_target)
+            parts = list(known)
         else:
-            path = urlsplit(target).path
-            parts = [unquote(p) for p in path.split("/") if p]
+            path, parts = _split(raw_target)
         try:
             if len(parts) == 4 and parts[3] == "infer" and parts[:2] == ["v2", "models"]:
                 # The common request, routed as _route would route it.
@@ -350,6 +350,25 @@ def parse_request(body: bytearray) -> InferenceRequest | PlainRequest:
     if (read := plain_request(document)) is not None:
         return read
     return InferenceRequest.model_validate(document)
+
+
+# Targets up to this long are split once each (the few a device's apps send, over and over).
+_KNOWN_TARGET_BYTES: Final = 256
+
+
+@lru_cache(maxsize=128)
+def _split_target(target: bytes) -> tuple[str, tuple[str, ...]]:
+    path, parts = _split(target)
+    return path, tuple(parts)
+
+
+def _split(raw_target: bytes) -> tuple[str, list[str]]:
+    """A request target's path and its non-empty segments, unescaped."""
+    target = raw_target.decode("ascii", "replace")
+    if _PLAIN_PATH.fullmatch(target):  # what urlsplit and unquote would leave as it is
+        return target, [p for p in target.split("/") if p]
+    path = urlsplit(target).path
+    return path, [unquote(p) for p in path.split("/") if p]
 
 
 def _only(allowed: str, method: str) -> Response | None:
