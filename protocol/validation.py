@@ -192,7 +192,13 @@ def _clean(rule: _InputRule, array: npt.NDArray[Any]) -> bool:
     if rule.low is None or rule.high is None:
         return array.dtype.kind != "f" or bool(np.isfinite(array).all())
     lows, highs = rule.lows, rule.highs
-    if array.dtype.kind == "f" and array.size <= _SMALL and lows is not None and highs is not None:
+    if (
+        array.dtype.kind == "f"
+        and array.size <= _SMALL
+        and array.itemsize <= 8
+        and lows is not None
+        and highs is not None
+    ):
         # A few floats: compared one by one in C (map), without numpy's per-call cost. Each
         # value as a Python float is its exact value, so every comparison is numpy's.
         values = array.reshape(-1).tolist()
