@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import Literal
 
 from agent.api.admission import MAX_JSON_DEPTH, Admission, parse_cost, request_cost
 from agent.api.jsonscan import scan_structure
@@ -53,6 +54,17 @@ class RequestCharges:
         ):
             return self._over_budget()
         return None
+
+    def admit_now(
+        self, charge: Charge, body_bytes: int | None, *, chunked: bool
+    ) -> Response | Literal[False] | None:
+        """:meth:`admit` when it need not wait: its refusal or ``None``; ``False``: it must wait."""
+        if body_bytes is not None and not self.admission.body_allowed(body_bytes):
+            return self.too_large()
+        if not chunked and not body_bytes:
+            return None
+        first = 0 if chunked or body_bytes is None else body_bytes
+        return None if self._raise_now(charge, request_cost(first), more=False) else False
 
     async def grow(self, charge: Charge, body_bytes: int) -> Response | None:
         """Charge a chunked body that has grown to ``body_bytes``; the refusal, if any."""

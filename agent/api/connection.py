@@ -250,12 +250,17 @@ class HttpConnection(asyncio.BufferedProtocol):
     def on_url(self, url: bytes) -> None:
         self._target += url
         if not self._counting_reads:
-            self._count_head(len(url))
+            self._head_bytes += len(url)
+            if self._head_bytes > self._max_head_bytes:
+                self._count_head(0)  # refuses the head
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name.lower(), value))
         if not self._counting_reads:
-            self._count_head(len(name) + len(value) + 4)
+            # _count_head's sum, without a call per header while the head is within its limit.
+            self._head_bytes += len(name) + len(value) + 4
+            if self._head_bytes > self._max_head_bytes:
+                self._count_head(0)  # refuses the head
 
     def on_headers_complete(self) -> None:
         parser = self._parser

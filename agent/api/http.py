@@ -273,7 +273,11 @@ class LocalApi:
     ) -> Response | None:
         """Charge ``request``'s body to ``charge`` (nothing without one); the refusal to send."""
         length, chunked = request.content_length, request.chunked
-        if refused := await self._charges.admit(charge, length, chunked=chunked):
+        charges = self._charges
+        refused = charges.admit_now(charge, length, chunked=chunked)
+        if refused is False:  # no room now: wait for it
+            refused = await charges.admit(charge, length, chunked=chunked)
+        if refused is not None:
             return refused
         if (chunked or length) and request.expect_continue and not request.body:
             conn.write(_CONTINUE)
