@@ -54,6 +54,8 @@ _NP_DTYPES: Final[Mapping[str, np.dtype[Any]]] = {k: np.dtype(v) for k, v in DAT
 _FLOAT_MAX: Final[Mapping[np.dtype[Any], float]] = {
     np.dtype(t): float(np.finfo(t).max) for t in (np.float16, np.float32, np.float64)
 }
+# Flat data up to this many values is tested against its datatype's range without numpy.
+_SMALL_DATA: Final = 64
 # Shapes the plain parse takes; a dimension beyond is left to pydantic (which takes any int).
 _PLAIN_DIM: Final = 2**63
 
@@ -287,28 +289,48 @@ def decode_tensor(
     ``null`` decodes as NaN: JSON has no NaN, and encoders (pydantic among
     them) write null for it; validation then refuses it by name.
     """
-    where = f"{role} {name!r}"
-    try:
-        known = _NP_DTYPES.get(datatype)
-        target = known if known is not None else np.dtype(dtype_of(datatype))
-    except InferenceRequestError as exc:
-        raise InferenceRequestError(f"{where}: {exc}", name) from None
+    known = _NP_DTYPES.get(datatype)
+    if known is not None:
+        target = known
+    else:
+        try:
+            target = np.dtype(dtype_of(datatype))
+        except InferenceRequestError as exc:
+            raise InferenceRequestError(f"{role} {name!r}: {exc}", name) from None
     expected = check_shape(name, shape, target.itemsize, role=role)
     try:
         raw = np.asarray(data)
     except (ValueError, TypeError, OverflowError):
-        raise InferenceRequestError(f"{where}: data is a ragged nested list", name) from None
+        raise InferenceRequestError(
+            f"{role} {name!r}: data is a ragged nested list", name
+        ) from None
     if raw.size != expected:
         raise InferenceRequestError(
-            f"{where}: data has {raw.size} elements, shape {list(shape)} needs {expected}", name
+            f"{role} {name!r}: data has {raw.size} elements, shape {list(shape)} needs {expected}",
+            name,
         )
-    if raw.size == 0:
+    if expected == 0:
         return np.zeros(tuple(shape), dtype=target)
-    if raw.dtype.kind == "O" and target.kind == "f":
+    kind = raw.dtype.kind
+    if kind == "f" and target.kind == "f":
+        # The common case, float data for a float datatype: both ends of the data within the
+        # datatype's largest value (no NaN, no Inf) is the one test _convert's fast path makes.
+        limit = _FLOAT_MAX[target]
+        if raw.ndim == 1 and expected <= _SMALL_DATA:
+            # A flat list of a few numbers: its ends found by Python, without numpy's per-call
+            # cost. A NaN in it is never taken for an end within the limit: it compares false.
+            within = max(data) <= limit and min(data) >= -limit
+        else:
+            within = raw.max() <= limit and raw.min() >= -limit
+        if within:
+            return raw.astype(target).reshape(shape)
+    if kind == "O" and target.kind == "f":
         raw = _nulls_as_nan(raw)
     if raw.dtype.kind not in "biuf":
-        raise InferenceRequestError(f"{where}: data holds values that are not {datatype}", name)
-    return _convert(where, name, raw, target, datatype).reshape(shape)
+        raise InferenceRequestError(
+            f"{role} {name!r}: data holds values that are not {datatype}", name
+        )
+    return _convert(f"{role} {name!r}", name, raw, target, datatype).reshape(shape)
 
 
 def check_shape(
@@ -325,19 +347,22 @@ def check_shape(
     what numpy can address — even when a 0 elsewhere leaves the tensor empty.
     Pure integer arithmetic: nothing is allocated.
     """
-    where = f"{role} {name!r}"
     if len(shape) > MAX_RANK:
         raise InferenceRequestError(
-            f"{where}: shape has {len(shape)} dimensions, at most {MAX_RANK} are supported", name
+            f"{role} {name!r}: shape has {len(shape)} dimensions, at most {MAX_RANK} are supported",
+            name,
         )
-    if any(d < 0 for d in shape):
-        raise InferenceRequestError(f"{where}: shape {list(shape)} has a negative dimension", name)
     nonzero = itemsize
+    for d in shape:
+        if d < 0:
+            raise InferenceRequestError(
+                f"{role} {name!r}: shape {list(shape)} has a negative dimension", name
+            )
     for d in shape:
         nonzero *= d or 1
         if nonzero > _MAX_NONZERO_BYTES:
             raise InferenceRequestError(
-                f"{where}: shape {list(shape)} is larger than any array can be "
+                f"{role} {name!r}: shape {list(shape)} is larger than any array can be "
                 f"(its non-zero dimensions multiply to more than {_MAX_NONZERO_BYTES} bytes)",
                 name,
             )
@@ -579,10 +604,10 @@ def response_json(
     if id is not None:
         parts.append(b',"id":' + _json_string(id))
     parts.append(middle)
-    for i, (name, array) in enumerate(outputs.items()):
-        datatype = datatype_of(array.dtype)
+    first = True
+    for name, array in outputs.items():
         try:
-            data = _DATA_JSON.encode(array.reshape(-1).tolist())
+            data = _encode_data(array.reshape(-1).tolist())
         except ValueError:
             return (
                 encode_response(
@@ -596,18 +621,23 @@ def response_json(
                 .model_dump_json(exclude_none=True)
                 .encode()
             )
-        parts.append(
-            b'%s{"name":%s,"shape":[%s],"datatype":"%s","data":%s}'
-            % (
-                b"," if i else b"",
-                _json_string(name),
-                ",".join(str(int(d)) for d in array.shape).encode(),
-                datatype.encode(),
-                data.encode(),
-            )
-        )
+        parts.append(_output_head(name, array.shape, array.dtype, first))
+        parts.append(data.encode())
+        parts.append(b"}")
+        first = False
     parts.append(b"]}")
     return b"".join(parts)
+
+
+@lru_cache(maxsize=256)
+def _output_head(name: str, shape: tuple[int, ...], dtype: np.dtype[Any], first: bool) -> bytes:
+    """An output's JSON up to its data: made once per name, shape and dtype."""
+    return b'%s{"name":%s,"shape":[%s],"datatype":"%s","data":' % (
+        b"" if first else b",",
+        _json_string(name),
+        ",".join(str(int(d)) for d in shape).encode(),
+        datatype_of(dtype).encode(),
+    )
 
 
 @lru_cache(maxsize=64)
@@ -636,5 +666,32 @@ def _json_string(text: str) -> bytes:
 
 # Made once: json.dumps builds an encoder on every call given any option.
 _DATA_JSON: Final = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
+# And JSONEncoder.encode makes its C encoder on every call: this one is made once, for
+# the lists of numbers tolist() gives (no circular check: they hold no containers twice).
+_MAKE_C_ENCODER: Any = getattr(json.encoder, "c_make_encoder", None)
+_C_DATA_ENCODER: Final = (
+    _MAKE_C_ENCODER(
+        None,
+        _DATA_JSON.default,
+        json.encoder.encode_basestring_ascii,
+        None,
+        ":",
+        ",",
+        False,
+        False,
+        False,
+    )
+    if _MAKE_C_ENCODER is not None
+    else None
+)
+
+
+def _encode_data(data: list[Any]) -> str:
+    """``data`` as JSON as ``_DATA_JSON`` writes it; ``ValueError`` for NaN or Inf."""
+    if _C_DATA_ENCODER is None:
+        return _DATA_JSON.encode(data)
+    return "".join(_C_DATA_ENCODER(data, 0))
+
+
 _STRING_JSON: Final = json.JSONEncoder(ensure_ascii=False)
 _ASCII_JSON: Final = json.JSONEncoder()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import Literal
 
 from agent.api.admission import MAX_JSON_DEPTH, Admission, parse_cost, request_cost
 from agent.api.jsonscan import scan_structure
@@ -31,6 +32,7 @@ class RequestCharges:
         self.admission = admission
         self.limits = admission.limits
         self._freed = asyncio.Event()
+        self._waiting = 0  # requests waiting in _raise for room
 
     async def admit(
         self, charge: Charge, body_bytes: int | None, *, chunked: bool
@@ -45,9 +47,24 @@ class RequestCharges:
         if not chunked and not body_bytes:
             return None
         first = 0 if chunked or body_bytes is None else body_bytes
-        if not await self._raise(charge, request_cost(first), more=False):
+        total = request_cost(first)
+        if not (
+            self._raise_now(charge, total, more=False)
+            or await self._raise(charge, total, more=False)
+        ):
             return self._over_budget()
         return None
+
+    def admit_now(
+        self, charge: Charge, body_bytes: int | None, *, chunked: bool
+    ) -> Response | Literal[False] | None:
+        """:meth:`admit` when it need not wait: its refusal or ``None``; ``False``: it must wait."""
+        if body_bytes is not None and not self.admission.body_allowed(body_bytes):
+            return self.too_large()
+        if not chunked and not body_bytes:
+            return None
+        first = 0 if chunked or body_bytes is None else body_bytes
+        return None if self._raise_now(charge, request_cost(first), more=False) else False
 
     async def grow(self, charge: Charge, body_bytes: int) -> Response | None:
         """Charge a chunked body that has grown to ``body_bytes``; the refusal, if any."""
@@ -73,7 +90,9 @@ class RequestCharges:
                 f"{self.limits.max_inflight_bytes} the local API has for requests in flight",
                 close=True,
             )
-        return None if await self._raise(charge, cost) else self._over_budget()
+        if self._raise_now(charge, cost) or await self._raise(charge, cost):
+            return None
+        return self._over_budget()
 
     def release(self, charge: Charge) -> None:
         """Give back what ``charge`` holds and wake every request waiting for room."""
@@ -81,15 +100,26 @@ class RequestCharges:
             return
         self.admission.release(charge.amount)
         charge.amount = 0
-        # Each waiting request tries its own charge again.
-        self._freed.set()
-        self._freed = asyncio.Event()
+        if self._waiting:
+            # Each waiting request tries its own charge again.
+            self._freed.set()
+            self._freed = asyncio.Event()
 
     def too_large(self) -> Response:
         """The refusal of a body over ``max_body_bytes``."""
         return error_response(
             413, f"the request body is over {self.limits.max_body_bytes} bytes", close=True
         )
+
+    def _raise_now(self, charge: Charge, total: int, *, more: bool = True) -> bool:
+        """:meth:`_raise` when there is room now, without waiting; ``False``: there is none."""
+        cost = total - charge.amount
+        if cost <= 0 and more:
+            return True
+        if not self.admission.try_charge(max(0, cost), more=more):
+            return False
+        charge.amount = total
+        return True
 
     async def _raise(self, charge: Charge, total: int, *, more: bool = True) -> bool:
         """Raise ``charge`` to ``total`` bytes, waiting up to ``admission_wait_s`` for room.
@@ -100,6 +130,7 @@ class RequestCharges:
         if cost == 0 and more:
             return True
         if not self.admission.try_charge(cost, more=more):
+            self._waiting += 1
             try:
                 async with asyncio.timeout(self.limits.admission_wait_s):
                     while True:
@@ -108,6 +139,8 @@ class RequestCharges:
                             break
             except TimeoutError:
                 return False
+            finally:
+                self._waiting -= 1
         charge.amount = total
         return True
 

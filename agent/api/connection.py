@@ -44,6 +44,7 @@ class Request:
     """
 
     __slots__ = (
+        "binary_data",
         "body",
         "chunked",
         "complete",
@@ -77,6 +78,7 @@ class Request:
         self.chunked = False
         self.expect_continue = False
         self.has_host = False
+        self.binary_data = False  # the binary tensor data extension's header came
         for name, value in headers:
             if name == b"host":
                 self.has_host = True
@@ -86,6 +88,8 @@ class Request:
                 self.chunked = b"chunked" in value.lower()
             elif name == b"expect":
                 self.expect_continue = value.lower() == b"100-continue"
+            elif name == b"inference-header-content-length":
+                self.binary_data = True
 
 
 class Malformed:
@@ -246,12 +250,17 @@ class HttpConnection(asyncio.BufferedProtocol):
     def on_url(self, url: bytes) -> None:
         self._target += url
         if not self._counting_reads:
-            self._count_head(len(url))
+            self._head_bytes += len(url)
+            if self._head_bytes > self._max_head_bytes:
+                self._count_head(0)  # refuses the head
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name.lower(), value))
         if not self._counting_reads:
-            self._count_head(len(name) + len(value) + 4)
+            # _count_head's sum, without a call per header while the head is within its limit.
+            self._head_bytes += len(name) + len(value) + 4
+            if self._head_bytes > self._max_head_bytes:
+                self._count_head(0)  # refuses the head
 
     def on_headers_complete(self) -> None:
         parser = self._parser

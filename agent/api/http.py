@@ -17,6 +17,7 @@ import contextlib
 import logging
 import socket
 from collections.abc import Coroutine
+from functools import lru_cache
 from http import HTTPStatus
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
@@ -247,7 +248,11 @@ class LocalApi:
             if refused is not None:
                 response = refused
             else:
-                body = await self._read_body(conn, request, charge)
+                body = (
+                    request.body  # came whole with its head
+                    if request.complete and not request.chunked
+                    else await self._read_body(conn, request, charge)
+                )
                 response = (
                     body
                     if isinstance(body, Response)
@@ -268,7 +273,11 @@ class LocalApi:
     ) -> Response | None:
         """Charge ``request``'s body to ``charge`` (nothing without one); the refusal to send."""
         length, chunked = request.content_length, request.chunked
-        if refused := await self._charges.admit(charge, length, chunked=chunked):
+        charges = self._charges
+        refused = charges.admit_now(charge, length, chunked=chunked)
+        if refused is False:  # no room now: wait for it
+            refused = await charges.admit(charge, length, chunked=chunked)
+        if refused is not None:
             return refused
         if (chunked or length) and request.expect_continue and not request.body:
             conn.write(_CONTINUE)
@@ -343,12 +352,8 @@ class LocalApi:
         self, conn: HttpConnection, response: Response, *, head: bool = False, close: bool = True
     ) -> None:
         """Write ``response`` whole, in one write; ``close``: the connection ends after it."""
-        reason = _REASONS.get(response.status) or HTTPStatus(response.status).phrase.encode()
         body = response.body
-        lines = [
-            b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
-            % (response.status, reason, response.content_type.encode(), len(body))
-        ]
+        lines = [_status_head(response.status, response.content_type), b"%d\r\n" % len(body)]
         for name, value in response.headers:
             lines.append(f"{name}: {value}\r\n".encode())
         if close:
@@ -358,3 +363,14 @@ class LocalApi:
             lines.append(body)
         conn.write(b"".join(lines))
         await conn.drain(self.read_timeout_s)
+
+
+@lru_cache(maxsize=64)
+def _status_head(status: int, content_type: str) -> bytes:
+    """A response's status line and headers up to its Content-Length's value."""
+    reason = _REASONS.get(status) or HTTPStatus(status).phrase.encode()
+    return b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: " % (
+        status,
+        reason,
+        content_type.encode(),
+    )

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Final
 
 import numpy as np
@@ -143,8 +144,25 @@ def _scan_plain(body: bytes | bytearray, max_depth: int) -> JsonStructure:
     What lies outside strings is every other piece between quotes; of that, only
     the brackets are walked one by one.
     """
-    outside = b"".join(bytes(body).split(b'"')[::2])
+    outside = b"".join(body.split(b'"')[::2])
     brackets = outside.translate(None, _NOT_BRACKETS)
+    if len(brackets) <= _KNOWN_BRACKETS:
+        return _plain_structure(brackets, max_depth)
+    return _bracket_structure(brackets, max_depth)
+
+
+# Requests of one shape have the same brackets outside their strings: a structure
+# is worked out once for each sequence of up to this many brackets.
+_KNOWN_BRACKETS: Final = 64
+
+
+@lru_cache(maxsize=256)
+def _plain_structure(brackets: bytes, max_depth: int) -> JsonStructure:
+    return _bracket_structure(brackets, max_depth)
+
+
+def _bracket_structure(brackets: bytes, max_depth: int) -> JsonStructure:
+    """The structure of a body whose brackets outside strings are ``brackets``, in order."""
     depth = deepest = 0
     for byte in brackets:
         if byte in _OPENERS:

@@ -29,7 +29,8 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import unquote, urlsplit
 
@@ -44,11 +45,13 @@ from agent.serving.validation import InvalidInput, check_declared_shapes
 from protocol.inference import (
     InferenceRequest,
     InferenceRequestError,
+    InputFields,
     PlainRequest,
     RequestOutput,
     ServerMetadata,
     check_input_datatypes,
     check_requested_outputs,
+    datatype_of,
     decode_inputs,
     describe_validation_error,
     model_metadata,
@@ -60,11 +63,14 @@ from protocol.inference import (
 if TYPE_CHECKING:
     from agent.api.connection import Request
     from agent.metrics import AgentMetrics
+    from protocol.manifest import Manifest
 
 logger = logging.getLogger(__name__)
 
 # A target of only a path, with nothing escaped: no query, fragment, "%" or authority ("//").
 _PLAIN_PATH: Final = re.compile(r"/(?!/)[A-Za-z0-9._~!$&'()*+,;=:@/-]*")
+# What json.loads(text) calls, made once.
+_DECODE: Final = json.JSONDecoder().decode
 # Charges what parsing a body costs before it is parsed; the refusal when it cannot.
 ParseCharge = Callable[[bytearray], Awaitable[Response | None]]
 
@@ -86,20 +92,25 @@ class InferenceRoutes:
         self._chain = chain
         self._admission_metrics = admission_metrics
         self._metrics = metrics
+        self._plan: _InputPlan | None = None
 
     async def dispatch(
         self, request: Request, body: bytearray, charge_parse: ParseCharge
     ) -> Response:
         """The response to ``request``; a bug here is a 500, logged."""
         method = request.method.decode("ascii", "replace")
-        target = request.target.decode("ascii", "replace")
-        if _PLAIN_PATH.fullmatch(target):  # what urlsplit and unquote would leave as it is
-            path = target
-            parts = [p for p in path.split("/") if p]
+        raw_target = request.target
+        if len(raw_target) <= _KNOWN_TARGET_BYTES:
+            path, known = _split_target(raw_target)
+            parts = list(known)
         else:
-            path = urlsplit(target).path
-            parts = [unquote(p) for p in path.split("/") if p]
+            path, parts = _split(raw_target)
         try:
+            if len(parts) == 4 and parts[3] == "infer" and parts[:2] == ["v2", "models"]:
+                # The common request, routed as _route would route it.
+                return _only("POST", method) or await self._infer(
+                    parts[2], None, request, body, charge_parse
+                )
             return await self._route(method, parts, request, body, charge_parse)
         except Exception:
             logger.exception("the local API failed on %s %s", method, path)
@@ -209,10 +220,12 @@ class InferenceRoutes:
             return error_response(404, str(exc))
         except ChainNotReady as exc:
             return error_response(503, str(exc))
-        try:
-            outputs = select_outputs(answer.outputs, wanted)
-        except InferenceRequestError as exc:
-            return error_response(400, str(exc))
+        outputs = answer.outputs
+        if wanted:
+            try:
+                outputs = select_outputs(outputs, wanted)
+            except InferenceRequestError as exc:
+                return error_response(400, str(exc))
         encoded = response_json(
             outputs,
             model_name=answer.model_name,
@@ -235,7 +248,7 @@ class InferenceRoutes:
         """The request's tensors, id and requested outputs; or the response refusing it."""
         if missing := self._find_model(chain, name, version):
             return missing
-        if any(k == b"inference-header-content-length" for k, _ in request.headers):
+        if request.binary_data:
             return error_response(
                 400, "the binary tensor data extension is not supported; send JSON data"
             )
@@ -251,19 +264,68 @@ class InferenceRoutes:
             body.clear()  # parsed, the body is dead weight for the rest of the request
         manifest = chain.manifest
         assert manifest is not None
+        plan = self._plan
+        if plan is None or plan.manifest is not manifest:
+            plan = self._plan = _InputPlan(manifest)
+        inputs = parsed.inputs
+        if not plan.shapes_fit(inputs):
+            try:
+                # The declared shapes against the model's before decoding allocates anything.
+                check_declared_shapes(manifest, [(t.name, t.shape) for t in inputs])
+            except InvalidInput as exc:
+                return error_response(422, str(exc))
         try:
-            # The declared shapes against the model's before decoding allocates anything.
-            check_declared_shapes(manifest, [(t.name, t.shape) for t in parsed.inputs])
-        except InvalidInput as exc:
-            return error_response(422, str(exc))
-        try:
-            check_input_datatypes(manifest, parsed.inputs)
+            if not plan.datatypes_fit(inputs):
+                check_input_datatypes(manifest, inputs)
             tensors = decode_inputs(parsed)
-            check_requested_outputs([t.name for t in manifest.outputs], parsed.outputs)
+            if parsed.outputs:
+                check_requested_outputs(plan.output_names, parsed.outputs)
         except InferenceRequestError as exc:
             return error_response(400, str(exc))
         # Not the parsed request itself: its data lists take several times the tensors' memory.
         return tensors, parsed.id, parsed.outputs
+
+
+class _InputPlan:
+    """A manifest's inputs as the checks before decoding read them, made once per manifest.
+
+    ``shapes_fit`` and ``datatypes_fit`` pass what ``check_declared_shapes`` and
+    ``check_input_datatypes`` pass, and nothing they refuse; when they do not
+    pass, those checks run, and refuse or not as before.
+    """
+
+    __slots__ = ("datatypes", "examples", "manifest", "output_names")
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.manifest = manifest
+        # An input with a negative dimension in its example shape is left to the full check.
+        self.examples = {
+            spec.name: list(spec.example_shape)
+            for spec in manifest.inputs
+            if all(d >= 0 for d in spec.example_shape)
+        }
+        self.datatypes = {spec.name: datatype_of(spec.dtype) for spec in manifest.inputs}
+        self.output_names = [spec.name for spec in manifest.outputs]
+
+    def shapes_fit(self, inputs: Sequence[InputFields]) -> bool:
+        """Whether every input is one the model has, shaped ``[rows >= 1, *example]``."""
+        examples = self.examples
+        for tensor in inputs:
+            example = examples.get(tensor.name)
+            shape = tensor.shape
+            if (
+                example is None
+                or len(shape) != len(example) + 1
+                or shape[0] < 1
+                or shape[1:] != example
+            ):
+                return False
+        return True
+
+    def datatypes_fit(self, inputs: Sequence[InputFields]) -> bool:
+        """Whether every input declares the datatype the model takes for it."""
+        datatypes = self.datatypes
+        return all(datatypes.get(tensor.name) == tensor.datatype for tensor in inputs)
 
 
 def parse_request(body: bytearray) -> InferenceRequest | PlainRequest:
@@ -275,7 +337,10 @@ def parse_request(body: bytearray) -> InferenceRequest | PlainRequest:
     the same fields.
     """
     try:
-        document = json.loads(body.decode("utf-8"))
+        text = body.decode("utf-8")
+        # json.loads(text) without its own checks of the argument's type; a byte order mark,
+        # which it refuses in a way of its own, still goes to it.
+        document = json.loads(text) if text[:1] == "\ufeff" else _DECODE(text)
     except UnicodeDecodeError as exc:
         raise InferenceRequestError(
             f"the body is not UTF-8: {exc.reason} at byte {exc.start}"
@@ -290,6 +355,25 @@ def parse_request(body: bytearray) -> InferenceRequest | PlainRequest:
     if (read := plain_request(document)) is not None:
         return read
     return InferenceRequest.model_validate(document)
+
+
+# Targets up to this long are split once each (the few a device's apps send, over and over).
+_KNOWN_TARGET_BYTES: Final = 256
+
+
+@lru_cache(maxsize=128)
+def _split_target(target: bytes) -> tuple[str, tuple[str, ...]]:
+    path, parts = _split(target)
+    return path, tuple(parts)
+
+
+def _split(raw_target: bytes) -> tuple[str, list[str]]:
+    """A request target's path and its non-empty segments, unescaped."""
+    target = raw_target.decode("ascii", "replace")
+    if _PLAIN_PATH.fullmatch(target):  # what urlsplit and unquote would leave as it is
+        return target, [p for p in target.split("/") if p]
+    path = urlsplit(target).path
+    return path, [unquote(p) for p in path.split("/") if p]
 
 
 def _only(allowed: str, method: str) -> Response | None:
