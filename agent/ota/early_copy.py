@@ -32,6 +32,7 @@ from protocol.signed_bundle import SignedFieldsError, newest_by_name, signed_fie
 # Few, large blocks: the thread waits for the GIL once per read, hash and write,
 # and the importing main thread holds it most of the time.
 _BLOCK = 8 << 20
+_start_writeback = getattr(os, "posix_fadvise", None)
 
 
 class _BufferHash(Protocol):
@@ -120,6 +121,10 @@ class EarlyCopy:
                         written = 0
                         while written < n:
                             written += out.write(data[written:]) or 0
+                        if _start_writeback is not None:
+                            # Linux starts writing this block to disk now, so the fsync
+                            # below waits for the last blocks only.
+                            _start_writeback(out.fileno(), done, n, os.POSIX_FADV_DONTNEED)
                         done += n
                     if done != self.length or self._stop.is_set():
                         return
