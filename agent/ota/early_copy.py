@@ -79,10 +79,11 @@ class EarlyCopy:
     ) -> EarlyCopy | None:
         """Start copying the bundle a verification would likely choose; None when there is none.
 
-        Only from a directory repository, and only when the repository's
-        current metadata names a file of the listed length there.
+        Only from a directory repository, only when the repository's current
+        metadata names a file of the listed length there, and only with a
+        second CPU to copy on (on one, the copy would only take turns with the imports).
         """
-        if not is_local(repository):
+        if not is_local(repository) or _usable_cpus() < 2:
             return None
         try:
             found = _listed_file(local_path(repository), name, hardware_id, version)
@@ -159,6 +160,11 @@ class EarlyCopy:
         self._stop.set()
         self._thread.join()
         self.copy.unlink(missing_ok=True)
+
+
+def _usable_cpus() -> int:
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
 
 
 def _listed_file(

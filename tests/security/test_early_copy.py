@@ -16,13 +16,19 @@ from pathlib import Path
 
 import pytest
 
-from agent.ota import errors
+from agent.ota import early_copy, errors
 from agent.ota.early_copy import EarlyCopy
 from agent.ota.image_repository import ImageRepositoryClient
 from agent.ota.verify import VerifiedBundle, verify_bundle
 from fleet_server.release.keys import KeyStore, init_keys
 from fleet_server.release.repository import ImageRepository
 from testbed.images import HARDWARE
+
+
+@pytest.fixture(autouse=True)
+def two_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The copy is started early only with a second CPU: these tests run with one or more."""
+    monkeypatch.setattr(early_copy, "_usable_cpus", lambda: 2)
 
 
 def target_file(repo: ImageRepository, name: str = "pump-health") -> Path:
@@ -155,4 +161,11 @@ def test_a_repository_on_a_web_server_is_not_copied_early(tmp_path: Path) -> Non
 
 def test_unreadable_metadata_means_no_early_copy(repo: ImageRepository, tmp_path: Path) -> None:
     (repo.metadata_dir / "timestamp.json").write_text("{not json")
+    assert EarlyCopy.start(str(repo.path), "pump-health", HARDWARE, tmp_path / "out") is None
+
+
+def test_one_cpu_means_no_early_copy(
+    repo: ImageRepository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(early_copy, "_usable_cpus", lambda: 1)
     assert EarlyCopy.start(str(repo.path), "pump-health", HARDWARE, tmp_path / "out") is None
