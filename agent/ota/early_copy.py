@@ -104,10 +104,9 @@ class EarlyCopy:
                 if os.fstat(src.fileno()).st_size != self.length:
                     return
                 self.directory.mkdir(parents=True, exist_ok=True)
-                if os.statvfs(self.directory).f_bavail * os.statvfs(self.directory).f_frsize < (
-                    self.length
-                ):
-                    return
+                space = os.statvfs(self.directory)
+                if space.f_bavail * space.f_frsize < self.length:
+                    return  # the download refuses it by name
                 with self.copy.open("wb", buffering=0) as out:
                     block = bytearray(min(_BLOCK, max(self.length, 1)))
                     view = memoryview(block)
