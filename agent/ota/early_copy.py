@@ -85,10 +85,11 @@ class EarlyCopy:
         """Start copying the bundle a verification would likely choose; None when there is none.
 
         Only from a directory repository, only when the repository's current
-        metadata names a file of the listed length there, and only with a
-        second CPU to copy on (on one, the copy would only take turns with the imports).
+        metadata names a file of the listed length there, and only with a CPU
+        idle to copy on: on a busy one the copy would only take turns with the
+        imports, and cost more than it saves.
         """
-        if not is_local(repository) or _usable_cpus() < 2:
+        if not is_local(repository) or not _idle_cpu():
             return None
         try:
             found = _listed_file(local_path(repository), name, hardware_id, version)
@@ -172,9 +173,20 @@ class EarlyCopy:
         self.copy.unlink(missing_ok=True)
 
 
-def _usable_cpus() -> int:
+def _idle_cpu() -> bool:
+    """Whether a CPU this process may use has nothing to run now, besides this thread.
+
+    Linux counts the threads runnable at this instant in ``/proc/loadavg``
+    (this one among them); elsewhere the last minute's load average stands in.
+    """
     affinity = getattr(os, "sched_getaffinity", None)
-    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+    cpus = len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+    try:
+        with open("/proc/loadavg", "rb") as f:
+            runnable = int(f.read().split()[3].split(b"/")[0])
+    except (OSError, ValueError, IndexError):
+        runnable = round(os.getloadavg()[0]) + 1 if hasattr(os, "getloadavg") else cpus
+    return runnable < cpus
 
 
 def _listed_file(

@@ -26,9 +26,9 @@ from testbed.images import HARDWARE
 
 
 @pytest.fixture(autouse=True)
-def two_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The copy is started early only with a second CPU: these tests run with one or more."""
-    monkeypatch.setattr(early_copy, "_usable_cpus", lambda: 2)
+def idle_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The copy is started early only with an idle CPU: these tests run on busy ones too."""
+    monkeypatch.setattr(early_copy, "_idle_cpu", lambda: True)
 
 
 def target_file(repo: ImageRepository, name: str = "pump-health") -> Path:
@@ -164,8 +164,8 @@ def test_unreadable_metadata_means_no_early_copy(repo: ImageRepository, tmp_path
     assert EarlyCopy.start(str(repo.path), "pump-health", HARDWARE, tmp_path / "out") is None
 
 
-def test_one_cpu_means_no_early_copy(
+def test_no_idle_cpu_means_no_early_copy(
     repo: ImageRepository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(early_copy, "_usable_cpus", lambda: 1)
+    monkeypatch.setattr(early_copy, "_idle_cpu", lambda: False)
     assert EarlyCopy.start(str(repo.path), "pump-health", HARDWARE, tmp_path / "out") is None
