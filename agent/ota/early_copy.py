@@ -12,8 +12,8 @@ trusted: it only decides which file to start copying, and a copy that is not
 adopted is deleted.
 
 The bytes hashed are the bytes kept: each block is read into memory once,
-hashed and written from that same memory, and the copy is fsynced before it
-can be adopted.
+hashed and written from that same memory, its writeback started at once,
+and the copy is fsynced before it can be adopted.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol, cast
 
+from agent.ota.durable import start_writeback
 from agent.ota.identity import new_hash
 from agent.ota.location import is_local, local_path
 from protocol.signed_bundle import SignedFieldsError, newest_by_name, signed_fields
@@ -33,7 +34,6 @@ from protocol.signed_bundle import SignedFieldsError, newest_by_name, signed_fie
 # Few, large blocks: the thread waits for the GIL once per read, hash and write,
 # and the importing main thread holds it most of the time.
 _BLOCK = 8 << 20
-_start_writeback = getattr(os, "posix_fadvise", None)
 # While the copy runs, the importing thread hands the GIL over this soon when the copy
 # asks for it (after each read, hash and write) instead of after the default 5 ms.
 _SWITCH_INTERVAL = 0.0002
@@ -133,10 +133,7 @@ class EarlyCopy:
                         written = 0
                         while written < n:
                             written += out.write(data[written:]) or 0
-                        if _start_writeback is not None:
-                            # Linux starts writing this block to disk now, so the fsync
-                            # below waits for the last blocks only.
-                            _start_writeback(out.fileno(), done, n, os.POSIX_FADV_DONTNEED)
+                        start_writeback(out.fileno(), done, n)
                         done += n
                     if done != self.length or self._stop.is_set():
                         return

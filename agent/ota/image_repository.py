@@ -26,7 +26,7 @@ from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import Metadata, Root, TargetFile, Targets
 from tuf.api.serialization import DeserializationError
 
-from agent.ota.durable import fsync_dir
+from agent.ota.durable import fsync_dir, start_writeback
 from agent.ota.errors import (
     BundleNotFound,
     DownloadInterrupted,
@@ -63,6 +63,9 @@ if TYPE_CHECKING:
 
 PARTIAL_SUFFIX = ".partial"
 _READ_BLOCK = 1 << 20  # bytes a resumed download's earlier part is hashed by
+# Bytes written between starts of their writeback: the fsync at the end then waits
+# for about this much, not for the whole bundle.
+_WRITEBACK_BLOCK = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -510,7 +513,7 @@ def _receive(
                 h.update(block)
         out.seek(stream.offset)
         out.truncate()
-        received = stream.offset
+        received = written_back = stream.offset
         try:
             for chunk in stream.chunks:
                 received += len(chunk)
@@ -519,6 +522,10 @@ def _receive(
                 out.write(chunk)
                 for h in hashes:
                     h.update(chunk)
+                if received - written_back >= _WRITEBACK_BLOCK:
+                    out.flush()
+                    start_writeback(out.fileno(), written_back, received - written_back)
+                    written_back = received
                 if on_progress is not None:
                     out.flush()
                     on_progress(received)
