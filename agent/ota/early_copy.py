@@ -9,7 +9,8 @@ Once python-tuf has verified it, the verified target is downloaded as ever
 unless this copy is of that very file with its signed length, every signed hash
 matching the bytes written (:meth:`EarlyCopy.adopt`). Nothing read here is
 trusted: it only decides which file to start copying, and a copy that is not
-adopted is deleted.
+adopted is deleted. The copy starts only when a CPU is idle: on a busy one it
+would only take turns with the imports.
 
 The bytes hashed are the bytes kept: each block is read into memory once,
 hashed and written from that same memory, its writeback started at once,
@@ -99,7 +100,6 @@ class EarlyCopy:
             return None
         source, listed = found
         early = cls(source, listed.length, list(listed.hashes), directory)
-        early._interval = sys.getswitchinterval()
         sys.setswitchinterval(min(early._interval, _SWITCH_INTERVAL))
         early._thread.start()
         return early
