@@ -29,22 +29,26 @@ EXIT_ERROR = 1
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    # Imported here: the verification machinery stays out of the serving process.
+    from agent.ota.early_copy import EarlyCopy
     from agent.ota.errors import UpdateRefused
-    from agent.ota.transport import FetchConfig
-    from agent.ota.verify import verify_bundle
 
     out = Path(args.out)
     metadata_dir = Path(args.metadata_dir) if args.metadata_dir else None
     # Folders this run creates are removed again if it fails: a refusal leaves nothing behind.
     created = [d for d in (out, metadata_dir) if d is not None and not d.exists()]
-    fetch = FetchConfig(
-        connect_timeout=args.timeout,
-        read_timeout=args.timeout,
-        min_bytes_per_second=args.min_speed,
-    )
+    # Started before the verifier is imported, so copying the bundle overlaps loading it.
+    early = EarlyCopy.start(args.repo, args.name, args.hardware, out, args.version)
     try:
         try:
+            # Imported here: the verification machinery stays out of the serving process.
+            from agent.ota.transport import FetchConfig
+            from agent.ota.verify import verify_bundle
+
+            fetch = FetchConfig(
+                connect_timeout=args.timeout,
+                read_timeout=args.timeout,
+                min_bytes_per_second=args.min_speed,
+            )
             verified = verify_bundle(
                 trusted_root=Path(args.root),
                 repository=args.repo,
@@ -55,8 +59,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 installed_counter=args.installed_counter,
                 version=args.version,
                 fetch=fetch,
+                early=early,
             )
         except BaseException:
+            if early is not None:
+                early.discard()
             for d in created:
                 shutil.rmtree(d, ignore_errors=True)
             raise

@@ -20,15 +20,13 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import Metadata, Root, TargetFile, Targets
 from tuf.api.serialization import DeserializationError
-from tuf.ngclient.config import UpdaterConfig
-from tuf.ngclient.updater import Updater
 
-from agent.ota.durable import fsync_dir
+from agent.ota.durable import fsync_dir, start_writeback
 from agent.ota.errors import (
     BundleNotFound,
     DownloadInterrupted,
@@ -48,7 +46,9 @@ from agent.ota.errors import (
     WrongHardware,
 )
 from agent.ota.identity import Hasher, bundle_id, is_verifiable, new_hash
-from agent.ota.transport import FetchConfig, RepositoryFetcher, Stream, is_local, local_path
+from agent.ota.location import is_local, local_path
+from agent.ota.transport import FetchConfig, RepositoryFetcher, Stream
+from agent.ota.tuf_client import Updater, UpdaterConfig
 from protocol.bundle import BundleFormatError, read_checked_manifest
 from protocol.manifest_check import CheckedManifest
 from protocol.signed_bundle import (
@@ -58,8 +58,14 @@ from protocol.signed_bundle import (
     signed_fields,
 )
 
+if TYPE_CHECKING:
+    from agent.ota.early_copy import EarlyCopy
+
 PARTIAL_SUFFIX = ".partial"
 _READ_BLOCK = 1 << 20  # bytes a resumed download's earlier part is hashed by
+# Bytes written between starts of their writeback: the fsync at the end then waits
+# for about this much, not for the whole bundle.
+_WRITEBACK_BLOCK = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -422,6 +428,26 @@ class ImageRepositoryClient:
         fsync_dir(directory)
         return final
 
+    def adopt(self, early: EarlyCopy, bundle: BundleTarget, directory: Path) -> Path | None:
+        """The copy started early (:mod:`agent.ota.early_copy`) as the verified ``bundle``, or None.
+
+        Only a copy of the very file python-tuf's rules name for ``bundle`` in a
+        directory repository, with the signed length and every signed hash of
+        the bytes written, gets the bundle's name; any other is deleted (the
+        caller then downloads the bundle as ever).
+        """
+        url = self.target_url(bundle)
+        final = directory / bundle.file_name
+        if not is_local(url) or not early.adopt(
+            local_path(url).resolve(), bundle.length, bundle.hashes, final
+        ):
+            early.discard()
+            return None
+        # A partial download from an earlier try is of these bytes: the bundle is here whole.
+        (directory / (bundle.file_name + PARTIAL_SUFFIX)).unlink(missing_ok=True)
+        fsync_dir(directory)
+        return final
+
     def target_url(self, bundle: BundleTarget) -> str:
         """Where the repository keeps ``bundle``, by python-tuf's rule (client workflow 5.7.3).
 
@@ -487,7 +513,7 @@ def _receive(
                 h.update(block)
         out.seek(stream.offset)
         out.truncate()
-        received = stream.offset
+        received = written_back = stream.offset
         try:
             for chunk in stream.chunks:
                 received += len(chunk)
@@ -496,6 +522,10 @@ def _receive(
                 out.write(chunk)
                 for h in hashes:
                     h.update(chunk)
+                if received - written_back >= _WRITEBACK_BLOCK:
+                    out.flush()
+                    start_writeback(out.fileno(), written_back, received - written_back)
+                    written_back = received
                 if on_progress is not None:
                     out.flush()
                     on_progress(received)

@@ -13,11 +13,16 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from typing import TYPE_CHECKING
 
-import urllib3
 from tuf.api import exceptions as tuf_exc
-from tuf.ngclient.fetcher import FetcherInterface
+
+from agent.ota.location import is_local as is_local
+from agent.ota.location import local_path as local_path
+from agent.ota.tuf_client import FetcherInterface
+
+if TYPE_CHECKING:
+    import urllib3
 
 
 @dataclass(frozen=True)
@@ -42,27 +47,33 @@ class Stream:
     offset: int
 
 
-def is_local(base: str) -> bool:
-    """Whether ``base`` names a directory (a path or ``file://`` URL)."""
-    return "://" not in base or base.startswith("file://")
-
-
-def local_path(url: str) -> Path:
-    return Path(unquote(urlparse(url).path)) if url.startswith("file://") else Path(url)
-
-
 class RepositoryFetcher(FetcherInterface):
-    """Fetches ``http(s)://`` URLs with urllib3 and ``file://`` URLs from disk."""
+    """Fetches ``http(s)://`` URLs with urllib3 and ``file://`` URLs from disk.
+
+    urllib3 is imported on the first HTTP request: a directory repository needs none of it.
+    """
 
     def __init__(self, config: FetchConfig | None = None) -> None:
         self.config = config or FetchConfig()
-        self._http = urllib3.PoolManager(
-            ca_certs=self.config.ca_file,
-            retries=False,
-            timeout=urllib3.Timeout(
-                connect=self.config.connect_timeout, read=self.config.read_timeout
-            ),
-        )
+        self._pool: urllib3.PoolManager | None = None
+
+    @property
+    def _http(self) -> urllib3.PoolManager:
+        if self._pool is None:
+            import urllib3
+
+            self._pool = urllib3.PoolManager(
+                ca_certs=self.config.ca_file,
+                retries=False,
+                timeout=urllib3.Timeout(
+                    connect=self.config.connect_timeout, read=self.config.read_timeout
+                ),
+            )
+        return self._pool
+
+    @_http.setter
+    def _http(self, pool: urllib3.PoolManager) -> None:
+        self._pool = pool
 
     def _fetch(self, url: str) -> Iterator[bytes]:
         return self.open(url).chunks
@@ -71,6 +82,8 @@ class RepositoryFetcher(FetcherInterface):
         """Open ``url`` from byte ``offset`` (HTTP Range); the server may restart at 0."""
         if is_local(url):
             return self._open_file(local_path(url), offset)
+        import urllib3
+
         headers = {"Range": f"bytes={offset}-"} if offset else {}
         if self.config.auth is not None:
             headers.update(urllib3.make_headers(basic_auth=":".join(self.config.auth)))
@@ -95,6 +108,8 @@ class RepositoryFetcher(FetcherInterface):
         return Stream(self._paced(self._http_chunks(url, response)), start)
 
     def _http_chunks(self, url: str, response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
+        import urllib3
+
         completed = False
         try:
             # read1 returns what has arrived instead of waiting for a full chunk,
