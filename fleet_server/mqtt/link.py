@@ -44,7 +44,7 @@ import time
 from dataclasses import dataclass
 
 import aiomqtt
-from paho.mqtt.client import MQTT_ERR_SUCCESS, error_string
+from paho.mqtt.client import MQTT_ERR_SUCCESS, MQTTMessage, error_string
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -95,7 +95,7 @@ class ServerMqtt:
         self.config = config
         self.db = db
         self.metrics = metrics
-        self.queue: asyncio.Queue[tuple[Accepted, Delivery]] = asyncio.Queue(maxsize=50_000)
+        self.queue: asyncio.Queue[tuple[Accepted, Delivery]] = asyncio.Queue()
         self._client: aiomqtt.Client | None = None
         # Received and not yet acknowledged (queued or being written).
         self._unsettled = 0
@@ -175,6 +175,8 @@ class ServerMqtt:
             )
         # aiomqtt 2.5 has no option for it; paho's own switch keeps PUBACKs for ack().
         client._client.manual_ack_set(True)
+        # Messages go from paho straight to the gate; aiomqtt keeps the connection.
+        client._client.on_message = lambda _paho, _userdata, message: self._take(client, message)
         return client
 
     async def _connection(self, stop: asyncio.Event) -> None:
@@ -262,28 +264,31 @@ class ServerMqtt:
             )
 
     async def _read(self, client: aiomqtt.Client) -> None:
-        # aiomqtt's iterator makes a task and a wait per message; what the connection has
-        # already queued is taken straight from its queue (aiomqtt's own, in order), and the
-        # iterator only waits for the next message or the end of the connection.
-        queued: asyncio.Queue[aiomqtt.Message] = client._queue
-        async for message in client.messages:
-            await self._take(client, message)
-            while not queued.empty():
-                await self._take(client, queued.get_nowait())
+        """Wait for the connection to end; its messages are taken by :meth:`_take`.
 
-    async def _take(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
-        """Gate one received message: queue it for the writer, or drop and acknowledge it."""
+        Ends the way aiomqtt's message iterator ends, with an :class:`aiomqtt.MqttError`.
+        """
+        disconnected = client._disconnected
+        # Waited on, not awaited: cancelling this task must not cancel aiomqtt's future.
+        await asyncio.wait([disconnected])
+        cause = None if disconnected.cancelled() else disconnected.exception()
+        raise aiomqtt.MqttError("Disconnected during message iteration") from cause
+
+    def _take(self, client: aiomqtt.Client, message: MQTTMessage) -> None:
+        """Gate one received message: queue it for the writer, or drop and acknowledge it.
+
+        paho's ``on_message``, called on the event loop (aiomqtt reads the socket
+        there) for each PUBLISH as it is read: no aiomqtt ``Message``, no queue
+        between paho and the gate, no task per message. The writer's queue needs
+        no bound of its own: the broker holds back what is beyond the Receive
+        Maximum (MQTT 5) or its own in-flight limit (3.1.1) until acks free room.
+        """
         self._last_arrival = time.monotonic()
         delivery = Delivery(client, message.mid, message.qos)
-        payload = (
-            message.payload
-            if isinstance(message.payload, bytes | bytearray)
-            else (str(message.payload).encode() if message.payload is not None else b"")
-        )
         try:
             verdict = classify(
-                message.topic.value,
-                bytes(payload),
+                message.topic,
+                bytes(message.payload),
                 self.config.max_message_bytes,
                 namespace=self.config.namespace,
             )
@@ -294,7 +299,7 @@ class ServerMqtt:
             self._ack([delivery])  # nothing to store
             return
         self._unsettled += 1
-        await self.queue.put((verdict, delivery))
+        self.queue.put_nowait((verdict, delivery))
 
     def _ack(self, deliveries: list[Delivery]) -> None:
         """Acknowledge stored (or dropped) messages to the broker.
