@@ -42,9 +42,10 @@ import logging
 import random
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import aiomqtt
-from paho.mqtt.client import MQTT_ERR_SUCCESS, MQTTMessage, error_string
+from paho.mqtt.client import MQTT_ERR_AGAIN, MQTT_ERR_SUCCESS, MQTTMessage, error_string
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -69,6 +70,8 @@ V5_CONNECT_TIMEOUT_S = 5.0
 # unsubscribe, and how long to wait for it to be stored and acknowledged.
 LEAVE_QUIET_S = 0.5
 LEAVE_TIMEOUT_S = 10.0
+# The most packets read off the connection in one turn of the event loop.
+READ_BURST = 64
 # What the drops write_batch reports mean, for the log.
 _BATCH_DROPS = {
     "unknown-device": "from unregistered devices",
@@ -177,7 +180,47 @@ class ServerMqtt:
         client._client.manual_ack_set(True)
         # Messages go from paho straight to the gate; aiomqtt keeps the connection.
         client._client.on_message = lambda _paho, _userdata, message: self._take(client, message)
+        opened = client._client.on_socket_open
+
+        def on_socket_open(paho: Any, userdata: Any, sock: Any) -> None:
+            opened(paho, userdata, sock)  # type: ignore[misc]
+            # Called on aiomqtt's connecting thread, after it asked the loop to add its
+            # reader: this one replaces it there, in order.
+            client._loop.call_soon_threadsafe(
+                client._loop.add_reader, sock.fileno(), self._read_socket, client
+            )
+
+        client._client.on_socket_open = on_socket_open
         return client
+
+    def _read_socket(self, client: aiomqtt.Client) -> None:
+        """Read what the socket holds, up to :data:`READ_BURST` packets at a time.
+
+        aiomqtt's reader reads one packet per readiness of the socket (paho's
+        ``loop_read`` reads one unless messages of its own are in flight): an
+        event-loop turn and a ``poll`` for each window received. This is that
+        ``loop_read`` with a larger count; what it does on an error is paho's
+        own (``_loop_rc_handle``), and an exception ends the connection as
+        aiomqtt's reader ends it.
+        """
+        paho = client._client
+        try:
+            for _ in range(READ_BURST):
+                if paho._sock is None:
+                    return
+                rc = paho._packet_read()
+                if rc == MQTT_ERR_AGAIN:
+                    return
+                if rc > 0:
+                    paho._loop_rc_handle(rc)
+                    return
+            # TLS may hold decrypted bytes the socket no longer signals: read on next turn.
+            pending = getattr(paho._sock, "pending", None)
+            if pending is not None and pending() > 0:
+                client._loop.call_soon(self._read_socket, client)
+        except Exception as exc:
+            if not client._disconnected.done():
+                client._disconnected.set_exception(exc)
 
     async def _connection(self, stop: asyncio.Event) -> None:
         if self.session_expiry_s == 0:
