@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Final
 
 from sqlalchemy import Table
@@ -40,15 +41,29 @@ class _Compiled:
 
 
 def _process(rows: Sequence[Sequence[Any]], processors: Sequence[Processor]) -> list[Any]:
-    """The rows with each column's bind processor applied (tuples, or ``rows`` unchanged)."""
+    """The rows with each column's bind processor applied (tuples, or ``rows`` unchanged).
+
+    A batch's rows share most of their times (when received, the hour): a time is
+    processed once per column and batch, its result reused for an equal time in
+    the same zone (and fold).
+    """
     active = [(i, p) for i, p in enumerate(processors) if p is not None]
     if not active:
         return list(rows)
+    done: dict[tuple[int, datetime, Any, int], Any] = {}
     out = []
     for row in rows:
         values = list(row)
         for i, p in active:
-            values[i] = p(values[i])
+            value = values[i]
+            if type(value) is datetime:
+                key = (i, value, value.tzinfo, value.fold)
+                processed = done.get(key, done)
+                if processed is done:
+                    processed = done[key] = p(value)
+                values[i] = processed
+            else:
+                values[i] = p(value)
         out.append(tuple(values))
     return out
 

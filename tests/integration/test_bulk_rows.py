@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ WINDOWS = WindowRow.__table__
 COLUMNS = tuple(WINDOWS.c.keys())
 HOUR_COLUMNS = tuple(_HOURS.c.keys())
 AT = datetime(2026, 3, 1, 12, 30, 15, 123456, tzinfo=UTC)
+ZONES = (UTC, timezone(timedelta(hours=2)), timezone(timedelta(hours=-5, minutes=-30)))
 
 
 @pytest.fixture(params=DATABASES)
@@ -53,7 +54,8 @@ def window_values(i: int, device: str) -> dict[str, Any]:
         "requests": 2**62 + i,
         "errors": i,
         "payload": bytes(range(256)) * (1 + i % 3) + b"\x00",
-        "received_at": AT,
+        # One instant in several zones, and one time of day: each stored as its UTC time.
+        "received_at": AT.astimezone(ZONES[i % len(ZONES)]),
         "ingested_by": None if i % 5 else "replica-1",
     }
 
