@@ -518,7 +518,7 @@ def _read_features_in_bulk(r: _Reader, beyond: bool) -> list[FeatureSummary]:
 
 def _check_features_in_bulk(r: _Reader, beyond: bool) -> list[FeatureSummary]:
     """Read and check the features as :func:`_read_features_in_bulk` would make them, but
-    make no summaries: an empty list, for :func:`decode_window_head`.
+    make no summaries: an empty list, for :func:`~protocol.window.head.decode_window_head`.
 
     Besides the reader's own checks (flags, a count per bin, none negative,
     the last implied by ``n``, finite floats), what
@@ -949,30 +949,6 @@ def decode_window(data: bytes) -> WindowSummary:
         return _read_body(body, version, _read_features)
     except ValidationError as exc:
         raise _invalid(exc) from None
-
-
-def decode_window_head(data: bytes) -> WindowSummary:
-    """The window in ``data`` without its features (``features`` empty), once everything
-    :func:`decode_window` checks has passed, the features included.
-
-    For a reader that keeps the bytes and needs only the rest of the window:
-    ingest stores a window as received and folds its counts, latency, scores
-    and sections into aggregates, none of which reads a feature, so making a
-    pydantic summary per feature there would be work thrown away. The
-    features are read in bulk and checked against what their summaries and
-    the window require (:func:`_check_features_in_bulk`); the rest of the
-    window is made and validated as :func:`decode_window` makes it. Bytes the
-    bulk check cannot vouch for go to :func:`decode_window`: it raises the
-    same :class:`WindowCodecError` for what it refuses, and what it accepts is
-    returned without its features. So this accepts and refuses exactly what
-    :func:`decode_window` does, and returns its window with ``features=[]``.
-    """
-    version, body = _open(data)
-    try:
-        return _read_body(body, version, _check_features_in_bulk)
-    except (_Unsure, ValueError, IndexError, OverflowError):
-        pass
-    return decode_window(data).model_copy(update={"features": []})
 
 
 _FeatureReader = Callable[[_Reader, bool], list[FeatureSummary]]
