@@ -494,6 +494,12 @@ class _Unsure(Exception):
 
 # One-byte varints as their zigzag value plus 64 (0 to 127), for bytes.translate.
 _ZIGZAG_PLUS_64: Final = bytes(z + 64 for z in _ZIGZAG) + bytes(0x80)
+# For ``n // bins`` below 64, the one-byte varints whose bin count (their zigzag value plus
+# ``n // bins``) is negative, translated to 0x80 (the others to 0); for 64 and more none is.
+_NEGATIVE: Final = tuple(
+    bytes(0x80 if b < 0x80 and _ZIGZAG[b] + expected < 0 else 0 for b in range(256))
+    for expected in range(64)
+)
 # The feature flags that announce counts of the feature's own after its flags byte.
 _OWN_COUNTS: Final = _HAS_NAN | _HAS_OUT_OF_RANGE | _OWN_ROWS | _OWN_BINS | _BEYOND
 
@@ -525,10 +531,12 @@ def _check_features_in_bulk(r: _Reader, beyond: bool) -> list[FeatureSummary]:
     :class:`~protocol.summary.FeatureSummary` and the window's own check
     require of a feature is ``m2 >= 0`` and no more values beyond the
     baseline's range than ``n``; a feature that breaks any of them raises
-    :class:`_Unsure`, and the reference reader then names it. A one-byte run
-    of bin counts is checked without a Python int per bin: translated through
-    a table to its zigzag values plus 64, its ``min`` says whether a count is
-    negative and its ``sum`` what is left for the last one.
+    :class:`_Unsure`, and the reference reader then names it. A run of bin
+    counts is checked without a Python int per bin: ``isascii`` says whether
+    every varint is one byte; translated through a table that marks the bytes
+    whose count would be negative, ``isascii`` again whether none is; and
+    translated to its zigzag values plus 64, its ``sum`` what is left for the
+    last one.
     """
     count, rows, bins = r.uint(limit=MAX_FEATURES), r.uint(), r.uint(limit=MAX_BINS)
     data, pos = r.data, r.pos
@@ -558,11 +566,10 @@ def _check_features_in_bulk(r: _Reader, beyond: bool) -> list[FeatureSummary]:
         expected = n // k
         end = pos + k - 1
         run = data[pos:end]
-        if len(run) == k - 1 and (not run or max(run) < 0x80):
-            shifted = run.translate(_ZIGZAG_PLUS_64)
-            if run and min(shifted) - 64 + expected < 0:
+        if len(run) == k - 1 and run.isascii():
+            if expected < 64 and not run.translate(_NEGATIVE[expected]).isascii():
                 raise _Unsure
-            total = sum(shifted) - 64 * len(run) + expected * len(run)
+            total = sum(run.translate(_ZIGZAG_PLUS_64)) - 64 * len(run) + expected * len(run)
             pos = end
         else:
             r.pos = pos

@@ -32,6 +32,7 @@ from protocol.window.codec import (
     _HAS_LATENCY,
     _HAS_VALUES,
     _HEXBYTES,
+    _NEGATIVE,
     _SECTION_BEYOND,
     _SECTION_HYBRID,
     _SECTION_SHADOW,
@@ -74,12 +75,6 @@ _PLAIN_FLAGS: Final = {
 # A float32's high byte (sign and the exponent's high bits) translated to 0x80, which
 # bytes.isascii finds, when those bits are all ones: the value is huge or not finite.
 _HUGE: Final = bytes(0x80 if b & 0x7F == 0x7F else 0 for b in range(256))
-# For ``n // bins`` below 64, the one-byte varints whose bin count (their zigzag value plus
-# ``n // bins``) is negative, translated to 0x80 (the others to 0); for 64 and more none is.
-_NEGATIVE: Final = tuple(
-    bytes(0x80 if b < 0x80 and _ZIGZAG[b] + expected < 0 else 0 for b in range(256))
-    for expected in range(64)
-)
 _WINDOW_FIELDS: Final = frozenset(WindowSummary.model_fields) - {"schema_version"}
 _HISTOGRAM_FIELDS: Final = frozenset(ExponentialHistogram.model_fields)
 _SCORE_FIELDS: Final = frozenset(ScoreHistogram.model_fields)
@@ -129,22 +124,17 @@ def _read_head(body: bytes, version: int) -> WindowSummary:
     hybrid sections are read and validated as the reference path reads them.
     """
     data = body
-    window_id, pos = _text_at(data, 0)
-    device_id, pos = _text_at(data, pos)
+    window_id, pos = _id_at(data, 0)
+    device_id, pos = _id_at(data, pos)
     model_name, pos = _text_at(data, pos)
     model_version, pos = _text_at(data, pos)
-    baseline_id, pos = _text_at(data, pos)
-    cohort_id, pos = _text_at(data, pos)
-    plan_id, pos = _text_at(data, pos)
+    baseline_id, pos = _id_at(data, pos)
+    cohort_id, pos = _id_at(data, pos)
+    plan_id, pos = _id_at(data, pos)
     if not (
         window_id is not None
-        and _ID(window_id)
         and device_id is not None
-        and _ID(device_id)
         and baseline_id is not None
-        and _ID(baseline_id)
-        and (cohort_id is None or _ID(cohort_id))
-        and (plan_id is None or _ID(plan_id))
         and model_name
         and model_version
         and len(model_name) <= _NAME_CHARS
@@ -250,6 +240,22 @@ def _uints_at(data: bytes, pos: int, count: int) -> tuple[list[int], int]:
     return out, pos
 
 
+def _id_at(data: bytes, pos: int) -> tuple[str | None, int]:
+    """The id at ``pos`` (``None`` if absent), checked as the window checks its ids, and
+    where it ends."""
+    kind = data[pos]
+    if kind == _HEXBYTES:  # hex digits: an id when there are 1 to 128 of them
+        size = data[pos + 1]
+        end = pos + 2 + size
+        if not 0 < size <= _NAME_CHARS // 2 or end > len(data):
+            raise _Unsure
+        return data[pos + 2 : end].hex(), end
+    value, end = _text_at(data, pos)
+    if kind != _SHA256 and value is not None and not _ID(value):  # sha256: is an id
+        raise _Unsure
+    return value, end
+
+
 def _text_at(data: bytes, pos: int) -> tuple[str | None, int]:
     """The string at ``pos`` as :meth:`_Reader.text` reads it, and where it ends.
 
@@ -350,12 +356,13 @@ def _scores_at(data: bytes, pos: int) -> tuple[ScoreHistogram | None, int]:
         if first + length > bins:  # neither is 128 or more: bins is not
             raise _Unsure
         run = data[pos : pos + length]
-        if len(run) == length and run.isascii():
-            row = list(run)
+        row = [0] * bins
+        if len(run) == length and run.isascii():  # the usual: every count one byte
+            row[first : first + length] = run
             pos += length
         else:
-            row, pos = _uints_at(data, pos, length)
-        counts.append([0] * first + row + [0] * (bins - first - length))
+            row[first : first + length], pos = _uints_at(data, pos, length)
+        counts.append(row)
     return _made(ScoreHistogram, {"classes": classes, "counts": counts}, _SCORE_FIELDS), pos
 
 
