@@ -64,8 +64,9 @@ _NAME_CHARS: Final = 128
 # Varints this reader takes; a larger one (never seen) is left to the reference path.
 _INT_LIMIT: Final = 1 << 63
 _TWO_F64: Final = struct.Struct("<2d")
-_COUNT: Final = operator.itemgetter(1)
 _THREE_F64: Final = struct.Struct("<3d")
+# The served stages kept: those that served a request (the window's validator drops the rest).
+_COUNT: Final = operator.itemgetter(1)
 # The flags of a feature with none of its own counts, by whether the window's rows are
 # more than 0 (a feature then has values): bytes.translate deletes them, leaving the others.
 _PLAIN_FLAGS: Final = {

@@ -27,7 +27,8 @@ import numpy as np
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from protocol.summary import FeatureSummary
+from protocol.histogram import ExponentialHistogram
+from protocol.summary import FeatureSummary, ScoreHistogram
 from protocol.window import (
     WINDOW_MAGIC,
     WindowCodecError,
@@ -240,3 +241,12 @@ def test_negative_zero_and_huge_floats_are_left_to_the_reference_and_read_alike(
         window = base.model_copy(update={"features": changed + base.features[1:]})
         data = encode_window(window)
         assert isinstance(_assert_as_reference(data), WindowSummary)
+
+
+def test_the_models_made_without_validation_have_nothing_model_construct_would_add() -> None:
+    # What head._made makes is what model_construct makes only for such models.
+    for model in (WindowSummary, ExponentialHistogram, ScoreHistogram):
+        assert model.__pydantic_post_init__ is None
+        assert not model.__private_attributes__
+        assert model.model_config.get("extra") != "allow"
+        assert not model.__pydantic_root_model__
