@@ -27,12 +27,20 @@ from protocol.inference import STAGE_NAMES
 from protocol.summary import ScoreHistogram
 from protocol.window.codec import (
     _ABSENT,
+    _BEYOND,
     _BEYOND_CODEC_VERSION,
     _CONSTANT,
+    _FEATURE_FLAGS,
+    _FEATURE_FLAGS_V3,
     _HAS_LATENCY,
+    _HAS_NAN,
+    _HAS_OUT_OF_RANGE,
     _HAS_VALUES,
     _HEXBYTES,
     _NEGATIVE,
+    _OWN_BINS,
+    _OWN_COUNTS,
+    _OWN_ROWS,
     _SECTION_BEYOND,
     _SECTION_HYBRID,
     _SECTION_SHADOW,
@@ -67,11 +75,14 @@ _TWO_F64: Final = struct.Struct("<2d")
 _THREE_F64: Final = struct.Struct("<3d")
 # The served stages kept: those that served a request (the window's validator drops the rest).
 _COUNT: Final = operator.itemgetter(1)
-# The flags of a feature with none of its own counts, by whether the window's rows are
-# more than 0 (a feature then has values): bytes.translate deletes them, leaving the others.
-_PLAIN_FLAGS: Final = {
-    True: bytes(_HAS_VALUES | c | w for c in (0, _CONSTANT) for w in (0, _WIDE)),
-    False: bytes(c | w for c in (0, _CONSTANT) for w in (0, _WIDE)),
+# The flags of a usual feature (none of its own counts, values exactly when the window's
+# rows are more than 0), by whether they are: translated to 0, every other flags byte to 0x80.
+_ODD_FLAGS: Final = {
+    has_rows: bytes(
+        0 if b & ~(_CONSTANT | _WIDE) == (_HAS_VALUES if has_rows else 0) else 0x80
+        for b in range(256)
+    )
+    for has_rows in (True, False)
 }
 # A float32's high byte (sign and the exponent's high bits) translated to 0x80, which
 # bytes.isascii finds, when those bits are all ones: the value is huge or not finite.
@@ -121,7 +132,7 @@ def _read_head(body: bytes, version: int) -> WindowSummary:
     pattern and length, the names' length, finite times in order, no more
     unsummarised requests than requests, the latency histogram's scale, sum,
     min and max and that it holds values, and the features as
-    :func:`_check_uniform_features` or the bulk check does. The shadow and
+    :func:`_check_features_at_once` or the bulk check does. The shadow and
     hybrid sections are read and validated as the reference path reads them.
     """
     data = body
@@ -166,7 +177,7 @@ def _read_head(body: bytes, version: int) -> WindowSummary:
     scores, pos = _scores_at(data, pos)
     r = _Reader(data)
     r.pos = pos
-    if not _check_uniform_features(r, beyond):
+    if not _check_features_at_once(r, beyond):
         r.pos = pos
         _check_features_in_bulk(r, beyond)
     shadow = _read_shadow(r) if sections & _SECTION_SHADOW else None
@@ -367,69 +378,121 @@ def _scores_at(data: bytes, pos: int) -> tuple[ScoreHistogram | None, int]:
     return _made(ScoreHistogram, {"classes": classes, "counts": counts}, _SCORE_FIELDS), pos
 
 
-def _check_uniform_features(r: _Reader, beyond: bool) -> bool:
-    """Check the usual features in a few calls for all of them, and move ``r`` past them;
-    ``False`` for features this cannot vouch for (the bulk check then reads them).
+def _check_features_at_once(r: _Reader, beyond: bool) -> bool:
+    """Check the features a run of usual ones at a time, and move ``r`` past them; ``False``
+    for features this cannot vouch for (the bulk check then reads them).
 
-    The usual features have no counts of their own (no NaN, none out of
-    range or beyond the baseline, the window's rows and bins), every bin
-    count a one-byte varint, and float32 values: each is then its flags byte
-    and ``bins - 1`` bytes of counts, and the features are ``features * bins``
-    bytes followed by the float planes. What
-    :func:`~protocol.window.codec._check_features_in_bulk` checks is checked
-    over that slice at once: the flags (bytes.translate deletes the allowed
-    ones), one-byte varints (its ``max``), no negative count (its ``min``,
-    translated to zigzag values plus 64; a flags byte translates to 64 or
-    more, which never lowers it below what a count may be), the last count,
-    implied by ``n``, not negative (a sum per feature), finite floats (no
+    A usual feature has no counts of its own (no NaN, none out of range or
+    beyond the baseline, the window's rows and bins), and a run of them is
+    ``features * bins`` bytes: each feature's flags byte and ``bins - 1``
+    bytes of counts. What :func:`~protocol.window.codec._check_features_in_bulk`
+    checks is checked over such a run at once: its flags (every ``bins``-th
+    byte) are all usual ones, every varint is one byte (``isascii``), no count
+    is negative (the bytes translated through a table that marks those whose
+    count would be), and the last count, implied by ``n``, is not negative (a
+    sum per feature). A feature with counts of its own ends a run and is
+    checked by itself the same way. Then the floats: none non-finite (no
     float32 whose high byte has its exponent bits all ones) and ``m2 >= 0``
-    (its sign bit clear). A negative zero, a huge or non-finite value or a
-    float64 feature is left to the bulk check. ``beyond`` needs nothing more:
-    a feature without counts of its own has none beyond the baseline.
+    (its sign bit clear). A count or a float that is not one byte or float32,
+    a negative zero, a huge value, are left to the bulk check.
     """
     data = r.data
     (count, rows, bins), pos = _uints_at(data, r.pos, 3)
     if not (0 < count <= MAX_FEATURES and 0 < bins <= MAX_BINS):
         return False
-    end = pos + count * bins
-    section = data[pos:end]
-    flags = section[::bins]
-    if len(section) != count * bins or flags.translate(None, _PLAIN_FLAGS[rows > 0]):
-        return False
-    if not section.isascii():
-        return False
-    if bins > 1:
-        expected = rows // bins
-        if expected < 64 and not section.translate(_NEGATIVE[expected]).isascii():
-            return False
-        # A feature's counts but the last (their zigzag values plus 64 in a row of
-        # ``shifted`` after its flags) sum to at most ``rows``: the last is the rest.
-        shifted = section.translate(_ZIGZAG_PLUS_64)
-        limit = rows - (expected - 64) * (bins - 1)
-        runs = map(slice, range(1, count * bins, bins), range(bins, count * bins + 1, bins))
-        if max(map(sum, map(shifted.__getitem__, runs))) > limit:
-            return False
+    known = _FEATURE_FLAGS_V3 if beyond else _FEATURE_FLAGS
+    odd = _ODD_FLAGS[rows > 0]
     narrow = 0
-    m2_at: list[int] | None = None  # where each m2 lies; None: every fourth float
-    if rows and flags.count(_HAS_VALUES) != count:
-        m2_at = []
-        for f in flags:
-            if f & _WIDE:
+    m2_at: list[int] = []  # where each m2 lies among the float32 values
+    done = 0
+    while done < count:
+        # A run of usual features from ``pos``: up to the first flags byte that is not usual.
+        flags = data[pos : pos + (count - done) * bins : bins]
+        usual = flags.translate(odd).find(0x80)
+        usual = len(flags) if usual < 0 else usual
+        if usual:
+            end = pos + usual * bins
+            run = data[pos:end]
+            if len(run) != usual * bins or not _counts_fit(run, rows, bins, usual):
                 return False
-            if f & _CONSTANT:
-                narrow += 1
-            else:
-                m2_at.append(narrow + 3)
-                narrow += 4
-    elif rows:  # every feature sends min, max, mean and m2 as float32
-        narrow = 4 * count
-    planes = data[end : end + 4 * narrow]
+            narrow = _tally_floats(flags[:usual], narrow, m2_at)
+            if narrow < 0:
+                return False
+            pos, done = end, done + usual
+        if done == count:
+            break
+        # A feature with counts of its own, checked by itself.
+        flag = data[pos]
+        if flag & ~known:
+            return False
+        nan, k = 0, bins
+        pos += 1
+        if flag & _HAS_NAN:
+            (nan,), pos = _uints_at(data, pos, 1)
+        if flag & _HAS_OUT_OF_RANGE:
+            _, pos = _uints_at(data, pos, 1)
+        n = rows - nan
+        if flag & _OWN_ROWS:
+            (n,), pos = _uints_at(data, pos, 1)
+        if flag & _OWN_BINS:
+            (k,), pos = _uints_at(data, pos, 1)
+        if flag & _BEYOND:
+            (below, above), pos = _uints_at(data, pos, 2)
+            if below + above > n:
+                return False
+        if n < 0 or not 0 < k <= MAX_BINS or bool(flag & _HAS_VALUES) != (n > 0):
+            return False
+        counts = data[pos : pos + k - 1]
+        if len(counts) != k - 1 or not _counts_fit(b"\0" + counts, n, k, 1):  # 0: no flags
+            return False
+        narrow = _tally_floats(bytes([flag & ~_OWN_COUNTS]), narrow, m2_at)
+        if narrow < 0:
+            return False
+        pos, done = pos + k - 1, done + 1
+    planes = data[pos : pos + 4 * narrow]
     if len(planes) != 4 * narrow:
         return False
     if narrow:
         high = planes[3 * narrow :]  # each float's sign and the high bits of its exponent
-        m2_high = high[3::4] if m2_at is None else bytes(map(high.__getitem__, m2_at))
-        if not (high.translate(_HUGE).isascii() and m2_high.isascii()):  # m2 has no sign bit
-            return False
-    r.pos = end + 4 * narrow
+        if not (high.translate(_HUGE).isascii() and bytes(map(high.__getitem__, m2_at)).isascii()):
+            return False  # m2 has a sign bit, or a value is huge or not finite
+    r.pos = pos + 4 * narrow
     return True
+
+
+def _counts_fit(run: bytes, n: int, bins: int, features: int) -> bool:
+    """Whether ``run``, ``features`` rows of a flags byte and ``bins - 1`` one-byte
+    varints, holds counts none negative whose sum leaves the last one not negative."""
+    if not run.isascii():
+        return False
+    if bins == 1:
+        return True
+    expected = n // bins
+    # A flags byte (an even number below 0x20, or 0 in its stead) never reads as negative.
+    if expected < 64 and not run.translate(_NEGATIVE[expected]).isascii():
+        return False
+    # Each feature's counts but the last, as zigzag values plus 64 after its flags byte.
+    shifted = run.translate(_ZIGZAG_PLUS_64)
+    limit = n - (expected - 64) * (bins - 1)
+    size = features * bins
+    rows = map(slice, range(1, size, bins), range(bins, size + 1, bins))
+    return max(map(sum, map(shifted.__getitem__, rows))) <= limit
+
+
+def _tally_floats(flags: bytes, narrow: int, m2_at: list[int]) -> int:
+    """The float32 values after ``narrow`` more for features of ``flags``, each m2's place
+    added to ``m2_at``; -1 if a feature sends float64 values."""
+    if flags.count(_HAS_VALUES) == len(flags):  # the usual: min, max, mean and m2 each
+        m2_at.extend(range(narrow + 3, narrow + 4 * len(flags), 4))
+        return narrow + 4 * len(flags)
+    for f in flags:
+        if not f & _HAS_VALUES:
+            continue
+        if f & _WIDE:
+            return -1
+        if f & _CONSTANT:
+            narrow += 1
+        else:
+            m2_at.append(narrow + 3)
+            narrow += 4
+    return narrow

@@ -22,6 +22,7 @@ from __future__ import annotations
 import lzma
 import struct
 import zlib
+from typing import Any
 
 import numpy as np
 import pytest
@@ -160,11 +161,55 @@ def test_usual_windows_are_read_in_one_pass_as_the_reference_reads_them(
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_windows_with_an_odd_feature_are_read_as_the_reference_reads_them(seed: int) -> None:
+def test_windows_with_an_odd_feature_are_read_as_the_reference_reads_them(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rng = np.random.default_rng(400 + seed)
+    in_bulk = 0
+    check_in_bulk = head._check_features_in_bulk
+
+    def counted(*args: Any) -> list[FeatureSummary]:
+        nonlocal in_bulk
+        in_bulk += 1
+        return check_in_bulk(*args)
+
+    monkeypatch.setattr(head, "_check_features_in_bulk", counted)
     for _ in range(100):
         data = encode_window(_usual_window(rng, odd=True))
         assert isinstance(_assert_as_reference(data), WindowSummary)
+    # An odd feature with long varints or float64 values (about 40 % of those generated)
+    # sends the features to the bulk check; each window is read twice here.
+    assert in_bulk < 2 * 50, in_bulk
+
+
+def test_features_with_counts_of_their_own_are_checked_in_the_one_pass(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rng = np.random.default_rng(17)
+    window = _usual_window(rng)
+    while not window.features[0].n or len(window.features) < 4:
+        window = _usual_window(rng)
+    first = window.features[0].model_copy(update={"below_baseline": 0, "above_baseline": 0})
+    odd = [
+        first.model_copy(update={"nan": 2}),  # its own rows: n + nan is not the window's
+        first.model_copy(update={"out_of_range": 5}),
+        first.model_copy(update={"below_baseline": 1, "above_baseline": 2}),  # version 3
+    ]
+    usual = [
+        f.model_copy(update={"below_baseline": 0, "above_baseline": 0}) for f in window.features
+    ]
+    features = [usual[1], odd[0], usual[2], odd[1], odd[2], *usual[3:]]
+    data = encode_window(window.model_copy(update={"features": features}))
+    assert data[3] == 3 or data[3] >= 4
+
+    def no_fallback(*_args: object) -> list[FeatureSummary]:
+        raise AssertionError("the features were read by the bulk check")
+
+    monkeypatch.setattr(head, "_check_features_in_bulk", no_fallback)
+    expected = _reference(data)
+    assert isinstance(expected, WindowSummary)
+    version, body = codec._open(data)
+    _assert_same_window(head._read_head(body, version), expected)
 
 
 def _mutated(rng: np.random.Generator, body: bytes) -> bytes:
