@@ -403,7 +403,7 @@ def _check_features_at_once(r: _Reader, beyond: bool) -> bool:
     known = _FEATURE_FLAGS_V3 if beyond else _FEATURE_FLAGS
     odd = _ODD_FLAGS[rows > 0]
     narrow = 0
-    m2_at: list[int] = []  # where each m2 lies among the float32 values
+    m2_at: list[int] | None = None  # where each m2 lies among the float32s; None: every 4th
     done = 0
     while done < count:
         # A run of usual features from ``pos``: up to the first flags byte that is not usual.
@@ -415,9 +415,13 @@ def _check_features_at_once(r: _Reader, beyond: bool) -> bool:
             run = data[pos:end]
             if len(run) != usual * bins or not _counts_fit(run, rows, bins, usual):
                 return False
-            narrow = _tally_floats(flags[:usual], narrow, m2_at)
-            if narrow < 0:
-                return False
+            if m2_at is None and flags.count(_HAS_VALUES, 0, usual) == usual:  # 4 floats each
+                narrow += 4 * usual
+            else:
+                m2_at = list(range(3, narrow, 4)) if m2_at is None else m2_at
+                narrow = _tally_floats(flags[:usual], narrow, m2_at)
+                if narrow < 0:
+                    return False
             pos, done = end, done + usual
         if done == count:
             break
@@ -445,6 +449,7 @@ def _check_features_at_once(r: _Reader, beyond: bool) -> bool:
         counts = data[pos : pos + k - 1]
         if len(counts) != k - 1 or not _counts_fit(b"\0" + counts, n, k, 1):  # 0: no flags
             return False
+        m2_at = list(range(3, narrow, 4)) if m2_at is None else m2_at
         narrow = _tally_floats(bytes([flag & ~_OWN_COUNTS]), narrow, m2_at)
         if narrow < 0:
             return False
@@ -454,7 +459,8 @@ def _check_features_at_once(r: _Reader, beyond: bool) -> bool:
         return False
     if narrow:
         high = planes[3 * narrow :]  # each float's sign and the high bits of its exponent
-        if not (high.translate(_HUGE).isascii() and bytes(map(high.__getitem__, m2_at)).isascii()):
+        m2_high = high[3::4] if m2_at is None else bytes(map(high.__getitem__, m2_at))
+        if not (high.translate(_HUGE).isascii() and m2_high.isascii()):
             return False  # m2 has a sign bit, or a value is huge or not finite
     r.pos = pos + 4 * narrow
     return True
@@ -482,9 +488,6 @@ def _counts_fit(run: bytes, n: int, bins: int, features: int) -> bool:
 def _tally_floats(flags: bytes, narrow: int, m2_at: list[int]) -> int:
     """The float32 values after ``narrow`` more for features of ``flags``, each m2's place
     added to ``m2_at``; -1 if a feature sends float64 values."""
-    if flags.count(_HAS_VALUES) == len(flags):  # the usual: min, max, mean and m2 each
-        m2_at.extend(range(narrow + 3, narrow + 4 * len(flags), 4))
-        return narrow + 4 * len(flags)
     for f in flags:
         if not f & _HAS_VALUES:
             continue
