@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.agent_inference import OtherLoad
+from benchmarks.installed import compile_tree
 from testbed.images import MODELS, make_bundle
 from testbed.waiting import free_port
 
@@ -186,6 +187,10 @@ def run(rounds: int | None = None, before: Path | None = None) -> dict[str, Any]
             commands["before"] = [str(before / ".venv/bin/python"), *commands["ours"][1:]]
             ports["before"], cwds["before"] = ours_port, before
         names = list(commands)
+        # Both checkouts as installed: bytecode compiled, not compiled again by every start.
+        compile_tree()
+        if before is not None:
+            compile_tree(before)
         for name, command in commands.items():  # warm the page cache
             time_to_ready(command, ports[name], cwd=cwds[name])
         load = OtherLoad()

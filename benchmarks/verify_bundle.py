@@ -19,7 +19,6 @@ times another tree's ``edge-agent`` in the same rounds; compile that tree too
 
 from __future__ import annotations
 
-import compileall
 import resource
 import shutil
 import statistics
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from agent.ota.verify import verify_bundle
+from benchmarks.installed import compile_tree
 from firmware_images.tflite_writer import GraphBuilder
 from fleet_server.release.bundle_builder import BundleSpec, build_bundle
 from fleet_server.release.keys import init_keys
@@ -58,9 +58,7 @@ def large_model() -> bytes:
 
 def compile_project() -> None:
     """Compile the packages the command imports, as an installed package ships them."""
-    root = Path(__file__).resolve().parents[1]
-    for package in ("agent", "protocol"):
-        compileall.compile_dir(root / package, quiet=1)
+    compile_tree(packages=("agent", "protocol"))
 
 
 def run(before: Path | None = None) -> dict[str, float]:

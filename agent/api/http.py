@@ -110,11 +110,15 @@ class LocalApi:
         """Listen; returns once the socket is bound."""
         if self._listener is not None:
             return
-        loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(
-            self.host, self._port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-        family, _, _, _, address = infos[0]
+        numeric = _numeric_address(self.host, self._port)
+        if numeric is not None:  # no resolver thread for an address given as digits
+            family, address = numeric
+        else:
+            loop = asyncio.get_running_loop()
+            infos = await loop.getaddrinfo(
+                self.host, self._port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
+            family, _, _, _, address = infos[0]
         listener = socket.create_server(address, family=family, backlog=_LISTEN_BACKLOG)
         listener.setblocking(False)
         self._listener = listener
@@ -374,3 +378,14 @@ def _status_head(status: int, content_type: str) -> bytes:
         reason,
         content_type.encode(),
     )
+
+
+def _numeric_address(host: str, port: int) -> tuple[socket.AddressFamily, tuple[Any, ...]] | None:
+    """``host`` as an IPv4 or IPv6 address in digits, with its family; ``None`` for a name."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+        except (OSError, ValueError):
+            continue
+        return family, ((host, port) if family == socket.AF_INET else (host, port, 0, 0))
+    return None
