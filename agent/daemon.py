@@ -37,8 +37,9 @@ from typing import TYPE_CHECKING, Any
 
 from agent.api.admission import ApiLimits
 from agent.api.http import LocalApi
-from agent.config import AgentConfig, ConfigError
+from agent.config import AgentConfig
 from agent.metrics import AgentMetrics
+from agent.mqtt.settings import read_password
 from agent.ota.durable import atomic_write
 from agent.ota.faults import Faults
 from agent.ota.installer import Installer
@@ -69,17 +70,6 @@ TELEMETRY_TICK_S = 1.0
 # Answers, audits and installer events kept for the telemetry and the link while they
 # are built after the API listens (a fraction of a second); beyond this, the oldest go.
 EARLY_KEPT = 1024
-
-
-def _device_password(config: AgentConfig) -> str | None:
-    """The device's credential (``[credentials] password_file``), read once at start."""
-    path = config.credentials.password_file
-    if path is None:
-        return None
-    try:
-        return path.read_text(encoding="utf-8").rstrip("\r\n")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"credentials.password_file: cannot read {path}: {exc}") from None
 
 
 def _slot(model: SlotModel | None) -> ModelSlot | None:
@@ -116,7 +106,7 @@ class AgentDaemon:
                 config.cloud.model,
                 timeout_s=config.cloud.timeout_s,
                 username=config.device_id,
-                password=_device_password(config),
+                password=read_password(config.credentials.password_file),
             )
         self.metrics = AgentMetrics()
         self.chain = FallbackChain(
