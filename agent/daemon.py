@@ -32,6 +32,7 @@ import logging
 import os
 import signal
 import time
+from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -123,9 +124,9 @@ class AgentDaemon:
         self._plan_metrics_registered = False
         self._background_built = False
         # What the parts built after the API listens missed meanwhile (see the class).
-        self._early_answers: list[tuple[dict[str, Any], Answer, float]] = []
-        self._early_audits: list[AuditResult] = []
-        self._early_events: list[dict[str, object]] = []
+        self._early_answers: deque[tuple[dict[str, Any], Answer, float]] = deque(maxlen=EARLY_KEPT)
+        self._early_audits: deque[AuditResult] = deque(maxlen=EARLY_KEPT)
+        self._early_events: deque[dict[str, object]] = deque(maxlen=EARLY_KEPT)
         if config.telemetry.enabled:
             self.chain.on_answer(self._record)
             self.chain.on_audit(self._record_audit)
@@ -223,13 +224,13 @@ class AgentDaemon:
             )
         self.metrics.watch(outbox=self.outbox, link=self.link)
         self._background_built = True
-        answers, self._early_answers = self._early_answers, []
+        answers, self._early_answers = self._early_answers, deque(maxlen=EARLY_KEPT)
         for inputs, answer, seconds in answers:
             self._record(inputs, answer, seconds)
-        audits, self._early_audits = self._early_audits, []
+        audits, self._early_audits = self._early_audits, deque(maxlen=EARLY_KEPT)
         for audit in audits:
             self._record_audit(audit)
-        events, self._early_events = self._early_events, []
+        events, self._early_events = self._early_events, deque(maxlen=EARLY_KEPT)
         if self.link is not None:
             for event in events:
                 self.link.record(event)
@@ -363,7 +364,7 @@ class AgentDaemon:
 
     def _record(self, inputs: dict[str, Any], answer: Answer, seconds: float) -> None:
         if self.recorder is None:  # telemetry is being built: count it once it is
-            _keep(self._early_answers, (inputs, answer, seconds))
+            self._early_answers.append((inputs, answer, seconds))  # the oldest go beyond EARLY_KEPT
             return
         try:
             self.recorder.record(
@@ -379,7 +380,7 @@ class AgentDaemon:
 
     def _record_audit(self, result: AuditResult) -> None:
         if self.recorder is None:
-            _keep(self._early_audits, result)
+            self._early_audits.append(result)
             return
         self.recorder.record_audit(result)
 
@@ -410,7 +411,7 @@ class AgentDaemon:
         if self.link is not None:
             self.link.record(event)
         elif not self._background_built and self.config.server.broker:
-            _keep(self._early_events, event)  # the link is being built: it sends them
+            self._early_events.append(event)  # the link is being built: it sends them
 
     async def _update_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -466,12 +467,6 @@ def _load_background_modules(config: AgentConfig) -> None:
         importlib.import_module(name)
     if config.server.broker:
         importlib.import_module("agent.mqtt.link")
-
-
-def _keep(kept: list[Any], item: object) -> None:
-    if len(kept) >= EARLY_KEPT:
-        del kept[0]
-    kept.append(item)
 
 
 def _window_record_error() -> type[Exception]:
