@@ -208,6 +208,8 @@ def expectations(record: RunRecord) -> Check:
                 said = f"rollout {phase} (expected {expect.rollout})"
                 if phase in UNDER_WAY and record.scenario.server.url is not None:
                     said += f" {GIVEN_SERVER_PACE}"
+                if phase not in ROLLOUT_PHASES[expect.rollout]:
+                    said += f" ({rollout['reason']})" if rollout.get("reason") else ""
                 (met if phase in ROLLOUT_PHASES[expect.rollout] else unmet).append(said)
             if expect.rollout_stopped_in_wave is not None:
                 wave = stopped_wave(rollout)

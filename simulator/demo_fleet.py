@@ -194,6 +194,7 @@ def fleet_chapter(workdir: Path) -> Iterator[DashboardServer]:
         print(report.summary(), flush=True)
         print(f"(MQTT broker of the run: a private {report.figures.get('broker')} on a free port)")
         if not report.passed:
+            show_rollouts(report, DashboardServer(deployment.server))
             raise FleetChapterError(
                 f"the run did not pass its checks; see {run_dir / 'report.json'}"
             )
@@ -231,6 +232,17 @@ def held_run(scenario: Scenario, run_dir: Path) -> Iterator[tuple[RunReport, Dep
     finally:
         release.set()
         thread.join()
+
+
+def show_rollouts(report: RunReport, server: DashboardServer) -> None:
+    """Each rollout of a run that failed its checks, as ``fleetctl`` shows it: its phase, its
+    reason, its gates and decisions say where the story went otherwise."""
+    section("What the server recorded of each rollout")
+    for rollout in report.figures.get("rollouts", []):
+        try:
+            fleetctl_shown(f"fleetctl rollout status {rollout}", server)
+        except (FleetChapterError, OSError, urllib3.exceptions.HTTPError) as exc:
+            print(f"(rollout {rollout}: not shown: {exc})", flush=True)
 
 
 def show_evidence(report: RunReport, server: DashboardServer) -> None:

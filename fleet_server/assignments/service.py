@@ -70,7 +70,7 @@ from fleet_server.db import Database
 from fleet_server.db.models import Assignment, AssignmentRule, Device, Release
 from fleet_server.devices.errors import DeviceNotFound
 from fleet_server.devices.store import list_devices, refuse_decommissioned
-from fleet_server.director import DirectorRepository
+from fleet_server.director import DirectorRepository, Signed
 from fleet_server.published.rules import released_bundle
 from fleet_server.release.keys import KeyStore
 from fleet_server.release.repository import ReleasedBundle, RepositoryError
@@ -547,7 +547,10 @@ class AssignmentService:
                 for path, row in (await store.releases_by_path(session, missing)).items():
                     releases = {**releases, path: released_bundle(row)}
         # Committed at the new version: signing it is now the plain "not signed yet" case.
-        signed_now, _, _ = await asyncio.to_thread(self._sign_committed, fresh, releases)
+        signed_now, _, overtaken = await asyncio.to_thread(self._sign_committed, fresh, releases)
+        if overtaken:  # overtaken again: retried within a minute (the server's director step)
+            log.warning("assignments of %s overtaken while signed; retried", ", ".join(overtaken))
+            self.unsigned.update(overtaken)
         return signed_now
 
     def _sign_committed(
@@ -577,7 +580,6 @@ class AssignmentService:
                     self.director.unassign(
                         self.keys, state.device_id, step.version, shadow, hardware_id
                     )
-                    signed_now += 1
                 elif step.sign and state.target_path is not None:
                     bundle = releases.get(state.target_path)
                     if bundle is None:
@@ -591,7 +593,13 @@ class AssignmentService:
                         rollback_of=state.rollback_of,
                         shadow=shadow,
                     )
-                    signed_now += 1
+                if step.sign and not _names(self.director.signed(state.device_id), state):
+                    # Overtaken between the look and the signing: another writer (the hybrid
+                    # planner, signing a plan beside the bundles it read) signed this version
+                    # or a later one first, so nothing was signed here. Looked at again.
+                    ahead.append(state.device_id)
+                    continue
+                signed_now += step.sign
                 if step.record:
                     to_record[state.device_id] = (state.target_path, step.version)
             except Exception as exc:  # one device's failure must not stop the others
@@ -643,3 +651,11 @@ class AssignmentService:
                     issued_at=time.time(),
                 )
             )
+
+
+def _names(signed: Signed, committed: Committed) -> bool:
+    """Whether ``signed`` names the targets ``committed`` says (at whatever version)."""
+    return (signed.target_path, signed.shadow_path) == (
+        committed.target_path,
+        committed.shadow_path,
+    )

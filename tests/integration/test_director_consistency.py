@@ -31,6 +31,7 @@ from fleet_server.director.repository import KEEP_VERSIONS
 from fleet_server.release.keys import KeyStore
 from fleet_server.release.repository import ImageRepository, TufRepository
 from testbed.api_server import ServerThread, repository_files
+from testbed.fleet import escalate_plan
 from testbed.images import HARDWARE
 from tests.support.databases import DATABASES, database_url
 
@@ -240,6 +241,41 @@ def test_a_sync_racing_a_new_assignment_never_signs_the_one_it_replaced(
     assert recorded_path == served.paths["2.0.0"]
     assert served.director.signed(DEVICE) == Signed(served.paths["2.0.0"], recorded_version)
     assert served.device_sees(tmp_path / "device") == "2.0.0"
+
+
+@pytest.mark.parametrize("ahead", [1, 2], ids=["same-version", "later-version"])
+def test_an_assignment_overtaken_while_it_is_signed_is_signed_again_above(
+    served: Served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ahead: int
+) -> None:
+    """Between the sync's look at the metadata and its signing, the hybrid planner signs
+    a plan beside the bundle the metadata names: at the version the assignment recorded
+    (both read the same recorded version: SQLite has no row locks) or at a later one (its
+    version recorded after the assignment's). That signing leaves the assignment out, and
+    the assignment's own then signs nothing. It is signed again above the plan, which stays.
+    """
+    status, body = served.assign("1.0.0")
+    assert status == 201, body
+    _, v1_version = served.recorded()
+    keys = served.api.server.assignments.keys
+    real = DirectorRepository.assign
+    overtaken: list[int] = []
+
+    def assign(self: DirectorRepository, keys_: KeyStore, device_id: str, *a: Any, **kw: Any):  # type: ignore[no-untyped-def]
+        if not overtaken:
+            plan = escalate_plan(DEVICE, "p-1")
+            overtaken.append(self.sign_plan(keys, device_id, plan, v1_version + ahead))
+        return real(self, keys_, device_id, *a, **kw)
+
+    monkeypatch.setattr(DirectorRepository, "assign", assign)
+    status, body = served.assign("2.0.0")
+    monkeypatch.undo()
+    assert status == 201, body
+    assert overtaken == [v1_version + ahead]
+    target, version = served.recorded()
+    assert target == served.paths["2.0.0"] and version == v1_version + ahead + 1
+    assert served.director.signed(DEVICE) == Signed(target, version, None, "p-1")
+    assert served.device_sees(tmp_path / "device") == "2.0.0"
+    assert not served.api.server.assignments.unsigned
 
 
 def metadata_files(director: DirectorRepository) -> list[str]:
