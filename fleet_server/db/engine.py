@@ -9,13 +9,14 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.orm import ORMExecuteState, Session
 
 from fleet_server.stored_json import load_column
 
@@ -44,9 +45,13 @@ class Database:
         else:
             kwargs.update(pool_size=10, max_overflow=10, pool_pre_ping=True)
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
+        session_class: type[Session] = Session
         if self.url.startswith("sqlite"):
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
-        self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+            session_class = SqliteSession
+        self.sessions = async_sessionmaker(
+            self.engine, expire_on_commit=False, sync_session_class=session_class
+        )
 
     @property
     def is_postgres(self) -> bool:
@@ -60,6 +65,31 @@ class Database:
 
     async def close(self) -> None:
         await self.engine.dispose()
+
+
+class SqliteSession(Session):
+    """A session on SQLite whose ``SELECT ... FOR UPDATE`` locks, as on PostgreSQL.
+
+    SQLite has no row locks and drops ``FOR UPDATE``; and its driver begins a
+    transaction only at the first write, so what a session reads before it
+    writes is not held. A read-modify-write such as "the next version above
+    the recorded one" could then be made by two sessions from the same read,
+    and one of the two updates lost. Here, before a locking read, the session
+    writes nothing (:data:`TAKE_WRITE_LOCK`): that begins its transaction with
+    the database's write lock, waited for as any write waits, so the read and
+    everything after it are the only writer's until the commit.
+    """
+
+
+# An UPDATE that changes no row still takes the write lock (the table exists in every
+# database the server migrated).
+TAKE_WRITE_LOCK = text("UPDATE alembic_version SET version_num = version_num WHERE 0")
+
+
+@event.listens_for(SqliteSession, "do_orm_execute")
+def _lock_before_locking_read(state: ORMExecuteState) -> None:
+    if state.is_select and getattr(state.statement, "_for_update_arg", None) is not None:
+        state.session.execute(TAKE_WRITE_LOCK)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
