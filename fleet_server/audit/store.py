@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Text, cast, func, select, text
+from sqlalchemy import Text, cast, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from fleet_server.audit.chain import (
@@ -21,6 +21,7 @@ from fleet_server.audit.chain import (
     entry_hash,
 )
 from fleet_server.audit.signing import AuditSigner
+from fleet_server.db.dialects import serialise_on
 from fleet_server.db.models import AuditEntry
 from fleet_server.stored_json import load_json
 from protocol.api.audit import AuditHead, SignedAuditHead
@@ -55,8 +56,8 @@ async def record(
     Details beyond :data:`AUDIT_DETAILS_BOUNDS` are replaced by a note saying
     so (and logged), so that no entry is ever stored that a reader cannot show.
     """
-    if session.bind is not None and session.bind.dialect.name == "postgresql":
-        await session.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _LOCK_ID})
+    # The head read below is the one appended to: no other append between the two.
+    await serialise_on(session, _LOCK_ID)
     last = (
         await session.execute(select(AuditEntry.hash).order_by(AuditEntry.seq.desc()).limit(1))
     ).scalar_one_or_none()

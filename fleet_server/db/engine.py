@@ -9,7 +9,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event, text
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import ORMExecuteState, Session
 
+from fleet_server.db.dialects import TAKE_WRITE_LOCK
 from fleet_server.stored_json import load_column
 
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -79,11 +80,6 @@ class SqliteSession(Session):
     the database's write lock, waited for as any write waits, so the read and
     everything after it are the only writer's until the commit.
     """
-
-
-# An UPDATE that changes no row still takes the write lock (the table exists in every
-# database the server migrated).
-TAKE_WRITE_LOCK = text("UPDATE alembic_version SET version_num = version_num WHERE 0")
 
 
 @event.listens_for(SqliteSession, "do_orm_execute")

@@ -1,10 +1,11 @@
-"""A locking read (``SELECT ... FOR UPDATE``) serialises read-modify-writes on both databases.
+"""Read-modify-writes from many sessions at once lose nothing, on both databases.
 
-Two sessions at once each read a device's recorded director version under the
+Sessions at once each read a device's recorded director version under the
 lock and record the next one, as an assignment and the hybrid planner do: with
-the lock, the second reads what the first committed and no update is lost.
+the lock, each reads what the one before committed and no update is lost.
 SQLite has no row locks; there the session takes the database's write lock
-before the read (:class:`fleet_server.db.engine.SqliteSession`).
+before the read (:class:`fleet_server.db.engine.SqliteSession`). Audit entries
+appended at once each follow the one before, so the chain stays intact.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pytest
 from sqlalchemy import select
 
 from fleet_server.assignments.store import lock_recorded_versions
+from fleet_server.audit.store import record, verify_chain
 from fleet_server.db import Database
 from fleet_server.db.engine import migrate
 from fleet_server.db.models import Device
@@ -63,3 +65,29 @@ def test_concurrent_read_modify_writes_under_the_lock_lose_no_update(
         versions, final = asyncio.run(main())
     assert versions == list(range(1, WRITERS + 1))
     assert final == WRITERS
+
+
+async def _append(db: Database, started: asyncio.Barrier, n: int) -> None:
+    async with db.session() as session:
+        await started.wait()
+        await record(session, "token:test", "device.update", f"pump-{n}", {"n": n})
+        await asyncio.sleep(0.01)  # the transaction still open while the others append
+
+
+@pytest.mark.parametrize("kind", DATABASES)
+def test_audit_entries_appended_at_once_keep_the_chain_intact(kind: str, tmp_path: Path) -> None:
+    async def main() -> tuple[bool, int | None, str | None]:
+        db = Database(url)
+        try:
+            started = asyncio.Barrier(WRITERS)
+            await asyncio.gather(*(_append(db, started, n) for n in range(WRITERS)))
+            async with db.session() as session:
+                report = await verify_chain(session)
+            return report.ok, report.broken_at, report.problem
+        finally:
+            await db.close()
+
+    with database_url(kind, tmp_path) as url:
+        migrate(url)
+        ok, broken_at, problem = asyncio.run(main())
+    assert ok, f"broken at entry {broken_at}: {problem}"
