@@ -96,7 +96,7 @@ from protocol.topics import (
     ingest_subscriptions,
     server_topic,
 )
-from protocol.window import WindowSummary, encode_window
+from protocol.window import WindowSummary, decode_window, encode_window
 from testbed import waiting
 from testbed.server_process import clear_retained, private_broker
 from testbed.waiting import free_port
@@ -122,6 +122,11 @@ WINDOW_GOAL = 0.25
 DECODE_ROUNDS = 15
 DECODE_PASSES = 5  # passes over the recorded windows per reader and round
 SERVER_COMMAND = [sys.executable, "-m", "fleet_server.cli"]
+RECORDED_WINDOWS = (
+    Path(os.environ["EDGEFLEET_BENCH_WINDOWS"])
+    if os.environ.get("EDGEFLEET_BENCH_WINDOWS")
+    else None
+)
 POSTGRES_SERVER = os.environ.get("EDGEFLEET_BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
 
 _INGESTED = re.compile(r"^edgefleet_mqtt_messages_ingested_total\{[^}]*\} (\S+)$", re.M)
@@ -723,8 +728,27 @@ def device_message_workload() -> Workload:
     )
 
 
-def window_workload() -> Workload:
+def recorded_windows() -> list[WindowSummary]:
+    """The windows to cycle through: recorded now, or read from a file of an earlier run.
+
+    With ``EDGEFLEET_BENCH_WINDOWS`` naming a file, the windows recorded by the
+    first run are written there and every later run reads them back, so runs of
+    two trees one after the other drain the same windows (the recorder's sample
+    depends on the model's timing, and the windows' size moves the decoder's share).
+    """
+    if RECORDED_WINDOWS is not None and RECORDED_WINDOWS.exists():
+        lines = RECORDED_WINDOWS.read_text().split()
+        return [decode_window(base64.b64decode(line)) for line in lines]
     recorded = record_windows(DISTINCT_WINDOWS)
+    if RECORDED_WINDOWS is not None:
+        RECORDED_WINDOWS.write_text(
+            "".join(base64.b64encode(encode_window(w)).decode() + "\n" for w in recorded)
+        )
+    return recorded
+
+
+def window_workload() -> Workload:
+    recorded = recorded_windows()
     sizes = [len(encode_window(w)) for w in recorded]
     return Workload(
         title=(

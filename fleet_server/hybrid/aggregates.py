@@ -73,7 +73,7 @@ def fold_hybrid(window: WindowSummary) -> HybridDelta:
     classes = 0
     if window.scores is not None and window.scores.counts:
         classes = len(window.scores.classes)
-        scores = tuple(sum(col) for col in zip(*window.scores.counts, strict=True))
+        scores = tuple(map(sum, zip(*window.scores.counts, strict=True)))
     delta = HybridDelta(
         device_id=window.device_id,
         plan_id=NO_PLAN,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import operator
 from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any, Final
@@ -23,6 +24,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from fleet_server.db.bulk import BulkStatement
 from fleet_server.db.dialects import dialect_insert, insert_for, on_postgres
 from fleet_server.db.models import CloudSettings, Device, DeviceHybridStats, HybridPlanRow
 from fleet_server.hybrid.aggregates import (
@@ -167,6 +169,13 @@ def _bins_added(stored: Any, added: Any, bins: int, *, postgres: bool) -> Any:
 
 
 _SUMMED_UPSERT: Final = {postgres: _summed_upsert(postgres) for postgres in (False, True)}
+# Its parameters in the table's column order, run through the driver (rows as tuples).
+_SUMMED_COLUMNS: Final = tuple(c.name for c in _STATS.columns if c.name not in _EMPTY)
+_SUMMED_ROW: Final = operator.itemgetter(*_SUMMED_COLUMNS)
+_BULK_SUMMED_UPSERT: Final = {
+    postgres: BulkStatement(statement, _SUMMED_COLUMNS)
+    for postgres, statement in _SUMMED_UPSERT.items()
+}
 
 
 def _summed_by_database(d: HybridDelta) -> bool:
@@ -207,9 +216,8 @@ async def add_to_hybrid_stats(session: AsyncSession, deltas: Sequence[HybridDelt
     connection = await session.connection()
     if len(read) < len(keys):
         wanted = set(read)
-        postgres = on_postgres(session)
-        await connection.execute(
-            _SUMMED_UPSERT[postgres], [_summed_values(merged[k]) for k in keys if k not in wanted]
+        await _BULK_SUMMED_UPSERT[on_postgres(session)].execute(
+            session, [_SUMMED_ROW(_summed_values(merged[k])) for k in keys if k not in wanted]
         )
     if not read:
         return

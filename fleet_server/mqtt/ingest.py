@@ -30,6 +30,7 @@ from pydantic import ValidationError
 from sqlalchemy import select, update
 
 from fleet_server.db import Database
+from fleet_server.db.bulk import InsertReturningKeys
 from fleet_server.db.dialects import insert_for
 from fleet_server.db.models import Device, DeviceEventRow, WindowRow
 from fleet_server.devices.store import reported_state_columns, write_reported_state
@@ -45,10 +46,27 @@ from protocol.window import WindowCodecError, WindowSummary, decode_window_head
 
 DeviceMessage = ReportedState | DeviceEvent | Heartbeat | Presence
 
-# The tables ingest inserts into, written through SQLAlchemy Core: rows go in as
-# parameter sets, without the ORM's per-row bookkeeping of a bulk insert.
+# The tables ingest inserts into, written without the ORM's per-row bookkeeping.
 _EVENTS: Final = DeviceEventRow.metadata.tables[DeviceEventRow.__tablename__]
 _WINDOWS: Final = WindowRow.metadata.tables[WindowRow.__tablename__]
+# Windows go in through the driver as tuples of these columns (a batch is hundreds).
+_WINDOW_COLUMNS: Final = (
+    "window_id",
+    "device_id",
+    "model_name",
+    "model_version",
+    "baseline_id",
+    "cohort_id",
+    "plan_id",
+    "start",
+    "end",
+    "requests",
+    "errors",
+    "payload",
+    "received_at",
+    "ingested_by",
+)
+_INSERT_WINDOWS: Final = InsertReturningKeys(_WINDOWS, _WINDOW_COLUMNS, "window_id")
 
 # What a window must fit to be stored: the bounds messages' times and counters have.
 _LAST_TIME = 4_102_444_800  # 2100-01-01
@@ -226,7 +244,7 @@ async def write_batch(db: Database, batch: Sequence[Accepted], replica: str) -> 
         decommissioned = {device_id for device_id, gone in rows if gone is not None}
         updates: dict[str, dict[str, object]] = {}
         events: dict[str, dict[str, object]] = {}
-        windows: dict[str, dict[str, object]] = {}
+        windows: dict[str, tuple[object, ...]] = {}
         summaries: dict[str, WindowSummary] = {}
         sent_windows: list[tuple[str, str]] = []  # (device_id, window_id), as they came
         for item in batch:
@@ -253,22 +271,23 @@ async def write_batch(db: Database, batch: Sequence[Accepted], replica: str) -> 
                     "ingested_by": replica,
                 }
             elif isinstance(msg, WindowSummary):
-                windows[msg.window_id] = {
-                    "window_id": msg.window_id,
-                    "device_id": msg.device_id,
-                    "model_name": msg.model_name,
-                    "model_version": msg.model_version,
-                    "baseline_id": msg.baseline_id,
-                    "cohort_id": msg.cohort_id,
-                    "plan_id": msg.plan_id,
-                    "start": _at(msg.start),
-                    "end": _at(msg.end),
-                    "requests": msg.requests,
-                    "errors": msg.errors,
-                    "payload": item.payload,
-                    "received_at": now,
-                    "ingested_by": replica,
-                }
+                # In the order of _WINDOW_COLUMNS.
+                windows[msg.window_id] = (
+                    msg.window_id,
+                    msg.device_id,
+                    msg.model_name,
+                    msg.model_version,
+                    msg.baseline_id,
+                    msg.cohort_id,
+                    msg.plan_id,
+                    _at(msg.start),
+                    _at(msg.end),
+                    msg.requests,
+                    msg.errors,
+                    item.payload,
+                    now,
+                    replica,
+                )
                 sent_windows.append((msg.device_id, msg.window_id))
                 summaries[msg.window_id] = msg
             elif isinstance(msg, Presence):
@@ -305,15 +324,9 @@ async def write_batch(db: Database, batch: Sequence[Accepted], replica: str) -> 
                 [events[k] for k in sorted(events)],
             )
         if windows:
-            insert = insert_for(db.is_postgres)
-            inserted = await session.execute(
-                insert(_WINDOWS)
-                .on_conflict_do_nothing(index_elements=["window_id"])
-                .returning(_WINDOWS.c.window_id),
-                [windows[k] for k in sorted(windows)],
-            )
+            inserted = await _INSERT_WINDOWS.execute(session, [windows[k] for k in sorted(windows)])
             # Only windows stored now count in the aggregates: a resend is counted once.
-            new = [summaries[w] for w in inserted.scalars().all()]
+            new = [summaries[w] for w in inserted]
             shadows = [d for d in map(fold_shadow, new) if d is not None]
             await add_to_hour_stats(session, [*map(fold, new), *shadows])
             await add_to_hybrid_stats(session, [fold_hybrid(w) for w in new])

@@ -42,9 +42,10 @@ import logging
 import random
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import aiomqtt
-from paho.mqtt.client import MQTT_ERR_SUCCESS, error_string
+from paho.mqtt.client import MQTT_ERR_AGAIN, MQTT_ERR_SUCCESS, MQTTMessage, error_string
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -69,6 +70,8 @@ V5_CONNECT_TIMEOUT_S = 5.0
 # unsubscribe, and how long to wait for it to be stored and acknowledged.
 LEAVE_QUIET_S = 0.5
 LEAVE_TIMEOUT_S = 10.0
+# The most packets read off the connection in one turn of the event loop.
+READ_BURST = 64
 # What the drops write_batch reports mean, for the log.
 _BATCH_DROPS = {
     "unknown-device": "from unregistered devices",
@@ -95,7 +98,7 @@ class ServerMqtt:
         self.config = config
         self.db = db
         self.metrics = metrics
-        self.queue: asyncio.Queue[tuple[Accepted, Delivery]] = asyncio.Queue(maxsize=50_000)
+        self.queue: asyncio.Queue[tuple[Accepted, Delivery]] = asyncio.Queue()
         self._client: aiomqtt.Client | None = None
         # Received and not yet acknowledged (queued or being written).
         self._unsettled = 0
@@ -175,7 +178,49 @@ class ServerMqtt:
             )
         # aiomqtt 2.5 has no option for it; paho's own switch keeps PUBACKs for ack().
         client._client.manual_ack_set(True)
+        # Messages go from paho straight to the gate; aiomqtt keeps the connection.
+        client._client.on_message = lambda _paho, _userdata, message: self._take(client, message)
+        opened = client._client.on_socket_open
+
+        def on_socket_open(paho: Any, userdata: Any, sock: Any) -> None:
+            opened(paho, userdata, sock)  # type: ignore[misc]
+            # Called on aiomqtt's connecting thread, after it asked the loop to add its
+            # reader: this one replaces it there, in order.
+            client._loop.call_soon_threadsafe(
+                client._loop.add_reader, sock.fileno(), self._read_socket, client
+            )
+
+        client._client.on_socket_open = on_socket_open
         return client
+
+    def _read_socket(self, client: aiomqtt.Client) -> None:
+        """Read what the socket holds, up to :data:`READ_BURST` packets at a time.
+
+        aiomqtt's reader reads one packet per readiness of the socket (paho's
+        ``loop_read`` reads one unless messages of its own are in flight): an
+        event-loop turn and a ``poll`` for each window received. This is that
+        ``loop_read`` with a larger count; what it does on an error is paho's
+        own (``_loop_rc_handle``), and an exception ends the connection as
+        aiomqtt's reader ends it.
+        """
+        paho = client._client
+        try:
+            for _ in range(READ_BURST):
+                if paho._sock is None:
+                    return
+                rc = paho._packet_read()
+                if rc == MQTT_ERR_AGAIN:
+                    return
+                if rc > 0:
+                    paho._loop_rc_handle(rc)
+                    return
+            # TLS may hold decrypted bytes the socket no longer signals: read on next turn.
+            pending = getattr(paho._sock, "pending", None)
+            if pending is not None and pending() > 0:
+                client._loop.call_soon(self._read_socket, client)
+        except Exception as exc:
+            if not client._disconnected.done():
+                client._disconnected.set_exception(exc)
 
     async def _connection(self, stop: asyncio.Event) -> None:
         if self.session_expiry_s == 0:
@@ -262,28 +307,31 @@ class ServerMqtt:
             )
 
     async def _read(self, client: aiomqtt.Client) -> None:
-        # aiomqtt's iterator makes a task and a wait per message; what the connection has
-        # already queued is taken straight from its queue (aiomqtt's own, in order), and the
-        # iterator only waits for the next message or the end of the connection.
-        queued: asyncio.Queue[aiomqtt.Message] = client._queue
-        async for message in client.messages:
-            await self._take(client, message)
-            while not queued.empty():
-                await self._take(client, queued.get_nowait())
+        """Wait for the connection to end; its messages are taken by :meth:`_take`.
 
-    async def _take(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
-        """Gate one received message: queue it for the writer, or drop and acknowledge it."""
+        Ends the way aiomqtt's message iterator ends, with an :class:`aiomqtt.MqttError`.
+        """
+        disconnected = client._disconnected
+        # Waited on, not awaited: cancelling this task must not cancel aiomqtt's future.
+        await asyncio.wait([disconnected])
+        cause = None if disconnected.cancelled() else disconnected.exception()
+        raise aiomqtt.MqttError("Disconnected during message iteration") from cause
+
+    def _take(self, client: aiomqtt.Client, message: MQTTMessage) -> None:
+        """Gate one received message: queue it for the writer, or drop and acknowledge it.
+
+        paho's ``on_message``, called on the event loop (aiomqtt reads the socket
+        there) for each PUBLISH as it is read: no aiomqtt ``Message``, no queue
+        between paho and the gate, no task per message. The writer's queue needs
+        no bound of its own: the broker holds back what is beyond the Receive
+        Maximum (MQTT 5) or its own in-flight limit (3.1.1) until acks free room.
+        """
         self._last_arrival = time.monotonic()
         delivery = Delivery(client, message.mid, message.qos)
-        payload = (
-            message.payload
-            if isinstance(message.payload, bytes | bytearray)
-            else (str(message.payload).encode() if message.payload is not None else b"")
-        )
         try:
             verdict = classify(
-                message.topic.value,
-                bytes(payload),
+                message.topic,
+                bytes(message.payload),
                 self.config.max_message_bytes,
                 namespace=self.config.namespace,
             )
@@ -294,7 +342,7 @@ class ServerMqtt:
             self._ack([delivery])  # nothing to store
             return
         self._unsettled += 1
-        await self.queue.put((verdict, delivery))
+        self.queue.put_nowait((verdict, delivery))
 
     def _ack(self, deliveries: list[Delivery]) -> None:
         """Acknowledge stored (or dropped) messages to the broker.

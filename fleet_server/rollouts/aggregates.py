@@ -269,7 +269,21 @@ def decode_counts(data: bytes) -> dict[int, int]:
 
 
 def encode_classes(classes: Sequence[str] | None) -> str | None:
-    return None if classes is None else json.dumps(list(classes), separators=(",", ":"))
+    if classes is None:
+        return None
+    if isinstance(classes, tuple):
+        # A fleet has a few class lists: each is encoded once, not once per window.
+        return _encoded_classes(classes)
+    return _CLASSES_JSON(list(classes))
+
+
+# What json.dumps(..., separators=(",", ":")) writes, without a new encoder per call.
+_CLASSES_JSON = json.JSONEncoder(separators=(",", ":")).encode
+
+
+@functools.lru_cache(maxsize=256)
+def _encoded_classes(classes: tuple[str, ...]) -> str:
+    return _CLASSES_JSON(list(classes))
 
 
 def decode_classes(text: str | None) -> tuple[str, ...] | None:

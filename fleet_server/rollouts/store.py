@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -26,6 +27,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from fleet_server.db.bulk import BulkStatement
 from fleet_server.db.dialects import dialect_insert, insert_for, on_postgres
 from fleet_server.db.models import (
     DeviceHourStats,
@@ -97,11 +99,6 @@ def received_hour_of(at: datetime | None) -> datetime:
 _HOURS: Final = DeviceHourStats.__table__
 
 
-def _upsert(session: AsyncSession) -> Any:
-    """:func:`_summed_upsert` of the session's dialect (made once for each)."""
-    return _SUMMED_UPSERT[on_postgres(session)]
-
-
 def _summed_upsert(postgres: bool) -> Any:
     """``INSERT ... ON CONFLICT`` of a batch's sums per row, added to a stored row by the
     database: counts summed, extremes kept, histogram pairs appended.
@@ -165,6 +162,12 @@ def _appended(stored: Any, added: Any) -> Any:
 
 
 _SUMMED_UPSERT: Final = {postgres: _summed_upsert(postgres) for postgres in (False, True)}
+# The upserts' parameters in the table's column order, run through the driver (rows as tuples).
+_ROW: Final = operator.itemgetter(*_HOURS.c.keys())
+_BULK_UPSERT: Final = {
+    postgres: BulkStatement(statement, _HOURS.c.keys())
+    for postgres, statement in _SUMMED_UPSERT.items()
+}
 
 
 async def add_to_hour_stats(
@@ -174,7 +177,7 @@ async def add_to_hour_stats(
     default now), creating the rows that do not exist yet.
 
     The deltas are summed per row first; the database adds each sum to its stored
-    row (:func:`_upsert`) without it being read here. Rows are written in key order,
+    row (:func:`_summed_upsert`) without it being read here. Rows are written in key order,
     under the row locks of the deltas' devices that the caller holds (ingest's batch
     writer does, :func:`fleet_server.mqtt.store.lock_devices`).
     """
@@ -183,8 +186,9 @@ async def add_to_hour_stats(
         return
     received = received_hour_of(received_at)
     keys: list[Key] = sorted(merged, key=lambda k: (k[1], k[2], k[3], k[0]))
-    connection = await session.connection()
-    await connection.execute(_upsert(session), [_values_of(merged[k], received) for k in keys])
+    await _BULK_UPSERT[on_postgres(session)].execute(
+        session, [_ROW(_values_of(merged[k], received)) for k in keys]
+    )
 
 
 async def add_labels(

@@ -1,13 +1,14 @@
-"""Window summaries: the model and merge (:mod:`.model`) and the binary codec (:mod:`.codec`)."""
+"""Window summaries: the model and merge (:mod:`.model`), the binary codec (:mod:`.codec`)
+and the head of a window read in one pass (:mod:`.head`)."""
 
 from protocol.window.codec import (
     WINDOW_CODEC_VERSION,
     WINDOW_MAGIC,
     WindowCodecError,
     decode_window,
-    decode_window_head,
     encode_window,
 )
+from protocol.window.head import decode_window_head
 from protocol.window.model import (
     WINDOW_SCHEMA_VERSION,
     ShadowSummary,

@@ -494,6 +494,12 @@ class _Unsure(Exception):
 
 # One-byte varints as their zigzag value plus 64 (0 to 127), for bytes.translate.
 _ZIGZAG_PLUS_64: Final = bytes(z + 64 for z in _ZIGZAG) + bytes(0x80)
+# For ``n // bins`` below 64, the one-byte varints whose bin count (their zigzag value plus
+# ``n // bins``) is negative, translated to 0x80 (the others to 0); for 64 and more none is.
+_NEGATIVE: Final = tuple(
+    bytes(0x80 if b < 0x80 and _ZIGZAG[b] + expected < 0 else 0 for b in range(256))
+    for expected in range(64)
+)
 # The feature flags that announce counts of the feature's own after its flags byte.
 _OWN_COUNTS: Final = _HAS_NAN | _HAS_OUT_OF_RANGE | _OWN_ROWS | _OWN_BINS | _BEYOND
 
@@ -518,17 +524,19 @@ def _read_features_in_bulk(r: _Reader, beyond: bool) -> list[FeatureSummary]:
 
 def _check_features_in_bulk(r: _Reader, beyond: bool) -> list[FeatureSummary]:
     """Read and check the features as :func:`_read_features_in_bulk` would make them, but
-    make no summaries: an empty list, for :func:`decode_window_head`.
+    make no summaries: an empty list, for :func:`~protocol.window.head.decode_window_head`.
 
     Besides the reader's own checks (flags, a count per bin, none negative,
     the last implied by ``n``, finite floats), what
     :class:`~protocol.summary.FeatureSummary` and the window's own check
     require of a feature is ``m2 >= 0`` and no more values beyond the
     baseline's range than ``n``; a feature that breaks any of them raises
-    :class:`_Unsure`, and the reference reader then names it. A one-byte run
-    of bin counts is checked without a Python int per bin: translated through
-    a table to its zigzag values plus 64, its ``min`` says whether a count is
-    negative and its ``sum`` what is left for the last one.
+    :class:`_Unsure`, and the reference reader then names it. A run of bin
+    counts is checked without a Python int per bin: ``isascii`` says whether
+    every varint is one byte; translated through a table that marks the bytes
+    whose count would be negative, ``isascii`` again whether none is; and
+    translated to its zigzag values plus 64, its ``sum`` what is left for the
+    last one.
     """
     count, rows, bins = r.uint(limit=MAX_FEATURES), r.uint(), r.uint(limit=MAX_BINS)
     data, pos = r.data, r.pos
@@ -558,11 +566,10 @@ def _check_features_in_bulk(r: _Reader, beyond: bool) -> list[FeatureSummary]:
         expected = n // k
         end = pos + k - 1
         run = data[pos:end]
-        if len(run) == k - 1 and (not run or max(run) < 0x80):
-            shifted = run.translate(_ZIGZAG_PLUS_64)
-            if run and min(shifted) - 64 + expected < 0:
+        if len(run) == k - 1 and run.isascii():
+            if expected < 64 and not run.translate(_NEGATIVE[expected]).isascii():
                 raise _Unsure
-            total = sum(shifted) - 64 * len(run) + expected * len(run)
+            total = sum(run.translate(_ZIGZAG_PLUS_64)) - 64 * len(run) + expected * len(run)
             pos = end
         else:
             r.pos = pos
@@ -949,30 +956,6 @@ def decode_window(data: bytes) -> WindowSummary:
         return _read_body(body, version, _read_features)
     except ValidationError as exc:
         raise _invalid(exc) from None
-
-
-def decode_window_head(data: bytes) -> WindowSummary:
-    """The window in ``data`` without its features (``features`` empty), once everything
-    :func:`decode_window` checks has passed, the features included.
-
-    For a reader that keeps the bytes and needs only the rest of the window:
-    ingest stores a window as received and folds its counts, latency, scores
-    and sections into aggregates, none of which reads a feature, so making a
-    pydantic summary per feature there would be work thrown away. The
-    features are read in bulk and checked against what their summaries and
-    the window require (:func:`_check_features_in_bulk`); the rest of the
-    window is made and validated as :func:`decode_window` makes it. Bytes the
-    bulk check cannot vouch for go to :func:`decode_window`: it raises the
-    same :class:`WindowCodecError` for what it refuses, and what it accepts is
-    returned without its features. So this accepts and refuses exactly what
-    :func:`decode_window` does, and returns its window with ``features=[]``.
-    """
-    version, body = _open(data)
-    try:
-        return _read_body(body, version, _check_features_in_bulk)
-    except (_Unsure, ValueError, IndexError, OverflowError):
-        pass
-    return decode_window(data).model_copy(update={"features": []})
 
 
 _FeatureReader = Callable[[_Reader, bool], list[FeatureSummary]]
