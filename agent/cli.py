@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import agent
+from agent.pydantic_plugins import DISABLE_PLUGINS, skip_plugin_discovery
 from protocol.cli import EXIT_BROKEN_PIPE, CommandParser, silence_stdout
 from protocol.cli import examples as _examples
 
@@ -130,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = CommandParser(
         prog="edge-agent",
         description="the edgefleet device agent",
-        epilog="It reads its settings from the config file only, no environment variables.\n\n"
+        epilog="It reads its settings from the config file. It honours pydantic's\n"
+        f"{DISABLE_PLUGINS} as pydantic does, except that unset it means no\n"
+        "pydantic plugin (none is looked for); set it empty to load them all.\n\n"
         + _examples("edge-agent run --config agent.toml", "edge-agent status --config agent.toml"),
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {agent.__version__}")
@@ -205,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; exit 0, 1 (error), 3 (refused), 130 (interrupted), 141 (reader gone)."""
+    # Before any model is built: the entry point hands the environment over.
+    skip_plugin_discovery(os.environ)
     try:
         args = build_parser().parse_args(argv)
         code: int = args.func(args)
