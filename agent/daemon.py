@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import time
 from collections import deque
 from pathlib import Path
@@ -71,6 +72,9 @@ TELEMETRY_TICK_S = 1.0
 # Answers, audits and installer events kept for the telemetry and the link while they
 # are built after the API listens (a fraction of a second); beyond this, the oldest go.
 EARLY_KEPT = 1024
+# The GIL's switch interval while those parts' modules load in a thread beside the API
+# (benchmarks/BENCHMARKS.md, "Agent start without pydantic's plugin discovery").
+BACKGROUND_SWITCH_INTERVAL_S = 0.0005
 
 
 def _slot(model: SlotModel | None) -> ModelSlot | None:
@@ -249,7 +253,15 @@ class AgentDaemon:
         slow_stop: asyncio.Task[None] | None = None
         try:
             if not self._background_built:
-                await asyncio.to_thread(_load_background_modules, self.config)
+                # The thread holds the GIL while it imports: a request served meanwhile
+                # waits for it after each system call, up to the switch interval (5 ms by
+                # default). Shorter while it runs, so the first answers are not held up.
+                interval = sys.getswitchinterval()
+                sys.setswitchinterval(min(interval, BACKGROUND_SWITCH_INTERVAL_S))
+                try:
+                    await asyncio.to_thread(_load_background_modules, self.config)
+                finally:
+                    sys.setswitchinterval(interval)
                 self._build_background_parts()
             if self.shadow is not None:
                 await self.shadow.recover()

@@ -9,6 +9,7 @@ them once they exist. Real models, a real outbox; no broker is connected to.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from agent import daemon as agent_daemon
 from agent.config import AgentConfig, ConfigError
 from agent.daemon import AgentDaemon
 from agent.serving import ModelSlot
@@ -159,3 +161,27 @@ def test_a_link_file_the_agent_cannot_use_stops_it_before_it_serves(
     path = agent_config(tmp_path, BROKER + '[credentials]\npassword_file = "missing"\n')
     with pytest.raises(ConfigError, match=r"credentials\.password_file: cannot read"):
         AgentDaemon(AgentConfig.load(path), path, serving_first=serving_first)
+
+
+@pytest.mark.asyncio
+async def test_requests_get_the_gil_back_soon_while_the_background_modules_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = agent_config(tmp_path)
+    daemon = AgentDaemon(AgentConfig.load(path), path, serving_first=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    seen: list[float] = []
+    load = agent_daemon._load_background_modules
+
+    def loading(config: AgentConfig) -> None:
+        seen.append(sys.getswitchinterval())
+        load(config)
+        loop.call_soon_threadsafe(stop.set)  # the agent stops once its parts are built
+
+    monkeypatch.setattr(agent_daemon, "_load_background_modules", loading)
+    before = sys.getswitchinterval()
+    await asyncio.wait_for(daemon.run(stop), 60)
+    assert seen == [pytest.approx(agent_daemon.BACKGROUND_SWITCH_INTERVAL_S)]
+    assert seen[0] < before
+    assert sys.getswitchinterval() == before
