@@ -7,6 +7,7 @@ a non-zero exit status; never a traceback.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -100,6 +101,17 @@ def _config(args: argparse.Namespace) -> AgentConfig:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # What the start builds (modules, classes, models) lives as long as the process: the
+    # collector would only walk it, over and over. It is off until the API listens
+    # (run_agent turns it back on then, without a collection), or until a refusal.
+    gc.disable()
+    try:
+        return _run(args)
+    finally:
+        gc.enable()
+
+
+def _run(args: argparse.Namespace) -> int:
     from agent.daemon import run_agent
 
     logging.basicConfig(
@@ -108,6 +120,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     config = _config(args)
     if config.enrolment is not None:  # a device without [enrolment] never loads the client
+        gc.enable()  # enrolling waits on the server, for as long as it takes
         from agent.enrolment import EnrolmentRefused, enrolled_config
 
         try:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import gc
 import importlib
 import json
 import logging
@@ -250,6 +251,7 @@ class AgentDaemon:
         await self.installer.recover()
         await self.api.start()
         self._listening_after_s = time.monotonic() - self.started
+        held = _collector_back_on()
         slow_stop: asyncio.Task[None] | None = None
         try:
             if not self._background_built:
@@ -263,6 +265,8 @@ class AgentDaemon:
                 finally:
                     sys.setswitchinterval(interval)
                 self._build_background_parts()
+            if held:
+                gc.unfreeze()  # the start's objects collected as usual from now on
             if self.shadow is not None:
                 await self.shadow.recover()
             self._announce()
@@ -278,6 +282,8 @@ class AgentDaemon:
             # Only a clean stop gets here: a restart that follows is no crash of the model.
             self.installer.shutting_down_cleanly()
         finally:
+            if held:
+                gc.unfreeze()  # a stop before the parts were built: nothing stays frozen
             await self.api.close()
             if slow_stop is not None:
                 slow_stop.cancel()
@@ -481,6 +487,22 @@ def _load_background_modules(config: AgentConfig) -> None:
         importlib.import_module("agent.mqtt.link")
 
 
+def _collector_back_on() -> bool:
+    """Turn the garbage collector back on if the start held it off (``edge-agent run``).
+
+    Everything the start built is frozen first (``gc.freeze``): turned on as it
+    was, the collector's first pass would walk all of it while the API answers
+    its first requests. :meth:`AgentDaemon.run` unfreezes it once the parts
+    behind the API are built, so the start's garbage is collected as usual.
+    Returns whether it was held off.
+    """
+    if gc.isenabled():
+        return False
+    gc.freeze()
+    gc.enable()
+    return True
+
+
 def _window_record_error() -> type[Exception]:
     from agent.telemetry import WindowRecordError
 
@@ -529,7 +551,11 @@ async def _first_set(
 
 
 def run_agent(config: AgentConfig, config_path: Path) -> int:
-    """Run the agent until SIGTERM or SIGINT; returns the exit status."""
+    """Run the agent until SIGTERM or SIGINT; returns the exit status.
+
+    Called with the garbage collector disabled (as ``edge-agent run`` does from
+    its start), it turns it back on once the API listens.
+    """
     config.data_dir.mkdir(parents=True, exist_ok=True)
 
     async def main() -> None:

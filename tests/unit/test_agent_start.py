@@ -10,6 +10,7 @@ them once they exist. Real models, a real outbox; no broker is connected to.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import subprocess
 import sys
@@ -185,3 +186,42 @@ async def test_requests_get_the_gil_back_soon_while_the_background_modules_load(
     assert seen == [pytest.approx(agent_daemon.BACKGROUND_SWITCH_INTERVAL_S)]
     assert seen[0] < before
     assert sys.getswitchinterval() == before
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("held", [True, False])
+async def test_a_collector_held_off_during_the_start_is_back_on_once_the_api_listens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, held: bool
+) -> None:
+    path = agent_config(tmp_path)
+    daemon = AgentDaemon(AgentConfig.load(path), path, serving_first=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    seen: list[tuple[bool, bool]] = []
+    load = agent_daemon._load_background_modules
+
+    def loading(config: AgentConfig) -> None:
+        seen.append((gc.isenabled(), gc.get_freeze_count() > 0))
+        load(config)
+        loop.call_soon_threadsafe(stop.set)
+
+    monkeypatch.setattr(agent_daemon, "_load_background_modules", loading)
+    if held:
+        gc.disable()  # as edge-agent run does from its start
+    try:
+        await asyncio.wait_for(daemon.run(stop), 60)
+        # On while the API serves; what the start built frozen only until the rest is built.
+        assert seen == [(True, held)]
+        assert gc.isenabled() and gc.get_freeze_count() == 0
+    finally:
+        gc.unfreeze()
+        gc.enable()
+
+
+def test_a_refused_start_leaves_the_collector_on(tmp_path: Path) -> None:
+    from agent.cli import main
+
+    path = agent_config(tmp_path, "[api]\nport = -1\n")  # a second [api]: not TOML
+    assert gc.isenabled()
+    assert main(["run", "--config", str(path)]) == 1
+    assert gc.isenabled()
