@@ -247,6 +247,8 @@ class AgentDaemon:
         loaded (:meth:`Installer.recover`); the rest is started behind it, and
         ``agent.json`` written once all of it runs (``ready_after_s``: when the API
         listened, from the constructor's end; ``started_after_s``: when all of it ran).
+        A garbage collector the start held off is back on once the API listens
+        (:func:`_collector_back_on`).
         """
         await self.installer.recover()
         await self.api.start()
