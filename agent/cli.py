@@ -7,6 +7,7 @@ a non-zero exit status; never a traceback.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import agent
+from agent.pydantic_plugins import DISABLE_PLUGINS, skip_plugin_discovery
 from protocol.cli import EXIT_BROKEN_PIPE, CommandParser, silence_stdout
 from protocol.cli import examples as _examples
 
@@ -99,6 +101,17 @@ def _config(args: argparse.Namespace) -> AgentConfig:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # What the start builds (modules, classes, models) lives as long as the process: the
+    # collector would only walk it, over and over. It is off until the API listens
+    # (run_agent turns it back on then, without a collection), or until a refusal.
+    gc.disable()
+    try:
+        return _run(args)
+    finally:
+        gc.enable()
+
+
+def _run(args: argparse.Namespace) -> int:
     from agent.daemon import run_agent
 
     logging.basicConfig(
@@ -107,6 +120,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     config = _config(args)
     if config.enrolment is not None:  # a device without [enrolment] never loads the client
+        gc.enable()  # enrolling waits on the server, for as long as it takes
         from agent.enrolment import EnrolmentRefused, enrolled_config
 
         try:
@@ -130,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = CommandParser(
         prog="edge-agent",
         description="the edgefleet device agent",
-        epilog="It reads its settings from the config file only, no environment variables.\n\n"
+        epilog="It reads its settings from the config file. It honours pydantic's\n"
+        f"{DISABLE_PLUGINS} as pydantic does, except that unset it means no\n"
+        "pydantic plugin (none is looked for); set it empty to load them all.\n\n"
         + _examples("edge-agent run --config agent.toml", "edge-agent status --config agent.toml"),
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {agent.__version__}")
@@ -205,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; exit 0, 1 (error), 3 (refused), 130 (interrupted), 141 (reader gone)."""
+    # Before any model is built: the entry point hands the environment over.
+    skip_plugin_discovery(os.environ)
     try:
         args = build_parser().parse_args(argv)
         code: int = args.func(args)

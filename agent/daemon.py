@@ -26,11 +26,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import gc
 import importlib
 import json
 import logging
 import os
 import signal
+import sys
 import time
 from collections import deque
 from pathlib import Path
@@ -71,6 +73,9 @@ TELEMETRY_TICK_S = 1.0
 # Answers, audits and installer events kept for the telemetry and the link while they
 # are built after the API listens (a fraction of a second); beyond this, the oldest go.
 EARLY_KEPT = 1024
+# The GIL's switch interval while those parts' modules load in a thread beside the API
+# (benchmarks/BENCHMARKS.md, "Agent start without pydantic's plugin discovery").
+BACKGROUND_SWITCH_INTERVAL_S = 0.0005
 
 
 def _slot(model: SlotModel | None) -> ModelSlot | None:
@@ -242,15 +247,28 @@ class AgentDaemon:
         loaded (:meth:`Installer.recover`); the rest is started behind it, and
         ``agent.json`` written once all of it runs (``ready_after_s``: when the API
         listened, from the constructor's end; ``started_after_s``: when all of it ran).
+        A garbage collector the start held off is back on once the API listens
+        (:func:`_collector_back_on`).
         """
         await self.installer.recover()
         await self.api.start()
         self._listening_after_s = time.monotonic() - self.started
+        held = _collector_back_on()
         slow_stop: asyncio.Task[None] | None = None
         try:
             if not self._background_built:
-                await asyncio.to_thread(_load_background_modules, self.config)
+                # The thread holds the GIL while it imports: a request served meanwhile
+                # waits for it after each system call, up to the switch interval (5 ms by
+                # default). Shorter while it runs, so the first answers are not held up.
+                interval = sys.getswitchinterval()
+                sys.setswitchinterval(min(interval, BACKGROUND_SWITCH_INTERVAL_S))
+                try:
+                    await asyncio.to_thread(_load_background_modules, self.config)
+                finally:
+                    sys.setswitchinterval(interval)
                 self._build_background_parts()
+            if held:
+                gc.unfreeze()  # the start's objects collected as usual from now on
             if self.shadow is not None:
                 await self.shadow.recover()
             self._announce()
@@ -266,6 +284,8 @@ class AgentDaemon:
             # Only a clean stop gets here: a restart that follows is no crash of the model.
             self.installer.shutting_down_cleanly()
         finally:
+            if held:
+                gc.unfreeze()  # a stop before the parts were built: nothing stays frozen
             await self.api.close()
             if slow_stop is not None:
                 slow_stop.cancel()
@@ -469,6 +489,22 @@ def _load_background_modules(config: AgentConfig) -> None:
         importlib.import_module("agent.mqtt.link")
 
 
+def _collector_back_on() -> bool:
+    """Turn the garbage collector back on if the start held it off (``edge-agent run``).
+
+    Everything the start built is frozen first (``gc.freeze``): turned on as it
+    was, the collector's first pass would walk all of it while the API answers
+    its first requests. :meth:`AgentDaemon.run` unfreezes it once the parts
+    behind the API are built, so the start's garbage is collected as usual.
+    Returns whether it was held off.
+    """
+    if gc.isenabled():
+        return False
+    gc.freeze()
+    gc.enable()
+    return True
+
+
 def _window_record_error() -> type[Exception]:
     from agent.telemetry import WindowRecordError
 
@@ -517,7 +553,11 @@ async def _first_set(
 
 
 def run_agent(config: AgentConfig, config_path: Path) -> int:
-    """Run the agent until SIGTERM or SIGINT; returns the exit status."""
+    """Run the agent until SIGTERM or SIGINT; returns the exit status.
+
+    Called with the garbage collector disabled (as ``edge-agent run`` does from
+    its start), it turns it back on once the API listens.
+    """
     config.data_dir.mkdir(parents=True, exist_ok=True)
 
     async def main() -> None:

@@ -63,7 +63,6 @@ from typing import TYPE_CHECKING, Final, Literal
 
 from agent.ota.errors import refusal_kinds
 from agent.serving.hybrid import ROUTES, AuditResult, Route
-from agent.telemetry.outbox import OutboxError
 from protocol.hybrid import CLOUD_ERROR_KINDS, CloudErrorKind
 from protocol.inference import STAGE_NAMES, StageName
 
@@ -397,6 +396,9 @@ class AgentMetrics:
     @staticmethod
     def _outbox_depth(outbox: Outbox) -> Iterator[Metric]:
         from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+
+        # Here, not at the top: the outbox (and sqlite3) loads after the API listens.
+        from agent.telemetry.outbox import OutboxError
 
         try:
             stats = outbox.stats()

@@ -9,6 +9,8 @@ them once they exist. Real models, a real outbox; no broker is connected to.
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
 import subprocess
 import sys
@@ -17,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from agent import daemon as agent_daemon
 from agent.config import AgentConfig, ConfigError
 from agent.daemon import AgentDaemon
 from agent.serving import ModelSlot
@@ -159,3 +162,66 @@ def test_a_link_file_the_agent_cannot_use_stops_it_before_it_serves(
     path = agent_config(tmp_path, BROKER + '[credentials]\npassword_file = "missing"\n')
     with pytest.raises(ConfigError, match=r"credentials\.password_file: cannot read"):
         AgentDaemon(AgentConfig.load(path), path, serving_first=serving_first)
+
+
+@pytest.mark.asyncio
+async def test_requests_get_the_gil_back_soon_while_the_background_modules_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = agent_config(tmp_path)
+    daemon = AgentDaemon(AgentConfig.load(path), path, serving_first=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    seen: list[float] = []
+    load = agent_daemon._load_background_modules
+
+    def loading(config: AgentConfig) -> None:
+        seen.append(sys.getswitchinterval())
+        load(config)
+        loop.call_soon_threadsafe(stop.set)  # the agent stops once its parts are built
+
+    monkeypatch.setattr(agent_daemon, "_load_background_modules", loading)
+    before = sys.getswitchinterval()
+    await asyncio.wait_for(daemon.run(stop), 60)
+    assert seen == [pytest.approx(agent_daemon.BACKGROUND_SWITCH_INTERVAL_S)]
+    assert seen[0] < before
+    assert sys.getswitchinterval() == before
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("held", [True, False])
+async def test_a_collector_held_off_during_the_start_is_back_on_once_the_api_listens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, held: bool
+) -> None:
+    path = agent_config(tmp_path)
+    daemon = AgentDaemon(AgentConfig.load(path), path, serving_first=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    seen: list[tuple[bool, bool]] = []
+    load = agent_daemon._load_background_modules
+
+    def loading(config: AgentConfig) -> None:
+        seen.append((gc.isenabled(), gc.get_freeze_count() > 0))
+        load(config)
+        loop.call_soon_threadsafe(stop.set)
+
+    monkeypatch.setattr(agent_daemon, "_load_background_modules", loading)
+    if held:
+        gc.disable()  # as edge-agent run does from its start
+    try:
+        await asyncio.wait_for(daemon.run(stop), 60)
+        # On while the API serves; what the start built frozen only until the rest is built.
+        assert seen == [(True, held)]
+        assert gc.isenabled() and gc.get_freeze_count() == 0
+    finally:
+        gc.unfreeze()
+        gc.enable()
+
+
+def test_a_refused_start_leaves_the_collector_on(tmp_path: Path) -> None:
+    from agent.cli import main
+
+    path = agent_config(tmp_path, "[api]\nport = -1\n")  # a second [api]: not TOML
+    assert gc.isenabled()
+    assert main(["run", "--config", str(path)]) == 1
+    assert gc.isenabled()
