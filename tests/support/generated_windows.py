@@ -8,12 +8,16 @@ takes a long varint), with and without score histograms.
 
 from __future__ import annotations
 
+import lzma
+import struct
+import zlib
+
 import numpy as np
 
 from protocol.histogram import ExponentialHistogram, record
 from protocol.hybrid import CONFIDENCE_BINS, HybridSummary
 from protocol.summary import FeatureSummary, ScoreHistogram
-from protocol.window import ShadowSummary, WindowSummary
+from protocol.window import WINDOW_MAGIC, ShadowSummary, WindowSummary, codec
 
 CLASSES = ["ok", "worn", "blocked"]
 
@@ -142,3 +146,10 @@ def random_window(rng: np.random.Generator) -> WindowSummary:
         shadow=shadow,
         hybrid=hybrid,
     )
+
+
+def frame(body: bytes, version: int) -> bytes:
+    """``body`` as the window codec frames it: magic, version, CRC-32, raw LZMA2 (a body
+    the encoder would never write, framed as if it had)."""
+    compressed = lzma.compress(body, format=lzma.FORMAT_RAW, filters=codec._LZMA_FILTERS)
+    return WINDOW_MAGIC + bytes([version]) + struct.pack("<I", zlib.crc32(body)) + compressed

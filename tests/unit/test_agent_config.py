@@ -7,18 +7,15 @@ from pathlib import Path
 import pytest
 
 from agent.config import AgentConfig, ConfigError
+from tests.support.agent_toml import AGENT_HEAD
 
-GOOD = """
-device_id = "pump-17"
-hardware_id = "rpi4-arm64"
-data_dir = "data"
-[image_repository]
-url = "repo"
-root = "trust/image-root.json"
-[director]
+GOOD = (
+    AGENT_HEAD
+    + """[director]
 url = "http://fleet.example/director"
 root = "trust/director-root.json"
 """
+)
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -153,15 +150,7 @@ def test_a_broker_url_without_a_known_scheme_is_refused(
     assert message in str(refused.value)
 
 
-STANDALONE = """
-device_id = "pump-17"
-hardware_id = "rpi4-arm64"
-data_dir = "data"
-[image_repository]
-url = "repo"
-root = "trust/image-root.json"
-name = "pump-health"
-"""
+STANDALONE = AGENT_HEAD + 'name = "pump-health"\n'
 
 
 def test_a_device_without_a_director_follows_the_named_bundle(tmp_path: Path) -> None:

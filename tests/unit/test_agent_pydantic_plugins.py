@@ -18,16 +18,9 @@ from pathlib import Path
 import pytest
 
 from agent.pydantic_plugins import DISABLE_PLUGINS, LOADER, skip_plugin_discovery
+from tests.support.agent_toml import AGENT_HEAD
 
-AGENT_TOML = """
-device_id = "pump-17"
-hardware_id = "rpi4-arm64"
-data_dir = "data"
-[image_repository]
-url = "repo"
-root = "trust/image-root.json"
-name = "pump-health"
-"""
+AGENT_TOML = AGENT_HEAD + 'name = "pump-health"\n'
 
 PROBE = f"""
 import json, sys

@@ -26,20 +26,17 @@ from agent.serving import ModelSlot
 from model_runtime import default_runtime
 from protocol.bundle import read_bundle
 from testbed.images import MODELS
+from tests.support.agent_toml import AGENT_HEAD
 
-AGENT_TOML = """
-device_id = "pump-17"
-hardware_id = "rpi4-arm64"
-data_dir = "data"
-[image_repository]
-url = "repo"
-root = "trust/image-root.json"
-[director]
+AGENT_TOML = (
+    AGENT_HEAD
+    + """[director]
 url = "http://127.0.0.1:9/director"
 root = "trust/director-root.json"
 [api]
 port = 0
 """
+)
 BROKER = '[server]\nbroker = "mqtt://127.0.0.1:9"\n[mqtt]\nnamespace = "start-test"\n'
 
 # Modules of the parts built after the API listens, and of enrolling: none is loaded before.

@@ -49,6 +49,7 @@ from protocol.inference import InferenceRequest, decode_inputs, encode_response
 from protocol.manifest import Manifest
 from protocol.window import decode_window, encode_window
 from testbed.images import MODELS, make_bundle
+from tests.support.agent_toml import AGENT_HEAD
 
 BASELINE = np.load(MODELS / "baseline.npy")
 RUNTIME = default_runtime()
@@ -627,14 +628,9 @@ def test_the_request_confidence_is_the_protocol_s_calibrated_confidence(
 
 # -- the daemon's wiring -------------------------------------------------------------------------
 
-AGENT_TOML = """
-device_id = "pump-17"
-hardware_id = "rpi4-arm64"
-data_dir = "data"
-[image_repository]
-url = "repo"
-root = "trust/image-root.json"
-[director]
+AGENT_TOML = (
+    AGENT_HEAD
+    + """[director]
 url = "http://fleet.example/director"
 root = "trust/director-root.json"
 [credentials]
@@ -643,6 +639,7 @@ password_file = "password"
 url = "{url}"
 timeout_s = 2.0
 """
+)
 
 
 @pytest.mark.asyncio

@@ -18,8 +18,6 @@ returns its window with ``features=[]``.
 from __future__ import annotations
 
 import lzma
-import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -27,7 +25,6 @@ from pydantic import BaseModel, ValidationError
 
 from protocol.summary import FeatureSummary
 from protocol.window import (
-    WINDOW_MAGIC,
     WindowCodecError,
     WindowSummary,
     codec,
@@ -35,13 +32,7 @@ from protocol.window import (
     decode_window_head,
     encode_window,
 )
-from tests.support.generated_windows import random_feature, random_window
-
-
-def _frame(body: bytes, version: int) -> bytes:
-    """``body`` as the codec frames it: magic, version, CRC-32, raw LZMA2."""
-    compressed = lzma.compress(body, format=lzma.FORMAT_RAW, filters=codec._LZMA_FILTERS)
-    return WINDOW_MAGIC + bytes([version]) + struct.pack("<I", zlib.crc32(body)) + compressed
+from tests.support.generated_windows import frame, random_feature, random_window
 
 
 def _body(data: bytes) -> bytes:
@@ -151,7 +142,7 @@ def test_mutated_windows_are_refused_or_read_exactly_as_the_reference_does(seed:
                 i = int(rng.integers(0, len(body)))
                 mutated[i] |= 0x80
                 version = int(rng.integers(1, 6)) if rng.random() < 0.3 else version
-            got = _assert_same(_frame(bytes(mutated), version))
+            got = _assert_same(frame(bytes(mutated), version))
             outcomes["refused" if isinstance(got, str) else "read"] += 1
     # Both outcomes happen often: the mutations test the acceptance and the refusals.
     assert min(outcomes.values()) > 50, outcomes

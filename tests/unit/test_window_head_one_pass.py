@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import lzma
 import struct
-import zlib
 from typing import Any
 
 import numpy as np
@@ -31,7 +30,6 @@ from pydantic import BaseModel, ValidationError
 from protocol.histogram import ExponentialHistogram
 from protocol.summary import FeatureSummary, ScoreHistogram
 from protocol.window import (
-    WINDOW_MAGIC,
     WindowCodecError,
     WindowSummary,
     codec,
@@ -39,12 +37,7 @@ from protocol.window import (
     encode_window,
     head,
 )
-from tests.support.generated_windows import random_feature, random_window
-
-
-def _frame(body: bytes, version: int) -> bytes:
-    compressed = lzma.compress(body, format=lzma.FORMAT_RAW, filters=codec._LZMA_FILTERS)
-    return WINDOW_MAGIC + bytes([version]) + struct.pack("<I", zlib.crc32(body)) + compressed
+from tests.support.generated_windows import frame, random_feature, random_window
 
 
 def _reference(data: bytes) -> WindowSummary | str:
@@ -245,7 +238,7 @@ def test_mutated_usual_windows_are_refused_or_read_exactly_as_the_reference_does
         data = encode_window(_usual_window(rng, odd=bool(rng.random() < 0.2)))
         body = lzma.decompress(data[8:], format=lzma.FORMAT_RAW, filters=codec._LZMA_FILTERS)
         for _ in range(15):
-            got = _assert_as_reference(_frame(_mutated(rng, body), data[3]))
+            got = _assert_as_reference(frame(_mutated(rng, body), data[3]))
             outcomes["refused" if isinstance(got, str) else "read"] += 1
     assert min(outcomes.values()) > 50, outcomes
 
@@ -260,7 +253,7 @@ def test_mutated_windows_of_every_shape_are_refused_or_read_as_the_reference_doe
         body = lzma.decompress(data[8:], format=lzma.FORMAT_RAW, filters=codec._LZMA_FILTERS)
         for _ in range(10):
             version = int(rng.integers(1, 6)) if rng.random() < 0.1 else data[3]
-            _assert_as_reference(_frame(_mutated(rng, body), version))
+            _assert_as_reference(frame(_mutated(rng, body), version))
 
 
 def test_a_head_read_in_one_pass_is_a_window_like_any_other() -> None:
