@@ -72,6 +72,10 @@ LEAVE_QUIET_S = 0.5
 LEAVE_TIMEOUT_S = 10.0
 # The most packets read off the connection in one turn of the event loop.
 READ_BURST = 64
+# The broker holds back unacknowledged QoS 1 messages beyond the Receive Maximum, but not
+# QoS 0 ones (heartbeats): those are dropped ("overloaded") while the writer's queue holds
+# this many, as when the database is away, rather than held in memory without end.
+QOS0_QUEUED_MAX = 10_000
 # What the drops write_batch reports mean, for the log.
 _BATCH_DROPS = {
     "unknown-device": "from unregistered devices",
@@ -322,11 +326,15 @@ class ServerMqtt:
 
         paho's ``on_message``, called on the event loop (aiomqtt reads the socket
         there) for each PUBLISH as it is read: no aiomqtt ``Message``, no queue
-        between paho and the gate, no task per message. The writer's queue needs
-        no bound of its own: the broker holds back what is beyond the Receive
-        Maximum (MQTT 5) or its own in-flight limit (3.1.1) until acks free room.
+        between paho and the gate, no task per message. The broker holds back
+        what is beyond the Receive Maximum (MQTT 5) or its own in-flight limit
+        (3.1.1) until acks free room; a QoS 0 message, which it does not hold
+        back, is dropped while the queue holds :data:`QOS0_QUEUED_MAX`.
         """
         self._last_arrival = time.monotonic()
+        if message.qos == 0 and self.queue.qsize() >= QOS0_QUEUED_MAX:
+            self._drop("overloaded", f"QoS 0 on {message.topic}: {QOS0_QUEUED_MAX} queued")
+            return
         delivery = Delivery(client, message.mid, message.qos)
         try:
             verdict = classify(
