@@ -208,9 +208,10 @@ def expectations(record: RunRecord) -> Check:
                 said = f"rollout {phase} (expected {expect.rollout})"
                 if phase in UNDER_WAY and record.scenario.server.url is not None:
                     said += f" {GIVEN_SERVER_PACE}"
-                if phase not in ROLLOUT_PHASES[expect.rollout]:
-                    said += f" ({rollout['reason']})" if rollout.get("reason") else ""
-                (met if phase in ROLLOUT_PHASES[expect.rollout] else unmet).append(said)
+                as_expected = phase in ROLLOUT_PHASES[expect.rollout]
+                if not as_expected and rollout.get("reason"):
+                    said += f" ({rollout['reason']})"
+                (met if as_expected else unmet).append(said)
             if expect.rollout_stopped_in_wave is not None:
                 wave = stopped_wave(rollout)
                 said = f"stopped in wave {wave} (expected {expect.rollout_stopped_in_wave})"
