@@ -29,6 +29,11 @@ the publisher.
   the time of its last message itself. The baseline.
 - *aiomqtt*: the same through aiomqtt on an event loop, the MQTT library the
   server uses: the floor of any ingest built on it.
+- *gate*: the paho subscriber that also passes each message through the
+  server's gate (:func:`fleet_server.mqtt.ingest.classify`: topic, size, and
+  for a window its head read and checked whole) and stores nothing: the
+  floor of any ingest that checks what it stores, before a row is written
+  or an ack sent.
 - *server*: ``fleet-server --data DIR --db URL --mqtt URL`` as a user runs it,
   with its shared subscription, the devices registered through
   ``POST /api/v1/devices``. The stream ends with a message that leaves a row
@@ -42,7 +47,7 @@ the publisher.
   the bytes sent, each exactly once; every device seen).
 
 Each consumer runs as its own process only during its own rounds, so it
-never sees another's stream; the order of the three rotates from round to
+never sees another's stream; the order of the four rotates from round to
 round. The rounds' streams are written once and drained on each database.
 The broker is a private Mosquitto on a free port, with Mosquitto's defaults
 except a session queue large enough for the backlog (its default, 1000
@@ -370,9 +375,16 @@ def publish(port: int, stream: Path) -> None:
     client.loop_stop()
 
 
-def count(port: int, expect: int) -> None:
-    """The bare consumer: subscribe like the server, count ``expect`` messages, print the time."""
-    client = _paho_client(f"bench-paho-{os.getpid()}")
+def count(port: int, expect: int, *, gate: bool = False) -> None:
+    """The bare consumer: subscribe like the server, count ``expect`` messages, print the time.
+
+    With ``gate``, each message first passes the server's gate, which must accept it.
+    """
+    from fleet_server.config import ServerConfig
+    from fleet_server.mqtt.ingest import Accepted, classify
+
+    max_bytes = ServerConfig.model_fields["max_message_bytes"].default
+    client = _paho_client(f"bench-{'gate' if gate else 'paho'}-{os.getpid()}")
     topics = ingest_subscriptions(NS, shared=True)
     subscribed, done = threading.Event(), threading.Event()
     received = 0
@@ -383,8 +395,12 @@ def count(port: int, expect: int) -> None:
     def on_subscribe(*_args: object) -> None:
         subscribed.set()
 
-    def on_message(_client, _userdata, _message) -> None:  # type: ignore[no-untyped-def]
+    def on_message(_client, _userdata, message) -> None:  # type: ignore[no-untyped-def]
         nonlocal received
+        if gate:
+            verdict = classify(message.topic, message.payload, max_bytes, namespace=NS)
+            if not isinstance(verdict, Accepted):
+                raise SystemExit(f"the gate refused a message: {verdict}")
         received += 1
         if received == expect:
             print(f"done {time.monotonic()!r}", flush=True)
@@ -463,7 +479,7 @@ class Drain:
 
 
 def drain_subscriber(port: int, stream: Stream, library: str) -> Drain:
-    """A subscriber process (``paho`` or ``aiomqtt``) that only counts, draining ``stream``."""
+    """A subscriber process (``paho``, ``aiomqtt`` or ``gate``) draining ``stream``."""
     proc = subprocess.Popen(
         _helper(f"--count-{library}", str(port), str(stream.messages)),
         stdout=subprocess.PIPE,
@@ -698,7 +714,7 @@ class Server:
 # -- the benchmark ---------------------------------------------------------------
 
 
-CONSUMERS = ("paho", "aiomqtt", "server")
+CONSUMERS = ("paho", "aiomqtt", "gate", "server")
 
 
 @dataclass(frozen=True)
@@ -820,7 +836,8 @@ def run_database(
         with contextlib.ExitStack() as stack:
             acks = stack.enter_context(AckListener(port)) if workload.acks else None
             for r, stream in enumerate(streams):
-                for who in CONSUMERS[r % 3 :] + CONSUMERS[: r % 3]:
+                turn = r % len(CONSUMERS)
+                for who in CONSUMERS[turn:] + CONSUMERS[:turn]:
                     if who == "server":
                         d = server.drain(stream, workload, device_ids[0], acks)
                     else:
@@ -885,6 +902,7 @@ def run(
 LABELS = {
     "paho": "bare paho subscriber",
     "aiomqtt": "aiomqtt subscriber",
+    "gate": "paho + the server's gate",
     "server": "fleet-server ingest",
 }
 
@@ -968,6 +986,8 @@ if __name__ == "__main__":
         publish(int(sys.argv[2]), Path(sys.argv[3]))
     elif len(sys.argv) == 4 and sys.argv[1] == "--count-paho":
         count(int(sys.argv[2]), int(sys.argv[3]))
+    elif len(sys.argv) == 4 and sys.argv[1] == "--count-gate":
+        count(int(sys.argv[2]), int(sys.argv[3]), gate=True)
     elif len(sys.argv) == 4 and sys.argv[1] == "--count-aiomqtt":
         count_aiomqtt(int(sys.argv[2]), int(sys.argv[3]))
     elif len(sys.argv) == 3 and sys.argv[1] == "--stream" and sys.argv[2] in WORKLOADS:

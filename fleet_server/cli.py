@@ -127,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="how often every active rollout is judged and takes its next step (default 60); "
         "one replica at a time does it",
     )
+    parser.add_argument(
+        "--drift-interval",
+        type=float,
+        metavar="SECONDS",
+        help="how often drift alerts are updated from the stored windows (default 60)",
+    )
     _hybrid_flags(parser)
     _alert_webhook_flags(parser)
     parser.add_argument(
@@ -200,6 +206,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         fields["ingest_batch_delay_s"] = args.ingest_batch_delay
     if args.rollout_interval is not None:
         fields["rollout_interval_s"] = args.rollout_interval
+    if args.drift_interval is not None:
+        fields["drift_interval_s"] = args.drift_interval
     fields |= _alert_webhook_fields(args)
     fields |= _hybrid_fields(args)
     return ServerConfig.model_validate(fields)

@@ -66,7 +66,7 @@ from fleet_server.release.repository import ImageRepository, ReleasedBundle
 from model_runtime import LoadedModel, default_runtime
 from protocol.api.rollouts import RolloutSpec, parse_selector
 from protocol.broker_url import parse_broker_url
-from simulator.checks import RunRecord, make_checks
+from simulator.checks import RunRecord, expectations, make_checks
 from simulator.hybrid_fleet import REFRESHES_AT_ONCE, CloudProcess, install_target
 from simulator.progress import Metrics, ProgressLine
 from simulator.proxy import CloudFaultProxy, FaultProxy, LinkFaults
@@ -98,6 +98,11 @@ CONNECT_WAIT_S = 60.0  # how long the fleet may take to come online before traff
 SEEN_WAIT_S = 30.0
 STORED_COUNTS_PER_S = 20.0  # without a database to read: devices' windows listed a second
 SETTLE_S = 30.0  # after the traffic: how long the last windows may take to be stored
+# After the traffic and the last windows: how long the server's last decisions the
+# scenario expects (a rollout's step, a drift alert, the plans after a capacity cut) may
+# take to land on a machine slower than the scenario's clock.
+OUTCOMES_WAIT_S = 45.0
+DRIFT_INTERVAL_S = 10.0  # a run's own server looks for drift this often when alerts are expected
 STOP_GRACE_S = 30.0
 SHOWN_ERRORS = 3
 
@@ -261,6 +266,8 @@ def start_deployment(scenario: Scenario, workdir: Path, broker: RunBroker | None
         extra.append("--no-shared-subscription")
     if setup.cloud:
         extra += ["--plan-interval", "2"]
+    if scenario.expect.drift_alerts:
+        extra += ["--drift-interval", f"{DRIFT_INTERVAL_S:g}"]
     servers: list[ServerProcess] = []
     external = None
     if setup.url is not None:
@@ -894,6 +901,7 @@ class Run:
                 await self._seen_by_given_server()
                 await self._traffic(tasks, traffic_stop)
                 await self._settle()
+                await self._outcomes()
                 produced = self._produced()
                 for part in self.parts:
                     if part.final is not None:
@@ -1476,6 +1484,52 @@ class Run:
                 break
             await asyncio.sleep(2.0 if through_api else 0.5)
         self.report.series.append(await self._sample())
+
+    async def _outcomes(self) -> None:
+        """Give the outcomes the scenario expects up to :data:`OUTCOMES_WAIT_S` to land.
+
+        A rollout's last step, a drift alert and the plans after a capacity cut are the
+        server's, on its own intervals: on a machine slower than the scenario's clock
+        they come after the traffic. Nothing is checked less; the wait is reported
+        (``outcomes_waited_s``), and what has not landed by then fails ``expectations``.
+        A server given by URL keeps its own pace, which the run does not wait for.
+        """
+        expect = self.scenario.expect
+        if (
+            self.deployment is None
+            or self.scenario.server.url is not None
+            or "expectations" in self.scenario.skip_checks
+            or (
+                expect.rollout is None
+                and expect.rollout_stopped_in_wave is None
+                and not expect.drift_alerts
+                and not expect.plans_adapt
+            )
+        ):
+            return
+        # The share online is the end's, read from the last sample, not waited for.
+        record = RunRecord(
+            scenario=self.scenario.model_copy(
+                update={"expect": expect.model_copy(update={"min_online": None})}
+            ),
+            stats={},
+            produced={},
+            stored={},
+            rollouts=self.rollouts,
+            capacity_steps=self.capacity_steps,
+            api=self.deployment.api,
+        )
+        started = time.monotonic()
+        while True:
+            try:
+                landed = (await asyncio.to_thread(expectations, record)).passed
+            except Exception as exc:  # the server busy: asked again
+                log.info("checking the expected outcomes: %s", exc)
+                landed = False
+            if landed or time.monotonic() - started >= OUTCOMES_WAIT_S:
+                break
+            await asyncio.sleep(2.0)
+        self._took("outcomes_waited_s", started)
 
     async def _finish(self, produced: dict[str, list[str]], stored: dict[str, list[str]]) -> None:
         assert self.deployment is not None

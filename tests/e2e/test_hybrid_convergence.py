@@ -206,6 +206,7 @@ class Run:
     cut_at: float
     converged_at: float
     measured_to: float
+    call_failures: dict[str, dict[str, int]]  # cloud calls failed after convergence, by kind
     report: dict[str, Any]
 
 
@@ -273,6 +274,7 @@ def scenario(deployment: HybridDeployment, tmp_path: Path) -> Run:
             every=0.25,
         )
         converged_at = time.monotonic()
+        errors_before = {i: Counter(d.stats.cloud_errors) for i, d in fleet.devices.items()}
         final = deployment.plans()
         # Then the plans stay put: watched for several windows.
         history: list[dict[str, dict[str, Any]]] = []
@@ -283,6 +285,11 @@ def scenario(deployment: HybridDeployment, tmp_path: Path) -> Run:
 
         observe_for(STABLE_WINDOWS * WINDOW_S, drifted, every=1.0)
         measured_to = time.monotonic()
+        call_failures = {
+            i: dict(failed)
+            for i, d in fleet.devices.items()
+            if (failed := d.stats.cloud_errors - errors_before[i])
+        }
     finally:
         fleet.stop()
         print(plan_log.close())
@@ -327,6 +334,7 @@ def scenario(deployment: HybridDeployment, tmp_path: Path) -> Run:
             if at > cut_at - 5
         ],
         **peaks,
+        "cloud_call_failures_measured": call_failures,
         "adopted_after_cut_s": sorted(
             round(
                 next(at for at, _ in d.stats.plan_changes[::-1] if at <= converged_at) - cut_at, 1
@@ -345,6 +353,7 @@ def scenario(deployment: HybridDeployment, tmp_path: Path) -> Run:
         cut_at,
         converged_at,
         measured_to,
+        call_failures,
         report,
     )
 
@@ -387,6 +396,17 @@ def link_moves(run: Run) -> set[str]:
     }
 
 
+def calls_failed(run: Run) -> set[str]:
+    """Devices with cloud calls that timed out or found the endpoint unavailable after
+    convergence: what they were served says how starved the machine was, not how the plans
+    share. A call refused over quota is the plans' doing and leaves its device in."""
+    return {
+        device_id
+        for device_id, failed in run.call_failures.items()
+        if failed.get("timeout") or failed.get("unavailable")
+    }
+
+
 def test_no_device_sends_the_cloud_more_than_its_quota(run: Run) -> None:
     # Every window a device reported: cloud calls <= rate * seconds + burst of its plan.
     over = []
@@ -405,7 +425,8 @@ def test_no_device_sends_the_cloud_more_than_its_quota(run: Run) -> None:
 
 def test_the_weighted_shares_are_fair(run: Run) -> None:
     # Jain's index of share / weight over the devices the split holds back (leaving out those
-    # planned local for their link at any time after convergence: they demand nothing).
+    # planned local for their link at any time after convergence: they demand nothing; and,
+    # for the shares served, those whose calls timed out or found the endpoint unavailable).
     gone = link_moves(run)
     ids = [i for i in sorted(run.final) if i not in gone and run.final[i]["mode"] != "local"]
     share = np.array([run.final[i]["share"] or 0.0 for i in ids])
@@ -425,10 +446,21 @@ def test_the_weighted_shares_are_fair(run: Run) -> None:
             for i in ids
         ]
     )
-    observed = weighted_fairness(served, w, bottlenecked)
-    report = {**run.report, "planned_jain": planned, "served_jain": observed}
-    print(f"fairness: planned {planned:.3f}, served {observed:.3f}, {bottlenecked.sum()} held back")
+    failed = calls_failed(run)
+    kept = np.array([i not in failed for i in ids], dtype=bool)
+    observed = weighted_fairness(served[kept], w[kept], bottlenecked[kept])
+    report = {
+        **run.report,
+        "planned_jain": planned,
+        "served_jain": observed,
+        "served_leaves_out": sorted(failed),
+    }
+    print(
+        f"fairness: planned {planned:.3f}, served {observed:.3f}, {bottlenecked.sum()} held back, "
+        f"{len(failed)} left out of the served index for calls that timed out or found no endpoint"
+    )
     assert bottlenecked.sum() >= 5, report  # enough devices held back for the index to say much
+    assert (bottlenecked & kept).sum() >= 5, report
     assert planned >= 0.9, report
     assert observed >= 0.9, report
 
