@@ -18,9 +18,12 @@ once for the module (:func:`run`); each test checks one thing the issue asks:
 - Jain's index of the weighted shares, as planned and as served, is >= 0.9;
 - the endpoint never answers more than C plus the headroom in any second.
 
-Windows are 2 s and the server plans again every 2 s, so the module takes
-about a minute; its deadlines are generous, and it asserts behaviour, not
-speed.
+Windows are 5 s and the server plans again every 2 s, so the module takes
+about two minutes; its deadlines are generous, and it asserts behaviour, not
+speed. Convergence is asked for in window lengths: of the three windows the
+fleet has to follow the cut, a loaded two-core machine takes up to about
+12 s in the server's planning and the devices' fetching and checking of 50
+signed plans, which 5-s windows leave room for.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from testbed.waiting import observe_for, wait_until
 pytestmark = pytest.mark.integration
 
 DEVICES = 50
-WINDOW_S = 4.0
+WINDOW_S = 5.0
 REPLAN_S = 2.0
 C_BEFORE = 80.0
 C_AFTER = 40.0
