@@ -4,8 +4,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # Test processes (pytest-xdist); each test module runs whole in one of them, in the
-# order collected: tests/conftest.py collects the longest modules first (LONGEST), so
-# that none starts when the other processes are nearly done.
+# order collected. tests/conftest.py groups the modules that run fleets of real processes
+# against deadlines into two lanes, each one module at a time (REAL_TIME_LANES), and
+# collects them and the other longest modules first, so that none starts when the other
+# processes are nearly done.
 TEST_WORKERS ?= 3
 
 .PHONY: demo test test-fast test-browser test-litert check-arm64 lint bench images clean
@@ -24,7 +26,7 @@ demo: $(STAMP)
 	$(BIN)/fleet-sim demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest --numprocesses $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	$(BIN)/python -m pytest --numprocesses $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 # The dashboard in Debian's headless chromium (also part of ``test``); screenshots of every
 # page are saved under the run's temporary folder, which the summary names.

@@ -19,32 +19,55 @@ pytest.register_assert_rewrite("tests.support")
 
 # -- the order ``make test`` hands the modules to its processes -------------------------------
 #
-# ``--dist loadfile --no-loadscope-reorder`` runs each module whole in one process and hands
-# the modules out in the order collected. The longest modules are collected first, longest
-# first, so that no process begins one of them when the others are nearly done; the rest
-# keep their order. Seconds on a quiet two-core machine (``--durations``); a module missing
-# here, or renamed, only loses its place at the front.
+# ``--dist loadgroup --no-loadscope-reorder`` hands out groups of tests whole, in the order
+# collected. Every module is a group of its own, except the modules that run many real
+# processes against wall-clock deadlines (a fleet of agents, the simulator's scenarios, the
+# demo): they make up two lanes, each run one module after the other in one process, so that
+# no more than two of them share the machine at once (three at once, on a loaded two-core
+# machine, starved each other's servers past their deadlines). The lanes are collected first,
+# then the other longest modules, longest first; the rest keep their order. Seconds on a
+# quiet two-core machine (``--durations``); a module missing here, or renamed, only loses
+# its place at the front.
+REAL_TIME_LANES: tuple[tuple[str, ...], ...] = (
+    (
+        "tests/e2e/test_rollout_story.py",  # 130
+        "tests/e2e/test_sim_scenarios.py",  # 4 runs of 40-50
+        "tests/integration/test_demo.py",  # the fleet chapter, 100
+        "tests/e2e/test_sim_run_options.py",  # 4 runs of 20-40
+        "tests/e2e/test_hybrid_faults.py",
+    ),
+    (
+        "tests/e2e/test_readme_walkthrough.py",  # 110
+        "tests/integration/test_sim_server_url.py",  # 4 runs of 30-45
+        "tests/e2e/test_hybrid_convergence.py",  # 130
+        "tests/e2e/test_sim_scenarios_in_detail.py",  # 2 runs of 40-50
+        "tests/e2e/test_readme.py",  # make demo, 120
+    ),
+)
 LONGEST: tuple[str, ...] = (
-    "tests/e2e/test_readme_walkthrough.py",  # 221
-    "tests/e2e/test_sim_scenarios.py",  # 4 runs of 40-50
-    "tests/integration/test_sim_server_url.py",  # 4 runs of 30-45
-    "tests/e2e/test_hybrid_convergence.py",  # 130
-    "tests/e2e/test_rollout_story.py",  # 130
-    "tests/e2e/test_readme.py",  # make demo, 120
-    "tests/e2e/test_sim_run_options.py",  # 4 runs of 20-40
     "tests/integration/test_sim_server_url_refusals.py",  # 15 runs of 5-40
-    "tests/e2e/test_sim_scenarios_in_detail.py",  # 2 runs of 40-50
     "tests/integration/test_api_fuzz.py",
-    "tests/e2e/test_hybrid_faults.py",
-    "tests/integration/test_demo.py",
     "tests/integration/test_agent_install.py",
 )
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    lane = {module: n for n, modules in enumerate(REAL_TIME_LANES) for module in modules}
+    place = {module: i for modules in REAL_TIME_LANES for i, module in enumerate(modules)}
     rank = {module: n for n, module in enumerate(LONGEST)}
-    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
+
+    def order(item: pytest.Item) -> tuple[int, int, int]:
+        module = item.nodeid.split("::")[0]
+        if module in lane:
+            return (0, lane[module], place[module])
+        return (1, rank.get(module, len(rank)), 0)
+
+    items.sort(key=order)
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        group = f"real-time-lane-{lane[module] + 1}" if module in lane else module
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")
