@@ -103,6 +103,10 @@ SETTLE_S = 30.0  # after the traffic: how long the last windows may take to be s
 # take to land on a machine slower than the scenario's clock.
 OUTCOMES_WAIT_S = 45.0
 DRIFT_INTERVAL_S = 10.0  # a run's own server looks for drift this often when alerts are expected
+# A rollout step the server refuses because an earlier rollout of the model is still going
+# out to the same devices (409) waits for it, as an operator would, this long at most.
+ROLLOUT_BUSY_WAIT_S = 60.0
+ROLLOUT_BUSY = "one rollout per model and device at a time"  # the server's 409, in its words
 STOP_GRACE_S = 30.0
 SHOWN_ERRORS = 3
 
@@ -1211,9 +1215,22 @@ class Run:
             record["release"] = f"{released.name}@{released.version}"
         elif step.action == "rollout":
             spec = rollout_spec(step, deployment, self.scenario)
-            created = await asyncio.to_thread(deployment.api, "POST", "/rollouts", spec)
+            started, waited = time.monotonic(), False
+            while True:
+                try:
+                    created = await asyncio.to_thread(deployment.api, "POST", "/rollouts", spec)
+                    break
+                except AssertionError as exc:  # the status and the server's words
+                    busy = " 409 " in str(exc) and ROLLOUT_BUSY in str(exc)
+                    if not busy or time.monotonic() - started >= ROLLOUT_BUSY_WAIT_S:
+                        raise
+                    waited = True
+                await asyncio.sleep(2.0)
             self.rollouts.append(created["id"])
             record["rollout"] = created["id"]
+            if waited:  # for the model's earlier rollout to finish first
+                record["t"] = round(self.now(), 1)
+                record["waited_s"] = round(time.monotonic() - started, 1)
         elif step.action == "capacity":
             assert step.capacity is not None
             await asyncio.to_thread(

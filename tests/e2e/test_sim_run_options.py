@@ -137,3 +137,29 @@ def test_a_fleet_split_over_two_processes_is_checked_as_one(tmp_path: Path) -> N
     assert figures["windows_stored"] == figures["windows_produced"] > 0
     assert report["series"][-1]["online"] == 5
     assert (tmp_path / "run" / "fleet-sim-1.log").exists()
+
+
+def test_a_rollout_step_waits_for_the_models_earlier_rollout_to_finish(tmp_path: Path) -> None:
+    # The second rollout is due while the first (one wave, an 8-s bake) still goes out to the
+    # same devices: the server refuses it (one rollout per model and device at a time), so the
+    # step waits for the first to complete, as an operator would, and says how long it waited.
+    scenario = tmp_path / "back-to-back.toml"
+    scenario.write_text(
+        'name = "back-to-back"\nduration = "35s"\n'
+        '[traffic]\nrate = 3.0\nwindow = "2s"\n'
+        '[[cohorts]]\nname = "fleet"\ndevices = 3\n'
+        '[[steps]]\nat = "1s"\naction = "release"\nmodel = "v2"\n'
+        '[[steps]]\nat = "2s"\naction = "rollout"\n'
+        'rollout = { waves = [100], bake = "8s", holdback = 0 }\n'
+        '[[steps]]\nat = "3s"\naction = "release"\nmodel = "v2"\nversion = "2.1.0"\n'
+        '[[steps]]\nat = "4s"\naction = "rollout"\n'
+        'rollout = { waves = [100], bake = "2s", holdback = 0 }\n'
+        '[expect]\nrollout = "completed"\n'
+    )
+    done, report = fleet_sim(tmp_path, str(scenario))
+    assert_passed(done, report)
+    first, second = [d for d in report["decisions"] if d.get("step") == "rollout"]
+    assert "error" not in first and "waited_s" not in first, first
+    assert "error" not in second and second["waited_s"] > 0, second
+    # Created only once the first had finished: its bake alone outlasts the wait's start.
+    assert second["t"] >= first["t"] + 8, (first, second)
