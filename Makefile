@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(BIN)/fleet-sim demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest --numprocesses $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+	$(BIN)/python -m pytest --numprocesses $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # The dashboard in Debian's headless chromium (also part of ``test``); screenshots of every
 # page are saved under the run's temporary folder, which the summary names.

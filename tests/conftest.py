@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,10 +20,11 @@ pytest.register_assert_rewrite("tests.support")
 
 # -- the order ``make test`` hands the modules to its processes -------------------------------
 #
-# ``--dist loadgroup --no-loadscope-reorder`` hands out groups of tests whole, in the order
-# collected. Every module is a group of its own, except the modules that run many real
-# processes against wall-clock deadlines (a fleet of agents, the simulator's scenarios, the
-# demo): they make up two lanes, each run one module after the other in one process, so that
+# ``--dist loadfile --no-loadscope-reorder`` hands out modules whole, in the order collected;
+# each module is a unit of its own (``pytest_xdist_make_scheduler``), except the modules that
+# run many real processes against wall-clock deadlines (a fleet of agents, the simulator's
+# scenarios, the demo): they make up two lanes, each run one module after the other in one
+# process, so that
 # no more than two of them share the machine at once (three at once, on a loaded two-core
 # machine, starved each other's servers past their deadlines). The lanes are collected first,
 # then the other longest modules, longest first; the rest keep their order. Seconds on a
@@ -51,23 +53,35 @@ LONGEST: tuple[str, ...] = (
 )
 
 
+_LANE = {module: n for n, modules in enumerate(REAL_TIME_LANES) for module in modules}
+_PLACE = {module: i for modules in REAL_TIME_LANES for i, module in enumerate(modules)}
+_RANK = {module: n for n, module in enumerate(LONGEST)}
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadfile``, each lane of :data:`REAL_TIME_LANES` handed out as one file."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class RealTimeLanes(LoadFileScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            lane = _LANE.get(module)
+            return module if lane is None else f"real-time-lane-{lane + 1}"
+
+    return RealTimeLanes(config, log)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    lane = {module: n for n, modules in enumerate(REAL_TIME_LANES) for module in modules}
-    place = {module: i for modules in REAL_TIME_LANES for i, module in enumerate(modules)}
-    rank = {module: n for n, module in enumerate(LONGEST)}
-
     def order(item: pytest.Item) -> tuple[int, int, int]:
         module = item.nodeid.split("::")[0]
-        if module in lane:
-            return (0, lane[module], place[module])
-        return (1, rank.get(module, len(rank)), 0)
+        if module in _LANE:
+            return (0, _LANE[module], _PLACE[module])
+        return (1, _RANK.get(module, len(_RANK)), 0)
 
     items.sort(key=order)
-    for item in items:
-        module = item.nodeid.split("::")[0]
-        group = f"real-time-lane-{lane[module] + 1}" if module in lane else module
-        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")
