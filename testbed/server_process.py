@@ -55,6 +55,9 @@ FAN_IN_LIMITS = ("max_queued_messages 100000",)
 INGESTED = "edgefleet_mqtt_messages_ingested_total"
 DROPPED = "edgefleet_mqtt_messages_dropped_total"
 MQTT_READY_LINE = "MQTT connected; ingesting"
+# How long a server may take to be ready. A fresh PostgreSQL database's migrations on a
+# loaded two-core machine took over a minute; a server that never gets there still fails.
+START_TIMEOUT_S = 180.0
 # How long a SIGTERMed server has to stop cleanly before it is killed.
 STOP_GRACE_S = 60.0
 
@@ -124,7 +127,7 @@ class ServerProcess:
         self.http = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(connect=5, read=60))
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 60.0) -> None:
+    def start(self, timeout: float = START_TIMEOUT_S) -> None:
         """Start the process; return once its API answers and its ingest has subscribed."""
         self.launch()
         self.wait_ready(timeout)
@@ -137,7 +140,7 @@ class ServerProcess:
                 self.args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
             )
 
-    def wait_ready(self, timeout: float = 60.0) -> None:
+    def wait_ready(self, timeout: float = START_TIMEOUT_S) -> None:
         """Wait until the API answers and the ingest has subscribed; fail if the process exits."""
 
         def ready() -> bool:
